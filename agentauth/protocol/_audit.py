@@ -1,0 +1,165 @@
+"""Audit events: canonical encoding, the hash chain, and signed Merkle checkpoints.
+
+Each event names its chain, its sequence number and the hash of the event before it, and
+its own hash is the RFC 6962 leaf hash of its canonical bytes. So one hash serves twice:
+it links the chain (a changed, dropped or reordered event breaks every later link) and it
+is the Merkle leaf, so a signed checkpoint (chain, size, root) commits to the whole prefix
+and an inclusion proof shows one event is in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ._encoding import b64url_decode, b64url_encode, canonical_json
+from ._errors import IntegrityError, InvalidRequest
+from ._jws import check_signature, parse_compact, sign_compact
+from ._keys import KeySet, Signer
+from ._merkle import MerkleFrontier, leaf_hash
+from ._types import Identifier
+
+__all__ = [
+    "AUDIT_FORMAT",
+    "CHECKPOINT_TYP",
+    "GENESIS_HASH",
+    "AuditEvent",
+    "ChainHead",
+    "Checkpoint",
+    "sign_checkpoint",
+    "verify_chain",
+    "verify_checkpoint",
+]
+
+AUDIT_FORMAT = "agentauth.audit.v1"
+CHECKPOINT_TYP = "agentauth-checkpoint+jwt"
+#: The ``prev`` of the first event of every chain.
+GENESIS_HASH = b"\x00" * 32
+_B64_SHA256 = r"^[A-Za-z0-9_-]{43}$"
+_EVENT_NAME = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
+
+
+class AuditEvent(BaseModel):
+    """One audit event. ``data`` holds JSON without floats (amounts are strings)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    chain: Identifier
+    seq: int = Field(ge=0)
+    prev: str = Field(pattern=_B64_SHA256, description="entry hash of event seq-1")
+    time_ms: int = Field(ge=0, description="Unix time in milliseconds.")
+    event: str = Field(max_length=64, pattern=_EVENT_NAME, description="e.g. grant.approved")
+    actor: str = Field(max_length=256, description="Who caused it: agent:..., human:...")
+    subject: str = Field(max_length=256, description="What it is about: grant:..., ...")
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("data")
+    @classmethod
+    def _canonical_data(cls, data: dict[str, Any]) -> dict[str, Any]:
+        canonical_json(data)  # raises ValueError (floats, huge ints, lone surrogates)
+        return data
+
+    @classmethod
+    def first(cls, **fields: Any) -> AuditEvent:
+        return cls(seq=0, prev=b64url_encode(GENESIS_HASH), **fields)
+
+    def following(self, **fields: Any) -> AuditEvent:
+        """The next event of this chain, linked to this one."""
+        return AuditEvent(chain=self.chain, seq=self.seq + 1, prev=self.entry_hash_b64(), **fields)
+
+    def canonical_bytes(self) -> bytes:
+        try:
+            return canonical_json({"format": AUDIT_FORMAT, **self.model_dump(mode="json")})
+        except ValueError as exc:
+            raise InvalidRequest(f"audit data is not canonical JSON: {exc}") from None
+
+    def entry_hash(self) -> bytes:
+        """Chain link and Merkle leaf hash: SHA-256(0x00 || canonical bytes)."""
+        return leaf_hash(self.canonical_bytes())
+
+    def entry_hash_b64(self) -> str:
+        return b64url_encode(self.entry_hash())
+
+
+@dataclass(frozen=True, slots=True)
+class ChainHead:
+    """The state after a verified run of events: where the chain stands and its tree."""
+
+    size: int
+    head: bytes
+    frontier: MerkleFrontier
+
+    @property
+    def root(self) -> bytes:
+        return self.frontier.root()
+
+
+def verify_chain(
+    events: Iterable[AuditEvent],
+    *,
+    chain: str,
+    start: ChainHead | None = None,
+) -> ChainHead:
+    """Walk events in order, checking chain name, contiguous seq and every prev link.
+
+    ``start`` resumes from an earlier head (for incremental or segmented verification).
+    Raises ``IntegrityError`` naming the first bad event.
+    """
+    size = start.size if start else 0
+    head = start.head if start else GENESIS_HASH
+    frontier = (
+        MerkleFrontier.from_state(start.size, start.frontier.state())
+        if start
+        else (MerkleFrontier())
+    )
+    for event in events:
+        if event.chain != chain:
+            raise IntegrityError(f"event {event.seq} belongs to another chain", reason="fork")
+        if event.seq != size:
+            raise IntegrityError(f"expected seq {size}, found {event.seq}", reason="gap")
+        try:
+            linked = b64url_decode(event.prev) == head
+            entry = event.entry_hash()
+        except InvalidRequest:
+            raise IntegrityError(f"event {event.seq} is malformed", reason="malformed") from None
+        if not linked:
+            raise IntegrityError(f"event {event.seq} does not link to its parent", reason="fork")
+        head = entry
+        frontier.append(head)
+        size += 1
+    return ChainHead(size=size, head=head, frontier=frontier)
+
+
+class Checkpoint(BaseModel):
+    """A signed statement: chain ``chain`` had ``size`` events with Merkle root ``root``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    chain: Identifier
+    size: int = Field(ge=0)
+    root: str = Field(pattern=_B64_SHA256)
+    time: int = Field(ge=0, description="Unix time of signing, seconds.")
+
+    def root_bytes(self) -> bytes:
+        return b64url_decode(self.root)
+
+
+def sign_checkpoint(checkpoint: Checkpoint, signer: Signer) -> str:
+    header = {"alg": signer.alg, "kid": signer.kid, "typ": CHECKPOINT_TYP}
+    return sign_compact(header, checkpoint.model_dump(mode="json"), signer)
+
+
+def verify_checkpoint(signed: object, *, keys: KeySet) -> Checkpoint:
+    """Check a signed checkpoint against the registry's key set (its JWKS)."""
+    try:
+        parsed = parse_compact(signed, max_bytes=4096)
+    except InvalidRequest as exc:
+        raise IntegrityError(exc.description, reason="malformed") from None
+    check_signature(parsed, keys, typ=CHECKPOINT_TYP, error=IntegrityError)
+    try:
+        return Checkpoint.model_validate(parsed.claims)
+    except ValidationError:
+        raise IntegrityError("malformed checkpoint", reason="malformed") from None

@@ -1,0 +1,291 @@
+"""DPoP proofs (RFC 9449): made by agents, checked by the registry and verifiers.
+
+``DPoPVerifier.verify`` performs every check of RFC 9449 §4.3 that does not need storage
+and returns the proof's ``jti`` and key thumbprint; the caller then reserves ``(jkt, jti)``
+atomically to stop replays (step 12 of §4.3 is the caller's, by design: it is state).
+Server nonces (§8, §9) are stateless: an HMAC over their issue time.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import re
+import secrets
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from ._encoding import b64url_decode, b64url_encode
+from ._errors import InvalidDPoPProof, InvalidRequest, UseDPoPNonce
+from ._jws import parse_compact, sign_compact
+from ._keys import PublicKey, Signer, normalize_alg
+from ._tokens import access_token_hash
+
+__all__ = [
+    "DPOP_TYP",
+    "DPoPNonces",
+    "DPoPPolicy",
+    "DPoPVerifier",
+    "VerifiedProof",
+    "create_dpop_proof",
+    "normalize_htu",
+]
+
+DPOP_TYP = "dpop+jwt"
+_HEADER_MEMBERS = frozenset({"typ", "alg", "jwk"})
+_JTI_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+_PCT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class DPoPPolicy:
+    """Limits for DPoP proofs; each default says why."""
+
+    # A proof is a header with one public JWK and five short claims: 2 KiB is generous.
+    max_proof_bytes: int = 2048
+    # RFC 9449 §11.1: accept proofs only for a short time after iat. 60 s bounds the replay
+    # window that the jti store must cover.
+    max_age: int = 60
+    # Agents' clocks run ahead of ours by a little; beyond this a proof is "from the future".
+    future_skew: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedProof:
+    """What a valid proof tells the caller. Replay key: ``(jkt, jti)``."""
+
+    jti: str
+    iat: float
+    jkt: str
+    htm: str
+    htu: str
+
+
+def _normalize_percent(match: re.Match[str]) -> str:
+    byte = int(match.group(1), 16)
+    return chr(byte) if byte in _UNRESERVED else "%" + match.group(1).upper()
+
+
+def _remove_dot_segments(path: str) -> str:
+    # RFC 3986 §5.2.4, on a path that starts with "/".
+    output: list[str] = []
+    segments = path.split("/")[1:]
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        if segment == ".":
+            if last:
+                output.append("")
+        elif segment == "..":
+            if output:
+                output.pop()
+            if last:
+                output.append("")
+        else:
+            output.append(segment)
+    return "/" + "/".join(output)
+
+
+@functools.lru_cache(maxsize=4096)
+def normalize_htu(url: str) -> str:
+    """Syntax- and scheme-based normalization (RFC 3986 §6.2.2-3) without query/fragment.
+
+    Cached: a verifier sees the same few URLs over and over.
+
+    RFC 9449 §4.3 compares ``htu`` ignoring query and fragment; both sides normalize so
+    that ``HTTPS://Api.Example:443/a/./b`` and ``https://api.example/a/b`` agree.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise InvalidRequest("malformed URL") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname or parts.username is not None:
+        raise InvalidRequest("htu must be an absolute http(s) URL without credentials")
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if port in (None, _DEFAULT_PORTS[scheme]) else f"{host}:{port}"
+    path = _PCT_RE.sub(_normalize_percent, parts.path or "/")
+    if not path.startswith("/"):
+        path = "/" + path
+    return f"{scheme}://{netloc}{_remove_dot_segments(path)}"
+
+
+def create_dpop_proof(
+    key: Signer,
+    *,
+    htm: str,
+    htu: str,
+    now: float,
+    access_token: str | None = None,
+    nonce: str | None = None,
+    jti: str | None = None,
+) -> str:
+    """A DPoP proof for one request (agent side). ``htu`` is sent without query/fragment."""
+    parts = urlsplit(htu)
+    header = {"typ": DPOP_TYP, "alg": key.alg, "jwk": _public_members(key.public_jwk())}
+    claims: dict[str, Any] = {
+        "jti": jti or secrets.token_urlsafe(16),
+        "htm": htm,
+        "htu": f"{parts.scheme}://{parts.netloc}{parts.path or '/'}",
+        "iat": int(now),
+    }
+    if access_token is not None:
+        claims["ath"] = access_token_hash(access_token)
+    if nonce is not None:
+        claims["nonce"] = nonce
+    return sign_compact(header, claims, key)
+
+
+def _public_members(jwk: dict[str, Any]) -> dict[str, Any]:
+    # Only the key itself travels in the proof: kid/alg/use are the agent's own business.
+    names = ("kty", "crv", "x", "y")
+    return {k: jwk[k] for k in names if k in jwk}
+
+
+class DPoPNonces:
+    """Stateless server nonces: base64url(issued_at || HMAC(secret, issued_at)[:16]).
+
+    The first secret issues; all secrets verify, so secrets rotate without a flag day.
+    """
+
+    _CONTEXT = b"agentauth.dpop-nonce.v1"
+
+    def __init__(self, secrets_: Sequence[bytes], *, lifetime: int = 300, skew: int = 10) -> None:
+        if not secrets_ or any(len(s) < 32 for s in secrets_):
+            raise ValueError("nonce secrets must be at least 32 bytes")
+        self._secrets = tuple(secrets_)
+        self._lifetime = lifetime
+        self._skew = skew
+
+    def _mac(self, secret: bytes, stamp: bytes) -> bytes:
+        return hmac.new(secret, self._CONTEXT + stamp, hashlib.sha256).digest()[:16]
+
+    def issue(self, now: float) -> str:
+        stamp = struct.pack(">Q", int(now))
+        return b64url_encode(stamp + self._mac(self._secrets[0], stamp))
+
+    def valid(self, nonce: object, now: float) -> bool:
+        if not isinstance(nonce, str) or len(nonce) != 32:
+            return False
+        try:
+            raw = b64url_decode(nonce)
+        except InvalidRequest:
+            return False
+        stamp, mac = raw[:8], raw[8:]
+        (issued,) = struct.unpack(">Q", stamp)
+        if not (now - self._lifetime <= issued <= now + self._skew):
+            return False
+        # Check every secret (no early exit) so timing does not reveal which one matched.
+        matches = [hmac.compare_digest(mac, self._mac(s, stamp)) for s in self._secrets]
+        return any(matches)
+
+
+class DPoPVerifier:
+    """Checks DPoP proofs; caches parsed proof headers (one per agent key) by their bytes."""
+
+    def __init__(
+        self,
+        *,
+        policy: DPoPPolicy | None = None,
+        nonces: DPoPNonces | None = None,
+        cache_size: int = 4096,
+    ) -> None:
+        self._policy = policy or DPoPPolicy()
+        self._nonces = nonces
+        self._cache_size = cache_size
+        self._keys: dict[str, PublicKey] = {}
+
+    @property
+    def nonces(self) -> DPoPNonces | None:
+        return self._nonces
+
+    def verify(
+        self,
+        proof: object,
+        *,
+        htm: str,
+        htu: str,
+        now: float,
+        access_token: str | None = None,
+        ath: str | None = None,
+        jkt: str | None = None,
+    ) -> VerifiedProof:
+        """Check one proof for a request to ``htm htu``; raise ``InvalidDPoPProof`` if bad.
+
+        With ``access_token`` (or its precomputed ``ath``) the proof must carry the matching
+        ``ath``; with ``jkt`` its key must have that thumbprint (the token's ``cnf.jkt``).
+        Raises ``UseDPoPNonce`` carrying a fresh nonce when nonces are on and the proof lacks
+        a current one.
+        """
+        try:
+            parsed = parse_compact(proof, max_bytes=self._policy.max_proof_bytes)
+        except InvalidRequest as exc:
+            raise InvalidDPoPProof(exc.description, reason="malformed") from None
+        key = self._keys.get(parsed.header_segment)
+        if key is None:
+            key = self._key_from_header(parsed.header)
+            if self._cache_size:
+                if len(self._keys) >= self._cache_size:
+                    del self._keys[next(iter(self._keys))]
+                self._keys[parsed.header_segment] = key
+        if not key.verify(parsed.signature, parsed.signing_input):
+            raise InvalidDPoPProof("bad signature", reason="bad_signature")
+
+        claims = parsed.claims
+        jti, claim_htm = claims.get("jti"), claims.get("htm")
+        claim_htu, iat = claims.get("htu"), claims.get("iat")
+        if not isinstance(jti, str) or not _JTI_RE.fullmatch(jti):
+            raise InvalidDPoPProof("missing or malformed jti", reason="bad_jti")
+        if not isinstance(claim_htm, str) or claim_htm != htm:
+            raise InvalidDPoPProof("htm does not match the request", reason="htm_mismatch")
+        if not isinstance(claim_htu, str):
+            raise InvalidDPoPProof("missing htu", reason="htu_mismatch")
+        try:
+            same_uri = normalize_htu(claim_htu) == normalize_htu(htu)
+        except InvalidRequest:
+            same_uri = False
+        if not same_uri:
+            raise InvalidDPoPProof("htu does not match the request", reason="htu_mismatch")
+        if isinstance(iat, bool) or not isinstance(iat, int | float):
+            raise InvalidDPoPProof("missing or malformed iat", reason="bad_iat")
+        if iat > now + self._policy.future_skew:
+            raise InvalidDPoPProof("proof issued in the future", reason="iat_in_future")
+        if iat < now - self._policy.max_age:
+            raise InvalidDPoPProof("proof is too old", reason="iat_too_old")
+
+        if access_token is not None:
+            ath = access_token_hash(access_token)
+        if ath is not None:
+            claim_ath = claims.get("ath")
+            if not isinstance(claim_ath, str) or not hmac.compare_digest(
+                claim_ath.encode(), ath.encode()
+            ):
+                raise InvalidDPoPProof("ath does not match the token", reason="ath_mismatch")
+        if jkt is not None and not hmac.compare_digest(key.thumbprint.encode(), jkt.encode()):
+            raise InvalidDPoPProof("proof key is not the token's key", reason="jkt_mismatch")
+        if self._nonces is not None and not self._nonces.valid(claims.get("nonce"), now):
+            raise UseDPoPNonce(nonce=self._nonces.issue(now), reason="nonce_required")
+        return VerifiedProof(jti=jti, iat=float(iat), jkt=key.thumbprint, htm=htm, htu=claim_htu)
+
+    @staticmethod
+    def _key_from_header(header: Mapping[str, Any]) -> PublicKey:
+        if header.get("typ") != DPOP_TYP:
+            raise InvalidDPoPProof("wrong proof type", reason="wrong_typ")
+        if not header.keys() <= _HEADER_MEMBERS:
+            raise InvalidDPoPProof("unexpected JOSE header member", reason="unexpected_header")
+        try:
+            alg = normalize_alg(header.get("alg"))
+        except InvalidRequest:
+            raise InvalidDPoPProof("algorithm not allowed", reason="alg_not_allowed") from None
+        try:
+            return PublicKey.from_jwk(header.get("jwk"), alg=alg)
+        except InvalidRequest as exc:
+            raise InvalidDPoPProof(exc.description, reason="bad_jwk") from None

@@ -1,0 +1,266 @@
+"""Public keys as JWKs, RFC 7638 thumbprints, signature checks, and the signer interface.
+
+Two algorithms exist here: ES256 (P-256, raw r||s signatures as JWS uses) and Ed25519
+(RFC 9864's name; the legacy JOSE name "EdDSA" is accepted on input with an Ed25519 key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from ._encoding import b64url_decode, b64url_encode, canonical_json
+from ._errors import InvalidRequest
+
+__all__ = [
+    "ALGORITHMS",
+    "Algorithm",
+    "KeySet",
+    "PrivateKey",
+    "PublicKey",
+    "Signer",
+    "jwk_thumbprint",
+]
+
+Algorithm = Literal["ES256", "Ed25519"]
+#: Every algorithm AgentAuth signs or verifies with. No "none", no HMAC, no RSA.
+ALGORITHMS: frozenset[str] = frozenset({"ES256", "Ed25519"})
+# "EdDSA" is the pre-RFC 9864 name; it is only ever accepted with an Ed25519 key.
+_ALG_ALIASES = {"ES256": "ES256", "Ed25519": "Ed25519", "EdDSA": "Ed25519"}
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+
+
+def normalize_alg(alg: object) -> Algorithm:
+    """Map a JOSE ``alg`` value to the algorithm it names, or raise for anything else."""
+    if not isinstance(alg, str) or alg not in _ALG_ALIASES:
+        raise InvalidRequest("unsupported algorithm")
+    return _ALG_ALIASES[alg]  # type: ignore[return-value]
+
+
+def jwk_thumbprint(jwk: dict[str, Any]) -> str:
+    """RFC 7638 SHA-256 thumbprint (base64url) over the key's required members only."""
+    kty = jwk.get("kty")
+    if kty == "EC":
+        members = {k: jwk[k] for k in ("crv", "kty", "x", "y")}
+    elif kty == "OKP":
+        members = {k: jwk[k] for k in ("crv", "kty", "x")}
+    else:
+        raise InvalidRequest("unsupported key type")
+    return b64url_encode(hashlib.sha256(canonical_json(members)).digest())
+
+
+def _coordinate(jwk: dict[str, Any], name: str, size: int) -> bytes:
+    value = jwk.get(name)
+    if not isinstance(value, str):
+        raise InvalidRequest(f"JWK member {name} is missing")
+    raw = b64url_decode(value)
+    if len(raw) != size:
+        raise InvalidRequest(f"JWK member {name} has the wrong length")
+    return raw
+
+
+@dataclass(frozen=True, slots=True)
+class PublicKey:
+    """A verified public key with its algorithm pinned; build it with ``from_jwk``."""
+
+    alg: Algorithm
+    jwk: dict[str, Any] = field(repr=False, hash=False, compare=False)
+    thumbprint: str
+    _key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey = field(
+        repr=False, hash=False, compare=False
+    )
+
+    @classmethod
+    def from_jwk(cls, jwk: object, *, alg: str | None = None) -> PublicKey:
+        """Parse a public JWK; private members, unknown curves and off-curve points are refused.
+
+        ``alg``, when given, must agree with the key type (an ES256 header cannot name an
+        Ed25519 key); it is otherwise derived from the key.
+        """
+        if not isinstance(jwk, dict):
+            raise InvalidRequest("JWK must be an object")
+        if "d" in jwk or "p" in jwk or "k" in jwk:
+            raise InvalidRequest("JWK contains private key material")
+        kty, crv = jwk.get("kty"), jwk.get("crv")
+        key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+        if kty == "EC" and crv == "P-256":
+            x = int.from_bytes(_coordinate(jwk, "x", 32), "big")
+            y = int.from_bytes(_coordinate(jwk, "y", 32), "big")
+            try:
+                key = ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
+            except ValueError:
+                raise InvalidRequest("JWK point is not on P-256") from None
+            key_alg: Algorithm = "ES256"
+            clean = {"kty": "EC", "crv": "P-256", "x": jwk["x"], "y": jwk["y"]}
+        elif kty == "OKP" and crv == "Ed25519":
+            key = ed25519.Ed25519PublicKey.from_public_bytes(_coordinate(jwk, "x", 32))
+            key_alg = "Ed25519"
+            clean = {"kty": "OKP", "crv": "Ed25519", "x": jwk["x"]}
+        else:
+            raise InvalidRequest("unsupported key type or curve")
+        if alg is not None and normalize_alg(alg) != key_alg:
+            raise InvalidRequest("algorithm does not match the key type")
+        if "kid" in jwk and isinstance(jwk["kid"], str):
+            clean["kid"] = jwk["kid"]
+        return cls(alg=key_alg, jwk=clean, thumbprint=jwk_thumbprint(clean), _key=key)
+
+    def verify(self, signature: bytes, data: bytes) -> bool:
+        """True if ``signature`` (JWS form: raw r||s for ES256) signs ``data``."""
+        if isinstance(self._key, ed25519.Ed25519PublicKey):
+            if len(signature) != 64:
+                return False
+            try:
+                self._key.verify(signature, data)
+            except InvalidSignature:
+                return False
+            return True
+        if len(signature) != 64:
+            return False
+        r = int.from_bytes(signature[:32], "big")
+        s = int.from_bytes(signature[32:], "big")
+        # Out-of-range scalars are invalid by definition (SEC 1 §4.1.4); refusing them here
+        # also keeps DER re-encoding unambiguous.
+        if not (0 < r < _P256_ORDER and 0 < s < _P256_ORDER):
+            return False
+        try:
+            self._key.verify(encode_dss_signature(r, s), data, _ECDSA_SHA256)
+        except InvalidSignature:
+            return False
+        return True
+
+
+@runtime_checkable
+class Signer(Protocol):
+    """Anything that signs with a key named ``kid``: a local key, a KMS, an HSM.
+
+    ``sign`` returns the signature in JWS form (raw r||s for ES256). Backends that do I/O
+    may instead use the two-step helpers (build the signing input, attach the signature).
+    """
+
+    @property
+    def kid(self) -> str: ...
+
+    @property
+    def alg(self) -> Algorithm: ...
+
+    def sign(self, data: bytes) -> bytes: ...
+
+    def public_jwk(self) -> dict[str, Any]: ...
+
+
+class PrivateKey:
+    """An in-memory private key (agents, tests, the development signer). It is a ``Signer``."""
+
+    __slots__ = ("_key", "_kid", "_public")
+
+    def __init__(
+        self, key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, *, kid: str | None = None
+    ) -> None:
+        if isinstance(key, ec.EllipticCurvePrivateKey) and not isinstance(key.curve, ec.SECP256R1):
+            raise ValueError("only P-256 EC keys are supported")
+        self._key = key
+        self._public = PublicKey.from_jwk(self._public_jwk_members())
+        self._kid = kid or self._public.thumbprint
+
+    @classmethod
+    def generate(cls, alg: Algorithm = "ES256", *, kid: str | None = None) -> PrivateKey:
+        if alg == "ES256":
+            return cls(ec.generate_private_key(ec.SECP256R1()), kid=kid)
+        if alg == "Ed25519":
+            return cls(ed25519.Ed25519PrivateKey.generate(), kid=kid)
+        raise ValueError(f"unsupported algorithm {alg!r}")
+
+    def _public_jwk_members(self) -> dict[str, Any]:
+        if isinstance(self._key, ed25519.Ed25519PrivateKey):
+            raw = self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+            return {"kty": "OKP", "crv": "Ed25519", "x": b64url_encode(raw)}
+        numbers = self._key.public_key().public_numbers()
+        return {
+            "kty": "EC",
+            "crv": "P-256",
+            "x": b64url_encode(numbers.x.to_bytes(32, "big")),
+            "y": b64url_encode(numbers.y.to_bytes(32, "big")),
+        }
+
+    @property
+    def kid(self) -> str:
+        return self._kid
+
+    @property
+    def alg(self) -> Algorithm:
+        return self._public.alg
+
+    @property
+    def public_key(self) -> PublicKey:
+        return self._public
+
+    @property
+    def thumbprint(self) -> str:
+        return self._public.thumbprint
+
+    @property
+    def crypto_key(self) -> ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey:
+        """The underlying ``cryptography`` key, for serialization by key stores."""
+        return self._key
+
+    def public_jwk(self) -> dict[str, Any]:
+        jwk = dict(self._public.jwk)
+        jwk.update(kid=self._kid, alg=self.alg, use="sig")
+        return jwk
+
+    def sign(self, data: bytes) -> bytes:
+        if isinstance(self._key, ed25519.Ed25519PrivateKey):
+            return self._key.sign(data)
+        r, s = decode_dss_signature(self._key.sign(data, _ECDSA_SHA256))
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+    def __repr__(self) -> str:  # never print key material
+        return f"PrivateKey(alg={self.alg!r}, kid={self._kid!r})"
+
+
+class KeySet(Mapping[str, PublicKey]):
+    """Verification keys by ``kid``, each with its algorithm pinned (from a JWKS)."""
+
+    def __init__(self, keys: Iterable[PublicKey]) -> None:
+        self._keys: dict[str, PublicKey] = {}
+        for key in keys:
+            kid = key.jwk.get("kid")
+            if not isinstance(kid, str) or not kid:
+                raise InvalidRequest("every key in a key set needs a kid")
+            if kid in self._keys:
+                raise InvalidRequest("duplicate kid in key set")
+            self._keys[kid] = key
+
+    @classmethod
+    def from_jwks(cls, jwks: object) -> KeySet:
+        if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
+            raise InvalidRequest("a JWKS is an object with a keys array")
+        keys = []
+        for jwk in jwks["keys"]:
+            alg = jwk.get("alg") if isinstance(jwk, dict) else None
+            keys.append(PublicKey.from_jwk(jwk, alg=alg))
+        return cls(keys)
+
+    def to_jwks(self) -> dict[str, Any]:
+        return {"keys": [dict(k.jwk, alg=k.alg, use="sig") for k in self._keys.values()]}
+
+    def __getitem__(self, kid: str) -> PublicKey:
+        return self._keys[kid]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)

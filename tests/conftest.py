@@ -1,0 +1,98 @@
+"""Shared fixtures: real PostgreSQL, Redis and one Ray Serve cluster per test session.
+
+PostgreSQL and Redis come from AGENTAUTH_TEST_DATABASE_URL / AGENTAUTH_TEST_REDIS_URL
+(``.ci/run`` sets them to the servers on 127.0.0.1); without them the embedded servers
+start instead: one code path either way. Each session gets a fresh database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    import asyncpg
+
+    base = os.environ.get("AGENTAUTH_TEST_DATABASE_URL")
+    embedded = None
+    if not base:
+        from agentauth.store import EmbeddedPostgres
+
+        embedded = EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
+        base = embedded.url
+    name = f"agentauth_test_{secrets.token_hex(6)}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(base)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield (
+            _with_database(base, name) if not embedded else base.replace("/postgres?", f"/{name}?")
+        )
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        if embedded:
+            embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("AGENTAUTH_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    from agentauth.store import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def serve_port() -> Iterator[int]:
+    """One Ray cluster with Serve (HAProxy ingress) for the whole session."""
+    # Serve reads these when it starts: HAProxy ingress and the throughput settings.
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("agentauth-data")

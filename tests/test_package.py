@@ -1,0 +1,84 @@
+"""Packaging promises: a small public surface, committed schemas, a Ray-free base install."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+import agentauth
+from agentauth import protocol
+from agentauth.schemas import render
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_public_all_is_complete_and_exact() -> None:
+    public = {name for name in vars(protocol) if not name.startswith("_")}
+    modules = {name for name in public if type(vars(protocol)[name]).__name__ == "module"}
+    assert set(protocol.__all__) == public - modules
+    assert len(protocol.__all__) == len(set(protocol.__all__))
+
+
+def test_sdk_examples_import_as_written() -> None:
+    from agentauth import Capability
+
+    assert Capability.read("calendar").to_document() == {"kind": "read", "resource": "calendar"}
+    assert agentauth.Capability is protocol.Capability
+
+
+def test_base_install_pulls_in_no_server_dependency() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = " ".join(project["dependencies"]).lower()
+    for server_only in ("ray", "asyncpg", "redis", "nicegui", "boto3", "webauthn"):
+        assert server_only not in base
+    # Every dependency carries a lower bound.
+    extras = [spec for group in project["optional-dependencies"].values() for spec in group]
+    for spec in project["dependencies"] + extras:
+        assert ">=" in spec, spec
+    # Importing the protocol and SDK side loads no server module.
+    code = (
+        "import sys, agentauth, agentauth.protocol; "
+        "bad = [m for m in ('ray', 'asyncpg', 'redis', 'nicegui', 'boto3') if m in sys.modules]; "
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_py_typed_ships() -> None:
+    assert (ROOT / "agentauth" / "py.typed").exists()
+
+
+@pytest.mark.parametrize("name", sorted(render()))
+def test_committed_schema_is_current(name: str) -> None:
+    committed = ROOT / "schemas" / name
+    assert committed.exists(), f"run: python -m agentauth.schemas ({name} missing)"
+    assert committed.read_text(encoding="utf-8") == render()[name], (
+        f"schemas/{name} is stale: run python -m agentauth.schemas"
+    )
+    jsonschema.Draft202012Validator.check_schema(json.loads(committed.read_text()))
+
+
+def test_schemas_accept_real_documents_and_refuse_bad_ones() -> None:
+    schemas = {name.removesuffix(".schema.json"): json.loads(t) for name, t in render().items()}
+    capability = protocol.Capability.transact(
+        "payments/*", max_amount="50", currency="USD", payees=["acme"]
+    ).to_document()
+    jsonschema.validate(capability, schemas["capability"])
+    envelope = protocol.Envelope(
+        rate_limits=[protocol.RateLimit(max_count=5, window_seconds=3600)],
+        spend_limits=[protocol.SpendLimit(amount="200", currency="USD", period="day")],
+    ).model_dump(mode="json")
+    jsonschema.validate(envelope, schemas["envelope"])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"kind": "transact", "resource": "a/*/b"}, schemas["capability"])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(
+            {"rate_limits": [{"max_count": 0, "window_seconds": 1}]}, schemas["envelope"]
+        )
