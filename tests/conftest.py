@@ -24,7 +24,8 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _with_database(url: str, name: str) -> str:
+def with_database(url: str, name: str) -> str:
+    """The same server URL naming another database (works for socket URLs too)."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path="/" + name))
 
@@ -51,9 +52,7 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     asyncio.run(admin(f'CREATE DATABASE "{name}"'))
     try:
-        yield (
-            _with_database(base, name) if not embedded else base.replace("/postgres?", f"/{name}?")
-        )
+        yield with_database(base, name)
     finally:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         if embedded:

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ._encoding import b64url_decode, b64url_encode, canonical_json
+from ._encoding import b64url_decode, b64url_encode, canonical_json, strict_json_loads
 from ._errors import IntegrityError, InvalidRequest
 from ._jws import check_signature, parse_compact, sign_compact
 from ._keys import KeySet, Signer
@@ -69,6 +69,25 @@ class AuditEvent(BaseModel):
     def following(self, **fields: Any) -> AuditEvent:
         """The next event of this chain, linked to this one."""
         return AuditEvent(chain=self.chain, seq=self.seq + 1, prev=self.entry_hash_b64(), **fields)
+
+    @classmethod
+    def from_canonical(cls, body: bytes | str) -> AuditEvent:
+        """Parse an event from its stored canonical bytes; refuse any other encoding of it.
+
+        Requiring the exact canonical bytes back means what is stored is what is hashed:
+        no reformatting of a stored event can go unnoticed.
+        """
+        raw = body.encode("utf-8") if isinstance(body, str) else body
+        try:
+            document = strict_json_loads(raw)
+            if not isinstance(document, dict) or document.pop("format", None) != AUDIT_FORMAT:
+                raise IntegrityError("not an audit event", reason="malformed")
+            event = cls.model_validate(document)
+        except (InvalidRequest, ValidationError):
+            raise IntegrityError("malformed audit event", reason="malformed") from None
+        if event.canonical_bytes() != raw:
+            raise IntegrityError("audit event is not in canonical form", reason="malformed")
+        return event
 
     def canonical_bytes(self) -> bytes:
         try:

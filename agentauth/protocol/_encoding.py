@@ -89,28 +89,37 @@ def _utf16_key(key: str) -> bytes:
 
 def _check(value: Any) -> Any:
     """Validate a document for canonical encoding and return it with members sorted."""
-    if value is None or isinstance(value, bool | str):
-        if isinstance(value, str):
-            value.encode("utf-8", "strict")  # lone surrogates have no UTF-8 form
+    kind = type(value)  # exact-type dispatch first: this runs for every value signed
+    if kind is str:
+        value.encode("utf-8", "strict")  # lone surrogates have no UTF-8 form
         return value
-    if isinstance(value, int):
+    if kind is dict:
+        if not all(type(key) is str for key in value):
+            raise ValueError("object member names must be strings")
+        return {key: _check(value[key]) for key in sorted(value, key=_utf16_key)}
+    if kind is list or kind is tuple:
+        return [_check(v) for v in value]
+    if kind is int:
         if abs(value) > _MAX_SAFE_INT:
             raise ValueError("integer outside the IEEE 754 exact range")
+        return value
+    if value is None or kind is bool:
         return value
     if isinstance(value, float):
         # Documents carry decimals as strings: float formatting is where implementations
         # disagree, and money must be exact.
         raise ValueError("floats are not allowed in canonical documents")
-    if isinstance(value, Mapping):
-        if not all(isinstance(key, str) for key in value):
-            raise ValueError("object member names must be strings")
-        items = []
-        for key in sorted(value, key=_utf16_key):
-            key.encode("utf-8", "strict")
-            items.append((key, _check(value[key])))
-        return dict(items)
     if isinstance(value, bytes | bytearray | memoryview):
         raise ValueError("bytes have no JSON form: encode them (base64url) first")
+    # Subclasses and other containers take the general (slower) route.
+    if isinstance(value, str):
+        return _check(str(value))
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return _check(int(value))
+    if isinstance(value, Mapping):
+        return _check(dict(value))
     if isinstance(value, Sequence):
         return [_check(v) for v in value]
     raise ValueError(f"cannot encode {type(value).__name__} canonically")

@@ -1,0 +1,249 @@
+"""The ``agentauth`` command: one entry point for operators and developers.
+
+    agentauth up                   start the whole local stack; Ctrl+C stops it
+    agentauth migrate              apply database migrations
+    agentauth keys list|rotate     the registry's signing keys
+    agentauth schemas [DIR]        write the JSON Schemas of the public documents
+
+Configuration comes from the environment (DATABASE_URL, REDIS_URL, AGENTAUTH_DATA_DIR, ...);
+without DATABASE_URL the embedded PostgreSQL under the data directory is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("AGENTAUTH_DATA_DIR", ".agentauth")).resolve()
+
+
+def _database_url() -> tuple[str, object | None]:
+    """The configured database, or the embedded one (returned so it can be stopped)."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return url, None
+    from .store import EmbeddedPostgres
+
+    server = EmbeddedPostgres(_data_dir() / "postgres")
+    return server.url, server
+
+
+async def _migrate(url: str) -> list[str]:
+    import asyncpg
+
+    from .store import migrate
+
+    conn = await asyncpg.connect(url)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    from .store import MigrationError
+
+    url, server = _database_url()
+    try:
+        applied = asyncio.run(_migrate(url))
+    except MigrationError as exc:
+        print(f"error: {exc.description}", file=sys.stderr)
+        return 1
+    finally:
+        if server is not None:
+            server.stop()  # type: ignore[attr-defined]
+    print("applied: " + ", ".join(applied) if applied else "database is up to date")
+    return 0
+
+
+async def _keys(action: str) -> list[str]:
+    from .registry import Registry, RegistrySettings
+
+    url, server = _database_url()
+    try:
+        settings = RegistrySettings.from_env(
+            database_url=url,
+            redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+            data_dir=_data_dir(),
+            issuer=os.environ.get("AGENTAUTH_ISSUER", "http://127.0.0.1:8000/registry"),
+            admin_token=os.environ.get("AGENTAUTH_ADMIN_TOKEN", "unused-for-key-commands"),
+        )
+        registry = await Registry.open(settings)
+        try:
+            if action == "rotate":
+                kid = await registry.keys.rotate()
+                return [f"new key {kid}: published now, signs in {settings.key_publish_ahead} s"]
+            jwks = registry.keys.jwks(time.time())
+            return [f"{k['kid']}  {k['alg']}" for k in jwks["keys"]]
+        finally:
+            await registry.close()
+    finally:
+        if server is not None:
+            server.stop()  # type: ignore[attr-defined]
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    for line in asyncio.run(_keys(args.action)):
+        print(line)
+    return 0
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from .schemas import write
+
+    for path in write(Path(args.directory)):
+        print(path)
+    return 0
+
+
+def _admin_token(data: Path) -> str:
+    token = os.environ.get("AGENTAUTH_ADMIN_TOKEN")
+    if token:
+        return token
+    path = data / "admin-token"
+    if not path.exists():
+        import secrets
+
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def _step(message: str) -> float:
+    print(f"  {message} ...", end="", flush=True)
+    return time.monotonic()
+
+
+def _done(started: float) -> None:
+    print(f" ok ({time.monotonic() - started:.1f} s)", flush=True)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start PostgreSQL and Redis (embedded unless URLs are set), Ray, Serve, the registry."""
+    import signal
+    import threading
+    import warnings
+
+    # pgserver asks platformdirs for a runtime dir most shells lack; the fallback is fine.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+    data = _data_dir()
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    stoppers: list[object] = []
+    print(f"AgentAuth local stack (data in {data})")
+    try:
+        started = _step("PostgreSQL" + ("" if os.environ.get("DATABASE_URL") else " (embedded)"))
+        database_url, pg = _database_url()
+        if pg is not None:
+            stoppers.append(pg)
+        _done(started)
+        started = _step("Redis" + ("" if os.environ.get("REDIS_URL") else " (embedded)"))
+        redis_url = os.environ.get("REDIS_URL")
+        if not redis_url:
+            from .store import EmbeddedRedis
+
+            redis_server = EmbeddedRedis(data / "redis")
+            stoppers.append(redis_server)
+            redis_url = redis_server.url
+        _done(started)
+
+        started = _step("Ray cluster and Serve (HAProxy ingress)")
+        # Serve's HAProxy ingress and throughput settings (about 10x the default proxy here).
+        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+        os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+        import ray
+        from ray import serve
+
+        ray.init(
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=args.dashboard_port,
+            log_to_driver=False,
+        )
+        serve.start(http_options={"host": args.host, "port": args.port})
+        _done(started)
+
+        started = _step("registry (migrations, signing key)")
+        from .deployments.registry import build_registry_app
+        from .registry import RegistrySettings
+
+        base = f"http://{args.host}:{args.port}"
+        settings = RegistrySettings.from_env(
+            database_url=database_url,
+            redis_url=redis_url,
+            data_dir=data,
+            issuer=os.environ.get("AGENTAUTH_ISSUER", f"{base}/registry"),
+            admin_token=_admin_token(data),
+        )
+        serve.run(build_registry_app(settings), name="registry", route_prefix="/registry")
+        _done(started)
+
+        token_path = Path.home() / ".ray" / "auth_token"
+        where = database_url if os.environ.get("DATABASE_URL") else f"embedded, {data / 'postgres'}"
+        print()
+        print(f"  registry        {base}/registry   (API docs: {base}/registry/docs)")
+        print(f"  JWKS            {base}/registry/.well-known/jwks.json")
+        print(f"  Ray dashboard   http://127.0.0.1:{args.dashboard_port}")
+        if token_path.exists():
+            # Ray 2.60 keeps token authentication on; the dashboard asks for this token.
+            print(f"                  token: {token_path.read_text().strip()}  ({token_path})")
+        if os.environ.get("AGENTAUTH_ADMIN_TOKEN"):
+            print("  admin token     from AGENTAUTH_ADMIN_TOKEN")
+        else:
+            print(f"  admin token     in {data / 'admin-token'} (mode 0600)")
+        print(f"  database        {where}")
+        print("ready. Ctrl+C stops everything.", flush=True)
+
+        stop = threading.Event()
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        stop.wait()
+        print("\nstopping ...", flush=True)
+        return 0
+    finally:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            for server in reversed(stoppers):
+                server.stop()  # type: ignore[attr-defined]
+        print("stopped.", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agentauth", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="start the whole local stack (Ctrl+C stops it)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000, help="Serve's HTTP port")
+    up.add_argument("--dashboard-port", type=int, default=8265)
+    up.set_defaults(run=cmd_up)
+    migrate = commands.add_parser("migrate", help="apply database migrations")
+    migrate.set_defaults(run=cmd_migrate)
+    keys = commands.add_parser("keys", help="list or rotate the registry's signing keys")
+    keys.add_argument("action", choices=["list", "rotate"])
+    keys.set_defaults(run=cmd_keys)
+    schemas = commands.add_parser("schemas", help="write the JSON Schemas")
+    schemas.add_argument("directory", nargs="?", default="schemas")
+    schemas.set_defaults(run=cmd_schemas)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

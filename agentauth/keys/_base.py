@@ -1,0 +1,196 @@
+"""What every signer shares: the error, the async interface, key and signature conversions.
+
+A remote signer (KMS, Vault, HSM) is trusted to hold a key, not to be right: each signature
+it returns is checked against the public key cached at open time before anyone sees it, so
+a misrouted key, a rotated key or a corrupted response can only ever cause a denial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from agentauth.protocol import Algorithm, DependencyUnavailable, PublicKey, b64url_encode
+
+__all__ = ["DEFAULT_TIMEOUT", "AsyncSigner", "RemoteSigner", "SignerUnavailable"]
+
+_log = logging.getLogger("agentauth.keys")
+_T = TypeVar("_T")
+
+#: Seconds a backend may take per call before the signer gives up. Token issuance waits on
+#: this, so it is short: a KMS answers in tens of milliseconds when it is healthy.
+DEFAULT_TIMEOUT = 2.0
+
+
+class SignerUnavailable(DependencyUnavailable):
+    """The signing key cannot be used right now; whatever needed a signature is denied."""
+
+    error = "signer_unavailable"
+    status_hint = 503
+    default_description = "the signing key is unavailable"
+
+
+@runtime_checkable
+class AsyncSigner(Protocol):
+    """A signing key behind some backend; ``sign`` returns the JWS-form signature.
+
+    ``public_key()`` is the key cached at open time, its JWK carrying ``kid``; every
+    signature ``sign`` returns verifies under it, or ``sign`` raises ``SignerUnavailable``.
+    """
+
+    @property
+    def kid(self) -> str: ...
+
+    @property
+    def alg(self) -> Algorithm: ...
+
+    def public_key(self) -> PublicKey: ...
+
+    async def sign(self, data: bytes) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+def public_key_with_kid(
+    key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey, kid: str | None
+) -> PublicKey:
+    """The protocol's ``PublicKey`` for ``key``, named ``kid`` or by its RFC 7638 thumbprint."""
+    members: dict[str, Any]
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        raw = key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+        members = {"kty": "OKP", "crv": "Ed25519", "x": b64url_encode(raw)}
+    elif isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        numbers = key.public_numbers()
+        members = {
+            "kty": "EC",
+            "crv": "P-256",
+            "x": b64url_encode(numbers.x.to_bytes(32, "big")),
+            "y": b64url_encode(numbers.y.to_bytes(32, "big")),
+        }
+    else:
+        raise SignerUnavailable("the backend key is not P-256 or Ed25519", reason="wrong_key_type")
+    thumbprint = PublicKey.from_jwk(members).thumbprint
+    return PublicKey.from_jwk({**members, "kid": kid or thumbprint})
+
+
+def der_to_raw(der: bytes) -> bytes:
+    """An ASN.1 DER ECDSA P-256 signature (what KMSs return) as JWS's raw 64-byte r||s."""
+    try:
+        r, s = decode_dss_signature(der)
+    except ValueError:
+        raise SignerUnavailable(
+            "the backend returned a malformed signature", reason="bad_response"
+        ) from None
+    if not (0 < r < 2**256 and 0 < s < 2**256):
+        raise SignerUnavailable("the backend returned a malformed signature", reason="bad_response")
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+async def call_blocking(backend: str, what: str, timeout: float, fn: Callable[[], _T]) -> _T:
+    """Run a blocking client call in a thread, bounded by ``timeout``.
+
+    Every failure becomes ``SignerUnavailable`` with a short description naming the backend
+    and the exception type; the details (which may name hosts or key ids, never secrets:
+    no client library here puts credentials in its messages) go to the log.
+    """
+    try:
+        # The client library has its own timeouts set to the same value; this outer bound
+        # also covers what they miss (DNS, credential lookups, a wedged HSM driver).
+        return await asyncio.wait_for(asyncio.to_thread(fn), timeout=timeout)
+    except SignerUnavailable:
+        raise
+    except TimeoutError:
+        _log.warning("%s %s timed out after %.3gs", backend, what, timeout)
+        raise SignerUnavailable(
+            f"{backend} did not answer within {timeout:g}s", reason="timeout"
+        ) from None
+    except Exception as exc:
+        _log.warning("%s %s failed: %s: %s", backend, what, type(exc).__name__, exc)
+        if _is_timeout(exc):  # the client library's own timeout won the race
+            raise SignerUnavailable(
+                f"{backend} did not answer within {timeout:g}s", reason="timeout"
+            ) from exc
+        raise SignerUnavailable(
+            f"{backend} {what} failed ({type(exc).__name__})", reason="backend_error"
+        ) from exc
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """True for a timeout from a client library: requests' ``Timeout`` (hvac, Cloud KMS),
+    botocore's timeouts (which derive from its vendored ``requests...Timeout``), and the
+    builtin ``TimeoutError``. Matched by class name, so this module imports neither library.
+
+    Only the exception raised is looked at, not its causes: urllib3's NewConnectionError
+    (a refused connection) derives from its ConnectTimeoutError.
+    """
+    return isinstance(exc, TimeoutError) or any(c.__name__ == "Timeout" for c in type(exc).__mro__)
+
+
+class RemoteSigner:
+    """Shared half of the backends that do I/O: naming, the closed state, the self-check.
+
+    Subclasses provide ``_sign_blocking`` (runs in a worker thread and returns the raw
+    JWS-form signature) and may extend ``_close_blocking``.
+    """
+
+    _backend = "signer"
+
+    def __init__(self, *, public: PublicKey, timeout: float) -> None:
+        self._public = public
+        self._kid = str(public.jwk["kid"])  # set by public_key_with_kid
+        self._timeout = timeout
+        self._closed = False
+
+    @property
+    def kid(self) -> str:
+        return self._kid
+
+    @property
+    def alg(self) -> Algorithm:
+        return self._public.alg
+
+    def public_key(self) -> PublicKey:
+        return self._public
+
+    def _sign_blocking(self, data: bytes) -> bytes:
+        raise NotImplementedError
+
+    def _close_blocking(self) -> None:
+        """Release client resources; runs once, in a worker thread."""
+
+    def _check_input(self, data: bytes) -> None:
+        """Refuse inputs the backend cannot sign, before any I/O."""
+
+    async def sign(self, data: bytes) -> bytes:
+        if self._closed:
+            raise SignerUnavailable(f"the {self._backend} signer is closed", reason="closed")
+        self._check_input(data)
+        signature = await call_blocking(
+            self._backend, "sign", self._timeout, lambda: self._sign_blocking(data)
+        )
+        # A signature that does not verify under our published kid would be a token no one
+        # can check at best, and at worst a sign that the backend signs with another key.
+        if not self._public.verify(signature, data):
+            _log.error(
+                "%s returned a signature that does not verify (kid %s)", self._backend, self._kid
+            )
+            raise SignerUnavailable(
+                f"{self._backend} returned a signature that does not verify under kid {self._kid}",
+                reason="bad_signature",
+            )
+        return signature
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await call_blocking(self._backend, "close", self._timeout, self._close_blocking)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(alg={self.alg!r}, kid={self._kid!r})"

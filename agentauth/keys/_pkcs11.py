@@ -1,0 +1,196 @@
+"""PKCS#11 tokens (HSMs, SoftHSM2): a P-256 key pair found by label, through python-pkcs11.
+
+Mechanism: ``CKM_ECDSA`` over a SHA-256 digest computed here. Every token that does EC
+offers it; ``CKM_ECDSA_SHA256`` is optional (SoftHSM2 2.6 lacks it) and signs the very same
+bytes. The token outputs r||s, already the JWS form.
+
+PKCS#11 login state belongs to the process, not to a session: closing a logged-in session
+logs out every session on that token. So all signers on one token share one session
+(reference-counted, closed with its last signer), and since a session is not thread-safe,
+every call on it holds that session's lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ._base import (
+    DEFAULT_TIMEOUT,
+    RemoteSigner,
+    SignerUnavailable,
+    call_blocking,
+    public_key_with_kid,
+)
+
+if TYPE_CHECKING:
+    from pkcs11 import Mechanism
+    from pkcs11.types import Session, SignMixin
+
+    from agentauth.protocol import PublicKey
+
+__all__ = ["Pkcs11Signer"]
+
+#: DER of the OID prime256v1 (1.2.840.10045.3.1.7), the EC_PARAMS of a P-256 key.
+P256_EC_PARAMS = bytes.fromhex("06082a8648ce3d030107")
+
+
+@dataclass(slots=True)
+class _SharedSession:
+    session: Session
+    pin_mac: bytes  # to hold later openers to the PIN the session logged in with
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0
+
+
+# Mirrors state the PKCS#11 library itself keeps per process (C_Initialize, login): one
+# entry per (library, token label).
+_shared: dict[tuple[str, str], _SharedSession] = {}
+_shared_lock = threading.Lock()
+# Keys the PIN MAC: what stays in memory is useless for guessing PINs elsewhere.
+_PIN_MAC_KEY = os.urandom(32)
+
+
+def _pin_mac(pin: str) -> bytes:
+    return hmac.new(_PIN_MAC_KEY, pin.encode("utf-8"), hashlib.sha256).digest()
+
+
+def _acquire(lib_path: str, token_label: str, pin: str) -> _SharedSession:
+    # Imported on open, so the package imports without the server extras.
+    import pkcs11  # noqa: PLC0415
+
+    with _shared_lock:
+        entry = _shared.get((lib_path, token_label))
+        if entry is None:
+            token = pkcs11.lib(lib_path).get_token(token_label=token_label)
+            try:
+                session = token.open(user_pin=pin)
+            except pkcs11.UserAlreadyLoggedIn:
+                # Logged in by other code in this process: its login covers our session.
+                session = token.open()
+            entry = _SharedSession(session, _pin_mac(pin))
+            _shared[(lib_path, token_label)] = entry
+        elif not hmac.compare_digest(entry.pin_mac, _pin_mac(pin)):
+            # The token would not ask again (the login is shared); a wrong PIN must
+            # still fail as it would for the first signer.
+            raise SignerUnavailable("the PKCS#11 PIN is incorrect", reason="backend_error")
+        entry.users += 1
+        return entry
+
+
+def _release(lib_path: str, token_label: str, entry: _SharedSession) -> None:
+    # Closing under the registry lock: closing a logged-in session logs the whole token
+    # out, which must not race with a new signer logging in.
+    with _shared_lock:
+        entry.users -= 1
+        if entry.users > 0:
+            return
+        if _shared.get((lib_path, token_label)) is entry:
+            del _shared[(lib_path, token_label)]
+        with entry.lock:
+            entry.session.close()
+
+
+def _point_from_attribute(value: bytes) -> bytes:
+    """The uncompressed point from CKA_EC_POINT: a DER OCTET STRING, or bare on some tokens."""
+    if len(value) == 67 and value[:3] == b"\x04\x41\x04":
+        return value[2:]
+    if len(value) == 65 and value[0] == 0x04:
+        return value
+    raise SignerUnavailable(
+        "the token's EC point is not an uncompressed P-256 point", reason="bad_response"
+    )
+
+
+class Pkcs11Signer(RemoteSigner):
+    """Signs with the private key labelled ``key_label`` on a PKCS#11 token."""
+
+    _backend = "PKCS#11"
+
+    def __init__(
+        self,
+        *,
+        lib_path: str,
+        token_label: str,
+        entry: _SharedSession,
+        private: SignMixin,
+        mechanism: Mechanism,
+        public: PublicKey,
+        timeout: float,
+    ) -> None:
+        super().__init__(public=public, timeout=timeout)
+        self._mechanism = mechanism
+        self._lib_path = lib_path
+        self._token_label = token_label
+        self._entry = entry
+        self._private = private
+
+    @classmethod
+    async def open(
+        cls,
+        *,
+        lib_path: str,
+        token_label: str,
+        pin: str,
+        key_label: str,
+        kid: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Pkcs11Signer:
+        """Log in (or join this process's session on the token) and find the key pair.
+
+        The public key comes from the token's public key object with the same label (its
+        CKA_EC_PARAMS and CKA_EC_POINT); the first signature checks that the pair matches.
+        """
+
+        def connect() -> tuple[_SharedSession, SignMixin, PublicKey]:
+            from pkcs11 import Attribute, KeyType, ObjectClass  # noqa: PLC0415  # see _acquire
+
+            entry = _acquire(lib_path, token_label, pin)
+            try:
+                with entry.lock:
+                    private = entry.session.get_key(
+                        ObjectClass.PRIVATE_KEY, KeyType.EC, label=key_label
+                    )
+                    public_obj = entry.session.get_key(
+                        ObjectClass.PUBLIC_KEY, KeyType.EC, label=key_label
+                    )
+                    params = bytes(public_obj[Attribute.EC_PARAMS])
+                    point = bytes(public_obj[Attribute.EC_POINT])
+                if params != P256_EC_PARAMS:
+                    raise SignerUnavailable("the token key is not P-256", reason="wrong_key_type")
+                key = ec.EllipticCurvePublicKey.from_encoded_point(
+                    ec.SECP256R1(), _point_from_attribute(point)
+                )
+                # Key objects are typed by class; a private EC key object signs.
+                return entry, cast("SignMixin", private), public_key_with_kid(key, kid)
+            except BaseException:
+                _release(lib_path, token_label, entry)
+                raise
+
+        entry, private, public = await call_blocking(cls._backend, "open", timeout, connect)
+        from pkcs11 import Mechanism  # noqa: PLC0415  # see _acquire; loaded by now
+
+        return cls(
+            lib_path=lib_path,
+            token_label=token_label,
+            entry=entry,
+            private=private,
+            # CKM_ECDSA: ECDSA over the digest computed here (see the module docstring).
+            mechanism=Mechanism.ECDSA,
+            public=public,
+            timeout=timeout,
+        )
+
+    def _sign_blocking(self, data: bytes) -> bytes:
+        digest = hashlib.sha256(data).digest()
+        with self._entry.lock:
+            return bytes(self._private.sign(digest, mechanism=self._mechanism))
+
+    def _close_blocking(self) -> None:
+        _release(self._lib_path, self._token_label, self._entry)

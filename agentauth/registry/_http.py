@@ -1,0 +1,501 @@
+"""The registry's HTTP API (FastAPI): authentication, input limits, error mapping.
+
+Callers authenticate as one of:
+- an agent: a ``DPoP`` header, a proof for this exact method and URL signed by its
+  registered key (each proof usable once);
+- a human: ``Authorization: Bearer ses_...`` from a passkey sign-in;
+- the administrator: ``Authorization: Bearer <admin token from configuration>``;
+- a service provider: ``Authorization: Basic base64(provider_id:secret)``.
+Only health, the JWKS and the discovery document answer anonymous callers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..protocol import (
+    AgentAuthError,
+    Forbidden,
+    InvalidDPoPProof,
+    InvalidRequest,
+    PayloadTooLarge,
+    Unauthenticated,
+    UseDPoPNonce,
+    strict_json_loads,
+)
+from ._models import (
+    AgentIn,
+    ApprovalBeginIn,
+    CredentialIn,
+    GrantRequestIn,
+    ProviderIn,
+    RevocationIn,
+    SignupIn,
+    StepUpIn,
+    TokenIn,
+)
+from ._service import Agent, Registry
+
+__all__ = ["MAX_BODY_BYTES", "create_app"]
+
+log = logging.getLogger("agentauth.registry")
+
+# The largest legitimate body is a grant request with 64 capabilities or a WebAuthn
+# credential; 64 KiB is ample and keeps hostile bodies cheap to refuse.
+MAX_BODY_BYTES = 64 * 1024
+
+
+def _error_response(exc: AgentAuthError) -> JSONResponse:
+    headers = {}
+    if isinstance(exc, UseDPoPNonce):
+        headers["DPoP-Nonce"] = exc.nonce
+    if isinstance(exc, InvalidDPoPProof):
+        headers["WWW-Authenticate"] = f'DPoP error="{exc.error}"'
+    return JSONResponse(exc.to_dict(), status_code=exc.status_hint, headers=headers)
+
+
+class BodyGuard:
+    """ASGI middleware: caps request bodies and refuses JSON with duplicate members.
+
+    FastAPI's parser keeps the last of duplicate members; a security document must mean
+    one thing, so such bodies never reach it. Bodies are buffered (they are small).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                await _send_json(send, PayloadTooLarge("the request body is too large"))
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if body:
+            try:
+                strict_json_loads(body)
+            except InvalidRequest as exc:
+                await _send_json(
+                    send, InvalidRequest(f"body: {exc.description}", reason="bad_json")
+                )
+                return
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _send_json(send: Send, exc: AgentAuthError) -> None:
+    response = _error_response(exc)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status_code,
+            "headers": response.raw_headers,
+        }
+    )
+    await send({"type": "http.response.body", "body": response.body})
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling: exactly one of these is set."""
+
+    principal_id: str | None = None
+    agent: Agent | None = None
+    admin: bool = False
+    provider_id: str | None = None
+
+
+def _registry(request: Request) -> Registry:
+    registry: Registry = request.app.state.registry
+    return registry
+
+
+def htu_of(request: Request) -> str:
+    """The URL a DPoP proof for this request must name: the issuer's base plus the path."""
+    path: str = request.scope["path"]
+    root: str = request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return _registry(request).settings.issuer.rstrip("/") + path
+
+
+async def caller(request: Request) -> Caller:
+    registry = _registry(request)
+    proofs = request.headers.getlist("dpop")
+    if proofs:
+        if len(proofs) != 1:
+            raise InvalidDPoPProof("exactly one DPoP header is allowed", reason="multiple_proofs")
+        agent = await registry.authenticate_agent(
+            proof=proofs[0], htm=request.method, htu=htu_of(request)
+        )
+        return Caller(agent=agent)
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    value = value.strip()
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise Unauthenticated(
+                "malformed Basic credentials", reason="bad_provider_credential"
+            ) from None
+        provider_id, _, secret = decoded.partition(":")
+        return Caller(provider_id=await registry.authenticate_provider(provider_id, secret))
+    token = value if scheme.lower() == "bearer" and value else None
+    if token is not None and registry.is_admin(token):
+        return Caller(admin=True)
+    return Caller(principal_id=await registry.authenticate_session(token))
+
+
+def only(*kinds: str) -> Callable[..., Awaitable[Caller]]:
+    """A dependency admitting only the given kinds of caller."""
+
+    async def dependency(who: Annotated[Caller, Depends(caller)]) -> Caller:
+        allowed = (
+            ("human" in kinds and who.principal_id is not None)
+            or ("agent" in kinds and who.agent is not None)
+            or ("admin" in kinds and who.admin)
+            or ("provider" in kinds and who.provider_id is not None)
+        )
+        if not allowed:
+            raise Forbidden("this endpoint is not for this kind of caller", reason="wrong_caller")
+        return who
+
+    return dependency
+
+
+Human = Annotated[Caller, Depends(only("human"))]
+AgentCaller = Annotated[Caller, Depends(only("agent"))]
+Admin = Annotated[Caller, Depends(only("admin"))]
+HumanOrAgent = Annotated[Caller, Depends(only("human", "agent"))]
+HumanOrAdmin = Annotated[Caller, Depends(only("human", "admin"))]
+Anyone = Annotated[Caller, Depends(only("human", "agent", "admin", "provider"))]
+
+
+def create_app(registry: Registry) -> FastAPI:
+    settings = registry.settings
+    app = FastAPI(
+        title="AgentAuth registry",
+        version="1",
+        description="Agents, providers, grant requests, passkey approvals, tokens, audit.",
+    )
+    app.state.registry = registry
+    app.add_middleware(BodyGuard)
+
+    @app.exception_handler(AgentAuthError)
+    async def _agentauth_error(_: Request, exc: AgentAuthError) -> JSONResponse:
+        if exc.status_hint >= 500:
+            log.warning("request failed: %s (%s)", exc.error, exc.description)
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))}
+            for e in exc.errors()[:20]
+        ]
+        body = InvalidRequest("the request does not match its schema", reason="schema").to_dict()
+        return JSONResponse({**body, "details": details}, status_code=400)
+
+    @app.exception_handler(ValidationError)
+    async def _model_error(_: Request, exc: ValidationError) -> JSONResponse:
+        return _error_response(InvalidRequest("invalid document", reason="schema"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        return JSONResponse({"error": code, "error_description": str(exc.detail)}, exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")  # details stay in the server log
+        return JSONResponse({"error": "server_error", "error_description": "internal error"}, 500)
+
+    # --- public --------------------------------------------------------------------------
+
+    @app.get("/healthz", tags=["public"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/.well-known/jwks.json", tags=["public"])
+    async def jwks() -> dict[str, Any]:
+        # Always from the database: a rotated-in key must be visible at once, everywhere.
+        await registry.keys.refresh(force=True)
+        return registry.keys.jwks(time.time())
+
+    @app.get("/.well-known/agentauth-configuration", tags=["public"])
+    async def discovery() -> dict[str, Any]:
+        base = settings.issuer.rstrip("/")
+        return {
+            "issuer": settings.issuer,
+            "jwks_uri": f"{base}/.well-known/jwks.json",
+            "token_endpoint": f"{base}/v1/token",
+            "grant_request_endpoint": f"{base}/v1/grant-requests",
+            "agent_registration_endpoint": f"{base}/v1/agents",
+            "step_up_endpoint": f"{base}/v1/step-ups",
+            "revocation_list_endpoint": f"{base}/v1/revocations",
+            "token_signing_alg_values_supported": ["ES256", "Ed25519"],
+            "dpop_signing_alg_values_supported": ["ES256", "Ed25519", "EdDSA"],
+            "token_type": "aat+jwt",
+            "rp_id": settings.rp_id,
+        }
+
+    # --- humans: passkeys and sessions ---------------------------------------------------
+
+    @app.post("/v1/signup/begin", tags=["humans"])
+    async def signup_begin(body: SignupIn) -> dict[str, Any]:
+        return await registry.signup_begin(body.display_name)
+
+    @app.post("/v1/signup/finish", tags=["humans"])
+    async def signup_finish(body: CredentialIn) -> dict[str, Any]:
+        return await registry.signup_finish(body.credential)
+
+    @app.post("/v1/sessions/begin", tags=["humans"])
+    async def login_begin() -> dict[str, Any]:
+        return await registry.login_begin()
+
+    @app.post("/v1/sessions/finish", tags=["humans"])
+    async def login_finish(body: CredentialIn) -> dict[str, Any]:
+        return await registry.login_finish(body.credential)
+
+    @app.get("/v1/passkeys", tags=["humans"])
+    async def passkeys(who: Human) -> list[dict[str, Any]]:
+        return await registry.list_passkeys(_p(who))
+
+    @app.post("/v1/passkeys/begin", tags=["humans"])
+    async def passkey_begin(who: Human) -> dict[str, Any]:
+        return await registry.passkey_begin(_p(who))
+
+    @app.post("/v1/passkeys/finish", tags=["humans"])
+    async def passkey_finish(who: Human, body: CredentialIn) -> dict[str, Any]:
+        return await registry.passkey_finish(_p(who), body.credential)
+
+    @app.delete("/v1/passkeys/{credential_id}", tags=["humans"])
+    async def passkey_remove(who: Human, credential_id: str) -> dict[str, bool]:
+        await registry.remove_passkey(_p(who), credential_id)
+        return {"removed": True}
+
+    @app.post("/v1/enrollments", tags=["humans"])
+    async def enrollment(who: Human) -> dict[str, Any]:
+        return await registry.create_enrollment(_p(who))
+
+    # --- agents --------------------------------------------------------------------------
+
+    @app.post("/v1/agents", tags=["agents"])
+    async def register_agent(request: Request, body: AgentIn) -> dict[str, Any]:
+        proofs = request.headers.getlist("dpop")
+        if len(proofs) > 1:
+            raise InvalidDPoPProof("exactly one DPoP header is allowed", reason="multiple_proofs")
+        return await registry.register_agent(
+            name=body.name,
+            public_jwk=body.public_jwk,
+            enrollment_code=body.enrollment_code,
+            proof=proofs[0] if proofs else None,
+            htu=htu_of(request),
+        )
+
+    @app.get("/v1/agents", tags=["agents"])
+    async def list_agents(who: Human) -> list[dict[str, Any]]:
+        return await registry.list_agents(_p(who))
+
+    @app.get("/v1/agents/{agent_id}", tags=["agents"])
+    async def get_agent(who: HumanOrAgent, agent_id: str) -> dict[str, Any]:
+        return await registry.get_agent(agent_id, principal_id=who.principal_id, agent=who.agent)
+
+    @app.post("/v1/agents/{agent_id}/disable", tags=["agents"])
+    async def disable_agent(who: HumanOrAdmin, agent_id: str) -> dict[str, Any]:
+        await registry.disable_agent(agent_id, principal_id=who.principal_id, admin=who.admin)
+        return {"id": agent_id, "status": "disabled"}
+
+    # --- providers -----------------------------------------------------------------------
+
+    @app.post("/v1/providers", tags=["providers"])
+    async def register_provider(_: Admin, body: ProviderIn) -> dict[str, Any]:
+        return await registry.register_provider(body)
+
+    @app.get("/v1/providers/{provider_id}", tags=["providers"])
+    async def get_provider(who: Anyone, provider_id: str) -> dict[str, Any]:
+        if not (who.admin or who.provider_id == provider_id or who.agent or who.principal_id):
+            raise Forbidden("another provider's record", reason="wrong_provider")
+        return await registry.get_provider(provider_id)
+
+    # --- grant requests and grants -------------------------------------------------------
+
+    @app.post("/v1/grant-requests", tags=["grants"])
+    async def request_grant(who: AgentCaller, body: GrantRequestIn) -> dict[str, Any]:
+        return await registry.request_grant(_a(who), body)
+
+    @app.get("/v1/grant-requests", tags=["grants"])
+    async def list_requests(
+        who: HumanOrAgent,
+        status: Annotated[str | None, Query(pattern="^(pending|approved|denied)$")] = None,
+    ) -> list[dict[str, Any]]:
+        return await registry.list_grant_requests(
+            principal_id=who.principal_id, agent=who.agent, status=status
+        )
+
+    @app.get("/v1/grant-requests/{request_id}", tags=["grants"])
+    async def get_request(who: HumanOrAgent, request_id: str) -> dict[str, Any]:
+        return await registry.get_grant_request(
+            request_id, principal_id=who.principal_id, agent=who.agent
+        )
+
+    @app.post("/v1/grant-requests/{request_id}/approval/begin", tags=["grants"])
+    async def approval_begin(
+        who: Human, request_id: str, body: ApprovalBeginIn | None = None
+    ) -> dict[str, Any]:
+        return await registry.approval_begin(_p(who), request_id, body or ApprovalBeginIn())
+
+    @app.post("/v1/grant-requests/{request_id}/approval/finish", tags=["grants"])
+    async def approval_finish(who: Human, request_id: str, body: CredentialIn) -> dict[str, Any]:
+        return await registry.approval_finish(_p(who), request_id, body.credential)
+
+    @app.post("/v1/grant-requests/{request_id}/deny", tags=["grants"])
+    async def deny(who: Human, request_id: str) -> dict[str, Any]:
+        return await registry.deny_request(_p(who), request_id)
+
+    @app.get("/v1/grants", tags=["grants"])
+    async def list_grants(who: HumanOrAgent) -> list[dict[str, Any]]:
+        return await registry.list_grants(principal_id=who.principal_id, agent=who.agent)
+
+    @app.get("/v1/grants/{grant_id}", tags=["grants"])
+    async def get_grant(who: HumanOrAgent, grant_id: str) -> dict[str, Any]:
+        return await registry.get_grant(grant_id, principal_id=who.principal_id, agent=who.agent)
+
+    # --- tokens and revocation -----------------------------------------------------------
+
+    @app.post("/v1/token", tags=["tokens"])
+    async def token(who: AgentCaller, body: TokenIn) -> dict[str, Any]:
+        return await registry.issue_token(_a(who), body.grant_id)
+
+    @app.post("/v1/revocations", tags=["tokens"])
+    async def revoke(who: HumanOrAdmin, body: RevocationIn) -> dict[str, Any]:
+        return await registry.revoke(
+            body.kind, body.target, principal_id=who.principal_id, admin=who.admin
+        )
+
+    @app.get("/v1/revocations", tags=["tokens"])
+    async def revocations(
+        who: Anyone, since: Annotated[int, Query(ge=0)] = 0
+    ) -> list[dict[str, Any]]:
+        if not (who.admin or who.provider_id):
+            raise Forbidden("for verifiers and providers", reason="wrong_caller")
+        return await registry.list_revocations(since)
+
+    # --- step-up approvals ---------------------------------------------------------------
+
+    @app.post("/v1/step-ups", tags=["step-up"])
+    async def step_up(who: AgentCaller, body: StepUpIn) -> dict[str, Any]:
+        return await registry.request_step_up(_a(who), body)
+
+    @app.get("/v1/step-ups", tags=["step-up"])
+    async def list_step_ups(
+        who: Human,
+        status: Annotated[str | None, Query(pattern="^(pending|approved|denied|used)$")] = None,
+    ) -> list[dict[str, Any]]:
+        return await registry.list_step_ups(_p(who), status)
+
+    @app.get("/v1/step-ups/{step_id}", tags=["step-up"])
+    async def get_step_up(
+        who: HumanOrAgent, step_id: str, wait: Annotated[float, Query(ge=0, le=30)] = 0
+    ) -> dict[str, Any]:
+        return await registry.get_step_up(
+            step_id, principal_id=who.principal_id, agent=who.agent, wait=wait
+        )
+
+    @app.post("/v1/step-ups/{step_id}/approval/begin", tags=["step-up"])
+    async def step_up_begin(who: Human, step_id: str) -> dict[str, Any]:
+        return await registry.step_up_begin(_p(who), step_id)
+
+    @app.post("/v1/step-ups/{step_id}/approval/finish", tags=["step-up"])
+    async def step_up_finish(who: Human, step_id: str, body: CredentialIn) -> dict[str, Any]:
+        return await registry.step_up_finish(_p(who), step_id, body.credential)
+
+    @app.post("/v1/step-ups/{step_id}/deny", tags=["step-up"])
+    async def step_up_deny(who: Human, step_id: str) -> dict[str, Any]:
+        return await registry.step_up_deny(_p(who), step_id)
+
+    # --- audit ---------------------------------------------------------------------------
+
+    @app.get("/v1/audit/events", tags=["audit"])
+    async def audit_events(
+        who: HumanOrAdmin,
+        agent_id: Annotated[str | None, Query(max_length=128)] = None,
+        grant_id: Annotated[str | None, Query(max_length=128)] = None,
+    ) -> list[dict[str, Any]]:
+        return await registry.audit_events(
+            principal_id=who.principal_id, admin=who.admin, agent_id=agent_id, grant_id=grant_id
+        )
+
+    @app.get("/v1/audit/events/{chain}/{seq}/proof", tags=["audit"])
+    async def audit_proof(_: Anyone, chain: str, seq: Annotated[int, Path(ge=0)]) -> dict[str, Any]:
+        return await registry.audit_inclusion(chain, seq)
+
+    @app.get("/v1/audit/checkpoints", tags=["audit"])
+    async def checkpoints(_: Anyone) -> list[dict[str, Any]]:
+        return await registry.latest_checkpoints()
+
+    @app.get("/v1/audit/consistency", tags=["audit"])
+    async def consistency(
+        _: Anyone,
+        chain: Annotated[str, Query(max_length=64)],
+        first: Annotated[int, Query(ge=1)],
+        second: Annotated[int, Query(ge=1)],
+    ) -> dict[str, Any]:
+        return await registry.audit_consistency(chain, first, second)
+
+    # --- administration ------------------------------------------------------------------
+
+    @app.post("/v1/admin/keys/rotate", tags=["admin"])
+    async def rotate(_: Admin) -> dict[str, Any]:
+        return {"kid": await registry.keys.rotate()}
+
+    @app.post("/v1/admin/checkpoints", tags=["admin"])
+    async def force_checkpoint(_: Admin) -> list[dict[str, Any]]:
+        return await registry.checkpoint_all()
+
+    return app
+
+
+def _p(who: Caller) -> str:
+    if who.principal_id is None:  # the route's dependency rules this out; fail closed anyway
+        raise Unauthenticated("a session is required", reason="missing_session")
+    return who.principal_id
+
+
+def _a(who: Caller) -> Agent:
+    if who.agent is None:
+        raise Unauthenticated("an agent proof is required", reason="missing_proof")
+    return who.agent

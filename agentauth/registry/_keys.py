@@ -1,0 +1,197 @@
+"""The registry's signing keys: which kid signs now, which kids the JWKS publishes.
+
+Key records live in PostgreSQL (``signing_keys``) so every replica agrees; private keys
+stay in their backend. Rotation publishes the new kid ``key_publish_ahead`` seconds before
+it signs anything, and keeps the old kid published until its last token has expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import asyncpg
+
+from .. import keys
+from ..keys import AsyncSigner, KeyRecord, KeyRing, LocalFileSigner, SignerUnavailable
+from ..protocol import KeySet, PublicKey
+from ..store import Conn
+from ._settings import RegistrySettings
+
+__all__ = ["KeyManager"]
+
+# Replicas re-read key records this often, so a rotation reaches all of them well within
+# the publish-ahead interval.
+_REFRESH_S = 5.0
+
+
+class KeyManager:
+    def __init__(self, settings: RegistrySettings, pool: asyncpg.Pool) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._ring = KeyRing([])
+        self._backends: dict[str, str] = {}
+        self._signers: dict[str, AsyncSigner] = {}
+        self._loaded_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Load key records, creating the first key if there is none."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('agentauth:keys'))")
+            count = await conn.fetchval("SELECT count(*) FROM signing_keys")
+            if count == 0:
+                signer = await self._create_signer()
+                now = int(time.time())
+                await self._insert(
+                    conn, signer, backend=self._backend_ref(signer), at=now, activates=now
+                )
+                self._signers[signer.kid] = signer
+        await self.refresh(force=True)
+
+    def _backend_ref(self, signer: AsyncSigner) -> str:
+        settings = self._settings.signer
+        if settings.backend == "local":
+            return f"local:{signer.kid}.pem"
+        return f"{settings.backend}:{settings.key_id}"
+
+    async def _create_signer(self) -> AsyncSigner:
+        settings = self._settings.signer
+        if settings.backend != "local":
+            return await self._open_backend(f"{settings.backend}:{settings.key_id}")
+        # A new local key: created under a temporary name, then named after its kid.
+        keys_dir = self._settings.data_dir / "keys"
+        staging = keys_dir / f"new-{time.time_ns()}.pem"
+        signer = LocalFileSigner.load_or_create(staging, alg=settings.alg)
+        staging.rename(keys_dir / f"{signer.kid}.pem")
+        return signer
+
+    async def _open_backend(self, ref: str) -> AsyncSigner:
+        backend, _, name = ref.partition(":")
+        s = self._settings.signer
+        if backend == "local":
+            return LocalFileSigner.load_or_create(
+                self._settings.data_dir / "keys" / name, alg=s.alg
+            )
+        if backend == "aws":
+            return await keys.AwsKmsSigner.open(
+                name, region=s.region, endpoint_url=s.endpoint, message_type=s.aws_message_type
+            )
+        if backend == "gcp":
+            return await keys.GcpKmsSigner.open(name, endpoint=s.endpoint)
+        if backend == "vault":
+            return await keys.VaultTransitSigner.open(
+                name, url=s.endpoint or "", token=s.vault_token or ""
+            )
+        if backend == "pkcs11":
+            return await keys.Pkcs11Signer.open(
+                lib_path=s.pkcs11_lib,
+                token_label=s.pkcs11_token or "",
+                pin=s.pkcs11_pin or "",
+                key_label=name,
+            )
+        raise SignerUnavailable(f"unknown key backend {backend!r}")
+
+    @staticmethod
+    async def _insert(
+        conn: Conn, signer: AsyncSigner, *, backend: str, at: int, activates: int
+    ) -> None:
+        jwk = dict(signer.public_key().jwk, kid=signer.kid, alg=signer.alg, use="sig")
+        await conn.execute(
+            "INSERT INTO signing_keys (kid, alg, public_jwk, backend, created_at, activates_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6)",
+            signer.kid,
+            signer.alg,
+            jwk,
+            backend,
+            at,
+            activates,
+        )
+
+    async def rotate(self, *, now: int | None = None) -> str:
+        """Add a new key: published now, signing after the publish-ahead interval."""
+        now = int(time.time()) if now is None else now
+        signer = await self._create_signer()
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('agentauth:keys'))")
+            await self.refresh(force=True, conn=conn)
+            activates = now + self._settings.key_publish_ahead
+            ring = self._ring.rotate(
+                KeyRecord(
+                    kid=signer.kid,
+                    public_jwk=dict(signer.public_key().jwk),
+                    alg=signer.alg,
+                    created_at=now,
+                    activates_at=activates,
+                    retires_at=None,
+                ),
+                now=now,
+                publish_ahead=self._settings.key_publish_ahead,
+                # The old key must outlive every token it signed, plus verifier leeway.
+                max_token_lifetime=self._settings.token_lifetime + 60,
+            )
+            await self._insert(
+                conn, signer, backend=self._backend_ref(signer), at=now, activates=activates
+            )
+            for record in ring.records:
+                await conn.execute(
+                    "UPDATE signing_keys SET retires_at = $2 WHERE kid = $1",
+                    record.kid,
+                    record.retires_at,
+                )
+        self._signers[signer.kid] = signer
+        await self.refresh(force=True)
+        return signer.kid
+
+    async def refresh(self, *, force: bool = False, conn: Conn | None = None) -> None:
+        if not force and time.monotonic() - self._loaded_at < _REFRESH_S:
+            return
+        query = (
+            "SELECT kid, alg, public_jwk, backend, created_at, activates_at, retires_at"
+            " FROM signing_keys ORDER BY activates_at, created_at"
+        )
+        rows = await (conn.fetch(query) if conn else self._pool.fetch(query))
+        self._ring = KeyRing(
+            [
+                KeyRecord(
+                    kid=r["kid"],
+                    public_jwk=dict(r["public_jwk"]),
+                    alg=r["alg"],
+                    created_at=r["created_at"],
+                    activates_at=r["activates_at"],
+                    retires_at=r["retires_at"],
+                )
+                for r in rows
+            ]
+        )
+        self._backends = {r["kid"]: r["backend"] for r in rows}
+        self._loaded_at = time.monotonic()
+
+    async def signer(self, now: float) -> AsyncSigner:
+        """The signer for the key that signs at ``now``; raises ``SignerUnavailable``."""
+        await self.refresh()
+        kid = self._ring.signing_kid(int(now))
+        signer = self._signers.get(kid)
+        if signer is None:
+            async with self._lock:
+                signer = self._signers.get(kid)
+                if signer is None:
+                    signer = await self._open_backend(self._backends[kid])
+                    if signer.kid != kid:
+                        # Never sign under a kid whose published key is another key.
+                        raise SignerUnavailable("the key backend holds a different key")
+                    self._signers[kid] = signer
+        return signer
+
+    def jwks(self, now: float) -> dict[str, Any]:
+        return {"keys": self._ring.published(int(now))}
+
+    def key_set(self, now: float) -> KeySet:
+        return KeySet(
+            PublicKey.from_jwk(jwk, alg=jwk.get("alg")) for jwk in self._ring.published(int(now))
+        )
+
+    async def aclose(self) -> None:
+        for signer in self._signers.values():
+            await signer.aclose()

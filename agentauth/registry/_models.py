@@ -1,0 +1,79 @@
+"""Request and response bodies of the registry's HTTP API."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..protocol import AnyCapability, Envelope
+from ..protocol._types import Amount, Currency, Identifier, ResourceName
+
+__all__ = [
+    "AgentIn",
+    "ApprovalBeginIn",
+    "CredentialIn",
+    "GrantRequestIn",
+    "ProviderIn",
+    "RevocationIn",
+    "SignupIn",
+    "StepUpIn",
+    "TokenIn",
+]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SignupIn(_In):
+    display_name: str = Field(min_length=1, max_length=128)
+
+
+class CredentialIn(_In):
+    """A WebAuthn credential as the browser's JSON serialization gives it."""
+
+    credential: dict[str, Any]
+
+
+class AgentIn(_In):
+    name: str = Field(min_length=1, max_length=128)
+    public_jwk: dict[str, Any]
+    enrollment_code: str = Field(min_length=16, max_length=128)
+
+
+class ProviderIn(_In):
+    id: Identifier
+    audience: str = Field(min_length=1, max_length=512)
+    display_name: str = Field(min_length=1, max_length=128)
+    allowed_kinds: tuple[Literal["read", "write", "transact", "custom"], ...] = Field(min_length=1)
+
+
+class GrantRequestIn(_In):
+    provider_id: Identifier
+    capabilities: tuple[AnyCapability, ...] = Field(min_length=1, max_length=64)
+    envelope: Envelope = Field(default_factory=Envelope)
+
+
+class ApprovalBeginIn(_In):
+    """Optionally narrow what is approved; omitted fields keep the request's values."""
+
+    capabilities: tuple[AnyCapability, ...] | None = Field(None, min_length=1, max_length=64)
+    envelope: Envelope | None = None
+
+
+class TokenIn(_In):
+    grant_id: Identifier
+
+
+class RevocationIn(_In):
+    kind: Literal["token", "grant", "agent"]
+    target: str = Field(min_length=1, max_length=128)
+
+
+class StepUpIn(_In):
+    grant_id: Identifier
+    resource: ResourceName
+    amount: Amount
+    currency: Currency
+    payee: Identifier | None = None

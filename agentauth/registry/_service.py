@@ -1,0 +1,1423 @@
+"""The registry's operations, independent of HTTP: each takes an authenticated caller.
+
+Every state change runs in one PostgreSQL transaction together with its audit event, so
+there is never a change without its event nor an event for a change that did not happen.
+A rejected operation raises before or inside that transaction and writes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+import webauthn
+from webauthn.helpers import base64url_to_bytes, bytes_to_base64url
+from webauthn.helpers.exceptions import InvalidAuthenticationResponse, InvalidRegistrationResponse
+from webauthn.helpers.structs import (
+    AuthenticatorSelectionCriteria,
+    PublicKeyCredentialDescriptor,
+    ResidentKeyRequirement,
+    UserVerificationRequirement,
+)
+
+from ..keys import SignerUnavailable
+from ..protocol import (
+    ApprovalReceipt,
+    Conflict,
+    DependencyUnavailable,
+    DPoPPolicy,
+    DPoPVerifier,
+    Forbidden,
+    Grant,
+    GrantRequest,
+    InvalidReceipt,
+    InvalidRequest,
+    NotFound,
+    PublicKey,
+    ReplayDetected,
+    Unauthenticated,
+    access_token_parts,
+    b64url_encode,
+    canonical_json,
+    strict_json_loads,
+    tighten,
+    verify_assertion,
+)
+from ..protocol._jws import attach_signature, signing_input
+from ..store import Conn
+from ..store import migrate as run_migrations
+from ._audit_log import AuditLog
+from ._keys import KeyManager
+from ._models import ApprovalBeginIn, GrantRequestIn, ProviderIn, StepUpIn
+from ._settings import RegistrySettings
+
+__all__ = ["Agent", "Registry"]
+
+log = logging.getLogger("agentauth.registry")
+
+REVOCATION_CHANNEL = "agentauth:revocations"
+STEP_UP_TYPE = "agentauth.step-up.v1"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_urlsafe(16)}"
+
+
+def _sha256(data: bytes | str) -> bytes:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).digest()
+
+
+class SignCountRegression(Forbidden):
+    """A passkey's counter went backwards: possibly a cloned authenticator."""
+
+    def __init__(self, credential_id: str, principal_id: str) -> None:
+        super().__init__(
+            "the passkey's signature counter went backwards", reason="sign_count_regression"
+        )
+        self.credential_id = credential_id
+        self.principal_id = principal_id
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    id: str
+    principal_id: str
+    jkt: str
+    status: str
+
+
+async def _init_connection(conn: Conn) -> None:
+    # jsonb <-> Python values, so rows carry dicts rather than JSON text.
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def open_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=10
+    )
+    assert pool is not None
+    return pool
+
+
+class Registry:
+    """Registry operations over PostgreSQL, Redis and a key manager."""
+
+    def __init__(
+        self,
+        *,
+        settings: RegistrySettings,
+        pool: asyncpg.Pool,
+        redis: aioredis.Redis,
+        keys: KeyManager,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.redis = redis
+        self.keys = keys
+        self.audit = AuditLog(chains=settings.audit_chains)
+        self.proofs = DPoPVerifier()
+        self._events_since_checkpoint = 0
+        self._checkpoint_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, settings: RegistrySettings, *, migrate: bool = True) -> Registry:
+        pool = await open_pool(
+            settings.database_url, min_size=settings.pool_min_size, max_size=settings.pool_max_size
+        )
+        if migrate:
+            async with pool.acquire() as conn:
+                await run_migrations(conn)
+        redis = aioredis.Redis.from_url(
+            settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
+        )
+        keys = KeyManager(settings, pool)
+        await keys.start()
+        registry = cls(settings=settings, pool=pool, redis=redis, keys=keys)
+        async with pool.acquire() as conn:
+            await registry.audit.ensure_chains(conn)
+        return registry
+
+    def start_background(self) -> None:
+        """Start the periodic checkpointer (one per replica; chains are locked in SQL)."""
+        if self._checkpoint_task is None:
+            self._checkpoint_task = asyncio.create_task(self._checkpoint_loop())
+
+    async def close(self) -> None:
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+        await self.keys.aclose()
+        await self.redis.aclose()
+        await self.pool.close()
+
+    # --- transactions with audit --------------------------------------------------------
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[Conn]:
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                yield conn
+        except SignCountRegression as exc:
+            # Recorded after the refused transaction has rolled back (and released its lock
+            # on the credential row), in a transaction of its own.
+            await self._flag_credential(exc.credential_id, exc.principal_id)
+            raise
+        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
+            raise DependencyUnavailable("the database is unavailable") from exc
+        self._events_since_checkpoint += 1
+
+    async def _audit(self, conn: Conn, **event: Any) -> None:
+        await self.audit.append(conn, **event)
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    async def checkpoint_all(self) -> list[dict[str, Any]]:
+        signer = await self.keys.signer(time.time())
+        made = []
+        async with self.pool.acquire() as conn:
+            for chain in self.audit.chains:
+                result = await self.audit.checkpoint(conn, chain, signer, now=int(time.time()))
+                if result:
+                    made.append(result)
+        self._events_since_checkpoint = 0
+        return made
+
+    async def _checkpoint_loop(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.5)
+            due = time.monotonic() - last >= self.settings.checkpoint_every_seconds
+            if due or self._events_since_checkpoint >= self.settings.checkpoint_every_events:
+                try:
+                    await self.checkpoint_all()
+                except Exception:  # retried next round; the loop must outlive any failure
+                    log.exception("checkpointing failed")
+                last = time.monotonic()
+
+    # --- callers -------------------------------------------------------------------------
+
+    async def authenticate_agent(self, *, proof: str | None, htm: str, htu: str) -> Agent:
+        """An agent proves its registered key with a DPoP proof for this exact request."""
+        if not proof:
+            raise Unauthenticated("a DPoP proof is required", reason="missing_proof")
+        now = time.time()
+        verified = self.proofs.verify(proof, htm=htm, htu=htu, now=now)
+        row = await self.pool.fetchrow(
+            "SELECT id, principal_id, jkt, status FROM agents WHERE jkt = $1", verified.jkt
+        )
+        if row is None:
+            raise Unauthenticated("unknown agent key", reason="unknown_agent")
+        agent = Agent(row["id"], row["principal_id"], row["jkt"], row["status"])
+        if agent.status != "active":
+            raise Forbidden("the agent is disabled", reason="agent_disabled")
+        await self._reserve_jti(verified.jkt, verified.jti)
+        return agent
+
+    async def _reserve_jti(self, jkt: str, jti: str) -> None:
+        key = f"agentauth:jti:{jkt}:{jti}"
+        # The reservation outlives the proof's acceptance window, so a replay is always seen.
+        ttl = self.proofs_window()
+        try:
+            fresh = await self.redis.set(key, b"1", nx=True, ex=ttl)
+        except Exception as exc:
+            raise DependencyUnavailable("the replay cache is unavailable") from exc
+        if not fresh:
+            raise ReplayDetected(reason="jti_reused")
+
+    @staticmethod
+    def proofs_window() -> int:
+        policy = DPoPPolicy()
+        return policy.max_age + policy.future_skew + 5
+
+    async def authenticate_session(self, token: str | None) -> str:
+        if not token:
+            raise Unauthenticated("a session is required", reason="missing_session")
+        row = await self.pool.fetchrow(
+            "SELECT principal_id FROM sessions WHERE token_hash = $1 AND expires_at > now()",
+            _sha256(token),
+        )
+        if row is None:
+            raise Unauthenticated("the session is invalid or expired", reason="bad_session")
+        return str(row["principal_id"])
+
+    def is_admin(self, token: str | None) -> bool:
+        return token is not None and hmac.compare_digest(
+            _sha256(token), _sha256(self.settings.admin_token)
+        )
+
+    async def authenticate_provider(self, provider_id: str, secret: str) -> str:
+        row = await self.pool.fetchrow(
+            "SELECT secret_hash FROM providers WHERE id = $1", provider_id
+        )
+        # Compare against a dummy hash for unknown ids so timing does not reveal which exist.
+        expected = bytes(row["secret_hash"]) if row else _sha256(secrets.token_bytes(16))
+        if not hmac.compare_digest(_sha256(secret), expected) or row is None:
+            raise Unauthenticated("bad provider credential", reason="bad_provider_credential")
+        return provider_id
+
+    # --- WebAuthn ------------------------------------------------------------------------
+
+    def _uv(self) -> UserVerificationRequirement:
+        return (
+            UserVerificationRequirement.REQUIRED
+            if self.settings.require_user_verification
+            else UserVerificationRequirement.PREFERRED
+        )
+
+    async def _store_challenge(
+        self,
+        conn: Conn | asyncpg.Pool,
+        challenge: bytes,
+        *,
+        purpose: str,
+        principal_id: str | None = None,
+        subject_id: str | None = None,
+        payload: dict[str, Any] | None = None,
+    ) -> None:
+        await conn.execute(
+            "INSERT INTO webauthn_challenges (challenge, purpose, principal_id, subject_id,"
+            " payload, expires_at) VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))",
+            challenge,
+            purpose,
+            principal_id,
+            subject_id,
+            payload or {},
+            float(self.settings.challenge_ttl),
+        )
+
+    @staticmethod
+    def _client_challenge(credential: dict[str, Any]) -> bytes:
+        """The challenge the browser signed, read from clientDataJSON (checked again later)."""
+        try:
+            response = credential["response"]
+            client_data = strict_json_loads(base64url_to_bytes(response["clientDataJSON"]))
+            return base64url_to_bytes(client_data["challenge"])
+        except (KeyError, TypeError, ValueError, InvalidRequest):
+            raise InvalidReceipt("malformed WebAuthn credential", reason="malformed") from None
+
+    async def _consume_challenge(
+        self,
+        conn: Conn,
+        credential: dict[str, Any],
+        *,
+        purpose: str,
+        principal_id: str | None = None,
+        subject_id: str | None = None,
+    ) -> tuple[bytes, dict[str, Any]]:
+        challenge = self._client_challenge(credential)
+        row = await conn.fetchrow(
+            "DELETE FROM webauthn_challenges WHERE challenge = $1 AND purpose = $2"
+            " AND principal_id IS NOT DISTINCT FROM $3 AND subject_id IS NOT DISTINCT FROM $4"
+            " AND expires_at > now() RETURNING payload",
+            challenge,
+            purpose,
+            principal_id,
+            subject_id,
+        )
+        if row is None:
+            raise Conflict(
+                "the challenge is unknown, expired or already used", reason="challenge_used"
+            )
+        return challenge, dict(row["payload"])
+
+    async def signup_begin(self, display_name: str) -> dict[str, Any]:
+        if not self.settings.open_signup:
+            raise Forbidden("sign-up is closed", reason="signup_closed")
+        principal_id = new_id("hum")
+        options = webauthn.generate_registration_options(
+            rp_id=self.settings.rp_id,
+            rp_name=self.settings.rp_name,
+            user_id=principal_id.encode(),
+            user_name=display_name,
+            user_display_name=display_name,
+            authenticator_selection=AuthenticatorSelectionCriteria(
+                resident_key=ResidentKeyRequirement.REQUIRED, user_verification=self._uv()
+            ),
+        )
+        await self._store_challenge(
+            self.pool,
+            options.challenge,
+            purpose="register",
+            payload={"principal_id": principal_id, "display_name": display_name},
+        )
+        return json.loads(webauthn.options_to_json(options))  # type: ignore[no-any-return]
+
+    async def signup_finish(self, credential: dict[str, Any]) -> dict[str, Any]:
+        async with self._tx() as conn:
+            challenge, payload = await self._consume_challenge(conn, credential, purpose="register")
+            verified = self._verify_registration(credential, challenge)
+            principal_id = payload["principal_id"]
+            await conn.execute(
+                "INSERT INTO principals (id, display_name) VALUES ($1, $2)",
+                principal_id,
+                payload["display_name"],
+            )
+            await self._insert_credential(conn, principal_id, verified)
+            session = await self._new_session(conn, principal_id)
+            await self._audit(
+                conn,
+                event="principal.created",
+                actor=f"human:{principal_id}",
+                subject=f"human:{principal_id}",
+                key=principal_id,
+            )
+        return {"principal_id": principal_id, "session": session}
+
+    def _verify_registration(self, credential: dict[str, Any], challenge: bytes) -> Any:
+        try:
+            return webauthn.verify_registration_response(
+                credential=credential,
+                expected_challenge=challenge,
+                expected_rp_id=self.settings.rp_id,
+                expected_origin=list(self.settings.origins),
+                require_user_verification=self.settings.require_user_verification,
+            )
+        except (InvalidRegistrationResponse, ValueError, KeyError, TypeError) as exc:
+            raise InvalidReceipt(
+                f"passkey registration refused: {exc}", reason="registration_refused"
+            ) from None
+
+    @staticmethod
+    async def _insert_credential(conn: Conn, principal_id: str, verified: Any) -> None:
+        try:
+            await conn.execute(
+                "INSERT INTO passkey_credentials (credential_id, principal_id, public_key,"
+                " sign_count, backed_up) VALUES ($1, $2, $3, $4, $5)",
+                bytes_to_base64url(verified.credential_id),
+                principal_id,
+                verified.credential_public_key,
+                verified.sign_count,
+                bool(verified.credential_backed_up),
+            )
+        except asyncpg.UniqueViolationError:
+            raise Conflict(
+                "this passkey is already registered", reason="duplicate_passkey"
+            ) from None
+
+    async def _new_session(self, conn: Conn, principal_id: str) -> str:
+        token = "ses_" + secrets.token_urlsafe(32)
+        await conn.execute(
+            "INSERT INTO sessions (token_hash, principal_id, expires_at)"
+            " VALUES ($1, $2, now() + make_interval(secs => $3))",
+            _sha256(token),
+            principal_id,
+            float(self.settings.session_ttl),
+        )
+        return token
+
+    async def login_begin(self) -> dict[str, Any]:
+        options = webauthn.generate_authentication_options(
+            rp_id=self.settings.rp_id, user_verification=self._uv()
+        )
+        await self._store_challenge(self.pool, options.challenge, purpose="login")
+        return json.loads(webauthn.options_to_json(options))  # type: ignore[no-any-return]
+
+    async def login_finish(self, credential: dict[str, Any]) -> dict[str, Any]:
+        async with self._tx() as conn:
+            challenge, _ = await self._consume_challenge(conn, credential, purpose="login")
+            principal_id, _ = await self._verify_assertion(conn, credential, challenge, None)
+            session = await self._new_session(conn, principal_id)
+        return {"principal_id": principal_id, "session": session}
+
+    async def passkey_begin(self, principal_id: str) -> dict[str, Any]:
+        existing = await self.pool.fetch(
+            "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
+            " AND removed_at IS NULL",
+            principal_id,
+        )
+        options = webauthn.generate_registration_options(
+            rp_id=self.settings.rp_id,
+            rp_name=self.settings.rp_name,
+            user_id=principal_id.encode(),
+            user_name=principal_id,
+            exclude_credentials=[
+                PublicKeyCredentialDescriptor(id=base64url_to_bytes(r["credential_id"]))
+                for r in existing
+            ],
+            authenticator_selection=AuthenticatorSelectionCriteria(
+                resident_key=ResidentKeyRequirement.REQUIRED, user_verification=self._uv()
+            ),
+        )
+        await self._store_challenge(
+            self.pool, options.challenge, purpose="register", principal_id=principal_id
+        )
+        return json.loads(webauthn.options_to_json(options))  # type: ignore[no-any-return]
+
+    async def passkey_finish(self, principal_id: str, credential: dict[str, Any]) -> dict[str, Any]:
+        async with self._tx() as conn:
+            challenge, _ = await self._consume_challenge(
+                conn, credential, purpose="register", principal_id=principal_id
+            )
+            verified = self._verify_registration(credential, challenge)
+            await self._insert_credential(conn, principal_id, verified)
+            credential_id = bytes_to_base64url(verified.credential_id)
+            await self._audit(
+                conn,
+                event="passkey.added",
+                actor=f"human:{principal_id}",
+                subject=f"passkey:{credential_id}",
+                key=principal_id,
+            )
+        return {"credential_id": credential_id}
+
+    async def list_passkeys(self, principal_id: str) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            "SELECT credential_id, sign_count, backed_up, flagged_at, created_at, last_used_at"
+            " FROM passkey_credentials WHERE principal_id = $1 AND removed_at IS NULL"
+            " ORDER BY created_at",
+            principal_id,
+        )
+        return [_jsonable(dict(r)) for r in rows]
+
+    async def remove_passkey(self, principal_id: str, credential_id: str) -> None:
+        async with self._tx() as conn:
+            rows = await conn.fetch(
+                "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
+                " AND removed_at IS NULL FOR UPDATE",
+                principal_id,
+            )
+            ids = {r["credential_id"] for r in rows}
+            if credential_id not in ids:
+                raise NotFound("no such passkey")
+            if len(ids) == 1:
+                raise Conflict("the last passkey cannot be removed", reason="last_passkey")
+            await conn.execute(
+                "UPDATE passkey_credentials SET removed_at = now() WHERE credential_id = $1",
+                credential_id,
+            )
+            await self._audit(
+                conn,
+                event="passkey.removed",
+                actor=f"human:{principal_id}",
+                subject=f"passkey:{credential_id}",
+                key=principal_id,
+            )
+
+    async def _verify_assertion(
+        self,
+        conn: Conn,
+        credential: dict[str, Any],
+        challenge: bytes,
+        principal_id: str | None,
+    ) -> tuple[str, ApprovalReceipt]:
+        """Check a passkey assertion over ``challenge``; return its owner and the receipt."""
+        credential_id = credential.get("rawId") or credential.get("id")
+        if not isinstance(credential_id, str):
+            raise InvalidReceipt("malformed WebAuthn credential", reason="malformed")
+        row = await conn.fetchrow(
+            "SELECT principal_id, public_key, sign_count, flagged_at FROM passkey_credentials"
+            " WHERE credential_id = $1 AND removed_at IS NULL FOR UPDATE",
+            credential_id,
+        )
+        if row is None or (principal_id is not None and row["principal_id"] != principal_id):
+            raise InvalidReceipt("unknown passkey", reason="unknown_credential")
+        if row["flagged_at"] is not None:
+            raise Forbidden(
+                "this passkey is flagged as possibly cloned", reason="credential_flagged"
+            )
+        try:
+            verified = webauthn.verify_authentication_response(
+                credential=credential,
+                expected_challenge=challenge,
+                expected_rp_id=self.settings.rp_id,
+                expected_origin=list(self.settings.origins),
+                credential_public_key=bytes(row["public_key"]),
+                credential_current_sign_count=row["sign_count"],
+                require_user_verification=self.settings.require_user_verification,
+            )
+        except InvalidAuthenticationResponse as exc:
+            if "sign count" in str(exc).lower():
+                raise SignCountRegression(credential_id, row["principal_id"]) from None
+            raise InvalidReceipt(
+                f"passkey assertion refused: {exc}", reason="assertion_refused"
+            ) from None
+        except (ValueError, KeyError, TypeError):
+            raise InvalidReceipt("malformed WebAuthn credential", reason="malformed") from None
+        response = credential["response"]
+        receipt = ApprovalReceipt(
+            credential_id=credential_id,
+            authenticator_data=response["authenticatorData"],
+            client_data_json=response["clientDataJSON"],
+            signature=response["signature"],
+            credential_public_key=b64url_encode(bytes(row["public_key"])),
+            user_handle=response.get("userHandle") or None,
+        )
+        # The stored receipt must verify offline with the protocol's own checker too.
+        verify_assertion(
+            receipt,
+            challenge=challenge,
+            rp_id=self.settings.rp_id,
+            origin=self.settings.origins,
+            require_uv=self.settings.require_user_verification,
+        )
+        await conn.execute(
+            "UPDATE passkey_credentials SET sign_count = $2, last_used_at = now()"
+            " WHERE credential_id = $1",
+            credential_id,
+            verified.new_sign_count,
+        )
+        return str(row["principal_id"]), receipt
+
+    async def _flag_credential(self, credential_id: str, principal_id: str) -> None:
+        # Its own transaction: the caller's rolls back, the flag and its event must stay.
+        async with self._tx() as conn:
+            await conn.execute(
+                "UPDATE passkey_credentials SET flagged_at = now() WHERE credential_id = $1",
+                credential_id,
+            )
+            await self._audit(
+                conn,
+                event="passkey.flagged",
+                actor="registry",
+                subject=f"passkey:{credential_id}",
+                key=principal_id,
+                data={"reason": "sign_count_regression"},
+            )
+
+    # --- enrollment and agents -----------------------------------------------------------
+
+    async def create_enrollment(self, principal_id: str) -> dict[str, Any]:
+        code = "enr_" + secrets.token_urlsafe(24)
+        async with self._tx() as conn:
+            await conn.execute(
+                "INSERT INTO enrollments (code_hash, principal_id, expires_at)"
+                " VALUES ($1, $2, now() + make_interval(secs => $3))",
+                _sha256(code),
+                principal_id,
+                float(self.settings.enrollment_ttl),
+            )
+            await self._audit(
+                conn,
+                event="enrollment.created",
+                actor=f"human:{principal_id}",
+                subject=f"human:{principal_id}",
+                key=principal_id,
+            )
+        return {"enrollment_code": code, "expires_in": self.settings.enrollment_ttl}
+
+    async def register_agent(
+        self,
+        *,
+        name: str,
+        public_jwk: dict[str, Any],
+        enrollment_code: str,
+        proof: str | None,
+        htu: str,
+    ) -> dict[str, Any]:
+        try:
+            key = PublicKey.from_jwk(public_jwk)
+        except InvalidRequest as exc:
+            raise InvalidRequest(exc.description, reason="bad_jwk") from None
+        if not proof:
+            raise Unauthenticated("a DPoP proof by the new key is required", reason="missing_proof")
+        # Proof of possession: a fresh proof for this request, signed by the key itself.
+        verified = self.proofs.verify(
+            proof, htm="POST", htu=htu, now=time.time(), jkt=key.thumbprint
+        )
+        await self._reserve_jti(verified.jkt, verified.jti)
+        agent_id = new_id("agt")
+        async with self._tx() as conn:
+            row = await conn.fetchrow(
+                "UPDATE enrollments SET used_at = now() WHERE code_hash = $1 AND used_at IS NULL"
+                " AND expires_at > now() RETURNING principal_id",
+                _sha256(enrollment_code),
+            )
+            if row is None:
+                raise Forbidden(
+                    "the enrollment code is invalid, used or expired", reason="bad_enrollment"
+                )
+            principal_id = row["principal_id"]
+            try:
+                await conn.execute(
+                    "INSERT INTO agents (id, principal_id, name, jkt, public_jwk)"
+                    " VALUES ($1, $2, $3, $4, $5)",
+                    agent_id,
+                    principal_id,
+                    name,
+                    key.thumbprint,
+                    key.jwk,
+                )
+            except asyncpg.UniqueViolationError:
+                raise Conflict("this key is already registered", reason="duplicate_key") from None
+            await self._audit(
+                conn,
+                event="agent.registered",
+                actor=f"agent:{agent_id}",
+                subject=f"agent:{agent_id}",
+                key=agent_id,
+                agent_id=agent_id,
+                data={"jkt": key.thumbprint, "principal_id": principal_id},
+            )
+        return {"id": agent_id, "principal_id": principal_id, "name": name, "jkt": key.thumbprint}
+
+    async def get_agent(
+        self, agent_id: str, *, principal_id: str | None, agent: Agent | None
+    ) -> dict[str, Any]:
+        row = await self.pool.fetchrow(
+            "SELECT id, principal_id, name, jkt, public_jwk, status, created_at FROM agents"
+            " WHERE id = $1",
+            agent_id,
+        )
+        if row is None or not (
+            (principal_id is not None and row["principal_id"] == principal_id)
+            or (agent is not None and agent.id == agent_id)
+        ):
+            raise NotFound("no such agent")  # not yours reads as absent: no existence oracle
+        return _jsonable(dict(row))
+
+    async def list_agents(self, principal_id: str) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            "SELECT id, principal_id, name, jkt, status, created_at FROM agents"
+            " WHERE principal_id = $1 ORDER BY created_at",
+            principal_id,
+        )
+        return [_jsonable(dict(r)) for r in rows]
+
+    async def disable_agent(self, agent_id: str, *, principal_id: str | None, admin: bool) -> None:
+        async with self._tx() as conn:
+            row = await conn.fetchrow(
+                "SELECT principal_id FROM agents WHERE id = $1 FOR UPDATE", agent_id
+            )
+            if row is None or not (admin or row["principal_id"] == principal_id):
+                raise NotFound("no such agent")
+            await conn.execute("UPDATE agents SET status = 'disabled' WHERE id = $1", agent_id)
+            actor = "admin" if admin else f"human:{principal_id}"
+            await self._revoke_in(
+                conn, "agent", agent_id, actor=actor, key=agent_id, agent_id=agent_id
+            )
+            await self._audit(
+                conn,
+                event="agent.disabled",
+                actor=actor,
+                subject=f"agent:{agent_id}",
+                key=agent_id,
+                agent_id=agent_id,
+            )
+        await self._publish_revocation("agent", agent_id)
+
+    # --- providers -----------------------------------------------------------------------
+
+    async def register_provider(self, body: ProviderIn) -> dict[str, Any]:
+        secret = "psk_" + secrets.token_urlsafe(32)
+        async with self._tx() as conn:
+            try:
+                await conn.execute(
+                    "INSERT INTO providers (id, audience, display_name, allowed_kinds, secret_hash)"
+                    " VALUES ($1, $2, $3, $4, $5)",
+                    body.id,
+                    body.audience,
+                    body.display_name,
+                    list(body.allowed_kinds),
+                    _sha256(secret),
+                )
+            except asyncpg.UniqueViolationError:
+                raise Conflict(
+                    "a provider with this id or audience exists", reason="duplicate_provider"
+                ) from None
+            await self._audit(
+                conn,
+                event="provider.registered",
+                actor="admin",
+                subject=f"provider:{body.id}",
+                key=body.id,
+                data={"audience": body.audience, "allowed_kinds": list(body.allowed_kinds)},
+            )
+        return {**body.model_dump(mode="json"), "secret": secret}
+
+    async def get_provider(self, provider_id: str) -> dict[str, Any]:
+        row = await self.pool.fetchrow(
+            "SELECT id, audience, display_name, allowed_kinds, created_at FROM providers"
+            " WHERE id = $1",
+            provider_id,
+        )
+        if row is None:
+            raise NotFound("no such provider")
+        return _jsonable(dict(row))
+
+    # --- grant requests and grants -------------------------------------------------------
+
+    async def request_grant(self, agent: Agent, body: GrantRequestIn) -> dict[str, Any]:
+        provider = await self.pool.fetchrow(
+            "SELECT id, allowed_kinds FROM providers WHERE id = $1", body.provider_id
+        )
+        if provider is None:
+            raise NotFound("no such provider")
+        kinds = {c.kind for c in body.capabilities}
+        if not kinds <= set(provider["allowed_kinds"]):
+            raise Forbidden(
+                "the provider does not offer these capability kinds", reason="kind_not_offered"
+            )
+        request_id = new_id("grq")
+        async with self._tx() as conn:
+            await conn.execute(
+                "INSERT INTO grant_requests (id, agent_id, provider_id, capabilities, envelope)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                request_id,
+                agent.id,
+                body.provider_id,
+                [c.to_document() for c in body.capabilities],
+                body.envelope.model_dump(mode="json", exclude_none=True),
+            )
+            await self._audit(
+                conn,
+                event="grant_request.created",
+                actor=f"agent:{agent.id}",
+                subject=f"grant_request:{request_id}",
+                key=agent.id,
+                agent_id=agent.id,
+                data={"provider_id": body.provider_id},
+            )
+        return await self.get_grant_request(request_id, agent=agent)
+
+    async def _request_row(
+        self, conn: Conn | asyncpg.Pool, request_id: str, *, lock: bool = False
+    ) -> asyncpg.Record:
+        row = await conn.fetchrow(
+            # Only constant fragments are joined here: no caller text enters the SQL.
+            "SELECT r.id, r.agent_id, r.provider_id, r.capabilities, r.envelope, r.status,"  # noqa: S608
+            " r.created_at, r.decided_at, a.principal_id, a.name AS agent_name,"
+            " p.audience, p.display_name AS provider_name, g.id AS grant_id"
+            " FROM grant_requests r JOIN agents a ON a.id = r.agent_id"
+            " JOIN providers p ON p.id = r.provider_id"
+            " LEFT JOIN grants g ON g.request_id = r.id WHERE r.id = $1"
+            + (" FOR UPDATE OF r" if lock else ""),
+            request_id,
+        )
+        if row is None:
+            raise NotFound("no such grant request")
+        return row
+
+    async def get_grant_request(
+        self, request_id: str, *, principal_id: str | None = None, agent: Agent | None = None
+    ) -> dict[str, Any]:
+        row = await self._request_row(self.pool, request_id)
+        if not _may_see(row, principal_id, agent):
+            raise NotFound("no such grant request")
+        return _request_view(row)
+
+    async def list_grant_requests(
+        self,
+        *,
+        principal_id: str | None = None,
+        agent: Agent | None = None,
+        status: str | None = None,
+    ) -> list[dict[str, Any]]:
+        owner_clause = "a.principal_id = $1" if principal_id else "r.agent_id = $1"
+        owner = principal_id if principal_id else agent.id if agent else None
+        rows = await self.pool.fetch(
+            # owner_clause is one of two constants chosen above.
+            "SELECT r.id, r.agent_id, r.provider_id, r.capabilities, r.envelope, r.status,"  # noqa: S608
+            " r.created_at, r.decided_at, a.principal_id, a.name AS agent_name, p.audience,"
+            " p.display_name AS provider_name, g.id AS grant_id"
+            " FROM grant_requests r JOIN agents a ON a.id = r.agent_id"
+            " JOIN providers p ON p.id = r.provider_id LEFT JOIN grants g ON g.request_id = r.id"
+            f" WHERE {owner_clause} AND ($2::text IS NULL OR r.status = $2)"
+            " ORDER BY r.created_at",
+            owner,
+            status,
+        )
+        return [_request_view(r) for r in rows]
+
+    async def approval_begin(
+        self, principal_id: str, request_id: str, body: ApprovalBeginIn
+    ) -> dict[str, Any]:
+        row = await self._request_row(self.pool, request_id)
+        if row["principal_id"] != principal_id:
+            raise NotFound("no such grant request")
+        if row["status"] != "pending":
+            raise Conflict("the request is no longer pending", reason="not_pending")
+        requested = GrantRequest.model_validate(
+            {
+                "agent_id": row["agent_id"],
+                "provider_id": row["provider_id"],
+                "capabilities": row["capabilities"],
+                "envelope": row["envelope"],
+            }
+        )
+        approved = tighten(requested, capabilities=body.capabilities, envelope=body.envelope)
+        grant = Grant(
+            grant_id=new_id("grt"),
+            agent_id=approved.agent_id,
+            principal_id=principal_id,
+            provider_id=approved.provider_id,
+            audience=row["audience"],
+            capabilities=approved.capabilities,
+            envelope=approved.envelope,
+            created_at=int(time.time()),
+        )
+        challenge = grant.digest()
+        credentials = await self.pool.fetch(
+            "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
+            " AND removed_at IS NULL",
+            principal_id,
+        )
+        options = webauthn.generate_authentication_options(
+            rp_id=self.settings.rp_id,
+            challenge=challenge,
+            allow_credentials=[
+                PublicKeyCredentialDescriptor(id=base64url_to_bytes(r["credential_id"]))
+                for r in credentials
+            ],
+            user_verification=self._uv(),
+        )
+        await self._store_challenge(
+            self.pool,
+            challenge,
+            purpose="approve_grant",
+            principal_id=principal_id,
+            subject_id=request_id,
+            payload={"grant": grant.model_dump(mode="json", exclude_none=True)},
+        )
+        return {
+            "grant": grant.document(),
+            "grant_hash": grant.digest_b64(),
+            "options": json.loads(webauthn.options_to_json(options)),
+        }
+
+    async def approval_finish(
+        self, principal_id: str, request_id: str, credential: dict[str, Any]
+    ) -> dict[str, Any]:
+        async with self._tx() as conn:
+            row = await self._request_row(conn, request_id, lock=True)
+            if row["principal_id"] != principal_id:
+                raise NotFound("no such grant request")
+            challenge, payload = await self._consume_challenge(
+                conn,
+                credential,
+                purpose="approve_grant",
+                principal_id=principal_id,
+                subject_id=request_id,
+            )
+            if row["status"] != "pending":
+                raise Conflict("the request was already decided", reason="not_pending")
+            grant = Grant.model_validate(payload["grant"])
+            if grant.digest() != challenge:  # the stored grant is what the challenge commits to
+                raise InvalidReceipt(
+                    "challenge does not match the grant", reason="challenge_mismatch"
+                )
+            owner, receipt = await self._verify_assertion(conn, credential, challenge, principal_id)
+            await conn.execute(
+                "UPDATE grant_requests SET status = 'approved', decided_at = now() WHERE id = $1",
+                request_id,
+            )
+            await conn.execute(
+                "INSERT INTO grants (id, request_id, agent_id, principal_id, provider_id, document,"
+                " grant_hash, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                grant.grant_id,
+                request_id,
+                grant.agent_id,
+                owner,
+                grant.provider_id,
+                grant.canonical_bytes().decode("utf-8"),
+                grant.digest_b64(),
+                grant.envelope.expires_at,
+            )
+            await conn.execute(
+                "INSERT INTO approval_receipts (grant_id, credential_id, receipt, receipt_hash)"
+                " VALUES ($1, $2, $3, $4)",
+                grant.grant_id,
+                receipt.credential_id,
+                receipt.model_dump(mode="json", exclude_none=True),
+                receipt.digest(),
+            )
+            await self._audit(
+                conn,
+                event="grant.approved",
+                actor=f"human:{owner}",
+                subject=f"grant:{grant.grant_id}",
+                key=grant.agent_id,
+                agent_id=grant.agent_id,
+                grant_id=grant.grant_id,
+                data={
+                    "grant_hash": grant.digest_b64(),
+                    "receipt_hash": receipt.digest(),
+                    "request_id": request_id,
+                },
+            )
+        return await self.get_grant(grant.grant_id, principal_id=principal_id)
+
+    async def deny_request(self, principal_id: str, request_id: str) -> dict[str, Any]:
+        async with self._tx() as conn:
+            row = await self._request_row(conn, request_id, lock=True)
+            if row["principal_id"] != principal_id:
+                raise NotFound("no such grant request")
+            if row["status"] != "pending":
+                raise Conflict("the request was already decided", reason="not_pending")
+            await conn.execute(
+                "UPDATE grant_requests SET status = 'denied', decided_at = now() WHERE id = $1",
+                request_id,
+            )
+            await self._audit(
+                conn,
+                event="grant_request.denied",
+                actor=f"human:{principal_id}",
+                subject=f"grant_request:{request_id}",
+                key=row["agent_id"],
+                agent_id=row["agent_id"],
+            )
+        return await self.get_grant_request(request_id, principal_id=principal_id)
+
+    async def get_grant(
+        self, grant_id: str, *, principal_id: str | None = None, agent: Agent | None = None
+    ) -> dict[str, Any]:
+        row = await self.pool.fetchrow(
+            "SELECT g.id, g.agent_id, g.principal_id, g.provider_id, g.document, g.grant_hash,"
+            " g.created_at, g.revoked_at, r.receipt, r.receipt_hash FROM grants g"
+            " JOIN approval_receipts r ON r.grant_id = g.id WHERE g.id = $1",
+            grant_id,
+        )
+        if row is None or not (
+            (principal_id is not None and row["principal_id"] == principal_id)
+            or (agent is not None and row["agent_id"] == agent.id)
+        ):
+            raise NotFound("no such grant")
+        view = _jsonable(dict(row))
+        view["document"] = json.loads(row["document"])
+        return view
+
+    async def list_grants(
+        self, *, principal_id: str | None = None, agent: Agent | None = None
+    ) -> list[dict[str, Any]]:
+        column, owner = (
+            ("principal_id", principal_id)
+            if principal_id
+            else ("agent_id", agent.id if agent else None)
+        )
+        rows = await self.pool.fetch(
+            f"SELECT id FROM grants WHERE {column} = $1 ORDER BY created_at",  # noqa: S608 - fixed
+            owner,
+        )
+        return [await self.get_grant(r["id"], principal_id=principal_id, agent=agent) for r in rows]
+
+    # --- tokens --------------------------------------------------------------------------
+
+    async def issue_token(self, agent: Agent, grant_id: str) -> dict[str, Any]:
+        now = int(time.time())
+        row = await self.pool.fetchrow(
+            "SELECT g.document, g.agent_id, g.revoked_at, g.expires_at, r.receipt_hash,"
+            " (SELECT count(*) FROM revocations v WHERE (v.kind = 'grant' AND v.target = g.id)"
+            "   OR (v.kind = 'agent' AND v.target = g.agent_id)) AS revoked"
+            " FROM grants g JOIN approval_receipts r ON r.grant_id = g.id WHERE g.id = $1",
+            grant_id,
+        )
+        if row is None or row["agent_id"] != agent.id:
+            raise NotFound("no such grant")
+        if row["revoked_at"] is not None or row["revoked"]:
+            raise Forbidden("the grant is revoked", reason="grant_revoked")
+        if row["expires_at"] is not None and now >= row["expires_at"]:
+            raise Forbidden("the grant has expired", reason="grant_expired")
+        grant = Grant.from_document(json.loads(row["document"]))
+        lifetime = self.settings.token_lifetime
+        if grant.envelope.expires_at is not None:
+            lifetime = min(lifetime, grant.envelope.expires_at - now)
+        try:
+            signer = await self.keys.signer(now)
+            header, claims = access_token_parts(
+                kid=signer.kid,
+                alg=signer.alg,
+                issuer=self.settings.issuer,
+                grant=grant,
+                jkt=agent.jkt,
+                receipt_hash=row["receipt_hash"],
+                now=now,
+                lifetime=lifetime,
+            )
+            data = signing_input(header, claims)
+            token = attach_signature(data, await signer.sign(data))
+        except SignerUnavailable:
+            raise
+        async with self._tx() as conn:
+            await conn.execute(
+                "INSERT INTO issued_tokens (jti, grant_id, agent_id, kid, issued_at, expires_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
+                claims["jti"],
+                grant_id,
+                agent.id,
+                signer.kid,
+                now,
+                claims["exp"],
+            )
+            await self._audit(
+                conn,
+                event="token.issued",
+                actor=f"agent:{agent.id}",
+                subject=f"token:{claims['jti']}",
+                key=agent.id,
+                agent_id=agent.id,
+                grant_id=grant_id,
+                data={"kid": signer.kid, "exp": claims["exp"]},
+            )
+        return {
+            "access_token": token,
+            "token_type": "DPoP",
+            "expires_in": claims["exp"] - now,
+            "grant_id": grant_id,
+            "jti": claims["jti"],
+        }
+
+    # --- revocation ----------------------------------------------------------------------
+
+    async def revoke(
+        self, kind: str, target: str, *, principal_id: str | None, admin: bool
+    ) -> dict[str, Any]:
+        owner_query = {
+            "token": "SELECT t.agent_id, a.principal_id FROM issued_tokens t"
+            " JOIN agents a ON a.id = t.agent_id WHERE t.jti = $1",
+            "grant": "SELECT agent_id, principal_id FROM grants WHERE id = $1",
+            "agent": "SELECT id AS agent_id, principal_id FROM agents WHERE id = $1",
+        }[kind]
+        async with self._tx() as conn:
+            row = await conn.fetchrow(owner_query, target)
+            if row is None or not (admin or row["principal_id"] == principal_id):
+                raise NotFound(f"no such {kind}")
+            actor = "admin" if admin else f"human:{principal_id}"
+            await self._revoke_in(
+                conn, kind, target, actor=actor, key=row["agent_id"], agent_id=row["agent_id"]
+            )
+            if kind == "grant":
+                await conn.execute(
+                    "UPDATE grants SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+                    target,
+                )
+        await self._publish_revocation(kind, target)
+        return {"kind": kind, "target": target, "revoked": True}
+
+    async def _revoke_in(
+        self,
+        conn: Conn,
+        kind: str,
+        target: str,
+        *,
+        actor: str,
+        key: str,
+        agent_id: str,
+    ) -> None:
+        inserted = await conn.fetchval(
+            "INSERT INTO revocations (kind, target, revoked_by) VALUES ($1, $2, $3)"
+            " ON CONFLICT (kind, target) DO NOTHING RETURNING id",
+            kind,
+            target,
+            actor,
+        )
+        if inserted is not None:
+            await self._audit(
+                conn,
+                event=f"{kind}.revoked",
+                actor=actor,
+                subject=f"{kind}:{target}",
+                key=key,
+                agent_id=agent_id,
+                grant_id=target if kind == "grant" else None,
+            )
+
+    async def _publish_revocation(self, kind: str, target: str) -> None:
+        # Best effort: the row is committed; verifiers that miss the message reload the list.
+        try:
+            await self.redis.publish(
+                REVOCATION_CHANNEL, json.dumps({"kind": kind, "target": target})
+            )
+        except Exception:  # the revocations table is the durable channel
+            log.warning("revocation %s:%s not published; verifiers will reload", kind, target)
+
+    async def list_revocations(self, since: int = 0) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            "SELECT id, kind, target, revoked_at FROM revocations WHERE id > $1"
+            " ORDER BY id LIMIT 10000",
+            since,
+        )
+        return [_jsonable(dict(r)) for r in rows]
+
+    # --- step-up approvals -----------------------------------------------------------------
+
+    async def request_step_up(self, agent: Agent, body: StepUpIn) -> dict[str, Any]:
+        grant = await self.get_grant(body.grant_id, agent=agent)
+        if grant["revoked_at"] is not None:
+            raise Forbidden("the grant is revoked", reason="grant_revoked")
+        step_id = new_id("stp")
+        expires_at = int(time.time()) + self.settings.step_up_ttl
+        document = {
+            "type": STEP_UP_TYPE,
+            "id": step_id,
+            "grant_id": body.grant_id,
+            "grant_hash": grant["grant_hash"],
+            "agent_id": agent.id,
+            "resource": body.resource,
+            "amount": format(body.amount.normalize(), "f"),
+            "currency": body.currency,
+            "expires_at": expires_at,
+        }
+        if body.payee is not None:
+            document["payee"] = body.payee
+        async with self._tx() as conn:
+            await conn.execute(
+                "INSERT INTO step_ups (id, grant_id, agent_id, document, expires_at)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                step_id,
+                body.grant_id,
+                agent.id,
+                canonical_json(document).decode(),
+                expires_at,
+            )
+            await self._audit(
+                conn,
+                event="step_up.requested",
+                actor=f"agent:{agent.id}",
+                subject=f"step_up:{step_id}",
+                key=agent.id,
+                agent_id=agent.id,
+                grant_id=body.grant_id,
+                data={"amount": document["amount"], "currency": body.currency},
+            )
+        return await self.get_step_up(step_id, agent=agent)
+
+    async def get_step_up(
+        self,
+        step_id: str,
+        *,
+        principal_id: str | None = None,
+        agent: Agent | None = None,
+        wait: float = 0.0,
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + min(wait, 30.0)
+        while True:
+            row = await self.pool.fetchrow(
+                "SELECT s.id, s.grant_id, s.agent_id, s.document, s.status, s.approval_ref,"
+                " s.expires_at, a.principal_id FROM step_ups s JOIN agents a ON a.id = s.agent_id"
+                " WHERE s.id = $1",
+                step_id,
+            )
+            if row is None or not _may_see(row, principal_id, agent):
+                raise NotFound("no such step-up")
+            if row["status"] != "pending" or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.25)
+        view = {
+            "id": row["id"],
+            "grant_id": row["grant_id"],
+            "agent_id": row["agent_id"],
+            "status": row["status"],
+            "document": json.loads(row["document"]),
+            "expires_at": row["expires_at"],
+        }
+        # Only the agent receives the one-time reference it will present to the verifier.
+        if agent is not None and row["status"] == "approved":
+            view["approval_ref"] = row["approval_ref"]
+        return view
+
+    async def list_step_ups(
+        self, principal_id: str, status: str | None = None
+    ) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            "SELECT s.id FROM step_ups s JOIN agents a ON a.id = s.agent_id"
+            " WHERE a.principal_id = $1 AND ($2::text IS NULL OR s.status = $2)"
+            " ORDER BY s.created_at",
+            principal_id,
+            status,
+        )
+        return [await self.get_step_up(r["id"], principal_id=principal_id) for r in rows]
+
+    async def step_up_begin(self, principal_id: str, step_id: str) -> dict[str, Any]:
+        step = await self.get_step_up(step_id, principal_id=principal_id)
+        if step["status"] != "pending":
+            raise Conflict("the step-up is no longer pending", reason="not_pending")
+        challenge = _sha256(canonical_json(step["document"]))
+        credentials = await self.pool.fetch(
+            "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
+            " AND removed_at IS NULL",
+            principal_id,
+        )
+        options = webauthn.generate_authentication_options(
+            rp_id=self.settings.rp_id,
+            challenge=challenge,
+            allow_credentials=[
+                PublicKeyCredentialDescriptor(id=base64url_to_bytes(r["credential_id"]))
+                for r in credentials
+            ],
+            user_verification=self._uv(),
+        )
+        await self._store_challenge(
+            self.pool,
+            challenge,
+            purpose="approve_step_up",
+            principal_id=principal_id,
+            subject_id=step_id,
+        )
+        return {
+            "step_up": step["document"],
+            "options": json.loads(webauthn.options_to_json(options)),
+        }
+
+    async def step_up_finish(
+        self, principal_id: str, step_id: str, credential: dict[str, Any]
+    ) -> dict[str, Any]:
+        ref = "sur_" + secrets.token_urlsafe(24)
+        async with self._tx() as conn:
+            row = await conn.fetchrow(
+                "SELECT s.document, s.status, s.agent_id, s.grant_id, s.expires_at,"
+                " a.principal_id FROM step_ups s JOIN agents a ON a.id = s.agent_id"
+                " WHERE s.id = $1 FOR UPDATE OF s",
+                step_id,
+            )
+            if row is None or row["principal_id"] != principal_id:
+                raise NotFound("no such step-up")
+            challenge, _ = await self._consume_challenge(
+                conn,
+                credential,
+                purpose="approve_step_up",
+                principal_id=principal_id,
+                subject_id=step_id,
+            )
+            if row["status"] != "pending":
+                raise Conflict("the step-up was already decided", reason="not_pending")
+            if challenge != _sha256(row["document"].encode()):
+                raise InvalidReceipt(
+                    "challenge does not match the transaction", reason="challenge_mismatch"
+                )
+            _, receipt = await self._verify_assertion(conn, credential, challenge, principal_id)
+            await conn.execute(
+                "UPDATE step_ups SET status = 'approved', approval_ref = $2, receipt = $3,"
+                " decided_at = now() WHERE id = $1",
+                step_id,
+                ref,
+                receipt.model_dump(mode="json", exclude_none=True),
+            )
+            await self._audit(
+                conn,
+                event="step_up.approved",
+                actor=f"human:{principal_id}",
+                subject=f"step_up:{step_id}",
+                key=row["agent_id"],
+                agent_id=row["agent_id"],
+                grant_id=row["grant_id"],
+                data={"receipt_hash": receipt.digest()},
+            )
+        return await self.get_step_up(step_id, principal_id=principal_id)
+
+    async def step_up_deny(self, principal_id: str, step_id: str) -> dict[str, Any]:
+        async with self._tx() as conn:
+            row = await conn.fetchrow(
+                "SELECT s.status, s.agent_id, s.grant_id, a.principal_id FROM step_ups s"
+                " JOIN agents a ON a.id = s.agent_id WHERE s.id = $1 FOR UPDATE OF s",
+                step_id,
+            )
+            if row is None or row["principal_id"] != principal_id:
+                raise NotFound("no such step-up")
+            if row["status"] != "pending":
+                raise Conflict("the step-up was already decided", reason="not_pending")
+            await conn.execute(
+                "UPDATE step_ups SET status = 'denied', decided_at = now() WHERE id = $1", step_id
+            )
+            await self._audit(
+                conn,
+                event="step_up.denied",
+                actor=f"human:{principal_id}",
+                subject=f"step_up:{step_id}",
+                key=row["agent_id"],
+                agent_id=row["agent_id"],
+                grant_id=row["grant_id"],
+            )
+        return await self.get_step_up(step_id, principal_id=principal_id)
+
+    # --- audit views ---------------------------------------------------------------------
+
+    async def audit_events(
+        self, *, principal_id: str | None, admin: bool, agent_id: str | None, grant_id: str | None
+    ) -> list[dict[str, Any]]:
+        if agent_id is None and grant_id is None:
+            raise InvalidRequest("give agent_id or grant_id", reason="missing_filter")
+        if not admin:
+            owner = await self.pool.fetchval(
+                "SELECT principal_id FROM agents WHERE id = $1"
+                if agent_id
+                else "SELECT principal_id FROM grants WHERE id = $1",
+                agent_id or grant_id,
+            )
+            if owner != principal_id:
+                raise NotFound("nothing to show")
+        rows = await self.pool.fetch(
+            "SELECT chain, seq, body FROM audit_events WHERE"
+            " ($1::text IS NULL OR agent_id = $1) AND ($2::text IS NULL OR grant_id = $2)"
+            " ORDER BY time_ms, chain, seq LIMIT 5000",
+            agent_id,
+            grant_id,
+        )
+        return [json.loads(r["body"]) for r in rows]
+
+    async def audit_inclusion(self, chain: str, seq: int) -> dict[str, Any]:
+        if chain not in self.audit.chains:
+            raise NotFound("no such chain")
+        async with self.pool.acquire() as conn:
+            result = await self.audit.inclusion(conn, chain, seq)
+        if result is None:
+            raise NotFound("no such event")
+        return result
+
+    async def latest_checkpoints(self) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            "SELECT DISTINCT ON (chain) chain, size, signed, time FROM audit_checkpoints"
+            " ORDER BY chain, size DESC"
+        )
+        return [dict(r) for r in rows]
+
+    async def audit_consistency(self, chain: str, first: int, second: int) -> dict[str, Any]:
+        if chain not in self.audit.chains:
+            raise NotFound("no such chain")
+        rows = await self.pool.fetch(
+            "SELECT size, signed FROM audit_checkpoints WHERE chain = $1"
+            " AND size = ANY($2::bigint[])",
+            chain,
+            [first, second],
+        )
+        found = {r["size"]: r["signed"] for r in rows}
+        if first not in found or second not in found or not 0 < first <= second:
+            raise NotFound("no checkpoints of those sizes")
+        async with self.pool.acquire() as conn:
+            proof = await self.audit.consistency(conn, chain, first, second)
+        return {"chain": chain, "first": found[first], "second": found[second], "proof": proof}
+
+
+def _may_see(row: asyncpg.Record, principal_id: str | None, agent: Agent | None) -> bool:
+    return (principal_id is not None and row["principal_id"] == principal_id) or (
+        agent is not None and row["agent_id"] == agent.id
+    )
+
+
+def _request_view(row: asyncpg.Record) -> dict[str, Any]:
+    return _jsonable(
+        {
+            "id": row["id"],
+            "agent_id": row["agent_id"],
+            "agent_name": row["agent_name"],
+            "provider_id": row["provider_id"],
+            "provider_name": row["provider_name"],
+            "audience": row["audience"],
+            "capabilities": row["capabilities"],
+            "envelope": row["envelope"],
+            "status": row["status"],
+            "grant_id": row["grant_id"],
+            "created_at": row["created_at"],
+            "decided_at": row["decided_at"],
+        }
+    )
+
+
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if hasattr(value, "isoformat"):
+            out[key] = value.isoformat()
+        elif isinstance(value, bytes | memoryview):
+            out[key] = b64url_encode(bytes(value))
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,87 @@
+"""Registry configuration: one typed object, read from the environment by ``from_env``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["RegistrySettings", "SignerSettings"]
+
+
+class SignerSettings(BaseModel):
+    """Which key backend signs tokens and checkpoints, and how to reach it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: Literal["local", "aws", "gcp", "vault", "pkcs11"] = "local"
+    # local: key files under <data_dir>/keys, created 0600 on first start.
+    alg: Literal["ES256", "Ed25519"] = "ES256"
+    # aws / gcp / vault / pkcs11: the key's name in that backend and its endpoint.
+    key_id: str | None = None
+    endpoint: str | None = None
+    region: str = "us-east-1"
+    # Real KMS signs a SHA-256 digest (DIGEST); RAW is for emulators that hash again.
+    aws_message_type: Literal["DIGEST", "RAW"] = "DIGEST"
+    vault_token: str | None = Field(None, repr=False)
+    pkcs11_lib: str = "/usr/lib/softhsm/libsofthsm2.so"
+    pkcs11_token: str | None = None
+    pkcs11_pin: str | None = Field(None, repr=False)
+
+
+class RegistrySettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    database_url: str
+    redis_url: str
+    data_dir: Path
+    issuer: str = Field(description="Token iss; also the base URL of the registry's endpoints.")
+    admin_token: str = Field(repr=False, min_length=16)
+    rp_id: str = "localhost"
+    origins: tuple[str, ...] = ("http://localhost:8080",)
+    rp_name: str = "AgentAuth"
+    # Passkey approvals must prove the human was verified (PIN/biometric), not just present.
+    require_user_verification: bool = True
+    # Anyone may create an account with a passkey (development); off, only admins invite.
+    open_signup: bool = True
+    # Minutes-long tokens keep revocation lag short without hammering the token endpoint.
+    token_lifetime: int = Field(300, ge=30, le=3600)
+    # WebAuthn ceremonies must finish within this many seconds.
+    challenge_ttl: int = 300
+    session_ttl: int = 12 * 3600
+    enrollment_ttl: int = 3600
+    step_up_ttl: int = 600
+    audit_chains: int = Field(8, ge=1, le=256)
+    checkpoint_every_events: int = 1000
+    checkpoint_every_seconds: float = 10.0
+    # A rotated-in key is published this long before it signs (verifiers refresh JWKS).
+    key_publish_ahead: int = 60
+    signer: SignerSettings = SignerSettings()
+    pool_min_size: int = 1
+    pool_max_size: int = 10
+
+    @property
+    def token_endpoint(self) -> str:
+        return self.issuer.rstrip("/") + "/v1/token"
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> RegistrySettings:
+        """Read ``AGENTAUTH_*`` (and DATABASE_URL / REDIS_URL) from the environment."""
+        env = os.environ
+        values: dict[str, object] = {}
+        for name, key in (
+            ("database_url", "DATABASE_URL"),
+            ("redis_url", "REDIS_URL"),
+            ("data_dir", "AGENTAUTH_DATA_DIR"),
+            ("issuer", "AGENTAUTH_ISSUER"),
+            ("admin_token", "AGENTAUTH_ADMIN_TOKEN"),
+            ("rp_id", "AGENTAUTH_RP_ID"),
+        ):
+            if key in env:
+                values[name] = env[key]
+        if "AGENTAUTH_ORIGINS" in env:
+            values["origins"] = tuple(o for o in env["AGENTAUTH_ORIGINS"].split(",") if o)
+        values.update(overrides)
+        return cls.model_validate(values)

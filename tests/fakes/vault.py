@@ -1,0 +1,247 @@
+"""A fake of HashiCorp Vault's Transit secrets engine HTTP API (no Vault server installs here).
+
+Real HTTP on 127.0.0.1, real keys and signatures (``cryptography``), Vault's JSON shapes.
+Endpoints covered, all under ``/v1/{mount}`` and all requiring ``X-Vault-Token`` (403
+``{"errors": ["permission denied"]}`` otherwise):
+
+    POST /keys/{name}            create (body: {"type": "ecdsa-p256" | "ed25519" | ...}) -> 204
+    GET  /keys/{name}            read: type, latest_version, keys{version: {public_key, ...}}
+    POST /keys/{name}/rotate     add a version -> 204
+    POST /sign/{name}[/{hash}]   input (standard base64), key_version (0/absent: latest),
+                                 hash_algorithm (sha2-224/256/384/512, default sha2-256),
+                                 prehashed, marshaling_algorithm (asn1 default, or jws)
+
+Sign semantics follow Vault: ecdsa keys hash the input (unless prehashed) and return
+``vault:vN:`` + standard-base64 ASN.1 DER, or base64url (no padding) raw r||s with
+``marshaling_algorithm=jws``; ed25519 keys sign the input itself and return standard
+base64, ignoring hash_algorithm and marshaling_algorithm. Public keys: PEM
+SubjectPublicKeyInfo for ecdsa, standard base64 of the raw 32 bytes for ed25519. Symmetric
+key types (aes256-gcm96) can be created, to be refused by signers; they cannot sign.
+
+Failure knobs: ``delay`` (slow answers), ``stop()`` (refused connections),
+``wrong_signatures`` (well-formed signatures over other bytes), ``ignore_key_version``
+(sign with the latest version whatever the request pins, as a misbehaving server might).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from ._http import FakeHTTPService, Request
+
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha2-224": hashes.SHA224,
+    "sha2-256": hashes.SHA256,
+    "sha2-384": hashes.SHA384,
+    "sha2-512": hashes.SHA512,
+}
+_SIGNING_TYPES = ("ecdsa-p256", "ed25519")
+_ALL_TYPES = (*_SIGNING_TYPES, "aes256-gcm96")
+
+
+@dataclass
+class _Version:
+    private: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | None
+    created: str
+
+
+@dataclass
+class _TransitKey:
+    type: str
+    versions: dict[int, _Version] = field(default_factory=dict)
+    min_encryption_version: int = 0
+
+    def add_version(self) -> None:
+        private: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | None
+        if self.type == "ecdsa-p256":
+            private = ec.generate_private_key(ec.SECP256R1())
+        elif self.type == "ed25519":
+            private = ed25519.Ed25519PrivateKey.generate()
+        else:
+            private = None
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime())
+        self.versions[len(self.versions) + 1] = _Version(private, stamp)
+
+    @property
+    def latest(self) -> int:
+        return len(self.versions)
+
+
+def _errors(status: int, *messages: str) -> tuple[int, Any]:
+    return status, {"errors": list(messages)}
+
+
+def _ok(data: dict[str, Any]) -> tuple[int, Any]:
+    return 200, {
+        "request_id": str(uuid.uuid4()),
+        "lease_id": "",
+        "renewable": False,
+        "lease_duration": 0,
+        "data": data,
+        "wrap_info": None,
+        "warnings": None,
+        "auth": None,
+    }
+
+
+class FakeVault(FakeHTTPService):
+    def __init__(self, *, token: str = "root-token-for-tests", mount: str = "transit") -> None:
+        super().__init__()
+        self.token = token
+        self.mount = mount
+        self.keys: dict[str, _TransitKey] = {}
+        self.wrong_signatures = False
+        self.ignore_key_version = False
+        self._routes: list[tuple[str, re.Pattern[str], Callable[..., tuple[int, Any]]]] = [
+            ("POST", re.compile(rf"/v1/{re.escape(mount)}/keys/([\w.-]+)/rotate"), self._rotate),
+            ("GET", re.compile(rf"/v1/{re.escape(mount)}/keys/([\w.-]+)"), self._read),
+            ("POST", re.compile(rf"/v1/{re.escape(mount)}/keys/([\w.-]+)"), self._create),
+            (
+                "POST",
+                re.compile(rf"/v1/{re.escape(mount)}/sign/([\w.-]+)(?:/([\w-]+))?"),
+                self._sign,
+            ),
+        ]
+
+    # -- test helpers (the same operations are reachable over HTTP) --------------------------
+
+    def create_key(self, name: str, key_type: str = "ecdsa-p256") -> None:
+        assert key_type in _ALL_TYPES, key_type
+        key = _TransitKey(key_type)
+        key.add_version()
+        self.keys[name] = key
+
+    def rotate_key(self, name: str) -> int:
+        self.keys[name].add_version()
+        return self.keys[name].latest
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    def handle(self, request: Request) -> tuple[int, Any]:
+        if request.headers.get("x-vault-token") != self.token:
+            return _errors(403, "permission denied")
+        for method, pattern, handler in self._routes:
+            match = pattern.fullmatch(request.path)
+            if match and request.method == method:
+                return handler(request, *match.groups())
+        return _errors(404, f"no handler for route {request.path!r}")
+
+    def _create(self, request: Request, name: str) -> tuple[int, Any]:
+        key_type = request.json().get("type", "aes256-gcm96")
+        if key_type not in _ALL_TYPES:
+            return _errors(400, f"unknown key type: {key_type}")
+        if name not in self.keys:
+            self.create_key(name, key_type)
+        return 204, None
+
+    def _rotate(self, _request: Request, name: str) -> tuple[int, Any]:
+        if name not in self.keys:
+            return _errors(400, "key not found")
+        self.rotate_key(name)
+        return 204, None
+
+    def _read(self, _request: Request, name: str) -> tuple[int, Any]:
+        key = self.keys.get(name)
+        if key is None:
+            return _errors(404)
+        versions: dict[str, Any] = {}
+        for number, version in key.versions.items():
+            if version.private is None:
+                # Symmetric keys list each version's creation time, no public key.
+                versions[str(number)] = int(time.time())
+            elif isinstance(version.private, ed25519.Ed25519PrivateKey):
+                raw = version.private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+                versions[str(number)] = {
+                    "creation_time": version.created,
+                    "name": "ed25519",
+                    "public_key": base64.b64encode(raw).decode(),
+                }
+            else:
+                pem = version.private.public_key().public_bytes(
+                    Encoding.PEM, PublicFormat.SubjectPublicKeyInfo
+                )
+                versions[str(number)] = {
+                    "creation_time": version.created,
+                    "name": "P-256",
+                    "public_key": pem.decode(),
+                }
+        signing = key.type in _SIGNING_TYPES
+        return _ok(
+            {
+                "name": name,
+                "type": key.type,
+                "keys": versions,
+                "latest_version": key.latest,
+                "min_available_version": 0,
+                "min_decryption_version": 1,
+                "min_encryption_version": key.min_encryption_version,
+                "supports_signing": signing,
+                "supports_encryption": not signing,
+                "supports_decryption": not signing,
+                "supports_derivation": key.type == "ed25519",
+                "deletion_allowed": False,
+                "derived": False,
+                "exportable": False,
+                "allow_plaintext_backup": False,
+                "auto_rotate_period": 0,
+                "imported_key": False,
+            }
+        )
+
+    def _sign(self, request: Request, name: str, url_hash: str | None) -> tuple[int, Any]:
+        body = request.json()
+        key = self.keys.get(name)
+        if key is None:
+            return _errors(400, "signing key not found")
+        if key.type not in _SIGNING_TYPES:
+            return _errors(400, f"key type {key.type} does not support signing")
+        try:
+            data = base64.b64decode(body.get("input", ""), validate=True)
+        except (binascii.Error, ValueError):
+            return _errors(400, "unable to decode input as base64")
+        number = int(body.get("key_version") or 0)
+        if number == 0 or self.ignore_key_version:
+            number = key.latest
+        if number > key.latest:
+            return _errors(
+                400, "requested version for signing is higher than the latest key version"
+            )
+        if number < max(key.min_encryption_version, 1):
+            return _errors(400, "requested version for signing is less than the minimum")
+        private = key.versions[number].private
+        if self.wrong_signatures:
+            data = b"not what was asked: " + data
+        if isinstance(private, ed25519.Ed25519PrivateKey):
+            encoded = base64.b64encode(private.sign(data)).decode()
+        else:
+            assert isinstance(private, ec.EllipticCurvePrivateKey)
+            hash_name = url_hash or body.get("hash_algorithm") or "sha2-256"
+            if hash_name not in _HASHES:
+                return _errors(400, f"unsupported hash algorithm {hash_name}")
+            algorithm = _HASHES[hash_name]()
+            if body.get("prehashed"):
+                der = private.sign(data, ec.ECDSA(Prehashed(algorithm)))
+            else:
+                der = private.sign(data, ec.ECDSA(algorithm))
+            marshaling = body.get("marshaling_algorithm") or "asn1"
+            if marshaling == "asn1":
+                encoded = base64.b64encode(der).decode()
+            elif marshaling == "jws":
+                r, s = decode_dss_signature(der)
+                raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+                encoded = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+            else:
+                return _errors(400, f"unsupported marshaling type {marshaling}")
+        return _ok({"signature": f"vault:v{number}:{encoded}", "key_version": number})

@@ -1,0 +1,74 @@
+"""The ``agentauth up`` command starts the stack on embedded defaults and stops it cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import _free_port
+
+pytestmark = pytest.mark.ray
+
+
+def test_up_starts_everything_on_embedded_defaults_and_ctrl_c_stops_it(tmp_path: Path) -> None:
+    port, dashboard = _free_port(), _free_port()
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "RAY_ADDRESS")
+    }
+    env["AGENTAUTH_DATA_DIR"] = str(tmp_path / "data")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agentauth.cli",
+            "up",
+            "--port",
+            str(port),
+            "--dashboard-port",
+            str(dashboard),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("ready."):
+                break
+        output = "".join(lines)
+        assert "ready." in output, output
+        assert f"http://127.0.0.1:{port}/registry" in output
+        base = f"http://127.0.0.1:{port}/registry"
+        assert httpx.get(f"{base}/healthz", timeout=10).json() == {"status": "ok"}
+        keys = httpx.get(f"{base}/.well-known/jwks.json", timeout=10).json()["keys"]
+        assert len(keys) == 1 and keys[0]["alg"] == "ES256"
+        assert httpx.get(f"http://127.0.0.1:{dashboard}/", timeout=10).status_code == 200
+        admin_token = tmp_path / "data" / "admin-token"
+        assert admin_token.stat().st_mode & 0o777 == 0o600
+        key_files = list((tmp_path / "data" / "keys").glob("*.pem"))
+        assert key_files and all(f.stat().st_mode & 0o777 == 0o600 for f in key_files)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            rest, _ = process.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert process.returncode == 0, rest
+    assert "stopped." in rest
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/registry/healthz", timeout=2)

@@ -1,0 +1,662 @@
+"""Signing-key backends against real protocols: every test signs through the real client library.
+
+AWS KMS runs as moto's server (real HTTP), PKCS#11 as a fresh SoftHSM2 token, Vault Transit
+and Cloud KMS as local fakes of their HTTP APIs (``tests/fakes``; no Vault server or KMS
+emulator installs here). Each backend: signatures verify alone and inside a JWS checked
+against a key set built from the signer's public key; the kid is stable; a dead, slow or
+lying backend gives ``SignerUnavailable``, never a signature that does not verify.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakes.gcp_kms import FakeGcpKms
+from fakes.net import BlackHole, refused_url
+from fakes.vault import FakeVault
+
+from agentauth import keys
+from agentauth.keys import (
+    AsyncSigner,
+    AwsKmsSigner,
+    GcpKmsSigner,
+    KeyRecord,
+    KeyRing,
+    LocalFileSigner,
+    Pkcs11Signer,
+    SignerUnavailable,
+    VaultTransitSigner,
+)
+from agentauth.protocol import (
+    Conflict,
+    DependencyUnavailable,
+    InvalidToken,
+    KeySet,
+    PayloadTooLarge,
+    PrivateKey,
+)
+from agentauth.protocol._jws import attach_signature, check_signature, parse_compact, signing_input
+
+SOFTHSM_LIB = "/usr/lib/softhsm/libsofthsm2.so"
+needs_softhsm = pytest.mark.skipif(
+    not Path(SOFTHSM_LIB).exists(), reason=f"SoftHSM2 is not installed ({SOFTHSM_LIB})"
+)
+TYP = "at+jwt"
+# Short timeouts for the failure tests, so the file stays fast; the default is 2 s.
+SHORT = 0.4
+
+
+async def assert_signs(signer: AsyncSigner) -> bytes:
+    """The signer's signatures verify alone and as a JWS under a key set of its public key."""
+    assert isinstance(signer, AsyncSigner)
+    public = signer.public_key()
+    assert public.jwk["kid"] == signer.kid
+    assert public.alg == signer.alg
+
+    data = b"registry checkpoint 17"
+    signature = await signer.sign(data)
+    assert len(signature) == 64
+    assert public.verify(signature, data)
+    assert not public.verify(signature, data + b"!")
+
+    header = {"alg": signer.alg, "kid": signer.kid, "typ": TYP}
+    claims = {"iss": "https://registry.test", "sub": "agent-7", "exp": 1_900_000_000}
+    token_input = signing_input(header, claims)
+    token = attach_signature(token_input, await signer.sign(token_input))
+    parsed = parse_compact(token, max_bytes=8192)
+    assert check_signature(parsed, KeySet([public]), typ=TYP, error=InvalidToken) == signer.kid
+    return signature
+
+
+async def assert_unavailable(signer: AsyncSigner, *, reason: str, within: float) -> None:
+    start = time.monotonic()
+    with pytest.raises(SignerUnavailable) as caught:
+        await signer.sign(b"payload")
+    assert time.monotonic() - start < within
+    assert caught.value.reason == reason, caught.value
+
+
+def test_public_surface() -> None:
+    public = {name for name in vars(keys) if not name.startswith("_")}
+    modules = {name for name in public if type(vars(keys)[name]).__name__ == "module"}
+    assert set(keys.__all__) == public - modules
+    assert issubclass(SignerUnavailable, DependencyUnavailable)
+    assert SignerUnavailable.error == "signer_unavailable"
+    assert SignerUnavailable.status_hint == 503
+
+
+def test_importing_keys_loads_no_backend_library() -> None:
+    code = (
+        "import sys, agentauth.keys; "
+        "print(','.join(m for m in ('boto3', 'hvac', 'pkcs11', 'google.cloud.kms_v1') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_crc32c_matches_the_standard_check_value() -> None:
+    from agentauth.keys._crc32c import crc32c
+
+    # RFC 3720 (iSCSI) B.4 check value for "123456789".
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(b"") == 0
+
+
+# -- local file ------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_local_file_creates_a_private_key_file_and_reloads_it(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "keys" / "registry.pem"
+    signer = LocalFileSigner.load_or_create(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")  # PKCS#8
+    assert [p.name for p in path.parent.iterdir()] == ["registry.pem"]  # no temp file left
+    assert signer.alg == "ES256"
+    assert signer.kid == signer.public_key().thumbprint
+    await assert_signs(signer)
+
+    again = LocalFileSigner.load_or_create(path)
+    assert again.kid == signer.kid
+    named = LocalFileSigner.load_or_create(path, kid="registry-2026")
+    assert named.kid == "registry-2026"
+    assert named.public_key().thumbprint == signer.kid
+    await assert_signs(named)
+    await signer.aclose()
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_local_file_refuses_a_key_others_can_access(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "registry.pem"
+    LocalFileSigner.load_or_create(path)
+    path.chmod(mode)
+    with pytest.raises(SignerUnavailable, match="chmod 600") as caught:
+        LocalFileSigner.load_or_create(path)
+    assert caught.value.reason == "insecure_key_file"
+
+
+@pytest.mark.asyncio
+async def test_local_file_ed25519(tmp_path: Path) -> None:
+    path = tmp_path / "ed.pem"
+    signer = LocalFileSigner.load_or_create(path, alg="Ed25519")
+    assert signer.alg == "Ed25519"
+    assert signer.public_key().jwk["crv"] == "Ed25519"
+    await assert_signs(signer)
+    assert LocalFileSigner.load_or_create(path, alg="Ed25519").kid == signer.kid
+    # The file decides the algorithm; asking for another one is refused, not ignored.
+    with pytest.raises(SignerUnavailable, match="Ed25519 key, not ES256"):
+        LocalFileSigner.load_or_create(path)
+
+
+def test_local_file_refuses_a_symlink(tmp_path: Path) -> None:
+    # A link planted at the key path must not redirect where the key is read from.
+    real = tmp_path / "real.pem"
+    LocalFileSigner.load_or_create(real)
+    link = tmp_path / "registry.pem"
+    link.symlink_to(real)
+    with pytest.raises(SignerUnavailable, match="cannot use key file") as caught:
+        LocalFileSigner.load_or_create(link)
+    assert caught.value.reason == "bad_key_file"
+
+
+def test_local_file_refuses_garbage(tmp_path: Path) -> None:
+    path = tmp_path / "bad.pem"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"not a key")
+    os.close(fd)
+    with pytest.raises(SignerUnavailable) as caught:
+        LocalFileSigner.load_or_create(path)
+    assert caught.value.reason == "bad_key_file"
+
+
+# -- AWS KMS (moto server) -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def aws_session() -> Any:
+    import boto3
+
+    # Dummy credentials: moto accepts any, and nothing here may reach real AWS.
+    return boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
+
+
+def create_kms_key(session: Any, url: str, spec: str = "ECC_NIST_P256") -> str:
+    client = session.client("kms", endpoint_url=url)
+    key_id: str = client.create_key(KeySpec=spec, KeyUsage="SIGN_VERIFY")["KeyMetadata"]["KeyId"]
+    client.close()
+    return key_id
+
+
+@pytest.mark.asyncio
+async def test_aws_kms_raw_mode(moto_url: str, aws_session: Any) -> None:
+    key_id = create_kms_key(aws_session, moto_url)
+    signer = await AwsKmsSigner.open(
+        key_id, endpoint_url=moto_url, message_type="RAW", session=aws_session
+    )
+    await assert_signs(signer)
+    assert signer.kid == signer.public_key().thumbprint
+    again = await AwsKmsSigner.open(
+        key_id, endpoint_url=moto_url, message_type="RAW", session=aws_session, kid="aws-1"
+    )
+    assert again.kid == "aws-1"
+    assert again.public_key().thumbprint == signer.kid
+    # KMS signs at most 4096 bytes in RAW mode: refused before any request.
+    with pytest.raises(PayloadTooLarge, match="message_type=DIGEST"):
+        await signer.sign(b"x" * 4097)
+    await assert_signs(again)
+    await signer.aclose()
+    await again.aclose()
+    with pytest.raises(SignerUnavailable, match="closed"):
+        await signer.sign(b"after close")
+
+
+@pytest.mark.asyncio
+async def test_aws_kms_digest_mode_self_check_catches_moto(moto_url: str, aws_session: Any) -> None:
+    # DIGEST mode sends SHA-256(data) and real KMS signs those 32 bytes as the digest, so
+    # the signature verifies over data. moto 5 ignores MessageType and hashes the digest
+    # again: its signature is over SHA-256(SHA-256(data)). This is exactly the "backend
+    # returns a signature that does not verify" case, and the signer must refuse it.
+    key_id = create_kms_key(aws_session, moto_url)
+    signer = await AwsKmsSigner.open(key_id, endpoint_url=moto_url, session=aws_session)
+    await assert_unavailable(signer, reason="bad_signature", within=2.0)
+    await signer.aclose()
+
+
+@pytest.mark.asyncio
+async def test_aws_kms_refuses_keys_that_are_not_p256(moto_url: str, aws_session: Any) -> None:
+    key_id = create_kms_key(aws_session, moto_url, spec="ECC_NIST_P384")
+    with pytest.raises(SignerUnavailable, match="ECC_NIST_P256") as caught:
+        await AwsKmsSigner.open(key_id, endpoint_url=moto_url, session=aws_session)
+    assert caught.value.reason == "wrong_key_type"
+
+
+@pytest.mark.asyncio
+async def test_aws_kms_server_gone(aws_session: Any) -> None:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    key_id = create_kms_key(aws_session, url)
+    signer = await AwsKmsSigner.open(
+        key_id, endpoint_url=url, message_type="RAW", session=aws_session, timeout=SHORT
+    )
+    await assert_signs(signer)
+    server.stop()
+    await assert_unavailable(signer, reason="backend_error", within=SHORT + 0.5)
+    await signer.aclose()
+
+    with pytest.raises(SignerUnavailable, match="AWS KMS open failed"):
+        await AwsKmsSigner.open(key_id, endpoint_url=refused_url(), session=aws_session)
+
+
+@pytest.mark.asyncio
+async def test_aws_kms_unanswered_request_times_out(aws_session: Any) -> None:
+    with BlackHole() as hole:
+        start = time.monotonic()
+        with pytest.raises(SignerUnavailable) as caught:
+            await AwsKmsSigner.open(
+                "any", endpoint_url=hole.url, session=aws_session, timeout=SHORT
+            )
+        assert time.monotonic() - start < SHORT + 0.5
+        assert caught.value.reason == "timeout"
+
+
+# -- Google Cloud KMS (fake REST API) --------------------------------------------------------
+
+
+@pytest.fixture
+def gcp() -> Iterator[FakeGcpKms]:
+    with FakeGcpKms() as fake:
+        assert isinstance(fake, FakeGcpKms)
+        yield fake
+
+
+async def open_gcp(fake: FakeGcpKms, name: str, **kw: Any) -> GcpKmsSigner:
+    return await GcpKmsSigner.open(name, endpoint=fake.url, **kw)
+
+
+@pytest.mark.asyncio
+async def test_gcp_kms_signs(gcp: FakeGcpKms) -> None:
+    name = gcp.create_key_version()
+    signer = await open_gcp(gcp, name)
+    await assert_signs(signer)
+    assert signer.kid == signer.public_key().thumbprint
+    assert (await open_gcp(gcp, name)).kid == signer.kid
+    assert (await open_gcp(gcp, name, kid="gcp-1")).kid == "gcp-1"
+
+    # What went over the wire is what the real REST transport sends.
+    sign_request = next(r for r in gcp.requests if r.path.endswith(":asymmetricSign"))
+    assert sign_request.path == f"/v1/{name}:asymmetricSign"
+    body = sign_request.json()
+    assert set(body) == {"digest", "digestCrc32c"}
+    assert isinstance(body["digestCrc32c"], str)  # int64 in proto JSON
+    await signer.aclose()
+
+
+@pytest.mark.asyncio
+async def test_gcp_kms_refuses_unknown_and_non_p256_key_versions(gcp: FakeGcpKms) -> None:
+    missing = gcp.create_key_version().replace("cryptoKeyVersions/1", "cryptoKeyVersions/9")
+    with pytest.raises(SignerUnavailable, match="Cloud KMS open failed") as caught:
+        await open_gcp(gcp, missing)
+    assert caught.value.reason == "backend_error"
+    p384 = gcp.create_key_version("p384", algorithm="EC_SIGN_P384_SHA384")
+    with pytest.raises(SignerUnavailable) as caught:
+        await open_gcp(gcp, p384)
+    assert caught.value.reason == "wrong_key_type"
+
+
+@pytest.mark.asyncio
+async def test_gcp_kms_integrity_fields_are_checked(gcp: FakeGcpKms) -> None:
+    signer = await open_gcp(gcp, gcp.create_key_version())
+    gcp.corrupt_signature_crc32c = True
+    await assert_unavailable(signer, reason="bad_response", within=2.0)
+    gcp.corrupt_signature_crc32c = False
+    gcp.skip_digest_crc32c_check = True
+    await assert_unavailable(signer, reason="bad_response", within=2.0)
+    gcp.skip_digest_crc32c_check = False
+    await assert_signs(signer)
+    await signer.aclose()
+
+
+@pytest.mark.asyncio
+async def test_gcp_kms_wrong_signature_is_never_returned(gcp: FakeGcpKms) -> None:
+    signer = await open_gcp(gcp, gcp.create_key_version())
+    gcp.wrong_signatures = True
+    await assert_unavailable(signer, reason="bad_signature", within=2.0)
+    await signer.aclose()
+
+
+@pytest.mark.asyncio
+async def test_gcp_kms_slow_and_stopped(gcp: FakeGcpKms) -> None:
+    signer = await open_gcp(gcp, gcp.create_key_version(), timeout=SHORT)
+    gcp.delay = 5.0
+    await assert_unavailable(signer, reason="timeout", within=SHORT + 0.5)
+    gcp.delay = 0.0
+    await assert_signs(signer)
+    gcp.stop()
+    await assert_unavailable(signer, reason="backend_error", within=SHORT + 0.5)
+    await signer.aclose()
+
+
+# -- Vault Transit (fake HTTP API) -----------------------------------------------------------
+
+
+@pytest.fixture
+def vault() -> Iterator[FakeVault]:
+    with FakeVault() as fake:
+        assert isinstance(fake, FakeVault)
+        yield fake
+
+
+async def open_vault(fake: FakeVault, name: str, **kw: Any) -> VaultTransitSigner:
+    kw.setdefault("token", fake.token)
+    return await VaultTransitSigner.open(name, url=fake.url, **kw)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("key_type", "alg"), [("ecdsa-p256", "ES256"), ("ed25519", "Ed25519")])
+async def test_vault_transit_signs(vault: FakeVault, key_type: str, alg: str) -> None:
+    vault.create_key("registry", key_type)
+    signer = await open_vault(vault, "registry")
+    assert signer.alg == alg
+    assert signer.key_version == 1
+    await assert_signs(signer)
+    assert signer.kid == signer.public_key().thumbprint
+    assert (await open_vault(vault, "registry")).kid == signer.kid
+    assert (await open_vault(vault, "registry", kid="vault-1")).kid == "vault-1"
+
+    sign_body = next(r for r in vault.requests if "/sign/" in r.path).json()
+    assert sign_body["key_version"] == 1
+    if alg == "ES256":
+        assert sign_body["marshaling_algorithm"] == "jws"
+        assert sign_body["hash_algorithm"] == "sha2-256"
+    else:
+        assert "marshaling_algorithm" not in sign_body
+    await signer.aclose()
+
+
+@pytest.mark.asyncio
+async def test_vault_rotation_inside_vault_does_not_change_what_a_kid_signs(
+    vault: FakeVault,
+) -> None:
+    vault.create_key("registry")
+    v1 = await open_vault(vault, "registry")
+    assert vault.rotate_key("registry") == 2
+    # The open signer keeps signing with version 1, so its kid stays true.
+    await assert_signs(v1)
+    v2 = await open_vault(vault, "registry")
+    assert v2.key_version == 2
+    assert v2.kid != v1.kid
+    await assert_signs(v2)
+    # A server that signs with another version than asked is caught by the version prefix.
+    vault.ignore_key_version = True
+    await assert_unavailable(v1, reason="bad_response", within=2.0)
+    await v1.aclose()
+    await v2.aclose()
+
+
+@pytest.mark.asyncio
+async def test_vault_wrong_token_and_unsuitable_keys(vault: FakeVault) -> None:
+    vault.create_key("registry")
+    secret = "s.wrong-token-that-must-not-leak"
+    with pytest.raises(SignerUnavailable) as caught:
+        await open_vault(vault, "registry", token=secret)
+    assert "Forbidden" in caught.value.description
+    assert secret not in str(caught.value)
+    assert secret not in repr(caught.value)
+    assert secret not in str(caught.value.to_dict())
+
+    with pytest.raises(SignerUnavailable):
+        await open_vault(vault, "no-such-key")
+    vault.create_key("symmetric", "aes256-gcm96")
+    with pytest.raises(SignerUnavailable) as caught:
+        await open_vault(vault, "symmetric")
+    assert caught.value.reason == "wrong_key_type"
+
+
+@pytest.mark.asyncio
+async def test_vault_wrong_signature_is_never_returned(vault: FakeVault) -> None:
+    vault.create_key("registry", "ed25519")
+    signer = await open_vault(vault, "registry")
+    vault.wrong_signatures = True
+    await assert_unavailable(signer, reason="bad_signature", within=2.0)
+    await signer.aclose()
+
+
+@pytest.mark.asyncio
+async def test_vault_slow_and_stopped(vault: FakeVault) -> None:
+    vault.create_key("registry")
+    signer = await open_vault(vault, "registry", timeout=SHORT)
+    vault.delay = 5.0
+    await assert_unavailable(signer, reason="timeout", within=SHORT + 0.5)
+    vault.delay = 0.0
+    await assert_signs(signer)
+    vault.stop()
+    await assert_unavailable(signer, reason="backend_error", within=SHORT + 0.5)
+    await signer.aclose()
+    with pytest.raises(SignerUnavailable):
+        await VaultTransitSigner.open("registry", url=refused_url(), token="t", timeout=SHORT)
+
+
+# -- PKCS#11 (a fresh SoftHSM2 token) --------------------------------------------------------
+
+PIN = "1234"
+TOKEN = "agentauth-test"
+
+
+@pytest.fixture(scope="module")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A new SoftHSM2 token with P-256 key pairs; yields the token label.
+
+    ``signer-a`` and ``signer-b`` are proper pairs. ``crossed`` is a private key and a
+    public key that do not belong together (a misprovisioned HSM).
+    """
+    import pkcs11
+    from pkcs11 import Attribute, KeyType
+
+    from agentauth.keys._pkcs11 import P256_EC_PARAMS
+
+    root = tmp_path_factory.mktemp("softhsm")
+    (root / "tokens").mkdir()
+    conf = root / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\n")
+    env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
+    subprocess.run(
+        [
+            *("softhsm2-util", "--init-token", "--free", "--label", TOKEN),
+            *("--pin", PIN, "--so-pin", "5678"),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    # SoftHSM2 reads its configuration when the library initializes: set it first.
+    previous = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    token = pkcs11.lib(SOFTHSM_LIB).get_token(token_label=TOKEN)
+    with token.open(rw=True, user_pin=PIN) as session:
+        params = session.create_domain_parameters(
+            KeyType.EC, {Attribute.EC_PARAMS: P256_EC_PARAMS}, local=True
+        )
+        for label in ("signer-a", "signer-b"):
+            params.generate_keypair(store=True, label=label)
+        params.generate_keypair(
+            store=True,
+            public_template={Attribute.LABEL: "crossed"},
+            private_template={Attribute.LABEL: "crossed-orphan"},
+        )
+        params.generate_keypair(
+            store=True,
+            public_template={Attribute.LABEL: "crossed-orphan"},
+            private_template={Attribute.LABEL: "crossed"},
+        )
+    yield TOKEN
+    if previous is None:
+        del os.environ["SOFTHSM2_CONF"]
+    else:
+        os.environ["SOFTHSM2_CONF"] = previous
+
+
+async def open_pkcs11(key_label: str, **kw: Any) -> Pkcs11Signer:
+    kw.setdefault("token_label", TOKEN)
+    kw.setdefault("pin", PIN)
+    return await Pkcs11Signer.open(lib_path=SOFTHSM_LIB, key_label=key_label, **kw)
+
+
+@needs_softhsm
+@pytest.mark.asyncio
+async def test_pkcs11_signs_and_signers_share_the_token_login(softhsm: str) -> None:
+    a = await open_pkcs11("signer-a")
+    b = await open_pkcs11("signer-b")
+    await assert_signs(a)
+    await assert_signs(b)
+    assert a.kid == a.public_key().thumbprint
+    assert a.kid != b.kid
+    a_again = await open_pkcs11("signer-a", kid="hsm-a")
+    assert a_again.kid == "hsm-a"
+    assert a_again.public_key().thumbprint == a.kid
+    # Closing one signer must not log the token out under the others (rotation keeps the
+    # old and new keys open side by side).
+    await a.aclose()
+    await assert_signs(b)
+    await assert_signs(a_again)
+    await a_again.aclose()
+    await b.aclose()
+    # After the last signer closed, a new one logs in again.
+    c = await open_pkcs11("signer-a")
+    assert c.kid == a.kid
+    await assert_signs(c)
+    await c.aclose()
+
+
+@needs_softhsm
+@pytest.mark.asyncio
+async def test_pkcs11_mismatched_pair_is_never_returned(softhsm: str) -> None:
+    signer = await open_pkcs11("crossed")
+    await assert_unavailable(signer, reason="bad_signature", within=2.0)
+    await signer.aclose()
+
+
+@needs_softhsm
+@pytest.mark.asyncio
+async def test_pkcs11_unavailable_token_key_pin_or_library(softhsm: str, tmp_path: Path) -> None:
+    # PinIncorrect from the token, or our own check if another test left a session open.
+    with pytest.raises(SignerUnavailable, match=r"PinIncorrect|PIN is incorrect"):
+        await open_pkcs11("signer-a", pin="0000")
+    held = await open_pkcs11("signer-b")
+    # With the token already logged in for this process, a wrong PIN still fails.
+    with pytest.raises(SignerUnavailable, match="PIN is incorrect"):
+        await open_pkcs11("signer-a", pin="0000")
+    with pytest.raises(SignerUnavailable, match="NoSuchKey"):
+        await open_pkcs11("no-such-key")
+    await assert_signs(held)
+    await held.aclose()
+    with pytest.raises(SignerUnavailable, match="NoSuchToken"):
+        await open_pkcs11("signer-a", token_label="no-such-token")
+    with pytest.raises(SignerUnavailable):
+        await Pkcs11Signer.open(
+            lib_path=str(tmp_path / "missing.so"), token_label=TOKEN, pin=PIN, key_label="x"
+        )
+
+
+# -- KeyRing ---------------------------------------------------------------------------------
+
+
+def record(kid: str, created_at: int = 0) -> KeyRecord:
+    key = PrivateKey.generate(kid=kid)
+    jwk = {k: v for k, v in key.public_jwk().items() if k in ("kty", "crv", "x", "y")}
+    return KeyRecord(kid, jwk, "ES256", created_at=created_at, activates_at=created_at)
+
+
+def kids(ring: KeyRing, now: int) -> list[str]:
+    return [jwk["kid"] for jwk in ring.published(now)]
+
+
+def test_keyring_rotation_timeline() -> None:
+    publish_ahead, lifetime = 3600, 900
+    ring = KeyRing([record("A", created_at=0)])
+    assert kids(ring, 100) == ["A"]
+    assert ring.signing_kid(100) == "A"
+
+    t = 10_000
+    ring = ring.rotate(
+        record("B", created_at=t), now=t, publish_ahead=publish_ahead, max_token_lifetime=lifetime
+    )
+    activation = t + publish_ahead
+    # B is published at once, before it signs anything.
+    assert kids(ring, t) == ["A", "B"]
+    assert ring.signing_kid(t) == "A"
+    assert ring.signing_kid(activation - 1) == "A"
+    # B takes over at activation; A stays published until its last token has expired.
+    assert ring.signing_kid(activation) == "B"
+    assert kids(ring, activation) == ["A", "B"]
+    assert kids(ring, activation + lifetime - 1) == ["A", "B"]
+    assert kids(ring, activation + lifetime) == ["B"]
+    assert ring.signing_kid(activation + lifetime) == "B"
+
+    # The JWKS a verifier fetches at any moment covers every token signed before it.
+    for now in (t, activation - 1, activation, activation + lifetime - 1):
+        jwks = KeySet.from_jwks({"keys": ring.published(now)})
+        assert ring.signing_kid(now) in jwks
+        assert all(jwks[kid].alg == "ES256" for kid in jwks)
+
+
+def test_keyring_rotation_rules() -> None:
+    with pytest.raises(SignerUnavailable, match="no signing key"):
+        KeyRing().signing_kid(0)
+    first = KeyRing().rotate(record("A"), now=50, publish_ahead=10, max_token_lifetime=60)
+    with pytest.raises(SignerUnavailable):
+        first.signing_kid(59)
+    assert first.signing_kid(60) == "A"
+
+    ring = KeyRing([record("A")]).rotate(
+        record("B"), now=100, publish_ahead=10, max_token_lifetime=60
+    )
+    with pytest.raises(Conflict, match="pending"):
+        ring.rotate(record("C"), now=105, publish_ahead=10, max_token_lifetime=60)
+    with pytest.raises(Conflict, match="kid"):
+        ring.rotate(record("A"), now=200, publish_ahead=10, max_token_lifetime=60)
+    with pytest.raises(Conflict, match="duplicate"):
+        KeyRing([record("A"), record("A")])
+    # Retired keys are dropped at the next rotation.
+    later = ring.rotate(record("C"), now=1000, publish_ahead=10, max_token_lifetime=60)
+    assert [r.kid for r in later.records] == ["B", "C"]
+    assert later.signing_kid(1009) == "B"
+    assert later.signing_kid(1010) == "C"
+
+
+@pytest.mark.asyncio
+async def test_keyring_record_from_a_signer(tmp_path: Path) -> None:
+    signer = LocalFileSigner.load_or_create(tmp_path / "k.pem", kid="registry-1")
+    ring = KeyRing([KeyRecord.from_signer(signer, created_at=5)])
+    assert ring.signing_kid(5) == "registry-1"
+    jwks = KeySet.from_jwks({"keys": ring.published(5)})
+    header = {"alg": signer.alg, "kid": signer.kid, "typ": TYP}
+    data = signing_input(header, {"sub": "agent"})
+    parsed = parse_compact(attach_signature(data, await signer.sign(data)), max_bytes=4096)
+    assert check_signature(parsed, jwks, typ=TYP, error=InvalidToken) == "registry-1"

@@ -1,0 +1,102 @@
+"""Migrations: applied once, re-running is a no-op, an edited applied migration is refused."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from conftest import with_database
+
+from agentauth.store import MigrationError, default_migrations_dir, discover, migrate
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def fresh_db(database_url: str) -> AsyncIterator[str]:
+    """A database of its own (the session database is shared with the registry tests)."""
+    name = f"mig_{secrets.token_hex(5)}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(database_url, name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.mark.asyncio
+async def test_migrations_apply_once_then_are_a_no_op(fresh_db: str) -> None:
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        applied = await migrate(conn)
+        assert applied == [m.name for m in discover(default_migrations_dir())]
+        assert await migrate(conn) == []
+        tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables")}
+        assert {"principals", "agents", "grants", "audit_events", "revocations"} <= tables
+    finally:
+        await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_an_edited_applied_migration_is_refused(fresh_db: str, tmp_path: Path) -> None:
+    copy = tmp_path / "migrations"
+    shutil.copytree(default_migrations_dir(), copy)
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        await migrate(conn, copy)
+        first = sorted(copy.glob("*.sql"))[0]
+        first.write_text(first.read_text() + "\n-- edited\n")
+        with pytest.raises(MigrationError, match="was edited after it was applied"):
+            await migrate(conn, copy)
+    finally:
+        await conn.close()
+
+
+def test_migration_files_must_be_numbered_without_gaps(tmp_path: Path) -> None:
+    (tmp_path / "0001_a.sql").write_text("SELECT 1;")
+    (tmp_path / "0003_c.sql").write_text("SELECT 1;")
+    with pytest.raises(MigrationError, match="without gaps"):
+        discover(tmp_path)
+    (tmp_path / "notes.sql").write_text("")
+    with pytest.raises(MigrationError, match="not understood"):
+        discover(tmp_path)
+
+
+def test_agentauth_migrate_command(fresh_db: str) -> None:
+    env = {"DATABASE_URL": fresh_db, "PATH": "/usr/bin:/bin"}
+    run = [sys.executable, "-m", "agentauth.cli", "migrate"]
+    first = subprocess.run(run, env=env, capture_output=True, text=True, check=False)
+    assert first.returncode == 0, first.stderr
+    assert "0001_initial.sql" in first.stdout
+    again = subprocess.run(run, env=env, capture_output=True, text=True, check=False)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    helped = subprocess.run([*run[:-1], "--help"], capture_output=True, text=True, check=False)
+    assert "migrate" in helped.stdout
+
+
+def test_embedded_postgres_serves_the_same_code_path(tmp_path: Path) -> None:
+    import asyncio
+
+    from agentauth.store import EmbeddedPostgres
+
+    server = EmbeddedPostgres(tmp_path / "pg")
+    try:
+
+        async def check() -> list[str]:
+            conn = await asyncpg.connect(server.url)
+            try:
+                return await migrate(conn)
+            finally:
+                await conn.close()
+
+        assert asyncio.run(check()) == ["0001_initial.sql"]
+    finally:
+        server.stop()

@@ -1,0 +1,761 @@
+"""The registry over HTTP on a real Ray Serve app, with real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+from registry_world import World
+
+from agentauth.protocol import (
+    AccessTokenVerifier,
+    ApprovalReceipt,
+    AuditEvent,
+    Capability,
+    Grant,
+    KeySet,
+    b64url_decode,
+    verify_chain,
+    verify_checkpoint,
+    verify_inclusion,
+    verify_receipt,
+)
+from agentauth.registry import RegistrySettings
+
+pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.redis]
+
+TABLES = (
+    "principals",
+    "passkey_credentials",
+    "sessions",
+    "enrollments",
+    "agents",
+    "providers",
+    "grant_requests",
+    "grants",
+    "approval_receipts",
+    "issued_tokens",
+    "revocations",
+    "step_ups",
+    "audit_events",
+)
+
+
+@pytest.fixture(scope="session")
+def registry_settings(
+    database_url: str, redis_url: str, serve_port: int, data_dir: Any
+) -> RegistrySettings:
+    return RegistrySettings(
+        database_url=database_url,
+        redis_url=redis_url,
+        data_dir=data_dir / "registry",
+        issuer=f"http://127.0.0.1:{serve_port}/registry",
+        admin_token=secrets.token_urlsafe(32),
+        checkpoint_every_seconds=2.0,
+        key_publish_ahead=3,
+        token_lifetime=120,
+    )
+
+
+@pytest.fixture(scope="session")
+def registry_base(registry_settings: RegistrySettings) -> str:
+    from ray import serve
+
+    from agentauth.deployments.registry import build_registry_app
+
+    # Two replicas: every concurrency test crosses processes, as in production.
+    serve.run(
+        build_registry_app(registry_settings, replicas=2), name="registry", route_prefix="/registry"
+    )
+    return registry_settings.issuer
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def world(registry_base: str, registry_settings: RegistrySettings) -> AsyncIterator[World]:
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        yield World(client=client, base=registry_base, admin_token=registry_settings.admin_token)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def db(database_url: str, registry_base: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def counts(db: asyncpg.Connection) -> dict[str, int]:
+    return {t: await db.fetchval(f"SELECT count(*) FROM {t}") for t in TABLES}
+
+
+async def jwks(world: World) -> KeySet:
+    r = await world.client.get(world.url("/.well-known/jwks.json"))
+    assert r.status_code == 200
+    return KeySet.from_jwks(r.json())
+
+
+# --- the full flow ---------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_full_flow_register_request_approve_token(
+    world: World, db: asyncpg.Connection
+) -> None:
+    human = await world.human("Alice")
+    agent = await world.agent(human, alg="Ed25519")
+    provider = await world.provider()
+    envelope = {
+        "rate_limits": [{"max_count": 5, "window_seconds": 3600}],
+        "timezone": "Europe/Berlin",
+    }
+    request = await world.request(
+        agent, provider, [Capability.read("calendar/*").to_document()], envelope
+    )
+    assert request["status"] == "pending"
+
+    # The human sees it pending, approves with a passkey over the grant hash.
+    r = await world.client.get(
+        world.url("/v1/grant-requests?status=pending"), headers=human.headers
+    )
+    assert [x["id"] for x in r.json()] == [request["id"]]
+    begun = await world.begin_approval(human, request["id"])
+    grant = Grant.from_document(begun["grant"])
+    assert b64url_decode(begun["options"]["challenge"]) == grant.digest()
+    credential = human.authenticator.get(begun["options"])
+    r = await world.client.post(
+        world.url(f"/v1/grant-requests/{request['id']}/approval/finish"),
+        headers=human.headers,
+        json={"credential": credential},
+    )
+    assert r.status_code == 200, r.text
+    stored = r.json()
+    assert stored["document"] == grant.document()
+
+    # Anyone can check offline that this passkey approved exactly this grant.
+    receipt = ApprovalReceipt.model_validate(stored["receipt"])
+    verified = verify_receipt(
+        receipt, grant, rp_id="localhost", origin=world.origin, require_uv=True
+    )
+    assert verified.user_verified
+
+    # The agent exchanges it for a DPoP-bound token, checkable from the JWKS alone.
+    r = await world.token(agent, grant.grant_id)
+    assert r.status_code == 200, r.text
+    token = r.json()["access_token"]
+    verifier = AccessTokenVerifier(keys=await jwks(world), issuer=world.base)
+    access = verifier.verify(token, audience=provider.audience, now=time.time())
+    assert access.jkt == agent.key.thumbprint
+    assert access.claims.grant_hash == grant.digest_b64()
+    assert access.claims.receipt_hash == receipt.digest()
+    assert access.claims.sub == agent.id
+
+    # Any JOSE library can check the signature against the JWKS (joserfc here).
+    from joserfc import jws
+    from joserfc.jwk import KeySet as JoseKeySet
+
+    r = await world.client.get(world.url("/.well-known/jwks.json"))
+    compact = jws.deserialize_compact(
+        token, JoseKeySet.import_key_set(r.json()), algorithms=["ES256"]
+    )
+    assert json.loads(compact.payload)["cnf"]["jkt"] == agent.key.thumbprint
+
+    # Every change is in the audit log, chained and covered by a signed checkpoint.
+    r = await world.client.post(world.url("/v1/admin/checkpoints"), headers=world.admin)
+    assert r.status_code == 200
+    r = await world.client.get(
+        world.url(f"/v1/audit/events?agent_id={agent.id}"), headers=human.headers
+    )
+    events = [e["event"] for e in r.json()]
+    assert events[:3] == ["agent.registered", "grant_request.created", "grant.approved"]
+    assert "token.issued" in events
+    last = r.json()[-1]
+    r = await world.client.get(
+        world.url(f"/v1/audit/events/{last['chain']}/{last['seq']}/proof"), headers=human.headers
+    )
+    proof = r.json()
+    checkpoint = verify_checkpoint(proof["checkpoint"], keys=await jwks(world))
+    event = AuditEvent.from_canonical(proof["event"])
+    verify_inclusion(
+        leaf_hash=event.entry_hash(),
+        index=proof["index"],
+        tree_size=checkpoint.size,
+        proof=[b64url_decode(h) for h in proof["proof"]],
+        root=checkpoint.root_bytes(),
+    )
+
+
+@pytest.mark.asyncio
+async def test_discovery_and_jwks_are_public_everything_else_is_not(world: World) -> None:
+    for path in ("/healthz", "/.well-known/jwks.json", "/.well-known/agentauth-configuration"):
+        r = await world.client.get(world.url(path))
+        assert r.status_code == 200, path
+    d = (await world.client.get(world.url("/.well-known/agentauth-configuration"))).json()
+    assert d["issuer"] == world.base and d["token_endpoint"] == world.url("/v1/token")
+    protected = [
+        ("GET", "/v1/passkeys"),
+        ("POST", "/v1/passkeys/begin"),
+        ("POST", "/v1/enrollments"),
+        ("GET", "/v1/agents"),
+        ("GET", "/v1/agents/agt_x"),
+        ("POST", "/v1/agents/agt_x/disable"),
+        ("POST", "/v1/providers"),
+        ("GET", "/v1/providers/p"),
+        ("POST", "/v1/grant-requests"),
+        ("GET", "/v1/grant-requests"),
+        ("GET", "/v1/grant-requests/grq_x"),
+        ("POST", "/v1/grant-requests/grq_x/approval/begin"),
+        ("POST", "/v1/grant-requests/grq_x/approval/finish"),
+        ("POST", "/v1/grant-requests/grq_x/deny"),
+        ("GET", "/v1/grants"),
+        ("GET", "/v1/grants/grt_x"),
+        ("POST", "/v1/token"),
+        ("POST", "/v1/revocations"),
+        ("GET", "/v1/revocations"),
+        ("POST", "/v1/step-ups"),
+        ("GET", "/v1/step-ups"),
+        ("GET", "/v1/step-ups/stp_x"),
+        ("POST", "/v1/step-ups/stp_x/approval/begin"),
+        ("POST", "/v1/step-ups/stp_x/deny"),
+        ("GET", "/v1/audit/events?agent_id=a"),
+        ("GET", "/v1/audit/events/registry-0/0/proof"),
+        ("GET", "/v1/audit/checkpoints"),
+        ("GET", "/v1/audit/consistency?chain=registry-0&first=1&second=2"),
+        ("POST", "/v1/admin/keys/rotate"),
+        ("POST", "/v1/admin/checkpoints"),
+    ]
+    for method, path in protected:
+        body = {} if method == "POST" else None
+        r = await world.client.request(method, world.url(path), json=body)
+        assert r.status_code in (400, 401), (method, path, r.status_code, r.text)
+        assert r.json()["error"] in ("unauthenticated", "invalid_request"), (method, path)
+        if r.status_code == 400:  # schema checked first: retry with a valid-shaped body
+            continue
+        # A forged session is refused the same way.
+        r = await world.client.request(
+            method, world.url(path), json=body, headers={"Authorization": "Bearer ses_forged"}
+        )
+        assert r.status_code == 401, (method, path)
+
+
+# --- who may do what -------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_cross_owner_access_is_refused_and_writes_nothing(
+    world: World, db: asyncpg.Connection
+) -> None:
+    alice, agent_a, provider_a, grant_a = await world.setup_grant()
+    bob = await world.human("Bob")
+    agent_b = await world.agent(bob)
+    provider_b = await world.provider()
+    pending = await world.request(agent_a, provider_a)
+    before = await counts(db)
+
+    # Human B on A's things.
+    for method, path in [
+        ("GET", f"/v1/grant-requests/{pending['id']}"),
+        ("POST", f"/v1/grant-requests/{pending['id']}/approval/begin"),
+        ("POST", f"/v1/grant-requests/{pending['id']}/deny"),
+        ("GET", f"/v1/grants/{grant_a['id']}"),
+        ("GET", f"/v1/agents/{agent_a.id}"),
+        ("POST", f"/v1/agents/{agent_a.id}/disable"),
+        ("GET", f"/v1/audit/events?agent_id={agent_a.id}"),
+    ]:
+        r = await world.client.request(method, world.url(path), headers=bob.headers)
+        assert r.status_code == 404, (method, path, r.text)
+    r = await world.client.post(
+        world.url("/v1/revocations"),
+        headers=bob.headers,
+        json={"kind": "grant", "target": grant_a["id"]},
+    )
+    assert r.status_code == 404
+    r = await world.client.get(world.url("/v1/grant-requests"), headers=bob.headers)
+    assert r.json() == []
+
+    # Agent X on Y's grant: no token, no view.
+    r = await world.token(agent_b, grant_a["id"])
+    assert r.status_code == 404
+    r = await world.as_agent(agent_b, "GET", f"/v1/grants/{grant_a['id']}")
+    assert r.status_code == 404
+    # An agent cannot act as a human or an admin.
+    r = await world.as_agent(agent_b, "POST", f"/v1/grant-requests/{pending['id']}/deny")
+    assert r.status_code == 403
+    r = await world.as_agent(
+        agent_b,
+        "POST",
+        "/v1/providers",
+        json={"id": "x", "audience": "x", "display_name": "x", "allowed_kinds": ["read"]},
+    )
+    assert r.status_code == 403
+
+    # A provider on another provider's data, or on the humans' API.
+    r = await world.client.get(
+        world.url(f"/v1/providers/{provider_b.id}"), headers=provider_a.headers
+    )
+    assert r.status_code == 403
+    r = await world.client.get(world.url("/v1/grants"), headers=provider_a.headers)
+    assert r.status_code == 403
+    r = await world.client.get(
+        world.url(f"/v1/providers/{provider_a.id}"), headers=provider_a.headers
+    )
+    assert r.status_code == 200
+    # A human is not an admin.
+    r = await world.client.post(world.url("/v1/admin/keys/rotate"), headers=alice.headers)
+    assert r.status_code == 403
+
+    assert await counts(db) == before
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_bad_input_gets_4xx_with_a_code_and_writes_nothing(
+    world: World, db: asyncpg.Connection
+) -> None:
+    human = await world.human()
+    agent = await world.agent(human)
+    provider = await world.provider(kinds=("read",))
+    await asyncio.sleep(0)  # every setup write is done before counting
+    before = await counts(db)
+    path = "/v1/grant-requests"
+    good = {"provider_id": provider.id, "capabilities": [{"kind": "read", "resource": "calendar"}]}
+    cases: list[tuple[str, Any, int]] = [
+        ("malformed JSON", b"{not json", 400),
+        ("duplicate member", b'{"provider_id": "a", "provider_id": "b", "capabilities": []}', 400),
+        ("oversized", b'{"x": "' + b"a" * 70_000 + b'"}', 413),
+        ("not an object", b"[1, 2]", 400),
+        ("wrong type", {**good, "capabilities": "read"}, 400),
+        ("unknown member", {**good, "extra": 1}, 400),
+        ("missing member", {"provider_id": provider.id}, 400),
+        ("empty capabilities", {**good, "capabilities": []}, 400),
+        (
+            "bad resource pattern",
+            {**good, "capabilities": [{"kind": "read", "resource": "a/*/b"}]},
+            400,
+        ),
+        (
+            "float amount",
+            {
+                **good,
+                "capabilities": [
+                    {"kind": "transact", "resource": "p", "max_amount": 1.5, "currency": "USD"}
+                ],
+            },
+            400,
+        ),
+        ("unknown zone", {**good, "envelope": {"timezone": "Mars/Olympus"}}, 400),
+        (
+            "kind not offered",
+            {**good, "capabilities": [{"kind": "write", "resource": "calendar"}]},
+            403,
+        ),
+        ("unknown provider", {**good, "provider_id": "nope"}, 404),
+    ]
+    for name, body, status in cases:
+        kwargs: dict[str, Any] = (
+            {"content": body, "headers": {"Content-Type": "application/json"}}
+            if isinstance(body, bytes)
+            else {"json": body}
+        )
+        r = await world.as_agent(agent, "POST", path, **kwargs)
+        assert r.status_code == status, (name, r.status_code, r.text[:300])
+        payload = r.json()
+        assert isinstance(payload.get("error"), str) and payload["error"] != "server_error", name
+
+    # Unknown ids are 404 for their owner too; a bad agent JWK is a 400.
+    r = await world.client.get(world.url("/v1/grant-requests/grq_nope"), headers=human.headers)
+    assert r.status_code == 404
+    r = await world.client.post(world.url("/v1/enrollments"), headers=human.headers)
+    code = r.json()["enrollment_code"]
+    before = await counts(db)
+    from agentauth.protocol import PrivateKey
+
+    key = PrivateKey.generate()
+    bad_jwk = {**key.public_jwk(), "x": "AAAA"}
+    r = await world.client.post(
+        world.url("/v1/agents"),
+        headers={"DPoP": world.proof(key, "POST", "/v1/agents")},
+        json={"name": "b", "public_jwk": bad_jwk, "enrollment_code": code},
+    )
+    assert r.status_code == 400, r.text
+    # A proof by another key than the one registered: no proof of possession.
+    other = PrivateKey.generate()
+    r = await world.client.post(
+        world.url("/v1/agents"),
+        headers={"DPoP": world.proof(other, "POST", "/v1/agents")},
+        json={"name": "b", "public_jwk": key.public_jwk(), "enrollment_code": code},
+    )
+    assert r.status_code == 401, r.text
+    assert await counts(db) == before
+
+
+# --- approvals ------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_one_assertion_submitted_20_times_concurrently_makes_one_grant(
+    world: World, db: asyncpg.Connection
+) -> None:
+    human = await world.human()
+    agent = await world.agent(human)
+    provider = await world.provider()
+    request = await world.request(agent, provider)
+    begun = await world.begin_approval(human, request["id"])
+    credential = human.authenticator.get(begun["options"])
+
+    async def submit() -> httpx.Response:
+        return await world.client.post(
+            world.url(f"/v1/grant-requests/{request['id']}/approval/finish"),
+            headers=human.headers,
+            json={"credential": credential},
+        )
+
+    responses = await asyncio.gather(*(submit() for _ in range(20)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) == 1, statuses
+    assert all(s == 409 for s in statuses if s != 200), statuses
+    assert (
+        await db.fetchval("SELECT count(*) FROM grants WHERE request_id = $1", request["id"]) == 1
+    )
+    # Replaying it later is a 409 too.
+    assert (await submit()).status_code == 409
+
+
+@pytest.mark.asyncio
+async def test_assertion_for_one_grant_cannot_approve_another(world: World) -> None:
+    human = await world.human()
+    agent = await world.agent(human)
+    provider = await world.provider()
+    first = await world.request(agent, provider)
+    second = await world.request(agent, provider, [Capability.write("calendar").to_document()])
+    begun_a = await world.begin_approval(human, first["id"])
+    await world.begin_approval(human, second["id"])
+    credential = human.authenticator.get(begun_a["options"])
+    r = await world.client.post(
+        world.url(f"/v1/grant-requests/{second['id']}/approval/finish"),
+        headers=human.headers,
+        json={"credential": credential},
+    )
+    assert r.status_code == 409 and r.json()["reason"] == "challenge_used"
+    r = await world.client.get(
+        world.url(f"/v1/grant-requests/{second['id']}"), headers=human.headers
+    )
+    assert r.json()["status"] == "pending"
+
+
+@pytest.mark.asyncio
+async def test_user_verification_is_required_by_policy(world: World) -> None:
+    human = await world.human()
+    agent = await world.agent(human)
+    provider = await world.provider()
+    request = await world.request(agent, provider)
+    begun = await world.begin_approval(human, request["id"])
+    human.authenticator.user_verification = False
+    r = await world.client.post(
+        world.url(f"/v1/grant-requests/{request['id']}/approval/finish"),
+        headers=human.headers,
+        json={"credential": human.authenticator.get(begun["options"])},
+    )
+    assert r.status_code == 400 and r.json()["error"] == "invalid_receipt", r.text
+    r = await world.client.get(
+        world.url(f"/v1/grant-requests/{request['id']}"), headers=human.headers
+    )
+    assert r.json()["status"] == "pending"
+
+
+@pytest.mark.asyncio
+async def test_sign_count_regression_is_flagged_and_refused(
+    world: World, db: asyncpg.Connection
+) -> None:
+    human = await world.human()
+    agent = await world.agent(human)
+    provider = await world.provider()
+    first = await world.request(agent, provider)
+    await world.approve(human, first["id"])  # counter now 1
+    second = await world.request(agent, provider)
+    begun = await world.begin_approval(human, second["id"])
+    passkey = next(iter(human.authenticator.passkeys.values()))
+    credential = human.authenticator.get(begun["options"], passkey=passkey, counter=1)
+    r = await world.client.post(
+        world.url(f"/v1/grant-requests/{second['id']}/approval/finish"),
+        headers=human.headers,
+        json={"credential": credential},
+    )
+    assert r.status_code == 403 and r.json()["reason"] == "sign_count_regression", r.text
+    flagged = await db.fetchval(
+        "SELECT flagged_at FROM passkey_credentials WHERE principal_id = $1", human.principal_id
+    )
+    assert flagged is not None
+
+
+@pytest.mark.asyncio
+async def test_tighten_before_approving_never_widen(world: World) -> None:
+    human = await world.human()
+    agent = await world.agent(human)
+    provider = await world.provider()
+    envelope = {"rate_limits": [{"max_count": 10, "window_seconds": 3600}]}
+    request = await world.request(
+        agent,
+        provider,
+        [Capability.read("calendar/*").to_document(), Capability.write("calendar").to_document()],
+        envelope,
+    )
+    narrower = {"rate_limits": [{"max_count": 5, "window_seconds": 3600}]}
+    r = await world.client.post(
+        world.url(f"/v1/grant-requests/{request['id']}/approval/begin"),
+        headers=human.headers,
+        json={"envelope": {"rate_limits": [{"max_count": 50, "window_seconds": 3600}]}},
+    )
+    assert r.status_code == 403 and r.json()["reason"] == "widening"
+    r = await world.client.post(
+        world.url(f"/v1/grant-requests/{request['id']}/approval/begin"),
+        headers=human.headers,
+        json={"capabilities": [{"kind": "read", "resource": "*"}]},
+    )
+    assert r.status_code == 403
+    grant = await world.approve(
+        human,
+        request["id"],
+        envelope=narrower,
+        capabilities=[Capability.read("calendar/events/*").to_document()],
+    )
+    assert grant["document"]["envelope"]["rate_limits"] == [
+        {"max_count": 5, "window_seconds": 3600}
+    ]
+    assert grant["document"]["capabilities"] == [{"kind": "read", "resource": "calendar/events/*"}]
+
+    # Re-requesting more never changes the approved grant: it is a new pending request.
+    again = await world.request(agent, provider, [Capability.read("*").to_document()])
+    assert again["status"] == "pending"
+    r = await world.as_agent(agent, "GET", f"/v1/grants/{grant['id']}")
+    assert r.json()["document"] == grant["document"]
+    r = await world.token(agent, grant["id"])
+    claims = json.loads(b64url_decode(r.json()["access_token"].split(".")[1]))
+    assert claims["capabilities"] == [{"kind": "read", "resource": "calendar/events/*"}]
+
+
+# --- tokens, replay, revocation ---------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_token_endpoint_refuses_replayed_and_foreign_proofs(world: World) -> None:
+    _, agent, _, grant = await world.setup_grant()
+    proof = world.proof(agent.key, "POST", "/v1/token")
+    first = await world.client.post(
+        world.url("/v1/token"), headers={"DPoP": proof}, json={"grant_id": grant["id"]}
+    )
+    assert first.status_code == 200
+    again = await world.client.post(
+        world.url("/v1/token"), headers={"DPoP": proof}, json={"grant_id": grant["id"]}
+    )
+    assert again.status_code == 401 and again.json()["error"] == "replay_detected"
+    wrong_url = world.proof(agent.key, "POST", "/v1/grants")
+    r = await world.client.post(
+        world.url("/v1/token"), headers={"DPoP": wrong_url}, json={"grant_id": grant["id"]}
+    )
+    assert r.status_code == 401 and r.json()["error"] == "invalid_dpop_proof"
+    two = {"DPoP": world.proof(agent.key, "POST", "/v1/token")}
+    r = await world.client.post(
+        world.url("/v1/token"),
+        headers=[("DPoP", two["DPoP"]), ("DPoP", two["DPoP"])],
+        json={"grant_id": grant["id"]},
+    )
+    assert r.status_code == 401
+
+
+@pytest.mark.asyncio
+async def test_revocation_is_published_listed_and_stops_issuance(
+    world: World, redis_url: str
+) -> None:
+    human, agent, provider, grant = await world.setup_grant()
+    client = aioredis.Redis.from_url(redis_url)
+    pubsub = client.pubsub()
+    await pubsub.subscribe("agentauth:revocations")
+    await pubsub.get_message(timeout=1.0)  # the subscribe confirmation
+    r = await world.client.post(
+        world.url("/v1/revocations"),
+        headers=human.headers,
+        json={"kind": "grant", "target": grant["id"]},
+    )
+    assert r.status_code == 200
+    message = None
+    for _ in range(20):
+        message = await pubsub.get_message(timeout=0.5)
+        if message and message["type"] == "message":
+            break
+    assert message is not None and json.loads(message["data"]) == {
+        "kind": "grant",
+        "target": grant["id"],
+    }
+    await pubsub.aclose()
+    await client.aclose()
+    r = await world.client.get(world.url("/v1/revocations"), headers=provider.headers)
+    assert {"kind": "grant", "target": grant["id"]} in [
+        {"kind": x["kind"], "target": x["target"]} for x in r.json()
+    ]
+    r = await world.token(agent, grant["id"])
+    assert r.status_code == 403 and r.json()["reason"] == "grant_revoked"
+    # Disabling the agent revokes it and locks it out.
+    r = await world.client.post(world.url(f"/v1/agents/{agent.id}/disable"), headers=human.headers)
+    assert r.status_code == 200
+    r = await world.as_agent(agent, "GET", "/v1/grants")
+    assert r.status_code == 403 and r.json()["reason"] == "agent_disabled"
+
+
+@pytest.mark.asyncio
+async def test_rotation_publishes_first_and_keeps_old_tokens_verifiable(
+    world: World, registry_settings: RegistrySettings
+) -> None:
+    _, agent, provider, grant = await world.setup_grant()
+    old_token = (await world.token(agent, grant["id"])).json()["access_token"]
+    old_kid = json.loads(b64url_decode(old_token.split(".")[0]))["kid"]
+    r = await world.client.post(world.url("/v1/admin/keys/rotate"), headers=world.admin)
+    assert r.status_code == 200
+    new_kid = r.json()["kid"]
+    keys = await jwks(world)
+    assert {old_kid, new_kid} <= set(keys)  # published before it signs anything
+    # Until the publish-ahead interval passes, the old key still signs.
+    token = (await world.token(agent, grant["id"])).json()["access_token"]
+    assert json.loads(b64url_decode(token.split(".")[0]))["kid"] == old_kid
+    await asyncio.sleep(registry_settings.key_publish_ahead + 5.5)  # replicas refresh every 5 s
+    token = (await world.token(agent, grant["id"])).json()["access_token"]
+    assert json.loads(b64url_decode(token.split(".")[0]))["kid"] == new_kid
+    verifier = AccessTokenVerifier(keys=await jwks(world), issuer=world.base)
+    for t in (old_token, token):
+        verifier.verify(t, audience=provider.audience, now=time.time())
+
+
+# --- step-up --------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_step_up_flow_gives_the_agent_a_one_time_reference(world: World) -> None:
+    envelope = {"step_up_threshold": {"amount": "50", "currency": "USD"}}
+    human, agent, _, grant = await world.setup_grant(
+        capabilities=[
+            Capability.transact("payments", max_amount="500", currency="USD").to_document()
+        ],
+        envelope=envelope,
+    )
+    r = await world.as_agent(
+        agent,
+        "POST",
+        "/v1/step-ups",
+        json={
+            "grant_id": grant["id"],
+            "resource": "payments",
+            "amount": "120.00",
+            "currency": "USD",
+            "payee": "acme",
+        },
+    )
+    assert r.status_code == 200, r.text
+    step = r.json()
+    assert step["status"] == "pending" and step["document"]["amount"] == "120"
+
+    async def approve_later() -> None:
+        await asyncio.sleep(1.0)
+        r = await world.client.post(
+            world.url(f"/v1/step-ups/{step['id']}/approval/begin"), headers=human.headers
+        )
+        assert r.status_code == 200, r.text
+        credential = human.authenticator.get(r.json()["options"])
+        r = await world.client.post(
+            world.url(f"/v1/step-ups/{step['id']}/approval/finish"),
+            headers=human.headers,
+            json={"credential": credential},
+        )
+        assert r.status_code == 200, r.text
+
+    approver = asyncio.create_task(approve_later())
+    r = await world.as_agent(agent, "GET", f"/v1/step-ups/{step['id']}?wait=10")  # long poll
+    await approver
+    assert r.json()["status"] == "approved", r.text
+    assert r.json()["approval_ref"].startswith("sur_")
+    r = await world.client.get(world.url(f"/v1/step-ups/{step['id']}"), headers=human.headers)
+    assert "approval_ref" not in r.json()  # only the agent receives it
+
+
+# --- the audit chain under load ------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_1000_concurrent_changes_leave_chains_and_checkpoints_whole(
+    world: World, db: asyncpg.Connection
+) -> None:
+    human = await world.human()
+    provider = await world.provider()
+    agents = [await world.agent(human) for _ in range(8)]
+    limit = asyncio.Semaphore(48)
+
+    async def change(i: int) -> int:
+        async with limit:
+            r = await world.as_agent(
+                agents[i % len(agents)],
+                "POST",
+                "/v1/grant-requests",
+                json={
+                    "provider_id": provider.id,
+                    "capabilities": [{"kind": "read", "resource": f"r{i}"}],
+                },
+            )
+            return r.status_code
+
+    statuses = await asyncio.gather(*(change(i) for i in range(1000)))
+    assert statuses.count(200) == 1000, sorted(set(statuses))
+    r = await world.client.post(world.url("/v1/admin/checkpoints"), headers=world.admin)
+    assert r.status_code == 200
+    keys = await jwks(world)
+    chains = [
+        row["chain"] for row in await db.fetch("SELECT chain FROM audit_heads ORDER BY chain")
+    ]
+    total = 0
+    for chain in chains:
+        rows = await db.fetch(
+            "SELECT seq, body FROM audit_events WHERE chain = $1 ORDER BY seq", chain
+        )
+        head = verify_chain((AuditEvent.from_canonical(r["body"]) for r in rows), chain=chain)
+        total += head.size
+        assert head.size == await db.fetchval(
+            "SELECT size FROM audit_heads WHERE chain = $1", chain
+        )
+        checkpoints = await db.fetch(
+            "SELECT size, signed FROM audit_checkpoints WHERE chain = $1 ORDER BY size", chain
+        )
+        for cp in checkpoints:
+            verified = verify_checkpoint(cp["signed"], keys=keys)
+            sub = verify_chain(
+                (AuditEvent.from_canonical(r["body"]) for r in rows[: cp["size"]]),
+                chain=chain,
+            )
+            assert verified.root_bytes() == sub.root
+        assert checkpoints and checkpoints[-1]["size"] == head.size
+        if len(checkpoints) >= 2:
+            a, b = checkpoints[-2]["size"], checkpoints[-1]["size"]
+            r = await world.client.get(
+                world.url(f"/v1/audit/consistency?chain={chain}&first={a}&second={b}"),
+                headers=world.admin,
+            )
+            assert r.status_code == 200, r.text
+            from agentauth.protocol import verify_consistency
+
+            verify_consistency(
+                old_size=a,
+                new_size=b,
+                old_root=verify_checkpoint(r.json()["first"], keys=keys).root_bytes(),
+                new_root=verify_checkpoint(r.json()["second"], keys=keys).root_bytes(),
+                proof=[b64url_decode(h) for h in r.json()["proof"]],
+            )
+    assert total >= 1000

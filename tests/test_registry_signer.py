@@ -1,0 +1,110 @@
+"""Issuance with a remote signer: an unreachable or lying backend means no token at all.
+
+Runs the registry in-process (no Serve needed for this) against the fake Vault Transit
+server in tests/fakes (no Vault server installs here), with real PostgreSQL and Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+from conftest import with_database
+from fakes.vault import FakeVault
+from registry_world import World
+
+from agentauth.protocol import b64url_decode
+from agentauth.registry import Registry, RegistrySettings, SignerSettings, create_app
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis]
+BASE = "http://registry.test"
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def vault_world(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> AsyncIterator[tuple[World, FakeVault, str]]:
+    name = f"signer_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(database_url, name)
+    vault = FakeVault()
+    vault.start()
+    vault.create_key("registry", "ecdsa-p256")
+    settings = RegistrySettings(
+        database_url=url,
+        redis_url=redis_url,
+        data_dir=tmp_path,
+        issuer=BASE,
+        admin_token=secrets.token_urlsafe(24),
+        signer=SignerSettings(
+            backend="vault", key_id="registry", endpoint=vault.url, vault_token=vault.token
+        ),
+    )
+    registry = await Registry.open(settings)
+    try:
+        transport = httpx.ASGITransport(app=create_app(registry))
+        async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
+            yield World(client=client, base=BASE, admin_token=settings.admin_token), vault, url
+    finally:
+        await registry.close()
+        vault.stop()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.mark.asyncio
+async def test_a_dead_or_lying_signer_gives_no_token(
+    vault_world: tuple[World, FakeVault, str],
+) -> None:
+    world, vault, url = vault_world
+    _, agent, _, grant = await world.setup_grant()
+    r = await world.token(agent, grant["id"])
+    assert r.status_code == 200, r.text
+    kid = json.loads(b64url_decode(r.json()["access_token"].split(".")[0]))["kid"]
+    jwks = (await world.client.get(world.url("/.well-known/jwks.json"))).json()
+    assert [k["kid"] for k in jwks["keys"]] == [kid]  # the Vault key is the only key
+
+    db = await asyncpg.connect(url)
+    try:
+        issued = await db.fetchval("SELECT count(*) FROM issued_tokens")
+        events = await db.fetchval("SELECT count(*) FROM audit_events")
+
+        vault.wrong_signatures = True  # answers, but with signatures that do not verify
+        r = await world.token(agent, grant["id"])
+        assert r.status_code == 503, r.text
+        assert r.json()["error"] == "signer_unavailable"
+        vault.wrong_signatures = False
+
+        vault.stop()  # unreachable
+        r = await world.token(agent, grant["id"])
+        assert r.status_code == 503 and r.json()["error"] == "signer_unavailable", r.text
+        assert "access_token" not in r.json()
+        assert await db.fetchval("SELECT count(*) FROM issued_tokens") == issued
+        assert await db.fetchval("SELECT count(*) FROM audit_events") == events
+    finally:
+        await db.close()
+
+
+@pytest.mark.asyncio
+async def test_openapi_document_lists_the_api(vault_world: tuple[World, FakeVault, str]) -> None:
+    world, _, _ = vault_world
+    r = await world.client.get(world.url("/openapi.json"))
+    assert r.status_code == 200
+    paths = r.json()["paths"]
+    for path in (
+        "/v1/agents",
+        "/v1/grant-requests",
+        "/v1/token",
+        "/v1/revocations",
+        "/v1/step-ups",
+        "/.well-known/jwks.json",
+        "/v1/audit/consistency",
+    ):
+        assert path in paths, path
