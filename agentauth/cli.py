@@ -187,11 +187,22 @@ def cmd_up(args: argparse.Namespace) -> int:
         serve.run(build_registry_app(settings), name="registry", route_prefix="/registry")
         _done(started)
 
+        started = _step("verifier (2 replicas) and state shards")
+        from .deployments.verifier import build_verifier_app
+        from .verifier import VerifierSettings
+
+        verifier_settings = VerifierSettings(
+            database_url=database_url, redis_url=redis_url, issuer=settings.issuer
+        )
+        serve.run(build_verifier_app(verifier_settings), name="verifier", route_prefix="/verifier")
+        _done(started)
+
         token_path = Path.home() / ".ray" / "auth_token"
         where = database_url if os.environ.get("DATABASE_URL") else f"embedded, {data / 'postgres'}"
         print()
         print(f"  registry        {base}/registry   (API docs: {base}/registry/docs)")
         print(f"  JWKS            {base}/registry/.well-known/jwks.json")
+        print(f"  verifier        {base}/verifier   (POST /v1/verify, /v1/introspect)")
         print(f"  Ray dashboard   http://127.0.0.1:{args.dashboard_port}")
         if token_path.exists():
             # Ray 2.60 keeps token authentication on; the dashboard asks for this token.

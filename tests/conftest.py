@@ -11,11 +11,13 @@ import asyncio
 import os
 import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import pytest_asyncio
 
 
 def _free_port() -> int:
@@ -95,3 +97,57 @@ def serve_port() -> Iterator[int]:
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("agentauth-data")
+
+
+# --- the registry on Serve, shared by the registry, verifier and SDK tests -----------------
+
+
+@pytest.fixture(scope="session")
+def registry_settings(database_url: str, redis_url: str, serve_port: int, data_dir: Path) -> Any:
+    import secrets as _secrets
+
+    from agentauth.registry import RegistrySettings
+
+    return RegistrySettings(
+        database_url=database_url,
+        redis_url=redis_url,
+        data_dir=data_dir / "registry",
+        issuer=f"http://127.0.0.1:{serve_port}/registry",
+        admin_token=_secrets.token_urlsafe(32),
+        checkpoint_every_seconds=2.0,
+        key_publish_ahead=3,
+        token_lifetime=120,
+    )
+
+
+@pytest.fixture(scope="session")
+def registry_base(registry_settings: Any) -> str:
+    from ray import serve
+
+    from agentauth.deployments.registry import build_registry_app
+
+    # Two replicas: every concurrency test crosses processes, as in production.
+    app = build_registry_app(registry_settings, replicas=2)
+    serve.run(app, name="registry", route_prefix="/registry")
+    return str(registry_settings.issuer)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def world(registry_base: str, registry_settings: Any) -> AsyncIterator[Any]:
+    import httpx
+    from registry_world import World
+
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        yield World(client=client, base=registry_base, admin_token=registry_settings.admin_token)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def db(database_url: str, registry_base: str) -> AsyncIterator[Any]:
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()

@@ -52,6 +52,7 @@ class World:
     admin_token: str
     origin: str = "http://localhost:8080"
     humans: list[Human] = field(default_factory=list)
+    verifier: str = ""
 
     @property
     def admin(self) -> dict[str, str]:

@@ -57,6 +57,10 @@ def test_up_starts_everything_on_embedded_defaults_and_ctrl_c_stops_it(tmp_path:
         keys = httpx.get(f"{base}/.well-known/jwks.json", timeout=10).json()["keys"]
         assert len(keys) == 1 and keys[0]["alg"] == "ES256"
         assert httpx.get(f"http://127.0.0.1:{dashboard}/", timeout=10).status_code == 200
+        verifier = f"http://127.0.0.1:{port}/verifier"
+        assert httpx.get(f"{verifier}/healthz", timeout=10).json() == {"status": "ok"}
+        # The verifier answers providers only.
+        assert httpx.post(f"{verifier}/v1/verify", json={}, timeout=10).status_code in (400, 401)
         admin_token = tmp_path / "data" / "admin-token"
         assert admin_token.stat().st_mode & 0o777 == 0o600
         key_files = list((tmp_path / "data" / "keys").glob("*.pem"))

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
-import pytest_asyncio
 import redis.asyncio as aioredis
 from registry_world import World
 
@@ -48,51 +45,6 @@ TABLES = (
     "step_ups",
     "audit_events",
 )
-
-
-@pytest.fixture(scope="session")
-def registry_settings(
-    database_url: str, redis_url: str, serve_port: int, data_dir: Any
-) -> RegistrySettings:
-    return RegistrySettings(
-        database_url=database_url,
-        redis_url=redis_url,
-        data_dir=data_dir / "registry",
-        issuer=f"http://127.0.0.1:{serve_port}/registry",
-        admin_token=secrets.token_urlsafe(32),
-        checkpoint_every_seconds=2.0,
-        key_publish_ahead=3,
-        token_lifetime=120,
-    )
-
-
-@pytest.fixture(scope="session")
-def registry_base(registry_settings: RegistrySettings) -> str:
-    from ray import serve
-
-    from agentauth.deployments.registry import build_registry_app
-
-    # Two replicas: every concurrency test crosses processes, as in production.
-    serve.run(
-        build_registry_app(registry_settings, replicas=2), name="registry", route_prefix="/registry"
-    )
-    return registry_settings.issuer
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def world(registry_base: str, registry_settings: RegistrySettings) -> AsyncIterator[World]:
-    limits = httpx.Limits(max_connections=64)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        yield World(client=client, base=registry_base, admin_token=registry_settings.admin_token)
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def db(database_url: str, registry_base: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def counts(db: asyncpg.Connection) -> dict[str, int]:

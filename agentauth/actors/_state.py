@@ -1,0 +1,150 @@
+"""Per-agent state of one shard, pure: replay windows, usage per grant, one-time step-ups.
+
+``ShardState.decide`` is the atomic check-and-reserve for one verification; the actor
+around it (``_shard.py``) feeds it batches in order and persists what it decided.
+Time is an argument; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from ..protocol import Action, DPoPPolicy, Envelope, Remaining, UsageState, evaluate
+
+__all__ = ["Check", "Outcome", "ShardState"]
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """The stateful half of one verification, sent by a verifier replica to the shard.
+
+    ``deny`` set means the verifier already refused (bad token, revoked...): the shard only
+    records the decision in its audit chain.
+    """
+
+    agent_id: str
+    provider_id: str
+    grant_id: str | None = None
+    jkt: str | None = None
+    jti: str | None = None
+    iat: float = 0.0
+    action: Action | None = None
+    envelope: Envelope | None = None
+    step_up_ref: str | None = None
+    step_up_valid: bool = False
+    token_jti: str | None = None
+    deny: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    allowed: bool
+    reason: str
+    remaining: Remaining | None = None
+    retry_after: float | None = None
+    usage: UsageState | None = None
+
+
+@dataclass
+class _Grant:
+    usage: UsageState
+    touched: float
+
+
+@dataclass
+class ShardState:
+    """One shard's memory. ``started_at`` is when this incarnation began.
+
+    ``replay_floor``: the time of the last decision a previous incarnation committed (0 for
+    a new shard). Proofs issued up to then, plus the clock skew a proof may carry, could
+    have been seen by it, and its jti window is lost, so they are refused.
+    """
+
+    started_at: float
+    replay_floor: float = 0.0
+    policy: DPoPPolicy = field(default_factory=DPoPPolicy)
+    # (jkt, jti) -> time after which the proof can no longer verify, so may be forgotten.
+    jtis: dict[tuple[str, str], float] = field(default_factory=dict)
+    grants: dict[str, _Grant] = field(default_factory=dict)
+    used_refs: set[str] = field(default_factory=set)
+
+    def knows(self, grant_id: str) -> bool:
+        return grant_id in self.grants
+
+    def restore(self, grant_id: str, usage: UsageState, now: float) -> None:
+        """Usage rebuilt from durable decisions (after a restart or an eviction)."""
+        self.grants[grant_id] = _Grant(usage, now)
+
+    def decide(self, check: Check, now: float) -> Outcome:
+        """Check and reserve, atomically: replay, one-time step-up, envelope."""
+        if check.deny is not None:
+            return Outcome(False, check.deny)
+        if check.jkt is None or check.jti is None or check.grant_id is None:
+            return Outcome(False, "malformed_check")
+        if check.action is None or check.envelope is None:
+            return Outcome(False, "malformed_check")
+        # A proof the previous incarnation may have accepted: its jti window is lost.
+        if self.replay_floor and check.iat <= self.replay_floor + self.policy.future_skew:
+            return Outcome(False, "shard_restarted")
+        key = (check.jkt, check.jti)
+        if key in self.jtis:
+            return Outcome(False, "replay_detected")
+        # Reserved whatever the outcome: a proof is single-use even when denied.
+        self.jtis[key] = check.iat + self.policy.max_age + self.policy.future_skew
+        if check.step_up_ref is not None and (
+            not check.step_up_valid or check.step_up_ref in self.used_refs
+        ):
+            return Outcome(False, "step_up_invalid")
+        entry = self.grants.get(check.grant_id)
+        usage = entry.usage if entry else UsageState()
+        decision = evaluate(
+            check.envelope,
+            usage,
+            check.action,
+            now=now,
+            step_up_approved=check.step_up_ref is not None,
+        )
+        if not decision.allowed:
+            return Outcome(False, decision.reason, decision.remaining, decision.retry_after)
+        self.grants[check.grant_id] = _Grant(decision.state, now)
+        if check.step_up_ref is not None:
+            self.used_refs.add(check.step_up_ref)
+        return Outcome(True, "ok", decision.remaining, None, decision.state)
+
+    def prune(self, now: float, *, idle_grants_after: float) -> None:
+        """Forget what can no longer matter: expired jtis, grants idle for a while.
+
+        An evicted grant is rebuilt from the audit log when next seen, so eviction trades
+        memory for one query, never correctness.
+        """
+        self.jtis = {k: exp for k, exp in self.jtis.items() if exp >= now}
+        self.grants = {g: e for g, e in self.grants.items() if now - e.touched < idle_grants_after}
+
+    def memory_bytes(self) -> int:
+        """A rough deep size of the state, for the bytes-per-agent report."""
+        total = sys.getsizeof(self.jtis) + sys.getsizeof(self.grants)
+        for (jkt, jti), _ in self.jtis.items():
+            total += sys.getsizeof((jkt, jti)) + sys.getsizeof(jti) + 24  # key tuple, float
+        for grant_id, entry in self.grants.items():
+            total += sys.getsizeof(grant_id) + sys.getsizeof(entry) + _usage_bytes(entry.usage)
+        return total
+
+
+def _usage_bytes(usage: UsageState) -> int:
+    total = sys.getsizeof(usage) + sys.getsizeof(usage.recent) + 24 * len(usage.recent)
+    for key, amount in usage.spend:
+        total += sys.getsizeof(key) + sys.getsizeof(amount)
+    return total
+
+
+def usage_to_json(usage: UsageState) -> dict[str, Any]:
+    """The durable part of usage kept in each allow event: the spend buckets."""
+    return {"spend": [[key, format(amount, "f")] for key, amount in usage.spend]}
+
+
+def usage_from_events(spend_doc: dict[str, Any] | None, recent: list[float]) -> UsageState:
+    spend = tuple((k, Decimal(v)) for k, v in (spend_doc or {}).get("spend", []))
+    return UsageState(recent=tuple(sorted(recent)), spend=spend)

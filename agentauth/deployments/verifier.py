@@ -1,0 +1,63 @@
+"""The verifier as a Ray Serve deployment, and the shard actors it calls.
+
+Replicas are stateless (caches aside) and scale by ``num_replicas`` or an autoscaling
+config; per-agent state lives in the named, detached ``StateShard`` actors that every
+replica shares. Actors restart on failure (``max_restarts=-1``) and fail closed for replay.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import ray
+from ray import serve
+from ray.serve import Application, Deployment
+
+from ..actors import StateShard
+from ..verifier import Verifier, VerifierSettings, create_app
+
+__all__ = ["NAMESPACE", "VerifierDeployment", "build_verifier_app", "shard_handles"]
+
+NAMESPACE = "agentauth"
+
+
+def shard_handles(settings: VerifierSettings) -> list[Any]:
+    """Get or create the shard actors (idempotent across replicas)."""
+    actor = ray.remote(StateShard)
+    return [
+        actor.options(
+            name=f"agentauth-shard-{i}",
+            namespace=NAMESPACE,
+            get_if_exists=True,
+            lifetime="detached",
+            max_restarts=-1,
+            max_task_retries=0,
+            num_cpus=0,
+            max_concurrency=64,
+        ).remote(index=i, database_url=settings.database_url)
+        for i in range(settings.shards)
+    ]
+
+
+@serve.deployment(name="verifier", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.ingress()
+class VerifierDeployment:
+    async def __init__(self, settings: dict[str, Any]) -> None:  # type: ignore[misc]
+        parsed = VerifierSettings.model_validate(settings)
+        self._verifier = await Verifier.open(parsed, shard_handles(parsed))
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_app(self._verifier)
+
+
+def build_verifier_app(
+    settings: VerifierSettings,
+    *,
+    replicas: int = 2,
+    autoscaling: dict[str, Any] | None = None,
+) -> Application:
+    deployment = cast(Deployment, VerifierDeployment)
+    options: dict[str, Any] = (
+        {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
+    )
+    return deployment.options(**options).bind(settings.model_dump(mode="json"))

@@ -1,0 +1,6 @@
+"""The verifier service: providers ask it whether an agent's request may proceed."""
+
+from ._http import create_app
+from ._service import Verifier, VerifierSettings, VerifyIn
+
+__all__ = ["Verifier", "VerifierSettings", "VerifyIn", "create_app"]

@@ -1,0 +1,380 @@
+"""The verifier: every check of a provider's request, failing closed at each step.
+
+Order: the token (signature, pinned algorithm, issuer, audience = the calling provider,
+lifetime) -> the DPoP proof bound to it (method, URL, ath, cnf.jkt, nonce) -> a capability
+for the action -> revocation (token, grant, agent) -> the grant's status (Redis cache-aside
+over PostgreSQL) -> a one-time step-up approval if one is presented -> the agent's shard
+(replay, envelope, step-up single use, audit commit). Every decision, allow or deny, is
+committed to the shard's audit chain before the answer leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..actors import Check, ShardClient, shard_for
+from ..protocol import (
+    AccessToken,
+    AccessTokenVerifier,
+    Action,
+    AgentAuthError,
+    DPoPNonces,
+    DPoPVerifier,
+    InvalidDPoPProof,
+    InvalidToken,
+    KeySet,
+    PublicKey,
+    Unauthenticated,
+    UseDPoPNonce,
+    allowing_capability,
+)
+
+__all__ = ["Verifier", "VerifierSettings", "VerifyIn"]
+
+log = logging.getLogger("agentauth.verifier")
+REVOCATION_CHANNEL = "agentauth:revocations"
+
+
+class VerifierSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    database_url: str
+    redis_url: str
+    issuer: str
+    shards: int = Field(4, ge=1, le=256)
+    # Bounded waits: a dead dependency must still produce a fast deny.
+    shard_timeout: float = 0.04
+    batch_wait: float = 0.0005
+    max_batch: int = 128
+    # Revocations must reach every replica within a second: the watcher polls twice a
+    # second besides listening, and refuses to decide on data older than this.
+    revocation_poll: float = 0.25
+    revocation_max_staleness: float = 1.0
+    # RFC 9449 server nonces: off by default (one more round trip per agent per period).
+    dpop_nonces: bool = False
+    nonce_secret: str | None = Field(None, repr=False)
+    key_refresh_min_interval: float = 1.0
+    grant_cache_ttl: int = 60
+
+
+class VerifyIn(BaseModel):
+    """A provider's question: may this request, carrying these headers, do this action?"""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    token: str = Field(max_length=8192, description="The AAT from `Authorization: DPoP ...`.")
+    proof: str = Field(max_length=4096, description="The `DPoP` header.")
+    method: str = Field(min_length=1, max_length=16)
+    url: str = Field(min_length=1, max_length=2048)
+    action: Action
+    step_up_ref: str | None = Field(None, max_length=128)
+
+
+@dataclass
+class _Provider:
+    audience: str
+    secret_hash: bytes
+
+
+class _Revocations:
+    """Revoked tokens, grants and agents, kept fresh by pub/sub plus polling."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, redis: aioredis.Redis, settings: VerifierSettings
+    ) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._settings = settings
+        self._revoked: set[tuple[str, str]] = set()
+        self._last_id = 0
+        self._synced_at = 0.0
+        self._listening = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self._poll()
+        self._tasks = [asyncio.create_task(self._poll_loop()), asyncio.create_task(self._listen())]
+
+    async def _poll(self) -> None:
+        rows = await self._pool.fetch(
+            "SELECT id, kind, target FROM revocations WHERE id > $1 ORDER BY id", self._last_id
+        )
+        for row in rows:
+            self._revoked.add((row["kind"], row["target"]))
+            self._last_id = row["id"]
+        self._synced_at = time.monotonic()
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.revocation_poll)
+            try:
+                await self._poll()
+            except Exception:  # stale data is refused by fresh(); keep trying
+                log.warning("revocation poll failed")
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                pubsub = self._redis.pubsub()
+                await pubsub.subscribe(REVOCATION_CHANNEL)
+                self._listening = True
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                    if message and message["type"] == "message":
+                        item = json.loads(message["data"])
+                        self._revoked.add((item["kind"], item["target"]))
+                    # A ping proves the channel is alive even when nothing is revoked.
+                    await asyncio.wait_for(pubsub.ping(), 0.5)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._listening = False
+                await asyncio.sleep(0.2)
+
+    def fresh(self) -> bool:
+        age = time.monotonic() - self._synced_at
+        return self._listening and age <= self._settings.revocation_max_staleness
+
+    def revoked(self, token: AccessToken) -> bool:
+        claims = token.claims
+        return (
+            ("token", claims.jti) in self._revoked
+            or ("grant", claims.grant_id) in self._revoked
+            or ("agent", claims.sub) in self._revoked
+        )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+
+class Verifier:
+    def __init__(
+        self,
+        *,
+        settings: VerifierSettings,
+        pool: asyncpg.Pool,
+        redis: aioredis.Redis,
+        shards: ShardClient,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.redis = redis
+        self.shards = shards
+        self.tokens = AccessTokenVerifier(keys=KeySet([]), issuer=settings.issuer)
+        nonces = None
+        if settings.dpop_nonces:
+            secret = (settings.nonce_secret or "").encode()
+            nonces = DPoPNonces([hashlib.sha256(b"agentauth-nonce" + secret).digest()])
+        self.proofs = DPoPVerifier(nonces=nonces)
+        self.revocations = _Revocations(pool, redis, settings)
+        self._providers: dict[str, _Provider] = {}
+        self._known_grants: dict[str, float] = {}
+        self._keys_loaded_at = 0.0
+        self.decisions: dict[str, int] = {}
+
+    @classmethod
+    async def open(cls, settings: VerifierSettings, handles: list[Any]) -> Verifier:
+        pool = await asyncpg.create_pool(
+            settings.database_url, min_size=1, max_size=4, command_timeout=2.0
+        )
+        assert pool is not None
+        redis = aioredis.Redis.from_url(
+            settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
+        )
+        client = ShardClient(
+            handles,
+            max_batch=settings.max_batch,
+            max_wait=settings.batch_wait,
+            timeout=settings.shard_timeout,
+        )
+        verifier = cls(settings=settings, pool=pool, redis=redis, shards=client)
+        await verifier._load_keys(force=True)
+        await verifier._load_providers()
+        await verifier.revocations.start()
+        return verifier
+
+    async def close(self) -> None:
+        await self.revocations.stop()
+        await self.redis.aclose()
+        await self.pool.close()
+
+    # --- caches ------------------------------------------------------------------------
+
+    async def _load_keys(self, *, force: bool = False) -> bool:
+        """Reload the registry's published keys; rate-limited so unknown kids are cheap."""
+        now = time.monotonic()
+        if not force and now - self._keys_loaded_at < self.settings.key_refresh_min_interval:
+            return False
+        self._keys_loaded_at = now
+        rows = await self.pool.fetch(
+            "SELECT public_jwk FROM signing_keys WHERE retires_at IS NULL OR retires_at > $1",
+            int(time.time()),
+        )
+        keys = []
+        for row in rows:
+            jwk = row["public_jwk"]
+            jwk = json.loads(jwk) if isinstance(jwk, str) else jwk
+            keys.append(PublicKey.from_jwk(jwk, alg=jwk.get("alg")))
+        if set(KeySet(keys)) != set(self.tokens.keys):
+            self.tokens.set_keys(KeySet(keys))
+        return True
+
+    async def _load_providers(self) -> None:
+        rows = await self.pool.fetch("SELECT id, audience, secret_hash FROM providers")
+        self._providers = {r["id"]: _Provider(r["audience"], bytes(r["secret_hash"])) for r in rows}
+
+    async def authenticate_provider(self, provider_id: str, secret: str) -> str:
+        provider = self._providers.get(provider_id)
+        if provider is None:
+            await self._load_providers()  # a provider registered since start
+            provider = self._providers.get(provider_id)
+        expected = (
+            provider.secret_hash if provider else hashlib.sha256(secrets.token_bytes(8)).digest()
+        )
+        ok = hmac.compare_digest(hashlib.sha256(secret.encode()).digest(), expected)
+        if not ok or provider is None:
+            raise Unauthenticated("bad provider credential", reason="bad_provider_credential")
+        return provider_id
+
+    def audience_of(self, provider_id: str) -> str:
+        return self._providers[provider_id].audience
+
+    async def _grant_active(self, grant_id: str) -> bool:
+        """Cache-aside: this replica's memory, then Redis, then PostgreSQL."""
+        if self._known_grants.get(grant_id, 0.0) > time.monotonic():
+            return True
+        key = f"agentauth:grant:{grant_id}"
+        cached = await self.redis.get(key)
+        if cached is None:
+            row = await self.pool.fetchrow("SELECT revoked_at FROM grants WHERE id = $1", grant_id)
+            cached = b"absent" if row is None else b"revoked" if row["revoked_at"] else b"active"
+            await self.redis.set(key, cached, ex=self.settings.grant_cache_ttl)
+        active = cached == b"active"
+        if active:
+            self._known_grants[grant_id] = time.monotonic() + 5.0
+        return active
+
+    async def _step_up_valid(self, ref: str, token: AccessToken, action: Action) -> bool:
+        row = await self.pool.fetchrow(
+            "SELECT document, status, expires_at FROM step_ups WHERE approval_ref = $1", ref
+        )
+        if row is None or row["status"] != "approved" or row["expires_at"] < time.time():
+            return False
+        document = json.loads(row["document"])
+        expected = {
+            "grant_id": token.claims.grant_id,
+            "agent_id": token.claims.sub,
+            "resource": action.resource,
+            "amount": format((action.amount or Decimal(0)).normalize(), "f"),
+            "currency": action.currency,
+        }
+        if any(document.get(k) != v for k, v in expected.items()):
+            return False
+        return bool(document.get("payee") == action.payee)
+
+    # --- the decision ------------------------------------------------------------------
+
+    async def verify(self, provider_id: str, body: VerifyIn) -> dict[str, Any]:
+        provider = self._providers[provider_id]
+        now = time.time()
+        check, extra, token = await self._stateless(provider, provider_id, body, now)
+        if check.deny is None and token is not None:
+            check = await self._stateful_prechecks(check, token, body)
+        shard = shard_for(check.agent_id, self.shards.shards)
+        result = await self.shards.check(shard, check)
+        self.decisions[result.reason] = self.decisions.get(result.reason, 0) + 1
+        answer: dict[str, Any] = {
+            "decision": "allow" if result.allowed else "deny",
+            "reason": result.reason,
+            "audit_event": result.audit_event,
+        }
+        if token is not None:
+            answer.update(agent_id=token.claims.sub, grant_id=token.claims.grant_id)
+        if result.remaining is not None:
+            answer["remaining"] = result.remaining
+        if result.retry_after is not None:
+            answer["retry_after"] = round(result.retry_after, 3)
+        answer.update(extra)
+        return answer
+
+    async def _stateless(
+        self, provider: _Provider, provider_id: str, body: VerifyIn, now: float
+    ) -> tuple[Check, dict[str, Any], AccessToken | None]:
+        anonymous = Check(agent_id=f"provider:{provider_id}", provider_id=provider_id)
+        try:
+            token = self.tokens.verify(body.token, audience=provider.audience, now=now)
+        except InvalidToken as exc:
+            if exc.reason == "unknown_kid" and await self._load_keys():
+                return await self._stateless(provider, provider_id, body, now)  # rotated key
+            return _deny(anonymous, exc), {}, None
+        base = Check(
+            agent_id=token.claims.sub,
+            provider_id=provider_id,
+            grant_id=token.claims.grant_id,
+            token_jti=token.claims.jti,
+            action=body.action,
+        )
+        try:
+            proof = self.proofs.verify(
+                body.proof, htm=body.method, htu=body.url, now=now, ath=token.ath, jkt=token.jkt
+            )
+        except UseDPoPNonce as exc:
+            return _deny(base, exc), {"dpop_nonce": exc.nonce}, token
+        except InvalidDPoPProof as exc:
+            return _deny(base, exc), {}, token
+        if allowing_capability(token.claims.capabilities, body.action) is None:
+            return _replace(base, deny="insufficient_capability"), {}, token
+        return (
+            Check(
+                agent_id=token.claims.sub,
+                provider_id=provider_id,
+                grant_id=token.claims.grant_id,
+                jkt=proof.jkt,
+                jti=proof.jti,
+                iat=proof.iat,
+                action=body.action,
+                envelope=token.claims.envelope,
+                step_up_ref=body.step_up_ref,
+                token_jti=token.claims.jti,
+            ),
+            {},
+            token,
+        )
+
+    async def _stateful_prechecks(self, check: Check, token: AccessToken, body: VerifyIn) -> Check:
+        if not self.revocations.fresh():
+            return _replace(check, deny="revocation_state_stale")
+        if self.revocations.revoked(token):
+            return _replace(check, deny="revoked")
+        try:
+            if not await self._grant_active(token.claims.grant_id):
+                return _replace(check, deny="grant_inactive")
+            if body.step_up_ref is not None:
+                valid = await self._step_up_valid(body.step_up_ref, token, body.action)
+                return _replace(check, step_up_valid=valid)
+        except Exception:  # Redis or PostgreSQL unreachable: deny
+            return _replace(check, deny="dependency_unavailable")
+        return check
+
+
+def _deny(check: Check, exc: AgentAuthError) -> Check:
+    return _replace(check, deny=f"{exc.error}:{exc.reason}" if exc.reason else exc.error)
+
+
+def _replace(check: Check, **changes: Any) -> Check:
+    return dataclasses.replace(check, **changes)

@@ -1,0 +1,396 @@
+"""The verifier on Ray Serve (2 replicas) with shard actors, PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from registry_world import Agent, Human, Provider, World
+
+from agentauth.protocol import Capability, PrivateKey, create_dpop_proof
+
+pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.redis]
+
+API = "https://api.example/v1/things"
+
+
+@pytest.fixture(scope="session")
+def verifier_base(registry_base: str, registry_settings: Any, serve_port: int) -> str:
+    from ray import serve
+
+    from agentauth.deployments.verifier import build_verifier_app
+    from agentauth.verifier import VerifierSettings
+
+    settings = VerifierSettings(
+        database_url=registry_settings.database_url,
+        redis_url=registry_settings.redis_url,
+        issuer=registry_settings.issuer,
+        shards=2,
+        # Generous on a shared 2-core test machine; the benchmark measures the real bound.
+        shard_timeout=2.0,
+    )
+    serve.run(build_verifier_app(settings, replicas=2), name="verifier", route_prefix="/verifier")
+    return f"http://127.0.0.1:{serve_port}/verifier"
+
+
+@dataclass
+class Setup:
+    human: Human
+    agent: Agent
+    provider: Provider
+    grant: dict[str, Any]
+    token: str
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def vworld(world: World, verifier_base: str) -> AsyncIterator[World]:
+    world.verifier = verifier_base
+    yield world
+
+
+async def setup(
+    world: World,
+    *,
+    capabilities: list[dict[str, Any]] | None = None,
+    envelope: dict[str, Any] | None = None,
+) -> Setup:
+    human, agent, provider, grant = await world.setup_grant(
+        capabilities=capabilities or [Capability.read("things/*").to_document()],
+        envelope=envelope,
+    )
+    r = await world.token(agent, grant["id"])
+    assert r.status_code == 200, r.text
+    return Setup(human, agent, provider, grant, r.json()["access_token"])
+
+
+def request_body(
+    s: Setup,
+    action: dict[str, Any],
+    *,
+    key: PrivateKey | None = None,
+    token: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    token = token or s.token
+    proof = create_dpop_proof(
+        key or s.agent.key, htm="GET", htu=API, now=time.time(), access_token=token
+    )
+    return {"token": token, "proof": proof, "method": "GET", "url": API, "action": action, **extra}
+
+
+async def verify(world: World, provider: Provider, body: dict[str, Any]) -> dict[str, Any]:
+    r = await world.client.post(world.verifier + "/v1/verify", headers=provider.headers, json=body)
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+READ = {"kind": "read", "resource": "things/1"}
+
+
+@pytest.mark.asyncio
+async def test_happy_path_allows_and_records_the_decision(
+    vworld: World, db: asyncpg.Connection
+) -> None:
+    s = await setup(vworld, envelope={"rate_limits": [{"max_count": 10, "window_seconds": 3600}]})
+    answer = await verify(vworld, s.provider, request_body(s, READ))
+    assert answer["decision"] == "allow", answer["reason"]
+    assert answer["agent_id"] == s.agent.id and answer["grant_id"] == s.grant["id"]
+    assert answer["remaining"]["rate"] == [9]
+    chain, seq = answer["audit_event"].split(":")
+    row = await db.fetchrow(
+        "SELECT event, grant_id FROM audit_events WHERE chain = $1 AND seq = $2", chain, int(seq)
+    )
+    assert row["event"] == "verify.allow" and row["grant_id"] == s.grant["id"]
+    # Outside the capability: denied, and that is recorded too.
+    answer = await verify(
+        vworld, s.provider, request_body(s, {"kind": "write", "resource": "things/1"})
+    )
+    assert answer["decision"] == "deny" and answer["reason"] == "insufficient_capability"
+    assert answer["audit_event"]
+
+
+@pytest.mark.asyncio
+async def test_provider_must_authenticate_and_bad_input_is_a_400(vworld: World) -> None:
+    s = await setup(vworld)
+    url = vworld.verifier + "/v1/verify"
+    r = await vworld.client.post(url, json=request_body(s, READ))
+    assert r.status_code == 401
+    r = await vworld.client.post(
+        url, json=request_body(s, READ), headers={"Authorization": "Basic Zm9vOmJhcg=="}
+    )
+    assert r.status_code == 401
+    r = await vworld.client.post(url, json={"token": 1}, headers=s.provider.headers)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_request"
+    r = await vworld.client.post(
+        url,
+        content=b'{"token": "a", "token": "b"}',
+        headers={**s.provider.headers, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400
+
+
+@pytest.mark.asyncio
+async def test_each_envelope_rule(vworld: World) -> None:
+    # Rate: 2 per hour.
+    s = await setup(vworld, envelope={"rate_limits": [{"max_count": 2, "window_seconds": 3600}]})
+    reasons = [
+        (await verify(vworld, s.provider, request_body(s, READ)))["reason"] for _ in range(3)
+    ]
+    assert reasons == ["ok", "ok", "rate_limited"]
+    # Time window: only a window that excludes now.
+    hour = time.gmtime().tm_hour
+    other = (hour + 2) % 24
+    window = {
+        "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
+        "start": f"{other:02d}:00",
+        "end": f"{other:02d}:30",
+    }
+    s = await setup(vworld, envelope={"time_windows": [window], "timezone": "UTC"})
+    assert (await verify(vworld, s.provider, request_body(s, READ)))[
+        "reason"
+    ] == "outside_time_window"
+    # Per-transaction maximum, cumulative limit and step-up.
+    pay = Capability.transact("payments", max_amount="500", currency="USD").to_document()
+    s = await setup(
+        vworld,
+        capabilities=[pay],
+        envelope={
+            "max_per_transaction": {"amount": "100", "currency": "USD"},
+            "spend_limits": [{"amount": "150", "currency": "USD", "period": "day"}],
+            "step_up_threshold": {"amount": "80", "currency": "USD"},
+        },
+    )
+    tx = {"kind": "transact", "resource": "payments", "currency": "USD", "payee": "acme"}
+    assert (await verify(vworld, s.provider, request_body(s, {**tx, "amount": "120"})))[
+        "reason"
+    ] == "transaction_limit_exceeded"
+    assert (await verify(vworld, s.provider, request_body(s, {**tx, "amount": "70"})))[
+        "reason"
+    ] == "ok"
+    assert (await verify(vworld, s.provider, request_body(s, {**tx, "amount": "90"})))[
+        "reason"
+    ] == "step_up_required"
+    assert (await verify(vworld, s.provider, request_body(s, {**tx, "amount": "60"})))[
+        "reason"
+    ] == "ok"
+    assert (await verify(vworld, s.provider, request_body(s, {**tx, "amount": "30"})))[
+        "reason"
+    ] == "cumulative_limit_exceeded"
+
+
+@pytest.mark.asyncio
+async def test_step_up_reference_is_bound_and_single_use(vworld: World) -> None:
+    pay = Capability.transact("payments", max_amount="500", currency="USD").to_document()
+    s = await setup(
+        vworld,
+        capabilities=[pay],
+        envelope={"step_up_threshold": {"amount": "50", "currency": "USD"}},
+    )
+    r = await vworld.as_agent(
+        s.agent,
+        "POST",
+        "/v1/step-ups",
+        json={
+            "grant_id": s.grant["id"],
+            "resource": "payments",
+            "amount": "120",
+            "currency": "USD",
+            "payee": "acme",
+        },
+    )
+    step = r.json()
+    r = await vworld.client.post(
+        vworld.url(f"/v1/step-ups/{step['id']}/approval/begin"), headers=s.human.headers
+    )
+    credential = s.human.authenticator.get(r.json()["options"])
+    r = await vworld.client.post(
+        vworld.url(f"/v1/step-ups/{step['id']}/approval/finish"),
+        headers=s.human.headers,
+        json={"credential": credential},
+    )
+    assert r.status_code == 200, r.text
+    ref = (await vworld.as_agent(s.agent, "GET", f"/v1/step-ups/{step['id']}")).json()[
+        "approval_ref"
+    ]
+    tx = {"kind": "transact", "resource": "payments", "currency": "USD", "payee": "acme"}
+    # Another amount or payee than approved: refused.
+    assert (
+        await verify(vworld, s.provider, request_body(s, {**tx, "amount": "130"}, step_up_ref=ref))
+    )["reason"] == "step_up_invalid"
+    assert (
+        await verify(
+            vworld,
+            s.provider,
+            request_body(s, {**tx, "amount": "120", "payee": "evil"}, step_up_ref=ref),
+        )
+    )["reason"] == "step_up_invalid"
+    assert (
+        await verify(vworld, s.provider, request_body(s, {**tx, "amount": "120"}, step_up_ref=ref))
+    )["decision"] == "allow"
+    again = await verify(
+        vworld, s.provider, request_body(s, {**tx, "amount": "120"}, step_up_ref=ref)
+    )
+    assert again["reason"] == "step_up_invalid"
+
+
+@pytest.mark.asyncio
+async def test_1000_concurrent_copies_of_one_proof_allow_exactly_once(vworld: World) -> None:
+    s = await setup(vworld)
+    body = request_body(s, READ)
+    limit = asyncio.Semaphore(64)
+
+    async def once() -> str:
+        async with limit:
+            return (await verify(vworld, s.provider, body))["decision"]
+
+    decisions = await asyncio.gather(*(once() for _ in range(1000)))
+    assert decisions.count("allow") == 1, decisions.count("allow")
+
+
+@pytest.mark.asyncio
+async def test_concurrent_transactions_never_exceed_the_cumulative_limit(vworld: World) -> None:
+    pay = Capability.transact("payments", max_amount="100", currency="USD").to_document()
+    s = await setup(
+        vworld,
+        capabilities=[pay],
+        envelope={"spend_limits": [{"amount": "500", "currency": "USD", "period": "day"}]},
+    )
+    amounts = [str(7 + (i % 13)) for i in range(100)]  # sums to ~1,300 > 500
+
+    async def one(amount: str) -> tuple[str, int]:
+        body = request_body(
+            s, {"kind": "transact", "resource": "payments", "amount": amount, "currency": "USD"}
+        )
+        return (await verify(vworld, s.provider, body))["decision"], int(amount)
+
+    results = await asyncio.gather(*(one(a) for a in amounts))
+    allowed = sum(amount for decision, amount in results if decision == "allow")
+    assert allowed <= 500
+    assert allowed >= 500 - 19  # it does spend up to the limit, not stop early
+
+
+@pytest.mark.asyncio
+async def test_revocation_reaches_every_replica_within_a_second(vworld: World) -> None:
+    s = await setup(vworld)
+    assert (await verify(vworld, s.provider, request_body(s, READ)))["decision"] == "allow"
+    r = await vworld.client.post(
+        vworld.url("/v1/revocations"),
+        headers=s.human.headers,
+        json={"kind": "grant", "target": s.grant["id"]},
+    )
+    assert r.status_code == 200
+    await asyncio.sleep(1.0)
+    answers = await asyncio.gather(
+        *(verify(vworld, s.provider, request_body(s, READ)) for _ in range(30))
+    )
+    assert {a["reason"] for a in answers} == {"revoked"}
+
+
+@pytest.mark.asyncio
+async def test_stolen_token_and_wrong_audience_are_denied(vworld: World) -> None:
+    s = await setup(vworld)
+    thief = PrivateKey.generate()
+    stolen = await verify(vworld, s.provider, request_body(s, READ, key=thief))
+    assert stolen["decision"] == "deny" and "jkt_mismatch" in stolen["reason"]
+    other = await vworld.provider()
+    elsewhere = await verify(vworld, other, request_body(s, READ))
+    assert elsewhere["decision"] == "deny" and "wrong_audience" in elsewhere["reason"]
+    forged = s.token[:-4] + ("AAAA" if not s.token.endswith("AAAA") else "BBBB")
+    bad = await verify(vworld, s.provider, request_body(s, READ, token=forged))
+    assert bad["decision"] == "deny"
+
+
+@pytest.mark.asyncio
+async def test_killing_a_shard_lets_no_replay_through_and_loses_no_allow(
+    vworld: World, db: asyncpg.Connection
+) -> None:
+    import ray
+
+    from agentauth.actors import shard_for
+
+    s = await setup(vworld)
+    shard = shard_for(s.agent.id, 2)
+    handle = ray.get_actor(f"agentauth-shard-{shard}", namespace="agentauth")
+    used = request_body(s, READ)
+    assert (await verify(vworld, s.provider, used))["decision"] == "allow"
+
+    async def traffic() -> list[dict[str, Any]]:
+        answers = []
+        for _ in range(40):
+            answers.append(await verify(vworld, s.provider, request_body(s, READ)))
+            answers.append(await verify(vworld, s.provider, used))  # a replay, always
+            await asyncio.sleep(0.05)
+        return answers
+
+    task = asyncio.create_task(traffic())
+    await asyncio.sleep(0.5)
+    ray.kill(handle, no_restart=False)  # Ray restarts it; its memory is gone
+    answers = await task
+    replays = answers[1::2]
+    assert all(a["decision"] == "deny" for a in replays), [a["reason"] for a in replays]
+    # Every allow a client received has its committed audit row.
+    allows = [a for a in answers if a["decision"] == "allow"]
+    for answer in allows:
+        chain, seq = answer["audit_event"].split(":")
+        assert (
+            await db.fetchval(
+                "SELECT count(*) FROM audit_events WHERE chain = $1 AND seq = $2", chain, int(seq)
+            )
+            == 1
+        )
+    # And it recovers by itself: fresh proofs are allowed again.
+    for _ in range(100):
+        if (await verify(vworld, s.provider, request_body(s, READ)))["decision"] == "allow":
+            break
+        await asyncio.sleep(0.2)
+    else:
+        pytest.fail("the shard did not recover")
+
+
+@pytest.mark.asyncio
+async def test_introspection_answers_active_only_when_every_check_passes(vworld: World) -> None:
+    s = await setup(vworld)
+    url = vworld.verifier + "/v1/introspect"
+    r = await vworld.client.post(url, headers=s.provider.headers, json=request_body(s, READ))
+    assert r.status_code == 200
+    body = r.json()
+    assert body["active"] is True and body["sub"] == s.agent.id
+    assert body["cnf"] == {"jkt": s.agent.key.thumbprint} and body["token_type"] == "DPoP"
+    thief = PrivateKey.generate()
+    r = await vworld.client.post(
+        url, headers=s.provider.headers, json=request_body(s, READ, key=thief)
+    )
+    assert r.json()["active"] is False and "sub" not in r.json()
+
+
+@pytest.mark.asyncio
+async def test_decision_chains_are_checkpointed_and_verify(
+    vworld: World, db: asyncpg.Connection
+) -> None:
+    from agentauth.protocol import AuditEvent, KeySet, verify_chain, verify_checkpoint
+
+    s = await setup(vworld)
+    for _ in range(3):
+        await verify(vworld, s.provider, request_body(s, READ))
+    r = await vworld.client.post(vworld.url("/v1/admin/checkpoints"), headers=vworld.admin)
+    assert r.status_code == 200
+    keys = KeySet.from_jwks((await vworld.client.get(vworld.url("/.well-known/jwks.json"))).json())
+    for chain in ("verifier-0", "verifier-1"):
+        rows = await db.fetch("SELECT body FROM audit_events WHERE chain = $1 ORDER BY seq", chain)
+        head = verify_chain((AuditEvent.from_canonical(r["body"]) for r in rows), chain=chain)
+        signed = await db.fetchval(
+            "SELECT signed FROM audit_checkpoints WHERE chain = $1 ORDER BY size DESC LIMIT 1",
+            chain,
+        )
+        checkpoint = verify_checkpoint(signed, keys=keys)
+        assert checkpoint.size <= head.size
+        prefix = verify_chain(
+            (AuditEvent.from_canonical(r["body"]) for r in rows[: checkpoint.size]), chain=chain
+        )
+        assert prefix.root == checkpoint.root_bytes()

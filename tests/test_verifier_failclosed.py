@@ -1,0 +1,261 @@
+"""Fail closed: every dependency failure is a deny with a reason, never an allow.
+
+Each test counts fail-opens (allows while a dependency is down): it must be 0. The
+verifier runs in-process here (the shard actors are the real Ray actors) so a test can
+give it a Redis of its own to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from registry_world import World
+
+from agentauth.protocol import (
+    Capability,
+    Grant,
+    PrivateKey,
+    b64url_decode,
+    create_dpop_proof,
+    mint_access_token,
+)
+
+pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.redis]
+API = "https://api.example/v1/things"
+READ = {"kind": "read", "resource": "things/1"}
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisProcess:
+    """A Redis server of the test's own, to stop and start again."""
+
+    def __init__(self) -> None:
+        self.port = _port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server") or "redis-server"
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisProcess]:
+    server = RedisProcess()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def local_verifier(
+    world: World, registry_settings: Any, own_redis: RedisProcess
+) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    from agentauth.deployments.verifier import shard_handles
+    from agentauth.verifier import Verifier, VerifierSettings, create_app
+
+    settings = VerifierSettings(
+        database_url=registry_settings.database_url,
+        redis_url=f"redis://127.0.0.1:{own_redis.port}/0",
+        issuer=registry_settings.issuer,
+        shards=2,
+        shard_timeout=2.0,
+    )
+    verifier = await Verifier.open(settings, shard_handles(settings))
+    try:
+        transport = httpx.ASGITransport(app=create_app(verifier))
+        async with httpx.AsyncClient(transport=transport, base_url="http://verifier") as client:
+            yield client, verifier
+    finally:
+        await verifier.close()
+
+
+async def _setup(world: World) -> tuple[Any, Any, str]:
+    _, agent, provider, grant = await world.setup_grant(
+        capabilities=[Capability.read("things/*").to_document()]
+    )
+    token = (await world.token(agent, grant["id"])).json()["access_token"]
+    return agent, provider, token
+
+
+def _body(key: PrivateKey, token: str) -> dict[str, Any]:
+    proof = create_dpop_proof(key, htm="GET", htu=API, now=time.time(), access_token=token)
+    return {"token": token, "proof": proof, "method": "GET", "url": API, "action": READ}
+
+
+async def _ask(
+    client: httpx.AsyncClient, provider: Any, body: dict[str, Any]
+) -> tuple[dict[str, Any], float]:
+    started = time.monotonic()
+    r = await client.post("/v1/verify", headers=provider.headers, json=body)
+    assert r.status_code == 200, r.text
+    return r.json(), time.monotonic() - started
+
+
+@pytest.mark.asyncio
+async def test_redis_down_denies_and_recovers_by_itself(
+    world: World, local_verifier: tuple[httpx.AsyncClient, Any], own_redis: RedisProcess
+) -> None:
+    client, _ = local_verifier
+    agent, provider, token = await _setup(world)
+    assert (await _ask(client, provider, _body(agent.key, token)))[0]["decision"] == "allow"
+    own_redis.stop()
+    await asyncio.sleep(1.5)
+    fail_opens, slowest = 0, 0.0
+    for _ in range(30):
+        answer, took = await _ask(client, provider, _body(agent.key, token))
+        fail_opens += answer["decision"] == "allow"
+        slowest = max(slowest, took)
+        assert answer["reason"] == "revocation_state_stale", answer
+    assert fail_opens == 0
+    assert slowest < 1.0  # bounded: a dead Redis is never waited on for long
+    own_redis.start()
+    for _ in range(50):
+        await asyncio.sleep(0.2)
+        if (await _ask(client, provider, _body(agent.key, token)))[0]["decision"] == "allow":
+            break
+    else:
+        pytest.fail("the verifier did not recover after Redis came back")
+
+
+@pytest.mark.asyncio
+async def test_unknown_kid_is_denied(
+    world: World, local_verifier: tuple[httpx.AsyncClient, Any]
+) -> None:
+    client, _ = local_verifier
+    agent, provider, token = await _setup(world)
+    rogue = PrivateKey.generate(kid="rogue-key")
+    claims = json.loads(b64url_decode(token.split(".")[1]))
+    grant = Grant(
+        grant_id=claims["grant_id"],
+        agent_id=claims["sub"],
+        principal_id="hum_x",
+        provider_id=provider.id,
+        audience=claims["aud"],
+        capabilities=(Capability.read("things/*"),),
+        created_at=0,
+    )
+    forged = mint_access_token(
+        signer=rogue,
+        issuer=claims["iss"],
+        grant=grant,
+        jkt=agent.key.thumbprint,
+        receipt_hash=claims["receipt_hash"],
+        now=int(time.time()),
+        lifetime=60,
+    )
+    answer, _ = await _ask(client, provider, _body(agent.key, forged))
+    assert answer["decision"] == "deny" and answer["reason"] == "invalid_token:unknown_kid"
+
+
+@pytest.mark.asyncio
+async def test_unreachable_audit_store_and_dead_shard_deny(world: World) -> None:
+    import ray
+
+    from agentauth.actors import Check, ShardClient, StateShard
+
+    # A shard whose database is unreachable cannot commit, so it decides nothing.
+    blind = (
+        ray.remote(StateShard)
+        .options(num_cpus=0)
+        .remote(index=99, database_url=f"postgresql://postgres@127.0.0.1:{_port()}/none")
+    )
+    check = Check(
+        agent_id="a",
+        provider_id="p",
+        grant_id="g",
+        jkt="k",
+        jti="j",
+        iat=time.time(),
+        action=None,
+        envelope=None,
+    )
+    results = await blind.check_batch.remote([check])
+    assert [r.reason for r in results] == ["audit_unavailable"]
+    # A dead shard: the client answers deny within its bound, never waits forever.
+    client = ShardClient([blind], timeout=0.05)
+    ray.kill(blind, no_restart=True)
+    started = time.monotonic()
+    result = await client.check(0, check)
+    assert not result.allowed and result.reason in ("state_unavailable", "state_timeout")
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.asyncio
+async def test_server_nonces_when_configured(world: World, registry_settings: Any) -> None:
+    from agentauth.deployments.verifier import shard_handles
+    from agentauth.verifier import Verifier, VerifierSettings, create_app
+
+    settings = VerifierSettings(
+        database_url=registry_settings.database_url,
+        redis_url=registry_settings.redis_url,
+        issuer=registry_settings.issuer,
+        shards=2,
+        shard_timeout=2.0,
+        dpop_nonces=True,
+        nonce_secret="a-test-secret-of-enough-length-for-hmac",
+    )
+    verifier = await Verifier.open(settings, shard_handles(settings))
+    try:
+        transport = httpx.ASGITransport(app=create_app(verifier))
+        async with httpx.AsyncClient(transport=transport, base_url="http://verifier") as client:
+            agent, provider, token = await _setup(world)
+            answer, _ = await _ask(client, provider, _body(agent.key, token))
+            assert answer["decision"] == "deny"
+            assert answer["reason"] == "use_dpop_nonce:nonce_required"
+            proof = create_dpop_proof(
+                agent.key,
+                htm="GET",
+                htu=API,
+                now=time.time(),
+                access_token=token,
+                nonce=answer["dpop_nonce"],
+            )
+            body = {"token": token, "proof": proof, "method": "GET", "url": API, "action": READ}
+            answer, _ = await _ask(client, provider, body)
+            assert answer["decision"] == "allow", answer
+    finally:
+        await verifier.close()
