@@ -394,3 +394,39 @@ async def test_decision_chains_are_checkpointed_and_verify(
             (AuditEvent.from_canonical(r["body"]) for r in rows[: checkpoint.size]), chain=chain
         )
         assert prefix.root == checkpoint.root_bytes()
+
+
+@pytest.mark.asyncio
+async def test_grant_usage_reflects_committed_decisions(vworld: World) -> None:
+    pay = Capability.transact("payments", max_amount="100", currency="USD").to_document()
+    s = await setup(
+        vworld,
+        capabilities=[pay],
+        envelope={
+            "rate_limits": [{"max_count": 10, "window_seconds": 3600}],
+            "spend_limits": [{"amount": "200", "currency": "USD", "period": "day"}],
+        },
+    )
+    tx = {"kind": "transact", "resource": "payments", "currency": "USD"}
+    for amount in ("30", "45"):
+        assert (await verify(vworld, s.provider, request_body(s, {**tx, "amount": amount})))[
+            "decision"
+        ] == "allow"
+    assert (await verify(vworld, s.provider, request_body(s, {**tx, "amount": "500"})))[
+        "decision"
+    ] == "deny"
+    r = await vworld.client.get(
+        vworld.url(f"/v1/grants/{s.grant['id']}/usage"), headers=s.human.headers
+    )
+    usage = r.json()
+    assert usage["rate"] == [{"max_count": 10, "window_seconds": 3600, "used": 2}]
+    assert usage["spend"][0]["used"] == "75"
+    assert (
+        sum(b["allow"] for b in usage["series"]) == 2
+        and sum(b["deny"] for b in usage["series"]) == 1
+    )
+    other = await vworld.human("Mallory")
+    r = await vworld.client.get(
+        vworld.url(f"/v1/grants/{s.grant['id']}/usage"), headers=other.headers
+    )
+    assert r.status_code == 404

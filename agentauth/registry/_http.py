@@ -394,6 +394,10 @@ def create_app(registry: Registry) -> FastAPI:
     async def get_grant(who: HumanOrAgent, grant_id: str) -> dict[str, Any]:
         return await registry.get_grant(grant_id, principal_id=who.principal_id, agent=who.agent)
 
+    @app.get("/v1/grants/{grant_id}/usage", tags=["grants"])
+    async def grant_usage(who: HumanOrAgent, grant_id: str) -> dict[str, Any]:
+        return await registry.grant_usage(grant_id, principal_id=who.principal_id, agent=who.agent)
+
     # --- tokens and revocation -----------------------------------------------------------
 
     @app.post("/v1/token", tags=["tokens"])

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -54,6 +55,7 @@ from ..protocol import (
     tighten,
     verify_assertion,
 )
+from ..protocol._envelope import period_key
 from ..protocol._jws import attach_signature, signing_input
 from ..store import Conn
 from ..store import migrate as run_migrations
@@ -1000,6 +1002,62 @@ class Registry:
             owner,
         )
         return [await self.get_grant(r["id"], principal_id=principal_id, agent=agent) for r in rows]
+
+    async def grant_usage(
+        self, grant_id: str, *, principal_id: str | None = None, agent: Agent | None = None
+    ) -> dict[str, Any]:
+        """Use of a grant against its limits, from the verifier's committed decisions."""
+        grant_view = await self.get_grant(grant_id, principal_id=principal_id, agent=agent)
+        grant = Grant.from_document(grant_view["document"])
+        now = time.time()
+        rows = await self.pool.fetch(
+            "SELECT time_ms, event, body FROM audit_events WHERE grant_id = $1"
+            " AND event IN ('verify.allow', 'verify.deny') AND time_ms > $2 ORDER BY time_ms",
+            grant_id,
+            int((now - 7 * 24 * 3600) * 1000),
+        )
+        allows = [r["time_ms"] / 1000.0 for r in rows if r["event"] == "verify.allow"]
+        rate = [
+            {
+                "max_count": limit.max_count,
+                "window_seconds": limit.window_seconds,
+                "used": sum(1 for t in allows if t > now - limit.window_seconds),
+            }
+            for limit in grant.envelope.rate_limits
+        ]
+        spend_snapshot: list[list[str]] = []
+        for row in reversed(rows):
+            if row["event"] == "verify.allow":
+                spend_snapshot = json.loads(row["body"])["data"].get("usage", {}).get("spend", [])
+                break
+        local = datetime.fromtimestamp(now, tz=grant.envelope.zone)
+        spend = []
+        for i, cap in enumerate(grant.envelope.spend_limits):
+            key = period_key(cap.period, local)
+            used = (
+                spend_snapshot[i][1]
+                if i < len(spend_snapshot) and spend_snapshot[i][0] == key
+                else "0"
+            )
+            spend.append(
+                {
+                    "amount": format(cap.amount, "f"),
+                    "currency": cap.currency,
+                    "period": cap.period,
+                    "used": used,
+                }
+            )
+        hourly: dict[int, dict[str, int]] = {}
+        for row in rows:
+            hour = int(row["time_ms"] / 1000 // 3600 * 3600)
+            bucket = hourly.setdefault(hour, {"allow": 0, "deny": 0})
+            bucket["allow" if row["event"] == "verify.allow" else "deny"] += 1
+        return {
+            "grant_id": grant_id,
+            "rate": rate,
+            "spend": spend,
+            "series": [{"hour": h, **counts} for h, counts in sorted(hourly.items())],
+        }
 
     # --- tokens --------------------------------------------------------------------------
 
