@@ -2,7 +2,10 @@
 
     agentauth up                   start the whole local stack; Ctrl+C stops it
     agentauth migrate              apply database migrations
-    agentauth keys list|rotate     the registry's signing keys
+    agentauth keys create|list|rotate   the registry's signing keys
+    agentauth audit verify         check every audit chain and signed checkpoint
+    agentauth agents|grants list   what the registry holds
+    agentauth bench protocol|issuance|verify   run a benchmark
     agentauth schemas [DIR]        write the JSON Schemas of the public documents
 
 Configuration comes from the environment (DATABASE_URL, REDIS_URL, AGENTAUTH_DATA_DIR, ...);
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import time
@@ -79,6 +83,8 @@ async def _keys(action: str) -> list[str]:
         )
         registry = await Registry.open(settings)
         try:
+            if action == "create":
+                return ["signing keys ready (the first key is created on first start)"]
             if action == "rotate":
                 kid = await registry.keys.rotate()
                 return [f"new key {kid}: published now, signs in {settings.key_publish_ahead} s"]
@@ -232,6 +238,146 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("stopped.", flush=True)
 
 
+def _bar(label: str, done: int, total: int) -> None:
+    width = 30
+    filled = width * done // max(total, 1)
+    sys.stderr.write(f"\r  {label:<14} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+    sys.stderr.flush()
+
+
+async def _audit_verify(url: str) -> list[str]:
+    """Walk every chain from genesis and check each signed checkpoint against it."""
+    import asyncpg
+
+    from .protocol import (
+        AuditEvent,
+        IntegrityError,
+        KeySet,
+        MerkleFrontier,
+        PublicKey,
+        b64url_decode,
+        verify_checkpoint,
+    )
+
+    problems: list[str] = []
+    conn = await asyncpg.connect(url)
+    try:
+        keys = KeySet(
+            PublicKey.from_jwk(jwk, alg=jwk.get("alg"))
+            for jwk in (
+                json.loads(r["public_jwk"]) if isinstance(r["public_jwk"], str) else r["public_jwk"]
+                for r in await conn.fetch("SELECT public_jwk FROM signing_keys")
+            )
+        )
+        heads = await conn.fetch("SELECT chain, size FROM audit_heads ORDER BY chain")
+        for head in heads:
+            chain, size = head["chain"], head["size"]
+            checkpoints = {
+                r["size"]: r["signed"]
+                for r in await conn.fetch(
+                    "SELECT size, signed FROM audit_checkpoints WHERE chain = $1", chain
+                )
+            }
+            frontier, previous, seq = MerkleFrontier(), None, 0
+            try:
+                while seq < size:
+                    rows = await conn.fetch(
+                        "SELECT seq, body FROM audit_events WHERE chain = $1 AND seq >= $2"
+                        " ORDER BY seq LIMIT 5000",
+                        chain,
+                        seq,
+                    )
+                    if not rows:
+                        raise IntegrityError(f"events missing from {seq}", reason="gap")
+                    for row in rows:
+                        event = AuditEvent.from_canonical(row["body"])
+                        if event.chain != chain or event.seq != seq or row["seq"] != seq:
+                            raise IntegrityError(f"event {seq} out of place", reason="gap")
+                        expected_prev = previous if previous is not None else bytes(32)
+                        if b64url_decode(event.prev) != expected_prev:
+                            raise IntegrityError(f"event {seq} does not link", reason="fork")
+                        previous = event.entry_hash()
+                        frontier.append(previous)
+                        seq += 1
+                        if seq in checkpoints:
+                            signed = verify_checkpoint(checkpoints[seq], keys=keys)
+                            if signed.root_bytes() != frontier.root() or signed.chain != chain:
+                                raise IntegrityError(
+                                    f"checkpoint at {seq} disagrees", reason="root"
+                                )
+                    _bar(chain, seq, size)
+            except IntegrityError as exc:
+                problems.append(f"{chain}: {exc.description}")
+            sys.stderr.write("\n")
+            ok = not problems or not problems[-1].startswith(chain)
+            verdict = "ok" if ok else "FAILED"
+            print(f"  {chain}: {size} events, {len(checkpoints)} checkpoints: {verdict}")
+    finally:
+        await conn.close()
+    return problems
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    url, server = _database_url()
+    try:
+        problems = asyncio.run(_audit_verify(url))
+    finally:
+        if server is not None:
+            server.stop()  # type: ignore[attr-defined]
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    print("audit log verifies" if not problems else f"{len(problems)} chain(s) failed")
+    return 0 if not problems else 1
+
+
+async def _rows(url: str, query: str, *params: object) -> list[dict[str, object]]:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        return [dict(r) for r in await conn.fetch(query, *params)]
+    finally:
+        await conn.close()
+
+
+def _table(rows: list[dict[str, object]]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns))
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    url, server = _database_url()
+    queries = {
+        "agents": "SELECT id, principal_id, name, status, created_at FROM agents"
+        " ORDER BY created_at",
+        "grants": "SELECT id, agent_id, provider_id, grant_hash, revoked_at FROM grants"
+        " ORDER BY created_at",
+    }
+    try:
+        _table(asyncio.run(_rows(url, queries[args.what])))
+    finally:
+        if server is not None:
+            server.stop()  # type: ignore[attr-defined]
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / f"{args.which}_bench.py"
+    if not script.exists():
+        print(f"error: {script} not found (benchmarks run from a source checkout)", file=sys.stderr)
+        return 1
+    # Our own script from the checkout, run with this interpreter: nothing untrusted here.
+    return subprocess.call([sys.executable, str(script), *args.rest])  # noqa: S603
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentauth", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -243,8 +389,19 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="apply database migrations")
     migrate.set_defaults(run=cmd_migrate)
     keys = commands.add_parser("keys", help="list or rotate the registry's signing keys")
-    keys.add_argument("action", choices=["list", "rotate"])
+    keys.add_argument("action", choices=["create", "list", "rotate"])
     keys.set_defaults(run=cmd_keys)
+    audit = commands.add_parser("audit", help="verify the audit log (chains and checkpoints)")
+    audit.add_argument("action", choices=["verify"])
+    audit.set_defaults(run=cmd_audit)
+    for what in ("agents", "grants"):
+        lister = commands.add_parser(what, help=f"list {what}")
+        lister.add_argument("action", choices=["list"])
+        lister.set_defaults(run=cmd_list, what=what)
+    bench = commands.add_parser("bench", help="run a benchmark from bench/")
+    bench.add_argument("which", choices=["protocol", "issuance", "verify"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    bench.set_defaults(run=cmd_bench)
     schemas = commands.add_parser("schemas", help="write the JSON Schemas")
     schemas.add_argument("directory", nargs="?", default="schemas")
     schemas.set_defaults(run=cmd_schemas)

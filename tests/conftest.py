@@ -151,3 +151,24 @@ async def db(database_url: str, registry_base: str) -> AsyncIterator[Any]:
         yield conn
     finally:
         await conn.close()
+
+
+@pytest.fixture(scope="session")
+def verifier_base(registry_base: str, registry_settings: Any, serve_port: int) -> str:
+    """The verifier on the same Serve instance, 2 replicas, 2 shards."""
+    from ray import serve
+
+    from agentauth.deployments.verifier import build_verifier_app
+    from agentauth.verifier import VerifierSettings
+
+    settings = VerifierSettings(
+        database_url=registry_settings.database_url,
+        redis_url=registry_settings.redis_url,
+        issuer=registry_settings.issuer,
+        shards=2,
+        # Generous on a shared 2-core test machine; the benchmark measures the real bound.
+        shard_timeout=2.0,
+    )
+    app = build_verifier_app(settings, replicas=2)
+    serve.run(app, name="verifier", route_prefix="/verifier")
+    return f"http://127.0.0.1:{serve_port}/verifier"

@@ -1,0 +1,75 @@
+"""DPoP-signed requests as an ``httpx.Auth`` (RFC 9449 §7 and §9).
+
+``auth_flow`` signs each request with a fresh proof bound to the access token; if the
+server answers with a DPoP nonce challenge it signs once more with that nonce and retries.
+The nonce is remembered for the following requests to the same server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from ..protocol import Signer, create_dpop_proof
+
+__all__ = ["DPoPAuth", "is_nonce_challenge"]
+
+
+def is_nonce_challenge(response: httpx.Response) -> bool:
+    """RFC 9449 §8/§9: 401 (or 400) with ``error="use_dpop_nonce"`` and a DPoP-Nonce."""
+    if response.status_code not in (400, 401) or "dpop-nonce" not in response.headers:
+        return False
+    challenge = response.headers.get("www-authenticate", "")
+    if "use_dpop_nonce" in challenge:
+        return True
+    try:
+        return bool(response.json().get("error") == "use_dpop_nonce")
+    except ValueError:
+        return False
+
+
+def htu_of(url: httpx.URL | str) -> str:
+    parts = urlsplit(str(url))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", "", ""))
+
+
+class DPoPAuth(httpx.Auth):
+    """Signs requests for one access token with the agent's key."""
+
+    def __init__(
+        self,
+        *,
+        key: Signer,
+        token: str | Callable[[], str],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._key = key
+        self._token = token
+        self._clock = clock
+        self.nonces: dict[str, str] = {}
+
+    def _sign(self, request: httpx.Request) -> None:
+        token = self._token() if callable(self._token) else self._token
+        origin = f"{request.url.scheme}://{request.url.netloc.decode()}"
+        proof = create_dpop_proof(
+            self._key,
+            htm=request.method,
+            htu=htu_of(request.url),
+            now=self._clock(),
+            access_token=token,
+            nonce=self.nonces.get(origin),
+        )
+        request.headers["Authorization"] = f"DPoP {token}"
+        request.headers["DPoP"] = proof
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        self._sign(request)
+        response = yield request
+        if is_nonce_challenge(response):
+            origin = f"{request.url.scheme}://{request.url.netloc.decode()}"
+            self.nonces[origin] = response.headers["dpop-nonce"]
+            self._sign(request)  # a new proof (new jti) carrying the server's nonce
+            yield request

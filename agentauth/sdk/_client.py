@@ -1,0 +1,370 @@
+"""The agent SDK: register, ask for grants, wait for approval, sign requests.
+
+Async first (``AgentAuthClient``); ``AgentAuthClientSync`` wraps it for plain scripts.
+The agent's private key lives in a file created with mode 0600 (or is supplied by the
+caller); the agent id is kept beside it, so a registered agent starts ready to work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urljoin
+
+import httpx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from ..protocol import (
+    Capability,
+    Envelope,
+    Forbidden,
+    PrivateKey,
+    create_dpop_proof,
+)
+from ._auth import DPoPAuth, htu_of
+from ._errors import error_from_response
+
+__all__ = ["AgentAuthClient", "AgentAuthClientSync", "Approval", "GrantPending"]
+
+DEFAULT_HOME = Path(os.environ.get("AGENTAUTH_AGENT_HOME", Path.home() / ".agentauth" / "agent"))
+
+
+@dataclass(frozen=True, slots=True)
+class GrantPending:
+    """A grant request waiting for its human."""
+
+    id: str
+    provider_id: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    grant_id: str
+    provider_id: str
+    document: dict[str, Any]
+
+
+@dataclass
+class _Token:
+    value: str
+    expires_at: float
+    grant_id: str
+
+
+def _load_or_create_key(path: Path, alg: Literal["ES256", "Ed25519"]) -> PrivateKey:
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            raise PermissionError(f"{path} is readable by others; expected mode 0600")
+        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+            raise ValueError(f"{path} holds an unsupported key type")
+        return PrivateKey(loaded)
+    key = PrivateKey.generate(alg)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pem = key.crypto_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    # Created 0600 in one step: the key is never readable by others, not even briefly.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    return key
+
+
+class AgentAuthClient:
+    """An agent's connection to the AgentAuth registry.
+
+    ``key`` supplies the agent key directly; otherwise it is loaded from (or created in)
+    ``home``/agent-key.pem. ``clock`` is injectable for tests of token refresh.
+    """
+
+    def __init__(
+        self,
+        registry_url: str,
+        *,
+        key: PrivateKey | None = None,
+        home: str | Path | None = None,
+        alg: Literal["ES256", "Ed25519"] = "ES256",
+        agent_id: str | None = None,
+        http: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.time,
+        refresh_margin: float = 30.0,
+        timeout: float = 10.0,
+    ) -> None:
+        self.registry_url = registry_url.rstrip("/")
+        self.home = Path(home) if home is not None else DEFAULT_HOME
+        self.key = key or _load_or_create_key(self.home / "agent-key.pem", alg)
+        self._agent_id = agent_id
+        self._http = http or httpx.AsyncClient(timeout=timeout)
+        self._owns_http = http is None
+        self._clock = clock
+        self._refresh_margin = refresh_margin
+        self._tokens: dict[str, _Token] = {}
+        self._audiences: dict[str, str] = {}
+        self._token_locks: dict[str, asyncio.Lock] = {}
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    @property
+    def agent_id(self) -> str | None:
+        if self._agent_id is None:
+            state = self.home / "agent.json"
+            if state.exists():
+                saved = json.loads(state.read_text())
+                if saved.get("jkt") == self.key.thumbprint:
+                    self._agent_id = str(saved["agent_id"])
+        return self._agent_id
+
+    async def _call(self, method: str, path: str, *, json_body: Any = None) -> Any:
+        """A registry call signed with a fresh DPoP proof by the agent's key."""
+        url = self.registry_url + path
+        proof = create_dpop_proof(self.key, htm=method, htu=htu_of(url), now=self._clock())
+        response = await self._http.request(method, url, json=json_body, headers={"DPoP": proof})
+        if response.status_code >= 400:
+            raise error_from_response(response)
+        return response.json()
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AgentAuthClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # --- registration and grants -------------------------------------------------------
+
+    async def register(self, *, enrollment_code: str, name: str = "agent") -> str:
+        """Register this agent's key under the human who issued ``enrollment_code``."""
+        body = {
+            "name": name,
+            "public_jwk": self.key.public_jwk(),
+            "enrollment_code": enrollment_code,
+        }
+        result = await self._call("POST", "/v1/agents", json_body=body)
+        self._agent_id = str(result["id"])
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.home / "agent.json").write_text(
+            json.dumps({"agent_id": self._agent_id, "jkt": self.key.thumbprint})
+        )
+        return self._agent_id
+
+    async def request_grant(
+        self,
+        service_provider_id: str,
+        capabilities: Sequence[Capability],
+        *,
+        envelope: Envelope | dict[str, Any] | None = None,
+    ) -> GrantPending:
+        """Ask the human for capabilities at a provider; returns the pending request."""
+        if isinstance(envelope, Envelope):
+            envelope = envelope.model_dump(mode="json", exclude_none=True)
+        body: dict[str, Any] = {
+            "provider_id": service_provider_id,
+            "capabilities": [c.to_document() for c in capabilities],
+        }
+        if envelope is not None:
+            body["envelope"] = envelope
+        result = await self._call("POST", "/v1/grant-requests", json_body=body)
+        return GrantPending(result["id"], result["provider_id"], result["status"])
+
+    async def wait_for_approval(
+        self,
+        request: GrantPending | str,
+        *,
+        timeout: float = 300.0,
+        interval: float = 1.0,
+        max_interval: float = 10.0,
+        on_progress: Callable[[str, float], None] | None = None,
+    ) -> Approval:
+        """Poll until the human decides, with backoff; raise ``Forbidden`` if denied."""
+        request_id = request.id if isinstance(request, GrantPending) else request
+        deadline = time.monotonic() + timeout
+        while True:
+            state = await self._call("GET", f"/v1/grant-requests/{request_id}")
+            if on_progress is not None:
+                on_progress(state["status"], max(0.0, deadline - time.monotonic()))
+            if state["status"] == "approved":
+                grant = await self._call("GET", f"/v1/grants/{state['grant_id']}")
+                return Approval(grant["id"], grant["provider_id"], grant["document"])
+            if state["status"] == "denied":
+                raise Forbidden("the human denied the request", reason="denied")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"grant request {request_id} still pending")
+            await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+            interval = min(interval * 1.5, max_interval)
+
+    async def _grant_for(self, service_provider_id: str) -> dict[str, Any]:
+        grants = await self._call("GET", "/v1/grants")
+        active = [
+            g for g in grants if g["provider_id"] == service_provider_id and not g["revoked_at"]
+        ]
+        if not active:
+            raise Forbidden(f"no approved grant for {service_provider_id}", reason="no_grant")
+        newest: dict[str, Any] = active[-1]  # the newest approval
+        return newest
+
+    # --- tokens and signed requests -----------------------------------------------------
+
+    async def get_token(self, service_provider_id: str) -> str:
+        """A current access token for the provider: cached, refreshed before it expires."""
+        lock = self._token_locks.setdefault(service_provider_id, asyncio.Lock())
+        async with lock:
+            cached = self._tokens.get(service_provider_id)
+            if cached and cached.expires_at - self._refresh_margin > self._clock():
+                return cached.value
+            grant = await self._grant_for(service_provider_id)
+            self._audiences[service_provider_id] = grant["document"]["audience"]
+            issued = await self._call("POST", "/v1/token", json_body={"grant_id": grant["id"]})
+            token = _Token(
+                issued["access_token"], self._clock() + issued["expires_in"], grant["id"]
+            )
+            self._tokens[service_provider_id] = token
+            return token.value
+
+    async def audience(self, service_provider_id: str) -> str:
+        if service_provider_id not in self._audiences:
+            await self.get_token(service_provider_id)
+        return self._audiences[service_provider_id]
+
+    async def authenticate_headers(
+        self, service_provider_id: str, method: str, url: str, *, nonce: str | None = None
+    ) -> dict[str, str]:
+        """``Authorization: DPoP <token>`` and ``DPoP: <proof>`` for one request.
+
+        A relative ``url`` ("/api/events") is taken relative to the provider's audience,
+        which is its base URL.
+        """
+        token = await self.get_token(service_provider_id)
+        if "://" not in url:
+            url = urljoin(self._audiences[service_provider_id].rstrip("/") + "/", url.lstrip("/"))
+        proof = create_dpop_proof(
+            self.key,
+            htm=method.upper(),
+            htu=htu_of(url),
+            now=self._clock(),
+            access_token=token,
+            nonce=nonce,
+        )
+        return {"Authorization": f"DPoP {token}", "DPoP": proof}
+
+    async def authenticate_request(
+        self, service_provider_id: str, request: httpx.Request
+    ) -> httpx.Request:
+        request.headers.update(
+            await self.authenticate_headers(service_provider_id, request.method, str(request.url))
+        )
+        return request
+
+    def auth(self, service_provider_id: str) -> httpx.Auth:
+        """An ``httpx.Auth`` signing every request to the provider (with nonce retry)."""
+        return _ClientAuth(self, service_provider_id)
+
+    # --- step-up --------------------------------------------------------------------------
+
+    async def request_step_up(
+        self,
+        service_provider_id: str,
+        *,
+        resource: str,
+        amount: str,
+        currency: str,
+        payee: str | None = None,
+        timeout: float = 300.0,
+    ) -> str:
+        """Ask the human to approve one transaction above the threshold; returns the
+        one-time approval reference to present with that transaction."""
+        grant = await self._grant_for(service_provider_id)
+        body: dict[str, Any] = {
+            "grant_id": grant["id"],
+            "resource": resource,
+            "amount": amount,
+            "currency": currency,
+        }
+        if payee is not None:
+            body["payee"] = payee
+        step = await self._call("POST", "/v1/step-ups", json_body=body)
+        deadline = time.monotonic() + timeout
+        while True:
+            wait = min(25.0, max(0.0, deadline - time.monotonic()))
+            state = await self._call("GET", f"/v1/step-ups/{step['id']}?wait={wait:.0f}")
+            if state["status"] == "approved":
+                return str(state["approval_ref"])
+            if state["status"] in ("denied", "used"):
+                raise Forbidden("the step-up was not approved", reason=state["status"])
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"step-up {step['id']} still pending")
+
+
+class _ClientAuth(DPoPAuth):
+    """``DPoPAuth`` whose token comes, refreshed when due, from the client."""
+
+    def __init__(self, client: AgentAuthClient, provider: str) -> None:
+        super().__init__(key=client.key, token="", clock=client._clock)
+        self._client = client
+        self._provider = provider
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        self._token = await self._client.get_token(self._provider)
+        flow = self.auth_flow(request)
+        outgoing = next(flow)
+        while True:
+            response = yield outgoing
+            try:
+                outgoing = flow.send(response)
+            except StopIteration:
+                return
+
+
+class AgentAuthClientSync:
+    """The same client for code without an event loop (scripts, notebooks, CLIs)."""
+
+    def __init__(self, registry_url: str, **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = self._loop.run_until_complete(self._make(registry_url, options))
+
+    @staticmethod
+    async def _make(registry_url: str, options: dict[str, Any]) -> AgentAuthClient:
+        return AgentAuthClient(registry_url, **options)  # the httpx client binds to this loop
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not asyncio.iscoroutinefunction(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._loop.run_until_complete(attribute(*args, **kwargs))
+
+        return call
+
+    def auth(self, service_provider_id: str) -> httpx.Auth:
+        """An ``httpx.Auth`` for a sync ``httpx.Client``; the token refreshes when due."""
+
+        def token() -> str:
+            return self._loop.run_until_complete(self._client.get_token(service_provider_id))
+
+        return DPoPAuth(key=self._client.key, token=token, clock=self._client._clock)
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._client.aclose())
+        self._loop.close()
+
+    def __enter__(self) -> AgentAuthClientSync:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,48 @@
+"""Turn a server's error body into the protocol's error tree, keeping code and reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from ..protocol import AgentAuthError
+
+__all__ = ["error_from_response"]
+
+
+def _classes() -> dict[str, type[AgentAuthError]]:
+    found: dict[str, type[AgentAuthError]] = {}
+    pending: list[type[AgentAuthError]] = [AgentAuthError]
+    while pending:
+        cls = pending.pop()
+        found.setdefault(cls.error, cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+class ServerError(AgentAuthError):
+    """An error code this SDK does not know; ``error`` carries the server's code."""
+
+    def __init__(self, code: str, description: str, *, status: int, reason: str | None) -> None:
+        super().__init__(description, reason=reason)
+        self.code = code
+        self.status = status
+
+
+def error_from_response(response: httpx.Response) -> AgentAuthError:
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = {}
+    code = body.get("error") if isinstance(body, dict) else None
+    description = (body.get("error_description") if isinstance(body, dict) else None) or (
+        f"HTTP {response.status_code}"
+    )
+    reason = body.get("reason") if isinstance(body, dict) else None
+    cls = _classes().get(code or "")
+    if cls is None or cls.__name__ == "UseDPoPNonce":
+        return ServerError(
+            code or "server_error", description, status=response.status_code, reason=reason
+        )
+    return cls(description, reason=reason)

@@ -1,0 +1,290 @@
+"""The provider side: ask the verifier about each request, fail closed, hand on the result.
+
+Three ways in, one path underneath: ``VerifierClient.verify_request`` (a plain async
+function over method, URL and headers), ``AgentAuthMiddleware`` (ASGI, for any framework)
+and ``require(...)`` (a FastAPI dependency). ``OfflineVerifier`` checks only the token's
+signature and the DPoP key binding against the JWKS: it is weaker (no replay, rate, spend
+or revocation checks) and meant for read-only, low-value endpoints or a verifier outage
+policy you choose deliberately.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from ..protocol import (
+    AccessTokenVerifier,
+    Action,
+    AgentAuthError,
+    DPoPVerifier,
+    KeySet,
+    allowing_capability,
+)
+
+__all__ = [
+    "AgentAuthMiddleware",
+    "OfflineVerifier",
+    "Verification",
+    "VerifierClient",
+    "require",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """What the verifier said. ``allowed`` is the only field a decision may rest on."""
+
+    allowed: bool
+    reason: str
+    agent_id: str | None = None
+    grant_id: str | None = None
+    remaining: dict[str, Any] | None = None
+    audit_event: str | None = None
+    dpop_nonce: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def _credentials(headers: Mapping[str, str]) -> tuple[str, str] | None:
+    authorization = headers.get("authorization", "")
+    scheme, _, token = authorization.partition(" ")
+    proof = headers.get("dpop", "")
+    if scheme.lower() != "dpop" or not token.strip() or not proof or "," in proof:
+        return None
+    return token.strip(), proof
+
+
+class VerifierClient:
+    """A pooled client for the verifier with a short timeout; any failure is a deny."""
+
+    def __init__(
+        self,
+        verifier_url: str,
+        *,
+        provider_id: str,
+        secret: str,
+        timeout: float = 0.5,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._url = verifier_url.rstrip("/") + "/v1/verify"
+        basic = base64.b64encode(f"{provider_id}:{secret}".encode()).decode()
+        self._headers = {"Authorization": f"Basic {basic}"}
+        self._http = http or httpx.AsyncClient(
+            timeout=timeout, limits=httpx.Limits(max_keepalive_connections=32)
+        )
+
+    async def verify(
+        self,
+        *,
+        token: str,
+        proof: str,
+        method: str,
+        url: str,
+        action: Action,
+        step_up_ref: str | None = None,
+    ) -> Verification:
+        body: dict[str, Any] = {
+            "token": token,
+            "proof": proof,
+            "method": method,
+            "url": url,
+            "action": action.model_dump(mode="json", exclude_none=True),
+        }
+        if step_up_ref:
+            body["step_up_ref"] = step_up_ref
+        try:
+            response = await self._http.post(self._url, json=body, headers=self._headers)
+            answer = response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            answer = None
+        if not isinstance(answer, dict) or answer.get("decision") not in ("allow", "deny"):
+            return Verification(False, "verifier_unavailable")  # fail closed
+        return Verification(
+            allowed=answer["decision"] == "allow",
+            reason=str(answer.get("reason")),
+            agent_id=answer.get("agent_id"),
+            grant_id=answer.get("grant_id"),
+            remaining=answer.get("remaining"),
+            audit_event=answer.get("audit_event"),
+            dpop_nonce=answer.get("dpop_nonce"),
+            raw=answer,
+        )
+
+    async def verify_request(
+        self,
+        *,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        action: Action,
+        step_up_ref: str | None = None,
+    ) -> Verification:
+        """The plain function: read the DPoP headers, ask the verifier."""
+        credentials = _credentials(headers)
+        if credentials is None:
+            return Verification(False, "missing_dpop_credentials")
+        token, proof = credentials
+        return await self.verify(
+            token=token, proof=proof, method=method, url=url, action=action, step_up_ref=step_up_ref
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+class OfflineVerifier:
+    """Signature and DPoP binding only, against the JWKS. Weaker: see the module docstring."""
+
+    def __init__(self, *, jwks: dict[str, Any], issuer: str, audience: str) -> None:
+        self._tokens = AccessTokenVerifier(keys=KeySet.from_jwks(jwks), issuer=issuer)
+        self._proofs = DPoPVerifier()
+        self._audience = audience
+
+    async def verify_request(
+        self,
+        *,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        action: Action,
+        step_up_ref: str | None = None,
+    ) -> Verification:
+        credentials = _credentials(headers)
+        if credentials is None:
+            return Verification(False, "missing_dpop_credentials")
+        token, proof = credentials
+        now = time.time()
+        try:
+            access = self._tokens.verify(token, audience=self._audience, now=now)
+            self._proofs.verify(proof, htm=method, htu=url, now=now, ath=access.ath, jkt=access.jkt)
+        except AgentAuthError as exc:
+            return Verification(False, f"{exc.error}:{exc.reason}" if exc.reason else exc.error)
+        if allowing_capability(access.claims.capabilities, action) is None:
+            return Verification(False, "insufficient_capability")
+        return Verification(True, "ok_offline", access.claims.sub, access.claims.grant_id)
+
+
+VerifyFn = Callable[..., Awaitable[Verification]]
+ActionOf = Callable[[str, str], Action | None]
+
+
+def _public_url(scope: Mapping[str, Any], base: str | None) -> str:
+    path = str(scope.get("root_path", "")) + str(scope["path"])
+    if base:
+        return base.rstrip("/") + path
+    headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+    host = headers.get("host") or "localhost"
+    return f"{scope.get('scheme', 'http')}://{host}{path}"
+
+
+def denial(verification: Verification) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """Status, headers and body for a refused request (RFC 9449 §7.1 challenges)."""
+    body = {"error": "access_denied", "reason": verification.reason}
+    if verification.dpop_nonce:
+        headers = {
+            "WWW-Authenticate": 'DPoP error="use_dpop_nonce"',
+            "DPoP-Nonce": verification.dpop_nonce,
+        }
+        return 401, headers, {"error": "use_dpop_nonce", "reason": verification.reason}
+    if verification.reason in ("missing_dpop_credentials",) or verification.reason.startswith(
+        ("invalid_token", "invalid_dpop_proof")
+    ):
+        return 401, {"WWW-Authenticate": 'DPoP error="invalid_token"'}, body
+    if verification.reason == "verifier_unavailable":
+        return 503, {}, body
+    return 403, {}, body
+
+
+class AgentAuthMiddleware:
+    """ASGI middleware: every request ``action_of(method, path)`` maps to an action must be
+    allowed by the verifier; the verification lands in ``scope["state"]["agentauth"]``.
+    Paths mapped to None pass through untouched (health checks, public pages)."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        verifier: VerifierClient | OfflineVerifier,
+        action_of: ActionOf,
+        public_url: str | None = None,
+    ) -> None:
+        self.app = app
+        self._verifier = verifier
+        self._action_of = action_of
+        self._public_url = public_url
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        action = self._action_of(scope["method"], scope["path"])
+        if action is None:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+        verification = await self._verifier.verify_request(
+            method=scope["method"],
+            url=_public_url(scope, self._public_url),
+            headers=headers,
+            action=action,
+            step_up_ref=headers.get("agentauth-step-up"),
+        )
+        if verification.allowed:
+            scope.setdefault("state", {})["agentauth"] = verification
+            await self.app(scope, receive, send)
+            return
+        status, extra, body = denial(verification)
+        payload = json.dumps(body).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")]
+                + [(k.lower().encode(), v.encode()) for k, v in extra.items()],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+
+def require(
+    action: Action | Callable[[Any], Action],
+    *,
+    verifier: VerifierClient | OfflineVerifier | Callable[[], VerifierClient | OfflineVerifier],
+    public_url: str | None = None,
+) -> Callable[..., Awaitable[Verification]]:
+    """A FastAPI dependency: ``Depends(require(Action(...), verifier=...))``.
+
+    Raises an ``HTTPException`` with the right status and DPoP challenge on deny.
+    """
+    # FastAPI is the provider's dependency, not the base install's: imported on use.
+    from fastapi import HTTPException, Request  # noqa: PLC0415
+
+    async def dependency(request: Request) -> Verification:
+        chosen = verifier if isinstance(verifier, VerifierClient | OfflineVerifier) else verifier()
+        wanted = action if isinstance(action, Action) else action(request)
+        verification = await chosen.verify_request(
+            method=request.method,
+            url=_public_url(request.scope, public_url),
+            headers={k.lower(): v for k, v in request.headers.items()},
+            action=wanted,
+            step_up_ref=request.headers.get("agentauth-step-up"),
+        )
+        if not verification.allowed:
+            status, headers, body = denial(verification)
+            raise HTTPException(status_code=status, detail=body, headers=headers)
+        return verification
+
+    # This module postpones annotations and imports FastAPI lazily, so tell FastAPI the
+    # parameter's real type directly.
+    dependency.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request)],
+        return_annotation=Verification,
+    )
+    return dependency
