@@ -184,6 +184,9 @@ class AccessTokenVerifier:
         self._cache_size = cache_size
         self._grant_memo_size = grant_memo_size
         self._cache: dict[str, AccessToken] = {}
+        # Observability only (cache hit ratio): never consulted for a decision.
+        self.cache_hits = 0
+        self.cache_misses = 0
         self._grant_parts: dict[str, tuple[Any, Any, tuple[Capability, ...], Envelope]] = {}
 
     @property
@@ -199,7 +202,10 @@ class AccessTokenVerifier:
         if not isinstance(token, str):
             raise InvalidToken("the token must be a string", reason="malformed")
         verified = self._cache.get(token)
-        if verified is None:
+        if verified is not None:
+            self.cache_hits += 1
+        else:
+            self.cache_misses += 1
             verified = self._verify_signature_and_shape(token)
             if self._cache_size:
                 if len(self._cache) >= self._cache_size:

@@ -33,6 +33,7 @@ from webauthn.helpers.structs import (
 )
 
 from ..keys import SignerUnavailable
+from ..metrics import metric
 from ..protocol import (
     ApprovalReceipt,
     Conflict,
@@ -184,6 +185,14 @@ class Registry:
     # --- checkpoints ---------------------------------------------------------------------
 
     async def checkpoint_all(self) -> list[dict[str, Any]]:
+        # Audit lag: how long the oldest event not yet under a signed checkpoint has waited.
+        # Per chain: the first event after its latest checkpoint (primary-key lookups only).
+        oldest = await self.pool.fetchval(
+            "SELECT min((SELECT e.time_ms FROM audit_events e WHERE e.chain = h.chain AND"
+            " e.seq = (SELECT coalesce(max(c.size), 0) FROM audit_checkpoints c"
+            " WHERE c.chain = h.chain))) FROM audit_heads h"
+        )
+        metric("audit_lag").set(0.0 if oldest is None else max(0.0, time.time() - oldest / 1000))
         signer = await self.keys.signer(time.time())
         made = []
         async with self.pool.acquire() as conn:
@@ -1117,6 +1126,7 @@ class Registry:
                 grant_id=grant_id,
                 data={"kid": signer.kid, "exp": claims["exp"]},
             )
+        metric("tokens_issued").inc()
         return {
             "access_token": token,
             "token_type": "DPoP",

@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..actors import Check, ShardClient, shard_for
+from ..metrics import metric
 from ..protocol import (
     AccessToken,
     AccessTokenVerifier,
@@ -257,9 +258,13 @@ class Verifier:
     async def _grant_active(self, grant_id: str) -> bool:
         """Cache-aside: this replica's memory, then Redis, then PostgreSQL."""
         if self._known_grants.get(grant_id, 0.0) > time.monotonic():
+            metric("cache_hits").inc(1.0, {"cache": "grant_local"})
             return True
         key = f"agentauth:grant:{grant_id}"
         cached = await self.redis.get(key)
+        metric("cache_hits" if cached is not None else "cache_misses").inc(
+            1.0, {"cache": "grant_redis"}
+        )
         if cached is None:
             row = await self.pool.fetchrow("SELECT revoked_at FROM grants WHERE id = $1", grant_id)
             cached = b"absent" if row is None else b"revoked" if row["revoked_at"] else b"active"
@@ -290,6 +295,22 @@ class Verifier:
     # --- the decision ------------------------------------------------------------------
 
     async def verify(self, provider_id: str, body: VerifyIn) -> dict[str, Any]:
+        started = time.perf_counter()
+        hits, misses = self.tokens.cache_hits, self.tokens.cache_misses
+        answer = await self._verify(provider_id, body)
+        metric("verify_latency").observe(time.perf_counter() - started)
+        metric("decisions").inc(1.0, {"decision": answer["decision"], "reason": answer["reason"]})
+        if self.tokens.cache_hits > hits:
+            metric("cache_hits").inc(1.0, {"cache": "token"})
+        if self.tokens.cache_misses > misses:
+            metric("cache_misses").inc(1.0, {"cache": "token"})
+        dependency = _FAIL_CLOSED.get(answer["reason"])
+        if dependency is not None:
+            metric("fail_closed").inc(1.0, {"dependency": dependency})
+        metric("shard_queue_depth").set(float(self.shards.queue_depth()))
+        return answer
+
+    async def _verify(self, provider_id: str, body: VerifyIn) -> dict[str, Any]:
         provider = self._providers[provider_id]
         now = time.time()
         check, extra, token = await self._stateless(provider, provider_id, body, now)
@@ -370,6 +391,16 @@ class Verifier:
         except Exception:  # Redis or PostgreSQL unreachable: deny
             return _replace(check, deny="dependency_unavailable")
         return check
+
+
+# Deny reasons that mean "a dependency failed, so we refused": counted as fail-closed.
+_FAIL_CLOSED = {
+    "revocation_state_stale": "redis",
+    "dependency_unavailable": "redis_or_postgres",
+    "state_unavailable": "shard",
+    "state_timeout": "shard",
+    "audit_unavailable": "audit_store",
+}
 
 
 def _deny(check: Check, exc: AgentAuthError) -> Check:

@@ -1,0 +1,70 @@
+"""Prometheus metrics through Ray's metrics system (names get Ray's ``ray_`` prefix).
+
+Inside Ray (Serve replicas, actors, a driver after ``ray.init``) these are real Ray
+metrics, scraped from each node's metrics agent; elsewhere (a verifier embedded in a test
+or a plain script) they are no-ops, so the service code records unconditionally.
+
+    agentauth_decisions_total{decision, reason}
+    agentauth_verify_latency_seconds            histogram
+    agentauth_cache_hits_total{cache} / agentauth_cache_misses_total{cache}
+    agentauth_shard_queue_depth                 gauge
+    agentauth_audit_lag_seconds                 gauge: age of the oldest event not yet
+                                                covered by a signed checkpoint
+    agentauth_tokens_issued_total
+    agentauth_fail_closed_total{dependency}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["metric"]
+
+_LATENCY_BOUNDS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0]
+_SPECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "decisions": ("counter", "agentauth_decisions_total", ("decision", "reason")),
+    "verify_latency": ("histogram", "agentauth_verify_latency_seconds", ()),
+    "cache_hits": ("counter", "agentauth_cache_hits_total", ("cache",)),
+    "cache_misses": ("counter", "agentauth_cache_misses_total", ("cache",)),
+    "shard_queue_depth": ("gauge", "agentauth_shard_queue_depth", ()),
+    "audit_lag": ("gauge", "agentauth_audit_lag_seconds", ()),
+    "tokens_issued": ("counter", "agentauth_tokens_issued_total", ()),
+    "fail_closed": ("counter", "agentauth_fail_closed_total", ("dependency",)),
+}
+_made: dict[str, Any] = {}
+
+
+class _NoOp:
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        return None
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        return None
+
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
+        return None
+
+
+def metric(name: str) -> Any:
+    """The named metric (see the module docstring), real under Ray, a no-op otherwise."""
+    if name in _made:
+        return _made[name]
+    kind, full, tags = _SPECS[name]
+    try:
+        import ray  # noqa: PLC0415 - the base install has no Ray; metrics are optional there
+        from ray.util import metrics  # noqa: PLC0415
+
+        if not ray.is_initialized():
+            return _NoOp()  # not cached: Ray may be initialized later in this process
+        if kind == "counter":
+            made: Any = metrics.Counter(full, description=full, tag_keys=tags)
+        elif kind == "gauge":
+            made = metrics.Gauge(full, description=full, tag_keys=tags)
+        else:
+            made = metrics.Histogram(
+                full, description=full, boundaries=_LATENCY_BOUNDS, tag_keys=tags
+            )
+    except ImportError:
+        made = _NoOp()
+    _made[name] = made
+    return made
