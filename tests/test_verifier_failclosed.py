@@ -218,6 +218,12 @@ async def test_unreachable_audit_store_and_dead_shard_deny(world: World) -> None
     # A dead shard: the client answers deny within its bound, never waits forever.
     client = ShardClient([blind], timeout=0.05)
     ray.kill(blind, no_restart=True)
+    for _ in range(100):  # ray.kill is asynchronous: wait until the actor is really gone
+        try:
+            await blind.ping.remote()
+        except ray.exceptions.RayActorError:
+            break
+        await asyncio.sleep(0.05)
     started = time.monotonic()
     result = await client.check(0, check)
     assert not result.allowed and result.reason in ("state_unavailable", "state_timeout")

@@ -20,21 +20,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Path, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .._web import install_error_handlers
 from ..protocol import (
-    AgentAuthError,
     Forbidden,
     InvalidDPoPProof,
-    InvalidRequest,
-    PayloadTooLarge,
     Unauthenticated,
-    UseDPoPNonce,
-    strict_json_loads,
 )
 from ._models import (
     AgentIn,
@@ -49,83 +40,9 @@ from ._models import (
 )
 from ._service import Agent, Registry
 
-__all__ = ["MAX_BODY_BYTES", "create_app"]
+__all__ = ["create_app"]
 
 log = logging.getLogger("agentauth.registry")
-
-# The largest legitimate body is a grant request with 64 capabilities or a WebAuthn
-# credential; 64 KiB is ample and keeps hostile bodies cheap to refuse.
-MAX_BODY_BYTES = 64 * 1024
-
-
-def _error_response(exc: AgentAuthError) -> JSONResponse:
-    headers = {}
-    if isinstance(exc, UseDPoPNonce):
-        headers["DPoP-Nonce"] = exc.nonce
-    if isinstance(exc, InvalidDPoPProof):
-        headers["WWW-Authenticate"] = f'DPoP error="{exc.error}"'
-    return JSONResponse(exc.to_dict(), status_code=exc.status_hint, headers=headers)
-
-
-class BodyGuard:
-    """ASGI middleware: caps request bodies and refuses JSON with duplicate members.
-
-    FastAPI's parser keeps the last of duplicate members; a security document must mean
-    one thing, so such bodies never reach it. Bodies are buffered (they are small).
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                await _send_json(send, PayloadTooLarge("the request body is too large"))
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        if body:
-            try:
-                strict_json_loads(body)
-            except InvalidRequest as exc:
-                await _send_json(
-                    send, InvalidRequest(f"body: {exc.description}", reason="bad_json")
-                )
-                return
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-
-async def _send_json(send: Send, exc: AgentAuthError) -> None:
-    response = _error_response(exc)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": response.status_code,
-            "headers": response.raw_headers,
-        }
-    )
-    await send({"type": "http.response.body", "body": response.body})
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,36 +129,8 @@ def create_app(registry: Registry) -> FastAPI:
         description="Agents, providers, grant requests, passkey approvals, tokens, audit.",
     )
     app.state.registry = registry
-    app.add_middleware(BodyGuard)
 
-    @app.exception_handler(AgentAuthError)
-    async def _agentauth_error(_: Request, exc: AgentAuthError) -> JSONResponse:
-        if exc.status_hint >= 500:
-            log.warning("request failed: %s (%s)", exc.error, exc.description)
-        return _error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [
-            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))}
-            for e in exc.errors()[:20]
-        ]
-        body = InvalidRequest("the request does not match its schema", reason="schema").to_dict()
-        return JSONResponse({**body, "details": details}, status_code=400)
-
-    @app.exception_handler(ValidationError)
-    async def _model_error(_: Request, exc: ValidationError) -> JSONResponse:
-        return _error_response(InvalidRequest("invalid document", reason="schema"))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
-        return JSONResponse({"error": code, "error_description": str(exc.detail)}, exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")  # details stay in the server log
-        return JSONResponse({"error": "server_error", "error_description": "internal error"}, 500)
+    install_error_handlers(app, log)
 
     # --- public --------------------------------------------------------------------------
 

@@ -841,6 +841,41 @@ class Registry:
         )
         return [_request_view(r) for r in rows]
 
+    async def _assertion_options(
+        self,
+        principal_id: str,
+        challenge: bytes,
+        *,
+        purpose: str,
+        subject_id: str,
+        payload: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """WebAuthn request options over ``challenge`` for the human's passkeys, with the
+        challenge stored single-use for ``purpose`` on ``subject_id``."""
+        credentials = await self.pool.fetch(
+            "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
+            " AND removed_at IS NULL",
+            principal_id,
+        )
+        options = webauthn.generate_authentication_options(
+            rp_id=self.settings.rp_id,
+            challenge=challenge,
+            allow_credentials=[
+                PublicKeyCredentialDescriptor(id=base64url_to_bytes(r["credential_id"]))
+                for r in credentials
+            ],
+            user_verification=self._uv(),
+        )
+        await self._store_challenge(
+            self.pool,
+            challenge,
+            purpose=purpose,
+            principal_id=principal_id,
+            subject_id=subject_id,
+            payload=payload,
+        )
+        return json.loads(webauthn.options_to_json(options))  # type: ignore[no-any-return]
+
     async def approval_begin(
         self, principal_id: str, request_id: str, body: ApprovalBeginIn
     ) -> dict[str, Any]:
@@ -869,32 +904,17 @@ class Registry:
             created_at=int(time.time()),
         )
         challenge = grant.digest()
-        credentials = await self.pool.fetch(
-            "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
-            " AND removed_at IS NULL",
+        options = await self._assertion_options(
             principal_id,
-        )
-        options = webauthn.generate_authentication_options(
-            rp_id=self.settings.rp_id,
-            challenge=challenge,
-            allow_credentials=[
-                PublicKeyCredentialDescriptor(id=base64url_to_bytes(r["credential_id"]))
-                for r in credentials
-            ],
-            user_verification=self._uv(),
-        )
-        await self._store_challenge(
-            self.pool,
             challenge,
             purpose="approve_grant",
-            principal_id=principal_id,
             subject_id=request_id,
             payload={"grant": grant.model_dump(mode="json", exclude_none=True)},
         )
         return {
             "grant": grant.document(),
             "grant_hash": grant.digest_b64(),
-            "options": json.loads(webauthn.options_to_json(options)),
+            "options": options,
         }
 
     async def approval_finish(
@@ -1301,31 +1321,10 @@ class Registry:
         if step["status"] != "pending":
             raise Conflict("the step-up is no longer pending", reason="not_pending")
         challenge = _sha256(canonical_json(step["document"]))
-        credentials = await self.pool.fetch(
-            "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
-            " AND removed_at IS NULL",
-            principal_id,
+        options = await self._assertion_options(
+            principal_id, challenge, purpose="approve_step_up", subject_id=step_id
         )
-        options = webauthn.generate_authentication_options(
-            rp_id=self.settings.rp_id,
-            challenge=challenge,
-            allow_credentials=[
-                PublicKeyCredentialDescriptor(id=base64url_to_bytes(r["credential_id"]))
-                for r in credentials
-            ],
-            user_verification=self._uv(),
-        )
-        await self._store_challenge(
-            self.pool,
-            challenge,
-            purpose="approve_step_up",
-            principal_id=principal_id,
-            subject_id=step_id,
-        )
-        return {
-            "step_up": step["document"],
-            "options": json.loads(webauthn.options_to_json(options)),
-        }
+        return {"step_up": step["document"], "options": options}
 
     async def step_up_finish(
         self, principal_id: str, step_id: str, credential: dict[str, Any]

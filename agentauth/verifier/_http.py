@@ -14,12 +14,9 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..protocol import AgentAuthError, InvalidRequest, Unauthenticated
-from ..registry._http import BodyGuard
+from .._web import install_error_handlers
+from ..protocol import Unauthenticated
 from ._service import Verifier, VerifyIn
 
 __all__ = ["create_app"]
@@ -49,30 +46,8 @@ Provider = Annotated[str, Depends(provider)]
 def create_app(verifier: Verifier) -> FastAPI:
     app = FastAPI(title="AgentAuth verifier", version="1")
     app.state.verifier = verifier
-    app.add_middleware(BodyGuard)
 
-    @app.exception_handler(AgentAuthError)
-    async def _error(_: Request, exc: AgentAuthError) -> JSONResponse:
-        return JSONResponse(exc.to_dict(), status_code=exc.status_hint)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [
-            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))}
-            for e in exc.errors()[:20]
-        ]
-        body = InvalidRequest("the request does not match its schema", reason="schema").to_dict()
-        return JSONResponse({**body, "details": details}, status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
-        return JSONResponse({"error": code, "error_description": str(exc.detail)}, exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return JSONResponse({"error": "server_error", "error_description": "internal error"}, 500)
+    install_error_handlers(app, log)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
