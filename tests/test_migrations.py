@@ -100,3 +100,23 @@ def test_embedded_postgres_serves_the_same_code_path(tmp_path: Path) -> None:
         assert asyncio.run(check()) == [m.name for m in discover(default_migrations_dir())]
     finally:
         server.stop()
+
+
+def test_signer_settings_come_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from agentauth.registry import RegistrySettings
+
+    monkeypatch.setenv("AGENTAUTH_SIGNER_BACKEND", "vault")
+    monkeypatch.setenv("AGENTAUTH_SIGNER_KEY_ID", "registry")
+    monkeypatch.setenv("AGENTAUTH_SIGNER_VAULT_TOKEN", "s.secret-token")
+    settings = RegistrySettings.from_env(
+        database_url="postgresql://x/y",
+        redis_url="redis://x",
+        data_dir=tmp_path,
+        issuer="http://r",
+        admin_token="a" * 20,
+    )
+    assert (settings.signer.backend, settings.signer.key_id) == ("vault", "registry")
+    assert settings.signer.vault_token == "s.secret-token"
+    assert "s.secret-token" not in repr(settings)  # secrets stay out of logs

@@ -258,6 +258,10 @@ class StateShard:
                 self._size,
             )
             if status != "UPDATE 1":
+                # Another writer (a second cluster during an upgrade, a zombie actor) has
+                # decided on this chain: its jti window is not ours, so reload as a new
+                # incarnation would, raising the replay floor to its last decision.
+                self._decisions = 0
                 raise RuntimeError("audit chain moved under this shard")
             if used:
                 await conn.executemany(

@@ -81,6 +81,15 @@ class RegistrySettings(BaseModel):
         ):
             if key in env:
                 values[name] = env[key]
+        signer = {
+            field: env[f"AGENTAUTH_SIGNER_{field.upper()}"]
+            for field in SignerSettings.model_fields
+            if f"AGENTAUTH_SIGNER_{field.upper()}" in env
+        }
+        if signer:
+            # Secrets such as the Vault token or the PKCS#11 PIN come from the environment
+            # (Kubernetes Secrets), never from a config file.
+            values["signer"] = SignerSettings.model_validate(signer)
         if "AGENTAUTH_ORIGINS" in env:
             values["origins"] = tuple(o for o in env["AGENTAUTH_ORIGINS"].split(",") if o)
         values.update(overrides)

@@ -1,0 +1,210 @@
+{{/* Names: KubeRay caps a RayService name at 47 characters (its Serve Service adds -serve-svc). */}}
+{{- define "agentauth.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 47 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "agentauth.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 47 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 47 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 47 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "agentauth.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "agentauth.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "agentauth.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "agentauth.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "agentauth.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "agentauth.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "agentauth.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* KubeRay names the Serve Service <rayservice>-serve-svc. */}}
+{{- define "agentauth.serveServiceName" -}}
+{{- printf "%s-serve-svc" (include "agentauth.fullname" .) -}}
+{{- end -}}
+
+{{- define "agentauth.registryUrl" -}}
+{{- if .Values.ui.registryUrl -}}
+{{- .Values.ui.registryUrl -}}
+{{- else -}}
+{{- printf "http://%s.%s.svc:%d/registry" (include "agentauth.serveServiceName" .) .Release.Namespace (int .Values.serve.port) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Refuse values that cannot work, before anything is rendered. */}}
+{{- define "agentauth.validate" -}}
+{{- $backend := .Values.signer.backend -}}
+{{- if not (has $backend (list "local" "aws" "gcp" "vault" "pkcs11")) -}}
+{{- fail (printf "signer.backend must be one of local, aws, gcp, vault, pkcs11 (got %q)" $backend) -}}
+{{- end -}}
+{{- if has $backend (list "vault" "pkcs11") -}}
+{{- fail (printf "signer.backend=%s: the registry reads the %s only from its settings, not from the environment, so this chart cannot take it from a Secret and will not write it into the RayService; see docs/deploy.md (Signer backends)" $backend (ternary "Vault token" "PKCS#11 PIN" (eq $backend "vault"))) -}}
+{{- end -}}
+{{- if and (eq $backend "local") (not .Values.signer.local.existingClaim) -}}
+{{- fail "signer.backend=local keeps the private key in files under the data directory: set signer.local.existingClaim to a ReadWriteMany PersistentVolumeClaim that every Ray pod mounts, or use a KMS backend" -}}
+{{- end -}}
+{{- if and (has $backend (list "aws" "gcp")) (not (index .Values.signer $backend).keyId) -}}
+{{- fail (printf "signer.%s.keyId is required for signer.backend=%s" $backend $backend) -}}
+{{- end -}}
+{{- if not (hasSuffix "/registry" (trimSuffix "/" .Values.issuer)) -}}
+{{- fail "issuer must be the registry's public URL, ending in /registry (Serve's route prefix)" -}}
+{{- end -}}
+{{- $uiHost := (urlParse .Values.ui.origin).hostname -}}
+{{- if not (or (eq $uiHost .Values.rpId) (hasSuffix (printf ".%s" .Values.rpId) $uiHost)) -}}
+{{- fail (printf "rpId %q must be the approval page's host %q or a parent domain of it (WebAuthn)" .Values.rpId $uiHost) -}}
+{{- end -}}
+{{- if gt (int .Values.verifier.autoscaling.minReplicas) (int .Values.verifier.autoscaling.maxReplicas) -}}
+{{- fail "verifier.autoscaling.minReplicas must not exceed maxReplicas" -}}
+{{- end -}}
+{{- if gt (int .Values.ray.worker.minReplicas) (int .Values.ray.worker.maxReplicas) -}}
+{{- fail "ray.worker.minReplicas must not exceed maxReplicas" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The registry's signer settings (SignerSettings field names), non-secret only. */}}
+{{- define "agentauth.signerArgs" -}}
+{{- $s := .Values.signer -}}
+{{- $args := dict "backend" $s.backend "alg" $s.alg -}}
+{{- if eq $s.backend "aws" -}}
+{{- $_ := set $args "key_id" $s.aws.keyId -}}
+{{- $_ := set $args "region" $s.aws.region -}}
+{{- $_ := set $args "aws_message_type" $s.aws.messageType -}}
+{{- if $s.aws.endpoint }}{{ $_ := set $args "endpoint" $s.aws.endpoint }}{{ end -}}
+{{- else if eq $s.backend "gcp" -}}
+{{- $_ := set $args "key_id" $s.gcp.keyId -}}
+{{- if $s.gcp.endpoint }}{{ $_ := set $args "endpoint" $s.gcp.endpoint }}{{ end -}}
+{{- end -}}
+{{- toYaml $args -}}
+{{- end -}}
+
+{{/* The Serve config (ServeDeploySchema), the same applications as cluster/serve.yaml. */}}
+{{- define "agentauth.serveConfig" -}}
+{{- $registryDeployment := dict "name" "registry" "num_replicas" (int .Values.registry.replicas) -}}
+{{- with .Values.registry.rayActorOptions }}{{ $_ := set $registryDeployment "ray_actor_options" . }}{{ end -}}
+{{- $registry := dict "name" "registry" "route_prefix" "/registry" "import_path" "agentauth.cluster_apps:registry_app" "args" (dict "signer" (include "agentauth.signerArgs" . | fromYaml)) "deployments" (list $registryDeployment) -}}
+{{- $verifierDeployment := dict "name" "verifier" -}}
+{{- if .Values.verifier.autoscaling.enabled -}}
+{{- $_ := set $verifierDeployment "autoscaling_config" (dict "min_replicas" (int .Values.verifier.autoscaling.minReplicas) "max_replicas" (int .Values.verifier.autoscaling.maxReplicas) "target_ongoing_requests" .Values.verifier.autoscaling.targetOngoingRequests) -}}
+{{- else -}}
+{{- $_ := set $verifierDeployment "num_replicas" (int .Values.verifier.replicas) -}}
+{{- end -}}
+{{- with .Values.verifier.rayActorOptions }}{{ $_ := set $verifierDeployment "ray_actor_options" . }}{{ end -}}
+{{- $verifier := dict "name" "verifier" "route_prefix" "/verifier" "import_path" "agentauth.cluster_apps:verifier_app" "args" (dict "shards" (int .Values.verifier.shards)) "deployments" (list $verifierDeployment) -}}
+{{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" (int .Values.serve.port)) "applications" (list $registry $verifier) -}}
+{{- toYaml $config -}}
+{{- end -}}
+
+{{/* Environment of every Ray container: the Serve processes read it. */}}
+{{- define "agentauth.rayEnv" -}}
+- name: RAY_SERVE_THROUGHPUT_OPTIMIZED
+  value: {{ ternary "1" "0" .Values.serve.throughputOptimized | quote }}
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: {{ ternary "1" "0" .Values.serve.haProxy | quote }}
+- name: DATABASE_URL
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.database.existingSecret | quote }}, key: {{ .Values.database.key | quote }}}
+- name: REDIS_URL
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.redis.existingSecret | quote }}, key: {{ .Values.redis.key | quote }}}
+- name: AGENTAUTH_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.admin.existingSecret | quote }}, key: {{ .Values.admin.key | quote }}}
+{{- if and (eq .Values.signer.backend "aws") .Values.signer.aws.credentialsSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.signer.aws.credentialsSecret | quote }}, key: {{ .Values.signer.aws.accessKeyIdKey | quote }}}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.signer.aws.credentialsSecret | quote }}, key: {{ .Values.signer.aws.secretAccessKeyKey | quote }}}
+{{- end }}
+{{- if and (eq .Values.signer.backend "gcp") .Values.signer.gcp.credentialsSecret }}
+- name: GOOGLE_APPLICATION_CREDENTIALS
+  value: {{ printf "/var/run/secrets/agentauth/gcp/%s" .Values.signer.gcp.credentialsKey | quote }}
+{{- end }}
+{{- with .Values.ray.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "agentauth.rayVolumeMounts" -}}
+- name: data
+  mountPath: {{ .Values.ray.dataDir }}
+- name: dshm
+  mountPath: /dev/shm
+{{- if and (eq .Values.signer.backend "gcp") .Values.signer.gcp.credentialsSecret }}
+- name: gcp-credentials
+  mountPath: /var/run/secrets/agentauth/gcp
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "agentauth.rayVolumes" -}}
+- name: data
+{{- if eq .Values.signer.backend "local" }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.signer.local.existingClaim }}
+{{- else }}
+  emptyDir: {}
+{{- end }}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    {{- with .Values.ray.shmSizeLimit }}
+    sizeLimit: {{ . }}
+    {{- end }}
+{{- if and (eq .Values.signer.backend "gcp") .Values.signer.gcp.credentialsSecret }}
+- name: gcp-credentials
+  secret:
+    secretName: {{ .Values.signer.gcp.credentialsSecret }}
+    items:
+      - key: {{ .Values.signer.gcp.credentialsKey }}
+        path: {{ .Values.signer.gcp.credentialsKey }}
+{{- end }}
+{{- end -}}
+
+{{/* Pod-level settings shared by every pod of the chart. */}}
+{{- define "agentauth.podSettings" -}}
+serviceAccountName: {{ include "agentauth.serviceAccountName" . }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
