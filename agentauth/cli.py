@@ -3,7 +3,9 @@
     agentauth up                   start the whole local stack; Ctrl+C stops it
     agentauth migrate              apply database migrations
     agentauth keys create|list|rotate   the registry's signing keys
-    agentauth audit verify         check every audit chain and signed checkpoint
+    agentauth audit verify [--archive DIR|s3://BUCKET/PREFIX [--jwks FILE]]
+                                   check every audit chain and signed checkpoint
+                                   (or an exported archive, offline)
     agentauth agents|grants list   what the registry holds
     agentauth bench protocol|issuance|verify   run a benchmark
     agentauth schemas [DIR]        write the JSON Schemas of the public documents
@@ -318,6 +320,14 @@ async def _audit_verify(url: str) -> list[str]:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    if args.archive:
+        from .archive import verify_command
+
+        # S3 endpoint and credentials come from boto3's environment (AWS_ENDPOINT_URL_S3...).
+        return verify_command(args.archive, jwks=args.jwks)  # 0 ok, 1 problems, 2 unreadable
+    if args.jwks:
+        print("error: --jwks goes with --archive", file=sys.stderr)
+        return 2
     url, server = _database_url()
     try:
         problems = asyncio.run(_audit_verify(url))
@@ -393,6 +403,16 @@ def build_parser() -> argparse.ArgumentParser:
     keys.set_defaults(run=cmd_keys)
     audit = commands.add_parser("audit", help="verify the audit log (chains and checkpoints)")
     audit.add_argument("action", choices=["verify"])
+    audit.add_argument(
+        "--archive",
+        metavar="DIR|s3://BUCKET/PREFIX",
+        help="verify an exported archive offline instead of the database",
+    )
+    audit.add_argument(
+        "--jwks",
+        metavar="FILE",
+        help="with --archive: the registry's JWKS to trust (default: the archive's own keys)",
+    )
     audit.set_defaults(run=cmd_audit)
     for what in ("agents", "grants"):
         lister = commands.add_parser(what, help=f"list {what}")

@@ -86,3 +86,14 @@ async def test_audit_verify_passes_then_catches_a_changed_event(audited_db: str)
     bad = run_verify(audited_db)
     assert bad.returncode == 1
     assert f"{row['chain']}" in bad.stderr and "FAILED" in bad.stdout
+
+
+def test_audit_verify_archive_refuses_an_empty_archive(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "agentauth.cli", "audit", "verify", "--archive", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert out.returncode == 1 and "holds no keys" in out.stderr

@@ -1,0 +1,231 @@
+"""Where archives live: a directory or an S3 bucket, behind three blocking methods.
+
+Both stores make each ``put`` atomic (a reader sees the old object, the whole new one, or
+nothing), which is what lets an interrupted export resume by rewriting at most one object.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from ._errors import ArchiveUnavailable
+
+__all__ = ["ArchiveStore", "DirectoryStore", "S3Store", "open_store"]
+
+_T = TypeVar("_T")
+# Keys are relative, '/'-separated, and no component is empty, '.', '..' or hidden (temporary
+# files start with a dot), so a key can never name a path outside the store.
+_KEY = re.compile(r"^[A-Za-z0-9_:@-][A-Za-z0-9._:@-]*(/[A-Za-z0-9_:@-][A-Za-z0-9._:@-]*)*$")
+#: Connect and read timeout for S3 calls, seconds: an export is a batch job and can wait out
+#: a slow object store, but must not hang forever on a dead one.
+S3_TIMEOUT = 60.0
+
+
+def _check_key(key: str) -> str:
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"not an archive key: {key!r}")
+    return key
+
+
+@runtime_checkable
+class ArchiveStore(Protocol):
+    """An object store with atomic whole-object writes; keys are ``a/b/c`` paths."""
+
+    def get(self, key: str) -> bytes | None:
+        """The object's bytes, or ``None`` if there is no such object."""
+        ...
+
+    def put(self, key: str, data: bytes) -> None:
+        """Create or replace the object, atomically."""
+        ...
+
+    def list(self, prefix: str = "") -> Sequence[str]:
+        """Every key starting with ``prefix``, sorted."""
+        ...
+
+
+class DirectoryStore:
+    """An archive in a local (or shared, e.g. NFS) directory.
+
+    A put writes a hidden temporary file in the target directory, flushes it to disk, then
+    renames it over the key (``os.replace`` is atomic within a file system) and flushes the
+    directory, so a crash leaves either the old object or the new one, never a torn file.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"DirectoryStore({str(self.root)!r})"
+
+    def _io(self, what: str, fn: Callable[[], _T]) -> _T:
+        try:
+            return fn()
+        except OSError as exc:
+            raise ArchiveUnavailable(
+                f"archive directory {what} failed ({type(exc).__name__}: {exc.strerror})"
+            ) from exc
+
+    def get(self, key: str) -> bytes | None:
+        path = self.root / _check_key(key)
+
+        def read() -> bytes | None:
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                return None
+
+        return self._io("read", read)
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self.root / _check_key(key)
+        self._io("write", lambda: self._write(path, data))
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            with temp.open("xb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power cut
+        finally:
+            os.close(directory)
+
+    def list(self, prefix: str = "") -> Sequence[str]:
+        def walk() -> list[str]:
+            if not self.root.is_dir():
+                return []
+            keys = []
+            for directory, subdirs, files in os.walk(self.root):
+                subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+                base = Path(directory).relative_to(self.root).as_posix()
+                for name in files:
+                    if name.startswith("."):  # a temporary file, or not ours
+                        continue
+                    key = name if base == "." else f"{base}/{name}"
+                    if key.startswith(prefix):
+                        keys.append(key)
+            return sorted(keys)
+
+        return self._io("listing", walk)
+
+    def close(self) -> None:
+        """Nothing to release; here so either store can be closed alike."""
+
+
+class S3Store:
+    """An archive under ``prefix`` in an S3 bucket (or any S3-compatible store).
+
+    ``client`` is a boto3 S3 client (boto3 clients are thread-safe). A PUT is atomic per
+    object in S3. Every client failure becomes ``ArchiveUnavailable``.
+    """
+
+    def __init__(self, *, bucket: str, prefix: str = "", client: Any) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._client = client
+
+    @classmethod
+    def connect(
+        cls,
+        *,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region_name: str | None = None,
+        session: Any = None,
+        timeout: float = S3_TIMEOUT,
+    ) -> S3Store:
+        """A store with its own client; ``session`` is a ``boto3.session.Session`` (default:
+        a new one, which finds credentials, region and ``AWS_ENDPOINT_URL_S3`` the usual way)."""
+        # Imported here so the package imports without the server extras; boto3 and
+        # botocore ship no type hints.
+        import boto3  # type: ignore[import-untyped, unused-ignore]  # noqa: PLC0415
+        from botocore.config import Config  # type: ignore[import-untyped, unused-ignore]  # noqa: PLC0415
+
+        config = Config(
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            retries={"mode": "standard", "total_max_attempts": 3},
+        )
+        client = (session or boto3.session.Session()).client(
+            "s3", endpoint_url=endpoint_url, region_name=region_name, config=config
+        )
+        return cls(bucket=bucket, prefix=prefix, client=client)
+
+    def __repr__(self) -> str:
+        return f"S3Store('s3://{self.bucket}/{self.prefix}')"
+
+    def _full(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, what: str, fn: Callable[[], _T]) -> _T:
+        try:
+            return fn()
+        except Exception as exc:
+            raise ArchiveUnavailable(
+                f"S3 {what} in bucket {self.bucket} failed ({type(exc).__name__})"
+            ) from exc
+
+    def get(self, key: str) -> bytes | None:
+        full = self._full(_check_key(key))
+
+        def read() -> bytes | None:
+            try:
+                response = self._client.get_object(Bucket=self.bucket, Key=full)
+            except self._client.exceptions.NoSuchKey:
+                return None
+            body: bytes = response["Body"].read()
+            return body
+
+        return self._call("get", read)
+
+    def put(self, key: str, data: bytes) -> None:
+        full = self._full(_check_key(key))
+        self._call("put", lambda: self._client.put_object(Bucket=self.bucket, Key=full, Body=data))
+
+    def list(self, prefix: str = "") -> Sequence[str]:
+        start = self._full(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+
+        def walk() -> list[str]:
+            keys: list[str] = []
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=start
+            )
+            for page in pages:
+                keys.extend(item["Key"][strip:] for item in page.get("Contents", ()))
+            return sorted(keys)
+
+        return self._call("list", walk)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def open_store(
+    location: str, *, endpoint_url: str | None = None, session: Any = None
+) -> DirectoryStore | S3Store:
+    """``s3://bucket/prefix`` is an ``S3Store``; anything else is a directory path."""
+    if location.startswith("s3://"):
+        bucket, _, prefix = location.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ValueError("an S3 archive location is s3://bucket[/prefix]")
+        return S3Store.connect(
+            bucket=bucket, prefix=prefix, endpoint_url=endpoint_url, session=session
+        )
+    return DirectoryStore(location)

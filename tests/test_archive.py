@@ -1,0 +1,747 @@
+"""The audit archiver: export sealed segments, resume after crashes, verify offline.
+
+Every export is compared byte for byte with a clean export of the same database: a resumed
+archive must hold exactly the same objects (nothing lost, nothing twice). S3 is moto's
+server; the directory store is a tmp_path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from conftest import with_database
+
+from agentauth import archive
+from agentauth.archive import (
+    ArchiveIntegrityError,
+    ArchiveStore,
+    ArchiveUnavailable,
+    DirectoryStore,
+    Manifest,
+    S3Store,
+    export,
+    verify_archive,
+)
+from agentauth.protocol import (
+    Checkpoint,
+    KeySet,
+    PrivateKey,
+    PublicKey,
+    b64url_encode,
+    sign_checkpoint,
+    verify_chain,
+)
+from agentauth.protocol._audit import AuditEvent
+
+CHAINS = 3
+ROUNDS = 3  # checkpointed rounds: every chain gets three sealed segments
+PER_ROUND = 30
+UNSEALED = 6  # events appended after the last checkpoint
+
+
+# --- a populated registry database ----------------------------------------------------------------
+
+
+@dataclass
+class AuditedDb:
+    url: str
+    registry: Any
+
+    async def append(self, count: int, *, round_: int) -> None:
+        for i in range(count):
+            async with self.registry.pool.acquire() as conn, conn.transaction():
+                await self.registry.audit.append(
+                    conn,
+                    event="test.event",
+                    actor="test",
+                    subject=f"s{i}",
+                    key=f"agent-{i}",
+                    data={"round": round_, "i": i},
+                )
+
+    async def checkpoint(self) -> None:
+        await self.registry.checkpoint_all()
+
+    async def execute(self, sql: str, *args: object) -> Any:
+        conn = await asyncpg.connect(self.url)
+        try:
+            return await conn.fetch(sql, *args)
+        finally:
+            await conn.close()
+
+
+@asynccontextmanager
+async def audited_database(
+    database_url: str, redis_url: str, data_dir: Path
+) -> AsyncIterator[AuditedDb]:
+    from agentauth.registry import Registry, RegistrySettings
+
+    name = f"archive_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(database_url, name)
+    settings = RegistrySettings(
+        database_url=url,
+        redis_url=redis_url,
+        data_dir=data_dir,
+        issuer="http://r.test",
+        admin_token=secrets.token_urlsafe(24),
+        audit_chains=CHAINS,
+    )
+    registry = await Registry.open(settings)
+    db = AuditedDb(url, registry)
+    try:
+        for round_ in range(ROUNDS):
+            await db.append(PER_ROUND, round_=round_)
+            await db.checkpoint()
+        await db.append(UNSEALED, round_=ROUNDS)
+        yield db
+    finally:
+        await registry.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def audited(
+    database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[AuditedDb]:
+    """Shared and never changed: tests that alter the database make their own."""
+    async with audited_database(database_url, redis_url, tmp_path_factory.mktemp("reg")) as db:
+        yield db
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def fresh(database_url: str, redis_url: str, tmp_path: Path) -> AsyncIterator[AuditedDb]:
+    async with audited_database(database_url, redis_url, tmp_path / "reg") as db:
+        yield db
+
+
+# --- stores ---------------------------------------------------------------------------------------
+
+
+class Crash(Exception):
+    """Stands for the process dying between two writes."""
+
+
+class CountingStore:
+    """Records every put; raises ``Crash`` instead of the put numbered ``crash_at``."""
+
+    def __init__(self, inner: ArchiveStore, *, crash_at: int | None = None) -> None:
+        self.inner = inner
+        self.crash_at = crash_at
+        self.puts: list[str] = []
+
+    def get(self, key: str) -> bytes | None:
+        return self.inner.get(key)
+
+    def put(self, key: str, data: bytes) -> None:
+        if self.crash_at is not None and len(self.puts) == self.crash_at:
+            raise Crash(key)
+        self.inner.put(key, data)
+        self.puts.append(key)
+
+    def list(self, prefix: str = "") -> Sequence[str]:
+        return self.inner.list(prefix)
+
+
+def snapshot(store: ArchiveStore) -> dict[str, bytes]:
+    contents = {}
+    for key in store.list():
+        data = store.get(key)
+        assert data is not None
+        contents[key] = data
+    return contents
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def clean(audited: AuditedDb, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """What one uninterrupted export of ``audited`` writes."""
+    store = DirectoryStore(tmp_path_factory.mktemp("clean"))
+    await export(audited.url, store)
+    return snapshot(store)
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+# Dummy credentials: moto accepts any, and nothing here may reach real AWS.
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="module")
+def bucket(moto_url: str) -> Iterator[Callable[[str], S3Store]]:
+    """A factory of S3 stores under fresh prefixes of one moto bucket."""
+    import boto3
+
+    session = boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
+    admin = session.client("s3", endpoint_url=moto_url)
+    admin.create_bucket(Bucket="audit-archive")
+    stores: list[S3Store] = []
+
+    def make(prefix: str) -> S3Store:
+        store = S3Store.connect(
+            bucket="audit-archive", prefix=prefix, endpoint_url=moto_url, session=session
+        )
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        store.close()
+    admin.close()
+
+
+def run_module(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agentauth.archive", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+
+
+def copy_of(contents: dict[str, bytes], root: Path) -> DirectoryStore:
+    store = DirectoryStore(root)
+    for key, data in contents.items():
+        store.put(key, data)
+    return store
+
+
+def segments(contents: dict[str, bytes]) -> dict[str, list[Manifest]]:
+    """The manifests of an archive snapshot, per chain, in order."""
+    chains: dict[str, list[Manifest]] = {}
+    for key in sorted(contents):
+        if key.endswith(".manifest.json"):
+            manifest = Manifest.decode(contents[key])
+            chains.setdefault(manifest.chain, []).append(manifest)
+    return chains
+
+
+def events_key(manifest: Manifest) -> str:
+    return f"{manifest.chain}/{manifest.to_size:012d}.jsonl"
+
+
+def manifest_key(manifest: Manifest) -> str:
+    return f"{manifest.chain}/{manifest.to_size:012d}.manifest.json"
+
+
+async def database_keys(db: AuditedDb) -> KeySet:
+    rows = await db.execute("SELECT public_jwk FROM signing_keys")
+    jwks = [r["public_jwk"] for r in rows]
+    return KeySet(PublicKey.from_jwk(j, alg=j.get("alg")) for j in map(_json, jwks))
+
+
+def _json(value: Any) -> Any:
+    import json
+
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def failure(store: ArchiveStore, **kw: Any) -> ArchiveIntegrityError:
+    with pytest.raises(ArchiveIntegrityError) as caught:
+        verify_archive(store, **kw)
+    return caught.value
+
+
+# --- export, then offline verification ------------------------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_export_writes_every_sealed_segment_and_verifies(
+    audited: AuditedDb, clean: dict[str, bytes], tmp_path: Path
+) -> None:
+    store = CountingStore(DirectoryStore(tmp_path))
+    report = await export(audited.url, store)
+
+    heads = {r["chain"]: r["size"] for r in await audited.execute("SELECT * FROM audit_heads")}
+    checkpoints = await audited.execute(
+        "SELECT chain, size, root FROM audit_checkpoints ORDER BY chain, size"
+    )
+    assert len(heads) == CHAINS and len(checkpoints) == CHAINS * ROUNDS  # every chain used
+    assert [(s.chain, s.to_size) for s in report.exported] == [
+        (r["chain"], r["size"]) for r in checkpoints
+    ]
+    assert sum(report.unsealed.values()) == UNSEALED
+    assert all(report.tips[c] + report.unsealed[c] == heads[c] for c in heads)
+    # The keys first, then each segment's events, then its manifest.
+    assert store.puts[0].startswith("keys/") and store.puts[0].endswith(".jwk.json")
+    pairs = zip(store.puts[1::2], store.puts[2::2], strict=True)
+    assert all(m == e.replace(".jsonl", ".manifest.json") for e, m in pairs)
+    assert snapshot(store) == clean  # same database, same bytes
+
+    verified = verify_archive(store)
+    assert not verified.keys_pinned and verified.incomplete == ()
+    latest = {r["chain"]: r for r in checkpoints}  # ordered by size: the last one wins
+    assert {(c.chain, c.segments, c.size, c.root) for c in verified.chains} == {
+        (chain, ROUNDS, row["size"], b64url_encode(bytes(row["root"])))
+        for chain, row in latest.items()
+    }
+    assert verify_archive(store, keys=await database_keys(audited)).keys_pinned
+
+    # The events object holds the database's canonical bytes, verbatim.
+    first = report.exported[0]
+    rows = await audited.execute(
+        "SELECT body FROM audit_events WHERE chain = $1 AND seq < $2 ORDER BY seq",
+        first.chain,
+        first.to_size,
+    )
+    expected = b"".join(r["body"].encode() + b"\n" for r in rows)
+    assert (tmp_path / f"{first.chain}/{first.to_size:012d}.jsonl").read_bytes() == expected
+
+    # Nothing newly sealed: a second run writes nothing at all.
+    again = CountingStore(DirectoryStore(tmp_path))
+    assert (await export(audited.url, again)).exported == ()
+    assert again.puts == []
+
+
+# --- crashes --------------------------------------------------------------------------------------
+
+
+def _orphans(contents: dict[str, bytes]) -> set[str]:
+    """Events objects whose manifest was never written."""
+    sealed = {k.replace(".manifest.json", ".jsonl") for k in contents if k.endswith(".json")}
+    return {k for k in contents if k.endswith(".jsonl")} - sealed
+
+
+async def crash_then_resume(
+    url: str, clean: dict[str, bytes], make: Callable[[int], ArchiveStore], at: Sequence[int]
+) -> None:
+    """For each of these writes of a clean export: die just before it, resume, compare."""
+    for crash_at in at:
+        target = make(crash_at)
+        with pytest.raises(Crash):
+            await export(url, CountingStore(target, crash_at=crash_at))
+        before = snapshot(target)
+        assert len(before) == crash_at
+        orphans = _orphans(before)
+        assert len(orphans) <= 1  # at most one incomplete segment
+        if any(k.endswith(".manifest.json") for k in before):
+            assert set(verify_archive(target).incomplete) == orphans
+
+        resumed = CountingStore(target)
+        await export(url, resumed)
+        assert snapshot(target) == clean, f"crash before write {crash_at}"
+        # Exactly the missing objects are written, and the incomplete segment again: no
+        # complete object is touched.
+        assert sorted(resumed.puts) == sorted(set(clean) - set(before) | orphans)
+        verify_archive(target)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_directory_crash_before_every_write_then_resume(
+    audited: AuditedDb, clean: dict[str, bytes], tmp_path: Path
+) -> None:
+    every = range(len(clean))
+    await crash_then_resume(audited.url, clean, lambda n: DirectoryStore(tmp_path / str(n)), every)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_s3_crash_then_resume_and_verify_offline(
+    audited: AuditedDb,
+    clean: dict[str, bytes],
+    bucket: Callable[[str], S3Store],
+    moto_url: str,
+) -> None:
+    run = secrets.token_hex(4)
+    # A clean export to S3 is the directory's, byte for byte.
+    straight = bucket(f"{run}/clean")
+    await export(audited.url, straight)
+    assert snapshot(straight) == clean
+
+    # Before the keys, before a manifest, before an events object, before the last write
+    # (the directory test above dies before every one).
+    points = [0, 2, 3, len(clean) - 1]
+    await crash_then_resume(audited.url, clean, lambda n: bucket(f"{run}/crash-{n}"), points)
+
+    # Offline verification of the bucket, as `agentauth audit verify --archive` does it.
+    location = f"s3://audit-archive/{run}/crash-3"
+    good = run_module("verify", "--archive", location, "--s3-endpoint", moto_url, env=AWS_ENV)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "archive verifies" in good.stdout and f"{ROUNDS} segment(s)" in good.stdout
+    # The endpoint may also come from boto3's own environment variable.
+    env = {**AWS_ENV, "AWS_ENDPOINT_URL_S3": moto_url}
+    assert run_module("verify", "--archive", location, env=env).returncode == 0
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys
+    from pathlib import Path
+    from agentauth.archive import DirectoryStore, export
+
+    url, root, kill_at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+
+    class Dying(DirectoryStore):
+        puts = 0
+
+        def put(self, key, data):
+            if Dying.puts == kill_at:
+                # Die half way through writing this object, as a power cut would.
+                target = root / key
+                target.parent.mkdir(parents=True, exist_ok=True)
+                torn = target.parent / f".{target.name}.dead.tmp"
+                torn.write_bytes(data[: len(data) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+            super().put(key, data)
+            Dying.puts += 1
+
+    asyncio.run(export(url, Dying(root)))
+    """
+)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.parametrize("kill_at", [3, 4], ids=["writing-events", "writing-manifest"])
+def test_job_killed_mid_write_is_resumed_by_the_next_run(
+    audited: AuditedDb, clean: dict[str, bytes], tmp_path: Path, kill_at: int
+) -> None:
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, audited.url, str(tmp_path), str(kill_at)],
+        capture_output=True,
+        check=False,
+        timeout=120,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    torn = list(tmp_path.rglob(".*.dead.tmp"))
+    assert len(torn) == 1  # the torn write is a hidden temporary, never an object
+    assert len(DirectoryStore(tmp_path).list()) == kill_at
+
+    resumed = run_module("export", "--archive", str(tmp_path), "--database-url", audited.url)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert snapshot(DirectoryStore(tmp_path)) == clean
+    assert f"exported {len(segments(clean)) * ROUNDS - (kill_at - 1) // 2} segment(s)" in (
+        resumed.stdout
+    )
+    checked = run_module("verify", "--archive", str(tmp_path))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+# --- tampering, gaps, forgeries -------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_one_changed_byte_fails_naming_its_chain_and_segment(
+    clean: dict[str, bytes], tmp_path: Path
+) -> None:
+    store = copy_of(clean, tmp_path)
+    chain, manifests = sorted(segments(clean).items())[1]
+    target = manifests[1]  # the middle segment of the middle chain
+    events = clean[events_key(target)]
+    # One byte of the segment's last event (no later event links to it within the segment).
+    *earlier, last_line, end = events.split(b"\n")
+    changed = b"\n".join([*earlier, last_line.replace(b'"round":1', b'"round":7'), end])
+    assert len(changed) == len(events) and changed != events
+    store.put(events_key(target), changed)
+
+    caught = failure(store)
+    assert [(p.chain, p.from_size, p.to_size, p.reason) for p in caught.problems] == [
+        (chain, target.from_size, target.to_size, "digest")
+    ]
+    assert f"{chain} segment {target.from_size}..{target.to_size}" in str(caught)
+
+    # The digest is not what protects the events (anyone can rewrite a manifest): the
+    # signed checkpoint is.
+    digest = b64url_encode(hashlib.sha256(changed).digest())
+    rewritten = Manifest(**{**target.model_dump(), "events_sha256": digest})
+    store.put(manifest_key(target), rewritten.encode())
+    (problem,) = failure(store).problems
+    assert (problem.chain, problem.to_size, problem.reason) == (chain, target.to_size, "root")
+
+    cli = run_module("verify", "--archive", str(tmp_path))
+    assert cli.returncode == 1
+    assert f"error: {chain} segment {target.from_size}..{target.to_size}" in cli.stderr
+    assert f"{chain}: {ROUNDS} segment(s)" in cli.stdout and "FAILED" in cli.stdout
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_a_missing_segment_is_a_gap(clean: dict[str, bytes], tmp_path: Path) -> None:
+    chain, manifests = sorted(segments(clean).items())[0]
+    first, middle, last = manifests
+    gapped = {k: v for k, v in clean.items() if k not in {events_key(middle), manifest_key(middle)}}
+    (problem,) = failure(copy_of(gapped, tmp_path / "middle")).problems
+    assert (problem.chain, problem.from_size, problem.to_size) == (
+        chain,
+        last.from_size,
+        last.to_size,
+    )
+    assert problem.reason == "gap"
+    assert f"events {first.to_size}..{middle.to_size} are missing" in problem.description
+
+    # Without its first segment a chain no longer starts at genesis.
+    headless = {k: v for k, v in clean.items() if k not in {events_key(first), manifest_key(first)}}
+    (problem,) = failure(copy_of(headless, tmp_path / "first")).problems
+    assert (problem.chain, problem.to_size, problem.reason) == (chain, middle.to_size, "gap")
+
+    # A manifest lost, its events kept: the events are not a segment, and the gap shows.
+    unsealed = {k: v for k, v in clean.items() if k != manifest_key(middle)}
+    problems = failure(copy_of(unsealed, tmp_path / "manifest")).problems
+    assert {(p.to_size, p.reason) for p in problems} == {
+        (middle.to_size, "gap"),
+        (last.to_size, "gap"),
+    }
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_a_resigned_forgery_fails_only_against_pinned_keys(
+    audited: AuditedDb, clean: dict[str, bytes], tmp_path: Path
+) -> None:
+    import json
+
+    from agentauth.protocol import canonical_json
+
+    store = copy_of(clean, tmp_path)
+    chain, manifests = sorted(segments(clean).items())[0]
+    last = manifests[-1]
+    # Someone who can write the bucket rewrites the chain's newest event, recomputes the
+    # tree, and signs a checkpoint with a key of their own, added to the archive's keys.
+    events = [AuditEvent.from_canonical(line) for line in clean[events_key(last)].splitlines()]
+    events[-1] = AuditEvent(**{**events[-1].model_dump(), "actor": "nobody"})
+    blob = b"".join(e.canonical_bytes() + b"\n" for e in events)
+    head = verify_chain(events, chain=chain, start=last.start())
+    attacker = PrivateKey.generate(kid="attacker")
+    forged = sign_checkpoint(
+        Checkpoint(chain=chain, size=last.to_size, root=b64url_encode(head.root), time=0), attacker
+    )
+    manifest = Manifest(
+        **{
+            **last.model_dump(),
+            "events_sha256": b64url_encode(hashlib.sha256(blob).digest()),
+            "last_hash": b64url_encode(head.head),
+            "to_frontier": [b64url_encode(h) for h in head.frontier.state()],
+            "checkpoint": forged,
+        }
+    )
+    store.put(events_key(last), blob)
+    store.put(manifest_key(last), manifest.encode())
+    store.put("keys/attacker.jwk.json", canonical_json(attacker.public_jwk()))
+
+    verify_archive(store)  # self-consistent: the archive's own keys cannot tell
+    (problem,) = failure(store, keys=await database_keys(audited)).problems
+    assert (problem.chain, problem.to_size) == (chain, last.to_size)
+
+    jwks = tmp_path.parent / "registry-jwks.json"
+    jwks.write_text(json.dumps((await database_keys(audited)).to_jwks()))
+    cli = run_module("verify", "--archive", str(tmp_path), "--jwks", str(jwks))
+    assert cli.returncode == 1 and f"{chain} segment" in cli.stderr
+
+
+def test_an_empty_or_keyless_archive_never_verifies(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path)
+    assert failure(store).problems[0].reason == "no_keys"
+    keys = KeySet([PublicKey.from_jwk(PrivateKey.generate(kid="k").public_jwk())])
+    assert failure(store, keys=keys).problems[0].reason == "empty"
+    store.put("registry-0/000000000010.jsonl", b"")  # an interrupted export seals nothing
+    assert failure(store, keys=keys).problems[0].reason == "empty"
+    cli = run_module("verify", "--archive", str(tmp_path / "typo"))
+    assert cli.returncode == 1 and "holds no keys" in cli.stderr
+
+
+# --- the database side ----------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_export_refuses_a_tampered_database_and_goes_on(
+    fresh: AuditedDb, tmp_path: Path
+) -> None:
+    rows = await fresh.execute(
+        "SELECT chain, size FROM audit_checkpoints ORDER BY chain, size LIMIT 2"
+    )
+    chain, first_end, second_end = rows[0]["chain"], rows[0]["size"], rows[1]["size"]
+    await fresh.execute(
+        'UPDATE audit_events SET body = replace(body, \'"actor":"test"\', \'"actor":"else"\')'
+        " WHERE chain = $1 AND seq = $2",
+        chain,
+        first_end + 1,
+    )
+    store = DirectoryStore(tmp_path)
+    with pytest.raises(ArchiveIntegrityError) as caught:
+        await export(fresh.url, store)
+    (problem,) = caught.value.problems
+    assert (problem.chain, problem.from_size, problem.to_size) == (chain, first_end, second_end)
+    assert f"event {first_end + 2} does not link" in problem.description
+    report = caught.value.report
+    assert isinstance(report, archive.ExportReport)
+    assert report.tips[chain] == first_end  # nothing of the bad segment is written
+    assert all(tip > 0 for tip in report.tips.values())
+    assert not any(k.startswith(f"{chain}/{second_end:012d}") for k in store.list())
+    verify_archive(store)  # what was written is sound
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_incremental_exports_equal_one_export(fresh: AuditedDb, tmp_path: Path) -> None:
+    store = CountingStore(DirectoryStore(tmp_path / "incremental"))
+    await export(fresh.url, store)
+    for round_ in range(ROUNDS, ROUNDS + 2):
+        await fresh.append(PER_ROUND, round_=round_)
+        await fresh.checkpoint()
+        done = set(store.list())
+        store.puts.clear()
+        report = await export(fresh.url, store)
+        assert report.exported and not done & set(store.puts)  # only new objects
+        assert all(s.from_size > 0 for s in report.exported)
+    once = DirectoryStore(tmp_path / "once")
+    await export(fresh.url, once)
+    assert snapshot(store) == snapshot(once)
+
+    # Coarser segments: cut at the first checkpoint at least 40 events past the last cut.
+    coarse = DirectoryStore(tmp_path / "coarse")
+    report = await export(fresh.url, coarse, min_events=40)
+    assert all(s.to_size - s.from_size >= 40 for s in report.exported)
+    assert len(report.exported) < len(segments(snapshot(once))) * (ROUNDS + 2)
+    verify_archive(coarse)
+    assert (await export(fresh.url, coarse, min_events=40)).exported == ()
+    # Boundaries only ever fall on signed checkpoints, so the granularity can change between
+    # runs: a finer run picks up where the coarse one stopped.
+    finer = await export(fresh.url, coarse)
+    assert finer.exported and all(s.to_size - s.from_size < 40 for s in finer.exported)
+    assert verify_archive(coarse).events == sum(finer.tips.values())
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_export_into_another_registrys_archive_is_refused(
+    audited: AuditedDb, tmp_path: Path
+) -> None:
+    store = DirectoryStore(tmp_path)
+    (kid,) = await database_keys(audited)
+    impostor = PrivateKey.generate(kid=kid)
+    from agentauth.protocol import canonical_json
+
+    store.put(f"keys/{kid}.jwk.json", canonical_json(impostor.public_jwk()))
+    with pytest.raises(ArchiveIntegrityError) as caught:
+        await export(audited.url, store)
+    assert caught.value.problems[0].reason == "key_conflict"
+    assert store.list() == [f"keys/{kid}.jwk.json"]
+
+    with pytest.raises(ArchiveIntegrityError) as unknown:
+        await export(audited.url, DirectoryStore(tmp_path / "x"), chains=["no-such-chain"])
+    assert unknown.value.problems[0].reason == "unknown_chain"
+
+
+# --- Ray ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_ray_job_exports_one_task_per_chain(
+    audited: AuditedDb, clean: dict[str, bytes], tmp_path: Path
+) -> None:
+    # A private local cluster: never one another test (or person) started on this machine.
+    env = {"RAY_ADDRESS": "local"}
+    args = ["export", "--archive", str(tmp_path), "--database-url", audited.url, "--ray"]
+    job = run_module(*args, env=env)
+    assert job.returncode == 0, job.stdout + job.stderr
+    assert snapshot(DirectoryStore(tmp_path)) == clean
+    assert f"exported {len(clean) // 2} segment(s)" in job.stdout
+
+
+# --- the stores themselves ----------------------------------------------------------------------
+
+
+def test_directory_store_is_atomic_and_stays_inside_its_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DirectoryStore(tmp_path)
+    store.put("a/b.txt", b"old")
+
+    def power_cut(*_: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "replace", power_cut)
+        with pytest.raises(ArchiveUnavailable, match="write failed"):
+            store.put("a/b.txt", b"new")
+    assert store.get("a/b.txt") == b"old"
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b.txt"]  # no temporary left
+
+    (tmp_path / "a" / ".b.txt.1234.tmp").write_bytes(b"torn")
+    assert store.list() == ["a/b.txt"] and store.list("b") == [] and store.get("a/c") is None
+    for key in ["../x", "/etc/passwd", "a/../b", ".hidden", "a//b", "a/", "", "a\\b"]:
+        with pytest.raises(ValueError, match="not an archive key"):
+            store.get(key)
+    assert DirectoryStore(tmp_path / "absent").list() == []
+
+
+def test_s3_store_failures_are_archive_unavailable() -> None:
+    import boto3
+
+    session = boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
+    store = S3Store.connect(bucket="b", endpoint_url=refused_url(), session=session, timeout=1.0)
+    with pytest.raises(ArchiveUnavailable, match="S3 get in bucket b failed"):
+        store.get("x")
+    store.close()
+
+
+def refused_url() -> str:
+    """An address nothing listens on: connections are refused at once."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def test_public_surface_is_exact() -> None:
+    public = {n for n in vars(archive) if not n.startswith("_")}
+    modules = {n for n in public if type(vars(archive)[n]).__name__ == "module"}
+    assert set(archive.__all__) == public - modules
+    # Offline verification needs neither the database driver nor Ray.
+    code = (
+        "import sys, agentauth.archive; "
+        "print(','.join(m for m in ('asyncpg', 'ray', 'boto3') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
