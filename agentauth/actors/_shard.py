@@ -1,10 +1,11 @@
 """The state shard actor: check-and-reserve, audit append and group commit in one hop.
 
 Each shard owns the per-agent state of the agents hashed to it and is the single writer of
-its own audit chain (``verifier-<index>``). A batch is decided in order under a lock, its
-events chained and committed to PostgreSQL in one transaction, and only then does the
-actor reply: no allow leaves before its audit row is durable. If the commit fails, every
-decision of the batch becomes a deny (``audit_unavailable``); state already reserved stays
+its own audit chain (``verifier-<index>``). Batches are decided in arrival order by one
+flusher, their events chained and committed to PostgreSQL in one transaction (calls that
+arrive during a commit share the next one), and only then does the actor reply: no allow
+leaves before its audit row is durable. If the commit fails, every decision of the batch
+becomes a deny (``audit_unavailable``); state already reserved stays
 reserved, which can only make later decisions stricter.
 
 A restarted shard has lost its jti windows, so it refuses every proof issued up to the last
@@ -69,7 +70,9 @@ class StateShard:
         self._pool: asyncpg.Pool | None = None
         self._size = 0
         self._head = GENESIS_HASH
-        self._lock = asyncio.Lock()
+        self._pending: list[tuple[list[Check], asyncio.Future[list[Result]]]] = []
+        self._flushing = False
+        self.batches = 0
         self._last_prune = time.monotonic()
         self._decisions = 0
 
@@ -110,36 +113,69 @@ class StateShard:
             self.state.replay_floor = max(self.state.replay_floor, last / 1000.0)
 
     async def check_batch(self, checks: list[Check]) -> list[Result]:
-        async with self._lock:
-            try:
-                pool = await self._connect()
-                now = time.time()
-                await self._restore(pool, checks, now)
-            except Exception:  # database unreachable: nothing can be recorded, so deny all
-                log.warning("shard %s cannot reach the database", self.index)
-                return [Result(False, "audit_unavailable") for _ in checks]
-            outcomes = [self.state.decide(check, now) for check in checks]
-            events = self._chain(checks, outcomes, now)
-            try:
-                await self._commit(pool, checks, outcomes, events)
-            except Exception:
-                log.warning("shard %s failed to commit its audit batch", self.index)
-                self._pool = None  # reconnect (and reload the head) next time
-                return [Result(False, "audit_unavailable") for _ in checks]
-            self._decisions += len(checks)
-            if time.monotonic() - self._last_prune > 5.0:
-                self.state.prune(now, idle_grants_after=self._idle_grants_after)
-                self._last_prune = time.monotonic()
-            return [
-                Result(
-                    o.allowed,
-                    o.reason,
-                    _remaining_json(o.remaining),
-                    o.retry_after,
-                    f"{e.chain}:{e.seq}",
-                )
-                for o, e in zip(outcomes, events, strict=True)
-            ]
+        """Decide ``checks`` in arrival order; answer once their events are committed.
+
+        Calls that arrive while a commit is in flight wait and are then decided and
+        committed together (group commit): one transaction for many verifier batches.
+        """
+        future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
+        self._pending.append((checks, future))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                groups, self._pending = self._pending, []
+                merged = [check for checks, _ in groups for check in checks]
+                try:
+                    results = await self._decide_and_commit(merged)
+                except Exception:  # never leave a caller waiting: deny what failed
+                    log.exception("shard %s failed a batch", self.index)
+                    results = [Result(False, "audit_unavailable") for _ in merged]
+                offset = 0
+                for checks, future in groups:
+                    if not future.done():
+                        future.set_result(results[offset : offset + len(checks)])
+                    offset += len(checks)
+        finally:
+            # No await between the empty-queue check above and this line, so no call can
+            # slip in unserved.
+            self._flushing = False
+
+    async def _decide_and_commit(self, checks: list[Check]) -> list[Result]:
+        try:
+            pool = await self._connect()
+            now = time.time()
+            await self._restore(pool, checks, now)
+        except Exception:  # database unreachable: nothing can be recorded, so deny all
+            log.warning("shard %s cannot reach the database", self.index)
+            return [Result(False, "audit_unavailable") for _ in checks]
+        outcomes = [self.state.decide(check, now) for check in checks]
+        events = self._chain(checks, outcomes, now)
+        try:
+            await self._commit(pool, checks, outcomes, events)
+        except Exception:
+            log.warning("shard %s failed to commit its audit batch", self.index)
+            self._pool = None  # reconnect (and reload the head) next time
+            return [Result(False, "audit_unavailable") for _ in checks]
+        self._decisions += len(checks)
+        self.batches += 1
+        if time.monotonic() - self._last_prune > 5.0:
+            self.state.prune(now, idle_grants_after=self._idle_grants_after)
+            self._last_prune = time.monotonic()
+        return [
+            Result(
+                o.allowed,
+                o.reason,
+                _remaining_json(o.remaining),
+                o.retry_after,
+                f"{e.chain}:{e.seq}",
+            )
+            for o, e in zip(outcomes, events, strict=True)
+        ]
 
     async def _restore(self, pool: asyncpg.Pool, checks: list[Check], now: float) -> None:
         """Rebuild usage of grants this incarnation has not seen, and spent step-ups."""
@@ -279,5 +315,6 @@ class StateShard:
             "jtis": len(self.state.jtis),
             "memory_bytes": self.state.memory_bytes(),
             "decisions": self._decisions,
+            "commits": self.batches,
             "chain_size": self._size,
         }

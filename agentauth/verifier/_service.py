@@ -133,13 +133,17 @@ class _Revocations:
                 pubsub = self._redis.pubsub()
                 await pubsub.subscribe(REVOCATION_CHANNEL)
                 self._listening = True
+                last_ping = time.monotonic()
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.25)
                     if message and message["type"] == "message":
                         item = json.loads(message["data"])
                         self._revoked.add((item["kind"], item["target"]))
-                    # A ping proves the channel is alive even when nothing is revoked.
-                    await asyncio.wait_for(pubsub.ping(), 0.5)
+                    # A ping a few times a second proves the channel alive when nothing is
+                    # revoked; a dead connection raises here or in get_message.
+                    if time.monotonic() - last_ping >= 0.25:
+                        await asyncio.wait_for(pubsub.ping(), 0.5)
+                        last_ping = time.monotonic()
             except asyncio.CancelledError:
                 raise
             except Exception:
