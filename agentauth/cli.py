@@ -136,6 +136,47 @@ def _done(started: float) -> None:
     print(f" ok ({time.monotonic() - started:.1f} s)", flush=True)
 
 
+class _UIProcess:
+    """The approval page runs in its own process: NiceGUI's pages are global to one."""
+
+    def __init__(self, process: object) -> None:
+        self._process = process
+
+    def stop(self) -> None:
+        import subprocess
+
+        process = self._process
+        assert isinstance(process, subprocess.Popen)
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _start_ui(base: str, port: int) -> _UIProcess:
+    import subprocess
+
+    import httpx
+
+    command = [sys.executable, "-m", "agentauth.ui", "--registry-url", f"{base}/registry"]
+    # The page is our own module run with this interpreter: nothing untrusted here.
+    process = subprocess.Popen([*command, "--port", str(port)])  # noqa: S603
+    ui = _UIProcess(process)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return ui
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None:
+            break
+        time.sleep(0.3)
+    ui.stop()
+    raise RuntimeError("the approval page did not start")
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Start PostgreSQL and Redis (embedded unless URLs are set), Ray, Serve, the registry."""
     import signal
@@ -185,12 +226,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         from .registry import RegistrySettings
 
         base = f"http://{args.host}:{args.port}"
+        overrides: dict[str, object] = {}
+        if "AGENTAUTH_ORIGINS" not in os.environ:
+            overrides["origins"] = (f"http://localhost:{args.ui_port}",)
         settings = RegistrySettings.from_env(
             database_url=database_url,
             redis_url=redis_url,
             data_dir=data,
             issuer=os.environ.get("AGENTAUTH_ISSUER", f"{base}/registry"),
             admin_token=_admin_token(data),
+            **overrides,
         )
         serve.run(build_registry_app(settings), name="registry", route_prefix="/registry")
         _done(started)
@@ -205,12 +250,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         serve.run(build_verifier_app(verifier_settings), name="verifier", route_prefix="/verifier")
         _done(started)
 
+        started = _step("approval page")
+        ui = _start_ui(base, args.ui_port)
+        stoppers.append(ui)
+        _done(started)
+
         token_path = Path.home() / ".ray" / "auth_token"
         where = database_url if os.environ.get("DATABASE_URL") else f"embedded, {data / 'postgres'}"
         print()
         print(f"  registry        {base}/registry   (API docs: {base}/registry/docs)")
         print(f"  JWKS            {base}/registry/.well-known/jwks.json")
         print(f"  verifier        {base}/verifier   (POST /v1/verify, /v1/introspect)")
+        print(f"  approval page   http://localhost:{args.ui_port}   (passkeys need this host name)")
         print(f"  Ray dashboard   http://127.0.0.1:{args.dashboard_port}")
         if token_path.exists():
             # Ray 2.60 keeps token authentication on; the dashboard asks for this token.
@@ -395,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000, help="Serve's HTTP port")
     up.add_argument("--dashboard-port", type=int, default=8265)
+    up.add_argument(
+        "--ui-port", type=int, default=8080, help="approval page (origin http://localhost:PORT)"
+    )
     up.set_defaults(run=cmd_up)
     migrate = commands.add_parser("migrate", help="apply database migrations")
     migrate.set_defaults(run=cmd_migrate)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.ray
 
 
 def test_up_starts_everything_on_embedded_defaults_and_ctrl_c_stops_it(tmp_path: Path) -> None:
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, ui_port = _free_port(), _free_port(), _free_port()
     env = {
         k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "RAY_ADDRESS")
     }
@@ -32,6 +32,8 @@ def test_up_starts_everything_on_embedded_defaults_and_ctrl_c_stops_it(tmp_path:
             str(port),
             "--dashboard-port",
             str(dashboard),
+            "--ui-port",
+            str(ui_port),
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -57,6 +59,8 @@ def test_up_starts_everything_on_embedded_defaults_and_ctrl_c_stops_it(tmp_path:
         keys = httpx.get(f"{base}/.well-known/jwks.json", timeout=10).json()["keys"]
         assert len(keys) == 1 and keys[0]["alg"] == "ES256"
         assert httpx.get(f"http://127.0.0.1:{dashboard}/", timeout=10).status_code == 200
+        assert f"http://localhost:{ui_port}" in output
+        assert httpx.get(f"http://127.0.0.1:{ui_port}/healthz", timeout=10).status_code == 200
         verifier = f"http://127.0.0.1:{port}/verifier"
         assert httpx.get(f"{verifier}/healthz", timeout=10).json() == {"status": "ok"}
         # The verifier answers providers only.

@@ -1,0 +1,1447 @@
+"""The pages: sign-in, pending requests and step-ups, active grants, audit, agents, passkeys.
+
+Each page checks the session from its cookie before drawing anything; each action checks it
+again (the socket carrying the action must present the same cookie) and talks to the
+registry with the human's token, which stays in this process. Passkey ceremonies run in
+the browser through ``window.agentauth`` (see ``_webauthn_js``). Before a passkey signs,
+the page re-derives the challenge from the document the registry offered and compares that
+document with what the human was shown: the passkey signs only what is on the screen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from fastapi import Request
+from fastapi.responses import RedirectResponse, Response
+from nicegui import ui
+from nicegui.elements.mixins.text_element import TextElement
+from pydantic import ValidationError
+from starlette.datastructures import Headers
+
+from ..protocol import (
+    AgentAuthError,
+    ApprovalReceipt,
+    Envelope,
+    Grant,
+    b64url_decode,
+    canonical_json,
+    parse_capabilities,
+    verify_receipt,
+)
+from ._audit import AuditTrail
+from ._registry import RegistryClient, RegistryError
+from ._security import Session, SessionStore, cookie_name, read_cookie
+from ._settings import UISettings
+from ._webauthn_js import WEBAUTHN_JS
+from ._wording import (
+    action_noun,
+    describe_capability,
+    describe_envelope,
+    describe_step_up,
+    money,
+    per_window,
+    spend_period,
+    when,
+)
+
+__all__ = ["Pages"]
+
+log = logging.getLogger("agentauth.ui")
+
+E = TypeVar("E", bound=ui.element)
+
+NAV = (
+    ("/", "Requests"),
+    ("/grants", "Active grants"),
+    ("/audit", "Audit"),
+    ("/agents", "Agents"),
+    ("/passkeys", "Passkeys"),
+)
+
+
+class SignedOut(Exception):
+    """The session behind this page is gone (signed out, expired, or another browser)."""
+
+
+class CeremonyError(Exception):
+    """The browser's passkey ceremony did not produce a credential."""
+
+
+class Mismatch(Exception):
+    """What the registry offered to sign is not what the human was shown."""
+
+
+def heading(text: str, level: int = 1) -> TextElement:
+    sizes = {1: "text-2xl font-semibold", 2: "text-xl font-semibold", 3: "text-lg font-medium"}
+    return TextElement(tag=f"h{level}", text=text).classes(sizes.get(level, ""))
+
+
+def labelled(element: E, label: str) -> E:
+    """Give an element an accessible name (buttons with icons, regions, charts)."""
+    element.props["aria-label"] = label
+    return element
+
+
+def _stamp(value: str | None) -> str:
+    if not value:
+        return "—"
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+
+
+def _short(identifier: str, keep: int = 12) -> str:
+    return identifier if len(identifier) <= keep + 1 else identifier[:keep] + "…"
+
+
+def _decimal(text: str) -> Decimal:
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        return Decimal(0)
+
+
+class Notice:
+    """A live region for the outcome of an action: read out by screen readers.
+
+    It is in the page from the start (empty, so it takes no room): screen readers announce
+    changes to live regions they already know, not to ones that appear with their text.
+    """
+
+    def __init__(self) -> None:
+        self.label = ui.label("")
+        self.label.props["role"] = "status"
+        self.label.props["aria-live"] = "polite"
+
+    def _show(self, text: str, classes: str) -> None:
+        self.label.text = text
+        self.label.classes(
+            replace=f"rounded p-3 whitespace-pre-line {classes}",
+        )
+
+    def ok(self, text: str) -> None:
+        self.label.props["role"] = "status"
+        self._show(text, "bg-green-100 text-green-900 border border-green-700")
+
+    def error(self, text: str, code: str | None = None) -> None:
+        self.label.props["role"] = "alert"
+        self._show(
+            text + (f"\n[{code}]" if code else ""), "bg-red-100 text-red-900 border border-red-700"
+        )
+
+    def info(self, text: str) -> None:
+        self.label.props["role"] = "status"
+        self._show(text, "bg-blue-50 text-blue-900 border border-blue-700")
+
+    def clear(self) -> None:
+        self.label.text = ""
+        self.label.classes(replace="")
+
+
+@dataclass(frozen=True, slots=True)
+class Ctx:
+    """What an action on a page needs: whose page, where to report, how to redraw."""
+
+    cookie_id: str
+    notice: Notice
+    reload: Callable[[], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Board:
+    """What the requests page shows, and whether it may redraw by itself right now."""
+
+    ids: frozenset[str] = frozenset()
+    in_flight: int = 0
+    editors: list[ui.element] = field(default_factory=list)
+
+    def quiet(self) -> bool:
+        return self.in_flight == 0 and not any(e.visible for e in self.editors if not e.is_deleted)
+
+
+class Tighten:
+    """Inputs to narrow a request before approving. Only tightening is meant; the registry
+    is the judge and refuses widening (403 ``widening``), which the page then shows."""
+
+    def __init__(self, request: Mapping[str, Any]) -> None:
+        self.capabilities = parse_capabilities(request["capabilities"])
+        self.envelope = Envelope.model_validate(request["envelope"])
+        self.document = self.envelope.model_dump(mode="json", exclude_none=True)
+        _, plural = action_noun(self.capabilities)
+        self.keep = [ui.checkbox(describe_capability(c), value=True) for c in self.capabilities]
+        if len(self.keep) == 1:
+            self.keep[0].disable()  # the only capability: deny the request instead
+        self.rates = [
+            ui.number(
+                f"Most {plural} {per_window(r.window_seconds)}",
+                value=r.max_count,
+                min=1,
+                step=1,
+                precision=0,
+            )
+            for r in self.envelope.rate_limits
+        ]
+        per_tx = self.envelope.max_per_transaction
+        self.per_transaction = (
+            ui.input(f"Most per transaction ({per_tx.currency})", value=_amount(per_tx.amount))
+            if per_tx
+            else None
+        )
+        self.spends = [
+            ui.input(
+                f"Most {('in total' if s.period == 'grant' else 'per ' + s.period)} ({s.currency})",
+                value=_amount(s.amount),
+            )
+            for s in self.envelope.spend_limits
+        ]
+        step = self.envelope.step_up_threshold
+        self.step_up = (
+            ui.input(f"Ask me above ({step.currency})", value=_amount(step.amount))
+            if step
+            else None
+        )
+        self.days = ui.number("End the grant after (days, optional)", min=1, step=1, precision=0)
+        self.preview = ui.label("").classes("text-sm italic")
+        for element in [*self.rates, *self.spends, self.per_transaction, self.step_up, self.days]:
+            if element is not None:
+                element.classes("w-64")
+                element.on_value_change(self.update_preview)
+        for box in self.keep:
+            box.on_value_change(self.update_preview)
+        self.update_preview()
+
+    def update_preview(self) -> None:
+        try:
+            narrowed = self.narrowed(now=time.time())
+        except ValueError as exc:
+            self.preview.text = str(exc)
+            return
+        if narrowed is None:
+            self.preview.text = "Unchanged: you would approve exactly what was asked."
+            return
+        capabilities = parse_capabilities(
+            narrowed.get("capabilities", [c.to_document() for c in self.capabilities])
+        )
+        envelope = Envelope.model_validate(narrowed.get("envelope", self.document))
+        self.preview.text = "You would approve: " + describe_envelope(envelope, capabilities)
+
+    def narrowed(self, *, now: float) -> dict[str, Any] | None:
+        """The approval/begin body, or None when nothing changed; ValueError if unreadable."""
+        kept = [c for c, box in zip(self.capabilities, self.keep, strict=True) if box.value]
+        if not kept:
+            raise ValueError("Keep at least one capability, or deny the request instead.")
+        document = json.loads(json.dumps(self.document))
+        for i, number in enumerate(self.rates):
+            if number.value is None or int(number.value) < 1:
+                raise ValueError("Each rate limit needs a whole number of at least 1.")
+            document["rate_limits"][i]["max_count"] = int(number.value)
+        if self.per_transaction is not None:
+            document["max_per_transaction"]["amount"] = str(self.per_transaction.value).strip()
+        for i, text in enumerate(self.spends):
+            document["spend_limits"][i]["amount"] = str(text.value).strip()
+        if self.step_up is not None:
+            document["step_up_threshold"]["amount"] = str(self.step_up.value).strip()
+        if self.days.value:
+            document["expires_at"] = int(now + int(self.days.value) * 86400)
+        try:
+            envelope = Envelope.model_validate(document)
+        except ValidationError:
+            raise ValueError(
+                "Check the values: amounts are plain decimal numbers such as 50 or 12.50."
+            ) from None
+        body: dict[str, Any] = {}
+        if len(kept) != len(self.capabilities):
+            body["capabilities"] = [c.to_document() for c in kept]
+        if envelope.model_dump(mode="json", exclude_none=True) != self.document:
+            body["envelope"] = envelope.model_dump(mode="json", exclude_none=True)
+        return body or None
+
+
+def _amount(value: Decimal) -> str:
+    return format(value.normalize(), "f")
+
+
+class Pages:
+    """Registers the NiceGUI pages for one settings/registry/session-store triple."""
+
+    def __init__(
+        self, *, settings: UISettings, registry: RegistryClient, store: SessionStore
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.store = store
+        self.cookie = cookie_name(settings.secure_cookies)
+
+    # --- sessions ------------------------------------------------------------------------
+
+    @staticmethod
+    def _cookie_id(request: Request) -> str:
+        return str(request.state.agentauth_cookie_id)
+
+    def _session(self, cookie_id: str) -> Session:
+        """The session behind this page, checked again for every registry call.
+
+        While the page is being built, the HTTP request that carried ``cookie_id`` is the
+        caller. Afterwards calls come from actions over the socket, which must carry the
+        very same cookie: a page's client id alone does not act for anyone.
+        """
+        client = ui.context.client
+        if client.has_socket_connection:
+            environ = client.environ or {}
+            scope = environ.get("asgi.scope")
+            if not isinstance(scope, dict):
+                raise SignedOut
+            if read_cookie(Headers(scope=scope), self.cookie) != cookie_id:
+                raise SignedOut
+        session = self.store.get(cookie_id)
+        if session is None:
+            raise SignedOut
+        return session
+
+    def _token(self, cookie_id: str) -> str:
+        return self._session(cookie_id).registry_token
+
+    async def _act(self, notice: Notice, work: Callable[[], Awaitable[None]]) -> None:
+        """Run an action; turn every failure into words in ``notice``."""
+        try:
+            await work()
+        except SignedOut:
+            notice.error("Your session has ended. Please sign in again.")
+            ui.navigate.to("/login")
+        except RegistryError as exc:
+            if exc.status == 401:
+                notice.error(exc.message, exc.code)
+                ui.navigate.to("/login")
+                return
+            notice.error(exc.message, exc.code)
+        except CeremonyError as exc:
+            notice.error(str(exc))
+        except Mismatch as exc:
+            notice.error(f"Not signed: {exc}")
+        except Exception:  # the page's boundary: details to the server log, words to the human
+            log.exception("action failed")
+            notice.error("Something went wrong on this page's server. Nothing was signed.")
+
+    async def _ceremony(self, kind: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Run navigator.credentials.create/get in the browser with the registry's options."""
+        code = f"return await window.agentauth.{kind}({json.dumps(options)})"
+        try:
+            answer = await ui.run_javascript(code, timeout=self.settings.ceremony_timeout)
+        except TimeoutError:
+            raise CeremonyError("The passkey prompt timed out. Nothing was signed.") from None
+        if not isinstance(answer, dict):
+            raise CeremonyError("The browser closed the passkey prompt. Nothing happened.")
+        credential = answer.get("credential")
+        if isinstance(credential, dict):
+            return credential
+        error = str(answer.get("error", "Error"))
+        if error == "NotAllowedError":
+            raise CeremonyError(
+                "The passkey prompt was cancelled, timed out, or your passkey could not "
+                "verify you. Nothing was signed. [NotAllowedError]"
+            )
+        if error == "InvalidStateError":
+            raise CeremonyError("This passkey is already registered. [InvalidStateError]")
+        raise CeremonyError(f"The passkey prompt failed. Nothing was signed. [{error}]")
+
+    def _frame(self, *, active: str | None, session: Session | None, cookie_id: str) -> ui.element:
+        ui.add_head_html(WEBAUTHN_JS)
+        # Darker than NiceGUI's defaults: white button text keeps a 4.5:1 contrast (WCAG AA).
+        ui.colors(primary="#1d4ed8", negative="#b91c1c", positive="#15803d")
+        ui.query("body").classes("bg-slate-50")
+        with ui.header().classes("items-center gap-4 bg-slate-800 text-white px-4 py-2"):
+            ui.label(self.settings.title).classes("text-lg font-bold")
+            if session is not None:
+                nav = ui.element("nav").classes("flex gap-1")
+                labelled(nav, "Main")
+                with nav:
+                    for path, text in NAV:
+                        link = ui.link(text, path).classes(
+                            "px-3 py-1 rounded text-white no-underline hover:bg-slate-600"
+                            + (" bg-slate-600 font-semibold" if path == active else "")
+                        )
+                        if path == active:
+                            link.props["aria-current"] = "page"
+                ui.space()
+                ui.label(session.display_name or _short(session.principal_id, 16)).classes(
+                    "text-sm opacity-80"
+                )
+
+                async def sign_out() -> None:
+                    try:
+                        self._session(cookie_id)  # only the page's own browser signs out
+                    except SignedOut:
+                        pass
+                    else:
+                        self.store.sign_out(cookie_id)
+                    ui.navigate.to("/login")
+
+                labelled(
+                    ui.button("Sign out", on_click=sign_out).props("flat color=white"),
+                    "Sign out",
+                )
+        main = ui.element("main").classes("w-full max-w-5xl mx-auto flex flex-col gap-4 p-2")
+        ui.skip_link(target=main)
+        return main
+
+    def _guard(self, request: Request) -> tuple[str, Session] | Response:
+        cookie_id = self._cookie_id(request)
+        session = self.store.get(cookie_id)
+        if session is None:
+            return RedirectResponse("/login", status_code=303)
+        return cookie_id, session
+
+    # --- pages ---------------------------------------------------------------------------
+
+    def register(self) -> None:
+        timeout = 20.0  # registry round trips while building; generous on a loaded host
+
+        @ui.page("/login", title=f"Sign in · {self.settings.title}", response_timeout=timeout)
+        async def login_page(request: Request) -> Response | None:
+            cookie_id = self._cookie_id(request)
+            if self.store.get(cookie_id) is not None:
+                return RedirectResponse("/", status_code=303)
+            self._login(cookie_id)
+            return None
+
+        @ui.page("/", title=f"Requests · {self.settings.title}", response_timeout=timeout)
+        async def requests_page(request: Request) -> Response | None:
+            guarded = self._guard(request)
+            if isinstance(guarded, Response):
+                return guarded
+            await self._requests(*guarded)
+            return None
+
+        @ui.page(
+            "/grants", title=f"Active grants · {self.settings.title}", response_timeout=timeout
+        )
+        async def grants_page(request: Request) -> Response | None:
+            guarded = self._guard(request)
+            if isinstance(guarded, Response):
+                return guarded
+            await self._grants(*guarded)
+            return None
+
+        @ui.page("/audit", title=f"Audit · {self.settings.title}", response_timeout=timeout)
+        async def audit_page(request: Request, agent: str | None = None) -> Response | None:
+            guarded = self._guard(request)
+            if isinstance(guarded, Response):
+                return guarded
+            await self._audit(*guarded, agent)
+            return None
+
+        @ui.page("/agents", title=f"Agents · {self.settings.title}", response_timeout=timeout)
+        async def agents_page(request: Request) -> Response | None:
+            guarded = self._guard(request)
+            if isinstance(guarded, Response):
+                return guarded
+            await self._agents(*guarded)
+            return None
+
+        @ui.page("/passkeys", title=f"Passkeys · {self.settings.title}", response_timeout=timeout)
+        async def passkeys_page(request: Request) -> Response | None:
+            guarded = self._guard(request)
+            if isinstance(guarded, Response):
+                return guarded
+            await self._passkeys(*guarded)
+            return None
+
+    # --- sign-in -------------------------------------------------------------------------
+
+    def _login(self, cookie_id: str) -> None:
+        main = self._frame(active=None, session=None, cookie_id=cookie_id)
+        with main:
+            heading("Sign in")
+            ui.label(
+                "AgentAuth lets you decide what your AI agents may do. You sign in and "
+                "approve with a passkey: no password."
+            )
+            notice = Notice()
+
+            async def adopt(principal_id: str, token: str, name: str | None) -> None:
+                ticket = self.store.sign_in(
+                    cookie_id, principal_id=principal_id, registry_token=token, display_name=name
+                )
+                answer = await ui.run_javascript(
+                    f"return await window.agentauth.adopt({json.dumps(ticket)}, '/')", timeout=15
+                )
+                if not isinstance(answer, dict) or not answer.get("ok"):
+                    raise CeremonyError("Signed in, but the browser refused the session cookie.")
+                notice.ok("Signed in.")
+
+            async def sign_in() -> None:
+                async def work() -> None:
+                    notice.info("Waiting for your passkey…")
+                    options = await self.registry.login_begin()
+                    credential = await self._ceremony("get", options)
+                    result = await self.registry.login_finish(credential)
+                    await adopt(result["principal_id"], result["session"], None)
+
+                sign_in_button.disable()
+                try:
+                    await self._act(notice, work)
+                finally:
+                    sign_in_button.enable()
+
+            with ui.card().classes("w-full max-w-xl"):
+                heading("I have a passkey", 2)
+                sign_in_button = labelled(
+                    ui.button("Sign in with a passkey", on_click=sign_in, icon="key"),
+                    "Sign in with a passkey",
+                )
+
+            async def sign_up() -> None:
+                name = (display_name.value or "").strip()
+                if not name:
+                    notice.error("Enter your name first: it labels your passkey.")
+                    display_name.run_method("focus")
+                    return
+
+                async def work() -> None:
+                    notice.info("Creating your passkey…")
+                    options = await self.registry.signup_begin(name)
+                    credential = await self._ceremony("create", options)
+                    result = await self.registry.signup_finish(credential)
+                    await adopt(result["principal_id"], result["session"], name)
+
+                sign_up_button.disable()
+                try:
+                    await self._act(notice, work)
+                finally:
+                    sign_up_button.enable()
+
+            with ui.card().classes("w-full max-w-xl"):
+                heading("I am new here", 2)
+                display_name = ui.input("Your name", validation=None).classes("w-72")
+                display_name.props["autocomplete"] = "name"
+                display_name.on("keydown.enter", sign_up)
+                sign_up_button = labelled(
+                    ui.button("Create an account with a passkey", on_click=sign_up),
+                    "Create an account with a passkey",
+                )
+
+    # --- requests and step-ups -----------------------------------------------------------
+
+    async def _requests(self, cookie_id: str, session: Session) -> None:
+        main = self._frame(active="/", session=session, cookie_id=cookie_id)
+        with main:
+            heading("Pending requests")
+            notice = Notice()
+            requests_box = ui.column().classes("w-full gap-4")
+            heading("Payments waiting for your approval", 2)
+            step_box = ui.column().classes("w-full gap-4")
+
+        board = Board()
+
+        async def pending_now() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            token = self._token(cookie_id)
+            requests, steps = await asyncio.gather(
+                self.registry.grant_requests(token, "pending"),
+                self.registry.step_ups(token, "pending"),
+            )
+            return requests, steps
+
+        async def load() -> None:
+            pending, steps = await pending_now()
+            agents = await self.registry.agents(self._token(cookie_id))
+            names = {a["id"]: a["name"] for a in agents}
+            ctx = Ctx(cookie_id, notice, load)
+            board.ids = frozenset(r["id"] for r in [*pending, *steps])
+            board.editors.clear()
+            requests_box.clear()
+            with requests_box:
+                if not pending:
+                    ui.label("No pending requests. When an agent asks for access, it shows here.")
+                for request in pending:
+                    self._request_card(ctx, board, request)
+            step_box.clear()
+            with step_box:
+                if not steps:
+                    ui.label("No payments are waiting for you.")
+                for step in steps:
+                    self._step_up_card(ctx, board, step, names)
+
+        async def poll() -> None:
+            # New requests appear by themselves, but never under a person's hands: not while
+            # an approval runs or a tighten form is open.
+            if not board.quiet():
+                return
+            try:
+                pending, steps = await pending_now()
+            except (RegistryError, SignedOut):
+                return
+            if frozenset(r["id"] for r in [*pending, *steps]) != board.ids and board.quiet():
+                await self._act(notice, load)
+
+        try:
+            await load()
+        except RegistryError as exc:
+            notice.error(exc.message, exc.code)
+        with main:
+            labelled(
+                ui.button("Refresh", icon="refresh", on_click=lambda: self._act(notice, load)),
+                "Refresh the pending requests",
+            ).props("outline").classes("self-start")
+        ui.timer(self.settings.poll_seconds, poll)
+
+    def _request_card(self, ctx: Ctx, board: Board, request: Mapping[str, Any]) -> None:
+        cookie_id, notice, reload = ctx.cookie_id, ctx.notice, ctx.reload
+        capabilities = parse_capabilities(request["capabilities"])
+        envelope = Envelope.model_validate(request["envelope"])
+        who = f"{request['agent_name']} asks {request['provider_name']}"
+        card = ui.card().classes("w-full")
+        card.props["role"] = "region"
+        card.props["aria-label"] = f"Request: {who}"
+        with card:
+            heading(who, 2)
+            ui.label(
+                f"Agent {request['agent_id']} · provider {request['provider_id']} "
+                f"({request['audience']}) · asked {_stamp(request.get('created_at'))}"
+            ).classes("text-sm text-slate-600")
+            with ui.element("dl").classes("grid grid-cols-[10rem_1fr] gap-x-4 gap-y-1"):
+                TextElement(tag="dt", text="May").classes("font-medium")
+                with ui.element("dd"), ui.element("ul").classes("list-disc ml-5"):
+                    for capability in capabilities:
+                        TextElement(tag="li", text=describe_capability(capability))
+                TextElement(tag="dt", text="Limits").classes("font-medium")
+                TextElement(tag="dd", text=describe_envelope(envelope, capabilities)).classes(
+                    "envelope-words"
+                )
+            tighten_box = ui.column().classes("w-full gap-2 border-l-4 border-amber-500 pl-4")
+            tighten_box.visible = False
+            board.editors.append(tighten_box)
+            form: list[Tighten] = []
+
+            def toggle_tighten() -> None:
+                if not form:
+                    with tighten_box:
+                        heading("Tighten before approving", 3)
+                        ui.label("Lower a limit or drop a capability; raising one is refused.")
+                        form.append(Tighten(request))
+                tighten_box.visible = not tighten_box.visible
+                tighten_button.text = "Hide limits" if tighten_box.visible else "Tighten limits…"
+
+            async def approve() -> None:
+                async def work() -> None:
+                    token = self._token(cookie_id)
+                    narrowed = None
+                    if form and tighten_box.visible:
+                        try:
+                            narrowed = form[0].narrowed(now=time.time())
+                        except ValueError as exc:
+                            notice.error(str(exc))
+                            return
+                    begun = await self.registry.approval_begin(token, request["id"], narrowed)
+                    offered = self._check_offered(
+                        begun, request, self._session(cookie_id).principal_id, narrowed
+                    )
+                    notice.info(
+                        f"Your passkey signs grant hash {offered.digest_b64()} for {who}. "
+                        "Confirm with your passkey…"
+                    )
+                    credential = await self._ceremony("get", begun["options"])
+                    view = await self.registry.approval_finish(token, request["id"], credential)
+                    check = self._check_receipt(view, offered)
+                    notice.ok(
+                        f"Approved: {who}.\nGrant {view['id']}, hash {view['grant_hash']}.\n{check}"
+                    )
+                    await reload()
+
+                await self._busy(board, [approve_button, deny_button], self._act(notice, work))
+
+            async def deny() -> None:
+                async def work() -> None:
+                    token = self._token(cookie_id)
+                    await self.registry.deny_request(token, request["id"])
+                    notice.ok(f"Denied: {who}.")
+                    await reload()
+
+                await self._busy(board, [approve_button, deny_button], self._act(notice, work))
+
+            with ui.row().classes("gap-2"):
+                approve_button = labelled(
+                    ui.button("Approve with passkey", icon="fingerprint", on_click=approve),
+                    f"Approve with passkey: {who}",
+                )
+                tighten_button = labelled(
+                    ui.button("Tighten limits…", on_click=toggle_tighten).props("outline"),
+                    f"Tighten the limits before approving: {who}",
+                )
+                deny_button = labelled(
+                    ui.button("Deny", on_click=deny, color="negative").props("outline"),
+                    f"Deny: {who}",
+                )
+
+    @staticmethod
+    async def _busy(board: Board, buttons: Iterable[ui.button], work: Awaitable[None]) -> None:
+        chosen = list(buttons)
+        for button in chosen:
+            button.disable()
+        board.in_flight += 1
+        try:
+            await work
+        finally:
+            board.in_flight -= 1
+            for button in chosen:
+                if not button.is_deleted:
+                    button.enable()
+
+    @staticmethod
+    def _check_offered(
+        begun: Mapping[str, Any],
+        request: Mapping[str, Any],
+        principal_id: str,
+        narrowed: Mapping[str, Any] | None,
+    ) -> Grant:
+        """The grant the registry asks us to sign must be exactly the one on screen."""
+        try:
+            grant = Grant.from_document(begun["grant"])
+            challenge = b64url_decode(begun["options"]["challenge"])
+        except (KeyError, TypeError, ValueError, AgentAuthError):
+            raise Mismatch("the registry offered a malformed grant") from None
+        wanted_caps = (narrowed or {}).get("capabilities", request["capabilities"])
+        wanted_env = Envelope.model_validate((narrowed or {}).get("envelope", request["envelope"]))
+        same = (
+            grant.agent_id == request["agent_id"]
+            and grant.provider_id == request["provider_id"]
+            and grant.audience == request["audience"]
+            and grant.principal_id == principal_id
+            and [c.to_document() for c in grant.capabilities]
+            == [c.to_document() for c in parse_capabilities(wanted_caps)]
+            and grant.envelope == wanted_env
+        )
+        if not same:
+            raise Mismatch("the registry's grant differs from the request shown here")
+        if challenge != grant.digest():
+            raise Mismatch("the challenge is not the hash of the grant shown here")
+        return grant
+
+    def _check_receipt(self, view: Mapping[str, Any], offered: Grant) -> str:
+        """Check the stored receipt offline, exactly as anyone holding it could."""
+        try:
+            grant = Grant.from_document(view["document"])
+            receipt = ApprovalReceipt.model_validate(view["receipt"])
+            if grant.digest() != offered.digest():
+                return "Warning: the stored grant differs from the one you signed."
+            verified = verify_receipt(
+                receipt,
+                grant,
+                rp_id=self.settings.rp_id,
+                origin=self.settings.origin,
+                require_uv=self.settings.require_user_verification,
+            )
+        except (AgentAuthError, KeyError, TypeError, ValueError, ValidationError) as exc:
+            return f"Warning: the stored receipt does not verify offline ({exc})."
+        uv = "verified" if verified.user_verified else "present"
+        return f"Receipt verified offline: your passkey signed this exact grant (user {uv})."
+
+    def _step_up_card(
+        self, ctx: Ctx, board: Board, step: Mapping[str, Any], names: Mapping[str, str]
+    ) -> None:
+        cookie_id, notice, reload = ctx.cookie_id, ctx.notice, ctx.reload
+        document = step["document"]
+        agent = names.get(step["agent_id"], step["agent_id"])
+        what = f"{agent} asks to {describe_step_up(document)}"
+        card = ui.card().classes("w-full")
+        card.props["role"] = "region"
+        card.props["aria-label"] = f"Payment: {what}"
+        with card:
+            heading(what, 2)
+            with ui.element("dl").classes("grid grid-cols-[10rem_1fr] gap-x-4 gap-y-1"):
+                for term, value in (
+                    ("Amount", money(str(document["amount"]), str(document["currency"]))),
+                    ("Payee", document.get("payee") or "not named"),
+                    ("Resource", document["resource"]),
+                    ("Grant", step["grant_id"]),
+                    ("Answer by", when(int(step["expires_at"]))),
+                ):
+                    TextElement(tag="dt", text=term).classes("font-medium")
+                    TextElement(tag="dd", text=str(value))
+
+            async def approve() -> None:
+                async def work() -> None:
+                    token = self._token(cookie_id)
+                    begun = await self.registry.step_up_begin(token, step["id"])
+                    offered = begun.get("step_up")
+                    challenge = b64url_decode(begun["options"]["challenge"])
+                    if (
+                        offered != document
+                        or challenge != hashlib.sha256(canonical_json(document)).digest()
+                    ):
+                        raise Mismatch("the payment offered for signing differs from the one shown")
+                    notice.info(f"Confirm with your passkey: {what}…")
+                    credential = await self._ceremony("get", begun["options"])
+                    await self.registry.step_up_finish(token, step["id"], credential)
+                    notice.ok(f"Approved once: {what}.")
+                    await reload()
+
+                await self._busy(board, [approve_button, deny_button], self._act(notice, work))
+
+            async def deny() -> None:
+                async def work() -> None:
+                    token = self._token(cookie_id)
+                    await self.registry.step_up_deny(token, step["id"])
+                    notice.ok(f"Refused: {what}.")
+                    await reload()
+
+                await self._busy(board, [approve_button, deny_button], self._act(notice, work))
+
+            with ui.row().classes("gap-2"):
+                approve_button = labelled(
+                    ui.button("Approve with passkey", icon="fingerprint", on_click=approve),
+                    f"Approve with passkey: {what}",
+                )
+                deny_button = labelled(
+                    ui.button("Refuse", on_click=deny, color="negative").props("outline"),
+                    f"Refuse: {what}",
+                )
+
+    # --- active grants -------------------------------------------------------------------
+
+    async def _grants(self, cookie_id: str, session: Session) -> None:
+        main = self._frame(active="/grants", session=session, cookie_id=cookie_id)
+        with main:
+            heading("Active grants")
+            notice = Notice()
+            box = ui.column().classes("w-full gap-4")
+
+        async def load() -> None:
+            token = self._token(cookie_id)
+            grants, agents = await asyncio.gather(
+                self.registry.grants(token), self.registry.agents(token)
+            )
+            agent_rows = {a["id"]: a for a in agents}
+            now = time.time()
+            live = [
+                g
+                for g in grants
+                if g["revoked_at"] is None
+                and agent_rows.get(g["agent_id"], {}).get("status") == "active"
+                and not _expired(g, now)
+            ]
+            agent_ids = sorted({g["agent_id"] for g in live})
+            usages, grant_events, agent_events = await asyncio.gather(
+                asyncio.gather(*(self.registry.usage(token, g["id"]) for g in live)),
+                asyncio.gather(
+                    *(self.registry.audit_events(token, grant_id=g["id"]) for g in live)
+                ),
+                asyncio.gather(*(self.registry.audit_events(token, agent_id=a) for a in agent_ids)),
+            )
+            revoked = _revoked_tokens(e for events in agent_events for e in events)
+            box.clear()
+            with box:
+                if not live:
+                    ui.label("No active grants. Approve a request and it shows here.")
+                for grant, usage, events in zip(live, usages, grant_events, strict=True):
+                    self._grant_card(
+                        Ctx(cookie_id, notice, load),
+                        grant=grant,
+                        usage=usage,
+                        agent=agent_rows.get(grant["agent_id"], {}),
+                        tokens=_live_tokens(events, revoked, now),
+                        now=now,
+                    )
+                ended = [g for g in grants if g not in live]
+                if ended:
+                    with ui.expansion(f"Ended grants ({len(ended)})").classes("w-full"):
+                        for grant in ended:
+                            document = grant["document"]
+                            reason = (
+                                "revoked"
+                                if grant["revoked_at"]
+                                else "expired"
+                                if _expired(grant, now)
+                                else "agent disabled"
+                            )
+                            ui.label(
+                                f"{grant['id']} · "
+                                f"{agent_rows.get(grant['agent_id'], {}).get('name', '?')} → "
+                                f"{document['provider_id']} · {reason}"
+                            ).classes("text-sm")
+
+        try:
+            await load()
+        except RegistryError as exc:
+            notice.error(exc.message, exc.code)
+        with main:
+            labelled(
+                ui.button("Refresh", icon="refresh", on_click=lambda: self._act(notice, load)),
+                "Refresh usage",
+            ).props("outline").classes("self-start")
+
+    def _grant_card(
+        self,
+        ctx: Ctx,
+        *,
+        grant: Mapping[str, Any],
+        usage: Mapping[str, Any],
+        agent: Mapping[str, Any],
+        tokens: list[tuple[str, int]],
+        now: float,
+    ) -> None:
+        document = grant["document"]
+        parsed = Grant.from_document(document)
+        agent_name = agent.get("name", grant["agent_id"])
+        who = f"{agent_name} → {document['provider_id']}"
+        card = ui.card().classes("w-full")
+        card.props["role"] = "region"
+        card.props["aria-label"] = f"Grant: {who}"
+        with card:
+            heading(who, 2)
+            ui.label(
+                f"Grant {grant['id']} · approved {_stamp(grant.get('created_at'))} · "
+                f"hash {grant['grant_hash']}"
+            ).classes("text-sm text-slate-600 break-all")
+            with ui.element("dl").classes("grid grid-cols-[10rem_1fr] gap-x-4 gap-y-1"):
+                TextElement(tag="dt", text="May").classes("font-medium")
+                TextElement(
+                    tag="dd",
+                    text="; ".join(describe_capability(c) for c in parsed.capabilities),
+                )
+                TextElement(tag="dt", text="Limits").classes("font-medium")
+                TextElement(tag="dd", text=describe_envelope(parsed.envelope, parsed.capabilities))
+            with ui.row().classes("w-full gap-8 items-start flex-wrap"):
+                with ui.column().classes("gap-2 min-w-72"):
+                    heading("Use against the limits", 3)
+                    self._usage(usage, parsed)
+                with ui.column().classes("gap-1 grow"):
+                    heading("Use over the last 24 hours", 3)
+                    self._chart(usage, now, who)
+            if tokens:
+                with ui.expansion(f"Access tokens in use ({len(tokens)})").classes("w-full"):
+                    for jti, exp in tokens:
+                        with ui.row().classes("items-center gap-4"):
+                            ui.label(f"Token {jti} · expires {when(exp)}").classes("text-sm")
+
+                            async def revoke_token(jti: str = jti) -> None:
+                                await self._confirm_revoke(ctx, "token", jti, f"token {jti}")
+
+                            labelled(
+                                ui.button("Revoke token", on_click=revoke_token).props(
+                                    "outline dense color=negative"
+                                ),
+                                f"Revoke token {jti}",
+                            )
+
+            async def download_receipt() -> None:
+                payload = {
+                    "format": "agentauth.approval-receipt.v1",
+                    "grant": document,
+                    "grant_hash": grant["grant_hash"],
+                    "receipt": grant["receipt"],
+                    "receipt_hash": grant["receipt_hash"],
+                    "rp_id": self.settings.rp_id,
+                    "origin": self.settings.origin,
+                }
+                ui.download.content(
+                    json.dumps(payload, indent=2, sort_keys=True),
+                    f"receipt-{grant['id']}.json",
+                    "application/json",
+                )
+
+            async def revoke_grant() -> None:
+                await self._confirm_revoke(ctx, "grant", grant["id"], f"the grant {who}")
+
+            async def disable_agent() -> None:
+                await self._confirm_revoke(ctx, "agent", grant["agent_id"], f"agent {agent_name}")
+
+            with ui.row().classes("gap-2"):
+                labelled(
+                    ui.button("Revoke grant", on_click=revoke_grant, color="negative"),
+                    f"Revoke grant: {who}",
+                )
+                labelled(
+                    ui.button("Revoke agent", on_click=disable_agent, color="negative").props(
+                        "outline"
+                    ),
+                    f"Revoke agent {agent_name} and all its grants",
+                )
+                labelled(
+                    ui.button("Download receipt", icon="download", on_click=download_receipt).props(
+                        "outline"
+                    ),
+                    f"Download the approval receipt of {who}",
+                )
+                labelled(
+                    ui.link(
+                        "Audit trail", f"/audit?agent={quote(grant['agent_id'], safe='')}"
+                    ).classes("self-center"),
+                    f"Audit trail of agent {agent_name}",
+                )
+
+    @staticmethod
+    def _usage(usage: Mapping[str, Any], grant: Grant) -> None:
+        _, plural = action_noun(grant.capabilities)
+        rows = 0
+        for rate in usage.get("rate", []):
+            used, limit = int(rate["used"]), int(rate["max_count"])
+            window = per_window(int(rate["window_seconds"]))
+            last = window.replace("every ", "").removeprefix("an ").removeprefix("a ")
+            text = f"{used} of {limit} {plural} in the last {last} — {max(0, limit - used)} left"
+            ui.label(text).classes("usage-rate")
+            bar = ui.linear_progress(min(1.0, used / limit), show_value=False).classes("w-72")
+            labelled(bar, text)
+            rows += 1
+        for spend in usage.get("spend", []):
+            used_d, cap = _decimal(str(spend["used"])), _decimal(str(spend["amount"]))
+            currency = str(spend["currency"])
+            text = (
+                f"{money(used_d, currency)} of {money(cap, currency)} spent "
+                f"{spend_period(str(spend['period']))} — "
+                f"{money(max(Decimal(0), cap - used_d), currency)} left"
+            )
+            ui.label(text).classes("usage-spend")
+            fraction = float(used_d / cap) if cap else 1.0
+            labelled(
+                ui.linear_progress(min(1.0, fraction), show_value=False, color="orange").classes(
+                    "w-72"
+                ),
+                text,
+            )
+            rows += 1
+        if not rows:
+            ui.label("This grant has no rate or spend limits to count against.")
+
+    @staticmethod
+    def _chart(usage: Mapping[str, Any], now: float, who: str) -> None:
+        hour_now = int(now // 3600 * 3600)
+        hours = [hour_now - 3600 * i for i in range(23, -1, -1)]
+        counts = {int(p["hour"]): p for p in usage.get("series", [])}
+        allowed = [int(counts.get(h, {}).get("allow", 0)) for h in hours]
+        denied = [int(counts.get(h, {}).get("deny", 0)) for h in hours]
+        summary = (
+            f"Use of {who} over the last 24 hours: {sum(allowed)} allowed, {sum(denied)} denied."
+        )
+        chart = ui.echart(
+            {
+                "aria": {"enabled": True},
+                "animation": False,
+                "grid": {"left": 32, "right": 8, "top": 28, "bottom": 24},
+                "legend": {"data": ["allowed", "denied"], "top": 0},
+                "tooltip": {"trigger": "axis"},
+                "xAxis": {
+                    "type": "category",
+                    "data": [f"{datetime.fromtimestamp(h, tz=UTC):%H}:00" for h in hours],
+                },
+                "yAxis": {"type": "value", "minInterval": 1},
+                "series": [
+                    {
+                        "name": "allowed",
+                        "type": "bar",
+                        "stack": "use",
+                        "data": allowed,
+                        "itemStyle": {"color": "#15803d"},
+                    },
+                    {
+                        "name": "denied",
+                        "type": "bar",
+                        "stack": "use",
+                        "data": denied,
+                        "itemStyle": {"color": "#b91c1c"},
+                    },
+                ],
+            },
+            renderer="svg",
+        ).classes("w-full h-48 min-w-80")
+        labelled(chart, summary)
+        chart.props["role"] = "img"
+        ui.label(summary + " Hours in UTC.").classes("text-sm text-slate-600")
+
+    async def _confirm_revoke(self, ctx: Ctx, kind: str, target: str, what: str) -> None:
+        with ui.dialog() as dialog, ui.card():
+            heading(f"Revoke {what}?", 2)
+            effect = {
+                "token": "This access token stops working at once.",
+                "grant": "Every token of this grant stops working at once; the agent must "
+                "ask again.",
+                "agent": "The agent is disabled: all its grants and tokens stop working.",
+            }[kind]
+            ui.label(effect)
+            with ui.row():
+                labelled(
+                    ui.button("Revoke", color="negative", on_click=lambda: dialog.submit(True)),
+                    f"Yes, revoke {what}",
+                )
+                labelled(
+                    ui.button("Cancel", on_click=lambda: dialog.submit(False)).props("outline"),
+                    "Cancel",
+                )
+        if not await dialog:
+            dialog.delete()
+            return
+        dialog.delete()
+
+        async def work() -> None:
+            token = self._token(ctx.cookie_id)
+            if kind == "agent":
+                await self.registry.disable_agent(token, target)
+            else:
+                await self.registry.revoke(token, kind, target)
+            ctx.notice.ok(f"Revoked {what}.")
+            await ctx.reload()
+
+        await self._act(ctx.notice, work)
+
+    # --- audit ---------------------------------------------------------------------------
+
+    async def _audit(self, cookie_id: str, session: Session, agent_id: str | None) -> None:
+        main = self._frame(active="/audit", session=session, cookie_id=cookie_id)
+        with main:
+            heading("Audit trail")
+            notice = Notice()
+        try:
+            agents = await self.registry.agents(session.registry_token)
+        except RegistryError as exc:
+            with main:
+                notice.error(exc.message, exc.code)
+            return
+        options = {a["id"]: f"{a['name']} ({a['id']})" for a in agents}
+        if not agents:
+            with main:
+                ui.label("No agents yet: enroll one on the Agents page.")
+            return
+        chosen = agent_id if agent_id is not None and agent_id in options else agents[-1]["id"]
+        with main:
+            ui.select(
+                options,
+                value=chosen,
+                label="Agent",
+                on_change=lambda e: ui.navigate.to(f"/audit?agent={quote(str(e.value), safe='')}"),
+            ).classes("w-[32rem]")
+            summary = ui.column().classes("w-full gap-1")
+            table_box = ui.column().classes("w-full")
+        trail_ref: list[AuditTrail] = []
+
+        def draw() -> None:
+            trail = trail_ref[0]
+            summary.clear()
+            with summary:
+                self._audit_summary(trail)
+            table_box.clear()
+            with table_box:
+                self._audit_table(trail, check_one)
+
+        async def verify() -> None:
+            token = self._token(cookie_id)
+            trail = await AuditTrail.fetch(
+                self.registry, token, chosen, prove=self.settings.max_inclusion_checks
+            )
+            trail_ref[:] = [trail]
+            draw()
+
+        async def check_one(chain: str, seq: int) -> None:
+            async def work() -> None:
+                token = self._token(cookie_id)
+                trail = trail_ref[0]
+                event = next(e for e in trail.events if (e.chain, e.seq) == (chain, seq))
+                await trail.prove(self.registry, token, [event])
+                result = trail.inclusion[(chain, seq)]
+                draw()
+                text = f"Event {chain}:{seq}: {result.detail}"
+                if result.ok is False:
+                    notice.error(text)
+                else:
+                    notice.ok(text)
+
+            await self._act(notice, work)
+
+        async def export() -> None:
+            if not trail_ref:
+                return
+            document = trail_ref[0].export(now=time.time())
+            ui.download.content(
+                json.dumps(document, indent=2, sort_keys=True),
+                f"audit-{chosen}.json",
+                "application/json",
+            )
+            notice.ok(f"Exported {len(trail_ref[0].events)} events as JSON.")
+
+        try:
+            await verify()
+        except RegistryError as exc:
+            notice.error(exc.message, exc.code)
+        with main, ui.row().classes("gap-2"):
+            labelled(
+                ui.button(
+                    "Verify again", icon="verified", on_click=lambda: self._act(notice, verify)
+                ),
+                "Verify the audit trail again",
+            )
+            labelled(
+                ui.button("Export JSON", icon="download", on_click=export).props("outline"),
+                "Export the audit trail as JSON",
+            )
+
+    @staticmethod
+    def _audit_summary(trail: AuditTrail) -> None:
+        ok = trail.ok
+        box = ui.column().classes(
+            "w-full rounded p-3 gap-1 "
+            + (
+                "bg-green-50 border border-green-700 text-green-900"
+                if ok
+                else "bg-red-50 border border-red-700 text-red-900"
+            )
+        )
+        box.props["role"] = "status"
+        box.props["aria-label"] = "Verification result"
+        with box:
+            heading("✓ The audit trail verifies" if ok else "✗ The audit trail does not verify", 2)
+            chains = len(trail.chains)
+            ui.label(
+                f"Hash chain: {len(trail.events)} events in {chains} chain"
+                f"{'s' if chains != 1 else ''}, all well-formed; {trail.links_checked} links "
+                "between neighbouring events checked."
+            ).classes("audit-chain")
+            signed = [c for c in trail.chains.values() if c.checkpoint is not None]
+            if signed:
+                kids = sorted({c.checkpoint_kid or "?" for c in signed})
+                ui.label(
+                    f"Signed checkpoints: the latest checkpoint of {len(signed)} of {chains} "
+                    f"chains verifies against the registry's JWKS (key {', '.join(kids)})."
+                ).classes("audit-checkpoint")
+            else:
+                ui.label("Signed checkpoints: none yet for these chains.").classes(
+                    "audit-checkpoint"
+                )
+            ui.label(
+                f"Inclusion: {trail.proven} of {len(trail.events)} events proven to be in the "
+                f"signed log; {trail.awaiting_checkpoint} newer than the latest checkpoint."
+            ).classes("audit-inclusion")
+            for problem in trail.all_problems[:20]:
+                ui.label("✗ " + problem)
+
+    @staticmethod
+    def _audit_table(trail: AuditTrail, check_one: Callable[[str, int], Awaitable[None]]) -> None:
+        table = ui.element("table").classes("w-full text-sm border-collapse")
+        with table:
+            TextElement(tag="caption", text="Events, newest first").classes("text-left font-medium")
+            with ui.element("thead"), ui.element("tr").classes("text-left border-b"):
+                for title in ("Time (UTC)", "Event", "Actor", "Subject", "Chain:seq", "In log"):
+                    cell = TextElement(tag="th", text=title).classes("p-1")
+                    cell.props["scope"] = "col"
+            with ui.element("tbody"):
+                for event in sorted(trail.events, key=lambda e: (e.time_ms, e.chain, e.seq))[::-1]:
+                    with ui.element("tr").classes("border-b align-top"):
+                        moment = datetime.fromtimestamp(event.time_ms / 1000, tz=UTC)
+                        for text, wrap in (
+                            (f"{moment:%Y-%m-%d %H:%M:%S}", "whitespace-nowrap"),
+                            (event.event, "whitespace-nowrap"),
+                            (event.actor, "break-all"),
+                            (event.subject, "break-all"),
+                            (f"{event.chain}:{event.seq}", "whitespace-nowrap"),
+                        ):
+                            TextElement(tag="td", text=text).classes(f"p-1 {wrap}")
+                        with (
+                            ui.element("td").classes("p-1"),
+                            ui.row().classes("items-center gap-2 no-wrap"),
+                        ):
+                            result = trail.inclusion.get((event.chain, event.seq))
+                            if result is not None and result.ok:
+                                ui.label("✓ proven").classes("text-green-800 whitespace-nowrap")
+                            elif result is not None and result.ok is False:
+                                ui.label("✗ " + result.detail).classes("text-red-800")
+                            elif event.seq >= trail.chains[event.chain].covered:
+                                ui.label("awaiting checkpoint").classes(
+                                    "text-slate-600 whitespace-nowrap"
+                                )
+
+                            async def check(chain: str = event.chain, seq: int = event.seq) -> None:
+                                await check_one(chain, seq)
+
+                            labelled(
+                                ui.button("Check", on_click=check).props("flat dense"),
+                                f"Check inclusion of event {event.chain}:{event.seq} "
+                                f"({event.event})",
+                            )
+
+    # --- agents --------------------------------------------------------------------------
+
+    async def _agents(self, cookie_id: str, session: Session) -> None:
+        main = self._frame(active="/agents", session=session, cookie_id=cookie_id)
+        with main:
+            heading("Agents")
+            notice = Notice()
+            code_box = ui.column().classes("w-full")
+            box = ui.column().classes("w-full gap-2")
+
+        async def load() -> None:
+            token = self._token(cookie_id)
+            agents = await self.registry.agents(token)
+            box.clear()
+            with box:
+                if not agents:
+                    ui.label("No agents yet. Create an enrollment code and give it to your agent.")
+                for agent in agents:
+                    with ui.card().classes("w-full"), ui.row().classes("items-center gap-4 w-full"):
+                        ui.label(f"{agent['name']}").classes("font-medium")
+                        ui.label(
+                            f"{agent['id']} · {agent['status']} · since "
+                            f"{_stamp(agent.get('created_at'))}"
+                        ).classes("text-sm")
+                        ui.space()
+                        labelled(
+                            ui.link("Audit", f"/audit?agent={quote(agent['id'], safe='')}"),
+                            f"Audit trail of agent {agent['name']}",
+                        )
+                        if agent["status"] == "active":
+
+                            async def revoke(agent: Mapping[str, Any] = agent) -> None:
+                                await self._confirm_revoke(
+                                    Ctx(cookie_id, notice, load),
+                                    "agent",
+                                    agent["id"],
+                                    f"agent {agent['name']}",
+                                )
+
+                            labelled(
+                                ui.button("Revoke agent", on_click=revoke, color="negative").props(
+                                    "outline dense"
+                                ),
+                                f"Revoke agent {agent['name']}",
+                            )
+
+        async def enroll() -> None:
+            async def work() -> None:
+                token = self._token(cookie_id)
+                answer = await self.registry.enrollment(token)
+                code_box.clear()
+                with code_box, ui.card().classes("w-full bg-amber-50"):
+                    heading("Enrollment code", 2)
+                    ui.label(
+                        "Give this code to your agent; it is shown only once and works once, "
+                        f"for {int(answer['expires_in']) // 60} minutes. The agent registers "
+                        "its key with it, then its requests appear on the Requests page."
+                    )
+                    code = ui.input("Enrollment code", value=answer["enrollment_code"])
+                    code.classes("w-full font-mono")
+                    code.props["readonly"] = True
+                notice.ok("A new enrollment code is ready.")
+
+            await self._act(notice, work)
+
+        try:
+            await load()
+        except RegistryError as exc:
+            notice.error(exc.message, exc.code)
+        with main:
+            labelled(
+                ui.button("New enrollment code", icon="add", on_click=enroll),
+                "Create a new enrollment code for an agent",
+            ).classes("self-start")
+
+    # --- passkeys ------------------------------------------------------------------------
+
+    async def _passkeys(self, cookie_id: str, session: Session) -> None:
+        main = self._frame(active="/passkeys", session=session, cookie_id=cookie_id)
+        with main:
+            heading("Passkeys")
+            ui.label(
+                "Each passkey can sign you in and approve requests. Keep more than one (for "
+                "example a phone and a security key) so losing one does not lock you out."
+            )
+            notice = Notice()
+            box = ui.column().classes("w-full gap-2")
+
+        async def load() -> None:
+            token = self._token(cookie_id)
+            passkeys = await self.registry.passkeys(token)
+            box.clear()
+            with box:
+                for i, passkey in enumerate(passkeys, start=1):
+                    credential_id = passkey["credential_id"]
+                    with ui.card().classes("w-full"), ui.row().classes("items-center gap-4 w-full"):
+                        ui.label(f"Passkey {i}").classes("font-medium")
+                        flags = []
+                        if passkey.get("backed_up"):
+                            flags.append("synced")
+                        if passkey.get("flagged_at"):
+                            flags.append("BLOCKED: possibly cloned")
+                        ui.label(
+                            f"{_short(credential_id, 16)} · added "
+                            f"{_stamp(passkey.get('created_at'))} · last used "
+                            f"{_stamp(passkey.get('last_used_at'))}"
+                            + (f" · {', '.join(flags)}" if flags else "")
+                        ).classes("text-sm")
+                        ui.space()
+
+                        async def remove(credential_id: str = credential_id, n: int = i) -> None:
+                            async def work() -> None:
+                                token = self._token(cookie_id)
+                                await self.registry.remove_passkey(token, credential_id)
+                                notice.ok(f"Removed passkey {n}.")
+                                await load()
+
+                            await self._act(notice, work)
+
+                        labelled(
+                            ui.button("Remove", on_click=remove, color="negative").props(
+                                "outline dense"
+                            ),
+                            f"Remove passkey {i} ({_short(credential_id, 16)})",
+                        )
+
+        async def add() -> None:
+            async def work() -> None:
+                token = self._token(cookie_id)
+                options = await self.registry.passkey_begin(token)
+                notice.info("Creating a new passkey…")
+                credential = await self._ceremony("create", options)
+                await self.registry.passkey_finish(token, credential)
+                notice.ok("Added a new passkey.")
+                await load()
+
+            await self._act(notice, work)
+
+        try:
+            await load()
+        except RegistryError as exc:
+            notice.error(exc.message, exc.code)
+        with main:
+            labelled(
+                ui.button("Add a passkey", icon="add", on_click=add),
+                "Add a passkey",
+            ).classes("self-start")
+
+
+def _expired(grant: Mapping[str, Any], now: float) -> bool:
+    expires = grant["document"].get("envelope", {}).get("expires_at")
+    return expires is not None and now >= int(expires)
+
+
+def _revoked_tokens(events: Iterable[Mapping[str, Any]]) -> set[str]:
+    return {
+        str(e.get("subject", "")).removeprefix("token:")
+        for e in events
+        if e.get("event") == "token.revoked"
+    }
+
+
+def _live_tokens(
+    grant_events: Iterable[Mapping[str, Any]], revoked: set[str], now: float
+) -> list[tuple[str, int]]:
+    """A grant's tokens still within their lifetime and not revoked, from its audit trail."""
+    issued = {
+        str(e.get("subject", "")).removeprefix("token:"): int((e.get("data") or {}).get("exp", 0))
+        for e in grant_events
+        if e.get("event") == "token.issued"
+    }
+    return sorted(
+        ((jti, exp) for jti, exp in issued.items() if exp > now and jti not in revoked),
+        key=lambda item: item[1],
+    )

@@ -1,0 +1,303 @@
+"""The page's client for the registry's HTTP API (httpx), as a signed-in human.
+
+Every call carries the human's registry session token, which only this server process
+holds. Errors come back as ``RegistryError`` with the registry's wire ``error`` and
+``reason`` codes and a sentence fit to show the human.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+__all__ = ["RegistryClient", "RegistryError"]
+
+# What a human should read for the registry's reason codes; anything else shows the
+# registry's own short description (it never carries secrets, see registry/_http.py).
+_MESSAGES = {
+    "widening": (
+        "Refused: you can only tighten a request, never widen it. The registry rejected "
+        "the changed limits because they would allow more than the agent asked for."
+    ),
+    "challenge_used": ("This approval was already used or has expired. Start the approval again."),
+    "challenge_mismatch": (
+        "The passkey signed something else than this request. Nothing was approved."
+    ),
+    "not_pending": "This request was already decided.",
+    "last_passkey": "You cannot remove your last passkey: add another one first.",
+    "credential_flagged": (
+        "This passkey is blocked because its signature counter went backwards (it may have "
+        "been cloned). Use another passkey."
+    ),
+    "sign_count_regression": (
+        "This passkey's signature counter went backwards (it may have been cloned); it is "
+        "now blocked."
+    ),
+    "unknown_credential": "This passkey is not registered to your account.",
+    "bad_session": "Your session has ended. Please sign in again.",
+    "missing_session": "Please sign in.",
+    "signup_closed": "Sign-up is closed on this registry.",
+    "duplicate_passkey": "This passkey is already registered.",
+}
+
+
+class RegistryError(Exception):
+    """A refusal or failure from the registry (or of reaching it)."""
+
+    def __init__(self, status: int, error: str, description: str, reason: str | None) -> None:
+        super().__init__(f"{status} {error}{f'/{reason}' if reason else ''}: {description}")
+        self.status = status
+        self.error = error
+        self.description = description
+        self.reason = reason
+
+    @property
+    def message(self) -> str:
+        """What the page tells the human."""
+        if self.reason in _MESSAGES:
+            return _MESSAGES[self.reason]
+        if self.reason == "assertion_refused" and "verif" in self.description.lower():
+            return (
+                "Refused: the passkey did not verify you (PIN or biometric). This registry "
+                "requires user verification for approvals."
+            )
+        if self.status == 0:
+            return "The registry cannot be reached right now. Try again in a moment."
+        if self.status >= 500:
+            return "The registry failed to answer. Try again in a moment."
+        return self.description[:300]
+
+    @property
+    def code(self) -> str:
+        return f"{self.status} {self.error}" + (f" ({self.reason})" if self.reason else "")
+
+
+class RegistryClient:
+    """Typed calls to the registry; ``token`` is the human's session token."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 15.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=timeout,
+            transport=transport,
+            headers={"User-Agent": "agentauth-ui"},
+            follow_redirects=False,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        json: Any = None,
+        params: dict[str, str] | None = None,
+    ) -> Any:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            response = await self._http.request(
+                method, path, headers=headers, json=json, params=params
+            )
+        except httpx.HTTPError:
+            raise RegistryError(0, "unreachable", "the registry cannot be reached", None) from None
+        if response.is_success:
+            return response.json()
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        if not isinstance(body, dict):
+            body = {}
+        raise RegistryError(
+            response.status_code,
+            str(body.get("error", "error")),
+            str(body.get("error_description", response.reason_phrase)),
+            body.get("reason") if isinstance(body.get("reason"), str) else None,
+        )
+
+    # --- public --------------------------------------------------------------------------
+
+    async def jwks(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("GET", "/.well-known/jwks.json")
+        return result
+
+    # --- passkeys and sessions -----------------------------------------------------------
+
+    async def signup_begin(self, display_name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(
+            "POST", "/v1/signup/begin", json={"display_name": display_name}
+        )
+        return result
+
+    async def signup_finish(self, credential: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(
+            "POST", "/v1/signup/finish", json={"credential": credential}
+        )
+        return result
+
+    async def login_begin(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("POST", "/v1/sessions/begin")
+        return result
+
+    async def login_finish(self, credential: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(
+            "POST", "/v1/sessions/finish", json={"credential": credential}
+        )
+        return result
+
+    async def passkeys(self, token: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self.call("GET", "/v1/passkeys", token=token)
+        return result
+
+    async def passkey_begin(self, token: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("POST", "/v1/passkeys/begin", token=token)
+        return result
+
+    async def passkey_finish(self, token: str, credential: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(
+            "POST", "/v1/passkeys/finish", token=token, json={"credential": credential}
+        )
+        return result
+
+    async def remove_passkey(self, token: str, credential_id: str) -> None:
+        await self.call("DELETE", f"/v1/passkeys/{_seg(credential_id)}", token=token)
+
+    # --- agents --------------------------------------------------------------------------
+
+    async def agents(self, token: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self.call("GET", "/v1/agents", token=token)
+        return result
+
+    async def enrollment(self, token: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("POST", "/v1/enrollments", token=token)
+        return result
+
+    async def disable_agent(self, token: str, agent_id: str) -> None:
+        await self.call("POST", f"/v1/agents/{_seg(agent_id)}/disable", token=token)
+
+    # --- grant requests and grants -------------------------------------------------------
+
+    async def grant_requests(self, token: str, status: str | None = None) -> list[dict[str, Any]]:
+        params = {"status": status} if status else None
+        result: list[dict[str, Any]] = await self.call(
+            "GET", "/v1/grant-requests", token=token, params=params
+        )
+        return result
+
+    async def approval_begin(
+        self, token: str, request_id: str, narrowed: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(
+            "POST",
+            f"/v1/grant-requests/{_seg(request_id)}/approval/begin",
+            token=token,
+            json=narrowed or None,
+        )
+        return result
+
+    async def approval_finish(
+        self, token: str, request_id: str, credential: dict[str, Any]
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(
+            "POST",
+            f"/v1/grant-requests/{_seg(request_id)}/approval/finish",
+            token=token,
+            json={"credential": credential},
+        )
+        return result
+
+    async def deny_request(self, token: str, request_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(
+            "POST", f"/v1/grant-requests/{_seg(request_id)}/deny", token=token
+        )
+        return result
+
+    async def grants(self, token: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self.call("GET", "/v1/grants", token=token)
+        return result
+
+    async def grant(self, token: str, grant_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("GET", f"/v1/grants/{_seg(grant_id)}", token=token)
+        return result
+
+    async def usage(self, token: str, grant_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(
+            "GET", f"/v1/grants/{_seg(grant_id)}/usage", token=token
+        )
+        return result
+
+    async def revoke(self, token: str, kind: str, target: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(
+            "POST", "/v1/revocations", token=token, json={"kind": kind, "target": target}
+        )
+        return result
+
+    # --- step-ups ------------------------------------------------------------------------
+
+    async def step_ups(self, token: str, status: str | None = None) -> list[dict[str, Any]]:
+        params = {"status": status} if status else None
+        result: list[dict[str, Any]] = await self.call(
+            "GET", "/v1/step-ups", token=token, params=params
+        )
+        return result
+
+    async def step_up_begin(self, token: str, step_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(
+            "POST", f"/v1/step-ups/{_seg(step_id)}/approval/begin", token=token
+        )
+        return result
+
+    async def step_up_finish(
+        self, token: str, step_id: str, credential: dict[str, Any]
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(
+            "POST",
+            f"/v1/step-ups/{_seg(step_id)}/approval/finish",
+            token=token,
+            json={"credential": credential},
+        )
+        return result
+
+    async def step_up_deny(self, token: str, step_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(
+            "POST", f"/v1/step-ups/{_seg(step_id)}/deny", token=token
+        )
+        return result
+
+    # --- audit ---------------------------------------------------------------------------
+
+    async def audit_events(
+        self, token: str, *, agent_id: str | None = None, grant_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        params = {k: v for k, v in (("agent_id", agent_id), ("grant_id", grant_id)) if v}
+        result: list[dict[str, Any]] = await self.call(
+            "GET", "/v1/audit/events", token=token, params=params
+        )
+        return result
+
+    async def audit_proof(self, token: str, chain: str, seq: int) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(
+            "GET", f"/v1/audit/events/{_seg(chain)}/{int(seq)}/proof", token=token
+        )
+        return result
+
+    async def checkpoints(self, token: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self.call("GET", "/v1/audit/checkpoints", token=token)
+        return result
+
+
+def _seg(value: str) -> str:
+    """One path segment: ids come from the registry, but never let one change the path."""
+    return quote(value, safe="")

@@ -1,0 +1,274 @@
+"""Sessions, cookies and the page's defences against other sites.
+
+The human's registry session token never reaches the browser: this server keeps it in a
+``SessionStore`` keyed by a random id that lives in an HttpOnly, SameSite=Strict cookie
+(``Secure`` too, and the ``__Host-`` name, when the origin is https; browsers drop
+``Secure`` cookies on http://localhost, so development runs without it).
+
+``SecurityMiddleware`` (ASGI, outermost) answers for every response and connection:
+
+- ``X-Frame-Options: DENY`` and CSP ``frame-ancestors 'none'``: the page cannot be framed;
+- state-changing HTTP methods and WebSocket handshakes (the page's actions travel over
+  NiceGUI's socket) must come from the configured origin: the ``Origin`` header is
+  required and must match exactly, so a cross-site form, fetch or socket gets 403;
+- the ``Host`` header must be the origin's host, which stops DNS-rebinding pages (a GET
+  for another host is redirected to the origin, so typing 127.0.0.1 still works; only the
+  ``/healthz`` probe answers on any host);
+- every browser gets an anonymous cookie id on its first visit; signing in swaps it for a
+  fresh one (no session fixation) through a one-time ticket bound to the old id.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.cookies import SimpleCookie
+from urllib.parse import quote
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["LoginTicket", "SecurityMiddleware", "Session", "SessionStore", "cookie_name"]
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_HEADERS = (
+    (b"x-frame-options", b"DENY"),
+    (
+        b"content-security-policy",
+        b"frame-ancestors 'none'; base-uri 'self'; object-src 'none'; form-action 'self'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+    (b"permissions-policy", b"publickey-credentials-get=(self), camera=(), microphone=()"),
+)
+# Cookie ids are 256-bit random; anything else in the cookie is ignored and replaced.
+_ID_BYTES = 32
+_ID_LENGTH = 43
+
+
+def cookie_name(secure: bool) -> str:
+    # The __Host- prefix makes browsers refuse the cookie unless Secure, Path=/ and no
+    # Domain: no sibling subdomain can plant or overwrite it. It needs https.
+    return "__Host-agentauth" if secure else "agentauth_session"
+
+
+def new_id() -> str:
+    return secrets.token_urlsafe(_ID_BYTES)
+
+
+@dataclass(slots=True)
+class Session:
+    """A signed-in human, as this server knows them."""
+
+    principal_id: str
+    registry_token: str = field(repr=False)
+    expires_at: float
+    display_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoginTicket:
+    """Bridges a passkey sign-in (over the socket) to the new cookie (over HTTP)."""
+
+    bound_to: str = field(repr=False)  # the anonymous cookie id it was issued to
+    session_id: str = field(repr=False)  # the new, signed-in cookie id
+    expires_at: float
+
+
+class SessionStore:
+    """Sessions and login tickets in this process's memory (one UI process per origin)."""
+
+    def __init__(self, *, ttl: int, ticket_ttl: int, clock: Callable[[], float] = time.time):
+        self._sessions: dict[str, Session] = {}
+        self._tickets: dict[str, LoginTicket] = {}
+        self._ttl = ttl
+        self._ticket_ttl = ticket_ttl
+        self._clock = clock
+
+    def get(self, session_id: str | None) -> Session | None:
+        if not session_id:
+            return None
+        session = self._sessions.get(session_id)
+        if session is None:
+            return None
+        if session.expires_at <= self._clock():
+            self._sessions.pop(session_id, None)
+            return None
+        return session
+
+    def sign_in(
+        self,
+        anonymous_id: str,
+        *,
+        principal_id: str,
+        registry_token: str,
+        display_name: str | None = None,
+    ) -> str:
+        """Create the signed-in session under a fresh id; return the ticket to claim it."""
+        self._sweep()
+        now = self._clock()
+        session_id = new_id()
+        self._sessions[session_id] = Session(
+            principal_id=principal_id,
+            registry_token=registry_token,
+            expires_at=now + self._ttl,
+            display_name=display_name,
+        )
+        ticket = new_id()
+        self._tickets[ticket] = LoginTicket(
+            bound_to=anonymous_id, session_id=session_id, expires_at=now + self._ticket_ttl
+        )
+        return ticket
+
+    def claim(self, ticket: str, cookie_id: str | None) -> str | None:
+        """The new session id for a ticket, once, and only to the browser it was made for."""
+        found = self._tickets.pop(ticket, None)
+        if found is None or found.expires_at <= self._clock():
+            return None
+        if cookie_id is None or not secrets.compare_digest(found.bound_to, cookie_id):
+            self._sessions.pop(found.session_id, None)  # a stolen ticket burns the session
+            return None
+        return found.session_id
+
+    def sign_out(self, session_id: str | None) -> None:
+        if session_id:
+            self._sessions.pop(session_id, None)
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        for key in [k for k, s in self._sessions.items() if s.expires_at <= now]:
+            del self._sessions[key]
+        for key in [k for k, t in self._tickets.items() if t.expires_at <= now]:
+            del self._tickets[key]
+
+
+def read_cookie(headers: Headers, name: str) -> str | None:
+    raw = headers.get("cookie")
+    if not raw:
+        return None
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(raw)
+    except Exception:  # a malformed Cookie header is the same as none
+        return None
+    morsel = jar.get(name)
+    value = morsel.value if morsel is not None else None
+    return value if value and len(value) == _ID_LENGTH else None
+
+
+def set_cookie_header(name: str, value: str, *, secure: bool, max_age: int) -> bytes:
+    parts = [f"{name}={value}", "Path=/", "HttpOnly", "SameSite=Strict", f"Max-Age={max_age}"]
+    if secure:
+        parts.append("Secure")
+    return "; ".join(parts).encode("latin-1")
+
+
+class SecurityMiddleware:
+    """See the module docstring. Wraps the whole app (NiceGUI's mount included)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        origin: str,
+        host: str,
+        secure: bool,
+        cookie_max_age: int,
+    ) -> None:
+        self.app = app
+        self.origin = origin
+        self.host = host.lower()
+        self.secure = secure
+        self.cookie = cookie_name(secure)
+        self.cookie_max_age = cookie_max_age
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        probe = scope["type"] == "http" and scope["path"] == "/healthz"
+        if (headers.get("host") or "").lower() != self.host and not probe:
+            if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+                # Someone typed 127.0.0.1 (or a rebinding page asked): send them to the
+                # origin the passkeys are bound to; nothing of this server is served here.
+                await self._redirect(scope, send)
+            else:
+                await self._refuse(scope, receive, send, 400, b"unknown host")
+            return
+        unsafe = scope["type"] == "websocket" or scope["method"] not in _SAFE_METHODS
+        if unsafe and headers.get("origin") != self.origin:
+            await self._refuse(scope, receive, send, 403, b"cross-origin request refused")
+            return
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
+            return
+
+        cookie_id = read_cookie(headers, self.cookie)
+        issued = None
+        if cookie_id is None:
+            cookie_id = issued = new_id()
+        scope.setdefault("state", {})["agentauth_cookie_id"] = cookie_id
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                raw = list(message.get("headers", []))
+                names = {k.lower() for k, _ in raw}
+                raw += [(k, v) for k, v in _HEADERS if k not in names]
+                content_type = dict(raw).get(b"content-type", b"")
+                if content_type.startswith(b"text/html") or b"cache-control" not in names:
+                    raw = [(k, v) for k, v in raw if k.lower() != b"cache-control"]
+                    raw.append((b"cache-control", b"no-store"))
+                if issued is not None and not any(
+                    k.lower() == b"set-cookie" and v.startswith(self.cookie.encode() + b"=")
+                    for k, v in raw
+                ):
+                    raw.append(
+                        (
+                            b"set-cookie",
+                            set_cookie_header(
+                                self.cookie,
+                                issued,
+                                secure=self.secure,
+                                max_age=self.cookie_max_age,
+                            ),
+                        )
+                    )
+                message = {**message, "headers": raw}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    async def _redirect(self, scope: Scope, send: Send) -> None:
+        target = self.origin + quote(scope.get("path", "/"), safe="/%:@!$&'()*+,;=-._~")
+        query = scope.get("query_string", b"")
+        if query:
+            target += "?" + quote(query.decode("latin-1"), safe="=&%+-._~")
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 308,
+                "headers": [(b"location", target.encode("latin-1")), *_HEADERS],
+            }
+        )
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, status: int, body: bytes
+    ) -> None:
+        if scope["type"] == "websocket":
+            # Closing before accepting makes the server answer the handshake with 403.
+            await receive()
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"text/plain"), *_HEADERS],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,75 @@
+"""The approval page's configuration: one typed object, read from the environment by
+``from_env``."""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["UISettings"]
+
+
+class UISettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    registry_url: str = Field(
+        description="Base URL of the registry's API, e.g. http://127.0.0.1:8000/registry."
+    )
+    # The exact origin browsers see. It must be one of the registry's `origins`: WebAuthn
+    # binds every passkey assertion to it. `localhost` works over http for development.
+    origin: str = "http://localhost:8080"
+    rp_id: str = "localhost"
+    # Approvals must prove the human was verified (PIN/biometric); mirrors the registry's
+    # policy and is what the page's offline receipt check demands.
+    require_user_verification: bool = True
+    # The page's own sessions end with the registry's (12 h by default) or earlier.
+    session_ttl: int = Field(12 * 3600, ge=60)
+    # A login ticket only bridges the passkey ceremony to the new cookie: seconds suffice.
+    ticket_ttl: int = Field(60, ge=5, le=600)
+    # Registry calls are quick; a stuck registry must not hang a page forever.
+    registry_timeout: float = Field(15.0, gt=0)
+    # Longest a passkey prompt may stay open (the options carry their own timeout too).
+    ceremony_timeout: float = Field(180.0, gt=0)
+    # The audit page proves inclusion of at most this many events in one go (one proof
+    # request each); the rest can be checked one by one.
+    max_inclusion_checks: int = Field(200, ge=0)
+    # The requests page looks for new requests this often (two light registry reads).
+    poll_seconds: float = Field(5.0, gt=0)
+    title: str = "AgentAuth"
+
+    @field_validator("origin")
+    @classmethod
+    def _bare_origin(cls, origin: str) -> str:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("origin must look like https://host[:port]")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("origin has no path, query or fragment")
+        return f"{parts.scheme}://{parts.netloc}"
+
+    @property
+    def secure_cookies(self) -> bool:
+        """Cookies carry ``Secure`` when the page is served over https (not on http://localhost)."""
+        return self.origin.startswith("https://")
+
+    @property
+    def host(self) -> str:
+        """The Host header browsers send for ``origin`` (refusing others stops DNS rebinding)."""
+        return urlsplit(self.origin).netloc
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> UISettings:
+        """Read ``AGENTAUTH_UI_*`` (and ``AGENTAUTH_RP_ID``) from the environment."""
+        env = os.environ
+        values: dict[str, object] = {}
+        for name, key in (
+            ("registry_url", "AGENTAUTH_UI_REGISTRY_URL"),
+            ("origin", "AGENTAUTH_UI_ORIGIN"),
+            ("rp_id", "AGENTAUTH_RP_ID"),
+        ):
+            if key in env:
+                values[name] = env[key]
+        values.update(overrides)
+        return cls.model_validate(values)

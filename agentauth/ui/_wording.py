@@ -1,0 +1,205 @@
+"""Plain words for what a human approves: capabilities, envelopes, step-ups, usage.
+
+Pure functions over the protocol's models: the page shows these sentences, and the tests
+feed them vectors. For example an envelope reads "up to 5 transactions an hour, at most $50
+each and $200 a day, weekdays 09:00-17:00 Europe/Berlin" (with an en dash in the range).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from ..protocol import Capability, Custom, Envelope, Read, Transact, Write
+
+__all__ = [
+    "action_noun",
+    "describe_capabilities",
+    "describe_capability",
+    "describe_envelope",
+    "describe_step_up",
+    "money",
+    "per_window",
+    "spend_period",
+    "when",
+]
+
+# Symbols only for currencies whose symbol is unambiguous to most readers; the rest read
+# "50 CHF", which is never wrong.
+# Ranges of days and times take an en dash, as in print ("09:00\u201317:00").
+_DASH = "\u2013"
+_SYMBOLS = {"USD": "$", "EUR": "€", "GBP": "£", "JPY": "¥"}
+_UNITS = (("week", 7 * 86400), ("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1))
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_DAY_NAMES = {"mon": "Mon", "tue": "Tue", "wed": "Wed", "thu": "Thu", "fri": "Fri"}
+_DAY_NAMES |= {"sat": "Sat", "sun": "Sun"}
+_PER_PERIOD = {
+    "hour": "an hour",
+    "day": "a day",
+    "week": "a week",
+    "month": "a month",
+    "grant": "in total",
+}
+_THIS_PERIOD = {
+    "hour": "this hour",
+    "day": "today",
+    "week": "this week",
+    "month": "this month",
+    "grant": "in total",
+}
+
+
+def money(amount: Decimal | str, currency: str) -> str:
+    """'$50', '$1,250.50', '€12.99', '300 CHF'."""
+    value = Decimal(amount).normalize()
+    if value == value.to_integral_value():
+        text = f"{int(value):,}"
+    else:
+        exponent = value.as_tuple().exponent
+        places = max(2, -exponent if isinstance(exponent, int) else 2)
+        text = f"{value:,.{places}f}"
+    symbol = _SYMBOLS.get(currency)
+    return f"{symbol}{text}" if symbol else f"{text} {currency}"
+
+
+def per_window(seconds: int) -> str:
+    """'an hour', 'a day', 'every 15 minutes', 'every 90 seconds'."""
+    for unit, size in _UNITS:
+        if seconds % size == 0:
+            count = seconds // size
+            if count == 1:
+                return f"{'an' if unit == 'hour' else 'a'} {unit}"
+            return f"every {count} {unit}s"
+    return f"every {seconds} seconds"  # pragma: no cover - 1 second divides every int
+
+
+def spend_period(period: str) -> str:
+    """How the current bucket of a spend period reads: 'today', 'this month', 'in total'."""
+    return _THIS_PERIOD.get(period, period)
+
+
+def action_noun(capabilities: Sequence[Capability]) -> tuple[str, str]:
+    """Singular and plural noun for what a rate limit counts."""
+    if capabilities and all(isinstance(c, Transact) for c in capabilities):
+        return "transaction", "transactions"
+    return "request", "requests"
+
+
+def _resource(pattern: str) -> str:
+    if pattern == "*":
+        return "everything"
+    if pattern.endswith("/*"):
+        return f"everything under {pattern[:-1]}"
+    return pattern
+
+
+def _join(items: Sequence[str]) -> str:
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def describe_capability(capability: Capability) -> str:
+    """One capability in words, e.g. 'make transactions on payments/* up to $50 each'."""
+    where = _resource(capability.resource)
+    if isinstance(capability, Read):
+        text = f"read {where}"
+        if capability.filter is not None:
+            text += f" (only with filter “{capability.filter}”)"
+        return text
+    if isinstance(capability, Write):
+        return f"create and change {where}"
+    if isinstance(capability, Transact):
+        text = f"make transactions on {where}"
+        if capability.max_amount is not None and capability.currency is not None:
+            text += f" up to {money(capability.max_amount, capability.currency)} each"
+        if capability.payees is not None:
+            text += f", only to {_join(list(capability.payees))}"
+        return text
+    if isinstance(capability, Custom):
+        return f"“{capability.name}” on {where}"
+    return f"{capability.kind} {where}"  # pragma: no cover - the four kinds above are all
+
+
+def describe_capabilities(capabilities: Sequence[Capability]) -> str:
+    return "; ".join(describe_capability(c) for c in capabilities) or "nothing"
+
+
+def _days(days: Sequence[str]) -> str:
+    chosen = [d for d in _DAYS if d in days]
+    if len(chosen) == 7:
+        return "every day"
+    if chosen == list(_DAYS[:5]):
+        return "weekdays"
+    if chosen == list(_DAYS[5:]):
+        return "weekends"
+    first, last = _DAYS.index(chosen[0]), _DAYS.index(chosen[-1])
+    if len(chosen) >= 3 and last - first + 1 == len(chosen):
+        return f"{_DAY_NAMES[chosen[0]]}{_DASH}{_DAY_NAMES[chosen[-1]]}"
+    return ", ".join(_DAY_NAMES[d] for d in chosen)
+
+
+def when(timestamp: float, zone: str = "UTC") -> str:
+    """A Unix time as '2026-05-01 17:00 Europe/Berlin'."""
+    local = datetime.fromtimestamp(timestamp, tz=ZoneInfo(zone) if zone != "UTC" else UTC)
+    return f"{local:%Y-%m-%d %H:%M} {zone}"
+
+
+def describe_envelope(envelope: Envelope, capabilities: Sequence[Capability] = ()) -> str:
+    """The envelope as one sentence; an empty envelope says so."""
+    singular, plural = action_noun(capabilities)
+    parts: list[str] = []
+
+    rates = []
+    for i, limit in enumerate(envelope.rate_limits):
+        noun = singular if limit.max_count == 1 else plural
+        count = f"{limit.max_count:,}"
+        rates.append(
+            f"up to {count} {noun} {per_window(limit.window_seconds)}"
+            if i == 0
+            else f"{count} {per_window(limit.window_seconds)}"
+        )
+    if rates:
+        parts.append(_join(rates))
+
+    amounts = []
+    if envelope.max_per_transaction is not None:
+        cap = envelope.max_per_transaction
+        amounts.append(f"{money(cap.amount, cap.currency)} each")
+    amounts += [
+        f"{money(s.amount, s.currency)} {_PER_PERIOD[s.period]}" for s in envelope.spend_limits
+    ]
+    if amounts:
+        text = "at most " + _join(amounts)
+        calendar = any(s.period != "grant" for s in envelope.spend_limits)
+        if calendar and not envelope.time_windows and envelope.timezone != "UTC":
+            text += f" ({envelope.timezone} time)"
+        parts.append(text)
+
+    if envelope.time_windows:
+        windows = []
+        for window in envelope.time_windows:
+            days = _days(window.days)
+            all_day = window.start == "00:00" and window.end == "24:00"
+            windows.append(days if all_day else f"{days} {window.start}{_DASH}{window.end}")
+        parts.append(", ".join(windows) + f" {envelope.timezone}")
+
+    if envelope.step_up_threshold is not None:
+        threshold = money(envelope.step_up_threshold.amount, envelope.step_up_threshold.currency)
+        parts.append(f"your passkey approval for each one above {threshold}")
+
+    if envelope.expires_at is not None:
+        parts.append(f"until {when(envelope.expires_at, envelope.timezone)}")
+
+    return ", ".join(parts) if parts else "no limits beyond the capabilities"
+
+
+def describe_step_up(document: Mapping[str, Any]) -> str:
+    """A step-up document as 'pay $120 to acme for payments/invoices/7'."""
+    amount = money(str(document["amount"]), str(document["currency"]))
+    payee = document.get("payee")
+    to = f" to {payee}" if payee else ""
+    return f"pay {amount}{to} for {document['resource']}"

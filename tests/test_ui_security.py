@@ -1,0 +1,203 @@
+"""The approval page's defences, in memory: cookies, sessions, cross-site refusals, and the
+check that a passkey signs only the grant shown on screen."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from agentauth.protocol import Capability, Envelope, Grant, RateLimit, b64url_encode
+from agentauth.ui import SecurityMiddleware, SessionStore
+from agentauth.ui._pages import Mismatch, Pages
+
+ORIGIN = "https://approve.example"
+
+
+def app(*, secure: bool = True) -> SecurityMiddleware:
+    async def echo(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(str(request.state.agentauth_cookie_id))
+
+    inner = Starlette(routes=[Route("/x", echo, methods=["GET", "POST"])])
+    return SecurityMiddleware(
+        inner,
+        origin=ORIGIN if secure else "http://localhost:8080",
+        host="approve.example" if secure else "localhost:8080",
+        secure=secure,
+        cookie_max_age=3600,
+    )
+
+
+def client(secure: bool = True) -> httpx.AsyncClient:
+    base = ORIGIN if secure else "http://localhost:8080"
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app(secure=secure)), base_url=base)
+
+
+@pytest.mark.asyncio
+async def test_every_response_refuses_framing_and_new_browsers_get_a_strict_cookie() -> None:
+    async with client() as c:
+        r = await c.get("/x")
+        assert r.status_code == 200
+        assert r.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+        assert r.headers["cache-control"] == "no-store"
+        cookie = r.headers["set-cookie"]
+        name, _, rest = cookie.partition("=")
+        value = rest.split(";", 1)[0]
+        assert name == "__Host-agentauth" and value == r.text and len(value) == 43
+        for attribute in ("Path=/", "HttpOnly", "SameSite=Strict", "Secure"):
+            assert attribute in cookie
+        # A browser that has the cookie keeps it: no new one, the same id in the request.
+        again = await c.get("/x", headers={"Cookie": f"__Host-agentauth={value}"})
+        assert again.text == value and "set-cookie" not in again.headers
+        # Refusals carry the framing headers too.
+        refused = await c.post("/x")
+        assert refused.status_code == 403 and refused.headers["x-frame-options"] == "DENY"
+
+
+@pytest.mark.asyncio
+async def test_development_cookies_work_on_http_localhost() -> None:
+    async with client(secure=False) as c:
+        cookie = (await c.get("/x")).headers["set-cookie"]
+        assert cookie.startswith("agentauth_session=") and "Secure" not in cookie
+
+
+@pytest.mark.asyncio
+async def test_state_changes_need_the_page_origin_and_the_page_host() -> None:
+    async with client() as c:
+        assert (await c.post("/x", headers={"Origin": ORIGIN})).status_code == 200
+        assert (await c.post("/x")).status_code == 403
+        assert (await c.post("/x", headers={"Origin": "https://evil.example"})).status_code == 403
+        assert (await c.post("/x", headers={"Origin": "null"})).status_code == 403
+        r = await c.get("/x?a=1", headers={"Host": "rebound.example"})
+        assert r.status_code == 308 and r.headers["location"] == f"{ORIGIN}/x?a=1"
+        assert "set-cookie" not in r.headers
+        r = await c.post("/x", headers={"Host": "rebound.example", "Origin": ORIGIN})
+        assert r.status_code == 400
+        # Only the health probe answers on any host (load balancers probe by address).
+        r = await c.get("/healthz", headers={"Host": "10.0.0.7:8080"})
+        assert r.status_code == 404 and r.headers["x-frame-options"] == "DENY"
+
+
+async def handshake(origin: str | None) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+    reached: list[bool] = []
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(True)
+        await send({"type": "websocket.accept"})
+
+    middleware = SecurityMiddleware(
+        inner, origin=ORIGIN, host="approve.example", secure=True, cookie_max_age=60
+    )
+    headers = [(b"host", b"approve.example")]
+    if origin is not None:
+        headers.append((b"origin", origin.encode()))
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await middleware({"type": "websocket", "path": "/ws", "headers": headers}, receive, send)
+    return sent if not reached else [{"type": "reached"}, *sent]
+
+
+@pytest.mark.asyncio
+async def test_cross_site_socket_handshakes_are_closed() -> None:
+    assert (await handshake(ORIGIN))[0] == {"type": "reached"}
+    for origin in ("https://evil.example", None):
+        assert await handshake(origin) == [{"type": "websocket.close", "code": 1008}]
+
+
+def test_a_login_ticket_works_once_and_only_for_its_browser() -> None:
+    now = [1000.0]
+    store = SessionStore(ttl=600, ticket_ttl=30, clock=lambda: now[0])
+    ticket = store.sign_in("anon-1", principal_id="hum_1", registry_token="ses_secret")
+    session_id = store.claim(ticket, "anon-1")
+    assert session_id is not None and session_id != "anon-1"
+    session = store.get(session_id)
+    assert session is not None and session.principal_id == "hum_1"
+    assert "ses_secret" not in repr(session)  # never in logs
+    assert store.claim(ticket, "anon-1") is None  # once
+
+    stolen = store.sign_in("anon-2", principal_id="hum_2", registry_token="ses_2")
+    assert store.claim(stolen, "anon-3") is None  # another browser: refused...
+    assert store.claim(stolen, "anon-2") is None  # ...and the ticket is burnt
+
+    late = store.sign_in("anon-4", principal_id="hum_4", registry_token="ses_4")
+    now[0] += 31
+    assert store.claim(late, "anon-4") is None
+
+    now[0] += 600
+    assert store.get(session_id) is None  # sessions expire
+    kept = store.claim(store.sign_in("a", principal_id="h", registry_token="t"), "a")
+    store.sign_out(kept)
+    assert store.get(kept) is None
+
+
+def offered(request: dict[str, Any], principal: str, **changes: Any) -> dict[str, Any]:
+    grant = Grant(
+        grant_id="grt_1",
+        agent_id=request["agent_id"],
+        principal_id=principal,
+        provider_id=request["provider_id"],
+        audience=request["audience"],
+        capabilities=tuple(Capability.read(c["resource"]) for c in request["capabilities"]),
+        envelope=Envelope.model_validate(request["envelope"]),
+        created_at=1_800_000_000,
+    ).model_copy(update=changes)
+    return {
+        "grant": grant.document(),
+        "grant_hash": grant.digest_b64(),
+        "options": {"challenge": grant.digest_b64(), "rpId": "localhost"},
+    }
+
+
+REQUEST = {
+    "id": "grq_1",
+    "agent_id": "agt_1",
+    "provider_id": "cal",
+    "audience": "https://cal.example",
+    "capabilities": [{"kind": "read", "resource": "calendar/*"}],
+    "envelope": {"rate_limits": [{"max_count": 5, "window_seconds": 3600}]},
+}
+
+
+def test_the_passkey_signs_only_the_grant_on_screen() -> None:
+    good = offered(REQUEST, "hum_1")
+    assert Pages._check_offered(good, REQUEST, "hum_1", None).digest_b64() == good["grant_hash"]
+    tightened = {"envelope": {"rate_limits": [{"max_count": 2, "window_seconds": 3600}]}}
+    narrowed = offered(
+        REQUEST,
+        "hum_1",
+        envelope=Envelope(rate_limits=(RateLimit(max_count=2, window_seconds=3600),)),
+    )
+    assert Pages._check_offered(narrowed, REQUEST, "hum_1", tightened)
+
+    wider = offered(
+        REQUEST,
+        "hum_1",
+        envelope=Envelope(rate_limits=(RateLimit(max_count=50, window_seconds=3600),)),
+    )
+    other_agent = offered(REQUEST, "hum_1", agent_id="agt_2")
+    other_human = offered(REQUEST, "hum_2")
+    more = offered(REQUEST, "hum_1", capabilities=(Capability.read("*"),))
+    swapped = {**good, "options": {"challenge": b64url_encode(b"\x00" * 32)}}
+    for lie in (wider, other_agent, other_human, more, swapped, {"grant": {}, "options": {}}):
+        with pytest.raises(Mismatch):
+            Pages._check_offered(lie, REQUEST, "hum_1", None)
+
+
+def test_the_public_surface_is_exactly_all() -> None:
+    import agentauth.ui as ui_package
+
+    public = {n for n, v in vars(ui_package).items() if not n.startswith("_")}
+    modules = {n for n in public if type(vars(ui_package)[n]).__name__ == "module"}
+    assert set(ui_package.__all__) == public - modules

@@ -1,0 +1,175 @@
+"""The approval page's plain words for capabilities, envelopes and step-ups (vectors)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from agentauth.protocol import Capability, Envelope, parse_capabilities
+from agentauth.ui import describe_capability, describe_envelope, describe_step_up, money
+from agentauth.ui._wording import per_window, spend_period, when
+
+DASH = "\u2013"
+
+ENVELOPES: list[tuple[dict[str, Any], list[dict[str, Any]], str]] = [
+    (
+        # The issue's example.
+        {
+            "rate_limits": [{"max_count": 5, "window_seconds": 3600}],
+            "max_per_transaction": {"amount": "50", "currency": "USD"},
+            "spend_limits": [{"amount": "200", "currency": "USD", "period": "day"}],
+            "time_windows": [
+                {"days": ["mon", "tue", "wed", "thu", "fri"], "start": "09:00", "end": "17:00"}
+            ],
+            "timezone": "Europe/Berlin",
+        },
+        [{"kind": "transact", "resource": "payments/*"}],
+        "up to 5 transactions an hour, at most $50 each and $200 a day, "
+        f"weekdays 09:00{DASH}17:00 Europe/Berlin",
+    ),
+    ({}, [{"kind": "read", "resource": "calendar"}], "no limits beyond the capabilities"),
+    (
+        {"rate_limits": [{"max_count": 1, "window_seconds": 60}]},
+        [{"kind": "read", "resource": "calendar"}],
+        "up to 1 request a minute",
+    ),
+    (
+        {
+            "rate_limits": [
+                {"max_count": 100, "window_seconds": 900},
+                {"max_count": 2000, "window_seconds": 86400},
+            ]
+        },
+        [{"kind": "write", "resource": "notes/*"}],
+        "up to 100 requests every 15 minutes and 2,000 a day",
+    ),
+    (
+        {
+            "spend_limits": [
+                {"amount": "1000", "currency": "EUR", "period": "month"},
+                {"amount": "5000.5", "currency": "EUR", "period": "grant"},
+            ],
+            "timezone": "Europe/Paris",
+        },
+        [{"kind": "transact", "resource": "shop"}],
+        "at most €1,000 a month and €5,000.50 in total (Europe/Paris time)",
+    ),
+    (
+        {
+            "time_windows": [
+                {"days": ["sat", "sun"], "start": "00:00", "end": "24:00"},
+                {"days": ["mon", "wed", "fri"], "start": "18:00", "end": "22:30"},
+            ],
+            "timezone": "America/New_York",
+        },
+        [{"kind": "read", "resource": "*"}],
+        f"weekends, Mon, Wed, Fri 18:00{DASH}22:30 America/New_York",
+    ),
+    (
+        {
+            "time_windows": [
+                {"days": ["tue", "wed", "thu"], "start": "08:00", "end": "12:00"},
+                {
+                    "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
+                    "start": "13:00",
+                    "end": "14:00",
+                },
+            ]
+        },
+        [{"kind": "read", "resource": "*"}],
+        f"Tue{DASH}Thu 08:00{DASH}12:00, every day 13:00{DASH}14:00 UTC",
+    ),
+    (
+        {
+            "step_up_threshold": {"amount": "30", "currency": "GBP"},
+            "max_per_transaction": {"amount": "99.99", "currency": "GBP"},
+            "expires_at": 1_800_000_000,
+        },
+        [{"kind": "transact", "resource": "shop/*"}],
+        "at most £99.99 each, your passkey approval for each one above £30, "
+        "until 2027-01-15 08:00 UTC",
+    ),
+    (
+        {"max_per_transaction": {"amount": "300", "currency": "CHF"}},
+        [{"kind": "transact", "resource": "shop/*"}, {"kind": "read", "resource": "shop/*"}],
+        "at most 300 CHF each",
+    ),
+]
+
+
+@pytest.mark.parametrize(("envelope", "capabilities", "words"), ENVELOPES)
+def test_envelopes_read_in_plain_words(
+    envelope: dict[str, Any], capabilities: list[dict[str, Any]], words: str
+) -> None:
+    parsed = Envelope.model_validate(envelope)
+    assert describe_envelope(parsed, parse_capabilities(capabilities)) == words
+
+
+@pytest.mark.parametrize(
+    ("capability", "words"),
+    [
+        (Capability.read("calendar/*"), "read everything under calendar/"),
+        (Capability.read("*"), "read everything"),
+        (
+            Capability.read("mail/inbox", filter="from:boss"),
+            "read mail/inbox (only with filter “from:boss”)",
+        ),
+        (Capability.write("notes/*"), "create and change everything under notes/"),
+        (Capability.transact("shop"), "make transactions on shop"),
+        (
+            Capability.transact("payments/*", max_amount=50, currency="USD", payees=["b", "a"]),
+            "make transactions on everything under payments/ up to $50 each, only to a and b",
+        ),
+        (Capability.custom("deploy", "apps/web"), "“deploy” on apps/web"),
+    ],
+)
+def test_capabilities_read_in_plain_words(capability: Any, words: str) -> None:
+    assert describe_capability(capability) == words
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency", "words"),
+    [
+        ("50", "USD", "$50"),
+        ("1250.5", "USD", "$1,250.50"),
+        ("0.001", "EUR", "€0.001"),
+        ("12.99", "JPY", "¥12.99"),
+        ("300", "CHF", "300 CHF"),
+        ("1000000", "GBP", "£1,000,000"),
+    ],
+)
+def test_money(amount: str, currency: str, words: str) -> None:
+    assert money(amount, currency) == words
+
+
+@pytest.mark.parametrize(
+    ("seconds", "words"),
+    [
+        (1, "a second"),
+        (60, "a minute"),
+        (3600, "an hour"),
+        (86400, "a day"),
+        (604800, "a week"),
+        (900, "every 15 minutes"),
+        (7200, "every 2 hours"),
+        (90, "every 90 seconds"),
+        (1209600, "every 2 weeks"),
+    ],
+)
+def test_rate_windows(seconds: int, words: str) -> None:
+    assert per_window(seconds) == words
+
+
+def test_step_ups_periods_and_times() -> None:
+    step = {"amount": "120", "currency": "USD", "payee": "acme", "resource": "shop/orders/7"}
+    assert describe_step_up(step) == "pay $120 to acme for shop/orders/7"
+    assert describe_step_up({**step, "payee": None}) == "pay $120 for shop/orders/7"
+    assert [spend_period(p) for p in ("hour", "day", "week", "month", "grant")] == [
+        "this hour",
+        "today",
+        "this week",
+        "this month",
+        "in total",
+    ]
+    assert when(1_800_000_000, "Europe/Berlin") == "2027-01-15 09:00 Europe/Berlin"
