@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -18,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .protocol import (
     AgentAuthError,
+    DependencyUnavailable,
     InvalidDPoPProof,
     InvalidRequest,
     PayloadTooLarge,
@@ -129,6 +131,16 @@ def install_error_handlers(app: FastAPI, log: logging.Logger) -> None:
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
         return JSONResponse({"error": code, "error_description": str(exc.detail)}, exc.status_code)
+
+    @app.exception_handler(OSError)
+    @app.exception_handler(TimeoutError)
+    @app.exception_handler(asyncpg.PostgresConnectionError)
+    @app.exception_handler(asyncpg.InterfaceError)
+    async def _dependency_down(_: Request, exc: Exception) -> JSONResponse:
+        # A database or network failure outside a guarded path is still a dependency
+        # failure: 503, never a 500 with details.
+        log.warning("dependency failure: %s", type(exc).__name__)
+        return _error_response(DependencyUnavailable())
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

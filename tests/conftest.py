@@ -82,6 +82,15 @@ def serve_port() -> Iterator[int]:
     # Serve reads these when it starts: HAProxy ingress and the throughput settings.
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    # HAProxy falls back to a fixed proxy port (8500) for every route: on a machine shared
+    # with another Serve instance, that one would answer our requests. Ports of our own.
+    for name in (
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+        "RAY_SERVE_HAPROXY_STATS_PORT",
+        "RAY_SERVE_HAPROXY_METRICS_PORT",
+    ):
+        os.environ.setdefault(name, str(_free_port()))
     import ray
     from ray import serve
 

@@ -108,3 +108,46 @@ async def test_openapi_document_lists_the_api(vault_world: tuple[World, FakeVaul
         "/v1/audit/consistency",
     ):
         assert path in paths, path
+
+
+@pytest.mark.asyncio
+async def test_a_restarted_replay_cache_refuses_proofs_it_may_have_forgotten(
+    vault_world: tuple[World, FakeVault, str], redis_url: str
+) -> None:
+    import asyncio
+    import time
+
+    import redis.asyncio as aioredis
+
+    world, _, _ = vault_world
+    _, agent, _, grant = await world.setup_grant()
+    proof = world.proof(agent.key, "POST", "/v1/token")
+    body = {"grant_id": grant["id"]}
+    first = await world.client.post(world.url("/v1/token"), headers={"DPoP": proof}, json=body)
+    assert first.status_code == 200
+    # Redis restarted empty: its reservations (and the epoch key) are gone.
+    client = aioredis.Redis.from_url(redis_url)
+    original_epoch = await client.get("agentauth:jti-epoch")
+    try:
+        jti_keys = [k async for k in client.scan_iter("agentauth:jti:*")]
+        await client.delete("agentauth:jti-epoch", *jti_keys)
+        again = await world.client.post(world.url("/v1/token"), headers={"DPoP": proof}, json=body)
+        assert again.status_code == 401, again.text
+        assert again.json()["reason"] == "replay_cache_reset"
+        # A proof issued after the reset (and the allowed skew) works again.
+        epoch = int(await client.get("agentauth:jti-epoch"))
+        from agentauth.protocol import create_dpop_proof
+
+        # Dated just past the epoch plus the allowed skew, sent once the verifier's clock
+        # makes that date acceptable (at most 10 s ahead of it).
+        await asyncio.sleep(max(0.0, epoch + 1.5 - time.time()))
+        later = create_dpop_proof(
+            agent.key, htm="POST", htu=world.url("/v1/token"), now=epoch + 11, access_token=None
+        )
+        r = await world.client.post(world.url("/v1/token"), headers={"DPoP": later}, json=body)
+    finally:
+        # Put back the long-running Redis's epoch so later tests are not refused for 10 s.
+        if original_epoch is not None:
+            await client.set("agentauth:jti-epoch", original_epoch)
+        await client.aclose()
+    assert r.status_code == 200, r.text

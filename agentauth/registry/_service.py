@@ -73,6 +73,18 @@ REVOCATION_CHANNEL = "agentauth:revocations"
 STEP_UP_TYPE = "agentauth.step-up.v1"
 
 
+_RESERVE_LUA = """
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  redis.call('SET', KEYS[2], ARGV[3], 'NX')
+  epoch = redis.call('GET', KEYS[2])
+end
+if tonumber(ARGV[2]) <= tonumber(epoch) then return -1 end
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 1 end
+return 0
+"""
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_urlsafe(16)}"
 
@@ -130,6 +142,8 @@ class Registry:
         self.keys = keys
         self.audit = AuditLog(chains=settings.audit_chains)
         self.proofs = DPoPVerifier()
+        # One round trip: check the epoch, then SET NX the reservation (see _reserve_jti).
+        self._reserve_script = redis.register_script(_RESERVE_LUA)
         self._events_since_checkpoint = 0
         self._checkpoint_task: asyncio.Task[None] | None = None
 
@@ -147,6 +161,7 @@ class Registry:
         keys = KeyManager(settings, pool)
         await keys.start()
         registry = cls(settings=settings, pool=pool, redis=redis, keys=keys)
+        await registry._init_replay_epoch()
         async with pool.acquire() as conn:
             await registry.audit.ensure_chains(conn)
         return registry
@@ -233,18 +248,40 @@ class Registry:
         agent = Agent(row["id"], row["principal_id"], row["jkt"], row["status"])
         if agent.status != "active":
             raise Forbidden("the agent is disabled", reason="agent_disabled")
-        await self._reserve_jti(verified.jkt, verified.jti)
+        await self._reserve_jti(verified.jkt, verified.jti, verified.iat)
         return agent
 
-    async def _reserve_jti(self, jkt: str, jti: str) -> None:
-        key = f"agentauth:jti:{jkt}:{jti}"
-        # The reservation outlives the proof's acceptance window, so a replay is always seen.
-        ttl = self.proofs_window()
+    async def _init_replay_epoch(self) -> None:
+        """Date the replay cache's memory from Redis's own start, if nobody has yet.
+
+        A Redis that has been up for hours remembers every reservation of the last minute,
+        so only proofs from before it started need refusing. If this fails, the first
+        reservation sets the epoch to "now" instead: stricter, never looser.
+        """
         try:
-            fresh = await self.redis.set(key, b"1", nx=True, ex=ttl)
-        except Exception as exc:
+            info = await self.redis.info("server")
+            started = int(time.time() - float(info["uptime_in_seconds"]))
+            await self.redis.set("agentauth:jti-epoch", started, nx=True)
+        except Exception:  # Redis unreachable now: reservations will fail closed anyway
+            log.warning("could not read the replay cache's start time")
+
+    async def _reserve_jti(self, jkt: str, jti: str, iat: float) -> None:
+        """Reserve a proof's ``(jkt, jti)`` once, in Redis, failing closed.
+
+        Redis may restart empty and forget reservations. An epoch key, set when missing,
+        marks when the current Redis memory began: proofs issued up to then (plus the
+        clock skew a proof may carry) could have been reserved before, so they are refused.
+        """
+        try:
+            result = await self._reserve_script(
+                keys=[f"agentauth:jti:{jkt}:{jti}", "agentauth:jti-epoch"],
+                args=[self.proofs_window(), int(iat) - DPoPPolicy().future_skew, int(time.time())],
+            )
+        except Exception as exc:  # any Redis failure denies (fail closed)
             raise DependencyUnavailable("the replay cache is unavailable") from exc
-        if not fresh:
+        if result == -1:
+            raise ReplayDetected("proof predates the replay cache", reason="replay_cache_reset")
+        if result != 1:
             raise ReplayDetected(reason="jti_reused")
 
     @staticmethod
@@ -637,7 +674,7 @@ class Registry:
         verified = self.proofs.verify(
             proof, htm="POST", htu=htu, now=time.time(), jkt=key.thumbprint
         )
-        await self._reserve_jti(verified.jkt, verified.jti)
+        await self._reserve_jti(verified.jkt, verified.jti, verified.iat)
         agent_id = new_id("agt")
         async with self._tx() as conn:
             row = await conn.fetchrow(

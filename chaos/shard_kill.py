@@ -1,0 +1,110 @@
+"""Kill a state shard actor under load; Ray restarts it with empty memory.
+
+The restarted shard has lost its jti window, the only thing that stops a replay. The design
+answers with a replay floor: the new incarnation refuses every proof issued up to its
+chain's last committed decision plus the 10 s future skew (``shard_restarted``).
+
+Fail-open here: any replay allowed, above all the proofs the old incarnation allowed just
+before it died, replayed at the new one (its jti window cannot remember them); or an allow
+without its committed audit row. Recovery: from the kill (Ray restarts the actor at once, so
+the fault ends there) to the first allow of a fresh proof on the killed shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import ray
+
+from ._context import Context, first_allow_after
+from ._report import Result
+from ._traffic import Outcome
+
+NAME = "shard_kill"
+HYPOTHESIS = (
+    "ray.kill (with restart) of the shard that owns an agent: while it restarts its agents "
+    "are denied (state_unavailable/state_timeout), then shard_restarted until proofs are "
+    "younger than the last committed decision + 10 s; no replay is allowed (including the "
+    "proofs allowed just before the kill, replayed at the new incarnation), agents on the "
+    "other shard keep being allowed, and every allow has its audit row."
+)
+BOUND_S = 30.0
+
+
+async def run(ctx: Context) -> Result:
+    result = Result(NAME, HYPOTHESIS, recovery_bound_s=BOUND_S)
+    result.recovery_what = "kill -> first allow on the killed shard"
+    subjects = await ctx.subjects(2)
+    victim = subjects[0].shard
+    on_victim = [i for i, s in enumerate(subjects) if s.shard == victim]
+    others = [i for i, s in enumerate(subjects) if s.shard != victim]
+    traffic = ctx.traffic(subjects)
+    await asyncio.sleep(3.0)
+
+    # Proofs the old incarnation allowed: replayed at the new one once it is back (below).
+    handle = ray.get_actor(f"agentauth-shard-{victim}", namespace="agentauth")
+    old_start = await handle.ping.remote()
+    killed_at = time.monotonic()
+    ray.kill(handle, no_restart=False)
+    allowed_before = [
+        (o, body)
+        for o, body in traffic.allowed_bodies()
+        if o.subject in on_victim and o.done <= killed_at
+    ]
+
+    def victim_allows(o: Outcome) -> bool:
+        return o.subject in on_victim
+
+    async def recovered() -> bool:
+        return first_allow_after(traffic.outcomes, killed_at, victim_allows) is not None
+
+    with contextlib.suppress(TimeoutError):
+        await ctx.stack.wait_until(recovered, timeout=BOUND_S, interval=0.25)
+    new_start = await handle.ping.remote()
+
+    # The old incarnation's allowed proofs, now at the new one: every one must be denied
+    # (4 at a time, like the traffic: a burst would only measure shard timeouts).
+    limit = asyncio.Semaphore(4)
+
+    async def replay(o: Outcome, body: dict[str, Any]) -> Outcome:
+        async with limit:
+            again = await ctx.verify(subjects[o.subject], body, label="replay-after-restart")
+        again.subject, again.replay = o.subject, True
+        return again
+
+    replays = await asyncio.gather(*(replay(o, body) for o, body in allowed_before))
+    await asyncio.sleep(2.0)
+    outcomes = await traffic.stop() + list(replays)
+
+    ctx.fill(result, outcomes)
+    result.fail_opens["allow without its audit row"] = await ctx.missing_audit_rows(outcomes)
+    result.fail_opens["pre-kill proof allowed again by the new incarnation"] = sum(
+        r.allowed for r in replays
+    )
+    result.recovery_s = first_allow_after(outcomes, killed_at, victim_allows)
+    result.checks["the shard was restarted (new incarnation)"] = new_start > old_start
+    result.checks["pre-kill proofs were replayed after the restart"] = len(replays) > 0
+    if others:
+        during = [
+            o
+            for o in outcomes
+            if o.subject in others
+            and not o.replay
+            and killed_at <= o.sent
+            and o.done <= killed_at + (result.recovery_s or BOUND_S)
+        ]
+        result.checks["agents on the other shard kept being allowed"] = any(
+            o.allowed for o in during
+        )
+        result.notes.append(
+            f"other shard while the killed one recovered: {sum(o.allowed for o in during)}"
+            f" allowed of {len(during)}"
+        )
+    result.notes.append(
+        f"killed agentauth-shard-{victim}; {len(replays)} proofs it allowed before the kill"
+        f" replayed after the restart: reasons {sorted({r.reason for r in replays})}"
+    )
+    return result
