@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from registry_world import Provider
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
@@ -233,18 +234,6 @@ class Page:
 
 
 # --- the agent and provider side -----------------------------------------------------------
-
-
-@dataclass
-class Provider:
-    id: str
-    audience: str
-    secret: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        raw = base64.b64encode(f"{self.id}:{self.secret}".encode()).decode()
-        return {"Authorization": f"Basic {raw}"}
 
 
 @dataclass
