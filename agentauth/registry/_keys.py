@@ -15,7 +15,6 @@ import asyncpg
 
 from .. import keys
 from ..keys import AsyncSigner, KeyRecord, KeyRing, LocalFileSigner, SignerUnavailable
-from ..protocol import KeySet, PublicKey
 from ..store import Conn
 from ._settings import RegistrySettings
 
@@ -186,11 +185,6 @@ class KeyManager:
 
     def jwks(self, now: float) -> dict[str, Any]:
         return {"keys": self._ring.published(int(now))}
-
-    def key_set(self, now: float) -> KeySet:
-        return KeySet(
-            PublicKey.from_jwk(jwk, alg=jwk.get("alg")) for jwk in self._ring.published(int(now))
-        )
 
     async def aclose(self) -> None:
         for signer in self._signers.values():

@@ -32,7 +32,6 @@ from webauthn.helpers.structs import (
     UserVerificationRequirement,
 )
 
-from ..keys import SignerUnavailable
 from ..metrics import metric
 from ..protocol import (
     ApprovalReceipt,
@@ -141,7 +140,9 @@ class Registry:
         self.redis = redis
         self.keys = keys
         self.audit = AuditLog(chains=settings.audit_chains)
-        self.proofs = DPoPVerifier()
+        # One policy for checking proofs and for how long their reservations must last.
+        self._proof_policy = DPoPPolicy()
+        self.proofs = DPoPVerifier(policy=self._proof_policy)
         # One round trip: check the epoch, then SET NX the reservation (see _reserve_jti).
         self._reserve_script = redis.register_script(_RESERVE_LUA)
         self._events_since_checkpoint = 0
@@ -275,7 +276,11 @@ class Registry:
         try:
             result = await self._reserve_script(
                 keys=[f"agentauth:jti:{jkt}:{jti}", "agentauth:jti-epoch"],
-                args=[self.proofs_window(), int(iat) - DPoPPolicy().future_skew, int(time.time())],
+                args=[
+                    self._proof_policy.max_age + self._proof_policy.future_skew + 5,
+                    int(iat) - self._proof_policy.future_skew,
+                    int(time.time()),
+                ],
             )
         except Exception as exc:  # any Redis failure denies (fail closed)
             raise DependencyUnavailable("the replay cache is unavailable") from exc
@@ -283,11 +288,6 @@ class Registry:
             raise ReplayDetected("proof predates the replay cache", reason="replay_cache_reset")
         if result != 1:
             raise ReplayDetected(reason="jti_reused")
-
-    @staticmethod
-    def proofs_window() -> int:
-        policy = DPoPPolicy()
-        return policy.max_age + policy.future_skew + 5
 
     async def authenticate_session(self, token: str | None) -> str:
         if not token:
@@ -1146,22 +1146,20 @@ class Registry:
         lifetime = self.settings.token_lifetime
         if grant.envelope.expires_at is not None:
             lifetime = min(lifetime, grant.envelope.expires_at - now)
-        try:
-            signer = await self.keys.signer(now)
-            header, claims = access_token_parts(
-                kid=signer.kid,
-                alg=signer.alg,
-                issuer=self.settings.issuer,
-                grant=grant,
-                jkt=agent.jkt,
-                receipt_hash=row["receipt_hash"],
-                now=now,
-                lifetime=lifetime,
-            )
-            data = signing_input(header, claims)
-            token = attach_signature(data, await signer.sign(data))
-        except SignerUnavailable:
-            raise
+        # A signer failure raises SignerUnavailable (503) here: no token, nothing written.
+        signer = await self.keys.signer(now)
+        header, claims = access_token_parts(
+            kid=signer.kid,
+            alg=signer.alg,
+            issuer=self.settings.issuer,
+            grant=grant,
+            jkt=agent.jkt,
+            receipt_hash=row["receipt_hash"],
+            now=now,
+            lifetime=lifetime,
+        )
+        data = signing_input(header, claims)
+        token = attach_signature(data, await signer.sign(data))
         async with self._tx() as conn:
             await conn.execute(
                 "INSERT INTO issued_tokens (jti, grant_id, agent_id, kid, issued_at, expires_at)"

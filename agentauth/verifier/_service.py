@@ -364,22 +364,15 @@ class Verifier:
             return _deny(base, exc), {}, token
         if allowing_capability(token.claims.capabilities, body.action) is None:
             return _replace(base, deny="insufficient_capability"), {}, token
-        return (
-            Check(
-                agent_id=token.claims.sub,
-                provider_id=provider_id,
-                grant_id=token.claims.grant_id,
-                jkt=proof.jkt,
-                jti=proof.jti,
-                iat=proof.iat,
-                action=body.action,
-                envelope=token.claims.envelope,
-                step_up_ref=body.step_up_ref,
-                token_jti=token.claims.jti,
-            ),
-            {},
-            token,
+        checked = _replace(
+            base,
+            jkt=proof.jkt,
+            jti=proof.jti,
+            iat=proof.iat,
+            envelope=token.claims.envelope,
+            step_up_ref=body.step_up_ref,
         )
+        return checked, {}, token
 
     async def _stateful_prechecks(self, check: Check, token: AccessToken, body: VerifyIn) -> Check:
         if not self.revocations.fresh():
