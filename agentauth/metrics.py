@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["metric"]
+__all__ = ["CounterBuffer", "metric"]
 
 _LATENCY_BOUNDS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0]
 _SPECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -68,3 +68,24 @@ def metric(name: str) -> Any:
         made = _NoOp()
     _made[name] = made
     return made
+
+
+class CounterBuffer:
+    """Counter increments summed in memory, handed to Ray by ``flush``.
+
+    A Ray counter's ``inc`` costs tens of microseconds (tag checks, a lock, a record), a
+    few percent of a verification when done several times per request; summing here and
+    flushing once a second keeps the hot path to a dict update.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+    def inc(self, name: str, tags: dict[str, str] | None = None, value: float = 1.0) -> None:
+        key = (name, tuple(tags.items()) if tags else ())
+        self._counts[key] = self._counts.get(key, 0.0) + value
+
+    def flush(self) -> None:
+        counts, self._counts = self._counts, {}
+        for (name, tags), value in counts.items():
+            metric(name).inc(value, dict(tags) if tags else None)

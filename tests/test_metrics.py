@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def test_metrics_are_no_ops_without_ray() -> None:
     code = (
@@ -31,3 +33,35 @@ def test_metrics_are_real_ray_metrics_under_ray(serve_port: int) -> None:
     assert isinstance(decisions, metrics.Counter)
     assert isinstance(latency, metrics.Histogram)
     assert metric("decisions") is decisions  # created once per process
+
+
+def test_counter_buffer_sums_until_flushed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentauth import metrics
+
+    recorded: list[tuple[str, float, dict[str, str] | None]] = []
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+            recorded.append((self.name, value, tags))
+
+    monkeypatch.setattr(metrics, "metric", Recorder)
+    buffer = metrics.CounterBuffer()
+    for _ in range(3):
+        buffer.inc("decisions", {"decision": "allow", "reason": "ok"})
+    buffer.inc("decisions", {"decision": "deny", "reason": "replay_detected"})
+    buffer.inc("tokens_issued", value=2.0)
+    assert recorded == []  # nothing reaches Ray before a flush
+    buffer.flush()
+    assert sorted(recorded, key=repr) == sorted(
+        [
+            ("decisions", 3.0, {"decision": "allow", "reason": "ok"}),
+            ("decisions", 1.0, {"decision": "deny", "reason": "replay_detected"}),
+            ("tokens_issued", 2.0, None),
+        ],
+        key=repr,
+    )
+    buffer.flush()
+    assert len(recorded) == 3  # a flush empties the buffer

@@ -1,26 +1,91 @@
 """Micro-batching calls to the shard actors from a verifier replica.
 
-A Ray actor round trip costs about 1.5 ms here, while one call can carry a whole batch of
-checks, and a shard spends ~1.2 ms of CPU on a call of one check but ~0.15 ms per check in
-a call of sixteen (bench/verify_bench.py). So each shard gets a queue and at most
-``max_inflight`` calls in flight: while they run, new checks wait in the queue, and the
-whole queue leaves in one call as soon as a slot frees. Batches grow with load by
-themselves; at low load a check leaves after ``max_wait`` at most. Every wait is bounded:
-a dead or stuck shard turns into a deny, never into a hang or an allow.
+A shard spends most of a call's cost on the call itself, not on the checks in it, so each
+shard gets a queue and at most ``max_inflight`` calls in flight: while they run, new checks
+wait in the queue, and the whole queue leaves in one call as soon as a slot frees. Batches
+grow with load by themselves; at low load a check leaves after ``max_wait`` at most.
+
+Calls travel over one TCP link per shard (``_wire.py``), found and authenticated through
+the shard's Ray handle (``StateShard.endpoint``), and re-found the same way when the link
+breaks (a restarted shard listens elsewhere). Every wait is bounded: a dead or stuck shard
+turns into a deny, never into a hang or an allow.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import time
 from typing import Any
 
 from ._shard import Result
 from ._state import Check
+from ._wire import Codec, decode_results, frame, read_frame
 
 __all__ = ["ShardClient"]
 
 log = logging.getLogger("agentauth.shards")
+
+Row = tuple[Any, ...]
+
+
+class _Link:
+    """One connection to one shard, carrying any number of calls at once."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._codec = Codec()
+        self._ids = itertools.count()
+        self._calls: dict[int, asyncio.Future[list[Row]]] = {}
+        self._task = asyncio.get_running_loop().create_task(self._read())
+
+    @classmethod
+    async def open(cls, host: str, port: int, token: bytes) -> _Link:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(frame(token))
+            if await read_frame(reader) != b"ok":
+                raise ConnectionError("the shard refused the link")
+        except BaseException:
+            writer.close()
+            raise
+        return cls(reader, writer)
+
+    @property
+    def alive(self) -> bool:
+        return not self._task.done()
+
+    async def call(self, checks: list[Check]) -> list[Row]:
+        request_id = next(self._ids)
+        future: asyncio.Future[list[Row]] = asyncio.get_running_loop().create_future()
+        self._calls[request_id] = future
+        try:
+            self._writer.write(self._codec.encode_checks(request_id, checks))
+            return await future
+        finally:
+            self._calls.pop(request_id, None)
+
+    def close(self) -> None:
+        self._task.cancel()
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                request_id, rows = decode_results(await read_frame(self._reader))
+                future = self._calls.get(request_id)
+                if future is not None and not future.done():
+                    future.set_result(rows)
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # end of stream, reset, garbage: the link is gone
+            log.debug("shard link closed", exc_info=True)
+        finally:
+            self._writer.close()
+            for future in self._calls.values():
+                if not future.done():
+                    future.set_exception(ConnectionError("shard link closed"))
 
 
 class ShardClient:
@@ -32,15 +97,24 @@ class ShardClient:
         max_wait: float = 0.0005,
         timeout: float = 0.04,
         max_inflight: int = 1,
+        call_timeout: float = 5.0,
+        connect_timeout: float = 2.0,
     ) -> None:
         self._handles = handles
         self._max_batch = max_batch
         self._max_wait = max_wait
         self._timeout = timeout
+        # A call outlives the client's own deny (a shard may take up to its database
+        # timeout to commit), but not forever: a link silent this long is torn down.
+        self._call_timeout = call_timeout
+        self._connect_timeout = connect_timeout
         self._queues: list[list[tuple[Check, asyncio.Future[Result]]]] = [[] for _ in handles]
         self._scheduled = [False] * len(handles)
         self._inflight = [0] * len(handles)
         self._max_inflight = max_inflight
+        self._links: list[_Link | None] = [None] * len(handles)
+        self._connecting: list[asyncio.Task[_Link] | None] = [None] * len(handles)
+        self._retry_at = [0.0] * len(handles)
         self.batches = 0
         self.checks = 0
 
@@ -50,6 +124,17 @@ class ShardClient:
 
     def queue_depth(self) -> int:
         return sum(len(q) for q in self._queues)
+
+    async def connect(self) -> None:
+        """Open every shard's link now rather than on the first check (best effort)."""
+        await asyncio.gather(
+            *(self._link(i) for i in range(len(self._handles))), return_exceptions=True
+        )
+
+    def close(self) -> None:
+        for link in self._links:
+            if link is not None:
+                link.close()
 
     async def check(self, shard: int, check: Check) -> Result:
         loop = asyncio.get_running_loop()
@@ -82,13 +167,45 @@ class ShardClient:
             self._inflight[shard] += 1
             asyncio.get_running_loop().create_task(self._send(shard, queue))
 
+    async def _link(self, shard: int) -> _Link:
+        link = self._links[shard]
+        if link is not None and link.alive:
+            return link
+        if time.monotonic() < self._retry_at[shard]:
+            raise ConnectionError("shard link down; retrying shortly")
+        task = self._connecting[shard]
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._open(shard))
+            self._connecting[shard] = task
+        return await asyncio.shield(task)
+
+    async def _open(self, shard: int) -> _Link:
+        try:
+            # A restarting shard answers once Ray has brought it back; bounded meanwhile.
+            host, port, token = await asyncio.wait_for(
+                self._handles[shard].endpoint.remote(), self._connect_timeout
+            )
+            link = await asyncio.wait_for(_Link.open(host, port, token), self._connect_timeout)
+            self._links[shard] = link
+            return link
+        except BaseException:
+            # Checks meanwhile are denied at once rather than each paying a failed connect.
+            self._retry_at[shard] = time.monotonic() + 0.1
+            raise
+        finally:
+            self._connecting[shard] = None
+
     async def _send(self, shard: int, items: list[tuple[Check, asyncio.Future[Result]]]) -> None:
         results = [Result(False, "state_unavailable")] * len(items)
+        link: _Link | None = None
         try:
-            answer = await self._handles[shard].check_batch.remote([c for c, _ in items])
-            if len(answer) == len(items):
-                results = answer
-        except Exception:  # actor dead, restarting or unreachable: deny, never allow
+            link = await self._link(shard)
+            rows = await asyncio.wait_for(link.call([c for c, _ in items]), self._call_timeout)
+            if len(rows) == len(items):
+                results = [Result(row[0] is True, row[1], row[2], row[3], row[4]) for row in rows]
+        except Exception as exc:  # dead, restarting, unreachable or stuck: deny, never allow
+            if isinstance(exc, TimeoutError) and link is not None:
+                link.close()  # a stuck link: the next call finds the shard afresh
             log.warning("shard %s unreachable; its checks are denied", shard)
         finally:
             for (_, future), result in zip(items, results, strict=True):

@@ -19,20 +19,35 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+from asyncpg.exceptions import DivisionByZeroError, UniqueViolationError
 
 from ..protocol import GENESIS_HASH, AuditEvent, Remaining, b64url_encode
 from ._state import Check, Outcome, ShardState, usage_from_events, usage_to_json
+from ._wire import Codec, FrameTooLarge, encode_results, frame, read_frame
 
 __all__ = ["Result", "StateShard", "shard_for"]
 
 log = logging.getLogger("agentauth.shard")
+
+
+def _node_address() -> str:
+    try:
+        import ray  # noqa: PLC0415 - a shard driven in-process (tests) runs without Ray
+
+        if ray.is_initialized():
+            return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+    except ImportError:
+        pass
+    return "127.0.0.1"
 
 
 def shard_for(key: str, shards: int) -> int:
@@ -67,7 +82,7 @@ class StateShard:
         self.state = ShardState(started_at=time.time())
         self._database_url = database_url
         self._idle_grants_after = idle_grants_after
-        self._pool: asyncpg.Pool | None = None
+        self._conn: asyncpg.Connection | None = None
         self._size = 0
         self._head = GENESIS_HASH
         self._pending: list[tuple[list[Check], asyncio.Future[list[Result]]]] = []
@@ -75,36 +90,86 @@ class StateShard:
         self.batches = 0
         self._last_prune = time.monotonic()
         self._decisions = 0
+        # The data plane (see _wire.py): a TCP server started on first ask, and the token
+        # a connection must present before it may send checks.
+        self._server: asyncio.Server | None = None
+        self._address: tuple[str, int] | None = None
+        self._token = secrets.token_bytes(32)
+        self._answering: set[asyncio.Task[None]] = set()
+        self._peers: set[asyncio.StreamWriter] = set()
 
     def ping(self) -> float:
         return self.state.started_at
 
-    async def _connect(self) -> asyncpg.Pool:
-        if self._pool is None:
-            pool = await asyncpg.create_pool(
-                self._database_url, min_size=1, max_size=2, command_timeout=2.0
-            )
-            assert pool is not None
-            async with pool.acquire() as conn:
+    async def endpoint(self) -> tuple[str, int, bytes]:
+        """Where verifier replicas send checks: host, port and the connection token.
+
+        Asked through Ray, so only members of the cluster learn the token; the server
+        listens on this node's address, so replicas on other nodes reach it.
+        """
+        if self._address is None:
+            host = _node_address()
+            self._server = await asyncio.start_server(self._serve, host, 0)
+            self._address = (host, self._server.sockets[0].getsockname()[1])
+        return self._address[0], self._address[1], self._token
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        codec = Codec()
+        self._peers.add(writer)
+        try:
+            token = await asyncio.wait_for(read_frame(reader), 5.0)
+            if not hmac.compare_digest(token, self._token):
+                log.warning("shard %s: a connection presented a wrong token", self.index)
+                return
+            writer.write(frame(b"ok"))
+            while True:
+                payload = await read_frame(reader)
+                try:
+                    request_id, checks = codec.decode_checks(payload)
+                except ValueError:
+                    log.warning("shard %s: malformed batch; connection closed", self.index)
+                    return
+                task = asyncio.create_task(self._answer(writer, request_id, checks))
+                self._answering.add(task)
+                task.add_done_callback(self._answering.discard)
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, FrameTooLarge):
+            return  # the peer left, stalled or sent garbage: drop the connection
+        finally:
+            self._peers.discard(writer)
+            writer.close()
+
+    async def _answer(
+        self, writer: asyncio.StreamWriter, request_id: int, checks: list[Check]
+    ) -> None:
+        results = await self.check_batch(checks)
+        if not writer.is_closing():
+            writer.write(encode_results(request_id, results))
+
+    async def _connect(self) -> asyncpg.Connection:
+        # One connection, not a pool: flushes run one at a time, and a pool's reset on
+        # every release would cost a round trip per commit.
+        if self._conn is None or self._conn.is_closed():
+            conn = await asyncpg.connect(self._database_url, command_timeout=2.0)
+            try:
                 await conn.execute(
                     "INSERT INTO audit_heads (chain, size, head) VALUES ($1, 0, $2)"
                     " ON CONFLICT (chain) DO NOTHING",
                     self.chain,
                     GENESIS_HASH,
                 )
-            self._pool = pool
-            await self._reload_head()
-        return self._pool
+                await self._reload_head(conn)
+            except BaseException:
+                await conn.close()
+                raise
+            self._conn = conn
+        return self._conn
 
-    async def _reload_head(self) -> None:
-        assert self._pool is not None
-        row = await self._pool.fetchrow(
-            "SELECT size, head FROM audit_heads WHERE chain = $1", self.chain
-        )
+    async def _reload_head(self, conn: asyncpg.Connection) -> None:
+        row = await conn.fetchrow("SELECT size, head FROM audit_heads WHERE chain = $1", self.chain)
         if row is None:
             raise RuntimeError(f"audit chain {self.chain} has no head")
         self._size, self._head = row["size"], bytes(row["head"])
-        last = await self._pool.fetchval(
+        last = await conn.fetchval(
             "SELECT time_ms FROM audit_events WHERE chain = $1 ORDER BY seq DESC LIMIT 1",
             self.chain,
         )
@@ -147,19 +212,19 @@ class StateShard:
 
     async def _decide_and_commit(self, checks: list[Check]) -> list[Result]:
         try:
-            pool = await self._connect()
+            conn = await self._connect()
             now = time.time()
-            await self._restore(pool, checks, now)
+            await self._restore(conn, checks, now)
         except Exception:  # database unreachable: nothing can be recorded, so deny all
             log.warning("shard %s cannot reach the database", self.index)
             return [Result(False, "audit_unavailable") for _ in checks]
         outcomes = [self.state.decide(check, now) for check in checks]
         events = self._chain(checks, outcomes, now)
         try:
-            await self._commit(pool, checks, outcomes, events)
+            await self._commit(conn, checks, outcomes, events)
         except Exception:
             log.warning("shard %s failed to commit its audit batch", self.index)
-            self._pool = None  # reconnect (and reload the head) next time
+            await self._drop_connection()  # reconnect (and reload the head) next time
             return [Result(False, "audit_unavailable") for _ in checks]
         self._decisions += len(checks)
         self.batches += 1
@@ -177,7 +242,7 @@ class StateShard:
             for o, e in zip(outcomes, events, strict=True)
         ]
 
-    async def _restore(self, pool: asyncpg.Pool, checks: list[Check], now: float) -> None:
+    async def _restore(self, conn: asyncpg.Connection, checks: list[Check], now: float) -> None:
         """Rebuild usage of grants this incarnation has not seen, and spent step-ups."""
         missing: dict[str, Check] = {}
         for check in checks:
@@ -186,7 +251,7 @@ class StateShard:
                 missing.setdefault(check.grant_id, check)
         refs = [c.step_up_ref for c in checks if c.step_up_ref]
         if refs:
-            rows = await pool.fetch(
+            rows = await conn.fetch(
                 "SELECT approval_ref FROM verifier_step_up_uses WHERE approval_ref = ANY($1)",
                 refs,
             )
@@ -194,7 +259,7 @@ class StateShard:
         if not missing:
             return
         ids = list(missing)
-        latest = await pool.fetch(
+        latest = await conn.fetch(
             "SELECT DISTINCT ON (grant_id) grant_id, body FROM audit_events"
             " WHERE grant_id = ANY($1) AND event = 'verify.allow'"
             " ORDER BY grant_id, time_ms DESC, seq DESC",
@@ -207,7 +272,7 @@ class StateShard:
             assert envelope is not None
             longest = max((r.window_seconds for r in envelope.rate_limits), default=0)
             windows.append((grant_id, int((now - longest) * 1000), envelope.max_rate_count))
-        recent_rows = await pool.fetch(
+        recent_rows = await conn.fetch(
             "SELECT g.grant_id, e.time_ms FROM unnest($1::text[], $2::bigint[], $3::int[])"
             " AS g(grant_id, since, lim) CROSS JOIN LATERAL (SELECT time_ms FROM audit_events"
             " WHERE grant_id = g.grant_id AND event = 'verify.allow' AND time_ms > g.since"
@@ -257,55 +322,78 @@ class StateShard:
 
     async def _commit(
         self,
-        pool: asyncpg.Pool,
+        conn: asyncpg.Connection,
         checks: list[Check],
         outcomes: list[Outcome],
         events: list[AuditEvent],
     ) -> None:
+        """Append the batch's events, move the chain head and record spent step-ups.
+
+        One statement, so one round trip and its own transaction: all of it commits or none.
+        The head moves only if it is still where this actor left it (an optimistic check
+        that this actor is the chain's only writer); if it is not, ``1 / 0`` fails the
+        statement, which undoes the appends too.
+        """
         if not events:
             return
-        bodies = [e.canonical_bytes() for e in events]
         hashes = [e.entry_hash() for e in events]
         used = [
             (c.step_up_ref, c.grant_id)
             for c, o in zip(checks, outcomes, strict=True)
             if o.allowed and c.step_up_ref
         ]
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO audit_events (chain, seq, entry_hash, body, event, agent_id,"
-                " grant_id, time_ms) SELECT * FROM unnest($1::text[], $2::bigint[],"
-                " $3::bytea[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[])",
+        try:
+            await conn.fetchval(
+                "WITH appended AS (INSERT INTO audit_events (chain, seq, entry_hash, body,"
+                " event, agent_id, grant_id, time_ms) SELECT * FROM unnest($1::text[],"
+                " $2::bigint[], $3::bytea[], $4::text[], $5::text[], $6::text[], $7::text[],"
+                " $8::bigint[])),"
+                " spent AS (INSERT INTO verifier_step_up_uses (approval_ref, grant_id)"
+                " SELECT * FROM unnest($9::text[], $10::text[])),"
+                " moved AS (UPDATE audit_heads SET size = $11, head = $12"
+                " WHERE chain = $13 AND size = $14 RETURNING 1)"
+                " SELECT 1 / count(*) FROM moved",
                 [e.chain for e in events],
                 [e.seq for e in events],
                 hashes,
-                [b.decode("utf-8") for b in bodies],
+                [e.canonical_bytes().decode("utf-8") for e in events],
                 [e.event for e in events],
                 [c.agent_id for c in checks],
                 [c.grant_id for c in checks],
                 [e.time_ms for e in events],
-            )
-            # Optimistic check that this actor is still the chain's only writer.
-            status = await conn.execute(
-                "UPDATE audit_heads SET size = $2, head = $3 WHERE chain = $1 AND size = $4",
-                self.chain,
+                [ref for ref, _ in used],
+                [grant for _, grant in used],
                 self._size + len(events),
                 hashes[-1],
+                self.chain,
                 self._size,
             )
-            if status != "UPDATE 1":
-                # Another writer (a second cluster during an upgrade, a zombie actor) has
-                # decided on this chain: its jti window is not ours, so reload as a new
-                # incarnation would, raising the replay floor to its last decision.
-                self._decisions = 0
-                raise RuntimeError("audit chain moved under this shard")
-            if used:
-                await conn.executemany(
-                    "INSERT INTO verifier_step_up_uses (approval_ref, grant_id) VALUES ($1, $2)",
-                    used,
-                )
+        except (DivisionByZeroError, UniqueViolationError) as exc:
+            if isinstance(exc, UniqueViolationError) and "step_up" in str(
+                exc.constraint_name or ""
+            ):
+                raise  # a step-up spent elsewhere meanwhile: this batch fails, nothing else
+            # Another writer (a second cluster during an upgrade, a zombie actor) has
+            # decided on this chain: its jti window is not ours, so reload as a new
+            # incarnation would, raising the replay floor to its last decision.
+            self._decisions = 0
+            raise RuntimeError("audit chain moved under this shard") from exc
         self._size += len(events)
         self._head = hashes[-1]
+
+    async def close(self) -> None:
+        """Stop serving and drop the database connection (for in-process use)."""
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._peers):
+            writer.close()
+            await writer.wait_closed()
+        await self._drop_connection()
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
 
     def stats(self) -> dict[str, Any]:
         return {

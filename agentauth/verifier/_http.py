@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
+import time
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
-from .._web import install_error_handlers
+from .._web import install_error_handlers, parsed_body
 from ..protocol import Unauthenticated
 from ._service import Verifier, VerifyIn
 
@@ -53,9 +57,28 @@ def create_app(verifier: Verifier) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.post("/v1/verify")
-    async def verify(provider_id: Provider, body: VerifyIn) -> dict[str, Any]:
-        return await verifier.verify(provider_id, body)
+    # The hot route validates and answers by hand: FastAPI's body parsing and response
+    # encoding (a second JSON parse, jsonable_encoder) cost more than the rest of the
+    # handler's own Python. The documented schema is the same VerifyIn.
+    @app.post(
+        "/v1/verify",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/VerifyIn"}}
+                },
+            }
+        },
+        response_class=Response,
+    )
+    async def verify(provider_id: Provider, request: Request) -> Response:
+        try:
+            body = VerifyIn.model_validate(parsed_body(request))
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
+        answer = await verifier.verify(provider_id, body)
+        return Response(json.dumps(answer, separators=(",", ":")), media_type="application/json")
 
     @app.post("/v1/introspect")
     async def introspect(provider_id: Provider, body: VerifyIn) -> dict[str, Any]:
@@ -67,7 +90,7 @@ def create_app(verifier: Verifier) -> FastAPI:
             token = verifier.tokens.verify(
                 body.token,
                 audience=verifier._providers[provider_id].audience,
-                now=__import__("time").time(),
+                now=time.time(),
             )
             claims = token.claims
             result.update(

@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..actors import Check, ShardClient, shard_for
-from ..metrics import metric
+from ..metrics import CounterBuffer, metric
 from ..protocol import (
     AccessToken,
     AccessTokenVerifier,
@@ -191,6 +191,8 @@ class Verifier:
         self._known_grants: dict[str, float] = {}
         self._keys_loaded_at = 0.0
         self.decisions: dict[str, int] = {}
+        self.counters = CounterBuffer()
+        self._reporter: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, settings: VerifierSettings, handles: list[Any]) -> Verifier:
@@ -208,13 +210,19 @@ class Verifier:
             timeout=settings.shard_timeout,
         )
         verifier = cls(settings=settings, pool=pool, redis=redis, shards=client)
+        await client.connect()
         await verifier._load_keys(force=True)
         await verifier._load_providers()
         await verifier.revocations.start()
+        verifier._reporter = asyncio.create_task(verifier._report_metrics())
         return verifier
 
     async def close(self) -> None:
+        if self._reporter is not None:
+            self._reporter.cancel()
+            self.counters.flush()
         await self.revocations.stop()
+        self.shards.close()
         await self.redis.aclose()
         await self.pool.close()
 
@@ -262,12 +270,12 @@ class Verifier:
     async def _grant_active(self, grant_id: str) -> bool:
         """Cache-aside: this replica's memory, then Redis, then PostgreSQL."""
         if self._known_grants.get(grant_id, 0.0) > time.monotonic():
-            metric("cache_hits").inc(1.0, {"cache": "grant_local"})
+            self.counters.inc("cache_hits", {"cache": "grant_local"})
             return True
         key = f"agentauth:grant:{grant_id}"
         cached = await self.redis.get(key)
-        metric("cache_hits" if cached is not None else "cache_misses").inc(
-            1.0, {"cache": "grant_redis"}
+        self.counters.inc(
+            "cache_hits" if cached is not None else "cache_misses", {"cache": "grant_redis"}
         )
         if cached is None:
             row = await self.pool.fetchrow("SELECT revoked_at FROM grants WHERE id = $1", grant_id)
@@ -303,16 +311,23 @@ class Verifier:
         hits, misses = self.tokens.cache_hits, self.tokens.cache_misses
         answer = await self._verify(provider_id, body)
         metric("verify_latency").observe(time.perf_counter() - started)
-        metric("decisions").inc(1.0, {"decision": answer["decision"], "reason": answer["reason"]})
+        counters = self.counters
+        counters.inc("decisions", {"decision": answer["decision"], "reason": answer["reason"]})
         if self.tokens.cache_hits > hits:
-            metric("cache_hits").inc(1.0, {"cache": "token"})
+            counters.inc("cache_hits", {"cache": "token"})
         if self.tokens.cache_misses > misses:
-            metric("cache_misses").inc(1.0, {"cache": "token"})
+            counters.inc("cache_misses", {"cache": "token"})
         dependency = _FAIL_CLOSED.get(answer["reason"])
         if dependency is not None:
-            metric("fail_closed").inc(1.0, {"dependency": dependency})
-        metric("shard_queue_depth").set(float(self.shards.queue_depth()))
+            counters.inc("fail_closed", {"dependency": dependency})
         return answer
+
+    async def _report_metrics(self) -> None:
+        """Hand the summed counters and the queue depth to Ray once a second."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.counters.flush()
+            metric("shard_queue_depth").set(float(self.shards.queue_depth()))
 
     async def _verify(self, provider_id: str, body: VerifyIn) -> dict[str, Any]:
         provider = self._providers[provider_id]

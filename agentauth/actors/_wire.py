@@ -1,0 +1,176 @@
+"""The shard data plane's wire format: length-prefixed msgpack frames of plain values.
+
+A Ray actor call costs a verifier replica and a shard more CPU than the check it carries
+(~1.5 ms round trip here; most of a shard's CPU went to Ray's call machinery, not to
+deciding). So Ray stays the control plane (placement, restart, discovery through
+``StateShard.endpoint``) and checks travel over one plain TCP connection per replica and
+shard. Only plain values cross it (no pickle): a peer that passed the token handshake can
+at worst send checks, never code. Encoding and decoding are pure; ``read_frame`` is the
+one helper that touches a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from ..protocol import Action, Envelope
+from ._state import Check
+
+__all__ = [
+    "MAX_FRAME",
+    "Codec",
+    "FrameTooLarge",
+    "decode_results",
+    "encode_results",
+    "frame",
+    "read_frame",
+]
+
+# A batch of 128 checks with large envelopes stays far below this; a larger length prefix
+# means a broken or hostile peer, and is refused before anything is buffered.
+MAX_FRAME = 4 * 1024 * 1024
+_LENGTH = struct.Struct(">I")
+
+
+class FrameTooLarge(ValueError):
+    pass
+
+
+def frame(payload: bytes) -> bytes:
+    return _LENGTH.pack(len(payload)) + payload
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes:
+    """The next frame's payload; IncompleteReadError at end of stream."""
+    (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+    if length > MAX_FRAME:
+        raise FrameTooLarge(f"frame of {length} bytes")
+    return await reader.readexactly(length)
+
+
+class _ParseCache:
+    """Parsed documents by their JSON text: a grant's envelope and a provider's usual
+    actions arrive over and over. Bounded by clearing, which only costs re-parsing."""
+
+    def __init__(self, parse: Callable[[str], Any], limit: int = 4096) -> None:
+        self._parse = parse
+        self._limit = limit
+        self._items: dict[str, Any] = {}
+
+    def __call__(self, text: str) -> Any:
+        item = self._items.get(text)
+        if item is None:
+            if len(self._items) >= self._limit:
+                self._items.clear()
+            item = self._items[text] = self._parse(text)
+        return item
+
+
+class _DumpCache:
+    """JSON text of documents the sender holds on to (a cached token's envelope), by
+    identity; the document itself is kept so its id cannot be reused while cached."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._limit = limit
+        self._items: dict[int, tuple[Any, str]] = {}
+
+    def __call__(self, document: Any) -> str:
+        hit = self._items.get(id(document))
+        if hit is not None and hit[0] is document:
+            return hit[1]
+        if len(self._items) >= self._limit:
+            self._items.clear()
+        text: str = document.model_dump_json()
+        self._items[id(document)] = (document, text)
+        return text
+
+
+class Codec:
+    """Encodes checks and decodes them, with per-connection caches of parsed documents."""
+
+    def __init__(self) -> None:
+        self._envelope_text = _DumpCache()
+        self._envelope = _ParseCache(Envelope.model_validate_json)
+        self._action = _ParseCache(Action.model_validate_json)
+
+    def encode_checks(self, request_id: int, checks: list[Check]) -> bytes:
+        rows = [
+            (
+                c.agent_id,
+                c.provider_id,
+                c.grant_id,
+                c.jkt,
+                c.jti,
+                c.iat,
+                None if c.action is None else c.action.model_dump_json(),
+                None if c.envelope is None else self._envelope_text(c.envelope),
+                c.step_up_ref,
+                c.step_up_valid,
+                c.token_jti,
+                c.deny,
+            )
+            for c in checks
+        ]
+        return frame(msgpack.packb((request_id, rows)))
+
+    def decode_checks(self, payload: bytes) -> tuple[int, list[Check]]:
+        """Raises ValueError (or a pydantic ValidationError, also one) on a bad payload."""
+        try:
+            request_id, rows = msgpack.unpackb(payload, use_list=False)
+        except (TypeError, ValueError):  # not a pair, or not msgpack at all
+            raise ValueError("malformed batch") from None
+        if not isinstance(request_id, int) or not isinstance(rows, tuple):
+            raise ValueError("malformed batch")
+        checks = []
+        for row in rows:
+            if not isinstance(row, tuple) or len(row) != 12:
+                raise ValueError("malformed check")
+            action, envelope = row[6], row[7]
+            checks.append(
+                Check(
+                    agent_id=_text(row[0]),
+                    provider_id=_text(row[1]),
+                    grant_id=_opt_text(row[2]),
+                    jkt=_opt_text(row[3]),
+                    jti=_opt_text(row[4]),
+                    iat=_number(row[5]),
+                    action=None if action is None else self._action(_text(action)),
+                    envelope=None if envelope is None else self._envelope(_text(envelope)),
+                    step_up_ref=_opt_text(row[8]),
+                    step_up_valid=row[9] is True,
+                    token_jti=_opt_text(row[10]),
+                    deny=_opt_text(row[11]),
+                )
+            )
+        return request_id, checks
+
+
+def encode_results(request_id: int, results: list[Any]) -> bytes:
+    rows = [(r.allowed, r.reason, r.remaining, r.retry_after, r.audit_event) for r in results]
+    return frame(msgpack.packb((request_id, rows)))
+
+
+def decode_results(payload: bytes) -> tuple[int, list[tuple[Any, ...]]]:
+    request_id, rows = msgpack.unpackb(payload)
+    return int(request_id), [tuple(row) for row in rows]
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected text")
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("expected a number")
+    return float(value)
+
+
+def _opt_text(value: Any) -> str | None:
+    return None if value is None else _text(value)

@@ -1,0 +1,82 @@
+"""A shard is its chain's only writer: a second writer on the same chain is caught.
+
+Two incarnations of one shard can overlap (a zombie actor during a restart, a second
+cluster pointed at the same database during an upgrade). Whichever commits second must
+fail, write nothing, and come back as a new incarnation would: refusing every proof the
+other one may have accepted.
+"""
+
+from __future__ import annotations
+
+import time
+
+import asyncpg
+import pytest
+
+from agentauth.actors import Check, StateShard
+from agentauth.protocol import Action, Envelope
+from agentauth.store import migrate
+
+INDEX = 700
+ENVELOPE = Envelope.model_validate({"rate_limits": [{"max_count": 100, "window_seconds": 60}]})
+
+
+def _check(jti: str, iat: float) -> Check:
+    return Check(
+        agent_id="agt_chain",
+        provider_id="prov_chain",
+        grant_id="grt_chain",
+        jkt="k" * 43,
+        jti=jti,
+        iat=iat,
+        action=Action(kind="read", resource="calendar/events"),
+        envelope=ENVELOPE,
+    )
+
+
+async def _events(database_url: str) -> list[tuple[int, str]]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT seq, body FROM audit_events WHERE chain = $1 ORDER BY seq",
+            f"verifier-{INDEX}",
+        )
+    finally:
+        await conn.close()
+    return [(r["seq"], r["body"]) for r in rows]
+
+
+@pytest.mark.asyncio
+async def test_a_second_writer_on_the_chain_is_caught(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate(conn)  # a no-op when the registry fixture has migrated already
+    finally:
+        await conn.close()
+    first = StateShard(index=INDEX, database_url=database_url)
+    second = StateShard(index=INDEX, database_url=database_url)
+    try:
+        [allowed] = await first.check_batch([_check("j1", time.time())])
+        assert allowed.allowed and allowed.audit_event == f"verifier-{INDEX}:0"
+
+        # The second incarnation lost nothing it could know of: it refuses proofs that
+        # predate the first one's last decision, and records that denial on the chain.
+        [refused] = await second.check_batch([_check("j2", time.time())])
+        assert refused.reason == "shard_restarted"
+        assert refused.audit_event == f"verifier-{INDEX}:1"
+
+        # The first one's next commit finds the chain moved: nothing written, deny.
+        [lost] = await first.check_batch([_check("j3", time.time() + 30)])
+        assert (lost.allowed, lost.reason) == (False, "audit_unavailable")
+        assert [seq for seq, _ in await _events(database_url)] == [0, 1]
+
+        # ... and it comes back as a new incarnation: a proof issued before the other
+        # writer's last decision may have been accepted there, so it is refused here.
+        [floor] = await first.check_batch([_check("j4", time.time() - 1)])
+        assert floor.reason == "shard_restarted"
+        assert floor.audit_event == f"verifier-{INDEX}:2"
+        events = await _events(database_url)
+        assert [seq for seq, _ in events] == [0, 1, 2]
+    finally:
+        await first.close()
+        await second.close()
