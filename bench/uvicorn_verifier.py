@@ -13,6 +13,7 @@ instance started last on the machine, and other sessions start their own.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from typing import Any
@@ -48,6 +49,7 @@ class _LazyVerifierApp:
         settings = VerifierSettings.model_validate(self._settings)
         self._verifier = await Verifier.open(settings, shard_handles(settings))
         self._app = create_app(self._verifier)
+        gc.freeze()  # as the Serve deployment does after opening the verifier
 
     async def _stop(self) -> None:
         import ray

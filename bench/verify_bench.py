@@ -59,9 +59,12 @@ DOC = ROOT / "docs" / "verifier-bench.md"
 PLOT = ROOT / "docs" / "images" / "verify-latency.png"
 NOTES_MARKER = "<!-- observations below this line are kept when the benchmark rewrites the file -->"
 
+# The layout of (a) and the shards (b) shares; see the doc for why these defaults.
+SHARDS = int(os.environ.get("AGENTAUTH_BENCH_SHARDS", "4"))
+REPLICAS = int(os.environ.get("AGENTAUTH_BENCH_REPLICAS", "2"))
 COLUMNS = ("serve", "uvicorn", "reference")
 LABELS = {
-    "serve": "(a) Serve verifier, 2 replicas, HAProxy",
+    "serve": f"(a) Serve verifier, {REPLICAS} replica{'s' if REPLICAS > 1 else ''}, HAProxy",
     "uvicorn": "(b) same code, 1 bare uvicorn worker",
     "reference": "(c) reference FastAPI+PyJWT+Redis",
 }
@@ -75,7 +78,6 @@ CAPABILITY = {"kind": "read", "resource": "calendar/*"}
 # Large enough that no run can deny: warm load spreads over 8 grants (>= 8,000 req/s in
 # total), and the shard remembers at most 1,000 times per grant for it.
 ENVELOPE = {"rate_limits": [{"max_count": 1000, "window_seconds": 1}]}
-SHARDS = 4
 # A Redis database of our own unless one is given: tests on this machine flush database 0,
 # and the registry then refuses every proof issued in the next seconds (its replay-cache
 # epoch moves to "now").
@@ -570,7 +572,7 @@ def start_stack(
         **overrides,  # type: ignore[arg-type]
     )
     serve.run(
-        build_verifier_app(verifier_settings, replicas=2),
+        build_verifier_app(verifier_settings, replicas=REPLICAS),
         name="verifier",
         route_prefix="/verifier",
     )
@@ -798,19 +800,22 @@ async def shard_batch_cost(database_url: str) -> list[dict[str, float]]:
                 }
             )
     finally:
-        if shard._pool is not None:  # the actor never closes its pool; this copy must
-            await shard._pool.close()
+        await shard.close()
     return out
 
 
-def ray_hop_cost() -> list[dict[str, float]]:
-    """The same calls through Ray to the live shard 0, one at a time, from this process:
-    what the actor hop adds, on the shard's side and on the caller's."""
+def hop_cost(loop: asyncio.AbstractEventLoop) -> list[dict[str, Any]]:
+    """The same calls to the live shard 0, one at a time, from this process: through a Ray
+    actor call (``check_batch.remote``) and through the data-plane link a replica uses
+    (``ShardClient``): what each hop adds, on the shard's side and on the caller's."""
     import ray
 
+    from agentauth.actors import ShardClient
     from agentauth.deployments.verifier import NAMESPACE
 
     handle = ray.get_actor("agentauth-shard-0", namespace=NAMESPACE)
+    client = ShardClient([handle], max_batch=max(SIZES), max_wait=0.0, timeout=5.0)
+    loop.run_until_complete(client.connect())
     shards = []
     for proc in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
@@ -825,27 +830,36 @@ def ray_hop_cost() -> list[dict[str, float]]:
                 total += times.user + times.system
         return total
 
+    async def by_link(checks: list[Any]) -> list[Any]:
+        return list(await asyncio.gather(*(client.check(0, c) for c in checks)))
+
     ray.get(handle.check_batch.remote(_bench_checks(64, time.time())))  # restore the grants
-    out = []
-    for size in SIZES:
-        calls = [_bench_checks(size, time.time()) for _ in range(max(20, 600 // size))]
-        denied = 0
-        shard0, me0, t0 = shard_cpu(), time.process_time(), time.perf_counter()
-        for checks in calls:
-            results = ray.get(handle.check_batch.remote(checks))
-            denied += sum(not r.allowed for r in results)
-        wall = time.perf_counter() - t0
-        n = len(calls) * size
-        out.append(
-            {
-                "size": size,
-                "ms_per_call": wall / len(calls) * 1000,
-                "shard_cpu_us_per_check": (shard_cpu() - shard0) / n * 1e6,
-                "caller_cpu_us_per_check": (time.process_time() - me0) / n * 1e6,
-                "checks_per_s": n / wall,
-                "denied": denied,
-            }
-        )
+    out: list[dict[str, Any]] = []
+    for via in ("Ray call", "link"):
+        for size in SIZES:
+            calls = [_bench_checks(size, time.time()) for _ in range(max(20, 600 // size))]
+            denied = 0
+            shard0, me0, t0 = shard_cpu(), time.process_time(), time.perf_counter()
+            for checks in calls:
+                if via == "link":
+                    results = loop.run_until_complete(by_link(checks))
+                else:
+                    results = ray.get(handle.check_batch.remote(checks))
+                denied += sum(not r.allowed for r in results)
+            wall = time.perf_counter() - t0
+            n = len(calls) * size
+            out.append(
+                {
+                    "via": via,
+                    "size": size,
+                    "ms_per_call": wall / len(calls) * 1000,
+                    "shard_cpu_us_per_check": (shard_cpu() - shard0) / n * 1e6,
+                    "caller_cpu_us_per_check": (time.process_time() - me0) / n * 1e6,
+                    "checks_per_s": n / wall,
+                    "denied": denied,
+                }
+            )
+    client.close()
     return out
 
 
@@ -873,8 +887,8 @@ class Plan:
     memory_agents: int
 
 
-FULL = Plan(5, 4, 4, 2, (0.25, 0.5, 0.75, 0.9), 4000, 16, 100_000)
-QUICK = Plan(3, 3, 3, 1, (0.5,), 2500, 16, 100_000)
+FULL = Plan(5, 4, 4, 2, (0.25, 0.5, 0.75, 0.9), 10_000, 16, 100_000)
+QUICK = Plan(3, 3, 3, 1, (0.5,), 6000, 16, 100_000)
 
 
 class Bench:
@@ -1012,7 +1026,7 @@ def main() -> None:
             "live": shard_stats(),
             "synthetic": synthetic_memory(plan.memory_agents),
             "batch_cost": loop.run_until_complete(shard_batch_cost(stack.db_url)),
-            "ray_cost": ray_hop_cost(),
+            "hop_cost": hop_cost(loop),
         }
         report(bench, memory, args, overrides, time.monotonic() - began)
     finally:
@@ -1241,10 +1255,10 @@ def report(
         f" | {c['checks_per_s']:,.0f} | {c['denied']} |"
         for c in memory["batch_cost"]
     )
-    ray_text = "\n".join(
-        f"| {c['size']} | {c['ms_per_call']:.2f} | {c['shard_cpu_us_per_check']:.0f}"
+    hop_text = "\n".join(
+        f"| {c['via']} | {c['size']} | {c['ms_per_call']:.2f} | {c['shard_cpu_us_per_check']:.0f}"
         f" | {c['caller_cpu_us_per_check']:.0f} | {c['checks_per_s']:,.0f} | {c['denied']} |"
-        for c in memory["ray_cost"]
+        for c in memory["hop_cost"]
     )
     memory_text += (
         "\n\n## The shard hop by batch size\n\n"
@@ -1253,10 +1267,11 @@ def report(
         " rows in one transaction per call):\n\n"
         "| checks per call | ms per call | CPU µs per check | checks/s | denied |\n"
         "|---:|---:|---:|---:|---:|\n" + cost_text + "\n\n"
-        "The same through Ray to the live shard actor 0 from the benchmark process (what a"
-        " verifier replica does; CPU of the shard actor processes and of the caller):\n\n"
-        "| checks per call | ms per call | shard CPU µs per check | caller CPU µs per check"
-        " | checks/s | denied |\n|---:|---:|---:|---:|---:|---:|\n" + ray_text
+        "The same to the live shard actor 0 from the benchmark process, through a Ray actor"
+        " call and through the data-plane link a verifier replica uses (`ShardClient`; CPU"
+        " of the shard actor processes and of the caller):\n\n"
+        "| via | checks per call | ms per call | shard CPU µs per check | caller CPU µs per"
+        " check | checks/s | denied |\n|---|---:|---:|---:|---:|---:|---:|\n" + hop_text
     )
     print()
     print(memory_text)
@@ -1404,7 +1419,7 @@ def write_doc(
     stats_lines = []
     for column, stats in bench.stats.items():
         if "checks" in stats and stats.get("batches"):
-            where = "one of the 2 replicas" if column == "serve" else "the process"
+            where = f"one of the {REPLICAS} replicas" if column == "serve" else "the process"
             stats_lines.append(
                 f"- {SHORT[column]} ({where}): {stats['checks']:,} shard checks in"
                 f" {stats['batches']:,} actor calls = {stats['checks'] / stats['batches']:.2f}"

@@ -97,3 +97,20 @@ def test_prune_bounds_memory() -> None:
     state.prune(NOW + 601, idle_grants_after=600)
     assert not state.grants
     assert state.memory_bytes() < before
+
+
+def test_prune_keeps_live_proofs_and_catches_up_on_late_ones() -> None:
+    state = ShardState(started_at=NOW)
+    window = state.policy.max_age + state.policy.future_skew
+    # Arrival order is not expiry order: a proof issued 5 s into the future (within the
+    # allowed skew) arrives first, one issued "now" after it.
+    assert state.decide(check("ahead", iat=NOW + 5), NOW).allowed
+    assert state.decide(check("plain", iat=NOW), NOW).allowed
+    # Between the two expiries nothing is dropped early: a replay of either is refused.
+    state.prune(NOW + window + 1, idle_grants_after=600)
+    assert state.decide(check("ahead", iat=NOW + 5), NOW + window + 1).reason == (
+        "replay_detected"
+    )
+    # Once the first has expired too, both go.
+    state.prune(NOW + window + 6, idle_grants_after=600)
+    assert not state.jtis

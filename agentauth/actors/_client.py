@@ -3,7 +3,8 @@
 A shard spends most of a call's cost on the call itself, not on the checks in it, so each
 shard gets a queue and at most ``max_inflight`` calls in flight: while they run, new checks
 wait in the queue, and the whole queue leaves in one call as soon as a slot frees. Batches
-grow with load by themselves; at low load a check leaves after ``max_wait`` at most.
+grow with load by themselves; at low load a check leaves on the next turn of the event
+loop, or after ``max_wait`` if one is set.
 
 Calls travel over one TCP link per shard (``_wire.py``), found and authenticated through
 the shard's Ray handle (``StateShard.endpoint``), and re-found the same way when the link
@@ -94,7 +95,7 @@ class ShardClient:
         handles: list[Any],
         *,
         max_batch: int = 128,
-        max_wait: float = 0.0005,
+        max_wait: float = 0.0,
         timeout: float = 0.04,
         max_inflight: int = 1,
         call_timeout: float = 5.0,
@@ -145,7 +146,10 @@ class ShardClient:
             self._flush(shard)
         elif not self._scheduled[shard] and self._inflight[shard] < self._max_inflight:
             self._scheduled[shard] = True
-            loop.call_later(self._max_wait, self._flush, shard)
+            if self._max_wait > 0:
+                loop.call_later(self._max_wait, self._flush, shard)
+            else:  # still after every check already queued behind this one in the loop
+                loop.call_soon(self._flush, shard)
         try:
             return await asyncio.wait_for(asyncio.shield(future), self._timeout)
         except TimeoutError:

@@ -18,6 +18,7 @@ the first time it sees the grant again.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import hmac
 import json
@@ -30,7 +31,7 @@ from typing import Any
 import asyncpg
 from asyncpg.exceptions import DivisionByZeroError, UniqueViolationError
 
-from ..protocol import GENESIS_HASH, AuditEvent, Remaining, b64url_encode
+from ..protocol import GENESIS_HASH, AuditEvent, Remaining, b64url_encode, leaf_hash
 from ._state import Check, Outcome, ShardState, usage_from_events, usage_to_json
 from ._wire import Codec, FrameTooLarge, encode_results, frame, read_frame
 
@@ -62,6 +63,15 @@ class Result:
     remaining: dict[str, Any] | None = None
     retry_after: float | None = None
     audit_event: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """An event with its canonical bytes and entry hash, computed once."""
+
+    event: AuditEvent
+    body: str
+    hash: bytes
 
 
 def _remaining_json(remaining: Remaining | None) -> dict[str, Any] | None:
@@ -97,6 +107,9 @@ class StateShard:
         self._token = secrets.token_bytes(32)
         self._answering: set[asyncio.Task[None]] = set()
         self._peers: set[asyncio.StreamWriter] = set()
+        # As in the verifier replica: the process's long-lived objects (Ray's own) need not
+        # be walked by every full collection, which would pause every decision.
+        gc.freeze()
 
     def ping(self) -> float:
         return self.state.started_at
@@ -237,7 +250,7 @@ class StateShard:
                 o.reason,
                 _remaining_json(o.remaining),
                 o.retry_after,
-                f"{e.chain}:{e.seq}",
+                f"{e.event.chain}:{e.event.seq}",
             )
             for o, e in zip(outcomes, events, strict=True)
         ]
@@ -289,8 +302,8 @@ class StateShard:
                 grant_id, usage_from_events(spend.get(grant_id), recent[grant_id]), now
             )
 
-    def _chain(self, checks: list[Check], outcomes: list[Outcome], now: float) -> list[AuditEvent]:
-        events = []
+    def _chain(self, checks: list[Check], outcomes: list[Outcome], now: float) -> list[_Entry]:
+        entries = []
         size, head = self._size, self._head
         time_ms = int(now * 1000)
         for check, outcome in zip(checks, outcomes, strict=True):
@@ -305,7 +318,9 @@ class StateShard:
                 data["step_up_ref"] = check.step_up_ref
             if outcome.allowed and outcome.usage is not None:
                 data["usage"] = usage_to_json(outcome.usage)
-            event = AuditEvent(
+            # Built without re-validation: every field is this shard's own or was validated
+            # on its way in, and canonical_bytes() still refuses data JSON cannot carry.
+            event = AuditEvent.model_construct(
                 chain=self.chain,
                 seq=size,
                 prev=b64url_encode(head),
@@ -315,17 +330,18 @@ class StateShard:
                 subject=f"agent:{check.agent_id}",
                 data=data,
             )
-            head = event.entry_hash()
+            body = event.canonical_bytes()  # once: it is hashed, linked and stored
+            head = leaf_hash(body)
             size += 1
-            events.append(event)
-        return events
+            entries.append(_Entry(event, body.decode("utf-8"), head))
+        return entries
 
     async def _commit(
         self,
         conn: asyncpg.Connection,
         checks: list[Check],
         outcomes: list[Outcome],
-        events: list[AuditEvent],
+        events: list[_Entry],
     ) -> None:
         """Append the batch's events, move the chain head and record spent step-ups.
 
@@ -336,7 +352,7 @@ class StateShard:
         """
         if not events:
             return
-        hashes = [e.entry_hash() for e in events]
+        hashes = [e.hash for e in events]
         used = [
             (c.step_up_ref, c.grant_id)
             for c, o in zip(checks, outcomes, strict=True)
@@ -353,14 +369,14 @@ class StateShard:
                 " moved AS (UPDATE audit_heads SET size = $11, head = $12"
                 " WHERE chain = $13 AND size = $14 RETURNING 1)"
                 " SELECT 1 / count(*) FROM moved",
-                [e.chain for e in events],
-                [e.seq for e in events],
+                [e.event.chain for e in events],
+                [e.event.seq for e in events],
                 hashes,
-                [e.canonical_bytes().decode("utf-8") for e in events],
-                [e.event for e in events],
+                [e.body for e in events],
+                [e.event.event for e in events],
                 [c.agent_id for c in checks],
                 [c.grant_id for c in checks],
-                [e.time_ms for e in events],
+                [e.event.time_ms for e in events],
                 [ref for ref, _ in used],
                 [grant for _, grant in used],
                 self._size + len(events),

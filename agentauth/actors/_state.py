@@ -8,6 +8,7 @@ Time is an argument; nothing here does I/O.
 from __future__ import annotations
 
 import sys
+from collections import deque
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -66,8 +67,13 @@ class ShardState:
     started_at: float
     replay_floor: float = 0.0
     policy: DPoPPolicy = field(default_factory=DPoPPolicy)
-    # (jkt, jti) -> time after which the proof can no longer verify, so may be forgotten.
-    jtis: dict[tuple[str, str], float] = field(default_factory=dict)
+    # replay key (see _replay_key) -> time after which the proof can no longer verify, so
+    # may be forgotten. Plain strings and floats only: such a dict is not tracked by the
+    # garbage collector, so tens of thousands of live jtis add nothing to a GC pause.
+    jtis: dict[str, float] = field(default_factory=dict)
+    # The same entries in arrival order, which is expiry order give or take the clock skew
+    # proofs may carry: pruning pops expired ones off the front instead of rebuilding.
+    _expiry: deque[tuple[float, str]] = field(default_factory=deque)
     grants: dict[str, _Grant] = field(default_factory=dict)
     used_refs: set[str] = field(default_factory=set)
 
@@ -89,11 +95,13 @@ class ShardState:
         # A proof the previous incarnation may have accepted: its jti window is lost.
         if self.replay_floor and check.iat <= self.replay_floor + self.policy.future_skew:
             return Outcome(False, "shard_restarted")
-        key = (check.jkt, check.jti)
+        key = _replay_key(check.jkt, check.jti)
         if key in self.jtis:
             return Outcome(False, "replay_detected")
         # Reserved whatever the outcome: a proof is single-use even when denied.
-        self.jtis[key] = check.iat + self.policy.max_age + self.policy.future_skew
+        expires = check.iat + self.policy.max_age + self.policy.future_skew
+        self.jtis[key] = expires
+        self._expiry.append((expires, key))
         if check.step_up_ref is not None and (
             not check.step_up_valid or check.step_up_ref in self.used_refs
         ):
@@ -120,17 +128,29 @@ class ShardState:
         An evicted grant is rebuilt from the audit log when next seen, so eviction trades
         memory for one query, never correctness.
         """
-        self.jtis = {k: exp for k, exp in self.jtis.items() if exp >= now}
+        expiry, jtis = self._expiry, self.jtis
+        # An entry stuck behind a later-expiring one (a proof with an earlier iat that
+        # arrived later) waits for the next prune: at most the clock skew longer.
+        while expiry and expiry[0][0] < now:
+            _, key = expiry.popleft()
+            if jtis.get(key, now) < now:
+                del jtis[key]
         self.grants = {g: e for g, e in self.grants.items() if now - e.touched < idle_grants_after}
 
     def memory_bytes(self) -> int:
         """A rough deep size of the state, for the bytes-per-agent report."""
         total = sys.getsizeof(self.jtis) + sys.getsizeof(self.grants)
-        for (jkt, jti), _ in self.jtis.items():
-            total += sys.getsizeof((jkt, jti)) + sys.getsizeof(jti) + 24  # key tuple, float
+        for key in self.jtis:
+            # the key, its float, and its (expiry, key) pair in the expiry queue
+            total += sys.getsizeof(key) + 24 + 8 + 64 + 24
         for grant_id, entry in self.grants.items():
             total += sys.getsizeof(grant_id) + sys.getsizeof(entry) + _usage_bytes(entry.usage)
         return total
+
+
+def _replay_key(jkt: str, jti: str) -> str:
+    # Length-prefixed so that no two (jkt, jti) pairs share a key.
+    return f"{len(jkt)}:{jkt}{jti}"
 
 
 def _usage_bytes(usage: UsageState) -> int:
