@@ -4,6 +4,7 @@ measurements they share: fault windows, replays, audit rows, recovery."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -11,6 +12,8 @@ from typing import Any
 
 import httpx
 from registry_world import World
+
+from agentauth.verifier import FAIL_CLOSED
 
 from ._report import Result
 from ._stack import Stack
@@ -78,6 +81,16 @@ class Context:
         result.fail_opens["replayed proof allowed"] = sum(
             1 for o in outcomes if o.replay and o.allowed
         )
+        # A dead dependency must still get a fast answer: denials it caused, as the
+        # provider saw them (HTTP included), p99 under 50 ms.
+        waits = sorted(o.done - o.sent for o in outcomes if o.reason in FAIL_CLOSED)
+        if len(waits) >= 5:
+            p99 = waits[min(len(waits) - 1, math.ceil(0.99 * len(waits)) - 1)]
+            result.notes.append(
+                f"{len(waits)} fail-closed denials: p50 {waits[len(waits) // 2] * 1000:.1f} ms,"
+                f" p99 {p99 * 1000:.1f} ms, slowest {waits[-1] * 1000:.1f} ms"
+            )
+            result.checks["fail-closed denials answered with p99 < 50 ms"] = p99 < 0.05
 
 
 Experiment = Callable[[Context], Awaitable[Result]]

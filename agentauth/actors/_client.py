@@ -89,6 +89,12 @@ class _Link:
                     future.set_exception(ConnectionError("shard link closed"))
 
 
+def _consume(task: asyncio.Task[_Link]) -> None:
+    """Retrieve a background connect's failure (it is logged where it matters)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class ShardClient:
     def __init__(
         self,
@@ -180,7 +186,12 @@ class ShardClient:
         task = self._connecting[shard]
         if task is None:
             task = asyncio.get_running_loop().create_task(self._open(shard))
+            task.add_done_callback(_consume)
             self._connecting[shard] = task
+        if link is not None:
+            # The link broke: the shard is gone or restarting, which takes Ray seconds.
+            # Deny at once meanwhile; the reconnect goes on in the background.
+            raise ConnectionError("shard link broken; reconnecting")
         return await asyncio.shield(task)
 
     async def _open(self, shard: int) -> _Link:

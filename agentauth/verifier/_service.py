@@ -44,7 +44,7 @@ from ..protocol import (
     allowing_capability,
 )
 
-__all__ = ["Verifier", "VerifierSettings", "VerifyIn"]
+__all__ = ["FAIL_CLOSED", "Verifier", "VerifierSettings", "VerifyIn"]
 
 log = logging.getLogger("agentauth.verifier")
 REVOCATION_CHANNEL = "agentauth:revocations"
@@ -320,7 +320,7 @@ class Verifier:
             counters.inc("cache_hits", {"cache": "token"})
         if self.tokens.cache_misses > misses:
             counters.inc("cache_misses", {"cache": "token"})
-        dependency = _FAIL_CLOSED.get(answer["reason"])
+        dependency = FAIL_CLOSED.get(answer["reason"])
         if dependency is not None:
             counters.inc("fail_closed", {"dependency": dependency})
         return answer
@@ -408,8 +408,9 @@ class Verifier:
         return check
 
 
-# Deny reasons that mean "a dependency failed, so we refused": counted as fail-closed.
-_FAIL_CLOSED = {
+# Deny reasons that mean "a dependency failed, so we refused", and which dependency:
+# counted as fail-closed (metrics, the chaos experiments).
+FAIL_CLOSED: dict[str, str] = {
     "revocation_state_stale": "redis",
     "dependency_unavailable": "redis_or_postgres",
     "state_unavailable": "shard",
