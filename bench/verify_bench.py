@@ -60,7 +60,7 @@ PLOT = ROOT / "docs" / "images" / "verify-latency.png"
 NOTES_MARKER = "<!-- observations below this line are kept when the benchmark rewrites the file -->"
 
 # The layout of (a) and the shards (b) shares; see the doc for why these defaults.
-SHARDS = int(os.environ.get("AGENTAUTH_BENCH_SHARDS", "4"))
+SHARDS = int(os.environ.get("AGENTAUTH_BENCH_SHARDS", "2"))
 REPLICAS = int(os.environ.get("AGENTAUTH_BENCH_REPLICAS", "2"))
 COLUMNS = ("serve", "uvicorn", "reference")
 LABELS = {

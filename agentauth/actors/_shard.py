@@ -272,31 +272,32 @@ class StateShard:
         if not missing:
             return
         ids = list(missing)
-        latest = await conn.fetch(
-            "SELECT DISTINCT ON (grant_id) grant_id, body FROM audit_events"
-            " WHERE grant_id = ANY($1) AND event = 'verify.allow'"
-            " ORDER BY grant_id, time_ms DESC, seq DESC",
-            ids,
-        )
-        spend = {r["grant_id"]: json.loads(r["body"])["data"].get("usage") for r in latest}
         windows = []
         for grant_id, check in missing.items():
             envelope = check.envelope
             assert envelope is not None
             longest = max((r.window_seconds for r in envelope.rate_limits), default=0)
             windows.append((grant_id, int((now - longest) * 1000), envelope.max_rate_count))
-        recent_rows = await conn.fetch(
-            "SELECT g.grant_id, e.time_ms FROM unnest($1::text[], $2::bigint[], $3::int[])"
-            " AS g(grant_id, since, lim) CROSS JOIN LATERAL (SELECT time_ms FROM audit_events"
-            " WHERE grant_id = g.grant_id AND event = 'verify.allow' AND time_ms > g.since"
-            " ORDER BY time_ms DESC LIMIT g.lim) e",
+        # One round trip for every grant of the batch: its latest allow (which carries the
+        # spend buckets) and the times of its allows inside its longest rate window.
+        rows = await conn.fetch(
+            "SELECT g.grant_id, latest.body, recent.times"
+            " FROM unnest($1::text[], $2::bigint[], $3::int[]) AS g(grant_id, since, lim)"
+            " LEFT JOIN LATERAL (SELECT body FROM audit_events WHERE grant_id = g.grant_id"
+            " AND event = 'verify.allow' ORDER BY time_ms DESC, seq DESC LIMIT 1) latest ON true"
+            " LEFT JOIN LATERAL (SELECT array_agg(time_ms) AS times FROM (SELECT time_ms"
+            " FROM audit_events WHERE grant_id = g.grant_id AND event = 'verify.allow'"
+            " AND time_ms > g.since ORDER BY time_ms DESC LIMIT g.lim) w) recent ON true",
             [w[0] for w in windows],
             [w[1] for w in windows],
             [w[2] for w in windows],
         )
+        spend: dict[str, Any] = {}
         recent: dict[str, list[float]] = {g: [] for g in ids}
-        for row in recent_rows:
-            recent[row["grant_id"]].append(row["time_ms"] / 1000.0)
+        for row in rows:
+            if row["body"] is not None:
+                spend[row["grant_id"]] = json.loads(row["body"])["data"].get("usage")
+            recent[row["grant_id"]] = [t / 1000.0 for t in row["times"] or ()]
         for grant_id in ids:
             self.state.restore(
                 grant_id, usage_from_events(spend.get(grant_id), recent[grant_id]), now

@@ -18,6 +18,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -195,6 +196,7 @@ class Verifier:
         self._keys_loaded_at = 0.0
         self.decisions: dict[str, int] = {}
         self.counters = CounterBuffer()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._reporter: asyncio.Task[None] | None = None
 
     @classmethod
@@ -283,11 +285,22 @@ class Verifier:
         if cached is None:
             row = await self.pool.fetchrow("SELECT revoked_at FROM grants WHERE id = $1", grant_id)
             cached = b"absent" if row is None else b"revoked" if row["revoked_at"] else b"active"
-            await self.redis.set(key, cached, ex=self.settings.grant_cache_ttl)
+            # Filling the cache need not delay this answer, which PostgreSQL has given.
+            self._background(self.redis.set(key, cached, ex=self.settings.grant_cache_ttl))
         active = cached == b"active"
         if active:
             self._known_grants[grant_id] = time.monotonic() + 5.0
         return active
+
+    def _background(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("grant cache fill failed: %s", type(task.exception()).__name__)
 
     async def _step_up_valid(self, ref: str, token: AccessToken, action: Action) -> bool:
         row = await self.pool.fetchrow(
