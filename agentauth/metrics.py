@@ -82,6 +82,8 @@ class CounterBuffer:
         self._counts: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
 
     def inc(self, name: str, tags: dict[str, str] | None = None, value: float = 1.0) -> None:
+        if value <= 0:
+            return  # Ray counters refuse anything but positive increments
         key = (name, tuple(tags.items()) if tags else ())
         self._counts[key] = self._counts.get(key, 0.0) + value
 

@@ -88,7 +88,7 @@ REDIS = (
 )
 OUTSIDE = "outside this benchmark"
 PINGS = "redis PINGs/s"
-AGENTS_PER_SHARD = 2
+AGENTS_PER_SHARD = 4
 
 # --- wrk -------------------------------------------------------------------------------
 
@@ -1422,7 +1422,7 @@ def write_doc(
             where = f"one of the {REPLICAS} replicas" if column == "serve" else "the process"
             stats_lines.append(
                 f"- {SHORT[column]} ({where}): {stats['checks']:,} shard checks in"
-                f" {stats['batches']:,} actor calls = {stats['checks'] / stats['batches']:.2f}"
+                f" {stats['batches']:,} shard calls = {stats['checks'] / stats['batches']:.2f}"
                 f" checks per call; decisions {stats.get('decisions')}"
             )
     invalid_parts = []
@@ -1486,7 +1486,9 @@ Every AgentAuth allow includes what the reference skips: the shard's replay wind
 envelope (a 1,000/s rate limit per grant here), and the decision's audit row committed to
 PostgreSQL before the answer.
 
-**Warm**: {len(bench.world.warm)} tokens (8 agents spread 2 per shard, one grant each),
+**Warm**: {len(bench.world.warm)} tokens ({SHARDS * AGENTS_PER_SHARD} agents spread {
+        AGENTS_PER_SHARD
+    } per shard, one grant each),
 reused by every request, each request with a fresh DPoP proof: the token's signature
 check is cached. **Cold**: every request carries a token never seen before of a grant never
 seen before (one grant per request, each approved with a passkey through the registry's

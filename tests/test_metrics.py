@@ -53,6 +53,7 @@ def test_counter_buffer_sums_until_flushed(monkeypatch: pytest.MonkeyPatch) -> N
         buffer.inc("decisions", {"decision": "allow", "reason": "ok"})
     buffer.inc("decisions", {"decision": "deny", "reason": "replay_detected"})
     buffer.inc("tokens_issued", value=2.0)
+    buffer.inc("cache_hits", {"cache": "grant_redis"}, 0.0)  # Ray would refuse a 0 increment
     assert recorded == []  # nothing reaches Ray before a flush
     buffer.flush()
     assert sorted(recorded, key=repr) == sorted(

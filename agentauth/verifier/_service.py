@@ -196,13 +196,15 @@ class Verifier:
         self._keys_loaded_at = 0.0
         self.decisions: dict[str, int] = {}
         self.counters = CounterBuffer()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._grants_wanted: dict[str, list[asyncio.Future[bytes]]] = {}
+        self._grants_looking = False
         self._reporter: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, settings: VerifierSettings, handles: list[Any]) -> Verifier:
         pool = await asyncpg.create_pool(
-            settings.database_url, min_size=1, max_size=4, command_timeout=2.0
+            settings.database_url, min_size=1, max_size=4, command_timeout=2.0, reset=_reset
         )
         assert pool is not None
         redis = aioredis.Redis.from_url(
@@ -277,30 +279,68 @@ class Verifier:
         if self._known_grants.get(grant_id, 0.0) > time.monotonic():
             self.counters.inc("cache_hits", {"cache": "grant_local"})
             return True
-        key = f"agentauth:grant:{grant_id}"
-        cached = await self.redis.get(key)
-        self.counters.inc(
-            "cache_hits" if cached is not None else "cache_misses", {"cache": "grant_redis"}
-        )
-        if cached is None:
-            row = await self.pool.fetchrow("SELECT revoked_at FROM grants WHERE id = $1", grant_id)
-            cached = b"absent" if row is None else b"revoked" if row["revoked_at"] else b"active"
-            # Filling the cache need not delay this answer, which PostgreSQL has given.
-            self._background(self.redis.set(key, cached, ex=self.settings.grant_cache_ttl))
-        active = cached == b"active"
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._grants_wanted.setdefault(grant_id, []).append(future)
+        if not self._grants_looking:
+            self._grants_looking = True
+            asyncio.get_running_loop().call_soon(self._look_up_grants)
+        active = await future == b"active"
         if active:
             self._known_grants[grant_id] = time.monotonic() + 5.0
         return active
 
-    def _background(self, work: Awaitable[Any]) -> None:
+    def _look_up_grants(self) -> None:
+        """One lookup at a time for all the grants wanted meanwhile: a cold burst costs one
+        MGET and one query for the misses, not a GET and a query per request."""
+        wanted, self._grants_wanted = self._grants_wanted, {}
+        if not wanted:
+            self._grants_looking = False
+            return
+        self._background(self._grant_statuses(wanted), "grant lookup")
+
+    async def _grant_statuses(self, wanted: dict[str, list[asyncio.Future[bytes]]]) -> None:
+        try:
+            ids = list(wanted)
+            cached = await self.redis.mget([_grant_key(g) for g in ids])
+            status: dict[str, bytes | None] = {
+                g: v if isinstance(v, bytes) else None for g, v in zip(ids, cached, strict=True)
+            }
+            missing = [g for g, value in status.items() if value is None]
+            self.counters.inc("cache_hits", {"cache": "grant_redis"}, len(ids) - len(missing))
+            if missing:
+                self.counters.inc("cache_misses", {"cache": "grant_redis"}, len(missing))
+                rows = await self.pool.fetch(
+                    "SELECT id, revoked_at FROM grants WHERE id = ANY($1::text[])", missing
+                )
+                found = {r["id"]: b"revoked" if r["revoked_at"] else b"active" for r in rows}
+                fill = self.redis.pipeline(transaction=False)
+                for grant_id in missing:
+                    value = status[grant_id] = found.get(grant_id, b"absent")
+                    fill.set(_grant_key(grant_id), value, ex=self.settings.grant_cache_ttl)
+                # Filling the cache need not delay these answers, which PostgreSQL has given.
+                self._background(fill.execute(), "grant cache fill")
+            for grant_id, futures in wanted.items():
+                for future in futures:
+                    if not future.done():
+                        future.set_result(status[grant_id] or b"absent")
+        except Exception as exc:  # each waiting request denies (dependency_unavailable)
+            for futures in wanted.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(exc)
+        finally:
+            self._look_up_grants()  # what was wanted meanwhile, or stand down
+
+    def _background(self, work: Awaitable[Any], what: str) -> None:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
-        task.add_done_callback(self._settled)
 
-    def _settled(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("grant cache fill failed: %s", type(task.exception()).__name__)
+        def settled(task: asyncio.Future[Any]) -> None:
+            self._tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("%s failed: %s", what, type(task.exception()).__name__)
+
+        task.add_done_callback(settled)
 
     async def _step_up_valid(self, ref: str, token: AccessToken, action: Action) -> bool:
         row = await self.pool.fetchrow(
@@ -419,6 +459,19 @@ class Verifier:
         except Exception:  # Redis or PostgreSQL unreachable: deny
             return _replace(check, deny="dependency_unavailable")
         return check
+
+
+def _grant_key(grant_id: str) -> str:
+    return f"agentauth:grant:{grant_id}"
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    """What a connection needs before it returns to the verifier's pool: nothing but ending a
+    transaction left open. The verifier only reads, in single statements, and takes no
+    session state (no LISTEN, locks or settings), so asyncpg's default reset -- a query
+    per release, a second round trip for every lookup -- buys it nothing."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
 
 
 # Deny reasons that mean "a dependency failed, so we refused", and which dependency:
