@@ -171,3 +171,66 @@ async def test_bad_peers_are_dropped_and_decide_nothing(
     assert await _closed(reader, writer)
 
     assert await _chain_size(database_url) == before
+
+
+class _Remote:
+    """What the client uses of a Ray actor method: ``.remote()`` giving an awaitable."""
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def remote(self) -> Any:
+        async def answer() -> Any:
+            return self._value
+
+        return answer()
+
+
+class _Handle:
+    def __init__(self, host: str, port: int, token: bytes) -> None:
+        self.endpoint = _Remote((host, port, token))
+
+
+@pytest.mark.asyncio
+async def test_a_stuck_shard_is_denied_fast_and_not_flooded() -> None:
+    """A shard that takes the link but never answers (hung, not dead)."""
+    from agentauth.actors import ShardClient
+
+    token = secrets.token_bytes(32)
+    frames: list[bytes] = []
+
+    async def stuck(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if await read_frame(reader) == token:
+                writer.write(frame(b"ok"))
+                while True:
+                    frames.append(await read_frame(reader))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(stuck, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = ShardClient([_Handle("127.0.0.1", port, token)], timeout=0.05, call_timeout=0.4)
+    try:
+        await client.connect()
+        first = await client.check(0, _check())
+        assert (first.allowed, first.reason) == (False, "state_timeout")
+        # While that call is out the shard is suspect: checks are denied, not sent.
+        meanwhile = await asyncio.gather(*(client.check(0, _check()) for _ in range(20)))
+        assert {(r.allowed, r.reason) for r in meanwhile} == {(False, "state_timeout")}
+        assert len(frames) == 1
+        # A call silent for call_timeout: the link is torn down, checks are denied at once
+        # while the shard is found afresh, then tried again (and time out again).
+        await asyncio.sleep(0.6)
+        broken = await client.check(0, _check())
+        assert (broken.allowed, broken.reason) == (False, "state_unavailable")
+        await asyncio.sleep(0.2)
+        retried = await client.check(0, _check())
+        assert (retried.allowed, retried.reason) == (False, "state_timeout")
+        assert len(frames) == 2
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()

@@ -58,15 +58,16 @@ class _Link:
     def alive(self) -> bool:
         return not self._task.done()
 
-    async def call(self, checks: list[Check]) -> list[Row]:
+    def send(self, checks: list[Check]) -> asyncio.Future[list[Row]]:
+        """Send a batch now; the future gets its answer (or ConnectionError)."""
         request_id = next(self._ids)
         future: asyncio.Future[list[Row]] = asyncio.get_running_loop().create_future()
+        if not self.alive:
+            future.set_exception(ConnectionError("shard link closed"))
+            return future
         self._calls[request_id] = future
-        try:
-            self._writer.write(self._codec.encode_checks(request_id, checks))
-            return await future
-        finally:
-            self._calls.pop(request_id, None)
+        self._writer.write(self._codec.encode_checks(request_id, checks))
+        return future
 
     def close(self) -> None:
         self._task.cancel()
@@ -75,7 +76,7 @@ class _Link:
         try:
             while True:
                 request_id, rows = decode_results(await read_frame(self._reader))
-                future = self._calls.get(request_id)
+                future = self._calls.pop(request_id, None)
                 if future is not None and not future.done():
                     future.set_result(rows)
         except asyncio.CancelledError:
@@ -110,6 +111,9 @@ class ShardClient:
         self._handles = handles
         self._max_batch = max_batch
         self._max_wait = max_wait
+        # How long a call may be out before its checks are denied. It bounds the shard's
+        # part only: time a check spends queued behind the call in flight is bounded by
+        # that call's own limit, and is the replica's load, not a sign of a stuck shard.
         self._timeout = timeout
         # A call outlives the client's own deny (a shard may take up to its database
         # timeout to commit), but not forever: a link silent this long is torn down.
@@ -122,6 +126,10 @@ class ShardClient:
         self._links: list[_Link | None] = [None] * len(handles)
         self._connecting: list[asyncio.Task[_Link] | None] = [None] * len(handles)
         self._retry_at = [0.0] * len(handles)
+        # A shard whose last call overran: checks are denied at once, not sent, until
+        # that call comes back (or its link is torn down).
+        self._suspect = [False] * len(handles)
+        self._watchers: set[asyncio.Task[None]] = set()
         self.batches = 0
         self.checks = 0
 
@@ -144,6 +152,8 @@ class ShardClient:
                 link.close()
 
     async def check(self, shard: int, check: Check) -> Result:
+        if self._suspect[shard]:
+            return Result(False, "state_timeout")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
         queue = self._queues[shard]
@@ -157,13 +167,19 @@ class ShardClient:
             else:  # still after every check already queued behind this one in the loop
                 loop.call_soon(self._flush, shard)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self._timeout)
+            # Resolved by _send within twice the timeout (see above); this is a backstop.
+            return await asyncio.wait_for(asyncio.shield(future), self._call_timeout)
         except TimeoutError:
-            # The shard may still record this decision; the client gets a deny either way.
             return Result(False, "state_timeout")
 
     def _flush(self, shard: int) -> None:
         self._scheduled[shard] = False
+        if self._suspect[shard]:
+            queue, self._queues[shard] = self._queues[shard], []
+            for _, future in queue:
+                if not future.done():
+                    future.set_result(Result(False, "state_timeout"))
+            return
         if (
             self._inflight[shard] >= self._max_inflight
             and len(self._queues[shard]) < self._max_batch
@@ -212,15 +228,24 @@ class ShardClient:
 
     async def _send(self, shard: int, items: list[tuple[Check, asyncio.Future[Result]]]) -> None:
         results = [Result(False, "state_unavailable")] * len(items)
-        link: _Link | None = None
         try:
-            link = await self._link(shard)
-            rows = await asyncio.wait_for(link.call([c for c, _ in items]), self._call_timeout)
+            link = await asyncio.wait_for(self._link(shard), self._timeout)
+            call = link.send([c for c, _ in items])
+            try:
+                rows = await asyncio.wait_for(asyncio.shield(call), self._timeout)
+            except TimeoutError:
+                # The shard may still record these decisions; the clients get a deny.
+                results = [Result(False, "state_timeout")] * len(items)
+                self._suspect[shard] = True
+                watcher = asyncio.get_running_loop().create_task(
+                    self._await_overrun(shard, link, call)
+                )
+                self._watchers.add(watcher)
+                watcher.add_done_callback(self._watchers.discard)
+                return
             if len(rows) == len(items):
                 results = [Result(row[0] is True, row[1], row[2], row[3], row[4]) for row in rows]
-        except Exception as exc:  # dead, restarting, unreachable or stuck: deny, never allow
-            if isinstance(exc, TimeoutError) and link is not None:
-                link.close()  # a stuck link: the next call finds the shard afresh
+        except Exception:  # dead, restarting or unreachable: deny, never allow
             log.warning("shard %s unreachable; its checks are denied", shard)
         finally:
             for (_, future), result in zip(items, results, strict=True):
@@ -229,3 +254,16 @@ class ShardClient:
             self._inflight[shard] -= 1
             if self._queues[shard]:
                 self._flush(shard)  # what queued up meanwhile leaves now, as one call
+
+    async def _await_overrun(
+        self, shard: int, link: _Link, call: asyncio.Future[list[Row]]
+    ) -> None:
+        """Wait out a call that overran: the shard is healthy again once it answers; a link
+        silent for ``call_timeout`` is torn down (the next check finds the shard afresh)."""
+        try:
+            await asyncio.wait_for(call, self._call_timeout)
+        except Exception:
+            link.close()
+            log.warning("shard %s did not answer for %.0f s", shard, self._call_timeout)
+        finally:
+            self._suspect[shard] = False
