@@ -126,9 +126,11 @@ class ShardClient:
         self._links: list[_Link | None] = [None] * len(handles)
         self._connecting: list[asyncio.Task[_Link] | None] = [None] * len(handles)
         self._retry_at = [0.0] * len(handles)
-        # A shard whose last call overran: checks are denied at once, not sent, until
-        # that call comes back (or its link is torn down).
-        self._suspect = [False] * len(handles)
+        # Calls out past the timeout and not answered yet, per shard. One is a hiccup (a
+        # slow commit, a descheduled process): only its own checks are denied. From two
+        # on, the shard looks hung: checks are denied at once, not sent, until one of
+        # those calls answers (or the link is torn down).
+        self._overrun = [0] * len(handles)
         self._watchers: set[asyncio.Task[None]] = set()
         self.batches = 0
         self.checks = 0
@@ -152,7 +154,7 @@ class ShardClient:
                 link.close()
 
     async def check(self, shard: int, check: Check) -> Result:
-        if self._suspect[shard]:
+        if self._overrun[shard] >= 2:
             return Result(False, "state_timeout")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
@@ -174,7 +176,7 @@ class ShardClient:
 
     def _flush(self, shard: int) -> None:
         self._scheduled[shard] = False
-        if self._suspect[shard]:
+        if self._overrun[shard] >= 2:
             queue, self._queues[shard] = self._queues[shard], []
             for _, future in queue:
                 if not future.done():
@@ -236,7 +238,7 @@ class ShardClient:
             except TimeoutError:
                 # The shard may still record these decisions; the clients get a deny.
                 results = [Result(False, "state_timeout")] * len(items)
-                self._suspect[shard] = True
+                self._overrun[shard] += 1
                 watcher = asyncio.get_running_loop().create_task(
                     self._await_overrun(shard, link, call)
                 )
@@ -262,8 +264,8 @@ class ShardClient:
         silent for ``call_timeout`` is torn down (the next check finds the shard afresh)."""
         try:
             await asyncio.wait_for(call, self._call_timeout)
+            self._overrun[shard] = 0  # it answers: whatever else is out will follow
         except Exception:
             link.close()
             log.warning("shard %s did not answer for %.0f s", shard, self._call_timeout)
-        finally:
-            self._suspect[shard] = False
+            self._overrun[shard] = max(0, self._overrun[shard] - 1)
