@@ -62,6 +62,25 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def migrated_database_url(database_url: str) -> str:
+    """The session's database with the schema in place, for tests that use no registry
+    (the registry migrates the same database the same way when it starts)."""
+    import asyncpg
+
+    from agentauth.store import migrate
+
+    async def run() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    return database_url
+
+
+@pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = os.environ.get("AGENTAUTH_TEST_REDIS_URL")
     if url:

@@ -15,7 +15,6 @@ import pytest
 
 from agentauth.actors import Check, StateShard
 from agentauth.protocol import Action, Envelope
-from agentauth.store import migrate
 
 INDEX = 700
 ENVELOPE = Envelope.model_validate({"rate_limits": [{"max_count": 100, "window_seconds": 60}]})
@@ -47,12 +46,8 @@ async def _events(database_url: str) -> list[tuple[int, str]]:
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
 async def test_a_second_writer_on_the_chain_is_caught(database_url: str) -> None:
-    conn = await asyncpg.connect(database_url)
-    try:
-        await migrate(conn)  # a no-op when the registry fixture has migrated already
-    finally:
-        await conn.close()
     first = StateShard(index=INDEX, database_url=database_url)
     second = StateShard(index=INDEX, database_url=database_url)
     try:

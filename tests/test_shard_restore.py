@@ -11,12 +11,10 @@ import secrets
 import time
 from decimal import Decimal
 
-import asyncpg
 import pytest
 
 from agentauth.actors import Check, StateShard
 from agentauth.protocol import Action, Envelope
-from agentauth.store import migrate
 
 INDEX = 702
 ENVELOPE = Envelope.model_validate(
@@ -41,12 +39,8 @@ def _pay(grant: str, amount: str, iat: float) -> Check:
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
 async def test_limits_survive_a_restart(database_url: str) -> None:
-    conn = await asyncpg.connect(database_url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
     spent, fresh = f"grt_spent_{secrets.token_hex(3)}", f"grt_fresh_{secrets.token_hex(3)}"
     old = StateShard(index=INDEX, database_url=database_url)
     try:

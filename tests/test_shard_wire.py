@@ -20,7 +20,6 @@ import pytest_asyncio
 from agentauth.actors import Check, StateShard
 from agentauth.actors._wire import MAX_FRAME, Codec, decode_results, frame, read_frame
 from agentauth.protocol import Action, Envelope
-from agentauth.store import migrate
 
 ENVELOPE = Envelope.model_validate(
     {
@@ -95,13 +94,8 @@ def test_malformed_batches_are_refused(payload: bytes) -> None:
 
 
 @pytest_asyncio.fixture
-async def shard(database_url: str) -> Any:
-    conn = await asyncpg.connect(database_url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    shard = StateShard(index=701, database_url=database_url)
+async def shard(migrated_database_url: str) -> Any:
+    shard = StateShard(index=701, database_url=migrated_database_url)
     yield shard
     await shard.close()
 
