@@ -17,25 +17,38 @@ from ray.serve import Application, Deployment
 from ..actors import StateShard
 from ..verifier import Verifier, VerifierSettings, create_app
 
-__all__ = ["NAMESPACE", "VerifierDeployment", "build_verifier_app", "shard_handles"]
+__all__ = [
+    "NAMESPACE",
+    "VerifierDeployment",
+    "build_verifier_app",
+    "shard_handles",
+    "shard_options",
+]
 
 NAMESPACE = "agentauth"
+
+
+def shard_options(index: int) -> dict[str, Any]:
+    """Ray options of shard ``index``: named and detached (every replica finds the same
+    actor), restarted forever by Ray, its calls never retried (a retried check could be
+    decided twice)."""
+    return {
+        "name": f"agentauth-shard-{index}",
+        "namespace": NAMESPACE,
+        "get_if_exists": True,
+        "lifetime": "detached",
+        "max_restarts": -1,
+        "max_task_retries": 0,
+        "num_cpus": 0,
+        "max_concurrency": 64,
+    }
 
 
 def shard_handles(settings: VerifierSettings) -> list[Any]:
     """Get or create the shard actors (idempotent across replicas)."""
     actor = ray.remote(StateShard)
     return [
-        actor.options(
-            name=f"agentauth-shard-{i}",
-            namespace=NAMESPACE,
-            get_if_exists=True,
-            lifetime="detached",
-            max_restarts=-1,
-            max_task_retries=0,
-            num_cpus=0,
-            max_concurrency=64,
-        ).remote(index=i, database_url=settings.database_url)
+        actor.options(**shard_options(i)).remote(index=i, database_url=settings.database_url)
         for i in range(settings.shards)
     ]
 

@@ -200,21 +200,15 @@ def _create_shards(database_url: str, nodes: list[str]) -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: PLC0415
 
     from agentauth.actors import StateShard  # noqa: PLC0415
-    from agentauth.deployments.verifier import NAMESPACE  # noqa: PLC0415
+    from agentauth.deployments.verifier import shard_options  # noqa: PLC0415
 
     actor = ray.remote(StateShard)
     for i in range(SHARDS):
-        name, wanted = f"agentauth-shard-{i}", nodes[i % 2]
+        options, wanted = shard_options(i), nodes[i % 2]
+        name = options["name"]
         for _ in range(10):
             handle = actor.options(
-                name=name,
-                namespace=NAMESPACE,
-                get_if_exists=True,
-                lifetime="detached",
-                max_restarts=-1,
-                max_task_retries=0,
-                num_cpus=0,
-                max_concurrency=64,
+                **options,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(wanted, soft=True),
             ).remote(index=i, database_url=database_url)
             ray.get(handle.ping.remote(), timeout=60)
