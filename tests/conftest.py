@@ -181,22 +181,28 @@ async def db(database_url: str, registry_base: str) -> AsyncIterator[Any]:
         await conn.close()
 
 
+def verifier_settings(registry_settings: Any, **changes: Any) -> Any:
+    """Settings of a verifier over the session's registry: 2 shards, and a shard timeout
+    generous on a shared 2-core test machine (the benchmark measures the real bound)."""
+    from agentauth.verifier import VerifierSettings
+
+    fields: dict[str, Any] = {
+        "database_url": registry_settings.database_url,
+        "redis_url": registry_settings.redis_url,
+        "issuer": registry_settings.issuer,
+        "shards": 2,
+        "shard_timeout": 2.0,
+    }
+    return VerifierSettings(**(fields | changes))
+
+
 @pytest.fixture(scope="session")
 def verifier_base(registry_base: str, registry_settings: Any, serve_port: int) -> str:
     """The verifier on the same Serve instance, 2 replicas, 2 shards."""
     from ray import serve
 
     from agentauth.deployments.verifier import build_verifier_app
-    from agentauth.verifier import VerifierSettings
 
-    settings = VerifierSettings(
-        database_url=registry_settings.database_url,
-        redis_url=registry_settings.redis_url,
-        issuer=registry_settings.issuer,
-        shards=2,
-        # Generous on a shared 2-core test machine; the benchmark measures the real bound.
-        shard_timeout=2.0,
-    )
-    app = build_verifier_app(settings, replicas=2)
+    app = build_verifier_app(verifier_settings(registry_settings), replicas=2)
     serve.run(app, name="verifier", route_prefix="/verifier")
     return f"http://127.0.0.1:{serve_port}/verifier"

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from conftest import verifier_settings
 from registry_world import Human, Provider, World
 
 from agentauth import AgentAuthClient, AgentAuthClientSync, Capability
@@ -179,16 +180,10 @@ async def test_token_is_cached_and_refreshed_before_expiry(stack: Stack) -> None
 @pytest.mark.asyncio
 async def test_dpop_nonce_challenge_is_answered_once(stack: Stack, registry_settings: Any) -> None:
     from agentauth.deployments.verifier import shard_handles
-    from agentauth.verifier import Verifier, VerifierSettings, create_app
+    from agentauth.verifier import Verifier, create_app
 
-    settings = VerifierSettings(
-        database_url=registry_settings.database_url,
-        redis_url=registry_settings.redis_url,
-        issuer=registry_settings.issuer,
-        shards=2,
-        shard_timeout=2.0,
-        dpop_nonces=True,
-        nonce_secret="nonce-secret-for-the-sdk-test-0123456789",
+    settings = verifier_settings(
+        registry_settings, dpop_nonces=True, nonce_secret="nonce-secret-for-the-sdk-test-0123456789"
     )
     verifier = await Verifier.open(settings, shard_handles(settings))
     client, human, provider = await stack.agent_with_provider()

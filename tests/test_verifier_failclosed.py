@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from conftest import verifier_settings
 from registry_world import World
 
 from agentauth.protocol import (
@@ -95,14 +96,10 @@ async def local_verifier(
     world: World, registry_settings: Any, own_redis: RedisProcess
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
     from agentauth.deployments.verifier import shard_handles
-    from agentauth.verifier import Verifier, VerifierSettings, create_app
+    from agentauth.verifier import Verifier, create_app
 
-    settings = VerifierSettings(
-        database_url=registry_settings.database_url,
-        redis_url=f"redis://127.0.0.1:{own_redis.port}/0",
-        issuer=registry_settings.issuer,
-        shards=2,
-        shard_timeout=2.0,
+    settings = verifier_settings(
+        registry_settings, redis_url=f"redis://127.0.0.1:{own_redis.port}/0"
     )
     verifier = await Verifier.open(settings, shard_handles(settings))
     try:
@@ -233,16 +230,10 @@ async def test_unreachable_audit_store_and_dead_shard_deny(world: World) -> None
 @pytest.mark.asyncio
 async def test_server_nonces_when_configured(world: World, registry_settings: Any) -> None:
     from agentauth.deployments.verifier import shard_handles
-    from agentauth.verifier import Verifier, VerifierSettings, create_app
+    from agentauth.verifier import Verifier, create_app
 
-    settings = VerifierSettings(
-        database_url=registry_settings.database_url,
-        redis_url=registry_settings.redis_url,
-        issuer=registry_settings.issuer,
-        shards=2,
-        shard_timeout=2.0,
-        dpop_nonces=True,
-        nonce_secret="a-test-secret-of-enough-length-for-hmac",
+    settings = verifier_settings(
+        registry_settings, dpop_nonces=True, nonce_secret="a-test-secret-of-enough-length-for-hmac"
     )
     verifier = await Verifier.open(settings, shard_handles(settings))
     try:
