@@ -232,9 +232,9 @@ class StateShard:
             log.warning("shard %s cannot reach the database", self.index)
             return [Result(False, "audit_unavailable") for _ in checks]
         outcomes = [self.state.decide(check, now) for check in checks]
-        events = self._chain(checks, outcomes, now)
+        entries = self._chain(checks, outcomes, now)
         try:
-            await self._commit(conn, checks, outcomes, events)
+            await self._commit(conn, checks, outcomes, entries)
         except Exception:
             log.warning("shard %s failed to commit its audit batch", self.index)
             await self._drop_connection()  # reconnect (and reload the head) next time
@@ -252,7 +252,7 @@ class StateShard:
                 o.retry_after,
                 f"{e.event.chain}:{e.event.seq}",
             )
-            for o, e in zip(outcomes, events, strict=True)
+            for o, e in zip(outcomes, entries, strict=True)
         ]
 
     async def _restore(self, conn: asyncpg.Connection, checks: list[Check], now: float) -> None:
@@ -342,7 +342,7 @@ class StateShard:
         conn: asyncpg.Connection,
         checks: list[Check],
         outcomes: list[Outcome],
-        events: list[_Entry],
+        entries: list[_Entry],
     ) -> None:
         """Append the batch's events, move the chain head and record spent step-ups.
 
@@ -351,9 +351,9 @@ class StateShard:
         that this actor is the chain's only writer); if it is not, ``1 / 0`` fails the
         statement, which undoes the appends too.
         """
-        if not events:
+        if not entries:
             return
-        hashes = [e.hash for e in events]
+        hashes = [e.hash for e in entries]
         used = [
             (c.step_up_ref, c.grant_id)
             for c, o in zip(checks, outcomes, strict=True)
@@ -370,17 +370,17 @@ class StateShard:
                 " moved AS (UPDATE audit_heads SET size = $11, head = $12"
                 " WHERE chain = $13 AND size = $14 RETURNING 1)"
                 " SELECT 1 / count(*) FROM moved",
-                [e.event.chain for e in events],
-                [e.event.seq for e in events],
+                [e.event.chain for e in entries],
+                [e.event.seq for e in entries],
                 hashes,
-                [e.body for e in events],
-                [e.event.event for e in events],
+                [e.body for e in entries],
+                [e.event.event for e in entries],
                 [c.agent_id for c in checks],
                 [c.grant_id for c in checks],
-                [e.event.time_ms for e in events],
+                [e.event.time_ms for e in entries],
                 [ref for ref, _ in used],
                 [grant for _, grant in used],
-                self._size + len(events),
+                self._size + len(entries),
                 hashes[-1],
                 self.chain,
                 self._size,
@@ -395,7 +395,7 @@ class StateShard:
             # incarnation would, raising the replay floor to its last decision.
             self._decisions = 0
             raise RuntimeError("audit chain moved under this shard") from exc
-        self._size += len(events)
+        self._size += len(entries)
         self._head = hashes[-1]
 
     async def close(self) -> None:
