@@ -114,6 +114,15 @@ async def test_provider_must_authenticate_and_bad_input_is_a_400(vworld: World) 
         headers={**s.provider.headers, "Content-Type": "application/json"},
     )
     assert r.status_code == 400
+    # The route validates its body by hand (not through FastAPI): the same error shapes.
+    for content, reason in ((b"", "bad_json"), (b"[1, 2]", "schema"), (b"{not json", "bad_json")):
+        r = await vworld.client.post(
+            url,
+            content=content,
+            headers={**s.provider.headers, "Content-Type": "application/json"},
+        )
+        assert r.status_code == 400, (content, r.text)
+        assert (r.json()["error"], r.json().get("reason")) == ("invalid_request", reason)
 
 
 @pytest.mark.asyncio
