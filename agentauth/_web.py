@@ -8,6 +8,8 @@ failures are 400 with the failing fields; anything unexpected is logged here and
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 from fastapi import FastAPI, Request
@@ -27,7 +29,14 @@ from .protocol import (
     strict_json_loads,
 )
 
-__all__ = ["MAX_BODY_BYTES", "BodyGuard", "install_error_handlers", "parsed_body"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "BodyGuard",
+    "error_response",
+    "install_error_handlers",
+    "parsed_body",
+    "schema_error",
+]
 
 # Where BodyGuard leaves the document it parsed, so a hot route need not parse it again.
 _PARSED = "agentauth.parsed_body"
@@ -95,14 +104,14 @@ class BodyGuard:
         await self.app(scope, replay, send)
 
 
-def parsed_body(request: Request) -> object:
+def parsed_body(scope: Scope) -> object:
     """The JSON document of a request that passed BodyGuard (duplicates refused already).
 
     Raises InvalidRequest for an empty body.
     """
-    if _PARSED not in request.scope:
+    if _PARSED not in scope:
         raise InvalidRequest("a JSON body is required", reason="bad_json")
-    return request.scope[_PARSED]
+    return scope[_PARSED]
 
 
 async def _send_json(send: Send, exc: AgentAuthError) -> None:
@@ -117,45 +126,60 @@ async def _send_json(send: Send, exc: AgentAuthError) -> None:
     await send({"type": "http.response.body", "body": response.body})
 
 
-def install_error_handlers(app: FastAPI, log: logging.Logger) -> None:
-    """Map every exception to the one error body, and refuse bodies we will not parse."""
-    app.add_middleware(BodyGuard)
+def schema_error(errors: Sequence[Any]) -> JSONResponse:
+    """400 ``schema`` with the first failing fields (pydantic's ``errors()`` entries)."""
+    details = [
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))}
+        for e in errors[:20]
+    ]
+    body = InvalidRequest("the request does not match its schema", reason="schema").to_dict()
+    return JSONResponse({**body, "details": details}, status_code=400)
 
-    @app.exception_handler(AgentAuthError)
-    async def _agentauth_error(_: Request, exc: AgentAuthError) -> JSONResponse:
+
+def error_response(exc: Exception, log: logging.Logger) -> JSONResponse:
+    """The one answer for any exception a request raised: its code, status and headers,
+    never details of an unexpected failure (those go to the server log)."""
+    if isinstance(exc, AgentAuthError):
         if exc.status_hint >= 500:
             log.warning("request failed: %s (%s)", exc.error, exc.description)
         return _error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [
-            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))}
-            for e in exc.errors()[:20]
-        ]
-        body = InvalidRequest("the request does not match its schema", reason="schema").to_dict()
-        return JSONResponse({**body, "details": details}, status_code=400)
-
-    @app.exception_handler(ValidationError)
-    async def _model_error(_: Request, exc: ValidationError) -> JSONResponse:
+    if isinstance(exc, RequestValidationError):
+        return schema_error(exc.errors())
+    if isinstance(exc, ValidationError):
         return _error_response(InvalidRequest("invalid document", reason="schema"))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if isinstance(exc, StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
         return JSONResponse({"error": code, "error_description": str(exc.detail)}, exc.status_code)
-
-    @app.exception_handler(OSError)
-    @app.exception_handler(TimeoutError)
-    @app.exception_handler(asyncpg.PostgresConnectionError)
-    @app.exception_handler(asyncpg.InterfaceError)
-    async def _dependency_down(_: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, _DEPENDENCY_ERRORS):
         # A database or network failure outside a guarded path is still a dependency
         # failure: 503, never a 500 with details.
         log.warning("dependency failure: %s", type(exc).__name__)
         return _error_response(DependencyUnavailable())
+    log.exception("unexpected error", exc_info=exc)  # details stay in the server log
+    return JSONResponse({"error": "server_error", "error_description": "internal error"}, 500)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")  # details stay in the server log
-        return JSONResponse({"error": "server_error", "error_description": "internal error"}, 500)
+
+_DEPENDENCY_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+)
+
+
+def install_error_handlers(app: FastAPI, log: logging.Logger) -> None:
+    """Map every exception to the one error body, and refuse bodies we will not parse."""
+    app.add_middleware(BodyGuard)
+
+    async def handle(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc, log)
+
+    for kind in (
+        AgentAuthError,
+        RequestValidationError,
+        ValidationError,
+        StarletteHTTPException,
+        *_DEPENDENCY_ERRORS,
+        Exception,
+    ):
+        app.add_exception_handler(kind, handle)

@@ -18,8 +18,9 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .._web import install_error_handlers, parsed_body
+from .._web import error_response, install_error_handlers, parsed_body
 from ..protocol import Unauthenticated
 from ._service import Verifier, VerifyIn
 
@@ -29,8 +30,11 @@ log = logging.getLogger("agentauth.verifier")
 
 
 async def provider(request: Request) -> str:
-    verifier: Verifier = request.app.state.verifier
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return await _authenticate(request.app.state.verifier, request.headers.get("authorization", ""))
+
+
+async def _authenticate(verifier: Verifier, authorization: str) -> str:
+    scheme, _, value = authorization.partition(" ")
     if scheme.lower() != "basic":
         raise Unauthenticated("provider credentials required", reason="missing_credentials")
     try:
@@ -47,19 +51,74 @@ async def provider(request: Request) -> str:
 Provider = Annotated[str, Depends(provider)]
 
 
+async def _verify_answer(verifier: Verifier, authorization: str, scope: Scope) -> bytes:
+    """POST /v1/verify from its Authorization header and the body BodyGuard parsed."""
+    provider_id = await _authenticate(verifier, authorization)
+    try:
+        body = VerifyIn.model_validate(parsed_body(scope))
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+    answer = await verifier.verify(provider_id, body)
+    return json.dumps(answer, separators=(",", ":")).encode()
+
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class VerifyFastPath:
+    """ASGI middleware that answers POST /v1/verify before FastAPI routes the request.
+
+    The hot route's own work is a fraction of what FastAPI spends around it (routing,
+    dependency resolution, Request and Response objects); measured on a replica, skipping
+    that is about a fifth of its CPU per verification. It sits inside BodyGuard (the body
+    is capped and parsed once) and answers errors through the same mapping as the
+    handlers, so callers see no difference. Every other path goes to the app.
+    """
+
+    def __init__(self, app: ASGIApp, verifier: Verifier) -> None:
+        self.app = app
+        self.verifier = verifier
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or _route(scope) != "/v1/verify":
+            await self.app(scope, receive, send)
+            return
+        authorization = ""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        try:
+            answer = await _verify_answer(self.verifier, authorization, scope)
+        except Exception as exc:  # every failure gets its coded answer, as in the handlers
+            await error_response(exc, log)(scope, receive, send)
+            return
+        headers = [*_JSON_HEADERS, (b"content-length", str(len(answer)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": answer})
+
+
+def _route(scope: Scope) -> str:
+    """The path below the app's mount point (Serve mounts the app under its route prefix)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 def create_app(verifier: Verifier) -> FastAPI:
     app = FastAPI(title="AgentAuth verifier", version="1")
     app.state.verifier = verifier
 
+    # Added first, so it runs inside BodyGuard (Starlette wraps later middleware around it).
+    app.add_middleware(VerifyFastPath, verifier=verifier)
     install_error_handlers(app, log)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    # The hot route validates and answers by hand: FastAPI's body parsing and response
-    # encoding (a second JSON parse, jsonable_encoder) cost more than the rest of the
-    # handler's own Python. The documented schema is the same VerifyIn.
+    # VerifyFastPath answers this route before routing; the route stays for the OpenAPI
+    # document (its schema is VerifyIn) and answers the same way if reached.
     @app.post(
         "/v1/verify",
         openapi_extra={
@@ -72,13 +131,10 @@ def create_app(verifier: Verifier) -> FastAPI:
         },
         response_class=Response,
     )
-    async def verify(provider_id: Provider, request: Request) -> Response:
-        try:
-            body = VerifyIn.model_validate(parsed_body(request))
-        except ValidationError as exc:
-            raise RequestValidationError(exc.errors()) from None
-        answer = await verifier.verify(provider_id, body)
-        return Response(json.dumps(answer, separators=(",", ":")), media_type="application/json")
+    async def verify(request: Request) -> Response:
+        authorization = request.headers.get("authorization", "")
+        answer = await _verify_answer(verifier, authorization, request.scope)
+        return Response(answer, media_type="application/json")
 
     @app.post("/v1/introspect")
     async def introspect(provider_id: Provider, body: VerifyIn) -> dict[str, Any]:

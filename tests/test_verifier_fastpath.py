@@ -1,0 +1,163 @@
+"""POST /v1/verify is answered by VerifyFastPath before FastAPI routes it.
+
+In-process ASGI with a stand-in for the Verifier's two calls the route makes (provider
+authentication and the decision): what is under test is the HTTP layer's dispatch and its
+error answers, which must be those of the FastAPI handlers. The real Verifier behind Serve
+answers the same route in test_verifier.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any, cast
+
+import httpx
+import pytest
+from starlette.types import Receive, Scope, Send
+
+from agentauth.protocol import InvalidToken, Unauthenticated
+from agentauth.verifier import Verifier, VerifyIn, create_app
+from agentauth.verifier._http import VerifyFastPath
+
+AUTH = {"Authorization": "Basic " + base64.b64encode(b"prov_1:s3cret").decode()}
+BODY = {
+    "token": "t",
+    "proof": "p",
+    "method": "GET",
+    "url": "https://api.example/x",
+    "action": {"kind": "read", "resource": "things/1"},
+}
+ANSWER = {"decision": "allow", "reason": "ok", "audit_event": "c:1"}
+
+
+class StandIn:
+    """The two Verifier calls the verify route makes; raises what it is told to."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.fail = fail
+        self.calls: list[tuple[str, VerifyIn]] = []
+
+    async def authenticate_provider(self, provider_id: str, secret: str) -> str:
+        if (provider_id, secret) != ("prov_1", "s3cret"):
+            raise Unauthenticated("bad provider credential", reason="bad_provider_credential")
+        return provider_id
+
+    async def verify(self, provider_id: str, body: VerifyIn) -> dict[str, Any]:
+        self.calls.append((provider_id, body))
+        if self.fail is not None:
+            raise self.fail
+        return ANSWER
+
+
+def client(verifier: StandIn) -> httpx.AsyncClient:
+    # Serve mounts the app under its route prefix: the path keeps the prefix, root_path names it.
+    app = create_app(cast(Verifier, verifier))
+    transport = httpx.ASGITransport(app=app, root_path="/verifier")
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+async def post(verifier: StandIn, content: bytes, headers: dict[str, str]) -> httpx.Response:
+    async with client(verifier) as c:
+        return await c.post(
+            "/verifier/v1/verify",
+            content=content,
+            headers={**headers, "Content-Type": "application/json"},
+        )
+
+
+@pytest.mark.asyncio
+async def test_verify_is_answered_before_routing_and_other_paths_are_not() -> None:
+    reached: list[tuple[str, str]] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        reached.append((scope["method"], scope["path"]))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    stand_in = StandIn()
+    app = VerifyFastPath(inner, cast(Verifier, stand_in))
+    transport = httpx.ASGITransport(app=app, root_path="/verifier")
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        # No body parsed upstream (no BodyGuard here): the fast path still answers, 400.
+        r = await c.post("/verifier/v1/verify", headers=AUTH)
+        assert (r.status_code, r.json()["reason"]) == (400, "bad_json")
+        for method, path in (
+            ("GET", "/verifier/v1/verify"),
+            ("POST", "/verifier/v1/introspect"),
+            ("POST", "/verifier/v1/verify/x"),
+            ("GET", "/verifier/healthz"),
+        ):
+            assert (await c.request(method, path)).status_code == 204
+    assert reached == [
+        ("GET", "/verifier/v1/verify"),
+        ("POST", "/verifier/v1/introspect"),
+        ("POST", "/verifier/v1/verify/x"),
+        ("GET", "/verifier/healthz"),
+    ]
+
+
+@pytest.mark.asyncio
+async def test_allow_answer_is_the_verifiers_document() -> None:
+    stand_in = StandIn()
+    r = await post(stand_in, json.dumps(BODY).encode(), AUTH)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
+    assert int(r.headers["content-length"]) == len(r.content)
+    assert r.json() == ANSWER
+    assert stand_in.calls == [("prov_1", VerifyIn.model_validate(BODY))]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("content", "headers", "status", "reason"),
+    [
+        (json.dumps(BODY).encode(), {}, 401, "missing_credentials"),
+        (json.dumps(BODY).encode(), {"Authorization": "Basic !!"}, 401, "bad_provider_credential"),
+        (
+            json.dumps(BODY).encode(),
+            {"Authorization": "Basic " + base64.b64encode(b"prov_1:wrong").decode()},
+            401,
+            "bad_provider_credential",
+        ),
+        (b"", AUTH, 400, "bad_json"),
+        (b"{not json", AUTH, 400, "bad_json"),
+        (b'{"token": "a", "token": "b"}', AUTH, 400, "bad_json"),
+        (b"[1, 2]", AUTH, 400, "schema"),
+        (json.dumps({**BODY, "extra": 1}).encode(), AUTH, 400, "schema"),
+    ],
+)
+async def test_bad_calls_get_the_handlers_answers_and_reach_no_decision(
+    content: bytes, headers: dict[str, str], status: int, reason: str
+) -> None:
+    stand_in = StandIn()
+    r = await post(stand_in, content, headers)
+    assert r.status_code == status, r.text
+    assert r.json().get("reason") == reason, r.text
+    assert stand_in.calls == []
+
+
+@pytest.mark.asyncio
+async def test_schema_errors_name_the_failing_field() -> None:
+    r = await post(StandIn(), json.dumps({**BODY, "method": ""}).encode(), AUTH)
+    assert r.status_code == 400
+    assert [d["loc"] for d in r.json()["details"]] == [["method"]]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("fail", "status", "error"),
+    [
+        (InvalidToken("expired", reason="token_expired"), 401, "invalid_token"),
+        (OSError("connection refused"), 503, "temporarily_unavailable"),
+        (TimeoutError(), 503, "temporarily_unavailable"),
+        (RuntimeError("secret detail"), 500, "server_error"),
+    ],
+)
+async def test_failures_in_the_decision_map_to_coded_errors_without_details(
+    fail: Exception, status: int, error: str
+) -> None:
+    r = await post(StandIn(fail), json.dumps(BODY).encode(), AUTH)
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == error
+    assert "secret detail" not in r.text and "Traceback" not in r.text
