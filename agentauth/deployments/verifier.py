@@ -54,7 +54,8 @@ def shard_handles(settings: VerifierSettings) -> list[Any]:
 
 
 # No per-request access log: every decision is already an audit event on its shard's hash
-# chain, and Serve's log line cost about 5 % of a replica's CPU per verification (py-spy).
+# chain, and Serve's log line was about 5 % of a replica's py-spy samples (1 % remains: Serve
+# still builds the record that its filter then drops).
 @serve.deployment(
     name="verifier",
     ray_actor_options={"num_cpus": 0},
