@@ -27,6 +27,7 @@ from agentauth.protocol import (
     verify_receipt,
 )
 from agentauth.registry import RegistrySettings
+from agentauth.verifier._service import _grant_key
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.redis]
 
@@ -533,6 +534,9 @@ async def test_revocation_is_published_listed_and_stops_issuance(
 ) -> None:
     human, agent, provider, grant = await world.setup_grant()
     client = aioredis.Redis.from_url(redis_url)
+    # What a verifier's cache-aside lookup leaves behind for this grant.
+    cached = _grant_key(grant["id"])
+    await client.set(cached, b"active", ex=60)
     pubsub = client.pubsub()
     await pubsub.subscribe("agentauth:revocations")
     await pubsub.get_message(timeout=1.0)  # the subscribe confirmation
@@ -542,6 +546,7 @@ async def test_revocation_is_published_listed_and_stops_issuance(
         json={"kind": "grant", "target": grant["id"]},
     )
     assert r.status_code == 200
+    assert await client.exists(cached) == 0  # the revocation invalidated the cached status
     message = None
     for _ in range(20):
         message = await pubsub.get_message(timeout=0.5)

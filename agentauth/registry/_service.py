@@ -69,6 +69,8 @@ __all__ = ["Agent", "Registry"]
 log = logging.getLogger("agentauth.registry")
 
 REVOCATION_CHANNEL = "agentauth:revocations"
+# The verifier's Redis cache of a grant's status (cache-aside; verifier/_service.py).
+GRANT_CACHE_KEY = "agentauth:grant:{}"
 STEP_UP_TYPE = "agentauth.step-up.v1"
 
 
@@ -1247,10 +1249,14 @@ class Registry:
 
     async def _publish_revocation(self, kind: str, target: str) -> None:
         # Best effort: the row is committed; verifiers that miss the message reload the list.
+        # A revoked grant's cached status goes too, so no verifier refills its memory from
+        # a stale "active" (they deny on the revocation list first either way).
         try:
-            await self.redis.publish(
-                REVOCATION_CHANNEL, json.dumps({"kind": kind, "target": target})
-            )
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.publish(REVOCATION_CHANNEL, json.dumps({"kind": kind, "target": target}))
+            if kind == "grant":
+                pipe.delete(GRANT_CACHE_KEY.format(target))
+            await pipe.execute()
         except Exception:  # the revocations table is the durable channel
             log.warning("revocation %s:%s not published; verifiers will reload", kind, target)
 
