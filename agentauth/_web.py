@@ -35,7 +35,6 @@ __all__ = [
     "error_response",
     "install_error_handlers",
     "parsed_body",
-    "schema_error",
 ]
 
 # Where BodyGuard leaves the document it parsed, so a hot route need not parse it again.
@@ -126,7 +125,7 @@ async def _send_json(send: Send, exc: AgentAuthError) -> None:
     await send({"type": "http.response.body", "body": response.body})
 
 
-def schema_error(errors: Sequence[Any]) -> JSONResponse:
+def _schema_error(errors: Sequence[Any]) -> JSONResponse:
     """400 ``schema`` with the first failing fields (pydantic's ``errors()`` entries)."""
     details = [
         {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))}
@@ -144,7 +143,7 @@ def error_response(exc: Exception, log: logging.Logger) -> JSONResponse:
             log.warning("request failed: %s (%s)", exc.error, exc.description)
         return _error_response(exc)
     if isinstance(exc, RequestValidationError):
-        return schema_error(exc.errors())
+        return _schema_error(exc.errors())
     if isinstance(exc, ValidationError):
         return _error_response(InvalidRequest("invalid document", reason="schema"))
     if isinstance(exc, StarletteHTTPException):
