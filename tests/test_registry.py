@@ -27,7 +27,7 @@ from agentauth.protocol import (
     verify_receipt,
 )
 from agentauth.registry import RegistrySettings
-from agentauth.verifier._service import _grant_key
+from agentauth.store import grant_cache_key
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.redis]
 
@@ -535,7 +535,7 @@ async def test_revocation_is_published_listed_and_stops_issuance(
     human, agent, provider, grant = await world.setup_grant()
     client = aioredis.Redis.from_url(redis_url)
     # What a verifier's cache-aside lookup leaves behind for this grant.
-    cached = _grant_key(grant["id"])
+    cached = grant_cache_key(grant["id"])
     await client.set(cached, b"active", ex=60)
     pubsub = client.pubsub()
     await pubsub.subscribe("agentauth:revocations")

@@ -57,7 +57,7 @@ from ..protocol import (
 )
 from ..protocol._envelope import period_key
 from ..protocol._jws import attach_signature, signing_input
-from ..store import Conn
+from ..store import REVOCATION_CHANNEL, Conn, grant_cache_key
 from ..store import migrate as run_migrations
 from ._audit_log import AuditLog
 from ._keys import KeyManager
@@ -68,9 +68,6 @@ __all__ = ["Agent", "Registry"]
 
 log = logging.getLogger("agentauth.registry")
 
-REVOCATION_CHANNEL = "agentauth:revocations"
-# The verifier's Redis cache of a grant's status (cache-aside; verifier/_service.py).
-GRANT_CACHE_KEY = "agentauth:grant:{}"
 STEP_UP_TYPE = "agentauth.step-up.v1"
 
 
@@ -1255,7 +1252,7 @@ class Registry:
             pipe = self.redis.pipeline(transaction=False)
             pipe.publish(REVOCATION_CHANNEL, json.dumps({"kind": kind, "target": target}))
             if kind == "grant":
-                pipe.delete(GRANT_CACHE_KEY.format(target))
+                pipe.delete(grant_cache_key(target))
             await pipe.execute()
         except Exception:  # the revocations table is the durable channel
             log.warning("revocation %s:%s not published; verifiers will reload", kind, target)

@@ -2,8 +2,10 @@
 
 from ._embedded import EmbeddedPostgres, EmbeddedRedis
 from ._migrate import Conn, Migration, MigrationError, default_migrations_dir, discover, migrate
+from ._names import REVOCATION_CHANNEL, grant_cache_key
 
 __all__ = [
+    "REVOCATION_CHANNEL",
     "Conn",
     "EmbeddedPostgres",
     "EmbeddedRedis",
@@ -11,5 +13,6 @@ __all__ = [
     "MigrationError",
     "default_migrations_dir",
     "discover",
+    "grant_cache_key",
     "migrate",
 ]

@@ -44,11 +44,11 @@ from ..protocol import (
     UseDPoPNonce,
     allowing_capability,
 )
+from ..store import REVOCATION_CHANNEL, grant_cache_key
 
 __all__ = ["FAIL_CLOSED", "Verifier", "VerifierSettings", "VerifyIn"]
 
 log = logging.getLogger("agentauth.verifier")
-REVOCATION_CHANNEL = "agentauth:revocations"
 
 
 class VerifierSettings(BaseModel):
@@ -301,7 +301,7 @@ class Verifier:
     async def _grant_statuses(self, wanted: dict[str, list[asyncio.Future[bytes]]]) -> None:
         try:
             ids = list(wanted)
-            cached = await self.redis.mget([_grant_key(g) for g in ids])
+            cached = await self.redis.mget([grant_cache_key(g) for g in ids])
             status: dict[str, bytes | None] = {
                 g: v if isinstance(v, bytes) else None for g, v in zip(ids, cached, strict=True)
             }
@@ -316,7 +316,7 @@ class Verifier:
                 fill = self.redis.pipeline(transaction=False)
                 for grant_id in missing:
                     value = status[grant_id] = found.get(grant_id, b"absent")
-                    fill.set(_grant_key(grant_id), value, ex=self.settings.grant_cache_ttl)
+                    fill.set(grant_cache_key(grant_id), value, ex=self.settings.grant_cache_ttl)
                 # Filling the cache need not delay these answers, which PostgreSQL has given.
                 self._background(fill.execute(), "grant cache fill")
             for grant_id, futures in wanted.items():
@@ -459,10 +459,6 @@ class Verifier:
         except Exception:  # Redis or PostgreSQL unreachable: deny
             return _replace(check, deny="dependency_unavailable")
         return check
-
-
-def _grant_key(grant_id: str) -> str:
-    return f"agentauth:grant:{grant_id}"
 
 
 async def _reset(conn: asyncpg.Connection) -> None:
