@@ -549,7 +549,6 @@ def start_stack(
     from ray import serve
 
     from agentauth.deployments.registry import build_registry_app
-    from agentauth.deployments.verifier import build_verifier_app
     from agentauth.registry import RegistrySettings
     from agentauth.verifier import VerifierSettings
 
@@ -577,11 +576,7 @@ def start_stack(
         shards=SHARDS,
         **overrides,  # type: ignore[arg-type]
     )
-    serve.run(
-        build_verifier_app(verifier_settings, replicas=REPLICAS),
-        name="verifier",
-        route_prefix="/verifier",
-    )
+    deploy_verifier(verifier_settings)
     return Stack(
         port=port,
         db_url=db_url,
@@ -592,6 +587,20 @@ def start_stack(
         # (b) attaches to this Ray instance by address: "auto" would pick whichever Ray
         # instance on the machine started last.
         gcs_address=ray.get_runtime_context().gcs_address,
+    )
+
+
+def deploy_verifier(settings: Any) -> None:
+    """(a): the verifier application on the running Serve instance (its shards are
+    detached actors: a redeployment finds the same ones)."""
+    from ray import serve
+
+    from agentauth.deployments.verifier import build_verifier_app
+
+    serve.run(
+        build_verifier_app(settings, replicas=REPLICAS),
+        name="verifier",
+        route_prefix="/verifier",
     )
 
 
@@ -1084,19 +1093,11 @@ def measure(bench: Bench, loop: asyncio.AbstractEventLoop, registry: Any, workdi
 
 def start_column(bench: Bench, column: str, workdir: Path) -> None:
     """Bring up one column's verifier. (a) is deployed already for its first measurement."""
-    from ray import serve
-
-    from agentauth.deployments.verifier import build_verifier_app
-
     stack, world = bench.stack, bench.world
     auth = world.provider.headers["Authorization"]
     if column == "serve":
         if column in bench.targets:  # a later round: deploy it again
-            serve.run(
-                build_verifier_app(stack.verifier_settings, replicas=REPLICAS),
-                name="verifier",
-                route_prefix="/verifier",
-            )
+            deploy_verifier(stack.verifier_settings)
         bench.targets[column] = Target(
             column, f"http://127.0.0.1:{stack.port}/verifier/v1/verify", auth
         )
