@@ -108,7 +108,7 @@ def test_prune_keeps_live_proofs_and_catches_up_on_late_ones() -> None:
     assert state.decide(check("plain", iat=NOW), NOW).allowed
     # Between the two expiries nothing is dropped early: a replay of either is refused.
     state.prune(NOW + window + 1, idle_grants_after=600)
-    assert state.decide(check("ahead", iat=NOW + 5), NOW + window + 1).reason == ("replay_detected")
+    assert state.decide(check("ahead", iat=NOW + 5), NOW + window + 1).reason == "replay_detected"
     # Once the first has expired too, both go.
     state.prune(NOW + window + 6, idle_grants_after=600)
     assert not state.jtis

@@ -118,7 +118,8 @@ def create_app(verifier: Verifier) -> FastAPI:
         return {"status": "ok"}
 
     # VerifyFastPath answers this route before routing; the route stays for the OpenAPI
-    # document (its schema is VerifyIn) and answers the same way if reached.
+    # document (its schema is VerifyIn) and for Serve, which names a request's route for
+    # its metrics from the app's routes. It answers the same way if reached.
     @app.post(
         "/v1/verify",
         openapi_extra={
