@@ -6,6 +6,11 @@ or a plain script) they are no-ops, so the service code records unconditionally.
 
     agentauth_decisions_total{decision, reason}
     agentauth_verify_latency_seconds            histogram
+    agentauth_grant_lookup_seconds              histogram: one grant-status lookup (Redis,
+                                                then PostgreSQL for the misses)
+    agentauth_shard_call_seconds{shard}         histogram: one batch's round trip to its
+                                                shard (decide and audit commit included)
+    agentauth_audit_commit_seconds{shard}       histogram: one group commit of audit rows
     agentauth_cache_hits_total{cache} / agentauth_cache_misses_total{cache}
     agentauth_shard_queue_depth                 gauge
     agentauth_audit_lag_seconds                 gauge: age of the oldest event not yet
@@ -24,6 +29,10 @@ _LATENCY_BOUNDS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5
 _SPECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "decisions": ("counter", "agentauth_decisions_total", ("decision", "reason")),
     "verify_latency": ("histogram", "agentauth_verify_latency_seconds", ()),
+    # The stages of a verification's wait, so a slow p99 can be traced to its dependency.
+    "grant_lookup": ("histogram", "agentauth_grant_lookup_seconds", ()),
+    "shard_call": ("histogram", "agentauth_shard_call_seconds", ("shard",)),
+    "audit_commit": ("histogram", "agentauth_audit_commit_seconds", ("shard",)),
     "cache_hits": ("counter", "agentauth_cache_hits_total", ("cache",)),
     "cache_misses": ("counter", "agentauth_cache_misses_total", ("cache",)),
     "shard_queue_depth": ("gauge", "agentauth_shard_queue_depth", ()),

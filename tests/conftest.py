@@ -11,6 +11,7 @@ import asyncio
 import os
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,25 @@ def registry_base(registry_settings: Any) -> str:
     # Two replicas: every concurrency test crosses processes, as in production.
     app = build_registry_app(registry_settings, replicas=2)
     serve.run(app, name="registry", route_prefix="/registry")
+    _wait_out_replay_epoch(registry_settings.redis_url)
     return str(registry_settings.issuer)
+
+
+def _wait_out_replay_epoch(redis_url: str) -> None:
+    """A registry whose Redis began afresh refuses proofs issued up to its replay cache's
+    start plus the allowed clock skew (fail closed: it cannot know what it saw before).
+    Wait that out once, so a test run that starts with a token request does not fail."""
+    import redis
+
+    from agentauth.protocol import DPoPPolicy
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        epoch = client.get("agentauth:jti-epoch")
+    finally:
+        client.close()
+    if epoch is not None:
+        time.sleep(max(0.0, int(epoch) + DPoPPolicy().future_skew + 1 - time.time()))
 
 
 @pytest_asyncio.fixture(loop_scope="session")

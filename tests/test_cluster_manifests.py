@@ -56,6 +56,9 @@ DASHBOARD_METRICS = frozenset(
     {
         "ray_agentauth_decisions_total",
         "ray_agentauth_verify_latency_seconds_bucket",
+        "ray_agentauth_grant_lookup_seconds_bucket",
+        "ray_agentauth_shard_call_seconds_bucket",
+        "ray_agentauth_audit_commit_seconds_bucket",
         "ray_agentauth_cache_hits_total",
         "ray_agentauth_cache_misses_total",
         "ray_agentauth_shard_queue_depth",
@@ -65,7 +68,7 @@ DASHBOARD_METRICS = frozenset(
     }
 )
 # Labels the queries may group or filter by: the metrics' own tags, and the histogram's.
-DASHBOARD_LABELS = frozenset({"decision", "reason", "cache", "dependency", "le"})
+DASHBOARD_LABELS = frozenset({"decision", "reason", "cache", "dependency", "shard", "le"})
 
 # The oldest Kubernetes the chart declares (Chart.yaml kubeVersion) and the newest schema
 # kubernetes-validate ships; objects must be valid for both.

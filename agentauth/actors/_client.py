@@ -20,6 +20,7 @@ import logging
 import time
 from typing import Any
 
+from ..metrics import metric
 from ._shard import Result
 from ._state import Check
 from ._wire import Codec, decode_results, frame, read_frame
@@ -132,6 +133,7 @@ class ShardClient:
         # those calls answers (or the link is torn down).
         self._overrun = [0] * len(handles)
         self._watchers: set[asyncio.Task[None]] = set()
+        self._tags = [{"shard": str(i)} for i in range(len(handles))]
         self.batches = 0
         self.checks = 0
 
@@ -232,9 +234,11 @@ class ShardClient:
         results = [Result(False, "state_unavailable")] * len(items)
         try:
             link = await asyncio.wait_for(self._link(shard), self._timeout)
+            sent = time.perf_counter()
             call = link.send([c for c, _ in items])
             try:
                 rows = await asyncio.wait_for(asyncio.shield(call), self._timeout)
+                metric("shard_call").observe(time.perf_counter() - sent, self._tags[shard])
             except TimeoutError:
                 # The shard may still record these decisions; the clients get a deny.
                 results = [Result(False, "state_timeout")] * len(items)

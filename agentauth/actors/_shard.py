@@ -31,6 +31,7 @@ from typing import Any
 import asyncpg
 from asyncpg.exceptions import DivisionByZeroError, UniqueViolationError
 
+from ..metrics import metric
 from ..protocol import GENESIS_HASH, AuditEvent, Remaining, b64url_encode, leaf_hash
 from ._state import Check, Outcome, ShardState, usage_from_events, usage_to_json
 from ._wire import Codec, FrameTooLarge, encode_results, frame, read_frame
@@ -100,6 +101,7 @@ class StateShard:
         self.batches = 0
         self._last_prune = time.monotonic()
         self._decisions = 0
+        self._tags = {"shard": str(index)}
         # The data plane (see _wire.py): a TCP server started on first ask, and the token
         # a connection must present before it may send checks.
         self._server: asyncio.Server | None = None
@@ -234,7 +236,9 @@ class StateShard:
         outcomes = [self.state.decide(check, now) for check in checks]
         entries = self._chain(checks, outcomes, now)
         try:
+            began = time.perf_counter()
             await self._commit(conn, checks, outcomes, entries)
+            metric("audit_commit").observe(time.perf_counter() - began, self._tags)
         except Exception:
             log.warning("shard %s failed to commit its audit batch", self.index)
             await self._drop_connection()  # reconnect (and reload the head) next time

@@ -299,6 +299,7 @@ class Verifier:
         self._background(self._grant_statuses(wanted), "grant lookup")
 
     async def _grant_statuses(self, wanted: dict[str, list[asyncio.Future[bytes]]]) -> None:
+        began = time.perf_counter()
         try:
             ids = list(wanted)
             cached = await self.redis.mget([grant_cache_key(g) for g in ids])
@@ -319,6 +320,7 @@ class Verifier:
                     fill.set(grant_cache_key(grant_id), value, ex=self.settings.grant_cache_ttl)
                 # Filling the cache need not delay these answers, which PostgreSQL has given.
                 self._background(fill.execute(), "grant cache fill")
+            metric("grant_lookup").observe(time.perf_counter() - began)
             for grant_id, futures in wanted.items():
                 for future in futures:
                     if not future.done():
