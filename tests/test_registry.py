@@ -409,6 +409,36 @@ async def test_assertion_for_one_grant_cannot_approve_another(world: World) -> N
 
 
 @pytest.mark.asyncio
+async def test_signing_out_ends_that_session_only_and_at_once(world: World) -> None:
+    human = await world.human("Sam")
+    # A second session of the same human, as from another device.
+    r = await world.client.post(world.url("/v1/sessions/begin"))
+    r = await world.client.post(
+        world.url("/v1/sessions/finish"), json={"credential": human.authenticator.get(r.json())}
+    )
+    assert r.status_code == 200, r.text
+    other = {"Authorization": f"Bearer {r.json()['session']}"}
+    passkeys = world.url("/v1/passkeys")
+    assert (await world.client.get(passkeys, headers=human.headers)).status_code == 200
+
+    r = await world.client.delete(world.url("/v1/sessions/current"), headers=human.headers)
+    assert r.status_code == 200 and r.json() == {"signed_out": True}, r.text
+    r = await world.client.get(passkeys, headers=human.headers)
+    assert r.status_code == 401 and r.json()["reason"] == "bad_session", r.text
+    assert (await world.client.get(passkeys, headers=other)).status_code == 200
+
+    # Ending it again, or with no session, or as the admin, is refused with a code.
+    for headers, status, reason in (
+        (human.headers, 401, "bad_session"),
+        ({}, 401, "missing_session"),
+        (world.admin, 403, "wrong_caller"),
+    ):
+        r = await world.client.delete(world.url("/v1/sessions/current"), headers=headers)
+        assert (r.status_code, r.json()["reason"]) == (status, reason), r.text
+    assert (await world.client.get(passkeys, headers=other)).status_code == 200
+
+
+@pytest.mark.asyncio
 async def test_user_verification_is_required_by_policy(world: World) -> None:
     human = await world.human()
     agent = await world.agent(human)

@@ -9,6 +9,7 @@ save the README's screenshots into docs/images/.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from selenium import webdriver
@@ -142,6 +144,18 @@ def sign_up(page: Page, name: str) -> None:
     page.wait_text("Pending requests")
 
 
+def _live_registry_sessions(stack: Stack) -> int:
+    async def count() -> int:
+        conn = await asyncpg.connect(stack.settings.database_url)
+        try:
+            live = await conn.fetchval("SELECT count(*) FROM sessions WHERE expires_at > now()")
+            return int(live)
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
+
+
 def test_sign_up_sign_out_and_sign_in_with_the_passkey(page: Page, stack: Stack) -> None:
     page.open("/login")
     page.shot("ui-sign-in.png")
@@ -150,8 +164,11 @@ def test_sign_up_sign_out_and_sign_in_with_the_passkey(page: Page, stack: Stack)
     cookies = {c["name"]: c for c in page.driver.get_cookies()}
     session = cookies["agentauth_session"]
     assert session["httpOnly"] and session["sameSite"] == "Strict"
+    live = _live_registry_sessions(stack)
     page.click("Sign out")
     page.wait_text("I have a passkey")
+    # Signing out ended the registry session the page held, not only the page's cookie.
+    assert _live_registry_sessions(stack) == live - 1
     page.click("Sign in with a passkey")
     page.wait_text("Pending requests")
     # Signing in rotated the cookie: the pre-login id is not the session's.

@@ -179,6 +179,13 @@ def create_app(registry: Registry) -> FastAPI:
     async def login_finish(body: CredentialIn) -> dict[str, Any]:
         return await registry.login_finish(body.credential)
 
+    @app.delete("/v1/sessions/current", tags=["humans"])
+    async def logout(who: Human, request: Request) -> dict[str, bool]:
+        # `who` proved the bearer token is a live session of a human: that token ends.
+        _, _, token = request.headers["authorization"].partition(" ")
+        await registry.end_session(token.strip())
+        return {"signed_out": True}
+
     @app.get("/v1/passkeys", tags=["humans"])
     async def passkeys(who: Human) -> list[dict[str, Any]]:
         return await registry.list_passkeys(_p(who))

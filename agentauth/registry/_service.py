@@ -299,6 +299,11 @@ class Registry:
             raise Unauthenticated("the session is invalid or expired", reason="bad_session")
         return str(row["principal_id"])
 
+    async def end_session(self, token: str) -> None:
+        """Sign a human out: the session token stops working at once, on every replica
+        (sessions live in PostgreSQL, not in a replica's memory)."""
+        await self.pool.execute("DELETE FROM sessions WHERE token_hash = $1", _sha256(token))
+
     def is_admin(self, token: str | None) -> bool:
         return token is not None and hmac.compare_digest(
             _sha256(token), _sha256(self.settings.admin_token)

@@ -384,11 +384,18 @@ class Pages:
 
                 async def sign_out() -> None:
                     try:
-                        self._session(cookie_id)  # only the page's own browser signs out
+                        token = self._token(cookie_id)  # only the page's own browser signs out
                     except SignedOut:
                         pass
                     else:
                         self.store.sign_out(cookie_id)
+                        try:  # the registry's session ends too, not only this page's
+                            await self.registry.logout(token)
+                        except RegistryError as exc:
+                            log.warning(
+                                "could not end the registry session (%s); it ends at its expiry",
+                                exc.reason or exc.error,
+                            )
                     ui.navigate.to("/login")
 
                 labelled(

@@ -157,6 +157,9 @@ class RegistryClient:
         )
         return result
 
+    async def logout(self, token: str) -> None:
+        await self.call("DELETE", "/v1/sessions/current", token=token)
+
     async def passkeys(self, token: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = await self.call("GET", "/v1/passkeys", token=token)
         return result
