@@ -21,9 +21,13 @@ or a plain script) they are no-ops, so the service code records unconditionally.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["CounterBuffer", "metric"]
+__all__ = ["CounterBuffer", "increment", "metric", "observe", "set_gauge"]
+
+log = logging.getLogger("agentauth.metrics")
 
 _LATENCY_BOUNDS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0]
 _SPECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -79,6 +83,37 @@ def metric(name: str) -> Any:
     return made
 
 
+_failing: set[str] = set()
+
+
+def _safely(name: str, record: Callable[[Any], None]) -> None:
+    """Metrics decide nothing: callers record around work whose outcome is a decision (a
+    shard call, a commit, a lookup), and a failing metrics backend must not turn into a
+    deny, an error or a dead background task there. A failure is logged once per metric
+    and the observation dropped."""
+    try:
+        record(metric(name))
+    except Exception:
+        if name not in _failing:
+            _failing.add(name)
+            log.warning("metric %s could not be recorded; dropping its observations", name)
+
+
+def observe(name: str, value: float, tags: dict[str, str] | None = None) -> None:
+    """One observation of the named histogram (never raises)."""
+    _safely(name, lambda m: m.observe(value, tags))
+
+
+def set_gauge(name: str, value: float, tags: dict[str, str] | None = None) -> None:
+    """Set the named gauge (never raises)."""
+    _safely(name, lambda m: m.set(value, tags))
+
+
+def increment(name: str, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+    """Add to the named counter now (never raises); on hot paths, ``CounterBuffer``."""
+    _safely(name, lambda m: m.inc(value, tags))
+
+
 class CounterBuffer:
     """Counter increments summed in memory, handed to Ray by ``flush``.
 
@@ -99,4 +134,4 @@ class CounterBuffer:
     def flush(self) -> None:
         counts, self._counts = self._counts, {}
         for (name, tags), value in counts.items():
-            metric(name).inc(value, dict(tags) if tags else None)
+            increment(name, value, dict(tags) if tags else None)

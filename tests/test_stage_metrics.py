@@ -1,9 +1,9 @@
 """The stages a verification waits on are timed: grant lookup, shard call, audit commit.
 
 The verifier runs in-process over the session's real shard actors (the shard-side commit
-is timed by an in-process ``StateShard`` with a real PostgreSQL behind it), and the
-modules' ``metric`` is swapped for a recorder: Ray's metrics cannot be read back here
-without a Prometheus scrape.
+is timed by an in-process ``StateShard`` with a real PostgreSQL behind it), and
+``agentauth.metrics.metric`` is swapped for a recorder: Ray's metrics cannot be read back
+here without a Prometheus scrape.
 """
 
 from __future__ import annotations
@@ -51,19 +51,15 @@ class Recorder:
 
 @pytest.fixture
 def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
-    from agentauth.actors import _client, _shard
-    from agentauth.verifier import _service
+    from agentauth import metrics
 
     rec = Recorder()
-    for module in (_client, _shard, _service):
-        monkeypatch.setattr(module, "metric", rec)
+    monkeypatch.setattr(metrics, "metric", rec)
     return rec
 
 
-@pytest.mark.asyncio
-async def test_a_verification_times_its_grant_lookup_and_shard_call(
-    world: World, registry_settings: Any, recorder: Recorder
-) -> None:
+async def _verify_twice(world: World, registry_settings: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """Two verifications of one new grant's token through an in-process verifier."""
     from agentauth.deployments.verifier import shard_handles
     from agentauth.verifier import Verifier, create_app
 
@@ -73,6 +69,7 @@ async def test_a_verification_times_its_grant_lookup_and_shard_call(
     token = (await world.token(agent, grant["id"])).json()["access_token"]
     settings = verifier_settings(registry_settings)
     verifier = await Verifier.open(settings, shard_handles(settings))
+    answers = []
     try:
         for _ in range(100):  # until its revocation listener has subscribed
             if verifier.revocations.fresh():
@@ -92,9 +89,45 @@ async def test_a_verification_times_its_grant_lookup_and_shard_call(
                     "action": {"kind": "read", "resource": "things/1"},
                 }
                 r = await client.post("/v1/verify", headers=provider.headers, json=body)
-                assert r.json()["decision"] == "allow", r.text
+                assert r.status_code == 200, r.text
+                answers.append(r.json())
     finally:
         await verifier.close()
+    return settings, answers
+
+
+async def _three_checks_on_a_new_shard(database_url: str, index: int) -> list[Any]:
+    from agentauth.actors import Check, StateShard
+
+    envelope = Envelope.model_validate({"rate_limits": [{"max_count": 10, "window_seconds": 60}]})
+    shard = StateShard(index=index, database_url=database_url)
+    try:
+        return await shard.check_batch(
+            [
+                Check(
+                    agent_id="agt_stage",
+                    provider_id="prov_stage",
+                    grant_id=f"grt_stage_{index}",
+                    jkt="k" * 43,
+                    jti=secrets.token_urlsafe(12),
+                    iat=time.time(),
+                    action=Action(kind="read", resource="things/1"),
+                    envelope=envelope,
+                    token_jti="tok",
+                )
+                for _ in range(3)
+            ]
+        )
+    finally:
+        await shard.close()
+
+
+@pytest.mark.asyncio
+async def test_a_verification_times_its_grant_lookup_and_shard_call(
+    world: World, registry_settings: Any, recorder: Recorder
+) -> None:
+    settings, answers = await _verify_twice(world, registry_settings)
+    assert [a["decision"] for a in answers] == ["allow", "allow"], answers
     # The grant was new to this verifier: one lookup; the second request found it in the
     # verifier's memory and looked nothing up.
     lookups = recorder.of("grant_lookup")
@@ -115,30 +148,38 @@ async def test_a_verification_times_its_grant_lookup_and_shard_call(
 async def test_a_shard_times_each_audit_commit(
     migrated_database_url: str, recorder: Recorder
 ) -> None:
-    from agentauth.actors import Check, StateShard
+    results = await _three_checks_on_a_new_shard(migrated_database_url, 703)
+    assert [(r.allowed, r.reason) for r in results] == [(True, "ok")] * 3
+    commits = recorder.of("audit_commit")
+    assert len(commits) == 1  # three decisions, one group commit
+    assert 0 < commits[0][0] < 2.0 and commits[0][1] == {"shard": "703"}
 
-    shard = StateShard(index=703, database_url=migrated_database_url)
-    try:
-        checks = [
-            Check(
-                agent_id="agt_stage",
-                provider_id="prov_stage",
-                grant_id="grt_stage",
-                jkt="k" * 43,
-                jti=secrets.token_urlsafe(12),
-                iat=time.time(),
-                action=Action(kind="read", resource="things/1"),
-                envelope=Envelope.model_validate(
-                    {"rate_limits": [{"max_count": 10, "window_seconds": 60}]}
-                ),
-                token_jti="tok",
-            )
-            for _ in range(3)
-        ]
-        results = await shard.check_batch(checks)
-        assert [(r.allowed, r.reason) for r in results] == [(True, "ok")] * 3
-        commits = recorder.of("audit_commit")
-        assert len(commits) == 1  # three decisions, one group commit
-        assert 0 < commits[0][0] < 2.0 and commits[0][1] == {"shard": "703"}
-    finally:
-        await shard.close()
+
+@pytest.mark.asyncio
+async def test_a_failing_metrics_backend_changes_no_decision(
+    world: World,
+    registry_settings: Any,
+    migrated_database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from agentauth import metrics
+
+    def broken(name: str) -> Any:
+        raise RuntimeError("metrics backend down")
+
+    monkeypatch.setattr(metrics, "metric", broken)
+    monkeypatch.setattr(metrics, "_failing", set())
+    # Every timed stage fails to record: the lookup, the shard calls, the commit.
+    _, answers = await _verify_twice(world, registry_settings)
+    assert [(a["decision"], a["reason"]) for a in answers] == [("allow", "ok")] * 2
+    results = await _three_checks_on_a_new_shard(migrated_database_url, 704)
+    assert [(r.allowed, r.reason) for r in results] == [(True, "ok")] * 3
+    # Said once per metric, not once per observation (the verifier's buffered counters,
+    # flushed on close, fail too).
+    warned = [r.getMessage() for r in caplog.records if r.name == "agentauth.metrics"]
+    assert len(warned) == len(set(warned))
+    assert {
+        f"metric {name} could not be recorded; dropping its observations"
+        for name in ("grant_lookup", "shard_call", "verify_latency", "audit_commit", "decisions")
+    } <= set(warned)

@@ -20,7 +20,7 @@ import logging
 import time
 from typing import Any
 
-from ..metrics import metric
+from ..metrics import observe
 from ._shard import Result
 from ._state import Check
 from ._wire import Codec, decode_results, frame, read_frame
@@ -238,7 +238,7 @@ class ShardClient:
             call = link.send([c for c, _ in items])
             try:
                 rows = await asyncio.wait_for(asyncio.shield(call), self._timeout)
-                metric("shard_call").observe(time.perf_counter() - sent, self._tags[shard])
+                observe("shard_call", time.perf_counter() - sent, self._tags[shard])
             except TimeoutError:
                 # The shard may still record these decisions; the clients get a deny.
                 results = [Result(False, "state_timeout")] * len(items)

@@ -31,7 +31,7 @@ from typing import Any
 import asyncpg
 from asyncpg.exceptions import DivisionByZeroError, UniqueViolationError
 
-from ..metrics import metric
+from ..metrics import observe
 from ..protocol import GENESIS_HASH, AuditEvent, Remaining, b64url_encode, leaf_hash
 from ._state import Check, Outcome, ShardState, usage_from_events, usage_to_json
 from ._wire import Codec, FrameTooLarge, encode_results, frame, read_frame
@@ -238,7 +238,7 @@ class StateShard:
         try:
             began = time.perf_counter()
             await self._commit(conn, checks, outcomes, entries)
-            metric("audit_commit").observe(time.perf_counter() - began, self._tags)
+            observe("audit_commit", time.perf_counter() - began, self._tags)
         except Exception:
             log.warning("shard %s failed to commit its audit batch", self.index)
             await self._drop_connection()  # reconnect (and reload the head) next time

@@ -32,7 +32,7 @@ from webauthn.helpers.structs import (
     UserVerificationRequirement,
 )
 
-from ..metrics import metric
+from ..metrics import increment, set_gauge
 from ..protocol import (
     ApprovalReceipt,
     Conflict,
@@ -207,7 +207,7 @@ class Registry:
             " e.seq = (SELECT coalesce(max(c.size), 0) FROM audit_checkpoints c"
             " WHERE c.chain = h.chain))) FROM audit_heads h"
         )
-        metric("audit_lag").set(0.0 if oldest is None else max(0.0, time.time() - oldest / 1000))
+        set_gauge("audit_lag", 0.0 if oldest is None else max(0.0, time.time() - oldest / 1000))
         signer = await self.keys.signer(time.time())
         made = []
         async with self.pool.acquire() as conn:
@@ -1185,7 +1185,7 @@ class Registry:
                 grant_id=grant_id,
                 data={"kid": signer.kid, "exp": claims["exp"]},
             )
-        metric("tokens_issued").inc()
+        increment("tokens_issued")
         return {
             "access_token": token,
             "token_type": "DPoP",

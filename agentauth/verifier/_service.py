@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..actors import Check, ShardClient, shard_for
-from ..metrics import CounterBuffer, metric
+from ..metrics import CounterBuffer, observe, set_gauge
 from ..protocol import (
     AccessToken,
     AccessTokenVerifier,
@@ -320,7 +320,7 @@ class Verifier:
                     fill.set(grant_cache_key(grant_id), value, ex=self.settings.grant_cache_ttl)
                 # Filling the cache need not delay these answers, which PostgreSQL has given.
                 self._background(fill.execute(), "grant cache fill")
-            metric("grant_lookup").observe(time.perf_counter() - began)
+            observe("grant_lookup", time.perf_counter() - began)
             for grant_id, futures in wanted.items():
                 for future in futures:
                     if not future.done():
@@ -368,7 +368,7 @@ class Verifier:
         started = time.perf_counter()
         hits, misses = self.tokens.cache_hits, self.tokens.cache_misses
         answer = await self._verify(provider_id, body)
-        metric("verify_latency").observe(time.perf_counter() - started)
+        observe("verify_latency", time.perf_counter() - started)
         counters = self.counters
         counters.inc("decisions", {"decision": answer["decision"], "reason": answer["reason"]})
         if self.tokens.cache_hits > hits:
@@ -385,7 +385,7 @@ class Verifier:
         while True:
             await asyncio.sleep(1.0)
             self.counters.flush()
-            metric("shard_queue_depth").set(float(self.shards.queue_depth()))
+            set_gauge("shard_queue_depth", float(self.shards.queue_depth()))
 
     async def _verify(self, provider_id: str, body: VerifyIn) -> dict[str, Any]:
         provider = self._providers[provider_id]
