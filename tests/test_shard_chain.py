@@ -1,9 +1,10 @@
-"""A shard is its chain's only writer: a second writer on the same chain is caught.
+"""A shard is its chain's only writer, and its answers are what its chain says.
 
 Two incarnations of one shard can overlap (a zombie actor during a restart, a second
 cluster pointed at the same database during an upgrade). Whichever commits second must
 fail, write nothing, and come back as a new incarnation would: refusing every proof the
-other one may have accepted.
+other one may have accepted. And once a batch is committed, its clients get the committed
+decisions, whatever fails after the commit.
 """
 
 from __future__ import annotations
@@ -75,3 +76,28 @@ async def test_a_second_writer_on_the_chain_is_caught(database_url: str) -> None
     finally:
         await first.close()
         await second.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_committed_decisions_are_answered_even_if_upkeep_fails(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    shard = StateShard(index=705, database_url=database_url)
+
+    def broken(now: float, *, idle_grants_after: float) -> None:
+        raise RuntimeError("prune bug")
+
+    monkeypatch.setattr(shard.state, "prune", broken)
+    shard._last_prune = 0.0  # due now, after this batch's commit
+    try:
+        results = await shard.check_batch([_check(f"u{i}", time.time()) for i in range(2)])
+        # The chain holds two allows: the clients get exactly those.
+        assert [(r.allowed, r.reason) for r in results] == [(True, "ok")] * 2
+        assert [r.audit_event for r in results] == ["verifier-705:0", "verifier-705:1"]
+        assert "shard 705 failed to prune its state" in caplog.text
+        # The next batch is not retried into the same failure (nor denied by it).
+        [later] = await shard.check_batch([_check("u2", time.time())])
+        assert (later.allowed, later.reason) == (True, "ok")
+    finally:
+        await shard.close()

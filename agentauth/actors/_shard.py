@@ -246,8 +246,14 @@ class StateShard:
         self._decisions += len(checks)
         self.batches += 1
         if time.monotonic() - self._last_prune > 5.0:
-            self.state.prune(now, idle_grants_after=self._idle_grants_after)
             self._last_prune = time.monotonic()
+            try:
+                self.state.prune(now, idle_grants_after=self._idle_grants_after)
+            except Exception:
+                # These decisions are committed: answering them as failed would leave
+                # allows in the audit chain that no client received. Pruning is upkeep
+                # (memory), so a failure costs memory until the next try, not decisions.
+                log.exception("shard %s failed to prune its state", self.index)
         return [
             Result(
                 o.allowed,
