@@ -69,6 +69,12 @@ def htu_of(request: Request) -> str:
     return _registry(request).settings.issuer.rstrip("/") + path
 
 
+def _authorization(request: Request) -> tuple[str, str]:
+    """The Authorization header as (scheme in lower case, credentials)."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower(), value.strip()
+
+
 async def caller(request: Request) -> Caller:
     registry = _registry(request)
     proofs = request.headers.getlist("dpop")
@@ -79,9 +85,8 @@ async def caller(request: Request) -> Caller:
             proof=proofs[0], htm=request.method, htu=htu_of(request)
         )
         return Caller(agent=agent)
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    value = value.strip()
-    if scheme.lower() == "basic":
+    scheme, value = _authorization(request)
+    if scheme == "basic":
         try:
             decoded = base64.b64decode(value, validate=True).decode()
         except (binascii.Error, UnicodeDecodeError):
@@ -90,7 +95,7 @@ async def caller(request: Request) -> Caller:
             ) from None
         provider_id, _, secret = decoded.partition(":")
         return Caller(provider_id=await registry.authenticate_provider(provider_id, secret))
-    token = value if scheme.lower() == "bearer" and value else None
+    token = value if scheme == "bearer" and value else None
     if token is not None and registry.is_admin(token):
         return Caller(admin=True)
     return Caller(principal_id=await registry.authenticate_session(token))
@@ -182,8 +187,7 @@ def create_app(registry: Registry) -> FastAPI:
     @app.delete("/v1/sessions/current", tags=["humans"])
     async def logout(who: Human, request: Request) -> dict[str, bool]:
         # `who` proved the bearer token is a live session of a human: that token ends.
-        _, _, token = request.headers["authorization"].partition(" ")
-        await registry.end_session(token.strip())
+        await registry.end_session(_authorization(request)[1])
         return {"signed_out": True}
 
     @app.get("/v1/passkeys", tags=["humans"])
