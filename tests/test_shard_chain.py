@@ -9,6 +9,8 @@ decisions, whatever fails after the commit.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 
 import asyncpg
@@ -34,12 +36,12 @@ def _check(jti: str, iat: float) -> Check:
     )
 
 
-async def _events(database_url: str) -> list[tuple[int, str]]:
+async def _events(database_url: str, index: int = INDEX) -> list[tuple[int, str]]:
     conn = await asyncpg.connect(database_url)
     try:
         rows = await conn.fetch(
             "SELECT seq, body FROM audit_events WHERE chain = $1 ORDER BY seq",
-            f"verifier-{INDEX}",
+            f"verifier-{index}",
         )
     finally:
         await conn.close()
@@ -99,5 +101,55 @@ async def test_committed_decisions_are_answered_even_if_upkeep_fails(
         # The next batch is not retried into the same failure (nor denied by it).
         [later] = await shard.check_batch([_check("u2", time.time())])
         assert (later.allowed, later.reason) == (True, "ok")
+    finally:
+        await shard.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_void_records_an_allow_that_reached_no_client(database_url: str) -> None:
+    """A replica whose call overran answered ``state_timeout``; the shard had allowed. The
+    void puts the answer given next to the allow; what the allow reserved stays spent."""
+    shard = StateShard(index=706, database_url=database_url)
+    now = time.time()
+
+    def mine(jti: str, iat: float) -> Check:  # a grant of its own: usage is rebuilt per grant
+        return dataclasses.replace(_check(jti, iat), grant_id="grt_void")
+
+    try:
+        [allowed] = await shard.check_batch([mine("v1", now)])
+        assert allowed.audit_event == "verifier-706:0"
+
+        def void(event_id: str) -> Check:
+            return dataclasses.replace(
+                mine("v1", now), deny="state_timeout", voids=event_id, jkt=None, jti=None
+            )
+
+        # Only events already on this chain can be voided.
+        results = await shard.check_batch(
+            [void("verifier-706:0"), void("verifier-705:0"), void("verifier-706:7")]
+        )
+        assert [(r.allowed, r.reason) for r in results] == [
+            (False, "state_timeout"),
+            (False, "malformed_check"),
+            (False, "malformed_check"),
+        ]
+        bodies = [json.loads(body) for _, body in await _events(database_url, 706)]
+        assert [b["event"] for b in bodies] == [
+            "verify.allow",
+            "verify.void",
+            "verify.deny",
+            "verify.deny",
+        ]
+        assert bodies[1]["data"]["voids"] == "verifier-706:0"
+        assert bodies[1]["data"]["reason"] == "state_timeout"
+        assert bodies[1]["data"]["grant_id"] == "grt_void"
+        assert "voids" not in bodies[2]["data"] and "voids" not in bodies[3]["data"]
+
+        # The proof stays spent, and the allow's use of the rate limit stays counted.
+        [replayed] = await shard.check_batch([mine("v1", now)])
+        assert replayed.reason == "replay_detected"
+        [fresh] = await shard.check_batch([mine("v2", time.time())])
+        assert fresh.remaining is not None and fresh.remaining["rate"] == [98]
     finally:
         await shard.close()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 import time
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -57,6 +59,7 @@ def test_checks_round_trip() -> None:
         _check(),
         _check(step_up_ref="ref-1", step_up_valid=True),
         _check(action=None, envelope=None, grant_id=None, jkt=None, jti=None, deny="revoked"),
+        _check(envelope=None, jkt=None, jti=None, deny="state_timeout", voids="verifier-3:41"),
     ]
     sender, receiver = Codec(), Codec()
     request_id, decoded = receiver.decode_checks(_payload(sender.encode_checks(7, checks)))
@@ -65,6 +68,13 @@ def test_checks_round_trip() -> None:
     # The second time, the receiver serves the same parsed envelope from its cache.
     _, again = receiver.decode_checks(_payload(sender.encode_checks(8, checks[:1])))
     assert again[0].envelope is decoded[0].envelope
+
+
+def test_a_replica_from_before_voids_is_understood() -> None:
+    """Mid-upgrade, a replica sends 12 columns (no ``voids``); the shard takes them."""
+    row = ("a", "p", "g", "k", "j", 1.0, None, None, None, False, "t", "revoked")
+    [check] = Codec().decode_checks(msgpack.packb((1, [row])))[1]
+    assert (check.deny, check.voids) == ("revoked", None)
 
 
 def _row(**changes: Any) -> list[Any]:
@@ -82,6 +92,8 @@ def _row(**changes: Any) -> list[Any]:
         msgpack.packb((1, 2, 3)),
         msgpack.packb(("1", [])),
         msgpack.packb((1, [["a"] * 11])),  # a check of the wrong arity
+        msgpack.packb((1, [[*_row(), None, None]])),  # ... either way
+        msgpack.packb((1, [[*_row(), "verifier-0:1"]])),  # a void without the answer given
         msgpack.packb((1, [_row(f0=1)])),  # agent id not text
         msgpack.packb((1, [_row(f5="now")])),  # iat not a number
         msgpack.packb((1, [_row(f6='{"kind":"fly"}')])),  # not an action
@@ -231,3 +243,138 @@ async def test_a_stuck_shard_is_denied_fast_and_not_flooded() -> None:
         client.close()
         server.close()
         await server.wait_closed()
+
+
+Answer = Callable[[int, list[Check]], tuple[float, list[tuple[Any, ...]]]]
+
+
+class _FakeShard:
+    """A shard's wire end in its own thread and event loop, so it answers while the
+    test's loop is blocked. ``answer(n, checks)`` gives the delay and the rows of the
+    n-th batch; every batch received is kept. With ``hold``, it answers only once ``go``
+    is set."""
+
+    def __init__(self, answer: Answer, *, hold: bool = False) -> None:
+        self._hold = hold
+        self.token = secrets.token_bytes(32)
+        self.batches: list[list[Check]] = []
+        self.received = threading.Event()
+        self.go = threading.Event()
+        self._answer = answer
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _FakeShard:
+        self._thread.start()
+        assert self._ready.wait(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+        server.close()
+        for task in asyncio.all_tasks(self._loop):
+            task.cancel()
+        self._loop.run_until_complete(asyncio.sleep(0.01))
+        self._loop.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        codec = Codec()
+        try:
+            if await read_frame(reader) != self.token:
+                return
+            writer.write(frame(b"ok"))
+            while True:
+                request_id, checks = codec.decode_checks(await read_frame(reader))
+                self.batches.append(checks)
+                self.received.set()
+                delay, rows = self._answer(len(self.batches) - 1, checks)
+                if self._hold:
+                    await asyncio.get_running_loop().run_in_executor(None, self.go.wait, 5)
+                if delay:
+                    await asyncio.sleep(delay)
+                writer.write(frame(msgpack.packb((request_id, rows))))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def _allow(seq: int) -> tuple[Any, ...]:
+    return (True, "ok", None, None, f"verifier-9:{seq}")
+
+
+@pytest.mark.asyncio
+async def test_an_answer_in_before_a_busy_loop_sees_it_is_not_a_timeout() -> None:
+    """The loop stalls past the call's deadline while the answer comes in: when it runs
+    again the timer and the answer are both due. The answer is the shard's committed
+    decision, so the client gets it, not ``state_timeout`` (the chain holds an allow)."""
+    from agentauth.actors import ShardClient
+
+    with _FakeShard(lambda n, checks: (0.0, [_allow(n)]), hold=True) as fake:
+        client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=0.05)
+        try:
+            await client.connect()
+            pending = asyncio.ensure_future(client.check(0, _check()))
+            while not fake.received.is_set():
+                await asyncio.sleep(0.001)
+            fake.go.set()  # it answers now, while ...
+            time.sleep(0.2)  # ... this loop is blocked: a long callback, a descheduled process
+            result = await pending
+            assert (result.allowed, result.reason, result.audit_event) == (
+                True,
+                "ok",
+                "verifier-9:0",
+            )
+        finally:
+            client.close()
+
+
+@pytest.mark.asyncio
+async def test_an_allow_that_came_too_late_is_marked_void_on_the_chain(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first call overruns: both clients are answered ``state_timeout``. When the
+    shard's answer comes (an allow and a deny), the client records on the chain that the
+    allow reached nobody; the deny needs nothing."""
+    from agentauth.actors import ShardClient
+
+    def answer(n: int, checks: list[Check]) -> tuple[float, list[tuple[Any, ...]]]:
+        if n == 0:
+            return 0.3, [_allow(0), (False, "replay_detected", None, None, "verifier-9:1")]
+        return 0.0, [(False, c.deny, None, None, f"verifier-9:{n + 1}") for c in checks]
+
+    with _FakeShard(answer) as fake:
+        client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=0.05)
+        try:
+            await client.connect()
+            first, second = _check(), _check()
+            results = await asyncio.gather(client.check(0, first), client.check(0, second))
+            assert {(r.allowed, r.reason) for r in results} == {(False, "state_timeout")}
+            deadline = time.monotonic() + 3
+            while len(fake.batches) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)  # the void's own answer
+            assert len(fake.batches) == 2
+            [void] = fake.batches[1]
+            assert (void.deny, void.voids) == ("state_timeout", "verifier-9:0")
+            assert (void.agent_id, void.provider_id, void.grant_id, void.token_jti) == (
+                first.agent_id,
+                first.provider_id,
+                first.grant_id,
+                first.token_jti,
+            )
+            assert void.action == first.action
+            # Nothing that could be decided again travels with it.
+            assert (void.jkt, void.jti, void.envelope) == (None, None, None)
+            assert "not marked void" not in caplog.text
+        finally:
+            client.close()

@@ -420,3 +420,39 @@ async def test_grant_usage_reflects_committed_decisions(vworld: World) -> None:
         vworld.url(f"/v1/grants/{s.grant['id']}/usage"), headers=other.headers
     )
     assert r.status_code == 404
+
+
+@pytest.mark.asyncio
+async def test_grant_usage_shows_a_voided_allow_as_the_deny_its_provider_got(
+    vworld: World,
+) -> None:
+    """An allow whose provider was answered ``state_timeout`` (its shard call overran) gets
+    a ``verify.void`` on the chain: the series shows what the provider was told, while
+    the limits still count what the allow reserved, as the shard does."""
+    import ray
+
+    from agentauth.actors import Check
+
+    s = await setup(vworld, envelope={"rate_limits": [{"max_count": 10, "window_seconds": 3600}]})
+    first, second = [await verify(vworld, s.provider, request_body(s, READ)) for _ in range(2)]
+    assert first["decision"] == second["decision"] == "allow"
+    chain = first["audit_event"].rsplit(":", 1)[0]
+    shard = ray.get_actor(f"agentauth-shard-{chain.removeprefix('verifier-')}", "agentauth")
+    # What a replica sends when that answer comes back too late (ShardClient._void).
+    void = Check(
+        agent_id=s.agent.id,
+        provider_id=s.provider.id,
+        grant_id=s.grant["id"],
+        deny="state_timeout",
+        voids=first["audit_event"],
+    )
+    [recorded] = await shard.check_batch.remote([void])
+    assert (recorded.allowed, recorded.reason) == (False, "state_timeout")
+    assert recorded.audit_event.startswith(chain + ":")
+    r = await vworld.client.get(
+        vworld.url(f"/v1/grants/{s.grant['id']}/usage"), headers=s.human.headers
+    )
+    usage = r.json()
+    assert usage["rate"] == [{"max_count": 10, "window_seconds": 3600, "used": 2}]
+    series = usage["series"]
+    assert (sum(b["allow"] for b in series), sum(b["deny"] for b in series)) == (1, 1)

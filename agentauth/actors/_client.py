@@ -15,6 +15,7 @@ turns into a deny, never into a hang or an allow.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -236,19 +237,23 @@ class ShardClient:
             link = await asyncio.wait_for(self._link(shard), self._timeout)
             sent = time.perf_counter()
             call = link.send([c for c, _ in items])
+            rows: list[Row] | None
             try:
                 rows = await asyncio.wait_for(asyncio.shield(call), self._timeout)
-                observe("shard_call", time.perf_counter() - sent, self._tags[shard])
             except TimeoutError:
-                # The shard may still record these decisions; the clients get a deny.
-                results = [Result(False, "state_timeout")] * len(items)
-                self._overrun[shard] += 1
-                watcher = asyncio.get_running_loop().create_task(
-                    self._await_overrun(shard, link, call)
-                )
-                self._watchers.add(watcher)
-                watcher.add_done_callback(self._watchers.discard)
-                return
+                rows = await _arrived(call)
+                if rows is None:
+                    # The shard may still record these decisions: the clients get a deny,
+                    # and any allow among them is marked void on the chain once it comes.
+                    results = [Result(False, "state_timeout")] * len(items)
+                    self._overrun[shard] += 1
+                    watcher = asyncio.get_running_loop().create_task(
+                        self._await_overrun(shard, link, call, items)
+                    )
+                    self._watchers.add(watcher)
+                    watcher.add_done_callback(self._watchers.discard)
+                    return
+            observe("shard_call", time.perf_counter() - sent, self._tags[shard])
             if len(rows) == len(items):
                 results = [Result(row[0] is True, row[1], row[2], row[3], row[4]) for row in rows]
         except Exception:  # dead, restarting or unreachable: deny, never allow
@@ -262,14 +267,58 @@ class ShardClient:
                 self._flush(shard)  # what queued up meanwhile leaves now, as one call
 
     async def _await_overrun(
-        self, shard: int, link: _Link, call: asyncio.Future[list[Row]]
+        self,
+        shard: int,
+        link: _Link,
+        call: asyncio.Future[list[Row]],
+        items: list[tuple[Check, asyncio.Future[Result]]],
     ) -> None:
         """Wait out a call that overran: the shard is healthy again once it answers; a link
         silent for ``call_timeout`` is torn down (the next check finds the shard afresh)."""
         try:
-            await asyncio.wait_for(call, self._call_timeout)
+            rows = await asyncio.wait_for(call, self._call_timeout)
             self._overrun[shard] = 0  # it answers: whatever else is out will follow
         except Exception:
             link.close()
             log.warning("shard %s did not answer for %.0f s", shard, self._call_timeout)
             self._overrun[shard] = max(0, self._overrun[shard] - 1)
+            return
+        if len(rows) == len(items):
+            checks = [check for check, _ in items]
+            await self._void(shard, list(zip(checks, rows, strict=True)))
+
+    async def _void(self, shard: int, answered: list[tuple[Check, Row]]) -> None:
+        """Record on the chain that these allows reached no client (each was answered
+        ``state_timeout``), so the chain says what the provider was told. What the allow
+        reserved stays reserved: a proof is single-use, and spend is not handed back for a
+        request whose fate the provider may not know either."""
+        voids = [
+            dataclasses.replace(
+                check, deny="state_timeout", voids=row[4], jkt=None, jti=None, envelope=None
+            )
+            for check, row in answered
+            if row[0] is True and isinstance(row[4], str)
+        ]
+        if not voids:
+            return
+        results = await asyncio.gather(*(self.check(shard, void) for void in voids))
+        lost = [v.voids for v, r in zip(voids, results, strict=True) if r.audit_event is None]
+        if lost:
+            log.warning(
+                "shard %s: allows answered state_timeout but not marked void: %s",
+                shard,
+                ", ".join(str(event) for event in lost),
+            )
+
+
+async def _arrived(call: asyncio.Future[list[Row]]) -> list[Row] | None:
+    """The answer, if it is in already though its deadline passed: after a stall of this
+    event loop (a long callback, a descheduled process) the timer and the answer are due
+    together, and the timer may run first. One turn lets the link's reader take what the
+    socket holds. An answer that came is the shard's committed decision: using it is
+    neither late for the client (that time is spent) nor a second decision."""
+    if not call.done():
+        await asyncio.sleep(0)
+    if call.done() and not call.cancelled() and call.exception() is None:
+        return call.result()
+    return None

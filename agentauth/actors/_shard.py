@@ -233,7 +233,12 @@ class StateShard:
         except Exception:  # database unreachable: nothing can be recorded, so deny all
             log.warning("shard %s cannot reach the database", self.index)
             return [Result(False, "audit_unavailable") for _ in checks]
-        outcomes = [self.state.decide(check, now) for check in checks]
+        outcomes = [
+            self.state.decide(check, now)
+            if check.voids is None or self._voidable(check.voids)
+            else Outcome(False, "malformed_check")
+            for check in checks
+        ]
         entries = self._chain(checks, outcomes, now)
         try:
             began = time.perf_counter()
@@ -313,6 +318,13 @@ class StateShard:
                 grant_id, usage_from_events(spend.get(grant_id), recent[grant_id]), now
             )
 
+    def _voidable(self, event_id: str) -> bool:
+        """Whether ``event_id`` names an event already on this shard's chain. (Only a
+        replica holding the link's token can send a void, and a void takes nothing back:
+        this keeps a confused one from writing voids that point nowhere.)"""
+        chain, _, seq = event_id.rpartition(":")
+        return chain == self.chain and seq.isascii() and seq.isdigit() and int(seq) < self._size
+
     def _chain(self, checks: list[Check], outcomes: list[Outcome], now: float) -> list[_Entry]:
         entries = []
         size, head = self._size, self._head
@@ -329,6 +341,9 @@ class StateShard:
                 data["step_up_ref"] = check.step_up_ref
             if outcome.allowed and outcome.usage is not None:
                 data["usage"] = usage_to_json(outcome.usage)
+            void = check.voids is not None and self._voidable(check.voids)
+            if void:
+                data["voids"] = check.voids
             # Built without re-validation: every field is this shard's own or was validated
             # on its way in, and canonical_bytes() still refuses data JSON cannot carry.
             event = AuditEvent.model_construct(
@@ -336,7 +351,9 @@ class StateShard:
                 seq=size,
                 prev=b64url_encode(head),
                 time_ms=time_ms,
-                event="verify.allow" if outcome.allowed else "verify.deny",
+                event=(
+                    "verify.void" if void else "verify.allow" if outcome.allowed else "verify.deny"
+                ),
                 actor=f"provider:{check.provider_id}",
                 subject=f"agent:{check.agent_id}",
                 data=data,

@@ -23,7 +23,9 @@ class Check:
     """The stateful half of one verification, sent by a verifier replica to the shard.
 
     ``deny`` set means the verifier already refused (bad token, revoked...): the shard only
-    records the decision in its audit chain.
+    records the decision in its audit chain. ``voids`` (with ``deny``) names an allow of
+    this shard's chain (``chain:seq``) whose client was answered ``deny`` instead, its call
+    having overrun: the shard records a ``verify.void`` event for it.
     """
 
     agent_id: str
@@ -38,6 +40,7 @@ class Check:
     step_up_valid: bool = False
     token_jti: str | None = None
     deny: str | None = None
+    voids: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -113,6 +113,7 @@ class Codec:
                 c.step_up_valid,
                 c.token_jti,
                 c.deny,
+                c.voids,
             )
             for c in checks
         ]
@@ -128,9 +129,14 @@ class Codec:
             raise ValueError("malformed batch")
         checks = []
         for row in rows:
-            if not isinstance(row, tuple) or len(row) != 12:
+            # 12 columns: a replica from before ``voids`` existed (mid-upgrade), never voiding.
+            if not isinstance(row, tuple) or len(row) not in (12, 13):
                 raise ValueError("malformed check")
             action, envelope = row[6], row[7]
+            voids = _opt_text(row[12]) if len(row) == 13 else None
+            deny = _opt_text(row[11])
+            if voids is not None and deny is None:
+                raise ValueError("malformed check: a void without the answer given")
             checks.append(
                 Check(
                     agent_id=_text(row[0]),
@@ -144,7 +150,8 @@ class Codec:
                     step_up_ref=_opt_text(row[8]),
                     step_up_valid=row[9] is True,
                     token_jti=_opt_text(row[10]),
-                    deny=_opt_text(row[11]),
+                    deny=deny,
+                    voids=voids,
                 )
             )
         return request_id, checks

@@ -1080,12 +1080,21 @@ class Registry:
         grant_view = await self.get_grant(grant_id, principal_id=principal_id, agent=agent)
         grant = Grant.from_document(grant_view["document"])
         now = time.time()
-        rows = await self.pool.fetch(
-            "SELECT time_ms, event, body FROM audit_events WHERE grant_id = $1"
-            " AND event IN ('verify.allow', 'verify.deny') AND time_ms > $2 ORDER BY time_ms",
+        events = await self.pool.fetch(
+            "SELECT chain, seq, time_ms, event, body FROM audit_events WHERE grant_id = $1"
+            " AND event IN ('verify.allow', 'verify.deny', 'verify.void') AND time_ms > $2"
+            " ORDER BY time_ms",
             grant_id,
             int((now - 7 * 24 * 3600) * 1000),
         )
+        rows = [r for r in events if r["event"] != "verify.void"]
+        # Allows whose provider was told state_timeout instead (docs/verifier.md): they
+        # count against the limits, as in the shard, but the series shows them as denied.
+        voided = {
+            json.loads(r["body"])["data"].get("voids")
+            for r in events
+            if r["event"] == "verify.void"
+        }
         allows = [r["time_ms"] / 1000.0 for r in rows if r["event"] == "verify.allow"]
         rate = [
             {
@@ -1121,7 +1130,8 @@ class Registry:
         for row in rows:
             hour = int(row["time_ms"] / 1000 // 3600 * 3600)
             bucket = hourly.setdefault(hour, {"allow": 0, "deny": 0})
-            bucket["allow" if row["event"] == "verify.allow" else "deny"] += 1
+            told = row["event"] == "verify.allow" and f"{row['chain']}:{row['seq']}" not in voided
+            bucket["allow" if told else "deny"] += 1
         return {
             "grant_id": grant_id,
             "rate": rate,
