@@ -1,0 +1,93 @@
+"""Calls that overrun against a real shard actor: the chain ends up saying what clients got.
+
+The session's shard actor 0 (a Ray actor with the session's PostgreSQL) is held up by a
+row lock on its chain head, so its commit waits while a ``ShardClient`` in this process,
+with a short timeout, answers ``state_timeout``. When the lock goes, the shard commits the
+allows it decided meanwhile; every one of them must then be voided on the chain, and every
+allow a client did receive must not be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from typing import Any
+
+import asyncpg
+import pytest
+from conftest import verifier_settings
+
+from agentauth.actors import Check, Result, ShardClient
+from agentauth.protocol import Action, Envelope
+
+pytestmark = [pytest.mark.ray, pytest.mark.postgres]
+ENVELOPE = Envelope.model_validate({"rate_limits": [{"max_count": 1000, "window_seconds": 60}]})
+
+
+async def _chain_rows(db: asyncpg.Connection, grant_id: str) -> list[tuple[str, str, Any]]:
+    rows = await db.fetch(
+        "SELECT chain, seq, event, body FROM audit_events WHERE grant_id = $1", grant_id
+    )
+    return [(f"{r['chain']}:{r['seq']}", r["event"], json.loads(r["body"])["data"]) for r in rows]
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("verifier_base")  # the session's shard actors exist
+async def test_every_allow_on_the_chain_reached_a_client_or_is_voided(
+    registry_settings: Any, database_url: str, db: asyncpg.Connection
+) -> None:
+    from agentauth.deployments.verifier import shard_handles
+
+    grant_id = f"grt_overrun_{secrets.token_hex(4)}"
+
+    def check() -> Check:
+        return Check(
+            agent_id="agt_overrun",
+            provider_id="prov_overrun",
+            grant_id=grant_id,
+            jkt="k" * 43,
+            jti=secrets.token_urlsafe(12),
+            iat=time.time(),
+            action=Action(kind="read", resource="things/1"),
+            envelope=ENVELOPE,
+            token_jti="tok_overrun",
+        )
+
+    client = ShardClient(shard_handles(verifier_settings(registry_settings)), timeout=0.1)
+    await client.connect()
+    lock = await asyncpg.connect(database_url)
+    try:
+        # The shard's first commit creates its chain head: there must be a row to lock.
+        received = [await client.check(0, check())]
+        late: list[Result] = []
+        async with lock.transaction():
+            await lock.execute("SELECT 1 FROM audit_heads WHERE chain = 'verifier-0' FOR UPDATE")
+            # Two calls go out and overrun while the shard's commit waits on the lock.
+            for _ in range(2):
+                late += await asyncio.gather(*(client.check(0, check()) for _ in range(5)))
+            await asyncio.sleep(0.3)
+        assert {(r.allowed, r.reason) for r in late} == {(False, "state_timeout")}
+
+        # The shard commits once the lock goes; its late answers are voided by the client.
+        voided: set[str] = set()
+        deadline = time.monotonic() + 10
+        while len(voided) < 10 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            rows = await _chain_rows(db, grant_id)
+            voided = {data["voids"] for _, event, data in rows if event == "verify.void"}
+        received += await asyncio.gather(*(client.check(0, check()) for _ in range(3)))
+        assert all(r.allowed for r in received), [r.reason for r in received]
+    finally:
+        await lock.close()
+        client.close()
+
+    rows = await _chain_rows(db, grant_id)
+    allows = {event_id for event_id, event, _ in rows if event == "verify.allow"}
+    voids = [data for _, event, data in rows if event == "verify.void"]
+    told = {r.audit_event for r in received}
+    assert len(allows) == 14
+    assert {v["voids"] for v in voids} == allows - told  # each late allow, once
+    assert len(voids) == 10 and all(v["reason"] == "state_timeout" for v in voids)
+    assert told <= allows
