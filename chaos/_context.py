@@ -17,7 +17,16 @@ from agentauth.verifier import FAIL_CLOSED
 
 from ._report import Result
 from ._stack import Stack
-from ._traffic import Outcome, Subject, Traffic, audit_rows_missing, make_subjects, post, summarize
+from ._traffic import (
+    Outcome,
+    Subject,
+    Traffic,
+    allows_nobody_got,
+    audit_rows_missing,
+    make_subjects,
+    post,
+    summarize,
+)
 
 __all__ = ["Context", "Experiment", "first_allow_after", "in_window"]
 
@@ -73,6 +82,18 @@ class Context:
             return len(await audit_rows_missing(conn, outcomes))
         finally:
             await conn.close()
+
+    async def note_allows_nobody_got(
+        self, result: Result, subjects: list[Subject], outcomes: list[Outcome]
+    ) -> None:
+        conn = await self.stack.db()
+        try:
+            nobody, voided = await allows_nobody_got(conn, subjects, outcomes)
+        finally:
+            await conn.close()
+        result.notes.append(
+            f"allows on the chain that no client got: {nobody}, {voided} of them voided"
+        )
 
     @staticmethod
     def fill(result: Result, outcomes: list[Outcome]) -> None:

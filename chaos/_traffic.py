@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -240,3 +241,23 @@ async def audit_rows_missing(conn: Any, outcomes: list[Outcome]) -> list[Outcome
             keyed.pop((row["chain"], row["seq"]), None)
         missing.extend(keyed.values())
     return missing
+
+
+async def allows_nobody_got(
+    conn: Any, subjects: list[Subject], outcomes: list[Outcome]
+) -> tuple[int, int]:
+    """Allows on the chains, for these subjects' grants, that no client was answered with,
+    and how many of them carry a ``verify.void`` (docs/verifier.md: a shard call that
+    overran). Not a fail-open (nothing got through); the chain and the answers disagree.
+    """
+    rows = await conn.fetch(
+        "SELECT chain, seq, event, body FROM audit_events WHERE grant_id = ANY($1::text[])"
+        " AND event IN ('verify.allow', 'verify.void')",
+        [s.grant_id for s in subjects],
+    )
+    allows = {f"{r['chain']}:{r['seq']}" for r in rows if r["event"] == "verify.allow"}
+    voided = {
+        json.loads(r["body"])["data"].get("voids") for r in rows if r["event"] == "verify.void"
+    }
+    nobody = allows - {o.audit_event for o in outcomes if o.allowed}
+    return len(nobody), len(nobody & voided)

@@ -65,6 +65,7 @@ async def run(ctx: Context) -> Result:
     result.fail_opens["allow while PostgreSQL was down"] = sum(o.allowed for o in down)
     result.fail_opens["token issued while PostgreSQL was down"] = int(outage_token == 200)
     result.fail_opens["allow without its audit row"] = await ctx.missing_audit_rows(outcomes)
+    await ctx.note_allows_nobody_got(result, subjects, outcomes)
     result.recovery_s = first_allow_after(outcomes, started_at)
     result.checks["requests were decided while PostgreSQL was down"] = len(down) > 0
     unexpected = sorted({o.reason for o in down if o.reason not in ALLOWED_REASONS})

@@ -110,6 +110,7 @@ async def run(ctx: Context) -> Result:
         1 for o in outcomes if o.subject == revoked_index and o.allowed and o.sent > revoked_at + 1
     )
     result.fail_opens["allow without its audit row"] = await ctx.missing_audit_rows(outcomes)
+    await ctx.note_allows_nobody_got(result, subjects, outcomes)
     result.recovery_s = first_allow_after(outcomes, restarted_at, not_revoked)
     result.checks["the revocation was accepted while Redis was down"] = revocation_status == 200
     # After the restart: denied as revoked (or still stale while the listener reconnects).

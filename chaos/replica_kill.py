@@ -68,6 +68,7 @@ async def run(ctx: Context) -> Result:
 
     ctx.fill(result, outcomes)
     result.fail_opens["allow without its audit row"] = await ctx.missing_audit_rows(outcomes)
+    await ctx.note_allows_nobody_got(result, subjects, outcomes)
     # Requests in flight at the kill count too: they are the ones the dying replica drops.
     errors = [o for o in outcomes if o.decision is None and o.done >= killed_at]
     last_error = max((o.done for o in errors), default=killed_at)

@@ -81,6 +81,7 @@ async def run(ctx: Context) -> Result:
 
     ctx.fill(result, outcomes)
     result.fail_opens["allow without its audit row"] = await ctx.missing_audit_rows(outcomes)
+    await ctx.note_allows_nobody_got(result, subjects, outcomes)
     result.fail_opens["pre-kill proof allowed again by the new incarnation"] = sum(
         r.allowed for r in replays
     )
