@@ -153,3 +153,37 @@ async def test_a_void_records_an_allow_that_reached_no_client(database_url: str)
         assert fresh.remaining is not None and fresh.remaining["rate"] == [98]
     finally:
         await shard.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_check_of_unknown_fate_is_settled_by_its_proof(database_url: str) -> None:
+    """A replica whose call never answered asks about each check by its proof: the shard
+    voids the allow it committed for that proof, or records the denial the client got."""
+    from agentauth.actors._state import ANY_ALLOW
+
+    shard = StateShard(index=707, database_url=database_url)
+    now = time.time()
+
+    def mine(jti: str) -> Check:
+        return dataclasses.replace(_check(jti, now), grant_id="grt_settle")
+
+    def settle(jti: str) -> Check:
+        return dataclasses.replace(
+            mine(jti), deny="state_unavailable", voids=ANY_ALLOW, envelope=None
+        )
+
+    try:
+        [allowed] = await shard.check_batch([mine("s1")])
+        results = await shard.check_batch([settle("s1"), settle("never-decided")])
+        assert [(r.allowed, r.reason) for r in results] == [(False, "state_unavailable")] * 2
+        bodies = [json.loads(body) for _, body in await _events(database_url, 707)]
+        assert [(b["event"], b["data"]["proof_jti"]) for b in bodies] == [
+            ("verify.allow", "s1"),
+            ("verify.void", "s1"),
+            ("verify.deny", "never-decided"),
+        ]
+        assert bodies[1]["data"]["voids"] == allowed.audit_event
+        assert "voids" not in bodies[2]["data"]
+    finally:
+        await shard.close()

@@ -238,7 +238,11 @@ async def test_a_stuck_shard_is_denied_fast_and_not_flooded() -> None:
         await asyncio.sleep(0.2)
         retried = await client.check(0, _check())
         assert (retried.allowed, retried.reason) == (False, "state_timeout")
-        assert len(frames) == 3
+        # On the new link, first the two unanswered checks are asked about (their fate is
+        # unknown: see test_checks_whose_call_never_answered_are_settled_on_the_next_link).
+        assert len(frames) == 4
+        _, settled = Codec().decode_checks(frames[2])
+        assert [(c.voids, c.deny) for c in settled] == [("*", "state_timeout")] * 2
     finally:
         client.close()
         server.close()
@@ -378,3 +382,61 @@ async def test_an_allow_that_came_too_late_is_marked_void_on_the_chain(
             assert "not marked void" not in caplog.text
         finally:
             client.close()
+
+
+@pytest.mark.asyncio
+async def test_checks_whose_call_never_answered_are_settled_on_the_next_link() -> None:
+    """The shard takes a batch and its link dies before it answers (a crash after the
+    commit, say): the client cannot know whether it allowed. On the next link it asks
+    about each such check, with the answer its client got, so the shard can void the
+    allow it may have committed (or record the denial)."""
+    from agentauth.actors import ShardClient
+
+    token = secrets.token_bytes(32)
+    batches: list[list[Check]] = []
+
+    async def crashing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        codec = Codec()
+        try:
+            if await read_frame(reader) != token:
+                return
+            writer.write(frame(b"ok"))
+            while True:
+                request_id, checks = codec.decode_checks(await read_frame(reader))
+                batches.append(checks)
+                if len(batches) == 1:
+                    return  # decided, perhaps committed, never answered
+                rows = [(False, c.deny, None, None, f"verifier-9:{len(batches)}") for c in checks]
+                writer.write(frame(msgpack.packb((request_id, rows))))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(crashing, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = ShardClient([_Handle("127.0.0.1", port, token)], timeout=0.5)
+    try:
+        await client.connect()
+        lost = _check()
+        first = await client.check(0, lost)
+        assert (first.allowed, first.reason) == (False, "state_unavailable")
+        # The next check finds the link broken (denied, not sent) and has it found afresh.
+        assert (await client.check(0, _check())).reason == "state_unavailable"
+        deadline = time.monotonic() + 3
+        while len(batches) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        [settle] = batches[1]
+        assert (settle.voids, settle.deny) == ("*", "state_unavailable")
+        # The same request: the shard finds its allow by the proof's jti.
+        assert (settle.agent_id, settle.grant_id, settle.jkt, settle.jti) == (
+            lost.agent_id,
+            lost.grant_id,
+            lost.jkt,
+            lost.jti,
+        )
+        assert settle.envelope is None
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()

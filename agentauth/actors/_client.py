@@ -19,11 +19,13 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections import deque
+from collections.abc import Coroutine
 from typing import Any
 
 from ..metrics import observe
 from ._shard import Result
-from ._state import Check
+from ._state import ANY_ALLOW, Check
 from ._wire import Codec, decode_results, frame, read_frame
 
 __all__ = ["ShardClient"]
@@ -31,6 +33,9 @@ __all__ = ["ShardClient"]
 log = logging.getLogger("agentauth.shards")
 
 Row = tuple[Any, ...]
+# Unsettled checks kept per shard while it is unreachable (a replica's share of a few
+# seconds of traffic); beyond that the oldest are dropped, with a warning.
+_MAX_UNSETTLED = 10_000
 
 
 class _Link:
@@ -134,6 +139,12 @@ class ShardClient:
         # those calls answers (or the link is torn down).
         self._overrun = [0] * len(handles)
         self._watchers: set[asyncio.Task[None]] = set()
+        # Checks sent in a call that never answered (the link broke, or it stayed silent):
+        # the shard may have committed an allow for any of them. Each is asked about once
+        # the shard is reachable again (see _settle), with the answer its client got.
+        self._unsettled: list[deque[tuple[Check, str]]] = [
+            deque(maxlen=_MAX_UNSETTLED) for _ in handles
+        ]
         self._tags = [{"shard": str(i)} for i in range(len(handles))]
         self.batches = 0
         self.checks = 0
@@ -223,6 +234,8 @@ class ShardClient:
             )
             link = await asyncio.wait_for(_Link.open(host, port, token), self._connect_timeout)
             self._links[shard] = link
+            if self._unsettled[shard]:
+                self._watch(self._settle(shard))
             return link
         except BaseException:
             # Checks meanwhile are denied at once rather than each paying a failed connect.
@@ -233,6 +246,7 @@ class ShardClient:
 
     async def _send(self, shard: int, items: list[tuple[Check, asyncio.Future[Result]]]) -> None:
         results = [Result(False, "state_unavailable")] * len(items)
+        call: asyncio.Future[list[Row]] | None = None
         try:
             link = await asyncio.wait_for(self._link(shard), self._timeout)
             sent = time.perf_counter()
@@ -247,17 +261,15 @@ class ShardClient:
                     # and any allow among them is marked void on the chain once it comes.
                     results = [Result(False, "state_timeout")] * len(items)
                     self._overrun[shard] += 1
-                    watcher = asyncio.get_running_loop().create_task(
-                        self._await_overrun(shard, link, call, items)
-                    )
-                    self._watchers.add(watcher)
-                    watcher.add_done_callback(self._watchers.discard)
+                    self._watch(self._await_overrun(shard, link, call, items))
                     return
             observe("shard_call", time.perf_counter() - sent, self._tags[shard])
             if len(rows) == len(items):
                 results = [Result(row[0] is True, row[1], row[2], row[3], row[4]) for row in rows]
         except Exception:  # dead, restarting or unreachable: deny, never allow
             log.warning("shard %s unreachable; its checks are denied", shard)
+            if call is not None:  # sent before the link broke: decided or not, unknown
+                self._unsettle(shard, items, "state_unavailable")
         finally:
             for (_, future), result in zip(items, results, strict=True):
                 if not future.done():
@@ -282,6 +294,7 @@ class ShardClient:
             link.close()
             log.warning("shard %s did not answer for %.0f s", shard, self._call_timeout)
             self._overrun[shard] = max(0, self._overrun[shard] - 1)
+            self._unsettle(shard, items, "state_timeout")
             return
         if len(rows) == len(items):
             checks = [check for check, _ in items]
@@ -309,6 +322,36 @@ class ShardClient:
                 shard,
                 ", ".join(str(event) for event in lost),
             )
+
+    def _watch(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    def _unsettle(
+        self, shard: int, items: list[tuple[Check, asyncio.Future[Result]]], answer: str
+    ) -> None:
+        pending = self._unsettled[shard]
+        for check, _ in items:
+            if check.deny is None:  # a recorded denial cannot have become an allow
+                if len(pending) == pending.maxlen:
+                    log.warning("shard %s: too many unsettled checks; the oldest is dropped", shard)
+                pending.append((check, answer))
+
+    async def _settle(self, shard: int) -> None:
+        """Ask the shard about checks whose call never answered: it voids the allow it
+        committed for each proof, if any, and otherwise records the denial its client got.
+        Those it cannot take now wait for the next link."""
+        pending = self._unsettled[shard]
+        asked = [pending.popleft() for _ in range(len(pending))]
+        voids = [
+            dataclasses.replace(check, deny=answer, voids=ANY_ALLOW, envelope=None)
+            for check, answer in asked
+        ]
+        results = await asyncio.gather(*(self.check(shard, void) for void in voids))
+        for (check, answer), result in zip(asked, results, strict=True):
+            if result.audit_event is None:
+                pending.append((check, answer))
 
 
 async def _arrived(call: asyncio.Future[list[Row]]) -> list[Row] | None:

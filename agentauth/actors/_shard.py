@@ -18,6 +18,7 @@ the first time it sees the grant again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import hashlib
 import hmac
@@ -33,7 +34,7 @@ from asyncpg.exceptions import DivisionByZeroError, UniqueViolationError
 
 from ..metrics import observe
 from ..protocol import GENESIS_HASH, AuditEvent, Remaining, b64url_encode, leaf_hash
-from ._state import Check, Outcome, ShardState, usage_from_events, usage_to_json
+from ._state import ANY_ALLOW, Check, Outcome, ShardState, usage_from_events, usage_to_json
 from ._wire import Codec, FrameTooLarge, encode_results, frame, read_frame
 
 __all__ = ["Result", "StateShard", "shard_for"]
@@ -230,6 +231,8 @@ class StateShard:
             conn = await self._connect()
             now = time.time()
             await self._restore(conn, checks, now)
+            if any(check.voids == ANY_ALLOW for check in checks):
+                checks = await self._find_allows(conn, checks)
         except Exception:  # database unreachable: nothing can be recorded, so deny all
             log.warning("shard %s cannot reach the database", self.index)
             return [Result(False, "audit_unavailable") for _ in checks]
@@ -318,6 +321,24 @@ class StateShard:
                 grant_id, usage_from_events(spend.get(grant_id), recent[grant_id]), now
             )
 
+    async def _find_allows(self, conn: asyncpg.Connection, checks: list[Check]) -> list[Check]:
+        """Point each ``ANY_ALLOW`` void at the allow this chain holds for its proof, or
+        turn it into the record of the denial its client got if there is none."""
+        asked = [c for c in checks if c.voids == ANY_ALLOW and c.grant_id and c.jti]
+        rows = await conn.fetch(
+            "SELECT seq, body::jsonb -> 'data' ->> 'proof_jti' AS jti FROM audit_events"
+            " WHERE grant_id = ANY($1::text[]) AND event = 'verify.allow' AND chain = $2"
+            " AND body::jsonb -> 'data' ->> 'proof_jti' = ANY($3::text[])",
+            list({c.grant_id for c in asked}),
+            self.chain,
+            [c.jti for c in asked],
+        )
+        found = {r["jti"]: f"{self.chain}:{r['seq']}" for r in rows}
+        return [
+            dataclasses.replace(c, voids=found.get(c.jti or "")) if c.voids == ANY_ALLOW else c
+            for c in checks
+        ]
+
     def _voidable(self, event_id: str) -> bool:
         """Whether ``event_id`` names an event already on this shard's chain. (Only a
         replica holding the link's token can send a void, and a void takes nothing back:
@@ -331,6 +352,8 @@ class StateShard:
         time_ms = int(now * 1000)
         for check, outcome in zip(checks, outcomes, strict=True):
             data: dict[str, Any] = {"reason": outcome.reason}
+            if check.jti:  # which request this was: a provider's logs can be matched to it
+                data["proof_jti"] = check.jti
             if check.grant_id:
                 data["grant_id"] = check.grant_id
             if check.token_jti:

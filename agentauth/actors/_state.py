@@ -15,7 +15,11 @@ from typing import Any
 
 from ..protocol import Action, DPoPPolicy, Envelope, Remaining, UsageState, evaluate
 
-__all__ = ["Check", "Outcome", "ShardState"]
+__all__ = ["ANY_ALLOW", "Check", "Outcome", "ShardState"]
+
+# ``Check.voids`` value for "this proof's allow, if the shard committed one": sent for checks
+# whose call never answered, so the replica never learnt their event ids.
+ANY_ALLOW = "*"
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +29,9 @@ class Check:
     ``deny`` set means the verifier already refused (bad token, revoked...): the shard only
     records the decision in its audit chain. ``voids`` (with ``deny``) names an allow of
     this shard's chain (``chain:seq``) whose client was answered ``deny`` instead, its call
-    having overrun: the shard records a ``verify.void`` event for it.
+    having overrun: the shard records a ``verify.void`` event for it. ``ANY_ALLOW`` asks the
+    shard to find the allow of this check's proof (``jti``) itself; with none, it records
+    the denial.
     """
 
     agent_id: str
