@@ -249,14 +249,14 @@ async def test_a_stuck_shard_is_denied_fast_and_not_flooded() -> None:
         await server.wait_closed()
 
 
-Answer = Callable[[int, list[Check]], tuple[float, list[tuple[Any, ...]]]]
+Answer = Callable[[int, list[Check]], tuple[float, list[tuple[Any, ...]]] | None]
 
 
 class _FakeShard:
     """A shard's wire end in its own thread and event loop, so it answers while the
     test's loop is blocked. ``answer(n, checks)`` gives the delay and the rows of the
-    n-th batch; every batch received is kept. With ``hold``, it answers only once ``go``
-    is set."""
+    n-th batch, or None to drop the connection unanswered; every batch received is kept.
+    With ``hold``, it answers only once ``go`` is set."""
 
     def __init__(self, answer: Answer, *, hold: bool = False) -> None:
         self._hold = hold
@@ -300,7 +300,10 @@ class _FakeShard:
                 request_id, checks = codec.decode_checks(await read_frame(reader))
                 self.batches.append(checks)
                 self.received.set()
-                delay, rows = self._answer(len(self.batches) - 1, checks)
+                answer = self._answer(len(self.batches) - 1, checks)
+                if answer is None:
+                    return
+                delay, rows = answer
                 if self._hold:
                     await asyncio.get_running_loop().run_in_executor(None, self.go.wait, 5)
                 if delay:
@@ -392,51 +395,32 @@ async def test_checks_whose_call_never_answered_are_settled_on_the_next_link() -
     allow it may have committed (or record the denial)."""
     from agentauth.actors import ShardClient
 
-    token = secrets.token_bytes(32)
-    batches: list[list[Check]] = []
+    def crashing(n: int, checks: list[Check]) -> tuple[float, list[tuple[Any, ...]]] | None:
+        if n == 0:
+            return None  # decided, perhaps committed, never answered
+        return 0.0, [(False, c.deny, None, None, f"verifier-9:{n}") for c in checks]
 
-    async def crashing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        codec = Codec()
+    with _FakeShard(crashing) as fake:
+        client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=0.5)
         try:
-            if await read_frame(reader) != token:
-                return
-            writer.write(frame(b"ok"))
-            while True:
-                request_id, checks = codec.decode_checks(await read_frame(reader))
-                batches.append(checks)
-                if len(batches) == 1:
-                    return  # decided, perhaps committed, never answered
-                rows = [(False, c.deny, None, None, f"verifier-9:{len(batches)}") for c in checks]
-                writer.write(frame(msgpack.packb((request_id, rows))))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            await client.connect()
+            lost = _check()
+            first = await client.check(0, lost)
+            assert (first.allowed, first.reason) == (False, "state_unavailable")
+            # The next check finds the link broken (denied, not sent); it is found afresh.
+            assert (await client.check(0, _check())).reason == "state_unavailable"
+            deadline = time.monotonic() + 3
+            while len(fake.batches) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            [settle] = fake.batches[1]
+            assert (settle.voids, settle.deny) == ("*", "state_unavailable")
+            # The same request: the shard finds its allow by the proof's jti.
+            assert (settle.agent_id, settle.grant_id, settle.jkt, settle.jti) == (
+                lost.agent_id,
+                lost.grant_id,
+                lost.jkt,
+                lost.jti,
+            )
+            assert settle.envelope is None
         finally:
-            writer.close()
-
-    server = await asyncio.start_server(crashing, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    client = ShardClient([_Handle("127.0.0.1", port, token)], timeout=0.5)
-    try:
-        await client.connect()
-        lost = _check()
-        first = await client.check(0, lost)
-        assert (first.allowed, first.reason) == (False, "state_unavailable")
-        # The next check finds the link broken (denied, not sent) and has it found afresh.
-        assert (await client.check(0, _check())).reason == "state_unavailable"
-        deadline = time.monotonic() + 3
-        while len(batches) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        [settle] = batches[1]
-        assert (settle.voids, settle.deny) == ("*", "state_unavailable")
-        # The same request: the shard finds its allow by the proof's jti.
-        assert (settle.agent_id, settle.grant_id, settle.jkt, settle.jti) == (
-            lost.agent_id,
-            lost.grant_id,
-            lost.jkt,
-            lost.jti,
-        )
-        assert settle.envelope is None
-    finally:
-        client.close()
-        server.close()
-        await server.wait_closed()
+            client.close()
