@@ -897,7 +897,7 @@ class Plan:
     cold_seconds: int  # upper bound; shortened so the pool of fresh grants lasts
     warmup_seconds: int
     fractions: tuple[float, ...]  # paced rates, as fractions of the column's own maximum
-    cold_pool_cap: int  # grants per column
+    cold_pool_cap: int  # grants per column, unless the paced cold runs need more
     connections: int
     memory_agents: int
     rounds: int  # interleaved unpaced warm runs of the three columns, for the ratios
@@ -1175,7 +1175,11 @@ def measure_column(
     else:
         # Other users' load on the machine comes and goes: a margin, so a quieter minute
         # does not run the unpaced cold run out of fresh grants (it would be invalid).
-        want = min(plan.cold_pool_cap, int(fastest * 1.5 * plan.cold_seconds) + paced_need)
+        # The paced runs always get their fill and the unpaced one at least a second's
+        # worth (wrk's shortest run), cap or not: a short pool would resend proofs.
+        unpaced = int(fastest * 1.5 * plan.cold_seconds)
+        least = paced_need + int(fastest * 1.6) + 200
+        want = max(least, min(plan.cold_pool_cap, unpaced + paced_need))
         t0 = time.monotonic()
         pool = loop.run_until_complete(cold_pool(registry, bench.world, want))
         took = time.monotonic() - t0
