@@ -332,11 +332,12 @@ class ShardClient:
         self, shard: int, items: list[tuple[Check, asyncio.Future[Result]]], answer: str
     ) -> None:
         pending = self._unsettled[shard]
-        for check, _ in items:
-            if check.deny is None:  # a recorded denial cannot have become an allow
-                if len(pending) == pending.maxlen:
-                    log.warning("shard %s: too many unsettled checks; the oldest is dropped", shard)
-                pending.append((check, answer))
+        # A recorded denial cannot have become an allow: only decisions are unsettled.
+        decisions = [(check, answer) for check, _ in items if check.deny is None]
+        dropped = max(0, len(pending) + len(decisions) - _MAX_UNSETTLED)
+        if dropped:
+            log.warning("shard %s: %d unsettled checks dropped (the oldest)", shard, dropped)
+        pending.extend(decisions)
 
     async def _settle(self, shard: int) -> None:
         """Ask the shard about checks whose call never answered: it voids the allow it
