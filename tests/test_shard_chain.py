@@ -175,15 +175,19 @@ async def test_a_check_of_unknown_fate_is_settled_by_its_proof(database_url: str
 
     try:
         [allowed] = await shard.check_batch([mine("s1")])
-        results = await shard.check_batch([settle("s1"), settle("never-decided")])
-        assert [(r.allowed, r.reason) for r in results] == [(False, "state_unavailable")] * 2
+        # Only the allows of the proof's lifetime are searched: the same jti with an iat
+        # an hour off finds nothing.
+        elsewhere = dataclasses.replace(settle("s1"), iat=now - 3600)
+        results = await shard.check_batch([settle("s1"), settle("never-decided"), elsewhere])
+        assert [(r.allowed, r.reason) for r in results] == [(False, "state_unavailable")] * 3
         bodies = [json.loads(body) for _, body in await _events(database_url, 707)]
         assert [(b["event"], b["data"]["proof_jti"]) for b in bodies] == [
             ("verify.allow", "s1"),
             ("verify.void", "s1"),
             ("verify.deny", "never-decided"),
+            ("verify.deny", "s1"),
         ]
         assert bodies[1]["data"]["voids"] == allowed.audit_event
-        assert "voids" not in bodies[2]["data"]
+        assert "voids" not in bodies[2]["data"] and "voids" not in bodies[3]["data"]
     finally:
         await shard.close()

@@ -324,19 +324,29 @@ class StateShard:
     async def _find_allows(self, conn: asyncpg.Connection, checks: list[Check]) -> list[Check]:
         """Point each ``ANY_ALLOW`` void at the allow this chain holds for its proof, or
         turn it into the record of the denial its client got if there is none."""
-        asked = [c for c in checks if c.voids == ANY_ALLOW and c.grant_id and c.jti]
+        asked = [
+            (i, c) for i, c in enumerate(checks) if c.voids == ANY_ALLOW and c.grant_id and c.jti
+        ]
+        # Only the allows of the proof's lifetime are read (the grant index has the time):
+        # this runs inside a flush, and a busy grant's whole history would stall the shard.
+        # The margin covers queueing and clock differences between replica and shard.
+        policy, margin = self.state.policy, 60.0
         rows = await conn.fetch(
-            "SELECT seq, body::jsonb -> 'data' ->> 'proof_jti' AS jti FROM audit_events"
-            " WHERE grant_id = ANY($1::text[]) AND event = 'verify.allow' AND chain = $2"
-            " AND body::jsonb -> 'data' ->> 'proof_jti' = ANY($3::text[])",
-            list({c.grant_id for c in asked}),
+            "SELECT k.n, e.seq FROM unnest($1::text[], $2::text[], $3::bigint[],"
+            " $4::bigint[]) WITH ORDINALITY AS k(grant_id, jti, lo, hi, n) JOIN audit_events e"
+            " ON e.grant_id = k.grant_id AND e.event = 'verify.allow'"
+            " AND e.time_ms BETWEEN k.lo AND k.hi"
+            " WHERE e.chain = $5 AND e.body::jsonb -> 'data' ->> 'proof_jti' = k.jti",
+            [c.grant_id for _, c in asked],
+            [c.jti for _, c in asked],
+            [int((c.iat - policy.future_skew - margin) * 1000) for _, c in asked],
+            [int((c.iat + policy.max_age + margin) * 1000) for _, c in asked],
             self.chain,
-            [c.jti for c in asked],
         )
-        found = {r["jti"]: f"{self.chain}:{r['seq']}" for r in rows}
+        found = {asked[r["n"] - 1][0]: f"{self.chain}:{r['seq']}" for r in rows}
         return [
-            dataclasses.replace(c, voids=found.get(c.jti or "")) if c.voids == ANY_ALLOW else c
-            for c in checks
+            dataclasses.replace(c, voids=found.get(i)) if c.voids == ANY_ALLOW else c
+            for i, c in enumerate(checks)
         ]
 
     def _voidable(self, event_id: str) -> bool:
