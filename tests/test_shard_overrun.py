@@ -55,18 +55,23 @@ async def test_every_allow_on_the_chain_reached_a_client_or_is_voided(
             token_jti="tok_overrun",
         )
 
-    client = ShardClient(shard_handles(verifier_settings(registry_settings)), timeout=0.1)
-    await client.connect()
+    handles = shard_handles(verifier_settings(registry_settings))
+    # Hasty overruns while the lock is held (and still has time for its voids afterwards,
+    # on a busy machine); patient, with the tests' generous timeout, is the clients whose
+    # answers must not be voided.
+    hasty, patient = ShardClient(handles, timeout=0.25), ShardClient(handles, timeout=2.0)
+    await asyncio.gather(hasty.connect(), patient.connect())
     lock = await asyncpg.connect(database_url)
     try:
         # The shard's first commit creates its chain head: there must be a row to lock.
-        received = [await client.check(0, check())]
+        received = [await patient.check(0, check())]
         late: list[Result] = []
         async with lock.transaction():
             await lock.execute("SELECT 1 FROM audit_heads WHERE chain = 'verifier-0' FOR UPDATE")
-            # Two calls go out and overrun while the shard's commit waits on the lock.
+            # Two calls go out and overrun while the shard's commit waits on the lock (the
+            # shard's own statement timeout, 2 s, is longer than this).
             for _ in range(2):
-                late += await asyncio.gather(*(client.check(0, check()) for _ in range(5)))
+                late += await asyncio.gather(*(hasty.check(0, check()) for _ in range(5)))
             await asyncio.sleep(0.3)
         assert {(r.allowed, r.reason) for r in late} == {(False, "state_timeout")}
 
@@ -77,11 +82,12 @@ async def test_every_allow_on_the_chain_reached_a_client_or_is_voided(
             await asyncio.sleep(0.1)
             rows = await _chain_rows(db, grant_id)
             voided = {data["voids"] for _, event, data in rows if event == "verify.void"}
-        received += await asyncio.gather(*(client.check(0, check()) for _ in range(3)))
+        received += await asyncio.gather(*(patient.check(0, check()) for _ in range(3)))
         assert all(r.allowed for r in received), [r.reason for r in received]
     finally:
         await lock.close()
-        client.close()
+        hasty.close()
+        patient.close()
 
     rows = await _chain_rows(db, grant_id)
     allows = {event_id for event_id, event, _ in rows if event == "verify.allow"}
