@@ -356,11 +356,11 @@ async def test_an_allow_that_came_too_late_is_marked_void_on_the_chain(
 
     def answer(n: int, checks: list[Check]) -> tuple[float, list[tuple[Any, ...]]]:
         if n == 0:
-            return 0.3, [_allow(0), (False, "replay_detected", None, None, "verifier-9:1")]
+            return 0.6, [_allow(0), (False, "replay_detected", None, None, "verifier-9:1")]
         return 0.0, [(False, c.deny, None, None, f"verifier-9:{n + 1}") for c in checks]
 
     with _FakeShard(answer) as fake:
-        client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=0.05)
+        client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=0.15)
         try:
             await client.connect()
             first, second = _check(), _check()
@@ -369,7 +369,7 @@ async def test_an_allow_that_came_too_late_is_marked_void_on_the_chain(
             deadline = time.monotonic() + 3
             while len(fake.batches) < 2 and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
-            await asyncio.sleep(0.05)  # the void's own answer
+            await asyncio.sleep(0.3)  # the void's own answer
             assert len(fake.batches) == 2
             [void] = fake.batches[1]
             assert (void.deny, void.voids) == ("state_timeout", "verifier-9:0")
