@@ -189,5 +189,10 @@ async def test_a_check_of_unknown_fate_is_settled_by_its_proof(database_url: str
         ]
         assert bodies[1]["data"]["voids"] == allowed.audit_event
         assert "voids" not in bodies[2]["data"] and "voids" not in bodies[3]["data"]
+        # Asked again (another replica, a retry), a voided allow is not voided twice.
+        [again] = await shard.check_batch([settle("s1")])
+        assert again.reason == "state_unavailable"
+        last = json.loads((await _events(database_url, 707))[-1][1])
+        assert (last["event"], "voids" in last["data"]) == ("verify.deny", False)
     finally:
         await shard.close()

@@ -7,6 +7,7 @@ PostgreSQL behind it; what crosses the socket is what a verifier replica sends.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import threading
 import time
@@ -149,6 +150,42 @@ async def test_a_linked_verifier_gets_decisions(shard: StateShard, database_url:
     writer.close()
     await writer.wait_closed()
     assert await _chain_size(database_url) == 2
+
+
+@pytest.mark.asyncio
+async def test_an_answer_the_shard_cannot_deliver_is_voided_by_the_shard(
+    shard: StateShard, database_url: str
+) -> None:
+    """The replica's link goes while its batch is decided (the replica died): no provider
+    can have received those allows, and the shard, finding the link closed, says so."""
+    host, port, token = await shard.endpoint()
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(frame(token))
+    assert await read_frame(reader) == b"ok"
+    before = await _chain_size(database_url)
+    # A new incarnation on this chain refuses proofs up to its last decision plus the skew
+    # (earlier tests here decided on it a moment ago): this proof is issued after that.
+    fresh = _check(iat=time.time() + 11)
+    writer.write(Codec().encode_checks(1, [fresh, _check(deny="revoked")]))
+    await writer.drain()
+    writer.close()  # gone before the answer
+    await writer.wait_closed()
+    deadline = time.monotonic() + 5
+    while await _chain_size(database_url) < before + 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT seq, event, body FROM audit_events WHERE chain = 'verifier-701'"
+            " AND seq >= $1 ORDER BY seq",
+            before,
+        )
+    finally:
+        await conn.close()
+    assert [r["event"] for r in rows] == ["verify.allow", "verify.deny", "verify.void"]
+    void = json.loads(rows[2]["body"])["data"]
+    assert void["voids"] == f"verifier-701:{rows[0]['seq']}"
+    assert void["reason"] == "answer_undelivered"
 
 
 @pytest.mark.asyncio
@@ -380,8 +417,8 @@ async def test_an_allow_that_came_too_late_is_marked_void_on_the_chain(
                 first.token_jti,
             )
             assert void.action == first.action
-            # Nothing that could be decided again travels with it.
-            assert (void.jkt, void.jti, void.envelope) == (None, None, None)
+            # The request is named (its proof_jti goes on the chain); no envelope travels.
+            assert (void.jti, void.envelope) == (first.jti, None)
             assert "not marked void" not in caplog.text
         finally:
             client.close()

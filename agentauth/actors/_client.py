@@ -306,9 +306,7 @@ class ShardClient:
         reserved stays reserved: a proof is single-use, and spend is not handed back for a
         request whose fate the provider may not know either."""
         voids = [
-            dataclasses.replace(
-                check, deny="state_timeout", voids=row[4], jkt=None, jti=None, envelope=None
-            )
+            dataclasses.replace(check, deny="state_timeout", voids=row[4], envelope=None)
             for check, row in answered
             if row[0] is True and isinstance(row[4], str)
         ]

@@ -41,6 +41,9 @@ __all__ = ["Result", "StateShard", "shard_for"]
 
 log = logging.getLogger("agentauth.shard")
 
+# The reason on a void the shard writes itself: its answer found the link closed.
+UNDELIVERED = "answer_undelivered"
+
 
 def _node_address() -> str:
     try:
@@ -160,6 +163,17 @@ class StateShard:
         results = await self.check_batch(checks)
         if not writer.is_closing():
             writer.write(encode_results(request_id, results))
+            return
+        # The link went while these were decided (the replica died, or dropped the link):
+        # no allow among them reached a provider, so the chain says so. (A replica alive
+        # will also ask about them on its next link; by then they are voided already.)
+        undelivered = [
+            dataclasses.replace(check, deny=UNDELIVERED, voids=result.audit_event, envelope=None)
+            for check, result in zip(checks, results, strict=True)
+            if result.allowed and result.audit_event
+        ]
+        if undelivered:
+            await self.check_batch(undelivered)
 
     async def _connect(self) -> asyncpg.Connection:
         # One connection, not a pool: flushes run one at a time, and a pool's reset on
@@ -336,7 +350,11 @@ class StateShard:
             " $4::bigint[]) WITH ORDINALITY AS k(grant_id, jti, lo, hi, n) JOIN audit_events e"
             " ON e.grant_id = k.grant_id AND e.event = 'verify.allow'"
             " AND e.time_ms BETWEEN k.lo AND k.hi"
-            " WHERE e.chain = $5 AND e.body::jsonb -> 'data' ->> 'proof_jti' = k.jti",
+            " WHERE e.chain = $5 AND e.body::jsonb -> 'data' ->> 'proof_jti' = k.jti"
+            # ... and not voided already (the shard voids what it could not deliver).
+            " AND NOT EXISTS (SELECT 1 FROM audit_events v WHERE v.grant_id = e.grant_id"
+            " AND v.event = 'verify.void' AND v.time_ms >= e.time_ms"
+            " AND v.body::jsonb -> 'data' ->> 'voids' = e.chain || ':' || e.seq)",
             [c.grant_id for _, c in asked],
             [c.jti for _, c in asked],
             [int((c.iat - policy.future_skew - margin) * 1000) for _, c in asked],
