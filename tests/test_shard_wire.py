@@ -311,6 +311,12 @@ class _FakeShard:
         assert self._ready.wait(5)
         return self
 
+    async def batches_seen(self, count: int) -> None:
+        """Wait (up to 3 s) until ``count`` batches have come in."""
+        deadline = time.monotonic() + 3
+        while len(self.batches) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
     def __exit__(self, *exc: object) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
@@ -403,9 +409,7 @@ async def test_an_allow_that_came_too_late_is_marked_void_on_the_chain(
             first, second = _check(), _check()
             results = await asyncio.gather(client.check(0, first), client.check(0, second))
             assert {(r.allowed, r.reason) for r in results} == {(False, "state_timeout")}
-            deadline = time.monotonic() + 3
-            while len(fake.batches) < 2 and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await fake.batches_seen(2)
             await asyncio.sleep(0.3)  # the void's own answer
             assert len(fake.batches) == 2
             [void] = fake.batches[1]
@@ -446,9 +450,7 @@ async def test_checks_whose_call_never_answered_are_settled_on_the_next_link() -
             assert (first.allowed, first.reason) == (False, "state_unavailable")
             # The next check finds the link broken (denied, not sent); it is found afresh.
             assert (await client.check(0, _check())).reason == "state_unavailable"
-            deadline = time.monotonic() + 3
-            while len(fake.batches) < 2 and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await fake.batches_seen(2)
             [settle] = fake.batches[1]
             assert (settle.voids, settle.deny) == ("*", "state_unavailable")
             # The same request: the shard finds its allow by the proof's jti.

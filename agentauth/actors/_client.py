@@ -15,7 +15,6 @@ turns into a deny, never into a hang or an allow.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import time
@@ -306,7 +305,7 @@ class ShardClient:
         reserved stays reserved: a proof is single-use, and spend is not handed back for a
         request whose fate the provider may not know either."""
         voids = [
-            dataclasses.replace(check, deny="state_timeout", voids=row[4], envelope=None)
+            check.voiding("state_timeout", row[4])
             for check, row in answered
             if row[0] is True and isinstance(row[4], str)
         ]
@@ -343,10 +342,7 @@ class ShardClient:
         Those it cannot take now wait for the next link."""
         pending = self._unsettled[shard]
         asked = [pending.popleft() for _ in range(len(pending))]
-        voids = [
-            dataclasses.replace(check, deny=answer, voids=ANY_ALLOW, envelope=None)
-            for check, answer in asked
-        ]
+        voids = [check.voiding(answer, ANY_ALLOW) for check, answer in asked]
         results = await asyncio.gather(*(self.check(shard, void) for void in voids))
         for (check, answer), result in zip(asked, results, strict=True):
             if result.audit_event is None:

@@ -168,7 +168,7 @@ class StateShard:
         # no allow among them reached a provider, so the chain says so. (A replica alive
         # will also ask about them on its next link; by then they are voided already.)
         undelivered = [
-            dataclasses.replace(check, deny=UNDELIVERED, voids=result.audit_event, envelope=None)
+            check.voiding(UNDELIVERED, result.audit_event)
             for check, result in zip(checks, results, strict=True)
             if result.allowed and result.audit_event
         ]
@@ -250,12 +250,14 @@ class StateShard:
         except Exception:  # database unreachable: nothing can be recorded, so deny all
             log.warning("shard %s cannot reach the database", self.index)
             return [Result(False, "audit_unavailable") for _ in checks]
-        outcomes = [
-            self.state.decide(check, now)
-            if check.voids is None or self._voidable(check.voids)
-            else Outcome(False, "malformed_check")
-            for check in checks
+        # A void naming no event of this chain is recorded as the malformed check it is.
+        checks = [
+            c
+            if c.voids is None or self._voidable(c.voids)
+            else dataclasses.replace(c, deny="malformed_check", voids=None)
+            for c in checks
         ]
+        outcomes = [self.state.decide(check, now) for check in checks]
         entries = self._chain(checks, outcomes, now)
         try:
             began = time.perf_counter()
@@ -392,7 +394,7 @@ class StateShard:
                 data["step_up_ref"] = check.step_up_ref
             if outcome.allowed and outcome.usage is not None:
                 data["usage"] = usage_to_json(outcome.usage)
-            void = check.voids is not None and self._voidable(check.voids)
+            void = check.voids is not None  # checked against this chain already
             if void:
                 data["voids"] = check.voids
             # Built without re-validation: every field is this shard's own or was validated

@@ -7,6 +7,7 @@ Time is an argument; nothing here does I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections import deque
 from dataclasses import dataclass, field
@@ -47,6 +48,12 @@ class Check:
     token_jti: str | None = None
     deny: str | None = None
     voids: str | None = None
+
+    def voiding(self, answer: str, event: str | None) -> Check:
+        """The record that this check's allow (``event``, or ``ANY_ALLOW``) reached no
+        client, which was told ``answer``. It keeps what names the request (agent, grant,
+        action, proof jti) and drops the envelope, which nothing decides on again."""
+        return dataclasses.replace(self, deny=answer, voids=event, envelope=None)
 
 
 @dataclass(frozen=True, slots=True)
