@@ -8,6 +8,8 @@ or a plain script) they are no-ops, so the service code records unconditionally.
     agentauth_verify_latency_seconds            histogram
     agentauth_grant_lookup_seconds              histogram: one grant-status lookup (Redis,
                                                 then PostgreSQL for the misses)
+    agentauth_shard_queue_seconds{shard}        histogram: how long a batch's oldest check
+                                                waited in the replica before its call left
     agentauth_shard_call_seconds{shard}         histogram: one batch's round trip to its
                                                 shard (decide and audit commit included)
     agentauth_audit_commit_seconds{shard}       histogram: one group commit of audit rows
@@ -35,6 +37,7 @@ _SPECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "verify_latency": ("histogram", "agentauth_verify_latency_seconds", ()),
     # The stages of a verification's wait, so a slow p99 can be traced to its dependency.
     "grant_lookup": ("histogram", "agentauth_grant_lookup_seconds", ()),
+    "shard_queue": ("histogram", "agentauth_shard_queue_seconds", ("shard",)),
     "shard_call": ("histogram", "agentauth_shard_call_seconds", ("shard",)),
     "audit_commit": ("histogram", "agentauth_audit_commit_seconds", ("shard",)),
     "cache_hits": ("counter", "agentauth_cache_hits_total", ("cache",)),

@@ -57,6 +57,7 @@ DASHBOARD_METRICS = frozenset(
         "ray_agentauth_decisions_total",
         "ray_agentauth_verify_latency_seconds_bucket",
         "ray_agentauth_grant_lookup_seconds_bucket",
+        "ray_agentauth_shard_queue_seconds_bucket",
         "ray_agentauth_shard_call_seconds_bucket",
         "ray_agentauth_audit_commit_seconds_bucket",
         "ray_agentauth_cache_hits_total",

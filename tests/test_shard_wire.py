@@ -389,6 +389,41 @@ async def test_an_answer_in_before_a_busy_loop_sees_it_is_not_a_timeout() -> Non
 
 
 @pytest.mark.asyncio
+async def test_a_check_queued_behind_a_call_in_flight_has_its_wait_timed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While a call is out, later checks wait in the replica: that wait is observed per
+    call (its oldest check's), apart from the call's own round trip, so an operator can
+    tell a queue in the replica from a slow shard."""
+    from agentauth.actors import ShardClient, _client
+
+    seen: list[tuple[str, float, dict[str, str] | None]] = []
+    monkeypatch.setattr(
+        _client, "observe", lambda name, value, tags=None: seen.append((name, value, tags))
+    )
+    with _FakeShard(lambda n, checks: (0.0, [_allow(n) for _ in checks]), hold=True) as fake:
+        client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=2.0)
+        try:
+            await client.connect()
+            first = asyncio.ensure_future(client.check(0, _check()))
+            while not fake.received.is_set():
+                await asyncio.sleep(0.001)
+            second = asyncio.ensure_future(client.check(0, _check()))
+            await asyncio.sleep(0.15)  # the first call is held by the shard meanwhile
+            fake.go.set()
+            assert [r.allowed for r in await asyncio.gather(first, second)] == [True, True]
+            waits = [(value, tags) for name, value, tags in seen if name == "shard_queue"]
+            assert [tags for _, tags in waits] == [{"shard": "0"}] * 2
+            assert waits[0][0] < 0.1  # the first left at once
+            assert waits[1][0] >= 0.15  # the second waited for the first to come back
+            calls = [value for name, value, _ in seen if name == "shard_call"]
+            assert len(calls) == 2
+            assert calls[1] < 0.15  # ... which is not the second call's own round trip
+        finally:
+            client.close()
+
+
+@pytest.mark.asyncio
 async def test_an_allow_that_came_too_late_is_marked_void_on_the_chain(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -126,6 +126,10 @@ class ShardClient:
         self._call_timeout = call_timeout
         self._connect_timeout = connect_timeout
         self._queues: list[list[tuple[Check, asyncio.Future[Result]]]] = [[] for _ in handles]
+        # When each queued check was queued (parallel to _queues): a call's oldest check
+        # says how long checks wait in this replica before their call leaves, the part of a
+        # verification's time that is neither the shard's nor the network's.
+        self._queued_at: list[list[float]] = [[] for _ in handles]
         self._scheduled = [False] * len(handles)
         self._inflight = [0] * len(handles)
         self._max_inflight = max_inflight
@@ -173,6 +177,7 @@ class ShardClient:
         future: asyncio.Future[Result] = loop.create_future()
         queue = self._queues[shard]
         queue.append((check, future))
+        self._queued_at[shard].append(time.perf_counter())
         if len(queue) >= self._max_batch:
             self._flush(shard)
         elif not self._scheduled[shard] and self._inflight[shard] < self._max_inflight:
@@ -191,6 +196,7 @@ class ShardClient:
         self._scheduled[shard] = False
         if self._overrun[shard] >= 2:
             queue, self._queues[shard] = self._queues[shard], []
+            self._queued_at[shard] = []
             for _, future in queue:
                 if not future.done():
                     future.set_result(Result(False, "state_timeout"))
@@ -202,7 +208,10 @@ class ShardClient:
             return  # a call is out: the queue leaves when it comes back (see _send)
         queue = self._queues[shard][: self._max_batch]
         self._queues[shard] = self._queues[shard][self._max_batch :]
+        queued_at = self._queued_at[shard]
+        self._queued_at[shard] = queued_at[self._max_batch :]
         if queue:
+            observe("shard_queue", time.perf_counter() - queued_at[0], self._tags[shard])
             self.batches += 1
             self.checks += len(queue)
             self._inflight[shard] += 1
