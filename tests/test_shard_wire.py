@@ -388,6 +388,34 @@ async def test_an_answer_in_before_a_busy_loop_sees_it_is_not_a_timeout() -> Non
             client.close()
 
 
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [],  # fewer rows than checks
+        [(True,)],  # a row cut short
+        [_allow(0), _allow(1)],  # more rows than checks
+    ],
+)
+@pytest.mark.asyncio
+async def test_an_answer_not_of_the_agreed_shape_is_a_deny(rows: list[tuple[Any, ...]]) -> None:
+    """Whatever a malformed answer says, nothing in it is trusted: an allow in it is not
+    taken, the check is denied."""
+    from agentauth.actors import ShardClient
+
+    with _FakeShard(lambda n, checks: (0.0, rows)) as fake:
+        client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=0.5)
+        try:
+            await client.connect()
+            result = await client.check(0, _check())
+            assert (result.allowed, result.reason, result.audit_event) == (
+                False,
+                "state_unavailable",
+                None,
+            )
+        finally:
+            client.close()
+
+
 @pytest.mark.asyncio
 async def test_a_check_queued_behind_a_call_in_flight_has_its_wait_timed(
     monkeypatch: pytest.MonkeyPatch,

@@ -37,6 +37,39 @@ Row = tuple[Any, ...]
 _MAX_UNSETTLED = 10_000
 
 
+_UNAVAILABLE = Result(False, "state_unavailable")
+_TIMEOUT = Result(False, "state_timeout")
+
+
+class _Out:
+    """A call out to a shard: its checks, and what its deadline did (``expired`` once its
+    checks were denied; ``silent``, the timer that tears the link down if the call stays
+    unanswered after that)."""
+
+    __slots__ = ("call", "expired", "items", "link", "sent", "shard", "silent")
+
+    def __init__(
+        self,
+        shard: int,
+        link: _Link,
+        items: list[tuple[Check, asyncio.Future[Result]]],
+        call: asyncio.Future[list[Row]],
+    ) -> None:
+        self.shard = shard
+        self.link = link
+        self.items = items
+        self.call = call
+        self.sent = time.perf_counter()
+        self.expired = False
+        self.silent: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def send(
+        cls, shard: int, link: _Link, items: list[tuple[Check, asyncio.Future[Result]]]
+    ) -> _Out:
+        return cls(shard, link, items, link.send([c for c, _ in items]))
+
+
 class _Link:
     """One connection to one shard, carrying any number of calls at once."""
 
@@ -186,11 +219,10 @@ class ShardClient:
                 loop.call_later(self._max_wait, self._flush, shard)
             else:  # still after every check already queued behind this one in the loop
                 loop.call_soon(self._flush, shard)
-        try:
-            # Resolved by _send within twice the timeout (see above); this is a backstop.
-            return await asyncio.wait_for(asyncio.shield(future), self._call_timeout)
-        except TimeoutError:
-            return Result(False, "state_timeout")
+        # Awaited bare: every batch is resolved by its answer, its deadline (a timer of its
+        # own) or its link's failure. Each layer of wait_for or shield would cost a turn of
+        # the event loop, and under load a turn is other requests' work (see _wait).
+        return await future
 
     def _flush(self, shard: int) -> None:
         self._scheduled[shard] = False
@@ -205,17 +237,22 @@ class ShardClient:
             self._inflight[shard] >= self._max_inflight
             and len(self._queues[shard]) < self._max_batch
         ):
-            return  # a call is out: the queue leaves when it comes back (see _send)
+            return  # a call is out: the queue leaves when it comes back (see _finish)
         queue = self._queues[shard][: self._max_batch]
         self._queues[shard] = self._queues[shard][self._max_batch :]
         queued_at = self._queued_at[shard]
         self._queued_at[shard] = queued_at[self._max_batch :]
-        if queue:
-            observe("shard_queue", time.perf_counter() - queued_at[0], self._tags[shard])
-            self.batches += 1
-            self.checks += len(queue)
-            self._inflight[shard] += 1
-            asyncio.get_running_loop().create_task(self._send(shard, queue))
+        if not queue:
+            return
+        observe("shard_queue", time.perf_counter() - queued_at[0], self._tags[shard])
+        self.batches += 1
+        self.checks += len(queue)
+        self._inflight[shard] += 1
+        link = self._links[shard]
+        if link is not None and link.alive:  # the batch leaves now, not a turn later
+            self._watch(self._wait(_Out.send(shard, link, queue)))
+        else:
+            self._watch(self._connect_and_send(shard, queue))
 
     async def _link(self, shard: int) -> _Link:
         link = self._links[shard]
@@ -252,61 +289,100 @@ class ShardClient:
         finally:
             self._connecting[shard] = None
 
-    async def _send(self, shard: int, items: list[tuple[Check, asyncio.Future[Result]]]) -> None:
-        results = [Result(False, "state_unavailable")] * len(items)
-        call: asyncio.Future[list[Row]] | None = None
+    async def _connect_and_send(
+        self, shard: int, items: list[tuple[Check, asyncio.Future[Result]]]
+    ) -> None:
         try:
             link = await asyncio.wait_for(self._link(shard), self._timeout)
-            sent = time.perf_counter()
-            call = link.send([c for c, _ in items])
-            rows: list[Row] | None
-            try:
-                rows = await asyncio.wait_for(asyncio.shield(call), self._timeout)
-            except TimeoutError:
-                rows = await _arrived(call)
-                if rows is None:
-                    # The shard may still record these decisions: the clients get a deny,
-                    # and any allow among them is marked void on the chain once it comes.
-                    results = [Result(False, "state_timeout")] * len(items)
-                    self._overrun[shard] += 1
-                    self._watch(self._await_overrun(shard, link, call, items))
-                    return
-            observe("shard_call", time.perf_counter() - sent, self._tags[shard])
-            if len(rows) == len(items):
-                results = [Result(row[0] is True, row[1], row[2], row[3], row[4]) for row in rows]
         except Exception:  # dead, restarting or unreachable: deny, never allow
             log.warning("shard %s unreachable; its checks are denied", shard)
-            if call is not None:  # sent before the link broke: decided or not, unknown
-                self._unsettle(shard, items, "state_unavailable")
-        finally:
-            for (_, future), result in zip(items, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
-            self._inflight[shard] -= 1
-            if self._queues[shard]:
-                self._flush(shard)  # what queued up meanwhile leaves now, as one call
+            self._finish(shard, items, [_UNAVAILABLE] * len(items))
+            return
+        await self._wait(_Out.send(shard, link, items))
 
-    async def _await_overrun(
+    async def _wait(self, out: _Out) -> None:
+        """See a sent call through. Its checks are answered with its rows, or denied at its
+        deadline (``_deadline``), or denied when its link fails. A call past its deadline
+        is still awaited: the shard is healthy again once it answers, and the allows it
+        brings reached nobody and are voided; a link silent for ``call_timeout`` after the
+        deadline is torn down (the next check finds the shard afresh)."""
+        shard, items = out.shard, out.items
+        timer = asyncio.get_running_loop().call_later(self._timeout, self._deadline, out, 2)
+        try:
+            rows = await out.call  # one turn of the loop after the link's reader has it
+        except BaseException:  # the link broke or was torn down: decided or not, unknown
+            if out.silent is not None:
+                out.silent.cancel()
+            if out.expired:
+                self._overrun[shard] = max(0, self._overrun[shard] - 1)
+                self._unsettle(shard, items, "state_timeout")
+            else:
+                log.warning("shard %s unreachable; its checks are denied", shard)
+                self._unsettle(shard, items, "state_unavailable")
+                self._finish(shard, items, [_UNAVAILABLE] * len(items))
+            if not out.call.done():
+                raise  # this task was cancelled (shutdown), not the call
+            return
+        finally:
+            timer.cancel()
+        if out.expired:
+            if out.silent is not None:
+                out.silent.cancel()
+            self._overrun[shard] = 0  # it answers: whatever else is out will follow
+            if len(rows) == len(items):
+                checks = [check for check, _ in items]
+                await self._void(shard, list(zip(checks, rows, strict=True)))
+            return
+        observe("shard_call", time.perf_counter() - out.sent, self._tags[shard])
+        try:
+            if len(rows) != len(items):
+                raise ValueError("one row per check expected")
+            results = [Result(r[0] is True, r[1], r[2], r[3], r[4]) for r in rows]
+        except (ValueError, IndexError, TypeError):
+            # Not the answer agreed on: nothing in it is trusted, and whatever the shard
+            # decided for these checks is unknown, as if the link had broken.
+            log.warning("shard %s sent a malformed answer; its checks are denied", shard)
+            self._unsettle(shard, items, "state_unavailable")
+            results = [_UNAVAILABLE] * len(items)
+        self._finish(shard, items, results)
+
+    def _deadline(self, out: _Out, turns: int) -> None:
+        """A call's timer. After a stall of this event loop (a long callback, a descheduled
+        process) the timer and the answer are due together, and the timer may run first:
+        the answer is given two more turns of the loop for the link's reader to take what
+        the socket holds. An answer that came is the shard's committed decision: using it
+        is neither late for the client (that time is spent) nor a second decision."""
+        if out.call.done():
+            return
+        loop = asyncio.get_running_loop()
+        if turns:
+            loop.call_soon(self._deadline, out, turns - 1)
+            return
+        # The shard may still record these decisions: the clients get a deny, and any
+        # allow among them is marked void on the chain once it comes (see _wait).
+        out.expired = True
+        self._overrun[out.shard] += 1
+        out.silent = loop.call_later(self._call_timeout, self._silent, out)
+        self._finish(out.shard, out.items, [_TIMEOUT] * len(out.items))
+
+    def _silent(self, out: _Out) -> None:
+        if not out.call.done():
+            log.warning("shard %s did not answer for %.0f s", out.shard, self._call_timeout)
+            out.link.close()
+
+    def _finish(
         self,
         shard: int,
-        link: _Link,
-        call: asyncio.Future[list[Row]],
         items: list[tuple[Check, asyncio.Future[Result]]],
+        results: list[Result],
     ) -> None:
-        """Wait out a call that overran: the shard is healthy again once it answers; a link
-        silent for ``call_timeout`` is torn down (the next check finds the shard afresh)."""
-        try:
-            rows = await asyncio.wait_for(call, self._call_timeout)
-            self._overrun[shard] = 0  # it answers: whatever else is out will follow
-        except Exception:
-            link.close()
-            log.warning("shard %s did not answer for %.0f s", shard, self._call_timeout)
-            self._overrun[shard] = max(0, self._overrun[shard] - 1)
-            self._unsettle(shard, items, "state_timeout")
-            return
-        if len(rows) == len(items):
-            checks = [check for check, _ in items]
-            await self._void(shard, list(zip(checks, rows, strict=True)))
+        """Answer a call's checks, free its slot and send what queued up meanwhile."""
+        for (_, future), result in zip(items, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+        self._inflight[shard] -= 1
+        if self._queues[shard]:
+            self._flush(shard)  # what queued up meanwhile leaves now, as one call
 
     async def _void(self, shard: int, answered: list[tuple[Check, Row]]) -> None:
         """Record on the chain that these allows reached no client (each was answered
@@ -356,16 +432,3 @@ class ShardClient:
         for (check, answer), result in zip(asked, results, strict=True):
             if result.audit_event is None:
                 pending.append((check, answer))
-
-
-async def _arrived(call: asyncio.Future[list[Row]]) -> list[Row] | None:
-    """The answer, if it is in already though its deadline passed: after a stall of this
-    event loop (a long callback, a descheduled process) the timer and the answer are due
-    together, and the timer may run first. One turn lets the link's reader take what the
-    socket holds. An answer that came is the shard's committed decision: using it is
-    neither late for the client (that time is spent) nor a second decision."""
-    if not call.done():
-        await asyncio.sleep(0)
-    if call.done() and not call.cancelled() and call.exception() is None:
-        return call.result()
-    return None
