@@ -7,7 +7,7 @@
                                    check every audit chain and signed checkpoint
                                    (or an exported archive, offline)
     agentauth agents|grants list   what the registry holds
-    agentauth bench protocol|issuance|verify   run a benchmark
+    agentauth bench protocol|issuance|verify|shard_client   run a benchmark
     agentauth schemas [DIR]        write the JSON Schemas of the public documents
 
 Configuration comes from the environment (DATABASE_URL, REDIS_URL, AGENTAUTH_DATA_DIR, ...);
@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         lister.add_argument("action", choices=["list"])
         lister.set_defaults(run=cmd_list, what=what)
     bench = commands.add_parser("bench", help="run a benchmark from bench/")
-    bench.add_argument("which", choices=["protocol", "issuance", "verify"])
+    bench.add_argument("which", choices=["protocol", "issuance", "verify", "shard_client"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(run=cmd_bench)
     schemas = commands.add_parser("schemas", help="write the JSON Schemas")
