@@ -15,6 +15,7 @@ import time
 
 import asyncpg
 import pytest
+from shard_checks import a_check
 
 from agentauth.actors import Check, StateShard
 from agentauth.protocol import Action, Envelope
@@ -24,15 +25,13 @@ ENVELOPE = Envelope.model_validate({"rate_limits": [{"max_count": 100, "window_s
 
 
 def _check(jti: str, iat: float) -> Check:
-    return Check(
-        agent_id="agt_chain",
-        provider_id="prov_chain",
-        grant_id="grt_chain",
-        jkt="k" * 43,
+    return a_check(
+        "chain",
         jti=jti,
         iat=iat,
         action=Action(kind="read", resource="calendar/events"),
         envelope=ENVELOPE,
+        token_jti=None,
     )
 
 

@@ -18,9 +18,10 @@ from typing import Any
 import asyncpg
 import pytest
 from conftest import verifier_settings
+from shard_checks import a_check
 
 from agentauth.actors import Check, Result, ShardClient
-from agentauth.protocol import Action, Envelope
+from agentauth.protocol import Envelope
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres]
 ENVELOPE = Envelope.model_validate({"rate_limits": [{"max_count": 1000, "window_seconds": 60}]})
@@ -43,17 +44,7 @@ async def test_every_allow_on_the_chain_reached_a_client_or_is_voided(
     grant_id = f"grt_overrun_{secrets.token_hex(4)}"
 
     def check() -> Check:
-        return Check(
-            agent_id="agt_overrun",
-            provider_id="prov_overrun",
-            grant_id=grant_id,
-            jkt="k" * 43,
-            jti=secrets.token_urlsafe(12),
-            iat=time.time(),
-            action=Action(kind="read", resource="things/1"),
-            envelope=ENVELOPE,
-            token_jti="tok_overrun",
-        )
+        return a_check("overrun", grant_id=grant_id, envelope=ENVELOPE)
 
     handles = shard_handles(verifier_settings(registry_settings))
     # Hasty overruns while the lock is held (and still has time for its voids afterwards,

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import secrets
 import time
-from decimal import Decimal
 
 import pytest
+from shard_checks import a_check, payment
 
 from agentauth.actors import Check, StateShard
-from agentauth.protocol import Action, Envelope
+from agentauth.protocol import Envelope
 
 INDEX = 702
 ENVELOPE = Envelope.model_validate(
@@ -26,15 +26,13 @@ ENVELOPE = Envelope.model_validate(
 
 
 def _pay(grant: str, amount: str, iat: float) -> Check:
-    return Check(
-        agent_id="agt_restore",
-        provider_id="prov_restore",
+    return a_check(
+        "restore",
         grant_id=grant,
-        jkt="k" * 43,
-        jti=secrets.token_urlsafe(12),
         iat=iat,
-        action=Action(kind="transact", resource="pay/x", amount=Decimal(amount), currency="EUR"),
+        action=payment(amount),
         envelope=ENVELOPE,
+        token_jti=None,
     )
 
 

@@ -12,17 +12,17 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from decimal import Decimal
 from typing import Any
 
 import asyncpg
 import msgpack
 import pytest
 import pytest_asyncio
+from shard_checks import a_check, payment
 
 from agentauth.actors import Check, StateShard
 from agentauth.actors._wire import MAX_FRAME, Codec, decode_results, frame, read_frame
-from agentauth.protocol import Action, Envelope
+from agentauth.protocol import Envelope
 
 ENVELOPE = Envelope.model_validate(
     {
@@ -34,21 +34,8 @@ ENVELOPE = Envelope.model_validate(
 
 
 def _check(**changes: Any) -> Check:
-    fields: dict[str, Any] = {
-        "agent_id": "agt_wire",
-        "provider_id": "prov_wire",
-        "grant_id": "grt_wire",
-        "jkt": "k" * 43,
-        "jti": secrets.token_urlsafe(12),
-        "iat": time.time(),
-        "action": Action(
-            kind="transact", resource="pay/x", amount=Decimal("12.50"), currency="EUR"
-        ),
-        "envelope": ENVELOPE,
-        "token_jti": "tok",
-    }
-    fields.update(changes)
-    return Check(**fields)
+    fields: dict[str, Any] = {"action": payment("12.50"), "envelope": ENVELOPE, "token_jti": "tok"}
+    return a_check("wire", **(fields | changes))
 
 
 def _payload(framed: bytes) -> bytes:
@@ -358,6 +345,10 @@ class _FakeShard:
             writer.close()
 
 
+def _fields(check: Check, names: tuple[str, ...]) -> tuple[Any, ...]:
+    return tuple(getattr(check, name) for name in names)
+
+
 def _allow(seq: int) -> tuple[Any, ...]:
     return (True, "ok", None, None, f"verifier-9:{seq}")
 
@@ -477,15 +468,10 @@ async def test_an_allow_that_came_too_late_is_marked_void_on_the_chain(
             assert len(fake.batches) == 2
             [void] = fake.batches[1]
             assert (void.deny, void.voids) == ("state_timeout", "verifier-9:0")
-            assert (void.agent_id, void.provider_id, void.grant_id, void.token_jti) == (
-                first.agent_id,
-                first.provider_id,
-                first.grant_id,
-                first.token_jti,
-            )
-            assert void.action == first.action
-            # The request is named (its proof_jti goes on the chain); no envelope travels.
-            assert (void.jti, void.envelope) == (first.jti, None)
+            # The same request, named by its proof (its proof_jti goes on the chain) ...
+            same = ("agent_id", "provider_id", "grant_id", "token_jti", "action", "jti")
+            assert _fields(void, same) == _fields(first, same)
+            assert void.envelope is None  # ... and no envelope travels
             assert "not marked void" not in caplog.text
         finally:
             client.close()
@@ -517,12 +503,8 @@ async def test_checks_whose_call_never_answered_are_settled_on_the_next_link() -
             [settle] = fake.batches[1]
             assert (settle.voids, settle.deny) == ("*", "state_unavailable")
             # The same request: the shard finds its allow by the proof's jti.
-            assert (settle.agent_id, settle.grant_id, settle.jkt, settle.jti) == (
-                lost.agent_id,
-                lost.grant_id,
-                lost.jkt,
-                lost.jti,
-            )
+            same = ("agent_id", "grant_id", "jkt", "jti")
+            assert _fields(settle, same) == _fields(lost, same)
             assert settle.envelope is None
         finally:
             client.close()

@@ -9,7 +9,6 @@ here without a Prometheus scrape.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from typing import Any
 
@@ -17,8 +16,9 @@ import httpx
 import pytest
 from conftest import verifier_settings
 from registry_world import World
+from shard_checks import a_check
 
-from agentauth.protocol import Action, Capability, Envelope, create_dpop_proof
+from agentauth.protocol import Capability, Envelope, create_dpop_proof
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.redis]
 API = "https://api.example/v1/things"
@@ -97,24 +97,14 @@ async def _verify_twice(world: World, registry_settings: Any) -> tuple[Any, list
 
 
 async def _three_checks_on_a_new_shard(database_url: str, index: int) -> list[Any]:
-    from agentauth.actors import Check, StateShard
+    from agentauth.actors import StateShard
 
     envelope = Envelope.model_validate({"rate_limits": [{"max_count": 10, "window_seconds": 60}]})
     shard = StateShard(index=index, database_url=database_url)
     try:
         return await shard.check_batch(
             [
-                Check(
-                    agent_id="agt_stage",
-                    provider_id="prov_stage",
-                    grant_id=f"grt_stage_{index}",
-                    jkt="k" * 43,
-                    jti=secrets.token_urlsafe(12),
-                    iat=time.time(),
-                    action=Action(kind="read", resource="things/1"),
-                    envelope=envelope,
-                    token_jti="tok",
-                )
+                a_check("stage", grant_id=f"grt_stage_{index}", envelope=envelope, token_jti="tok")
                 for _ in range(3)
             ]
         )
