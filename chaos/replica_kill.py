@@ -43,8 +43,10 @@ async def run(ctx: Context) -> Result:
     await asyncio.sleep(3.0)
 
     victim = before[0]
+    actor = ray.get_actor(victim, namespace="serve")
     killed_at = time.monotonic()
-    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    # In a thread, as in shard_kill: this loop also times the traffic's answers.
+    await asyncio.to_thread(ray.kill, actor, no_restart=True)
 
     async def replaced() -> bool:
         # A replica named anew (the replacement), the victim gone, and the controller

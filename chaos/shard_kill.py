@@ -48,7 +48,12 @@ async def run(ctx: Context) -> Result:
     handle = ray.get_actor(f"agentauth-shard-{victim}", namespace="agentauth")
     old_start = await handle.ping.remote()
     killed_at = time.monotonic()
-    ray.kill(handle, no_restart=False)
+    # In a thread: ray.kill blocks for a round trip to the GCS, and this loop also times the
+    # traffic's answers; blocked, it would stamp the denials that arrive meanwhile late.
+    await asyncio.to_thread(ray.kill, handle, no_restart=False)
+    result.notes.append(
+        f"ray.kill returned {(time.monotonic() - killed_at) * 1000:.1f} ms after the call"
+    )
     allowed_before = [
         (o, body)
         for o, body in traffic.allowed_bodies()
