@@ -54,12 +54,13 @@ class _Out:
         link: _Link,
         items: list[tuple[Check, asyncio.Future[Result]]],
         call: asyncio.Future[list[Row]],
+        sent: float,
     ) -> None:
         self.shard = shard
         self.link = link
         self.items = items
         self.call = call
-        self.sent = time.perf_counter()
+        self.sent = sent
         self.expired = False
         self.silent: asyncio.TimerHandle | None = None
 
@@ -67,7 +68,8 @@ class _Out:
     def send(
         cls, shard: int, link: _Link, items: list[tuple[Check, asyncio.Future[Result]]]
     ) -> _Out:
-        return cls(shard, link, items, link.send([c for c, _ in items]))
+        sent = time.perf_counter()  # the call's time includes writing it
+        return cls(shard, link, items, link.send([c for c, _ in items]), sent)
 
 
 class _Link:
@@ -205,7 +207,7 @@ class ShardClient:
 
     async def check(self, shard: int, check: Check) -> Result:
         if self._overrun[shard] >= 2:
-            return Result(False, "state_timeout")
+            return _TIMEOUT
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
         queue = self._queues[shard]
@@ -231,7 +233,7 @@ class ShardClient:
             self._queued_at[shard] = []
             for _, future in queue:
                 if not future.done():
-                    future.set_result(Result(False, "state_timeout"))
+                    future.set_result(_TIMEOUT)
             return
         if (
             self._inflight[shard] >= self._max_inflight
@@ -311,8 +313,6 @@ class ShardClient:
         try:
             rows = await out.call  # one turn of the loop after the link's reader has it
         except BaseException:  # the link broke or was torn down: decided or not, unknown
-            if out.silent is not None:
-                out.silent.cancel()
             if out.expired:
                 self._overrun[shard] = max(0, self._overrun[shard] - 1)
                 self._unsettle(shard, items, "state_timeout")
@@ -325,9 +325,9 @@ class ShardClient:
             return
         finally:
             timer.cancel()
-        if out.expired:
             if out.silent is not None:
                 out.silent.cancel()
+        if out.expired:
             self._overrun[shard] = 0  # it answers: whatever else is out will follow
             if len(rows) == len(items):
                 checks = [check for check, _ in items]
