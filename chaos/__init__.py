@@ -16,6 +16,7 @@ EXPERIMENTS = (
     "clock_skew",
     "replica_kill",
     "shard_kill",
+    "shard_stall",
     "redis_down",
     "postgres_down",
     "slow_signer",

@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 from shard_checks import a_check, payment
 
-from agentauth.actors import Check, StateShard
+from agentauth.actors import Check, Result, StateShard
 from agentauth.actors._wire import MAX_FRAME, Codec, decode_results, frame, read_frame
 from agentauth.protocol import Envelope
 
@@ -273,13 +273,81 @@ async def test_a_stuck_shard_is_denied_fast_and_not_flooded() -> None:
         await server.wait_closed()
 
 
-Answer = Callable[[int, list[Check]], tuple[float, list[tuple[Any, ...]]] | None]
+def _hung_after_one(n: int, checks: list[Check]) -> tuple[float | None, list[tuple[Any, ...]]]:
+    """A shard that answers its first call (it warms this process up: the metrics, the
+    codec), then reads every call and answers none: hung, not dead."""
+    return (0.0, [_allow(n) for _ in checks]) if n == 0 else (None, [])
+
+
+@pytest.mark.asyncio
+async def test_checks_queued_behind_a_call_to_a_hung_shard_wait_one_timeout_in_all() -> None:
+    """Checks that queue up behind a call the shard never answers are denied within the
+    timeout of their own arrival, not sent behind it with a timeout of their own (which
+    would let a hung shard hold them for up to twice the timeout)."""
+    from agentauth.actors import ShardClient
+
+    timeout = 0.2
+    with _FakeShard(_hung_after_one) as fake:
+        client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=timeout)
+
+        async def timed() -> tuple[float, Result]:
+            began = time.perf_counter()
+            result = await client.check(0, _check())
+            return time.perf_counter() - began, result
+
+        try:
+            await client.connect()
+            assert (await client.check(0, _check())).allowed
+            first = asyncio.ensure_future(timed())
+            behind = []
+            for _ in range(4):  # arriving while the first call is out
+                await asyncio.sleep(timeout / 5)
+                behind.append(asyncio.ensure_future(timed()))
+            answers = await asyncio.gather(first, *behind)
+            assert {(r.allowed, r.reason) for _, r in answers} == {(False, "state_timeout")}
+            # The slack is for a busy machine; sent behind the first call with a timeout
+            # of its own, the first check behind would take 1.8 times the timeout.
+            assert max(elapsed for elapsed, _ in answers) < timeout * 1.5
+            await fake.batches_seen(3)
+            assert len(fake.batches) == 3  # the warm-up, the first call, those behind it
+        finally:
+            client.close()
+
+
+@pytest.mark.asyncio
+async def test_checks_out_of_time_behind_an_overrun_call_are_denied_unsent() -> None:
+    """Checks whose whole timeout went by behind a call that overran (here the loop
+    itself stalls) are denied without a call of their own: with a hung shard such a call
+    could only time out, and with a slow one it would decide allows nobody gets."""
+    from agentauth.actors import ShardClient
+
+    timeout = 0.05
+    with _FakeShard(_hung_after_one) as fake:
+        client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=timeout)
+        try:
+            await client.connect()
+            assert (await client.check(0, _check())).allowed
+            first = asyncio.ensure_future(client.check(0, _check()))
+            await fake.batches_seen(2)
+            behind = [asyncio.ensure_future(client.check(0, _check())) for _ in range(3)]
+            await asyncio.sleep(0)  # queued behind the first call
+            time.sleep(timeout * 1.5)  # a stall: the first call's deadline and theirs pass
+            answers = await asyncio.gather(first, *behind)
+            assert {(r.allowed, r.reason) for r in answers} == {(False, "state_timeout")}
+            await asyncio.sleep(timeout)
+            assert len(fake.batches) == 2  # the warm-up and the first call only
+        finally:
+            client.close()
+
+
+Answer = Callable[[int, list[Check]], tuple[float | None, list[tuple[Any, ...]]] | None]
 
 
 class _FakeShard:
     """A shard's wire end in its own thread and event loop, so it answers while the
     test's loop is blocked. ``answer(n, checks)`` gives the delay and the rows of the
-    n-th batch, or None to drop the connection unanswered; every batch received is kept.
+    n-th batch (a delay of None: never answered, the next batch is read), or None to
+    drop the connection unanswered; every batch received is kept.
     With ``hold``, it answers only once ``go`` is set."""
 
     def __init__(self, answer: Answer, *, hold: bool = False) -> None:
@@ -334,6 +402,8 @@ class _FakeShard:
                 if answer is None:
                     return
                 delay, rows = answer
+                if delay is None:
+                    continue
                 if self._hold:
                     await asyncio.get_running_loop().run_in_executor(None, self.go.wait, 5)
                 if delay:

@@ -155,6 +155,7 @@ class ShardClient:
         # How long a call may be out before its checks are denied. It bounds the shard's
         # part only: time a check spends queued behind the call in flight is bounded by
         # that call's own limit, and is the replica's load, not a sign of a stuck shard.
+        # Behind a call that overran it is a sign, and counts (see _flush).
         self._timeout = timeout
         # A call outlives the client's own deny (a shard may take up to its database
         # timeout to commit), but not forever: a link silent this long is torn down.
@@ -246,13 +247,27 @@ class ShardClient:
         self._queued_at[shard] = queued_at[self._max_batch :]
         if not queue:
             return
-        observe("shard_queue", time.perf_counter() - queued_at[0], self._tags[shard])
+        waited = time.perf_counter() - queued_at[0]
+        observe("shard_queue", waited, self._tags[shard])
+        limit = self._timeout
+        if self._overrun[shard]:
+            # These checks queued up behind a call that overran: the shard may be hung.
+            # The call gets what is left of its oldest check's timeout, not a new one, so
+            # a hung shard holds no check longer than the timeout in all.
+            limit -= waited
+            if limit <= 0:  # out of time already: denied here, not sent
+                for _, future in queue:
+                    if not future.done():
+                        future.set_result(_TIMEOUT)
+                if self._queues[shard]:  # (a full batch leaves at once: not expected)
+                    self._flush(shard)
+                return
         self.batches += 1
         self.checks += len(queue)
         self._inflight[shard] += 1
         link = self._links[shard]
         if link is not None and link.alive:  # the batch leaves now, not a turn later
-            self._watch(self._wait(_Out.send(shard, link, queue)))
+            self._watch(self._wait(_Out.send(shard, link, queue), limit))
         else:
             self._watch(self._connect_and_send(shard, queue))
 
@@ -300,16 +315,17 @@ class ShardClient:
             log.warning("shard %s unreachable; its checks are denied", shard)
             self._finish(shard, items, [_UNAVAILABLE] * len(items))
             return
-        await self._wait(_Out.send(shard, link, items))
+        await self._wait(_Out.send(shard, link, items), self._timeout)
 
-    async def _wait(self, out: _Out) -> None:
+    async def _wait(self, out: _Out, limit: float) -> None:
         """See a sent call through. Its checks are answered with its rows, or denied at its
         deadline (``_deadline``), or denied when its link fails. A call past its deadline
         is still awaited: the shard is healthy again once it answers, and the allows it
         brings reached nobody and are voided; a link silent for ``call_timeout`` after the
-        deadline is torn down (the next check finds the shard afresh)."""
+        deadline is torn down (the next check finds the shard afresh). ``limit`` is the
+        call's time before its deadline."""
         shard, items = out.shard, out.items
-        timer = asyncio.get_running_loop().call_later(self._timeout, self._deadline, out, 2)
+        timer = asyncio.get_running_loop().call_later(limit, self._deadline, out, 2)
         try:
             rows = await out.call  # one turn of the loop after the link's reader has it
         except BaseException:  # the link broke or was torn down: decided or not, unknown
