@@ -256,3 +256,54 @@ async def test_server_nonces_when_configured(world: World, registry_settings: An
             assert answer["decision"] == "allow", answer
     finally:
         await verifier.close()
+
+
+class _GoneShard:
+    """A shard handle whose endpoint cannot be had: the shard is gone."""
+
+    class _Endpoint:
+        def remote(self) -> Any:
+            async def gone() -> Any:
+                raise ConnectionError("no such shard")
+
+            return gone()
+
+    endpoint = _Endpoint()
+
+
+@pytest.mark.asyncio
+async def test_a_deny_its_shard_could_not_record_keeps_its_own_reason(
+    world: World, local_verifier: tuple[httpx.AsyncClient, Any]
+) -> None:
+    """A request denied before the shard (a proof for another URL) still goes to its shard
+    to be recorded. When the shard cannot record it, the answer keeps its own reason (a
+    retry would be denied the same way) and names no audit event; a request only the
+    shard could decide is denied ``state_unavailable``."""
+    from agentauth.actors import ShardClient
+
+    client, verifier = local_verifier
+    agent, provider, token = await _setup(world)
+
+    def elsewhere() -> dict[str, Any]:
+        proof = create_dpop_proof(
+            agent.key, htm="GET", htu=API + "/other", now=time.time(), access_token=token
+        )
+        return {**_body(agent.key, token), "proof": proof}
+
+    recorded, _ = await _ask(client, provider, elsewhere())
+    assert recorded["decision"] == "deny" and recorded["audit_event"] is not None
+    reason = recorded["reason"]
+    assert reason.startswith("invalid_dpop_proof")
+
+    own = verifier.shards
+    verifier.shards = ShardClient([_GoneShard()] * own.shards, timeout=0.05)
+    try:
+        unrecorded, _ = await _ask(client, provider, elsewhere())
+        undecided, _ = await _ask(client, provider, _body(agent.key, token))
+    finally:
+        verifier.shards.close()
+        verifier.shards = own
+    assert (unrecorded["decision"], unrecorded["reason"]) == ("deny", reason)
+    assert unrecorded["audit_event"] is None
+    assert (undecided["decision"], undecided["reason"]) == ("deny", "state_unavailable")
+    assert undecided["audit_event"] is None

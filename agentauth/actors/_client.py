@@ -155,7 +155,8 @@ class ShardClient:
         # How long a call may be out before its checks are denied. It bounds the shard's
         # part only: time a check spends queued behind the call in flight is bounded by
         # that call's own limit, and is the replica's load, not a sign of a stuck shard.
-        # Behind a call that overran it is a sign, and counts (see _flush).
+        # Behind a call that overran it is a sign, and counts in part (see _flush): a hung
+        # shard holds a check for at most 1.5 times the timeout, not twice.
         self._timeout = timeout
         # A call outlives the client's own deny (a shard may take up to its database
         # timeout to commit), but not forever: a link silent this long is torn down.
@@ -251,17 +252,12 @@ class ShardClient:
         observe("shard_queue", waited, self._tags[shard])
         limit = self._timeout
         if self._overrun[shard]:
-            # These checks queued up behind a call that overran: the shard may be hung.
-            # The call gets what is left of its oldest check's timeout, not a new one, so
-            # a hung shard holds no check longer than the timeout in all.
-            limit -= waited
-            if limit <= 0:  # out of time already: denied here, not sent
-                for _, future in queue:
-                    if not future.done():
-                        future.set_result(_TIMEOUT)
-                if self._queues[shard]:  # (a full batch leaves at once: not expected)
-                    self._flush(shard)
-                return
+            # These checks queued up behind a call that overran: the shard may be hung,
+            # so the call gets what is left of its oldest check's timeout, not a new one.
+            # But at least half of one: at saturation a call overruns because this loop
+            # was late to read its answer, and the shard answers the next call soon after;
+            # denying that one too would turn each overrun into a run of denials.
+            limit = max(limit - waited, limit / 2)
         self.batches += 1
         self.checks += len(queue)
         self._inflight[shard] += 1

@@ -27,7 +27,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..actors import Check, ShardClient, shard_for
+from ..actors import Check, Result, ShardClient, shard_for
 from ..metrics import CounterBuffer, observe, set_gauge
 from ..protocol import (
     AccessToken,
@@ -395,6 +395,10 @@ class Verifier:
             check = await self._stateful_prechecks(check, token, body)
         shard = shard_for(check.agent_id, self.shards.shards)
         result = await self.shards.check(shard, check)
+        if check.deny is not None and result.audit_event is None:
+            # Denied here, and the shard that was to record it could not: the answer keeps
+            # its own reason (a retry would get the same), with no event to name.
+            result = Result(False, check.deny)
         self.decisions[result.reason] = self.decisions.get(result.reason, 0) + 1
         answer: dict[str, Any] = {
             "decision": "allow" if result.allowed else "deny",
