@@ -4,14 +4,17 @@ The session's shard actor 0 (a Ray actor with the session's PostgreSQL) is held 
 row lock on its chain head, so its commit waits while a ``ShardClient`` in this process,
 with a short timeout, answers ``state_timeout``. When the lock goes, the shard commits the
 allows it decided meanwhile; every one of them must then be voided on the chain, and every
-allow a client did receive must not be.
+allow a client did receive must not be. A shard actor of its own is stopped outright
+(SIGSTOP), its whole process, and let go again: the same must hold.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import signal
 import time
 from typing import Any
 
@@ -88,3 +91,81 @@ async def test_every_allow_on_the_chain_reached_a_client_or_is_voided(
     assert {v["voids"] for v in voids} == allows - told  # each late allow, once
     assert len(voids) == 10 and all(v["reason"] == "state_timeout" for v in voids)
     assert told <= allows
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("serve_port")  # Ray is up
+async def test_a_stopped_shard_actor_is_denied_fast_and_answers_again_by_itself(
+    migrated_database_url: str,
+) -> None:
+    """A shard actor's process stopped (SIGSTOP): hung, not dead, its link still open.
+    Checks for it are denied ``state_timeout`` within 1.5 timeouts of their arrival, and at
+    once from the second overrun call on. Let go (SIGCONT), it answers again by itself, and
+    the allows it decided for calls already denied are voided on its chain."""
+    import ray
+
+    from agentauth.actors import StateShard
+
+    grant_id = f"grt_stopped_{secrets.token_hex(4)}"
+
+    def check() -> Check:
+        return a_check("stopped", grant_id=grant_id, envelope=ENVELOPE)
+
+    shard = (
+        ray.remote(StateShard)
+        .options(num_cpus=0)
+        .remote(index=708, database_url=migrated_database_url)
+    )
+    pid = await shard.__ray_call__.remote(lambda _: os.getpid())
+    timeout = 0.2
+    client = ShardClient([shard], timeout=timeout)
+
+    async def timed() -> tuple[float, Result]:
+        began = time.perf_counter()
+        result = await client.check(0, check())
+        return time.perf_counter() - began, result
+
+    db = await asyncpg.connect(migrated_database_url)
+    try:
+        await client.connect()
+        received = [await client.check(0, check())]
+        assert received[0].allowed
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            first = asyncio.ensure_future(timed())
+            behind = []
+            for _ in range(3):  # arriving while the first call is out
+                await asyncio.sleep(timeout / 4)
+                behind.append(asyncio.ensure_future(timed()))
+            stalled = await asyncio.gather(first, *behind)
+            at_once = await timed()  # two calls overran: the shard looks hung
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert {(r.allowed, r.reason) for _, r in [*stalled, at_once]} == {(False, "state_timeout")}
+        assert max(elapsed for elapsed, _ in stalled) < timeout * 1.5 + 0.1
+        assert at_once[0] < timeout / 4
+
+        deadline = time.monotonic() + 10
+        while not received[-1].allowed or len(received) == 1:
+            assert time.monotonic() < deadline, "the shard did not answer again"
+            await asyncio.sleep(0.05)
+            received.append(await client.check(0, check()))
+
+        # Its late answers: each allow in them reached nobody and is voided, once.
+        told = {r.audit_event for r in received if r.allowed}
+        while True:
+            rows = await _chain_rows(db, grant_id)
+            allows = {event_id for event_id, event, _ in rows if event == "verify.allow"}
+            voids = [data["voids"] for _, event, data in rows if event == "verify.void"]
+            if set(voids) == allows - told or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        # The two calls that overran (4 checks) were decided once it ran again; the check
+        # denied at once was never sent.
+        assert len(allows - told) == 4
+        assert sorted(voids) == sorted(allows - told)
+        assert told <= allows
+    finally:
+        await db.close()
+        client.close()
+        ray.kill(shard)
