@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import shutil
 import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -307,3 +309,61 @@ async def test_a_deny_its_shard_could_not_record_keeps_its_own_reason(
     assert unrecorded["audit_event"] is None
     assert (undecided["decision"], undecided["reason"]) == ("deny", "state_unavailable")
     assert undecided["audit_event"] is None
+
+
+@pytest.mark.asyncio
+async def test_a_revocation_committed_after_a_later_one_is_still_polled(
+    migrated_database_url: str,
+) -> None:
+    """Revocation ids are taken at insert, and a revocation's transaction may commit after
+    one with a higher id (the registry's also waits for the audit chain's lock). The poll,
+    the backstop when a pub/sub message is lost, must still find the earlier one."""
+    import asyncpg
+
+    from agentauth.verifier._service import _Revocations
+
+    def token(jti: str) -> Any:
+        return SimpleNamespace(claims=SimpleNamespace(jti=jti, grant_id="grt_none", sub="agt_none"))
+
+    early, late = f"tok_early_{secrets.token_hex(4)}", f"tok_late_{secrets.token_hex(4)}"
+    pool = await asyncpg.create_pool(migrated_database_url, min_size=1, max_size=2)
+    slow = await asyncpg.connect(migrated_database_url)
+    try:
+        revocations = _Revocations(pool, cast(Any, None), cast(Any, None))
+        await revocations._poll()
+        insert = "INSERT INTO revocations (kind, target, revoked_by) VALUES ('token', $1, 'test')"
+        async with slow.transaction():
+            await slow.execute(insert, early)  # takes the lower id, commits last
+            await pool.execute(insert, late)
+            await revocations._poll()
+            assert revocations.revoked(token(late)) and not revocations.revoked(token(early))
+        await revocations._poll()
+        assert revocations.revoked(token(early))
+    finally:
+        await slow.close()
+        await pool.close()
+
+
+@pytest.mark.asyncio
+async def test_a_revocation_that_arrives_during_the_grant_lookup_counts(
+    world: World, local_verifier: tuple[httpx.AsyncClient, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token is revoked while its request waits on the grant lookup (a slow database):
+    the revocation reaches the replica before the decision, so the decision is a deny."""
+    client, verifier = local_verifier
+    agent, provider, token = await _setup(world)
+    jti = json.loads(b64url_decode(token.split(".")[1]))["jti"]
+    lookup = verifier._grant_active
+
+    async def slow_lookup(grant_id: str) -> bool:
+        active = await lookup(grant_id)
+        # The token is revoked meanwhile, and the replica learns of it (here by its poll).
+        await verifier.pool.execute(
+            "INSERT INTO revocations (kind, target, revoked_by) VALUES ('token', $1, 't')", jti
+        )
+        await verifier.revocations._poll()
+        return active
+
+    monkeypatch.setattr(verifier, "_grant_active", slow_lookup)
+    answer, _ = await _ask(client, provider, _body(agent.key, token))
+    assert (answer["decision"], answer["reason"]) == ("deny", "revoked")

@@ -95,6 +95,9 @@ class _Provider:
     secret_hash: bytes
 
 
+_REVOCATION_OVERLAP = 1000
+
+
 class _Revocations:
     """Revoked tokens, grants and agents, kept fresh by pub/sub plus polling."""
 
@@ -115,12 +118,19 @@ class _Revocations:
         self._tasks = [asyncio.create_task(self._poll_loop()), asyncio.create_task(self._listen())]
 
     async def _poll(self) -> None:
+        # A revocation takes its id when inserted, but its transaction commits later (it
+        # also waits for the audit chain's lock), so ids become visible out of order: an id
+        # below the highest seen may still appear. Each poll looks again at the last
+        # _REVOCATION_OVERLAP ids for rows of the last minute, by the primary key.
         rows = await self._pool.fetch(
-            "SELECT id, kind, target FROM revocations WHERE id > $1 ORDER BY id", self._last_id
+            "SELECT id, kind, target FROM revocations WHERE id > $2"
+            " AND (id > $1 OR revoked_at > now() - interval '60 seconds') ORDER BY id",
+            self._last_id,
+            self._last_id - _REVOCATION_OVERLAP,
         )
         for row in rows:
             self._revoked.add((row["kind"], row["target"]))
-            self._last_id = row["id"]
+            self._last_id = max(self._last_id, row["id"])
         self._synced_at = time.monotonic()
 
     async def _poll_loop(self) -> None:
@@ -452,19 +462,28 @@ class Verifier:
         return checked, {}, token
 
     async def _stateful_prechecks(self, check: Check, token: AccessToken, body: VerifyIn) -> Check:
-        if not self.revocations.fresh():
-            return _replace(check, deny="revocation_state_stale")
-        if self.revocations.revoked(token):
-            return _replace(check, deny="revoked")
+        if refused := self._revocation_state(token):
+            return _replace(check, deny=refused)
         try:
             if not await self._grant_active(token.claims.grant_id):
                 return _replace(check, deny="grant_inactive")
             if body.step_up_ref is not None:
                 valid = await self._step_up_valid(body.step_up_ref, token, body.action)
-                return _replace(check, step_up_valid=valid)
+                check = _replace(check, step_up_valid=valid)
         except Exception:  # Redis or PostgreSQL unreachable: deny
             return _replace(check, deny="dependency_unavailable")
+        # Again: the lookups may have waited (a database round trip, or seconds when it is
+        # slow), and a revocation this replica learned of meanwhile must count.
+        if refused := self._revocation_state(token):
+            return _replace(check, deny=refused)
         return check
+
+    def _revocation_state(self, token: AccessToken) -> str | None:
+        if not self.revocations.fresh():
+            return "revocation_state_stale"
+        if self.revocations.revoked(token):
+            return "revoked"
+        return None
 
 
 async def _reset(conn: asyncpg.Connection) -> None:
