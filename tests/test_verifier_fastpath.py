@@ -161,3 +161,17 @@ async def test_failures_in_the_decision_map_to_coded_errors_without_details(
     assert r.status_code == status, r.text
     assert r.json()["error"] == error
     assert "secret detail" not in r.text and "Traceback" not in r.text
+
+
+@pytest.mark.parametrize("secret", [None, "", "short-secret"])
+def test_server_nonces_need_a_secret_of_their_own(secret: str | None) -> None:
+    """With no secret (or a short one) the nonce key would come from a public constant,
+    and anyone could mint nonces the verifier accepts: such settings are refused."""
+    from pydantic import ValidationError
+
+    from agentauth.verifier import VerifierSettings
+
+    fields = {"database_url": "postgresql://x/y", "redis_url": "redis://x", "issuer": "i"}
+    with pytest.raises(ValidationError, match="nonce_secret"):
+        VerifierSettings(**fields, dpop_nonces=True, nonce_secret=secret)
+    assert VerifierSettings(**fields, dpop_nonces=True, nonce_secret="s" * 32).dpop_nonces

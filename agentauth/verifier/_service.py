@@ -25,7 +25,7 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..actors import Check, Result, ShardClient, shard_for
 from ..metrics import CounterBuffer, observe, set_gauge
@@ -74,6 +74,14 @@ class VerifierSettings(BaseModel):
     nonce_secret: str | None = Field(None, repr=False)
     key_refresh_min_interval: float = 1.0
     grant_cache_ttl: int = 60
+
+    @model_validator(mode="after")
+    def _nonces_need_a_secret(self) -> VerifierSettings:
+        # Without one, the nonce key would be derived from a public constant: anyone could
+        # mint nonces this verifier accepts.
+        if self.dpop_nonces and len((self.nonce_secret or "").encode()) < 32:
+            raise ValueError("dpop_nonces needs a nonce_secret of at least 32 bytes")
+        return self
 
 
 class VerifyIn(BaseModel):
@@ -196,8 +204,8 @@ class Verifier:
         self.shards = shards
         self.tokens = AccessTokenVerifier(keys=KeySet([]), issuer=settings.issuer)
         nonces = None
-        if settings.dpop_nonces:
-            secret = (settings.nonce_secret or "").encode()
+        if settings.dpop_nonces and settings.nonce_secret:
+            secret = settings.nonce_secret.encode()
             nonces = DPoPNonces([hashlib.sha256(b"agentauth-nonce" + secret).digest()])
         self.proofs = DPoPVerifier(nonces=nonces)
         self.revocations = _Revocations(pool, redis, settings)
