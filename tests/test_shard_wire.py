@@ -7,6 +7,7 @@ PostgreSQL behind it; what crosses the socket is what a verifier replica sends.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 import threading
@@ -188,9 +189,13 @@ async def test_bad_peers_are_dropped_and_decide_nothing(
     writer.write(frame(secrets.token_bytes(32)) + batch)
     assert await _closed(reader, writer)
 
-    # A length prefix beyond the cap is refused before anything is buffered.
+    # A length prefix beyond the cap is refused before anything is buffered; before the
+    # token is shown, the cap is the token's own size.
     reader, writer = await asyncio.open_connection(host, port)
     writer.write((MAX_FRAME + 1).to_bytes(4, "big"))
+    assert await _closed(reader, writer)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write((len(token) + 1).to_bytes(4, "big"))
     assert await _closed(reader, writer)
 
     # A malformed batch after a good handshake closes the link.
@@ -471,12 +476,39 @@ async def test_an_answer_not_of_the_agreed_shape_is_a_deny(rows: list[tuple[Any,
         client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=0.5)
         try:
             await client.connect()
-            result = await client.check(0, _check())
+            asked = _check()
+            result = await client.check(0, asked)
             assert (result.allowed, result.reason, result.audit_event) == (
                 False,
                 "state_unavailable",
                 None,
             )
+            # The link that carried it is dropped (the next check finds it broken and opens
+            # another); on the new link the shard is asked what it decided for that check,
+            # as for a call that never answered.
+            await client.check(0, _check())
+            await fake.batches_seen(2)
+            settle = [c for batch in fake.batches[1:] for c in batch if c.voids == "*"]
+            assert [(c.jti, c.deny) for c in settle] == [(asked.jti, "state_unavailable")]
+        finally:
+            client.close()
+
+
+@pytest.mark.asyncio
+async def test_a_batch_that_cannot_be_encoded_is_denied_and_frees_its_slot() -> None:
+    """Nothing a check carries should fail to encode, but if it did, its batch is denied
+    (nothing was sent, so nothing was decided) and the next batch still leaves."""
+    from agentauth.actors import ShardClient
+
+    with _FakeShard(lambda n, checks: (0.0, [_allow(n) for _ in checks])) as fake:
+        client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=0.5)
+        try:
+            await client.connect()
+            unencodable = dataclasses.replace(_check(), jkt=object())
+            result = await client.check(0, unencodable)
+            assert (result.allowed, result.reason) == (False, "state_unavailable")
+            assert (await client.check(0, _check())).allowed
+            assert len(fake.batches) == 1
         finally:
             client.close()
 

@@ -8,6 +8,7 @@ give it a Redis of its own to stop.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 import shutil
@@ -367,3 +368,56 @@ async def test_a_revocation_that_arrives_during_the_grant_lookup_counts(
     monkeypatch.setattr(verifier, "_grant_active", slow_lookup)
     answer, _ = await _ask(client, provider, _body(agent.key, token))
     assert (answer["decision"], answer["reason"]) == ("deny", "revoked")
+
+
+@pytest.mark.asyncio
+async def test_a_hung_lookup_is_a_deny_within_the_lookup_timeout(
+    world: World, local_verifier: tuple[httpx.AsyncClient, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grant lookup that never returns (Redis or PostgreSQL unreachable without a reset:
+    a dropped network, not a dead process) is a deny once ``lookup_timeout`` has passed,
+    not a wait for a connect or command timeout of seconds."""
+    client, verifier = local_verifier
+    agent, provider, token = await _setup(world)
+
+    async def hangs(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(verifier.redis, "mget", hangs)
+    answer, took = await _ask(client, provider, _body(agent.key, token))
+    assert (answer["decision"], answer["reason"]) == ("deny", "dependency_unavailable")
+    assert verifier.settings.lookup_timeout <= took < verifier.settings.lookup_timeout + 1.0
+
+
+@pytest.mark.asyncio
+async def test_unknown_provider_ids_reload_the_provider_table_at_most_once_a_second(
+    world: World, local_verifier: tuple[httpx.AsyncClient, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unknown provider id costs nothing to send; each used to reload the whole provider
+    table. Now requests share one reload a second, and a provider registered meanwhile is
+    still found."""
+    client, verifier = local_verifier
+    loads = 0
+    load = verifier._load_providers
+
+    async def counted() -> None:
+        nonlocal loads
+        loads += 1
+        await load()
+
+    monkeypatch.setattr(verifier, "_load_providers", counted)
+    await asyncio.sleep(verifier.settings.key_refresh_min_interval)
+
+    def basic(provider_id: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"{provider_id}:x".encode()).decode()}
+
+    unknown = await asyncio.gather(
+        *(client.post("/v1/verify", headers=basic(f"prov_no_{i}"), json={}) for i in range(30))
+    )
+    assert {r.status_code for r in unknown} == {401}
+    assert loads == 1
+    # A provider registered since: its first request waits for the next reload, at most.
+    agent, provider, token = await _setup(world)
+    answer, _ = await _ask(client, provider, _body(agent.key, token))
+    assert answer["decision"] == "allow"
+    assert loads == 2

@@ -100,14 +100,16 @@ class _Link:
         return not self._task.done()
 
     def send(self, checks: list[Check]) -> asyncio.Future[list[Row]]:
-        """Send a batch now; the future gets its answer (or ConnectionError)."""
+        """Send a batch now; the future gets its answer (or ConnectionError). Raises if
+        the batch cannot be encoded, before anything is sent."""
         request_id = next(self._ids)
         future: asyncio.Future[list[Row]] = asyncio.get_running_loop().create_future()
         if not self.alive:
             future.set_exception(ConnectionError("shard link closed"))
             return future
+        payload = self._codec.encode_checks(request_id, checks)
         self._calls[request_id] = future
-        self._writer.write(self._codec.encode_checks(request_id, checks))
+        self._writer.write(payload)
         return future
 
     def close(self) -> None:
@@ -262,10 +264,16 @@ class ShardClient:
         self.checks += len(queue)
         self._inflight[shard] += 1
         link = self._links[shard]
-        if link is not None and link.alive:  # the batch leaves now, not a turn later
-            self._watch(self._wait(_Out.send(shard, link, queue), limit))
-        else:
+        if link is None or not link.alive:
             self._watch(self._connect_and_send(shard, queue))
+            return
+        try:  # the batch leaves now, not a turn later
+            out = _Out.send(shard, link, queue)
+        except Exception:  # it could not be encoded: nothing was sent, nothing decided
+            log.exception("shard %s: a batch could not be sent; its checks are denied", shard)
+            self._finish(shard, queue, [_UNAVAILABLE] * len(queue))
+            return
+        self._watch(self._wait(out, limit))
 
     async def _link(self, shard: int) -> _Link:
         link = self._links[shard]
@@ -307,11 +315,12 @@ class ShardClient:
     ) -> None:
         try:
             link = await asyncio.wait_for(self._link(shard), self._timeout)
+            out = _Out.send(shard, link, items)
         except Exception:  # dead, restarting or unreachable: deny, never allow
             log.warning("shard %s unreachable; its checks are denied", shard)
             self._finish(shard, items, [_UNAVAILABLE] * len(items))
             return
-        await self._wait(_Out.send(shard, link, items), self._timeout)
+        await self._wait(out, self._timeout)
 
     async def _wait(self, out: _Out, limit: float) -> None:
         """See a sent call through. Its checks are answered with its rows, or denied at its
@@ -356,6 +365,9 @@ class ShardClient:
             log.warning("shard %s sent a malformed answer; its checks are denied", shard)
             self._unsettle(shard, items, "state_unavailable")
             results = [_UNAVAILABLE] * len(items)
+            # A link that carries such answers is not trusted either; the next one asks
+            # the shard about these checks (_settle runs when a link opens).
+            out.link.close()
         self._finish(shard, items, results)
 
     def _deadline(self, out: _Out, turns: int) -> None:

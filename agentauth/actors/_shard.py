@@ -40,6 +40,8 @@ from ._wire import Codec, FrameTooLarge, encode_results, frame, read_frame
 __all__ = ["Result", "StateShard", "shard_for"]
 
 log = logging.getLogger("agentauth.shard")
+# The data plane's token: a frame of exactly this size opens a link.
+_TOKEN_FRAME = 32
 
 # The reason on a void the shard writes itself: its answer found the link closed.
 UNDELIVERED = "answer_undelivered"
@@ -110,7 +112,7 @@ class StateShard:
         # a connection must present before it may send checks.
         self._server: asyncio.Server | None = None
         self._address: tuple[str, int] | None = None
-        self._token = secrets.token_bytes(32)
+        self._token = secrets.token_bytes(_TOKEN_FRAME)
         self._answering: set[asyncio.Task[None]] = set()
         self._peers: set[asyncio.StreamWriter] = set()
         # As in the verifier replica: the process's long-lived objects (Ray's own) need not
@@ -136,7 +138,8 @@ class StateShard:
         codec = Codec()
         self._peers.add(writer)
         try:
-            token = await asyncio.wait_for(read_frame(reader), 5.0)
+            # A peer that has not shown the token gets no room for more than one.
+            token = await asyncio.wait_for(read_frame(reader, limit=_TOKEN_FRAME), 5.0)
             if not hmac.compare_digest(token, self._token):
                 log.warning("shard %s: a connection presented a wrong token", self.index)
                 return

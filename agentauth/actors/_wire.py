@@ -45,10 +45,11 @@ def frame(payload: bytes) -> bytes:
     return _LENGTH.pack(len(payload)) + payload
 
 
-async def read_frame(reader: asyncio.StreamReader) -> bytes:
-    """The next frame's payload; IncompleteReadError at end of stream."""
+async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> bytes:
+    """The next frame's payload, at most ``limit`` bytes; IncompleteReadError at end of
+    stream."""
     (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
-    if length > MAX_FRAME:
+    if length > limit:
         raise FrameTooLarge(f"frame of {length} bytes")
     return await reader.readexactly(length)
 

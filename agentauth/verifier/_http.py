@@ -146,7 +146,7 @@ def create_app(verifier: Verifier) -> FastAPI:
         if active:
             token = verifier.tokens.verify(
                 body.token,
-                audience=verifier._providers[provider_id].audience,
+                audience=verifier.audience_of(provider_id),
                 now=time.time(),
             )
             claims = token.claims

@@ -74,6 +74,9 @@ class VerifierSettings(BaseModel):
     nonce_secret: str | None = Field(None, repr=False)
     key_refresh_min_interval: float = 1.0
     grant_cache_ttl: int = 60
+    # A verification's lookups (grant status, step-up) give up after this: an unreachable
+    # database or Redis is a deny in this time, not a wait for a connect or command timeout.
+    lookup_timeout: float = Field(0.25, gt=0.0, le=5.0)
 
     @model_validator(mode="after")
     def _nonces_need_a_secret(self) -> VerifierSettings:
@@ -212,6 +215,8 @@ class Verifier:
         self._providers: dict[str, _Provider] = {}
         self._known_grants: dict[str, float] = {}
         self._keys_loaded_at = 0.0
+        self._providers_loaded_at = 0.0
+        self._providers_reload: asyncio.Future[None] | None = None
         self.decisions: dict[str, int] = {}
         self.counters = CounterBuffer()
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -222,7 +227,12 @@ class Verifier:
     @classmethod
     async def open(cls, settings: VerifierSettings, handles: list[Any]) -> Verifier:
         pool = await asyncpg.create_pool(
-            settings.database_url, min_size=1, max_size=4, command_timeout=2.0, reset=_reset
+            settings.database_url,
+            min_size=1,
+            max_size=4,
+            command_timeout=2.0,
+            reset=_reset,
+            timeout=2.0,  # a new connection's connect, 60 s by default
         )
         assert pool is not None
         redis = aioredis.Redis.from_url(
@@ -273,13 +283,36 @@ class Verifier:
         return True
 
     async def _load_providers(self) -> None:
-        rows = await self.pool.fetch("SELECT id, audience, secret_hash FROM providers")
+        self._providers_loaded_at = time.monotonic()
+        rows = await asyncio.wait_for(
+            self.pool.fetch("SELECT id, audience, secret_hash FROM providers"),
+            self.settings.lookup_timeout,
+        )
         self._providers = {r["id"]: _Provider(r["audience"], bytes(r["secret_hash"])) for r in rows}
+
+    async def _reload_providers(self) -> None:
+        """Reload for a provider registered since the last load. At most one reload a
+        second, shared by every request that asks meanwhile: an unknown id costs nothing to
+        send, and a reload reads the whole table."""
+        if self._providers_reload is None:
+            due = self._providers_loaded_at + self.settings.key_refresh_min_interval
+            self._providers_reload = asyncio.ensure_future(
+                self._load_providers_at(due - time.monotonic())
+            )
+        await asyncio.shield(self._providers_reload)
+
+    async def _load_providers_at(self, delay: float) -> None:
+        try:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await self._load_providers()
+        finally:
+            self._providers_reload = None
 
     async def authenticate_provider(self, provider_id: str, secret: str) -> str:
         provider = self._providers.get(provider_id)
         if provider is None:
-            await self._load_providers()  # a provider registered since start
+            await self._reload_providers()
             provider = self._providers.get(provider_id)
         expected = (
             provider.secret_hash if provider else hashlib.sha256(secrets.token_bytes(8)).digest()
@@ -290,7 +323,14 @@ class Verifier:
         return provider_id
 
     def audience_of(self, provider_id: str) -> str:
-        return self._providers[provider_id].audience
+        return self._provider(provider_id).audience
+
+    def _provider(self, provider_id: str) -> _Provider:
+        """An authenticated provider; one deleted since (a reload dropped it) is refused."""
+        provider = self._providers.get(provider_id)
+        if provider is None:
+            raise Unauthenticated("bad provider credential", reason="bad_provider_credential")
+        return provider
 
     async def _grant_active(self, grant_id: str) -> bool:
         """Cache-aside: this replica's memory, then Redis, then PostgreSQL."""
@@ -319,25 +359,9 @@ class Verifier:
     async def _grant_statuses(self, wanted: dict[str, list[asyncio.Future[bytes]]]) -> None:
         began = time.perf_counter()
         try:
-            ids = list(wanted)
-            cached = await self.redis.mget([grant_cache_key(g) for g in ids])
-            status: dict[str, bytes | None] = {
-                g: v if isinstance(v, bytes) else None for g, v in zip(ids, cached, strict=True)
-            }
-            missing = [g for g, value in status.items() if value is None]
-            self.counters.inc("cache_hits", {"cache": "grant_redis"}, len(ids) - len(missing))
-            if missing:
-                self.counters.inc("cache_misses", {"cache": "grant_redis"}, len(missing))
-                rows = await self.pool.fetch(
-                    "SELECT id, revoked_at FROM grants WHERE id = ANY($1::text[])", missing
-                )
-                found = {r["id"]: b"revoked" if r["revoked_at"] else b"active" for r in rows}
-                fill = self.redis.pipeline(transaction=False)
-                for grant_id in missing:
-                    value = status[grant_id] = found.get(grant_id, b"absent")
-                    fill.set(grant_cache_key(grant_id), value, ex=self.settings.grant_cache_ttl)
-                # Filling the cache need not delay these answers, which PostgreSQL has given.
-                self._background(fill.execute(), "grant cache fill")
+            status = await asyncio.wait_for(
+                self._fetch_grant_statuses(list(wanted)), self.settings.lookup_timeout
+            )
             observe("grant_lookup", time.perf_counter() - began)
             for grant_id, futures in wanted.items():
                 for future in futures:
@@ -351,6 +375,27 @@ class Verifier:
         finally:
             self._look_up_grants()  # what was wanted meanwhile, or stand down
 
+    async def _fetch_grant_statuses(self, ids: list[str]) -> dict[str, bytes | None]:
+        cached = await self.redis.mget([grant_cache_key(g) for g in ids])
+        status: dict[str, bytes | None] = {
+            g: v if isinstance(v, bytes) else None for g, v in zip(ids, cached, strict=True)
+        }
+        missing = [g for g, value in status.items() if value is None]
+        self.counters.inc("cache_hits", {"cache": "grant_redis"}, len(ids) - len(missing))
+        if missing:
+            self.counters.inc("cache_misses", {"cache": "grant_redis"}, len(missing))
+            rows = await self.pool.fetch(
+                "SELECT id, revoked_at FROM grants WHERE id = ANY($1::text[])", missing
+            )
+            found = {r["id"]: b"revoked" if r["revoked_at"] else b"active" for r in rows}
+            fill = self.redis.pipeline(transaction=False)
+            for grant_id in missing:
+                value = status[grant_id] = found.get(grant_id, b"absent")
+                fill.set(grant_cache_key(grant_id), value, ex=self.settings.grant_cache_ttl)
+            # Filling the cache need not delay these answers, which PostgreSQL has given.
+            self._background(fill.execute(), "grant cache fill")
+        return status
+
     def _background(self, work: Awaitable[Any], what: str) -> None:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
@@ -363,8 +408,11 @@ class Verifier:
         task.add_done_callback(settled)
 
     async def _step_up_valid(self, ref: str, token: AccessToken, action: Action) -> bool:
-        row = await self.pool.fetchrow(
-            "SELECT document, status, expires_at FROM step_ups WHERE approval_ref = $1", ref
+        row = await asyncio.wait_for(
+            self.pool.fetchrow(
+                "SELECT document, status, expires_at FROM step_ups WHERE approval_ref = $1", ref
+            ),
+            self.settings.lookup_timeout,
         )
         if row is None or row["status"] != "approved" or row["expires_at"] < time.time():
             return False
@@ -406,7 +454,7 @@ class Verifier:
             set_gauge("shard_queue_depth", float(self.shards.queue_depth()))
 
     async def _verify(self, provider_id: str, body: VerifyIn) -> dict[str, Any]:
-        provider = self._providers[provider_id]
+        provider = self._provider(provider_id)
         now = time.time()
         check, extra, token = await self._stateless(provider, provider_id, body, now)
         if check.deny is None and token is not None:
