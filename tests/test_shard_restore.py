@@ -38,7 +38,7 @@ def _pay(grant: str, amount: str, iat: float) -> Check:
 
 @pytest.mark.asyncio
 @pytest.mark.usefixtures("migrated_database_url")
-async def test_limits_survive_a_restart(database_url: str) -> None:
+async def test_limits_survive_a_restart(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     spent, fresh = f"grt_spent_{secrets.token_hex(3)}", f"grt_fresh_{secrets.token_hex(3)}"
     old = StateShard(index=INDEX, database_url=database_url)
     try:
@@ -49,10 +49,13 @@ async def test_limits_survive_a_restart(database_url: str) -> None:
     finally:
         await old.close()
 
+    # The new incarnation runs 11 s later (its clock, not a sleep): its proofs are issued
+    # after the old one's last decision plus the skew it allows.
+    later = time.time() + 11
+    clock = time.time
+    monkeypatch.setattr(time, "time", lambda: clock() + 11)
     new = StateShard(index=INDEX, database_url=database_url)
     try:
-        # Proofs issued after the old incarnation's last decision plus the skew it allows.
-        later = time.time() + 11
         first = await new.check_batch(
             [_pay(spent, "40", later), _pay(spent, "1", later), _pay(fresh, "99", later)]
         )

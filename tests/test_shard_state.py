@@ -29,12 +29,29 @@ def check(jti: str = "j1", *, iat: float = NOW, grant: str = "g1", **kw: object)
 
 def test_a_proof_is_single_use_even_when_denied() -> None:
     state = ShardState(started_at=NOW)
-    limited = Envelope(rate_limits=(RateLimit(max_count=1, window_seconds=60),))
+    limited = Envelope(rate_limits=(RateLimit(max_count=1, window_seconds=30),))
     assert state.decide(check(envelope=limited), NOW).allowed
     assert state.decide(check(envelope=limited), NOW).reason == "replay_detected"
     assert state.decide(check("j2", envelope=limited), NOW).reason == "rate_limited"
     # Denied, yet spent: the same proof is refused once the window has room again.
-    assert state.decide(check("j2", envelope=limited), NOW + 61).reason == "replay_detected"
+    assert state.decide(check("j2", envelope=limited), NOW + 31).reason == "replay_detected"
+    assert state.decide(check("j3", iat=NOW + 31, envelope=limited), NOW + 31).allowed
+
+
+def test_a_proof_outside_its_age_by_the_shards_own_clock_is_refused() -> None:
+    """The verifier checks a proof's age on its clock, the shard keeps the jti window on its
+    own: with the two apart by more than the skew, a proof could outlive its jti entry (a
+    replay) or pass a restarted shard's floor. So the shard checks the age too."""
+    state = ShardState(started_at=NOW)
+    age, skew = state.policy.max_age, state.policy.future_skew
+    assert state.decide(check("old", iat=NOW - age - 1), NOW).reason == (
+        "invalid_dpop_proof:iat_too_old"
+    )
+    assert state.decide(check("ahead", iat=NOW + skew + 1), NOW).reason == (
+        "invalid_dpop_proof:iat_in_future"
+    )
+    assert state.decide(check("edge-old", iat=NOW - age), NOW).allowed
+    assert state.decide(check("edge-ahead", iat=NOW + skew), NOW).allowed
 
 
 def test_a_restarted_shard_refuses_proofs_its_predecessor_may_have_seen() -> None:
@@ -106,9 +123,11 @@ def test_prune_keeps_live_proofs_and_catches_up_on_late_ones() -> None:
     # allowed skew) arrives first, one issued "now" after it.
     assert state.decide(check("ahead", iat=NOW + 5), NOW).allowed
     assert state.decide(check("plain", iat=NOW), NOW).allowed
-    # Between the two expiries nothing is dropped early: a replay of either is refused.
+    # Between the two expiries nothing is dropped early (the later expiry came first, and
+    # the queue is in arrival order), and the proof from ahead is refused.
     state.prune(NOW + window + 1, idle_grants_after=600)
-    assert state.decide(check("ahead", iat=NOW + 5), NOW + window + 1).reason == "replay_detected"
+    assert len(state.jtis) == 2
+    assert not state.decide(check("ahead", iat=NOW + 5), NOW + window + 1).allowed
     # Once the first has expired too, both go.
     state.prune(NOW + window + 6, idle_grants_after=600)
     assert not state.jtis

@@ -142,7 +142,7 @@ async def test_a_linked_verifier_gets_decisions(shard: StateShard, database_url:
 
 @pytest.mark.asyncio
 async def test_an_answer_the_shard_cannot_deliver_is_voided_by_the_shard(
-    shard: StateShard, database_url: str
+    shard: StateShard, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The replica's link goes while its batch is decided (the replica died): no provider
     can have received those allows, and the shard, finding the link closed, says so."""
@@ -152,8 +152,11 @@ async def test_an_answer_the_shard_cannot_deliver_is_voided_by_the_shard(
     assert await read_frame(reader) == b"ok"
     before = await _chain_size(database_url)
     # A new incarnation on this chain refuses proofs up to its last decision plus the skew
-    # (earlier tests here decided on it a moment ago): this proof is issued after that.
-    fresh = _check(iat=time.time() + 11)
+    # (earlier tests here decided on it a moment ago): this proof is issued after that, on
+    # a clock 11 s later, and the shard's clock says so too (no sleep).
+    clock = time.time
+    monkeypatch.setattr(time, "time", lambda: clock() + 11)
+    fresh = _check()
     writer.write(Codec().encode_checks(1, [fresh, _check(deny="revoked")]))
     await writer.drain()
     writer.close()  # gone before the answer

@@ -108,6 +108,14 @@ class ShardState:
             return Outcome(False, "malformed_check")
         if check.action is None or check.envelope is None:
             return Outcome(False, "malformed_check")
+        # The verifier checked the proof's age on its own clock; this window and the replay
+        # floor below are kept on this one. By this clock, too, a proof must be within its
+        # age: otherwise, with the two clocks apart by more than the skew, a replay could
+        # outlive its jti entry, or a proof from the future pass a new incarnation's floor.
+        if check.iat < now - self.policy.max_age:
+            return Outcome(False, "invalid_dpop_proof:iat_too_old")
+        if check.iat > now + self.policy.future_skew:
+            return Outcome(False, "invalid_dpop_proof:iat_in_future")
         # A proof the previous incarnation may have accepted: its jti window is lost.
         if self.replay_floor and check.iat <= self.replay_floor + self.policy.future_skew:
             return Outcome(False, "shard_restarted")
