@@ -71,3 +71,34 @@ async def test_limits_survive_a_restart(database_url: str, monkeypatch: pytest.M
         assert (limited.allowed, limited.reason) == (False, "rate_limited")
     finally:
         await new.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_clock_stepped_back_does_not_hide_the_latest_spend(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wall clock steps back 30 s between two allows (NTP, or a restart on a node whose
+    clock is behind). The chain's times must not go back with it: a restart restores a
+    grant's usage from its latest allow by time, and an earlier-looking later allow would
+    hand the new incarnation the smaller spend."""
+    grant = f"grt_clock_{secrets.token_hex(3)}"
+    index = 10_000 + secrets.randbelow(1_000_000)  # a chain of its own: no floor to pass
+    clock = time.time
+    old = StateShard(index=index, database_url=database_url)
+    try:
+        [first] = await old.check_batch([_pay(grant, "60", clock())])
+        monkeypatch.setattr(time, "time", lambda: clock() - 30)
+        [second] = await old.check_batch([_pay(grant, "30", time.time())])
+        assert first.allowed and second.allowed
+    finally:
+        await old.close()
+
+    monkeypatch.setattr(time, "time", lambda: clock() + 11)  # past the new floor
+    new = StateShard(index=index, database_url=database_url)
+    try:
+        [third] = await new.check_batch([_pay(grant, "20", time.time())])
+        # 90 spent: 20 more would pass 100.
+        assert (third.allowed, third.reason) == (False, "cumulative_limit_exceeded")
+    finally:
+        await new.close()

@@ -421,3 +421,32 @@ async def test_unknown_provider_ids_reload_the_provider_table_at_most_once_a_sec
     answer, _ = await _ask(client, provider, _body(agent.key, token))
     assert answer["decision"] == "allow"
     assert loads == 2
+
+
+@pytest.mark.asyncio
+async def test_introspection_answers_with_the_token_its_decision_checked(
+    world: World, local_verifier: tuple[httpx.AsyncClient, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An allow is committed and its proof spent: the introspection answer is built from
+    the token that decision checked. (It used to check the token a second time, which at
+    the token's expiry could turn an allow already committed into a 401.)"""
+    from agentauth.protocol import InvalidToken
+
+    client, verifier = local_verifier
+    agent, provider, token = await _setup(world)
+    check = verifier.tokens.verify
+    calls = 0
+
+    def expires_after_one_check(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise InvalidToken("token expired", reason="expired")
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(verifier.tokens, "verify", expires_after_one_check)
+    r = await client.post("/v1/introspect", headers=provider.headers, json=_body(agent.key, token))
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["active"] is True and answer["audit_event"] is not None
+    assert answer["sub"] == agent.id and calls == 1

@@ -101,6 +101,12 @@ class StateShard:
         self._idle_grants_after = idle_grants_after
         self._conn: asyncpg.Connection | None = None
         self._size = 0
+        # The time of this chain's last committed decision. Decisions are timed no earlier:
+        # a wall clock stepped back (NTP, another node after a restart) must not give a
+        # later decision an earlier time, since "a grant's latest allow", whose usage a
+        # restart restores, is found by time. A clock held still is conservative: rate
+        # windows and spend periods wait for it.
+        self._last_time = 0.0
         self._head = GENESIS_HASH
         self._pending: list[tuple[list[Check], asyncio.Future[list[Result]]]] = []
         self._flushing = False
@@ -206,6 +212,8 @@ class StateShard:
             "SELECT time_ms FROM audit_events WHERE chain = $1 ORDER BY seq DESC LIMIT 1",
             self.chain,
         )
+        if last is not None:
+            self._last_time = max(self._last_time, last / 1000.0)
         # Only a new incarnation lost its jti window; a reconnect keeps it.
         if last is not None and self._decisions == 0:
             self.state.replay_floor = max(self.state.replay_floor, last / 1000.0)
@@ -246,7 +254,7 @@ class StateShard:
     async def _decide_and_commit(self, checks: list[Check]) -> list[Result]:
         try:
             conn = await self._connect()
-            now = time.time()
+            now = max(time.time(), self._last_time)
             await self._restore(conn, checks, now)
             if any(check.voids == ANY_ALLOW for check in checks):
                 checks = await self._find_allows(conn, checks)
@@ -270,6 +278,7 @@ class StateShard:
             log.warning("shard %s failed to commit its audit batch", self.index)
             await self._drop_connection()  # reconnect (and reload the head) next time
             return [Result(False, "audit_unavailable") for _ in checks]
+        self._last_time = now
         self._decisions += len(checks)
         self.batches += 1
         if time.monotonic() - self._last_prune > 5.0:

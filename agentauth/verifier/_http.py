@@ -12,7 +12,6 @@ import base64
 import binascii
 import json
 import logging
-import time
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request, Response
@@ -140,33 +139,7 @@ def create_app(verifier: Verifier) -> FastAPI:
     @app.post("/v1/introspect")
     async def introspect(provider_id: Provider, body: VerifyIn) -> dict[str, Any]:
         """RFC 7662 shape: ``active`` true only when every check of /v1/verify passed."""
-        answer = await verifier.verify(provider_id, body)
-        active = answer["decision"] == "allow"
-        result: dict[str, Any] = {"active": active}
-        if active:
-            token = verifier.tokens.verify(
-                body.token,
-                audience=verifier.audience_of(provider_id),
-                now=time.time(),
-            )
-            claims = token.claims
-            result.update(
-                sub=claims.sub,
-                aud=claims.aud,
-                iss=claims.iss,
-                exp=claims.exp,
-                iat=claims.iat,
-                jti=claims.jti,
-                cnf={"jkt": claims.cnf.jkt},
-                token_type="DPoP",  # noqa: S106 - a token type name, not a secret
-                grant_id=claims.grant_id,
-                scope=" ".join(f"{c.kind}:{c.resource}" for c in claims.capabilities),
-                remaining=answer.get("remaining"),
-                audit_event=answer["audit_event"],
-            )
-        else:
-            result["reason"] = answer["reason"]
-        return result
+        return await verifier.introspect(provider_id, body)
 
     @app.get("/v1/stats")
     async def stats(_: Provider) -> dict[str, Any]:

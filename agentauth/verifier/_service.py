@@ -431,9 +431,40 @@ class Verifier:
     # --- the decision ------------------------------------------------------------------
 
     async def verify(self, provider_id: str, body: VerifyIn) -> dict[str, Any]:
+        answer, _ = await self._decision(provider_id, body)
+        return answer
+
+    async def introspect(self, provider_id: str, body: VerifyIn) -> dict[str, Any]:
+        """The same decision in RFC 7662's shape: ``active`` only on an allow. The token's
+        claims are those the decision checked, not a second check of the token (which, at
+        its expiry, could refuse an allow already committed)."""
+        answer, token = await self._decision(provider_id, body)
+        if answer["decision"] != "allow" or token is None:
+            return {"active": False, "reason": answer["reason"]}
+        claims = token.claims
+        return {
+            "active": True,
+            "sub": claims.sub,
+            "aud": claims.aud,
+            "iss": claims.iss,
+            "exp": claims.exp,
+            "iat": claims.iat,
+            "jti": claims.jti,
+            "cnf": {"jkt": claims.cnf.jkt},
+            "token_type": "DPoP",
+            "grant_id": claims.grant_id,
+            "scope": " ".join(f"{c.kind}:{c.resource}" for c in claims.capabilities),
+            "remaining": answer.get("remaining"),
+            "audit_event": answer["audit_event"],
+        }
+
+    async def _decision(
+        self, provider_id: str, body: VerifyIn
+    ) -> tuple[dict[str, Any], AccessToken | None]:
+        """The decision, and the token it checked (None when the token did not verify)."""
         started = time.perf_counter()
         hits, misses = self.tokens.cache_hits, self.tokens.cache_misses
-        answer = await self._verify(provider_id, body)
+        answer, token = await self._verify(provider_id, body)
         observe("verify_latency", time.perf_counter() - started)
         counters = self.counters
         counters.inc("decisions", {"decision": answer["decision"], "reason": answer["reason"]})
@@ -444,7 +475,7 @@ class Verifier:
         dependency = FAIL_CLOSED.get(answer["reason"])
         if dependency is not None:
             counters.inc("fail_closed", {"dependency": dependency})
-        return answer
+        return answer, token
 
     async def _report_metrics(self) -> None:
         """Hand the summed counters and the queue depth to Ray once a second."""
@@ -453,7 +484,9 @@ class Verifier:
             self.counters.flush()
             set_gauge("shard_queue_depth", float(self.shards.queue_depth()))
 
-    async def _verify(self, provider_id: str, body: VerifyIn) -> dict[str, Any]:
+    async def _verify(
+        self, provider_id: str, body: VerifyIn
+    ) -> tuple[dict[str, Any], AccessToken | None]:
         provider = self._provider(provider_id)
         now = time.time()
         check, extra, token = await self._stateless(provider, provider_id, body, now)
@@ -478,7 +511,7 @@ class Verifier:
         if result.retry_after is not None:
             answer["retry_after"] = round(result.retry_after, 3)
         answer.update(extra)
-        return answer
+        return answer, token
 
     async def _stateless(
         self, provider: _Provider, provider_id: str, body: VerifyIn, now: float
