@@ -99,7 +99,7 @@ async def test_a_stopped_shard_actor_is_denied_fast_and_answers_again_by_itself(
     migrated_database_url: str,
 ) -> None:
     """A shard actor's process stopped (SIGSTOP): hung, not dead, its link still open.
-    Checks for it are denied ``state_timeout`` within 1.5 timeouts of their arrival, and at
+    Checks for it are denied ``state_timeout`` within two timeouts of their arrival, and at
     once from the second overrun call on. Let go (SIGCONT), it answers again by itself, and
     the allows it decided for calls already denied are voided on its chain."""
     import ray
@@ -142,7 +142,7 @@ async def test_a_stopped_shard_actor_is_denied_fast_and_answers_again_by_itself(
         finally:
             os.kill(pid, signal.SIGCONT)
         assert {(r.allowed, r.reason) for _, r in [*stalled, at_once]} == {(False, "state_timeout")}
-        assert max(elapsed for elapsed, _ in stalled) < timeout * 1.5 + 0.1
+        assert max(elapsed for elapsed, _ in stalled) < timeout * 2 + 0.1
         assert at_once[0] < timeout / 4
 
         deadline = time.monotonic() + 10
