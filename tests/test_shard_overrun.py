@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 from conftest import verifier_settings
-from shard_checks import a_check
+from shard_checks import a_check, arriving, timed
 
 from agentauth.actors import Check, Result, ShardClient
 from agentauth.protocol import Envelope
@@ -119,12 +119,6 @@ async def test_a_stopped_shard_actor_is_denied_fast_and_answers_again_by_itself(
     pid = await shard.__ray_call__.remote(lambda _: os.getpid())
     timeout = 0.2
     client = ShardClient([shard], timeout=timeout)
-
-    async def timed() -> tuple[float, Result]:
-        began = time.perf_counter()
-        result = await client.check(0, check())
-        return time.perf_counter() - began, result
-
     db = await asyncpg.connect(migrated_database_url)
     try:
         await client.connect()
@@ -132,13 +126,8 @@ async def test_a_stopped_shard_actor_is_denied_fast_and_answers_again_by_itself(
         assert received[0].allowed
         os.kill(pid, signal.SIGSTOP)
         try:
-            first = asyncio.ensure_future(timed())
-            behind = []
-            for _ in range(3):  # arriving while the first call is out
-                await asyncio.sleep(timeout / 4)
-                behind.append(asyncio.ensure_future(timed()))
-            stalled = await asyncio.gather(first, *behind)
-            at_once = await timed()  # two calls overran: the shard looks hung
+            stalled = await arriving(client, check, behind=3, every=timeout / 4)
+            at_once = await timed(client, check())  # two calls overran: the shard looks hung
         finally:
             os.kill(pid, signal.SIGCONT)
         assert {(r.allowed, r.reason) for _, r in [*stalled, at_once]} == {(False, "state_timeout")}

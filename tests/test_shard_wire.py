@@ -19,9 +19,9 @@ import asyncpg
 import msgpack
 import pytest
 import pytest_asyncio
-from shard_checks import a_check, payment
+from shard_checks import a_check, arriving, payment, timed
 
-from agentauth.actors import Check, Result, StateShard
+from agentauth.actors import Check, StateShard
 from agentauth.actors._wire import MAX_FRAME, Codec, decode_results, frame, read_frame
 from agentauth.protocol import Envelope
 
@@ -297,21 +297,10 @@ async def test_checks_queued_behind_a_call_to_a_hung_shard_are_denied_within_two
     timeout = 0.2
     with _FakeShard(_hung_after_one) as fake:
         client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=timeout)
-
-        async def timed() -> tuple[float, Result]:
-            began = time.perf_counter()
-            result = await client.check(0, _check())
-            return time.perf_counter() - began, result
-
         try:
             await client.connect()
             assert (await client.check(0, _check())).allowed
-            first = asyncio.ensure_future(timed())
-            behind = []
-            for _ in range(4):  # arriving while the first call is out
-                await asyncio.sleep(timeout / 5)
-                behind.append(asyncio.ensure_future(timed()))
-            answers = await asyncio.gather(first, *behind)
+            answers = await arriving(client, _check, behind=4, every=timeout / 5)
             assert {(r.allowed, r.reason) for _, r in answers} == {(False, "state_timeout")}
             # Here the slowest is the first check behind, at 1.8 timeouts; the rest of the
             # margin is for a busy machine.
@@ -319,7 +308,7 @@ async def test_checks_queued_behind_a_call_to_a_hung_shard_are_denied_within_two
             await fake.batches_seen(3)
             assert len(fake.batches) == 3  # the warm-up, the first call, those behind it
             # Two calls overran: the shard looks hung, and checks are denied at once.
-            at_once, result = await timed()
+            at_once, result = await timed(client, _check())
             assert result.reason == "state_timeout" and at_once < timeout / 4
             assert len(fake.batches) == 3
         finally:
