@@ -212,10 +212,11 @@ class StateShard:
             "SELECT time_ms FROM audit_events WHERE chain = $1 ORDER BY seq DESC LIMIT 1",
             self.chain,
         )
-        if last is not None:
-            self._last_time = max(self._last_time, last / 1000.0)
+        if last is None:
+            return
+        self._last_time = max(self._last_time, last / 1000.0)
         # Only a new incarnation lost its jti window; a reconnect keeps it.
-        if last is not None and self._decisions == 0:
+        if self._decisions == 0:
             self.state.replay_floor = max(self.state.replay_floor, last / 1000.0)
 
     async def check_batch(self, checks: list[Check]) -> list[Result]:
