@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import secrets
 import threading
 import time
@@ -503,6 +504,31 @@ async def test_a_batch_that_cannot_be_encoded_is_denied_and_frees_its_slot() -> 
             unencodable = dataclasses.replace(_check(), jkt=object())
             result = await client.check(0, unencodable)
             assert (result.allowed, result.reason) == (False, "state_unavailable")
+            assert (await client.check(0, _check())).allowed
+            assert len(fake.batches) == 1
+        finally:
+            client.close()
+
+
+@pytest.mark.asyncio
+async def test_a_batch_that_cannot_be_encoded_on_a_new_link_is_not_called_unreachable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first batch goes out through the connect: a batch that cannot be encoded there
+    is denied as well, and logged as what it is, not as a shard that cannot be reached (an
+    operator would look for a dead shard that is fine)."""
+    from agentauth.actors import ShardClient
+
+    with _FakeShard(lambda n, checks: (0.0, [_allow(n) for _ in checks])) as fake:
+        client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=0.5)
+        try:
+            with caplog.at_level(logging.WARNING, logger="agentauth.shards"):
+                unencodable = dataclasses.replace(_check(), jkt=object())
+                result = await client.check(0, unencodable)
+            assert (result.allowed, result.reason) == (False, "state_unavailable")
+            messages = [r.getMessage() for r in caplog.records]
+            assert any("could not be sent" in m for m in messages), messages
+            assert not any("unreachable" in m for m in messages), messages
             assert (await client.check(0, _check())).allowed
             assert len(fake.batches) == 1
         finally:

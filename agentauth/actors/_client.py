@@ -308,9 +308,14 @@ class ShardClient:
     ) -> None:
         try:
             link = await asyncio.wait_for(self._link(shard), self._timeout)
-            out = _Out.send(shard, link, items)
         except Exception:  # dead, restarting or unreachable: deny, never allow
             log.warning("shard %s unreachable; its checks are denied", shard)
+            self._finish(shard, items, [_UNAVAILABLE] * len(items))
+            return
+        try:
+            out = _Out.send(shard, link, items)
+        except Exception:  # it could not be encoded: nothing was sent, nothing decided
+            log.exception("shard %s: a batch could not be sent; its checks are denied", shard)
             self._finish(shard, items, [_UNAVAILABLE] * len(items))
             return
         await self._wait(out)
