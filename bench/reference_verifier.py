@@ -72,7 +72,14 @@ def create_app() -> FastAPI:
     audience = env["AGENTAUTH_REF_AUDIENCE"]
     jwks = jwt.PyJWKSet.from_dict(httpx.get(env["AGENTAUTH_REF_JWKS_URL"], timeout=10).json())
     keys = {key.key_id: key for key in jwks.keys}
-    redis = aioredis.Redis.from_url(env["AGENTAUTH_REF_REDIS_URL"])
+    # redis-py's async pool fails a command outright ("Too many connections", a 500 here)
+    # once 100 are in use, which open-loop load past 100 requests in flight reaches; a user
+    # would make requests wait for a connection instead, as this pool of the same size does.
+    redis = aioredis.Redis(
+        connection_pool=aioredis.BlockingConnectionPool.from_url(
+            env["AGENTAUTH_REF_REDIS_URL"], max_connections=100, timeout=5
+        )
+    )
     app = FastAPI(title="reference verifier")
 
     def deny(reason: str) -> dict[str, str]:
