@@ -778,13 +778,32 @@ def synthetic_memory(agents: int) -> dict[str, float]:
     gc.collect()
     second = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
+    # What that state adds to a full collection's pause (a shard's checks wait it out): this
+    # process's collection with the state alive, then without it.
+    for _ in range(3):  # nested tuples are untracked one level per collection
+        gc.collect()
+    with_state = _full_collection_ms()
+    del state
+    gc.collect()
+    without = _full_collection_ms()
     return {
         "agents": agents,
         "traced_per_agent": first / agents,
         "getsizeof_per_agent": estimate_first / agents,
         "traced_per_extra_request": (second - first) / extra,
         "decide_us": per_check_us,
+        "gc_ms_with_state": with_state,
+        "gc_ms_without": without,
     }
+
+
+def _full_collection_ms() -> float:
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        gc.collect()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
 
 
 _GRANT_TURN = itertools.count()
@@ -1336,6 +1355,11 @@ def report(
         " for the same state.\n"
         f"- `ShardState.decide` alone costs {synth['decide_us']:.1f} µs per check here (no"
         " Ray, no audit commit).\n"
+        f"- A full garbage collection in this process took {synth['gc_ms_with_state']:.1f} ms"
+        f" with that state of {synth['agents']:,} agents alive and"
+        f" {synth['gc_ms_without']:.1f} ms without it (median of 5): a shard's checks wait"
+        " out its collections, and its grants are kept as tuples the collector stops"
+        " tracking (docs/verifier.md).\n"
         "- Live shards at the end of the run (`stats.remote()`, getsizeof estimate): "
         + "; ".join(
             f"shard {s['index']}: {s['grants']:,} grants, {s['jtis']:,} jtis,"
