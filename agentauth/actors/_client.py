@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
+import ssl
 import time
 from collections import deque
 from collections.abc import Coroutine
@@ -25,7 +27,7 @@ from typing import Any
 from ..metrics import observe
 from ._shard import Result
 from ._state import ANY_ALLOW, Check
-from ._wire import Codec, decode_results, frame, read_frame
+from ._wire import Codec, decode_results, frame, link_tls, read_frame
 
 __all__ = ["ShardClient"]
 
@@ -84,8 +86,12 @@ class _Link:
         self._task = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
-    async def open(cls, host: str, port: int, token: bytes) -> _Link:
-        reader, writer = await asyncio.open_connection(host, port)
+    async def open(
+        cls, host: str, port: int, token: bytes, tls: ssl.SSLContext | None = None
+    ) -> _Link:
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls, server_hostname=host if tls else None
+        )
         try:
             writer.write(frame(token))
             if await read_frame(reader) != b"ok":
@@ -166,6 +172,7 @@ class ShardClient:
         # timeout to commit), but not forever: a link silent this long is torn down.
         self._call_timeout = call_timeout
         self._connect_timeout = connect_timeout
+        self._tls = link_tls("client", os.environ)
         self._queues: list[list[tuple[Check, asyncio.Future[Result]]]] = [[] for _ in handles]
         # When each queued check was queued (parallel to _queues): a call's oldest check
         # says how long checks wait in this replica before their call leaves, the part of a
@@ -291,7 +298,9 @@ class ShardClient:
             host, port, token = await asyncio.wait_for(
                 self._handles[shard].endpoint.remote(), self._connect_timeout
             )
-            link = await asyncio.wait_for(_Link.open(host, port, token), self._connect_timeout)
+            link = await asyncio.wait_for(
+                _Link.open(host, port, token, self._tls), self._connect_timeout
+            )
             self._links[shard] = link
             if self._unsettled[shard]:
                 self._watch(self._settle(shard))

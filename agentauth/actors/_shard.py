@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from asyncpg.exceptions import DivisionByZeroError, UniqueViolationError
 from ..metrics import observe
 from ..protocol import GENESIS_HASH, AuditEvent, Remaining, b64url_encode, leaf_hash
 from ._state import ANY_ALLOW, Check, Outcome, ShardState, usage_from_events, usage_to_json
-from ._wire import Codec, FrameTooLarge, encode_results, frame, read_frame
+from ._wire import Codec, FrameTooLarge, encode_results, frame, link_tls, read_frame
 
 __all__ = ["Result", "StateShard", "shard_for"]
 
@@ -119,6 +120,7 @@ class StateShard:
         self._server: asyncio.Server | None = None
         self._address: tuple[str, int] | None = None
         self._token = secrets.token_bytes(_TOKEN_FRAME)
+        self._tls = link_tls("server", os.environ)
         self._answering: set[asyncio.Task[None]] = set()
         self._peers: set[asyncio.StreamWriter] = set()
         # As in the verifier replica: the process's long-lived objects (Ray's own) need not
@@ -136,7 +138,15 @@ class StateShard:
         """
         if self._address is None:
             host = _node_address()
-            self._server = await asyncio.start_server(self._serve, host, 0)
+            self._server = await asyncio.start_server(
+                self._serve,
+                host,
+                0,
+                ssl=self._tls,
+                # A peer that never finishes its handshake is dropped as one that never
+                # shows the token is (below).
+                ssl_handshake_timeout=5.0 if self._tls else None,
+            )
             self._address = (host, self._server.sockets[0].getsockname()[1])
         return self._address[0], self._address[1], self._token
 

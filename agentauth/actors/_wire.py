@@ -6,15 +6,17 @@ deciding). So Ray stays the control plane (placement, restart, discovery through
 ``StateShard.endpoint``) and checks travel over one plain TCP connection per replica and
 shard. Only plain values cross it (no pickle): a peer that passed the token handshake can
 at worst send checks, never code. Encoding and decoding are pure; ``read_frame`` is the
-one helper that touches a stream.
+one helper that touches a stream. When the cluster runs Ray with TLS, so does the link
+(``link_tls``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import msgpack
 
@@ -28,8 +30,38 @@ __all__ = [
     "decode_results",
     "encode_results",
     "frame",
+    "link_tls",
     "read_frame",
 ]
+
+_RAY_TLS_FILES = ("RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")
+
+
+def link_tls(side: Literal["server", "client"], env: Mapping[str, str]) -> ssl.SSLContext | None:
+    """The link's TLS context, from Ray's own settings: none unless ``RAY_USE_TLS`` is on.
+
+    An operator who turned TLS on for Ray's traffic expects the whole cluster's traffic to
+    be encrypted, and an answer on this link is an allow or a deny: so the link then uses
+    the same certificate, key and CA as Ray's connections, and both sides must present a
+    certificate from that CA (mutual TLS, as Ray's is). Host names are not checked: Ray's
+    node certificates need not name the address a shard listens on; a peer still has to
+    hold a key the cluster's CA signed, and a replica still has to show the link token.
+    Turned on without its files, it refuses to start rather than fall back to plain TCP.
+    """
+    if env.get("RAY_USE_TLS", "0").lower() not in ("1", "true"):
+        return None
+    missing = [name for name in _RAY_TLS_FILES if not env.get(name)]
+    if missing:
+        raise ValueError(f"RAY_USE_TLS is on but {', '.join(missing)} not set")
+    cert, key, ca = (env[name] for name in _RAY_TLS_FILES)
+    purpose = ssl.Purpose.CLIENT_AUTH if side == "server" else ssl.Purpose.SERVER_AUTH
+    context = ssl.create_default_context(purpose, cafile=ca)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
 
 # A batch of 128 checks with large envelopes stays far below this; a larger length prefix
 # means a broken or hostile peer, and is refused before anything is buffered.
