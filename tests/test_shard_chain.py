@@ -195,3 +195,37 @@ async def test_a_check_of_unknown_fate_is_settled_by_its_proof(database_url: str
         assert (last["event"], "voids" in last["data"]) == ("verify.deny", False)
     finally:
         await shard.close()
+
+
+@pytest.mark.asyncio
+async def test_a_database_that_accepts_and_says_nothing_costs_a_batch_seconds_not_a_minute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A blackholed database (the connection opens, nothing ever comes back) denies the
+    batch `audit_unavailable` once the shard's 2 s connect bound passes, not after
+    asyncpg's own 60 s, so the shard is back within seconds of the database."""
+    import asyncio
+
+    from agentauth.actors import _shard
+
+    monkeypatch.setattr(_shard, "_DB_TIMEOUT", 0.5)
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # read nothing, answer nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    shard = StateShard(index=INDEX + 9, database_url=f"postgresql://x@127.0.0.1:{port}/x")
+    try:
+        began = time.monotonic()
+        [result] = await asyncio.wait_for(shard.check_batch([_check("silent", time.time())]), 10.0)
+        took = time.monotonic() - began
+        assert (result.allowed, result.reason) == (False, "audit_unavailable")
+        assert 0.4 < took < 3.0
+    finally:
+        await shard.close()
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()

@@ -41,6 +41,8 @@ from ._wire import Codec, FrameTooLarge, encode_results, frame, link_tls, read_f
 __all__ = ["Result", "StateShard", "shard_for"]
 
 log = logging.getLogger("agentauth.shard")
+# Seconds the shard's database connection may take to connect or to run a statement.
+_DB_TIMEOUT = 2.0
 # The data plane's token: a frame of exactly this size opens a link.
 _TOKEN_FRAME = 32
 
@@ -198,7 +200,12 @@ class StateShard:
         # One connection, not a pool: flushes run one at a time, and a pool's reset on
         # every release would cost a round trip per commit.
         if self._conn is None or self._conn.is_closed():
-            conn = await asyncpg.connect(self._database_url, command_timeout=2.0)
+            # Both bounded: a database that stops answering (blackholed, not refusing) would
+            # otherwise hold this shard's every batch for asyncpg's 60 s connect timeout,
+            # and its recovery as long after the database is back.
+            conn = await asyncpg.connect(
+                self._database_url, command_timeout=_DB_TIMEOUT, timeout=_DB_TIMEOUT
+            )
             try:
                 await conn.execute(
                     "INSERT INTO audit_heads (chain, size, head) VALUES ($1, 0, $2)"
