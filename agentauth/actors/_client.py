@@ -266,14 +266,20 @@ class ShardClient:
         link = self._links[shard]
         if link is None or not link.alive:
             self._watch(self._connect_and_send(shard, queue))
-            return
-        try:  # the batch leaves now, not a turn later
-            out = _Out.send(shard, link, queue)
-        except Exception:  # it could not be encoded: nothing was sent, nothing decided
+        elif (out := self._send(shard, link, queue)) is not None:  # leaves now, not a turn later
+            self._watch(self._wait(out))
+
+    def _send(
+        self, shard: int, link: _Link, items: list[tuple[Check, asyncio.Future[Result]]]
+    ) -> _Out | None:
+        """The call carrying ``items``, sent; None when the batch could not be encoded (then
+        nothing was sent, nothing decided, and its checks are denied)."""
+        try:
+            return _Out.send(shard, link, items)
+        except Exception:
             log.exception("shard %s: a batch could not be sent; its checks are denied", shard)
-            self._finish(shard, queue, [_UNAVAILABLE] * len(queue))
-            return
-        self._watch(self._wait(out))
+            self._finish(shard, items, [_UNAVAILABLE] * len(items))
+            return None
 
     async def _link(self, shard: int) -> _Link:
         link = self._links[shard]
@@ -321,13 +327,8 @@ class ShardClient:
             log.warning("shard %s unreachable; its checks are denied", shard)
             self._finish(shard, items, [_UNAVAILABLE] * len(items))
             return
-        try:
-            out = _Out.send(shard, link, items)
-        except Exception:  # it could not be encoded: nothing was sent, nothing decided
-            log.exception("shard %s: a batch could not be sent; its checks are denied", shard)
-            self._finish(shard, items, [_UNAVAILABLE] * len(items))
-            return
-        await self._wait(out)
+        if (out := self._send(shard, link, items)) is not None:
+            await self._wait(out)
 
     async def _wait(self, out: _Out) -> None:
         """See a sent call through. Its checks are answered with its rows, or denied at its
