@@ -492,36 +492,22 @@ async def test_an_answer_not_of_the_agreed_shape_is_a_deny(rows: list[tuple[Any,
 
 
 @pytest.mark.asyncio
-async def test_a_batch_that_cannot_be_encoded_is_denied_and_frees_its_slot() -> None:
-    """Nothing a check carries should fail to encode, but if it did, its batch is denied
-    (nothing was sent, so nothing was decided) and the next batch still leaves."""
-    from agentauth.actors import ShardClient
-
-    with _FakeShard(lambda n, checks: (0.0, [_allow(n) for _ in checks])) as fake:
-        client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=0.5)
-        try:
-            await client.connect()
-            unencodable = dataclasses.replace(_check(), jkt=object())
-            result = await client.check(0, unencodable)
-            assert (result.allowed, result.reason) == (False, "state_unavailable")
-            assert (await client.check(0, _check())).allowed
-            assert len(fake.batches) == 1
-        finally:
-            client.close()
-
-
-@pytest.mark.asyncio
-async def test_a_batch_that_cannot_be_encoded_on_a_new_link_is_not_called_unreachable(
-    caplog: pytest.LogCaptureFixture,
+@pytest.mark.parametrize("linked", [True, False], ids=["on-a-link", "through-the-connect"])
+async def test_a_batch_that_cannot_be_encoded_is_denied_and_frees_its_slot(
+    linked: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The first batch goes out through the connect: a batch that cannot be encoded there
-    is denied as well, and logged as what it is, not as a shard that cannot be reached (an
-    operator would look for a dead shard that is fine)."""
+    """Nothing a check carries should fail to encode, but if it did, its batch is denied
+    (nothing was sent, so nothing was decided) and the next batch still leaves. On a link
+    already open and on the first batch, which goes out through the connect, alike; and it
+    is logged as what it is, not as a shard that cannot be reached (an operator would look
+    for a dead shard that is fine)."""
     from agentauth.actors import ShardClient
 
     with _FakeShard(lambda n, checks: (0.0, [_allow(n) for _ in checks])) as fake:
         client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=0.5)
         try:
+            if linked:
+                await client.connect()
             with caplog.at_level(logging.WARNING, logger="agentauth.shards"):
                 unencodable = dataclasses.replace(_check(), jkt=object())
                 result = await client.check(0, unencodable)
