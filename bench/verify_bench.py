@@ -220,8 +220,13 @@ class Run:
     cpu: dict[str, float] = field(default_factory=dict)
 
     @property
+    def not_allowed(self) -> int:
+        """Non-allow answers, HTTP/socket errors and proofs sent twice."""
+        return self.bad + self.errors + self.overrun
+
+    @property
     def valid(self) -> bool:
-        return self.requests > 0 and self.bad == 0 and self.errors == 0 and self.overrun == 0
+        return self.requests > 0 and self.not_allowed == 0
 
     @property
     def late_note(self) -> str:
@@ -1307,10 +1312,9 @@ def _fmt_run(r: Run | None) -> str:
     if r is None:
         return "| - | - | - | - | - | - | - |"
     flag = "" if r.valid else " ⚠"
-    late = "-" if r.offered is None else f"{r.late:,}"
     return (
         f"| {r.rps:,.0f}{flag} | {r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} | {r.p999:.2f}"
-        f" | {r.bad + r.errors + r.overrun} | {late} |"
+        f" | {r.not_allowed} | {_late_cell(r)} |"
     )
 
 
@@ -1326,7 +1330,7 @@ def report(
     add = lines.append
     add(
         "| column | run | load | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | not allowed"
-        " | sent late |"
+        " | sent late (max ms) |"
     )
     add("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for column in COLUMNS:
@@ -1570,7 +1574,7 @@ def write_doc(
     all_runs = "\n".join(
         f"| {SHORT[r.column]} | {r.mode} | {r.load} | {r.connections} | {r.rps:,.0f}"
         f" | {r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} | {r.p999:.2f} | {r.max_ms:.1f}"
-        f" | {r.requests:,} | {r.bad + r.errors + r.overrun}{' ⚠' if not r.valid else ''}"
+        f" | {r.requests:,} | {r.not_allowed}{' ⚠' if not r.valid else ''}"
         f" | {_late_cell(r)} | {r.cpu.get(OUTSIDE, 0.0):.2f} |"
         for r in bench.runs
     )
@@ -1618,7 +1622,7 @@ def write_doc(
         else "Runs with non-allow answers: " + "; ".join(invalid_parts) + "."
     )
     round_denials = [
-        f"{SHORT[c]} in round {i} ({r[c].bad + r[c].errors + r[c].overrun:,})"
+        f"{SHORT[c]} in round {i} ({r[c].not_allowed:,})"
         for i, r in enumerate(bench.rounds, 1)
         for c in COLUMNS
         if not r[c].valid
