@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from typing import Any
 
 import asyncpg
 import pytest
@@ -229,3 +230,74 @@ async def test_a_database_that_accepts_and_says_nothing_costs_a_batch_seconds_no
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+class _AnswerLost(StateShard):
+    """A shard whose next commit gets no answer from the database (a timeout, a dropped
+    connection), after the database applied it (``applied``) or before."""
+
+    applied: bool | None = None  # None: commits normally
+
+    async def _commit(self, conn: Any, *args: Any) -> None:
+        applied, self.applied = self.applied, None
+        if applied is None:
+            return await super()._commit(conn, *args)
+        if applied:
+            await super()._commit(conn, *args)
+        raise TimeoutError  # what asyncpg's command timeout raises
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+@pytest.mark.parametrize("applied", [True, False], ids=["applied", "not-applied"])
+async def test_a_commit_answered_as_failed_that_took_effect_has_its_allows_voided(
+    database_url: str, applied: bool
+) -> None:
+    """The clients of a batch whose commit got no answer are denied ``audit_unavailable``.
+    If the database had applied it, its allows are on the chain although nobody got them:
+    on reconnect the shard finds out and voids each one ahead of its next batch. If not,
+    nothing of it is on the chain, and nothing is voided."""
+    index = 708 if applied else 709
+    shard = _AnswerLost(index=index, database_url=database_url)
+    now = time.time()
+    try:
+        # One batch first: a shard that has committed nothing yet reconnects as a new
+        # incarnation would (refusing older proofs), which is not what is tested here.
+        [first] = await shard.check_batch([_check("l0", now)])
+        assert first.audit_event == f"verifier-{index}:0"
+        shard.applied = applied
+        lost = await shard.check_batch(
+            [
+                _check("l1", now),
+                _check("l2", now),
+                dataclasses.replace(_check("l3", now), deny="revoked"),
+            ]
+        )
+        assert [(r.allowed, r.reason, r.audit_event) for r in lost] == [
+            (False, "audit_unavailable", None)
+        ] * 3
+        # The next batch is answered as usual, the voids (if any) written ahead of it.
+        [later] = await shard.check_batch([_check("l4", now)])
+        assert (later.allowed, later.reason) == (True, "ok")
+        bodies = [json.loads(body) for _, body in await _events(database_url, index)]
+        chain = [(b["event"], b["data"]["proof_jti"], b["data"].get("voids")) for b in bodies]
+        if applied:
+            assert chain == [
+                ("verify.allow", "l0", None),
+                ("verify.allow", "l1", None),
+                ("verify.allow", "l2", None),
+                ("verify.deny", "l3", None),
+                ("verify.void", "l1", f"verifier-{index}:1"),
+                ("verify.void", "l2", f"verifier-{index}:2"),
+                ("verify.allow", "l4", None),
+            ]
+            assert {b["data"]["reason"] for b in bodies[4:6]} == {"audit_unavailable"}
+            assert later.audit_event == f"verifier-{index}:6"
+        else:
+            assert chain == [("verify.allow", "l0", None), ("verify.allow", "l4", None)]
+            assert later.audit_event == f"verifier-{index}:1"
+        # Either way the lost batch's proofs stay spent: the shard cannot know better.
+        [replayed] = await shard.check_batch([_check("l1", now)])
+        assert replayed.reason == "replay_detected"
+    finally:
+        await shard.close()

@@ -48,6 +48,9 @@ _TOKEN_FRAME = 32
 
 # The reason on a void the shard writes itself: its answer found the link closed.
 UNDELIVERED = "answer_undelivered"
+# What a batch is answered when its commit fails, and the reason on the voids the shard
+# writes for a commit it answered so but that took effect after all (see _Unsure).
+AUDIT_UNAVAILABLE = "audit_unavailable"
 
 
 def _node_address() -> str:
@@ -84,6 +87,18 @@ class _Entry:
     hash: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class _Unsure:
+    """A commit whose answer never came (a timeout, a dropped connection): the database may
+    have applied it or not. Its clients were answered ``audit_unavailable``, so if it did,
+    the chain holds allows nobody got, and the shard owes the chain a void for each."""
+
+    seq: int  # its last event: the statement is atomic, so that one tells for all
+    hash: bytes
+    carried: list[Check]  # voids owed before it, which it carried
+    if_committed: list[Check]  # voids owed if it took effect: one per allow in it
+
+
 def _remaining_json(remaining: Remaining | None) -> dict[str, Any] | None:
     if remaining is None:
         return None
@@ -112,6 +127,9 @@ class StateShard:
         self._last_time = 0.0
         self._head = GENESIS_HASH
         self._pending: list[tuple[list[Check], asyncio.Future[list[Result]]]] = []
+        # Voids this shard owes its chain (see _Unsure), written ahead of the next batch.
+        self._owed: list[Check] = []
+        self._unsure: _Unsure | None = None
         self._flushing = False
         self.batches = 0
         self._last_prune = time.monotonic()
@@ -258,7 +276,7 @@ class StateShard:
                     results = await self._decide_and_commit(merged)
                 except Exception:  # never leave a caller waiting: deny what failed
                     log.exception("shard %s failed a batch", self.index)
-                    results = [Result(False, "audit_unavailable") for _ in merged]
+                    results = [Result(False, AUDIT_UNAVAILABLE) for _ in merged]
                 offset = 0
                 for checks, future in groups:
                     if not future.done():
@@ -272,13 +290,15 @@ class StateShard:
     async def _decide_and_commit(self, checks: list[Check]) -> list[Result]:
         try:
             conn = await self._connect()
+            if self._unsure is not None:
+                await self._resolve(conn, self._unsure)
             now = max(time.time(), self._last_time)
             await self._restore(conn, checks, now)
             if any(check.voids == ANY_ALLOW for check in checks):
                 checks = await self._find_allows(conn, checks)
         except Exception:  # database unreachable: nothing can be recorded, so deny all
             log.warning("shard %s cannot reach the database", self.index)
-            return [Result(False, "audit_unavailable") for _ in checks]
+            return [Result(False, AUDIT_UNAVAILABLE) for _ in checks]
         # A void naming no event of this chain is recorded as the malformed check it is.
         checks = [
             c
@@ -286,16 +306,36 @@ class StateShard:
             else dataclasses.replace(c, deny="malformed_check", voids=None)
             for c in checks
         ]
+        owed = self._owed
+        answered = len(checks)
+        checks = owed + checks  # answered to nobody: the results are sliced off below
         outcomes = [self.state.decide(check, now) for check in checks]
         entries = self._chain(checks, outcomes, now)
         try:
             began = time.perf_counter()
             await self._commit(conn, checks, outcomes, entries)
             observe("audit_commit", time.perf_counter() - began, self._tags)
-        except Exception:
+        except Exception as exc:
             log.warning("shard %s failed to commit its audit batch", self.index)
             await self._drop_connection()  # reconnect (and reload the head) next time
-            return [Result(False, "audit_unavailable") for _ in checks]
+            # An error the database sent means the statement, and so all of it, failed.
+            # No answer at all (a timeout, even one that fires late because this process
+            # was stopped while the answer waited) leaves it open: resolved on reconnect.
+            if entries and not isinstance(exc, (asyncpg.PostgresError, RuntimeError)):
+                self._owed = []
+                self._unsure = _Unsure(
+                    entries[-1].event.seq,
+                    entries[-1].hash,
+                    owed,
+                    [
+                        check.voiding(AUDIT_UNAVAILABLE, f"{e.event.chain}:{e.event.seq}")
+                        for check, o, e in zip(checks, outcomes, entries, strict=True)
+                        if o.allowed
+                    ],
+                )
+            return [Result(False, AUDIT_UNAVAILABLE) for _ in range(answered)]
+        self._owed = []
+        del outcomes[: len(owed)], entries[: len(owed)]
         self._last_time = now
         self._decisions += len(checks)
         self.batches += 1
@@ -366,6 +406,24 @@ class StateShard:
             self.state.restore(
                 grant_id, usage_from_events(spend.get(grant_id), recent[grant_id]), now
             )
+
+    async def _resolve(self, conn: asyncpg.Connection, unsure: _Unsure) -> None:
+        """Learn whether ``unsure`` took effect (on a new connection, the head reloaded):
+        if it did, its allows are owed voids; if not, the voids it carried still are."""
+        stored = await conn.fetchval(
+            "SELECT entry_hash FROM audit_events WHERE chain = $1 AND seq = $2",
+            self.chain,
+            unsure.seq,
+        )
+        committed = stored is not None and hmac.compare_digest(bytes(stored), unsure.hash)
+        if committed and unsure.if_committed:
+            log.warning(
+                "shard %s: a commit answered as failed took effect; voiding its %d allows",
+                self.index,
+                len(unsure.if_committed),
+            )
+        self._owed = unsure.if_committed if committed else unsure.carried
+        self._unsure = None
 
     async def _find_allows(self, conn: asyncpg.Connection, checks: list[Check]) -> list[Check]:
         """Point each ``ANY_ALLOW`` void at the allow this chain holds for its proof, or
