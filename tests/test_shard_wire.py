@@ -557,9 +557,7 @@ async def test_a_check_queued_behind_a_call_in_flight_has_its_wait_timed(
 
 
 @pytest.mark.asyncio
-async def test_an_allow_that_came_too_late_is_marked_void_on_the_chain(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+async def test_an_allow_that_came_too_late_is_marked_void_on_the_chain() -> None:
     """The first call overruns: both clients are answered ``state_timeout``. When the
     shard's answer comes (an allow and a deny), the client records on the chain that the
     allow reached nobody; the deny needs nothing."""
@@ -586,7 +584,6 @@ async def test_an_allow_that_came_too_late_is_marked_void_on_the_chain(
             same = ("agent_id", "provider_id", "grant_id", "token_jti", "action", "jti")
             assert _fields(void, same) == _fields(first, same)
             assert void.envelope is None  # ... and no envelope travels
-            assert "not marked void" not in caplog.text
         finally:
             client.close()
 
@@ -620,5 +617,80 @@ async def test_checks_whose_call_never_answered_are_settled_on_the_next_link() -
             same = ("agent_id", "grant_id", "jkt", "jti")
             assert _fields(settle, same) == _fields(lost, same)
             assert settle.envelope is None
+        finally:
+            client.close()
+
+
+def _late_allow_then(
+    void_answer: Callable[[list[Check]], tuple[float, list[tuple[Any, ...]]] | None],
+) -> Answer:
+    """A shard that answers the warm-up, then a call late (an allow: its client was
+    denied, so the client voids it), then the void call with ``void_answer``, and every
+    later call at once, recording each check."""
+
+    def answer(n: int, checks: list[Check]) -> tuple[float, list[tuple[Any, ...]]] | None:
+        if n == 1:
+            return 0.5, [_allow(n)]
+        if n == 2:
+            return void_answer(checks)
+        return 0.0, [
+            (c.deny is None, c.deny or "ok", None, None, f"verifier-9:{n}") for c in checks
+        ]
+
+    return answer
+
+
+@pytest.mark.asyncio
+async def test_a_void_whose_call_broke_is_asked_about_on_the_next_link() -> None:
+    """The link breaks while the void of a late allow is out: whether the shard wrote it
+    is unknown. On the next link the client asks about that proof (the shard voids its
+    allow if still unmarked), so the allow is not left on the chain unmarked."""
+    from agentauth.actors import ShardClient
+
+    with _FakeShard(_late_allow_then(lambda checks: None)) as fake:
+        client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=0.15)
+        try:
+            await client.connect()
+            assert (await client.check(0, _check())).allowed
+            late = _check()
+            assert (await client.check(0, late)).reason == "state_timeout"
+            await fake.batches_seen(3)
+            [void] = fake.batches[2]
+            assert (void.voids, void.jti) == ("verifier-9:1", late.jti)
+            # The next check finds the link broken (denied, not sent); it is found afresh.
+            await asyncio.sleep(0.1)
+            assert (await client.check(0, _check())).reason == "state_unavailable"
+            await fake.batches_seen(4)
+            [settle] = fake.batches[3]
+            assert (settle.voids, settle.deny, settle.jti) == ("*", "state_timeout", late.jti)
+        finally:
+            client.close()
+
+
+@pytest.mark.asyncio
+async def test_a_void_the_shard_could_not_write_is_asked_about_once_it_records_again() -> None:
+    """The shard answers the void of a late allow in time but could not write it (its
+    database was away: ``audit_unavailable``). The link is fine, so no reconnect will
+    ask about it: the first answer that shows the shard recording again does."""
+    from agentauth.actors import ShardClient
+
+    def unwritten(checks: list[Check]) -> tuple[float, list[tuple[Any, ...]]]:
+        return 0.0, [(False, "audit_unavailable", None, None, None) for _ in checks]
+
+    with _FakeShard(_late_allow_then(unwritten)) as fake:
+        client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=0.15)
+        try:
+            await client.connect()
+            assert (await client.check(0, _check())).allowed
+            late = _check()
+            assert (await client.check(0, late)).reason == "state_timeout"
+            await fake.batches_seen(3)
+            assert fake.batches[2][0].voids == "verifier-9:1"
+            assert (await client.check(0, _check())).allowed  # the shard records again
+            await fake.batches_seen(5)
+            [settle] = fake.batches[4]
+            assert (settle.voids, settle.deny, settle.jti) == ("*", "state_timeout", late.jti)
+            await asyncio.sleep(0.1)
+            assert len(fake.batches) == 5  # recorded: not asked about again
         finally:
             client.close()

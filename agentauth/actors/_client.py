@@ -192,10 +192,12 @@ class ShardClient:
         self._watchers: set[asyncio.Task[None]] = set()
         # Checks sent in a call that never answered (the link broke, or it stayed silent):
         # the shard may have committed an allow for any of them. Each is asked about once
-        # the shard is reachable again (see _settle), with the answer its client got.
+        # the shard is reachable again (see _settle), with the answer its client got. The
+        # voids that were not recorded wait here too.
         self._unsettled: list[deque[tuple[Check, str]]] = [
             deque(maxlen=_MAX_UNSETTLED) for _ in handles
         ]
+        self._settling = [False] * len(handles)
         self._tags = [{"shard": str(i)} for i in range(len(handles))]
         self.batches = 0
         self.checks = 0
@@ -220,6 +222,7 @@ class ShardClient:
 
     async def check(self, shard: int, check: Check) -> Result:
         if self._overrun[shard] >= 2:
+            self._keep_voids(shard, [check])
             return _TIMEOUT
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
@@ -244,6 +247,7 @@ class ShardClient:
         if self._overrun[shard] >= 2:
             queue, self._queues[shard] = self._queues[shard], []
             self._queued_at[shard] = []
+            self._keep_voids(shard, [check for check, _ in queue])
             for _, future in queue:
                 if not future.done():
                     future.set_result(_TIMEOUT)
@@ -278,6 +282,7 @@ class ShardClient:
             return _Out.send(shard, link, items)
         except Exception:
             log.exception("shard %s: a batch could not be sent; its checks are denied", shard)
+            self._keep_voids(shard, [check for check, _ in items])
             self._finish(shard, items, [_UNAVAILABLE] * len(items))
             return None
 
@@ -325,6 +330,7 @@ class ShardClient:
             link = await asyncio.wait_for(self._link(shard), self._timeout)
         except Exception:  # dead, restarting or unreachable: deny, never allow
             log.warning("shard %s unreachable; its checks are denied", shard)
+            self._keep_voids(shard, [check for check, _ in items])
             self._finish(shard, items, [_UNAVAILABLE] * len(items))
             return
         if (out := self._send(shard, link, items)) is not None:
@@ -341,12 +347,13 @@ class ShardClient:
         try:
             rows = await out.call  # one turn of the loop after the link's reader has it
         except BaseException:  # the link broke or was torn down: decided or not, unknown
+            checks = [check for check, _ in items]
             if out.expired:
                 self._overrun[shard] = max(0, self._overrun[shard] - 1)
-                self._unsettle(shard, items, "state_timeout")
+                self._unsettle(shard, checks, "state_timeout")
             else:
                 log.warning("shard %s unreachable; its checks are denied", shard)
-                self._unsettle(shard, items, "state_unavailable")
+                self._unsettle(shard, checks, "state_unavailable")
                 self._finish(shard, items, [_UNAVAILABLE] * len(items))
             if not out.call.done():
                 raise  # this task was cancelled (shutdown), not the call
@@ -357,9 +364,15 @@ class ShardClient:
                 out.silent.cancel()
         if out.expired:
             self._overrun[shard] = 0  # it answers: whatever else is out will follow
-            if len(rows) == len(items):
-                checks = [check for check, _ in items]
-                await self._void(shard, list(zip(checks, rows, strict=True)))
+            checks = [check for check, _ in items]
+            if len(rows) != len(items):
+                self._unsettle(shard, checks, "state_timeout")
+                return
+            # Voids among them that the shard could not record are asked about again.
+            self._keep_voids(
+                shard, [c for c, row in zip(checks, rows, strict=True) if row[4] is None]
+            )
+            await self._void(shard, list(zip(checks, rows, strict=True)))
             return
         observe("shard_call", time.perf_counter() - out.sent, self._tags[shard])
         try:
@@ -370,11 +383,19 @@ class ShardClient:
             # Not the answer agreed on: nothing in it is trusted, and whatever the shard
             # decided for these checks is unknown, as if the link had broken.
             log.warning("shard %s sent a malformed answer; its checks are denied", shard)
-            self._unsettle(shard, items, "state_unavailable")
+            self._unsettle(shard, [check for check, _ in items], "state_unavailable")
             results = [_UNAVAILABLE] * len(items)
             # A link that carries such answers is not trusted either; the next one asks
             # the shard about these checks (_settle runs when a link opens).
             out.link.close()
+        else:
+            self._keep_voids(
+                shard, [c for (c, _), r in zip(items, results, strict=True) if not r.audit_event]
+            )
+            # The shard records again (on this link, which _open's settling would not see):
+            # what is pending from before is asked about now.
+            if self._unsettled[shard] and any(r.audit_event for r in results):
+                self._watch(self._settle(shard))
         self._finish(shard, items, results)
 
     def _deadline(self, out: _Out, turns: int) -> None:
@@ -419,47 +440,57 @@ class ShardClient:
         """Record on the chain that these allows reached no client (each was answered
         ``state_timeout``), so the chain says what the provider was told. What the allow
         reserved stays reserved: a proof is single-use, and spend is not handed back for a
-        request whose fate the provider may not know either."""
+        request whose fate the provider may not know either. A void that is not recorded
+        (its call fails, overruns and never answers, or the shard cannot write) is kept and
+        asked about again by its proof (``_keep_voids``, ``_settle``)."""
         voids = [
             check.voiding("state_timeout", row[4])
             for check, row in answered
             if row[0] is True and isinstance(row[4], str)
         ]
-        if not voids:
-            return
-        results = await asyncio.gather(*(self.check(shard, void) for void in voids))
-        lost = [v.voids for v, r in zip(voids, results, strict=True) if r.audit_event is None]
-        if lost:
-            log.warning(
-                "shard %s: allows answered state_timeout but not marked void: %s",
-                shard,
-                ", ".join(str(event) for event in lost),
-            )
+        if voids:
+            await asyncio.gather(*(self.check(shard, void) for void in voids))
 
     def _watch(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
 
-    def _unsettle(
-        self, shard: int, items: list[tuple[Check, asyncio.Future[Result]]], answer: str
-    ) -> None:
+    def _unsettle(self, shard: int, checks: list[Check], answer: str) -> None:
+        """Keep checks whose call never answered, to be asked about by their proofs: the
+        decisions (any may be an allow the shard committed) with the answer their clients
+        got, and the voids (one not written leaves an allow unmarked) with theirs. A
+        recorded denial cannot have become an allow: it needs nothing."""
         pending = self._unsettled[shard]
-        # A recorded denial cannot have become an allow: only decisions are unsettled.
-        decisions = [(check, answer) for check, _ in items if check.deny is None]
-        dropped = max(0, len(pending) + len(decisions) - _MAX_UNSETTLED)
+        kept = [
+            (check, answer if check.voids is None else check.deny or answer)
+            for check in checks
+            if check.deny is None or check.voids is not None
+        ]
+        dropped = max(0, len(pending) + len(kept) - _MAX_UNSETTLED)
         if dropped:
             log.warning("shard %s: %d unsettled checks dropped (the oldest)", shard, dropped)
-        pending.extend(decisions)
+        pending.extend(kept)
+
+    def _keep_voids(self, shard: int, checks: list[Check]) -> None:
+        """The voids among ``checks``, which end here unrecorded (denied unsent, or the
+        shard could not write): asked about again like checks of unknown fate."""
+        voids = [check for check in checks if check.voids is not None]
+        if voids:
+            self._unsettle(shard, voids, "state_timeout")
 
     async def _settle(self, shard: int) -> None:
-        """Ask the shard about checks whose call never answered: it voids the allow it
+        """Ask the shard about the checks kept by ``_unsettle``: it voids the allow it
         committed for each proof, if any, and otherwise records the denial its client got.
-        Those it cannot take now wait for the next link."""
-        pending = self._unsettled[shard]
-        asked = [pending.popleft() for _ in range(len(pending))]
-        voids = [check.voiding(answer, ANY_ALLOW) for check, answer in asked]
-        results = await asyncio.gather(*(self.check(shard, void) for void in voids))
-        for (check, answer), result in zip(asked, results, strict=True):
-            if result.audit_event is None:
-                pending.append((check, answer))
+        One that fails again is kept again by the path it fails on (see ``_keep_voids``),
+        for the next link or the next answer that shows the shard recording."""
+        if self._settling[shard]:
+            return
+        self._settling[shard] = True
+        try:
+            pending = self._unsettled[shard]
+            asked = [pending.popleft() for _ in range(len(pending))]
+            voids = [check.voiding(answer, ANY_ALLOW) for check, answer in asked]
+            await asyncio.gather(*(self.check(shard, void) for void in voids))
+        finally:
+            self._settling[shard] = False
