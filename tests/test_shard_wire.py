@@ -23,7 +23,16 @@ import pytest_asyncio
 from shard_checks import a_check, arriving, payment, timed
 
 from agentauth.actors import Check, StateShard
-from agentauth.actors._wire import MAX_FRAME, Codec, decode_results, frame, read_frame
+from agentauth.actors._wire import (
+    ACKS_ANNOUNCED,
+    MAX_FRAME,
+    Codec,
+    ack_id,
+    decode_results,
+    encode_ack,
+    frame,
+    read_frame,
+)
 from agentauth.protocol import Envelope
 
 ENVELOPE = Envelope.model_validate(
@@ -113,6 +122,25 @@ async def _chain_size(database_url: str) -> int:
     return int(count)
 
 
+async def _linked(
+    host: str, port: int, token: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A link through the handshake: the shard's "ok", then its word that it acknowledges."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(frame(token))
+    assert await read_frame(reader) == b"ok"
+    assert decode_results(await read_frame(reader)) == (ACKS_ANNOUNCED, [])
+    return reader, writer
+
+
+async def _frames_until_answer(reader: asyncio.StreamReader) -> list[tuple[int, list[Any]]]:
+    """Frames up to and including the next answer (acks, if any, before it)."""
+    frames = [decode_results(await asyncio.wait_for(read_frame(reader), 5.0))]
+    while frames[-1][0] < 0:
+        frames.append(decode_results(await asyncio.wait_for(read_frame(reader), 5.0)))
+    return frames
+
+
 async def _closed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
     """Whether the shard hung up on us (and no frame came first)."""
     try:
@@ -128,11 +156,9 @@ async def _closed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 @pytest.mark.asyncio
 async def test_a_linked_verifier_gets_decisions(shard: StateShard, database_url: str) -> None:
     host, port, token = await shard.endpoint()
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(frame(token))
-    assert await read_frame(reader) == b"ok"
+    reader, writer = await _linked(host, port, token)
     writer.write(Codec().encode_checks(3, [_check(), _check(deny="revoked")]))
-    request_id, rows = decode_results(await read_frame(reader))
+    request_id, rows = (await _frames_until_answer(reader))[-1]
     assert request_id == 3
     assert [(row[0], row[1]) for row in rows] == [(True, "ok"), (False, "revoked")]
     assert rows[0][2] == {"rate": [99], "spend": ["87.5"]}
@@ -142,15 +168,50 @@ async def test_a_linked_verifier_gets_decisions(shard: StateShard, database_url:
 
 
 @pytest.mark.asyncio
+async def test_a_batch_the_shard_is_slow_to_answer_is_acknowledged_first(
+    shard: StateShard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a commit is awaited (here held 0.2 s), the shard still reads and acknowledges:
+    the replica learns the shard is slow, not stopped. The ack names the batch, and comes
+    in well before the answer."""
+    commit = shard._commit
+
+    async def slow(*args: Any) -> None:
+        await asyncio.sleep(0.2)
+        await commit(*args)
+
+    monkeypatch.setattr(shard, "_commit", slow)
+    host, port, token = await shard.endpoint()
+    reader, writer = await _linked(host, port, token)
+    try:
+        began = time.monotonic()
+        writer.write(Codec().encode_checks(5, [_check(deny="revoked")]))
+        ack = decode_results(await asyncio.wait_for(read_frame(reader), 5.0))
+        acked_after = time.monotonic() - began
+        assert ack == (ack_id(5), []) and ack_id(ack_id(5)) == 5
+        assert (await _frames_until_answer(reader))[-1][0] == 5
+        assert acked_after < 0.15 < time.monotonic() - began
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def test_a_replica_from_before_acks_takes_them_for_no_answer_of_its() -> None:
+    """An old replica looks every answer up by its request id (never negative): the frames
+    acks travel in decode as answers with an id it never used and no rows."""
+    for frame_ in (encode_ack(ACKS_ANNOUNCED), encode_ack(ack_id(0)), encode_ack(ack_id(7))):
+        request_id, rows = decode_results(_payload(frame_))
+        assert request_id < 0 and rows == []
+
+
+@pytest.mark.asyncio
 async def test_an_answer_the_shard_cannot_deliver_is_voided_by_the_shard(
     shard: StateShard, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The replica's link goes while its batch is decided (the replica died): no provider
     can have received those allows, and the shard, finding the link closed, says so."""
     host, port, token = await shard.endpoint()
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(frame(token))
-    assert await read_frame(reader) == b"ok"
+    _, writer = await _linked(host, port, token)
     before = await _chain_size(database_url)
     # A new incarnation on this chain refuses proofs up to its last decision plus the skew
     # (earlier tests here decided on it a moment ago): this proof is issued after that, on
@@ -203,9 +264,7 @@ async def test_bad_peers_are_dropped_and_decide_nothing(
     assert await _closed(reader, writer)
 
     # A malformed batch after a good handshake closes the link.
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(frame(token))
-    assert await read_frame(reader) == b"ok"
+    reader, writer = await _linked(host, port, token)
     writer.write(frame(b"\x93\x01\x02\x03"))
     assert await _closed(reader, writer)
 
@@ -317,11 +376,39 @@ async def test_checks_queued_behind_a_call_to_a_hung_shard_are_denied_within_two
 
 
 @pytest.mark.asyncio
-async def test_a_call_that_overran_once_does_not_cost_the_checks_behind_it() -> None:
+async def test_checks_queued_behind_an_unacknowledged_call_are_denied_with_it() -> None:
+    """A shard that acknowledges has not acknowledged the call out when its deadline comes:
+    it is stopped, not slow. The checks queued behind that call are denied with it, at
+    its deadline (within a timeout of the first one's arrival, not two), without being
+    sent; later ones at once."""
+    from agentauth.actors import ShardClient
+
+    timeout = 0.2
+    with _FakeShard(_hung_after_one, acks=True) as fake:
+        client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=timeout)
+        try:
+            await client.connect()
+            assert (await client.check(0, _check())).allowed
+            answers = await arriving(client, _check, behind=4, every=timeout / 5)
+            assert {(r.allowed, r.reason) for _, r in answers} == {(False, "state_timeout")}
+            # The first waited its timeout; the rest less, all at the same moment.
+            assert max(elapsed for elapsed, _ in answers) < timeout * 1.3
+            at_once, result = await timed(client, _check())
+            assert result.reason == "state_timeout" and at_once < timeout / 4
+            assert len(fake.batches) == 2  # the warm-up and the first call: nothing behind
+            assert (client.overruns, client.unacknowledged) == (1, 1)
+        finally:
+            client.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("acks", [False, True], ids=["shard-without-acks", "acknowledged"])
+async def test_a_call_that_overran_once_does_not_cost_the_checks_behind_it(acks: bool) -> None:
     """The shard answers one call late (a slow commit, a busy machine) and the next one at
     once. The checks that queued behind the late call had waited about a timeout for it
     already, but their call gets a timeout of its own, and they are allowed: one overrun
-    denies only its own checks."""
+    denies only its own checks. (A shard that acknowledges did so for the late call: it
+    is slow, not stopped.)"""
     from agentauth.actors import ShardClient
 
     timeout = 0.2
@@ -329,7 +416,7 @@ async def test_a_call_that_overran_once_does_not_cost_the_checks_behind_it() -> 
     def late_once(n: int, checks: list[Check]) -> tuple[float, list[tuple[Any, ...]]]:
         return (timeout * 1.2 if n == 1 else 0.0), [_allow(n) for _ in checks]
 
-    with _FakeShard(late_once) as fake:
+    with _FakeShard(late_once, acks=acks) as fake:
         client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=timeout)
         try:
             await client.connect()
@@ -342,6 +429,7 @@ async def test_a_call_that_overran_once_does_not_cost_the_checks_behind_it() -> 
             await fake.batches_seen(4)  # the late call's allow reached nobody: voided
             assert [len(batch) for batch in fake.batches] == [1, 1, 3, 1]
             assert fake.batches[3][0].voids == "verifier-9:1"
+            assert (client.overruns, client.unacknowledged) == (1, 0)
         finally:
             client.close()
 
@@ -354,10 +442,13 @@ class _FakeShard:
     test's loop is blocked. ``answer(n, checks)`` gives the delay and the rows of the
     n-th batch (a delay of None: never answered, the next batch is read), or None to
     drop the connection unanswered; every batch received is kept.
-    With ``hold``, it answers only once ``go`` is set."""
+    With ``hold``, it answers only once ``go`` is set. With ``acks``, it acknowledges as a
+    shard does (announced at the handshake; a batch answered late is acknowledged when
+    read, one never answered is not: the shard is stopped)."""
 
-    def __init__(self, answer: Answer, *, hold: bool = False) -> None:
+    def __init__(self, answer: Answer, *, hold: bool = False, acks: bool = False) -> None:
         self._hold = hold
+        self._acks = acks
         self.token = secrets.token_bytes(32)
         self.batches: list[list[Check]] = []
         self.received = threading.Event()
@@ -400,6 +491,8 @@ class _FakeShard:
             if await read_frame(reader) != self.token:
                 return
             writer.write(frame(b"ok"))
+            if self._acks:
+                writer.write(encode_ack(ACKS_ANNOUNCED))
             while True:
                 request_id, checks = codec.decode_checks(await read_frame(reader))
                 self.batches.append(checks)
@@ -410,6 +503,8 @@ class _FakeShard:
                 delay, rows = answer
                 if delay is None:
                     continue
+                if self._acks and (delay or self._hold):
+                    writer.write(encode_ack(ack_id(request_id)))
                 if self._hold:
                     await asyncio.get_running_loop().run_in_executor(None, self.go.wait, 5)
                 if delay:

@@ -27,7 +27,7 @@ from typing import Any
 from ..metrics import observe
 from ._shard import Result
 from ._state import ANY_ALLOW, Check
-from ._wire import Codec, decode_results, frame, link_tls, read_frame
+from ._wire import ACKS_ANNOUNCED, Codec, ack_id, decode_results, frame, link_tls, read_frame
 
 __all__ = ["ShardClient"]
 
@@ -48,20 +48,20 @@ class _Out:
     checks were denied; ``silent``, the timer that tears the link down if the call stays
     unanswered after that)."""
 
-    __slots__ = ("call", "expired", "items", "link", "sent", "shard", "silent")
+    __slots__ = ("call", "expired", "items", "link", "request_id", "sent", "shard", "silent")
 
     def __init__(
         self,
         shard: int,
         link: _Link,
         items: list[tuple[Check, asyncio.Future[Result]]],
-        call: asyncio.Future[list[Row]],
+        call: tuple[int, asyncio.Future[list[Row]]],  # its request id, and its answer
         sent: float,
     ) -> None:
         self.shard = shard
         self.link = link
         self.items = items
-        self.call = call
+        self.request_id, self.call = call
         self.sent = sent
         self.expired = False
         self.silent: asyncio.TimerHandle | None = None
@@ -83,6 +83,10 @@ class _Link:
         self._codec = Codec()
         self._ids = itertools.count()
         self._calls: dict[int, asyncio.Future[list[Row]]] = {}
+        # Whether the shard acknowledges batches it is slow to answer, and which calls
+        # out it has acknowledged (see _wire.ACKS_ANNOUNCED).
+        self.acks = False
+        self._acked: set[int] = set()
         self._task = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
@@ -105,18 +109,21 @@ class _Link:
     def alive(self) -> bool:
         return not self._task.done()
 
-    def send(self, checks: list[Check]) -> asyncio.Future[list[Row]]:
-        """Send a batch now; the future gets its answer (or ConnectionError). Raises if
-        the batch cannot be encoded, before anything is sent."""
+    def send(self, checks: list[Check]) -> tuple[int, asyncio.Future[list[Row]]]:
+        """Send a batch now: its request id, and a future that gets its answer (or
+        ConnectionError). Raises if the batch cannot be encoded, before anything is sent."""
         request_id = next(self._ids)
         future: asyncio.Future[list[Row]] = asyncio.get_running_loop().create_future()
         if not self.alive:
             future.set_exception(ConnectionError("shard link closed"))
-            return future
+            return request_id, future
         payload = self._codec.encode_checks(request_id, checks)
         self._calls[request_id] = future
         self._writer.write(payload)
-        return future
+        return request_id, future
+
+    def acked(self, request_id: int) -> bool:
+        return request_id in self._acked
 
     def close(self) -> None:
         self._task.cancel()
@@ -125,6 +132,13 @@ class _Link:
         try:
             while True:
                 request_id, rows = decode_results(await read_frame(self._reader))
+                if request_id < 0:
+                    if request_id == ACKS_ANNOUNCED:
+                        self.acks = True
+                    elif ack_id(request_id) in self._calls:
+                        self._acked.add(ack_id(request_id))
+                    continue
+                self._acked.discard(request_id)
                 future = self._calls.pop(request_id, None)
                 if future is not None and not future.done():
                     future.set_result(rows)
@@ -162,11 +176,12 @@ class ShardClient:
         self._max_wait = max_wait
         # How long a call may be out before its checks are denied. It bounds the shard's
         # part only: time a check spends queued behind the call in flight is bounded by
-        # that call's own limit, and is the replica's load, not a sign of a stuck shard.
-        # So a hung shard can hold a check queued behind its first unanswered call for up
-        # to twice the timeout. Shortening the call behind an overrun was tried (2026-11-29,
-        # docs/verifier.md): at saturation a call overruns now and then for the load's sake,
-        # and a second overrun right behind it makes the shard look hung.
+        # that call's own limit, and is the replica's load, not a sign of a stuck shard;
+        # at saturation a call overruns now and then for the load's sake, and the checks
+        # behind it still deserve their turn. A shard that has not even acknowledged the
+        # call by then (see _wire.ACKS_ANNOUNCED) is not slow but stopped: the checks
+        # behind are denied with it. (A shard that does not acknowledge, from before acks,
+        # can hold a check queued behind its first unanswered call for two timeouts.)
         self._timeout = timeout
         # A call outlives the client's own deny (a shard may take up to its database
         # timeout to commit), but not forever: a link silent this long is torn down.
@@ -189,6 +204,9 @@ class ShardClient:
         # on, the shard looks hung: checks are denied at once, not sent, until one of
         # those calls answers (or the link is torn down).
         self._overrun = [0] * len(handles)
+        # A call overran unacknowledged: the shard is not running. Checks are denied at
+        # once, as from the second overrun, until it answers or the link goes.
+        self._stopped = [False] * len(handles)
         self._watchers: set[asyncio.Task[None]] = set()
         # Checks sent in a call that never answered (the link broke, or it stayed silent):
         # the shard may have committed an allow for any of them. Each is asked about once
@@ -201,6 +219,8 @@ class ShardClient:
         self._tags = [{"shard": str(i)} for i in range(len(handles))]
         self.batches = 0
         self.checks = 0
+        self.overruns = 0  # calls past their timeout
+        self.unacknowledged = 0  # ... of which the shard had not acknowledged (stopped)
 
     @property
     def shards(self) -> int:
@@ -221,7 +241,7 @@ class ShardClient:
                 link.close()
 
     async def check(self, shard: int, check: Check) -> Result:
-        if self._overrun[shard] >= 2:
+        if self._looks_hung(shard):
             self._keep_voids(shard, [check])
             return _TIMEOUT
         loop = asyncio.get_running_loop()
@@ -244,7 +264,7 @@ class ShardClient:
 
     def _flush(self, shard: int) -> None:
         self._scheduled[shard] = False
-        if self._overrun[shard] >= 2:
+        if self._looks_hung(shard):
             queue, self._queues[shard] = self._queues[shard], []
             self._queued_at[shard] = []
             self._keep_voids(shard, [check for check, _ in queue])
@@ -272,6 +292,9 @@ class ShardClient:
             self._watch(self._connect_and_send(shard, queue))
         elif (out := self._send(shard, link, queue)) is not None:  # leaves now, not a turn later
             self._watch(self._wait(out))
+
+    def _looks_hung(self, shard: int) -> bool:
+        return self._overrun[shard] >= 2 or self._stopped[shard]
 
     def _send(
         self, shard: int, link: _Link, items: list[tuple[Check, asyncio.Future[Result]]]
@@ -350,6 +373,7 @@ class ShardClient:
             checks = [check for check, _ in items]
             if out.expired:
                 self._overrun[shard] = max(0, self._overrun[shard] - 1)
+                self._stopped[shard] = False
                 self._unsettle(shard, checks, "state_timeout")
             else:
                 log.warning("shard %s unreachable; its checks are denied", shard)
@@ -364,6 +388,7 @@ class ShardClient:
                 out.silent.cancel()
         if out.expired:
             self._overrun[shard] = 0  # it answers: whatever else is out will follow
+            self._stopped[shard] = False
             checks = [check for check, _ in items]
             if len(rows) != len(items):
                 self._unsettle(shard, checks, "state_timeout")
@@ -414,6 +439,10 @@ class ShardClient:
         # allow among them is marked void on the chain once it comes (see _wait).
         out.expired = True
         self._overrun[out.shard] += 1
+        self.overruns += 1
+        if out.link.acks and not out.link.acked(out.request_id):
+            self._stopped[out.shard] = True  # the checks queued behind go with these
+            self.unacknowledged += 1
         out.silent = loop.call_later(self._call_timeout, self._silent, out)
         self._finish(out.shard, out.items, [_TIMEOUT] * len(out.items))
 

@@ -36,7 +36,18 @@ from asyncpg.exceptions import DivisionByZeroError, UniqueViolationError
 from ..metrics import observe
 from ..protocol import GENESIS_HASH, AuditEvent, Remaining, b64url_encode, leaf_hash
 from ._state import ANY_ALLOW, Check, Outcome, ShardState, usage_from_events, usage_to_json
-from ._wire import Codec, FrameTooLarge, encode_results, frame, link_tls, read_frame
+from ._wire import (
+    ACK_AFTER,
+    ACKS_ANNOUNCED,
+    Codec,
+    FrameTooLarge,
+    ack_id,
+    encode_ack,
+    encode_results,
+    frame,
+    link_tls,
+    read_frame,
+)
 
 __all__ = ["Result", "StateShard", "shard_for"]
 
@@ -62,6 +73,13 @@ def _node_address() -> str:
     except ImportError:
         pass
     return "127.0.0.1"
+
+
+def _ack(writer: asyncio.StreamWriter, request_id: int, answering: asyncio.Task[None]) -> None:
+    """Tell the replica a batch it sent is being worked on, unless it is answered already
+    (most are, within ``ACK_AFTER``: no frame then). See ``_wire.ACKS_ANNOUNCED``."""
+    if not answering.done() and not writer.is_closing():
+        writer.write(encode_ack(ack_id(request_id)))
 
 
 def shard_for(key: str, shards: int) -> int:
@@ -179,7 +197,8 @@ class StateShard:
             if not hmac.compare_digest(token, self._token):
                 log.warning("shard %s: a connection presented a wrong token", self.index)
                 return
-            writer.write(frame(b"ok"))
+            writer.write(frame(b"ok") + encode_ack(ACKS_ANNOUNCED))
+            loop = asyncio.get_running_loop()
             while True:
                 payload = await read_frame(reader)
                 try:
@@ -190,6 +209,7 @@ class StateShard:
                 task = asyncio.create_task(self._answer(writer, request_id, checks))
                 self._answering.add(task)
                 task.add_done_callback(self._answering.discard)
+                loop.call_later(ACK_AFTER, _ack, writer, request_id, task)
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, FrameTooLarge):
             return  # the peer left, stalled or sent garbage: drop the connection
         finally:

@@ -24,10 +24,14 @@ from ..protocol import Action, Envelope
 from ._state import Check
 
 __all__ = [
+    "ACKS_ANNOUNCED",
+    "ACK_AFTER",
     "MAX_FRAME",
     "Codec",
     "FrameTooLarge",
+    "ack_id",
     "decode_results",
+    "encode_ack",
     "encode_results",
     "frame",
     "link_tls",
@@ -188,6 +192,27 @@ class Codec:
                 )
             )
         return request_id, checks
+
+
+# Acknowledgements: how a replica tells a hung shard (a stopped process, a wedged loop)
+# from a slow one (a long commit). A shard says once, right after the handshake, that it
+# acknowledges (ACKS_ANNOUNCED); then every batch it has read and not answered within
+# ACK_AFTER seconds gets an ack (``ack_id`` of its request id). A slow shard acknowledges
+# while its commit is awaited; a stopped one cannot. Both are result frames with a
+# negative id and no rows: a replica from before acks takes them for answers to calls it
+# never made, and drops them.
+ACKS_ANNOUNCED = -1
+ACK_AFTER = 0.005
+
+
+def ack_id(request_id: int) -> int:
+    """The id an ack for ``request_id`` carries (and, applied again, the request id)."""
+    return -2 - request_id
+
+
+def encode_ack(request_id: int) -> bytes:
+    """An ack frame: ``ACKS_ANNOUNCED`` itself, or ``ack_id`` of a request's id."""
+    return frame(msgpack.packb((request_id, ())))
 
 
 def encode_results(request_id: int, results: list[Any]) -> bytes:

@@ -147,6 +147,8 @@ def create_app(verifier: Verifier) -> FastAPI:
             "decisions": dict(verifier.decisions),
             "batches": verifier.shards.batches,
             "checks": verifier.shards.checks,
+            "shard_overruns": verifier.shards.overruns,
+            "shard_overruns_unacknowledged": verifier.shards.unacknowledged,
             "queue_depth": verifier.shards.queue_depth(),
             "revocations_fresh": verifier.revocations.fresh(),
         }
