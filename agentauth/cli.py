@@ -209,6 +209,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         # Serve's HAProxy ingress and throughput settings (about 10x the default proxy here).
         os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
         os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+        # Ray runs its workers at nice 15 unless told otherwise: the verifier's replicas,
+        # its shards and HAProxy would yield the CPU to PostgreSQL, Redis and anything else
+        # on the machine, which quadrupled the verifier's p99 here (docs/verifier.md).
+        os.environ.setdefault("RAY_worker_niceness", "0")
         import ray
         from ray import serve
 

