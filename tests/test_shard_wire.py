@@ -721,6 +721,19 @@ def _late_allow_then(
     return answer
 
 
+async def _a_late_allow_voided(client: Any, fake: _FakeShard) -> Check:
+    """Through ``_late_allow_then``'s first three calls: the check whose allow came late
+    (its client denied), once its void has gone out."""
+    await client.connect()
+    assert (await client.check(0, _check())).allowed
+    late = _check()
+    assert (await client.check(0, late)).reason == "state_timeout"
+    await fake.batches_seen(3)
+    [void] = fake.batches[2]
+    assert (void.voids, void.jti) == ("verifier-9:1", late.jti)
+    return late
+
+
 @pytest.mark.asyncio
 async def test_a_void_whose_call_broke_is_asked_about_on_the_next_link() -> None:
     """The link breaks while the void of a late allow is out: whether the shard wrote it
@@ -731,13 +744,7 @@ async def test_a_void_whose_call_broke_is_asked_about_on_the_next_link() -> None
     with _FakeShard(_late_allow_then(lambda checks: None)) as fake:
         client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=0.15)
         try:
-            await client.connect()
-            assert (await client.check(0, _check())).allowed
-            late = _check()
-            assert (await client.check(0, late)).reason == "state_timeout"
-            await fake.batches_seen(3)
-            [void] = fake.batches[2]
-            assert (void.voids, void.jti) == ("verifier-9:1", late.jti)
+            late = await _a_late_allow_voided(client, fake)
             # The next check finds the link broken (denied, not sent); it is found afresh.
             await asyncio.sleep(0.1)
             assert (await client.check(0, _check())).reason == "state_unavailable"
@@ -761,12 +768,7 @@ async def test_a_void_the_shard_could_not_write_is_asked_about_once_it_records_a
     with _FakeShard(_late_allow_then(unwritten)) as fake:
         client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=0.15)
         try:
-            await client.connect()
-            assert (await client.check(0, _check())).allowed
-            late = _check()
-            assert (await client.check(0, late)).reason == "state_timeout"
-            await fake.batches_seen(3)
-            assert fake.batches[2][0].voids == "verifier-9:1"
+            late = await _a_late_allow_voided(client, fake)
             assert (await client.check(0, _check())).allowed  # the shard records again
             await fake.batches_seen(5)
             [settle] = fake.batches[4]
