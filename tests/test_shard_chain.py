@@ -257,7 +257,7 @@ async def test_a_commit_answered_as_failed_that_took_effect_has_its_allows_voide
     If the database had applied it, its allows are on the chain although nobody got them:
     on reconnect the shard finds out and voids each one ahead of its next batch. If not,
     nothing of it is on the chain, and nothing is voided."""
-    index = 708 if applied else 709
+    index = 720 if applied else 721
     shard = _AnswerLost(index=index, database_url=database_url)
     now = time.time()
     try:
