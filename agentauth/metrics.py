@@ -43,6 +43,8 @@ _SPECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "cache_hits": ("counter", "agentauth_cache_hits_total", ("cache",)),
     "cache_misses": ("counter", "agentauth_cache_misses_total", ("cache",)),
     "shard_queue_depth": ("gauge", "agentauth_shard_queue_depth", ()),
+    # Shard calls past shard_timeout; acknowledged "false": the shard was not running.
+    "shard_overruns": ("counter", "agentauth_shard_overruns_total", ("shard", "acknowledged")),
     "audit_lag": ("gauge", "agentauth_audit_lag_seconds", ()),
     "tokens_issued": ("counter", "agentauth_tokens_issued_total", ()),
     "fail_closed": ("counter", "agentauth_fail_closed_total", ("dependency",)),

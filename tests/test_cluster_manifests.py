@@ -63,13 +63,16 @@ DASHBOARD_METRICS = frozenset(
         "ray_agentauth_cache_hits_total",
         "ray_agentauth_cache_misses_total",
         "ray_agentauth_shard_queue_depth",
+        "ray_agentauth_shard_overruns_total",
         "ray_agentauth_audit_lag_seconds",
         "ray_agentauth_tokens_issued_total",
         "ray_agentauth_fail_closed_total",
     }
 )
 # Labels the queries may group or filter by: the metrics' own tags, and the histogram's.
-DASHBOARD_LABELS = frozenset({"decision", "reason", "cache", "dependency", "shard", "le"})
+DASHBOARD_LABELS = frozenset(
+    {"decision", "reason", "cache", "dependency", "shard", "acknowledged", "le"}
+)
 
 # The oldest Kubernetes the chart declares (Chart.yaml kubeVersion) and the newest schema
 # kubernetes-validate ships; objects must be valid for both.

@@ -354,7 +354,7 @@ def _hung_after_one(n: int, checks: list[Check]) -> tuple[float | None, list[tup
     ids=["shard-without-acks", "acknowledging-shard"],
 )
 async def test_checks_queued_behind_a_call_to_a_hung_shard_are_denied_in_bounded_time(
-    acks: bool, bound: float, sent: int
+    acks: bool, bound: float, sent: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A shard takes a call and never answers it (hung, not dead); more checks queue up
     behind it. A shard that acknowledges would have acknowledged the call by its deadline:
@@ -362,8 +362,10 @@ async def test_checks_queued_behind_a_call_to_a_hung_shard_are_denied_in_bounded
     one timeout. One from before acks could be merely slow: the checks behind go out, when
     the call overruns, in a call with its own timeout, so they wait at most two. Either
     way, later checks are then denied at once."""
-    from agentauth.actors import ShardClient
+    from agentauth.actors import ShardClient, _client
 
+    counted: list[tuple[str, dict[str, str] | None]] = []
+    monkeypatch.setattr(_client, "increment", lambda name, tags=None: counted.append((name, tags)))
     timeout = 0.2
     with _FakeShard(_hung_after_one, acks=acks) as fake:
         client = ShardClient([_Handle("127.0.0.1", fake.port, fake.token)], timeout=timeout)
@@ -383,6 +385,11 @@ async def test_checks_queued_behind_a_call_to_a_hung_shard_are_denied_in_bounded
             assert result.reason == "state_timeout" and at_once < timeout / 4
             assert len(fake.batches) == sent
             assert (client.overruns, client.unacknowledged) == (sent - 1, int(acks))
+            # ... and so says the metric operators see (docs/runbook.md).
+            acknowledged = "false" if acks else "true"
+            assert counted == [("shard_overruns", {"shard": "0", "acknowledged": acknowledged})] * (
+                sent - 1
+            )
         finally:
             client.close()
 

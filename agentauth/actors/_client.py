@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
-from ..metrics import observe
+from ..metrics import increment, observe
 from ._shard import Result
 from ._state import ANY_ALLOW, Check
 from ._wire import ACKS_ANNOUNCED, Codec, ack_id, decode_results, frame, link_tls, read_frame
@@ -440,9 +440,14 @@ class ShardClient:
         out.expired = True
         self._overrun[out.shard] += 1
         self.overruns += 1
-        if out.link.acks and not out.link.acked(out.request_id):
+        acknowledged = not out.link.acks or out.link.acked(out.request_id)
+        if not acknowledged:
             self._stopped[out.shard] = True  # the checks queued behind go with these
             self.unacknowledged += 1
+        increment(  # rare (a slow or stopped shard): no need to buffer
+            "shard_overruns",
+            tags={"shard": str(out.shard), "acknowledged": "true" if acknowledged else "false"},
+        )
         out.silent = loop.call_later(self._call_timeout, self._silent, out)
         self._finish(out.shard, out.items, [_TIMEOUT] * len(out.items))
 
