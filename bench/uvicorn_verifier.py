@@ -13,7 +13,6 @@ instance started last on the machine, and other sessions start their own.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 from typing import Any
@@ -38,7 +37,7 @@ class _LazyVerifierApp:
     async def _start(self) -> None:
         import ray
 
-        from agentauth.deployments.verifier import NAMESPACE, shard_handles
+        from agentauth.deployments.verifier import NAMESPACE, settle_collector, shard_handles
         from agentauth.verifier import Verifier, VerifierSettings, create_app
 
         ray.init(
@@ -49,7 +48,7 @@ class _LazyVerifierApp:
         settings = VerifierSettings.model_validate(self._settings)
         self._verifier = await Verifier.open(settings, shard_handles(settings))
         self._app = create_app(self._verifier)
-        gc.freeze()  # as the Serve deployment does after opening the verifier
+        settle_collector()  # as the Serve deployment does after opening the verifier
 
     async def _stop(self) -> None:
         import ray

@@ -456,3 +456,28 @@ async def test_grant_usage_shows_a_voided_allow_as_the_deny_its_provider_got(
     assert usage["rate"] == [{"max_count": 10, "window_seconds": 3600, "used": 2}]
     series = usage["series"]
     assert (sum(b["allow"] for b in series), sum(b["deny"] for b in series)) == (1, 1)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_verifier_replicas_run_with_the_collector_settled(vworld: World) -> None:
+    """Each replica, once open, has frozen what it started with and makes full collections
+    rare: its caches' objects would otherwise be walked by one every few thousand new
+    tokens, a pause of tens of milliseconds (docs/verifier-bench.md)."""
+    import ray
+
+    from agentauth.deployments.verifier import FULL_COLLECTION_AFTER
+
+    replicas = [
+        actor
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith("SERVE_REPLICA::verifier#")
+    ]
+    assert len(replicas) == 2
+    for actor in replicas:
+        handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+        # A lambda travels by value (a function of this module would be imported there).
+        threshold, frozen = await handle.__ray_call__.remote(
+            lambda _: (__import__("gc").get_threshold(), __import__("gc").get_freeze_count())
+        )
+        assert threshold[2] == FULL_COLLECTION_AFTER > 10  # Python's default is 10
+        assert frozen > 10_000  # Ray, Serve, FastAPI and the verifier, at least

@@ -21,6 +21,7 @@ __all__ = [
     "NAMESPACE",
     "VerifierDeployment",
     "build_verifier_app",
+    "settle_collector",
     "shard_handles",
     "shard_options",
 ]
@@ -42,6 +43,25 @@ def shard_options(index: int) -> dict[str, Any]:
         "num_cpus": 0,
         "max_concurrency": 64,
     }
+
+
+# Gen-1 collections between two full ones (Python's default: 10). A replica's token cache
+# and grant memo keep about 28 tracked objects per token they hold (4,096 of each), and a
+# full collection walks them all: 80-110 ms on the 2-core development machine, during
+# which the replica answers nothing, every few thousand new tokens. At 100 those pauses
+# come ten times less often (docs/verifier-bench.md, "The collector and the token cache").
+# The price: cyclic garbage that reaches the oldest generation waits longer to be freed
+# (most garbage here has no cycles and goes by reference counting at once).
+FULL_COLLECTION_AFTER = 100
+
+
+def settle_collector() -> None:
+    """Set up the collector for a verifier process once it is open: what is alive now (Ray,
+    Serve, FastAPI, the caches' shells) lives as long as the process, so it is taken out of
+    the collector's sight (``gc.freeze``), and full collections are made rarer."""
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_COLLECTION_AFTER)
 
 
 def shard_handles(settings: VerifierSettings) -> list[Any]:
@@ -67,10 +87,7 @@ class VerifierDeployment:
     async def __init__(self, settings: dict[str, Any]) -> None:  # type: ignore[misc]
         parsed = VerifierSettings.model_validate(settings)
         self._verifier = await Verifier.open(parsed, shard_handles(parsed))
-        # Everything alive now (Ray, Serve, FastAPI, the caches' shells) lives as long as
-        # the replica: take it out of the collector's sight, or every full collection
-        # walks it again -- tens of milliseconds of pause on a loaded 2-core machine.
-        gc.freeze()
+        settle_collector()
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self._verifier)
