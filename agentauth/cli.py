@@ -206,13 +206,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         _done(started)
 
         started = _step("Ray cluster and Serve (HAProxy ingress)")
-        # Serve's HAProxy ingress and throughput settings (about 10x the default proxy here).
-        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-        os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
-        # Ray runs its workers at nice 15 unless told otherwise: the verifier's replicas,
-        # its shards and HAProxy would yield the CPU to PostgreSQL, Redis and anything else
-        # on the machine, which quadrupled the verifier's p99 here (docs/verifier.md).
-        os.environ.setdefault("RAY_worker_niceness", "0")
+        from .deployments import apply_serving_env
+
+        apply_serving_env()  # before Ray and Serve are imported: they read it then
         import ray
         from ray import serve
 

@@ -39,11 +39,9 @@ async def fresh_database() -> str:
 
 
 def start_serve() -> int:
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
-    # Ray's workers (Serve replicas, shard actors, HAProxy) at normal priority, as
-    # agentauth up runs them (docs/verifier.md, "Serving configuration").
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    from agentauth.deployments import apply_serving_env
+
+    apply_serving_env()  # as agentauth up runs the stack
     import ray
     from ray import serve
 

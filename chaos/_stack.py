@@ -25,6 +25,8 @@ from typing import Any
 
 import asyncpg
 
+from agentauth.deployments import SERVING_ENV
+
 # The tests' drivers (World, the software passkey, the fake Vault) live in tests/.
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 if str(TESTS) not in sys.path:
@@ -110,9 +112,7 @@ def serve_environment() -> dict[str, str]:
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(base + 100),
         "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(base + 100),
         "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(base + 200),
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_worker_niceness": "0",  # as agentauth up (docs/verifier.md)
+        **SERVING_ENV,  # as agentauth up runs the stack
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),

@@ -99,11 +99,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def serve_port() -> Iterator[int]:
     """One Ray cluster with Serve (HAProxy ingress) for the whole session."""
-    # Serve reads these when it starts: HAProxy ingress and the throughput settings.
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
-    # As agentauth up: Ray's workers (replicas, shards, HAProxy) at normal priority.
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    # As agentauth up: HAProxy ingress, throughput settings, workers at normal priority.
+    from agentauth.deployments import apply_serving_env
+
+    apply_serving_env()
     # HAProxy falls back to a fixed proxy port (8500) for every route: on a machine shared
     # with another Serve instance, that one would answer our requests. Ports of our own.
     for name in (
