@@ -8,6 +8,7 @@ its ``reason`` code.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import hmac
 import json
@@ -790,6 +791,58 @@ def test_disabled_cache_verifies() -> None:
     assert uncached.verify(token, audience=AUDIENCE, now=NOW).kid == REGISTRY_ES.kid
 
 
+def _jti(i: int) -> Edit:
+    return put("jti", f"cache-test-jti-{i:08d}")
+
+
+def test_cached_tokens_are_mostly_not_walked_by_the_collector() -> None:
+    # A verifier replica caches thousands of tokens; as models they were ~20 objects each
+    # for every full collection to walk (80-110 ms pauses here). Only the most recent few
+    # hundred may stay models now; the rest are tuples of atoms the collector untracks.
+    tokens = [make_token(claims_edit=_jti(i)) for i in range(2000)]
+    cached = verifier()
+    gc.collect()
+    before = len(gc.get_objects())
+    for token in tokens:
+        cached.verify(token, audience=AUDIENCE, now=NOW)
+    gc.collect()
+    held = len(gc.get_objects()) - before
+    assert held < 6_000, held  # the models of 256 tokens and one memo entry, with slack
+    for token in tokens:  # every one of them is still served from the cache
+        cached.verify(token, audience=AUDIENCE, now=NOW)
+    assert (cached.cache_misses, cached.cache_hits) == (2000, 2000)
+
+
+@pytest.mark.parametrize("memo_kept", [True, False], ids=["memo-kept", "memo-evicted"])
+def test_a_token_rebuilt_from_the_cache_is_the_token_verified(memo_kept: bool) -> None:
+    # Past the hot few hundred, a cached token is rebuilt from its atoms without any check:
+    # it must come back exactly as verified, and still meet the per-call checks.
+    cached = verifier(grant_memo_size=1)
+    first = make_token(claims_edit=_jti(0))
+    original = cached.verify(first, audience=AUDIENCE, now=NOW)
+    for i in range(1, 300):  # push it out of the hot set; same grant, so the memo keeps it
+        cached.verify(make_token(claims_edit=_jti(i)), audience=AUDIENCE, now=NOW)
+    if not memo_kept:  # another grant's capabilities take the one memo slot
+        other = make_token(claims_edit=_in_grant("max_count", 3))
+        cached.verify(other, audience=AUDIENCE, now=NOW)
+    misses = cached.cache_misses
+    rebuilt = cached.verify(first, audience=AUDIENCE, now=NOW)
+    assert cached.cache_misses == misses  # from the cache: no signature check
+    assert rebuilt is not original
+    assert (rebuilt.claims, rebuilt.kid, rebuilt.ath) == (
+        original.claims,
+        original.kid,
+        original.ath,
+    )
+    assert rebuilt.claims.model_dump() == verify(first).claims.model_dump()
+    with pytest.raises(InvalidToken) as excinfo:
+        cached.verify(first, audience=AUDIENCE, now=NOW + LIFETIME + LEEWAY)
+    assert excinfo.value.reason == "expired"
+    with pytest.raises(InvalidToken) as excinfo:
+        cached.verify(first, audience="https://other.example", now=NOW)
+    assert excinfo.value.reason == "wrong_audience"
+
+
 def test_refused_token_is_refused_again() -> None:
     cached = verifier()
     token = make_token(put("alg", "none"))
@@ -990,7 +1043,7 @@ _EQUAL_IN_PYTHON = [
     ],
 )
 def test_grant_memo_does_not_change_outcomes(where: str, first: Any, second: Any) -> None:
-    # The verifier memoizes validated capabilities and envelopes per grant hash. A verifier
+    # The verifier memoizes validated capabilities and envelopes by their JSON. A verifier
     # that has just seen a token of the same grant must answer exactly as a fresh one does.
     first_token = make_token(claims_edit=_in_grant(where, first))
     second_token = make_token(claims_edit=_in_grant(where, second))

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from ._capabilities import AnyCapability, Capability
+from ._capabilities import AnyCapability
 from ._encoding import b64url_encode
 from ._envelope import Envelope
 from ._errors import InvalidRequest, InvalidToken
@@ -160,13 +161,43 @@ def mint_access_token(
     return attach_signature(data, signer.sign(data))
 
 
+# A verified token as the cache keeps it: strings and ints only (kid, ath, then the claims
+# in AccessTokenClaims order, cnf as its jkt, capabilities and envelope as their memo key).
+# The cycle collector stops tracking a tuple of atoms, where the same token as pydantic
+# models is about 20 tracked objects: with 4,096 tokens cached a full collection walked
+# some 80,000 of them, a pause of 80-110 ms on a slow day here (docs/verifier-bench.md).
+_HOT_TOKENS = 256
+_V = TypeVar("_V")
+
+_Atoms = tuple[str, str, str, str, str, int, int, int, str, str, str, str, str, str]
+
+
+def _parts_key(document: dict[str, Any]) -> str:
+    # Equal strings mean equal JSON values of equal JSON types (50 and 50.0, 1 and true
+    # serialize apart), so a memo hit validates to exactly what validation would give.
+    return json.dumps(
+        [document.get("capabilities"), document.get("envelope")],
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
+
+
+def _remember(cache: dict[str, _V], key: str, value: _V, size: int) -> None:
+    """Insert into a cache of at most ``size`` entries, dropping the oldest (none if 0)."""
+    if size:
+        if len(cache) >= size:
+            del cache[next(iter(cache))]
+        cache[key] = value
+
+
 class AccessTokenVerifier:
     """Checks access tokens for one issuer, caching signature results per token.
 
     The cache holds only tokens whose signature and claims shape verified; time and audience
     are checked on every call (revocation is the caller's). ``cache_size`` bounds the token
-    cache, ``grant_memo_size`` the memo of validated capabilities and envelopes per grant.
-    Replacing the key set empties the cache, so a removed key stops validating its tokens.
+    cache, ``grant_memo_size`` the memo of validated capabilities and envelopes (keyed by
+    their JSON, so the tokens of one grant, and grants alike, share an entry). Replacing the
+    key set empties the cache, so a removed key stops validating its tokens.
     """
 
     def __init__(
@@ -176,18 +207,24 @@ class AccessTokenVerifier:
         issuer: str,
         policy: TokenPolicy | None = None,
         cache_size: int = 4096,
-        grant_memo_size: int = 4096,
+        grant_memo_size: int = 1024,
     ) -> None:
         self._keys = keys
         self._issuer = issuer
         self._policy = policy or TokenPolicy()
         self._cache_size = cache_size
-        self._grant_memo_size = grant_memo_size
-        self._cache: dict[str, AccessToken] = {}
+        self._memo_size = grant_memo_size
+        self._cache: dict[str, _Atoms] = {}
+        # The most recently seen tokens also as built objects, so a busy agent's requests
+        # skip the rebuild (about 6 us here): few enough to keep collections short.
+        self._hot: dict[str, AccessToken] = {}
+        self._hot_size = min(cache_size, _HOT_TOKENS)
         # Observability only (cache hit ratio): never consulted for a decision.
         self.cache_hits = 0
         self.cache_misses = 0
-        self._grant_parts: dict[str, tuple[Any, Any, tuple[Capability, ...], Envelope]] = {}
+        # Models, so tracked by the collector (about 8 objects an entry): kept smaller than
+        # the token cache, and shared by every token whose grant says the same thing.
+        self._parts: dict[str, tuple[str, tuple[AnyCapability, ...], Envelope]] = {}
 
     @property
     def keys(self) -> KeySet:
@@ -196,21 +233,25 @@ class AccessTokenVerifier:
     def set_keys(self, keys: KeySet) -> None:
         self._keys = keys
         self._cache = {}
+        self._hot = {}
 
     def verify(self, token: object, *, audience: str, now: float) -> AccessToken:
         """Return the verified token or raise ``InvalidToken`` with a reason code."""
         if not isinstance(token, str):
             raise InvalidToken("the token must be a string", reason="malformed")
-        verified = self._cache.get(token)
+        verified = self._hot.get(token)
         if verified is not None:
             self.cache_hits += 1
         else:
-            self.cache_misses += 1
-            verified = self._verify_signature_and_shape(token)
-            if self._cache_size:
-                if len(self._cache) >= self._cache_size:
-                    del self._cache[next(iter(self._cache))]  # drop the oldest entry
-                self._cache[token] = verified
+            atoms = self._cache.get(token)
+            if atoms is not None:
+                self.cache_hits += 1
+                verified = self._rebuild(atoms)
+            else:
+                self.cache_misses += 1
+                verified, atoms = self._verify_signature_and_shape(token)
+                _remember(self._cache, token, atoms, self._cache_size)
+            _remember(self._hot, token, verified, self._hot_size)
         claims = verified.claims
         leeway = self._policy.leeway
         if now >= claims.exp + leeway:
@@ -221,42 +262,70 @@ class AccessTokenVerifier:
             raise InvalidToken("the token is for another audience", reason="wrong_audience")
         return verified
 
-    def _validate_claims(self, document: dict[str, Any]) -> AccessTokenClaims:
-        # Every token of one grant repeats the same capabilities and envelope. Validating
-        # them is most of the claims' cost, so the results are memoized per grant hash and
-        # reused only when the raw JSON values are equal. That is exact: these models
-        # validate leniently, so values Python calls equal (1, 1.0, true) validate to the
-        # same result, and amounts must be strings (so 50 == 50.0 cannot slip past).
-        grant_hash = document.get("grant_hash")
-        memo = self._grant_parts.get(grant_hash) if isinstance(grant_hash, str) else None
-        if (
-            memo is not None
-            and memo[0] == document.get("capabilities")
-            and memo[1] == document.get("envelope")
-        ):
-            return AccessTokenClaims.model_validate(
-                dict(document, capabilities=memo[2], envelope=memo[3])
-            )
-        claims = AccessTokenClaims.model_validate(document)
-        if self._grant_memo_size:
-            if len(self._grant_parts) >= self._grant_memo_size:
-                del self._grant_parts[next(iter(self._grant_parts))]
-            self._grant_parts[claims.grant_hash] = (
-                document["capabilities"],
-                document["envelope"],
-                claims.capabilities,
-                claims.envelope,
-            )
-        return claims
+    def _rebuild(self, atoms: _Atoms) -> AccessToken:
+        """The verified token again from its atoms: no signature check, no validation.
 
-    def _verify_signature_and_shape(self, token: str) -> AccessToken:
+        Every value was validated when the token was first verified; only capabilities and
+        envelope are models, taken from the memo (or validated again if it let them go).
+        """
+        kid, ath, iss, sub, aud, iat, nbf, exp, jti, jkt, grant_id, grant_hash, receipt, key = atoms
+        parts = self._parts.get(key)
+        if parts is None:
+            document: dict[str, Any] = {
+                "iss": iss,
+                "sub": sub,
+                "aud": aud,
+                "iat": iat,
+                "nbf": nbf,
+                "exp": exp,
+                "jti": jti,
+                "cnf": {"jkt": jkt},
+                "grant_id": grant_id,
+                "grant_hash": grant_hash,
+                "receipt_hash": receipt,
+            }
+            document["capabilities"], document["envelope"] = json.loads(key)
+            claims, _ = self._validate_claims(document)
+            return AccessToken(claims=claims, kid=kid, ath=ath)
+        claims = AccessTokenClaims.model_construct(
+            iss=iss,
+            sub=sub,
+            aud=aud,
+            iat=iat,
+            nbf=nbf,
+            exp=exp,
+            jti=jti,
+            cnf=Confirmation.model_construct(jkt=jkt),
+            grant_id=grant_id,
+            grant_hash=grant_hash,
+            receipt_hash=receipt,
+            capabilities=parts[1],
+            envelope=parts[2],
+        )
+        return AccessToken(claims=claims, kid=kid, ath=ath)
+
+    def _validate_claims(self, document: dict[str, Any]) -> tuple[AccessTokenClaims, str]:
+        # Every token of one grant repeats the same capabilities and envelope. Validating
+        # them is most of the claims' cost, so the results are memoized by their JSON.
+        key = _parts_key(document)
+        parts = self._parts.get(key)
+        if parts is not None:
+            claims = AccessTokenClaims.model_validate(
+                dict(document, capabilities=parts[1], envelope=parts[2])
+            )
+            return claims, parts[0]  # one string shared by every token of these parts
+        claims = AccessTokenClaims.model_validate(document)
+        _remember(self._parts, key, (key, claims.capabilities, claims.envelope), self._memo_size)
+        return claims, key
+
+    def _verify_signature_and_shape(self, token: str) -> tuple[AccessToken, _Atoms]:
         try:
             parsed = parse_compact(token, max_bytes=self._policy.max_token_bytes)
         except InvalidRequest as exc:
             raise InvalidToken(exc.description, reason="malformed") from None
         kid = check_signature(parsed, self._keys, typ=ACCESS_TOKEN_TYP, error=InvalidToken)
         try:
-            claims = self._validate_claims(parsed.claims)
+            claims, key = self._validate_claims(parsed.claims)
         except ValidationError:
             raise InvalidToken("malformed claims", reason="malformed_claims") from None
         if claims.iss != self._issuer:
@@ -265,4 +334,21 @@ class AccessTokenVerifier:
             claims.exp - claims.iat > self._policy.max_lifetime
         ):
             raise InvalidToken("token lifetime is not acceptable", reason="bad_lifetime")
-        return AccessToken(claims=claims, kid=kid, ath=access_token_hash(token))
+        ath = access_token_hash(token)
+        atoms: _Atoms = (
+            kid,
+            ath,
+            claims.iss,
+            claims.sub,
+            claims.aud,
+            claims.iat,
+            claims.nbf,
+            claims.exp,
+            claims.jti,
+            claims.cnf.jkt,
+            claims.grant_id,
+            claims.grant_hash,
+            claims.receipt_hash,
+            key,
+        )
+        return AccessToken(claims=claims, kid=kid, ath=ath), atoms

@@ -192,6 +192,35 @@ class _Revocations:
             task.cancel()
 
 
+class _RecentGrants:
+    """Grant ids found active in the last ``ttl`` seconds, in the order they expire.
+
+    The replica asks Redis or PostgreSQL again once an entry is older than ``ttl``; expired
+    entries are dropped as new ones arrive, so memory follows the grants of the last few
+    seconds, not every grant the replica has ever seen.
+    """
+
+    def __init__(self, ttl: float) -> None:
+        self._ttl = ttl
+        self._until: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def active(self, grant_id: str, now: float) -> bool:
+        return self._until.get(grant_id, now) > now
+
+    def add(self, grant_id: str, now: float) -> None:
+        until = self._until
+        until.pop(grant_id, None)  # to the end, so the dict stays in expiry order
+        until[grant_id] = now + self._ttl
+        while True:
+            oldest = next(iter(until))
+            if until[oldest] > now:
+                return
+            del until[oldest]
+
+
 class Verifier:
     def __init__(
         self,
@@ -213,7 +242,7 @@ class Verifier:
         self.proofs = DPoPVerifier(nonces=nonces)
         self.revocations = _Revocations(pool, redis, settings)
         self._providers: dict[str, _Provider] = {}
-        self._known_grants: dict[str, float] = {}
+        self._known_grants = _RecentGrants(ttl=5.0)
         self._keys_loaded_at = 0.0
         self._providers_loaded_at = 0.0
         self._providers_reload: asyncio.Future[None] | None = None
@@ -334,7 +363,7 @@ class Verifier:
 
     async def _grant_active(self, grant_id: str) -> bool:
         """Cache-aside: this replica's memory, then Redis, then PostgreSQL."""
-        if self._known_grants.get(grant_id, 0.0) > time.monotonic():
+        if self._known_grants.active(grant_id, time.monotonic()):
             self.counters.inc("cache_hits", {"cache": "grant_local"})
             return True
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -344,7 +373,7 @@ class Verifier:
             asyncio.get_running_loop().call_soon(self._look_up_grants)
         active = await future == b"active"
         if active:
-            self._known_grants[grant_id] = time.monotonic() + 5.0
+            self._known_grants.add(grant_id, time.monotonic())
         return active
 
     def _look_up_grants(self) -> None:
