@@ -40,6 +40,7 @@ from ..protocol import (
     InvalidToken,
     KeySet,
     PublicKey,
+    TokenPolicy,
     Unauthenticated,
     UseDPoPNonce,
     allowing_capability,
@@ -107,6 +108,10 @@ class _Provider:
 
 
 _REVOCATION_OVERLAP = 1000
+# How long a token's revocation is kept: the longest life the token check lets a token
+# claim (the verifier uses the default policy), its clock leeway on either side, and five
+# minutes for the registry's, the database's and this host's clocks to disagree.
+_TOKEN_REVOCATION_MEMORY = TokenPolicy().max_lifetime + 2 * TokenPolicy().leeway + 300
 
 
 class _Revocations:
@@ -118,7 +123,12 @@ class _Revocations:
         self._pool = pool
         self._redis = redis
         self._settings = settings
+        self._token_memory = _TOKEN_REVOCATION_MEMORY
         self._revoked: set[tuple[str, str]] = set()
+        # Revoked token jtis -> when the revocation may be forgotten (Unix time), oldest
+        # first: a token outlives its revocation by at most its lifetime, after which the
+        # token check refuses it as expired. Grants and agents stay revoked for good.
+        self._tokens_until: dict[str, float] = {}
         self._last_id = 0
         self._synced_at = 0.0
         self._listening = False
@@ -133,16 +143,39 @@ class _Revocations:
         # also waits for the audit chain's lock), so ids become visible out of order: an id
         # below the highest seen may still appear. Each poll looks again at the last
         # _REVOCATION_OVERLAP ids for rows of the last minute, by the primary key.
+        # Token revocations older than a token can live are left out: on a replica's first
+        # poll that is every revocation ever made, and their tokens have all expired.
         rows = await self._pool.fetch(
-            "SELECT id, kind, target FROM revocations WHERE id > $2"
-            " AND (id > $1 OR revoked_at > now() - interval '60 seconds') ORDER BY id",
+            "SELECT id, kind, target, extract(epoch FROM revoked_at)::float8 AS at"
+            " FROM revocations WHERE id > $2"
+            " AND (id > $1 OR revoked_at > now() - interval '60 seconds')"
+            " AND (kind <> 'token' OR revoked_at > now() - $3 * interval '1 second')"
+            " ORDER BY id",
             self._last_id,
             self._last_id - _REVOCATION_OVERLAP,
+            float(self._token_memory),
         )
         for row in rows:
-            self._revoked.add((row["kind"], row["target"]))
+            self._add(row["kind"], row["target"], row["at"])
             self._last_id = max(self._last_id, row["id"])
+        self.forget_expired(time.time())
         self._synced_at = time.monotonic()
+
+    def _add(self, kind: str, target: str, revoked_at: float) -> None:
+        self._revoked.add((kind, target))
+        if kind == "token":
+            until = max(self._tokens_until.pop(target, 0.0), revoked_at + self._token_memory)
+            self._tokens_until[target] = until  # at the end: the dict stays in time order
+
+    def forget_expired(self, now: float) -> None:
+        """Drop token revocations whose tokens have expired (``now``: Unix time)."""
+        until = self._tokens_until
+        while until:
+            jti = next(iter(until))
+            if until[jti] > now:
+                return
+            del until[jti]
+            self._revoked.discard(("token", jti))
 
     async def _poll_loop(self) -> None:
         while True:
@@ -163,7 +196,7 @@ class _Revocations:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.25)
                     if message and message["type"] == "message":
                         item = json.loads(message["data"])
-                        self._revoked.add((item["kind"], item["target"]))
+                        self._add(item["kind"], item["target"], time.time())
                     # A ping a few times a second proves the channel alive when nothing is
                     # revoked; a dead connection raises here or in get_message.
                     if time.monotonic() - last_ping >= 0.25:
