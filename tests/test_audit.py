@@ -579,7 +579,11 @@ FIELDS = ("chain", "seq", "prev", "time_ms", "event", "actor", "subject", "data"
 def check_single_change(events: list[AuditEvent], draw: st.DrawFn) -> str:
     """Change one byte of one stored field of one event; the chain must show it."""
     trusted = verify_chain(events, chain=CHAIN)
-    index = draw(st.integers(0, len(events) - 1))
+    last = len(events) - 1
+    # The newest event half the time: the only one whose change no later event's prev
+    # shows (its checkpoint root must); uniform over a long chain it came up ~2 % of the
+    # time, and a run could see too few of these to count as having tested them.
+    index = draw(st.just(last) | st.integers(0, last))
     field = draw(st.sampled_from(FIELDS))
     row = events[index].model_dump(mode="json")
     if field in ("seq", "time_ms"):
