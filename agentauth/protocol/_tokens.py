@@ -166,7 +166,7 @@ def mint_access_token(
 # The cycle collector stops tracking a tuple of atoms, where the same token as pydantic
 # models is about 20 tracked objects: with 4,096 tokens cached a full collection walked
 # some 80,000 of them, a pause of 80-110 ms on a slow day here (docs/verifier-bench.md).
-_HOT_TOKENS = 256
+_HOT_TOKENS = 1024
 _V = TypeVar("_V")
 
 _Atoms = tuple[str, str, str, str, str, int, int, int, str, str, str, str, str, str]
@@ -216,7 +216,8 @@ class AccessTokenVerifier:
         self._memo_size = grant_memo_size
         self._cache: dict[str, _Atoms] = {}
         # The most recently seen tokens also as built objects, so a busy agent's requests
-        # skip the rebuild (about 6 us here): few enough to keep collections short.
+        # skip the rebuild (about 10 us here, bench/protocol_bench.py): few enough to keep
+        # collections short (about 7 tracked objects a token).
         self._hot: dict[str, AccessToken] = {}
         self._hot_size = min(cache_size, _HOT_TOKENS)
         # Observability only (cache hit ratio): never consulted for a decision.
