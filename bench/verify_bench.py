@@ -55,6 +55,8 @@ import psutil
 from _stack import BASE_DB, free_port, fresh_database, start_serve
 from _stack import REDIS as SHARED_REDIS
 
+from agentauth.deployments import SERVING_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 DOC = ROOT / "docs" / "verifier-bench.md"
@@ -1670,8 +1672,8 @@ Three verifiers answer the same `POST /v1/verify` bodies
 (`{{token, proof, method, url, action: {{kind: read, resource: calendar/events}}}}`):
 
 - **{LABELS["serve"]}**: the registry and verifier Serve applications on one Serve instance
-  (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1`, route prefixes
-  `/registry` and `/verifier`), {SHARDS} `StateShard` actor{"s" if SHARDS > 1 else ""}
+  (the serving environment, `{" ".join(f"{k}={v}" for k, v in SERVING_ENV.items())}`; route
+  prefixes `/registry` and `/verifier`), {SHARDS} `StateShard` actor{"s" if SHARDS > 1 else ""}
   (`AGENTAUTH_BENCH_REPLICAS`, `AGENTAUTH_BENCH_SHARDS` change the counts). Verifier settings:
   `shard_timeout={settings.shard_timeout}`, `batch_wait={settings.batch_wait}`,
   `max_batch={settings.max_batch}`{

