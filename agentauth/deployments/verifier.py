@@ -45,11 +45,13 @@ def shard_options(index: int) -> dict[str, Any]:
     }
 
 
-# Gen-1 collections between two full ones (Python's default: 10). A replica's token cache
-# and grant memo keep about 28 tracked objects per token they hold (4,096 of each), and a
-# full collection walks them all: 80-110 ms on the 2-core development machine, during
-# which the replica answers nothing, every few thousand new tokens. At 100 those pauses
-# come ten times less often (docs/verifier-bench.md, "The collector and the token cache").
+# Gen-1 collections between two full ones (Python's default: 10). A full collection walks
+# every object the collector tracks while the replica answers nothing. When the token
+# cache held its tokens as models (about 28 tracked objects each) that was 80-110 ms on the
+# 2-core development machine every few thousand new tokens; the cache now keeps most of
+# them as atoms it does not track, and what remains (1,024 built tokens, the memo, the
+# proof keys) is still walked. At 100 full collections come ten times less often
+# (docs/verifier-bench.md, "The collector and the token cache").
 # The price: cyclic garbage that reaches the oldest generation waits longer to be freed
 # (most garbage here has no cycles and goes by reference counting at once).
 FULL_COLLECTION_AFTER = 100

@@ -114,6 +114,40 @@ _REVOCATION_OVERLAP = 1000
 _TOKEN_REVOCATION_MEMORY = TokenPolicy().max_lifetime + 2 * TokenPolicy().leeway + 300
 
 
+class _Expiring:
+    """Keys each kept for ``ttl`` seconds from when they were added (or from ``since``),
+    in the order they expire; expired keys are dropped as later ones arrive, so memory
+    follows the last ``ttl`` seconds, not every key ever added. Times: any one clock."""
+
+    def __init__(self, ttl: float) -> None:
+        self._ttl = ttl
+        self._until: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._until
+
+    def active(self, key: str, now: float) -> bool:
+        return self._until.get(key, now) > now
+
+    def add(self, key: str, now: float, *, since: float | None = None) -> None:
+        until = (now if since is None else since) + self._ttl
+        # Popped and put back at the end, so the dict stays (about) in expiry order.
+        self._until[key] = max(self._until.pop(key, until), until)
+        self.forget(now)
+
+    def forget(self, now: float) -> None:
+        """Drop the keys whose time has passed, oldest first."""
+        until = self._until
+        while until:
+            oldest = next(iter(until))
+            if until[oldest] > now:
+                return
+            del until[oldest]
+
+
 class _Revocations:
     """Revoked tokens, grants and agents, kept fresh by pub/sub plus polling."""
 
@@ -123,12 +157,11 @@ class _Revocations:
         self._pool = pool
         self._redis = redis
         self._settings = settings
-        self._token_memory = _TOKEN_REVOCATION_MEMORY
+        # Revoked grants and agents, for good.
         self._revoked: set[tuple[str, str]] = set()
-        # Revoked token jtis -> when the revocation may be forgotten (Unix time), oldest
-        # first: a token outlives its revocation by at most its lifetime, after which the
-        # token check refuses it as expired. Grants and agents stay revoked for good.
-        self._tokens_until: dict[str, float] = {}
+        # Revoked token jtis, kept from their revocation (Unix time) for as long as a token
+        # can outlive it; after that the token check refuses the token as expired.
+        self._tokens = _Expiring(ttl=_TOKEN_REVOCATION_MEMORY)
         self._last_id = 0
         self._synced_at = 0.0
         self._listening = False
@@ -153,7 +186,7 @@ class _Revocations:
             " ORDER BY id",
             self._last_id,
             self._last_id - _REVOCATION_OVERLAP,
-            float(self._token_memory),
+            float(_TOKEN_REVOCATION_MEMORY),
         )
         for row in rows:
             self._add(row["kind"], row["target"], row["at"])
@@ -162,20 +195,14 @@ class _Revocations:
         self._synced_at = time.monotonic()
 
     def _add(self, kind: str, target: str, revoked_at: float) -> None:
-        self._revoked.add((kind, target))
         if kind == "token":
-            until = max(self._tokens_until.pop(target, 0.0), revoked_at + self._token_memory)
-            self._tokens_until[target] = until  # at the end: the dict stays in time order
+            self._tokens.add(target, time.time(), since=revoked_at)
+        else:
+            self._revoked.add((kind, target))
 
     def forget_expired(self, now: float) -> None:
         """Drop token revocations whose tokens have expired (``now``: Unix time)."""
-        until = self._tokens_until
-        while until:
-            jti = next(iter(until))
-            if until[jti] > now:
-                return
-            del until[jti]
-            self._revoked.discard(("token", jti))
+        self._tokens.forget(now)
 
     async def _poll_loop(self) -> None:
         while True:
@@ -215,7 +242,7 @@ class _Revocations:
     def revoked(self, token: AccessToken) -> bool:
         claims = token.claims
         return (
-            ("token", claims.jti) in self._revoked
+            claims.jti in self._tokens
             or ("grant", claims.grant_id) in self._revoked
             or ("agent", claims.sub) in self._revoked
         )
@@ -223,35 +250,6 @@ class _Revocations:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-
-
-class _RecentGrants:
-    """Grant ids found active in the last ``ttl`` seconds, in the order they expire.
-
-    The replica asks Redis or PostgreSQL again once an entry is older than ``ttl``; expired
-    entries are dropped as new ones arrive, so memory follows the grants of the last few
-    seconds, not every grant the replica has ever seen.
-    """
-
-    def __init__(self, ttl: float) -> None:
-        self._ttl = ttl
-        self._until: dict[str, float] = {}
-
-    def __len__(self) -> int:
-        return len(self._until)
-
-    def active(self, grant_id: str, now: float) -> bool:
-        return self._until.get(grant_id, now) > now
-
-    def add(self, grant_id: str, now: float) -> None:
-        until = self._until
-        until.pop(grant_id, None)  # to the end, so the dict stays in expiry order
-        until[grant_id] = now + self._ttl
-        while True:
-            oldest = next(iter(until))
-            if until[oldest] > now:
-                return
-            del until[oldest]
 
 
 class Verifier:
@@ -275,7 +273,7 @@ class Verifier:
         self.proofs = DPoPVerifier(nonces=nonces)
         self.revocations = _Revocations(pool, redis, settings)
         self._providers: dict[str, _Provider] = {}
-        self._known_grants = _RecentGrants(ttl=5.0)
+        self._known_grants = _Expiring(ttl=5.0)
         self._keys_loaded_at = 0.0
         self._providers_loaded_at = 0.0
         self._providers_reload: asyncio.Future[None] | None = None
