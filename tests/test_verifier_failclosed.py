@@ -371,6 +371,47 @@ async def test_a_revocation_that_arrives_during_the_grant_lookup_counts(
 
 
 @pytest.mark.asyncio
+async def test_a_grant_revocation_past_the_replicas_memory_still_denies(
+    world: World, local_verifier: tuple[httpx.AsyncClient, Any]
+) -> None:
+    """A replica forgets a revocation once every token issued before it has expired (the
+    token check refuses them by then). Nothing rests on that memory alone: the grant's own
+    status still says revoked, and the registry issues no new token for it, however old
+    the revocation."""
+    from agentauth.verifier._service import _REVOCATION_MEMORY
+
+    client, verifier = local_verifier
+    human, agent, provider, grant = await world.setup_grant(
+        capabilities=[Capability.read("things/*").to_document()]
+    )
+    token = (await world.token(agent, grant["id"])).json()["access_token"]
+    r = await world.client.post(
+        world.url("/v1/revocations"),
+        headers=human.headers,
+        json={"kind": "grant", "target": grant["id"]},
+    )
+    assert r.status_code == 200
+    await asyncio.sleep(0.5)  # the message, and a poll, reach the replica
+    answer, _ = await _ask(client, provider, _body(agent.key, token))
+    assert (answer["decision"], answer["reason"]) == ("deny", "revoked")
+
+    # As if the revocation were older than any token can live: backdated in the table (so
+    # no poll brings it back) and past its time in the replica's memory.
+    await verifier.pool.execute(
+        "UPDATE revocations SET revoked_at = now() - $2 * interval '1 second'"
+        " WHERE kind = 'grant' AND target = $1",
+        grant["id"],
+        _REVOCATION_MEMORY + 60,
+    )
+    verifier.revocations.forget_expired(time.time() + _REVOCATION_MEMORY + 1)
+    await verifier.revocations._poll()
+    answer, _ = await _ask(client, provider, _body(agent.key, token))
+    assert (answer["decision"], answer["reason"]) == ("deny", "grant_inactive")
+    r = await world.token(agent, grant["id"])
+    assert r.status_code == 403 and r.json()["reason"] == "grant_revoked"
+
+
+@pytest.mark.asyncio
 async def test_a_hung_lookup_is_a_deny_within_the_lookup_timeout(
     world: World, local_verifier: tuple[httpx.AsyncClient, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

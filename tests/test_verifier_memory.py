@@ -45,22 +45,31 @@ def test_a_grant_seen_again_is_kept_past_its_first_expiry() -> None:
 
 
 @pytest.mark.asyncio
-async def test_token_revocations_are_kept_while_their_tokens_can_live(
+async def test_revocations_are_kept_while_their_tokens_can_live(
     migrated_database_url: str,
 ) -> None:
-    """A replica's first poll reads the revocations table: every grant and agent ever
-    revoked, but only the token revocations whose tokens could still be valid (a token
-    lives at most an hour; after that the token check refuses it as expired). Later, token
-    revocations are forgotten once that time has passed; grant revocations never are."""
+    """A replica's first poll reads the revocations table, but only the revocations of the
+    last hour and some minutes: every token a revocation is about was issued before it and
+    lives at most an hour, after which the token check refuses it as expired. Later,
+    revocations are forgotten once that time has passed, and not a moment before."""
     import asyncpg
 
-    from agentauth.verifier._service import _TOKEN_REVOCATION_MEMORY, _Revocations
+    from agentauth.verifier._service import _REVOCATION_MEMORY, _Revocations
 
     tag = secrets.token_hex(4)
-    old_token, new_token, old_grant = f"tok_old_{tag}", f"tok_new_{tag}", f"grt_old_{tag}"
 
-    def token(jti: str, grant_id: str = "grt_none") -> Any:
-        return SimpleNamespace(claims=SimpleNamespace(jti=jti, grant_id=grant_id, sub="agt_x"))
+    def token(jti: str = "tok_none", grant_id: str = "grt_none", sub: str = "agt_none") -> Any:
+        return SimpleNamespace(claims=SimpleNamespace(jti=jti, grant_id=grant_id, sub=sub))
+
+    old = {kind: f"{kind}_old_{tag}" for kind in ("token", "grant", "agent")}
+    new = {kind: f"{kind}_new_{tag}" for kind in ("token", "grant", "agent")}
+
+    def tokens(targets: dict[str, str]) -> list[Any]:
+        return [
+            token(jti=targets["token"]),
+            token(grant_id=targets["grant"]),
+            token(sub=targets["agent"]),
+        ]
 
     pool = await asyncpg.create_pool(migrated_database_url, min_size=1, max_size=2)
     try:
@@ -68,20 +77,18 @@ async def test_token_revocations_are_kept_while_their_tokens_can_live(
             "INSERT INTO revocations (kind, target, revoked_by, revoked_at)"
             " VALUES ($1, $2, 'test', now() - $3 * interval '1 second')"
         )
-        long_ago = _TOKEN_REVOCATION_MEMORY + 60
-        await pool.execute(insert, "token", old_token, long_ago)
-        await pool.execute(insert, "grant", old_grant, long_ago)
-        await pool.execute(insert, "token", new_token, 10)
+        for kind, target in old.items():
+            await pool.execute(insert, kind, target, _REVOCATION_MEMORY + 60)
+            await pool.execute(insert, kind, new[kind], 10)
         revocations = _Revocations(pool, cast(Any, None), cast(Any, None))
         await revocations._poll()
-        assert revocations.revoked(token(new_token))
-        assert revocations.revoked(token("tok_unrevoked", grant_id=old_grant))
-        assert not revocations.revoked(token(old_token))  # its token expired long ago
+        assert all(revocations.revoked(t) for t in tokens(new))
+        assert not any(revocations.revoked(t) for t in tokens(old))  # expired long ago
+        assert not revocations.revoked(token())
 
-        revocations.forget_expired(time.time() + _TOKEN_REVOCATION_MEMORY - 60)
-        assert revocations.revoked(token(new_token))  # not a moment early
-        revocations.forget_expired(time.time() + _TOKEN_REVOCATION_MEMORY)
-        assert not revocations.revoked(token(new_token))
-        assert revocations.revoked(token("tok_unrevoked", grant_id=old_grant))
+        revocations.forget_expired(time.time() + _REVOCATION_MEMORY - 60)
+        assert all(revocations.revoked(t) for t in tokens(new))  # not a moment early
+        revocations.forget_expired(time.time() + _REVOCATION_MEMORY)
+        assert not any(revocations.revoked(t) for t in tokens(new))
     finally:
         await pool.close()

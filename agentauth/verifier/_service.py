@@ -18,10 +18,10 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Hashable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -107,32 +107,37 @@ class _Provider:
     secret_hash: bytes
 
 
+K = TypeVar("K", bound=Hashable)
+
 _REVOCATION_OVERLAP = 1000
-# How long a token's revocation is kept: the longest life the token check lets a token
-# claim (the verifier uses the default policy), its clock leeway on either side, and five
-# minutes for the registry's, the database's and this host's clocks to disagree.
-_TOKEN_REVOCATION_MEMORY = TokenPolicy().max_lifetime + 2 * TokenPolicy().leeway + 300
+# How long a revocation is kept: the longest life the token check lets a token claim (the
+# verifier uses the default policy), its clock leeway on either side, and five minutes for
+# the registry's, the database's and this host's clocks to disagree (and for a token
+# issuance that read the grant just before its revocation committed). Every token a
+# revocation is about was issued before it (the registry issues none for a revoked grant
+# or agent), so by then that token is refused as expired anyway.
+_REVOCATION_MEMORY = TokenPolicy().max_lifetime + 2 * TokenPolicy().leeway + 300
 
 
-class _Expiring:
+class _Expiring(Generic[K]):
     """Keys each kept for ``ttl`` seconds from when they were added (or from ``since``),
     in the order they expire; expired keys are dropped as later ones arrive, so memory
     follows the last ``ttl`` seconds, not every key ever added. Times: any one clock."""
 
     def __init__(self, ttl: float) -> None:
         self._ttl = ttl
-        self._until: dict[str, float] = {}
+        self._until: dict[K, float] = {}
 
     def __len__(self) -> int:
         return len(self._until)
 
-    def __contains__(self, key: str) -> bool:
+    def __contains__(self, key: K) -> bool:
         return key in self._until
 
-    def active(self, key: str, now: float) -> bool:
+    def active(self, key: K, now: float) -> bool:
         return self._until.get(key, now) > now
 
-    def add(self, key: str, now: float, *, since: float | None = None) -> None:
+    def add(self, key: K, now: float, *, since: float | None = None) -> None:
         until = (now if since is None else since) + self._ttl
         # Popped and put back at the end, so the dict stays (about) in expiry order.
         self._until[key] = max(self._until.pop(key, until), until)
@@ -157,11 +162,9 @@ class _Revocations:
         self._pool = pool
         self._redis = redis
         self._settings = settings
-        # Revoked grants and agents, for good.
-        self._revoked: set[tuple[str, str]] = set()
-        # Revoked token jtis, kept from their revocation (Unix time) for as long as a token
-        # can outlive it; after that the token check refuses the token as expired.
-        self._tokens = _Expiring(ttl=_TOKEN_REVOCATION_MEMORY)
+        # Revoked tokens, grants and agents, as (kind, target), each kept from its
+        # revocation (Unix time) for as long as a token it is about can be valid.
+        self._revoked: _Expiring[tuple[str, str]] = _Expiring(ttl=_REVOCATION_MEMORY)
         self._last_id = 0
         self._synced_at = 0.0
         self._listening = False
@@ -176,17 +179,17 @@ class _Revocations:
         # also waits for the audit chain's lock), so ids become visible out of order: an id
         # below the highest seen may still appear. Each poll looks again at the last
         # _REVOCATION_OVERLAP ids for rows of the last minute, by the primary key.
-        # Token revocations older than a token can live are left out: on a replica's first
-        # poll that is every revocation ever made, and their tokens have all expired.
+        # Revocations older than a token can live are left out: on a replica's first poll
+        # that is every revocation ever made, and the tokens they are about have expired.
         rows = await self._pool.fetch(
             "SELECT id, kind, target, extract(epoch FROM revoked_at)::float8 AS at"
             " FROM revocations WHERE id > $2"
             " AND (id > $1 OR revoked_at > now() - interval '60 seconds')"
-            " AND (kind <> 'token' OR revoked_at > now() - $3 * interval '1 second')"
+            " AND revoked_at > now() - $3 * interval '1 second'"
             " ORDER BY id",
             self._last_id,
             self._last_id - _REVOCATION_OVERLAP,
-            float(_TOKEN_REVOCATION_MEMORY),
+            float(_REVOCATION_MEMORY),
         )
         for row in rows:
             self._add(row["kind"], row["target"], row["at"])
@@ -195,14 +198,11 @@ class _Revocations:
         self._synced_at = time.monotonic()
 
     def _add(self, kind: str, target: str, revoked_at: float) -> None:
-        if kind == "token":
-            self._tokens.add(target, time.time(), since=revoked_at)
-        else:
-            self._revoked.add((kind, target))
+        self._revoked.add((kind, target), time.time(), since=revoked_at)
 
     def forget_expired(self, now: float) -> None:
-        """Drop token revocations whose tokens have expired (``now``: Unix time)."""
-        self._tokens.forget(now)
+        """Drop revocations whose tokens have all expired (``now``: Unix time)."""
+        self._revoked.forget(now)
 
     async def _poll_loop(self) -> None:
         while True:
@@ -242,7 +242,7 @@ class _Revocations:
     def revoked(self, token: AccessToken) -> bool:
         claims = token.claims
         return (
-            claims.jti in self._tokens
+            ("token", claims.jti) in self._revoked
             or ("grant", claims.grant_id) in self._revoked
             or ("agent", claims.sub) in self._revoked
         )
@@ -273,7 +273,7 @@ class Verifier:
         self.proofs = DPoPVerifier(nonces=nonces)
         self.revocations = _Revocations(pool, redis, settings)
         self._providers: dict[str, _Provider] = {}
-        self._known_grants = _Expiring(ttl=5.0)
+        self._known_grants: _Expiring[str] = _Expiring(ttl=5.0)
         self._keys_loaded_at = 0.0
         self._providers_loaded_at = 0.0
         self._providers_reload: asyncio.Future[None] | None = None
