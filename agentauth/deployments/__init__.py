@@ -15,10 +15,10 @@ __all__ = ["SERVING_ENV", "apply_serving_env"]
 # read by Serve and Ray when they start on a node: Serve's HAProxy ingress and throughput
 # settings (about 10x the default proxy's requests/s here), without HAProxy's one metrics
 # line per request to a Python actor (a tenth of a core at 800 requests/s here, and half
-# the verification p99 in alternated runs; Serve's replica-level metrics stay), and Ray's
-# workers (replicas, shard actors, HAProxy) at normal priority instead of Ray's nice 15,
-# under which they yield the CPU to every other process on the node. cluster/ spells out
-# the same.
+# the verification p99 in alternated runs; the replicas then record Serve's HTTP metrics
+# themselves, so none is lost), and Ray's workers (replicas, shard actors, HAProxy) at
+# normal priority instead of Ray's nice 15, under which they yield the CPU to every other
+# process on the node. cluster/ spells out the same.
 SERVING_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
