@@ -94,6 +94,60 @@ async def test_every_allow_on_the_chain_reached_a_client_or_is_voided(
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("verifier_base")  # the session's shard actors exist
+async def test_an_allow_whose_request_was_given_up_is_voided_and_a_queued_check_not_sent(
+    registry_settings: Any, database_url: str, db: asyncpg.Connection
+) -> None:
+    """A provider that hangs up has its request cancelled by Serve. A check whose call was
+    already out is decided anyway; its allow reached nobody, so it is voided
+    (``answer_undelivered``). A check still queued when its request went is not sent at
+    all: no decision, no event. The others get their allows, which stand."""
+    from agentauth.deployments.verifier import shard_handles
+
+    grant_id = f"grt_gone_{secrets.token_hex(4)}"
+
+    def check() -> Check:
+        return a_check("gone", grant_id=grant_id, envelope=ENVELOPE)
+
+    client = ShardClient(shard_handles(verifier_settings(registry_settings)), timeout=5.0)
+    await client.connect()
+    lock = await asyncpg.connect(database_url)
+    try:
+        received = [await client.check(0, check())]  # the chain head exists to be locked
+        async with lock.transaction():
+            await lock.execute("SELECT 1 FROM audit_heads WHERE chain = 'verifier-0' FOR UPDATE")
+            out = [asyncio.create_task(client.check(0, check())) for _ in range(3)]
+            await asyncio.sleep(0.2)  # one call, out, its commit waiting on the lock
+            queued = [asyncio.create_task(client.check(0, check())) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            for task in (out[0], out[1], queued[0]):
+                task.cancel()
+            await asyncio.sleep(0.05)
+        received += await asyncio.gather(out[2], queued[1])
+        assert all(r.allowed for r in received), [r.reason for r in received]
+        assert all(t.cancelled() for t in (out[0], out[1], queued[0]))
+
+        rows: list[tuple[str, str, Any]] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            rows = await _chain_rows(db, grant_id)
+            if sum(event == "verify.void" for _, event, _ in rows) >= 2:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await lock.close()
+        client.close()
+
+    allows = {event_id for event_id, event, _ in rows if event == "verify.allow"}
+    voids = [data for _, event, data in rows if event == "verify.void"]
+    told = {r.audit_event for r in received}
+    assert len(rows) == 7  # 5 allows (the queued check given up was never decided), 2 voids
+    assert len(allows) == 5 and told <= allows
+    assert sorted(v["voids"] for v in voids) == sorted(allows - told)
+    assert {v["reason"] for v in voids} == {"answer_undelivered"}
+
+
+@pytest.mark.asyncio
 @pytest.mark.usefixtures("serve_port")  # Ray is up
 async def test_a_stopped_shard_actor_is_denied_fast_and_answers_again_by_itself(
     migrated_database_url: str,

@@ -25,7 +25,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from ..metrics import increment, observe
-from ._shard import Result
+from ._shard import UNDELIVERED, Result
 from ._state import ANY_ALLOW, Check
 from ._wire import ACKS_ANNOUNCED, Codec, ack_id, decode_results, frame, link_tls, read_frame
 
@@ -281,6 +281,10 @@ class ShardClient:
         self._queues[shard] = self._queues[shard][self._max_batch :]
         queued_at = self._queued_at[shard]
         self._queued_at[shard] = queued_at[self._max_batch :]
+        # A check whose request was given up before its call left (the provider hung up,
+        # and Serve cancelled the request) is not sent: no decision, nothing to record.
+        if any(future.cancelled() for _, future in queue):
+            queue = [item for item in queue if not item[1].cancelled()]
         if not queue:
             return
         observe("shard_queue", time.perf_counter() - queued_at[0], self._tags[shard])
@@ -462,13 +466,27 @@ class ShardClient:
         items: list[tuple[Check, asyncio.Future[Result]]],
         results: list[Result],
     ) -> None:
-        """Answer a call's checks, free its slot and send what queued up meanwhile."""
-        for (_, future), result in zip(items, results, strict=True):
+        """Answer a call's checks, free its slot and send what queued up meanwhile.
+
+        A check whose request was given up while its call was out (the provider hung up,
+        and Serve cancelled the request) has no one to answer: an allow among those reached
+        no client, and is voided on the chain as the shard voids an answer it could not
+        send (``answer_undelivered``), so the chain holds no allow its provider never saw.
+        """
+        abandoned = []
+        for (check, future), result in zip(items, results, strict=True):
             if not future.done():
                 future.set_result(result)
+            elif future.cancelled() and result.allowed and result.audit_event:
+                abandoned.append(check.voiding(UNDELIVERED, result.audit_event))
         self._inflight[shard] -= 1
+        if abandoned:
+            self._watch(self._record_voids(shard, abandoned))
         if self._queues[shard]:
             self._flush(shard)  # what queued up meanwhile leaves now, as one call
+
+    async def _record_voids(self, shard: int, voids: list[Check]) -> None:
+        await asyncio.gather(*(self.check(shard, void) for void in voids))
 
     async def _void(self, shard: int, answered: list[tuple[Check, Row]]) -> None:
         """Record on the chain that these allows reached no client (each was answered
@@ -483,7 +501,7 @@ class ShardClient:
             if row[0] is True and isinstance(row[4], str)
         ]
         if voids:
-            await asyncio.gather(*(self.check(shard, void) for void in voids))
+            await self._record_voids(shard, voids)
 
     def _watch(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -524,7 +542,8 @@ class ShardClient:
         try:
             pending = self._unsettled[shard]
             asked = [pending.popleft() for _ in range(len(pending))]
-            voids = [check.voiding(answer, ANY_ALLOW) for check, answer in asked]
-            await asyncio.gather(*(self.check(shard, void) for void in voids))
+            await self._record_voids(
+                shard, [check.voiding(answer, ANY_ALLOW) for check, answer in asked]
+            )
         finally:
             self._settling[shard] = False
