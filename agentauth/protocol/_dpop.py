@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._cache import remember
 from ._encoding import b64url_decode, b64url_encode
 from ._errors import InvalidDPoPProof, InvalidRequest, UseDPoPNonce
 from ._jws import parse_compact, sign_compact
@@ -232,10 +233,7 @@ class DPoPVerifier:
         key = self._keys.get(parsed.header_segment)
         if key is None:
             key = self._key_from_header(parsed.header)
-            if self._cache_size:
-                if len(self._keys) >= self._cache_size:
-                    del self._keys[next(iter(self._keys))]
-                self._keys[parsed.header_segment] = key
+            remember(self._keys, parsed.header_segment, key, self._cache_size)
         if not key.verify(parsed.signature, parsed.signing_input):
             raise InvalidDPoPProof("bad signature", reason="bad_signature")
 

@@ -14,10 +14,11 @@ import hmac
 import json
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
+from ._cache import remember
 from ._capabilities import AnyCapability
 from ._encoding import b64url_encode
 from ._envelope import Envelope
@@ -167,7 +168,6 @@ def mint_access_token(
 # models is about 20 tracked objects: with 4,096 tokens cached a full collection walked
 # some 80,000 of them, a pause of 80-110 ms on a slow day here (docs/verifier-bench.md).
 _HOT_TOKENS = 1024
-_V = TypeVar("_V")
 
 _Atoms = tuple[str, str, str, str, str, int, int, int, str, str, str, str, str, str]
 
@@ -180,14 +180,6 @@ def _parts_key(document: dict[str, Any]) -> str:
         separators=(",", ":"),
         ensure_ascii=True,
     )
-
-
-def _remember(cache: dict[str, _V], key: str, value: _V, size: int) -> None:
-    """Insert into a cache of at most ``size`` entries, dropping the oldest (none if 0)."""
-    if size:
-        if len(cache) >= size:
-            del cache[next(iter(cache))]
-        cache[key] = value
 
 
 class AccessTokenVerifier:
@@ -251,8 +243,8 @@ class AccessTokenVerifier:
             else:
                 self.cache_misses += 1
                 verified, atoms = self._verify_signature_and_shape(token)
-                _remember(self._cache, token, atoms, self._cache_size)
-            _remember(self._hot, token, verified, self._hot_size)
+                remember(self._cache, token, atoms, self._cache_size)
+            remember(self._hot, token, verified, self._hot_size)
         claims = verified.claims
         leeway = self._policy.leeway
         if now >= claims.exp + leeway:
@@ -316,7 +308,7 @@ class AccessTokenVerifier:
             )
             return claims, parts[0]  # one string shared by every token of these parts
         claims = AccessTokenClaims.model_validate(document)
-        _remember(self._parts, key, (key, claims.capabilities, claims.envelope), self._memo_size)
+        remember(self._parts, key, (key, claims.capabilities, claims.envelope), self._memo_size)
         return claims, key
 
     def _verify_signature_and_shape(self, token: str) -> tuple[AccessToken, _Atoms]:
