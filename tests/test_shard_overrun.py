@@ -98,10 +98,11 @@ async def test_every_allow_on_the_chain_reached_a_client_or_is_voided(
 async def test_an_allow_whose_request_was_given_up_is_voided_and_a_queued_check_not_sent(
     registry_settings: Any, database_url: str, db: asyncpg.Connection
 ) -> None:
-    """A provider that hangs up has its request cancelled by Serve. A check whose call was
-    already out is decided anyway; its allow reached nobody, so it is voided
-    (``answer_undelivered``). A check still queued when its request went is not sent at
-    all: no decision, no event. The others get their allows, which stand."""
+    """A request given up (its task cancelled, as Serve does when it notices that the
+    provider hung up). A check whose call was already out is decided anyway; its allow
+    reached nobody, so it is voided (``answer_undelivered``). A check still queued when its
+    request went is not sent at all: no decision, no event. The others get their allows,
+    which stand."""
     from agentauth.deployments.verifier import shard_handles
 
     grant_id = f"grt_gone_{secrets.token_hex(4)}"

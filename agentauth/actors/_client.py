@@ -283,11 +283,13 @@ class ShardClient:
         self._queued_at[shard] = queued_at[self._max_batch :]
         # A check whose request was given up before its call left (the provider hung up,
         # and Serve cancelled the request) is not sent: no decision, nothing to record.
-        if any(future.cancelled() for _, future in queue):
-            queue = [item for item in queue if not item[1].cancelled()]
-        if not queue:
+        sent = [i for i, (_, future) in enumerate(queue) if not future.cancelled()]
+        if not sent:
             return
-        observe("shard_queue", time.perf_counter() - queued_at[0], self._tags[shard])
+        if len(sent) < len(queue):
+            queue = [queue[i] for i in sent]
+        # How long the oldest check that leaves waited (queued_at runs parallel to the queue).
+        observe("shard_queue", time.perf_counter() - queued_at[sent[0]], self._tags[shard])
         self.batches += 1
         self.checks += len(queue)
         self._inflight[shard] += 1
