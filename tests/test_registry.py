@@ -164,6 +164,8 @@ async def test_discovery_and_jwks_are_public_everything_else_is_not(world: World
         ("POST", "/v1/agents/agt_x/disable"),
         ("POST", "/v1/providers"),
         ("GET", "/v1/providers/p"),
+        ("POST", "/v1/providers/p/secret"),
+        ("DELETE", "/v1/providers/p/secret/previous"),
         ("POST", "/v1/grant-requests"),
         ("GET", "/v1/grant-requests"),
         ("GET", "/v1/grant-requests/grq_x"),

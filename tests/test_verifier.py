@@ -282,6 +282,67 @@ async def test_revocation_reaches_every_replica_within_a_second(vworld: World) -
     assert {a["reason"] for a in answers} == {"revoked"}
 
 
+async def answers_on_every_replica(world: World, s: Setup, provider: Provider) -> set[Any]:
+    """30 verifications at once with this credential (HAProxy spreads them over both
+    replicas): the decisions, or the reason of a 401."""
+
+    async def one() -> Any:
+        r = await world.client.post(
+            world.verifier + "/v1/verify", headers=provider.headers, json=request_body(s, READ)
+        )
+        if r.status_code == 401:
+            return r.json()["reason"]
+        assert r.status_code == 200, r.text
+        return r.json()["decision"]
+
+    return set(await asyncio.gather(*(one() for _ in range(30))))
+
+
+async def rotate_secret(world: World, provider: Provider, overlap: int) -> Provider:
+    r = await world.client.post(
+        world.url(f"/v1/providers/{provider.id}/secret"),
+        headers=world.admin,
+        json={"previous_valid_for": overlap},
+    )
+    assert r.status_code == 200, r.text
+    return Provider(provider.id, provider.audience, r.json()["secret"])
+
+
+@pytest.mark.asyncio
+async def test_a_provider_secret_rotation_reaches_every_replica_within_a_second(
+    vworld: World,
+) -> None:
+    s = await setup(vworld)
+    old = s.provider
+    assert await answers_on_every_replica(vworld, s, old) == {"allow"}
+    # No overlap (a leaked secret): the old one is refused everywhere, the new one works.
+    new = await rotate_secret(vworld, old, 0)
+    await asyncio.sleep(1.0)
+    assert await answers_on_every_replica(vworld, s, old) == {"bad_provider_credential"}
+    assert await answers_on_every_replica(vworld, s, new) == {"allow"}
+
+    # With an overlap both work, until the overlap is ended early...
+    newer = await rotate_secret(vworld, new, 600)
+    await asyncio.sleep(1.0)
+    assert await answers_on_every_replica(vworld, s, new) == {"allow"}
+    assert await answers_on_every_replica(vworld, s, newer) == {"allow"}
+    r = await vworld.client.delete(
+        vworld.url(f"/v1/providers/{old.id}/secret/previous"), headers=newer.headers
+    )
+    assert r.status_code == 200, r.text
+    await asyncio.sleep(1.0)
+    assert await answers_on_every_replica(vworld, s, new) == {"bad_provider_credential"}
+    assert await answers_on_every_replica(vworld, s, newer) == {"allow"}
+
+    # ... or runs out, which the replicas enforce by the clock with nothing to reload.
+    newest = await rotate_secret(vworld, newer, 2)
+    await asyncio.sleep(1.0)
+    assert await answers_on_every_replica(vworld, s, newer) == {"allow"}
+    await asyncio.sleep(1.5)
+    assert await answers_on_every_replica(vworld, s, newer) == {"bad_provider_credential"}
+    assert await answers_on_every_replica(vworld, s, newest) == {"allow"}
+
+
 @pytest.mark.asyncio
 async def test_stolen_token_and_wrong_audience_are_denied(vworld: World) -> None:
     s = await setup(vworld)

@@ -330,7 +330,9 @@ async def test_a_revocation_committed_after_a_later_one_is_still_polled(
     pool = await asyncpg.create_pool(migrated_database_url, min_size=1, max_size=2)
     slow = await asyncpg.connect(migrated_database_url)
     try:
-        revocations = _Revocations(pool, cast(Any, None), cast(Any, None))
+        revocations = _Revocations(
+            pool, cast(Any, None), cast(Any, None), also=lambda: asyncio.sleep(0)
+        )
         await revocations._poll()
         insert = "INSERT INTO revocations (kind, target, revoked_by) VALUES ('token', $1, 'test')"
         async with slow.transaction():
@@ -457,11 +459,36 @@ async def test_unknown_provider_ids_reload_the_provider_table_at_most_once_a_sec
     )
     assert {r.status_code for r in unknown} == {401}
     assert loads == 1
-    # A provider registered since: its first request waits for the next reload, at most.
+    # A provider registered since is found: by the revocation poll, which reloads the table
+    # when a provider changes, or by its first request, which waits for the next reload.
     agent, provider, token = await _setup(world)
     answer, _ = await _ask(client, provider, _body(agent.key, token))
     assert answer["decision"] == "allow"
-    assert loads == 2
+    assert loads >= 2
+
+
+@pytest.mark.asyncio
+async def test_a_replica_that_cannot_read_provider_credentials_denies_until_it_can(
+    world: World, local_verifier: tuple[httpx.AsyncClient, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rotated or ended provider credential reaches a replica through its revocation
+    poll; a replica that cannot read the provider table must not go on trusting the copy it
+    has, so its poll fails and it denies as stale, and recovers once the read works."""
+    client, verifier = local_verifier
+    agent, provider, token = await _setup(world)
+    assert (await _ask(client, provider, _body(agent.key, token)))[0]["decision"] == "allow"
+    sync = verifier._sync_providers
+
+    async def broken() -> None:
+        raise ConnectionError("provider table unreadable")
+
+    monkeypatch.setattr(verifier.revocations, "_also", broken)
+    await asyncio.sleep(verifier.settings.revocation_max_staleness + 0.5)
+    answer, _ = await _ask(client, provider, _body(agent.key, token))
+    assert (answer["decision"], answer["reason"]) == ("deny", "revocation_state_stale")
+    monkeypatch.setattr(verifier.revocations, "_also", sync)
+    await asyncio.sleep(4 * verifier.settings.revocation_poll)
+    assert (await _ask(client, provider, _body(agent.key, token)))[0]["decision"] == "allow"
 
 
 @pytest.mark.asyncio

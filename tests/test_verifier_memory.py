@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from types import SimpleNamespace
@@ -80,7 +81,9 @@ async def test_revocations_are_kept_while_their_tokens_can_live(
         for kind, target in old.items():
             await pool.execute(insert, kind, target, _REVOCATION_MEMORY + 60)
             await pool.execute(insert, kind, new[kind], 10)
-        revocations = _Revocations(pool, cast(Any, None), cast(Any, None))
+        revocations = _Revocations(
+            pool, cast(Any, None), cast(Any, None), also=lambda: asyncio.sleep(0)
+        )
         await revocations._poll()
         assert all(revocations.revoked(t) for t in tokens(new))
         assert not any(revocations.revoked(t) for t in tokens(old))  # expired long ago

@@ -34,6 +34,7 @@ from ._models import (
     GrantRequestIn,
     ProviderIn,
     RevocationIn,
+    SecretRotationIn,
     SignupIn,
     StepUpIn,
     TokenIn,
@@ -53,6 +54,9 @@ class Caller:
     agent: Agent | None = None
     admin: bool = False
     provider_id: str | None = None
+    # A provider that authenticated with its current credential, not with the previous one
+    # still inside a rotation's overlap: only the current one may rotate or end credentials.
+    provider_current: bool = False
 
 
 def _registry(request: Request) -> Registry:
@@ -94,7 +98,8 @@ async def caller(request: Request) -> Caller:
                 "malformed Basic credentials", reason="bad_provider_credential"
             ) from None
         provider_id, _, secret = decoded.partition(":")
-        return Caller(provider_id=await registry.authenticate_provider(provider_id, secret))
+        provider_id, current = await registry.authenticate_provider(provider_id, secret)
+        return Caller(provider_id=provider_id, provider_current=current)
     token = value if scheme == "bearer" and value else None
     if token is not None and registry.is_admin(token):
         return Caller(admin=True)
@@ -123,6 +128,7 @@ AgentCaller = Annotated[Caller, Depends(only("agent"))]
 Admin = Annotated[Caller, Depends(only("admin"))]
 HumanOrAgent = Annotated[Caller, Depends(only("human", "agent"))]
 HumanOrAdmin = Annotated[Caller, Depends(only("human", "admin"))]
+AdminOrProvider = Annotated[Caller, Depends(only("admin", "provider"))]
 Anyone = Annotated[Caller, Depends(only("human", "agent", "admin", "provider"))]
 
 
@@ -250,6 +256,35 @@ def create_app(registry: Registry) -> FastAPI:
         if not (who.admin or who.provider_id == provider_id or who.agent or who.principal_id):
             raise Forbidden("another provider's record", reason="wrong_provider")
         return await registry.get_provider(provider_id)
+
+    def _credential_owner(who: Caller, provider_id: str) -> str:
+        """The admin, or the provider itself with its current credential: the previous one
+        (inside an overlap, perhaps leaked) must not be able to take the provider over."""
+        if who.admin:
+            return "admin"
+        if who.provider_id != provider_id:
+            raise Forbidden("another provider's credential", reason="wrong_provider")
+        if not who.provider_current:
+            raise Forbidden(
+                "the previous credential cannot change credentials", reason="previous_credential"
+            )
+        return f"provider:{provider_id}"
+
+    @app.post("/v1/providers/{provider_id}/secret", tags=["providers"])
+    async def rotate_provider_secret(
+        who: AdminOrProvider, provider_id: str, body: SecretRotationIn | None = None
+    ) -> dict[str, Any]:
+        actor = _credential_owner(who, provider_id)
+        return await registry.rotate_provider_secret(
+            provider_id, body or SecretRotationIn(), actor=actor
+        )
+
+    @app.delete("/v1/providers/{provider_id}/secret/previous", tags=["providers"])
+    async def end_previous_provider_secret(
+        who: AdminOrProvider, provider_id: str
+    ) -> dict[str, Any]:
+        actor = _credential_owner(who, provider_id)
+        return await registry.end_previous_provider_secret(provider_id, actor=actor)
 
     # --- grant requests and grants -------------------------------------------------------
 

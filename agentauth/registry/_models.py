@@ -16,6 +16,7 @@ __all__ = [
     "GrantRequestIn",
     "ProviderIn",
     "RevocationIn",
+    "SecretRotationIn",
     "SignupIn",
     "StepUpIn",
     "TokenIn",
@@ -69,6 +70,13 @@ class TokenIn(_In):
 class RevocationIn(_In):
     kind: Literal["token", "grant", "agent"]
     target: str = Field(min_length=1, max_length=128)
+
+
+class SecretRotationIn(_In):
+    """A provider credential's rotation: how long the secret being replaced keeps working,
+    so the provider can roll the new one out without a gap (0: it stops at once)."""
+
+    previous_valid_for: int = Field(3600, strict=True, ge=0, le=7 * 86400)
 
 
 class StepUpIn(_In):

@@ -61,7 +61,7 @@ from ..store import REVOCATION_CHANNEL, Conn, grant_cache_key
 from ..store import migrate as run_migrations
 from ._audit_log import AuditLog
 from ._keys import KeyManager
-from ._models import ApprovalBeginIn, GrantRequestIn, ProviderIn, StepUpIn
+from ._models import ApprovalBeginIn, GrantRequestIn, ProviderIn, SecretRotationIn, StepUpIn
 from ._settings import RegistrySettings
 
 __all__ = ["Agent", "Registry"]
@@ -309,15 +309,28 @@ class Registry:
             _sha256(token), _sha256(self.settings.admin_token)
         )
 
-    async def authenticate_provider(self, provider_id: str, secret: str) -> str:
+    async def authenticate_provider(self, provider_id: str, secret: str) -> tuple[str, bool]:
+        """The provider's id, and whether ``secret`` is its current credential (else the
+        previous one, still inside its rotation's overlap)."""
         row = await self.pool.fetchrow(
-            "SELECT secret_hash FROM providers WHERE id = $1", provider_id
+            "SELECT secret_hash, previous_secret_hash, previous_expires_at > now() AS overlap"
+            " FROM providers WHERE id = $1",
+            provider_id,
         )
-        # Compare against a dummy hash for unknown ids so timing does not reveal which exist.
-        expected = bytes(row["secret_hash"]) if row else _sha256(secrets.token_bytes(16))
-        if not hmac.compare_digest(_sha256(secret), expected) or row is None:
+        # Compare against dummy hashes for unknown ids so timing does not reveal which
+        # exist, and against both hashes always so it does not reveal which one matched.
+        given = _sha256(secret)
+        current = bytes(row["secret_hash"]) if row else _sha256(secrets.token_bytes(16))
+        previous = (
+            bytes(row["previous_secret_hash"])
+            if row and row["previous_secret_hash"] is not None
+            else _sha256(secrets.token_bytes(16))
+        )
+        is_current = hmac.compare_digest(given, current)
+        is_previous = hmac.compare_digest(given, previous)
+        if row is None or not (is_current or (is_previous and row["overlap"])):
             raise Unauthenticated("bad provider credential", reason="bad_provider_credential")
-        return provider_id
+        return provider_id, is_current
 
     # --- WebAuthn ------------------------------------------------------------------------
 
@@ -778,25 +791,107 @@ class Registry:
                 raise Conflict(
                     "a provider with this id or audience exists", reason="duplicate_provider"
                 ) from None
-            await self._audit(
+            await self._provider_changed(
                 conn,
+                body.id,
                 event="provider.registered",
                 actor="admin",
-                subject=f"provider:{body.id}",
-                key=body.id,
                 data={"audience": body.audience, "allowed_kinds": list(body.allowed_kinds)},
             )
         return {**body.model_dump(mode="json"), "secret": secret}
 
     async def get_provider(self, provider_id: str) -> dict[str, Any]:
         row = await self.pool.fetchrow(
-            "SELECT id, audience, display_name, allowed_kinds, created_at FROM providers"
-            " WHERE id = $1",
+            "SELECT id, audience, display_name, allowed_kinds, created_at,"
+            " credential_rotated_at,"
+            " CASE WHEN previous_expires_at > now() THEN previous_expires_at END"
+            " AS previous_credential_valid_until"
+            " FROM providers WHERE id = $1",
             provider_id,
         )
         if row is None:
             raise NotFound("no such provider")
         return _jsonable(dict(row))
+
+    async def rotate_provider_secret(
+        self, provider_id: str, body: SecretRotationIn, *, actor: str
+    ) -> dict[str, Any]:
+        """A new credential for the provider, shown once. The one it replaces keeps working
+        for ``previous_valid_for`` seconds; a previous one still in its overlap stops at once
+        (a provider holds at most two)."""
+        secret = "psk_" + secrets.token_urlsafe(32)
+        async with self._tx() as conn:
+            row = await conn.fetchrow(
+                "UPDATE providers SET"
+                " previous_secret_hash = CASE WHEN $3 > 0 THEN secret_hash END,"
+                " previous_expires_at = CASE WHEN $3 > 0"
+                " THEN now() + $3 * interval '1 second' END,"
+                " secret_hash = $2, credential_rotated_at = now()"
+                " WHERE id = $1 RETURNING previous_expires_at, credential_rotated_at",
+                provider_id,
+                _sha256(secret),
+                float(body.previous_valid_for),
+            )
+            if row is None:
+                raise NotFound("no such provider")
+            until = row["previous_expires_at"]
+            await self._provider_changed(
+                conn,
+                provider_id,
+                event="provider.secret_rotated",
+                actor=actor,
+                data={"previous_valid_until": until.isoformat() if until else None},
+            )
+        return {
+            "id": provider_id,
+            "secret": secret,
+            "credential_rotated_at": row["credential_rotated_at"].isoformat(),
+            "previous_credential_valid_until": until.isoformat() if until else None,
+        }
+
+    async def end_previous_provider_secret(self, provider_id: str, *, actor: str) -> dict[str, Any]:
+        """Stop the previous credential now (it leaked, or the rollout is done). Ending one
+        that is absent or already expired changes and records nothing."""
+        async with self._tx() as conn:
+            row = await conn.fetchrow(
+                "SELECT previous_expires_at > now() AS live FROM providers WHERE id = $1"
+                " FOR UPDATE",
+                provider_id,
+            )
+            if row is None:
+                raise NotFound("no such provider")
+            if row["live"]:
+                await conn.execute(
+                    "UPDATE providers SET previous_secret_hash = NULL,"
+                    " previous_expires_at = NULL WHERE id = $1",
+                    provider_id,
+                )
+                await self._provider_changed(
+                    conn, provider_id, event="provider.previous_secret_ended", actor=actor
+                )
+        return {"id": provider_id, "previous_credential_valid_until": None}
+
+    async def _provider_changed(
+        self,
+        conn: Conn,
+        provider_id: str,
+        *,
+        event: str,
+        actor: str,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a change to a provider, in the changing transaction: its audit event, and
+        a step of the epoch verifiers poll. The epoch row's lock orders these transactions'
+        commits, so a verifier that reads an epoch has seen every change up to it."""
+        await conn.execute("UPDATE provider_changes SET epoch = epoch + 1")
+        await self._audit(
+            conn,
+            event=event,
+            actor=actor,
+            subject=f"provider:{provider_id}",
+            key=provider_id,
+            data=data,
+        )
 
     # --- grant requests and grants -------------------------------------------------------
 

@@ -18,7 +18,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
@@ -101,10 +101,14 @@ class VerifyIn(BaseModel):
     step_up_ref: str | None = Field(None, max_length=128)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Provider:
     audience: str
     secret_hash: bytes
+    # The credential its last rotation replaced, accepted until previous_until (Unix time);
+    # a random hash and 0 when there is none, so every check compares both.
+    previous_hash: bytes
+    previous_until: float
 
 
 K = TypeVar("K", bound=Hashable)
@@ -157,9 +161,17 @@ class _Revocations:
     """Revoked tokens, grants and agents, kept fresh by pub/sub plus polling."""
 
     def __init__(
-        self, pool: asyncpg.Pool, redis: aioredis.Redis, settings: VerifierSettings
+        self,
+        pool: asyncpg.Pool,
+        redis: aioredis.Redis,
+        settings: VerifierSettings,
+        *,
+        also: Callable[[], Awaitable[None]],
     ) -> None:
         self._pool = pool
+        # Polled with the revocations, under the same staleness rule: the provider table's
+        # credentials (a credential ended is a revocation too).
+        self._also = also
         self._redis = redis
         self._settings = settings
         # Revoked tokens, grants and agents, as (kind, target), each kept from its
@@ -194,6 +206,7 @@ class _Revocations:
         for row in rows:
             self._add(row["kind"], row["target"], row["at"])
             self._last_id = max(self._last_id, row["id"])
+        await self._also()
         self.forget_expired(time.time())
         self._synced_at = time.monotonic()
 
@@ -271,11 +284,12 @@ class Verifier:
             secret = settings.nonce_secret.encode()
             nonces = DPoPNonces([hashlib.sha256(b"agentauth-nonce" + secret).digest()])
         self.proofs = DPoPVerifier(nonces=nonces)
-        self.revocations = _Revocations(pool, redis, settings)
+        self.revocations = _Revocations(pool, redis, settings, also=self._sync_providers)
         self._providers: dict[str, _Provider] = {}
         self._known_grants: _Expiring[str] = _Expiring(ttl=5.0)
         self._keys_loaded_at = 0.0
         self._providers_loaded_at = 0.0
+        self._provider_epoch = -1
         self._providers_reload: asyncio.Future[None] | None = None
         self.decisions: dict[str, int] = {}
         self.counters = CounterBuffer()
@@ -344,11 +358,40 @@ class Verifier:
 
     async def _load_providers(self) -> None:
         self._providers_loaded_at = time.monotonic()
-        rows = await asyncio.wait_for(
-            self.pool.fetch("SELECT id, audience, secret_hash FROM providers"),
+
+        async def read() -> tuple[int, list[asyncpg.Record]]:
+            async with self.pool.acquire() as conn:
+                # The epoch first: rows read after it include every change up to it.
+                epoch = await conn.fetchval("SELECT epoch FROM provider_changes")
+                rows = await conn.fetch(
+                    "SELECT id, audience, secret_hash, previous_secret_hash,"
+                    " extract(epoch FROM previous_expires_at)::float8 AS previous_until"
+                    " FROM providers"
+                )
+            return int(epoch), rows
+
+        epoch, rows = await asyncio.wait_for(read(), self.settings.lookup_timeout)
+        self._providers = {
+            r["id"]: _Provider(
+                r["audience"],
+                bytes(r["secret_hash"]),
+                bytes(r["previous_secret_hash"] or secrets.token_bytes(32)),
+                r["previous_until"] or 0.0,
+            )
+            for r in rows
+        }
+        self._provider_epoch = epoch
+
+    async def _sync_providers(self) -> None:
+        """Part of every revocation poll (so a replica that cannot read it goes stale and
+        denies): reload the provider table when a credential changed (a rotation, an
+        ended overlap) or a provider was registered."""
+        epoch = await asyncio.wait_for(
+            self.pool.fetchval("SELECT epoch FROM provider_changes"),
             self.settings.lookup_timeout,
         )
-        self._providers = {r["id"]: _Provider(r["audience"], bytes(r["secret_hash"])) for r in rows}
+        if epoch != self._provider_epoch:
+            await self._load_providers()
 
     async def _reload_providers(self) -> None:
         """Reload for a provider registered since the last load. At most one reload a
@@ -374,11 +417,17 @@ class Verifier:
         if provider is None:
             await self._reload_providers()
             provider = self._providers.get(provider_id)
-        expected = (
-            provider.secret_hash if provider else hashlib.sha256(secrets.token_bytes(8)).digest()
+        given = hashlib.sha256(secret.encode()).digest()
+        # Both hashes compared every time, dummies for an unknown id: the time taken says
+        # neither whether the id exists nor which credential matched.
+        current = provider.secret_hash if provider else secrets.token_bytes(32)
+        previous = provider.previous_hash if provider else secrets.token_bytes(32)
+        is_current = hmac.compare_digest(given, current)
+        is_previous = hmac.compare_digest(given, previous)
+        ok = provider is not None and (
+            is_current or (is_previous and time.time() < provider.previous_until)
         )
-        ok = hmac.compare_digest(hashlib.sha256(secret.encode()).digest(), expected)
-        if not ok or provider is None:
+        if not ok:
             raise Unauthenticated("bad provider credential", reason="bad_provider_credential")
         return provider_id
 
