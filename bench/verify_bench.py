@@ -1596,7 +1596,9 @@ def write_doc(
             stats_lines.append(
                 f"- {SHORT[column]} ({where}): {stats['checks']:,} shard checks in"
                 f" {stats['batches']:,} shard calls = {stats['checks'] / stats['batches']:.2f}"
-                f" checks per call; decisions {stats.get('decisions')}"
+                f" checks per call; decisions {stats.get('decisions')}; requests given up"
+                f" with their check out {stats.get('checks_given_up', '-')}, void checks"
+                f" {stats.get('void_checks', '-')} (checks = decisions + given up + voids)"
             )
     invalid_parts = []
     for column in COLUMNS:

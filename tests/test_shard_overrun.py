@@ -143,9 +143,61 @@ async def test_an_allow_whose_request_was_given_up_is_voided_and_a_queued_check_
     voids = [data for _, event, data in rows if event == "verify.void"]
     told = {r.audit_event for r in received}
     assert len(rows) == 7  # 5 allows (the queued check given up was never decided), 2 voids
+    # The client's counters add up the same way: 7 checks sent, 3 answered, 2 given up with
+    # their call out, 2 voids.
+    assert (client.checks, client.given_up, client.void_checks) == (7, 2, 2)
     assert len(allows) == 5 and told <= allows
     assert sorted(v["voids"] for v in voids) == sorted(allows - told)
     assert {v["reason"] for v in voids} == {"answer_undelivered"}
+
+
+@pytest.mark.asyncio
+async def test_an_allow_whose_request_was_given_up_as_its_answer_came_is_voided(
+    registry_settings: Any, db: asyncpg.Connection
+) -> None:
+    """The cancel lands after the answer resolved the check but before the request's task
+    ran again (the provider hung up in that moment): the task never takes the allow, so
+    it is voided like one whose cancel came while the call was out."""
+    from agentauth.deployments.verifier import shard_handles
+
+    grant_id = f"grt_late_gone_{secrets.token_hex(4)}"
+    client = ShardClient(shard_handles(verifier_settings(registry_settings)), timeout=5.0)
+    await client.connect()
+    targets: list[asyncio.Task[Any]] = []
+    finish = client._finish
+
+    def finish_then_cancel(*args: Any) -> None:
+        finish(*args)  # the checks' futures hold their answers; their tasks have not run
+        for task in targets:
+            task.cancel()
+        targets.clear()
+
+    try:
+        kept = await client.check(0, a_check("late", grant_id=grant_id, envelope=ENVELOPE))
+        client._finish = finish_then_cancel  # type: ignore[method-assign]
+        gone = asyncio.create_task(
+            client.check(0, a_check("late", grant_id=grant_id, envelope=ENVELOPE))
+        )
+        targets.append(gone)
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        rows: list[tuple[str, str, Any]] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            rows = await _chain_rows(db, grant_id)
+            if any(event == "verify.void" for _, event, _ in rows):
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        client.close()
+
+    allows = [event_id for event_id, event, _ in rows if event == "verify.allow"]
+    voids = [data for _, event, data in rows if event == "verify.void"]
+    assert len(allows) == 2 and kept.audit_event in allows
+    assert [(v["voids"], v["reason"]) for v in voids] == [
+        (next(a for a in allows if a != kept.audit_event), "answer_undelivered")
+    ]
+    assert (client.checks, client.given_up, client.void_checks) == (3, 1, 1)
 
 
 @pytest.mark.asyncio

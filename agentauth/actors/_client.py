@@ -218,7 +218,9 @@ class ShardClient:
         self._settling = [False] * len(handles)
         self._tags = [{"shard": str(i)} for i in range(len(handles))]
         self.batches = 0
-        self.checks = 0
+        self.checks = 0  # sent; every one is a decision of a request, given up, or a void
+        self.given_up = 0  # ... whose request was cancelled before it took its answer
+        self.void_checks = 0  # ... that void an allow no client received
         self.overruns = 0  # calls past their timeout
         self.unacknowledged = 0  # ... of which the shard had not acknowledged (stopped)
 
@@ -260,7 +262,16 @@ class ShardClient:
         # Awaited bare: every batch is resolved by its answer, its deadline (a timer of its
         # own) or its link's failure. Each layer of wait_for or shield would cost a turn of
         # the event loop, and under load a turn is other requests' work (see _wait).
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # Given up after its answer came but before this task ran again: the answer
+            # reaches no one, as when the cancel comes while the call is out (_finish).
+            if future.done() and not future.cancelled():
+                void = self._given_up(check, future.result())
+                if void is not None:
+                    self._watch(self._record_voids(shard, [void]))
+            raise
 
     def _flush(self, shard: int) -> None:
         self._scheduled[shard] = False
@@ -292,6 +303,7 @@ class ShardClient:
         observe("shard_queue", time.perf_counter() - queued_at[sent[0]], self._tags[shard])
         self.batches += 1
         self.checks += len(queue)
+        self.void_checks += sum(check.voids is not None for check, _ in queue)
         self._inflight[shard] += 1
         link = self._links[shard]
         if link is None or not link.alive:
@@ -479,13 +491,20 @@ class ShardClient:
         for (check, future), result in zip(items, results, strict=True):
             if not future.done():
                 future.set_result(result)
-            elif future.cancelled() and result.allowed and result.audit_event:
-                abandoned.append(check.voiding(UNDELIVERED, result.audit_event))
+            elif future.cancelled() and (void := self._given_up(check, result)) is not None:
+                abandoned.append(void)
         self._inflight[shard] -= 1
         if abandoned:
             self._watch(self._record_voids(shard, abandoned))
         if self._queues[shard]:
             self._flush(shard)  # what queued up meanwhile leaves now, as one call
+
+    def _given_up(self, check: Check, result: Result) -> Check | None:
+        """Count a decided check whose request was given up; the void its allow needs."""
+        self.given_up += 1
+        if result.allowed and result.audit_event:
+            return check.voiding(UNDELIVERED, result.audit_event)
+        return None
 
     async def _record_voids(self, shard: int, voids: list[Check]) -> None:
         await asyncio.gather(*(self.check(shard, void) for void in voids))

@@ -147,6 +147,8 @@ def create_app(verifier: Verifier) -> FastAPI:
             "decisions": dict(verifier.decisions),
             "batches": verifier.shards.batches,
             "checks": verifier.shards.checks,
+            "checks_given_up": verifier.shards.given_up,
+            "void_checks": verifier.shards.void_checks,
             "shard_overruns": verifier.shards.overruns,
             "shard_overruns_unacknowledged": verifier.shards.unacknowledged,
             "queue_depth": verifier.shards.queue_depth(),
