@@ -419,6 +419,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         " ORDER BY created_at",
         "grants": "SELECT id, agent_id, provider_id, grant_hash, revoked_at FROM grants"
         " ORDER BY created_at",
+        # No secret hashes: when each secret changed and until when a previous one works.
+        "providers": "SELECT id, audience, array_to_string(allowed_kinds, ',') AS kinds,"
+        " created_at, credential_rotated_at,"
+        " CASE WHEN previous_expires_at > now() THEN previous_expires_at END"
+        " AS previous_valid_until FROM providers ORDER BY created_at",
     }
     try:
         _table(asyncio.run(_rows(url, queries[args.what])))
@@ -468,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --archive: the registry's JWKS to trust (default: the archive's own keys)",
     )
     audit.set_defaults(run=cmd_audit)
-    for what in ("agents", "grants"):
+    for what in ("agents", "grants", "providers"):
         lister = commands.add_parser(what, help=f"list {what}")
         lister.add_argument("action", choices=["list"])
         lister.set_defaults(run=cmd_list, what=what)

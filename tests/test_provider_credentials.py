@@ -4,7 +4,11 @@ verifier's side (every replica learns of a change within a second) is in test_ve
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from datetime import datetime
 from typing import Any
@@ -205,3 +209,44 @@ async def test_bad_rotation_input_is_a_400_and_writes_nothing(
     assert await provider_row(db, provider) == stored
     assert await db.fetchval("SELECT count(*) FROM audit_events") == count
     assert await accepted(world, provider)
+
+
+@pytest.mark.asyncio
+async def test_the_cli_lists_providers_with_their_rotation_and_no_secret(
+    world: World, db: asyncpg.Connection, database_url: str
+) -> None:
+    old = await world.provider()
+    new = await rotate(world, old, world.admin, {"previous_valid_for": 600})
+    unrotated = await world.provider()
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "agentauth.cli", "providers", "list"],
+        env={**os.environ, "DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    header, *lines = out.stdout.splitlines()
+    assert header.split() == [
+        "id",
+        "audience",
+        "kinds",
+        "created_at",
+        "credential_rotated_at",
+        "previous_valid_until",
+    ]
+    rows = {line.split()[0]: line.split() for line in lines}
+    # A rotated provider shows both times (date and time are two words each), an unrotated
+    # one neither.
+    assert len(rows[old.id]) == 3 + 2 * 3 and rows[old.id][2] == "read,write,transact"
+    assert len(rows[unrotated.id]) == 3 + 2 + 2 * 1
+    stored = await provider_row(db, new)
+    for secret in (
+        old.secret,
+        new.secret,
+        bytes(stored["secret_hash"]).hex(),
+        bytes(stored["previous_secret_hash"]).hex(),
+    ):
+        assert secret not in out.stdout
