@@ -518,3 +518,58 @@ async def test_introspection_answers_with_the_token_its_decision_checked(
     answer = r.json()
     assert answer["active"] is True and answer["audit_event"] is not None
     assert answer["sub"] == agent.id and calls == 1
+
+
+@pytest.mark.asyncio
+async def test_an_outage_denial_waits_briefly_for_its_record_and_is_still_recorded(
+    world: World,
+    local_verifier: tuple[httpx.AsyncClient, Any],
+    db: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A denial the replica makes because a dependency failed (here: its revocation state
+    gone stale) goes to the shard only to be recorded. It waits for that record at most
+    ``outage_record_wait``: a shard slow in the outage (its database may be what is down)
+    must not hold the answer to its own timeout. The record still lands."""
+    client, verifier = local_verifier
+    agent, provider, token = await _setup(world)
+    grant_id = json.loads(b64url_decode(token.split(".")[1]))["grant_id"]
+
+    async def recorded() -> int:
+        return int(
+            await db.fetchval(
+                "SELECT count(*) FROM audit_events WHERE grant_id = $1 AND event = 'verify.deny'"
+                " AND body::jsonb -> 'data' ->> 'reason' = 'revocation_state_stale'",
+                grant_id,
+            )
+        )
+
+    monkeypatch.setattr(verifier.revocations, "fresh", lambda: False)
+    # A shard in time: the answer names the event that records it.
+    patient = verifier.settings.model_copy(update={"outage_record_wait": 2.0})
+    monkeypatch.setattr(verifier, "settings", patient)
+    answer, _ = await _ask(client, provider, _body(agent.key, token))
+    assert (answer["decision"], answer["reason"]) == ("deny", "revocation_state_stale")
+    assert answer["audit_event"] is not None
+    assert await recorded() == 1
+
+    # A slow shard: answered after the short wait, without an event id; recorded later.
+    monkeypatch.setattr(
+        verifier, "settings", patient.model_copy(update={"outage_record_wait": 0.01})
+    )
+    check = verifier.shards.check
+
+    async def slow(shard: int, c: Any) -> Any:
+        await asyncio.sleep(0.5)
+        return await check(shard, c)
+
+    monkeypatch.setattr(verifier.shards, "check", slow)
+    answer, took = await _ask(client, provider, _body(agent.key, token))
+    assert (answer["decision"], answer["reason"]) == ("deny", "revocation_state_stale")
+    assert answer["audit_event"] is None
+    assert took < 0.4  # not the shard's 0.5 s
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        if await recorded() == 2:
+            break
+    assert await recorded() == 2

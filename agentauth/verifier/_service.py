@@ -78,6 +78,11 @@ class VerifierSettings(BaseModel):
     # A verification's lookups (grant status, step-up) give up after this: an unreachable
     # database or Redis is a deny in this time, not a wait for a connect or command timeout.
     lookup_timeout: float = Field(0.25, gt=0.0, le=5.0)
+    # A denial this replica made because a dependency failed (stale revocations, a failed
+    # lookup) waits this long for its shard to record it, then is answered without the
+    # event id and recorded when the shard can. In an outage the shard is often slow too
+    # (its database may be what is down), and the answer is a deny either way.
+    outage_record_wait: float = Field(0.01, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _nonces_need_a_secret(self) -> VerifierSettings:
@@ -602,7 +607,10 @@ class Verifier:
         if check.deny is None and token is not None:
             check = await self._stateful_prechecks(check, token, body)
         shard = shard_for(check.agent_id, self.shards.shards)
-        result = await self.shards.check(shard, check)
+        if check.deny is not None and check.deny in _OUTAGE_DENIALS:
+            result = await self._outage_denial(shard, check, check.deny)
+        else:
+            result = await self.shards.check(shard, check)
         if check.deny is not None and result.audit_event is None:
             # Denied here, and the shard that was to record it could not: the answer keeps
             # its own reason (a retry would get the same), with no event to name.
@@ -659,6 +667,21 @@ class Verifier:
         )
         return checked, {}, token
 
+    async def _outage_denial(self, shard: int, check: Check, reason: str) -> Result:
+        """Record a denial this replica made for a failed dependency, waiting for the record
+        at most ``outage_record_wait``: past it, the check stays with its shard, to be
+        recorded when it can, and the answer goes without its event id."""
+        record = asyncio.ensure_future(self.shards.check(shard, check))
+        try:
+            await asyncio.wait({record}, timeout=self.settings.outage_record_wait)
+        except asyncio.CancelledError:
+            record.cancel()  # the request was given up: its check is too
+            raise
+        if record.done():
+            return record.result()
+        self._background(record, "outage denial record")
+        return Result(False, reason)
+
     async def _stateful_prechecks(self, check: Check, token: AccessToken, body: VerifyIn) -> Check:
         if refused := self._revocation_state(token):
             return _replace(check, deny=refused)
@@ -702,6 +725,11 @@ FAIL_CLOSED: dict[str, str] = {
     "state_timeout": "shard",
     "audit_unavailable": "audit_store",
 }
+
+
+# The replica's own fail-closed denials (the shard's, state_* and audit_unavailable, come
+# from the call itself).
+_OUTAGE_DENIALS = frozenset({"revocation_state_stale", "dependency_unavailable"})
 
 
 def _deny(check: Check, exc: AgentAuthError) -> Check:
