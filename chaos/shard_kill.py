@@ -131,6 +131,11 @@ async def run(ctx: Context) -> Result:
             f"other shard while the killed one recovered: {sum(o.allowed for o in during)}"
             f" allowed of {len(during)}"
         )
+    start = min(o.sent for o in outcomes)
+    result.notes.append(
+        f"killed at +{killed_at - start:.2f} s, Ray ran the new incarnation at"
+        f" +{back_at - start:.2f} s"
+    )
     result.notes.append(
         f"killed agentauth-shard-{victim}; {len(replays)} proofs it allowed before the kill"
         f" replayed after the restart: reasons {sorted({r.reason for r in replays})}"

@@ -18,6 +18,7 @@ the first time it sees the grant again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -54,6 +55,47 @@ __all__ = ["Result", "StateShard", "shard_for"]
 log = logging.getLogger("agentauth.shard")
 # Seconds the shard's database connection may take to connect or to run a statement.
 _DB_TIMEOUT = 2.0
+# How long a new incarnation spends opening its database connection before it takes checks
+# anyway (then its first batch tries again): under a replica's 2 s connect timeout.
+_WARM_UP_TIMEOUT = 1.0
+# A batch's statements, run once at start (see _warm_up).
+# One round trip for every grant of a batch that this incarnation has not seen: its latest
+# allow (which carries the spend buckets) and the times of its allows inside its longest
+# rate window.
+_RESTORE = (
+    "SELECT g.grant_id, latest.body, recent.times"
+    " FROM unnest($1::text[], $2::bigint[], $3::int[]) AS g(grant_id, since, lim)"
+    " LEFT JOIN LATERAL (SELECT body FROM audit_events WHERE grant_id = g.grant_id"
+    " AND event = 'verify.allow' ORDER BY time_ms DESC, seq DESC LIMIT 1) latest ON true"
+    " LEFT JOIN LATERAL (SELECT array_agg(time_ms) AS times FROM (SELECT time_ms"
+    " FROM audit_events WHERE grant_id = g.grant_id AND event = 'verify.allow'"
+    " AND time_ms > g.since ORDER BY time_ms DESC LIMIT g.lim) w) recent ON true"
+)
+# The allow a chain holds for each of a list of proofs, if not voided already (see
+# _find_allows).
+_FIND_ALLOWS = (
+    "SELECT k.n, e.seq FROM unnest($1::text[], $2::text[], $3::bigint[],"
+    " $4::bigint[]) WITH ORDINALITY AS k(grant_id, jti, lo, hi, n) JOIN audit_events e"
+    " ON e.grant_id = k.grant_id AND e.event = 'verify.allow'"
+    " AND e.time_ms BETWEEN k.lo AND k.hi"
+    " WHERE e.chain = $5 AND e.body::jsonb -> 'data' ->> 'proof_jti' = k.jti"
+    " AND NOT EXISTS (SELECT 1 FROM audit_events v WHERE v.grant_id = e.grant_id"
+    " AND v.event = 'verify.void' AND v.time_ms >= e.time_ms"
+    " AND v.body::jsonb -> 'data' ->> 'voids' = e.chain || ':' || e.seq)"
+)
+# Append the events, record spent step-ups, move the head if it is where this shard left it;
+# otherwise 1 / 0 fails the whole statement.
+_COMMIT = (
+    "WITH appended AS (INSERT INTO audit_events (chain, seq, entry_hash, body,"
+    " event, agent_id, grant_id, time_ms) SELECT * FROM unnest($1::text[],"
+    " $2::bigint[], $3::bytea[], $4::text[], $5::text[], $6::text[], $7::text[],"
+    " $8::bigint[])),"
+    " spent AS (INSERT INTO verifier_step_up_uses (approval_ref, grant_id)"
+    " SELECT * FROM unnest($9::text[], $10::text[])),"
+    " moved AS (UPDATE audit_heads SET size = $11, head = $12"
+    " WHERE chain = $13 AND size = $14 RETURNING 1)"
+    " SELECT 1 / count(*) FROM moved"
+)
 # The data plane's token: a frame of exactly this size opens a link.
 _TOKEN_FRAME = 32
 
@@ -157,6 +199,7 @@ class StateShard:
         # a connection must present before it may send checks.
         self._server: asyncio.Server | None = None
         self._address: tuple[str, int] | None = None
+        self._starting = asyncio.Lock()  # replicas ask for the endpoint concurrently
         self._token = secrets.token_bytes(_TOKEN_FRAME)
         self._tls = link_tls("server", os.environ)
         self._answering: set[asyncio.Task[None]] = set()
@@ -174,19 +217,51 @@ class StateShard:
         Asked through Ray, so only members of the cluster learn the token; the server
         listens on this node's address, so replicas on other nodes reach it.
         """
-        if self._address is None:
-            host = _node_address()
-            self._server = await asyncio.start_server(
-                self._serve,
-                host,
-                0,
-                ssl=self._tls,
-                # A peer that never finishes its handshake is dropped as one that never
-                # shows the token is (below).
-                ssl_handshake_timeout=5.0 if self._tls else None,
-            )
-            self._address = (host, self._server.sockets[0].getsockname()[1])
+        async with self._starting:
+            if self._address is None:
+                await self._warm_up()
+                await self._listen()
+        assert self._address is not None
         return self._address[0], self._address[1], self._token
+
+    async def _warm_up(self) -> None:
+        """Before the first check comes: connect (which reads the chain's head and replay
+        floor) and run a batch's statements once, changing nothing.
+
+        Left to the first batch, this made it slower than a replica waits for a shard
+        (``shard_timeout``, 40 ms) on a slow machine, so the first checks after every
+        restart were denied ``state_timeout``, later than a fail-closed denial may be: a
+        new PostgreSQL backend plans its first statements against cold catalog caches
+        (there, 15-17 ms for the restore query and 9-11 for the commit, against 0.5-1.5
+        once warm, on top of 9-15 ms to connect)."""
+        try:
+            await asyncio.wait_for(self._prime(), _WARM_UP_TIMEOUT)
+        except Exception:  # the database is down or slow: the first batch tries again
+            log.warning("shard %s: no database connection yet", self.index)
+
+    async def _prime(self) -> None:
+        conn = await self._connect()
+        await conn.fetch(_RESTORE, [], [], [])
+        # Right after a restart replicas ask what became of their calls the old incarnation
+        # never answered (voids of ANY_ALLOW), in the first batches.
+        await conn.fetch(_FIND_ALLOWS, [], [], [], [], self.chain)
+        # No rows to append, and a head size no row has: the statement is planned and run,
+        # and fails at 1 / 0 having written nothing.
+        with contextlib.suppress(DivisionByZeroError):
+            await conn.fetchval(_COMMIT, [], [], [], [], [], [], [], [], [], [], 0, b"", "", -1)
+
+    async def _listen(self) -> None:
+        host = _node_address()
+        self._server = await asyncio.start_server(
+            self._serve,
+            host,
+            0,
+            ssl=self._tls,
+            # A peer that never finishes its handshake is dropped as one that never shows
+            # the token is (below).
+            ssl_handshake_timeout=5.0 if self._tls else None,
+        )
+        self._address = (host, self._server.sockets[0].getsockname()[1])
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         codec = Codec()
@@ -402,16 +477,8 @@ class StateShard:
             assert envelope is not None
             longest = max((r.window_seconds for r in envelope.rate_limits), default=0)
             windows.append((grant_id, int((now - longest) * 1000), envelope.max_rate_count))
-        # One round trip for every grant of the batch: its latest allow (which carries the
-        # spend buckets) and the times of its allows inside its longest rate window.
         rows = await conn.fetch(
-            "SELECT g.grant_id, latest.body, recent.times"
-            " FROM unnest($1::text[], $2::bigint[], $3::int[]) AS g(grant_id, since, lim)"
-            " LEFT JOIN LATERAL (SELECT body FROM audit_events WHERE grant_id = g.grant_id"
-            " AND event = 'verify.allow' ORDER BY time_ms DESC, seq DESC LIMIT 1) latest ON true"
-            " LEFT JOIN LATERAL (SELECT array_agg(time_ms) AS times FROM (SELECT time_ms"
-            " FROM audit_events WHERE grant_id = g.grant_id AND event = 'verify.allow'"
-            " AND time_ms > g.since ORDER BY time_ms DESC LIMIT g.lim) w) recent ON true",
+            _RESTORE,
             [w[0] for w in windows],
             [w[1] for w in windows],
             [w[2] for w in windows],
@@ -456,15 +523,7 @@ class StateShard:
         # The margin covers queueing and clock differences between replica and shard.
         policy, margin = self.state.policy, 60.0
         rows = await conn.fetch(
-            "SELECT k.n, e.seq FROM unnest($1::text[], $2::text[], $3::bigint[],"
-            " $4::bigint[]) WITH ORDINALITY AS k(grant_id, jti, lo, hi, n) JOIN audit_events e"
-            " ON e.grant_id = k.grant_id AND e.event = 'verify.allow'"
-            " AND e.time_ms BETWEEN k.lo AND k.hi"
-            " WHERE e.chain = $5 AND e.body::jsonb -> 'data' ->> 'proof_jti' = k.jti"
-            # ... and not voided already (the shard voids what it could not deliver).
-            " AND NOT EXISTS (SELECT 1 FROM audit_events v WHERE v.grant_id = e.grant_id"
-            " AND v.event = 'verify.void' AND v.time_ms >= e.time_ms"
-            " AND v.body::jsonb -> 'data' ->> 'voids' = e.chain || ':' || e.seq)",
+            _FIND_ALLOWS,
             [c.grant_id for _, c in asked],
             [c.jti for _, c in asked],
             [int((c.iat - policy.future_skew - margin) * 1000) for _, c in asked],
@@ -549,15 +608,7 @@ class StateShard:
         ]
         try:
             await conn.fetchval(
-                "WITH appended AS (INSERT INTO audit_events (chain, seq, entry_hash, body,"
-                " event, agent_id, grant_id, time_ms) SELECT * FROM unnest($1::text[],"
-                " $2::bigint[], $3::bytea[], $4::text[], $5::text[], $6::text[], $7::text[],"
-                " $8::bigint[])),"
-                " spent AS (INSERT INTO verifier_step_up_uses (approval_ref, grant_id)"
-                " SELECT * FROM unnest($9::text[], $10::text[])),"
-                " moved AS (UPDATE audit_heads SET size = $11, head = $12"
-                " WHERE chain = $13 AND size = $14 RETURNING 1)"
-                " SELECT 1 / count(*) FROM moved",
+                _COMMIT,
                 [e.event.chain for e in entries],
                 [e.event.seq for e in entries],
                 hashes,

@@ -1,0 +1,108 @@
+"""A shard gets ready for checks before it hands out its endpoint.
+
+A restarted shard's first batch used to open its database connection, read its chain and
+plan its statements on a cold PostgreSQL backend: longer than a replica waits for a shard,
+so the first checks after every restart were denied ``state_timeout``, late. Now the
+shard does that work when the first replica asks where to connect. These tests hold what
+that must not break: it writes nothing, it sets the replay floor a new incarnation needs,
+a database that is down does not keep the shard from listening, and replicas asking at
+once all get the one endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import Any
+
+import asyncpg
+import pytest
+from shard_checks import a_check
+
+from agentauth.actors import StateShard
+
+INDEX = 740
+CHAIN = f"verifier-{INDEX}"
+
+
+async def _chain_rows(database_url: str) -> tuple[Any, ...]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        head = await conn.fetchrow("SELECT size, head FROM audit_heads WHERE chain = $1", CHAIN)
+        events = await conn.fetchval("SELECT count(*) FROM audit_events WHERE chain = $1", CHAIN)
+        spent = await conn.fetchval("SELECT count(*) FROM verifier_step_up_uses")
+    finally:
+        await conn.close()
+    return (tuple(head) if head else None), events, spent
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_new_incarnation_reads_its_chain_before_its_first_check_and_writes_nothing(
+    database_url: str,
+) -> None:
+    first = StateShard(index=INDEX, database_url=database_url)
+    try:
+        results = await first.check_batch([a_check("warm") for _ in range(3)])
+        assert [r.audit_event for r in results] == [f"{CHAIN}:{i}" for i in range(3)]
+    finally:
+        await first.close()
+    before = await _chain_rows(database_url)
+
+    second = StateShard(index=INDEX, database_url=database_url)
+    try:
+        await second.endpoint()
+        # Connected and read: the chain's size and, being a new incarnation, the replay
+        # floor at the previous one's last decision ...
+        assert second.stats()["chain_size"] == 3
+        assert time.time() - 5 < second.state.replay_floor <= time.time()
+        # ... and the statements it ran to warm the connection changed nothing.
+        assert await _chain_rows(database_url) == before
+
+        # The floor is what the first check meets: a proof from before it may have been
+        # allowed by the previous incarnation.
+        [old] = await second.check_batch([a_check("warm", iat=time.time() - 2)])
+        assert (old.allowed, old.reason, old.audit_event) == (
+            False,
+            "shard_restarted",
+            f"{CHAIN}:3",
+        )
+    finally:
+        await second.close()
+
+
+@pytest.mark.asyncio
+async def test_a_shard_whose_database_does_not_answer_still_listens_and_denies() -> None:
+    # A database that accepts connections and never answers (blackholed, or hung): the
+    # warm-up gives up within a second, under a replica's 2 s connect timeout.
+    silent = socket.create_server(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+    shard = StateShard(index=INDEX + 1, database_url=f"postgresql://postgres@127.0.0.1:{port}/x")
+    try:
+        began = time.monotonic()
+        _, shard_port, token = await shard.endpoint()
+        assert time.monotonic() - began < 1.8
+        assert shard_port > 0 and len(token) == 32
+        [denied] = await shard.check_batch([a_check("down")])
+        assert (denied.allowed, denied.reason, denied.audit_event) == (
+            False,
+            "audit_unavailable",
+            None,
+        )
+    finally:
+        await shard.close()
+        silent.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_replicas_asking_at_once_get_one_endpoint(database_url: str) -> None:
+    shard = StateShard(index=INDEX + 2, database_url=database_url)
+    try:
+        endpoints = await asyncio.gather(*(shard.endpoint() for _ in range(5)))
+        assert len(set(endpoints)) == 1
+        [allowed] = await shard.check_batch([a_check("once")])
+        assert allowed.allowed and allowed.audit_event == f"verifier-{INDEX + 2}:0"
+    finally:
+        await shard.close()
