@@ -106,3 +106,60 @@ async def test_replicas_asking_at_once_get_one_endpoint(database_url: str) -> No
         assert allowed.allowed and allowed.audit_event == f"verifier-{INDEX + 2}:0"
     finally:
         await shard.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_serving_shard_that_loses_its_database_denies_at_once_and_reconnects_by_itself(
+    database_url: str,
+) -> None:
+    """A shard serving replicas does not make a batch wait for a reconnect (which, with
+    the warming, is longer than a replica waits): it denies at once and reconnects in the
+    background, with no batch needed to drive it, and carries on its chain."""
+    index = INDEX + 3
+    shard = StateShard(index=index, database_url=database_url)
+    try:
+        await shard.endpoint()
+        [first] = await shard.check_batch([a_check("lost")])
+        assert first.audit_event == f"verifier-{index}:0"
+        assert shard.stats()["connected"]
+
+        # The database ends the shard's session (a restart, a failover, an admin).
+        admin = await asyncpg.connect(database_url)
+        try:
+            ended = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = $1",
+                f"agentauth-shard-{index}",
+            )
+        finally:
+            await admin.close()
+        assert ended == 1
+
+        # The batch that finds out is denied; nothing of it is on the chain.
+        [denied] = await shard.check_batch([a_check("lost")])
+        assert (denied.allowed, denied.reason, denied.audit_event) == (
+            False,
+            "audit_unavailable",
+            None,
+        )
+        # While the shard reconnects, a batch is denied at once rather than waiting for it.
+        assert not shard.stats()["connected"]
+        began = time.monotonic()
+        [during] = await shard.check_batch([a_check("lost")])
+        assert (during.allowed, during.reason) == (False, "audit_unavailable")
+        assert time.monotonic() - began < 0.5
+        # The reconnect runs by itself ...
+        deadline = time.monotonic() + 10
+        while not shard.stats()["connected"]:
+            assert time.monotonic() < deadline, "the shard did not reconnect"
+            await asyncio.sleep(0.02)
+        # ... and the chain goes on where it was: the same incarnation (no replay floor).
+        [after] = await shard.check_batch([a_check("lost", iat=time.time() - 1)])
+        assert (after.allowed, after.reason, after.audit_event) == (
+            True,
+            "ok",
+            f"verifier-{index}:1",
+        )
+    finally:
+        await shard.close()

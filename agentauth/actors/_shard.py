@@ -178,6 +178,13 @@ class StateShard:
         self._database_url = database_url
         self._idle_grants_after = idle_grants_after
         self._conn: asyncpg.Connection | None = None
+        # The reconnect in the background, if one runs (see _keep_connecting), and whether
+        # a batch waits for it: in process (tests, tools), bounded as a statement is; not
+        # once the shard serves replicas (endpoint()), which wait for a batch only
+        # shard_timeout: a batch denied at once is the faster denial.
+        self._connecting: asyncio.Task[asyncpg.Connection] | None = None
+        self._batches_wait = True
+        self._retry_now = asyncio.Event()
         self._size = 0
         # The time of this chain's last committed decision. Decisions are timed no earlier:
         # a wall clock stepped back (NTP, another node after a restart) must not give a
@@ -225,30 +232,11 @@ class StateShard:
         return self._address[0], self._address[1], self._token
 
     async def _warm_up(self) -> None:
-        """Before the first check comes: connect (which reads the chain's head and replay
-        floor) and run a batch's statements once, changing nothing.
-
-        Left to the first batch, this made it slower than a replica waits for a shard
-        (``shard_timeout``, 40 ms) on a slow machine, so the first checks after every
-        restart were denied ``state_timeout``, later than a fail-closed denial may be: a
-        new PostgreSQL backend plans its first statements against cold catalog caches
-        (there, 15-17 ms for the restore query and 9-11 for the commit, against 0.5-1.5
-        once warm, on top of 9-15 ms to connect)."""
-        try:
-            await asyncio.wait_for(self._prime(), _WARM_UP_TIMEOUT)
-        except Exception:  # the database is down or slow: the first batch tries again
-            log.warning("shard %s: no database connection yet", self.index)
-
-    async def _prime(self) -> None:
-        conn = await self._connect()
-        await conn.fetch(_RESTORE, [], [], [])
-        # Right after a restart replicas ask what became of their calls the old incarnation
-        # never answered (voids of ANY_ALLOW), in the first batches.
-        await conn.fetch(_FIND_ALLOWS, [], [], [], [], self.chain)
-        # No rows to append, and a head size no row has: the statement is planned and run,
-        # and fails at 1 / 0 having written nothing.
-        with contextlib.suppress(DivisionByZeroError):
-            await conn.fetchval(_COMMIT, [], [], [], [], [], [], [], [], [], [], 0, b"", "", -1)
+        """Connect before the first check comes (see _keep_connecting), for at most a second:
+        a database that does not answer is left to the first batch."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(self._reconnect()), _WARM_UP_TIMEOUT)
+        self._batches_wait = False
 
     async def _listen(self) -> None:
         host = _node_address()
@@ -309,29 +297,86 @@ class StateShard:
         if undelivered:
             await self.check_batch(undelivered)
 
-    async def _connect(self) -> asyncpg.Connection:
-        # One connection, not a pool: flushes run one at a time, and a pool's reset on
-        # every release would cost a round trip per commit.
-        if self._conn is None or self._conn.is_closed():
-            # Both bounded: a database that stops answering (blackholed, not refusing) would
-            # otherwise hold this shard's every batch for asyncpg's 60 s connect timeout,
-            # and its recovery as long after the database is back.
-            conn = await asyncpg.connect(
-                self._database_url, command_timeout=_DB_TIMEOUT, timeout=_DB_TIMEOUT
-            )
+    async def _connection(self) -> asyncpg.Connection:
+        """The database connection, for a batch. One connection, not a pool: flushes run
+        one at a time, and a pool's reset on every release would cost a round trip per
+        commit.
+
+        A batch of a shard that serves replicas does not wait for a reconnect (see
+        _keep_connecting): it is denied ``audit_unavailable`` at once, while the reconnect
+        goes on."""
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        self._conn = None
+        connecting = self._reconnect()
+        if not self._batches_wait:
+            self._retry_now.set()
+            raise ConnectionError("reconnecting to the database")
+        return await asyncio.wait_for(asyncio.shield(connecting), _DB_TIMEOUT)
+
+    def _reconnect(self) -> asyncio.Task[asyncpg.Connection]:
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.get_running_loop().create_task(self._keep_connecting())
+        return self._connecting
+
+    async def _keep_connecting(self) -> asyncpg.Connection:
+        """Connect until it works, with a short backoff; the connection is used from then.
+
+        Each try connects, reads the chain's head and replay floor, and runs a batch's
+        statements once with nothing to write. A fresh PostgreSQL backend plans its first
+        statements against cold catalog caches: left to the first batch (15-17 ms for the
+        restore query and 9-11 for the commit on the slow machine of 2026-11-29, against
+        0.5-1.5 once warm, on top of 9-15 ms to connect), that made the batch slower than a
+        replica waits for a shard (``shard_timeout``, 40 ms), so the first checks after a
+        restart of the shard or of the database were denied ``state_timeout``, later than
+        a fail-closed denial may be. Batches meanwhile are denied at once."""
+        delay = 0.05
+        while True:
+            self._retry_now.clear()
             try:
-                await conn.execute(
-                    "INSERT INTO audit_heads (chain, size, head) VALUES ($1, 0, $2)"
-                    " ON CONFLICT (chain) DO NOTHING",
-                    self.chain,
-                    GENESIS_HASH,
-                )
-                await self._reload_head(conn)
-            except BaseException:
-                await conn.close()
-                raise
+                conn = await self._open_connection()
+            except Exception:
+                log.warning("shard %s cannot reach the database; retrying", self.index)
+                # A batch denied meanwhile cuts the wait short: the database may be back
+                # and checks are waiting for it (one try at a time, as before the backoff).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._retry_now.wait(), delay)
+                delay = min(0.25, delay * 2)
+                continue
             self._conn = conn
-        return self._conn
+            return conn
+
+    async def _open_connection(self) -> asyncpg.Connection:
+        # Both bounded: a database that stops answering (blackholed, not refusing) would
+        # otherwise hold a try for asyncpg's 60 s connect timeout, and the recovery as long
+        # after the database is back.
+        conn = await asyncpg.connect(
+            self._database_url,
+            command_timeout=_DB_TIMEOUT,
+            timeout=_DB_TIMEOUT,
+            # So pg_stat_activity says which shard a session is (runbook.md).
+            server_settings={"application_name": f"agentauth-shard-{self.index}"},
+        )
+        try:
+            await conn.execute(
+                "INSERT INTO audit_heads (chain, size, head) VALUES ($1, 0, $2)"
+                " ON CONFLICT (chain) DO NOTHING",
+                self.chain,
+                GENESIS_HASH,
+            )
+            await self._reload_head(conn)
+            await conn.fetch(_RESTORE, [], [], [])
+            # Right after a restart, replicas ask what became of their calls the old
+            # incarnation never answered (voids of ANY_ALLOW), in the first batches.
+            await conn.fetch(_FIND_ALLOWS, [], [], [], [], self.chain)
+            # No rows to append, and a head size no row has: the statement is planned and
+            # run, and fails at 1 / 0 having written nothing.
+            with contextlib.suppress(DivisionByZeroError):
+                await conn.fetchval(_COMMIT, [], [], [], [], [], [], [], [], [], [], 0, b"", "", -1)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
 
     async def _reload_head(self, conn: asyncpg.Connection) -> None:
         row = await conn.fetchrow("SELECT size, head FROM audit_heads WHERE chain = $1", self.chain)
@@ -384,7 +429,7 @@ class StateShard:
 
     async def _decide_and_commit(self, checks: list[Check]) -> list[Result]:
         try:
-            conn = await self._connect()
+            conn = await self._connection()
             if self._unsure is not None:
                 await self._resolve(conn, self._unsure)
             now = max(time.time(), self._last_time)
@@ -412,7 +457,9 @@ class StateShard:
             observe("audit_commit", time.perf_counter() - began, self._tags)
         except Exception as exc:
             log.warning("shard %s failed to commit its audit batch", self.index)
-            await self._drop_connection()  # reconnect (and reload the head) next time
+            # Reconnect (which reloads the head) now, not in the next batch.
+            await self._drop_connection()
+            self._reconnect()
             # An error the database sent means the statement, and so all of it, failed.
             # No answer at all (a timeout, even one that fires late because this process
             # was stopped while the answer waited) leaves it open: resolved on reconnect.
@@ -647,6 +694,10 @@ class StateShard:
         await self._drop_connection()
 
     async def _drop_connection(self) -> None:
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await self._connecting
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.terminate()
@@ -661,4 +712,5 @@ class StateShard:
             "decisions": self._decisions,
             "commits": self.batches,
             "chain_size": self._size,
+            "connected": self._conn is not None and not self._conn.is_closed(),
         }
