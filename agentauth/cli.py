@@ -423,7 +423,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         "providers": "SELECT id, audience, array_to_string(allowed_kinds, ',') AS kinds,"
         " created_at, credential_rotated_at,"
         " CASE WHEN previous_expires_at > now() THEN previous_expires_at END"
-        " AS previous_valid_until FROM providers ORDER BY created_at",
+        " AS previous_valid_until, suspended_at FROM providers ORDER BY created_at",
     }
     try:
         _table(asyncio.run(_rows(url, queries[args.what])))

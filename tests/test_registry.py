@@ -166,6 +166,8 @@ async def test_discovery_and_jwks_are_public_everything_else_is_not(world: World
         ("GET", "/v1/providers/p"),
         ("POST", "/v1/providers/p/secret"),
         ("DELETE", "/v1/providers/p/secret/previous"),
+        ("PUT", "/v1/providers/p/suspension"),
+        ("DELETE", "/v1/providers/p/suspension"),
         ("POST", "/v1/grant-requests"),
         ("GET", "/v1/grant-requests"),
         ("GET", "/v1/grant-requests/grq_x"),

@@ -94,6 +94,22 @@ async def test_verifier_client_fails_closed() -> None:
             method="GET", url="https://a/x", headers=headers, action=action
         )
         assert (result.allowed, result.reason) == (False, "verifier_unavailable")
+    # The verifier refusing the provider itself (a suspension, a wrong secret) decides
+    # nothing about the request: denied as unavailable, the verifier's reason kept.
+    for status, reason in ((403, "provider_suspended"), (401, "bad_provider_credential")):
+        refusing = httpx.MockTransport(
+            lambda r, s=status, why=reason: httpx.Response(
+                s, json={"error": "forbidden", "reason": why}
+            )
+        )
+        client = VerifierClient(
+            "http://v", provider_id="p", secret="s", http=httpx.AsyncClient(transport=refusing)
+        )
+        result = await client.verify_request(
+            method="GET", url="https://a/x", headers=headers, action=action
+        )
+        assert (result.allowed, result.reason) == (False, "verifier_unavailable")
+        assert result.raw == {"status": status, "reason": reason}
     allowing = httpx.MockTransport(
         lambda r: httpx.Response(200, json={"decision": "allow", "reason": "ok"})
     )

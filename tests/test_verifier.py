@@ -284,14 +284,14 @@ async def test_revocation_reaches_every_replica_within_a_second(vworld: World) -
 
 async def answers_on_every_replica(world: World, s: Setup, provider: Provider) -> set[Any]:
     """30 verifications at once with this credential (HAProxy spreads them over both
-    replicas): the decisions, or the reason of a 401."""
+    replicas): the decisions, or the reason of a 401 or 403."""
 
     async def one() -> Any:
         r = await world.client.post(
             world.verifier + "/v1/verify", headers=provider.headers, json=request_body(s, READ)
         )
-        if r.status_code == 401:
-            return r.json()["reason"]
+        if r.status_code in (401, 403):
+            return r.status_code, r.json()["reason"]
         assert r.status_code == 200, r.text
         return r.json()["decision"]
 
@@ -318,7 +318,7 @@ async def test_a_provider_secret_rotation_reaches_every_replica_within_a_second(
         await asyncio.sleep(seconds)
         for provider in refused:
             assert await answers_on_every_replica(vworld, s, provider) == {
-                "bad_provider_credential"
+                (401, "bad_provider_credential")
             }
         for provider in allowed:
             assert await answers_on_every_replica(vworld, s, provider) == {"allow"}
@@ -342,6 +342,31 @@ async def test_a_provider_secret_rotation_reaches_every_replica_within_a_second(
     newest = await rotate_secret(vworld, newer, 2)
     await after(1.0, [], [newer])
     await after(1.5, [newer], [newest])
+
+
+@pytest.mark.asyncio
+async def test_a_provider_suspension_reaches_every_replica_within_a_second(
+    vworld: World,
+) -> None:
+    s = await setup(vworld)
+    path = vworld.url(f"/v1/providers/{s.provider.id}/suspension")
+    assert await answers_on_every_replica(vworld, s, s.provider) == {"allow"}
+    r = await vworld.client.put(path, headers=vworld.admin, json={"reason": "audit"})
+    assert r.status_code == 200, r.text
+    await asyncio.sleep(1.0)
+    assert await answers_on_every_replica(vworld, s, s.provider) == {(403, "provider_suspended")}
+    # Introspection too; and a wrong secret still learns nothing of the suspension.
+    r = await vworld.client.post(
+        vworld.verifier + "/v1/introspect", headers=s.provider.headers, json=request_body(s, READ)
+    )
+    assert (r.status_code, r.json()["reason"]) == (403, "provider_suspended")
+    wrong = Provider(s.provider.id, s.provider.audience, "psk_wrong")
+    assert await answers_on_every_replica(vworld, s, wrong) == {(401, "bad_provider_credential")}
+
+    r = await vworld.client.delete(path, headers=vworld.admin)
+    assert r.status_code == 200, r.text
+    await asyncio.sleep(1.0)
+    assert await answers_on_every_replica(vworld, s, s.provider) == {"allow"}
 
 
 @pytest.mark.asyncio

@@ -37,6 +37,7 @@ from ._models import (
     SecretRotationIn,
     SignupIn,
     StepUpIn,
+    SuspensionIn,
     TokenIn,
 )
 from ._service import Agent, Registry
@@ -278,6 +279,14 @@ def create_app(registry: Registry) -> FastAPI:
         return await registry.rotate_provider_secret(
             provider_id, body or SecretRotationIn(), actor=actor
         )
+
+    @app.put("/v1/providers/{provider_id}/suspension", tags=["providers"])
+    async def suspend_provider(_: Admin, provider_id: str, body: SuspensionIn) -> dict[str, Any]:
+        return await registry.suspend_provider(provider_id, body)
+
+    @app.delete("/v1/providers/{provider_id}/suspension", tags=["providers"])
+    async def reinstate_provider(_: Admin, provider_id: str) -> dict[str, Any]:
+        return await registry.reinstate_provider(provider_id)
 
     @app.delete("/v1/providers/{provider_id}/secret/previous", tags=["providers"])
     async def end_previous_provider_secret(

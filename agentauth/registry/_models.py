@@ -19,6 +19,7 @@ __all__ = [
     "SecretRotationIn",
     "SignupIn",
     "StepUpIn",
+    "SuspensionIn",
     "TokenIn",
 ]
 
@@ -77,6 +78,12 @@ class SecretRotationIn(_In):
     so the provider can roll the new one out without a gap (0: it stops at once)."""
 
     previous_valid_for: int = Field(3600, strict=True, ge=0, le=7 * 86400)
+
+
+class SuspensionIn(_In):
+    """Why the admin suspends a provider: kept with the suspension and in its audit event."""
+
+    reason: str = Field(strict=True, min_length=1, max_length=200)
 
 
 class StepUpIn(_In):

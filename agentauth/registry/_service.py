@@ -61,7 +61,14 @@ from ..store import REVOCATION_CHANNEL, Conn, grant_cache_key
 from ..store import migrate as run_migrations
 from ._audit_log import AuditLog
 from ._keys import KeyManager
-from ._models import ApprovalBeginIn, GrantRequestIn, ProviderIn, SecretRotationIn, StepUpIn
+from ._models import (
+    ApprovalBeginIn,
+    GrantRequestIn,
+    ProviderIn,
+    SecretRotationIn,
+    StepUpIn,
+    SuspensionIn,
+)
 from ._settings import RegistrySettings
 
 __all__ = ["Agent", "Registry"]
@@ -311,10 +318,11 @@ class Registry:
 
     async def authenticate_provider(self, provider_id: str, secret: str) -> tuple[str, bool]:
         """The provider's id, and whether ``secret`` is its current credential (else the
-        previous one, still inside its rotation's overlap)."""
+        previous one, still inside its rotation's overlap). A suspended provider is told
+        so, but only once its secret is right: the suspension is nobody else's to learn."""
         row = await self.pool.fetchrow(
-            "SELECT secret_hash, previous_secret_hash, previous_expires_at > now() AS overlap"
-            " FROM providers WHERE id = $1",
+            "SELECT secret_hash, previous_secret_hash, previous_expires_at > now() AS overlap,"
+            " suspended_at IS NOT NULL AS suspended FROM providers WHERE id = $1",
             provider_id,
         )
         # Compare against dummy hashes for unknown ids so timing does not reveal which
@@ -330,6 +338,8 @@ class Registry:
         is_previous = hmac.compare_digest(given, previous)
         if row is None or not (is_current or (is_previous and row["overlap"])):
             raise Unauthenticated("bad provider credential", reason="bad_provider_credential")
+        if row["suspended"]:
+            raise Forbidden("the provider is suspended", reason="provider_suspended")
         return provider_id, is_current
 
     # --- WebAuthn ------------------------------------------------------------------------
@@ -805,7 +815,7 @@ class Registry:
             "SELECT id, audience, display_name, allowed_kinds, created_at,"
             " credential_rotated_at,"
             " CASE WHEN previous_expires_at > now() THEN previous_expires_at END"
-            " AS previous_credential_valid_until"
+            " AS previous_credential_valid_until, suspended_at, suspension_reason"
             " FROM providers WHERE id = $1",
             provider_id,
         )
@@ -871,6 +881,50 @@ class Registry:
                 )
         return {"id": provider_id, "previous_credential_valid_until": None}
 
+    async def suspend_provider(self, provider_id: str, body: SuspensionIn) -> dict[str, Any]:
+        """Refuse the provider everywhere until it is reinstated (see docs/registry.md).
+        Suspending one already suspended changes and records nothing: the first time and
+        reason stand."""
+        async with self._tx() as conn:
+            suspended = await conn.fetchval(
+                "UPDATE providers SET suspended_at = now(), suspension_reason = $2"
+                " WHERE id = $1 AND suspended_at IS NULL RETURNING true",
+                provider_id,
+                body.reason,
+            )
+            if suspended:
+                await self._provider_changed(
+                    conn,
+                    provider_id,
+                    event="provider.suspended",
+                    actor="admin",
+                    data={"reason": body.reason},
+                )
+        return await self._suspension(provider_id)
+
+    async def reinstate_provider(self, provider_id: str) -> dict[str, Any]:
+        """Lift a suspension (one that is not there changes and records nothing)."""
+        async with self._tx() as conn:
+            lifted = await conn.fetchval(
+                "UPDATE providers SET suspended_at = NULL, suspension_reason = NULL"
+                " WHERE id = $1 AND suspended_at IS NOT NULL RETURNING true",
+                provider_id,
+            )
+            if lifted:
+                await self._provider_changed(
+                    conn, provider_id, event="provider.reinstated", actor="admin"
+                )
+        return await self._suspension(provider_id)
+
+    async def _suspension(self, provider_id: str) -> dict[str, Any]:
+        row = await self.pool.fetchrow(
+            "SELECT id, suspended_at, suspension_reason FROM providers WHERE id = $1",
+            provider_id,
+        )
+        if row is None:
+            raise NotFound("no such provider")
+        return _jsonable(dict(row))
+
     async def _provider_changed(
         self,
         conn: Conn,
@@ -897,10 +951,12 @@ class Registry:
 
     async def request_grant(self, agent: Agent, body: GrantRequestIn) -> dict[str, Any]:
         provider = await self.pool.fetchrow(
-            "SELECT id, allowed_kinds FROM providers WHERE id = $1", body.provider_id
+            "SELECT id, allowed_kinds, suspended_at FROM providers WHERE id = $1", body.provider_id
         )
         if provider is None:
             raise NotFound("no such provider")
+        if provider["suspended_at"] is not None:
+            raise Conflict("the provider is suspended", reason="provider_suspended")
         kinds = {c.kind for c in body.capabilities}
         if not kinds <= set(provider["allowed_kinds"]):
             raise Forbidden(
@@ -935,7 +991,8 @@ class Registry:
             # Only constant fragments are joined here: no caller text enters the SQL.
             "SELECT r.id, r.agent_id, r.provider_id, r.capabilities, r.envelope, r.status,"  # noqa: S608
             " r.created_at, r.decided_at, a.principal_id, a.name AS agent_name,"
-            " p.audience, p.display_name AS provider_name, g.id AS grant_id"
+            " p.audience, p.display_name AS provider_name, g.id AS grant_id,"
+            " p.suspended_at IS NOT NULL AS provider_suspended"
             " FROM grant_requests r JOIN agents a ON a.id = r.agent_id"
             " JOIN providers p ON p.id = r.provider_id"
             " LEFT JOIN grants g ON g.request_id = r.id WHERE r.id = $1"
@@ -1020,6 +1077,8 @@ class Registry:
             raise NotFound("no such grant request")
         if row["status"] != "pending":
             raise Conflict("the request is no longer pending", reason="not_pending")
+        if row["provider_suspended"]:
+            raise Conflict("the provider is suspended", reason="provider_suspended")
         requested = GrantRequest.model_validate(
             {
                 "agent_id": row["agent_id"],
@@ -1069,6 +1128,8 @@ class Registry:
             )
             if row["status"] != "pending":
                 raise Conflict("the request was already decided", reason="not_pending")
+            if row["provider_suspended"]:  # since the approval began: nothing is consumed
+                raise Conflict("the provider is suspended", reason="provider_suspended")
             grant = Grant.model_validate(payload["grant"])
             if grant.digest() != challenge:  # the stored grant is what the challenge commits to
                 raise InvalidReceipt(
@@ -1241,8 +1302,10 @@ class Registry:
         row = await self.pool.fetchrow(
             "SELECT g.document, g.agent_id, g.revoked_at, g.expires_at, r.receipt_hash,"
             " (SELECT count(*) FROM revocations v WHERE (v.kind = 'grant' AND v.target = g.id)"
-            "   OR (v.kind = 'agent' AND v.target = g.agent_id)) AS revoked"
-            " FROM grants g JOIN approval_receipts r ON r.grant_id = g.id WHERE g.id = $1",
+            "   OR (v.kind = 'agent' AND v.target = g.agent_id)) AS revoked,"
+            " p.suspended_at IS NOT NULL AS provider_suspended"
+            " FROM grants g JOIN approval_receipts r ON r.grant_id = g.id"
+            " JOIN providers p ON p.id = g.provider_id WHERE g.id = $1",
             grant_id,
         )
         if row is None or row["agent_id"] != agent.id:
@@ -1251,6 +1314,8 @@ class Registry:
             raise Forbidden("the grant is revoked", reason="grant_revoked")
         if row["expires_at"] is not None and now >= row["expires_at"]:
             raise Forbidden("the grant has expired", reason="grant_expired")
+        if row["provider_suspended"]:
+            raise Forbidden("the grant's provider is suspended", reason="provider_suspended")
         grant = Grant.from_document(json.loads(row["document"]))
         lifetime = self.settings.token_lifetime
         if grant.envelope.expires_at is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import inspect
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ __all__ = [
     "VerifierClient",
     "require",
 ]
+
+log = logging.getLogger("agentauth.provider")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,11 +102,22 @@ class VerifierClient:
         }
         if step_up_ref:
             body["step_up_ref"] = step_up_ref
+        status = 0
         try:
             response = await self._http.post(self._url, json=body, headers=self._headers)
-            answer = response.json() if response.status_code == 200 else None
+            status = response.status_code
+            answer = response.json() if status in (200, 401, 403) else None
         except (httpx.HTTPError, ValueError):
             answer = None
+        if status in (401, 403):
+            # The verifier refused this provider itself (a wrong or ended secret, a
+            # suspension): nothing about the agent's request was decided, so it is denied as
+            # with no verifier, and the verifier's reason goes to the provider's own logs.
+            refused = answer.get("reason") if isinstance(answer, dict) else None
+            log.warning("the verifier refused this provider: %s %s", status, refused)
+            return Verification(
+                False, "verifier_unavailable", raw={"status": status, "reason": refused}
+            )
         if not isinstance(answer, dict) or answer.get("decision") not in ("allow", "deny"):
             return Verification(False, "verifier_unavailable")  # fail closed
         return Verification(

@@ -36,6 +36,7 @@ from ..protocol import (
     AgentAuthError,
     DPoPNonces,
     DPoPVerifier,
+    Forbidden,
     InvalidDPoPProof,
     InvalidToken,
     KeySet,
@@ -114,6 +115,7 @@ class _Provider:
     # a random hash and 0 when there is none, so every check compares both.
     previous_hash: bytes
     previous_until: float
+    suspended: bool  # by the admin: refused, once its secret is right (docs/registry.md)
 
 
 K = TypeVar("K", bound=Hashable)
@@ -370,8 +372,8 @@ class Verifier:
                 epoch = await conn.fetchval("SELECT epoch FROM provider_changes")
                 rows = await conn.fetch(
                     "SELECT id, audience, secret_hash, previous_secret_hash,"
-                    " extract(epoch FROM previous_expires_at)::float8 AS previous_until"
-                    " FROM providers"
+                    " extract(epoch FROM previous_expires_at)::float8 AS previous_until,"
+                    " suspended_at IS NOT NULL AS suspended FROM providers"
                 )
             return int(epoch), rows
 
@@ -382,6 +384,7 @@ class Verifier:
                 bytes(r["secret_hash"]),
                 bytes(r["previous_secret_hash"] or secrets.token_bytes(32)),
                 r["previous_until"] or 0.0,
+                r["suspended"],
             )
             for r in rows
         }
@@ -434,6 +437,8 @@ class Verifier:
         )
         if not ok:
             raise Unauthenticated("bad provider credential", reason="bad_provider_credential")
+        if provider is not None and provider.suspended:
+            raise Forbidden("the provider is suspended", reason="provider_suspended")
         return provider_id
 
     def audience_of(self, provider_id: str) -> str:

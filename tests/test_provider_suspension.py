@@ -1,0 +1,187 @@
+"""Suspending a provider: the admin stops a provider's access (offboarding, a compromise
+under investigation) without touching its credentials, and lifts it again. The registry on
+a real Serve app with PostgreSQL and Redis; the verifier's side (every replica refuses a
+suspended provider within a second) is in test_verifier.py."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from registry_world import Provider, World
+
+pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.redis]
+
+
+def suspension(provider: Provider) -> str:
+    return f"/v1/providers/{provider.id}/suspension"
+
+
+async def suspend(world: World, provider: Provider, reason: str) -> dict[str, Any]:
+    r = await world.client.put(
+        world.url(suspension(provider)), headers=world.admin, json={"reason": reason}
+    )
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+async def reinstate(world: World, provider: Provider) -> dict[str, Any]:
+    r = await world.client.delete(world.url(suspension(provider)), headers=world.admin)
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+async def provider_events(db: asyncpg.Connection, provider: Provider) -> list[dict[str, Any]]:
+    rows = await db.fetch(
+        "SELECT body FROM audit_events WHERE body::jsonb ->> 'subject' = $1 ORDER BY seq",
+        f"provider:{provider.id}",
+    )
+    return [json.loads(r["body"]) for r in rows]
+
+
+async def counts(db: asyncpg.Connection) -> tuple[int, ...]:
+    return tuple(
+        [
+            await db.fetchval(f"SELECT count(*) FROM {table}")
+            for table in ("audit_events", "issued_tokens", "grant_requests", "grants")
+        ]
+    )
+
+
+def refused(r: httpx.Response, status: int, reason: str) -> bool:
+    return r.status_code == status and r.json()["reason"] == reason
+
+
+@pytest.mark.asyncio
+async def test_a_suspended_provider_is_refused_everywhere_until_reinstated(
+    world: World, db: asyncpg.Connection
+) -> None:
+    human, agent, provider, grant = await world.setup_grant()
+    pending = await world.request(agent, provider)
+    assert (await world.token(agent, grant["id"])).status_code == 200
+    events_before = len(await provider_events(db, provider))
+
+    answer = await suspend(world, provider, "offboarding")
+    assert answer["id"] == provider.id and answer["suspension_reason"] == "offboarding"
+    record = (
+        await world.client.get(world.url(f"/v1/providers/{provider.id}"), headers=world.admin)
+    ).json()
+    assert record["suspended_at"] == answer["suspended_at"] is not None
+    assert record["suspension_reason"] == "offboarding"
+    written = await counts(db)
+
+    # The provider, with its valid secret, is told it is suspended; a wrong secret learns
+    # nothing about suspension.
+    own = world.url(f"/v1/providers/{provider.id}")
+    assert refused(await world.client.get(own, headers=provider.headers), 403, "provider_suspended")
+    assert refused(
+        await world.client.post(own + "/secret", headers=provider.headers),
+        403,
+        "provider_suspended",
+    )
+    wrong = Provider(provider.id, provider.audience, "psk_wrong")
+    assert refused(
+        await world.client.get(own, headers=wrong.headers), 401, "bad_provider_credential"
+    )
+    # No token for its grants, no new grant request, no approval of a pending one.
+    assert refused(await world.token(agent, grant["id"]), 403, "provider_suspended")
+    r = await world.as_agent(
+        agent,
+        "POST",
+        "/v1/grant-requests",
+        json={"provider_id": provider.id, "capabilities": pending["capabilities"]},
+    )
+    assert refused(r, 409, "provider_suspended"), r.text
+    r = await world.client.post(
+        world.url(f"/v1/grant-requests/{pending['id']}/approval/begin"), headers=human.headers
+    )
+    assert refused(r, 409, "provider_suspended"), r.text
+    # ... and none of that wrote anything.
+    assert await counts(db) == written
+
+    # Suspending again changes and records nothing: the first time and reason stand.
+    again = await suspend(world, provider, "another reason")
+    assert again == answer
+    assert await counts(db) == written
+
+    back = await reinstate(world, provider)
+    assert back == {"id": provider.id, "suspended_at": None, "suspension_reason": None}
+    assert (await world.client.get(own, headers=provider.headers)).status_code == 200
+    assert (await world.token(agent, grant["id"])).status_code == 200
+    granted = await world.approve(human, pending["id"])
+    assert granted["provider_id"] == provider.id
+    after = await counts(db)
+    assert await reinstate(world, provider) == back  # idempotent: nothing more recorded
+    assert (await counts(db))[0] == after[0]
+
+    events = await provider_events(db, provider)
+    changes = [(e["event"], e["actor"], e.get("data")) for e in events[events_before:]]
+    assert changes == [
+        ("provider.suspended", "admin", {"reason": "offboarding"}),
+        ("provider.reinstated", "admin", {}),
+    ]
+
+
+@pytest.mark.asyncio
+async def test_only_the_admin_may_suspend_or_reinstate(
+    world: World, db: asyncpg.Connection
+) -> None:
+    human, agent, provider, _ = await world.setup_grant()
+    written = await counts(db)
+    path = suspension(provider)
+    for method in ("PUT", "DELETE"):
+        body = {"reason": "mine"} if method == "PUT" else None
+        for headers, status, reason in (
+            (provider.headers, 403, "wrong_caller"),
+            (human.headers, 403, "wrong_caller"),
+            ({}, 401, None),
+        ):
+            r = await world.client.request(method, world.url(path), headers=headers, json=body)
+            assert r.status_code == status, r.text
+            assert reason is None or r.json()["reason"] == reason
+        r = await world.as_agent(agent, method, path, json=body)
+        assert refused(r, 403, "wrong_caller"), r.text
+        r = await world.client.request(
+            method,
+            world.url("/v1/providers/prov-nobody/suspension"),
+            headers=world.admin,
+            json=body,
+        )
+        assert r.status_code == 404, r.text
+    assert await counts(db) == written
+    assert (
+        await world.client.get(world.url(f"/v1/providers/{provider.id}"), headers=provider.headers)
+    ).status_code == 200
+
+
+@pytest.mark.asyncio
+async def test_bad_suspension_input_is_a_400_and_writes_nothing(
+    world: World, db: asyncpg.Connection
+) -> None:
+    provider = await world.provider()
+    written = await counts(db)
+    url = world.url(suspension(provider))
+    headers = {**world.admin, "Content-Type": "application/json"}
+    for content in (
+        b"",
+        b"{}",
+        b'{"reason": ""}',
+        b'{"reason": "' + b"x" * 201 + b'"}',
+        b'{"reason": 7}',
+        b'{"reason": null}',
+        b'{"reason": "a", "until": 5}',
+        b'{"reason": "a", "reason": "b"}',
+        b'["a"]',
+        b"{not json",
+    ):
+        r = await world.client.put(url, content=content, headers=headers)
+        assert r.status_code == 400, (content, r.text)
+        assert r.json()["error"] == "invalid_request", content
+    assert await counts(db) == written
+    record = (
+        await world.client.get(world.url(f"/v1/providers/{provider.id}"), headers=world.admin)
+    ).json()
+    assert record["suspended_at"] is None
