@@ -149,6 +149,14 @@ class World:
         assert r.status_code == 200, r.text
         return r.json()  # type: ignore[no-any-return]
 
+    async def each_refused_as_invalid(self, method: str, path: str, bodies: list[bytes]) -> None:
+        """Every one of these raw bodies, sent by the admin, is a 400 invalid_request."""
+        headers = {**self.admin, "Content-Type": "application/json"}
+        for content in bodies:
+            r = await self.client.request(method, self.url(path), content=content, headers=headers)
+            assert r.status_code == 400, (content, r.text)
+            assert r.json()["error"] == "invalid_request", content
+
     async def token(self, agent: Agent, grant_id: str) -> httpx.Response:
         return await self.as_agent(agent, "POST", "/v1/token", json={"grant_id": grant_id})
 

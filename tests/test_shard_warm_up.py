@@ -163,3 +163,37 @@ async def test_a_serving_shard_that_loses_its_database_denies_at_once_and_reconn
         )
     finally:
         await shard.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_shard_that_cannot_reach_its_database_says_so_once_and_when_it_is_back(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    index = INDEX + 4
+    shard = StateShard(index=index, database_url=database_url)
+    connect, failures = shard._open_connection, 3
+
+    async def refused_at_first() -> asyncpg.Connection:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise ConnectionRefusedError
+        return await connect()
+
+    monkeypatch.setattr(shard, "_open_connection", refused_at_first)
+    caplog.set_level("WARNING", logger="agentauth.shard")
+    try:
+        await shard.endpoint()
+        deadline = time.monotonic() + 10
+        while not shard.stats()["connected"]:
+            assert time.monotonic() < deadline, "the shard did not reconnect"
+            await asyncio.sleep(0.02)
+        said = [r.getMessage() for r in caplog.records if "database" in r.getMessage()]
+        assert said[0] == (
+            f"shard {index} cannot reach the database (ConnectionRefusedError); retrying"
+        )
+        assert said[1].startswith(f"shard {index} reconnected to the database after 4 tries, ")
+        assert len(said) == 2  # three failures, one warning
+    finally:
+        await shard.close()

@@ -330,19 +330,34 @@ class StateShard:
         replica waits for a shard (``shard_timeout``, 40 ms), so the first checks after a
         restart of the shard or of the database were denied ``state_timeout``, later than
         a fail-closed denial may be. Batches meanwhile are denied at once."""
-        delay = 0.05
+        delay, tries, began, said = 0.05, 0, time.monotonic(), -1.0
         while True:
             self._retry_now.clear()
+            tries += 1
             try:
                 conn = await self._open_connection()
-            except Exception:
-                log.warning("shard %s cannot reach the database; retrying", self.index)
+            except Exception as exc:
+                # Said once, then every 30 s: an outage of minutes is thousands of tries.
+                if said < 0 or time.monotonic() - said >= 30.0:
+                    said = time.monotonic()
+                    log.warning(
+                        "shard %s cannot reach the database (%s); retrying",
+                        self.index,
+                        type(exc).__name__,
+                    )
                 # A batch denied meanwhile cuts the wait short: the database may be back
                 # and checks are waiting for it (one try at a time, as before the backoff).
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._retry_now.wait(), delay)
                 delay = min(0.25, delay * 2)
                 continue
+            if tries > 1:
+                log.warning(
+                    "shard %s reconnected to the database after %d tries, %.1f s",
+                    self.index,
+                    tries,
+                    time.monotonic() - began,
+                )
             self._conn = conn
             return conn
 
