@@ -597,3 +597,31 @@ def test_deny_a_request_and_replace_a_lost_passkey(page: Page, stack: Stack) -> 
     page.click("Sign out")
     page.click("Sign in with a passkey")
     page.wait_text("Pending requests")
+
+
+def test_a_request_for_a_suspended_provider_can_be_denied_not_approved(
+    page: Page, stack: Stack
+) -> None:
+    registry = stack.registry
+    sign_up(page, "Nora")
+    agent = registry.enroll(enrollment_code(page), "held-bot")
+    provider = registry.provider("ledger")
+    asked = registry.ask(agent, provider, [Capability.read("ledger/*").to_document()])
+    r = registry.client.put(
+        registry.url(f"/v1/providers/{provider.id}/suspension"),
+        headers={"Authorization": f"Bearer {registry.admin_token}"},
+        json={"reason": "contract on hold"},
+    )
+    assert r.status_code == 200, r.text
+    page.open("/")
+    page.wait_text("ledger is suspended by the administrator: this request cannot be approved")
+    names = [
+        b.get_attribute("aria-label") for b in page.driver.find_elements(By.TAG_NAME, "button")
+    ]
+    assert "Deny: held-bot asks ledger" in names
+    assert not any(n and n.startswith(("Approve with passkey: held-bot", "Tighten")) for n in names)
+    page.click("Deny: held-bot asks ledger")
+    page.wait_text("Denied: held-bot asks ledger")
+    assert registry.as_agent(agent, "GET", f"/v1/grant-requests/{asked['id']}")["status"] == (
+        "denied"
+    )

@@ -1024,7 +1024,8 @@ class Registry:
             # owner_clause is one of two constants chosen above.
             "SELECT r.id, r.agent_id, r.provider_id, r.capabilities, r.envelope, r.status,"  # noqa: S608
             " r.created_at, r.decided_at, a.principal_id, a.name AS agent_name, p.audience,"
-            " p.display_name AS provider_name, g.id AS grant_id"
+            " p.display_name AS provider_name, g.id AS grant_id,"
+            " p.suspended_at IS NOT NULL AS provider_suspended"
             " FROM grant_requests r JOIN agents a ON a.id = r.agent_id"
             " JOIN providers p ON p.id = r.provider_id LEFT JOIN grants g ON g.request_id = r.id"
             f" WHERE {owner_clause} AND ($2::text IS NULL OR r.status = $2)"
@@ -1679,6 +1680,8 @@ def _request_view(row: asyncpg.Record) -> dict[str, Any]:
             "provider_id": row["provider_id"],
             "provider_name": row["provider_name"],
             "audience": row["audience"],
+            # Nothing can be approved for a suspended provider (docs/registry.md).
+            "provider_suspended": row["provider_suspended"],
             "capabilities": row["capabilities"],
             "envelope": row["envelope"],
             "status": row["status"],

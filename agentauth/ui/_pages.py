@@ -620,6 +620,13 @@ class Pages:
                 f"Agent {request['agent_id']} · provider {request['provider_id']} "
                 f"({request['audience']}) · asked {_stamp(request.get('created_at'))}"
             ).classes("text-sm text-slate-600")
+            # The registry refuses to approve these; the page says so instead of offering it.
+            suspended = bool(request.get("provider_suspended"))
+            if suspended:
+                ui.label(
+                    f"{request['provider_name']} is suspended by the administrator: this "
+                    "request cannot be approved until it is reinstated. You can deny it."
+                ).classes("text-amber-800")
             with ui.element("dl").classes("grid grid-cols-[10rem_1fr] gap-x-4 gap-y-1"):
                 TextElement(tag="dt", text="May").classes("font-medium")
                 with ui.element("dd"), ui.element("ul").classes("list-disc ml-5"):
@@ -669,7 +676,7 @@ class Pages:
                     )
                     await reload()
 
-                await self._busy(board, [approve_button, deny_button], self._act(notice, work))
+                await self._busy(board, actions, self._act(notice, work))
 
             async def deny() -> None:
                 async def work() -> None:
@@ -678,20 +685,26 @@ class Pages:
                     notice.ok(f"Denied: {who}.")
                     await reload()
 
-                await self._busy(board, [approve_button, deny_button], self._act(notice, work))
+                await self._busy(board, actions, self._act(notice, work))
 
+            actions: list[ui.button] = []  # what a click in flight disables
             with ui.row().classes("gap-2"):
-                approve_button = labelled(
-                    ui.button("Approve with passkey", icon="fingerprint", on_click=approve),
-                    f"Approve with passkey: {who}",
-                )
-                tighten_button = labelled(
-                    ui.button("Tighten limits…", on_click=toggle_tighten).props("outline"),
-                    f"Tighten the limits before approving: {who}",
-                )
-                deny_button = labelled(
-                    ui.button("Deny", on_click=deny, color="negative").props("outline"),
-                    f"Deny: {who}",
+                if not suspended:
+                    actions.append(
+                        labelled(
+                            ui.button("Approve with passkey", icon="fingerprint", on_click=approve),
+                            f"Approve with passkey: {who}",
+                        )
+                    )
+                    tighten_button = labelled(
+                        ui.button("Tighten limits…", on_click=toggle_tighten).props("outline"),
+                        f"Tighten the limits before approving: {who}",
+                    )
+                actions.append(
+                    labelled(
+                        ui.button("Deny", on_click=deny, color="negative").props("outline"),
+                        f"Deny: {who}",
+                    )
                 )
 
     @staticmethod
