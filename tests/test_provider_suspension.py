@@ -13,6 +13,8 @@ import httpx
 import pytest
 from registry_world import Provider, World
 
+from agentauth.protocol import Capability
+
 pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.redis]
 
 
@@ -184,3 +186,54 @@ async def test_bad_suspension_input_is_a_400_and_writes_nothing(
         await world.client.get(world.url(f"/v1/providers/{provider.id}"), headers=world.admin)
     ).json()
     assert record["suspended_at"] is None
+
+
+@pytest.mark.asyncio
+async def test_no_step_up_is_asked_or_approved_for_a_suspended_providers_grant(
+    world: World, db: asyncpg.Connection
+) -> None:
+    human, agent, provider, grant = await world.setup_grant(
+        capabilities=[
+            Capability.transact("payments", max_amount="500", currency="USD").to_document()
+        ],
+        envelope={"step_up_threshold": {"amount": "50", "currency": "USD"}},
+    )
+    payment = {"grant_id": grant["id"], "resource": "payments", "amount": "120", "currency": "USD"}
+    r = await world.as_agent(agent, "POST", "/v1/step-ups", json=payment)
+    assert r.status_code == 200, r.text
+    pending = r.json()
+    # Begun before the suspension: its finish is refused after it, consuming nothing.
+    r = await world.client.post(
+        world.url(f"/v1/step-ups/{pending['id']}/approval/begin"), headers=human.headers
+    )
+    assert r.status_code == 200, r.text
+    credential = human.authenticator.get(r.json()["options"])
+
+    await suspend(world, provider, "payments paused")
+    written = await counts(db)
+    r = await world.as_agent(agent, "POST", "/v1/step-ups", json=payment)
+    assert refused(r, 403, "provider_suspended"), r.text
+    r = await world.client.post(
+        world.url(f"/v1/step-ups/{pending['id']}/approval/finish"),
+        headers=human.headers,
+        json={"credential": credential},
+    )
+    assert refused(r, 409, "provider_suspended"), r.text
+    r = await world.client.post(
+        world.url(f"/v1/step-ups/{pending['id']}/approval/begin"), headers=human.headers
+    )
+    assert refused(r, 409, "provider_suspended"), r.text
+    assert await counts(db) == written
+    assert await db.fetchval("SELECT status FROM step_ups WHERE id = $1", pending["id"]) == (
+        "pending"
+    )
+
+    # Reinstated, the assertion made before still approves it: nothing was consumed.
+    await reinstate(world, provider)
+    r = await world.client.post(
+        world.url(f"/v1/step-ups/{pending['id']}/approval/finish"),
+        headers=human.headers,
+        json={"credential": credential},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "approved"

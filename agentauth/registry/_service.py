@@ -1447,6 +1447,8 @@ class Registry:
         grant = await self.get_grant(body.grant_id, agent=agent)
         if grant["revoked_at"] is not None:
             raise Forbidden("the grant is revoked", reason="grant_revoked")
+        if await self._provider_suspended(self.pool, body.grant_id):
+            raise Forbidden("the grant's provider is suspended", reason="provider_suspended")
         step_id = new_id("stp")
         expires_at = int(time.time()) + self.settings.step_up_ttl
         document = {
@@ -1483,6 +1485,18 @@ class Registry:
                 data={"amount": document["amount"], "currency": body.currency},
             )
         return await self.get_step_up(step_id, agent=agent)
+
+    @staticmethod
+    async def _provider_suspended(conn: Conn | asyncpg.Pool, grant_id: str) -> bool:
+        """Is the provider of this grant suspended? (No step-up is asked or approved for it:
+        no token could use one.)"""
+        return bool(
+            await conn.fetchval(
+                "SELECT p.suspended_at IS NOT NULL FROM grants g"
+                " JOIN providers p ON p.id = g.provider_id WHERE g.id = $1",
+                grant_id,
+            )
+        )
 
     async def get_step_up(
         self,
@@ -1534,6 +1548,8 @@ class Registry:
         step = await self.get_step_up(step_id, principal_id=principal_id)
         if step["status"] != "pending":
             raise Conflict("the step-up is no longer pending", reason="not_pending")
+        if await self._provider_suspended(self.pool, step["grant_id"]):
+            raise Conflict("the grant's provider is suspended", reason="provider_suspended")
         challenge = _sha256(canonical_json(step["document"]))
         options = await self._assertion_options(
             principal_id, challenge, purpose="approve_step_up", subject_id=step_id
@@ -1562,6 +1578,8 @@ class Registry:
             )
             if row["status"] != "pending":
                 raise Conflict("the step-up was already decided", reason="not_pending")
+            if await self._provider_suspended(conn, row["grant_id"]):  # nothing is consumed
+                raise Conflict("the grant's provider is suspended", reason="provider_suspended")
             if challenge != _sha256(row["document"].encode()):
                 raise InvalidReceipt(
                     "challenge does not match the transaction", reason="challenge_mismatch"
