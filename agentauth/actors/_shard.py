@@ -56,7 +56,7 @@ log = logging.getLogger("agentauth.shard")
 # Seconds the shard's database connection may take to connect or to run a statement.
 _DB_TIMEOUT = 2.0
 # How long a new incarnation spends opening its database connection before it takes checks
-# anyway (then its first batch tries again): under a replica's 2 s connect timeout.
+# anyway (the reconnect goes on in the background): under a replica's 2 s connect timeout.
 _WARM_UP_TIMEOUT = 1.0
 # A batch's statements, run once at start (see _warm_up).
 # One round trip for every grant of a batch that this incarnation has not seen: its latest
@@ -233,7 +233,8 @@ class StateShard:
 
     async def _warm_up(self) -> None:
         """Connect before the first check comes (see _keep_connecting), for at most a second:
-        a database that does not answer is left to the first batch."""
+        a database that does not answer is left to the reconnect, which goes on in the
+        background while batches are denied at once."""
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(self._reconnect()), _WARM_UP_TIMEOUT)
         self._batches_wait = False
