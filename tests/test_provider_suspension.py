@@ -237,3 +237,63 @@ async def test_no_step_up_is_asked_or_approved_for_a_suspended_providers_grant(
     )
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "approved"
+
+
+@pytest.mark.asyncio
+async def test_grant_and_step_up_views_say_which_provider_is_suspended(world: World) -> None:
+    """Lists and single views agree, one query or many, and carry the suspension, so the
+    page can say so instead of offering what the registry refuses."""
+    human = await world.human()
+    agent = await world.agent(human)
+    held, open_ = await world.provider(), await world.provider()
+    pay = [Capability.transact("payments", max_amount="500", currency="USD").to_document()]
+    envelope = {"step_up_threshold": {"amount": "50", "currency": "USD"}}
+    payment = {"resource": "payments", "amount": "70", "currency": "USD"}
+    grants, steps = [], []
+    for provider in (held, open_):
+        grant = await world.approve(
+            human, (await world.request(agent, provider, pay, envelope))["id"]
+        )
+        r = await world.as_agent(
+            agent,
+            "POST",
+            "/v1/step-ups",
+            json={**payment, "grant_id": grant["id"]},
+        )
+        assert r.status_code == 200, r.text
+        grants.append(grant["id"])
+        steps.append(r.json()["id"])
+    other = await world.human("Mallory")
+    await suspend(world, held, "audit in progress")
+
+    async def get(path: str, headers: dict[str, str]) -> Any:
+        r = await world.client.get(world.url(path), headers=headers)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    async def as_agent(path: str) -> Any:
+        r = await world.as_agent(agent, "GET", path)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    for listed in (await get("/v1/grants", human.headers), await as_agent("/v1/grants")):
+        assert [g["id"] for g in listed] == grants
+        assert [g["provider_suspended"] for g in listed] == [True, False]
+        assert listed == [await get(f"/v1/grants/{g}", human.headers) for g in grants]
+    pending = await get("/v1/step-ups?status=pending", human.headers)
+    assert [s["id"] for s in pending] == steps
+    assert [s["provider_suspended"] for s in pending] == [True, False]
+    assert pending == [await get(f"/v1/step-ups/{s}", human.headers) for s in steps]
+    assert (await as_agent(f"/v1/step-ups/{steps[0]}"))["provider_suspended"] is True
+    # Nobody else's lists show them.
+    assert await get("/v1/grants", other.headers) == []
+    assert await get("/v1/step-ups", other.headers) == []
+    assert await get("/v1/step-ups?status=approved", human.headers) == []
+
+    await reinstate(world, held)
+    listed = await get("/v1/step-ups", human.headers)
+    assert [s["provider_suspended"] for s in listed] == [False, False]
+    assert [g["provider_suspended"] for g in await get("/v1/grants", human.headers)] == [
+        False,
+        False,
+    ]

@@ -599,13 +599,35 @@ def test_deny_a_request_and_replace_a_lost_passkey(page: Page, stack: Stack) -> 
     page.wait_text("Pending requests")
 
 
-def test_a_request_for_a_suspended_provider_can_be_denied_not_approved(
+def test_what_waits_on_a_suspended_provider_can_be_refused_not_approved(
     page: Page, stack: Stack
 ) -> None:
     registry = stack.registry
     sign_up(page, "Nora")
     agent = registry.enroll(enrollment_code(page), "held-bot")
     provider = registry.provider("ledger")
+    # A grant approved before the suspension, and a payment above its step-up threshold.
+    shop = registry.ask(
+        agent,
+        provider,
+        [Capability.transact("shop/*", max_amount=50, currency="USD").to_document()],
+        SHOP,
+    )
+    page.open("/")
+    page.click("Approve with passkey: held-bot asks ledger")
+    page.wait_text("Approved: held-bot asks ledger")
+    grant = grant_of(stack, agent, shop["id"])
+    step = registry.as_agent(
+        agent,
+        "POST",
+        "/v1/step-ups",
+        json={
+            "grant_id": grant["id"],
+            "resource": "shop/orders/9",
+            "amount": "40",
+            "currency": "USD",
+        },
+    )
     asked = registry.ask(agent, provider, [Capability.read("ledger/*").to_document()])
     r = registry.client.put(
         registry.url(f"/v1/providers/{provider.id}/suspension"),
@@ -613,15 +635,24 @@ def test_a_request_for_a_suspended_provider_can_be_denied_not_approved(
         json={"reason": "contract on hold"},
     )
     assert r.status_code == 200, r.text
+
     page.open("/")
     page.wait_text("ledger is suspended by the administrator: this request cannot be approved")
+    page.wait_text("this payment cannot be approved until it is reinstated")
     names = [
         b.get_attribute("aria-label") for b in page.driver.find_elements(By.TAG_NAME, "button")
     ]
     assert "Deny: held-bot asks ledger" in names
-    assert not any(n and n.startswith(("Approve with passkey: held-bot", "Tighten")) for n in names)
+    assert "Refuse: held-bot asks to pay $40 for shop/orders/9" in names
+    assert not any(n and n.startswith(("Approve with passkey", "Tighten")) for n in names), names
     page.click("Deny: held-bot asks ledger")
     page.wait_text("Denied: held-bot asks ledger")
     assert registry.as_agent(agent, "GET", f"/v1/grant-requests/{asked['id']}")["status"] == (
         "denied"
     )
+    page.click("Refuse: held-bot asks to pay $40")
+    page.wait_text("Refused: held-bot asks to pay $40")
+    assert registry.as_agent(agent, "GET", f"/v1/step-ups/{step['id']}")["status"] == "denied"
+    # The grant is kept, and its card says why it does not work.
+    page.open("/grants")
+    page.wait_text("is suspended by the administrator: the agent gets no tokens for this grant")

@@ -1201,34 +1201,23 @@ class Registry:
     async def get_grant(
         self, grant_id: str, *, principal_id: str | None = None, agent: Agent | None = None
     ) -> dict[str, Any]:
-        row = await self.pool.fetchrow(
-            "SELECT g.id, g.agent_id, g.principal_id, g.provider_id, g.document, g.grant_hash,"
-            " g.created_at, g.revoked_at, r.receipt, r.receipt_hash FROM grants g"
-            " JOIN approval_receipts r ON r.grant_id = g.id WHERE g.id = $1",
-            grant_id,
-        )
-        if row is None or not (
-            (principal_id is not None and row["principal_id"] == principal_id)
-            or (agent is not None and row["agent_id"] == agent.id)
-        ):
+        row = await self.pool.fetchrow(_GRANT_SELECT + " WHERE g.id = $1", grant_id)
+        if row is None or not _may_see(row, principal_id, agent):
             raise NotFound("no such grant")
-        view = _jsonable(dict(row))
-        view["document"] = json.loads(row["document"])
-        return view
+        return _grant_view(row)
 
     async def list_grants(
         self, *, principal_id: str | None = None, agent: Agent | None = None
     ) -> list[dict[str, Any]]:
-        column, owner = (
-            ("principal_id", principal_id)
-            if principal_id
-            else ("agent_id", agent.id if agent else None)
-        )
+        # One query for the whole list: a person with hundreds of grants is one round trip.
+        owner_clause = "g.principal_id = $1" if principal_id else "g.agent_id = $1"
+        owner = principal_id if principal_id else agent.id if agent else None
         rows = await self.pool.fetch(
-            f"SELECT id FROM grants WHERE {column} = $1 ORDER BY created_at",  # noqa: S608 - fixed
+            # owner_clause is one of two constants chosen above.
+            f"{_GRANT_SELECT} WHERE {owner_clause} ORDER BY g.created_at, g.id",
             owner,
         )
-        return [await self.get_grant(r["id"], principal_id=principal_id, agent=agent) for r in rows]
+        return [_grant_view(r) for r in rows]
 
     async def grant_usage(
         self, grant_id: str, *, principal_id: str | None = None, agent: Agent | None = None
@@ -1447,7 +1436,7 @@ class Registry:
         grant = await self.get_grant(body.grant_id, agent=agent)
         if grant["revoked_at"] is not None:
             raise Forbidden("the grant is revoked", reason="grant_revoked")
-        if await self._provider_suspended(self.pool, body.grant_id):
+        if grant["provider_suspended"]:  # no token could use the approval
             raise Forbidden("the grant's provider is suspended", reason="provider_suspended")
         step_id = new_id("stp")
         expires_at = int(time.time()) + self.settings.step_up_ttl
@@ -1486,18 +1475,6 @@ class Registry:
             )
         return await self.get_step_up(step_id, agent=agent)
 
-    @staticmethod
-    async def _provider_suspended(conn: Conn | asyncpg.Pool, grant_id: str) -> bool:
-        """Is the provider of this grant suspended? (No step-up is asked or approved for it:
-        no token could use one.)"""
-        return bool(
-            await conn.fetchval(
-                "SELECT p.suspended_at IS NOT NULL FROM grants g"
-                " JOIN providers p ON p.id = g.provider_id WHERE g.id = $1",
-                grant_id,
-            )
-        )
-
     async def get_step_up(
         self,
         step_id: str,
@@ -1508,47 +1485,30 @@ class Registry:
     ) -> dict[str, Any]:
         deadline = time.monotonic() + min(wait, 30.0)
         while True:
-            row = await self.pool.fetchrow(
-                "SELECT s.id, s.grant_id, s.agent_id, s.document, s.status, s.approval_ref,"
-                " s.expires_at, a.principal_id FROM step_ups s JOIN agents a ON a.id = s.agent_id"
-                " WHERE s.id = $1",
-                step_id,
-            )
+            row = await self.pool.fetchrow(_STEP_UP_SELECT + " WHERE s.id = $1", step_id)
             if row is None or not _may_see(row, principal_id, agent):
                 raise NotFound("no such step-up")
             if row["status"] != "pending" or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.25)
-        view = {
-            "id": row["id"],
-            "grant_id": row["grant_id"],
-            "agent_id": row["agent_id"],
-            "status": row["status"],
-            "document": json.loads(row["document"]),
-            "expires_at": row["expires_at"],
-        }
-        # Only the agent receives the one-time reference it will present to the verifier.
-        if agent is not None and row["status"] == "approved":
-            view["approval_ref"] = row["approval_ref"]
-        return view
+        return _step_up_view(row, for_agent=agent is not None)
 
     async def list_step_ups(
         self, principal_id: str, status: str | None = None
     ) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
-            "SELECT s.id FROM step_ups s JOIN agents a ON a.id = s.agent_id"
-            " WHERE a.principal_id = $1 AND ($2::text IS NULL OR s.status = $2)"
-            " ORDER BY s.created_at",
+            _STEP_UP_SELECT + " WHERE a.principal_id = $1 AND ($2::text IS NULL OR s.status = $2)"
+            " ORDER BY s.created_at, s.id",
             principal_id,
             status,
         )
-        return [await self.get_step_up(r["id"], principal_id=principal_id) for r in rows]
+        return [_step_up_view(r, for_agent=False) for r in rows]
 
     async def step_up_begin(self, principal_id: str, step_id: str) -> dict[str, Any]:
         step = await self.get_step_up(step_id, principal_id=principal_id)
         if step["status"] != "pending":
             raise Conflict("the step-up is no longer pending", reason="not_pending")
-        if await self._provider_suspended(self.pool, step["grant_id"]):
+        if step["provider_suspended"]:
             raise Conflict("the grant's provider is suspended", reason="provider_suspended")
         challenge = _sha256(canonical_json(step["document"]))
         options = await self._assertion_options(
@@ -1561,12 +1521,7 @@ class Registry:
     ) -> dict[str, Any]:
         ref = "sur_" + secrets.token_urlsafe(24)
         async with self._tx() as conn:
-            row = await conn.fetchrow(
-                "SELECT s.document, s.status, s.agent_id, s.grant_id, s.expires_at,"
-                " a.principal_id FROM step_ups s JOIN agents a ON a.id = s.agent_id"
-                " WHERE s.id = $1 FOR UPDATE OF s",
-                step_id,
-            )
+            row = await conn.fetchrow(_STEP_UP_SELECT + " WHERE s.id = $1 FOR UPDATE OF s", step_id)
             if row is None or row["principal_id"] != principal_id:
                 raise NotFound("no such step-up")
             challenge, _ = await self._consume_challenge(
@@ -1578,7 +1533,7 @@ class Registry:
             )
             if row["status"] != "pending":
                 raise Conflict("the step-up was already decided", reason="not_pending")
-            if await self._provider_suspended(conn, row["grant_id"]):  # nothing is consumed
+            if row["provider_suspended"]:  # since the approval began: nothing is consumed
                 raise Conflict("the grant's provider is suspended", reason="provider_suspended")
             if challenge != _sha256(row["document"].encode()):
                 raise InvalidReceipt(
@@ -1683,6 +1638,24 @@ class Registry:
         return {"chain": chain, "first": found[first], "second": found[second], "proof": proof}
 
 
+# A grant with its receipt, and whether its provider is suspended (nothing works for it
+# then; the page says so instead of offering what the registry would refuse).
+_GRANT_SELECT = (
+    "SELECT g.id, g.agent_id, g.principal_id, g.provider_id, g.document, g.grant_hash,"
+    " g.created_at, g.revoked_at, r.receipt, r.receipt_hash,"
+    " p.suspended_at IS NOT NULL AS provider_suspended FROM grants g"
+    " JOIN approval_receipts r ON r.grant_id = g.id JOIN providers p ON p.id = g.provider_id"
+)
+
+# A step-up with its agent's owner and whether its grant's provider is suspended.
+_STEP_UP_SELECT = (
+    "SELECT s.id, s.grant_id, s.agent_id, s.document, s.status, s.approval_ref, s.expires_at,"
+    " a.principal_id, p.suspended_at IS NOT NULL AS provider_suspended FROM step_ups s"
+    " JOIN agents a ON a.id = s.agent_id JOIN grants g ON g.id = s.grant_id"
+    " JOIN providers p ON p.id = g.provider_id"
+)
+
+
 def _may_see(row: asyncpg.Record, principal_id: str | None, agent: Agent | None) -> bool:
     return (principal_id is not None and row["principal_id"] == principal_id) or (
         agent is not None and row["agent_id"] == agent.id
@@ -1708,6 +1681,28 @@ def _request_view(row: asyncpg.Record) -> dict[str, Any]:
             "decided_at": row["decided_at"],
         }
     )
+
+
+def _grant_view(row: asyncpg.Record) -> dict[str, Any]:
+    view = _jsonable(dict(row))
+    view["document"] = json.loads(row["document"])
+    return view
+
+
+def _step_up_view(row: asyncpg.Record, *, for_agent: bool) -> dict[str, Any]:
+    view = {
+        "id": row["id"],
+        "grant_id": row["grant_id"],
+        "agent_id": row["agent_id"],
+        "status": row["status"],
+        "document": json.loads(row["document"]),
+        "expires_at": row["expires_at"],
+        "provider_suspended": row["provider_suspended"],
+    }
+    # Only the agent receives the one-time reference it will present to the verifier.
+    if for_agent and row["status"] == "approved":
+        view["approval_ref"] = row["approval_ref"]
+    return view
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:

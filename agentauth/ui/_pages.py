@@ -792,6 +792,13 @@ class Pages:
                 ):
                     TextElement(tag="dt", text=term).classes("font-medium")
                     TextElement(tag="dd", text=str(value))
+            # The registry refuses to approve it; the page says so instead of offering it.
+            suspended = bool(step.get("provider_suspended"))
+            if suspended:
+                ui.label(
+                    "The provider of this grant is suspended by the administrator: this payment "
+                    "cannot be approved until it is reinstated. You can refuse it."
+                ).classes("text-amber-800")
 
             async def approve() -> None:
                 async def work() -> None:
@@ -810,7 +817,7 @@ class Pages:
                     notice.ok(f"Approved once: {what}.")
                     await reload()
 
-                await self._busy(board, [approve_button, deny_button], self._act(notice, work))
+                await self._busy(board, actions, self._act(notice, work))
 
             async def deny() -> None:
                 async def work() -> None:
@@ -819,16 +826,22 @@ class Pages:
                     notice.ok(f"Refused: {what}.")
                     await reload()
 
-                await self._busy(board, [approve_button, deny_button], self._act(notice, work))
+                await self._busy(board, actions, self._act(notice, work))
 
+            actions: list[ui.button] = []  # what a click in flight disables
             with ui.row().classes("gap-2"):
-                approve_button = labelled(
-                    ui.button("Approve with passkey", icon="fingerprint", on_click=approve),
-                    f"Approve with passkey: {what}",
-                )
-                deny_button = labelled(
-                    ui.button("Refuse", on_click=deny, color="negative").props("outline"),
-                    f"Refuse: {what}",
+                if not suspended:
+                    actions.append(
+                        labelled(
+                            ui.button("Approve with passkey", icon="fingerprint", on_click=approve),
+                            f"Approve with passkey: {what}",
+                        )
+                    )
+                actions.append(
+                    labelled(
+                        ui.button("Refuse", on_click=deny, color="negative").props("outline"),
+                        f"Refuse: {what}",
+                    )
                 )
 
     # --- active grants -------------------------------------------------------------------
@@ -927,6 +940,12 @@ class Pages:
                 f"Grant {grant['id']} · approved {_stamp(grant.get('created_at'))} · "
                 f"hash {grant['grant_hash']}"
             ).classes("text-sm text-slate-600 break-all")
+            if grant.get("provider_suspended"):
+                ui.label(
+                    f"{document['provider_id']} is suspended by the administrator: the agent "
+                    "gets no tokens for this grant and no payment can be approved until it is "
+                    "reinstated. The grant itself is kept."
+                ).classes("text-amber-800")
             with ui.element("dl").classes("grid grid-cols-[10rem_1fr] gap-x-4 gap-y-1"):
                 TextElement(tag="dt", text="May").classes("font-medium")
                 TextElement(
