@@ -85,7 +85,7 @@ class BodyGuard:
         body = b"".join(chunks)
         if body:
             try:
-                scope[_PARSED] = strict_json_loads(body)
+                scope[_PARSED] = _storable(strict_json_loads(body))
             except InvalidRequest as exc:
                 await _send_json(
                     send, InvalidRequest(f"body: {exc.description}", reason="bad_json")
@@ -101,6 +101,32 @@ class BodyGuard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def _storable(document: Any) -> Any:
+    """Refuse strings PostgreSQL cannot store (U+0000) or UTF-8 cannot encode (unpaired
+    surrogates, which JSON's \\u escapes can spell): no field needs them, and refused here
+    they cannot reach a query as a 500."""
+    stack = [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value or (not value.isascii() and not _encodes(value)):
+                raise InvalidRequest("strings may not hold U+0000 or unpaired surrogates")
+        elif isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return document
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parsed_body(scope: Scope) -> object:

@@ -725,6 +725,9 @@ async def test_1000_concurrent_changes_leave_chains_and_checkpoints_whole(
         checkpoints = await db.fetch(
             "SELECT size, signed FROM audit_checkpoints WHERE chain = $1 ORDER BY size", chain
         )
+        if head.size == 0:  # a shard's chain with no decision yet: nothing to checkpoint
+            assert not checkpoints
+            continue
         for cp in checkpoints:
             verified = verify_checkpoint(cp["signed"], keys=keys)
             sub = verify_chain(

@@ -78,12 +78,22 @@ ResourcePattern = Annotated[
         description="'calendar' (exactly), 'calendar/*' (everything under it) or '*'.",
     ),
 ]
+IDENTIFIER_PATTERN = r"^[A-Za-z0-9._:@-]+$"
+_IDENTIFIER = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+
+
+def is_identifier(text: str) -> bool:
+    """Could ``text`` be an id (an :data:`Identifier`)? Lets a credential check refuse an
+    id that cannot exist without asking the database (which refuses a NUL byte loudly)."""
+    return _IDENTIFIER.fullmatch(text) is not None
+
+
 Identifier = Annotated[
     str,
     Field(
         min_length=1,
         max_length=128,
-        pattern=r"^[A-Za-z0-9._:@-]+$",
+        pattern=IDENTIFIER_PATTERN,
         description="An identifier: letters, digits and . _ : @ -",
     ),
 ]

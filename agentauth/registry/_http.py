@@ -27,6 +27,7 @@ from ..protocol import (
     InvalidDPoPProof,
     Unauthenticated,
 )
+from ..protocol._types import IDENTIFIER_PATTERN
 from ._models import (
     AgentIn,
     ApprovalBeginIn,
@@ -131,6 +132,14 @@ HumanOrAgent = Annotated[Caller, Depends(only("human", "agent"))]
 HumanOrAdmin = Annotated[Caller, Depends(only("human", "admin"))]
 AdminOrProvider = Annotated[Caller, Depends(only("admin", "provider"))]
 Anyone = Annotated[Caller, Depends(only("human", "agent", "admin", "provider"))]
+
+# Ids in paths and queries have the alphabet of every id the registry issues or accepts
+# (protocol.Identifier), and integers fit PostgreSQL's bigint: a NUL byte, a megabyte or
+# 10**30 is a 400 here instead of an error from the database.
+ID_PATTERN = IDENTIFIER_PATTERN
+INT64 = 2**63 - 1
+PathId = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN)]
+QueryId = Annotated[str | None, Query(min_length=1, max_length=128, pattern=ID_PATTERN)]
 
 
 def create_app(registry: Registry) -> FastAPI:
@@ -238,11 +247,11 @@ def create_app(registry: Registry) -> FastAPI:
         return await registry.list_agents(_p(who))
 
     @app.get("/v1/agents/{agent_id}", tags=["agents"])
-    async def get_agent(who: HumanOrAgent, agent_id: str) -> dict[str, Any]:
+    async def get_agent(who: HumanOrAgent, agent_id: PathId) -> dict[str, Any]:
         return await registry.get_agent(agent_id, principal_id=who.principal_id, agent=who.agent)
 
     @app.post("/v1/agents/{agent_id}/disable", tags=["agents"])
-    async def disable_agent(who: HumanOrAdmin, agent_id: str) -> dict[str, Any]:
+    async def disable_agent(who: HumanOrAdmin, agent_id: PathId) -> dict[str, Any]:
         await registry.disable_agent(agent_id, principal_id=who.principal_id, admin=who.admin)
         return {"id": agent_id, "status": "disabled"}
 
@@ -253,7 +262,7 @@ def create_app(registry: Registry) -> FastAPI:
         return await registry.register_provider(body)
 
     @app.get("/v1/providers/{provider_id}", tags=["providers"])
-    async def get_provider(who: Anyone, provider_id: str) -> dict[str, Any]:
+    async def get_provider(who: Anyone, provider_id: PathId) -> dict[str, Any]:
         if not (who.admin or who.provider_id == provider_id or who.agent or who.principal_id):
             raise Forbidden("another provider's record", reason="wrong_provider")
         return await registry.get_provider(provider_id)
@@ -273,7 +282,7 @@ def create_app(registry: Registry) -> FastAPI:
 
     @app.post("/v1/providers/{provider_id}/secret", tags=["providers"])
     async def rotate_provider_secret(
-        who: AdminOrProvider, provider_id: str, body: SecretRotationIn | None = None
+        who: AdminOrProvider, provider_id: PathId, body: SecretRotationIn | None = None
     ) -> dict[str, Any]:
         actor = _credential_owner(who, provider_id)
         return await registry.rotate_provider_secret(
@@ -281,16 +290,16 @@ def create_app(registry: Registry) -> FastAPI:
         )
 
     @app.put("/v1/providers/{provider_id}/suspension", tags=["providers"])
-    async def suspend_provider(_: Admin, provider_id: str, body: SuspensionIn) -> dict[str, Any]:
+    async def suspend_provider(_: Admin, provider_id: PathId, body: SuspensionIn) -> dict[str, Any]:
         return await registry.suspend_provider(provider_id, body)
 
     @app.delete("/v1/providers/{provider_id}/suspension", tags=["providers"])
-    async def reinstate_provider(_: Admin, provider_id: str) -> dict[str, Any]:
+    async def reinstate_provider(_: Admin, provider_id: PathId) -> dict[str, Any]:
         return await registry.reinstate_provider(provider_id)
 
     @app.delete("/v1/providers/{provider_id}/secret/previous", tags=["providers"])
     async def end_previous_provider_secret(
-        who: AdminOrProvider, provider_id: str
+        who: AdminOrProvider, provider_id: PathId
     ) -> dict[str, Any]:
         actor = _credential_owner(who, provider_id)
         return await registry.end_previous_provider_secret(provider_id, actor=actor)
@@ -311,23 +320,23 @@ def create_app(registry: Registry) -> FastAPI:
         )
 
     @app.get("/v1/grant-requests/{request_id}", tags=["grants"])
-    async def get_request(who: HumanOrAgent, request_id: str) -> dict[str, Any]:
+    async def get_request(who: HumanOrAgent, request_id: PathId) -> dict[str, Any]:
         return await registry.get_grant_request(
             request_id, principal_id=who.principal_id, agent=who.agent
         )
 
     @app.post("/v1/grant-requests/{request_id}/approval/begin", tags=["grants"])
     async def approval_begin(
-        who: Human, request_id: str, body: ApprovalBeginIn | None = None
+        who: Human, request_id: PathId, body: ApprovalBeginIn | None = None
     ) -> dict[str, Any]:
         return await registry.approval_begin(_p(who), request_id, body or ApprovalBeginIn())
 
     @app.post("/v1/grant-requests/{request_id}/approval/finish", tags=["grants"])
-    async def approval_finish(who: Human, request_id: str, body: CredentialIn) -> dict[str, Any]:
+    async def approval_finish(who: Human, request_id: PathId, body: CredentialIn) -> dict[str, Any]:
         return await registry.approval_finish(_p(who), request_id, body.credential)
 
     @app.post("/v1/grant-requests/{request_id}/deny", tags=["grants"])
-    async def deny(who: Human, request_id: str) -> dict[str, Any]:
+    async def deny(who: Human, request_id: PathId) -> dict[str, Any]:
         return await registry.deny_request(_p(who), request_id)
 
     @app.get("/v1/grants", tags=["grants"])
@@ -335,11 +344,11 @@ def create_app(registry: Registry) -> FastAPI:
         return await registry.list_grants(principal_id=who.principal_id, agent=who.agent)
 
     @app.get("/v1/grants/{grant_id}", tags=["grants"])
-    async def get_grant(who: HumanOrAgent, grant_id: str) -> dict[str, Any]:
+    async def get_grant(who: HumanOrAgent, grant_id: PathId) -> dict[str, Any]:
         return await registry.get_grant(grant_id, principal_id=who.principal_id, agent=who.agent)
 
     @app.get("/v1/grants/{grant_id}/usage", tags=["grants"])
-    async def grant_usage(who: HumanOrAgent, grant_id: str) -> dict[str, Any]:
+    async def grant_usage(who: HumanOrAgent, grant_id: PathId) -> dict[str, Any]:
         return await registry.grant_usage(grant_id, principal_id=who.principal_id, agent=who.agent)
 
     # --- tokens and revocation -----------------------------------------------------------
@@ -356,7 +365,7 @@ def create_app(registry: Registry) -> FastAPI:
 
     @app.get("/v1/revocations", tags=["tokens"])
     async def revocations(
-        who: Anyone, since: Annotated[int, Query(ge=0)] = 0
+        who: Anyone, since: Annotated[int, Query(ge=0, le=INT64)] = 0
     ) -> list[dict[str, Any]]:
         if not (who.admin or who.provider_id):
             raise Forbidden("for verifiers and providers", reason="wrong_caller")
@@ -377,22 +386,22 @@ def create_app(registry: Registry) -> FastAPI:
 
     @app.get("/v1/step-ups/{step_id}", tags=["step-up"])
     async def get_step_up(
-        who: HumanOrAgent, step_id: str, wait: Annotated[float, Query(ge=0, le=30)] = 0
+        who: HumanOrAgent, step_id: PathId, wait: Annotated[float, Query(ge=0, le=30)] = 0
     ) -> dict[str, Any]:
         return await registry.get_step_up(
             step_id, principal_id=who.principal_id, agent=who.agent, wait=wait
         )
 
     @app.post("/v1/step-ups/{step_id}/approval/begin", tags=["step-up"])
-    async def step_up_begin(who: Human, step_id: str) -> dict[str, Any]:
+    async def step_up_begin(who: Human, step_id: PathId) -> dict[str, Any]:
         return await registry.step_up_begin(_p(who), step_id)
 
     @app.post("/v1/step-ups/{step_id}/approval/finish", tags=["step-up"])
-    async def step_up_finish(who: Human, step_id: str, body: CredentialIn) -> dict[str, Any]:
+    async def step_up_finish(who: Human, step_id: PathId, body: CredentialIn) -> dict[str, Any]:
         return await registry.step_up_finish(_p(who), step_id, body.credential)
 
     @app.post("/v1/step-ups/{step_id}/deny", tags=["step-up"])
-    async def step_up_deny(who: Human, step_id: str) -> dict[str, Any]:
+    async def step_up_deny(who: Human, step_id: PathId) -> dict[str, Any]:
         return await registry.step_up_deny(_p(who), step_id)
 
     # --- audit ---------------------------------------------------------------------------
@@ -400,15 +409,17 @@ def create_app(registry: Registry) -> FastAPI:
     @app.get("/v1/audit/events", tags=["audit"])
     async def audit_events(
         who: HumanOrAdmin,
-        agent_id: Annotated[str | None, Query(max_length=128)] = None,
-        grant_id: Annotated[str | None, Query(max_length=128)] = None,
+        agent_id: QueryId = None,
+        grant_id: QueryId = None,
     ) -> list[dict[str, Any]]:
         return await registry.audit_events(
             principal_id=who.principal_id, admin=who.admin, agent_id=agent_id, grant_id=grant_id
         )
 
     @app.get("/v1/audit/events/{chain}/{seq}/proof", tags=["audit"])
-    async def audit_proof(_: Anyone, chain: str, seq: Annotated[int, Path(ge=0)]) -> dict[str, Any]:
+    async def audit_proof(
+        _: Anyone, chain: PathId, seq: Annotated[int, Path(ge=0, le=INT64)]
+    ) -> dict[str, Any]:
         return await registry.audit_inclusion(chain, seq)
 
     @app.get("/v1/audit/checkpoints", tags=["audit"])
@@ -418,9 +429,9 @@ def create_app(registry: Registry) -> FastAPI:
     @app.get("/v1/audit/consistency", tags=["audit"])
     async def consistency(
         _: Anyone,
-        chain: Annotated[str, Query(max_length=64)],
-        first: Annotated[int, Query(ge=1)],
-        second: Annotated[int, Query(ge=1)],
+        chain: Annotated[str, Query(max_length=128, pattern=ID_PATTERN)],
+        first: Annotated[int, Query(ge=1, le=INT64)],
+        second: Annotated[int, Query(ge=1, le=INT64)],
     ) -> dict[str, Any]:
         return await registry.audit_consistency(chain, first, second)
 

@@ -57,6 +57,7 @@ from ..protocol import (
 )
 from ..protocol._envelope import period_key
 from ..protocol._jws import attach_signature, signing_input
+from ..protocol._types import is_identifier
 from ..store import REVOCATION_CHANNEL, Conn, grant_cache_key
 from ..store import migrate as run_migrations
 from ._audit_log import AuditLog
@@ -320,10 +321,14 @@ class Registry:
         """The provider's id, and whether ``secret`` is its current credential (else the
         previous one, still inside its rotation's overlap). A suspended provider is told
         so, but only once its secret is right: the suspension is nobody else's to learn."""
-        row = await self.pool.fetchrow(
-            "SELECT secret_hash, previous_secret_hash, previous_expires_at > now() AS overlap,"
-            " suspended_at IS NOT NULL AS suspended FROM providers WHERE id = $1",
-            provider_id,
+        row = (
+            await self.pool.fetchrow(
+                "SELECT secret_hash, previous_secret_hash, previous_expires_at > now() AS overlap,"
+                " suspended_at IS NOT NULL AS suspended FROM providers WHERE id = $1",
+                provider_id,
+            )
+            if is_identifier(provider_id)
+            else None  # no such id can exist (the database would refuse a NUL byte with an error)
         )
         # Compare against dummy hashes for unknown ids so timing does not reveal which
         # exist, and against both hashes always so it does not reveal which one matched.

@@ -46,6 +46,7 @@ from ..protocol import (
     UseDPoPNonce,
     allowing_capability,
 )
+from ..protocol._types import is_identifier
 from ..store import REVOCATION_CHANNEL, grant_cache_key
 
 __all__ = ["FAIL_CLOSED", "Verifier", "VerifierSettings", "VerifyIn"]
@@ -422,7 +423,7 @@ class Verifier:
 
     async def authenticate_provider(self, provider_id: str, secret: str) -> str:
         provider = self._providers.get(provider_id)
-        if provider is None:
+        if provider is None and is_identifier(provider_id):  # else no reload could find it
             await self._reload_providers()
             provider = self._providers.get(provider_id)
         given = hashlib.sha256(secret.encode()).digest()
