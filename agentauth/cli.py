@@ -6,7 +6,10 @@
     agentauth audit verify [--archive DIR|s3://BUCKET/PREFIX [--jwks FILE]]
                                    check every audit chain and signed checkpoint
                                    (or an exported archive, offline)
-    agentauth agents|grants list   what the registry holds
+    agentauth agents|grants|providers list   what the registry holds
+    agentauth providers add|rotate-secret|end-previous|suspend|reinstate ID ...
+    agentauth agents disable ID    disable an agent (its grants and tokens revoked)
+    agentauth revoke token|grant|agent ID   revoke, as the admin
     agentauth bench protocol|issuance|verify|shard_client   run a benchmark
     agentauth schemas [DIR]        write the JSON Schemas of the public documents
 
@@ -22,8 +25,12 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the server extra is imported only by the commands that use it
+    from .registry import Registry
 
 __all__ = ["main"]
 
@@ -71,7 +78,9 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     return 0
 
 
-async def _keys(action: str) -> list[str]:
+async def _with_registry(work: Callable[[Registry], Awaitable[list[str]]]) -> list[str]:
+    """Run ``work`` with the registry's service layer on the configured database: the same
+    checks, audit events and change epochs as its HTTP API, acting as the admin."""
     from .registry import Registry, RegistrySettings
 
     url, server = _database_url()
@@ -81,17 +90,11 @@ async def _keys(action: str) -> list[str]:
             redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
             data_dir=_data_dir(),
             issuer=os.environ.get("AGENTAUTH_ISSUER", "http://127.0.0.1:8000/registry"),
-            admin_token=os.environ.get("AGENTAUTH_ADMIN_TOKEN", "unused-for-key-commands"),
+            admin_token=os.environ.get("AGENTAUTH_ADMIN_TOKEN", "unused-for-admin-commands"),
         )
         registry = await Registry.open(settings)
         try:
-            if action == "create":
-                return ["signing keys ready (the first key is created on first start)"]
-            if action == "rotate":
-                kid = await registry.keys.rotate()
-                return [f"new key {kid}: published now, signs in {settings.key_publish_ahead} s"]
-            jwks = registry.keys.jwks(time.time())
-            return [f"{k['kid']}  {k['alg']}" for k in jwks["keys"]]
+            return await work(registry)
         finally:
             await registry.close()
     finally:
@@ -99,8 +102,82 @@ async def _keys(action: str) -> list[str]:
             server.stop()  # type: ignore[attr-defined]
 
 
+async def _keys(registry: Registry, action: str) -> list[str]:
+    if action == "create":
+        return ["signing keys ready (the first key is created on first start)"]
+    if action == "rotate":
+        kid = await registry.keys.rotate()
+        ahead = registry.settings.key_publish_ahead
+        return [f"new key {kid}: published now, signs in {ahead} s"]
+    jwks = registry.keys.jwks(time.time())
+    return [f"{k['kid']}  {k['alg']}" for k in jwks["keys"]]
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
-    for line in asyncio.run(_keys(args.action)):
+    for line in asyncio.run(_with_registry(lambda registry: _keys(registry, args.action))):
+        print(line)
+    return 0
+
+
+async def _admin(registry: Registry, args: argparse.Namespace) -> list[str]:
+    """One admin change through the service layer; its result in words."""
+    from .registry._models import ProviderIn, SecretRotationIn, SuspensionIn
+
+    what, action, ident = args.what, args.action, args.id
+    if what == "revoke":
+        await registry.revoke(args.kind, ident, principal_id=None, admin=True)
+        return [f"{args.kind} {ident} revoked: every verifier refuses it within a second"]
+    if what == "agents":  # disable
+        await registry.disable_agent(ident, principal_id=None, admin=True)
+        return [f"agent {ident} disabled: its tokens and grants no longer verify"]
+    if action == "add":
+        kinds = tuple(k.strip() for k in args.kinds.split(","))
+        added = await registry.register_provider(
+            ProviderIn(
+                id=ident,
+                audience=args.audience,
+                display_name=args.name or ident,
+                allowed_kinds=kinds,  # the model checks each one
+            )
+        )
+        return [
+            f"provider {ident} added: audience {args.audience}, kinds {','.join(kinds)}",
+            f"secret (shown once, give it to the provider): {added['secret']}",
+        ]
+    if action == "rotate-secret":
+        rotated = await registry.rotate_provider_secret(
+            ident, SecretRotationIn(previous_valid_for=args.previous_valid_for), actor="admin"
+        )
+        until = rotated["previous_credential_valid_until"]
+        return [
+            f"new secret for {ident} (shown once): {rotated['secret']}",
+            f"the previous secret works until {until}" if until else "the previous one stopped",
+        ]
+    if action == "end-previous":
+        await registry.end_previous_provider_secret(ident, actor="admin")
+        return [f"{ident}: only the current secret works now"]
+    if action == "suspend":
+        held = await registry.suspend_provider(ident, SuspensionIn(reason=args.reason))
+        return [f"{ident} suspended since {held['suspended_at']}: {held['suspension_reason']}"]
+    await registry.reinstate_provider(ident)
+    return [f"{ident} reinstated"]
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .protocol import AgentAuthError
+
+    try:
+        lines = asyncio.run(_with_registry(lambda registry: _admin(registry, args)))
+    except AgentAuthError as exc:
+        print(f"error: {exc.description} ({exc.error})", file=sys.stderr)
+        return 1
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"error: {problems}", file=sys.stderr)
+        return 2
+    for line in lines:
         print(line)
     return 0
 
@@ -473,10 +550,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --archive: the registry's JWKS to trust (default: the archive's own keys)",
     )
     audit.set_defaults(run=cmd_audit)
-    for what in ("agents", "grants", "providers"):
-        lister = commands.add_parser(what, help=f"list {what}")
-        lister.add_argument("action", choices=["list"])
-        lister.set_defaults(run=cmd_list, what=what)
+    nouns = {
+        "agents": "list agents, or disable one",
+        "grants": "list grants",
+        "providers": "list, add, suspend or reinstate providers; rotate their secrets",
+    }
+    for what, words in nouns.items():
+        noun = commands.add_parser(what, help=words)
+        actions = noun.add_subparsers(dest="action", required=True)
+        actions.add_parser("list", help=f"list {what}").set_defaults(run=cmd_list, what=what)
+        if what == "agents":
+            disable = actions.add_parser("disable", help="disable an agent, revoking its grants")
+            disable.add_argument("id")
+            disable.set_defaults(run=cmd_admin, what=what)
+        if what == "providers":
+            _provider_parsers(actions)
+    revoke = commands.add_parser("revoke", help="revoke a token, a grant or an agent")
+    revoke.add_argument("kind", choices=["token", "grant", "agent"])
+    revoke.add_argument("id", help="the token's jti, the grant's or the agent's id")
+    revoke.set_defaults(run=cmd_admin, what="revoke", action="revoke")
     bench = commands.add_parser("bench", help="run a benchmark from bench/")
     bench.add_argument("which", choices=["protocol", "issuance", "verify", "shard_client"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
@@ -485,6 +577,32 @@ def build_parser() -> argparse.ArgumentParser:
     schemas.add_argument("directory", nargs="?", default="schemas")
     schemas.set_defaults(run=cmd_schemas)
     return parser
+
+
+def _provider_parsers(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    add = actions.add_parser("add", help="register a provider; prints its secret once")
+    add.add_argument("id")
+    add.add_argument("--audience", required=True, help="the provider's token audience (URL)")
+    add.add_argument("--name", help="display name (default: the id)")
+    add.add_argument("--kinds", default="read,write,transact", help="capability kinds offered")
+    rotate = actions.add_parser("rotate-secret", help="a new secret, printed once")
+    rotate.add_argument("id")
+    rotate.add_argument(
+        "--previous-valid-for",
+        type=int,
+        default=3600,
+        metavar="SECONDS",
+        help="how long the replaced secret keeps working (0: it stops now, for a leak)",
+    )
+    end = actions.add_parser("end-previous", help="stop the previous secret now")
+    end.add_argument("id")
+    suspend = actions.add_parser("suspend", help="refuse the provider everywhere")
+    suspend.add_argument("id")
+    suspend.add_argument("--reason", required=True, help="kept with it and in the audit log")
+    reinstate = actions.add_parser("reinstate", help="lift a suspension")
+    reinstate.add_argument("id")
+    for parser in (add, rotate, end, suspend, reinstate):
+        parser.set_defaults(run=cmd_admin, what="providers")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
