@@ -358,6 +358,55 @@ async def test_bad_input_gets_4xx_with_a_code_and_writes_nothing(
     assert await counts(db) == before
 
 
+@pytest.mark.asyncio
+async def test_expired_challenges_sessions_and_codes_are_deleted(
+    world: World, db: asyncpg.Connection
+) -> None:
+    """Anyone can start a sign-in, so its challenges must not pile up; dead sessions and
+    enrollment codes go the same way. The live ones stay (the session registry sweeps
+    every second here, every minute by default)."""
+    human = await world.human()
+    other = await world.human()
+    r = await world.client.post(world.url("/v1/enrollments"), headers=human.headers)
+    assert r.status_code == 200
+    for _ in range(2):
+        assert (await world.client.post(world.url("/v1/sessions/begin"))).status_code == 200
+    old = []
+    for _ in range(3):
+        r = await world.client.post(world.url("/v1/sessions/begin"))
+        old.append(b64url_decode(r.json()["challenge"]))
+    # Their time passes: three challenges, one session, every code of one human.
+    await db.execute(
+        "UPDATE webauthn_challenges SET expires_at = now() - interval '1 second'"
+        " WHERE challenge = ANY($1)",
+        old,
+    )
+    await db.execute(
+        "UPDATE sessions SET expires_at = now() - interval '1 second' WHERE principal_id = $1",
+        human.principal_id,
+    )
+    await db.execute(
+        "UPDATE enrollments SET expires_at = now() - interval '1 second' WHERE principal_id = $1",
+        human.principal_id,
+    )
+    deadline = time.monotonic() + 10
+    while await db.fetchval(
+        "SELECT (SELECT count(*) FROM webauthn_challenges WHERE expires_at < now())"
+        " + (SELECT count(*) FROM sessions WHERE expires_at < now())"
+        " + (SELECT count(*) FROM enrollments WHERE expires_at < now())"
+    ):
+        assert time.monotonic() < deadline, "expired rows are still there"
+        await asyncio.sleep(0.2)
+    assert not await db.fetchval(
+        "SELECT count(*) FROM webauthn_challenges WHERE challenge = ANY($1)", old
+    )
+    assert await db.fetchval("SELECT count(*) FROM webauthn_challenges") >= 2  # the live ones
+    # The other human's session is live and still works; the expired one is refused.
+    assert (await world.client.get(world.url("/v1/agents"), headers=other.headers)).is_success
+    r = await world.client.get(world.url("/v1/agents"), headers=human.headers)
+    assert (r.status_code, r.json()["reason"]) == (401, "bad_session")
+
+
 # --- approvals ------------------------------------------------------------------------------
 
 
@@ -677,6 +726,54 @@ async def test_step_up_flow_gives_the_agent_a_one_time_reference(world: World) -
     assert r.json()["approval_ref"].startswith("sur_")
     r = await world.client.get(world.url(f"/v1/step-ups/{step['id']}"), headers=human.headers)
     assert "approval_ref" not in r.json()  # only the agent receives it
+
+
+@pytest.mark.asyncio
+async def test_a_step_up_left_unanswered_expires_and_cannot_be_decided(
+    world: World, db: asyncpg.Connection
+) -> None:
+    human, agent, _, grant = await world.setup_grant(
+        capabilities=[
+            Capability.transact("payments", max_amount="500", currency="USD").to_document()
+        ],
+        envelope={"step_up_threshold": {"amount": "50", "currency": "USD"}},
+    )
+    payment = {"grant_id": grant["id"], "resource": "payments", "amount": "90", "currency": "USD"}
+    step = (await world.as_agent(agent, "POST", "/v1/step-ups", json=payment)).json()
+    base = world.url(f"/v1/step-ups/{step['id']}")
+    r = await world.client.post(base + "/approval/begin", headers=human.headers)
+    assert r.status_code == 200, r.text
+    credential = human.authenticator.get(r.json()["options"])
+    # Its deadline passes (the registry's clock is the database's).
+    await db.execute(
+        "UPDATE step_ups SET expires_at = extract(epoch FROM now())::bigint - 1 WHERE id = $1",
+        step["id"],
+    )
+    before = await counts(db)
+    challenges = await db.fetchval("SELECT count(*) FROM webauthn_challenges")
+    for path, kwargs in (
+        ("/approval/finish", {"json": {"credential": credential}}),
+        ("/approval/begin", {}),
+        ("/deny", {}),
+    ):
+        r = await world.client.post(base + path, headers=human.headers, **kwargs)
+        assert (r.status_code, r.json().get("reason")) == (409, "expired"), (path, r.text)
+    assert await counts(db) == before
+    # The refused finish consumed nothing: its challenge is still there.
+    assert await db.fetchval("SELECT count(*) FROM webauthn_challenges") == challenges
+    assert await db.fetchval("SELECT status FROM step_ups WHERE id = $1", step["id"]) == "pending"
+
+    started = time.monotonic()
+    r = await world.as_agent(agent, "GET", f"/v1/step-ups/{step['id']}?wait=10")
+    assert r.json()["status"] == "expired" and "approval_ref" not in r.json()
+    assert time.monotonic() - started < 5  # the long poll ends at once
+    listed = await world.client.get(world.url("/v1/step-ups"), headers=human.headers)
+    assert [s["status"] for s in listed.json()] == ["expired"]
+    for status, ids in (("pending", []), ("expired", [step["id"]])):
+        r = await world.client.get(
+            world.url(f"/v1/step-ups?status={status}"), headers=human.headers
+        )
+        assert [s["id"] for s in r.json()] == ids, status
 
 
 # --- the audit chain under load ------------------------------------------------------------------

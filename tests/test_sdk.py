@@ -19,8 +19,8 @@ from conftest import verifier_settings
 from registry_world import Human, Provider, World
 
 from agentauth import AgentAuthClient, AgentAuthClientSync, Capability
-from agentauth.protocol import NotFound
-from agentauth.sdk import OfflineVerifier, VerifierClient
+from agentauth.protocol import Forbidden, NotFound
+from agentauth.sdk import STEP_UP_HEADER, OfflineVerifier, VerifierClient
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.redis]
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,6 +126,86 @@ async def test_register_request_approve_token_call_provider(stack: Stack) -> Non
     ) as anonymous:
         r = await anonymous.get("/api/events")
         assert r.status_code == 401 and "DPoP" in r.headers["www-authenticate"]
+    await client.aclose()
+
+
+async def answer_step_ups(world: World, human: Human, *, approve: bool) -> None:
+    """The human, on their page: approve (with the passkey) or refuse what is pending."""
+    while True:
+        r = await world.client.get(world.url("/v1/step-ups?status=pending"), headers=human.headers)
+        if r.json():
+            break
+        await asyncio.sleep(0.1)
+    for step in r.json():
+        base = world.url(f"/v1/step-ups/{step['id']}")
+        if not approve:
+            assert (await world.client.post(base + "/deny", headers=human.headers)).is_success
+            continue
+        begun = await world.client.post(base + "/approval/begin", headers=human.headers)
+        credential = human.authenticator.get(begun.json()["options"])
+        r = await world.client.post(
+            base + "/approval/finish", headers=human.headers, json={"credential": credential}
+        )
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.asyncio
+async def test_a_payment_above_the_threshold_goes_through_with_a_step_up(
+    stack: Stack, db: Any
+) -> None:
+    client, human, provider = await stack.agent_with_provider()
+    await client.request_grant(
+        provider.id, CAPS, envelope={"step_up_threshold": {"amount": "30", "currency": "USD"}}
+    )
+    await stack.approve_pending(human)
+    pay = {"amount": "40", "payee": "acme"}
+    async with stack.provider_api(provider, client) as api:
+        r = await api.post("/api/payments", params=pay)
+        assert r.status_code == 403 and r.json()["detail"]["reason"] == "step_up_required"
+        # The human approves this one payment; the agent presents the reference with it.
+        human_answers = asyncio.create_task(answer_step_ups(stack.world, human, approve=True))
+        ref = await client.request_step_up(
+            provider.id, resource="payments", amount="40", currency="USD", payee="acme"
+        )
+        await human_answers
+        r = await api.post("/api/payments", params=pay, headers={STEP_UP_HEADER: ref})
+        assert r.status_code == 200, r.text
+        # Once only, and only for the payment approved.
+        r = await api.post("/api/payments", params=pay, headers={STEP_UP_HEADER: ref})
+        assert r.status_code == 403 and r.json()["detail"]["reason"] == "step_up_invalid"
+        other = {"amount": "45", "payee": "acme"}
+        r = await api.post("/api/payments", params=other, headers={STEP_UP_HEADER: ref})
+        assert r.status_code == 403 and r.json()["detail"]["reason"] == "step_up_invalid"
+        headers = await client.authenticate_headers(
+            provider.id, "POST", "/api/payments?amount=45&payee=acme", step_up_ref=ref
+        )
+        assert headers[STEP_UP_HEADER] == ref
+
+    # Refused by the human: the SDK says so.
+    human_answers = asyncio.create_task(answer_step_ups(stack.world, human, approve=False))
+    with pytest.raises(Forbidden) as refused:
+        await client.request_step_up(provider.id, resource="payments", amount="41", currency="USD")
+    await human_answers
+    assert refused.value.reason == "denied"
+
+    # Left unanswered past its deadline: expired, and the SDK stops waiting at once.
+    async def expire_it() -> None:
+        while not await db.fetchval(
+            "UPDATE step_ups SET expires_at = 0 WHERE agent_id = $1 AND status = 'pending'"
+            " RETURNING true",
+            client.agent_id,
+        ):
+            await asyncio.sleep(0.1)
+
+    expiring = asyncio.create_task(expire_it())
+    started = time.monotonic()
+    with pytest.raises(Forbidden) as expired:
+        await client.request_step_up(
+            provider.id, resource="payments", amount="42", currency="USD", timeout=60
+        )
+    await expiring
+    assert expired.value.reason == "expired"
+    assert time.monotonic() - started < 10
     await client.aclose()
 
 

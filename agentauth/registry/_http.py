@@ -380,7 +380,9 @@ def create_app(registry: Registry) -> FastAPI:
     @app.get("/v1/step-ups", tags=["step-up"])
     async def list_step_ups(
         who: Human,
-        status: Annotated[str | None, Query(pattern="^(pending|approved|denied|used)$")] = None,
+        status: Annotated[
+            str | None, Query(pattern="^(pending|approved|denied|expired|used)$")
+        ] = None,
     ) -> list[dict[str, Any]]:
         return await registry.list_step_ups(_p(who), status)
 

@@ -154,6 +154,7 @@ class Registry:
         self._reserve_script = redis.register_script(_RESERVE_LUA)
         self._events_since_checkpoint = 0
         self._checkpoint_task: asyncio.Task[None] | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, settings: RegistrySettings, *, migrate: bool = True) -> Registry:
@@ -175,13 +176,17 @@ class Registry:
         return registry
 
     def start_background(self) -> None:
-        """Start the periodic checkpointer (one per replica; chains are locked in SQL)."""
+        """Start the periodic checkpointer and sweeper (one each per replica; each locks in
+        SQL what it works on)."""
         if self._checkpoint_task is None:
             self._checkpoint_task = asyncio.create_task(self._checkpoint_loop())
+        if self._sweep_task is None:
+            self._sweep_task = asyncio.create_task(self._sweep_loop())
 
     async def close(self) -> None:
-        if self._checkpoint_task is not None:
-            self._checkpoint_task.cancel()
+        for task in (self._checkpoint_task, self._sweep_task):
+            if task is not None:
+                task.cancel()
         await self.keys.aclose()
         await self.redis.aclose()
         await self.pool.close()
@@ -239,6 +244,29 @@ class Registry:
                 except Exception:  # retried next round; the loop must outlive any failure
                     log.exception("checkpointing failed")
                 last = time.monotonic()
+
+    async def sweep_expired(self) -> int:
+        """Delete expired WebAuthn challenges, sessions and enrollment codes: every read of
+        them checks the expiry already, so they are dead rows. Returns how many went (0 when
+        another replica holds the sweep's lock)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval(_SWEEP_LOCK):
+                return 0
+            deleted = 0
+            for statement in _SWEEPS:
+                deleted += int((await conn.execute(statement)).rsplit(" ", 1)[-1])
+        return deleted
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_every_seconds)
+            try:
+                if deleted := await self.sweep_expired():
+                    log.info(
+                        "deleted %d expired challenges, sessions and enrollment codes", deleted
+                    )
+            except Exception:  # retried next round; the loop must outlive any failure
+                log.exception("deleting expired rows failed")
 
     # --- callers -------------------------------------------------------------------------
 
@@ -1502,8 +1530,8 @@ class Registry:
         self, principal_id: str, status: str | None = None
     ) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
-            _STEP_UP_SELECT + " WHERE a.principal_id = $1 AND ($2::text IS NULL OR s.status = $2)"
-            " ORDER BY s.created_at, s.id",
+            f"{_STEP_UP_SELECT} WHERE a.principal_id = $1"
+            f" AND ($2::text IS NULL OR {_STEP_UP_STATUS} = $2) ORDER BY s.created_at, s.id",
             principal_id,
             status,
         )
@@ -1511,8 +1539,7 @@ class Registry:
 
     async def step_up_begin(self, principal_id: str, step_id: str) -> dict[str, Any]:
         step = await self.get_step_up(step_id, principal_id=principal_id)
-        if step["status"] != "pending":
-            raise Conflict("the step-up is no longer pending", reason="not_pending")
+        _still_pending(step["status"])
         if step["provider_suspended"]:
             raise Conflict("the grant's provider is suspended", reason="provider_suspended")
         challenge = _sha256(canonical_json(step["document"]))
@@ -1536,8 +1563,7 @@ class Registry:
                 principal_id=principal_id,
                 subject_id=step_id,
             )
-            if row["status"] != "pending":
-                raise Conflict("the step-up was already decided", reason="not_pending")
+            _still_pending(row["status"])
             if row["provider_suspended"]:  # since the approval began: nothing is consumed
                 raise Conflict("the grant's provider is suspended", reason="provider_suspended")
             if challenge != _sha256(row["document"].encode()):
@@ -1566,15 +1592,10 @@ class Registry:
 
     async def step_up_deny(self, principal_id: str, step_id: str) -> dict[str, Any]:
         async with self._tx() as conn:
-            row = await conn.fetchrow(
-                "SELECT s.status, s.agent_id, s.grant_id, a.principal_id FROM step_ups s"
-                " JOIN agents a ON a.id = s.agent_id WHERE s.id = $1 FOR UPDATE OF s",
-                step_id,
-            )
+            row = await conn.fetchrow(_STEP_UP_SELECT + " WHERE s.id = $1 FOR UPDATE OF s", step_id)
             if row is None or row["principal_id"] != principal_id:
                 raise NotFound("no such step-up")
-            if row["status"] != "pending":
-                raise Conflict("the step-up was already decided", reason="not_pending")
+            _still_pending(row["status"])
             await conn.execute(
                 "UPDATE step_ups SET status = 'denied', decided_at = now() WHERE id = $1", step_id
             )
@@ -1643,6 +1664,13 @@ class Registry:
         return {"chain": chain, "first": found[first], "second": found[second], "proof": proof}
 
 
+_SWEEP_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('agentauth:sweep'))"
+_SWEEPS = (
+    "DELETE FROM webauthn_challenges WHERE expires_at < now()",
+    "DELETE FROM sessions WHERE expires_at < now()",
+    "DELETE FROM enrollments WHERE expires_at < now()",
+)
+
 # A grant with its receipt, and whether its provider is suspended (nothing works for it
 # then; the page says so instead of offering what the registry would refuse).
 _GRANT_SELECT = (
@@ -1652,13 +1680,31 @@ _GRANT_SELECT = (
     " JOIN approval_receipts r ON r.grant_id = g.id JOIN providers p ON p.id = g.provider_id"
 )
 
+# A step-up left pending past its deadline is "expired": no approval of it could be used
+# (the verifier refuses it), so none is taken. Computed, not stored: nothing has to run at
+# the deadline for every reader to agree.
+_STEP_UP_STATUS = (
+    "CASE WHEN s.status = 'pending' AND s.expires_at <= extract(epoch FROM now())"
+    " THEN 'expired' ELSE s.status END"
+)
+
 # A step-up with its agent's owner and whether its grant's provider is suspended.
 _STEP_UP_SELECT = (
-    "SELECT s.id, s.grant_id, s.agent_id, s.document, s.status, s.approval_ref, s.expires_at,"
+    # Only the constant above is joined in.
+    "SELECT s.id, s.grant_id, s.agent_id, s.document, s.approval_ref, s.expires_at,"  # noqa: S608
+    f" {_STEP_UP_STATUS} AS status,"
     " a.principal_id, p.suspended_at IS NOT NULL AS provider_suspended FROM step_ups s"
     " JOIN agents a ON a.id = s.agent_id JOIN grants g ON g.id = s.grant_id"
     " JOIN providers p ON p.id = g.provider_id"
 )
+
+
+def _still_pending(status: str) -> None:
+    """Refuse to decide a step-up that is decided already or expired (409, each its reason)."""
+    if status == "expired":
+        raise Conflict("the step-up expired unanswered", reason="expired")
+    if status != "pending":
+        raise Conflict("the step-up was already decided", reason="not_pending")
 
 
 def _may_see(row: asyncpg.Record, principal_id: str | None, agent: Agent | None) -> bool:

@@ -56,6 +56,9 @@ class RegistrySettings(BaseModel):
     audit_chains: int = Field(8, ge=1, le=256)
     checkpoint_every_events: int = 1000
     checkpoint_every_seconds: float = 10.0
+    # Expired challenges, sessions and enrollment codes are deleted this often (anyone can
+    # start a sign-in, so its challenges must not pile up).
+    sweep_every_seconds: float = Field(60.0, gt=0)
     # A rotated-in key is published this long before it signs (verifiers refresh JWKS).
     key_publish_ahead: int = 60
     signer: SignerSettings = SignerSettings()

@@ -1,6 +1,6 @@
 """The agent SDK and the provider-side helpers (base install: no Ray, no database)."""
 
-from ._auth import DPoPAuth, is_nonce_challenge
+from ._auth import STEP_UP_HEADER, DPoPAuth, is_nonce_challenge
 from ._client import AgentAuthClient, AgentAuthClientSync, Approval, GrantPending
 from ._errors import ServerError, error_from_response
 from ._provider import (
@@ -12,6 +12,7 @@ from ._provider import (
 )
 
 __all__ = [
+    "STEP_UP_HEADER",
     "AgentAuthClient",
     "AgentAuthClientSync",
     "AgentAuthMiddleware",

@@ -15,7 +15,11 @@ import httpx
 
 from ..protocol import Signer, create_dpop_proof
 
-__all__ = ["DPoPAuth", "is_nonce_challenge"]
+__all__ = ["STEP_UP_HEADER", "DPoPAuth", "is_nonce_challenge"]
+
+# The header an agent sends a step-up approval's one-time reference in, with the payment
+# it approved; the provider helpers pass it to the verifier as ``step_up_ref``.
+STEP_UP_HEADER = "AgentAuth-Step-Up"
 
 
 def is_nonce_challenge(response: httpx.Response) -> bool:

@@ -28,7 +28,7 @@ from ..protocol import (
     PrivateKey,
     create_dpop_proof,
 )
-from ._auth import DPoPAuth, htu_of
+from ._auth import STEP_UP_HEADER, DPoPAuth, htu_of
 from ._errors import error_from_response
 
 __all__ = ["AgentAuthClient", "AgentAuthClientSync", "Approval", "GrantPending"]
@@ -240,9 +240,16 @@ class AgentAuthClient:
         return self._audiences[service_provider_id]
 
     async def authenticate_headers(
-        self, service_provider_id: str, method: str, url: str, *, nonce: str | None = None
+        self,
+        service_provider_id: str,
+        method: str,
+        url: str,
+        *,
+        nonce: str | None = None,
+        step_up_ref: str | None = None,
     ) -> dict[str, str]:
-        """``Authorization: DPoP <token>`` and ``DPoP: <proof>`` for one request.
+        """``Authorization: DPoP <token>`` and ``DPoP: <proof>`` for one request, and the
+        step-up reference from :meth:`request_step_up` for the payment it approved.
 
         A relative ``url`` ("/api/events") is taken relative to the provider's audience,
         which is its base URL.
@@ -258,7 +265,10 @@ class AgentAuthClient:
             access_token=token,
             nonce=nonce,
         )
-        return {"Authorization": f"DPoP {token}", "DPoP": proof}
+        headers = {"Authorization": f"DPoP {token}", "DPoP": proof}
+        if step_up_ref is not None:
+            headers[STEP_UP_HEADER] = step_up_ref
+        return headers
 
     async def authenticate_request(
         self, service_provider_id: str, request: httpx.Request
@@ -285,7 +295,9 @@ class AgentAuthClient:
         timeout: float = 300.0,
     ) -> str:
         """Ask the human to approve one transaction above the threshold; returns the
-        one-time approval reference to present with that transaction."""
+        one-time approval reference to present with that transaction (in the
+        ``STEP_UP_HEADER`` header). Raises ``Forbidden`` (reason ``denied`` or ``expired``)
+        if the human refuses it or lets it expire, ``TimeoutError`` after ``timeout``."""
         grant = await self._grant_for(service_provider_id)
         body: dict[str, Any] = {
             "grant_id": grant["id"],
@@ -302,7 +314,7 @@ class AgentAuthClient:
             state = await self._call("GET", f"/v1/step-ups/{step['id']}?wait={wait:.0f}")
             if state["status"] == "approved":
                 return str(state["approval_ref"])
-            if state["status"] in ("denied", "used"):
+            if state["status"] in ("denied", "expired", "used"):
                 raise Forbidden("the step-up was not approved", reason=state["status"])
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"step-up {step['id']} still pending")

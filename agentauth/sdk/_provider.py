@@ -29,6 +29,7 @@ from ..protocol import (
     KeySet,
     allowing_capability,
 )
+from ._auth import STEP_UP_HEADER
 
 __all__ = [
     "AgentAuthMiddleware",
@@ -248,7 +249,7 @@ class AgentAuthMiddleware:
             url=_public_url(scope, self._public_url),
             headers=headers,
             action=action,
-            step_up_ref=headers.get("agentauth-step-up"),
+            step_up_ref=headers.get(STEP_UP_HEADER.lower()),
         )
         if verification.allowed:
             scope.setdefault("state", {})["agentauth"] = verification
@@ -288,7 +289,7 @@ def require(
             url=_public_url(request.scope, public_url),
             headers={k.lower(): v for k, v in request.headers.items()},
             action=wanted,
-            step_up_ref=request.headers.get("agentauth-step-up"),
+            step_up_ref=request.headers.get(STEP_UP_HEADER),
         )
         if not verification.allowed:
             status, headers, body = denial(verification)
