@@ -145,7 +145,10 @@ def registry_settings(database_url: str, redis_url: str, serve_port: int, data_d
         issuer=f"http://127.0.0.1:{serve_port}/registry",
         admin_token=_secrets.token_urlsafe(32),
         checkpoint_every_seconds=2.0,
+        # Swept every second, and nothing a test counts expires within a session: the sweep's
+        # test expires its own rows.
         sweep_every_seconds=1.0,
+        challenge_ttl=3600,
         key_publish_ahead=3,
         token_lifetime=120,
     )

@@ -365,6 +365,9 @@ async def test_expired_challenges_sessions_and_codes_are_deleted(
     """Anyone can start a sign-in, so its challenges must not pile up; dead sessions and
     enrollment codes go the same way. The live ones stay (the session registry sweeps
     every second here, every minute by default)."""
+    owner, agent, _, grant = await world.setup_grant()
+    tokens = [(await world.token(agent, grant["id"])).json()["access_token"] for _ in range(2)]
+    jtis = [json.loads(b64url_decode(t.split(".")[1]))["jti"] for t in tokens]
     human = await world.human()
     other = await world.human()
     r = await world.client.post(world.url("/v1/enrollments"), headers=human.headers)
@@ -389,11 +392,21 @@ async def test_expired_challenges_sessions_and_codes_are_deleted(
         "UPDATE enrollments SET expires_at = now() - interval '1 second' WHERE principal_id = $1",
         human.principal_id,
     )
+    # One token expired two days ago (its record goes), one an hour ago (kept a day).
+    for jti, age in zip(jtis, (2 * 86400, 3600), strict=True):
+        await db.execute(
+            "UPDATE issued_tokens SET expires_at = extract(epoch FROM now())::bigint - $2"
+            " WHERE jti = $1",
+            jti,
+            age,
+        )
     deadline = time.monotonic() + 10
     while await db.fetchval(
         "SELECT (SELECT count(*) FROM webauthn_challenges WHERE expires_at < now())"
         " + (SELECT count(*) FROM sessions WHERE expires_at < now())"
         " + (SELECT count(*) FROM enrollments WHERE expires_at < now())"
+        " + (SELECT count(*) FROM issued_tokens WHERE jti = $1)",
+        jtis[0],
     ):
         assert time.monotonic() < deadline, "expired rows are still there"
         await asyncio.sleep(0.2)
@@ -401,6 +414,14 @@ async def test_expired_challenges_sessions_and_codes_are_deleted(
         "SELECT count(*) FROM webauthn_challenges WHERE challenge = ANY($1)", old
     )
     assert await db.fetchval("SELECT count(*) FROM webauthn_challenges") >= 2  # the live ones
+    assert await db.fetchval("SELECT count(*) FROM issued_tokens WHERE jti = $1", jtis[1]) == 1
+    # Revoking the token whose record went is a 404 (it can never be used again anyway).
+    r = await world.client.post(
+        world.url("/v1/revocations"),
+        headers=owner.headers,
+        json={"kind": "token", "target": jtis[0]},
+    )
+    assert r.status_code == 404, r.text
     # The other human's session is live and still works; the expired one is refused.
     assert (await world.client.get(world.url("/v1/agents"), headers=other.headers)).is_success
     r = await world.client.get(world.url("/v1/agents"), headers=human.headers)
