@@ -558,6 +558,45 @@ async def test_sign_count_regression_is_flagged_and_refused(
 
 
 @pytest.mark.asyncio
+async def test_a_grant_request_left_unanswered_expires_and_cannot_be_decided(
+    world: World, db: asyncpg.Connection
+) -> None:
+    human = await world.human()
+    agent = await world.agent(human)
+    provider = await world.provider()
+    request = await world.request(agent, provider)
+    begun = await world.begin_approval(human, request["id"])
+    credential = human.authenticator.get(begun["options"])
+    # A week passes (the registry's clock is the database's).
+    await db.execute(
+        "UPDATE grant_requests SET created_at = now() - interval '7 days 1 second' WHERE id = $1",
+        request["id"],
+    )
+    before = await counts(db)
+    challenges = await db.fetchval("SELECT count(*) FROM webauthn_challenges")
+    base = world.url(f"/v1/grant-requests/{request['id']}")
+    for path, kwargs in (
+        ("/approval/finish", {"json": {"credential": credential}}),
+        ("/approval/begin", {}),
+        ("/deny", {}),
+    ):
+        r = await world.client.post(base + path, headers=human.headers, **kwargs)
+        assert (r.status_code, r.json().get("reason")) == (409, "expired"), (path, r.text)
+    assert await counts(db) == before
+    assert await db.fetchval("SELECT count(*) FROM webauthn_challenges") == challenges
+    r = await world.as_agent(agent, "GET", f"/v1/grant-requests/{request['id']}")
+    assert r.json()["status"] == "expired" and r.json()["grant_id"] is None
+    for status, ids in (("pending", []), ("expired", [request["id"]]), ("approved", [])):
+        r = await world.client.get(
+            world.url(f"/v1/grant-requests?status={status}"), headers=human.headers
+        )
+        assert [x["id"] for x in r.json()] == ids, status
+    # A new request for the same thing is answered as usual.
+    fresh = await world.request(agent, provider)
+    assert (await world.approve(human, fresh["id"]))["agent_id"] == agent.id
+
+
+@pytest.mark.asyncio
 async def test_tighten_before_approving_never_widen(world: World) -> None:
     human = await world.human()
     agent = await world.agent(human)

@@ -210,6 +210,20 @@ async def test_a_payment_above_the_threshold_goes_through_with_a_step_up(
 
 
 @pytest.mark.asyncio
+async def test_waiting_on_a_request_nobody_answers_in_time_ends(stack: Stack, db: Any) -> None:
+    client, _, provider = await stack.agent_with_provider()
+    request = await client.request_grant(provider.id, [Capability.read("calendar")])
+    await db.execute(
+        "UPDATE grant_requests SET created_at = now() - interval '8 days' WHERE id = $1",
+        request.id,
+    )
+    with pytest.raises(Forbidden) as expired:
+        await client.wait_for_approval(request, timeout=30)
+    assert expired.value.reason == "expired"
+    await client.aclose()
+
+
+@pytest.mark.asyncio
 async def test_seed_example_works_as_written(stack: Stack) -> None:
     registered, human, provider = await stack.agent_with_provider()
     await registered.aclose()

@@ -313,7 +313,7 @@ def create_app(registry: Registry) -> FastAPI:
     @app.get("/v1/grant-requests", tags=["grants"])
     async def list_requests(
         who: HumanOrAgent,
-        status: Annotated[str | None, Query(pattern="^(pending|approved|denied)$")] = None,
+        status: Annotated[str | None, Query(pattern="^(pending|approved|denied|expired)$")] = None,
     ) -> list[dict[str, Any]]:
         return await registry.list_grant_requests(
             principal_id=who.principal_id, agent=who.agent, status=status

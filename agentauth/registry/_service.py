@@ -1022,15 +1022,9 @@ class Registry:
     ) -> asyncpg.Record:
         row = await conn.fetchrow(
             # Only constant fragments are joined here: no caller text enters the SQL.
-            "SELECT r.id, r.agent_id, r.provider_id, r.capabilities, r.envelope, r.status,"  # noqa: S608
-            " r.created_at, r.decided_at, a.principal_id, a.name AS agent_name,"
-            " p.audience, p.display_name AS provider_name, g.id AS grant_id,"
-            " p.suspended_at IS NOT NULL AS provider_suspended"
-            " FROM grant_requests r JOIN agents a ON a.id = r.agent_id"
-            " JOIN providers p ON p.id = r.provider_id"
-            " LEFT JOIN grants g ON g.request_id = r.id WHERE r.id = $1"
-            + (" FOR UPDATE OF r" if lock else ""),
+            f"{_REQUEST_SELECT} WHERE r.id = $1" + (" FOR UPDATE OF r" if lock else ""),
             request_id,
+            float(self.settings.grant_request_ttl),
         )
         if row is None:
             raise NotFound("no such grant request")
@@ -1055,15 +1049,10 @@ class Registry:
         owner = principal_id if principal_id else agent.id if agent else None
         rows = await self.pool.fetch(
             # owner_clause is one of two constants chosen above.
-            "SELECT r.id, r.agent_id, r.provider_id, r.capabilities, r.envelope, r.status,"  # noqa: S608
-            " r.created_at, r.decided_at, a.principal_id, a.name AS agent_name, p.audience,"
-            " p.display_name AS provider_name, g.id AS grant_id,"
-            " p.suspended_at IS NOT NULL AS provider_suspended"
-            " FROM grant_requests r JOIN agents a ON a.id = r.agent_id"
-            " JOIN providers p ON p.id = r.provider_id LEFT JOIN grants g ON g.request_id = r.id"
-            f" WHERE {owner_clause} AND ($2::text IS NULL OR r.status = $2)"
-            " ORDER BY r.created_at",
+            f"{_REQUEST_SELECT} WHERE {owner_clause}"
+            f" AND ($3::text IS NULL OR {_REQUEST_STATUS} = $3) ORDER BY r.created_at, r.id",
             owner,
+            float(self.settings.grant_request_ttl),
             status,
         )
         return [_request_view(r) for r in rows]
@@ -1109,8 +1098,7 @@ class Registry:
         row = await self._request_row(self.pool, request_id)
         if row["principal_id"] != principal_id:
             raise NotFound("no such grant request")
-        if row["status"] != "pending":
-            raise Conflict("the request is no longer pending", reason="not_pending")
+        _still_pending(row["status"], "request")
         if row["provider_suspended"]:
             raise Conflict("the provider is suspended", reason="provider_suspended")
         requested = GrantRequest.model_validate(
@@ -1160,8 +1148,7 @@ class Registry:
                 principal_id=principal_id,
                 subject_id=request_id,
             )
-            if row["status"] != "pending":
-                raise Conflict("the request was already decided", reason="not_pending")
+            _still_pending(row["status"], "request")
             if row["provider_suspended"]:  # since the approval began: nothing is consumed
                 raise Conflict("the provider is suspended", reason="provider_suspended")
             grant = Grant.model_validate(payload["grant"])
@@ -1215,8 +1202,7 @@ class Registry:
             row = await self._request_row(conn, request_id, lock=True)
             if row["principal_id"] != principal_id:
                 raise NotFound("no such grant request")
-            if row["status"] != "pending":
-                raise Conflict("the request was already decided", reason="not_pending")
+            _still_pending(row["status"], "request")
             await conn.execute(
                 "UPDATE grant_requests SET status = 'denied', decided_at = now() WHERE id = $1",
                 request_id,
@@ -1539,7 +1525,7 @@ class Registry:
 
     async def step_up_begin(self, principal_id: str, step_id: str) -> dict[str, Any]:
         step = await self.get_step_up(step_id, principal_id=principal_id)
-        _still_pending(step["status"])
+        _still_pending(step["status"], "step-up")
         if step["provider_suspended"]:
             raise Conflict("the grant's provider is suspended", reason="provider_suspended")
         challenge = _sha256(canonical_json(step["document"]))
@@ -1563,7 +1549,7 @@ class Registry:
                 principal_id=principal_id,
                 subject_id=step_id,
             )
-            _still_pending(row["status"])
+            _still_pending(row["status"], "step-up")
             if row["provider_suspended"]:  # since the approval began: nothing is consumed
                 raise Conflict("the grant's provider is suspended", reason="provider_suspended")
             if challenge != _sha256(row["document"].encode()):
@@ -1595,7 +1581,7 @@ class Registry:
             row = await conn.fetchrow(_STEP_UP_SELECT + " WHERE s.id = $1 FOR UPDATE OF s", step_id)
             if row is None or row["principal_id"] != principal_id:
                 raise NotFound("no such step-up")
-            _still_pending(row["status"])
+            _still_pending(row["status"], "step-up")
             await conn.execute(
                 "UPDATE step_ups SET status = 'denied', decided_at = now() WHERE id = $1", step_id
             )
@@ -1664,6 +1650,25 @@ class Registry:
         return {"chain": chain, "first": found[first], "second": found[second], "proof": proof}
 
 
+# A grant request nobody answered within grant_request_ttl ($2 of every query using this)
+# is "expired": it can no longer be approved, so a human is never asked weeks later about
+# what an agent wanted then. Computed, not stored, as for step-ups below.
+_REQUEST_STATUS = (
+    "CASE WHEN r.status = 'pending'"
+    " AND r.created_at <= now() - make_interval(secs => $2::double precision)"
+    " THEN 'expired' ELSE r.status END"
+)
+_REQUEST_SELECT = (
+    # Only the constant above is joined in.
+    "SELECT r.id, r.agent_id, r.provider_id, r.capabilities, r.envelope,"  # noqa: S608
+    f" {_REQUEST_STATUS} AS status,"
+    " r.created_at, r.decided_at, a.principal_id, a.name AS agent_name,"
+    " p.audience, p.display_name AS provider_name, g.id AS grant_id,"
+    " p.suspended_at IS NOT NULL AS provider_suspended"
+    " FROM grant_requests r JOIN agents a ON a.id = r.agent_id"
+    " JOIN providers p ON p.id = r.provider_id LEFT JOIN grants g ON g.request_id = r.id"
+)
+
 _SWEEP_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('agentauth:sweep'))"
 _SWEEPS = (
     "DELETE FROM webauthn_challenges WHERE expires_at < now()",
@@ -1702,12 +1707,13 @@ _STEP_UP_SELECT = (
 )
 
 
-def _still_pending(status: str) -> None:
-    """Refuse to decide a step-up that is decided already or expired (409, each its reason)."""
+def _still_pending(status: str, what: str) -> None:
+    """Refuse to decide a request or step-up that is decided already or expired (409, each
+    with its reason)."""
     if status == "expired":
-        raise Conflict("the step-up expired unanswered", reason="expired")
+        raise Conflict(f"the {what} expired unanswered", reason="expired")
     if status != "pending":
-        raise Conflict("the step-up was already decided", reason="not_pending")
+        raise Conflict(f"the {what} was already decided", reason="not_pending")
 
 
 def _may_see(row: asyncpg.Record, principal_id: str | None, agent: Agent | None) -> bool:

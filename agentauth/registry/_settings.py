@@ -53,6 +53,8 @@ class RegistrySettings(BaseModel):
     session_ttl: int = 12 * 3600
     enrollment_ttl: int = 3600
     step_up_ttl: int = 600
+    # A grant request unanswered this long is expired (no longer approved or denied).
+    grant_request_ttl: int = Field(7 * 86400, ge=60)
     audit_chains: int = Field(8, ge=1, le=256)
     checkpoint_every_events: int = 1000
     checkpoint_every_seconds: float = 10.0

@@ -189,7 +189,8 @@ class AgentAuthClient:
         max_interval: float = 10.0,
         on_progress: Callable[[str, float], None] | None = None,
     ) -> Approval:
-        """Poll until the human decides, with backoff; raise ``Forbidden`` if denied."""
+        """Poll until the human decides, with backoff; raise ``Forbidden`` (reason
+        ``denied`` or ``expired``) if the request is refused or left unanswered too long."""
         request_id = request.id if isinstance(request, GrantPending) else request
         deadline = time.monotonic() + timeout
         while True:
@@ -201,6 +202,8 @@ class AgentAuthClient:
                 return Approval(grant["id"], grant["provider_id"], grant["document"])
             if state["status"] == "denied":
                 raise Forbidden("the human denied the request", reason="denied")
+            if state["status"] == "expired":
+                raise Forbidden("nobody answered the request in time", reason="expired")
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"grant request {request_id} still pending")
             await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
