@@ -465,6 +465,14 @@ def test_headers_cookies_and_cross_site_requests(stack: Stack) -> None:
         ):
             r = client.post("/auth/session", json=body, headers=headers)
             assert r.status_code == status, (headers, r.status_code)
+        # A malformed body from the page's origin: 400 in the API's error shape.
+        for content in (b"{not json", b'{"ticket": 1}', b"{}", b'{"ticket": "short"}'):
+            r = client.post(
+                "/auth/session",
+                content=content,
+                headers={**good, "Content-Type": "application/json"},
+            )
+            assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), content
         # Another Host name for this address (a rebinding page, or 127.0.0.1 typed by
         # hand) gets nothing but a redirect to the origin the passkeys are bound to.
         r = client.get("/login", headers={"Host": "attacker.example"})

@@ -173,3 +173,19 @@ def test_step_ups_periods_and_times() -> None:
         "in total",
     ]
     assert when(1_800_000_000, "Europe/Berlin") == "2027-01-15 09:00 Europe/Berlin"
+
+
+@pytest.mark.parametrize(
+    ("reason", "words"),
+    [
+        ("expired", "has expired and can no longer be decided"),
+        ("provider_suspended", "suspended this provider"),
+        ("not_pending", "already decided"),
+        (None, "the request was already decided"),
+    ],
+)
+def test_the_registrys_refusals_read_in_plain_words(reason: str | None, words: str) -> None:
+    from agentauth.ui._registry import RegistryError
+
+    error = RegistryError(409, "conflict", "the request was already decided", reason)
+    assert words in error.message

@@ -14,6 +14,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from nicegui import ui
 from pydantic import BaseModel, ConfigDict, Field
@@ -82,6 +83,14 @@ def create_ui_app(
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    async def invalid(_: Request, exc: Exception) -> JSONResponse:
+        # The API's error shape, not FastAPI's 422 that echoes the input back.
+        return JSONResponse(
+            {"error": "invalid_request", "error_description": "malformed request"}, 400
+        )
+
+    app.add_exception_handler(RequestValidationError, invalid)
 
     @app.post("/auth/session", include_in_schema=False)
     async def adopt_session(request: Request, body: _TicketIn) -> Response:

@@ -26,6 +26,14 @@ _MESSAGES = {
         "The passkey signed something else than this request. Nothing was approved."
     ),
     "not_pending": "This request was already decided.",
+    "expired": (
+        "Nobody answered this in time, so it has expired and can no longer be decided. "
+        "The agent has to ask again."
+    ),
+    "provider_suspended": (
+        "The administrator has suspended this provider: nothing can be approved for it until "
+        "it is reinstated."
+    ),
     "last_passkey": "You cannot remove your last passkey: add another one first.",
     "credential_flagged": (
         "This passkey is blocked because its signature counter went backwards (it may have "
