@@ -85,7 +85,12 @@ class BodyGuard:
         body = b"".join(chunks)
         if body:
             try:
-                scope[_PARSED] = _storable(strict_json_loads(body))
+                document = strict_json_loads(body)
+                # U+0000 and surrogates can only be spelled as \u escapes (strict JSON and
+                # UTF-8 refuse them raw), so a body without one needs no walk: most do not.
+                if b"\\u" in body:
+                    _storable(document)
+                scope[_PARSED] = document
             except InvalidRequest as exc:
                 await _send_json(
                     send, InvalidRequest(f"body: {exc.description}", reason="bad_json")

@@ -321,3 +321,34 @@ async def test_the_verifier_refuses_bad_input_cleanly_and_never_allows_it(
     # The good request itself is allowed: the bad ones were refused for what was bad in them.
     r = await world.client.post(verifier_base + "/v1/verify", headers=provider.headers, json=good())
     assert r.json()["decision"] == "allow", r.text
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b'{"a": "plain"}', 200),
+        (b'{"a": "x\x00y"}', 400),  # raw: strict JSON refuses control characters
+        (b'{"a": "x\\u0000y"}', 400),
+        (b'{"a": ["ok", {"b": "\\ud800"}]}', 400),  # nested, a lone surrogate
+        (b'{"\\u0000": 1}', 400),  # in a member name
+        (b'{"a": "\\ud83d\\ude00"}', 200),  # a pair is a character
+        (b'{"a": "\\\\u0000"}', 200),  # an escaped backslash, then the text u0000
+    ],
+)
+@pytest.mark.asyncio
+async def test_body_guard_refuses_what_postgresql_cannot_store(body: bytes, status: int) -> None:
+    from starlette.responses import JSONResponse
+
+    from agentauth._web import BodyGuard, parsed_body
+
+    async def echo(scope: Any, receive: Any, send: Any) -> None:
+        await JSONResponse({"parsed": parsed_body(scope)})(scope, receive, send)
+
+    transport = httpx.ASGITransport(app=BodyGuard(echo))
+    async with httpx.AsyncClient(transport=transport, base_url="http://guard") as client:
+        r = await client.post("/", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    if status == 200:
+        assert r.json()["parsed"] == json.loads(body)
+    else:
+        assert r.json()["reason"] == "bad_json"
