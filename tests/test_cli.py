@@ -52,6 +52,16 @@ def test_up_starts_everything_on_embedded_defaults_and_ctrl_c_stops_it(tmp_path:
         if k not in ("DATABASE_URL", "REDIS_URL", "RAY_ADDRESS", *SERVING_ENV)
     }
     env["AGENTAUTH_DATA_DIR"] = str(tmp_path / "data")
+    # Serve's fixed ports moved to free ones (as chaos/_stack.py does): with the defaults,
+    # this stack's HAProxy cannot start beside the session's (docs/chaos.md, "Shared
+    # machine"), and the test would pass only when it runs first.
+    for name in (
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+        "RAY_SERVE_HAPROXY_STATS_PORT",
+        "RAY_SERVE_HAPROXY_METRICS_PORT",
+    ):
+        env[name] = str(_free_port())
     process = subprocess.Popen(
         [
             sys.executable,

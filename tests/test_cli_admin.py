@@ -98,7 +98,9 @@ async def test_a_provider_managed_from_the_command_line(
     r = await world.client.get(own, headers=basic(pid, third))
     assert (r.status_code, r.json()["reason"]) == (403, "provider_suspended")
     code, out, _ = await cli("providers", "list")
-    assert code == 0 and pid in out
+    line = next(row for row in out.splitlines() if row.startswith(pid + " "))
+    assert code == 0 and "None" not in line and line == line.rstrip()
+    assert line.split()[-2:] != ["-", "-"]  # suspended_at is set (a time, not "-")
     code, out, _ = await cli("providers", "reinstate", pid)
     assert code == 0, out
     assert (await world.client.get(own, headers=basic(pid, third))).status_code == 200

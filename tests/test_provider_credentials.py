@@ -239,10 +239,10 @@ async def test_the_cli_lists_providers_with_their_rotation_and_no_secret(
     ]
     rows = {line.split()[0]: line.split() for line in lines}
     # A rotated provider shows both times (date and time are two words each), an unrotated
-    # one neither; neither is suspended.
+    # one neither ("-"); neither is suspended.
     assert len(rows[old.id]) == 3 + 2 * 3 + 1 and rows[old.id][2] == "read,write,transact"
     assert len(rows[unrotated.id]) == 3 + 2 + 2 * 1 + 1
-    assert rows[old.id][-1] == rows[unrotated.id][-1] == "None"
+    assert rows[old.id][-1] == rows[unrotated.id][-1] == "-"
     stored = await provider_row(db, new)
     for secret in (
         old.secret,
