@@ -139,6 +139,15 @@ class World:
         assert r.status_code == 200, r.text
         return r.json()  # type: ignore[no-any-return]
 
+    async def signed_request(self) -> tuple[Human, Agent, dict[str, Any], dict[str, Any]]:
+        """A new human, their agent, its pending request to a new provider, and the human's
+        passkey assertion approving it: signed, not yet sent."""
+        human = await self.human()
+        agent = await self.agent(human)
+        request = await self.request(agent, await self.provider())
+        begun = await self.begin_approval(human, request["id"])
+        return human, agent, request, human.authenticator.get(begun["options"])
+
     async def approve(self, human: Human, request_id: str, **narrow: Any) -> dict[str, Any]:
         begun = await self.begin_approval(human, request_id, **narrow)
         r = await self.client.post(

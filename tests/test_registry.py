@@ -11,7 +11,7 @@ import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from registry_world import World
+from registry_world import Human, World
 
 from agentauth.protocol import (
     AccessTokenVerifier,
@@ -50,6 +50,24 @@ TABLES = (
 
 async def counts(db: asyncpg.Connection) -> dict[str, int]:
     return {t: await db.fetchval(f"SELECT count(*) FROM {t}") for t in TABLES}
+
+
+async def each_decision_refused_as_expired(
+    world: World, db: asyncpg.Connection, path: str, human: Human, credential: Any
+) -> None:
+    """Finishing an approval begun in time, beginning one, refusing: each 409 ``expired``,
+    nothing written, and the refused finish's challenge not consumed."""
+    before = await counts(db)
+    challenges = await db.fetchval("SELECT count(*) FROM webauthn_challenges")
+    for action, kwargs in (
+        ("/approval/finish", {"json": {"credential": credential}}),
+        ("/approval/begin", {}),
+        ("/deny", {}),
+    ):
+        r = await world.client.post(world.url(path + action), headers=human.headers, **kwargs)
+        assert (r.status_code, r.json().get("reason")) == (409, "expired"), (action, r.text)
+    assert await counts(db) == before
+    assert await db.fetchval("SELECT count(*) FROM webauthn_challenges") == challenges
 
 
 async def jwks(world: World) -> KeySet:
@@ -435,12 +453,7 @@ async def test_expired_challenges_sessions_and_codes_are_deleted(
 async def test_one_assertion_submitted_20_times_concurrently_makes_one_grant(
     world: World, db: asyncpg.Connection
 ) -> None:
-    human = await world.human()
-    agent = await world.agent(human)
-    provider = await world.provider()
-    request = await world.request(agent, provider)
-    begun = await world.begin_approval(human, request["id"])
-    credential = human.authenticator.get(begun["options"])
+    human, _, request, credential = await world.signed_request()
 
     async def submit() -> httpx.Response:
         return await world.client.post(
@@ -561,29 +574,15 @@ async def test_sign_count_regression_is_flagged_and_refused(
 async def test_a_grant_request_left_unanswered_expires_and_cannot_be_decided(
     world: World, db: asyncpg.Connection
 ) -> None:
-    human = await world.human()
-    agent = await world.agent(human)
-    provider = await world.provider()
-    request = await world.request(agent, provider)
-    begun = await world.begin_approval(human, request["id"])
-    credential = human.authenticator.get(begun["options"])
+    human, agent, request, credential = await world.signed_request()
     # A week passes (the registry's clock is the database's).
     await db.execute(
         "UPDATE grant_requests SET created_at = now() - interval '7 days 1 second' WHERE id = $1",
         request["id"],
     )
-    before = await counts(db)
-    challenges = await db.fetchval("SELECT count(*) FROM webauthn_challenges")
-    base = world.url(f"/v1/grant-requests/{request['id']}")
-    for path, kwargs in (
-        ("/approval/finish", {"json": {"credential": credential}}),
-        ("/approval/begin", {}),
-        ("/deny", {}),
-    ):
-        r = await world.client.post(base + path, headers=human.headers, **kwargs)
-        assert (r.status_code, r.json().get("reason")) == (409, "expired"), (path, r.text)
-    assert await counts(db) == before
-    assert await db.fetchval("SELECT count(*) FROM webauthn_challenges") == challenges
+    await each_decision_refused_as_expired(
+        world, db, f"/v1/grant-requests/{request['id']}", human, credential
+    )
     r = await world.as_agent(agent, "GET", f"/v1/grant-requests/{request['id']}")
     assert r.json()["status"] == "expired" and r.json()["grant_id"] is None
     for status, ids in (("pending", []), ("expired", [request["id"]]), ("approved", [])):
@@ -592,8 +591,10 @@ async def test_a_grant_request_left_unanswered_expires_and_cannot_be_decided(
         )
         assert [x["id"] for x in r.json()] == ids, status
     # A new request for the same thing is answered as usual.
-    fresh = await world.request(agent, provider)
-    assert (await world.approve(human, fresh["id"]))["agent_id"] == agent.id
+    again = {"provider_id": request["provider_id"], "capabilities": request["capabilities"]}
+    r = await world.as_agent(agent, "POST", "/v1/grant-requests", json=again)
+    assert r.status_code == 200, r.text
+    assert (await world.approve(human, r.json()["id"]))["agent_id"] == agent.id
 
 
 @pytest.mark.asyncio
@@ -809,18 +810,9 @@ async def test_a_step_up_left_unanswered_expires_and_cannot_be_decided(
         "UPDATE step_ups SET expires_at = extract(epoch FROM now())::bigint - 1 WHERE id = $1",
         step["id"],
     )
-    before = await counts(db)
-    challenges = await db.fetchval("SELECT count(*) FROM webauthn_challenges")
-    for path, kwargs in (
-        ("/approval/finish", {"json": {"credential": credential}}),
-        ("/approval/begin", {}),
-        ("/deny", {}),
-    ):
-        r = await world.client.post(base + path, headers=human.headers, **kwargs)
-        assert (r.status_code, r.json().get("reason")) == (409, "expired"), (path, r.text)
-    assert await counts(db) == before
-    # The refused finish consumed nothing: its challenge is still there.
-    assert await db.fetchval("SELECT count(*) FROM webauthn_challenges") == challenges
+    await each_decision_refused_as_expired(
+        world, db, f"/v1/step-ups/{step['id']}", human, credential
+    )
     assert await db.fetchval("SELECT status FROM step_ups WHERE id = $1", step["id"]) == "pending"
 
     started = time.monotonic()

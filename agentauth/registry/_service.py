@@ -262,9 +262,7 @@ class Registry:
             await asyncio.sleep(self.settings.sweep_every_seconds)
             try:
                 if deleted := await self.sweep_expired():
-                    log.info(
-                        "deleted %d expired challenges, sessions and enrollment codes", deleted
-                    )
+                    log.info("deleted %d expired rows (challenges, sessions, ...)", deleted)
             except Exception:  # retried next round; the loop must outlive any failure
                 log.exception("deleting expired rows failed")
 
