@@ -45,6 +45,11 @@ class Provider:
         return {"Authorization": f"Basic {raw}"}
 
 
+# A grant to pay for "payments" up to $500 at a time, with a step-up asked above $50.
+PAYMENTS = [Capability.transact("payments", max_amount="500", currency="USD").to_document()]
+STEP_UP_ABOVE_50 = {"step_up_threshold": {"amount": "50", "currency": "USD"}}
+
+
 @dataclass
 class World:
     client: httpx.AsyncClient
@@ -168,6 +173,20 @@ class World:
 
     async def token(self, agent: Agent, grant_id: str) -> httpx.Response:
         return await self.as_agent(agent, "POST", "/v1/token", json={"grant_id": grant_id})
+
+    async def payments_grant(self) -> tuple[Human, Agent, Provider, dict[str, Any]]:
+        return await self.setup_grant(capabilities=PAYMENTS, envelope=STEP_UP_ABOVE_50)
+
+    async def step_up(
+        self, agent: Agent, grant_id: str, amount: str, **extra: Any
+    ) -> dict[str, Any]:
+        """The agent asks its human to approve one payment for "payments"; the pending view."""
+        payment = {"grant_id": grant_id, "resource": "payments", "amount": amount}
+        r = await self.as_agent(
+            agent, "POST", "/v1/step-ups", json={**payment, "currency": "USD", **extra}
+        )
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
 
     async def setup_grant(self, **request: Any) -> tuple[Human, Agent, Provider, dict[str, Any]]:
         human = await self.human()

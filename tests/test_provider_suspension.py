@@ -11,9 +11,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from registry_world import Provider, World
-
-from agentauth.protocol import Capability
+from registry_world import PAYMENTS, STEP_UP_ABOVE_50, Provider, World
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.redis]
 
@@ -192,16 +190,9 @@ async def test_bad_suspension_input_is_a_400_and_writes_nothing(
 async def test_no_step_up_is_asked_or_approved_for_a_suspended_providers_grant(
     world: World, db: asyncpg.Connection
 ) -> None:
-    human, agent, provider, grant = await world.setup_grant(
-        capabilities=[
-            Capability.transact("payments", max_amount="500", currency="USD").to_document()
-        ],
-        envelope={"step_up_threshold": {"amount": "50", "currency": "USD"}},
-    )
+    human, agent, provider, grant = await world.payments_grant()
+    pending = await world.step_up(agent, grant["id"], "120")
     payment = {"grant_id": grant["id"], "resource": "payments", "amount": "120", "currency": "USD"}
-    r = await world.as_agent(agent, "POST", "/v1/step-ups", json=payment)
-    assert r.status_code == 200, r.text
-    pending = r.json()
     # Begun before the suspension: its finish is refused after it, consuming nothing.
     r = await world.client.post(
         world.url(f"/v1/step-ups/{pending['id']}/approval/begin"), headers=human.headers
@@ -246,23 +237,12 @@ async def test_grant_and_step_up_views_say_which_provider_is_suspended(world: Wo
     human = await world.human()
     agent = await world.agent(human)
     held, open_ = await world.provider(), await world.provider()
-    pay = [Capability.transact("payments", max_amount="500", currency="USD").to_document()]
-    envelope = {"step_up_threshold": {"amount": "50", "currency": "USD"}}
-    payment = {"resource": "payments", "amount": "70", "currency": "USD"}
     grants, steps = [], []
     for provider in (held, open_):
-        grant = await world.approve(
-            human, (await world.request(agent, provider, pay, envelope))["id"]
-        )
-        r = await world.as_agent(
-            agent,
-            "POST",
-            "/v1/step-ups",
-            json={**payment, "grant_id": grant["id"]},
-        )
-        assert r.status_code == 200, r.text
+        request = await world.request(agent, provider, PAYMENTS, STEP_UP_ABOVE_50)
+        grant = await world.approve(human, request["id"])
         grants.append(grant["id"])
-        steps.append(r.json()["id"])
+        steps.append((await world.step_up(agent, grant["id"], "70"))["id"])
     other = await world.human("Mallory")
     await suspend(world, held, "audit in progress")
 

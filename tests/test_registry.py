@@ -743,27 +743,8 @@ async def test_rotation_publishes_first_and_keeps_old_tokens_verifiable(
 
 @pytest.mark.asyncio
 async def test_step_up_flow_gives_the_agent_a_one_time_reference(world: World) -> None:
-    envelope = {"step_up_threshold": {"amount": "50", "currency": "USD"}}
-    human, agent, _, grant = await world.setup_grant(
-        capabilities=[
-            Capability.transact("payments", max_amount="500", currency="USD").to_document()
-        ],
-        envelope=envelope,
-    )
-    r = await world.as_agent(
-        agent,
-        "POST",
-        "/v1/step-ups",
-        json={
-            "grant_id": grant["id"],
-            "resource": "payments",
-            "amount": "120.00",
-            "currency": "USD",
-            "payee": "acme",
-        },
-    )
-    assert r.status_code == 200, r.text
-    step = r.json()
+    human, agent, _, grant = await world.payments_grant()
+    step = await world.step_up(agent, grant["id"], "120.00", payee="acme")
     assert step["status"] == "pending" and step["document"]["amount"] == "120"
 
     async def approve_later() -> None:
@@ -793,14 +774,8 @@ async def test_step_up_flow_gives_the_agent_a_one_time_reference(world: World) -
 async def test_a_step_up_left_unanswered_expires_and_cannot_be_decided(
     world: World, db: asyncpg.Connection
 ) -> None:
-    human, agent, _, grant = await world.setup_grant(
-        capabilities=[
-            Capability.transact("payments", max_amount="500", currency="USD").to_document()
-        ],
-        envelope={"step_up_threshold": {"amount": "50", "currency": "USD"}},
-    )
-    payment = {"grant_id": grant["id"], "resource": "payments", "amount": "90", "currency": "USD"}
-    step = (await world.as_agent(agent, "POST", "/v1/step-ups", json=payment)).json()
+    human, agent, _, grant = await world.payments_grant()
+    step = await world.step_up(agent, grant["id"], "90")
     base = world.url(f"/v1/step-ups/{step['id']}")
     r = await world.client.post(base + "/approval/begin", headers=human.headers)
     assert r.status_code == 200, r.text

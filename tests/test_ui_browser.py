@@ -190,6 +190,7 @@ ASKED_WORDS = (
     "up to 5 transactions an hour, at most $50 each and $200 a day, "
     "weekdays 09:00\u201317:00 Europe/Berlin"
 )
+SHOP_CAPABILITIES = [Capability.transact("shop/*", max_amount=50, currency="USD").to_document()]
 SHOP = {
     "rate_limits": [{"max_count": 10, "window_seconds": 3600}],
     "max_per_transaction": {"amount": "50", "currency": "USD"},
@@ -241,7 +242,7 @@ def test_a_person_approves_a_real_agents_requests_end_to_end(
     shop = registry.ask(
         agent,
         corner,
-        [Capability.transact("shop/*", max_amount=50, currency="USD").to_document()],
+        SHOP_CAPABILITIES,
         SHOP,
     )
 
@@ -618,7 +619,7 @@ def test_what_waits_on_a_suspended_provider_can_be_refused_not_approved(
     shop = registry.ask(
         agent,
         provider,
-        [Capability.transact("shop/*", max_amount=50, currency="USD").to_document()],
+        SHOP_CAPABILITIES,
         SHOP,
     )
     page.open("/")

@@ -79,20 +79,21 @@ ResourcePattern = Annotated[
     ),
 ]
 IDENTIFIER_PATTERN = r"^[A-Za-z0-9._:@-]+$"
-_IDENTIFIER = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+IDENTIFIER_MAX_LENGTH = 128
+_IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
 
 
 def is_identifier(text: str) -> bool:
     """Could ``text`` be an id (an :data:`Identifier`)? Lets a credential check refuse an
     id that cannot exist without asking the database (which refuses a NUL byte loudly)."""
-    return _IDENTIFIER.fullmatch(text) is not None
+    return len(text) <= IDENTIFIER_MAX_LENGTH and _IDENTIFIER.fullmatch(text) is not None
 
 
 Identifier = Annotated[
     str,
     Field(
         min_length=1,
-        max_length=128,
+        max_length=IDENTIFIER_MAX_LENGTH,
         pattern=IDENTIFIER_PATTERN,
         description="An identifier: letters, digits and . _ : @ -",
     ),

@@ -27,7 +27,7 @@ from ..protocol import (
     InvalidDPoPProof,
     Unauthenticated,
 )
-from ..protocol._types import IDENTIFIER_PATTERN
+from ..protocol._types import IDENTIFIER_MAX_LENGTH, IDENTIFIER_PATTERN
 from ._models import (
     AgentIn,
     ApprovalBeginIn,
@@ -136,10 +136,11 @@ Anyone = Annotated[Caller, Depends(only("human", "agent", "admin", "provider"))]
 # Ids in paths and queries have the alphabet of every id the registry issues or accepts
 # (protocol.Identifier), and integers fit PostgreSQL's bigint: a NUL byte, a megabyte or
 # 10**30 is a 400 here instead of an error from the database.
-ID_PATTERN = IDENTIFIER_PATTERN
 INT64 = 2**63 - 1
-PathId = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN)]
-QueryId = Annotated[str | None, Query(min_length=1, max_length=128, pattern=ID_PATTERN)]
+_ID = {"min_length": 1, "max_length": IDENTIFIER_MAX_LENGTH, "pattern": IDENTIFIER_PATTERN}
+PathId = Annotated[str, Path(**_ID)]
+QueryId = Annotated[str, Query(**_ID)]
+OptionalQueryId = Annotated[str | None, Query(**_ID)]
 
 
 def create_app(registry: Registry) -> FastAPI:
@@ -411,8 +412,8 @@ def create_app(registry: Registry) -> FastAPI:
     @app.get("/v1/audit/events", tags=["audit"])
     async def audit_events(
         who: HumanOrAdmin,
-        agent_id: QueryId = None,
-        grant_id: QueryId = None,
+        agent_id: OptionalQueryId = None,
+        grant_id: OptionalQueryId = None,
     ) -> list[dict[str, Any]]:
         return await registry.audit_events(
             principal_id=who.principal_id, admin=who.admin, agent_id=agent_id, grant_id=grant_id
@@ -431,7 +432,7 @@ def create_app(registry: Registry) -> FastAPI:
     @app.get("/v1/audit/consistency", tags=["audit"])
     async def consistency(
         _: Anyone,
-        chain: Annotated[str, Query(max_length=128, pattern=ID_PATTERN)],
+        chain: QueryId,
         first: Annotated[int, Query(ge=1, le=INT64)],
         second: Annotated[int, Query(ge=1, le=INT64)],
     ) -> dict[str, Any]:
