@@ -292,6 +292,50 @@ async def test_cross_owner_access_is_refused_and_writes_nothing(
     assert await counts(db) == before
 
 
+@pytest.mark.asyncio
+async def test_an_events_proof_is_only_for_who_may_read_the_event(
+    world: World, db: asyncpg.Connection
+) -> None:
+    """The proof endpoint returns the event itself: only its readers get it, everyone else
+    the 404 of a missing event (chains and sequence numbers are easy to enumerate)."""
+    alice, agent_a, provider_a, grant_a = await world.setup_grant()
+    bob = await world.human("Bob")
+    agent_b = await world.agent(bob)
+    provider_b = await world.provider()
+    r = await world.client.get(
+        world.url(f"/v1/audit/events?agent_id={agent_a.id}"), headers=alice.headers
+    )
+    by_name = {e["event"]: e for e in r.json()}
+    registered, approved = by_name["agent.registered"], by_name["grant.approved"]
+    assert approved["subject"] == f"grant:{grant_a['id']}"
+
+    async def proof(event: dict[str, Any], headers: dict[str, str] | None = None) -> int:
+        path = f"/v1/audit/events/{event['chain']}/{event['seq']}/proof"
+        if headers is None:  # the agent signs each request with its key instead
+            return (await world.as_agent(agent_a, "GET", path)).status_code
+        return (await world.client.get(world.url(path), headers=headers)).status_code
+
+    for event in (registered, approved):
+        assert await proof(event, alice.headers) == 200
+        assert await proof(event, world.admin) == 200
+        assert await proof(event) == 200  # the agent it is about
+        for stranger in (bob.headers, provider_b.headers):
+            assert await proof(event, stranger) == 404
+        path = f"/v1/audit/events/{event['chain']}/{event['seq']}/proof"
+        assert (await world.as_agent(agent_b, "GET", path)).status_code == 404
+    # The grant's provider reads its grant's events, not the rest of the agent's.
+    assert await proof(approved, provider_a.headers) == 200
+    assert await proof(registered, provider_a.headers) == 404
+    # An event about nobody's agent or grant (a provider's registration) is the admin's.
+    outsider = await db.fetchrow(
+        "SELECT chain, seq FROM audit_events WHERE event = 'provider.registered'"
+        " AND agent_id IS NULL AND grant_id IS NULL LIMIT 1"
+    )
+    assert outsider is not None and await proof(dict(outsider), world.admin) == 200
+    for headers in (alice.headers, bob.headers, provider_a.headers):
+        assert await proof(outsider, headers) == 404
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 
@@ -713,6 +757,31 @@ async def test_revocation_is_published_listed_and_stops_issuance(
     assert r.status_code == 200
     r = await world.as_agent(agent, "GET", "/v1/grants")
     assert r.status_code == 403 and r.json()["reason"] == "agent_disabled"
+
+
+@pytest.mark.asyncio
+async def test_revoking_an_agent_locks_it_out_as_disabling_does(world: World) -> None:
+    human, agent, provider, grant = await world.setup_grant()
+    r = await world.client.post(
+        world.url("/v1/revocations"),
+        headers=human.headers,
+        json={"kind": "agent", "target": agent.id},
+    )
+    assert r.status_code == 200
+    r = await world.client.get(world.url(f"/v1/agents/{agent.id}"), headers=human.headers)
+    assert r.json()["status"] == "disabled"
+    # Not only refused tokens: it cannot ask for anything more for the human to sign.
+    for method, path, body in [
+        ("GET", "/v1/grants", None),
+        ("POST", "/v1/grant-requests", {"provider_id": provider.id, "capabilities": []}),
+        ("POST", "/v1/step-ups", {"grant_id": grant["id"]}),
+    ]:
+        r = await world.as_agent(agent, method, path, json=body)
+        assert r.status_code == 403 and r.json()["reason"] == "agent_disabled", (path, r.text)
+    r = await world.client.get(world.url("/v1/revocations"), headers=provider.headers)
+    assert {"kind": "agent", "target": agent.id} in [
+        {"kind": x["kind"], "target": x["target"]} for x in r.json()
+    ]
 
 
 @pytest.mark.asyncio

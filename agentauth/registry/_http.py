@@ -421,9 +421,16 @@ def create_app(registry: Registry) -> FastAPI:
 
     @app.get("/v1/audit/events/{chain}/{seq}/proof", tags=["audit"])
     async def audit_proof(
-        _: Anyone, chain: PathId, seq: Annotated[int, Path(ge=0, le=INT64)]
+        who: Anyone, chain: PathId, seq: Annotated[int, Path(ge=0, le=INT64)]
     ) -> dict[str, Any]:
-        return await registry.audit_inclusion(chain, seq)
+        return await registry.audit_inclusion(
+            chain,
+            seq,
+            admin=who.admin,
+            principal_id=who.principal_id,
+            agent_id=who.agent.id if who.agent else None,
+            provider_id=who.provider_id,
+        )
 
     @app.get("/v1/audit/checkpoints", tags=["audit"])
     async def checkpoints(_: Anyone) -> list[dict[str, Any]]:

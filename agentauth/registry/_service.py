@@ -1376,11 +1376,16 @@ class Registry:
     async def revoke(
         self, kind: str, target: str, *, principal_id: str | None, admin: bool
     ) -> dict[str, Any]:
+        if kind == "agent":
+            # One meaning for a revoked agent, however it is asked for: it is disabled, so
+            # it can no longer sign in to ask for grants or step-ups either, not only be
+            # refused tokens and verifications.
+            await self.disable_agent(target, principal_id=principal_id, admin=admin)
+            return {"kind": kind, "target": target, "revoked": True}
         owner_query = {
             "token": "SELECT t.agent_id, a.principal_id FROM issued_tokens t"
             " JOIN agents a ON a.id = t.agent_id WHERE t.jti = $1",
             "grant": "SELECT agent_id, principal_id FROM grants WHERE id = $1",
-            "agent": "SELECT id AS agent_id, principal_id FROM agents WHERE id = $1",
         }[kind]
         async with self._tx() as conn:
             row = await conn.fetchrow(owner_query, target)
@@ -1619,8 +1624,32 @@ class Registry:
         )
         return [json.loads(r["body"]) for r in rows]
 
-    async def audit_inclusion(self, chain: str, seq: int) -> dict[str, Any]:
+    async def audit_inclusion(
+        self,
+        chain: str,
+        seq: int,
+        *,
+        admin: bool = False,
+        principal_id: str | None = None,
+        agent_id: str | None = None,
+        provider_id: str | None = None,
+    ) -> dict[str, Any]:
+        """An event with its inclusion proof, for whoever may read that event: the admin;
+        the human owning its agent or grant; the agent itself; the provider of its grant.
+        Anyone else gets the same 404 as for no event at all (events name people, keys and
+        amounts; their ids are dense, so an open door here would be the whole log)."""
         async with self.pool.acquire() as conn:
+            if not admin:
+                row = await conn.fetchrow(
+                    "SELECT a.principal_id AS agent_owner, e.agent_id,"
+                    " g.principal_id AS grant_owner, g.agent_id AS grant_agent, g.provider_id"
+                    " FROM audit_events e LEFT JOIN agents a ON a.id = e.agent_id"
+                    " LEFT JOIN grants g ON g.id = e.grant_id WHERE e.chain = $1 AND e.seq = $2",
+                    chain,
+                    seq,
+                )
+                if row is None or not _may_read_event(row, principal_id, agent_id, provider_id):
+                    raise NotFound("no such event")
             result = await self.audit.inclusion(conn, chain, seq)
         if result is None:
             raise NotFound("no such event")
@@ -1646,6 +1675,16 @@ class Registry:
         async with self.pool.acquire() as conn:
             proof = await self.audit.consistency(conn, chain, first, second)
         return {"chain": chain, "first": found[first], "second": found[second], "proof": proof}
+
+
+def _may_read_event(
+    row: asyncpg.Record, principal_id: str | None, agent_id: str | None, provider_id: str | None
+) -> bool:
+    if principal_id is not None:
+        return principal_id in (row["agent_owner"], row["grant_owner"])
+    if agent_id is not None:
+        return agent_id in (row["agent_id"], row["grant_agent"])
+    return provider_id is not None and provider_id == row["provider_id"]
 
 
 # A grant request nobody answered within grant_request_ttl ($2 of every query using this)
