@@ -71,6 +71,21 @@ async def test_a_suspended_provider_is_refused_everywhere_until_reinstated(
     ).json()
     assert record["suspended_at"] == answer["suspended_at"] is not None
     assert record["suspension_reason"] == "offboarding"
+    # Humans and agents learn that it is suspended (their grants say so too), not why, nor
+    # anything about its credential.
+    own = world.url(f"/v1/providers/{provider.id}")
+    seen = [
+        (await world.client.get(own, headers=human.headers)).json(),
+        (await world.as_agent(agent, "GET", f"/v1/providers/{provider.id}")).json(),
+    ]
+    for public in seen:
+        assert public == {
+            "id": provider.id,
+            "audience": record["audience"],
+            "display_name": record["display_name"],
+            "allowed_kinds": record["allowed_kinds"],
+            "suspended": True,
+        }
     written = await counts(db)
 
     # The provider, with its valid secret, is told it is suspended; a wrong secret learns

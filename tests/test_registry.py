@@ -11,7 +11,7 @@ import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from registry_world import Human, World
+from registry_world import PAYMENTS, STEP_UP_ABOVE_50, Human, World
 
 from agentauth.protocol import (
     AccessTokenVerifier,
@@ -782,6 +782,97 @@ async def test_revoking_an_agent_locks_it_out_as_disabling_does(world: World) ->
     assert {"kind": "agent", "target": agent.id} in [
         {"kind": x["kind"], "target": x["target"]} for x in r.json()
     ]
+
+
+@pytest.mark.asyncio
+async def test_a_step_up_approval_begun_twice_is_one_challenge(world: World) -> None:
+    """A reload or a second device begins again: the same challenge (it is the payment's
+    hash), renewed, not a 500; one passkey signature approves, the other ceremony is spent."""
+    human, agent, _, grant = await world.payments_grant()
+    step = await world.step_up(agent, grant["id"], "75.00")
+    begin = world.url(f"/v1/step-ups/{step['id']}/approval/begin")
+    first = await world.client.post(begin, headers=human.headers)
+    second = await world.client.post(begin, headers=human.headers)
+    assert first.status_code == second.status_code == 200, second.text
+    options = [r.json()["options"] for r in (first, second)]
+    assert options[0]["challenge"] == options[1]["challenge"]
+    finish = world.url(f"/v1/step-ups/{step['id']}/approval/finish")
+    signed = [human.authenticator.get(o) for o in options]
+    r = await world.client.post(finish, headers=human.headers, json={"credential": signed[1]})
+    assert r.status_code == 200 and r.json()["status"] == "approved", r.text
+    r = await world.client.post(finish, headers=human.headers, json={"credential": signed[0]})
+    assert r.status_code == 409 and r.json()["reason"] == "challenge_used", r.text
+
+
+@pytest.mark.asyncio
+async def test_nothing_is_approved_that_no_token_could_use(
+    world: World, db: asyncpg.Connection
+) -> None:
+    """A step-up on a revoked or expired grant, a request or step-up of a disabled agent:
+    refused at the approval's begin and at its finish, so no receipt says a human approved
+    it. Refusing them stays possible."""
+    human, agent, provider, grant = await world.payments_grant()
+    revoked_step = await world.step_up(agent, grant["id"], "75")
+    finish_later = await world.client.post(
+        world.url(f"/v1/step-ups/{revoked_step['id']}/approval/begin"), headers=human.headers
+    )
+    assert finish_later.status_code == 200
+    r = await world.client.post(
+        world.url("/v1/revocations"),
+        headers=human.headers,
+        json={"kind": "grant", "target": grant["id"]},
+    )
+    assert r.status_code == 200
+    r = await world.client.post(
+        world.url(f"/v1/step-ups/{revoked_step['id']}/approval/begin"), headers=human.headers
+    )
+    assert r.status_code == 409 and r.json()["reason"] == "grant_revoked", r.text
+    r = await world.client.post(
+        world.url(f"/v1/step-ups/{revoked_step['id']}/approval/finish"),
+        headers=human.headers,
+        json={"credential": human.authenticator.get(finish_later.json()["options"])},
+    )
+    assert r.status_code == 409 and r.json()["reason"] == "grant_revoked", r.text
+
+    # A grant that expires while its step-up waits.
+    expiring = {**STEP_UP_ABOVE_50, "expires_at": int(time.time()) + 3}
+    request = await world.request(agent, provider, capabilities=PAYMENTS, envelope=expiring)
+    short = await world.approve(human, request["id"])
+    late_step = await world.step_up(agent, short["id"], "75")
+    await asyncio.sleep(max(0.0, expiring["expires_at"] - time.time()) + 0.5)
+    r = await world.client.post(
+        world.url(f"/v1/step-ups/{late_step['id']}/approval/begin"), headers=human.headers
+    )
+    assert r.status_code == 409 and r.json()["reason"] == "grant_expired", r.text
+    r = await world.as_agent(
+        agent,
+        "POST",
+        "/v1/step-ups",
+        json={"grant_id": short["id"], "resource": "payments", "amount": "75", "currency": "USD"},
+    )
+    assert r.status_code == 403 and r.json()["reason"] == "grant_expired", r.text
+
+    # The agent is disabled with a request and a step-up pending.
+    request = await world.request(agent, provider, capabilities=PAYMENTS, envelope=STEP_UP_ABOVE_50)
+    live = await world.approve(human, request["id"])
+    live_step = await world.step_up(agent, live["id"], "75")
+    pending = await world.request(agent, provider)
+    r = await world.client.post(world.url(f"/v1/agents/{agent.id}/disable"), headers=human.headers)
+    assert r.status_code == 200
+    for path in (
+        f"/v1/grant-requests/{pending['id']}/approval/begin",
+        f"/v1/step-ups/{live_step['id']}/approval/begin",
+    ):
+        r = await world.client.post(world.url(path), headers=human.headers)
+        assert r.status_code == 409 and r.json()["reason"] == "agent_disabled", (path, r.text)
+    assert await db.fetchval("SELECT count(*) FROM grants WHERE agent_id = $1", agent.id) == 3
+    for path in (
+        f"/v1/grant-requests/{pending['id']}/deny",
+        f"/v1/step-ups/{live_step['id']}/deny",
+        f"/v1/step-ups/{late_step['id']}/deny",
+    ):
+        r = await world.client.post(world.url(path), headers=human.headers)
+        assert r.status_code == 200, (path, r.text)
 
 
 @pytest.mark.asyncio

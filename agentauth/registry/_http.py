@@ -264,9 +264,15 @@ def create_app(registry: Registry) -> FastAPI:
 
     @app.get("/v1/providers/{provider_id}", tags=["providers"])
     async def get_provider(who: Anyone, provider_id: PathId) -> dict[str, Any]:
-        if not (who.admin or who.provider_id == provider_id or who.agent or who.principal_id):
+        if who.provider_id is not None and who.provider_id != provider_id:
             raise Forbidden("another provider's record", reason="wrong_provider")
-        return await registry.get_provider(provider_id)
+        record = await registry.get_provider(provider_id)
+        if who.admin or who.provider_id == provider_id:
+            return record
+        # Humans and agents see what they need to ask for and approve grants: not the
+        # credential's history or the admin's words about a suspension, only that it is one.
+        public = ("id", "audience", "display_name", "allowed_kinds")
+        return {**{k: record[k] for k in public}, "suspended": record["suspended_at"] is not None}
 
     def _credential_owner(who: Caller, provider_id: str) -> str:
         """The admin, or the provider itself with its current credential: the previous one

@@ -392,9 +392,17 @@ class Registry:
         subject_id: str | None = None,
         payload: dict[str, Any] | None = None,
     ) -> None:
-        await conn.execute(
+        # A step-up's challenge is its document's hash, the same at every begin: a second
+        # begin (a reload, another device) renews the row instead of colliding with it. Both
+        # ceremonies then sign the one challenge, and the first finish consumes it. Any other
+        # challenge is random, so the renewal is limited to the same ceremony's row.
+        stored = await conn.fetchval(
             "INSERT INTO webauthn_challenges (challenge, purpose, principal_id, subject_id,"
-            " payload, expires_at) VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))",
+            " payload, expires_at) VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))"
+            " ON CONFLICT (challenge) DO UPDATE SET payload = EXCLUDED.payload,"
+            " expires_at = EXCLUDED.expires_at WHERE webauthn_challenges.purpose = $2"
+            " AND webauthn_challenges.principal_id IS NOT DISTINCT FROM $3"
+            " AND webauthn_challenges.subject_id IS NOT DISTINCT FROM $4 RETURNING true",
             challenge,
             purpose,
             principal_id,
@@ -402,6 +410,8 @@ class Registry:
             payload or {},
             float(self.settings.challenge_ttl),
         )
+        if not stored:
+            raise Conflict("this challenge belongs to another ceremony", reason="challenge_used")
 
     @staticmethod
     def _client_challenge(credential: dict[str, Any]) -> bytes:
@@ -1097,8 +1107,7 @@ class Registry:
         if row["principal_id"] != principal_id:
             raise NotFound("no such grant request")
         _still_pending(row["status"], "request")
-        if row["provider_suspended"]:
-            raise Conflict("the provider is suspended", reason="provider_suspended")
+        _still_usable(row)
         requested = GrantRequest.model_validate(
             {
                 "agent_id": row["agent_id"],
@@ -1147,8 +1156,7 @@ class Registry:
                 subject_id=request_id,
             )
             _still_pending(row["status"], "request")
-            if row["provider_suspended"]:  # since the approval began: nothing is consumed
-                raise Conflict("the provider is suspended", reason="provider_suspended")
+            _still_usable(row)  # since the approval began: nothing is consumed
             grant = Grant.model_validate(payload["grant"])
             if grant.digest() != challenge:  # the stored grant is what the challenge commits to
                 raise InvalidReceipt(
@@ -1458,6 +1466,9 @@ class Registry:
         grant = await self.get_grant(body.grant_id, agent=agent)
         if grant["revoked_at"] is not None:
             raise Forbidden("the grant is revoked", reason="grant_revoked")
+        expires_at = grant["document"]["envelope"].get("expires_at")
+        if expires_at is not None and expires_at <= time.time():
+            raise Forbidden("the grant has expired", reason="grant_expired")
         if grant["provider_suspended"]:  # no token could use the approval
             raise Forbidden("the grant's provider is suspended", reason="provider_suspended")
         step_id = new_id("stp")
@@ -1527,15 +1538,17 @@ class Registry:
         return [_step_up_view(r, for_agent=False) for r in rows]
 
     async def step_up_begin(self, principal_id: str, step_id: str) -> dict[str, Any]:
-        step = await self.get_step_up(step_id, principal_id=principal_id)
-        _still_pending(step["status"], "step-up")
-        if step["provider_suspended"]:
-            raise Conflict("the grant's provider is suspended", reason="provider_suspended")
-        challenge = _sha256(canonical_json(step["document"]))
+        row = await self.pool.fetchrow(_STEP_UP_SELECT + " WHERE s.id = $1", step_id)
+        if row is None or not _may_see(row, principal_id, None):
+            raise NotFound("no such step-up")
+        _still_pending(row["status"], "step-up")
+        _still_usable(row)
+        document = json.loads(row["document"])
+        challenge = _sha256(canonical_json(document))
         options = await self._assertion_options(
             principal_id, challenge, purpose="approve_step_up", subject_id=step_id
         )
-        return {"step_up": step["document"], "options": options}
+        return {"step_up": document, "options": options}
 
     async def step_up_finish(
         self, principal_id: str, step_id: str, credential: dict[str, Any]
@@ -1553,8 +1566,7 @@ class Registry:
                 subject_id=step_id,
             )
             _still_pending(row["status"], "step-up")
-            if row["provider_suspended"]:  # since the approval began: nothing is consumed
-                raise Conflict("the grant's provider is suspended", reason="provider_suspended")
+            _still_usable(row)  # since the approval began: nothing is consumed
             if challenge != _sha256(row["document"].encode()):
                 raise InvalidReceipt(
                     "challenge does not match the transaction", reason="challenge_mismatch"
@@ -1701,7 +1713,8 @@ _REQUEST_SELECT = (
     f" {_REQUEST_STATUS} AS status,"
     " r.created_at, r.decided_at, a.principal_id, a.name AS agent_name,"
     " p.audience, p.display_name AS provider_name, g.id AS grant_id,"
-    " p.suspended_at IS NOT NULL AS provider_suspended"
+    " p.suspended_at IS NOT NULL AS provider_suspended, a.status AS agent_status,"
+    " false AS grant_revoked, false AS grant_expired"
     " FROM grant_requests r JOIN agents a ON a.id = r.agent_id"
     " JOIN providers p ON p.id = r.provider_id LEFT JOIN grants g ON g.request_id = r.id"
 )
@@ -1738,7 +1751,9 @@ _STEP_UP_SELECT = (
     # Only the constant above is joined in.
     "SELECT s.id, s.grant_id, s.agent_id, s.document, s.approval_ref, s.expires_at,"  # noqa: S608
     f" {_STEP_UP_STATUS} AS status,"
-    " a.principal_id, p.suspended_at IS NOT NULL AS provider_suspended FROM step_ups s"
+    " a.principal_id, p.suspended_at IS NOT NULL AS provider_suspended,"
+    " a.status AS agent_status, g.revoked_at IS NOT NULL AS grant_revoked,"
+    " coalesce(g.expires_at <= extract(epoch FROM now()), false) AS grant_expired FROM step_ups s"
     " JOIN agents a ON a.id = s.agent_id JOIN grants g ON g.id = s.grant_id"
     " JOIN providers p ON p.id = g.provider_id"
 )
@@ -1751,6 +1766,20 @@ def _still_pending(status: str, what: str) -> None:
         raise Conflict(f"the {what} expired unanswered", reason="expired")
     if status != "pending":
         raise Conflict(f"the {what} was already decided", reason="not_pending")
+
+
+def _still_usable(row: asyncpg.Record) -> None:
+    """Refuse (409) to approve what no token could use: a request or step-up whose agent is
+    disabled, whose grant is revoked or expired, or whose provider is suspended. Nothing is
+    signed for it, so no receipt says a human approved something dead."""
+    if row["agent_status"] != "active":
+        raise Conflict("the agent is disabled", reason="agent_disabled")
+    if row["grant_revoked"]:
+        raise Conflict("the grant is revoked", reason="grant_revoked")
+    if row["grant_expired"]:
+        raise Conflict("the grant has expired", reason="grant_expired")
+    if row["provider_suspended"]:
+        raise Conflict("the provider is suspended", reason="provider_suspended")
 
 
 def _may_see(row: asyncpg.Record, principal_id: str | None, agent: Agent | None) -> bool:

@@ -34,6 +34,12 @@ _MESSAGES = {
         "The administrator has suspended this provider: nothing can be approved for it until "
         "it is reinstated."
     ),
+    "agent_disabled": (
+        "This agent has been disabled, so nothing can be approved for it any more. You can "
+        "still refuse what it asked."
+    ),
+    "grant_revoked": "The grant behind this payment was revoked, so it can no longer be approved.",
+    "grant_expired": "The grant behind this payment has expired, so it can no longer be approved.",
     "last_passkey": "You cannot remove your last passkey: add another one first.",
     "credential_flagged": (
         "This passkey is blocked because its signature counter went backwards (it may have "
