@@ -9,14 +9,16 @@ decisions, whatever fails after the commit.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
 import pytest
-from shard_checks import a_check
+from shard_checks import a_check, payment
 
 from agentauth.actors import Check, StateShard
 from agentauth.protocol import Action, Envelope
@@ -78,6 +80,143 @@ async def test_a_second_writer_on_the_chain_is_caught(database_url: str) -> None
     finally:
         await first.close()
         await second.close()
+
+
+# A grant may spend 100 EUR in all, whichever writer decides.
+CAPPED = Envelope.model_validate(
+    {"spend_limits": [{"amount": "100", "currency": "EUR", "period": "grant"}]}
+)
+
+
+def _pay(grant: str, amount: str, **changes: Any) -> Check:
+    return a_check("writers", grant_id=grant, action=payment(amount), envelope=CAPPED, **changes)
+
+
+def _later(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A clock to move on by hand: each call moves ``time.time`` on by its seconds (past a
+    floor, instead of sleeping)."""
+    clock, offset = time.time, [0.0]
+    monkeypatch.setattr(time, "time", lambda: clock() + offset[0])
+
+    def later(seconds: float) -> None:
+        offset[0] += seconds
+
+    return later
+
+
+async def _committed_spend(database_url: str, grant: str) -> list[Decimal]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT body FROM audit_events WHERE grant_id = $1 AND event = 'verify.allow'"
+            " ORDER BY chain, seq",
+            grant,
+        )
+    finally:
+        await conn.close()
+    return [Decimal(json.loads(r["body"])["data"]["action"]["amount"]) for r in rows]
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_the_loser_of_a_commit_race_counts_the_other_writers_spend(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shard that loses a commit race starts over for usage too: each grant it knew is
+    rebuilt from the chain, so the other writer's allows count against its limits."""
+    later = _later(monkeypatch)
+    first = StateShard(index=710, database_url=database_url)
+    second = StateShard(index=710, database_url=database_url)
+    try:
+        assert (await first.check_batch([_pay("grt_race", "40")]))[0].allowed
+        later(11)  # past the floor the second one starts with
+        [other] = await second.check_batch([_pay("grt_race", "50")])
+        assert (other.allowed, other.remaining) == (True, {"rate": [], "spend": ["10"]})
+        [lost] = await first.check_batch([_pay("grt_race", "10")])
+        assert lost.reason == "audit_unavailable"
+        later(11)  # past the second one's last decision
+        # 90 spent on the chain: 50 more would pass 100, 10 fits exactly.
+        [over] = await first.check_batch([_pay("grt_race", "50")])
+        assert (over.allowed, over.reason) == (False, "cumulative_limit_exceeded")
+        [fits] = await first.check_batch([_pay("grt_race", "10")])
+        assert (fits.allowed, fits.remaining) == (True, {"rate": [], "spend": ["0"]})
+        assert sum(await _committed_spend(database_url, "grt_race")) == 100
+    finally:
+        await first.close()
+        await second.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_reconnect_that_finds_another_writers_head_starts_over(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard whose database session ended reconnects to find that another writer
+    committed meanwhile. It must not carry on as if the chain were its own: the other
+    writer's proofs are refused (their jtis are not here), and its spend counts."""
+    later = _later(monkeypatch)
+    first = StateShard(index=711, database_url=database_url)
+    second = StateShard(index=711, database_url=database_url)
+    try:
+        assert (await first.check_batch([_pay("grt_reconnect", "1")]))[0].allowed
+        later(11)
+        proof = _pay("grt_reconnect", "30")
+        assert (await second.check_batch([proof]))[0].allowed
+        conn = first._conn
+        assert conn is not None
+        admin = await asyncpg.connect(database_url)
+        try:
+            await admin.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+        finally:
+            await admin.close()
+        for _ in range(250):  # the session's end reaches the client
+            if conn.is_closed():
+                break
+            await asyncio.sleep(0.02)
+        assert conn.is_closed()
+
+        # The same proof, sent to the first writer: refused, on a new connection.
+        [replayed] = await first.check_batch([proof])
+        assert (replayed.allowed, replayed.reason) == (False, "shard_restarted")
+        assert first._conn is not None and first._conn is not conn
+        later(11)
+        # 31 spent on the chain: 70 more would pass 100.
+        [over] = await first.check_batch([_pay("grt_reconnect", "70")])
+        assert (over.allowed, over.reason) == (False, "cumulative_limit_exceeded")
+        spent = await _committed_spend(database_url, "grt_reconnect")
+        assert spent == [Decimal(1), Decimal(30)]
+    finally:
+        await first.close()
+        await second.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_expired_proofs_are_forgotten_while_commits_fail(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every batch is decided, and its proofs reserved, whether or not its commit goes
+    through: an outage of the audit store must not grow the shard's memory with them."""
+    later = _later(monkeypatch)
+    shard = StateShard(index=712, database_url=database_url)
+
+    async def disk_full(*args: Any) -> None:
+        raise asyncpg.exceptions.DiskFullError("could not extend file")
+
+    monkeypatch.setattr(shard, "_commit", disk_full)
+    window = shard.state.policy.max_age + shard.state.policy.future_skew
+    try:
+        for minute in range(5):
+            shard._last_prune = 0.0  # a prune is due
+            results = await shard.check_batch(
+                [_check(f"m{minute}-{i}", time.time()) for i in range(50)]
+            )
+            assert {r.reason for r in results} == {"audit_unavailable"}
+            later(window + 1)
+        # Only the last batch's proofs can still verify.
+        assert len(shard.state.jtis) == 50
+    finally:
+        await shard.close()
 
 
 @pytest.mark.asyncio

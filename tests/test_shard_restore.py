@@ -7,6 +7,7 @@ must enforce the same limits the old one would have.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 
@@ -102,3 +103,105 @@ async def test_a_clock_stepped_back_does_not_hide_the_latest_spend(
         assert (third.allowed, third.reason) == (False, "cumulative_limit_exceeded")
     finally:
         await new.close()
+
+
+def _frozen(monkeypatch: pytest.MonkeyPatch, at: float) -> list[float]:
+    """``time.time`` held at ``[0]`` of the list returned, to be set by hand."""
+    now = [at]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    return now
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_proof_from_the_last_millisecond_before_a_restart_is_refused(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old incarnation accepts a proof issued up to its clock plus the skew, and a
+    proof's iat may carry fractions of a millisecond. The new incarnation's floor comes
+    from the time its chain holds, so that time must be the one decided on, not up to a
+    millisecond earlier."""
+    decided = math.floor(time.time()) + 0.0009  # late in its millisecond
+    now = _frozen(monkeypatch, decided)
+    old = StateShard(index=703, database_url=database_url)
+    skew = old.state.policy.future_skew
+    proof = a_check("edge", iat=decided + skew, token_jti=None)  # at the skew's edge
+    try:
+        assert (await old.check_batch([proof]))[0].allowed
+    finally:
+        await old.close()
+
+    now[0] = decided + 1
+    new = StateShard(index=703, database_url=database_url)
+    try:
+        [again] = await new.check_batch([proof])
+        assert (again.allowed, again.reason) == (False, "shard_restarted")
+    finally:
+        await new.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_restored_rate_windows_are_the_live_ones(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart rebuilds a grant's allow times from the chain: they must be the times the
+    live shard counted, to the fraction of a millisecond, or an allow would leave its
+    window early and the new incarnation allow what the old one would have refused."""
+    grant = f"grt_window_{secrets.token_hex(3)}"
+    base = math.floor(time.time())
+    now = _frozen(monkeypatch, base)
+    old = StateShard(index=704, database_url=database_url)
+    try:
+        for offset in (0.0007, 1.2003, 2.5009):
+            now[0] = base + offset
+            assert (await old.check_batch([_pay(grant, "1", now[0])]))[0].allowed
+        live = old.state.usage(grant)
+    finally:
+        await old.close()
+
+    now[0] = base + 20
+    new = StateShard(index=704, database_url=database_url)
+    try:
+        # Refused by the floor, and the grant restored on the way.
+        [first] = await new.check_batch([_pay(grant, "1", base + 2.5)])
+        assert first.reason == "shard_restarted"
+        assert new.state.usage(grant) == live
+    finally:
+        await new.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_forgotten_step_up_reference_stays_spent(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard forgets a spent step-up reference with the proof that spent it: from then on
+    the durable record (verifier_step_up_uses, looked up for every batch's references, its
+    primary key checked by every commit) keeps it spent."""
+    grant, ref = f"grt_step_{secrets.token_hex(3)}", f"sur_{secrets.token_hex(8)}"
+    stepped = Envelope.model_validate({"step_up_threshold": {"amount": "50", "currency": "EUR"}})
+    now = _frozen(monkeypatch, time.time())
+    shard = StateShard(index=713, database_url=database_url)
+
+    def spend() -> Check:
+        return a_check(
+            "step",
+            grant_id=grant,
+            action=payment("90"),
+            envelope=stepped,
+            step_up_ref=ref,
+            step_up_valid=True,
+            token_jti=None,
+        )
+
+    try:
+        assert (await shard.check_batch([spend()]))[0].allowed
+        now[0] += shard.state.policy.max_age + shard.state.policy.future_skew + 1
+        shard._last_prune = 0.0  # due after the next batch
+        assert (await shard.check_batch([a_check("step", token_jti=None)]))[0].allowed
+        assert ref not in shard.state.used_refs
+        [again] = await shard.check_batch([spend()])
+        assert (again.allowed, again.reason) == (False, "step_up_invalid")
+    finally:
+        await shard.close()

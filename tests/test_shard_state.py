@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 from decimal import Decimal
 
 from agentauth.actors import Check, ShardState
@@ -83,6 +84,33 @@ def test_step_up_reference_is_single_use_and_must_be_valid() -> None:
     assert state.decide(good, NOW).allowed
     again = check("d", action=tx, envelope=env, step_up_ref="r1", step_up_valid=True)
     assert state.decide(again, NOW).reason == "step_up_invalid"
+
+
+def test_spent_step_up_references_are_forgotten_with_their_proofs_and_counted() -> None:
+    """A spent reference is kept while the proof that spent it could verify, and forgotten
+    with it (past that, the shard's lookup in verifier_step_up_uses refuses it; see
+    test_shard_restore.py). While kept, it counts in the memory report."""
+    tx = Action(kind="transact", resource="p", amount="90", currency="USD")
+    policy = ShardState(started_at=NOW).policy
+    window = policy.max_age + policy.future_skew
+
+    def decided(*, refs: bool) -> ShardState:
+        state = ShardState(started_at=NOW)
+        for i in range(200):
+            ref = {"step_up_ref": f"sur_{i:040d}", "step_up_valid": True} if refs else {}
+            assert state.decide(check(f"j{i}", grant=f"g{i}", action=tx, **ref), NOW).allowed
+        return state
+
+    state, plain = decided(refs=True), decided(refs=False)
+    held = sum(sys.getsizeof(ref) for ref in state.used_refs)
+    assert state.memory_bytes() - plain.memory_bytes() >= held
+    # Pruned while the proofs can still verify: still spent.
+    late = NOW + window - 1
+    state.prune(late, idle_grants_after=600)
+    reuse = check("again", iat=late, action=tx, step_up_ref=f"sur_{0:040d}", step_up_valid=True)
+    assert state.decide(reuse, late).reason == "step_up_invalid"
+    state.prune(NOW + window + 1, idle_grants_after=600)
+    assert not state.used_refs
 
 
 def test_usage_survives_through_its_durable_form() -> None:

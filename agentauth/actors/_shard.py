@@ -12,7 +12,10 @@ A restarted shard has lost its jti windows, so it refuses every proof issued up 
 decision its chain records, plus the allowed clock skew (``shard_restarted``): any proof
 the previous incarnation accepted is among those, because no allow leaves a shard before
 its event is committed. It also rebuilds each grant's usage from its durable decision events
-the first time it sees the grant again.
+the first time it sees the grant again. A shard that finds another writer's events on its
+chain (a zombie incarnation, a second cluster on the same database) starts over the same
+way: floor raised to that writer's last decision, every grant's usage forgotten, jti
+entries kept.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import secrets
 import time
@@ -185,14 +189,15 @@ class StateShard:
         self._connecting: asyncio.Task[asyncpg.Connection] | None = None
         self._batches_wait = True
         self._retry_now = asyncio.Event()
+        # The chain's head as this shard last committed or loaded it.
         self._size = 0
-        # The time of this chain's last committed decision. Decisions are timed no earlier:
-        # a wall clock stepped back (NTP, another node after a restart) must not give a
-        # later decision an earlier time, since "a grant's latest allow", whose usage a
-        # restart restores, is found by time. A clock held still is conservative: rate
-        # windows and spend periods wait for it.
-        self._last_time = 0.0
         self._head = GENESIS_HASH
+        # The time of this chain's last committed decision, in ms. Decisions are timed no
+        # earlier: a wall clock stepped back (NTP, another node after a restart) must not
+        # give a later decision an earlier time, since "a grant's latest allow", whose usage
+        # a restart restores, is found by time. A clock held still is conservative: rate
+        # windows and spend periods wait for it.
+        self._last_ms = 0
         self._pending: list[tuple[list[Check], asyncio.Future[list[Result]]]] = []
         # Voids this shard owes its chain (see _Unsure), written ahead of the next batch.
         self._owed: list[Check] = []
@@ -395,20 +400,37 @@ class StateShard:
         return conn
 
     async def _reload_head(self, conn: asyncpg.Connection) -> None:
+        """Load the chain's head. Unless it is the one this shard left (or the one its
+        commit of unknown fate would have left), someone else has decided on the chain: a
+        previous incarnation, or another writer still running. Their jti window is not
+        here and their allows are not in this shard's usage, so it starts over: proofs up
+        to their last decision are refused, and each grant is rebuilt from the chain.
+        (Losing a commit race always ends here: the head only grows.)"""
         row = await conn.fetchrow("SELECT size, head FROM audit_heads WHERE chain = $1", self.chain)
         if row is None:
             raise RuntimeError(f"audit chain {self.chain} has no head")
-        self._size, self._head = row["size"], bytes(row["head"])
+        found = row["size"], bytes(row["head"])
+        unsure = self._unsure
+        ours = found == (self._size, self._head) or (
+            unsure is not None and found == (unsure.seq + 1, unsure.hash)
+        )
+        known, (self._size, self._head) = self._size, found
         last = await conn.fetchval(
             "SELECT time_ms FROM audit_events WHERE chain = $1 ORDER BY seq DESC LIMIT 1",
             self.chain,
         )
-        if last is None:
+        if last is not None:
+            self._last_ms = max(self._last_ms, last)
+        if ours:
             return
-        self._last_time = max(self._last_time, last / 1000.0)
-        # Only a new incarnation lost its jti window; a reconnect keeps it.
-        if self._decisions == 0:
-            self.state.replay_floor = max(self.state.replay_floor, last / 1000.0)
+        if known:
+            log.warning(
+                "shard %s: another writer moved chain %s; starting over", self.index, self.chain
+            )
+        self.state.grants.clear()
+        if last is not None:
+            # The very float that writer decided on: it timed its batch last / 1000.
+            self.state.replay_floor = max(self.state.replay_floor, last / 1000)
 
     async def check_batch(self, checks: list[Check]) -> list[Result]:
         """Decide ``checks`` in arrival order; answer once their events are committed.
@@ -448,8 +470,12 @@ class StateShard:
             conn = await self._connection()
             if self._unsure is not None:
                 await self._resolve(conn, self._unsure)
-            now = max(time.time(), self._last_time)
-            await self._restore(conn, checks, now)
+            # A whole millisecond, rounded up: the chain stores this time exactly, so the
+            # floor and rate windows rebuilt from it are the ones decided on, not up to a
+            # millisecond earlier.
+            now_ms = max(math.ceil(time.time() * 1000), self._last_ms)
+            now = now_ms / 1000
+            await self._restore(conn, checks, now_ms)
             if any(check.voids == ANY_ALLOW for check in checks):
                 checks = await self._find_allows(conn, checks)
         except Exception:  # database unreachable: nothing can be recorded, so deny all
@@ -466,7 +492,7 @@ class StateShard:
         answered = len(checks)
         checks = owed + checks  # answered to nobody: the results are sliced off below
         outcomes = [self.state.decide(check, now) for check in checks]
-        entries = self._chain(checks, outcomes, now)
+        entries = self._chain(checks, outcomes, now_ms)
         try:
             began = time.perf_counter()
             await self._commit(conn, checks, outcomes, entries)
@@ -491,21 +517,15 @@ class StateShard:
                         if o.allowed
                     ],
                 )
+            # Decisions were reserved all the same: an outage must not grow memory.
+            self._prune(now)
             return [Result(False, AUDIT_UNAVAILABLE) for _ in range(answered)]
         self._owed = []
         del outcomes[: len(owed)], entries[: len(owed)]
-        self._last_time = now
+        self._last_ms = now_ms
         self._decisions += len(checks)
         self.batches += 1
-        if time.monotonic() - self._last_prune > 5.0:
-            self._last_prune = time.monotonic()
-            try:
-                self.state.prune(now, idle_grants_after=self._idle_grants_after)
-            except Exception:
-                # These decisions are committed: answering them as failed would leave
-                # allows in the audit chain that no client received. Pruning is upkeep
-                # (memory), so a failure costs memory until the next try, not decisions.
-                log.exception("shard %s failed to prune its state", self.index)
+        self._prune(now)
         return [
             Result(
                 o.allowed,
@@ -517,8 +537,22 @@ class StateShard:
             for o, e in zip(outcomes, entries, strict=True)
         ]
 
-    async def _restore(self, conn: asyncpg.Connection, checks: list[Check], now: float) -> None:
+    def _prune(self, now: float) -> None:
+        """Forget expired state (see ShardState.prune), at most every 5 s."""
+        if time.monotonic() - self._last_prune <= 5.0:
+            return
+        self._last_prune = time.monotonic()
+        try:
+            self.state.prune(now, idle_grants_after=self._idle_grants_after)
+        except Exception:
+            # Pruning is upkeep (memory): a failure costs memory until the next try, never
+            # decisions. (Committed ones answered as failed would leave allows in the audit
+            # chain that no client received.)
+            log.exception("shard %s failed to prune its state", self.index)
+
+    async def _restore(self, conn: asyncpg.Connection, checks: list[Check], now_ms: int) -> None:
         """Rebuild usage of grants this incarnation has not seen, and spent step-ups."""
+        now = now_ms / 1000
         missing: dict[str, Check] = {}
         for check in checks:
             wanted = check.deny is None and check.grant_id and check.envelope is not None
@@ -530,7 +564,7 @@ class StateShard:
                 "SELECT approval_ref FROM verifier_step_up_uses WHERE approval_ref = ANY($1)",
                 refs,
             )
-            self.state.used_refs.update(r["approval_ref"] for r in rows)
+            self.state.spent_elsewhere((r["approval_ref"] for r in rows), now)
         if not missing:
             return
         ids = list(missing)
@@ -539,7 +573,10 @@ class StateShard:
             envelope = check.envelope
             assert envelope is not None
             longest = max((r.window_seconds for r in envelope.rate_limits), default=0)
-            windows.append((grant_id, int((now - longest) * 1000), envelope.max_rate_count))
+            # A millisecond wider than the window: evaluate() draws its exact edge, on the
+            # same floats the live state holds (time_ms / 1000, as decided).
+            since = now_ms - longest * 1000 - 1
+            windows.append((grant_id, since, envelope.max_rate_count))
         rows = await conn.fetch(
             _RESTORE,
             [w[0] for w in windows],
@@ -551,7 +588,7 @@ class StateShard:
         for row in rows:
             if row["body"] is not None:
                 spend[row["grant_id"]] = json.loads(row["body"])["data"].get("usage")
-            recent[row["grant_id"]] = [t / 1000.0 for t in row["times"] or ()]
+            recent[row["grant_id"]] = [t / 1000 for t in row["times"] or ()]
         for grant_id in ids:
             self.state.restore(
                 grant_id, usage_from_events(spend.get(grant_id), recent[grant_id]), now
@@ -606,10 +643,9 @@ class StateShard:
         chain, _, seq = event_id.rpartition(":")
         return chain == self.chain and seq.isascii() and seq.isdigit() and int(seq) < self._size
 
-    def _chain(self, checks: list[Check], outcomes: list[Outcome], now: float) -> list[_Entry]:
+    def _chain(self, checks: list[Check], outcomes: list[Outcome], time_ms: int) -> list[_Entry]:
         entries = []
         size, head = self._size, self._head
-        time_ms = int(now * 1000)
         for check, outcome in zip(checks, outcomes, strict=True):
             data: dict[str, Any] = {"reason": outcome.reason}
             if check.jti:  # which request this was: a provider's logs can be matched to it
@@ -693,9 +729,8 @@ class StateShard:
             ):
                 raise  # a step-up spent elsewhere meanwhile: this batch fails, nothing else
             # Another writer (a second cluster during an upgrade, a zombie actor) has
-            # decided on this chain: its jti window is not ours, so reload as a new
-            # incarnation would, raising the replay floor to its last decision.
-            self._decisions = 0
+            # decided on this chain. The failure drops the connection, and the reconnect's
+            # reload finds the head moved: the shard starts over (see _reload_head).
             raise RuntimeError("audit chain moved under this shard") from exc
         self._size += len(entries)
         self._head = hashes[-1]

@@ -8,7 +8,9 @@ Time is an argument; nothing here does I/O.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -77,9 +79,10 @@ _Entry = tuple[tuple[float, ...], tuple[tuple[str, Decimal], ...], float]
 class ShardState:
     """One shard's memory. ``started_at`` is when this incarnation began.
 
-    ``replay_floor``: the time of the last decision a previous incarnation committed (0 for
-    a new shard). Proofs issued up to then, plus the clock skew a proof may carry, could
-    have been seen by it, and its jti window is lost, so they are refused.
+    ``replay_floor``: the time of the last decision on this shard's chain that it did not
+    make itself (a previous incarnation's, or another writer's; 0 for a new chain). Proofs
+    issued up to then, plus the clock skew a proof may carry, could have been seen there,
+    and that jti window is not here, so they are refused.
     """
 
     started_at: float
@@ -97,7 +100,12 @@ class ShardState:
     # grants off the front instead of copying the whole map every prune (12 ms for 100,000
     # grants here, with every check on the shard waiting).
     grants: dict[str, _Entry] = field(default_factory=dict)
-    used_refs: set[str] = field(default_factory=set)
+    # Spent step-up references -> when they may be forgotten: with the proof that spent
+    # them, pruned the same way. The durable guard is verifier_step_up_uses: the shard
+    # looks every batch's references up there before deciding, and its primary key fails
+    # a commit that would spend one twice. This map covers what that table cannot hold
+    # yet: a second use in the same batch, and uses whose commit failed.
+    used_refs: dict[str, float] = field(default_factory=dict)
 
     def knows(self, grant_id: str) -> bool:
         return grant_id in self.grants
@@ -110,6 +118,13 @@ class ShardState:
         """Usage rebuilt from durable decisions (after a restart or an eviction)."""
         self.grants.pop(grant_id, None)
         self.grants[grant_id] = (usage.recent, usage.spend, now)
+
+    def spent_elsewhere(self, refs: Iterable[str], now: float) -> None:
+        """Step-up references the durable record says are spent: refused like those spent
+        here, and kept as long."""
+        until = now + self.policy.max_age + self.policy.future_skew
+        for ref in refs:
+            self.used_refs.setdefault(ref, until)
 
     def decide(self, check: Check, now: float) -> Outcome:
         """Check and reserve, atomically: replay, one-time step-up, envelope."""
@@ -153,24 +168,18 @@ class ShardState:
         self.grants.pop(check.grant_id, None)
         self.grants[check.grant_id] = (decision.state.recent, decision.state.spend, now)
         if check.step_up_ref is not None:
-            self.used_refs.add(check.step_up_ref)
+            self.used_refs[check.step_up_ref] = expires
         return Outcome(True, "ok", decision.remaining, None, decision.state)
 
     def prune(self, now: float, *, idle_grants_after: float) -> None:
-        """Forget what can no longer matter: expired jtis, grants idle for a while.
+        """Forget what can no longer matter: expired jtis and step-up references, grants
+        idle for a while.
 
         An evicted grant is rebuilt from the audit log when next seen, so eviction trades
         memory for one query, never correctness.
         """
-        expired = []
-        # An entry stuck behind a later-expiring one (a proof with an earlier iat that
-        # arrived later) waits for the next prune: at most the clock skew longer.
-        for key, expires in self.jtis.items():
-            if expires >= now:
-                break
-            expired.append(key)
-        for key in expired:
-            del self.jtis[key]
+        _drop_expired(self.jtis, now)
+        _drop_expired(self.used_refs, now)
         # Last-use order is time order: the shard's decision times never go back. (If they
         # did, an idle grant behind a fresher one would only be evicted later.)
         idle = []
@@ -184,12 +193,26 @@ class ShardState:
     def memory_bytes(self) -> int:
         """A rough deep size of the state, for the bytes-per-agent report."""
         total = sys.getsizeof(self.jtis) + sys.getsizeof(self.grants)
-        for key in self.jtis:
+        total += sys.getsizeof(self.used_refs)
+        for key in itertools.chain(self.jtis, self.used_refs):
             # the key, its float, and its slot in the dict (hash, key and value pointers)
             total += sys.getsizeof(key) + 24 + 24
         for grant_id, (recent, spend, _) in self.grants.items():
             total += sys.getsizeof(grant_id) + 64 + _usage_bytes(recent, spend)
         return total
+
+
+def _drop_expired(window: dict[str, float], now: float) -> None:
+    """Take the expired front off ``window``, a map to expiry times in arrival order."""
+    expired = []
+    # An entry stuck behind a later-expiring one (a proof with an earlier iat that arrived
+    # later) waits for the next prune: at most the clock skew longer.
+    for key, expires in window.items():
+        if expires >= now:
+            break
+        expired.append(key)
+    for key in expired:
+        del window[key]
 
 
 def _replay_key(jkt: str, jti: str) -> str:
