@@ -352,3 +352,28 @@ async def test_body_guard_refuses_what_postgresql_cannot_store(body: bytes, stat
         assert r.json()["parsed"] == json.loads(body)
     else:
         assert r.json()["reason"] == "bad_json"
+
+
+def test_the_registry_checks_a_proof_against_the_path_as_the_agent_sent_it() -> None:
+    """RFC 9449 compares the URL the client used; ASGI's ``path`` is percent-decoded, so an
+    encoded slash or space must come from ``raw_path`` (a proof for ``/a/b`` is not one for
+    ``/a%2Fb``). The mount prefix (``root_path``) is not part of the issuer's URLs."""
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from agentauth.registry._http import htu_of
+
+    registry = SimpleNamespace(settings=SimpleNamespace(issuer="https://registry.example/"))
+    app = SimpleNamespace(state=SimpleNamespace(registry=registry))
+
+    def htu(path: str, raw: bytes | None, root: str = "") -> str:
+        scope: dict[str, Any] = {"type": "http", "path": path, "root_path": root, "app": app}
+        if raw is not None:
+            scope["raw_path"] = raw
+        return htu_of(Request(scope))
+
+    assert htu("/v1/a/b", b"/v1/a%2Fb") == "https://registry.example/v1/a%2Fb"
+    assert htu("/v1/my notes", b"/v1/my%20notes") == "https://registry.example/v1/my%20notes"
+    assert htu("/registry/v1/x", b"/registry/v1/x", "/registry") == "https://registry.example/v1/x"
+    assert htu("/v1/x", None) == "https://registry.example/v1/x"  # a server without raw_path

@@ -21,6 +21,7 @@ from agentauth.protocol import (
     Grant,
     KeySet,
     b64url_decode,
+    b64url_encode,
     verify_chain,
     verify_checkpoint,
     verify_inclusion,
@@ -567,6 +568,107 @@ async def test_signing_out_ends_that_session_only_and_at_once(world: World) -> N
         r = await world.client.delete(world.url("/v1/sessions/current"), headers=headers)
         assert (r.status_code, r.json()["reason"]) == (status, reason), r.text
     assert (await world.client.get(passkeys, headers=other)).status_code == 200
+
+
+async def sign_in(world: World, human: Human, passkey: Any = None) -> httpx.Response:
+    r = await world.client.post(world.url("/v1/sessions/begin"))
+    credential = human.authenticator.get(r.json(), passkey=passkey)
+    finish = world.url("/v1/sessions/finish")
+    return await world.client.post(finish, json={"credential": credential})
+
+
+@pytest.mark.asyncio
+async def test_a_passkey_is_added_or_removed_only_with_another_ones_confirmation(
+    world: World,
+) -> None:
+    """A session alone cannot change who approves for a human: a thief holding only the
+    session token can neither add a passkey nor remove the owner's. Each change is
+    confirmed by one of the human's passkeys over a challenge bound to that change."""
+    alice = await world.human("Alice")
+    thief = await world.human("Mallory")  # has passkeys, just none of Alice's
+    url = world.url
+
+    async def confirm(headers: dict[str, str], **change: Any) -> dict[str, Any]:
+        r = await world.client.post(
+            url("/v1/passkeys/confirm"), headers=headers, json=change or {"change": "add"}
+        )
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    # With Alice's session: no confirmation, or one signed by the thief's own passkey.
+    r = await world.client.post(url("/v1/passkeys/begin"), headers=alice.headers)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_request", r.text
+    stranger = next(iter(thief.authenticator.passkeys.values()))
+    forged = thief.authenticator.get(await confirm(alice.headers), passkey=stranger)
+    r = await world.client.post(
+        url("/v1/passkeys/begin"), headers=alice.headers, json={"credential": forged}
+    )
+    assert r.status_code == 400 and r.json()["reason"] == "unknown_credential", r.text
+
+    # Alice confirms with her passkey and adds a second one.
+    first = next(iter(alice.authenticator.passkeys.values()))
+    confirmation = alice.authenticator.get(await confirm(alice.headers))
+    r = await world.client.post(
+        url("/v1/passkeys/begin"), headers=alice.headers, json={"credential": confirmation}
+    )
+    assert r.status_code == 200, r.text
+    r = await world.client.post(
+        url("/v1/passkeys/finish"),
+        headers=alice.headers,
+        json={"credential": alice.authenticator.create(r.json())},
+    )
+    assert r.status_code == 200, r.text
+    second = alice.authenticator.passkeys[b64url_decode(r.json()["credential_id"])]
+    # The confirmation was single use.
+    r = await world.client.post(
+        url("/v1/passkeys/begin"), headers=alice.headers, json={"credential": confirmation}
+    )
+    assert r.status_code == 409 and r.json()["reason"] == "challenge_used", r.text
+
+    # A second device signed in with the new passkey.
+    other = await sign_in(world, alice, second)
+    assert other.status_code == 200, other.text
+    other_session = {"Authorization": f"Bearer {other.json()['session']}"}
+
+    # Removing the first: a confirmation for adding, or for removing another passkey, does
+    # not do; one for removing this one does, and signs out every other session.
+    first_id = b64url_encode(first.credential_id)
+    second_id = b64url_encode(second.credential_id)
+    for wrong in (
+        await confirm(alice.headers),
+        await confirm(alice.headers, change="remove", credential_id=second_id),
+    ):
+        r = await world.client.request(
+            "DELETE",
+            url(f"/v1/passkeys/{first_id}"),
+            headers=alice.headers,
+            json={"credential": alice.authenticator.get(wrong, passkey=second)},
+        )
+        assert r.status_code == 409 and r.json()["reason"] == "challenge_used", r.text
+    options = await confirm(alice.headers, change="remove", credential_id=first_id)
+    r = await world.client.request(
+        "DELETE",
+        url(f"/v1/passkeys/{first_id}"),
+        headers=alice.headers,
+        json={"credential": alice.authenticator.get(options, passkey=second)},
+    )
+    assert r.status_code == 200, r.text
+    r = await world.client.get(url("/v1/passkeys"), headers=alice.headers)
+    assert [p["credential_id"] for p in r.json()] == [second_id]
+    r = await world.client.get(url("/v1/passkeys"), headers=other_session)
+    assert r.status_code == 401 and r.json()["reason"] == "bad_session", r.text
+    assert (await sign_in(world, alice, first)).json()["reason"] == "unknown_credential"
+    # The last one stays, and one that is not hers is not there: refused before any signing.
+    for credential_id, status, reason in ((second_id, 409, "last_passkey"), (first_id, 404, None)):
+        r = await world.client.post(
+            url("/v1/passkeys/confirm"),
+            headers=alice.headers,
+            json={"change": "remove", "credential_id": credential_id},
+        )
+        assert r.status_code == status and r.json().get("reason") == reason, r.text
+    for bad in ({"change": "remove"}, {"change": "add", "credential_id": first_id}, {}):
+        r = await world.client.post(url("/v1/passkeys/confirm"), headers=alice.headers, json=bad)
+        assert r.status_code == 400, (bad, r.text)
 
 
 @pytest.mark.asyncio

@@ -123,7 +123,7 @@ async def test_a_proof_from_the_last_millisecond_before_a_restart_is_refused(
     millisecond earlier."""
     decided = math.floor(time.time()) + 0.0009  # late in its millisecond
     now = _frozen(monkeypatch, decided)
-    old = StateShard(index=703, database_url=database_url)
+    old = StateShard(index=714, database_url=database_url)
     skew = old.state.policy.future_skew
     proof = a_check("edge", iat=decided + skew, token_jti=None)  # at the skew's edge
     try:
@@ -132,7 +132,7 @@ async def test_a_proof_from_the_last_millisecond_before_a_restart_is_refused(
         await old.close()
 
     now[0] = decided + 1
-    new = StateShard(index=703, database_url=database_url)
+    new = StateShard(index=714, database_url=database_url)
     try:
         [again] = await new.check_batch([proof])
         assert (again.allowed, again.reason) == (False, "shard_restarted")
@@ -151,7 +151,7 @@ async def test_restored_rate_windows_are_the_live_ones(
     grant = f"grt_window_{secrets.token_hex(3)}"
     base = math.floor(time.time())
     now = _frozen(monkeypatch, base)
-    old = StateShard(index=704, database_url=database_url)
+    old = StateShard(index=715, database_url=database_url)
     try:
         for offset in (0.0007, 1.2003, 2.5009):
             now[0] = base + offset
@@ -161,7 +161,7 @@ async def test_restored_rate_windows_are_the_live_ones(
         await old.close()
 
     now[0] = base + 20
-    new = StateShard(index=704, database_url=database_url)
+    new = StateShard(index=715, database_url=database_url)
     try:
         # Refused by the floor, and the grant restored on the way.
         [first] = await new.check_batch([_pay(grant, "1", base + 2.5)])

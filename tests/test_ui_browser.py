@@ -577,7 +577,7 @@ def test_keyboard_reaches_the_main_controls_and_each_has_a_name(page: Page, stac
     assert r.status_code == 403 and r.json()["reason"] == "agent_disabled"
 
 
-def test_deny_a_request_and_replace_a_lost_passkey(page: Page, stack: Stack) -> None:
+def test_deny_a_request_and_move_to_a_new_passkey(page: Page, stack: Stack) -> None:
     registry = stack.registry
     sign_up(page, "Mary")
     agent = registry.enroll(enrollment_code(page), "deny-bot")
@@ -593,12 +593,16 @@ def test_deny_a_request_and_replace_a_lost_passkey(page: Page, stack: Stack) -> 
     page.open("/passkeys")
     page.click("Remove passkey 1")
     page.wait_text("You cannot remove your last passkey")
-    # The phone with the first passkey is lost; a new authenticator adds a second passkey.
+    # A new security key replaces the phone: the phone's passkey confirms the change, then
+    # the key (the only authenticator left) creates the second passkey.
+    page.click("Add a passkey")
+    page.wait_text("Confirmed. Now have the new passkey")
     page.driver.remove_virtual_authenticator()
     add_authenticator(page.driver)
-    page.click("Add a passkey")
+    page.click("Create the new passkey")
     page.wait_text("Added a new passkey")
     page.wait_text("Passkey 2")
+    # The phone's passkey goes, confirmed by the key's.
     page.click("Remove passkey 1")
     page.wait_text("Removed passkey 1")
     page.wait(lambda d: "Passkey 2" not in d.find_element(By.TAG_NAME, "body").text)

@@ -192,6 +192,41 @@ async def test_unknown_kid_is_denied(
 
 
 @pytest.mark.asyncio
+async def test_a_retired_signing_key_verifies_nothing_after_its_retirement(
+    world: World, local_verifier: tuple[httpx.AsyncClient, Any], db: Any
+) -> None:
+    """A key leaves every replica when it retires, though no token ever names an unknown kid
+    then (a leaked key must stop minting usable tokens after a rotation)."""
+    from agentauth.protocol._jws import attach_signature, signing_input
+
+    client, _ = local_verifier
+    agent, provider, token = await _setup(world)
+    header, claims = (json.loads(b64url_decode(part)) for part in token.split(".")[:2])
+    retiring = PrivateKey.generate(kid=f"retiring-{secrets.token_hex(4)}")
+    retires_at = int(time.time()) + 4
+    await db.execute(
+        "INSERT INTO signing_keys (kid, alg, public_jwk, backend, created_at, activates_at,"
+        " retires_at) VALUES ($1, 'ES256', $2::jsonb, 'test', 1, 1, $3)",
+        # Activated long ago, so the registry never picks it to sign with.
+        retiring.kid,
+        json.dumps({**retiring.public_key.jwk, "kid": retiring.kid, "alg": "ES256"}),
+        retires_at,
+    )
+    try:
+        data = signing_input({**header, "kid": retiring.kid}, claims)
+        signed = attach_signature(data, retiring.sign(data))
+        answer, _ = await _ask(client, provider, _body(agent.key, signed))
+        assert answer["decision"] == "allow", answer
+        await asyncio.sleep(max(0.0, retires_at - time.time()) + 1.0)
+        answer, _ = await _ask(client, provider, _body(agent.key, signed))
+        assert (answer["decision"], answer["reason"]) == ("deny", "invalid_token:unknown_kid")
+        # The registry's own key, never retired, still verifies.
+        assert (await _ask(client, provider, _body(agent.key, token)))[0]["decision"] == "allow"
+    finally:
+        await db.execute("DELETE FROM signing_keys WHERE kid = $1", retiring.kid)
+
+
+@pytest.mark.asyncio
 async def test_unreachable_audit_store_and_dead_shard_deny(world: World) -> None:
     import ray
 
@@ -477,7 +512,7 @@ async def test_a_replica_that_cannot_read_provider_credentials_denies_until_it_c
     client, verifier = local_verifier
     agent, provider, token = await _setup(world)
     assert (await _ask(client, provider, _body(agent.key, token)))[0]["decision"] == "allow"
-    sync = verifier._sync_providers
+    sync = verifier.revocations._also
 
     async def broken() -> None:
         raise ConnectionError("provider table unreadable")

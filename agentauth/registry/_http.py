@@ -33,6 +33,7 @@ from ._models import (
     ApprovalBeginIn,
     CredentialIn,
     GrantRequestIn,
+    PasskeyChangeIn,
     ProviderIn,
     RevocationIn,
     SecretRotationIn,
@@ -67,8 +68,11 @@ def _registry(request: Request) -> Registry:
 
 
 def htu_of(request: Request) -> str:
-    """The URL a DPoP proof for this request must name: the issuer's base plus the path."""
-    path: str = request.scope["path"]
+    """The URL a DPoP proof for this request must name: the issuer's base plus the path as
+    the client sent it. ASGI's ``path`` is percent-decoded (``a%2Fb`` reads ``a/b``); the
+    agent signed the encoded one, and RFC 9449 compares those."""
+    raw: bytes | None = request.scope.get("raw_path")
+    path = raw.partition(b"?")[0].decode("latin-1") if raw else str(request.scope["path"])
     root: str = request.scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root) :]
@@ -211,17 +215,29 @@ def create_app(registry: Registry) -> FastAPI:
     async def passkeys(who: Human) -> list[dict[str, Any]]:
         return await registry.list_passkeys(_p(who))
 
+    @app.post("/v1/passkeys/confirm", tags=["humans"])
+    async def passkey_confirm(who: Human, body: PasskeyChangeIn) -> dict[str, Any]:
+        """Options for one of the human's passkeys to confirm adding or removing one."""
+        return await registry.passkey_confirm(_p(who), body.subject)
+
     @app.post("/v1/passkeys/begin", tags=["humans"])
-    async def passkey_begin(who: Human) -> dict[str, Any]:
-        return await registry.passkey_begin(_p(who))
+    async def passkey_begin(who: Human, body: CredentialIn) -> dict[str, Any]:
+        """``credential``: an existing passkey's assertion over an "add" confirmation."""
+        return await registry.passkey_begin(_p(who), body.credential)
 
     @app.post("/v1/passkeys/finish", tags=["humans"])
     async def passkey_finish(who: Human, body: CredentialIn) -> dict[str, Any]:
         return await registry.passkey_finish(_p(who), body.credential)
 
     @app.delete("/v1/passkeys/{credential_id}", tags=["humans"])
-    async def passkey_remove(who: Human, credential_id: str) -> dict[str, bool]:
-        await registry.remove_passkey(_p(who), credential_id)
+    async def passkey_remove(
+        who: Human, credential_id: str, body: CredentialIn, request: Request
+    ) -> dict[str, bool]:
+        """``credential``: a passkey's assertion over a "remove" confirmation of this one.
+        The human's other sessions end with it."""
+        await registry.remove_passkey(
+            _p(who), credential_id, body.credential, session_token=_authorization(request)[1]
+        )
         return {"removed": True}
 
     @app.post("/v1/enrollments", tags=["humans"])

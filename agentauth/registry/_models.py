@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..protocol import AnyCapability, Envelope
 from ..protocol._types import Amount, Currency, Identifier, ResourceName
@@ -14,6 +14,7 @@ __all__ = [
     "ApprovalBeginIn",
     "CredentialIn",
     "GrantRequestIn",
+    "PasskeyChangeIn",
     "ProviderIn",
     "RevocationIn",
     "SecretRotationIn",
@@ -36,6 +37,24 @@ class CredentialIn(_In):
     """A WebAuthn credential as the browser's JSON serialization gives it."""
 
     credential: dict[str, Any]
+
+
+class PasskeyChangeIn(_In):
+    """A change to the human's passkeys, to be confirmed with one of them: adding one, or
+    removing ``credential_id``."""
+
+    change: Literal["add", "remove"]
+    credential_id: str | None = Field(None, min_length=1, max_length=1024)
+
+    @model_validator(mode="after")
+    def _names_what_it_removes(self) -> PasskeyChangeIn:
+        if (self.change == "remove") != (self.credential_id is not None):
+            raise ValueError("credential_id is given exactly when removing")
+        return self
+
+    @property
+    def subject(self) -> str:
+        return "add" if self.change == "add" else f"remove:{self.credential_id}"
 
 
 class AgentIn(_In):

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -79,16 +80,28 @@ log = logging.getLogger("agentauth.registry")
 STEP_UP_TYPE = "agentauth.step-up.v1"
 
 
+# Reserve KEYS[1] (a proof's jkt and jti) once. ARGV: the proof's iat, the future skew a
+# proof may carry, how long after its iat any replica may still accept it (its maximum age
+# plus the clock difference tolerated between replicas and Redis), and the caller's time
+# (only to date a missing epoch). The reservation's lifetime and the age check run on
+# Redis's clock, the one clock all replicas share: once the key has expired, the proof is
+# too old to reserve again, whatever a replica's own clock says. -1: the proof predates
+# this Redis memory (KEYS[2], the epoch); -2: too old on Redis's clock; 0: reserved before.
 _RESERVE_LUA = """
+local iat, skew, lifetime = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
-  redis.call('SET', KEYS[2], ARGV[3], 'NX')
+  redis.call('SET', KEYS[2], ARGV[4], 'NX')
   epoch = redis.call('GET', KEYS[2])
 end
-if tonumber(ARGV[2]) <= tonumber(epoch) then return -1 end
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 1 end
+if iat - skew <= tonumber(epoch) then return -1 end
+local ttl = math.floor(iat + lifetime - tonumber(redis.call('TIME')[1]))
+if ttl < 1 then return -2 end
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ttl) then return 1 end
 return 0
 """
+# The clock difference between a replica and Redis that reservations still cover.
+_CLOCK_TOLERANCE = 5
 
 
 def new_id(prefix: str) -> str:
@@ -310,8 +323,9 @@ class Registry:
             result = await self._reserve_script(
                 keys=[f"agentauth:jti:{jkt}:{jti}", "agentauth:jti-epoch"],
                 args=[
-                    self._proof_policy.max_age + self._proof_policy.future_skew + 5,
-                    int(iat) - self._proof_policy.future_skew,
+                    math.floor(iat),
+                    self._proof_policy.future_skew,
+                    self._proof_policy.max_age + _CLOCK_TOLERANCE + 1,  # +1: iat's fraction
                     int(time.time()),
                 ],
             )
@@ -319,6 +333,8 @@ class Registry:
             raise DependencyUnavailable("the replay cache is unavailable") from exc
         if result == -1:
             raise ReplayDetected("proof predates the replay cache", reason="replay_cache_reset")
+        if result == -2:
+            raise ReplayDetected("proof too old by the replay cache's clock", reason="too_old")
         if result != 1:
             raise ReplayDetected(reason="jti_reused")
 
@@ -547,28 +563,66 @@ class Registry:
             session = await self._new_session(conn, principal_id)
         return {"principal_id": principal_id, "session": session}
 
-    async def passkey_begin(self, principal_id: str) -> dict[str, Any]:
-        existing = await self.pool.fetch(
-            "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
-            " AND removed_at IS NULL",
-            principal_id,
+    # Adding or removing a passkey changes who can approve for this human, so a session is
+    # not enough (a stolen session token would add the thief's passkey, approve with it and
+    # remove the owner's): one of the human's passkeys confirms each change, signing a
+    # challenge bound to that change ("add", or "remove:<credential id>").
+
+    async def passkey_confirm(self, principal_id: str, change: str) -> dict[str, Any]:
+        """Assertion options for confirming ``change`` with one of the human's passkeys. A
+        removal that cannot happen is refused now, before anyone is asked to sign for it."""
+        if change.startswith("remove:"):
+            ids = {
+                r["credential_id"]
+                for r in await self.pool.fetch(
+                    "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
+                    " AND removed_at IS NULL",
+                    principal_id,
+                )
+            }
+            _removable(ids, change.removeprefix("remove:"))
+        return await self._assertion_options(
+            principal_id, secrets.token_bytes(32), purpose="manage_passkeys", subject_id=change
         )
-        options = webauthn.generate_registration_options(
-            rp_id=self.settings.rp_id,
-            rp_name=self.settings.rp_name,
-            user_id=principal_id.encode(),
-            user_name=principal_id,
-            exclude_credentials=[
-                PublicKeyCredentialDescriptor(id=base64url_to_bytes(r["credential_id"]))
-                for r in existing
-            ],
-            authenticator_selection=AuthenticatorSelectionCriteria(
-                resident_key=ResidentKeyRequirement.REQUIRED, user_verification=self._uv()
-            ),
+
+    async def _confirmed(
+        self, conn: Conn, principal_id: str, change: str, credential: dict[str, Any]
+    ) -> None:
+        challenge, _ = await self._consume_challenge(
+            conn,
+            credential,
+            purpose="manage_passkeys",
+            principal_id=principal_id,
+            subject_id=change,
         )
-        await self._store_challenge(
-            self.pool, options.challenge, purpose="register", principal_id=principal_id
-        )
+        await self._verify_assertion(conn, credential, challenge, principal_id)
+
+    async def passkey_begin(
+        self, principal_id: str, confirmation: dict[str, Any]
+    ) -> dict[str, Any]:
+        async with self._tx() as conn:
+            await self._confirmed(conn, principal_id, "add", confirmation)
+            existing = await conn.fetch(
+                "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
+                " AND removed_at IS NULL",
+                principal_id,
+            )
+            options = webauthn.generate_registration_options(
+                rp_id=self.settings.rp_id,
+                rp_name=self.settings.rp_name,
+                user_id=principal_id.encode(),
+                user_name=principal_id,
+                exclude_credentials=[
+                    PublicKeyCredentialDescriptor(id=base64url_to_bytes(r["credential_id"]))
+                    for r in existing
+                ],
+                authenticator_selection=AuthenticatorSelectionCriteria(
+                    resident_key=ResidentKeyRequirement.REQUIRED, user_verification=self._uv()
+                ),
+            )
+            await self._store_challenge(
+                conn, options.challenge, purpose="register", principal_id=principal_id
+            )
         return json.loads(webauthn.options_to_json(options))  # type: ignore[no-any-return]
 
     async def passkey_finish(self, principal_id: str, credential: dict[str, Any]) -> dict[str, Any]:
@@ -597,21 +651,32 @@ class Registry:
         )
         return [_jsonable(dict(r)) for r in rows]
 
-    async def remove_passkey(self, principal_id: str, credential_id: str) -> None:
+    async def remove_passkey(
+        self,
+        principal_id: str,
+        credential_id: str,
+        confirmation: dict[str, Any],
+        *,
+        session_token: str,
+    ) -> None:
+        """Remove a passkey, confirmed by one of the human's passkeys, and end the human's
+        other sessions: whoever held the removed passkey may have signed one in."""
         async with self._tx() as conn:
             rows = await conn.fetch(
                 "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
                 " AND removed_at IS NULL FOR UPDATE",
                 principal_id,
             )
-            ids = {r["credential_id"] for r in rows}
-            if credential_id not in ids:
-                raise NotFound("no such passkey")
-            if len(ids) == 1:
-                raise Conflict("the last passkey cannot be removed", reason="last_passkey")
+            _removable({r["credential_id"] for r in rows}, credential_id)
+            await self._confirmed(conn, principal_id, f"remove:{credential_id}", confirmation)
             await conn.execute(
                 "UPDATE passkey_credentials SET removed_at = now() WHERE credential_id = $1",
                 credential_id,
+            )
+            await conn.execute(
+                "DELETE FROM sessions WHERE principal_id = $1 AND token_hash <> $2",
+                principal_id,
+                _sha256(session_token),
             )
             await self._audit(
                 conn,
@@ -1766,6 +1831,13 @@ def _still_pending(status: str, what: str) -> None:
         raise Conflict(f"the {what} expired unanswered", reason="expired")
     if status != "pending":
         raise Conflict(f"the {what} was already decided", reason="not_pending")
+
+
+def _removable(passkeys: set[str], credential_id: str) -> None:
+    if credential_id not in passkeys:
+        raise NotFound("no such passkey")
+    if len(passkeys) == 1:
+        raise Conflict("the last passkey cannot be removed", reason="last_passkey")
 
 
 def _still_usable(row: asyncpg.Record) -> None:

@@ -1422,8 +1422,15 @@ class Pages:
                         async def remove(credential_id: str = credential_id, n: int = i) -> None:
                             async def work() -> None:
                                 token = self._token(cookie_id)
-                                await self.registry.remove_passkey(token, credential_id)
-                                notice.ok(f"Removed passkey {n}.")
+                                options = await self.registry.passkey_confirm(token, credential_id)
+                                notice.info(f"Confirm removing passkey {n} with a passkey…")
+                                confirmation = await self._ceremony("get", options)
+                                await self.registry.remove_passkey(
+                                    token, credential_id, confirmation
+                                )
+                                notice.ok(
+                                    f"Removed passkey {n}. Your other sessions were signed out."
+                                )
                                 await load()
 
                             await self._act(notice, work)
@@ -1435,13 +1442,35 @@ class Pages:
                             f"Remove passkey {i} ({_short(credential_id, 16)})",
                         )
 
+        # Two steps, each its own click: a passkey the person has confirms the change, then
+        # the new authenticator (often another device, at hand only now) creates its
+        # passkey. The registration options wait in between, for the challenge's lifetime.
+        waiting: list[dict[str, Any]] = []
+
         async def add() -> None:
             async def work() -> None:
                 token = self._token(cookie_id)
-                options = await self.registry.passkey_begin(token)
+                confirm = await self.registry.passkey_confirm(token)
+                notice.info("First confirm with one of your passkeys…")
+                confirmation = await self._ceremony("get", confirm)
+                waiting[:] = [await self.registry.passkey_begin(token, confirmation)]
+                create_button.visible = True
+                notice.info(
+                    "Confirmed. Now have the new passkey's device or security key at hand "
+                    "and press Create the new passkey."
+                )
+
+            await self._act(notice, work)
+
+        async def create() -> None:
+            async def work() -> None:
+                if not waiting:
+                    return
                 notice.info("Creating a new passkey…")
-                credential = await self._ceremony("create", options)
-                await self.registry.passkey_finish(token, credential)
+                credential = await self._ceremony("create", waiting[0])
+                await self.registry.passkey_finish(self._token(cookie_id), credential)
+                waiting.clear()
+                create_button.visible = False
                 notice.ok("Added a new passkey.")
                 await load()
 
@@ -1451,11 +1480,13 @@ class Pages:
             await load()
         except RegistryError as exc:
             notice.error(exc.message, exc.code)
-        with main:
-            labelled(
-                ui.button("Add a passkey", icon="add", on_click=add),
-                "Add a passkey",
-            ).classes("self-start")
+        with main, ui.row().classes("gap-2"):
+            labelled(ui.button("Add a passkey", icon="add", on_click=add), "Add a passkey")
+            create_button = labelled(
+                ui.button("Create the new passkey", icon="key", on_click=create),
+                "Create the new passkey",
+            )
+            create_button.visible = False
 
 
 def _expired(grant: Mapping[str, Any], now: float) -> bool:

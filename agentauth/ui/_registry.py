@@ -178,8 +178,18 @@ class RegistryClient:
         result: list[dict[str, Any]] = await self.call("GET", "/v1/passkeys", token=token)
         return result
 
-    async def passkey_begin(self, token: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self.call("POST", "/v1/passkeys/begin", token=token)
+    async def passkey_confirm(self, token: str, credential_id: str | None = None) -> dict[str, Any]:
+        """Options for a passkey to confirm adding one, or removing ``credential_id``."""
+        change = {"change": "remove", "credential_id": credential_id} if credential_id else {}
+        result: dict[str, Any] = await self.call(
+            "POST", "/v1/passkeys/confirm", token=token, json=change or {"change": "add"}
+        )
+        return result
+
+    async def passkey_begin(self, token: str, confirmation: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(
+            "POST", "/v1/passkeys/begin", token=token, json={"credential": confirmation}
+        )
         return result
 
     async def passkey_finish(self, token: str, credential: dict[str, Any]) -> dict[str, Any]:
@@ -188,8 +198,15 @@ class RegistryClient:
         )
         return result
 
-    async def remove_passkey(self, token: str, credential_id: str) -> None:
-        await self.call("DELETE", f"/v1/passkeys/{_seg(credential_id)}", token=token)
+    async def remove_passkey(
+        self, token: str, credential_id: str, confirmation: dict[str, Any]
+    ) -> None:
+        await self.call(
+            "DELETE",
+            f"/v1/passkeys/{_seg(credential_id)}",
+            token=token,
+            json={"credential": confirmation},
+        )
 
     # --- agents --------------------------------------------------------------------------
 

@@ -292,7 +292,7 @@ class Verifier:
             secret = settings.nonce_secret.encode()
             nonces = DPoPNonces([hashlib.sha256(b"agentauth-nonce" + secret).digest()])
         self.proofs = DPoPVerifier(nonces=nonces)
-        self.revocations = _Revocations(pool, redis, settings, also=self._sync_providers)
+        self.revocations = _Revocations(pool, redis, settings, also=self._sync_tables)
         self._providers: dict[str, _Provider] = {}
         self._known_grants: _Expiring[str] = _Expiring(ttl=5.0)
         self._keys_loaded_at = 0.0
@@ -390,6 +390,27 @@ class Verifier:
             for r in rows
         }
         self._provider_epoch = epoch
+
+    async def _sync_tables(self) -> None:
+        """What every revocation poll also reads (under its staleness rule): the provider
+        table's credentials and the registry's signing keys."""
+        await self._sync_providers()
+        await self._sync_keys()
+
+    async def _sync_keys(self) -> None:
+        """Follow the key table: a key reaching its ``retires_at`` leaves this replica within
+        a poll (it verifies no token after, a leaked one included), and a new one arrives
+        before the first token naming it. Otherwise keys would only reload for an unknown
+        kid, which a retired key never is."""
+        kids = await asyncio.wait_for(
+            self.pool.fetch(
+                "SELECT kid FROM signing_keys WHERE retires_at IS NULL OR retires_at > $1",
+                int(time.time()),
+            ),
+            self.settings.lookup_timeout,
+        )
+        if {r["kid"] for r in kids} != set(self.tokens.keys):
+            await self._load_keys(force=True)
 
     async def _sync_providers(self) -> None:
         """Part of every revocation poll (so a replica that cannot read it goes stale and

@@ -1,0 +1,82 @@
+"""The registry's replay cache (a Lua script in Redis): reservations live, and proofs age,
+on Redis's clock, so replicas whose clocks disagree cannot accept one proof twice."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+
+from agentauth.registry._service import _RESERVE_LUA
+
+pytestmark = [pytest.mark.redis]
+MAX_AGE, SKEW, TOLERANCE = 60, 10, 5
+LIFETIME = MAX_AGE + TOLERANCE + 1
+
+
+@pytest_asyncio.fixture
+async def reserve(redis_url: str) -> AsyncIterator[tuple[aioredis.Redis, object, list[str]]]:
+    client = aioredis.Redis.from_url(redis_url)
+    tag = secrets.token_hex(6)
+    keys = [f"test:jti:{tag}", f"test:jti-epoch:{tag}"]
+    try:
+        yield client, client.register_script(_RESERVE_LUA), keys
+    finally:
+        await client.delete(*keys)
+        await client.aclose()
+
+
+async def redis_now(client: aioredis.Redis) -> int:
+    seconds, _ = await client.time()
+    return int(seconds)
+
+
+async def call(script: object, keys: list[str], iat: int, caller_now: int) -> int:
+    return int(await script(keys=keys, args=[iat, SKEW, LIFETIME, caller_now]))  # type: ignore[operator]
+
+
+@pytest.mark.asyncio
+async def test_a_reservation_lives_until_the_proof_is_too_old_on_redis_clock(
+    reserve: tuple[aioredis.Redis, object, list[str]],
+) -> None:
+    client, script, keys = reserve
+    now = await redis_now(client)
+    await client.set(keys[1], now - 3600)  # a Redis up for an hour
+    assert await call(script, keys, now, now) == 1
+    assert await call(script, keys, now, now) == 0  # the same proof again
+    assert LIFETIME - 2 <= await client.ttl(keys[0]) <= LIFETIME
+
+
+@pytest.mark.asyncio
+async def test_a_replica_with_a_slow_clock_cannot_reserve_an_expired_proof_again(
+    reserve: tuple[aioredis.Redis, object, list[str]],
+) -> None:
+    """A proof reserved near the end of its life, its reservation gone: a replica whose own
+    clock runs behind would still find the proof young, but Redis's clock says it is too
+    old, so it is refused, not reserved a second time."""
+    client, script, keys = reserve
+    now = await redis_now(client)
+    await client.set(keys[1], now - 3600)
+    iat = now - LIFETIME + 1  # one second of reservation left
+    assert await call(script, keys, iat, now) == 1
+    await asyncio.sleep(2.2)
+    assert await client.exists(keys[0]) == 0
+    slow_replica_now = iat + 30  # its clock says the proof is 30 s old
+    assert await call(script, keys, iat, slow_replica_now) == -2
+    assert await client.exists(keys[0]) == 0  # refused, nothing written
+
+
+@pytest.mark.asyncio
+async def test_a_proof_from_before_the_caches_memory_is_refused(
+    reserve: tuple[aioredis.Redis, object, list[str]],
+) -> None:
+    client, script, keys = reserve
+    now = await redis_now(client)
+    # No epoch yet: the first caller dates it, and proofs up to it plus the skew predate it.
+    assert await call(script, keys, now + SKEW - 1, now) == -1
+    assert int(await client.get(keys[1])) == now
+    assert await call(script, keys, now + SKEW + 1, now) == 1
