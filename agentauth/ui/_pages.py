@@ -238,7 +238,9 @@ class Tighten:
             narrowed.get("capabilities", [c.to_document() for c in self.capabilities])
         )
         envelope = Envelope.model_validate(narrowed.get("envelope", self.document))
-        self.preview.text = "You would approve: " + describe_envelope(envelope, capabilities)
+        self.preview.text = "You would approve: " + describe_envelope(
+            envelope, capabilities, now=time.time()
+        )
 
     def narrowed(self, *, now: float) -> dict[str, Any] | None:
         """The approval/begin body, or None when nothing changed; ValueError if unreadable."""
@@ -633,9 +635,9 @@ class Pages:
                     for capability in capabilities:
                         TextElement(tag="li", text=describe_capability(capability))
                 TextElement(tag="dt", text="Limits").classes("font-medium")
-                TextElement(tag="dd", text=describe_envelope(envelope, capabilities)).classes(
-                    "envelope-words"
-                )
+                TextElement(
+                    tag="dd", text=describe_envelope(envelope, capabilities, now=time.time())
+                ).classes("envelope-words")
             tighten_box = ui.column().classes("w-full gap-2 border-l-4 border-amber-500 pl-4")
             tighten_box.visible = False
             board.editors.append(tighten_box)
@@ -953,7 +955,10 @@ class Pages:
                     text="; ".join(describe_capability(c) for c in parsed.capabilities),
                 )
                 TextElement(tag="dt", text="Limits").classes("font-medium")
-                TextElement(tag="dd", text=describe_envelope(parsed.envelope, parsed.capabilities))
+                TextElement(
+                    tag="dd",
+                    text=describe_envelope(parsed.envelope, parsed.capabilities, now=now),
+                )
             with ui.row().classes("w-full gap-8 items-start flex-wrap"):
                 with ui.column().classes("gap-2 min-w-72"):
                     heading("Use against the limits", 3)
