@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -577,13 +578,19 @@ class Pages:
                 if not pending:
                     ui.label("No pending requests. When an agent asks for access, it shows here.")
                 for request in pending:
-                    self._request_card(ctx, board, request)
+                    self._isolated(
+                        partial(self._request_card, ctx, board, request),
+                        partial(self._unreadable_request, ctx, board, request),
+                    )
             step_box.clear()
             with step_box:
                 if not steps:
                     ui.label("No payments are waiting for you.")
                 for step in steps:
-                    self._step_up_card(ctx, board, step, names)
+                    self._isolated(
+                        partial(self._step_up_card, ctx, board, step, names),
+                        partial(self._unreadable_step_up, ctx, board, step),
+                    )
 
         async def poll() -> None:
             # New requests appear by themselves, but never under a person's hands: not while
@@ -607,6 +614,80 @@ class Pages:
                 "Refresh the pending requests",
             ).props("outline").classes("self-start")
         ui.timer(self.settings.poll_seconds, poll)
+
+    @staticmethod
+    def _isolated(draw: Callable[[], None], fallback: Callable[[], None]) -> None:
+        """Draw one card, or ``fallback`` in its place if its data cannot be drawn: what one
+        agent sends must never keep the page from showing (and answering) everyone else's."""
+        holder = ui.element("div").classes("w-full")
+        try:
+            with holder:
+                draw()
+        except Exception:  # a card's boundary: details to the server log, a card to the human
+            log.exception("a card could not be drawn")
+            holder.clear()
+            with holder:
+                fallback()
+
+    def _unreadable_request(self, ctx: Ctx, board: Board, request: Mapping[str, Any]) -> None:
+        """A request the page cannot put in words: it can only be denied."""
+        request_id = str(request.get("id", "?"))
+        what = f"request {request_id} from agent {request.get('agent_id', '?')}"
+        card = ui.card().classes("w-full border border-red-700")
+        card.props["role"] = "region"
+        card.props["aria-label"] = f"Request that cannot be shown: {what}"
+        with card:
+            heading("A request this page cannot show", 2)
+            ui.label(
+                f"The {what} holds values this page cannot show in words, so it cannot be "
+                "approved here. Deny it; the agent can ask again."
+            )
+
+            async def deny() -> None:
+                async def work() -> None:
+                    token = self._token(ctx.cookie_id)
+                    await self.registry.deny_request(token, request_id)
+                    ctx.notice.ok(f"Denied: {what}.")
+                    await ctx.reload()
+
+                await self._busy(board, actions, self._act(ctx.notice, work))
+
+            actions = [
+                labelled(
+                    ui.button("Deny", on_click=deny, color="negative").props("outline"),
+                    f"Deny: {what}",
+                )
+            ]
+
+    def _unreadable_step_up(self, ctx: Ctx, board: Board, step: Mapping[str, Any]) -> None:
+        """A payment the page cannot put in words: it can only be refused."""
+        step_id = str(step.get("id", "?"))
+        what = f"payment {step_id} for grant {step.get('grant_id', '?')}"
+        card = ui.card().classes("w-full border border-red-700")
+        card.props["role"] = "region"
+        card.props["aria-label"] = f"Payment that cannot be shown: {what}"
+        with card:
+            heading("A payment this page cannot show", 2)
+            ui.label(
+                f"The {what} holds values this page cannot show in words, so it cannot be "
+                "approved here. Refuse it; the agent can ask again."
+            )
+
+            async def refuse() -> None:
+                async def work() -> None:
+                    token = self._token(ctx.cookie_id)
+                    await self.registry.step_up_deny(token, step_id)
+                    ctx.notice.ok(f"Refused: {what}.")
+                    await ctx.reload()
+
+                await self._busy(board, actions, self._act(ctx.notice, work))
+
+            actions = [
+                labelled(
+                    ui.button("Refuse", on_click=refuse, color="negative").props("outline"),
+                    f"Refuse: {what}",
+                )
+            ]
 
     def _request_card(self, ctx: Ctx, board: Board, request: Mapping[str, Any]) -> None:
         cookie_id, notice, reload = ctx.cookie_id, ctx.notice, ctx.reload
@@ -882,14 +963,19 @@ class Pages:
             with box:
                 if not live:
                     ui.label("No active grants. Approve a request and it shows here.")
+                ctx = Ctx(cookie_id, notice, load)
                 for grant, usage, events in zip(live, usages, grant_events, strict=True):
-                    self._grant_card(
-                        Ctx(cookie_id, notice, load),
-                        grant=grant,
-                        usage=usage,
-                        agent=agent_rows.get(grant["agent_id"], {}),
-                        tokens=_live_tokens(events, revoked, now),
-                        now=now,
+                    self._isolated(
+                        partial(
+                            self._grant_card,
+                            ctx,
+                            grant=grant,
+                            usage=usage,
+                            agent=agent_rows.get(grant["agent_id"], {}),
+                            tokens=_live_tokens(events, revoked, now),
+                            now=now,
+                        ),
+                        partial(self._unreadable_grant, ctx, grant),
                     )
                 ended = [g for g in grants if g not in live]
                 if ended:
@@ -918,6 +1004,28 @@ class Pages:
                 ui.button("Refresh", icon="refresh", on_click=lambda: self._act(notice, load)),
                 "Refresh usage",
             ).props("outline").classes("self-start")
+
+    def _unreadable_grant(self, ctx: Ctx, grant: Mapping[str, Any]) -> None:
+        """A grant the page cannot put in words: it can still be revoked."""
+        grant_id = str(grant.get("id", "?"))
+        what = f"grant {grant_id} of agent {grant.get('agent_id', '?')}"
+        card = ui.card().classes("w-full border border-red-700")
+        card.props["role"] = "region"
+        card.props["aria-label"] = f"Grant that cannot be shown: {what}"
+        with card:
+            heading("A grant this page cannot show", 2)
+            ui.label(
+                f"The {what} holds values this page cannot show in words. Revoke it if you "
+                "are not sure what it allows."
+            )
+
+            async def revoke() -> None:
+                await self._confirm_revoke(ctx, "grant", grant_id, what)
+
+            labelled(
+                ui.button("Revoke grant", on_click=revoke, color="negative"),
+                f"Revoke grant: {what}",
+            )
 
     def _grant_card(
         self,
