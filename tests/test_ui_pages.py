@@ -252,3 +252,118 @@ async def test_a_payment_the_page_cannot_show_can_still_be_refused(
     assert "Shopping bot asks Shop" in requests.texts()
     await requests.press(requests.button("Refuse: payment stp_2 for grant grt_9"))
     assert registry.refused == ["stp_2"]
+
+
+# --- tightening: what is approved is what the person last saw chosen ------------------------
+
+WHO = "Shopping bot asks Shop"
+
+
+async def tighten_to_one_an_hour_and_ten_a_day(requests: RequestsPage) -> None:
+    await requests.press(requests.button(f"Tighten the limits before approving: {WHO}"))
+    (rate,) = [
+        e
+        for e in requests.elements()
+        if isinstance(e, ui.number) and e.props.get("label") == "Most transactions an hour"
+    ]
+    (daily,) = [
+        e
+        for e in requests.elements()
+        if isinstance(e, ui.input) and e.props.get("label") == "Most per day (USD)"
+    ]
+    with requests.client:
+        rate.value = 1
+        daily.value = "10"
+    preview = "You would approve: up to 1 transaction an hour, at most $10 a day"
+    assert preview in requests.texts()
+
+
+@pytest.mark.asyncio
+async def test_approve_signs_the_tightened_limits_while_the_form_is_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = FakeRegistry([SHOP_REQUEST], [])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+    await tighten_to_one_an_hour_and_ten_a_day(requests)
+    await requests.press(requests.button(f"Approve with passkey: {WHO}"))
+    (narrowed,) = registry.begun
+    assert narrowed is not None
+    assert narrowed["envelope"]["rate_limits"] == [{"max_count": 1, "window_seconds": 3600}]
+    assert narrowed["envelope"]["spend_limits"][0]["amount"] == "10"
+    assert requests.ceremonies == 1
+
+
+@pytest.mark.asyncio
+async def test_closing_the_tighten_form_discards_it_and_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = FakeRegistry([SHOP_REQUEST], [])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+    await tighten_to_one_an_hour_and_ten_a_day(requests)
+    toggle = requests.button(f"Discard the tightened limits: {WHO}")
+    assert toggle.text == "Discard changes"
+    await requests.press(toggle)
+    # The form is gone, not hidden with its edits kept somewhere out of sight.
+    assert not [e for e in requests.elements() if isinstance(e, ui.number)]
+    assert "Changes discarded" in requests.notice()
+    reopen = requests.button(f"Tighten the limits before approving: {WHO}")
+    assert reopen.text == "Tighten limits…"
+    # Opened again, the form starts from the request as asked.
+    await requests.press(reopen)
+    assert "Unchanged: you would approve exactly what was asked." in requests.texts()
+    await requests.press(requests.button(f"Discard the tightened limits: {WHO}"))
+
+    await requests.press(requests.button(f"Approve with passkey: {WHO}"))
+    assert registry.begun == [None]  # the request as asked, which is what the card shows
+    assert requests.ceremonies == 1
+
+
+@pytest.mark.asyncio
+async def test_the_notice_before_the_passkey_names_the_limits_it_signs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = FakeRegistry([SHOP_REQUEST], [])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+    shown: list[str] = []
+
+    async def passkey(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+        shown.append(requests.notice())
+        return {"id": "credential"}
+
+    monkeypatch.setattr(requests.pages, "_ceremony", passkey)
+    await tighten_to_one_an_hour_and_ten_a_day(requests)
+    await requests.press(requests.button(f"Approve with passkey: {WHO}"))
+    (text,) = shown
+    assert ", as you tightened it." in text
+    assert "Limits: up to 1 transaction an hour, at most $10 a day." in text
+
+
+@pytest.mark.asyncio
+async def test_the_end_date_is_fixed_when_the_person_enters_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = FakeRegistry([SHOP_REQUEST], [])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+    await requests.press(requests.button(f"Tighten the limits before approving: {WHO}"))
+    (days,) = [
+        e
+        for e in requests.elements()
+        if isinstance(e, ui.number) and str(e.props.get("label")).startswith("End the grant after")
+    ]
+    # A number of days no envelope could hold is refused in words, not by an error.
+    with requests.client:
+        days.value = 10**9
+    assert "End the grant after 1 to 36,500 days" in " ".join(requests.texts())
+    entered = time.time()
+    with requests.client:
+        days.value = 2
+    later = entered + 3600  # the person takes an hour before pressing Approve
+    monkeypatch.setattr(time, "time", lambda: later)
+    await requests.press(requests.button(f"Approve with passkey: {WHO}"))
+    (narrowed,) = registry.begun
+    assert narrowed is not None
+    assert abs(narrowed["envelope"]["expires_at"] - (entered + 2 * 86400)) < 5

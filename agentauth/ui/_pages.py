@@ -47,6 +47,7 @@ from ._settings import UISettings
 from ._webauthn_js import WEBAUTHN_JS
 from ._wording import (
     action_noun,
+    describe_capabilities,
     describe_capability,
     describe_envelope,
     describe_step_up,
@@ -177,12 +178,19 @@ class Board:
 
 class Tighten:
     """Inputs to narrow a request before approving. Only tightening is meant; the registry
-    is the judge and refuses widening (403 ``widening``), which the page then shows."""
+    is the judge and refuses widening (403 ``widening``), which the page then shows.
+
+    While the form is on the page, Approve signs what its preview says; closing it discards
+    it (the card drops the form), so no edit outlives what the person can see.
+    """
 
     def __init__(self, request: Mapping[str, Any]) -> None:
         self.capabilities = parse_capabilities(request["capabilities"])
         self.envelope = Envelope.model_validate(request["envelope"])
         self.document = self.envelope.model_dump(mode="json", exclude_none=True)
+        # Fixed when the person enters the days, so the end the preview shows is the end
+        # approved, however long they wait before pressing Approve.
+        self.expires_at: int | None = None
         _, plural = action_noun(self.capabilities)
         self.keep = [ui.checkbox(describe_capability(c), value=True) for c in self.capabilities]
         if len(self.keep) == 1:
@@ -216,19 +224,29 @@ class Tighten:
             if step
             else None
         )
-        self.days = ui.number("End the grant after (days, optional)", min=1, step=1, precision=0)
+        self.days = ui.number(
+            "End the grant after (days, optional)", min=1, max=_MAX_DAYS, step=1, precision=0
+        )
         self.preview = ui.label("").classes("text-sm italic")
-        for element in [*self.rates, *self.spends, self.per_transaction, self.step_up, self.days]:
+        for element in [*self.rates, *self.spends, self.per_transaction, self.step_up]:
             if element is not None:
                 element.classes("w-64")
                 element.on_value_change(self.update_preview)
+        self.days.classes("w-64")
+        self.days.on_value_change(self._days_changed)
         for box in self.keep:
             box.on_value_change(self.update_preview)
         self.update_preview()
 
+    def _days_changed(self) -> None:
+        days = self.days.value
+        valid = isinstance(days, int | float) and 1 <= days <= _MAX_DAYS
+        self.expires_at = int(time.time() + int(days) * 86400) if valid else None
+        self.update_preview()
+
     def update_preview(self) -> None:
         try:
-            narrowed = self.narrowed(now=time.time())
+            narrowed = self.narrowed()
         except ValueError as exc:
             self.preview.text = str(exc)
             return
@@ -243,7 +261,7 @@ class Tighten:
             envelope, capabilities, now=time.time()
         )
 
-    def narrowed(self, *, now: float) -> dict[str, Any] | None:
+    def narrowed(self) -> dict[str, Any] | None:
         """The approval/begin body, or None when nothing changed; ValueError if unreadable."""
         kept = [c for c, box in zip(self.capabilities, self.keep, strict=True) if box.value]
         if not kept:
@@ -259,8 +277,10 @@ class Tighten:
             document["spend_limits"][i]["amount"] = str(text.value).strip()
         if self.step_up is not None:
             document["step_up_threshold"]["amount"] = str(self.step_up.value).strip()
-        if self.days.value:
-            document["expires_at"] = int(now + int(self.days.value) * 86400)
+        if self.days.value is not None:
+            if self.expires_at is None:
+                raise ValueError(f"End the grant after 1 to {_MAX_DAYS:,} days, or leave it empty.")
+            document["expires_at"] = self.expires_at
         try:
             envelope = Envelope.model_validate(document)
         except ValidationError:
@@ -273,6 +293,11 @@ class Tighten:
         if envelope.model_dump(mode="json", exclude_none=True) != self.document:
             body["envelope"] = envelope.model_dump(mode="json", exclude_none=True)
         return body or None
+
+
+# The longest end a person can set while tightening: a century means "no end" in practice,
+# and it keeps the date within what an envelope accepts.
+_MAX_DAYS = 36_500
 
 
 def _amount(value: Decimal) -> str:
@@ -722,24 +747,41 @@ class Pages:
             tighten_box = ui.column().classes("w-full gap-2 border-l-4 border-amber-500 pl-4")
             tighten_box.visible = False
             board.editors.append(tighten_box)
-            form: list[Tighten] = []
+            form: list[Tighten] = []  # the open form; Approve signs what it says
 
             def toggle_tighten() -> None:
-                if not form:
-                    with tighten_box:
-                        heading("Tighten before approving", 3)
-                        ui.label("Lower a limit or drop a capability; raising one is refused.")
-                        form.append(Tighten(request))
-                tighten_box.visible = not tighten_box.visible
-                tighten_button.text = "Hide limits" if tighten_box.visible else "Tighten limits…"
+                if form:
+                    # Closing discards: a hidden edit would be a choice the person cannot see.
+                    form.clear()
+                    tighten_box.clear()
+                    tighten_box.visible = False
+                    tighten_button.text = "Tighten limits…"
+                    tighten_button.props["aria-label"] = (
+                        f"Tighten the limits before approving: {who}"
+                    )
+                    notice.info(
+                        f"Changes discarded: Approve now signs the request as asked ({who})."
+                    )
+                    return
+                with tighten_box:
+                    heading("Tighten before approving", 3)
+                    ui.label(
+                        "Lower a limit or drop a capability; raising one is refused. Approve "
+                        "signs what the line below says; Discard changes goes back to the "
+                        "request as asked."
+                    )
+                    form.append(Tighten(request))
+                tighten_box.visible = True
+                tighten_button.text = "Discard changes"
+                tighten_button.props["aria-label"] = f"Discard the tightened limits: {who}"
 
             async def approve() -> None:
                 async def work() -> None:
                     token = self._token(cookie_id)
                     narrowed = None
-                    if form and tighten_box.visible:
+                    if form:
                         try:
-                            narrowed = form[0].narrowed(now=time.time())
+                            narrowed = form[0].narrowed()
                         except ValueError as exc:
                             notice.error(str(exc))
                             return
@@ -747,9 +789,14 @@ class Pages:
                     offered = self._check_offered(
                         begun, request, self._session(cookie_id).principal_id, narrowed
                     )
+                    signed = describe_envelope(
+                        offered.envelope, offered.capabilities, now=time.time()
+                    )
                     notice.info(
-                        f"Your passkey signs grant hash {offered.digest_b64()} for {who}. "
-                        "Confirm with your passkey…"
+                        f"Your passkey signs grant hash {offered.digest_b64()} for {who}"
+                        f"{', as you tightened it' if narrowed else ', as asked'}.\n"
+                        f"May: {describe_capabilities(offered.capabilities)}.\n"
+                        f"Limits: {signed}.\nConfirm with your passkey…"
                     )
                     credential = await self._ceremony("get", begun["options"])
                     view = await self.registry.approval_finish(token, request["id"], credential)
@@ -783,6 +830,8 @@ class Pages:
                         ui.button("Tighten limits…", on_click=toggle_tighten).props("outline"),
                         f"Tighten the limits before approving: {who}",
                     )
+                    # Not while an approval runs: its notice says what the passkey signs.
+                    actions.append(tighten_button)
                 actions.append(
                     labelled(
                         ui.button("Deny", on_click=deny, color="negative").props("outline"),
