@@ -1,11 +1,13 @@
 """The SDK without a server: the DPoP auth flow driven by hand, errors mapped from bodies,
-and the provider helpers in process."""
+step-up polls against a mock registry, and the provider helpers in process."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
 import httpx
@@ -24,6 +26,7 @@ from agentauth.protocol import (
     mint_access_token,
 )
 from agentauth.sdk import (
+    AgentAuthClient,
     AgentAuthMiddleware,
     DPoPAuth,
     OfflineVerifier,
@@ -32,6 +35,7 @@ from agentauth.sdk import (
     error_from_response,
     is_nonce_challenge,
 )
+from agentauth.sdk._client import _Token
 
 
 def claims(proof: str) -> dict[str, object]:
@@ -145,6 +149,91 @@ async def test_verifier_client_fails_closed() -> None:
     assert (
         await client.verify_request(method="GET", url="https://a/x", headers=headers, action=action)
     ).allowed
+
+
+# --- step-ups: long polls outlast the registry's hold; a retry never asks twice ------------
+
+
+class StepUpRegistry:
+    """The registry's step-up calls, holding each poll open as the real one does: a poll
+    whose read timeout is shorter than its ``wait`` ends in a ReadTimeout, like a socket."""
+
+    def __init__(self, *, pending_polls: int) -> None:
+        self.pending_polls = pending_polls
+        self.created: list[str] = []
+        self.polled: list[str] = []
+        self.drop_next_poll = False
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/v1/grants":
+            grant = {"id": "grt_1", "provider_id": "shop", "revoked_at": None}
+            return httpx.Response(200, json=[{**grant, "document": {"audience": "a"}}])
+        if request.method == "POST" and path == "/v1/step-ups":
+            self.created.append(f"stp_{len(self.created) + 1}")
+            return httpx.Response(200, json={"id": self.created[-1], "status": "pending"})
+        step_id = path.rsplit("/", 1)[-1]
+        self.polled.append(step_id)
+        if self.drop_next_poll:
+            self.drop_next_poll = False
+            raise httpx.RemoteProtocolError("connection dropped", request=request)
+        if float(request.url.params["wait"]) >= request.extensions["timeout"]["read"]:
+            raise httpx.ReadTimeout("held longer than the read timeout", request=request)
+        await asyncio.sleep(0.01)  # the hold, shortened
+        if self.pending_polls > 0:
+            self.pending_polls -= 1
+            return httpx.Response(200, json={"status": "pending"})
+        return httpx.Response(200, json={"status": "approved", "approval_ref": f"ref-{step_id}"})
+
+
+def agent_client(registry: StepUpRegistry, home: Path) -> AgentAuthClient:
+    # The SDK's own default read timeout (10 s), shorter than the 25 s the poll asks for.
+    http = httpx.AsyncClient(transport=httpx.MockTransport(registry), timeout=10.0)
+    return AgentAuthClient(
+        "https://registry.example",
+        key=PrivateKey.generate(),
+        agent_id="agt_1",
+        http=http,
+        home=home,
+    )
+
+
+PAYMENT: dict[str, Any] = {
+    "resource": "payments/inv/7",
+    "amount": "120",
+    "currency": "USD",
+    "payee": "acme",
+}
+
+
+@pytest.mark.asyncio
+async def test_a_step_up_poll_outlasts_the_registrys_hold(tmp_path: Path) -> None:
+    registry = StepUpRegistry(pending_polls=2)
+    registry.drop_next_poll = True  # and a poll lost on the way is asked again
+    client = agent_client(registry, tmp_path)
+    assert await client.request_step_up("shop", **PAYMENT) == "ref-stp_1"
+    assert registry.created == ["stp_1"]
+    assert registry.polled == ["stp_1"] * 4
+
+
+@pytest.mark.asyncio
+async def test_asking_again_after_a_timeout_waits_on_the_same_step_up(tmp_path: Path) -> None:
+    registry = StepUpRegistry(pending_polls=10**6)  # the human is away
+    client = agent_client(registry, tmp_path)
+    for _ in range(2):
+        with pytest.raises(TimeoutError, match="stp_1"):
+            await client.request_step_up("shop", **PAYMENT, timeout=0.05)
+    registry.pending_polls = 0  # the human approves the one card they were shown
+    assert await client.request_step_up("shop", **PAYMENT) == "ref-stp_1"
+    assert registry.created == ["stp_1"]
+    # Decided, it is forgotten: the next payment of the same kind is a new step-up.
+    assert await client.request_step_up("shop", **PAYMENT) == "ref-stp_2"
+    assert registry.created == ["stp_1", "stp_2"]
+
+
+def test_a_cached_tokens_repr_hides_the_token() -> None:
+    token = _Token("eyJhbGciOiJFUzI1NiJ9.SECRET.sig", 1e10, "grt_1")
+    assert "SECRET" not in repr(token) and "grt_1" in repr(token)
 
 
 # --- the provider side -----------------------------------------------------------------------
