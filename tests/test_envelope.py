@@ -486,6 +486,19 @@ def test_expiry_is_exclusive() -> None:
         assert (decision.allowed, decision.reason) == (False, "expired")
 
 
+def test_expiry_is_a_date_in_every_zone() -> None:
+    # The last accepted expiry, 9999-12-31 00:00 UTC, is still a date wherever it is read;
+    # a later one (year 10000 and on) is no deadline at all and is refused.
+    latest = 253_402_214_400
+    assert datetime.fromtimestamp(latest, tz=UTC) == datetime(9999, 12, 31, tzinfo=UTC)
+    for zone in ("Pacific/Kiritimati", "Etc/GMT-14", "Etc/GMT+12", "UTC"):
+        envelope = Envelope(expires_at=latest, timezone=zone)
+        assert datetime.fromtimestamp(latest, tz=envelope.zone).year == 9999
+    for too_late in (latest + 1, 253_402_300_800, 10**12, 2**53 - 1):
+        with pytest.raises(ValidationError, match="expires_at"):
+            Envelope(expires_at=too_late)
+
+
 MONDAY_NOON = local(BERLIN, 2024, 6, 3, 12, 0)
 SATURDAY_NOON = local(BERLIN, 2024, 6, 8, 12, 0)
 OFFICE = (TimeWindow(days=WEEKDAYS, start="09:00", end="17:00"),)

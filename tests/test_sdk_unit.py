@@ -1,15 +1,41 @@
-"""The SDK without a server: the DPoP auth flow driven by hand, errors mapped from bodies."""
+"""The SDK without a server: the DPoP auth flow driven by hand, errors mapped from bodies,
+step-up polls against a mock registry, and the provider helpers in process."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
 
-from agentauth.protocol import Action, DPoPVerifier, Forbidden, PrivateKey, b64url_decode
-from agentauth.sdk import DPoPAuth, VerifierClient, error_from_response, is_nonce_challenge
+from agentauth.protocol import (
+    Action,
+    Capability,
+    DPoPVerifier,
+    Envelope,
+    Forbidden,
+    Grant,
+    PrivateKey,
+    b64url_decode,
+    create_dpop_proof,
+    mint_access_token,
+)
+from agentauth.sdk import (
+    AgentAuthClient,
+    AgentAuthMiddleware,
+    DPoPAuth,
+    OfflineVerifier,
+    Verification,
+    VerifierClient,
+    error_from_response,
+    is_nonce_challenge,
+)
+from agentauth.sdk._client import _Token
 
 
 def claims(proof: str) -> dict[str, object]:
@@ -123,3 +149,227 @@ async def test_verifier_client_fails_closed() -> None:
     assert (
         await client.verify_request(method="GET", url="https://a/x", headers=headers, action=action)
     ).allowed
+
+
+# --- step-ups: long polls outlast the registry's hold; a retry never asks twice ------------
+
+
+class StepUpRegistry:
+    """The registry's step-up calls, holding each poll open as the real one does: a poll
+    whose read timeout is shorter than its ``wait`` ends in a ReadTimeout, like a socket."""
+
+    def __init__(self, *, pending_polls: int) -> None:
+        self.pending_polls = pending_polls
+        self.created: list[str] = []
+        self.polled: list[str] = []
+        self.drop_next_poll = False
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/v1/grants":
+            grant = {"id": "grt_1", "provider_id": "shop", "revoked_at": None}
+            return httpx.Response(200, json=[{**grant, "document": {"audience": "a"}}])
+        if request.method == "POST" and path == "/v1/step-ups":
+            self.created.append(f"stp_{len(self.created) + 1}")
+            return httpx.Response(200, json={"id": self.created[-1], "status": "pending"})
+        step_id = path.rsplit("/", 1)[-1]
+        self.polled.append(step_id)
+        if self.drop_next_poll:
+            self.drop_next_poll = False
+            raise httpx.RemoteProtocolError("connection dropped", request=request)
+        if float(request.url.params["wait"]) >= request.extensions["timeout"]["read"]:
+            raise httpx.ReadTimeout("held longer than the read timeout", request=request)
+        await asyncio.sleep(0.01)  # the hold, shortened
+        if self.pending_polls > 0:
+            self.pending_polls -= 1
+            return httpx.Response(200, json={"status": "pending"})
+        return httpx.Response(200, json={"status": "approved", "approval_ref": f"ref-{step_id}"})
+
+
+def agent_client(registry: StepUpRegistry, home: Path) -> AgentAuthClient:
+    # The SDK's own default read timeout (10 s), shorter than the 25 s the poll asks for.
+    http = httpx.AsyncClient(transport=httpx.MockTransport(registry), timeout=10.0)
+    return AgentAuthClient(
+        "https://registry.example",
+        key=PrivateKey.generate(),
+        agent_id="agt_1",
+        http=http,
+        home=home,
+    )
+
+
+PAYMENT: dict[str, Any] = {
+    "resource": "payments/inv/7",
+    "amount": "120",
+    "currency": "USD",
+    "payee": "acme",
+}
+
+
+@pytest.mark.asyncio
+async def test_a_step_up_poll_outlasts_the_registrys_hold(tmp_path: Path) -> None:
+    registry = StepUpRegistry(pending_polls=2)
+    registry.drop_next_poll = True  # and a poll lost on the way is asked again
+    client = agent_client(registry, tmp_path)
+    assert await client.request_step_up("shop", **PAYMENT) == "ref-stp_1"
+    assert registry.created == ["stp_1"]
+    assert registry.polled == ["stp_1"] * 4
+
+
+@pytest.mark.asyncio
+async def test_asking_again_after_a_timeout_waits_on_the_same_step_up(tmp_path: Path) -> None:
+    registry = StepUpRegistry(pending_polls=10**6)  # the human is away
+    client = agent_client(registry, tmp_path)
+    for _ in range(2):
+        with pytest.raises(TimeoutError, match="stp_1"):
+            await client.request_step_up("shop", **PAYMENT, timeout=0.05)
+    registry.pending_polls = 0  # the human approves the one card they were shown
+    assert await client.request_step_up("shop", **PAYMENT) == "ref-stp_1"
+    assert registry.created == ["stp_1"]
+    # Decided, it is forgotten: the next payment of the same kind is a new step-up.
+    assert await client.request_step_up("shop", **PAYMENT) == "ref-stp_2"
+    assert registry.created == ["stp_1", "stp_2"]
+
+
+def test_a_cached_tokens_repr_hides_the_token() -> None:
+    token = _Token("eyJhbGciOiJFUzI1NiJ9.SECRET.sig", 1e10, "grt_1")
+    assert "SECRET" not in repr(token) and "grt_1" in repr(token)
+
+
+# --- the provider side -----------------------------------------------------------------------
+
+
+class Refusing:
+    """A verifier that refuses everything and counts what it was asked."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    async def verify_request(self, **_: Any) -> Verification:
+        self.asked += 1
+        return Verification(False, "insufficient_capability")
+
+
+@pytest.mark.asyncio
+async def test_middleware_refuses_websockets_on_protected_paths() -> None:
+    reached: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+        await receive()
+        await send({"type": "websocket.accept"})
+
+    def action_of(method: str, path: str) -> Action | None:
+        return Action(kind="write", resource="orders/1") if path.startswith("/orders") else None
+
+    verifier = Refusing()
+    middleware = AgentAuthMiddleware(
+        app, verifier=cast(VerifierClient, verifier), action_of=action_of
+    )
+
+    async def handshake(path: str) -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "websocket.connect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "websocket", "path": path, "headers": [], "query_string": b""}
+        await middleware(scope, receive, send)
+        return sent
+
+    # Closed before it is accepted: the server answers the handshake with 403.
+    assert await handshake("/orders/1") == [{"type": "websocket.close", "code": 1008}]
+    assert reached == [] and verifier.asked == 0
+    # A path the provider left public is the app's to handle.
+    assert await handshake("/live") == [{"type": "websocket.accept"}]
+    assert reached == ["/live"]
+    with pytest.raises(RuntimeError, match="cannot protect"):
+        await middleware({"type": "webtransport", "path": "/orders/1"}, None, None)
+
+
+ISSUER = "https://registry.example"
+SHOP_URL = "https://shop.example/payments/1"
+
+
+def offline_request(envelope: Envelope) -> tuple[OfflineVerifier, dict[str, str]]:
+    """An offline verifier, and the headers of an agent's request under a grant with
+    ``envelope`` (a transact capability on payments/*, no amount cap of its own)."""
+    registry_key, agent_key = PrivateKey.generate(), PrivateKey.generate()
+    now = int(time.time())
+    grant = Grant(
+        grant_id="grt_1",
+        agent_id="agt_1",
+        principal_id="hum_1",
+        provider_id="shop",
+        audience="https://shop.example",
+        capabilities=(Capability.transact("payments/*"),),
+        envelope=envelope,
+        created_at=now,
+    )
+    token = mint_access_token(
+        signer=registry_key,
+        issuer=ISSUER,
+        grant=grant,
+        jkt=agent_key.thumbprint,
+        receipt_hash="A" * 43,
+        now=now,
+        lifetime=300,
+    )
+    proof = create_dpop_proof(agent_key, htm="POST", htu=SHOP_URL, now=now, access_token=token)
+    verifier = OfflineVerifier(
+        jwks={"keys": [registry_key.public_jwk()]}, issuer=ISSUER, audience="https://shop.example"
+    )
+    return verifier, {"authorization": f"DPoP {token}", "dpop": proof}
+
+
+def pay_usd(amount: str) -> Action:
+    return Action(kind="transact", resource="payments/1", amount=amount, currency="USD")
+
+
+@pytest.mark.asyncio
+async def test_offline_mode_applies_the_envelopes_stateless_rules() -> None:
+    usd = {"currency": "USD"}
+    limits = {
+        "max_per_transaction": {"amount": "100", **usd},
+        "step_up_threshold": {"amount": "30", **usd},
+        "spend_limits": [{"amount": "50", "period": "day", **usd}],
+    }
+    verifier, headers = offline_request(Envelope.model_validate(limits))
+
+    async def reason(action: Action, step_up_ref: str | None = None) -> str:
+        verification = await verifier.verify_request(
+            method="POST", url=SHOP_URL, headers=headers, action=action, step_up_ref=step_up_ref
+        )
+        assert verification.allowed == (verification.reason == "ok_offline")
+        return verification.reason
+
+    assert await reason(pay_usd("20")) == "ok_offline"
+    assert await reason(pay_usd("5000")) == "transaction_limit_exceeded"
+    assert await reason(pay_usd("40")) == "step_up_required"
+    # A one-time approval cannot be checked (or used up) offline: above the threshold is no.
+    assert await reason(pay_usd("40"), step_up_ref="stp-ref") == "step_up_required"
+    assert await reason(pay_usd("20").model_copy(update={"currency": "EUR"})) == (
+        "currency_mismatch"
+    )
+
+    expired, headers_expired = offline_request(
+        Envelope.model_validate({**limits, "expires_at": int(time.time()) - 10})
+    )
+    refused = await expired.verify_request(
+        method="POST", url=SHOP_URL, headers=headers_expired, action=pay_usd("20")
+    )
+    assert (refused.allowed, refused.reason) == (False, "expired")
+
+    # A window on a day that is not today (in UTC), so never now.
+    not_today = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[
+        (datetime.now(UTC).weekday() + 3) % 7
+    ]
+    window = [{"days": [not_today], "start": "00:00", "end": "24:00"}]
+    closed, headers_closed = offline_request(Envelope.model_validate({"time_windows": window}))
+    refused = await closed.verify_request(
+        method="POST", url=SHOP_URL, headers=headers_closed, action=pay_usd("20")
+    )
+    assert (refused.allowed, refused.reason) == (False, "outside_time_window")

@@ -188,7 +188,7 @@ ASKED = {
 }
 ASKED_WORDS = (
     "up to 5 transactions an hour, at most $50 each and $200 a day, "
-    "weekdays 09:00\u201317:00 Europe/Berlin"
+    "weekdays 09:00\u201317:00 Europe/Berlin (UTC+01:00 or UTC+02:00 by season)"
 )
 SHOP_CAPABILITIES = [Capability.transact("shop/*", max_amount=50, currency="USD").to_document()]
 SHOP = {

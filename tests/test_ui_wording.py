@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from zoneinfo import available_timezones
 
 import pytest
 
@@ -11,6 +12,8 @@ from agentauth.ui import describe_capability, describe_envelope, describe_step_u
 from agentauth.ui._wording import per_window, spend_period, when
 
 DASH = "\u2013"
+MINUS = "\u2212"
+NOW = 1_800_000_000  # 2027-01-15 08:00 UTC: when the person reads the words
 
 ENVELOPES: list[tuple[dict[str, Any], list[dict[str, Any]], str]] = [
     (
@@ -26,7 +29,7 @@ ENVELOPES: list[tuple[dict[str, Any], list[dict[str, Any]], str]] = [
         },
         [{"kind": "transact", "resource": "payments/*"}],
         "up to 5 transactions an hour, at most $50 each and $200 a day, "
-        f"weekdays 09:00{DASH}17:00 Europe/Berlin",
+        f"weekdays 09:00{DASH}17:00 Europe/Berlin (UTC+01:00 or UTC+02:00 by season)",
     ),
     ({}, [{"kind": "read", "resource": "calendar"}], "no limits beyond the capabilities"),
     (
@@ -53,7 +56,8 @@ ENVELOPES: list[tuple[dict[str, Any], list[dict[str, Any]], str]] = [
             "timezone": "Europe/Paris",
         },
         [{"kind": "transact", "resource": "shop"}],
-        "at most €1,000 a month and €5,000.50 in total (Europe/Paris time)",
+        "at most €1,000 a month and €5,000.50 in total "
+        "(Europe/Paris time, UTC+01:00 or UTC+02:00 by season)",
     ),
     (
         {
@@ -64,7 +68,8 @@ ENVELOPES: list[tuple[dict[str, Any], list[dict[str, Any]], str]] = [
             "timezone": "America/New_York",
         },
         [{"kind": "read", "resource": "*"}],
-        f"weekends, Mon, Wed, Fri 18:00{DASH}22:30 America/New_York",
+        f"weekends, Mon, Wed, Fri 18:00{DASH}22:30 America/New_York "
+        f"(UTC{MINUS}05:00 or UTC{MINUS}04:00 by season)",
     ),
     (
         {
@@ -91,6 +96,25 @@ ENVELOPES: list[tuple[dict[str, Any], list[dict[str, Any]], str]] = [
         "until 2027-01-15 08:00 UTC",
     ),
     (
+        # POSIX signs: Etc/GMT+12 is twelve hours behind UTC, which the offset makes plain.
+        {
+            "time_windows": [{"days": ["mon", "tue"], "start": "09:00", "end": "17:00"}],
+            "timezone": "Etc/GMT+12",
+            "expires_at": 1_800_000_000,
+        },
+        [{"kind": "read", "resource": "*"}],
+        f"Mon, Tue 09:00{DASH}17:00 Etc/GMT+12 (UTC{MINUS}12:00), "
+        f"until 2027-01-14 20:00 Etc/GMT+12 (UTC{MINUS}12:00)",
+    ),
+    (
+        {
+            "spend_limits": [{"amount": "10", "currency": "USD", "period": "day"}],
+            "timezone": "Asia/Kathmandu",
+        },
+        [{"kind": "transact", "resource": "shop"}],
+        "at most $10 a day (Asia/Kathmandu time, UTC+05:45)",
+    ),
+    (
         {"max_per_transaction": {"amount": "300", "currency": "CHF"}},
         [{"kind": "transact", "resource": "shop/*"}, {"kind": "read", "resource": "shop/*"}],
         "at most 300 CHF each",
@@ -103,7 +127,7 @@ def test_envelopes_read_in_plain_words(
     envelope: dict[str, Any], capabilities: list[dict[str, Any]], words: str
 ) -> None:
     parsed = Envelope.model_validate(envelope)
-    assert describe_envelope(parsed, parse_capabilities(capabilities)) == words
+    assert describe_envelope(parsed, parse_capabilities(capabilities), now=NOW) == words
 
 
 @pytest.mark.parametrize(
@@ -172,7 +196,17 @@ def test_step_ups_periods_and_times() -> None:
         "this month",
         "in total",
     ]
-    assert when(1_800_000_000, "Europe/Berlin") == "2027-01-15 09:00 Europe/Berlin"
+    assert when(1_800_000_000, "Europe/Berlin") == "2027-01-15 09:00 Europe/Berlin (UTC+01:00)"
+    assert when(1_800_000_000, "Etc/GMT+12") == f"2027-01-14 20:00 Etc/GMT+12 (UTC{MINUS}12:00)"
+    assert when(1_800_000_000) == "2027-01-15 08:00 UTC"
+
+
+def test_the_latest_expiry_reads_in_every_zone() -> None:
+    # The envelope's last accepted expiry must never make the words (and so the page) fail.
+    latest = Envelope(expires_at=253_402_214_400)
+    for zone in sorted(available_timezones()):
+        envelope = latest.model_copy(update={"timezone": zone})
+        assert describe_envelope(envelope, now=NOW).startswith("until 9999-12-3")
 
 
 @pytest.mark.parametrize(

@@ -46,6 +46,9 @@ _CLOCK = r"^([01][0-9]|2[0-3]):[0-5][0-9]$|^24:00$"
 MAX_RATE_COUNT = 10_000
 MAX_RATE_WINDOW_S = 31 * 24 * 3600
 MAX_RULES = 16
+# The latest expiry: 9999-12-31 00:00 UTC. A day short of year 10000, so the time reads as a
+# date in every zone (Python's datetime ends at 9999); any later value is no real deadline.
+MAX_EXPIRES_AT = 253_402_214_400
 
 
 def _minutes(clock: str) -> int:
@@ -125,7 +128,9 @@ class Envelope(_Frozen):
     step_up_threshold: Money | None = Field(
         None, description="Transactions above this amount need a one-time human approval."
     )
-    expires_at: int | None = Field(None, ge=0, description="Unix time after which nothing.")
+    expires_at: int | None = Field(
+        None, ge=0, le=MAX_EXPIRES_AT, description="Unix time after which nothing."
+    )
 
     @field_validator("timezone")
     @classmethod

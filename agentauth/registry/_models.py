@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..protocol import AnyCapability, Envelope
+from ..protocol import AnyCapability, Envelope, Read
+from ..protocol._text import check_display_text
 from ..protocol._types import Amount, Currency, Identifier, ResourceName
 
 __all__ = [
@@ -27,6 +28,12 @@ __all__ = [
 
 class _In(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# A name the approval page shows a person: no control or format characters (see _text).
+_DisplayName = Annotated[
+    str, Field(min_length=1, max_length=128), AfterValidator(check_display_text)
+]
 
 
 class SignupIn(_In):
@@ -58,15 +65,17 @@ class PasskeyChangeIn(_In):
 
 
 class AgentIn(_In):
-    name: str = Field(min_length=1, max_length=128)
+    name: _DisplayName
     public_jwk: dict[str, Any]
     enrollment_code: str = Field(min_length=16, max_length=128)
 
 
 class ProviderIn(_In):
     id: Identifier
-    audience: str = Field(min_length=1, max_length=512)
-    display_name: str = Field(min_length=1, max_length=128)
+    audience: Annotated[
+        str, Field(min_length=1, max_length=512), AfterValidator(check_display_text)
+    ]
+    display_name: _DisplayName
     allowed_kinds: tuple[Literal["read", "write", "transact", "custom"], ...] = Field(min_length=1)
 
 
@@ -74,6 +83,17 @@ class GrantRequestIn(_In):
     provider_id: Identifier
     capabilities: tuple[AnyCapability, ...] = Field(min_length=1, max_length=64)
     envelope: Envelope = Field(default_factory=Envelope)
+
+    @field_validator("capabilities")
+    @classmethod
+    def _readable_filters(
+        cls, capabilities: tuple[AnyCapability, ...]
+    ) -> tuple[AnyCapability, ...]:
+        # A read filter is shown to the person verbatim, quoted inside a sentence.
+        for capability in capabilities:
+            if isinstance(capability, Read) and capability.filter is not None:
+                check_display_text(capability.filter)
+        return capabilities
 
 
 class ApprovalBeginIn(_In):

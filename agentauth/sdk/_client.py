@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urljoin
@@ -25,6 +25,7 @@ from ..protocol import (
     Capability,
     Envelope,
     Forbidden,
+    NotFound,
     PrivateKey,
     create_dpop_proof,
 )
@@ -34,6 +35,14 @@ from ._errors import error_from_response
 __all__ = ["AgentAuthClient", "AgentAuthClientSync", "Approval", "GrantPending"]
 
 DEFAULT_HOME = Path(os.environ.get("AGENTAUTH_AGENT_HOME", Path.home() / ".agentauth" / "agent"))
+# The registry holds a step-up poll open for ``wait`` seconds (30 at most): the read must
+# last longer than that, or every unanswered poll ends in a ReadTimeout. 15 s on top leaves
+# room for a slow network without waiting on a dead connection for long.
+_STEP_UP_WAIT = 25.0
+_STEP_UP_READ_MARGIN = 15.0
+# After a poll fails on the way (a timeout, a dropped connection), wait this long and poll
+# the same step-up again: the human may still be answering it.
+_STEP_UP_RETRY_PAUSE = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +63,7 @@ class Approval:
 
 @dataclass
 class _Token:
-    value: str
+    value: str = field(repr=False)  # a bearer of the grant, for whoever also holds the key
     expires_at: float
     grant_id: str
 
@@ -110,6 +119,9 @@ class AgentAuthClient:
         self._clock = clock
         self._refresh_margin = refresh_margin
         self._tokens: dict[str, _Token] = {}
+        # Step-ups this client asked for and is still waiting on, by what they approve: a
+        # repeated call (after a TimeoutError, say) waits on the same one, never a second.
+        self._pending_step_ups: dict[tuple[str, str, str, str, str | None], str] = {}
         self._audiences: dict[str, str] = {}
         self._token_locks: dict[str, asyncio.Lock] = {}
 
@@ -125,11 +137,26 @@ class AgentAuthClient:
                     self._agent_id = str(saved["agent_id"])
         return self._agent_id
 
-    async def _call(self, method: str, path: str, *, json_body: Any = None) -> Any:
-        """A registry call signed with a fresh DPoP proof by the agent's key."""
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        read_timeout: float | None = None,
+    ) -> Any:
+        """A registry call signed with a fresh DPoP proof by the agent's key; ``read_timeout``
+        replaces the client's for a call the registry may hold open (a long poll)."""
         url = self.registry_url + path
         proof = create_dpop_proof(self.key, htm=method, htu=htu_of(url), now=self._clock())
-        response = await self._http.request(method, url, json=json_body, headers={"DPoP": proof})
+        timeout = self._http.timeout
+        if read_timeout is not None:
+            timeout = httpx.Timeout(
+                connect=timeout.connect, read=read_timeout, write=timeout.write, pool=timeout.pool
+            )
+        response = await self._http.request(
+            method, url, json=json_body, headers={"DPoP": proof}, timeout=timeout
+        )
         if response.status_code >= 400:
             raise error_from_response(response)
         return response.json()
@@ -300,27 +327,61 @@ class AgentAuthClient:
         """Ask the human to approve one transaction above the threshold; returns the
         one-time approval reference to present with that transaction (in the
         ``STEP_UP_HEADER`` header). Raises ``Forbidden`` (reason ``denied`` or ``expired``)
-        if the human refuses it or lets it expire, ``TimeoutError`` after ``timeout``."""
+        if the human refuses it or lets it expire, ``TimeoutError`` after ``timeout``.
+
+        After a ``TimeoutError`` (or any failure once the step-up exists), calling again for
+        the same payment waits on the step-up already asked for instead of asking the human
+        a second time.
+        """
         grant = await self._grant_for(service_provider_id)
-        body: dict[str, Any] = {
-            "grant_id": grant["id"],
-            "resource": resource,
-            "amount": amount,
-            "currency": currency,
-        }
-        if payee is not None:
-            body["payee"] = payee
-        step = await self._call("POST", "/v1/step-ups", json_body=body)
-        deadline = time.monotonic() + timeout
+        key = (grant["id"], resource, amount, currency, payee)
+        step_id = self._pending_step_ups.get(key)
+        if step_id is None:
+            body: dict[str, Any] = {
+                "grant_id": grant["id"],
+                "resource": resource,
+                "amount": amount,
+                "currency": currency,
+            }
+            if payee is not None:
+                body["payee"] = payee
+            step = await self._call("POST", "/v1/step-ups", json_body=body)
+            step_id = str(step["id"])
+            self._pending_step_ups[key] = step_id
+        try:
+            state = await self._wait_for_step_up(step_id, time.monotonic() + timeout)
+        except NotFound:
+            self._pending_step_ups.pop(key, None)  # gone: the next call asks afresh
+            raise
+        if state["status"] == "pending":
+            raise TimeoutError(f"step-up {step_id} still pending")
+        self._pending_step_ups.pop(key, None)  # decided: a new payment needs a new step-up
+        if state["status"] == "approved":
+            return str(state["approval_ref"])
+        raise Forbidden("the step-up was not approved", reason=state["status"])
+
+    async def _wait_for_step_up(self, step_id: str, deadline: float) -> dict[str, Any]:
+        """Long-poll one step-up until it is decided or ``deadline`` (monotonic) passes.
+
+        A poll that fails on the way is asked again, for the same step-up: only the
+        registry's answer ends the wait early.
+        """
         while True:
-            wait = min(25.0, max(0.0, deadline - time.monotonic()))
-            state = await self._call("GET", f"/v1/step-ups/{step['id']}?wait={wait:.0f}")
-            if state["status"] == "approved":
-                return str(state["approval_ref"])
-            if state["status"] in ("denied", "expired", "used"):
-                raise Forbidden("the step-up was not approved", reason=state["status"])
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"step-up {step['id']} still pending")
+            left = max(0.0, deadline - time.monotonic())
+            wait = min(_STEP_UP_WAIT, left)
+            try:
+                state: dict[str, Any] = await self._call(
+                    "GET",
+                    f"/v1/step-ups/{step_id}?wait={wait:.0f}",
+                    read_timeout=wait + _STEP_UP_READ_MARGIN,
+                )
+            except httpx.TransportError:
+                if time.monotonic() >= deadline:
+                    return {"status": "pending"}
+                await asyncio.sleep(min(_STEP_UP_RETRY_PAUSE, left))
+                continue
+            if state["status"] != "pending" or time.monotonic() >= deadline:
+                return state
 
 
 class _ClientAuth(DPoPAuth):

@@ -2,10 +2,18 @@
 
 Three ways in, one path underneath: ``VerifierClient.verify_request`` (a plain async
 function over method, URL and headers), ``AgentAuthMiddleware`` (ASGI, for any framework)
-and ``require(...)`` (a FastAPI dependency). ``OfflineVerifier`` checks only the token's
-signature and the DPoP key binding against the JWKS: it is weaker (no replay, rate, spend
-or revocation checks) and meant for read-only, low-value endpoints or a verifier outage
-policy you choose deliberately.
+and ``require(...)`` (a FastAPI dependency). ``OfflineVerifier`` checks, against the JWKS
+and the token alone, the signature, the DPoP key binding, the capabilities and the rules of
+the envelope that need no memory (expiry, time windows, currency, the per-transaction cap,
+a single action over a spend cap). It is weaker: no replay, rate, cumulative spend or
+revocation checks, and it refuses every action above the step-up threshold
+(``step_up_required``), since it cannot check a one-time approval. It is meant for
+read-only, low-value endpoints or a verifier outage policy you choose deliberately.
+
+``AgentAuthMiddleware`` refuses WebSocket connections to paths ``action_of`` maps to an
+action (closed before the handshake completes, which servers answer with HTTP 403): a
+handshake carries no request to verify per message. Serve WebSockets on paths mapped to
+None and authorize them yourself.
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ from ..protocol import (
     AgentAuthError,
     DPoPVerifier,
     KeySet,
+    UsageState,
     allowing_capability,
+    evaluate,
 )
 from ._auth import STEP_UP_HEADER
 
@@ -155,7 +165,8 @@ class VerifierClient:
 
 
 class OfflineVerifier:
-    """Signature and DPoP binding only, against the JWKS. Weaker: see the module docstring."""
+    """Signature, DPoP binding, capabilities and the envelope's stateless rules, against the
+    JWKS. Weaker than the verifier: see the module docstring."""
 
     def __init__(self, *, jwks: dict[str, Any], issuer: str, audience: str) -> None:
         self._tokens = AccessTokenVerifier(keys=KeySet.from_jwks(jwks), issuer=issuer)
@@ -183,6 +194,12 @@ class OfflineVerifier:
             return Verification(False, f"{exc.error}:{exc.reason}" if exc.reason else exc.error)
         if allowing_capability(access.claims.capabilities, action) is None:
             return Verification(False, "insufficient_capability")
+        # Evaluated as the grant's first action, with no step-up: the rules that need no
+        # memory apply exactly as the verifier applies them, and a step-up reference cannot
+        # be checked (nor marked used) here, so above the threshold is always refused.
+        decision = evaluate(access.claims.envelope, UsageState(), action, now=now)
+        if not decision.allowed:
+            return Verification(False, decision.reason, access.claims.sub, access.claims.grant_id)
         return Verification(True, "ok_offline", access.claims.sub, access.claims.grant_id)
 
 
@@ -220,7 +237,8 @@ def denial(verification: Verification) -> tuple[int, dict[str, str], dict[str, A
 class AgentAuthMiddleware:
     """ASGI middleware: every request ``action_of(method, path)`` maps to an action must be
     allowed by the verifier; the verification lands in ``scope["state"]["agentauth"]``.
-    Paths mapped to None pass through untouched (health checks, public pages)."""
+    Paths mapped to None pass through untouched (health checks, public pages). A WebSocket
+    connection to a path mapped to an action (asked as ``GET``) is refused, never verified."""
 
     def __init__(
         self,
@@ -236,9 +254,15 @@ class AgentAuthMiddleware:
         self._public_url = public_url
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        kind = scope["type"]
+        if kind == "lifespan":
             await self.app(scope, receive, send)
             return
+        if kind == "websocket":
+            await self._websocket(scope, receive, send)
+            return
+        if kind != "http":  # a scope type this middleware cannot judge: fail closed
+            raise RuntimeError(f"AgentAuthMiddleware cannot protect ASGI {kind!r} scopes")
         action = self._action_of(scope["method"], scope["path"])
         if action is None:
             await self.app(scope, receive, send)
@@ -266,6 +290,16 @@ class AgentAuthMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+
+    async def _websocket(self, scope: Any, receive: Any, send: Any) -> None:
+        if self._action_of("GET", scope["path"]) is None:
+            await self.app(scope, receive, send)
+            return
+        # A protected path: closing before accepting makes the server refuse the handshake
+        # (HTTP 403). Each later message would need its own proof, which DPoP does not give.
+        message = await receive()
+        if message["type"] == "websocket.connect":
+            await send({"type": "websocket.close", "code": 1008})
 
 
 def require(

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -46,6 +47,7 @@ from ._settings import UISettings
 from ._webauthn_js import WEBAUTHN_JS
 from ._wording import (
     action_noun,
+    describe_capabilities,
     describe_capability,
     describe_envelope,
     describe_step_up,
@@ -176,12 +178,19 @@ class Board:
 
 class Tighten:
     """Inputs to narrow a request before approving. Only tightening is meant; the registry
-    is the judge and refuses widening (403 ``widening``), which the page then shows."""
+    is the judge and refuses widening (403 ``widening``), which the page then shows.
+
+    While the form is on the page, Approve signs what its preview says; closing it discards
+    it (the card drops the form), so no edit outlives what the person can see.
+    """
 
     def __init__(self, request: Mapping[str, Any]) -> None:
         self.capabilities = parse_capabilities(request["capabilities"])
         self.envelope = Envelope.model_validate(request["envelope"])
         self.document = self.envelope.model_dump(mode="json", exclude_none=True)
+        # Fixed when the person enters the days, so the end the preview shows is the end
+        # approved, however long they wait before pressing Approve.
+        self.expires_at: int | None = None
         _, plural = action_noun(self.capabilities)
         self.keep = [ui.checkbox(describe_capability(c), value=True) for c in self.capabilities]
         if len(self.keep) == 1:
@@ -215,19 +224,29 @@ class Tighten:
             if step
             else None
         )
-        self.days = ui.number("End the grant after (days, optional)", min=1, step=1, precision=0)
+        self.days = ui.number(
+            "End the grant after (days, optional)", min=1, max=_MAX_DAYS, step=1, precision=0
+        )
         self.preview = ui.label("").classes("text-sm italic")
-        for element in [*self.rates, *self.spends, self.per_transaction, self.step_up, self.days]:
+        for element in [*self.rates, *self.spends, self.per_transaction, self.step_up]:
             if element is not None:
                 element.classes("w-64")
                 element.on_value_change(self.update_preview)
+        self.days.classes("w-64")
+        self.days.on_value_change(self._days_changed)
         for box in self.keep:
             box.on_value_change(self.update_preview)
         self.update_preview()
 
+    def _days_changed(self) -> None:
+        days = self.days.value
+        valid = isinstance(days, int | float) and 1 <= days <= _MAX_DAYS
+        self.expires_at = int(time.time() + int(days) * 86400) if valid else None
+        self.update_preview()
+
     def update_preview(self) -> None:
         try:
-            narrowed = self.narrowed(now=time.time())
+            narrowed = self.narrowed()
         except ValueError as exc:
             self.preview.text = str(exc)
             return
@@ -238,9 +257,11 @@ class Tighten:
             narrowed.get("capabilities", [c.to_document() for c in self.capabilities])
         )
         envelope = Envelope.model_validate(narrowed.get("envelope", self.document))
-        self.preview.text = "You would approve: " + describe_envelope(envelope, capabilities)
+        self.preview.text = "You would approve: " + describe_envelope(
+            envelope, capabilities, now=time.time()
+        )
 
-    def narrowed(self, *, now: float) -> dict[str, Any] | None:
+    def narrowed(self) -> dict[str, Any] | None:
         """The approval/begin body, or None when nothing changed; ValueError if unreadable."""
         kept = [c for c, box in zip(self.capabilities, self.keep, strict=True) if box.value]
         if not kept:
@@ -256,8 +277,10 @@ class Tighten:
             document["spend_limits"][i]["amount"] = str(text.value).strip()
         if self.step_up is not None:
             document["step_up_threshold"]["amount"] = str(self.step_up.value).strip()
-        if self.days.value:
-            document["expires_at"] = int(now + int(self.days.value) * 86400)
+        if self.days.value is not None:
+            if self.expires_at is None:
+                raise ValueError(f"End the grant after 1 to {_MAX_DAYS:,} days, or leave it empty.")
+            document["expires_at"] = self.expires_at
         try:
             envelope = Envelope.model_validate(document)
         except ValidationError:
@@ -270,6 +293,11 @@ class Tighten:
         if envelope.model_dump(mode="json", exclude_none=True) != self.document:
             body["envelope"] = envelope.model_dump(mode="json", exclude_none=True)
         return body or None
+
+
+# The longest end a person can set while tightening: a century means "no end" in practice,
+# and it keeps the date within what an envelope accepts.
+_MAX_DAYS = 36_500
 
 
 def _amount(value: Decimal) -> str:
@@ -575,13 +603,19 @@ class Pages:
                 if not pending:
                     ui.label("No pending requests. When an agent asks for access, it shows here.")
                 for request in pending:
-                    self._request_card(ctx, board, request)
+                    self._isolated(
+                        partial(self._request_card, ctx, board, request),
+                        partial(self._unreadable_request, ctx, board, request),
+                    )
             step_box.clear()
             with step_box:
                 if not steps:
                     ui.label("No payments are waiting for you.")
                 for step in steps:
-                    self._step_up_card(ctx, board, step, names)
+                    self._isolated(
+                        partial(self._step_up_card, ctx, board, step, names),
+                        partial(self._unreadable_step_up, ctx, board, step),
+                    )
 
         async def poll() -> None:
             # New requests appear by themselves, but never under a person's hands: not while
@@ -605,6 +639,80 @@ class Pages:
                 "Refresh the pending requests",
             ).props("outline").classes("self-start")
         ui.timer(self.settings.poll_seconds, poll)
+
+    @staticmethod
+    def _isolated(draw: Callable[[], None], fallback: Callable[[], None]) -> None:
+        """Draw one card, or ``fallback`` in its place if its data cannot be drawn: what one
+        agent sends must never keep the page from showing (and answering) everyone else's."""
+        holder = ui.element("div").classes("w-full")
+        try:
+            with holder:
+                draw()
+        except Exception:  # a card's boundary: details to the server log, a card to the human
+            log.exception("a card could not be drawn")
+            holder.clear()
+            with holder:
+                fallback()
+
+    def _unreadable_request(self, ctx: Ctx, board: Board, request: Mapping[str, Any]) -> None:
+        """A request the page cannot put in words: it can only be denied."""
+        request_id = str(request.get("id", "?"))
+        what = f"request {request_id} from agent {request.get('agent_id', '?')}"
+        card = ui.card().classes("w-full border border-red-700")
+        card.props["role"] = "region"
+        card.props["aria-label"] = f"Request that cannot be shown: {what}"
+        with card:
+            heading("A request this page cannot show", 2)
+            ui.label(
+                f"The {what} holds values this page cannot show in words, so it cannot be "
+                "approved here. Deny it; the agent can ask again."
+            )
+
+            async def deny() -> None:
+                async def work() -> None:
+                    token = self._token(ctx.cookie_id)
+                    await self.registry.deny_request(token, request_id)
+                    ctx.notice.ok(f"Denied: {what}.")
+                    await ctx.reload()
+
+                await self._busy(board, actions, self._act(ctx.notice, work))
+
+            actions = [
+                labelled(
+                    ui.button("Deny", on_click=deny, color="negative").props("outline"),
+                    f"Deny: {what}",
+                )
+            ]
+
+    def _unreadable_step_up(self, ctx: Ctx, board: Board, step: Mapping[str, Any]) -> None:
+        """A payment the page cannot put in words: it can only be refused."""
+        step_id = str(step.get("id", "?"))
+        what = f"payment {step_id} for grant {step.get('grant_id', '?')}"
+        card = ui.card().classes("w-full border border-red-700")
+        card.props["role"] = "region"
+        card.props["aria-label"] = f"Payment that cannot be shown: {what}"
+        with card:
+            heading("A payment this page cannot show", 2)
+            ui.label(
+                f"The {what} holds values this page cannot show in words, so it cannot be "
+                "approved here. Refuse it; the agent can ask again."
+            )
+
+            async def refuse() -> None:
+                async def work() -> None:
+                    token = self._token(ctx.cookie_id)
+                    await self.registry.step_up_deny(token, step_id)
+                    ctx.notice.ok(f"Refused: {what}.")
+                    await ctx.reload()
+
+                await self._busy(board, actions, self._act(ctx.notice, work))
+
+            actions = [
+                labelled(
+                    ui.button("Refuse", on_click=refuse, color="negative").props("outline"),
+                    f"Refuse: {what}",
+                )
+            ]
 
     def _request_card(self, ctx: Ctx, board: Board, request: Mapping[str, Any]) -> None:
         cookie_id, notice, reload = ctx.cookie_id, ctx.notice, ctx.reload
@@ -633,30 +741,47 @@ class Pages:
                     for capability in capabilities:
                         TextElement(tag="li", text=describe_capability(capability))
                 TextElement(tag="dt", text="Limits").classes("font-medium")
-                TextElement(tag="dd", text=describe_envelope(envelope, capabilities)).classes(
-                    "envelope-words"
-                )
+                TextElement(
+                    tag="dd", text=describe_envelope(envelope, capabilities, now=time.time())
+                ).classes("envelope-words")
             tighten_box = ui.column().classes("w-full gap-2 border-l-4 border-amber-500 pl-4")
             tighten_box.visible = False
             board.editors.append(tighten_box)
-            form: list[Tighten] = []
+            form: list[Tighten] = []  # the open form; Approve signs what it says
 
             def toggle_tighten() -> None:
-                if not form:
-                    with tighten_box:
-                        heading("Tighten before approving", 3)
-                        ui.label("Lower a limit or drop a capability; raising one is refused.")
-                        form.append(Tighten(request))
-                tighten_box.visible = not tighten_box.visible
-                tighten_button.text = "Hide limits" if tighten_box.visible else "Tighten limits…"
+                if form:
+                    # Closing discards: a hidden edit would be a choice the person cannot see.
+                    form.clear()
+                    tighten_box.clear()
+                    tighten_box.visible = False
+                    tighten_button.text = "Tighten limits…"
+                    tighten_button.props["aria-label"] = (
+                        f"Tighten the limits before approving: {who}"
+                    )
+                    notice.info(
+                        f"Changes discarded: Approve now signs the request as asked ({who})."
+                    )
+                    return
+                with tighten_box:
+                    heading("Tighten before approving", 3)
+                    ui.label(
+                        "Lower a limit or drop a capability; raising one is refused. Approve "
+                        "signs what the line below says; Discard changes goes back to the "
+                        "request as asked."
+                    )
+                    form.append(Tighten(request))
+                tighten_box.visible = True
+                tighten_button.text = "Discard changes"
+                tighten_button.props["aria-label"] = f"Discard the tightened limits: {who}"
 
             async def approve() -> None:
                 async def work() -> None:
                     token = self._token(cookie_id)
                     narrowed = None
-                    if form and tighten_box.visible:
+                    if form:
                         try:
-                            narrowed = form[0].narrowed(now=time.time())
+                            narrowed = form[0].narrowed()
                         except ValueError as exc:
                             notice.error(str(exc))
                             return
@@ -664,9 +789,14 @@ class Pages:
                     offered = self._check_offered(
                         begun, request, self._session(cookie_id).principal_id, narrowed
                     )
+                    signed = describe_envelope(
+                        offered.envelope, offered.capabilities, now=time.time()
+                    )
                     notice.info(
-                        f"Your passkey signs grant hash {offered.digest_b64()} for {who}. "
-                        "Confirm with your passkey…"
+                        f"Your passkey signs grant hash {offered.digest_b64()} for {who}"
+                        f"{', as you tightened it' if narrowed else ', as asked'}.\n"
+                        f"May: {describe_capabilities(offered.capabilities)}.\n"
+                        f"Limits: {signed}.\nConfirm with your passkey…"
                     )
                     credential = await self._ceremony("get", begun["options"])
                     view = await self.registry.approval_finish(token, request["id"], credential)
@@ -700,6 +830,8 @@ class Pages:
                         ui.button("Tighten limits…", on_click=toggle_tighten).props("outline"),
                         f"Tighten the limits before approving: {who}",
                     )
+                    # Not while an approval runs: its notice says what the passkey signs.
+                    actions.append(tighten_button)
                 actions.append(
                     labelled(
                         ui.button("Deny", on_click=deny, color="negative").props("outline"),
@@ -880,14 +1012,19 @@ class Pages:
             with box:
                 if not live:
                     ui.label("No active grants. Approve a request and it shows here.")
+                ctx = Ctx(cookie_id, notice, load)
                 for grant, usage, events in zip(live, usages, grant_events, strict=True):
-                    self._grant_card(
-                        Ctx(cookie_id, notice, load),
-                        grant=grant,
-                        usage=usage,
-                        agent=agent_rows.get(grant["agent_id"], {}),
-                        tokens=_live_tokens(events, revoked, now),
-                        now=now,
+                    self._isolated(
+                        partial(
+                            self._grant_card,
+                            ctx,
+                            grant=grant,
+                            usage=usage,
+                            agent=agent_rows.get(grant["agent_id"], {}),
+                            tokens=_live_tokens(events, revoked, now),
+                            now=now,
+                        ),
+                        partial(self._unreadable_grant, ctx, grant),
                     )
                 ended = [g for g in grants if g not in live]
                 if ended:
@@ -916,6 +1053,28 @@ class Pages:
                 ui.button("Refresh", icon="refresh", on_click=lambda: self._act(notice, load)),
                 "Refresh usage",
             ).props("outline").classes("self-start")
+
+    def _unreadable_grant(self, ctx: Ctx, grant: Mapping[str, Any]) -> None:
+        """A grant the page cannot put in words: it can still be revoked."""
+        grant_id = str(grant.get("id", "?"))
+        what = f"grant {grant_id} of agent {grant.get('agent_id', '?')}"
+        card = ui.card().classes("w-full border border-red-700")
+        card.props["role"] = "region"
+        card.props["aria-label"] = f"Grant that cannot be shown: {what}"
+        with card:
+            heading("A grant this page cannot show", 2)
+            ui.label(
+                f"The {what} holds values this page cannot show in words. Revoke it if you "
+                "are not sure what it allows."
+            )
+
+            async def revoke() -> None:
+                await self._confirm_revoke(ctx, "grant", grant_id, what)
+
+            labelled(
+                ui.button("Revoke grant", on_click=revoke, color="negative"),
+                f"Revoke grant: {what}",
+            )
 
     def _grant_card(
         self,
@@ -953,7 +1112,10 @@ class Pages:
                     text="; ".join(describe_capability(c) for c in parsed.capabilities),
                 )
                 TextElement(tag="dt", text="Limits").classes("font-medium")
-                TextElement(tag="dd", text=describe_envelope(parsed.envelope, parsed.capabilities))
+                TextElement(
+                    tag="dd",
+                    text=describe_envelope(parsed.envelope, parsed.capabilities, now=now),
+                )
             with ui.row().classes("w-full gap-8 items-start flex-wrap"):
                 with ui.column().classes("gap-2 min-w-72"):
                     heading("Use against the limits", 3)

@@ -2,13 +2,14 @@
 
 Pure functions over the protocol's models: the page shows these sentences, and the tests
 feed them vectors. For example an envelope reads "up to 5 transactions an hour, at most $50
-each and $200 a day, weekdays 09:00-17:00 Europe/Berlin" (with an en dash in the range).
+each and $200 a day, weekdays 09:00-17:00 Europe/Berlin (UTC+01:00 or UTC+02:00 by
+season)" (with an en dash in the range).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -31,6 +32,7 @@ __all__ = [
 # "50 CHF", which is never wrong.
 # Ranges of days and times take an en dash, as in print ("09:00\u201317:00").
 _DASH = "\u2013"
+_MINUS = "\u2212"  # a real minus sign, as in print: "UTC\u221212:00"
 _SYMBOLS = {"USD": "$", "EUR": "€", "GBP": "£", "JPY": "¥"}
 _UNITS = (("week", 7 * 86400), ("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1))
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -142,14 +144,50 @@ def _days(days: Sequence[str]) -> str:
     return ", ".join(_DAY_NAMES[d] for d in chosen)
 
 
+def _offset(offset: timedelta | None) -> str:
+    """'UTC+02:00', 'UTC\u221212:00' (with a minus sign), 'UTC+05:45'."""
+    seconds = int(offset.total_seconds()) if offset is not None else 0
+    sign = "+" if seconds >= 0 else _MINUS
+    hours, rest = divmod(abs(seconds), 3600)
+    minutes, seconds = divmod(rest, 60)
+    text = f"UTC{sign}{hours:02d}:{minutes:02d}"
+    return text + (f":{seconds:02d}" if seconds else "")
+
+
+def _zone_offsets(zone: str, *, now: float) -> str:
+    """The offsets a zone takes in the year from ``now``, for rules that recur:
+    'UTC+01:00 or UTC+02:00 by season' (Europe/Berlin), 'UTC\u221212:00' (Etc/GMT+12)."""
+    info = ZoneInfo(zone)
+    # Weekly samples see every offset in force for a week or more (daylight saving, for one).
+    offsets = sorted(
+        {datetime.fromtimestamp(now + week * 7 * 86400, tz=info).utcoffset() for week in range(53)},
+        key=lambda offset: offset or timedelta(0),
+    )
+    words = [_offset(o) for o in offsets]
+    return words[0] if len(words) == 1 else f"{_join_or(words)} by season"
+
+
+def _join_or(items: Sequence[str]) -> str:
+    return ", ".join(items[:-1]) + " or " + items[-1]
+
+
 def when(timestamp: float, zone: str = "UTC") -> str:
-    """A Unix time as '2026-05-01 17:00 Europe/Berlin'."""
-    local = datetime.fromtimestamp(timestamp, tz=ZoneInfo(zone) if zone != "UTC" else UTC)
-    return f"{local:%Y-%m-%d %H:%M} {zone}"
+    """A Unix time as '2026-05-01 17:00 Europe/Berlin (UTC+02:00)' or '2026-05-01 15:00 UTC'.
+
+    The offset is there because a zone's name can mislead: POSIX 'Etc/GMT+12' is twelve
+    hours behind UTC, not ahead, and an agent chooses the zone its envelope is read in.
+    """
+    if zone == "UTC":
+        return f"{datetime.fromtimestamp(timestamp, tz=UTC):%Y-%m-%d %H:%M} UTC"
+    local = datetime.fromtimestamp(timestamp, tz=ZoneInfo(zone))
+    return f"{local:%Y-%m-%d %H:%M} {zone} ({_offset(local.utcoffset())})"
 
 
-def describe_envelope(envelope: Envelope, capabilities: Sequence[Capability] = ()) -> str:
-    """The envelope as one sentence; an empty envelope says so."""
+def describe_envelope(
+    envelope: Envelope, capabilities: Sequence[Capability] = (), *, now: float
+) -> str:
+    """The envelope as one sentence; an empty envelope says so. ``now`` (Unix time) is when
+    the person reads it: a zone's offsets are given for the year from then."""
     singular, plural = action_noun(capabilities)
     parts: list[str] = []
 
@@ -176,7 +214,8 @@ def describe_envelope(envelope: Envelope, capabilities: Sequence[Capability] = (
         text = "at most " + _join(amounts)
         calendar = any(s.period != "grant" for s in envelope.spend_limits)
         if calendar and not envelope.time_windows and envelope.timezone != "UTC":
-            text += f" ({envelope.timezone} time)"
+            offsets = _zone_offsets(envelope.timezone, now=now)
+            text += f" ({envelope.timezone} time, {offsets})"
         parts.append(text)
 
     if envelope.time_windows:
@@ -185,7 +224,10 @@ def describe_envelope(envelope: Envelope, capabilities: Sequence[Capability] = (
             days = _days(window.days)
             all_day = window.start == "00:00" and window.end == "24:00"
             windows.append(days if all_day else f"{days} {window.start}{_DASH}{window.end}")
-        parts.append(", ".join(windows) + f" {envelope.timezone}")
+        zone = envelope.timezone
+        if zone != "UTC":
+            zone += f" ({_zone_offsets(zone, now=now)})"
+        parts.append(", ".join(windows) + f" {zone}")
 
     if envelope.step_up_threshold is not None:
         threshold = money(envelope.step_up_threshold.amount, envelope.step_up_threshold.currency)

@@ -1,0 +1,369 @@
+"""The requests page's logic in memory: the real cards in a bare NiceGUI client (no server,
+no socket, no browser), a fake registry behind them and a stub for the passkey prompt.
+Buttons are pressed by running their handlers as NiceGUI would, to the end."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+from unittest import mock
+
+import pytest
+from nicegui import Client, ui
+from nicegui.element import Element
+from nicegui.elements.mixins.text_element import TextElement
+from nicegui.page import page
+
+from agentauth.protocol import Envelope, Grant, b64url_encode, parse_capabilities
+from agentauth.ui import RegistryClient, SessionStore, UISettings
+from agentauth.ui._pages import Pages
+
+SHOP_REQUEST: dict[str, Any] = {
+    "id": "grq_shop",
+    "agent_id": "agt_1",
+    "agent_name": "Shopping bot",
+    "provider_id": "shop",
+    "provider_name": "Shop",
+    "audience": "https://shop.example",
+    "provider_suspended": False,
+    "created_at": "2026-01-01T00:00:00+00:00",
+    "capabilities": [
+        {"kind": "transact", "resource": "payments/*", "max_amount": "50", "currency": "USD"}
+    ],
+    "envelope": {
+        "rate_limits": [{"max_count": 5, "window_seconds": 3600}],
+        "spend_limits": [{"amount": "200", "currency": "USD", "period": "day"}],
+    },
+}
+STEP_UP: dict[str, Any] = {
+    "id": "stp_1",
+    "grant_id": "grt_9",
+    "agent_id": "agt_1",
+    "status": "pending",
+    "expires_at": 2_000_000_000,
+    "provider_suspended": False,
+    "document": {
+        "type": "agentauth.step-up.v1",
+        "id": "stp_1",
+        "amount": "120",
+        "currency": "USD",
+        "resource": "payments/inv/7",
+        "payee": "acme",
+    },
+}
+
+
+class FakeRegistry:
+    """The registry calls the requests page makes, answered from lists."""
+
+    def __init__(self, requests: list[dict[str, Any]], steps: list[dict[str, Any]]) -> None:
+        self.requests = requests
+        self.steps = steps
+        self.begun: list[dict[str, Any] | None] = []
+        self.denied: list[str] = []
+        self.refused: list[str] = []
+
+    async def grant_requests(self, token: str, status: str) -> list[dict[str, Any]]:
+        return list(self.requests)
+
+    async def step_ups(self, token: str, status: str) -> list[dict[str, Any]]:
+        return list(self.steps)
+
+    async def agents(self, token: str) -> list[dict[str, Any]]:
+        return [{"id": "agt_1", "name": "Shopping bot"}, {"id": "agt_2", "name": "Mail bot"}]
+
+    async def approval_begin(
+        self, token: str, request_id: str, narrowed: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """Offers what it was asked for, as the real registry does (tighten() is its judge)."""
+        self.begun.append(narrowed)
+        request = next(r for r in self.requests if r["id"] == request_id)
+        grant = Grant(
+            grant_id="grt_1",
+            agent_id=request["agent_id"],
+            principal_id="hum_1",
+            provider_id=request["provider_id"],
+            audience=request["audience"],
+            capabilities=parse_capabilities(
+                (narrowed or {}).get("capabilities", request["capabilities"])
+            ),
+            envelope=Envelope.model_validate((narrowed or {}).get("envelope", request["envelope"])),
+            created_at=int(time.time()),
+        )
+        return {"grant": grant.document(), "options": {"challenge": b64url_encode(grant.digest())}}
+
+    async def approval_finish(
+        self, token: str, request_id: str, credential: dict[str, Any]
+    ) -> dict[str, Any]:
+        self.requests = [r for r in self.requests if r["id"] != request_id]
+        return {"id": "grt_1", "grant_hash": "-", "document": {}, "receipt": {}}
+
+    async def deny_request(self, token: str, request_id: str) -> dict[str, Any]:
+        self.denied.append(request_id)
+        self.requests = [r for r in self.requests if r["id"] != request_id]
+        return {}
+
+    async def step_up_deny(self, token: str, step_id: str) -> dict[str, Any]:
+        self.refused.append(step_id)
+        self.steps = [s for s in self.steps if s["id"] != step_id]
+        return {}
+
+
+class RequestsPage:
+    """The requests page of one signed-in person, built in memory."""
+
+    def __init__(self, registry: FakeRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+        store = SessionStore(ttl=3600, ticket_ttl=60)
+        ticket = store.sign_in("anonymous", principal_id="hum_1", registry_token="tok")
+        cookie_id = store.claim(ticket, "anonymous")
+        assert cookie_id is not None
+        self.cookie_id = cookie_id
+        self.store = store
+        self.pages = Pages(
+            settings=UISettings(registry_url="http://registry.invalid"),
+            registry=cast(RegistryClient, registry),
+            store=store,
+        )
+        self.ceremonies = 0
+
+        async def passkey(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+            self.ceremonies += 1
+            return {"id": "credential"}
+
+        monkeypatch.setattr(self.pages, "_ceremony", passkey)
+        self.polls: list[Callable[[], Any]] = []
+        # The page polls on a timer; here the test runs each poll itself.
+        monkeypatch.setattr(ui, "timer", lambda _interval, callback: self.polls.append(callback))
+        self.client = Client(page("/"), request=None)
+
+    async def build(self) -> None:
+        with self.client:
+            session = self.store.get(self.cookie_id)
+            assert session is not None
+            await self.pages._requests(self.cookie_id, session)
+
+    async def poll(self) -> None:
+        with self.client:
+            for callback in self.polls:
+                await callback()
+
+    def elements(self) -> Iterator[Element]:
+        return self.client.layout.descendants()
+
+    def texts(self) -> list[str]:
+        return [e.text for e in self.elements() if isinstance(e, TextElement) and e.text]
+
+    def button(self, aria_label: str) -> ui.button:
+        found = [
+            e
+            for e in self.elements()
+            if isinstance(e, ui.button) and e.props.get("aria-label") == aria_label
+        ]
+        assert len(found) == 1, (aria_label, [e.props.get("aria-label") for e in self.buttons()])
+        return found[0]
+
+    def buttons(self) -> list[ui.button]:
+        return [e for e in self.elements() if isinstance(e, ui.button)]
+
+    async def press(self, button: ui.button) -> None:
+        """What a click does, run to its end: NiceGUI hands the button's handler to
+        ``handle_event``, which would start it as a background task."""
+        handlers: list[Callable[[], Any]] = []
+        with mock.patch(
+            "nicegui.elements.button.handle_event",
+            lambda handler, _arguments: handlers.append(handler),
+        ):
+            for listener in button._event_listeners.values():
+                if listener.type == "click":
+                    listener.handler(None)
+        assert handlers, "the button has no click handler"
+        with self.client, button.parent_slot:
+            for handler in handlers:
+                result = handler()
+                if result is not None:
+                    await result
+
+    def notice(self) -> str:
+        found = [e for e in self.elements() if e.props.get("aria-live") == "polite"]
+        return str(cast(TextElement, found[0]).text)
+
+
+def request_with(**changes: Any) -> dict[str, Any]:
+    return {**SHOP_REQUEST, **changes}
+
+
+# --- one request the page cannot show must not take the page down -----------------------
+
+
+@pytest.mark.asyncio
+async def test_a_request_the_page_cannot_show_leaves_the_others_answerable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Stored before envelopes had an upper bound on expires_at: year 33658 is no date.
+    unreadable = request_with(
+        id="grq_bad",
+        agent_id="agt_2",
+        agent_name="Mail bot",
+        capabilities=[{"kind": "read", "resource": "mail/*"}],
+        envelope={"expires_at": 10**12},
+    )
+    registry = FakeRegistry([SHOP_REQUEST, unreadable], [STEP_UP])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+    texts = requests.texts()
+    assert "Shopping bot asks Shop" in texts
+    assert "Shopping bot asks to pay $120 to acme for payments/inv/7" in texts
+    assert "A request this page cannot show" in texts
+    # Every poll and refresh redraws the same way instead of failing.
+    registry.requests = [unreadable, SHOP_REQUEST]
+    await requests.poll()
+    assert "A request this page cannot show" in requests.texts()
+    assert "Shopping bot asks Shop" in requests.texts()
+
+    # The unreadable request can still be denied; nothing offers to approve it.
+    what = "request grq_bad from agent agt_2"
+    assert not any(
+        "grq_bad" in str(b.props.get("aria-label"))
+        for b in requests.buttons()
+        if str(b.props.get("aria-label")).startswith("Approve")
+    )
+    await requests.press(requests.button(f"Deny: {what}"))
+    assert registry.denied == ["grq_bad"]
+    assert requests.notice() == f"Denied: {what}."
+    # The other agent's request and the payment are still answerable.
+    await requests.press(
+        requests.button("Refuse: Shopping bot asks to pay $120 to acme for payments/inv/7")
+    )
+    assert registry.refused == ["stp_1"]
+    await requests.press(requests.button("Approve with passkey: Shopping bot asks Shop"))
+    assert requests.ceremonies == 1
+
+
+@pytest.mark.asyncio
+async def test_a_payment_the_page_cannot_show_can_still_be_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broken = {**STEP_UP, "id": "stp_2", "document": {"type": "agentauth.step-up.v1"}}
+    registry = FakeRegistry([SHOP_REQUEST], [broken])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+    assert "A payment this page cannot show" in requests.texts()
+    assert "Shopping bot asks Shop" in requests.texts()
+    await requests.press(requests.button("Refuse: payment stp_2 for grant grt_9"))
+    assert registry.refused == ["stp_2"]
+
+
+# --- tightening: what is approved is what the person last saw chosen ------------------------
+
+WHO = "Shopping bot asks Shop"
+
+
+async def tighten_to_one_an_hour_and_ten_a_day(requests: RequestsPage) -> None:
+    await requests.press(requests.button(f"Tighten the limits before approving: {WHO}"))
+    (rate,) = [
+        e
+        for e in requests.elements()
+        if isinstance(e, ui.number) and e.props.get("label") == "Most transactions an hour"
+    ]
+    (daily,) = [
+        e
+        for e in requests.elements()
+        if isinstance(e, ui.input) and e.props.get("label") == "Most per day (USD)"
+    ]
+    with requests.client:
+        rate.value = 1
+        daily.value = "10"
+    preview = "You would approve: up to 1 transaction an hour, at most $10 a day"
+    assert preview in requests.texts()
+
+
+@pytest.mark.asyncio
+async def test_approve_signs_the_tightened_limits_while_the_form_is_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = FakeRegistry([SHOP_REQUEST], [])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+    await tighten_to_one_an_hour_and_ten_a_day(requests)
+    await requests.press(requests.button(f"Approve with passkey: {WHO}"))
+    (narrowed,) = registry.begun
+    assert narrowed is not None
+    assert narrowed["envelope"]["rate_limits"] == [{"max_count": 1, "window_seconds": 3600}]
+    assert narrowed["envelope"]["spend_limits"][0]["amount"] == "10"
+    assert requests.ceremonies == 1
+
+
+@pytest.mark.asyncio
+async def test_closing_the_tighten_form_discards_it_and_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = FakeRegistry([SHOP_REQUEST], [])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+    await tighten_to_one_an_hour_and_ten_a_day(requests)
+    toggle = requests.button(f"Discard the tightened limits: {WHO}")
+    assert toggle.text == "Discard changes"
+    await requests.press(toggle)
+    # The form is gone, not hidden with its edits kept somewhere out of sight.
+    assert not [e for e in requests.elements() if isinstance(e, ui.number)]
+    assert "Changes discarded" in requests.notice()
+    reopen = requests.button(f"Tighten the limits before approving: {WHO}")
+    assert reopen.text == "Tighten limits…"
+    # Opened again, the form starts from the request as asked.
+    await requests.press(reopen)
+    assert "Unchanged: you would approve exactly what was asked." in requests.texts()
+    await requests.press(requests.button(f"Discard the tightened limits: {WHO}"))
+
+    await requests.press(requests.button(f"Approve with passkey: {WHO}"))
+    assert registry.begun == [None]  # the request as asked, which is what the card shows
+    assert requests.ceremonies == 1
+
+
+@pytest.mark.asyncio
+async def test_the_notice_before_the_passkey_names_the_limits_it_signs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = FakeRegistry([SHOP_REQUEST], [])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+    shown: list[str] = []
+
+    async def passkey(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+        shown.append(requests.notice())
+        return {"id": "credential"}
+
+    monkeypatch.setattr(requests.pages, "_ceremony", passkey)
+    await tighten_to_one_an_hour_and_ten_a_day(requests)
+    await requests.press(requests.button(f"Approve with passkey: {WHO}"))
+    (text,) = shown
+    assert ", as you tightened it." in text
+    assert "Limits: up to 1 transaction an hour, at most $10 a day." in text
+
+
+@pytest.mark.asyncio
+async def test_the_end_date_is_fixed_when_the_person_enters_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = FakeRegistry([SHOP_REQUEST], [])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+    await requests.press(requests.button(f"Tighten the limits before approving: {WHO}"))
+    (days,) = [
+        e
+        for e in requests.elements()
+        if isinstance(e, ui.number) and str(e.props.get("label")).startswith("End the grant after")
+    ]
+    # A number of days no envelope could hold is refused in words, not by an error.
+    with requests.client:
+        days.value = 10**9
+    assert "End the grant after 1 to 36,500 days" in " ".join(requests.texts())
+    entered = time.time()
+    with requests.client:
+        days.value = 2
+    later = entered + 3600  # the person takes an hour before pressing Approve
+    monkeypatch.setattr(time, "time", lambda: later)
+    await requests.press(requests.button(f"Approve with passkey: {WHO}"))
+    (narrowed,) = registry.begun
+    assert narrowed is not None
+    assert abs(narrowed["envelope"]["expires_at"] - (entered + 2 * 86400)) < 5
