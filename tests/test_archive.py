@@ -580,6 +580,41 @@ def test_an_empty_or_keyless_archive_never_verifies(tmp_path: Path) -> None:
     assert cli.returncode == 1 and "holds no keys" in cli.stderr
 
 
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_odd_event_bytes_are_listed_and_the_other_chains_still_checked(
+    clean: dict[str, bytes], tmp_path: Path
+) -> None:
+    # What a bucket writer can store (the digest fixed each time): bytes the protocol
+    # refuses in ways other than a broken link must be listed problems, not stop the run.
+    store = copy_of(clean, tmp_path)
+    odd: dict[int, Callable[[bytes, int], bytes]] = {
+        0: lambda line, seq: line.replace(b'"seq":%d,' % seq, b'"seq":9007199254740993,'),
+        1: lambda line, _: line.replace(b'},"event":', b',"z":' + b"[" * 600 + b"]" * 600 + b"},"),
+    }
+    expected = set()
+    for index, change in odd.items():
+        chain, manifests = sorted(segments(clean).items())[index]
+        target = manifests[1]
+        first, rest = clean[events_key(target)].split(b"\n", 1)
+        blob = change(first, target.from_size) + b"\n" + rest
+        digest = b64url_encode(hashlib.sha256(blob).digest())
+        store.put(events_key(target), blob)
+        store.put(
+            manifest_key(target),
+            Manifest(**{**target.model_dump(), "events_sha256": digest}).encode(),
+        )
+        expected.add((chain, target.from_size, target.to_size, "malformed"))
+
+    caught = failure(store)
+    assert {(p.chain, p.from_size, p.to_size, p.reason) for p in caught.problems} == expected
+    report = caught.report
+    assert isinstance(report, archive.ArchiveReport) and len(report.chains) == CHAINS
+    cli = run_module("verify", "--archive", str(tmp_path))
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr
+    assert all(f"error: {chain} segment {a}..{b}" in cli.stderr for chain, a, b, _ in expected)
+
+
 # --- the database side ----------------------------------------------------------------------------
 
 
