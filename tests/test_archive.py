@@ -8,6 +8,7 @@ server; the directory store is a tmp_path.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 import signal
@@ -646,6 +647,41 @@ async def test_export_refuses_a_tampered_database_and_goes_on(
     assert all(tip > 0 for tip in report.tips.values())
     assert not any(k.startswith(f"{chain}/{second_end:012d}") for k in store.list())
     verify_archive(store)  # what was written is sound
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_the_registry_does_not_sign_a_rewrite_behind_a_deleted_checkpoint(
+    fresh: AuditedDb, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = DirectoryStore(tmp_path)
+    await export(fresh.url, store)
+    await fresh.append(PER_ROUND, round_=ROUNDS)
+    await fresh.checkpoint()  # signed, not archived yet
+    chain, size = (await fresh.execute("SELECT chain, size FROM audit_heads ORDER BY chain"))[0]
+    # An insider without the registry key rewrites the chain's newest event (nothing links
+    # to it yet), fixes its hash and the head, and deletes the checkpoint that covers it.
+    for statement in [
+        'UPDATE audit_events SET body = replace(body, \'"actor":"test"\', \'"actor":"else"\')'
+        " WHERE chain = $1 AND seq = $2 - 1",
+        "UPDATE audit_events SET entry_hash = sha256('\\x00'::bytea || convert_to(body, 'UTF8'))"
+        " WHERE chain = $1 AND seq = $2 - 1",
+        "UPDATE audit_heads SET head = (SELECT entry_hash FROM audit_events"
+        " WHERE chain = $1 AND seq = $2 - 1) WHERE chain = $1",
+        "DELETE FROM audit_checkpoints WHERE chain = $1 AND size = $2",
+    ]:
+        await fresh.execute(statement, chain, size)
+    await fresh.append(PER_ROUND, round_=ROUNDS + 1)
+
+    with caplog.at_level(logging.ERROR, logger="agentauth.registry"):
+        made = await fresh.registry.checkpoint_all()
+    assert f"audit chain {chain} not checkpointed: the checkpoint at {size} is gone" in caplog.text
+    heads = await fresh.execute("SELECT chain FROM audit_heads WHERE chain <> $1", chain)
+    assert sorted(m["chain"] for m in made) == sorted(r["chain"] for r in heads)  # the others
+    report = await export(fresh.url, store)
+    assert report.exported and chain not in {s.chain for s in report.exported}
+    verify_archive(store, keys=await database_keys(fresh))
 
 
 @pytest.mark.postgres
