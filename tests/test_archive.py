@@ -8,6 +8,7 @@ server; the directory store is a tmp_path.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 import signal
@@ -580,6 +581,41 @@ def test_an_empty_or_keyless_archive_never_verifies(tmp_path: Path) -> None:
     assert cli.returncode == 1 and "holds no keys" in cli.stderr
 
 
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_odd_event_bytes_are_listed_and_the_other_chains_still_checked(
+    clean: dict[str, bytes], tmp_path: Path
+) -> None:
+    # What a bucket writer can store (the digest fixed each time): bytes the protocol
+    # refuses in ways other than a broken link must be listed problems, not stop the run.
+    store = copy_of(clean, tmp_path)
+    odd: dict[int, Callable[[bytes, int], bytes]] = {
+        0: lambda line, seq: line.replace(b'"seq":%d,' % seq, b'"seq":9007199254740993,'),
+        1: lambda line, _: line.replace(b'},"event":', b',"z":' + b"[" * 600 + b"]" * 600 + b"},"),
+    }
+    expected = set()
+    for index, change in odd.items():
+        chain, manifests = sorted(segments(clean).items())[index]
+        target = manifests[1]
+        first, rest = clean[events_key(target)].split(b"\n", 1)
+        blob = change(first, target.from_size) + b"\n" + rest
+        digest = b64url_encode(hashlib.sha256(blob).digest())
+        store.put(events_key(target), blob)
+        store.put(
+            manifest_key(target),
+            Manifest(**{**target.model_dump(), "events_sha256": digest}).encode(),
+        )
+        expected.add((chain, target.from_size, target.to_size, "malformed"))
+
+    caught = failure(store)
+    assert {(p.chain, p.from_size, p.to_size, p.reason) for p in caught.problems} == expected
+    report = caught.report
+    assert isinstance(report, archive.ArchiveReport) and len(report.chains) == CHAINS
+    cli = run_module("verify", "--archive", str(tmp_path))
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr
+    assert all(f"error: {chain} segment {a}..{b}" in cli.stderr for chain, a, b, _ in expected)
+
+
 # --- the database side ----------------------------------------------------------------------------
 
 
@@ -611,6 +647,41 @@ async def test_export_refuses_a_tampered_database_and_goes_on(
     assert all(tip > 0 for tip in report.tips.values())
     assert not any(k.startswith(f"{chain}/{second_end:012d}") for k in store.list())
     verify_archive(store)  # what was written is sound
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_the_registry_does_not_sign_a_rewrite_behind_a_deleted_checkpoint(
+    fresh: AuditedDb, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = DirectoryStore(tmp_path)
+    await export(fresh.url, store)
+    await fresh.append(PER_ROUND, round_=ROUNDS)
+    await fresh.checkpoint()  # signed, not archived yet
+    chain, size = (await fresh.execute("SELECT chain, size FROM audit_heads ORDER BY chain"))[0]
+    # An insider without the registry key rewrites the chain's newest event (nothing links
+    # to it yet), fixes its hash and the head, and deletes the checkpoint that covers it.
+    for statement in [
+        'UPDATE audit_events SET body = replace(body, \'"actor":"test"\', \'"actor":"else"\')'
+        " WHERE chain = $1 AND seq = $2 - 1",
+        "UPDATE audit_events SET entry_hash = sha256('\\x00'::bytea || convert_to(body, 'UTF8'))"
+        " WHERE chain = $1 AND seq = $2 - 1",
+        "UPDATE audit_heads SET head = (SELECT entry_hash FROM audit_events"
+        " WHERE chain = $1 AND seq = $2 - 1) WHERE chain = $1",
+        "DELETE FROM audit_checkpoints WHERE chain = $1 AND size = $2",
+    ]:
+        await fresh.execute(statement, chain, size)
+    await fresh.append(PER_ROUND, round_=ROUNDS + 1)
+
+    with caplog.at_level(logging.ERROR, logger="agentauth.registry"):
+        made = await fresh.registry.checkpoint_all()
+    assert f"audit chain {chain} not checkpointed: the checkpoint at {size} is gone" in caplog.text
+    heads = await fresh.execute("SELECT chain FROM audit_heads WHERE chain <> $1", chain)
+    assert sorted(m["chain"] for m in made) == sorted(r["chain"] for r in heads)  # the others
+    report = await export(fresh.url, store)
+    assert report.exported and chain not in {s.chain for s in report.exported}
+    verify_archive(store, keys=await database_keys(fresh))
 
 
 @pytest.mark.postgres

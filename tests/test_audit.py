@@ -254,13 +254,59 @@ def test_a_first_event_must_link_to_genesis() -> None:
 
 def test_a_tampered_prev_with_non_canonical_base64_is_an_integrity_error() -> None:
     # A stored row whose prev was altered in its last character (spare bits set) still
-    # matches the field pattern; verify_chain must report tampering, not a bad request.
+    # matches the field pattern; reading it back must report tampering, not a bad request
+    # that a caller walking the chain (b64url_decode of prev) would crash on later.
     events = make_chain(3)
     prev = events[1].prev
     spare = next(c for c in B64_ALPHABET if B64_ALPHABET.index(c) & 3 and c != prev[-1])
-    events[1] = rebuilt(events[1], prev=prev[:-1] + spare)
+    stored = events[1].canonical_bytes().replace(prev.encode(), (prev[:-1] + spare).encode())
+    with pytest.raises(IntegrityError) as caught:
+        AuditEvent.from_canonical(stored)
+    assert caught.value.reason == "malformed"
+    with pytest.raises(ValidationError):
+        rebuilt(events[1], prev=prev[:-1] + spare)
+    # Built without validation (as the shards build their events), it is still tampering.
+    events[1] = AuditEvent.model_construct(**{**events[1].model_dump(), "prev": prev[:-1] + spare})
     with pytest.raises(IntegrityError):
         verify_chain(events, chain=CHAIN)
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        # Valid for the model, but past 2**53: no canonical form.
+        lambda body: body.replace(b'"seq":1', b'"seq":9007199254740993'),
+        lambda body: body.replace(b'"time_ms":', b'"time_ms":99999', 1),
+        # Parses (the JSON parser manages ~1,000 levels), too deep to encode canonically;
+        # the member goes last, so the bytes are otherwise canonical.
+        lambda body: body.replace(b"true}", b'true,"z":' + b"[" * 600 + b"]" * 600 + b"}"),
+        lambda body: body.replace(b"true}", b'true,"z":' + b'{"a":' * 65 + b"1" + b"}" * 66),
+        lambda body: body.replace(b'"actor":"', b'"actor":"\\ud800', 1),
+    ],
+    ids=["seq-2**53+1", "time-past-2**53", "600-deep", "65-deep", "lone-surrogate"],
+)
+def test_stored_bytes_that_cannot_be_events_are_integrity_errors(stored: Any) -> None:
+    # Whatever a row or an archived line holds, reading it back is an IntegrityError, never
+    # another exception that would stop a verifier before the remaining chains.
+    body = stored(make_chain(2)[1].canonical_bytes())
+    with pytest.raises(IntegrityError) as caught:
+        AuditEvent.from_canonical(body)
+    assert caught.value.reason == "malformed"
+
+
+def test_nesting_is_bounded_explicitly() -> None:
+    deep: Any = "x"
+    for _ in range(64):
+        deep = {"a": deep}
+    assert canonical_json(deep).count(b"{") == 64  # as deep as any document may go
+    for too_deep in ({"a": deep}, [deep]):
+        with pytest.raises(ValueError, match="nested deeper than 64 levels"):
+            canonical_json(too_deep)
+    nested: Any = 1
+    for _ in range(5000):  # far past Python's recursion limit: still a ValueError
+        nested = [nested]
+    with pytest.raises(ValueError, match="nested deeper"):
+        canonical_json(nested)
 
 
 def test_a_stored_event_with_a_float_is_an_integrity_error() -> None:
@@ -497,7 +543,13 @@ def test_checkpoint_headers_are_strict(signer: PrivateKey, header_changes: dict[
 
 @pytest.mark.parametrize(
     "claims_changes",
-    [{"root": "not-a-hash"}, {"size": -1}, {"extra": 1}, {"chain": ""}],
+    [
+        {"root": "not-a-hash"},
+        {"root": "A" * 42 + "B"},  # spare bits set: root_bytes() would refuse it later
+        {"size": -1},
+        {"extra": 1},
+        {"chain": ""},
+    ],
     ids=repr,
 )
 def test_a_signed_but_malformed_checkpoint_is_refused(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ..protocol import EMPTY_ROOT, IntegrityError, KeySet, b64url_encode
+from ..protocol import EMPTY_ROOT, IntegrityError, InvalidRequest, KeySet, b64url_encode
 from ._errors import ArchiveIntegrityError, ArchiveProblem
 from ._segments import (
     KEYS_DIR,
@@ -152,7 +152,10 @@ def _verify_chain(
             if events is None:
                 raise IntegrityError("events object is missing", reason="gap")
             head = verify_segment(manifest, events, keys=keys)
-        except IntegrityError as exc:
+        except (IntegrityError, InvalidRequest) as exc:
+            # Bytes the protocol refuses in any way are this segment's problem, so the other
+            # segments and chains are still checked and listed (a store outage, which is
+            # not about the bytes, still ends the run).
             problems.append(_problem(chain, manifest.from_size, size, exc))
         else:
             root, head_size = head.root, head.size
@@ -169,6 +172,6 @@ def _verify_chain(
 
 
 def _problem(
-    chain: str, from_size: int | None, to_size: int, exc: IntegrityError
+    chain: str, from_size: int | None, to_size: int, exc: IntegrityError | InvalidRequest
 ) -> ArchiveProblem:
     return ArchiveProblem(chain, from_size, to_size, exc.reason or "integrity", exc.description)

@@ -11,9 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from ._encoding import b64url_decode, b64url_encode, canonical_json, strict_json_loads
 from ._errors import IntegrityError, InvalidRequest
@@ -39,6 +46,20 @@ CHECKPOINT_TYP = "agentauth-checkpoint+jwt"
 #: The ``prev`` of the first event of every chain.
 GENESIS_HASH = b"\x00" * 32
 _B64_SHA256 = r"^[A-Za-z0-9_-]{43}$"
+
+
+def _canonical_b64(value: str) -> str:
+    # The pattern alone lets the 43rd character carry set spare bits, which b64url_decode
+    # refuses later: refused here, a hash has one spelling and a stored event or checkpoint
+    # that spells it otherwise is malformed (an IntegrityError), not a crash further on.
+    try:
+        b64url_decode(value)
+    except InvalidRequest:
+        raise ValueError("not canonical base64url") from None
+    return value
+
+
+_Hash = Annotated[str, Field(pattern=_B64_SHA256), AfterValidator(_canonical_b64)]
 _EVENT_NAME = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
 
 
@@ -49,7 +70,7 @@ class AuditEvent(BaseModel):
 
     chain: Identifier
     seq: int = Field(ge=0)
-    prev: str = Field(pattern=_B64_SHA256, description="entry hash of event seq-1")
+    prev: _Hash = Field(description="entry hash of event seq-1")
     time_ms: int = Field(ge=0, description="Unix time in milliseconds.")
     event: str = Field(max_length=64, pattern=_EVENT_NAME, description="e.g. grant.approved")
     actor: str = Field(max_length=256, description="Who caused it: agent:..., human:...")
@@ -83,9 +104,12 @@ class AuditEvent(BaseModel):
             if not isinstance(document, dict) or document.pop("format", None) != AUDIT_FORMAT:
                 raise IntegrityError("not an audit event", reason="malformed")
             event = cls.model_validate(document)
+            # Inside the try: a valid model can still have no canonical form (an integer
+            # past 2**53), and stored bytes that cannot be events are an integrity problem.
+            canonical = event.canonical_bytes()
         except (InvalidRequest, ValidationError):
             raise IntegrityError("malformed audit event", reason="malformed") from None
-        if event.canonical_bytes() != raw:
+        if canonical != raw:
             raise IntegrityError("audit event is not in canonical form", reason="malformed")
         return event
 
@@ -159,7 +183,7 @@ class Checkpoint(BaseModel):
 
     chain: Identifier
     size: int = Field(ge=0)
-    root: str = Field(pattern=_B64_SHA256)
+    root: _Hash
     time: int = Field(ge=0, description="Unix time of signing, seconds.")
 
     def root_bytes(self) -> bytes:

@@ -18,6 +18,11 @@ __all__ = ["b64url_decode", "b64url_encode", "canonical_json", "strict_json_load
 
 # The largest integer an IEEE double holds exactly; RFC 8785 numbers beyond it are not portable.
 _MAX_SAFE_INT = 2**53 - 1
+# Nesting of objects and arrays that canonical_json accepts. AgentAuth's documents nest a
+# few levels; the bound keeps the recursive walk (two frames a level) far below Python's
+# recursion limit, so hostile nesting (strict_json_loads parses nearly 1,000 levels) is refused like
+# any other non-canonical input instead of escaping every handler as a RecursionError.
+_MAX_DEPTH = 64
 
 
 def b64url_encode(data: bytes) -> str:
@@ -87,18 +92,22 @@ def _utf16_key(key: str) -> bytes:
     return key.encode("utf-16-be", "surrogatepass")
 
 
-def _check(value: Any) -> Any:
+def _check(value: Any, depth: int = 0) -> Any:
     """Validate a document for canonical encoding and return it with members sorted."""
     kind = type(value)  # exact-type dispatch first: this runs for every value signed
     if kind is str:
         value.encode("utf-8", "strict")  # lone surrogates have no UTF-8 form
         return value
     if kind is dict:
+        if depth >= _MAX_DEPTH:
+            raise ValueError(f"nested deeper than {_MAX_DEPTH} levels")
         if not all(type(key) is str for key in value):
             raise ValueError("object member names must be strings")
-        return {key: _check(value[key]) for key in sorted(value, key=_utf16_key)}
+        return {key: _check(value[key], depth + 1) for key in sorted(value, key=_utf16_key)}
     if kind is list or kind is tuple:
-        return [_check(v) for v in value]
+        if depth >= _MAX_DEPTH:
+            raise ValueError(f"nested deeper than {_MAX_DEPTH} levels")
+        return [_check(v, depth + 1) for v in value]
     if kind is int:
         if abs(value) > _MAX_SAFE_INT:
             raise ValueError("integer outside the IEEE 754 exact range")
@@ -113,15 +122,15 @@ def _check(value: Any) -> Any:
         raise ValueError("bytes have no JSON form: encode them (base64url) first")
     # Subclasses and other containers take the general (slower) route.
     if isinstance(value, str):
-        return _check(str(value))
+        return _check(str(value), depth)
     if isinstance(value, bool):
         return value
     if isinstance(value, int):
-        return _check(int(value))
+        return _check(int(value), depth)
     if isinstance(value, Mapping):
-        return _check(dict(value))
+        return _check(dict(value), depth)
     if isinstance(value, Sequence):
-        return [_check(v) for v in value]
+        return _check(list(value), depth)
     raise ValueError(f"cannot encode {type(value).__name__} canonically")
 
 

@@ -1,0 +1,328 @@
+"""The registry's checkpointer signs only what it has checked, never the database's word.
+
+Each test drives ``AuditLog`` against a database of its own and plays an insider who can
+write every table but holds no registry key: rewritten events, deleted or replaced
+checkpoint rows and a doctored frontier must get an ``IntegrityError`` and no signature,
+while honest growth, a restarted process and a second replica keep checkpointing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from conftest import with_database
+
+from agentauth.keys import LocalFileSigner
+from agentauth.protocol import (
+    AuditEvent,
+    Checkpoint,
+    IntegrityError,
+    KeySet,
+    MerkleFrontier,
+    PrivateKey,
+    b64url_encode,
+    consistency_proof,
+    sign_checkpoint,
+    verify_checkpoint,
+    verify_consistency,
+)
+from agentauth.registry._audit_log import AuditLog
+from agentauth.store import migrate
+
+pytestmark = [pytest.mark.postgres]
+
+CHAIN = "registry-0"  # AuditLog(chains=1) puts every event here
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A database of the test's own: these tests leave chains no verifier would accept."""
+    name = f"auditlog_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    connection = await asyncpg.connect(with_database(database_url, name))
+    try:
+        await migrate(connection)
+        yield connection
+    finally:
+        await connection.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+def signer(tmp_path: Path) -> LocalFileSigner:
+    return LocalFileSigner.load_or_create(tmp_path / "registry.pem")
+
+
+@pytest.fixture
+def keys(signer: LocalFileSigner) -> KeySet:
+    return KeySet([signer.public_key()])
+
+
+async def append(log: AuditLog, conn: asyncpg.Connection, count: int) -> None:
+    for i in range(count):
+        async with conn.transaction():
+            await log.append(
+                conn, event="test.event", actor="test", subject=f"s{i}", key="k", data={"i": i}
+            )
+
+
+async def checkpoint(
+    log: AuditLog, conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
+) -> Checkpoint | None:
+    made = await log.checkpoint(conn, CHAIN, signer, keys=keys, now=1_700_000_000)
+    return None if made is None else verify_checkpoint(made["signed"], keys=keys)
+
+
+async def refused(
+    log: AuditLog, conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
+) -> IntegrityError:
+    before = await conn.fetchval("SELECT count(*) FROM audit_checkpoints")
+    with pytest.raises(IntegrityError) as caught:
+        await log.checkpoint(conn, CHAIN, signer, keys=keys, now=1_700_000_000)
+    assert await conn.fetchval("SELECT count(*) FROM audit_checkpoints") == before
+    return caught.value
+
+
+async def rewrite(
+    conn: asyncpg.Connection, seq: int, change: Callable[[dict[str, Any]], dict[str, Any]]
+) -> None:
+    """What an insider does: change event ``seq``, then re-link every later event (bodies,
+    stored hashes and the chain head), so the chain is whole again."""
+    rows = await conn.fetch(
+        "SELECT seq, body FROM audit_events WHERE chain = $1 AND seq >= $2 ORDER BY seq",
+        CHAIN,
+        seq,
+    )
+    prev = None
+    for row in rows:
+        fields = AuditEvent.from_canonical(row["body"]).model_dump()
+        if prev is None:
+            fields = change(fields)
+        else:
+            fields["prev"] = prev
+        event = AuditEvent(**fields)
+        prev = event.entry_hash_b64()
+        await conn.execute(
+            "UPDATE audit_events SET body = $3, entry_hash = $4 WHERE chain = $1 AND seq = $2",
+            CHAIN,
+            row["seq"],
+            event.canonical_bytes().decode(),
+            event.entry_hash(),
+        )
+        await conn.execute(
+            "UPDATE audit_heads SET head = $2 WHERE chain = $1", CHAIN, event.entry_hash()
+        )
+
+
+def forged(fields: dict[str, Any]) -> dict[str, Any]:
+    return {**fields, "actor": "human:mallory", "data": {"forged": True}}
+
+
+async def tree_of(conn: asyncpg.Connection, size: int) -> bytes:
+    """The root of the first ``size`` events, hashed from their bodies."""
+    rows = await conn.fetch(
+        "SELECT body FROM audit_events WHERE chain = $1 AND seq < $2 ORDER BY seq", CHAIN, size
+    )
+    tree = MerkleFrontier()
+    for row in rows:
+        tree.append(AuditEvent.from_canonical(row["body"]).entry_hash())
+    return tree.root()
+
+
+# --- honest runs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_restarted_processes_and_other_replicas_keep_checkpointing(
+    conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
+) -> None:
+    first, second = AuditLog(chains=1), AuditLog(chains=1)
+    await first.ensure_chains(conn)
+    assert await checkpoint(first, conn, signer, keys) is None  # nothing to sign
+    signed = []
+    # Replicas take turns. One new to the chain finds the last leaf in the frontier's
+    # smallest subtree (1 leaf wide at 5, 16 at 16); one behind extends its own tree by the
+    # leaves between (5 to 12, 12 to 32).
+    for count, log in [(5, first), (7, second), (4, first), (16, AuditLog(chains=1))]:
+        await append(first, conn, count)
+        made = await checkpoint(log, conn, signer, keys)
+        assert made is not None
+        assert made.root_bytes() == await tree_of(conn, made.size)
+        signed.append(made)
+    assert [c.size for c in signed] == [5, 12, 16, 32]
+    assert await checkpoint(second, conn, signer, keys) is None  # adopts 32, signs nothing
+    leaves = [
+        bytes(r["entry_hash"])
+        for r in await conn.fetch("SELECT entry_hash FROM audit_events ORDER BY seq")
+    ]
+    for old, new in itertools.pairwise(signed):
+        verify_consistency(
+            old_size=old.size,
+            new_size=new.size,
+            old_root=old.root_bytes(),
+            new_root=new.root_bytes(),
+            proof=consistency_proof(leaves[: new.size], old.size),
+        )
+
+
+# --- the insider ----------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_rewritten_history_behind_deleted_checkpoints_is_not_signed(
+    conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
+) -> None:
+    log = AuditLog(chains=1)
+    await log.ensure_chains(conn)
+    await append(log, conn, 12)
+    await checkpoint(log, conn, signer, keys)  # say the archive holds up to here
+    await append(log, conn, 12)
+    await checkpoint(log, conn, signer, keys)
+    # Events past the archive rewritten and re-linked, the checkpoint that covered them
+    # deleted, and life goes on: the registry must not sign the rewritten tree.
+    await rewrite(conn, 13, forged)
+    await conn.execute("DELETE FROM audit_checkpoints WHERE size > 12")
+    await append(log, conn, 6)
+    problem = await refused(log, conn, signer, keys)
+    assert (problem.reason, problem.description) == ("gap", "the checkpoint at 24 is gone")
+
+    # All of the chain's checkpoints deleted: no start from genesis either.
+    await conn.execute("DELETE FROM audit_checkpoints")
+    assert (await refused(log, conn, signer, keys)).reason == "gap"
+
+
+@pytest.mark.asyncio
+async def test_a_replaced_checkpoint_is_caught_by_the_replica_that_signed_it(
+    conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
+) -> None:
+    old, fresh = AuditLog(chains=1), AuditLog(chains=1)
+    await old.ensure_chains(conn)
+    await append(old, conn, 10)
+    await checkpoint(old, conn, signer, keys)
+    await append(old, conn, 10)
+    await checkpoint(old, conn, signer, keys)
+    # The checkpoint at 20 deleted and its events rewritten: a process that never saw it
+    # (started since) can only go by the checkpoint at 10, and signs the rewrite...
+    await rewrite(conn, 15, forged)
+    await conn.execute("DELETE FROM audit_checkpoints WHERE size = 20")
+    made = await checkpoint(fresh, conn, signer, keys)
+    assert made is not None and made.size == 20
+    # ...which the one that signed the original refuses to build on.
+    problem = await refused(old, conn, signer, keys)
+    assert (problem.reason, problem.description) == ("root", "the checkpoint at 20 was replaced")
+
+    # Same with more events on top: the newer tree does not extend the one it signed.
+    await append(old, conn, 5)
+    await checkpoint(AuditLog(chains=1), conn, signer, keys)
+    problem = await refused(old, conn, signer, keys)
+    assert problem.reason == "fork" and "does not extend the one at 20" in problem.description
+
+
+@pytest.mark.asyncio
+async def test_a_doctored_frontier_is_not_extended(
+    conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
+) -> None:
+    log = AuditLog(chains=1)
+    await log.ensure_chains(conn)
+    await append(log, conn, 5)
+    await checkpoint(log, conn, signer, keys)
+    await conn.execute("UPDATE audit_checkpoints SET frontier = $1", [bytes(32)] * 2)
+    await append(log, conn, 3)
+    problem = await refused(log, conn, signer, keys)
+    assert (problem.reason, problem.description) == (
+        "root",
+        "the stored frontier at 5 disagrees with its root",
+    )
+    # With the root column changed to match, the signature still tells.
+    zeros = MerkleFrontier.from_state(5, [bytes(32)] * 2).root()
+    await conn.execute("UPDATE audit_checkpoints SET root = $1", zeros)
+    assert (await refused(AuditLog(chains=1), conn, signer, keys)).reason == "root"
+
+
+@pytest.mark.asyncio
+async def test_a_checkpoint_row_not_signed_by_the_registry_is_not_extended(
+    conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
+) -> None:
+    log = AuditLog(chains=1)
+    await log.ensure_chains(conn)
+    await append(log, conn, 6)
+    await checkpoint(log, conn, signer, keys)
+    # A row the insider made: a real tree of the chain, signed with a key of their own.
+    await rewrite(conn, 2, forged)
+    tree = MerkleFrontier()
+    for row in await conn.fetch("SELECT entry_hash FROM audit_events ORDER BY seq"):
+        tree.append(bytes(row["entry_hash"]))
+    own = sign_checkpoint(
+        Checkpoint(chain=CHAIN, size=6, root=b64url_encode(tree.root()), time=0),
+        PrivateKey.generate(kid="insider"),
+    )
+    await conn.execute(
+        "UPDATE audit_checkpoints SET root = $1, frontier = $2, signed = $3",
+        tree.root(),
+        tree.state(),
+        own,
+    )
+    await append(log, conn, 2)
+    assert (await refused(AuditLog(chains=1), conn, signer, keys)).reason == "unknown_kid"
+    assert (await refused(log, conn, signer, keys)).reason == "root"  # not the one it signed
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("tamper", "expected"),
+    [
+        (
+            "UPDATE audit_events SET body = replace(body, '\"i\":2', '\"i\":9') WHERE seq = 7",
+            ("hash", "event 7's stored hash is not its body's"),
+        ),
+        (
+            "UPDATE audit_events SET entry_hash = sha256(entry_hash) WHERE seq = 7",
+            ("hash", "event 7's stored hash is not its body's"),
+        ),
+        ("DELETE FROM audit_events WHERE seq = 7", ("gap", "event 7 is missing")),
+        ("DELETE FROM audit_events WHERE seq = 9", ("gap", "events 9..10 are missing")),
+        ("UPDATE audit_heads SET size = 4", ("gap", "the chain holds 4 events, its checkpoint 5")),
+    ],
+    ids=["body", "stored-hash", "deleted", "deleted-last", "head-lowered"],
+)
+async def test_new_events_are_hashed_from_their_bodies(
+    conn: asyncpg.Connection,
+    signer: LocalFileSigner,
+    keys: KeySet,
+    tamper: str,
+    expected: tuple[str, str],
+) -> None:
+    log = AuditLog(chains=1)
+    await log.ensure_chains(conn)
+    await append(log, conn, 5)
+    await checkpoint(log, conn, signer, keys)
+    await append(log, conn, 5)
+    await conn.execute(tamper)
+    problem = await refused(log, conn, signer, keys)
+    assert (problem.reason, problem.description) == expected
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("remembered", [True, False], ids=["same-process", "restarted"])
+async def test_the_first_new_event_must_link_to_the_checkpointed_one(
+    conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet, remembered: bool
+) -> None:
+    log = AuditLog(chains=1)
+    await log.ensure_chains(conn)
+    await append(log, conn, 4)
+    await checkpoint(log, conn, signer, keys)
+    await append(log, conn, 3)
+    # Event 4 re-parented (onto genesis) and the rest re-linked after it: a whole chain
+    # from event 4 on, but not one that continues the signed tree.
+    await rewrite(conn, 4, lambda fields: {**fields, "prev": b64url_encode(bytes(32))})
+    problem = await refused(log if remembered else AuditLog(chains=1), conn, signer, keys)
+    assert (problem.reason, problem.description) == ("fork", "event 4 does not link to its parent")
