@@ -373,3 +373,36 @@ async def test_offline_mode_applies_the_envelopes_stateless_rules() -> None:
         method="POST", url=SHOP_URL, headers=headers_closed, action=pay_usd("20")
     )
     assert (refused.allowed, refused.reason) == (False, "outside_time_window")
+
+
+@pytest.mark.asyncio
+async def test_the_middleware_asks_about_the_url_as_the_agent_sent_it() -> None:
+    """The agent's proof names the percent-encoded path; ASGI's ``path`` is decoded. The
+    verifier must be asked about the encoded one, or a file called "my notes" is refused
+    and ``a%2Fb`` passes for ``a/b``."""
+    asked: list[str] = []
+
+    class Recorder:
+        async def verify_request(self, *, url: str, **_: Any) -> Verification:
+            asked.append(url)
+            return Verification(True, "ok")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = AgentAuthMiddleware(
+        app,
+        verifier=cast(Any, Recorder()),
+        action_of=lambda method, path: Action(kind="read", resource="files"),
+        public_url="https://api.example",
+    )
+    transport = httpx.ASGITransport(app=middleware)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        for path in ("/files/my%20notes.txt", "/files/a%2Fb", "/files/plain"):
+            assert (await client.get(path)).status_code == 204
+    assert asked == [
+        "https://api.example/files/my%20notes.txt",
+        "https://api.example/files/a%2Fb",
+        "https://api.example/files/plain",
+    ]

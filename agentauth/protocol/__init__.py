@@ -83,7 +83,7 @@ from ._merkle import (
     verify_inclusion,
 )
 from ._receipts import ApprovalReceipt, VerifiedReceipt, cose_key_to_jwk, verify_assertion
-from ._request import AuthorizedRequest, RequestVerifier
+from ._request import AuthorizedRequest, RequestVerifier, path_as_sent
 from ._tokens import (
     ACCESS_TOKEN_TYP,
     AccessToken,
@@ -178,6 +178,7 @@ __all__ = [
     "node_hash",
     "normalize_htu",
     "parse_capabilities",
+    "path_as_sent",
     "sign_checkpoint",
     "strict_json_loads",
     "tighten",

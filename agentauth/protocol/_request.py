@@ -7,14 +7,16 @@ against the agent's usage state.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ._capabilities import Action, Capability, allowing_capability
 from ._dpop import DPoPVerifier, VerifiedProof
 from ._errors import InsufficientCapability
 from ._tokens import AccessToken, AccessTokenVerifier
 
-__all__ = ["AuthorizedRequest", "RequestVerifier"]
+__all__ = ["AuthorizedRequest", "RequestVerifier", "path_as_sent"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,3 +51,19 @@ class RequestVerifier:
         if capability is None:
             raise InsufficientCapability(reason="no_matching_capability")
         return AuthorizedRequest(token=access, proof=verified, capability=capability)
+
+
+def path_as_sent(scope: Mapping[str, Any]) -> str:
+    """An ASGI request's path as its client sent it, percent-encoding kept, without the
+    mount prefix (``root_path``): the path part of the ``htu`` its DPoP proof must name.
+
+    ASGI's ``path`` is decoded (``a%2Fb`` reads ``a/b``, ``my%20notes`` reads ``my notes``),
+    while the client signed the encoded form, and RFC 9449 compares that one. ``raw_path``
+    holds it; a server without it gets ``path``.
+    """
+    raw = scope.get("raw_path")
+    path = raw.partition(b"?")[0].decode("latin-1") if raw else str(scope["path"])
+    root = str(scope.get("root_path", ""))
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path

@@ -26,6 +26,7 @@ from ..protocol import (
     Forbidden,
     InvalidDPoPProof,
     Unauthenticated,
+    path_as_sent,
 )
 from ..protocol._types import IDENTIFIER_MAX_LENGTH, IDENTIFIER_PATTERN
 from ._models import (
@@ -69,13 +70,8 @@ def _registry(request: Request) -> Registry:
 
 def htu_of(request: Request) -> str:
     """The URL a DPoP proof for this request must name: the issuer's base plus the path as
-    the client sent it. ASGI's ``path`` is percent-decoded (``a%2Fb`` reads ``a/b``); the
-    agent signed the encoded one, and RFC 9449 compares those."""
-    raw: bytes | None = request.scope.get("raw_path")
-    path = raw.partition(b"?")[0].decode("latin-1") if raw else str(request.scope["path"])
-    root: str = request.scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root) :]
+    the client sent it (see protocol.path_as_sent)."""
+    path = path_as_sent(request.scope)
     return _registry(request).settings.issuer.rstrip("/") + path
 
 

@@ -38,6 +38,7 @@ from ..protocol import (
     UsageState,
     allowing_capability,
     evaluate,
+    path_as_sent,
 )
 from ._auth import STEP_UP_HEADER
 
@@ -208,7 +209,8 @@ ActionOf = Callable[[str, str], Action | None]
 
 
 def _public_url(scope: Mapping[str, Any], base: str | None) -> str:
-    path = str(scope.get("root_path", "")) + str(scope["path"])
+    # As the agent sent it: the proof names the encoded path (protocol.path_as_sent).
+    path = str(scope.get("root_path", "")) + path_as_sent(scope)
     if base:
         return base.rstrip("/") + path
     headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
