@@ -452,7 +452,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         from .archive import verify_command
 
         # S3 endpoint and credentials come from boto3's environment (AWS_ENDPOINT_URL_S3...).
-        return verify_command(args.archive, jwks=args.jwks)  # 0 ok, 1 problems, 2 unreadable
+        return verify_command(args.archive, keys_file=args.jwks)  # 0 ok, 1 bad, 2 unreadable
     if args.jwks:
         print("error: --jwks goes with --archive", file=sys.stderr)
         return 2
