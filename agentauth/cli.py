@@ -3,7 +3,7 @@
     agentauth up                   start the whole local stack; Ctrl+C stops it
     agentauth migrate              apply database migrations
     agentauth keys create|list|rotate   the registry's signing keys
-    agentauth audit verify [--archive DIR|s3://BUCKET/PREFIX [--jwks FILE]]
+    agentauth audit verify [--archive DIR|s3://BUCKET/PREFIX] [--audit-keys FILE]
                                    check every audit chain and signed checkpoint
                                    (or an exported archive, offline)
     agentauth agents|grants|providers list   what the registry holds
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -30,7 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the server extra is imported only by the commands that use it
+    from .protocol import AuditKeys
     from .registry import Registry
+    from .store import Conn
 
 __all__ = ["main"]
 
@@ -337,6 +338,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print()
         print(f"  registry        {base}/registry   (API docs: {base}/registry/docs)")
         print(f"  JWKS            {base}/registry/.well-known/jwks.json")
+        print(f"  audit keys      {base}/registry/.well-known/agentauth-audit-keys.json")
         print(f"  verifier        {base}/verifier   (POST /v1/verify, /v1/introspect)")
         print(f"  approval page   http://localhost:{args.ui_port}   (passkeys need this host name)")
         print(f"  Ray dashboard   http://127.0.0.1:{args.dashboard_port}")
@@ -375,76 +377,155 @@ def _bar(label: str, done: int, total: int) -> None:
     sys.stderr.flush()
 
 
-async def _audit_verify(url: str) -> list[str]:
-    """Walk every chain from genesis and check each signed checkpoint against it."""
+#: How old the oldest event under no checkpoint may be before ``audit verify`` fails its
+#: chain. The registry signs every chain that grew each ``checkpoint_every_seconds`` (10 s),
+#: so five minutes is some thirty missed rounds: the chain's checkpoints were deleted, or
+#: the registry has not been signing (the audit lag alert). Either way those events are
+#: unprotected. A new chain's first checkpoint is normally seconds away, so it passes.
+MAX_UNSEALED_AGE = 300.0
+
+
+async def _audit_verify(
+    url: str,
+    *,
+    keys: AuditKeys | None = None,
+    now: float | None = None,
+    max_unsealed_age: float = MAX_UNSEALED_AGE,
+) -> list[str]:
+    """Walk every chain from genesis and check each stored checkpoint against it.
+
+    ``keys`` is the registry's audit key list to trust. Without it the keys come from the
+    database's ``signing_keys`` (with their windows), which shows only that the database
+    agrees with itself. Returns the problems found, each naming its chain.
+    """
     import asyncpg
 
-    from .protocol import (
-        AuditEvent,
-        IntegrityError,
-        KeySet,
-        MerkleFrontier,
-        PublicKey,
-        b64url_decode,
-        verify_checkpoint,
-    )
+    from .archive._export import database_audit_keys
+    from .protocol import AgentAuthError
 
-    problems: list[str] = []
+    now = time.time() if now is None else now
     conn = await asyncpg.connect(url)
     try:
-        keys = KeySet(
-            PublicKey.from_jwk(jwk, alg=jwk.get("alg"))
-            for jwk in (
-                json.loads(r["public_jwk"]) if isinstance(r["public_jwk"], str) else r["public_jwk"]
-                for r in await conn.fetch("SELECT public_jwk FROM signing_keys")
-            )
-        )
-        heads = await conn.fetch("SELECT chain, size FROM audit_heads ORDER BY chain")
-        for head in heads:
-            chain, size = head["chain"], head["size"]
-            checkpoints = {
-                r["size"]: r["signed"]
-                for r in await conn.fetch(
-                    "SELECT size, signed FROM audit_checkpoints WHERE chain = $1", chain
-                )
-            }
-            frontier, previous, seq = MerkleFrontier(), None, 0
+        if keys is None:
             try:
-                while seq < size:
-                    rows = await conn.fetch(
-                        "SELECT seq, body FROM audit_events WHERE chain = $1 AND seq >= $2"
-                        " ORDER BY seq LIMIT 5000",
-                        chain,
-                        seq,
-                    )
-                    if not rows:
-                        raise IntegrityError(f"events missing from {seq}", reason="gap")
-                    for row in rows:
-                        event = AuditEvent.from_canonical(row["body"])
-                        if event.chain != chain or event.seq != seq or row["seq"] != seq:
-                            raise IntegrityError(f"event {seq} out of place", reason="gap")
-                        expected_prev = previous if previous is not None else bytes(32)
-                        if b64url_decode(event.prev) != expected_prev:
-                            raise IntegrityError(f"event {seq} does not link", reason="fork")
-                        previous = event.entry_hash()
-                        frontier.append(previous)
-                        seq += 1
-                        if seq in checkpoints:
-                            signed = verify_checkpoint(checkpoints[seq], keys=keys)
-                            if signed.root_bytes() != frontier.root() or signed.chain != chain:
-                                raise IntegrityError(
-                                    f"checkpoint at {seq} disagrees", reason="root"
-                                )
-                    _bar(chain, seq, size)
-            except IntegrityError as exc:
-                problems.append(f"{chain}: {exc.description}")
+                keys = await database_audit_keys(conn)
+            except AgentAuthError as exc:
+                return [f"signing_keys: {exc.description}"]
+            print(
+                "  keys: the database's own signing_keys, not pinned: this shows only that the"
+                " database agrees with itself (pin the registry's list with --audit-keys FILE)"
+            )
+        problems: list[str] = []
+        for row in await conn.fetch("SELECT chain FROM audit_heads ORDER BY chain"):
+            found, summary = await _audit_verify_chain(
+                conn, row["chain"], keys, now=now, max_unsealed_age=max_unsealed_age
+            )
             sys.stderr.write("\n")
-            ok = not problems or not problems[-1].startswith(chain)
-            verdict = "ok" if ok else "FAILED"
-            print(f"  {chain}: {size} events, {len(checkpoints)} checkpoints: {verdict}")
+            print(f"  {summary}: {'FAILED' if found else 'ok'}")
+            problems += found
     finally:
         await conn.close()
     return problems
+
+
+async def _audit_verify_chain(
+    conn: Conn, chain: str, keys: AuditKeys, *, now: float, max_unsealed_age: float
+) -> tuple[list[str], str]:
+    """One chain's problems, and its summary line: size, root, checkpoints and the events
+    no checkpoint covers, to compare with checkpoints kept elsewhere."""
+    from .protocol import (
+        GENESIS_HASH,
+        AgentAuthError,
+        AuditEvent,
+        IntegrityError,
+        MerkleFrontier,
+        b64url_decode,
+        b64url_encode,
+    )
+
+    # Checkpoints first, then the head: a chain only grows, so a checkpoint past a head read
+    # after it is no race with the registry but events removed from the end.
+    checkpoints: dict[int, str] = {
+        r["size"]: r["signed"]
+        for r in await conn.fetch(
+            "SELECT size, signed FROM audit_checkpoints WHERE chain = $1", chain
+        )
+    }
+    size: int = await conn.fetchval("SELECT size FROM audit_heads WHERE chain = $1", chain)
+    problems: list[str] = []
+    frontier, previous, seq = MerkleFrontier(), GENESIS_HASH, 0
+    covered = 0  # the size of the latest checkpoint reached (bad ones are problems anyway)
+    oldest_uncovered: int | None = None  # time_ms of the first event after it
+
+    def checks_out(at: int) -> bool:
+        try:
+            checkpoint = keys.verify(checkpoints[at])
+            if checkpoint.chain != chain or checkpoint.size != at:
+                raise IntegrityError(
+                    f"it is signed for {checkpoint.chain} at {checkpoint.size}",
+                    reason="checkpoint",
+                )
+            if at > seq:
+                raise IntegrityError(
+                    f"it lies past the chain's end ({seq} events): events were removed",
+                    reason="truncated",
+                )
+            if checkpoint.root_bytes() != frontier.root():
+                raise IntegrityError("it disagrees with the events", reason="root")
+        except AgentAuthError as exc:
+            problems.append(f"{chain}: checkpoint at {at}: {exc.description}")
+            return False
+        return True
+
+    try:
+        if 0 in checkpoints:
+            checks_out(0)
+        while seq < size:
+            rows = await conn.fetch(
+                "SELECT seq, body FROM audit_events WHERE chain = $1 AND seq >= $2 AND seq < $3"
+                " ORDER BY seq LIMIT 5000",
+                chain,
+                seq,
+                size,
+            )
+            if not rows:
+                raise IntegrityError(f"events missing from {seq}", reason="gap")
+            for row in rows:
+                event = AuditEvent.from_canonical(row["body"])
+                if event.chain != chain or event.seq != seq or row["seq"] != seq:
+                    raise IntegrityError(f"event {seq} out of place", reason="gap")
+                if b64url_decode(event.prev) != previous:
+                    raise IntegrityError(f"event {seq} does not link", reason="fork")
+                previous = event.entry_hash()
+                frontier.append(previous)
+                if oldest_uncovered is None:
+                    oldest_uncovered = event.time_ms
+                seq += 1
+                if seq in checkpoints:
+                    checks_out(seq)
+                    covered, oldest_uncovered = seq, None
+            _bar(chain, seq, size)
+    except AgentAuthError as exc:  # bad bytes, a gap or a fork: nothing later can be checked
+        problems.append(f"{chain}: {exc.description}")
+    else:
+        for at in sorted(s for s in checkpoints if s > seq):
+            checks_out(at)
+        if oldest_uncovered is not None:
+            age = now - oldest_uncovered / 1000
+            if age > max_unsealed_age:
+                what = "any of its events" if covered == 0 else f"events {covered}..{seq - 1}"
+                problems.append(
+                    f"{chain}: no checkpoint covers {what}, the oldest written {age:.0f} s ago"
+                    f" (more than {max_unsealed_age:.0f} s): checkpoints were removed, or the"
+                    " registry is not signing"
+                )
+    checked = f"size {size}" if seq == size else f"size {size}, checked up to {seq}"
+    latest = f"the latest at {covered}" if covered else "none reached"
+    summary = (
+        f"{chain}: {checked}, root {b64url_encode(frontier.root())};"
+        f" {len(checkpoints)} checkpoint(s), {latest}; {seq - covered} event(s) not covered"
+    )
+    return problems, summary
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -452,20 +533,31 @@ def cmd_audit(args: argparse.Namespace) -> int:
         from .archive import verify_command
 
         # S3 endpoint and credentials come from boto3's environment (AWS_ENDPOINT_URL_S3...).
-        return verify_command(args.archive, jwks=args.jwks)  # 0 ok, 1 problems, 2 unreadable
-    if args.jwks:
-        print("error: --jwks goes with --archive", file=sys.stderr)
-        return 2
+        return verify_command(args.archive, keys_file=args.keys_file)  # 0 ok, 1 bad, 2 unread
+    keys = None
+    if args.keys_file:
+        from .protocol import AuditKeys, InvalidRequest, strict_json_loads
+
+        try:
+            keys = AuditKeys.from_document(strict_json_loads(Path(args.keys_file).read_bytes()))
+        except (OSError, InvalidRequest) as exc:
+            print(f"error: cannot read the keys in {args.keys_file}: {exc}", file=sys.stderr)
+            return 2
     url, server = _database_url()
     try:
-        problems = asyncio.run(_audit_verify(url))
+        problems = asyncio.run(
+            _audit_verify(url, keys=keys, max_unsealed_age=args.max_unsealed_age)
+        )
     finally:
         if server is not None:
             server.stop()  # type: ignore[attr-defined]
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
-    print("audit log verifies" if not problems else f"{len(problems)} chain(s) failed")
-    return 0 if not problems else 1
+    if problems:
+        print(f"audit log verification failed: {len(problems)} problem(s)")
+        return 1
+    print("audit log verifies")
+    return 0
 
 
 async def _rows(url: str, query: str, *params: object) -> list[dict[str, object]]:
@@ -546,9 +638,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="verify an exported archive offline instead of the database",
     )
     audit.add_argument(
+        "--audit-keys",
         "--jwks",
+        dest="keys_file",
         metavar="FILE",
-        help="with --archive: the registry's JWKS to trust (default: the archive's own keys)",
+        help="the registry's audit key list (/.well-known/agentauth-audit-keys.json) to trust;"
+        " a plain JWKS works too, without signing windows (default: the keys the database or"
+        " the archive holds, which shows only that it agrees with itself)",
+    )
+    audit.add_argument(
+        "--max-unsealed-age",
+        type=float,
+        default=MAX_UNSEALED_AGE,
+        metavar="SECONDS",
+        help="database mode: fail a chain whose oldest event under no checkpoint is older"
+        f" than this (default {MAX_UNSEALED_AGE:.0f})",
     )
     audit.set_defaults(run=cmd_audit)
     nouns = {

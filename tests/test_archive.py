@@ -8,6 +8,7 @@ server; the directory store is a tmp_path.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
+from audit_rotation import QUIET, keys_on_chains, rotated_registry
 from conftest import with_database
 
 from agentauth import archive
@@ -38,11 +41,13 @@ from agentauth.archive import (
     verify_archive,
 )
 from agentauth.protocol import (
+    AuditKeys,
     Checkpoint,
     KeySet,
     PrivateKey,
     PublicKey,
     b64url_encode,
+    canonical_json,
     sign_checkpoint,
     verify_chain,
 )
@@ -266,8 +271,6 @@ async def database_keys(db: AuditedDb) -> KeySet:
 
 
 def _json(value: Any) -> Any:
-    import json
-
     return json.loads(value) if isinstance(value, str) else value
 
 
@@ -299,9 +302,11 @@ async def test_export_writes_every_sealed_segment_and_verifies(
     ]
     assert sum(report.unsealed.values()) == UNSEALED
     assert all(report.tips[c] + report.unsealed[c] == heads[c] for c in heads)
-    # The keys first, then each segment's events, then its manifest.
+    # The keys first (the one key, then the audit key list), then each segment's events,
+    # then its manifest.
     assert store.puts[0].startswith("keys/") and store.puts[0].endswith(".jwk.json")
-    pairs = zip(store.puts[1::2], store.puts[2::2], strict=True)
+    assert store.puts[1] == "keys/audit-keys.json"
+    pairs = zip(store.puts[2::2], store.puts[3::2], strict=True)
     assert all(m == e.replace(".jsonl", ".manifest.json") for e, m in pairs)
     assert snapshot(store) == clean  # same database, same bytes
 
@@ -388,9 +393,9 @@ async def test_s3_crash_then_resume_and_verify_offline(
     await export(audited.url, straight)
     assert snapshot(straight) == clean
 
-    # Before the keys, before a manifest, before an events object, before the last write
-    # (the directory test above dies before every one).
-    points = [0, 2, 3, len(clean) - 1]
+    # Before the keys, before the audit key list, before a manifest, before an events object,
+    # before the last write (the directory test above dies before every one).
+    points = [0, 1, 3, 4, len(clean) - 1]
     await crash_then_resume(audited.url, clean, lambda n: bucket(f"{run}/crash-{n}"), points)
 
     # Offline verification of the bucket, as `agentauth audit verify --archive` does it.
@@ -432,7 +437,7 @@ KILL_SCRIPT = textwrap.dedent(
 
 @pytest.mark.postgres
 @pytest.mark.redis
-@pytest.mark.parametrize("kill_at", [3, 4], ids=["writing-events", "writing-manifest"])
+@pytest.mark.parametrize("kill_at", [4, 5], ids=["writing-events", "writing-manifest"])
 def test_job_killed_mid_write_is_resumed_by_the_next_run(
     audited: AuditedDb, clean: dict[str, bytes], tmp_path: Path, kill_at: int
 ) -> None:
@@ -450,7 +455,9 @@ def test_job_killed_mid_write_is_resumed_by_the_next_run(
     resumed = run_module("export", "--archive", str(tmp_path), "--database-url", audited.url)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert snapshot(DirectoryStore(tmp_path)) == clean
-    assert f"exported {len(segments(clean)) * ROUNDS - (kill_at - 1) // 2} segment(s)" in (
+    # Two key objects, then (events, manifest) pairs: the segments sealed before the kill are
+    # not written again.
+    assert f"exported {len(segments(clean)) * ROUNDS - (kill_at - 2) // 2} segment(s)" in (
         resumed.stdout
     )
     checked = run_module("verify", "--archive", str(tmp_path))
@@ -530,10 +537,6 @@ def test_a_missing_segment_is_a_gap(clean: dict[str, bytes], tmp_path: Path) -> 
 async def test_a_resigned_forgery_fails_only_against_pinned_keys(
     audited: AuditedDb, clean: dict[str, bytes], tmp_path: Path
 ) -> None:
-    import json
-
-    from agentauth.protocol import canonical_json
-
     store = copy_of(clean, tmp_path)
     chain, manifests = sorted(segments(clean).items())[0]
     last = manifests[-1]
@@ -568,6 +571,87 @@ async def test_a_resigned_forgery_fails_only_against_pinned_keys(
     jwks.write_text(json.dumps((await database_keys(audited)).to_jwks()))
     cli = run_module("verify", "--archive", str(tmp_path), "--jwks", str(jwks))
     assert cli.returncode == 1 and f"{chain} segment" in cli.stderr
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_after_a_rotation_the_archive_verifies_with_the_published_audit_key_list(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    async with rotated_registry(database_url, redis_url, tmp_path / "reg") as rotated:
+        store = DirectoryStore(tmp_path / "archive")
+        await export(rotated.url, store)
+        published = await rotated.audit_keys()
+        # The archive keeps a copy of the list, byte for byte the registry's.
+        assert store.get("keys/audit-keys.json") == canonical_json(published)
+        audit_keys = AuditKeys.from_document(published)
+        assert set(audit_keys) == {rotated.old_kid, rotated.new_kid}
+        report = verify_archive(store, keys=audit_keys)
+        assert report.keys_pinned and {c.chain for c in report.chains} == {
+            "registry-0",
+            "registry-1",
+            "registry-2",
+        }
+        key_file = tmp_path / "audit-keys.json"
+        key_file.write_text(json.dumps(published))
+        cli = run_module(
+            "verify", "--archive", str(tmp_path / "archive"), "--audit-keys", str(key_file)
+        )
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        assert "the given audit key list, each inside its key's signing window" in cli.stdout
+
+        # What pinning the JWKS did before: it no longer holds the old key, so every segment
+        # that key sealed fails, and so does the first after the rotation (its start is the
+        # old key's checkpoint).
+        jwks = await rotated.jwks()
+        assert [k["kid"] for k in jwks["keys"]] == [rotated.new_kid]
+        problems = failure(store, keys=KeySet.from_jwks(jwks)).problems
+        assert {p.chain for p in problems} == {"registry-0", "registry-1", "registry-2"}
+        assert all(p.reason == "unknown_kid" for p in problems)
+        jwks_file = tmp_path / "jwks.json"
+        jwks_file.write_text(json.dumps(jwks))
+        cli = run_module("verify", "--archive", str(tmp_path / "archive"), "--jwks", str(jwks_file))
+        assert cli.returncode == 1 and "the signing key is unknown" in cli.stderr
+
+        # The old key, long retired, signs the quiet chain again, dated now: the exporter
+        # refuses that segment (the database's windows), and an archive holding it fails.
+        await rotated.append(keys_on_chains(rotated.registry, {QUIET}, 2))
+        await rotated.checkpoint_with_old_key(at=int(time.time()))
+        with pytest.raises(ArchiveIntegrityError) as caught:
+            await export(rotated.url, store)
+        (problem,) = caught.value.problems
+        assert (problem.chain, problem.reason) == (QUIET, "key_window")
+        verify_archive(store, keys=audit_keys)  # what was archived before still verifies
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_the_archived_audit_key_list_only_grows(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    async with rotated_registry(database_url, redis_url, tmp_path / "reg") as rotated:
+        published = await rotated.audit_keys()
+        old, new = published["keys"]
+        stale = {**published, "keys": [{**old, "retires_at": None}]}  # before the rotation
+        newer = {**published, "keys": [old, new, {**new, "kid": "later"}]}
+        changed = {**published, "keys": [{**old, "activates_at": old["activates_at"] - 1}, new]}
+        for archived, expected in (
+            (stale, published),  # the database's list extends it: brought up to date
+            (newer, newer),  # it extends the database's (an exporter that read first): kept
+        ):
+            store = DirectoryStore(tmp_path / secrets.token_hex(4))
+            store.put("keys/audit-keys.json", canonical_json(archived))
+            await export(rotated.url, store)
+            assert store.get("keys/audit-keys.json") == canonical_json(expected)
+        # A window that changed is neither: signing_keys was altered.
+        store = DirectoryStore(tmp_path / "changed")
+        store.put("keys/audit-keys.json", canonical_json(changed))
+        with pytest.raises(ArchiveIntegrityError) as caught:
+            await export(rotated.url, store)
+        assert caught.value.problems[0].reason == "key_conflict"
+        assert store.list() == ["keys/audit-keys.json"]  # nothing written
 
 
 def test_an_empty_or_keyless_archive_never_verifies(tmp_path: Path) -> None:
@@ -725,8 +809,6 @@ async def test_export_into_another_registrys_archive_is_refused(
     store = DirectoryStore(tmp_path)
     (kid,) = await database_keys(audited)
     impostor = PrivateKey.generate(kid=kid)
-    from agentauth.protocol import canonical_json
-
     store.put(f"keys/{kid}.jwk.json", canonical_json(impostor.public_jwk()))
     with pytest.raises(ArchiveIntegrityError) as caught:
         await export(audited.url, store)
@@ -753,7 +835,8 @@ def test_ray_job_exports_one_task_per_chain(
     job = run_module(*args, env=env)
     assert job.returncode == 0, job.stdout + job.stderr
     assert snapshot(DirectoryStore(tmp_path)) == clean
-    assert f"exported {len(clean) // 2} segment(s)" in job.stdout
+    manifests = [k for k in clean if k.endswith(".manifest.json")]
+    assert f"exported {len(manifests)} segment(s)" in job.stdout
 
 
 # --- the stores themselves ----------------------------------------------------------------------

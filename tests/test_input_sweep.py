@@ -52,6 +52,7 @@ QUERY_VALUES = ("", "%00", "x" * 3000, "-1", "abc", "1e999", "nan", "99999999999
 PUBLIC = {
     ("GET", "/healthz"),
     ("GET", "/.well-known/jwks.json"),
+    ("GET", "/.well-known/agentauth-audit-keys.json"),
     ("GET", "/.well-known/agentauth-configuration"),
     ("POST", "/v1/sessions/begin"),
 }

@@ -17,6 +17,7 @@ from agentauth.protocol import (
     AccessTokenVerifier,
     ApprovalReceipt,
     AuditEvent,
+    AuditKeys,
     Capability,
     Grant,
     KeySet,
@@ -75,6 +76,13 @@ async def jwks(world: World) -> KeySet:
     r = await world.client.get(world.url("/.well-known/jwks.json"))
     assert r.status_code == 200
     return KeySet.from_jwks(r.json())
+
+
+async def audit_keys(world: World) -> AuditKeys:
+    """Every key the registry signed checkpoints with: unlike the JWKS, it survives rotations."""
+    r = await world.client.get(world.url("/.well-known/agentauth-audit-keys.json"))
+    assert r.status_code == 200
+    return AuditKeys.from_document(r.json())
 
 
 # --- the full flow ---------------------------------------------------------------------------
@@ -169,7 +177,12 @@ async def test_full_flow_register_request_approve_token(
 
 @pytest.mark.asyncio
 async def test_discovery_and_jwks_are_public_everything_else_is_not(world: World) -> None:
-    for path in ("/healthz", "/.well-known/jwks.json", "/.well-known/agentauth-configuration"):
+    for path in (
+        "/healthz",
+        "/.well-known/jwks.json",
+        "/.well-known/agentauth-audit-keys.json",
+        "/.well-known/agentauth-configuration",
+    ):
         r = await world.client.get(world.url(path))
         assert r.status_code == 200, path
     d = (await world.client.get(world.url("/.well-known/agentauth-configuration"))).json()
@@ -1000,6 +1013,29 @@ async def test_rotation_publishes_first_and_keeps_old_tokens_verifiable(
         verifier.verify(t, audience=provider.audience, now=time.time())
 
 
+@pytest.mark.asyncio
+async def test_the_audit_key_list_is_public_keeps_every_key_and_verifies_checkpoints(
+    world: World, db: asyncpg.Connection
+) -> None:
+    r = await world.client.get(world.url("/.well-known/agentauth-audit-keys.json"))
+    assert r.status_code == 200 and r.json()["format"] == "agentauth.audit-keys.v1"
+    keys = AuditKeys.from_document(r.json())
+    # Every key ever recorded, with its window; the JWKS is the part that may sign tokens.
+    rows = await db.fetch("SELECT kid, activates_at, retires_at FROM signing_keys")
+    assert {(k["kid"], k["activates_at"], k["retires_at"]) for k in r.json()["keys"]} == {
+        (row["kid"], row["activates_at"], row["retires_at"]) for row in rows
+    }
+    assert set(await jwks(world)) <= set(keys)
+    r = await world.client.post(world.url("/v1/admin/checkpoints"), headers=world.admin)
+    assert r.status_code == 200
+    r = await world.client.get(world.url("/v1/audit/checkpoints"), headers=world.admin)
+    assert r.status_code == 200 and r.json()
+    for latest in r.json():  # each inside its key's signing window
+        assert keys.verify(latest["signed"]).chain == latest["chain"]
+    d = (await world.client.get(world.url("/.well-known/agentauth-configuration"))).json()
+    assert d["audit_keys_uri"] == world.url("/.well-known/agentauth-audit-keys.json")
+
+
 # --- step-up --------------------------------------------------------------------------------
 
 
@@ -1094,7 +1130,8 @@ async def test_1000_concurrent_changes_leave_chains_and_checkpoints_whole(
     assert statuses.count(200) == 1000, sorted(set(statuses))
     r = await world.client.post(world.url("/v1/admin/checkpoints"), headers=world.admin)
     assert r.status_code == 200
-    keys = await jwks(world)
+    # Checkpoints from the whole session: the rotation test's old key may be retired by now.
+    keys = await audit_keys(world)
     chains = [
         row["chain"] for row in await db.fetch("SELECT chain FROM audit_heads ORDER BY chain")
     ]
@@ -1115,7 +1152,7 @@ async def test_1000_concurrent_changes_leave_chains_and_checkpoints_whole(
             assert not checkpoints
             continue
         for cp in checkpoints:
-            verified = verify_checkpoint(cp["signed"], keys=keys)
+            verified = keys.verify(cp["signed"])
             sub = verify_chain(
                 (AuditEvent.from_canonical(r["body"]) for r in rows[: cp["size"]]),
                 chain=chain,
@@ -1134,8 +1171,8 @@ async def test_1000_concurrent_changes_leave_chains_and_checkpoints_whole(
             verify_consistency(
                 old_size=a,
                 new_size=b,
-                old_root=verify_checkpoint(r.json()["first"], keys=keys).root_bytes(),
-                new_root=verify_checkpoint(r.json()["second"], keys=keys).root_bytes(),
+                old_root=keys.verify(r.json()["first"]).root_bytes(),
+                new_root=keys.verify(r.json()["second"]).root_bytes(),
                 proof=[b64url_decode(h) for h in r.json()["proof"]],
             )
     assert total >= 1000

@@ -14,6 +14,8 @@ import pytest
 
 from agentauth.protocol import (
     AuditEvent,
+    AuditKey,
+    AuditKeys,
     Checkpoint,
     KeySet,
     PrivateKey,
@@ -62,9 +64,11 @@ def keys(signer: PrivateKey) -> KeySet:
     return KeySet([PublicKey.from_jwk(signer.public_jwk())])
 
 
-def signed_checkpoint(events: list[AuditEvent], signer: PrivateKey, chain: str = CHAIN) -> str:
+def signed_checkpoint(
+    events: list[AuditEvent], signer: PrivateKey, chain: str = CHAIN, *, time: int = 2_000
+) -> str:
     root = merkle_root([e.entry_hash() for e in events])
-    checkpoint = Checkpoint(chain=chain, size=len(events), root=b64url_encode(root), time=2_000)
+    checkpoint = Checkpoint(chain=chain, size=len(events), root=b64url_encode(root), time=time)
     return sign_checkpoint(checkpoint, signer)
 
 
@@ -188,19 +192,24 @@ def mock_registry(
     return httpx.MockTransport(handler)
 
 
+def with_audit_keys(transport: httpx.MockTransport, *signers: PrivateKey) -> httpx.MockTransport:
+    """The registry's audit key list (``signers``, each signing from time 0 on) added."""
+    audit_keys = AuditKeys(AuditKey(PublicKey.from_jwk(s.public_jwk())) for s in signers)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/.well-known/agentauth-audit-keys.json"):
+            return httpx.Response(200, json=audit_keys.to_document())
+        return transport.handle_request(request)
+
+    return httpx.MockTransport(handler)
+
+
 @pytest.mark.asyncio
 async def test_a_trail_fetched_from_an_honest_registry_verifies(signer: PrivateKey) -> None:
     events = build_chain()
-    jwks = KeySet([PublicKey.from_jwk(signer.public_jwk())]).to_jwks()
-    transport = mock_registry(events, signer, covered=4)
-
-    async def with_jwks(request: httpx.Request) -> httpx.Response:
-        if request.url.path.endswith("/.well-known/jwks.json"):
-            return httpx.Response(200, json=jwks)
-        return transport.handle_request(request)
-
     client = RegistryClient(
-        "https://registry.example/registry", transport=httpx.MockTransport(with_jwks)
+        "https://registry.example/registry",
+        transport=with_audit_keys(mock_registry(events, signer, covered=4), signer),
     )
     try:
         trail = await AuditTrail.fetch(client, "ses_test", AGENT)
@@ -212,21 +221,15 @@ async def test_a_trail_fetched_from_an_honest_registry_verifies(signer: PrivateK
     assert exported["verification"]["ok"] is True
     assert exported["events"] == listed([events[i] for i in MINE])
     assert exported["verification"]["chains"][CHAIN]["checkpoint_kid"] == "reg-1"
+    assert [k["kid"] for k in exported["audit_keys"]["keys"]] == ["reg-1"]
 
 
 @pytest.mark.asyncio
 async def test_a_registry_that_lies_about_one_event_is_caught(signer: PrivateKey) -> None:
     events = build_chain()
-    jwks = KeySet([PublicKey.from_jwk(signer.public_jwk())]).to_jwks()
-    transport = mock_registry(events, signer, covered=6, lie_at=3)
-
-    async def with_jwks(request: httpx.Request) -> httpx.Response:
-        if request.url.path.endswith("/.well-known/jwks.json"):
-            return httpx.Response(200, json=jwks)
-        return transport.handle_request(request)
-
     client = RegistryClient(
-        "https://registry.example/registry", transport=httpx.MockTransport(with_jwks)
+        "https://registry.example/registry",
+        transport=with_audit_keys(mock_registry(events, signer, covered=6, lie_at=3), signer),
     )
     try:
         trail = await AuditTrail.fetch(client, "ses_test", AGENT)
@@ -235,3 +238,74 @@ async def test_a_registry_that_lies_about_one_event_is_caught(signer: PrivateKey
     assert not trail.ok
     assert trail.all_problems == [f"{CHAIN}:3 the registry's copy differs from the list"]
     assert trail.export(now=3_000)["verification"]["ok"] is False
+
+
+def test_a_checkpoint_by_a_retired_key_verifies_inside_its_window_only() -> None:
+    """After a rotation the JWKS drops the old key, but a quiet chain's latest checkpoint is
+    still the old key's: the audit key list keeps that key, with the window it signed in."""
+    old, new = PrivateKey.generate("ES256", kid="reg-1"), PrivateKey.generate("ES256", kid="reg-2")
+    audit_keys = AuditKeys(
+        [
+            AuditKey(PublicKey.from_jwk(old.public_jwk()), activates_at=1_000, retires_at=3_000),
+            AuditKey(PublicKey.from_jwk(new.public_jwk()), activates_at=2_500),
+        ]
+    )
+    jwks = KeySet([PublicKey.from_jwk(new.public_jwk())])  # what /.well-known/jwks.json holds
+    events = build_chain()
+    quiet = {"chain": CHAIN, "size": 6, "signed": signed_checkpoint(events, old, time=2_000)}
+
+    checks = check_chains([events[i] for i in MINE])
+    check_checkpoints(checks, [quiet], jwks)
+    assert checks[CHAIN].problems == [
+        f"{CHAIN}: the latest checkpoint does not verify (unknown_kid)"
+    ]  # what the page said before it used the audit key list
+    checks = check_chains([events[i] for i in MINE])
+    check_checkpoints(checks, [quiet], audit_keys)
+    assert checks[CHAIN].problems == [] and checks[CHAIN].checkpoint_kid == "reg-1"
+    assert check_inclusion(events[3], proof_for(events, 3, quiet["signed"]), audit_keys).ok
+
+    # The old key signing after it retired (a key that leaked later, say) is refused.
+    late = signed_checkpoint(events, old, time=3_000)
+    checks = check_chains([events[i] for i in MINE])
+    check_checkpoints(checks, [{**quiet, "signed": late}], audit_keys)
+    assert checks[CHAIN].problems == [
+        f"{CHAIN}: the latest checkpoint does not verify (key_window)"
+    ]
+    result = check_inclusion(events[3], proof_for(events, 3, late), audit_keys)
+    assert (result.ok, result.detail) == (False, "does not verify (key_window)")
+    # So is the new key signing before it activated.
+    early = signed_checkpoint(events, new, time=2_499)
+    assert check_inclusion(events[3], proof_for(events, 3, early), audit_keys).ok is False
+
+
+def test_odd_bytes_in_an_event_are_reported_and_the_other_chains_checked() -> None:
+    events = build_chain()
+    # prev of event 0 with spare bits set: well-formed enough to parse, yet no hash's spelling.
+    document = {**listed(events[:1])[0], "prev": "A" * 42 + "B"}
+    other = AuditEvent.first(chain="registry-1", time_ms=1, event="a.b", actor="a", subject="s")
+    parsed, problems = parse_events([document, *listed([other])])
+    assert problems == [] and len(parsed) == 2
+    checks = check_chains(parsed)
+    assert checks[CHAIN].problems == [f"{CHAIN}: event 0 cannot be checked (invalid_request)"]
+    assert checks["registry-1"].problems == [] and checks["registry-1"].links_checked == 1
+
+
+@pytest.mark.asyncio
+async def test_a_malformed_audit_key_list_is_a_problem_not_a_crash(signer: PrivateKey) -> None:
+    events = build_chain()
+    transport = mock_registry(events, signer, covered=4)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/.well-known/agentauth-audit-keys.json"):
+            return httpx.Response(200, json={"format": "agentauth.audit-keys.v1", "keys": [1]})
+        return transport.handle_request(request)
+
+    client = RegistryClient(
+        "https://registry.example/registry", transport=httpx.MockTransport(handler)
+    )
+    try:
+        trail = await AuditTrail.fetch(client, "ses_test", AGENT)
+    finally:
+        await client.aclose()
+    assert "the registry's audit key list is malformed" in trail.all_problems
+    assert f"{CHAIN}: the latest checkpoint does not verify (unknown_kid)" in trail.all_problems

@@ -2,7 +2,7 @@
 
     python -m agentauth.archive export --archive DIR|s3://BUCKET/PREFIX [--database-url URL]
         [--chain C ...] [--min-events N] [--s3-endpoint URL] [--ray]
-    python -m agentauth.archive verify --archive DIR|s3://BUCKET/PREFIX [--jwks FILE]
+    python -m agentauth.archive verify --archive DIR|s3://BUCKET/PREFIX [--audit-keys FILE]
         [--s3-endpoint URL]
 
 Submit the export to a cluster with ``ray job submit -- python -m agentauth.archive export
@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..protocol import InvalidRequest, KeySet
+from ..protocol import AuditKeys, InvalidRequest, strict_json_loads
 from ._errors import ArchiveIntegrityError, ArchiveProblem, ArchiveUnavailable
 from ._export import ExportReport, SegmentInfo, chain_names, export
 from ._stores import open_store
@@ -34,17 +33,26 @@ RAY_MAX_RETRIES = 3
 
 
 def verify_command(
-    location: str, *, jwks: str | os.PathLike[str] | None = None, endpoint_url: str | None = None
+    location: str,
+    *,
+    keys_file: str | os.PathLike[str] | None = None,
+    endpoint_url: str | None = None,
 ) -> int:
     """Verify the archive at ``location`` and print the outcome; the process exit status.
 
-    ``jwks`` is a file holding the registry's JWKS (``/.well-known/jwks.json``) to trust;
-    without it the archive's own keys are used, which proves only self-consistency.
+    ``keys_file`` holds the keys to trust: the registry's audit key list
+    (``/.well-known/agentauth-audit-keys.json``, every key it ever signed with and when),
+    or a plain JWKS (no signing windows, and missing the keys retired since). Without it
+    the archive's own keys are used, which proves only self-consistency.
     """
     try:
-        keys = KeySet.from_jwks(json.loads(Path(jwks).read_text())) if jwks else None
-    except (OSError, ValueError, InvalidRequest) as exc:
-        print(f"error: cannot read the JWKS {jwks}: {exc}", file=sys.stderr)
+        keys = (
+            AuditKeys.from_document(strict_json_loads(Path(keys_file).read_bytes()))
+            if keys_file
+            else None
+        )
+    except (OSError, InvalidRequest) as exc:
+        print(f"error: cannot read the keys in {keys_file}: {exc}", file=sys.stderr)
         return 2
     store = open_store(location, endpoint_url=endpoint_url)
     report: ArchiveReport | None
@@ -73,7 +81,12 @@ def verify_command(
     if problems:
         print(f"archive verification failed: {len(problems)} problem(s)")
         return 1
-    trust = "the given JWKS" if report and report.keys_pinned else "the archive's own keys"
+    if keys is None:
+        trust = "the archive's own keys"
+    elif keys.windowed:
+        trust = "the given audit key list, each inside its key's signing window"
+    else:
+        trust = "the given JWKS; no signing windows known"
     print(f"archive verifies (signatures checked against {trust})")
     return 0
 
@@ -179,7 +192,11 @@ def _parser() -> argparse.ArgumentParser:
         "--ray", action="store_true", help="export each chain in its own (retried) Ray task"
     )
     commands.choices["verify"].add_argument(
-        "--jwks", metavar="FILE", help="the registry's JWKS to trust (default: the archive's)"
+        "--audit-keys",
+        "--jwks",
+        dest="keys_file",
+        metavar="FILE",
+        help="the registry's audit key list (or a JWKS) to trust (default: the archive's keys)",
     )
     return parser
 
@@ -187,7 +204,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "verify":
-        return verify_command(args.archive, jwks=args.jwks, endpoint_url=args.s3_endpoint)
+        return verify_command(args.archive, keys_file=args.keys_file, endpoint_url=args.s3_endpoint)
     if not args.database_url:
         print("error: give --database-url or set DATABASE_URL", file=sys.stderr)
         return 2

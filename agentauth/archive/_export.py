@@ -16,25 +16,29 @@ import json
 import logging
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from pydantic import ValidationError
 
 from ..protocol import (
     GENESIS_HASH,
     AuditEvent,
+    AuditKey,
+    AuditKeys,
     ChainHead,
     IntegrityError,
     InvalidRequest,
-    KeySet,
     MerkleFrontier,
     PublicKey,
     b64url_decode,
     b64url_encode,
+    canonical_json,
+    strict_json_loads,
     verify_chain,
 )
 from ._errors import ArchiveIntegrityError, ArchiveProblem
 from ._segments import (
+    AUDIT_KEYS,
     KEYS_DIR,
     Manifest,
     check_continuity,
@@ -52,7 +56,7 @@ from ._stores import ArchiveStore
 if TYPE_CHECKING:
     from ..store import Conn
 
-__all__ = ["ExportReport", "SegmentInfo", "chain_names", "export"]
+__all__ = ["ExportReport", "SegmentInfo", "chain_names", "database_audit_keys", "export"]
 
 log = logging.getLogger("agentauth.archive")
 
@@ -138,39 +142,76 @@ async def export(
     return report
 
 
+async def database_audit_keys(conn: Conn) -> AuditKeys:
+    """Every key in ``signing_keys`` with its signing window: the registry's audit key list,
+    as the database holds it (so only as trustworthy as the database)."""
+    keys = []
+    for row in await conn.fetch(
+        "SELECT kid, alg, public_jwk, activates_at, retires_at FROM signing_keys"
+    ):
+        jwk = row["public_jwk"]
+        jwk = json.loads(jwk) if isinstance(jwk, str) else dict(jwk)
+        key = PublicKey.from_jwk({**jwk, "kid": row["kid"]}, alg=row["alg"])
+        keys.append(AuditKey(key, row["activates_at"], row["retires_at"]))
+    return AuditKeys(keys)
+
+
 class _KeyPublisher:
-    """Stores each public key once, before any checkpoint it signs; refuses a kid clash."""
+    """Stores each public key once, before any checkpoint it signs; refuses a kid clash.
+
+    Also keeps the archive's copy of the audit key list (``keys/audit-keys.json``) current.
+    It is rewritten only with a list that extends it (new keys, a retirement set), and a
+    database whose list does not extend it and is not an earlier state of it is refused.
+    """
 
     def __init__(self, store: ArchiveStore) -> None:
         self._store = store
         self._published: set[str] | None = None
+        self._listed: AuditKeys | None = None
 
-    async def sync(self, conn: Conn) -> KeySet:
-        """The database's keys, each now in the archive too.
+    async def sync(self, conn: Conn) -> AuditKeys:
+        """The database's keys with their windows, each now in the archive too.
 
         Called after a chain's checkpoints are read: a key's row exists before anything is
         signed with it, so every checkpoint read so far is signed by a key read here.
         """
-        keys = []
-        for row in await conn.fetch("SELECT public_jwk FROM signing_keys ORDER BY kid"):
-            jwk = row["public_jwk"]
-            jwk = json.loads(jwk) if isinstance(jwk, str) else jwk
-            keys.append(PublicKey.from_jwk(jwk, alg=jwk.get("alg")))
-        key_set = KeySet(keys)
-        await asyncio.to_thread(self._publish, key_set)
-        return key_set
+        keys = await database_audit_keys(conn)
+        await asyncio.to_thread(self._publish, keys)
+        return keys
 
-    def _publish(self, keys: KeySet) -> None:
-        if self._published is None:
+    def _publish(self, keys: AuditKeys) -> None:
+        if self._published is None:  # first sync: check what the archive already holds
             self._published = set(self._store.list(f"{KEYS_DIR}/"))
             for kid, key in keys.items():
                 if key_key(kid) in self._published:
                     self._check(kid, key)
+            self._listed = self._archived_list()
+        listed = self._listed
+        if listed is not None and not keys.extends(listed) and not listed.extends(keys):
+            self._conflict(
+                "the archive's audit key list is not an earlier state of the database's:"
+                " a key or a signing window in signing_keys was changed"
+            )
         for kid, key in keys.items():
             name = key_key(kid)
             if name not in self._published:
                 self._store.put(name, encode_key(key))
                 self._published.add(name)
+        document = keys.to_document()
+        # An exporter that read the database before a rotation finds a list that extends
+        # its own, and leaves it alone.
+        if listed is None or (keys.extends(listed) and document != listed.to_document()):
+            self._store.put(AUDIT_KEYS, canonical_json(document))
+            self._listed = keys
+
+    def _archived_list(self) -> AuditKeys | None:
+        raw = self._store.get(AUDIT_KEYS)
+        if raw is None:
+            return None
+        try:
+            return AuditKeys.from_document(strict_json_loads(raw))
+        except InvalidRequest:
+            self._conflict(f"the archive's {AUDIT_KEYS} is malformed")
 
     def _check(self, kid: str, key: PublicKey) -> None:
         try:
@@ -178,14 +219,13 @@ class _KeyPublisher:
         except IntegrityError:
             archived = None
         if archived is None or archived.thumbprint != key.thumbprint:
-            problem = ArchiveProblem(
-                None,
-                None,
-                None,
-                "key_conflict",
-                f"the archive's key {kid} is not the database's: another registry's archive?",
+            self._conflict(
+                f"the archive's key {kid} is not the database's: another registry's archive?"
             )
-            raise ArchiveIntegrityError([problem])
+
+    @staticmethod
+    def _conflict(description: str) -> NoReturn:
+        raise ArchiveIntegrityError([ArchiveProblem(None, None, None, "key_conflict", description)])
 
 
 def _boundaries(start: int, sizes: list[int], min_events: int) -> Iterator[tuple[int, int]]:

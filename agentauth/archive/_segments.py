@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from ..protocol import (
     GENESIS_HASH,
     AuditEvent,
+    AuditKeys,
     ChainHead,
     IntegrityError,
     InvalidRequest,
@@ -31,12 +32,12 @@ from ..protocol import (
     canonical_json,
     strict_json_loads,
     verify_chain,
-    verify_checkpoint,
 )
 from ..protocol._types import Identifier
 
 __all__ = [
     "ARCHIVE_FORMAT",
+    "AUDIT_KEYS",
     "KEYS_DIR",
     "Manifest",
     "check_continuity",
@@ -55,6 +56,9 @@ ARCHIVE_FORMAT = "agentauth.archive.v1"
 #: Public keys live one object per kid: written once, never rewritten, so concurrent
 #: exporters (one Ray task per chain) never race on a read-modify-write of a shared JWKS.
 KEYS_DIR = "keys"
+#: A copy of the registry's audit key list (every kid with its signing window). It is the
+#: one key object that is rewritten, and only ever with a list that extends it.
+AUDIT_KEYS = f"{KEYS_DIR}/audit-keys.json"
 _B64_SHA256 = r"^[A-Za-z0-9_-]{43}$"
 # Twelve digits sort as text up to a trillion events per chain; parsing accepts more.
 _SEGMENT_NAME = re.compile(r"^(?P<size>[0-9]{12,19})\.(?P<kind>jsonl|manifest\.json)$")
@@ -192,7 +196,8 @@ def decode_key(raw: bytes, *, kid: str) -> PublicKey:
 
 
 def _signed(signed: str, *, chain: str, size: int, keys: KeySet, what: str) -> bytes:
-    checkpoint = verify_checkpoint(signed, keys=keys)
+    # With an audit key list, the checkpoint's time must lie in its key's signing window.
+    checkpoint = AuditKeys.from_key_set(keys).verify(signed)
     if checkpoint.chain != chain or checkpoint.size != size:
         raise IntegrityError(
             f"{what} is for {checkpoint.chain} at {checkpoint.size}", reason="checkpoint"
@@ -204,9 +209,10 @@ def verify_segment(manifest: Manifest, events: bytes, *, keys: KeySet) -> ChainH
     """Check one segment alone against its signed checkpoints; returns the head at to_size.
 
     The events object must match its digest, both checkpoints must be signed by ``keys``
-    for this chain and these sizes, the stored frontier must have the signed root at
-    ``from_size``, and the events must extend it, link by link, to the signed root at
-    ``to_size``. Raises ``IntegrityError`` naming the first failure.
+    for this chain and these sizes (each inside its key's signing window when ``keys`` is
+    an ``AuditKeys`` list), the stored frontier must have the signed root at ``from_size``,
+    and the events must extend it, link by link, to the signed root at ``to_size``. Raises
+    ``IntegrityError`` naming the first failure.
     """
     digest = hashlib.sha256(events).digest()
     if not hmac.compare_digest(b64url_encode(digest), manifest.events_sha256):

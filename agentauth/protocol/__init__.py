@@ -17,6 +17,7 @@ from ._audit import (
     verify_chain,
     verify_checkpoint,
 )
+from ._audit_keys import AUDIT_KEYS_FORMAT, AuditKey, AuditKeys
 from ._capabilities import (
     Action,
     AnyCapability,
@@ -99,6 +100,7 @@ __all__ = [
     "ACCESS_TOKEN_TYP",
     "ALGORITHMS",
     "AUDIT_FORMAT",
+    "AUDIT_KEYS_FORMAT",
     "CHECKPOINT_TYP",
     "DPOP_TYP",
     "EMPTY_ROOT",
@@ -113,6 +115,8 @@ __all__ = [
     "AnyCapability",
     "ApprovalReceipt",
     "AuditEvent",
+    "AuditKey",
+    "AuditKeys",
     "AuthorizedRequest",
     "Capability",
     "ChainHead",

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from ._audit import AuditEvent, Checkpoint
+from ._audit_keys import AuditKeysDocument
 from ._capabilities import Action, AnyCapability
 from ._envelope import Envelope
 from ._grants import Grant, GrantRequest
@@ -19,6 +20,7 @@ _DOCUMENTS: dict[str, Any] = {
     "action": Action,
     "approval-receipt": ApprovalReceipt,
     "audit-event": AuditEvent,
+    "audit-keys": AuditKeysDocument,
     "capability": AnyCapability,
     "checkpoint": Checkpoint,
     "envelope": Envelope,

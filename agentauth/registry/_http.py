@@ -166,12 +166,19 @@ def create_app(registry: Registry) -> FastAPI:
         await registry.keys.refresh(force=True)
         return registry.keys.jwks(time.time())
 
+    @app.get("/.well-known/agentauth-audit-keys.json", tags=["public"])
+    async def audit_keys() -> dict[str, Any]:
+        # Every key that ever signed, retired ones too: checkpoints outlive the JWKS's keys.
+        await registry.keys.refresh(force=True)
+        return registry.keys.audit_keys()
+
     @app.get("/.well-known/agentauth-configuration", tags=["public"])
     async def discovery() -> dict[str, Any]:
         base = settings.issuer.rstrip("/")
         return {
             "issuer": settings.issuer,
             "jwks_uri": f"{base}/.well-known/jwks.json",
+            "audit_keys_uri": f"{base}/.well-known/agentauth-audit-keys.json",
             "token_endpoint": f"{base}/v1/token",
             "grant_request_endpoint": f"{base}/v1/grant-requests",
             "agent_registration_endpoint": f"{base}/v1/agents",

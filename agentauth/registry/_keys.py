@@ -2,7 +2,9 @@
 
 Key records live in PostgreSQL (``signing_keys``) so every replica agrees; private keys
 stay in their backend. Rotation publishes the new kid ``key_publish_ahead`` seconds before
-it signs anything, and keeps the old kid published until its last token has expired.
+it signs anything, and keeps the old kid published until its last token has expired. Rows
+are never deleted, so the audit key list (every kid with its signing window) can be served
+from them for as long as checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncpg
 
 from .. import keys
 from ..keys import AsyncSigner, KeyRecord, KeyRing, LocalFileSigner, SignerUnavailable
+from ..protocol import AuditKey, AuditKeys, PublicKey
 from ..store import Conn
 from ._settings import RegistrySettings
 
@@ -185,6 +188,21 @@ class KeyManager:
 
     def jwks(self, now: float) -> dict[str, Any]:
         return {"keys": self._ring.published(int(now))}
+
+    def audit_keys(self) -> dict[str, Any]:
+        """The audit key list: every key ever recorded, retired ones included, with its window.
+
+        The ring holds every ``signing_keys`` row (``refresh`` reads them all), and a key
+        signs checkpoints in the same window as tokens.
+        """
+        return AuditKeys(
+            AuditKey(
+                PublicKey.from_jwk({**r.public_jwk, "kid": r.kid}, alg=r.alg),
+                activates_at=r.activates_at,
+                retires_at=r.retires_at,
+            )
+            for r in self._ring.records
+        ).to_document()
 
     async def aclose(self) -> None:
         for signer in self._signers.values():

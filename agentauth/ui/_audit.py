@@ -1,13 +1,15 @@
 """Checking an agent's audit trail in the page's server, with ``agentauth.protocol`` only.
 
-The registry serves events, signed checkpoints, inclusion proofs and its JWKS; nothing it
-says is taken on trust here:
+The registry serves events, signed checkpoints, inclusion proofs and its audit key list
+(every key it has signed checkpoints with, and when); nothing it says is taken on trust here:
 
 - each event must be a well-formed audit event, and where the trail holds two neighbours
   of one chain (seq n and n+1) the later one must link to the earlier one's hash (an
   agent's events share their chains with other agents, so the rest of the links belong to
   events this human may not see);
-- the latest checkpoint of each chain must carry a valid signature by a key of the JWKS;
+- the latest checkpoint of each chain must carry a valid signature by a key of the audit
+  key list, dated inside that key's signing window (the JWKS would not do: it drops a key
+  once its tokens have expired, and a quiet chain's latest checkpoint may be older);
 - an event's inclusion proof must lead from that very event (the same hash as listed) to
   the root of a checkpoint that verifies: then the event sits in the signed log at its place.
 
@@ -26,11 +28,11 @@ from ..protocol import (
     GENESIS_HASH,
     AgentAuthError,
     AuditEvent,
+    AuditKeys,
     Checkpoint,
     KeySet,
     b64url_decode,
     canonical_json,
-    verify_checkpoint,
     verify_inclusion,
 )
 from ._registry import RegistryClient, RegistryError
@@ -101,16 +103,21 @@ def check_chains(events: Sequence[AuditEvent]) -> dict[str, ChainCheck]:
             if event.seq in seen:
                 check.problems.append(f"{chain}: two different events claim seq {event.seq}")
             seen.add(event.seq)
-            if event.seq == 0:
-                check.links_checked += 1
-                if b64url_decode(event.prev) != GENESIS_HASH:
-                    check.problems.append(f"{chain}: event 0 does not start the chain")
-            elif i > 0 and members[i - 1].seq == event.seq - 1:
-                check.links_checked += 1
-                if event.prev != members[i - 1].entry_hash_b64():
-                    check.problems.append(
-                        f"{chain}: event {event.seq} does not link to event {event.seq - 1}"
-                    )
+            try:
+                if event.seq == 0:
+                    check.links_checked += 1
+                    if b64url_decode(event.prev) != GENESIS_HASH:
+                        check.problems.append(f"{chain}: event 0 does not start the chain")
+                elif i > 0 and members[i - 1].seq == event.seq - 1:
+                    check.links_checked += 1
+                    if event.prev != members[i - 1].entry_hash_b64():
+                        check.problems.append(
+                            f"{chain}: event {event.seq} does not link to event {event.seq - 1}"
+                        )
+            except AgentAuthError as exc:  # odd bytes are a finding, not a crash
+                check.problems.append(
+                    f"{chain}: event {event.seq} cannot be checked ({exc.reason or exc.error})"
+                )
     return checks
 
 
@@ -127,14 +134,18 @@ def _kid(signed: str) -> str | None:
 def check_checkpoints(
     checks: Mapping[str, ChainCheck], checkpoints: Iterable[Mapping[str, Any]], keys: KeySet
 ) -> None:
-    """Verify the latest signed checkpoint of each chain in ``checks`` (in place)."""
+    """Verify the latest signed checkpoint of each chain in ``checks`` (in place).
+
+    With ``AuditKeys``, each must also be dated inside its key's signing window.
+    """
+    audit_keys = AuditKeys.from_key_set(keys)
     latest = {str(c.get("chain")): c for c in checkpoints}
     for chain, check in checks.items():
         listed = latest.get(chain)
         if listed is None:
             continue  # no checkpoint yet: the events are awaiting one, not failing
         try:
-            checkpoint = verify_checkpoint(listed.get("signed"), keys=keys)
+            checkpoint = audit_keys.verify(listed.get("signed"))
         except AgentAuthError as exc:
             check.problems.append(
                 f"{chain}: the latest checkpoint does not verify ({exc.reason or exc.error})"
@@ -156,7 +167,7 @@ def check_inclusion(event: AuditEvent, proof: Mapping[str, Any], keys: KeySet) -
         served = AuditEvent.from_canonical(str(proof.get("event")))
         if served.entry_hash() != event.entry_hash():
             return InclusionCheck(chain, seq, False, "the registry's copy differs from the list")
-        checkpoint = verify_checkpoint(proof["checkpoint"], keys=keys)
+        checkpoint = AuditKeys.from_key_set(keys).verify(proof["checkpoint"])
         if checkpoint.chain != chain or proof.get("tree_size") != checkpoint.size:
             return InclusionCheck(chain, seq, False, "the proof names another checkpoint")
         path = proof.get("proof")
@@ -191,7 +202,7 @@ class AuditTrail:
     documents: list[dict[str, Any]]
     events: list[AuditEvent]
     checkpoints: list[dict[str, Any]]
-    jwks: dict[str, Any]
+    audit_keys: dict[str, Any]
     chains: dict[str, ChainCheck]
     problems: list[str]
     inclusion: dict[tuple[str, int], InclusionCheck] = field(default_factory=dict)
@@ -201,30 +212,30 @@ class AuditTrail:
         cls, client: RegistryClient, token: str, agent_id: str, *, prove: int = 200
     ) -> AuditTrail:
         """Fetch and check an agent's trail; prove inclusion of up to ``prove`` events."""
-        documents, checkpoints, jwks = await asyncio.gather(
+        documents, checkpoints, audit_keys = await asyncio.gather(
             client.audit_events(token, agent_id=agent_id),
             client.checkpoints(token),
-            client.jwks(),
+            client.audit_keys(),
         )
         events, problems = parse_events(documents)
         chains = check_chains(events)
         try:
-            keys = KeySet.from_jwks(jwks)
+            keys = AuditKeys.from_document(audit_keys)
         except AgentAuthError:
-            keys = KeySet([])
-            problems.append("the registry's JWKS is malformed")
+            keys = AuditKeys([])
+            problems.append("the registry's audit key list is malformed")
         check_checkpoints(chains, checkpoints, keys)
-        trail = cls(agent_id, documents, events, checkpoints, jwks, chains, problems)
+        trail = cls(agent_id, documents, events, checkpoints, audit_keys, chains, problems)
         covered = [e for e in events if e.seq < chains[e.chain].covered][-prove:] if prove else []
         await trail.prove(client, token, covered, keys)
         return trail
 
     @property
-    def keys(self) -> KeySet:
+    def keys(self) -> AuditKeys:
         try:
-            return KeySet.from_jwks(self.jwks)
+            return AuditKeys.from_document(self.audit_keys)
         except AgentAuthError:
-            return KeySet([])
+            return AuditKeys([])
 
     async def prove(
         self,
@@ -281,7 +292,7 @@ class AuditTrail:
             "exported_at": int(now),
             "events": self.documents,
             "checkpoints": [c for c in self.checkpoints if str(c.get("chain")) in self.chains],
-            "jwks": self.jwks,
+            "audit_keys": self.audit_keys,
             "verification": {
                 "ok": self.ok,
                 "problems": self.all_problems,

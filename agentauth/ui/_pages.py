@@ -1414,7 +1414,8 @@ class Pages:
                 kids = sorted({c.checkpoint_kid or "?" for c in signed})
                 ui.label(
                     f"Signed checkpoints: the latest checkpoint of {len(signed)} of {chains} "
-                    f"chains verifies against the registry's JWKS (key {', '.join(kids)})."
+                    f"chains verifies against the registry's audit key list, inside its key's"
+                    f" signing window (key {', '.join(kids)})."
                 ).classes("audit-checkpoint")
             else:
                 ui.label("Signed checkpoints: none yet for these chains.").classes(

@@ -147,6 +147,11 @@ class RegistryClient:
         result: dict[str, Any] = await self.call("GET", "/.well-known/jwks.json")
         return result
 
+    async def audit_keys(self) -> dict[str, Any]:
+        """Every key the registry has signed checkpoints with, and when (never dropped)."""
+        result: dict[str, Any] = await self.call("GET", "/.well-known/agentauth-audit-keys.json")
+        return result
+
     # --- passkeys and sessions -----------------------------------------------------------
 
     async def signup_begin(self, display_name: str) -> dict[str, Any]:
