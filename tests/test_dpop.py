@@ -366,6 +366,22 @@ def test_ed25519_header_negative(header_edit: Edit, reason: str) -> None:
     assert_refused(make_proof(header_edit, key=AGENT_ED), reason, jkt=AGENT_ED.thumbprint)
 
 
+def test_proof_forged_for_a_small_order_key_is_refused() -> None:
+    # The identity point as a key: R = identity, S = 0 "signs" every message, so this proof
+    # needs no private key. It must fail at the key, before any signature check.
+    identity = b"\x01" + bytes(31)
+    jwk = {"kty": "OKP", "crv": "Ed25519", "x": b64url_encode(identity)}
+    header, claims = proof_parts()
+    header = dict(header, alg="Ed25519", jwk=jwk)
+    data = b64url_encode(json_bytes(header)) + "." + b64url_encode(json_bytes(claims))
+    forged = data + "." + b64url_encode(identity + bytes(32))
+    thumbprint = b64url_encode(
+        hashlib.sha256(json_bytes({"crv": "Ed25519", "kty": "OKP", "x": jwk["x"]})).digest()
+    )
+    assert_refused(forged, "bad_jwk", jkt=thumbprint)
+    assert_refused(forged, "bad_jwk", jkt=None, access_token=None)
+
+
 def with_duplicate(document: Doc, key: str) -> bytes:
     """The JSON of ``document`` with member ``key`` appearing twice (same value)."""
     return json_bytes(document)[:-1] + b"," + json_bytes({key: document[key]})[1:]
