@@ -204,11 +204,26 @@ def test_strict_json_loads_refuses_duplicate_members(text: bytes) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    [b"NaN", b"Infinity", b"-Infinity", b"[1,NaN]", b'{"a":Infinity}'],
+    [
+        b"NaN",
+        b"Infinity",
+        b"-Infinity",
+        b"[1,NaN]",
+        b'{"a":Infinity}',
+        # Literals too large for a double, which would otherwise become +-infinity.
+        pytest.param(b"1e400", id="1e400"),
+        pytest.param(b"-1e400", id="-1e400"),
+        pytest.param(b'{"a":1.5e309}', id="nested-1.5e309"),
+        pytest.param(b"[" + b"9" * 400 + b".0]", id="400-digits"),
+    ],
 )
 def test_strict_json_loads_refuses_non_finite_numbers(text: bytes) -> None:
     with pytest.raises(InvalidRequest):
         strict_json_loads(text)
+
+
+def test_strict_json_loads_keeps_finite_floats() -> None:
+    assert strict_json_loads(b"[1.5, -0.25, 1e308, 1e-400]") == [1.5, -0.25, 1e308, 0.0]
 
 
 @pytest.mark.parametrize(

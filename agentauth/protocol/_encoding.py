@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -68,11 +69,22 @@ def _no_constants(name: str) -> Any:
     raise InvalidRequest(f"JSON constant {name} is not allowed")
 
 
-_STRICT_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+def _finite_float(text: str) -> float:
+    # 1e400 overflows to infinity: the same value NaN/Infinity would spell, refused alike.
+    value = float(text)
+    if math.isinf(value):
+        raise InvalidRequest("JSON number out of range")
+    return value
+
+
+_STRICT_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates, parse_constant=_no_constants, parse_float=_finite_float
+)
 
 
 def strict_json_loads(data: bytes | str) -> Any:
-    """Parse JSON refusing duplicate members, NaN/Infinity, invalid UTF-8 and trailing data."""
+    """Parse JSON refusing duplicate members, NaN/Infinity and numbers beyond them, invalid
+    UTF-8 and trailing data."""
     try:
         text = data.decode("utf-8", "strict") if isinstance(data, bytes) else data
         return _STRICT_DECODER.decode(text)
