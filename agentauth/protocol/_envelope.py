@@ -12,12 +12,13 @@ step_up_required -> rate_limited -> cumulative_limit_exceeded.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -46,6 +47,18 @@ _CLOCK = r"^([01][0-9]|2[0-3]):[0-5][0-9]$|^24:00$"
 MAX_RATE_COUNT = 10_000
 MAX_RATE_WINDOW_S = 31 * 24 * 3600
 MAX_RULES = 16
+
+
+# Keys that open a zone file but name no zone: 'localtime' is each host's /etc/localtime,
+# 'posixrules' the rules of some default zone, 'Factory' a placeholder. One signed grant
+# would open and close its windows at different instants on differently set-up nodes.
+_HOST_DEPENDENT_ZONES = frozenset({"localtime", "posixrules", "Factory"})
+
+
+@functools.cache
+def _iana_zones() -> frozenset[str]:
+    # Listing the zone database opens hundreds of files (about 10 ms): once per process.
+    return frozenset(available_timezones()) - _HOST_DEPENDENT_ZONES
 
 
 def _minutes(clock: str) -> int:
@@ -130,6 +143,10 @@ class Envelope(_Frozen):
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, zone: str) -> str:
+        # Membership, not "ZoneInfo opens it": ZoneInfo also opens host-dependent keys and
+        # any file under the zone path that looks like one.
+        if zone not in _iana_zones():
+            raise ValueError("timezone must be an IANA zone name such as 'Europe/Berlin'")
         try:
             ZoneInfo(zone)
         except (ZoneInfoNotFoundError, ValueError):
