@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from decimal import Decimal
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -215,6 +216,86 @@ def test_bad_resource_patterns_are_refused(pattern: str) -> None:
 def test_bad_action_resources_are_refused(resource: str) -> None:
     with pytest.raises(ValidationError):
         write(resource)
+
+
+# Names a provider, proxy or URL library could read as another path than the string says:
+# dot segments, and escapes that decode to a dot, a separator or another escape.
+TRAVERSING_NAMES = [
+    ".",
+    "..",
+    "...",
+    "calendar/..",
+    "calendar/.",
+    "calendar/../payments",
+    "calendar/./../payments/refund",
+    "./calendar",
+    "../payments",
+    "calendar/%2e%2e/payments",
+    "calendar/%2E%2E/payments",
+    "calendar/%2E%2E%2Fpayments",
+    "calendar/%2E",
+    "calendar%2Fx",
+    "calendar%2fx",
+    "calendar%5Cx",
+    "calendar%5cx",
+    "calendar/%252E%252E/payments",  # decoded twice
+    "calendar/a%25",
+    "calendar/a%00",
+    "calendar/a%0A",
+    "calendar/a%7F",
+    "calendar/%41",  # an unreserved character needs no escape: a second spelling of 'A'
+    "calendar/%7E",
+    "calendar/caf%c3%a9",  # lowercase hex: a second spelling
+    "calendar/a%",
+    "calendar/a%2",
+    "calendar/a%G0",
+]
+
+
+@pytest.mark.parametrize("name", TRAVERSING_NAMES)
+def test_dot_segments_and_risky_escapes_are_refused(name: str) -> None:
+    with pytest.raises(ValidationError):
+        write(name)
+    for pattern in (name, name + "/*"):
+        with pytest.raises(ValidationError):
+            Capability.write(pattern)
+        with pytest.raises(ValidationError):
+            parse_capabilities([{"kind": "read", "resource": pattern}])
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "calendar/events/42",
+        ".well-known/x",
+        "calendar/.hidden",
+        "a..b/c.",
+        "..a/b",
+        "users/me@example.com",
+        "k:v+w=x,y~z_-",
+        "files/my%20notes.txt",
+        "files/caf%C3%A9",
+        "files/a%3Ab",  # an escape of a character that may also appear as itself
+        "files/%5B1%5D%7B%7D%60%22",
+    ],
+)
+def test_names_without_traversal_are_accepted(name: str) -> None:
+    assert write(name).resource == name
+    assert Capability.write(name + "/*").allows(write(name + "/x"))
+    assert Capability.write(name).allows(write(name))
+
+
+def test_names_quote_writes_are_accepted() -> None:
+    # A provider that quotes each path segment gets a valid name for every printable byte
+    # but the refused ones.
+    refused = {ord("%"), ord("/"), ord("\\"), 0x7F, *range(0x20)}
+    for byte in range(256):
+        name = "files/x" + quote(bytes([byte]), safe="")
+        if byte in refused:
+            with pytest.raises(ValidationError):
+                write(name)
+        else:
+            assert write(name).resource == name
 
 
 def test_overlong_pattern_is_refused() -> None:

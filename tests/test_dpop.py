@@ -366,6 +366,22 @@ def test_ed25519_header_negative(header_edit: Edit, reason: str) -> None:
     assert_refused(make_proof(header_edit, key=AGENT_ED), reason, jkt=AGENT_ED.thumbprint)
 
 
+def test_proof_forged_for_a_small_order_key_is_refused() -> None:
+    # The identity point as a key: R = identity, S = 0 "signs" every message, so this proof
+    # needs no private key. It must fail at the key, before any signature check.
+    identity = b"\x01" + bytes(31)
+    jwk = {"kty": "OKP", "crv": "Ed25519", "x": b64url_encode(identity)}
+    header, claims = proof_parts()
+    header = dict(header, alg="Ed25519", jwk=jwk)
+    data = b64url_encode(json_bytes(header)) + "." + b64url_encode(json_bytes(claims))
+    forged = data + "." + b64url_encode(identity + bytes(32))
+    thumbprint = b64url_encode(
+        hashlib.sha256(json_bytes({"crv": "Ed25519", "kty": "OKP", "x": jwk["x"]})).digest()
+    )
+    assert_refused(forged, "bad_jwk", jkt=thumbprint)
+    assert_refused(forged, "bad_jwk", jkt=None, access_token=None)
+
+
 def with_duplicate(document: Doc, key: str) -> bytes:
     """The JSON of ``document`` with member ``key`` appearing twice (same value)."""
     return json_bytes(document)[:-1] + b"," + json_bytes({key: document[key]})[1:]
@@ -532,6 +548,8 @@ CLAIM_CASES = [
         id="ath-truncated",
     ),
     pytest.param(put("ath", 0), "ath_mismatch", id="ath-number"),
+    pytest.param(put("ath", "\u00e9" * 43), "ath_mismatch", id="ath-non-ascii"),
+    pytest.param(put("ath", access_token_hash(ACCESS_TOKEN) + "A"), "ath_mismatch", id="ath-44"),
 ]
 
 
@@ -552,6 +570,27 @@ def test_claims_negative(claims_edit: Edit, reason: str) -> None:
 def test_undecodable_claims_are_refused(claims: bytes) -> None:
     header, _ = proof_parts()
     assert_refused(build_jws(header, claims, AGENT_ES), "malformed")
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        pytest.param('"ath":"\\ud800"', id="ath"),
+        pytest.param('"htu":"https://api.example/\\udfff"', id="htu"),
+        pytest.param('"nonce":"\\ud83d"', id="unread-claim"),
+        pytest.param('"\\ud800":1', id="member-name"),
+    ],
+)
+def test_signed_claims_with_a_lone_surrogate_are_refused(member: str) -> None:
+    # Validly signed by the token's key: such a string once reached .encode() in the ath
+    # check and raised UnicodeEncodeError, a 500 instead of a recorded deny.
+    header, claims = proof_parts()
+    if member.startswith('"ath"'):
+        del claims["ath"]
+    if member.startswith('"htu"'):
+        del claims["htu"]
+    raw = json_bytes(claims)[:-1] + b"," + member.encode("ascii") + b"}"
+    assert_refused(build_jws(header, raw, AGENT_ES), "malformed")
 
 
 def test_stolen_token_with_another_key_is_refused() -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, available_timezones
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -282,6 +282,35 @@ def test_unknown_time_zones_are_refused() -> None:
     for zone in ("Mars/Olympus_Mons", "", "../etc/passwd", "Europe/Berlin "):
         with pytest.raises(ValidationError):
             Envelope(timezone=zone)
+
+
+@pytest.mark.parametrize(
+    "zone",
+    [
+        # Each host's own zone, whatever /etc/localtime links to there.
+        "localtime",
+        "posixrules",
+        "Factory",
+        # Other names ZoneInfo opens: the same zones under the posix/ and right/ trees.
+        "posix/Europe/Berlin",
+        "right/UTC",
+        "/usr/share/zoneinfo/Europe/Berlin",
+        "Europe/./Berlin",
+        "zone.tab",
+    ],
+)
+def test_zone_keys_that_are_not_iana_names_are_refused(zone: str) -> None:
+    with pytest.raises(ValidationError, match="IANA"):
+        Envelope(timezone=zone)
+    with pytest.raises(ValidationError):
+        Envelope.model_validate({"timezone": zone})
+
+
+def test_every_iana_zone_is_accepted() -> None:
+    zones = available_timezones() - {"localtime", "posixrules", "Factory"}
+    assert {"UTC", BERLIN, "America/Argentina/Buenos_Aires", "Etc/GMT+5"} <= zones
+    for zone in sorted(zones):
+        assert Envelope(timezone=zone).zone.key == zone
 
 
 def test_days_are_stored_in_week_order() -> None:

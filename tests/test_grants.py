@@ -204,11 +204,60 @@ def test_strict_json_loads_refuses_duplicate_members(text: bytes) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    [b"NaN", b"Infinity", b"-Infinity", b"[1,NaN]", b'{"a":Infinity}'],
+    [
+        b"NaN",
+        b"Infinity",
+        b"-Infinity",
+        b"[1,NaN]",
+        b'{"a":Infinity}',
+        # Literals too large for a double, which would otherwise become +-infinity.
+        pytest.param(b"1e400", id="1e400"),
+        pytest.param(b"-1e400", id="-1e400"),
+        pytest.param(b'{"a":1.5e309}', id="nested-1.5e309"),
+        pytest.param(b"[" + b"9" * 400 + b".0]", id="400-digits"),
+    ],
 )
 def test_strict_json_loads_refuses_non_finite_numbers(text: bytes) -> None:
     with pytest.raises(InvalidRequest):
         strict_json_loads(text)
+
+
+def test_strict_json_loads_keeps_finite_floats() -> None:
+    assert strict_json_loads(b"[1.5, -0.25, 1e308, 1e-400]") == [1.5, -0.25, 1e308, 0.0]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(b'"\\ud800"', id="high"),
+        pytest.param(b'"\\uDFFF"', id="low-uppercase"),
+        pytest.param(b'"a\\udc00\\ud800b"', id="low-before-high"),
+        pytest.param(b'"\\ud83d"', id="high-at-the-end"),
+        pytest.param(b'{"\\ud800":1}', id="member-name"),
+        pytest.param(b'{"a":[{"b":["ok","\\ud800"]}]}', id="nested"),
+        pytest.param(b'["\\\\", "\\ud800"]', id="after-an-escaped-backslash"),
+        pytest.param('"\ud800"', id="raw-in-a-str"),
+    ],
+)
+def test_strict_json_loads_refuses_unpaired_surrogates(text: bytes | str) -> None:
+    # They have no UTF-8 form: the first .encode() of the string would raise far away.
+    with pytest.raises(InvalidRequest):
+        strict_json_loads(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(b'"\\ud83d\\ude00"', "\U0001f600", id="escaped-pair"),
+        pytest.param(b'"\\\\ud800"', "\\ud800", id="escaped-backslash-then-text"),
+        pytest.param(b'"\\u0000"', "\x00", id="nul-is-valid-json"),
+        pytest.param('"\U0001f600"', "\U0001f600", id="raw-in-a-str"),
+    ],
+)
+def test_strict_json_loads_keeps_characters_that_are_not_lone_surrogates(
+    text: bytes | str, expected: str
+) -> None:
+    assert strict_json_loads(text) == expected
 
 
 @pytest.mark.parametrize(

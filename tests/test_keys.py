@@ -38,10 +38,14 @@ from agentauth.keys import (
 from agentauth.protocol import (
     Conflict,
     DependencyUnavailable,
+    InvalidRequest,
     InvalidToken,
     KeySet,
     PayloadTooLarge,
     PrivateKey,
+    PublicKey,
+    b64url_decode,
+    b64url_encode,
 )
 from agentauth.protocol._jws import attach_signature, check_signature, parse_compact, signing_input
 
@@ -660,3 +664,113 @@ async def test_keyring_record_from_a_signer(tmp_path: Path) -> None:
     data = signing_input(header, {"sub": "agent"})
     parsed = parse_compact(attach_signature(data, await signer.sign(data)), max_bytes=4096)
     assert check_signature(parsed, jwks, typ=TYP, error=InvalidToken) == "registry-1"
+
+
+# --- Public keys from JWKs: one encoding per key, no keys without a secret ----------------------
+
+# The eight points of edwards25519 whose order divides the cofactor 8, as libsodium's
+# has_small_order lists them, each with both signs of x where that sign is x's own. A key
+# made of one of them needs no private key: for the identity, R = identity and S = 0
+# verify for every message.
+ORDER_8_A = "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"
+ORDER_8_B = "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"
+SMALL_ORDER_ED25519 = [
+    pytest.param("01" + "00" * 31, id="order-1-identity"),
+    pytest.param("ec" + "ff" * 30 + "7f", id="order-2"),
+    pytest.param("00" * 32, id="order-4"),
+    pytest.param("00" * 31 + "80", id="order-4-other-sign"),
+    pytest.param(ORDER_8_A, id="order-8-a"),
+    pytest.param(ORDER_8_A[:-2] + "85", id="order-8-a-other-sign"),
+    pytest.param(ORDER_8_B, id="order-8-b"),
+    pytest.param(ORDER_8_B[:-2] + "fa", id="order-8-b-other-sign"),
+    # x = 0 has no negative: RFC 8032 calls these encodings invalid, ref10 reads them as +0.
+    pytest.param("01" + "00" * 30 + "80", id="identity-with-sign"),
+    pytest.param("ec" + "ff" * 31, id="order-2-with-sign"),
+    # y + p for y = 0 and y = 1, which fit in 255 bits.
+    pytest.param("ed" + "ff" * 30 + "7f", id="order-4-y-plus-p"),
+    pytest.param("ed" + "ff" * 31, id="order-4-y-plus-p-with-sign"),
+    pytest.param("ee" + "ff" * 30 + "7f", id="identity-y-plus-p"),
+    pytest.param("ee" + "ff" * 31, id="identity-y-plus-p-with-sign"),
+]
+ED25519_P = 2**255 - 19
+P256_P = 2**256 - 2**224 + 2**192 + 2**96 - 1
+P256_B = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B
+# RFC 8037 appendix A: its Ed25519 public key, the key's thumbprint and a JWS it signed.
+RFC8037_JWK = {"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}
+RFC8037_THUMBPRINT = "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+RFC8037_JWS = (
+    "eyJhbGciOiJFZERTQSJ9.RXhhbXBsZSBvZiBFZDI1NTE5IHNpZ25pbmc"
+    ".hgyY0il_MGCjP0JzlnLWG1PPOt7-09PGcvMg3AIbQR6dWbhijcNR4ki4iylGjg5BhVsPt9g7sVvpAr_MuM0KAg"
+)
+
+
+def ed25519_jwk(encoded: bytes) -> dict[str, str]:
+    return {"kty": "OKP", "crv": "Ed25519", "x": b64url_encode(encoded)}
+
+
+@pytest.mark.parametrize("hex_key", SMALL_ORDER_ED25519)
+def test_small_order_ed25519_keys_are_refused(hex_key: str) -> None:
+    with pytest.raises(InvalidRequest):
+        PublicKey.from_jwk(ed25519_jwk(bytes.fromhex(hex_key)))
+
+
+@pytest.mark.parametrize("sign", [0, 1 << 255], ids=["x-even", "x-odd"])
+@pytest.mark.parametrize("y", range(19))
+def test_non_canonical_ed25519_encodings_are_refused(y: int, sign: int) -> None:
+    # Every y + p below 2^255: each would be a second thumbprint for the key y names.
+    encoded = (ED25519_P + y + sign).to_bytes(32, "little")
+    with pytest.raises(InvalidRequest, match="not a canonical"):
+        PublicKey.from_jwk(ed25519_jwk(encoded))
+
+
+def test_rfc8037_ed25519_key_is_accepted() -> None:
+    key = PublicKey.from_jwk(RFC8037_JWK)
+    assert key.alg == "Ed25519"
+    assert key.thumbprint == RFC8037_THUMBPRINT
+    header, payload, signature = RFC8037_JWS.split(".")
+    assert key.verify(b64url_decode(signature), f"{header}.{payload}".encode())
+
+
+def test_generated_ed25519_keys_are_accepted() -> None:
+    for _ in range(200):
+        private = PrivateKey.generate("Ed25519")
+        key = PublicKey.from_jwk(private.public_jwk())
+        assert key.thumbprint == private.thumbprint
+        assert key.verify(private.sign(b"proof"), b"proof")
+
+
+def _p256_point_with_small_x() -> tuple[int, int]:
+    # x + p still fits in 32 bytes only for x < 2^256 - p (about 2^224): search upwards from 1.
+    for x in range(1, 100):
+        rhs = (x**3 - 3 * x + P256_B) % P256_P
+        y = pow(rhs, (P256_P + 1) // 4, P256_P)  # p = 3 mod 4
+        if y * y % P256_P == rhs:
+            return x, y
+    raise AssertionError("no point found")
+
+
+def p256_jwk(x: int, y: int) -> dict[str, str]:
+    return {
+        "kty": "EC",
+        "crv": "P-256",
+        "x": b64url_encode(x.to_bytes(32, "big")),
+        "y": b64url_encode(y.to_bytes(32, "big")),
+    }
+
+
+def test_p256_coordinates_must_be_field_elements() -> None:
+    x, y = _p256_point_with_small_x()
+    assert PublicKey.from_jwk(p256_jwk(x, y)).alg == "ES256"
+    # OpenSSL would reduce x + p to x: the same key under a second thumbprint.
+    for jwk in (p256_jwk(x + P256_P, y), p256_jwk(P256_P, y), p256_jwk(2**256 - 1, y)):
+        with pytest.raises(InvalidRequest, match="x is not a P-256 field element"):
+            PublicKey.from_jwk(jwk)
+    for jwk in (p256_jwk(x, P256_P), p256_jwk(x, P256_P + 1), p256_jwk(x, 2**256 - 1)):
+        with pytest.raises(InvalidRequest, match="y is not a P-256 field element"):
+            PublicKey.from_jwk(jwk)
+
+
+def test_generated_p256_keys_are_accepted() -> None:
+    for _ in range(50):
+        private = PrivateKey.generate("ES256")
+        assert PublicKey.from_jwk(private.public_jwk()).thumbprint == private.thumbprint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import pytest
@@ -201,6 +202,20 @@ def test_proof_without_ath_is_refused() -> None:
     with pytest.raises(InvalidDPoPProof) as excinfo:
         check(proof=proof_for(None))
     assert excinfo.value.reason == "ath_mismatch"
+
+
+def test_signed_proof_with_a_lone_surrogate_ath_is_refused() -> None:
+    # The agent's own key signs a proof whose ath is "\ud800": refused as a bad proof,
+    # not a UnicodeEncodeError (a 500) escaping the verifier.
+    claims = {"jti": "j-1", "htm": "GET", "htu": HTU, "iat": NOW}
+    payload = json.dumps(claims, separators=(",", ":"))[:-1] + ',"ath":"\\ud800"}'
+    jwk = {k: v for k, v in AGENT.public_jwk().items() if k in ("kty", "crv", "x", "y")}
+    header = json.dumps({"typ": "dpop+jwt", "alg": AGENT.alg, "jwk": jwk}).encode()
+    data = b64url_encode(header) + "." + b64url_encode(payload.encode("ascii"))
+    proof = data + "." + b64url_encode(AGENT.sign(data.encode("ascii")))
+    with pytest.raises(InvalidDPoPProof) as excinfo:
+        check(proof=proof)
+    assert excinfo.value.reason == "malformed"
 
 
 def test_stolen_token_with_the_thiefs_key_is_refused() -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -73,18 +75,66 @@ def _no_constants(name: str) -> Any:
     raise InvalidRequest(f"JSON constant {name} is not allowed")
 
 
-_STRICT_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+def _finite_float(text: str) -> float:
+    # 1e400 overflows to infinity: the same value NaN/Infinity would spell, refused alike.
+    value = float(text)
+    if math.isinf(value):
+        raise InvalidRequest("JSON number out of range")
+    return value
+
+
+_STRICT_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates, parse_constant=_no_constants, parse_float=_finite_float
+)
+# A lone surrogate in a parsed string can only come from a \uD800-\uDFFF escape: raw ones
+# are not UTF-8, so decoding bytes refuses them. Paired escapes match too and are let pass
+# by the walk, which runs only when this finds a candidate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _refuse_lone_surrogates(document: Any) -> None:
+    stack = [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InvalidRequest("strings may not hold unpaired surrogates") from None
+        elif isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
 
 
 def strict_json_loads(data: bytes | str) -> Any:
-    """Parse JSON refusing duplicate members, NaN/Infinity, invalid UTF-8 and trailing data."""
+    """Parse JSON refusing duplicate members, NaN/Infinity and numbers beyond them, strings
+    with unpaired surrogates, invalid UTF-8 and trailing data.
+
+    Unpaired surrogates (which I-JSON, RFC 7493 §2.1, also excludes) have no UTF-8 form, so
+    a later ``.encode()``, hash or database write of the string would fail far from here:
+    a 500, not a refusal. U+0000 is valid JSON and canonical documents may hold it; only
+    storage objects to it, so BodyGuard screens request bodies for it.
+    """
     try:
-        text = data.decode("utf-8", "strict") if isinstance(data, bytes) else data
-        return _STRICT_DECODER.decode(text)
+        if isinstance(data, bytes):
+            text = data.decode("utf-8", "strict")
+        else:
+            text = data
+            if not text.isascii():
+                text.encode("utf-8", "strict")  # a raw lone surrogate is not Unicode text
+        document = _STRICT_DECODER.decode(text)
     except InvalidRequest:
         raise
-    except (UnicodeDecodeError, ValueError, RecursionError):
+    except (UnicodeError, ValueError, RecursionError):
         raise InvalidRequest("malformed JSON") from None
+    # Most documents (every token and proof the SDK makes) hold no backslash at all; a
+    # one-character search is a memchr, so their cost does not grow.
+    if "\\" in text and _SURROGATE_ESCAPE.search(text):
+        _refuse_lone_surrogates(document)
+    return document
 
 
 def _utf16_key(key: str) -> bytes:

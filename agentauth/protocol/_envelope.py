@@ -12,12 +12,13 @@ step_up_required -> rate_limited -> cumulative_limit_exceeded.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -49,6 +50,18 @@ MAX_RULES = 16
 # The latest expiry: 9999-12-31 00:00 UTC. A day short of year 10000, so the time reads as a
 # date in every zone (Python's datetime ends at 9999); any later value is no real deadline.
 MAX_EXPIRES_AT = 253_402_214_400
+
+
+# Keys that open a zone file but name no zone: 'localtime' is each host's /etc/localtime,
+# 'posixrules' the rules of some default zone, 'Factory' a placeholder. One signed grant
+# would open and close its windows at different instants on differently set-up nodes.
+_HOST_DEPENDENT_ZONES = frozenset({"localtime", "posixrules", "Factory"})
+
+
+@functools.cache
+def _iana_zones() -> frozenset[str]:
+    # Listing the zone database opens hundreds of files (about 10 ms): once per process.
+    return frozenset(available_timezones()) - _HOST_DEPENDENT_ZONES
 
 
 def _minutes(clock: str) -> int:
@@ -135,6 +148,10 @@ class Envelope(_Frozen):
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, zone: str) -> str:
+        # Membership, not "ZoneInfo opens it": ZoneInfo also opens host-dependent keys and
+        # any file under the zone path that looks like one.
+        if zone not in _iana_zones():
+            raise ValueError("timezone must be an IANA zone name such as 'Europe/Berlin'")
         try:
             ZoneInfo(zone)
         except (ZoneInfoNotFoundError, ValueError):

@@ -39,6 +39,11 @@ ALGORITHMS: frozenset[str] = frozenset({"ES256", "Ed25519"})
 # "EdDSA" is the pre-RFC 9864 name; it is only ever accepted with an Ed25519 key.
 _ALG_ALIASES = {"ES256": "ES256", "Ed25519": "Ed25519", "EdDSA": "Ed25519"}
 _P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+# P-256's field prime: JWK coordinates are field elements (RFC 7518 §6.2.1.2).
+_P256_P = 2**256 - 2**224 + 2**192 + 2**96 - 1
+# edwards25519 (RFC 8032 §5.1): -x² + y² = 1 + d·x²·y² over the integers mod p.
+_ED_P = 2**255 - 19
+_ED_D = -121665 * pow(121666, -1, _ED_P) % _ED_P
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 
@@ -71,6 +76,45 @@ def _coordinate(jwk: dict[str, Any], name: str, size: int) -> bytes:
     return raw
 
 
+def _p256_coordinate(jwk: dict[str, Any], name: str) -> int:
+    value = int.from_bytes(_coordinate(jwk, name, 32), "big")
+    # OpenSSL reduces a coordinate mod p, so x and x + p would name one key with two
+    # RFC 7638 thumbprints (two agents, two replay namespaces for one key).
+    if value >= _P256_P:
+        raise InvalidRequest(f"JWK member {name} is not a P-256 field element")
+    return value
+
+
+def _ed25519_public_bytes(raw: bytes) -> bytes:
+    """Return ``raw`` unless it encodes y non-canonically or names a point of small order.
+
+    A small-order key (order dividing the cofactor 8) has no secret behind it: for the
+    identity, R = identity and S = 0 verify for every message, so anyone could make its
+    DPoP proofs. OpenSSL loads such keys without complaint.
+    """
+    y = int.from_bytes(raw, "little") & ((1 << 255) - 1)  # the top bit is x's sign
+    # y and y + p would otherwise be one key with two thumbprints.
+    if y >= _ED_P:
+        raise InvalidRequest("JWK member x is not a canonical Ed25519 point")
+    # Multiply by the cofactor and see whether the identity, the only point with y = 1,
+    # comes out. Doubling gives y' = (x² + y²) / (2 + x² - y²), and the curve fixes
+    # x² = (y² - 1) / (d·y² + 1), so y alone suffices: no square root (a 255-bit
+    # exponentiation, 50-90 µs), no inversion, and x's sign cannot change the order.
+    # Projectively, y = Y / Z. Off-curve y (no x in the field) are not screened: OpenSSL
+    # refuses them at every verify, so they can sign nothing.
+    big_y, big_z = y, 1
+    for _ in range(3):
+        s, t = big_y * big_y % _ED_P, big_z * big_z % _ED_P
+        x2_num, x2_den = s - t, _ED_D * s + t
+        big_y, big_z = (
+            (x2_num * t + s * x2_den) % _ED_P,
+            (t * (2 * x2_den + x2_num) - s * x2_den) % _ED_P,
+        )
+    if big_y == big_z:
+        raise InvalidRequest("JWK is a small-order Ed25519 key")
+    return raw
+
+
 @dataclass(frozen=True, slots=True)
 class PublicKey:
     """A verified public key with its algorithm pinned; build it with ``from_jwk``."""
@@ -84,7 +128,8 @@ class PublicKey:
 
     @classmethod
     def from_jwk(cls, jwk: object, *, alg: str | None = None) -> PublicKey:
-        """Parse a public JWK; private members, unknown curves and off-curve points are refused.
+        """Parse a public JWK, refusing private members, unknown curves, off-curve P-256
+        points, coordinates outside the field and small-order Ed25519 keys.
 
         ``alg``, when given, must agree with the key type (an ES256 header cannot name an
         Ed25519 key); it is otherwise derived from the key.
@@ -96,8 +141,7 @@ class PublicKey:
         kty, crv = jwk.get("kty"), jwk.get("crv")
         key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
         if kty == "EC" and crv == "P-256":
-            x = int.from_bytes(_coordinate(jwk, "x", 32), "big")
-            y = int.from_bytes(_coordinate(jwk, "y", 32), "big")
+            x, y = _p256_coordinate(jwk, "x"), _p256_coordinate(jwk, "y")
             try:
                 key = ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
             except ValueError:
@@ -105,7 +149,8 @@ class PublicKey:
             key_alg: Algorithm = "ES256"
             clean = {"kty": "EC", "crv": "P-256", "x": jwk["x"], "y": jwk["y"]}
         elif kty == "OKP" and crv == "Ed25519":
-            key = ed25519.Ed25519PublicKey.from_public_bytes(_coordinate(jwk, "x", 32))
+            raw = _ed25519_public_bytes(_coordinate(jwk, "x", 32))
+            key = ed25519.Ed25519PublicKey.from_public_bytes(raw)
             key_alg = "Ed25519"
             clean = {"kty": "OKP", "crv": "Ed25519", "x": jwk["x"]}
         else:

@@ -56,7 +56,19 @@ Currency = Annotated[
 # A resource is a '/'-separated path of segments; a pattern may end in '/*' (everything under
 # the prefix) or be '*' (everything). Wildcards elsewhere are refused, so matching is a
 # string comparison and a subset check is a prefix check.
-_SEGMENT = r"[A-Za-z0-9._~:@+=,%-]+"
+#
+# That is only sound if a name means the same path to every reader: 'calendar/../payments'
+# is under 'calendar/' as a string but is 'payments' to a provider, proxy or URL library
+# that resolves it. So a segment made only of dots is refused, and so is every escape a
+# decoder could turn into one or into a separator: '%' may only spell, in uppercase hex, a
+# byte other than an unreserved character (RFC 3986 §2.3: letters, digits and '-._~', never
+# escaped), '/', '\', '%' itself (so decoding twice changes nothing) or a control byte.
+# urllib.parse.quote writes escapes of this form. '%20' and '%C3%A9' pass; '%2E', '%2f',
+# '%5C', '%25' and '%00' do not.
+_LITERAL = r"[A-Za-z0-9._~:@+=,-]"
+# By first hex digit: 20-2C but 25; 3A-3F; 40; 5B 5D 5E; 60; 7B-7D; then 80-FF, UTF-8's.
+_ESCAPE = r"%(?:2[0-46-9A-C]|3[A-F]|40|5[BDE]|60|7[B-D]|[89A-F][0-9A-F])"
+_SEGMENT = rf"\.*(?:[A-Za-z0-9_~:@+=,-]|{_ESCAPE})(?:{_LITERAL}|{_ESCAPE})*"
 RESOURCE_RE = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})*$")
 PATTERN_RE = re.compile(rf"^(\*|{_SEGMENT}(/{_SEGMENT})*(/\*)?)$")
 
