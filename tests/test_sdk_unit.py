@@ -406,3 +406,31 @@ async def test_the_middleware_asks_about_the_url_as_the_agent_sent_it() -> None:
         "https://api.example/files/a%2Fb",
         "https://api.example/files/plain",
     ]
+
+
+@pytest.mark.asyncio
+async def test_a_path_no_action_can_name_is_a_400_not_a_provider_error() -> None:
+    """``action_of`` building ``Action(resource=path)`` from ``/calendar/../payroll`` raises
+    (the model refuses dot segments): the middleware answers 400, the app never runs."""
+    ran: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        ran.append(scope["path"])
+
+    def action_of(method: str, path: str) -> Action:
+        return Action(kind="read", resource=path.strip("/"))
+
+    verifier = OfflineVerifier(jwks={"keys": []}, issuer="https://registry.example", audience="x")
+    middleware = AgentAuthMiddleware(app, verifier=verifier, action_of=action_of)
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    scope = {"type": "http", "method": "GET", "path": "/calendar/../payroll", "headers": []}
+    await middleware(scope, receive, send)
+    assert sent[0]["status"] == 400 and ran == []
+    assert json.loads(sent[1]["body"]) == {"error": "invalid_request", "reason": "bad_resource"}

@@ -265,7 +265,13 @@ class AgentAuthMiddleware:
             return
         if kind != "http":  # a scope type this middleware cannot judge: fail closed
             raise RuntimeError(f"AgentAuthMiddleware cannot protect ASGI {kind!r} scopes")
-        action = self._action_of(scope["method"], scope["path"])
+        try:
+            action = self._action_of(scope["method"], scope["path"])
+        except ValueError:
+            # A path no action can name (a resource with "..", say: refused by the model).
+            # Not the provider's error, and not a request the verifier could allow.
+            await _respond(send, 400, {}, {"error": "invalid_request", "reason": "bad_resource"})
+            return
         if action is None:
             await self.app(scope, receive, send)
             return
@@ -281,20 +287,14 @@ class AgentAuthMiddleware:
             scope.setdefault("state", {})["agentauth"] = verification
             await self.app(scope, receive, send)
             return
-        status, extra, body = denial(verification)
-        payload = json.dumps(body).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json")]
-                + [(k.lower().encode(), v.encode()) for k, v in extra.items()],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
+        await _respond(send, *denial(verification))
 
     async def _websocket(self, scope: Any, receive: Any, send: Any) -> None:
-        if self._action_of("GET", scope["path"]) is None:
+        try:
+            public = self._action_of("GET", scope["path"]) is None
+        except ValueError:  # no action can name this path: refused with the protected ones
+            public = False
+        if public:
             await self.app(scope, receive, send)
             return
         # A protected path: closing before accepting makes the server refuse the handshake
@@ -302,6 +302,18 @@ class AgentAuthMiddleware:
         message = await receive()
         if message["type"] == "websocket.connect":
             await send({"type": "websocket.close", "code": 1008})
+
+
+async def _respond(send: Any, status: int, headers: dict[str, str], body: dict[str, Any]) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json")]
+            + [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        }
+    )
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
 def require(
