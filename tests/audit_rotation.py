@@ -75,9 +75,10 @@ class RotatedRegistry:
         """Sign every grown chain with A, dated ``at`` (A need not be signing then)."""
         signer = await self.registry.keys.signer(self.signed_by_old_at)
         assert signer.kid == self.old_kid
+        keys = await self.registry.checkpoint_keys()
         async with self.registry.pool.acquire() as conn:
             for chain in self.registry.audit.chains:
-                await self.registry.audit.checkpoint(conn, chain, signer, now=at)
+                await self.registry.audit.checkpoint(conn, chain, signer, keys=keys, now=at)
 
     async def execute(self, sql: str, *args: object) -> Any:
         conn = await asyncpg.connect(self.url)

@@ -102,6 +102,28 @@ def test_embedded_postgres_serves_the_same_code_path(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_sign_up_can_be_closed_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from pydantic import ValidationError
+
+    from agentauth.registry import RegistrySettings
+
+    given = {
+        "database_url": "postgresql://x/y",
+        "redis_url": "redis://x",
+        "data_dir": tmp_path,
+        "issuer": "http://r",
+        "admin_token": "a" * 20,
+    }
+    assert RegistrySettings.from_env(**given).open_signup is True
+    monkeypatch.setenv("AGENTAUTH_OPEN_SIGNUP", "false")
+    assert RegistrySettings.from_env(**given).open_signup is False
+    monkeypatch.setenv("AGENTAUTH_OPEN_SIGNUP", "perhaps")
+    with pytest.raises(ValidationError):
+        RegistrySettings.from_env(**given)
+
+
 def test_signer_settings_come_from_the_environment(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -97,7 +97,9 @@ class GrantRequestIn(_In):
 
 
 class ApprovalBeginIn(_In):
-    """Optionally narrow what is approved; omitted fields keep the request's values."""
+    """Optionally narrow what is approved. Each field given replaces the request's whole
+    (the capability list, or the envelope with every limit it keeps), and must be within
+    it; a field left out keeps the request's."""
 
     capabilities: tuple[AnyCapability, ...] | None = Field(None, min_length=1, max_length=64)
     envelope: Envelope | None = None

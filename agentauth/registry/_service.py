@@ -36,6 +36,7 @@ from webauthn.helpers.structs import (
 from ..metrics import increment, set_gauge
 from ..protocol import (
     ApprovalReceipt,
+    AuditKeys,
     Conflict,
     DependencyUnavailable,
     DPoPPolicy,
@@ -227,6 +228,13 @@ class Registry:
 
     # --- checkpoints ---------------------------------------------------------------------
 
+    async def checkpoint_keys(self) -> KeySet:
+        """The keys a stored checkpoint must be signed by: every key on record, retired ones
+        too (a quiet chain's latest checkpoint may predate the current key), each within
+        its signing window (the audit key list the registry publishes)."""
+        await self.keys.refresh(force=True)
+        return AuditKeys.from_document(self.keys.audit_keys())
+
     async def checkpoint_all(self) -> list[dict[str, Any]]:
         # Audit lag: how long the oldest event not yet under a signed checkpoint has waited.
         # Per chain: the first event after its latest checkpoint (primary-key lookups only).
@@ -239,16 +247,7 @@ class Registry:
         signer = await self.keys.signer(time.time())
         made = []
         async with self.pool.acquire() as conn:
-            # Every key on record, retired ones too: a checkpoint stays valid after its key
-            # retires, and a quiet chain's latest one may predate the current key.
-            keys = KeySet.from_jwks(
-                {
-                    "keys": [
-                        {**r["public_jwk"], "kid": r["kid"], "alg": r["alg"]}
-                        for r in await conn.fetch("SELECT kid, alg, public_jwk FROM signing_keys")
-                    ]
-                }
-            )
+            keys = await self.checkpoint_keys()
             # Every chain: the registry's own and the verifier shards' decision chains.
             chains = [r["chain"] for r in await conn.fetch("SELECT chain FROM audit_heads")]
             for chain in chains:

@@ -95,6 +95,10 @@ class RegistrySettings(BaseModel):
             # Secrets such as the Vault token or the PKCS#11 PIN come from the environment
             # (Kubernetes Secrets), never from a config file.
             values["signer"] = SignerSettings.model_validate(signer)
+        if "AGENTAUTH_OPEN_SIGNUP" in env:
+            # Closed once an organisation's people have signed up: nobody else can then
+            # create an account to sign in with. pydantic reads true/false, 1/0, yes/no.
+            values["open_signup"] = env["AGENTAUTH_OPEN_SIGNUP"]
         if "AGENTAUTH_ORIGINS" in env:
             values["origins"] = tuple(o for o in env["AGENTAUTH_ORIGINS"].split(",") if o)
         values.update(overrides)

@@ -657,60 +657,58 @@ class Pages:
     def _unreadable_request(self, ctx: Ctx, board: Board, request: Mapping[str, Any]) -> None:
         """A request the page cannot put in words: it can only be denied."""
         request_id = str(request.get("id", "?"))
-        what = f"request {request_id} from agent {request.get('agent_id', '?')}"
-        card = ui.card().classes("w-full border border-red-700")
-        card.props["role"] = "region"
-        card.props["aria-label"] = f"Request that cannot be shown: {what}"
-        with card:
-            heading("A request this page cannot show", 2)
-            ui.label(
-                f"The {what} holds values this page cannot show in words, so it cannot be "
-                "approved here. Deny it; the agent can ask again."
-            )
-
-            async def deny() -> None:
-                async def work() -> None:
-                    token = self._token(ctx.cookie_id)
-                    await self.registry.deny_request(token, request_id)
-                    ctx.notice.ok(f"Denied: {what}.")
-                    await ctx.reload()
-
-                await self._busy(board, actions, self._act(ctx.notice, work))
-
-            actions = [
-                labelled(
-                    ui.button("Deny", on_click=deny, color="negative").props("outline"),
-                    f"Deny: {what}",
-                )
-            ]
+        self._unreadable(
+            ctx,
+            board,
+            ("request", "Request", "Deny", "Denied"),
+            f"request {request_id} from agent {request.get('agent_id', '?')}",
+            lambda token: self.registry.deny_request(token, request_id),
+        )
 
     def _unreadable_step_up(self, ctx: Ctx, board: Board, step: Mapping[str, Any]) -> None:
         """A payment the page cannot put in words: it can only be refused."""
         step_id = str(step.get("id", "?"))
-        what = f"payment {step_id} for grant {step.get('grant_id', '?')}"
+        self._unreadable(
+            ctx,
+            board,
+            ("payment", "Payment", "Refuse", "Refused"),
+            f"payment {step_id} for grant {step.get('grant_id', '?')}",
+            lambda token: self.registry.step_up_deny(token, step_id),
+        )
+
+    def _unreadable(
+        self,
+        ctx: Ctx,
+        board: Board,
+        words: tuple[str, str, str, str],
+        what: str,
+        answer: Callable[[str], Awaitable[Any]],
+    ) -> None:
+        """The card for something the page cannot show: it says so and offers only the
+        refusal (``words``: the thing, capitalized, the button, the past tense)."""
+        thing, title, verb, done = words
         card = ui.card().classes("w-full border border-red-700")
         card.props["role"] = "region"
-        card.props["aria-label"] = f"Payment that cannot be shown: {what}"
+        card.props["aria-label"] = f"{title} that cannot be shown: {what}"
         with card:
-            heading("A payment this page cannot show", 2)
+            heading(f"A {thing} this page cannot show", 2)
             ui.label(
                 f"The {what} holds values this page cannot show in words, so it cannot be "
-                "approved here. Refuse it; the agent can ask again."
+                f"approved here. {verb} it; the agent can ask again."
             )
 
             async def refuse() -> None:
                 async def work() -> None:
-                    token = self._token(ctx.cookie_id)
-                    await self.registry.step_up_deny(token, step_id)
-                    ctx.notice.ok(f"Refused: {what}.")
+                    await answer(self._token(ctx.cookie_id))
+                    ctx.notice.ok(f"{done}: {what}.")
                     await ctx.reload()
 
                 await self._busy(board, actions, self._act(ctx.notice, work))
 
             actions = [
                 labelled(
-                    ui.button("Refuse", on_click=refuse, color="negative").props("outline"),
-                    f"Refuse: {what}",
+                    ui.button(verb, on_click=refuse, color="negative").props("outline"),
+                    f"{verb}: {what}",
                 )
             ]
 
