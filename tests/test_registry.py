@@ -21,6 +21,7 @@ from agentauth.protocol import (
     Capability,
     Grant,
     KeySet,
+    PrivateKey,
     b64url_decode,
     b64url_encode,
     verify_chain,
@@ -682,6 +683,48 @@ async def test_a_passkey_is_added_or_removed_only_with_another_ones_confirmation
     for bad in ({"change": "remove"}, {"change": "add", "credential_id": first_id}, {}):
         r = await world.client.post(url("/v1/passkeys/confirm"), headers=alice.headers, json=bad)
         assert r.status_code == 400, (bad, r.text)
+
+
+@pytest.mark.asyncio
+async def test_an_agent_key_nobody_holds_cannot_be_registered(
+    world: World, db: asyncpg.Connection
+) -> None:
+    """The Ed25519 identity point is a valid encoding of a key of small order: the signature
+    (R = identity, S = 0) verifies every message, so a "proof of possession" for it can be
+    made without any private key. Registration refuses the key itself."""
+    human = await world.human()
+    r = await world.client.post(world.url("/v1/enrollments"), headers=human.headers)
+    code = r.json()["enrollment_code"]
+    identity = b"\x01" + bytes(31)  # y = 1, x = 0, little-endian
+    jwk = {"kty": "OKP", "crv": "Ed25519", "x": b64url_encode(identity)}
+    header = {"typ": "dpop+jwt", "alg": "Ed25519", "jwk": jwk}
+    claims = {
+        "jti": "forged",
+        "htm": "POST",
+        "htu": world.url("/v1/agents"),
+        "iat": int(time.time()),
+    }
+    forged = (
+        ".".join(b64url_encode(json.dumps(part).encode()) for part in (header, claims))
+        + "."
+        + b64url_encode(identity + bytes(32))
+    )
+    before = await db.fetchval("SELECT count(*) FROM agents")
+    r = await world.client.post(
+        world.url("/v1/agents"),
+        headers={"DPoP": forged},
+        json={"name": "ghost", "public_jwk": jwk, "enrollment_code": code},
+    )
+    assert r.status_code == 400 and r.json()["reason"] == "bad_jwk", r.text
+    assert await db.fetchval("SELECT count(*) FROM agents") == before
+    # The code was not spent: the human's real agent still registers with it.
+    key = PrivateKey.generate("Ed25519")
+    r = await world.client.post(
+        world.url("/v1/agents"),
+        headers={"DPoP": world.proof(key, "POST", "/v1/agents")},
+        json={"name": "real", "public_jwk": key.public_jwk(), "enrollment_code": code},
+    )
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.asyncio
