@@ -131,6 +131,14 @@ async def _admin(registry: Registry, args: argparse.Namespace) -> list[str]:
     if what == "agents":  # disable
         await registry.disable_agent(ident, principal_id=None, admin=True)
         return [f"agent {ident} disabled: its tokens and grants no longer verify"]
+    if what == "humans":  # recover
+        issued = await registry.create_recovery(ident)
+        hours = issued["expires_in"] // 3600
+        return [
+            f"recovery code for {ident} (shown once, works once, for {hours} h): "
+            f"{issued['recovery_code']}",
+            "give it to that person only: it registers a new passkey on the sign-in page",
+        ]
     if action == "add":
         kinds = tuple(k.strip() for k in args.kinds.split(","))
         added = await registry.register_provider(
@@ -585,6 +593,9 @@ def _table(rows: list[dict[str, object]]) -> None:
 def cmd_list(args: argparse.Namespace) -> int:
     url, server = _database_url()
     queries = {
+        "humans": "SELECT p.id, p.display_name, count(c.credential_id) AS passkeys, p.created_at"
+        " FROM principals p LEFT JOIN passkey_credentials c ON c.principal_id = p.id"
+        " AND c.removed_at IS NULL GROUP BY p.id ORDER BY p.created_at",
         "agents": "SELECT id, principal_id, name, status, created_at FROM agents"
         " ORDER BY created_at",
         "grants": "SELECT id, agent_id, provider_id, grant_hash, revoked_at FROM grants"
@@ -656,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.set_defaults(run=cmd_audit)
     nouns = {
+        "humans": "list humans, or give one who lost every passkey a recovery code",
         "agents": "list agents, or disable one",
         "grants": "list grants",
         "providers": "list, add, suspend or reinstate providers; rotate their secrets",
@@ -664,6 +676,10 @@ def build_parser() -> argparse.ArgumentParser:
         noun = commands.add_parser(what, help=words)
         actions = noun.add_subparsers(dest="action", required=True)
         actions.add_parser("list", help=f"list {what}").set_defaults(run=cmd_list, what=what)
+        if what == "humans":
+            recover = actions.add_parser("recover", help="a one-time code for a new passkey")
+            recover.add_argument("id", help="the human's principal id (humans list)")
+            recover.set_defaults(run=cmd_admin, what=what)
         if what == "agents":
             disable = actions.add_parser("disable", help="disable an agent, revoking its grants")
             disable.add_argument("id")

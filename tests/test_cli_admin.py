@@ -166,3 +166,17 @@ async def test_revoking_and_disabling_from_the_command_line(
     assert (r.status_code, r.json()["reason"]) == (403, "agent_disabled")
     r = await world.client.get(world.url(f"/v1/agents/{agent.id}"), headers=human.headers)
     assert r.json()["status"] == "disabled"
+
+
+@pytest.mark.asyncio
+async def test_a_recovery_code_from_the_command_line(cli: Cli, world: World) -> None:
+    human = await world.human("Rita")
+    code, out, _ = await cli("humans", "list")
+    assert code == 0 and human.principal_id in out and "Rita" in out, out
+    code, out, _ = await cli("humans", "recover", human.principal_id)
+    assert code == 0, out
+    recovery = next(w for w in out.split() if w.startswith("rec_"))
+    r = await world.client.post(world.url("/v1/recovery/begin"), json={"code": recovery})
+    assert r.status_code == 200 and r.json()["user"]["id"], r.text
+    code, _, err = await cli("humans", "recover", "hum_nobody")
+    assert code == 1 and "no such human" in err, err

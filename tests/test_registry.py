@@ -12,6 +12,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from registry_world import PAYMENTS, STEP_UP_ABOVE_50, Human, World
+from softauthn import SoftAuthenticator
 
 from agentauth.protocol import (
     AccessTokenVerifier,
@@ -223,6 +224,8 @@ async def test_discovery_and_jwks_are_public_everything_else_is_not(world: World
         ("GET", "/v1/audit/consistency?chain=registry-0&first=1&second=2"),
         ("POST", "/v1/admin/keys/rotate"),
         ("POST", "/v1/admin/checkpoints"),
+        ("POST", "/v1/admin/recoveries"),
+        ("POST", "/v1/passkeys/confirm"),
     ]
     for method, path in protected:
         body = {} if method == "POST" else None
@@ -683,6 +686,49 @@ async def test_a_passkey_is_added_or_removed_only_with_another_ones_confirmation
     for bad in ({"change": "remove"}, {"change": "add", "credential_id": first_id}, {}):
         r = await world.client.post(url("/v1/passkeys/confirm"), headers=alice.headers, json=bad)
         assert r.status_code == 400, (bad, r.text)
+
+
+@pytest.mark.asyncio
+async def test_a_human_who_lost_every_passkey_recovers_with_a_one_time_code(
+    world: World,
+) -> None:
+    """Only the admin issues a recovery code; whoever holds it registers a new passkey for
+    that human from the sign-in page (no session needed) and is signed in, once; every
+    other session of the human ends."""
+    alice = await world.human("Alice")
+    url = world.url
+    issue = url("/v1/admin/recoveries")
+    mine = {"principal_id": alice.principal_id}
+    r = await world.client.post(issue, headers=alice.headers, json=mine)
+    assert r.status_code == 403, r.text  # a human cannot issue one, even for herself
+    r = await world.client.post(issue, headers=world.admin, json={"principal_id": "hum_nobody"})
+    assert r.status_code == 404, r.text
+    r = await world.client.post(issue, headers=world.admin, json=mine)
+    assert r.status_code == 200, r.text
+    code = r.json()["recovery_code"]
+
+    wrong = await world.client.post(url("/v1/recovery/begin"), json={"code": "rec_" + "x" * 32})
+    assert wrong.status_code == 403 and wrong.json()["reason"] == "bad_recovery", wrong.text
+    new_device = SoftAuthenticator(origin=world.origin)
+    r = await world.client.post(url("/v1/recovery/begin"), json={"code": code})
+    assert r.status_code == 200, r.text
+    credential = new_device.create(r.json())
+    r = await world.client.post(
+        url("/v1/recovery/finish"), json={"code": code, "credential": credential}
+    )
+    assert r.status_code == 200 and r.json()["principal_id"] == alice.principal_id, r.text
+    recovered = {"Authorization": f"Bearer {r.json()['session']}"}
+    assert len((await world.client.get(url("/v1/passkeys"), headers=recovered)).json()) == 2
+    r = await world.client.get(url("/v1/passkeys"), headers=alice.headers)
+    assert r.status_code == 401 and r.json()["reason"] == "bad_session", r.text
+    # The code worked once; the new passkey signs in.
+    r = await world.client.post(url("/v1/recovery/begin"), json={"code": code})
+    assert r.status_code == 403 and r.json()["reason"] == "bad_recovery", r.text
+    begun = await world.client.post(url("/v1/sessions/begin"))
+    r = await world.client.post(
+        url("/v1/sessions/finish"), json={"credential": new_device.get(begun.json())}
+    )
+    assert r.status_code == 200 and r.json()["principal_id"] == alice.principal_id, r.text
 
 
 @pytest.mark.asyncio

@@ -339,6 +339,15 @@ class Registry:
         )
         assert r.status_code == 200, r.text
 
+    def recovery_code(self, principal_id: str) -> str:
+        r = self.client.post(
+            self.url("/v1/admin/recoveries"),
+            headers={"Authorization": f"Bearer {self.admin_token}"},
+            json={"principal_id": principal_id},
+        )
+        assert r.status_code == 200, r.text
+        return str(r.json()["recovery_code"])
+
 
 # --- a human with a software authenticator (for what a browser cannot express) ---------------
 

@@ -36,6 +36,9 @@ from ._models import (
     GrantRequestIn,
     PasskeyChangeIn,
     ProviderIn,
+    RecoveryCodeIn,
+    RecoveryFinishIn,
+    RecoveryIn,
     RevocationIn,
     SecretRotationIn,
     SignupIn,
@@ -207,6 +210,17 @@ def create_app(registry: Registry) -> FastAPI:
     @app.post("/v1/sessions/finish", tags=["humans"])
     async def login_finish(body: CredentialIn) -> dict[str, Any]:
         return await registry.login_finish(body.credential)
+
+    @app.post("/v1/recovery/begin", tags=["humans"])
+    async def recovery_begin(body: RecoveryCodeIn) -> dict[str, Any]:
+        """Registration options for a new passkey, for whoever holds a recovery code."""
+        return await registry.recovery_begin(body.code)
+
+    @app.post("/v1/recovery/finish", tags=["humans"])
+    async def recovery_finish(body: RecoveryFinishIn) -> dict[str, Any]:
+        """Spend the code: the new passkey is registered, the human's other sessions end,
+        and this answer carries a new one."""
+        return await registry.recovery_finish(body.code, body.credential)
 
     @app.delete("/v1/sessions/current", tags=["humans"])
     async def logout(who: Human, request: Request) -> dict[str, bool]:
@@ -475,6 +489,11 @@ def create_app(registry: Registry) -> FastAPI:
     @app.post("/v1/admin/keys/rotate", tags=["admin"])
     async def rotate(_: Admin) -> dict[str, Any]:
         return {"kid": await registry.keys.rotate()}
+
+    @app.post("/v1/admin/recoveries", tags=["admin"])
+    async def recovery(_: Admin, body: RecoveryIn) -> dict[str, Any]:
+        """A one-time recovery code for a human who has lost every passkey."""
+        return await registry.create_recovery(body.principal_id)
 
     @app.post("/v1/admin/checkpoints", tags=["admin"])
     async def force_checkpoint(_: Admin) -> list[dict[str, Any]]:

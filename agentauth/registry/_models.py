@@ -17,6 +17,9 @@ __all__ = [
     "GrantRequestIn",
     "PasskeyChangeIn",
     "ProviderIn",
+    "RecoveryCodeIn",
+    "RecoveryFinishIn",
+    "RecoveryIn",
     "RevocationIn",
     "SecretRotationIn",
     "SignupIn",
@@ -62,6 +65,22 @@ class PasskeyChangeIn(_In):
     @property
     def subject(self) -> str:
         return "add" if self.change == "add" else f"remove:{self.credential_id}"
+
+
+class RecoveryIn(_In):
+    """The human (principal id) the admin issues a recovery code for."""
+
+    principal_id: Identifier
+
+
+class RecoveryCodeIn(_In):
+    code: str = Field(min_length=16, max_length=128)
+
+
+class RecoveryFinishIn(RecoveryCodeIn):
+    """The recovery code and the new passkey's registration, from the sign-in page."""
+
+    credential: dict[str, Any]
 
 
 class AgentIn(_In):

@@ -621,27 +621,32 @@ class Registry:
     ) -> dict[str, Any]:
         async with self._tx() as conn:
             await self._confirmed(conn, principal_id, "add", confirmation)
-            existing = await conn.fetch(
-                "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
-                " AND removed_at IS NULL",
-                principal_id,
-            )
-            options = webauthn.generate_registration_options(
-                rp_id=self.settings.rp_id,
-                rp_name=self.settings.rp_name,
-                user_id=principal_id.encode(),
-                user_name=principal_id,
-                exclude_credentials=[
-                    PublicKeyCredentialDescriptor(id=base64url_to_bytes(r["credential_id"]))
-                    for r in existing
-                ],
-                authenticator_selection=AuthenticatorSelectionCriteria(
-                    resident_key=ResidentKeyRequirement.REQUIRED, user_verification=self._uv()
-                ),
-            )
-            await self._store_challenge(
-                conn, options.challenge, purpose="register", principal_id=principal_id
-            )
+            return await self._registration_options(conn, principal_id)
+
+    async def _registration_options(self, conn: Conn, principal_id: str) -> dict[str, Any]:
+        """Options to register one more passkey for an existing human (none of theirs
+        again), with the challenge stored for this human."""
+        existing = await conn.fetch(
+            "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
+            " AND removed_at IS NULL",
+            principal_id,
+        )
+        options = webauthn.generate_registration_options(
+            rp_id=self.settings.rp_id,
+            rp_name=self.settings.rp_name,
+            user_id=principal_id.encode(),
+            user_name=principal_id,
+            exclude_credentials=[
+                PublicKeyCredentialDescriptor(id=base64url_to_bytes(r["credential_id"]))
+                for r in existing
+            ],
+            authenticator_selection=AuthenticatorSelectionCriteria(
+                resident_key=ResidentKeyRequirement.REQUIRED, user_verification=self._uv()
+            ),
+        )
+        await self._store_challenge(
+            conn, options.challenge, purpose="register", principal_id=principal_id
+        )
         return json.loads(webauthn.options_to_json(options))  # type: ignore[no-any-return]
 
     async def passkey_finish(self, principal_id: str, credential: dict[str, Any]) -> dict[str, Any]:
@@ -660,6 +665,77 @@ class Registry:
                 key=principal_id,
             )
         return {"credential_id": credential_id}
+
+    # --- recovery: a person who has lost every passkey -----------------------------------
+
+    async def create_recovery(self, principal_id: str) -> dict[str, Any]:
+        """A one-time code (admin only) with which the person registers a new passkey from
+        the sign-in page. Whoever holds it can take the account over, like the admin who
+        issues it: hand it over as such, out of band."""
+        code = "rec_" + secrets.token_urlsafe(24)
+        async with self._tx() as conn:
+            if not await conn.fetchval("SELECT 1 FROM principals WHERE id = $1", principal_id):
+                raise NotFound("no such human")
+            await conn.execute(
+                "INSERT INTO recoveries (code_hash, principal_id, expires_at)"
+                " VALUES ($1, $2, now() + make_interval(secs => $3))",
+                _sha256(code),
+                principal_id,
+                float(self.settings.recovery_ttl),
+            )
+            await self._audit(
+                conn,
+                event="recovery.issued",
+                actor="admin",
+                subject=f"human:{principal_id}",
+                key=principal_id,
+            )
+        return {"recovery_code": code, "expires_in": self.settings.recovery_ttl}
+
+    async def _recovering(self, conn: Conn | asyncpg.Pool, code: str, *, spend: bool) -> str:
+        """The human a live recovery code is for (spent, with ``spend``)."""
+        row = await conn.fetchrow(
+            (
+                "UPDATE recoveries SET used_at = now() WHERE code_hash = $1 AND used_at IS NULL"
+                " AND expires_at > now() RETURNING principal_id"
+            )
+            if spend
+            else (
+                "SELECT principal_id FROM recoveries WHERE code_hash = $1 AND used_at IS NULL"
+                " AND expires_at > now()"
+            ),
+            _sha256(code),
+        )
+        if row is None:
+            raise Forbidden("the recovery code is invalid, used or expired", reason="bad_recovery")
+        return str(row["principal_id"])
+
+    async def recovery_begin(self, code: str) -> dict[str, Any]:
+        principal_id = await self._recovering(self.pool, code, spend=False)
+        async with self._tx() as conn:
+            return await self._registration_options(conn, principal_id)
+
+    async def recovery_finish(self, code: str, credential: dict[str, Any]) -> dict[str, Any]:
+        """Register the new passkey and sign in with it. Every other session of the person
+        ends: whoever has the lost passkeys may have signed one in."""
+        async with self._tx() as conn:
+            principal_id = await self._recovering(conn, code, spend=True)
+            challenge, _ = await self._consume_challenge(
+                conn, credential, purpose="register", principal_id=principal_id
+            )
+            verified = self._verify_registration(credential, challenge)
+            await self._insert_credential(conn, principal_id, verified)
+            credential_id = bytes_to_base64url(verified.credential_id)
+            await conn.execute("DELETE FROM sessions WHERE principal_id = $1", principal_id)
+            await self._audit(
+                conn,
+                event="passkey.recovered",
+                actor=f"human:{principal_id}",
+                subject=f"passkey:{credential_id}",
+                key=principal_id,
+            )
+            session = await self._new_session(conn, principal_id)
+        return {"principal_id": principal_id, "session": session}
 
     async def list_passkeys(self, principal_id: str) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
@@ -1808,6 +1884,7 @@ _SWEEPS = (
     "DELETE FROM webauthn_challenges WHERE expires_at < now()",
     "DELETE FROM sessions WHERE expires_at < now()",
     "DELETE FROM enrollments WHERE expires_at < now()",
+    "DELETE FROM recoveries WHERE expires_at < now()",
     # A token a day past its expiry needs no revoking (verifiers refuse it as expired); its
     # row only served to find the owner of a revocation. Its audit events stay.
     "DELETE FROM issued_tokens WHERE expires_at < (extract(epoch FROM now()) - 86400)::bigint",

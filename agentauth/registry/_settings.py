@@ -52,6 +52,8 @@ class RegistrySettings(BaseModel):
     challenge_ttl: int = 300
     session_ttl: int = 12 * 3600
     enrollment_ttl: int = 3600
+    # A recovery code (a person who lost every passkey) works this long, once.
+    recovery_ttl: int = Field(24 * 3600, ge=60)
     step_up_ttl: int = 600
     # A grant request unanswered this long is expired (no longer approved or denied).
     grant_request_ttl: int = Field(7 * 86400, ge=60)

@@ -570,6 +570,40 @@ class Pages:
                     "Create an account with a passkey",
                 )
 
+            async def recover() -> None:
+                code = (recovery_code.value or "").strip()
+                if not code:
+                    notice.error("Enter the recovery code your administrator gave you.")
+                    recovery_code.run_method("focus")
+                    return
+
+                async def work() -> None:
+                    notice.info("Creating your new passkey…")
+                    options = await self.registry.recovery_begin(code)
+                    credential = await self._ceremony("create", options)
+                    result = await self.registry.recovery_finish(code, credential)
+                    await adopt(result["principal_id"], result["session"], None)
+
+                recover_button.disable()
+                try:
+                    await self._act(notice, work)
+                finally:
+                    recover_button.enable()
+
+            with ui.card().classes("w-full max-w-xl"):
+                heading("I lost my passkeys", 2)
+                ui.label(
+                    "Ask your administrator for a recovery code: it works once and makes a new "
+                    "passkey for your account. Your other sessions are signed out."
+                ).classes("text-sm")
+                recovery_code = ui.input("Recovery code", validation=None).classes("w-72")
+                recovery_code.props["autocomplete"] = "off"
+                recovery_code.on("keydown.enter", recover)
+                recover_button = labelled(
+                    ui.button("Make a new passkey with the code", on_click=recover),
+                    "Make a new passkey with the code",
+                )
+
     # --- requests and step-ups -----------------------------------------------------------
 
     async def _requests(self, cookie_id: str, session: Session) -> None:

@@ -40,6 +40,10 @@ _MESSAGES = {
     ),
     "grant_revoked": "The grant behind this payment was revoked, so it can no longer be approved.",
     "grant_expired": "The grant behind this payment has expired, so it can no longer be approved.",
+    "bad_recovery": (
+        "This recovery code does not work: it may be mistyped, used already or expired. Ask "
+        "your administrator for a new one."
+    ),
     "last_passkey": "You cannot remove your last passkey: add another one first.",
     "credential_flagged": (
         "This passkey is blocked because its signature counter went backwards (it may have "
@@ -173,6 +177,16 @@ class RegistryClient:
     async def login_finish(self, credential: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = await self.call(
             "POST", "/v1/sessions/finish", json={"credential": credential}
+        )
+        return result
+
+    async def recovery_begin(self, code: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("POST", "/v1/recovery/begin", json={"code": code})
+        return result
+
+    async def recovery_finish(self, code: str, credential: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(
+            "POST", "/v1/recovery/finish", json={"code": code, "credential": credential}
         )
         return result
 
