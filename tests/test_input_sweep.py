@@ -207,13 +207,15 @@ def basic(user: bytes, secret: bytes = b"s") -> dict[str, str]:
 
 
 # Credentials no caller has: a provider id with a NUL byte, bytes that are not UTF-8, a
-# huge one, a scheme without credentials, a DPoP header that is not a JWT, two of them.
-BAD_CREDENTIALS: tuple[dict[str, str] | list[tuple[str, str]], ...] = (
+# huge one, a Basic value that is not ASCII, a scheme without credentials, a DPoP header
+# that is not a JWT, two of them.
+BAD_CREDENTIALS: tuple[dict[str, str] | dict[str, bytes] | list[tuple[str, str]], ...] = (
     basic(b"\x00prov"),
     basic(b"\xff\xfe"),
     basic(b"p" * 5000),
     basic(b"", b""),
     {"Authorization": "Basic !!!"},
+    {"Authorization": "Basic été".encode()},  # not ASCII: base64 cannot even read it
     {"Authorization": "Bearer"},
     {"Authorization": "Bearer " + "t" * 5000},
     {"Authorization": "Negotiate abc"},

@@ -95,6 +95,8 @@ def _row(**changes: Any) -> list[Any]:
         msgpack.packb((1, [[*_row(), "verifier-0:1"]])),  # a void without the answer given
         msgpack.packb((1, [_row(f0=1)])),  # agent id not text
         msgpack.packb((1, [_row(f5="now")])),  # iat not a number
+        msgpack.packb((1, [_row(f5=float("nan"))])),  # iat NaN: never "too old"
+        msgpack.packb((1, [_row(f5=float("inf"))])),  # iat infinite
         msgpack.packb((1, [_row(f6='{"kind":"fly"}')])),  # not an action
         msgpack.packb((1, [_row(f7="{")])),  # not an envelope
     ],

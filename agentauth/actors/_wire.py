@@ -13,6 +13,7 @@ one helper that touches a stream. When the cluster runs Ray with TLS, so does th
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 import struct
 from collections.abc import Callable, Mapping
@@ -234,7 +235,12 @@ def _text(value: Any) -> str:
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError("expected a number")
-    return float(value)
+    number = float(value)
+    # NaN passes every comparison an age check makes (an iat that is never too old), and
+    # no honest replica sends one: the proofs it comes from are strict JSON.
+    if not math.isfinite(number):
+        raise ValueError("expected a finite number")
+    return number
 
 
 def _opt_text(value: Any) -> str | None:

@@ -12,7 +12,6 @@ Only health, the JWKS and the discovery document answer anonymous callers.
 from __future__ import annotations
 
 import base64
-import binascii
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -98,7 +97,7 @@ async def caller(request: Request) -> Caller:
     if scheme == "basic":
         try:
             decoded = base64.b64decode(value, validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8 once decoded
             raise Unauthenticated(
                 "malformed Basic credentials", reason="bad_provider_credential"
             ) from None

@@ -9,7 +9,6 @@ deny and a reason code; errors of the call itself (bad input, unknown caller) ar
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
 from typing import Annotated, Any
@@ -40,7 +39,7 @@ async def _authenticate(verifier: Verifier, authorization: str) -> str:
         provider_id, _, secret = (
             base64.b64decode(value.strip(), validate=True).decode().partition(":")
         )
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8 once decoded
         raise Unauthenticated(
             "malformed Basic credentials", reason="bad_provider_credential"
         ) from None
