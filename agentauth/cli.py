@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -207,9 +208,21 @@ def _admin_token(data: Path) -> str:
     if not path.exists():
         import secrets
 
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Written whole under another name, then linked into place: a start running at the
+        # same time reads a complete token or makes its own attempt, never an empty file.
+        staged = data / f".admin-token.{secrets.token_hex(8)}"
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_urlsafe(32))
+        try:
+            os.link(staged, path)
+        except FileExistsError:
+            pass  # another start won; its token is the one
+        finally:
+            staged.unlink()
+    info = path.lstat()
+    if not stat.S_ISREG(info.st_mode) or info.st_mode & 0o077:
+        raise SystemExit(f"{path} must be a regular file only its owner can read (chmod 600)")
     return path.read_text().strip()
 
 

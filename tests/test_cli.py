@@ -138,3 +138,33 @@ def test_up_starts_everything_on_embedded_defaults_and_ctrl_c_stops_it(tmp_path:
     assert "stopped." in rest
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/registry/healthz", timeout=2)
+
+
+def test_the_admin_token_file_is_private_whole_and_shared_by_concurrent_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stat
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agentauth.cli import _admin_token
+
+    monkeypatch.delenv("AGENTAUTH_ADMIN_TOKEN", raising=False)
+    data = tmp_path / "data"
+    data.mkdir()
+    with ThreadPoolExecutor(8) as pool:  # eight starts at once agree on one complete token
+        tokens = set(pool.map(lambda _: _admin_token(data), range(32)))
+    assert len(tokens) == 1 and len(tokens.pop()) >= 40
+    path = data / "admin-token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in data.iterdir()] == ["admin-token"]  # no staged copies left
+    path.chmod(0o644)
+    with pytest.raises(SystemExit, match="chmod 600"):
+        _admin_token(data)
+    path.chmod(0o600)
+    other = tmp_path / "elsewhere"
+    other.write_text("x" * 40)
+    other.chmod(0o600)
+    path.unlink()
+    os.symlink(other, path)
+    with pytest.raises(SystemExit, match="regular file"):
+        _admin_token(data)

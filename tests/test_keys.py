@@ -774,3 +774,25 @@ def test_generated_p256_keys_are_accepted() -> None:
     for _ in range(50):
         private = PrivateKey.generate("ES256")
         assert PublicKey.from_jwk(private.public_jwk()).thumbprint == private.thumbprint
+
+
+@pytest.mark.asyncio
+async def test_a_wedged_backend_does_not_starve_the_others() -> None:
+    """Calls to a backend that never answers time out but keep their threads: they must use
+    up that backend's threads only, not the pool every other backend (and every other
+    to_thread call of the process) needs."""
+    import asyncio
+    import threading
+
+    from agentauth.keys import SignerUnavailable
+    from agentauth.keys._base import call_blocking
+
+    release = threading.Event()
+    try:
+        for _ in range(12):  # more than Python's default pool has threads here
+            with pytest.raises(SignerUnavailable):
+                await call_blocking("wedged", "sign", 0.02, release.wait)
+        assert await call_blocking("healthy", "sign", 2.0, lambda: 42) == 42
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: 7), 2.0) == 7
+    finally:
+        release.set()

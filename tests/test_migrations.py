@@ -142,3 +142,11 @@ def test_signer_settings_come_from_the_environment(
     assert (settings.signer.backend, settings.signer.key_id) == ("vault", "registry")
     assert settings.signer.vault_token == "s.secret-token"
     assert "s.secret-token" not in repr(settings)  # secrets stay out of logs
+    with_passwords = RegistrySettings.from_env(
+        database_url="postgresql://registry:db-password@x/y",
+        redis_url="redis://:redis-password@x",
+        data_dir=tmp_path,
+        issuer="http://r",
+        admin_token="a" * 20,
+    )
+    assert "password" not in repr(with_passwords)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -92,6 +93,23 @@ def der_to_raw(der: bytes) -> bytes:
     return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
+# Each backend's blocking calls run in threads of its own. A call that times out keeps its
+# thread until the client returns (a wedged HSM driver may never return): in the shared
+# default pool, a few such calls would starve every other backend and every other
+# to_thread user of the process; here they use up only their own backend's threads.
+_POOL_THREADS = 4
+_pools: dict[str, ThreadPoolExecutor] = {}
+
+
+def _pool(backend: str) -> ThreadPoolExecutor:
+    pool = _pools.get(backend)
+    if pool is None:
+        pool = _pools[backend] = ThreadPoolExecutor(
+            _POOL_THREADS, thread_name_prefix=f"signer-{backend}"
+        )
+    return pool
+
+
 async def call_blocking(backend: str, what: str, timeout: float, fn: Callable[[], _T]) -> _T:
     """Run a blocking client call in a thread, bounded by ``timeout``.
 
@@ -102,7 +120,8 @@ async def call_blocking(backend: str, what: str, timeout: float, fn: Callable[[]
     try:
         # The client library has its own timeouts set to the same value; this outer bound
         # also covers what they miss (DNS, credential lookups, a wedged HSM driver).
-        return await asyncio.wait_for(asyncio.to_thread(fn), timeout=timeout)
+        running = asyncio.get_running_loop().run_in_executor(_pool(backend), fn)
+        return await asyncio.wait_for(running, timeout=timeout)
     except SignerUnavailable:
         raise
     except TimeoutError:

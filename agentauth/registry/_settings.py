@@ -34,8 +34,9 @@ class SignerSettings(BaseModel):
 class RegistrySettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    database_url: str
-    redis_url: str
+    # URLs may carry passwords: kept out of reprs (and so out of logs).
+    database_url: str = Field(repr=False)
+    redis_url: str = Field(repr=False)
     data_dir: Path
     issuer: str = Field(description="Token iss; also the base URL of the registry's endpoints.")
     admin_token: str = Field(repr=False, min_length=16)

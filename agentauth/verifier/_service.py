@@ -57,8 +57,9 @@ log = logging.getLogger("agentauth.verifier")
 class VerifierSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    database_url: str
-    redis_url: str
+    # URLs may carry passwords: kept out of reprs (and so out of logs).
+    database_url: str = Field(repr=False)
+    redis_url: str = Field(repr=False)
     issuer: str
     shards: int = Field(4, ge=1, le=256)
     # Bounded waits: a dead dependency must still produce a fast deny.
