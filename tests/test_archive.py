@@ -899,3 +899,19 @@ def test_public_surface_is_exact() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_an_object_name_the_store_refuses_fails_verification_without_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bucket can hold names this verifier will not read (``keys/../evil.jwk.json``): the
+    store refuses them, and verification fails with that said, not with a traceback."""
+    from agentauth.archive import _cli
+
+    class Bucket(DirectoryStore):
+        def list(self, prefix: str) -> list[str]:
+            return [f"{prefix}../evil.jwk.json"] if prefix.startswith("keys") else []
+
+    monkeypatch.setattr(_cli, "open_store", lambda location, **_: Bucket(tmp_path))
+    assert _cli.verify_command("s3://bucket/archive") == 1
+    assert "will not read" in capsys.readouterr().out

@@ -65,6 +65,9 @@ def verify_command(
     except ArchiveUnavailable as exc:
         print(f"error: {exc.description}", file=sys.stderr)
         return 2
+    except ValueError as exc:  # an object whose name the store refuses to read: not ours
+        print(f"error: the archive holds an object this verifier will not read: {exc}")
+        return 1
     finally:
         store.close()
     failed = {p.chain for p in problems}
