@@ -151,3 +151,46 @@ async def test_a_restarted_replay_cache_refuses_proofs_it_may_have_forgotten(
             await client.set("agentauth:jti-epoch", original_epoch)
         await client.aclose()
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.asyncio
+async def test_a_backend_holding_another_key_is_refused_and_closed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """After a rotation inside the backend (a new key version), the key it holds is not the
+    published one: no signature, a 503, and the client opened for it closed every time."""
+    from agentauth.keys import KeyRecord, KeyRing, SignerUnavailable
+    from agentauth.protocol import PrivateKey
+    from agentauth.registry import RegistrySettings
+    from agentauth.registry._keys import KeyManager
+
+    settings = RegistrySettings(
+        database_url="postgresql://x/y",
+        redis_url="redis://x",
+        data_dir=tmp_path,
+        issuer="http://r",
+        admin_token="a" * 20,
+    )
+    manager = KeyManager(settings, pool=None)  # type: ignore[arg-type]
+    published = PrivateKey.generate(kid="published")
+    manager._ring = KeyRing(
+        [KeyRecord("published", dict(published.public_jwk()), "ES256", 0, activates_at=0)]
+    )
+    manager._backends = {"published": "vault:registry"}
+    manager._loaded_at = float("inf")  # no refresh from the (absent) database
+    closed: list[str] = []
+
+    class Other:
+        kid = "another"
+
+        async def aclose(self) -> None:
+            closed.append(self.kid)
+
+    async def open_backend(ref: str) -> Other:
+        return Other()
+
+    monkeypatch.setattr(manager, "_open_backend", open_backend)
+    for _ in range(3):
+        with pytest.raises(SignerUnavailable):
+            await manager.signer(1_000)
+    assert closed == ["another"] * 3

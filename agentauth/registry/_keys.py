@@ -181,7 +181,9 @@ class KeyManager:
                 if signer is None:
                     signer = await self._open_backend(self._backends[kid])
                     if signer.kid != kid:
-                        # Never sign under a kid whose published key is another key.
+                        # Never sign under a kid whose published key is another key. The
+                        # client opened for it is closed: this repeats on every request.
+                        await signer.aclose()
                         raise SignerUnavailable("the key backend holds a different key")
                     self._signers[kid] = signer
         return signer
