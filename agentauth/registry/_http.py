@@ -172,7 +172,7 @@ def create_app(registry: Registry) -> FastAPI:
     async def audit_keys() -> dict[str, Any]:
         # Every key that ever signed, retired ones too: checkpoints outlive the JWKS's keys.
         await registry.keys.refresh(force=True)
-        return registry.keys.audit_keys()
+        return registry.keys.audit_keys().to_document()
 
     @app.get("/.well-known/agentauth-configuration", tags=["public"])
     async def discovery() -> dict[str, Any]:

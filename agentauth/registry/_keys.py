@@ -191,8 +191,9 @@ class KeyManager:
     def jwks(self, now: float) -> dict[str, Any]:
         return {"keys": self._ring.published(int(now))}
 
-    def audit_keys(self) -> dict[str, Any]:
-        """The audit key list: every key ever recorded, retired ones included, with its window.
+    def audit_keys(self) -> AuditKeys:
+        """Every key ever recorded, retired ones included, each with its window: what a
+        stored checkpoint may be signed by, and (as a document) the published audit key list.
 
         The ring holds every ``signing_keys`` row (``refresh`` reads them all), and a key
         signs checkpoints in the same window as tokens.
@@ -204,7 +205,7 @@ class KeyManager:
                 retires_at=r.retires_at,
             )
             for r in self._ring.records
-        ).to_document()
+        )
 
     async def aclose(self) -> None:
         for signer in self._signers.values():

@@ -36,7 +36,6 @@ from webauthn.helpers.structs import (
 from ..metrics import increment, set_gauge
 from ..protocol import (
     ApprovalReceipt,
-    AuditKeys,
     Conflict,
     DependencyUnavailable,
     DPoPPolicy,
@@ -233,7 +232,7 @@ class Registry:
         too (a quiet chain's latest checkpoint may predate the current key), each within
         its signing window (the audit key list the registry publishes)."""
         await self.keys.refresh(force=True)
-        return AuditKeys.from_document(self.keys.audit_keys())
+        return self.keys.audit_keys()
 
     async def checkpoint_all(self) -> list[dict[str, Any]]:
         # Audit lag: how long the oldest event not yet under a signed checkpoint has waited.
@@ -591,15 +590,8 @@ class Registry:
         """Assertion options for confirming ``change`` with one of the human's passkeys. A
         removal that cannot happen is refused now, before anyone is asked to sign for it."""
         if change.startswith("remove:"):
-            ids = {
-                r["credential_id"]
-                for r in await self.pool.fetch(
-                    "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
-                    " AND removed_at IS NULL",
-                    principal_id,
-                )
-            }
-            _removable(ids, change.removeprefix("remove:"))
+            ids = await _passkey_ids(self.pool, principal_id)
+            _removable(set(ids), change.removeprefix("remove:"))
         return await self._assertion_options(
             principal_id, secrets.token_bytes(32), purpose="manage_passkeys", subject_id=change
         )
@@ -626,20 +618,12 @@ class Registry:
     async def _registration_options(self, conn: Conn, principal_id: str) -> dict[str, Any]:
         """Options to register one more passkey for an existing human (none of theirs
         again), with the challenge stored for this human."""
-        existing = await conn.fetch(
-            "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
-            " AND removed_at IS NULL",
-            principal_id,
-        )
         options = webauthn.generate_registration_options(
             rp_id=self.settings.rp_id,
             rp_name=self.settings.rp_name,
             user_id=principal_id.encode(),
             user_name=principal_id,
-            exclude_credentials=[
-                PublicKeyCredentialDescriptor(id=base64url_to_bytes(r["credential_id"]))
-                for r in existing
-            ],
+            exclude_credentials=await _descriptors(conn, principal_id),
             authenticator_selection=AuthenticatorSelectionCriteria(
                 resident_key=ResidentKeyRequirement.REQUIRED, user_verification=self._uv()
             ),
@@ -1236,18 +1220,10 @@ class Registry:
     ) -> dict[str, Any]:
         """WebAuthn request options over ``challenge`` for the human's passkeys, with the
         challenge stored single-use for ``purpose`` on ``subject_id``."""
-        credentials = await self.pool.fetch(
-            "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
-            " AND removed_at IS NULL",
-            principal_id,
-        )
         options = webauthn.generate_authentication_options(
             rp_id=self.settings.rp_id,
             challenge=challenge,
-            allow_credentials=[
-                PublicKeyCredentialDescriptor(id=base64url_to_bytes(r["credential_id"]))
-                for r in credentials
-            ],
+            allow_credentials=await _descriptors(self.pool, principal_id),
             user_verification=self._uv(),
         )
         await self._store_challenge(
@@ -1927,6 +1903,24 @@ def _still_pending(status: str, what: str) -> None:
         raise Conflict(f"the {what} expired unanswered", reason="expired")
     if status != "pending":
         raise Conflict(f"the {what} was already decided", reason="not_pending")
+
+
+async def _passkey_ids(conn: Conn | asyncpg.Pool, principal_id: str) -> list[str]:
+    """The ids of the human's passkeys (not removed)."""
+    rows = await conn.fetch(
+        "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
+        " AND removed_at IS NULL",
+        principal_id,
+    )
+    return [r["credential_id"] for r in rows]
+
+
+async def _descriptors(
+    conn: Conn | asyncpg.Pool, principal_id: str
+) -> list[PublicKeyCredentialDescriptor]:
+    """The human's passkeys as WebAuthn options name them (to use, or not to register twice)."""
+    ids = await _passkey_ids(conn, principal_id)
+    return [PublicKeyCredentialDescriptor(id=base64url_to_bytes(i)) for i in ids]
 
 
 def _removable(passkeys: set[str], credential_id: str) -> None:
