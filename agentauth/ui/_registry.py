@@ -147,10 +147,6 @@ class RegistryClient:
 
     # --- public --------------------------------------------------------------------------
 
-    async def jwks(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self.call("GET", "/.well-known/jwks.json")
-        return result
-
     async def audit_keys(self) -> dict[str, Any]:
         """Every key the registry has signed checkpoints with, and when (never dropped)."""
         result: dict[str, Any] = await self.call("GET", "/.well-known/agentauth-audit-keys.json")
