@@ -7,6 +7,7 @@ failures are 400 with the failing fields; anything unexpected is logged here and
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from .protocol import (
     InvalidDPoPProof,
     InvalidRequest,
     PayloadTooLarge,
+    Unauthenticated,
     UseDPoPNonce,
     strict_json_loads,
 )
@@ -32,6 +34,7 @@ from .protocol import (
 __all__ = [
     "MAX_BODY_BYTES",
     "BodyGuard",
+    "basic_credentials",
     "error_response",
     "install_error_handlers",
     "parsed_body",
@@ -127,6 +130,20 @@ def _storable(document: Any) -> Any:
         elif isinstance(value, list):
             stack.extend(value)
     return document
+
+
+def basic_credentials(value: str) -> tuple[str, str]:
+    """A provider's ``Authorization: Basic`` value as (id, secret); anything that is not
+    base64 of UTF-8 (not base64, not even ASCII, bytes that do not decode: all ValueError)
+    is refused as a bad credential, never a 500."""
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode()
+    except ValueError:
+        raise Unauthenticated(
+            "malformed Basic credentials", reason="bad_provider_credential"
+        ) from None
+    provider_id, _, secret = decoded.partition(":")
+    return provider_id, secret
 
 
 def parsed_body(scope: Scope) -> object:

@@ -11,7 +11,6 @@ Only health, the JWKS and the discovery document answer anonymous callers.
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,7 +19,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 
-from .._web import install_error_handlers
+from .._web import basic_credentials, install_error_handlers
 from ..protocol import (
     Forbidden,
     InvalidDPoPProof,
@@ -95,14 +94,7 @@ async def caller(request: Request) -> Caller:
         return Caller(agent=agent)
     scheme, value = _authorization(request)
     if scheme == "basic":
-        try:
-            decoded = base64.b64decode(value, validate=True).decode()
-        except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8 once decoded
-            raise Unauthenticated(
-                "malformed Basic credentials", reason="bad_provider_credential"
-            ) from None
-        provider_id, _, secret = decoded.partition(":")
-        provider_id, current = await registry.authenticate_provider(provider_id, secret)
+        provider_id, current = await registry.authenticate_provider(*basic_credentials(value))
         return Caller(provider_id=provider_id, provider_current=current)
     token = value if scheme == "bearer" and value else None
     if token is not None and registry.is_admin(token):

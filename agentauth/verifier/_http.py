@@ -8,7 +8,6 @@ deny and a reason code; errors of the call itself (bad input, unknown caller) ar
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 from typing import Annotated, Any
@@ -18,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .._web import error_response, install_error_handlers, parsed_body
+from .._web import basic_credentials, error_response, install_error_handlers, parsed_body
 from ..protocol import Unauthenticated
 from ._service import Verifier, VerifyIn
 
@@ -35,15 +34,7 @@ async def _authenticate(verifier: Verifier, authorization: str) -> str:
     scheme, _, value = authorization.partition(" ")
     if scheme.lower() != "basic":
         raise Unauthenticated("provider credentials required", reason="missing_credentials")
-    try:
-        provider_id, _, secret = (
-            base64.b64decode(value.strip(), validate=True).decode().partition(":")
-        )
-    except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8 once decoded
-        raise Unauthenticated(
-            "malformed Basic credentials", reason="bad_provider_credential"
-        ) from None
-    return await verifier.authenticate_provider(provider_id, secret)
+    return await verifier.authenticate_provider(*basic_credentials(value))
 
 
 Provider = Annotated[str, Depends(provider)]
