@@ -635,20 +635,28 @@ class Registry:
 
     async def passkey_finish(self, principal_id: str, credential: dict[str, Any]) -> dict[str, Any]:
         async with self._tx() as conn:
-            challenge, _ = await self._consume_challenge(
-                conn, credential, purpose="register", principal_id=principal_id
-            )
-            verified = self._verify_registration(credential, challenge)
-            await self._insert_credential(conn, principal_id, verified)
-            credential_id = bytes_to_base64url(verified.credential_id)
-            await self._audit(
-                conn,
-                event="passkey.added",
-                actor=f"human:{principal_id}",
-                subject=f"passkey:{credential_id}",
-                key=principal_id,
-            )
+            credential_id = await self._add_passkey(conn, principal_id, credential, "added")
         return {"credential_id": credential_id}
+
+    async def _add_passkey(
+        self, conn: Conn, principal_id: str, credential: dict[str, Any], how: str
+    ) -> str:
+        """Register ``credential`` for an existing human over a challenge issued to them
+        (``_registration_options``), audited as ``passkey.<how>``; its id."""
+        challenge, _ = await self._consume_challenge(
+            conn, credential, purpose="register", principal_id=principal_id
+        )
+        verified = self._verify_registration(credential, challenge)
+        await self._insert_credential(conn, principal_id, verified)
+        credential_id = bytes_to_base64url(verified.credential_id)
+        await self._audit(
+            conn,
+            event=f"passkey.{how}",
+            actor=f"human:{principal_id}",
+            subject=f"passkey:{credential_id}",
+            key=principal_id,
+        )
+        return credential_id
 
     # --- recovery: a person who has lost every passkey -----------------------------------
 
@@ -704,20 +712,8 @@ class Registry:
         ends: whoever has the lost passkeys may have signed one in."""
         async with self._tx() as conn:
             principal_id = await self._recovering(conn, code, spend=True)
-            challenge, _ = await self._consume_challenge(
-                conn, credential, purpose="register", principal_id=principal_id
-            )
-            verified = self._verify_registration(credential, challenge)
-            await self._insert_credential(conn, principal_id, verified)
-            credential_id = bytes_to_base64url(verified.credential_id)
+            await self._add_passkey(conn, principal_id, credential, "recovered")
             await conn.execute("DELETE FROM sessions WHERE principal_id = $1", principal_id)
-            await self._audit(
-                conn,
-                event="passkey.recovered",
-                actor=f"human:{principal_id}",
-                subject=f"passkey:{credential_id}",
-                key=principal_id,
-            )
             session = await self._new_session(conn, principal_id)
         return {"principal_id": principal_id, "session": session}
 
