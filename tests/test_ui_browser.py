@@ -585,6 +585,27 @@ def test_deny_a_request_and_move_to_a_new_passkey(page: Page, stack: Stack) -> N
         agent, registry.provider("mail"), [Capability.write("mail/*").to_document()]
     )
     page.open("/")
+    page.wait_text("deny-bot asks mail")
+    deny = page.driver.find_element(By.CSS_SELECTOR, "[aria-label='Deny: deny-bot asks mail']")
+    where = deny.location
+    # A request that arrives while one is on screen is announced; the card under the
+    # person's pointer does not move.
+    later = registry.ask(
+        agent, registry.provider("notes"), [Capability.read("notes/*").to_document()]
+    )
+    page.wait_text("1 new request waiting")  # the toast, gone again after a few seconds
+    page.wait(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "[aria-label='Show 1 new pending request']")
+    )
+    assert deny.location == where
+    assert "deny-bot asks notes" not in page.text()
+    page.click("Show 1 new pending request")
+    page.wait_text("deny-bot asks notes")
+    page.click("Deny: deny-bot asks notes")
+    page.wait_text("Denied: deny-bot asks notes")
+    assert registry.as_agent(agent, "GET", f"/v1/grant-requests/{later['id']}")["status"] == (
+        "denied"
+    )
     page.click("Deny: deny-bot asks mail")
     page.wait_text("Denied: deny-bot asks mail")
     assert registry.as_agent(agent, "GET", f"/v1/grant-requests/{asked['id']}")["status"] == (

@@ -367,3 +367,98 @@ async def test_the_end_date_is_fixed_when_the_person_enters_it(
     (narrowed,) = registry.begun
     assert narrowed is not None
     assert abs(narrowed["envelope"]["expires_at"] - (entered + 2 * 86400)) < 5
+
+
+# --- polling never moves a card that can still be answered -------------------------------
+
+
+MAIL_REQUEST = request_with(
+    id="grq_mail",
+    agent_id="agt_2",
+    agent_name="Mail bot",
+    provider_id="mail",
+    provider_name="Mail",
+    capabilities=[{"kind": "read", "resource": "mail/*"}],
+    envelope={},
+)
+
+
+def enabled(requests: RequestsPage) -> list[str]:
+    return [str(b.props.get("aria-label")) for b in requests.buttons() if b.enabled]
+
+
+@pytest.mark.asyncio
+async def test_a_new_request_is_announced_not_drawn_above_the_cards_on_screen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = FakeRegistry([SHOP_REQUEST], [STEP_UP])
+    requests = RequestsPage(registry, monkeypatch)
+    announced: list[str] = []
+    monkeypatch.setattr(ui, "notify", lambda message, **_: announced.append(str(message)))
+    await requests.build()
+    before = requests.buttons()
+    # The registry lists the newcomer first: drawn now, it would push every button down.
+    registry.requests = [MAIL_REQUEST, SHOP_REQUEST]
+    await requests.poll()
+    assert requests.buttons()[:-1] == before[:-1]  # the same buttons, in the same places
+    assert "Mail bot asks Mail" not in requests.texts()
+    assert announced == [
+        "1 new request waiting: press \u201cShow 1 new\u201d at the foot of the page."
+    ]
+    await requests.poll()
+    assert len(announced) == 1  # said once
+    # The person draws it when their hand is off the cards.
+    await requests.press(requests.button("Show 1 new pending request"))
+    assert "Mail bot asks Mail" in requests.texts()
+    assert requests.button("Refresh the pending requests").text == "Refresh"
+
+
+@pytest.mark.asyncio
+async def test_a_card_no_longer_waiting_is_greyed_in_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = FakeRegistry([SHOP_REQUEST, MAIL_REQUEST], [STEP_UP])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+    before = requests.buttons()
+    # Approved from another device: the card stays where it is, its buttons off.
+    registry.requests = [MAIL_REQUEST]
+    await requests.poll()
+    assert requests.buttons() == before
+    assert "Shopping bot asks Shop" in requests.texts()
+    assert not any("Shopping bot asks Shop" in label for label in enabled(requests))
+    assert "Approve with passkey: Mail bot asks Mail" in enabled(requests)
+    assert "Refuse: Shopping bot asks to pay $120 to acme for payments/inv/7" in enabled(requests)
+    # Once nothing on the page can be answered, it redraws by itself.
+    registry.requests, registry.steps = [], []
+    await requests.poll()
+    assert "Shopping bot asks Shop" not in requests.texts()
+    assert "No pending requests. When an agent asks for access, it shows here." in requests.texts()
+
+
+@pytest.mark.asyncio
+async def test_an_empty_page_shows_a_new_request_by_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = FakeRegistry([], [])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+    registry.requests = [SHOP_REQUEST]
+    await requests.poll()
+    assert "Shopping bot asks Shop" in requests.texts()
+    assert "Approve with passkey: Shopping bot asks Shop" in enabled(requests)
+
+
+@pytest.mark.asyncio
+async def test_a_poll_waits_while_a_tighten_form_is_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = FakeRegistry([SHOP_REQUEST], [])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+    await requests.press(
+        requests.button("Tighten the limits before approving: Shopping bot asks Shop")
+    )
+    registry.requests = []
+    await requests.poll()
+    assert "Approve with passkey: Shopping bot asks Shop" in enabled(requests)

@@ -166,14 +166,43 @@ class Ctx:
 
 @dataclass(slots=True)
 class Board:
-    """What the requests page shows, and whether it may redraw by itself right now."""
+    """What the requests page shows, and whether it may change by itself right now.
 
-    ids: frozenset[str] = frozenset()
+    A poll never moves a card that can still be answered: a card inserted or removed above
+    another would slide that one's buttons under a pointer about to click, and the click
+    would land on another agent's request. So a poll only greys out, in place, cards that
+    are no longer waiting, and announces new ones, which the person draws with a button.
+    The page redraws by itself only when nothing on it can be answered any more.
+    """
+
+    ids: frozenset[str] = frozenset()  # drawn, answerable or not
+    gone: set[str] = field(default_factory=set)  # drawn, no longer waiting
+    cards: dict[str, ui.element] = field(default_factory=dict)
+    announced: int = 0  # how many new ones the last announcement counted: say each once
     in_flight: int = 0
     editors: list[ui.element] = field(default_factory=list)
 
     def quiet(self) -> bool:
         return self.in_flight == 0 and not any(e.visible for e in self.editors if not e.is_deleted)
+
+    def drawn(self, ids: Iterable[str]) -> None:
+        self.ids = frozenset(ids)
+        self.gone.clear()
+        self.cards.clear()
+        self.announced = 0
+        self.editors.clear()
+
+    def retire(self, item_id: str) -> None:
+        """Grey out a card that is no longer waiting, without changing its size."""
+        self.gone.add(item_id)
+        card = self.cards.get(item_id)
+        if card is None or card.is_deleted:
+            return
+        card.classes("opacity-50")
+        card.props["aria-disabled"] = "true"
+        for element in card.descendants():
+            if isinstance(element, ui.button):
+                element.disable()
 
 
 class Tighten:
@@ -630,14 +659,13 @@ class Pages:
             agents = await self.registry.agents(self._token(cookie_id))
             names = {a["id"]: a["name"] for a in agents}
             ctx = Ctx(cookie_id, notice, load)
-            board.ids = frozenset(r["id"] for r in [*pending, *steps])
-            board.editors.clear()
+            board.drawn(str(r["id"]) for r in [*pending, *steps])
             requests_box.clear()
             with requests_box:
                 if not pending:
                     ui.label("No pending requests. When an agent asks for access, it shows here.")
                 for request in pending:
-                    self._isolated(
+                    board.cards[str(request["id"])] = self._isolated(
                         partial(self._request_card, ctx, board, request),
                         partial(self._unreadable_request, ctx, board, request),
                     )
@@ -646,36 +674,74 @@ class Pages:
                 if not steps:
                     ui.label("No payments are waiting for you.")
                 for step in steps:
-                    self._isolated(
+                    board.cards[str(step["id"])] = self._isolated(
                         partial(self._step_up_card, ctx, board, step, names),
                         partial(self._unreadable_step_up, ctx, board, step),
                     )
+            show_new(0)
+
+        def show_new(count: int) -> None:
+            """The button at the foot of the page: Refresh, or Show N new (nothing below it
+            moves when its words change)."""
+            if count:
+                many = "s" if count > 1 else ""
+                refresh.text = f"Show {count} new request{many}"
+                refresh.props["aria-label"] = f"Show {count} new pending request{many}"
+                refresh.props(remove="outline")
+            else:
+                refresh.text = "Refresh"
+                refresh.props["aria-label"] = "Refresh the pending requests"
+                refresh.props("outline")
 
         async def poll() -> None:
-            # New requests appear by themselves, but never under a person's hands: not while
-            # an approval runs or a tighten form is open.
+            # Not while an approval runs or a tighten form is open: the person is busy with
+            # what is on screen, and their own action redraws the page when it ends.
             if not board.quiet():
                 return
             try:
                 pending, steps = await pending_now()
             except (RegistryError, SignedOut):
                 return
-            if frozenset(r["id"] for r in [*pending, *steps]) != board.ids and board.quiet():
-                await self._act(notice, load)
+            if not board.quiet():
+                return
+            waiting = {str(r["id"]) for r in [*pending, *steps]}
+            for item_id in board.ids - board.gone - waiting:
+                board.retire(item_id)
+            arrived = waiting - board.ids
+            if not board.ids - board.gone:
+                # Nothing on the page can be clicked to any effect: drawing anew moves no
+                # answerable card.
+                if arrived or board.ids:
+                    await self._act(notice, load)
+                return
+            if arrived and len(arrived) != board.announced:
+                many = "s" if len(arrived) > 1 else ""
+                ui.notify(
+                    f"{len(arrived)} new request{many} waiting: press "
+                    f"\u201cShow {len(arrived)} new\u201d at the foot of the page.",
+                    position="top",
+                )
+            board.announced = len(arrived)
+            show_new(len(arrived))
+
+        with main:
+            refresh = (
+                labelled(
+                    ui.button("Refresh", icon="refresh", on_click=lambda: self._act(notice, load)),
+                    "Refresh the pending requests",
+                )
+                .props("outline")
+                .classes("self-start")
+            )
 
         try:
             await load()
         except RegistryError as exc:
             notice.error(exc.message, exc.code)
-        with main:
-            labelled(
-                ui.button("Refresh", icon="refresh", on_click=lambda: self._act(notice, load)),
-                "Refresh the pending requests",
-            ).props("outline").classes("self-start")
         ui.timer(self.settings.poll_seconds, poll)
 
     @staticmethod
-    def _isolated(draw: Callable[[], None], fallback: Callable[[], None]) -> None:
+    def _isolated(draw: Callable[[], None], fallback: Callable[[], None]) -> ui.element:
         """Draw one card, or ``fallback`` in its place if its data cannot be drawn: what one
         agent sends must never keep the page from showing (and answering) everyone else's."""
         holder = ui.element("div").classes("w-full")
@@ -687,6 +753,7 @@ class Pages:
             holder.clear()
             with holder:
                 fallback()
+        return holder
 
     def _unreadable_request(self, ctx: Ctx, board: Board, request: Mapping[str, Any]) -> None:
         """A request the page cannot put in words: it can only be denied."""
