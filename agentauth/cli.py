@@ -458,10 +458,12 @@ async def _audit_verify_chain(
         GENESIS_HASH,
         AgentAuthError,
         AuditEvent,
+        Checkpoint,
         IntegrityError,
         MerkleFrontier,
         b64url_decode,
         b64url_encode,
+        check_checkpoint_dated,
     )
 
     # Checkpoints first, then the head: a chain only grows, so a checkpoint past a head read
@@ -477,6 +479,8 @@ async def _audit_verify_chain(
     frontier, previous, seq = MerkleFrontier(), GENESIS_HASH, 0
     covered = 0  # the size of the latest checkpoint reached (bad ones are problems anyway)
     oldest_uncovered: int | None = None  # time_ms of the first event after it
+    newest_ms: int | None = None  # time_ms of the event before seq
+    dated: list[Checkpoint] = []  # the last good checkpoint, whose date the next must follow
 
     def checks_out(at: int) -> bool:
         try:
@@ -493,9 +497,16 @@ async def _audit_verify_chain(
                 )
             if checkpoint.root_bytes() != frontier.root():
                 raise IntegrityError("it disagrees with the events", reason="root")
+            check_checkpoint_dated(
+                checkpoint,
+                newest_event_ms=newest_ms,
+                previous=dated[-1] if dated else None,
+                now=now,
+            )
         except AgentAuthError as exc:
             problems.append(f"{chain}: checkpoint at {at}: {exc.description}")
             return False
+        dated[:] = [checkpoint]
         return True
 
     try:
@@ -519,6 +530,7 @@ async def _audit_verify_chain(
                     raise IntegrityError(f"event {seq} does not link", reason="fork")
                 previous = event.entry_hash()
                 frontier.append(previous)
+                newest_ms = event.time_ms
                 if oldest_uncovered is None:
                     oldest_uncovered = event.time_ms
                 seq += 1

@@ -21,7 +21,9 @@ import asyncpg
 import httpx
 from conftest import with_database
 
+from agentauth.protocol import Checkpoint, MerkleFrontier, b64url_encode
 from agentauth.registry import Registry, RegistrySettings, create_app
+from agentauth.registry._audit_log import sign_document
 
 CHAINS = 3
 QUIET = "registry-0"  # no event after the rotation: its latest checkpoint is A's
@@ -79,6 +81,36 @@ class RotatedRegistry:
         async with self.registry.pool.acquire() as conn:
             for chain in self.registry.audit.chains:
                 await self.registry.audit.checkpoint(conn, chain, signer, keys=keys, now=at)
+
+    async def backdate_with_old_key(self, chain: str) -> None:
+        """What a thief of A could do after the rotation: sign ``chain`` as it is now, dated
+        inside A's signing window (by hand: the registry's checkpointer would not)."""
+        signer = await self.registry.keys.signer(self.signed_by_old_at)
+        leaves = [
+            bytes(r["entry_hash"])
+            for r in await self.execute(
+                "SELECT entry_hash FROM audit_events WHERE chain = $1 ORDER BY seq", chain
+            )
+        ]
+        frontier = MerkleFrontier()
+        for leaf in leaves:
+            frontier.append(leaf)
+        checkpoint = Checkpoint(
+            chain=chain,
+            size=len(leaves),
+            root=b64url_encode(frontier.root()),
+            time=self.signed_by_old_at,
+        )
+        await self.execute(
+            "INSERT INTO audit_checkpoints (chain, size, root, frontier, signed, time)"
+            " VALUES ($1, $2, $3, $4, $5, $6)",
+            chain,
+            len(leaves),
+            frontier.root(),
+            frontier.state(),
+            await sign_document(checkpoint, signer),
+            checkpoint.time,
+        )
 
     async def execute(self, sql: str, *args: object) -> Any:
         conn = await asyncpg.connect(self.url)

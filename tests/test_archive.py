@@ -548,7 +548,10 @@ async def test_a_resigned_forgery_fails_only_against_pinned_keys(
     head = verify_chain(events, chain=chain, start=last.start())
     attacker = PrivateKey.generate(kid="attacker")
     forged = sign_checkpoint(
-        Checkpoint(chain=chain, size=last.to_size, root=b64url_encode(head.root), time=0), attacker
+        Checkpoint(
+            chain=chain, size=last.to_size, root=b64url_encode(head.root), time=int(time.time())
+        ),
+        attacker,
     )
     manifest = Manifest(
         **{
@@ -915,3 +918,25 @@ def test_an_object_name_the_store_refuses_fails_verification_without_a_traceback
     monkeypatch.setattr(_cli, "open_store", lambda location, **_: Bucket(tmp_path))
     assert _cli.verify_command("s3://bucket/archive") == 1
     assert "will not read" in capsys.readouterr().out
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_a_segment_sealed_by_a_backdated_checkpoint_fails(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    async with rotated_registry(database_url, redis_url, tmp_path / "reg") as rotated:
+        audit_keys = AuditKeys.from_document(await rotated.audit_keys())
+        store = DirectoryStore(tmp_path / "archive")
+        # The old key leaked: it seals new events of the quiet chain under a date inside its
+        # window. The signature and the window check out; the date cannot: the exporter
+        # refuses the segment, and an archive holding it fails.
+        await rotated.append(keys_on_chains(rotated.registry, {QUIET}, 2))
+        await rotated.backdate_with_old_key(QUIET)
+        with pytest.raises(ArchiveIntegrityError) as caught:
+            await export(rotated.url, store)
+        (problem,) = caught.value.problems
+        assert (problem.chain, problem.reason) == (QUIET, "dated")
+        assert "before an event it covers" in problem.description
+        verify_archive(store, keys=audit_keys)  # what was archived before still verifies

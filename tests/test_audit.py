@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from agentauth.protocol import (
     ACCESS_TOKEN_TYP,
     AUDIT_FORMAT,
+    CHECKPOINT_SKEW,
     CHECKPOINT_TYP,
     EMPTY_ROOT,
     GENESIS_HASH,
@@ -37,6 +38,7 @@ from agentauth.protocol import (
     b64url_decode,
     b64url_encode,
     canonical_json,
+    check_checkpoint_dated,
     consistency_proof,
     inclusion_proof,
     leaf_hash,
@@ -697,3 +699,36 @@ def test_any_single_changed_byte_in_a_chain_is_detected() -> None:
     # Not vacuous: many changes get past the model and are caught by the chain or the root.
     assert seen["chain broken"] >= 100, seen
     assert seen["root changed"] >= 5, seen
+
+
+# --- a checkpoint's date --------------------------------------------------------------------
+
+
+def dated(time: int, size: int = 5) -> Checkpoint:
+    return Checkpoint(chain=CHAIN, size=size, root=b64url_encode(bytes(32)), time=time)
+
+
+def test_a_checkpoint_dated_after_what_it_covers_passes() -> None:
+    check_checkpoint_dated(dated(1_000), newest_event_ms=999_500, previous=dated(990, 3), now=1_001)
+    check_checkpoint_dated(dated(0, 0), newest_event_ms=None)
+    # Clocks a little apart are not tampering.
+    skewed = 1_000 + CHECKPOINT_SKEW
+    check_checkpoint_dated(dated(1_000), newest_event_ms=skewed * 1000, previous=dated(skewed))
+    check_checkpoint_dated(dated(skewed), newest_event_ms=None, now=1_000)
+
+
+@pytest.mark.parametrize(
+    ("newest_ms", "previous", "now", "says"),
+    [
+        # A key's signing window means nothing if a checkpoint may predate its events.
+        ((1_001 + CHECKPOINT_SKEW) * 1000, None, None, "before an event it covers"),
+        (None, dated(1_001 + CHECKPOINT_SKEW, 3), None, "before the checkpoint at 3"),
+        (None, None, 999 - CHECKPOINT_SKEW, "in the future"),
+    ],
+)
+def test_a_checkpoint_whose_date_cannot_be_true_is_refused(
+    newest_ms: int | None, previous: Checkpoint | None, now: float | None, says: str
+) -> None:
+    with pytest.raises(IntegrityError, match=says) as caught:
+        check_checkpoint_dated(dated(1_000), newest_event_ms=newest_ms, previous=previous, now=now)
+    assert caught.value.reason == "dated"

@@ -343,6 +343,24 @@ async def test_after_a_rotation_the_published_audit_key_list_verifies_every_chec
             }
 
 
+@pytest.mark.asyncio
+async def test_a_retired_key_cannot_backdate_a_checkpoint_into_its_window(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    async with rotated_registry(database_url, redis_url, tmp_path / "reg") as rotated:
+        audit_keys = tmp_path / "audit-keys.json"
+        audit_keys.write_text(json.dumps(await rotated.audit_keys()))
+        # The old key leaked: new events on the quiet chain, sealed by it under an old date
+        # inside its window. The signature and the window check out; the date cannot.
+        await rotated.append(keys_on_chains(rotated.registry, {QUIET}, 2))
+        await rotated.backdate_with_old_key(QUIET)
+        late = run_verify(rotated.url, "--audit-keys", audit_keys)
+        assert late.returncode == 1
+        assert "before an event it covers" in late.stderr and "backdated" in late.stderr
+        assert "outside the signing window" not in late.stderr
+        assert verdicts(late) == {"registry-0": "FAILED", "registry-1": "ok", "registry-2": "ok"}
+
+
 def test_unreadable_keys_are_an_error_of_their_own(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text('{"format": "agentauth.audit-keys.v1", "keys": [{}]}')
     for path in (tmp_path / "missing.json", tmp_path / "bad.json"):

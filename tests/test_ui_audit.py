@@ -39,16 +39,20 @@ AGENT = "agt_1"
 MINE = (0, 1, 3, 4)  # the agent's events; 2 and 5 are another agent's
 
 
-def build_chain(size: int = 6) -> list[AuditEvent]:
+def build_chain(size: int = 6, *, start_ms: int = 1_000) -> list[AuditEvent]:
     events = [
         AuditEvent.first(
-            chain=CHAIN, time_ms=1_000, event="agent.registered", actor="a", subject="s"
+            chain=CHAIN, time_ms=start_ms, event="agent.registered", actor="a", subject="s"
         )
     ]
     for i in range(1, size):
         events.append(
             events[-1].following(
-                time_ms=1_000 + i, event="grant.approved", actor="a", subject=f"s{i}", data={"i": i}
+                time_ms=start_ms + i,
+                event="grant.approved",
+                actor="a",
+                subject=f"s{i}",
+                data={"i": i},
             )
         )
     return events
@@ -309,3 +313,26 @@ async def test_a_malformed_audit_key_list_is_a_problem_not_a_crash(signer: Priva
         await client.aclose()
     assert "the registry's audit key list is malformed" in trail.all_problems
     assert f"{CHAIN}: the latest checkpoint does not verify (unknown_kid)" in trail.all_problems
+
+
+def test_a_checkpoint_dated_before_the_events_it_covers_is_a_problem(
+    signer: PrivateKey, keys: KeySet
+) -> None:
+    def latest(events: list[AuditEvent], time: int) -> list[dict[str, Any]]:
+        return [{"chain": CHAIN, "size": 6, "signed": signed_checkpoint(events, signer, time=time)}]
+
+    # Events dated about 1 s: a checkpoint dated 0 is within the clocks' skew...
+    events = build_chain()
+    checks = check_chains([events[i] for i in MINE])
+    check_checkpoints(checks, latest(events, 0), keys)
+    assert checks[CHAIN].problems == [] and checks[CHAIN].covered == 6
+    # ...one over events written an hour later is backdated.
+    later = build_chain(start_ms=3_601_000)
+    checks = check_chains([later[i] for i in MINE])
+    check_checkpoints(checks, latest(later, 0), keys)
+    assert checks[CHAIN].checkpoint is None
+    assert "before an event it covers" in checks[CHAIN].problems[0]
+    # And one dated in the future.
+    checks = check_chains([events[i] for i in MINE])
+    check_checkpoints(checks, latest(events, 10_000), keys, now=5_000)
+    assert "in the future" in checks[CHAIN].problems[0]

@@ -22,6 +22,7 @@ from ..protocol import (
     AuditEvent,
     AuditKeys,
     ChainHead,
+    Checkpoint,
     IntegrityError,
     InvalidRequest,
     KeySet,
@@ -30,6 +31,7 @@ from ..protocol import (
     b64url_decode,
     b64url_encode,
     canonical_json,
+    check_checkpoint_dated,
     strict_json_loads,
     verify_chain,
 )
@@ -195,14 +197,14 @@ def decode_key(raw: bytes, *, kid: str) -> PublicKey:
 # --- checks --------------------------------------------------------------------------------
 
 
-def _signed(signed: str, *, chain: str, size: int, keys: KeySet, what: str) -> bytes:
+def _signed(signed: str, *, chain: str, size: int, keys: KeySet, what: str) -> Checkpoint:
     # With an audit key list, the checkpoint's time must lie in its key's signing window.
     checkpoint = AuditKeys.from_key_set(keys).verify(signed)
     if checkpoint.chain != chain or checkpoint.size != size:
         raise IntegrityError(
             f"{what} is for {checkpoint.chain} at {checkpoint.size}", reason="checkpoint"
         )
-    return checkpoint.root_bytes()
+    return checkpoint
 
 
 def verify_segment(manifest: Manifest, events: bytes, *, keys: KeySet) -> ChainHead:
@@ -218,30 +220,37 @@ def verify_segment(manifest: Manifest, events: bytes, *, keys: KeySet) -> ChainH
     if not hmac.compare_digest(b64url_encode(digest), manifest.events_sha256):
         raise IntegrityError("events object does not match its manifest", reason="digest")
     chain = manifest.chain
-    to_root = _signed(
+    to_checkpoint = _signed(
         manifest.checkpoint, chain=chain, size=manifest.to_size, keys=keys, what="checkpoint"
     )
     start = manifest.start()
+    from_checkpoint = None
     if manifest.prev_checkpoint is None:
         if start.head != GENESIS_HASH:
             raise IntegrityError("the first segment does not start at genesis", reason="fork")
     else:
-        from_root = _signed(
+        from_checkpoint = _signed(
             manifest.prev_checkpoint,
             chain=chain,
             size=manifest.from_size,
             keys=keys,
             what="previous checkpoint",
         )
-        if not hmac.compare_digest(start.root, from_root):
+        if not hmac.compare_digest(start.root, from_checkpoint.root_bytes()):
             raise IntegrityError(
                 "stored frontier disagrees with the previous checkpoint", reason="root"
             )
-    head = verify_chain(decode_events(events), chain=chain, start=start)
+    decoded = decode_events(events)
+    head = verify_chain(decoded, chain=chain, start=start)
     if head.size != manifest.to_size:
         raise IntegrityError(f"segment ends at {head.size}, not {manifest.to_size}", reason="gap")
-    if not hmac.compare_digest(head.root, to_root):
+    if not hmac.compare_digest(head.root, to_checkpoint.root_bytes()):
         raise IntegrityError("events disagree with the signed checkpoint", reason="root")
+    check_checkpoint_dated(
+        to_checkpoint,
+        newest_event_ms=decoded[-1].time_ms if decoded else None,
+        previous=from_checkpoint,
+    )
     if b64url_encode(head.head) != manifest.last_hash or [
         b64url_encode(h) for h in head.frontier.state()
     ] != list(manifest.to_frontier):

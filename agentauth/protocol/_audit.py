@@ -31,11 +31,13 @@ from ._types import Identifier
 
 __all__ = [
     "AUDIT_FORMAT",
+    "CHECKPOINT_SKEW",
     "CHECKPOINT_TYP",
     "GENESIS_HASH",
     "AuditEvent",
     "ChainHead",
     "Checkpoint",
+    "check_checkpoint_dated",
     "sign_checkpoint",
     "verify_chain",
     "verify_checkpoint",
@@ -188,6 +190,43 @@ class Checkpoint(BaseModel):
 
     def root_bytes(self) -> bytes:
         return b64url_decode(self.root)
+
+
+#: How far apart the clocks that date events (each shard's, each registry replica's) and the
+#: one that dates a checkpoint may be. NTP keeps a sound deployment's clocks within a second;
+#: a minute leaves room for a bad day, and is all a checkpoint can be backdated by: a key's
+#: signing window only means something if a checkpoint cannot claim an earlier date than the
+#: events it covers (a retired key that leaked could otherwise sign new history under an
+#: old date inside its window).
+CHECKPOINT_SKEW = 60
+
+
+def check_checkpoint_dated(
+    checkpoint: Checkpoint,
+    *,
+    newest_event_ms: int | None,
+    previous: Checkpoint | None = None,
+    now: float | None = None,
+    skew: int = CHECKPOINT_SKEW,
+) -> None:
+    """Check that ``checkpoint``'s date can be true: not before the newest event it covers
+    (``newest_event_ms``, None for an empty tree), not before the chain's previous
+    checkpoint, and, when ``now`` is given, not in the future. Each allows ``skew`` seconds.
+    Raises ``IntegrityError`` (reason ``dated``)."""
+    if newest_event_ms is not None and checkpoint.time + skew < newest_event_ms / 1000:
+        raise IntegrityError(
+            f"it is dated {checkpoint.time}, before an event it covers"
+            f" ({newest_event_ms // 1000}): backdated",
+            reason="dated",
+        )
+    if previous is not None and checkpoint.time + skew < previous.time:
+        raise IntegrityError(
+            f"it is dated {checkpoint.time}, before the checkpoint at {previous.size}"
+            f" ({previous.time})",
+            reason="dated",
+        )
+    if now is not None and checkpoint.time > now + skew:
+        raise IntegrityError(f"it is dated {checkpoint.time}, in the future", reason="dated")
 
 
 def sign_checkpoint(checkpoint: Checkpoint, signer: Signer) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ from ..protocol import (
     KeySet,
     b64url_decode,
     canonical_json,
+    check_checkpoint_dated,
     verify_inclusion,
 )
 from ._registry import RegistryClient, RegistryError
@@ -70,6 +72,8 @@ class ChainCheck:
     checkpoint: Checkpoint | None = None
     checkpoint_kid: str | None = None
     problems: list[str] = field(default_factory=list)
+    #: seq -> time_ms of the listed events, to check the checkpoint's date against
+    times: dict[int, int] = field(default_factory=dict)
 
     @property
     def covered(self) -> int:
@@ -100,6 +104,7 @@ def check_chains(events: Sequence[AuditEvent]) -> dict[str, ChainCheck]:
         members.sort(key=lambda e: e.seq)
         seen: set[int] = set()
         for i, event in enumerate(members):
+            check.times[event.seq] = event.time_ms
             if event.seq in seen:
                 check.problems.append(f"{chain}: two different events claim seq {event.seq}")
             seen.add(event.seq)
@@ -132,11 +137,17 @@ def _kid(signed: str) -> str | None:
 
 
 def check_checkpoints(
-    checks: Mapping[str, ChainCheck], checkpoints: Iterable[Mapping[str, Any]], keys: KeySet
+    checks: Mapping[str, ChainCheck],
+    checkpoints: Iterable[Mapping[str, Any]],
+    keys: KeySet,
+    *,
+    now: float | None = None,
 ) -> None:
     """Verify the latest signed checkpoint of each chain in ``checks`` (in place).
 
-    With ``AuditKeys``, each must also be dated inside its key's signing window.
+    With ``AuditKeys``, each must also be dated inside its key's signing window. Its date
+    must not precede the newest listed event it covers, nor lie in the future when ``now``
+    is given (``check_checkpoint_dated``).
     """
     audit_keys = AuditKeys.from_key_set(keys)
     latest = {str(c.get("chain")): c for c in checkpoints}
@@ -153,6 +164,12 @@ def check_checkpoints(
             continue
         if checkpoint.chain != chain or checkpoint.size != listed.get("size"):
             check.problems.append(f"{chain}: the checkpoint is signed for another chain or size")
+            continue
+        covered = [t for seq, t in check.times.items() if seq < checkpoint.size]
+        try:
+            check_checkpoint_dated(checkpoint, newest_event_ms=max(covered, default=None), now=now)
+        except AgentAuthError as exc:
+            check.problems.append(f"{chain}: the latest checkpoint: {exc.description}")
             continue
         check.checkpoint = checkpoint
         check.checkpoint_kid = _kid(str(listed.get("signed")))
@@ -224,7 +241,7 @@ class AuditTrail:
         except AgentAuthError:
             keys = AuditKeys([])
             problems.append("the registry's audit key list is malformed")
-        check_checkpoints(chains, checkpoints, keys)
+        check_checkpoints(chains, checkpoints, keys, now=time.time())
         trail = cls(agent_id, documents, events, checkpoints, audit_keys, chains, problems)
         covered = [e for e in events if e.seq < chains[e.chain].covered][-prove:] if prove else []
         await trail.prove(client, token, covered, keys)
