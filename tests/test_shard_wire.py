@@ -786,3 +786,46 @@ async def test_a_void_the_shard_could_not_write_is_asked_about_once_it_records_a
             assert len(fake.batches) == 5  # recorded: not asked about again
         finally:
             client.close()
+
+
+class _SlowEndpoint:
+    """A shard handle whose endpoint answers after ``delay`` (Ray bringing it up)."""
+
+    def __init__(self, host: str, port: int, token: bytes, delay: float) -> None:
+        self.endpoint = self
+        self._value, self._delay = (host, port, token), delay
+
+    def remote(self) -> Any:
+        async def answer() -> Any:
+            await asyncio.sleep(self._delay)
+            return self._value
+
+        return answer()
+
+
+@pytest.mark.asyncio
+async def test_a_slow_first_connect_leaves_the_call_only_the_rest_of_the_timeout() -> None:
+    """The replica's first check to a shard waits for the link to open, then for the call.
+    Both together must fit one timeout (plus the call's small floor): a connect that took
+    most of it must not start a full timeout of its own for the call."""
+    from agentauth.actors import ShardClient
+
+    timeout = 0.2
+    # This process's first check pays for its warm-up (the metrics, the codec): not here.
+    with _FakeShard(lambda n, checks: (0.0, [_allow(n) for _ in checks])) as warm:
+        warming = ShardClient([_Handle("127.0.0.1", warm.port, warm.token)], timeout=timeout)
+        try:
+            await warming.connect()
+            assert (await warming.check(0, _check())).allowed
+        finally:
+            warming.close()
+    with _FakeShard(lambda n, checks: (None, []), acks=True) as fake:  # answers nothing
+        handle = _SlowEndpoint("127.0.0.1", fake.port, fake.token, delay=timeout * 0.7)
+        client = ShardClient([handle], timeout=timeout)
+        try:
+            elapsed, result = await timed(client, _check())
+            assert (result.allowed, result.reason) == (False, "state_timeout")
+            # Before: 0.7 of a timeout to connect, then a whole one for the call (1.7).
+            assert elapsed < timeout * 1.35
+        finally:
+            client.close()

@@ -41,6 +41,9 @@ _MAX_UNSETTLED = 10_000
 
 _UNAVAILABLE = Result(False, "state_unavailable")
 _TIMEOUT = Result(False, "state_timeout")
+# The least of a timeout a call sent right after a slow connect is given: 10 % of it (4 ms
+# at the default 40), so such a check is answered within 1.1 timeouts at worst.
+_CALL_FLOOR = 0.1
 
 
 class _Out:
@@ -367,6 +370,7 @@ class ShardClient:
     async def _connect_and_send(
         self, shard: int, items: list[tuple[Check, asyncio.Future[Result]]]
     ) -> None:
+        started = time.perf_counter()
         try:
             link = await asyncio.wait_for(self._link(shard), self._timeout)
         except Exception:  # dead, restarting or unreachable: deny, never allow
@@ -375,16 +379,22 @@ class ShardClient:
             self._finish(shard, items, [_UNAVAILABLE] * len(items))
             return
         if (out := self._send(shard, link, items)) is not None:
-            await self._wait(out)
+            # The connect spent part of these checks' time: the call gets the rest, so a
+            # check is answered within one timeout (plus a floor that lets a call that left
+            # at the last moment have a chance), not a connect's timeout and a call's.
+            spent = time.perf_counter() - started
+            await self._wait(out, max(self._timeout - spent, self._timeout * _CALL_FLOOR))
 
-    async def _wait(self, out: _Out) -> None:
+    async def _wait(self, out: _Out, timeout: float | None = None) -> None:
         """See a sent call through. Its checks are answered with its rows, or denied at its
         deadline (``_deadline``), or denied when its link fails. A call past its deadline
         is still awaited: the shard is healthy again once it answers, and the allows it
         brings reached nobody and are voided; a link silent for ``call_timeout`` after the
         deadline is torn down (the next check finds the shard afresh)."""
         shard, items = out.shard, out.items
-        timer = asyncio.get_running_loop().call_later(self._timeout, self._deadline, out, 2)
+        timer = asyncio.get_running_loop().call_later(
+            self._timeout if timeout is None else timeout, self._deadline, out, 2
+        )
         try:
             rows = await out.call  # one turn of the loop after the link's reader has it
         except BaseException:  # the link broke or was torn down: decided or not, unknown
