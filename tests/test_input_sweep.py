@@ -56,8 +56,9 @@ PUBLIC = {
     ("GET", "/.well-known/agentauth-configuration"),
     ("POST", "/v1/sessions/begin"),
 }
-# Tables a background task of the registry writes on its own schedule.
-BACKGROUND = {"audit_checkpoints", "schema_migrations"}
+# Tables a background task of the registry writes on its own schedule (audit_nodes with each
+# checkpoint, and as a cache that proofs fill in for chains checkpointed before it existed).
+BACKGROUND = {"audit_checkpoints", "audit_nodes", "schema_migrations"}
 
 Send = Callable[[str, str, dict[str, Any]], Awaitable[httpx.Response]]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import time
@@ -18,7 +19,9 @@ from agentauth.protocol._merkle import (
     EMPTY_ROOT,
     MerkleFrontier,
     consistency_proof,
+    consistency_proof_ranges,
     inclusion_proof,
+    inclusion_proof_ranges,
     leaf_hash,
     merkle_root,
     node_hash,
@@ -254,6 +257,75 @@ def test_generated_consistency_proofs_verify(size: int) -> None:
             verify_consistency(
                 old_size=old, new_size=size, old_root=forged, new_root=root, proof=proof
             )
+
+
+# --- proofs planned as subtree ranges (for proofs served from stored subtree hashes) ------
+
+
+@functools.cache
+def _range_root(start: int, end: int) -> bytes:
+    return _ref_root(LEAVES[start:end])
+
+
+def _frontier(size: int) -> MerkleFrontier:
+    frontier = MerkleFrontier()
+    for h in LEAVES[:size]:
+        frontier.append(h)
+    return frontier
+
+
+def _check_shape(start: int, end: int, frontier: MerkleFrontier) -> None:
+    """Each range is a perfect aligned subtree or the frontier's right edge from start."""
+    width = end - start
+    if width & (width - 1) == 0:
+        assert start % width == 0
+    else:
+        assert end == frontier.size
+        assert frontier.root_from(start) == _range_root(start, end)
+
+
+@pytest.mark.parametrize("size", [*range(1, 70), 127, 128, 129, 200, 255, 256])
+def test_proof_ranges_hash_to_the_proofs(size: int) -> None:
+    leaves, frontier = LEAVES[:size], _frontier(size)
+    for index in range(size):
+        ranges = inclusion_proof_ranges(index, size)
+        assert [_range_root(a, b) for a, b in ranges] == inclusion_proof(leaves, index)
+        for start, end in ranges:
+            _check_shape(start, end, frontier)
+    for old in range(1, size + 1):
+        ranges = consistency_proof_ranges(old, size)
+        assert [_range_root(a, b) for a, b in ranges] == consistency_proof(leaves, old)
+        for start, end in ranges:
+            _check_shape(start, end, frontier)
+
+
+def test_proof_ranges_reject_what_the_proofs_reject() -> None:
+    for index, size in [(5, 5), (0, 0), (-1, 3), (True, 3)]:
+        with pytest.raises(InvalidRequest):
+            inclusion_proof_ranges(index, size)
+    for old, size in [(0, 5), (6, 5), (-1, 3), (1, -1)]:
+        with pytest.raises(InvalidRequest):
+            consistency_proof_ranges(old, size)
+
+
+def test_frontier_root_from_takes_only_subtree_starts() -> None:
+    frontier = _frontier(13)  # subtrees [0, 8), [8, 12), [12, 13)
+    assert [frontier.root_from(s) for s in (0, 8, 12)] == [
+        _ref_root(LEAVES[s:13]) for s in (0, 8, 12)
+    ]
+    for start in (1, 4, 10, 13, 14, -1):
+        with pytest.raises(InvalidRequest):
+            frontier.root_from(start)
+
+
+def test_append_returns_the_subtrees_it_completes() -> None:
+    frontier = MerkleFrontier()
+    for size in range(1, 257):
+        completed = frontier.append(LEAVES[size - 1])
+        # One per trailing zero bit of the new size, plus the leaf itself.
+        assert len(completed) == (size & -size).bit_length()
+        for height, root in enumerate(completed):
+            assert root == _ref_root(LEAVES[size - 2**height : size])
 
 
 # --- malformed arguments and wrong lengths -----------------------------------------------

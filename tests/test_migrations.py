@@ -41,6 +41,7 @@ async def test_migrations_apply_once_then_are_a_no_op(fresh_db: str) -> None:
         assert await migrate(conn) == []
         tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables")}
         assert {"principals", "agents", "grants", "audit_events", "revocations"} <= tables
+        assert {"audit_checkpoints", "audit_nodes"} <= tables
     finally:
         await conn.close()
 

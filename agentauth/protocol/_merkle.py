@@ -18,6 +18,11 @@ the hashes together (wrong number of proof hashes, a root that does not match) r
 ``MerkleFrontier`` grows a tree one leaf at a time keeping only the roots of its perfect
 subtrees (one per set bit of the size), so a service can checkpoint a long log in O(log n)
 memory and persist ``(size, state())`` to resume later.
+
+A service that keeps subtree hashes instead of serving proofs from every leaf asks
+``inclusion_proof_ranges`` / ``consistency_proof_ranges`` which subtrees a proof is made of,
+looks their hashes up wherever it keeps them, and lists them in that order: the same bytes
+as ``inclusion_proof`` / ``consistency_proof``, without any I/O here.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ __all__ = [
     "HASH_SIZE",
     "MerkleFrontier",
     "consistency_proof",
+    "consistency_proof_ranges",
     "inclusion_proof",
+    "inclusion_proof_ranges",
     "leaf_hash",
     "merkle_root",
     "node_hash",
@@ -172,6 +179,74 @@ def consistency_proof(leaves: Sequence[bytes], old_size: int) -> list[bytes]:
         path.append(_subtree_root(levels, start, end))
     path.reverse()
     return path
+
+
+# --- proofs as subtree ranges -----------------------------------------------------------
+#
+# Every hash in an RFC 6962 proof is MTH(D[start:end]) of one range of leaves, and the proofs'
+# recursions (§2.1.1 PATH, §2.1.2 SUBPROOF) depend on the sizes alone. So a proof can be
+# planned first and its hashes fetched from storage after, all at once, rather than through
+# a callback that would put I/O (or an await) inside this module.
+
+
+def _split(width: int) -> int:
+    """The largest power of two below ``width`` (> 1): where RFC 6962 splits a tree."""
+    return 1 << ((width - 1).bit_length() - 1)
+
+
+def inclusion_proof_ranges(index: int, size: int) -> list[tuple[int, int]]:
+    """The leaf ranges whose subtree hashes, in order, are the RFC 6962 audit path of leaf
+    ``index`` in a tree of ``size`` leaves: ``inclusion_proof(leaves, index)`` is
+    ``[merkle_root(leaves[a:b]) for a, b in inclusion_proof_ranges(index, len(leaves))]``.
+
+    Each range is either a perfect subtree (its width a power of two and ``start`` a
+    multiple of it) or runs to ``size`` from where one of the subtrees of the tree's
+    ``MerkleFrontier`` starts (see ``MerkleFrontier.root_from``).
+    """
+    index = _check_size(index, "index")
+    size = _check_size(size, "tree size")
+    if index >= size:
+        raise InvalidRequest("index is outside the tree")
+    # RFC 6962 §2.1.1 PATH, unrolled from the root down; the recursion emits the siblings
+    # innermost first, hence the reversal.
+    ranges: list[tuple[int, int]] = []
+    start, end = 0, size
+    while end - start > 1:
+        middle = start + _split(end - start)
+        if index < middle:
+            ranges.append((middle, end))
+            end = middle
+        else:
+            ranges.append((start, middle))
+            start = middle
+    ranges.reverse()
+    return ranges
+
+
+def consistency_proof_ranges(old_size: int, size: int) -> list[tuple[int, int]]:
+    """The leaf ranges whose subtree hashes, in order, are the RFC 6962 consistency proof
+    from ``old_size`` to ``size`` (as ``consistency_proof(leaves[:size], old_size)``), of
+    the same two shapes as ``inclusion_proof_ranges``. ``0 < old_size <= size``."""
+    old_size = _check_size(old_size, "old size")
+    size = _check_size(size, "tree size")
+    if old_size == 0 or old_size > size:
+        raise InvalidRequest("old size must be between 1 and the tree size")
+    # The same walk as consistency_proof's.
+    ranges: list[tuple[int, int]] = []
+    start, end, whole_old_tree = 0, size, True
+    while old_size != end:
+        middle = start + _split(end - start)
+        if old_size <= middle:
+            ranges.append((middle, end))
+            end = middle
+        else:
+            ranges.append((start, middle))
+            start = middle
+            whole_old_tree = False
+    if not whole_old_tree:
+        ranges.append((start, end))
+    ranges.reverse()
+    return ranges
 
 
 # --- verifying proofs --------------------------------------------------------------------
@@ -319,17 +394,25 @@ class MerkleFrontier:
         frontier._hashes = stored
         return frontier
 
-    def append(self, leaf_hash: bytes) -> None:
-        """Add one leaf, given as its leaf hash."""
+    def append(self, leaf_hash: bytes) -> list[bytes]:
+        """Add one leaf, given as its leaf hash.
+
+        Returns the roots of the perfect subtrees this leaf completes, smallest first: item
+        ``h`` is the root of the ``2**h`` leaves ending with this one, ``[size - 2**h, size)``
+        at the new size (item 0 is the leaf itself), for a store of subtree hashes to keep.
+        """
         node = _check_hash(leaf_hash, "leaf hash")
+        completed = [node]
         # Each trailing one bit of the old size is a perfect subtree of the height node has
         # just reached: merge them, like carrying in binary addition.
         size = self._size
         while size & 1:
             node = node_hash(self._hashes.pop(), node)
+            completed.append(node)
             size >>= 1
         self._hashes.append(node)
         self._size += 1
+        return completed
 
     @property
     def size(self) -> int:
@@ -344,6 +427,24 @@ class MerkleFrontier:
         for left in reversed(self._hashes[:-1]):
             node = node_hash(left, node)
         return node
+
+    def root_from(self, start: int) -> bytes:
+        """MTH of leaves ``[start, size)``, for a ``start`` where one of the frontier's
+        subtrees begins: the right edge of the tree, which no stored perfect subtree covers
+        but every proof of this size may need (see ``inclusion_proof_ranges``)."""
+        start = _check_size(start, "start")
+        # The subtrees are as wide as the set bits of the size, largest first.
+        size = self._size
+        widths = [1 << bit for bit in range(size.bit_length() - 1, -1, -1) if size >> bit & 1]
+        begins = 0
+        for i, width in enumerate(widths):
+            if begins == start:
+                node = self._hashes[-1]
+                for left in reversed(self._hashes[i:-1]):
+                    node = node_hash(left, node)
+                return node
+            begins += width
+        raise InvalidRequest("start is not where a subtree of the frontier begins")
 
     def state(self) -> list[bytes]:
         """The frontier hashes, largest subtree first: persist these with ``size``."""

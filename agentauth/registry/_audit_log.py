@@ -8,6 +8,13 @@ The checkpointer signs with the registry's key, so it takes nothing on the datab
 (anyone who can write the tables could otherwise have a rewritten history signed): the
 last stored checkpoint must carry its signed root and extend the last tree this process
 signed or checked, and each new event is hashed from its body and linked to the one before.
+
+Proofs are served from ``audit_nodes``, the hashes of the chain's complete subtrees of
+``2**NODE_LEVEL`` leaves and up that the checkpointer stores with each checkpoint, plus at
+most one such block of leaf hashes and the checkpoint's frontier: O(log n) rows a proof,
+where reading every leaf hash of a long chain took tens of megabytes. Those rows are a
+cache for proofs only: the checkpointer never reads them, and a wrong one yields a proof
+that fails against the signed checkpoint, which is what clients check.
 """
 
 from __future__ import annotations
@@ -30,18 +37,29 @@ from ..protocol import (
     InvalidRequest,
     KeySet,
     MerkleFrontier,
+    NotFound,
     b64url_decode,
     b64url_encode,
-    consistency_proof,
-    inclusion_proof,
     leaf_hash,
+    merkle_root,
     strict_json_loads,
     verify_checkpoint,
 )
 from ..protocol._jws import attach_signature, signing_input
+from ..protocol._merkle import consistency_proof_ranges, inclusion_proof_ranges
 from ..store import Conn
 
 __all__ = ["AuditLog"]
+
+#: Subtrees of 2**8 = 256 leaves and up are stored. Any proof then reads at most one block
+#: of 256 leaf hashes (the levels below all lie in the block of the leaf proved, or of the
+#: old tree's last leaf) and one row per level above; the table holds about one row per 128
+#: events, 1/128 of the leaf hashes' bytes. Lower would read fewer leaves a proof for more
+#: rows and more writes per checkpoint.
+NODE_LEVEL = 8
+
+#: A chain's stored subtree: (level, idx) covers leaves [idx * 2**level, (idx + 1) * 2**level).
+Node = tuple[int, int]
 
 
 class AuditLog:
@@ -113,14 +131,6 @@ class AuditLog:
         )
         return chain, record.seq
 
-    async def leaves(self, conn: Conn, chain: str, size: int) -> list[bytes]:
-        rows = await conn.fetch(
-            "SELECT entry_hash FROM audit_events WHERE chain = $1 AND seq < $2 ORDER BY seq",
-            chain,
-            size,
-        )
-        return [bytes(r["entry_hash"]) for r in rows]
-
     async def checkpoint(
         self, conn: Conn, chain: str, signer: AsyncSigner, *, keys: KeySet, now: int
     ) -> dict[str, Any] | None:
@@ -155,7 +165,7 @@ class AuditLog:
                     tree.size,
                     size,
                 )
-                tree = _extend(tree, rows, chain=chain, size=size)
+                tree, nodes = _extend(tree, rows, chain=chain, size=size)
                 checkpoint = Checkpoint(
                     chain=chain, size=size, root=b64url_encode(tree.root), time=now
                 )
@@ -169,6 +179,19 @@ class AuditLog:
                     tree.frontier.state(),
                     signed,
                     now,
+                )
+                # Every subtree the new events complete, hashed above from their bodies (the
+                # rows are never read back to sign). A row already there is overwritten: a
+                # checkpoint deleted and made again, or one a proof backfilled from stored
+                # leaf hashes, which this tree is the signed word on.
+                await conn.execute(
+                    "INSERT INTO audit_nodes (chain, level, idx, hash)"
+                    " SELECT $1, * FROM unnest($2::smallint[], $3::bigint[], $4::bytea[])"
+                    " ON CONFLICT (chain, level, idx) DO UPDATE SET hash = EXCLUDED.hash",
+                    chain,
+                    [level for (level, _), _ in nodes],
+                    [idx for (_, idx), _ in nodes],
+                    [node for _, node in nodes],
                 )
                 made = {"chain": chain, "size": size, "root": checkpoint.root, "signed": signed}
         # Only once committed: a tree remembered but never stored would refuse every later
@@ -246,15 +269,16 @@ class AuditLog:
         if event is None:
             return None
         ckpt = await conn.fetchrow(
-            "SELECT size, signed FROM audit_checkpoints WHERE chain = $1 AND size > $2"
-            " ORDER BY size DESC LIMIT 1",
+            "SELECT size, root, frontier, signed FROM audit_checkpoints"
+            " WHERE chain = $1 AND size > $2 ORDER BY size DESC LIMIT 1",
             chain,
             seq,
         )
         if ckpt is None:
             return {"event": event["body"], "checkpoint": None, "proof": None}
-        leaves = await self.leaves(conn, chain, ckpt["size"])
-        proof = inclusion_proof(leaves, seq)
+        proof = await self._proof(
+            conn, chain, _stored_frontier(ckpt), inclusion_proof_ranges(seq, ckpt["size"])
+        )
         return {
             "event": event["body"],
             "leaf_hash": b64url_encode(bytes(event["entry_hash"])),
@@ -265,8 +289,110 @@ class AuditLog:
         }
 
     async def consistency(self, conn: Conn, chain: str, first: int, second: int) -> list[str]:
-        leaves = await self.leaves(conn, chain, second)
-        return [b64url_encode(h) for h in consistency_proof(leaves, first)]
+        """The consistency proof from size ``first`` to the checkpoint at ``second``."""
+        ckpt = await conn.fetchrow(
+            "SELECT size, root, frontier FROM audit_checkpoints WHERE chain = $1 AND size = $2",
+            chain,
+            second,
+        )
+        if ckpt is None:
+            raise NotFound(f"no checkpoint of {chain} at {second}")
+        ranges = consistency_proof_ranges(first, second)
+        return [
+            b64url_encode(h) for h in await self._proof(conn, chain, _stored_frontier(ckpt), ranges)
+        ]
+
+    async def _proof(
+        self, conn: Conn, chain: str, frontier: MerkleFrontier, ranges: list[tuple[int, int]]
+    ) -> list[bytes]:
+        """The hashes of ``ranges`` (a proof's, at the frontier's size), in order.
+
+        A range that is a perfect subtree of NODE_LEVEL or more is one ``audit_nodes`` row.
+        A smaller one is hashed from leaf hashes, all read in one query: they are siblings
+        on the path to one leaf (the proved one, or the old tree's last), so they lie in
+        that leaf's block of 2**NODE_LEVEL. One that runs to the end of the tree is the
+        frontier's subtrees from its start on (RFC 6962 splits both the same way), which
+        also covers the tree's last, incomplete block without reading it.
+        """
+        wanted: set[Node] = set()
+        small: list[tuple[int, int]] = []
+        for start, end in ranges:
+            width = end - start
+            if width & (width - 1) == 0:
+                level = width.bit_length() - 1
+                if level >= NODE_LEVEL:
+                    wanted.add((level, start >> level))
+                else:
+                    small.append((start, end))
+        nodes = await self._nodes(conn, chain, wanted)
+        low = min((start for start, _ in small), default=0)
+        high = max((end for _, end in small), default=0)
+        leaves = await self._stored_leaves(conn, chain, low, high) if small else []
+        proof = []
+        for start, end in ranges:
+            width = end - start
+            if width & (width - 1):
+                proof.append(frontier.root_from(start))
+            elif width >> NODE_LEVEL:
+                level = width.bit_length() - 1
+                proof.append(nodes[level, start >> level])
+            else:
+                proof.append(merkle_root(leaves[start - low : end - low]))
+        return proof
+
+    async def _nodes(self, conn: Conn, chain: str, wanted: set[Node]) -> dict[Node, bytes]:
+        """The stored hashes of the ``wanted`` subtrees, backfilling any that are missing."""
+        if not wanted:
+            return {}
+        order = sorted(wanted)
+        # One primary key lookup per wanted row (LATERAL), never a scan of the chain's rows.
+        rows = await conn.fetch(
+            "SELECT w.level, w.idx, n.hash FROM unnest($2::smallint[], $3::bigint[])"
+            " AS w (level, idx) CROSS JOIN LATERAL (SELECT hash FROM audit_nodes"
+            " WHERE chain = $1 AND level = w.level AND idx = w.idx) AS n",
+            chain,
+            [level for level, _ in order],
+            [idx for _, idx in order],
+        )
+        found = {(r["level"], r["idx"]): bytes(r["hash"]) for r in rows}
+        for level, idx in order:
+            if (level, idx) not in found:
+                found.update(await self._backfill(conn, chain, level, idx))
+        return found
+
+    async def _backfill(self, conn: Conn, chain: str, level: int, idx: int) -> dict[Node, bytes]:
+        """Subtree ``(level, idx)`` and the stored-size subtrees inside it, hashed from the
+        stored leaf hashes and stored.
+
+        Rows are missing for chains checkpointed before ``audit_nodes`` existed (or rows
+        deleted since). Backfilled rather than read from the leaves on every request, which
+        would leave old chains O(n) a proof for good: the first proof that needs a subtree
+        reads its leaves once. No lock is needed: a row's value follows from the stored
+        leaves, and DO NOTHING never replaces one (the checkpointer's, from event bodies,
+        wins). Like every row it is only a cache: proofs made from it are checked against
+        the signed checkpoint.
+        """
+        first = idx << level
+        leaves = await self._stored_leaves(conn, chain, first, first + (1 << level))
+        tree = MerkleFrontier()
+        made: dict[Node, bytes] = {}
+        for leaf in leaves:
+            completed = tree.append(leaf)
+            # first is a multiple of every subtree width inside, so local and global
+            # positions differ by first's share at each level.
+            end = first + tree.size
+            for height in range(NODE_LEVEL, len(completed)):
+                made[height, (end >> height) - 1] = completed[height]
+        await conn.execute(
+            "INSERT INTO audit_nodes (chain, level, idx, hash)"
+            " SELECT $1, * FROM unnest($2::smallint[], $3::bigint[], $4::bytea[])"
+            " ON CONFLICT (chain, level, idx) DO NOTHING",
+            chain,
+            [node[0] for node in made],
+            [node[1] for node in made],
+            list(made.values()),
+        )
+        return made
 
 
 def _stored_frontier(row: asyncpg.Record) -> MerkleFrontier:
@@ -291,11 +417,15 @@ def _root_of(leaves: Sequence[bytes]) -> bytes:
     return tree.root()
 
 
-def _extend(base: ChainHead, rows: Sequence[asyncpg.Record], *, chain: str, size: int) -> ChainHead:
+def _extend(
+    base: ChainHead, rows: Sequence[asyncpg.Record], *, chain: str, size: int
+) -> tuple[ChainHead, list[tuple[Node, bytes]]]:
     """``base`` plus the events of ``rows``, each hashed from its stored body (never its
-    stored hash) and linked to the one before; they must reach ``size``."""
+    stored hash) and linked to the one before; they must reach ``size``. With it, the
+    subtrees of NODE_LEVEL and up that the new events complete, for ``audit_nodes``."""
     frontier = MerkleFrontier.from_state(base.size, base.frontier.state())
     head, seq = base.head, base.size
+    nodes: list[tuple[Node, bytes]] = []
     for row in rows:
         if row["seq"] != seq:
             raise IntegrityError(f"event {seq} is missing", reason="gap")
@@ -305,12 +435,16 @@ def _extend(base: ChainHead, rows: Sequence[asyncpg.Record], *, chain: str, size
         entry = leaf_hash(body)
         if bytes(row["entry_hash"]) != entry:
             raise IntegrityError(f"event {seq}'s stored hash is not its body's", reason="hash")
-        frontier.append(entry)
+        completed = frontier.append(entry)
         head = entry
         seq += 1
+        nodes.extend(
+            ((level, (seq >> level) - 1), completed[level])
+            for level in range(NODE_LEVEL, len(completed))
+        )
     if seq != size:
         raise IntegrityError(f"events {seq}..{size} are missing", reason="gap")
-    return ChainHead(size=size, head=head, frontier=frontier)
+    return ChainHead(size=size, head=head, frontier=frontier), nodes
 
 
 def _links(body: bytes, *, chain: str, seq: int, prev: bytes) -> bool:
