@@ -28,6 +28,7 @@ from agentauth.protocol import (
     MerkleFrontier,
     PrivateKey,
     b64url_encode,
+    check_checkpoint_dated,
     consistency_proof,
     sign_checkpoint,
     verify_checkpoint,
@@ -172,6 +173,33 @@ async def test_restarted_processes_and_other_replicas_keep_checkpointing(
             new_root=new.root_bytes(),
             proof=consistency_proof(leaves[: new.size], old.size),
         )
+
+
+@pytest.mark.asyncio
+async def test_a_checkpoint_is_dated_no_earlier_than_what_it_covers(
+    conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
+) -> None:
+    """Verifiers refuse a checkpoint dated before its events or its predecessor (beyond a
+    minute's skew): a shard whose clock runs ahead of this replica's must not make an
+    honest checkpoint look backdated, nor may a replica whose clock runs behind."""
+    log = AuditLog(chains=1)
+    await log.ensure_chains(conn)
+    now = 1_800_000_000
+    async with conn.transaction():
+        ahead = (now + 3_600) * 1000 + 1  # a shard an hour ahead
+        await log.append(conn, event="t.e", actor="t", subject="s", key="k", time_ms=ahead)
+    made = await log.checkpoint(conn, CHAIN, signer, keys=keys, now=now)
+    assert made is not None
+    first = verify_checkpoint(made["signed"], keys=keys)
+    assert first.time == now + 3_601  # the event's second, rounded up
+    await append(log, conn, 1)  # dated now (2026 or so), long before either
+    made = await log.checkpoint(conn, CHAIN, signer, keys=keys, now=now - 600)
+    assert made is not None
+    second = verify_checkpoint(made["signed"], keys=keys)
+    assert second.time == first.time  # not before the checkpoint before it
+    check_checkpoint_dated(second, newest_event_ms=ahead, previous=first)
+    stored = await conn.fetch("SELECT time FROM audit_checkpoints ORDER BY size")
+    assert [r["time"] for r in stored] == [first.time, second.time]
 
 
 # --- the insider ----------------------------------------------------------------------------------
