@@ -54,6 +54,8 @@ from ..protocol import (
     access_token_parts,
     b64url_encode,
     canonical_json,
+    check_amount,
+    check_money,
     strict_json_loads,
     tighten,
     verify_assertion,
@@ -1131,6 +1133,7 @@ class Registry:
     # --- grant requests and grants -------------------------------------------------------
 
     async def request_grant(self, agent: Agent, body: GrantRequestIn) -> dict[str, Any]:
+        check_money(capabilities=body.capabilities, envelope=body.envelope)
         provider = await self.pool.fetchrow(
             "SELECT id, allowed_kinds, suspended_at FROM providers WHERE id = $1", body.provider_id
         )
@@ -1249,6 +1252,9 @@ class Registry:
             }
         )
         approved = tighten(requested, capabilities=body.capabilities, envelope=body.envelope)
+        # What is signed, as narrowed: a request stored before amounts had to fit their
+        # currency can still be approved once the person rounds its limits down.
+        check_money(capabilities=approved.capabilities, envelope=approved.envelope)
         grant = Grant(
             grant_id=new_id("grt"),
             agent_id=approved.agent_id,
@@ -1290,6 +1296,8 @@ class Registry:
             _still_pending(row["status"], "request")
             _still_usable(row)  # since the approval began: nothing is consumed
             grant = Grant.model_validate(payload["grant"])
+            # Checked at the begin too; a begin from before that check may still be open.
+            check_money(capabilities=grant.capabilities, envelope=grant.envelope)
             if grant.digest() != challenge:  # the stored grant is what the challenge commits to
                 raise InvalidReceipt(
                     "challenge does not match the grant", reason="challenge_mismatch"
@@ -1595,6 +1603,9 @@ class Registry:
     # --- step-up approvals -----------------------------------------------------------------
 
     async def request_step_up(self, agent: Agent, body: StepUpIn) -> dict[str, Any]:
+        # An approval for an amount nobody can pay could never be used (the verifier
+        # refuses the transaction): refused before the human is asked.
+        check_amount(body.amount, body.currency)
         grant = await self.get_grant(body.grant_id, agent=agent)
         if grant["revoked_at"] is not None:
             raise Forbidden("the grant is revoked", reason="grant_revoked")

@@ -45,6 +45,7 @@ from ..protocol import (
     Unauthenticated,
     UseDPoPNonce,
     allowing_capability,
+    amount_fits,
 )
 from ..protocol._types import is_identifier
 from ..store import REVOCATION_CHANNEL, grant_cache_key
@@ -683,7 +684,13 @@ class Verifier:
             return _deny(base, exc), {"dpop_nonce": exc.nonce}, token
         except InvalidDPoPProof as exc:
             return _deny(base, exc), {}, token
-        if allowing_capability(token.claims.capabilities, body.action) is None:
+        action = body.action
+        if action.amount is not None and not amount_fits(action.amount, action.currency or ""):
+            # Before the capability check, so an amount nobody can pay (USD 0.005) is refused
+            # as that, whichever capability's maximum it would also exceed; the envelope's
+            # evaluation in the shard refuses it too.
+            return _replace(base, deny="amount_precision"), {}, token
+        if allowing_capability(token.claims.capabilities, action) is None:
             return _replace(base, deny="insufficient_capability"), {}, token
         checked = _replace(
             base,
