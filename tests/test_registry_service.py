@@ -6,6 +6,7 @@ httpx's ASGI transport, by the same ``World`` the Ray tests use.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator
@@ -19,8 +20,9 @@ import pytest_asyncio
 from conftest import _wait_out_replay_epoch, with_database
 from registry_world import PAYMENTS, STEP_UP_ABOVE_50, World
 
-from agentauth.protocol import Capability
+from agentauth.protocol import Capability, Forbidden
 from agentauth.registry import Registry, RegistrySettings, create_app
+from agentauth.registry._service import Agent
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
@@ -201,3 +203,90 @@ async def test_a_stored_grant_finer_than_its_currency_still_gets_tokens(
         headers=world.dpop(agent, "GET", f"/v1/grants/{grant['id']}"),
     )
     assert r.status_code == 200, r.text
+
+
+# --- token issuance against a concurrent revocation ------------------------------------------
+
+
+async def service_agent(service: InProcess, agent_id: str) -> Agent:
+    row = await service.registry.pool.fetchrow(
+        "SELECT id, principal_id, jkt, status FROM agents WHERE id = $1", agent_id
+    )
+    return Agent(row["id"], row["principal_id"], row["jkt"], row["status"])
+
+
+async def issued(service: InProcess, grant_id: str) -> int:
+    return int(
+        await service.registry.pool.fetchval(
+            "SELECT count(*) FROM issued_tokens WHERE grant_id = $1", grant_id
+        )
+    )
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("revoked", ["grant", "agent"])
+async def test_a_revocation_committed_while_a_token_is_signed_wins(
+    service: InProcess, monkeypatch: pytest.MonkeyPatch, revoked: str
+) -> None:
+    """Issuance reads the grant (active), then signs; the grant (or its agent) is revoked
+    and committed meanwhile. The token must not be recorded or returned."""
+    world, registry = service.world, service.registry
+    human, agent, _, grant = await world.setup_grant()
+    signing, release = asyncio.Event(), asyncio.Event()
+    real_signer = registry.keys.signer
+
+    async def slow_signer(now: float) -> Any:
+        signer = await real_signer(now)
+        signing.set()  # the grant has been read as active
+        await release.wait()
+        return signer
+
+    monkeypatch.setattr(registry.keys, "signer", slow_signer)
+    issuance = asyncio.ensure_future(
+        registry.issue_token(await service_agent(service, agent.id), grant["id"])
+    )
+    await asyncio.wait_for(signing.wait(), 10)
+    target = grant["id"] if revoked == "grant" else agent.id
+    await registry.revoke(revoked, target, principal_id=human.principal_id, admin=False)
+    release.set()
+    with pytest.raises(Forbidden) as caught:
+        await asyncio.wait_for(issuance, 10)
+    assert caught.value.reason == "grant_revoked"
+    assert await issued(service, grant["id"]) == 0
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_revocation_begun_while_a_token_is_recorded_waits_for_it(
+    service: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other order: issuance has checked the grant inside its transaction; a revocation
+    asked for now commits after the token (which it then covers), without a deadlock on
+    the audit chain both write to."""
+    world, registry = service.world, service.registry
+    human, agent, _, grant = await world.setup_grant()
+    recording, release = asyncio.Event(), asyncio.Event()
+    real_audit = registry._audit
+
+    async def slow_audit(conn: Any, **event: Any) -> None:
+        if event["event"] == "token.issued":
+            recording.set()
+            await release.wait()
+        await real_audit(conn, **event)
+
+    monkeypatch.setattr(registry, "_audit", slow_audit)
+    issuance = asyncio.ensure_future(
+        registry.issue_token(await service_agent(service, agent.id), grant["id"])
+    )
+    await asyncio.wait_for(recording.wait(), 10)
+    revocation = asyncio.ensure_future(
+        registry.revoke("grant", grant["id"], principal_id=human.principal_id, admin=False)
+    )
+    await asyncio.sleep(0.5)
+    assert not revocation.done()  # it waits on the grant row the issuance holds
+    release.set()
+    token = await asyncio.wait_for(issuance, 10)
+    assert (await asyncio.wait_for(revocation, 10))["revoked"]
+    assert token["grant_id"] == grant["id"] and await issued(service, grant["id"]) == 1
+    # The token was recorded first; the revocation, committed after, covers it.
+    r = await world.token(agent, grant["id"])
+    assert (r.status_code, r.json()["reason"]) == (403, "grant_revoked")

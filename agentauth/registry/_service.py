@@ -1455,9 +1455,9 @@ class Registry:
     async def issue_token(self, agent: Agent, grant_id: str) -> dict[str, Any]:
         now = int(time.time())
         row = await self.pool.fetchrow(
-            "SELECT g.document, g.agent_id, g.revoked_at, g.expires_at, r.receipt_hash,"
-            " (SELECT count(*) FROM revocations v WHERE (v.kind = 'grant' AND v.target = g.id)"
-            "   OR (v.kind = 'agent' AND v.target = g.agent_id)) AS revoked,"
+            # Only the constant _GRANT_REVOKED is joined in.
+            "SELECT g.document, g.agent_id, g.expires_at, r.receipt_hash,"  # noqa: S608
+            f" {_GRANT_REVOKED} AS revoked,"
             " p.suspended_at IS NOT NULL AS provider_suspended"
             " FROM grants g JOIN approval_receipts r ON r.grant_id = g.id"
             " JOIN providers p ON p.id = g.provider_id WHERE g.id = $1",
@@ -1465,7 +1465,7 @@ class Registry:
         )
         if row is None or row["agent_id"] != agent.id:
             raise NotFound("no such grant")
-        if row["revoked_at"] is not None or row["revoked"]:
+        if row["revoked"]:
             raise Forbidden("the grant is revoked", reason="grant_revoked")
         if row["expires_at"] is not None and now >= row["expires_at"]:
             raise Forbidden("the grant has expired", reason="grant_expired")
@@ -1490,6 +1490,21 @@ class Registry:
         data = signing_input(header, claims)
         token = attach_signature(data, await signer.sign(data))
         async with self._tx() as conn:
+            # The read above may be stale by now: a revocation of the grant, or the agent's,
+            # may have committed while the token was signed. So the grant and agent rows are
+            # locked and read again, in this transaction, before the token is recorded. A
+            # revocation locks one of those rows before anything else (revoke, the grant's;
+            # disable_agent, the agent's): one that committed first is seen here, and one
+            # that comes later waits for this issuance to commit (its token is revoked too).
+            # Signing stays outside, so a slow key backend never holds up a revocation.
+            await conn.execute(
+                "SELECT 1 FROM grants g JOIN agents a ON a.id = g.agent_id WHERE g.id = $1"
+                " FOR SHARE OF g, a",
+                grant_id,
+            )
+            # A statement of its own: its snapshot is taken once the locks are held.
+            if await conn.fetchval(_GRANT_REVOKED_NOW, grant_id):
+                raise Forbidden("the grant is revoked", reason="grant_revoked")
             await conn.execute(
                 "INSERT INTO issued_tokens (jti, grant_id, agent_id, kid, issued_at, expires_at)"
                 " VALUES ($1, $2, $3, $4, $5, $6)",
@@ -1533,7 +1548,10 @@ class Registry:
         owner_query = {
             "token": "SELECT t.agent_id, a.principal_id FROM issued_tokens t"
             " JOIN agents a ON a.id = t.agent_id WHERE t.jti = $1",
-            "grant": "SELECT agent_id, principal_id FROM grants WHERE id = $1",
+            # Locked first, before the audit chain: a token issuance holds this row (shared)
+            # and then appends to the chain, so taking them in the same order cannot deadlock,
+            # and this revocation waits for an issuance that read the grant before it.
+            "grant": "SELECT agent_id, principal_id FROM grants WHERE id = $1 FOR UPDATE",
         }[kind]
         async with self._tx() as conn:
             row = await conn.fetchrow(owner_query, target)
@@ -1850,6 +1868,15 @@ _REQUEST_STATUS = (
     " AND r.created_at <= now() - make_interval(secs => $2::double precision)"
     " THEN 'expired' ELSE r.status END"
 )
+# Whether grant ``g`` is revoked, itself or through its agent (disabling an agent records an
+# agent revocation). Used by token issuance, before signing and again when recording.
+_GRANT_REVOKED = (
+    "(g.revoked_at IS NOT NULL OR EXISTS (SELECT 1 FROM revocations v"
+    " WHERE (v.kind = 'grant' AND v.target = g.id)"
+    " OR (v.kind = 'agent' AND v.target = g.agent_id)))"
+)
+_GRANT_REVOKED_NOW = f"SELECT {_GRANT_REVOKED} FROM grants g WHERE g.id = $1"  # noqa: S608
+
 _REQUEST_SELECT = (
     # Only the constant above is joined in.
     "SELECT r.id, r.agent_id, r.provider_id, r.capabilities, r.envelope,"  # noqa: S608

@@ -126,10 +126,10 @@ K = TypeVar("K", bound=Hashable)
 _REVOCATION_OVERLAP = 1000
 # How long a revocation is kept: the longest life the token check lets a token claim (the
 # verifier uses the default policy), its clock leeway on either side, and five minutes for
-# the registry's, the database's and this host's clocks to disagree (and for a token
-# issuance that read the grant just before its revocation committed). Every token a
+# the registry's, the database's and this host's clocks to disagree. Every token a
 # revocation is about was issued before it (the registry issues none for a revoked grant
-# or agent), so by then that token is refused as expired anyway.
+# or agent: issuance re-reads the grant, locked, in the transaction that records the
+# token), so by then that token is refused as expired anyway.
 _REVOCATION_MEMORY = TokenPolicy().max_lifetime + 2 * TokenPolicy().leeway + 300
 
 
