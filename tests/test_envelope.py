@@ -324,9 +324,97 @@ def test_days_are_stored_in_week_order() -> None:
 def test_max_per_transaction_is_inclusive() -> None:
     envelope = Envelope(max_per_transaction=Money(amount="100", currency="EUR"))
     assert evaluate(envelope, UsageState(), pay("100.00"), now=T0).allowed
-    over = evaluate(envelope, UsageState(), pay("100.000001"), now=T0)
+    over = evaluate(envelope, UsageState(), pay("100.01"), now=T0)  # a cent, EUR's minor unit
     assert (over.allowed, over.reason) == (False, "transaction_limit_exceeded")
     assert evaluate(envelope, UsageState(), READ, now=T0).allowed  # not a transaction
+    # A unit outside ISO 4217 keeps the 6 places, to its last one.
+    tokens = Envelope(max_per_transaction=Money(amount="100", currency="TOK"))
+    over = evaluate(tokens, UsageState(), pay("100.000001", "TOK"), now=T0)
+    assert (over.allowed, over.reason) == (False, "transaction_limit_exceeded")
+
+
+# --- amounts finer than the currency's minor unit ------------------------------------------
+
+
+def test_sub_cent_payments_cannot_spend_past_a_limit() -> None:
+    """200 payments of USD 0.005 each settle as 0.01: 2.00 against a 1.00 limit, if allowed."""
+    envelope = Envelope(spend_limits=(spend("1.00", "grant", "USD"),))
+    state, allowed = UsageState(), 0
+    for i in range(200):
+        decision = evaluate(envelope, state, pay("0.005", "USD"), now=T0 + i)
+        assert (decision.allowed, decision.reason) == (False, "amount_precision")
+        allowed += decision.allowed
+        state = decision.state
+    assert allowed == 0 and state == UsageState()
+    # Whole cents count as before, up to the limit exactly.
+    for i in range(100):
+        decision = evaluate(envelope, state, pay("0.01", "USD"), now=T0 + i)
+        assert decision.allowed
+        state = decision.state
+    over = evaluate(envelope, state, pay("0.01", "USD"), now=T0 + 100)
+    assert (over.allowed, over.reason) == (False, "cumulative_limit_exceeded")
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency", "allowed"),
+    [
+        ("0.01", "USD", True),
+        ("1.50", "USD", True),  # trailing zeros are not places
+        ("0.005", "USD", False),
+        ("1", "JPY", True),
+        ("1.0", "JPY", True),
+        ("1.5", "JPY", False),
+        ("0.001", "BHD", True),
+        ("0.0005", "BHD", False),
+        ("0.0001", "CLF", True),
+        ("0.00001", "CLF", False),
+        ("0.000001", "TOK", True),  # not an ISO 4217 code: 6 places
+        ("0.000001", "XAU", True),  # ISO 4217 without a minor unit: 6 places
+    ],
+)
+def test_an_amount_finer_than_its_currency_is_denied(
+    amount: str, currency: str, allowed: bool
+) -> None:
+    # No limit at all: the amount itself is what nobody could pay.
+    decision = evaluate(Envelope(), UsageState(), pay(amount, currency), now=T0)
+    assert (decision.allowed, decision.reason) == (
+        (True, "ok") if allowed else (False, "amount_precision")
+    )
+
+
+def test_amount_precision_comes_before_the_currency_and_limits() -> None:
+    envelope = Envelope(
+        max_per_transaction=Money(amount="1", currency="EUR"),
+        spend_limits=(spend("1", "day", "EUR"),),
+    )
+    for action in (pay("5.005", "EUR"), pay("0.005", "USD")):
+        decision = evaluate(envelope, UsageState(), action, now=T0)
+        assert (decision.allowed, decision.reason) == (False, "amount_precision")
+        assert decision.remaining.spend == (Decimal(1),)
+
+
+def test_a_stored_envelope_with_too_fine_limits_still_evaluates() -> None:
+    """A grant approved before the rule keeps working: its limits parse, and payable amounts
+    compared with them behave as if they were rounded down."""
+    document = {
+        "max_per_transaction": {"amount": "1.005", "currency": "USD"},
+        "spend_limits": [{"amount": "2.009", "currency": "USD", "period": "grant"}],
+        "step_up_threshold": {"amount": "0.995", "currency": "USD"},
+    }
+    envelope = Envelope.model_validate(document)
+    assert evaluate(envelope, UsageState(), pay("1.00", "USD"), now=T0).reason == (
+        "step_up_required"
+    )
+    state = UsageState()
+    for amount in ("1.00", "1.00"):
+        decision = evaluate(envelope, state, pay(amount, "USD"), now=T0, step_up_approved=True)
+        assert decision.allowed
+        state = decision.state
+    assert evaluate(envelope, state, pay("0.01", "USD"), now=T0).reason == (
+        "cumulative_limit_exceeded"
+    )
+    over = evaluate(envelope, UsageState(), pay("1.01", "USD"), now=T0, step_up_approved=True)
+    assert over.reason == "transaction_limit_exceeded"
 
 
 def test_currency_mismatch_denies() -> None:
@@ -419,7 +507,7 @@ def test_monthly_spend() -> None:
         envelope,
         [
             (local(BERLIN, 2024, 1, 1, 0, 0), pay("100")),
-            (local(BERLIN, 2024, 1, 31, 23, 59, 59), pay("0.000001")),
+            (local(BERLIN, 2024, 1, 31, 23, 59, 59), pay("0.01")),
             (local(BERLIN, 2024, 2, 1, 0, 0), pay("100")),
             (local(BERLIN, 2024, 2, 29, 12, 0), pay("1")),
             (local(BERLIN, 2024, 3, 1, 0, 0), pay("1")),
@@ -443,7 +531,7 @@ def test_grant_spend_never_resets() -> None:
     envelope = Envelope(spend_limits=(spend("100", "grant"),))
     decisions = run(
         envelope,
-        [(T0, pay("60")), (T0 + 366 * 86400, pay("40")), (T0 + 3650 * 86400, pay("0.000001"))],
+        [(T0, pay("60")), (T0 + 366 * 86400, pay("40")), (T0 + 3650 * 86400, pay("0.01"))],
     )
     assert reasons(decisions) == ["ok", "ok", "cumulative_limit_exceeded"]
 

@@ -30,6 +30,7 @@ from agentauth.protocol import (
     b64url_decode,
     b64url_encode,
     canonical_json,
+    check_money,
     strict_json_loads,
     tighten,
 )
@@ -440,6 +441,24 @@ def test_grant_hash_is_stable_and_round_trips_through_its_document() -> None:
     wire = strict_json_loads(make_grant().canonical_bytes())
     del wire["type"]
     assert Grant.model_validate(wire).digest() == make_grant().digest()
+
+
+def test_a_stored_grant_with_amounts_finer_than_its_currency_still_loads() -> None:
+    """The minor-unit rule is checked where grants are asked for and approved, not when one is
+    parsed: a grant approved before it must still load for tokens, the verifier and the UI."""
+    grant = make_grant(
+        capabilities=(Capability.transact("payments", max_amount="50.005", currency="USD"),),
+        envelope=Envelope(
+            max_per_transaction=Money(amount="0.001", currency="USD"),
+            spend_limits=(SpendLimit(amount="1.5", currency="JPY", period="day"),),
+        ),
+    )
+    loaded = Grant.from_document(strict_json_loads(grant.canonical_bytes()))
+    assert loaded.digest() == grant.digest()
+    with pytest.raises(InvalidRequest) as caught:
+        check_money(capabilities=loaded.capabilities, envelope=loaded.envelope)
+    assert caught.value.reason == "amount_precision"
+    check_money(capabilities=make_grant().capabilities, envelope=make_grant().envelope)
 
 
 def _envelope(**changes: Any) -> Envelope:

@@ -263,6 +263,9 @@ ODD_ACTIONS: tuple[Any, ...] = (
     {"kind": "transact", "resource": "things/1", "amount": 5, "currency": "USD"},
     {"kind": "transact", "resource": "things/1", "amount": "5", "currency": "usd"},
     {"kind": "transact", "resource": "things/1", "amount": "5", "currency": "X" * 500},
+    # Finer than the currency's minor unit: parses, and is denied (amount_precision).
+    {"kind": "transact", "resource": "things/1", "amount": "0.005", "currency": "USD"},
+    {"kind": "transact", "resource": "things/1", "amount": "1.5", "currency": "JPY"},
     *({"kind": "read", "resource": text} for text in ODD_TEXT),
 )
 

@@ -20,6 +20,7 @@ from agentauth.protocol import (
     Envelope,
     Forbidden,
     Grant,
+    InvalidRequest,
     PrivateKey,
     b64url_decode,
     create_dpop_proof,
@@ -231,6 +232,52 @@ async def test_asking_again_after_a_timeout_waits_on_the_same_step_up(tmp_path: 
     assert registry.created == ["stp_1", "stp_2"]
 
 
+@pytest.mark.asyncio
+async def test_amounts_finer_than_the_currency_are_refused_before_anything_is_sent(
+    tmp_path: Path,
+) -> None:
+    registry = StepUpRegistry(pending_polls=0)
+    sent: list[httpx.Request] = []
+
+    async def transport(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return await registry(request)
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(transport), timeout=10.0)
+    client = AgentAuthClient(
+        ISSUER, key=PrivateKey.generate(), agent_id="agt_1", http=http, home=tmp_path
+    )
+    for amount, currency in (("120.005", "USD"), ("1.5", "JPY"), ("0.0005", "BHD")):
+        with pytest.raises(InvalidRequest, match=f"{currency} amounts have") as caught:
+            await client.request_step_up(
+                "shop", resource="payments", amount=amount, currency=currency
+            )
+        assert caught.value.reason == "amount_precision"
+    sub_cent = Capability.transact("payments", max_amount="0.001", currency="USD")
+    with pytest.raises(InvalidRequest, match=r"capabilities\[0\].max_amount: USD"):
+        await client.request_grant("shop", [sub_cent])
+    limits: list[tuple[Envelope | dict[str, Any], str]] = [
+        (
+            Envelope.model_validate({"step_up_threshold": {"amount": "9.999", "currency": "USD"}}),
+            "envelope.step_up_threshold.amount: USD amounts have at most 2 decimal places",
+        ),
+        (
+            {"spend_limits": [{"amount": "10.5", "currency": "JPY", "period": "day"}]},
+            "envelope.spend_limits[0].amount: JPY amounts have no decimal places",
+        ),
+    ]
+    for envelope, says in limits:
+        with pytest.raises(InvalidRequest) as caught:
+            await client.request_grant("shop", [Capability.read("calendar")], envelope=envelope)
+        assert caught.value.description.startswith(says)
+    assert sent == []
+    # Whole minor units (trailing zeros too) and units outside ISO 4217 go out as before.
+    assert await client.request_step_up("shop", **{**PAYMENT, "amount": "120.50"}) == "ref-stp_1"
+    assert await client.request_step_up(
+        "shop", resource="payments", amount="0.000001", currency="TOK"
+    ) == ("ref-stp_2")
+
+
 def test_a_cached_tokens_repr_hides_the_token() -> None:
     token = _Token("eyJhbGciOiJFUzI1NiJ9.SECRET.sig", 1e10, "grt_1")
     assert "SECRET" not in repr(token) and "grt_1" in repr(token)
@@ -354,6 +401,9 @@ async def test_offline_mode_applies_the_envelopes_stateless_rules() -> None:
     assert await reason(pay_usd("20").model_copy(update={"currency": "EUR"})) == (
         "currency_mismatch"
     )
+    # Half a cent can be neither paid nor counted: refused before anything else.
+    assert await reason(pay_usd("0.005")) == "amount_precision"
+    assert await reason(pay_usd("5000.005")) == "amount_precision"
 
     expired, headers_expired = offline_request(
         Envelope.model_validate({**limits, "expires_at": int(time.time()) - 10})

@@ -295,6 +295,28 @@ async def test_approve_signs_the_tightened_limits_while_the_form_is_open(
 
 
 @pytest.mark.asyncio
+async def test_a_limit_finer_than_a_cent_is_refused_before_the_passkey(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = FakeRegistry([SHOP_REQUEST], [])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+    await tighten_to_one_an_hour_and_ten_a_day(requests)
+    (daily,) = [
+        e
+        for e in requests.elements()
+        if isinstance(e, ui.input) and e.props.get("label") == "Most per day (USD)"
+    ]
+    with requests.client:
+        daily.value = "9.995"
+    assert "Check the values: USD amounts have at most 2 decimal places." in requests.texts()
+    await requests.press(requests.button(f"Approve with passkey: {WHO}"))
+    assert registry.begun == []
+    assert requests.ceremonies == 0
+    assert "USD amounts have at most 2 decimal places" in requests.notice()
+
+
+@pytest.mark.asyncio
 async def test_closing_the_tighten_form_discards_it_and_says_so(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

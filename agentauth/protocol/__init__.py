@@ -32,6 +32,12 @@ from ._capabilities import (
     capabilities_subset,
     parse_capabilities,
 )
+from ._currencies import (
+    ISO_4217_MINOR_UNITS,
+    amount_fits,
+    check_amount,
+    minor_unit,
+)
 from ._dpop import (
     DPOP_TYP,
     DPoPNonces,
@@ -72,7 +78,7 @@ from ._errors import (
     Unauthenticated,
     UseDPoPNonce,
 )
-from ._grants import GRANT_TYPE, Grant, GrantRequest, tighten, verify_receipt
+from ._grants import GRANT_TYPE, Grant, GrantRequest, check_money, tighten, verify_receipt
 from ._keys import ALGORITHMS, Algorithm, KeySet, PrivateKey, PublicKey, Signer, jwk_thumbprint
 from ._merkle import (
     EMPTY_ROOT,
@@ -109,6 +115,7 @@ __all__ = [
     "EMPTY_ROOT",
     "GENESIS_HASH",
     "GRANT_TYPE",
+    "ISO_4217_MINOR_UNITS",
     "AccessToken",
     "AccessTokenClaims",
     "AccessTokenVerifier",
@@ -169,11 +176,14 @@ __all__ = [
     "access_token_hash",
     "access_token_parts",
     "allowing_capability",
+    "amount_fits",
     "b64url_decode",
     "b64url_encode",
     "canonical_json",
     "capabilities_subset",
+    "check_amount",
     "check_checkpoint_dated",
+    "check_money",
     "consistency_proof",
     "cose_key_to_jwk",
     "create_dpop_proof",
@@ -182,6 +192,7 @@ __all__ = [
     "jwk_thumbprint",
     "leaf_hash",
     "merkle_root",
+    "minor_unit",
     "mint_access_token",
     "node_hash",
     "normalize_htu",

@@ -5,8 +5,12 @@ carrying the new usage state; whoever owns the state (a shard actor) stores it. 
 Unix timestamp in seconds; time windows and spend periods are read in the envelope's zone.
 
 Rules are checked in this order, the first failure naming the reason:
-expired -> outside_time_window -> transaction_limit_exceeded / currency_mismatch ->
-step_up_required -> rate_limited -> cumulative_limit_exceeded.
+expired -> outside_time_window -> amount_precision -> currency_mismatch ->
+transaction_limit_exceeded -> step_up_required -> rate_limited -> cumulative_limit_exceeded.
+
+``amount_precision``: a transaction's amount is finer than its currency's minor unit (USD
+0.005). Nobody can pay it, and counting it would let sub-unit payments, each settled as a
+whole unit, spend past the limits (see ``_currencies``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ._capabilities import Action
+from ._currencies import amount_fits
 from ._types import Amount, Currency
 
 __all__ = [
@@ -315,6 +320,8 @@ def evaluate(
 
     amount = action.amount
     if amount is not None:
+        if action.currency is None or not amount_fits(amount, action.currency):
+            return deny("amount_precision")
         currencies = [
             m.currency for m in (envelope.max_per_transaction, envelope.step_up_threshold) if m
         ]

@@ -8,19 +8,27 @@ to each limit, the human approved.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._capabilities import Action, AnyCapability, allowing_capability, capabilities_subset
+from ._capabilities import (
+    Action,
+    AnyCapability,
+    Capability,
+    Transact,
+    allowing_capability,
+    capabilities_subset,
+)
+from ._currencies import check_amount
 from ._encoding import b64url_encode, canonical_json
 from ._envelope import Envelope
 from ._errors import Forbidden
 from ._receipts import ApprovalReceipt, VerifiedReceipt, verify_assertion
 from ._types import Identifier
 
-__all__ = ["GRANT_TYPE", "Grant", "GrantRequest", "tighten", "verify_receipt"]
+__all__ = ["GRANT_TYPE", "Grant", "GrantRequest", "check_money", "tighten", "verify_receipt"]
 
 #: Domain separation: a grant document names its own type and version, so its hash cannot
 #: collide with any other signed AgentAuth document.
@@ -53,6 +61,35 @@ def tighten(
     if not new_env.is_within(request.envelope):
         raise Forbidden("the envelope may only be tightened", reason="widening")
     return request.model_copy(update={"capabilities": new_caps, "envelope": new_env})
+
+
+def check_money(
+    *, capabilities: Iterable[Capability] = (), envelope: Envelope | None = None
+) -> None:
+    """Refuse (``InvalidRequest``, reason ``amount_precision``) any amount of a grant that is
+    finer than its currency's minor unit: a capability's ``max_amount`` and the envelope's
+    limits and threshold.
+
+    Called where a grant is asked for or approved, not when one is parsed: a document stored
+    before this rule still loads (a verifier compares payable amounts against its limits,
+    which only rounds them down in effect), and only a new approval is refused.
+    """
+    for i, capability in enumerate(capabilities):
+        if isinstance(capability, Transact) and capability.max_amount is not None:
+            assert capability.currency is not None  # the model keeps them together
+            check_amount(
+                capability.max_amount, capability.currency, field=f"capabilities[{i}].max_amount"
+            )
+    if envelope is None:
+        return
+    for name, money in (
+        ("max_per_transaction", envelope.max_per_transaction),
+        ("step_up_threshold", envelope.step_up_threshold),
+    ):
+        if money is not None:
+            check_amount(money.amount, money.currency, field=f"envelope.{name}.amount")
+    for i, spend in enumerate(envelope.spend_limits):
+        check_amount(spend.amount, spend.currency, field=f"envelope.spend_limits[{i}].amount")
 
 
 class Grant(BaseModel):

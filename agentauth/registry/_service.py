@@ -54,6 +54,8 @@ from ..protocol import (
     access_token_parts,
     b64url_encode,
     canonical_json,
+    check_amount,
+    check_money,
     strict_json_loads,
     tighten,
     verify_assertion,
@@ -1131,6 +1133,7 @@ class Registry:
     # --- grant requests and grants -------------------------------------------------------
 
     async def request_grant(self, agent: Agent, body: GrantRequestIn) -> dict[str, Any]:
+        check_money(capabilities=body.capabilities, envelope=body.envelope)
         provider = await self.pool.fetchrow(
             "SELECT id, allowed_kinds, suspended_at FROM providers WHERE id = $1", body.provider_id
         )
@@ -1249,6 +1252,9 @@ class Registry:
             }
         )
         approved = tighten(requested, capabilities=body.capabilities, envelope=body.envelope)
+        # What is signed, as narrowed: a request stored before amounts had to fit their
+        # currency can still be approved once the person rounds its limits down.
+        check_money(capabilities=approved.capabilities, envelope=approved.envelope)
         grant = Grant(
             grant_id=new_id("grt"),
             agent_id=approved.agent_id,
@@ -1290,6 +1296,8 @@ class Registry:
             _still_pending(row["status"], "request")
             _still_usable(row)  # since the approval began: nothing is consumed
             grant = Grant.model_validate(payload["grant"])
+            # Checked at the begin too; a begin from before that check may still be open.
+            check_money(capabilities=grant.capabilities, envelope=grant.envelope)
             if grant.digest() != challenge:  # the stored grant is what the challenge commits to
                 raise InvalidReceipt(
                     "challenge does not match the grant", reason="challenge_mismatch"
@@ -1447,9 +1455,9 @@ class Registry:
     async def issue_token(self, agent: Agent, grant_id: str) -> dict[str, Any]:
         now = int(time.time())
         row = await self.pool.fetchrow(
-            "SELECT g.document, g.agent_id, g.revoked_at, g.expires_at, r.receipt_hash,"
-            " (SELECT count(*) FROM revocations v WHERE (v.kind = 'grant' AND v.target = g.id)"
-            "   OR (v.kind = 'agent' AND v.target = g.agent_id)) AS revoked,"
+            # Only the constant _GRANT_REVOKED is joined in.
+            "SELECT g.document, g.agent_id, g.expires_at, r.receipt_hash,"  # noqa: S608
+            f" {_GRANT_REVOKED} AS revoked,"
             " p.suspended_at IS NOT NULL AS provider_suspended"
             " FROM grants g JOIN approval_receipts r ON r.grant_id = g.id"
             " JOIN providers p ON p.id = g.provider_id WHERE g.id = $1",
@@ -1457,7 +1465,7 @@ class Registry:
         )
         if row is None or row["agent_id"] != agent.id:
             raise NotFound("no such grant")
-        if row["revoked_at"] is not None or row["revoked"]:
+        if row["revoked"]:
             raise Forbidden("the grant is revoked", reason="grant_revoked")
         if row["expires_at"] is not None and now >= row["expires_at"]:
             raise Forbidden("the grant has expired", reason="grant_expired")
@@ -1482,6 +1490,21 @@ class Registry:
         data = signing_input(header, claims)
         token = attach_signature(data, await signer.sign(data))
         async with self._tx() as conn:
+            # The read above may be stale by now: a revocation of the grant, or the agent's,
+            # may have committed while the token was signed. So the grant and agent rows are
+            # locked and read again, in this transaction, before the token is recorded. A
+            # revocation locks one of those rows before anything else (revoke, the grant's;
+            # disable_agent, the agent's): one that committed first is seen here, and one
+            # that comes later waits for this issuance to commit (its token is revoked too).
+            # Signing stays outside, so a slow key backend never holds up a revocation.
+            await conn.execute(
+                "SELECT 1 FROM grants g JOIN agents a ON a.id = g.agent_id WHERE g.id = $1"
+                " FOR SHARE OF g, a",
+                grant_id,
+            )
+            # A statement of its own: its snapshot is taken once the locks are held.
+            if await conn.fetchval(_GRANT_REVOKED_NOW, grant_id):
+                raise Forbidden("the grant is revoked", reason="grant_revoked")
             await conn.execute(
                 "INSERT INTO issued_tokens (jti, grant_id, agent_id, kid, issued_at, expires_at)"
                 " VALUES ($1, $2, $3, $4, $5, $6)",
@@ -1525,7 +1548,10 @@ class Registry:
         owner_query = {
             "token": "SELECT t.agent_id, a.principal_id FROM issued_tokens t"
             " JOIN agents a ON a.id = t.agent_id WHERE t.jti = $1",
-            "grant": "SELECT agent_id, principal_id FROM grants WHERE id = $1",
+            # Locked first, before the audit chain: a token issuance holds this row (shared)
+            # and then appends to the chain, so taking them in the same order cannot deadlock,
+            # and this revocation waits for an issuance that read the grant before it.
+            "grant": "SELECT agent_id, principal_id FROM grants WHERE id = $1 FOR UPDATE",
         }[kind]
         async with self._tx() as conn:
             row = await conn.fetchrow(owner_query, target)
@@ -1595,6 +1621,9 @@ class Registry:
     # --- step-up approvals -----------------------------------------------------------------
 
     async def request_step_up(self, agent: Agent, body: StepUpIn) -> dict[str, Any]:
+        # An approval for an amount nobody can pay could never be used (the verifier
+        # refuses the transaction): refused before the human is asked.
+        check_amount(body.amount, body.currency)
         grant = await self.get_grant(body.grant_id, agent=agent)
         if grant["revoked_at"] is not None:
             raise Forbidden("the grant is revoked", reason="grant_revoked")
@@ -1839,6 +1868,15 @@ _REQUEST_STATUS = (
     " AND r.created_at <= now() - make_interval(secs => $2::double precision)"
     " THEN 'expired' ELSE r.status END"
 )
+# Whether grant ``g`` is revoked, itself or through its agent (disabling an agent records an
+# agent revocation). Used by token issuance, before signing and again when recording.
+_GRANT_REVOKED = (
+    "(g.revoked_at IS NOT NULL OR EXISTS (SELECT 1 FROM revocations v"
+    " WHERE (v.kind = 'grant' AND v.target = g.id)"
+    " OR (v.kind = 'agent' AND v.target = g.agent_id)))"
+)
+_GRANT_REVOKED_NOW = f"SELECT {_GRANT_REVOKED} FROM grants g WHERE g.id = $1"  # noqa: S608
+
 _REQUEST_SELECT = (
     # Only the constant above is joined in.
     "SELECT r.id, r.agent_id, r.provider_id, r.capabilities, r.envelope,"  # noqa: S608

@@ -20,13 +20,17 @@ from urllib.parse import urljoin
 import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from pydantic import ValidationError
 
 from ..protocol import (
     Capability,
     Envelope,
     Forbidden,
+    Money,
     NotFound,
     PrivateKey,
+    check_amount,
+    check_money,
     create_dpop_proof,
 )
 from ._auth import STEP_UP_HEADER, DPoPAuth, htu_of
@@ -43,6 +47,15 @@ _STEP_UP_READ_MARGIN = 15.0
 # After a poll fails on the way (a timeout, a dropped connection), wait this long and poll
 # the same step-up again: the human may still be answering it.
 _STEP_UP_RETRY_PAUSE = 1.0
+
+
+def _check_payable(amount: str, currency: str) -> None:
+    """Refuse an amount finer than its currency's minor unit before anything is sent."""
+    try:
+        money = Money.model_validate({"amount": amount, "currency": currency})
+    except ValidationError:
+        return  # malformed: the registry's answer names what is wrong
+    check_amount(money.amount, money.currency)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +208,17 @@ class AgentAuthClient:
         *,
         envelope: Envelope | dict[str, Any] | None = None,
     ) -> GrantPending:
-        """Ask the human for capabilities at a provider; returns the pending request."""
+        """Ask the human for capabilities at a provider; returns the pending request.
+
+        Raises ``InvalidRequest`` (reason ``amount_precision``) before asking when an amount
+        is finer than its currency's minor unit (USD 0.005), as the registry would."""
+        checked = envelope
+        if isinstance(checked, dict):
+            try:
+                checked = Envelope.model_validate(checked)
+            except ValidationError:
+                checked = None  # malformed: the registry's answer names what is wrong
+        check_money(capabilities=capabilities, envelope=checked)
         if isinstance(envelope, Envelope):
             envelope = envelope.model_dump(mode="json", exclude_none=True)
         body: dict[str, Any] = {
@@ -327,12 +350,15 @@ class AgentAuthClient:
         """Ask the human to approve one transaction above the threshold; returns the
         one-time approval reference to present with that transaction (in the
         ``STEP_UP_HEADER`` header). Raises ``Forbidden`` (reason ``denied`` or ``expired``)
-        if the human refuses it or lets it expire, ``TimeoutError`` after ``timeout``.
+        if the human refuses it or lets it expire, ``TimeoutError`` after ``timeout``, and
+        ``InvalidRequest`` (reason ``amount_precision``), before asking anyone, for an
+        amount finer than the currency's minor unit.
 
         After a ``TimeoutError`` (or any failure once the step-up exists), calling again for
         the same payment waits on the step-up already asked for instead of asking the human
         a second time.
         """
+        _check_payable(amount, currency)
         grant = await self._grant_for(service_provider_id)
         key = (grant["id"], resource, amount, currency, payee)
         step_id = self._pending_step_ups.get(key)

@@ -4,11 +4,11 @@ Three ways in, one path underneath: ``VerifierClient.verify_request`` (a plain a
 function over method, URL and headers), ``AgentAuthMiddleware`` (ASGI, for any framework)
 and ``require(...)`` (a FastAPI dependency). ``OfflineVerifier`` checks, against the JWKS
 and the token alone, the signature, the DPoP key binding, the capabilities and the rules of
-the envelope that need no memory (expiry, time windows, currency, the per-transaction cap,
-a single action over a spend cap). It is weaker: no replay, rate, cumulative spend or
-revocation checks, and it refuses every action above the step-up threshold
-(``step_up_required``), since it cannot check a one-time approval. It is meant for
-read-only, low-value endpoints or a verifier outage policy you choose deliberately.
+the envelope that need no memory (expiry, time windows, an amount's precision and currency,
+the per-transaction cap, a single action over a spend cap). It is weaker: no replay, rate,
+cumulative spend or revocation checks, and it refuses every action above the step-up
+threshold (``step_up_required``), since it cannot check a one-time approval. It is meant
+for read-only, low-value endpoints or a verifier outage policy you choose deliberately.
 
 ``AgentAuthMiddleware`` refuses WebSocket connections to paths ``action_of`` maps to an
 action (closed before the handshake completes, which servers answer with HTTP 403): a
@@ -37,6 +37,7 @@ from ..protocol import (
     KeySet,
     UsageState,
     allowing_capability,
+    amount_fits,
     evaluate,
     path_as_sent,
 )
@@ -193,6 +194,8 @@ class OfflineVerifier:
             self._proofs.verify(proof, htm=method, htu=url, now=now, ath=access.ath, jkt=access.jkt)
         except AgentAuthError as exc:
             return Verification(False, f"{exc.error}:{exc.reason}" if exc.reason else exc.error)
+        if action.amount is not None and not amount_fits(action.amount, action.currency or ""):
+            return Verification(False, "amount_precision")  # before the capability, as online
         if allowing_capability(access.claims.capabilities, action) is None:
             return Verification(False, "insufficient_capability")
         # Evaluated as the grant's first action, with no step-up: the rules that need no

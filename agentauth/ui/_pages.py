@@ -35,8 +35,10 @@ from ..protocol import (
     ApprovalReceipt,
     Envelope,
     Grant,
+    amount_fits,
     b64url_decode,
     canonical_json,
+    minor_unit,
     parse_capabilities,
     verify_receipt,
 )
@@ -316,6 +318,15 @@ class Tighten:
             raise ValueError(
                 "Check the values: amounts are plain decimal numbers such as 50 or 12.50."
             ) from None
+        # The registry refuses these too (amount_precision); said here, as the form is filled.
+        limits = [envelope.max_per_transaction, *envelope.spend_limits, envelope.step_up_threshold]
+        for limit in limits:
+            if limit is not None and not amount_fits(limit.amount, limit.currency):
+                places = minor_unit(limit.currency)
+                raise ValueError(
+                    f"Check the values: {limit.currency} amounts have "
+                    + ("no decimal places." if places == 0 else f"at most {places} decimal places.")
+                )
         body: dict[str, Any] = {}
         if len(kept) != len(self.capabilities):
             body["capabilities"] = [c.to_document() for c in kept]

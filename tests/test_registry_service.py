@@ -1,0 +1,292 @@
+"""The registry's service and HTTP API in process, over real PostgreSQL and Redis (no Ray).
+
+The registry is opened on a database of its own and driven through its FastAPI app with
+httpx's ASGI transport, by the same ``World`` the Ray tests use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+from conftest import _wait_out_replay_epoch, with_database
+from registry_world import PAYMENTS, STEP_UP_ABOVE_50, World
+
+from agentauth.protocol import Capability, Forbidden
+from agentauth.registry import Registry, RegistrySettings, create_app
+from agentauth.registry._service import Agent
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis]
+
+ISSUER = "http://r.test"
+
+
+@dataclass
+class InProcess:
+    registry: Registry
+    world: World
+    url: str
+
+    async def count(self, table: str) -> int:
+        # Table names are the test's own constants.
+        return int(await self.registry.pool.fetchval(f"SELECT count(*) FROM {table}"))
+
+    async def counts(self) -> dict[str, int]:
+        tables = ("grant_requests", "grants", "step_ups", "webauthn_challenges", "audit_events")
+        return {table: await self.count(table) for table in tables}
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def service(
+    database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[InProcess]:
+    name = f"service_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(database_url, name)
+    settings = RegistrySettings(
+        database_url=url,
+        redis_url=redis_url,
+        data_dir=tmp_path_factory.mktemp("registry"),
+        issuer=ISSUER,
+        admin_token=secrets.token_urlsafe(24),
+    )
+    registry = await Registry.open(settings)
+    try:
+        _wait_out_replay_epoch(redis_url)
+        transport = httpx.ASGITransport(app=create_app(registry))
+        async with httpx.AsyncClient(transport=transport, base_url=ISSUER, timeout=60) as client:
+            world = World(client=client, base=ISSUER, admin_token=settings.admin_token)
+            yield InProcess(registry, world, url)
+    finally:
+        await registry.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def refused_for_precision(response: httpx.Response, field: str) -> None:
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert (body["error"], body["reason"]) == ("invalid_request", "amount_precision")
+    assert body["error_description"].startswith(field + ": ")
+
+
+# --- amounts finer than their currency's minor unit --------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_grant_request_with_amounts_finer_than_the_currency_writes_nothing(
+    service: InProcess,
+) -> None:
+    world = service.world
+    human = await world.human()
+    agent = await world.agent(human)
+    provider = await world.provider()
+    usd = {"currency": "USD"}
+    cases: list[tuple[dict[str, Any], str]] = [
+        (
+            {"capabilities": [Capability.transact("payments", max_amount="0.005", **usd)]},
+            "capabilities[0].max_amount",
+        ),
+        (
+            {"envelope": {"spend_limits": [{"amount": "1.005", "period": "day", **usd}]}},
+            "envelope.spend_limits[0].amount",
+        ),
+        (
+            {"envelope": {"max_per_transaction": {"amount": "1.5", "currency": "JPY"}}},
+            "envelope.max_per_transaction.amount",
+        ),
+        (
+            {"envelope": {"step_up_threshold": {"amount": "0.0005", "currency": "BHD"}}},
+            "envelope.step_up_threshold.amount",
+        ),
+    ]
+    before = await service.counts()
+    for changes, field in cases:
+        body: dict[str, Any] = {"provider_id": provider.id, "capabilities": PAYMENTS, **changes}
+        if "capabilities" in changes:
+            body["capabilities"] = [c.to_document() for c in changes["capabilities"]]
+        r = await world.as_agent(agent, "POST", "/v1/grant-requests", json=body)
+        refused_for_precision(r, field)
+    assert await service.counts() == before
+    # Whole cents (trailing zeros too), a whole yen, and a unit outside ISO 4217 are fine.
+    fine = {
+        "spend_limits": [
+            {"amount": "1.50", "period": "day", **usd},
+            {"amount": "1000", "period": "grant", "currency": "JPY"},
+            {"amount": "0.000001", "period": "day", "currency": "TOK"},
+        ],
+    }
+    r = await world.as_agent(
+        agent,
+        "POST",
+        "/v1/grant-requests",
+        json={"provider_id": provider.id, "capabilities": PAYMENTS, "envelope": fine},
+    )
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_stored_request_finer_than_its_currency_is_approved_only_rounded_down(
+    service: InProcess,
+) -> None:
+    """A request stored before the rule: its approval is refused (nothing written) until the
+    person tightens the limit to whole cents; a tightening finer than a cent is refused too."""
+    world = service.world
+    human = await world.human()
+    agent = await world.agent(human)
+    provider = await world.provider()
+    limit = {"amount": "10", "currency": "USD", "period": "day"}
+    request = await world.request(agent, provider, PAYMENTS, {"spend_limits": [limit]})
+    too_fine = {"spend_limits": [{**limit, "amount": "10.005"}]}
+    await service.registry.pool.execute(
+        "UPDATE grant_requests SET envelope = $2 WHERE id = $1", request["id"], too_fine
+    )
+    path = f"/v1/grant-requests/{request['id']}/approval/begin"
+    before = await service.counts()
+    r = await world.client.post(world.url(path), headers=human.headers)
+    refused_for_precision(r, "envelope.spend_limits[0].amount")
+    sub_cent = {"spend_limits": [{**limit, "amount": "9.995"}]}
+    r = await world.client.post(world.url(path), headers=human.headers, json={"envelope": sub_cent})
+    refused_for_precision(r, "envelope.spend_limits[0].amount")
+    assert await service.counts() == before
+    rounded = {"spend_limits": [{**limit, "amount": "10.00"}]}
+    grant = await world.approve(human, request["id"], envelope=rounded)
+    assert grant["document"]["envelope"]["spend_limits"][0]["amount"] == "10"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_step_up_finer_than_the_currency_writes_nothing(service: InProcess) -> None:
+    world = service.world
+    _, agent, _, grant = await world.setup_grant(capabilities=PAYMENTS, envelope=STEP_UP_ABOVE_50)
+    before = await service.counts()
+    for amount, currency in (("60.005", "USD"), ("60.5", "JPY"), ("60.0001", "KWD")):
+        payment = {"grant_id": grant["id"], "resource": "payments", "amount": amount}
+        r = await world.as_agent(
+            agent, "POST", "/v1/step-ups", json={**payment, "currency": currency}
+        )
+        refused_for_precision(r, "amount")
+    assert await service.counts() == before
+    assert (await world.step_up(agent, grant["id"], "60.50"))["status"] == "pending"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_stored_grant_finer_than_its_currency_still_gets_tokens(
+    service: InProcess,
+) -> None:
+    """Loading is not stricter than before: a grant approved before the rule keeps working
+    (the verifier then refuses only payments nobody could make)."""
+    world = service.world
+    _, agent, _, grant = await world.setup_grant(capabilities=PAYMENTS, envelope=STEP_UP_ABOVE_50)
+    document = json.loads(
+        await service.registry.pool.fetchval(
+            "SELECT document FROM grants WHERE id = $1", grant["id"]
+        )
+    )
+    document["envelope"]["step_up_threshold"]["amount"] = "49.995"
+    document["capabilities"][0]["max_amount"] = "500.001"
+    await service.registry.pool.execute(
+        "UPDATE grants SET document = $2 WHERE id = $1", grant["id"], json.dumps(document)
+    )
+    r = await world.token(agent, grant["id"])
+    assert r.status_code == 200, r.text
+    r = await world.client.get(
+        world.url(f"/v1/grants/{grant['id']}"),
+        headers=world.dpop(agent, "GET", f"/v1/grants/{grant['id']}"),
+    )
+    assert r.status_code == 200, r.text
+
+
+# --- token issuance against a concurrent revocation ------------------------------------------
+
+
+async def service_agent(service: InProcess, agent_id: str) -> Agent:
+    row = await service.registry.pool.fetchrow(
+        "SELECT id, principal_id, jkt, status FROM agents WHERE id = $1", agent_id
+    )
+    return Agent(row["id"], row["principal_id"], row["jkt"], row["status"])
+
+
+async def issued(service: InProcess, grant_id: str) -> int:
+    return int(
+        await service.registry.pool.fetchval(
+            "SELECT count(*) FROM issued_tokens WHERE grant_id = $1", grant_id
+        )
+    )
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("revoked", ["grant", "agent"])
+async def test_a_revocation_committed_while_a_token_is_signed_wins(
+    service: InProcess, monkeypatch: pytest.MonkeyPatch, revoked: str
+) -> None:
+    """Issuance reads the grant (active), then signs; the grant (or its agent) is revoked
+    and committed meanwhile. The token must not be recorded or returned."""
+    world, registry = service.world, service.registry
+    human, agent, _, grant = await world.setup_grant()
+    signing, release = asyncio.Event(), asyncio.Event()
+    real_signer = registry.keys.signer
+
+    async def slow_signer(now: float) -> Any:
+        signer = await real_signer(now)
+        signing.set()  # the grant has been read as active
+        await release.wait()
+        return signer
+
+    monkeypatch.setattr(registry.keys, "signer", slow_signer)
+    issuance = asyncio.ensure_future(
+        registry.issue_token(await service_agent(service, agent.id), grant["id"])
+    )
+    await asyncio.wait_for(signing.wait(), 10)
+    target = grant["id"] if revoked == "grant" else agent.id
+    await registry.revoke(revoked, target, principal_id=human.principal_id, admin=False)
+    release.set()
+    with pytest.raises(Forbidden) as caught:
+        await asyncio.wait_for(issuance, 10)
+    assert caught.value.reason == "grant_revoked"
+    assert await issued(service, grant["id"]) == 0
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_revocation_begun_while_a_token_is_recorded_waits_for_it(
+    service: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other order: issuance has checked the grant inside its transaction; a revocation
+    asked for now commits after the token (which it then covers), without a deadlock on
+    the audit chain both write to."""
+    world, registry = service.world, service.registry
+    human, agent, _, grant = await world.setup_grant()
+    recording, release = asyncio.Event(), asyncio.Event()
+    real_audit = registry._audit
+
+    async def slow_audit(conn: Any, **event: Any) -> None:
+        if event["event"] == "token.issued":
+            recording.set()
+            await release.wait()
+        await real_audit(conn, **event)
+
+    monkeypatch.setattr(registry, "_audit", slow_audit)
+    issuance = asyncio.ensure_future(
+        registry.issue_token(await service_agent(service, agent.id), grant["id"])
+    )
+    await asyncio.wait_for(recording.wait(), 10)
+    revocation = asyncio.ensure_future(
+        registry.revoke("grant", grant["id"], principal_id=human.principal_id, admin=False)
+    )
+    await asyncio.sleep(0.5)
+    assert not revocation.done()  # it waits on the grant row the issuance holds
+    release.set()
+    token = await asyncio.wait_for(issuance, 10)
+    assert (await asyncio.wait_for(revocation, 10))["revoked"]
+    assert token["grant_id"] == grant["id"] and await issued(service, grant["id"]) == 1
+    # The token was recorded first; the revocation, committed after, covers it.
+    r = await world.token(agent, grant["id"])
+    assert (r.status_code, r.json()["reason"]) == (403, "grant_revoked")
