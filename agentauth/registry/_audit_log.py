@@ -146,8 +146,8 @@ class AuditLog:
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", "ckpt:" + chain)
             head = await conn.fetchrow("SELECT size FROM audit_heads WHERE chain = $1", chain)
             last = await conn.fetchrow(
-                "SELECT size, root, frontier, signed FROM audit_checkpoints WHERE chain = $1 "
-                "ORDER BY size DESC LIMIT 1",
+                "SELECT size, root, frontier, signed, time FROM audit_checkpoints"
+                " WHERE chain = $1 ORDER BY size DESC LIMIT 1",
                 chain,
             )
             size = head["size"] if head else 0
@@ -166,8 +166,12 @@ class AuditLog:
                     size,
                 )
                 tree, nodes = _extend(tree, rows, chain=chain, size=size)
+                # Dated no earlier than what it covers or the checkpoint before it, which
+                # every verifier requires (check_checkpoint_dated): a shard's clock a little
+                # ahead of this replica's must not make an honest checkpoint look backdated.
+                dated = max(now, _newest_second(rows[-1]["body"]), last["time"] if last else 0)
                 checkpoint = Checkpoint(
-                    chain=chain, size=size, root=b64url_encode(tree.root), time=now
+                    chain=chain, size=size, root=b64url_encode(tree.root), time=dated
                 )
                 signed = await sign_document(checkpoint, signer)
                 await conn.execute(
@@ -178,7 +182,7 @@ class AuditLog:
                     tree.root,
                     tree.frontier.state(),
                     signed,
-                    now,
+                    dated,
                 )
                 # Every subtree the new events complete, hashed above from their bodies (the
                 # rows are never read back to sign). A row already there is overwritten: a
@@ -445,6 +449,13 @@ def _extend(
     if seq != size:
         raise IntegrityError(f"events {seq}..{size} are missing", reason="gap")
     return ChainHead(size=size, head=head, frontier=frontier), nodes
+
+
+def _newest_second(body: str) -> int:
+    """The second an event's ``time_ms`` falls in, rounded up (0 if it has none: the event
+    itself was checked to link, and its time is the verifiers' to judge)."""
+    time_ms = strict_json_loads(body.encode("utf-8")).get("time_ms")
+    return -(-time_ms // 1000) if type(time_ms) is int and time_ms >= 0 else 0
 
 
 def _links(body: bytes, *, chain: str, seq: int, prev: bytes) -> bool:
