@@ -588,6 +588,33 @@ async def test_pkcs11_unavailable_token_key_pin_or_library(softhsm: str, tmp_pat
         )
 
 
+@needs_softhsm
+@pytest.mark.asyncio
+async def test_pkcs11_token_logged_in_by_other_code_is_refused_whatever_the_pin(
+    softhsm: str,
+) -> None:
+    """Other code of this process logged the token in with the right PIN: the token then
+    answers "already logged in" to any PIN, so the signer cannot check its own and refuses,
+    rather than sign with a wrong one."""
+    import pkcs11
+
+    from agentauth.keys._pkcs11 import _shared
+
+    assert not _shared, "a signer from another test is still open"
+    other = pkcs11.lib(SOFTHSM_LIB).get_token(token_label=softhsm).open(user_pin=PIN)
+    try:
+        for pin in ("0000", "", PIN):
+            with pytest.raises(SignerUnavailable, match="PIN cannot be checked") as caught:
+                await open_pkcs11("signer-a", pin=pin)
+            assert caught.value.reason == "backend_error"
+    finally:
+        other.close()
+    # Logged out again, the signer logs in itself.
+    signer = await open_pkcs11("signer-a")
+    await assert_signs(signer)
+    await signer.aclose()
+
+
 # -- KeyRing ---------------------------------------------------------------------------------
 
 
