@@ -149,6 +149,29 @@ def test_local_file_refuses_a_key_others_can_access(tmp_path: Path, mode: int) -
     assert caught.value.reason == "insecure_key_file"
 
 
+def test_local_file_refuses_a_key_another_user_owns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "registry.pem"
+    LocalFileSigner.load_or_create(path)
+    pem = path.read_bytes()
+    if os.geteuid() == 0:
+        os.chown(path, 12345, 12345)
+        me = 0
+    else:
+        # Unprivileged, the file cannot be given away: this process pretends to be another
+        # (non-root) user instead.
+        me = os.geteuid() + 1
+        monkeypatch.setattr(os, "geteuid", lambda: me)
+    owner = path.stat().st_uid
+    with pytest.raises(SignerUnavailable, match=f"owned by uid {owner}") as caught:
+        LocalFileSigner.load_or_create(path)
+    assert caught.value.reason == "insecure_key_file"
+    assert f"chown {me} {path}" in caught.value.description
+    assert pem.decode() not in str(caught.value)
+    assert b"PRIVATE KEY" not in str(caught.value).encode()
+
+
 @pytest.mark.asyncio
 async def test_local_file_ed25519(tmp_path: Path) -> None:
     path = tmp_path / "ed.pem"
