@@ -490,6 +490,64 @@ async def test_vault_slow_and_stopped(vault: FakeVault) -> None:
         await VaultTransitSigner.open("registry", url=refused_url(), token="t", timeout=SHORT)
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://vault.example:8200",
+        "HTTP://10.0.0.5:8200",
+        "http://127.0.0.1.nip.io:8200",  # a name, whatever it resolves to
+        "http://[fd00::2]:8200",
+        "http://user:pw@vault.example",
+        "ftp://vault.example",
+        "vault.example:8200",
+    ],
+)
+async def test_vault_token_is_never_sent_in_the_clear_off_this_machine(url: str) -> None:
+    secret = "s.token-that-must-not-travel"
+    with pytest.raises(SignerUnavailable) as caught:
+        await VaultTransitSigner.open("registry", url=url, token=secret, timeout=SHORT)
+    assert caught.value.reason == "insecure_vault_url"
+    assert "https://" in caught.value.description
+    assert secret not in str(caught.value) and "pw" not in str(caught.value)
+
+
+@pytest.mark.asyncio
+async def test_vault_plain_http_to_loopback_or_by_explicit_opt_in(
+    vault: FakeVault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agentauth.keys._vault import _resolve_url
+
+    for url in (
+        "http://127.0.0.1:8200",
+        "http://127.8.9.10",
+        "http://[::1]:8200",
+        "http://LocalHost:8200",
+        "https://vault.example",
+    ):
+        assert _resolve_url(url, allow_insecure_http=False) == url
+    # hvac's fallback when no URL is given is checked as any other.
+    monkeypatch.setenv("VAULT_ADDR", "http://vault.example:8200")
+    with pytest.raises(SignerUnavailable, match=r"plain http to vault\.example"):
+        await VaultTransitSigner.open("registry", url="", token="t", timeout=SHORT)
+    monkeypatch.delenv("VAULT_ADDR")
+    assert _resolve_url("", allow_insecure_http=False) == "http://localhost:8200"
+    # The opt-in lets a plain-http host through to the network (nothing listens there).
+    with pytest.raises(SignerUnavailable) as caught:
+        await VaultTransitSigner.open(
+            "registry",
+            url=refused_url().replace("127.0.0.1", "127.0.0.1.invalid"),
+            token="t",
+            timeout=SHORT,
+            allow_insecure_http=True,
+        )
+    assert caught.value.reason != "insecure_vault_url"
+    vault.create_key("registry")
+    signer = await open_vault(vault, "registry")  # the fake listens on 127.0.0.1
+    await assert_signs(signer)
+    await signer.aclose()
+
+
 # -- PKCS#11 (a fresh SoftHSM2 token) --------------------------------------------------------
 
 PIN = "1234"
