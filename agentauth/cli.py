@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:  # the server extra is imported only by the commands that use it
     from .protocol import AuditKeys
@@ -226,6 +227,61 @@ def _admin_token(data: Path) -> str:
     return path.read_text().strip()
 
 
+def _ready_lines(
+    *,
+    base: str,
+    ui_port: int,
+    dashboard_port: int,
+    data: Path,
+    database_url: str | None,
+    ray_token_path: Path,
+    admin_token_from_env: bool,
+) -> list[str]:
+    """What ``up`` prints once the stack is ready; ``database_url`` is None when embedded.
+
+    It ends in terminals, scrollback and CI logs, so it holds no secret: a database
+    password is masked and tokens are named by the file that holds them.
+    """
+    where = (
+        _masked_url(database_url) if database_url is not None else f"embedded, {data / 'postgres'}"
+    )
+    lines = [
+        f"  registry        {base}/registry   (API docs: {base}/registry/docs)",
+        f"  JWKS            {base}/registry/.well-known/jwks.json",
+        f"  audit keys      {base}/registry/.well-known/agentauth-audit-keys.json",
+        f"  verifier        {base}/verifier   (POST /v1/verify, /v1/introspect)",
+        f"  approval page   http://localhost:{ui_port}   (passkeys need this host name)",
+        f"  Ray dashboard   http://127.0.0.1:{dashboard_port}",
+    ]
+    if ray_token_path.exists():
+        # Ray 2.60 keeps token authentication on; the dashboard asks for this token.
+        lines.append(f"                  its token is in {ray_token_path}")
+    if admin_token_from_env:
+        lines.append("  admin token     from AGENTAUTH_ADMIN_TOKEN")
+    else:
+        lines.append(f"  admin token     in {data / 'admin-token'} (mode 0600)")
+    lines.append(f"  database        {where}")
+    return lines
+
+
+def _masked_url(url: str) -> str:
+    """``url`` with its password, in the user part or a ``password=`` parameter, as ***."""
+    if "://" not in url:
+        # A libpq key=value string, or something else: no telling where a password is.
+        return "(set, not a URL: not shown)"
+    parts = urlsplit(url)
+    # The netloc by hand, not .hostname/.port: a libpq URL may list several host:port
+    # pairs; the last '@' ends the user part, since a password may hold an unescaped one.
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    params = []
+    for param in parts.query.split("&") if parts.query else []:
+        name = param.split("=", 1)[0]
+        params.append(f"{name}=***" if name == "password" else param)
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{hosts}", query="&".join(params)))
+
+
 def _step(message: str) -> float:
     print(f"  {message} ...", end="", flush=True)
     return time.monotonic()
@@ -354,23 +410,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         stoppers.append(ui)
         _done(started)
 
-        token_path = Path.home() / ".ray" / "auth_token"
-        where = database_url if os.environ.get("DATABASE_URL") else f"embedded, {data / 'postgres'}"
         print()
-        print(f"  registry        {base}/registry   (API docs: {base}/registry/docs)")
-        print(f"  JWKS            {base}/registry/.well-known/jwks.json")
-        print(f"  audit keys      {base}/registry/.well-known/agentauth-audit-keys.json")
-        print(f"  verifier        {base}/verifier   (POST /v1/verify, /v1/introspect)")
-        print(f"  approval page   http://localhost:{args.ui_port}   (passkeys need this host name)")
-        print(f"  Ray dashboard   http://127.0.0.1:{args.dashboard_port}")
-        if token_path.exists():
-            # Ray 2.60 keeps token authentication on; the dashboard asks for this token.
-            print(f"                  token: {token_path.read_text().strip()}  ({token_path})")
-        if os.environ.get("AGENTAUTH_ADMIN_TOKEN"):
-            print("  admin token     from AGENTAUTH_ADMIN_TOKEN")
-        else:
-            print(f"  admin token     in {data / 'admin-token'} (mode 0600)")
-        print(f"  database        {where}")
+        for line in _ready_lines(
+            base=base,
+            ui_port=args.ui_port,
+            dashboard_port=args.dashboard_port,
+            data=data,
+            database_url=database_url if os.environ.get("DATABASE_URL") else None,
+            ray_token_path=Path.home() / ".ray" / "auth_token",
+            admin_token_from_env=bool(os.environ.get("AGENTAUTH_ADMIN_TOKEN")),
+        ):
+            print(line)
         print("ready. Ctrl+C stops everything.", flush=True)
 
         stop = threading.Event()

@@ -851,7 +851,7 @@ def test_directory_store_is_atomic_and_stays_inside_its_root(
     store = DirectoryStore(tmp_path)
     store.put("a/b.txt", b"old")
 
-    def power_cut(*_: object) -> None:
+    def power_cut(*_: object, **__: object) -> None:  # replace(src, dst, *, dir fds)
         raise OSError(5, "Input/output error")
 
     with monkeypatch.context() as patched:
@@ -867,6 +867,45 @@ def test_directory_store_is_atomic_and_stays_inside_its_root(
         with pytest.raises(ValueError, match="not an archive key"):
             store.get(key)
     assert DirectoryStore(tmp_path / "absent").list() == []
+
+
+def test_directory_store_follows_no_symbolic_link_below_its_root(tmp_path: Path) -> None:
+    """Links planted in the archive (a chain directory pointing elsewhere, an object
+    pointing at a system file) neither redirect a write nor serve a read: refused, named."""
+    root, outside = tmp_path / "archive", tmp_path / "outside"
+    (root / "keys").mkdir(parents=True)
+    outside.mkdir()
+    secret = outside / "secret"
+    secret.write_bytes(b"not the archive's")
+    (root / "verifier-0").symlink_to(outside)
+    (root / "keys" / "k.jwk.json").symlink_to(secret)
+    (root / "keys" / "d").symlink_to(outside)
+    store = DirectoryStore(root)
+
+    for act in (
+        lambda: store.put("verifier-0/000000000001", b"event"),
+        lambda: store.get("verifier-0/secret"),
+        lambda: store.put("keys/d/x", b"event"),
+        lambda: store.get("keys/d/secret"),
+    ):
+        with pytest.raises(ArchiveUnavailable, match="is a symbolic link") as caught:
+            act()
+        assert str(root) in str(caught.value)
+    for act in (lambda: store.get("keys/k.jwk.json"), lambda: store.put("keys/k.jwk.json", b"")):
+        with pytest.raises(ArchiveUnavailable, match=r"keys/k\.jwk\.json is a symbolic link"):
+            act()
+    assert sorted(p.name for p in outside.iterdir()) == ["secret"]
+    assert secret.read_bytes() == b"not the archive's"
+    assert (root / "keys" / "k.jwk.json").is_symlink()  # not replaced either
+
+    os.mkfifo(root / "keys" / "pipe")  # would block an open without O_NONBLOCK
+    with pytest.raises(ArchiveUnavailable, match="not a regular file"):
+        store.get("keys/pipe")
+    # The root itself may be a link (the operator's choice); real keys below it work.
+    linked_root = tmp_path / "linked"
+    linked_root.symlink_to(root)
+    DirectoryStore(linked_root).put("verifier-1/000000000001", b"event")
+    assert store.get("verifier-1/000000000001") == b"event"
 
 
 def test_s3_store_failures_are_archive_unavailable() -> None:

@@ -1,4 +1,5 @@
-"""The ``agentauth up`` command starts the stack on embedded defaults and stops it cleanly."""
+"""The ``agentauth up`` command starts the stack on embedded defaults and stops it cleanly,
+and tells where its secrets are without printing them. Only the first test needs Ray."""
 
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ import pytest
 from conftest import _free_port
 
 from agentauth.deployments import SERVING_ENV
-
-pytestmark = pytest.mark.ray
 
 
 def _descendants(root: int) -> dict[int, str]:
@@ -43,6 +42,7 @@ def _descendants(root: int) -> dict[int, str]:
     return found
 
 
+@pytest.mark.ray
 def test_up_starts_everything_on_embedded_defaults_and_ctrl_c_stops_it(tmp_path: Path) -> None:
     port, dashboard, ui_port = _free_port(), _free_port(), _free_port()
     env = {
@@ -94,6 +94,10 @@ def test_up_starts_everything_on_embedded_defaults_and_ctrl_c_stops_it(tmp_path:
         output = "".join(lines)
         assert "ready." in output, output
         assert f"http://127.0.0.1:{port}/registry" in output
+        ray_token = Path.home() / ".ray" / "auth_token"
+        if ray_token.exists():  # named, never printed
+            assert ray_token.read_text().strip() not in output
+            assert str(ray_token) in output
         base = f"http://127.0.0.1:{port}/registry"
         assert httpx.get(f"{base}/healthz", timeout=10).json() == {"status": "ok"}
         keys = httpx.get(f"{base}/.well-known/jwks.json", timeout=10).json()["keys"]
@@ -168,3 +172,51 @@ def test_the_admin_token_file_is_private_whole_and_shared_by_concurrent_starts(
     os.symlink(other, path)
     with pytest.raises(SystemExit, match="regular file"):
         _admin_token(data)
+
+
+def test_up_says_where_secrets_are_and_prints_none(tmp_path: Path) -> None:
+    """What ``up`` prints ends in terminals, scrollback and CI logs: a database password
+    is masked (user, host and database kept), a bearer token is never printed, only the
+    file it is in."""
+    from agentauth.cli import _ready_lines
+
+    ray_token = tmp_path / "auth_token"
+    ray_token.write_text("ray-dashboard-bearer-0123456789\n")
+    lines = _ready_lines(
+        base="http://127.0.0.1:8000",
+        ui_port=8080,
+        dashboard_port=8265,
+        data=tmp_path / "data",
+        database_url="postgresql://registry:db-s3cret@db.internal:5432/agentauth",
+        ray_token_path=ray_token,
+        admin_token_from_env=False,
+    )
+    output = "\n".join(lines)
+    assert "db-s3cret" not in output and "ray-dashboard-bearer" not in output
+    assert "postgresql://registry:***@db.internal:5432/agentauth" in output
+    assert str(ray_token) in output
+    assert str(tmp_path / "data" / "admin-token") in output
+    assert "http://127.0.0.1:8000/registry" in output
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:p%40ss@h/db", "postgresql://u:***@h/db"),
+        (
+            "postgres://u:pw@h1:5432,h2:5433/db?sslmode=require",
+            "postgres://u:***@h1:5432,h2:5433/db?sslmode=require",
+        ),
+        (
+            "postgresql://h/db?user=u&password=pw&sslmode=verify-full",
+            "postgresql://h/db?user=u&password=***&sslmode=verify-full",
+        ),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("postgresql://:pw@h/db", "postgresql://:***@h/db"),
+        ("host=h password=pw", "(set, not a URL: not shown)"),
+    ],
+)
+def test_database_url_password_is_masked(url: str, shown: str) -> None:
+    from agentauth.cli import _masked_url
+
+    assert _masked_url(url) == shown

@@ -149,6 +149,29 @@ def test_local_file_refuses_a_key_others_can_access(tmp_path: Path, mode: int) -
     assert caught.value.reason == "insecure_key_file"
 
 
+def test_local_file_refuses_a_key_another_user_owns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "registry.pem"
+    LocalFileSigner.load_or_create(path)
+    pem = path.read_bytes()
+    if os.geteuid() == 0:
+        os.chown(path, 12345, 12345)
+        me = 0
+    else:
+        # Unprivileged, the file cannot be given away: this process pretends to be another
+        # (non-root) user instead.
+        me = os.geteuid() + 1
+        monkeypatch.setattr(os, "geteuid", lambda: me)
+    owner = path.stat().st_uid
+    with pytest.raises(SignerUnavailable, match=f"owned by uid {owner}") as caught:
+        LocalFileSigner.load_or_create(path)
+    assert caught.value.reason == "insecure_key_file"
+    assert f"chown {me} {path}" in caught.value.description
+    assert pem.decode() not in str(caught.value)
+    assert b"PRIVATE KEY" not in str(caught.value).encode()
+
+
 @pytest.mark.asyncio
 async def test_local_file_ed25519(tmp_path: Path) -> None:
     path = tmp_path / "ed.pem"
@@ -467,6 +490,64 @@ async def test_vault_slow_and_stopped(vault: FakeVault) -> None:
         await VaultTransitSigner.open("registry", url=refused_url(), token="t", timeout=SHORT)
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://vault.example:8200",
+        "HTTP://10.0.0.5:8200",
+        "http://127.0.0.1.nip.io:8200",  # a name, whatever it resolves to
+        "http://[fd00::2]:8200",
+        "http://user:pw@vault.example",
+        "ftp://vault.example",
+        "vault.example:8200",
+    ],
+)
+async def test_vault_token_is_never_sent_in_the_clear_off_this_machine(url: str) -> None:
+    secret = "s.token-that-must-not-travel"
+    with pytest.raises(SignerUnavailable) as caught:
+        await VaultTransitSigner.open("registry", url=url, token=secret, timeout=SHORT)
+    assert caught.value.reason == "insecure_vault_url"
+    assert "https://" in caught.value.description
+    assert secret not in str(caught.value) and "pw" not in str(caught.value)
+
+
+@pytest.mark.asyncio
+async def test_vault_plain_http_to_loopback_or_by_explicit_opt_in(
+    vault: FakeVault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agentauth.keys._vault import _resolve_url
+
+    for url in (
+        "http://127.0.0.1:8200",
+        "http://127.8.9.10",
+        "http://[::1]:8200",
+        "http://LocalHost:8200",
+        "https://vault.example",
+    ):
+        assert _resolve_url(url, allow_insecure_http=False) == url
+    # hvac's fallback when no URL is given is checked as any other.
+    monkeypatch.setenv("VAULT_ADDR", "http://vault.example:8200")
+    with pytest.raises(SignerUnavailable, match=r"plain http to vault\.example"):
+        await VaultTransitSigner.open("registry", url="", token="t", timeout=SHORT)
+    monkeypatch.delenv("VAULT_ADDR")
+    assert _resolve_url("", allow_insecure_http=False) == "http://localhost:8200"
+    # The opt-in lets a plain-http host through to the network (nothing listens there).
+    with pytest.raises(SignerUnavailable) as caught:
+        await VaultTransitSigner.open(
+            "registry",
+            url=refused_url().replace("127.0.0.1", "127.0.0.1.invalid"),
+            token="t",
+            timeout=SHORT,
+            allow_insecure_http=True,
+        )
+    assert caught.value.reason != "insecure_vault_url"
+    vault.create_key("registry")
+    signer = await open_vault(vault, "registry")  # the fake listens on 127.0.0.1
+    await assert_signs(signer)
+    await signer.aclose()
+
+
 # -- PKCS#11 (a fresh SoftHSM2 token) --------------------------------------------------------
 
 PIN = "1234"
@@ -586,6 +667,33 @@ async def test_pkcs11_unavailable_token_key_pin_or_library(softhsm: str, tmp_pat
         await Pkcs11Signer.open(
             lib_path=str(tmp_path / "missing.so"), token_label=TOKEN, pin=PIN, key_label="x"
         )
+
+
+@needs_softhsm
+@pytest.mark.asyncio
+async def test_pkcs11_token_logged_in_by_other_code_is_refused_whatever_the_pin(
+    softhsm: str,
+) -> None:
+    """Other code of this process logged the token in with the right PIN: the token then
+    answers "already logged in" to any PIN, so the signer cannot check its own and refuses,
+    rather than sign with a wrong one."""
+    import pkcs11
+
+    from agentauth.keys._pkcs11 import _shared
+
+    assert not _shared, "a signer from another test is still open"
+    other = pkcs11.lib(SOFTHSM_LIB).get_token(token_label=softhsm).open(user_pin=PIN)
+    try:
+        for pin in ("0000", "", PIN):
+            with pytest.raises(SignerUnavailable, match="PIN cannot be checked") as caught:
+                await open_pkcs11("signer-a", pin=pin)
+            assert caught.value.reason == "backend_error"
+    finally:
+        other.close()
+    # Logged out again, the signer logs in itself.
+    signer = await open_pkcs11("signer-a")
+    await assert_signs(signer)
+    await signer.aclose()
 
 
 # -- KeyRing ---------------------------------------------------------------------------------

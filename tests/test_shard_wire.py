@@ -22,7 +22,7 @@ import pytest
 import pytest_asyncio
 from shard_checks import a_check, arriving, payment, timed
 
-from agentauth.actors import Check, StateShard
+from agentauth.actors import Check, StateShard, _shard
 from agentauth.actors._wire import (
     ACKS_ANNOUNCED,
     MAX_FRAME,
@@ -271,6 +271,50 @@ async def test_bad_peers_are_dropped_and_decide_nothing(
     assert await _closed(reader, writer)
 
     assert await _chain_size(database_url) == before
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 5.0
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.asyncio
+async def test_connections_yet_to_show_the_token_are_bounded(
+    shard: StateShard, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Silent peers hold a socket each until the token timeout; beyond the bound, new
+    connections are closed at once (and reported once, not per connection), and a replica
+    links again as soon as there is room."""
+    limit = _shard._MAX_UNAUTHENTICATED
+    host, port, token = await shard.endpoint()
+    silent = [await asyncio.open_connection(host, port) for _ in range(limit)]
+    try:
+        await _until(lambda: len(shard._peers) == limit)
+        with caplog.at_level(logging.WARNING, logger="agentauth.shard"):
+            for _ in range(5):
+                began = time.monotonic()
+                assert await _closed(*await asyncio.open_connection(host, port))
+                assert time.monotonic() - began < 1.0  # not the token timeout's 5 s
+        turned_away = [r for r in caplog.records if "turned away" in r.getMessage()]
+        assert len(turned_away) == 1
+        assert len(shard._peers) == limit  # the refused were never taken in
+
+        reader, writer = silent.pop()
+        writer.close()
+        await writer.wait_closed()
+        await _until(lambda: len(shard._peers) == limit - 1)
+        reader, writer = await _linked(host, port, token)
+        writer.write(Codec().encode_checks(9, [_check(deny="revoked")]))
+        assert (await _frames_until_answer(reader))[-1][0] == 9
+        assert shard._unauthenticated == limit - 1  # a linked peer is no longer counted
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        for _, writer in silent:
+            writer.close()
+    await _until(lambda: shard._unauthenticated == 0)
 
 
 class _Remote:

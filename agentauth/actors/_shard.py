@@ -102,6 +102,20 @@ _COMMIT = (
 )
 # The data plane's token: a frame of exactly this size opens a link.
 _TOKEN_FRAME = 32
+# Seconds a new connection has to show the token (with TLS, as long again for the handshake
+# before it).
+_TOKEN_TIMEOUT = 5.0
+# Connections that have not shown the token yet (past the TLS handshake, if TLS is on), at
+# most. Each holds a socket and a task for up to _TOKEN_TIMEOUT, and anyone who can reach
+# the port can open them: unbounded, silent peers could use up the actor's file descriptors
+# (its database connection among them). A replica opens one link per shard and shows the
+# token in its first round trip, so even every replica of a large deployment reconnecting
+# at once after a restart stays far below this; one turned away retries (ShardClient's
+# reconnect).
+_MAX_UNAUTHENTICATED = 64
+# A flood is reported at most this often (seconds), with the count turned away meanwhile,
+# so it cannot flood the log in turn.
+_REFUSED_LOG_EVERY = 60.0
 
 # The reason on a void the shard writes itself: its answer found the link closed.
 UNDELIVERED = "answer_undelivered"
@@ -216,6 +230,9 @@ class StateShard:
         self._tls = link_tls("server", os.environ)
         self._answering: set[asyncio.Task[None]] = set()
         self._peers: set[asyncio.StreamWriter] = set()
+        self._unauthenticated = 0  # connections yet to show the token (_MAX_UNAUTHENTICATED)
+        self._refused = 0  # turned away since the last report of it
+        self._refused_logged_at = -math.inf
         # As in the verifier replica: the process's long-lived objects (Ray's own) need not
         # be walked by every full collection, which would pause every decision.
         gc.freeze()
@@ -252,17 +269,45 @@ class StateShard:
             0,
             ssl=self._tls,
             # A peer that never finishes its handshake is dropped as one that never shows
-            # the token is (below).
-            ssl_handshake_timeout=5.0 if self._tls else None,
+            # the token is (below). Handshakes are not counted in _MAX_UNAUTHENTICATED:
+            # asyncio runs them before _serve, and StreamWriter.start_tls cannot take over
+            # a server stream that has already buffered the client's hello.
+            ssl_handshake_timeout=_TOKEN_TIMEOUT if self._tls else None,
         )
         self._address = (host, self._server.sockets[0].getsockname()[1])
 
+    def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        """Turn away a connection beyond _MAX_UNAUTHENTICATED, reporting it rate-limited."""
+        writer.transport.abort()  # no lingering close: the point is to free the socket
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= _REFUSED_LOG_EVERY:
+            log.warning(
+                "shard %s: turned away %d connection(s) since the last such report: %d"
+                " others were connected without having shown the token yet (a flood of"
+                " peers that never authenticate?)",
+                self.index,
+                self._refused,
+                _MAX_UNAUTHENTICATED,
+            )
+            self._refused_logged_at = now
+            self._refused = 0
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._unauthenticated >= _MAX_UNAUTHENTICATED:
+            self._refuse(writer)
+            return
         codec = Codec()
         self._peers.add(writer)
+        self._unauthenticated += 1
         try:
-            # A peer that has not shown the token gets no room for more than one.
-            token = await asyncio.wait_for(read_frame(reader, limit=_TOKEN_FRAME), 5.0)
+            try:
+                # A peer that has not shown the token gets no room for more than one.
+                token = await asyncio.wait_for(
+                    read_frame(reader, limit=_TOKEN_FRAME), _TOKEN_TIMEOUT
+                )
+            finally:
+                self._unauthenticated -= 1
             if not hmac.compare_digest(token, self._token):
                 log.warning("shard %s: a connection presented a wrong token", self.index)
                 return

@@ -6,9 +6,12 @@ nothing), which is what lets an interrupted export resume by rewriting at most o
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -21,6 +24,11 @@ _T = TypeVar("_T")
 # Keys are relative, '/'-separated, and no component is empty, '.', '..' or hidden (temporary
 # files start with a dot), so a key can never name a path outside the store.
 _KEY = re.compile(r"^[A-Za-z0-9_:@-][A-Za-z0-9._:@-]*(/[A-Za-z0-9_:@-][A-Za-z0-9._:@-]*)*$")
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+# Every component below the root is opened with O_NOFOLLOW (see DirectoryStore).
+_DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+_FILE_NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | _CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
 #: Connect and read timeout for S3 calls, seconds: an export is a batch job and can wait out
 #: a slow object store, but must not hang forever on a dead one.
 S3_TIMEOUT = 60.0
@@ -55,6 +63,12 @@ class DirectoryStore:
     A put writes a hidden temporary file in the target directory, flushes it to disk, then
     renames it over the key (``os.replace`` is atomic within a file system) and flushes the
     directory, so a crash leaves either the old object or the new one, never a torn file.
+
+    Nothing under the root is reached through a symbolic link: each directory of a key is
+    opened relative to the one before with ``O_NOFOLLOW``, and so is the object itself, so
+    a link planted in the archive (a segment pointing at ``/etc/...``, a chain directory
+    pointing elsewhere) cannot redirect a read or a write; it is refused, named. The root
+    itself may be a link: the operator chose it.
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -71,36 +85,95 @@ class DirectoryStore:
                 f"archive directory {what} failed ({type(exc).__name__}: {exc.strerror})"
             ) from exc
 
+    def _refuse_link(self, path: str, directory: int) -> None:
+        """Raise if ``path``'s last component, under the descriptor ``directory``, is a
+        symbolic link."""
+        try:
+            mode = os.stat(path.rsplit("/", 1)[-1], dir_fd=directory, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(mode.st_mode):
+            raise ArchiveUnavailable(
+                f"archive path {self.root / path} is a symbolic link, which the archive does"
+                " not follow; remove it (or point the archive at the real directory)"
+            )
+
+    def _open_parent(self, key: str, *, create: bool) -> int:
+        """A descriptor of the directory holding ``key``, reached without following links."""
+        directory = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+        try:
+            parts = key.split("/")[:-1]
+            for depth, part in enumerate(parts, 1):
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, dir_fd=directory)
+                try:
+                    inner = os.open(part, _DIR_NOFOLLOW, dir_fd=directory)
+                except OSError as exc:
+                    # Linux says ENOTDIR for a link opened O_DIRECTORY | O_NOFOLLOW.
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        self._refuse_link("/".join(parts[:depth]), directory)
+                    raise
+                os.close(directory)
+                directory = inner
+        except BaseException:
+            os.close(directory)
+            raise
+        return directory
+
     def get(self, key: str) -> bytes | None:
-        path = self.root / _check_key(key)
+        _check_key(key)
+        name = key.rsplit("/", 1)[-1]
 
         def read() -> bytes | None:
             try:
-                return path.read_bytes()
+                directory = self._open_parent(key, create=False)
             except FileNotFoundError:
                 return None
+            try:
+                try:
+                    # O_NONBLOCK: a FIFO planted at the key must not hang the open; a
+                    # regular file ignores it.
+                    fd = os.open(name, _FILE_NOFOLLOW | os.O_NONBLOCK, dir_fd=directory)
+                except FileNotFoundError:
+                    return None
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        self._refuse_link(key, directory)
+                    raise
+            finally:
+                os.close(directory)
+            with os.fdopen(fd, "rb") as file:
+                if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                    raise ArchiveUnavailable(f"archive key {key} is not a regular file")
+                return file.read()
 
         return self._io("read", read)
 
     def put(self, key: str, data: bytes) -> None:
-        path = self.root / _check_key(key)
-        self._io("write", lambda: self._write(path, data))
+        _check_key(key)
+        self._io("write", lambda: self._write(key, data))
 
-    @staticmethod
-    def _write(path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    def _write(self, key: str, data: bytes) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = key.rsplit("/", 1)[-1]
+        directory = self._open_parent(key, create=True)
         try:
-            with temp.open("xb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
+            # rename() would replace a link at the key rather than write through it, but a
+            # link there was planted by someone: say so instead of quietly removing it.
+            self._refuse_link(key, directory)
+            temp = f".{name}.{secrets.token_hex(6)}.tmp"
+            fd = os.open(temp, _NEW_FILE, 0o666, dir_fd=directory)
+            try:
+                with os.fdopen(fd, "wb") as file:
+                    file.write(data)
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(temp, name, src_dir_fd=directory, dst_dir_fd=directory)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp, dir_fd=directory)
+                raise
             os.fsync(directory)  # the rename itself survives a power cut
         finally:
             os.close(directory)
@@ -110,6 +183,8 @@ class DirectoryStore:
             if not self.root.is_dir():
                 return []
             keys = []
+            # os.walk does not descend into linked directories; a linked file is listed,
+            # and refused by get, so the archive's verification names it.
             for directory, subdirs, files in os.walk(self.root):
                 subdirs[:] = [d for d in subdirs if not d.startswith(".")]
                 base = Path(directory).relative_to(self.root).as_posix()

@@ -111,13 +111,24 @@ class LocalFileSigner:
 
 
 def _read_private(path: Path) -> bytes:
-    """The file's bytes, provided it is a regular file that group and others cannot touch."""
+    """The file's bytes, provided it is a regular file that group and others cannot touch,
+    owned by this process's user or by root (as ssh requires of a private key)."""
     fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
     with os.fdopen(fd, "rb") as f:
         # fstat on the open descriptor: no window between the check and the read.
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise SignerUnavailable(f"key file {path} is not a regular file", reason="bad_key_file")
+        owner = os.geteuid()
+        # Another user who owns the file can rewrite the key, or chmod it readable, at will;
+        # root can do so anyway, so a root-owned key is as safe as one of ours.
+        if st.st_uid not in (owner, 0):
+            raise SignerUnavailable(
+                f"key file {path} is owned by uid {st.st_uid}, not by this process's user"
+                f" (uid {owner}) or root, so that user can read or replace the key;"
+                f" run: chown {owner} {path}",
+                reason="insecure_key_file",
+            )
         if st.st_mode & 0o077:
             raise SignerUnavailable(
                 f"key file {path} is accessible by group or others "

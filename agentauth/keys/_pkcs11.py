@@ -72,8 +72,18 @@ def _acquire(lib_path: str, token_label: str, pin: str) -> _SharedSession:
             try:
                 session = token.open(user_pin=pin)
             except pkcs11.UserAlreadyLoggedIn:
-                # Logged in by other code in this process: its login covers our session.
-                session = token.open()
+                # Other code in this process logged the token in (our own logins go through
+                # _shared). Its login would cover a session of ours whatever our PIN, and
+                # nothing can check the PIN now: C_Login answers "already logged in" before
+                # looking at it, C_Logout would log that other code out, and C_SetPIN(pin,
+                # pin) writes to the token. Signing unchecked would let a wrong (or empty)
+                # PIN use the key, so refuse: the token must be ours alone.
+                raise SignerUnavailable(
+                    "the PKCS#11 token is already logged in by other code in this process, so"
+                    " the configured PIN cannot be checked; give the signer a token (or a"
+                    " process) of its own",
+                    reason="backend_error",
+                ) from None
             entry = _SharedSession(session, _pin_mac(pin))
             _shared[(lib_path, token_label)] = entry
         elif not hmac.compare_digest(entry.pin_mac, _pin_mac(pin)):

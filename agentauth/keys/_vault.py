@@ -3,14 +3,21 @@
 The key version read at open time is pinned: ``sign`` passes ``key_version``, so rotating
 the key inside Vault cannot make this signer sign with a key its kid does not name. Publish
 the new version under its own kid (open another signer) and rotate through ``KeyRing``.
+
+Every request carries the Vault token in a header, so the URL must be ``https://``; plain
+``http://`` is accepted only to a loopback host (127.0.0.0/8, ::1, ``localhost``: a Vault
+agent or a development server on this machine), or with ``allow_insecure_http=True``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
+import os
 import re
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -32,6 +39,42 @@ __all__ = ["VaultTransitSigner"]
 
 _KEY_TYPES: dict[str, Algorithm] = {"ecdsa-p256": "ES256", "ed25519": "Ed25519"}
 _SIGNATURE = re.compile(r"vault:v(?P<version>[1-9][0-9]*):(?P<body>[A-Za-z0-9+/=_-]+)")
+
+
+def _resolve_url(url: str, *, allow_insecure_http: bool) -> str:
+    """The URL the client will use (hvac's own default when none is given), once it is
+    known not to send the token in the clear off this machine."""
+    # As hvac does when given no URL: VAULT_ADDR, else a local dev server. Resolved here so
+    # the URL checked is the one used.
+    url = url or os.environ.get("VAULT_ADDR") or "http://localhost:8200"
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = parts.hostname or ""  # lower case, without brackets or credentials
+    if scheme == "https":
+        return url
+    if scheme != "http":
+        raise SignerUnavailable(
+            f"the Vault URL must start with https:// (got scheme {scheme or 'none'!r})",
+            reason="insecure_vault_url",
+        )
+    if allow_insecure_http or _is_loopback(host):
+        return url
+    # Only the host is named: the URL itself could carry credentials.
+    raise SignerUnavailable(
+        f"refusing to send the Vault token over plain http to {host or 'no host'}: anyone"
+        " on the path could read it. Use https://; plain http is only for a loopback host"
+        " (127.0.0.0/8, ::1, localhost), unless vault_allow_insecure_http is set",
+        reason="insecure_vault_url",
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # another host name: it could resolve anywhere
 
 
 def _bad(what: str) -> SignerUnavailable:
@@ -74,8 +117,15 @@ class VaultTransitSigner(RemoteSigner):
         mount: str = "transit",
         timeout: float = DEFAULT_TIMEOUT,
         kid: str | None = None,
+        allow_insecure_http: bool = False,
     ) -> VaultTransitSigner:
-        """Read the key's latest version and its public key; the token stays in the client."""
+        """Read the key's latest version and its public key; the token stays in the client.
+
+        ``url`` must be ``https://``, or ``http://`` to a loopback host; any other ``http://``
+        host needs ``allow_insecure_http=True`` (the token then crosses the network in the
+        clear). Empty, it is ``VAULT_ADDR`` or ``http://localhost:8200``, as in hvac.
+        """
+        url = _resolve_url(url, allow_insecure_http=allow_insecure_http)
 
         def connect() -> tuple[Any, int, PublicKey]:
             # Imported on open, so the package imports without the server extras. hvac

@@ -84,7 +84,10 @@ class KeyManager:
             return await keys.GcpKmsSigner.open(name, endpoint=s.endpoint)
         if backend == "vault":
             return await keys.VaultTransitSigner.open(
-                name, url=s.endpoint or "", token=s.vault_token or ""
+                name,
+                url=s.endpoint or "",
+                token=s.vault_token or "",
+                allow_insecure_http=s.vault_allow_insecure_http,
             )
         if backend == "pkcs11":
             return await keys.Pkcs11Signer.open(

@@ -26,6 +26,9 @@ class SignerSettings(BaseModel):
     # Real KMS signs a SHA-256 digest (DIGEST); RAW is for emulators that hash again.
     aws_message_type: Literal["DIGEST", "RAW"] = "DIGEST"
     vault_token: str | None = Field(None, repr=False)
+    # The Vault token rides on every request: plain http is refused except to a loopback
+    # host. Setting this sends it in the clear to any host (a trusted private link only).
+    vault_allow_insecure_http: bool = False
     pkcs11_lib: str = "/usr/lib/softhsm/libsofthsm2.so"
     pkcs11_token: str | None = None
     pkcs11_pin: str | None = Field(None, repr=False)
