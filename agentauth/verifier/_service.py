@@ -45,6 +45,7 @@ from ..protocol import (
     Unauthenticated,
     UseDPoPNonce,
     allowing_capability,
+    amount_fits,
 )
 from ..protocol._types import is_identifier
 from ..store import REVOCATION_CHANNEL, grant_cache_key
@@ -125,10 +126,10 @@ K = TypeVar("K", bound=Hashable)
 _REVOCATION_OVERLAP = 1000
 # How long a revocation is kept: the longest life the token check lets a token claim (the
 # verifier uses the default policy), its clock leeway on either side, and five minutes for
-# the registry's, the database's and this host's clocks to disagree (and for a token
-# issuance that read the grant just before its revocation committed). Every token a
+# the registry's, the database's and this host's clocks to disagree. Every token a
 # revocation is about was issued before it (the registry issues none for a revoked grant
-# or agent), so by then that token is refused as expired anyway.
+# or agent: issuance re-reads the grant, locked, in the transaction that records the
+# token), so by then that token is refused as expired anyway.
 _REVOCATION_MEMORY = TokenPolicy().max_lifetime + 2 * TokenPolicy().leeway + 300
 
 
@@ -683,7 +684,13 @@ class Verifier:
             return _deny(base, exc), {"dpop_nonce": exc.nonce}, token
         except InvalidDPoPProof as exc:
             return _deny(base, exc), {}, token
-        if allowing_capability(token.claims.capabilities, body.action) is None:
+        action = body.action
+        if action.amount is not None and not amount_fits(action.amount, action.currency or ""):
+            # Before the capability check, so an amount nobody can pay (USD 0.005) is refused
+            # as that, whichever capability's maximum it would also exceed; the envelope's
+            # evaluation in the shard refuses it too.
+            return _replace(base, deny="amount_precision"), {}, token
+        if allowing_capability(token.claims.capabilities, action) is None:
             return _replace(base, deny="insufficient_capability"), {}, token
         checked = _replace(
             base,
