@@ -434,3 +434,99 @@ async def test_a_path_no_action_can_name_is_a_400_not_a_provider_error() -> None
     await middleware(scope, receive, send)
     assert sent[0]["status"] == 400 and ran == []
     assert json.loads(sent[1]["body"]) == {"error": "invalid_request", "reason": "bad_resource"}
+
+
+# --- one DPoP and one Authorization line, or no decision (RFC 9449 §4.3, check 1) ---------
+
+
+def protected_apps(verifier: Any) -> dict[str, Any]:
+    """The same GET /payments/1 behind the middleware and behind require()."""
+    from fastapi import Depends, FastAPI
+
+    from agentauth.sdk import require
+
+    action = Action(kind="transact", resource="payments/1", amount="20", currency="USD")
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"paid"})
+
+    middleware = AgentAuthMiddleware(
+        inner,
+        verifier=verifier,
+        action_of=lambda method, path: action,
+        public_url="https://shop.example",
+    )
+    api = FastAPI()
+    allowed = require(action, verifier=verifier, public_url="https://shop.example")
+
+    @api.post("/payments/1", dependencies=[Depends(allowed)])
+    async def pay() -> str:
+        return "paid"
+
+    return {"middleware": middleware, "require": api}
+
+
+def duplicate_cases(token: str, proof: str) -> list[tuple[list[tuple[str, str]], int, str]]:
+    """Header lines, and the status and reason each must get."""
+    other = proof[:-8] + "AAAAAAAA"
+    auth = ("Authorization", f"DPoP {token}")
+    return [
+        ([auth, ("DPoP", proof)], 200, "ok"),
+        ([auth, ("DPoP", "junk.proof.value"), ("DPoP", proof)], 401, "multiple_proofs"),
+        ([auth, ("DPoP", proof), ("DPoP", other)], 401, "multiple_proofs"),
+        ([auth, ("DPoP", f"{other}, {proof}")], 401, "multiple_proofs"),
+        ([("Authorization", "DPoP a.b.c"), auth, ("DPoP", proof)], 400, "multiple_authorizations"),
+        ([auth], 401, "missing_proof"),
+        ([("DPoP", proof)], 400, "missing_token"),
+        ([("Authorization", f"Bearer {token}"), ("DPoP", proof)], 400, "missing_token"),
+    ]
+
+
+@pytest.mark.asyncio
+async def test_two_dpop_or_authorization_lines_are_refused_by_every_provider_helper() -> None:
+    """A framework's dict of headers keeps one line a name, so the helpers used whichever
+    line it kept: a second DPoP header was not refused (RFC 9449 §4.3), nor a second
+    Authorization. The header lines are read as sent now."""
+    verifier, headers = offline_request(Envelope())
+    for label, app in protected_apps(verifier).items():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="https://shop.example") as c:
+            token = headers["authorization"].removeprefix("DPoP ")
+            for lines, status, reason in duplicate_cases(token, headers["dpop"]):
+                r = await c.post("/payments/1", headers=httpx.Headers(lines))
+                assert r.status_code == status, (label, lines, r.text)
+                assert status == 200 or reason in r.text, (label, r.text)
+
+
+@pytest.mark.asyncio
+async def test_the_verifier_is_not_asked_about_a_request_with_two_proofs() -> None:
+    asked: list[str] = []
+
+    def verifier(request: httpx.Request) -> httpx.Response:
+        asked.append(json.loads(request.content)["proof"])
+        return httpx.Response(200, json={"decision": "allow", "reason": "ok"})
+
+    client = VerifierClient(
+        "https://verifier.example",
+        provider_id="p",
+        secret="s",
+        http=httpx.AsyncClient(transport=httpx.MockTransport(verifier)),
+    )
+    action = Action(kind="read", resource="x")
+    two = [("Authorization", "DPoP t.o.k"), ("DPoP", "first.proof.A"), ("DPoP", "second.proof.B")]
+    # However the lines come: ASGI's bytes pairs, str pairs, httpx's or Starlette's Headers.
+    from starlette.datastructures import Headers
+
+    raw = [(k.lower().encode(), v.encode()) for k, v in two]
+    for headers in (raw, two, httpx.Headers(two), Headers(raw=raw)):
+        result = await client.verify_request(
+            method="GET", url="https://a/x", headers=cast(Any, headers), action=action
+        )
+        assert (result.allowed, result.reason) == (False, "invalid_dpop_proof:multiple_proofs")
+    assert asked == []
+    one = {"authorization": "DPoP t.o.k", "dpop": "first.proof.A"}
+    result = await client.verify_request(
+        method="GET", url="https://a/x", headers=one, action=action
+    )
+    assert result.allowed and asked == ["first.proof.A"]
