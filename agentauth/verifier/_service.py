@@ -582,7 +582,15 @@ class Verifier:
         its expiry, could refuse an allow already committed)."""
         answer, token = await self._decision(provider_id, body)
         if answer["decision"] != "allow" or token is None:
-            return {"active": False, "reason": answer["reason"]}
+            # RFC 7662 §2.2: an inactive answer says no more. A reason would tell a provider
+            # that another provider's token is genuine and unexpired (wrong_audience); it
+            # stays in the audit event and the metrics. The one exception is a nonce
+            # (RFC 9449 §9): the provider must hand it to the agent in DPoP-Nonce, or no
+            # proof the agent makes can ever carry it and every request is refused.
+            inactive: dict[str, Any] = {"active": False}
+            if "dpop_nonce" in answer:
+                inactive["dpop_nonce"] = answer["dpop_nonce"]
+            return inactive
         claims = token.claims
         return {
             "active": True,
