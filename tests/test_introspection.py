@@ -155,3 +155,21 @@ async def test_an_inactive_answer_carries_the_nonce_the_provider_must_relay() ->
     # The nonce works: the agent's next proof carries it and the token is active.
     again = await v.introspect("prov_a", ask(token, nonce=answer["dpop_nonce"]))
     assert again["active"] is True
+
+
+@pytest.mark.asyncio
+async def test_a_token_past_its_exp_is_inactive_and_recorded_as_a_denial() -> None:
+    """RFC 7662 §2.2: active means not expired. The token check allows 30 s after ``exp``
+    for the registry's clock against ours, so introspection answered ``active: true`` with
+    an ``exp`` already past. It checks ``exp`` without leeway, before the shard: the audit
+    record is the denial the provider was told, and nothing is allowed or spent."""
+    v, shards = verifier()
+    now = time.time()
+    lapsed = mint(now=now - 600, lifetime=580)  # exp 20 s ago: inside the leeway
+    assert await v.introspect("prov_a", ask(lapsed)) == {"active": False}
+    assert [c.deny for c in shards.recorded] == ["invalid_token:expired"]
+    # /v1/verify keeps the leeway: the same token is still allowed there.
+    assert (await v.verify("prov_a", ask(lapsed)))["decision"] == "allow"
+    current = mint(now=now - 560, lifetime=580)  # exp in 20 s
+    answer = await v.introspect("prov_a", ask(current))
+    assert answer["active"] is True and answer["exp"] > time.time()
