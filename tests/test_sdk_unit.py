@@ -530,3 +530,36 @@ async def test_the_verifier_is_not_asked_about_a_request_with_two_proofs() -> No
         method="GET", url="https://a/x", headers=one, action=action
     )
     assert result.allowed and asked == ["first.proof.A"]
+
+
+@pytest.mark.asyncio
+async def test_the_agent_client_surfaces_the_token_endpoints_400_proof_errors(
+    tmp_path: Path,
+) -> None:
+    """The token endpoint answers a bad proof 400 (RFC 9449 §5), no longer 401: the client
+    reads the error code, not the status, and raises the same error as before."""
+    from agentauth.protocol import InvalidDPoPProof, ReplayDetected
+
+    answers = [
+        ("invalid_dpop_proof", "htu_mismatch", InvalidDPoPProof),
+        ("replay_detected", "jti_reused", ReplayDetected),
+    ]
+    for code, reason, raised in answers:
+
+        def registry(request: httpx.Request, code: str = code, reason: str = reason) -> Any:
+            if request.url.path == "/v1/grants":
+                grant = {"id": "grt_1", "provider_id": "shop", "revoked_at": None}
+                return httpx.Response(200, json=[{**grant, "document": {"audience": "a"}}])
+            body = {"error": code, "error_description": "no", "reason": reason}
+            return httpx.Response(400, json=body)
+
+        client = AgentAuthClient(
+            "https://registry.example",
+            key=PrivateKey.generate(),
+            agent_id="agt_1",
+            http=httpx.AsyncClient(transport=httpx.MockTransport(registry)),
+            home=tmp_path,
+        )
+        with pytest.raises(raised) as refused:
+            await client.get_token("shop")
+        assert refused.value.reason == reason

@@ -33,6 +33,7 @@ from ._capabilities import (
     parse_capabilities,
 )
 from ._dpop import (
+    DPOP_ALGS,
     DPOP_TYP,
     DPoPNonces,
     DPoPPolicy,
@@ -105,6 +106,7 @@ __all__ = [
     "AUDIT_KEYS_FORMAT",
     "CHECKPOINT_SKEW",
     "CHECKPOINT_TYP",
+    "DPOP_ALGS",
     "DPOP_TYP",
     "EMPTY_ROOT",
     "GENESIS_HASH",
