@@ -40,6 +40,7 @@ __all__ = [
     "MAX_BODY_BYTES",
     "Authentication",
     "BodyGuard",
+    "NoStore",
     "basic_credentials",
     "error_response",
     "expect_authentication",
@@ -206,6 +207,39 @@ class BodyGuard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class NoStore:
+    """ASGI middleware: every answer carries ``Cache-Control: no-store`` (and HTTP/1.0's
+    ``Pragma: no-cache``).
+
+    RFC 6749 §5.1 requires it of a token response, and the registry hands out other
+    secrets too: session tokens, enrollment and recovery codes, provider secrets, step-up
+    approval references. Marking every answer, instead of a list of routes, cannot miss a
+    route added later; the rest are one caller's data or, for the public documents (JWKS,
+    audit keys), must show a key rotation at once.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def marked(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [
+                    (name, value)
+                    for name, value in message.get("headers", [])
+                    if name.lower() not in (b"cache-control", b"pragma")
+                ]
+                headers += [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, marked)
 
 
 def _storable(document: Any) -> Any:

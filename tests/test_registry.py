@@ -923,6 +923,7 @@ async def test_token_endpoint_refuses_replayed_and_foreign_proofs(world: World) 
         json={"grant_id": grant["id"]},
     )
     assert r.status_code == 400 and r.json()["reason"] == "multiple_proofs"
+    assert first.headers["cache-control"] == "no-store"
 
 
 @pytest.mark.asyncio

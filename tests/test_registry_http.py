@@ -1,5 +1,5 @@
 """The registry's HTTP layer in process, over a stand-in for its service: the challenges of
-its 401s and its token endpoint's error responses.
+its 401s, its token endpoint's error responses, and the no-store mark on its answers.
 
 The stand-in authenticates as the service does (a real DPoP proof check, a session or admin
 token, a Basic credential) and answers the routes used here with documents of the real
@@ -173,3 +173,27 @@ async def test_dpop_failures_at_the_token_endpoint_are_400_error_responses() -> 
         r = await c.post("/v1/token", json=TOKEN)
         assert r.status_code == 401
         assert r.headers["www-authenticate"] == f"DPoP {REALM}, {ALGS}"
+
+
+@pytest.mark.asyncio
+async def test_answers_carrying_secrets_are_not_stored() -> None:
+    """RFC 6749 §5.1: a token response carries ``Cache-Control: no-store`` (and ``Pragma:
+    no-cache``); so does every registry answer, the other secrets' too."""
+    async with client() as c:
+        answers = [
+            await c.post("/v1/token", json=TOKEN, headers=proof("POST", "/v1/token")),
+            await c.post("/v1/enrollments", headers={"Authorization": f"Bearer {SESSION}"}),
+            await c.post(
+                "/v1/admin/recoveries",
+                json={"principal_id": "hum_1"},
+                headers={"Authorization": f"Bearer {ADMIN}"},
+            ),
+            await c.post("/v1/token", json=TOKEN),  # an error too
+            await c.get("/healthz"),
+        ]
+    assert answers[0].json()["access_token"] == "a.b.c"
+    assert answers[1].json()["code"] == "enr_secret"
+    assert answers[2].json()["code"] == "rec_secret"
+    for r in answers:
+        assert r.headers.get_list("cache-control") == ["no-store"], r.request.url
+        assert r.headers.get("pragma") == "no-cache", r.request.url

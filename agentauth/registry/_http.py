@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI, Path, Query, Request
 
 from .._web import (
     Authentication,
+    NoStore,
     basic_credentials,
     expect_authentication,
     install_error_handlers,
@@ -172,6 +173,8 @@ def create_app(registry: Registry) -> FastAPI:
     app.state.registry = registry
 
     install_error_handlers(app, log, authentication=AUTHENTICATION)
+    # Outermost: every answer, errors included, is marked not to be stored.
+    app.add_middleware(NoStore)
 
     # --- public --------------------------------------------------------------------------
 
