@@ -563,3 +563,73 @@ async def test_the_agent_client_surfaces_the_token_endpoints_400_proof_errors(
         with pytest.raises(raised) as refused:
             await client.get_token("shop")
         assert refused.value.reason == reason
+
+
+# --- the provider's challenges (RFC 9449 §7.1) --------------------------------------------
+
+ALGS = 'algs="ES256 Ed25519 EdDSA"'
+
+
+@pytest.mark.parametrize(
+    ("verification", "status", "challenge"),
+    [
+        # No credentials presented: a challenge without an error code (RFC 6750 §3.1).
+        (Verification(False, "missing_dpop_credentials"), 401, f"DPoP {ALGS}"),
+        # Proof failures are invalid_dpop_proof (RFC 9449 §12.2), a replay included.
+        (
+            Verification(False, "invalid_dpop_proof:htu_mismatch"),
+            401,
+            f'DPoP error="invalid_dpop_proof", {ALGS}',
+        ),
+        (Verification(False, "replay_detected"), 401, f'DPoP error="invalid_dpop_proof", {ALGS}'),
+        (Verification(False, "invalid_token:expired"), 401, f'DPoP error="invalid_token", {ALGS}'),
+        (
+            Verification(False, "use_dpop_nonce:nonce_required", dpop_nonce="n-1"),
+            401,
+            f'DPoP error="use_dpop_nonce", {ALGS}',
+        ),
+        (
+            Verification(False, "invalid_request:multiple_authorizations"),
+            400,
+            f'DPoP error="invalid_request", {ALGS}',
+        ),
+        (Verification(False, "insufficient_capability"), 403, None),
+        (Verification(False, "verifier_unavailable"), 503, None),
+    ],
+)
+def test_each_refusal_gets_its_status_and_dpop_challenge(
+    verification: Verification, status: int, challenge: str | None
+) -> None:
+    from agentauth.sdk._provider import denial
+
+    got_status, headers, body = denial(verification)
+    assert (got_status, headers.get("WWW-Authenticate")) == (status, challenge)
+    assert body["reason"] == verification.reason
+    assert headers.get("DPoP-Nonce") == verification.dpop_nonce
+
+
+@pytest.mark.asyncio
+async def test_the_middlewares_challenges_name_the_failure_and_the_algorithms() -> None:
+    verifier, headers = offline_request(Envelope())
+    token = headers["authorization"].removeprefix("DPoP ")
+    bad_signature = headers["dpop"][:-8] + (
+        "AAAAAAAA" if headers["dpop"][-1] != "A" else "BBBBBBBB"
+    )
+    app = protected_apps(verifier)["middleware"]
+    cases = [
+        ({}, f"DPoP {ALGS}"),
+        (
+            {"Authorization": f"DPoP {token}", "DPoP": bad_signature},
+            f'DPoP error="invalid_dpop_proof", {ALGS}',
+        ),
+        (
+            {"Authorization": f"DPoP {token[:-8]}AAAAAAAA", "DPoP": headers["dpop"]},
+            f'DPoP error="invalid_token", {ALGS}',
+        ),
+    ]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="https://shop.example") as c:
+        for sent, challenge in cases:
+            r = await c.post("/payments/1", headers=sent)
+            assert r.status_code == 401, r.text
+            assert r.headers["www-authenticate"] == challenge, r.text

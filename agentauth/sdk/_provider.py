@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 
 from ..protocol import (
+    DPOP_ALGS,
     AccessTokenVerifier,
     Action,
     AgentAuthError,
@@ -260,22 +261,35 @@ def _public_url(scope: Mapping[str, Any], base: str | None) -> str:
     return f"{scope.get('scheme', 'http')}://{host}{path}"
 
 
+def _challenge(error: str | None = None) -> str:
+    """A DPoP challenge (RFC 9449 §7.1): ``algs`` names the proof algorithms accepted, and
+    ``error`` is left out when the request presented no credentials (RFC 6750 §3.1)."""
+    params = [f'error="{error}"'] if error else []
+    params.append(f'algs="{" ".join(DPOP_ALGS)}"')
+    return "DPoP " + ", ".join(params)
+
+
 def denial(verification: Verification) -> tuple[int, dict[str, str], dict[str, Any]]:
     """Status, headers and body for a refused request (RFC 9449 §7.1 challenges)."""
-    body = {"error": "access_denied", "reason": verification.reason}
+    reason = verification.reason
+    body = {"error": "access_denied", "reason": reason}
     if verification.dpop_nonce:
         headers = {
-            "WWW-Authenticate": 'DPoP error="use_dpop_nonce"',
+            "WWW-Authenticate": _challenge("use_dpop_nonce"),
             "DPoP-Nonce": verification.dpop_nonce,
         }
-        return 401, headers, {"error": "use_dpop_nonce", "reason": verification.reason}
-    if verification.reason in ("missing_dpop_credentials",) or verification.reason.startswith(
-        ("invalid_token", "invalid_dpop_proof")
-    ):
-        return 401, {"WWW-Authenticate": 'DPoP error="invalid_token"'}, body
-    if verification.reason.startswith("invalid_request"):
-        return 400, {"WWW-Authenticate": 'DPoP error="invalid_request"'}, body
-    if verification.reason == "verifier_unavailable":
+        return 401, headers, {"error": "use_dpop_nonce", "reason": reason}
+    if reason == "missing_dpop_credentials":
+        return 401, {"WWW-Authenticate": _challenge()}, body
+    # A proof that failed (a replay is one, RFC 9449 §11.1): invalid_dpop_proof, the code
+    # RFC 9449 §12.2 registers for it; invalid_token is for the token itself.
+    if reason.startswith(("invalid_dpop_proof", "use_dpop_nonce")) or reason == "replay_detected":
+        return 401, {"WWW-Authenticate": _challenge("invalid_dpop_proof")}, body
+    if reason.startswith("invalid_token"):
+        return 401, {"WWW-Authenticate": _challenge("invalid_token")}, body
+    if reason.startswith("invalid_request"):
+        return 400, {"WWW-Authenticate": _challenge("invalid_request")}, body
+    if reason == "verifier_unavailable":
         return 503, {}, body
     return 403, {}, body
 
