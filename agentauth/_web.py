@@ -2,7 +2,8 @@
 
 Every error leaves as ``{"error", "error_description", "reason"?}`` with its status; schema
 failures are 400 with the failing fields; anything unexpected is logged here and answers
-500 without details.
+500 without details. Every 401 carries a ``WWW-Authenticate`` challenge for each scheme the
+route accepts (``Authentication``), the error code on the one the caller tried.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -21,11 +23,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .protocol import (
+    DPOP_ALGS,
     AgentAuthError,
     DependencyUnavailable,
     InvalidDPoPProof,
     InvalidRequest,
+    InvalidToken,
     PayloadTooLarge,
+    ReplayDetected,
     Unauthenticated,
     UseDPoPNonce,
     strict_json_loads,
@@ -33,9 +38,12 @@ from .protocol import (
 
 __all__ = [
     "MAX_BODY_BYTES",
+    "Authentication",
     "BodyGuard",
+    "NoStore",
     "basic_credentials",
     "error_response",
+    "expect_authentication",
     "install_error_handlers",
     "parsed_body",
 ]
@@ -48,13 +56,100 @@ _PARSED = "agentauth.parsed_body"
 MAX_BODY_BYTES = 64 * 1024
 
 
-def _error_response(exc: AgentAuthError) -> JSONResponse:
+# Where a route's dependency leaves the Authentication it expects, for its errors' challenges.
+_AUTHENTICATION = "agentauth.authentication"
+
+
+@dataclass(frozen=True, slots=True)
+class Authentication:
+    """How a route's callers authenticate: what its 401s challenge for (RFC 9110 §11.6.1:
+    a 401 carries at least one challenge).
+
+    ``schemes``: ``"DPoP"``, ``"Bearer"``, ``"Basic"``, in the order offered.
+    ``token_endpoint``: an authorization server's token endpoint, whose DPoP failures are
+    RFC 6749 §5.2 error responses, 400 without a challenge (RFC 9449 §5 and §8).
+    """
+
+    realm: str
+    schemes: tuple[str, ...]
+    token_endpoint: bool = False
+
+
+def expect_authentication(scope: Scope, authentication: Authentication) -> None:
+    """Record, before the caller is authenticated, how this route authenticates: the
+    challenges of a 401 it answers follow it instead of the app's."""
+    scope[_AUTHENTICATION] = authentication
+
+
+# Proof failures, whatever their code: a replayed proof is an invalid one (RFC 9449 §11.1).
+_PROOF_ERRORS = (InvalidDPoPProof, ReplayDetected)
+
+
+def _presented(scope: Scope | None) -> str | None:
+    """The scheme of the credentials a request carried, as the registry reads them (a DPoP
+    proof first, then Authorization), in lower case; None when it carried none."""
+    if scope is None:
+        return None
+    authorization = None
+    for name, value in scope.get("headers", ()):
+        if name == b"dpop":
+            return "dpop"
+        if name == b"authorization":
+            authorization = value.decode("latin-1").partition(" ")[0].lower()
+    return authorization or None
+
+
+def _error_code(exc: AgentAuthError, scheme: str) -> str | None:
+    """The ``error`` parameter for the challenge of the scheme the caller tried."""
+    if scheme == "basic":
+        return None  # RFC 7617 defines no error parameter
+    if isinstance(exc, InvalidDPoPProof):
+        return exc.error  # invalid_dpop_proof, use_dpop_nonce (RFC 9449 §7.1, §9)
+    if isinstance(exc, InvalidToken):
+        return exc.error
+    if isinstance(exc, ReplayDetected):
+        return "invalid_dpop_proof"
+    # The credential of that scheme did not authenticate (an unknown agent key, an ended
+    # session, a wrong admin token).
+    return {"dpop": "invalid_dpop_proof", "bearer": "invalid_token"}.get(scheme)
+
+
+def _challenges(exc: AgentAuthError, auth: Authentication, presented: str | None) -> str:
+    """One challenge per scheme the route accepts (a DPoP one too for a proof failure). The
+    scheme the caller tried carries the error code; with no credentials at all none does
+    (RFC 6750 §3.1, applied to DPoP by RFC 9449 §7.1)."""
+    schemes = list(auth.schemes)
+    if isinstance(exc, _PROOF_ERRORS) and "DPoP" not in schemes:
+        schemes.insert(0, "DPoP")
+    challenges = []
+    for scheme in schemes:
+        params = [f'realm="{auth.realm}"']
+        if scheme == "Basic":
+            params.append('charset="UTF-8"')  # RFC 7617 §2.1: credentials are UTF-8
+        code = _error_code(exc, scheme.lower()) if scheme.lower() == presented else None
+        if code is not None:
+            params.append(f'error="{code}"')
+        if scheme == "DPoP":
+            params.append(f'algs="{" ".join(DPOP_ALGS)}"')  # RFC 9449 §7.1
+        challenges.append(f"{scheme} {', '.join(params)}")
+    return ", ".join(challenges)
+
+
+def _error_response(
+    exc: AgentAuthError, scope: Scope | None = None, auth: Authentication | None = None
+) -> JSONResponse:
     headers = {}
     if isinstance(exc, UseDPoPNonce):
         headers["DPoP-Nonce"] = exc.nonce
-    if isinstance(exc, InvalidDPoPProof):
-        headers["WWW-Authenticate"] = f'DPoP error="{exc.error}"'
-    return JSONResponse(exc.to_dict(), status_code=exc.status_hint, headers=headers)
+    if scope is not None:
+        auth = scope.get(_AUTHENTICATION, auth)
+    status = exc.status_hint
+    if auth is not None and auth.token_endpoint and isinstance(exc, _PROOF_ERRORS):
+        status = 400  # RFC 9449 §5: an RFC 6749 §5.2 error response
+    elif status == 401:
+        auth = auth or Authentication(realm="agentauth", schemes=("DPoP",))
+        headers["WWW-Authenticate"] = _challenges(exc, auth, _presented(scope))
+    return JSONResponse(exc.to_dict(), status_code=status, headers=headers)
 
 
 class BodyGuard:
@@ -112,6 +207,39 @@ class BodyGuard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class NoStore:
+    """ASGI middleware: every answer carries ``Cache-Control: no-store`` (and HTTP/1.0's
+    ``Pragma: no-cache``).
+
+    RFC 6749 §5.1 requires it of a token response, and the registry hands out other
+    secrets too: session tokens, enrollment and recovery codes, provider secrets, step-up
+    approval references. Marking every answer, instead of a list of routes, cannot miss a
+    route added later; the rest are one caller's data or, for the public documents (JWKS,
+    audit keys), must show a key rotation at once.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def marked(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [
+                    (name, value)
+                    for name, value in message.get("headers", [])
+                    if name.lower() not in (b"cache-control", b"pragma")
+                ]
+                headers += [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, marked)
 
 
 def _storable(document: Any) -> Any:
@@ -178,13 +306,21 @@ def _schema_error(errors: Sequence[Any]) -> JSONResponse:
     return JSONResponse({**body, "details": details}, status_code=400)
 
 
-def error_response(exc: Exception, log: logging.Logger) -> JSONResponse:
+def error_response(
+    exc: Exception,
+    log: logging.Logger,
+    *,
+    scope: Scope | None = None,
+    authentication: Authentication | None = None,
+) -> JSONResponse:
     """The one answer for any exception a request raised: its code, status and headers,
-    never details of an unexpected failure (those go to the server log)."""
+    never details of an unexpected failure (those go to the server log). ``scope`` is the
+    request's (the credentials it carried, the route's Authentication if it set one);
+    ``authentication`` the app's, for routes that set none."""
     if isinstance(exc, AgentAuthError):
         if exc.status_hint >= 500:
             log.warning("request failed: %s (%s)", exc.error, exc.description)
-        return _error_response(exc)
+        return _error_response(exc, scope, authentication)
     if isinstance(exc, RequestValidationError):
         return _schema_error(exc.errors())
     if isinstance(exc, ValidationError):
@@ -209,12 +345,16 @@ _DEPENDENCY_ERRORS = (
 )
 
 
-def install_error_handlers(app: FastAPI, log: logging.Logger) -> None:
-    """Map every exception to the one error body, and refuse bodies we will not parse."""
+def install_error_handlers(
+    app: FastAPI, log: logging.Logger, *, authentication: Authentication
+) -> None:
+    """Map every exception to the one error body, and refuse bodies we will not parse.
+    ``authentication``: how the app's callers authenticate, unless a route says otherwise
+    (``expect_authentication``)."""
     app.add_middleware(BodyGuard)
 
-    async def handle(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(exc, log)
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc, log, scope=request.scope, authentication=authentication)
 
     for kind in (
         AgentAuthError,

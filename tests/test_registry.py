@@ -234,6 +234,10 @@ async def test_discovery_and_jwks_are_public_everything_else_is_not(world: World
         assert r.json()["error"] in ("unauthenticated", "invalid_request"), (method, path)
         if r.status_code == 400:  # schema checked first: retry with a valid-shaped body
             continue
+        # RFC 9110 §11.6.1: a 401 names a scheme to authenticate with; no error without
+        # credentials (RFC 6750 §3.1).
+        assert r.headers["www-authenticate"], (method, path)
+        assert "error=" not in r.headers["www-authenticate"], (method, path)
         # A forged session is refused the same way.
         r = await world.client.request(
             method, world.url(path), json=body, headers={"Authorization": "Bearer ses_forged"}
@@ -905,19 +909,21 @@ async def test_token_endpoint_refuses_replayed_and_foreign_proofs(world: World) 
     again = await world.client.post(
         world.url("/v1/token"), headers={"DPoP": proof}, json={"grant_id": grant["id"]}
     )
-    assert again.status_code == 401 and again.json()["error"] == "replay_detected"
+    # A token endpoint's DPoP failures are RFC 6749 §5.2 error responses: 400 (RFC 9449 §5).
+    assert again.status_code == 400 and again.json()["error"] == "replay_detected"
     wrong_url = world.proof(agent.key, "POST", "/v1/grants")
     r = await world.client.post(
         world.url("/v1/token"), headers={"DPoP": wrong_url}, json={"grant_id": grant["id"]}
     )
-    assert r.status_code == 401 and r.json()["error"] == "invalid_dpop_proof"
+    assert r.status_code == 400 and r.json()["error"] == "invalid_dpop_proof"
     two = {"DPoP": world.proof(agent.key, "POST", "/v1/token")}
     r = await world.client.post(
         world.url("/v1/token"),
         headers=[("DPoP", two["DPoP"]), ("DPoP", two["DPoP"])],
         json={"grant_id": grant["id"]},
     )
-    assert r.status_code == 401
+    assert r.status_code == 400 and r.json()["reason"] == "multiple_proofs"
+    assert first.headers["cache-control"] == "no-store"
 
 
 @pytest.mark.asyncio

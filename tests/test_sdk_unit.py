@@ -484,3 +484,202 @@ async def test_a_path_no_action_can_name_is_a_400_not_a_provider_error() -> None
     await middleware(scope, receive, send)
     assert sent[0]["status"] == 400 and ran == []
     assert json.loads(sent[1]["body"]) == {"error": "invalid_request", "reason": "bad_resource"}
+
+
+# --- one DPoP and one Authorization line, or no decision (RFC 9449 §4.3, check 1) ---------
+
+
+def protected_apps(verifier: Any) -> dict[str, Any]:
+    """The same GET /payments/1 behind the middleware and behind require()."""
+    from fastapi import Depends, FastAPI
+
+    from agentauth.sdk import require
+
+    action = Action(kind="transact", resource="payments/1", amount="20", currency="USD")
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"paid"})
+
+    middleware = AgentAuthMiddleware(
+        inner,
+        verifier=verifier,
+        action_of=lambda method, path: action,
+        public_url="https://shop.example",
+    )
+    api = FastAPI()
+    allowed = require(action, verifier=verifier, public_url="https://shop.example")
+
+    @api.post("/payments/1", dependencies=[Depends(allowed)])
+    async def pay() -> str:
+        return "paid"
+
+    return {"middleware": middleware, "require": api}
+
+
+def duplicate_cases(token: str, proof: str) -> list[tuple[list[tuple[str, str]], int, str]]:
+    """Header lines, and the status and reason each must get."""
+    other = proof[:-8] + "AAAAAAAA"
+    auth = ("Authorization", f"DPoP {token}")
+    return [
+        ([auth, ("DPoP", proof)], 200, "ok"),
+        ([auth, ("DPoP", "junk.proof.value"), ("DPoP", proof)], 401, "multiple_proofs"),
+        ([auth, ("DPoP", proof), ("DPoP", other)], 401, "multiple_proofs"),
+        ([auth, ("DPoP", f"{other}, {proof}")], 401, "multiple_proofs"),
+        ([("Authorization", "DPoP a.b.c"), auth, ("DPoP", proof)], 400, "multiple_authorizations"),
+        ([auth], 401, "missing_proof"),
+        ([("DPoP", proof)], 400, "missing_token"),
+        ([("Authorization", f"Bearer {token}"), ("DPoP", proof)], 400, "missing_token"),
+    ]
+
+
+@pytest.mark.asyncio
+async def test_two_dpop_or_authorization_lines_are_refused_by_every_provider_helper() -> None:
+    """A framework's dict of headers keeps one line a name, so the helpers used whichever
+    line it kept: a second DPoP header was not refused (RFC 9449 §4.3), nor a second
+    Authorization. The header lines are read as sent now."""
+    verifier, headers = offline_request(Envelope())
+    for label, app in protected_apps(verifier).items():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="https://shop.example") as c:
+            token = headers["authorization"].removeprefix("DPoP ")
+            for lines, status, reason in duplicate_cases(token, headers["dpop"]):
+                r = await c.post("/payments/1", headers=httpx.Headers(lines))
+                assert r.status_code == status, (label, lines, r.text)
+                assert status == 200 or reason in r.text, (label, r.text)
+
+
+@pytest.mark.asyncio
+async def test_the_verifier_is_not_asked_about_a_request_with_two_proofs() -> None:
+    asked: list[str] = []
+
+    def verifier(request: httpx.Request) -> httpx.Response:
+        asked.append(json.loads(request.content)["proof"])
+        return httpx.Response(200, json={"decision": "allow", "reason": "ok"})
+
+    client = VerifierClient(
+        "https://verifier.example",
+        provider_id="p",
+        secret="s",
+        http=httpx.AsyncClient(transport=httpx.MockTransport(verifier)),
+    )
+    action = Action(kind="read", resource="x")
+    two = [("Authorization", "DPoP t.o.k"), ("DPoP", "first.proof.A"), ("DPoP", "second.proof.B")]
+    # However the lines come: ASGI's bytes pairs, str pairs, httpx's or Starlette's Headers.
+    from starlette.datastructures import Headers
+
+    raw = [(k.lower().encode(), v.encode()) for k, v in two]
+    for headers in (raw, two, httpx.Headers(two), Headers(raw=raw)):
+        result = await client.verify_request(
+            method="GET", url="https://a/x", headers=cast(Any, headers), action=action
+        )
+        assert (result.allowed, result.reason) == (False, "invalid_dpop_proof:multiple_proofs")
+    assert asked == []
+    one = {"authorization": "DPoP t.o.k", "dpop": "first.proof.A"}
+    result = await client.verify_request(
+        method="GET", url="https://a/x", headers=one, action=action
+    )
+    assert result.allowed and asked == ["first.proof.A"]
+
+
+@pytest.mark.asyncio
+async def test_the_agent_client_surfaces_the_token_endpoints_400_proof_errors(
+    tmp_path: Path,
+) -> None:
+    """The token endpoint answers a bad proof 400 (RFC 9449 §5), no longer 401: the client
+    reads the error code, not the status, and raises the same error as before."""
+    from agentauth.protocol import InvalidDPoPProof, ReplayDetected
+
+    answers = [
+        ("invalid_dpop_proof", "htu_mismatch", InvalidDPoPProof),
+        ("replay_detected", "jti_reused", ReplayDetected),
+    ]
+    for code, reason, raised in answers:
+
+        def registry(request: httpx.Request, code: str = code, reason: str = reason) -> Any:
+            if request.url.path == "/v1/grants":
+                grant = {"id": "grt_1", "provider_id": "shop", "revoked_at": None}
+                return httpx.Response(200, json=[{**grant, "document": {"audience": "a"}}])
+            body = {"error": code, "error_description": "no", "reason": reason}
+            return httpx.Response(400, json=body)
+
+        client = AgentAuthClient(
+            "https://registry.example",
+            key=PrivateKey.generate(),
+            agent_id="agt_1",
+            http=httpx.AsyncClient(transport=httpx.MockTransport(registry)),
+            home=tmp_path,
+        )
+        with pytest.raises(raised) as refused:
+            await client.get_token("shop")
+        assert refused.value.reason == reason
+
+
+# --- the provider's challenges (RFC 9449 §7.1) --------------------------------------------
+
+ALGS = 'algs="ES256 Ed25519 EdDSA"'
+
+
+@pytest.mark.parametrize(
+    ("verification", "status", "challenge"),
+    [
+        # No credentials presented: a challenge without an error code (RFC 6750 §3.1).
+        (Verification(False, "missing_dpop_credentials"), 401, f"DPoP {ALGS}"),
+        # Proof failures are invalid_dpop_proof (RFC 9449 §12.2), a replay included.
+        (
+            Verification(False, "invalid_dpop_proof:htu_mismatch"),
+            401,
+            f'DPoP error="invalid_dpop_proof", {ALGS}',
+        ),
+        (Verification(False, "replay_detected"), 401, f'DPoP error="invalid_dpop_proof", {ALGS}'),
+        (Verification(False, "invalid_token:expired"), 401, f'DPoP error="invalid_token", {ALGS}'),
+        (
+            Verification(False, "use_dpop_nonce:nonce_required", dpop_nonce="n-1"),
+            401,
+            f'DPoP error="use_dpop_nonce", {ALGS}',
+        ),
+        (
+            Verification(False, "invalid_request:multiple_authorizations"),
+            400,
+            f'DPoP error="invalid_request", {ALGS}',
+        ),
+        (Verification(False, "insufficient_capability"), 403, None),
+        (Verification(False, "verifier_unavailable"), 503, None),
+    ],
+)
+def test_each_refusal_gets_its_status_and_dpop_challenge(
+    verification: Verification, status: int, challenge: str | None
+) -> None:
+    from agentauth.sdk._provider import denial
+
+    got_status, headers, body = denial(verification)
+    assert (got_status, headers.get("WWW-Authenticate")) == (status, challenge)
+    assert body["reason"] == verification.reason
+    assert headers.get("DPoP-Nonce") == verification.dpop_nonce
+
+
+@pytest.mark.asyncio
+async def test_the_middlewares_challenges_name_the_failure_and_the_algorithms() -> None:
+    verifier, headers = offline_request(Envelope())
+    token = headers["authorization"].removeprefix("DPoP ")
+    bad_signature = headers["dpop"][:-8] + (
+        "AAAAAAAA" if headers["dpop"][-1] != "A" else "BBBBBBBB"
+    )
+    app = protected_apps(verifier)["middleware"]
+    cases = [
+        ({}, f"DPoP {ALGS}"),
+        (
+            {"Authorization": f"DPoP {token}", "DPoP": bad_signature},
+            f'DPoP error="invalid_dpop_proof", {ALGS}',
+        ),
+        (
+            {"Authorization": f"DPoP {token[:-8]}AAAAAAAA", "DPoP": headers["dpop"]},
+            f'DPoP error="invalid_token", {ALGS}',
+        ),
+    ]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="https://shop.example") as c:
+        for sent, challenge in cases:
+            r = await c.post("/payments/1", headers=sent)
+            assert r.status_code == 401, r.text
+            assert r.headers["www-authenticate"] == challenge, r.text

@@ -1056,3 +1056,18 @@ def test_grant_memo_does_not_change_outcomes(where: str, first: Any, second: Any
 def test_amounts_in_token_claims_are_strings() -> None:
     for value in (50, 50.0, True):
         assert_refused(make_token(claims_edit=_in_grant("max_amount", value)), "malformed_claims")
+
+
+def test_an_expiry_leeway_of_zero_refuses_a_token_at_its_exp() -> None:
+    """Introspection asks with no leeway after ``exp`` (RFC 7662 §2.2: active means not
+    expired); the policy's leeway still applies to everyone else, and to ``nbf``."""
+    verifier = AccessTokenVerifier(keys=KEYS, issuer=ISSUER)
+    token = _mint()
+    exp = NOW + LIFETIME
+    assert verifier.verify(token, audience=AUDIENCE, now=exp + 10).claims.exp == exp
+    for now in (exp, exp + 10):
+        with pytest.raises(InvalidToken) as refused:
+            verifier.verify(token, audience=AUDIENCE, now=now, expiry_leeway=0)
+        assert refused.value.reason == "expired"
+    assert verifier.verify(token, audience=AUDIENCE, now=exp - 1, expiry_leeway=0)
+    assert verifier.verify(token, audience=AUDIENCE, now=NOW - 10, expiry_leeway=0)

@@ -135,6 +135,34 @@ async def test_bad_calls_get_the_handlers_answers_and_reach_no_decision(
     assert r.status_code == status, r.text
     assert r.json().get("reason") == reason, r.text
     assert stand_in.calls == []
+    if status == 401:
+        assert r.headers["www-authenticate"] == BASIC_CHALLENGE
+
+
+BASIC_CHALLENGE = 'Basic realm="agentauth-verifier", charset="UTF-8"'
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "auth", [{}, {"Authorization": "Basic " + base64.b64encode(b"prov_1:wrong").decode()}]
+)
+async def test_every_401_challenges_for_the_providers_basic_credential(
+    auth: dict[str, str],
+) -> None:
+    """RFC 9110 §11.6.1: a 401 carries a challenge. Providers authenticate with Basic
+    (RFC 7617, UTF-8 credentials), on every route: the fast path and the routed ones."""
+    async with client(StandIn()) as c:
+        for method, path in (
+            ("POST", "/verifier/v1/verify"),
+            ("POST", "/verifier/v1/introspect"),
+            ("GET", "/verifier/v1/stats"),
+        ):
+            content = json.dumps(BODY).encode() if method == "POST" else None
+            r = await c.request(
+                method, path, content=content, headers={**auth, "Content-Type": "application/json"}
+            )
+            assert r.status_code == 401, (path, r.text)
+            assert r.headers["www-authenticate"] == BASIC_CHALLENGE, path
 
 
 @pytest.mark.asyncio
@@ -160,6 +188,8 @@ async def test_failures_in_the_decision_map_to_coded_errors_without_details(
     r = await post(StandIn(fail), json.dumps(BODY).encode(), AUTH)
     assert r.status_code == status, r.text
     assert r.json()["error"] == error
+    if status == 401:
+        assert r.headers["www-authenticate"] == BASIC_CHALLENGE
     assert "secret detail" not in r.text and "Traceback" not in r.text
 
 

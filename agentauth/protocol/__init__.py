@@ -39,6 +39,7 @@ from ._currencies import (
     minor_unit,
 )
 from ._dpop import (
+    DPOP_ALGS,
     DPOP_TYP,
     DPoPNonces,
     DPoPPolicy,
@@ -111,6 +112,7 @@ __all__ = [
     "AUDIT_KEYS_FORMAT",
     "CHECKPOINT_SKEW",
     "CHECKPOINT_TYP",
+    "DPOP_ALGS",
     "DPOP_TYP",
     "EMPTY_ROOT",
     "GENESIS_HASH",

@@ -23,10 +23,11 @@ from ._cache import remember
 from ._encoding import b64url_decode, b64url_encode
 from ._errors import InvalidDPoPProof, InvalidRequest, UseDPoPNonce
 from ._jws import parse_compact, sign_compact
-from ._keys import PublicKey, Signer, normalize_alg
+from ._keys import ALG_NAMES, PublicKey, Signer, normalize_alg
 from ._tokens import access_token_hash
 
 __all__ = [
+    "DPOP_ALGS",
     "DPOP_TYP",
     "DPoPNonces",
     "DPoPPolicy",
@@ -37,6 +38,9 @@ __all__ = [
 ]
 
 DPOP_TYP = "dpop+jwt"
+#: The ``alg`` values a proof may carry: what RFC 9449 §7.1's ``algs`` challenge parameter
+#: and the discovery document's ``dpop_signing_alg_values_supported`` list.
+DPOP_ALGS: tuple[str, ...] = ALG_NAMES
 _HEADER_MEMBERS = frozenset({"typ", "alg", "jwk"})
 _JTI_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 _ATH_LENGTH = 43  # base64url of a SHA-256 digest, unpadded

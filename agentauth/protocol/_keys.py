@@ -38,6 +38,8 @@ Algorithm = Literal["ES256", "Ed25519"]
 ALGORITHMS: frozenset[str] = frozenset({"ES256", "Ed25519"})
 # "EdDSA" is the pre-RFC 9864 name; it is only ever accepted with an Ed25519 key.
 _ALG_ALIASES = {"ES256": "ES256", "Ed25519": "Ed25519", "EdDSA": "Ed25519"}
+#: Every ``alg`` value accepted on input (``normalize_alg``), "EdDSA" included.
+ALG_NAMES: tuple[str, ...] = tuple(_ALG_ALIASES)
 _P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 # P-256's field prime: JWK coordinates are field elements (RFC 7518 §6.2.1.2).
 _P256_P = 2**256 - 2**224 + 2**192 + 2**96 - 1

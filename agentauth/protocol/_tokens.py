@@ -228,8 +228,14 @@ class AccessTokenVerifier:
         self._cache = {}
         self._hot = {}
 
-    def verify(self, token: object, *, audience: str, now: float) -> AccessToken:
-        """Return the verified token or raise ``InvalidToken`` with a reason code."""
+    def verify(
+        self, token: object, *, audience: str, now: float, expiry_leeway: float | None = None
+    ) -> AccessToken:
+        """Return the verified token or raise ``InvalidToken`` with a reason code.
+
+        ``expiry_leeway`` replaces the policy's leeway for ``exp`` alone: 0 for a caller
+        whose answer must mean "not expired" by its own clock (RFC 7662 introspection).
+        """
         if not isinstance(token, str):
             raise InvalidToken("the token must be a string", reason="malformed")
         verified = self._hot.get(token)
@@ -247,7 +253,7 @@ class AccessTokenVerifier:
             remember(self._hot, token, verified, self._hot_size)
         claims = verified.claims
         leeway = self._policy.leeway
-        if now >= claims.exp + leeway:
+        if now >= claims.exp + (leeway if expiry_leeway is None else expiry_leeway):
             raise InvalidToken("the token has expired", reason="expired")
         if now + leeway < claims.nbf or now + leeway < claims.iat:
             raise InvalidToken("the token is not valid yet", reason="not_yet_valid")

@@ -19,8 +19,15 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 
-from .._web import basic_credentials, install_error_handlers
+from .._web import (
+    Authentication,
+    NoStore,
+    basic_credentials,
+    expect_authentication,
+    install_error_handlers,
+)
 from ..protocol import (
+    DPOP_ALGS,
     Forbidden,
     InvalidDPoPProof,
     Unauthenticated,
@@ -102,10 +109,28 @@ async def caller(request: Request) -> Caller:
     return Caller(principal_id=await registry.authenticate_session(token))
 
 
-def only(*kinds: str) -> Callable[..., Awaitable[Caller]]:
-    """A dependency admitting only the given kinds of caller."""
+_REALM = "agentauth-registry"
+# The scheme each kind of caller authenticates with (the module docstring).
+_SCHEMES = {"agent": "DPoP", "human": "Bearer", "admin": "Bearer", "provider": "Basic"}
+# A route that names no kinds of caller (sign-up, sign-in) offers them all in a 401.
+AUTHENTICATION = Authentication(realm=_REALM, schemes=("DPoP", "Bearer", "Basic"))
 
-    async def dependency(who: Annotated[Caller, Depends(caller)]) -> Caller:
+
+def _authentication(kinds: tuple[str, ...], *, token_endpoint: bool = False) -> Authentication:
+    wanted = {_SCHEMES[kind] for kind in kinds}
+    schemes = tuple(scheme for scheme in AUTHENTICATION.schemes if scheme in wanted)
+    return Authentication(realm=_REALM, schemes=schemes, token_endpoint=token_endpoint)
+
+
+def only(*kinds: str, token_endpoint: bool = False) -> Callable[..., Awaitable[Caller]]:
+    """A dependency admitting only the given kinds of caller. A 401 on its route challenges
+    for their schemes (recorded before the caller is authenticated, which may raise it);
+    ``token_endpoint`` makes DPoP failures 400s (RFC 9449 §5)."""
+    authentication = _authentication(kinds, token_endpoint=token_endpoint)
+
+    async def dependency(request: Request) -> Caller:
+        expect_authentication(request.scope, authentication)
+        who = await caller(request)
         allowed = (
             ("human" in kinds and who.principal_id is not None)
             or ("agent" in kinds and who.agent is not None)
@@ -121,6 +146,7 @@ def only(*kinds: str) -> Callable[..., Awaitable[Caller]]:
 
 Human = Annotated[Caller, Depends(only("human"))]
 AgentCaller = Annotated[Caller, Depends(only("agent"))]
+TokenRequester = Annotated[Caller, Depends(only("agent", token_endpoint=True))]
 Admin = Annotated[Caller, Depends(only("admin"))]
 HumanOrAgent = Annotated[Caller, Depends(only("human", "agent"))]
 HumanOrAdmin = Annotated[Caller, Depends(only("human", "admin"))]
@@ -146,7 +172,9 @@ def create_app(registry: Registry) -> FastAPI:
     )
     app.state.registry = registry
 
-    install_error_handlers(app, log)
+    install_error_handlers(app, log, authentication=AUTHENTICATION)
+    # Outermost: every answer, errors included, is marked not to be stored.
+    app.add_middleware(NoStore)
 
     # --- public --------------------------------------------------------------------------
 
@@ -179,7 +207,7 @@ def create_app(registry: Registry) -> FastAPI:
             "step_up_endpoint": f"{base}/v1/step-ups",
             "revocation_list_endpoint": f"{base}/v1/revocations",
             "token_signing_alg_values_supported": ["ES256", "Ed25519"],
-            "dpop_signing_alg_values_supported": ["ES256", "Ed25519", "EdDSA"],
+            "dpop_signing_alg_values_supported": list(DPOP_ALGS),
             "token_type": "aat+jwt",
             "rp_id": settings.rp_id,
         }
@@ -256,6 +284,8 @@ def create_app(registry: Registry) -> FastAPI:
 
     @app.post("/v1/agents", tags=["agents"])
     async def register_agent(request: Request, body: AgentIn) -> dict[str, Any]:
+        # The new key proves itself with a DPoP proof: a 401 here asks for one.
+        expect_authentication(request.scope, _authentication(("agent",)))
         proofs = request.headers.getlist("dpop")
         if len(proofs) > 1:
             raise InvalidDPoPProof("exactly one DPoP header is allowed", reason="multiple_proofs")
@@ -385,7 +415,7 @@ def create_app(registry: Registry) -> FastAPI:
     # --- tokens and revocation -----------------------------------------------------------
 
     @app.post("/v1/token", tags=["tokens"])
-    async def token(who: AgentCaller, body: TokenIn) -> dict[str, Any]:
+    async def token(who: TokenRequester, body: TokenIn) -> dict[str, Any]:
         return await registry.issue_token(_a(who), body.grant_id)
 
     @app.post("/v1/revocations", tags=["tokens"])

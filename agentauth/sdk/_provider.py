@@ -23,13 +23,14 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from ..protocol import (
+    DPOP_ALGS,
     AccessTokenVerifier,
     Action,
     AgentAuthError,
@@ -68,13 +69,55 @@ class Verification:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-def _credentials(headers: Mapping[str, str]) -> tuple[str, str] | None:
-    authorization = headers.get("authorization", "")
-    scheme, _, token = authorization.partition(" ")
-    proof = headers.get("dpop", "")
-    if scheme.lower() != "dpop" or not token.strip() or not proof or "," in proof:
-        return None
-    return token.strip(), proof
+#: What the provider helpers read credentials from: a mapping (a plain dict holds one value a
+#: name; Starlette's and httpx's ``Headers`` keep every line) or the header lines themselves,
+#: as ``(name, value)`` pairs of ``str`` or of ``bytes`` (ASGI's ``scope["headers"]``).
+HeaderLines = Mapping[str, str] | Iterable[tuple[str, str]] | Iterable[tuple[bytes, bytes]]
+
+
+def _values(headers: HeaderLines, name: str) -> list[str]:
+    """Every value of the header ``name`` (lower case), one per field line."""
+    items: Iterable[tuple[str | bytes, str | bytes]]
+    if isinstance(headers, Mapping):
+        # httpx's Headers joins repeated lines in items(); multi_items() keeps them apart.
+        # Starlette's Headers keeps them apart in items() and has no multi_items().
+        multi = getattr(headers, "multi_items", None)
+        items = multi() if callable(multi) else headers.items()
+    else:
+        items = headers
+    found = []
+    for key, value in items:
+        text = key.decode("latin-1") if isinstance(key, bytes) else key
+        if text.lower() == name:
+            found.append(value.decode("latin-1") if isinstance(value, bytes) else value)
+    return found
+
+
+def _credentials(headers: HeaderLines) -> tuple[str, str] | str:
+    """The DPoP token and proof, or the reason the request carries no usable pair.
+
+    RFC 9449 §4.3 (check 1) refuses a request with more than one DPoP header, as the
+    registry does (``multiple_proofs``); a second Authorization line is refused too. Either
+    would otherwise leave the choice of credential to whichever line a framework keeps. A
+    comma in a value is two lines joined (RFC 9110 §5.3): neither a compact JWS nor a token
+    ever holds one.
+    """
+    proofs = _values(headers, "dpop")
+    authorizations = _values(headers, "authorization")
+    if len(proofs) > 1 or any("," in proof for proof in proofs):
+        return "invalid_dpop_proof:multiple_proofs"
+    if len(authorizations) > 1 or any("," in value for value in authorizations):
+        return "invalid_request:multiple_authorizations"
+    scheme, _, token = (authorizations[0] if authorizations else "").partition(" ")
+    token = token.strip()
+    is_dpop = scheme.lower() == "dpop" and bool(token)
+    if not proofs and not is_dpop:
+        return "missing_dpop_credentials"  # nothing of DPoP presented
+    if not is_dpop:
+        return "invalid_request:missing_token"  # a proof with no DPoP token to bind
+    if not proofs or not proofs[0]:
+        return "invalid_dpop_proof:missing_proof"
+    return token, proofs[0]
 
 
 class VerifierClient:
@@ -149,14 +192,14 @@ class VerifierClient:
         *,
         method: str,
         url: str,
-        headers: Mapping[str, str],
+        headers: HeaderLines,
         action: Action,
         step_up_ref: str | None = None,
     ) -> Verification:
         """The plain function: read the DPoP headers, ask the verifier."""
         credentials = _credentials(headers)
-        if credentials is None:
-            return Verification(False, "missing_dpop_credentials")
+        if isinstance(credentials, str):
+            return Verification(False, credentials)
         token, proof = credentials
         return await self.verify(
             token=token, proof=proof, method=method, url=url, action=action, step_up_ref=step_up_ref
@@ -180,13 +223,13 @@ class OfflineVerifier:
         *,
         method: str,
         url: str,
-        headers: Mapping[str, str],
+        headers: HeaderLines,
         action: Action,
         step_up_ref: str | None = None,
     ) -> Verification:
         credentials = _credentials(headers)
-        if credentials is None:
-            return Verification(False, "missing_dpop_credentials")
+        if isinstance(credentials, str):
+            return Verification(False, credentials)
         token, proof = credentials
         now = time.time()
         try:
@@ -221,20 +264,35 @@ def _public_url(scope: Mapping[str, Any], base: str | None) -> str:
     return f"{scope.get('scheme', 'http')}://{host}{path}"
 
 
+def _challenge(error: str | None = None) -> str:
+    """A DPoP challenge (RFC 9449 §7.1): ``algs`` names the proof algorithms accepted, and
+    ``error`` is left out when the request presented no credentials (RFC 6750 §3.1)."""
+    params = [f'error="{error}"'] if error else []
+    params.append(f'algs="{" ".join(DPOP_ALGS)}"')
+    return "DPoP " + ", ".join(params)
+
+
 def denial(verification: Verification) -> tuple[int, dict[str, str], dict[str, Any]]:
     """Status, headers and body for a refused request (RFC 9449 §7.1 challenges)."""
-    body = {"error": "access_denied", "reason": verification.reason}
+    reason = verification.reason
+    body = {"error": "access_denied", "reason": reason}
     if verification.dpop_nonce:
         headers = {
-            "WWW-Authenticate": 'DPoP error="use_dpop_nonce"',
+            "WWW-Authenticate": _challenge("use_dpop_nonce"),
             "DPoP-Nonce": verification.dpop_nonce,
         }
-        return 401, headers, {"error": "use_dpop_nonce", "reason": verification.reason}
-    if verification.reason in ("missing_dpop_credentials",) or verification.reason.startswith(
-        ("invalid_token", "invalid_dpop_proof")
-    ):
-        return 401, {"WWW-Authenticate": 'DPoP error="invalid_token"'}, body
-    if verification.reason == "verifier_unavailable":
+        return 401, headers, {"error": "use_dpop_nonce", "reason": reason}
+    if reason == "missing_dpop_credentials":
+        return 401, {"WWW-Authenticate": _challenge()}, body
+    # A proof that failed (a replay is one, RFC 9449 §11.1): invalid_dpop_proof, the code
+    # RFC 9449 §12.2 registers for it; invalid_token is for the token itself.
+    if reason.startswith(("invalid_dpop_proof", "use_dpop_nonce")) or reason == "replay_detected":
+        return 401, {"WWW-Authenticate": _challenge("invalid_dpop_proof")}, body
+    if reason.startswith("invalid_token"):
+        return 401, {"WWW-Authenticate": _challenge("invalid_token")}, body
+    if reason.startswith("invalid_request"):
+        return 400, {"WWW-Authenticate": _challenge("invalid_request")}, body
+    if reason == "verifier_unavailable":
         return 503, {}, body
     return 403, {}, body
 
@@ -278,13 +336,16 @@ class AgentAuthMiddleware:
         if action is None:
             await self.app(scope, receive, send)
             return
-        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+        # The header lines as sent, not a dict of them: a dict keeps one line a name, and
+        # a second DPoP or Authorization line must be refused, not chosen between.
+        lines: list[tuple[bytes, bytes]] = list(scope.get("headers", []))
+        step_up = _values(lines, STEP_UP_HEADER.lower())
         verification = await self._verifier.verify_request(
             method=scope["method"],
             url=_public_url(scope, self._public_url),
-            headers=headers,
+            headers=lines,
             action=action,
-            step_up_ref=headers.get(STEP_UP_HEADER.lower()),
+            step_up_ref=step_up[-1] if step_up else None,
         )
         if verification.allowed:
             scope.setdefault("state", {})["agentauth"] = verification
@@ -338,7 +399,7 @@ def require(
         verification = await chosen.verify_request(
             method=request.method,
             url=_public_url(request.scope, public_url),
-            headers={k.lower(): v for k, v in request.headers.items()},
+            headers=request.headers,  # Starlette's Headers: every line, repeats kept
             action=wanted,
             step_up_ref=request.headers.get(STEP_UP_HEADER),
         )

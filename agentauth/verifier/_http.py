@@ -17,13 +17,22 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .._web import basic_credentials, error_response, install_error_handlers, parsed_body
+from .._web import (
+    Authentication,
+    basic_credentials,
+    error_response,
+    install_error_handlers,
+    parsed_body,
+)
 from ..protocol import Unauthenticated
 from ._service import Verifier, VerifyIn
 
 __all__ = ["create_app"]
 
 log = logging.getLogger("agentauth.verifier")
+
+# Every route but /healthz is for providers, with their Basic credential: what a 401 asks for.
+AUTHENTICATION = Authentication(realm="agentauth-verifier", schemes=("Basic",))
 
 
 async def provider(request: Request) -> str:
@@ -80,7 +89,8 @@ class VerifyFastPath:
         try:
             answer = await _verify_answer(self.verifier, authorization, scope)
         except Exception as exc:  # every failure gets its coded answer, as in the handlers
-            await error_response(exc, log)(scope, receive, send)
+            refusal = error_response(exc, log, scope=scope, authentication=AUTHENTICATION)
+            await refusal(scope, receive, send)
             return
         headers = [*_JSON_HEADERS, (b"content-length", str(len(answer)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -100,7 +110,7 @@ def create_app(verifier: Verifier) -> FastAPI:
 
     # Added first, so it runs inside BodyGuard (Starlette wraps later middleware around it).
     app.add_middleware(VerifyFastPath, verifier=verifier)
-    install_error_handlers(app, log)
+    install_error_handlers(app, log, authentication=AUTHENTICATION)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -581,9 +581,22 @@ class Verifier:
         """The same decision in RFC 7662's shape: ``active`` only on an allow. The token's
         claims are those the decision checked, not a second check of the token (which, at
         its expiry, could refuse an allow already committed)."""
-        answer, token = await self._decision(provider_id, body)
+        # RFC 7662 §2.2: active means not expired, so no leeway after exp here (verify
+        # allows 30 s for the registry's clock against ours). Checked with the token, before
+        # the shard: a check after the shard's answer would come after it had committed an
+        # allow and spent budget, and the audit log would say allow where the provider was
+        # told inactive. Refused here, it is a denial recorded as invalid_token:expired.
+        answer, token = await self._decision(provider_id, body, expiry_leeway=0)
         if answer["decision"] != "allow" or token is None:
-            return {"active": False, "reason": answer["reason"]}
+            # RFC 7662 §2.2: an inactive answer says no more. A reason would tell a provider
+            # that another provider's token is genuine and unexpired (wrong_audience); it
+            # stays in the audit event and the metrics. The one exception is a nonce
+            # (RFC 9449 §9): the provider must hand it to the agent in DPoP-Nonce, or no
+            # proof the agent makes can ever carry it and every request is refused.
+            inactive: dict[str, Any] = {"active": False}
+            if "dpop_nonce" in answer:
+                inactive["dpop_nonce"] = answer["dpop_nonce"]
+            return inactive
         claims = token.claims
         return {
             "active": True,
@@ -602,12 +615,13 @@ class Verifier:
         }
 
     async def _decision(
-        self, provider_id: str, body: VerifyIn
+        self, provider_id: str, body: VerifyIn, *, expiry_leeway: float | None = None
     ) -> tuple[dict[str, Any], AccessToken | None]:
-        """The decision, and the token it checked (None when the token did not verify)."""
+        """The decision, and the token it checked (None when the token did not verify);
+        ``expiry_leeway`` replaces the token check's leeway after ``exp``."""
         started = time.perf_counter()
         hits, misses = self.tokens.cache_hits, self.tokens.cache_misses
-        answer, token = await self._verify(provider_id, body)
+        answer, token = await self._verify(provider_id, body, expiry_leeway)
         observe("verify_latency", time.perf_counter() - started)
         counters = self.counters
         counters.inc("decisions", {"decision": answer["decision"], "reason": answer["reason"]})
@@ -628,11 +642,11 @@ class Verifier:
             set_gauge("shard_queue_depth", float(self.shards.queue_depth()))
 
     async def _verify(
-        self, provider_id: str, body: VerifyIn
+        self, provider_id: str, body: VerifyIn, expiry_leeway: float | None
     ) -> tuple[dict[str, Any], AccessToken | None]:
         provider = self._provider(provider_id)
         now = time.time()
-        check, extra, token = await self._stateless(provider, provider_id, body, now)
+        check, extra, token = await self._stateless(provider, provider_id, body, now, expiry_leeway)
         if check.deny is None and token is not None:
             check = await self._stateful_prechecks(check, token, body)
         shard = shard_for(check.agent_id, self.shards.shards)
@@ -660,14 +674,22 @@ class Verifier:
         return answer, token
 
     async def _stateless(
-        self, provider: _Provider, provider_id: str, body: VerifyIn, now: float
+        self,
+        provider: _Provider,
+        provider_id: str,
+        body: VerifyIn,
+        now: float,
+        expiry_leeway: float | None,
     ) -> tuple[Check, dict[str, Any], AccessToken | None]:
         anonymous = Check(agent_id=f"provider:{provider_id}", provider_id=provider_id)
         try:
-            token = self.tokens.verify(body.token, audience=provider.audience, now=now)
+            token = self.tokens.verify(
+                body.token, audience=provider.audience, now=now, expiry_leeway=expiry_leeway
+            )
         except InvalidToken as exc:
             if exc.reason == "unknown_kid" and await self._load_keys():
-                return await self._stateless(provider, provider_id, body, now)  # rotated key
+                # A rotated key: the same check again with the keys reloaded.
+                return await self._stateless(provider, provider_id, body, now, expiry_leeway)
             return _deny(anonymous, exc), {}, None
         base = Check(
             agent_id=token.claims.sub,

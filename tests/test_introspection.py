@@ -1,0 +1,175 @@
+"""The verifier's RFC 7662 answer (``Verifier.introspect``) without Ray, PostgreSQL or Redis.
+
+The replica's service layer runs for real: the token and proof checks, the capability, the
+revocation and grant prechecks (fed a fresh revocation state and a grant known active) and
+the hand-over to the agent's shard, here a stand-in that records each check and decides
+as the shard would on a fresh grant: deny what the replica denied, allow the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from typing import Any, cast
+
+import pytest
+
+from agentauth.actors import Check, Result, ShardClient
+from agentauth.protocol import (
+    AccessToken,
+    Capability,
+    Grant,
+    KeySet,
+    PrivateKey,
+    PublicKey,
+    b64url_encode,
+    create_dpop_proof,
+    mint_access_token,
+)
+from agentauth.verifier import Verifier, VerifierSettings, VerifyIn
+from agentauth.verifier._service import _Provider
+
+ISSUER = "https://registry.example"
+AUDIENCE = "https://api.example"
+HTU = "https://api.example/v1/calendar/events"
+REGISTRY = PrivateKey.generate("ES256", kid="registry-es256")
+AGENT = PrivateKey.generate("ES256")
+
+
+class Shards:
+    """Stands in for ShardClient: every check is recorded, as the shard's audit chain would."""
+
+    shards = 4
+
+    def __init__(self) -> None:
+        self.recorded: list[Check] = []
+
+    async def check(self, shard: int, check: Check) -> Result:
+        self.recorded.append(check)
+        if check.deny is not None:
+            return Result(False, check.deny, audit_event=f"verifier-{shard}:1")
+        return Result(True, "ok", audit_event=f"verifier-{shard}:1")
+
+
+class FreshRevocations:
+    def fresh(self) -> bool:
+        return True
+
+    def revoked(self, token: AccessToken) -> bool:
+        return False
+
+
+def verifier(**settings: Any) -> tuple[Verifier, Shards]:
+    config = VerifierSettings(
+        database_url="postgresql://unused", redis_url="redis://unused", issuer=ISSUER, **settings
+    )
+    shards = Shards()
+    v = Verifier(
+        settings=config,
+        pool=cast(Any, None),
+        redis=cast(Any, None),
+        shards=cast(ShardClient, shards),
+    )
+    v.tokens.set_keys(KeySet([PublicKey.from_jwk(REGISTRY.public_jwk())]))
+    v.revocations = cast(Any, FreshRevocations())
+    v._known_grants.add("grant-1", time.monotonic())  # known active: no lookup
+    hashed = secrets.token_bytes  # any secret: these tests never authenticate a provider
+    v._providers = {
+        "prov_a": _Provider(AUDIENCE, hashed(32), hashed(32), 0.0, False),
+        "prov_b": _Provider("https://other.example", hashed(32), hashed(32), 0.0, False),
+    }
+    return v, shards
+
+
+def mint(*, now: float, lifetime: int = 600) -> str:
+    grant = Grant(
+        grant_id="grant-1",
+        agent_id="agent-1",
+        principal_id="human-1",
+        provider_id="prov_a",
+        audience=AUDIENCE,
+        capabilities=(Capability.read("calendar/*"),),
+        created_at=int(now) - 100,
+    )
+    return mint_access_token(
+        signer=REGISTRY,
+        issuer=ISSUER,
+        grant=grant,
+        jkt=AGENT.thumbprint,
+        receipt_hash=b64url_encode(hashlib.sha256(b"receipt").digest()),
+        now=int(now),
+        lifetime=lifetime,
+    )
+
+
+def ask(token: str, *, key: PrivateKey = AGENT, nonce: str | None = None) -> VerifyIn:
+    proof = create_dpop_proof(
+        key, htm="GET", htu=HTU, now=time.time(), access_token=token, nonce=nonce
+    )
+    return VerifyIn.model_validate(
+        {
+            "token": token,
+            "proof": proof,
+            "method": "GET",
+            "url": HTU,
+            "action": {"kind": "read", "resource": "calendar/events"},
+        }
+    )
+
+
+@pytest.mark.asyncio
+async def test_an_inactive_answer_says_nothing_of_why() -> None:
+    """RFC 7662 §2.2. Above all, a provider asking about another provider's genuine token
+    must not learn that it is genuine and unexpired (``wrong_audience``); the reason is
+    still recorded with the decision."""
+    v, shards = verifier()
+    now = time.time()
+    token = mint(now=now)
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    cases = [
+        ("prov_b", ask(token), "invalid_token:wrong_audience"),
+        ("prov_a", ask(mint(now=now - 2000)), "invalid_token:expired"),
+        ("prov_a", ask(forged), "invalid_token:bad_signature"),
+        ("prov_a", ask(token, key=PrivateKey.generate()), "invalid_dpop_proof:jkt_mismatch"),
+    ]
+    for provider, body, reason in cases:
+        assert await v.introspect(provider, body) == {"active": False}
+        assert shards.recorded[-1].deny == reason
+    assert v.decisions == {reason: 1 for _, _, reason in cases}
+    answer = await v.introspect("prov_a", ask(token))
+    assert answer["active"] is True and answer["sub"] == "agent-1"
+
+
+@pytest.mark.asyncio
+async def test_an_inactive_answer_carries_the_nonce_the_provider_must_relay() -> None:
+    """With server nonces on, a proof without one is refused with a fresh nonce, which the
+    provider sends the agent in DPoP-Nonce (RFC 9449 §9). Introspection dropped it, so an
+    introspecting provider had none to send and every request was refused for good."""
+    v, _ = verifier(dpop_nonces=True, nonce_secret="n" * 32)
+    token = mint(now=time.time())
+    verified = await v.verify("prov_a", ask(token))
+    assert verified["reason"] == "use_dpop_nonce:nonce_required"
+    answer = await v.introspect("prov_a", ask(token))
+    assert set(answer) == {"active", "dpop_nonce"} and answer["active"] is False
+    # The nonce works: the agent's next proof carries it and the token is active.
+    again = await v.introspect("prov_a", ask(token, nonce=answer["dpop_nonce"]))
+    assert again["active"] is True
+
+
+@pytest.mark.asyncio
+async def test_a_token_past_its_exp_is_inactive_and_recorded_as_a_denial() -> None:
+    """RFC 7662 §2.2: active means not expired. The token check allows 30 s after ``exp``
+    for the registry's clock against ours, so introspection answered ``active: true`` with
+    an ``exp`` already past. It checks ``exp`` without leeway, before the shard: the audit
+    record is the denial the provider was told, and nothing is allowed or spent."""
+    v, shards = verifier()
+    now = time.time()
+    lapsed = mint(now=now - 600, lifetime=580)  # exp 20 s ago: inside the leeway
+    assert await v.introspect("prov_a", ask(lapsed)) == {"active": False}
+    assert [c.deny for c in shards.recorded] == ["invalid_token:expired"]
+    # /v1/verify keeps the leeway: the same token is still allowed there.
+    assert (await v.verify("prov_a", ask(lapsed)))["decision"] == "allow"
+    current = mint(now=now - 560, lifetime=580)  # exp in 20 s
+    answer = await v.introspect("prov_a", ask(current))
+    assert answer["active"] is True and answer["exp"] > time.time()
