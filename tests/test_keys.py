@@ -904,3 +904,40 @@ async def test_a_wedged_backend_does_not_starve_the_others() -> None:
         assert await asyncio.wait_for(asyncio.to_thread(lambda: 7), 2.0) == 7
     finally:
         release.set()
+
+
+@pytest.mark.asyncio
+async def test_vault_redirects_are_not_followed(vault: FakeVault) -> None:
+    """An https Vault (or a proxy in front of it) answering with a redirect to elsewhere
+    must not get the token carried along: hvac's HTTP session re-sends X-Vault-Token on a
+    redirect, even to plain http. (The redirect here goes from one loopback port to another.)"""
+    import http.server
+    import threading
+
+    vault.create_key("registry")
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server hook's name
+            self.send_response(307)
+            self.send_header("Location", vault.url.rstrip("/") + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(SignerUnavailable):
+            await VaultTransitSigner.open(
+                "registry",
+                url=f"http://127.0.0.1:{server.server_address[1]}",
+                token=vault.token,
+                timeout=SHORT,
+            )
+        assert vault.requests == []  # the token never reached the redirect's target
+    finally:
+        server.shutdown()
+        server.server_close()

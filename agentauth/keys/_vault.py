@@ -132,7 +132,9 @@ class VaultTransitSigner(RemoteSigner):
             # ships no type hints.
             import hvac  # type: ignore[import-untyped, unused-ignore]  # noqa: PLC0415
 
-            client = hvac.Client(url=url, token=token, timeout=timeout)
+            # No redirects: hvac's session would re-send X-Vault-Token to wherever a redirect
+            # points, plain http included, past the URL check above.
+            client = hvac.Client(url=url, token=token, timeout=timeout, allow_redirects=False)
             try:
                 body = client.secrets.transit.read_key(name=key_name, mount_point=mount)
                 version, public = _parse_key(body, kid)
