@@ -917,7 +917,7 @@ async def test_vault_redirects_are_not_followed(vault: FakeVault) -> None:
     vault.create_key("registry")
 
     class Redirect(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the http.server hook's name
+        def do_GET(self) -> None:
             self.send_response(307)
             self.send_header("Location", vault.url.rstrip("/") + self.path)
             self.send_header("Content-Length", "0")

@@ -530,6 +530,11 @@ def duplicate_cases(token: str, proof: str) -> list[tuple[list[tuple[str, str]],
         ([auth], 401, "missing_proof"),
         ([("DPoP", proof)], 400, "missing_token"),
         ([("Authorization", f"Bearer {token}"), ("DPoP", proof)], 400, "missing_token"),
+        (
+            [auth, ("DPoP", proof), ("AgentAuth-Step-Up", "stp_a"), ("AgentAuth-Step-Up", "stp_b")],
+            400,
+            "multiple_step_up_refs",
+        ),
     ]
 
 

@@ -75,6 +75,11 @@ class Verification:
 HeaderLines = Mapping[str, str] | Iterable[tuple[str, str]] | Iterable[tuple[bytes, bytes]]
 
 
+# Two step-up references on one request: which one a proxy, a log and this helper would
+# each take is anyone's guess, so neither is used (as with two DPoP lines).
+_TWO_STEP_UPS = {"error": "invalid_request", "reason": "multiple_step_up_refs"}
+
+
 def _values(headers: HeaderLines, name: str) -> list[str]:
     """Every value of the header ``name`` (lower case), one per field line."""
     items: Iterable[tuple[str | bytes, str | bytes]]
@@ -340,12 +345,15 @@ class AgentAuthMiddleware:
         # a second DPoP or Authorization line must be refused, not chosen between.
         lines: list[tuple[bytes, bytes]] = list(scope.get("headers", []))
         step_up = _values(lines, STEP_UP_HEADER.lower())
+        if len(step_up) > 1:
+            await _respond(send, 400, {}, _TWO_STEP_UPS)
+            return
         verification = await self._verifier.verify_request(
             method=scope["method"],
             url=_public_url(scope, self._public_url),
             headers=lines,
             action=action,
-            step_up_ref=step_up[-1] if step_up else None,
+            step_up_ref=step_up[0] if step_up else None,
         )
         if verification.allowed:
             scope.setdefault("state", {})["agentauth"] = verification
@@ -396,12 +404,15 @@ def require(
     async def dependency(request: Request) -> Verification:
         chosen = verifier if isinstance(verifier, VerifierClient | OfflineVerifier) else verifier()
         wanted = action if isinstance(action, Action) else action(request)
+        step_up = _values(request.headers, STEP_UP_HEADER.lower())
+        if len(step_up) > 1:
+            raise HTTPException(status_code=400, detail=_TWO_STEP_UPS)
         verification = await chosen.verify_request(
             method=request.method,
             url=_public_url(request.scope, public_url),
             headers=request.headers,  # Starlette's Headers: every line, repeats kept
             action=wanted,
-            step_up_ref=request.headers.get(STEP_UP_HEADER),
+            step_up_ref=step_up[0] if step_up else None,
         )
         if not verification.allowed:
             status, headers, body = denial(verification)
