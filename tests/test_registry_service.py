@@ -290,3 +290,38 @@ async def test_a_revocation_begun_while_a_token_is_recorded_waits_for_it(
     # The token was recorded first; the revocation, committed after, covers it.
     r = await world.token(agent, grant["id"])
     assert (r.status_code, r.json()["reason"]) == (403, "grant_revoked")
+
+
+# --- one pending approval per payment -----------------------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_asking_again_for_a_payment_still_waiting_finds_the_same_approval(
+    service: InProcess,
+) -> None:
+    """A retry (a timeout, a restarted agent process) must not put a second card for the same
+    payment in front of the human, who could approve both and so let it be paid twice."""
+    world = service.world
+    human, agent, _, grant = await world.payments_grant()
+    first = await world.step_up(agent, grant["id"], "75", payee="acme")
+    before = await service.counts()
+    # The same payment, asked again and twice at once: one approval waits.
+    again = await world.step_up(agent, grant["id"], "75.00", payee="acme")
+    both = await asyncio.gather(
+        *(world.step_up(agent, grant["id"], "75", payee="acme") for _ in range(2))
+    )
+    assert {first["id"], again["id"], *(s["id"] for s in both)} == {first["id"]}
+    assert await service.counts() == before  # no row, no audit event
+    # Another amount, payee or resource is another payment.
+    others = [
+        await world.step_up(agent, grant["id"], "76", payee="acme"),
+        await world.step_up(agent, grant["id"], "75", payee="other"),
+        await world.step_up(agent, grant["id"], "75"),
+    ]
+    assert len({first["id"], *(s["id"] for s in others)}) == 4
+    # Once decided, asking again is a new payment.
+    r = await world.client.post(
+        world.url(f"/v1/step-ups/{first['id']}/deny"), headers=human.headers
+    )
+    assert r.status_code == 200, r.text
+    assert (await world.step_up(agent, grant["id"], "75", payee="acme"))["id"] != first["id"]

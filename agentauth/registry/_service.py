@@ -15,7 +15,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -1648,6 +1648,32 @@ class Registry:
         if body.payee is not None:
             document["payee"] = body.payee
         async with self._tx() as conn:
+            # One pending approval per payment. An agent that asks again (a retry after a
+            # timeout, a restarted process) finds the one already waiting: two cards for one
+            # payment would have the human approve it twice, and the agent could then pay
+            # twice. A payment is its grant, resource, amount, currency and payee; once
+            # decided or expired, asking again is a new payment. The lock makes two
+            # concurrent asks one.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1))", f"step-up:{body.grant_id}"
+            )
+            waiting = await conn.fetch(
+                "SELECT id, document FROM step_ups WHERE grant_id = $1 AND agent_id = $2"
+                " AND status = 'pending' AND expires_at > $3",
+                body.grant_id,
+                agent.id,
+                int(time.time()),
+            )
+            existing = next(
+                (
+                    str(row["id"])
+                    for row in waiting
+                    if _same_payment(json.loads(row["document"]), document)
+                ),
+                None,
+            )
+            if existing is not None:
+                return await self.get_step_up(existing, agent=agent)  # committed before
             await conn.execute(
                 "INSERT INTO step_ups (id, grant_id, agent_id, document, expires_at)"
                 " VALUES ($1, $2, $3, $4, $5)",
@@ -1962,6 +1988,13 @@ def _removable(passkeys: set[str], credential_id: str) -> None:
         raise NotFound("no such passkey")
     if len(passkeys) == 1:
         raise Conflict("the last passkey cannot be removed", reason="last_passkey")
+
+
+def _same_payment(asked: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether two step-up documents ask for the same payment (their ids and deadlines
+    aside): grant, resource, amount, currency and payee (absent and absent alike)."""
+    fields = ("grant_id", "resource", "amount", "currency", "payee")
+    return all(asked.get(field) == new.get(field) for field in fields)
 
 
 def _still_usable(row: asyncpg.Record) -> None:
