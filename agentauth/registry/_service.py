@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -133,6 +133,17 @@ class Agent:
     principal_id: str
     jkt: str
     status: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderCredential:
+    """A provider that authenticated: its id, whether with its current secret (else the
+    previous one, inside its overlap), and the hash of the secret it showed, so that a
+    change to its credentials can check that secret again under the row's lock."""
+
+    provider_id: str
+    current: bool
+    secret_hash: bytes = field(repr=False)
 
 
 async def _init_connection(conn: Conn) -> None:
@@ -379,35 +390,17 @@ class Registry:
             _sha256(token), _sha256(self.settings.admin_token)
         )
 
-    async def authenticate_provider(self, provider_id: str, secret: str) -> tuple[str, bool]:
-        """The provider's id, and whether ``secret`` is its current credential (else the
+    async def authenticate_provider(self, provider_id: str, secret: str) -> ProviderCredential:
+        """The provider's credential: whether ``secret`` is its current one (else the
         previous one, still inside its rotation's overlap). A suspended provider is told
         so, but only once its secret is right: the suspension is nobody else's to learn."""
         row = (
-            await self.pool.fetchrow(
-                "SELECT secret_hash, previous_secret_hash, previous_expires_at > now() AS overlap,"
-                " suspended_at IS NOT NULL AS suspended FROM providers WHERE id = $1",
-                provider_id,
-            )
+            await self.pool.fetchrow(_PROVIDER_CREDENTIALS + " WHERE id = $1", provider_id)
             if is_identifier(provider_id)
             else None  # no such id can exist (the database would refuse a NUL byte with an error)
         )
-        # Compare against dummy hashes for unknown ids so timing does not reveal which
-        # exist, and against both hashes always so it does not reveal which one matched.
         given = _sha256(secret)
-        current = bytes(row["secret_hash"]) if row else _sha256(secrets.token_bytes(16))
-        previous = (
-            bytes(row["previous_secret_hash"])
-            if row and row["previous_secret_hash"] is not None
-            else _sha256(secrets.token_bytes(16))
-        )
-        is_current = hmac.compare_digest(given, current)
-        is_previous = hmac.compare_digest(given, previous)
-        if row is None or not (is_current or (is_previous and row["overlap"])):
-            raise Unauthenticated("bad provider credential", reason="bad_provider_credential")
-        if row["suspended"]:
-            raise Forbidden("the provider is suspended", reason="provider_suspended")
-        return provider_id, is_current
+        return ProviderCredential(provider_id, _credential_standing(row, given), given)
 
     # --- WebAuthn ------------------------------------------------------------------------
 
@@ -1007,13 +1000,20 @@ class Registry:
         return _jsonable(dict(row))
 
     async def rotate_provider_secret(
-        self, provider_id: str, body: SecretRotationIn, *, actor: str
+        self,
+        provider_id: str,
+        body: SecretRotationIn,
+        *,
+        actor: str,
+        credential: ProviderCredential | None = None,
     ) -> dict[str, Any]:
         """A new credential for the provider, shown once. The one it replaces keeps working
         for ``previous_valid_for`` seconds; a previous one still in its overlap stops at once
-        (a provider holds at most two)."""
+        (a provider holds at most two). ``credential``: when the provider itself asks, the
+        one it authenticated with (None for the admin)."""
         secret = "psk_" + secrets.token_urlsafe(32)
         async with self._tx() as conn:
+            await self._lock_credentials(conn, provider_id, credential)
             row = await conn.fetchrow(
                 "UPDATE providers SET"
                 " previous_secret_hash = CASE WHEN $3 > 0 THEN secret_hash END,"
@@ -1025,8 +1025,7 @@ class Registry:
                 _sha256(secret),
                 float(body.previous_valid_for),
             )
-            if row is None:
-                raise NotFound("no such provider")
+            assert row is not None  # locked above, so still there
             until = row["previous_expires_at"]
             await self._provider_changed(
                 conn,
@@ -1042,18 +1041,15 @@ class Registry:
             "previous_credential_valid_until": until.isoformat() if until else None,
         }
 
-    async def end_previous_provider_secret(self, provider_id: str, *, actor: str) -> dict[str, Any]:
+    async def end_previous_provider_secret(
+        self, provider_id: str, *, actor: str, credential: ProviderCredential | None = None
+    ) -> dict[str, Any]:
         """Stop the previous credential now (it leaked, or the rollout is done). Ending one
-        that is absent or already expired changes and records nothing."""
+        that is absent or already expired changes and records nothing. ``credential`` as
+        for ``rotate_provider_secret``."""
         async with self._tx() as conn:
-            row = await conn.fetchrow(
-                "SELECT previous_expires_at > now() AS live FROM providers WHERE id = $1"
-                " FOR UPDATE",
-                provider_id,
-            )
-            if row is None:
-                raise NotFound("no such provider")
-            if row["live"]:
+            row = await self._lock_credentials(conn, provider_id, credential)
+            if row["overlap"]:
                 await conn.execute(
                     "UPDATE providers SET previous_secret_hash = NULL,"
                     " previous_expires_at = NULL WHERE id = $1",
@@ -1063,6 +1059,27 @@ class Registry:
                     conn, provider_id, event="provider.previous_secret_ended", actor=actor
                 )
         return {"id": provider_id, "previous_credential_valid_until": None}
+
+    async def _lock_credentials(
+        self, conn: Conn, provider_id: str, credential: ProviderCredential | None
+    ) -> asyncpg.Record:
+        """Lock the provider's row for a change to its credentials and, when the provider
+        itself asks, check its secret again under that lock. The request was authenticated
+        before its transaction began: meanwhile the admin may have rotated the secret away
+        (a leak), made it the previous one, or suspended the provider, and whoever holds a
+        leaked secret must not then rotate it back into the current one."""
+        row = await conn.fetchrow(_PROVIDER_CREDENTIALS + " WHERE id = $1 FOR UPDATE", provider_id)
+        if row is None:
+            raise NotFound("no such provider")
+        if credential is not None:
+            if credential.provider_id != provider_id:
+                raise Forbidden("another provider's credential", reason="wrong_provider")
+            if not _credential_standing(row, credential.secret_hash):
+                raise Forbidden(
+                    "the previous credential cannot change credentials",
+                    reason="previous_credential",
+                )
+        return row
 
     async def suspend_provider(self, provider_id: str, body: SuspensionIn) -> dict[str, Any]:
         """Refuse the provider everywhere until it is reinstated (see docs/registry.md).
@@ -1962,6 +1979,35 @@ def _removable(passkeys: set[str], credential_id: str) -> None:
         raise NotFound("no such passkey")
     if len(passkeys) == 1:
         raise Conflict("the last passkey cannot be removed", reason="last_passkey")
+
+
+# A provider's credentials as authentication compares them: both hashes, whether the
+# previous one is inside its overlap, and whether the provider is suspended.
+_PROVIDER_CREDENTIALS = (
+    "SELECT secret_hash, previous_secret_hash, previous_expires_at > now() AS overlap,"
+    " suspended_at IS NOT NULL AS suspended FROM providers"
+)
+
+
+def _credential_standing(row: asyncpg.Record | None, given: bytes) -> bool:
+    """Whether ``given`` (a secret's SHA-256) is the provider's current credential (True) or
+    its previous one inside the overlap (False); anything else is 401, and a suspended
+    provider 403 once the secret is right. Both hashes are compared every time, against
+    dummies when absent, so the time taken reveals neither whether the id exists nor which
+    credential matched."""
+    current = bytes(row["secret_hash"]) if row else _sha256(secrets.token_bytes(16))
+    previous = (
+        bytes(row["previous_secret_hash"])
+        if row and row["previous_secret_hash"] is not None
+        else _sha256(secrets.token_bytes(16))
+    )
+    is_current = hmac.compare_digest(given, current)
+    is_previous = hmac.compare_digest(given, previous)
+    if row is None or not (is_current or (is_previous and row["overlap"])):
+        raise Unauthenticated("bad provider credential", reason="bad_provider_credential")
+    if row["suspended"]:
+        raise Forbidden("the provider is suspended", reason="provider_suspended")
+    return is_current
 
 
 def _still_usable(row: asyncpg.Record) -> None:

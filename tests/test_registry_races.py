@@ -1,0 +1,186 @@
+"""Races between the registry's writers, each forced into one interleaving: a request held
+(an ``asyncio.Event``) at an await point, or a row lock held from a second connection.
+Real PostgreSQL and Redis, the registry's service and HTTP API in process (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+from conftest import _wait_out_replay_epoch, with_database
+from registry_world import Provider, World
+
+from agentauth.registry import Registry, RegistrySettings, create_app
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis]
+
+ISSUER = "http://races.test"
+
+
+class InProcess:
+    def __init__(self, registry: Registry, world: World, url: str) -> None:
+        self.registry, self.world, self.url = registry, world, url
+
+    async def events(self, event: str, subject: str) -> int:
+        return int(
+            await self.registry.pool.fetchval(
+                "SELECT count(*) FROM audit_events"
+                " WHERE event = $1 AND body::jsonb->>'subject' = $2",
+                event,
+                subject,
+            )
+        )
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def service(
+    database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[InProcess]:
+    name = f"races_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(database_url, name)
+    settings = RegistrySettings(
+        database_url=url,
+        redis_url=redis_url,
+        data_dir=tmp_path_factory.mktemp("registry"),
+        issuer=ISSUER,
+        admin_token=secrets.token_urlsafe(24),
+    )
+    registry = await Registry.open(settings)
+    try:
+        _wait_out_replay_epoch(redis_url)
+        transport = httpx.ASGITransport(app=create_app(registry))
+        async with httpx.AsyncClient(transport=transport, base_url=ISSUER, timeout=60) as client:
+            world = World(client=client, base=ISSUER, admin_token=settings.admin_token)
+            yield InProcess(registry, world, url)
+    finally:
+        await registry.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+# --- provider credentials: checked again in the transaction that changes them -------------
+
+
+def _as(provider: Provider, secret: str) -> dict[str, str]:
+    return Provider(provider.id, provider.audience, secret).headers
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("change", ["rotate", "end_previous"])
+@pytest.mark.parametrize(
+    ("meanwhile", "refusal"),
+    [
+        # The admin's answer to a leak: the leaked secret stops at once.
+        ("rotate_now", (401, "bad_provider_credential")),
+        # A rotation with an overlap: the secret shown is now the previous one.
+        ("rotate_with_overlap", (403, "previous_credential")),
+        ("suspend", (403, "provider_suspended")),
+    ],
+)
+async def test_a_credential_change_authenticated_before_the_admin_acted_is_refused_after(
+    service: InProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    change: str,
+    meanwhile: str,
+    refusal: tuple[int, str],
+) -> None:
+    """A provider's request, authenticated with its current secret S1 (leaked), is held
+    between its authentication and its transaction while the admin rotates S1 away (or
+    suspends the provider). Run afterwards, it must not make a secret of its own current
+    and end the admin's, nor end a credential: it is refused as S1 would be now, and
+    nothing is changed or recorded."""
+    world, registry = service.world, service.registry
+    provider = await world.provider()
+    leaked = provider.secret
+    authenticate = registry.authenticate_provider
+    authenticated, release = asyncio.Event(), asyncio.Event()
+
+    async def held(provider_id: str, secret: str) -> Any:
+        credential = await authenticate(provider_id, secret)
+        if secret == leaked and not release.is_set():
+            authenticated.set()
+            await release.wait()  # authenticated; its transaction has not begun
+        return credential
+
+    monkeypatch.setattr(registry, "authenticate_provider", held)
+    path = world.url(
+        f"/v1/providers/{provider.id}/secret" + ("" if change == "rotate" else "/previous")
+    )
+    method = "POST" if change == "rotate" else "DELETE"
+    kwargs: dict[str, Any] = {"json": {"previous_valid_for": 0}} if change == "rotate" else {}
+    attacker = asyncio.ensure_future(
+        world.client.request(method, path, headers=_as(provider, leaked), **kwargs)
+    )
+    await asyncio.wait_for(authenticated.wait(), 10)
+
+    admin_secret = leaked
+    if meanwhile == "suspend":
+        r = await world.client.put(
+            world.url(f"/v1/providers/{provider.id}/suspension"),
+            headers=world.admin,
+            json={"reason": "compromise under investigation"},
+        )
+    else:
+        r = await world.client.post(
+            world.url(f"/v1/providers/{provider.id}/secret"),
+            headers=world.admin,
+            json={"previous_valid_for": 0 if meanwhile == "rotate_now" else 600},
+        )
+        admin_secret = r.json()["secret"]
+    assert r.status_code == 200, r.text
+    before = await registry.pool.fetchrow(
+        "SELECT secret_hash, previous_secret_hash, previous_expires_at FROM providers"
+        " WHERE id = $1",
+        provider.id,
+    )
+    changes = await registry.pool.fetchval("SELECT epoch FROM provider_changes")
+
+    release.set()
+    r = await asyncio.wait_for(attacker, 10)
+    assert (r.status_code, r.json()["reason"]) == refusal, r.text
+    after = await registry.pool.fetchrow(
+        "SELECT secret_hash, previous_secret_hash, previous_expires_at FROM providers"
+        " WHERE id = $1",
+        provider.id,
+    )
+    assert after == before
+    assert await registry.pool.fetchval("SELECT epoch FROM provider_changes") == changes
+    subject = f"provider:{provider.id}"
+    assert await service.events("provider.secret_rotated", subject) == (
+        0 if meanwhile == "suspend" else 1  # the admin's only
+    )
+    assert await service.events("provider.previous_secret_ended", subject) == 0
+    if meanwhile != "suspend":  # the admin's secret is the provider's
+        r = await world.client.get(
+            world.url(f"/v1/providers/{provider.id}"), headers=_as(provider, admin_secret)
+        )
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_current_secret_still_changes_credentials(service: InProcess) -> None:
+    """The re-check refuses nothing it should let through: the provider rotates with its
+    current secret, then ends the overlap with the new one."""
+    world = service.world
+    provider = await world.provider()
+    r = await world.client.post(
+        world.url(f"/v1/providers/{provider.id}/secret"),
+        headers=provider.headers,
+        json={"previous_valid_for": 600},
+    )
+    assert r.status_code == 200, r.text
+    new = r.json()["secret"]
+    r = await world.client.delete(
+        world.url(f"/v1/providers/{provider.id}/secret/previous"), headers=_as(provider, new)
+    )
+    assert r.status_code == 200, r.text
+    r = await world.client.get(world.url(f"/v1/providers/{provider.id}"), headers=provider.headers)
+    assert (r.status_code, r.json()["reason"]) == (401, "bad_provider_credential")
