@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import asyncpg
 import httpx
@@ -17,6 +18,7 @@ from conftest import _wait_out_replay_epoch, with_database
 from registry_world import Provider, World
 
 from agentauth.registry import Registry, RegistrySettings, create_app
+from agentauth.verifier._service import _Revocations
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
@@ -184,3 +186,84 @@ async def test_the_current_secret_still_changes_credentials(service: InProcess) 
     assert r.status_code == 200, r.text
     r = await world.client.get(world.url(f"/v1/providers/{provider.id}"), headers=provider.headers)
     assert (r.status_code, r.json()["reason"]) == (401, "bad_provider_credential")
+
+
+# --- revocations: polled in commit order --------------------------------------------------
+
+
+async def _until_blocked_by(pool: asyncpg.Pool, blocker: asyncpg.Connection) -> None:
+    """Return once some session waits for a lock the ``blocker`` connection holds."""
+    pid = blocker.get_server_pid()
+    for _ in range(500):
+        if await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", pid
+        ):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("nothing waited for the held lock")
+
+
+def _about_grant(grant_id: str) -> Any:
+    return SimpleNamespace(
+        claims=SimpleNamespace(jti="tok_none", grant_id=grant_id, sub="agt_none")
+    )
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_revocation_committed_after_a_burst_of_later_ones_is_still_polled(
+    service: InProcess,
+) -> None:
+    """A grant revocation takes its id, then waits for its audit chain's lock (held here
+    by a second connection); meanwhile 1,001 other revocations commit, the replica polls
+    them, and only then does the first commit. A running replica's poll must still read
+    it (polling by id, it looked back only 1,000 ids: with its Redis message lost too,
+    the replica stayed fresh and never learned of it), and so must a provider resuming
+    GET /v1/revocations from the last number it read."""
+    world, registry = service.world, service.registry
+    human, agent, _, grant = await world.setup_grant()
+    replica = _Revocations(
+        registry.pool, cast(Any, None), cast(Any, None), also=lambda: asyncio.sleep(0)
+    )
+    await replica._poll()
+    blocker = await asyncpg.connect(service.url)
+    try:
+        async with blocker.transaction():
+            await blocker.execute(
+                "SELECT 1 FROM audit_heads WHERE chain = $1 FOR UPDATE",
+                registry.audit.chain_for(agent.id),
+            )
+            revoking = asyncio.ensure_future(
+                registry.revoke("grant", grant["id"], principal_id=human.principal_id, admin=False)
+            )
+            await _until_blocked_by(registry.pool, blocker)  # its row inserted, not committed
+            await registry.pool.execute(
+                "INSERT INTO revocations (kind, target, revoked_by)"
+                " SELECT 'token', $1 || g, 'test' FROM generate_series(1, 1001) g",
+                f"burst_{secrets.token_hex(4)}_",
+            )
+            await replica._poll()
+            assert not replica.revoked(_about_grant(grant["id"]))
+            listed = await registry.list_revocations()
+            resume_from = max(r["seq"] for r in listed)
+        await asyncio.wait_for(revoking, 10)  # the chain's lock is free: it commits
+    finally:
+        await blocker.close()
+    await replica._poll()
+    assert replica.revoked(_about_grant(grant["id"]))
+    later = await registry.list_revocations(since=resume_from)
+    assert [(r["kind"], r["target"]) for r in later] == [("grant", grant["id"])]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_revoking_again_takes_no_id(service: InProcess) -> None:
+    """Re-revoking changes nothing, so it takes nothing: not an id (burning ids is what
+    let a waiting revocation fall behind the id poll), not a number, not an audit event."""
+    world, registry = service.world, service.registry
+    human, _, _, grant = await world.setup_grant()
+    await registry.revoke("grant", grant["id"], principal_id=human.principal_id, admin=False)
+    state = "SELECT (SELECT last_value FROM revocations_id_seq), (SELECT seq FROM revocation_log)"
+    before = await registry.pool.fetchrow(state)
+    for _ in range(3):
+        await registry.revoke("grant", grant["id"], principal_id=human.principal_id, admin=False)
+    assert await registry.pool.fetchrow(state) == before
+    assert await service.events("grant.revoked", f"grant:{grant['id']}") == 1

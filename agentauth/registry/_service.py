@@ -1596,8 +1596,12 @@ class Registry:
         key: str,
         agent_id: str,
     ) -> None:
+        # Revoking again changes nothing and takes no id (an ON CONFLICT alone would burn
+        # one each time). Committed, the row is numbered (seq) in commit order by migration
+        # 0009's trigger; verifiers poll by that number.
         inserted = await conn.fetchval(
-            "INSERT INTO revocations (kind, target, revoked_by) VALUES ($1, $2, $3)"
+            "INSERT INTO revocations (kind, target, revoked_by) SELECT $1::text, $2::text, $3"
+            " WHERE NOT EXISTS (SELECT 1 FROM revocations WHERE kind = $1 AND target = $2)"
             " ON CONFLICT (kind, target) DO NOTHING RETURNING id",
             kind,
             target,
@@ -1628,9 +1632,12 @@ class Registry:
             log.warning("revocation %s:%s not published; verifiers will reload", kind, target)
 
     async def list_revocations(self, since: int = 0) -> list[dict[str, Any]]:
+        """Revocations numbered above ``since``, in commit order (``seq``): a reader that
+        resumes from the last ``seq`` it read misses none, which ids, taken at insert and
+        committed out of order, cannot promise."""
         rows = await self.pool.fetch(
-            "SELECT id, kind, target, revoked_at FROM revocations WHERE id > $1"
-            " ORDER BY id LIMIT 10000",
+            "SELECT id, seq, kind, target, revoked_at FROM revocations WHERE seq > $1"
+            " ORDER BY seq LIMIT 10000",
             since,
         )
         return [_jsonable(dict(r)) for r in rows]
