@@ -17,6 +17,7 @@ import pytest_asyncio
 from conftest import _wait_out_replay_epoch, with_database
 from registry_world import Provider, World
 
+from agentauth.protocol import Conflict
 from agentauth.registry import Registry, RegistrySettings, create_app
 from agentauth.verifier._service import _Revocations
 
@@ -191,14 +192,19 @@ async def test_the_current_secret_still_changes_credentials(service: InProcess) 
 # --- revocations: polled in commit order --------------------------------------------------
 
 
-async def _until_blocked_by(pool: asyncpg.Pool, blocker: asyncpg.Connection) -> None:
-    """Return once some session waits for a lock the ``blocker`` connection holds."""
+async def _until_blocked_by(
+    pool: asyncpg.Pool, blocker: asyncpg.Connection, waiter: asyncio.Future[Any]
+) -> None:
+    """Return once some session waits for a lock the ``blocker`` connection holds; fail if
+    ``waiter`` finishes first (it did not wait for that lock)."""
     pid = blocker.get_server_pid()
     for _ in range(500):
         if await pool.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", pid
         ):
             return
+        if waiter.done():
+            raise AssertionError(f"finished without waiting for the held lock: {waiter!r}")
         await asyncio.sleep(0.02)
     raise AssertionError("nothing waited for the held lock")
 
@@ -235,7 +241,7 @@ async def test_a_revocation_committed_after_a_burst_of_later_ones_is_still_polle
             revoking = asyncio.ensure_future(
                 registry.revoke("grant", grant["id"], principal_id=human.principal_id, admin=False)
             )
-            await _until_blocked_by(registry.pool, blocker)  # its row inserted, not committed
+            await _until_blocked_by(registry.pool, blocker, revoking)  # inserted, not committed
             await registry.pool.execute(
                 "INSERT INTO revocations (kind, target, revoked_by)"
                 " SELECT 'token', $1 || g, 'test' FROM generate_series(1, 1001) g",
@@ -267,3 +273,135 @@ async def test_revoking_again_takes_no_id(service: InProcess) -> None:
         await registry.revoke("grant", grant["id"], principal_id=human.principal_id, admin=False)
     assert await registry.pool.fetchrow(state) == before
     assert await service.events("grant.revoked", f"grant:{grant['id']}") == 1
+
+
+# --- approvals: nothing approved for what died meanwhile ----------------------------------
+
+# What each writer changes, done from a second connection that holds the row meanwhile.
+_DEATHS = {
+    "agent_disabled": "UPDATE agents SET status = 'disabled' WHERE id = $1",
+    "provider_suspended": "UPDATE providers SET suspended_at = now(),"
+    " suspension_reason = 'compromise' WHERE id = $1",
+    "grant_revoked": "UPDATE grants SET revoked_at = now() WHERE id = $1",
+}
+
+
+async def _pending_grant_approval(world: World) -> tuple[Any, Any, Any, dict[str, Any], Any]:
+    """A human, agent, provider, the agent's pending grant request and the human's signed
+    (not yet sent) approval of it."""
+    human = await world.human()
+    agent = await world.agent(human)
+    provider = await world.provider()
+    request = await world.request(agent, provider)
+    begun = await world.begin_approval(human, request["id"])
+    return human, agent, provider, request, human.authenticator.get(begun["options"])
+
+
+async def _pending_step_up_approval(world: World) -> tuple[Any, Any, Any, dict[str, Any], Any]:
+    """The same for a step-up on a grant: human, agent, provider, the step-up (with its
+    grant_id) and the human's signed approval."""
+    human, agent, provider, grant = await world.payments_grant()
+    step = await world.step_up(agent, grant["id"], "75.00")
+    r = await world.client.post(
+        world.url(f"/v1/step-ups/{step['id']}/approval/begin"), headers=human.headers
+    )
+    assert r.status_code == 200, r.text
+    return human, agent, provider, step, human.authenticator.get(r.json()["options"])
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize(
+    ("approving", "death"),
+    [
+        ("grant_request", "agent_disabled"),
+        ("grant_request", "provider_suspended"),
+        ("step_up", "agent_disabled"),
+        ("step_up", "provider_suspended"),
+        ("step_up", "grant_revoked"),
+    ],
+)
+async def test_an_approval_waits_for_a_death_in_progress_and_then_refuses(
+    service: InProcess, approving: str, death: str
+) -> None:
+    """The agent is being disabled (or the provider suspended, or the grant revoked): a
+    second connection has changed its row and not committed. The approval's finish must
+    wait for that row and then see the change (409, nothing approved), not read the old
+    row and commit a receipt for something no token can use."""
+    world, registry = service.world, service.registry
+    pending = _pending_grant_approval if approving == "grant_request" else _pending_step_up_approval
+    human, agent, provider, subject, credential = await pending(world)
+    target = {"agent_disabled": agent.id, "provider_suspended": provider.id}.get(
+        death, subject.get("grant_id")
+    )
+    finish = registry.approval_finish if approving == "grant_request" else registry.step_up_finish
+    killer = await asyncpg.connect(service.url)
+    try:
+        async with killer.transaction():
+            await killer.execute(_DEATHS[death], target)
+            finishing = asyncio.ensure_future(finish(human.principal_id, subject["id"], credential))
+            await _until_blocked_by(registry.pool, killer, finishing)
+        with pytest.raises(Conflict) as refused:
+            await asyncio.wait_for(finishing, 10)
+    finally:
+        await killer.close()
+    assert refused.value.reason == death
+    table = "grant_requests" if approving == "grant_request" else "step_ups"
+    assert (
+        await registry.pool.fetchval(f"SELECT status FROM {table} WHERE id = $1", subject["id"])
+        == "pending"
+    )
+    assert not await registry.pool.fetchval(
+        "SELECT count(*) FROM grants WHERE request_id = $1", subject["id"]
+    )
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("approving", ["grant_request", "step_up"])
+async def test_a_death_asked_for_during_an_approval_waits_for_it_and_covers_it(
+    service: InProcess, monkeypatch: pytest.MonkeyPatch, approving: str
+) -> None:
+    """The other order, with the registry's own writers: the finish has checked the agent
+    (and grant) and holds them; disabling the agent, or revoking the grant, asked for now
+    waits for the approval to commit, then commits itself, without a deadlock on the
+    audit chain both write to. What was approved is then dead like the rest."""
+    world, registry = service.world, service.registry
+    pending = _pending_grant_approval if approving == "grant_request" else _pending_step_up_approval
+    human, agent, _, subject, credential = await pending(world)
+    checked, release = asyncio.Event(), asyncio.Event()
+    verify_assertion = registry._verify_assertion
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        checked.set()  # the rows are read and locked; the assertion is next
+        await release.wait()
+        return await verify_assertion(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "_verify_assertion", held)
+    finish = registry.approval_finish if approving == "grant_request" else registry.step_up_finish
+    finishing = asyncio.ensure_future(finish(human.principal_id, subject["id"], credential))
+    try:
+        await asyncio.wait_for(checked.wait(), 10)
+        if approving == "grant_request":
+            killing = asyncio.ensure_future(
+                registry.disable_agent(agent.id, principal_id=human.principal_id, admin=False)
+            )
+        else:
+            killing = asyncio.ensure_future(
+                registry.revoke(
+                    "grant", subject["grant_id"], principal_id=human.principal_id, admin=False
+                )
+            )
+        await asyncio.sleep(0.5)
+        assert not killing.done()  # it waits on the row the approval holds
+    finally:
+        release.set()  # a failed test must not leave the approval's transaction open
+    approved = await asyncio.wait_for(finishing, 10)
+    await asyncio.wait_for(killing, 10)
+    if approving == "grant_request":
+        r = await world.token(agent, approved["id"])
+        assert (r.status_code, r.json()["reason"]) == (403, "agent_disabled"), r.text
+    else:
+        assert approved["status"] == "approved"
+        revoked = await registry.pool.fetchval(
+            "SELECT revoked_at IS NOT NULL FROM grants WHERE id = $1", subject["grant_id"]
+        )
+        assert revoked

@@ -1190,7 +1190,7 @@ class Registry:
     ) -> asyncpg.Record:
         row = await conn.fetchrow(
             # Only constant fragments are joined here: no caller text enters the SQL.
-            f"{_REQUEST_SELECT} WHERE r.id = $1" + (" FOR UPDATE OF r" if lock else ""),
+            f"{_REQUEST_SELECT} WHERE r.id = $1" + (_APPROVAL_LOCKS_REQUEST if lock else ""),
             request_id,
             float(self.settings.grant_request_ttl),
         )
@@ -1740,7 +1740,9 @@ class Registry:
     ) -> dict[str, Any]:
         ref = "sur_" + secrets.token_urlsafe(24)
         async with self._tx() as conn:
-            row = await conn.fetchrow(_STEP_UP_SELECT + " WHERE s.id = $1 FOR UPDATE OF s", step_id)
+            row = await conn.fetchrow(
+                _STEP_UP_SELECT + " WHERE s.id = $1" + _APPROVAL_LOCKS_STEP_UP, step_id
+            )
             if row is None or row["principal_id"] != principal_id:
                 raise NotFound("no such step-up")
             challenge, _ = await self._consume_challenge(
@@ -1952,6 +1954,21 @@ _STEP_UP_SELECT = (
     " JOIN agents a ON a.id = s.agent_id JOIN grants g ON g.id = s.grant_id"
     " JOIN providers p ON p.id = g.provider_id"
 )
+
+# What an approval's finish locks (the request or step-up, and shared, the rows whose state
+# _still_usable reads), so that disabling the agent, suspending the provider or revoking
+# the grant either commits before it, and is seen (the locked rows are read as committed,
+# not as of the statement's start), or waits for the approval and then covers what it
+# made. Without the shared locks a disable could commit between that read and the
+# approval's commit: a receipt for something no token could use.
+# Lock order, kept by every writer: these rows (agent, grant, provider, request, step-up)
+# before any audit chain head, provider_changes or revocation_log row. Each writer that
+# locks one of them exclusively (disable_agent: the agent; revoke: the grant; a provider's
+# suspension, reinstatement and credential changes: the provider) locks only that one
+# before the counters, and those who lock several (token issuance: grant and agent; these
+# finishes) share them, so no two wait for each other in opposite orders.
+_APPROVAL_LOCKS_REQUEST = " FOR UPDATE OF r FOR SHARE OF a, p"
+_APPROVAL_LOCKS_STEP_UP = " FOR UPDATE OF s FOR SHARE OF a, g, p"
 
 
 def _still_pending(status: str, what: str) -> None:
