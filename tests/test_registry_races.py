@@ -14,11 +14,14 @@ import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 from conftest import _wait_out_replay_epoch, with_database
 from registry_world import Provider, World
 
 from agentauth.protocol import Conflict
 from agentauth.registry import Registry, RegistrySettings, create_app
+from agentauth.store import grant_cache_key
+from agentauth.verifier import Verifier, VerifierSettings
 from agentauth.verifier._service import _Revocations
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
@@ -27,8 +30,8 @@ ISSUER = "http://races.test"
 
 
 class InProcess:
-    def __init__(self, registry: Registry, world: World, url: str) -> None:
-        self.registry, self.world, self.url = registry, world, url
+    def __init__(self, registry: Registry, world: World, url: str, redis_url: str) -> None:
+        self.registry, self.world, self.url, self.redis_url = registry, world, url, redis_url
 
     async def events(self, event: str, subject: str) -> int:
         return int(
@@ -62,7 +65,7 @@ async def service(
         transport = httpx.ASGITransport(app=create_app(registry))
         async with httpx.AsyncClient(transport=transport, base_url=ISSUER, timeout=60) as client:
             world = World(client=client, base=ISSUER, admin_token=settings.admin_token)
-            yield InProcess(registry, world, url)
+            yield InProcess(registry, world, url, redis_url)
     finally:
         await registry.close()
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -405,3 +408,88 @@ async def test_a_death_asked_for_during_an_approval_waits_for_it_and_covers_it(
             "SELECT revoked_at IS NOT NULL FROM grants WHERE id = $1", subject["grant_id"]
         )
         assert revoked
+
+
+# --- a grant's cached status: a stale fill cannot undo a revocation -------------------------
+
+
+class _HeldPool:
+    """A verifier's pool whose grant lookup is held after PostgreSQL answered."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self.read, self.release = asyncio.Event(), asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    async def fetch(self, query: str, *args: Any) -> Any:
+        rows = await self._pool.fetch(query, *args)
+        if "FROM grants WHERE id = ANY" in query and not self.release.is_set():
+            self.read.set()
+            await self.release.wait()
+        return rows
+
+
+def _verifier(service: InProcess, pool: Any, redis: aioredis.Redis) -> Verifier:
+    """A verifier replica's grant lookups, without its shards (none are called here)."""
+    settings = VerifierSettings(
+        database_url=service.url, redis_url=service.redis_url, issuer=ISSUER
+    )
+    return Verifier(settings=settings, pool=pool, redis=redis, shards=cast(Any, None))
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_grant_status_read_before_its_revocation_is_not_cached_after_it(
+    service: InProcess,
+) -> None:
+    """A replica reads the grant from PostgreSQL (active); the grant is revoked and the
+    revocation commits; only then is the replica's fill written to Redis. It must not
+    leave "active" there for other replicas to believe for a minute (the revocation
+    deleted the key, and the fill put the stale status back)."""
+    world, registry = service.world, service.registry
+    human, _, _, grant = await world.setup_grant()
+    key = grant_cache_key(grant["id"])
+    redis = aioredis.Redis.from_url(service.redis_url)
+    pool = await asyncpg.create_pool(service.url, min_size=1, max_size=2)
+    assert pool is not None
+    held = _HeldPool(pool)
+    replica = _verifier(service, held, redis)
+    try:
+        await redis.delete(key)
+        lookup = asyncio.ensure_future(replica._grant_active(grant["id"]))
+        await asyncio.wait_for(held.read.wait(), 10)  # read "active"; not yet cached
+        await registry.revoke("grant", grant["id"], principal_id=human.principal_id, admin=False)
+        held.release.set()
+        assert await asyncio.wait_for(lookup, 10)  # what it read, answered as read
+        await asyncio.gather(*list(replica._tasks))  # its fill, written after the revocation
+        assert await redis.get(key) == b"revoked"
+        other = _verifier(service, pool, redis)  # another replica, nothing in its memory
+        assert not await other._grant_active(grant["id"])
+    finally:
+        held.release.set()
+        await pool.close()
+        await redis.aclose()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_revocation_marks_a_cached_active_status_revoked(service: InProcess) -> None:
+    """The usual order: "active" cached before the revocation is replaced by the mark."""
+    world, registry = service.world, service.registry
+    human, _, _, grant = await world.setup_grant()
+    key = grant_cache_key(grant["id"])
+    redis = aioredis.Redis.from_url(service.redis_url)
+    pool = await asyncpg.create_pool(service.url, min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        await redis.delete(key)
+        replica = _verifier(service, pool, redis)
+        assert await replica._grant_active(grant["id"])
+        await asyncio.gather(*list(replica._tasks))
+        assert await redis.get(key) == b"active"
+        await registry.revoke("grant", grant["id"], principal_id=human.principal_id, admin=False)
+        assert await redis.get(key) == b"revoked"
+        assert not await _verifier(service, pool, redis)._grant_active(grant["id"])
+    finally:
+        await pool.close()
+        await redis.aclose()

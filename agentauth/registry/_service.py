@@ -63,7 +63,7 @@ from ..protocol import (
 from ..protocol._envelope import period_key
 from ..protocol._jws import attach_signature, signing_input
 from ..protocol._types import is_identifier
-from ..store import REVOCATION_CHANNEL, Conn, grant_cache_key
+from ..store import GRANT_REVOKED_TTL, REVOCATION_CHANNEL, Conn, grant_cache_key
 from ..store import migrate as run_migrations
 from ._audit_log import AuditLog
 from ._keys import KeyManager
@@ -1619,14 +1619,19 @@ class Registry:
             )
 
     async def _publish_revocation(self, kind: str, target: str) -> None:
-        # Best effort: the row is committed; verifiers that miss the message reload the list.
-        # A revoked grant's cached status goes too, so no verifier refills its memory from
-        # a stale "active" (they deny on the revocation list first either way).
+        # Best effort: the row is committed; verifiers that miss the message read it with
+        # their next poll of the table (in commit order, so none is passed over). A revoked
+        # grant's cached status is marked "revoked" rather than deleted: a verifier that
+        # read "active" from PostgreSQL before this revocation committed writes its fill
+        # afterwards, with SET NX, so it cannot put the stale "active" back. If Redis is
+        # unreachable here, a cached "active" lives out its TTL (grant_cache_ttl); every
+        # replica denies the grant's tokens meanwhile on the revocation itself (the poll),
+        # which it keeps far longer, before it looks at the grant's status.
         try:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.publish(REVOCATION_CHANNEL, json.dumps({"kind": kind, "target": target}))
             if kind == "grant":
-                pipe.delete(grant_cache_key(target))
+                pipe.set(grant_cache_key(target), b"revoked", ex=GRANT_REVOKED_TTL)
+            pipe.publish(REVOCATION_CHANNEL, json.dumps({"kind": kind, "target": target}))
             await pipe.execute()
         except Exception:  # the revocations table is the durable channel
             log.warning("revocation %s:%s not published; verifiers will reload", kind, target)

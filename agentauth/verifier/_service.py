@@ -47,7 +47,7 @@ from ..protocol import (
     allowing_capability,
 )
 from ..protocol._types import is_identifier
-from ..store import REVOCATION_CHANNEL, grant_cache_key
+from ..store import GRANT_REVOKED_TTL, REVOCATION_CHANNEL, grant_cache_key
 
 __all__ = ["FAIL_CLOSED", "Verifier", "VerifierSettings", "VerifyIn"]
 
@@ -77,7 +77,8 @@ class VerifierSettings(BaseModel):
     dpop_nonces: bool = False
     nonce_secret: str | None = Field(None, repr=False)
     key_refresh_min_interval: float = 1.0
-    grant_cache_ttl: int = 60
+    # Capped by the registry's "revoked" mark, which a fill must never outlive.
+    grant_cache_ttl: int = Field(60, ge=1, le=GRANT_REVOKED_TTL)
     # A verification's lookups (grant status, step-up) give up after this: an unreachable
     # database or Redis is a deny in this time, not a wait for a connect or command timeout.
     lookup_timeout: float = Field(0.25, gt=0.0, le=5.0)
@@ -535,7 +536,14 @@ class Verifier:
             fill = self.redis.pipeline(transaction=False)
             for grant_id in missing:
                 value = status[grant_id] = found.get(grant_id, b"absent")
-                fill.set(grant_cache_key(grant_id), value, ex=self.settings.grant_cache_ttl)
+                # NX: what was read may be stale by the time it is written (a revocation
+                # committed meanwhile and marked the key "revoked"); a fill only fills.
+                fill.set(
+                    grant_cache_key(grant_id),
+                    value,
+                    ex=self.settings.grant_cache_ttl,
+                    nx=True,
+                )
             # Filling the cache need not delay these answers, which PostgreSQL has given.
             self._background(fill.execute(), "grant cache fill")
         return status
