@@ -944,7 +944,9 @@ async def test_revocation_is_published_listed_and_stops_issuance(
         json={"kind": "grant", "target": grant["id"]},
     )
     assert r.status_code == 200
-    assert await client.exists(cached) == 0  # the revocation invalidated the cached status
+    # The revocation marked the cached status revoked (not deleted, so a verifier's fill of
+    # an "active" it read before cannot put that back: its fills are SET NX).
+    assert await client.get(cached) == b"revoked"
     message = None
     for _ in range(20):
         message = await pubsub.get_message(timeout=0.5)

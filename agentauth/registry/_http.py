@@ -51,7 +51,7 @@ from ._models import (
     SuspensionIn,
     TokenIn,
 )
-from ._service import Agent, Registry
+from ._service import Agent, ProviderCredential, Registry
 
 __all__ = ["create_app"]
 
@@ -66,9 +66,10 @@ class Caller:
     agent: Agent | None = None
     admin: bool = False
     provider_id: str | None = None
-    # A provider that authenticated with its current credential, not with the previous one
-    # still inside a rotation's overlap: only the current one may rotate or end credentials.
-    provider_current: bool = False
+    # A provider's credential as it authenticated: only the current one (not the previous
+    # one still inside a rotation's overlap) may rotate or end credentials, and the service
+    # checks it again inside the transaction that changes them.
+    provider: ProviderCredential | None = None
 
 
 def _registry(request: Request) -> Registry:
@@ -101,8 +102,8 @@ async def caller(request: Request) -> Caller:
         return Caller(agent=agent)
     scheme, value = _authorization(request)
     if scheme == "basic":
-        provider_id, current = await registry.authenticate_provider(*basic_credentials(value))
-        return Caller(provider_id=provider_id, provider_current=current)
+        credential = await registry.authenticate_provider(*basic_credentials(value))
+        return Caller(provider_id=credential.provider_id, provider=credential)
     token = value if scheme == "bearer" and value else None
     if token is not None and registry.is_admin(token):
         return Caller(admin=True)
@@ -328,26 +329,28 @@ def create_app(registry: Registry) -> FastAPI:
         public = ("id", "audience", "display_name", "allowed_kinds")
         return {**{k: record[k] for k in public}, "suspended": record["suspended_at"] is not None}
 
-    def _credential_owner(who: Caller, provider_id: str) -> str:
+    def _credential_owner(who: Caller, provider_id: str) -> tuple[str, ProviderCredential | None]:
         """The admin, or the provider itself with its current credential: the previous one
-        (inside an overlap, perhaps leaked) must not be able to take the provider over."""
+        (inside an overlap, perhaps leaked) must not be able to take the provider over. The
+        actor, and the provider's credential for the service to check again in the
+        transaction that changes it (this check is only the early answer)."""
         if who.admin:
-            return "admin"
-        if who.provider_id != provider_id:
+            return "admin", None
+        if who.provider_id != provider_id or who.provider is None:
             raise Forbidden("another provider's credential", reason="wrong_provider")
-        if not who.provider_current:
+        if not who.provider.current:
             raise Forbidden(
                 "the previous credential cannot change credentials", reason="previous_credential"
             )
-        return f"provider:{provider_id}"
+        return f"provider:{provider_id}", who.provider
 
     @app.post("/v1/providers/{provider_id}/secret", tags=["providers"])
     async def rotate_provider_secret(
         who: AdminOrProvider, provider_id: PathId, body: SecretRotationIn | None = None
     ) -> dict[str, Any]:
-        actor = _credential_owner(who, provider_id)
+        actor, credential = _credential_owner(who, provider_id)
         return await registry.rotate_provider_secret(
-            provider_id, body or SecretRotationIn(), actor=actor
+            provider_id, body or SecretRotationIn(), actor=actor, credential=credential
         )
 
     @app.put("/v1/providers/{provider_id}/suspension", tags=["providers"])
@@ -362,8 +365,10 @@ def create_app(registry: Registry) -> FastAPI:
     async def end_previous_provider_secret(
         who: AdminOrProvider, provider_id: PathId
     ) -> dict[str, Any]:
-        actor = _credential_owner(who, provider_id)
-        return await registry.end_previous_provider_secret(provider_id, actor=actor)
+        actor, credential = _credential_owner(who, provider_id)
+        return await registry.end_previous_provider_secret(
+            provider_id, actor=actor, credential=credential
+        )
 
     # --- grant requests and grants -------------------------------------------------------
 

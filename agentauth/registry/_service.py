@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -63,7 +63,7 @@ from ..protocol import (
 from ..protocol._envelope import period_key
 from ..protocol._jws import attach_signature, signing_input
 from ..protocol._types import is_identifier
-from ..store import REVOCATION_CHANNEL, Conn, grant_cache_key
+from ..store import GRANT_REVOKED_TTL, REVOCATION_CHANNEL, Conn, grant_cache_key
 from ..store import migrate as run_migrations
 from ._audit_log import AuditLog
 from ._keys import KeyManager
@@ -133,6 +133,17 @@ class Agent:
     principal_id: str
     jkt: str
     status: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderCredential:
+    """A provider that authenticated: its id, whether with its current secret (else the
+    previous one, inside its overlap), and the hash of the secret it showed, so that a
+    change to its credentials can check that secret again under the row's lock."""
+
+    provider_id: str
+    current: bool
+    secret_hash: bytes = field(repr=False)
 
 
 async def _init_connection(conn: Conn) -> None:
@@ -379,35 +390,17 @@ class Registry:
             _sha256(token), _sha256(self.settings.admin_token)
         )
 
-    async def authenticate_provider(self, provider_id: str, secret: str) -> tuple[str, bool]:
-        """The provider's id, and whether ``secret`` is its current credential (else the
+    async def authenticate_provider(self, provider_id: str, secret: str) -> ProviderCredential:
+        """The provider's credential: whether ``secret`` is its current one (else the
         previous one, still inside its rotation's overlap). A suspended provider is told
         so, but only once its secret is right: the suspension is nobody else's to learn."""
         row = (
-            await self.pool.fetchrow(
-                "SELECT secret_hash, previous_secret_hash, previous_expires_at > now() AS overlap,"
-                " suspended_at IS NOT NULL AS suspended FROM providers WHERE id = $1",
-                provider_id,
-            )
+            await self.pool.fetchrow(_PROVIDER_CREDENTIALS + " WHERE id = $1", provider_id)
             if is_identifier(provider_id)
             else None  # no such id can exist (the database would refuse a NUL byte with an error)
         )
-        # Compare against dummy hashes for unknown ids so timing does not reveal which
-        # exist, and against both hashes always so it does not reveal which one matched.
         given = _sha256(secret)
-        current = bytes(row["secret_hash"]) if row else _sha256(secrets.token_bytes(16))
-        previous = (
-            bytes(row["previous_secret_hash"])
-            if row and row["previous_secret_hash"] is not None
-            else _sha256(secrets.token_bytes(16))
-        )
-        is_current = hmac.compare_digest(given, current)
-        is_previous = hmac.compare_digest(given, previous)
-        if row is None or not (is_current or (is_previous and row["overlap"])):
-            raise Unauthenticated("bad provider credential", reason="bad_provider_credential")
-        if row["suspended"]:
-            raise Forbidden("the provider is suspended", reason="provider_suspended")
-        return provider_id, is_current
+        return ProviderCredential(provider_id, _credential_standing(row, given), given)
 
     # --- WebAuthn ------------------------------------------------------------------------
 
@@ -1007,13 +1000,20 @@ class Registry:
         return _jsonable(dict(row))
 
     async def rotate_provider_secret(
-        self, provider_id: str, body: SecretRotationIn, *, actor: str
+        self,
+        provider_id: str,
+        body: SecretRotationIn,
+        *,
+        actor: str,
+        credential: ProviderCredential | None = None,
     ) -> dict[str, Any]:
         """A new credential for the provider, shown once. The one it replaces keeps working
         for ``previous_valid_for`` seconds; a previous one still in its overlap stops at once
-        (a provider holds at most two)."""
+        (a provider holds at most two). ``credential``: when the provider itself asks, the
+        one it authenticated with (None for the admin)."""
         secret = "psk_" + secrets.token_urlsafe(32)
         async with self._tx() as conn:
+            await self._lock_credentials(conn, provider_id, credential)
             row = await conn.fetchrow(
                 "UPDATE providers SET"
                 " previous_secret_hash = CASE WHEN $3 > 0 THEN secret_hash END,"
@@ -1025,8 +1025,7 @@ class Registry:
                 _sha256(secret),
                 float(body.previous_valid_for),
             )
-            if row is None:
-                raise NotFound("no such provider")
+            assert row is not None  # locked above, so still there
             until = row["previous_expires_at"]
             await self._provider_changed(
                 conn,
@@ -1042,18 +1041,15 @@ class Registry:
             "previous_credential_valid_until": until.isoformat() if until else None,
         }
 
-    async def end_previous_provider_secret(self, provider_id: str, *, actor: str) -> dict[str, Any]:
+    async def end_previous_provider_secret(
+        self, provider_id: str, *, actor: str, credential: ProviderCredential | None = None
+    ) -> dict[str, Any]:
         """Stop the previous credential now (it leaked, or the rollout is done). Ending one
-        that is absent or already expired changes and records nothing."""
+        that is absent or already expired changes and records nothing. ``credential`` as
+        for ``rotate_provider_secret``."""
         async with self._tx() as conn:
-            row = await conn.fetchrow(
-                "SELECT previous_expires_at > now() AS live FROM providers WHERE id = $1"
-                " FOR UPDATE",
-                provider_id,
-            )
-            if row is None:
-                raise NotFound("no such provider")
-            if row["live"]:
+            row = await self._lock_credentials(conn, provider_id, credential)
+            if row["overlap"]:
                 await conn.execute(
                     "UPDATE providers SET previous_secret_hash = NULL,"
                     " previous_expires_at = NULL WHERE id = $1",
@@ -1063,6 +1059,27 @@ class Registry:
                     conn, provider_id, event="provider.previous_secret_ended", actor=actor
                 )
         return {"id": provider_id, "previous_credential_valid_until": None}
+
+    async def _lock_credentials(
+        self, conn: Conn, provider_id: str, credential: ProviderCredential | None
+    ) -> asyncpg.Record:
+        """Lock the provider's row for a change to its credentials and, when the provider
+        itself asks, check its secret again under that lock. The request was authenticated
+        before its transaction began: meanwhile the admin may have rotated the secret away
+        (a leak), made it the previous one, or suspended the provider, and whoever holds a
+        leaked secret must not then rotate it back into the current one."""
+        row = await conn.fetchrow(_PROVIDER_CREDENTIALS + " WHERE id = $1 FOR UPDATE", provider_id)
+        if row is None:
+            raise NotFound("no such provider")
+        if credential is not None:
+            if credential.provider_id != provider_id:
+                raise Forbidden("another provider's credential", reason="wrong_provider")
+            if not _credential_standing(row, credential.secret_hash):
+                raise Forbidden(
+                    "the previous credential cannot change credentials",
+                    reason="previous_credential",
+                )
+        return row
 
     async def suspend_provider(self, provider_id: str, body: SuspensionIn) -> dict[str, Any]:
         """Refuse the provider everywhere until it is reinstated (see docs/registry.md).
@@ -1173,7 +1190,7 @@ class Registry:
     ) -> asyncpg.Record:
         row = await conn.fetchrow(
             # Only constant fragments are joined here: no caller text enters the SQL.
-            f"{_REQUEST_SELECT} WHERE r.id = $1" + (" FOR UPDATE OF r" if lock else ""),
+            f"{_REQUEST_SELECT} WHERE r.id = $1" + (_APPROVAL_LOCKS_REQUEST if lock else ""),
             request_id,
             float(self.settings.grant_request_ttl),
         )
@@ -1579,8 +1596,12 @@ class Registry:
         key: str,
         agent_id: str,
     ) -> None:
+        # Revoking again changes nothing and takes no id (an ON CONFLICT alone would burn
+        # one each time). Committed, the row is numbered (seq) in commit order by migration
+        # 0009's trigger; verifiers poll by that number.
         inserted = await conn.fetchval(
-            "INSERT INTO revocations (kind, target, revoked_by) VALUES ($1, $2, $3)"
+            "INSERT INTO revocations (kind, target, revoked_by) SELECT $1::text, $2::text, $3"
+            " WHERE NOT EXISTS (SELECT 1 FROM revocations WHERE kind = $1 AND target = $2)"
             " ON CONFLICT (kind, target) DO NOTHING RETURNING id",
             kind,
             target,
@@ -1598,22 +1619,30 @@ class Registry:
             )
 
     async def _publish_revocation(self, kind: str, target: str) -> None:
-        # Best effort: the row is committed; verifiers that miss the message reload the list.
-        # A revoked grant's cached status goes too, so no verifier refills its memory from
-        # a stale "active" (they deny on the revocation list first either way).
+        # Best effort: the row is committed; verifiers that miss the message read it with
+        # their next poll of the table (in commit order, so none is passed over). A revoked
+        # grant's cached status is marked "revoked" rather than deleted: a verifier that
+        # read "active" from PostgreSQL before this revocation committed writes its fill
+        # afterwards, with SET NX, so it cannot put the stale "active" back. If Redis is
+        # unreachable here, a cached "active" lives out its TTL (grant_cache_ttl); every
+        # replica denies the grant's tokens meanwhile on the revocation itself (the poll),
+        # which it keeps far longer, before it looks at the grant's status.
         try:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.publish(REVOCATION_CHANNEL, json.dumps({"kind": kind, "target": target}))
             if kind == "grant":
-                pipe.delete(grant_cache_key(target))
+                pipe.set(grant_cache_key(target), b"revoked", ex=GRANT_REVOKED_TTL)
+            pipe.publish(REVOCATION_CHANNEL, json.dumps({"kind": kind, "target": target}))
             await pipe.execute()
         except Exception:  # the revocations table is the durable channel
             log.warning("revocation %s:%s not published; verifiers will reload", kind, target)
 
     async def list_revocations(self, since: int = 0) -> list[dict[str, Any]]:
+        """Revocations numbered above ``since``, in commit order (``seq``): a reader that
+        resumes from the last ``seq`` it read misses none, which ids, taken at insert and
+        committed out of order, cannot promise."""
         rows = await self.pool.fetch(
-            "SELECT id, kind, target, revoked_at FROM revocations WHERE id > $1"
-            " ORDER BY id LIMIT 10000",
+            "SELECT id, seq, kind, target, revoked_at FROM revocations WHERE seq > $1"
+            " ORDER BY seq LIMIT 10000",
             since,
         )
         return [_jsonable(dict(r)) for r in rows]
@@ -1742,7 +1771,9 @@ class Registry:
     ) -> dict[str, Any]:
         ref = "sur_" + secrets.token_urlsafe(24)
         async with self._tx() as conn:
-            row = await conn.fetchrow(_STEP_UP_SELECT + " WHERE s.id = $1 FOR UPDATE OF s", step_id)
+            row = await conn.fetchrow(
+                _STEP_UP_SELECT + " WHERE s.id = $1" + _APPROVAL_LOCKS_STEP_UP, step_id
+            )
             if row is None or row["principal_id"] != principal_id:
                 raise NotFound("no such step-up")
             challenge, _ = await self._consume_challenge(
@@ -1955,6 +1986,21 @@ _STEP_UP_SELECT = (
     " JOIN providers p ON p.id = g.provider_id"
 )
 
+# What an approval's finish locks (the request or step-up, and shared, the rows whose state
+# _still_usable reads), so that disabling the agent, suspending the provider or revoking
+# the grant either commits before it, and is seen (the locked rows are read as committed,
+# not as of the statement's start), or waits for the approval and then covers what it
+# made. Without the shared locks a disable could commit between that read and the
+# approval's commit: a receipt for something no token could use.
+# Lock order, kept by every writer: these rows (agent, grant, provider, request, step-up)
+# before any audit chain head, provider_changes or revocation_log row. Each writer that
+# locks one of them exclusively (disable_agent: the agent; revoke: the grant; a provider's
+# suspension, reinstatement and credential changes: the provider) locks only that one
+# before the counters, and those who lock several (token issuance: grant and agent; these
+# finishes) share them, so no two wait for each other in opposite orders.
+_APPROVAL_LOCKS_REQUEST = " FOR UPDATE OF r FOR SHARE OF a, p"
+_APPROVAL_LOCKS_STEP_UP = " FOR UPDATE OF s FOR SHARE OF a, g, p"
+
 
 def _still_pending(status: str, what: str) -> None:
     """Refuse to decide a request or step-up that is decided already or expired (409, each
@@ -1995,6 +2041,35 @@ def _same_payment(asked: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     aside): grant, resource, amount, currency and payee (absent and absent alike)."""
     fields = ("grant_id", "resource", "amount", "currency", "payee")
     return all(asked.get(field) == new.get(field) for field in fields)
+
+
+# A provider's credentials as authentication compares them: both hashes, whether the
+# previous one is inside its overlap, and whether the provider is suspended.
+_PROVIDER_CREDENTIALS = (
+    "SELECT secret_hash, previous_secret_hash, previous_expires_at > now() AS overlap,"
+    " suspended_at IS NOT NULL AS suspended FROM providers"
+)
+
+
+def _credential_standing(row: asyncpg.Record | None, given: bytes) -> bool:
+    """Whether ``given`` (a secret's SHA-256) is the provider's current credential (True) or
+    its previous one inside the overlap (False); anything else is 401, and a suspended
+    provider 403 once the secret is right. Both hashes are compared every time, against
+    dummies when absent, so the time taken reveals neither whether the id exists nor which
+    credential matched."""
+    current = bytes(row["secret_hash"]) if row else _sha256(secrets.token_bytes(16))
+    previous = (
+        bytes(row["previous_secret_hash"])
+        if row and row["previous_secret_hash"] is not None
+        else _sha256(secrets.token_bytes(16))
+    )
+    is_current = hmac.compare_digest(given, current)
+    is_previous = hmac.compare_digest(given, previous)
+    if row is None or not (is_current or (is_previous and row["overlap"])):
+        raise Unauthenticated("bad provider credential", reason="bad_provider_credential")
+    if row["suspended"]:
+        raise Forbidden("the provider is suspended", reason="provider_suspended")
+    return is_current
 
 
 def _still_usable(row: asyncpg.Record) -> None:

@@ -2,9 +2,10 @@
 
 from ._embedded import EmbeddedPostgres, EmbeddedRedis
 from ._migrate import Conn, Migration, MigrationError, default_migrations_dir, discover, migrate
-from ._names import REVOCATION_CHANNEL, grant_cache_key
+from ._names import GRANT_REVOKED_TTL, REVOCATION_CHANNEL, grant_cache_key
 
 __all__ = [
+    "GRANT_REVOKED_TTL",
     "REVOCATION_CHANNEL",
     "Conn",
     "EmbeddedPostgres",

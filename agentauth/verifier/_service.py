@@ -48,7 +48,7 @@ from ..protocol import (
     amount_fits,
 )
 from ..protocol._types import is_identifier
-from ..store import REVOCATION_CHANNEL, grant_cache_key
+from ..store import GRANT_REVOKED_TTL, REVOCATION_CHANNEL, grant_cache_key
 
 __all__ = ["FAIL_CLOSED", "Verifier", "VerifierSettings", "VerifyIn"]
 
@@ -78,7 +78,8 @@ class VerifierSettings(BaseModel):
     dpop_nonces: bool = False
     nonce_secret: str | None = Field(None, repr=False)
     key_refresh_min_interval: float = 1.0
-    grant_cache_ttl: int = 60
+    # Capped by the registry's "revoked" mark, which a fill must never outlive.
+    grant_cache_ttl: int = Field(60, ge=1, le=GRANT_REVOKED_TTL)
     # A verification's lookups (grant status, step-up) give up after this: an unreachable
     # database or Redis is a deny in this time, not a wait for a connect or command timeout.
     lookup_timeout: float = Field(0.25, gt=0.0, le=5.0)
@@ -123,7 +124,6 @@ class _Provider:
 
 K = TypeVar("K", bound=Hashable)
 
-_REVOCATION_OVERLAP = 1000
 # How long a revocation is kept: the longest life the token check lets a token claim (the
 # verifier uses the default policy), its clock leeway on either side, and five minutes for
 # the registry's, the database's and this host's clocks to disagree. Every token a
@@ -187,7 +187,7 @@ class _Revocations:
         # Revoked tokens, grants and agents, as (kind, target), each kept from its
         # revocation (Unix time) for as long as a token it is about can be valid.
         self._revoked: _Expiring[tuple[str, str]] = _Expiring(ttl=_REVOCATION_MEMORY)
-        self._last_id = 0
+        self._last_seq = 0
         self._synced_at = 0.0
         self._listening = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -197,25 +197,28 @@ class _Revocations:
         self._tasks = [asyncio.create_task(self._poll_loop()), asyncio.create_task(self._listen())]
 
     async def _poll(self) -> None:
-        # A revocation takes its id when inserted, but its transaction commits later (it
-        # also waits for the audit chain's lock), so ids become visible out of order: an id
-        # below the highest seen may still appear. Each poll looks again at the last
-        # _REVOCATION_OVERLAP ids for rows of the last minute, by the primary key.
-        # Revocations older than a token can live are left out: on a replica's first poll
-        # that is every revocation ever made, and the tokens they are about have expired.
+        # Revocations are numbered (seq) in the order they commit (migration 0009), so the
+        # rows above the last number seen are every revocation this replica has not read.
+        # (Ids are taken at insert and commit out of order: polling by id could pass over
+        # one for good.) Revocations older than a token can live are left out: on a
+        # replica's first poll that is every revocation ever made, and the tokens they are
+        # about have expired. One more row (kind NULL) carries the newest number in the
+        # same snapshot, read or left out, so later polls start there and do not scan
+        # the old rows again.
         rows = await self._pool.fetch(
-            "SELECT id, kind, target, extract(epoch FROM revoked_at)::float8 AS at"
-            " FROM revocations WHERE id > $2"
-            " AND (id > $1 OR revoked_at > now() - interval '60 seconds')"
-            " AND revoked_at > now() - $3 * interval '1 second'"
-            " ORDER BY id",
-            self._last_id,
-            self._last_id - _REVOCATION_OVERLAP,
+            "SELECT seq, kind, target, extract(epoch FROM revoked_at)::float8 AS at"
+            " FROM revocations WHERE seq > $1"
+            " AND revoked_at > now() - $2 * interval '1 second'"
+            " UNION ALL SELECT max(seq), NULL, NULL, NULL FROM revocations WHERE seq > $1"
+            " ORDER BY seq",
+            self._last_seq,
             float(_REVOCATION_MEMORY),
         )
         for row in rows:
-            self._add(row["kind"], row["target"], row["at"])
-            self._last_id = max(self._last_id, row["id"])
+            if row["kind"] is not None:
+                self._add(row["kind"], row["target"], row["at"])
+            elif row["seq"] is not None:
+                self._last_seq = row["seq"]
         await self._also()
         self.forget_expired(time.time())
         self._synced_at = time.monotonic()
@@ -534,7 +537,14 @@ class Verifier:
             fill = self.redis.pipeline(transaction=False)
             for grant_id in missing:
                 value = status[grant_id] = found.get(grant_id, b"absent")
-                fill.set(grant_cache_key(grant_id), value, ex=self.settings.grant_cache_ttl)
+                # NX: what was read may be stale by the time it is written (a revocation
+                # committed meanwhile and marked the key "revoked"); a fill only fills.
+                fill.set(
+                    grant_cache_key(grant_id),
+                    value,
+                    ex=self.settings.grant_cache_ttl,
+                    nx=True,
+                )
             # Filling the cache need not delay these answers, which PostgreSQL has given.
             self._background(fill.execute(), "grant cache fill")
         return status

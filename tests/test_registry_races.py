@@ -1,0 +1,495 @@
+"""Races between the registry's writers, each forced into one interleaving: a request held
+(an ``asyncio.Event``) at an await point, or a row lock held from a second connection.
+Real PostgreSQL and Redis, the registry's service and HTTP API in process (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any, cast
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+from conftest import _wait_out_replay_epoch, with_database
+from registry_world import Provider, World
+
+from agentauth.protocol import Conflict
+from agentauth.registry import Registry, RegistrySettings, create_app
+from agentauth.store import grant_cache_key
+from agentauth.verifier import Verifier, VerifierSettings
+from agentauth.verifier._service import _Revocations
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis]
+
+ISSUER = "http://races.test"
+
+
+class InProcess:
+    def __init__(self, registry: Registry, world: World, url: str, redis_url: str) -> None:
+        self.registry, self.world, self.url, self.redis_url = registry, world, url, redis_url
+
+    async def events(self, event: str, subject: str) -> int:
+        return int(
+            await self.registry.pool.fetchval(
+                "SELECT count(*) FROM audit_events"
+                " WHERE event = $1 AND body::jsonb->>'subject' = $2",
+                event,
+                subject,
+            )
+        )
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def service(
+    database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[InProcess]:
+    name = f"races_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(database_url, name)
+    settings = RegistrySettings(
+        database_url=url,
+        redis_url=redis_url,
+        data_dir=tmp_path_factory.mktemp("registry"),
+        issuer=ISSUER,
+        admin_token=secrets.token_urlsafe(24),
+    )
+    registry = await Registry.open(settings)
+    try:
+        _wait_out_replay_epoch(redis_url)
+        transport = httpx.ASGITransport(app=create_app(registry))
+        async with httpx.AsyncClient(transport=transport, base_url=ISSUER, timeout=60) as client:
+            world = World(client=client, base=ISSUER, admin_token=settings.admin_token)
+            yield InProcess(registry, world, url, redis_url)
+    finally:
+        await registry.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+# --- provider credentials: checked again in the transaction that changes them -------------
+
+
+def _as(provider: Provider, secret: str) -> dict[str, str]:
+    return Provider(provider.id, provider.audience, secret).headers
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("change", ["rotate", "end_previous"])
+@pytest.mark.parametrize(
+    ("meanwhile", "refusal"),
+    [
+        # The admin's answer to a leak: the leaked secret stops at once.
+        ("rotate_now", (401, "bad_provider_credential")),
+        # A rotation with an overlap: the secret shown is now the previous one.
+        ("rotate_with_overlap", (403, "previous_credential")),
+        ("suspend", (403, "provider_suspended")),
+    ],
+)
+async def test_a_credential_change_authenticated_before_the_admin_acted_is_refused_after(
+    service: InProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    change: str,
+    meanwhile: str,
+    refusal: tuple[int, str],
+) -> None:
+    """A provider's request, authenticated with its current secret S1 (leaked), is held
+    between its authentication and its transaction while the admin rotates S1 away (or
+    suspends the provider). Run afterwards, it must not make a secret of its own current
+    and end the admin's, nor end a credential: it is refused as S1 would be now, and
+    nothing is changed or recorded."""
+    world, registry = service.world, service.registry
+    provider = await world.provider()
+    leaked = provider.secret
+    authenticate = registry.authenticate_provider
+    authenticated, release = asyncio.Event(), asyncio.Event()
+
+    async def held(provider_id: str, secret: str) -> Any:
+        credential = await authenticate(provider_id, secret)
+        if secret == leaked and not release.is_set():
+            authenticated.set()
+            await release.wait()  # authenticated; its transaction has not begun
+        return credential
+
+    monkeypatch.setattr(registry, "authenticate_provider", held)
+    path = world.url(
+        f"/v1/providers/{provider.id}/secret" + ("" if change == "rotate" else "/previous")
+    )
+    method = "POST" if change == "rotate" else "DELETE"
+    kwargs: dict[str, Any] = {"json": {"previous_valid_for": 0}} if change == "rotate" else {}
+    attacker = asyncio.ensure_future(
+        world.client.request(method, path, headers=_as(provider, leaked), **kwargs)
+    )
+    await asyncio.wait_for(authenticated.wait(), 10)
+
+    admin_secret = leaked
+    if meanwhile == "suspend":
+        r = await world.client.put(
+            world.url(f"/v1/providers/{provider.id}/suspension"),
+            headers=world.admin,
+            json={"reason": "compromise under investigation"},
+        )
+    else:
+        r = await world.client.post(
+            world.url(f"/v1/providers/{provider.id}/secret"),
+            headers=world.admin,
+            json={"previous_valid_for": 0 if meanwhile == "rotate_now" else 600},
+        )
+        admin_secret = r.json()["secret"]
+    assert r.status_code == 200, r.text
+    before = await registry.pool.fetchrow(
+        "SELECT secret_hash, previous_secret_hash, previous_expires_at FROM providers"
+        " WHERE id = $1",
+        provider.id,
+    )
+    changes = await registry.pool.fetchval("SELECT epoch FROM provider_changes")
+
+    release.set()
+    r = await asyncio.wait_for(attacker, 10)
+    assert (r.status_code, r.json()["reason"]) == refusal, r.text
+    after = await registry.pool.fetchrow(
+        "SELECT secret_hash, previous_secret_hash, previous_expires_at FROM providers"
+        " WHERE id = $1",
+        provider.id,
+    )
+    assert after == before
+    assert await registry.pool.fetchval("SELECT epoch FROM provider_changes") == changes
+    subject = f"provider:{provider.id}"
+    assert await service.events("provider.secret_rotated", subject) == (
+        0 if meanwhile == "suspend" else 1  # the admin's only
+    )
+    assert await service.events("provider.previous_secret_ended", subject) == 0
+    if meanwhile != "suspend":  # the admin's secret is the provider's
+        r = await world.client.get(
+            world.url(f"/v1/providers/{provider.id}"), headers=_as(provider, admin_secret)
+        )
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_current_secret_still_changes_credentials(service: InProcess) -> None:
+    """The re-check refuses nothing it should let through: the provider rotates with its
+    current secret, then ends the overlap with the new one."""
+    world = service.world
+    provider = await world.provider()
+    r = await world.client.post(
+        world.url(f"/v1/providers/{provider.id}/secret"),
+        headers=provider.headers,
+        json={"previous_valid_for": 600},
+    )
+    assert r.status_code == 200, r.text
+    new = r.json()["secret"]
+    r = await world.client.delete(
+        world.url(f"/v1/providers/{provider.id}/secret/previous"), headers=_as(provider, new)
+    )
+    assert r.status_code == 200, r.text
+    r = await world.client.get(world.url(f"/v1/providers/{provider.id}"), headers=provider.headers)
+    assert (r.status_code, r.json()["reason"]) == (401, "bad_provider_credential")
+
+
+# --- revocations: polled in commit order --------------------------------------------------
+
+
+async def _until_blocked_by(
+    pool: asyncpg.Pool, blocker: asyncpg.Connection, waiter: asyncio.Future[Any]
+) -> None:
+    """Return once some session waits for a lock the ``blocker`` connection holds; fail if
+    ``waiter`` finishes first (it did not wait for that lock)."""
+    pid = blocker.get_server_pid()
+    for _ in range(500):
+        if await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", pid
+        ):
+            return
+        if waiter.done():
+            raise AssertionError(f"finished without waiting for the held lock: {waiter!r}")
+        await asyncio.sleep(0.02)
+    raise AssertionError("nothing waited for the held lock")
+
+
+def _about_grant(grant_id: str) -> Any:
+    return SimpleNamespace(
+        claims=SimpleNamespace(jti="tok_none", grant_id=grant_id, sub="agt_none")
+    )
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_revocation_committed_after_a_burst_of_later_ones_is_still_polled(
+    service: InProcess,
+) -> None:
+    """A grant revocation takes its id, then waits for its audit chain's lock (held here
+    by a second connection); meanwhile 1,001 other revocations commit, the replica polls
+    them, and only then does the first commit. A running replica's poll must still read
+    it (polling by id, it looked back only 1,000 ids: with its Redis message lost too,
+    the replica stayed fresh and never learned of it), and so must a provider resuming
+    GET /v1/revocations from the last number it read."""
+    world, registry = service.world, service.registry
+    human, agent, _, grant = await world.setup_grant()
+    replica = _Revocations(
+        registry.pool, cast(Any, None), cast(Any, None), also=lambda: asyncio.sleep(0)
+    )
+    await replica._poll()
+    blocker = await asyncpg.connect(service.url)
+    try:
+        async with blocker.transaction():
+            await blocker.execute(
+                "SELECT 1 FROM audit_heads WHERE chain = $1 FOR UPDATE",
+                registry.audit.chain_for(agent.id),
+            )
+            revoking = asyncio.ensure_future(
+                registry.revoke("grant", grant["id"], principal_id=human.principal_id, admin=False)
+            )
+            await _until_blocked_by(registry.pool, blocker, revoking)  # inserted, not committed
+            await registry.pool.execute(
+                "INSERT INTO revocations (kind, target, revoked_by)"
+                " SELECT 'token', $1 || g, 'test' FROM generate_series(1, 1001) g",
+                f"burst_{secrets.token_hex(4)}_",
+            )
+            await replica._poll()
+            assert not replica.revoked(_about_grant(grant["id"]))
+            listed = await registry.list_revocations()
+            resume_from = max(r["seq"] for r in listed)
+        await asyncio.wait_for(revoking, 10)  # the chain's lock is free: it commits
+    finally:
+        await blocker.close()
+    await replica._poll()
+    assert replica.revoked(_about_grant(grant["id"]))
+    later = await registry.list_revocations(since=resume_from)
+    assert [(r["kind"], r["target"]) for r in later] == [("grant", grant["id"])]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_revoking_again_takes_no_id(service: InProcess) -> None:
+    """Re-revoking changes nothing, so it takes nothing: not an id (burning ids is what
+    let a waiting revocation fall behind the id poll), not a number, not an audit event."""
+    world, registry = service.world, service.registry
+    human, _, _, grant = await world.setup_grant()
+    await registry.revoke("grant", grant["id"], principal_id=human.principal_id, admin=False)
+    state = "SELECT (SELECT last_value FROM revocations_id_seq), (SELECT seq FROM revocation_log)"
+    before = await registry.pool.fetchrow(state)
+    for _ in range(3):
+        await registry.revoke("grant", grant["id"], principal_id=human.principal_id, admin=False)
+    assert await registry.pool.fetchrow(state) == before
+    assert await service.events("grant.revoked", f"grant:{grant['id']}") == 1
+
+
+# --- approvals: nothing approved for what died meanwhile ----------------------------------
+
+# What each writer changes, done from a second connection that holds the row meanwhile.
+_DEATHS = {
+    "agent_disabled": "UPDATE agents SET status = 'disabled' WHERE id = $1",
+    "provider_suspended": "UPDATE providers SET suspended_at = now(),"
+    " suspension_reason = 'compromise' WHERE id = $1",
+    "grant_revoked": "UPDATE grants SET revoked_at = now() WHERE id = $1",
+}
+
+
+async def _pending_grant_approval(world: World) -> tuple[Any, Any, Any, dict[str, Any], Any]:
+    """A human, agent, provider, the agent's pending grant request and the human's signed
+    (not yet sent) approval of it."""
+    human = await world.human()
+    agent = await world.agent(human)
+    provider = await world.provider()
+    request = await world.request(agent, provider)
+    begun = await world.begin_approval(human, request["id"])
+    return human, agent, provider, request, human.authenticator.get(begun["options"])
+
+
+async def _pending_step_up_approval(world: World) -> tuple[Any, Any, Any, dict[str, Any], Any]:
+    """The same for a step-up on a grant: human, agent, provider, the step-up (with its
+    grant_id) and the human's signed approval."""
+    human, agent, provider, grant = await world.payments_grant()
+    step = await world.step_up(agent, grant["id"], "75.00")
+    r = await world.client.post(
+        world.url(f"/v1/step-ups/{step['id']}/approval/begin"), headers=human.headers
+    )
+    assert r.status_code == 200, r.text
+    return human, agent, provider, step, human.authenticator.get(r.json()["options"])
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize(
+    ("approving", "death"),
+    [
+        ("grant_request", "agent_disabled"),
+        ("grant_request", "provider_suspended"),
+        ("step_up", "agent_disabled"),
+        ("step_up", "provider_suspended"),
+        ("step_up", "grant_revoked"),
+    ],
+)
+async def test_an_approval_waits_for_a_death_in_progress_and_then_refuses(
+    service: InProcess, approving: str, death: str
+) -> None:
+    """The agent is being disabled (or the provider suspended, or the grant revoked): a
+    second connection has changed its row and not committed. The approval's finish must
+    wait for that row and then see the change (409, nothing approved), not read the old
+    row and commit a receipt for something no token can use."""
+    world, registry = service.world, service.registry
+    pending = _pending_grant_approval if approving == "grant_request" else _pending_step_up_approval
+    human, agent, provider, subject, credential = await pending(world)
+    target = {"agent_disabled": agent.id, "provider_suspended": provider.id}.get(
+        death, subject.get("grant_id")
+    )
+    finish = registry.approval_finish if approving == "grant_request" else registry.step_up_finish
+    killer = await asyncpg.connect(service.url)
+    try:
+        async with killer.transaction():
+            await killer.execute(_DEATHS[death], target)
+            finishing = asyncio.ensure_future(finish(human.principal_id, subject["id"], credential))
+            await _until_blocked_by(registry.pool, killer, finishing)
+        with pytest.raises(Conflict) as refused:
+            await asyncio.wait_for(finishing, 10)
+    finally:
+        await killer.close()
+    assert refused.value.reason == death
+    table = "grant_requests" if approving == "grant_request" else "step_ups"
+    assert (
+        await registry.pool.fetchval(f"SELECT status FROM {table} WHERE id = $1", subject["id"])
+        == "pending"
+    )
+    assert not await registry.pool.fetchval(
+        "SELECT count(*) FROM grants WHERE request_id = $1", subject["id"]
+    )
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("approving", ["grant_request", "step_up"])
+async def test_a_death_asked_for_during_an_approval_waits_for_it_and_covers_it(
+    service: InProcess, monkeypatch: pytest.MonkeyPatch, approving: str
+) -> None:
+    """The other order, with the registry's own writers: the finish has checked the agent
+    (and grant) and holds them; disabling the agent, or revoking the grant, asked for now
+    waits for the approval to commit, then commits itself, without a deadlock on the
+    audit chain both write to. What was approved is then dead like the rest."""
+    world, registry = service.world, service.registry
+    pending = _pending_grant_approval if approving == "grant_request" else _pending_step_up_approval
+    human, agent, _, subject, credential = await pending(world)
+    checked, release = asyncio.Event(), asyncio.Event()
+    verify_assertion = registry._verify_assertion
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        checked.set()  # the rows are read and locked; the assertion is next
+        await release.wait()
+        return await verify_assertion(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "_verify_assertion", held)
+    finish = registry.approval_finish if approving == "grant_request" else registry.step_up_finish
+    finishing = asyncio.ensure_future(finish(human.principal_id, subject["id"], credential))
+    try:
+        await asyncio.wait_for(checked.wait(), 10)
+        if approving == "grant_request":
+            killing = asyncio.ensure_future(
+                registry.disable_agent(agent.id, principal_id=human.principal_id, admin=False)
+            )
+        else:
+            killing = asyncio.ensure_future(
+                registry.revoke(
+                    "grant", subject["grant_id"], principal_id=human.principal_id, admin=False
+                )
+            )
+        await asyncio.sleep(0.5)
+        assert not killing.done()  # it waits on the row the approval holds
+    finally:
+        release.set()  # a failed test must not leave the approval's transaction open
+    approved = await asyncio.wait_for(finishing, 10)
+    await asyncio.wait_for(killing, 10)
+    if approving == "grant_request":
+        r = await world.token(agent, approved["id"])
+        assert (r.status_code, r.json()["reason"]) == (403, "agent_disabled"), r.text
+    else:
+        assert approved["status"] == "approved"
+        revoked = await registry.pool.fetchval(
+            "SELECT revoked_at IS NOT NULL FROM grants WHERE id = $1", subject["grant_id"]
+        )
+        assert revoked
+
+
+# --- a grant's cached status: a stale fill cannot undo a revocation -------------------------
+
+
+class _HeldPool:
+    """A verifier's pool whose grant lookup is held after PostgreSQL answered."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self.read, self.release = asyncio.Event(), asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    async def fetch(self, query: str, *args: Any) -> Any:
+        rows = await self._pool.fetch(query, *args)
+        if "FROM grants WHERE id = ANY" in query and not self.release.is_set():
+            self.read.set()
+            await self.release.wait()
+        return rows
+
+
+def _verifier(service: InProcess, pool: Any, redis: aioredis.Redis) -> Verifier:
+    """A verifier replica's grant lookups, without its shards (none are called here)."""
+    settings = VerifierSettings(
+        database_url=service.url, redis_url=service.redis_url, issuer=ISSUER
+    )
+    return Verifier(settings=settings, pool=pool, redis=redis, shards=cast(Any, None))
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_grant_status_read_before_its_revocation_is_not_cached_after_it(
+    service: InProcess,
+) -> None:
+    """A replica reads the grant from PostgreSQL (active); the grant is revoked and the
+    revocation commits; only then is the replica's fill written to Redis. It must not
+    leave "active" there for other replicas to believe for a minute (the revocation
+    deleted the key, and the fill put the stale status back)."""
+    world, registry = service.world, service.registry
+    human, _, _, grant = await world.setup_grant()
+    key = grant_cache_key(grant["id"])
+    redis = aioredis.Redis.from_url(service.redis_url)
+    pool = await asyncpg.create_pool(service.url, min_size=1, max_size=2)
+    assert pool is not None
+    held = _HeldPool(pool)
+    replica = _verifier(service, held, redis)
+    try:
+        await redis.delete(key)
+        lookup = asyncio.ensure_future(replica._grant_active(grant["id"]))
+        await asyncio.wait_for(held.read.wait(), 10)  # read "active"; not yet cached
+        await registry.revoke("grant", grant["id"], principal_id=human.principal_id, admin=False)
+        held.release.set()
+        assert await asyncio.wait_for(lookup, 10)  # what it read, answered as read
+        await asyncio.gather(*list(replica._tasks))  # its fill, written after the revocation
+        assert await redis.get(key) == b"revoked"
+        other = _verifier(service, pool, redis)  # another replica, nothing in its memory
+        assert not await other._grant_active(grant["id"])
+    finally:
+        held.release.set()
+        await pool.close()
+        await redis.aclose()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_revocation_marks_a_cached_active_status_revoked(service: InProcess) -> None:
+    """The usual order: "active" cached before the revocation is replaced by the mark."""
+    world, registry = service.world, service.registry
+    human, _, _, grant = await world.setup_grant()
+    key = grant_cache_key(grant["id"])
+    redis = aioredis.Redis.from_url(service.redis_url)
+    pool = await asyncpg.create_pool(service.url, min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        await redis.delete(key)
+        replica = _verifier(service, pool, redis)
+        assert await replica._grant_active(grant["id"])
+        await asyncio.gather(*list(replica._tasks))
+        assert await redis.get(key) == b"active"
+        await registry.revoke("grant", grant["id"], principal_id=human.principal_id, admin=False)
+        assert await redis.get(key) == b"revoked"
+        assert not await _verifier(service, pool, redis)._grant_active(grant["id"])
+    finally:
+        await pool.close()
+        await redis.aclose()
