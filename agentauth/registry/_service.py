@@ -792,12 +792,14 @@ class Registry:
                 expected_rp_id=self.settings.rp_id,
                 expected_origin=list(self.settings.origins),
                 credential_public_key=bytes(row["public_key"]),
-                credential_current_sign_count=row["sign_count"],
+                # py_webauthn compares the counter before it checks the signature, so with the
+                # stored counter an unsigned assertion would pass for a clone and lock the
+                # passkey. With 0 it never judges the counter; _counter_regressed does, below,
+                # once the signature is known to be the passkey's (WebAuthn §7.2 steps 20-21).
+                credential_current_sign_count=0,
                 require_user_verification=self.settings.require_user_verification,
             )
         except InvalidAuthenticationResponse as exc:
-            if "sign count" in str(exc).lower():
-                raise SignCountRegression(credential_id, row["principal_id"]) from None
             raise InvalidReceipt(
                 f"passkey assertion refused: {exc}", reason="assertion_refused"
             ) from None
@@ -820,6 +822,9 @@ class Registry:
             origin=self.settings.origins,
             require_uv=self.settings.require_user_verification,
         )
+        # Only a signed assertion reaches here: whoever holds no passkey cannot flag one.
+        if _counter_regressed(stored=row["sign_count"], presented=verified.new_sign_count):
+            raise SignCountRegression(credential_id, row["principal_id"])
         await conn.execute(
             "UPDATE passkey_credentials SET sign_count = $2, last_used_at = now()"
             " WHERE credential_id = $1",
@@ -1955,6 +1960,12 @@ async def _descriptors(
     """The human's passkeys as WebAuthn options name them (to use, or not to register twice)."""
     ids = await _passkey_ids(conn, principal_id)
     return [PublicKeyCredentialDescriptor(id=base64url_to_bytes(i)) for i in ids]
+
+
+def _counter_regressed(*, stored: int, presented: int) -> bool:
+    """WebAuthn §7.2 step 21: a counter that does not move forward, unless both are 0 (an
+    authenticator without a counter), is a sign of a cloned authenticator."""
+    return (presented != 0 or stored != 0) and presented <= stored
 
 
 def _removable(passkeys: set[str], credential_id: str) -> None:
