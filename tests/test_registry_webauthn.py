@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import struct
 from collections.abc import AsyncIterator
@@ -20,9 +21,11 @@ import httpx
 import pytest
 import pytest_asyncio
 from conftest import _wait_out_replay_epoch, with_database
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from registry_world import Human, World
+from softauthn import SoftAuthenticator, cbor
 
-from agentauth.protocol import b64url_encode
+from agentauth.protocol import b64url_decode, b64url_encode
 from agentauth.registry import Registry, RegistrySettings, create_app
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
@@ -167,3 +170,132 @@ async def test_a_signed_assertion_whose_counter_goes_back_flags_the_passkey(
     assert await service.events("passkey.flagged", passkey.credential_id) == 1
     r = await sign_in(world, human.authenticator.get)
     refused(r, 403, "credential_flagged")
+
+
+# --- 2. a passkey the protocol cannot use is refused at registration --------------------------
+
+
+def rs256_cose() -> bytes:
+    numbers = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    n, e = numbers.public_numbers().n, numbers.public_numbers().e
+    return cbor({1: 3, 3: -257, -1: n.to_bytes(256, "big"), -2: e.to_bytes(3, "big")})
+
+
+def p384_cose_named_es256() -> bytes:
+    point = ec.generate_private_key(ec.SECP384R1()).public_key().public_numbers()
+    x, y = point.x.to_bytes(48, "big"), point.y.to_bytes(48, "big")
+    return cbor({1: 2, 3: -7, -1: 2, -2: x, -3: y})
+
+
+def es256_cose_with_private_scalar() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    point = key.public_key().public_numbers()
+    d = key.private_numbers().private_value
+    return cbor(
+        {
+            1: 2,
+            3: -7,
+            -1: 1,
+            -2: point.x.to_bytes(32, "big"),
+            -3: point.y.to_bytes(32, "big"),
+            -4: d.to_bytes(32, "big"),
+        }
+    )
+
+
+UNUSABLE = [
+    pytest.param({"cose": rs256_cose()}, "registration_refused", id="rs256"),
+    pytest.param({"cose": p384_cose_named_es256()}, "unsupported_key", id="es256-on-p384"),
+    pytest.param({"cose": es256_cose_with_private_scalar()}, "unsupported_key", id="private-d"),
+    pytest.param({"credential_id": os.urandom(1024)}, "credential_id_too_long", id="id-1024"),
+]
+
+
+async def signup_options(world: World) -> dict[str, Any]:
+    r = await world.client.post(world.url("/v1/signup/begin"), json={"display_name": "Dan"})
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_registration_offers_only_the_algorithms_receipts_verify(
+    service: InProcess,
+) -> None:
+    world = service.world
+    assert [p["alg"] for p in (await signup_options(world))["pubKeyCredParams"]] == [-8, -7]
+    human = await world.human()
+    r = await world.client.post(
+        world.url("/v1/passkeys/confirm"), headers=human.headers, json={"change": "add"}
+    )
+    r = await world.client.post(
+        world.url("/v1/passkeys/begin"),
+        headers=human.headers,
+        json={"credential": human.authenticator.get(r.json())},
+    )
+    assert [p["alg"] for p in r.json()["pubKeyCredParams"]] == [-8, -7]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize(("passkey", "reason"), UNUSABLE)
+async def test_a_sign_up_with_a_passkey_receipts_cannot_carry_writes_nothing(
+    service: InProcess, passkey: dict[str, Any], reason: str
+) -> None:
+    world = service.world
+    options = await signup_options(world)
+    before = await service.counts()
+    credential = SoftAuthenticator(origin=world.origin).create(options, **passkey)
+    r = await world.client.post(world.url("/v1/signup/finish"), json={"credential": credential})
+    refused(r, 400, reason)
+    assert await service.counts() == before
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_credential_id_of_1023_bytes_registers_and_approves(service: InProcess) -> None:
+    world = service.world
+    authenticator = SoftAuthenticator(origin=world.origin)
+    credential = authenticator.create(await signup_options(world), credential_id=os.urandom(1023))
+    r = await world.client.post(world.url("/v1/signup/finish"), json={"credential": credential})
+    assert r.status_code == 200, r.text
+    human = Human(r.json()["principal_id"], r.json()["session"], authenticator)
+    agent = await world.agent(human)
+    grant = await world.approve(human, (await world.request(agent, await world.provider()))["id"])
+    assert len(b64url_decode(grant["receipt"]["credential_id"])) == 1023
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize(("passkey", "reason"), UNUSABLE)
+async def test_a_recovery_with_a_passkey_receipts_cannot_carry_spends_no_code(
+    service: InProcess, passkey: dict[str, Any], reason: str
+) -> None:
+    """The admin's one-time code stays unspent and the human's sessions stay: the same code
+    then recovers the account with a passkey that works."""
+    world = service.world
+    human = await world.human()
+    r = await world.client.post(
+        world.url("/v1/admin/recoveries"),
+        headers=world.admin,
+        json={"principal_id": human.principal_id},
+    )
+    code = r.json()["recovery_code"]
+    options = (await world.client.post(world.url("/v1/recovery/begin"), json={"code": code})).json()
+    before = await service.counts()
+    credential = SoftAuthenticator(origin=world.origin).create(options, **passkey)
+    r = await world.client.post(
+        world.url("/v1/recovery/finish"), json={"code": code, "credential": credential}
+    )
+    refused(r, 400, reason)
+    assert await service.counts() == before
+    spent = await service.registry.pool.fetchval(
+        "SELECT used_at FROM recoveries WHERE principal_id = $1", human.principal_id
+    )
+    assert spent is None
+    r = await world.client.get(world.url("/v1/passkeys"), headers=human.headers)
+    assert r.status_code == 200, r.text  # the session still works
+    authenticator = SoftAuthenticator(origin=world.origin)
+    r = await world.client.post(
+        world.url("/v1/recovery/finish"),
+        json={"code": code, "credential": authenticator.create(options)},
+    )
+    assert r.status_code == 200, r.text
+    r = await sign_in(world, authenticator.get)
+    assert r.status_code == 200 and r.json()["principal_id"] == human.principal_id, r.text

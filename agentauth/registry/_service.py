@@ -25,6 +25,7 @@ import asyncpg
 import redis.asyncio as aioredis
 import webauthn
 from webauthn.helpers import base64url_to_bytes, bytes_to_base64url
+from webauthn.helpers.cose import COSEAlgorithmIdentifier
 from webauthn.helpers.exceptions import InvalidAuthenticationResponse, InvalidRegistrationResponse
 from webauthn.helpers.structs import (
     AuthenticatorSelectionCriteria,
@@ -56,6 +57,7 @@ from ..protocol import (
     canonical_json,
     check_amount,
     check_money,
+    cose_key_to_jwk,
     strict_json_loads,
     tighten,
     verify_assertion,
@@ -82,6 +84,14 @@ __all__ = ["Agent", "Registry"]
 log = logging.getLogger("agentauth.registry")
 
 STEP_UP_TYPE = "agentauth.step-up.v1"
+
+# The passkey algorithms offered and accepted at registration: those the protocol's receipt
+# verifier (agentauth.protocol.verify_assertion) checks. py_webauthn's default list adds
+# RS256, whose passkeys would register and then fail every approval and sign-in.
+_PASSKEY_ALGORITHMS = [COSEAlgorithmIdentifier.EDDSA, COSEAlgorithmIdentifier.ECDSA_SHA_256]
+# WebAuthn L3 §7.1: an RP refuses credential ids longer than 1023 bytes (receipts cap them
+# there too: ApprovalReceipt.credential_id).
+_MAX_CREDENTIAL_ID_BYTES = 1023
 
 
 # Reserve KEYS[1] (a proof's jkt and jti) once. ARGV: the proof's iat, the future skew a
@@ -497,6 +507,7 @@ class Registry:
             authenticator_selection=AuthenticatorSelectionCriteria(
                 resident_key=ResidentKeyRequirement.REQUIRED, user_verification=self._uv()
             ),
+            supported_pub_key_algs=_PASSKEY_ALGORITHMS,
         )
         await self._store_challenge(
             self.pool,
@@ -528,18 +539,36 @@ class Registry:
         return {"principal_id": principal_id, "session": session}
 
     def _verify_registration(self, credential: dict[str, Any], challenge: bytes) -> Any:
+        """Check a passkey registration over ``challenge``; refuse (400, before anything is
+        written) a passkey the registry could never use afterwards."""
         try:
-            return webauthn.verify_registration_response(
+            verified = webauthn.verify_registration_response(
                 credential=credential,
                 expected_challenge=challenge,
                 expected_rp_id=self.settings.rp_id,
                 expected_origin=list(self.settings.origins),
                 require_user_verification=self.settings.require_user_verification,
+                supported_pub_key_algs=_PASSKEY_ALGORITHMS,
             )
         except (InvalidRegistrationResponse, ValueError, KeyError, TypeError) as exc:
             raise InvalidReceipt(
                 f"passkey registration refused: {exc}", reason="registration_refused"
             ) from None
+        if len(verified.credential_id) > _MAX_CREDENTIAL_ID_BYTES:
+            raise InvalidReceipt(
+                f"passkey registration refused: its credential id is longer than"
+                f" {_MAX_CREDENTIAL_ID_BYTES} bytes",
+                reason="credential_id_too_long",
+            )
+        # Every receipt carries this key and is checked by the protocol's verifier, which
+        # takes fewer keys than py_webauthn: what it cannot read must not be registered.
+        try:
+            cose_key_to_jwk(verified.credential_public_key)
+        except InvalidReceipt as exc:
+            raise InvalidReceipt(
+                f"passkey registration refused: {exc.description}", reason="unsupported_key"
+            ) from None
+        return verified
 
     @staticmethod
     async def _insert_credential(conn: Conn, principal_id: str, verified: Any) -> None:
@@ -629,6 +658,7 @@ class Registry:
             authenticator_selection=AuthenticatorSelectionCriteria(
                 resident_key=ResidentKeyRequirement.REQUIRED, user_verification=self._uv()
             ),
+            supported_pub_key_algs=_PASSKEY_ALGORITHMS,
         )
         await self._store_challenge(
             conn, options.challenge, purpose="register", principal_id=principal_id
