@@ -299,3 +299,67 @@ async def test_a_recovery_with_a_passkey_receipts_cannot_carry_spends_no_code(
     assert r.status_code == 200, r.text
     r = await sign_in(world, authenticator.get)
     assert r.status_code == 200 and r.json()["principal_id"] == human.principal_id, r.text
+
+
+# --- 3. the userHandle names the passkey's owner ---------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_approval_whose_user_handle_names_another_human_writes_nothing(
+    service: InProcess,
+) -> None:
+    world = service.world
+    alice, bob = await world.human("Alice"), await world.human("Bob")
+    agent = await world.agent(alice)
+    request = await world.request(agent, await world.provider())
+    path = world.url(f"/v1/grant-requests/{request['id']}/approval/finish")
+    for handle, reason in (
+        (b64url_encode(bob.principal_id.encode()), "user_handle_mismatch"),
+        (b64url_encode(alice.principal_id.encode()) + "=", "malformed"),
+    ):
+        begun = await world.begin_approval(alice, request["id"])
+        credential = alice.authenticator.get(begun["options"])
+        credential["response"]["userHandle"] = handle
+        before = await service.counts()
+        r = await world.client.post(path, headers=alice.headers, json={"credential": credential})
+        refused(r, 400, reason)
+        assert await service.counts() == before
+    # Without a userHandle (the options named Alice's passkeys) the approval stands, and the
+    # receipt names no user; with hers, it names her.
+    begun = await world.begin_approval(alice, request["id"])
+    credential = alice.authenticator.get(begun["options"])
+    del credential["response"]["userHandle"]
+    r = await world.client.post(path, headers=alice.headers, json={"credential": credential})
+    assert r.status_code == 200, r.text
+    assert "user_handle" not in r.json()["receipt"]
+    grant = await world.approve(alice, (await world.request(agent, await world.provider()))["id"])
+    assert b64url_decode(grant["receipt"]["user_handle"]) == alice.principal_id.encode()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_discoverable_sign_in_must_name_the_passkeys_owner(service: InProcess) -> None:
+    world = service.world
+    alice, bob = await world.human("Alice"), await world.human("Bob")
+
+    def with_handle(handle: str | None) -> Any:
+        def answer(options: dict[str, Any]) -> dict[str, Any]:
+            credential = alice.authenticator.get(options)
+            if handle is None:
+                del credential["response"]["userHandle"]
+            else:
+                credential["response"]["userHandle"] = handle
+            return credential
+
+        return answer
+
+    before = await service.counts()
+    r = await sign_in(world, with_handle(None))
+    refused(r, 400, "user_handle_missing")
+    r = await sign_in(world, with_handle(""))
+    refused(r, 400, "user_handle_missing")
+    r = await sign_in(world, with_handle(b64url_encode(bob.principal_id.encode())))
+    refused(r, 400, "user_handle_mismatch")
+    challenges = before["webauthn_challenges"] + 3  # the three refused sign-ins' own
+    assert await service.counts() == {**before, "webauthn_challenges": challenges}
+    r = await sign_in(world, alice.authenticator.get)
+    assert r.status_code == 200 and r.json()["principal_id"] == alice.principal_id, r.text

@@ -53,6 +53,7 @@ from ..protocol import (
     ReplayDetected,
     Unauthenticated,
     access_token_parts,
+    b64url_decode,
     b64url_encode,
     canonical_json,
     check_amount,
@@ -800,7 +801,11 @@ class Registry:
         challenge: bytes,
         principal_id: str | None,
     ) -> tuple[str, ApprovalReceipt]:
-        """Check a passkey assertion over ``challenge``; return its owner and the receipt."""
+        """Check a passkey assertion over ``challenge``; return its owner and the receipt.
+
+        ``principal_id`` is the human the assertion was asked of (the options listed their
+        passkeys); None for a discoverable sign-in, where the authenticator names the user.
+        """
         credential_id = credential.get("rawId") or credential.get("id")
         if not isinstance(credential_id, str):
             raise InvalidReceipt("malformed WebAuthn credential", reason="malformed")
@@ -836,13 +841,16 @@ class Registry:
         except (ValueError, KeyError, TypeError):
             raise InvalidReceipt("malformed WebAuthn credential", reason="malformed") from None
         response = credential["response"]
+        user_handle = _checked_user_handle(
+            response.get("userHandle"), owner=row["principal_id"], required=principal_id is None
+        )
         receipt = ApprovalReceipt(
             credential_id=credential_id,
             authenticator_data=response["authenticatorData"],
             client_data_json=response["clientDataJSON"],
             signature=response["signature"],
             credential_public_key=b64url_encode(bytes(row["public_key"])),
-            user_handle=response.get("userHandle") or None,
+            user_handle=user_handle,
         )
         # The stored receipt must verify offline with the protocol's own checker too.
         verify_assertion(
@@ -1990,6 +1998,29 @@ async def _descriptors(
     """The human's passkeys as WebAuthn options name them (to use, or not to register twice)."""
     ids = await _passkey_ids(conn, principal_id)
     return [PublicKeyCredentialDescriptor(id=base64url_to_bytes(i)) for i in ids]
+
+
+def _checked_user_handle(given: object, *, owner: str, required: bool) -> str | None:
+    """The assertion's userHandle, checked (WebAuthn §7.2 step 6): when present it must be
+    the handle the passkey was registered with (its owner's principal id), since receipts
+    carry it as the approver; a discoverable sign-in must carry one. Returned canonical."""
+    if given is None or given == "":
+        if required:
+            raise InvalidReceipt(
+                "a sign-in without a user handle is refused", reason="user_handle_missing"
+            )
+        return None
+    if not isinstance(given, str):
+        raise InvalidReceipt("malformed WebAuthn credential", reason="malformed")
+    try:
+        handle = b64url_decode(given)
+    except InvalidRequest:
+        raise InvalidReceipt("malformed WebAuthn credential", reason="malformed") from None
+    if not hmac.compare_digest(handle, owner.encode()):
+        raise InvalidReceipt(
+            "the assertion's user handle is not the passkey's owner", reason="user_handle_mismatch"
+        )
+    return b64url_encode(handle)
 
 
 def _counter_regressed(*, stored: int, presented: int) -> bool:
