@@ -363,3 +363,53 @@ async def test_a_discoverable_sign_in_must_name_the_passkeys_owner(service: InPr
     assert await service.counts() == {**before, "webauthn_challenges": challenges}
     r = await sign_in(world, alice.authenticator.get)
     assert r.status_code == 200 and r.json()["principal_id"] == alice.principal_id, r.text
+
+
+# --- 4. a passkey is registered in a top-level page of an allowed origin only -----------------
+
+
+class FramedAuthenticator(SoftAuthenticator):
+    """Registers with these clientData members in place of ``crossOrigin: false``."""
+
+    def __init__(self, origin: str, frame: dict[str, Any]) -> None:
+        super().__init__(origin=origin)
+        self.frame = frame
+
+    def _client_data(self, kind: str, challenge: str) -> bytes:
+        return json.dumps(
+            {"type": kind, "challenge": challenge, "origin": self.origin, **self.frame}
+        ).encode()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"crossOrigin": True},
+        {"crossOrigin": True, "topOrigin": "https://evil.example"},
+        {"crossOrigin": False, "topOrigin": "https://evil.example"},
+        {"topOrigin": "http://localhost:8080"},
+        {"crossOrigin": None},
+        {"crossOrigin": "false"},
+    ],
+    ids=["cross", "cross-top", "top-only", "top-self", "null", "text"],
+)
+async def test_a_passkey_registered_in_a_cross_origin_frame_is_refused(
+    service: InProcess, frame: dict[str, Any]
+) -> None:
+    world = service.world
+    options = await signup_options(world)
+    before = await service.counts()
+    credential = FramedAuthenticator(world.origin, frame).create(options)
+    r = await world.client.post(world.url("/v1/signup/finish"), json={"credential": credential})
+    refused(r, 400, "cross_origin")
+    assert await service.counts() == before
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_registration_without_cross_origin_is_a_top_level_one(service: InProcess) -> None:
+    world = service.world
+    authenticator = FramedAuthenticator(world.origin, {})
+    credential = authenticator.create(await signup_options(world))
+    r = await world.client.post(world.url("/v1/signup/finish"), json={"credential": credential})
+    assert r.status_code == 200, r.text

@@ -555,6 +555,7 @@ class Registry:
             raise InvalidReceipt(
                 f"passkey registration refused: {exc}", reason="registration_refused"
             ) from None
+        _same_origin_frame(credential)
         if len(verified.credential_id) > _MAX_CREDENTIAL_ID_BYTES:
             raise InvalidReceipt(
                 f"passkey registration refused: its credential id is longer than"
@@ -1998,6 +1999,25 @@ async def _descriptors(
     """The human's passkeys as WebAuthn options name them (to use, or not to register twice)."""
     ids = await _passkey_ids(conn, principal_id)
     return [PublicKeyCredentialDescriptor(id=base64url_to_bytes(i)) for i in ids]
+
+
+def _same_origin_frame(credential: dict[str, Any]) -> None:
+    """Refuse a registration made in a cross-origin frame, as assertions are refused
+    (agentauth.protocol's verifier): crossOrigin absent or false, and no topOrigin, which
+    a browser sends only with crossOrigin true (WebAuthn L3 §7.1). py_webauthn ignores both."""
+    try:
+        client_data = strict_json_loads(
+            base64url_to_bytes(credential["response"]["clientDataJSON"])
+        )
+    except (KeyError, TypeError, ValueError, InvalidRequest):
+        raise InvalidReceipt("malformed WebAuthn credential", reason="malformed") from None
+    if not isinstance(client_data, dict):
+        raise InvalidReceipt("malformed WebAuthn credential", reason="malformed")
+    cross = "crossOrigin" in client_data and client_data["crossOrigin"] is not False
+    if cross or "topOrigin" in client_data:
+        raise InvalidReceipt(
+            "the passkey was registered in a cross-origin frame", reason="cross_origin"
+        )
 
 
 def _checked_user_handle(given: object, *, owner: str, required: bool) -> str | None:
