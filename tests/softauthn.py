@@ -75,11 +75,21 @@ class SoftAuthenticator:
     user_verification: bool = True
     passkeys: dict[bytes, Passkey] = field(default_factory=dict)
 
-    def create(self, options: dict[str, Any]) -> dict[str, Any]:
-        """Register a new passkey for ``options`` (PublicKeyCredentialCreationOptions JSON)."""
+    def create(
+        self,
+        options: dict[str, Any],
+        *,
+        credential_id: bytes | None = None,
+        cose: bytes | None = None,
+    ) -> dict[str, Any]:
+        """Register a new passkey for ``options`` (PublicKeyCredentialCreationOptions JSON).
+
+        ``credential_id`` and ``cose`` (a COSE_Key to register in place of the passkey's own,
+        so its assertions will not verify) are for registrations the registry must refuse.
+        """
         rp_id = options["rp"]["id"]
         passkey = Passkey(
-            credential_id=os.urandom(32),
+            credential_id=os.urandom(32) if credential_id is None else credential_id,
             key=ec.generate_private_key(ec.SECP256R1()),
             user_handle=b64url_decode(options["user"]["id"]),
             rp_id=rp_id,
@@ -88,7 +98,7 @@ class SoftAuthenticator:
         client_data = self._client_data("webauthn.create", options["challenge"])
         attested = (
             bytes(16) + struct.pack(">H", len(passkey.credential_id)) + passkey.credential_id
-        ) + passkey.cose()
+        ) + (passkey.cose() if cose is None else cose)
         auth_data = self._auth_data(rp_id, AT, 0) + attested
         attestation = cbor({"fmt": "none", "attStmt": {}, "authData": auth_data})
         cid = b64url_encode(passkey.credential_id)

@@ -249,6 +249,55 @@ def test_extensions_are_tolerated(authenticator: SoftAuthenticator) -> None:
     assert verified.sign_count == authenticator.sign_count
 
 
+@pytest.mark.parametrize(
+    "extensions",
+    [
+        "a0",  # {}
+        # {"thirdPartyPayment": true}: CTAP 2.2's output is a boolean
+        "a1" + "71" + b"thirdPartyPayment".hex() + "f5",
+        # {"credBlob": h'0102', "x": null}
+        "a2" + "68" + b"credBlob".hex() + "420102" + "6178" + "f6",
+    ],
+    ids=["empty-map", "boolean-output", "bytes-and-null"],
+)
+def test_an_extensions_map_agrees_with_py_webauthn(
+    authenticator: SoftAuthenticator, extensions: str
+) -> None:
+    auth_data = authenticator.authenticator_data(
+        flags=UP | UV | ED, extensions=bytes.fromhex(extensions)
+    )
+    receipt = authenticator.approve(CHALLENGE_A, authenticator_data=auth_data)
+    assert _verify(receipt).sign_count == _py_webauthn_verify(receipt).new_sign_count
+
+
+@pytest.mark.parametrize(
+    "extensions",
+    [
+        "ffffffffff",  # no CBOR at all
+        "a0" + b"junk".hex(),  # one map, then bytes
+        "a0a0",  # two maps
+        "80",  # an array, not a map
+        "6178",  # a text string
+        "a1f501",  # {true: 1}: a key that is no integer or text
+        "a1",  # a map cut short
+    ],
+    ids=["junk", "map-then-junk", "two-maps", "array", "text", "boolean-key", "truncated"],
+)
+def test_extensions_that_are_not_exactly_one_map_are_refused(
+    authenticator: SoftAuthenticator, extensions: str
+) -> None:
+    """WebAuthn §6.1: with ED set, exactly one CBOR map follows the counter. The registry's
+    parser (py_webauthn) refuses junk, trailing bytes and truncation, so the offline
+    verifier must too: a receipt would otherwise prove something only offline. It is
+    stricter on the rest (an array, a text string, a boolean key), which the registry then
+    refuses as well, since it stores only receipts this verifier accepts."""
+    auth_data = authenticator.authenticator_data(
+        flags=UP | UV | ED, extensions=bytes.fromhex(extensions)
+    )
+    receipt = authenticator.approve(CHALLENGE_A, authenticator_data=auth_data)
+    assert _reason(receipt) == "malformed"
+
+
 def test_sign_count_is_big_endian_counter(es256: SoftAuthenticator) -> None:
     es256.sign_count = 0x01020303
     assert _verify(es256.approve(CHALLENGE_A)).sign_count == 0x01020304

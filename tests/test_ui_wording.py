@@ -215,6 +215,7 @@ def test_the_latest_expiry_reads_in_every_zone() -> None:
         ("expired", "has expired and can no longer be decided"),
         ("provider_suspended", "suspended this provider"),
         ("not_pending", "already decided"),
+        ("unsupported_key", "only Ed25519 and P-256 passkeys"),
         (None, "the request was already decided"),
     ],
 )

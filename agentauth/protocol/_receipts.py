@@ -94,7 +94,13 @@ def _fail(reason: str, description: str) -> InvalidReceipt:
 # --- A minimal CBOR decoder (RFC 8949), just enough for COSE keys ---------------------------
 
 _CborKey: TypeAlias = int | str
-_CborValue: TypeAlias = int | bytes | str | list["_CborValue"] | dict[_CborKey, "_CborValue"]
+_CborValue: TypeAlias = (
+    int | bytes | str | bool | list["_CborValue"] | dict[_CborKey, "_CborValue"] | None
+)
+
+
+# false, true, null: the only simple values read, and only where asked for.
+_CBOR_SIMPLE: Final[dict[int, bool | None]] = {0xF4: False, 0xF5: True, 0xF6: None}
 
 
 class _CborReader:
@@ -102,13 +108,17 @@ class _CborReader:
 
     Tags, floats, simple values and indefinite lengths are refused; so are map keys other
     than integers and text strings, duplicate map keys and nesting beyond the depth limit.
+    With ``booleans``, false, true and null are read too (never as map keys): extension
+    outputs in authenticatorData use them (CTAP 2.2 thirdPartyPayment is a boolean); a
+    COSE key has none.
     """
 
-    __slots__ = ("_data", "_pos")
+    __slots__ = ("_booleans", "_data", "_pos")
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, *, booleans: bool = False) -> None:
         self._data = data
         self._pos = 0
+        self._booleans = booleans
 
     def at_end(self) -> bool:
         return self._pos == len(self._data)
@@ -133,6 +143,8 @@ class _CborReader:
             raise _fail("malformed", "CBOR nested too deeply")
         initial = self._take(1)[0]
         major, info = initial >> 5, initial & 0x1F
+        if self._booleans and initial in _CBOR_SIMPLE:
+            return _CBOR_SIMPLE[initial]
         if major >= 6:
             raise _fail("malformed", "unsupported CBOR item (tag, float or simple value)")
         arg = self._argument(info)
@@ -153,7 +165,7 @@ class _CborReader:
         result: dict[_CborKey, _CborValue] = {}
         for _ in range(arg):
             key = self.item(depth + 1)
-            if not isinstance(key, int | str):
+            if isinstance(key, bool) or not isinstance(key, int | str):
                 raise _fail("malformed", "CBOR map key is not an integer or text")
             if key in result:
                 raise _fail("malformed", "duplicate CBOR map key")
@@ -324,10 +336,15 @@ def _check_authenticator_data(auth_data: bytes, rp_id: str, *, require_uv: bool)
         raise _fail("attested_data", "an assertion must not carry attested credential data")
     if flags & _FLAG_BS and not flags & _FLAG_BE:
         raise _fail("malformed", "backup state set on a credential that cannot be backed up")
-    # Extensions (ED) follow the counter; they are covered by the signature and not interpreted.
+    # Extensions (ED) follow the counter: exactly one CBOR map up to the end (WebAuthn §6.1),
+    # as the registry's parser requires, so a receipt it would refuse does not verify here.
+    # They are covered by the signature and not interpreted.
     if flags & _FLAG_ED:
         if len(auth_data) == _SIGN_COUNT_END:
             raise _fail("malformed", "authenticatorData announces extensions it lacks")
+        reader = _CborReader(auth_data[_SIGN_COUNT_END:], booleans=True)
+        if not isinstance(reader.item(), dict) or not reader.at_end():
+            raise _fail("malformed", "authenticatorData extensions are not one CBOR map")
     elif len(auth_data) != _SIGN_COUNT_END:
         raise _fail("malformed", "trailing bytes in authenticatorData")
     return flags

@@ -25,6 +25,7 @@ import asyncpg
 import redis.asyncio as aioredis
 import webauthn
 from webauthn.helpers import base64url_to_bytes, bytes_to_base64url
+from webauthn.helpers.cose import COSEAlgorithmIdentifier
 from webauthn.helpers.exceptions import InvalidAuthenticationResponse, InvalidRegistrationResponse
 from webauthn.helpers.structs import (
     AuthenticatorSelectionCriteria,
@@ -52,10 +53,12 @@ from ..protocol import (
     ReplayDetected,
     Unauthenticated,
     access_token_parts,
+    b64url_decode,
     b64url_encode,
     canonical_json,
     check_amount,
     check_money,
+    cose_key_to_jwk,
     strict_json_loads,
     tighten,
     verify_assertion,
@@ -82,6 +85,14 @@ __all__ = ["Agent", "Registry"]
 log = logging.getLogger("agentauth.registry")
 
 STEP_UP_TYPE = "agentauth.step-up.v1"
+
+# The passkey algorithms offered and accepted at registration: those the protocol's receipt
+# verifier (agentauth.protocol.verify_assertion) checks. py_webauthn's default list adds
+# RS256, whose passkeys would register and then fail every approval and sign-in.
+_PASSKEY_ALGORITHMS = [COSEAlgorithmIdentifier.EDDSA, COSEAlgorithmIdentifier.ECDSA_SHA_256]
+# WebAuthn L3 §7.1: an RP refuses credential ids longer than 1023 bytes (receipts cap them
+# there too: ApprovalReceipt.credential_id).
+_MAX_CREDENTIAL_ID_BYTES = 1023
 
 
 # Reserve KEYS[1] (a proof's jkt and jti) once. ARGV: the proof's iat, the future skew a
@@ -490,6 +501,7 @@ class Registry:
             authenticator_selection=AuthenticatorSelectionCriteria(
                 resident_key=ResidentKeyRequirement.REQUIRED, user_verification=self._uv()
             ),
+            supported_pub_key_algs=_PASSKEY_ALGORITHMS,
         )
         await self._store_challenge(
             self.pool,
@@ -521,18 +533,37 @@ class Registry:
         return {"principal_id": principal_id, "session": session}
 
     def _verify_registration(self, credential: dict[str, Any], challenge: bytes) -> Any:
+        """Check a passkey registration over ``challenge``; refuse (400, before anything is
+        written) a passkey the registry could never use afterwards."""
         try:
-            return webauthn.verify_registration_response(
+            verified = webauthn.verify_registration_response(
                 credential=credential,
                 expected_challenge=challenge,
                 expected_rp_id=self.settings.rp_id,
                 expected_origin=list(self.settings.origins),
                 require_user_verification=self.settings.require_user_verification,
+                supported_pub_key_algs=_PASSKEY_ALGORITHMS,
             )
         except (InvalidRegistrationResponse, ValueError, KeyError, TypeError) as exc:
             raise InvalidReceipt(
                 f"passkey registration refused: {exc}", reason="registration_refused"
             ) from None
+        _same_origin_frame(credential)
+        if len(verified.credential_id) > _MAX_CREDENTIAL_ID_BYTES:
+            raise InvalidReceipt(
+                f"passkey registration refused: its credential id is longer than"
+                f" {_MAX_CREDENTIAL_ID_BYTES} bytes",
+                reason="credential_id_too_long",
+            )
+        # Every receipt carries this key and is checked by the protocol's verifier, which
+        # takes fewer keys than py_webauthn: what it cannot read must not be registered.
+        try:
+            cose_key_to_jwk(verified.credential_public_key)
+        except InvalidReceipt as exc:
+            raise InvalidReceipt(
+                f"passkey registration refused: {exc.description}", reason="unsupported_key"
+            ) from None
+        return verified
 
     @staticmethod
     async def _insert_credential(conn: Conn, principal_id: str, verified: Any) -> None:
@@ -622,6 +653,7 @@ class Registry:
             authenticator_selection=AuthenticatorSelectionCriteria(
                 resident_key=ResidentKeyRequirement.REQUIRED, user_verification=self._uv()
             ),
+            supported_pub_key_algs=_PASSKEY_ALGORITHMS,
         )
         await self._store_challenge(
             conn, options.challenge, purpose="register", principal_id=principal_id
@@ -763,7 +795,11 @@ class Registry:
         challenge: bytes,
         principal_id: str | None,
     ) -> tuple[str, ApprovalReceipt]:
-        """Check a passkey assertion over ``challenge``; return its owner and the receipt."""
+        """Check a passkey assertion over ``challenge``; return its owner and the receipt.
+
+        ``principal_id`` is the human the assertion was asked of (the options listed their
+        passkeys); None for a discoverable sign-in, where the authenticator names the user.
+        """
         credential_id = credential.get("rawId") or credential.get("id")
         if not isinstance(credential_id, str):
             raise InvalidReceipt("malformed WebAuthn credential", reason="malformed")
@@ -785,25 +821,30 @@ class Registry:
                 expected_rp_id=self.settings.rp_id,
                 expected_origin=list(self.settings.origins),
                 credential_public_key=bytes(row["public_key"]),
-                credential_current_sign_count=row["sign_count"],
+                # py_webauthn compares the counter before it checks the signature, so with the
+                # stored counter an unsigned assertion would pass for a clone and lock the
+                # passkey. With 0 it never judges the counter; _counter_regressed does, below,
+                # once the signature is known to be the passkey's (WebAuthn §7.2 steps 20-21).
+                credential_current_sign_count=0,
                 require_user_verification=self.settings.require_user_verification,
             )
         except InvalidAuthenticationResponse as exc:
-            if "sign count" in str(exc).lower():
-                raise SignCountRegression(credential_id, row["principal_id"]) from None
             raise InvalidReceipt(
                 f"passkey assertion refused: {exc}", reason="assertion_refused"
             ) from None
         except (ValueError, KeyError, TypeError):
             raise InvalidReceipt("malformed WebAuthn credential", reason="malformed") from None
         response = credential["response"]
+        user_handle = _checked_user_handle(
+            response.get("userHandle"), owner=row["principal_id"], required=principal_id is None
+        )
         receipt = ApprovalReceipt(
             credential_id=credential_id,
             authenticator_data=response["authenticatorData"],
             client_data_json=response["clientDataJSON"],
             signature=response["signature"],
             credential_public_key=b64url_encode(bytes(row["public_key"])),
-            user_handle=response.get("userHandle") or None,
+            user_handle=user_handle,
         )
         # The stored receipt must verify offline with the protocol's own checker too.
         verify_assertion(
@@ -813,6 +854,9 @@ class Registry:
             origin=self.settings.origins,
             require_uv=self.settings.require_user_verification,
         )
+        # Only a signed assertion reaches here: whoever holds no passkey cannot flag one.
+        if _counter_regressed(stored=row["sign_count"], presented=verified.new_sign_count):
+            raise SignCountRegression(credential_id, row["principal_id"])
         await conn.execute(
             "UPDATE passkey_credentials SET sign_count = $2, last_used_at = now()"
             " WHERE credential_id = $1",
@@ -2027,6 +2071,54 @@ async def _descriptors(
     """The human's passkeys as WebAuthn options name them (to use, or not to register twice)."""
     ids = await _passkey_ids(conn, principal_id)
     return [PublicKeyCredentialDescriptor(id=base64url_to_bytes(i)) for i in ids]
+
+
+def _same_origin_frame(credential: dict[str, Any]) -> None:
+    """Refuse a registration made in a cross-origin frame, as assertions are refused
+    (agentauth.protocol's verifier): crossOrigin absent or false, and no topOrigin, which
+    a browser sends only with crossOrigin true (WebAuthn L3 §7.1). py_webauthn ignores both."""
+    try:
+        client_data = strict_json_loads(
+            base64url_to_bytes(credential["response"]["clientDataJSON"])
+        )
+    except (KeyError, TypeError, ValueError, InvalidRequest):
+        raise InvalidReceipt("malformed WebAuthn credential", reason="malformed") from None
+    if not isinstance(client_data, dict):
+        raise InvalidReceipt("malformed WebAuthn credential", reason="malformed")
+    cross = "crossOrigin" in client_data and client_data["crossOrigin"] is not False
+    if cross or "topOrigin" in client_data:
+        raise InvalidReceipt(
+            "the passkey was registered in a cross-origin frame", reason="cross_origin"
+        )
+
+
+def _checked_user_handle(given: object, *, owner: str, required: bool) -> str | None:
+    """The assertion's userHandle, checked (WebAuthn §7.2 step 6): when present it must be
+    the handle the passkey was registered with (its owner's principal id), since receipts
+    carry it as the approver; a discoverable sign-in must carry one. Returned canonical."""
+    if given is None or given == "":
+        if required:
+            raise InvalidReceipt(
+                "a sign-in without a user handle is refused", reason="user_handle_missing"
+            )
+        return None
+    if not isinstance(given, str):
+        raise InvalidReceipt("malformed WebAuthn credential", reason="malformed")
+    try:
+        handle = b64url_decode(given)
+    except InvalidRequest:
+        raise InvalidReceipt("malformed WebAuthn credential", reason="malformed") from None
+    if not hmac.compare_digest(handle, owner.encode()):
+        raise InvalidReceipt(
+            "the assertion's user handle is not the passkey's owner", reason="user_handle_mismatch"
+        )
+    return b64url_encode(handle)
+
+
+def _counter_regressed(*, stored: int, presented: int) -> bool:
+    """WebAuthn §7.2 step 21: a counter that does not move forward, unless both are 0 (an
+    authenticator without a counter), is a sign of a cloned authenticator."""
+    return (presented != 0 or stored != 0) and presented <= stored
 
 
 def _removable(passkeys: set[str], credential_id: str) -> None:

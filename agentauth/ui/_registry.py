@@ -58,6 +58,14 @@ _MESSAGES = {
     "missing_session": "Please sign in.",
     "signup_closed": "Sign-up is closed on this registry.",
     "duplicate_passkey": "This passkey is already registered.",
+    "unsupported_key": (
+        "This passkey's key type cannot sign approvals here (only Ed25519 and P-256 passkeys "
+        "can). Use another authenticator."
+    ),
+    "credential_id_too_long": (
+        "This authenticator made a passkey with an id longer than WebAuthn allows. Use "
+        "another authenticator."
+    ),
 }
 
 

@@ -1,0 +1,415 @@
+"""The registry's WebAuthn ceremonies in process, over real PostgreSQL and Redis (no Ray):
+what a forged, odd or unusable passkey response does, and that it writes nothing.
+
+The registry is opened on a database of its own and driven through its FastAPI app with
+httpx's ASGI transport, by the same ``World`` the Ray tests use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+from conftest import _wait_out_replay_epoch, with_database
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from registry_world import Human, World
+from softauthn import SoftAuthenticator, cbor
+
+from agentauth.protocol import b64url_decode, b64url_encode
+from agentauth.registry import Registry, RegistrySettings, create_app
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis]
+
+ISSUER = "http://r.test"
+TABLES = (
+    "principals",
+    "passkey_credentials",
+    "sessions",
+    "recoveries",
+    "grants",
+    "webauthn_challenges",
+    "audit_events",
+)
+
+
+@dataclass
+class InProcess:
+    registry: Registry
+    world: World
+
+    async def counts(self) -> dict[str, int]:
+        # Table names are the test's own constants.
+        pool = self.registry.pool
+        return {t: int(await pool.fetchval(f"SELECT count(*) FROM {t}")) for t in TABLES}
+
+    async def events(self, event: str, credential_id: bytes) -> int:
+        """How many ``event`` audit events are about this passkey."""
+        bodies = await self.registry.pool.fetch(
+            "SELECT body FROM audit_events WHERE event = $1", event
+        )
+        subject = "passkey:" + b64url_encode(credential_id)
+        return sum(json.loads(b["body"])["subject"] == subject for b in bodies)
+
+    async def flagged(self, principal_id: str) -> list[bool]:
+        rows = await self.registry.pool.fetch(
+            "SELECT flagged_at FROM passkey_credentials WHERE principal_id = $1", principal_id
+        )
+        return [r["flagged_at"] is not None for r in rows]
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def service(
+    database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[InProcess]:
+    name = f"webauthn_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    settings = RegistrySettings(
+        database_url=with_database(database_url, name),
+        redis_url=redis_url,
+        data_dir=tmp_path_factory.mktemp("registry"),
+        issuer=ISSUER,
+        admin_token=secrets.token_urlsafe(24),
+    )
+    registry = await Registry.open(settings)
+    try:
+        _wait_out_replay_epoch(redis_url)
+        transport = httpx.ASGITransport(app=create_app(registry))
+        async with httpx.AsyncClient(transport=transport, base_url=ISSUER, timeout=60) as client:
+            world = World(client=client, base=ISSUER, admin_token=settings.admin_token)
+            yield InProcess(registry, world)
+    finally:
+        await registry.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def sign_in(world: World, credential_for: Any) -> httpx.Response:
+    """A discoverable sign-in: ``credential_for`` answers the options."""
+    options = (await world.client.post(world.url("/v1/sessions/begin"))).json()
+    return await world.client.post(
+        world.url("/v1/sessions/finish"), json={"credential": credential_for(options)}
+    )
+
+
+def refused(response: httpx.Response, status: int, reason: str) -> None:
+    assert (response.status_code, response.json().get("reason")) == (status, reason), response.text
+
+
+# --- 1. the signature counter is judged only on a signed assertion ---------------------------
+
+
+def unsigned_assertion(world: World, options: dict[str, Any], credential_id: str) -> dict[str, Any]:
+    """What anyone who knows a credential id can send: counter 0, a signature by no key."""
+    client_data = json.dumps(
+        {"type": "webauthn.get", "challenge": options["challenge"], "origin": world.origin}
+    ).encode()
+    auth_data = hashlib.sha256(b"localhost").digest() + bytes([0x05]) + struct.pack(">I", 0)
+    return {
+        "id": credential_id,
+        "rawId": credential_id,
+        "type": "public-key",
+        "response": {
+            "clientDataJSON": b64url_encode(client_data),
+            "authenticatorData": b64url_encode(auth_data),
+            "signature": b64url_encode(b"\x30\x06\x02\x01\x01\x02\x01\x01"),
+        },
+        "clientExtensionResults": {},
+    }
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_assertion_without_the_passkeys_signature_flags_nothing(
+    service: InProcess,
+) -> None:
+    """The agent reads its human's credential id from its own grant's receipt and sends
+    unsigned assertions with a counter of 0. Each is refused as unverified; the passkey is
+    not flagged, and the human still signs in and approves."""
+    world = service.world
+    human, agent, provider, grant = await world.setup_grant()
+    r = await world.as_agent(agent, "GET", f"/v1/grants/{grant['id']}")
+    credential_id = r.json()["receipt"]["credential_id"]
+    before = await service.counts()
+    for _ in range(3):
+        r = await sign_in(world, lambda o: unsigned_assertion(world, o, credential_id))
+        refused(r, 400, "assertion_refused")
+    assert await service.counts() == {
+        **before,
+        "webauthn_challenges": before["webauthn_challenges"] + 3,
+    }
+    assert await service.flagged(human.principal_id) == [False]
+    r = await sign_in(world, human.authenticator.get)
+    assert r.status_code == 200, r.text
+    await world.approve(human, (await world.request(agent, provider))["id"])
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_signed_assertion_whose_counter_goes_back_flags_the_passkey(
+    service: InProcess,
+) -> None:
+    """A genuine signature with a counter not above the stored one: possibly a clone. The
+    passkey is flagged (with its audit event) and refused from then on."""
+    world = service.world
+    human: Human = await world.human()
+    passkey = next(iter(human.authenticator.passkeys.values()))
+    r = await sign_in(world, human.authenticator.get)  # the stored counter is now 1
+    assert r.status_code == 200, r.text
+    r = await sign_in(world, lambda o: human.authenticator.get(o, counter=1))
+    refused(r, 403, "sign_count_regression")
+    assert await service.flagged(human.principal_id) == [True]
+    assert await service.events("passkey.flagged", passkey.credential_id) == 1
+    r = await sign_in(world, human.authenticator.get)
+    refused(r, 403, "credential_flagged")
+
+
+# --- 2. a passkey the protocol cannot use is refused at registration --------------------------
+
+
+def rs256_cose() -> bytes:
+    numbers = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    n, e = numbers.public_numbers().n, numbers.public_numbers().e
+    return cbor({1: 3, 3: -257, -1: n.to_bytes(256, "big"), -2: e.to_bytes(3, "big")})
+
+
+def p384_cose_named_es256() -> bytes:
+    point = ec.generate_private_key(ec.SECP384R1()).public_key().public_numbers()
+    x, y = point.x.to_bytes(48, "big"), point.y.to_bytes(48, "big")
+    return cbor({1: 2, 3: -7, -1: 2, -2: x, -3: y})
+
+
+def es256_cose_with_private_scalar() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    point = key.public_key().public_numbers()
+    d = key.private_numbers().private_value
+    return cbor(
+        {
+            1: 2,
+            3: -7,
+            -1: 1,
+            -2: point.x.to_bytes(32, "big"),
+            -3: point.y.to_bytes(32, "big"),
+            -4: d.to_bytes(32, "big"),
+        }
+    )
+
+
+UNUSABLE = [
+    pytest.param({"cose": rs256_cose()}, "registration_refused", id="rs256"),
+    pytest.param({"cose": p384_cose_named_es256()}, "unsupported_key", id="es256-on-p384"),
+    pytest.param({"cose": es256_cose_with_private_scalar()}, "unsupported_key", id="private-d"),
+    pytest.param({"credential_id": os.urandom(1024)}, "credential_id_too_long", id="id-1024"),
+]
+
+
+async def signup_options(world: World) -> dict[str, Any]:
+    r = await world.client.post(world.url("/v1/signup/begin"), json={"display_name": "Dan"})
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_registration_offers_only_the_algorithms_receipts_verify(
+    service: InProcess,
+) -> None:
+    world = service.world
+    assert [p["alg"] for p in (await signup_options(world))["pubKeyCredParams"]] == [-8, -7]
+    human = await world.human()
+    r = await world.client.post(
+        world.url("/v1/passkeys/confirm"), headers=human.headers, json={"change": "add"}
+    )
+    r = await world.client.post(
+        world.url("/v1/passkeys/begin"),
+        headers=human.headers,
+        json={"credential": human.authenticator.get(r.json())},
+    )
+    assert [p["alg"] for p in r.json()["pubKeyCredParams"]] == [-8, -7]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize(("passkey", "reason"), UNUSABLE)
+async def test_a_sign_up_with_a_passkey_receipts_cannot_carry_writes_nothing(
+    service: InProcess, passkey: dict[str, Any], reason: str
+) -> None:
+    world = service.world
+    options = await signup_options(world)
+    before = await service.counts()
+    credential = SoftAuthenticator(origin=world.origin).create(options, **passkey)
+    r = await world.client.post(world.url("/v1/signup/finish"), json={"credential": credential})
+    refused(r, 400, reason)
+    assert await service.counts() == before
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_credential_id_of_1023_bytes_registers_and_approves(service: InProcess) -> None:
+    world = service.world
+    authenticator = SoftAuthenticator(origin=world.origin)
+    credential = authenticator.create(await signup_options(world), credential_id=os.urandom(1023))
+    r = await world.client.post(world.url("/v1/signup/finish"), json={"credential": credential})
+    assert r.status_code == 200, r.text
+    human = Human(r.json()["principal_id"], r.json()["session"], authenticator)
+    agent = await world.agent(human)
+    grant = await world.approve(human, (await world.request(agent, await world.provider()))["id"])
+    assert len(b64url_decode(grant["receipt"]["credential_id"])) == 1023
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize(("passkey", "reason"), UNUSABLE)
+async def test_a_recovery_with_a_passkey_receipts_cannot_carry_spends_no_code(
+    service: InProcess, passkey: dict[str, Any], reason: str
+) -> None:
+    """The admin's one-time code stays unspent and the human's sessions stay: the same code
+    then recovers the account with a passkey that works."""
+    world = service.world
+    human = await world.human()
+    r = await world.client.post(
+        world.url("/v1/admin/recoveries"),
+        headers=world.admin,
+        json={"principal_id": human.principal_id},
+    )
+    code = r.json()["recovery_code"]
+    options = (await world.client.post(world.url("/v1/recovery/begin"), json={"code": code})).json()
+    before = await service.counts()
+    credential = SoftAuthenticator(origin=world.origin).create(options, **passkey)
+    r = await world.client.post(
+        world.url("/v1/recovery/finish"), json={"code": code, "credential": credential}
+    )
+    refused(r, 400, reason)
+    assert await service.counts() == before
+    spent = await service.registry.pool.fetchval(
+        "SELECT used_at FROM recoveries WHERE principal_id = $1", human.principal_id
+    )
+    assert spent is None
+    r = await world.client.get(world.url("/v1/passkeys"), headers=human.headers)
+    assert r.status_code == 200, r.text  # the session still works
+    authenticator = SoftAuthenticator(origin=world.origin)
+    r = await world.client.post(
+        world.url("/v1/recovery/finish"),
+        json={"code": code, "credential": authenticator.create(options)},
+    )
+    assert r.status_code == 200, r.text
+    r = await sign_in(world, authenticator.get)
+    assert r.status_code == 200 and r.json()["principal_id"] == human.principal_id, r.text
+
+
+# --- 3. the userHandle names the passkey's owner ---------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_approval_whose_user_handle_names_another_human_writes_nothing(
+    service: InProcess,
+) -> None:
+    world = service.world
+    alice, bob = await world.human("Alice"), await world.human("Bob")
+    agent = await world.agent(alice)
+    request = await world.request(agent, await world.provider())
+    path = world.url(f"/v1/grant-requests/{request['id']}/approval/finish")
+    for handle, reason in (
+        (b64url_encode(bob.principal_id.encode()), "user_handle_mismatch"),
+        (b64url_encode(alice.principal_id.encode()) + "=", "malformed"),
+    ):
+        begun = await world.begin_approval(alice, request["id"])
+        credential = alice.authenticator.get(begun["options"])
+        credential["response"]["userHandle"] = handle
+        before = await service.counts()
+        r = await world.client.post(path, headers=alice.headers, json={"credential": credential})
+        refused(r, 400, reason)
+        assert await service.counts() == before
+    # Without a userHandle (the options named Alice's passkeys) the approval stands, and the
+    # receipt names no user; with hers, it names her.
+    begun = await world.begin_approval(alice, request["id"])
+    credential = alice.authenticator.get(begun["options"])
+    del credential["response"]["userHandle"]
+    r = await world.client.post(path, headers=alice.headers, json={"credential": credential})
+    assert r.status_code == 200, r.text
+    assert "user_handle" not in r.json()["receipt"]
+    grant = await world.approve(alice, (await world.request(agent, await world.provider()))["id"])
+    assert b64url_decode(grant["receipt"]["user_handle"]) == alice.principal_id.encode()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_discoverable_sign_in_must_name_the_passkeys_owner(service: InProcess) -> None:
+    world = service.world
+    alice, bob = await world.human("Alice"), await world.human("Bob")
+
+    def with_handle(handle: str | None) -> Any:
+        def answer(options: dict[str, Any]) -> dict[str, Any]:
+            credential = alice.authenticator.get(options)
+            if handle is None:
+                del credential["response"]["userHandle"]
+            else:
+                credential["response"]["userHandle"] = handle
+            return credential
+
+        return answer
+
+    before = await service.counts()
+    r = await sign_in(world, with_handle(None))
+    refused(r, 400, "user_handle_missing")
+    r = await sign_in(world, with_handle(""))
+    refused(r, 400, "user_handle_missing")
+    r = await sign_in(world, with_handle(b64url_encode(bob.principal_id.encode())))
+    refused(r, 400, "user_handle_mismatch")
+    challenges = before["webauthn_challenges"] + 3  # the three refused sign-ins' own
+    assert await service.counts() == {**before, "webauthn_challenges": challenges}
+    r = await sign_in(world, alice.authenticator.get)
+    assert r.status_code == 200 and r.json()["principal_id"] == alice.principal_id, r.text
+
+
+# --- 4. a passkey is registered in a top-level page of an allowed origin only -----------------
+
+
+class FramedAuthenticator(SoftAuthenticator):
+    """Registers with these clientData members in place of ``crossOrigin: false``."""
+
+    def __init__(self, origin: str, frame: dict[str, Any]) -> None:
+        super().__init__(origin=origin)
+        self.frame = frame
+
+    def _client_data(self, kind: str, challenge: str) -> bytes:
+        return json.dumps(
+            {"type": kind, "challenge": challenge, "origin": self.origin, **self.frame}
+        ).encode()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"crossOrigin": True},
+        {"crossOrigin": True, "topOrigin": "https://evil.example"},
+        {"crossOrigin": False, "topOrigin": "https://evil.example"},
+        {"topOrigin": "http://localhost:8080"},
+        {"crossOrigin": None},
+        {"crossOrigin": "false"},
+    ],
+    ids=["cross", "cross-top", "top-only", "top-self", "null", "text"],
+)
+async def test_a_passkey_registered_in_a_cross_origin_frame_is_refused(
+    service: InProcess, frame: dict[str, Any]
+) -> None:
+    world = service.world
+    options = await signup_options(world)
+    before = await service.counts()
+    credential = FramedAuthenticator(world.origin, frame).create(options)
+    r = await world.client.post(world.url("/v1/signup/finish"), json={"credential": credential})
+    refused(r, 400, "cross_origin")
+    assert await service.counts() == before
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_registration_without_cross_origin_is_a_top_level_one(service: InProcess) -> None:
+    world = service.world
+    authenticator = FramedAuthenticator(world.origin, {})
+    credential = authenticator.create(await signup_options(world))
+    r = await world.client.post(world.url("/v1/signup/finish"), json={"credential": credential})
+    assert r.status_code == 200, r.text
