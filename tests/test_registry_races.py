@@ -11,22 +11,19 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import asyncpg
-import httpx
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
-from conftest import _wait_out_replay_epoch, with_database
+from registry_inprocess import ISSUER, registry_in_process
 from registry_world import Provider, World
 
 from agentauth.protocol import Conflict
-from agentauth.registry import Registry, RegistrySettings, create_app
+from agentauth.registry import Registry
 from agentauth.store import grant_cache_key
 from agentauth.verifier import Verifier, VerifierSettings
 from agentauth.verifier._service import _Revocations
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
-
-ISSUER = "http://races.test"
 
 
 class InProcess:
@@ -48,28 +45,9 @@ class InProcess:
 async def service(
     database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[InProcess]:
-    name = f"races_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(database_url, name)
-    settings = RegistrySettings(
-        database_url=url,
-        redis_url=redis_url,
-        data_dir=tmp_path_factory.mktemp("registry"),
-        issuer=ISSUER,
-        admin_token=secrets.token_urlsafe(24),
-    )
-    registry = await Registry.open(settings)
-    try:
-        _wait_out_replay_epoch(redis_url)
-        transport = httpx.ASGITransport(app=create_app(registry))
-        async with httpx.AsyncClient(transport=transport, base_url=ISSUER, timeout=60) as client:
-            world = World(client=client, base=ISSUER, admin_token=settings.admin_token)
-            yield InProcess(registry, world, url, redis_url)
-    finally:
-        await registry.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    data_dir = tmp_path_factory.mktemp("registry")
+    async with registry_in_process(database_url, redis_url, data_dir, prefix="races") as opened:
+        yield InProcess(opened.registry, opened.world, opened.url, redis_url)
 
 
 # --- provider credentials: checked again in the transaction that changes them -------------

@@ -8,25 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
-from conftest import _wait_out_replay_epoch, with_database
+from registry_inprocess import registry_in_process
 from registry_world import PAYMENTS, STEP_UP_ABOVE_50, World
 
 from agentauth.protocol import Capability, Forbidden
-from agentauth.registry import Registry, RegistrySettings, create_app
+from agentauth.registry import Registry
 from agentauth.registry._service import Agent
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
-
-ISSUER = "http://r.test"
 
 
 @dataclass
@@ -48,28 +44,9 @@ class InProcess:
 async def service(
     database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[InProcess]:
-    name = f"service_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(database_url, name)
-    settings = RegistrySettings(
-        database_url=url,
-        redis_url=redis_url,
-        data_dir=tmp_path_factory.mktemp("registry"),
-        issuer=ISSUER,
-        admin_token=secrets.token_urlsafe(24),
-    )
-    registry = await Registry.open(settings)
-    try:
-        _wait_out_replay_epoch(redis_url)
-        transport = httpx.ASGITransport(app=create_app(registry))
-        async with httpx.AsyncClient(transport=transport, base_url=ISSUER, timeout=60) as client:
-            world = World(client=client, base=ISSUER, admin_token=settings.admin_token)
-            yield InProcess(registry, world, url)
-    finally:
-        await registry.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    data_dir = tmp_path_factory.mktemp("registry")
+    async with registry_in_process(database_url, redis_url, data_dir, prefix="service") as opened:
+        yield InProcess(opened.registry, opened.world, opened.url)
 
 
 def refused_for_precision(response: httpx.Response, field: str) -> None:

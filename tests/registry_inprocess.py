@@ -1,0 +1,55 @@
+"""A registry on a database of its own, driven through its FastAPI app in process (httpx's
+ASGI transport, no Ray), by the same ``World`` the Ray tests use."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+from conftest import _wait_out_replay_epoch, with_database
+from registry_world import World
+
+from agentauth.registry import Registry, RegistrySettings, create_app
+
+ISSUER = "http://r.test"
+
+
+@dataclass
+class Opened:
+    registry: Registry
+    world: World
+    url: str  # the database's
+
+
+@asynccontextmanager
+async def registry_in_process(
+    database_url: str, redis_url: str, data_dir: Path, *, prefix: str
+) -> AsyncIterator[Opened]:
+    """Open it on a new database named ``prefix_<random>``; drop that database after."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(database_url, name)
+    settings = RegistrySettings(
+        database_url=url,
+        redis_url=redis_url,
+        data_dir=data_dir,
+        issuer=ISSUER,
+        admin_token=secrets.token_urlsafe(24),
+    )
+    registry = await Registry.open(settings)
+    try:
+        _wait_out_replay_epoch(redis_url)
+        transport = httpx.ASGITransport(app=create_app(registry))
+        async with httpx.AsyncClient(transport=transport, base_url=ISSUER, timeout=60) as client:
+            world = World(client=client, base=ISSUER, admin_token=settings.admin_token)
+            yield Opened(registry, world, url)
+    finally:
+        await registry.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
