@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .._origins import check_rp_id, serialized_origin
 
 __all__ = ["RegistrySettings", "SignerSettings"]
 
@@ -72,6 +74,25 @@ class RegistrySettings(BaseModel):
     signer: SignerSettings = SignerSettings()
     pool_min_size: int = 1
     pool_max_size: int = 10
+
+    @field_validator("origins")
+    @classmethod
+    def _serialized_origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        # As browsers write them into client data, which is compared as a string.
+        if not origins:
+            raise ValueError("at least one origin may run passkey ceremonies")
+        return tuple(dict.fromkeys(serialized_origin(o) for o in origins))
+
+    @field_validator("rp_id")
+    @classmethod
+    def _domain_rp_id(cls, rp_id: str) -> str:
+        return check_rp_id(rp_id, ())
+
+    @model_validator(mode="after")
+    def _rp_id_fits_origins(self) -> RegistrySettings:
+        # Refused at start: otherwise every passkey ceremony fails, with nothing to say why.
+        check_rp_id(self.rp_id, self.origins)
+        return self
 
     @property
     def token_endpoint(self) -> str:

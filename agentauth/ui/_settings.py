@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .._origins import check_rp_id, serialized_origin
 
 __all__ = ["UISettings"]
 
@@ -42,12 +44,19 @@ class UISettings(BaseModel):
     @field_validator("origin")
     @classmethod
     def _bare_origin(cls, origin: str) -> str:
-        parts = urlsplit(origin)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("origin must look like https://host[:port]")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError("origin has no path, query or fragment")
-        return f"{parts.scheme}://{parts.netloc}"
+        # As browsers write it into client data and the registry compares it.
+        return serialized_origin(origin)
+
+    @field_validator("rp_id")
+    @classmethod
+    def _domain_rp_id(cls, rp_id: str) -> str:
+        return check_rp_id(rp_id, ())
+
+    @model_validator(mode="after")
+    def _rp_id_fits_origins(self) -> UISettings:
+        # Refused at start: otherwise every passkey ceremony fails, with nothing to say why.
+        check_rp_id(self.rp_id, (self.origin,))
+        return self
 
     @property
     def secure_cookies(self) -> bool:

@@ -1,0 +1,57 @@
+"""Origins and RP IDs as WebAuthn compares them, for the settings that name them.
+
+A browser puts the page's serialized origin in every ceremony's client data (HTML's origin
+serialization: lower-case scheme and host, no default port, no path), and the registry and
+the approval page compare it with their configured origins as strings. A configured
+``https://Approve.example.com:443/`` names the same page but matches nothing, so every
+passkey ceremony would fail with nothing to say why. Settings are normalized to that form
+here, and what cannot be an origin, or an RP ID its origins cannot use, is refused at start.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+__all__ = ["check_rp_id", "serialized_origin"]
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# A domain (or "localhost"): what WebAuthn accepts as an RP ID (no scheme, port or path).
+_RP_ID = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+
+
+def serialized_origin(origin: str) -> str:
+    """``origin`` as a browser serializes it; ValueError if it is not an origin at all."""
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{origin!r} is not an origin such as https://host[:port]") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        raise ValueError(f"{origin!r} is not an origin such as https://host[:port]")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"an origin has no user name or password: {origin!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"an origin has no path, query or fragment: {origin!r}")
+    host = parts.hostname  # lower-cased by urlsplit; IPv6 without its brackets
+    if ":" in host:
+        host = f"[{host}]"
+    keep_port = port is not None and port != _DEFAULT_PORTS[scheme]
+    return f"{scheme}://{host}{f':{port}' if keep_port else ''}"
+
+
+def check_rp_id(rp_id: str, origins: tuple[str, ...]) -> str:
+    """The RP ID, lower-cased; ValueError unless every origin's host is it or under it
+    (WebAuthn: an RP ID is the origin's host or a registrable suffix of it)."""
+    normal = rp_id.strip().lower()
+    if not _RP_ID.fullmatch(normal):
+        raise ValueError(f"the RP ID is a domain such as example.com, not {rp_id!r}")
+    for origin in origins:
+        host = urlsplit(origin).hostname or ""
+        if host != normal and not host.endswith("." + normal):
+            raise ValueError(
+                f"origin {origin} cannot run passkey ceremonies for RP ID {normal}: its host"
+                " must be the RP ID or a name under it"
+            )
+    return normal
