@@ -188,15 +188,7 @@ class AuditLog:
                 # rows are never read back to sign). A row already there is overwritten: a
                 # checkpoint deleted and made again, or one a proof backfilled from stored
                 # leaf hashes, which this tree is the signed word on.
-                await conn.execute(
-                    "INSERT INTO audit_nodes (chain, level, idx, hash)"
-                    " SELECT $1, * FROM unnest($2::smallint[], $3::bigint[], $4::bytea[])"
-                    " ON CONFLICT (chain, level, idx) DO UPDATE SET hash = EXCLUDED.hash",
-                    chain,
-                    [level for (level, _), _ in nodes],
-                    [idx for (_, idx), _ in nodes],
-                    [node for _, node in nodes],
-                )
+                await _store_nodes(conn, chain, nodes, replace=True)
                 made = {"chain": chain, "size": size, "root": checkpoint.root, "signed": signed}
         # Only once committed: a tree remembered but never stored would refuse every later
         # checkpoint as a rollback.
@@ -379,24 +371,13 @@ class AuditLog:
         first = idx << level
         leaves = await self._stored_leaves(conn, chain, first, first + (1 << level))
         tree = MerkleFrontier()
-        made: dict[Node, bytes] = {}
+        made: list[tuple[Node, bytes]] = []
         for leaf in leaves:
-            completed = tree.append(leaf)
-            # first is a multiple of every subtree width inside, so local and global
-            # positions differ by first's share at each level.
-            end = first + tree.size
-            for height in range(NODE_LEVEL, len(completed)):
-                made[height, (end >> height) - 1] = completed[height]
-        await conn.execute(
-            "INSERT INTO audit_nodes (chain, level, idx, hash)"
-            " SELECT $1, * FROM unnest($2::smallint[], $3::bigint[], $4::bytea[])"
-            " ON CONFLICT (chain, level, idx) DO NOTHING",
-            chain,
-            [node[0] for node in made],
-            [node[1] for node in made],
-            list(made.values()),
-        )
-        return made
+            # first is a multiple of every subtree width inside, so a subtree completed
+            # here ends where the global tree does.
+            made += _completed_nodes(tree.append(leaf), first + tree.size)
+        await _store_nodes(conn, chain, made, replace=False)
+        return dict(made)
 
 
 def _stored_frontier(row: asyncpg.Record) -> MerkleFrontier:
@@ -442,13 +423,37 @@ def _extend(
         completed = frontier.append(entry)
         head = entry
         seq += 1
-        nodes.extend(
-            ((level, (seq >> level) - 1), completed[level])
-            for level in range(NODE_LEVEL, len(completed))
-        )
+        nodes += _completed_nodes(completed, seq)
     if seq != size:
         raise IntegrityError(f"events {seq}..{size} are missing", reason="gap")
     return ChainHead(size=size, head=head, frontier=frontier), nodes
+
+
+def _completed_nodes(completed: Sequence[bytes], size: int) -> list[tuple[Node, bytes]]:
+    """The ``audit_nodes`` rows for the subtrees one leaf completed (``MerkleFrontier.append``
+    gives their hashes by level), the tree then holding ``size`` leaves: each ends there."""
+    return [
+        ((level, (size >> level) - 1), completed[level])
+        for level in range(NODE_LEVEL, len(completed))
+    ]
+
+
+async def _store_nodes(
+    conn: Conn, chain: str, nodes: Sequence[tuple[Node, bytes]], *, replace: bool
+) -> None:
+    """Write subtree hashes; ``replace`` overwrites rows already there (the checkpointer,
+    hashing from event bodies, is the signed word on them), else they are kept."""
+    conflict = "DO UPDATE SET hash = EXCLUDED.hash" if replace else "DO NOTHING"
+    await conn.execute(
+        # Only one of the two constant clauses above is joined in.
+        "INSERT INTO audit_nodes (chain, level, idx, hash)"  # noqa: S608
+        " SELECT $1, * FROM unnest($2::smallint[], $3::bigint[], $4::bytea[])"
+        f" ON CONFLICT (chain, level, idx) {conflict}",
+        chain,
+        [level for (level, _), _ in nodes],
+        [idx for (_, idx), _ in nodes],
+        [node for _, node in nodes],
+    )
 
 
 def _newest_second(body: str) -> int:
