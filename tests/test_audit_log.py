@@ -30,6 +30,7 @@ from agentauth.protocol import (
     b64url_encode,
     check_checkpoint_dated,
     consistency_proof,
+    merkle_root,
     sign_checkpoint,
     verify_checkpoint,
     verify_consistency,
@@ -354,3 +355,121 @@ async def test_the_first_new_event_must_link_to_the_checkpointed_one(
     await rewrite(conn, 4, lambda fields: {**fields, "prev": b64url_encode(bytes(32))})
     problem = await refused(log if remembered else AuditLog(chains=1), conn, signer, keys)
     assert (problem.reason, problem.description) == ("fork", "event 4 does not link to its parent")
+
+
+# --- events checked ahead of the checkpoint -------------------------------------------------------
+
+
+async def stored_nodes(conn: asyncpg.Connection) -> dict[tuple[int, int], bytes]:
+    rows = await conn.fetch("SELECT level, idx, hash FROM audit_nodes WHERE chain = $1", CHAIN)
+    return {(r["level"], r["idx"]): bytes(r["hash"]) for r in rows}
+
+
+@pytest.mark.asyncio
+async def test_events_checked_ahead_are_not_checked_again(
+    conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
+) -> None:
+    """verify_ahead does the checkpoint's work on new events in slices, and the checkpoint
+    starts where it stopped: an event changed after it was checked (no longer matching its
+    stored hash, which the checkpoint would refuse) is signed as it was checked."""
+    log = AuditLog(chains=1)
+    await log.ensure_chains(conn)
+    await append(log, conn, 5)
+    assert await log.verify_ahead(conn, CHAIN, 5, limit=100) == 0  # nothing trusted yet
+    await checkpoint(log, conn, signer, keys)
+    await append(log, conn, 600)
+    slices = [await log.verify_ahead(conn, CHAIN, 605, limit=250) for _ in range(4)]
+    assert slices == [250, 250, 100, 0]
+    honest = await tree_of(conn, 605)
+    await conn.execute(
+        "UPDATE audit_events SET body = replace(body, '\"i\":7', '\"i\":8')"
+        " WHERE chain = $1 AND seq = 12",
+        CHAIN,
+    )
+    assert await tree_of(conn, 605) != honest
+    made = await checkpoint(log, conn, signer, keys)
+    assert made is not None and (made.size, made.root_bytes()) == (605, honest)
+    # The subtrees completed by events checked ahead are stored with the checkpoint.
+    leaves = [
+        bytes(r["entry_hash"])
+        for r in await conn.fetch("SELECT entry_hash FROM audit_events ORDER BY seq")
+    ]
+    assert await stored_nodes(conn) == {
+        (8, 0): merkle_root(leaves[:256]),
+        (8, 1): merkle_root(leaves[256:512]),
+        (9, 0): merkle_root(leaves[:512]),
+    }
+
+
+@pytest.mark.asyncio
+async def test_a_checkpoint_checks_what_was_not_checked_ahead(
+    conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
+) -> None:
+    log = AuditLog(chains=1)
+    await log.ensure_chains(conn)
+    await append(log, conn, 5)
+    await checkpoint(log, conn, signer, keys)
+    await append(log, conn, 10)
+    assert await log.verify_ahead(conn, CHAIN, 15, limit=4) == 4  # events 5..8
+    await conn.execute(
+        "UPDATE audit_events SET body = replace(body, '\"i\":5', '\"i\":6')"
+        " WHERE chain = $1 AND seq = 10",
+        CHAIN,
+    )
+    problem = await refused(log, conn, signer, keys)
+    assert (problem.reason, problem.description) == (
+        "hash",
+        "event 10's stored hash is not its body's",
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_problem_found_ahead_is_left_to_the_checkpoint(
+    conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
+) -> None:
+    log = AuditLog(chains=1)
+    await log.ensure_chains(conn)
+    await append(log, conn, 4)
+    await checkpoint(log, conn, signer, keys)
+    await append(log, conn, 3)
+    await rewrite(conn, 4, lambda fields: {**fields, "prev": b64url_encode(bytes(32))})
+    assert await log.verify_ahead(conn, CHAIN, 7, limit=100) == 0
+    problem = await refused(log, conn, signer, keys)
+    assert (problem.reason, problem.description) == ("fork", "event 4 does not link to its parent")
+
+
+@pytest.mark.asyncio
+async def test_events_checked_ahead_of_another_replicas_checkpoint_are_checked_again(
+    conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
+) -> None:
+    """Work done ahead of one tree is dropped when the checkpoint starts from another (here
+    a second replica signed in between, which the first then extends)."""
+    first, second = AuditLog(chains=1), AuditLog(chains=1)
+    await first.ensure_chains(conn)
+    await append(first, conn, 5)
+    await checkpoint(first, conn, signer, keys)
+    await append(first, conn, 10)
+    assert await first.verify_ahead(conn, CHAIN, 15, limit=100) == 10
+    made = await checkpoint(second, conn, signer, keys)
+    assert made is not None and made.size == 15
+    await append(first, conn, 3)
+    made = await checkpoint(first, conn, signer, keys)
+    assert made is not None and made.root_bytes() == await tree_of(conn, 18)
+
+
+@pytest.mark.asyncio
+async def test_a_checkpoint_of_events_all_checked_ahead_is_dated_by_them(
+    conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
+) -> None:
+    log = AuditLog(chains=1)
+    await log.ensure_chains(conn)
+    now = 1_800_000_000
+    await append(log, conn, 1)
+    await log.checkpoint(conn, CHAIN, signer, keys=keys, now=now)
+    async with conn.transaction():
+        ahead = (now + 3_600) * 1000 + 1  # a shard an hour ahead
+        await log.append(conn, event="t.e", actor="t", subject="s", key="k", time_ms=ahead)
+    assert await log.verify_ahead(conn, CHAIN, 2, limit=100) == 1
+    made = await log.checkpoint(conn, CHAIN, signer, keys=keys, now=now)
+    assert made is not None
+    assert verify_checkpoint(made["signed"], keys=keys).time == now + 3_601

@@ -20,7 +20,7 @@ from registry_world import PAYMENTS, STEP_UP_ABOVE_50, World
 
 from agentauth.protocol import Capability, Forbidden
 from agentauth.registry import Registry
-from agentauth.registry._service import Agent
+from agentauth.registry._service import AHEAD_PER_TICK, Agent
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
@@ -302,3 +302,26 @@ async def test_asking_again_for_a_payment_still_waiting_finds_the_same_approval(
     )
     assert r.status_code == 200, r.text
     assert (await world.step_up(agent, grant["id"], "75", payee="acme"))["id"] != first["id"]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_checkpoint_loop_checks_new_events_ahead_in_slices(service: InProcess) -> None:
+    """Between checkpoints the loop checks new events of every chain, at most
+    AHEAD_PER_TICK a chain a round, so each checkpoint has little left to check."""
+    registry = service.registry
+    await registry.checkpoint_all()  # every chain trusted, nothing new
+    chain = registry.audit.chain_for("ahead")
+    other = next(c for c in registry.audit.chains if c != chain)
+    key = next(k for k in (f"k{i}" for i in range(1000)) if registry.audit.chain_for(k) == other)
+    async with registry.pool.acquire() as conn:
+        for _ in range(AHEAD_PER_TICK + 300):
+            async with conn.transaction():
+                await registry.audit.append(conn, event="t.e", actor="t", subject="s", key="ahead")
+        async with conn.transaction():
+            await registry.audit.append(conn, event="t.e", actor="t", subject="s", key=key)
+    assert await registry.verify_ahead() == AHEAD_PER_TICK + 1
+    assert await registry.verify_ahead() == 300
+    assert await registry.verify_ahead() == 0
+    made = {c["chain"]: c["size"] for c in await registry.checkpoint_all()}
+    heads = await registry.pool.fetch("SELECT chain, size FROM audit_heads")
+    assert made == {r["chain"]: r["size"] for r in heads if r["chain"] in (chain, other)}
