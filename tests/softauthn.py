@@ -2,7 +2,8 @@
 
 It answers ``navigator.credentials.create/get`` options (as the JSON the registry returns)
 with the JSON serialization browsers produce (base64url fields), using a real P-256 key,
-"none" attestation and a signature counter. Knobs let tests misbehave on purpose.
+"none" attestation, a signature counter and the backup flags BE and BS, which a test sets
+on a passkey (and may change between its assertions). Knobs let tests misbehave on purpose.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agentauth.protocol import b64url_decode, b64url_encode
 
-UP, UV, AT = 0x01, 0x04, 0x40
+UP, UV, BE, BS, AT = 0x01, 0x04, 0x08, 0x10, 0x40
 
 
 def _cbor_head(major: int, value: int) -> bytes:
@@ -55,6 +56,13 @@ class Passkey:
     user_handle: bytes
     rp_id: str
     sign_count: int = 0
+    # BE: the passkey can be backed up (synced); BS: it is backed up now. Both false is a
+    # single-device passkey, as a security key makes.
+    backup_eligible: bool = False
+    backed_up: bool = False
+
+    def backup_flags(self) -> int:
+        return (BE if self.backup_eligible else 0) | (BS if self.backed_up else 0)
 
     def cose(self) -> bytes:
         numbers = self.key.public_key().public_numbers()
@@ -81,11 +89,15 @@ class SoftAuthenticator:
         *,
         credential_id: bytes | None = None,
         cose: bytes | None = None,
+        backup_eligible: bool = False,
+        backed_up: bool = False,
     ) -> dict[str, Any]:
         """Register a new passkey for ``options`` (PublicKeyCredentialCreationOptions JSON).
 
         ``credential_id`` and ``cose`` (a COSE_Key to register in place of the passkey's own,
         so its assertions will not verify) are for registrations the registry must refuse.
+        ``backup_eligible`` and ``backed_up`` are its BE and BS flags, not checked here: BS
+        without BE is a registration the registry must refuse too.
         """
         rp_id = options["rp"]["id"]
         passkey = Passkey(
@@ -93,13 +105,15 @@ class SoftAuthenticator:
             key=ec.generate_private_key(ec.SECP256R1()),
             user_handle=b64url_decode(options["user"]["id"]),
             rp_id=rp_id,
+            backup_eligible=backup_eligible,
+            backed_up=backed_up,
         )
         self.passkeys[passkey.credential_id] = passkey
         client_data = self._client_data("webauthn.create", options["challenge"])
         attested = (
             bytes(16) + struct.pack(">H", len(passkey.credential_id)) + passkey.credential_id
         ) + (passkey.cose() if cose is None else cose)
-        auth_data = self._auth_data(rp_id, AT, 0) + attested
+        auth_data = self._auth_data(rp_id, AT | passkey.backup_flags(), 0) + attested
         attestation = cbor({"fmt": "none", "attStmt": {}, "authData": auth_data})
         cid = b64url_encode(passkey.credential_id)
         return {
@@ -131,7 +145,7 @@ class SoftAuthenticator:
             passkey = candidates[0]
         passkey.sign_count = counter if counter is not None else passkey.sign_count + 1
         client_data = self._client_data("webauthn.get", challenge or options["challenge"])
-        auth_data = self._auth_data(passkey.rp_id, 0, passkey.sign_count)
+        auth_data = self._auth_data(passkey.rp_id, passkey.backup_flags(), passkey.sign_count)
         signature = passkey.key.sign(
             auth_data + hashlib.sha256(client_data).digest(), ec.ECDSA(hashes.SHA256())
         )

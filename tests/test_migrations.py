@@ -61,6 +61,47 @@ async def test_an_edited_applied_migration_is_refused(fresh_db: str, tmp_path: P
         await conn.close()
 
 
+@pytest.mark.asyncio
+async def test_passkeys_from_before_0010_keep_their_backup_state_and_have_no_be(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    """0010 stores BE: a passkey registered before has none to give (NULL, recorded at its
+    next use), keeps the BS it registered with, and BS without BE stays impossible."""
+    copy = tmp_path / "migrations"
+    copy.mkdir()
+    migrations = {m.version: m for m in discover(default_migrations_dir())}
+
+    def up_to(version: int) -> Path:
+        for n in range(1, version + 1):
+            (copy / migrations[n].name).write_text(migrations[n].sql, encoding="utf-8")
+        return copy
+
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        await migrate(conn, up_to(9))
+        await conn.execute("INSERT INTO principals (id, display_name) VALUES ('hum_1', 'A')")
+        await conn.execute(
+            "INSERT INTO passkey_credentials (credential_id, principal_id, public_key, backed_up)"
+            " VALUES ('synced', 'hum_1', '\\x00', true), ('single', 'hum_1', '\\x00', false)"
+        )
+        assert await migrate(conn, up_to(10)) == ["0010_passkey_backup_flags.sql"]
+        rows = await conn.fetch(
+            "SELECT credential_id, backup_eligible, backed_up FROM passkey_credentials"
+            " ORDER BY credential_id"
+        )
+        assert [tuple(r) for r in rows] == [("single", None, False), ("synced", None, True)]
+        insert = (
+            "INSERT INTO passkey_credentials (credential_id, principal_id, public_key,"
+            " backup_eligible, backed_up) VALUES ($1, 'hum_1', '\\x00', $2, $3)"
+        )
+        await conn.execute(insert, "eligible", True, True)
+        await conn.execute(insert, "device", False, False)
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(insert, "bs-without-be", False, True)
+    finally:
+        await conn.close()
+
+
 def test_migration_files_must_be_numbered_without_gaps(tmp_path: Path) -> None:
     (tmp_path / "0001_a.sql").write_text("SELECT 1;")
     (tmp_path / "0003_c.sql").write_text("SELECT 1;")

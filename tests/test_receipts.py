@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from webauthn.helpers import parse_authentication_credential_json
 from webauthn.helpers.exceptions import InvalidAuthenticationResponse
+from webauthn.helpers.structs import CredentialDeviceType
 
 from agentauth.protocol._encoding import b64url_decode, b64url_encode, canonical_json
 from agentauth.protocol._errors import InvalidReceipt
@@ -212,6 +213,7 @@ def test_assertion_verifies(authenticator: SoftAuthenticator) -> None:
         sign_count=authenticator.sign_count,
         user_verified=True,
         backed_up=False,
+        backup_eligible=False,
     )
 
 
@@ -223,13 +225,15 @@ def test_backup_flags_and_origin_list(authenticator: SoftAuthenticator) -> None:
     )
     origins = ["https://elsewhere.example", "https://approve.agentauth.example"]
     assert _verify(receipt, origin=origins).backed_up is True
-    assert _verify(receipt, origin=frozenset(origins)).backed_up is True
+    verified = _verify(receipt, origin=frozenset(origins))
+    assert (verified.backed_up, verified.backup_eligible) == (True, True)
 
 
 def test_backup_eligible_but_not_backed_up(authenticator: SoftAuthenticator) -> None:
     auth_data = authenticator.authenticator_data(flags=UP | UV | BE)
     receipt = authenticator.approve(CHALLENGE_A, authenticator_data=auth_data)
-    assert _verify(receipt).backed_up is False
+    verified = _verify(receipt)
+    assert (verified.backed_up, verified.backup_eligible) == (False, True)
 
 
 def test_client_data_without_cross_origin_and_with_unknown_members(
@@ -312,6 +316,9 @@ def test_agrees_with_py_webauthn(alg: Literal["ES256", "Ed25519"]) -> None:
     assert theirs.new_sign_count == ours.sign_count == authenticator.sign_count
     assert theirs.user_verified == ours.user_verified
     assert theirs.credential_backed_up == ours.backed_up
+    assert (theirs.credential_device_type == CredentialDeviceType.MULTI_DEVICE) == (
+        ours.backup_eligible
+    )
     assert b64url_encode(theirs.credential_id) == ours.credential_id
 
 

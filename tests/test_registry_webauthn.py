@@ -21,7 +21,7 @@ import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from registry_inprocess import registry_in_process
 from registry_world import Human, World
-from softauthn import SoftAuthenticator, cbor
+from softauthn import Passkey, SoftAuthenticator, cbor
 
 from agentauth.protocol import b64url_decode, b64url_encode
 from agentauth.registry import Registry
@@ -62,6 +62,16 @@ class InProcess:
             "SELECT flagged_at FROM passkey_credentials WHERE principal_id = $1", principal_id
         )
         return [r["flagged_at"] is not None for r in rows]
+
+    async def stored(self, credential_id: bytes) -> dict[str, Any]:
+        """What the registry keeps of a passkey that changes with its use."""
+        row = await self.registry.pool.fetchrow(
+            "SELECT sign_count, backup_eligible, backed_up, last_used_at FROM passkey_credentials"
+            " WHERE credential_id = $1",
+            b64url_encode(credential_id),
+        )
+        assert row is not None
+        return dict(row)
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
@@ -392,3 +402,186 @@ async def test_a_registration_without_cross_origin_is_a_top_level_one(service: I
     credential = authenticator.create(await signup_options(world))
     r = await world.client.post(world.url("/v1/signup/finish"), json={"credential": credential})
     assert r.status_code == 200, r.text
+
+
+# --- 5. the backup flags: BE never changes, BS is kept current --------------------------------
+
+
+async def human_with(world: World, *, backup_eligible: bool, backed_up: bool) -> Human:
+    """A new human whose one passkey registered with these BE and BS flags."""
+    authenticator = SoftAuthenticator(origin=world.origin)
+    credential = authenticator.create(
+        await signup_options(world), backup_eligible=backup_eligible, backed_up=backed_up
+    )
+    r = await world.client.post(world.url("/v1/signup/finish"), json={"credential": credential})
+    assert r.status_code == 200, r.text
+    return Human(r.json()["principal_id"], r.json()["session"], authenticator)
+
+
+def only_passkey(human: Human) -> Passkey:
+    (passkey,) = human.authenticator.passkeys.values()
+    return passkey
+
+
+async def listed(world: World, human: Human) -> list[tuple[bool | None, bool]]:
+    """The backup flags GET /v1/passkeys shows for each of the human's passkeys."""
+    r = await world.client.get(world.url("/v1/passkeys"), headers=human.headers)
+    assert r.status_code == 200, r.text
+    return [(p["backup_eligible"], p["backed_up"]) for p in r.json()]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize(
+    ("backup_eligible", "backed_up"),
+    [(False, False), (True, False), (True, True)],
+    ids=["single-device", "eligible", "synced"],
+)
+async def test_registration_records_both_backup_flags(
+    service: InProcess, backup_eligible: bool, backed_up: bool
+) -> None:
+    world = service.world
+    human = await human_with(world, backup_eligible=backup_eligible, backed_up=backed_up)
+    assert await listed(world, human) == [(backup_eligible, backed_up)]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_registration_backed_up_but_not_backup_eligible_writes_nothing(
+    service: InProcess,
+) -> None:
+    """BS without BE (WebAuthn L3 §7.1), at sign-up and when adding a passkey: 400 with its
+    own reason, not a server error, and nothing written."""
+    world = service.world
+    options = await signup_options(world)
+    before = await service.counts()
+    credential = SoftAuthenticator(origin=world.origin).create(options, backed_up=True)
+    r = await world.client.post(world.url("/v1/signup/finish"), json={"credential": credential})
+    refused(r, 400, "invalid_backup_flags")
+    assert await service.counts() == before
+
+    human = await world.human()
+    r = await world.client.post(
+        world.url("/v1/passkeys/confirm"), headers=human.headers, json={"change": "add"}
+    )
+    r = await world.client.post(
+        world.url("/v1/passkeys/begin"),
+        headers=human.headers,
+        json={"credential": human.authenticator.get(r.json())},
+    )
+    assert r.status_code == 200, r.text
+    before = await service.counts()
+    credential = SoftAuthenticator(origin=world.origin).create(r.json(), backed_up=True)
+    r = await world.client.post(
+        world.url("/v1/passkeys/finish"), headers=human.headers, json={"credential": credential}
+    )
+    refused(r, 400, "invalid_backup_flags")
+    assert await service.counts() == before
+    assert await listed(world, human) == [(False, False)]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_each_sign_in_and_approval_records_the_backup_state(service: InProcess) -> None:
+    """BS may change (a passkey provider finishes or stops syncing): what the registry shows
+    is what the passkey said at its last accepted use."""
+    world = service.world
+    human = await human_with(world, backup_eligible=True, backed_up=False)
+    passkey = only_passkey(human)
+    passkey.backed_up = True
+    r = await sign_in(world, human.authenticator.get)
+    assert r.status_code == 200, r.text
+    assert await listed(world, human) == [(True, True)]
+    passkey.backed_up = False
+    agent = await world.agent(human)
+    await world.approve(human, (await world.request(agent, await world.provider()))["id"])
+    assert await listed(world, human) == [(True, False)]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("registered_eligible", [False, True], ids=["gains-be", "loses-be"])
+async def test_an_assertion_whose_backup_eligibility_changed_writes_nothing(
+    service: InProcess, registered_eligible: bool
+) -> None:
+    """BE is fixed for a credential's life (WebAuthn L3 §6.1.3). A signed assertion with the
+    other BE is refused, sign-in and approval alike, 403 backup_eligibility_changed: no
+    session, no grant, the request still pending, the counter and flags as they were. The
+    same passkey with its own BE then works."""
+    world = service.world
+    human = await human_with(world, backup_eligible=registered_eligible, backed_up=False)
+    agent = await world.agent(human)
+    request = await world.request(agent, await world.provider())
+    passkey = only_passkey(human)
+    stored = await service.stored(passkey.credential_id)
+    passkey.backup_eligible = not registered_eligible
+    passkey.backed_up = passkey.backup_eligible  # a BS the new BE allows: only BE is wrong
+
+    begun = await world.begin_approval(human, request["id"])
+    before = await service.counts()
+    r = await world.client.post(
+        world.url(f"/v1/grant-requests/{request['id']}/approval/finish"),
+        headers=human.headers,
+        json={"credential": human.authenticator.get(begun["options"])},
+    )
+    refused(r, 403, "backup_eligibility_changed")
+    assert await service.counts() == before
+
+    r = await sign_in(world, human.authenticator.get)
+    refused(r, 403, "backup_eligibility_changed")
+    # The sign-in's own challenge, stored by /begin, is all that is new.
+    assert await service.counts() == {
+        **before,
+        "webauthn_challenges": before["webauthn_challenges"] + 1,
+    }
+    assert await service.stored(passkey.credential_id) == stored
+    assert await service.flagged(human.principal_id) == [False]
+    r = await world.client.get(
+        world.url(f"/v1/grant-requests/{request['id']}"), headers=human.headers
+    )
+    assert r.json()["status"] == "pending", r.text
+
+    passkey.backup_eligible, passkey.backed_up = registered_eligible, False
+    r = await sign_in(world, human.authenticator.get)
+    assert r.status_code == 200, r.text
+    await world.approve(human, request["id"])
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_assertion_backed_up_but_not_backup_eligible_writes_nothing(
+    service: InProcess,
+) -> None:
+    """BS without BE in a signed assertion (WebAuthn L3 §7.2): 400 invalid_backup_flags, not
+    a server error; nothing written."""
+    world = service.world
+    human = await human_with(world, backup_eligible=False, backed_up=False)
+    passkey = only_passkey(human)
+    stored = await service.stored(passkey.credential_id)
+    passkey.backed_up = True
+    before = await service.counts()
+    r = await sign_in(world, human.authenticator.get)
+    refused(r, 400, "invalid_backup_flags")
+    assert await service.counts() == {
+        **before,
+        "webauthn_challenges": before["webauthn_challenges"] + 1,
+    }
+    assert await service.stored(passkey.credential_id) == stored
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_passkey_from_before_be_was_stored_records_it_at_its_next_use(
+    service: InProcess,
+) -> None:
+    """A passkey registered before migration 0010 has BE NULL: its first accepted assertion
+    records BE (and BS), and from then on a change of BE is refused."""
+    world = service.world
+    human = await human_with(world, backup_eligible=True, backed_up=True)
+    passkey = only_passkey(human)
+    await service.registry.pool.execute(
+        "UPDATE passkey_credentials SET backup_eligible = NULL, backed_up = false"
+        " WHERE credential_id = $1",
+        b64url_encode(passkey.credential_id),
+    )
+    assert await listed(world, human) == [(None, False)]
+    r = await sign_in(world, human.authenticator.get)
+    assert r.status_code == 200, r.text
+    assert await listed(world, human) == [(True, True)]
+    passkey.backup_eligible = passkey.backed_up = False
+    r = await sign_in(world, human.authenticator.get)
+    refused(r, 403, "backup_eligibility_changed")

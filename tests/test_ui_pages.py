@@ -61,6 +61,7 @@ class FakeRegistry:
         self.requests = requests
         self.steps = steps
         self.begun: list[dict[str, Any] | None] = []
+        self.listed_passkeys: list[dict[str, Any]] = []
         self.denied: list[str] = []
         self.refused: list[str] = []
 
@@ -72,6 +73,9 @@ class FakeRegistry:
 
     async def agents(self, token: str) -> list[dict[str, Any]]:
         return [{"id": "agt_1", "name": "Shopping bot"}, {"id": "agt_2", "name": "Mail bot"}]
+
+    async def passkeys(self, token: str) -> list[dict[str, Any]]:
+        return list(self.listed_passkeys)
 
     async def approval_begin(
         self, token: str, request_id: str, narrowed: dict[str, Any] | None
@@ -142,6 +146,13 @@ class RequestsPage:
             session = self.store.get(self.cookie_id)
             assert session is not None
             await self.pages._requests(self.cookie_id, session)
+
+    async def build_passkeys(self) -> None:
+        """The passkeys page instead of the requests page."""
+        with self.client:
+            session = self.store.get(self.cookie_id)
+            assert session is not None
+            await self.pages._passkeys(self.cookie_id, session)
 
     async def poll(self) -> None:
         with self.client:
@@ -484,3 +495,26 @@ async def test_a_poll_waits_while_a_tighten_form_is_open(
     registry.requests = []
     await requests.poll()
     assert "Approve with passkey: Shopping bot asks Shop" in enabled(requests)
+
+
+# --- the passkeys page -----------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_each_passkey_is_labelled_from_the_backup_flags_the_registry_stored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = FakeRegistry([], [])
+    registry.listed_passkeys = [
+        {"credential_id": f"{n}" * 20, "backup_eligible": be, "backed_up": bs}
+        for n, (be, bs) in enumerate([(True, True), (True, False), (False, False), (None, False)])
+    ]
+    page = RequestsPage(registry, monkeypatch)
+    await page.build_passkeys()
+    lines = [t for t in page.texts() if " · added " in t]
+    assert [line.split(" · ")[3:] for line in lines] == [
+        ["synced"],
+        ["not synced yet"],
+        ["this device only"],
+        [],
+    ]

@@ -9,7 +9,7 @@ import pytest
 
 from agentauth.protocol import Capability, Envelope, parse_capabilities
 from agentauth.ui import describe_capability, describe_envelope, describe_step_up, money
-from agentauth.ui._wording import per_window, spend_period, when
+from agentauth.ui._wording import describe_backup, per_window, spend_period, when
 
 DASH = "\u2013"
 MINUS = "\u2212"
@@ -216,6 +216,8 @@ def test_the_latest_expiry_reads_in_every_zone() -> None:
         ("provider_suspended", "suspended this provider"),
         ("not_pending", "already decided"),
         ("unsupported_key", "only Ed25519 and P-256 passkeys"),
+        ("backup_eligibility_changed", "a genuine passkey never does"),
+        ("invalid_backup_flags", "claims its passkey is synced while saying it cannot be"),
         (None, "the request was already decided"),
     ],
 )
@@ -224,3 +226,20 @@ def test_the_registrys_refusals_read_in_plain_words(reason: str | None, words: s
 
     error = RegistryError(409, "conflict", "the request was already decided", reason)
     assert words in error.message
+
+
+@pytest.mark.parametrize(
+    ("backup_eligible", "backed_up", "words"),
+    [
+        (True, True, "synced"),
+        (True, False, "not synced yet"),
+        (False, False, "this device only"),
+        # Registered before the registry stored BE: what BS said then, until the next use.
+        (None, True, "synced"),
+        (None, False, None),
+    ],
+)
+def test_a_passkeys_backup_reads_from_its_stored_flags(
+    backup_eligible: bool | None, backed_up: bool, words: str | None
+) -> None:
+    assert describe_backup(backup_eligible=backup_eligible, backed_up=backed_up) == words

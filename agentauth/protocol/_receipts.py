@@ -11,6 +11,8 @@ What ``verify_assertion`` does *not* decide, because it needs state the caller o
 * that ``credential_id`` is registered to the approving user with this public key (look the key
   up by credential id; never trust the key a receipt carries on its own);
 * that ``sign_count`` moved forward (the caller compares and persists it);
+* that ``backup_eligible`` (BE) is the value the credential registered with, which never
+  changes (the caller compares it, and persists ``backed_up``, BS, which may);
 * that ``user_handle`` names the expected user.
 
 Every failure raises ``InvalidReceipt`` with a public ``reason``:
@@ -294,6 +296,9 @@ class VerifiedReceipt:
     sign_count: int
     user_verified: bool
     backed_up: bool
+    #: BE: the credential can be backed up. Fixed for its life (WebAuthn L3 §6.1.3), so a
+    #: caller holding the registered value compares it; ``backed_up`` may change any time.
+    backup_eligible: bool
 
 
 def _check_client_data(client_data_json: bytes, challenge: bytes, origins: frozenset[str]) -> None:
@@ -407,4 +412,5 @@ def verify_assertion(
         sign_count=int.from_bytes(auth_data[_FLAGS_AT + 1 : _SIGN_COUNT_END], "big"),
         user_verified=bool(flags & _FLAG_UV),
         backed_up=bool(flags & _FLAG_BS),
+        backup_eligible=bool(flags & _FLAG_BE),
     )

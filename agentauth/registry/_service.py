@@ -26,9 +26,14 @@ import redis.asyncio as aioredis
 import webauthn
 from webauthn.helpers import base64url_to_bytes, bytes_to_base64url
 from webauthn.helpers.cose import COSEAlgorithmIdentifier
-from webauthn.helpers.exceptions import InvalidAuthenticationResponse, InvalidRegistrationResponse
+from webauthn.helpers.exceptions import (
+    InvalidAuthenticationResponse,
+    InvalidBackupFlags,
+    InvalidRegistrationResponse,
+)
 from webauthn.helpers.structs import (
     AuthenticatorSelectionCriteria,
+    CredentialDeviceType,
     PublicKeyCredentialDescriptor,
     ResidentKeyRequirement,
     UserVerificationRequirement,
@@ -568,6 +573,9 @@ class Registry:
                 require_user_verification=self.settings.require_user_verification,
                 supported_pub_key_algs=_PASSKEY_ALGORITHMS,
             )
+        except InvalidBackupFlags:
+            # Not one of py_webauthn's response errors: uncaught, it would be a 500.
+            raise _invalid_backup_flags() from None
         except (InvalidRegistrationResponse, ValueError, KeyError, TypeError) as exc:
             raise InvalidReceipt(
                 f"passkey registration refused: {exc}", reason="registration_refused"
@@ -594,11 +602,13 @@ class Registry:
         try:
             await conn.execute(
                 "INSERT INTO passkey_credentials (credential_id, principal_id, public_key,"
-                " sign_count, backed_up) VALUES ($1, $2, $3, $4, $5)",
+                " sign_count, backup_eligible, backed_up) VALUES ($1, $2, $3, $4, $5, $6)",
                 bytes_to_base64url(verified.credential_id),
                 principal_id,
                 verified.credential_public_key,
                 verified.sign_count,
+                # py_webauthn names BE by what it usually means: a multi-device passkey.
+                verified.credential_device_type == CredentialDeviceType.MULTI_DEVICE,
                 bool(verified.credential_backed_up),
             )
         except asyncpg.UniqueViolationError:
@@ -770,8 +780,8 @@ class Registry:
 
     async def list_passkeys(self, principal_id: str) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
-            "SELECT credential_id, sign_count, backed_up, flagged_at, created_at, last_used_at"
-            " FROM passkey_credentials WHERE principal_id = $1 AND removed_at IS NULL"
+            "SELECT credential_id, sign_count, backup_eligible, backed_up, flagged_at, created_at,"
+            " last_used_at FROM passkey_credentials WHERE principal_id = $1 AND removed_at IS NULL"
             " ORDER BY created_at",
             principal_id,
         )
@@ -828,8 +838,8 @@ class Registry:
         if not isinstance(credential_id, str):
             raise InvalidReceipt("malformed WebAuthn credential", reason="malformed")
         row = await conn.fetchrow(
-            "SELECT principal_id, public_key, sign_count, flagged_at FROM passkey_credentials"
-            " WHERE credential_id = $1 AND removed_at IS NULL FOR UPDATE",
+            "SELECT principal_id, public_key, sign_count, backup_eligible, flagged_at"
+            " FROM passkey_credentials WHERE credential_id = $1 AND removed_at IS NULL FOR UPDATE",
             credential_id,
         )
         if row is None or (principal_id is not None and row["principal_id"] != principal_id):
@@ -856,6 +866,9 @@ class Registry:
             raise InvalidReceipt(
                 f"passkey assertion refused: {exc}", reason="assertion_refused"
             ) from None
+        except InvalidBackupFlags:
+            # Raised only once the signature has verified; not a response error to py_webauthn.
+            raise _invalid_backup_flags() from None
         except (ValueError, KeyError, TypeError):
             raise InvalidReceipt("malformed WebAuthn credential", reason="malformed") from None
         response = credential["response"]
@@ -871,7 +884,7 @@ class Registry:
             user_handle=user_handle,
         )
         # The stored receipt must verify offline with the protocol's own checker too.
-        verify_assertion(
+        checked = verify_assertion(
             receipt,
             challenge=challenge,
             rp_id=self.settings.rp_id,
@@ -881,11 +894,27 @@ class Registry:
         # Only a signed assertion reaches here: whoever holds no passkey cannot flag one.
         if _counter_regressed(stored=row["sign_count"], presented=verified.new_sign_count):
             raise SignCountRegression(credential_id, row["principal_id"])
+        if _backup_eligibility_changed(
+            stored=row["backup_eligible"], presented=checked.backup_eligible
+        ):
+            # Refused with nothing written: the caller's transaction rolls back. Who, not
+            # which passkey: the log carries no passkey material.
+            log.warning(
+                "refused a passkey assertion whose BE flag changed (%s)", row["principal_id"]
+            )
+            raise Forbidden(
+                "the passkey's backup eligibility (BE) changed, which WebAuthn rules out",
+                reason="backup_eligibility_changed",
+            )
+        # BE is recorded here for passkeys registered before it was stored (NULL) and is
+        # otherwise the stored value again; BS is whatever the authenticator says now.
         await conn.execute(
-            "UPDATE passkey_credentials SET sign_count = $2, last_used_at = now()"
-            " WHERE credential_id = $1",
+            "UPDATE passkey_credentials SET sign_count = $2, last_used_at = now(),"
+            " backup_eligible = $3, backed_up = $4 WHERE credential_id = $1",
             credential_id,
             verified.new_sign_count,
+            checked.backup_eligible,
+            checked.backed_up,
         )
         return str(row["principal_id"]), receipt
 
@@ -2143,6 +2172,22 @@ def _counter_regressed(*, stored: int, presented: int) -> bool:
     """WebAuthn §7.2 step 21: a counter that does not move forward, unless both are 0 (an
     authenticator without a counter), is a sign of a cloned authenticator."""
     return (presented != 0 or stored != 0) and presented <= stored
+
+
+def _backup_eligibility_changed(*, stored: bool | None, presented: bool) -> bool:
+    """WebAuthn L3 §6.1.3: BE is fixed when the credential is created and never changes, so
+    an assertion whose BE differs from the recorded one is refused (whatever made it, it
+    is not the authenticator that stored this credential behaving as WebAuthn says). None:
+    registered before BE was stored; this assertion is the first to record it."""
+    return stored is not None and stored != presented
+
+
+def _invalid_backup_flags() -> InvalidReceipt:
+    """BS (backed up) with BE (may be backed up) clear, which WebAuthn L3 §7.1 and §7.2
+    refuse: no authenticator backs up what cannot be."""
+    return InvalidReceipt(
+        "the passkey says it is backed up but cannot be backed up", reason="invalid_backup_flags"
+    )
 
 
 def _removable(passkeys: set[str], credential_id: str) -> None:

@@ -49,6 +49,7 @@ from ._settings import UISettings
 from ._webauthn_js import WEBAUTHN_JS
 from ._wording import (
     action_noun,
+    describe_backup,
     describe_capabilities,
     describe_capability,
     describe_envelope,
@@ -1680,8 +1681,12 @@ class Pages:
                     with ui.card().classes("w-full"), ui.row().classes("items-center gap-4 w-full"):
                         ui.label(f"Passkey {i}").classes("font-medium")
                         flags = []
-                        if passkey.get("backed_up"):
-                            flags.append("synced")
+                        backup = describe_backup(
+                            backup_eligible=passkey.get("backup_eligible"),
+                            backed_up=passkey.get("backed_up"),
+                        )
+                        if backup is not None:
+                            flags.append(backup)
                         if passkey.get("flagged_at"):
                             flags.append("BLOCKED: possibly cloned")
                         ui.label(

@@ -53,6 +53,15 @@ _MESSAGES = {
         "This passkey's signature counter went backwards (it may have been cloned); it is "
         "now blocked."
     ),
+    "backup_eligibility_changed": (
+        "This passkey now reports a different kind of storage (synced or single-device) than "
+        "when it was first used here, which a genuine passkey never does. It was refused: use "
+        "another passkey, and remove this one if it keeps happening."
+    ),
+    "invalid_backup_flags": (
+        "This authenticator claims its passkey is synced while saying it cannot be. It was "
+        "refused: use another authenticator."
+    ),
     "unknown_credential": "This passkey is not registered to your account.",
     "bad_session": "Your session has ended. Please sign in again.",
     "missing_session": "Please sign in.",

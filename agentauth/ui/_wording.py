@@ -18,6 +18,7 @@ from ..protocol import Capability, Custom, Envelope, Read, Transact, Write
 
 __all__ = [
     "action_noun",
+    "describe_backup",
     "describe_capabilities",
     "describe_capability",
     "describe_envelope",
@@ -245,3 +246,20 @@ def describe_step_up(document: Mapping[str, Any]) -> str:
     payee = document.get("payee")
     to = f" to {payee}" if payee else ""
     return f"pay {amount}{to} for {document['resource']}"
+
+
+def describe_backup(*, backup_eligible: bool | None, backed_up: bool | None) -> str | None:
+    """How a passkey is kept, from the backup flags the registry stored at its last use
+    (WebAuthn BE and BS): 'synced', 'not synced yet' or 'this device only'; None when
+    there is nothing true to say yet.
+
+    BE (``backup_eligible``) None is a passkey registered before the registry stored BE;
+    what it said at registration about being backed up still reads until it is next used.
+    """
+    if backup_eligible is False:
+        return "this device only"
+    if backed_up:
+        return "synced"
+    if backup_eligible:
+        return "not synced yet"
+    return None
