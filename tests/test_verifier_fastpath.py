@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from agentauth.protocol import InvalidToken, Unauthenticated
 from agentauth.verifier import Verifier, VerifyIn, create_app
 from agentauth.verifier._http import VerifyFastPath
+from agentauth.verifier._service import _DecisionCounts
 
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"prov_1:s3cret").decode()}
 BODY = {
@@ -213,7 +214,7 @@ class Introspecting(StandIn):
 
     def __init__(self, fail: Exception | None = None) -> None:
         super().__init__(fail)
-        self.decisions: dict[str, int] = {}
+        self.decisions = _DecisionCounts()
         self.shards = types.SimpleNamespace(
             batches=0,
             checks=0,

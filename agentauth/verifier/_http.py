@@ -147,9 +147,11 @@ def create_app(verifier: Verifier) -> FastAPI:
         return await verifier.introspect(provider_id, body)
 
     @app.get("/v1/stats")
-    async def stats(_: Provider) -> dict[str, Any]:
+    async def stats(provider_id: Provider) -> dict[str, Any]:
+        """This replica's counters: the caller's own decisions by reason, and the shard
+        link's and revocation watcher's, which are about the replica, not any provider."""
         return {
-            "decisions": dict(verifier.decisions),
+            "decisions": verifier.decisions.of(provider_id),
             "batches": verifier.shards.batches,
             "checks": verifier.shards.checks,
             "checks_given_up": verifier.shards.given_up,
