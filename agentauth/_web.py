@@ -67,7 +67,8 @@ class Authentication:
 
     ``schemes``: ``"DPoP"``, ``"Bearer"``, ``"Basic"``, in the order offered.
     ``token_endpoint``: an authorization server's token endpoint, whose DPoP failures are
-    RFC 6749 §5.2 error responses, 400 without a challenge (RFC 9449 §5 and §8).
+    RFC 6749 §5.2 error responses, 400 without a challenge (RFC 9449 §5 and §8), coded
+    ``invalid_dpop_proof`` (a replay too, its reason kept) or ``use_dpop_nonce``.
     """
 
     realm: str
@@ -144,12 +145,17 @@ def _error_response(
     if scope is not None:
         auth = scope.get(_AUTHENTICATION, auth)
     status = exc.status_hint
+    body = exc.to_dict()
     if auth is not None and auth.token_endpoint and isinstance(exc, _PROOF_ERRORS):
         status = 400  # RFC 9449 §5: an RFC 6749 §5.2 error response
+        if isinstance(exc, ReplayDetected):
+            # §5.2 allows only registered codes there, and RFC 9449 §12.2 registers
+            # invalid_dpop_proof for any proof refused; the reason still says replay.
+            body["error"] = "invalid_dpop_proof"
     elif status == 401:
         auth = auth or Authentication(realm="agentauth", schemes=("DPoP",))
         headers["WWW-Authenticate"] = _challenges(exc, auth, _presented(scope))
-    return JSONResponse(exc.to_dict(), status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class BodyGuard:

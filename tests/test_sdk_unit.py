@@ -592,11 +592,18 @@ async def test_the_agent_client_surfaces_the_token_endpoints_400_proof_errors(
     tmp_path: Path,
 ) -> None:
     """The token endpoint answers a bad proof 400 (RFC 9449 §5), no longer 401: the client
-    reads the error code, not the status, and raises the same error as before."""
+    reads the error code, not the status, and raises the same error as before. A replay
+    comes as invalid_dpop_proof there now (RFC 6749 §5.2 has no replay_detected): its
+    reason tells it apart, and it is still raised as ReplayDetected, as from a registry
+    that sends replay_detected."""
     from agentauth.protocol import InvalidDPoPProof, ReplayDetected
 
     answers = [
         ("invalid_dpop_proof", "htu_mismatch", InvalidDPoPProof),
+        ("invalid_dpop_proof", "iat_too_old", InvalidDPoPProof),
+        ("invalid_dpop_proof", "jti_reused", ReplayDetected),
+        ("invalid_dpop_proof", "too_old", ReplayDetected),
+        ("invalid_dpop_proof", "replay_cache_reset", ReplayDetected),
         ("replay_detected", "jti_reused", ReplayDetected),
     ]
     for code, reason, raised in answers:
@@ -617,7 +624,7 @@ async def test_the_agent_client_surfaces_the_token_endpoints_400_proof_errors(
         )
         with pytest.raises(raised) as refused:
             await client.get_token("shop")
-        assert refused.value.reason == reason
+        assert type(refused.value) is raised and refused.value.reason == reason
 
 
 # --- the provider's challenges (RFC 9449 §7.1) --------------------------------------------
