@@ -67,7 +67,8 @@ class Authentication:
 
     ``schemes``: ``"DPoP"``, ``"Bearer"``, ``"Basic"``, in the order offered.
     ``token_endpoint``: an authorization server's token endpoint, whose DPoP failures are
-    RFC 6749 §5.2 error responses, 400 without a challenge (RFC 9449 §5 and §8).
+    RFC 6749 §5.2 error responses, 400 without a challenge (RFC 9449 §5 and §8), coded
+    ``invalid_dpop_proof`` (a replay too, its reason kept) or ``use_dpop_nonce``.
     """
 
     realm: str
@@ -144,12 +145,17 @@ def _error_response(
     if scope is not None:
         auth = scope.get(_AUTHENTICATION, auth)
     status = exc.status_hint
+    body = exc.to_dict()
     if auth is not None and auth.token_endpoint and isinstance(exc, _PROOF_ERRORS):
         status = 400  # RFC 9449 §5: an RFC 6749 §5.2 error response
+        if isinstance(exc, ReplayDetected):
+            # §5.2 allows only registered codes there, and RFC 9449 §12.2 registers
+            # invalid_dpop_proof for any proof refused; the reason still says replay.
+            body["error"] = "invalid_dpop_proof"
     elif status == 401:
         auth = auth or Authentication(realm="agentauth", schemes=("DPoP",))
         headers["WWW-Authenticate"] = _challenges(exc, auth, _presented(scope))
-    return JSONResponse(exc.to_dict(), status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class BodyGuard:
@@ -209,15 +215,23 @@ class BodyGuard:
         await self.app(scope, replay, send)
 
 
+# What NoStore adds to every answer (one request's data, never for a cache to keep).
+_NO_STORE = {"cache-control": "no-store", "pragma": "no-cache"}
+_NO_STORE_LINES = [(name.encode(), value.encode()) for name, value in _NO_STORE.items()]
+
+
 class NoStore:
     """ASGI middleware: every answer carries ``Cache-Control: no-store`` (and HTTP/1.0's
     ``Pragma: no-cache``).
 
     RFC 6749 §5.1 requires it of a token response, and the registry hands out other
     secrets too: session tokens, enrollment and recovery codes, provider secrets, step-up
-    approval references. Marking every answer, instead of a list of routes, cannot miss a
-    route added later; the rest are one caller's data or, for the public documents (JWKS,
-    audit keys), must show a key rotation at once.
+    approval references. The verifier's decisions and introspection answers tell what a
+    token may do now (RFC 7662 §4): a kept allow would outlive a revocation. Marking every
+    answer, instead of a list of routes, cannot miss a route added later; the rest are one
+    caller's data or, for the public documents (JWKS, audit keys), must show a key rotation
+    at once. (Starlette sends a 500 from outside every middleware: ``error_response`` marks
+    that one itself.)
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -235,7 +249,7 @@ class NoStore:
                     for name, value in message.get("headers", [])
                     if name.lower() not in (b"cache-control", b"pragma")
                 ]
-                headers += [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
+                headers += _NO_STORE_LINES
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -334,7 +348,11 @@ def error_response(
         log.warning("dependency failure: %s", type(exc).__name__)
         return _error_response(DependencyUnavailable())
     log.exception("unexpected error", exc_info=exc)  # details stay in the server log
-    return JSONResponse({"error": "server_error", "error_description": "internal error"}, 500)
+    # Starlette answers this one from its outermost layer, outside any middleware, NoStore
+    # included: the mark is set here for it.
+    return JSONResponse(
+        {"error": "server_error", "error_description": "internal error"}, 500, _NO_STORE
+    )
 
 
 _DEPENDENCY_ERRORS = (

@@ -1281,7 +1281,8 @@ def measure_column(
 
 
 def verifier_stats(bench: Bench, column: str) -> dict[str, Any]:
-    """The verifier's own counters (decisions, shard-call batching); one process or replica."""
+    """The verifier's own counters (the benchmark provider's decisions, which are all of
+    them here, and shard-call batching); one process or replica."""
     if column == "reference":
         return {}
     url = bench.targets[column].url.replace("/v1/verify", "/v1/stats")

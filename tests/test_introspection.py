@@ -1,4 +1,5 @@
-"""The verifier's RFC 7662 answer (``Verifier.introspect``) without Ray, PostgreSQL or Redis.
+"""The verifier's RFC 7662 answer (``Verifier.introspect``) and its per-provider decision
+counts (``/v1/stats``) without Ray, PostgreSQL or Redis.
 
 The replica's service layer runs for real: the token and proof checks, the capability, the
 revocation and grant prechecks (fed a fresh revocation state and a grant known active) and
@@ -8,11 +9,12 @@ as the shard would on a fresh grant: deny what the replica denied, allow the res
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import secrets
 import time
 from typing import Any, cast
 
+import httpx
 import pytest
 
 from agentauth.actors import Check, Result, ShardClient
@@ -27,7 +29,7 @@ from agentauth.protocol import (
     create_dpop_proof,
     mint_access_token,
 )
-from agentauth.verifier import Verifier, VerifierSettings, VerifyIn
+from agentauth.verifier import Verifier, VerifierSettings, VerifyIn, create_app
 from agentauth.verifier._service import _Provider
 
 ISSUER = "https://registry.example"
@@ -41,9 +43,14 @@ class Shards:
     """Stands in for ShardClient: every check is recorded, as the shard's audit chain would."""
 
     shards = 4
+    # The link's counters, which /v1/stats reports.
+    batches = checks = given_up = void_checks = overruns = unacknowledged = 0
 
     def __init__(self) -> None:
         self.recorded: list[Check] = []
+
+    def queue_depth(self) -> int:
+        return 0
 
     async def check(self, shard: int, check: Check) -> Result:
         self.recorded.append(check)
@@ -74,12 +81,23 @@ def verifier(**settings: Any) -> tuple[Verifier, Shards]:
     v.tokens.set_keys(KeySet([PublicKey.from_jwk(REGISTRY.public_jwk())]))
     v.revocations = cast(Any, FreshRevocations())
     v._known_grants.add("grant-1", time.monotonic())  # known active: no lookup
-    hashed = secrets.token_bytes  # any secret: these tests never authenticate a provider
     v._providers = {
-        "prov_a": _Provider(AUDIENCE, hashed(32), hashed(32), 0.0, False),
-        "prov_b": _Provider("https://other.example", hashed(32), hashed(32), 0.0, False),
+        "prov_a": _Provider(AUDIENCE, secret_hash("a"), secret_hash("no"), 0.0, False),
+        "prov_b": _Provider(
+            "https://other.example", secret_hash("b"), secret_hash("no"), 0.0, False
+        ),
     }
     return v, shards
+
+
+def secret_hash(secret: str) -> bytes:
+    return hashlib.sha256(f"secret-{secret}".encode()).digest()
+
+
+def basic(provider_id: str) -> dict[str, str]:
+    """prov_a's and prov_b's Basic credentials (their secrets: secret-a, secret-b)."""
+    credential = f"{provider_id}:secret-{provider_id.removeprefix('prov_')}"
+    return {"Authorization": "Basic " + base64.b64encode(credential.encode()).decode()}
 
 
 def mint(*, now: float, lifetime: int = 600) -> str:
@@ -136,7 +154,8 @@ async def test_an_inactive_answer_says_nothing_of_why() -> None:
     for provider, body, reason in cases:
         assert await v.introspect(provider, body) == {"active": False}
         assert shards.recorded[-1].deny == reason
-    assert v.decisions == {reason: 1 for _, _, reason in cases}
+    assert v.decisions.of("prov_a") == {reason: 1 for _, _, reason in cases[1:]}
+    assert v.decisions.of("prov_b") == {"invalid_token:wrong_audience": 1}
     answer = await v.introspect("prov_a", ask(token))
     assert answer["active"] is True and answer["sub"] == "agent-1"
 
@@ -173,3 +192,23 @@ async def test_a_token_past_its_exp_is_inactive_and_recorded_as_a_denial() -> No
     current = mint(now=now - 560, lifetime=580)  # exp in 20 s
     answer = await v.introspect("prov_a", ask(current))
     assert answer["active"] is True and answer["exp"] > time.time()
+
+
+@pytest.mark.asyncio
+async def test_a_provider_sees_only_its_own_decision_counts() -> None:
+    """/v1/stats showed every provider the replica's decisions of all providers: how often
+    another provider's agents were allowed, refused or rate-limited. Each sees its own now;
+    the replica's shard-link counters, about no provider, stay for everyone."""
+    v, _ = verifier()
+    token = mint(now=time.time())
+    await v.verify("prov_a", ask(token))
+    await v.verify("prov_a", ask(token))
+    await v.verify("prov_a", ask(token, key=PrivateKey.generate()))
+    await v.verify("prov_b", ask(token))
+    transport = httpx.ASGITransport(app=create_app(v))
+    async with httpx.AsyncClient(transport=transport, base_url="http://verifier") as c:
+        a = (await c.get("/v1/stats", headers=basic("prov_a"))).json()
+        b = (await c.get("/v1/stats", headers=basic("prov_b"))).json()
+    assert a["decisions"] == {"ok": 2, "invalid_dpop_proof:jkt_mismatch": 1}
+    assert b["decisions"] == {"invalid_token:wrong_audience": 1}
+    assert a.keys() == b.keys() >= {"batches", "checks", "checks_given_up", "void_checks"}

@@ -909,8 +909,10 @@ async def test_token_endpoint_refuses_replayed_and_foreign_proofs(world: World) 
     again = await world.client.post(
         world.url("/v1/token"), headers={"DPoP": proof}, json={"grant_id": grant["id"]}
     )
-    # A token endpoint's DPoP failures are RFC 6749 §5.2 error responses: 400 (RFC 9449 §5).
-    assert again.status_code == 400 and again.json()["error"] == "replay_detected"
+    # A token endpoint's DPoP failures are RFC 6749 §5.2 error responses: 400 (RFC 9449 §5),
+    # coded invalid_dpop_proof, a replay's too (its reason says which).
+    assert again.status_code == 400
+    assert (again.json()["error"], again.json()["reason"]) == ("invalid_dpop_proof", "jti_reused")
     wrong_url = world.proof(agent.key, "POST", "/v1/grants")
     r = await world.client.post(
         world.url("/v1/token"), headers={"DPoP": wrong_url}, json={"grant_id": grant["id"]}

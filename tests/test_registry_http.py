@@ -169,7 +169,13 @@ async def test_dpop_failures_at_the_token_endpoint_are_400_error_responses() -> 
         replayed = proof("POST", "/v1/token")
         assert (await c.post("/v1/token", json=TOKEN, headers=replayed)).status_code == 200
         r = await c.post("/v1/token", json=TOKEN, headers=replayed)
-        assert (r.status_code, r.json()["reason"]) == (400, "jti_reused")
+        # A replay too: replay_detected is no RFC 6749 §5.2 code; the reason says replay.
+        assert (r.status_code, r.json()["error"], r.json()["reason"]) == (
+            400,
+            "invalid_dpop_proof",
+            "jti_reused",
+        )
+        assert "www-authenticate" not in r.headers
         r = await c.post("/v1/token", json=TOKEN)
         assert r.status_code == 401
         assert r.headers["www-authenticate"] == f"DPoP {REALM}, {ALGS}"

@@ -182,6 +182,33 @@ async def test_a_stored_grant_finer_than_its_currency_still_gets_tokens(
     assert r.status_code == 200, r.text
 
 
+# --- the token endpoint's error codes ---------------------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_replayed_proof_at_the_token_endpoint_is_an_invalid_dpop_proof(
+    service: InProcess,
+) -> None:
+    """RFC 6749 §5.2 (RFC 9449 §5): a token endpoint's error is a registered code, and
+    replay_detected is none; a replayed proof is an invalid one (RFC 9449 §11.1), whose
+    code RFC 9449 §12.2 registers. The reason keeps saying it was a replay, and no second
+    token is recorded."""
+    world = service.world
+    _, agent, _, grant = await world.setup_grant()
+    headers = world.dpop(agent, "POST", "/v1/token")
+    first = await world.client.post(
+        world.url("/v1/token"), headers=headers, json={"grant_id": grant["id"]}
+    )
+    assert first.status_code == 200, first.text
+    again = await world.client.post(
+        world.url("/v1/token"), headers=headers, json={"grant_id": grant["id"]}
+    )
+    assert again.status_code == 400, again.text
+    assert (again.json()["error"], again.json()["reason"]) == ("invalid_dpop_proof", "jti_reused")
+    assert "www-authenticate" not in again.headers
+    assert await issued(service, grant["id"]) == 1
+
+
 # --- token issuance against a concurrent revocation ------------------------------------------
 
 

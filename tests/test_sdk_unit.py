@@ -592,11 +592,18 @@ async def test_the_agent_client_surfaces_the_token_endpoints_400_proof_errors(
     tmp_path: Path,
 ) -> None:
     """The token endpoint answers a bad proof 400 (RFC 9449 §5), no longer 401: the client
-    reads the error code, not the status, and raises the same error as before."""
+    reads the error code, not the status, and raises the same error as before. A replay
+    comes as invalid_dpop_proof there now (RFC 6749 §5.2 has no replay_detected): its
+    reason tells it apart, and it is still raised as ReplayDetected, as from a registry
+    that sends replay_detected."""
     from agentauth.protocol import InvalidDPoPProof, ReplayDetected
 
     answers = [
         ("invalid_dpop_proof", "htu_mismatch", InvalidDPoPProof),
+        ("invalid_dpop_proof", "iat_too_old", InvalidDPoPProof),
+        ("invalid_dpop_proof", "jti_reused", ReplayDetected),
+        ("invalid_dpop_proof", "too_old", ReplayDetected),
+        ("invalid_dpop_proof", "replay_cache_reset", ReplayDetected),
         ("replay_detected", "jti_reused", ReplayDetected),
     ]
     for code, reason, raised in answers:
@@ -617,7 +624,7 @@ async def test_the_agent_client_surfaces_the_token_endpoints_400_proof_errors(
         )
         with pytest.raises(raised) as refused:
             await client.get_token("shop")
-        assert refused.value.reason == reason
+        assert type(refused.value) is raised and refused.value.reason == reason
 
 
 # --- the provider's challenges (RFC 9449 §7.1) --------------------------------------------
@@ -648,7 +655,16 @@ ALGS = 'algs="ES256 Ed25519 EdDSA"'
             400,
             f'DPoP error="invalid_request", {ALGS}',
         ),
-        (Verification(False, "insufficient_capability"), 403, None),
+        # The token covers no such action: insufficient_scope (RFC 6750 §3.1, RFC 9449 §7.1).
+        (
+            Verification(False, "insufficient_capability"),
+            403,
+            f'DPoP error="insufficient_scope", {ALGS}',
+        ),
+        # Refusals of an action the token covers: another token would fare no better.
+        (Verification(False, "rate_limited"), 403, None),
+        (Verification(False, "step_up_required"), 403, None),
+        (Verification(False, "grant_inactive"), 403, None),
         (Verification(False, "verifier_unavailable"), 503, None),
     ],
 )
@@ -688,3 +704,35 @@ async def test_the_middlewares_challenges_name_the_failure_and_the_algorithms() 
             r = await c.post("/payments/1", headers=sent)
             assert r.status_code == 401, r.text
             assert r.headers["www-authenticate"] == challenge, r.text
+
+
+@pytest.mark.asyncio
+async def test_a_request_the_token_does_not_cover_is_refused_insufficient_scope() -> None:
+    """RFC 6750 §3.1 (for DPoP, RFC 9449 §7.1): a token without the privilege a request
+    needs is refused 403 with ``error="insufficient_scope"`` in the challenge, which tells
+    the agent that a token with more capabilities, not a new proof, is what it lacks. Other
+    403s (a limit reached, a step-up needed, a revoked grant) carry no challenge: the same
+    token may do the action later. By the middleware and by require() alike."""
+    for reason, challenge in (
+        ("insufficient_capability", f'DPoP error="insufficient_scope", {ALGS}'),
+        ("cumulative_limit_exceeded", None),
+        ("revoked", None),
+    ):
+        answer = {"decision": "deny", "reason": reason, "audit_event": "verifier-0:1"}
+        verifier = VerifierClient(
+            "http://verifier",
+            provider_id="shop",
+            secret="s",
+            http=httpx.AsyncClient(
+                transport=httpx.MockTransport(lambda r, a=answer: httpx.Response(200, json=a))
+            ),
+        )
+        for label, app in protected_apps(verifier).items():
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="https://shop.example") as c:
+                r = await c.post(
+                    "/payments/1", headers={"Authorization": "DPoP t.o.k", "DPoP": "p.r.f"}
+                )
+            assert r.status_code == 403, (label, r.text)
+            assert reason in r.text, (label, r.text)
+            assert r.headers.get("www-authenticate") == challenge, (label, reason)

@@ -447,6 +447,28 @@ async def test_introspection_answers_active_only_when_every_check_passes(vworld:
 
 
 @pytest.mark.asyncio
+async def test_stats_show_each_provider_only_its_own_decisions(vworld: World) -> None:
+    """/v1/stats counts the caller's decisions only, whichever replica answers: a provider
+    that asked nothing sees none, though other tests' providers were decided on both."""
+    s = await setup(vworld)
+    assert (await verify(vworld, s.provider, request_body(s, READ)))["reason"] == "ok"
+    write = {"kind": "write", "resource": "things/1"}
+    denied = await verify(vworld, s.provider, request_body(s, write))
+    assert denied["reason"] == "insufficient_capability"
+    quiet = await vworld.provider()
+    url = vworld.verifier + "/v1/stats"
+    for _ in range(8):  # one after another: both replicas answer some
+        mine = await vworld.client.get(url, headers=s.provider.headers)
+        theirs = await vworld.client.get(url, headers=quiet.headers)
+        assert (mine.status_code, theirs.status_code) == (200, 200), (mine.text, theirs.text)
+        assert theirs.json()["decisions"] == {}
+        counted = mine.json()["decisions"]
+        assert set(counted) <= {"ok", "insufficient_capability"}, counted
+        assert sum(counted.values()) <= 2, counted
+        assert {"batches", "checks"} <= theirs.json().keys()  # the replica's, for everyone
+
+
+@pytest.mark.asyncio
 async def test_decision_chains_are_checkpointed_and_verify(
     vworld: World, db: asyncpg.Connection
 ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import types
 from typing import Any, cast
 
 import httpx
@@ -19,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from agentauth.protocol import InvalidToken, Unauthenticated
 from agentauth.verifier import Verifier, VerifyIn, create_app
 from agentauth.verifier._http import VerifyFastPath
+from agentauth.verifier._service import _DecisionCounts
 
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"prov_1:s3cret").decode()}
 BODY = {
@@ -205,3 +207,62 @@ def test_server_nonces_need_a_secret_of_their_own(secret: str | None) -> None:
     with pytest.raises(ValidationError, match="nonce_secret"):
         VerifierSettings(**fields, dpop_nonces=True, nonce_secret=secret)
     assert VerifierSettings(**fields, dpop_nonces=True, nonce_secret="s" * 32).dpop_nonces
+
+
+class Introspecting(StandIn):
+    """Also answers the routed calls: introspection, and what /v1/stats reads."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        super().__init__(fail)
+        self.decisions = _DecisionCounts()
+        self.shards = types.SimpleNamespace(
+            batches=0,
+            checks=0,
+            given_up=0,
+            void_checks=0,
+            overruns=0,
+            unacknowledged=0,
+            queue_depth=lambda: 0,
+        )
+        self.revocations = types.SimpleNamespace(fresh=lambda: True)
+
+    async def introspect(self, provider_id: str, body: VerifyIn) -> dict[str, Any]:
+        if self.fail is not None:
+            raise self.fail
+        return {"active": False}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("fail", [None, InvalidToken(reason="expired"), RuntimeError("boom")])
+async def test_no_answer_of_the_verifier_may_be_stored(fail: Exception | None) -> None:
+    """A decision or an introspection answer says what a token may do now (RFC 7662 §4); a
+    cache that kept an allow would repeat it past a revocation. Every answer carries
+    ``Cache-Control: no-store``: the fast path's and its refusals, the routed ones, the body
+    guard's, a 404 and a 500 alike."""
+    app = create_app(cast(Verifier, Introspecting(fail)))
+    # A 500 is still answered when the app re-raises its exception (as Starlette does).
+    transport = httpx.ASGITransport(app=app, root_path="/verifier", raise_app_exceptions=False)
+    body = json.dumps(BODY).encode()
+    json_type = {"Content-Type": "application/json"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        answers = [
+            await c.post("/verifier/v1/verify", content=body, headers={**AUTH, **json_type}),
+            await c.post("/verifier/v1/verify", content=body, headers=json_type),
+            await c.post("/verifier/v1/verify", content=b"{", headers={**AUTH, **json_type}),
+            await c.post("/verifier/v1/introspect", content=body, headers={**AUTH, **json_type}),
+            await c.post("/verifier/v1/introspect", content=b"[]", headers={**AUTH, **json_type}),
+            await c.get("/verifier/v1/stats", headers=AUTH),
+            await c.get("/verifier/v1/stats"),
+            await c.get("/verifier/v1/nothing-here"),
+            await c.get("/verifier/healthz"),
+        ]
+    statuses = [r.status_code for r in answers]
+    expected = {
+        None: [200, 401, 400, 200, 400, 200, 401, 404, 200],
+        InvalidToken: [401, 401, 400, 401, 400, 200, 401, 404, 200],
+        RuntimeError: [500, 401, 400, 500, 400, 200, 401, 404, 200],
+    }
+    assert statuses == expected[type(fail) if fail else None]
+    for r in answers:
+        assert r.headers.get_list("cache-control") == ["no-store"], (r.request.url, r.status_code)
+        assert r.headers.get("pragma") == "no-cache", (r.request.url, r.status_code)

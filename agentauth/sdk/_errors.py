@@ -6,9 +6,14 @@ from typing import Any
 
 import httpx
 
-from ..protocol import AgentAuthError
+from ..protocol import AgentAuthError, ReplayDetected
 
 __all__ = ["error_from_response"]
+
+# The registry's replay-cache refusals. Its token endpoint sends them as invalid_dpop_proof,
+# the code RFC 6749 §5.2 answers may carry there (RFC 9449 §5), with one of these reasons;
+# they are raised as ReplayDetected, as before and as the registry's other routes send them.
+_REPLAY_REASONS = frozenset({"jti_reused", "too_old", "replay_cache_reset"})
 
 
 def _classes() -> dict[str, type[AgentAuthError]]:
@@ -41,6 +46,8 @@ def error_from_response(response: httpx.Response) -> AgentAuthError:
     )
     reason = body.get("reason") if isinstance(body, dict) else None
     cls = _classes().get(code or "")
+    if code == "invalid_dpop_proof" and reason in _REPLAY_REASONS:
+        cls = ReplayDetected
     if cls is None or cls.__name__ == "UseDPoPNonce":
         return ServerError(
             code or "server_error", description, status=response.status_code, reason=reason

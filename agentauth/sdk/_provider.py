@@ -299,6 +299,13 @@ def denial(verification: Verification) -> tuple[int, dict[str, str], dict[str, A
         return 400, {"WWW-Authenticate": _challenge("invalid_request")}, body
     if reason == "verifier_unavailable":
         return 503, {}, body
+    if reason == "insufficient_capability":
+        # The token grants nothing that covers this action: RFC 6750 §3.1's
+        # insufficient_scope (applied to DPoP by RFC 9449 §7.1), which tells the agent it
+        # needs a token with more, not a new proof. The other refusals of a covered action
+        # (a limit reached, a step-up needed, a grant revoked) are not this: another token
+        # for the same grant would fare no better, and they carry no challenge.
+        return 403, {"WWW-Authenticate": _challenge("insufficient_scope")}, body
     return 403, {}, body
 
 

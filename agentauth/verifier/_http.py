@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .._web import (
     Authentication,
+    NoStore,
     basic_credentials,
     error_response,
     install_error_handlers,
@@ -111,6 +112,10 @@ def create_app(verifier: Verifier) -> FastAPI:
     # Added first, so it runs inside BodyGuard (Starlette wraps later middleware around it).
     app.add_middleware(VerifyFastPath, verifier=verifier)
     install_error_handlers(app, log, authentication=AUTHENTICATION)
+    # Outermost of the three: the body guard's refusals are marked too. A decision or an
+    # introspection answer tells the token's state now (RFC 7662 §4): a cache that kept an
+    # allow would repeat it past a revocation, and the stats are one provider's.
+    app.add_middleware(NoStore)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -142,9 +147,11 @@ def create_app(verifier: Verifier) -> FastAPI:
         return await verifier.introspect(provider_id, body)
 
     @app.get("/v1/stats")
-    async def stats(_: Provider) -> dict[str, Any]:
+    async def stats(provider_id: Provider) -> dict[str, Any]:
+        """This replica's counters: the caller's own decisions by reason, and the shard
+        link's and revocation watcher's, which are about the replica, not any provider."""
         return {
-            "decisions": dict(verifier.decisions),
+            "decisions": verifier.decisions.of(provider_id),
             "batches": verifier.shards.batches,
             "checks": verifier.shards.checks,
             "checks_given_up": verifier.shards.given_up,

@@ -167,6 +167,27 @@ class _Expiring(Generic[K]):
             del until[oldest]
 
 
+class _DecisionCounts:
+    """This replica's decisions, counted by reason for each provider that asked. A provider
+    may see its own counts (/v1/stats), never another's: how often a competitor's agents
+    are allowed, refused or rate-limited is that provider's business. The metrics keep the
+    totals. Only authenticated providers are counted, so the table grows with the provider
+    table, not with what callers send."""
+
+    def __init__(self) -> None:
+        self._by_provider: dict[str, dict[str, int]] = {}
+
+    def add(self, provider_id: str, reason: str) -> None:
+        counts = self._by_provider.get(provider_id)
+        if counts is None:
+            counts = self._by_provider[provider_id] = {}
+        counts[reason] = counts.get(reason, 0) + 1
+
+    def of(self, provider_id: str) -> dict[str, int]:
+        """A copy of one provider's counts by reason (empty if it asked nothing here)."""
+        return dict(self._by_provider.get(provider_id, {}))
+
+
 class _Revocations:
     """Revoked tokens, grants and agents, kept fresh by pub/sub plus polling."""
 
@@ -304,7 +325,7 @@ class Verifier:
         self._providers_loaded_at = 0.0
         self._provider_epoch = -1
         self._providers_reload: asyncio.Future[None] | None = None
-        self.decisions: dict[str, int] = {}
+        self.decisions = _DecisionCounts()
         self.counters = CounterBuffer()
         self._tasks: set[asyncio.Future[Any]] = set()
         self._grants_wanted: dict[str, list[asyncio.Future[bytes]]] = {}
@@ -668,7 +689,7 @@ class Verifier:
             # Denied here, and the shard that was to record it could not: the answer keeps
             # its own reason (a retry would get the same), with no event to name.
             result = Result(False, check.deny)
-        self.decisions[result.reason] = self.decisions.get(result.reason, 0) + 1
+        self.decisions.add(provider_id, result.reason)
         answer: dict[str, Any] = {
             "decision": "allow" if result.allowed else "deny",
             "reason": result.reason,
