@@ -665,7 +665,14 @@ ALGS = 'algs="ES256 Ed25519 EdDSA"'
         (Verification(False, "rate_limited"), 403, None),
         (Verification(False, "step_up_required"), 403, None),
         (Verification(False, "grant_inactive"), 403, None),
+        # Nothing decided: the verifier or one of its dependencies failed (a deny, fail
+        # closed), so the agent may try again rather than give up on a grant that allows it.
         (Verification(False, "verifier_unavailable"), 503, None),
+        (Verification(False, "state_unavailable"), 503, None),
+        (Verification(False, "state_timeout"), 503, None),
+        (Verification(False, "audit_unavailable"), 503, None),
+        (Verification(False, "dependency_unavailable"), 503, None),
+        (Verification(False, "revocation_state_stale"), 503, None),
     ],
 )
 def test_each_refusal_gets_its_status_and_dpop_challenge(
@@ -675,6 +682,7 @@ def test_each_refusal_gets_its_status_and_dpop_challenge(
 
     got_status, headers, body = denial(verification)
     assert (got_status, headers.get("WWW-Authenticate")) == (status, challenge)
+    assert headers.get("Retry-After") == ("1" if status == 503 else None)
     assert body["reason"] == verification.reason
     assert headers.get("DPoP-Nonce") == verification.dpop_nonce
 

@@ -277,6 +277,20 @@ def _challenge(error: str | None = None) -> str:
     return "DPoP " + ", ".join(params)
 
 
+# Denials that say a dependency failed, not that the grant refuses the action: the
+# verifier's fail-closed reasons (docs/verifier.md) and the SDK's own for an unreachable one.
+_TEMPORARY = frozenset(
+    {
+        "verifier_unavailable",
+        "state_unavailable",
+        "state_timeout",
+        "audit_unavailable",
+        "dependency_unavailable",
+        "revocation_state_stale",
+    }
+)
+
+
 def denial(verification: Verification) -> tuple[int, dict[str, str], dict[str, Any]]:
     """Status, headers and body for a refused request (RFC 9449 §7.1 challenges)."""
     reason = verification.reason
@@ -297,8 +311,12 @@ def denial(verification: Verification) -> tuple[int, dict[str, str], dict[str, A
         return 401, {"WWW-Authenticate": _challenge("invalid_token")}, body
     if reason.startswith("invalid_request"):
         return 400, {"WWW-Authenticate": _challenge("invalid_request")}, body
-    if reason == "verifier_unavailable":
-        return 503, {}, body
+    if reason in _TEMPORARY:
+        # Nothing was decided about the request: a dependency of the verifier's failed (and
+        # it denied, failing closed) or the verifier could not be reached. A 403 would tell
+        # the agent the grant does not allow it; the same request with a fresh proof may
+        # well pass in a moment.
+        return 503, {"Retry-After": "1"}, body
     if reason == "insufficient_capability":
         # The token grants nothing that covers this action: RFC 6750 §3.1's
         # insufficient_scope (applied to DPoP by RFC 9449 §7.1), which tells the agent it
