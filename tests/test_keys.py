@@ -696,6 +696,65 @@ async def test_pkcs11_token_logged_in_by_other_code_is_refused_whatever_the_pin(
     await signer.aclose()
 
 
+def _open_sessions(token_label: str) -> int:
+    """How many sessions this process has open on the token, asked of SoftHSM2 itself:
+    C_GetSessionInfo succeeds for open session handles only. SoftHSM2 hands out handles
+    in increasing order, so a session opened now has the highest yet; it is not counted."""
+    import ctypes
+
+    import pkcs11
+
+    class SessionInfo(ctypes.Structure):
+        _fields_ = (
+            ("slot", ctypes.c_ulong),
+            ("state", ctypes.c_ulong),
+            ("flags", ctypes.c_ulong),
+            ("device_error", ctypes.c_ulong),
+        )
+
+    probe = pkcs11.lib(SOFTHSM_LIB).get_token(token_label=token_label).open()
+    highest = probe.handle  # type: ignore[attr-defined]
+    probe.close()
+    get_info = ctypes.CDLL(SOFTHSM_LIB).C_GetSessionInfo  # the library python-pkcs11 loaded
+    info = SessionInfo()
+    return sum(get_info(ctypes.c_ulong(h), ctypes.byref(info)) == 0 for h in range(1, highest))
+
+
+@needs_softhsm
+@pytest.mark.asyncio
+async def test_pkcs11_a_failed_open_leaves_no_session_open(softhsm: str) -> None:
+    """Each failure after the signer opened its session closes it: a wrong PIN, a token
+    that other code logged in, a key that is not there. Before, each wrong PIN leaked one
+    session handle (python-pkcs11 opens one, then raises when the login fails)."""
+    import pkcs11
+
+    from agentauth.keys._pkcs11 import _shared
+
+    assert not _shared, "a signer from another test is still open"
+    before = _open_sessions(softhsm)
+    for _ in range(3):
+        with pytest.raises(SignerUnavailable, match="PinIncorrect"):
+            await open_pkcs11("signer-a", pin="0000")
+    assert _open_sessions(softhsm) == before
+    other = pkcs11.lib(SOFTHSM_LIB).get_token(token_label=softhsm).open(user_pin=PIN)
+    try:
+        with pytest.raises(SignerUnavailable, match="PIN cannot be checked"):
+            await open_pkcs11("signer-a", pin=PIN)
+        assert _open_sessions(softhsm) == before + 1  # the other code's own, still open
+    finally:
+        other.close()
+    with pytest.raises(SignerUnavailable, match="NoSuchKey"):
+        await open_pkcs11("no-such-key")
+    assert _open_sessions(softhsm) == before
+    # A good login still signs, and its session goes with its last signer.
+    signer = await open_pkcs11("signer-a")
+    await assert_signs(signer)
+    assert _open_sessions(softhsm) == before + 1
+    await signer.aclose()
+    assert _open_sessions(softhsm) == before
+    assert not _shared
+
+
 # -- KeyRing ---------------------------------------------------------------------------------
 
 

@@ -302,6 +302,76 @@ def test_extensions_that_are_not_exactly_one_map_are_refused(
     assert _reason(receipt) == "malformed"
 
 
+_CRED_PROTECT = "6b" + b"credProtect".hex()  # the text key "credProtect", shortest form
+
+
+@pytest.mark.parametrize(
+    "extensions",
+    [
+        "b801" + _CRED_PROTECT + "01",  # map count 1 in one extra byte
+        "b90001" + _CRED_PROTECT + "01",  # ...in two
+        "ba00000001" + _CRED_PROTECT + "01",  # ...in four
+        "bb0000000000000001" + _CRED_PROTECT + "01",  # ...in eight
+        "a1780b" + b"credProtect".hex() + "01",  # text length 11 in one extra byte
+        "a1" + _CRED_PROTECT + "1801",  # unsigned 1 as 0x18 0x01
+        "a1" + _CRED_PROTECT + "190017",  # unsigned 23 in two bytes
+        "a1" + _CRED_PROTECT + "1900ff",  # unsigned 255 in two bytes, not one
+        "a1" + _CRED_PROTECT + "1a0000ffff",  # 65535 in four bytes, not two
+        "a1" + _CRED_PROTECT + "1b00000000ffffffff",  # 2**32 - 1 in eight bytes, not four
+        "a1" + _CRED_PROTECT + "3800",  # -1 as 0x38 0x00
+        "a1" + "68" + b"credBlob".hex() + "580102",  # byte string length 1 in one extra byte
+        "a1" + "61" + b"x".hex() + "980101",  # array count 1 in one extra byte
+        "bf" + _CRED_PROTECT + "01" + "ff",  # indefinite-length map
+        "a1" + "7f" + "6b" + b"credProtect".hex() + "ff" + "01",  # indefinite-length text key
+    ],
+    ids=[
+        "count-1",
+        "count-2",
+        "count-4",
+        "count-8",
+        "text-length",
+        "uint-1",
+        "uint-23",
+        "uint-255",
+        "uint-65535",
+        "uint-2^32-1",
+        "nint",
+        "bytes-length",
+        "array-count",
+        "indefinite-map",
+        "indefinite-text",
+    ],
+)
+def test_extensions_not_in_shortest_form_are_refused(
+    authenticator: SoftAuthenticator, extensions: str
+) -> None:
+    """CTAP2 canonical CBOR writes every integer, length and count in its shortest form.
+    A longer one would let one approval be written as several receipts with different
+    digests; py_webauthn (the registry's parser) refuses them too, so the two agree."""
+    auth_data = authenticator.authenticator_data(
+        flags=UP | UV | ED, extensions=bytes.fromhex(extensions)
+    )
+    receipt = authenticator.approve(CHALLENGE_A, authenticator_data=auth_data)
+    assert _reason(receipt) == "malformed"
+    with pytest.raises(InvalidAuthenticationResponse):
+        _py_webauthn_verify(receipt)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["17", "1818", "18ff", "190100", "19ffff", "1a00010000", "1affffffff", "1b0000000100000000"],
+    ids=["23", "24", "255", "256", "65535", "65536", "2^32-1", "2^32"],
+)
+def test_extensions_at_each_shortest_form_boundary_verify(
+    authenticator: SoftAuthenticator, value: str
+) -> None:
+    auth_data = authenticator.authenticator_data(
+        flags=UP | UV | ED, extensions=bytes.fromhex("a1" + _CRED_PROTECT + value)
+    )
+    receipt = authenticator.approve(CHALLENGE_A, authenticator_data=auth_data)
+    assert _verify(receipt).sign_count == _py_webauthn_verify(receipt).new_sign_count
+
+
 def test_sign_count_is_big_endian_counter(es256: SoftAuthenticator) -> None:
     es256.sign_count = 0x01020303
     assert _verify(es256.approve(CHALLENGE_A)).sign_count == 0x01020304
@@ -383,6 +453,34 @@ def test_cross_origin(authenticator: SoftAuthenticator, value: object) -> None:
         receipt = authenticator.approve(CHALLENGE_A, client_data_json=cdj)
     else:
         receipt = authenticator.approve(CHALLENGE_A, crossOrigin=value)
+    assert _reason(receipt) == "cross_origin"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"crossOrigin": False, "topOrigin": ORIGIN},
+        {"crossOrigin": None, "topOrigin": ORIGIN},
+        {"crossOrigin": False, "topOrigin": "https://evil.example"},
+        {"crossOrigin": True, "topOrigin": "https://evil.example"},
+        {"crossOrigin": False, "topOrigin": None},  # a JSON null is still the member
+    ],
+    ids=["top-self", "top-without-cross", "top-other", "cross-and-top", "top-null"],
+)
+def test_top_origin_is_refused_whatever_cross_origin_says(
+    authenticator: SoftAuthenticator, frame: dict[str, Any]
+) -> None:
+    """WebAuthn L3 §5.8.1: topOrigin is only set for a cross-origin frame, with crossOrigin
+    true. Beside false or nothing it contradicts the client data's own claim; the registry
+    refuses any topOrigin at registration, and assertions now agree with it."""
+    members = {
+        "type": "webauthn.get",
+        "challenge": b64url_encode(CHALLENGE_A),
+        "origin": ORIGIN,
+        **{k: v for k, v in frame.items() if v is not None or k == "topOrigin"},
+    }
+    cdj = json.dumps(members, separators=(",", ":")).encode()
+    receipt = authenticator.approve(CHALLENGE_A, client_data_json=cdj)
     assert _reason(receipt) == "cross_origin"
 
 

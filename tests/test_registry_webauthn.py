@@ -585,3 +585,35 @@ async def test_a_passkey_from_before_be_was_stored_records_it_at_its_next_use(
     passkey.backup_eligible = passkey.backed_up = False
     r = await sign_in(world, human.authenticator.get)
     refused(r, 403, "backup_eligibility_changed")
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize(
+    "frame",
+    [{"crossOrigin": False, "topOrigin": "http://localhost:8080"}, {"topOrigin": "https://x.y"}],
+    ids=["top-with-cross-false", "top-without-cross"],
+)
+async def test_an_approval_or_sign_in_with_a_top_origin_is_refused(
+    service: InProcess, frame: dict[str, Any]
+) -> None:
+    """topOrigin comes only with crossOrigin true (WebAuthn L3 §5.8.1). py_webauthn ignores
+    it; the receipt verifier refuses it, so the registry neither stores such a receipt
+    (it could never verify offline) nor signs anyone in with the assertion."""
+    world = service.world
+    alice = await world.human("Alice")
+    framed = FramedAuthenticator(world.origin, frame)
+    framed.passkeys = alice.authenticator.passkeys  # the same passkey, in a frame
+    agent = await world.agent(alice)
+    request = await world.request(agent, await world.provider())
+    begun = await world.begin_approval(alice, request["id"])
+    before = await service.counts()
+    r = await world.client.post(
+        world.url(f"/v1/grant-requests/{request['id']}/approval/finish"),
+        headers=alice.headers,
+        json={"credential": framed.get(begun["options"])},
+    )
+    refused(r, 400, "cross_origin")
+    assert await service.counts() == before
+    refused(await sign_in(world, framed.get), 400, "cross_origin")
+    # The same passkey in a top-level page approves.
+    await world.approve(alice, request["id"])

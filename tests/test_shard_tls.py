@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from shard_checks import a_check
 
-from agentauth.actors import ShardClient, StateShard
+from agentauth.actors import ShardClient, StateShard, _shard
 from agentauth.actors._wire import frame, link_tls, read_frame
 
 
@@ -167,4 +168,88 @@ async def test_a_peer_without_a_certificate_from_the_clusters_ca_is_refused(
     finally:
         outsider.close()
         member.close()
+        await shard.close()
+
+
+async def _until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def _hung_up(reader: asyncio.StreamReader, within: float) -> bool:
+    """Whether the shard closed the connection within ``within`` seconds, sending nothing."""
+    try:
+        return await asyncio.wait_for(reader.read(1), within) == b""
+    except ConnectionError:
+        return True
+    except TimeoutError:
+        return False
+
+
+# The first bytes of a TLS ClientHello (a handshake record's header and the message's type
+# and length), then nothing: a handshake begun and never finished.
+_HELLO_BEGUN = bytes.fromhex("160301020001") + bytes(3)
+
+
+@pytest.mark.asyncio
+async def test_tls_handshakes_in_progress_count_against_the_bound(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, migrated_database_url: str
+) -> None:
+    """A connection counts from its accept, not from the end of its TLS handshake: peers
+    that connect and never finish the handshake (silent, or with a ClientHello begun) fill
+    the bound of connections yet to show the token; one more is closed at once, with no
+    handshake; a replica links again as soon as there is room."""
+    _use(monkeypatch, _cluster(tmp_path, "cluster"))
+    limit = _shard._MAX_UNAUTHENTICATED
+    shard = StateShard(index=734, database_url=migrated_database_url)
+    client = ShardClient([_Handle(shard.endpoint)], timeout=2.0)
+    host, port, _ = await shard.endpoint()
+    stalled = [await asyncio.open_connection(host, port) for _ in range(limit)]
+    try:
+        for _, writer in stalled[: limit // 2]:
+            writer.write(_HELLO_BEGUN)
+        await _until(lambda: shard._unauthenticated == limit)
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection(host, port)
+            began = time.monotonic()
+            assert await _hung_up(reader, 2.0)
+            assert time.monotonic() - began < 1.0  # turned away, not timed out
+            writer.close()
+        assert shard._unauthenticated == limit
+
+        _, writer = stalled.pop()
+        writer.close()
+        await _until(lambda: shard._unauthenticated == limit - 1)
+        assert (await client.check(0, a_check("room"))).allowed
+        assert shard._unauthenticated == limit - 1  # the linked replica is not counted
+    finally:
+        for _, writer in stalled:
+            writer.close()
+        client.close()
+        await shard.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("sent", [b"", _HELLO_BEGUN], ids=["silent", "hello-begun"])
+async def test_a_stalled_tls_handshake_is_timed_out_like_a_stalled_token(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, migrated_database_url: str, sent: bytes
+) -> None:
+    """A peer that stalls its handshake is counted while it stalls and dropped when the
+    token timeout has passed, as one that never shows the token is."""
+    _use(monkeypatch, _cluster(tmp_path, "cluster"))
+    monkeypatch.setattr(_shard, "_TOKEN_TIMEOUT", 0.5)
+    shard = StateShard(index=735, database_url=migrated_database_url)
+    try:
+        host, port, _ = await shard.endpoint()
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(sent)
+        began = time.monotonic()
+        await _until(lambda: shard._unauthenticated == 1)
+        assert await _hung_up(reader, 3.0)
+        assert 0.4 < time.monotonic() - began < 2.0
+        await _until(lambda: shard._unauthenticated == 0)
+        writer.close()
+    finally:
         await shard.close()

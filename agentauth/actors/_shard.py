@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import secrets
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -105,14 +106,17 @@ _TOKEN_FRAME = 32
 # Seconds a new connection has to show the token (with TLS, as long again for the handshake
 # before it).
 _TOKEN_TIMEOUT = 5.0
-# Connections that have not shown the token yet (past the TLS handshake, if TLS is on), at
-# most. Each holds a socket and a task for up to _TOKEN_TIMEOUT, and anyone who can reach
-# the port can open them: unbounded, silent peers could use up the actor's file descriptors
-# (its database connection among them). A replica opens one link per shard and shows the
-# token in its first round trip, so even every replica of a large deployment reconnecting
-# at once after a restart stays far below this; one turned away retries (ShardClient's
-# reconnect).
+# Connections that have not shown the token yet, at most, counted from their accept: a TLS
+# handshake in progress counts. Each holds a socket and a task for up to _TOKEN_TIMEOUT
+# (twice that with TLS), and anyone who can reach the port can open them: unbounded, silent
+# peers could use up the actor's file descriptors (its database connection among them). A
+# replica opens one link per shard and shows the token in its first round trip, so even
+# every replica of a large deployment reconnecting at once after a restart stays far below
+# this; one turned away retries (ShardClient's reconnect).
 _MAX_UNAUTHENTICATED = 64
+# Seconds the accept loop waits after accept() failed (out of file descriptors, say) before
+# it tries again, rather than spin.
+_ACCEPT_RETRY = 0.1
 # A flood is reported at most this often (seconds), with the count turned away meanwhile,
 # so it cannot flood the log in turn.
 _REFUSED_LOG_EVERY = 60.0
@@ -223,7 +227,9 @@ class StateShard:
         self._tags = {"shard": str(index)}
         # The data plane (see _wire.py): a TCP server started on first ask, and the token
         # a connection must present before it may send checks.
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._connections: set[asyncio.Task[None]] = set()  # one per accepted connection
         self._address: tuple[str, int] | None = None
         self._starting = asyncio.Lock()  # replicas ask for the endpoint concurrently
         self._token = secrets.token_bytes(_TOKEN_FRAME)
@@ -262,23 +268,39 @@ class StateShard:
         self._batches_wait = False
 
     async def _listen(self) -> None:
+        # Connections are accepted here, not by asyncio's server: it would run the TLS
+        # handshake before handing a connection over, so a connection could be counted in
+        # _MAX_UNAUTHENTICATED only once its handshake was done (or be refused only after
+        # one). Accepted here, a connection counts from its accept, and one beyond the
+        # bound is closed before any handshake.
         host = _node_address()
-        self._server = await asyncio.start_server(
-            self._serve,
-            host,
-            0,
-            ssl=self._tls,
-            # A peer that never finishes its handshake is dropped as one that never shows
-            # the token is (below). Handshakes are not counted in _MAX_UNAUTHENTICATED:
-            # asyncio runs them before _serve, and StreamWriter.start_tls cannot take over
-            # a server stream that has already buffered the client's hello.
-            ssl_handshake_timeout=_TOKEN_TIMEOUT if self._tls else None,
-        )
-        self._address = (host, self._server.sockets[0].getsockname()[1])
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.create_server((host, 0), family=family)
+        listener.setblocking(False)
+        self._listener = listener
+        self._address = (host, listener.getsockname()[1])
+        self._accepting = asyncio.create_task(self._accept(listener))
 
-    def _refuse(self, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:
+                log.warning("shard %s: accept failed: %s", self.index, exc)
+                await asyncio.sleep(_ACCEPT_RETRY)
+                continue
+            if self._unauthenticated >= _MAX_UNAUTHENTICATED:
+                self._refuse(conn)
+                continue
+            self._unauthenticated += 1
+            task = asyncio.create_task(self._serve(conn))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    def _refuse(self, conn: socket.socket) -> None:
         """Turn away a connection beyond _MAX_UNAUTHENTICATED, reporting it rate-limited."""
-        writer.transport.abort()  # no lingering close: the point is to free the socket
+        conn.close()  # before any handshake: the point is to free the socket
         self._refused += 1
         now = time.monotonic()
         if now - self._refused_logged_at >= _REFUSED_LOG_EVERY:
@@ -293,15 +315,29 @@ class StateShard:
             self._refused_logged_at = now
             self._refused = 0
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._unauthenticated >= _MAX_UNAUTHENTICATED:
-            self._refuse(writer)
-            return
+    async def _serve(self, conn: socket.socket) -> None:
+        """One accepted connection, counted in _unauthenticated (by _accept) until it has
+        shown the token or gone."""
+        loop = asyncio.get_running_loop()
         codec = Codec()
-        self._peers.add(writer)
-        self._unauthenticated += 1
+        reader = asyncio.StreamReader(loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        writer: asyncio.StreamWriter | None = None
         try:
             try:
+                # The TLS handshake is bounded as the token is: a peer that stalls either
+                # is dropped. On any failure the transport, which owns conn, is closed.
+                transport, _ = await asyncio.wait_for(
+                    loop.connect_accepted_socket(
+                        lambda: protocol,
+                        conn,
+                        ssl=self._tls,
+                        ssl_handshake_timeout=_TOKEN_TIMEOUT if self._tls else None,
+                    ),
+                    _TOKEN_TIMEOUT,
+                )
+                writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+                self._peers.add(writer)
                 # A peer that has not shown the token gets no room for more than one.
                 token = await asyncio.wait_for(
                     read_frame(reader, limit=_TOKEN_FRAME), _TOKEN_TIMEOUT
@@ -312,7 +348,6 @@ class StateShard:
                 log.warning("shard %s: a connection presented a wrong token", self.index)
                 return
             writer.write(frame(b"ok") + encode_ack(ACKS_ANNOUNCED))
-            loop = asyncio.get_running_loop()
             while True:
                 payload = await read_frame(reader)
                 try:
@@ -324,11 +359,16 @@ class StateShard:
                 self._answering.add(task)
                 task.add_done_callback(self._answering.discard)
                 loop.call_later(ACK_AFTER, _ack, writer, request_id, task)
-        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, FrameTooLarge):
-            return  # the peer left, stalled or sent garbage: drop the connection
+        except (asyncio.IncompleteReadError, OSError, TimeoutError, FrameTooLarge):
+            # The peer left, stalled, failed the TLS handshake (ssl.SSLError is an OSError,
+            # as ConnectionError is) or sent garbage: drop the connection.
+            return
         finally:
-            self._peers.discard(writer)
-            writer.close()
+            if writer is None:
+                conn.close()  # no transport took it over (a failed handshake closed its own)
+            else:
+                self._peers.discard(writer)
+                writer.close()
 
     async def _answer(
         self, writer: asyncio.StreamWriter, request_id: int, checks: list[Check]
@@ -782,11 +822,17 @@ class StateShard:
 
     async def close(self) -> None:
         """Stop serving and drop the database connection (for in-process use)."""
-        if self._server is not None:
-            self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+        if self._listener is not None:
+            self._listener.close()
         for writer in list(self._peers):
             writer.close()
             await writer.wait_closed()
+        # Connections still in their TLS handshake have no writer yet.
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
         await self._drop_connection()
 
     async def _drop_connection(self) -> None:

@@ -8,16 +8,24 @@ PKCS#11 login state belongs to the process, not to a session: closing a logged-i
 logs out every session on that token. So all signers on one token share one session
 (reference-counted, closed with its last signer), and since a session is not thread-safe,
 every call on it holds that session's lock.
+
+The login is made here, through the library's function list, not by python-pkcs11's
+``Token.open(user_pin=...)``: that opens a session and, when C_Login then fails (a wrong
+PIN), raises without closing it, leaking one session handle per failed attempt. A session
+opened without a login is one this module holds from the start, and closes on any failure.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import hmac
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -61,6 +69,120 @@ def _pin_mac(pin: str) -> bytes:
     return hmac.new(_PIN_MAC_KEY, pin.encode("utf-8"), hashlib.sha256).digest()
 
 
+# --- C_Login and C_Logout, which python-pkcs11 offers only inside Token.open ---------------
+
+_CKU_USER = 1
+_CKR_OK = 0
+_CKR_USER_NOT_LOGGED_IN = 0x101
+_LOGIN = ctypes.CFUNCTYPE(
+    ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong
+)
+_LOGOUT = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong)
+
+
+class _Version(ctypes.Structure):
+    _fields_ = (("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte))
+
+
+class _FunctionList(ctypes.Structure):
+    """The head of CK_FUNCTION_LIST, up to C_Logout: a version, then one pointer per
+    function in the order the standard fixes (PKCS#11 v2.40 and 3.x alike)."""
+
+    # Windows builds of PKCS#11 libraries pack their structures to one byte; elsewhere
+    # they are laid out as the C compiler does, as ctypes does.
+    _pack_ = 1 if sys.platform == "win32" else 0
+    _fields_ = (
+        ("version", _Version),
+        *(
+            (name, ctypes.c_void_p)
+            for name in (
+                "C_Initialize",
+                "C_Finalize",
+                "C_GetInfo",
+                "C_GetFunctionList",
+                "C_GetSlotList",
+                "C_GetSlotInfo",
+                "C_GetTokenInfo",
+                "C_GetMechanismList",
+                "C_GetMechanismInfo",
+                "C_InitToken",
+                "C_InitPIN",
+                "C_SetPIN",
+                "C_OpenSession",
+                "C_CloseSession",
+                "C_CloseAllSessions",
+                "C_GetSessionInfo",
+                "C_GetOperationState",
+                "C_SetOperationState",
+            )
+        ),
+        ("C_Login", _LOGIN),
+        ("C_Logout", _LOGOUT),
+    )
+
+
+class _HasHandle(Protocol):
+    handle: int  # python-pkcs11's Session has it; its type stubs do not say so
+
+
+_function_lists: dict[str, _FunctionList] = {}  # by library path, under _shared_lock
+
+
+def _function_list(lib_path: str) -> _FunctionList:
+    """The library's function list. Loading the same path again gives the same, already
+    initialized, library that python-pkcs11 loaded (the dynamic loader keeps one copy)."""
+    functions = _function_lists.get(lib_path)
+    if functions is None:
+        get = ctypes.CDLL(lib_path).C_GetFunctionList
+        get.argtypes = (ctypes.POINTER(ctypes.POINTER(_FunctionList)),)
+        get.restype = ctypes.c_ulong
+        pointer = ctypes.POINTER(_FunctionList)()
+        rv = get(ctypes.byref(pointer))
+        if rv != _CKR_OK or not pointer:
+            raise SignerUnavailable(
+                f"the PKCS#11 library gave no function list (CKR 0x{rv:x})",
+                reason="backend_error",
+            )
+        functions = _function_lists[lib_path] = pointer.contents
+    return functions
+
+
+def _error(rv: int, function: str) -> Exception:
+    """python-pkcs11's exception for what C_Login (or C_Logout) answered, so a failed login
+    reads (and is logged) as it did when python-pkcs11 logged in."""
+    import pkcs11  # noqa: PLC0415  # see _acquire
+
+    known: dict[int, type[Exception]] = {
+        0xA0: pkcs11.PinIncorrect,
+        0xA1: pkcs11.PinInvalid,
+        0xA2: pkcs11.PinLenRange,
+        0xA3: pkcs11.PinExpired,
+        0xA4: pkcs11.PinLocked,
+        0x100: pkcs11.UserAlreadyLoggedIn,
+        0x102: pkcs11.UserPinNotInitialized,
+        0x104: pkcs11.AnotherUserAlreadyLoggedIn,
+    }
+    error = known.get(rv)
+    return error() if error else pkcs11.PKCS11Error(f"{function} failed (CKR 0x{rv:x})")
+
+
+def _login(lib_path: str, session: Session, pin: str) -> None:
+    pin_bytes = pin.encode("utf-8")
+    handle = cast("_HasHandle", session).handle
+    rv = _function_list(lib_path).C_Login(handle, _CKU_USER, pin_bytes, len(pin_bytes))
+    if rv != _CKR_OK:
+        raise _error(rv, "C_Login")
+
+
+def _logout(lib_path: str, session: Session) -> None:
+    """Log the token out (see the module docstring: for every session of this process).
+    Not logged in any more (another part of the process logged out) is no failure."""
+    handle = cast("_HasHandle", session).handle
+    rv = _function_list(lib_path).C_Logout(handle)
+    if rv not in (_CKR_OK, _CKR_USER_NOT_LOGGED_IN):
+        raise _error(rv, "C_Logout")
+
+
 def _acquire(lib_path: str, token_label: str, pin: str) -> _SharedSession:
     # Imported on open, so the package imports without the server extras.
     import pkcs11  # noqa: PLC0415
@@ -69,9 +191,19 @@ def _acquire(lib_path: str, token_label: str, pin: str) -> _SharedSession:
         entry = _shared.get((lib_path, token_label))
         if entry is None:
             token = pkcs11.lib(lib_path).get_token(token_label=token_label)
+            # Opened without a login and logged in here (see the module docstring), so
+            # that a failed login closes it. python-pkcs11 takes it for a public session
+            # and so closes it without logging out: _release logs out first.
+            session = token.open()
             try:
-                session = token.open(user_pin=pin)
-            except pkcs11.UserAlreadyLoggedIn:
+                _login(lib_path, session, pin)
+            except BaseException as exc:
+                # Whatever the login did, the session goes; a failure to close it must not
+                # hide why the login failed.
+                with contextlib.suppress(pkcs11.PKCS11Error):
+                    session.close()
+                if not isinstance(exc, pkcs11.UserAlreadyLoggedIn):
+                    raise
                 # Other code in this process logged the token in (our own logins go through
                 # _shared). Its login would cover a session of ours whatever our PIN, and
                 # nothing can check the PIN now: C_Login answers "already logged in" before
@@ -104,7 +236,10 @@ def _release(lib_path: str, token_label: str, entry: _SharedSession) -> None:
         if _shared.get((lib_path, token_label)) is entry:
             del _shared[(lib_path, token_label)]
         with entry.lock:
-            entry.session.close()
+            try:
+                _logout(lib_path, entry.session)
+            finally:
+                entry.session.close()
 
 
 def _point_from_attribute(value: bytes) -> bytes:

@@ -22,7 +22,8 @@ Every failure raises ``InvalidReceipt`` with a public ``reason``:
     type_mismatch             clientData.type is not "webauthn.get"
     challenge_mismatch        clientData.challenge is not the expected challenge
     origin_mismatch           clientData.origin is not an allowed origin
-    cross_origin              clientData.crossOrigin is present and not false
+    cross_origin              clientData.crossOrigin is present and not false, or
+                              clientData.topOrigin is present
     rp_id_mismatch            authenticatorData.rpIdHash is not SHA-256 of the RP ID
     user_not_present          the UP flag is clear
     user_not_verified         the UV flag is clear and verification was required
@@ -105,6 +106,11 @@ _CborValue: TypeAlias = (
 _CBOR_SIMPLE: Final[dict[int, bool | None]] = {0xF4: False, 0xF5: True, 0xF6: None}
 
 
+# The smallest argument each longer head form (additional information 24-27) may carry:
+# anything smaller fits a shorter form (RFC 8949 §4.2.1, "preferred serialization").
+_SHORTEST_FROM: Final = {24: 24, 25: 1 << 8, 26: 1 << 16, 27: 1 << 32}
+
+
 class _CborReader:
     """Definite-length CBOR: integers, byte and text strings, arrays and maps. Nothing else.
 
@@ -112,15 +118,17 @@ class _CborReader:
     than integers and text strings, duplicate map keys and nesting beyond the depth limit.
     With ``booleans``, false, true and null are read too (never as map keys): extension
     outputs in authenticatorData use them (CTAP 2.2 thirdPartyPayment is a boolean); a
-    COSE key has none.
+    COSE key has none. With ``shortest``, every integer, length and count must be written
+    in its shortest form (CTAP2 canonical CBOR), so the bytes read have one encoding.
     """
 
-    __slots__ = ("_booleans", "_data", "_pos")
+    __slots__ = ("_booleans", "_data", "_pos", "_shortest")
 
-    def __init__(self, data: bytes, *, booleans: bool = False) -> None:
+    def __init__(self, data: bytes, *, booleans: bool = False, shortest: bool = False) -> None:
         self._data = data
         self._pos = 0
         self._booleans = booleans
+        self._shortest = shortest
 
     def at_end(self) -> bool:
         return self._pos == len(self._data)
@@ -136,7 +144,10 @@ class _CborReader:
         if info < 24:
             return info
         if 24 <= info <= 27:
-            return int.from_bytes(self._take(1 << (info - 24)), "big")
+            value = int.from_bytes(self._take(1 << (info - 24)), "big")
+            if self._shortest and value < _SHORTEST_FROM[info]:
+                raise _fail("malformed", "CBOR integer or length not in its shortest form")
+            return value
         # 28-30 are reserved; 31 means an indefinite length (or "break").
         raise _fail("malformed", "unsupported CBOR length encoding")
 
@@ -324,6 +335,12 @@ def _check_client_data(client_data_json: bytes, challenge: bytes, origins: froze
         raise _fail("origin_mismatch", "the assertion was made on an unexpected origin")
     if "crossOrigin" in client_data and client_data["crossOrigin"] is not False:
         raise _fail("cross_origin", "the assertion was made in a cross-origin frame")
+    # A browser adds topOrigin only to client data from a cross-origin frame, together with
+    # crossOrigin true (WebAuthn L3 §5.8.1), which is refused above. Beside crossOrigin false
+    # or absent it contradicts the claim of a top-level page, so it is refused as well, as
+    # the registry refuses it at registration: no browser wrote such client data.
+    if "topOrigin" in client_data:
+        raise _fail("cross_origin", "the client data names a top-level origin of a frame")
 
 
 def _check_authenticator_data(auth_data: bytes, rp_id: str, *, require_uv: bool) -> int:
@@ -343,11 +360,15 @@ def _check_authenticator_data(auth_data: bytes, rp_id: str, *, require_uv: bool)
         raise _fail("malformed", "backup state set on a credential that cannot be backed up")
     # Extensions (ED) follow the counter: exactly one CBOR map up to the end (WebAuthn §6.1),
     # as the registry's parser requires, so a receipt it would refuse does not verify here.
-    # They are covered by the signature and not interpreted.
+    # They are covered by the signature and not interpreted. Authenticators write them in
+    # CTAP2 canonical CBOR; a head in a longer form than needed would let one approval be
+    # written as several receipts (several digests), and the registry's parser refuses it
+    # too (py_webauthn measures the map by its shortest re-encoding, so the longer form
+    # leaves bytes over). Map key order is not checked.
     if flags & _FLAG_ED:
         if len(auth_data) == _SIGN_COUNT_END:
             raise _fail("malformed", "authenticatorData announces extensions it lacks")
-        reader = _CborReader(auth_data[_SIGN_COUNT_END:], booleans=True)
+        reader = _CborReader(auth_data[_SIGN_COUNT_END:], booleans=True, shortest=True)
         if not isinstance(reader.item(), dict) or not reader.at_end():
             raise _fail("malformed", "authenticatorData extensions are not one CBOR map")
     elif len(auth_data) != _SIGN_COUNT_END:
@@ -368,6 +389,11 @@ def _verify_signature(key: PublicKey, signature: bytes, signed: bytes) -> None:
             raise _fail("bad_signature", "the signature does not verify")
         if encode_dss_signature(r, s) != signature:
             raise _fail("bad_signature", "the signature is not canonical DER")
+        # Both s and n - s verify, and both are accepted: authenticators are not asked for
+        # low-S signatures and real ones produce either. So anyone holding a receipt can
+        # write a second one with the other s and another digest. That proves no more than
+        # the first (same approval, same grant), and tokens pin the digest they were issued
+        # with, so the second one carries no authority.
         signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
     if not key.verify(signature, signed):
         raise _fail("bad_signature", "the signature does not verify")
