@@ -9,10 +9,12 @@ lying backend gives ``SignerUnavailable``, never a signature that does not verif
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -753,6 +755,39 @@ async def test_pkcs11_a_failed_open_leaves_no_session_open(softhsm: str) -> None
     await signer.aclose()
     assert _open_sessions(softhsm) == before
     assert not _shared
+
+
+@needs_softhsm
+@pytest.mark.asyncio
+async def test_pkcs11_an_open_finishing_after_its_timeout_keeps_no_session(
+    softhsm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The open runs in a thread that a timeout does not stop: when it gets the token after
+    open() gave up, its share of the session is released, not kept for nobody."""
+    from agentauth.keys import _pkcs11
+
+    before = _open_sessions(softhsm)
+    slow_start = threading.Event()
+    real_acquire = _pkcs11._acquire
+
+    def slow_acquire(lib_path: str, token_label: str, pin: str) -> Any:
+        slow_start.wait(5)
+        return real_acquire(lib_path, token_label, pin)
+
+    monkeypatch.setattr(_pkcs11, "_acquire", slow_acquire)
+    with pytest.raises(SignerUnavailable, match="did not answer"):
+        await open_pkcs11("signer-a", timeout=0.2)
+    slow_start.set()  # the thread now logs in, after open() has given up
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if not _pkcs11._shared and _open_sessions(softhsm) == before:
+            break
+    assert not _pkcs11._shared
+    assert _open_sessions(softhsm) == before
+    monkeypatch.setattr(_pkcs11, "_acquire", real_acquire)
+    signer = await open_pkcs11("signer-a")  # and the token opens normally after
+    await assert_signs(signer)
+    await signer.aclose()
 
 
 # -- KeyRing ---------------------------------------------------------------------------------

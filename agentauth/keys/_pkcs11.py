@@ -17,6 +17,7 @@ opened without a login is one this module holds from the start, and closes on an
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import hashlib
@@ -293,7 +294,24 @@ class Pkcs11Signer(RemoteSigner):
         CKA_EC_PARAMS and CKA_EC_POINT); the first signature checks that the pair matches.
         """
 
+        # The open runs in a thread that outlives a timeout: one that gets the token after
+        # open() gave up would hold a share of its session (and login) nobody releases.
+        # Whichever side comes second under this lock releases it: the thread, if open()
+        # has given up; open(), if the thread had finished just as it timed out.
+        handover = threading.Lock()
+        abandoned = False
+        finished: list[_SharedSession] = []
+
         def connect() -> tuple[_SharedSession, SignMixin, PublicKey]:
+            result = find_key()
+            with handover:
+                if abandoned:
+                    _release(lib_path, token_label, result[0])
+                    raise SignerUnavailable("the open was given up", reason="timeout")
+                finished.append(result[0])
+            return result
+
+        def find_key() -> tuple[_SharedSession, SignMixin, PublicKey]:
             from pkcs11 import Attribute, KeyType, ObjectClass  # noqa: PLC0415  # see _acquire
 
             entry = _acquire(lib_path, token_label, pin)
@@ -318,7 +336,15 @@ class Pkcs11Signer(RemoteSigner):
                 _release(lib_path, token_label, entry)
                 raise
 
-        entry, private, public = await call_blocking(cls._backend, "open", timeout, connect)
+        try:
+            entry, private, public = await call_blocking(cls._backend, "open", timeout, connect)
+        except BaseException:
+            with handover:
+                abandoned = True
+                late = list(finished)
+            for entry in late:  # done, but too late for the caller: released off the loop
+                await asyncio.to_thread(_release, lib_path, token_label, entry)
+            raise
         from pkcs11 import Mechanism  # noqa: PLC0415  # see _acquire; loaded by now
 
         return cls(
