@@ -84,6 +84,18 @@ async def checkpoint(
     return None if made is None else verify_checkpoint(made["signed"], keys=keys)
 
 
+async def signed_then_grown(
+    conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet, signed: int, grown: int
+) -> AuditLog:
+    """A log of one chain: ``signed`` events under a checkpoint, then ``grown`` more."""
+    log = AuditLog(chains=1)
+    await log.ensure_chains(conn)
+    await append(log, conn, signed)
+    await checkpoint(log, conn, signer, keys)
+    await append(log, conn, grown)
+    return log
+
+
 async def refused(
     log: AuditLog, conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
 ) -> IntegrityError:
@@ -330,11 +342,7 @@ async def test_new_events_are_hashed_from_their_bodies(
     tamper: str,
     expected: tuple[str, str],
 ) -> None:
-    log = AuditLog(chains=1)
-    await log.ensure_chains(conn)
-    await append(log, conn, 5)
-    await checkpoint(log, conn, signer, keys)
-    await append(log, conn, 5)
+    log = await signed_then_grown(conn, signer, keys, 5, 5)
     await conn.execute(tamper)
     problem = await refused(log, conn, signer, keys)
     assert (problem.reason, problem.description) == expected
@@ -345,11 +353,7 @@ async def test_new_events_are_hashed_from_their_bodies(
 async def test_the_first_new_event_must_link_to_the_checkpointed_one(
     conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet, remembered: bool
 ) -> None:
-    log = AuditLog(chains=1)
-    await log.ensure_chains(conn)
-    await append(log, conn, 4)
-    await checkpoint(log, conn, signer, keys)
-    await append(log, conn, 3)
+    log = await signed_then_grown(conn, signer, keys, 4, 3)
     # Event 4 re-parented (onto genesis) and the rest re-linked after it: a whole chain
     # from event 4 on, but not one that continues the signed tree.
     await rewrite(conn, 4, lambda fields: {**fields, "prev": b64url_encode(bytes(32))})
@@ -405,11 +409,7 @@ async def test_events_checked_ahead_are_not_checked_again(
 async def test_a_checkpoint_checks_what_was_not_checked_ahead(
     conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
 ) -> None:
-    log = AuditLog(chains=1)
-    await log.ensure_chains(conn)
-    await append(log, conn, 5)
-    await checkpoint(log, conn, signer, keys)
-    await append(log, conn, 10)
+    log = await signed_then_grown(conn, signer, keys, 5, 10)
     assert await log.verify_ahead(conn, CHAIN, 15, limit=4) == 4  # events 5..8
     await conn.execute(
         "UPDATE audit_events SET body = replace(body, '\"i\":5', '\"i\":6')"
@@ -427,11 +427,7 @@ async def test_a_checkpoint_checks_what_was_not_checked_ahead(
 async def test_a_problem_found_ahead_is_left_to_the_checkpoint(
     conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
 ) -> None:
-    log = AuditLog(chains=1)
-    await log.ensure_chains(conn)
-    await append(log, conn, 4)
-    await checkpoint(log, conn, signer, keys)
-    await append(log, conn, 3)
+    log = await signed_then_grown(conn, signer, keys, 4, 3)
     await rewrite(conn, 4, lambda fields: {**fields, "prev": b64url_encode(bytes(32))})
     assert await log.verify_ahead(conn, CHAIN, 7, limit=100) == 0
     problem = await refused(log, conn, signer, keys)

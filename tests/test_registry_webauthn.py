@@ -200,6 +200,18 @@ UNUSABLE = [
 ]
 
 
+async def begin_adding_a_passkey(world: World, human: Human) -> httpx.Response:
+    """The registration options for another passkey, confirmed with the human's own."""
+    r = await world.client.post(
+        world.url("/v1/passkeys/confirm"), headers=human.headers, json={"change": "add"}
+    )
+    return await world.client.post(
+        world.url("/v1/passkeys/begin"),
+        headers=human.headers,
+        json={"credential": human.authenticator.get(r.json())},
+    )
+
+
 async def signup_options(world: World) -> dict[str, Any]:
     r = await world.client.post(world.url("/v1/signup/begin"), json={"display_name": "Dan"})
     assert r.status_code == 200, r.text
@@ -213,14 +225,7 @@ async def test_registration_offers_only_the_algorithms_receipts_verify(
     world = service.world
     assert [p["alg"] for p in (await signup_options(world))["pubKeyCredParams"]] == [-8, -7]
     human = await world.human()
-    r = await world.client.post(
-        world.url("/v1/passkeys/confirm"), headers=human.headers, json={"change": "add"}
-    )
-    r = await world.client.post(
-        world.url("/v1/passkeys/begin"),
-        headers=human.headers,
-        json={"credential": human.authenticator.get(r.json())},
-    )
+    r = await begin_adding_a_passkey(world, human)
     assert [p["alg"] for p in r.json()["pubKeyCredParams"]] == [-8, -7]
 
 
@@ -459,14 +464,7 @@ async def test_a_registration_backed_up_but_not_backup_eligible_writes_nothing(
     assert await service.counts() == before
 
     human = await world.human()
-    r = await world.client.post(
-        world.url("/v1/passkeys/confirm"), headers=human.headers, json={"change": "add"}
-    )
-    r = await world.client.post(
-        world.url("/v1/passkeys/begin"),
-        headers=human.headers,
-        json={"credential": human.authenticator.get(r.json())},
-    )
+    r = await begin_adding_a_passkey(world, human)
     assert r.status_code == 200, r.text
     before = await service.counts()
     credential = SoftAuthenticator(origin=world.origin).create(r.json(), backed_up=True)
