@@ -435,22 +435,27 @@ async def test_a_problem_found_ahead_is_left_to_the_checkpoint(
 
 
 @pytest.mark.asyncio
-async def test_events_checked_ahead_of_another_replicas_checkpoint_are_checked_again(
+async def test_only_the_replica_that_signed_last_checks_ahead(
     conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
 ) -> None:
-    """Work done ahead of one tree is dropped when the checkpoint starts from another (here
-    a second replica signed in between, which the first then extends)."""
-    first, second = AuditLog(chains=1), AuditLog(chains=1)
-    await first.ensure_chains(conn)
-    await append(first, conn, 5)
-    await checkpoint(first, conn, signer, keys)
-    await append(first, conn, 10)
+    """Work done ahead of one tree is dropped when the checkpoint starts from another (a
+    second replica signed in between, which the first then extends); and a replica whose
+    chain another one signs checks nothing ahead, which would be work thrown away."""
+    first = await signed_then_grown(conn, signer, keys, 5, 10)
+    second = AuditLog(chains=1)
+    assert await second.verify_ahead(conn, CHAIN, 15, limit=100) == 0  # trusts nothing yet
     assert await first.verify_ahead(conn, CHAIN, 15, limit=100) == 10
     made = await checkpoint(second, conn, signer, keys)
     assert made is not None and made.size == 15
     await append(first, conn, 3)
+    assert await second.verify_ahead(conn, CHAIN, 18, limit=100) == 3  # signed last
+    assert await checkpoint(first, conn, signer, keys) is not None  # from second's tree
+    assert await checkpoint(second, conn, signer, keys) is None  # adopts first's 18
+    await append(first, conn, 4)
+    assert await second.verify_ahead(conn, CHAIN, 22, limit=100) == 0  # first signs now
+    assert await first.verify_ahead(conn, CHAIN, 22, limit=100) == 4
     made = await checkpoint(first, conn, signer, keys)
-    assert made is not None and made.root_bytes() == await tree_of(conn, 18)
+    assert made is not None and made.root_bytes() == await tree_of(conn, 22)
 
 
 @pytest.mark.asyncio

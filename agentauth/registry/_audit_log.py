@@ -86,6 +86,8 @@ class AuditLog:
         # Per chain, events verified ahead of the next checkpoint (verify_ahead), on top of
         # the trusted tree they extend.
         self._ahead: dict[str, _Ahead] = {}
+        # Chains whose latest checkpoint this process made: the only ones it checks ahead.
+        self._signed_last: set[str] = set()
 
     def chain_for(self, key: str) -> str:
         """The chain that holds events about ``key`` (an agent id, usually)."""
@@ -210,6 +212,11 @@ class AuditLog:
         # Only once committed: a tree remembered but never stored would refuse every later
         # checkpoint as a rollback.
         known = self._trusted.get(chain)
+        if made is not None:
+            self._signed_last.add(chain)
+        elif known is None or tree.size > known.size:
+            # The latest checkpoint is another replica's (or predates this process).
+            self._signed_last.discard(chain)
         if known is None or tree.size >= known.size:
             self._trusted[chain] = tree
         return made
@@ -231,10 +238,15 @@ class AuditLog:
         and report. An event rewritten after it was checked here is signed as it was when
         checked, which the stored row then disagrees with, as with a row rewritten just
         after its checkpoint: the verifiers and the export see that.
+
+        Only for a chain whose latest checkpoint this process made: with several registry
+        replicas, the one whose loop comes round first signs the chain round after round,
+        and the others' checks ahead would be thrown away (their next checkpoint starts
+        from its tree), doubling the work instead of spreading it.
         """
         base = self._trusted.get(chain)
-        if base is None:
-            return 0  # nothing trusted yet: the first checkpoint checks it all
+        if base is None or chain not in self._signed_last:
+            return 0  # nothing trusted yet, or another replica signs this chain
         ahead = self._ahead.get(chain)
         if ahead is None or ahead.base is not base:
             ahead = _Ahead(base=base, tree=base, nodes=[], newest=0)
