@@ -226,11 +226,11 @@ class AuditLog:
         tree, so that the next checkpoint of it has only the rest to check. Returns how
         many were checked.
 
-        Checking an event (its body parsed, linked and hashed) costs tens of microseconds,
-        and a checkpoint checks everything since the last one: at a thousand decisions a
-        second that is a third of a second of a core every 10 s on a 2-core machine, a
-        stall for every request in flight then. Called between checkpoints, this takes the
-        same work in slices of ``limit`` events.
+        Checking an event (its body parsed, linked and hashed) costs 15-30 microseconds on
+        a slow machine, and a checkpoint checks everything since the last one: at a thousand
+        decisions a second, 10,000 events in one stretch of 160 ms or more every 10 s
+        (bench/checkpoint_bench.py), which on two cores stalls every request in flight.
+        Called between checkpoints, this takes the same work in slices of ``limit``.
 
         Only an optimisation: events are checked exactly as the checkpoint checks them,
         but outside its lock, so the result is used only if the checkpoint starts from
