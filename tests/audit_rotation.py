@@ -9,7 +9,6 @@ JWKS holds B only, and the audit key list holds both, each with its signing wind
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,10 +18,10 @@ from typing import Any
 
 import asyncpg
 import httpx
-from conftest import with_database
+from registry_inprocess import registry_on_new_database
 
 from agentauth.protocol import Checkpoint, MerkleFrontier, b64url_encode
-from agentauth.registry import Registry, RegistrySettings, create_app
+from agentauth.registry import Registry, create_app
 from agentauth.registry._audit_log import sign_document
 
 CHAINS = 3
@@ -136,20 +135,9 @@ def keys_on_chains(registry: Registry, chains: set[str], count: int) -> list[str
 async def rotated_registry(
     database_url: str, redis_url: str, data_dir: Path
 ) -> AsyncIterator[RotatedRegistry]:
-    name = f"rotated_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(database_url, name)
-    settings = RegistrySettings(
-        database_url=url,
-        redis_url=redis_url,
-        data_dir=data_dir,
-        issuer=ISSUER,
-        admin_token=secrets.token_urlsafe(24),
-        audit_chains=CHAINS,
-    )
-    registry = await Registry.open(settings)
-    try:
+    async with registry_on_new_database(
+        database_url, redis_url, data_dir, prefix="rotated", audit_chains=CHAINS
+    ) as (registry, url):
         now = int(time.time())
         day_ago, rotated_at = now - 86_400, now - 43_200
         # The first key was made a day ago (as if the registry had run since).
@@ -168,7 +156,3 @@ async def rotated_registry(
         await rotated.append(keys_on_chains(registry, busy, 20))
         await registry.checkpoint_all()
         yield rotated
-    finally:
-        await registry.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -27,29 +28,47 @@ class Opened:
 
 
 @asynccontextmanager
-async def registry_in_process(
-    database_url: str, redis_url: str, data_dir: Path, *, prefix: str
-) -> AsyncIterator[Opened]:
-    """Open it on a new database named ``prefix_<random>``; drop that database after."""
+async def registry_on_new_database(
+    database_url: str, redis_url: str, data_dir: Path, *, prefix: str, **settings: Any
+) -> AsyncIterator[tuple[Registry, str]]:
+    """A registry (``RegistrySettings`` overridden by ``settings``) opened on a new database
+    named ``prefix_<random>``; yields it and the database's URL, and drops the database after."""
     name = f"{prefix}_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(database_url)
     await admin.execute(f'CREATE DATABASE "{name}"')
     url = with_database(database_url, name)
-    settings = RegistrySettings(
-        database_url=url,
-        redis_url=redis_url,
-        data_dir=data_dir,
-        issuer=ISSUER,
-        admin_token=secrets.token_urlsafe(24),
-    )
-    registry = await Registry.open(settings)
     try:
+        registry = await Registry.open(
+            RegistrySettings(
+                database_url=url,
+                redis_url=redis_url,
+                data_dir=data_dir,
+                issuer=ISSUER,
+                admin_token=secrets.token_urlsafe(24),
+                **settings,
+            )
+        )
+        try:
+            yield registry, url
+        finally:
+            await registry.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@asynccontextmanager
+async def registry_in_process(
+    database_url: str, redis_url: str, data_dir: Path, *, prefix: str
+) -> AsyncIterator[Opened]:
+    """Open it on a new database named ``prefix_<random>``; drop that database after."""
+    async with registry_on_new_database(database_url, redis_url, data_dir, prefix=prefix) as (
+        registry,
+        url,
+    ):
         _wait_out_replay_epoch(redis_url)
         transport = httpx.ASGITransport(app=create_app(registry))
         async with httpx.AsyncClient(transport=transport, base_url=ISSUER, timeout=60) as client:
-            world = World(client=client, base=ISSUER, admin_token=settings.admin_token)
+            admin_token = registry.settings.admin_token
+            world = World(client=client, base=ISSUER, admin_token=admin_token)
             yield Opened(registry, world, url)
-    finally:
-        await registry.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()

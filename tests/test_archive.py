@@ -27,7 +27,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from audit_rotation import QUIET, keys_on_chains, rotated_registry
-from conftest import with_database
+from registry_inprocess import registry_on_new_database
 
 from agentauth import archive
 from agentauth.archive import (
@@ -94,32 +94,15 @@ class AuditedDb:
 async def audited_database(
     database_url: str, redis_url: str, data_dir: Path
 ) -> AsyncIterator[AuditedDb]:
-    from agentauth.registry import Registry, RegistrySettings
-
-    name = f"archive_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(database_url, name)
-    settings = RegistrySettings(
-        database_url=url,
-        redis_url=redis_url,
-        data_dir=data_dir,
-        issuer="http://r.test",
-        admin_token=secrets.token_urlsafe(24),
-        audit_chains=CHAINS,
-    )
-    registry = await Registry.open(settings)
-    db = AuditedDb(url, registry)
-    try:
+    async with registry_on_new_database(
+        database_url, redis_url, data_dir, prefix="archive", audit_chains=CHAINS
+    ) as (registry, url):
+        db = AuditedDb(url, registry)
         for round_ in range(ROUNDS):
             await db.append(PER_ROUND, round_=round_)
             await db.checkpoint()
         await db.append(UNSEALED, round_=ROUNDS)
         yield db
-    finally:
-        await registry.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from audit_rotation import AUDIT_KEYS_PATH, QUIET, keys_on_chains, published, rotated_registry
-from conftest import with_database
+from registry_inprocess import registry_on_new_database
 
 from agentauth.protocol import (
     GENESIS_HASH,
@@ -33,7 +32,6 @@ from agentauth.protocol import (
     b64url_encode,
     sign_checkpoint,
 )
-from agentauth.registry import Registry, RegistrySettings
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
@@ -54,20 +52,9 @@ class Audited:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def audited_db(database_url: str, redis_url: str, tmp_path: Path) -> AsyncIterator[Audited]:
-    name = f"audit_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(database_url, name)
-    settings = RegistrySettings(
-        database_url=url,
-        redis_url=redis_url,
-        data_dir=tmp_path,
-        issuer="http://r.test",
-        admin_token=secrets.token_urlsafe(24),
-        audit_chains=3,
-    )
-    registry = await Registry.open(settings)
-    try:
+    async with registry_on_new_database(
+        database_url, redis_url, tmp_path, prefix="audit", audit_chains=3
+    ) as (registry, url):
         for round_ in range(2):
             for i in range(40):
                 async with registry.pool.acquire() as conn, conn.transaction():
@@ -83,10 +70,6 @@ async def audited_db(database_url: str, redis_url: str, tmp_path: Path) -> Async
         keys_file = tmp_path / "audit-keys.json"
         keys_file.write_text(json.dumps(await published(registry, AUDIT_KEYS_PATH)))
         yield Audited(url, keys_file)
-    finally:
-        await registry.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 def run_verify(url: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
