@@ -37,7 +37,7 @@ import hashlib
 import hmac
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Annotated, Final, TypeAlias
+from typing import Annotated, Any, Final, TypeAlias
 
 from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
@@ -333,12 +333,19 @@ def _check_client_data(client_data_json: bytes, challenge: bytes, origins: froze
     origin = client_data.get("origin")
     if not isinstance(origin, str) or origin not in origins:
         raise _fail("origin_mismatch", "the assertion was made on an unexpected origin")
+    check_top_level_frame(client_data, "assertion")
+
+
+def check_top_level_frame(client_data: dict[str, Any], ceremony: str) -> None:
+    """Refuse client data from a cross-origin frame: ``crossOrigin`` absent or false, and
+    no ``topOrigin``. The registry applies the same rule to registrations (``ceremony``
+    names which it was, for the message)."""
     if "crossOrigin" in client_data and client_data["crossOrigin"] is not False:
-        raise _fail("cross_origin", "the assertion was made in a cross-origin frame")
+        raise _fail("cross_origin", f"the {ceremony} was made in a cross-origin frame")
     # A browser adds topOrigin only to client data from a cross-origin frame, together with
     # crossOrigin true (WebAuthn L3 §5.8.1), which is refused above. Beside crossOrigin false
-    # or absent it contradicts the claim of a top-level page, so it is refused as well, as
-    # the registry refuses it at registration: no browser wrote such client data.
+    # or absent it contradicts the claim of a top-level page, so it is refused as well: no
+    # browser wrote such client data.
     if "topOrigin" in client_data:
         raise _fail("cross_origin", "the client data names a top-level origin of a frame")
 

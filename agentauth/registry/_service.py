@@ -70,6 +70,7 @@ from ..protocol import (
 )
 from ..protocol._envelope import period_key
 from ..protocol._jws import attach_signature, signing_input
+from ..protocol._receipts import check_top_level_frame
 from ..protocol._types import is_identifier
 from ..store import GRANT_REVOKED_TTL, REVOCATION_CHANNEL, Conn, grant_cache_key
 from ..store import migrate as run_migrations
@@ -2127,9 +2128,8 @@ async def _descriptors(
 
 
 def _same_origin_frame(credential: dict[str, Any]) -> None:
-    """Refuse a registration made in a cross-origin frame, as assertions are refused
-    (agentauth.protocol's verifier): crossOrigin absent or false, and no topOrigin, which
-    a browser sends only with crossOrigin true (WebAuthn L3 §7.1). py_webauthn ignores both."""
+    """Refuse a registration made in a cross-origin frame by the rule assertions are held
+    to (agentauth.protocol's verifier); py_webauthn ignores crossOrigin and topOrigin."""
     try:
         client_data = strict_json_loads(
             base64url_to_bytes(credential["response"]["clientDataJSON"])
@@ -2138,11 +2138,7 @@ def _same_origin_frame(credential: dict[str, Any]) -> None:
         raise InvalidReceipt("malformed WebAuthn credential", reason="malformed") from None
     if not isinstance(client_data, dict):
         raise InvalidReceipt("malformed WebAuthn credential", reason="malformed")
-    cross = "crossOrigin" in client_data and client_data["crossOrigin"] is not False
-    if cross or "topOrigin" in client_data:
-        raise InvalidReceipt(
-            "the passkey was registered in a cross-origin frame", reason="cross_origin"
-        )
+    check_top_level_frame(client_data, "registration")
 
 
 def _checked_user_handle(given: object, *, owner: str, required: bool) -> str | None:
