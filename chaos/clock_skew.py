@@ -51,8 +51,8 @@ async def _all_allowed(ctx: Context, subjects: list[Subject], skew: float) -> bo
 async def run(ctx: Context) -> Result:
     result = Result(NAME, HYPOTHESIS)
     subjects = await ctx.subjects(2)
-    # A shard restarted less than ~20 s ago (shard_kill, when run before this) still refuses
-    # proofs from 10 s behind: its replay floor is its last decision + 10 s skew, by design.
+    # A shard restarted less than ~10 s ago (shard_kill, when run before this) still refuses
+    # proofs from 10 s behind: its replay floor is its predecessor's newest proof, by design.
     # Wait that out so this experiment measures the iat policy alone.
     waited = await ctx.stack.wait_until(
         lambda: _all_allowed(ctx, subjects, -10.0), timeout=40, interval=1.0

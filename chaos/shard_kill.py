@@ -2,7 +2,8 @@
 
 The restarted shard has lost its jti window, the only thing that stops a replay. The design
 answers with a replay floor: the new incarnation refuses every proof issued up to its
-chain's last committed decision plus the 10 s future skew (``shard_restarted``).
+chain's replay mark, the newest proof any committed decision reserved
+(``shard_restarted``), and serves younger proofs at once.
 
 Fail-open here: any replay allowed, above all the proofs the old incarnation allowed just
 before it died, replayed at the new one (its jti window cannot remember them); or an allow
@@ -26,8 +27,8 @@ from ._traffic import Outcome
 NAME = "shard_kill"
 HYPOTHESIS = (
     "ray.kill (with restart) of the shard that owns an agent: while it restarts its agents "
-    "are denied (state_unavailable/state_timeout), then shard_restarted until proofs are "
-    "younger than the last committed decision + 10 s; no replay is allowed (including the "
+    "are denied (state_unavailable/state_timeout), then proofs issued after the newest one "
+    "the old incarnation reserved are allowed at once; no replay is allowed (including the "
     "proofs allowed just before the kill, replayed at the new incarnation), agents on the "
     "other shard keep being allowed, and every allow has its audit row."
 )

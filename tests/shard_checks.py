@@ -4,7 +4,8 @@ One factory instead of one per test module: ``a_check("chain", ...)`` is a check
 ``agt_chain`` at provider ``prov_chain`` on grant ``grt_chain`` that passed the stateless
 checks (a fresh proof: a random jti issued now), reading ``things/1`` under no limits;
 each test names what it needs to differ. ``timed`` and ``arriving`` send checks through a
-``ShardClient`` and time each answer from the check's arrival.
+``ShardClient`` and time each answer from the check's arrival; ``frozen_clock`` holds the
+shard's clock still for tests that set it by hand.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import time
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
+
+import pytest
 
 from agentauth.actors import Check, Result, ShardClient
 from agentauth.protocol import Action, Envelope
@@ -36,6 +39,13 @@ def a_check(tag: str, **changes: Any) -> Check:
     }
     fields.update(changes)
     return Check(**fields)
+
+
+def frozen_clock(monkeypatch: pytest.MonkeyPatch, at: float) -> list[float]:
+    """``time.time`` held at ``[0]`` of the list returned, to be set by hand."""
+    now = [at]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    return now
 
 
 def payment(amount: str, currency: str = "EUR") -> Action:

@@ -56,27 +56,34 @@ async def test_a_second_writer_on_the_chain_is_caught(database_url: str) -> None
     first = StateShard(index=INDEX, database_url=database_url)
     second = StateShard(index=INDEX, database_url=database_url)
     try:
-        [allowed] = await first.check_batch([_check("j1", time.time())])
+        issued = time.time()
+        [allowed] = await first.check_batch([_check("j1", issued)])
         assert allowed.allowed and allowed.audit_event == f"verifier-{INDEX}:0"
 
-        # The second incarnation lost nothing it could know of: it refuses proofs that
-        # predate the first one's last decision, and records that denial on the chain.
-        [refused] = await second.check_batch([_check("j2", time.time())])
+        # The second incarnation lost nothing it could know of: it refuses proofs issued no
+        # later than the newest the first one reserved, and records that denial on the
+        # chain; a proof issued after it is a proof the first never saw.
+        [refused] = await second.check_batch([_check("j2", issued)])
         assert refused.reason == "shard_restarted"
         assert refused.audit_event == f"verifier-{INDEX}:1"
+        later = issued + 0.5
+        [fresh] = await second.check_batch([_check("j2b", later)])
+        assert fresh.allowed and fresh.audit_event == f"verifier-{INDEX}:2"
 
         # The first one's next commit finds the chain moved: nothing written, deny.
         [lost] = await first.check_batch([_check("j3", time.time() + 30)])
         assert (lost.allowed, lost.reason) == (False, "audit_unavailable")
-        assert [seq for seq, _ in await _events(database_url)] == [0, 1]
+        assert [seq for seq, _ in await _events(database_url)] == [0, 1, 2]
 
-        # ... and it comes back as a new incarnation: a proof issued before the other
-        # writer's last decision may have been accepted there, so it is refused here.
-        [floor] = await first.check_batch([_check("j4", time.time() - 1)])
-        assert floor.reason == "shard_restarted"
-        assert floor.audit_event == f"verifier-{INDEX}:2"
+        # ... and it comes back as a new incarnation: the proof the other writer accepted
+        # is refused here (its jti window is not here), and a younger one is not.
+        [replayed] = await first.check_batch([_check("j2b", later)])
+        assert replayed.reason == "shard_restarted"
+        assert replayed.audit_event == f"verifier-{INDEX}:3"
+        [younger] = await first.check_batch([_check("j4", later + 0.5)])
+        assert younger.allowed and younger.audit_event == f"verifier-{INDEX}:4"
         events = await _events(database_url)
-        assert [seq for seq, _ in events] == [0, 1, 2]
+        assert [seq for seq, _ in events] == [0, 1, 2, 3, 4]
     finally:
         await first.close()
         await second.close()

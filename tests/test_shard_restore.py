@@ -12,7 +12,7 @@ import secrets
 import time
 
 import pytest
-from shard_checks import a_check, payment
+from shard_checks import a_check, frozen_clock, payment
 
 from agentauth.actors import Check, StateShard
 from agentauth.protocol import Envelope
@@ -105,13 +105,6 @@ async def test_a_clock_stepped_back_does_not_hide_the_latest_spend(
         await new.close()
 
 
-def _frozen(monkeypatch: pytest.MonkeyPatch, at: float) -> list[float]:
-    """``time.time`` held at ``[0]`` of the list returned, to be set by hand."""
-    now = [at]
-    monkeypatch.setattr(time, "time", lambda: now[0])
-    return now
-
-
 @pytest.mark.asyncio
 @pytest.mark.usefixtures("migrated_database_url")
 async def test_a_proof_from_the_last_millisecond_before_a_restart_is_refused(
@@ -122,7 +115,7 @@ async def test_a_proof_from_the_last_millisecond_before_a_restart_is_refused(
     from the time its chain holds, so that time must be the one decided on, not up to a
     millisecond earlier."""
     decided = math.floor(time.time()) + 0.0009  # late in its millisecond
-    now = _frozen(monkeypatch, decided)
+    now = frozen_clock(monkeypatch, decided)
     old = StateShard(index=714, database_url=database_url)
     skew = old.state.policy.future_skew
     proof = a_check("edge", iat=decided + skew, token_jti=None)  # at the skew's edge
@@ -150,7 +143,7 @@ async def test_restored_rate_windows_are_the_live_ones(
     window early and the new incarnation allow what the old one would have refused."""
     grant = f"grt_window_{secrets.token_hex(3)}"
     base = math.floor(time.time())
-    now = _frozen(monkeypatch, base)
+    now = frozen_clock(monkeypatch, base)
     old = StateShard(index=715, database_url=database_url)
     try:
         for offset in (0.0007, 1.2003, 2.5009):
@@ -181,7 +174,7 @@ async def test_a_forgotten_step_up_reference_stays_spent(
     primary key checked by every commit) keeps it spent."""
     grant, ref = f"grt_step_{secrets.token_hex(3)}", f"sur_{secrets.token_hex(8)}"
     stepped = Envelope.model_validate({"step_up_threshold": {"amount": "50", "currency": "EUR"}})
-    now = _frozen(monkeypatch, time.time())
+    now = frozen_clock(monkeypatch, time.time())
     shard = StateShard(index=713, database_url=database_url)
 
     def spend() -> Check:

@@ -58,12 +58,39 @@ def test_a_proof_outside_its_age_by_the_shards_own_clock_is_refused() -> None:
 
 def test_a_restarted_shard_refuses_proofs_its_predecessor_may_have_seen() -> None:
     state = ShardState(started_at=NOW, replay_floor=NOW - 5)
-    skew = state.policy.future_skew
     assert state.decide(check("old", iat=NOW - 30), NOW).reason == "shard_restarted"
-    assert state.decide(check("edge", iat=NOW - 5 + skew), NOW).reason == "shard_restarted"
-    assert state.decide(check("new", iat=NOW - 5 + skew + 1), NOW).allowed
+    assert state.decide(check("edge", iat=NOW - 5), NOW).reason == "shard_restarted"
+    assert state.decide(check("new", iat=NOW - 4.999), NOW).allowed
     fresh = ShardState(started_at=NOW)  # a brand-new shard has no predecessor
     assert fresh.decide(check("any", iat=NOW - 30), NOW).allowed
+
+
+def test_the_newest_reserved_proof_is_tracked_and_only_reserved_ones_count() -> None:
+    """What a commit records as the chain's replay mark: the newest iat this incarnation
+    reserved. A proof refused before its reservation (dated too far ahead, too old, under
+    the floor, or denied by the verifier) must not move it: one dated ahead would otherwise
+    make the next incarnation refuse every agent of the shard until that time."""
+    state = ShardState(started_at=NOW, replay_floor=NOW - 20)
+    skew = state.policy.future_skew
+    assert state.newest_reserved == 0.0
+    assert state.decide(check("a", iat=NOW - 3), NOW).allowed
+    assert state.newest_reserved == NOW - 3
+    refused = [
+        check("ahead", iat=NOW + skew + 5),
+        check("old", iat=NOW - 3600),
+        check("floor", iat=NOW - 25),
+        check("verifier", iat=NOW + 1, deny="provider_mismatch"),
+    ]
+    assert not any(state.decide(c, NOW).allowed for c in refused)
+    assert state.newest_reserved == NOW - 3
+    # Reserved though denied (a replay of it is refused all the same): it counts.
+    limited = Envelope(rate_limits=(RateLimit(max_count=1, window_seconds=30),))
+    assert state.decide(check("b", iat=NOW - 1, envelope=limited), NOW).allowed
+    assert state.decide(check("c", iat=NOW + 2, envelope=limited), NOW).reason == "rate_limited"
+    assert state.newest_reserved == NOW + 2
+    # An older proof arriving later leaves it where it is.
+    assert state.decide(check("d", iat=NOW - 10), NOW).allowed
+    assert state.newest_reserved == NOW + 2
 
 
 def test_verifier_denials_are_recorded_not_decided() -> None:

@@ -8,14 +8,16 @@ leaves before its audit row is durable. If the commit fails, every decision of t
 becomes a deny (``audit_unavailable``); state already reserved stays
 reserved, which can only make later decisions stricter.
 
-A restarted shard has lost its jti windows, so it refuses every proof issued up to the last
-decision its chain records, plus the allowed clock skew (``shard_restarted``): any proof
-the previous incarnation accepted is among those, because no allow leaves a shard before
-its event is committed. It also rebuilds each grant's usage from its durable decision events
+A restarted shard has lost its jti windows, so it refuses every proof issued at or before
+its chain's replay mark (``shard_restarted``): the newest ``iat`` among the proofs any
+decision on the chain reserved, which each commit records with the head it moves. Any
+proof the previous incarnation accepted is among those, because no allow leaves a shard
+before its event, and so the mark covering it, is committed. (A chain whose head has no
+mark of its own, moved by an older release, gives the last decision plus the allowed
+clock skew instead.) It also rebuilds each grant's usage from its durable decision events
 the first time it sees the grant again. A shard that finds another writer's events on its
 chain (a zombie incarnation, a second cluster on the same database) starts over the same
-way: floor raised to that writer's last decision, every grant's usage forgotten, jti
-entries kept.
+way: floor raised to that writer's mark, every grant's usage forgotten, jti entries kept.
 """
 
 from __future__ import annotations
@@ -97,8 +99,11 @@ _COMMIT = (
     " $8::bigint[])),"
     " spent AS (INSERT INTO verifier_step_up_uses (approval_ref, grant_id)"
     " SELECT * FROM unnest($9::text[], $10::text[])),"
-    " moved AS (UPDATE audit_heads SET size = $11, head = $12"
-    " WHERE chain = $13 AND size = $14 RETURNING 1)"
+    # The replay mark (migration 0011) moves with the head: the previous one counts only if
+    # it belongs to the head this batch extends.
+    " moved AS (UPDATE audit_heads SET size = $11, head = $12, replay_mark_ms ="
+    " GREATEST($15, CASE WHEN replay_mark_size = $14 THEN replay_mark_ms END),"
+    " replay_mark_size = $11 WHERE chain = $13 AND size = $14 RETURNING 1)"
     " SELECT 1 / count(*) FROM moved"
 )
 # The data plane's token: a frame of exactly this size opens a link.
@@ -478,7 +483,9 @@ class StateShard:
             # No rows to append, and a head size no row has: the statement is planned and
             # run, and fails at 1 / 0 having written nothing.
             with contextlib.suppress(DivisionByZeroError):
-                await conn.fetchval(_COMMIT, [], [], [], [], [], [], [], [], [], [], 0, b"", "", -1)
+                await conn.fetchval(
+                    _COMMIT, [], [], [], [], [], [], [], [], [], [], 0, b"", "", -1, 0
+                )
         except BaseException:
             conn.terminate()
             raise
@@ -491,7 +498,10 @@ class StateShard:
         here and their allows are not in this shard's usage, so it starts over: proofs up
         to their last decision are refused, and each grant is rebuilt from the chain.
         (Losing a commit race always ends here: the head only grows.)"""
-        row = await conn.fetchrow("SELECT size, head FROM audit_heads WHERE chain = $1", self.chain)
+        row = await conn.fetchrow(
+            "SELECT size, head, replay_mark_ms, replay_mark_size FROM audit_heads WHERE chain = $1",
+            self.chain,
+        )
         if row is None:
             raise RuntimeError(f"audit chain {self.chain} has no head")
         found = row["size"], bytes(row["head"])
@@ -513,9 +523,19 @@ class StateShard:
                 "shard %s: another writer moved chain %s; starting over", self.index, self.chain
             )
         self.state.grants.clear()
-        if last is not None:
-            # The very float that writer decided on: it timed its batch last / 1000.
-            self.state.replay_floor = max(self.state.replay_floor, last / 1000)
+        if last is None:
+            return
+        if row["replay_mark_size"] == found[0] and row["replay_mark_ms"] is not None:
+            # Every proof reserved on the chain was issued at or before the mark, and the
+            # mark is the head's own (set by the commit that moved the head here). A
+            # millisecond more absorbs the rounding between ms and a float iat.
+            floor = (row["replay_mark_ms"] + 1) / 1000
+        else:
+            # No mark for this head (see migration 0011): the writer accepted proofs up to
+            # its clock plus the skew, its clock at its last decision at least last / 1000
+            # (the very float it decided on).
+            floor = last / 1000 + self.state.policy.future_skew
+        self.state.replay_floor = max(self.state.replay_floor, floor)
 
     async def check_batch(self, checks: list[Check]) -> list[Result]:
         """Decide ``checks`` in arrival order; answer once their events are committed.
@@ -621,6 +641,14 @@ class StateShard:
             )
             for o, e in zip(outcomes, entries, strict=True)
         ]
+
+    def _replay_mark_ms(self) -> int:
+        """The mark a commit records: no proof any decision on this chain has reserved,
+        here or before this incarnation (its floor), was issued after it. In whole
+        milliseconds, rounded up, so the next floor is at or above every such ``iat``.
+        It covers proofs reserved in batches whose commit failed too (they were denied,
+        so this only refuses more)."""
+        return math.ceil(max(self.state.newest_reserved, self.state.replay_floor) * 1000)
 
     def _prune(self, now: float) -> None:
         """Forget expired state (see ShardState.prune), at most every 5 s."""
@@ -807,6 +835,7 @@ class StateShard:
                 hashes[-1],
                 self.chain,
                 self._size,
+                self._replay_mark_ms(),
             )
         except (DivisionByZeroError, UniqueViolationError) as exc:
             if isinstance(exc, UniqueViolationError) and "step_up" in str(

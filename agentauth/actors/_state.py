@@ -79,14 +79,16 @@ _Entry = tuple[tuple[float, ...], tuple[tuple[str, Decimal], ...], float]
 class ShardState:
     """One shard's memory. ``started_at`` is when this incarnation began.
 
-    ``replay_floor``: the time of the last decision on this shard's chain that it did not
-    make itself (a previous incarnation's, or another writer's; 0 for a new chain). Proofs
-    issued up to then, plus the clock skew a proof may carry, could have been seen there,
-    and that jti window is not here, so they are refused.
+    ``replay_floor``: proofs issued at or before it are refused, because a writer whose
+    jti window is not here (a previous incarnation, another writer on the chain) may have
+    seen them; 0 for a new chain. The actor sets it from the chain (see _shard.py).
+    ``newest_reserved``: the latest ``iat`` among the proofs this incarnation has reserved,
+    which its commits record so that the next incarnation's floor can be exactly that.
     """
 
     started_at: float
     replay_floor: float = 0.0
+    newest_reserved: float = 0.0
     policy: DPoPPolicy = field(default_factory=DPoPPolicy)
     # replay key (see _replay_key) -> time after which the proof can no longer verify, so
     # may be forgotten. Plain strings and floats only: such a dict is not tracked by the
@@ -143,7 +145,7 @@ class ShardState:
         if check.iat > now + self.policy.future_skew:
             return Outcome(False, "invalid_dpop_proof:iat_in_future")
         # A proof the previous incarnation may have accepted: its jti window is lost.
-        if self.replay_floor and check.iat <= self.replay_floor + self.policy.future_skew:
+        if check.iat <= self.replay_floor:
             return Outcome(False, "shard_restarted")
         key = _replay_key(check.jkt, check.jti)
         if key in self.jtis:
@@ -151,6 +153,9 @@ class ShardState:
         # Reserved whatever the outcome: a proof is single-use even when denied.
         expires = check.iat + self.policy.max_age + self.policy.future_skew
         self.jtis[key] = expires
+        # Only here, past the age checks: a proof dated far ahead, refused above, must not
+        # move the next incarnation's floor (and deny every agent of the shard) with it.
+        self.newest_reserved = max(self.newest_reserved, check.iat)
         if check.step_up_ref is not None and (
             not check.step_up_valid or check.step_up_ref in self.used_refs
         ):
