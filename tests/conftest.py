@@ -13,6 +13,7 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -31,6 +32,24 @@ def with_database(url: str, name: str) -> str:
     """The same server URL naming another database (works for socket URLs too)."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path="/" + name))
+
+
+@asynccontextmanager
+async def new_database(database_url: str, prefix: str) -> AsyncIterator[str]:
+    """A new, empty database named ``prefix_<random>`` on the server of ``database_url``;
+    yields its URL and drops it after (its open sessions too)."""
+    import asyncpg
+
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield with_database(database_url, name)
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
 
 
 @pytest.fixture(scope="session")

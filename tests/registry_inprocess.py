@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
-from conftest import _wait_out_replay_epoch, with_database
+from conftest import _wait_out_replay_epoch, new_database
 from registry_world import World
 
 from agentauth.registry import Registry, RegistrySettings, create_app
@@ -33,11 +32,7 @@ async def registry_on_new_database(
 ) -> AsyncIterator[tuple[Registry, str]]:
     """A registry (``RegistrySettings`` overridden by ``settings``) opened on a new database
     named ``prefix_<random>``; yields it and the database's URL, and drops the database after."""
-    name = f"{prefix}_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(database_url, name)
-    try:
+    async with new_database(database_url, prefix) as url:
         registry = await Registry.open(
             RegistrySettings(
                 database_url=url,
@@ -52,9 +47,6 @@ async def registry_on_new_database(
             yield registry, url
         finally:
             await registry.close()
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @asynccontextmanager

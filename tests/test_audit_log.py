@@ -9,7 +9,6 @@ while honest growth, a restarted process and a second replica keep checkpointing
 from __future__ import annotations
 
 import itertools
-import secrets
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
-from conftest import with_database
+from conftest import new_database
 
 from agentauth.keys import LocalFileSigner
 from agentauth.protocol import (
@@ -46,17 +45,13 @@ CHAIN = "registry-0"  # AuditLog(chains=1) puts every event here
 @pytest_asyncio.fixture(loop_scope="session")
 async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A database of the test's own: these tests leave chains no verifier would accept."""
-    name = f"auditlog_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    connection = await asyncpg.connect(with_database(database_url, name))
-    try:
-        await migrate(connection)
-        yield connection
-    finally:
-        await connection.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with new_database(database_url, "auditlog") as url:
+        connection = await asyncpg.connect(url)
+        try:
+            await migrate(connection)
+            yield connection
+        finally:
+            await connection.close()
 
 
 @pytest.fixture

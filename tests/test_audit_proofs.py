@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import random
-import secrets
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
-from conftest import with_database
+from conftest import new_database
 
 from agentauth.keys import LocalFileSigner
 from agentauth.protocol import (
@@ -47,17 +46,13 @@ BLOCK = 2**NODE_LEVEL
 @pytest_asyncio.fixture(loop_scope="session")
 async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A database of the test's own, so that row counts and node rows are this test's."""
-    name = f"auditproofs_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    connection = await asyncpg.connect(with_database(database_url, name))
-    try:
-        await migrate(connection)
-        yield connection
-    finally:
-        await connection.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with new_database(database_url, "auditproofs") as url:
+        connection = await asyncpg.connect(url)
+        try:
+            await migrate(connection)
+            yield connection
+        finally:
+            await connection.close()
 
 
 @pytest.fixture

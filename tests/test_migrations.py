@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 import pytest_asyncio
-from conftest import with_database
+from conftest import new_database
 
 from agentauth.store import MigrationError, default_migrations_dir, discover, migrate
 
@@ -22,14 +21,8 @@ pytestmark = pytest.mark.postgres
 @pytest_asyncio.fixture(loop_scope="session")
 async def fresh_db(database_url: str) -> AsyncIterator[str]:
     """A database of its own (the session database is shared with the registry tests)."""
-    name = f"mig_{secrets.token_hex(5)}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(database_url, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with new_database(database_url, "mig") as url:
+        yield url
 
 
 @pytest.mark.asyncio

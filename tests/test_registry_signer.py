@@ -15,7 +15,7 @@ import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
-from conftest import with_database
+from conftest import new_database
 from fakes.vault import FakeVault
 from registry_world import World
 
@@ -30,33 +30,31 @@ BASE = "http://registry.test"
 async def vault_world(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> AsyncIterator[tuple[World, FakeVault, str]]:
-    name = f"signer_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(database_url, name)
     vault = FakeVault()
     vault.start()
-    vault.create_key("registry", "ecdsa-p256")
-    settings = RegistrySettings(
-        database_url=url,
-        redis_url=redis_url,
-        data_dir=tmp_path,
-        issuer=BASE,
-        admin_token=secrets.token_urlsafe(24),
-        signer=SignerSettings(
-            backend="vault", key_id="registry", endpoint=vault.url, vault_token=vault.token
-        ),
-    )
-    registry = await Registry.open(settings)
     try:
-        transport = httpx.ASGITransport(app=create_app(registry))
-        async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
-            yield World(client=client, base=BASE, admin_token=settings.admin_token), vault, url
+        vault.create_key("registry", "ecdsa-p256")
+        async with new_database(database_url, "signer") as url:
+            settings = RegistrySettings(
+                database_url=url,
+                redis_url=redis_url,
+                data_dir=tmp_path,
+                issuer=BASE,
+                admin_token=secrets.token_urlsafe(24),
+                signer=SignerSettings(
+                    backend="vault", key_id="registry", endpoint=vault.url, vault_token=vault.token
+                ),
+            )
+            registry = await Registry.open(settings)
+            try:
+                transport = httpx.ASGITransport(app=create_app(registry))
+                async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
+                    world = World(client=client, base=BASE, admin_token=settings.admin_token)
+                    yield world, vault, url
+            finally:
+                await registry.close()
     finally:
-        await registry.close()
         vault.stop()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest.mark.asyncio
