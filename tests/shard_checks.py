@@ -5,7 +5,8 @@ One factory instead of one per test module: ``a_check("chain", ...)`` is a check
 checks (a fresh proof: a random jti issued now), reading ``things/1`` under no limits;
 each test names what it needs to differ. ``timed`` and ``arriving`` send checks through a
 ``ShardClient`` and time each answer from the check's arrival; ``frozen_clock`` holds the
-shard's clock still for tests that set it by hand.
+shard's clock still for tests that set it by hand; ``fail_once_after_the_head_read`` makes a
+shard's (re)connect fail once, just after it read its chain's head.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
+import asyncpg.connection
 import pytest
 
 from agentauth.actors import Check, Result, ShardClient
@@ -46,6 +48,31 @@ def frozen_clock(monkeypatch: pytest.MonkeyPatch, at: float) -> list[float]:
     now = [at]
     monkeypatch.setattr(time, "time", lambda: now[0])
     return now
+
+
+def fail_once_after_the_head_read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Once: the first statement a shard runs after reading its chain's head fails (as a
+    statement timeout or a lost connection would), and the reconnect tries again. The
+    list returned counts the faults still to fire."""
+    left, armed = [1], [False]
+
+    def wrap(name: str) -> None:
+        real = getattr(asyncpg.connection.Connection, name)
+
+        async def call(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+            if armed[0] and left[0]:
+                left[0] -= 1
+                raise TimeoutError("injected: the statement timed out")
+            result = await real(self, query, *args, **kwargs)
+            if "FROM audit_heads" in query and query.lstrip().startswith("SELECT"):
+                armed[0] = True
+            return result
+
+        monkeypatch.setattr(asyncpg.connection.Connection, name, call)
+
+    for name in ("fetch", "fetchrow", "fetchval", "execute"):
+        wrap(name)
+    return left
 
 
 def payment(amount: str, currency: str = "EUR") -> Action:

@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from shard_checks import a_check, payment
+from shard_checks import a_check, fail_once_after_the_head_read, payment
 
 from agentauth.actors import Check, StateShard
 from agentauth.protocol import Action, Envelope
@@ -151,6 +151,35 @@ async def test_the_loser_of_a_commit_race_counts_the_other_writers_spend(
     finally:
         await first.close()
         await second.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_writer_whose_reload_fails_after_reading_the_head_still_starts_over(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loser of a commit race reloads the head. If its reconnect fails just after
+    reading it, the retry must not take the head as its own without the floor and the
+    forgotten usage that go with it. (It did: the head was recorded before a second query,
+    and a failure there let the loser allow, and commit, a proof the winner had allowed.)"""
+    issued = time.time()
+    a = StateShard(index=741, database_url=database_url)
+    b = StateShard(index=741, database_url=database_url)
+    try:
+        assert (await b.check_batch([_check("b0", issued - 3)]))[0].allowed
+        assert (await a.check_batch([_check("a0", issued - 2)]))[0].allowed
+        proof = _check("a1", issued - 1)
+        assert (await a.check_batch([proof]))[0].allowed
+
+        left = fail_once_after_the_head_read(monkeypatch)
+        [lost] = await b.check_batch([_check("b1", issued - 0.5)])
+        assert (lost.allowed, lost.reason) == (False, "audit_unavailable")
+        [replayed] = await b.check_batch([proof])
+        assert left == [0], "the injected fault did not fire"
+        assert (replayed.allowed, replayed.reason) == (False, "shard_restarted")
+    finally:
+        await a.close()
+        await b.close()
 
 
 @pytest.mark.asyncio

@@ -15,9 +15,9 @@ import secrets
 
 import asyncpg
 import pytest
-from shard_checks import a_check, frozen_clock
+from shard_checks import a_check, fail_once_after_the_head_read, frozen_clock
 
-from agentauth.actors import Check, StateShard
+from agentauth.actors import Check, StateShard, _shard
 from agentauth.protocol import Action, Envelope
 
 ENVELOPE = Envelope.model_validate({"rate_limits": [{"max_count": 3, "window_seconds": 60}]})
@@ -157,3 +157,79 @@ async def test_a_head_without_its_own_mark_falls_back_to_the_last_decision_plus_
     head = await _head(database_url, chain)
     assert head["replay_mark_size"] == head["size"]
     assert head["replay_mark_ms"] >= int((NOW + skew + 0.01) * 1000)
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_new_incarnation_whose_connect_fails_after_reading_the_head_still_refuses(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head is taken as the shard's own only with the floor that goes with it. (It
+    used to be recorded before a second query; that query failing, the retry found "its
+    own" head and kept a floor of 0: the predecessor's proof was allowed again.)"""
+    now = frozen_clock(monkeypatch, NOW)
+    old = StateShard(index=764, database_url=database_url)
+    proof = _proof(NOW - 1)
+    try:
+        assert (await old.check_batch([proof]))[0].allowed
+    finally:
+        await old.close()
+
+    now[0] = NOW + 1
+    left = fail_once_after_the_head_read(monkeypatch)
+    new = StateShard(index=764, database_url=database_url)
+    try:
+        [again] = await new.check_batch([proof])
+        assert left == [0], "the injected fault did not fire"
+        assert (again.allowed, again.reason) == (False, "shard_restarted")
+    finally:
+        await new.close()
+
+
+# The commit statement of the release before the mark (2ec9007), which moves the head and
+# leaves the mark as it was; made to take and ignore the argument the mark is passed in.
+_OLD_COMMIT = (
+    "WITH appended AS (INSERT INTO audit_events (chain, seq, entry_hash, body,"
+    " event, agent_id, grant_id, time_ms) SELECT * FROM unnest($1::text[],"
+    " $2::bigint[], $3::bytea[], $4::text[], $5::text[], $6::text[], $7::text[],"
+    " $8::bigint[])),"
+    " spent AS (INSERT INTO verifier_step_up_uses (approval_ref, grant_id)"
+    " SELECT * FROM unnest($9::text[], $10::text[])),"
+    " moved AS (UPDATE audit_heads SET size = $11, head = $12"
+    " WHERE chain = $13 AND size = $14 AND $15::bigint IS NOT NULL RETURNING 1)"
+    " SELECT 1 / count(*) FROM moved"
+)
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_rolling_upgrade_an_older_writer_after_a_marked_head_is_still_covered(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard of this release marks the chain; one of the release before (the real old
+    statement) then allows a proof dated ahead within the skew, past that mark. The next
+    incarnation must not trust the mark, which is no longer the head's."""
+    frozen_clock(monkeypatch, NOW)
+    first = StateShard(index=765, database_url=database_url)
+    skew = first.state.policy.future_skew
+    try:
+        assert (await first.check_batch([_proof(NOW - 3)]))[0].allowed
+    finally:
+        await first.close()
+    ahead = _proof(NOW + skew - 0.0004)
+    with monkeypatch.context() as patched:
+        patched.setattr(_shard, "_COMMIT", _OLD_COMMIT)
+        older = StateShard(index=765, database_url=database_url)
+        try:
+            [ok] = await older.check_batch([ahead])
+            assert ok.allowed and ok.audit_event == "verifier-765:1"
+        finally:
+            await older.close()
+    head = await _head(database_url, "verifier-765")
+    assert head["replay_mark_size"] == head["size"] - 1
+    after = StateShard(index=765, database_url=database_url)
+    try:
+        [again] = await after.check_batch([ahead])
+        assert (again.allowed, again.reason) == (False, "shard_restarted")
+    finally:
+        await after.close()

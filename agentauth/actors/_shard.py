@@ -106,6 +106,11 @@ _COMMIT = (
     " replay_mark_size = $11 WHERE chain = $13 AND size = $14 RETURNING 1)"
     " SELECT 1 / count(*) FROM moved"
 )
+# The head, its replay mark and the time of its last decision, from one snapshot.
+_HEAD = (
+    "SELECT size, head, replay_mark_ms, replay_mark_size, (SELECT time_ms FROM audit_events"
+    " WHERE chain = $1 ORDER BY seq DESC LIMIT 1) AS last_ms FROM audit_heads WHERE chain = $1"
+)
 # The data plane's token: a frame of exactly this size opens a link.
 _TOKEN_FRAME = 32
 # Seconds a new connection has to show the token (with TLS, as long again for the handshake
@@ -496,12 +501,15 @@ class StateShard:
         commit of unknown fate would have left), someone else has decided on the chain: a
         previous incarnation, or another writer still running. Their jti window is not
         here and their allows are not in this shard's usage, so it starts over: proofs up
-        to their last decision are refused, and each grant is rebuilt from the chain.
-        (Losing a commit race always ends here: the head only grows.)"""
-        row = await conn.fetchrow(
-            "SELECT size, head, replay_mark_ms, replay_mark_size FROM audit_heads WHERE chain = $1",
-            self.chain,
-        )
+        to the chain's replay mark are refused, and each grant is rebuilt from the chain.
+        (Losing a commit race always ends here: the head only grows.)
+
+        One statement, read before anything here changes: the head is taken as this
+        shard's own only together with the floor and the forgotten usage that go with it.
+        (Taking it first and awaiting a second query left a window: a failure there, and
+        the retry found "its own" head and kept the old floor and usage, so a proof the
+        other writer had allowed could be allowed again.)"""
+        row = await conn.fetchrow(_HEAD, self.chain)
         if row is None:
             raise RuntimeError(f"audit chain {self.chain} has no head")
         found = row["size"], bytes(row["head"])
@@ -510,10 +518,7 @@ class StateShard:
             unsure is not None and found == (unsure.seq + 1, unsure.hash)
         )
         known, (self._size, self._head) = self._size, found
-        last = await conn.fetchval(
-            "SELECT time_ms FROM audit_events WHERE chain = $1 ORDER BY seq DESC LIMIT 1",
-            self.chain,
-        )
+        last = row["last_ms"]
         if last is not None:
             self._last_ms = max(self._last_ms, last)
         if ours:
