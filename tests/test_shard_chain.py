@@ -17,10 +17,11 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import asyncpg.connection
 import pytest
 from shard_checks import a_check, fail_once_after_the_head_read, payment
 
-from agentauth.actors import Check, StateShard
+from agentauth.actors import Check, StateShard, _shard
 from agentauth.protocol import Action, Envelope
 
 INDEX = 700
@@ -474,5 +475,109 @@ async def test_a_commit_answered_as_failed_that_took_effect_has_its_allows_voide
         # Either way the lost batch's proofs stay spent: the shard cannot know better.
         [replayed] = await shard.check_batch([_check("l1", now)])
         assert replayed.reason == "replay_detected"
+    finally:
+        await shard.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_commit_of_unknown_fate_still_waiting_on_the_server_never_lands_unvoided(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit waits on the head's row lock (held here, as another writer or a standby's
+    acknowledgement would hold it) past the statement timeout: its client is denied
+    ``audit_unavailable`` and the shard hangs up. PostgreSQL does not notice a hang-up
+    while a statement waits, so the statement would go on, and commit once the lock goes:
+    after the shard had looked it up and found nothing, leaving an allow on the chain that
+    nobody got and nothing voids (so it was, until 2026-11-30). The reconnect ends that
+    server process first: the statement never lands, and the shard carries on."""
+    monkeypatch.setattr(_shard, "_DB_TIMEOUT", 0.5)
+    index = 790
+    chain = f"verifier-{index}"
+    shard = StateShard(index=index, database_url=database_url)
+    locker = await asyncpg.connect(database_url)
+    now = time.time()
+    try:
+        # Committed once, so a reconnect that finds this head takes it as its own.
+        assert (await shard.check_batch([_check("r0", now)]))[0].allowed
+        holding = locker.transaction()
+        await holding.start()
+        await locker.execute("SELECT 1 FROM audit_heads WHERE chain = $1 FOR UPDATE", chain)
+        try:
+            [lost] = await shard.check_batch([_check("r1", now)])
+            assert (lost.allowed, lost.reason) == (False, "audit_unavailable")
+            [second] = await shard.check_batch([_check("r2", now)])
+            assert (second.allowed, second.reason) == (False, "audit_unavailable")
+        finally:
+            await holding.rollback()  # the lock goes
+        await asyncio.sleep(0.5)  # time for a statement that was still waiting to commit
+        for jti in ("r3", "r4"):
+            assert (await shard.check_batch([_check(jti, time.time())]))[0].allowed
+
+        rows = await locker.fetch(
+            "SELECT seq, body FROM audit_events WHERE chain = $1 ORDER BY seq", chain
+        )
+        bodies = {r["seq"]: json.loads(r["body"]) for r in rows}
+        allows = {
+            b["data"].get("proof_jti"): f"{chain}:{seq}"
+            for seq, b in bodies.items()
+            if b["event"] == "verify.allow"
+        }
+        voided = {b["data"]["voids"] for b in bodies.values() if b["event"] == "verify.void"}
+        # r1's statement was ended, waiting, before anything else ran: it never lands.
+        assert "r1" not in allows, f"a timed-out commit landed after its lookup: {bodies}"
+        # r2's may have committed the moment the lock went, before the reconnect ended its
+        # process: then the chain holds it, and a void for it.
+        assert "r2" not in allows or allows["r2"] in voided, f"r2 stands unvoided: {bodies}"
+        assert {"r0", "r3", "r4"} <= set(allows) and not {allows["r0"]} & voided
+    finally:
+        await locker.close()
+        await shard.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_spend_of_a_commit_known_not_to_have_applied_is_given_back(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A payment's commit gets no answer: its client is denied ``audit_unavailable``, and
+    on reconnect the shard learns the commit never applied. The 60 EUR it reserved must
+    not be held against the retry (the natural answer to ``audit_unavailable``) on a grant
+    capped at 100 EUR whose chain holds no spend. Its proof stays spent."""
+    capped = Envelope.model_validate(
+        {"spend_limits": [{"amount": "100", "currency": "EUR", "period": "grant"}]}
+    )
+
+    def pay(amount: str, **changes: Any) -> Check:
+        return a_check(
+            "unspent", grant_id="grt_unspent", action=payment(amount), envelope=capped, **changes
+        )
+
+    armed = [False]
+    real = asyncpg.connection.Connection.fetchval
+
+    async def fetchval(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        if armed[0] and query == _shard._COMMIT:
+            armed[0] = False
+            raise TimeoutError("injected: the commit's answer never came (it never ran)")
+        return await real(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "fetchval", fetchval)
+    shard = StateShard(index=791, database_url=database_url)
+    try:
+        assert (await shard.check_batch([_check("u0", time.time())]))[0].allowed
+        armed[0] = True
+        first = pay("60")
+        [lost] = await shard.check_batch([first])
+        assert (lost.allowed, lost.reason) == (False, "audit_unavailable") and not armed[0]
+        # The next batch learns the commit's fate: not applied.
+        assert (await shard.check_batch([_check("u1", time.time())]))[0].allowed
+        assert shard._unsure is None
+        [retry] = await shard.check_batch([pay("60")])
+        assert (retry.allowed, retry.reason) == (True, "ok")
+        [over] = await shard.check_batch([pay("60")])
+        assert over.reason == "cumulative_limit_exceeded"  # 60 of 100 spent, on the chain
+        [again] = await shard.check_batch([first])
+        assert again.reason == "replay_detected"
     finally:
         await shard.close()

@@ -95,3 +95,44 @@ async def test_revocations_are_kept_while_their_tokens_can_live(
         assert not any(revocations.revoked(t) for t in tokens(new))
     finally:
         await pool.close()
+
+
+@pytest.mark.asyncio
+async def test_revocation_freshness_is_timed_from_the_read_not_from_the_end_of_the_poll(
+    migrated_database_url: str,
+) -> None:
+    """A poll reads the revocations, then syncs the provider and key tables (several
+    lookups, bounded in all by seconds), and only then is done. What it read is as old as
+    the read: stamped at the poll's end, a revocation committed just after the read, its
+    Redis message lost (publishing is best effort), passed for the staleness bound after
+    the sync ended, not after it committed."""
+    import asyncpg
+
+    from agentauth.verifier._service import _Revocations
+
+    jti = f"tok_fresh_{secrets.token_hex(4)}"
+    revoked = cast(Any, SimpleNamespace(claims=SimpleNamespace(jti=jti, grant_id="g", sub="a")))
+    pool = await asyncpg.create_pool(migrated_database_url, min_size=1, max_size=2)
+    committed: list[float] = []
+
+    async def slow_table_sync() -> None:
+        # Right after the poll's read the revocation commits; the sync then takes 0.9 s.
+        await pool.execute(
+            "INSERT INTO revocations (kind, target, revoked_by) VALUES ('token', $1, 'test')",
+            jti,
+        )
+        committed.append(time.monotonic())
+        await asyncio.sleep(0.9)
+
+    settings = cast(Any, SimpleNamespace(revocation_max_staleness=1.0, revocation_poll=0.25))
+    revocations = _Revocations(pool, cast(Any, None), settings, also=slow_table_sync)
+    revocations._listening = True  # the channel is up; its message for this one was lost
+    try:
+        await revocations._poll()
+        assert revocations.fresh() and not revocations.revoked(revoked)
+        # Past the staleness bound after the revocation committed, with no poll since: the
+        # replica must not decide on what it read before.
+        await asyncio.sleep(committed[0] + 1.1 - time.monotonic())
+        assert not revocations.fresh()
+    finally:
+        await pool.close()

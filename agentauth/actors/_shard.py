@@ -106,6 +106,12 @@ _COMMIT = (
     " replay_mark_size = $11 WHERE chain = $13 AND size = $14 RETURNING 1)"
     " SELECT 1 / count(*) FROM moved"
 )
+# This connection's server process, and ending another one of this shard (_end_backend).
+_BACKEND = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+_TERMINATE = (
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2"
+)
+_STILL_RUNNING = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2"
 # The head, its replay mark and the time of its last decision, from one snapshot.
 _HEAD = (
     "SELECT size, head, replay_mark_ms, replay_mark_size, (SELECT time_ms FROM audit_events"
@@ -189,6 +195,9 @@ class _Unsure:
     hash: bytes
     carried: list[Check]  # voids owed before it, which it carried
     if_committed: list[Check]  # voids owed if it took effect: one per allow in it
+    # The server process that ran it (pid, backend_start), which may still be running it:
+    # its fate is only final once that process is gone (see _end_backend).
+    backend: tuple[int, Any] | None = None
 
 
 def _remaining_json(remaining: Remaining | None) -> dict[str, Any] | None:
@@ -230,6 +239,10 @@ class StateShard:
         # Voids this shard owes its chain (see _Unsure), written ahead of the next batch.
         self._owed: list[Check] = []
         self._unsure: _Unsure | None = None
+        # The server process of self._conn, and of the connection _open_connection just
+        # made (pid, backend_start): a commit of unknown fate names the one that ran it.
+        self._conn_backend: tuple[int, Any] | None = None
+        self._opened_backend: tuple[int, Any] | None = None
         self._flushing = False
         self.batches = 0
         self._last_prune = time.monotonic()
@@ -459,7 +472,7 @@ class StateShard:
                     tries,
                     time.monotonic() - began,
                 )
-            self._conn = conn
+            self._conn, self._conn_backend = conn, self._opened_backend
             return conn
 
     async def _open_connection(self) -> asyncpg.Connection:
@@ -474,6 +487,13 @@ class StateShard:
             server_settings={"application_name": f"agentauth-shard-{self.index}"},
         )
         try:
+            row = await conn.fetchrow(_BACKEND)
+            if row is None:
+                raise RuntimeError("this session is not in pg_stat_activity")
+            self._opened_backend = (row["pid"], row["backend_start"])
+            if self._unsure is not None and self._unsure.backend is not None:
+                # Before the head is read: a commit still running there would land after.
+                await self._end_backend(conn, self._unsure.backend)
             await conn.execute(
                 "INSERT INTO audit_heads (chain, size, head) VALUES ($1, 0, $2)"
                 " ON CONFLICT (chain) DO NOTHING",
@@ -495,6 +515,27 @@ class StateShard:
             conn.terminate()
             raise
         return conn
+
+    async def _end_backend(self, conn: asyncpg.Connection, backend: tuple[int, Any]) -> None:
+        """Make the fate of a commit whose answer never came final: end the server process
+        that ran it, and wait until it is gone.
+
+        Closing the connection is not enough. A statement waiting on a lock (another
+        writer's, a standby's acknowledgement) goes on when its client hangs up, and
+        PostgreSQL only notices at the next read or write, after the commit: so the lookup
+        in _resolve could find nothing, and the commit land just after, its allows (their
+        clients answered ``audit_unavailable``) never voided. Terminated, the statement
+        either committed already or never will. The process is named by pid and start
+        time, so a pid the server has given to another session since is not touched (a
+        role may end its own sessions). Bounded like a statement: a try that runs out
+        fails, and the reconnect tries again while batches are denied."""
+        pid, started = backend
+        deadline = time.monotonic() + _DB_TIMEOUT
+        await conn.execute(_TERMINATE, pid, started)
+        while await conn.fetchval(_STILL_RUNNING, pid, started):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server process {pid} has not ended")
+            await asyncio.sleep(0.01)
 
     async def _reload_head(self, conn: asyncpg.Connection) -> None:
         """Load the chain's head. Unless it is the one this shard left (or the one its
@@ -609,9 +650,11 @@ class StateShard:
             observe("audit_commit", time.perf_counter() - began, self._tags)
         except Exception as exc:
             log.warning("shard %s failed to commit its audit batch", self.index)
+            backend = self._conn_backend
             # Reconnect (which reloads the head) now, not in the next batch.
             await self._drop_connection()
             self._reconnect()
+            allowed = [c for c, o in zip(checks, outcomes, strict=True) if o.allowed]
             # An error the database sent means the statement, and so all of it, failed.
             # No answer at all (a timeout, even one that fires late because this process
             # was stopped while the answer waited) leaves it open: resolved on reconnect.
@@ -626,7 +669,10 @@ class StateShard:
                         for check, o, e in zip(checks, outcomes, entries, strict=True)
                         if o.allowed
                     ],
+                    backend,
                 )
+            else:
+                self._unreserve(allowed)
             # Decisions were reserved all the same: an outage must not grow memory.
             self._prune(now)
             return [Result(False, AUDIT_UNAVAILABLE) for _ in range(answered)]
@@ -729,6 +775,21 @@ class StateShard:
             )
         self._owed = unsure.if_committed if committed else unsure.carried
         self._unsure = None
+        if not committed:
+            self._unreserve(unsure.if_committed)
+
+    def _unreserve(self, allowed: list[Check]) -> None:
+        """Give back what the allows of a batch known not to have committed reserved: the
+        usage of their grants (rebuilt from the chain when next seen) and their step-up
+        references (the durable record, which every batch reads, never had them). Their
+        clients were denied ``audit_unavailable``, and a retry must meet the limits the
+        chain supports, not spend that never happened. Their proofs stay spent: a proof is
+        single-use whatever became of it."""
+        for check in allowed:
+            if check.grant_id is not None:
+                self.state.grants.pop(check.grant_id, None)
+            if check.step_up_ref is not None:
+                self.state.used_refs.pop(check.step_up_ref, None)
 
     async def _find_allows(self, conn: asyncpg.Connection, checks: list[Check]) -> list[Check]:
         """Point each ``ANY_ALLOW`` void at the allow this chain holds for its proof, or

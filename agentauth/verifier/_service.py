@@ -226,6 +226,10 @@ class _Revocations:
         # about have expired. One more row (kind NULL) carries the newest number in the
         # same snapshot, read or left out, so later polls start there and do not scan
         # the old rows again.
+        # Fresh as of now, not of when this poll ends: what is read next may be older than
+        # the poll's end by the time the table sync below takes (its bounds add up to
+        # seconds), and fresh() must not trust it for revocation_max_staleness after that.
+        reading = time.monotonic()
         rows = await self._pool.fetch(
             "SELECT seq, kind, target, extract(epoch FROM revoked_at)::float8 AS at"
             " FROM revocations WHERE seq > $1"
@@ -242,7 +246,7 @@ class _Revocations:
                 self._last_seq = row["seq"]
         await self._also()
         self.forget_expired(time.time())
-        self._synced_at = time.monotonic()
+        self._synced_at = reading
 
     def _add(self, kind: str, target: str, revoked_at: float) -> None:
         self._revoked.add((kind, target), time.time(), since=revoked_at)
