@@ -136,3 +136,89 @@ async def test_revocation_freshness_is_timed_from_the_read_not_from_the_end_of_t
         assert not revocations.fresh()
     finally:
         await pool.close()
+
+
+@pytest.mark.asyncio
+async def test_a_provider_table_load_that_began_earlier_does_not_replace_a_later_one(
+    migrated_database_url: str,
+) -> None:
+    """A poll's table sync and an unknown provider id's reload can load the provider table
+    at once. The load that began first may end last: its older rows must not replace the
+    newer ones (here they would lift a suspension the newer load had seen)."""
+    import asyncpg
+
+    from agentauth.verifier import VerifierSettings
+    from agentauth.verifier._service import Verifier
+
+    provider = f"prov_order_{secrets.token_hex(4)}"
+    pool = await asyncpg.create_pool(migrated_database_url, min_size=2, max_size=3)
+    assert pool is not None
+    await pool.execute(
+        "INSERT INTO providers (id, audience, display_name, allowed_kinds, secret_hash)"
+        " VALUES ($1, $2, 'order', ARRAY['read'], $3)",
+        provider,
+        f"https://{provider}.example",
+        b"\0" * 32,
+    )
+    read, resume = asyncio.Event(), asyncio.Event()
+    first = [True]
+    real_acquire = pool.acquire
+
+    class Held:
+        """The first load's connection: its rows query answers, then waits."""
+
+        def __init__(self, conn: Any) -> None:
+            self._conn = conn
+
+        async def fetchval(self, *args: Any) -> Any:
+            return await self._conn.fetchval(*args)
+
+        async def fetch(self, *args: Any) -> Any:
+            rows = await self._conn.fetch(*args)
+            read.set()
+            await resume.wait()
+            return rows
+
+    class Acquired:
+        def __init__(self) -> None:
+            self._inner = real_acquire()
+            self._held = first[0]
+            first[0] = False
+
+        async def __aenter__(self) -> Any:
+            conn = await self._inner.__aenter__()
+            return Held(conn) if self._held else conn
+
+        async def __aexit__(self, *exc: Any) -> None:
+            await self._inner.__aexit__(*exc)
+
+    class Pool:
+        def acquire(self) -> Acquired:
+            return Acquired()
+
+    settings = VerifierSettings(
+        database_url=migrated_database_url,
+        redis_url="redis://unused",
+        issuer="http://r.test",
+        lookup_timeout=5.0,
+    )
+    v = Verifier(
+        settings=settings, pool=cast(Any, Pool()), redis=cast(Any, None), shards=cast(Any, None)
+    )
+    try:
+        older = asyncio.create_task(v._load_providers())
+        await read.wait()  # the first load has read the provider active
+        await pool.execute(
+            "UPDATE providers SET suspended_at = now(), suspension_reason = 'test'"
+            " WHERE id = $1",
+            provider,
+        )
+        await pool.execute("UPDATE provider_changes SET epoch = epoch + 1")
+        await v._load_providers()  # begun later, ends first: sees the suspension
+        assert v._providers[provider].suspended
+        resume.set()
+        await older
+        assert v._providers[provider].suspended
+    finally:
+        resume.set()
+        await pool.close()

@@ -328,6 +328,8 @@ class Verifier:
         self._keys_loaded_at = 0.0
         self._providers_loaded_at = 0.0
         self._provider_epoch = -1
+        self._provider_loads = 0  # loads begun
+        self._provider_loaded_ticket = 0  # the latest-begun load applied (see _load_providers)
         self._providers_reload: asyncio.Future[None] | None = None
         self.decisions = _DecisionCounts()
         self.counters = CounterBuffer()
@@ -396,6 +398,11 @@ class Verifier:
 
     async def _load_providers(self) -> None:
         self._providers_loaded_at = time.monotonic()
+        # Loads can overlap (a poll's sync and an unknown provider id's reload): the one
+        # that began last is the freshest, and one that began earlier must not replace it
+        # when it ends later (it could bring back a secret whose overlap had just ended).
+        self._provider_loads += 1
+        ticket = self._provider_loads
 
         async def read() -> tuple[int, list[asyncpg.Record]]:
             async with self.pool.acquire() as conn:
@@ -409,6 +416,9 @@ class Verifier:
             return int(epoch), rows
 
         epoch, rows = await asyncio.wait_for(read(), self.settings.lookup_timeout)
+        if ticket < self._provider_loaded_ticket:
+            return
+        self._provider_loaded_ticket = ticket
         self._providers = {
             r["id"]: _Provider(
                 r["audience"],
