@@ -209,8 +209,7 @@ async def test_a_provider_table_load_that_began_earlier_does_not_replace_a_later
         older = asyncio.create_task(v._load_providers())
         await read.wait()  # the first load has read the provider active
         await pool.execute(
-            "UPDATE providers SET suspended_at = now(), suspension_reason = 'test'"
-            " WHERE id = $1",
+            "UPDATE providers SET suspended_at = now(), suspension_reason = 'test' WHERE id = $1",
             provider,
         )
         await pool.execute("UPDATE provider_changes SET epoch = epoch + 1")
