@@ -197,3 +197,23 @@ async def test_a_shard_that_cannot_reach_its_database_says_so_once_and_when_it_i
         assert len(said) == 2  # three failures, one warning
     finally:
         await shard.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_shard_already_connected_keeps_its_connection_when_it_starts_listening(
+    database_url: str,
+) -> None:
+    """Driven in process first (tools, tests), then asked for its endpoint: the warm-up
+    must not open a second connection over the live one (which it replaced, leaking it,
+    and whose head reload could race a running batch's commit)."""
+    shard = StateShard(index=INDEX + 6, database_url=database_url)
+    try:
+        assert (await shard.check_batch([a_check("kept")]))[0].allowed
+        conn = shard._conn
+        assert conn is not None
+        await shard.endpoint()
+        assert shard._conn is conn and not conn.is_closed()
+        assert (await shard.check_batch([a_check("kept")]))[0].allowed
+    finally:
+        await shard.close()

@@ -286,8 +286,13 @@ class StateShard:
         """Connect before the first check comes (see _keep_connecting), for at most a second:
         a database that does not answer is left to the reconnect, which goes on in the
         background while batches are denied at once."""
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(self._reconnect()), _WARM_UP_TIMEOUT)
+        # Not again on a live connection (a shard driven in process first, or an endpoint()
+        # asked again after listening failed): a second one would replace it under a
+        # running batch, and its head reload, racing that batch's commit, could take the
+        # shard's own commit for another writer's.
+        if self._conn is None or self._conn.is_closed():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._reconnect()), _WARM_UP_TIMEOUT)
         self._batches_wait = False
 
     async def _listen(self) -> None:
