@@ -72,7 +72,7 @@ class StandIn:
     async def request_grant(self, agent: Agent, body: Any) -> dict[str, Any]:
         return {"id": "grq_1", "provider_id": "prov_1", "status": "pending"}
 
-    async def create_enrollment(self, principal_id: str) -> dict[str, Any]:
+    async def create_enrollment(self, principal_id: str, *, session_token: str) -> dict[str, Any]:
         return {"code": "enr_secret", "expires_at": int(time.time()) + 600}
 
     async def create_recovery(self, principal_id: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ Real PostgreSQL and Redis, the registry's service and HTTP API in process (no Ra
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -16,8 +17,9 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 from registry_inprocess import ISSUER, registry_in_process
 from registry_world import Provider, World
+from softauthn import SoftAuthenticator
 
-from agentauth.protocol import Conflict
+from agentauth.protocol import Conflict, b64url_encode
 from agentauth.registry import Registry
 from agentauth.store import grant_cache_key
 from agentauth.verifier import Verifier, VerifierSettings
@@ -471,3 +473,273 @@ async def test_a_revocation_marks_a_cached_active_status_revoked(service: InProc
     finally:
         await pool.close()
         await redis.aclose()
+
+
+# --- token issuance against a provider suspension -----------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_no_token_is_recorded_for_a_provider_suspended_while_it_was_signed(
+    service: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A suspension that commits while the token is being signed: the transaction that
+    records the token reads the provider again under its row lock and refuses. (It read
+    only the grant's and agent's revocation there: the agent was answered 200 with a
+    token for a provider suspended before it was recorded.)"""
+    world, registry = service.world, service.registry
+    _, agent, provider, grant = await world.setup_grant()
+    signer_of = registry.keys.signer
+    signing, release = asyncio.Event(), asyncio.Event()
+
+    async def held(now: float) -> Any:
+        signer = await signer_of(now)
+        if not release.is_set():
+            signing.set()  # checks passed; the token is about to be signed
+            await release.wait()
+        return signer
+
+    monkeypatch.setattr(registry.keys, "signer", held)
+    issuing = asyncio.ensure_future(world.token(agent, grant["id"]))
+    try:
+        await asyncio.wait_for(signing.wait(), 10)
+        r = await world.client.put(
+            world.url(f"/v1/providers/{provider.id}/suspension"),
+            headers=world.admin,
+            json={"reason": "compromise under investigation"},
+        )
+        assert r.status_code == 200, r.text
+    finally:
+        release.set()
+    r = await asyncio.wait_for(issuing, 10)
+    recorded = await registry.pool.fetchval(
+        "SELECT count(*) FROM issued_tokens WHERE grant_id = $1", grant["id"]
+    )
+    assert (r.status_code, r.json().get("reason"), recorded) == (403, "provider_suspended", 0), (
+        r.text
+    )
+
+
+# --- revoking an agent again --------------------------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_revoking_an_agent_again_records_nothing(service: InProcess) -> None:
+    """docs/registry.md: "Revoking what is already revoked changes and records nothing",
+    and revoking an agent is disabling it. Three concurrent revocations of one agent,
+    serialized on its row lock, record one change. (agent.disabled was appended on every
+    call.)"""
+    world, registry = service.world, service.registry
+    human, agent, _, _ = await world.setup_grant()
+    await asyncio.gather(
+        *(
+            registry.revoke("agent", agent.id, principal_id=human.principal_id, admin=False)
+            for _ in range(3)
+        )
+    )
+    subject = f"agent:{agent.id}"
+    assert await service.events("agent.revoked", subject) == 1
+    assert await service.events("agent.disabled", subject) == 1
+
+
+# --- a session-authenticated change against the end of its session ----------------------
+
+
+async def _sign_in(world: World, authenticator: SoftAuthenticator, passkey: Any) -> str:
+    r = await world.client.post(world.url("/v1/sessions/begin"))
+    assert r.status_code == 200, r.text
+    credential = authenticator.get(r.json(), passkey=passkey)
+    r = await world.client.post(world.url("/v1/sessions/finish"), json={"credential": credential})
+    assert r.status_code == 200, r.text
+    return str(r.json()["session"])
+
+
+async def _confirm(world: World, session: str, **change: Any) -> dict[str, Any]:
+    r = await world.client.post(
+        world.url("/v1/passkeys/confirm"),
+        headers={"Authorization": f"Bearer {session}"},
+        json=change or {"change": "add"},
+    )
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_passkey_added_with_a_session_ended_meanwhile_is_refused(
+    service: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alice has passkeys X (lost: the thief has it and signed in with it) and Z. The
+    thief's POST /v1/passkeys/finish (its registration begun with X's confirmation) is
+    authenticated by session; meanwhile Alice removes X, which ends the thief's session.
+    The finish's transaction holds the session again (it did not: the thief's passkey Y
+    was added after the removal that was to lock the thief out), as the provider
+    credential changes do under a lock."""
+    world, registry = service.world, service.registry
+    alice = await world.human("Alice")
+    lost = next(iter(alice.authenticator.passkeys.values()))
+    # Alice adds Z.
+    r = await world.client.post(
+        world.url("/v1/passkeys/begin"),
+        headers=alice.headers,
+        json={"credential": alice.authenticator.get(await _confirm(world, alice.session))},
+    )
+    assert r.status_code == 200, r.text
+    r = await world.client.post(
+        world.url("/v1/passkeys/finish"),
+        headers=alice.headers,
+        json={"credential": alice.authenticator.create(r.json())},
+    )
+    assert r.status_code == 200, r.text
+    kept = next(p for p in alice.authenticator.passkeys.values() if p is not lost)
+
+    # The thief signs in with X and begins adding its own passkey Y (confirmed by X).
+    thief_session = await _sign_in(world, alice.authenticator, lost)
+    thief_headers = {"Authorization": f"Bearer {thief_session}"}
+    r = await world.client.post(
+        world.url("/v1/passkeys/begin"),
+        headers=thief_headers,
+        json={
+            "credential": alice.authenticator.get(
+                await _confirm(world, thief_session), passkey=lost
+            )
+        },
+    )
+    assert r.status_code == 200, r.text
+    thief_device = SoftAuthenticator(origin=world.origin)
+    registration = thief_device.create(r.json())
+
+    authenticate = registry.authenticate_session
+    authenticated, release = asyncio.Event(), asyncio.Event()
+
+    async def held(token: str | None) -> str:
+        principal_id = await authenticate(token)
+        if token == thief_session and not release.is_set():
+            authenticated.set()  # the session was live; the finish's transaction is next
+            await release.wait()
+        return principal_id
+
+    monkeypatch.setattr(registry, "authenticate_session", held)
+    finishing = asyncio.ensure_future(
+        world.client.post(
+            world.url("/v1/passkeys/finish"),
+            headers=thief_headers,
+            json={"credential": registration},
+        )
+    )
+    try:
+        await asyncio.wait_for(authenticated.wait(), 10)
+        # Alice removes X, confirmed by Z: the thief's session ends.
+        lost_id = b64url_encode(lost.credential_id)
+        options = await _confirm(world, alice.session, change="remove", credential_id=lost_id)
+        r = await world.client.request(
+            "DELETE",
+            world.url(f"/v1/passkeys/{lost_id}"),
+            headers=alice.headers,
+            json={"credential": alice.authenticator.get(options, passkey=kept)},
+        )
+        assert r.status_code == 200, r.text
+        assert not await registry.pool.fetchval(
+            "SELECT count(*) FROM sessions WHERE principal_id = $1 AND token_hash <> $2",
+            alice.principal_id,
+            hashlib.sha256(alice.session.encode()).digest(),
+        )
+    finally:
+        release.set()
+    r = await asyncio.wait_for(finishing, 10)
+    r2 = await world.client.get(world.url("/v1/passkeys"), headers=alice.headers)
+    listed = {p["credential_id"] for p in r2.json()}
+    assert (r.status_code, r.json().get("reason")) == (401, "bad_session"), r.text
+    assert listed == {b64url_encode(kept.credential_id)}
+
+
+# --- recovery against a passkey removal: one lock order ----------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_recovery_and_a_passkey_removal_at_once_do_not_deadlock(
+    service: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """remove_passkey deletes the human's other sessions and then appends passkey.removed
+    to the human's audit chain; recovery_finish appends passkey.recovered to that chain
+    and then deletes the human's sessions. Interleaved (the thief, holding passkey X,
+    removes Alice's Z while Alice recovers with an admin's code), each waits for what the
+    other held: PostgreSQL aborted one with a deadlock (an unmapped 500). Recovery now takes
+    the sessions before the chain, as the module's lock order says."""
+    world, registry = service.world, service.registry
+    alice = await world.human("Alice")
+    stolen = next(iter(alice.authenticator.passkeys.values()))
+    r = await world.client.post(
+        world.url("/v1/passkeys/begin"),
+        headers=alice.headers,
+        json={"credential": alice.authenticator.get(await _confirm(world, alice.session))},
+    )
+    assert r.status_code == 200, r.text
+    r = await world.client.post(
+        world.url("/v1/passkeys/finish"),
+        headers=alice.headers,
+        json={"credential": alice.authenticator.create(r.json())},
+    )
+    assert r.status_code == 200, r.text
+    other = next(p for p in alice.authenticator.passkeys.values() if p is not stolen)
+    thief_session = await _sign_in(world, alice.authenticator, stolen)
+    other_id = b64url_encode(other.credential_id)
+    removal = alice.authenticator.get(
+        await _confirm(world, thief_session, change="remove", credential_id=other_id),
+        passkey=stolen,
+    )
+    r = await world.client.post(
+        world.url("/v1/admin/recoveries"),
+        headers=world.admin,
+        json={"principal_id": alice.principal_id},
+    )
+    assert r.status_code == 200, r.text
+    code = r.json()["recovery_code"]
+    r = await world.client.post(world.url("/v1/recovery/begin"), json={"code": code})
+    assert r.status_code == 200, r.text
+    new_device = SoftAuthenticator(origin=world.origin)
+    registration = new_device.create(r.json())
+
+    audit = registry._audit
+    deleted, release = asyncio.Event(), asyncio.Event()
+
+    async def held(conn: Any, **event: Any) -> None:
+        if event["event"] == "passkey.removed" and not release.is_set():
+            deleted.set()  # Alice's sessions are deleted (row locks held); chain next
+            await release.wait()
+        await audit(conn, **event)
+
+    monkeypatch.setattr(registry, "_audit", held)
+    removing = asyncio.ensure_future(
+        registry.remove_passkey(alice.principal_id, other_id, removal, session_token=thief_session)
+    )
+    try:
+        await asyncio.wait_for(deleted.wait(), 10)
+        recovering = asyncio.ensure_future(registry.recovery_finish(code, registration))
+        await asyncio.sleep(0.5)  # it appends passkey.recovered, then waits on the sessions
+    finally:
+        release.set()
+    results = await asyncio.wait_for(
+        asyncio.gather(removing, recovering, return_exceptions=True), 20
+    )
+    assert not [e for e in results if isinstance(e, BaseException)], results
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_enrollment_asked_for_by_a_session_ended_meanwhile_is_refused(
+    service: InProcess,
+) -> None:
+    """The same hold as for adding a passkey: the session that authenticated the request
+    is read again in the transaction that mints the code, so a session a passkey removal
+    ended meanwhile mints none (and nothing is written)."""
+    from agentauth.protocol import Unauthenticated
+
+    world, registry = service.world, service.registry
+    alice = await world.human("Alice")
+    before = await service.events("enrollment.created", f"human:{alice.principal_id}")
+    await registry.end_session(alice.session)  # what the removal does to the thief's
+    with pytest.raises(Unauthenticated) as refused:
+        await registry.create_enrollment(alice.principal_id, session_token=alice.session)
+    assert refused.value.reason == "bad_session"
+    assert await service.events("enrollment.created", f"human:{alice.principal_id}") == before
+    assert not await registry.pool.fetchval(
+        "SELECT count(*) FROM enrollments WHERE principal_id = $1", alice.principal_id
+    )

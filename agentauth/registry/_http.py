@@ -263,8 +263,10 @@ def create_app(registry: Registry) -> FastAPI:
         return await registry.passkey_begin(_p(who), body.credential)
 
     @app.post("/v1/passkeys/finish", tags=["humans"])
-    async def passkey_finish(who: Human, body: CredentialIn) -> dict[str, Any]:
-        return await registry.passkey_finish(_p(who), body.credential)
+    async def passkey_finish(who: Human, body: CredentialIn, request: Request) -> dict[str, Any]:
+        return await registry.passkey_finish(
+            _p(who), body.credential, session_token=_authorization(request)[1]
+        )
 
     @app.delete("/v1/passkeys/{credential_id}", tags=["humans"])
     async def passkey_remove(
@@ -278,8 +280,8 @@ def create_app(registry: Registry) -> FastAPI:
         return {"removed": True}
 
     @app.post("/v1/enrollments", tags=["humans"])
-    async def enrollment(who: Human) -> dict[str, Any]:
-        return await registry.create_enrollment(_p(who))
+    async def enrollment(who: Human, request: Request) -> dict[str, Any]:
+        return await registry.create_enrollment(_p(who), session_token=_authorization(request)[1])
 
     # --- agents --------------------------------------------------------------------------
 

@@ -695,10 +695,28 @@ class Registry:
         )
         return json.loads(webauthn.options_to_json(options))  # type: ignore[no-any-return]
 
-    async def passkey_finish(self, principal_id: str, credential: dict[str, Any]) -> dict[str, Any]:
+    async def passkey_finish(
+        self, principal_id: str, credential: dict[str, Any], *, session_token: str
+    ) -> dict[str, Any]:
         async with self._tx() as conn:
+            await self._hold_session(conn, principal_id, session_token)
             credential_id = await self._add_passkey(conn, principal_id, credential, "added")
         return {"credential_id": credential_id}
+
+    async def _hold_session(self, conn: Conn, principal_id: str, session_token: str) -> None:
+        """The session that authenticated this request, read again and held (FOR SHARE)
+        in the transaction of the change it asks for. It was checked before the
+        transaction began; a passkey removal or a recovery that ended it meanwhile (to
+        lock out whoever held a lost passkey) must not be followed by that holder's change,
+        and one that comes later waits for this change to commit."""
+        held = await conn.fetchval(
+            "SELECT 1 FROM sessions WHERE token_hash = $1 AND principal_id = $2"
+            " AND expires_at > now() FOR SHARE",
+            _sha256(session_token),
+            principal_id,
+        )
+        if held is None:
+            raise Unauthenticated("the session is invalid or expired", reason="bad_session")
 
     async def _add_passkey(
         self, conn: Conn, principal_id: str, credential: dict[str, Any], how: str
@@ -774,8 +792,11 @@ class Registry:
         ends: whoever has the lost passkeys may have signed one in."""
         async with self._tx() as conn:
             principal_id = await self._recovering(conn, code, spend=True)
-            await self._add_passkey(conn, principal_id, credential, "recovered")
+            # The sessions before the passkey, whose audit event locks the human's chain:
+            # rows before audit chains, as remove_passkey takes them (in the other order
+            # the two deadlocked when they met, and one of them failed).
             await conn.execute("DELETE FROM sessions WHERE principal_id = $1", principal_id)
+            await self._add_passkey(conn, principal_id, credential, "recovered")
             session = await self._new_session(conn, principal_id)
         return {"principal_id": principal_id, "session": session}
 
@@ -937,9 +958,10 @@ class Registry:
 
     # --- enrollment and agents -----------------------------------------------------------
 
-    async def create_enrollment(self, principal_id: str) -> dict[str, Any]:
+    async def create_enrollment(self, principal_id: str, *, session_token: str) -> dict[str, Any]:
         code = "enr_" + secrets.token_urlsafe(24)
         async with self._tx() as conn:
+            await self._hold_session(conn, principal_id, session_token)
             await conn.execute(
                 "INSERT INTO enrollments (code_hash, principal_id, expires_at)"
                 " VALUES ($1, $2, now() + make_interval(secs => $3))",
@@ -1037,23 +1059,28 @@ class Registry:
     async def disable_agent(self, agent_id: str, *, principal_id: str | None, admin: bool) -> None:
         async with self._tx() as conn:
             row = await conn.fetchrow(
-                "SELECT principal_id FROM agents WHERE id = $1 FOR UPDATE", agent_id
+                "SELECT principal_id, status FROM agents WHERE id = $1 FOR UPDATE", agent_id
             )
             if row is None or not (admin or row["principal_id"] == principal_id):
                 raise NotFound("no such agent")
-            await conn.execute("UPDATE agents SET status = 'disabled' WHERE id = $1", agent_id)
             actor = "admin" if admin else f"human:{principal_id}"
+            # Disabling what is disabled changes and records nothing (the revocation below
+            # is conditional the same way).
+            disabling = row["status"] != "disabled"
+            if disabling:
+                await conn.execute("UPDATE agents SET status = 'disabled' WHERE id = $1", agent_id)
             await self._revoke_in(
                 conn, "agent", agent_id, actor=actor, key=agent_id, agent_id=agent_id
             )
-            await self._audit(
-                conn,
-                event="agent.disabled",
-                actor=actor,
-                subject=f"agent:{agent_id}",
-                key=agent_id,
-                agent_id=agent_id,
-            )
+            if disabling:
+                await self._audit(
+                    conn,
+                    event="agent.disabled",
+                    actor=actor,
+                    subject=f"agent:{agent_id}",
+                    key=agent_id,
+                    agent_id=agent_id,
+                )
         await self._publish_revocation("agent", agent_id)
 
     # --- providers -----------------------------------------------------------------------
@@ -1612,14 +1639,19 @@ class Registry:
             # disable_agent, the agent's): one that committed first is seen here, and one
             # that comes later waits for this issuance to commit (its token is revoked too).
             # Signing stays outside, so a slow key backend never holds up a revocation.
+            # The provider's row too: a suspension (an UPDATE of it) that committed while
+            # the token was signed is seen, and one that comes later waits for this.
             await conn.execute(
-                "SELECT 1 FROM grants g JOIN agents a ON a.id = g.agent_id WHERE g.id = $1"
-                " FOR SHARE OF g, a",
+                "SELECT 1 FROM grants g JOIN agents a ON a.id = g.agent_id"
+                " JOIN providers p ON p.id = g.provider_id WHERE g.id = $1"
+                " FOR SHARE OF g, a, p",
                 grant_id,
             )
             # A statement of its own: its snapshot is taken once the locks are held.
             if await conn.fetchval(_GRANT_REVOKED_NOW, grant_id):
                 raise Forbidden("the grant is revoked", reason="grant_revoked")
+            if await conn.fetchval(_PROVIDER_SUSPENDED_NOW, grant_id):
+                raise Forbidden("the grant's provider is suspended", reason="provider_suspended")
             await conn.execute(
                 "INSERT INTO issued_tokens (jti, grant_id, agent_id, kid, issued_at, expires_at)"
                 " VALUES ($1, $2, $3, $4, $5, $6)",
@@ -2031,6 +2063,10 @@ _GRANT_REVOKED = (
     " OR (v.kind = 'agent' AND v.target = g.agent_id)))"
 )
 _GRANT_REVOKED_NOW = f"SELECT {_GRANT_REVOKED} FROM grants g WHERE g.id = $1"  # noqa: S608
+_PROVIDER_SUSPENDED_NOW = (
+    "SELECT p.suspended_at IS NOT NULL FROM grants g JOIN providers p ON p.id = g.provider_id"
+    " WHERE g.id = $1"
+)
 
 _REQUEST_SELECT = (
     # Only the constant above is joined in.
