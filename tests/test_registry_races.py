@@ -19,7 +19,7 @@ from registry_inprocess import ISSUER, registry_in_process
 from registry_world import Provider, World
 from softauthn import SoftAuthenticator
 
-from agentauth.protocol import Conflict, b64url_encode
+from agentauth.protocol import Conflict, PrivateKey, b64url_encode
 from agentauth.registry import Registry
 from agentauth.store import grant_cache_key
 from agentauth.verifier import Verifier, VerifierSettings
@@ -743,3 +743,51 @@ async def test_an_enrollment_asked_for_by_a_session_ended_meanwhile_is_refused(
     assert not await registry.pool.fetchval(
         "SELECT count(*) FROM enrollments WHERE principal_id = $1", alice.principal_id
     )
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_passkey_removal_ends_the_enrollment_codes_not_yet_used(
+    service: InProcess,
+) -> None:
+    """Whoever held a lost passkey may have minted enrollment codes with their session
+    before the owner removed it: the removal ends those sessions, and the codes with them
+    (a code is the human's, not a session's, so every unused one goes)."""
+    world = service.world
+    alice = await world.human("Alice")
+    lost = next(iter(alice.authenticator.passkeys.values()))
+    r = await world.client.post(
+        world.url("/v1/passkeys/begin"),
+        headers=alice.headers,
+        json={"credential": alice.authenticator.get(await _confirm(world, alice.session))},
+    )
+    assert r.status_code == 200, r.text
+    r = await world.client.post(
+        world.url("/v1/passkeys/finish"),
+        headers=alice.headers,
+        json={"credential": alice.authenticator.create(r.json())},
+    )
+    assert r.status_code == 200, r.text
+    kept = next(p for p in alice.authenticator.passkeys.values() if p is not lost)
+    thief = {"Authorization": f"Bearer {await _sign_in(world, alice.authenticator, lost)}"}
+    r = await world.client.post(world.url("/v1/enrollments"), headers=thief)
+    assert r.status_code == 200, r.text
+    code = r.json()["enrollment_code"]
+
+    lost_id = b64url_encode(lost.credential_id)
+    options = await _confirm(world, alice.session, change="remove", credential_id=lost_id)
+    r = await world.client.request(
+        "DELETE",
+        world.url(f"/v1/passkeys/{lost_id}"),
+        headers=alice.headers,
+        json={"credential": alice.authenticator.get(options, passkey=kept)},
+    )
+    assert r.status_code == 200, r.text
+
+    key = PrivateKey.generate("ES256")
+    r = await world.client.post(
+        world.url("/v1/agents"),
+        headers={"DPoP": world.proof(key, "POST", "/v1/agents")},
+        json={"name": "bot", "public_jwk": key.public_jwk(), "enrollment_code": code},
+    )
+    assert (r.status_code, r.json().get("reason")) == (403, "bad_enrollment"), r.text
+    await world.agent(alice)  # a code minted after the removal works

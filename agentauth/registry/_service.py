@@ -796,9 +796,19 @@ class Registry:
             # rows before audit chains, as remove_passkey takes them (in the other order
             # the two deadlocked when they met, and one of them failed).
             await conn.execute("DELETE FROM sessions WHERE principal_id = $1", principal_id)
+            await self._end_enrollments(conn, principal_id)
             await self._add_passkey(conn, principal_id, credential, "recovered")
             session = await self._new_session(conn, principal_id)
         return {"principal_id": principal_id, "session": session}
+
+    async def _end_enrollments(self, conn: Conn, principal_id: str) -> None:
+        """With the sessions a passkey removal or a recovery ends go the enrollment codes
+        not yet used: one of those sessions (whoever held the lost passkey) may have
+        minted them, and a code is the human's, not a session's, so all go. The owner
+        mints a new one."""
+        await conn.execute(
+            "DELETE FROM enrollments WHERE principal_id = $1 AND used_at IS NULL", principal_id
+        )
 
     async def list_passkeys(self, principal_id: str) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
@@ -836,6 +846,7 @@ class Registry:
                 principal_id,
                 _sha256(session_token),
             )
+            await self._end_enrollments(conn, principal_id)
             await self._audit(
                 conn,
                 event="passkey.removed",
