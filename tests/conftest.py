@@ -52,6 +52,22 @@ async def new_database(database_url: str, prefix: str) -> AsyncIterator[str]:
         await admin.close()
 
 
+@asynccontextmanager
+async def migrated_connection(database_url: str, prefix: str) -> AsyncIterator[Any]:
+    """A connection to a new database (see new_database) with the schema in place."""
+    import asyncpg
+
+    from agentauth.store import migrate
+
+    async with new_database(database_url, prefix) as url:
+        connection = await asyncpg.connect(url)
+        try:
+            await migrate(connection)
+            yield connection
+        finally:
+            await connection.close()
+
+
 @pytest.fixture(scope="session")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import asyncpg

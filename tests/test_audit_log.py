@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
-from conftest import new_database
+from conftest import migrated_connection
 
 from agentauth.keys import LocalFileSigner
 from agentauth.protocol import (
@@ -35,7 +35,6 @@ from agentauth.protocol import (
     verify_consistency,
 )
 from agentauth.registry._audit_log import AuditLog
-from agentauth.store import migrate
 
 pytestmark = [pytest.mark.postgres]
 
@@ -45,13 +44,8 @@ CHAIN = "registry-0"  # AuditLog(chains=1) puts every event here
 @pytest_asyncio.fixture(loop_scope="session")
 async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A database of the test's own: these tests leave chains no verifier would accept."""
-    async with new_database(database_url, "auditlog") as url:
-        connection = await asyncpg.connect(url)
-        try:
-            await migrate(connection)
-            yield connection
-        finally:
-            await connection.close()
+    async with migrated_connection(database_url, "auditlog") as connection:
+        yield connection
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
-from conftest import new_database
+from conftest import migrated_connection
 
 from agentauth.keys import LocalFileSigner
 from agentauth.protocol import (
@@ -35,7 +35,6 @@ from agentauth.protocol import (
     verify_inclusion,
 )
 from agentauth.registry._audit_log import NODE_LEVEL, AuditLog
-from agentauth.store import migrate
 
 pytestmark = [pytest.mark.postgres]
 
@@ -46,13 +45,8 @@ BLOCK = 2**NODE_LEVEL
 @pytest_asyncio.fixture(loop_scope="session")
 async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A database of the test's own, so that row counts and node rows are this test's."""
-    async with new_database(database_url, "auditproofs") as url:
-        connection = await asyncpg.connect(url)
-        try:
-            await migrate(connection)
-            yield connection
-        finally:
-            await connection.close()
+    async with migrated_connection(database_url, "auditproofs") as connection:
+        yield connection
 
 
 @pytest.fixture

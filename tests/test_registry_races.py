@@ -563,20 +563,11 @@ async def _confirm(world: World, session: str, **change: Any) -> dict[str, Any]:
     return r.json()  # type: ignore[no-any-return]
 
 
-@pytest.mark.asyncio(loop_scope="session")
-async def test_a_passkey_added_with_a_session_ended_meanwhile_is_refused(
-    service: InProcess, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Alice has passkeys X (lost: the thief has it and signed in with it) and Z. The
-    thief's POST /v1/passkeys/finish (its registration begun with X's confirmation) is
-    authenticated by session; meanwhile Alice removes X, which ends the thief's session.
-    The finish's transaction holds the session again (it did not: the thief's passkey Y
-    was added after the removal that was to lock the thief out), as the provider
-    credential changes do under a lock."""
-    world, registry = service.world, service.registry
+async def _alice_with_two_passkeys(world: World) -> tuple[Any, Any, Any]:
+    """Alice, signed up with one passkey (the first returned) and adding a second (the
+    other): the one she may lose, and the one she keeps."""
     alice = await world.human("Alice")
-    lost = next(iter(alice.authenticator.passkeys.values()))
-    # Alice adds Z.
+    first = next(iter(alice.authenticator.passkeys.values()))
     r = await world.client.post(
         world.url("/v1/passkeys/begin"),
         headers=alice.headers,
@@ -589,7 +580,22 @@ async def test_a_passkey_added_with_a_session_ended_meanwhile_is_refused(
         json={"credential": alice.authenticator.create(r.json())},
     )
     assert r.status_code == 200, r.text
-    kept = next(p for p in alice.authenticator.passkeys.values() if p is not lost)
+    second = next(p for p in alice.authenticator.passkeys.values() if p is not first)
+    return alice, first, second
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_passkey_added_with_a_session_ended_meanwhile_is_refused(
+    service: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alice has passkeys X (lost: the thief has it and signed in with it) and Z. The
+    thief's POST /v1/passkeys/finish (its registration begun with X's confirmation) is
+    authenticated by session; meanwhile Alice removes X, which ends the thief's session.
+    The finish's transaction holds the session again (it did not: the thief's passkey Y
+    was added after the removal that was to lock the thief out), as the provider
+    credential changes do under a lock."""
+    world, registry = service.world, service.registry
+    alice, lost, kept = await _alice_with_two_passkeys(world)
 
     # The thief signs in with X and begins adding its own passkey Y (confirmed by X).
     thief_session = await _sign_in(world, alice.authenticator, lost)
@@ -665,21 +671,7 @@ async def test_a_recovery_and_a_passkey_removal_at_once_do_not_deadlock(
     other held: PostgreSQL aborted one with a deadlock (an unmapped 500). Recovery now takes
     the sessions before the chain, as the module's lock order says."""
     world, registry = service.world, service.registry
-    alice = await world.human("Alice")
-    stolen = next(iter(alice.authenticator.passkeys.values()))
-    r = await world.client.post(
-        world.url("/v1/passkeys/begin"),
-        headers=alice.headers,
-        json={"credential": alice.authenticator.get(await _confirm(world, alice.session))},
-    )
-    assert r.status_code == 200, r.text
-    r = await world.client.post(
-        world.url("/v1/passkeys/finish"),
-        headers=alice.headers,
-        json={"credential": alice.authenticator.create(r.json())},
-    )
-    assert r.status_code == 200, r.text
-    other = next(p for p in alice.authenticator.passkeys.values() if p is not stolen)
+    alice, stolen, other = await _alice_with_two_passkeys(world)
     thief_session = await _sign_in(world, alice.authenticator, stolen)
     other_id = b64url_encode(other.credential_id)
     removal = alice.authenticator.get(
@@ -753,21 +745,7 @@ async def test_a_passkey_removal_ends_the_enrollment_codes_not_yet_used(
     before the owner removed it: the removal ends those sessions, and the codes with them
     (a code is the human's, not a session's, so every unused one goes)."""
     world = service.world
-    alice = await world.human("Alice")
-    lost = next(iter(alice.authenticator.passkeys.values()))
-    r = await world.client.post(
-        world.url("/v1/passkeys/begin"),
-        headers=alice.headers,
-        json={"credential": alice.authenticator.get(await _confirm(world, alice.session))},
-    )
-    assert r.status_code == 200, r.text
-    r = await world.client.post(
-        world.url("/v1/passkeys/finish"),
-        headers=alice.headers,
-        json={"credential": alice.authenticator.create(r.json())},
-    )
-    assert r.status_code == 200, r.text
-    kept = next(p for p in alice.authenticator.passkeys.values() if p is not lost)
+    alice, lost, kept = await _alice_with_two_passkeys(world)
     thief = {"Authorization": f"Bearer {await _sign_in(world, alice.authenticator, lost)}"}
     r = await world.client.post(world.url("/v1/enrollments"), headers=thief)
     assert r.status_code == 200, r.text
