@@ -584,6 +584,19 @@ async def _alice_with_two_passkeys(world: World) -> tuple[Any, Any, Any]:
     return alice, first, second
 
 
+async def _remove(world: World, alice: Any, removed: Any, confirmed_by: Any) -> None:
+    """Alice removes one of her passkeys, confirmed by another, from her own session."""
+    removed_id = b64url_encode(removed.credential_id)
+    options = await _confirm(world, alice.session, change="remove", credential_id=removed_id)
+    r = await world.client.request(
+        "DELETE",
+        world.url(f"/v1/passkeys/{removed_id}"),
+        headers=alice.headers,
+        json={"credential": alice.authenticator.get(options, passkey=confirmed_by)},
+    )
+    assert r.status_code == 200, r.text
+
+
 @pytest.mark.asyncio(loop_scope="session")
 async def test_a_passkey_added_with_a_session_ended_meanwhile_is_refused(
     service: InProcess, monkeypatch: pytest.MonkeyPatch
@@ -634,15 +647,7 @@ async def test_a_passkey_added_with_a_session_ended_meanwhile_is_refused(
     try:
         await asyncio.wait_for(authenticated.wait(), 10)
         # Alice removes X, confirmed by Z: the thief's session ends.
-        lost_id = b64url_encode(lost.credential_id)
-        options = await _confirm(world, alice.session, change="remove", credential_id=lost_id)
-        r = await world.client.request(
-            "DELETE",
-            world.url(f"/v1/passkeys/{lost_id}"),
-            headers=alice.headers,
-            json={"credential": alice.authenticator.get(options, passkey=kept)},
-        )
-        assert r.status_code == 200, r.text
+        await _remove(world, alice, lost, confirmed_by=kept)
         assert not await registry.pool.fetchval(
             "SELECT count(*) FROM sessions WHERE principal_id = $1 AND token_hash <> $2",
             alice.principal_id,
@@ -751,15 +756,7 @@ async def test_a_passkey_removal_ends_the_enrollment_codes_not_yet_used(
     assert r.status_code == 200, r.text
     code = r.json()["enrollment_code"]
 
-    lost_id = b64url_encode(lost.credential_id)
-    options = await _confirm(world, alice.session, change="remove", credential_id=lost_id)
-    r = await world.client.request(
-        "DELETE",
-        world.url(f"/v1/passkeys/{lost_id}"),
-        headers=alice.headers,
-        json={"credential": alice.authenticator.get(options, passkey=kept)},
-    )
-    assert r.status_code == 200, r.text
+    await _remove(world, alice, lost, confirmed_by=kept)
 
     key = PrivateKey.generate("ES256")
     r = await world.client.post(
