@@ -360,6 +360,10 @@ _DEPENDENCY_ERRORS = (
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # What a server refusing or ending connections sends: starting up, shutting down
+    # (SQLSTATE class 57), too many clients, out of memory or disk (class 53).
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
 )
 
 

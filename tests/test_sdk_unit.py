@@ -744,3 +744,43 @@ async def test_a_request_the_token_does_not_cover_is_refused_insufficient_scope(
             assert r.status_code == 403, (label, r.text)
             assert reason in r.text, (label, r.text)
             assert r.headers.get("www-authenticate") == challenge, (label, reason)
+
+
+@pytest.mark.asyncio
+async def test_middleware_without_public_url_survives_a_non_utf8_header() -> None:
+    """Headers are bytes, latin-1 to ASGI: a request with a byte that is not UTF-8 in some
+    header is refused like any other, not a 500 (the origin rebuilt from the request
+    decoded every header as UTF-8, and raised out of the middleware)."""
+
+    class Refusing:
+        async def verify_request(self, **_: Any) -> Verification:
+            return Verification(False, "insufficient_capability")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover
+        raise AssertionError("must not run")
+
+    middleware = AgentAuthMiddleware(
+        app,
+        verifier=cast(VerifierClient, Refusing()),
+        action_of=lambda method, path: Action(kind="read", resource="files"),
+    )
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/files",
+        "raw_path": b"/files",
+        "root_path": "",
+        "scheme": "https",
+        "query_string": b"",
+        "headers": [(b"host", b"api.example"), (b"x-note", b"caf\xe9")],
+    }
+    await middleware(scope, receive, send)
+    assert sent[0]["status"] in (400, 401, 403)

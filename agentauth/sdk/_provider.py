@@ -264,8 +264,13 @@ def _public_url(scope: Mapping[str, Any], base: str | None) -> str:
     path = str(scope.get("root_path", "")) + path_as_sent(scope)
     if base:
         return base.rstrip("/") + path
-    headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
-    host = headers.get("host") or "localhost"
+    # Header bytes are latin-1 to ASGI, as the other headers here are read: a byte that is
+    # not UTF-8 in some other header must not make this request a 500. Without public_url
+    # the host is the request's own Host header: see AgentAuthMiddleware's docstring.
+    host = next(
+        (v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"host"), None
+    )
+    host = host or "localhost"
     return f"{scope.get('scheme', 'http')}://{host}{path}"
 
 
@@ -331,7 +336,11 @@ class AgentAuthMiddleware:
     """ASGI middleware: every request ``action_of(method, path)`` maps to an action must be
     allowed by the verifier; the verification lands in ``scope["state"]["agentauth"]``.
     Paths mapped to None pass through untouched (health checks, public pages). A WebSocket
-    connection to a path mapped to an action (asked as ``GET``) is refused, never verified."""
+    connection to a path mapped to an action (asked as ``GET``) is refused, never verified.
+
+    ``public_url``: the origin agents call (``https://api.example.com``), which the proofs'
+    ``htu`` must name. Set it: without it the origin is rebuilt from the request's scheme and
+    its own ``Host`` header (a caller's choice; and ``http`` behind a TLS proxy)."""
 
     def __init__(
         self,

@@ -732,9 +732,17 @@ class Verifier:
                 body.token, audience=provider.audience, now=now, expiry_leeway=expiry_leeway
             )
         except InvalidToken as exc:
-            if exc.reason == "unknown_kid" and await self._load_keys():
-                # A rotated key: the same check again with the keys reloaded.
-                return await self._stateless(provider, provider_id, body, now, expiry_leeway)
+            if exc.reason == "unknown_kid":
+                try:
+                    # Bounded like every lookup on this path (a pool wait included).
+                    reloaded = await asyncio.wait_for(
+                        self._load_keys(), self.settings.lookup_timeout
+                    )
+                except Exception:  # PostgreSQL unreachable or restarting: deny, recorded
+                    return _replace(anonymous, deny="dependency_unavailable"), {}, None
+                if reloaded:
+                    # A rotated key: the same check again with the keys reloaded.
+                    return await self._stateless(provider, provider_id, body, now, expiry_leeway)
             return _deny(anonymous, exc), {}, None
         base = Check(
             agent_id=token.claims.sub,
