@@ -766,3 +766,44 @@ async def test_a_passkey_removal_ends_the_enrollment_codes_not_yet_used(
     )
     assert (r.status_code, r.json().get("reason")) == (403, "bad_enrollment"), r.text
     await world.agent(alice)  # a code minted after the removal works
+
+
+# --- an answer read after its change committed ---------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_approval_whose_answer_cannot_be_read_is_undone_not_left_standing(
+    service: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The approval's answer (the new grant) is read in the approval's own transaction: if
+    that read fails, the caller's error is the truth, nothing is approved, and the request
+    can be approved again. (It was read after the commit: the human was told the approval
+    failed while the grant stood, and a retry was refused 409 not_pending.)"""
+    import asyncpg.connection
+
+    from agentauth.registry import _service
+
+    world, registry = service.world, service.registry
+    human, _, request, credential = await world.signed_request()
+    real = asyncpg.connection.Connection.fetchrow
+    armed = [True]
+
+    async def fetchrow(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        if armed[0] and query.startswith(_service._GRANT_SELECT):
+            armed[0] = False
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("injected: connection lost")
+        return await real(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "fetchrow", fetchrow)
+    r = await world.client.post(
+        world.url(f"/v1/grant-requests/{request['id']}/approval/finish"),
+        headers=human.headers,
+        json={"credential": credential},
+    )
+    assert not armed[0], "the injected failure did not fire"
+    assert r.status_code == 503, r.text
+    assert not await registry.pool.fetchval(
+        "SELECT count(*) FROM grants WHERE request_id = $1", request["id"]
+    )
+    granted = await world.approve(human, request["id"])  # a fresh approval goes through
+    assert granted["revoked_at"] is None and granted["document"]["grant_id"] == granted["id"]

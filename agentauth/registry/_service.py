@@ -1319,7 +1319,7 @@ class Registry:
                 agent_id=agent.id,
                 data={"provider_id": body.provider_id},
             )
-        return await self.get_grant_request(request_id, agent=agent)
+            return await self.get_grant_request(request_id, agent=agent, conn=conn)
 
     async def _request_row(
         self, conn: Conn | asyncpg.Pool, request_id: str, *, lock: bool = False
@@ -1335,9 +1335,14 @@ class Registry:
         return row
 
     async def get_grant_request(
-        self, request_id: str, *, principal_id: str | None = None, agent: Agent | None = None
+        self,
+        request_id: str,
+        *,
+        principal_id: str | None = None,
+        agent: Agent | None = None,
+        conn: Conn | None = None,
     ) -> dict[str, Any]:
-        row = await self._request_row(self.pool, request_id)
+        row = await self._request_row(conn or self.pool, request_id)
         if not _may_see(row, principal_id, agent):
             raise NotFound("no such grant request")
         return _request_view(row)
@@ -1494,7 +1499,9 @@ class Registry:
                     "request_id": request_id,
                 },
             )
-        return await self.get_grant(grant.grant_id, principal_id=principal_id)
+            # The answer read in the change's own transaction: a failure to read it then
+            # undoes the change, rather than reporting an error for a change that stands.
+            return await self.get_grant(grant.grant_id, principal_id=principal_id, conn=conn)
 
     async def deny_request(self, principal_id: str, request_id: str) -> dict[str, Any]:
         async with self._tx() as conn:
@@ -1514,12 +1521,17 @@ class Registry:
                 key=row["agent_id"],
                 agent_id=row["agent_id"],
             )
-        return await self.get_grant_request(request_id, principal_id=principal_id)
+            return await self.get_grant_request(request_id, principal_id=principal_id, conn=conn)
 
     async def get_grant(
-        self, grant_id: str, *, principal_id: str | None = None, agent: Agent | None = None
+        self,
+        grant_id: str,
+        *,
+        principal_id: str | None = None,
+        agent: Agent | None = None,
+        conn: Conn | None = None,
     ) -> dict[str, Any]:
-        row = await self.pool.fetchrow(_GRANT_SELECT + " WHERE g.id = $1", grant_id)
+        row = await (conn or self.pool).fetchrow(_GRANT_SELECT + " WHERE g.id = $1", grant_id)
         if row is None or not _may_see(row, principal_id, agent):
             raise NotFound("no such grant")
         return _grant_view(row)
@@ -1872,10 +1884,11 @@ class Registry:
         principal_id: str | None = None,
         agent: Agent | None = None,
         wait: float = 0.0,
+        conn: Conn | None = None,
     ) -> dict[str, Any]:
         deadline = time.monotonic() + min(wait, 30.0)
         while True:
-            row = await self.pool.fetchrow(_STEP_UP_SELECT + " WHERE s.id = $1", step_id)
+            row = await (conn or self.pool).fetchrow(_STEP_UP_SELECT + " WHERE s.id = $1", step_id)
             if row is None or not _may_see(row, principal_id, agent):
                 raise NotFound("no such step-up")
             if row["status"] != "pending" or time.monotonic() >= deadline:
@@ -1948,7 +1961,7 @@ class Registry:
                 grant_id=row["grant_id"],
                 data={"receipt_hash": receipt.digest()},
             )
-        return await self.get_step_up(step_id, principal_id=principal_id)
+            return await self.get_step_up(step_id, principal_id=principal_id, conn=conn)
 
     async def step_up_deny(self, principal_id: str, step_id: str) -> dict[str, Any]:
         async with self._tx() as conn:
@@ -1968,7 +1981,7 @@ class Registry:
                 agent_id=row["agent_id"],
                 grant_id=row["grant_id"],
             )
-        return await self.get_step_up(step_id, principal_id=principal_id)
+            return await self.get_step_up(step_id, principal_id=principal_id, conn=conn)
 
     # --- audit views ---------------------------------------------------------------------
 
