@@ -1671,9 +1671,11 @@ class Registry:
                 grant_id,
             )
             # A statement of its own: its snapshot is taken once the locks are held.
-            if await conn.fetchval(_GRANT_REVOKED_NOW, grant_id):
+            now_row = await conn.fetchrow(_GRANT_STANDING_NOW, grant_id)
+            assert now_row is not None  # its row is locked above, in this transaction
+            if now_row["revoked"]:
                 raise Forbidden("the grant is revoked", reason="grant_revoked")
-            if await conn.fetchval(_PROVIDER_SUSPENDED_NOW, grant_id):
+            if now_row["provider_suspended"]:
                 raise Forbidden("the grant's provider is suspended", reason="provider_suspended")
             await conn.execute(
                 "INSERT INTO issued_tokens (jti, grant_id, agent_id, kid, issued_at, expires_at)"
@@ -2086,10 +2088,12 @@ _GRANT_REVOKED = (
     " WHERE (v.kind = 'grant' AND v.target = g.id)"
     " OR (v.kind = 'agent' AND v.target = g.agent_id)))"
 )
-_GRANT_REVOKED_NOW = f"SELECT {_GRANT_REVOKED} FROM grants g WHERE g.id = $1"  # noqa: S608
-_PROVIDER_SUSPENDED_NOW = (
-    "SELECT p.suspended_at IS NOT NULL FROM grants g JOIN providers p ON p.id = g.provider_id"
-    " WHERE g.id = $1"
+# Whether a grant still stands, read again once its rows are locked (issue_token).
+_GRANT_STANDING_NOW = (
+    # Only the constant _GRANT_REVOKED is joined in.
+    f"SELECT {_GRANT_REVOKED} AS revoked,"  # noqa: S608
+    " p.suspended_at IS NOT NULL AS provider_suspended"
+    " FROM grants g JOIN providers p ON p.id = g.provider_id WHERE g.id = $1"
 )
 
 _REQUEST_SELECT = (
