@@ -239,10 +239,10 @@ class StateShard:
         # Voids this shard owes its chain (see _Unsure), written ahead of the next batch.
         self._owed: list[Check] = []
         self._unsure: _Unsure | None = None
-        # The server process of self._conn, and of the connection _open_connection just
-        # made (pid, backend_start): a commit of unknown fate names the one that ran it.
+        # The server process (pid, backend_start) of the connection last opened, which is
+        # self._conn whenever a commit runs (one is opened only while there is none): a
+        # commit of unknown fate names the one that ran it.
         self._conn_backend: tuple[int, Any] | None = None
-        self._opened_backend: tuple[int, Any] | None = None
         self._flushing = False
         self.batches = 0
         self._last_prune = time.monotonic()
@@ -477,7 +477,7 @@ class StateShard:
                     tries,
                     time.monotonic() - began,
                 )
-            self._conn, self._conn_backend = conn, self._opened_backend
+            self._conn = conn
             return conn
 
     async def _open_connection(self) -> asyncpg.Connection:
@@ -495,7 +495,7 @@ class StateShard:
             row = await conn.fetchrow(_BACKEND)
             if row is None:
                 raise RuntimeError("this session is not in pg_stat_activity")
-            self._opened_backend = (row["pid"], row["backend_start"])
+            self._conn_backend = (row["pid"], row["backend_start"])
             if self._unsure is not None and self._unsure.backend is not None:
                 # Before the head is read: a commit still running there would land after.
                 await self._end_backend(conn, self._unsure.backend)
@@ -659,7 +659,6 @@ class StateShard:
             # Reconnect (which reloads the head) now, not in the next batch.
             await self._drop_connection()
             self._reconnect()
-            allowed = [c for c, o in zip(checks, outcomes, strict=True) if o.allowed]
             # An error the database sent means the statement, and so all of it, failed.
             # No answer at all (a timeout, even one that fires late because this process
             # was stopped while the answer waited) leaves it open: resolved on reconnect.
@@ -677,7 +676,7 @@ class StateShard:
                     backend,
                 )
             else:
-                self._unreserve(allowed)
+                self._unreserve([c for c, o in zip(checks, outcomes, strict=True) if o.allowed])
             # Decisions were reserved all the same: an outage must not grow memory.
             self._prune(now)
             return [Result(False, AUDIT_UNAVAILABLE) for _ in range(answered)]
