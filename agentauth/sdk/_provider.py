@@ -268,10 +268,9 @@ def _public_url(scope: Mapping[str, Any], base: str | None) -> str:
     # not UTF-8 in some other header must not make this request a 500. Without public_url
     # the host is the request's own Host header: see AgentAuthMiddleware's docstring.
     host = next(
-        (v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"host"), None
+        (v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"host"), ""
     )
-    host = host or "localhost"
-    return f"{scope.get('scheme', 'http')}://{host}{path}"
+    return f"{scope.get('scheme', 'http')}://{host or 'localhost'}{path}"
 
 
 def _challenge(error: str | None = None) -> str:

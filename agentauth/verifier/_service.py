@@ -218,6 +218,10 @@ class _Revocations:
         self._tasks = [asyncio.create_task(self._poll_loop()), asyncio.create_task(self._listen())]
 
     async def _poll(self) -> None:
+        # Fresh as of now, not of when this poll ends: what is read next may be older than
+        # the poll's end by the time the table sync below takes (its bounds add up to
+        # seconds), and fresh() must not trust it for revocation_max_staleness after that.
+        reading = time.monotonic()
         # Revocations are numbered (seq) in the order they commit (migration 0009), so the
         # rows above the last number seen are every revocation this replica has not read.
         # (Ids are taken at insert and commit out of order: polling by id could pass over
@@ -226,10 +230,6 @@ class _Revocations:
         # about have expired. One more row (kind NULL) carries the newest number in the
         # same snapshot, read or left out, so later polls start there and do not scan
         # the old rows again.
-        # Fresh as of now, not of when this poll ends: what is read next may be older than
-        # the poll's end by the time the table sync below takes (its bounds add up to
-        # seconds), and fresh() must not trust it for revocation_max_staleness after that.
-        reading = time.monotonic()
         rows = await self._pool.fetch(
             "SELECT seq, kind, target, extract(epoch FROM revoked_at)::float8 AS at"
             " FROM revocations WHERE seq > $1"
