@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -15,6 +16,7 @@ from starlette.routing import Route
 from agentauth.protocol import Capability, Envelope, Grant, RateLimit, b64url_encode
 from agentauth.ui import SecurityMiddleware, SessionStore
 from agentauth.ui._pages import Mismatch, Pages
+from agentauth.ui._security import read_cookie
 
 ORIGIN = "https://approve.example"
 
@@ -114,6 +116,32 @@ async def test_cross_site_socket_handshakes_are_closed() -> None:
     assert (await handshake(ORIGIN))[0] == {"type": "reached"}
     for origin in ("https://evil.example", None):
         assert await handshake(origin) == [{"type": "websocket.close", "code": 1008}]
+
+
+# Cookies other sites under the same parent domain (or other apps on localhost) may set,
+# which browsers send along with the page's own and Python's SimpleCookie refuses.
+FOREIGN_COOKIES = ['prefs={"theme":"dark"}', "cart[id]=1", "note=hello world"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("foreign", FOREIGN_COOKIES)
+async def test_another_sites_cookie_does_not_sign_the_person_out(foreign: str) -> None:
+    """Read with a parser that gives up on the whole header at one cookie it dislikes,
+    the page's own cookie went unseen: every request was a new browser, given a new
+    anonymous cookie over the person's session, and a sign-in ticket never matched."""
+    async with client() as c:
+        own = (await c.get("/x")).text
+        c.cookies.clear()
+        answer = await c.get("/x", headers={"Cookie": f"{foreign}; __Host-agentauth={own}"})
+        assert answer.text == own
+        assert "set-cookie" not in answer.headers
+    store = SessionStore(ttl=600, ticket_ttl=30)
+    anonymous = "a" * 43
+    ticket = store.sign_in(anonymous, principal_id="hum_1", registry_token="ses_1")
+    presented = read_cookie(
+        Headers({"cookie": f"{foreign}; __Host-agentauth={anonymous}"}), "__Host-agentauth"
+    )
+    assert store.claim(ticket, presented) is not None
 
 
 def test_a_login_ticket_works_once_and_only_for_its_browser() -> None:

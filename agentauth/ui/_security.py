@@ -24,10 +24,10 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.cookies import SimpleCookie
 from urllib.parse import quote
 
 from starlette.datastructures import Headers
+from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["LoginTicket", "SecurityMiddleware", "Session", "SessionStore", "cookie_name"]
@@ -149,13 +149,11 @@ def read_cookie(headers: Headers, name: str) -> str | None:
     raw = headers.get("cookie")
     if not raw:
         return None
-    jar: SimpleCookie = SimpleCookie()
-    try:
-        jar.load(raw)
-    except Exception:  # a malformed Cookie header is the same as none
-        return None
-    morsel = jar.get(name)
-    value = morsel.value if morsel is not None else None
+    # Parsed as browsers write it, cookie by cookie: the standard library's parser gives
+    # up on the whole header at one cookie it dislikes (a space or a quote in a value,
+    # brackets in a name), and any site under the same parent domain, or any app on
+    # localhost, can set such a cookie: ours would be unreadable, the person signed out.
+    value = cookie_parser(raw).get(name)
     return value if value and len(value) == _ID_LENGTH else None
 
 
