@@ -16,7 +16,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from nicegui import ui
+from nicegui import core, ui
 from pydantic import BaseModel, ConfigDict, Field
 
 from ._pages import Pages
@@ -24,6 +24,7 @@ from ._registry import RegistryClient
 from ._security import (
     SecurityMiddleware,
     SessionStore,
+    bind_sockets_to_pages,
     cookie_name,
     read_cookie,
     set_cookie_header,
@@ -120,6 +121,7 @@ def create_ui_app(
         show_welcome_message=False,
         reconnect_timeout=10.0,
     )
+    bind_sockets_to_pages(core.sio, cookie)
     app.add_middleware(
         SecurityMiddleware,
         origin=settings.origin,

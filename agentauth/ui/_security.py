@@ -20,12 +20,17 @@ The human's registry session token never reaches the browser: this server keeps 
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import quote
+from typing import Any
+from urllib.parse import parse_qs, quote
 
+from nicegui import Client
+from socketio import exceptions as socket_errors
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -270,3 +275,58 @@ class SecurityMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def bind_sockets_to_pages(sio: Any, cookie: str) -> None:
+    """Let a page's socket act for that page's browser only.
+
+    NiceGUI runs a message on whichever page (client id) the message names, whatever
+    socket carried it, and lets any socket join a page whose ids it gives. Those ids are
+    no secret: they are in the page and in the socket's URL, so in proxies' logs. Here a
+    socket joins a page only when it presents the cookie the page was built for, and its
+    messages reach only the page it joined. ``sio`` is NiceGUI's Socket.IO server, its
+    handlers registered already (call after ``ui.run_with``).
+    """
+    handlers = sio.handlers.get("/", {})
+    names = ("connect", "handshake", "event", "javascript_response", "ack", "log")
+    if any(name not in handlers for name in names):  # another NiceGUI: refuse to run unbound
+        raise RuntimeError("NiceGUI's socket handlers are not where this version expects")
+    connect, handshake = handlers["connect"], handlers["handshake"]
+
+    def built_for(environ: Any, client_id: Any) -> bool:
+        client = Client.instances.get(client_id) if isinstance(client_id, str) else None
+        request = client.request if client is not None else None
+        page = getattr(request.state, "agentauth_cookie_id", None) if request else None
+        scope = environ.get("asgi.scope") if isinstance(environ, dict) else None
+        given = read_cookie(Headers(scope=scope), cookie) if isinstance(scope, dict) else None
+        return isinstance(page, str) and given is not None and hmac.compare_digest(page, given)
+
+    async def on_connect(sid: str, environ: dict[str, Any], *rest: Any) -> Any:
+        # Read as NiceGUI reads it (the first of repeated names), or a second
+        # ``implicit_handshake`` would pass here and join there.
+        query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+        joining = query.get("implicit_handshake") == "true"
+        if joining and not built_for(environ, query.get("client_id")):
+            raise socket_errors.ConnectionRefusedError("not this browser's page")
+        return await connect(sid, environ, *rest)
+
+    async def on_handshake(sid: str, data: Any) -> Any:
+        if not isinstance(data, dict) or not built_for(sio.get_environ(sid), data.get("client_id")):
+            return False
+        return await handshake(sid, data)
+
+    def joined_only(handler: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+        # After a handshake the socket is in a room named after the page's client id.
+        def on_message(sid: str, message: Any) -> Any:
+            if isinstance(message, dict) and message.get("client_id") in sio.rooms(sid):
+                return handler(sid, message)
+            return None
+
+        return on_message
+
+    sio.on("connect", handler=on_connect)
+    sio.on("handshake", handler=on_handshake)
+    for name in names[2:]:
+        if asyncio.iscoroutinefunction(handlers[name]):
+            raise RuntimeError(f"NiceGUI's {name} handler is not the plain function expected")
+        sio.on(name, handler=joined_only(handlers[name]))

@@ -1,0 +1,49 @@
+"""The approval page in a process of its own, for tests/test_ui_sockets.py.
+
+A stand-in registry answers the page (every call it receives is appended to a file), and
+one session is signed in before the server starts: its cookie id is the first line this
+prints. Run: ``python tests/ui_socket_server.py PORT CALLS_FILE``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+import agentauth.ui._app as app_module
+from agentauth.ui._registry import RegistryClient
+
+
+def main(port: int, calls: Path) -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        with calls.open("a") as out:
+            out.write(f"{request.method} {request.url.path}\n")
+        if request.url.path == "/v1/agents":
+            return httpx.Response(200, json=[])
+        if request.url.path == "/v1/enrollments":
+            return httpx.Response(
+                200, json={"enrollment_code": "enr_" + "x" * 20, "expires_in": 600}
+            )
+        return httpx.Response(404, json={"error": "not_found", "error_description": "not here"})
+
+    class StandIn(RegistryClient):
+        def __init__(self, base_url: str, *, timeout: float = 15.0) -> None:
+            super().__init__(base_url, timeout=timeout, transport=httpx.MockTransport(answer))
+
+    app_module.RegistryClient = StandIn  # type: ignore[misc]
+    app = app_module.create_ui_app(
+        registry_url="http://registry.invalid", origin=f"http://localhost:{port}"
+    )
+    store = app.state.sessions
+    anonymous = "a" * 43
+    ticket = store.sign_in(anonymous, principal_id="hum_1", registry_token="ses_1")
+    print(json.dumps({"cookie": store.claim(ticket, anonymous)}), flush=True)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), Path(sys.argv[2]))
