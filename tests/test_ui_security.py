@@ -48,6 +48,7 @@ async def test_every_response_refuses_framing_and_new_browsers_get_a_strict_cook
         assert r.headers["x-frame-options"] == "DENY"
         assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
         assert r.headers["cache-control"] == "no-store"
+        assert r.headers["strict-transport-security"] == "max-age=63072000"  # https only
         cookie = r.headers["set-cookie"]
         name, _, rest = cookie.partition("=")
         value = rest.split(";", 1)[0]
@@ -65,8 +66,10 @@ async def test_every_response_refuses_framing_and_new_browsers_get_a_strict_cook
 @pytest.mark.asyncio
 async def test_development_cookies_work_on_http_localhost() -> None:
     async with client(secure=False) as c:
-        cookie = (await c.get("/x")).headers["set-cookie"]
+        answer = await c.get("/x")
+        cookie = answer.headers["set-cookie"]
         assert cookie.startswith("agentauth_session=") and "Secure" not in cookie
+        assert "strict-transport-security" not in answer.headers  # no https to insist on
 
 
 @pytest.mark.asyncio

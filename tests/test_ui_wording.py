@@ -201,6 +201,13 @@ def test_step_ups_periods_and_times() -> None:
     assert when(1_800_000_000) == "2027-01-15 08:00 UTC"
 
 
+def test_an_expiry_with_seconds_is_shown_with_them() -> None:
+    """The page showed times to the minute: a grant signed to end at 08:00:59 read as
+    ending at 08:00 (tightening an expiry by a duration lands on such times)."""
+    assert when(1_800_000_059) == "2027-01-15 08:00:59 UTC"
+    assert when(1_800_000_059, "Europe/Berlin") == "2027-01-15 09:00:59 Europe/Berlin (UTC+01:00)"
+
+
 def test_the_latest_expiry_reads_in_every_zone() -> None:
     # The envelope's last accepted expiry must never make the words (and so the page) fail.
     latest = Envelope(expires_at=253_402_214_400)

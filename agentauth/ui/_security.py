@@ -49,6 +49,7 @@ _HEADERS = (
     (b"cross-origin-opener-policy", b"same-origin"),
     (b"permissions-policy", b"publickey-credentials-get=(self), camera=(), microphone=()"),
 )
+_HSTS = (b"strict-transport-security", b"max-age=63072000")
 # Cookie ids are 256-bit random; anything else in the cookie is ignored and replaced.
 _ID_BYTES = 32
 _ID_LENGTH = 43
@@ -187,6 +188,10 @@ class SecurityMiddleware:
         self.secure = secure
         self.cookie = cookie_name(secure)
         self.cookie_max_age = cookie_max_age
+        # On https, browsers are told to come back over https only (no downgrade by
+        # someone on the network before the first redirect); this host only, since the
+        # parent domain's other sites are not this page's to decide for.
+        self.headers = _HEADERS + ((_HSTS,) if secure else ())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -220,7 +225,7 @@ class SecurityMiddleware:
             if message["type"] == "http.response.start":
                 raw = list(message.get("headers", []))
                 names = {k.lower() for k, _ in raw}
-                raw += [(k, v) for k, v in _HEADERS if k not in names]
+                raw += [(k, v) for k, v in self.headers if k not in names]
                 content_type = dict(raw).get(b"content-type", b"")
                 if content_type.startswith(b"text/html") or b"cache-control" not in names:
                     raw = [(k, v) for k, v in raw if k.lower() != b"cache-control"]
@@ -254,7 +259,7 @@ class SecurityMiddleware:
             {
                 "type": "http.response.start",
                 "status": 308,
-                "headers": [(b"location", target.encode("latin-1")), *_HEADERS],
+                "headers": [(b"location", target.encode("latin-1")), *self.headers],
             }
         )
         await send({"type": "http.response.body", "body": b""})
@@ -271,7 +276,7 @@ class SecurityMiddleware:
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [(b"content-type", b"text/plain"), *_HEADERS],
+                "headers": [(b"content-type", b"text/plain"), *self.headers],
             }
         )
         await send({"type": "http.response.body", "body": body})

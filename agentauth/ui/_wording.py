@@ -178,10 +178,13 @@ def when(timestamp: float, zone: str = "UTC") -> str:
     The offset is there because a zone's name can mislead: POSIX 'Etc/GMT+12' is twelve
     hours behind UTC, not ahead, and an agent chooses the zone its envelope is read in.
     """
+    local = datetime.fromtimestamp(timestamp, tz=UTC if zone == "UTC" else ZoneInfo(zone))
+    # Seconds when there are any: a grant signed to end at 17:00:59 does not end at 17:00
+    # (tightening an expiry by a duration lands on such times).
+    shown = f"{local:%Y-%m-%d %H:%M}" + (f":{local:%S}" if local.second else "")
     if zone == "UTC":
-        return f"{datetime.fromtimestamp(timestamp, tz=UTC):%Y-%m-%d %H:%M} UTC"
-    local = datetime.fromtimestamp(timestamp, tz=ZoneInfo(zone))
-    return f"{local:%Y-%m-%d %H:%M} {zone} ({_offset(local.utcoffset())})"
+        return f"{shown} UTC"
+    return f"{shown} {zone} ({_offset(local.utcoffset())})"
 
 
 def describe_envelope(
