@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import stat
+import threading
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -36,7 +39,7 @@ from agentauth.sdk import (
     error_from_response,
     is_nonce_challenge,
 )
-from agentauth.sdk._client import _Token
+from agentauth.sdk._client import _load_or_create_key, _Token
 
 
 def claims(proof: str) -> dict[str, object]:
@@ -84,6 +87,93 @@ def test_only_a_real_nonce_challenge_triggers_a_retry() -> None:
         401, headers={"DPoP-Nonce": "n"}, json={"error": "invalid_token"}, request=request
     )
     assert not is_nonce_challenge(plain)
+    # A JSON body that is not an object is no challenge either (it raised AttributeError).
+    for body in ([], "use_dpop_nonce", 1):
+        listed = httpx.Response(401, headers={"DPoP-Nonce": "n"}, json=body, request=request)
+        assert not is_nonce_challenge(listed)
+
+
+class _UnreadBody(httpx.AsyncByteStream, httpx.SyncByteStream):
+    """A body that arrives as a stream, as one from the network does: unread when the
+    auth flow is handed the response."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.body
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.body
+
+
+def body_only_nonce_server(sent: list[httpx.Request]) -> Callable[[httpx.Request], httpx.Response]:
+    def server(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        if len(sent) == 1:
+            return httpx.Response(
+                400,
+                headers={"DPoP-Nonce": "n-1", "Content-Type": "application/json"},
+                stream=_UnreadBody(b'{"error": "use_dpop_nonce"}'),
+            )
+        return httpx.Response(200, json={"ok": True})
+
+    return server
+
+
+@pytest.mark.asyncio
+async def test_a_nonce_challenge_named_only_in_the_body_is_answered_over_the_network() -> None:
+    """RFC 9449 §8: an authorization server's nonce challenge is a 400 with the error in
+    the JSON body and no WWW-Authenticate. Reading that body from a response httpx had
+    not read yet raised ResponseNotRead, with both the async and the sync client."""
+    sent: list[httpx.Request] = []
+    auth = DPoPAuth(key=PrivateKey.generate(), token="tok")
+    transport = httpx.MockTransport(body_only_nonce_server(sent))
+    async with httpx.AsyncClient(transport=transport) as http:
+        response = await http.post("https://as.example/token", auth=auth, json={})
+    assert response.status_code == 200 and len(sent) == 2
+    assert claims(sent[1].headers["DPoP"])["nonce"] == "n-1"
+    sent.clear()
+    auth = DPoPAuth(key=PrivateKey.generate(), token="tok")
+    with httpx.Client(transport=httpx.MockTransport(body_only_nonce_server(sent))) as http:
+        response = http.post("https://as.example/token", auth=auth, json={})
+    assert response.status_code == 200 and len(sent) == 2
+    assert claims(sent[1].headers["DPoP"])["nonce"] == "n-1"
+
+
+def start_together(path: Path, agents: int) -> tuple[list[str], list[BaseException]]:
+    """``agents`` threads loading or creating the key at ``path`` at the same moment: the
+    key thumbprints they got, and what they raised."""
+    barrier = threading.Barrier(agents)
+    thumbprints: list[str] = []
+    failures: list[BaseException] = []
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            thumbprints.append(_load_or_create_key(path, "ES256").thumbprint)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(agents)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return thumbprints, failures
+
+
+def test_agents_started_together_on_one_home_share_one_whole_key(tmp_path: Path) -> None:
+    """Agent processes started at once (a supervisor starting workers): the key file was
+    created, then written, so another start found it there and read it empty, or failed
+    to create it (FileExistsError). It is linked into place whole now."""
+    for attempt in range(10):
+        path = tmp_path / f"home{attempt}" / "agent-key.pem"
+        thumbprints, failures = start_together(path, 4)
+        assert failures == []
+        assert len(set(thumbprints)) == 1
+        assert [p.name for p in path.parent.iterdir()] == ["agent-key.pem"]  # no temp left
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_server_errors_map_onto_the_error_tree() -> None:
@@ -276,6 +366,143 @@ async def test_amounts_finer_than_the_currency_are_refused_before_anything_is_se
     assert await client.request_step_up(
         "shop", resource="payments", amount="0.000001", currency="TOK"
     ) == ("ref-stp_2")
+
+
+@pytest.mark.asyncio
+async def test_the_last_half_second_of_a_step_up_wait_is_one_poll_not_a_burst(
+    tmp_path: Path,
+) -> None:
+    """The registry holds a poll for ``wait`` seconds, a float. Rounded to whole seconds,
+    a wait under half a second was wait=0, answered at once: the SDK polled again and
+    again, a signed proof each, until its deadline."""
+    polls: list[float] = []
+
+    async def registry(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/grants":
+            grant = {"id": "grt_1", "provider_id": "shop", "revoked_at": None}
+            return httpx.Response(200, json=[{**grant, "document": {"audience": "a"}}])
+        if request.method == "POST":
+            return httpx.Response(200, json={"id": "stp_1", "status": "pending"})
+        wait = float(request.url.params["wait"])
+        polls.append(wait)
+        await asyncio.sleep(wait + 0.002)  # the hold, and a fast network's round trip
+        return httpx.Response(200, json={"status": "pending"})
+
+    client = AgentAuthClient(
+        ISSUER,
+        key=PrivateKey.generate(),
+        agent_id="agt_1",
+        http=httpx.AsyncClient(transport=httpx.MockTransport(registry)),
+        home=tmp_path,
+    )
+    with pytest.raises(TimeoutError, match="stp_1"):
+        await client.request_step_up("shop", **PAYMENT, timeout=0.3)
+    assert len(polls) == 1 and 0.2 < polls[0] <= 0.3, polls
+
+
+# --- tokens: which grant to use, and when to ask for another ---------------------------------
+
+
+class TokenRegistry:
+    """The registry's grant list and token endpoint, on the test's clock: it refuses an
+    expired grant (grant_expired) and caps a token's life at its grant's end, as the real
+    one does."""
+
+    def __init__(self, grants: list[dict[str, Any]], *, now: list[float]) -> None:
+        self.grants = grants
+        self.now = now
+        self.issued: list[str] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/grants":
+            return httpx.Response(200, json=self.grants)
+        grant_id = json.loads(request.content)["grant_id"]
+        grant = next(g for g in self.grants if g["id"] == grant_id)
+        now = int(self.now[0])
+        expires_at = grant["document"]["envelope"].get("expires_at")
+        if grant["provider_suspended"]:
+            body = {"error": "forbidden", "reason": "provider_suspended"}
+            return httpx.Response(403, json=body)
+        if expires_at is not None and now >= expires_at:
+            return httpx.Response(403, json={"error": "forbidden", "reason": "grant_expired"})
+        lifetime = 300 if expires_at is None else min(300, expires_at - now)
+        self.issued.append(grant_id)
+        token = f"tok-{len(self.issued)}-{grant_id}"
+        return httpx.Response(200, json={"access_token": token, "expires_in": lifetime})
+
+
+def listed_grant(
+    grant_id: str, *, expires_at: int | None = None, suspended: bool = False
+) -> dict[str, Any]:
+    envelope = {} if expires_at is None else {"expires_at": expires_at}
+    return {
+        "id": grant_id,
+        "provider_id": "shop",
+        "revoked_at": None,
+        "provider_suspended": suspended,
+        "document": {"audience": "https://shop.example", "envelope": envelope},
+    }
+
+
+def token_client(registry: TokenRegistry, home: Path) -> AgentAuthClient:
+    return AgentAuthClient(
+        ISSUER,
+        key=PrivateKey.generate(),
+        agent_id="agt_1",
+        http=httpx.AsyncClient(transport=httpx.MockTransport(registry)),
+        home=home,
+        clock=lambda: registry.now[0],
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_newer_grant_the_registry_would_refuse_does_not_hide_an_older_good_one(
+    tmp_path: Path,
+) -> None:
+    """The grant list keeps expired grants and those of a suspended provider; the SDK took
+    the newest all the same, and the registry refused it: the agent was locked out while
+    an older grant for the provider still stood."""
+    now = [1_000_000.0]
+    registry = TokenRegistry(
+        [
+            listed_grant("grt_month", expires_at=1_000_000 + 30 * 86400),
+            listed_grant("grt_hour", expires_at=1_000_000 - 10),  # approved later, now over
+            listed_grant("grt_suspended", suspended=True),
+        ],
+        now=now,
+    )
+    client = token_client(registry, tmp_path)
+    assert await client.get_token("shop") == "tok-1-grt_month"
+    # With no grant left that the registry would honour, its own refusal says why.
+    registry.grants = registry.grants[1:]
+    client._tokens.clear()
+    with pytest.raises(Forbidden) as refused:
+        await client.get_token("shop")
+    assert refused.value.reason == "provider_suspended"
+
+
+@pytest.mark.asyncio
+async def test_a_token_that_ends_with_its_grant_serves_until_it_expires(tmp_path: Path) -> None:
+    """The registry ends a token at its grant's expires_at. Within the refresh margin of
+    the grant's end the cached token never counted as fresh, so every request asked for
+    another (a token row and an audit event each), though none could outlive it."""
+    now = [1_000_000.0]
+    registry = TokenRegistry([listed_grant("grt_1", expires_at=1_000_020)], now=now)
+    client = token_client(registry, tmp_path)
+    for later in (0.0, 5.0, 19.5):
+        now[0] = 1_000_000 + later
+        assert await client.get_token("shop") == "tok-1-grt_1"
+    assert registry.issued == ["grt_1"]
+    now[0] = 1_000_020  # the grant is over: no token, and the registry says why
+    with pytest.raises(Forbidden) as refused:
+        await client.get_token("shop")
+    assert refused.value.reason == "grant_expired"
+    # A grant that outlives its tokens still has them refreshed within the margin.
+    registry.grants = [listed_grant("grt_2", expires_at=1_000_020 + 3600)]
+    first = await client.get_token("shop")
+    now[0] += 300 - 29
+    assert await client.get_token("shop") != first
+    assert registry.issued == ["grt_1", "grt_2", "grt_2"]
 
 
 def test_a_cached_tokens_repr_hides_the_token() -> None:

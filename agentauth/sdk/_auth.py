@@ -8,7 +8,7 @@ The nonce is remembered for the following requests to the same server.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator
+from collections.abc import AsyncGenerator, Callable, Generator
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -30,9 +30,20 @@ def is_nonce_challenge(response: httpx.Response) -> bool:
     if "use_dpop_nonce" in challenge:
         return True
     try:
-        return bool(response.json().get("error") == "use_dpop_nonce")
+        body = response.json()
     except ValueError:
         return False
+    return isinstance(body, dict) and body.get("error") == "use_dpop_nonce"
+
+
+def _challenge_in_body(response: httpx.Response) -> bool:
+    """Whether only the body can tell if ``response`` is a nonce challenge: RFC 9449 §8's
+    authorization-server form puts ``use_dpop_nonce`` in the JSON body alone."""
+    return (
+        response.status_code in (400, 401)
+        and "dpop-nonce" in response.headers
+        and "use_dpop_nonce" not in response.headers.get("www-authenticate", "")
+    )
 
 
 def htu_of(url: httpx.URL | str) -> str:
@@ -77,3 +88,35 @@ class DPoPAuth(httpx.Auth):
             self.nonces[origin] = response.headers["dpop-nonce"]
             self._sign(request)  # a new proof (new jti) carrying the server's nonce
             yield request
+
+    # httpx hands the flow a response whose body it has not read. Reading every body first
+    # (requires_response_body) would buffer streamed downloads too; only a possible
+    # challenge whose error is in the body alone is read, so is_nonce_challenge can see it.
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        flow = self.auth_flow(request)
+        outgoing = next(flow)
+        while True:
+            response = yield outgoing
+            if _challenge_in_body(response):
+                response.read()
+            try:
+                outgoing = flow.send(response)
+            except StopIteration:
+                return
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        flow = self.auth_flow(request)
+        outgoing = next(flow)
+        while True:
+            response = yield outgoing
+            if _challenge_in_body(response):
+                await response.aread()
+            try:
+                outgoing = flow.send(response)
+            except StopIteration:
+                return

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from pydantic import ValidationError
 
+from ..keys._local import _create as _create_key_file
 from ..protocol import (
     Capability,
     Envelope,
@@ -47,6 +48,10 @@ _STEP_UP_READ_MARGIN = 15.0
 # After a poll fails on the way (a timeout, a dropped connection), wait this long and poll
 # the same step-up again: the human may still be answering it.
 _STEP_UP_RETRY_PAUSE = 1.0
+# With less than this left before the deadline, stop waiting instead of polling again: such
+# a poll is mostly its round trip and its signed proof, and back-to-back ones would hammer
+# the registry for nothing.
+_STEP_UP_MIN_POLL = 0.1
 
 
 def _check_payable(amount: str, currency: str) -> None:
@@ -79,28 +84,24 @@ class _Token:
     value: str = field(repr=False)  # a bearer of the grant, for whoever also holds the key
     expires_at: float
     grant_id: str
+    grant_expires_at: int | None = None  # the grant's envelope expires_at, if it has one
 
 
 def _load_or_create_key(path: Path, alg: Literal["ES256", "Ed25519"]) -> PrivateKey:
     if path.exists():
         if path.stat().st_mode & 0o077:
             raise PermissionError(f"{path} is readable by others; expected mode 0600")
-        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        if not isinstance(loaded, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
-            raise ValueError(f"{path} holds an unsupported key type")
-        return PrivateKey(loaded)
-    key = PrivateKey.generate(alg)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    pem = key.crypto_key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    # Created 0600 in one step: the key is never readable by others, not even briefly.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-    return key
+        pem = path.read_bytes()
+    else:
+        # The registry's own way (LocalFileSigner): written whole and 0600 to a temporary
+        # file, then linked into place. Agents started together on one home all end up
+        # with the one key that was linked first, none reads a half-written file, and a
+        # crash leaves no empty key behind.
+        pem = _create_key_file(path, alg)
+    loaded = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(loaded, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+        raise ValueError(f"{path} holds an unsupported key type")
+    return PrivateKey(loaded)
 
 
 class AgentAuthClient:
@@ -259,14 +260,22 @@ class AgentAuthClient:
             await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
             interval = min(interval * 1.5, max_interval)
 
-    async def _grant_for(self, service_provider_id: str) -> dict[str, Any]:
+    async def _grant_for(self, service_provider_id: str, *, now: float) -> dict[str, Any]:
+        """The newest grant for the provider that the registry would issue a token for."""
         grants = await self._call("GET", "/v1/grants")
         active = [
             g for g in grants if g["provider_id"] == service_provider_id and not g["revoked_at"]
         ]
         if not active:
             raise Forbidden(f"no approved grant for {service_provider_id}", reason="no_grant")
-        newest: dict[str, Any] = active[-1]  # the newest approval
+        # The listing keeps expired grants (and those of a suspended provider), which the
+        # registry refuses: a newer one of those must not hide an older grant still good.
+        usable = [
+            g for g in active if not g.get("provider_suspended") and not _grant_expired(g, now=now)
+        ]
+        # With none usable, the newest is asked for all the same: the registry's refusal
+        # (grant_expired, provider_suspended) says why better than no_grant would.
+        newest: dict[str, Any] = (usable or active)[-1]  # listed oldest approval first
         return newest
 
     # --- tokens and signed requests -----------------------------------------------------
@@ -276,16 +285,34 @@ class AgentAuthClient:
         lock = self._token_locks.setdefault(service_provider_id, asyncio.Lock())
         async with lock:
             cached = self._tokens.get(service_provider_id)
-            if cached and cached.expires_at - self._refresh_margin > self._clock():
+            if cached and self._fresh(cached, now=self._clock()):
                 return cached.value
-            grant = await self._grant_for(service_provider_id)
+            grant = await self._grant_for(service_provider_id, now=self._clock())
             self._audiences[service_provider_id] = grant["document"]["audience"]
             issued = await self._call("POST", "/v1/token", json_body={"grant_id": grant["id"]})
             token = _Token(
-                issued["access_token"], self._clock() + issued["expires_in"], grant["id"]
+                issued["access_token"],
+                self._clock() + issued["expires_in"],
+                grant["id"],
+                _grant_expires_at(grant),
             )
             self._tokens[service_provider_id] = token
             return token.value
+
+    def _fresh(self, token: _Token, *, now: float) -> bool:
+        """Whether ``token`` serves for now, or a new one is due."""
+        if token.expires_at - self._refresh_margin > now:
+            return True
+        # The registry ends a token at its grant's expires_at. A token that already reaches
+        # (within the margin) to its grant's end would be replaced by one ending no later,
+        # and each issuance writes a token row and an audit event: it serves until it
+        # expires. After that the grant is over, and the verifier refuses it whatever token
+        # comes with it.
+        ends_with_grant = (
+            token.grant_expires_at is not None
+            and token.grant_expires_at <= token.expires_at + self._refresh_margin
+        )
+        return ends_with_grant and token.expires_at > now
 
     async def audience(self, service_provider_id: str) -> str:
         if service_provider_id not in self._audiences:
@@ -359,7 +386,7 @@ class AgentAuthClient:
         a second time.
         """
         _check_payable(amount, currency)
-        grant = await self._grant_for(service_provider_id)
+        grant = await self._grant_for(service_provider_id, now=self._clock())
         key = (grant["id"], resource, amount, currency, payee)
         step_id = self._pending_step_ups.get(key)
         if step_id is None:
@@ -398,16 +425,29 @@ class AgentAuthClient:
             try:
                 state: dict[str, Any] = await self._call(
                     "GET",
-                    f"/v1/step-ups/{step_id}?wait={wait:.0f}",
+                    # The registry takes a fractional wait: rounded to whole seconds, the
+                    # last half second would be wait=0 polls, answered at once, back to back.
+                    f"/v1/step-ups/{step_id}?wait={wait:.3f}",
                     read_timeout=wait + _STEP_UP_READ_MARGIN,
                 )
             except httpx.TransportError:
-                if time.monotonic() >= deadline:
+                if deadline - time.monotonic() < _STEP_UP_MIN_POLL:
                     return {"status": "pending"}
                 await asyncio.sleep(min(_STEP_UP_RETRY_PAUSE, left))
                 continue
-            if state["status"] != "pending" or time.monotonic() >= deadline:
+            if state["status"] != "pending" or deadline - time.monotonic() < _STEP_UP_MIN_POLL:
                 return state
+
+
+def _grant_expires_at(grant: dict[str, Any]) -> int | None:
+    expires_at = (grant["document"].get("envelope") or {}).get("expires_at")
+    return None if expires_at is None else int(expires_at)
+
+
+def _grant_expired(grant: dict[str, Any], *, now: float) -> bool:
+    """As the registry judges it: a grant is over from its expires_at on."""
+    expires_at = _grant_expires_at(grant)
+    return expires_at is not None and now >= expires_at
 
 
 class _ClientAuth(DPoPAuth):
@@ -422,13 +462,13 @@ class _ClientAuth(DPoPAuth):
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         self._token = await self._client.get_token(self._provider)
-        flow = self.auth_flow(request)
-        outgoing = next(flow)
+        flow = super().async_auth_flow(request)
+        outgoing = await anext(flow)
         while True:
             response = yield outgoing
             try:
-                outgoing = flow.send(response)
-            except StopIteration:
+                outgoing = await flow.asend(response)
+            except StopAsyncIteration:
                 return
 
 
