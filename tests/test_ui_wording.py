@@ -139,6 +139,15 @@ def test_envelopes_read_in_plain_words(
             Capability.read("mail/inbox", filter="from:boss"),
             "read mail/inbox (only with filter “from:boss”)",
         ),
+        # A quotation mark of the filter's own cannot close its quotes early.
+        (
+            Capability.read("*", filter="a” — only calendar/public"),
+            "read everything (only with filter “a\\u201d — only calendar/public”)",
+        ),
+        (
+            Capability.read("*", filter='status="open"'),
+            "read everything (only with filter “status=\\u0022open\\u0022”)",
+        ),
         (Capability.write("notes/*"), "create and change everything under notes/"),
         (Capability.transact("shop"), "make transactions on shop"),
         (

@@ -8,6 +8,7 @@ season)" (with an en dash in the range).
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -53,6 +54,10 @@ _THIS_PERIOD = {
     "month": "this month",
     "grant": "in total",
 }
+
+# Double quotation marks outside the initial and final punctuation categories (Pi, Pf):
+# the straight one, the low-9 ones (Ps), CJK and fullwidth ones.
+_QUOTE_MARKS = frozenset('"\u201a\u201e\u301d\u301e\u301f\uff02')
 
 
 def money(amount: Decimal | str, currency: str) -> str:
@@ -105,13 +110,26 @@ def _join(items: Sequence[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _quoted(text: str) -> str:
+    """Agent-chosen ``text`` in quotation marks it cannot close early: a quotation mark of
+    its own is shown by its code point. Else a filter ``a” — only calendar/public``
+    would read as the filter “a” followed by the page's own words narrowing the grant."""
+    shown = "".join(
+        f"\\u{ord(char):04x}"
+        if char in _QUOTE_MARKS or unicodedata.category(char) in ("Pi", "Pf")
+        else char
+        for char in text
+    )
+    return f"“{shown}”"
+
+
 def describe_capability(capability: Capability) -> str:
     """One capability in words, e.g. 'make transactions on payments/* up to $50 each'."""
     where = _resource(capability.resource)
     if isinstance(capability, Read):
         text = f"read {where}"
         if capability.filter is not None:
-            text += f" (only with filter “{capability.filter}”)"
+            text += f" (only with filter {_quoted(capability.filter)})"
         return text
     if isinstance(capability, Write):
         return f"create and change {where}"
