@@ -31,6 +31,9 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:  # the server extra is imported only by the commands that use it
+    import asyncpg
+    from pydantic import ValidationError
+
     from .protocol import AuditKeys
     from .registry import Registry
     from .store import Conn
@@ -53,12 +56,40 @@ def _database_url() -> tuple[str, object | None]:
     return server.url, server
 
 
-async def _migrate(url: str) -> list[str]:
+class _DatabaseUnreachable(Exception):
+    """No connection to the configured database could be made; ``main`` says so, exit 2."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(reason)
+        self.url = url
+        self.reason = reason
+
+
+async def _connect(url: str) -> asyncpg.Connection:
+    """A connection to ``url``; failing to make one raises ``_DatabaseUnreachable``.
+
+    Only connecting is translated: the same errors raised by the work done on the
+    connection afterwards are that work's to report (or a bug, shown as one).
+    """
     import asyncpg
 
+    try:
+        return await asyncpg.connect(url)
+    except ValueError as exc:  # asyncpg parsing the URL: a port that is no number...
+        # Not its text: with an unescaped '@' in the password, asyncpg splits the URL at
+        # the wrong place and its error quotes a piece of the password.
+        raise _DatabaseUnreachable(
+            url, "not a valid PostgreSQL URL (percent-encode any @, : or / in the password)"
+        ) from exc
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # Refused, unresolvable, timed out; a wrong password or database name.
+        raise _DatabaseUnreachable(url, str(exc) or type(exc).__name__) from exc
+
+
+async def _migrate(url: str) -> list[str]:
     from .store import migrate
 
-    conn = await asyncpg.connect(url)
+    conn = await _connect(url)
     try:
         return await migrate(conn)
     finally:
@@ -95,6 +126,9 @@ async def _with_registry(work: Callable[[Registry], Awaitable[list[str]]]) -> li
             issuer=os.environ.get("AGENTAUTH_ISSUER", "http://127.0.0.1:8000/registry"),
             admin_token=os.environ.get("AGENTAUTH_ADMIN_TOKEN", "unused-for-admin-commands"),
         )
+        # One connection first, so that an unreachable database is told apart from the
+        # registry's own errors once it opens (which include OSErrors of its key files).
+        await (await _connect(url)).close()
         registry = await Registry.open(settings)
         try:
             return await work(registry)
@@ -116,8 +150,25 @@ async def _keys(registry: Registry, action: str) -> list[str]:
     return [f"{k['kid']}  {k['alg']}" for k in jwks["keys"]]
 
 
+def _refused(exc: ValidationError) -> int:
+    """Print what a model (settings, or an admin change's input) refused, field by field:
+    pydantic's messages, never its input, which may hold a secret; the exit status for it."""
+    problems = "; ".join(
+        f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"]  # model-wide
+        for e in exc.errors()
+    )
+    print(f"error: {problems}", file=sys.stderr)
+    return 2
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
-    for line in asyncio.run(_with_registry(lambda registry: _keys(registry, args.action))):
+    from pydantic import ValidationError
+
+    try:
+        lines = asyncio.run(_with_registry(lambda registry: _keys(registry, args.action)))
+    except ValidationError as exc:  # the registry's settings, from the environment
+        return _refused(exc)
+    for line in lines:
         print(line)
     return 0
 
@@ -185,9 +236,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
         print(f"error: {exc.description} ({exc.error})", file=sys.stderr)
         return 1
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        print(f"error: {problems}", file=sys.stderr)
-        return 2
+        return _refused(exc)
     for line in lines:
         print(line)
     return 0
@@ -196,7 +245,12 @@ def cmd_admin(args: argparse.Namespace) -> int:
 def cmd_schemas(args: argparse.Namespace) -> int:
     from .schemas import write
 
-    for path in write(Path(args.directory)):
+    try:
+        written = write(Path(args.directory))
+    except OSError as exc:  # a file where the directory should be, no permission...
+        print(f"error: cannot write the schemas into {args.directory}: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
         print(path)
     return 0
 
@@ -338,6 +392,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     import threading
     import warnings
 
+    from pydantic import ValidationError
+
     # pgserver asks platformdirs for a runtime dir most shells lack; the fallback is fine.
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     data = _data_dir()
@@ -360,6 +416,29 @@ def cmd_up(args: argparse.Namespace) -> int:
             redis_url = redis_server.url
         _done(started)
 
+        # The settings are checked before Ray starts: a mistake in them costs no cluster.
+        from .registry import RegistrySettings
+        from .verifier import VerifierSettings
+
+        base = f"http://{args.host}:{args.port}"
+        overrides: dict[str, object] = {}
+        if "AGENTAUTH_ORIGINS" not in os.environ:
+            overrides["origins"] = (f"http://localhost:{args.ui_port}",)
+        try:
+            settings = RegistrySettings.from_env(
+                database_url=database_url,
+                redis_url=redis_url,
+                data_dir=data,
+                issuer=os.environ.get("AGENTAUTH_ISSUER", f"{base}/registry"),
+                admin_token=_admin_token(data),
+                **overrides,
+            )
+            verifier_settings = VerifierSettings(
+                database_url=database_url, redis_url=redis_url, issuer=settings.issuer
+            )
+        except ValidationError as exc:
+            return _refused(exc)
+
         started = _step("Ray cluster and Serve (HAProxy ingress)")
         from .deployments import apply_serving_env
 
@@ -378,30 +457,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         started = _step("registry (migrations, signing key)")
         from .deployments.registry import build_registry_app
-        from .registry import RegistrySettings
 
-        base = f"http://{args.host}:{args.port}"
-        overrides: dict[str, object] = {}
-        if "AGENTAUTH_ORIGINS" not in os.environ:
-            overrides["origins"] = (f"http://localhost:{args.ui_port}",)
-        settings = RegistrySettings.from_env(
-            database_url=database_url,
-            redis_url=redis_url,
-            data_dir=data,
-            issuer=os.environ.get("AGENTAUTH_ISSUER", f"{base}/registry"),
-            admin_token=_admin_token(data),
-            **overrides,
-        )
         serve.run(build_registry_app(settings), name="registry", route_prefix="/registry")
         _done(started)
 
         started = _step("verifier (2 replicas) and state shards")
         from .deployments.verifier import build_verifier_app
-        from .verifier import VerifierSettings
 
-        verifier_settings = VerifierSettings(
-            database_url=database_url, redis_url=redis_url, issuer=settings.issuer
-        )
         serve.run(build_verifier_app(verifier_settings), name="verifier", route_prefix="/verifier")
         _done(started)
 
@@ -469,13 +531,11 @@ async def _audit_verify(
     database's ``signing_keys`` (with their windows), which shows only that the database
     agrees with itself. Returns the problems found, each naming its chain.
     """
-    import asyncpg
-
     from .archive._export import database_audit_keys
     from .protocol import AgentAuthError
 
     now = time.time() if now is None else now
-    conn = await asyncpg.connect(url)
+    conn = await _connect(url)
     try:
         if keys is None:
             try:
@@ -644,9 +704,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 async def _rows(url: str, query: str, *params: object) -> list[dict[str, object]]:
-    import asyncpg
-
-    conn = await asyncpg.connect(url)
+    conn = await _connect(url)
     try:
         return [dict(r) for r in await conn.fetch(query, *params)]
     finally:
@@ -803,7 +861,12 @@ def _provider_parsers(actions: argparse._SubParsersAction[argparse.ArgumentParse
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except _DatabaseUnreachable as exc:
+        where = _masked_url(exc.url)
+        print(f"error: cannot reach the database ({where}): {exc.reason}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

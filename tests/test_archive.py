@@ -647,8 +647,11 @@ def test_an_empty_or_keyless_archive_never_verifies(tmp_path: Path) -> None:
     assert failure(store, keys=keys).problems[0].reason == "empty"
     store.put("registry-0/000000000010.jsonl", b"")  # an interrupted export seals nothing
     assert failure(store, keys=keys).problems[0].reason == "empty"
-    cli = run_module("verify", "--archive", str(tmp_path / "typo"))
+    cli = run_module("verify", "--archive", str(tmp_path))
     assert cli.returncode == 1 and "holds no keys" in cli.stderr
+    # A mistyped path never verifies either; it is a store not read (2), not a bad archive.
+    cli = run_module("verify", "--archive", str(tmp_path / "typo"))
+    assert cli.returncode == 2 and "no archive directory at" in cli.stderr
 
 
 @pytest.mark.postgres

@@ -22,7 +22,7 @@ from pathlib import Path
 from ..protocol import AuditKeys, InvalidRequest, strict_json_loads
 from ._errors import ArchiveIntegrityError, ArchiveProblem, ArchiveUnavailable
 from ._export import ExportReport, SegmentInfo, chain_names, export
-from ._stores import open_store
+from ._stores import DirectoryStore, open_store
 from ._verify import ArchiveReport, verify_archive
 
 __all__ = ["main", "verify_command"]
@@ -54,7 +54,16 @@ def verify_command(
     except (OSError, InvalidRequest) as exc:
         print(f"error: cannot read the keys in {keys_file}: {exc}", file=sys.stderr)
         return 2
-    store = open_store(location, endpoint_url=endpoint_url)
+    try:
+        store = open_store(location, endpoint_url=endpoint_url)
+    except ValueError as exc:  # s3:// without a bucket; an endpoint URL boto3 refuses
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(store, DirectoryStore) and not store.root.is_dir():
+        # Its listing would be empty (an export creates the directory), and an empty
+        # archive fails as tampered with (1); a mistyped path is a store not read (2).
+        print(f"error: no archive directory at {store.root}", file=sys.stderr)
+        return 2
     report: ArchiveReport | None
     problems: Sequence[ArchiveProblem] = ()
     try:

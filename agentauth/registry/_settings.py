@@ -16,7 +16,8 @@ __all__ = ["RegistrySettings", "SignerSettings"]
 class SignerSettings(BaseModel):
     """Which key backend signs tokens and checkpoints, and how to reach it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # A refused value is left out of the error's text: it may be the Vault token or the PIN.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     backend: Literal["local", "aws", "gcp", "vault", "pkcs11"] = "local"
     # local: key files under <data_dir>/keys, created 0600 on first start.
@@ -37,7 +38,9 @@ class SignerSettings(BaseModel):
 
 
 class RegistrySettings(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Errors leave the input out: a model-level one would print all of it, admin token and
+    # database password included, into a traceback or a log (repr=False does not cover it).
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     # URLs may carry passwords: kept out of reprs (and so out of logs).
     database_url: str = Field(repr=False)

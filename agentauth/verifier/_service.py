@@ -57,7 +57,9 @@ log = logging.getLogger("agentauth.verifier")
 
 
 class VerifierSettings(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Errors leave the input out: a model-level one would print all of it, the nonce secret
+    # and the database password included (repr=False does not cover it).
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     # URLs may carry passwords: kept out of reprs (and so out of logs).
     database_url: str = Field(repr=False)

@@ -1,0 +1,214 @@
+"""The ``agentauth`` command on bad input, a bad configuration or an unreachable database
+answers with one line on stderr and a non-zero exit status: never a Python traceback, and
+never a secret it was given (a traceback or a pydantic error would print both)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from agentauth import cli
+from agentauth.registry import RegistrySettings, SignerSettings
+from agentauth.verifier import VerifierSettings
+
+#: Nothing listens on port 1; the password must never be printed.
+UNREACHABLE = "postgresql://registry:db-s3cret@127.0.0.1:1/agentauth"
+
+
+def agentauth(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agentauth.cli", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("grants", "list"),
+        ("migrate",),
+        ("keys", "list"),
+        ("audit", "verify"),
+        ("revoke", "token", "tok_1"),
+        ("providers", "suspend", "shop", "--reason", "leak"),
+    ],
+)
+def test_an_unreachable_database_is_named_with_its_password_masked(
+    command: tuple[str, ...], tmp_path: Path
+) -> None:
+    out = agentauth(
+        *command,
+        env={
+            "DATABASE_URL": UNREACHABLE,
+            "REDIS_URL": "redis://127.0.0.1:1/0",
+            "AGENTAUTH_DATA_DIR": str(tmp_path / "data"),
+        },
+    )
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "db-s3cret" not in out.stdout + out.stderr
+    assert out.stderr.startswith(
+        "error: cannot reach the database (postgresql://registry:***@127.0.0.1:1/agentauth): "
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:pw-s3cret@db:notaport/x",
+        # An unescaped '@' in the password: asyncpg splits at the first one, and its error
+        # would quote what follows, a piece of the password.
+        "postgresql://u:pw@s3cret:s3cret@db/x",
+    ],
+)
+def test_a_malformed_database_url_is_a_message_without_the_password(url: str) -> None:
+    out = agentauth("grants", "list", env={"DATABASE_URL": url})
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "s3cret" not in out.stdout + out.stderr
+    assert out.stderr.startswith("error: cannot reach the database (postgresql://u:***@")
+    assert "not a valid PostgreSQL URL" in out.stderr
+
+
+def test_a_programming_error_is_not_reported_as_the_database(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only connecting is translated: a ValueError from the work itself stays a bug."""
+    monkeypatch.setenv("DATABASE_URL", UNREACHABLE)
+
+    async def broken(url: str, query: str, *params: object) -> list[dict[str, object]]:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(cli, "_rows", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["grants", "list"])
+
+
+@pytest.mark.parametrize("location", ["s3://", "s3:///prefix"])
+def test_a_malformed_archive_location_is_a_message(location: str) -> None:
+    out = agentauth("audit", "verify", "--archive", location)
+    assert out.returncode == 2  # the archive could not be read (docs/archive.md)
+    assert "Traceback" not in out.stderr
+    assert "s3://bucket[/prefix]" in out.stderr
+
+
+def test_an_archive_directory_that_is_not_there_could_not_be_read(tmp_path: Path) -> None:
+    """docs/archive.md: exit 1 is problems found in an archive, 2 a store that could not be
+    read. A mistyped path is the second, not an archive someone emptied."""
+    for missing in (tmp_path / "nowhere", tmp_path / "a-file"):
+        if missing.name == "a-file":
+            missing.write_text("x")
+        out = agentauth("audit", "verify", "--archive", str(missing))
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert f"no archive directory at {missing}" in out.stderr
+
+
+def test_a_refused_admin_token_is_not_printed(tmp_path: Path) -> None:
+    """``keys`` builds RegistrySettings from the environment; pydantic's error would print
+    the token it refuses (too short) whole."""
+    out = agentauth(
+        "keys",
+        "list",
+        env={
+            "DATABASE_URL": UNREACHABLE,
+            "AGENTAUTH_DATA_DIR": str(tmp_path / "data"),
+            "AGENTAUTH_ADMIN_TOKEN": "hunter2-admin",
+        },
+    )
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "hunter2-admin" not in out.stdout + out.stderr
+    assert "error: admin_token: String should have at least 16 characters" in out.stderr
+
+
+SECRET = "Zq3" * 14 + "X"  # 43 characters, as secrets.token_urlsafe(32)
+
+
+@pytest.mark.parametrize(
+    ("model", "values"),
+    [
+        # A model-level check fails: pydantic prints the whole input, secrets included.
+        (
+            RegistrySettings,
+            {
+                "database_url": "postgresql://u@h/d",
+                "redis_url": "redis://h",
+                "data_dir": "/tmp",
+                "issuer": "http://127.0.0.1:8000/registry",
+                "origins": ["https://approve.example.com"],  # not under rp_id localhost
+                "admin_token": SECRET,
+            },
+        ),
+        (
+            VerifierSettings,
+            {
+                "database_url": "postgresql://u@h/d",
+                "redis_url": "redis://h",
+                "issuer": "http://127.0.0.1:8000/registry",
+                "dpop_nonces": True,
+                "nonce_secret": SECRET[:20],  # too short: refused, and must not be shown
+            },
+        ),
+        # A PIN written as a number (YAML reads it as one) is refused by its own field.
+        (SignerSettings, {"backend": "pkcs11", "pkcs11_pin": 73194628}),
+    ],
+)
+def test_a_settings_error_does_not_show_the_secrets_it_was_given(
+    model: Any, values: dict[str, object]
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        model.model_validate(values)
+    assert SECRET[:12] not in str(caught.value) and "73194628" not in str(caught.value)
+
+
+class _NoRay(SimpleNamespace):
+    """Stands in for ``ray`` in ``up``: a bad configuration is refused before Ray starts."""
+
+    serve = None
+
+    def init(self, **_: object) -> None:
+        raise AssertionError("Ray started before the settings were checked")
+
+    def is_initialized(self) -> bool:
+        return False
+
+
+def test_up_refuses_bad_settings_before_starting_ray_and_without_the_admin_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With AGENTAUTH_ORIGINS set and the default RP ID the registry's settings are refused;
+    pydantic's error would print the tail of its input, the admin token of
+    <data>/admin-token."""
+    data = tmp_path / "data"
+    monkeypatch.setitem(sys.modules, "ray", _NoRay())
+    monkeypatch.setenv("AGENTAUTH_DATA_DIR", str(data))
+    monkeypatch.setenv("AGENTAUTH_ORIGINS", "https://approve.example.com")
+    monkeypatch.setenv("DATABASE_URL", UNREACHABLE)  # not embedded, and not reached
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    for name in ("AGENTAUTH_ADMIN_TOKEN", "AGENTAUTH_RP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["up"]) == 2
+    out = capsys.readouterr()
+    token = (data / "admin-token").read_text().strip()
+    assert token[-12:] not in out.out + out.err
+    assert out.err.startswith("error: Value error, origin https://approve.example.com cannot")
+
+
+def test_schemas_into_a_path_that_is_a_file_is_a_message(tmp_path: Path) -> None:
+    target = tmp_path / "afile"
+    target.write_text("x")
+    out = agentauth("schemas", str(target))
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: cannot write the schemas into ")
