@@ -4,6 +4,7 @@ Buttons are pressed by running their handlers as NiceGUI would, to the end."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, cast
@@ -518,3 +519,66 @@ async def test_each_passkey_is_labelled_from_the_backup_flags_the_registry_store
         ["this device only"],
         [],
     ]
+
+
+@pytest.mark.asyncio
+async def test_while_one_approval_waits_for_the_passkey_no_card_can_be_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only the approving card's buttons were disabled: Approve on another card replaced
+    the page's one notice (what the passkey is signing) while the first prompt was still
+    up, and asked for a second ceremony on top of it; Deny went through meanwhile."""
+    mail = {
+        **SHOP_REQUEST,
+        "id": "grq_mail",
+        "agent_id": "agt_2",
+        "agent_name": "Mail bot",
+        "provider_id": "mail",
+        "provider_name": "Mail",
+        "audience": "https://mail.example",
+        "capabilities": [{"kind": "read", "resource": "mail/*"}],
+        "envelope": {},
+    }
+    registry = FakeRegistry([SHOP_REQUEST, mail], [])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+    asked: list[str] = []
+    release = asyncio.Event()
+
+    async def passkey(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+        asked.append(requests.notice())
+        await release.wait()
+        return {"id": "credential"}
+
+    monkeypatch.setattr(requests.pages, "_ceremony", passkey)
+    mail_buttons = [
+        requests.button(label)
+        for label in (
+            "Approve with passkey: Mail bot asks Mail",
+            "Tighten the limits before approving: Mail bot asks Mail",
+            "Deny: Mail bot asks Mail",
+        )
+    ]
+    approving = asyncio.ensure_future(
+        requests.press(requests.button(f"Approve with passkey: {WHO}"))
+    )
+    while not asked:
+        await asyncio.sleep(0.01)
+    (signing,) = asked
+    assert WHO in signing
+    assert not any(button.enabled for button in mail_buttons)
+    # Clicks that crossed the disabling on their way change nothing.
+    await requests.press(mail_buttons[0])
+    await requests.press(mail_buttons[2])
+    assert asked == [signing] and requests.notice() == signing
+    assert len(registry.begun) == 1 and registry.denied == []
+
+    release.set()
+    await approving
+    assert all(
+        button.enabled
+        for button in requests.buttons()
+        if "Mail bot" in str(button.props.get("aria-label"))
+    )
+    await requests.press(requests.button("Deny: Mail bot asks Mail"))
+    assert registry.denied == ["grq_mail"]

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -184,6 +184,8 @@ class Board:
     announced: int = 0  # how many new ones the last announcement counted: say each once
     in_flight: int = 0
     editors: list[ui.element] = field(default_factory=list)
+    answers: list[ui.button] = field(default_factory=list)  # every card's answer buttons
+    retired: set[int] = field(default_factory=set)  # ids of buttons on greyed-out cards
 
     def quiet(self) -> bool:
         return self.in_flight == 0 and not any(e.visible for e in self.editors if not e.is_deleted)
@@ -194,6 +196,8 @@ class Board:
         self.cards.clear()
         self.announced = 0
         self.editors.clear()
+        self.answers.clear()
+        self.retired.clear()
 
     def retire(self, item_id: str) -> None:
         """Grey out a card that is no longer waiting, without changing its size."""
@@ -206,6 +210,7 @@ class Board:
         for element in card.descendants():
             if isinstance(element, ui.button):
                 element.disable()
+                self.retired.add(element.id)
 
 
 class Tighten:
@@ -816,14 +821,14 @@ class Pages:
                     ctx.notice.ok(f"{done}: {what}.")
                     await ctx.reload()
 
-                await self._busy(board, actions, self._act(ctx.notice, work))
+                await self._busy(board, self._act(ctx.notice, work))
 
-            actions = [
+            board.answers.append(
                 labelled(
                     ui.button(verb, on_click=refuse, color="negative").props("outline"),
                     f"{verb}: {what}",
                 )
-            ]
+            )
 
     def _request_card(self, ctx: Ctx, board: Board, request: Mapping[str, Any]) -> None:
         cookie_id, notice, reload = ctx.cookie_id, ctx.notice, ctx.reload
@@ -917,7 +922,7 @@ class Pages:
                     )
                     await reload()
 
-                await self._busy(board, actions, self._act(notice, work))
+                await self._busy(board, self._act(notice, work))
 
             async def deny() -> None:
                 async def work() -> None:
@@ -926,12 +931,11 @@ class Pages:
                     notice.ok(f"Denied: {who}.")
                     await reload()
 
-                await self._busy(board, actions, self._act(notice, work))
+                await self._busy(board, self._act(notice, work))
 
-            actions: list[ui.button] = []  # what a click in flight disables
             with ui.row().classes("gap-2"):
                 if not suspended:
-                    actions.append(
+                    board.answers.append(
                         labelled(
                             ui.button("Approve with passkey", icon="fingerprint", on_click=approve),
                             f"Approve with passkey: {who}",
@@ -942,8 +946,8 @@ class Pages:
                         f"Tighten the limits before approving: {who}",
                     )
                     # Not while an approval runs: its notice says what the passkey signs.
-                    actions.append(tighten_button)
-                actions.append(
+                    board.answers.append(tighten_button)
+                board.answers.append(
                     labelled(
                         ui.button("Deny", on_click=deny, color="negative").props("outline"),
                         f"Deny: {who}",
@@ -951,8 +955,15 @@ class Pages:
                 )
 
     @staticmethod
-    async def _busy(board: Board, buttons: Iterable[ui.button], work: Awaitable[None]) -> None:
-        chosen = list(buttons)
+    async def _busy(board: Board, work: Coroutine[Any, Any, None]) -> None:
+        """Run one card's answer with every card's buttons disabled, not just its own: the
+        page has one notice, which says what the passkey is signing, and an answer begun
+        on another card meanwhile would replace it while the prompt is still up (and ask
+        for a second passkey ceremony on top of the first)."""
+        if board.in_flight:  # a click that crossed the disabling on its way
+            work.close()
+            return
+        chosen = [b for b in board.answers if not b.is_deleted and b.enabled]
         for button in chosen:
             button.disable()
         board.in_flight += 1
@@ -960,8 +971,8 @@ class Pages:
             await work
         finally:
             board.in_flight -= 1
-            for button in chosen:
-                if not button.is_deleted:
+            for button in chosen:  # not those whose card a poll greyed out meanwhile
+                if not button.is_deleted and button.id not in board.retired:
                     button.enable()
 
     @staticmethod
@@ -1060,7 +1071,7 @@ class Pages:
                     notice.ok(f"Approved once: {what}.")
                     await reload()
 
-                await self._busy(board, actions, self._act(notice, work))
+                await self._busy(board, self._act(notice, work))
 
             async def deny() -> None:
                 async def work() -> None:
@@ -1069,18 +1080,17 @@ class Pages:
                     notice.ok(f"Refused: {what}.")
                     await reload()
 
-                await self._busy(board, actions, self._act(notice, work))
+                await self._busy(board, self._act(notice, work))
 
-            actions: list[ui.button] = []  # what a click in flight disables
             with ui.row().classes("gap-2"):
                 if not suspended:
-                    actions.append(
+                    board.answers.append(
                         labelled(
                             ui.button("Approve with passkey", icon="fingerprint", on_click=approve),
                             f"Approve with passkey: {what}",
                         )
                     )
-                actions.append(
+                board.answers.append(
                     labelled(
                         ui.button("Refuse", on_click=deny, color="negative").props("outline"),
                         f"Refuse: {what}",
