@@ -30,6 +30,7 @@ from webauthn.helpers.exceptions import (
     InvalidAuthenticationResponse,
     InvalidBackupFlags,
     InvalidRegistrationResponse,
+    WebAuthnException,
 )
 from webauthn.helpers.structs import (
     AuthenticatorSelectionCriteria,
@@ -577,7 +578,15 @@ class Registry:
         except InvalidBackupFlags:
             # Not one of py_webauthn's response errors: uncaught, it would be a 500.
             raise _invalid_backup_flags() from None
-        except (InvalidRegistrationResponse, ValueError, KeyError, TypeError) as exc:
+        # WebAuthnException: py_webauthn's other refusals (a credential whose JSON it cannot
+        # read, a COSE key type it does not know): the sender's input, never a 500.
+        except (
+            InvalidRegistrationResponse,
+            WebAuthnException,
+            ValueError,
+            KeyError,
+            TypeError,
+        ) as exc:
             raise InvalidReceipt(
                 f"passkey registration refused: {exc}", reason="registration_refused"
             ) from None
@@ -902,7 +911,7 @@ class Registry:
         except InvalidBackupFlags:
             # Raised only once the signature has verified; not a response error to py_webauthn.
             raise _invalid_backup_flags() from None
-        except (ValueError, KeyError, TypeError):
+        except (WebAuthnException, ValueError, KeyError, TypeError):  # JSON it cannot read...
             raise InvalidReceipt("malformed WebAuthn credential", reason="malformed") from None
         response = credential["response"]
         user_handle = _checked_user_handle(
