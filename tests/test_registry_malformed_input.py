@@ -217,3 +217,24 @@ async def test_anonymous_signup_with_an_unknown_cose_key_type_is_refused_not_500
     credential = SoftAuthenticator(origin=w.origin).create(options, cose=cbor(cose))
     r = await c.post(w.url("/v1/signup/finish"), json={"credential": credential})
     refused_400(r)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_provider_id_with_a_colon_is_refused_at_registration(service: Opened) -> None:
+    """The id is the user-id of the provider's Basic credentials, which ends at the first
+    colon (RFC 7617 §2): registered, ``acme:eu`` could never authenticate, every call read
+    as provider ``acme`` with a secret starting ``eu:``."""
+    w, c = service.world, service.client
+    before = await service.counts()
+    r = await c.post(
+        w.url("/v1/providers"),
+        headers=w.admin,
+        json={
+            "id": "acme:eu",
+            "audience": "https://eu.acme.example",
+            "display_name": "Acme EU",
+            "allowed_kinds": ["read"],
+        },
+    )
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), r.text
+    assert await service.counts() == before

@@ -89,8 +89,16 @@ class AgentIn(_In):
     enrollment_code: str = Field(min_length=16, max_length=128)
 
 
+def _basic_user_id(value: str) -> str:
+    # A provider's id is the user-id of its Basic credentials, which cannot hold a colon
+    # (RFC 7617 §2: the first colon ends it): such a provider could never authenticate.
+    if ":" in value:
+        raise ValueError("a provider id cannot contain ':' (it is a Basic credential's user-id)")
+    return value
+
+
 class ProviderIn(_In):
-    id: Identifier
+    id: Annotated[Identifier, AfterValidator(_basic_user_id)]
     audience: Annotated[
         str, Field(min_length=1, max_length=512), AfterValidator(check_display_text)
     ]
