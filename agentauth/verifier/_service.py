@@ -645,9 +645,9 @@ class Verifier:
         # told inactive. Refused here, it is a denial recorded as invalid_token:expired.
         answer, token = await self._decision(provider_id, body, expiry_leeway=0)
         if answer["decision"] != "allow" or token is None:
-            # RFC 7662 §2.2: an inactive answer says no more. A reason would tell a provider
-            # that another provider's token is genuine and unexpired (wrong_audience); it
-            # stays in the audit event and the metrics. The one exception is a nonce
+            # RFC 7662 §2.2: an inactive answer says no more (the reason stays in the audit
+            # event and the metrics; /v1/verify, a provider's own diagnosis, gives it, and
+            # docs/verifier.md says what wrong_audience tells). The one exception is a nonce
             # (RFC 9449 §9): the provider must hand it to the agent in DPoP-Nonce, or no
             # proof the agent makes can ever carry it and every request is refused.
             inactive: dict[str, Any] = {"active": False}
