@@ -238,3 +238,18 @@ async def test_a_provider_id_with_a_colon_is_refused_at_registration(service: Op
     )
     assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), r.text
     assert await service.counts() == before
+
+
+@pytest.mark.parametrize("name", ["Ali\u202ecod.exe", "Alice\nAdmin", "Al\u200bice"])
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_sign_up_name_with_invisible_characters_is_refused(
+    service: Opened, name: str
+) -> None:
+    """Agent and provider names refuse controls and format characters (a bidi override
+    reverses what follows, a zero-width space makes two names look alike); a person's own
+    name, which becomes the passkey's display name in the platform's picker, did not."""
+    w, c = service.world, service.client
+    before = await service.counts()
+    r = await c.post(w.url("/v1/signup/begin"), json={"display_name": name})
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), r.text
+    assert await service.counts() == before

@@ -40,7 +40,8 @@ _DisplayName = Annotated[
 
 
 class SignupIn(_In):
-    display_name: str = Field(min_length=1, max_length=128)
+    # The passkey's user.displayName too: the platform's passkey picker shows it.
+    display_name: _DisplayName
 
 
 class CredentialIn(_In):
