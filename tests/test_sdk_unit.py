@@ -505,6 +505,47 @@ async def test_a_token_that_ends_with_its_grant_serves_until_it_expires(tmp_path
     assert registry.issued == ["grt_1", "grt_2", "grt_2"]
 
 
+@pytest.mark.asyncio
+async def test_a_token_the_provider_refuses_as_revoked_is_let_go(tmp_path: Path) -> None:
+    """The SDK kept presenting a token its provider refused as revoked (the grant revoked,
+    a new one approved) until the token expired, minutes of refusals. It now takes a new
+    token on the next request; a refusal a new token does not cure (a misconfigured
+    provider) lets one go at most once every 30 s, not at every request."""
+    now = [1_000_000.0]
+    registry = TokenRegistry([listed_grant("grt_1")], now=now)
+    client = token_client(registry, tmp_path)
+    assert await client.get_token("shop") == "tok-1-grt_1"
+    registry.grants = [{**listed_grant("grt_1"), "revoked_at": "2026-01-01"}, listed_grant("grt_2")]
+    dead = {"tok-1-grt_1"}
+    presented: list[str] = []
+
+    def provider(request: httpx.Request) -> httpx.Response:
+        token = request.headers["authorization"].removeprefix("DPoP ")
+        presented.append(token)
+        if token in dead:  # the provider helpers' refusal: 403, the reason in the body only
+            body = b'{"error": "access_denied", "reason": "revoked"}'
+            return httpx.Response(
+                403, headers={"Content-Type": "application/json"}, stream=_UnreadBody(body)
+            )
+        return httpx.Response(200, json={"ok": True})
+
+    async with httpx.AsyncClient(
+        transport=httpx.MockTransport(provider), auth=client.auth("shop")
+    ) as http:
+        assert (await http.get("https://shop.example/orders")).status_code == 403
+        assert (await http.get("https://shop.example/orders")).status_code == 200
+        assert presented == ["tok-1-grt_1", "tok-2-grt_2"]
+
+        dead.add("tok-2-grt_2")  # from now on every token is refused
+        for _ in range(5):  # within 30 s of letting the last one go: kept
+            await http.get("https://shop.example/orders")
+        assert registry.issued == ["grt_1", "grt_2"]
+        now[0] += 30
+        for _ in range(5):
+            await http.get("https://shop.example/orders")
+        assert registry.issued == ["grt_1", "grt_2", "grt_2"]  # one more, not five
+
+
 def test_a_cached_tokens_repr_hides_the_token() -> None:
     token = _Token("eyJhbGciOiJFUzI1NiJ9.SECRET.sig", 1e10, "grt_1")
     assert "SECRET" not in repr(token) and "grt_1" in repr(token)

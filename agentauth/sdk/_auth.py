@@ -46,13 +46,41 @@ def _challenge_in_body(response: httpx.Response) -> bool:
     )
 
 
+# A provider's refusals that say the token itself is no good any more (its grant revoked,
+# or over): a new token, from the grant that stands now, may be.
+_TOKEN_GONE = frozenset({"revoked", "grant_inactive"})
+
+
+def _may_refuse_token(response: httpx.Response) -> bool:
+    """Whether ``response`` may be a refusal of the token whose reason only the body
+    gives (403 without a challenge: the provider helpers' form)."""
+    return response.status_code == 403 and "www-authenticate" not in response.headers
+
+
+def _refuses_token(response: httpx.Response) -> bool:
+    if response.status_code == 401:
+        return "invalid_token" in response.headers.get("www-authenticate", "")
+    if not _may_refuse_token(response):
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("reason") in _TOKEN_GONE
+
+
 def htu_of(url: httpx.URL | str) -> str:
     parts = urlsplit(str(url))
     return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", "", ""))
 
 
 class DPoPAuth(httpx.Auth):
-    """Signs requests for one access token with the agent's key."""
+    """Signs requests for one access token with the agent's key.
+
+    ``on_refused`` (optional) is called with the token when the server refuses the token
+    itself (401 ``invalid_token``, or 403 ``revoked``/``grant_inactive``), so a cache of
+    tokens can let it go.
+    """
 
     def __init__(
         self,
@@ -60,10 +88,12 @@ class DPoPAuth(httpx.Auth):
         key: Signer,
         token: str | Callable[[], str],
         clock: Callable[[], float] = time.time,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self._key = key
         self._token = token
         self._clock = clock
+        self._on_refused = on_refused
         self.nonces: dict[str, str] = {}
 
     def _sign(self, request: httpx.Request) -> None:
@@ -91,7 +121,17 @@ class DPoPAuth(httpx.Auth):
 
     # httpx hands the flow a response whose body it has not read. Reading every body first
     # (requires_response_body) would buffer streamed downloads too; only a possible
-    # challenge whose error is in the body alone is read, so is_nonce_challenge can see it.
+    # challenge whose error is in the body alone is read, so is_nonce_challenge can see
+    # it, and a possible refusal of the token when someone listens for one.
+
+    def _needs_body(self, response: httpx.Response) -> bool:
+        return _challenge_in_body(response) or (
+            self._on_refused is not None and _may_refuse_token(response)
+        )
+
+    def _settled(self, request: httpx.Request, response: httpx.Response) -> None:
+        if self._on_refused is not None and _refuses_token(response):
+            self._on_refused(request.headers["authorization"].removeprefix("DPoP "))
 
     def sync_auth_flow(
         self, request: httpx.Request
@@ -100,11 +140,12 @@ class DPoPAuth(httpx.Auth):
         outgoing = next(flow)
         while True:
             response = yield outgoing
-            if _challenge_in_body(response):
+            if self._needs_body(response):
                 response.read()
             try:
                 outgoing = flow.send(response)
             except StopIteration:
+                self._settled(outgoing, response)
                 return
 
     async def async_auth_flow(
@@ -114,9 +155,10 @@ class DPoPAuth(httpx.Auth):
         outgoing = next(flow)
         while True:
             response = yield outgoing
-            if _challenge_in_body(response):
+            if self._needs_body(response):
                 await response.aread()
             try:
                 outgoing = flow.send(response)
             except StopIteration:
+                self._settled(outgoing, response)
                 return

@@ -8,6 +8,7 @@ caller); the agent id is kept beside it, so a registered agent starts ready to w
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 import time
@@ -52,6 +53,8 @@ _STEP_UP_RETRY_PAUSE = 1.0
 # a poll is mostly its round trip and its signed proof, and back-to-back ones would hammer
 # the registry for nothing.
 _STEP_UP_MIN_POLL = 0.1
+# After a provider's refusal let a token go, the next refusal does so only this much later.
+_REISSUE_PAUSE = 30.0
 
 
 def _check_payable(amount: str, currency: str) -> None:
@@ -138,6 +141,7 @@ class AgentAuthClient:
         self._pending_step_ups: dict[tuple[str, str, str, str, str | None], str] = {}
         self._audiences: dict[str, str] = {}
         self._token_locks: dict[str, asyncio.Lock] = {}
+        self._refused_at: dict[str, float] = {}  # when a refusal last let a token go
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -314,6 +318,21 @@ class AgentAuthClient:
         )
         return ends_with_grant and token.expires_at > now
 
+    def _forget_refused(self, service_provider_id: str, token: str) -> None:
+        """A provider refused ``token`` itself (its grant revoked, replaced, over): let it
+        go, so the next request takes a token from the grant that stands now instead of
+        presenting the dead one until it expires. At most once per ``_REISSUE_PAUSE`` per
+        provider: a refusal a new token does not cure (a provider that is misconfigured)
+        must not make every request an issuance, a token row and an audit event each."""
+        cached = self._tokens.get(service_provider_id)
+        now = self._clock()
+        if cached is None or not hmac.compare_digest(cached.value, token):
+            return  # another token already, or none
+        if now - self._refused_at.get(service_provider_id, -_REISSUE_PAUSE) < _REISSUE_PAUSE:
+            return
+        del self._tokens[service_provider_id]
+        self._refused_at[service_provider_id] = now
+
     async def audience(self, service_provider_id: str) -> str:
         if service_provider_id not in self._audiences:
             await self.get_token(service_provider_id)
@@ -454,7 +473,12 @@ class _ClientAuth(DPoPAuth):
     """``DPoPAuth`` whose token comes, refreshed when due, from the client."""
 
     def __init__(self, client: AgentAuthClient, provider: str) -> None:
-        super().__init__(key=client.key, token="", clock=client._clock)
+        super().__init__(
+            key=client.key,
+            token="",
+            clock=client._clock,
+            on_refused=lambda token: client._forget_refused(provider, token),
+        )
         self._client = client
         self._provider = provider
 
@@ -499,7 +523,12 @@ class AgentAuthClientSync:
         def token() -> str:
             return self._loop.run_until_complete(self._client.get_token(service_provider_id))
 
-        return DPoPAuth(key=self._client.key, token=token, clock=self._client._clock)
+        return DPoPAuth(
+            key=self._client.key,
+            token=token,
+            clock=self._client._clock,
+            on_refused=lambda sent: self._client._forget_refused(service_provider_id, sent),
+        )
 
     def close(self) -> None:
         self._loop.run_until_complete(self._client.aclose())
