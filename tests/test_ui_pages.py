@@ -15,9 +15,10 @@ from nicegui import Client, ui
 from nicegui.element import Element
 from nicegui.elements.mixins.text_element import TextElement
 from nicegui.page import page
+from starlette.requests import Request
 
 from agentauth.protocol import Envelope, Grant, b64url_encode, parse_capabilities
-from agentauth.ui import RegistryClient, SessionStore, UISettings
+from agentauth.ui import RegistryClient, RegistryError, SessionStore, UISettings
 from agentauth.ui._pages import Pages
 
 SHOP_REQUEST: dict[str, Any] = {
@@ -140,7 +141,10 @@ class RequestsPage:
         self.polls: list[Callable[[], Any]] = []
         # The page polls on a timer; here the test runs each poll itself.
         monkeypatch.setattr(ui, "timer", lambda _interval, callback: self.polls.append(callback))
-        self.client = Client(page("/"), request=None)
+        # The request that built the page, as the security middleware left it.
+        built = {"type": "http", "method": "GET", "path": "/", "root_path": "", "headers": []}
+        built |= {"query_string": b"", "state": {"agentauth_cookie_id": cookie_id}}
+        self.client = Client(page("/"), request=Request(built))
 
     async def build(self) -> None:
         with self.client:
@@ -582,3 +586,33 @@ async def test_while_one_approval_waits_for_the_passkey_no_card_can_be_answered(
     )
     await requests.press(requests.button("Deny: Mail bot asks Mail"))
     assert registry.denied == ["grq_mail"]
+
+
+@pytest.mark.asyncio
+async def test_a_session_the_registry_ended_ends_on_the_page_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The registry ends sessions the page does not see end (a passkey removed from another
+    device ends the others). Its 401 sent the person to /login, which found the page's own
+    session still there and sent them straight back to a page that could not load."""
+    registry = FakeRegistry([SHOP_REQUEST], [])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+    assert requests.store.get(requests.cookie_id) is not None
+
+    async def ended(token: str, request_id: str) -> dict[str, Any]:
+        raise RegistryError(401, "invalid_token", "the session has ended", "bad_session")
+
+    monkeypatch.setattr(registry, "deny_request", ended)
+    await requests.press(requests.button(f"Deny: {WHO}"))
+    assert requests.store.get(requests.cookie_id) is None
+
+    # The same when the page is being built.
+    again = RequestsPage(registry, monkeypatch)
+
+    async def listing_ended(token: str, status: str) -> list[dict[str, Any]]:
+        raise RegistryError(401, "invalid_token", "the session has ended", "bad_session")
+
+    monkeypatch.setattr(registry, "grant_requests", listing_ended)
+    await again.build()
+    assert again.store.get(again.cookie_id) is None

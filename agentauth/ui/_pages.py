@@ -399,6 +399,7 @@ class Pages:
             ui.navigate.to("/login")
         except RegistryError as exc:
             if exc.status == 401:
+                self._registry_signed_out()
                 notice.error(exc.message, exc.code)
                 ui.navigate.to("/login")
                 return
@@ -410,6 +411,26 @@ class Pages:
         except Exception:  # the page's boundary: details to the server log, words to the human
             log.exception("action failed")
             notice.error("Something went wrong on this page's server. Nothing was signed.")
+
+    def _registry_signed_out(self) -> None:
+        """The registry ended this page's session (a passkey removed from another device,
+        its expiry): the page's own ends with it. Kept, /login would find it and send the
+        person straight back to a page that cannot reach the registry, again and again."""
+        try:
+            request = ui.context.client.request
+        except RuntimeError:  # a client built without a request: nothing to end
+            return
+        cookie_id = getattr(request.state, "agentauth_cookie_id", None)
+        if isinstance(cookie_id, str):
+            self.store.sign_out(cookie_id)
+
+    def _build_failed(self, notice: Notice, exc: RegistryError) -> None:
+        """A page that could not be built from the registry says why; one whose session
+        the registry ended sends the person to sign in again, and means it."""
+        notice.error(exc.message, exc.code)
+        if exc.status == 401:
+            self._registry_signed_out()
+            ui.navigate.to("/login")
 
     async def _ceremony(self, kind: str, options: Mapping[str, Any]) -> dict[str, Any]:
         """Run navigator.credentials.create/get in the browser with the registry's options."""
@@ -754,7 +775,7 @@ class Pages:
         try:
             await load()
         except RegistryError as exc:
-            notice.error(exc.message, exc.code)
+            self._build_failed(notice, exc)
         ui.timer(self.settings.poll_seconds, poll)
 
     @staticmethod
@@ -1168,7 +1189,7 @@ class Pages:
         try:
             await load()
         except RegistryError as exc:
-            notice.error(exc.message, exc.code)
+            self._build_failed(notice, exc)
         with main:
             labelled(
                 ui.button("Refresh", icon="refresh", on_click=lambda: self._act(notice, load)),
@@ -1430,7 +1451,7 @@ class Pages:
             agents = await self.registry.agents(session.registry_token)
         except RegistryError as exc:
             with main:
-                notice.error(exc.message, exc.code)
+                self._build_failed(notice, exc)
             return
         options = {a["id"]: f"{a['name']} ({a['id']})" for a in agents}
         if not agents:
@@ -1496,7 +1517,7 @@ class Pages:
         try:
             await verify()
         except RegistryError as exc:
-            notice.error(exc.message, exc.code)
+            self._build_failed(notice, exc)
         with main, ui.row().classes("gap-2"):
             labelled(
                 ui.button(
@@ -1661,7 +1682,7 @@ class Pages:
         try:
             await load()
         except RegistryError as exc:
-            notice.error(exc.message, exc.code)
+            self._build_failed(notice, exc)
         with main:
             labelled(
                 ui.button("New enrollment code", icon="add", on_click=enroll),
@@ -1767,7 +1788,7 @@ class Pages:
         try:
             await load()
         except RegistryError as exc:
-            notice.error(exc.message, exc.code)
+            self._build_failed(notice, exc)
         with main, ui.row().classes("gap-2"):
             labelled(ui.button("Add a passkey", icon="add", on_click=add), "Add a passkey")
             create_button = labelled(
