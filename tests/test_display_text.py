@@ -28,9 +28,12 @@ HIDDEN = [
     pytest.param("Shopping bot\x85", id="next-line-c1"),
     pytest.param("Shopping bot\u2028more", id="line-separator"),
     pytest.param("Shopping bot\u2029more", id="paragraph-separator"),
+    pytest.param("Shopping\u3164bot", id="hangul-filler"),
+    pytest.param("\u115fShopping bot", id="hangul-choseong-filler"),
+    pytest.param("Shop\u034fping bot", id="combining-grapheme-joiner"),
 ]
 # What a name may well hold: accents, other scripts, symbols, emoji, inner spaces.
-READABLE = ["Shopping bot", "Café-Bot №2", "買い物ボット", "بوت التسوق", "🛒 bot", "a  b"]
+READABLE = ["Shopping bot", "Café-Bot №2", "買い物ボット", "بوت التسوق", "🛒 bot", "❤\ufe0f bot", "a  b"]
 
 ENROLLMENT = "e" * 16
 JWK = {"kty": "OKP", "crv": "Ed25519", "x": "A" * 43}

@@ -18,6 +18,10 @@ __all__ = ["check_display_text"]
 # line and paragraph separators, line breaks outside Cc. Cs: surrogates, which cannot be
 # encoded as UTF-8 at all. (Refusing Cf also refuses the joiner inside emoji sequences.)
 _INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+# And blanks the categories above miss: the Hangul fillers (letters, Lo, that draw nothing)
+# and the combining grapheme joiner (a mark, Mn, that draws nothing). Variation selectors
+# are kept: they choose how an emoji is drawn, and names hold emoji.
+_BLANK = frozenset({"\u115f", "\u1160", "\u3164", "\uffa0", "\u034f"})
 
 
 def check_display_text(text: str) -> str:
@@ -26,7 +30,7 @@ def check_display_text(text: str) -> str:
     Usable as a pydantic ``AfterValidator`` (the error becomes a validation error).
     """
     for char in text:
-        if unicodedata.category(char) in _INVISIBLE:
+        if unicodedata.category(char) in _INVISIBLE or char in _BLANK:
             name = unicodedata.name(char, "a control character")
             raise ValueError(f"must not contain U+{ord(char):04X} ({name})")
     return text
