@@ -33,7 +33,15 @@ HIDDEN = [
     pytest.param("Shop\u034fping bot", id="combining-grapheme-joiner"),
 ]
 # What a name may well hold: accents, other scripts, symbols, emoji, inner spaces.
-READABLE = ["Shopping bot", "Café-Bot №2", "買い物ボット", "بوت التسوق", "🛒 bot", "❤\ufe0f bot", "a  b"]
+READABLE = [
+    "Shopping bot",
+    "Café-Bot №2",
+    "買い物ボット",
+    "بوت التسوق",
+    "🛒 bot",
+    "❤\ufe0f bot",
+    "a  b",
+]
 
 ENROLLMENT = "e" * 16
 JWK = {"kty": "OKP", "crv": "Ed25519", "x": "A" * 43}
