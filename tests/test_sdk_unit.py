@@ -31,6 +31,7 @@ from agentauth.protocol import (
 )
 from agentauth.sdk import (
     AgentAuthClient,
+    AgentAuthClientSync,
     AgentAuthMiddleware,
     DPoPAuth,
     OfflineVerifier,
@@ -544,6 +545,39 @@ async def test_a_token_the_provider_refuses_as_revoked_is_let_go(tmp_path: Path)
         for _ in range(5):
             await http.get("https://shop.example/orders")
         assert registry.issued == ["grt_1", "grt_2", "grt_2"]  # one more, not five
+
+
+def test_the_sync_client_lets_a_refused_token_go_too(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    registry = TokenRegistry([listed_grant("grt_1")], now=now)
+    sync = AgentAuthClientSync(
+        ISSUER,
+        key=PrivateKey.generate(),
+        agent_id="agt_1",
+        http=httpx.AsyncClient(transport=httpx.MockTransport(registry)),
+        home=tmp_path,
+        clock=lambda: now[0],
+    )
+    presented: list[str] = []
+
+    def provider(request: httpx.Request) -> httpx.Response:
+        token = request.headers["authorization"].removeprefix("DPoP ")
+        presented.append(token)
+        if token == "tok-1-grt_1":
+            body = b'{"error": "access_denied", "reason": "grant_inactive"}'
+            return httpx.Response(
+                403, headers={"Content-Type": "application/json"}, stream=_UnreadBody(body)
+            )
+        return httpx.Response(200, json={"ok": True})
+
+    try:
+        with httpx.Client(transport=httpx.MockTransport(provider), auth=sync.auth("shop")) as http:
+            assert http.get("https://shop.example/orders").status_code == 403
+            registry.grants = [listed_grant("grt_2")]  # the grant approved again
+            assert http.get("https://shop.example/orders").status_code == 200
+    finally:
+        sync.close()
+    assert presented == ["tok-1-grt_1", "tok-2-grt_2"]
 
 
 def test_a_cached_tokens_repr_hides_the_token() -> None:
