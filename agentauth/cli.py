@@ -771,7 +771,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(run=cmd_up)
     migrate = commands.add_parser("migrate", help="apply database migrations")
     migrate.set_defaults(run=cmd_migrate)
-    keys = commands.add_parser("keys", help="list or rotate the registry's signing keys")
+    keys = commands.add_parser(
+        "keys", help="list, create (if none) or rotate the registry's signing keys"
+    )
     keys.add_argument("action", choices=["create", "list", "rotate"])
     keys.set_defaults(run=cmd_keys)
     audit = commands.add_parser("audit", help="verify the audit log (chains and checkpoints)")

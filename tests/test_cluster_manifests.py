@@ -131,12 +131,38 @@ RENDER_CASES: dict[str, dict[str, Any]] = {
         "ingress": {"enabled": True, "exposeVerifier": False},
         "serve": {"haProxy": False},
     },
+    "vault": {
+        "signer": {
+            "backend": "vault",
+            "vault": {
+                "keyId": "agentauth",
+                "endpoint": "https://vault.agentauth.svc:8200",
+                "tokenSecret": {"name": "agentauth-vault", "key": "token"},
+            },
+        },
+    },
+    "pkcs11": {
+        "signer": {
+            "backend": "pkcs11",
+            "pkcs11": {
+                "keyId": "agentauth-signing",
+                "token": "agentauth",
+                "pinSecret": {"name": "agentauth-hsm", "key": "pin"},
+            },
+        },
+    },
 }
 
 # name -> (values, words the refusal must contain)
 RENDER_REFUSALS: dict[str, tuple[dict[str, Any], str]] = {
-    "vault": ({"signer": {"backend": "vault"}}, "Vault token"),
-    "pkcs11": ({"signer": {"backend": "pkcs11"}}, "PKCS#11 PIN"),
+    "vault-without-token": (
+        {"signer": {"backend": "vault", "vault": {"keyId": "k", "endpoint": "https://v"}}},
+        "signer.vault.tokenSecret.name",
+    ),
+    "pkcs11-without-pin": (
+        {"signer": {"backend": "pkcs11", "pkcs11": {"keyId": "k", "token": "t"}}},
+        "signer.pkcs11.pinSecret.name",
+    ),
     "local-without-volume": ({"signer": {"local": {"existingClaim": ""}}}, "ReadWriteMany"),
     "aws-without-key": ({"signer": {"backend": "aws"}}, "signer.aws.keyId"),
     "rp-id-elsewhere": ({"rpId": "other.example"}, "parent domain"),
@@ -568,6 +594,16 @@ def test_helm_renders_valid_objects(
         assert {"configMapRef": {"name": configmap["metadata"]["name"]}} in container["envFrom"]
         if backend == "aws":
             assert env["AWS_ACCESS_KEY_ID"]["secretKeyRef"]["name"] == "agentauth-aws"
+        # The signer's secret reaches the pods from its Secret, and only from there.
+        secret_env = {
+            "vault": "AGENTAUTH_SIGNER_VAULT_TOKEN",
+            "pkcs11": "AGENTAUTH_SIGNER_PKCS11_PIN",
+        }
+        for other, name in secret_env.items():
+            assert (name in env) == (backend == other)
+        if backend in secret_env:
+            ref = values["signer"][backend]["tokenSecret" if backend == "vault" else "pinSecret"]
+            assert env[secret_env[backend]] == {"secretKeyRef": ref}
         if backend == "gcp":
             path = Path(env["GOOGLE_APPLICATION_CREDENTIALS"])
             mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}

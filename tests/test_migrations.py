@@ -185,3 +185,35 @@ def test_signer_settings_come_from_the_environment(
         admin_token="a" * 20,
     )
     assert "password" not in repr(with_passwords)
+
+
+def test_a_configured_signer_takes_its_secret_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A deployment's config (Serve args) names the backend and the key; the Vault token
+    or the PKCS#11 PIN comes from the environment (a Kubernetes Secret). The config's
+    signer replaced the environment's whole, so the token was never read and no chart could
+    run Vault or PKCS#11 without writing the secret into its config."""
+    from agentauth.registry import RegistrySettings, SignerSettings
+
+    monkeypatch.setenv("AGENTAUTH_SIGNER_VAULT_TOKEN", "s.from-a-secret")
+    monkeypatch.setenv("AGENTAUTH_SIGNER_KEY_ID", "from-the-environment")
+    base = {
+        "database_url": "postgresql://x/y",
+        "redis_url": "redis://x",
+        "data_dir": tmp_path,
+        "issuer": "http://r",
+        "admin_token": "a" * 20,
+    }
+    configured = {"backend": "vault", "key_id": "registry", "endpoint": "https://vault:8200"}
+    for given in (configured, SignerSettings(**configured)):
+        signer = RegistrySettings.from_env(**base, signer=given).signer
+        assert (signer.backend, signer.key_id, signer.endpoint) == (
+            "vault",
+            "registry",  # the config's, field by field over the environment's
+            "https://vault:8200",
+        )
+        assert signer.vault_token == "s.from-a-secret"
+    monkeypatch.delenv("AGENTAUTH_SIGNER_VAULT_TOKEN")
+    monkeypatch.delenv("AGENTAUTH_SIGNER_KEY_ID")
+    assert RegistrySettings.from_env(**base, signer=configured).signer.vault_token is None

@@ -226,6 +226,11 @@ async def test_discovery_and_jwks_are_public_everything_else_is_not(world: World
         ("POST", "/v1/admin/checkpoints"),
         ("POST", "/v1/admin/recoveries"),
         ("POST", "/v1/passkeys/confirm"),
+        ("POST", "/v1/passkeys/finish"),
+        ("DELETE", "/v1/passkeys/cred_x"),
+        ("DELETE", "/v1/sessions/current"),
+        ("GET", "/v1/grants/grt_x/usage"),
+        ("POST", "/v1/step-ups/stp_x/approval/finish"),
     ]
     for method, path in protected:
         body = {} if method == "POST" else None

@@ -116,15 +116,23 @@ class RegistrySettings(BaseModel):
         ):
             if key in env:
                 values[name] = env[key]
-        signer = {
+        signer: dict[str, object] = {
             field: env[f"AGENTAUTH_SIGNER_{field.upper()}"]
             for field in SignerSettings.model_fields
             if f"AGENTAUTH_SIGNER_{field.upper()}" in env
         }
-        if signer:
-            # Secrets such as the Vault token or the PKCS#11 PIN come from the environment
-            # (Kubernetes Secrets), never from a config file.
-            values["signer"] = SignerSettings.model_validate(signer)
+        given = overrides.pop("signer", None)
+        if isinstance(given, SignerSettings):
+            given = given.model_dump(exclude_unset=True)
+        if isinstance(given, dict):
+            # Field by field, the given ones first: a deployment's config (Serve args) names
+            # the backend and the key, and secrets such as the Vault token or the PKCS#11 PIN
+            # come from the environment (Kubernetes Secrets), never from a config file.
+            values["signer"] = signer | given
+        elif given is not None:
+            values["signer"] = given  # not settings at all: the model refuses it
+        elif signer:
+            values["signer"] = signer
         if "AGENTAUTH_OPEN_SIGNUP" in env:
             # Closed once an organisation's people have signed up: nobody else can then
             # create an account to sign in with. pydantic reads true/false, 1/0, yes/no.

@@ -59,13 +59,22 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if not (has $backend (list "local" "aws" "gcp" "vault" "pkcs11")) -}}
 {{- fail (printf "signer.backend must be one of local, aws, gcp, vault, pkcs11 (got %q)" $backend) -}}
 {{- end -}}
-{{- if has $backend (list "vault" "pkcs11") -}}
-{{- fail (printf "signer.backend=%s: the registry reads the %s only from its settings, not from the environment, so this chart cannot take it from a Secret and will not write it into the RayService; see docs/deploy.md (Signer backends)" $backend (ternary "Vault token" "PKCS#11 PIN" (eq $backend "vault"))) -}}
+{{- if and (eq $backend "vault") (not .Values.signer.vault.tokenSecret.name) -}}
+{{- fail "signer.backend=vault needs signer.vault.tokenSecret.name: a Secret holding the Vault token (it goes to the Ray pods' environment, never into the RayService)" -}}
+{{- end -}}
+{{- if and (eq $backend "vault") (not .Values.signer.vault.endpoint) -}}
+{{- fail "signer.vault.endpoint is required for signer.backend=vault (https://, unless a loopback address)" -}}
+{{- end -}}
+{{- if and (eq $backend "pkcs11") (not .Values.signer.pkcs11.pinSecret.name) -}}
+{{- fail "signer.backend=pkcs11 needs signer.pkcs11.pinSecret.name: a Secret holding the token's user PIN (it goes to the Ray pods' environment, never into the RayService)" -}}
+{{- end -}}
+{{- if and (eq $backend "pkcs11") (not .Values.signer.pkcs11.token) -}}
+{{- fail "signer.pkcs11.token (the token's label) is required for signer.backend=pkcs11" -}}
 {{- end -}}
 {{- if and (eq $backend "local") (not .Values.signer.local.existingClaim) -}}
 {{- fail "signer.backend=local keeps the private key in files under the data directory: set signer.local.existingClaim to a ReadWriteMany PersistentVolumeClaim that every Ray pod mounts, or use a KMS backend" -}}
 {{- end -}}
-{{- if and (has $backend (list "aws" "gcp")) (not (index .Values.signer $backend).keyId) -}}
+{{- if and (has $backend (list "aws" "gcp" "vault" "pkcs11")) (not (index .Values.signer $backend).keyId) -}}
 {{- fail (printf "signer.%s.keyId is required for signer.backend=%s" $backend $backend) -}}
 {{- end -}}
 {{- if not (hasSuffix "/registry" (trimSuffix "/" .Values.issuer)) -}}
@@ -95,6 +104,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- else if eq $s.backend "gcp" -}}
 {{- $_ := set $args "key_id" $s.gcp.keyId -}}
 {{- if $s.gcp.endpoint }}{{ $_ := set $args "endpoint" $s.gcp.endpoint }}{{ end -}}
+{{- else if eq $s.backend "vault" -}}
+{{- $_ := set $args "key_id" $s.vault.keyId -}}
+{{- $_ := set $args "endpoint" $s.vault.endpoint -}}
+{{- else if eq $s.backend "pkcs11" -}}
+{{- $_ := set $args "key_id" $s.pkcs11.keyId -}}
+{{- $_ := set $args "pkcs11_lib" $s.pkcs11.lib -}}
+{{- $_ := set $args "pkcs11_token" $s.pkcs11.token -}}
 {{- end -}}
 {{- toYaml $args -}}
 {{- end -}}
@@ -148,6 +164,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and (eq .Values.signer.backend "gcp") .Values.signer.gcp.credentialsSecret }}
 - name: GOOGLE_APPLICATION_CREDENTIALS
   value: {{ printf "/var/run/secrets/agentauth/gcp/%s" .Values.signer.gcp.credentialsKey | quote }}
+{{- end }}
+{{- /* The signer's secret, merged by the registry into the signer its Serve args name. */}}
+{{- if eq .Values.signer.backend "vault" }}
+- name: AGENTAUTH_SIGNER_VAULT_TOKEN
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.signer.vault.tokenSecret.name | quote }}, key: {{ .Values.signer.vault.tokenSecret.key | quote }}}
+{{- end }}
+{{- if eq .Values.signer.backend "pkcs11" }}
+- name: AGENTAUTH_SIGNER_PKCS11_PIN
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.signer.pkcs11.pinSecret.name | quote }}, key: {{ .Values.signer.pkcs11.pinSecret.key | quote }}}
 {{- end }}
 {{- with .Values.ray.extraEnv }}
 {{ toYaml . }}
