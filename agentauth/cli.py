@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
+from .protocol import MAX_UNSEALED_AGE
+
 if TYPE_CHECKING:  # the server extra is imported only by the commands that use it
     import asyncpg
     from pydantic import ValidationError
@@ -510,14 +512,6 @@ def _bar(label: str, done: int, total: int) -> None:
     sys.stderr.flush()
 
 
-#: How old the oldest event under no checkpoint may be before ``audit verify`` fails its
-#: chain. The registry signs every chain that grew each ``checkpoint_every_seconds`` (10 s),
-#: so five minutes is some thirty missed rounds: the chain's checkpoints were deleted, or
-#: the registry has not been signing (the audit lag alert). Either way those events are
-#: unprotected. A new chain's first checkpoint is normally seconds away, so it passes.
-MAX_UNSEALED_AGE = 300.0
-
-
 async def _audit_verify(
     url: str,
     *,
@@ -584,8 +578,23 @@ async def _audit_verify_chain(
             "SELECT size, signed FROM audit_checkpoints WHERE chain = $1", chain
         )
     }
-    size: int = await conn.fetchval("SELECT size FROM audit_heads WHERE chain = $1", chain)
+    # The head's size is the insider's to write too: events stored at or past it would go
+    # unread. Counted in the statement that reads the head, so from one snapshot: an append
+    # moves the head in the transaction that stores its events, and is never counted here.
+    head = await conn.fetchrow(
+        "SELECT size, (SELECT count(*) FROM audit_events e WHERE e.chain = h.chain"
+        " AND e.seq >= h.size) AS beyond FROM audit_heads h WHERE h.chain = $1",
+        chain,
+    )
+    if head is None:  # listed a moment ago
+        return [f"{chain}: its head row was deleted while being checked"], f"{chain}: no head"
+    size: int = head["size"]
     problems: list[str] = []
+    if head["beyond"]:
+        problems.append(
+            f"{chain}: {head['beyond']} event(s) stored at or past the head's size ({size}):"
+            " the head was moved back over them"
+        )
     frontier, previous, seq = MerkleFrontier(), GENESIS_HASH, 0
     covered = 0  # the size of the latest checkpoint reached (bad ones are problems anyway)
     oldest_uncovered: int | None = None  # time_ms of the first event after it

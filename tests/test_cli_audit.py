@@ -267,6 +267,32 @@ async def test_events_cut_from_the_end_fail_against_the_checkpoint_that_covered_
 
 
 @pytest.mark.asyncio
+async def test_events_stored_past_a_lowered_head_fail(audited_db: Audited) -> None:
+    """The head's size says how far to walk; the insider can write it too. Rewriting what the
+    latest checkpoint covers, deleting that checkpoint and lowering the head to the one
+    before leaves a chain that verifies up to the head, and the rewrite stored past it."""
+    chain = "registry-2"
+    (sizes,) = await audited_db.execute(
+        "SELECT min(size) AS earlier, max(size) AS latest FROM audit_checkpoints WHERE chain = $1",
+        chain,
+    )
+    earlier, latest = sizes["earlier"], sizes["latest"]
+    await rewrite_chain(audited_db, chain, earlier + 1)
+    await audited_db.execute(
+        "DELETE FROM audit_checkpoints WHERE chain = $1 AND size = $2", chain, latest
+    )
+    await audited_db.execute("UPDATE audit_heads SET size = $2 WHERE chain = $1", chain, earlier)
+    # Even with no allowance for unsealed events, nothing up to the head is wrong.
+    out = run_verify(audited_db.url, "--audit-keys", audited_db.keys_file, "--max-unsealed-age", 0)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert (
+        f"error: {chain}: {latest - earlier} event(s) stored at or past the head's size"
+        f" ({earlier}): the head was moved back over them"
+    ) in out.stderr
+    assert verdicts(out) == {"registry-0": "ok", "registry-1": "ok", "registry-2": "FAILED"}
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("old", "new"),
     [

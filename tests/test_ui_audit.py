@@ -7,6 +7,8 @@ The registry is played by documents built with ``agentauth.protocol`` (and by an
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -21,6 +23,7 @@ from agentauth.protocol import (
     PrivateKey,
     PublicKey,
     b64url_encode,
+    consistency_proof,
     inclusion_proof,
     merkle_root,
     sign_checkpoint,
@@ -40,6 +43,8 @@ MINE = (0, 1, 3, 4)  # the agent's events; 2 and 5 are another agent's
 
 
 def build_chain(size: int = 6, *, start_ms: int = 1_000) -> list[AuditEvent]:
+    """``size`` events of one chain, dated from ``start_ms`` on (about 1 s after 1970 unless
+    told: fine for the pure checks; a fetched trail is checked against the clock)."""
     events = [
         AuditEvent.first(
             chain=CHAIN, time_ms=start_ms, event="agent.registered", actor="a", subject="s"
@@ -74,6 +79,16 @@ def signed_checkpoint(
     root = merkle_root([e.entry_hash() for e in events])
     checkpoint = Checkpoint(chain=chain, size=len(events), root=b64url_encode(root), time=time)
     return sign_checkpoint(checkpoint, signer)
+
+
+def recent_chain() -> list[AuditEvent]:
+    """A chain written seconds ago: no checkpoint is overdue for it yet."""
+    return build_chain(start_ms=int(time.time() * 1000) - 10_000)
+
+
+def dated_after(events: list[AuditEvent]) -> int:
+    """A checkpoint time just after the newest of ``events``, as the registry signs one."""
+    return max(e.time_ms for e in events) // 1000 + 1
 
 
 def proof_for(events: list[AuditEvent], seq: int, signed: str) -> dict[str, Any]:
@@ -170,7 +185,7 @@ def test_inclusion_proofs(signer: PrivateKey, keys: KeySet) -> None:
 def mock_registry(
     events: list[AuditEvent], signer: PrivateKey, *, covered: int, lie_at: int | None = None
 ) -> httpx.MockTransport:
-    signed = signed_checkpoint(events[:covered], signer)
+    signed = signed_checkpoint(events[:covered], signer, time=dated_after(events[:covered]))
 
     def handler(request: httpx.Request) -> httpx.Response:
         assert request.headers["authorization"] == "Bearer ses_test"
@@ -210,7 +225,7 @@ def with_audit_keys(transport: httpx.MockTransport, *signers: PrivateKey) -> htt
 
 @pytest.mark.asyncio
 async def test_a_trail_fetched_from_an_honest_registry_verifies(signer: PrivateKey) -> None:
-    events = build_chain()
+    events = recent_chain()  # event 4, under no checkpoint yet, is seconds old: not overdue
     client = RegistryClient(
         "https://registry.example/registry",
         transport=with_audit_keys(mock_registry(events, signer, covered=4), signer),
@@ -336,3 +351,272 @@ def test_a_checkpoint_dated_before_the_events_it_covers_is_a_problem(
     checks = check_chains([events[i] for i in MINE])
     check_checkpoints(checks, latest(events, 10_000), keys, now=5_000)
     assert "in the future" in checks[CHAIN].problems[0]
+
+
+def audit_keys_of(*signers: PrivateKey) -> AuditKeys:
+    return AuditKeys(AuditKey(PublicKey.from_jwk(s.public_jwk())) for s in signers)
+
+
+def rewritten(events: list[AuditEvent], seq: int) -> list[AuditEvent]:
+    """``events`` with event ``seq`` changed and every later one re-linked, as a registry
+    (or an insider) rewriting history would: the chain's own links all check out."""
+    out = events[:seq]
+    out.append(events[seq].model_copy(update={"data": {"amount": "999999"}}))
+    for event in events[seq + 1 :]:
+        out.append(event.model_copy(update={"prev": out[-1].entry_hash_b64()}))
+    return out
+
+
+def registry_serving(
+    shown: list[AuditEvent],
+    checkpoints: Any,
+    proofs: Callable[[int], Any],
+    audit_keys: AuditKeys,
+    consistency: Callable[[int, int], Any] | None = None,
+) -> httpx.MockTransport:
+    """A registry answering each audit route with what the test hands it: ``shown`` as the
+    agent's events, ``checkpoints`` as the latest ones, ``proofs(seq)`` as an event's proof,
+    ``consistency(first, second)`` as the consistency proof (404 when None)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path.endswith("/.well-known/agentauth-audit-keys.json"):
+            return httpx.Response(200, json=audit_keys.to_document())
+        if path == "/registry/v1/audit/events":
+            return httpx.Response(200, json=listed(shown))
+        if path == "/registry/v1/audit/checkpoints":
+            return httpx.Response(200, json=checkpoints)
+        if path.startswith("/registry/v1/audit/events/"):
+            return httpx.Response(200, json=proofs(int(path.split("/")[-2])))
+        if path == "/registry/v1/audit/consistency" and consistency is not None:
+            params = request.url.params
+            assert params["chain"] == CHAIN
+            return httpx.Response(
+                200, json=consistency(int(params["first"]), int(params["second"]))
+            )
+        return httpx.Response(404, json={"error": "not_found", "error_description": path})
+
+    return httpx.MockTransport(handler)
+
+
+async def fetched(transport: httpx.MockTransport) -> AuditTrail:
+    client = RegistryClient("https://registry.example/registry", transport=transport)
+    try:
+        return await AuditTrail.fetch(client, "ses_test", AGENT)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_covered_event_the_registry_calls_not_yet_checkpointed_is_a_problem(
+    signer: PrivateKey,
+) -> None:
+    """The latest checkpoint covers all six events. Asked for the proof of event 4, which it
+    lists rewritten, the registry says no checkpoint covers it yet: the page would show it
+    as awaiting one, and the trail as verifying, had it not compared seq with the size."""
+    events = recent_chain()
+    latest = signed_checkpoint(events, signer, time=dated_after(events))
+    forged = rewritten(events, 4)
+
+    def proofs(seq: int) -> dict[str, Any]:
+        if seq == 4:
+            return {"event": forged[4].canonical_bytes().decode(), "checkpoint": None}
+        return proof_for(events, seq, latest)
+
+    trail = await fetched(
+        registry_serving(
+            [forged[i] for i in MINE],
+            [{"chain": CHAIN, "size": 6, "signed": latest}],
+            proofs,
+            audit_keys_of(signer),
+        )
+    )
+    assert trail.chains[CHAIN].covered == 6
+    assert not trail.ok
+    assert trail.all_problems == [
+        f"{CHAIN}:4 no proof, yet the latest checkpoint (size 6) covers it"
+    ]
+
+
+def test_an_inclusion_proof_against_a_backdated_checkpoint_fails() -> None:
+    """A retired key that leaked can sign a checkpoint dated inside its old window. Over
+    events written long after, that date is a lie: the checkpoint an inclusion proof leads
+    to is dated against the event, as the latest one is against the events it covers."""
+    old, new = PrivateKey.generate("ES256", kid="reg-1"), PrivateKey.generate("ES256", kid="reg-2")
+    audit_keys = AuditKeys(
+        [
+            AuditKey(PublicKey.from_jwk(old.public_jwk()), activates_at=0, retires_at=3_000),
+            AuditKey(PublicKey.from_jwk(new.public_jwk()), activates_at=2_500),
+        ]
+    )
+    forged = rewritten(recent_chain(), 3)
+    backdated = signed_checkpoint(forged, old, time=2_000)  # inside reg-1's window
+    result = check_inclusion(forged[3], proof_for(forged, 3, backdated), audit_keys)
+    assert result.ok is False
+    assert "before an event it covers" in result.detail and "backdated" in result.detail
+    # The same proof, dated after the event it covers, verifies (the key window allowing).
+    honest = signed_checkpoint(forged, new, time=dated_after(forged))
+    assert check_inclusion(forged[3], proof_for(forged, 3, honest), audit_keys).ok is True
+
+
+@pytest.mark.asyncio
+async def test_a_proof_against_another_root_for_the_latest_size_is_a_fork(
+    signer: PrivateKey,
+) -> None:
+    """The latest checkpoint (size 6, root A) verifies; every inclusion proof leads to
+    another checkpoint of the chain at size 6, root B, over rewritten events, by the same
+    key. Two roots for one size are two histories: no event is proven against B."""
+    events = recent_chain()
+    at = dated_after(events)
+    latest = signed_checkpoint(events, signer, time=at)
+    forged = rewritten(events, 3)
+    fork = signed_checkpoint(forged, signer, time=at)
+    trail = await fetched(
+        registry_serving(
+            [forged[i] for i in MINE],
+            [{"chain": CHAIN, "size": 6, "signed": latest}],
+            lambda seq: proof_for(forged, seq, fork),
+            audit_keys_of(signer),
+        )
+    )
+    assert trail.proven == 0 and not trail.ok
+    assert (
+        f"{CHAIN}:3 a fork: its checkpoint and the latest both have size 6, with other roots"
+        in (trail.all_problems)
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_proof_against_a_newer_checkpoint_must_be_consistent_with_the_latest(
+    signer: PrivateKey,
+) -> None:
+    """The registry proves each event against its latest checkpoint, which may be newer than
+    the one the page listed (one signed in between). The page ties it to the listed one with
+    the registry's consistency proof: a newer checkpoint over a rewritten history has none."""
+    events = recent_chain()
+    hashes = [e.entry_hash() for e in events]
+    listed_latest = signed_checkpoint(events[:4], signer, time=dated_after(events[:4]))
+    checkpoints = [{"chain": CHAIN, "size": 4, "signed": listed_latest}]
+    newer = signed_checkpoint(events, signer, time=dated_after(events))
+    asked: list[tuple[int, int]] = []
+
+    def honest(first: int, second: int) -> dict[str, Any]:
+        asked.append((first, second))
+        return {"chain": CHAIN, "proof": [b64url_encode(h) for h in consistency_proof(hashes, 4)]}
+
+    # Honest: the newer checkpoint extends the listed one.
+    trail = await fetched(
+        registry_serving(
+            [events[i] for i in MINE],
+            checkpoints,
+            lambda seq: proof_for(events, seq, newer),
+            audit_keys_of(signer),
+            honest,
+        )
+    )
+    assert trail.ok, trail.all_problems
+    assert trail.proven == 3 and asked == [(4, 6)]  # one request for the pair of sizes
+    assert "consistent with the latest checkpoint (size 4)" in trail.inclusion[(CHAIN, 3)].detail
+
+    # Lying: the newer checkpoint is over a rewritten event 1. The best the registry can
+    # answer is a consistency proof of its rewritten tree, which the listed root refutes.
+    forged = rewritten(events, 1)
+    forged_hashes = [e.entry_hash() for e in forged]
+    rewrite = signed_checkpoint(forged, signer, time=dated_after(forged))
+    trail = await fetched(
+        registry_serving(
+            [forged[i] for i in MINE],
+            checkpoints,
+            lambda seq: proof_for(forged, seq, rewrite),
+            audit_keys_of(signer),
+            lambda first, second: {
+                "proof": [b64url_encode(h) for h in consistency_proof(forged_hashes, 4)]
+            },
+        )
+    )
+    assert trail.proven == 0 and not trail.ok
+    assert (
+        f"{CHAIN}:3 its checkpoint (size 6) is not consistent with the latest (size 4):"
+        " root_mismatch" in trail.all_problems
+    ), trail.all_problems
+    # And a registry with no consistency proof to give proves nothing either.
+    trail = await fetched(
+        registry_serving(
+            [forged[i] for i in MINE],
+            checkpoints,
+            lambda seq: proof_for(forged, seq, rewrite),
+            audit_keys_of(signer),
+        )
+    )
+    assert trail.proven == 0 and not trail.ok
+
+
+def test_old_events_no_checkpoint_covers_are_a_problem(signer: PrivateKey, keys: KeySet) -> None:
+    """As ``agentauth audit verify`` does: the registry signs every chain that grew each 10 s,
+    so events under no checkpoint for more than MAX_UNSEALED_AGE (300 s) mean its
+    checkpoints were withheld or deleted, or it is not signing. Young ones are awaiting one."""
+    events = build_chain()  # written at about 1 s
+    mine = [events[i] for i in MINE]
+    checks = check_chains(mine)
+    check_checkpoints(checks, [], keys, now=1 + 299)
+    assert checks[CHAIN].problems == []
+    checks = check_chains(mine)
+    check_checkpoints(checks, [], keys, now=1 + 301)
+    assert checks[CHAIN].problems == [
+        f"{CHAIN}: no checkpoint covers the listed events from 0 on, the oldest written 301 s"
+        " ago (more than 300 s): checkpoints were withheld or removed, or the registry is not"
+        " signing"
+    ]
+    # The latest checkpoint covers 0..3; event 4 is left waiting.
+    latest = {"chain": CHAIN, "size": 4, "signed": signed_checkpoint(events[:4], signer, time=2)}
+    checks = check_chains(mine)
+    check_checkpoints(checks, [latest], keys, now=1 + 301)
+    assert checks[CHAIN].covered == 4
+    assert (
+        checks[CHAIN]
+        .problems[0]
+        .startswith(f"{CHAIN}: no checkpoint covers the listed events from 4 on")
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_trail_whose_checkpoints_are_withheld_does_not_verify(
+    signer: PrivateKey,
+) -> None:
+    """The page fetches the trail of events written an hour ago, rewritten; the registry
+    lists no checkpoint and says none covers them yet."""
+    forged = rewritten(build_chain(start_ms=int(time.time() * 1000) - 3_600_000), 1)
+    trail = await fetched(
+        registry_serving(
+            [forged[i] for i in MINE],
+            [],
+            lambda seq: {"event": forged[seq].canonical_bytes().decode(), "checkpoint": None},
+            audit_keys_of(signer),
+        )
+    )
+    assert not trail.ok
+    assert "checkpoints were withheld or removed" in trail.all_problems[0]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("odd", ["checkpoint-entry", "proof"])
+async def test_odd_checkpoint_lists_and_proofs_are_problems_not_crashes(
+    signer: PrivateKey, odd: str
+) -> None:
+    """A checkpoint list entry that is no JSON object, or a proof that is a JSON list,
+    used to raise AttributeError, and the audit page failed to render."""
+    events = recent_chain()
+    latest = signed_checkpoint(events, signer, time=dated_after(events))
+    checkpoints: list[Any] = [{"chain": CHAIN, "size": 6, "signed": latest}]
+    proofs: Callable[[int], Any] = lambda seq: proof_for(events, seq, latest)  # noqa: E731
+    if odd == "checkpoint-entry":
+        checkpoints.append(latest)  # the bare JWS, not {"chain", "size", "signed"}
+        expected = "the registry's checkpoint list is malformed"
+    else:
+        proofs = lambda seq: [proof_for(events, seq, latest)]  # noqa: E731
+        expected = f"{CHAIN}:0 malformed proof"
+    trail = await fetched(
+        registry_serving([events[i] for i in MINE], checkpoints, proofs, audit_keys_of(signer))
+    )
+    assert not trail.ok and expected in trail.all_problems
+    assert trail.export(now=time.time())["verification"]["ok"] is False

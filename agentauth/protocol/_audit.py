@@ -34,6 +34,7 @@ __all__ = [
     "CHECKPOINT_SKEW",
     "CHECKPOINT_TYP",
     "GENESIS_HASH",
+    "MAX_UNSEALED_AGE",
     "AuditEvent",
     "ChainHead",
     "Checkpoint",
@@ -199,6 +200,14 @@ class Checkpoint(BaseModel):
 #: events it covers (a retired key that leaked could otherwise sign new history under an
 #: old date inside its window).
 CHECKPOINT_SKEW = 60
+
+#: How old, in seconds, the oldest event under no checkpoint may be before a verifier
+#: (``agentauth audit verify``, the approval page) fails its chain. The registry signs every
+#: chain that grew each ``checkpoint_every_seconds`` (10 s), so five minutes is some thirty
+#: missed rounds: the chain's checkpoints were deleted (or withheld), or the registry has not
+#: been signing (the audit lag alert). Either way those events are unprotected. A new chain's
+#: first checkpoint is normally seconds away, so it passes.
+MAX_UNSEALED_AGE = 300.0
 
 
 def check_checkpoint_dated(

@@ -8,7 +8,15 @@ their limits, revokes tokens, grants and agents, and checks the audit trail. Sta
 """
 
 from ._app import create_ui_app, run_ui
-from ._audit import AuditTrail, check_chains, check_checkpoints, check_inclusion, parse_events
+from ._audit import (
+    AuditTrail,
+    check_chains,
+    check_checkpoints,
+    check_consistency,
+    check_inclusion,
+    consistency_needed,
+    parse_events,
+)
 from ._registry import RegistryClient, RegistryError
 from ._security import SecurityMiddleware, SessionStore
 from ._settings import UISettings
@@ -23,7 +31,9 @@ __all__ = [
     "UISettings",
     "check_chains",
     "check_checkpoints",
+    "check_consistency",
     "check_inclusion",
+    "consistency_needed",
     "create_ui_app",
     "describe_capability",
     "describe_envelope",

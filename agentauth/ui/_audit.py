@@ -9,11 +9,20 @@ The registry serves events, signed checkpoints, inclusion proofs and its audit k
   events this human may not see);
 - the latest checkpoint of each chain must carry a valid signature by a key of the audit
   key list, dated inside that key's signing window (the JWKS would not do: it drops a key
-  once its tokens have expired, and a quiet chain's latest checkpoint may be older);
+  once its tokens have expired, and a quiet chain's latest checkpoint may be older), and
+  dated neither before the newest listed event it covers nor in the future;
+- listed events no checkpoint covers must be younger than ``MAX_UNSEALED_AGE`` (the rule of
+  ``agentauth audit verify``): older ones mean checkpoints withheld or deleted;
 - an event's inclusion proof must lead from that very event (the same hash as listed) to
-  the root of a checkpoint that verifies: then the event sits in the signed log at its place.
+  the root of a checkpoint that verifies and is dated no earlier than the event; an event
+  the latest checkpoint covers must have one. That checkpoint must be the chain's latest
+  one, or be tied to it: one of the same size with another root is a fork, and one of
+  another size must be consistent with it (the registry's consistency proof, checked
+  against both roots as verified here). Then the event sits at its place in the history
+  the latest checkpoint signs.
 
-The checks are pure functions over documents; ``AuditTrail.fetch`` does the HTTP.
+The checks are pure functions over documents (time passed in); ``AuditTrail.fetch`` and
+``AuditTrail.prove`` do the HTTP.
 """
 
 from __future__ import annotations
@@ -22,11 +31,12 @@ import asyncio
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..protocol import (
     GENESIS_HASH,
+    MAX_UNSEALED_AGE,
     AgentAuthError,
     AuditEvent,
     AuditKeys,
@@ -35,6 +45,7 @@ from ..protocol import (
     b64url_decode,
     canonical_json,
     check_checkpoint_dated,
+    verify_consistency,
     verify_inclusion,
 )
 from ._registry import RegistryClient, RegistryError
@@ -45,7 +56,9 @@ __all__ = [
     "InclusionCheck",
     "check_chains",
     "check_checkpoints",
+    "check_consistency",
     "check_inclusion",
+    "consistency_needed",
     "parse_events",
 ]
 
@@ -60,6 +73,8 @@ class InclusionCheck:
     detail: str
     tree_size: int | None = None
     kid: str | None = None
+    #: the checkpoint the proof leads to, when it verified (to tie it to the latest one)
+    checkpoint: Checkpoint | None = None
 
 
 @dataclass(slots=True)
@@ -136,25 +151,51 @@ def _kid(signed: str) -> str | None:
     return kid if isinstance(kid, str) else None
 
 
+def _check_sealed_in_time(check: ChainCheck, now: float | None) -> None:
+    """A problem if the oldest listed event the latest checkpoint leaves out is older than
+    ``MAX_UNSEALED_AGE`` at ``now`` (``agentauth audit verify``'s rule): the registry signs
+    every chain that grew each few seconds, so its checkpoints were withheld or deleted."""
+    waiting = {seq: t for seq, t in check.times.items() if seq >= check.covered}
+    if now is None or not waiting:
+        return
+    age = now - min(waiting.values()) / 1000
+    if age > MAX_UNSEALED_AGE:
+        check.problems.append(
+            f"{check.chain}: no checkpoint covers the listed events from {min(waiting)} on,"
+            f" the oldest written {age:.0f} s ago (more than"
+            f" {MAX_UNSEALED_AGE:.0f} s): checkpoints were withheld or removed, or the registry"
+            " is not signing"
+        )
+
+
 def check_checkpoints(
     checks: Mapping[str, ChainCheck],
-    checkpoints: Iterable[Mapping[str, Any]],
+    checkpoints: Iterable[object],
     keys: KeySet,
     *,
     now: float | None = None,
-) -> None:
+) -> list[str]:
     """Verify the latest signed checkpoint of each chain in ``checks`` (in place).
 
     With ``AuditKeys``, each must also be dated inside its key's signing window. Its date
     must not precede the newest listed event it covers, nor lie in the future when ``now``
-    is given (``check_checkpoint_dated``).
+    is given (``check_checkpoint_dated``). With ``now``, listed events that no checkpoint
+    covers must also be younger than ``MAX_UNSEALED_AGE``. Returns the problems that belong
+    to no chain (an entry of the list that is no JSON object).
     """
     audit_keys = AuditKeys.from_key_set(keys)
-    latest = {str(c.get("chain")): c for c in checkpoints}
+    problems: list[str] = []
+    latest: dict[str, Mapping[str, Any]] = {}
+    for entry in checkpoints:
+        if isinstance(entry, Mapping):
+            latest[str(entry.get("chain"))] = entry
+        elif not problems:
+            problems.append("the registry's checkpoint list is malformed")
     for chain, check in checks.items():
         listed = latest.get(chain)
         if listed is None:
-            continue  # no checkpoint yet: the events are awaiting one, not failing
+            _check_sealed_in_time(check, now)  # none yet: young events await one, old fail
+            continue
         try:
             checkpoint = audit_keys.verify(listed.get("signed"))
         except AgentAuthError as exc:
@@ -173,12 +214,38 @@ def check_checkpoints(
             continue
         check.checkpoint = checkpoint
         check.checkpoint_kid = _kid(str(listed.get("signed")))
+        _check_sealed_in_time(check, now)
+    return problems
 
 
-def check_inclusion(event: AuditEvent, proof: Mapping[str, Any], keys: KeySet) -> InclusionCheck:
-    """Check the registry's inclusion proof for ``event`` against its signed checkpoint."""
+def check_inclusion(
+    event: AuditEvent,
+    proof: object,
+    keys: KeySet,
+    *,
+    latest: Checkpoint | None = None,
+    now: float | None = None,
+) -> InclusionCheck:
+    """Check the registry's inclusion proof for ``event`` against its signed checkpoint.
+
+    That checkpoint must be dated no earlier than the event (nor in the future, with
+    ``now``). ``latest`` is the chain's latest checkpoint as verified
+    (``ChainCheck.checkpoint``): an event it covers must come with a proof, and the proof's
+    checkpoint must not be another of its size (a fork). One of another size is proven
+    only once ``check_consistency`` has tied it to ``latest``.
+    """
     chain, seq = event.chain, event.seq
+    if not isinstance(proof, Mapping):
+        return InclusionCheck(chain, seq, False, "malformed proof")
     if proof.get("checkpoint") is None:
+        if latest is not None and seq < latest.size:
+            # Not "awaiting a checkpoint": that would hide any event the registry rewrote.
+            return InclusionCheck(
+                chain,
+                seq,
+                False,
+                f"no proof, yet the latest checkpoint (size {latest.size}) covers it",
+            )
         return InclusionCheck(chain, seq, None, "not yet covered by a signed checkpoint")
     try:
         served = AuditEvent.from_canonical(str(proof.get("event")))
@@ -187,6 +254,18 @@ def check_inclusion(event: AuditEvent, proof: Mapping[str, Any], keys: KeySet) -
         checkpoint = AuditKeys.from_key_set(keys).verify(proof["checkpoint"])
         if checkpoint.chain != chain or proof.get("tree_size") != checkpoint.size:
             return InclusionCheck(chain, seq, False, "the proof names another checkpoint")
+        try:  # a retired key that leaked could otherwise seal this event under an old date
+            check_checkpoint_dated(checkpoint, newest_event_ms=event.time_ms, now=now)
+        except AgentAuthError as exc:
+            return InclusionCheck(chain, seq, False, f"its checkpoint: {exc.description}")
+        if latest is not None and checkpoint.size == latest.size and checkpoint.root != latest.root:
+            return InclusionCheck(
+                chain,
+                seq,
+                False,
+                f"a fork: its checkpoint and the latest both have size {latest.size}, with"
+                " other roots",
+            )
         path = proof.get("proof")
         if not isinstance(path, list):
             return InclusionCheck(chain, seq, False, "malformed proof")
@@ -208,6 +287,54 @@ def check_inclusion(event: AuditEvent, proof: Mapping[str, Any], keys: KeySet) -
         f"in the signed log: leaf {seq} of {checkpoint.size}, root {checkpoint.root[:12]}…",
         tree_size=checkpoint.size,
         kid=_kid(str(proof["checkpoint"])),
+        checkpoint=checkpoint,
+    )
+
+
+def consistency_needed(result: InclusionCheck, latest: Checkpoint | None) -> tuple[int, int] | None:
+    """The sizes (smaller, larger) to ask the registry a consistency proof between, when
+    ``result`` was proven against another checkpoint than the chain's ``latest``."""
+    proven = result.checkpoint
+    if not result.ok or proven is None or latest is None or proven.size == latest.size:
+        return None
+    first, second = sorted((proven.size, latest.size))
+    # Every tree extends the empty one: there is nothing to prove (nor will the registry).
+    return None if first == 0 else (first, second)
+
+
+def check_consistency(result: InclusionCheck, latest: Checkpoint, answer: object) -> InclusionCheck:
+    """Tie an event proven against another checkpoint than the chain's ``latest`` to it.
+
+    ``answer`` is the registry's reply to ``/v1/audit/consistency`` between the two sizes
+    (``consistency_needed``). Its proof must show the smaller tree is a prefix of the
+    larger (RFC 9162), each root taken from the checkpoint verified here, never from the
+    reply: otherwise the two checkpoints sign two histories, and the event is not shown to
+    be in the one the latest checkpoint signs.
+    """
+    sizes = consistency_needed(result, latest)
+    if sizes is None or result.checkpoint is None:
+        return result
+    roots = {c.size: c.root_bytes() for c in (result.checkpoint, latest)}
+    unproven = (
+        f"its checkpoint (size {result.checkpoint.size}) is not consistent with the latest"
+        f" (size {latest.size})"
+    )
+    path = answer.get("proof") if isinstance(answer, Mapping) else None
+    if not isinstance(path, list):
+        return replace(result, ok=False, detail=f"{unproven}: malformed consistency proof")
+    try:
+        verify_consistency(
+            old_size=sizes[0],
+            new_size=sizes[1],
+            old_root=roots[sizes[0]],
+            new_root=roots[sizes[1]],
+            proof=[b64url_decode(str(h)) for h in path],
+        )
+    except AgentAuthError as exc:
+        return replace(result, ok=False, detail=f"{unproven}: {exc.reason or exc.error}")
+    return replace(
+        result,
+        detail=f"{result.detail}; consistent with the latest checkpoint (size {latest.size})",
     )
 
 
@@ -226,9 +353,17 @@ class AuditTrail:
 
     @classmethod
     async def fetch(
-        cls, client: RegistryClient, token: str, agent_id: str, *, prove: int = 200
+        cls,
+        client: RegistryClient,
+        token: str,
+        agent_id: str,
+        *,
+        prove: int = 200,
+        now: float | None = None,
     ) -> AuditTrail:
-        """Fetch and check an agent's trail; prove inclusion of up to ``prove`` events."""
+        """Fetch and check an agent's trail at ``now`` (the clock's time unless given);
+        prove inclusion of up to ``prove`` events."""
+        now = time.time() if now is None else now
         documents, checkpoints, audit_keys = await asyncio.gather(
             client.audit_events(token, agent_id=agent_id),
             client.checkpoints(token),
@@ -241,10 +376,10 @@ class AuditTrail:
         except AgentAuthError:
             keys = AuditKeys([])
             problems.append("the registry's audit key list is malformed")
-        check_checkpoints(chains, checkpoints, keys, now=time.time())
+        problems += check_checkpoints(chains, checkpoints, keys, now=now)
         trail = cls(agent_id, documents, events, checkpoints, audit_keys, chains, problems)
         covered = [e for e in events if e.seq < chains[e.chain].covered][-prove:] if prove else []
-        await trail.prove(client, token, covered, keys)
+        await trail.prove(client, token, covered, keys, now=now)
         return trail
 
     @property
@@ -260,19 +395,45 @@ class AuditTrail:
         token: str,
         events: Sequence[AuditEvent],
         keys: KeySet | None = None,
+        *,
+        now: float | None = None,
     ) -> None:
-        """Fetch and check inclusion proofs for ``events`` (a few requests at a time)."""
+        """Fetch and check inclusion proofs for ``events`` (a few requests at a time), each
+        tied to its chain's latest checkpoint (a consistency proof, when the registry proved
+        it against another)."""
         keys = keys if keys is not None else self.keys
+        now = time.time() if now is None else now
         limit = asyncio.Semaphore(8)
+        # One request per pair of sizes: most proofs lead to the same checkpoint.
+        consistency: dict[tuple[str, int, int], asyncio.Task[dict[str, Any]]] = {}
 
         async def one(event: AuditEvent) -> None:
+            check = self.chains.get(event.chain)
+            latest = check.checkpoint if check is not None else None
             async with limit:
                 try:
                     proof = await client.audit_proof(token, event.chain, event.seq)
                 except RegistryError as exc:
                     result = InclusionCheck(event.chain, event.seq, False, exc.message)
                 else:
-                    result = check_inclusion(event, proof, keys)
+                    result = check_inclusion(event, proof, keys, latest=latest, now=now)
+                sizes = consistency_needed(result, latest)
+                if sizes is not None and latest is not None:
+                    key = (event.chain, *sizes)
+                    if key not in consistency:
+                        consistency[key] = asyncio.ensure_future(
+                            client.audit_consistency(token, *key)
+                        )
+                    try:
+                        answer = await consistency[key]
+                    except RegistryError as exc:
+                        result = replace(
+                            result,
+                            ok=False,
+                            detail=f"no consistency proof to the latest checkpoint: {exc.message}",
+                        )
+                    else:
+                        result = check_consistency(result, latest, answer)
                 self.inclusion[(event.chain, event.seq)] = result
 
         await asyncio.gather(*(one(e) for e in events))
@@ -308,7 +469,11 @@ class AuditTrail:
             "agent_id": self.agent_id,
             "exported_at": int(now),
             "events": self.documents,
-            "checkpoints": [c for c in self.checkpoints if str(c.get("chain")) in self.chains],
+            "checkpoints": [
+                c
+                for c in self.checkpoints
+                if isinstance(c, Mapping) and str(c.get("chain")) in self.chains
+            ],
             "audit_keys": self.audit_keys,
             "verification": {
                 "ok": self.ok,

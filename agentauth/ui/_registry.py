@@ -363,6 +363,17 @@ class RegistryClient:
         result: list[dict[str, Any]] = await self.call("GET", "/v1/audit/checkpoints", token=token)
         return result
 
+    async def audit_consistency(
+        self, token: str, chain: str, first: int, second: int
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(
+            "GET",
+            "/v1/audit/consistency",
+            token=token,
+            params={"chain": chain, "first": str(int(first)), "second": str(int(second))},
+        )
+        return result
+
 
 def _seg(value: str) -> str:
     """One path segment: ids come from the registry, but never let one change the path."""
