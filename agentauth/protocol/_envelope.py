@@ -295,7 +295,10 @@ def evaluate(
     for index, key in enumerate(keys):
         # A late action (clock skew between replicas) must not move a bucket back to an
         # earlier period, which would forget the newer period's spend: it counts against
-        # the newer bucket instead, the stricter choice. Keys of one period sort by time.
+        # the newer bucket instead. Keys sort by time, but for the zones whose fall-back
+        # repeats two hour labels (Pacific/Chatham 03:45 to 02:45, Antarctica/Troll 03:00
+        # to 01:00): the earlier label's second pass is charged to the later hour already
+        # begun, so that one local hour can take its cap twice (docs/protocol.md).
         if index < len(state.spend) and state.spend[index][0] > key:
             keys[index] = state.spend[index][0]
 
