@@ -154,6 +154,22 @@ def test_several_rate_limits_apply_at_once() -> None:
     ]
 
 
+def test_retry_after_waits_for_every_full_rate_limit() -> None:
+    """With two limits full at once it gave the first one's wait only: a retry then was
+    refused again by the other."""
+    envelope = Envelope(
+        rate_limits=(
+            RateLimit(max_count=2, window_seconds=10),
+            RateLimit(max_count=2, window_seconds=100),
+        )
+    )
+    decisions = run(envelope, [(T0, READ), (T0 + 1, READ), (T0 + 5, READ)])
+    assert reasons(decisions) == ["ok", "ok", "rate_limited"]
+    assert decisions[2].retry_after == 95  # the long window's, not the short one's 5
+    (again,) = run(envelope, [(T0 + 5 + 95, READ)], state=decisions[1].state)
+    assert again.allowed
+
+
 def test_denied_actions_do_not_count_against_rate_limits() -> None:
     envelope = Envelope(rate_limits=(RateLimit(max_count=1, window_seconds=10),))
     steps = [(T0 + i, READ) for i in range(0, 31)]

@@ -344,12 +344,16 @@ def evaluate(
     # the actions inside any window of a limit are all there to count.
     recent = state.recent
     rate_left = []
+    waits: list[float] = []  # per full limit: until its oldest counted action leaves it
     for limit in envelope.rate_limits:
         count = _count_since(recent, now - limit.window_seconds)
         if count >= limit.max_count:
-            oldest_blocking = recent[-limit.max_count]
-            return deny("rate_limited", retry_after=oldest_blocking + limit.window_seconds - now)
+            waits.append(recent[-limit.max_count] + limit.window_seconds - now)
         rate_left.append(limit.max_count - count - 1)
+    if waits:
+        # Every full limit must have room again: a retry after the first one's wait alone
+        # would be refused by the others.
+        return deny("rate_limited", retry_after=max(waits))
 
     spend: list[tuple[str, Decimal]] = []
     for index, cap in enumerate(envelope.spend_limits):
