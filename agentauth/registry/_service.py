@@ -1589,11 +1589,16 @@ class Registry:
             }
             for limit in grant.envelope.rate_limits
         ]
-        spend_snapshot: list[list[str]] = []
-        for row in reversed(rows):
-            if row["event"] == "verify.allow":
-                spend_snapshot = json.loads(row["body"])["data"].get("usage", {}).get("spend", [])
-                break
+        # What is spent comes with the latest allow, however old: a month's or a grant's
+        # limit is used by allows from before the week the series shows.
+        latest = await self.pool.fetchval(
+            "SELECT body FROM audit_events WHERE grant_id = $1 AND event = 'verify.allow'"
+            " ORDER BY time_ms DESC LIMIT 1",
+            grant_id,
+        )
+        spend_snapshot: list[list[str]] = (
+            json.loads(latest)["data"].get("usage", {}).get("spend", []) if latest else []
+        )
         local = datetime.fromtimestamp(now, tz=grant.envelope.zone)
         spend = []
         for i, cap in enumerate(grant.envelope.spend_limits):
