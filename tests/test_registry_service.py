@@ -94,21 +94,20 @@ async def test_a_grant_request_with_amounts_finer_than_the_currency_writes_nothi
         r = await world.as_agent(agent, "POST", "/v1/grant-requests", json=body)
         refused_for_precision(r, field)
     assert await service.counts() == before
-    # Whole cents (trailing zeros too), a whole yen, and a unit outside ISO 4217 are fine.
-    fine = {
-        "spend_limits": [
-            {"amount": "1.50", "period": "day", **usd},
-            {"amount": "1000", "period": "grant", "currency": "JPY"},
-            {"amount": "0.000001", "period": "day", "currency": "TOK"},
-        ],
-    }
-    r = await world.as_agent(
-        agent,
-        "POST",
-        "/v1/grant-requests",
-        json={"provider_id": provider.id, "capabilities": PAYMENTS, "envelope": fine},
-    )
-    assert r.status_code == 200, r.text
+    # Whole cents (trailing zeros too), a whole yen, and a unit outside ISO 4217 are fine
+    # (each in a request of its own: money rules in two currencies are refused).
+    for fine in (
+        {"amount": "1.50", "period": "day", **usd},
+        {"amount": "1000", "period": "grant", "currency": "JPY"},
+        {"amount": "0.000001", "period": "day", "currency": "TOK"},
+    ):
+        body = {
+            "provider_id": provider.id,
+            "capabilities": [Capability.transact("payments").to_document()],
+            "envelope": {"spend_limits": [fine]},
+        }
+        r = await world.as_agent(agent, "POST", "/v1/grant-requests", json=body)
+        assert r.status_code == 200, r.text
 
 
 @pytest.mark.asyncio(loop_scope="session")

@@ -15,7 +15,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,11 +42,14 @@ from webauthn.helpers.structs import (
 
 from ..metrics import increment, set_gauge
 from ..protocol import (
+    Action,
     ApprovalReceipt,
+    Capability,
     Conflict,
     DependencyUnavailable,
     DPoPPolicy,
     DPoPVerifier,
+    Envelope,
     Forbidden,
     Grant,
     GrantRequest,
@@ -57,6 +60,8 @@ from ..protocol import (
     NotFound,
     PublicKey,
     ReplayDetected,
+    TokenPolicy,
+    Transact,
     Unauthenticated,
     access_token_parts,
     b64url_decode,
@@ -69,7 +74,7 @@ from ..protocol import (
     tighten,
     verify_assertion,
 )
-from ..protocol._envelope import period_key
+from ..protocol._envelope import MAX_EXPIRES_AT, period_key
 from ..protocol._jws import attach_signature, signing_input
 from ..protocol._receipts import check_top_level_frame
 from ..protocol._types import is_identifier
@@ -1297,7 +1302,8 @@ class Registry:
     async def request_grant(self, agent: Agent, body: GrantRequestIn) -> dict[str, Any]:
         check_money(capabilities=body.capabilities, envelope=body.envelope)
         provider = await self.pool.fetchrow(
-            "SELECT id, allowed_kinds, suspended_at FROM providers WHERE id = $1", body.provider_id
+            "SELECT id, audience, allowed_kinds, suspended_at FROM providers WHERE id = $1",
+            body.provider_id,
         )
         if provider is None:
             raise NotFound("no such provider")
@@ -1308,6 +1314,21 @@ class Registry:
             raise Forbidden(
                 "the provider does not offer these capability kinds", reason="kind_not_offered"
             )
+        # The grant this request would become, as asked: refused now if no token could use
+        # it, rather than put before the human to sign.
+        self._check_usable(
+            Grant(
+                grant_id=new_id("grt"),  # every grant id has this one length
+                agent_id=agent.id,
+                principal_id=agent.principal_id,
+                provider_id=body.provider_id,
+                audience=provider["audience"],
+                capabilities=body.capabilities,
+                envelope=body.envelope,
+                created_at=int(time.time()),
+            ),
+            now=time.time(),
+        )
         request_id = new_id("grq")
         async with self._tx() as conn:
             await conn.execute(
@@ -1329,6 +1350,19 @@ class Registry:
                 data={"provider_id": body.provider_id},
             )
             return await self.get_grant_request(request_id, agent=agent, conn=conn)
+
+    def _check_usable(self, grant: Grant, *, now: float | None) -> None:
+        """Refuse (400 invalid_request) a grant no token could use: one already expired at
+        ``now`` (None: not checked here), one whose money rules no payment could meet, or
+        one whose tokens would be larger than every verifier accepts."""
+        expires_at = grant.envelope.expires_at
+        if now is not None and expires_at is not None and expires_at <= now:
+            raise InvalidRequest(
+                "envelope.expires_at: already past, so every token would be refused",
+                reason="already_expired",
+            )
+        _check_currencies(grant.capabilities, grant.envelope)
+        _check_token_size(grant, issuer=self.settings.issuer)
 
     async def _request_row(
         self, conn: Conn | asyncpg.Pool, request_id: str, *, lock: bool = False
@@ -1432,6 +1466,9 @@ class Registry:
             envelope=approved.envelope,
             created_at=int(time.time()),
         )
+        # Tightening adds limits (carried in every token) and may move the expiry or the
+        # currency: what is signed must be usable, not only what was asked.
+        self._check_usable(grant, now=time.time())
         challenge = grant.digest()
         options = await self._assertion_options(
             principal_id,
@@ -1465,6 +1502,10 @@ class Registry:
             grant = Grant.model_validate(payload["grant"])
             # Checked at the begin too; a begin from before that check may still be open.
             check_money(capabilities=grant.capabilities, envelope=grant.envelope)
+            if grant.envelope.expires_at is not None and grant.envelope.expires_at <= time.time():
+                # Tightened to an expiry that passed since the begin: nothing is consumed.
+                raise Conflict("the grant has expired", reason="grant_expired")
+            self._check_usable(grant, now=None)
             if grant.digest() != challenge:  # the stored grant is what the challenge commits to
                 raise InvalidReceipt(
                     "challenge does not match the grant", reason="challenge_mismatch"
@@ -1667,6 +1708,13 @@ class Registry:
             lifetime=lifetime,
         )
         data = signing_input(header, claims)
+        if _compact_size(data) > _TOKEN_POLICY.max_token_bytes:
+            # A grant approved before its size was checked (see _check_token_size): every
+            # verifier would refuse the token, so none is signed.
+            raise Forbidden(
+                "the grant is too large for an access token any verifier accepts",
+                reason="grant_too_large",
+            )
         token = attach_signature(data, await signer.sign(data))
         async with self._tx() as conn:
             # The read above may be stale by now: a revocation of the grant, or the agent's,
@@ -1830,6 +1878,7 @@ class Registry:
             raise Forbidden("the grant has expired", reason="grant_expired")
         if grant["provider_suspended"]:  # no token could use the approval
             raise Forbidden("the grant's provider is suspended", reason="provider_suspended")
+        _check_step_up_applies(Grant.from_document(grant["document"]), body)
         step_id = new_id("stp")
         expires_at = int(time.time()) + self.settings.step_up_ttl
         document = {
@@ -1872,6 +1921,14 @@ class Registry:
             )
             if existing is not None:
                 return await self.get_step_up(existing, agent=agent)  # committed before
+            if len(waiting) >= self.settings.max_pending_step_ups:
+                # Each is a card on the human's page: an agent must not bury the one that
+                # matters under a flood of others.
+                raise Conflict(
+                    f"{len(waiting)} step-ups of this grant are waiting for the human already:"
+                    " ask again once one is decided or expired",
+                    reason="too_many_step_ups",
+                )
             await conn.execute(
                 "INSERT INTO step_ups (id, grant_id, agent_id, document, expires_at)"
                 " VALUES ($1, $2, $3, $4, $5)",
@@ -2117,7 +2174,11 @@ _REQUEST_SELECT = (
     " r.created_at, r.decided_at, a.principal_id, a.name AS agent_name,"
     " p.audience, p.display_name AS provider_name, g.id AS grant_id,"
     " p.suspended_at IS NOT NULL AS provider_suspended, a.status AS agent_status,"
-    " false AS grant_revoked, false AS grant_expired"
+    " false AS grant_revoked,"
+    # The grant it would become expires with the envelope's expires_at (on the database's
+    # clock, as a step-up's grant): past it, no token of it could be used.
+    " coalesce((r.envelope->>'expires_at')::bigint <= extract(epoch FROM now()), false)"
+    " AS grant_expired"
     " FROM grant_requests r JOIN agents a ON a.id = r.agent_id"
     " JOIN providers p ON p.id = r.provider_id LEFT JOIN grants g ON g.request_id = r.id"
 )
@@ -2319,6 +2380,122 @@ def _still_usable(row: asyncpg.Record) -> None:
         raise Conflict("the grant has expired", reason="grant_expired")
     if row["provider_suspended"]:
         raise Conflict("the provider is suspended", reason="provider_suspended")
+
+
+# A token's size is known before it is signed: what is signed plus "." and the signature,
+# 64 bytes for both algorithms the key backends sign with (ES256 as raw r||s, Ed25519),
+# 86 characters of base64url.
+_SIGNATURE_CHARS = 86
+_TOKEN_POLICY = TokenPolicy()
+# The longest of what a token carries beside its grant, for the bound on a grant before it
+# is signed: every key backend names its key by its RFC 7638 thumbprint (43 characters),
+# "Ed25519" is the longer alg name, a jti may have 64 characters (the registry mints 32),
+# jkt and receipt hash are 43 characters, and times are reckoned at the latest expiry.
+_LONGEST_KID = "k" * 43
+_LONGEST_ALG = "Ed25519"
+_LONGEST_JTI = "j" * 64
+_SHA256_B64 = "h" * 43
+
+
+def _compact_size(signing_input: bytes) -> int:
+    """The size of the compact JWS made by signing ``signing_input``."""
+    return len(signing_input) + 1 + _SIGNATURE_CHARS
+
+
+def _check_token_size(grant: Grant, *, issuer: str) -> None:
+    """Refuse (400 invalid_request, reason ``grant_too_large``) a grant whose access tokens
+    could be larger than ``TokenPolicy.max_token_bytes``: every verifier refuses those
+    (``token_too_large``), so the human would approve a grant no token can use. Reckoned
+    with the real minting code and the longest values issuance can put beside the grant."""
+    header, claims = access_token_parts(
+        kid=_LONGEST_KID,
+        alg=_LONGEST_ALG,
+        issuer=issuer,
+        grant=grant,
+        jkt=_SHA256_B64,
+        receipt_hash=_SHA256_B64,
+        now=MAX_EXPIRES_AT,
+        lifetime=_TOKEN_POLICY.max_lifetime,
+        jti=_LONGEST_JTI,
+    )
+    size = _compact_size(signing_input(header, claims))
+    if size > _TOKEN_POLICY.max_token_bytes:
+        raise InvalidRequest(
+            f"the grant's access tokens would be up to {size} bytes, over the"
+            f" {_TOKEN_POLICY.max_token_bytes} every verifier accepts: ask for fewer"
+            " capabilities, shorter resources or fewer limits",
+            reason="grant_too_large",
+        )
+
+
+def _money_currencies(envelope: Envelope) -> set[str]:
+    """The currencies of an envelope's money rules (limits, threshold, spend caps)."""
+    rules = (envelope.max_per_transaction, envelope.step_up_threshold)
+    return {m.currency for m in rules if m} | {cap.currency for cap in envelope.spend_limits}
+
+
+def _check_currencies(capabilities: Sequence[Capability], envelope: Envelope) -> None:
+    """Refuse (400 invalid_request, reason ``currency_mismatch``) money rules no payment
+    could meet: the verifier refuses a payment in any currency but that of every money rule
+    of the envelope, so rules in two currencies refuse every payment, and a transact
+    capability capped in another currency allows none. Checked where grants are asked for
+    and approved, not in ``Envelope``: grants stored before keep loading."""
+    currencies = _money_currencies(envelope)
+    if len(currencies) > 1:
+        raise InvalidRequest(
+            "envelope: max_per_transaction, step_up_threshold and spend_limits are in"
+            f" {', '.join(sorted(currencies))}; every payment must meet them all, so they"
+            " must share one currency",
+            reason="currency_mismatch",
+        )
+    for i, capability in enumerate(capabilities):
+        if (
+            isinstance(capability, Transact)
+            and capability.currency is not None
+            and currencies
+            and capability.currency not in currencies
+        ):
+            raise InvalidRequest(
+                f"capabilities[{i}].currency: {capability.currency}, but the envelope's"
+                f" limits are in {next(iter(currencies))}: no payment could meet both",
+                reason="currency_mismatch",
+            )
+
+
+def _check_step_up_applies(grant: Grant, body: StepUpIn) -> None:
+    """Refuse (403, reason ``step_up_not_applicable``) a step-up no payment of ``grant``
+    could use, before it is put before the human: the grant must ask for step-ups (a
+    threshold), the payment must be above that threshold and within every other limit,
+    in the envelope's currency, and allowed by the grant's capabilities (resource, amount,
+    currency, payee). Time windows and rate limits are left to the payment's moment."""
+    envelope = grant.envelope
+    threshold = envelope.step_up_threshold
+    if threshold is None:
+        why = "the grant asks for no step-up (it has no step_up_threshold)"
+    elif any(currency != body.currency for currency in _money_currencies(envelope)):
+        why = f"the grant's limits are in {threshold.currency}, not {body.currency}"
+    elif body.amount <= threshold.amount:
+        why = f"the amount is not above the grant's step-up threshold of {threshold.amount}"
+    elif (cap := envelope.max_per_transaction) is not None and body.amount > cap.amount:
+        why = f"the amount is above the grant's max_per_transaction of {cap.amount}"
+    elif any(body.amount > spend.amount for spend in envelope.spend_limits):
+        why = "the amount is above one of the grant's spend_limits on its own"
+    elif not grant.allows(
+        Action(
+            kind="transact",
+            resource=body.resource,
+            amount=body.amount,
+            currency=body.currency,
+            payee=body.payee,
+        )
+    ):
+        why = "the grant's capabilities do not allow this payment (resource, amount or payee)"
+    else:
+        return
+    raise Forbidden(
+        f"no payment under this grant could use this step-up: {why}",
+        reason="step_up_not_applicable",
+    )
 
 
 def _may_see(row: asyncpg.Record, principal_id: str | None, agent: Agent | None) -> bool:

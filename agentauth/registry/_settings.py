@@ -64,6 +64,10 @@ class RegistrySettings(BaseModel):
     # A recovery code (a person who lost every passkey) works this long, once.
     recovery_ttl: int = Field(24 * 3600, ge=60)
     step_up_ttl: int = 600
+    # Pending step-ups a grant may have at once: each is a card on the human's page, and a
+    # flood of them would bury the one that matters. 20 is more payments above a threshold
+    # than a person approves in one sitting; a new one waits until one is decided.
+    max_pending_step_ups: int = Field(20, ge=1)
     # A grant request unanswered this long is expired (no longer approved or denied).
     grant_request_ttl: int = Field(7 * 86400, ge=60)
     audit_chains: int = Field(8, ge=1, le=256)

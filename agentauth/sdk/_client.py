@@ -398,7 +398,12 @@ class AgentAuthClient:
         ``STEP_UP_HEADER`` header). Raises ``Forbidden`` (reason ``denied`` or ``expired``)
         if the human refuses it or lets it expire, ``TimeoutError`` after ``timeout``, and
         ``InvalidRequest`` (reason ``amount_precision``), before asking anyone, for an
-        amount finer than the currency's minor unit.
+        amount finer than the currency's minor unit. The registry refuses, before asking
+        anyone, a payment no token of the grant could make with the approval (``Forbidden``,
+        reason ``step_up_not_applicable``: the grant has no threshold, the amount is not
+        above it or over a limit, another currency, a resource or payee the grant does not
+        allow; the description says which) and a new step-up while the grant already has
+        the registry's bound of them pending (``Conflict``, reason ``too_many_step_ups``).
 
         After a ``TimeoutError`` (or any failure once the step-up exists), calling again for
         the same payment waits on the step-up already asked for instead of asking the human

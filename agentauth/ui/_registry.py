@@ -39,7 +39,21 @@ _MESSAGES = {
         "still refuse what it asked."
     ),
     "grant_revoked": "The grant behind this payment was revoked, so it can no longer be approved.",
-    "grant_expired": "The grant behind this payment has expired, so it can no longer be approved.",
+    # A step-up's grant, or the grant a request would become (its end date has passed).
+    "grant_expired": "The grant's end date has passed, so this can no longer be approved.",
+    "already_expired": (
+        "The end date you set has already passed: no token could be used under it. Choose a "
+        "later one."
+    ),
+    "grant_too_large": (
+        "This grant is too large for the access tokens providers accept (too many "
+        "capabilities, long resource names or many limits), so it cannot be approved. Remove "
+        "some limits, or refuse it so the agent asks for less."
+    ),
+    "currency_mismatch": (
+        "Money limits must all be in one currency, the same as the payment capabilities': "
+        "otherwise every payment would be refused. Nothing was approved."
+    ),
     "bad_recovery": (
         "This recovery code does not work: it may be mistyped, used already or expired. Ask "
         "your administrator for a new one."
