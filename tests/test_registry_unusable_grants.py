@@ -445,3 +445,51 @@ async def test_an_envelope_tightened_into_another_currency_is_refused_at_the_app
         Capability.transact("refunds", max_amount="5", currency="EUR").to_document(),
     ]
     assert (await world.request(agent, provider, mixed))["status"] == "pending"
+
+
+# --- what no longer stands leaves the human's page --------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_step_up_whose_grant_was_revoked_no_longer_waits(service: InProcess) -> None:
+    """A pending payment stayed "pending" after its grant was revoked: a card on the human's
+    page whose Approve could only fail, and an agent waiting on it until its deadline."""
+    world = service.world
+    human, agent, _, grant = await world.payments_grant()
+    step = await world.step_up(agent, grant["id"], "75")
+    r = await world.client.post(
+        world.url("/v1/revocations"),
+        headers=human.headers,
+        json={"kind": "grant", "target": grant["id"]},
+    )
+    assert r.status_code == 200, r.text
+    r = await world.as_agent(agent, "GET", f"/v1/step-ups/{step['id']}")
+    assert r.json()["status"] == "cancelled", r.text
+    r = await world.client.get(world.url("/v1/step-ups?status=pending"), headers=human.headers)
+    assert step["id"] not in [s["id"] for s in r.json()]
+    r = await world.client.post(
+        world.url(f"/v1/step-ups/{step['id']}/approval/begin"), headers=human.headers
+    )
+    refused(r, 409, "conflict", "grant_revoked")
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_request_whose_agent_was_disabled_no_longer_waits(service: InProcess) -> None:
+    world = service.world
+    human = await world.human()
+    agent = await world.agent(human)
+    request = await world.request(agent, await world.provider())
+    r = await world.client.post(world.url(f"/v1/agents/{agent.id}/disable"), headers=human.headers)
+    assert r.status_code == 200, r.text
+    r = await world.client.get(
+        world.url(f"/v1/grant-requests/{request['id']}"), headers=human.headers
+    )
+    assert r.json()["status"] == "cancelled", r.text
+    r = await world.client.get(
+        world.url("/v1/grant-requests?status=pending"), headers=human.headers
+    )
+    assert request["id"] not in [q["id"] for q in r.json()]
+    r = await world.client.post(
+        world.url(f"/v1/grant-requests/{request['id']}/approval/begin"), headers=human.headers
+    )
+    refused(r, 409, "conflict", "agent_disabled")

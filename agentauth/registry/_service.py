@@ -2147,10 +2147,12 @@ def _may_read_event(
 # A grant request nobody answered within grant_request_ttl ($2 of every query using this)
 # is "expired": it can no longer be approved, so a human is never asked weeks later about
 # what an agent wanted then. Computed, not stored, as for step-ups below.
+# One whose agent was disabled meanwhile is "cancelled": nobody is asked to approve for it.
 _REQUEST_STATUS = (
     "CASE WHEN r.status = 'pending'"
     " AND r.created_at <= now() - make_interval(secs => $2::double precision)"
-    " THEN 'expired' ELSE r.status END"
+    " THEN 'expired' WHEN r.status = 'pending' AND a.status = 'disabled' THEN 'cancelled'"
+    " ELSE r.status END"
 )
 # Whether grant ``g`` is revoked, itself or through its agent (disabling an agent records an
 # agent revocation). Used by token issuance, before signing and again when recording.
@@ -2206,9 +2208,14 @@ _GRANT_SELECT = (
 # A step-up left pending past its deadline is "expired": no approval of it could be used
 # (the verifier refuses it), so none is taken. Computed, not stored: nothing has to run at
 # the deadline for every reader to agree.
+# One whose grant was revoked or is over, or whose agent was disabled, meanwhile is
+# "cancelled": no payment could use its approval any more (a suspended provider may be
+# reinstated, so that one stays pending).
 _STEP_UP_STATUS = (
     "CASE WHEN s.status = 'pending' AND s.expires_at <= extract(epoch FROM now())"
-    " THEN 'expired' ELSE s.status END"
+    " THEN 'expired' WHEN s.status = 'pending' AND (g.revoked_at IS NOT NULL"
+    " OR g.expires_at <= extract(epoch FROM now()) OR a.status = 'disabled')"
+    " THEN 'cancelled' ELSE s.status END"
 )
 
 # A step-up with its agent's owner and whether its grant's provider is suspended.
@@ -2244,7 +2251,9 @@ def _still_pending(status: str, what: str) -> None:
     with its reason)."""
     if status == "expired":
         raise Conflict(f"the {what} expired unanswered", reason="expired")
-    if status != "pending":
+    # "cancelled" is still undecided: an approval is refused by _still_usable, with the
+    # reason (agent disabled, grant revoked or over), and a refusal may still be recorded.
+    if status not in ("pending", "cancelled"):
         raise Conflict(f"the {what} was already decided", reason="not_pending")
 
 

@@ -259,6 +259,8 @@ class AgentAuthClient:
                 raise Forbidden("the human denied the request", reason="denied")
             if state["status"] == "expired":
                 raise Forbidden("nobody answered the request in time", reason="expired")
+            if state["status"] == "cancelled":  # this agent was disabled meanwhile
+                raise Forbidden("the request no longer stands", reason="cancelled")
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"grant request {request_id} still pending")
             await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
