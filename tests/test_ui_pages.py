@@ -616,3 +616,21 @@ async def test_a_session_the_registry_ended_ends_on_the_page_too(
     monkeypatch.setattr(registry, "grant_requests", listing_ended)
     await again.build()
     assert again.store.get(again.cookie_id) is None
+
+
+@pytest.mark.asyncio
+async def test_a_request_whose_access_has_already_ended_can_only_be_denied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The registry refuses to approve a grant that would have expired already; the page
+    offered Approve all the same, which could only fail."""
+    ended = {**SHOP_REQUEST, "envelope": {**SHOP_REQUEST["envelope"], "expires_at": 1_000_000}}
+    registry = FakeRegistry([ended], [])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+    labels = [str(b.props.get("aria-label")) for b in requests.buttons()]
+    assert f"Deny: {WHO}" in labels
+    assert not any(label.startswith(("Approve", "Tighten")) for label in labels), labels
+    assert any("can no longer be approved" in text for text in requests.texts())
+    await requests.press(requests.button(f"Deny: {WHO}"))
+    assert registry.denied == ["grq_shop"]

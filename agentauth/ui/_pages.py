@@ -872,6 +872,15 @@ class Pages:
                     f"{request['provider_name']} is suspended by the administrator: this "
                     "request cannot be approved until it is reinstated. You can deny it."
                 ).classes("text-amber-800")
+            # The access it asks for would have ended already: the registry refuses to
+            # approve it (no token could use it), so the page offers only the refusal.
+            over = envelope.expires_at is not None and envelope.expires_at <= time.time()
+            if over and envelope.expires_at is not None:
+                ended = when(envelope.expires_at, envelope.timezone)
+                ui.label(
+                    f"The access this request asks for ended {ended}: it can no longer be "
+                    "approved. You can deny it; the agent can ask again."
+                ).classes("text-amber-800")
             with ui.element("dl").classes("grid grid-cols-[10rem_1fr] gap-x-4 gap-y-1"):
                 TextElement(tag="dt", text="May").classes("font-medium")
                 with ui.element("dd"), ui.element("ul").classes("list-disc ml-5"):
@@ -955,7 +964,7 @@ class Pages:
                 await self._busy(board, self._act(notice, work))
 
             with ui.row().classes("gap-2"):
-                if not suspended:
+                if not (suspended or over):
                     board.answers.append(
                         labelled(
                             ui.button("Approve with passkey", icon="fingerprint", on_click=approve),
