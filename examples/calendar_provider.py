@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Request
 
 from agentauth import Action
 from agentauth.sdk import Verification, VerifierClient, require
@@ -32,12 +32,20 @@ def build_app(verifier: VerifierClient, *, public_url: str = PUBLIC_URL) -> Fast
 
     def payment(request: Request) -> Action:
         # The action depends on the request: the verifier checks the exact amount and payee.
+        # An allow is a commit (it counts against the grant's spend limits and is audited),
+        # and require() runs before FastAPI checks the route's own parameters: so every
+        # value is checked here (the model refuses a bad amount or currency with a
+        # ValueError, answered 400 before the verifier is asked), and the handler pays
+        # what this returns, not parameters of its own.
+        query = request.query_params
+        if not query.get("payee"):
+            raise ValueError("a payment names its payee")
         return Action(
             kind="transact",
             resource="payments",
-            amount=request.query_params.get("amount", ""),
-            currency=request.query_params.get("currency", "USD"),
-            payee=request.query_params.get("payee"),
+            amount=query.get("amount", ""),
+            currency=query.get("currency", "USD"),
+            payee=query["payee"],
         )
 
     read_events = require(
@@ -51,11 +59,16 @@ def build_app(verifier: VerifierClient, *, public_url: str = PUBLIC_URL) -> Fast
 
     @app.post("/api/payments")
     async def make_payment(
-        v: Annotated[Verification, Depends(pay)],
-        amount: Annotated[str, Query(max_length=20)],
-        payee: Annotated[str, Query(max_length=64)],
+        request: Request, v: Annotated[Verification, Depends(pay)]
     ) -> dict[str, Any]:
-        return {"paid": amount, "payee": payee, "agent": v.agent_id, "audit_event": v.audit_event}
+        paid = payment(request)  # the very action the verifier allowed
+        return {
+            "paid": paid.amount,
+            "currency": paid.currency,
+            "payee": paid.payee,
+            "agent": v.agent_id,
+            "audit_event": v.audit_event,
+        }
 
     return app
 

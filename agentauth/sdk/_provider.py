@@ -10,10 +10,18 @@ cumulative spend or revocation checks, and it refuses every action above the ste
 threshold (``step_up_required``), since it cannot check a one-time approval. It is meant
 for read-only, low-value endpoints or a verifier outage policy you choose deliberately.
 
-``AgentAuthMiddleware`` refuses WebSocket connections to paths ``action_of`` maps to an
-action (closed before the handshake completes, which servers answer with HTTP 403): a
-handshake carries no request to verify per message. Serve WebSockets on paths mapped to
-None and authorize them yourself.
+``AgentAuthMiddleware`` asks ``action_of(method, path)`` about each request with the path
+the app's router matches (without the mount prefix, ``root_path``) and a HEAD asked as the
+GET it runs. None means unprotected: the request reaches the app with nothing verified.
+It refuses WebSocket connections to paths ``action_of`` maps to an action (closed before
+the handshake completes, which servers answer with HTTP 403): a handshake carries no
+request to verify per message. Serve WebSockets on paths mapped to None and authorize them
+yourself.
+
+A verification is a commit: an allow counts against the grant's rate and spend limits,
+spends a step-up reference and is written to the audit chain, even if the app then refuses
+the request. Validate what the action is built from first, and have the handler do what
+the action names, read from the same data (the middleware never sees the body).
 """
 
 from __future__ import annotations
@@ -74,6 +82,14 @@ class Verification:
 #: as ``(name, value)`` pairs of ``str`` or of ``bytes`` (ASGI's ``scope["headers"]``).
 HeaderLines = Mapping[str, str] | Iterable[tuple[str, str]] | Iterable[tuple[bytes, bytes]]
 
+
+# What the verifier accepts (agentauth.verifier.VerifyIn's limits; a test keeps them equal):
+# a request over them is the caller's error, refused here without a call.
+_LIMITS = {"token": 8192, "proof": 4096, "method": 16, "url": 2048, "step_up_ref": 128}
+
+# The verifier's answers that refuse the call's own input: the agent's request was
+# malformed (one a client check above missed), not a verifier that is down.
+_REJECTED = frozenset({400, 413, 422})
 
 # Two step-up references on one request: which one a proxy, a log and this helper would
 # each take is anyone's guess, so neither is used (as with two DPoP lines).
@@ -163,13 +179,28 @@ class VerifierClient:
         }
         if step_up_ref:
             body["step_up_ref"] = step_up_ref
+        for name, most in _LIMITS.items():
+            if len(body.get(name) or "") > most:
+                return Verification(False, f"invalid_request:{name}_too_long")
         status = 0
         try:
             response = await self._http.post(self._url, json=body, headers=self._headers)
             status = response.status_code
-            answer = response.json() if status in (200, 401, 403) else None
+            answer = response.json() if status in (200, 401, 403, *_REJECTED) else None
         except (httpx.HTTPError, ValueError):
             answer = None
+        if status in _REJECTED:
+            # The verifier decided nothing: it refused this call's input. That input is the
+            # agent's request, so it is the agent's 400; a 503 would tell anyone who sends
+            # a long header that the verifier is down. Logged: it may be an SDK limit that
+            # fell behind the verifier's.
+            refused = answer.get("reason") if isinstance(answer, dict) else None
+            log.warning("the verifier refused the request's input: %s %s", status, refused)
+            return Verification(
+                False,
+                "invalid_request:rejected_by_verifier",
+                raw={"status": status, "reason": refused},
+            )
         if status in (401, 403):
             # The verifier refused this provider itself (a wrong or ended secret, a
             # suspension): nothing about the agent's request was decided, so it is denied as
@@ -273,6 +304,23 @@ def _public_url(scope: Mapping[str, Any], base: str | None) -> str:
     return f"{scope.get('scheme', 'http')}://{host or 'localhost'}{path}"
 
 
+def _route_path(scope: Mapping[str, Any]) -> str:
+    """The path the app's router matches: ``path`` without the mount prefix ``root_path``
+    (Starlette's ``Mount``, a server's ``--root-path``, a Serve route prefix put it in
+    both), removed only at a segment boundary as Starlette does. The prefix alone is "/"."""
+    path = str(scope["path"])
+    root = str(scope.get("root_path", ""))
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :] or "/"
+    return path
+
+
+def _asked_as(method: str) -> str:
+    """The method ``action_of`` is asked about: a HEAD runs the GET handler (RFC 9110
+    §9.3.2, and Starlette serves it from GET routes), so it is protected as that GET."""
+    return "GET" if method == "HEAD" else method
+
+
 def _challenge(error: str | None = None) -> str:
     """A DPoP challenge (RFC 9449 §7.1): ``algs`` names the proof algorithms accepted, and
     ``error`` is left out when the request presented no credentials (RFC 6750 §3.1)."""
@@ -334,8 +382,19 @@ def denial(verification: Verification) -> tuple[int, dict[str, str], dict[str, A
 class AgentAuthMiddleware:
     """ASGI middleware: every request ``action_of(method, path)`` maps to an action must be
     allowed by the verifier; the verification lands in ``scope["state"]["agentauth"]``.
-    Paths mapped to None pass through untouched (health checks, public pages). A WebSocket
-    connection to a path mapped to an action (asked as ``GET``) is refused, never verified.
+
+    ``path`` is the one the app's router matches: below any mount prefix (``/payments/1``
+    for a call to ``/v1/payments/1`` on an app mounted at ``/v1``), decoded. A HEAD is asked
+    about as ``GET``, the handler it runs (the verifier still checks the proof for HEAD).
+    None means UNPROTECTED: the request reaches the app with nothing verified (health
+    checks, public pages), so map every route that needs protecting, or return an action
+    by default. A WebSocket connection to a path mapped to an action (asked as ``GET``) is
+    refused, never verified.
+
+    An allow is a commit (counted against rate and spend limits, a step-up reference
+    spent) even if the app then refuses the request: build the action only from values
+    the handler will use as they are, and check them first (a ``ValueError`` from
+    ``action_of`` is answered 400). The middleware never reads the body.
 
     ``public_url``: the origin agents call (``https://api.example.com``), which the proofs'
     ``htu`` must name. Set it: without it the origin is rebuilt from the request's scheme and
@@ -365,7 +424,7 @@ class AgentAuthMiddleware:
         if kind != "http":  # a scope type this middleware cannot judge: fail closed
             raise RuntimeError(f"AgentAuthMiddleware cannot protect ASGI {kind!r} scopes")
         try:
-            action = self._action_of(scope["method"], scope["path"])
+            action = self._action_of(_asked_as(scope["method"]), _route_path(scope))
         except ValueError:
             # A path no action can name (a resource with "..", say: refused by the model).
             # Not the provider's error, and not a request the verifier could allow.
@@ -396,7 +455,7 @@ class AgentAuthMiddleware:
 
     async def _websocket(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            public = self._action_of("GET", scope["path"]) is None
+            public = self._action_of("GET", _route_path(scope)) is None
         except ValueError:  # no action can name this path: refused with the protected ones
             public = False
         if public:
@@ -429,14 +488,26 @@ def require(
 ) -> Callable[..., Awaitable[Verification]]:
     """A FastAPI dependency: ``Depends(require(Action(...), verifier=...))``.
 
-    Raises an ``HTTPException`` with the right status and DPoP challenge on deny.
+    Raises an ``HTTPException`` with the right status and DPoP challenge on deny, and a
+    400 ``invalid_request`` (reason ``bad_action``) when ``action(request)`` raises a
+    ``ValueError`` (the model's validation errors are ones), before the verifier is asked.
+    FastAPI runs it before it validates the route's own parameters: an allow counts
+    against the grant's limits even if the route then answers 422, so the callable must
+    check every value it reads, and the handler use those same values.
     """
     # FastAPI is the provider's dependency, not the base install's: imported on use.
     from fastapi import HTTPException, Request  # noqa: PLC0415
 
     async def dependency(request: Request) -> Verification:
+        try:
+            wanted = action if isinstance(action, Action) else action(request)
+        except ValueError:
+            # A request no action can name (a malformed amount, a payee missing): the
+            # caller's error, as the middleware answers it; not a 500 with a traceback.
+            raise HTTPException(
+                status_code=400, detail={"error": "invalid_request", "reason": "bad_action"}
+            ) from None
         chosen = verifier if isinstance(verifier, VerifierClient | OfflineVerifier) else verifier()
-        wanted = action if isinstance(action, Action) else action(request)
         step_up = _values(request.headers, STEP_UP_HEADER.lower())
         if len(step_up) > 1:
             raise HTTPException(status_code=400, detail=_TWO_STEP_UPS)
