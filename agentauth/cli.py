@@ -28,7 +28,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit, urlunsplit
 
 from .protocol import MAX_UNSEALED_AGE
 
@@ -325,17 +324,20 @@ def _masked_url(url: str) -> str:
     if "://" not in url:
         # A libpq key=value string, or something else: no telling where a password is.
         return "(set, not a URL: not shown)"
-    parts = urlsplit(url)
-    # The netloc by hand, not .hostname/.port: a libpq URL may list several host:port
-    # pairs; the last '@' ends the user part, since a password may hold an unescaped one.
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    if ":" in userinfo:
+    scheme, rest = url.split("://", 1)
+    # The user part by hand on the raw text, not urlsplit's netloc: an unescaped '/', '?'
+    # or '#' in a password ends the netloc before the '@', and the password would show
+    # whole. Up to the last '@' anywhere (a password may hold one too): masks more, never
+    # less. (Not .hostname/.port either: a libpq URL may list several host:port pairs.)
+    userinfo, at, tail = rest.rpartition("@")
+    if at and ":" in userinfo:
         userinfo = userinfo.split(":", 1)[0] + ":***"
+    path, mark, query = tail.partition("?")
     params = []
-    for param in parts.query.split("&") if parts.query else []:
+    for param in query.split("&") if query else []:
         name = param.split("=", 1)[0]
         params.append(f"{name}=***" if name == "password" else param)
-    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{hosts}", query="&".join(params)))
+    return f"{scheme}://{userinfo}{at}{path}{mark}{'&'.join(params)}"
 
 
 def _step(message: str) -> float:

@@ -214,6 +214,11 @@ def test_up_says_where_secrets_are_and_prints_none(tmp_path: Path) -> None:
         ("postgresql://u@h/db", "postgresql://u@h/db"),
         ("postgresql://:pw@h/db", "postgresql://:***@h/db"),
         ("host=h password=pw", "(set, not a URL: not shown)"),
+        # Unescaped '/', '?' or '#' in a password ended the parsed netloc before the '@':
+        # the password was shown whole.
+        ("postgresql://u:se?cret@h:5432/db", "postgresql://u:***@h:5432/db"),
+        ("postgresql://u:se/cret@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:se#cret@h/db", "postgresql://u:***@h/db"),
     ],
 )
 def test_database_url_password_is_masked(url: str, shown: str) -> None:

@@ -31,6 +31,7 @@ HIDDEN = [
     pytest.param("Shopping\u3164bot", id="hangul-filler"),
     pytest.param("\u115fShopping bot", id="hangul-choseong-filler"),
     pytest.param("Shop\u034fping bot", id="combining-grapheme-joiner"),
+    pytest.param("Shopping bot\u17b4", id="khmer-inherent-vowel"),
 ]
 # What a name may well hold: accents, other scripts, symbols, emoji, inner spaces.
 READABLE = [

@@ -18,10 +18,11 @@ __all__ = ["check_display_text"]
 # line and paragraph separators, line breaks outside Cc. Cs: surrogates, which cannot be
 # encoded as UTF-8 at all. (Refusing Cf also refuses the joiner inside emoji sequences.)
 _INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
-# And blanks the categories above miss: the Hangul fillers (letters, Lo, that draw nothing)
-# and the combining grapheme joiner (a mark, Mn, that draws nothing). Variation selectors
-# are kept: they choose how an emoji is drawn, and names hold emoji.
-_BLANK = frozenset({"\u115f", "\u1160", "\u3164", "\uffa0", "\u034f"})
+# And blanks the categories above miss: the Hangul fillers (letters, Lo, that draw
+# nothing), the combining grapheme joiner and the Khmer inherent vowels (marks, Mn, that
+# draw nothing). Variation selectors are kept: they choose how an emoji is drawn, and
+# names hold emoji.
+_BLANK = frozenset({"\u115f", "\u1160", "\u3164", "\uffa0", "\u034f", "\u17b4", "\u17b5"})
 
 
 def check_display_text(text: str) -> str:
