@@ -467,6 +467,8 @@ async def test_a_step_up_whose_grant_was_revoked_no_longer_waits(service: InProc
     assert r.json()["status"] == "cancelled", r.text
     r = await world.client.get(world.url("/v1/step-ups?status=pending"), headers=human.headers)
     assert step["id"] not in [s["id"] for s in r.json()]
+    r = await world.client.get(world.url("/v1/step-ups?status=cancelled"), headers=human.headers)
+    assert [s["id"] for s in r.json()] == [step["id"]], r.text
     r = await world.client.post(
         world.url(f"/v1/step-ups/{step['id']}/approval/begin"), headers=human.headers
     )
@@ -489,6 +491,10 @@ async def test_a_request_whose_agent_was_disabled_no_longer_waits(service: InPro
         world.url("/v1/grant-requests?status=pending"), headers=human.headers
     )
     assert request["id"] not in [q["id"] for q in r.json()]
+    r = await world.client.get(
+        world.url("/v1/grant-requests?status=cancelled"), headers=human.headers
+    )
+    assert [q["id"] for q in r.json()] == [request["id"]], r.text
     r = await world.client.post(
         world.url(f"/v1/grant-requests/{request['id']}/approval/begin"), headers=human.headers
     )

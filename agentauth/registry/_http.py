@@ -381,7 +381,9 @@ def create_app(registry: Registry) -> FastAPI:
     @app.get("/v1/grant-requests", tags=["grants"])
     async def list_requests(
         who: HumanOrAgent,
-        status: Annotated[str | None, Query(pattern="^(pending|approved|denied|expired)$")] = None,
+        status: Annotated[
+            str | None, Query(pattern="^(pending|approved|denied|expired|cancelled)$")
+        ] = None,
     ) -> list[dict[str, Any]]:
         return await registry.list_grant_requests(
             principal_id=who.principal_id, agent=who.agent, status=status
@@ -449,7 +451,7 @@ def create_app(registry: Registry) -> FastAPI:
     async def list_step_ups(
         who: Human,
         status: Annotated[
-            str | None, Query(pattern="^(pending|approved|denied|expired|used)$")
+            str | None, Query(pattern="^(pending|approved|denied|expired|used|cancelled)$")
         ] = None,
     ) -> list[dict[str, Any]]:
         return await registry.list_step_ups(_p(who), status)
