@@ -217,3 +217,25 @@ def test_a_configured_signer_takes_its_secret_from_the_environment(
     monkeypatch.delenv("AGENTAUTH_SIGNER_VAULT_TOKEN")
     monkeypatch.delenv("AGENTAUTH_SIGNER_KEY_ID")
     assert RegistrySettings.from_env(**base, signer=configured).signer.vault_token is None
+
+
+def test_checkpoints_come_well_within_what_verifiers_allow_unsealed(tmp_path: Path) -> None:
+    """Events older than MAX_UNSEALED_AGE under no checkpoint fail `audit verify` and the
+    approval page, as deleted checkpoints would: an interval near it would fail honest
+    chains, so the setting is bounded well inside it."""
+    from pydantic import ValidationError
+
+    from agentauth.protocol import MAX_UNSEALED_AGE
+    from agentauth.registry import RegistrySettings
+
+    base = {
+        "database_url": "postgresql://x/y",
+        "redis_url": "redis://x",
+        "data_dir": tmp_path,
+        "issuer": "http://r",
+        "admin_token": "a" * 20,
+    }
+    assert RegistrySettings(**base, checkpoint_every_seconds=30).checkpoint_every_seconds == 30
+    for seconds in (MAX_UNSEALED_AGE, 31, 0):
+        with pytest.raises(ValidationError):
+            RegistrySettings(**base, checkpoint_every_seconds=seconds)

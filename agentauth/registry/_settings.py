@@ -72,7 +72,10 @@ class RegistrySettings(BaseModel):
     grant_request_ttl: int = Field(7 * 86400, ge=60)
     audit_chains: int = Field(8, ge=1, le=256)
     checkpoint_every_events: int = 1000
-    checkpoint_every_seconds: float = 10.0
+    # At most a tenth of MAX_UNSEALED_AGE (300 s): a chain's events older than that under
+    # no checkpoint fail `audit verify` and the approval page's check, as checkpoints
+    # deleted or withheld would, so the registry must sign well within it.
+    checkpoint_every_seconds: float = Field(10.0, gt=0, le=30.0)
     # Expired challenges, sessions and enrollment codes are deleted this often (anyone can
     # start a sign-in, so its challenges must not pile up).
     sweep_every_seconds: float = Field(60.0, gt=0)
