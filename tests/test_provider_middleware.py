@@ -124,7 +124,33 @@ async def test_a_mount_prefix_is_removed_only_at_a_segment_boundary() -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://shop.example") as c:
         for path in ("/v1/reports", "/v1reports", "/v1", "/other"):
             await c.get(path)
-    assert paths == ["/reports", "/v1reports", "/", "/other"]
+    # Each first as the router matches it; a prefixed one found unprotected is asked about
+    # again as the full path (see the next test).
+    assert paths == ["/reports", "/v1/reports", "/v1reports", "/", "/v1", "/other"]
+
+
+@pytest.mark.asyncio
+async def test_an_action_of_written_for_full_paths_keeps_its_routes_protected() -> None:
+    """Before, action_of was handed the full path, prefix included; a provider who wrote it
+    for those paths must not find its routes opened by the change to the router's path."""
+    ran: list[str] = []
+    verifier = Recorder()
+
+    def of_full_paths(method: str, path: str) -> Action | None:
+        if method == "POST" and path.startswith("/v1/payments/"):
+            return Action(kind="write", resource="payments")
+        return None
+
+    protected = AgentAuthMiddleware(
+        shop(ran), verifier=cast(VerifierClient, verifier), action_of=of_full_paths
+    )
+    transport = httpx.ASGITransport(app=Starlette(routes=[Mount("/v1", app=protected)]))
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop.example") as c:
+        response = await c.post("/v1/payments/1")
+    assert (response.status_code, ran) == (403, [])
+    assert [action for _, _, action in verifier.asked] == [
+        Action(kind="write", resource="payments")
+    ]
 
 
 @pytest.mark.asyncio

@@ -384,7 +384,8 @@ class AgentAuthMiddleware:
     allowed by the verifier; the verification lands in ``scope["state"]["agentauth"]``.
 
     ``path`` is the one the app's router matches: below any mount prefix (``/payments/1``
-    for a call to ``/v1/payments/1`` on an app mounted at ``/v1``), decoded. A HEAD is asked
+    for a call to ``/v1/payments/1`` on an app mounted at ``/v1``), decoded; if that maps to
+    None, the full path is asked about too (what was asked before). A HEAD is asked
     about as ``GET``, the handler it runs (the verifier still checks the proof for HEAD).
     None means UNPROTECTED: the request reaches the app with nothing verified (health
     checks, public pages), so map every route that needs protecting, or return an action
@@ -424,7 +425,7 @@ class AgentAuthMiddleware:
         if kind != "http":  # a scope type this middleware cannot judge: fail closed
             raise RuntimeError(f"AgentAuthMiddleware cannot protect ASGI {kind!r} scopes")
         try:
-            action = self._action_of(_asked_as(scope["method"]), _route_path(scope))
+            action = self._mapped(_asked_as(scope["method"]), scope)
         except ValueError:
             # A path no action can name (a resource with "..", say: refused by the model).
             # Not the provider's error, and not a request the verifier could allow.
@@ -453,9 +454,19 @@ class AgentAuthMiddleware:
             return
         await _respond(send, *denial(verification))
 
+    def _mapped(self, method: str, scope: Any) -> Action | None:
+        """``action_of`` about the router's path; and, if that is unprotected below a mount
+        prefix, about the full path too, as this middleware asked before: an ``action_of``
+        written for full paths keeps its routes protected rather than silently opened."""
+        route = _route_path(scope)
+        action = self._action_of(method, route)
+        if action is None and route != scope["path"]:
+            action = self._action_of(method, scope["path"])
+        return action
+
     async def _websocket(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            public = self._action_of("GET", _route_path(scope)) is None
+            public = self._mapped("GET", scope) is None
         except ValueError:  # no action can name this path: refused with the protected ones
             public = False
         if public:
