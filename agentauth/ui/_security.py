@@ -290,8 +290,9 @@ def bind_sockets_to_pages(sio: Any, cookie: str) -> None:
     no secret: they are in the page and in the socket's URL, so in proxies' logs. Here a
     socket joins a page only when it presents the cookie the page was built for, and its
     messages reach only the page it joined (NiceGUI matches a JavaScript answer to its
-    request by the request's id, a random one sent to that page alone). ``sio`` is NiceGUI's Socket.IO server, its
-    handlers registered already (call after ``ui.run_with``).
+    request by the request's id, a random one sent to that page alone). ``sio`` is
+    NiceGUI's Socket.IO server, its handlers registered already (call after
+    ``ui.run_with``).
     """
     handlers = sio.handlers.get("/", {})
     names = ("connect", "handshake", "event", "javascript_response", "ack", "log")
