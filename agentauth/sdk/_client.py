@@ -245,7 +245,8 @@ class AgentAuthClient:
         on_progress: Callable[[str, float], None] | None = None,
     ) -> Approval:
         """Poll until the human decides, with backoff; raise ``Forbidden`` (reason
-        ``denied`` or ``expired``) if the request is refused or left unanswered too long."""
+        ``denied`` or ``expired``) if the request is refused or left unanswered too long,
+        ``cancelled`` if this agent was disabled meanwhile."""
         request_id = request.id if isinstance(request, GrantPending) else request
         deadline = time.monotonic() + timeout
         while True:
@@ -398,7 +399,8 @@ class AgentAuthClient:
         """Ask the human to approve one transaction above the threshold; returns the
         one-time approval reference to present with that transaction (in the
         ``STEP_UP_HEADER`` header). Raises ``Forbidden`` (reason ``denied`` or ``expired``)
-        if the human refuses it or lets it expire, ``TimeoutError`` after ``timeout``, and
+        if the human refuses it or lets it expire, or ``cancelled`` if its grant is revoked
+        or over, or the agent disabled, meanwhile; ``TimeoutError`` after ``timeout``, and
         ``InvalidRequest`` (reason ``amount_precision``), before asking anyone, for an
         amount finer than the currency's minor unit. The registry refuses, before asking
         anyone, a payment no token of the grant could make with the approval (``Forbidden``,
