@@ -1086,3 +1086,25 @@ async def test_middleware_without_public_url_survives_a_non_utf8_header() -> Non
     }
     await middleware(scope, receive, send)
     assert sent[0]["status"] in (400, 401, 403)
+
+
+@pytest.mark.asyncio
+async def test_waiting_for_a_request_whose_agent_was_disabled_ends_as_cancelled(
+    tmp_path: Path,
+) -> None:
+    """The registry marks a pending request of a disabled agent cancelled; the wait ended
+    only at its timeout, polling a request nobody could approve any more."""
+
+    def registry(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"id": "grq_1", "status": "cancelled"})
+
+    client = AgentAuthClient(
+        ISSUER,
+        key=PrivateKey.generate(),
+        agent_id="agt_1",
+        http=httpx.AsyncClient(transport=httpx.MockTransport(registry)),
+        home=tmp_path,
+    )
+    with pytest.raises(Forbidden) as refused:
+        await client.wait_for_approval("grq_1", timeout=0.5, interval=0.01)
+    assert refused.value.reason == "cancelled"
