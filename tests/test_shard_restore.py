@@ -198,3 +198,39 @@ async def test_a_forgotten_step_up_reference_stays_spent(
         assert (again.allowed, again.reason) == (False, "step_up_invalid")
     finally:
         await shard.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_grant_moved_to_another_shard_and_back_keeps_its_limit(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shard actors outlive a change of the shard count. Changed (after the pause for the
+    DPoP window), an agent's grant moves to another shard, which rebuilds it from every
+    chain and spends more; changed back within ten minutes, the grant returned to a shard
+    that still held its usage from before the move and never read the chains again: a
+    100 EUR grant ended with 140 EUR committed."""
+    grant = f"grt_move_{secrets.token_hex(3)}"
+    envelope = Envelope.model_validate(
+        {"spend_limits": [{"amount": "100", "currency": "EUR", "period": "grant"}]}
+    )
+    now = frozen_clock(monkeypatch, time.time())
+    home, other = (StateShard(index=i, database_url=database_url) for i in (716, 717))
+
+    def pay(amount: str) -> Check:
+        return a_check(
+            "move", grant_id=grant, iat=now[0], action=payment(amount), envelope=envelope
+        )
+
+    try:
+        [first] = await home.check_batch([pay("60")])
+        assert first.allowed
+        now[0] += 71  # traffic paused for the DPoP window; the agent's grant moves
+        [moved] = await other.check_batch([pay("40")])
+        assert moved.allowed and moved.remaining["spend"] == ["0"]
+        now[0] += 71  # paused again, the shard count changed back: the grant returns
+        [back] = await home.check_batch([pay("40")])
+        assert (back.allowed, back.reason) == (False, "cumulative_limit_exceeded")
+    finally:
+        await home.close()
+        await other.close()

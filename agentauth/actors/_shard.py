@@ -721,10 +721,16 @@ class StateShard:
     async def _restore(self, conn: asyncpg.Connection, checks: list[Check], now_ms: int) -> None:
         """Rebuild usage of grants this incarnation has not seen, and spent step-ups."""
         now = now_ms / 1000
+        # A grant idle here for longer than a proof lives is read again from the chains:
+        # meanwhile another shard may have decided for it (the shard count changed, and
+        # changed back, each after the documented pause for that window), and the usage
+        # here would miss what it spent there.
+        policy = self.state.policy
+        fresh_since = now - policy.max_age - policy.future_skew
         missing: dict[str, Check] = {}
         for check in checks:
             wanted = check.deny is None and check.grant_id and check.envelope is not None
-            if wanted and check.grant_id and not self.state.knows(check.grant_id):
+            if wanted and check.grant_id and not self.state.knows(check.grant_id, fresh_since):
                 missing.setdefault(check.grant_id, check)
         refs = [c.step_up_ref for c in checks if c.step_up_ref]
         if refs:

@@ -109,8 +109,11 @@ class ShardState:
     # yet: a second use in the same batch, and uses whose commit failed.
     used_refs: dict[str, float] = field(default_factory=dict)
 
-    def knows(self, grant_id: str) -> bool:
-        return grant_id in self.grants
+    def knows(self, grant_id: str, fresh_since: float = float("-inf")) -> bool:
+        """Whether the grant's usage is here, used (or restored) at ``fresh_since`` or
+        later (Unix time)."""
+        entry = self.grants.get(grant_id)
+        return entry is not None and entry[2] >= fresh_since
 
     def usage(self, grant_id: str) -> UsageState | None:
         entry = self.grants.get(grant_id)
