@@ -4,7 +4,7 @@ ASGI transport, no Ray), by the same ``World`` the Ray tests use."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,15 @@ from registry_world import World
 from agentauth.registry import Registry, RegistrySettings, create_app
 
 ISSUER = "http://r.test"
+
+
+async def table_counts(pool: Any, tables: Iterable[str] | None = None) -> dict[str, int]:
+    """Rows per table: the ``tables`` named (a test's own constants), or every table of the
+    database, so a test can show that a refused request wrote nothing."""
+    if tables is None:
+        rows = await pool.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        tables = [r["tablename"] for r in rows]
+    return {t: int(await pool.fetchval(f'SELECT count(*) FROM "{t}"')) for t in tables}
 
 
 @dataclass

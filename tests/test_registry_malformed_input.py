@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from registry_inprocess import ISSUER, registry_in_process
+from registry_inprocess import ISSUER, registry_in_process, table_counts
 from registry_world import World
 from softauthn import SoftAuthenticator
 
@@ -32,15 +32,7 @@ class Opened:
         self.registry, self.world, self.client = registry, world, client
 
     async def counts(self) -> dict[str, int]:
-        tables = [
-            r["tablename"]
-            for r in await self.registry.pool.fetch(
-                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-            )
-        ]
-        return {
-            t: int(await self.registry.pool.fetchval(f'SELECT count(*) FROM "{t}"')) for t in tables
-        }
+        return await table_counts(self.registry.pool)
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")

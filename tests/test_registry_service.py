@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from registry_inprocess import registry_in_process
+from registry_inprocess import registry_in_process, table_counts
 from registry_world import PAYMENTS, STEP_UP_ABOVE_50, World
 
 from agentauth.protocol import Capability, Forbidden
@@ -31,13 +31,9 @@ class InProcess:
     world: World
     url: str
 
-    async def count(self, table: str) -> int:
-        # Table names are the test's own constants.
-        return int(await self.registry.pool.fetchval(f"SELECT count(*) FROM {table}"))
-
     async def counts(self) -> dict[str, int]:
         tables = ("grant_requests", "grants", "step_ups", "webauthn_challenges", "audit_events")
-        return {table: await self.count(table) for table in tables}
+        return await table_counts(self.registry.pool, tables)
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from registry_inprocess import ISSUER, registry_in_process
+from registry_inprocess import ISSUER, registry_in_process, table_counts
 from registry_world import PAYMENTS, STEP_UP_ABOVE_50, World
 
 from agentauth import AgentAuthClient
@@ -50,10 +50,7 @@ class InProcess:
             "webauthn_challenges",
             "audit_events",
         )
-        # Table names are the test's own constants.
-        return {
-            t: int(await self.registry.pool.fetchval(f"SELECT count(*) FROM {t}")) for t in tables
-        }
+        return await table_counts(self.registry.pool, tables)
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
