@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -137,6 +138,17 @@ def test_embedded_postgres_serves_the_same_code_path(tmp_path: Path) -> None:
         server.stop()
 
 
+def required_settings(data_dir: Path) -> dict[str, Any]:
+    """The registry settings without defaults, as placeholders (nothing connects)."""
+    return {
+        "database_url": "postgresql://x/y",
+        "redis_url": "redis://x",
+        "data_dir": data_dir,
+        "issuer": "http://r",
+        "admin_token": "a" * 20,
+    }
+
+
 def test_sign_up_can_be_closed_from_the_environment(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -144,13 +156,7 @@ def test_sign_up_can_be_closed_from_the_environment(
 
     from agentauth.registry import RegistrySettings
 
-    given = {
-        "database_url": "postgresql://x/y",
-        "redis_url": "redis://x",
-        "data_dir": tmp_path,
-        "issuer": "http://r",
-        "admin_token": "a" * 20,
-    }
+    given = required_settings(tmp_path)
     assert RegistrySettings.from_env(**given).open_signup is True
     monkeypatch.setenv("AGENTAUTH_OPEN_SIGNUP", "false")
     assert RegistrySettings.from_env(**given).open_signup is False
@@ -167,13 +173,7 @@ def test_signer_settings_come_from_the_environment(
     monkeypatch.setenv("AGENTAUTH_SIGNER_BACKEND", "vault")
     monkeypatch.setenv("AGENTAUTH_SIGNER_KEY_ID", "registry")
     monkeypatch.setenv("AGENTAUTH_SIGNER_VAULT_TOKEN", "s.secret-token")
-    settings = RegistrySettings.from_env(
-        database_url="postgresql://x/y",
-        redis_url="redis://x",
-        data_dir=tmp_path,
-        issuer="http://r",
-        admin_token="a" * 20,
-    )
+    settings = RegistrySettings.from_env(**required_settings(tmp_path))
     assert (settings.signer.backend, settings.signer.key_id) == ("vault", "registry")
     assert settings.signer.vault_token == "s.secret-token"
     assert "s.secret-token" not in repr(settings)  # secrets stay out of logs
@@ -198,13 +198,7 @@ def test_a_configured_signer_takes_its_secret_from_the_environment(
 
     monkeypatch.setenv("AGENTAUTH_SIGNER_VAULT_TOKEN", "s.from-a-secret")
     monkeypatch.setenv("AGENTAUTH_SIGNER_KEY_ID", "from-the-environment")
-    base = {
-        "database_url": "postgresql://x/y",
-        "redis_url": "redis://x",
-        "data_dir": tmp_path,
-        "issuer": "http://r",
-        "admin_token": "a" * 20,
-    }
+    base = required_settings(tmp_path)
     configured = {"backend": "vault", "key_id": "registry", "endpoint": "https://vault:8200"}
     for given in (configured, SignerSettings(**configured)):
         signer = RegistrySettings.from_env(**base, signer=given).signer
@@ -228,13 +222,7 @@ def test_checkpoints_come_well_within_what_verifiers_allow_unsealed(tmp_path: Pa
     from agentauth.protocol import MAX_UNSEALED_AGE
     from agentauth.registry import RegistrySettings
 
-    base = {
-        "database_url": "postgresql://x/y",
-        "redis_url": "redis://x",
-        "data_dir": tmp_path,
-        "issuer": "http://r",
-        "admin_token": "a" * 20,
-    }
+    base = required_settings(tmp_path)
     assert RegistrySettings(**base, checkpoint_every_seconds=30).checkpoint_every_seconds == 30
     for seconds in (MAX_UNSEALED_AGE, 31, 0):
         with pytest.raises(ValidationError):
