@@ -278,16 +278,30 @@ class StepUpRegistry:
         return httpx.Response(200, json={"status": "approved", "approval_ref": f"ref-{step_id}"})
 
 
-def agent_client(registry: StepUpRegistry, home: Path) -> AgentAuthClient:
-    # The SDK's own default read timeout (10 s), shorter than the 25 s the poll asks for.
-    http = httpx.AsyncClient(transport=httpx.MockTransport(registry), timeout=10.0)
-    return AgentAuthClient(
+def mocked(
+    registry: Any,
+    home: Path,
+    *,
+    timeout: float = 5.0,
+    client: Any = AgentAuthClient,
+    **options: Any,
+) -> Any:
+    """An agent's ``client`` (``AgentAuthClient`` or the sync one) whose registry is the
+    handler ``registry``, through httpx's MockTransport."""
+    http = httpx.AsyncClient(transport=httpx.MockTransport(registry), timeout=timeout)
+    return client(
         "https://registry.example",
         key=PrivateKey.generate(),
         agent_id="agt_1",
         http=http,
         home=home,
+        **options,
     )
+
+
+def agent_client(registry: StepUpRegistry, home: Path) -> AgentAuthClient:
+    # The SDK's own default read timeout (10 s), shorter than the 25 s the poll asks for.
+    return mocked(registry, home, timeout=10.0)  # type: ignore[no-any-return]
 
 
 PAYMENT: dict[str, Any] = {
@@ -334,10 +348,7 @@ async def test_amounts_finer_than_the_currency_are_refused_before_anything_is_se
         sent.append(request)
         return await registry(request)
 
-    http = httpx.AsyncClient(transport=httpx.MockTransport(transport), timeout=10.0)
-    client = AgentAuthClient(
-        ISSUER, key=PrivateKey.generate(), agent_id="agt_1", http=http, home=tmp_path
-    )
+    client = mocked(transport, tmp_path, timeout=10.0)
     for amount, currency in (("120.005", "USD"), ("1.5", "JPY"), ("0.0005", "BHD")):
         with pytest.raises(InvalidRequest, match=f"{currency} amounts have") as caught:
             await client.request_step_up(
@@ -389,13 +400,7 @@ async def test_the_last_half_second_of_a_step_up_wait_is_one_poll_not_a_burst(
         await asyncio.sleep(wait + 0.002)  # the hold, and a fast network's round trip
         return httpx.Response(200, json={"status": "pending"})
 
-    client = AgentAuthClient(
-        ISSUER,
-        key=PrivateKey.generate(),
-        agent_id="agt_1",
-        http=httpx.AsyncClient(transport=httpx.MockTransport(registry)),
-        home=tmp_path,
-    )
+    client = mocked(registry, tmp_path)
     with pytest.raises(TimeoutError, match="stp_1"):
         await client.request_step_up("shop", **PAYMENT, timeout=0.3)
     assert len(polls) == 1 and 0.2 < polls[0] <= 0.3, polls
@@ -446,14 +451,7 @@ def listed_grant(
 
 
 def token_client(registry: TokenRegistry, home: Path) -> AgentAuthClient:
-    return AgentAuthClient(
-        ISSUER,
-        key=PrivateKey.generate(),
-        agent_id="agt_1",
-        http=httpx.AsyncClient(transport=httpx.MockTransport(registry)),
-        home=home,
-        clock=lambda: registry.now[0],
-    )
+    return mocked(registry, home, clock=lambda: registry.now[0])  # type: ignore[no-any-return]
 
 
 @pytest.mark.asyncio
@@ -550,14 +548,7 @@ async def test_a_token_the_provider_refuses_as_revoked_is_let_go(tmp_path: Path)
 def test_the_sync_client_lets_a_refused_token_go_too(tmp_path: Path) -> None:
     now = [1_000_000.0]
     registry = TokenRegistry([listed_grant("grt_1")], now=now)
-    sync = AgentAuthClientSync(
-        ISSUER,
-        key=PrivateKey.generate(),
-        agent_id="agt_1",
-        http=httpx.AsyncClient(transport=httpx.MockTransport(registry)),
-        home=tmp_path,
-        clock=lambda: now[0],
-    )
+    sync = mocked(registry, tmp_path, client=AgentAuthClientSync, clock=lambda: now[0])
     presented: list[str] = []
 
     def provider(request: httpx.Request) -> httpx.Response:
@@ -917,13 +908,7 @@ async def test_the_agent_client_surfaces_the_token_endpoints_400_proof_errors(
             body = {"error": code, "error_description": "no", "reason": reason}
             return httpx.Response(400, json=body)
 
-        client = AgentAuthClient(
-            "https://registry.example",
-            key=PrivateKey.generate(),
-            agent_id="agt_1",
-            http=httpx.AsyncClient(transport=httpx.MockTransport(registry)),
-            home=tmp_path,
-        )
+        client = mocked(registry, tmp_path)
         with pytest.raises(raised) as refused:
             await client.get_token("shop")
         assert type(refused.value) is raised and refused.value.reason == reason
@@ -1098,13 +1083,7 @@ async def test_waiting_for_a_request_whose_agent_was_disabled_ends_as_cancelled(
     def registry(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"id": "grq_1", "status": "cancelled"})
 
-    client = AgentAuthClient(
-        ISSUER,
-        key=PrivateKey.generate(),
-        agent_id="agt_1",
-        http=httpx.AsyncClient(transport=httpx.MockTransport(registry)),
-        home=tmp_path,
-    )
+    client = mocked(registry, tmp_path)
     with pytest.raises(Forbidden) as refused:
         await client.wait_for_approval("grq_1", timeout=0.5, interval=0.01)
     assert refused.value.reason == "cancelled"
