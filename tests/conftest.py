@@ -28,6 +28,18 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def sample_provider() -> Any:
+    """examples/calendar_provider.py, the README's sample provider, loaded as a module."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "calendar_provider.py"
+    spec = importlib.util.spec_from_file_location("calendar_provider", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def with_database(url: str, name: str) -> str:
     """The same server URL naming another database (works for socket URLs too)."""
     parts = urlsplit(url)

@@ -9,14 +9,12 @@ a "verifier down" 503.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
-from pathlib import Path
 from typing import Any, cast
 
 import httpx
 import pytest
+from conftest import sample_provider
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -24,9 +22,6 @@ from starlette.routing import Mount, Route
 
 from agentauth.protocol import Action, create_dpop_proof
 from agentauth.sdk import AgentAuthMiddleware, Verification, VerifierClient, require
-
-sys.path.insert(0, str(Path(__file__).parent))
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class Recorder:
@@ -354,16 +349,6 @@ async def test_a_verifier_refusing_the_calls_input_is_a_deny_invalid_request(
 
 
 # --- the sample provider verifies only what it will do --------------------------------------
-
-
-def sample_provider() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "calendar_provider", ROOT / "examples" / "calendar_provider.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.asyncio

@@ -6,7 +6,6 @@ The sample provider from examples/ runs in-process; it asks the real verifier on
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from conftest import verifier_settings
+from conftest import sample_provider, verifier_settings
 from registry_world import Human, Provider, World
 
 from agentauth import AgentAuthClient, AgentAuthClientSync, Capability
@@ -23,17 +22,6 @@ from agentauth.protocol import Forbidden, NotFound
 from agentauth.sdk import STEP_UP_HEADER, OfflineVerifier, VerifierClient
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.redis]
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def sample_provider() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "calendar_provider", ROOT / "examples" / "calendar_provider.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Stack:
