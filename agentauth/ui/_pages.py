@@ -398,12 +398,7 @@ class Pages:
             notice.error("Your session has ended. Please sign in again.")
             ui.navigate.to("/login")
         except RegistryError as exc:
-            if exc.status == 401:
-                self._registry_signed_out()
-                notice.error(exc.message, exc.code)
-                ui.navigate.to("/login")
-                return
-            notice.error(exc.message, exc.code)
+            self._registry_failed(notice, exc)
         except CeremonyError as exc:
             notice.error(str(exc))
         except Mismatch as exc:
@@ -424,9 +419,9 @@ class Pages:
         if isinstance(cookie_id, str):
             self.store.sign_out(cookie_id)
 
-    def _build_failed(self, notice: Notice, exc: RegistryError) -> None:
-        """A page that could not be built from the registry says why; one whose session
-        the registry ended sends the person to sign in again, and means it."""
+    def _registry_failed(self, notice: Notice, exc: RegistryError) -> None:
+        """An action or a page the registry refused says why; when the registry ended the
+        session, the person is sent to sign in again, and the page's session ends too."""
         notice.error(exc.message, exc.code)
         if exc.status == 401:
             self._registry_signed_out()
@@ -775,7 +770,7 @@ class Pages:
         try:
             await load()
         except RegistryError as exc:
-            self._build_failed(notice, exc)
+            self._registry_failed(notice, exc)
         ui.timer(self.settings.poll_seconds, poll)
 
     @staticmethod
@@ -1198,7 +1193,7 @@ class Pages:
         try:
             await load()
         except RegistryError as exc:
-            self._build_failed(notice, exc)
+            self._registry_failed(notice, exc)
         with main:
             labelled(
                 ui.button("Refresh", icon="refresh", on_click=lambda: self._act(notice, load)),
@@ -1460,7 +1455,7 @@ class Pages:
             agents = await self.registry.agents(session.registry_token)
         except RegistryError as exc:
             with main:
-                self._build_failed(notice, exc)
+                self._registry_failed(notice, exc)
             return
         options = {a["id"]: f"{a['name']} ({a['id']})" for a in agents}
         if not agents:
@@ -1526,7 +1521,7 @@ class Pages:
         try:
             await verify()
         except RegistryError as exc:
-            self._build_failed(notice, exc)
+            self._registry_failed(notice, exc)
         with main, ui.row().classes("gap-2"):
             labelled(
                 ui.button(
@@ -1691,7 +1686,7 @@ class Pages:
         try:
             await load()
         except RegistryError as exc:
-            self._build_failed(notice, exc)
+            self._registry_failed(notice, exc)
         with main:
             labelled(
                 ui.button("New enrollment code", icon="add", on_click=enroll),
@@ -1797,7 +1792,7 @@ class Pages:
         try:
             await load()
         except RegistryError as exc:
-            self._build_failed(notice, exc)
+            self._registry_failed(notice, exc)
         with main, ui.row().classes("gap-2"):
             labelled(ui.button("Add a passkey", icon="add", on_click=add), "Add a passkey")
             create_button = labelled(
