@@ -365,11 +365,12 @@ async def test_a_check_of_unknown_fate_is_settled_by_its_proof(database_url: str
         ]
         assert bodies[1]["data"]["voids"] == allowed.audit_event
         assert "voids" not in bodies[2]["data"] and "voids" not in bodies[3]["data"]
-        # Asked again (another replica, a retry), a voided allow is not voided twice.
+        # Asked again (another replica, a retry), a voided allow is neither voided twice
+        # nor taken for a denial to record: nothing is written, and the answer names the
+        # void that settled it.
         [again] = await shard.check_batch([settle("s1")])
-        assert again.reason == "state_unavailable"
-        last = json.loads((await _events(database_url, 707))[-1][1])
-        assert (last["event"], "voids" in last["data"]) == ("verify.deny", False)
+        assert (again.reason, again.audit_event) == ("state_unavailable", "verifier-707:1")
+        assert len(await _events(database_url, 707)) == 4
     finally:
         await shard.close()
 
@@ -449,9 +450,13 @@ async def test_a_commit_answered_as_failed_that_took_effect_has_its_allows_voide
                 dataclasses.replace(_check("l3", now), deny="revoked"),
             ]
         )
+        # Each allow among them is named (the event it would be) for the replica to ask
+        # about should this incarnation die before it learns the commit's fate.
         assert [(r.allowed, r.reason, r.audit_event) for r in lost] == [
-            (False, "audit_unavailable", None)
-        ] * 3
+            (False, "audit_unavailable", f"verifier-{index}:1"),
+            (False, "audit_unavailable", f"verifier-{index}:2"),
+            (False, "audit_unavailable", None),
+        ]
         # The next batch is answered as usual, the voids (if any) written ahead of it.
         [later] = await shard.check_batch([_check("l4", now)])
         assert (later.allowed, later.reason) == (True, "ok")
@@ -581,3 +586,120 @@ async def test_spend_of_a_commit_known_not_to_have_applied_is_given_back(
         assert again.reason == "replay_detected"
     finally:
         await shard.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_one_allow_is_voided_once_however_many_ask_in_one_batch(database_url: str) -> None:
+    """Two replicas ask about one proof in the same batch, and the shard owes that allow a
+    void itself (its commit got no answer, then took effect): one void is written, and
+    every asker is answered with it."""
+    from agentauth.actors._state import ANY_ALLOW
+
+    index = 900
+    shard = _AnswerLost(index=index, database_url=database_url)
+    now = time.time()
+
+    def ask(jti: str) -> Check:
+        return dataclasses.replace(
+            _check(jti, now), deny="state_unavailable", voids=ANY_ALLOW, envelope=None
+        )
+
+    try:
+        assert (await shard.check_batch([_check("d0", now)]))[0].allowed
+        shard.applied = True
+        [lost] = await shard.check_batch([_check("d1", now)])
+        assert (lost.reason, lost.audit_event) == ("audit_unavailable", f"verifier-{index}:1")
+        # The next batch resolves the commit (it took effect: d1's allow is owed a void)
+        # and carries two asks about d1 and one about d0.
+        answers = await shard.check_batch([ask("d1"), ask("d1"), ask("d0")])
+        bodies = [json.loads(body) for _, body in await _events(database_url, index)]
+        chain = [(b["event"], b["data"]["proof_jti"], b["data"].get("voids")) for b in bodies]
+        assert chain == [
+            ("verify.allow", "d0", None),
+            ("verify.allow", "d1", None),
+            ("verify.void", "d1", f"verifier-{index}:1"),  # owed: the shard's own
+            ("verify.void", "d0", f"verifier-{index}:0"),
+        ]
+        assert [(a.allowed, a.reason, a.audit_event) for a in answers] == [
+            (False, "state_unavailable", f"verifier-{index}:2"),
+            (False, "state_unavailable", f"verifier-{index}:2"),
+            (False, "state_unavailable", f"verifier-{index}:3"),
+        ]
+    finally:
+        await shard.close()
+
+
+class _Endpoint:
+    """A shard handle as ShardClient uses it (``endpoint.remote()``), pointing at whichever
+    in-process shard is ``current`` (Ray bringing up a new incarnation)."""
+
+    def __init__(self, shard: StateShard) -> None:
+        self.current = shard
+        self.endpoint = self
+
+    def remote(self) -> Any:
+        return self.current.endpoint()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+@pytest.mark.parametrize("survives", [False, True], ids=["shard-dies", "shard-lives"])
+async def test_an_allow_of_unknown_fate_is_voided_even_if_its_shard_dies_first(
+    database_url: str, survives: bool
+) -> None:
+    """A commit gets no answer but took effect; the replica's client was told
+    ``audit_unavailable``. Should the shard die before it resolves that commit, its next
+    incarnation knows nothing of it: the replica asks about the allow on its next link,
+    and the new incarnation voids it. Should the shard live, it voids the allow itself
+    before its next commit, and the replica, seeing that commit, asks nothing."""
+    from agentauth.actors import ShardClient
+
+    index = 901 if survives else 902
+    first = _AnswerLost(index=index, database_url=database_url)
+    handle = _Endpoint(first)
+    client = ShardClient([handle], timeout=2.0)
+    shards: list[StateShard] = [first]
+    try:
+        assert (await client.check(0, _check("u0", time.time()))).allowed
+        first.applied = True
+        lost = await client.check(0, _check("u1", time.time()))
+        # The would-be event is the replica's to keep, not the verifier's to report.
+        assert (lost.allowed, lost.reason, lost.audit_event) == (False, "audit_unavailable", None)
+        if survives:
+            # Checks are denied while it reconnects (it serves replicas: none waits).
+            deadline = time.monotonic() + 10
+            while not (await client.check(0, _check("u2", time.time()))).allowed:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            assert not client._unsure[0]
+            client.close()  # a new link all the same: nothing is left to ask about
+            await asyncio.sleep(0.15)
+        else:
+            await first.close()  # died before its next batch
+            handle.current = StateShard(index=index, database_url=database_url)
+            shards.append(handle.current)
+            # The first check after the death finds the link broken; the next link asks.
+            await client.check(0, _check("u2", time.time()))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if (await client.check(0, _check("u3", time.time()))).allowed:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.2)  # what the new link asked is recorded by now
+        bodies = [json.loads(body) for _, body in await _events(database_url, index)]
+        voids = [
+            (b["data"]["proof_jti"], b["data"]["voids"], b["data"]["reason"])
+            for b in bodies
+            if b["event"] == "verify.void"
+        ]
+        assert voids == [("u1", f"verifier-{index}:1", "audit_unavailable")], bodies
+        # Nothing else was written about u1: its allow and its void.
+        assert [b["event"] for b in bodies if b["data"]["proof_jti"] == "u1"] == [
+            "verify.allow",
+            "verify.void",
+        ]
+    finally:
+        client.close()
+        for shard in shards:
+            await shard.close()

@@ -15,6 +15,7 @@ turns into a deny, never into a hang or an allow.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -25,7 +26,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from ..metrics import increment, observe
-from ._shard import UNDELIVERED, Result
+from ._shard import AUDIT_UNAVAILABLE, UNDELIVERED, Result
 from ._state import ANY_ALLOW, Check
 from ._wire import ACKS_ANNOUNCED, Codec, ack_id, decode_results, frame, link_tls, read_frame
 
@@ -219,6 +220,13 @@ class ShardClient:
             deque(maxlen=_MAX_UNSETTLED) for _ in handles
         ]
         self._settling = [False] * len(handles)
+        # Allows the shard may have committed although it answered ``audit_unavailable``
+        # (a commit whose answer the database never gave), with the link they came on. The
+        # shard settles them itself before its next commit; should it die first, the next
+        # incarnation is asked about them by their proofs, like unanswered calls (_open).
+        self._unsure: list[deque[tuple[_Link, Check]]] = [
+            deque(maxlen=_MAX_UNSETTLED) for _ in handles
+        ]
         self._tags = [{"shard": str(i)} for i in range(len(handles))]
         self.batches = 0
         self.checks = 0  # sent; every one is a decision of a request, given up, or a void
@@ -357,6 +365,10 @@ class ShardClient:
                 _Link.open(host, port, token, self._tls), self._connect_timeout
             )
             self._links[shard] = link
+            # The link before this one is gone, and the incarnation behind it may be too.
+            unsure, self._unsure[shard] = self._unsure[shard], deque(maxlen=_MAX_UNSETTLED)
+            if unsure:
+                self._unsettle(shard, [check for _, check in unsure], AUDIT_UNAVAILABLE)
             if self._unsettled[shard]:
                 self._watch(self._settle(shard))
             return link
@@ -425,6 +437,9 @@ class ShardClient:
             self._keep_voids(
                 shard, [c for c, row in zip(checks, rows, strict=True) if row[4] is None]
             )
+            with contextlib.suppress(IndexError, TypeError):  # malformed: _void says so
+                late = [Result(r[0] is True, r[1], r[2], r[3], r[4]) for r in rows]
+                self._hold_unsure(shard, out.link, checks, late)
             await self._void(shard, list(zip(checks, rows, strict=True)))
             return
         observe("shard_call", time.perf_counter() - out.sent, self._tags[shard])
@@ -442,6 +457,7 @@ class ShardClient:
             # the shard about these checks (_settle runs when a link opens).
             out.link.close()
         else:
+            results = self._hold_unsure(shard, out.link, [c for c, _ in items], results)
             self._keep_voids(
                 shard, [c for (c, _), r in zip(items, results, strict=True) if not r.audit_event]
             )
@@ -450,6 +466,40 @@ class ShardClient:
             if self._unsettled[shard] and any(r.audit_event for r in results):
                 self._watch(self._settle(shard))
         self._finish(shard, items, results)
+
+    def _hold_unsure(
+        self, shard: int, link: _Link, checks: list[Check], results: list[Result]
+    ) -> list[Result]:
+        """Keep the allows a call's answer says may stand unanswered (a decision denied
+        ``audit_unavailable`` that names an event: the shard's commit got no answer from
+        the database), and return the results without those names, which nobody must
+        take for a recorded decision. A decision recorded on the same link since means the
+        incarnation behind it resolved that commit first (it does, before committing
+        anything else): what it held is settled."""
+        held = self._unsure[shard]
+        unsure = [
+            i
+            for i, (check, result) in enumerate(zip(checks, results, strict=True))
+            if check.deny is None
+            and check.voids is None
+            and result.audit_event
+            and result.reason == AUDIT_UNAVAILABLE
+            and not result.allowed
+        ]
+        # A decision's event (not a void's: one already on the chain is named even when
+        # the batch failed) is only ever named by a committed batch.
+        committed = any(
+            c.voids is None and r.audit_event and i not in unsure
+            for i, (c, r) in enumerate(zip(checks, results, strict=True))
+        )
+        if held and committed:
+            kept = [(held_link, check) for held_link, check in held if held_link is not link]
+            held.clear()
+            held.extend(kept)
+        for i in unsure:
+            held.append((link, checks[i]))
+            results[i] = Result(False, AUDIT_UNAVAILABLE)
+        return results
 
     def _deadline(self, out: _Out, turns: int) -> None:
         """A call's timer. After a stall of this event loop (a long callback, a descheduled

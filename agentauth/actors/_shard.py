@@ -78,17 +78,18 @@ _RESTORE = (
     " FROM audit_events WHERE grant_id = g.grant_id AND event = 'verify.allow'"
     " AND time_ms > g.since ORDER BY time_ms DESC LIMIT g.lim) w) recent ON true"
 )
-# The allow a chain holds for each of a list of proofs, if not voided already (see
-# _find_allows).
+# The allow a chain holds for each of a list of proofs, and the void of it if there is one
+# (see _find_allows).
 _FIND_ALLOWS = (
-    "SELECT k.n, e.seq FROM unnest($1::text[], $2::text[], $3::bigint[],"
-    " $4::bigint[]) WITH ORDINALITY AS k(grant_id, jti, lo, hi, n) JOIN audit_events e"
-    " ON e.grant_id = k.grant_id AND e.event = 'verify.allow'"
-    " AND e.time_ms BETWEEN k.lo AND k.hi"
-    " WHERE e.chain = $5 AND e.body::jsonb -> 'data' ->> 'proof_jti' = k.jti"
-    " AND NOT EXISTS (SELECT 1 FROM audit_events v WHERE v.grant_id = e.grant_id"
-    " AND v.event = 'verify.void' AND v.time_ms >= e.time_ms"
-    " AND v.body::jsonb -> 'data' ->> 'voids' = e.chain || ':' || e.seq)"
+    "SELECT k.n, e.seq, v.chain AS void_chain, v.seq AS void_seq FROM unnest($1::text[],"
+    " $2::text[], $3::bigint[], $4::bigint[]) WITH ORDINALITY AS k(grant_id, jti, lo, hi, n)"
+    " JOIN audit_events e ON e.grant_id = k.grant_id AND e.event = 'verify.allow'"
+    " AND e.time_ms BETWEEN k.lo AND k.hi AND e.chain = $5"
+    " AND e.body::jsonb -> 'data' ->> 'proof_jti' = k.jti"
+    " LEFT JOIN LATERAL (SELECT chain, seq FROM audit_events WHERE grant_id = e.grant_id"
+    " AND event = 'verify.void' AND time_ms >= e.time_ms"
+    " AND body::jsonb -> 'data' ->> 'voids' = e.chain || ':' || e.seq"
+    " ORDER BY time_ms, seq LIMIT 1) v ON true"
 )
 # Append the events, record spent step-ups, move the head if it is where this shard left it;
 # otherwise 1 / 0 fails the whole statement.
@@ -622,6 +623,7 @@ class StateShard:
             self._flushing = False
 
     async def _decide_and_commit(self, checks: list[Check]) -> list[Result]:
+        settled: dict[int, str] = {}
         try:
             conn = await self._connection()
             if self._unsure is not None:
@@ -633,7 +635,7 @@ class StateShard:
             now = now_ms / 1000
             await self._restore(conn, checks, now_ms)
             if any(check.voids == ANY_ALLOW for check in checks):
-                checks = await self._find_allows(conn, checks)
+                checks, settled = await self._find_allows(conn, checks)
         except Exception:  # database unreachable: nothing can be recorded, so deny all
             log.warning("shard %s cannot reach the database", self.index)
             return [Result(False, AUDIT_UNAVAILABLE) for _ in checks]
@@ -645,13 +647,45 @@ class StateShard:
             for c in checks
         ]
         owed = self._owed
-        answered = len(checks)
-        checks = owed + checks  # answered to nobody: the results are sliced off below
-        outcomes = [self.state.decide(check, now) for check in checks]
-        entries = self._chain(checks, outcomes, now_ms)
+        # What is decided and chained: the voids owed first (answered to nobody), then each
+        # check but those a void already answers. One allow is voided once: a second void
+        # of it (two replicas asking about one proof, or a replica asking about an allow the
+        # shard voids itself in this batch) is answered by the first.
+        work = list(owed)
+        voided = {c.voids: i for i, c in enumerate(owed) if c.voids is not None}
+        place: list[int] = []  # each check's position in work: its own, or its void's
+        for i, check in enumerate(checks):
+            if i in settled:
+                place.append(-1)
+            elif check.voids is not None and check.voids in voided:
+                place.append(voided[check.voids])
+            else:
+                if check.voids is not None:
+                    voided[check.voids] = len(work)
+                place.append(len(work))
+                work.append(check)
+        own = [p >= len(owed) and work[p] is check for p, check in zip(place, checks, strict=True)]
+        outcomes = [self.state.decide(check, now) for check in work]
+        entries = self._chain(work, outcomes, now_ms)
+
+        def answer(i: int, check: Check, unknown: bool = False) -> Result:
+            if i in settled:  # its allow's void is on the chain already: nothing to write
+                return Result(False, check.deny or AUDIT_UNAVAILABLE, audit_event=settled[i])
+            p = place[i]
+            event = f"{entries[p].event.chain}:{entries[p].event.seq}"
+            if unknown:
+                # The allow that may stand, for the replica to ask about should this
+                # incarnation not live to resolve the commit (see ShardClient).
+                decided = own[i] and outcomes[p].allowed
+                return Result(False, AUDIT_UNAVAILABLE, audit_event=event if decided else None)
+            if not own[i]:  # answered by the void of its allow another check wrote
+                return Result(False, check.deny or AUDIT_UNAVAILABLE, audit_event=event)
+            o = outcomes[p]
+            return Result(o.allowed, o.reason, _remaining_json(o.remaining), o.retry_after, event)
+
         try:
             began = time.perf_counter()
-            await self._commit(conn, checks, outcomes, entries)
+            await self._commit(conn, work, outcomes, entries)
             observe("audit_commit", time.perf_counter() - began, self._tags)
         except Exception as exc:
             log.warning("shard %s failed to commit its audit batch", self.index)
@@ -662,7 +696,8 @@ class StateShard:
             # An error the database sent means the statement, and so all of it, failed.
             # No answer at all (a timeout, even one that fires late because this process
             # was stopped while the answer waited) leaves it open: resolved on reconnect.
-            if entries and not isinstance(exc, (asyncpg.PostgresError, RuntimeError)):
+            unknown = bool(entries) and not isinstance(exc, (asyncpg.PostgresError, RuntimeError))
+            if unknown:
                 self._owed = []
                 self._unsure = _Unsure(
                     entries[-1].event.seq,
@@ -670,32 +705,27 @@ class StateShard:
                     owed,
                     [
                         check.voiding(AUDIT_UNAVAILABLE, f"{e.event.chain}:{e.event.seq}")
-                        for check, o, e in zip(checks, outcomes, entries, strict=True)
+                        for check, o, e in zip(work, outcomes, entries, strict=True)
                         if o.allowed
                     ],
                     backend,
                 )
             else:
-                self._unreserve([c for c, o in zip(checks, outcomes, strict=True) if o.allowed])
+                self._unreserve([c for c, o in zip(work, outcomes, strict=True) if o.allowed])
             # Decisions were reserved all the same: an outage must not grow memory.
             self._prune(now)
-            return [Result(False, AUDIT_UNAVAILABLE) for _ in range(answered)]
+            return [
+                answer(i, c, unknown=True)
+                if unknown or i in settled
+                else Result(False, AUDIT_UNAVAILABLE)
+                for i, c in enumerate(checks)
+            ]
         self._owed = []
-        del outcomes[: len(owed)], entries[: len(owed)]
         self._last_ms = now_ms
-        self._decisions += len(checks)
+        self._decisions += len(work)
         self.batches += 1
         self._prune(now)
-        return [
-            Result(
-                o.allowed,
-                o.reason,
-                _remaining_json(o.remaining),
-                o.retry_after,
-                f"{e.event.chain}:{e.event.seq}",
-            )
-            for o, e in zip(outcomes, entries, strict=True)
-        ]
+        return [answer(i, c) for i, c in enumerate(checks)]
 
     def _replay_mark_ms(self) -> int:
         """The mark a commit records: no proof any decision on this chain has reserved,
@@ -801,9 +831,15 @@ class StateShard:
             if check.step_up_ref is not None:
                 self.state.used_refs.pop(check.step_up_ref, None)
 
-    async def _find_allows(self, conn: asyncpg.Connection, checks: list[Check]) -> list[Check]:
+    async def _find_allows(
+        self, conn: asyncpg.Connection, checks: list[Check]
+    ) -> tuple[list[Check], dict[int, str]]:
         """Point each ``ANY_ALLOW`` void at the allow this chain holds for its proof, or
-        turn it into the record of the denial its client got if there is none."""
+        turn it into the record of the denial its client got if there is none. An allow
+        voided already needs nothing more: those are returned apart (by the check's index,
+        with the void's event id), to be answered without writing anything. (Asking
+        twice is normal: a replica asks about every check whose answer it did not get,
+        and the shard may have voided the allow itself, its answer finding the link gone.)"""
         asked = [
             (i, c) for i, c in enumerate(checks) if c.voids == ANY_ALLOW and c.grant_id and c.jti
         ]
@@ -819,11 +855,19 @@ class StateShard:
             [int((c.iat + policy.max_age + margin) * 1000) for _, c in asked],
             self.chain,
         )
-        found = {asked[r["n"] - 1][0]: f"{self.chain}:{r['seq']}" for r in rows}
-        return [
+        found: dict[int, str] = {}
+        settled: dict[int, str] = {}
+        for r in rows:
+            i = asked[r["n"] - 1][0]
+            if r["void_seq"] is None:
+                found[i] = f"{self.chain}:{r['seq']}"
+            else:
+                settled[i] = f"{r['void_chain']}:{r['void_seq']}"
+        checks = [
             dataclasses.replace(c, voids=found.get(i)) if c.voids == ANY_ALLOW else c
             for i, c in enumerate(checks)
         ]
+        return checks, settled
 
     def _voidable(self, event_id: str) -> bool:
         """Whether ``event_id`` names an event already on this shard's chain. (Only a
