@@ -478,13 +478,49 @@ async def test_a_card_no_longer_waiting_is_greyed_in_place(
 async def test_an_empty_page_shows_a_new_request_by_itself(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from agentauth.ui import _pages
+
+    monkeypatch.setattr(_pages, "_ARMING_SECONDS", 0.05)
     registry = FakeRegistry([], [])
     requests = RequestsPage(registry, monkeypatch)
     await requests.build()
     registry.requests = [SHOP_REQUEST]
     await requests.poll()
     assert "Shopping bot asks Shop" in requests.texts()
+    # Drawn where the person's pointer may be: no answer can be clicked for a moment.
+    assert not any("Shopping bot asks Shop" in label for label in enabled(requests))
+    await asyncio.sleep(0.1)
     assert "Approve with passkey: Shopping bot asks Shop" in enabled(requests)
+    assert "Deny: Shopping bot asks Shop" in enabled(requests)
+
+
+@pytest.mark.asyncio
+async def test_a_card_drawn_by_a_poll_over_greyed_cards_cannot_be_clicked_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every card on screen was answered elsewhere (greyed out), and a poll draws the page
+    anew with a newcomer: its Deny would sit where a pointer was resting on a greyed
+    card's. Its buttons come on only after a moment; those of a card that is retired
+    meanwhile stay off, and a page the person draws themself is answerable at once."""
+    from agentauth.ui import _pages
+
+    monkeypatch.setattr(_pages, "_ARMING_SECONDS", 0.1)
+    registry = FakeRegistry([SHOP_REQUEST], [])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+    registry.requests = []
+    await requests.poll()  # greyed out in place
+    registry.requests = [MAIL_REQUEST, request_with(id="grq_other", agent_name="Other bot")]
+    await requests.poll()  # nothing answerable on screen: drawn anew, with the newcomers
+    assert "Mail bot asks Mail" in requests.texts()
+    assert not any("asks" in label for label in enabled(requests))
+    registry.requests = [MAIL_REQUEST]  # the other answered elsewhere before the moment ends
+    await requests.poll()
+    await asyncio.sleep(0.2)
+    assert "Deny: Mail bot asks Mail" in enabled(requests)
+    assert not any("Other bot" in label for label in enabled(requests))
+    await requests.press(requests.button("Refresh the pending requests"))
+    assert "Deny: Mail bot asks Mail" in enabled(requests)
 
 
 @pytest.mark.asyncio

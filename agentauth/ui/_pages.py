@@ -179,6 +179,7 @@ class Board:
     """
 
     ids: frozenset[str] = frozenset()  # drawn, answerable or not
+    draws: int = 0  # how many times the page was drawn: a timer tells its own draw
     gone: set[str] = field(default_factory=set)  # drawn, no longer waiting
     cards: dict[str, ui.element] = field(default_factory=dict)
     announced: int = 0  # how many new ones the last announcement counted: say each once
@@ -191,6 +192,7 @@ class Board:
         return self.in_flight == 0 and not any(e.visible for e in self.editors if not e.is_deleted)
 
     def drawn(self, ids: Iterable[str]) -> None:
+        self.draws += 1
         self.ids = frozenset(ids)
         self.gone.clear()
         self.cards.clear()
@@ -198,6 +200,22 @@ class Board:
         self.editors.clear()
         self.answers.clear()
         self.retired.clear()
+
+    def arm(self, after: float) -> None:
+        """Hold this draw's answer buttons off for ``after`` seconds (see _ARMING_SECONDS)."""
+        held = [b for b in self.answers if b.enabled]
+        for button in held:
+            button.disable()
+        draw = self.draws
+
+        def armed() -> None:
+            if self.draws != draw:  # drawn again meanwhile: those buttons are gone
+                return
+            for button in held:
+                if not button.is_deleted and button.id not in self.retired:
+                    button.enable()
+
+        asyncio.get_running_loop().call_later(after, armed)
 
     def retire(self, item_id: str) -> None:
         """Grey out a card that is no longer waiting, without changing its size."""
@@ -344,6 +362,11 @@ class Tighten:
 # The longest end a person can set while tightening: a century means "no end" in practice,
 # and it keeps the date within what an envelope accepts.
 _MAX_DAYS = 36_500
+# Seconds the answer buttons of cards the page drew by itself stay off. A poll draws new
+# cards where the person's pointer may be (on an empty page, or over cards all greyed out):
+# a click already on its way would land on a request they have not read. (Browsers hold
+# their own permission prompts' buttons off for a moment for the same reason.)
+_ARMING_SECONDS = 1.0
 
 
 def _amount(value: Decimal) -> str:
@@ -687,7 +710,7 @@ class Pages:
             )
             return requests, steps
 
-        async def load() -> None:
+        async def load(arm: bool = False) -> None:
             pending, steps = await pending_now()
             agents = await self.registry.agents(self._token(cookie_id))
             names = {a["id"]: a["name"] for a in agents}
@@ -712,6 +735,8 @@ class Pages:
                         partial(self._unreadable_step_up, ctx, board, step),
                     )
             show_new(0)
+            if arm:
+                board.arm(_ARMING_SECONDS)
 
         def show_new(count: int) -> None:
             """The button at the foot of the page: Refresh, or Show N new (nothing below it
@@ -745,7 +770,7 @@ class Pages:
                 # Nothing on the page can be clicked to any effect: drawing anew moves no
                 # answerable card.
                 if arrived or board.ids:
-                    await self._act(notice, load)
+                    await self._act(notice, partial(load, arm=True))
                 return
             if arrived and len(arrived) != board.announced:
                 many = "s" if len(arrived) > 1 else ""
