@@ -85,6 +85,15 @@ def test_a_plain_jwks_is_accepted_without_windows() -> None:
     assert AuditKeys.from_key_set(windowed) is windowed
 
 
+def test_a_plain_jwks_can_be_refused() -> None:
+    """Where the document comes from the registry being checked (the approval page), a JWKS
+    in place of the audit key list would turn every window check off."""
+    with pytest.raises(InvalidRequest, match="plain JWKS"):
+        AuditKeys.from_document(KeySet([public(OLD)]).to_jwks(), allow_jwks=False)
+    document = rotated().to_document()
+    assert AuditKeys.from_document(document, allow_jwks=False).to_document() == document
+
+
 @pytest.mark.parametrize(
     "change",
     [

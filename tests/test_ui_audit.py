@@ -13,6 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
+from nicegui import Client
+from nicegui.elements.mixins.text_element import TextElement
+from nicegui.page import page
+from starlette.requests import Request
 
 from agentauth.protocol import (
     AuditEvent,
@@ -31,11 +35,16 @@ from agentauth.protocol import (
 from agentauth.ui import (
     AuditTrail,
     RegistryClient,
+    SessionStore,
+    UISettings,
     check_chains,
     check_checkpoints,
     check_inclusion,
+    check_seen,
     parse_events,
 )
+from agentauth.ui._audit import seen_consistency_needed
+from agentauth.ui._pages import Pages
 
 CHAIN = "registry-0"
 AGENT = "agt_1"
@@ -620,3 +629,303 @@ async def test_odd_checkpoint_lists_and_proofs_are_problems_not_crashes(
     )
     assert not trail.ok and expected in trail.all_problems
     assert trail.export(now=time.time())["verification"]["ok"] is False
+
+
+def serving(transport: httpx.MockTransport, path: str, answer: Any) -> httpx.MockTransport:
+    """``transport``, but answering GET ``path`` (its end) with ``answer`` as JSON (bytes
+    as they are)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith(path):
+            if isinstance(answer, bytes):
+                return httpx.Response(200, content=answer)
+            return httpx.Response(200, content=json.dumps(answer).encode())
+        return transport.handle_request(request)
+
+    return httpx.MockTransport(handler)
+
+
+@pytest.mark.asyncio
+async def test_a_plain_jwks_served_as_the_audit_key_list_verifies_nothing() -> None:
+    """A plain JWKS has no signing windows. Served in place of the audit key list, it let
+    the page verify a checkpoint a key signed long after it retired (one that leaked, say)."""
+    retired = PrivateKey.generate("ES256", kid="reg-1")
+    events = recent_chain()
+    late = signed_checkpoint(events, retired, time=dated_after(events))
+    honest = registry_serving(
+        [events[i] for i in MINE],
+        [{"chain": CHAIN, "size": 6, "signed": late}],
+        lambda seq: proof_for(events, seq, late),
+        AuditKeys([AuditKey(PublicKey.from_jwk(retired.public_jwk()), 0, 1_000)]),
+    )
+    assert not (await fetched(honest)).ok  # the audit key list refuses it: key_window
+    jwks = KeySet([PublicKey.from_jwk(retired.public_jwk())]).to_jwks()
+    trail = await fetched(serving(honest, "/.well-known/agentauth-audit-keys.json", jwks))
+    assert not trail.ok and trail.proven == 0
+    assert trail.chains[CHAIN].checkpoint is None
+    assert trail.all_problems[0] == (
+        "the registry serves a plain JWKS as its audit key list: keys without signing windows;"
+        " no checkpoint is verified with it"
+    )
+    assert trail.keys.windowed and list(trail.keys) == []  # and none for the Check button
+
+
+@pytest.mark.asyncio
+async def test_covered_events_past_the_proof_bound_are_shown_as_not_proven(
+    signer: PrivateKey,
+) -> None:
+    """A visit proves at most ``prove`` events (the newest). The registry edits an older
+    one, with no neighbour shown whose link would catch it: it was shown among the proven,
+    and the trail as verifying."""
+    events = recent_chain()
+    latest = signed_checkpoint(events, signer, time=dated_after(events))
+    edited = events[1].model_copy(update={"data": {"amount": "999999"}})
+    transport = registry_serving(
+        [edited, events[3], events[5]],
+        [{"chain": CHAIN, "size": 6, "signed": latest}],
+        lambda seq: proof_for(events, seq, latest),
+        audit_keys_of(signer),
+    )
+    client = RegistryClient("https://registry.example/registry", transport=transport)
+    try:
+        trail = await AuditTrail.fetch(client, "ses_test", AGENT, prove=2)
+        assert trail.ok and trail.proven == 2  # nothing wrong found in what was checked...
+        assert trail.unproven == [(CHAIN, 1)] and not trail.complete  # ...but not all of it
+        exported = trail.export(now=time.time())["verification"]
+        assert exported["ok"] is False and exported["events_not_proven"] == [f"{CHAIN}:1"]
+        await trail.prove(client, "ses_test", [edited])  # the row's Check
+    finally:
+        await client.aclose()
+    assert trail.unproven == [] and not trail.ok
+    assert trail.all_problems == [f"{CHAIN}:1 the registry's copy differs from the list"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("route", "answer", "expected"),
+    [
+        ("/v1/audit/events", {"events": []}, "the registry's event list is malformed (not a list)"),
+        ("/v1/audit/events", None, "the registry's event list is malformed (not a list)"),
+        ("/v1/audit/events", "[]", "the registry's event list is malformed (not a list)"),
+        ("/v1/audit/checkpoints", {}, "the registry's checkpoint list is malformed"),
+        ("/v1/audit/checkpoints", None, "the registry's checkpoint list is malformed"),
+    ],
+)
+async def test_event_and_checkpoint_lists_of_the_wrong_shape_are_problems(
+    signer: PrivateKey, route: str, answer: Any, expected: str
+) -> None:
+    """A JSON null for either list raised TypeError, and the page failed to render; a JSON
+    object for the checkpoint list was read as an empty list, and the trail verified."""
+    events = recent_chain()
+    latest = signed_checkpoint(events, signer, time=dated_after(events))
+    honest = registry_serving(
+        [events[i] for i in MINE],
+        [{"chain": CHAIN, "size": 6, "signed": latest}],
+        lambda seq: proof_for(events, seq, latest),
+        audit_keys_of(signer),
+    )
+    trail = await fetched(serving(honest, route, answer))
+    assert not trail.ok and expected in trail.all_problems, trail.all_problems
+    exported = trail.export(now=time.time())
+    assert exported["verification"]["ok"] is False and isinstance(exported["events"], list)
+
+
+def test_an_event_listed_as_pairs_rather_than_an_object_is_not_taken() -> None:
+    """``dict()`` turned a list of [name, value] pairs into the event it spells."""
+    document = listed(build_chain(1))[0]
+    parsed, problems = parse_events([list(document.items())])
+    assert parsed == [] and problems == ["listed event #1 is not a well-formed audit event"]
+
+
+def checkpoint_of(events: list[AuditEvent], size: int) -> Checkpoint:
+    root = merkle_root([e.entry_hash() for e in events[:size]])
+    return Checkpoint(chain=CHAIN, size=size, root=b64url_encode(root), time=2_000)
+
+
+def test_the_latest_checkpoint_must_be_the_one_seen_before_or_extend_it() -> None:
+    events = build_chain()
+    hashes = [e.entry_hash() for e in events]
+    forged = rewritten(events, 1)
+    four, six = checkpoint_of(events, 4), checkpoint_of(events, 6)
+    seen_four, seen_six = (4, four.root), (6, six.root)
+    extends = {"proof": [b64url_encode(h) for h in consistency_proof(hashes, 4)]}
+
+    assert check_seen(CHAIN, None, six) is None  # a first visit has nothing to hold it to
+    assert check_seen(CHAIN, seen_six, six) is None
+    assert seen_consistency_needed(seen_four, six) == (4, 6)
+    assert check_seen(CHAIN, seen_four, six, extends) is None
+    # The registry goes back to an older checkpoint (its own, genuine): a rollback.
+    rolled = check_seen(CHAIN, seen_six, four)
+    assert rolled is not None and rolled.startswith(f"{CHAIN}: rolled back: the latest")
+    # Another history of the same size: a fork.
+    fork = check_seen(CHAIN, seen_six, checkpoint_of(forged, 6))
+    assert fork is not None and f"{CHAIN}: a fork" in fork
+    # A larger one over a rewritten history: its own consistency proof fails the old root.
+    lying = {
+        "proof": [b64url_encode(h) for h in consistency_proof([e.entry_hash() for e in forged], 4)]
+    }
+    refuted = check_seen(CHAIN, seen_four, checkpoint_of(forged, 6), lying)
+    assert refuted is not None and refuted.endswith("root_mismatch")
+    for answer in (None, {"proof": "x"}, [extends]):
+        malformed = check_seen(CHAIN, seen_four, six, answer)
+        assert malformed is not None and malformed.endswith("malformed consistency proof")
+    # None verifies now (none listed, or the one listed fails): also no longer the one seen.
+    gone = check_seen(CHAIN, seen_four, None)
+    assert gone is not None and "no latest checkpoint verifies now" in gone
+
+
+@pytest.mark.asyncio
+async def test_a_fetched_trail_is_held_to_the_checkpoints_seen_before(signer: PrivateKey) -> None:
+    events = recent_chain()
+    hashes = [e.entry_hash() for e in events]
+    four = signed_checkpoint(events[:4], signer, time=dated_after(events[:4]))
+    six = signed_checkpoint(events, signer, time=dated_after(events))
+    asked: list[tuple[int, int]] = []
+
+    def consistency(first: int, second: int) -> dict[str, Any]:
+        asked.append((first, second))
+        return {"proof": [b64url_encode(h) for h in consistency_proof(hashes, first)]}
+
+    async def visit(latest: str, size: int, seen: dict[str, Any]) -> AuditTrail:
+        client = RegistryClient(
+            "https://registry.example/registry",
+            transport=registry_serving(
+                [events[i] for i in MINE],
+                [{"chain": CHAIN, "size": size, "signed": latest}],
+                lambda seq: proof_for(events[:size], seq, latest),
+                audit_keys_of(signer),
+                consistency,
+            ),
+        )
+        try:
+            return await AuditTrail.fetch(client, "ses_test", AGENT, seen=seen)
+        finally:
+            await client.aclose()
+
+    first = await visit(four, 4, {})
+    assert first.ok and first.to_remember == {CHAIN: (4, checkpoint_of(events, 4).root)}
+    grown = await visit(six, 6, first.to_remember)
+    assert grown.ok, grown.all_problems
+    assert asked == [(4, 6)] and grown.to_remember == {CHAIN: (6, checkpoint_of(events, 6).root)}
+    # Rolled back to the size-4 checkpoint (genuine, and still verifying on its own).
+    back = await visit(four, 4, grown.to_remember)
+    assert not back.ok and back.to_remember == {}
+    assert back.all_problems[0].startswith(f"{CHAIN}: rolled back")
+
+
+def test_checkpoints_seen_are_kept_per_human_beyond_their_sessions() -> None:
+    store = SessionStore(ttl=3600, ticket_ttl=60)
+    ticket = store.sign_in("anonymous", principal_id="hum_1", registry_token="tok")
+    cookie_id = store.claim(ticket, "anonymous")
+    store.remember_checkpoints("hum_1", {}, {CHAIN: (4, "r4")})
+    store.sign_out(cookie_id)  # the registry ending the session wipes nothing to hold it to
+    assert store.checkpoints_seen("hum_1") == {CHAIN: (4, "r4")}
+    assert store.checkpoints_seen("hum_2") == {}
+    # Two visits checked against (4, r4) at once: the first to finish moves it on; the other,
+    # checked against what is no longer there, leaves it.
+    store.remember_checkpoints("hum_1", {CHAIN: (4, "r4")}, {CHAIN: (6, "r6")})
+    store.remember_checkpoints("hum_1", {CHAIN: (4, "r4")}, {CHAIN: (6, "fork")})
+    assert store.checkpoints_seen("hum_1") == {CHAIN: (6, "r6")}
+    seen = store.checkpoints_seen("hum_1")
+    seen[CHAIN] = (0, "")  # a copy: the page cannot change it by accident
+    assert store.checkpoints_seen("hum_1") == {CHAIN: (6, "r6")}
+
+
+class AuditPage:
+    """The audit page of one signed-in person, built in memory (no server, no browser),
+    over a registry played by ``transport``; one ``visit`` per page load."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.store = SessionStore(ttl=3600, ticket_ttl=60)
+        ticket = self.store.sign_in("anonymous", principal_id="hum_1", registry_token="ses_test")
+        cookie_id = self.store.claim(ticket, "anonymous")
+        assert cookie_id is not None
+        self.cookie_id = cookie_id
+        self.settings = UISettings(registry_url="https://registry.example/registry", **settings)
+
+    async def visit(self, transport: httpx.MockTransport) -> list[str]:
+        agents = [{"id": AGENT, "name": "bot"}]
+        client = RegistryClient(
+            "https://registry.example/registry", transport=serving(transport, "/v1/agents", agents)
+        )
+        pages = Pages(settings=self.settings, registry=client, store=self.store)
+        built = {"type": "http", "method": "GET", "path": "/audit", "root_path": "", "headers": []}
+        built |= {"query_string": b"", "state": {"agentauth_cookie_id": self.cookie_id}}
+        browser = Client(page("/audit"), request=Request(built))
+        try:
+            with browser:
+                session = self.store.get(self.cookie_id)
+                assert session is not None
+                await pages._audit(self.cookie_id, session, AGENT)
+        finally:
+            await client.aclose()
+        return [
+            e.text for e in browser.layout.descendants() if isinstance(e, TextElement) and e.text
+        ]
+
+
+@pytest.mark.asyncio
+async def test_the_page_catches_a_rollback_between_visits(signer: PrivateKey) -> None:
+    """The registry serves its size-6 checkpoint, then on the next visit its older size-4
+    one: genuine, so on its own it verifies, with events 4 and 5 young enough to await a
+    checkpoint. The page forgot the first visit, and said the trail verifies."""
+    events = recent_chain()
+    four = signed_checkpoint(events[:4], signer, time=dated_after(events[:4]))
+    six = signed_checkpoint(events, signer, time=dated_after(events))
+
+    def registry(latest: str, size: int) -> httpx.MockTransport:
+        return registry_serving(
+            [events[i] for i in MINE],
+            [{"chain": CHAIN, "size": size, "signed": latest}],
+            lambda seq: proof_for(events[:size], seq, latest),
+            audit_keys_of(signer),
+        )
+
+    audit = AuditPage()
+    assert "✓ The audit trail verifies" in await audit.visit(registry(six, 6))
+    texts = await audit.visit(registry(four, 4))
+    assert "✗ The audit trail does not verify" in texts
+    assert any(t.startswith(f"✗ {CHAIN}: rolled back") for t in texts), texts
+    # The page still holds the registry to size 6: a reload does not make the rollback good.
+    assert "✗ The audit trail does not verify" in await audit.visit(registry(four, 4))
+    assert "✓ The audit trail verifies" in await audit.visit(registry(six, 6))
+
+
+@pytest.mark.asyncio
+async def test_the_page_marks_events_it_did_not_prove(signer: PrivateKey) -> None:
+    events = recent_chain()
+    latest = signed_checkpoint(events, signer, time=dated_after(events))
+    edited = events[1].model_copy(update={"data": {"amount": "999999"}})
+    texts = await AuditPage(max_inclusion_checks=2).visit(
+        registry_serving(
+            [edited, events[3], events[5]],
+            [{"chain": CHAIN, "size": 6, "signed": latest}],
+            lambda seq: proof_for(events, seq, latest),
+            audit_keys_of(signer),
+        )
+    )
+    assert "✓ The audit trail verifies" not in texts
+    assert "The audit trail is only partly checked: 1 event not proven" in texts
+    assert texts.count("✓ proven") == 2 and texts.count("not proven") == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("route", ["/v1/audit/events", "/v1/audit/checkpoints", "/proof"])
+async def test_an_answer_that_is_not_json_is_a_problem_shown(
+    signer: PrivateKey, route: str
+) -> None:
+    """A 200 whose body is not JSON raised JSONDecodeError, and the page failed to render."""
+    events = recent_chain()
+    latest = signed_checkpoint(events, signer, time=dated_after(events))
+    honest = registry_serving(
+        [events[i] for i in MINE],
+        [{"chain": CHAIN, "size": 6, "signed": latest}],
+        lambda seq: proof_for(events, seq, latest),
+        audit_keys_of(signer),
+    )
+    texts = await AuditPage().visit(serving(honest, route, b"<html>oops</html>"))
+    assert "✓ The audit trail verifies" not in texts
+    if route == "/proof":  # each event's proof fails, and the trail with them
+        assert "✗ The audit trail does not verify" in texts
+    else:  # nothing to check the trail with
+        assert any(t.startswith("The registry failed to answer") for t in texts), texts

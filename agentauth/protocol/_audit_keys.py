@@ -94,9 +94,16 @@ class AuditKeys(KeySet):
         return self._windowed
 
     @classmethod
-    def from_document(cls, document: object) -> AuditKeys:
-        """Parse an audit key list, or a plain JWKS (no windows); raises ``InvalidRequest``."""
+    def from_document(cls, document: object, *, allow_jwks: bool = True) -> AuditKeys:
+        """Parse an audit key list, or a plain JWKS (no windows) if ``allow_jwks``; raises
+        ``InvalidRequest``.
+
+        Refuse the JWKS wherever the document comes from the registry being checked: served
+        as its audit key list, it turns every key window check off.
+        """
         if isinstance(document, dict) and "format" not in document:
+            if not allow_jwks:
+                raise InvalidRequest("a plain JWKS, not an audit key list: no signing windows")
             return cls.from_jwks(document)
         try:
             parsed = AuditKeysDocument.model_validate(document)

@@ -14,6 +14,7 @@ from ._audit import (
     check_checkpoints,
     check_consistency,
     check_inclusion,
+    check_seen,
     consistency_needed,
     parse_events,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "check_checkpoints",
     "check_consistency",
     "check_inclusion",
+    "check_seen",
     "consistency_needed",
     "create_ui_app",
     "describe_capability",

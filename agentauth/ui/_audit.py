@@ -9,8 +9,12 @@ The registry serves events, signed checkpoints, inclusion proofs and its audit k
   events this human may not see);
 - the latest checkpoint of each chain must carry a valid signature by a key of the audit
   key list, dated inside that key's signing window (the JWKS would not do: it drops a key
-  once its tokens have expired, and a quiet chain's latest checkpoint may be older), and
-  dated neither before the newest listed event it covers nor in the future;
+  once its tokens have expired, and a quiet chain's latest checkpoint may be older; served
+  in the list's place, a plain JWKS is refused: without windows it would let any date
+  through), and dated neither before the newest listed event it covers nor in the future;
+- it must also be the latest checkpoint an earlier visit of the same human verified
+  (``seen``: size and root), or extend it, by the registry's consistency proof checked
+  against both roots: a smaller one is a rollback, another root for the same size a fork;
 - listed events no checkpoint covers must be younger than ``MAX_UNSEALED_AGE`` (the rule of
   ``agentauth audit verify``): older ones mean checkpoints withheld or deleted;
 - an event's inclusion proof must lead from that very event (the same hash as listed) to
@@ -19,10 +23,14 @@ The registry serves events, signed checkpoints, inclusion proofs and its audit k
   one, or be tied to it: one of the same size with another root is a fork, and one of
   another size must be consistent with it (the registry's consistency proof, checked
   against both roots as verified here). Then the event sits at its place in the history
-  the latest checkpoint signs.
+  the latest checkpoint signs. A visit proves at most ``prove`` events (the newest); the
+  other covered ones are ``unproven``, shown as such, and keep the trail from verifying
+  completely (``complete``);
+- an answer of the wrong shape (a list that is none, an entry that is no object, a body that
+  is no JSON) is a problem, never an exception.
 
-The checks are pure functions over documents (time passed in); ``AuditTrail.fetch`` and
-``AuditTrail.prove`` do the HTTP.
+The checks are pure functions over documents (time and what earlier visits saw passed in);
+``AuditTrail.fetch`` and ``AuditTrail.prove`` do the HTTP.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -54,12 +62,15 @@ __all__ = [
     "AuditTrail",
     "ChainCheck",
     "InclusionCheck",
+    "Seen",
     "check_chains",
     "check_checkpoints",
     "check_consistency",
     "check_inclusion",
+    "check_seen",
     "consistency_needed",
     "parse_events",
+    "seen_consistency_needed",
 ]
 
 
@@ -96,12 +107,17 @@ class ChainCheck:
         return 0 if self.checkpoint is None else self.checkpoint.size
 
 
-def parse_events(documents: Iterable[Mapping[str, Any]]) -> tuple[list[AuditEvent], list[str]]:
-    """Events as the registry lists them (JSON objects) back to ``AuditEvent``s."""
+def parse_events(documents: object) -> tuple[list[AuditEvent], list[str]]:
+    """Events as the registry lists them (a list of JSON objects) back to ``AuditEvent``s;
+    anything else it sends is a problem."""
+    if not isinstance(documents, list):
+        return [], ["the registry's event list is malformed (not a list)"]
     events: list[AuditEvent] = []
     problems: list[str] = []
     for i, document in enumerate(documents):
         try:
+            if not isinstance(document, Mapping):  # dict() would take a list of pairs
+                raise TypeError(document)
             events.append(AuditEvent.from_canonical(canonical_json(dict(document))))
         except (AgentAuthError, ValueError, TypeError):
             problems.append(f"listed event #{i + 1} is not a well-formed audit event")
@@ -141,6 +157,21 @@ def check_chains(events: Sequence[AuditEvent]) -> dict[str, ChainCheck]:
     return checks
 
 
+def _audit_keys(document: object) -> tuple[AuditKeys, str | None]:
+    """The registry's audit key list, or no keys and the problem. A plain JWKS is refused:
+    its keys have no signing windows, so served in its place it would let any checkpoint
+    through whatever its date (a retired key's, one that leaked later, say)."""
+    try:
+        return AuditKeys.from_document(document, allow_jwks=False), None
+    except AgentAuthError:
+        if isinstance(document, dict) and "format" not in document:
+            return AuditKeys([]), (
+                "the registry serves a plain JWKS as its audit key list: keys without signing"
+                " windows; no checkpoint is verified with it"
+            )
+        return AuditKeys([]), "the registry's audit key list is malformed"
+
+
 def _kid(signed: str) -> str | None:
     """The signing key's id, for display (the signature itself is checked elsewhere)."""
     try:
@@ -170,7 +201,7 @@ def _check_sealed_in_time(check: ChainCheck, now: float | None) -> None:
 
 def check_checkpoints(
     checks: Mapping[str, ChainCheck],
-    checkpoints: Iterable[object],
+    checkpoints: object,
     keys: KeySet,
     *,
     now: float | None = None,
@@ -181,11 +212,14 @@ def check_checkpoints(
     must not precede the newest listed event it covers, nor lie in the future when ``now``
     is given (``check_checkpoint_dated``). With ``now``, listed events that no checkpoint
     covers must also be younger than ``MAX_UNSEALED_AGE``. Returns the problems that belong
-    to no chain (an entry of the list that is no JSON object).
+    to no chain (``checkpoints`` no list, or an entry of it that is no JSON object).
     """
     audit_keys = AuditKeys.from_key_set(keys)
     problems: list[str] = []
     latest: dict[str, Mapping[str, Any]] = {}
+    if not isinstance(checkpoints, list):
+        problems.append("the registry's checkpoint list is malformed")
+        checkpoints = []  # each chain is then checked as one without a checkpoint
     for entry in checkpoints:
         if isinstance(entry, Mapping):
             latest[str(entry.get("chain"))] = entry
@@ -338,6 +372,61 @@ def check_consistency(result: InclusionCheck, latest: Checkpoint, answer: object
     )
 
 
+#: A chain's latest checkpoint as an earlier visit verified it: (size, root).
+Seen = tuple[int, str]
+
+
+def seen_consistency_needed(seen: Seen | None, latest: Checkpoint | None) -> tuple[int, int] | None:
+    """The sizes (remembered, latest) to ask the registry a consistency proof between, when
+    the chain's verified ``latest`` checkpoint is larger than the one remembered."""
+    if seen is None or latest is None or latest.size <= seen[0] or seen[0] == 0:
+        return None
+    return seen[0], latest.size
+
+
+def check_seen(
+    chain: str, seen: Seen | None, latest: Checkpoint | None, answer: object = None
+) -> str | None:
+    """A problem unless the chain's verified ``latest`` checkpoint is the one an earlier
+    visit verified (``seen``), or extends it.
+
+    Larger, it needs the registry's consistency proof between the two sizes
+    (``seen_consistency_needed``), checked against the remembered root and the latest one
+    as verified here. Smaller is a rollback, and the same size with another root is a
+    fork: a registry serving a rewritten history would need one or the other.
+    """
+    if seen is None:
+        return None
+    size, root = seen
+    earlier = f"the one verified on an earlier visit (size {size}, root {root[:12]}…)"
+    if latest is None:
+        return f"{chain}: no latest checkpoint verifies now, yet {earlier} did: rolled back?"
+    if latest.size < size:
+        return f"{chain}: rolled back: the latest checkpoint has size {latest.size}, {earlier}"
+    if latest.size == size:
+        if latest.root == root:
+            return None
+        return f"{chain}: a fork: the latest checkpoint has another root than {earlier}"
+    sizes = seen_consistency_needed(seen, latest)
+    if sizes is None:
+        return None  # the remembered tree was empty: every tree extends it
+    path = answer.get("proof") if isinstance(answer, Mapping) else None
+    forked = f"{chain}: the latest checkpoint (size {latest.size}) is not consistent with {earlier}"
+    if not isinstance(path, list):
+        return f"{forked}: malformed consistency proof"
+    try:
+        verify_consistency(
+            old_size=size,
+            new_size=latest.size,
+            old_root=b64url_decode(root),
+            new_root=latest.root_bytes(),
+            proof=[b64url_decode(str(h)) for h in path],
+        )
+    except AgentAuthError as exc:
+        return f"{forked}: {exc.reason or exc.error}"
+    return None
+
+
 @dataclass(slots=True)
 class AuditTrail:
     """An agent's events with everything needed to check them, and the results."""
@@ -350,6 +439,11 @@ class AuditTrail:
     chains: dict[str, ChainCheck]
     problems: list[str]
     inclusion: dict[tuple[str, int], InclusionCheck] = field(default_factory=dict)
+    #: per chain, the checkpoint remembered from earlier visits that this one was held to
+    seen: dict[str, Seen] = field(default_factory=dict)
+    #: per chain, the latest checkpoint if it verified and extends the one in ``seen``: the
+    #: one to hold the next visit to
+    to_remember: dict[str, Seen] = field(default_factory=dict)
 
     @classmethod
     async def fetch(
@@ -360,9 +454,12 @@ class AuditTrail:
         *,
         prove: int = 200,
         now: float | None = None,
+        seen: Mapping[str, Seen] | None = None,
     ) -> AuditTrail:
         """Fetch and check an agent's trail at ``now`` (the clock's time unless given);
-        prove inclusion of up to ``prove`` events."""
+        prove inclusion of up to ``prove`` events. ``seen``: the latest checkpoints earlier
+        visits verified (``to_remember`` of the last trail), which the latest ones now must
+        equal or extend."""
         now = time.time() if now is None else now
         documents, checkpoints, audit_keys = await asyncio.gather(
             client.audit_events(token, agent_id=agent_id),
@@ -371,23 +468,56 @@ class AuditTrail:
         )
         events, problems = parse_events(documents)
         chains = check_chains(events)
-        try:
-            keys = AuditKeys.from_document(audit_keys)
-        except AgentAuthError:
-            keys = AuditKeys([])
-            problems.append("the registry's audit key list is malformed")
+        keys, problem = _audit_keys(audit_keys)
+        problems += [problem] if problem else []
         problems += check_checkpoints(chains, checkpoints, keys, now=now)
-        trail = cls(agent_id, documents, events, checkpoints, audit_keys, chains, problems)
+        trail = cls(
+            agent_id,
+            documents if isinstance(documents, list) else [],
+            events,
+            checkpoints if isinstance(checkpoints, list) else [],
+            audit_keys,
+            chains,
+            problems,
+            seen={c: seen[c] for c in chains if seen and c in seen},
+        )
+        # Bounded: one request per event, to a registry not trusted to answer fast. The
+        # events beyond the bound are shown as not proven (``unproven``), never as checked,
+        # and keep the trail from verifying; each row's Check proves its event.
         covered = [e for e in events if e.seq < chains[e.chain].covered][-prove:] if prove else []
-        await trail.prove(client, token, covered, keys, now=now)
+        await asyncio.gather(
+            trail.prove(client, token, covered, keys, now=now), trail._hold_to_seen(client, token)
+        )
         return trail
+
+    async def _hold_to_seen(self, client: RegistryClient, token: str) -> None:
+        """Check each chain's latest checkpoint against the one remembered (``check_seen``),
+        and note those to remember."""
+
+        async def one(chain: str, check: ChainCheck) -> None:
+            remembered = self.seen.get(chain)
+            sizes = seen_consistency_needed(remembered, check.checkpoint)
+            answer: object = None
+            if sizes is not None:
+                try:
+                    answer = await client.audit_consistency(token, chain, *sizes)
+                except RegistryError as exc:
+                    check.problems.append(
+                        f"{chain}: no consistency proof from the checkpoint verified on an"
+                        f" earlier visit to the latest: {exc.message}"
+                    )
+                    return
+            problem = check_seen(chain, remembered, check.checkpoint, answer)
+            if problem is not None:
+                check.problems.append(problem)
+            elif check.checkpoint is not None:
+                self.to_remember[chain] = (check.checkpoint.size, check.checkpoint.root)
+
+        await asyncio.gather(*(one(chain, check) for chain, check in self.chains.items()))
 
     @property
     def keys(self) -> AuditKeys:
-        try:
-            return AuditKeys.from_document(self.audit_keys)
-        except AgentAuthError:
-            return AuditKeys([])
+        return _audit_keys(self.audit_keys)[0]
 
     async def prove(
         self,
@@ -462,6 +592,21 @@ class AuditTrail:
     def awaiting_checkpoint(self) -> int:
         return sum(1 for e in self.events if e.seq >= self.chains[e.chain].covered)
 
+    @property
+    def unproven(self) -> list[tuple[str, int]]:
+        """Shown events the latest checkpoint covers whose inclusion was not checked (past
+        the bound on proofs per visit): not verified, so the trail is not ``complete``."""
+        return [
+            (e.chain, e.seq)
+            for e in self.events
+            if e.seq < self.chains[e.chain].covered and (e.chain, e.seq) not in self.inclusion
+        ]
+
+    @property
+    def complete(self) -> bool:
+        """No problem found, and every shown event the latest checkpoint covers proven."""
+        return self.ok and not self.unproven
+
     def export(self, *, now: float) -> dict[str, Any]:
         """Everything shown, as one JSON document anyone can re-check offline."""
         return {
@@ -476,8 +621,9 @@ class AuditTrail:
             ],
             "audit_keys": self.audit_keys,
             "verification": {
-                "ok": self.ok,
+                "ok": self.complete,
                 "problems": self.all_problems,
+                "events_not_proven": [f"{chain}:{seq}" for chain, seq in self.unproven],
                 "links_checked": self.links_checked,
                 "events_proven_included": self.proven,
                 "events_awaiting_checkpoint": self.awaiting_checkpoint,

@@ -1509,10 +1509,16 @@ class Pages:
                 self._audit_table(trail, check_one)
 
         async def verify() -> None:
-            token = self._token(cookie_id)
+            human = self._session(cookie_id)
+            seen = self.store.checkpoints_seen(human.principal_id)
             trail = await AuditTrail.fetch(
-                self.registry, token, chosen, prove=self.settings.max_inclusion_checks
+                self.registry,
+                human.registry_token,
+                chosen,
+                prove=self.settings.max_inclusion_checks,
+                seen=seen,
             )
+            self.store.remember_checkpoints(human.principal_id, seen, trail.to_remember)
             trail_ref[:] = [trail]
             draw()
 
@@ -1561,19 +1567,28 @@ class Pages:
 
     @staticmethod
     def _audit_summary(trail: AuditTrail) -> None:
-        ok = trail.ok
-        box = ui.column().classes(
-            "w-full rounded p-3 gap-1 "
-            + (
-                "bg-green-50 border border-green-700 text-green-900"
-                if ok
-                else "bg-red-50 border border-red-700 text-red-900"
+        ok, unproven = trail.ok, len(trail.unproven)
+        if not ok:
+            colours, verdict = (
+                "bg-red-50 border-red-700 text-red-900",
+                "✗ The audit trail does not verify",
             )
-        )
+        elif unproven:
+            colours = "bg-amber-50 border-amber-700 text-amber-900"
+            verdict = (
+                f"The audit trail is only partly checked: {unproven}"
+                f" event{'s' if unproven != 1 else ''} not proven"
+            )
+        else:
+            colours, verdict = (
+                "bg-green-50 border-green-700 text-green-900",
+                "✓ The audit trail verifies",
+            )
+        box = ui.column().classes(f"w-full rounded p-3 gap-1 border {colours}")
         box.props["role"] = "status"
         box.props["aria-label"] = "Verification result"
         with box:
-            heading("✓ The audit trail verifies" if ok else "✗ The audit trail does not verify", 2)
+            heading(verdict, 2)
             chains = len(trail.chains)
             ui.label(
                 f"Hash chain: {len(trail.events)} events in {chains} chain"
@@ -1594,8 +1609,20 @@ class Pages:
                 )
             ui.label(
                 f"Inclusion: {trail.proven} of {len(trail.events)} events proven to be in the "
-                f"signed log; {trail.awaiting_checkpoint} newer than the latest checkpoint."
+                f"signed log; {trail.awaiting_checkpoint} newer than the latest checkpoint"
+                + (
+                    f"; {unproven} covered by a checkpoint but not proven (beyond the proofs"
+                    " one visit makes; a row's Check proves its event)."
+                    if unproven
+                    else "."
+                )
             ).classes("audit-inclusion")
+            if trail.seen:
+                ui.label(
+                    f"History: the latest checkpoint of {len(trail.seen)} chains checked against"
+                    " the one your earlier visits verified (it must be the same, or extend it by"
+                    " a consistency proof)."
+                ).classes("audit-history")
             for problem in trail.all_problems[:20]:
                 ui.label("✗ " + problem)
 
@@ -1633,6 +1660,8 @@ class Pages:
                                 ui.label("awaiting checkpoint").classes(
                                     "text-slate-600 whitespace-nowrap"
                                 )
+                            else:  # covered, past the visit's proofs: say so, claim nothing
+                                ui.label("not proven").classes("text-amber-800 whitespace-nowrap")
 
                             async def check(chain: str = event.chain, seq: int = event.seq) -> None:
                                 await check_one(chain, seq)

@@ -162,7 +162,12 @@ class RegistryClient:
         except httpx.HTTPError:
             raise RegistryError(0, "unreachable", "the registry cannot be reached", None) from None
         if response.is_success:
-            return response.json()
+            try:
+                return response.json()
+            except ValueError:  # a page that cannot render would hide what the registry did
+                raise RegistryError(
+                    502, "invalid_response", "the registry's answer is not JSON", None
+                ) from None
         try:
             body = response.json()
         except ValueError:

@@ -24,7 +24,7 @@ import asyncio
 import hmac
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, quote
@@ -85,11 +85,15 @@ class LoginTicket:
 
 
 class SessionStore:
-    """Sessions and login tickets in this process's memory (one UI process per origin)."""
+    """Sessions and login tickets in this process's memory (one UI process per origin), and
+    per human the audit checkpoints their visits to the audit page verified."""
 
     def __init__(self, *, ttl: int, ticket_ttl: int, clock: Callable[[], float] = time.time):
         self._sessions: dict[str, Session] = {}
         self._tickets: dict[str, LoginTicket] = {}
+        # principal id -> chain -> (size, root). Kept by principal, not by session: the
+        # registry can end a session (and so would wipe what the next visit is held to).
+        self._checkpoints_seen: dict[str, dict[str, tuple[int, str]]] = {}
         self._ttl = ttl
         self._ticket_ttl = ticket_ttl
         self._clock = clock
@@ -138,6 +142,24 @@ class SessionStore:
             self._sessions.pop(found.session_id, None)  # a stolen ticket burns the session
             return None
         return found.session_id
+
+    def checkpoints_seen(self, principal_id: str) -> dict[str, tuple[int, str]]:
+        """Per chain, the latest checkpoint (size, root) this human's visits verified."""
+        return dict(self._checkpoints_seen.get(principal_id, {}))
+
+    def remember_checkpoints(
+        self,
+        principal_id: str,
+        checked_against: Mapping[str, tuple[int, str]],
+        verified: Mapping[str, tuple[int, str]],
+    ) -> None:
+        """Remember ``verified``, each checked against ``checked_against`` (what
+        ``checkpoints_seen`` gave that visit). A chain another visit moved on meanwhile keeps
+        that visit's: each one stored was checked against the one it replaces."""
+        mine = self._checkpoints_seen.setdefault(principal_id, {})
+        for chain, checkpoint in verified.items():
+            if mine.get(chain) == checked_against.get(chain):
+                mine[chain] = checkpoint
 
     def sign_out(self, session_id: str | None) -> None:
         if session_id:
