@@ -4,8 +4,10 @@
     agentauth migrate              apply database migrations
     agentauth keys create|list|rotate   the registry's signing keys
     agentauth audit verify [--archive DIR|s3://BUCKET/PREFIX] [--audit-keys FILE]
+                           [--witness FILE]
                                    check every audit chain and signed checkpoint
-                                   (or an exported archive, offline)
+                                   (or an exported archive, offline), and that the
+                                   history FILE remembers is unchanged
     agentauth agents|grants|providers list   what the registry holds
     agentauth providers add|rotate-secret|end-previous|suspend|reinstate ID ...
     agentauth agents disable ID    disable an agent (its grants and tokens revoked)
@@ -25,7 +27,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +37,7 @@ if TYPE_CHECKING:  # the server extra is imported only by the commands that use 
     import asyncpg
     from pydantic import ValidationError
 
+    from ._witness import Seen
     from .protocol import AuditKeys
     from .registry import Registry
     from .store import Conn
@@ -514,52 +517,92 @@ def _bar(label: str, done: int, total: int) -> None:
     sys.stderr.flush()
 
 
+# Every chain anything is stored for, not only those with a head row: an insider who drops
+# the foreign keys and deletes a head must not hide its events and checkpoints. A skip scan
+# per table reads one index entry per chain, not every event. One statement, one snapshot.
+_STORED_CHAINS = (
+    "WITH RECURSIVE e(chain) AS (SELECT min(chain) FROM audit_events UNION ALL"
+    " SELECT (SELECT min(chain) FROM audit_events t WHERE t.chain > e.chain)"
+    " FROM e WHERE e.chain IS NOT NULL),"
+    " c(chain) AS (SELECT min(chain) FROM audit_checkpoints UNION ALL"
+    " SELECT (SELECT min(chain) FROM audit_checkpoints t WHERE t.chain > c.chain)"
+    " FROM c WHERE c.chain IS NOT NULL),"
+    " n(chain) AS (SELECT min(chain) FROM audit_nodes UNION ALL"
+    " SELECT (SELECT min(chain) FROM audit_nodes t WHERE t.chain > n.chain)"
+    " FROM n WHERE n.chain IS NOT NULL)"
+    " SELECT chain FROM audit_heads UNION SELECT chain FROM e WHERE chain IS NOT NULL"
+    " UNION SELECT chain FROM c WHERE chain IS NOT NULL"
+    " UNION SELECT chain FROM n WHERE chain IS NOT NULL ORDER BY chain"
+)
+
+
 async def _audit_verify(
     url: str,
     *,
     keys: AuditKeys | None = None,
     now: float | None = None,
     max_unsealed_age: float = MAX_UNSEALED_AGE,
-) -> list[str]:
+    witness: Mapping[str, Seen] | None = None,
+) -> tuple[list[str], dict[str, Seen]]:
     """Walk every chain from genesis and check each stored checkpoint against it.
 
     ``keys`` is the registry's audit key list to trust. Without it the keys come from the
     database's ``signing_keys`` (with their windows), which shows only that the database
-    agrees with itself. Returns the problems found, each naming its chain.
+    agrees with itself. ``witness`` is what earlier clean runs saw: each chain's root at
+    its remembered size must be recomputed unchanged. Returns the problems found, each
+    naming its chain, and each chain's latest verified checkpoint (size and root).
     """
+    from ._witness import vanished
     from .archive._export import database_audit_keys
     from .protocol import AgentAuthError
 
     now = time.time() if now is None else now
+    witness = witness or {}
     conn = await _connect(url)
     try:
         if keys is None:
             try:
                 keys = await database_audit_keys(conn)
             except AgentAuthError as exc:
-                return [f"signing_keys: {exc.description}"]
+                return [f"signing_keys: {exc.description}"], {}
             print(
                 "  keys: the database's own signing_keys, not pinned: this shows only that the"
                 " database agrees with itself (pin the registry's list with --audit-keys FILE)"
             )
         problems: list[str] = []
-        for row in await conn.fetch("SELECT chain FROM audit_heads ORDER BY chain"):
-            found, summary = await _audit_verify_chain(
-                conn, row["chain"], keys, now=now, max_unsealed_age=max_unsealed_age
+        verified: dict[str, Seen] = {}
+        chains = [row["chain"] for row in await conn.fetch(_STORED_CHAINS)]
+        for chain in chains:
+            found, summary, verified[chain] = await _audit_verify_chain(
+                conn,
+                chain,
+                keys,
+                now=now,
+                max_unsealed_age=max_unsealed_age,
+                seen=witness.get(chain),
             )
             sys.stderr.write("\n")
             print(f"  {summary}: {'FAILED' if found else 'ok'}")
             problems += found
+        problems += [f"{c}: {text}" for c, text in vanished(witness, set(chains)).items()]
     finally:
         await conn.close()
-    return problems
+    return problems, verified
 
 
 async def _audit_verify_chain(
-    conn: Conn, chain: str, keys: AuditKeys, *, now: float, max_unsealed_age: float
-) -> tuple[list[str], str]:
-    """One chain's problems, and its summary line: size, root, checkpoints and the events
-    no checkpoint covers, to compare with checkpoints kept elsewhere."""
+    conn: Conn,
+    chain: str,
+    keys: AuditKeys,
+    *,
+    now: float,
+    max_unsealed_age: float,
+    seen: Seen | None = None,
+) -> tuple[list[str], str, Seen]:
+    """One chain's problems; its summary line (size, root, checkpoints and the events no
+    checkpoint covers, to compare with checkpoints kept elsewhere); and its latest verified
+    checkpoint's size and root, for the witness."""
+    from ._witness import Seen, compare
     from .protocol import (
         GENESIS_HASH,
         AgentAuthError,
@@ -583,15 +626,23 @@ async def _audit_verify_chain(
     # The head's size is the insider's to write too: events stored at or past it would go
     # unread. Counted in the statement that reads the head, so from one snapshot: an append
     # moves the head in the transaction that stores its events, and is never counted here.
-    head = await conn.fetchrow(
-        "SELECT size, (SELECT count(*) FROM audit_events e WHERE e.chain = h.chain"
-        " AND e.seq >= h.size) AS beyond FROM audit_heads h WHERE h.chain = $1",
+    (head,) = await conn.fetch(  # one row, with or without a head
+        "SELECT h.size, (SELECT count(*) FROM audit_events e WHERE e.chain = $1"
+        " AND e.seq >= h.size) AS beyond, (SELECT coalesce(max(seq) + 1, 0)"
+        " FROM audit_events e WHERE e.chain = $1) AS stored"
+        " FROM (SELECT) one LEFT JOIN audit_heads h ON h.chain = $1",
         chain,
     )
-    if head is None:  # listed a moment ago
-        return [f"{chain}: its head row was deleted while being checked"], f"{chain}: no head"
-    size: int = head["size"]
     problems: list[str] = []
+    if head["size"] is None:
+        # The registry makes a chain's head before anything else of it, and never deletes it.
+        problems.append(
+            f"{chain}: events, checkpoints or tree nodes are stored for it, but audit_heads"
+            " holds no row for it: the head was deleted, hiding the chain"
+        )
+        size: int = head["stored"]  # as far as the events go, to check what can be
+    else:
+        size = head["size"]
     if head["beyond"]:
         problems.append(
             f"{chain}: {head['beyond']} event(s) stored at or past the head's size ({size}):"
@@ -599,6 +650,8 @@ async def _audit_verify_chain(
         )
     frontier, previous, seq = MerkleFrontier(), GENESIS_HASH, 0
     covered = 0  # the size of the latest checkpoint reached (bad ones are problems anyway)
+    covered_root = frontier.root()
+    seen_root = covered_root if seen is not None and seen.size == 0 else None
     oldest_uncovered: int | None = None  # time_ms of the first event after it
     newest_ms: int | None = None  # time_ms of the event before seq
     dated: list[Checkpoint] = []  # the last good checkpoint, whose date the next must follow
@@ -655,9 +708,12 @@ async def _audit_verify_chain(
                 if oldest_uncovered is None:
                     oldest_uncovered = event.time_ms
                 seq += 1
+                if seen is not None and seq == seen.size:
+                    seen_root = frontier.root()
                 if seq in checkpoints:
                     checks_out(seq)
                     covered, oldest_uncovered = seq, None
+                    covered_root = frontier.root()
             _bar(chain, seq, size)
     except AgentAuthError as exc:  # bad bytes, a gap or a fork: nothing later can be checked
         problems.append(f"{chain}: {exc.description}")
@@ -673,13 +729,16 @@ async def _audit_verify_chain(
                     f" (more than {max_unsealed_age:.0f} s): checkpoints were removed, or the"
                     " registry is not signing"
                 )
+    wrong = compare(seen, size=seq, root=seen_root)
+    if wrong:
+        problems.append(f"{chain}: {wrong}")
     checked = f"size {size}" if seq == size else f"size {size}, checked up to {seq}"
     latest = f"the latest at {covered}" if covered else "none reached"
     summary = (
         f"{chain}: {checked}, root {b64url_encode(frontier.root())};"
         f" {len(checkpoints)} checkpoint(s), {latest}; {seq - covered} event(s) not covered"
     )
-    return problems, summary
+    return problems, summary, Seen(covered, covered_root)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -687,7 +746,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
         from .archive import verify_command
 
         # S3 endpoint and credentials come from boto3's environment (AWS_ENDPOINT_URL_S3...).
-        return verify_command(args.archive, keys_file=args.keys_file)  # 0 ok, 1 bad, 2 unread
+        return verify_command(  # 0 ok, 1 bad, 2 unread
+            args.archive, keys_file=args.keys_file, witness_file=args.witness
+        )
+    from ._witness import WitnessError, advance, load, save
+
     keys = None
     if args.keys_file:
         from .protocol import AuditKeys, InvalidRequest, strict_json_loads
@@ -697,10 +760,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
         except (OSError, InvalidRequest) as exc:
             print(f"error: cannot read the keys in {args.keys_file}: {exc}", file=sys.stderr)
             return 2
+    witness = None
+    if args.witness:
+        try:
+            witness = load(args.witness, of="database")
+        except WitnessError as exc:  # never overwritten: it is what the next run trusts
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if witness is None:
+            print(f"  witness: none at {args.witness} yet, so nothing earlier to compare with")
     url, server = _database_url()
     try:
-        problems = asyncio.run(
-            _audit_verify(url, keys=keys, max_unsealed_age=args.max_unsealed_age)
+        problems, verified = asyncio.run(
+            _audit_verify(url, keys=keys, max_unsealed_age=args.max_unsealed_age, witness=witness)
         )
     finally:
         if server is not None:
@@ -710,6 +782,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if problems:
         print(f"audit log verification failed: {len(problems)} problem(s)")
         return 1
+    if args.witness:
+        try:
+            save(args.witness, advance(witness or {}, verified), of="database")
+        except WitnessError as exc:
+            print(f"error: the audit log verifies, but {exc}", file=sys.stderr)
+            return 2
+        print(f"  witness: {args.witness} records each chain's latest verified checkpoint")
     print("audit log verifies")
     return 0
 
@@ -810,6 +889,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="database mode: fail a chain whose oldest event under no checkpoint is older"
         f" than this (default {MAX_UNSEALED_AGE:.0f})",
+    )
+    audit.add_argument(
+        "--witness",
+        type=Path,
+        metavar="FILE",
+        help="remember across runs: fail if a chain's history below the size and root FILE"
+        " holds for it (the latest checkpoint an earlier run verified) changed, or the chain"
+        " shrank or vanished; after a run with no problem, record the new ones (created"
+        " 0600, replaced atomically). Keep FILE where the database's writers cannot reach."
+        " Use one file for the database and another for an archive",
     )
     audit.set_defaults(run=cmd_audit)
     nouns = {

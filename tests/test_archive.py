@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -514,17 +515,11 @@ def test_a_missing_segment_is_a_gap(clean: dict[str, bytes], tmp_path: Path) -> 
     }
 
 
-@pytest.mark.postgres
-@pytest.mark.redis
-@pytest.mark.asyncio
-async def test_a_resigned_forgery_fails_only_against_pinned_keys(
-    audited: AuditedDb, clean: dict[str, bytes], tmp_path: Path
-) -> None:
-    store = copy_of(clean, tmp_path)
+def forge_newest_segment(clean: dict[str, bytes], store: ArchiveStore) -> tuple[str, Manifest]:
+    """Someone who can write the bucket rewrites the first chain's newest event, recomputes
+    the tree, and signs a checkpoint with a key of their own, added to the archive's keys."""
     chain, manifests = sorted(segments(clean).items())[0]
     last = manifests[-1]
-    # Someone who can write the bucket rewrites the chain's newest event, recomputes the
-    # tree, and signs a checkpoint with a key of their own, added to the archive's keys.
     events = [AuditEvent.from_canonical(line) for line in clean[events_key(last)].splitlines()]
     events[-1] = AuditEvent(**{**events[-1].model_dump(), "actor": "nobody"})
     blob = b"".join(e.canonical_bytes() + b"\n" for e in events)
@@ -548,7 +543,17 @@ async def test_a_resigned_forgery_fails_only_against_pinned_keys(
     store.put(events_key(last), blob)
     store.put(manifest_key(last), manifest.encode())
     store.put("keys/attacker.jwk.json", canonical_json(attacker.public_jwk()))
+    return chain, last
 
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_a_resigned_forgery_fails_only_against_pinned_keys(
+    audited: AuditedDb, clean: dict[str, bytes], tmp_path: Path
+) -> None:
+    store = copy_of(clean, tmp_path)
+    chain, last = forge_newest_segment(clean, store)
     verify_archive(store)  # self-consistent: the archive's own keys cannot tell
     (problem,) = failure(store, keys=await database_keys(audited)).problems
     assert (problem.chain, problem.to_size) == (chain, last.to_size)
@@ -557,6 +562,70 @@ async def test_a_resigned_forgery_fails_only_against_pinned_keys(
     jwks.write_text(json.dumps((await database_keys(audited)).to_jwks()))
     cli = run_module("verify", "--archive", str(tmp_path), "--jwks", str(jwks))
     assert cli.returncode == 1 and f"{chain} segment" in cli.stderr
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_the_witness_catches_an_archive_cut_back_gone_or_rewritten(
+    clean: dict[str, bytes], tmp_path: Path
+) -> None:
+    """Nothing in an archive points back at its newest segment, so a chain cut short at its
+    end, removed whole, or rewritten there with a key of the archive's own, still verifies
+    alone. The witness remembers each chain's size and root from an earlier run."""
+    witness = tmp_path / "witness.json"
+    # A chain whose first export was interrupted: not archived yet, so not remembered.
+    copy_of({**clean, "registry-9/000000000005.jsonl": b""}, tmp_path / "clean")
+    cli = [sys.executable, "-m", "agentauth.cli", "audit", "verify"]
+    first = subprocess.run(  # `agentauth audit verify --archive` hands the witness on
+        [*cli, "--archive", str(tmp_path / "clean"), "--witness", str(witness)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert stat.S_IMODE(witness.stat().st_mode) == 0o600
+    report = verify_archive(DirectoryStore(tmp_path / "clean"))
+    assert report.incomplete == ("registry-9/000000000005.jsonl",)
+    remembered = {c.chain: {"size": c.size, "root": c.root} for c in report.chains if c.segments}
+    assert "registry-9" not in remembered and len(remembered) == CHAINS
+    assert json.loads(witness.read_text()) == {
+        "format": "agentauth.audit-witness.v1",
+        "of": "archive",
+        "chains": remembered,
+    }
+    before = witness.read_bytes()
+
+    (cut, manifests), _, (gone, _) = sorted(segments(clean).items())
+    newest = manifests[-1]
+    shrunk = {
+        k: v
+        for k, v in clean.items()
+        if k not in {events_key(newest), manifest_key(newest)} and not k.startswith(f"{gone}/")
+    }
+    verify_archive(copy_of(shrunk, tmp_path / "shrunk"))  # alone, it cannot tell
+    out = run_module("verify", "--archive", str(tmp_path / "shrunk"), "--witness", str(witness))
+    assert out.returncode == 1
+    assert (
+        f"error: {cut}: the witness recorded {newest.to_size} event(s) with root"
+        f" {remembered[cut]['root']}, and only {newest.from_size} verify now"
+    ) in out.stderr
+    assert (
+        f"error: {gone}: the witness recorded {remembered[gone]['size']} event(s),"
+        " and the chain is gone"
+    ) in out.stderr
+    assert witness.read_bytes() == before
+
+    forged = copy_of(clean, tmp_path / "forged")
+    chain, last = forge_newest_segment(clean, forged)
+    verify_archive(forged)
+    out = run_module("verify", "--archive", str(tmp_path / "forged"), "--witness", str(witness))
+    assert out.returncode == 1
+    assert (
+        f"error: {chain}: the witness recorded {last.to_size} event(s) with root"
+        f" {remembered[chain]['root']}, and the root there is now"
+    ) in out.stderr
+    assert witness.read_bytes() == before
 
 
 @pytest.mark.postgres

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ class Audited:
     url: str
     #: The registry's audit key list, as /.well-known/agentauth-audit-keys.json served it.
     keys_file: Path
+    registry: Any
 
     async def execute(self, sql: str, *args: object) -> Any:
         conn = await asyncpg.connect(self.url)
@@ -69,7 +71,7 @@ async def audited_db(database_url: str, redis_url: str, tmp_path: Path) -> Async
             await registry.checkpoint_all()
         keys_file = tmp_path / "audit-keys.json"
         keys_file.write_text(json.dumps(await published(registry, AUDIT_KEYS_PATH)))
-        yield Audited(url, keys_file)
+        yield Audited(url, keys_file, registry)
 
 
 def run_verify(url: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -88,6 +90,24 @@ def verdicts(out: subprocess.CompletedProcess[str]) -> dict[str, str]:
     """Each chain's verdict, from its summary line."""
     lines = [line.strip() for line in out.stdout.splitlines() if line.startswith("  registry-")]
     return {line.split(":", 1)[0]: line.rsplit(": ", 1)[1] for line in lines}
+
+
+async def latest_checkpoints(db: Audited) -> dict[str, dict[str, Any]]:
+    """Each chain's latest checkpoint, as a witness file records it."""
+    rows = await db.execute(
+        "SELECT DISTINCT ON (chain) chain, size, root FROM audit_checkpoints"
+        " ORDER BY chain, size DESC"
+    )
+    return {r["chain"]: {"size": r["size"], "root": b64url_encode(bytes(r["root"]))} for r in rows}
+
+
+async def drop_head_foreign_keys(db: Audited) -> None:
+    """What an insider does first to delete a head row and keep what hangs off it."""
+    for row in await db.execute(
+        "SELECT conrelid::regclass::text AS tbl, conname FROM pg_constraint"
+        " WHERE confrelid = 'audit_heads'::regclass"
+    ):
+        await db.execute(f'ALTER TABLE {row["tbl"]} DROP CONSTRAINT "{row["conname"]}"')
 
 
 async def rewrite_chain(db: Audited, chain: str, seq: int) -> None:
@@ -290,6 +310,171 @@ async def test_events_stored_past_a_lowered_head_fail(audited_db: Audited) -> No
         f" ({earlier}): the head was moved back over them"
     ) in out.stderr
     assert verdicts(out) == {"registry-0": "ok", "registry-1": "ok", "registry-2": "FAILED"}
+
+
+@pytest.mark.asyncio
+async def test_a_chain_whose_head_row_was_deleted_is_still_checked(audited_db: Audited) -> None:
+    """Only chains listed in audit_heads were walked: deleting a head row hid the chain."""
+    await drop_head_foreign_keys(audited_db)
+    chain = "registry-1"
+    (latest,) = await audited_db.execute(
+        "SELECT max(size) AS size FROM audit_checkpoints WHERE chain = $1", chain
+    )
+    await audited_db.execute("DELETE FROM audit_heads WHERE chain = $1", chain)
+    # A chain of which only a stored subtree hash is left.
+    await audited_db.execute(
+        "INSERT INTO audit_nodes (chain, level, idx, hash) VALUES ('registry-9', 8, 0, $1)",
+        bytes(32),
+    )
+    out = run_verify(audited_db.url, "--audit-keys", audited_db.keys_file)
+    assert out.returncode == 1, out.stdout + out.stderr
+    hidden = "events, checkpoints or tree nodes are stored for it, but audit_heads holds no row"
+    assert f"error: {chain}: {hidden}" in out.stderr
+    assert f"error: registry-9: {hidden}" in out.stderr
+    assert len(out.stderr.split("error: ")) - 1 == 2  # the headless chain itself verifies...
+    assert f"{chain}: size {latest['size']}, root " in out.stdout
+    assert f"2 checkpoint(s), the latest at {latest['size']}; 0 event(s) not covered" in out.stdout
+    assert verdicts(out) == {
+        "registry-0": "ok",
+        "registry-1": "FAILED",
+        "registry-2": "ok",
+        "registry-9": "FAILED",
+    }
+    # ...and is checked as any other: events cut from its end fail against its checkpoint.
+    await audited_db.execute(
+        "DELETE FROM audit_events WHERE chain = $1 AND seq >= $2", chain, latest["size"] - 2
+    )
+    out = run_verify(audited_db.url, "--audit-keys", audited_db.keys_file)
+    assert f"error: {chain}: checkpoint at {latest['size']}: it lies past the chain's end" in (
+        out.stderr
+    )
+
+
+@pytest.mark.asyncio
+async def test_the_witness_catches_a_rewrite_that_agrees_with_itself(
+    audited_db: Audited, tmp_path: Path
+) -> None:
+    """All checkpoints of a rewritten chain signed again with a key the database trusts (one
+    that leaked, or added): the database agrees with itself; the witness remembers."""
+    witness = tmp_path / "witness.json"
+    first = run_verify(audited_db.url, "--witness", witness)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"witness: none at {witness} yet" in first.stdout
+    assert stat.S_IMODE(witness.stat().st_mode) == 0o600
+    remembered = await latest_checkpoints(audited_db)
+    assert json.loads(witness.read_text()) == {
+        "format": "agentauth.audit-witness.v1",
+        "of": "database",
+        "chains": remembered,
+    }
+    again = run_verify(audited_db.url, "--witness", witness)
+    assert again.returncode == 0 and "witness: none" not in again.stdout
+
+    chain = "registry-1"
+    await rewrite_chain(audited_db, chain, 3)
+    insider = PrivateKey.generate(kid="insider")
+    await audited_db.execute(
+        "INSERT INTO signing_keys (kid, alg, public_jwk, backend, created_at, activates_at)"
+        " VALUES ('insider', 'ES256', $1, 'local:none', 0, 0)",
+        json.dumps({**insider.public_jwk(), "kid": "insider"}),
+    )
+    await resign_checkpoints(audited_db, chain, insider)
+    assert run_verify(audited_db.url).returncode == 0  # it agrees with itself
+    before = witness.read_bytes()
+    caught = run_verify(audited_db.url, "--witness", witness)
+    assert caught.returncode == 1
+    seen = remembered[chain]
+    assert (
+        f"error: {chain}: the witness recorded {seen['size']} event(s) with root {seen['root']},"
+        " and the root there is now "
+    ) in caught.stderr
+    assert verdicts(caught) == {"registry-0": "ok", "registry-1": "FAILED", "registry-2": "ok"}
+    assert witness.read_bytes() == before  # a failed run never moves it
+
+
+@pytest.mark.asyncio
+async def test_the_witness_catches_chains_cut_back_or_gone(
+    audited_db: Audited, tmp_path: Path
+) -> None:
+    witness = tmp_path / "witness.json"
+    assert run_verify(audited_db.url, "--witness", witness).returncode == 0
+    remembered = await latest_checkpoints(audited_db)
+    before = witness.read_bytes()
+
+    # registry-0 cut back to its earlier checkpoint, the later one deleted, the head lowered:
+    # consistent with itself. registry-2 deleted whole.
+    cut = "registry-0"
+    (sizes,) = await audited_db.execute(
+        "SELECT min(size) AS earlier, max(size) AS latest FROM audit_checkpoints WHERE chain = $1",
+        cut,
+    )
+    earlier = sizes["earlier"]
+    await audited_db.execute(
+        "DELETE FROM audit_checkpoints WHERE chain = $1 AND size > $2", cut, earlier
+    )
+    await audited_db.execute(
+        "DELETE FROM audit_events WHERE chain = $1 AND seq >= $2", cut, earlier
+    )
+    (last,) = await audited_db.execute(
+        "SELECT entry_hash FROM audit_events WHERE chain = $1 AND seq = $2", cut, earlier - 1
+    )
+    await audited_db.execute(
+        "UPDATE audit_heads SET size = $2, head = $3 WHERE chain = $1",
+        cut,
+        earlier,
+        last["entry_hash"],
+    )
+    for table in ("audit_nodes", "audit_checkpoints", "audit_events", "audit_heads"):
+        await audited_db.execute(f"DELETE FROM {table} WHERE chain = 'registry-2'")
+    plain = run_verify(audited_db.url, "--audit-keys", audited_db.keys_file)
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+
+    caught = run_verify(audited_db.url, "--audit-keys", audited_db.keys_file, "--witness", witness)
+    assert caught.returncode == 1
+    assert (
+        f"error: {cut}: the witness recorded {sizes['latest']} event(s) with root"
+        f" {remembered[cut]['root']}, and only {earlier} verify now"
+    ) in caught.stderr
+    assert (
+        f"error: registry-2: the witness recorded {remembered['registry-2']['size']} event(s),"
+        " and the chain is gone"
+    ) in caught.stderr
+    assert witness.read_bytes() == before
+
+
+@pytest.mark.asyncio
+async def test_the_witness_follows_a_growing_log(audited_db: Audited, tmp_path: Path) -> None:
+    witness = tmp_path / "witness.json"
+    assert run_verify(audited_db.url, "--witness", witness).returncode == 0
+    registry = audited_db.registry
+    for i in range(5):
+        async with registry.pool.acquire() as conn, conn.transaction():
+            await registry.audit.append(
+                conn, event="test.event", actor="test", subject=f"t{i}", key=f"agent-{i}"
+            )
+    await registry.checkpoint_all()
+    grown = run_verify(audited_db.url, "--witness", witness)
+    assert grown.returncode == 0, grown.stdout + grown.stderr
+    assert json.loads(witness.read_text())["chains"] == await latest_checkpoints(audited_db)
+
+
+@pytest.mark.parametrize("archive", [False, True], ids=["database", "archive"])
+def test_an_unreadable_witness_is_an_error_and_left_alone(tmp_path: Path, archive: bool) -> None:
+    mode = ("--archive", tmp_path / "no-archive") if archive else ()
+    witness = tmp_path / "witness.json"
+    witness.write_text('{"format": "agentauth.audit-witness.v1", "chains": {}')
+    witness.chmod(0o600)
+    out = run_verify("postgresql://unused", *mode, "--witness", witness)
+    assert out.returncode == 2 and f"error: the witness {witness} is corrupt" in out.stderr
+    assert witness.read_text() == '{"format": "agentauth.audit-witness.v1", "chains": {}'
+    other = "database" if archive else "archive"
+    witness.write_text(
+        json.dumps({"format": "agentauth.audit-witness.v1", "of": other, "chains": {}})
+    )
+    out = run_verify("postgresql://unused", *mode, "--witness", witness)
+    assert out.returncode == 2 and f"records an {other}" in out.stderr
+    out = run_verify("postgresql://unused", *mode, "--witness", tmp_path)
+    assert out.returncode == 2 and f"the witness {tmp_path}" in out.stderr
 
 
 @pytest.mark.asyncio

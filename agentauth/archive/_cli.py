@@ -3,7 +3,7 @@
     python -m agentauth.archive export --archive DIR|s3://BUCKET/PREFIX [--database-url URL]
         [--chain C ...] [--min-events N] [--s3-endpoint URL] [--ray]
     python -m agentauth.archive verify --archive DIR|s3://BUCKET/PREFIX [--audit-keys FILE]
-        [--s3-endpoint URL]
+        [--witness FILE] [--s3-endpoint URL]
 
 Submit the export to a cluster with ``ray job submit -- python -m agentauth.archive export
 --ray ...``: with ``--ray`` each chain is exported by its own Ray task, which Ray retries if
@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .._witness import WitnessError, advance, load, save
 from ..protocol import AuditKeys, InvalidRequest, strict_json_loads
 from ._errors import ArchiveIntegrityError, ArchiveProblem, ArchiveUnavailable
 from ._export import ExportReport, SegmentInfo, chain_names, export
@@ -37,13 +38,16 @@ def verify_command(
     *,
     keys_file: str | os.PathLike[str] | None = None,
     endpoint_url: str | None = None,
+    witness_file: str | os.PathLike[str] | None = None,
 ) -> int:
     """Verify the archive at ``location`` and print the outcome; the process exit status.
 
     ``keys_file`` holds the keys to trust: the registry's audit key list
     (``/.well-known/agentauth-audit-keys.json``, every key it ever signed with and when),
     or a plain JWKS (no signing windows, and missing the keys retired since). Without it
-    the archive's own keys are used, which proves only self-consistency.
+    the archive's own keys are used, which proves only self-consistency. ``witness_file``
+    remembers each chain's size and root across runs (``agentauth._witness``): checked
+    first, then advanced after a run with no problem.
     """
     try:
         keys = (
@@ -54,6 +58,16 @@ def verify_command(
     except (OSError, InvalidRequest) as exc:
         print(f"error: cannot read the keys in {keys_file}: {exc}", file=sys.stderr)
         return 2
+    witness_path = Path(witness_file) if witness_file else None
+    witness = None
+    if witness_path:
+        try:
+            witness = load(witness_path, of="archive")
+        except WitnessError as exc:  # never overwritten: it is what the next run trusts
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if witness is None:
+            print(f"  witness: none at {witness_path} yet, so nothing earlier to compare with")
     try:
         store = open_store(location, endpoint_url=endpoint_url)
     except ValueError as exc:  # s3:// without a bucket; an endpoint URL boto3 refuses
@@ -67,7 +81,7 @@ def verify_command(
     report: ArchiveReport | None
     problems: Sequence[ArchiveProblem] = ()
     try:
-        report = verify_archive(store, keys=keys)
+        report = verify_archive(store, keys=keys, witness=witness)
     except ArchiveIntegrityError as exc:
         problems = exc.problems
         report = exc.report if isinstance(exc.report, ArchiveReport) else None
@@ -93,6 +107,13 @@ def verify_command(
     if problems:
         print(f"archive verification failed: {len(problems)} problem(s)")
         return 1
+    if witness_path and report:
+        try:
+            save(witness_path, advance(witness or {}, report.seen()), of="archive")
+        except WitnessError as exc:
+            print(f"error: the archive verifies, but {exc}", file=sys.stderr)
+            return 2
+        print(f"  witness: {witness_path} records each chain's verified size and root")
     if keys is None:
         trust = "the archive's own keys"
     elif keys.windowed:
@@ -210,13 +231,25 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the registry's audit key list (or a JWKS) to trust (default: the archive's keys)",
     )
+    commands.choices["verify"].add_argument(
+        "--witness",
+        metavar="FILE",
+        help="remember across runs: fail if a chain no longer reaches the size and root FILE"
+        " holds for it, or is gone; after a run with no problem, record the new ones"
+        " (created 0600, replaced atomically). Not the file used for the database",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "verify":
-        return verify_command(args.archive, keys_file=args.keys_file, endpoint_url=args.s3_endpoint)
+        return verify_command(
+            args.archive,
+            keys_file=args.keys_file,
+            endpoint_url=args.s3_endpoint,
+            witness_file=args.witness,
+        )
     if not args.database_url:
         print("error: give --database-url or set DATABASE_URL", file=sys.stderr)
         return 2

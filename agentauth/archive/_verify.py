@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..protocol import EMPTY_ROOT, IntegrityError, InvalidRequest, KeySet, b64url_encode
+from .._witness import Seen, compare, vanished
+from ..protocol import (
+    EMPTY_ROOT,
+    IntegrityError,
+    InvalidRequest,
+    KeySet,
+    b64url_decode,
+    b64url_encode,
+)
 from ._errors import ArchiveIntegrityError, ArchiveProblem
 from ._segments import (
     KEYS_DIR,
@@ -47,6 +56,11 @@ class ArchiveReport:
     def events(self) -> int:
         return sum(c.size for c in self.chains)
 
+    def seen(self) -> dict[str, Seen]:
+        """Each archived chain's verified size and root, for the witness file. A chain with
+        no segment yet (only an interrupted export's events) is not archived: left out."""
+        return {c.chain: Seen(c.size, b64url_decode(c.root)) for c in self.chains if c.segments}
+
 
 def load_keys(store: ArchiveStore) -> KeySet:
     """The public keys stored in the archive (``keys/<kid>.jwk.json``)."""
@@ -61,7 +75,9 @@ def load_keys(store: ArchiveStore) -> KeySet:
     return KeySet(keys)
 
 
-def verify_archive(store: ArchiveStore, *, keys: KeySet | None = None) -> ArchiveReport:
+def verify_archive(
+    store: ArchiveStore, *, keys: KeySet | None = None, witness: Mapping[str, Seen] | None = None
+) -> ArchiveReport:
     """Check every chain of the archive, segment by segment, from genesis.
 
     Each segment must match its digest and both of its signed checkpoints (signatures by
@@ -69,7 +85,9 @@ def verify_archive(store: ArchiveStore, *, keys: KeySet | None = None) -> Archiv
     self-consistent: pin the registry's JWKS to prove it is the registry's), and pick up
     exactly where the previous one ended. Returns a report, or raises
     ``ArchiveIntegrityError`` listing every problem, each naming its chain and segment.
-    An archive with no segments raises: an empty answer never passes.
+    An archive with no segments raises: an empty answer never passes. ``witness`` is what
+    earlier clean runs saw (``ArchiveReport.seen``): a segment must still end at each
+    remembered size, with the remembered root, and no chain may have shrunk or vanished.
     """
     pinned = keys is not None
     if keys is None:
@@ -92,10 +110,17 @@ def verify_archive(store: ArchiveStore, *, keys: KeySet | None = None) -> Archiv
     problems: list[ArchiveProblem] = []
     summaries: list[ChainSummary] = []
     incomplete: list[str] = []
+    witness = witness or {}
     for chain in sorted(objects):
-        summary, orphans = _verify_chain(store, chain, objects[chain], keys, problems)
+        summary, orphans = _verify_chain(
+            store, chain, objects[chain], keys, problems, seen=witness.get(chain)
+        )
         summaries.append(summary)
         incomplete.extend(orphans)
+    problems += (
+        ArchiveProblem(chain, None, None, "witness", text)
+        for chain, text in vanished(witness, set(objects)).items()
+    )
     report = ArchiveReport(
         chains=tuple(summaries), incomplete=tuple(incomplete), keys_pinned=pinned
     )
@@ -110,6 +135,8 @@ def _verify_chain(
     sizes: dict[int, set[str]],
     keys: KeySet,
     problems: list[ArchiveProblem],
+    *,
+    seen: Seen | None = None,
 ) -> tuple[ChainSummary, list[str]]:
     sealed = [size for size in sorted(sizes) if "manifest" in sizes[size]]
     tip = sealed[-1] if sealed else 0
@@ -125,6 +152,8 @@ def _verify_chain(
 
     previous: Manifest | None = None
     root, head_size, segments = EMPTY_ROOT, 0, 0
+    # Segments are written once and never re-cut, so a remembered size stays a boundary.
+    roots = {0: EMPTY_ROOT}  # the verified root at each segment's end
     for size in sealed:
         try:
             raw = store.get(manifest_key(chain, size))
@@ -159,8 +188,12 @@ def _verify_chain(
             problems.append(_problem(chain, manifest.from_size, size, exc))
         else:
             root, head_size = head.root, head.size
+            roots[head.size] = head.root
         segments += 1
         previous = manifest
+    wrong = compare(seen, size=head_size, root=roots.get(seen.size) if seen else None)
+    if wrong:
+        problems.append(ArchiveProblem(chain, None, None, "witness", wrong))
     summary = ChainSummary(
         chain=chain,
         segments=segments,
