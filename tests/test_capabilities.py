@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from decimal import Decimal
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -275,7 +275,7 @@ def test_dot_segments_and_risky_escapes_are_refused(name: str) -> None:
         "k:v+w=x,y~z_-",
         "files/my%20notes.txt",
         "files/caf%C3%A9",
-        "files/a%3Ab",  # an escape of a character that may also appear as itself
+        "files/%F0%9F%93%85",  # four UTF-8 bytes
         "files/%5B1%5D%7B%7D%60%22",
     ],
 )
@@ -286,16 +286,82 @@ def test_names_without_traversal_are_accepted(name: str) -> None:
 
 
 def test_names_quote_writes_are_accepted() -> None:
-    # A provider that quotes each path segment gets a valid name for every printable byte
-    # but the refused ones.
+    # A provider that quotes each path segment, with the characters allowed as themselves
+    # kept, gets the one valid name of every printable character but the refused ones.
     refused = {ord("%"), ord("/"), ord("\\"), 0x7F, *range(0x20)}
-    for byte in range(256):
-        name = "files/x" + quote(bytes([byte]), safe="")
-        if byte in refused:
+    for point in [*range(0x800), 0xFFFD, 0x10000, 0x1F4C5, 0x10FFFF]:
+        name = "files/x" + quote(chr(point), safe=":@+=,")
+        if point in refused:
             with pytest.raises(ValidationError):
                 write(name)
         else:
             assert write(name).resource == name
+
+
+# One path, one name: an escape of a character allowed as itself is a second name of it
+# ('a%3Ab' of 'a:b', which a grant on 'a:b' does not match), and escapes that spell no
+# UTF-8 text are names of no path. Both are refused, for actions and for grants alike.
+NON_CANONICAL_NAMES = [
+    ("files/a%3Ab", "second name of ':'"),  # what quote(segment, safe="") writes
+    ("files/me%40example.com", "second name of '@'"),
+    ("files/a%2Bb%3Dc%2Cd", r"second name of '\+'"),
+    ("files/%FF", "UTF-8"),  # no UTF-8 byte
+    ("files/caf%C3", "UTF-8"),  # a sequence cut short
+    ("files/caf%C3x", "UTF-8"),
+    ("files/%A9", "UTF-8"),  # a continuation byte alone
+    ("files/%C3%A9%A9", "UTF-8"),
+    ("files/%C0%AF", "UTF-8"),  # overlong '/', which lax decoders read as one
+    ("files/%E0%80%AE", "UTF-8"),  # overlong '.'
+    ("files/%ED%A0%80", "UTF-8"),  # a surrogate
+    ("files/%F4%90%80%80", "UTF-8"),  # past U+10FFFF
+]
+
+
+@pytest.mark.parametrize(("name", "why"), NON_CANONICAL_NAMES)
+def test_second_spellings_and_escapes_of_no_text_are_refused(name: str, why: str) -> None:
+    with pytest.raises(ValidationError, match=why):
+        write(name)
+    for pattern in (name, name + "/*"):
+        with pytest.raises(ValidationError, match=why):
+            Capability.write(pattern)
+        with pytest.raises(ValidationError, match=why):
+            parse_capabilities([{"kind": "read", "resource": pattern}])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    segment=st.lists(
+        st.sampled_from(["a", ":", "@", "+", "~", "%3A", "%41", "%20", "%C3", "%A9", "%FF"])
+        | st.sampled_from(["%E2", "%82", "%AC", "%F0", "%9F", "%93", "%85", "%C0", "%AF"]),
+        min_size=1,
+        max_size=6,
+    ).map("".join)
+)
+def test_a_valid_name_is_the_one_name_of_its_path(segment: str) -> None:
+    """Decoding a valid name and quoting it again gives it back: no path has two names, so
+    a grant matches every spelling of what it names (there is one) and nothing more."""
+    try:
+        write("files/" + segment)
+    except ValidationError:
+        return
+    event("valid")
+    assert quote(unquote_to_bytes(segment).decode(), safe=":@+=,") == segment
+
+
+def test_refusals_say_which_rule_the_name_breaks() -> None:
+    cases = {
+        "calendar/../payments": "made of dots only",
+        "calendar//x": "segment is empty",
+        "calendar/%2e": "uppercase hex",
+        "calendar/a%2F": "escapes a separator",
+        "calendar/my notes": "must be percent-escaped",
+        "calendar/*/x": "must be percent-escaped",
+    }
+    for name, why in cases.items():
+        with pytest.raises(ValidationError, match=why):
+            write(name)
+    with pytest.raises(ValidationError, match="only alone or as the last segment"):
+        Capability.write("calendar/*/x")
 
 
 def test_overlong_pattern_is_refused() -> None:

@@ -6,6 +6,7 @@ read like the rules a human approved ("weekdays 09:00-17:00 in Berlin").
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -220,6 +221,22 @@ def test_time_window_in_local_time(when: tuple[int, ...], allowed: bool) -> None
     decision = evaluate(OFFICE_HOURS, UsageState(), READ, now=local(BERLIN, *when))
     assert decision.allowed is allowed
     assert decision.reason == ("ok" if allowed else "outside_time_window")
+
+
+def test_time_window_edges_are_exact_to_the_last_float() -> None:
+    """Any instant before the start is outside and any before the end inside, however close:
+    the float just below 09:00 is not rounded up to it (fromtimestamp rounds to the
+    microsecond, which let in the last half microsecond before a window opened)."""
+    start, end = local(BERLIN, 2024, 6, 3, 9, 0), local(BERLIN, 2024, 6, 3, 17, 0)
+    cases = [
+        (math.nextafter(start, 0), False),
+        (start - 4e-7, False),
+        (start, True),
+        (math.nextafter(end, 0), True),
+        (end, False),
+    ]
+    for now, allowed in cases:
+        assert evaluate(OFFICE_HOURS, UsageState(), READ, now=now).allowed is allowed, now
 
 
 def test_time_window_follows_daylight_saving_time() -> None:
@@ -488,6 +505,17 @@ def test_daily_spend_rolls_over_at_local_midnight() -> None:
         [(utc(2024, 6, 3, 21, 30), pay("60")), (utc(2024, 6, 3, 22, 0), pay("60"))],
     )
     assert reasons(in_utc) == ["ok", "cumulative_limit_exceeded"]
+
+
+def test_spend_period_edges_are_exact_to_the_last_float() -> None:
+    envelope = Envelope(spend_limits=(spend("100", "day"),), timezone=BERLIN)
+    midnight = local(BERLIN, 2024, 6, 4, 0, 0)
+    decisions = run(
+        envelope,
+        [(math.nextafter(midnight, 0), pay("60")), (math.nextafter(midnight, 0), pay("60"))],
+    )
+    assert reasons(decisions) == ["ok", "cumulative_limit_exceeded"]  # both on June 3
+    assert evaluate(envelope, decisions[-1].state, pay("60"), now=midnight).allowed
 
 
 def test_hourly_spend() -> None:

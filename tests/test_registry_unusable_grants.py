@@ -496,3 +496,27 @@ async def test_a_request_whose_agent_was_disabled_no_longer_waits(service: InPro
         world.url(f"/v1/grant-requests/{request['id']}/approval/begin"), headers=human.headers
     )
     refused(r, 409, "conflict", "agent_disabled")
+
+
+# --- a resource named in a form refused since ---------------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_stored_grant_on_a_name_refused_since_gets_no_token_and_no_500(
+    service: InProcess,
+) -> None:
+    """'files/a%3Ab' was a valid second name of 'files/a:b' until 2026-11-30: a grant
+    approved on it is refused a token as the grant it is (403, not the agent's 400: its
+    request was well formed), with nothing written."""
+    world = service.world
+    _, agent, _, grant = await world.setup_grant(
+        capabilities=[Capability.read("files/a:b").to_document()]
+    )
+    await service.registry.pool.execute(
+        "UPDATE grants SET document = replace(document::text, 'files/a:b', 'files/a%3Ab')::jsonb"
+        " WHERE id = $1",
+        grant["id"],
+    )
+    before = await service.counts()
+    refused(await world.token(agent, grant["id"]), 403, "forbidden", "grant_unusable")
+    assert await service.counts() == before

@@ -495,13 +495,15 @@ async def test_each_sign_in_and_approval_records_the_backup_state(service: InPro
 
 @pytest.mark.asyncio(loop_scope="session")
 @pytest.mark.parametrize("registered_eligible", [False, True], ids=["gains-be", "loses-be"])
-async def test_an_assertion_whose_backup_eligibility_changed_writes_nothing(
+async def test_an_assertion_whose_backup_eligibility_changed_is_audited_and_writes_nothing_else(
     service: InProcess, registered_eligible: bool
 ) -> None:
     """BE is fixed for a credential's life (WebAuthn L3 §6.1.3). A signed assertion with the
     other BE is refused, sign-in and approval alike, 403 backup_eligibility_changed: no
-    session, no grant, the request still pending, the counter and flags as they were. The
-    same passkey with its own BE then works."""
+    session, no grant, the request still pending, the counter and flags as they were, the
+    passkey not flagged. Each refusal leaves one audit event, as a counter going back does
+    (it was unaudited: a cloned or tampered authenticator left no trace but a log line).
+    The same passkey with its own BE then works."""
     world = service.world
     human = await human_with(world, backup_eligible=registered_eligible, backed_up=False)
     agent = await world.agent(human)
@@ -519,15 +521,29 @@ async def test_an_assertion_whose_backup_eligibility_changed_writes_nothing(
         json={"credential": human.authenticator.get(begun["options"])},
     )
     refused(r, 403, "backup_eligibility_changed")
-    assert await service.counts() == before
+    assert await service.counts() == {**before, "audit_events": before["audit_events"] + 1}
 
     r = await sign_in(world, human.authenticator.get)
     refused(r, 403, "backup_eligibility_changed")
-    # The sign-in's own challenge, stored by /begin, is all that is new.
+    # The sign-in's own challenge, stored by /begin, and the two refusals' events are all
+    # that is new.
     assert await service.counts() == {
         **before,
         "webauthn_challenges": before["webauthn_challenges"] + 1,
+        "audit_events": before["audit_events"] + 2,
     }
+    assert await service.events("passkey.refused", passkey.credential_id) == 2
+    subject = "passkey:" + b64url_encode(passkey.credential_id)
+    rows = await service.registry.pool.fetch(
+        "SELECT body FROM audit_events WHERE event = 'passkey.refused'"
+    )
+    events = [e for e in map(json.loads, (r["body"] for r in rows)) if e["subject"] == subject]
+    assert [(e["actor"], e["data"]) for e in events] == 2 * [
+        (
+            "registry",
+            {"reason": "backup_eligibility_changed", "backup_eligible": not registered_eligible},
+        )
+    ]
     assert await service.stored(passkey.credential_id) == stored
     assert await service.flagged(human.principal_id) == [False]
     r = await world.client.get(

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import stat
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import httpx
@@ -41,6 +43,7 @@ from agentauth.sdk import (
     is_nonce_challenge,
 )
 from agentauth.sdk._client import _load_or_create_key, _Token
+from agentauth.sdk._provider import denial
 
 
 def claims(proof: str) -> dict[str, object]:
@@ -545,6 +548,98 @@ async def test_a_token_the_provider_refuses_as_revoked_is_let_go(tmp_path: Path)
         assert registry.issued == ["grt_1", "grt_2", "grt_2"]  # one more, not five
 
 
+# Every reason a verifier (or the offline check) denies with, as the provider helpers
+# answer it, by whether a new token could pass where this one was refused.
+CURED_BY_A_NEW_TOKEN = [
+    "invalid_token:expired",  # the token's own lifetime
+    "invalid_token:unknown_kid",  # signed by a key the registry retired
+    "invalid_token:bad_signature",
+    "invalid_token:malformed_claims",  # its grant names what parses no more
+    "revoked",  # the grant, the agent or the token revoked: a new grant may stand
+    "grant_inactive",
+    "expired",  # the grant's envelope ran out: a newer grant may not have
+    "insufficient_capability",  # the newest grant may cover more (insufficient_scope)
+    "invalid_dpop_proof:jkt_mismatch",  # the agent's key replaced: bound to the old one
+    "invalid_dpop_proof:ath_mismatch",
+]
+STANDING_WITH_ANY_TOKEN = [
+    "rate_limited",
+    "cumulative_limit_exceeded",
+    "transaction_limit_exceeded",
+    "outside_time_window",
+    "step_up_required",
+    "step_up_invalid",
+    "amount_precision",
+    "currency_mismatch",
+    "replay_detected",  # a new proof is the cure, not a new token
+    "shard_restarted",
+    "invalid_dpop_proof:iat_too_old",
+    "invalid_dpop_proof:htu_mismatch",
+    "invalid_dpop_proof:bad_signature",
+    "invalid_dpop_proof:multiple_proofs",
+    "invalid_request:missing_token",
+    "invalid_request:rejected_by_verifier",
+    "missing_dpop_credentials",
+    "malformed_check",
+    "verifier_unavailable",  # a dependency down: 503, whatever the token
+    "revocation_state_stale",
+    "dependency_unavailable",
+    "state_unavailable",
+    "state_timeout",
+    "audit_unavailable",
+]
+
+
+@pytest.mark.parametrize(
+    ("reason", "let_go"),
+    [(r, True) for r in CURED_BY_A_NEW_TOKEN] + [(r, False) for r in STANDING_WITH_ANY_TOKEN],
+)
+def test_a_token_is_let_go_for_exactly_the_refusals_a_new_token_may_cure(
+    reason: str, let_go: bool
+) -> None:
+    """Only a 401 invalid_token, revoked and grant_inactive let a token go: a token whose
+    grant's envelope had expired, one bound to a replaced key, and one covering less than
+    the human has granted since were presented again until they expired."""
+    status, headers, body = denial(Verification(False, reason))
+    refused: list[str] = []
+    auth = DPoPAuth(key=PrivateKey.generate(), token="tok.en.x", on_refused=refused.append)
+    request = httpx.Request("GET", "https://shop.example/orders")
+    flow = auth.sync_auth_flow(request)
+    next(flow)
+    answer = httpx.Response(
+        status, headers=headers, stream=_UnreadBody(json.dumps(body).encode()), request=request
+    )
+    with pytest.raises(StopIteration):
+        flow.send(answer)
+    assert refused == (["tok.en.x"] if let_go else [])
+
+
+@pytest.mark.asyncio
+async def test_a_grant_approved_for_more_is_used_at_the_next_request(tmp_path: Path) -> None:
+    """An agent refused insufficient_capability asks for more and the human approves a
+    second grant: the token of the first, still valid, is not presented again."""
+    now = [1_000_000.0]
+    registry = TokenRegistry([listed_grant("grt_1")], now=now)
+    client = token_client(registry, tmp_path)
+    presented: list[str] = []
+
+    async def provider(request: httpx.Request) -> httpx.Response:
+        token = request.headers["authorization"].removeprefix("DPoP ")
+        presented.append(token)
+        if token == "tok-1-grt_1":
+            status, headers, body = denial(Verification(False, "insufficient_capability"))
+            return httpx.Response(status, headers=headers, json=body)
+        return httpx.Response(200, json={"ok": True})
+
+    async with httpx.AsyncClient(
+        transport=httpx.MockTransport(provider), auth=client.auth("shop")
+    ) as http:
+        assert (await http.post("https://shop.example/refunds")).status_code == 403
+        registry.grants = [listed_grant("grt_1"), listed_grant("grt_2")]  # approved meanwhile
+        assert (await http.post("https://shop.example/refunds")).status_code == 200
+    assert presented == ["tok-1-grt_1", "tok-2-grt_2"]
+
+
 def test_the_sync_client_lets_a_refused_token_go_too(tmp_path: Path) -> None:
     now = [1_000_000.0]
     registry = TokenRegistry([listed_grant("grt_1")], now=now)
@@ -634,11 +729,14 @@ ISSUER = "https://registry.example"
 SHOP_URL = "https://shop.example/payments/1"
 
 
-def offline_request(envelope: Envelope) -> tuple[OfflineVerifier, dict[str, str]]:
+def offline_request(
+    envelope: Envelope, now: int | None = None
+) -> tuple[OfflineVerifier, dict[str, str]]:
     """An offline verifier, and the headers of an agent's request under a grant with
-    ``envelope`` (a transact capability on payments/*, no amount cap of its own)."""
+    ``envelope`` (a transact capability on payments/*, no amount cap of its own), signed
+    at ``now`` (by default the present)."""
     registry_key, agent_key = PrivateKey.generate(), PrivateKey.generate()
-    now = int(time.time())
+    now = int(time.time()) if now is None else now
     grant = Grant(
         grant_id="grt_1",
         agent_id="agt_1",
@@ -716,6 +814,33 @@ async def test_offline_mode_applies_the_envelopes_stateless_rules() -> None:
         method="POST", url=SHOP_URL, headers=headers_closed, action=pay_usd("20")
     )
     assert (refused.allowed, refused.reason) == (False, "outside_time_window")
+
+
+@pytest.mark.asyncio
+async def test_offline_mode_draws_a_time_windows_edges_as_the_verifier_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The instant just before a window opens is outside it, offline as online (the float
+    below 09:00 used to be rounded up to 09:00), and the instant just before it closes is
+    inside."""
+    from agentauth.sdk import _provider
+
+    opens = int(datetime(2024, 6, 3, 9, 0, tzinfo=UTC).timestamp())  # a Monday
+    closes = opens + 8 * 3600
+    window = [{"days": ["mon"], "start": "09:00", "end": "17:00"}]
+    envelope = Envelope.model_validate({"time_windows": window})
+    for now, reason in [
+        (math.nextafter(opens, 0), "outside_time_window"),
+        (opens, "ok_offline"),
+        (math.nextafter(closes, 0), "ok_offline"),
+        (closes, "outside_time_window"),
+    ]:
+        verifier, headers = offline_request(envelope, now=math.floor(now) - 5)
+        monkeypatch.setattr(_provider, "time", SimpleNamespace(time=lambda now=now: now))
+        verification = await verifier.verify_request(
+            method="POST", url=SHOP_URL, headers=headers, action=pay_usd("20")
+        )
+        assert verification.reason == reason, now
 
 
 @pytest.mark.asyncio
@@ -965,8 +1090,6 @@ ALGS = 'algs="ES256 Ed25519 EdDSA"'
 def test_each_refusal_gets_its_status_and_dpop_challenge(
     verification: Verification, status: int, challenge: str | None
 ) -> None:
-    from agentauth.sdk._provider import denial
-
     got_status, headers, body = denial(verification)
     assert (got_status, headers.get("WWW-Authenticate")) == (status, challenge)
     assert headers.get("Retry-After") == ("1" if status == 503 else None)

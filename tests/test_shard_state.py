@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import sys
 from decimal import Decimal
 
@@ -98,6 +99,23 @@ def test_verifier_denials_are_recorded_not_decided() -> None:
     outcome = state.decide(check(deny="invalid_token:expired"), NOW)
     assert (outcome.allowed, outcome.reason) == (False, "invalid_token:expired")
     assert not state.jtis
+
+
+def test_a_time_window_opens_exactly_at_its_start() -> None:
+    """The shard decides on whole milliseconds, but the edge it applies is exact: the
+    millisecond before 09:00 is outside, and so is any instant before it (as offline)."""
+    opens = 1_717_405_200.0  # Monday 2024-06-03 09:00 UTC
+    window = {"days": ["mon"], "start": "09:00", "end": "17:00"}
+    env = Envelope.model_validate({"time_windows": [window]})
+    state = ShardState(started_at=opens - 60)
+    for jti, now, allowed in [
+        ("ms", opens - 0.001, False),
+        ("float", math.nextafter(opens, 0), False),
+        ("start", opens, True),
+    ]:
+        outcome = state.decide(check(jti, iat=now, envelope=env), now)
+        assert outcome.allowed is allowed, jti
+        assert outcome.reason == ("ok" if allowed else "outside_time_window")
 
 
 def test_step_up_reference_is_single_use_and_must_be_valid() -> None:

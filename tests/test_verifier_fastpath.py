@@ -266,3 +266,24 @@ async def test_no_answer_of_the_verifier_may_be_stored(fail: Exception | None) -
     for r in answers:
         assert r.headers.get_list("cache-control") == ["no-store"], (r.request.url, r.status_code)
         assert r.headers.get("pragma") == "no-cache", (r.request.url, r.status_code)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("resource", "why"),
+    [
+        ("things/a%3Ab", "second name of ':'"),  # 'things/a:b' is the path's one name
+        ("things/%C3", "well-formed UTF-8"),
+    ],
+)
+async def test_an_action_on_a_name_that_is_not_canonical_is_refused_undecided(
+    resource: str, why: str
+) -> None:
+    stand_in = StandIn()
+    body = {**BODY, "action": {"kind": "read", "resource": resource}}
+    r = await post(stand_in, json.dumps(body).encode(), AUTH)
+    answer = r.json()
+    assert (r.status_code, answer["error"], answer["reason"]) == (400, "invalid_request", "schema")
+    [detail] = answer["details"]
+    assert detail["loc"] == ["action", "resource"] and why in detail["msg"]
+    assert stand_in.calls == []

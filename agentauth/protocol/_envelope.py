@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -290,7 +291,11 @@ def evaluate(
 ) -> Decision:
     """Decide one action against the envelope; on allow, the returned state records it."""
     needs_local = bool(envelope.time_windows or envelope.spend_limits)
-    local = datetime.fromtimestamp(now, tz=envelope.zone) if needs_local else None
+    # The whole second, rounded down: fromtimestamp rounds to the nearest microsecond, which
+    # put an instant half a microsecond before a window opened (or a day began) inside it.
+    # Windows and periods begin on whole seconds (zone offsets are whole seconds), so the
+    # floor lands every instant in the minute and bucket it belongs to.
+    local = datetime.fromtimestamp(math.floor(now), tz=envelope.zone) if needs_local else None
     keys = [period_key(cap.period, local) for cap in envelope.spend_limits] if local else []
     for index, key in enumerate(keys):
         # A late action (clock skew between replicas) must not move a bucket back to an

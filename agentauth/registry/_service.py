@@ -157,6 +157,21 @@ class SignCountRegression(Forbidden):
         self.principal_id = principal_id
 
 
+class BackupEligibilityChanged(Forbidden):
+    """A passkey's signed assertion with another BE than the one recorded: not the
+    authenticator that created the credential behaving as WebAuthn says (its key moved,
+    cloned, or a tampered authenticator)."""
+
+    def __init__(self, credential_id: str, principal_id: str, presented: bool) -> None:
+        super().__init__(
+            "the passkey's backup eligibility (BE) changed, which WebAuthn rules out",
+            reason="backup_eligibility_changed",
+        )
+        self.credential_id = credential_id
+        self.principal_id = principal_id
+        self.presented = presented
+
+
 @dataclass(frozen=True, slots=True)
 class Agent:
     id: str
@@ -260,6 +275,12 @@ class Registry:
             # Recorded after the refused transaction has rolled back (and released its lock
             # on the credential row), in a transaction of its own.
             await self._flag_credential(exc.credential_id, exc.principal_id)
+            raise
+        except BackupEligibilityChanged as exc:
+            # Likewise, but only the audit event: the passkey is not flagged (a faulty
+            # authenticator is as likely as a clone), and nothing else of the refused
+            # ceremony stays.
+            await self._audit_backup_eligibility_change(exc)
             raise
         except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
             raise DependencyUnavailable("the database is unavailable") from exc
@@ -944,14 +965,13 @@ class Registry:
         if _backup_eligibility_changed(
             stored=row["backup_eligible"], presented=checked.backup_eligible
         ):
-            # Refused with nothing written: the caller's transaction rolls back. Who, not
-            # which passkey: the log carries no passkey material.
+            # The caller's transaction rolls back; _tx then records the refusal alone. Who,
+            # not which passkey: the log carries no passkey material (the audit event does).
             log.warning(
                 "refused a passkey assertion whose BE flag changed (%s)", row["principal_id"]
             )
-            raise Forbidden(
-                "the passkey's backup eligibility (BE) changed, which WebAuthn rules out",
-                reason="backup_eligibility_changed",
+            raise BackupEligibilityChanged(
+                credential_id, row["principal_id"], checked.backup_eligible
             )
         # BE is recorded here for passkeys registered before it was stored (NULL) and is
         # otherwise the stored value again; BS is whatever the authenticator says now.
@@ -979,6 +999,20 @@ class Registry:
                 subject=f"passkey:{credential_id}",
                 key=principal_id,
                 data={"reason": "sign_count_regression"},
+            )
+
+    async def _audit_backup_eligibility_change(self, refused: BackupEligibilityChanged) -> None:
+        async with self._tx() as conn:
+            await self._audit(
+                conn,
+                event="passkey.refused",
+                actor="registry",
+                subject=f"passkey:{refused.credential_id}",
+                key=refused.principal_id,
+                data={
+                    "reason": "backup_eligibility_changed",
+                    "backup_eligible": refused.presented,
+                },
             )
 
     # --- enrollment and agents -----------------------------------------------------------
@@ -1604,7 +1638,7 @@ class Registry:
     ) -> dict[str, Any]:
         """Use of a grant against its limits, from the verifier's committed decisions."""
         grant_view = await self.get_grant(grant_id, principal_id=principal_id, agent=agent)
-        grant = Grant.from_document(grant_view["document"])
+        grant = _stored_grant(grant_view["document"])
         now = time.time()
         events = await self.pool.fetch(
             "SELECT chain, seq, time_ms, event, body FROM audit_events WHERE grant_id = $1"
@@ -1691,7 +1725,7 @@ class Registry:
             raise Forbidden("the grant has expired", reason="grant_expired")
         if row["provider_suspended"]:
             raise Forbidden("the grant's provider is suspended", reason="provider_suspended")
-        grant = Grant.from_document(json.loads(row["document"]))
+        grant = _stored_grant(json.loads(row["document"]))
         lifetime = self.settings.token_lifetime
         if grant.envelope.expires_at is not None:
             lifetime = min(lifetime, grant.envelope.expires_at - now)
@@ -1878,7 +1912,7 @@ class Registry:
             raise Forbidden("the grant has expired", reason="grant_expired")
         if grant["provider_suspended"]:  # no token could use the approval
             raise Forbidden("the grant's provider is suspended", reason="provider_suspended")
-        _check_step_up_applies(Grant.from_document(grant["document"]), body)
+        _check_step_up_applies(_stored_grant(grant["document"]), body)
         step_id = new_id("stp")
         expires_at = int(time.time()) + self.settings.step_up_ttl
         document = {
@@ -2375,6 +2409,19 @@ def _credential_standing(row: asyncpg.Record | None, given: bytes) -> bool:
     if row["suspended"]:
         raise Forbidden("the provider is suspended", reason="provider_suspended")
     return is_current
+
+
+def _stored_grant(document: dict[str, Any]) -> Grant:
+    """A grant as stored at its approval. One approved under a rule refused since (a
+    resource named in a form no longer accepted, docs/protocol.md) parses no more: that is
+    no fault of the request naming it, so it is a 403 ``grant_unusable``, not a 400."""
+    try:
+        return Grant.from_document(document)
+    except ValueError:
+        raise Forbidden(
+            "the grant was approved in a form no longer accepted: ask for it again",
+            reason="grant_unusable",
+        ) from None
 
 
 def _still_usable(row: asyncpg.Record) -> None:

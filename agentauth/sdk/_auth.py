@@ -46,20 +46,44 @@ def _challenge_in_body(response: httpx.Response) -> bool:
     )
 
 
-# A provider's refusals that say the token itself is no good any more (its grant revoked,
-# or over): a new token, from the grant that stands now, may be.
-_TOKEN_GONE = frozenset({"revoked", "grant_inactive"})
+# A provider's refusals (by the provider helpers' reasons) that a new token may cure, and so
+# let the token go: its grant revoked, inactive or over (``expired``: the envelope's expiry,
+# which a newer grant for the provider may not share), a token not bound to the key signing
+# its proofs or to the proof (``jkt_mismatch``, ``ath_mismatch``: the agent's key
+# replaced), and a token covering too little (``insufficient_capability``, RFC 6750's
+# insufficient_scope: the newest grant for the provider may cover more). A 401
+# ``invalid_token`` is one whatever its reason (the token expired, its signing key retired).
+# Every other refusal stands with any token of the grant: a limit reached (rate, spend, per
+# payment, the time window), a step-up wanted or spent, an amount or currency no rule
+# accepts, a proof that failed (too old, replayed, before a shard's restart: a new proof is
+# the cure), a malformed request, a dependency down.
+_TOKEN_GONE = frozenset(
+    {
+        "revoked",
+        "grant_inactive",
+        "expired",
+        "insufficient_capability",
+        "invalid_dpop_proof:jkt_mismatch",
+        "invalid_dpop_proof:ath_mismatch",
+    }
+)
 
 
 def _may_refuse_token(response: httpx.Response) -> bool:
-    """Whether ``response`` may be a refusal of the token whose reason only the body
-    gives (403 without a challenge: the provider helpers' form)."""
-    return response.status_code == 403 and "www-authenticate" not in response.headers
+    """Whether ``response`` may be a refusal of the token whose reason only the body gives:
+    a 403 without a challenge or with ``insufficient_scope``, or a 401 for the proof (the
+    provider helpers' forms)."""
+    challenge = response.headers.get("www-authenticate")
+    if response.status_code == 403:
+        return challenge is None or "insufficient_scope" in challenge
+    return response.status_code == 401 and "invalid_dpop_proof" in (challenge or "")
 
 
 def _refuses_token(response: httpx.Response) -> bool:
-    if response.status_code == 401:
-        return "invalid_token" in response.headers.get("www-authenticate", "")
+    if response.status_code == 401 and "invalid_token" in response.headers.get(
+        "www-authenticate", ""
+    ):
+        return True
     if not _may_refuse_token(response):
         return False
     try:
@@ -77,8 +101,9 @@ def htu_of(url: httpx.URL | str) -> str:
 class DPoPAuth(httpx.Auth):
     """Signs requests for one access token with the agent's key.
 
-    ``on_refused`` (optional) is called with the token when the server refuses the token
-    itself (401 ``invalid_token``, or 403 ``revoked``/``grant_inactive``), so a cache of
+    ``on_refused`` (optional) is called with the token when the server's refusal is one a
+    new token may cure (401 ``invalid_token``; ``revoked``, ``grant_inactive``, ``expired``,
+    ``insufficient_capability``; a proof refused as not bound to the token), so a cache of
     tokens can let it go.
     """
 

@@ -322,11 +322,12 @@ class AgentAuthClient:
         return ends_with_grant and token.expires_at > now
 
     def _forget_refused(self, service_provider_id: str, token: str) -> None:
-        """A provider refused ``token`` itself (its grant revoked, replaced, over): let it
-        go, so the next request takes a token from the grant that stands now instead of
-        presenting the dead one until it expires. At most once per ``_REISSUE_PAUSE`` per
-        provider: a refusal a new token does not cure (a provider that is misconfigured)
-        must not make every request an issuance, a token row and an audit event each."""
+        """A provider refused ``token`` in a way a new token may cure (its grant revoked or
+        over, the token bound to another key, or covering too little): let it go, so the
+        next request takes a token from the newest grant that stands instead of presenting
+        this one until it expires. At most once per ``_REISSUE_PAUSE`` per provider: a
+        refusal a new token does not cure (a provider that is misconfigured) must not make
+        every request an issuance, a token row and an audit event each."""
         cached = self._tokens.get(service_provider_id)
         now = self._clock()
         if cached is None or not hmac.compare_digest(cached.value, token):
