@@ -30,6 +30,7 @@ from .protocol import (
     InvalidRequest,
     InvalidToken,
     PayloadTooLarge,
+    RateLimited,
     ReplayDetected,
     Unauthenticated,
     UseDPoPNonce,
@@ -142,6 +143,8 @@ def _error_response(
     headers = {}
     if isinstance(exc, UseDPoPNonce):
         headers["DPoP-Nonce"] = exc.nonce
+    if isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(exc.retry_after)
     if scope is not None:
         auth = scope.get(_AUTHENTICATION, auth)
     status = exc.status_hint

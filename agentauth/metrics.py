@@ -19,6 +19,10 @@ or a plain script) they are no-ops, so the service code records unconditionally.
                                                 covered by a signed checkpoint
     agentauth_tokens_issued_total
     agentauth_fail_closed_total{dependency}
+    agentauth_anonymous_refused_total{reason}   anonymous starts refused: rate_limited,
+                                                too_many_challenges, limits_unavailable
+    agentauth_anonymous_fallback_total          anonymous starts decided by a replica's
+                                                own memory (Redis unreachable)
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ _SPECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "audit_lag": ("gauge", "agentauth_audit_lag_seconds", ()),
     "tokens_issued": ("counter", "agentauth_tokens_issued_total", ()),
     "fail_closed": ("counter", "agentauth_fail_closed_total", ("dependency",)),
+    "anonymous_refused": ("counter", "agentauth_anonymous_refused_total", ("reason",)),
+    "anonymous_fallback": ("counter", "agentauth_anonymous_fallback_total", ()),
 }
 _made: dict[str, Any] = {}
 

@@ -605,6 +605,9 @@ def start_stack(
         admin_token=admin,
         # Long enough that no token expires during the benchmark.
         token_lifetime=1800,
+        # One address registers every agent: far more starts than a client's default.
+        anonymous_client_limit=1_000_000,
+        anonymous_global_limit=1_000_000,
     )
     serve.run(
         build_registry_app(registry_settings, replicas=1),

@@ -199,6 +199,9 @@ class Stack:
             data_dir=self.workdir / "data",
             issuer=f"http://127.0.0.1:{self.port}/registry",
             admin_token=secrets.token_urlsafe(32),
+            # One address registers every subject's agent: more starts than a client's default.
+            anonymous_client_limit=1_000_000,
+            anonymous_global_limit=1_000_000,
         )
         serve.run(
             build_registry_app(self.registry_settings, replicas=1),

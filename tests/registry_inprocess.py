@@ -17,6 +17,7 @@ from registry_world import World
 from agentauth.registry import Registry, RegistrySettings, create_app
 
 ISSUER = "http://r.test"
+UNLIMITED_STARTS = {"anonymous_client_limit": 1_000_000, "anonymous_global_limit": 1_000_000}
 
 
 async def table_counts(pool: Any, tables: Iterable[str] | None = None) -> dict[str, int]:
@@ -40,7 +41,10 @@ async def registry_on_new_database(
     database_url: str, redis_url: str, data_dir: Path, *, prefix: str, **settings: Any
 ) -> AsyncIterator[tuple[Registry, str]]:
     """A registry (``RegistrySettings`` overridden by ``settings``) opened on a new database
-    named ``prefix_<random>``; yields it and the database's URL, and drops the database after."""
+    named ``prefix_<random>``; yields it and the database's URL, and drops the database after.
+    Anonymous starts are limited far above what any test sends (every test's client is
+    127.0.0.1, against one Redis), unless ``settings`` say otherwise."""
+    settings = {**UNLIMITED_STARTS, **settings}
     async with new_database(database_url, prefix) as url:
         registry = await Registry.open(
             RegistrySettings(

@@ -61,6 +61,12 @@ class StandIn:
     def is_admin(self, token: str | None) -> bool:
         return token == ADMIN
 
+    # Anonymous starts are never refused here: their limits have tests of their own.
+    trusted_proxies = ()
+
+    async def admit_anonymous(self, client: str) -> None:
+        return None
+
     async def authenticate_provider(self, provider_id: str, secret: str) -> tuple[str, bool]:
         if (provider_id, secret) != ("prov_1", "s3cret"):
             raise Unauthenticated("bad provider credential", reason="bad_provider_credential")

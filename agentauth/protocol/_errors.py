@@ -21,6 +21,7 @@ human sentence safe to send; details that could help an attacker stay in server 
     ├── IntegrityError                  integrity_error           409
     ├── NotFound                        not_found                 404
     ├── Conflict                        conflict                  409
+    ├── RateLimited                     rate_limited              429
     └── DependencyUnavailable           temporarily_unavailable   503
 """
 
@@ -42,6 +43,7 @@ __all__ = [
     "InvalidToken",
     "NotFound",
     "PayloadTooLarge",
+    "RateLimited",
     "ReplayDetected",
     "StepUpRequired",
     "Unauthenticated",
@@ -168,6 +170,20 @@ class Conflict(AgentAuthError):
     error = "conflict"
     status_hint = 409
     default_description = "the request conflicts with the current state"
+
+
+class RateLimited(AgentAuthError):
+    """Too many requests: ``retry_after`` (whole seconds, at least 1) goes in Retry-After."""
+
+    error = "rate_limited"
+    status_hint = 429
+    default_description = "too many requests; retry later"
+
+    def __init__(
+        self, description: str | None = None, *, retry_after: int, reason: str | None = None
+    ) -> None:
+        super().__init__(description, reason=reason)
+        self.retry_after = max(1, retry_after)
 
 
 class DependencyUnavailable(AgentAuthError):

@@ -7,6 +7,10 @@ Callers authenticate as one of:
 - the administrator: ``Authorization: Bearer <admin token from configuration>``;
 - a service provider: ``Authorization: Basic base64(provider_id:secret)``.
 Only health, the JWKS and the discovery document answer anonymous callers.
+
+The starts anyone may send (passkey sign-up and sign-in, recovery, agent registration)
+are rate limited per client address and globally before anything else is done with them
+(``AnonymousStart``; docs/registry.md, "Limits on anonymous starts").
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from ..protocol import (
     path_as_sent,
 )
 from ..protocol._types import IDENTIFIER_MAX_LENGTH, IDENTIFIER_PATTERN
+from ._limits import client_address
 from ._models import (
     AgentIn,
     ApprovalBeginIn,
@@ -154,6 +159,16 @@ HumanOrAdmin = Annotated[Caller, Depends(only("human", "admin"))]
 AdminOrProvider = Annotated[Caller, Depends(only("admin", "provider"))]
 Anyone = Annotated[Caller, Depends(only("human", "agent", "admin", "provider"))]
 
+
+async def _anonymous_start(request: Request) -> None:
+    """Refuse (429) a client, or everyone, past the limits on anonymous starts; runs before
+    the body is validated and before the route writes or verifies anything."""
+    registry = _registry(request)
+    await registry.admit_anonymous(client_address(request.scope, registry.trusted_proxies))
+
+
+AnonymousStart = Depends(_anonymous_start)
+
 # Ids in paths and queries have the alphabet of every id the registry issues or accepts
 # (protocol.Identifier), and integers fit PostgreSQL's bigint: a NUL byte, a megabyte or
 # 10**30 is a 400 here instead of an error from the database.
@@ -215,7 +230,7 @@ def create_app(registry: Registry) -> FastAPI:
 
     # --- humans: passkeys and sessions ---------------------------------------------------
 
-    @app.post("/v1/signup/begin", tags=["humans"])
+    @app.post("/v1/signup/begin", tags=["humans"], dependencies=[AnonymousStart])
     async def signup_begin(body: SignupIn) -> dict[str, Any]:
         return await registry.signup_begin(body.display_name)
 
@@ -223,7 +238,7 @@ def create_app(registry: Registry) -> FastAPI:
     async def signup_finish(body: CredentialIn) -> dict[str, Any]:
         return await registry.signup_finish(body.credential)
 
-    @app.post("/v1/sessions/begin", tags=["humans"])
+    @app.post("/v1/sessions/begin", tags=["humans"], dependencies=[AnonymousStart])
     async def login_begin() -> dict[str, Any]:
         return await registry.login_begin()
 
@@ -231,7 +246,7 @@ def create_app(registry: Registry) -> FastAPI:
     async def login_finish(body: CredentialIn) -> dict[str, Any]:
         return await registry.login_finish(body.credential)
 
-    @app.post("/v1/recovery/begin", tags=["humans"])
+    @app.post("/v1/recovery/begin", tags=["humans"], dependencies=[AnonymousStart])
     async def recovery_begin(body: RecoveryCodeIn) -> dict[str, Any]:
         """Registration options for a new passkey, for whoever holds a recovery code."""
         return await registry.recovery_begin(body.code)
@@ -285,7 +300,7 @@ def create_app(registry: Registry) -> FastAPI:
 
     # --- agents --------------------------------------------------------------------------
 
-    @app.post("/v1/agents", tags=["agents"])
+    @app.post("/v1/agents", tags=["agents"], dependencies=[AnonymousStart])
     async def register_agent(request: Request, body: AgentIn) -> dict[str, Any]:
         # The new key proves itself with a DPoP proof: a 401 here asks for one.
         expect_authentication(request.scope, _authentication(("agent",)))

@@ -59,6 +59,7 @@ from ..protocol import (
     KeySet,
     NotFound,
     PublicKey,
+    RateLimited,
     ReplayDetected,
     TokenPolicy,
     Transact,
@@ -82,6 +83,7 @@ from ..store import GRANT_REVOKED_TTL, REVOCATION_CHANNEL, Conn, grant_cache_key
 from ..store import migrate as run_migrations
 from ._audit_log import AuditLog
 from ._keys import KeyManager
+from ._limits import TAKE_LUA, Limit, LocalBuckets
 from ._models import (
     ApprovalBeginIn,
     GrantRequestIn,
@@ -225,6 +227,19 @@ class Registry:
         self.proofs = DPoPVerifier(policy=self._proof_policy)
         # One round trip: check the epoch, then SET NX the reservation (see _reserve_jti).
         self._reserve_script = redis.register_script(_RESERVE_LUA)
+        self._take_script = redis.register_script(TAKE_LUA)
+        self.trusted_proxies = settings.trusted_proxy_networks
+        period_ms = settings.anonymous_limit_period * 1000
+        self._anonymous_limits = (
+            Limit(settings.anonymous_client_limit, period_ms),
+            Limit(settings.anonymous_global_limit, period_ms),
+        )
+        self._fallback = LocalBuckets()
+        self._fallback_limits = (
+            Limit(settings.anonymous_client_limit, period_ms),
+            Limit(max(1, settings.anonymous_fallback_limit), period_ms),
+        )
+        self._limits_reachable = True
         self._events_since_checkpoint = 0
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._sweep_task: asyncio.Task[None] | None = None
@@ -437,6 +452,54 @@ class Registry:
         if result != 1:
             raise ReplayDetected(reason="jti_reused")
 
+    async def admit_anonymous(self, client: str) -> None:
+        """Take one anonymous start from ``client``'s bucket and the global one, or refuse
+        (429, Retry-After) having taken from neither. Call it before anything is written.
+
+        Redis unreachable: the buckets of this replica's memory decide instead, with the
+        global limit lowered to ``anonymous_fallback_limit`` (0: refuse, 503). These are
+        anonymous ceremony starts, not decisions about anyone's access: refusing them all
+        would lock every human out of signing in for as long as Redis is down, while a
+        small per-replica budget still never admits unlimited requests, and the challenge
+        table stays capped by PostgreSQL (``max_anonymous_challenges``). The switch is
+        logged both ways and counted, never silent."""
+        keys = [f"agentauth:anon:client:{client}", "agentauth:anon:all"]
+        args = [n for limit in self._anonymous_limits for n in (limit.interval_ms, limit.period_ms)]
+        try:
+            wait_ms = int(await self._take_script(keys=keys, args=args))
+        except Exception as exc:  # any Redis failure: this replica's own buckets (see above)
+            wait_ms = self._admit_without_redis(client, exc)
+        else:
+            if not self._limits_reachable:
+                self._limits_reachable = True
+                log.warning("anonymous start limits are shared in Redis again")
+        if wait_ms > 0:
+            increment("anonymous_refused", tags={"reason": "rate_limited"})
+            raise RateLimited(
+                "too many sign-in, sign-up or registration starts; retry later",
+                retry_after=math.ceil(wait_ms / 1000),
+                reason="rate_limited",
+            )
+
+    def _admit_without_redis(self, client: str, failure: Exception) -> int:
+        if self._limits_reachable:
+            self._limits_reachable = False
+            log.warning(
+                "Redis unreachable (%s): anonymous starts limited in this replica's memory"
+                " (%d per %d s)",
+                type(failure).__name__,
+                self.settings.anonymous_fallback_limit,
+                self.settings.anonymous_limit_period,
+            )
+        if self.settings.anonymous_fallback_limit == 0:
+            increment("anonymous_refused", tags={"reason": "limits_unavailable"})
+            raise DependencyUnavailable(
+                "sign-in and sign-up are unavailable for now", reason="limits_unavailable"
+            )
+        increment("anonymous_fallback")
+        now_ms = int(time.monotonic() * 1000)
+        return self._fallback.take([f"client:{client}", "all"], self._fallback_limits, now_ms)
+
     async def authenticate_session(self, token: str | None) -> str:
         if not token:
             raise Unauthenticated("a session is required", reason="missing_session")
@@ -489,6 +552,11 @@ class Registry:
         subject_id: str | None = None,
         payload: dict[str, Any] | None = None,
     ) -> None:
+        if principal_id is None:
+            # Sign-up and sign-in: nothing else in their (absent) transaction, so the capped
+            # insert takes its own.
+            await self._store_anonymous_challenge(challenge, purpose=purpose, payload=payload)
+            return
         # A step-up's challenge is its document's hash, the same at every begin: a second
         # begin (a reload, another device) renews the row instead of colliding with it. Both
         # ceremonies then sign the one challenge, and the first finish consumes it. Any other
@@ -509,6 +577,42 @@ class Registry:
         )
         if not stored:
             raise Conflict("this challenge belongs to another ceremony", reason="challenge_used")
+
+    async def _store_anonymous_challenge(
+        self, challenge: bytes, *, purpose: str, payload: dict[str, Any] | None
+    ) -> None:
+        """Store a sign-up's or sign-in's challenge unless ``max_anonymous_challenges``
+        unexpired ones exist (the rate limits bound how fast they come; this bounds the
+        table, Redis or not)."""
+        cap = self.settings.max_anonymous_challenges
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Counted and inserted one at a time across replicas: concurrent starts counting
+            # side by side would each see room and all insert, past the cap.
+            await conn.execute(_ANONYMOUS_CHALLENGES_LOCK)
+            live = await conn.fetchval(
+                "SELECT count(*) FROM (SELECT 1 FROM webauthn_challenges WHERE principal_id"
+                " IS NULL AND expires_at > now() LIMIT $1) AS live",
+                cap,
+            )
+            if live >= cap:
+                wait = await conn.fetchval(
+                    "SELECT extract(epoch FROM min(expires_at) - now()) FROM webauthn_challenges"
+                    " WHERE principal_id IS NULL AND expires_at > now()"
+                )
+                increment("anonymous_refused", tags={"reason": "too_many_challenges"})
+                raise RateLimited(
+                    "too many sign-ins and sign-ups are under way; retry later",
+                    retry_after=math.ceil(float(wait or 1)),
+                    reason="too_many_challenges",
+                )
+            await conn.execute(
+                "INSERT INTO webauthn_challenges (challenge, purpose, payload, expires_at)"
+                " VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
+                challenge,
+                purpose,
+                payload or {},
+                float(self.settings.challenge_ttl),
+            )
 
     @staticmethod
     def _client_challenge(credential: dict[str, Any]) -> bytes:
@@ -2220,6 +2324,9 @@ _REQUEST_SELECT = (
 )
 
 _SWEEP_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('agentauth:sweep'))"
+_ANONYMOUS_CHALLENGES_LOCK = (
+    "SELECT pg_advisory_xact_lock(hashtext('agentauth:anonymous-challenges'))"
+)
 _SWEEPS = (
     "DELETE FROM webauthn_challenges WHERE expires_at < now()",
     "DELETE FROM sessions WHERE expires_at < now()",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
@@ -79,6 +80,27 @@ class RegistrySettings(BaseModel):
     # Expired challenges, sessions and enrollment codes are deleted this often (anyone can
     # start a sign-in, so its challenges must not pile up).
     sweep_every_seconds: float = Field(60.0, gt=0)
+    # Anonymous starts (passkey sign-up and sign-in, recovery, agent registration: anyone
+    # may send them, and each stores a challenge or verifies a signature) are limited per
+    # client address and for all clients together, in Redis so every replica counts the
+    # same requests: at most `anonymous_client_limit` and `anonymous_global_limit` in any
+    # `anonymous_limit_period` seconds (all at once if need be). Past them: 429 with
+    # Retry-After, and nothing written. 30 a minute is many sign-in attempts for one
+    # person; 1,200 (20 a second) is more than an organisation's people start at once.
+    anonymous_client_limit: int = Field(30, ge=1, le=1_000_000)
+    anonymous_global_limit: int = Field(1200, ge=1, le=1_000_000)
+    anonymous_limit_period: int = Field(60, ge=1, le=86400)
+    # Redis unreachable: each replica admits at most this many anonymous starts per period
+    # in its own memory (the client limit too), so people can still sign in during an
+    # outage, never without a limit. 0 refuses them all (503) until Redis is back.
+    anonymous_fallback_limit: int = Field(60, ge=0, le=1_000_000)
+    # Unexpired challenges of anonymous ceremonies (sign-up, sign-in) at most, whatever the
+    # limits above admit: the table's bound, kept by PostgreSQL itself. At the limits'
+    # defaults (20 a second, challenges living `challenge_ttl` 300 s) 6,000 can exist.
+    max_anonymous_challenges: int = Field(10_000, ge=1)
+    # The proxies (addresses or networks) whose X-Forwarded-For names the client. A peer
+    # outside them is the client itself, whatever header it sends; see docs/registry.md.
+    trusted_proxies: tuple[str, ...] = ()
     # A rotated-in key is published this long before it signs (verifiers refresh JWKS).
     key_publish_ahead: int = 60
     signer: SignerSettings = SignerSettings()
@@ -92,6 +114,16 @@ class RegistrySettings(BaseModel):
         if not origins:
             raise ValueError("at least one origin may run passkey ceremonies")
         return tuple(dict.fromkeys(serialized_origin(o) for o in origins))
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, proxies: tuple[str, ...]) -> tuple[str, ...]:
+        # strict: "10.0.0.1/8" is a typo for one or the other; refused rather than guessed.
+        return tuple(str(ipaddress.ip_network(p.strip(), strict=True)) for p in proxies)
+
+    @property
+    def trusted_proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(p) for p in self.trusted_proxies)
 
     @field_validator("rp_id")
     @classmethod
@@ -146,5 +178,8 @@ class RegistrySettings(BaseModel):
             values["open_signup"] = env["AGENTAUTH_OPEN_SIGNUP"]
         if "AGENTAUTH_ORIGINS" in env:
             values["origins"] = tuple(o for o in env["AGENTAUTH_ORIGINS"].split(",") if o)
+        if "AGENTAUTH_TRUSTED_PROXIES" in env:
+            proxies = env["AGENTAUTH_TRUSTED_PROXIES"].split(",")
+            values["trusted_proxies"] = tuple(p for p in proxies if p.strip())
         values.update(overrides)
         return cls.model_validate(values)

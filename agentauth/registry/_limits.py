@@ -1,0 +1,149 @@
+"""Limits on the anonymous starts: requests anyone may send that store something or cost
+work before any credential is checked (passkey sign-up and sign-in, recovery, agent
+registration).
+
+Each limit is a generic cell rate algorithm (GCRA) bucket: ``count`` requests at once,
+then one every ``period / count``. One request takes from several buckets (its client's
+and the global one) only if every one of them has room, so a refused request changes
+nothing. ``take`` is the whole algorithm, on integer milliseconds passed in; the Redis
+script below runs the same steps atomically, on Redis's clock, for buckets every replica
+shares.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from starlette.types import Scope
+
+__all__ = ["TAKE_LUA", "Limit", "LocalBuckets", "Taken", "client_address", "take"]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """At most ``count`` requests in any ``period_ms``, all of them at once if need be."""
+
+    count: int
+    period_ms: int
+
+    @property
+    def interval_ms(self) -> int:
+        # Rounded down: a bucket then refills a little early, never late.
+        return max(1, self.period_ms // self.count)
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """``wait_ms`` 0: allowed, and ``tats`` are the buckets' new states; otherwise refused
+    for that long (until the fullest bucket has room), with nothing to store."""
+
+    wait_ms: int
+    tats: tuple[int, ...]
+
+
+def take(tats: Sequence[int | None], limits: Sequence[Limit], now_ms: int) -> Taken:
+    """One request against every bucket. ``tats``: each bucket's theoretical arrival time
+    (``None``: never used, or expired, which is the same)."""
+    after = []
+    wait = 0
+    for tat, limit in zip(tats, limits, strict=True):
+        new = max(now_ms if tat is None else tat, now_ms) + limit.interval_ms
+        wait = max(wait, new - now_ms - limit.period_ms)
+        after.append(new)
+    if wait > 0:
+        return Taken(wait, ())
+    return Taken(0, tuple(after))
+
+
+# ``take`` over KEYS, ARGV holding each one's interval and period in milliseconds; returns
+# the wait in milliseconds (0: taken). A bucket's key expires when it would be empty again.
+TAKE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local wait, after = 0, {}
+for i, key in ipairs(KEYS) do
+  local interval, period = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', key) or now)
+  after[i] = math.max(tat, now) + interval
+  wait = math.max(wait, after[i] - now - period)
+end
+if wait > 0 then return wait end
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, after[i], 'PX', after[i] - now)
+end
+return 0
+"""
+
+
+class LocalBuckets:
+    """``take`` over buckets in this process's memory (when the shared ones cannot be
+    reached). Only allowed requests add a bucket, so there are never more live buckets than
+    the smallest limit of a request admits per period; expired ones go as new ones come."""
+
+    def __init__(self) -> None:
+        self._tats: dict[str, int] = {}
+        self._prune_above = 1024
+
+    def take(self, keys: Sequence[str], limits: Sequence[Limit], now_ms: int) -> int:
+        taken = take([self._tats.get(k) for k in keys], limits, now_ms)
+        if taken.wait_ms == 0:
+            self._tats.update(zip(keys, taken.tats, strict=True))
+            if len(self._tats) > self._prune_above:
+                # Each pruning at least doubles the size the next one waits for: a full scan
+                # costs O(1) per request, amortised.
+                self._tats = {k: tat for k, tat in self._tats.items() if tat > now_ms}
+                self._prune_above = max(1024, 2 * len(self._tats))
+        return taken.wait_ms
+
+
+def client_address(scope: Scope, trusted_proxies: Sequence[IPNetwork]) -> str:
+    """The address a request's limits are kept under.
+
+    The peer of the connection, unless it is a trusted proxy: then the X-Forwarded-For
+    hops are read from the nearest back, skipping trusted proxies, and the first other
+    one is the client (what the outermost trusted proxy saw). Hops before it were written
+    by the client and prove nothing. An IPv6 client is its /64, which one host usually
+    holds whole; anything unreadable is "unknown", one client."""
+    peer = _address((scope.get("client") or ("",))[0])
+    if peer is None:
+        return "unknown"
+    client = peer
+    if _within(peer, trusted_proxies):
+        for hop in reversed(_forwarded_for(scope)):
+            address = _address(hop)
+            if address is None:
+                break  # a trusted proxy never writes this: keep the last hop it vouched for
+            client = address
+            if not _within(address, trusted_proxies):
+                break
+    if isinstance(client, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((client, 64), strict=False))
+    return str(client)
+
+
+def _forwarded_for(scope: Scope) -> list[str]:
+    hops: list[str] = []
+    for name, value in scope.get("headers", ()):
+        if name == b"x-forwarded-for":
+            hops.extend(h.strip() for h in value.decode("latin-1").split(","))
+    return hops
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _within(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address, networks: Sequence[IPNetwork]
+) -> bool:
+    return any(address in network for network in networks)
