@@ -861,6 +861,35 @@ async def test_incremental_exports_equal_one_export(fresh: AuditedDb, tmp_path: 
 @pytest.mark.postgres
 @pytest.mark.redis
 @pytest.mark.asyncio
+async def test_a_run_cut_coarser_after_a_crash_leaves_an_archive_that_verifies(
+    audited: AuditedDb, clean: dict[str, bytes], tmp_path: Path
+) -> None:
+    """A run dies between a segment's events and its manifest; the next cuts with a larger
+    --min-events (allowed between runs) and seals a segment over that events object, which
+    no run rewrites or removes. It is left over, not a gap: before, every later verify
+    failed with "events object without a manifest", as if the archive were tampered with."""
+    store = DirectoryStore(tmp_path)
+    with pytest.raises(Crash):
+        await export(audited.url, CountingStore(store, crash_at=3))  # before the 1st manifest
+    (leftover,) = _orphans(snapshot(store))
+    chain = leftover.partition("/")[0]
+    first = segments(clean)[chain][0]
+    await export(audited.url, store, min_events=first.to_size + 1)
+    manifests = segments(snapshot(store))[chain]
+    assert manifests[0].from_size < first.to_size < manifests[0].to_size  # sealed over it
+
+    report = verify_archive(store)
+    assert report.superseded == (leftover,)
+    assert report.incomplete == ()
+    assert verify_archive(store, keys=await database_keys(audited)).superseded == (leftover,)
+    cli = run_module("verify", "--archive", str(tmp_path))
+    assert cli.returncode == 0, cli.stderr
+    assert f"{leftover}: superseded" in cli.stdout
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio
 async def test_export_into_another_registrys_archive_is_refused(
     audited: AuditedDb, tmp_path: Path
 ) -> None:
@@ -1034,3 +1063,47 @@ async def test_a_segment_sealed_by_a_backdated_checkpoint_fails(
         assert (problem.chain, problem.reason) == (QUIET, "dated")
         assert "before an event it covers" in problem.description
         verify_archive(store, keys=audit_keys)  # what was archived before still verifies
+
+
+def test_a_segment_sealed_by_a_checkpoint_dated_in_the_future_fails(tmp_path: Path) -> None:
+    """As in `agentauth audit verify` and on the approval page, a checkpoint dated past the
+    verifier's clock (by more than CHECKPOINT_SKEW) cannot be true: the registry dates one
+    when it signs it. Before, the archive let it through."""
+    key = PrivateKey.generate(kid="registry-key")
+    keys = KeySet([PublicKey.from_jwk(key.public_jwk())])
+    now = int(time.time())
+    first = AuditEvent.first(
+        chain="registry-0", time_ms=now * 1000, event="test.event", actor="t", subject="s"
+    )
+    events = [
+        first,
+        first.following(time_ms=now * 1000, event="test.event", actor="t", subject="s"),
+    ]
+    head = verify_chain(events, chain="registry-0")
+    blob = b"".join(e.canonical_bytes() + b"\n" for e in events)
+
+    def archive_sealed_at(when: int) -> DirectoryStore:
+        checkpoint = Checkpoint(
+            chain="registry-0", size=2, root=b64url_encode(head.root), time=when
+        )
+        manifest = Manifest(
+            chain="registry-0",
+            from_size=0,
+            to_size=2,
+            events_sha256=b64url_encode(hashlib.sha256(blob).digest()),
+            first_prev=b64url_encode(b"\0" * 32),
+            last_hash=b64url_encode(head.head),
+            from_frontier=(),
+            to_frontier=tuple(b64url_encode(h) for h in head.frontier.state()),
+            checkpoint=sign_checkpoint(checkpoint, key),
+            prev_checkpoint=None,
+        )
+        store = DirectoryStore(tmp_path / str(when))
+        store.put(events_key(manifest), blob)
+        store.put(manifest_key(manifest), manifest.encode())
+        return store
+
+    assert verify_archive(archive_sealed_at(now + 30), keys=keys).events == 2  # within skew
+    (problem,) = failure(archive_sealed_at(now + 86_400), keys=keys).problems
+    assert (problem.chain, problem.to_size, problem.reason) == ("registry-0", 2, "dated")
+    assert "in the future" in problem.description

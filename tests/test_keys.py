@@ -450,6 +450,24 @@ async def test_vault_rotation_inside_vault_does_not_change_what_a_kid_signs(
 
 
 @pytest.mark.asyncio
+async def test_vault_opens_the_version_a_kid_names(vault: FakeVault) -> None:
+    """After Vault rotated the key, the kid of version 1 is reopened at version 1 (a
+    registry replica restarting mid-rotation); a version Vault does not hold is refused."""
+    vault.create_key("registry")
+    v1 = await open_vault(vault, "registry")
+    vault.rotate_key("registry")
+    again = await open_vault(vault, "registry", key_version=1)
+    assert (again.key_version, again.kid) == (1, v1.kid)
+    await assert_signs(again)
+    assert (await open_vault(vault, "registry", key_version=2)).kid != v1.kid
+    with pytest.raises(SignerUnavailable, match="no version 3") as caught:
+        await open_vault(vault, "registry", key_version=3)
+    assert caught.value.reason == "no_version"
+    await v1.aclose()
+    await again.aclose()
+
+
+@pytest.mark.asyncio
 async def test_vault_wrong_token_and_unsuitable_keys(vault: FakeVault) -> None:
     vault.create_key("registry")
     secret = "s.wrong-token-that-must-not-leak"
@@ -466,6 +484,21 @@ async def test_vault_wrong_token_and_unsuitable_keys(vault: FakeVault) -> None:
     with pytest.raises(SignerUnavailable) as caught:
         await open_vault(vault, "symmetric")
     assert caught.value.reason == "wrong_key_type"
+
+
+@pytest.mark.asyncio
+async def test_a_password_in_the_backend_url_stays_out_of_the_log(
+    vault: FakeVault, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hvac's errors end with the URL they requested, user info included: the log line a
+    refused request leaves must not carry a password put in the Vault address."""
+    vault.create_key("registry")
+    url = vault.url.replace("http://", "http://ops:url-password-7@")
+    with caplog.at_level("WARNING", logger="agentauth.keys"), pytest.raises(SignerUnavailable):
+        await VaultTransitSigner.open("registry", url=url, token="s.wrong", timeout=SHORT)
+    assert "Forbidden" in caplog.text and "/v1/transit/keys/registry" in caplog.text
+    assert "url-password-7" not in caplog.text
+    assert "//***@127.0.0.1" in caplog.text
 
 
 @pytest.mark.asyncio

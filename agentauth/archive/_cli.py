@@ -102,6 +102,8 @@ def verify_command(
         )
     for key in report.incomplete if report else ():
         print(f"  {key}: incomplete (an interrupted export; the next one rewrites it)")
+    for key in report.superseded if report else ():
+        print(f"  {key}: superseded (an interrupted export's; a later segment covers it)")
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if problems:

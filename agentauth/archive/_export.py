@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NoReturn
@@ -293,7 +294,7 @@ async def _export_chain(
             )
             # The same checks offline verification makes, before anything is written.
             check_continuity(previous, manifest)
-            verify_segment(manifest, blob, keys=keys)
+            verify_segment(manifest, blob, keys=keys, now=time.time())
             await asyncio.to_thread(store.put, events_key(chain, to_size), blob)
             await asyncio.to_thread(store.put, manifest_key(chain, to_size), manifest.encode())
             exported.append(SegmentInfo(chain, from_size, to_size))

@@ -207,14 +207,17 @@ def _signed(signed: str, *, chain: str, size: int, keys: KeySet, what: str) -> C
     return checkpoint
 
 
-def verify_segment(manifest: Manifest, events: bytes, *, keys: KeySet) -> ChainHead:
+def verify_segment(
+    manifest: Manifest, events: bytes, *, keys: KeySet, now: float | None = None
+) -> ChainHead:
     """Check one segment alone against its signed checkpoints; returns the head at to_size.
 
     The events object must match its digest, both checkpoints must be signed by ``keys``
     for this chain and these sizes (each inside its key's signing window when ``keys`` is
     an ``AuditKeys`` list), the stored frontier must have the signed root at ``from_size``,
-    and the events must extend it, link by link, to the signed root at ``to_size``. Raises
-    ``IntegrityError`` naming the first failure.
+    and the events must extend it, link by link, to the signed root at ``to_size``, whose
+    checkpoint must be dated no earlier than they are (nor, given ``now``, in the future).
+    Raises ``IntegrityError`` naming the first failure.
     """
     digest = hashlib.sha256(events).digest()
     if not hmac.compare_digest(b64url_encode(digest), manifest.events_sha256):
@@ -250,6 +253,7 @@ def verify_segment(manifest: Manifest, events: bytes, *, keys: KeySet) -> ChainH
         to_checkpoint,
         newest_event_ms=decoded[-1].time_ms if decoded else None,
         previous=from_checkpoint,
+        now=now,
     )
     if b64url_encode(head.head) != manifest.last_hash or [
         b64url_encode(h) for h in head.frontier.state()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,6 +52,10 @@ class ArchiveReport:
     incomplete: tuple[str, ...]
     #: True when the keys came from the caller, False when from the archive's own ``keys/``.
     keys_pinned: bool
+    #: Events objects without a manifest strictly inside a sealed segment: an interrupted
+    #: export wrote them, and a later one, cutting with a larger ``min_events``, sealed a
+    #: segment over them. Not part of the archive, never rewritten, and not a failure.
+    superseded: tuple[str, ...] = ()
 
     @property
     def events(self) -> int:
@@ -76,20 +81,26 @@ def load_keys(store: ArchiveStore) -> KeySet:
 
 
 def verify_archive(
-    store: ArchiveStore, *, keys: KeySet | None = None, witness: Mapping[str, Seen] | None = None
+    store: ArchiveStore,
+    *,
+    keys: KeySet | None = None,
+    witness: Mapping[str, Seen] | None = None,
+    now: float | None = None,
 ) -> ArchiveReport:
     """Check every chain of the archive, segment by segment, from genesis.
 
     Each segment must match its digest and both of its signed checkpoints (signatures by
     ``keys``; default: the keys stored in the archive, which only proves the archive is
     self-consistent: pin the registry's JWKS to prove it is the registry's), and pick up
-    exactly where the previous one ended. Returns a report, or raises
+    exactly where the previous one ended; no checkpoint may be dated after ``now`` (default:
+    this machine's clock) by more than ``CHECKPOINT_SKEW``. Returns a report, or raises
     ``ArchiveIntegrityError`` listing every problem, each naming its chain and segment.
     An archive with no segments raises: an empty answer never passes. ``witness`` is what
     earlier clean runs saw (``ArchiveReport.seen``): a segment must still end at each
     remembered size, with the remembered root, and no chain may have shrunk or vanished.
     """
     pinned = keys is not None
+    now = time.time() if now is None else now
     if keys is None:
         try:
             keys = load_keys(store)
@@ -110,19 +121,24 @@ def verify_archive(
     problems: list[ArchiveProblem] = []
     summaries: list[ChainSummary] = []
     incomplete: list[str] = []
+    superseded: list[str] = []
     witness = witness or {}
     for chain in sorted(objects):
-        summary, orphans = _verify_chain(
-            store, chain, objects[chain], keys, problems, seen=witness.get(chain)
+        summary, orphans, leftovers = _verify_chain(
+            store, chain, objects[chain], keys, problems, now=now, seen=witness.get(chain)
         )
         summaries.append(summary)
         incomplete.extend(orphans)
+        superseded.extend(leftovers)
     problems += (
         ArchiveProblem(chain, None, None, "witness", text)
         for chain, text in vanished(witness, set(objects)).items()
     )
     report = ArchiveReport(
-        chains=tuple(summaries), incomplete=tuple(incomplete), keys_pinned=pinned
+        chains=tuple(summaries),
+        incomplete=tuple(incomplete),
+        keys_pinned=pinned,
+        superseded=tuple(superseded),
     )
     if problems:
         raise ArchiveIntegrityError(problems, report=report)
@@ -136,20 +152,21 @@ def _verify_chain(
     keys: KeySet,
     problems: list[ArchiveProblem],
     *,
+    now: float,
     seen: Seen | None = None,
-) -> tuple[ChainSummary, list[str]]:
+) -> tuple[ChainSummary, list[str], list[str]]:
     sealed = [size for size in sorted(sizes) if "manifest" in sizes[size]]
     tip = sealed[-1] if sealed else 0
     orphans: list[str] = []
+    unsealed: list[int] = []  # inside the sealed part: judged once the manifests are read
     for size in sorted(sizes):
         if "manifest" not in sizes[size]:
             if size > tip:
                 orphans.append(events_key(chain, size))
             else:
-                problems.append(
-                    ArchiveProblem(chain, None, size, "gap", "events object without a manifest")
-                )
+                unsealed.append(size)
 
+    spans: list[tuple[int, int]] = []
     previous: Manifest | None = None
     root, head_size, segments = EMPTY_ROOT, 0, 0
     # Segments are written once and never re-cut, so a remembered size stays a boundary.
@@ -170,6 +187,7 @@ def _verify_chain(
                 )
             )
             continue
+        spans.append((manifest.from_size, manifest.to_size))
         try:
             check_continuity(previous, manifest)
         except IntegrityError as exc:
@@ -180,7 +198,7 @@ def _verify_chain(
             events = store.get(events_key(chain, size))
             if events is None:
                 raise IntegrityError("events object is missing", reason="gap")
-            head = verify_segment(manifest, events, keys=keys)
+            head = verify_segment(manifest, events, keys=keys, now=now)
         except (IntegrityError, InvalidRequest) as exc:
             # Bytes the protocol refuses in any way are this segment's problem, so the other
             # segments and chains are still checked and listed (a store outage, which is
@@ -194,6 +212,17 @@ def _verify_chain(
     wrong = compare(seen, size=head_size, root=roots.get(seen.size) if seen else None)
     if wrong:
         problems.append(ArchiveProblem(chain, None, None, "witness", wrong))
+    # A segment's end with no manifest is a segment missing (the next one's start shows the
+    # gap too). An end strictly inside a sealed segment was never a boundary of this
+    # archive: a run that cut with a smaller min_events died before sealing it there.
+    leftovers: list[str] = []
+    for size in unsealed:
+        if any(start < size < end for start, end in spans):
+            leftovers.append(events_key(chain, size))
+        else:
+            problems.append(
+                ArchiveProblem(chain, None, size, "gap", "events object without a manifest")
+            )
     summary = ChainSummary(
         chain=chain,
         segments=segments,
@@ -201,7 +230,7 @@ def _verify_chain(
         root=b64url_encode(root),
         checkpoint=previous.checkpoint if previous else None,
     )
-    return summary, orphans
+    return summary, orphans, leftovers
 
 
 def _problem(

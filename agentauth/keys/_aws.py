@@ -53,6 +53,12 @@ class AwsKmsSigner(RemoteSigner):
         self._key_ref = key_ref  # the id or ARN GetPublicKey named: never an alias
         self._message_type = message_type
 
+    @property
+    def key_ref(self) -> str:
+        """The key as KMS named it at open time (its ARN, or its id on some KMS-compatible
+        servers), never an alias: what to reopen this kid by once an alias has moved."""
+        return self._key_ref
+
     @classmethod
     async def open(
         cls,

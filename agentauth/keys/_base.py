@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -114,8 +115,9 @@ async def call_blocking(backend: str, what: str, timeout: float, fn: Callable[[]
     """Run a blocking client call in a thread, bounded by ``timeout``.
 
     Every failure becomes ``SignerUnavailable`` with a short description naming the backend
-    and the exception type; the details (which may name hosts or key ids, never secrets:
-    no client library here puts credentials in its messages) go to the log.
+    and the exception type; the details (which may name hosts or key ids) go to the log,
+    with any user info of a URL in them blanked out: no client library here puts a token
+    or a key in its messages, but hvac's end with the URL requested, as it was configured.
     """
     try:
         # The client library has its own timeouts set to the same value; this outer bound
@@ -130,7 +132,9 @@ async def call_blocking(backend: str, what: str, timeout: float, fn: Callable[[]
             f"{backend} did not answer within {timeout:g}s", reason="timeout"
         ) from None
     except Exception as exc:
-        _log.warning("%s %s failed: %s: %s", backend, what, type(exc).__name__, exc)
+        _log.warning(
+            "%s %s failed: %s: %s", backend, what, type(exc).__name__, _without_userinfo(exc)
+        )
         if _is_timeout(exc):  # the client library's own timeout won the race
             raise SignerUnavailable(
                 f"{backend} did not answer within {timeout:g}s", reason="timeout"
@@ -138,6 +142,15 @@ async def call_blocking(backend: str, what: str, timeout: float, fn: Callable[[]
         raise SignerUnavailable(
             f"{backend} {what} failed ({type(exc).__name__})", reason="backend_error"
         ) from exc
+
+
+# The user info of a URL (scheme://user:password@host): whatever sits between "//" and the
+# first "@" before the host's end.
+_USERINFO = re.compile(r"(?<=//)[^/\s@]*@")
+
+
+def _without_userinfo(exc: BaseException) -> str:
+    return _USERINFO.sub("***@", str(exc))
 
 
 def _is_timeout(exc: BaseException) -> bool:

@@ -2,7 +2,9 @@
 
 The key version read at open time is pinned: ``sign`` passes ``key_version``, so rotating
 the key inside Vault cannot make this signer sign with a key its kid does not name. Publish
-the new version under its own kid (open another signer) and rotate through ``KeyRing``.
+the new version under its own kid (open another signer) and rotate through ``KeyRing``; a
+kid already on record is reopened at its own version (``open(key_version=...)``), since the
+latest one names another key once Vault has rotated (by hand, or its ``auto_rotate_period``).
 
 Every request carries the Vault token in a header, so the URL must be ``https://``; plain
 ``http://`` is accepted only to a loopback host (127.0.0.0/8, ::1, ``localhost``: a Vault
@@ -118,8 +120,10 @@ class VaultTransitSigner(RemoteSigner):
         timeout: float = DEFAULT_TIMEOUT,
         kid: str | None = None,
         allow_insecure_http: bool = False,
+        key_version: int | None = None,
     ) -> VaultTransitSigner:
-        """Read the key's latest version and its public key; the token stays in the client.
+        """Read the key's latest version (or ``key_version``) and its public key; the token
+        stays in the client.
 
         ``url`` must be ``https://``, or ``http://`` to a loopback host; any other ``http://``
         host needs ``allow_insecure_http=True`` (the token then crosses the network in the
@@ -137,7 +141,7 @@ class VaultTransitSigner(RemoteSigner):
             client = hvac.Client(url=url, token=token, timeout=timeout, allow_redirects=False)
             try:
                 body = client.secrets.transit.read_key(name=key_name, mount_point=mount)
-                version, public = _parse_key(body, kid)
+                version, public = _parse_key(body, kid, key_version)
             except BaseException:
                 client.adapter.close()
                 raise
@@ -185,8 +189,9 @@ class VaultTransitSigner(RemoteSigner):
         self._client.adapter.close()
 
 
-def _parse_key(body: Any, kid: str | None) -> tuple[int, PublicKey]:
-    """The latest version and its public key from a ``GET {mount}/keys/{name}`` answer."""
+def _parse_key(body: Any, kid: str | None, wanted: int | None = None) -> tuple[int, PublicKey]:
+    """The version ``wanted`` (default: the latest) and its public key from a
+    ``GET {mount}/keys/{name}`` answer."""
     try:
         data = body["data"]
         key_type = data["type"]
@@ -197,12 +202,21 @@ def _parse_key(body: Any, kid: str | None) -> tuple[int, PublicKey]:
             "the Vault key is not ecdsa-p256 or ed25519", reason="wrong_key_type"
         )
     try:
-        version = data["latest_version"]
-        encoded = data["keys"][str(version)]["public_key"]
+        version = data["latest_version"] if wanted is None else wanted
+        versions = data["keys"]
+        if not isinstance(versions, dict):
+            raise TypeError
     except (KeyError, TypeError):
         raise _bad("an unexpected key description") from None
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise _bad("an unexpected key version")
+    if str(version) not in versions:
+        # Asked for: trimmed (min_available_version) or never made; latest: a bad answer.
+        raise SignerUnavailable(f"Vault holds no version {version} of the key", reason="no_version")
+    try:
+        encoded = versions[str(version)]["public_key"]
+    except (KeyError, TypeError):
+        raise _bad("an unexpected key description") from None
     if not isinstance(encoded, str):
         raise _bad("no public key")
     key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey

@@ -10,6 +10,7 @@ from them for as long as checkpoints are kept.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ import asyncpg
 
 from .. import keys
 from ..keys import AsyncSigner, KeyRecord, KeyRing, LocalFileSigner, SignerUnavailable
-from ..protocol import AuditKey, AuditKeys, PublicKey
+from ..protocol import AuditKey, AuditKeys, Conflict, PublicKey
 from ..store import Conn
 from ._settings import RegistrySettings
 
@@ -26,6 +27,9 @@ __all__ = ["KeyManager"]
 # Replicas re-read key records this often, so a rotation reaches all of them well within
 # the publish-ahead interval.
 _REFRESH_S = 5.0
+# Separates a Vault key's name from the version a kid names in a backend reference
+# ("vault:registry#2"); a key name, a URL path segment, cannot hold it.
+_VAULT_VERSION = "#"
 
 
 class KeyManager:
@@ -56,6 +60,12 @@ class KeyManager:
         settings = self._settings.signer
         if settings.backend == "local":
             return f"local:{signer.kid}.pem"
+        if isinstance(signer, keys.VaultTransitSigner):
+            # A Transit key's name stays while Vault adds versions: the kid is one version.
+            return f"vault:{settings.key_id}{_VAULT_VERSION}{signer.key_version}"
+        if isinstance(signer, keys.AwsKmsSigner):
+            # key_id may be an alias, which AWS's own rotation moves to a new key.
+            return f"aws:{signer.key_ref}"
         return f"{settings.backend}:{settings.key_id}"
 
     async def _create_signer(self) -> AsyncSigner:
@@ -73,9 +83,17 @@ class KeyManager:
         backend, _, name = ref.partition(":")
         s = self._settings.signer
         if backend == "local":
-            return LocalFileSigner.load_or_create(
-                self._settings.data_dir / "keys" / name, alg=s.alg
-            )
+            path = self._settings.data_dir / "keys" / name
+            # s.alg is for keys made from now on: a recorded key keeps its own algorithm.
+            kid = name.removesuffix(".pem")
+            alg = next((r.alg for r in self._ring.records if r.kid == kid), s.alg)
+            # A recorded kid's key is loaded, never made: a new key written under the kid's
+            # name would be a file that lies about its key (another machine made this one).
+            if not os.path.lexists(path):
+                raise SignerUnavailable(
+                    f"no key file for kid {kid} in {path.parent}", reason="bad_key_file"
+                )
+            return LocalFileSigner.load_or_create(path, alg=alg)
         if backend == "aws":
             return await keys.AwsKmsSigner.open(
                 name, region=s.region, endpoint_url=s.endpoint, message_type=s.aws_message_type
@@ -83,8 +101,11 @@ class KeyManager:
         if backend == "gcp":
             return await keys.GcpKmsSigner.open(name, endpoint=s.endpoint)
         if backend == "vault":
+            # Rows recorded before versions were: the latest version, as then.
+            key_name, pinned, version = name.rpartition(_VAULT_VERSION)
             return await keys.VaultTransitSigner.open(
-                name,
+                key_name if pinned else name,
+                key_version=int(version) if pinned else None,
                 url=s.endpoint or "",
                 token=s.vault_token or "",
                 allow_insecure_http=s.vault_allow_insecure_http,
@@ -118,6 +139,21 @@ class KeyManager:
         """Add a new key: published now, signing after the publish-ahead interval."""
         now = int(time.time()) if now is None else now
         signer = await self._create_signer()
+        try:
+            await self._record_rotation(signer, now)
+        except Conflict:
+            # Refused before anything was written (a rotation pending, the configured key
+            # already in the ring): the key made for it is no one's. Only then, as after any
+            # other failure the row may have committed, and its key file is then needed.
+            await signer.aclose()
+            if isinstance(signer, LocalFileSigner):  # made under another name, then renamed
+                (self._settings.data_dir / "keys" / f"{signer.kid}.pem").unlink(missing_ok=True)
+            raise
+        self._signers[signer.kid] = signer
+        await self.refresh(force=True)
+        return signer.kid
+
+    async def _record_rotation(self, signer: AsyncSigner, now: int) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('agentauth:keys'))")
             await self.refresh(force=True, conn=conn)
@@ -145,9 +181,6 @@ class KeyManager:
                     record.kid,
                     record.retires_at,
                 )
-        self._signers[signer.kid] = signer
-        await self.refresh(force=True)
-        return signer.kid
 
     async def refresh(self, *, force: bool = False, conn: Conn | None = None) -> None:
         if not force and time.monotonic() - self._loaded_at < _REFRESH_S:

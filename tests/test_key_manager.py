@@ -1,0 +1,226 @@
+"""The registry's KeyManager against a real PostgreSQL, without Ray: what a replica that
+opens a recorded key (after a restart, or one another replica created) gets."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from conftest import new_database
+from fakes.vault import FakeVault
+
+from agentauth.keys import SignerUnavailable
+from agentauth.protocol import Conflict
+from agentauth.registry import RegistrySettings, SignerSettings
+from agentauth.registry._keys import KeyManager
+from agentauth.registry._service import open_pool
+from agentauth.store import migrate
+
+Replicas = Callable[[RegistrySettings], Awaitable[KeyManager]]
+
+
+@pytest.fixture
+def vault() -> Iterator[FakeVault]:
+    with FakeVault() as fake:
+        assert isinstance(fake, FakeVault)
+        yield fake
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def database(database_url: str) -> AsyncIterator[str]:
+    async with new_database(database_url, "keyman") as url:
+        pool = await open_pool(url)
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+        finally:
+            await pool.close()
+        yield url
+
+
+def settings(url: str, data_dir: Path, **signer: Any) -> RegistrySettings:
+    return RegistrySettings(
+        database_url=url,
+        redis_url="redis://127.0.0.1:1/0",  # never used by the key manager
+        data_dir=data_dir,
+        issuer="http://r.test",
+        admin_token=secrets.token_urlsafe(24),
+        signer=SignerSettings(**signer),
+    )
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def replicas() -> AsyncIterator[Replicas]:
+    """Opens key managers, each on a pool of its own (a replica); closes them all after."""
+    opened: list[tuple[KeyManager, Any]] = []
+
+    async def open_replica(config: RegistrySettings) -> KeyManager:
+        pool = await open_pool(config.database_url)
+        manager = KeyManager(config, pool)
+        opened.append((manager, pool))
+        await manager.start()
+        return manager
+
+    yield open_replica
+    for manager, pool in opened:
+        await manager.aclose()
+        await pool.close()
+
+
+async def assert_signs_under(manager: KeyManager, now: float, kid: str) -> Any:
+    signer = await manager.signer(now)
+    assert signer.kid == kid
+    assert signer.public_key().verify(await signer.sign(b"checkpoint"), b"checkpoint")
+    return signer
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio
+async def test_a_vault_key_rotated_inside_vault_still_signs_under_its_kid(
+    vault: FakeVault, database: str, tmp_path: Path, replicas: Replicas
+) -> None:
+    """Rotating a Transit key inside Vault (by hand before `agentauth keys rotate`, or by
+    its auto_rotate_period) adds a version; the kid on record names the version it was
+    opened at. A replica that opens that kid later (a restart) must get that version, not
+    the latest: before, every token and checkpoint there was refused until a registry
+    rotation, as "the key backend holds a different key"."""
+    vault.create_key("registry")
+    config = settings(
+        database,
+        tmp_path,
+        backend="vault",
+        key_id="registry",
+        endpoint=vault.url,
+        vault_token=vault.token,
+    )
+    first = await replicas(config)
+    now = 1_900_000_000
+    old_kid = (await first.signer(now)).kid
+    assert vault.rotate_key("registry") == 2
+
+    restarted = await replicas(config)
+    signer = await assert_signs_under(restarted, now, old_kid)
+    assert signer.key_version == 1
+
+    # The registry's own rotation then publishes version 2 under a kid of its own, and a
+    # replica opening either kid gets that kid's version.
+    new_kid = await restarted.rotate(now=now)
+    assert new_kid != old_kid
+    later = await replicas(config)
+    assert (await assert_signs_under(later, now, old_kid)).key_version == 1
+    ahead = now + config.key_publish_ahead
+    assert (await assert_signs_under(later, ahead, new_kid)).key_version == 2
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio
+async def test_a_replica_without_the_local_key_file_creates_no_key_under_its_kid(
+    database: str, tmp_path: Path, replicas: Replicas
+) -> None:
+    """A replica whose data directory lacks a kid's key file (another machine made the
+    key) cannot sign, and says why. Before, it generated a new key and wrote it under the
+    kid's file name: a key file that names a kid it is not, read again at every request."""
+    first = await replicas(settings(database, tmp_path / "a"))
+    kid = (await first.signer(1_900_000_000)).kid
+    other = await replicas(settings(database, tmp_path / "b"))
+    with pytest.raises(SignerUnavailable, match=f"no key file for kid {kid}"):
+        await other.signer(1_900_000_000)
+    assert not (tmp_path / "b" / "keys" / f"{kid}.pem").exists()
+    assert not (tmp_path / "b" / "keys").exists()
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio
+async def test_a_refused_rotation_leaves_no_key_behind(
+    database: str, tmp_path: Path, replicas: Replicas
+) -> None:
+    """A rotation refused (another still pending) made its key first: before, that key's
+    file stayed in the keys directory, a private key no record names, one per attempt."""
+    manager = await replicas(settings(database, tmp_path))
+    keys_dir = tmp_path / "keys"
+    now = 1_900_000_000
+    pending = await manager.rotate(now=now)
+    before = sorted(p.name for p in keys_dir.iterdir())
+    for _ in range(2):
+        with pytest.raises(Conflict, match="pending"):
+            await manager.rotate(now=now + 1)
+    assert sorted(p.name for p in keys_dir.iterdir()) == before
+    assert f"{pending}.pem" in before and len(before) == 2
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio
+async def test_a_recorded_local_key_opens_whatever_alg_new_keys_get(
+    database: str, tmp_path: Path, replicas: Replicas
+) -> None:
+    """`signer.alg` chooses the algorithm of keys made from now on (the next rotation's).
+    Before, a replica started with a new value refused to open the ES256 key on record
+    ("holds an ES256 key, not Ed25519"): no token and no checkpoint until a rotation."""
+    first = await replicas(settings(database, tmp_path))
+    now = 1_900_000_000
+    kid = (await first.signer(now)).kid
+    config = settings(database, tmp_path, alg="Ed25519")
+    switched = await replicas(config)
+    assert (await assert_signs_under(switched, now, kid)).alg == "ES256"
+    new_kid = await switched.rotate(now=now)
+    ahead = now + config.key_publish_ahead
+    assert (await assert_signs_under(switched, ahead, new_kid)).alg == "Ed25519"
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio
+async def test_an_aws_alias_moved_to_a_new_key_leaves_the_recorded_kid_its_key(
+    database: str, tmp_path: Path, replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS's own rotation pattern moves an alias to a new key. The kid on record names the
+    key the alias named when it was made: a replica opening it later (a restart) must reach
+    that key by its ARN. Before, it opened the alias, found another key, and refused every
+    token and checkpoint until a registry rotation."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "testing"),  # moto takes any; nothing here reaches AWS
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
+        monkeypatch.setenv(name, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+        kms = boto3.session.Session().client("kms", endpoint_url=url)
+
+        def new_key() -> str:
+            spec = {"KeySpec": "ECC_NIST_P256", "KeyUsage": "SIGN_VERIFY"}
+            return str(kms.create_key(**spec)["KeyMetadata"]["KeyId"])
+
+        kms.create_alias(AliasName="alias/registry", TargetKeyId=new_key())
+        # moto hashes a DIGEST again (see test_keys): RAW is what verifies against it.
+        config = settings(
+            database,
+            tmp_path,
+            backend="aws",
+            key_id="alias/registry",
+            endpoint=url,
+            aws_message_type="RAW",
+        )
+        now = 1_900_000_000
+        old_kid = (await (await replicas(config)).signer(now)).kid
+        kms.update_alias(AliasName="alias/registry", TargetKeyId=new_key())
+
+        restarted = await replicas(config)
+        await assert_signs_under(restarted, now, old_kid)
+        new_kid = await restarted.rotate(now=now)  # the alias's key, under its own kid
+        assert new_kid != old_kid
+        later = await replicas(config)
+        await assert_signs_under(later, now, old_kid)
+        await assert_signs_under(later, now + config.key_publish_ahead, new_kid)
+        kms.close()
+    finally:
+        server.stop()
