@@ -306,3 +306,49 @@ async def test_without_redis_a_zero_fallback_refuses_every_start(
         r = await c.post("/v1/sessions/begin")
         assert (r.status_code, r.json()["reason"]) == (503, "limits_unavailable")
         assert await challenges(registry) == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_approval_page_passes_on_each_browsers_address(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The approval page starts every human's ceremony from its own server: trusted as a
+    proxy, it names each browser, so one person's retries do not use up everyone's starts.
+    Other calls name nobody."""
+    from agentauth.ui import RegistryClient, RegistryError
+
+    sent: list[str | None] = []
+    async with opened(
+        database_url,
+        redis_url,
+        tmp_path,
+        anonymous_client_limit=1,
+        trusted_proxies=("10.0.0.0/8",),
+    ) as registry:
+        app = create_app(registry)
+
+        async def page_server(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                headers = dict(scope["headers"])
+                sent.append(headers.get(b"x-forwarded-for", b"").decode() or None)
+            await app(scope, receive, send)
+
+        page = RegistryClient(
+            ISSUER,
+            transport=httpx.ASGITransport(app=page_server, client=("10.0.0.5", 4321)),
+        )
+        try:
+            await page.login_begin(forwarded_for="203.0.113.1")
+            await page.signup_begin("Ann", forwarded_for="203.0.113.2")
+            with pytest.raises(RegistryError) as unknown:  # admitted, then no such code
+                await page.recovery_begin("rec_" + "x" * 32, forwarded_for="203.0.113.3")
+            assert unknown.value.status != 429
+            with pytest.raises(RegistryError) as refused:
+                await page.login_begin(forwarded_for="203.0.113.1")
+            assert (refused.value.status, refused.value.reason) == (429, "rate_limited")
+            await page.audit_keys()
+        finally:
+            await page.aclose()
+    assert sent == ["203.0.113.1", "203.0.113.2", "203.0.113.3", "203.0.113.1", None]

@@ -362,6 +362,18 @@ class Tighten:
 # The longest end a person can set while tightening: a century means "no end" in practice,
 # and it keeps the date within what an envelope accepts.
 _MAX_DAYS = 36_500
+
+
+def _browser() -> str | None:
+    """The address of the browser this page serves, as this server saw it (its own proxy
+    rules applied: uvicorn's ``FORWARDED_ALLOW_IPS``)."""
+    try:
+        peer = ui.context.client.request.client
+    except RuntimeError:  # a client built without a request
+        return None
+    return peer.host if peer is not None else None
+
+
 # Seconds the answer buttons of cards the page drew by itself stay off. A poll draws new
 # cards where the person's pointer may be (on an empty page, or over cards all greyed out):
 # a click already on its way would land on a request they have not read. (Browsers hold
@@ -607,7 +619,7 @@ class Pages:
             async def sign_in() -> None:
                 async def work() -> None:
                     notice.info("Waiting for your passkey…")
-                    options = await self.registry.login_begin()
+                    options = await self.registry.login_begin(forwarded_for=_browser())
                     credential = await self._ceremony("get", options)
                     result = await self.registry.login_finish(credential)
                     await adopt(result["principal_id"], result["session"], None)
@@ -634,7 +646,7 @@ class Pages:
 
                 async def work() -> None:
                     notice.info("Creating your passkey…")
-                    options = await self.registry.signup_begin(name)
+                    options = await self.registry.signup_begin(name, forwarded_for=_browser())
                     credential = await self._ceremony("create", options)
                     result = await self.registry.signup_finish(credential)
                     await adopt(result["principal_id"], result["session"], name)
@@ -664,7 +676,7 @@ class Pages:
 
                 async def work() -> None:
                     notice.info("Creating your new passkey…")
-                    options = await self.registry.recovery_begin(code)
+                    options = await self.registry.recovery_begin(code, forwarded_for=_browser())
                     credential = await self._ceremony("create", options)
                     result = await self.registry.recovery_finish(code, credential)
                     await adopt(result["principal_id"], result["session"], None)

@@ -153,8 +153,13 @@ class RegistryClient:
         token: str | None = None,
         json: Any = None,
         params: dict[str, str] | None = None,
+        forwarded_for: str | None = None,
     ) -> Any:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if forwarded_for:
+            # The browser's address, for the registry's limits on anonymous starts: the
+            # page is a proxy for the person (docs/registry.md, "The client's address").
+            headers["X-Forwarded-For"] = forwarded_for
         try:
             response = await self._http.request(
                 method, path, headers=headers, json=json, params=params
@@ -190,9 +195,14 @@ class RegistryClient:
 
     # --- passkeys and sessions -----------------------------------------------------------
 
-    async def signup_begin(self, display_name: str) -> dict[str, Any]:
+    async def signup_begin(
+        self, display_name: str, *, forwarded_for: str | None = None
+    ) -> dict[str, Any]:
         result: dict[str, Any] = await self.call(
-            "POST", "/v1/signup/begin", json={"display_name": display_name}
+            "POST",
+            "/v1/signup/begin",
+            json={"display_name": display_name},
+            forwarded_for=forwarded_for,
         )
         return result
 
@@ -202,8 +212,10 @@ class RegistryClient:
         )
         return result
 
-    async def login_begin(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self.call("POST", "/v1/sessions/begin")
+    async def login_begin(self, *, forwarded_for: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(
+            "POST", "/v1/sessions/begin", forwarded_for=forwarded_for
+        )
         return result
 
     async def login_finish(self, credential: dict[str, Any]) -> dict[str, Any]:
@@ -212,8 +224,12 @@ class RegistryClient:
         )
         return result
 
-    async def recovery_begin(self, code: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self.call("POST", "/v1/recovery/begin", json={"code": code})
+    async def recovery_begin(
+        self, code: str, *, forwarded_for: str | None = None
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call(
+            "POST", "/v1/recovery/begin", json={"code": code}, forwarded_for=forwarded_for
+        )
         return result
 
     async def recovery_finish(self, code: str, credential: dict[str, Any]) -> dict[str, Any]:
