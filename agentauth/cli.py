@@ -760,6 +760,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
         except (OSError, InvalidRequest) as exc:
             print(f"error: cannot read the keys in {args.keys_file}: {exc}", file=sys.stderr)
             return 2
+        if not keys.windowed:
+            # Taken (a JWKS is what some operators keep), but never silently: without the
+            # windows a retired key that leaked can date checkpoints as it likes.
+            print(
+                f"  keys: {args.keys_file} is a plain JWKS: no signing windows are known, so a"
+                " checkpoint a retired key signed late is not caught (pin the audit key list,"
+                " /.well-known/agentauth-audit-keys.json)"
+            )
     witness = None
     if args.witness:
         try:

@@ -516,11 +516,13 @@ async def test_after_a_rotation_the_published_audit_key_list_verifies_every_chec
 
         pinned = run_verify(rotated.url, "--audit-keys", audit_keys)
         assert pinned.returncode == 0, pinned.stdout + pinned.stderr
-        assert "not pinned" not in pinned.stdout
+        assert "not pinned" not in pinned.stdout and "no signing windows" not in pinned.stdout
         assert run_verify(rotated.url).returncode == 0
         # The JWKS has dropped the old key: everything it signed looks unknown.
         stale = run_verify(rotated.url, "--jwks", jwks)
         assert stale.returncode == 1 and "the signing key is unknown" in stale.stderr
+        # Taken, but said: a JWKS knows no signing windows.
+        assert "is a plain JWKS: no signing windows are known" in stale.stdout
         assert verdicts(stale)[QUIET] == "FAILED"
 
         # The old key, long retired, signs a checkpoint dated now (it leaked, say).
