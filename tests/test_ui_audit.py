@@ -408,6 +408,26 @@ def registry_serving(
     return httpx.MockTransport(handler)
 
 
+def sealed_registry(
+    signer: PrivateKey, shown: Callable[[list[AuditEvent]], list[AuditEvent]] | None = None
+) -> httpx.MockTransport:
+    """A registry serving a recent chain, sealed by one checkpoint of ``signer``'s dated after
+    its events, with honest proofs: ``shown`` picks the events it lists (the agent's own)."""
+    events = recent_chain()
+    latest = signed_checkpoint(events, signer, time=dated_after(events))
+    return registry_serving(
+        shown(events) if shown else [events[i] for i in MINE],
+        [{"chain": CHAIN, "size": 6, "signed": latest}],
+        lambda seq: proof_for(events, seq, latest),
+        audit_keys_of(signer),
+    )
+
+
+def edited_amount(events: list[AuditEvent]) -> list[AuditEvent]:
+    """Three events listed, the first with its amount edited after it was sealed."""
+    return [events[1].model_copy(update={"data": {"amount": "999999"}}), events[3], events[5]]
+
+
 async def fetched(transport: httpx.MockTransport) -> AuditTrail:
     client = RegistryClient("https://registry.example/registry", transport=transport)
     try:
@@ -677,15 +697,7 @@ async def test_covered_events_past_the_proof_bound_are_shown_as_not_proven(
     """A visit proves at most ``prove`` events (the newest). The registry edits an older
     one, with no neighbour shown whose link would catch it: it was shown among the proven,
     and the trail as verifying."""
-    events = recent_chain()
-    latest = signed_checkpoint(events, signer, time=dated_after(events))
-    edited = events[1].model_copy(update={"data": {"amount": "999999"}})
-    transport = registry_serving(
-        [edited, events[3], events[5]],
-        [{"chain": CHAIN, "size": 6, "signed": latest}],
-        lambda seq: proof_for(events, seq, latest),
-        audit_keys_of(signer),
-    )
+    transport = sealed_registry(signer, edited_amount)
     client = RegistryClient("https://registry.example/registry", transport=transport)
     try:
         trail = await AuditTrail.fetch(client, "ses_test", AGENT, prove=2)
@@ -693,6 +705,7 @@ async def test_covered_events_past_the_proof_bound_are_shown_as_not_proven(
         assert trail.unproven == [(CHAIN, 1)] and not trail.complete  # ...but not all of it
         exported = trail.export(now=time.time())["verification"]
         assert exported["ok"] is False and exported["events_not_proven"] == [f"{CHAIN}:1"]
+        [edited] = [e for e in trail.events if e.seq == 1]
         await trail.prove(client, "ses_test", [edited])  # the row's Check
     finally:
         await client.aclose()
@@ -716,14 +729,7 @@ async def test_event_and_checkpoint_lists_of_the_wrong_shape_are_problems(
 ) -> None:
     """A JSON null for either list raised TypeError, and the page failed to render; a JSON
     object for the checkpoint list was read as an empty list, and the trail verified."""
-    events = recent_chain()
-    latest = signed_checkpoint(events, signer, time=dated_after(events))
-    honest = registry_serving(
-        [events[i] for i in MINE],
-        [{"chain": CHAIN, "size": 6, "signed": latest}],
-        lambda seq: proof_for(events, seq, latest),
-        audit_keys_of(signer),
-    )
+    honest = sealed_registry(signer)
     trail = await fetched(serving(honest, route, answer))
     assert not trail.ok and expected in trail.all_problems, trail.all_problems
     exported = trail.export(now=time.time())
@@ -893,17 +899,7 @@ async def test_the_page_catches_a_rollback_between_visits(signer: PrivateKey) ->
 
 @pytest.mark.asyncio
 async def test_the_page_marks_events_it_did_not_prove(signer: PrivateKey) -> None:
-    events = recent_chain()
-    latest = signed_checkpoint(events, signer, time=dated_after(events))
-    edited = events[1].model_copy(update={"data": {"amount": "999999"}})
-    texts = await AuditPage(max_inclusion_checks=2).visit(
-        registry_serving(
-            [edited, events[3], events[5]],
-            [{"chain": CHAIN, "size": 6, "signed": latest}],
-            lambda seq: proof_for(events, seq, latest),
-            audit_keys_of(signer),
-        )
-    )
+    texts = await AuditPage(max_inclusion_checks=2).visit(sealed_registry(signer, edited_amount))
     assert "✓ The audit trail verifies" not in texts
     assert "The audit trail is only partly checked: 1 event not proven" in texts
     assert texts.count("✓ proven") == 2 and texts.count("not proven") == 1
@@ -915,14 +911,7 @@ async def test_an_answer_that_is_not_json_is_a_problem_shown(
     signer: PrivateKey, route: str
 ) -> None:
     """A 200 whose body is not JSON raised JSONDecodeError, and the page failed to render."""
-    events = recent_chain()
-    latest = signed_checkpoint(events, signer, time=dated_after(events))
-    honest = registry_serving(
-        [events[i] for i in MINE],
-        [{"chain": CHAIN, "size": 6, "signed": latest}],
-        lambda seq: proof_for(events, seq, latest),
-        audit_keys_of(signer),
-    )
+    honest = sealed_registry(signer)
     texts = await AuditPage().visit(serving(honest, route, b"<html>oops</html>"))
     assert "✓ The audit trail verifies" not in texts
     if route == "/proof":  # each event's proof fails, and the trail with them
