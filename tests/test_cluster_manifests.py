@@ -67,8 +67,6 @@ DASHBOARD_METRICS = frozenset(
         "ray_agentauth_audit_lag_seconds",
         "ray_agentauth_tokens_issued_total",
         "ray_agentauth_fail_closed_total",
-        "ray_agentauth_anonymous_refused_total",
-        "ray_agentauth_anonymous_fallback_total",
     }
 )
 # Labels the queries may group or filter by: the metrics' own tags, and the histogram's.
