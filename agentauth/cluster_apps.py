@@ -23,10 +23,4 @@ def registry_app(args: dict[str, Any]) -> Application:
 
 
 def verifier_app(args: dict[str, Any]) -> Application:
-    settings = VerifierSettings(
-        database_url=os.environ["DATABASE_URL"],
-        redis_url=os.environ["REDIS_URL"],
-        issuer=os.environ["AGENTAUTH_ISSUER"],
-        **args,
-    )
-    return build_verifier_app(settings)
+    return build_verifier_app(VerifierSettings.from_env(**args))

@@ -67,6 +67,8 @@ DASHBOARD_METRICS = frozenset(
         "ray_agentauth_audit_lag_seconds",
         "ray_agentauth_tokens_issued_total",
         "ray_agentauth_fail_closed_total",
+        "ray_agentauth_anonymous_refused_total",
+        "ray_agentauth_anonymous_fallback_total",
     }
 )
 # Labels the queries may group or filter by: the metrics' own tags, and the histogram's.
@@ -115,6 +117,8 @@ RENDER_CASES: dict[str, dict[str, Any]] = {
         "ingress": {"enabled": True, "className": "nginx", "tls": {"enabled": True}},
         "metrics": {"podMonitor": {"enabled": True}},
         "imagePullSecrets": [{"name": "registry-login"}],
+        "trustedProxies": ["10.244.0.0/16", "fd00:10:244::/56"],
+        "openSignup": False,
     },
     "gcp": {
         "fullnameOverride": "auth",
@@ -140,6 +144,7 @@ RENDER_CASES: dict[str, dict[str, Any]] = {
                 "tokenSecret": {"name": "agentauth-vault", "key": "token"},
             },
         },
+        "verifier": {"dpopNonces": True, "nonceSecret": {"name": "agentauth-nonce"}},
     },
     "pkcs11": {
         "signer": {
@@ -165,6 +170,7 @@ RENDER_REFUSALS: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "local-without-volume": ({"signer": {"local": {"existingClaim": ""}}}, "ReadWriteMany"),
     "aws-without-key": ({"signer": {"backend": "aws"}}, "signer.aws.keyId"),
+    "nonces-without-secret": ({"verifier": {"dpopNonces": True}}, "verifier.nonceSecret.name"),
     "rp-id-elsewhere": ({"rpId": "other.example"}, "parent domain"),
     "issuer-not-registry": ({"issuer": "https://auth.example.com/"}, "/registry"),
     "unknown-backend": ({"signer": {"backend": "azure"}}, "/signer/backend"),
@@ -297,6 +303,17 @@ def _check_kuberay_rules(rs: dict[str, Any]) -> None:
         assert _version(cluster["rayVersion"]) >= (2, 52, 0), "token auth needs Ray 2.52+"
 
 
+def _check_unprivileged(pod: dict[str, Any], where: str) -> None:
+    """Non-root by a numeric id (the kubelet cannot check a named user), no capabilities."""
+    context = pod.get("securityContext", {})
+    assert context.get("runAsNonRoot") is True, f"{where}: may run as root"
+    assert context.get("runAsUser", 0) > 0, f"{where}: no numeric non-root runAsUser"
+    for container in pod["containers"]:
+        own = container.get("securityContext", {})
+        assert own.get("allowPrivilegeEscalation") is False, where
+        assert own.get("capabilities", {}).get("drop") == ["ALL"], where
+
+
 def _pods(rs: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     cluster = rs["spec"]["rayClusterConfig"]
     yield "head", cluster["headGroupSpec"]["template"]
@@ -341,6 +358,7 @@ def _check_rayservice(rs: dict[str, Any], schema: jsonschema.Draft7Validator) ->
         assert mounts.get("dshm") == "/dev/shm"
         for probe in ("readinessProbe", "livenessProbe"):
             assert probe in ray_container, f"{group}: no {probe}"
+        _check_unprivileged(template["spec"], group)
     # Every Serve process must see the same settings, wherever Ray places it.
     assert all(e == envs[0] for e in envs), "head and workers differ in their environment"
 
@@ -414,12 +432,7 @@ def _check_serve_config(
         call_user_app_builder_with_args_if_necessary(builder, dict(app.args))
         built[app.name] = dict(app.args)
         assert [d.name for d in app.deployments] == [app.name]
-    VerifierSettings(
-        database_url=env["DATABASE_URL"],
-        redis_url=env["REDIS_URL"],
-        issuer=env["AGENTAUTH_ISSUER"],
-        **built["verifier"],
-    )
+    VerifierSettings.from_env(**built["verifier"])
     return RegistrySettings.from_env(**built["registry"]).model_dump()
 
 
@@ -430,6 +443,7 @@ def _serve_env(configmap: dict[str, Any]) -> dict[str, str]:
         DATABASE_URL="postgresql://agentauth@db.example:5432/agentauth",
         REDIS_URL="redis://redis.example:6379/0",
         AGENTAUTH_ADMIN_TOKEN="a-stand-in-admin-token-0123456789",
+        AGENTAUTH_VERIFIER_NONCE_SECRET="a-stand-in-nonce-secret-0123456789",
     )
     return env
 
@@ -574,7 +588,10 @@ def test_helm_renders_valid_objects(
         assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == "agentauth"
 
     config = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    assert "nonce_secret" not in rs["spec"]["serveConfigV2"], "a secret in the RayService"
     settings = _check_serve_config(config, _serve_env(configmap), monkeypatch)
+    assert settings["open_signup"] == values.get("openSignup", True)
+    assert list(settings["trusted_proxies"]) == values.get("trustedProxies", [])
     backend = values.get("signer", {}).get("backend", "local")
     assert settings["signer"]["backend"] == backend
     if backend != "local":
@@ -601,6 +618,11 @@ def test_helm_renders_valid_objects(
         }
         for other, name in secret_env.items():
             assert (name in env) == (backend == other)
+        nonces = values.get("verifier", {}).get("dpopNonces", False)
+        assert ("AGENTAUTH_VERIFIER_NONCE_SECRET" in env) == nonces
+        if nonces:
+            ref = {"name": values["verifier"]["nonceSecret"]["name"], "key": "secret"}
+            assert env["AGENTAUTH_VERIFIER_NONCE_SECRET"] == {"secretKeyRef": ref}
         if backend in secret_env:
             ref = values["signer"][backend]["tokenSecret" if backend == "vault" else "pinSecret"]
             assert env[secret_env[backend]] == {"secretKeyRef": ref}
@@ -638,6 +660,8 @@ def _check_ui_and_routes(
         service = services[deployment["metadata"]["name"]]
         assert service["spec"]["selector"] == selector
         container = pod["spec"]["containers"][0]
+        _check_unprivileged(pod["spec"], "ui")
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
         named_ports = {p["name"] for p in container["ports"]}
         assert service["spec"]["ports"][0]["targetPort"] in named_ports
         settings, listen = _parse_ui_command(container["command"] + container["args"], monkeypatch)

@@ -82,3 +82,69 @@ def test_schemas_accept_real_documents_and_refuse_bad_ones() -> None:
         jsonschema.validate(
             {"rate_limits": [{"max_count": 0, "window_seconds": 1}]}, schemas["envelope"]
         )
+
+
+def _declared_closure() -> set[str]:
+    """Every distribution `pip install -e '.[server,dev]'` brings in, from the installed
+    metadata: the project's requirements and, transitively, theirs (extras followed)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    groups = project["optional-dependencies"]
+    pending = [Requirement(s) for s in project["dependencies"] + groups["server"] + groups["dev"]]
+    seen: set[tuple[str, frozenset[str]]] = set()
+    names: set[str] = set()
+    while pending:
+        req = pending.pop()
+        key = (canonicalize_name(req.name), frozenset(req.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        names.add(key[0])
+        try:
+            requires = metadata.requires(req.name) or []
+        except metadata.PackageNotFoundError:
+            continue  # not installed here: nothing to follow
+        for text in requires:
+            inner = Requirement(text)
+            extras = req.extras or {""}
+            if inner.marker is None or any(inner.marker.evaluate({"extra": e}) for e in extras):
+                pending.append(inner)
+    return names
+
+
+def test_every_package_the_tests_import_is_declared() -> None:
+    # `./scripts/test` installs '.[server,dev]' on a fresh machine and runs every test: a
+    # package that is only installed here by chance fails there at import.
+    import ast
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    local = {"agentauth", "tests"}
+    for folder in (ROOT, ROOT / "tests", ROOT / "bench", ROOT / "chaos"):
+        local |= {p.stem for p in folder.glob("*.py")} | {p.name for p in folder.iterdir()}
+    imported: dict[str, str] = {}
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in local:
+                    imported.setdefault(top, path.name)
+    declared = _declared_closure()
+    providers = metadata.packages_distributions()
+    missing = {
+        f"{module} (in {where})"
+        for module, where in imported.items()
+        if not {canonicalize_name(d) for d in providers.get(module, [])} & declared
+    }
+    assert not missing, f"imported by tests, not in the project's dependencies: {missing}"

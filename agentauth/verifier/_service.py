@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Hashable
@@ -99,6 +100,25 @@ class VerifierSettings(BaseModel):
         if self.dpop_nonces and len((self.nonce_secret or "").encode()) < 32:
             raise ValueError("dpop_nonces needs a nonce_secret of at least 32 bytes")
         return self
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> VerifierSettings:
+        """Read DATABASE_URL, REDIS_URL, ``AGENTAUTH_ISSUER`` and
+        ``AGENTAUTH_VERIFIER_NONCE_SECRET`` from the environment; ``overrides`` win."""
+        env = os.environ
+        values: dict[str, object] = {}
+        for name, key in (
+            ("database_url", "DATABASE_URL"),
+            ("redis_url", "REDIS_URL"),
+            ("issuer", "AGENTAUTH_ISSUER"),
+            # A deployment's config (Serve args) turns nonces on; the secret comes from the
+            # environment (a Kubernetes Secret), never from a config file.
+            ("nonce_secret", "AGENTAUTH_VERIFIER_NONCE_SECRET"),
+        ):
+            if key in env:
+                values[name] = env[key]
+        values.update(overrides)
+        return cls.model_validate(values)
 
 
 class VerifyIn(BaseModel):

@@ -77,6 +77,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and (has $backend (list "aws" "gcp" "vault" "pkcs11")) (not (index .Values.signer $backend).keyId) -}}
 {{- fail (printf "signer.%s.keyId is required for signer.backend=%s" $backend $backend) -}}
 {{- end -}}
+{{- if and .Values.verifier.dpopNonces (not .Values.verifier.nonceSecret.name) -}}
+{{- fail "verifier.dpopNonces needs verifier.nonceSecret.name: a Secret holding at least 32 random bytes (it goes to the Ray pods' environment, never into the RayService)" -}}
+{{- end -}}
 {{- if not (hasSuffix "/registry" (trimSuffix "/" .Values.issuer)) -}}
 {{- fail "issuer must be the registry's public URL, ending in /registry (Serve's route prefix)" -}}
 {{- end -}}
@@ -127,7 +130,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $_ := set $verifierDeployment "num_replicas" (int .Values.verifier.replicas) -}}
 {{- end -}}
 {{- with .Values.verifier.rayActorOptions }}{{ $_ := set $verifierDeployment "ray_actor_options" . }}{{ end -}}
-{{- $verifier := dict "name" "verifier" "route_prefix" "/verifier" "import_path" "agentauth.cluster_apps:verifier_app" "args" (dict "shards" (int .Values.verifier.shards)) "deployments" (list $verifierDeployment) -}}
+{{- $verifierArgs := dict "shards" (int .Values.verifier.shards) -}}
+{{- if .Values.verifier.dpopNonces }}{{ $_ := set $verifierArgs "dpop_nonces" true }}{{ end -}}
+{{- $verifier := dict "name" "verifier" "route_prefix" "/verifier" "import_path" "agentauth.cluster_apps:verifier_app" "args" $verifierArgs "deployments" (list $verifierDeployment) -}}
 {{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" (int .Values.serve.port)) "applications" (list $registry $verifier) -}}
 {{- toYaml $config -}}
 {{- end -}}
@@ -175,6 +180,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - name: AGENTAUTH_SIGNER_PKCS11_PIN
   valueFrom:
     secretKeyRef: {name: {{ .Values.signer.pkcs11.pinSecret.name | quote }}, key: {{ .Values.signer.pkcs11.pinSecret.key | quote }}}
+{{- end }}
+{{- if .Values.verifier.dpopNonces }}
+- name: AGENTAUTH_VERIFIER_NONCE_SECRET
+  valueFrom:
+    secretKeyRef: {name: {{ .Values.verifier.nonceSecret.name | quote }}, key: {{ .Values.verifier.nonceSecret.key | quote }}}
 {{- end }}
 {{- with .Values.ray.extraEnv }}
 {{ toYaml . }}
