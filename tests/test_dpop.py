@@ -343,7 +343,9 @@ HEADER_CASES += [
     pytest.param(_coordinate_beyond_field, "bad_jwk", id="jwk-x-beyond-field"),
     pytest.param(_noncanonical_x, "bad_jwk", id="jwk-x-noncanonical-base64"),
     pytest.param(_private_d, "bad_jwk", id="jwk-with-private-d"),
-    pytest.param(_other_key, "bad_signature", id="jwk-of-another-key"),
+    # Bound to the agent's key (jkt), a proof naming another is refused before its
+    # signature is checked (test_signed_by_another_key_than_the_jwk_is_refused: unbound).
+    pytest.param(_other_key, "jkt_mismatch", id="jwk-of-another-key"),
 ]
 
 
@@ -359,7 +361,7 @@ def test_header_negative(header_edit: Edit, reason: str) -> None:
         pytest.param(put_jwk(crv="X25519"), "bad_jwk", id="jwk-crv-X25519"),
         pytest.param(put_jwk(kty="EC"), "bad_jwk", id="jwk-kty-EC-with-Ed25519-crv"),
         pytest.param(put_jwk(d=b64url_encode(b"\x01" * 32)), "bad_jwk", id="jwk-with-d"),
-        pytest.param(put("jwk", public_members(OTHER_ED)), "bad_signature", id="jwk-of-another"),
+        pytest.param(put("jwk", public_members(OTHER_ED)), "jkt_mismatch", id="jwk-of-another"),
     ],
 )
 def test_ed25519_header_negative(header_edit: Edit, reason: str) -> None:
@@ -443,9 +445,31 @@ def test_signed_by_another_key_than_the_jwk_is_refused() -> None:
 
 def test_signature_over_other_claims_is_refused() -> None:
     good = make_proof()
-    other = make_proof(claims_edit=put("htm", "GET"))
+    other = make_proof(claims_edit=put("jti", "another-jti"))
     header, _, signature = good.split(".")
     assert_refused(f"{header}.{other.split('.')[1]}.{signature}", "bad_signature")
+
+
+@pytest.mark.parametrize(
+    ("claims_edit", "reason"),
+    [
+        pytest.param(put("iat", NOW - MAX_AGE - 1), "iat_too_old", id="stale"),
+        pytest.param(put("iat", NOW + FUTURE_SKEW + 1), "iat_in_future", id="future"),
+        pytest.param(put("htu", "https://api.example/other"), "htu_mismatch", id="other-url"),
+        pytest.param(put("htm", "GET"), "htm_mismatch", id="other-method"),
+        pytest.param(put("ath", "A" * 43), "ath_mismatch", id="other-token"),
+    ],
+)
+def test_a_proof_failing_a_cheap_check_is_refused_before_its_signature_is(
+    claims_edit: Edit, reason: str
+) -> None:
+    # A forged signature, so only a check made before the signature's can name the claim:
+    # nobody makes the verifier pay for a signature check with a proof it refuses anyway.
+    assert_refused(make_proof(claims_edit=claims_edit, signature=_flip_bit), reason)
+
+
+def test_a_proof_of_another_key_than_the_bound_one_is_refused_before_its_signature_is() -> None:
+    assert_refused(make_proof(key=OTHER_ES, signature=_flip_bit), "jkt_mismatch")
 
 
 # --- Negative cases: encoding and framing ------------------------------------------------------

@@ -15,7 +15,7 @@ import re
 import secrets
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,6 +32,7 @@ __all__ = [
     "DPoPNonces",
     "DPoPPolicy",
     "DPoPVerifier",
+    "ScreenedProof",
     "VerifiedProof",
     "create_dpop_proof",
     "normalize_htu",
@@ -71,6 +72,22 @@ class VerifiedProof:
     jkt: str
     htm: str
     htu: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScreenedProof:
+    """A proof that passed ``DPoPVerifier.screen``: not yet trusted (its signature is
+    unchecked), but its key's thumbprint may be looked up before ``confirm`` checks it."""
+
+    jti: str
+    iat: float
+    jkt: str
+    htm: str
+    htu: str
+    nonce: object = field(repr=False)
+    key: PublicKey = field(repr=False)
+    signing_input: bytes = field(repr=False)
+    signature: bytes = field(repr=False)
 
 
 def _normalize_percent(match: re.Match[str]) -> str:
@@ -231,6 +248,26 @@ class DPoPVerifier:
         Raises ``UseDPoPNonce`` carrying a fresh nonce when nonces are on and the proof lacks
         a current one.
         """
+        screened = self.screen(
+            proof, htm=htm, htu=htu, now=now, access_token=access_token, ath=ath, jkt=jkt
+        )
+        return self.confirm(screened, now=now)
+
+    def screen(
+        self,
+        proof: object,
+        *,
+        htm: str,
+        htu: str,
+        now: float,
+        access_token: str | None = None,
+        ath: str | None = None,
+        jkt: str | None = None,
+    ) -> ScreenedProof:
+        """Every check of ``verify`` but the signature and the nonce: the cheap ones, which
+        refuse a proof too large, stale, or for another request before anyone pays for a
+        signature check. A caller that must look the key up (the registry: is it an
+        agent's?) does so between this and ``confirm``."""
         try:
             parsed = parse_compact(proof, max_bytes=self._policy.max_proof_bytes)
         except InvalidRequest as exc:
@@ -239,8 +276,6 @@ class DPoPVerifier:
         if key is None:
             key = self._key_from_header(parsed.header)
             remember(self._keys, parsed.header_segment, key, self._cache_size)
-        if not key.verify(parsed.signature, parsed.signing_input):
-            raise InvalidDPoPProof("bad signature", reason="bad_signature")
 
         claims = parsed.claims
         jti, claim_htm = claims.get("jti"), claims.get("htm")
@@ -280,9 +315,32 @@ class DPoPVerifier:
                 raise InvalidDPoPProof("ath does not match the token", reason="ath_mismatch")
         if jkt is not None and not hmac.compare_digest(key.thumbprint.encode(), jkt.encode()):
             raise InvalidDPoPProof("proof key is not the token's key", reason="jkt_mismatch")
-        if self._nonces is not None and not self._nonces.valid(claims.get("nonce"), now):
+        return ScreenedProof(
+            jti=jti,
+            iat=float(iat),
+            jkt=key.thumbprint,
+            htm=htm,
+            htu=claim_htu,
+            nonce=claims.get("nonce"),
+            key=key,
+            signing_input=parsed.signing_input,
+            signature=parsed.signature,
+        )
+
+    def confirm(self, screened: ScreenedProof, *, now: float) -> VerifiedProof:
+        """The rest of ``verify`` for a proof ``screen`` passed: its signature, then (when
+        nonces are on) its nonce."""
+        if not screened.key.verify(screened.signature, screened.signing_input):
+            raise InvalidDPoPProof("bad signature", reason="bad_signature")
+        if self._nonces is not None and not self._nonces.valid(screened.nonce, now):
             raise UseDPoPNonce(nonce=self._nonces.issue(now), reason="nonce_required")
-        return VerifiedProof(jti=jti, iat=float(iat), jkt=key.thumbprint, htm=htm, htu=claim_htu)
+        return VerifiedProof(
+            jti=screened.jti,
+            iat=screened.iat,
+            jkt=screened.jkt,
+            htm=screened.htm,
+            htu=screened.htu,
+        )
 
     @staticmethod
     def _key_from_header(header: Mapping[str, Any]) -> PublicKey:

@@ -400,12 +400,18 @@ class Registry:
         if not proof:
             raise Unauthenticated("a DPoP proof is required", reason="missing_proof")
         now = time.time()
-        verified = self.proofs.verify(proof, htm=htm, htu=htu, now=now)
+        # The signature, by far the dearest check, comes last: a proof that is stale, for
+        # another request, or by a key no agent has is refused without it, so nobody
+        # without an agent makes the registry check signatures. That an unknown key is
+        # told apart (at once, and by its answer) reveals nothing worth hiding: an agent's
+        # public key travels in every proof it sends, to every provider.
+        screened = self.proofs.screen(proof, htm=htm, htu=htu, now=now)
         row = await self.pool.fetchrow(
-            "SELECT id, principal_id, jkt, status FROM agents WHERE jkt = $1", verified.jkt
+            "SELECT id, principal_id, jkt, status FROM agents WHERE jkt = $1", screened.jkt
         )
         if row is None:
             raise Unauthenticated("unknown agent key", reason="unknown_agent")
+        verified = self.proofs.confirm(screened, now=now)
         agent = Agent(row["id"], row["principal_id"], row["jkt"], row["status"])
         if agent.status != "active":
             raise Forbidden("the agent is disabled", reason="agent_disabled")
@@ -1157,16 +1163,23 @@ class Registry:
         if not proof:
             raise Unauthenticated("a DPoP proof by the new key is required", reason="missing_proof")
         # Proof of possession: a fresh proof for this request, signed by the key itself.
-        verified = self.proofs.verify(
-            proof, htm="POST", htu=htu, now=time.time(), jkt=key.thumbprint
-        )
+        now = time.time()
+        screened = self.proofs.screen(proof, htm="POST", htu=htu, now=now, jkt=key.thumbprint)
+        code_hash = _sha256(enrollment_code)
+        # A code that could not register anything is refused before the signature is
+        # checked (anyone may call this). The transaction below spends it, checking again.
+        if await self.pool.fetchval(_ENROLLMENT_USABLE, code_hash) is None:
+            raise Forbidden(
+                "the enrollment code is invalid, used or expired", reason="bad_enrollment"
+            )
+        verified = self.proofs.confirm(screened, now=now)
         await self._reserve_jti(verified.jkt, verified.jti, verified.iat)
         agent_id = new_id("agt")
         async with self._tx() as conn:
             row = await conn.fetchrow(
                 "UPDATE enrollments SET used_at = now() WHERE code_hash = $1 AND used_at IS NULL"
                 " AND expires_at > now() RETURNING principal_id",
-                _sha256(enrollment_code),
+                code_hash,
             )
             if row is None:
                 raise Forbidden(
@@ -1469,6 +1482,22 @@ class Registry:
         )
         request_id = new_id("grq")
         async with self._tx() as conn:
+            # One agent's requests one at a time, so that concurrent ones count each other.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"grq:{agent.id}")
+            await _hold_agent(conn, agent)
+            waiting = await conn.fetchval(
+                "SELECT count(*) FROM grant_requests WHERE agent_id = $1 AND status = 'pending'"
+                " AND created_at > now() - make_interval(secs => $2)",
+                agent.id,
+                float(self.settings.grant_request_ttl),
+            )
+            if waiting >= self.settings.max_pending_grant_requests:
+                # An agent must not bury the request that matters under a flood of others.
+                raise Conflict(
+                    f"{waiting} requests of this agent are waiting for the human already:"
+                    " ask again once one is decided or expired",
+                    reason="too_many_grant_requests",
+                )
             await conn.execute(
                 "INSERT INTO grant_requests (id, agent_id, provider_id, capabilities, envelope)"
                 " VALUES ($1, $2, $3, $4, $5)",
@@ -2042,6 +2071,7 @@ class Registry:
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtext($1))", f"step-up:{body.grant_id}"
             )
+            await _hold_agent(conn, agent)
             waiting = await conn.fetch(
                 "SELECT id, document FROM step_ups WHERE grant_id = $1 AND agent_id = $2"
                 " AND status = 'pending' AND expires_at > $3",
@@ -2292,6 +2322,10 @@ _REQUEST_STATUS = (
     " THEN 'expired' WHEN r.status = 'pending' AND a.status = 'disabled' THEN 'cancelled'"
     " ELSE r.status END"
 )
+# An enrollment code that can still register an agent (register_agent).
+_ENROLLMENT_USABLE = (
+    "SELECT 1 FROM enrollments WHERE code_hash = $1 AND used_at IS NULL AND expires_at > now()"
+)
 # Whether grant ``g`` is revoked, itself or through its agent (disabling an agent records an
 # agent revocation). Used by token issuance, before signing and again when recording.
 _GRANT_REVOKED = (
@@ -2385,6 +2419,15 @@ _STEP_UP_SELECT = (
 # finishes) share them, so no two wait for each other in opposite orders.
 _APPROVAL_LOCKS_REQUEST = " FOR UPDATE OF r FOR SHARE OF a, p"
 _APPROVAL_LOCKS_STEP_UP = " FOR UPDATE OF s FOR SHARE OF a, g, p"
+
+
+async def _hold_agent(conn: Conn, agent: Agent) -> None:
+    """Refuse an agent disabled since it authenticated, and keep it from being disabled
+    until this transaction ends: disable_agent locks the row FOR UPDATE, so one that
+    committed first is seen here, and one that comes later finds what this one wrote."""
+    status = await conn.fetchval("SELECT status FROM agents WHERE id = $1 FOR SHARE", agent.id)
+    if status != "active":
+        raise Forbidden("the agent is disabled", reason="agent_disabled")
 
 
 def _still_pending(status: str, what: str) -> None:

@@ -71,6 +71,9 @@ class RegistrySettings(BaseModel):
     max_pending_step_ups: int = Field(20, ge=1)
     # A grant request unanswered this long is expired (no longer approved or denied).
     grant_request_ttl: int = Field(7 * 86400, ge=60)
+    # Pending grant requests an agent may have at once, for the same reason as step-ups:
+    # each is a card on its human's page, and rows in the registry's tables.
+    max_pending_grant_requests: int = Field(20, ge=1)
     audit_chains: int = Field(8, ge=1, le=256)
     checkpoint_every_events: int = 1000
     # At most a tenth of MAX_UNSEALED_AGE (300 s): a chain's events older than that under
