@@ -1,5 +1,5 @@
-"""The verifier's RFC 7662 answer (``Verifier.introspect``) and its per-provider decision
-counts (``/v1/stats``) without Ray, PostgreSQL or Redis.
+"""The verifier's RFC 7662 answer (``Verifier.introspect``), its per-provider decision
+counts (``/v1/stats``) and its DPoP nonces without Ray, PostgreSQL or Redis.
 
 The replica's service layer runs for real (tests/verifier_inprocess.py).
 """
@@ -10,10 +10,11 @@ import time
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from verifier_inprocess import ask, basic, mint, verifier
 
 from agentauth.protocol import PrivateKey
-from agentauth.verifier import create_app
+from agentauth.verifier import Verifier, VerifierSettings, create_app
 
 
 @pytest.mark.asyncio
@@ -92,3 +93,70 @@ async def test_a_provider_sees_only_its_own_decision_counts() -> None:
     assert a["decisions"] == {"ok": 2, "invalid_dpop_proof:jkt_mismatch": 1}
     assert b["decisions"] == {"invalid_token:wrong_audience": 1}
     assert a.keys() == b.keys() >= {"batches", "checks", "checks_given_up", "void_checks"}
+
+
+@pytest.mark.asyncio
+async def test_the_nonce_secret_rotates_without_replicas_refusing_each_others_nonces() -> None:
+    """A replica accepted only nonces of its own ``nonce_secret``: while a new secret was
+    rolled out, replicas with the old one and with the new one refused each other's
+    nonces, and an agent sent from one to the other got a new nonce on every retry (the
+    docs said nonces rotate with a list of secrets). Now a replica may accept other
+    secrets' nonces, and issues with its own alone."""
+    old, new = "o" * 32, "n" * 32
+    token = mint(now=time.time())
+
+    async def nonce_of(v: Verifier) -> str:
+        answer = await v.verify("prov_a", ask(token))
+        assert answer["reason"] == "use_dpop_nonce:nonce_required"
+        return str(answer["dpop_nonce"])
+
+    async def reason(v: Verifier, nonce: str) -> str:
+        return str((await v.verify("prov_a", ask(token, nonce=nonce)))["reason"])
+
+    before, _ = verifier(dpop_nonces=True, nonce_secret=old)
+    # First every replica accepts the new secret, then they issue with it.
+    accepting, _ = verifier(dpop_nonces=True, nonce_secret=old, accepted_nonce_secrets=(new,))
+    issuing, _ = verifier(dpop_nonces=True, nonce_secret=new, accepted_nonce_secrets=(old,))
+    assert await reason(issuing, await nonce_of(before)) == "ok"
+    assert await reason(accepting, await nonce_of(issuing)) == "ok"
+    assert await reason(issuing, await nonce_of(accepting)) == "ok"
+    # Once the old secret is dropped its nonces are refused, with one of the new secret.
+    after, _ = verifier(dpop_nonces=True, nonce_secret=new)
+    assert await reason(after, await nonce_of(before)) == "use_dpop_nonce:nonce_required"
+    assert await reason(after, await nonce_of(issuing)) == "ok"
+    with pytest.raises(ValidationError, match="accepted_nonce_secrets"):
+        VerifierSettings(
+            database_url="postgresql://x/y",
+            redis_url="redis://x",
+            issuer="i",
+            dpop_nonces=True,
+            nonce_secret=new,
+            accepted_nonce_secrets=(old, "short"),
+        )
+
+
+@pytest.mark.asyncio
+async def test_introspection_takes_every_body_verify_takes() -> None:
+    """The docs say /v1/introspect takes /v1/verify's body. /v1/verify reads it whatever
+    the Content-Type says; introspection left the body to FastAPI, which reads JSON only
+    when told it is JSON, and refused the same request (400 schema) with no Content-Type
+    or a ``text/plain`` one. Both read it the same way now, and the OpenAPI document
+    still describes it."""
+    v, _ = verifier()
+    token = mint(now=time.time())
+    transport = httpx.ASGITransport(app=create_app(v))
+    async with httpx.AsyncClient(transport=transport, base_url="http://verifier") as c:
+        for content_type in ({}, {"Content-Type": "text/plain"}, {"Content-Type": "x/y"}):
+            headers = {**basic("prov_a"), **content_type}
+            for route, key in (("/v1/verify", "decision"), ("/v1/introspect", "active")):
+                body = ask(token).model_dump_json(exclude_none=True)
+                r = await c.post(route, content=body, headers=headers)
+                assert r.status_code == 200, (route, content_type, r.text)
+                assert r.json()[key] in ("allow", True), (route, r.text)
+        document = (await c.get("/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+    for route in ("/v1/verify", "/v1/introspect"):
+        body = document["paths"][route]["post"]["requestBody"]["content"]["application/json"]
+        assert schemas[body["schema"]["$ref"].rsplit("/", 1)[1]]["title"] == "VerifyIn"
+    assert schemas["VerifyIn"]["properties"]["action"]["$ref"].endswith("/Action")
+    assert "Action" in schemas

@@ -50,14 +50,19 @@ async def _authenticate(verifier: Verifier, authorization: str) -> str:
 Provider = Annotated[str, Depends(provider)]
 
 
+def _question(scope: Scope) -> VerifyIn:
+    """The body BodyGuard parsed, whatever the Content-Type said: both routes that take
+    one read it so, and so take the same bodies."""
+    try:
+        return VerifyIn.model_validate(parsed_body(scope))
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
 async def _verify_answer(verifier: Verifier, authorization: str, scope: Scope) -> bytes:
     """POST /v1/verify from its Authorization header and the body BodyGuard parsed."""
     provider_id = await _authenticate(verifier, authorization)
-    try:
-        body = VerifyIn.model_validate(parsed_body(scope))
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from None
-    answer = await verifier.verify(provider_id, body)
+    answer = await verifier.verify(provider_id, _question(scope))
     return json.dumps(answer, separators=(",", ":")).encode()
 
 
@@ -121,30 +126,42 @@ def create_app(verifier: Verifier) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    # Both routes read their body as _question does, so the OpenAPI document is told it.
+    question = {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/VerifyIn"}}},
+        }
+    }
+
     # VerifyFastPath answers this route before routing; the route stays for the OpenAPI
     # document (its schema is VerifyIn) and for Serve, which names a request's route for
     # its metrics from the app's routes. It answers the same way if reached.
-    @app.post(
-        "/v1/verify",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/VerifyIn"}}
-                },
-            }
-        },
-        response_class=Response,
-    )
+    @app.post("/v1/verify", openapi_extra=question, response_class=Response)
     async def verify(request: Request) -> Response:
         authorization = request.headers.get("authorization", "")
         answer = await _verify_answer(verifier, authorization, request.scope)
         return Response(answer, media_type="application/json")
 
-    @app.post("/v1/introspect")
-    async def introspect(provider_id: Provider, body: VerifyIn) -> dict[str, Any]:
+    @app.post("/v1/introspect", openapi_extra=question)
+    async def introspect(request: Request) -> dict[str, Any]:
         """RFC 7662 shape: ``active`` true only when every check of /v1/verify passed."""
-        return await verifier.introspect(provider_id, body)
+        provider_id = await _authenticate(verifier, request.headers.get("authorization", ""))
+        return await verifier.introspect(provider_id, _question(request.scope))
+
+    plain_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # No route takes VerifyIn as a parameter (both read it with _question), so FastAPI
+        # would leave out the schema their bodies refer to.
+        if app.openapi_schema is None:
+            document = plain_openapi()
+            schema = VerifyIn.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(schema.pop("$defs", {}), VerifyIn=schema)
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override
 
     @app.get("/v1/stats")
     async def stats(provider_id: Provider) -> dict[str, Any]:

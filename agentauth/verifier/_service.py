@@ -81,6 +81,10 @@ class VerifierSettings(BaseModel):
     # RFC 9449 server nonces: off by default (one more round trip per agent per period).
     dpop_nonces: bool = False
     nonce_secret: str | None = Field(None, repr=False)
+    # Nonces made with these are accepted too, none is issued with them: to rotate the
+    # secret across replicas, first accept the new one everywhere, then issue with it and
+    # accept the old one until its nonces have lapsed (docs/verifier.md).
+    accepted_nonce_secrets: tuple[str, ...] = Field((), repr=False)
     key_refresh_min_interval: float = 1.0
     # Capped by the registry's "revoked" mark, which a fill must never outlive.
     grant_cache_ttl: int = Field(60, ge=1, le=GRANT_REVOKED_TTL)
@@ -99,6 +103,8 @@ class VerifierSettings(BaseModel):
         # mint nonces this verifier accepts.
         if self.dpop_nonces and len((self.nonce_secret or "").encode()) < 32:
             raise ValueError("dpop_nonces needs a nonce_secret of at least 32 bytes")
+        if any(len(s.encode()) < 32 for s in self.accepted_nonce_secrets):
+            raise ValueError("each of accepted_nonce_secrets needs at least 32 bytes")
         return self
 
     @classmethod
@@ -154,6 +160,10 @@ K = TypeVar("K", bound=Hashable)
 # or agent: issuance re-reads the grant, locked, in the transaction that records the
 # token), so by then that token is refused as expired anyway.
 _REVOCATION_MEMORY = TokenPolicy().max_lifetime + 2 * TokenPolicy().leeway + 300
+
+# How long the revocation channel may answer nothing (it is pinged four times a second)
+# before the listener takes it for dead and subscribes again.
+_CHANNEL_SILENCE = 1.0
 
 
 class _Expiring(Generic[K]):
@@ -238,6 +248,10 @@ class _Revocations:
         self._last_seq = 0
         self._synced_at = 0.0
         self._listening = False
+        # When the channel's subscription was last confirmed: a message published before
+        # it reached no one here, so only a poll read after it covers the time before.
+        self._subscribed_at = 0.0
+        self._poll_now = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -284,7 +298,11 @@ class _Revocations:
 
     async def _poll_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._settings.revocation_poll)
+            # Or at once when the channel has (re)subscribed: until a poll reads after
+            # that, the replica is not fresh.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poll_now.wait(), self._settings.revocation_poll)
+            self._poll_now.clear()
             try:
                 await self._poll()
             except Exception:  # stale data is refused by fresh(); keep trying
@@ -295,18 +313,30 @@ class _Revocations:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(REVOCATION_CHANNEL)
-                self._listening = True
-                last_ping = time.monotonic()
+                heard = last_ping = time.monotonic()
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.25)
-                    if message and message["type"] == "message":
-                        item = json.loads(message["data"])
-                        self._add(item["kind"], item["target"], time.time())
-                    # A ping a few times a second proves the channel alive when nothing is
-                    # revoked; a dead connection raises here or in get_message.
-                    if time.monotonic() - last_ping >= 0.25:
+                    message = await pubsub.get_message(timeout=0.25)
+                    now = time.monotonic()
+                    if message is not None:
+                        heard = now
+                        if message["type"] == "subscribe":
+                            # Listening from here, not from sending SUBSCRIBE: Redis may not
+                            # have read it yet.
+                            self._subscribed_at = now
+                            self._listening = True
+                            self._poll_now.set()
+                        elif message["type"] == "message":
+                            item = json.loads(message["data"])
+                            self._add(item["kind"], item["target"], time.time())
+                    elif now - heard > _CHANNEL_SILENCE:
+                        # A ping a few times a second, and its pong, prove the channel alive
+                        # when nothing is revoked. Sending one proves nothing: a stalled
+                        # server or a network dropping packets takes it and answers nothing,
+                        # and its messages are lost alike.
+                        raise TimeoutError("the revocation channel is silent")
+                    if now - last_ping >= 0.25:
                         await asyncio.wait_for(pubsub.ping(), 0.5)
-                        last_ping = time.monotonic()
+                        last_ping = now
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -319,8 +349,14 @@ class _Revocations:
             await asyncio.sleep(0.2)
 
     def fresh(self) -> bool:
+        # The poll must have read after the subscription: a revocation published while the
+        # channel was down (or resubscribing) is lost to it, and was read by no poll before.
         age = time.monotonic() - self._synced_at
-        return self._listening and age <= self._settings.revocation_max_staleness
+        return (
+            self._listening
+            and self._synced_at >= self._subscribed_at
+            and age <= self._settings.revocation_max_staleness
+        )
 
     def revoked(self, token: AccessToken) -> bool:
         claims = token.claims
@@ -351,8 +387,11 @@ class Verifier:
         self.tokens = AccessTokenVerifier(keys=KeySet([]), issuer=settings.issuer)
         nonces = None
         if settings.dpop_nonces and settings.nonce_secret:
-            secret = settings.nonce_secret.encode()
-            nonces = DPoPNonces([hashlib.sha256(b"agentauth-nonce" + secret).digest()])
+            # The first issues; every one verifies.
+            secrets_ = (settings.nonce_secret, *settings.accepted_nonce_secrets)
+            nonces = DPoPNonces(
+                [hashlib.sha256(b"agentauth-nonce" + s.encode()).digest() for s in secrets_]
+            )
         self.proofs = DPoPVerifier(nonces=nonces)
         self.revocations = _Revocations(pool, redis, settings, also=self._sync_tables)
         self._providers: dict[str, _Provider] = {}
