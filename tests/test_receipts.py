@@ -735,6 +735,16 @@ def _ec2(*, kty: bytes = b"\x02", alg: bytes = b"\x26", crv: bytes = b"\x01") ->
             lambda a: b"\xa5" + a.cose_key()[1:-35] + b"\x22\xf5", "malformed", id="compressed"
         ),
         pytest.param(lambda a: a.cose_key() + b"\x00", "malformed", id="trailing-bytes"),
+        # The registry's key (CTAP2 canonical) with a longer head: the same key, other bytes.
+        pytest.param(
+            lambda a: a.cose_key()[:2] + b"\x18\x02" + a.cose_key()[3:], "malformed", id="long-kty"
+        ),
+        pytest.param(
+            lambda a: a.cose_key()[:8] + b"\x59\x00\x20" + a.cose_key()[10:],
+            "malformed",
+            id="long-x-length",
+        ),
+        pytest.param(lambda a: b"\xb8\x05" + a.cose_key()[1:], "malformed", id="long-map-count"),
         pytest.param(lambda a: b"\xbf" + a.cose_key()[1:] + b"\xff", "malformed", id="indefinite"),
         pytest.param(lambda a: a.cose_key()[:-1], "malformed", id="truncated"),
     ],
@@ -745,6 +755,37 @@ def test_unsupported_keys(es256: SoftAuthenticator, make_cose: Any, reason: str)
     with pytest.raises(InvalidReceipt) as caught:
         cose_key_to_jwk(cose)
     assert caught.value.reason == reason
+
+
+def _okp(y: int, *, x_odd: bool = False) -> bytes:
+    """An EdDSA/Ed25519 COSE_Key for the point with this y (RFC 8032 §5.1.2 encoding)."""
+    encoded = (y | (x_odd << 255)).to_bytes(32, "little")
+    return b"\xa4\x01\x01\x03\x27\x20\x06\x21" + _cbor_bstr32(encoded)
+
+
+def test_ed25519_key_off_the_curve_is_unsupported() -> None:
+    """Half of all y have no x on edwards25519. OpenSSL loads such a key and then refuses
+    every signature under it: a passkey the registry must not register."""
+    p = 2**255 - 19
+    d = -121665 * pow(121666, -1, p) % p
+
+    def has_x(y: int) -> bool:  # RFC 8032 §5.1.3 step 3: recover x, or find there is none
+        u, v = (y * y - 1) % p, (d * y * y + 1) % p
+        x = u * pow(v, 3, p) * pow(u * pow(v, 7, p), (p - 5) // 8, p) % p
+        return v * x * x % p in (u, -u % p)
+
+    off = [2, 7, 8]
+    assert [y for y in range(2, 9) if not has_x(y)] == off
+    for y in off:
+        for x_odd in (False, True):
+            with pytest.raises(InvalidReceipt) as caught:
+                cose_key_to_jwk(_okp(y, x_odd=x_odd))
+            assert caught.value.reason == "unsupported_key"
+    ed = SoftAuthenticator("Ed25519")
+    assert _reason(_with_key(ed.approve(CHALLENGE_A), _okp(off[0]))) == "unsupported_key"
+    # Real keys, whichever sign x has, are points of the curve.
+    for _ in range(64):
+        cose_key_to_jwk(SoftAuthenticator("Ed25519").cose_key())
 
 
 def test_cose_key_with_trailing_bytes(authenticator: SoftAuthenticator) -> None:
@@ -775,7 +816,6 @@ def test_cose_key_with_trailing_bytes(authenticator: SoftAuthenticator) -> None:
         ("a0", {}),
         ("a201020304", {1: 2, 3: 4}),
         ("a26161016162820203", {"a": 1, "b": [2, 3]}),
-        ("1800", 0),  # non-minimal lengths are well-formed, if not deterministic
     ],
 )
 def test_cbor_decodes(encoded: str, value: object) -> None:
@@ -808,6 +848,18 @@ def test_cbor_decodes(encoded: str, value: object) -> None:
         "0000",  # trailing bytes
         "8181818181",  # depth 5
         "818181818100",  # deeper still
+        # Well-formed, but not in the shortest form (CTAP2 canonical CBOR): one value, two
+        # encodings.
+        "1800",
+        "1817",
+        "190017",
+        "1a0000ffff",
+        "1b00000000ffffffff",
+        "3800",
+        "5800",
+        "7800",
+        "9800",
+        "b800",
     ],
 )
 def test_cbor_refuses(encoded: str) -> None:

@@ -192,10 +192,16 @@ def es256_cose_with_private_scalar() -> bytes:
     )
 
 
+def ed25519_cose_off_the_curve() -> bytes:
+    # y = 2 has no x on edwards25519: OpenSSL loads the key and refuses every signature.
+    return cbor({1: 1, 3: -8, -1: 6, -2: (2).to_bytes(32, "little")})
+
+
 UNUSABLE = [
     pytest.param({"cose": rs256_cose()}, "registration_refused", id="rs256"),
     pytest.param({"cose": p384_cose_named_es256()}, "unsupported_key", id="es256-on-p384"),
     pytest.param({"cose": es256_cose_with_private_scalar()}, "unsupported_key", id="private-d"),
+    pytest.param({"cose": ed25519_cose_off_the_curve()}, "unsupported_key", id="ed25519-off-curve"),
     pytest.param({"credential_id": os.urandom(1024)}, "credential_id_too_long", id="id-1024"),
 ]
 

@@ -15,6 +15,12 @@ What ``verify_assertion`` does *not* decide, because it needs state the caller o
   changes (the caller compares it, and persists ``backed_up``, BS, which may);
 * that ``user_handle`` names the expected user.
 
+The assertion signs authenticatorData and clientDataJSON only. ``credential_id`` and
+``user_handle`` are unsigned (``VerifiedReceipt.credential_id`` merely repeats the
+receipt's), and anyone can sign a grant's hash with a key of their own and name it
+``credential_public_key``: a receipt shows whose approval it is only once its key is found
+to be the one registered under its credential id.
+
 Every failure raises ``InvalidReceipt`` with a public ``reason``:
 
     malformed                 a field, clientDataJSON, authenticatorData or CBOR is ill-formed
@@ -47,7 +53,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ._encoding import b64url_decode, b64url_encode, canonical_json, strict_json_loads
 from ._errors import InvalidReceipt, InvalidRequest
-from ._keys import PublicKey
+from ._keys import PublicKey, ed25519_on_curve
 
 __all__ = ["ApprovalReceipt", "VerifiedReceipt", "cose_key_to_jwk", "verify_assertion"]
 
@@ -187,8 +193,14 @@ class _CborReader:
 
 
 def _decode_cbor(data: bytes) -> _CborValue:
-    """Decode exactly one CBOR item; trailing bytes are refused."""
-    reader = _CborReader(data)
+    """Decode exactly one CBOR item, every head in its shortest form; trailing bytes are
+    refused.
+
+    Authenticators write COSE keys in CTAP2 canonical CBOR, and the registry stores the key
+    as py_webauthn re-encodes it, in the shortest form: a longer one is no key it holds, and
+    would let one approval be written as several receipts (several digests).
+    """
+    reader = _CborReader(data, shortest=True)
     value = reader.item()
     if not reader.at_end():
         raise _fail("malformed", "trailing bytes after CBOR item")
@@ -229,9 +241,14 @@ def _cose_public_key(cose: bytes) -> PublicKey:
     if set(key) != labels:
         raise _fail("unsupported_key", "COSE key has unexpected members")
     try:
-        return PublicKey.from_jwk(jwk)
+        public = PublicKey.from_jwk(jwk)
     except InvalidRequest:
         raise _fail("unsupported_key", "COSE key is not a valid public key") from None
+    # from_jwk leaves this to OpenSSL's verify, which refuses every signature: a passkey with
+    # such a key would register and then never approve nor sign in.
+    if public.alg == "Ed25519" and not ed25519_on_curve(b64url_decode(jwk["x"])):
+        raise _fail("unsupported_key", "COSE key is not a point of Ed25519")
+    return public
 
 
 def cose_key_to_jwk(cose: bytes) -> dict[str, str]:
