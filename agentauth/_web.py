@@ -69,7 +69,9 @@ class Authentication:
     ``schemes``: ``"DPoP"``, ``"Bearer"``, ``"Basic"``, in the order offered.
     ``token_endpoint``: an authorization server's token endpoint, whose DPoP failures are
     RFC 6749 §5.2 error responses, 400 without a challenge (RFC 9449 §5 and §8), coded
-    ``invalid_dpop_proof`` (a replay too, its reason kept) or ``use_dpop_nonce``.
+    ``invalid_dpop_proof`` (a replay too, its reason kept) or ``use_dpop_nonce``. A caller
+    that did not authenticate is §5.2's ``invalid_client``: 400 for a proof by a key of no
+    agent, 401 with the challenge when it sent no proof (saying which scheme to use).
     """
 
     realm: str
@@ -149,15 +151,24 @@ def _error_response(
         auth = scope.get(_AUTHENTICATION, auth)
     status = exc.status_hint
     body = exc.to_dict()
+    presented = _presented(scope)
     if auth is not None and auth.token_endpoint and isinstance(exc, _PROOF_ERRORS):
         status = 400  # RFC 9449 §5: an RFC 6749 §5.2 error response
         if isinstance(exc, ReplayDetected):
             # §5.2 allows only registered codes there, and RFC 9449 §12.2 registers
             # invalid_dpop_proof for any proof refused; the reason still says replay.
             body["error"] = "invalid_dpop_proof"
+    elif auth is not None and auth.token_endpoint and isinstance(exc, Unauthenticated):
+        # §5.2's code for a client that did not authenticate; the reason says why. Its 401
+        # is for clients that tried no scheme of the endpoint's (none, or Authorization).
+        body["error"] = "invalid_client"
+        if presented == "dpop":
+            status = 400
+        else:
+            headers["WWW-Authenticate"] = _challenges(exc, auth, presented)
     elif status == 401:
         auth = auth or Authentication(realm="agentauth", schemes=("DPoP",))
-        headers["WWW-Authenticate"] = _challenges(exc, auth, _presented(scope))
+        headers["WWW-Authenticate"] = _challenges(exc, auth, presented)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

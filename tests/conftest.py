@@ -202,6 +202,9 @@ def registry_settings(database_url: str, redis_url: str, serve_port: int, data_d
         anonymous_client_limit=1_000_000,
         anonymous_global_limit=1_000_000,
         max_anonymous_challenges=1_000_000,
+        # The audit chain's load test files 125 pending requests per agent; the bound's own
+        # tests run in process (tests/test_registry_dpop.py).
+        max_pending_grant_requests=200,
     )
 
 

@@ -64,13 +64,13 @@ async def registry_on_new_database(
 
 @asynccontextmanager
 async def registry_in_process(
-    database_url: str, redis_url: str, data_dir: Path, *, prefix: str
+    database_url: str, redis_url: str, data_dir: Path, *, prefix: str, **settings: Any
 ) -> AsyncIterator[Opened]:
-    """Open it on a new database named ``prefix_<random>``; drop that database after."""
-    async with registry_on_new_database(database_url, redis_url, data_dir, prefix=prefix) as (
-        registry,
-        url,
-    ):
+    """Open it (``RegistrySettings`` overridden by ``settings``) on a new database named
+    ``prefix_<random>``; drop that database after."""
+    async with registry_on_new_database(
+        database_url, redis_url, data_dir, prefix=prefix, **settings
+    ) as (registry, url):
         _wait_out_replay_epoch(redis_url)
         transport = httpx.ASGITransport(app=create_app(registry))
         async with httpx.AsyncClient(transport=transport, base_url=ISSUER, timeout=60) as client:

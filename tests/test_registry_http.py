@@ -165,8 +165,9 @@ async def test_every_401_challenges_for_the_schemes_its_route_accepts() -> None:
 @pytest.mark.asyncio
 async def test_dpop_failures_at_the_token_endpoint_are_400_error_responses() -> None:
     """RFC 9449 §5: the token endpoint answers a bad proof with an RFC 6749 §5.2 error
-    response, 400 ``invalid_dpop_proof``, not a resource server's 401 challenge. A missing
-    credential is still a 401 with its challenge."""
+    response, 400 ``invalid_dpop_proof``, not a resource server's 401 challenge. A caller
+    that did not authenticate is §5.2's ``invalid_client``: 400 for a key of no agent, 401
+    with its challenge for a missing credential."""
     async with client() as c:
         r = await c.post("/v1/token", json=TOKEN, headers=proof("POST", "/v1/other"))
         assert r.status_code == 400, r.text
@@ -182,8 +183,16 @@ async def test_dpop_failures_at_the_token_endpoint_are_400_error_responses() -> 
             "jti_reused",
         )
         assert "www-authenticate" not in r.headers
+        stranger = proof("POST", "/v1/token", key=PrivateKey.generate())
+        r = await c.post("/v1/token", json=TOKEN, headers=stranger)
+        assert (r.status_code, r.json()["error"], r.json()["reason"]) == (
+            400,
+            "invalid_client",
+            "unknown_agent",
+        )
+        assert "www-authenticate" not in r.headers
         r = await c.post("/v1/token", json=TOKEN)
-        assert r.status_code == 401
+        assert (r.status_code, r.json()["error"]) == (401, "invalid_client")
         assert r.headers["www-authenticate"] == f"DPoP {REALM}, {ALGS}"
 
 

@@ -27,6 +27,8 @@ from agentauth.protocol import (
     Grant,
     InvalidRequest,
     PrivateKey,
+    RateLimited,
+    Unauthenticated,
     b64url_decode,
     create_dpop_proof,
     mint_access_token,
@@ -192,6 +194,16 @@ def test_server_errors_map_onto_the_error_tree() -> None:
     assert isinstance(error, Forbidden) and error.reason == "widening"
     unknown = error_from_response(httpx.Response(418, json={"error": "teapot"}, request=request))
     assert unknown.code == "teapot"  # type: ignore[attr-defined]
+    # A 429 keeps the registry's Retry-After.
+    refused = error_from_response(
+        httpx.Response(
+            429,
+            json={"error": "rate_limited", "reason": "too_many_waits"},
+            headers={"Retry-After": "5"},
+            request=request,
+        )
+    )
+    assert isinstance(refused, RateLimited) and refused.retry_after == 5
 
 
 @pytest.mark.asyncio
@@ -258,6 +270,7 @@ class StepUpRegistry:
         self.created: list[str] = []
         self.polled: list[str] = []
         self.drop_next_poll = False
+        self.refuse_next_poll = False
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -272,6 +285,10 @@ class StepUpRegistry:
         if self.drop_next_poll:
             self.drop_next_poll = False
             raise httpx.RemoteProtocolError("connection dropped", request=request)
+        if self.refuse_next_poll:
+            self.refuse_next_poll = False
+            body = {"error": "rate_limited", "reason": "too_many_waits"}
+            return httpx.Response(429, json=body, headers={"Retry-After": "1"})
         if float(request.url.params["wait"]) >= request.extensions["timeout"]["read"]:
             raise httpx.ReadTimeout("held longer than the read timeout", request=request)
         await asyncio.sleep(0.01)  # the hold, shortened
@@ -323,6 +340,20 @@ async def test_a_step_up_poll_outlasts_the_registrys_hold(tmp_path: Path) -> Non
     assert await client.request_step_up("shop", **PAYMENT) == "ref-stp_1"
     assert registry.created == ["stp_1"]
     assert registry.polled == ["stp_1"] * 4
+
+
+@pytest.mark.asyncio
+async def test_a_step_up_poll_refused_as_one_too_many_is_asked_again(tmp_path: Path) -> None:
+    """The registry holds only so many polls of one agent at once: a 429 is no answer
+    about the step-up, so the client waits its Retry-After and polls the same one again."""
+    registry = StepUpRegistry(pending_polls=0)
+    registry.refuse_next_poll = True
+    client = agent_client(registry, tmp_path)
+    started = time.monotonic()
+    assert await client.request_step_up("shop", **PAYMENT) == "ref-stp_1"
+    assert registry.created == ["stp_1"]
+    assert registry.polled == ["stp_1"] * 2
+    assert time.monotonic() - started >= 1  # its Retry-After
 
 
 @pytest.mark.asyncio
@@ -1013,7 +1044,8 @@ async def test_the_agent_client_surfaces_the_token_endpoints_400_proof_errors(
     reads the error code, not the status, and raises the same error as before. A replay
     comes as invalid_dpop_proof there now (RFC 6749 §5.2 has no replay_detected): its
     reason tells it apart, and it is still raised as ReplayDetected, as from a registry
-    that sends replay_detected."""
+    that sends replay_detected. A key of no agent is RFC 6749 §5.2's invalid_client there,
+    raised as Unauthenticated, as the registry's other routes send it."""
     from agentauth.protocol import InvalidDPoPProof, ReplayDetected
 
     answers = [
@@ -1023,6 +1055,7 @@ async def test_the_agent_client_surfaces_the_token_endpoints_400_proof_errors(
         ("invalid_dpop_proof", "too_old", ReplayDetected),
         ("invalid_dpop_proof", "replay_cache_reset", ReplayDetected),
         ("replay_detected", "jti_reused", ReplayDetected),
+        ("invalid_client", "unknown_agent", Unauthenticated),
     ]
     for code, reason, raised in answers:
 

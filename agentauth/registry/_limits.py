@@ -1,6 +1,6 @@
 """Limits on the anonymous starts: requests anyone may send that store something or cost
 work before any credential is checked (passkey sign-up and sign-in, recovery, agent
-registration).
+registration); and on the long polls callers hold open (``Waits``).
 
 Each limit is a generic cell rate algorithm (GCRA) bucket: ``count`` requests at once,
 then one every ``period / count``. One request takes from several buckets (its client's
@@ -13,12 +13,22 @@ shares.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from starlette.types import Scope
 
-__all__ = ["TAKE_LUA", "Limit", "LocalBuckets", "Taken", "client_address", "take"]
+__all__ = [
+    "TAKE_LUA",
+    "Full",
+    "Limit",
+    "LocalBuckets",
+    "Taken",
+    "Waits",
+    "client_address",
+    "take",
+]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -98,6 +108,42 @@ class LocalBuckets:
                 self._tats = {k: tat for k, tat in self._tats.items() if tat > now_ms}
                 self._prune_above = max(1024, 2 * len(self._tats))
         return taken.wait_ms
+
+
+class Waits:
+    """Long polls open in this process: at most ``per_caller`` of one caller and
+    ``in_all`` together. A count, not a rate: a slot is free again as soon as the poll that
+    held it ends, however it ends."""
+
+    def __init__(self, *, per_caller: int, in_all: int) -> None:
+        self._per_caller = per_caller
+        self._in_all = in_all
+        self._held: dict[str, int] = {}
+        self._total = 0
+
+    @contextmanager
+    def hold(self, caller: str) -> Iterator[None]:
+        """One slot for ``caller`` while the block runs; raises ``Full`` (having taken
+        nothing) when either bound is reached."""
+        held = self._held.get(caller, 0)
+        if held >= self._per_caller:
+            raise Full("caller")
+        if self._total >= self._in_all:
+            raise Full("replica")
+        self._held[caller] = held + 1
+        self._total += 1
+        try:
+            yield
+        finally:
+            self._total -= 1
+            if self._held[caller] == 1:
+                del self._held[caller]  # idle callers leave nothing behind
+            else:
+                self._held[caller] -= 1
+
+
+class Full(Exception):
+    """A ``Waits`` bound reached: ``args[0]`` says which, ``"caller"`` or ``"replica"``."""
 
 
 def client_address(scope: Scope, trusted_proxies: Sequence[IPNetwork]) -> str:

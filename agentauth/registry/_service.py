@@ -83,7 +83,7 @@ from ..store import GRANT_REVOKED_TTL, REVOCATION_CHANNEL, Conn, grant_cache_key
 from ..store import migrate as run_migrations
 from ._audit_log import AuditLog
 from ._keys import KeyManager
-from ._limits import TAKE_LUA, Limit, LocalBuckets
+from ._limits import TAKE_LUA, Full, Limit, LocalBuckets, Waits
 from ._models import (
     ApprovalBeginIn,
     GrantRequestIn,
@@ -131,6 +131,13 @@ return 0
 """
 # The clock difference between a replica and Redis that reservations still cover.
 _CLOCK_TOLERANCE = 5
+# A step-up wait reads its row at once, 0.25 s later, then after pauses doubling up to
+# 2 s: an answer given soon is seen soon, a later one at most 2 s after it commits.
+_STEP_UP_POLL_FIRST = 0.25
+_STEP_UP_POLL_MAX = 2.0
+# A wait refused past its bounds: another is likely free within a few seconds (the SDK's
+# polls last 25 s, and most step-ups are answered or given up well before).
+_STEP_UP_WAIT_RETRY_AFTER = 5
 
 #: The checkpoint loop checks new audit events ahead of the next checkpoint in slices of
 #: this many (one query, then tens of microseconds of CPU each with no pause between:
@@ -240,6 +247,10 @@ class Registry:
             Limit(max(1, settings.anonymous_fallback_limit), period_ms),
         )
         self._limits_reachable = True
+        self._step_up_waits = Waits(
+            per_caller=settings.step_up_waits_per_caller,
+            in_all=settings.step_up_waits_per_replica,
+        )
         self._events_since_checkpoint = 0
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._sweep_task: asyncio.Task[None] | None = None
@@ -1131,6 +1142,20 @@ class Registry:
         code = "enr_" + secrets.token_urlsafe(24)
         async with self._tx() as conn:
             await self._hold_session(conn, principal_id, session_token)
+            # Counted and inserted under one lock per human: two sessions minting at once
+            # cannot both fit under the bound.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"enr:{principal_id}")
+            live = await conn.fetchval(
+                "SELECT count(*) FROM enrollments WHERE principal_id = $1"
+                " AND used_at IS NULL AND expires_at > now()",
+                principal_id,
+            )
+            if live >= self.settings.max_live_enrollments:
+                raise Conflict(
+                    f"{live} enrollment codes of this human are unused and unexpired already:"
+                    " use one, or mint another once one expires",
+                    reason="too_many_enrollments",
+                )
             await conn.execute(
                 "INSERT INTO enrollments (code_hash, principal_id, expires_at)"
                 " VALUES ($1, $2, now() + make_interval(secs => $3))",
@@ -2127,15 +2152,50 @@ class Registry:
         wait: float = 0.0,
         conn: Conn | None = None,
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + min(wait, 30.0)
-        while True:
-            row = await (conn or self.pool).fetchrow(_STEP_UP_SELECT + " WHERE s.id = $1", step_id)
-            if row is None or not _may_see(row, principal_id, agent):
-                raise NotFound("no such step-up")
-            if row["status"] != "pending" or time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(0.25)
+        if wait <= 0:
+            return await self._read_step_up(step_id, principal_id, agent, conn=conn)
+        caller = f"agent:{agent.id}" if agent is not None else f"human:{principal_id}"
+        try:
+            with self._step_up_waits.hold(caller):
+                return await self._wait_for_step_up(step_id, principal_id, agent, wait)
+        except Full as full:
+            increment("step_up_waits_refused", tags={"bound": full.args[0]})
+            raise RateLimited(
+                "too many step-up waits open at once; retry later"
+                if full.args[0] == "replica"
+                else "this caller has too many step-up waits open already; retry later",
+                retry_after=_STEP_UP_WAIT_RETRY_AFTER,
+                reason="too_many_waits",
+            ) from None
+
+    async def _read_step_up(
+        self,
+        step_id: str,
+        principal_id: str | None,
+        agent: Agent | None,
+        *,
+        conn: Conn | None = None,
+    ) -> dict[str, Any]:
+        row = await (conn or self.pool).fetchrow(_STEP_UP_SELECT + " WHERE s.id = $1", step_id)
+        if row is None or not _may_see(row, principal_id, agent):
+            raise NotFound("no such step-up")
         return _step_up_view(row, for_agent=agent is not None)
+
+    async def _wait_for_step_up(
+        self, step_id: str, principal_id: str | None, agent: Agent | None, wait: float
+    ) -> dict[str, Any]:
+        """Read the step-up until it is no longer pending or ``wait`` seconds pass. Each
+        read borrows a pooled connection only for itself; the pauses between reads grow,
+        so a wait unanswered for 30 s costs about 20 reads, not 120."""
+        deadline = time.monotonic() + min(wait, 30.0)
+        pause = _STEP_UP_POLL_FIRST
+        while True:
+            view = await self._read_step_up(step_id, principal_id, agent)
+            left = deadline - time.monotonic()
+            if view["status"] != "pending" or left <= 0:
+                return view
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, _STEP_UP_POLL_MAX)
 
     async def list_step_ups(
         self, principal_id: str, status: str | None = None

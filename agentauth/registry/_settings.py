@@ -62,6 +62,10 @@ class RegistrySettings(BaseModel):
     challenge_ttl: int = 300
     session_ttl: int = 12 * 3600
     enrollment_ttl: int = 3600
+    # Enrollment codes a human may hold unused and unexpired at once: each is a row, minted
+    # by any session. 20 is more agents than a person sets up within `enrollment_ttl`;
+    # another is refused (409) until one is used or expires.
+    max_live_enrollments: int = Field(20, ge=1, le=10_000)
     # A recovery code (a person who lost every passkey) works this long, once.
     recovery_ttl: int = Field(24 * 3600, ge=60)
     step_up_ttl: int = 600
@@ -69,6 +73,12 @@ class RegistrySettings(BaseModel):
     # flood of them would bury the one that matters. 20 is more payments above a threshold
     # than a person approves in one sitting; a new one waits until one is decided.
     max_pending_step_ups: int = Field(20, ge=1)
+    # Step-up long polls (`GET /v1/step-ups/{id}?wait=`) each hold a request open for up to
+    # 30 s and read the database now and then: at most `step_up_waits_per_caller` of one
+    # agent (or human) and `step_up_waits_per_replica` in all at once, counted in each
+    # replica. Past them: 429 with Retry-After. The SDK holds one per step-up it waits on.
+    step_up_waits_per_caller: int = Field(4, ge=1, le=1000)
+    step_up_waits_per_replica: int = Field(256, ge=1, le=100_000)
     # A grant request unanswered this long is expired (no longer approved or denied).
     grant_request_ttl: int = Field(7 * 86400, ge=60)
     # Pending grant requests an agent may have at once, for the same reason as step-ups:
@@ -137,6 +147,13 @@ class RegistrySettings(BaseModel):
     def _rp_id_fits_origins(self) -> RegistrySettings:
         # Refused at start: otherwise every passkey ceremony fails, with nothing to say why.
         check_rp_id(self.rp_id, self.origins)
+        return self
+
+    @model_validator(mode="after")
+    def _caller_waits_fit_replica(self) -> RegistrySettings:
+        # A per-caller bound above the replica's would never bind: a typo, refused.
+        if self.step_up_waits_per_caller > self.step_up_waits_per_replica:
+            raise ValueError("step_up_waits_per_caller exceeds step_up_waits_per_replica")
         return self
 
     @property

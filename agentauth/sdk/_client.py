@@ -31,6 +31,7 @@ from ..protocol import (
     Money,
     NotFound,
     PrivateKey,
+    RateLimited,
     check_amount,
     check_money,
     create_dpop_proof,
@@ -463,6 +464,13 @@ class AgentAuthClient:
                 if deadline - time.monotonic() < _STEP_UP_MIN_POLL:
                     return {"status": "pending"}
                 await asyncio.sleep(min(_STEP_UP_RETRY_PAUSE, left))
+                continue
+            except RateLimited as refused:
+                # The registry holds only so many polls of one agent at once (this process
+                # may wait on several step-ups): not an answer, so wait as told and ask again.
+                if deadline - time.monotonic() < _STEP_UP_MIN_POLL:
+                    return {"status": "pending"}
+                await asyncio.sleep(min(refused.retry_after, max(0.0, deadline - time.monotonic())))
                 continue
             if state["status"] != "pending" or deadline - time.monotonic() < _STEP_UP_MIN_POLL:
                 return state

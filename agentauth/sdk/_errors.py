@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from ..protocol import AgentAuthError, ReplayDetected
+from ..protocol import AgentAuthError, RateLimited, ReplayDetected, Unauthenticated
 
 __all__ = ["error_from_response"]
 
@@ -14,6 +14,9 @@ __all__ = ["error_from_response"]
 # the code RFC 6749 §5.2 answers may carry there (RFC 9449 §5), with one of these reasons;
 # they are raised as ReplayDetected, as before and as the registry's other routes send them.
 _REPLAY_REASONS = frozenset({"jti_reused", "too_old", "replay_cache_reset"})
+# And a caller it does not know (no proof, a key of no agent) as invalid_client (RFC 6749
+# §5.2), raised as Unauthenticated, as the registry's other routes send it.
+_TOKEN_ENDPOINT_CODES = {"invalid_client": Unauthenticated}
 
 
 def _classes() -> dict[str, type[AgentAuthError]]:
@@ -45,11 +48,19 @@ def error_from_response(response: httpx.Response) -> AgentAuthError:
         f"HTTP {response.status_code}"
     )
     reason = body.get("reason") if isinstance(body, dict) else None
-    cls = _classes().get(code or "")
+    cls = _classes().get(code or "") or _TOKEN_ENDPOINT_CODES.get(code or "")
     if code == "invalid_dpop_proof" and reason in _REPLAY_REASONS:
         cls = ReplayDetected
     if cls is None or cls.__name__ == "UseDPoPNonce":
         return ServerError(
             code or "server_error", description, status=response.status_code, reason=reason
         )
+    if issubclass(cls, RateLimited):
+        return cls(description, retry_after=_retry_after(response), reason=reason)
     return cls(description, reason=reason)
+
+
+def _retry_after(response: httpx.Response) -> int:
+    """Retry-After in seconds, as the registry sends it; 1 when absent or an HTTP date."""
+    value = response.headers.get("retry-after", "")
+    return int(value) if value.isascii() and value.isdigit() else 1
