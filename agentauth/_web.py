@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._logs import Throttle
 from .protocol import (
     DPOP_ALGS,
     AgentAuthError,
@@ -335,6 +336,10 @@ def _schema_error(errors: Sequence[Any]) -> JSONResponse:
     return JSONResponse({**body, "details": details}, status_code=400)
 
 
+# A dependency down fails every request alike: one line per kind of failure per period.
+_SAID = Throttle(30.0)
+
+
 def error_response(
     exc: Exception,
     log: logging.Logger,
@@ -348,7 +353,8 @@ def error_response(
     ``authentication`` the app's, for routes that set none."""
     if isinstance(exc, AgentAuthError):
         if exc.status_hint >= 500:
-            log.warning("request failed: %s (%s)", exc.error, exc.description)
+            key = (log.name, exc.error, exc.reason)
+            _SAID.log(log, key, "request failed: %s (%s)", exc.error, exc.description)
         return _error_response(exc, scope, authentication)
     if isinstance(exc, RequestValidationError):
         return _schema_error(exc.errors())
@@ -360,7 +366,7 @@ def error_response(
     if isinstance(exc, _DEPENDENCY_ERRORS):
         # A database or network failure outside a guarded path is still a dependency
         # failure: 503, never a 500 with details.
-        log.warning("dependency failure: %s", type(exc).__name__)
+        _SAID.log(log, (log.name, type(exc)), "dependency failure: %s", type(exc).__name__)
         return _error_response(DependencyUnavailable())
     log.exception("unexpected error", exc_info=exc)  # details stay in the server log
     # Starlette answers this one from its outermost layer, outside any middleware, NoStore

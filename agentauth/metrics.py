@@ -15,6 +15,9 @@ or a plain script) they are no-ops, so the service code records unconditionally.
     agentauth_audit_commit_seconds{shard}       histogram: one group commit of audit rows
     agentauth_cache_hits_total{cache} / agentauth_cache_misses_total{cache}
     agentauth_shard_queue_depth                 gauge
+    agentauth_shard_overruns_total{shard, acknowledged}
+                                                shard calls past shard_timeout;
+                                                acknowledged "false": the shard was not running
     agentauth_audit_lag_seconds                 gauge: age of the oldest event not yet
                                                 covered by a signed checkpoint
     agentauth_tokens_issued_total
@@ -23,6 +26,11 @@ or a plain script) they are no-ops, so the service code records unconditionally.
                                                 too_many_challenges, limits_unavailable
     agentauth_anonymous_fallback_total          anonymous starts decided by a replica's
                                                 own memory (Redis unreachable)
+
+Every label value is one of a set fixed by the code (reasons, shard indexes, dependency
+names), never a caller's text. In case one ever is not, each metric keeps at most 1,024
+label sets, and values past that (or longer than 64 characters) are recorded as ``other``,
+said once in the log: no caller can grow the series a scrape returns without bound.
 """
 
 from __future__ import annotations
@@ -56,6 +64,15 @@ _SPECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "anonymous_fallback": ("counter", "agentauth_anonymous_fallback_total", ()),
 }
 _made: dict[str, Any] = {}
+
+# Label sets per metric at most: far above the largest legitimate count (256 shards times
+# two acknowledged values; about 60 decision reasons), and a bound on what a scrape holds.
+_MAX_SERIES = 1024
+# A label value longer than this is no value the code sets.
+_MAX_VALUE = 64
+_OTHER = "other"
+_series: dict[str, set[tuple[tuple[str, str], ...]]] = {}
+_overflowed: set[str] = set()  # metrics whose overflow has been logged
 
 
 class _NoOp:
@@ -110,19 +127,44 @@ def _safely(name: str, record: Callable[[Any], None]) -> None:
             log.warning("metric %s could not be recorded; dropping its observations", name)
 
 
+def _bounded(name: str, tags: dict[str, str] | None) -> dict[str, str] | None:
+    """``tags``, or every value ``other`` when they would be a label set past the
+    metric's ``_MAX_SERIES`` or carry a value no code sets."""
+    if not tags:
+        return tags
+    key = tuple(tags.items())
+    seen = _series.setdefault(name, set())
+    if key in seen:
+        return tags
+    if len(seen) < _MAX_SERIES and all(len(v) <= _MAX_VALUE for v in tags.values()):
+        seen.add(key)
+        return tags
+    if name not in _overflowed:
+        _overflowed.add(name)
+        log.warning(
+            "metric %s: labels beyond its %d label sets, or longer than %d characters, are"
+            " recorded as %r (a bug: label values must come from a fixed set)",
+            name,
+            _MAX_SERIES,
+            _MAX_VALUE,
+            _OTHER,
+        )
+    return dict.fromkeys(tags, _OTHER)
+
+
 def observe(name: str, value: float, tags: dict[str, str] | None = None) -> None:
     """One observation of the named histogram (never raises)."""
-    _safely(name, lambda m: m.observe(value, tags))
+    _safely(name, lambda m: m.observe(value, _bounded(name, tags)))
 
 
 def set_gauge(name: str, value: float, tags: dict[str, str] | None = None) -> None:
     """Set the named gauge (never raises)."""
-    _safely(name, lambda m: m.set(value, tags))
+    _safely(name, lambda m: m.set(value, _bounded(name, tags)))
 
 
 def increment(name: str, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
     """Add to the named counter now (never raises); on hot paths, ``CounterBuffer``."""
-    _safely(name, lambda m: m.inc(value, tags))
+    _safely(name, lambda m: m.inc(value, _bounded(name, tags)))
 
 
 class CounterBuffer:

@@ -502,6 +502,22 @@ async def test_a_password_in_the_backend_url_stays_out_of_the_log(
 
 
 @pytest.mark.asyncio
+async def test_a_password_with_an_unescaped_slash_stays_out_of_the_log_too(
+    vault: FakeVault, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client library cannot parse such an address, and its error quotes it whole:
+    the user info ends at the last "@", not at the first "/"."""
+    url = vault.url.replace("http://", "http://ops:url/password-7@")
+    with caplog.at_level("WARNING", logger="agentauth.keys"), pytest.raises(SignerUnavailable):
+        await VaultTransitSigner.open(
+            "registry", url=url, token="s.token", timeout=SHORT, allow_insecure_http=True
+        )
+    assert "Failed to parse" in caplog.text
+    assert "password-7" not in caplog.text and "url/" not in caplog.text
+    assert "//***@127.0.0.1" in caplog.text
+
+
+@pytest.mark.asyncio
 async def test_vault_wrong_signature_is_never_returned(vault: FakeVault) -> None:
     vault.create_key("registry", "ed25519")
     signer = await open_vault(vault, "registry")

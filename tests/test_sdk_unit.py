@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import stat
 import threading
@@ -256,6 +257,34 @@ async def test_verifier_client_fails_closed() -> None:
     assert (
         await client.verify_request(method="GET", url="https://a/x", headers=headers, action=action)
     ).allowed
+
+
+@pytest.mark.asyncio
+async def test_a_provider_refused_by_the_verifier_logs_it_once_not_per_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A wrong or ended provider secret refuses every request the provider serves: its log
+    says so once (it is the provider operator's to fix), not once per request."""
+    refusing = httpx.MockTransport(
+        lambda r: httpx.Response(
+            401, json={"error": "unauthenticated", "reason": "bad_provider_credential"}
+        )
+    )
+    client = VerifierClient(
+        "http://v", provider_id="p", secret="s", http=httpx.AsyncClient(transport=refusing)
+    )
+    headers = {"authorization": "DPoP a.b.c", "dpop": "d.e.f"}
+    action = Action(kind="read", resource="x")
+    with caplog.at_level(logging.WARNING, logger="agentauth.provider"):
+        for _ in range(20):
+            result = await client.verify_request(
+                method="GET", url="https://a/x", headers=headers, action=action
+            )
+            assert (result.allowed, result.reason) == (False, "verifier_unavailable")
+    assert [r.getMessage() for r in caplog.records] == [
+        "the verifier refused this provider: 401 bad_provider_credential"
+    ]
+    await client.aclose()
 
 
 # --- step-ups: long polls outlast the registry's hold; a retry never asks twice ------------

@@ -218,3 +218,76 @@ async def test_a_shard_already_connected_keeps_its_connection_when_it_starts_lis
         assert (await shard.check_batch([a_check("kept")]))[0].allowed
     finally:
         await shard.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_batches_denied_while_the_database_is_down_do_not_flood_the_log(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shard that serves replicas denies each batch at once while its database is down:
+    hundreds a second. The outage is said once (and when it ends), not once per batch, or
+    the lines that say what happened are lost among thousands that repeat it."""
+    index = INDEX + 8
+    shard = StateShard(index=index, database_url=database_url)
+    connect, down = shard._open_connection, True
+
+    async def refused_while_down() -> asyncpg.Connection:
+        if down:
+            raise ConnectionRefusedError
+        return await connect()
+
+    monkeypatch.setattr(shard, "_open_connection", refused_while_down)
+    caplog.set_level("WARNING", logger="agentauth.shard")
+    try:
+        await shard.endpoint()
+        for _ in range(30):
+            [result] = await shard.check_batch([a_check("outage")])
+            assert (result.allowed, result.reason) == (False, "audit_unavailable")
+        down = False
+        deadline = time.monotonic() + 10
+        while not shard.stats()["connected"]:
+            assert time.monotonic() < deadline, "the shard did not reconnect"
+            await asyncio.sleep(0.02)
+        said = [r.getMessage() for r in caplog.records if "database" in r.getMessage()]
+        assert len(said) == 3, said
+        assert said[:2] == [
+            f"shard {index} cannot reach the database (ConnectionRefusedError); retrying",
+            f"shard {index} cannot reach the database; its checks are denied audit_unavailable",
+        ]
+        assert said[2].startswith(f"shard {index} reconnected to the database after ")
+    finally:
+        await shard.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_new_incarnation_says_once_which_proofs_it_refuses(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a restart, agents see shard_restarted denials: the shard's log says once that
+    it is a new incarnation, and up to when proofs are refused, so an operator can tell a
+    restart from an agent whose clock is behind."""
+    index = INDEX + 9
+    first = StateShard(index=index, database_url=database_url)
+    try:
+        assert (await first.check_batch([a_check("before")]))[0].allowed
+    finally:
+        await first.close()
+    caplog.set_level("WARNING", logger="agentauth.shard")
+    second = StateShard(index=index, database_url=database_url)
+    try:
+        await second.endpoint()
+        for _ in range(3):
+            await second.check_batch([a_check("after")])
+        said = [r.getMessage() for r in caplog.records if "incarnation" in r.getMessage()]
+        assert len(said) == 1, said
+        assert said[0].startswith(
+            f"shard {index}: a new incarnation on chain verifier-{index} at size 1; proofs"
+            " issued up to 20"
+        )
+        assert said[0].endswith(
+            "are refused shard_restarted, as its predecessor may have seen them"
+        )
+    finally:
+        await second.close()

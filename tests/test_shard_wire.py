@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -653,6 +654,30 @@ async def test_a_batch_that_cannot_be_encoded_is_denied_and_frees_its_slot(
             assert len(fake.batches) == 1
         finally:
             client.close()
+
+
+@pytest.mark.asyncio
+async def test_an_unreachable_shard_is_logged_once_not_per_batch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every batch for a shard that cannot be reached is denied at once: during a restart,
+    hundreds a second per replica. The log says so once per shard, not once per batch."""
+    from agentauth.actors import ShardClient
+
+    with socket.socket() as placeholder:  # a port nothing listens on
+        placeholder.bind(("127.0.0.1", 0))
+        port = placeholder.getsockname()[1]
+    client = ShardClient([_Handle("127.0.0.1", port, secrets.token_bytes(32))], timeout=0.2)
+    try:
+        with caplog.at_level(logging.WARNING, logger="agentauth.shards"):
+            for _ in range(30):
+                result = await client.check(0, _check())
+                assert (result.allowed, result.reason) == (False, "state_unavailable")
+        said = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+        assert len(said) == 1, said
+        assert said[0].startswith("shard 0 unreachable; its checks are denied state_unavailable")
+    finally:
+        client.close()
 
 
 @pytest.mark.asyncio

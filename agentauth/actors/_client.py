@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
+from .._logs import Throttle
 from ..metrics import increment, observe
 from ._shard import AUDIT_UNAVAILABLE, UNDELIVERED, Result
 from ._state import ANY_ALLOW, Check
@@ -45,6 +46,8 @@ _TIMEOUT = Result(False, "state_timeout")
 # The least of a timeout a call sent right after a slow connect is given: 10 % of it (4 ms
 # at the default 40), so such a check is answered within 1.1 timeouts at worst.
 _CALL_FLOOR = 0.1
+# A shard down denies every batch for it, hundreds a second: said once per shard per period.
+_SAID_EVERY = 30.0
 
 
 class _Out:
@@ -203,6 +206,8 @@ class ShardClient:
         self._links: list[_Link | None] = [None] * len(handles)
         self._connecting: list[asyncio.Task[_Link] | None] = [None] * len(handles)
         self._retry_at = [0.0] * len(handles)
+        self._said = Throttle(_SAID_EVERY)
+        self._dropped = [0] * len(handles)  # unsettled checks dropped since the last warning
         # Calls out past the timeout and not answered yet, per shard. One is a hiccup (a
         # slow commit, a descheduled process): only its own checks are denied. From two
         # on, the shard looks hung: checks are denied at once, not sent, until one of
@@ -322,6 +327,15 @@ class ShardClient:
         elif (out := self._send(shard, link, queue)) is not None:  # leaves now, not a turn later
             self._watch(self._wait(out))
 
+    def _unreachable(self, shard: int) -> None:
+        self._said.log(
+            log,
+            ("unreachable", shard),
+            "shard %s unreachable; its checks are denied state_unavailable until Ray has it"
+            " running again",
+            shard,
+        )
+
     def _looks_hung(self, shard: int) -> bool:
         return self._overrun[shard] >= 2 or self._stopped[shard]
 
@@ -386,7 +400,7 @@ class ShardClient:
         try:
             link = await asyncio.wait_for(self._link(shard), self._timeout)
         except Exception:  # dead, restarting or unreachable: deny, never allow
-            log.warning("shard %s unreachable; its checks are denied", shard)
+            self._unreachable(shard)
             self._keep_voids(shard, [check for check, _ in items])
             self._finish(shard, items, [_UNAVAILABLE] * len(items))
             return
@@ -416,7 +430,7 @@ class ShardClient:
                 self._stopped[shard] = False
                 self._unsettle(shard, checks, "state_timeout")
             else:
-                log.warning("shard %s unreachable; its checks are denied", shard)
+                self._unreachable(shard)
                 self._unsettle(shard, checks, "state_unavailable")
                 self._finish(shard, items, [_UNAVAILABLE] * len(items))
             if not out.call.done():
@@ -602,7 +616,14 @@ class ShardClient:
         ]
         dropped = max(0, len(pending) + len(kept) - _MAX_UNSETTLED)
         if dropped:
-            log.warning("shard %s: %d unsettled checks dropped (the oldest)", shard, dropped)
+            self._dropped[shard] += dropped
+            if self._said.due(("dropped", shard)) is not None:
+                log.warning(
+                    "shard %s: %d unsettled checks dropped (the oldest) since the last such line",
+                    shard,
+                    self._dropped[shard],
+                )
+                self._dropped[shard] = 0
         pending.extend(kept)
 
     def _keep_voids(self, shard: int, checks: list[Check]) -> None:

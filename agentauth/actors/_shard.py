@@ -36,11 +36,13 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 from asyncpg.exceptions import DivisionByZeroError, UniqueViolationError
 
+from .._logs import Throttle
 from ..metrics import observe
 from ..protocol import GENESIS_HASH, AuditEvent, Remaining, b64url_encode, leaf_hash
 from ._state import ANY_ALLOW, Check, Outcome, ShardState, usage_from_events, usage_to_json
@@ -137,6 +139,9 @@ _ACCEPT_RETRY = 0.1
 # A flood is reported at most this often (seconds), with the count turned away meanwhile,
 # so it cannot flood the log in turn.
 _REFUSED_LOG_EVERY = 60.0
+# What fails for every batch or connection while it lasts (the database down, a peer that
+# keeps presenting a wrong token) is said at most this often, with the count held back.
+_SAID_EVERY = 30.0
 
 # The reason on a void the shard writes itself: its answer found the link closed.
 UNDELIVERED = "answer_undelivered"
@@ -263,6 +268,7 @@ class StateShard:
         self._unauthenticated = 0  # connections yet to show the token (_MAX_UNAUTHENTICATED)
         self._refused = 0  # turned away since the last report of it
         self._refused_logged_at = -math.inf
+        self._said = Throttle(_SAID_EVERY)
         # As in the verifier replica: the process's long-lived objects (Ray's own) need not
         # be walked by every full collection, which would pause every decision.
         gc.freeze()
@@ -316,7 +322,7 @@ class StateShard:
             try:
                 conn, _ = await loop.sock_accept(listener)
             except OSError as exc:
-                log.warning("shard %s: accept failed: %s", self.index, exc)
+                self._said.log(log, "accept", "shard %s: accept failed: %s", self.index, exc)
                 await asyncio.sleep(_ACCEPT_RETRY)
                 continue
             if self._unauthenticated >= _MAX_UNAUTHENTICATED:
@@ -374,7 +380,13 @@ class StateShard:
             finally:
                 self._unauthenticated -= 1
             if not hmac.compare_digest(token, self._token):
-                log.warning("shard %s: a connection presented a wrong token", self.index)
+                self._said.log(
+                    log,
+                    "token",
+                    "shard %s: a connection presented a wrong token (a replica of another"
+                    " cluster, or someone probing the port)",
+                    self.index,
+                )
                 return
             writer.write(frame(b"ok") + encode_ack(ACKS_ANNOUNCED))
             while True:
@@ -588,6 +600,18 @@ class StateShard:
             # (the very float it decided on).
             floor = last / 1000 + self.state.policy.future_skew
         self.state.replay_floor = max(self.state.replay_floor, floor)
+        if not known:
+            # Once per incarnation: what the shard_restarted denials that follow are about.
+            log.warning(
+                "shard %s: a new incarnation on chain %s at size %d; proofs issued up to %s"
+                " are refused shard_restarted, as its predecessor may have seen them",
+                self.index,
+                self.chain,
+                found[0],
+                datetime.fromtimestamp(self.state.replay_floor, UTC).isoformat(
+                    timespec="milliseconds"
+                ),
+            )
 
     async def check_batch(self, checks: list[Check]) -> list[Result]:
         """Decide ``checks`` in arrival order; answer once their events are committed.
@@ -610,7 +634,14 @@ class StateShard:
                 try:
                     results = await self._decide_and_commit(merged)
                 except Exception:  # never leave a caller waiting: deny what failed
-                    log.exception("shard %s failed a batch", self.index)
+                    self._said.log(
+                        log,
+                        "batch",
+                        "shard %s failed a batch; its checks are denied audit_unavailable",
+                        self.index,
+                        level=logging.ERROR,
+                        exc_info=True,
+                    )
                     results = [Result(False, AUDIT_UNAVAILABLE) for _ in merged]
                 offset = 0
                 for checks, future in groups:
@@ -637,7 +668,13 @@ class StateShard:
             if any(check.voids == ANY_ALLOW for check in checks):
                 checks, settled = await self._find_allows(conn, checks)
         except Exception:  # database unreachable: nothing can be recorded, so deny all
-            log.warning("shard %s cannot reach the database", self.index)
+            # Per batch while the database is down: _keep_connecting says when it is back.
+            self._said.log(
+                log,
+                "database",
+                "shard %s cannot reach the database; its checks are denied audit_unavailable",
+                self.index,
+            )
             return [Result(False, AUDIT_UNAVAILABLE) for _ in checks]
         # A void naming no event of this chain is recorded as the malformed check it is.
         checks = [
@@ -688,7 +725,14 @@ class StateShard:
             await self._commit(conn, work, outcomes, entries)
             observe("audit_commit", time.perf_counter() - began, self._tags)
         except Exception as exc:
-            log.warning("shard %s failed to commit its audit batch", self.index)
+            self._said.log(
+                log,
+                "commit",
+                "shard %s failed to commit its audit batch (%s); its checks are denied"
+                " audit_unavailable",
+                self.index,
+                type(exc).__name__,
+            )
             backend = self._conn_backend
             # Reconnect (which reloads the head) now, not in the next batch.
             await self._drop_connection()

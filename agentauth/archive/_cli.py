@@ -255,6 +255,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.database_url:
         print("error: give --database-url or set DATABASE_URL", file=sys.stderr)
         return 2
+    from ..store import checked_url  # noqa: PLC0415 - as the export, it needs the driver
+
+    try:
+        checked_url(args.database_url)
+    except ValueError as exc:
+        print(f"error: the database URL is {exc}", file=sys.stderr)
+        return 2
     run = _export_with_ray if args.ray else _export_task
     try:
         report, problems = run(

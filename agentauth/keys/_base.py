@@ -144,9 +144,10 @@ async def call_blocking(backend: str, what: str, timeout: float, fn: Callable[[]
         ) from exc
 
 
-# The user info of a URL (scheme://user:password@host): whatever sits between "//" and the
-# first "@" before the host's end.
-_USERINFO = re.compile(r"(?<=//)[^/\s@]*@")
+# The user info of a URL (scheme://user:password@host): from "//" to the last "@" before
+# whitespace. Not to the first "/": a password with an unescaped "/", "?" or "#" is quoted
+# whole by the client library's "Failed to parse" error. Masks more, never less.
+_USERINFO = re.compile(r"(?<=//)\S*@")
 
 
 def _without_userinfo(exc: BaseException) -> str:

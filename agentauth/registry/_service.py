@@ -40,6 +40,7 @@ from webauthn.helpers.structs import (
     UserVerificationRequirement,
 )
 
+from .._logs import Throttle
 from ..metrics import increment, set_gauge
 from ..protocol import (
     Action,
@@ -252,6 +253,7 @@ class Registry:
             in_all=settings.step_up_waits_per_replica,
         )
         self._events_since_checkpoint = 0
+        self._said = Throttle(30.0)
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._sweep_task: asyncio.Task[None] | None = None
 
@@ -381,7 +383,14 @@ class Registry:
                 else:
                     await self.verify_ahead()
             except Exception:  # retried next round; the loop must outlive any failure
-                log.exception("checkpointing failed")
+                # Every round (0.5 s) while PostgreSQL or the signer is down.
+                self._said.log(
+                    log,
+                    "checkpoint",
+                    "checkpointing failed; retrying (audit_lag grows until it succeeds)",
+                    level=logging.ERROR,
+                    exc_info=True,
+                )
 
     async def sweep_expired(self) -> int:
         """Delete expired WebAuthn challenges, sessions and enrollment codes (every read of

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .._origins import check_rp_id, serialized_origin
+from ..store import checked_url
 
 __all__ = ["RegistrySettings", "SignerSettings"]
 
@@ -119,6 +120,11 @@ class RegistrySettings(BaseModel):
     signer: SignerSettings = SignerSettings()
     pool_min_size: int = 1
     pool_max_size: int = 10
+
+    @field_validator("database_url", "redis_url")
+    @classmethod
+    def _parseable(cls, url: str) -> str:
+        return checked_url(url)
 
     @field_validator("origins")
     @classmethod

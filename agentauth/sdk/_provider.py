@@ -37,6 +37,7 @@ from typing import Any
 
 import httpx
 
+from .._logs import Throttle
 from ..protocol import (
     DPOP_ALGS,
     AccessTokenVerifier,
@@ -159,6 +160,8 @@ class VerifierClient:
         self._http = http or httpx.AsyncClient(
             timeout=timeout, limits=httpx.Limits(max_keepalive_connections=32)
         )
+        # A wrong or ended secret refuses every request: said every 30 s, not per request.
+        self._said = Throttle(30.0)
 
     async def verify(
         self,
@@ -195,7 +198,13 @@ class VerifierClient:
             # a long header that the verifier is down. Logged: it may be an SDK limit that
             # fell behind the verifier's.
             refused = answer.get("reason") if isinstance(answer, dict) else None
-            log.warning("the verifier refused the request's input: %s %s", status, refused)
+            self._said.log(
+                log,
+                ("input", status),
+                "the verifier refused the request's input: %s %s",
+                status,
+                refused,
+            )
             return Verification(
                 False,
                 "invalid_request:rejected_by_verifier",
@@ -206,7 +215,13 @@ class VerifierClient:
             # suspension): nothing about the agent's request was decided, so it is denied as
             # with no verifier, and the verifier's reason goes to the provider's own logs.
             refused = answer.get("reason") if isinstance(answer, dict) else None
-            log.warning("the verifier refused this provider: %s %s", status, refused)
+            self._said.log(
+                log,
+                ("provider", status),
+                "the verifier refused this provider: %s %s",
+                status,
+                refused,
+            )
             return Verification(
                 False, "verifier_unavailable", raw={"status": status, "reason": refused}
             )

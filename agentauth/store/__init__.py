@@ -3,6 +3,7 @@
 from ._embedded import EmbeddedPostgres, EmbeddedRedis
 from ._migrate import Conn, Migration, MigrationError, default_migrations_dir, discover, migrate
 from ._names import GRANT_REVOKED_TTL, REVOCATION_CHANNEL, grant_cache_key
+from ._urls import checked_url
 
 __all__ = [
     "GRANT_REVOKED_TTL",
@@ -12,6 +13,7 @@ __all__ = [
     "EmbeddedRedis",
     "Migration",
     "MigrationError",
+    "checked_url",
     "default_migrations_dir",
     "discover",
     "grant_cache_key",

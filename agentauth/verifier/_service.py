@@ -27,8 +27,9 @@ from typing import Any, Generic, TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .._logs import Throttle
 from ..actors import Check, Result, ShardClient, shard_for
 from ..metrics import CounterBuffer, observe, set_gauge
 from ..protocol import (
@@ -50,11 +51,14 @@ from ..protocol import (
     amount_fits,
 )
 from ..protocol._types import is_identifier
-from ..store import GRANT_REVOKED_TTL, REVOCATION_CHANNEL, grant_cache_key
+from ..store import GRANT_REVOKED_TTL, REVOCATION_CHANNEL, checked_url, grant_cache_key
 
 __all__ = ["FAIL_CLOSED", "Verifier", "VerifierSettings", "VerifyIn"]
 
 log = logging.getLogger("agentauth.verifier")
+# Failures that repeat with every poll or request while a dependency is down are said at
+# most this often (seconds), with the count held back.
+_SAID_EVERY = 30.0
 
 
 class VerifierSettings(BaseModel):
@@ -96,6 +100,11 @@ class VerifierSettings(BaseModel):
     # event id and recorded when the shard can. In an outage the shard is often slow too
     # (its database may be what is down), and the answer is a deny either way.
     outage_record_wait: float = Field(0.01, ge=0.0, le=1.0)
+
+    @field_validator("database_url", "redis_url")
+    @classmethod
+    def _parseable(cls, url: str) -> str:
+        return checked_url(url)
 
     @model_validator(mode="after")
     def _nonces_need_a_secret(self) -> VerifierSettings:
@@ -253,6 +262,7 @@ class _Revocations:
         self._subscribed_at = 0.0
         self._poll_now = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._said = Throttle(_SAID_EVERY)
 
     async def start(self) -> None:
         await self._poll()
@@ -305,8 +315,15 @@ class _Revocations:
             self._poll_now.clear()
             try:
                 await self._poll()
-            except Exception:  # stale data is refused by fresh(); keep trying
-                log.warning("revocation poll failed")
+            except Exception as exc:  # stale data is refused by fresh(); keep trying
+                # Every revocation_poll (250 ms) while PostgreSQL is down.
+                self._said.log(
+                    log,
+                    "poll",
+                    "revocation poll failed (%s); after revocation_max_staleness every"
+                    " check is denied revocation_state_stale until a poll succeeds",
+                    type(exc).__name__,
+                )
 
     async def _listen(self) -> None:
         while True:
@@ -404,6 +421,7 @@ class Verifier:
         self._providers_reload: asyncio.Future[None] | None = None
         self.decisions = _DecisionCounts()
         self.counters = CounterBuffer()
+        self._said = Throttle(_SAID_EVERY)
         self._tasks: set[asyncio.Future[Any]] = set()
         self._grants_wanted: dict[str, list[asyncio.Future[bytes]]] = {}
         self._grants_looking = False
@@ -662,7 +680,8 @@ class Verifier:
         def settled(task: asyncio.Future[Any]) -> None:
             self._tasks.discard(task)
             if not task.cancelled() and task.exception() is not None:
-                log.warning("%s failed: %s", what, type(task.exception()).__name__)
+                # Per request while a dependency is down; ``what`` is one of a few names.
+                self._said.log(log, what, "%s failed: %s", what, type(task.exception()).__name__)
 
         task.add_done_callback(settled)
 

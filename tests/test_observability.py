@@ -1,0 +1,246 @@
+"""What AgentAuth writes to logs and metrics: no secret in it, no caller able to grow it
+without bound, and an outage said once rather than once per request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from pydantic import ValidationError
+
+from agentauth import metrics
+from agentauth._logs import Throttle
+from agentauth._web import error_response
+from agentauth.protocol import DependencyUnavailable
+
+# What asyncpg and redis-py quote when a password holds an unescaped "/": its first part,
+# taken for a port.
+PASSWORD = "Pa55word-head/tail"
+HEAD = "Pa55word-head"
+
+
+def _dead_port() -> int:
+    with socket.socket() as placeholder:
+        placeholder.bind(("127.0.0.1", 0))
+        return int(placeholder.getsockname()[1])
+
+
+# --- secrets -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["database_url", "redis_url"])
+def test_a_registry_url_with_an_unescaped_password_is_refused_without_quoting_it(
+    field: str, tmp_path: Path
+) -> None:
+    """Left to the drivers, such a URL fails in the replica's constructor with "invalid
+    literal for int() with base 10: 'Pa55word-head'" (asyncpg) or "Port could not be cast
+    to integer value as ..." (redis-py), and Ray logs that. Refused by the settings, the
+    error says what to fix and holds no part of the password."""
+    from agentauth.registry import RegistrySettings
+
+    values = {
+        "database_url": "postgresql://postgres@127.0.0.1:5432/x",
+        "redis_url": "redis://127.0.0.1:6379/0",
+    }
+    scheme = "postgresql" if field == "database_url" else "redis"
+    values[field] = f"{scheme}://agentauth:{PASSWORD}@db.internal:5432/0"
+    with pytest.raises(ValidationError) as refused:
+        RegistrySettings(
+            **values,
+            data_dir=tmp_path,
+            issuer="http://127.0.0.1:8000/registry",
+            admin_token="admin-token-long-enough",
+        )
+    assert field in str(refused.value) and "percent-encode" in str(refused.value)
+    assert HEAD not in str(refused.value) and "tail" not in str(refused.value)
+
+
+def test_a_verifier_url_with_an_unescaped_password_is_refused_without_quoting_it() -> None:
+    from agentauth.verifier import VerifierSettings
+
+    with pytest.raises(ValidationError) as refused:
+        VerifierSettings(
+            database_url=f"postgresql://agentauth:{PASSWORD}@db.internal/agentauth",
+            redis_url="redis://127.0.0.1:6379/0",
+            issuer="http://127.0.0.1:8000/registry",
+        )
+    assert "database_url" in str(refused.value)
+    assert HEAD not in str(refused.value) and "tail" not in str(refused.value)
+
+
+def test_the_archive_export_refuses_such_a_url_without_quoting_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A scheduled export's output lands in a job log: asyncpg's ValueError, uncaught,
+    printed the password's first part in a traceback."""
+    from agentauth.archive._cli import main
+
+    url = f"postgresql://agentauth:{PASSWORD}@127.0.0.1:{_dead_port()}/agentauth"
+    assert main(["export", "--database-url", url, "--archive", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "percent-encode" in err
+    assert HEAD not in err and "tail" not in err
+
+
+# --- outages, said once ----------------------------------------------------------------------
+
+
+def test_a_dependency_outage_is_logged_once_not_per_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every request fails alike while Redis or PostgreSQL is down; each still gets its
+    503, and the log gets one line per kind of failure."""
+    log = logging.getLogger("agentauth.test-outage-once")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        for _ in range(50):
+            answer = error_response(DependencyUnavailable("the replay cache is unavailable"), log)
+            assert answer.status_code == 503
+        for _ in range(50):
+            assert error_response(ConnectionRefusedError(), log).status_code == 503
+    said = [r.getMessage() for r in caplog.records if r.name == log.name]
+    assert said == [
+        "request failed: temporarily_unavailable (the replay cache is unavailable)",
+        "dependency failure: ConnectionRefusedError",
+    ]
+
+
+def test_a_held_back_warning_is_counted_in_the_next_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = logging.getLogger("agentauth.test-throttle")
+    said = Throttle(every=0.05)
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        for _ in range(10):
+            said.log(log, "down", "shard %s down", 3)
+        said.log(log, "other", "shard %s down", 4)  # another key has its own period
+        time.sleep(0.06)
+        said.log(log, "down", "shard %s down", 3)
+    assert [r.getMessage() for r in caplog.records] == [
+        "shard 3 down",
+        "shard 4 down",
+        "shard 3 down (and 9 more like it since the last such line)",
+    ]
+
+
+@pytest.mark.asyncio
+async def test_failing_revocation_polls_are_logged_once_not_per_poll(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The revocation watcher polls four times a second; with PostgreSQL unreachable each
+    poll fails. One line says so, and what it means for decisions."""
+    import asyncpg
+
+    from agentauth.verifier._service import _Revocations
+
+    url = f"postgresql://postgres@127.0.0.1:{_dead_port()}/x"
+    pool = await asyncpg.create_pool(url, min_size=0, max_size=1, timeout=0.5)
+    settings = cast(Any, SimpleNamespace(revocation_poll=0.01, revocation_max_staleness=1.0))
+    revocations = _Revocations(pool, cast(Any, None), settings, also=lambda: asyncio.sleep(0))
+    try:
+        with caplog.at_level(logging.WARNING, logger="agentauth.verifier"):
+            polling = asyncio.ensure_future(revocations._poll_loop())
+            await asyncio.sleep(0.5)
+            polling.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await polling
+        said = [r.getMessage() for r in caplog.records if "revocation poll" in r.getMessage()]
+        assert len(said) == 1, said
+        assert "revocation_state_stale" in said[0]
+    finally:
+        await pool.close()
+
+
+# --- metric labels ---------------------------------------------------------------------------
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.label_sets: set[tuple[tuple[str, str], ...]] = set()
+
+    def _seen(self, tags: dict[str, str] | None) -> None:
+        self.label_sets.add(tuple(sorted((tags or {}).items())))
+
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        self._seen(tags)
+
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self._seen(tags)
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self._seen(tags)
+
+
+def test_no_caller_can_grow_a_metrics_label_sets_without_bound(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each label set is a time series every scrape returns and the metrics store keeps.
+    Should a label value ever come from a request, a flood of distinct values must end in
+    one ``other`` series, not in millions."""
+    recorders: dict[str, _Recorder] = {}
+    monkeypatch.setattr(metrics, "metric", lambda name: recorders.setdefault(name, _Recorder()))
+    monkeypatch.setattr(metrics, "_series", {}, raising=False)
+    monkeypatch.setattr(metrics, "_overflowed", set(), raising=False)
+    # What the code records stays as it is: 256 shards, both acknowledged values.
+    for shard in range(256):
+        for acknowledged in ("true", "false"):
+            tags = {"shard": str(shard), "acknowledged": acknowledged}
+            metrics.increment("shard_overruns", tags=tags)
+    buffer = metrics.CounterBuffer()
+    with caplog.at_level(logging.WARNING, logger="agentauth.metrics"):
+        for i in range(5000):
+            buffer.inc("decisions", {"decision": "deny", "reason": f"invalid_request:{i}"})
+            metrics.observe("shard_call", 0.001, {"shard": str(i)})
+        buffer.flush()
+        metrics.increment("anonymous_refused", tags={"reason": "x" * 10_000})
+    decisions = recorders["decisions"].label_sets
+    assert len(decisions) <= 1025
+    assert (("decision", "other"), ("reason", "other")) in decisions
+    assert len(recorders["shard_call"].label_sets) <= 1025
+    assert recorders["anonymous_refused"].label_sets == {(("reason", "other"),)}
+    overruns = recorders["shard_overruns"].label_sets
+    assert len(overruns) == 512 and all("other" not in dict(s).values() for s in overruns)
+    # Said once per metric, not per value.
+    assert len([r for r in caplog.records if "decisions" in r.getMessage()]) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_checkpointer_that_cannot_reach_the_database_says_so_once(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """The checkpointer looks for work every half second; with PostgreSQL down each round
+    failed with a traceback: two a second per registry replica for the whole outage."""
+    import asyncpg
+    import redis.asyncio as aioredis
+
+    from agentauth.registry import Registry, RegistrySettings
+    from agentauth.registry._keys import KeyManager
+
+    settings = RegistrySettings(
+        database_url=f"postgresql://postgres@127.0.0.1:{_dead_port()}/x",
+        redis_url=f"redis://127.0.0.1:{_dead_port()}/0",
+        data_dir=tmp_path,
+        issuer="http://127.0.0.1:8000/registry",
+        admin_token="admin-token-long-enough",
+    )
+    pool = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=1, timeout=0.5)
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    registry = Registry(settings=settings, pool=pool, redis=redis, keys=KeyManager(settings, pool))
+    try:
+        with caplog.at_level(logging.WARNING, logger="agentauth.registry"):
+            checkpointing = asyncio.ensure_future(registry._checkpoint_loop())
+            await asyncio.sleep(2.7)
+            checkpointing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await checkpointing
+        said = [r for r in caplog.records if "checkpointing failed" in r.getMessage()]
+        assert len(said) == 1, [r.getMessage() for r in said]
+        assert said[0].exc_info is not None  # the traceback, once
+    finally:
+        await pool.close()
+        await redis.aclose()
