@@ -670,3 +670,248 @@ async def test_a_request_whose_access_has_already_ended_can_only_be_denied(
     assert any("can no longer be approved" in text for text in requests.texts())
     await requests.press(requests.button(f"Deny: {WHO}"))
     assert registry.denied == ["grq_shop"]
+
+
+# --- the active grants page ------------------------------------------------------------------
+
+
+def grant_row(grant_id: str, *, revoked: bool = False) -> dict[str, Any]:
+    grant = Grant(
+        grant_id=grant_id,
+        agent_id="agt_1",
+        principal_id="hum_1",
+        provider_id="shop",
+        audience="https://shop.example",
+        capabilities=parse_capabilities(SHOP_REQUEST["capabilities"]),
+        envelope=Envelope.model_validate(SHOP_REQUEST["envelope"]),
+        created_at=int(time.time()),
+    )
+    return {
+        "id": grant_id,
+        "agent_id": "agt_1",
+        "document": grant.document(),
+        "grant_hash": f"hash-{grant_id}",
+        "receipt": {},
+        "receipt_hash": "-",
+        "revoked_at": "2026-01-02T00:00:00+00:00" if revoked else None,
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "provider_suspended": False,
+    }
+
+
+class GrantsRegistry(FakeRegistry):
+    """The calls the active grants page makes, too."""
+
+    def __init__(self, grants: list[dict[str, Any]]) -> None:
+        super().__init__([], [])
+        self.listed_grants = grants
+        self.revoked: list[tuple[str, str]] = []
+
+    async def grants(self, token: str) -> list[dict[str, Any]]:
+        return list(self.listed_grants)
+
+    async def agents(self, token: str) -> list[dict[str, Any]]:
+        return [{"id": "agt_1", "name": "Shopping bot", "status": "active"}]
+
+    async def usage(self, token: str, grant_id: str) -> dict[str, Any]:
+        return {"rate": [], "spend": [], "series": []}
+
+    async def audit_events(
+        self, token: str, *, agent_id: str | None = None, grant_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        return []
+
+    async def revoke(self, token: str, kind: str, target: str) -> dict[str, Any]:
+        self.revoked.append((kind, target))
+        return {}
+
+
+async def build_grants(page: RequestsPage) -> None:
+    with page.client:
+        session = page.store.get(page.cookie_id)
+        assert session is not None
+        await page.pages._grants(page.cookie_id, session)
+
+
+@pytest.mark.asyncio
+async def test_revoking_one_of_two_alike_grants_names_the_one_it_revokes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two grants of one agent to one provider drew the same card title, the same button
+    name and the same question ("Revoke the grant Shopping bot → shop?"): nothing said
+    which of them the answer would end."""
+    registry = GrantsRegistry([grant_row("grt_first"), grant_row("grt_second")])
+    page = RequestsPage(registry, monkeypatch)
+    await build_grants(page)
+    pressing = asyncio.ensure_future(
+        page.press(page.button("Revoke grant: Shopping bot → shop (grant grt_second)"))
+    )
+    while not any(isinstance(e, ui.dialog) for e in page.elements()):
+        await asyncio.sleep(0.01)
+    assert "Revoke the grant Shopping bot → shop (grant grt_second)?" in page.texts()
+    await page.press(page.button("Yes, revoke the grant Shopping bot → shop (grant grt_second)"))
+    await pressing
+    assert registry.revoked == [("grant", "grt_second")]
+    assert page.notice() == "Revoked the grant Shopping bot → shop (grant grt_second)."
+
+
+@pytest.mark.asyncio
+async def test_a_receipt_is_not_handed_out_after_the_session_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = GrantsRegistry([grant_row("grt_first")])
+    page = RequestsPage(registry, monkeypatch)
+    await build_grants(page)
+    downloads: list[str] = []
+    monkeypatch.setattr(ui.download, "content", lambda text, *_a, **_k: downloads.append(text))
+    page.store.sign_out(page.cookie_id)  # signed out from another tab
+    await page.press(
+        page.button("Download the approval receipt of Shopping bot → shop (grant grt_first)")
+    )
+    assert downloads == []
+    assert page.notice() == "Your session has ended. Please sign in again."
+
+
+@pytest.mark.asyncio
+async def test_an_ended_grant_the_page_cannot_describe_does_not_take_the_page_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    odd = {**grant_row("grt_odd", revoked=True), "document": {"envelope": None}}
+    registry = GrantsRegistry([grant_row("grt_first"), odd])
+    page = RequestsPage(registry, monkeypatch)
+    await build_grants(page)
+    assert "Shopping bot → shop" in page.texts()
+    assert any(text.startswith("grt_odd · Shopping bot → ") for text in page.texts())
+
+
+# --- the passkeys page: no prompt for a session that has ended ---------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_new_passkey_is_not_created_for_a_session_that_has_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The session checked only after the authenticator made the passkey: one the registry
+    then refused, left on the device as a passkey for nothing."""
+    registry = FakeRegistry([], [])
+
+    async def confirm(token: str, credential_id: str | None = None) -> dict[str, Any]:
+        return {"challenge": "confirm"}
+
+    async def begin(token: str, confirmation: dict[str, Any]) -> dict[str, Any]:
+        return {"challenge": "create"}
+
+    monkeypatch.setattr(registry, "passkey_confirm", confirm, raising=False)
+    monkeypatch.setattr(registry, "passkey_begin", begin, raising=False)
+    page = RequestsPage(registry, monkeypatch)
+    await page.build_passkeys()
+    await page.press(page.button("Add a passkey"))
+    assert page.ceremonies == 1
+    page.store.sign_out(page.cookie_id)
+    await page.press(page.button("Create the new passkey"))
+    assert page.ceremonies == 1
+    assert page.notice() == "Your session has ended. Please sign in again."
+
+
+# --- the agents page ---------------------------------------------------------------------------
+
+
+class AgentsRegistry(GrantsRegistry):
+    def __init__(self) -> None:
+        super().__init__([])
+        self.disabled: list[str] = []
+
+    async def agents(self, token: str) -> list[dict[str, Any]]:
+        # Two agents may share a name; never an id.
+        return [
+            {"id": "agt_1", "name": "Shopping bot", "status": "active"},
+            {"id": "agt_2", "name": "Shopping bot", "status": "active"},
+        ]
+
+    async def disable_agent(self, token: str, agent_id: str) -> None:
+        self.disabled.append(agent_id)
+
+    async def enrollment(self, token: str) -> dict[str, Any]:
+        return {"enrollment_code": "enr_secret", "expires_in": 900}
+
+
+async def build_agents(page: RequestsPage) -> None:
+    with page.client:
+        session = page.store.get(page.cookie_id)
+        assert session is not None
+        await page.pages._agents(page.cookie_id, session)
+
+
+@pytest.mark.asyncio
+async def test_revoking_one_of_two_agents_of_one_name_names_the_one_it_disables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = AgentsRegistry()
+    page = RequestsPage(registry, monkeypatch)
+    await build_agents(page)
+    links = [str(e.props.get("aria-label")) for e in page.elements() if isinstance(e, ui.link)]
+    assert [label for label in links if label.startswith("Audit")] == [
+        "Audit trail of agent Shopping bot (agt_1)",
+        "Audit trail of agent Shopping bot (agt_2)",
+    ]
+    pressing = asyncio.ensure_future(page.press(page.button("Revoke agent Shopping bot (agt_2)")))
+    while not any(isinstance(e, ui.dialog) for e in page.elements()):
+        await asyncio.sleep(0.01)
+    assert "Revoke agent Shopping bot (agt_2)?" in page.texts()
+    await page.press(page.button("Yes, revoke agent Shopping bot (agt_2)"))
+    await pressing
+    assert registry.disabled == ["agt_2"]
+    assert page.notice() == "Revoked agent Shopping bot (agt_2)."
+
+
+@pytest.mark.asyncio
+async def test_an_enrollment_code_leaves_the_page_when_it_expires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = AgentsRegistry()
+    page = RequestsPage(registry, monkeypatch)
+    timers: list[tuple[float, Callable[[], Any]]] = []
+    monkeypatch.setattr(
+        ui, "timer", lambda interval, callback, **_: timers.append((interval, callback))
+    )
+    await build_agents(page)
+    await page.press(page.button("Create a new enrollment code for an agent"))
+
+    def codes() -> list[str]:
+        return [str(e.value) for e in page.elements() if isinstance(e, ui.input)]
+
+    assert codes() == ["enr_secret"]
+    ((interval, expired),) = timers
+    assert interval == 900
+    with page.client:
+        expired()
+    assert codes() == []
+    assert any(text.startswith("The enrollment code has expired.") for text in page.texts())
+
+
+# --- the audit page ----------------------------------------------------------------------------
+
+
+class AuditRegistry(AgentsRegistry):
+    async def checkpoints(self, token: str) -> list[dict[str, Any]]:
+        return []
+
+    async def audit_keys(self) -> dict[str, Any]:
+        return {"keys": []}
+
+
+@pytest.mark.asyncio
+async def test_the_audit_trail_is_not_exported_after_the_session_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    page = RequestsPage(AuditRegistry(), monkeypatch)
+    with page.client:
+        session = page.store.get(page.cookie_id)
+        assert session is not None
+        await page.pages._audit(page.cookie_id, session, "agt_1")
+    downloads: list[str] = []
+    monkeypatch.setattr(ui.download, "content", lambda text, *_a, **_k: downloads.append(text))
+    page.store.sign_out(page.cookie_id)  # signed out from another tab
+    await page.press(page.button("Export the audit trail as JSON"))
+    assert downloads == []
+    assert page.notice() == "Your session has ended. Please sign in again."

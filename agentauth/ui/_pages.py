@@ -1178,8 +1178,8 @@ class Pages:
             live = [
                 g
                 for g in grants
-                if g["revoked_at"] is None
-                and agent_rows.get(g["agent_id"], {}).get("status") == "active"
+                if g.get("revoked_at") is None
+                and agent_rows.get(g.get("agent_id"), {}).get("status") == "active"
                 and not _expired(g, now)
             ]
             agent_ids = sorted({g["agent_id"] for g in live})
@@ -1213,18 +1213,20 @@ class Pages:
                 if ended:
                     with ui.expansion(f"Ended grants ({len(ended)})").classes("w-full"):
                         for grant in ended:
-                            document = grant["document"]
+                            # One line each, from what the row holds: an ended grant no
+                            # longer allows anything, and an odd one must not fail the page.
+                            document = grant.get("document") or {}
                             reason = (
                                 "revoked"
-                                if grant["revoked_at"]
+                                if grant.get("revoked_at")
                                 else "expired"
                                 if _expired(grant, now)
                                 else "agent disabled"
                             )
                             ui.label(
-                                f"{grant['id']} · "
-                                f"{agent_rows.get(grant['agent_id'], {}).get('name', '?')} → "
-                                f"{document['provider_id']} · {reason}"
+                                f"{grant.get('id', '?')} · "
+                                f"{agent_rows.get(grant.get('agent_id'), {}).get('name', '?')} → "
+                                f"{document.get('provider_id', '?')} · {reason}"
                             ).classes("text-sm")
 
         try:
@@ -1273,9 +1275,12 @@ class Pages:
         parsed = Grant.from_document(document)
         agent_name = agent.get("name", grant["agent_id"])
         who = f"{agent_name} → {document['provider_id']}"
+        # One agent can hold several grants to one provider: what a button or a question
+        # names carries the grant's id, so that it names the one grant it acts on.
+        which = f"{who} (grant {grant['id']})"
         card = ui.card().classes("w-full")
         card.props["role"] = "region"
-        card.props["aria-label"] = f"Grant: {who}"
+        card.props["aria-label"] = f"Grant: {which}"
         with card:
             heading(who, 2)
             ui.label(
@@ -1323,49 +1328,55 @@ class Pages:
                             )
 
             async def download_receipt() -> None:
-                payload = {
-                    "format": "agentauth.approval-receipt.v1",
-                    "grant": document,
-                    "grant_hash": grant["grant_hash"],
-                    "receipt": grant["receipt"],
-                    "receipt_hash": grant["receipt_hash"],
-                    "rp_id": self.settings.rp_id,
-                    "origin": self.settings.origin,
-                }
-                ui.download.content(
-                    json.dumps(payload, indent=2, sort_keys=True),
-                    f"receipt-{grant['id']}.json",
-                    "application/json",
-                )
+                async def work() -> None:
+                    self._session(ctx.cookie_id)  # a receipt is for a signed-in person only
+                    payload = {
+                        "format": "agentauth.approval-receipt.v1",
+                        "grant": document,
+                        "grant_hash": grant["grant_hash"],
+                        "receipt": grant["receipt"],
+                        "receipt_hash": grant["receipt_hash"],
+                        "rp_id": self.settings.rp_id,
+                        "origin": self.settings.origin,
+                    }
+                    ui.download.content(
+                        json.dumps(payload, indent=2, sort_keys=True),
+                        f"receipt-{grant['id']}.json",
+                        "application/json",
+                    )
+
+                await self._act(ctx.notice, work)
 
             async def revoke_grant() -> None:
-                await self._confirm_revoke(ctx, "grant", grant["id"], f"the grant {who}")
+                await self._confirm_revoke(ctx, "grant", grant["id"], f"the grant {which}")
 
             async def disable_agent() -> None:
-                await self._confirm_revoke(ctx, "agent", grant["agent_id"], f"agent {agent_name}")
+                await self._confirm_revoke(
+                    ctx, "agent", grant["agent_id"], _agent_named(agent_name, grant["agent_id"])
+                )
 
             with ui.row().classes("gap-2"):
                 labelled(
                     ui.button("Revoke grant", on_click=revoke_grant, color="negative"),
-                    f"Revoke grant: {who}",
+                    f"Revoke grant: {which}",
                 )
                 labelled(
                     ui.button("Revoke agent", on_click=disable_agent, color="negative").props(
                         "outline"
                     ),
-                    f"Revoke agent {agent_name} and all its grants",
+                    f"Revoke {_agent_named(agent_name, grant['agent_id'])} and all its grants",
                 )
                 labelled(
                     ui.button("Download receipt", icon="download", on_click=download_receipt).props(
                         "outline"
                     ),
-                    f"Download the approval receipt of {who}",
+                    f"Download the approval receipt of {which}",
                 )
                 labelled(
                     ui.link(
                         "Audit trail", f"/audit?agent={quote(grant['agent_id'], safe='')}"
                     ).classes("self-center"),
-                    f"Audit trail of agent {agent_name}",
+                    f"Audit trail of {_agent_named(agent_name, grant['agent_id'])}",
                 )
 
     @staticmethod
@@ -1551,15 +1562,19 @@ class Pages:
             await self._act(notice, work)
 
         async def export() -> None:
-            if not trail_ref:
-                return
-            document = trail_ref[0].export(now=time.time())
-            ui.download.content(
-                json.dumps(document, indent=2, sort_keys=True),
-                f"audit-{chosen}.json",
-                "application/json",
-            )
-            notice.ok(f"Exported {len(trail_ref[0].events)} events as JSON.")
+            async def work() -> None:
+                self._session(cookie_id)  # the trail is for a signed-in person only
+                if not trail_ref:
+                    return
+                document = trail_ref[0].export(now=time.time())
+                ui.download.content(
+                    json.dumps(document, indent=2, sort_keys=True),
+                    f"audit-{chosen}.json",
+                    "application/json",
+                )
+                notice.ok(f"Exported {len(trail_ref[0].events)} events as JSON.")
+
+            await self._act(notice, work)
 
         try:
             await verify()
@@ -1705,46 +1720,61 @@ class Pages:
                     with ui.card().classes("w-full"), ui.row().classes("items-center gap-4 w-full"):
                         ui.label(f"{agent['name']}").classes("font-medium")
                         ui.label(
-                            f"{agent['id']} · {agent['status']} · since "
+                            f"{agent['id']} · {agent.get('status', '?')} · since "
                             f"{_stamp(agent.get('created_at'))}"
                         ).classes("text-sm")
                         ui.space()
                         labelled(
                             ui.link("Audit", f"/audit?agent={quote(agent['id'], safe='')}"),
-                            f"Audit trail of agent {agent['name']}",
+                            f"Audit trail of {_agent_named(agent['name'], agent['id'])}",
                         )
-                        if agent["status"] == "active":
+                        if agent.get("status") == "active":
 
                             async def revoke(agent: Mapping[str, Any] = agent) -> None:
                                 await self._confirm_revoke(
                                     Ctx(cookie_id, notice, load),
                                     "agent",
                                     agent["id"],
-                                    f"agent {agent['name']}",
+                                    _agent_named(agent["name"], agent["id"]),
                                 )
 
                             labelled(
                                 ui.button("Revoke agent", on_click=revoke, color="negative").props(
                                     "outline dense"
                                 ),
-                                f"Revoke agent {agent['name']}",
+                                f"Revoke {_agent_named(agent['name'], agent['id'])}",
                             )
 
         async def enroll() -> None:
             async def work() -> None:
                 token = self._token(cookie_id)
                 answer = await self.registry.enrollment(token)
+                lifetime = int(answer["expires_in"])
                 code_box.clear()
-                with code_box, ui.card().classes("w-full bg-amber-50"):
+                with code_box, ui.card().classes("w-full bg-amber-50") as card:
                     heading("Enrollment code", 2)
                     ui.label(
                         "Give this code to your agent; it is shown only once and works once, "
-                        f"for {int(answer['expires_in']) // 60} minutes. The agent registers "
+                        f"for {lifetime // 60} minutes. The agent registers "
                         "its key with it, then its requests appear on the Requests page."
                     )
                     code = ui.input("Enrollment code", value=answer["enrollment_code"])
                     code.classes("w-full font-mono")
                     code.props["readonly"] = True
+
+                def expired() -> None:
+                    card.delete()
+                    with code_box:
+                        ui.label(
+                            "The enrollment code has expired. If your agent has not "
+                            "registered yet, create a new one."
+                        )
+
+                # A code is a secret while it works: off the page when it ends, not left on
+                # a screen (or in its DOM) for whoever comes by later. Beside the card, not
+                # in it: a timer must not delete itself from its own callback.
+                with code_box:
+                    ui.timer(lifetime, expired, once=True)
                 notice.ok("A new enrollment code is ready.")
 
             await self._act(notice, work)
@@ -1845,9 +1875,12 @@ class Pages:
             async def work() -> None:
                 if not waiting:
                     return
+                # Before the prompt: the authenticator keeps what it creates, even a passkey
+                # the registry then refuses for a session that has ended.
+                token = self._token(cookie_id)
                 notice.info("Creating a new passkey…")
                 credential = await self._ceremony("create", waiting[0])
-                await self.registry.passkey_finish(self._token(cookie_id), credential)
+                await self.registry.passkey_finish(token, credential)
                 waiting.clear()
                 create_button.visible = False
                 notice.ok("Added a new passkey.")
@@ -1868,9 +1901,18 @@ class Pages:
             create_button.visible = False
 
 
+def _agent_named(name: object, agent_id: str) -> str:
+    """'agent Mail bot (agt_…)': two agents may share a name, never an id."""
+    return f"agent {name} ({agent_id})" if name != agent_id else f"agent {agent_id}"
+
+
 def _expired(grant: Mapping[str, Any], now: float) -> bool:
-    expires = grant["document"].get("envelope", {}).get("expires_at")
-    return expires is not None and now >= int(expires)
+    envelope = (grant.get("document") or {}).get("envelope") or {}
+    expires = envelope.get("expires_at")
+    try:
+        return expires is not None and now >= int(expires)
+    except (TypeError, ValueError):  # not a time: kept live, where a card offers to revoke it
+        return False
 
 
 def _revoked_tokens(events: Iterable[Mapping[str, Any]]) -> set[str]:
