@@ -26,6 +26,9 @@ or a plain script) they are no-ops, so the service code records unconditionally.
                                                 too_many_challenges, limits_unavailable
     agentauth_anonymous_fallback_total          anonymous starts decided by a replica's
                                                 own memory (Redis unreachable)
+    agentauth_step_up_waits_refused_total{bound}
+                                                step-up long polls refused 429: bound
+                                                "caller" or "replica"
 
 Every label value is one of a set fixed by the code (reasons, shard indexes, dependency
 names), never a caller's text. In case one ever is not, each metric keeps at most 1,024
@@ -62,6 +65,7 @@ _SPECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "fail_closed": ("counter", "agentauth_fail_closed_total", ("dependency",)),
     "anonymous_refused": ("counter", "agentauth_anonymous_refused_total", ("reason",)),
     "anonymous_fallback": ("counter", "agentauth_anonymous_fallback_total", ()),
+    "step_up_waits_refused": ("counter", "agentauth_step_up_waits_refused_total", ("bound",)),
 }
 _made: dict[str, Any] = {}
 

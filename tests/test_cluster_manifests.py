@@ -69,11 +69,12 @@ DASHBOARD_METRICS = frozenset(
         "ray_agentauth_fail_closed_total",
         "ray_agentauth_anonymous_refused_total",
         "ray_agentauth_anonymous_fallback_total",
+        "ray_agentauth_step_up_waits_refused_total",
     }
 )
 # Labels the queries may group or filter by: the metrics' own tags, and the histogram's.
 DASHBOARD_LABELS = frozenset(
-    {"decision", "reason", "cache", "dependency", "shard", "acknowledged", "le"}
+    {"decision", "reason", "cache", "dependency", "shard", "acknowledged", "bound", "le"}
 )
 
 # The oldest Kubernetes the chart declares (Chart.yaml kubeVersion) and the newest schema

@@ -3,6 +3,7 @@ without bound, and an outage said once rather than once per request."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import logging
 import socket
@@ -244,3 +245,26 @@ async def test_a_checkpointer_that_cannot_reach_the_database_says_so_once(
     finally:
         await pool.close()
         await redis.aclose()
+
+
+def test_every_metric_the_code_records_is_declared() -> None:
+    """A name missing from ``_SPECS`` is no error where it is recorded (``_safely`` drops
+    it with one warning): its counter would simply never exist. So every name the code
+    passes to ``increment``, ``observe``, ``set_gauge`` or ``CounterBuffer.inc`` is checked
+    here against the declared ones."""
+    recording = {"increment", "observe", "set_gauge", "inc"}
+    used: dict[str, str] = {}
+    package = Path(metrics.__file__).parent
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            first = node.args[0]
+            name = first.value if isinstance(first, ast.Constant) else None
+            if called in recording and isinstance(name, str):
+                used[name] = f"{path.relative_to(package)}:{node.lineno}"
+    assert {"step_up_waits_refused", "anonymous_refused", "decisions"} <= set(used)
+    undeclared = {name: where for name, where in used.items() if name not in metrics._SPECS}
+    assert not undeclared, f"recorded but not declared in metrics._SPECS: {undeclared}"

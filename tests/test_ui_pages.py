@@ -915,3 +915,45 @@ async def test_the_audit_trail_is_not_exported_after_the_session_ended(
     await page.press(page.button("Export the audit trail as JSON"))
     assert downloads == []
     assert page.notice() == "Your session has ended. Please sign in again."
+
+
+@pytest.mark.asyncio
+async def test_a_grant_the_registry_no_longer_reads_can_still_be_revoked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A grant approved under a resource rule refused since (one spelling of a name, as
+    'a%3Ab') is 403 ``grant_unusable`` at its usage endpoint. That one refusal failed the
+    whole grants page: no card, so no Revoke button for it nor for any other grant."""
+    registry = FakeRegistry([], [])
+    old = {
+        "id": "grt_old",
+        "agent_id": "agt_1",
+        "revoked_at": None,
+        "document": {"provider_id": "shop", "capabilities": [], "envelope": {}},
+    }
+
+    async def grants(token: str) -> list[dict[str, Any]]:
+        return [old]
+
+    async def agents(token: str) -> list[dict[str, Any]]:
+        return [{"id": "agt_1", "name": "Shopping bot", "status": "active"}]
+
+    async def usage(token: str, grant_id: str) -> dict[str, Any]:
+        raise RegistryError(403, "forbidden", "approved in a form since refused", "grant_unusable")
+
+    async def audit_events(token: str, **_: str) -> list[dict[str, Any]]:
+        return []
+
+    for name, fake in (
+        ("grants", grants),
+        ("agents", agents),
+        ("usage", usage),
+        ("audit_events", audit_events),
+    ):
+        monkeypatch.setattr(registry, name, fake, raising=False)
+    page = RequestsPage(registry, monkeypatch)
+    with page.client:
+        session = page.store.get(page.cookie_id)
+        assert session is not None
+        await page.pages._grants(page.cookie_id, session)
+    assert page.button("Revoke grant: grant grt_old of agent agt_1") is not None

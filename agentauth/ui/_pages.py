@@ -1183,8 +1183,19 @@ class Pages:
                 and not _expired(g, now)
             ]
             agent_ids = sorted({g["agent_id"] for g in live})
+
+            async def usage(grant_id: str) -> dict[str, Any] | None:
+                # A grant the registry reads no more (approved under a rule refused since)
+                # is refused alone: its card can still revoke it, and the others still show.
+                try:
+                    return await self.registry.usage(token, grant_id)
+                except RegistryError as exc:
+                    if exc.reason != "grant_unusable":
+                        raise
+                    return None
+
             usages, grant_events, agent_events = await asyncio.gather(
-                asyncio.gather(*(self.registry.usage(token, g["id"]) for g in live)),
+                asyncio.gather(*(usage(g["id"]) for g in live)),
                 asyncio.gather(
                     *(self.registry.audit_events(token, grant_id=g["id"]) for g in live)
                 ),
@@ -1196,18 +1207,21 @@ class Pages:
                 if not live:
                     ui.label("No active grants. Approve a request and it shows here.")
                 ctx = Ctx(cookie_id, notice, load)
-                for grant, usage, events in zip(live, usages, grant_events, strict=True):
+                for grant, used, events in zip(live, usages, grant_events, strict=True):
+                    unreadable = partial(self._unreadable_grant, ctx, grant)
                     self._isolated(
-                        partial(
+                        unreadable
+                        if used is None
+                        else partial(
                             self._grant_card,
                             ctx,
                             grant=grant,
-                            usage=usage,
+                            usage=used,
                             agent=agent_rows.get(grant["agent_id"], {}),
                             tokens=_live_tokens(events, revoked, now),
                             now=now,
                         ),
-                        partial(self._unreadable_grant, ctx, grant),
+                        unreadable,
                     )
                 ended = [g for g in grants if g not in live]
                 if ended:
