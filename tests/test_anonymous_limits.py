@@ -21,45 +21,75 @@ from agentauth.registry._limits import Limit, LocalBuckets, client_address, take
 
 # --- the algorithm, on time passed in ------------------------------------------------------
 
-MINUTE = 60_000
+MS = 1_000  # microseconds: the unit take() counts in
+MINUTE = 60_000 * MS
 
 
 def test_a_bucket_admits_its_count_at_once_then_one_per_interval() -> None:
     limit = Limit(3, MINUTE)  # one every 20 s
     tats: list[int | None] = [None]
     for _ in range(3):
-        taken = take(tats, [limit], 1_000)
-        assert taken.wait_ms == 0
+        taken = take(tats, [limit], 1_000 * MS)
+        assert taken.wait_us == 0
         tats = list(taken.tats)
-    assert take(tats, [limit], 1_000).wait_ms == 20_000
-    assert take(tats, [limit], 20_999).wait_ms == 1
-    assert take(tats, [limit], 21_000).wait_ms == 0
+    assert take(tats, [limit], 1_000 * MS).wait_us == 20_000 * MS
+    assert take(tats, [limit], 20_999 * MS).wait_us == 1 * MS
+    assert take(tats, [limit], 21_000 * MS).wait_us == 0
     # Unused for a period: as good as new, all three at once again.
-    assert tats == [61_000]
-    assert take(tats, [limit], 61_000 + MINUTE).tats == (MINUTE + 61_000 + 20_000,)
+    assert tats == [61_000 * MS]
+    assert take(tats, [limit], 61_000 * MS + MINUTE).tats == (MINUTE + (61_000 + 20_000) * MS,)
 
 
 def test_a_refusal_by_one_bucket_takes_from_none() -> None:
     client, everyone = Limit(5, MINUTE), Limit(2, MINUTE)
     first = take([None, None], [client, everyone], 0)
     second = take(list(first.tats), [client, everyone], 0)
-    assert (first.wait_ms, second.wait_ms) == (0, 0)
+    assert (first.wait_us, second.wait_us) == (0, 0)
     refused = take(list(second.tats), [client, everyone], 0)
-    assert refused.wait_ms == 30_000 and refused.tats == ()
+    assert refused.wait_us == 30_000 * MS and refused.tats == ()
     # The client bucket kept what it had: another client is refused by the global one only.
-    assert take([None, second.tats[1]], [client, everyone], 0).wait_ms == 30_000
+    assert take([None, second.tats[1]], [client, everyone], 0).wait_us == 30_000 * MS
+
+
+@pytest.mark.parametrize(
+    ("count", "period_s"),
+    [(7_000, 60), (30_001, 60), (5_000, 1), (999_999, 1), (1_000_000, 60)],
+)
+def test_a_limit_that_does_not_divide_its_period_admits_what_it_says(
+    count: int, period_s: int
+) -> None:
+    """Counted in milliseconds, the interval was rounded to a whole one: 7,000 a minute
+    admitted 7,500, 30,001 a minute 60,000, and 5,000 a second only 1,000. Over two periods
+    a bucket admits its burst and twice its count, give or take the rounding of a
+    microsecond per interval."""
+    limit = Limit(count, period_s * 1_000_000)
+    tats: list[int | None] = [None]
+    admitted, now = 0, 0
+    while now < 2 * limit.period_us:  # the burst, then a period of steady refills
+        taken = take(tats, [limit], now)
+        if taken.wait_us == 0:
+            admitted += 1
+            tats = list(taken.tats)
+        else:
+            now += taken.wait_us
+    assert 3 * count - 1 <= admitted <= 3 * count * 1.02 + 1, admitted
 
 
 def test_local_buckets_admit_like_take_and_forget_expired_ones() -> None:
     buckets = LocalBuckets()
-    limits = [Limit(2, 1_000), Limit(3, 1_000)]  # the global one refills every 333 ms
-    assert [buckets.take([f"c:{i % 2}", "all"], limits, 0) for i in range(4)] == [0, 0, 0, 332]
-    assert buckets.take(["c:0", "all"], limits, 1_000) == 0
+    limits = [Limit(2, 1_000 * MS), Limit(3, 1_000 * MS)]  # the global one refills every 333 ms
+    assert [buckets.take([f"c:{i % 2}", "all"], limits, 0) for i in range(4)] == [
+        0,
+        0,
+        0,
+        333_332,
+    ]
+    assert buckets.take(["c:0", "all"], limits, 1_000 * MS) == 0
     # Thousands of clients, each once: the expired ones do not pile up.
     buckets = LocalBuckets()
-    wide = [Limit(1, 1_000), Limit(1_000_000, 1_000)]
+    wide = [Limit(1, 1_000 * MS), Limit(1_000_000, 1_000 * MS)]
     for i in range(5_000):
-        assert buckets.take([f"c:{i}", "all"], wide, 2_000 * i) == 0
+        assert buckets.take([f"c:{i}", "all"], wide, 2_000 * MS * i) == 0
     assert len(buckets._tats) <= 1025
 
 

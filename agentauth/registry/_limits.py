@@ -5,7 +5,7 @@ registration); and on the long polls callers hold open (``Waits``).
 Each limit is a generic cell rate algorithm (GCRA) bucket: ``count`` requests at once,
 then one every ``period / count``. One request takes from several buckets (its client's
 and the global one) only if every one of them has room, so a refused request changes
-nothing. ``take`` is the whole algorithm, on integer milliseconds passed in; the Redis
+nothing. ``take`` is the whole algorithm, on integer microseconds passed in; the Redis
 script below runs the same steps atomically, on Redis's clock, for buckets every replica
 shares.
 """
@@ -35,45 +35,48 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @dataclass(frozen=True, slots=True)
 class Limit:
-    """At most ``count`` requests in any ``period_ms``, all of them at once if need be."""
+    """At most ``count`` requests in any ``period_us``, all of them at once if need be."""
 
     count: int
-    period_ms: int
+    period_us: int
 
     @property
-    def interval_ms(self) -> int:
-        # Rounded down: a bucket then refills a little early, never late.
-        return max(1, self.period_ms // self.count)
+    def interval_us(self) -> int:
+        # Rounded down: a bucket then refills a little early, never late. In microseconds,
+        # so the rounding is a part in 60 or less at the largest limits the settings allow
+        # (a million a second); in milliseconds it admitted twice the limit, or a fifth.
+        return max(1, self.period_us // self.count)
 
 
 @dataclass(frozen=True, slots=True)
 class Taken:
-    """``wait_ms`` 0: allowed, and ``tats`` are the buckets' new states; otherwise refused
+    """``wait_us`` 0: allowed, and ``tats`` are the buckets' new states; otherwise refused
     for that long (until the fullest bucket has room), with nothing to store."""
 
-    wait_ms: int
+    wait_us: int
     tats: tuple[int, ...]
 
 
-def take(tats: Sequence[int | None], limits: Sequence[Limit], now_ms: int) -> Taken:
+def take(tats: Sequence[int | None], limits: Sequence[Limit], now_us: int) -> Taken:
     """One request against every bucket. ``tats``: each bucket's theoretical arrival time
     (``None``: never used, or expired, which is the same)."""
     after = []
     wait = 0
     for tat, limit in zip(tats, limits, strict=True):
-        new = max(now_ms if tat is None else tat, now_ms) + limit.interval_ms
-        wait = max(wait, new - now_ms - limit.period_ms)
+        new = max(now_us if tat is None else tat, now_us) + limit.interval_us
+        wait = max(wait, new - now_us - limit.period_us)
         after.append(new)
     if wait > 0:
         return Taken(wait, ())
     return Taken(0, tuple(after))
 
 
-# ``take`` over KEYS, ARGV holding each one's interval and period in milliseconds; returns
-# the wait in milliseconds (0: taken). A bucket's key expires when it would be empty again.
+# ``take`` over KEYS, ARGV holding each one's interval and period in microseconds; returns
+# the wait in microseconds (0: taken). A bucket's key expires when it would be empty again.
+# (Microseconds since 1970 are about 2^51: exact in Lua's doubles.)
 TAKE_LUA = """
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local wait, after = 0, {}
 for i, key in ipairs(KEYS) do
   local interval, period = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
@@ -83,7 +86,7 @@ for i, key in ipairs(KEYS) do
 end
 if wait > 0 then return wait end
 for i, key in ipairs(KEYS) do
-  redis.call('SET', key, after[i], 'PX', after[i] - now)
+  redis.call('SET', key, after[i], 'PX', math.ceil((after[i] - now) / 1000))
 end
 return 0
 """
@@ -98,16 +101,16 @@ class LocalBuckets:
         self._tats: dict[str, int] = {}
         self._prune_above = 1024
 
-    def take(self, keys: Sequence[str], limits: Sequence[Limit], now_ms: int) -> int:
-        taken = take([self._tats.get(k) for k in keys], limits, now_ms)
-        if taken.wait_ms == 0:
+    def take(self, keys: Sequence[str], limits: Sequence[Limit], now_us: int) -> int:
+        taken = take([self._tats.get(k) for k in keys], limits, now_us)
+        if taken.wait_us == 0:
             self._tats.update(zip(keys, taken.tats, strict=True))
             if len(self._tats) > self._prune_above:
                 # Each pruning at least doubles the size the next one waits for: a full scan
                 # costs O(1) per request, amortised.
-                self._tats = {k: tat for k, tat in self._tats.items() if tat > now_ms}
+                self._tats = {k: tat for k, tat in self._tats.items() if tat > now_us}
                 self._prune_above = max(1024, 2 * len(self._tats))
-        return taken.wait_ms
+        return taken.wait_us
 
 
 class Waits:

@@ -237,15 +237,15 @@ class Registry:
         self._reserve_script = redis.register_script(_RESERVE_LUA)
         self._take_script = redis.register_script(TAKE_LUA)
         self.trusted_proxies = settings.trusted_proxy_networks
-        period_ms = settings.anonymous_limit_period * 1000
+        period_us = settings.anonymous_limit_period * 1_000_000
         self._anonymous_limits = (
-            Limit(settings.anonymous_client_limit, period_ms),
-            Limit(settings.anonymous_global_limit, period_ms),
+            Limit(settings.anonymous_client_limit, period_us),
+            Limit(settings.anonymous_global_limit, period_us),
         )
         self._fallback = LocalBuckets()
         self._fallback_limits = (
-            Limit(settings.anonymous_client_limit, period_ms),
-            Limit(max(1, settings.anonymous_fallback_limit), period_ms),
+            Limit(settings.anonymous_client_limit, period_us),
+            Limit(max(1, settings.anonymous_fallback_limit), period_us),
         )
         self._limits_reachable = True
         self._step_up_waits = Waits(
@@ -490,20 +490,20 @@ class Registry:
         table stays capped by PostgreSQL (``max_anonymous_challenges``). The switch is
         logged both ways and counted, never silent."""
         keys = [f"agentauth:anon:client:{client}", "agentauth:anon:all"]
-        args = [n for limit in self._anonymous_limits for n in (limit.interval_ms, limit.period_ms)]
+        args = [n for limit in self._anonymous_limits for n in (limit.interval_us, limit.period_us)]
         try:
-            wait_ms = int(await self._take_script(keys=keys, args=args))
+            wait_us = int(await self._take_script(keys=keys, args=args))
         except Exception as exc:  # any Redis failure: this replica's own buckets (see above)
-            wait_ms = self._admit_without_redis(client, exc)
+            wait_us = self._admit_without_redis(client, exc)
         else:
             if not self._limits_reachable:
                 self._limits_reachable = True
                 log.warning("anonymous start limits are shared in Redis again")
-        if wait_ms > 0:
+        if wait_us > 0:
             increment("anonymous_refused", tags={"reason": "rate_limited"})
             raise RateLimited(
                 "too many sign-in, sign-up or registration starts; retry later",
-                retry_after=math.ceil(wait_ms / 1000),
+                retry_after=math.ceil(wait_us / 1_000_000),
                 reason="rate_limited",
             )
 
@@ -523,8 +523,8 @@ class Registry:
                 "sign-in and sign-up are unavailable for now", reason="limits_unavailable"
             )
         increment("anonymous_fallback")
-        now_ms = int(time.monotonic() * 1000)
-        return self._fallback.take([f"client:{client}", "all"], self._fallback_limits, now_ms)
+        now_us = int(time.monotonic() * 1_000_000)
+        return self._fallback.take([f"client:{client}", "all"], self._fallback_limits, now_us)
 
     async def authenticate_session(self, token: str | None) -> str:
         if not token:
