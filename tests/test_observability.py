@@ -62,6 +62,30 @@ def test_a_registry_url_with_an_unescaped_password_is_refused_without_quoting_it
     assert HEAD not in str(refused.value) and "tail" not in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://agentauth:1234/rest@db.internal/agentauth",
+        "redis://:5678?rest@cache.internal:6379/0",
+        "postgresql://agentauth:9#rest@db.internal/agentauth",
+    ],
+)
+def test_a_password_that_starts_with_digits_is_not_taken_for_a_port(url: str) -> None:
+    """'1234' parses as a port when the password's '/' ends the authority there; the
+    driver would then name 'agentauth:1234' as the host it failed to reach."""
+    from agentauth.store import checked_url
+
+    with pytest.raises(ValueError, match="percent-encode") as refused:
+        checked_url(url)
+    assert not any(piece in str(refused.value) for piece in ("1234", "5678", "rest"))
+    for fine in (
+        "postgresql://agentauth:p%2F1@db.internal:5432/agentauth?sslmode=require",
+        "redis://127.0.0.1:6379/0",
+        "postgresql:///agentauth?host=/var/run/postgresql",
+    ):
+        assert checked_url(fine) == fine
+
+
 def test_a_verifier_url_with_an_unescaped_password_is_refused_without_quoting_it() -> None:
     from agentauth.verifier import VerifierSettings
 
