@@ -291,3 +291,25 @@ async def test_a_new_incarnation_says_once_which_proofs_it_refuses(
         )
     finally:
         await second.close()
+
+
+@pytest.mark.asyncio
+async def test_a_shard_closed_as_its_reconnect_is_woken_closes() -> None:
+    """A batch wakes the reconnect loop (the database may be back) in the loop turn the
+    shard is closed in. ``asyncio.wait_for`` on Python 3.11 then returned as if the wait had
+    ended and swallowed the cancellation: the loop tried again for good and ``close()``
+    waited for it for good."""
+    with socket.socket() as placeholder:
+        placeholder.bind(("127.0.0.1", 0))
+        port = placeholder.getsockname()[1]  # closed again: connections are refused
+    shard = StateShard(index=INDEX + 9, database_url=f"postgresql://postgres@127.0.0.1:{port}/x")
+    shard._batches_wait = False  # as when it serves replicas: batches do not wait for it
+    [denied] = await shard.check_batch([a_check("closing")])  # the reconnect loop starts
+    assert denied.reason == "audit_unavailable"
+    await asyncio.sleep(0.06)  # into its backoff
+    shard._retry_now.set()  # what the next batch does
+    began = time.monotonic()
+    closing = asyncio.ensure_future(shard.close())
+    done, _ = await asyncio.wait((closing,), timeout=5.0)
+    assert done, "close() is still waiting for the reconnect loop"
+    assert time.monotonic() - began < 2.0

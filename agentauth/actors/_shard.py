@@ -42,6 +42,7 @@ from typing import Any
 import asyncpg
 from asyncpg.exceptions import DivisionByZeroError, UniqueViolationError
 
+from .._events import wait_event
 from .._logs import Throttle
 from ..metrics import observe
 from ..protocol import GENESIS_HASH, AuditEvent, Remaining, b64url_encode, leaf_hash
@@ -479,8 +480,7 @@ class StateShard:
                     )
                 # A batch denied meanwhile cuts the wait short: the database may be back
                 # and checks are waiting for it (one try at a time, as before the backoff).
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._retry_now.wait(), delay)
+                await wait_event(self._retry_now, delay)
                 delay = min(0.25, delay * 2)
                 continue
             if tries > 1:

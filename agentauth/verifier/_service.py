@@ -29,6 +29,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .._events import wait_event
 from .._logs import Throttle
 from ..actors import Check, Result, ShardClient, shard_for
 from ..metrics import CounterBuffer, observe, set_gauge
@@ -310,8 +311,7 @@ class _Revocations:
         while True:
             # Or at once when the channel has (re)subscribed: until a poll reads after
             # that, the replica is not fresh.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poll_now.wait(), self._settings.revocation_poll)
+            await wait_event(self._poll_now, self._settings.revocation_poll)
             self._poll_now.clear()
             try:
                 await self._poll()
