@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
@@ -94,6 +95,187 @@ async def test_passkeys_from_before_0010_keep_their_backup_state_and_have_no_be(
             await conn.execute(insert, "bs-without-be", False, True)
     finally:
         await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_failing_migration_leaves_the_ones_before_it_applied(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    """Each migration commits on its own: one that fails is rolled back alone, and the next
+    run starts from it (one transaction for them all held every table lock each took,
+    hot tables' too, until the last had finished)."""
+    copy = tmp_path / "migrations"
+    shutil.copytree(default_migrations_dir(), copy)
+    last = len(discover(copy))
+    broken = copy / f"{last + 1:04d}_broken.sql"
+    broken.write_text("CREATE TABLE half_done (id int);\nSELECT 1 / 0;\n")
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await migrate(conn, copy)
+        recorded = await conn.fetchval("SELECT max(version) FROM schema_migrations")
+        assert recorded == last
+        assert await conn.fetchval("SELECT to_regclass('half_done')") is None
+        broken.write_text("CREATE TABLE half_done (id int);\n")
+        assert await migrate(conn, copy) == [broken.name]
+    finally:
+        await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_database_newer_than_the_code_is_used_with_a_warning(
+    fresh_db: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a rollback the older release runs over the newer schema (each migration keeps
+    the release before it working), and says so instead of "up to date" alone."""
+    copy = tmp_path / "migrations"
+    shutil.copytree(default_migrations_dir(), copy)
+    newer = copy / f"{len(discover(copy)) + 1:04d}_from_the_future.sql"
+    newer.write_text("SELECT 1;\n")
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        await migrate(conn, copy)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="agentauth.store"):
+            assert await migrate(conn) == []
+        assert newer.name in caplog.text
+    finally:
+        await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_counting_a_humans_enrollment_codes_reads_an_index(fresh_db: str) -> None:
+    """create_enrollment counts the human's live codes on every mint: with codes of many
+    humans in the table, that must not read them all."""
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        await migrate(conn)
+        await conn.execute(
+            "INSERT INTO principals (id, display_name)"
+            " SELECT 'hum_' || n, 'H' FROM generate_series(1, 5000) n"
+        )
+        await conn.execute(
+            "INSERT INTO enrollments (code_hash, principal_id, expires_at)"
+            " SELECT sha256(n::text::bytea), 'hum_' || (n % 5000 + 1), now() + interval '1 hour'"
+            " FROM generate_series(1, 100000) n"
+        )
+        await conn.execute("ANALYZE enrollments")
+        rows = await conn.fetch(
+            "EXPLAIN SELECT count(*) FROM enrollments WHERE principal_id = 'hum_42'"
+            " AND used_at IS NULL AND expires_at > now()"
+        )
+        plan = "\n".join(r[0] for r in rows)
+        assert "Seq Scan" not in plan, plan
+        assert "enrollments_principal" in plan, plan
+    finally:
+        await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_registry_waits_out_another_migrating_past_its_statement_timeout(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Replicas starting at once: the one that loses the migration lock waits for the one
+    migrating, however long that takes (an index built on a large table). It waited on a
+    pool connection, whose statements time out at 10 s, and so failed to start."""
+    from agentauth.registry import Registry, RegistrySettings
+
+    copy = tmp_path / "migrations"
+    shutil.copytree(default_migrations_dir(), copy)
+    (copy / f"{len(discover(copy)) + 1:04d}_slow.sql").write_text("SELECT pg_sleep(11);\n")
+    async with new_database(database_url, "migwait") as url:
+        other = await asyncpg.connect(url)
+        try:
+            migrating = asyncio.create_task(migrate(other, copy))
+            while not await other_holds_a_lock(url):
+                await asyncio.sleep(0.05)
+            settings = RegistrySettings(
+                database_url=url,
+                redis_url=redis_url,
+                data_dir=tmp_path / "registry",
+                issuer="http://r.test",
+                admin_token="a" * 24,
+            )
+            registry = await Registry.open(settings)
+            await registry.close()
+            assert migrating.done()
+            await migrating
+        finally:
+            await other.close()
+
+
+async def other_holds_a_lock(url: str) -> bool:
+    conn = await asyncpg.connect(url)
+    try:
+        held = await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        return bool(held)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_migration_waiting_for_a_lock_does_not_hold_back_a_hot_table(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    """An ALTER waiting for a table that a long transaction reads queues every write behind
+    it (every shard commit, for audit_heads): until that transaction ended, not one went
+    through. It now gives way after a short wait and tries again."""
+    conn = await asyncpg.connect(fresh_db)
+    reader = await asyncpg.connect(fresh_db)
+    writer = await asyncpg.connect(fresh_db)
+    try:
+        await migrate(conn)
+        await conn.execute("INSERT INTO audit_heads (chain, size, head) VALUES ('c', 0, '')")
+        copy = tmp_path / "migrations"
+        shutil.copytree(default_migrations_dir(), copy)
+        added = copy / f"{len(discover(copy)) + 1:04d}_alter.sql"
+        added.write_text("ALTER TABLE audit_heads ADD COLUMN later bigint;\n")
+        await reader.execute("BEGIN")
+        await reader.fetch("SELECT * FROM audit_heads")
+        migrating = asyncio.create_task(migrate(conn, copy))
+        try:
+            await asyncio.sleep(0.3)
+            for size in (1, 2, 3):
+                await asyncio.wait_for(
+                    writer.execute("UPDATE audit_heads SET size = $1 WHERE chain = 'c'", size),
+                    timeout=2.0,
+                )
+            assert not migrating.done()
+        finally:
+            await reader.execute("COMMIT")
+        assert await asyncio.wait_for(migrating, timeout=10.0) == [added.name]
+    finally:
+        for c in (conn, reader, writer):
+            await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_migration_that_never_gets_its_lock_gives_up_and_says_why(
+    fresh_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agentauth.store import _migrate
+
+    monkeypatch.setattr(_migrate, "_LOCK_TRIES", 2)
+    monkeypatch.setattr(_migrate, "_LOCK_PAUSE", 0.1)
+    conn = await asyncpg.connect(fresh_db)
+    reader = await asyncpg.connect(fresh_db)
+    try:
+        await migrate(conn)
+        copy = tmp_path / "migrations"
+        shutil.copytree(default_migrations_dir(), copy)
+        added = copy / f"{len(discover(copy)) + 1:04d}_alter.sql"
+        added.write_text("ALTER TABLE audit_heads ADD COLUMN later bigint;\n")
+        async with reader.transaction():
+            await reader.fetch("SELECT * FROM audit_heads")
+            with pytest.raises(MigrationError, match="long transaction"):
+                await asyncio.wait_for(migrate(conn, copy), timeout=10.0)
+        assert await migrate(conn, copy) == [added.name]
+    finally:
+        for c in (conn, reader):
+            await c.close()
 
 
 def test_migration_files_must_be_numbered_without_gaps(tmp_path: Path) -> None:

@@ -263,8 +263,14 @@ class Registry:
             settings.database_url, min_size=settings.pool_min_size, max_size=settings.pool_max_size
         )
         if migrate:
-            async with pool.acquire() as conn:
-                await run_migrations(conn)
+            # Not on a pool connection, whose statements time out at 10 s: a migration may
+            # take longer (an index built on a large table), and so may a replica's wait for
+            # another that is migrating at the same start.
+            migrator = await asyncpg.connect(settings.database_url)
+            try:
+                await run_migrations(migrator)
+            finally:
+                await migrator.close()
         redis = aioredis.Redis.from_url(
             settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
         )

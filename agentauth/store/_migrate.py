@@ -3,12 +3,16 @@
 Files are ``NNNN_name.sql`` in one directory, applied in order, each in its own
 transaction together with its ``schema_migrations`` row. Re-running is a no-op. A migration
 whose file changed after it was applied is refused: the database would no longer match
-what the files say, and silently moving on would hide that.
+what the files say, and silently moving on would hide that. A database migrated further
+than these files go (a release rolled back) is used as it is, with a warning: each
+migration is written for the release before it to keep working over it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +27,18 @@ __all__ = ["Conn", "Migration", "MigrationError", "default_migrations_dir", "dis
 #: A connection, whether direct or borrowed from a pool.
 Conn = asyncpg.Connection | PoolConnectionProxy
 
+log = logging.getLogger("agentauth.store")
+
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # Any constant works: it only has to be the same for every migrator of one database.
 _LOCK_KEY = 0x4A67_4175_7468
+# How long a migration waits for a table lock before it gives way and tries again. While it
+# waits in a table's lock queue everything queued behind it waits too (every verifier
+# shard's commit, for audit_heads): under a shard's 2 s statement timeout, by a margin.
+_LOCK_WAIT_MS = 500
+_LOCK_PAUSE = 1.0
+# About three minutes of tries, then the migrator gives up and says why.
+_LOCK_TRIES = 120
 
 
 class MigrationError(AgentAuthError):
@@ -74,9 +87,12 @@ async def migrate(conn: Conn, directory: Path | None = None) -> list[str]:
     """Apply pending migrations; return the names applied (empty when up to date)."""
     migrations = discover(directory or default_migrations_dir())
     applied: list[str] = []
-    async with conn.transaction():
-        # Serialize concurrent migrators (several replicas starting at once).
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
+    # Serialize concurrent migrators (several replicas starting at once): the loser waits,
+    # then finds everything applied. A session lock, held across the migrations' own
+    # transactions: one transaction for them all would hold every table lock each one
+    # takes (a hot table's among them) until the last had finished.
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    try:
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
                    version integer PRIMARY KEY,
@@ -99,12 +115,42 @@ async def migrate(conn: Conn, directory: Path | None = None) -> list[str]:
                         "add a new migration instead of editing an applied one"
                     )
                 continue
-            await conn.execute(migration.sql)
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                migration.version,
-                migration.name,
-                migration.checksum,
-            )
+            await _apply(conn, migration)
             applied.append(migration.name)
+        newer = sorted(row["name"] for version, row in done.items() if version > len(migrations))
+        if newer:
+            log.warning(
+                "the database has migrations this release does not know (%s): running over"
+                " a newer schema, as after a rollback",
+                ", ".join(newer),
+            )
+    finally:
+        if not conn.is_closed():
+            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied
+
+
+async def _apply(conn: Conn, migration: Migration) -> None:
+    for tries in range(1, _LOCK_TRIES + 1):
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = {_LOCK_WAIT_MS}")
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    migration.version,
+                    migration.name,
+                    migration.checksum,
+                )
+            return
+        except asyncpg.LockNotAvailableError:
+            if tries == 1:
+                log.warning(
+                    "migration %s waits for a table another transaction holds; retrying",
+                    migration.name,
+                )
+            await asyncio.sleep(_LOCK_PAUSE)
+    raise MigrationError(
+        f"migration {migration.name} could not take its tables' locks in {_LOCK_TRIES} tries:"
+        " a long transaction holds one (see pg_stat_activity)"
+    )
