@@ -1,10 +1,14 @@
-"""Waiting on an ``asyncio.Event`` with a timeout, without losing a cancellation."""
+"""Timed waits that never lose a cancellation of the task waiting."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
 
-__all__ = ["wait_event"]
+__all__ = ["wait_event", "wait_within"]
+
+_T = TypeVar("_T")
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> None:
@@ -20,3 +24,20 @@ async def wait_event(event: asyncio.Event, timeout: float) -> None:
         await asyncio.wait((waiter,), timeout=timeout)
     finally:
         waiter.cancel()
+
+
+async def wait_within(aw: Awaitable[_T], timeout: float) -> _T:
+    """``asyncio.wait_for(aw, timeout)``, except that the caller's cancellation is raised.
+
+    On Python 3.11, ``wait_for`` returns ``aw``'s result when its caller is cancelled in
+    the loop turn ``aw`` ends in, and the cancellation is gone: a loop built on it (a
+    listener, a poll, a pinger) ran on after whoever stopped it. Here a cancellation still
+    pending once the wait is over is raised, one that an earlier ``wait_for`` of the same
+    task swallowed included. The result is dropped then: not for an ``aw`` whose result
+    must be released (a connection it opened).
+    """
+    result = await asyncio.wait_for(aw, timeout)
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+    return result

@@ -1,4 +1,4 @@
-"""``wait_event``: a timed wait on an event that never swallows a cancellation."""
+"""``wait_event`` and ``wait_within``: timed waits that never swallow a cancellation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from agentauth._events import wait_event
+from agentauth._events import wait_event, wait_within
 
 
 @pytest.mark.asyncio
@@ -42,4 +42,36 @@ async def test_it_returns_when_set_or_when_the_time_is_up() -> None:
     asyncio.get_running_loop().call_later(0.02, event.set)
     began = time.monotonic()
     await wait_event(event, 5.0)
+    assert time.monotonic() - began < 1.0
+
+
+@pytest.mark.asyncio
+async def test_a_cancellation_in_the_turn_the_awaited_call_ends_is_not_lost() -> None:
+    """As above, for a call awaited with a timeout: ``asyncio.wait_for`` returned its result
+    and dropped the cancellation; ``wait_within`` raises it."""
+    answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    turns = 0
+
+    async def loop() -> None:
+        nonlocal turns
+        while True:
+            await wait_within(answer, 10.0)
+            turns += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.ensure_future(loop())
+    await asyncio.sleep(0.01)
+    answer.set_result(1)
+    task.cancel()
+    await asyncio.wait((task,), timeout=2.0)
+    assert task.cancelled()
+    assert turns == 0
+
+
+@pytest.mark.asyncio
+async def test_it_returns_the_result_or_times_out() -> None:
+    assert await wait_within(asyncio.sleep(0, "done"), 1.0) == "done"
+    began = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await wait_within(asyncio.sleep(5.0), 0.05)
     assert time.monotonic() - began < 1.0

@@ -1084,3 +1084,44 @@ async def test_vault_redirects_are_not_followed(vault: FakeVault) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.asyncio
+async def test_a_loop_signing_through_a_backend_stops_when_cancelled_as_it_answers(
+    vault: FakeVault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry's checkpoint loop signs through the backend, and closing the registry
+    cancels it. Cancelled in the loop turn the backend's answer came in, the signing call
+    (``asyncio.wait_for`` on Python 3.11) returned the signature and swallowed the
+    cancellation: the loop went on checkpointing for good, over a closed pool."""
+    vault.create_key("registry", "ecdsa-p256")
+    signer = await open_vault(vault, "registry")
+    loop = asyncio.get_running_loop()
+    run_in_executor = loop.run_in_executor
+
+    def cancelled_as_it_answers(*args: Any) -> asyncio.Future[Any]:
+        running = run_in_executor(*args)
+        monkeypatch.undo()  # once
+        # Ahead of the call's own callback: in the very turn its answer comes in.
+        running.add_done_callback(lambda _: checkpointing.cancel())
+        return running
+
+    signed = 0
+
+    async def checkpoint_loop() -> None:
+        nonlocal signed
+        while True:
+            await signer.sign(b"a checkpoint")
+            signed += 1
+            await asyncio.sleep(0.01)
+
+    monkeypatch.setattr(loop, "run_in_executor", cancelled_as_it_answers)
+    checkpointing = asyncio.ensure_future(checkpoint_loop())
+    try:
+        await asyncio.wait((checkpointing,), timeout=2.0)
+        assert checkpointing.cancelled(), f"still signing after {signed} signatures"
+        assert signed == 0
+    finally:
+        checkpointing.cancel()
+        await asyncio.wait((checkpointing,), timeout=2.0)
+        await signer.aclose()

@@ -4,10 +4,11 @@ to show the decisions, PostgreSQL and the replica's service layer in process).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import asyncpg
@@ -17,6 +18,7 @@ from verifier_inprocess import ask, mint, verifier
 
 from agentauth.protocol import b64url_decode
 from agentauth.store import REVOCATION_CHANNEL
+from agentauth.verifier import _service
 from agentauth.verifier._service import _Revocations
 
 
@@ -146,6 +148,53 @@ async def test_a_channel_that_stops_answering_is_taken_for_dead(redis_url: str) 
 
 
 @pytest.mark.asyncio
+async def test_a_replica_busy_for_a_second_does_not_take_its_channel_for_dead(
+    redis_url: str,
+) -> None:
+    """The replica's event loop is held for 1.3 s (a long request, a collection, a busy
+    machine) while the listener waits between pings: nothing was asked of Redis meanwhile,
+    so nothing is missing. Judged from the last thing heard, that second looked like a
+    silent channel: the listener resubscribed, and the replica denied every check
+    revocation_state_stale until its next poll."""
+    relay = _Relay(redis_url)
+    redis = aioredis.Redis.from_url(relay.url(await relay.start()))
+    revocations = _Revocations(
+        cast(Any, None), redis, cast(Any, None), also=lambda: asyncio.sleep(0)
+    )
+    listener = asyncio.create_task(revocations._listen())
+    try:
+        await _until(lambda: revocations._listening)
+        await asyncio.sleep(0.6)  # pings answered
+        subscribed = revocations._subscribed_at
+        time.sleep(1.3)  # the whole loop held, the listener among it
+        await asyncio.sleep(0.8)
+        assert revocations._listening and revocations._subscribed_at == subscribed
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        await redis.aclose()
+        await relay.close()
+
+
+@pytest.mark.asyncio
+async def test_a_replica_starts_fresh(redis_url: str, migrated_database_url: str) -> None:
+    """start() returned before the channel was subscribed, so a replica took requests it
+    could only deny (revocation_state_stale) until it was; now it returns once fresh (or,
+    with Redis down, after a bounded wait, to deny until Redis is back)."""
+    v, _ = verifier()
+    redis = aioredis.Redis.from_url(redis_url)
+    pool = await asyncpg.create_pool(migrated_database_url, min_size=1, max_size=2)
+    revocations = _Revocations(pool, redis, v.settings, also=lambda: asyncio.sleep(0))
+    try:
+        await revocations.start()
+        assert revocations.fresh()
+    finally:
+        await revocations.stop()
+        await pool.close()
+        await redis.aclose()
+
+
+@pytest.mark.asyncio
 async def test_a_revocation_lost_while_the_channel_was_down_is_read_before_deciding(
     redis_url: str, migrated_database_url: str
 ) -> None:
@@ -190,3 +239,143 @@ async def test_a_revocation_lost_while_the_channel_was_down_is_read_before_decid
         await redis.aclose()
         await pool.close()
         await relay.close()
+
+
+# --- stopping: a cancellation in the turn the awaited call ends is not lost -----------------
+#
+# stop() (the replica closing) cancels the listener and the poll loop. On Python 3.11,
+# ``asyncio.wait_for`` returns the result of a call that ends in the loop turn its caller is
+# cancelled in and drops the cancellation: the loop then ran on for good, after its replica
+# had closed. Each test cancels its loop in exactly that turn.
+
+
+async def _ends_cancelled(task: asyncio.Task[None]) -> None:
+    try:
+        await asyncio.wait((task,), timeout=2.0)
+        assert task.cancelled(), "the loop runs on after it was cancelled"
+    finally:
+        task.cancel()
+        await asyncio.wait((task,), timeout=2.0)
+
+
+@pytest.mark.asyncio
+async def test_the_listener_stops_when_cancelled_as_its_ping_is_sent(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis = aioredis.Redis.from_url(redis_url)
+    revocations = _Revocations(
+        cast(Any, None), redis, cast(Any, None), also=lambda: asyncio.sleep(0)
+    )
+    listener = asyncio.create_task(revocations._listen())
+    ping = aioredis.client.PubSub.ping
+
+    async def cancelled_as_sent(pubsub: aioredis.client.PubSub) -> bool:
+        sent = await ping(pubsub)
+        monkeypatch.undo()  # once
+        listener.cancel()
+        return sent
+
+    try:
+        await _until(lambda: revocations._listening)
+        monkeypatch.setattr(aioredis.client.PubSub, "ping", cancelled_as_sent)
+        await _ends_cancelled(listener)
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.asyncio
+async def test_the_listener_stops_when_cancelled_as_a_failed_round_is_closed(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round that failed closes its connection, then waits and subscribes again: a
+    cancellation in the turn the close ends must end the listener there, not a round
+    later."""
+    redis = aioredis.Redis.from_url(redis_url)
+    publisher = aioredis.Redis.from_url(redis_url)
+    revocations = _Revocations(
+        cast(Any, None), redis, cast(Any, None), also=lambda: asyncio.sleep(0)
+    )
+    listener = asyncio.create_task(revocations._listen())
+    closing = _service._closing
+
+    async def cancelled_as_closed(pubsub: Any) -> None:
+        await closing(pubsub)
+        monkeypatch.undo()  # once
+        listener.cancel()
+
+    try:
+        await _until(lambda: revocations._listening)
+        monkeypatch.setattr(_service, "_closing", cancelled_as_closed)
+        await publisher.publish(REVOCATION_CHANNEL, b"{not json")  # fails the round
+        await _ends_cancelled(listener)
+        assert not revocations._listening  # not subscribed again
+    finally:
+        await redis.aclose()
+        await publisher.aclose()
+
+
+class _Hooked:
+    """The pool, but ``then()`` runs in the very turn one kind of read has been answered:
+    ``epoch`` (the provider table's change counter), ``kids`` (the signing keys) or
+    ``providers`` (the provider table, read on a pooled connection). ``after`` counts the
+    reads begun after that."""
+
+    def __init__(self, pool: asyncpg.Pool, read: str, then: Callable[[], Any]) -> None:
+        self._pool = pool
+        self._read = read
+        self._then = then
+        self.after = 0
+
+    def _begun(self) -> None:
+        if not self._read:
+            self.after += 1
+
+    def _answered(self, read: str) -> None:
+        if read == self._read:
+            self._read = ""  # once
+            self._then()
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        self._begun()
+        value = await self._pool.fetchval(query, *args)
+        self._answered("epoch" if "provider_changes" in query else query)
+        return value
+
+    async def fetch(self, query: str, *args: Any) -> Any:
+        self._begun()
+        rows = await self._pool.fetch(query, *args)
+        self._answered("kids" if query.startswith("SELECT kid ") else query)
+        return rows
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        self._begun()
+        async with self._pool.acquire() as conn:
+            yield conn
+        self._answered("providers")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("read", ["epoch", "providers", "kids"])
+async def test_the_poll_loop_stops_when_cancelled_as_a_table_sync_read_is_answered(
+    migrated_database_url: str, read: str
+) -> None:
+    """Each poll also syncs the provider and key tables (``_sync_tables``), each read
+    bounded; a cancellation in the turn one of them is answered must end the loop there,
+    before any other read."""
+    pool = await asyncpg.create_pool(migrated_database_url, min_size=1, max_size=2)
+    polling: asyncio.Task[None] | None = None
+
+    def cancel() -> None:
+        assert polling is not None
+        polling.cancel()
+
+    hooked = _Hooked(pool, read, cancel)
+    v, _ = verifier(pool=hooked, revocation_poll=0.01)
+    revocations = _Revocations(pool, cast(Any, None), v.settings, also=v._sync_tables)
+    try:
+        polling = asyncio.create_task(revocations._poll_loop())
+        await _ends_cancelled(polling)
+        assert hooked.after == 0
+    finally:
+        await pool.close()

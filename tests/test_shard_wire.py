@@ -318,6 +318,32 @@ async def test_connections_yet_to_show_the_token_are_bounded(
     await _until(lambda: shard._unauthenticated == 0)
 
 
+@pytest.mark.asyncio
+async def test_a_connection_cancelled_as_its_handshake_ends_takes_no_link(
+    shard: StateShard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() closes the linked connections, then cancels those still in their handshake.
+    One whose handshake ended in the loop turn of that cancel went on (``asyncio.wait_for``
+    on Python 3.11 dropped the cancellation): it took the replica's token and served the
+    link, which close() no longer closes, and close() waited on it as long as it lasted."""
+    loop = asyncio.get_running_loop()
+    handshake = loop.connect_accepted_socket
+
+    async def cancelled_as_it_ends(*args: Any, **kwargs: Any) -> Any:
+        connected = await handshake(*args, **kwargs)
+        monkeypatch.undo()  # once
+        for task in shard._connections:  # as close() does
+            task.cancel()
+        return connected
+
+    host, port, token = await shard.endpoint()
+    monkeypatch.setattr(loop, "connect_accepted_socket", cancelled_as_it_ends)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(frame(token))  # a replica shows it at once
+    assert await _closed(reader, writer)
+    await _until(lambda: not shard._connections and not shard._peers)
+
+
 class _Remote:
     """What the client uses of a Ray actor method: ``.remote()`` giving an awaitable."""
 

@@ -42,7 +42,7 @@ from typing import Any
 import asyncpg
 from asyncpg.exceptions import DivisionByZeroError, UniqueViolationError
 
-from .._events import wait_event
+from .._events import wait_event, wait_within
 from .._logs import Throttle
 from ..metrics import observe
 from ..protocol import GENESIS_HASH, AuditEvent, Remaining, b64url_encode, leaf_hash
@@ -375,9 +375,11 @@ class StateShard:
                 writer = asyncio.StreamWriter(transport, protocol, reader, loop)
                 self._peers.add(writer)
                 # A peer that has not shown the token gets no room for more than one.
-                token = await asyncio.wait_for(
-                    read_frame(reader, limit=_TOKEN_FRAME), _TOKEN_TIMEOUT
-                )
+                # wait_within also raises a cancellation the handshake's wait_for swallowed
+                # (close() cancelling in the turn the handshake ended, after it had closed
+                # the writers of _peers): served on, the link would keep close() waiting.
+                # (Not for the handshake itself: it would drop the transport unclosed.)
+                token = await wait_within(read_frame(reader, limit=_TOKEN_FRAME), _TOKEN_TIMEOUT)
             finally:
                 self._unauthenticated -= 1
             if not hmac.compare_digest(token, self._token):

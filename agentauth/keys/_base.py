@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from agentauth._events import wait_within
 from agentauth.protocol import Algorithm, DependencyUnavailable, PublicKey, b64url_encode
 
 __all__ = ["DEFAULT_TIMEOUT", "AsyncSigner", "RemoteSigner", "SignerUnavailable"]
@@ -123,7 +124,9 @@ async def call_blocking(backend: str, what: str, timeout: float, fn: Callable[[]
         # The client library has its own timeouts set to the same value; this outer bound
         # also covers what they miss (DNS, credential lookups, a wedged HSM driver).
         running = asyncio.get_running_loop().run_in_executor(_pool(backend), fn)
-        return await asyncio.wait_for(running, timeout=timeout)
+        # Not asyncio.wait_for: the registry's checkpoint loop signs here, and a
+        # cancellation (the registry closing) coming as the backend answers must stop it.
+        return await wait_within(running, timeout)
     except SignerUnavailable:
         raise
     except TimeoutError:

@@ -29,7 +29,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .._events import wait_event
+from .._events import wait_event, wait_within
 from .._logs import Throttle
 from ..actors import Check, Result, ShardClient, shard_for
 from ..metrics import CounterBuffer, observe, set_gauge
@@ -174,6 +174,8 @@ _REVOCATION_MEMORY = TokenPolicy().max_lifetime + 2 * TokenPolicy().leeway + 300
 # How long the revocation channel may answer nothing (it is pinged four times a second)
 # before the listener takes it for dead and subscribes again.
 _CHANNEL_SILENCE = 1.0
+# How long a replica's start waits for its revocation state to be fresh.
+_START_WAIT = 2.0
 
 
 class _Expiring(Generic[K]):
@@ -268,6 +270,13 @@ class _Revocations:
     async def start(self) -> None:
         await self._poll()
         self._tasks = [asyncio.create_task(self._poll_loop()), asyncio.create_task(self._listen())]
+        # Until the channel is subscribed and a poll has read after that, every check is
+        # denied revocation_state_stale: a replica that took requests at once denied its
+        # first ones (tens of milliseconds on an idle machine, seconds on a busy one).
+        # Bounded: with Redis down it starts all the same, and denies until it is back.
+        deadline = time.monotonic() + _START_WAIT
+        while not self.fresh() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     async def _poll(self) -> None:
         # Fresh as of now, not of when this poll ends: what is read next may be older than
@@ -330,12 +339,17 @@ class _Revocations:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(REVOCATION_CHANNEL)
-                heard = last_ping = time.monotonic()
+                last_ping = time.monotonic()
+                # When the oldest ping still unanswered went out (None: none is, or
+                # something came in since). Silence is judged from a ping, not from the
+                # last thing heard: a replica busy for a second between two reads has
+                # sent nothing meanwhile, and what Redis said waits in the socket.
+                unanswered: float | None = last_ping  # the SUBSCRIBE counts as one
                 while True:
                     message = await pubsub.get_message(timeout=0.25)
                     now = time.monotonic()
                     if message is not None:
-                        heard = now
+                        unanswered = None
                         if message["type"] == "subscribe":
                             # Listening from here, not from sending SUBSCRIBE: Redis may not
                             # have read it yet.
@@ -345,15 +359,17 @@ class _Revocations:
                         elif message["type"] == "message":
                             item = json.loads(message["data"])
                             self._add(item["kind"], item["target"], time.time())
-                    elif now - heard > _CHANNEL_SILENCE:
+                    elif unanswered is not None and now - unanswered > _CHANNEL_SILENCE:
                         # A ping a few times a second, and its pong, prove the channel alive
                         # when nothing is revoked. Sending one proves nothing: a stalled
                         # server or a network dropping packets takes it and answers nothing,
                         # and its messages are lost alike.
                         raise TimeoutError("the revocation channel is silent")
                     if now - last_ping >= 0.25:
-                        await asyncio.wait_for(pubsub.ping(), 0.5)
+                        await wait_within(pubsub.ping(), 0.5)
                         last_ping = now
+                        if unanswered is None:
+                            unanswered = now
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -362,7 +378,7 @@ class _Revocations:
                 # A failed round's connection may be up and subscribed still (a message it
                 # could not read): dropped unclosed, each such failure would leave one.
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(_closing(pubsub), 0.5)
+                    await wait_within(_closing(pubsub), 0.5)
             await asyncio.sleep(0.2)
 
     def fresh(self) -> bool:
@@ -504,7 +520,7 @@ class Verifier:
                 )
             return int(epoch), rows
 
-        epoch, rows = await asyncio.wait_for(read(), self.settings.lookup_timeout)
+        epoch, rows = await wait_within(read(), self.settings.lookup_timeout)
         if ticket < self._provider_loaded_ticket:
             return
         self._provider_loaded_ticket = ticket
@@ -531,7 +547,7 @@ class Verifier:
         a poll (it verifies no token after, a leaked one included), and a new one arrives
         before the first token naming it. Otherwise keys would only reload for an unknown
         kid, which a retired key never is."""
-        kids = await asyncio.wait_for(
+        kids = await wait_within(
             self.pool.fetch(
                 "SELECT kid FROM signing_keys WHERE retires_at IS NULL OR retires_at > $1",
                 int(time.time()),
@@ -545,7 +561,7 @@ class Verifier:
         """Part of every revocation poll (so a replica that cannot read it goes stale and
         denies): reload the provider table when a credential changed (a rotation, an
         ended overlap) or a provider was registered."""
-        epoch = await asyncio.wait_for(
+        epoch = await wait_within(
             self.pool.fetchval("SELECT epoch FROM provider_changes"),
             self.settings.lookup_timeout,
         )
