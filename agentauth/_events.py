@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Iterable
+from typing import Any, TypeVar
 
-__all__ = ["wait_event", "wait_within"]
+__all__ = ["stop_tasks", "wait_event", "wait_within"]
 
 _T = TypeVar("_T")
 
@@ -41,3 +41,14 @@ async def wait_within(aw: Awaitable[_T], timeout: float) -> _T:
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
     return result
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task[Any] | None], timeout: float = 5.0) -> None:
+    """Cancel ``tasks`` and wait, up to ``timeout`` seconds, until they have ended: what
+    the caller closes next (a pool, a client) is then no longer in use by them. (Cancelled
+    and left, a loop ran its ``finally`` or its next statement against a closed pool.)"""
+    live = [task for task in tasks if task is not None and not task.done()]
+    for task in live:
+        task.cancel()
+    if live:
+        await asyncio.wait(live, timeout=timeout)

@@ -75,3 +75,52 @@ async def test_it_returns_the_result_or_times_out() -> None:
     with pytest.raises(TimeoutError):
         await wait_within(asyncio.sleep(5.0), 0.05)
     assert time.monotonic() - began < 1.0
+
+
+@pytest.mark.asyncio
+async def test_stop_tasks_returns_once_they_have_ended() -> None:
+    """Cancelled and left, a loop's last turn (its finally, a statement it had begun) ran
+    after the caller had closed what it used; stopped so, it has ended first."""
+    from agentauth._events import stop_tasks
+
+    ended: list[str] = []
+
+    async def loop(name: str) -> None:
+        try:
+            while True:
+                await asyncio.sleep(0.01)
+        finally:
+            await asyncio.sleep(0.05)  # its clean-up takes a moment
+            ended.append(name)
+
+    tasks = [asyncio.ensure_future(loop(n)) for n in ("a", "b")]
+    await asyncio.sleep(0.02)
+    await stop_tasks([*tasks, None])
+    assert sorted(ended) == ["a", "b"] and all(t.done() for t in tasks)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_stopped_revocation_listener_and_poll_have_ended(
+    redis_url: str, migrated_database_url: str
+) -> None:
+    """stop() cancelled the listener and the poll loop and returned: the verifier closed
+    its pool and Redis client while they were still ending."""
+    import asyncpg
+    import redis.asyncio as aioredis
+    from verifier_inprocess import verifier
+
+    from agentauth.verifier._service import _Revocations
+
+    v, _ = verifier()
+    redis = aioredis.Redis.from_url(redis_url)
+    pool = await asyncpg.create_pool(migrated_database_url, min_size=1, max_size=2)
+    revocations = _Revocations(pool, redis, v.settings, also=lambda: asyncio.sleep(0))
+    try:
+        await revocations.start()
+        await revocations.stop()
+        assert all(task.done() for task in revocations._tasks)
+    finally:
+        await pool.close()
+        await redis.aclose()

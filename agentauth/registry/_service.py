@@ -40,6 +40,7 @@ from webauthn.helpers.structs import (
     UserVerificationRequirement,
 )
 
+from .._events import stop_tasks
 from .._logs import Throttle
 from ..metrics import increment, set_gauge
 from ..protocol import (
@@ -291,9 +292,7 @@ class Registry:
             self._sweep_task = asyncio.create_task(self._sweep_loop())
 
     async def close(self) -> None:
-        for task in (self._checkpoint_task, self._sweep_task):
-            if task is not None:
-                task.cancel()
+        await stop_tasks((self._checkpoint_task, self._sweep_task))
         await self.keys.aclose()
         await self.redis.aclose()
         await self.pool.close()

@@ -29,7 +29,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .._events import wait_event, wait_within
+from .._events import stop_tasks, wait_event, wait_within
 from .._logs import Throttle
 from ..actors import Check, Result, ShardClient, shard_for
 from ..metrics import CounterBuffer, observe, set_gauge
@@ -400,8 +400,7 @@ class _Revocations:
         )
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        await stop_tasks(self._tasks)
 
 
 class Verifier:
