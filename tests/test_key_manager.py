@@ -154,6 +154,35 @@ async def test_a_refused_rotation_leaves_no_key_behind(
 
 @pytest.mark.postgres
 @pytest.mark.asyncio
+async def test_a_rotation_that_fails_otherwise_closes_the_signer_it_made(
+    database: str, tmp_path: Path, replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rotation whose recording fails another way (the database gone, its answer lost)
+    may have committed, so its key stays; the handle it opened was neither kept nor
+    closed, and a remote backend's HTTP client leaked with it."""
+    from agentauth.keys import LocalFileSigner
+
+    manager = await replicas(settings(database, tmp_path))
+    closed: list[str] = []
+    close = LocalFileSigner.aclose
+
+    async def aclose(signer: LocalFileSigner) -> None:
+        closed.append(signer.kid)
+        await close(signer)
+
+    async def lost(signer: Any, now: int) -> None:
+        raise ConnectionError("the database went away mid-commit")
+
+    monkeypatch.setattr(LocalFileSigner, "aclose", aclose)
+    monkeypatch.setattr(manager, "_record_rotation", lost)
+    with pytest.raises(ConnectionError):
+        await manager.rotate(now=1_900_000_000)
+    assert len(closed) == 1
+    assert f"{closed[0]}.pem" in {p.name for p in (tmp_path / "keys").iterdir()}
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio
 async def test_a_recorded_local_key_opens_whatever_alg_new_keys_get(
     database: str, tmp_path: Path, replicas: Replicas
 ) -> None:

@@ -149,6 +149,12 @@ class KeyManager:
             if isinstance(signer, LocalFileSigner):  # made under another name, then renamed
                 (self._settings.data_dir / "keys" / f"{signer.kid}.pem").unlink(missing_ok=True)
             raise
+        except BaseException:
+            # The row may have committed, so the key stays (a replica opens it from the
+            # record when it needs it); this handle goes, and a remote backend's client
+            # with it, rather than leak.
+            await signer.aclose()
+            raise
         self._signers[signer.kid] = signer
         await self.refresh(force=True)
         return signer.kid
