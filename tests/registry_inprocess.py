@@ -35,6 +35,10 @@ class Opened:
     world: World
     url: str  # the database's
 
+    async def counts(self) -> dict[str, int]:
+        """Rows in every table: what a refused request must leave as it was."""
+        return await table_counts(self.registry.pool)
+
 
 @asynccontextmanager
 async def registry_on_new_database(

@@ -10,33 +10,24 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import pytest_asyncio
-from registry_inprocess import registry_in_process, table_counts
+from registry_inprocess import Opened, registry_in_process
 from registry_world import Agent as WorldAgent
 from registry_world import World
 
 from agentauth.protocol import Capability, Forbidden, PrivateKey, b64url_decode, b64url_encode
-from agentauth.registry import Registry
 from agentauth.registry._models import GrantRequestIn, StepUpIn
 from agentauth.registry._service import Agent
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
 
-class InProcess:
-    def __init__(self, registry: Registry, world: World) -> None:
-        self.registry, self.world = registry, world
-
-    async def counts(self) -> dict[str, int]:
-        return await table_counts(self.registry.pool)
-
-
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
 async def service(
     database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[InProcess]:
+) -> AsyncIterator[Opened]:
     data_dir = tmp_path_factory.mktemp("registry")
     async with registry_in_process(database_url, redis_url, data_dir, prefix="dpop") as opened:
-        yield InProcess(opened.registry, opened.world)
+        yield opened
 
 
 def forged(proof: str) -> str:
@@ -53,7 +44,7 @@ def refused(r: httpx.Response, status: int, error: str, reason: str) -> None:
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_a_key_no_agent_has_is_refused_before_its_signature_is_checked(
-    service: InProcess,
+    service: Opened,
 ) -> None:
     w = service.world
     agent = await w.agent(await w.human())
@@ -75,7 +66,7 @@ async def test_a_key_no_agent_has_is_refused_before_its_signature_is_checked(
 # --- an agent disabled while its request is under way ------------------------------------
 
 
-async def _authenticated(service: InProcess, agent: WorldAgent, method: str, path: str) -> Agent:
+async def _authenticated(service: Opened, agent: WorldAgent, method: str, path: str) -> Agent:
     """The agent as the registry authenticated it for one request: what that request's
     handler holds while the agent's owner disables it."""
     w = service.world
@@ -84,7 +75,7 @@ async def _authenticated(service: InProcess, agent: WorldAgent, method: str, pat
     )
 
 
-async def _disable(service: InProcess, agent: WorldAgent) -> None:
+async def _disable(service: Opened, agent: WorldAgent) -> None:
     w = service.world
     r = await w.client.post(w.url(f"/v1/agents/{agent.id}/disable"), headers=agent.owner.headers)
     assert r.status_code == 200, r.text
@@ -92,7 +83,7 @@ async def _disable(service: InProcess, agent: WorldAgent) -> None:
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_a_grant_request_by_an_agent_disabled_meanwhile_is_refused(
-    service: InProcess,
+    service: Opened,
 ) -> None:
     w = service.world
     agent = await w.agent(await w.human())
@@ -110,7 +101,7 @@ async def test_a_grant_request_by_an_agent_disabled_meanwhile_is_refused(
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_a_step_up_by_an_agent_disabled_meanwhile_is_refused(service: InProcess) -> None:
+async def test_a_step_up_by_an_agent_disabled_meanwhile_is_refused(service: Opened) -> None:
     w = service.world
     _, agent, _, grant = await w.payments_grant()
     held = await _authenticated(service, agent, "POST", "/v1/step-ups")
@@ -135,7 +126,7 @@ async def _register(w: World, key: PrivateKey, code: str, proof: str) -> httpx.R
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_a_registration_with_a_code_that_cannot_register_is_refused_before_the_signature(
-    service: InProcess,
+    service: Opened,
 ) -> None:
     w = service.world
     human = await w.human()
@@ -160,7 +151,7 @@ async def test_a_registration_with_a_code_that_cannot_register_is_refused_before
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_an_agent_cannot_bury_its_human_under_pending_grant_requests(
-    service: InProcess,
+    service: Opened,
 ) -> None:
     w = service.world
     human = await w.human()

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from pydantic import ValidationError
-from registry_inprocess import registry_in_process, table_counts
+from registry_inprocess import Opened, registry_in_process
 from registry_world import Agent as WorldAgent
 from registry_world import World
 
@@ -27,18 +27,10 @@ WAITS_PER_REPLICA = 3
 LIVE_ENROLLMENTS = 3
 
 
-class InProcess:
-    def __init__(self, registry: Registry, world: World) -> None:
-        self.registry, self.world = registry, world
-
-    async def counts(self) -> dict[str, int]:
-        return await table_counts(self.registry.pool)
-
-
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
 async def service(
     database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[InProcess]:
+) -> AsyncIterator[Opened]:
     data_dir = tmp_path_factory.mktemp("registry")
     async with registry_in_process(
         database_url,
@@ -49,7 +41,7 @@ async def service(
         step_up_waits_per_replica=WAITS_PER_REPLICA,
         max_live_enrollments=LIVE_ENROLLMENTS,
     ) as opened:
-        yield InProcess(opened.registry, opened.world)
+        yield opened
 
 
 async def _wait_on(w: World, agent: WorldAgent, step_id: str, seconds: float) -> httpx.Response:
@@ -73,7 +65,7 @@ def _refused_as_too_many(r: httpx.Response) -> None:
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_step_up_waits_are_bounded_per_caller_and_per_replica(service: InProcess) -> None:
+async def test_step_up_waits_are_bounded_per_caller_and_per_replica(service: Opened) -> None:
     w = service.world
     human, agent, _, grant = await w.payments_grant()
     step = await w.step_up(agent, grant["id"], "75")
@@ -123,7 +115,7 @@ class _CountingPool:
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_an_unanswered_step_up_wait_reads_the_database_less_and_less_often(
-    service: InProcess,
+    service: Opened,
 ) -> None:
     w = service.world
     human, agent, _, grant = await w.payments_grant()
@@ -164,7 +156,7 @@ def test_a_per_caller_wait_bound_above_the_replica_one_is_refused(tmp_path: Path
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_a_human_holds_a_bounded_number_of_live_enrollment_codes(
-    service: InProcess,
+    service: Opened,
 ) -> None:
     w = service.world
     human = await w.human()
