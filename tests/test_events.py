@@ -97,30 +97,3 @@ async def test_stop_tasks_returns_once_they_have_ended() -> None:
     await asyncio.sleep(0.02)
     await stop_tasks([*tasks, None])
     assert sorted(ended) == ["a", "b"] and all(t.done() for t in tasks)
-
-
-@pytest.mark.postgres
-@pytest.mark.redis
-@pytest.mark.asyncio(loop_scope="session")
-async def test_a_stopped_revocation_listener_and_poll_have_ended(
-    redis_url: str, migrated_database_url: str
-) -> None:
-    """stop() cancelled the listener and the poll loop and returned: the verifier closed
-    its pool and Redis client while they were still ending."""
-    import asyncpg
-    import redis.asyncio as aioredis
-    from verifier_inprocess import verifier
-
-    from agentauth.verifier._service import _Revocations
-
-    v, _ = verifier()
-    redis = aioredis.Redis.from_url(redis_url)
-    pool = await asyncpg.create_pool(migrated_database_url, min_size=1, max_size=2)
-    revocations = _Revocations(pool, redis, v.settings, also=lambda: asyncio.sleep(0))
-    try:
-        await revocations.start()
-        await revocations.stop()
-        assert all(task.done() for task in revocations._tasks)
-    finally:
-        await pool.close()
-        await redis.aclose()

@@ -120,13 +120,10 @@ class _Relay:
         await asyncio.gather(*self._pipes, return_exceptions=True)
 
 
-@pytest.mark.asyncio
-async def test_a_channel_that_stops_answering_is_taken_for_dead(redis_url: str) -> None:
-    """A stopped Redis, or a network that drops packets, leaves the subscribed connection
-    open and takes the listener's pings without answering them; its revocation messages
-    are lost alike. Sending a ping was all the listener checked, so it counted itself
-    listening (and the replica fresh) for as long as the stall lasted, however long. The
-    pongs are what count: a second without one and the channel is down."""
+@contextlib.asynccontextmanager
+async def _relayed_listener(redis_url: str) -> AsyncIterator[tuple[_Relay, _Revocations]]:
+    """A revocation listener reaching Redis through a relay the test can stall or cut,
+    once it listens; stopped and closed after."""
     relay = _Relay(redis_url)
     redis = aioredis.Redis.from_url(relay.url(await relay.start()))
     revocations = _Revocations(
@@ -135,16 +132,42 @@ async def test_a_channel_that_stops_answering_is_taken_for_dead(redis_url: str) 
     listener = asyncio.create_task(revocations._listen())
     try:
         await _until(lambda: revocations._listening)
-        relay.stalled = True
-        await _until(lambda: not revocations._listening, timeout=3.0)
-        relay.stalled = False
-        relay.cut()  # what a stalled connection comes to in the end
-        await _until(lambda: revocations._listening)
+        yield relay, revocations
     finally:
         listener.cancel()
         await asyncio.gather(listener, return_exceptions=True)
         await redis.aclose()
         await relay.close()
+
+
+@contextlib.asynccontextmanager
+async def _polled(redis_url: str, database_url: str) -> AsyncIterator[_Revocations]:
+    """Revocations over real Redis and PostgreSQL, not started; stopped and closed after."""
+    v, _ = verifier()
+    redis = aioredis.Redis.from_url(redis_url)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    revocations = _Revocations(pool, redis, v.settings, also=lambda: asyncio.sleep(0))
+    try:
+        yield revocations
+    finally:
+        await revocations.stop()
+        await pool.close()
+        await redis.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_channel_that_stops_answering_is_taken_for_dead(redis_url: str) -> None:
+    """A stopped Redis, or a network that drops packets, leaves the subscribed connection
+    open and takes the listener's pings without answering them; its revocation messages
+    are lost alike. Sending a ping was all the listener checked, so it counted itself
+    listening (and the replica fresh) for as long as the stall lasted, however long. The
+    pongs are what count: a second without one and the channel is down."""
+    async with _relayed_listener(redis_url) as (relay, revocations):
+        relay.stalled = True
+        await _until(lambda: not revocations._listening, timeout=3.0)
+        relay.stalled = False
+        relay.cut()  # what a stalled connection comes to in the end
+        await _until(lambda: revocations._listening)
 
 
 @pytest.mark.asyncio
@@ -156,24 +179,12 @@ async def test_a_replica_busy_for_a_second_does_not_take_its_channel_for_dead(
     so nothing is missing. Judged from the last thing heard, that second looked like a
     silent channel: the listener resubscribed, and the replica denied every check
     revocation_state_stale until its next poll."""
-    relay = _Relay(redis_url)
-    redis = aioredis.Redis.from_url(relay.url(await relay.start()))
-    revocations = _Revocations(
-        cast(Any, None), redis, cast(Any, None), also=lambda: asyncio.sleep(0)
-    )
-    listener = asyncio.create_task(revocations._listen())
-    try:
-        await _until(lambda: revocations._listening)
+    async with _relayed_listener(redis_url) as (_, revocations):
         await asyncio.sleep(0.6)  # pings answered
         subscribed = revocations._subscribed_at
         time.sleep(1.3)  # the whole loop held, the listener among it
         await asyncio.sleep(0.8)
         assert revocations._listening and revocations._subscribed_at == subscribed
-    finally:
-        listener.cancel()
-        await asyncio.gather(listener, return_exceptions=True)
-        await redis.aclose()
-        await relay.close()
 
 
 @pytest.mark.asyncio
@@ -181,17 +192,21 @@ async def test_a_replica_starts_fresh(redis_url: str, migrated_database_url: str
     """start() returned before the channel was subscribed, so a replica took requests it
     could only deny (revocation_state_stale) until it was; now it returns once fresh (or,
     with Redis down, after a bounded wait, to deny until Redis is back)."""
-    v, _ = verifier()
-    redis = aioredis.Redis.from_url(redis_url)
-    pool = await asyncpg.create_pool(migrated_database_url, min_size=1, max_size=2)
-    revocations = _Revocations(pool, redis, v.settings, also=lambda: asyncio.sleep(0))
-    try:
+    async with _polled(redis_url, migrated_database_url) as revocations:
         await revocations.start()
         assert revocations.fresh()
-    finally:
+
+
+@pytest.mark.asyncio
+async def test_a_stopped_revocation_listener_and_poll_have_ended(
+    redis_url: str, migrated_database_url: str
+) -> None:
+    """stop() cancelled the listener and the poll loop and returned: the verifier closed
+    its pool and Redis client while they were still ending."""
+    async with _polled(redis_url, migrated_database_url) as revocations:
+        await revocations.start()
         await revocations.stop()
-        await pool.close()
-        await redis.aclose()
+        assert all(task.done() for task in revocations._tasks)
 
 
 @pytest.mark.asyncio
