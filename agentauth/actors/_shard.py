@@ -693,17 +693,20 @@ class StateShard:
         work = list(owed)
         voided = {c.voids: i for i, c in enumerate(owed) if c.voids is not None}
         place: list[int] = []  # each check's position in work: its own, or its void's
+        own: list[bool] = []  # whether that position is its own
         for i, check in enumerate(checks):
             if i in settled:
                 place.append(-1)
+                own.append(False)
             elif check.voids is not None and check.voids in voided:
                 place.append(voided[check.voids])
+                own.append(False)
             else:
                 if check.voids is not None:
                     voided[check.voids] = len(work)
                 place.append(len(work))
+                own.append(True)
                 work.append(check)
-        own = [p >= len(owed) and work[p] is check for p, check in zip(place, checks, strict=True)]
         outcomes = [self.state.decide(check, now) for check in work]
         entries = self._chain(work, outcomes, now_ms)
 
