@@ -42,6 +42,13 @@ _MAX_UNSETTLED = 10_000
 
 
 _UNAVAILABLE = Result(False, "state_unavailable")
+
+
+def _result(row: Row) -> Result:
+    """A shard's answer row (see _wire.encode_results); raises on one of another shape."""
+    return Result(row[0] is True, row[1], row[2], row[3], row[4])
+
+
 _TIMEOUT = Result(False, "state_timeout")
 # The least of a timeout a call sent right after a slow connect is given: 10 % of it (4 ms
 # at the default 40), so such a check is answered within 1.1 timeouts at worst.
@@ -452,15 +459,14 @@ class ShardClient:
                 shard, [c for c, row in zip(checks, rows, strict=True) if row[4] is None]
             )
             with contextlib.suppress(IndexError, TypeError):  # malformed: _void says so
-                late = [Result(r[0] is True, r[1], r[2], r[3], r[4]) for r in rows]
-                self._hold_unsure(shard, out.link, checks, late)
+                self._hold_unsure(shard, out.link, checks, [_result(r) for r in rows])
             await self._void(shard, list(zip(checks, rows, strict=True)))
             return
         observe("shard_call", time.perf_counter() - out.sent, self._tags[shard])
         try:
             if len(rows) != len(items):
                 raise ValueError("one row per check expected")
-            results = [Result(r[0] is True, r[1], r[2], r[3], r[4]) for r in rows]
+            results = [_result(r) for r in rows]
         except (ValueError, IndexError, TypeError):
             # Not the answer agreed on: nothing in it is trusted, and whatever the shard
             # decided for these checks is unknown, as if the link had broken.
