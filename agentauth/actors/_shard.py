@@ -465,21 +465,23 @@ class StateShard:
         replica waits for a shard (``shard_timeout``, 40 ms), so the first checks after a
         restart of the shard or of the database were denied ``state_timeout``, later than
         a fail-closed denial may be. Batches meanwhile are denied at once."""
-        delay, tries, began, said = 0.05, 0, time.monotonic(), -1.0
+        delay, tries, began = 0.05, 0, time.monotonic()
+        # Said at once, then every 30 s: an outage of minutes is thousands of tries. (One
+        # per outage: the next outage's first failure is said at once too.)
+        said = Throttle(30.0)
         while True:
             self._retry_now.clear()
             tries += 1
             try:
                 conn = await self._open_connection()
             except Exception as exc:
-                # Said once, then every 30 s: an outage of minutes is thousands of tries.
-                if said < 0 or time.monotonic() - said >= 30.0:
-                    said = time.monotonic()
-                    log.warning(
-                        "shard %s cannot reach the database (%s); retrying",
-                        self.index,
-                        type(exc).__name__,
-                    )
+                said.log(
+                    log,
+                    "connect",
+                    "shard %s cannot reach the database (%s); retrying",
+                    self.index,
+                    type(exc).__name__,
+                )
                 # A batch denied meanwhile cuts the wait short: the database may be back
                 # and checks are waiting for it (one try at a time, as before the backoff).
                 await wait_event(self._retry_now, delay)
