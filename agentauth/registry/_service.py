@@ -239,10 +239,15 @@ class Registry:
         self._take_script = redis.register_script(TAKE_LUA)
         self.trusted_proxies = settings.trusted_proxy_networks
         period_us = settings.anonymous_limit_period * 1_000_000
-        self._anonymous_limits = (
-            Limit(settings.anonymous_client_limit, period_us),
-            Limit(settings.anonymous_global_limit, period_us),
-        )
+        # The script's ARGV for the client and the global bucket, made once.
+        self._anonymous_args = [
+            n
+            for limit in (
+                Limit(settings.anonymous_client_limit, period_us),
+                Limit(settings.anonymous_global_limit, period_us),
+            )
+            for n in (limit.interval_us, limit.period_us)
+        ]
         self._fallback = LocalBuckets()
         self._fallback_limits = (
             Limit(settings.anonymous_client_limit, period_us),
@@ -495,9 +500,8 @@ class Registry:
         table stays capped by PostgreSQL (``max_anonymous_challenges``). The switch is
         logged both ways and counted, never silent."""
         keys = [f"agentauth:anon:client:{client}", "agentauth:anon:all"]
-        args = [n for limit in self._anonymous_limits for n in (limit.interval_us, limit.period_us)]
         try:
-            wait_us = int(await self._take_script(keys=keys, args=args))
+            wait_us = int(await self._take_script(keys=keys, args=self._anonymous_args))
         except Exception as exc:  # any Redis failure: this replica's own buckets (see above)
             wait_us = self._admit_without_redis(client, exc)
         else:
