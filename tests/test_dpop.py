@@ -847,6 +847,48 @@ def test_nonce_lifetime_is_configurable() -> None:
 
 
 @pytest.mark.parametrize(
+    ("age", "renewed"),
+    [
+        pytest.param(0, False, id="fresh"),
+        pytest.param(149, False, id="just-under-half"),
+        pytest.param(150, True, id="half-its-lifetime"),
+        pytest.param(300, True, id="last-valid-second"),
+        pytest.param(-10, False, id="from-the-skew-ahead"),
+    ],
+)
+def test_a_nonce_past_half_its_lifetime_comes_back_with_its_successor(
+    age: int, renewed: bool
+) -> None:
+    nonce = DPoPNonces([SECRET_A]).issue(NOW - age)
+    result = verify(proof_with_nonce(nonce), verifier=nonce_verifier())
+    if not renewed:
+        assert result.next_nonce is None
+        return
+    assert result.next_nonce is not None and result.next_nonce != nonce
+    # The successor is current from now, for a whole lifetime, and is not itself due.
+    later = DPoPNonces([SECRET_A])
+    assert later.valid(result.next_nonce, NOW + 300)
+    assert not later.valid(result.next_nonce, NOW + 301)
+    assert later.renewal(result.next_nonce, NOW) is None
+
+
+def test_renewal_age_is_configurable_and_bounded() -> None:
+    eager = DPoPVerifier(nonces=DPoPNonces([SECRET_A], renew_after=0))
+    nonce = DPoPNonces([SECRET_A]).issue(NOW)
+    assert verify(proof_with_nonce(nonce), verifier=eager).next_nonce is not None
+    never = DPoPVerifier(nonces=DPoPNonces([SECRET_A], renew_after=300))
+    old = DPoPNonces([SECRET_A]).issue(NOW - 299)
+    assert verify(proof_with_nonce(old), verifier=never).next_nonce is None
+    for bad in (-1, 301):
+        with pytest.raises(ValueError, match="renew_after"):
+            DPoPNonces([SECRET_A], renew_after=bad)
+
+
+def test_without_nonces_no_successor_is_offered() -> None:
+    assert verify(make_proof()).next_nonce is None
+
+
+@pytest.mark.parametrize(
     "secrets",
     [
         pytest.param([], id="none"),

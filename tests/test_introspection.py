@@ -58,6 +58,41 @@ async def test_an_inactive_answer_carries_the_nonce_the_provider_must_relay() ->
 
 
 @pytest.mark.asyncio
+async def test_an_allow_on_an_aging_nonce_hands_out_its_successor() -> None:
+    """RFC 9449 §8.2: a server may send a new nonce with any answer. An agent was only
+    ever given one by a refusal, so every 5 minutes one of its requests was refused and
+    retried. An allow whose nonce is past half its lifetime carries the next one (as does
+    an active introspection answer); a denial never does, since a provider reads
+    ``dpop_nonce`` on a denial as a nonce challenge, which would hide the real reason."""
+    v, shards = verifier(dpop_nonces=True, nonce_secret="n" * 32)
+    nonces = v.proofs.nonces
+    assert nonces is not None
+    token = mint(now=time.time())
+    young, aging = nonces.issue(time.time() - 10), nonces.issue(time.time() - 200)
+
+    answer = await v.verify("prov_a", ask(token, nonce=young))
+    assert answer["decision"] == "allow" and "dpop_nonce" not in answer
+    answer = await v.verify("prov_a", ask(token, nonce=aging))
+    assert answer["decision"] == "allow"
+    successor = answer["dpop_nonce"]
+    assert successor != aging and nonces.valid(successor, time.time() + 290)
+    # The successor is young: a proof carrying it gets no further renewal.
+    answer = await v.verify("prov_a", ask(token, nonce=successor))
+    assert answer["decision"] == "allow" and "dpop_nonce" not in answer
+
+    active = await v.introspect("prov_a", ask(token, nonce=aging))
+    assert active["active"] is True and nonces.valid(active["dpop_nonce"], time.time())
+
+    write = ask(token, nonce=aging).model_copy(
+        update={"action": ask(token).action.model_copy(update={"kind": "write"})}
+    )
+    denied = await v.verify("prov_a", write)
+    assert denied["reason"] == "insufficient_capability" and "dpop_nonce" not in denied
+    assert await v.introspect("prov_a", write) == {"active": False}
+    assert shards.recorded[-1].deny == "insufficient_capability"
+
+
+@pytest.mark.asyncio
 async def test_a_token_past_its_exp_is_inactive_and_recorded_as_a_denial() -> None:
     """RFC 7662 §2.2: active means not expired. The token check allows 30 s after ``exp``
     for the registry's clock against ours, so introspection answered ``active: true`` with

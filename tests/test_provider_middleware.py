@@ -375,3 +375,71 @@ async def test_the_sample_provider_asks_the_verifier_only_about_a_payment_it_wil
     )
     paid = response.json()
     assert (paid["paid"], paid["currency"], paid["payee"]) == ("20", "EUR", "acme")
+
+
+# --- a nonce renewed with an allow reaches the agent --------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("helper", ["middleware", "require"])
+async def test_a_renewed_nonce_reaches_the_agent_with_the_allowed_answer(helper: str) -> None:
+    """The verifier hands out a nonce's successor with an allow once it is past half its
+    lifetime (RFC 9449 §8.2); the provider helpers must pass it on in DPoP-Nonce, and the
+    agent's DPoPAuth must sign its next request with it. End to end: the in-process
+    verifier service, the helper in a real Starlette/FastAPI app, the SDK's auth."""
+    from fastapi import Depends, FastAPI
+    from verifier_inprocess import AGENT, mint, verifier
+
+    from agentauth.sdk import DPoPAuth
+    from agentauth.verifier import create_app
+
+    service, _ = verifier(dpop_nonces=True, nonce_secret="n" * 32)
+    nonces = service.proofs.nonces
+    assert nonces is not None
+    client = VerifierClient(
+        "http://verifier",
+        provider_id="prov_a",
+        secret="secret-a",
+        http=httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(service)), base_url="http://verifier"
+        ),
+    )
+    read = Action(kind="read", resource="calendar/events")
+    if helper == "middleware":
+
+        async def events(request: Request) -> PlainTextResponse:
+            return PlainTextResponse("events")
+
+        app: Any = AgentAuthMiddleware(
+            Starlette(routes=[Route("/v1/calendar/events", events)]),
+            verifier=client,
+            action_of=lambda method, path: read,
+            public_url="https://api.example",
+        )
+    else:
+        app = FastAPI()
+
+        @app.get(
+            "/v1/calendar/events",
+            dependencies=[
+                Depends(require(read, verifier=client, public_url="https://api.example"))
+            ],
+        )
+        async def fastapi_events() -> str:
+            return "events"
+
+    auth = DPoPAuth(key=AGENT, token=mint(now=time.time()))
+    aging = nonces.issue(time.time() - 200)
+    auth.nonces["https://api.example"] = aging
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="https://api.example", auth=auth
+    ) as agent:
+        first = await agent.get("/v1/calendar/events")
+        assert first.status_code == 200
+        successor = first.headers["DPoP-Nonce"]
+        assert successor != aging and nonces.valid(successor, time.time())
+        assert auth.nonces["https://api.example"] == successor
+        second = await agent.get("/v1/calendar/events")
+        assert second.status_code == 200 and "DPoP-Nonce" not in second.headers
+    await client.aclose()

@@ -71,8 +71,8 @@ def test_auth_flow_signs_then_retries_once_with_the_servers_nonce() -> None:
     proof = claims(second.headers["DPoP"])
     assert proof["nonce"] == "n-123" and proof["htu"] == "https://api.example/v1/x"
     assert proof["jti"] != first_proof["jti"]
-    with pytest.raises(StopIteration):
-        flow.send(httpx.Response(401, headers={"DPoP-Nonce": "again"}, request=request))
+    with pytest.raises(StopIteration):  # one retry only
+        flow.send(httpx.Response(401, request=request))
     # The nonce is remembered for the next request to that server.
     nxt = next(auth.auth_flow(httpx.Request("POST", "https://api.example/v1/y")))
     assert claims(nxt.headers["DPoP"])["nonce"] == "n-123"
@@ -84,6 +84,29 @@ def test_auth_flow_signs_then_retries_once_with_the_servers_nonce() -> None:
         access_token="tok.en.x",
         jkt=key.thumbprint,
     )
+
+
+def test_a_nonce_renewed_with_a_successful_answer_is_used_next() -> None:
+    """RFC 9449 §8.2: a server may send a new nonce with any answer, and AgentAuth's
+    providers send one with an allow whose nonce is aging. The SDK kept only nonces from
+    challenges, so it went on with the old one until a request was refused for it."""
+    auth = DPoPAuth(key=PrivateKey.generate(), token="tok.en.x")
+    auth.nonces["https://api.example"] = "n-old"
+    request = httpx.Request("GET", "https://api.example/v1/x")
+    flow = auth.auth_flow(request)
+    assert claims(next(flow).headers["DPoP"])["nonce"] == "n-old"
+    with pytest.raises(StopIteration):  # an answer, not a challenge: no retry
+        flow.send(httpx.Response(200, headers={"DPoP-Nonce": "n-new"}, request=request))
+    nxt = next(auth.auth_flow(httpx.Request("GET", "https://api.example/v1/z")))
+    assert claims(nxt.headers["DPoP"])["nonce"] == "n-new"
+    # Another origin is told nothing of it; an answer without one keeps the nonce held.
+    other = next(auth.auth_flow(httpx.Request("GET", "https://other.example/")))
+    assert "nonce" not in claims(other.headers["DPoP"])
+    flow = auth.auth_flow(request)
+    next(flow)
+    with pytest.raises(StopIteration):
+        flow.send(httpx.Response(200, request=request))
+    assert auth.nonces == {"https://api.example": "n-new"}
 
 
 def test_only_a_real_nonce_challenge_triggers_a_retry() -> None:

@@ -72,6 +72,10 @@ class VerifiedProof:
     jkt: str
     htm: str
     htu: str
+    # A fresh server nonce when the proof's is past its renewal age (RFC 9449 §8.2: a new
+    # one may be sent with any answer), so the agent changes nonce before the old one
+    # lapses instead of paying a refused request and a retry for it.
+    next_nonce: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,16 +181,29 @@ class DPoPNonces:
     """Stateless server nonces: base64url(issued_at || HMAC(secret, issued_at)[:16]).
 
     The first secret issues; all secrets verify, so secrets rotate without a flag day.
+    A nonce older than ``renew_after`` (half its lifetime unless given) is still valid, but
+    ``renewal`` hands out its successor, to be sent with the answer that accepted it.
     """
 
     _CONTEXT = b"agentauth.dpop-nonce.v1"
 
-    def __init__(self, secrets_: Sequence[bytes], *, lifetime: int = 300, skew: int = 10) -> None:
+    def __init__(
+        self,
+        secrets_: Sequence[bytes],
+        *,
+        lifetime: int = 300,
+        skew: int = 10,
+        renew_after: int | None = None,
+    ) -> None:
         if not secrets_ or any(len(s) < 32 for s in secrets_):
             raise ValueError("nonce secrets must be at least 32 bytes")
+        renew = lifetime // 2 if renew_after is None else renew_after
+        if not 0 <= renew <= lifetime:
+            raise ValueError("renew_after must be between 0 and the lifetime")
         self._secrets = tuple(secrets_)
         self._lifetime = lifetime
         self._skew = skew
+        self._renew_after = renew
 
     def _mac(self, secret: bytes, stamp: bytes) -> bytes:
         return hmac.new(secret, self._CONTEXT + stamp, hashlib.sha256).digest()[:16]
@@ -209,6 +226,14 @@ class DPoPNonces:
         # Check every secret (no early exit) so timing does not reveal which one matched.
         matches = [hmac.compare_digest(mac, self._mac(s, stamp)) for s in self._secrets]
         return any(matches)
+
+    def renewal(self, nonce: str, now: float) -> str | None:
+        """A new nonce if ``nonce`` (one ``valid`` accepted) is older than the renewal age;
+        None while it is young. Its successor then serves a whole lifetime from ``now``."""
+        (issued,) = struct.unpack(">Q", b64url_decode(nonce)[:8])
+        if now - issued < self._renew_after:
+            return None
+        return self.issue(now)
 
 
 class DPoPVerifier:
@@ -332,14 +357,19 @@ class DPoPVerifier:
         nonces are on) its nonce."""
         if not screened.key.verify(screened.signature, screened.signing_input):
             raise InvalidDPoPProof("bad signature", reason="bad_signature")
-        if self._nonces is not None and not self._nonces.valid(screened.nonce, now):
-            raise UseDPoPNonce(nonce=self._nonces.issue(now), reason="nonce_required")
+        next_nonce = None
+        if self._nonces is not None:
+            nonce = screened.nonce
+            if not isinstance(nonce, str) or not self._nonces.valid(nonce, now):
+                raise UseDPoPNonce(nonce=self._nonces.issue(now), reason="nonce_required")
+            next_nonce = self._nonces.renewal(nonce, now)
         return VerifiedProof(
             jti=screened.jti,
             iat=screened.iat,
             jkt=screened.jkt,
             htm=screened.htm,
             htu=screened.htu,
+            next_nonce=next_nonce,
         )
 
     @staticmethod

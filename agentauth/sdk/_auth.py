@@ -2,7 +2,8 @@
 
 ``auth_flow`` signs each request with a fresh proof bound to the access token; if the
 server answers with a DPoP nonce challenge it signs once more with that nonce and retries.
-The nonce is remembered for the following requests to the same server.
+The nonce is remembered for the following requests to the same server, and replaced by
+any newer one a server sends with another answer (RFC 9449 §8.2: a successful one too).
 """
 
 from __future__ import annotations
@@ -138,11 +139,17 @@ class DPoPAuth(httpx.Auth):
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         self._sign(request)
         response = yield request
+        origin = f"{request.url.scheme}://{request.url.netloc.decode()}"
         if is_nonce_challenge(response):
-            origin = f"{request.url.scheme}://{request.url.netloc.decode()}"
             self.nonces[origin] = response.headers["dpop-nonce"]
             self._sign(request)  # a new proof (new jti) carrying the server's nonce
-            yield request
+            response = yield request
+        # A server may renew its nonce with any answer (AgentAuth's providers do on an allow
+        # whose nonce is aging): the newest one spares the refusal and retry an expired one
+        # costs. Only servers that take nonces send one; it goes back to its origin alone.
+        renewed = response.headers.get("dpop-nonce")
+        if renewed:
+            self.nonces[origin] = renewed
 
     # httpx hands the flow a response whose body it has not read. Reading every body first
     # (requires_response_body) would buffer streamed downloads too; only a possible

@@ -465,6 +465,8 @@ class AgentAuthMiddleware:
         )
         if verification.allowed:
             scope.setdefault("state", {})["agentauth"] = verification
+            if verification.dpop_nonce:
+                send = _with_nonce(send, verification.dpop_nonce)
             await self.app(scope, receive, send)
             return
         await _respond(send, *denial(verification))
@@ -492,6 +494,21 @@ class AgentAuthMiddleware:
         message = await receive()
         if message["type"] == "websocket.connect":
             await send({"type": "websocket.close", "code": 1008})
+
+
+def _with_nonce(send: Any, nonce: str) -> Any:
+    """``send`` with the verifier's renewed nonce (RFC 9449 §8.2) added to the answer's
+    headers, unless the app set a DPoP-Nonce of its own."""
+    header = (b"dpop-nonce", nonce.encode("latin-1"))
+
+    async def sending(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", []))
+            if not any(name.lower() == b"dpop-nonce" for name, _ in headers):
+                message = {**message, "headers": [*headers, header]}
+        await send(message)
+
+    return sending
 
 
 async def _respond(send: Any, status: int, headers: dict[str, str], body: dict[str, Any]) -> None:
@@ -522,9 +539,9 @@ def require(
     check every value it reads, and the handler use those same values.
     """
     # FastAPI is the provider's dependency, not the base install's: imported on use.
-    from fastapi import HTTPException, Request  # noqa: PLC0415
+    from fastapi import HTTPException, Request, Response  # noqa: PLC0415
 
-    async def dependency(request: Request) -> Verification:
+    async def dependency(request: Request, response: Response) -> Verification:
         try:
             wanted = action if isinstance(action, Action) else action(request)
         except ValueError:
@@ -547,12 +564,19 @@ def require(
         if not verification.allowed:
             status, headers, body = denial(verification)
             raise HTTPException(status_code=status, detail=body, headers=headers)
+        if verification.dpop_nonce:
+            # FastAPI copies these onto the answer it builds from the handler's return
+            # value; a handler returning a Response of its own sets it from the Verification.
+            response.headers["DPoP-Nonce"] = verification.dpop_nonce
         return verification
 
     # This module postpones annotations and imports FastAPI lazily, so tell FastAPI the
     # parameter's real type directly.
     dependency.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request)],
+        [
+            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind)
+            for name, kind in (("request", Request), ("response", Response))
+        ],
         return_annotation=Verification,
     )
     return dependency

@@ -748,7 +748,7 @@ class Verifier:
                 inactive["dpop_nonce"] = answer["dpop_nonce"]
             return inactive
         claims = token.claims
-        return {
+        active = {
             "active": True,
             "sub": claims.sub,
             "aud": claims.aud,
@@ -763,6 +763,9 @@ class Verifier:
             "remaining": answer.get("remaining"),
             "audit_event": answer["audit_event"],
         }
+        if "dpop_nonce" in answer:  # a renewal (RFC 9449 §8.2), for the provider to pass on
+            active["dpop_nonce"] = answer["dpop_nonce"]
+        return active
 
     async def _decision(
         self, provider_id: str, body: VerifyIn, *, expiry_leeway: float | None = None
@@ -820,7 +823,12 @@ class Verifier:
             answer["remaining"] = result.remaining
         if result.retry_after is not None:
             answer["retry_after"] = round(result.retry_after, 3)
+        renewal = extra.pop("nonce_renewal", None)
         answer.update(extra)
+        if renewal is not None and result.allowed:
+            # Only with an allow: on a denial, a provider reads dpop_nonce as the challenge
+            # to retry with it (RFC 9449 §9), which would hide the denial's own reason.
+            answer["dpop_nonce"] = renewal
         return answer, token
 
     async def _stateless(
@@ -880,7 +888,7 @@ class Verifier:
             envelope=token.claims.envelope,
             step_up_ref=body.step_up_ref,
         )
-        return checked, {}, token
+        return checked, ({"nonce_renewal": proof.next_nonce} if proof.next_nonce else {}), token
 
     async def _outage_denial(self, shard: int, check: Check, reason: str) -> Result:
         """Record a denial this replica made for a failed dependency, waiting for the record
