@@ -517,25 +517,6 @@ def _bar(label: str, done: int, total: int) -> None:
     sys.stderr.flush()
 
 
-# Every chain anything is stored for, not only those with a head row: an insider who drops
-# the foreign keys and deletes a head must not hide its events and checkpoints. A skip scan
-# per table reads one index entry per chain, not every event. One statement, one snapshot.
-_STORED_CHAINS = (
-    "WITH RECURSIVE e(chain) AS (SELECT min(chain) FROM audit_events UNION ALL"
-    " SELECT (SELECT min(chain) FROM audit_events t WHERE t.chain > e.chain)"
-    " FROM e WHERE e.chain IS NOT NULL),"
-    " c(chain) AS (SELECT min(chain) FROM audit_checkpoints UNION ALL"
-    " SELECT (SELECT min(chain) FROM audit_checkpoints t WHERE t.chain > c.chain)"
-    " FROM c WHERE c.chain IS NOT NULL),"
-    " n(chain) AS (SELECT min(chain) FROM audit_nodes UNION ALL"
-    " SELECT (SELECT min(chain) FROM audit_nodes t WHERE t.chain > n.chain)"
-    " FROM n WHERE n.chain IS NOT NULL)"
-    " SELECT chain FROM audit_heads UNION SELECT chain FROM e WHERE chain IS NOT NULL"
-    " UNION SELECT chain FROM c WHERE chain IS NOT NULL"
-    " UNION SELECT chain FROM n WHERE chain IS NOT NULL ORDER BY chain"
-)
-
-
 async def _audit_verify(
     url: str,
     *,
@@ -555,6 +536,7 @@ async def _audit_verify(
     from ._witness import vanished
     from .archive._export import database_audit_keys
     from .protocol import AgentAuthError
+    from .store import STORED_CHAINS
 
     now = time.time() if now is None else now
     witness = witness or {}
@@ -571,7 +553,7 @@ async def _audit_verify(
             )
         problems: list[str] = []
         verified: dict[str, Seen] = {}
-        chains = [row["chain"] for row in await conn.fetch(_STORED_CHAINS)]
+        chains = [row["chain"] for row in await conn.fetch(STORED_CHAINS)]
         for chain in chains:
             found, summary, verified[chain] = await _audit_verify_chain(
                 conn,

@@ -41,6 +41,7 @@ from agentauth.archive import (
     export,
     verify_archive,
 )
+from agentauth.archive._export import chain_names
 from agentauth.protocol import (
     AuditKeys,
     Checkpoint,
@@ -905,6 +906,51 @@ async def test_export_into_another_registrys_archive_is_refused(
     with pytest.raises(ArchiveIntegrityError) as unknown:
         await export(audited.url, DirectoryStore(tmp_path / "x"), chains=["no-such-chain"])
     assert unknown.value.problems[0].reason == "unknown_chain"
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_a_chain_whose_head_row_was_deleted_is_archived_and_named(
+    fresh: AuditedDb, tmp_path: Path
+) -> None:
+    """The export listed chains from ``audit_heads`` alone: an insider who dropped the
+    foreign keys and deleted a chain's head row kept that chain out of every archive, and
+    the export said nothing. Now its sealed segments are archived and the run fails,
+    naming it; the other chains are exported as before."""
+    for row in await fresh.execute(
+        "SELECT conrelid::regclass::text AS tbl, conname FROM pg_constraint"
+        " WHERE confrelid = 'audit_heads'::regclass"
+    ):
+        await fresh.execute(f'ALTER TABLE {row["tbl"]} DROP CONSTRAINT "{row["conname"]}"')
+    (hidden,) = await fresh.execute("SELECT chain FROM audit_heads ORDER BY chain LIMIT 1")
+    chain = hidden["chain"]
+    sealed = {
+        r["chain"]: r["size"]
+        for r in await fresh.execute(
+            "SELECT chain, max(size) AS size FROM audit_checkpoints GROUP BY chain"
+        )
+    }
+    heads = {r["chain"]: r["size"] for r in await fresh.execute("SELECT * FROM audit_heads")}
+    assert len(sealed) == CHAINS and all(sealed.values())
+    await fresh.execute("DELETE FROM audit_heads WHERE chain = $1", chain)
+
+    assert chain in await chain_names(fresh.url)
+    store = DirectoryStore(tmp_path / "archive")
+    with pytest.raises(ArchiveIntegrityError) as caught:
+        await export(fresh.url, store)
+    assert [(p.chain, p.reason) for p in caught.value.problems] == [(chain, "no_head")]
+    report = caught.value.report
+    assert report is not None
+    assert report.tips == sealed  # every sealed event, of the headless chain too
+    assert report.unsealed == {
+        other: heads[other] - sealed[other] for other in sealed if other != chain
+    }
+    assert {c.chain: c.size for c in verify_archive(store).chains} == sealed
+    # Asked about by name, it is the same problem, not "no such chain".
+    with pytest.raises(ArchiveIntegrityError) as named:
+        await export(fresh.url, DirectoryStore(tmp_path / "named"), chains=[chain])
+    assert [p.reason for p in named.value.problems] == ["no_head"]
 
 
 # --- Ray ------------------------------------------------------------------------------------------

@@ -106,10 +106,13 @@ async def export(
         raise ValueError("min_events must be at least 1")
     import asyncpg  # noqa: PLC0415 - offline verification must not need the driver
 
+    from ..store import STORED_CHAINS  # noqa: PLC0415 - nor the store (it imports the driver)
+
     conn = await asyncpg.connect(database_url)
     try:
         publisher = _KeyPublisher(store)
-        names = {r["chain"] for r in await conn.fetch("SELECT chain FROM audit_heads")}
+        stored = {r["chain"]: r["headless"] for r in await conn.fetch(STORED_CHAINS)}
+        names = set(stored)
         wanted = sorted(names if chains is None else set(chains) & names)
         problems: list[ArchiveProblem] = [
             ArchiveProblem(name, None, None, "unknown_chain", "no such chain in the database")
@@ -133,10 +136,24 @@ async def export(
         }
     finally:
         await conn.close()
+    # A chain whose head row is gone (an insider deleting it to hide the chain) still has
+    # its sealed segments archived above, and the run fails naming it: no head, no count of
+    # what is unsealed.
+    problems += [
+        ArchiveProblem(
+            chain,
+            None,
+            None,
+            "no_head",
+            "events, checkpoints or tree nodes are stored for it, but audit_heads holds no row",
+        )
+        for chain in wanted
+        if stored[chain] or chain not in heads
+    ]
     report = ExportReport(
         exported=tuple(exported),
         tips=tips,
-        unsealed={chain: heads[chain] - tip for chain, tip in tips.items()},
+        unsealed={chain: heads[chain] - tip for chain, tip in tips.items() if chain in heads},
     )
     if problems:
         raise ArchiveIntegrityError(problems, report=report)
@@ -370,13 +387,14 @@ def _seal(
 
 
 async def chain_names(database_url: str) -> list[str]:
-    """Every audit chain in the database, sorted."""
+    """Every audit chain in the database, sorted: those with a head row and those without
+    (whose export then fails, naming them)."""
     import asyncpg  # noqa: PLC0415
+
+    from ..store import STORED_CHAINS  # noqa: PLC0415
 
     conn = await asyncpg.connect(database_url)
     try:
-        return [
-            r["chain"] for r in await conn.fetch("SELECT chain FROM audit_heads ORDER BY chain")
-        ]
+        return [r["chain"] for r in await conn.fetch(STORED_CHAINS)]
     finally:
         await conn.close()
