@@ -102,7 +102,7 @@ async def test_register_request_approve_token_call_provider(stack: Stack) -> Non
         r = await api.get("/api/events")
         assert r.status_code == 200
         r = await api.get("/api/events")
-        assert r.status_code == 403 and r.json()["detail"]["reason"] == "rate_limited"
+        assert r.status_code == 429 and r.json()["detail"]["reason"] == "rate_limited"
     # Unsigned and forged requests never get through.
     module = sample_provider()
     app = module.build_app(

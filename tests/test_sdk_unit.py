@@ -40,6 +40,7 @@ from agentauth.sdk import (
     AgentAuthMiddleware,
     DPoPAuth,
     OfflineVerifier,
+    ServerError,
     Verification,
     VerifierClient,
     error_from_response,
@@ -500,9 +501,12 @@ class TokenRegistry:
     expired grant (grant_expired) and caps a token's life at its grant's end, as the real
     one does."""
 
-    def __init__(self, grants: list[dict[str, Any]], *, now: list[float]) -> None:
+    def __init__(
+        self, grants: list[dict[str, Any]], *, now: list[float], lifetime: int = 300
+    ) -> None:
         self.grants = grants
         self.now = now
+        self.lifetime = lifetime
         self.issued: list[str] = []
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
@@ -517,7 +521,7 @@ class TokenRegistry:
             return httpx.Response(403, json=body)
         if expires_at is not None and now >= expires_at:
             return httpx.Response(403, json={"error": "forbidden", "reason": "grant_expired"})
-        lifetime = 300 if expires_at is None else min(300, expires_at - now)
+        lifetime = self.lifetime if expires_at is None else min(self.lifetime, expires_at - now)
         self.issued.append(grant_id)
         token = f"tok-{len(self.issued)}-{grant_id}"
         return httpx.Response(200, json={"access_token": token, "expires_in": lifetime})
@@ -1159,7 +1163,8 @@ ALGS = 'algs="ES256 Ed25519 EdDSA"'
             f'DPoP error="insufficient_scope", {ALGS}',
         ),
         # Refusals of an action the token covers: another token would fare no better.
-        (Verification(False, "rate_limited"), 403, None),
+        # Allowed, not this often: 429 with the verifier's wait (RFC 6585 §4); below too.
+        (Verification(False, "rate_limited"), 429, None),
         (Verification(False, "step_up_required"), 403, None),
         (Verification(False, "grant_inactive"), 403, None),
         # Nothing decided: the verifier or one of its dependencies failed (a deny, fail
@@ -1177,7 +1182,7 @@ def test_each_refusal_gets_its_status_and_dpop_challenge(
 ) -> None:
     got_status, headers, body = denial(verification)
     assert (got_status, headers.get("WWW-Authenticate")) == (status, challenge)
-    assert headers.get("Retry-After") == ("1" if status == 503 else None)
+    assert headers.get("Retry-After") == ("1" if status in (429, 503) else None)
     assert body["reason"] == verification.reason
     assert headers.get("DPoP-Nonce") == verification.dpop_nonce
 
@@ -1295,3 +1300,180 @@ async def test_waiting_for_a_request_whose_agent_was_disabled_ends_as_cancelled(
     with pytest.raises(Forbidden) as refused:
         await client.wait_for_approval("grq_1", timeout=0.5, interval=0.01)
     assert refused.value.reason == "cancelled"
+
+
+# --- what a proof names, and where credentials go ---------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_proofs_htu_names_the_url_as_it_goes_on_the_wire(tmp_path: Path) -> None:
+    """The htu was the URL's text as typed: a host outside ASCII, a space or an accented
+    letter in the path went into the proof as such, while httpx sends the IDNA host and the
+    percent-encoded path that the provider then compares the proof with (RFC 9449 §4.3), so
+    such a request was always refused. Userinfo went into the proof too (a password, in a
+    token-bound header), where the verifier refuses it."""
+    registry = TokenRegistry([listed_grant("grt_1")], now=[1_000_000.0])
+    client = token_client(registry, tmp_path)
+    typed = "https://bücher.example/my notes/café?q=a b#top"
+    headers = await client.authenticate_headers("shop", "GET", typed)
+    on_the_wire = httpx.Request("GET", typed)
+    assert on_the_wire.headers["host"] == "xn--bcher-kva.example"
+    assert on_the_wire.url.raw_path.startswith(b"/my%20notes/caf%C3%A9?")
+    assert claims(headers["DPoP"])["htu"] == "https://xn--bcher-kva.example/my%20notes/caf%C3%A9"
+    relative = await client.authenticate_headers("shop", "POST", "/my notes")
+    assert claims(relative["DPoP"])["htu"] == "https://shop.example/my%20notes"
+    auth = DPoPAuth(key=PrivateKey.generate(), token="tok")
+    signed = next(auth.auth_flow(httpx.Request("GET", "https://user:pw@api.example:443/x")))
+    assert claims(signed.headers["DPoP"])["htu"] == "https://api.example/x"
+    await client.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_registry_call_never_follows_a_redirect_with_its_proof(tmp_path: Path) -> None:
+    """With an ``http`` client that follows redirects, a registry call's DPoP proof went on
+    to wherever a 307 pointed, another origin included; that proof authenticates the agent
+    at the registry on its own (no token), for a body of the holder's choosing."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.host == "registry.example":
+            location = "https://elsewhere.example/v1/grant-requests"
+            return httpx.Response(307, headers={"Location": location})
+        return httpx.Response(200, json={"id": "gr_1", "provider_id": "shop", "status": "p"})
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler), follow_redirects=True)
+    client = AgentAuthClient(
+        "https://registry.example", key=PrivateKey.generate(), http=http, home=tmp_path
+    )
+    with pytest.raises(ServerError) as refused:
+        await client.request_grant("shop", [Capability.read("calendar")])
+    assert refused.value.status == 307
+    assert [r.url.host for r in seen] == ["registry.example"]
+    await http.aclose()
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "header"),
+    [(12.2, "13"), (0.004, "1"), (30, "30"), (None, "1"), ("soon", "1"), (math.inf, "1")],
+)
+def test_a_rate_limited_request_is_told_when_to_come_back(retry_after: object, header: str) -> None:
+    """A rate limit reached was a 403 without Retry-After: the agent read "not allowed"
+    (which the grant does allow) and never learnt the wait the verifier had computed."""
+    raw: dict[str, Any] = {"decision": "deny", "reason": "rate_limited"}
+    if retry_after is not None:
+        raw["retry_after"] = retry_after
+    status, headers, body = denial(Verification(False, "rate_limited", raw=raw))
+    assert (status, headers, body["reason"]) == (429, {"Retry-After": header}, "rate_limited")
+
+
+@pytest.mark.asyncio
+async def test_a_token_issued_for_no_longer_than_the_margin_is_still_reused(
+    tmp_path: Path,
+) -> None:
+    """With tokens issued for 30 s (the registry's shortest token_lifetime) and the default
+    30 s refresh margin, no cached token ever counted as fresh: every request took a new
+    token, a token row and an audit event each. It now serves half its life."""
+    now = [1_000_000.0]
+    registry = TokenRegistry([listed_grant("grt_1")], now=now, lifetime=30)
+    client = token_client(registry, tmp_path)
+    for later in (0.0, 1.0, 14.0):
+        now[0] = 1_000_000 + later
+        assert await client.get_token("shop") == "tok-1-grt_1"
+    now[0] = 1_000_015.5
+    assert await client.get_token("shop") == "tok-2-grt_1"
+    assert registry.issued == ["grt_1", "grt_1"]
+    await client.aclose()
+
+
+def test_the_async_clients_auth_refuses_a_sync_httpx_client(tmp_path: Path) -> None:
+    """``AgentAuthClient.auth()`` on a sync ``httpx.Client`` signed with no token at all
+    ("Authorization: DPoP ", a proof bound to the empty string) and sent it; after async
+    use, with whatever token the last async request had left behind."""
+    sent: list[httpx.Request] = []
+
+    def provider(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200)
+
+    client = token_client(TokenRegistry([listed_grant("grt_1")], now=[1_000_000.0]), tmp_path)
+    with (
+        httpx.Client(transport=httpx.MockTransport(provider)) as http,
+        pytest.raises(TypeError, match="AgentAuthClientSync"),
+    ):
+        http.get("https://shop.example/api/events", auth=client.auth("shop"))
+    assert sent == []
+
+
+@pytest.mark.asyncio
+async def test_a_verifier_call_that_raises_is_a_503_deny_not_a_500() -> None:
+    """The verifier client caught httpx's errors and bad JSON only: a call on a client
+    closed under a request in flight (a provider shutting down) raised RuntimeError, and
+    the middleware let it out as a 500 instead of the 503 a failed dependency gets."""
+    allowing = httpx.MockTransport(
+        lambda r: httpx.Response(200, json={"decision": "allow", "reason": "ok"})
+    )
+    verifier = VerifierClient(
+        "http://v", provider_id="p", secret="s", http=httpx.AsyncClient(transport=allowing)
+    )
+    await verifier.aclose()
+    reached: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+
+    middleware = AgentAuthMiddleware(
+        app, verifier=verifier, action_of=lambda m, p: Action(kind="read", resource="x")
+    )
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/x",
+        "raw_path": b"/x",
+        "headers": [(b"host", b"a"), (b"authorization", b"DPoP a.b.c"), (b"dpop", b"d.e.f")],
+    }
+    await middleware(scope, None, send)
+    assert reached == []
+    assert sent[0]["status"] == 503
+    assert json.loads(sent[1]["body"])["reason"] == "verifier_unavailable"
+
+
+@pytest.mark.asyncio
+async def test_a_public_url_written_in_unicode_matches_the_proofs_the_agents_send() -> None:
+    """``public_url="https://bücher.example"`` was used as typed, while every agent's
+    request (httpx) and so its proof's htu name the host in IDNA: every proof was refused
+    as htu_mismatch. It is now taken in the form the requests carry."""
+    asked: list[str] = []
+
+    class Recording:
+        async def verify_request(self, **request: Any) -> Verification:
+            asked.append(request["url"])
+            return Verification(True, "ok")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    middleware = AgentAuthMiddleware(
+        app,
+        verifier=cast(VerifierClient, Recording()),
+        action_of=lambda m, p: Action(kind="read", resource="notes"),
+        public_url="https://bücher.example/",
+    )
+    auth = DPoPAuth(key=PrivateKey.generate(), token="tok")
+    signed = next(auth.auth_flow(httpx.Request("GET", "https://bücher.example/büro/my notes")))
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/büro/my notes",
+        "raw_path": signed.url.raw_path,
+        "root_path": "",
+        "headers": [(b"host", signed.headers["host"].encode())],
+    }
+    await middleware(scope, None, None)
+    assert asked == [claims(signed.headers["DPoP"])["htu"]]
+    assert asked == ["https://xn--bcher-kva.example/b%C3%BCro/my%20notes"]

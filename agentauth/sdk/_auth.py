@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, Callable, Generator
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -95,8 +94,18 @@ def _refuses_token(response: httpx.Response) -> bool:
 
 
 def htu_of(url: httpx.URL | str) -> str:
-    parts = urlsplit(str(url))
-    return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", "", ""))
+    """The ``htu`` for a request to ``url`` (RFC 9449 §4.2): the URL as httpx sends it, so
+    as the server reads it, without query, fragment or userinfo.
+
+    Parsed by httpx, not split as text: a host outside ASCII goes on the wire in its IDNA
+    form (``xn--…``) and a path's spaces and non-ASCII characters percent-encoded, and a
+    proof naming the text as typed would never match the request the server received.
+    Userinfo is not part of the request target, and the verifier refuses an ``htu`` that
+    holds it.
+    """
+    parsed = httpx.URL(url)
+    path = parsed.raw_path.partition(b"?")[0].decode("ascii") or "/"
+    return f"{parsed.scheme}://{parsed.netloc.decode('ascii')}{path}"
 
 
 class DPoPAuth(httpx.Auth):

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import os
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -89,6 +90,7 @@ class _Token:
     expires_at: float
     grant_id: str
     grant_expires_at: int | None = None  # the grant's envelope expires_at, if it has one
+    lifetime: float = math.inf  # expires_in as issued
 
 
 def _load_or_create_key(path: Path, alg: Literal["ES256", "Ed25519"]) -> PrivateKey:
@@ -173,10 +175,19 @@ class AgentAuthClient:
             timeout = httpx.Timeout(
                 connect=timeout.connect, read=read_timeout, write=timeout.write, pool=timeout.pool
             )
+        # Never followed, whatever the caller's client is set to: httpx would send the same
+        # DPoP header on to wherever the Location points, another origin included, and a
+        # registry proof carries no token hash, so whoever gets it may present it to the
+        # registry with a body of their choosing (a grant request, say) until it is too old.
         response = await self._http.request(
-            method, url, json=json_body, headers={"DPoP": proof}, timeout=timeout
+            method,
+            url,
+            json=json_body,
+            headers={"DPoP": proof},
+            timeout=timeout,
+            follow_redirects=False,
         )
-        if response.status_code >= 400:
+        if not response.is_success:  # a redirect too: the registry sends none
             raise error_from_response(response)
         return response.json()
 
@@ -297,19 +308,27 @@ class AgentAuthClient:
                 return cached.value
             grant = await self._grant_for(service_provider_id, now=self._clock())
             self._audiences[service_provider_id] = grant["document"]["audience"]
+            # Counted from before the call: the registry's expires_in runs from when it
+            # signed, which is later, so the token is never taken to outlive itself.
+            asked = self._clock()
             issued = await self._call("POST", "/v1/token", json_body={"grant_id": grant["id"]})
             token = _Token(
                 issued["access_token"],
-                self._clock() + issued["expires_in"],
+                asked + issued["expires_in"],
                 grant["id"],
                 _grant_expires_at(grant),
+                lifetime=float(issued["expires_in"]),
             )
             self._tokens[service_provider_id] = token
             return token.value
 
     def _fresh(self, token: _Token, *, now: float) -> bool:
         """Whether ``token`` serves for now, or a new one is due."""
-        if token.expires_at - self._refresh_margin > now:
+        # Half its life at most: a token issued for no longer than the margin (the
+        # registry's token_lifetime may be 30 s, the default margin) was never fresh, and
+        # every request asked for another, a token row and an audit event each.
+        margin = min(self._refresh_margin, token.lifetime / 2)
+        if token.expires_at - margin > now:
             return True
         # The registry ends a token at its grant's expires_at. A token that already reaches
         # (within the margin) to its grant's end would be replaced by one ending no later,
@@ -318,7 +337,7 @@ class AgentAuthClient:
         # comes with it.
         ends_with_grant = (
             token.grant_expires_at is not None
-            and token.grant_expires_at <= token.expires_at + self._refresh_margin
+            and token.grant_expires_at <= token.expires_at + margin
         )
         return ends_with_grant and token.expires_at > now
 
@@ -499,6 +518,18 @@ class _ClientAuth(DPoPAuth):
         )
         self._client = client
         self._provider = provider
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        # The token comes from the async client, which a sync httpx.Client cannot await:
+        # DPoPAuth's own sync flow would sign with no token (or one left from an earlier
+        # async request, perhaps let go since), and send it.
+        raise TypeError(
+            "AgentAuthClient.auth() signs for httpx.AsyncClient; "
+            "use AgentAuthClientSync(...).auth() with httpx.Client"
+        )
+        yield request  # pragma: no cover (makes this a generator, as httpx expects)
 
     async def async_auth_flow(
         self, request: httpx.Request

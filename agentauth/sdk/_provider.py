@@ -30,6 +30,7 @@ import base64
 import inspect
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -192,6 +193,12 @@ class VerifierClient:
             answer = response.json() if status in (200, 401, 403, *_REJECTED) else None
         except (httpx.HTTPError, ValueError):
             answer = None
+        except Exception:
+            # Anything else on the way (a client closed under a request in flight, at
+            # shutdown, raises RuntimeError): still a deny, as promised, not an exception
+            # that every provider helper would turn into a 500.
+            self._said.log(log, ("call", "error"), "the verifier call failed", exc_info=True)
+            answer = None
         if status in _REJECTED:
             # The verifier decided nothing: it refused this call's input. That input is the
             # agent's request, so it is the agent's 400; a 503 would tell anyone who sends
@@ -305,6 +312,18 @@ VerifyFn = Callable[..., Awaitable[Verification]]
 ActionOf = Callable[[str, str], Action | None]
 
 
+def _as_sent(public_url: str | None) -> str | None:
+    """``public_url`` in the form agents' requests carry it, and so their proofs name it:
+    the host in IDNA (``https://bücher.example`` is ``https://xn--bcher-kva.example`` on
+    the wire and in every htu) and a path prefix percent-encoded, as httpx sends them.
+    Without this a non-ASCII name, given as people write it, refused every proof."""
+    if public_url is None:
+        return None
+    url = httpx.URL(public_url)
+    path = url.raw_path.partition(b"?")[0].decode("ascii")
+    return f"{url.scheme}://{url.netloc.decode('ascii')}{path}"
+
+
 def _public_url(scope: Mapping[str, Any], base: str | None) -> str:
     # As the agent sent it: the proof names the encoded path (protocol.path_as_sent).
     path = str(scope.get("root_path", "")) + path_as_sent(scope)
@@ -358,6 +377,15 @@ _TEMPORARY = frozenset(
 )
 
 
+def _retry_after(verification: Verification) -> int:
+    """The verifier's ``retry_after`` (fractional seconds) as whole seconds for the
+    Retry-After header (RFC 9110 §10.2.3): rounded up, at least 1, and 1 when absent."""
+    wait = verification.raw.get("retry_after")
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or not math.isfinite(wait):
+        return 1
+    return max(1, math.ceil(wait))
+
+
 def denial(verification: Verification) -> tuple[int, dict[str, str], dict[str, Any]]:
     """Status, headers and body for a refused request (RFC 9449 §7.1 challenges)."""
     reason = verification.reason
@@ -384,6 +412,11 @@ def denial(verification: Verification) -> tuple[int, dict[str, str], dict[str, A
         # the agent the grant does not allow it; the same request with a fresh proof may
         # well pass in a moment.
         return 503, {"Retry-After": "1"}, body
+    if reason == "rate_limited":
+        # The grant allows the action, just not this often: RFC 6585's 429, with the wait
+        # the verifier computed (when the window frees a slot), as the registry answers its
+        # own rate limits. A 403 read as "not allowed", and the wait was lost.
+        return 429, {"Retry-After": str(_retry_after(verification))}, body
     if reason == "insufficient_capability":
         # The token grants nothing that covers this action: RFC 6750 §3.1's
         # insufficient_scope (applied to DPoP by RFC 9449 §7.1), which tells the agent it
@@ -427,7 +460,7 @@ class AgentAuthMiddleware:
         self.app = app
         self._verifier = verifier
         self._action_of = action_of
-        self._public_url = public_url
+        self._public_url = _as_sent(public_url)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -538,6 +571,7 @@ def require(
     against the grant's limits even if the route then answers 422, so the callable must
     check every value it reads, and the handler use those same values.
     """
+    public_url = _as_sent(public_url)
     # FastAPI is the provider's dependency, not the base install's: imported on use.
     from fastapi import HTTPException, Request, Response  # noqa: PLC0415
 
