@@ -110,6 +110,66 @@ def test_a_nonce_renewed_with_a_successful_answer_is_used_next() -> None:
     assert auth.nonces == {"https://api.example": "n-new"}
 
 
+def test_nonces_are_kept_for_a_bounded_number_of_origins() -> None:
+    """DPoPAuth kept a nonce for every origin that ever sent one, without end."""
+    from agentauth.sdk._auth import MAX_NONCES
+
+    auth = DPoPAuth(key=PrivateKey.generate(), token="tok.en.x")
+    for k in range(MAX_NONCES + 10):
+        request = httpx.Request("GET", f"https://api{k}.example/")
+        flow = auth.auth_flow(request)
+        next(flow)
+        with pytest.raises(StopIteration):
+            flow.send(httpx.Response(200, headers={"DPoP-Nonce": f"n{k}"}, request=request))
+    assert len(auth.nonces) == MAX_NONCES
+    assert "https://api0.example" not in auth.nonces  # the oldest went first
+    assert auth.nonces[f"https://api{MAX_NONCES + 9}.example"] == f"n{MAX_NONCES + 9}"
+
+
+def test_a_nonce_from_the_server_a_redirect_led_to_is_not_taken_for_the_first() -> None:
+    """With redirects followed, the flow sees the last hop's answer: its nonce challenge
+    was stored as the first origin's nonce and the request retried under it."""
+    auth = DPoPAuth(key=PrivateKey.generate(), token="tok.en.x")
+    request = httpx.Request("GET", "https://api.example/v1/x")
+    flow = auth.auth_flow(request)
+    next(flow)
+    elsewhere = httpx.Request("GET", "https://other.example/landing")
+    challenge = httpx.Response(
+        401,
+        headers={"WWW-Authenticate": 'DPoP error="use_dpop_nonce"', "DPoP-Nonce": "theirs"},
+        request=elsewhere,
+    )
+    with pytest.raises(StopIteration):  # no retry
+        flow.send(challenge)
+    assert auth.nonces == {}
+
+
+@pytest.mark.asyncio
+async def test_a_streamed_upload_is_sent_again_after_a_nonce_challenge() -> None:
+    """The nonce retry re-sent a streamed body the first attempt had consumed: a transport
+    that streams the body (as a real one does) raised StreamConsumed."""
+    sent: list[tuple[bytes, object]] = []
+
+    class Streaming(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            body = b"".join([chunk async for chunk in request.stream])  # type: ignore[union-attr]
+            sent.append((body, claims(request.headers["DPoP"]).get("nonce")))
+            if len(sent) == 1:
+                headers = {"WWW-Authenticate": 'DPoP error="use_dpop_nonce"', "DPoP-Nonce": "n1"}
+                return httpx.Response(401, headers=headers, request=request)
+            return httpx.Response(200, request=request)
+
+    async def upload() -> AsyncIterator[bytes]:
+        yield b"part one, "
+        yield b"part two"
+
+    auth = DPoPAuth(key=PrivateKey.generate(), token="tok.en.x")
+    async with httpx.AsyncClient(transport=Streaming(), auth=auth) as client:
+        response = await client.post("https://api.example/v1/upload", content=upload())
+    assert response.status_code == 200
+    assert sent == [(b"part one, part two", None), (b"part one, part two", "n1")]
+
+
 def test_only_a_real_nonce_challenge_triggers_a_retry() -> None:
     request = httpx.Request("GET", "https://a.example/")
     assert not is_nonce_challenge(httpx.Response(401, request=request))

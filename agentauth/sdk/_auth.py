@@ -108,6 +108,22 @@ def htu_of(url: httpx.URL | str) -> str:
     return f"{parsed.scheme}://{parsed.netloc.decode('ascii')}{path}"
 
 
+#: How many origins' nonces one ``DPoPAuth`` keeps (the most recently told).
+MAX_NONCES = 256
+
+
+def _origin(url: httpx.URL) -> str:
+    return f"{url.scheme}://{url.netloc.decode()}"
+
+
+def _answered_from(response: httpx.Response) -> str | None:
+    """The origin that answered (the last hop's, after redirects); None if unknown."""
+    try:
+        return _origin(response.request.url)
+    except RuntimeError:  # a response built without its request
+        return None
+
+
 class DPoPAuth(httpx.Auth):
     """Signs requests for one access token with the agent's key.
 
@@ -115,6 +131,9 @@ class DPoPAuth(httpx.Auth):
     new token may cure (401 ``invalid_token``; ``revoked``, ``grant_inactive``, ``expired``,
     ``insufficient_capability``; a proof refused as not bound to the token), so a cache of
     tokens can let it go.
+
+    A request body is read into memory before it is sent (a streamed upload too), so that
+    a nonce challenge's retry can send it again.
     """
 
     def __init__(
@@ -131,9 +150,18 @@ class DPoPAuth(httpx.Auth):
         self._on_refused = on_refused
         self.nonces: dict[str, str] = {}
 
+    def _remember(self, origin: str, nonce: str) -> None:
+        """Keep ``nonce`` for ``origin``, the newest last; at most ``MAX_NONCES`` origins
+        (the oldest forgotten, which costs it one nonce challenge), so a client sent to
+        many servers does not grow without end."""
+        self.nonces.pop(origin, None)
+        self.nonces[origin] = nonce
+        while len(self.nonces) > MAX_NONCES:
+            del self.nonces[next(iter(self.nonces))]
+
     def _sign(self, request: httpx.Request) -> None:
         token = self._token() if callable(self._token) else self._token
-        origin = f"{request.url.scheme}://{request.url.netloc.decode()}"
+        origin = _origin(request.url)
         proof = create_dpop_proof(
             self._key,
             htm=request.method,
@@ -148,17 +176,23 @@ class DPoPAuth(httpx.Auth):
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         self._sign(request)
         response = yield request
-        origin = f"{request.url.scheme}://{request.url.netloc.decode()}"
+        origin = _origin(request.url)
+        if _answered_from(response) != origin:
+            # A client following redirects hands the flow the last hop's answer: another
+            # server's nonce is neither this origin's nor one to retry this request with.
+            return
         if is_nonce_challenge(response):
-            self.nonces[origin] = response.headers["dpop-nonce"]
+            self._remember(origin, response.headers["dpop-nonce"])
             self._sign(request)  # a new proof (new jti) carrying the server's nonce
             response = yield request
+            if _answered_from(response) != origin:
+                return
         # A server may renew its nonce with any answer (AgentAuth's providers do on an allow
         # whose nonce is aging): the newest one spares the refusal and retry an expired one
         # costs. Only servers that take nonces send one; it goes back to its origin alone.
         renewed = response.headers.get("dpop-nonce")
         if renewed:
-            self.nonces[origin] = renewed
+            self._remember(origin, renewed)
 
     # httpx hands the flow a response whose body it has not read. Reading every body first
     # (requires_response_body) would buffer streamed downloads too; only a possible
@@ -177,6 +211,9 @@ class DPoPAuth(httpx.Auth):
     def sync_auth_flow(
         self, request: httpx.Request
     ) -> Generator[httpx.Request, httpx.Response, None]:
+        # Read first, as httpx's own retrying auths do (requires_request_body): a streamed
+        # upload sent once cannot be sent again after a nonce challenge.
+        request.read()
         flow = self.auth_flow(request)
         outgoing = next(flow)
         while True:
@@ -192,6 +229,7 @@ class DPoPAuth(httpx.Auth):
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        await request.aread()  # as in sync_auth_flow: the body may have to go twice
         flow = self.auth_flow(request)
         outgoing = next(flow)
         while True:
