@@ -195,3 +195,19 @@ async def test_introspection_takes_every_body_verify_takes() -> None:
         assert schemas[body["schema"]["$ref"].rsplit("/", 1)[1]]["title"] == "VerifyIn"
     assert schemas["VerifyIn"]["properties"]["action"]["$ref"].endswith("/Action")
     assert "Action" in schemas
+
+
+@pytest.mark.asyncio
+async def test_an_rfc_7662_form_request_is_refused_and_decides_nothing() -> None:
+    """docs/verifier.md: a form-encoded ``token`` (with or without ``token_type_hint``) is
+    refused 400 ``invalid_request``: a DPoP-bound token is active only with its proof, for
+    an action, so a token alone must never be answered ``active``."""
+    v, shards = verifier()
+    token = mint(now=time.time())
+    transport = httpx.ASGITransport(app=create_app(v))
+    async with httpx.AsyncClient(transport=transport, base_url="http://verifier") as c:
+        for form in ({"token": token}, {"token": token, "token_type_hint": "access_token"}):
+            r = await c.post("/v1/introspect", data=form, headers=basic("prov_a"))
+            assert r.status_code == 400, r.text
+            assert r.json()["error"] == "invalid_request" and "active" not in r.json()
+    assert shards.recorded == []

@@ -10,6 +10,7 @@ lying backend gives ``SignerUnavailable``, never a signature that does not verif
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import stat
 import subprocess
@@ -499,6 +500,23 @@ async def test_a_password_in_the_backend_url_stays_out_of_the_log(
     assert "Forbidden" in caplog.text and "/v1/transit/keys/registry" in caplog.text
     assert "url-password-7" not in caplog.text
     assert "//***@127.0.0.1" in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_a_backend_failure_logged_with_its_traceback_keeps_the_password_out(
+    vault: FakeVault, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The registry's checkpoint loop logs a failed round with its traceback
+    (``exc_info``): the SignerUnavailable it prints must not chain the client library's
+    own error, whose message is the URL with its user info."""
+    vault.create_key("registry")
+    url = vault.url.replace("http://", "http://ops:url-password-7@")
+    with pytest.raises(SignerUnavailable) as caught:
+        await VaultTransitSigner.open("registry", url=url, token="s.wrong", timeout=SHORT)
+    with caplog.at_level("ERROR", logger="agentauth.registry"):
+        logging.getLogger("agentauth.registry").error("checkpointing failed", exc_info=caught.value)
+    assert "SignerUnavailable" in caplog.text
+    assert "url-password-7" not in caplog.text
 
 
 @pytest.mark.asyncio

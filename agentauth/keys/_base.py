@@ -138,13 +138,15 @@ async def call_blocking(backend: str, what: str, timeout: float, fn: Callable[[]
         _log.warning(
             "%s %s failed: %s: %s", backend, what, type(exc).__name__, _without_userinfo(exc)
         )
+        # Not chained (from None): a traceback logged later (the checkpoint loop logs its
+        # failures with exc_info) would print the library's message, user info and all.
         if _is_timeout(exc):  # the client library's own timeout won the race
             raise SignerUnavailable(
                 f"{backend} did not answer within {timeout:g}s", reason="timeout"
-            ) from exc
+            ) from None
         raise SignerUnavailable(
             f"{backend} {what} failed ({type(exc).__name__})", reason="backend_error"
-        ) from exc
+        ) from None
 
 
 # The user info of a URL (scheme://user:password@host): from "//" to the last "@" before
