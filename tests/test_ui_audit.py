@@ -837,6 +837,24 @@ def test_checkpoints_seen_are_kept_per_human_beyond_their_sessions() -> None:
     assert store.checkpoints_seen("hum_1") == {CHAIN: (6, "r6")}
 
 
+def test_the_people_remembered_are_bounded_the_longest_unseen_forgotten_first() -> None:
+    """The memory was never pruned: every account that ever verified a trail stayed, so
+    accounts signed up without end grew the page's process without end."""
+    store = SessionStore(ttl=3600, ticket_ttl=60, max_people_remembered=3)
+    for person in ("hum_1", "hum_2", "hum_3"):
+        store.remember_checkpoints(person, {}, {CHAIN: (4, "r4")})
+    # hum_1 comes back: now the most recent, so hum_2 is the one to go.
+    store.remember_checkpoints("hum_1", {CHAIN: (4, "r4")}, {CHAIN: (6, "r6")})
+    store.remember_checkpoints("hum_4", {}, {CHAIN: (4, "r4")})
+    assert store.checkpoints_seen("hum_2") == {}  # forgotten: trusts the latest, as new
+    assert store.checkpoints_seen("hum_1") == {CHAIN: (6, "r6")}
+    assert store.checkpoints_seen("hum_3") == {CHAIN: (4, "r4")}
+    assert store.checkpoints_seen("hum_4") == {CHAIN: (4, "r4")}
+    for k in range(100):
+        store.remember_checkpoints(f"hum_x{k}", {}, {CHAIN: (4, "r4")})
+    assert len(store._checkpoints_seen) == 3
+
+
 class AuditPage:
     """The audit page of one signed-in person, built in memory (no server, no browser),
     over a registry played by ``transport``; one ``visit`` per page load."""

@@ -88,12 +88,24 @@ class SessionStore:
     """Sessions and login tickets in this process's memory (one UI process per origin), and
     per human the audit checkpoints their visits to the audit page verified."""
 
-    def __init__(self, *, ttl: int, ticket_ttl: int, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        *,
+        ttl: int,
+        ticket_ttl: int,
+        clock: Callable[[], float] = time.time,
+        max_people_remembered: int = 100_000,
+    ):
         self._sessions: dict[str, Session] = {}
         self._tickets: dict[str, LoginTicket] = {}
         # principal id -> chain -> (size, root). Kept by principal, not by session: the
         # registry can end a session (and so would wipe what the next visit is held to).
+        # In the order people last verified a trail: past max_people_remembered the one
+        # who verified longest ago is forgotten (their next visit trusts the latest
+        # checkpoint, as after a restart), so accounts signed up without end cannot grow
+        # this process's memory without end.
         self._checkpoints_seen: dict[str, dict[str, tuple[int, str]]] = {}
+        self._max_people = max_people_remembered
         self._ttl = ttl
         self._ticket_ttl = ticket_ttl
         self._clock = clock
@@ -156,10 +168,13 @@ class SessionStore:
         """Remember ``verified``, each checked against ``checked_against`` (what
         ``checkpoints_seen`` gave that visit). A chain another visit moved on meanwhile keeps
         that visit's: each one stored was checked against the one it replaces."""
-        mine = self._checkpoints_seen.setdefault(principal_id, {})
+        mine = self._checkpoints_seen.pop(principal_id, {})
+        self._checkpoints_seen[principal_id] = mine  # now the most recent
         for chain, checkpoint in verified.items():
             if mine.get(chain) == checked_against.get(chain):
                 mine[chain] = checkpoint
+        while len(self._checkpoints_seen) > self._max_people:
+            del self._checkpoints_seen[next(iter(self._checkpoints_seen))]
 
     def sign_out(self, session_id: str | None) -> None:
         if session_id:
