@@ -42,6 +42,7 @@ from ..protocol import (
     DPoPVerifier,
     Forbidden,
     InvalidDPoPProof,
+    InvalidRequest,
     InvalidToken,
     KeySet,
     PublicKey,
@@ -50,6 +51,7 @@ from ..protocol import (
     UseDPoPNonce,
     allowing_capability,
     amount_fits,
+    normalize_htu,
 )
 from ..protocol._types import is_identifier
 from ..store import GRANT_REVOKED_TTL, REVOCATION_CHANNEL, checked_url, grant_cache_key
@@ -90,7 +92,10 @@ class VerifierSettings(BaseModel):
     # secret across replicas, first accept the new one everywhere, then issue with it and
     # accept the old one until its nonces have lapsed (docs/verifier.md).
     accepted_nonce_secrets: tuple[str, ...] = Field((), repr=False)
-    key_refresh_min_interval: float = 1.0
+    # At most one reload of the signing keys (an unknown kid) or of the provider table (an
+    # unknown provider id, which anyone can send) per this many seconds: at 0, every such
+    # request would be a database read.
+    key_refresh_min_interval: float = Field(1.0, ge=0.1, le=60.0)
     # Capped by the registry's "revoked" mark, which a fill must never outlive.
     grant_cache_ttl: int = Field(60, ge=1, le=GRANT_REVOKED_TTL)
     # A verification's lookups (grant status, step-up) give up after this: an unreachable
@@ -144,10 +149,23 @@ class VerifyIn(BaseModel):
 
     token: str = Field(max_length=8192, description="The AAT from `Authorization: DPoP ...`.")
     proof: str = Field(max_length=4096, description="The `DPoP` header.")
-    method: str = Field(min_length=1, max_length=16)
+    # The request's method and absolute URL, which the proof's htm and htu must name. One
+    # that no proof can name (not an RFC 9110 token; a relative URL, another scheme, a bad
+    # port) is this call's own error: refused 400 with nothing recorded, not answered as
+    # the agent's htm_mismatch or htu_mismatch and written to its audit chain.
+    method: str = Field(min_length=1, max_length=16, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
     url: str = Field(min_length=1, max_length=2048)
     action: Action
     step_up_ref: str | None = Field(None, max_length=128)
+
+    @field_validator("url")
+    @classmethod
+    def _absolute_http_url(cls, url: str) -> str:
+        try:
+            normalize_htu(url)  # cached: the proof's check compares with this very call
+        except InvalidRequest:
+            raise ValueError("url must be an absolute http(s) URL without credentials") from None
+        return url
 
 
 @dataclass(frozen=True)
@@ -811,6 +829,11 @@ class Verifier:
             # Denied here, and the shard that was to record it could not: the answer keeps
             # its own reason (a retry would get the same), with no event to name.
             result = Result(False, check.deny)
+        elif check.deny is not None and result.allowed:
+            # The shard only records what was denied here: an allow for it (a shard of
+            # another version, a bug, a garbled row) must not turn this replica's deny
+            # into an allow. Fail closed; the event stays named, for the audit trail.
+            result = Result(False, check.deny, audit_event=result.audit_event)
         self.decisions.add(provider_id, result.reason)
         answer: dict[str, Any] = {
             "decision": "allow" if result.allowed else "deny",
@@ -838,6 +861,8 @@ class Verifier:
         body: VerifyIn,
         now: float,
         expiry_leeway: float | None,
+        *,
+        keys_reloaded: bool = False,
     ) -> tuple[Check, dict[str, Any], AccessToken | None]:
         anonymous = Check(agent_id=f"provider:{provider_id}", provider_id=provider_id)
         try:
@@ -845,7 +870,7 @@ class Verifier:
                 body.token, audience=provider.audience, now=now, expiry_leeway=expiry_leeway
             )
         except InvalidToken as exc:
-            if exc.reason == "unknown_kid":
+            if exc.reason == "unknown_kid" and not keys_reloaded:
                 try:
                     # Bounded like every lookup on this path (a pool wait included).
                     reloaded = await asyncio.wait_for(
@@ -854,8 +879,11 @@ class Verifier:
                 except Exception:  # PostgreSQL unreachable or restarting: deny, recorded
                     return _replace(anonymous, deny="dependency_unavailable"), {}, None
                 if reloaded:
-                    # A rotated key: the same check again with the keys reloaded.
-                    return await self._stateless(provider, provider_id, body, now, expiry_leeway)
+                    # A rotated key: the same check again with the keys reloaded, once (a
+                    # kid still unknown after a reload is unknown: no second reload).
+                    return await self._stateless(
+                        provider, provider_id, body, now, expiry_leeway, keys_reloaded=True
+                    )
             return _deny(anonymous, exc), {}, None
         base = Check(
             agent_id=token.claims.sub,

@@ -1,0 +1,123 @@
+"""The replica's own denials stay denials, an unknown kid costs one key reload at most, and
+a request line no proof can name is the provider's error, not the agent's denial.
+
+No Ray, PostgreSQL or Redis: the replica's service layer in process (verifier_inprocess).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import ValidationError
+from verifier_inprocess import HTU, Shards, ask, basic, mint, verifier
+
+from agentauth.actors import Check, Result
+from agentauth.protocol import PrivateKey
+from agentauth.verifier import VerifierSettings, create_app
+
+
+class _AllowingShards(Shards):
+    """A shard that answers allow whatever it is sent (another version, a bug, a garbled
+    row): it records the check, as the real one does, and names an event."""
+
+    async def check(self, shard: int, check: Check) -> Result:
+        self.recorded.append(check)
+        return Result(True, "ok", audit_event=f"verifier-{shard}:1")
+
+
+@pytest.mark.asyncio
+async def test_a_shard_allow_never_overrides_the_replicas_own_deny() -> None:
+    """The replica decides the token, the proof and the capability; the shard records that
+    denial. The answer was the shard's ``allowed``, so a shard answering allow for a check
+    the replica had denied turned a stolen token or another provider's token into an allow.
+    The replica's deny now stands, whatever the shard says."""
+    v, _ = verifier()
+    shards = _AllowingShards()
+    v.shards = shards  # type: ignore[assignment]
+    token = mint(now=time.time())
+    cases = [
+        ("prov_b", ask(token), "invalid_token:wrong_audience"),
+        ("prov_a", ask(token, key=PrivateKey.generate()), "invalid_dpop_proof:jkt_mismatch"),
+        ("prov_a", ask(token[:-4] + "AAAA"), "invalid_token:bad_signature"),
+    ]
+    for provider, body, reason in cases:
+        answer = await v.verify(provider, body)
+        assert (answer["decision"], answer["reason"]) == ("deny", reason), answer
+        assert shards.recorded[-1].deny == reason
+        assert await v.introspect(provider, body) == {"active": False}
+    # A check the replica passed is still the shard's to decide.
+    assert (await v.verify("prov_a", ask(token)))["decision"] == "allow"
+
+
+@pytest.mark.asyncio
+async def test_an_unknown_kid_reloads_the_keys_once_per_request() -> None:
+    """A kid still unknown after a reload was checked again, and reloaded again, with no
+    end but the reload's own rate limit: every pass a database read for one request."""
+    v, shards = verifier()
+    loads: list[bool] = []
+
+    async def reload_finds_nothing(*, force: bool = False) -> bool:
+        loads.append(force)
+        return True  # reloaded, and still no such kid
+
+    v._load_keys = reload_finds_nothing  # type: ignore[method-assign]
+    stranger = PrivateKey.generate("ES256", kid="nobody-knows-me")
+    answer = await v.verify("prov_a", ask(mint(now=time.time(), signer=stranger)))
+    assert (answer["decision"], answer["reason"]) == ("deny", "invalid_token:unknown_kid")
+    assert loads == [False]
+    assert [c.deny for c in shards.recorded] == ["invalid_token:unknown_kid"]
+
+
+@pytest.mark.parametrize("interval", [0.0, -1.0, 0.01, 3600.0])
+def test_the_reload_interval_is_bounded(interval: float) -> None:
+    """It rate-limits what an unknown kid or an unknown provider id (anyone can send one)
+    costs: at 0, every such request was a read of the whole table."""
+    settings: dict[str, Any] = {
+        "database_url": "postgresql://unused",
+        "redis_url": "redis://unused",
+        "issuer": "https://registry.example",
+    }
+    with pytest.raises(ValidationError):
+        VerifierSettings(**settings, key_refresh_min_interval=interval)
+    assert VerifierSettings(**settings).key_refresh_min_interval == 1.0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("url", "/v1/calendar/events"),  # the path alone: a provider's likely mistake
+        ("url", "api.example/v1/calendar/events"),
+        ("url", "ftp://api.example/v1/calendar/events"),
+        ("url", "https://user:pw@api.example/v1/calendar/events"),
+        ("url", "https://api.example:99999/v1/calendar/events"),
+        ("url", "https://[::1/v1"),
+        ("method", "GET "),
+        ("method", "G:ET"),
+        ("method", "GÉT"),
+    ],
+)
+async def test_a_request_line_no_proof_can_name_is_refused_and_records_nothing(
+    field: str, value: str
+) -> None:
+    """The method and URL are the provider's account of the request. One that is not an
+    HTTP method or an absolute http(s) URL was answered 200 deny ``htm_mismatch`` or
+    ``htu_mismatch``, recorded on the agent's audit chain as if its proof were at fault;
+    it is the call's own error now: 400 naming the field, nothing recorded."""
+    v, shards = verifier()
+    body = ask(mint(now=time.time())).model_dump(mode="json", exclude_none=True)
+    transport = httpx.ASGITransport(app=create_app(v))
+    async with httpx.AsyncClient(transport=transport, base_url="http://verifier") as c:
+        for route in ("/v1/verify", "/v1/introspect"):
+            r = await c.post(route, json={**body, field: value}, headers=basic("prov_a"))
+            assert r.status_code == 400, r.text
+            assert r.json()["reason"] == "schema"
+            assert [d["loc"] for d in r.json()["details"]] == [[field]]
+        assert shards.recorded == []
+        # What any proof for the request names still passes: case, default port, query.
+        same = "HTTPS://API.example:443" + HTU.removeprefix("https://api.example") + "?q=1"
+        r = await c.post("/v1/verify", json={**body, "url": same}, headers=basic("prov_a"))
+        assert r.json()["decision"] == "allow", r.text
