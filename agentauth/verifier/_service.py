@@ -610,8 +610,11 @@ class Verifier:
             await self._reload_providers()
             provider = self._providers.get(provider_id)
         given = hashlib.sha256(secret.encode()).digest()
-        # Both hashes compared every time, dummies for an unknown id: the time taken says
-        # neither whether the id exists nor which credential matched.
+        # Both hashes compared every time, dummies for an unknown id: the comparison's time
+        # says neither whether the id exists nor which credential matched. (The reload
+        # above does: an id this replica does not know waits for it, up to a second. Ids
+        # are not secrets, the registry lists them to the humans approving grants; the
+        # secret is what the comparison guards.)
         current = provider.secret_hash if provider else secrets.token_bytes(32)
         previous = provider.previous_hash if provider else secrets.token_bytes(32)
         is_current = hmac.compare_digest(given, current)
