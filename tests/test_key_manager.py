@@ -253,3 +253,152 @@ async def test_an_aws_alias_moved_to_a_new_key_leaves_the_recorded_kid_its_key(
         kms.close()
     finally:
         server.stop()
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio
+async def test_a_new_local_key_is_on_disk_under_its_kid_before_its_row_commits(
+    database: str, tmp_path: Path, replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new local key was written under a temporary name, then renamed after its kid,
+    and that rename was never synced: a crash after the row committed could leave the kid
+    on record with no file of that name, and every replica refusing it for good."""
+    import os
+    import stat
+
+    synced: list[tuple[int, list[str]]] = []
+    fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            synced.append((st.st_ino, sorted(os.listdir(fd))))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    manager = await replicas(settings(database, tmp_path))
+    keys_dir = tmp_path / "keys"
+    now = 1_900_000_000
+    kid = (await manager.signer(now)).kid
+    assert (keys_dir.stat().st_ino, [f"{kid}.pem"]) in synced
+    new_kid = await manager.rotate(now=now)
+    assert (keys_dir.stat().st_ino, sorted([f"{kid}.pem", f"{new_kid}.pem"])) in synced
+    assert sorted(p.name for p in keys_dir.iterdir()) == sorted([f"{kid}.pem", f"{new_kid}.pem"])
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio
+async def test_a_signer_that_fails_to_close_does_not_keep_the_others_open(
+    vault: FakeVault,
+    database: str,
+    tmp_path: Path,
+    replicas: Replicas,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Closing the registry closes its key manager, then Redis and the pool. A signer whose
+    backend could not close it (down, or wedged behind calls stuck there) raised out of
+    the key manager: the signers after it stayed open, and so did the pool and Redis."""
+    from agentauth.keys import VaultTransitSigner
+
+    vault.create_key("registry")
+    config = settings(
+        database,
+        tmp_path,
+        backend="vault",
+        key_id="registry",
+        endpoint=vault.url,
+        vault_token=vault.token,
+    )
+    manager = await replicas(config)
+    now = 1_900_000_000
+    old = await manager.signer(now)
+    vault.rotate_key("registry")
+    await manager.rotate(now=now)
+    new = await manager.signer(now + config.key_publish_ahead)
+    assert old is not new
+    closed: list[str] = []
+    close = VaultTransitSigner._close_blocking
+
+    def close_blocking(signer: VaultTransitSigner) -> None:
+        if signer is old:
+            raise ConnectionError("Vault is down")
+        closed.append(signer.kid)
+        close(signer)
+
+    monkeypatch.setattr(VaultTransitSigner, "_close_blocking", close_blocking)
+    await manager.aclose()  # does not raise
+    assert closed == [new.kid]
+    for signer in (old, new):
+        with pytest.raises(SignerUnavailable, match="closed"):
+            await signer.sign(b"after close")
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio
+async def test_requests_during_a_hung_backend_wait_for_one_open_not_one_each(
+    vault: FakeVault, database: str, tmp_path: Path, replicas: Replicas
+) -> None:
+    """A replica that has not opened the signing kid yet (restarted, or the kid just
+    activated) while its backend hangs: every token request needs the kid. Opens ran one
+    at a time behind a lock, so the n-th request waited n timeouts (2 s each); each now
+    waits for one open, shared by all, and the first request after it failed tries again."""
+    import asyncio
+    import time
+
+    from agentauth.keys import DEFAULT_TIMEOUT
+
+    vault.create_key("registry")
+    config = settings(
+        database,
+        tmp_path,
+        backend="vault",
+        key_id="registry",
+        endpoint=vault.url,
+        vault_token=vault.token,
+    )
+    now = 1_900_000_000
+    kid = (await (await replicas(config)).signer(now)).kid
+    restarted = await replicas(config)  # its signer is opened at its first request
+    vault.delay = 5.0
+    asked = len(vault.requests)
+    start = time.monotonic()
+    results = await asyncio.gather(
+        *(restarted.signer(now) for _ in range(4)), return_exceptions=True
+    )
+    assert time.monotonic() - start < DEFAULT_TIMEOUT + 1.0
+    assert all(isinstance(r, SignerUnavailable) for r in results), results
+    assert {r.reason for r in results if isinstance(r, SignerUnavailable)} == {"timeout"}
+    assert len(vault.requests) - asked == 1  # one open, awaited by all four
+    vault.delay = 0.0
+    await assert_signs_under(restarted, now, kid)
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio
+async def test_a_signer_opened_after_the_key_manager_closed_is_closed_not_kept(
+    vault: FakeVault, database: str, tmp_path: Path, replicas: Replicas
+) -> None:
+    """An open still under way when the registry closes finishes later: its signer went
+    into the closed manager's table, which nobody would close again (a backend's HTTP
+    client, a PKCS#11 session and login, kept for good)."""
+    import asyncio
+
+    vault.create_key("registry")
+    config = settings(
+        database,
+        tmp_path,
+        backend="vault",
+        key_id="registry",
+        endpoint=vault.url,
+        vault_token=vault.token,
+    )
+    now = 1_900_000_000
+    await (await replicas(config)).signer(now)
+    restarted = await replicas(config)
+    vault.delay = 0.5  # slow, within the timeout
+    request = asyncio.ensure_future(restarted.signer(now))
+    await asyncio.sleep(0.1)
+    await restarted.aclose()
+    with pytest.raises(SignerUnavailable, match="closed"):
+        await request
+    assert restarted._signers == {}

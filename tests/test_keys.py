@@ -10,7 +10,6 @@ lying backend gives ``SignerUnavailable``, never a signature that does not verif
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import stat
 import subprocess
@@ -59,6 +58,16 @@ needs_softhsm = pytest.mark.skipif(
 TYP = "at+jwt"
 # Short timeouts for the failure tests, so the file stays fast; the default is 2 s.
 SHORT = 0.4
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warning_throttle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no backend warning said yet: the signers' throttle is shared
+    by the process, and a line one test caused would hold back the line another expects."""
+    from agentauth._logs import Throttle
+    from agentauth.keys import _base
+
+    monkeypatch.setattr(_base, "_said", Throttle(30.0))
 
 
 async def assert_signs(signer: AsyncSigner) -> bytes:
@@ -197,6 +206,47 @@ def test_local_file_refuses_a_symlink(tmp_path: Path) -> None:
     with pytest.raises(SignerUnavailable, match="cannot use key file") as caught:
         LocalFileSigner.load_or_create(link)
     assert caught.value.reason == "bad_key_file"
+
+
+def synced_directories(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, list[str]]]:
+    """Records each directory fsync: the directory's inode and the names it held then."""
+    synced: list[tuple[int, list[str]]] = []
+    fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            synced.append((st.st_ino, sorted(os.listdir(fd))))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return synced
+
+
+@pytest.mark.parametrize("make", ["load_or_create", "create_in"])
+def test_a_new_key_file_reaches_the_disk_under_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make: str
+) -> None:
+    """The registry records a new key's kid in PostgreSQL once the file is written: the
+    file's name (and its new directory's) must be synced first. Before, only the file's
+    contents were: a crash could keep the row and lose the name, and no replica could
+    sign under that kid again. ``create_in`` names the file after its kid from the start
+    (the registry renamed it afterwards, unsynced)."""
+    synced = synced_directories(monkeypatch)
+    keys_dir = tmp_path / "keys"
+    if make == "load_or_create":
+        signer = LocalFileSigner.load_or_create(keys_dir / "registry.pem")
+        name = "registry.pem"
+    else:
+        signer = LocalFileSigner.create_in(keys_dir, alg="Ed25519")
+        name = f"{signer.kid}.pem"
+        assert signer.alg == "Ed25519"
+        assert signer.kid == signer.public_key().thumbprint
+    assert (keys_dir.stat().st_ino, [name]) in synced  # the name, and no temporary file
+    assert (tmp_path.stat().st_ino, ["keys"]) in synced
+    assert stat.S_IMODE((keys_dir / name).stat().st_mode) == 0o600
+    assert stat.S_IMODE(keys_dir.stat().st_mode) == 0o700
+    assert LocalFileSigner.load_or_create(keys_dir / name, alg=signer.alg).kid == signer.kid
 
 
 def test_local_file_refuses_garbage(tmp_path: Path) -> None:
@@ -374,6 +424,21 @@ async def test_gcp_kms_integrity_fields_are_checked(gcp: FakeGcpKms) -> None:
 
 
 @pytest.mark.asyncio
+async def test_gcp_kms_public_key_without_its_checksum_is_refused(gcp: FakeGcpKms) -> None:
+    """GetPublicKey's pemCrc32c was checked only when present: an answer without it gave
+    a public key no integrity check had passed."""
+    name = gcp.create_key_version()
+    gcp.omit_pem_crc32c = True
+    with pytest.raises(SignerUnavailable, match="CRC32C") as caught:
+        await open_gcp(gcp, name)
+    assert caught.value.reason == "bad_response"
+    gcp.omit_pem_crc32c = False
+    signer = await open_gcp(gcp, name)
+    await assert_signs(signer)
+    await signer.aclose()
+
+
+@pytest.mark.asyncio
 async def test_gcp_kms_wrong_signature_is_never_returned(gcp: FakeGcpKms) -> None:
     signer = await open_gcp(gcp, gcp.create_key_version())
     gcp.wrong_signatures = True
@@ -503,20 +568,25 @@ async def test_a_password_in_the_backend_url_stays_out_of_the_log(
 
 
 @pytest.mark.asyncio
-async def test_a_backend_failure_logged_with_its_traceback_keeps_the_password_out(
-    vault: FakeVault, caplog: pytest.LogCaptureFixture
+async def test_a_password_in_the_backend_url_stays_out_of_the_error_traceback(
+    vault: FakeVault,
 ) -> None:
-    """The registry's checkpoint loop logs a failed round with its traceback
-    (``exc_info``): the SignerUnavailable it prints must not chain the client library's
-    own error, whose message is the URL with its user info."""
+    """Logged with its traceback (the registry's checkpoint loop does, and so does the admin
+    UI), a signer error printed the client library's exception it was chained to: hvac's,
+    which ends with the URL requested, password and all."""
+    import traceback
+
     vault.create_key("registry")
-    url = vault.url.replace("http://", "http://ops:url-password-7@")
-    with pytest.raises(SignerUnavailable) as caught:
-        await VaultTransitSigner.open("registry", url=url, token="s.wrong", timeout=SHORT)
-    with caplog.at_level("ERROR", logger="agentauth.registry"):
-        logging.getLogger("agentauth.registry").error("checkpointing failed", exc_info=caught.value)
-    assert "SignerUnavailable" in caplog.text
-    assert "url-password-7" not in caplog.text
+    refused = vault.url.replace("http://", "http://ops:url-password-7@")  # a wrong token
+    unparsable = vault.url.replace("http://", "http://ops:url/password-7@")
+    for url in (refused, unparsable):
+        with pytest.raises(SignerUnavailable) as caught:
+            await VaultTransitSigner.open(
+                "registry", url=url, token="s.wrong", timeout=SHORT, allow_insecure_http=True
+            )
+        printed = "".join(traceback.format_exception(caught.value))
+        assert "password-7" not in printed, printed
+        assert caught.value.reason == "backend_error"
 
 
 @pytest.mark.asyncio
@@ -857,6 +927,71 @@ async def test_pkcs11_an_open_finishing_after_its_timeout_keeps_no_session(
     await signer.aclose()
 
 
+@needs_softhsm
+@pytest.mark.asyncio
+async def test_pkcs11_signers_sign_again_once_the_token_dropped_their_session(
+    softhsm: str,
+) -> None:
+    """An HSM restarting (or a network HSM failing over) drops every session, and the
+    login with them. Before, the signers kept the dead session: every signature, and every
+    later open on that token in this process, failed until the process restarted."""
+    import ctypes
+
+    from agentauth.keys._pkcs11 import _shared
+
+    assert not _shared, "a signer from another test is still open"
+    before = _open_sessions(softhsm)
+    a = await open_pkcs11("signer-a")
+    a_again = await open_pkcs11("signer-a", kid="hsm-a")
+    await assert_signs(a)
+    dropped = _shared[(SOFTHSM_LIB, softhsm)]
+    # What a restart does to this process, short of restarting the token: the session's
+    # handle is gone, and with the last session the login.
+    handle = ctypes.c_ulong(dropped.session.handle)  # type: ignore[attr-defined]
+    assert ctypes.CDLL(SOFTHSM_LIB).C_CloseSession(handle) == 0
+    # The first call to find out logs in afresh, on a new session; the other signers on
+    # the dropped session move to that one at their next call, and opens join it.
+    await assert_signs(a)
+    await assert_signs(a_again)
+    b = await open_pkcs11("signer-b")
+    await assert_signs(b)
+    entry = _shared[(SOFTHSM_LIB, softhsm)]
+    assert entry is not dropped and entry.users == 3
+    assert _open_sessions(softhsm) == before + 1
+    for signer in (a, a_again, b):
+        await signer.aclose()
+    assert not _shared
+    assert _open_sessions(softhsm) == before
+
+
+@needs_softhsm
+@pytest.mark.asyncio
+async def test_pkcs11_a_signer_finding_another_key_under_its_label_refuses(
+    softhsm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the token dropped its session, the signer finds its key again by label: a
+    token that holds another key under that label now (re-provisioned) gets no signature
+    made with it, under a kid that names the old key."""
+    import ctypes
+
+    from agentauth.keys._pkcs11 import _shared
+
+    signer = await open_pkcs11("signer-a")
+    before = _open_sessions(softhsm)
+    handle = _shared[(SOFTHSM_LIB, softhsm)].session.handle  # type: ignore[attr-defined]
+    assert ctypes.CDLL(SOFTHSM_LIB).C_CloseSession(ctypes.c_ulong(handle)) == 0
+    # An open finds the dropped session and logs in on a new one.
+    other = await open_pkcs11("signer-b")  # the same token, the other key's public half
+    monkeypatch.setattr(signer, "_reopen", other._reopen)
+    await assert_unavailable(signer, reason="bad_response", within=2.0)
+    await assert_unavailable(signer, reason="bad_response", within=2.0)  # and again
+    await assert_signs(other)
+    await signer.aclose()
+    await other.aclose()
+    assert not _shared
+    assert _open_sessions(softhsm) == before - 1
+
+
 # -- KeyRing ---------------------------------------------------------------------------------
 
 
@@ -1143,3 +1278,48 @@ async def test_a_loop_signing_through_a_backend_stops_when_cancelled_as_it_answe
         checkpointing.cancel()
         await asyncio.wait((checkpointing,), timeout=2.0)
         await signer.aclose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("fault", ["stopped", "slow", "lying"])
+async def test_a_backend_outage_is_said_at_once_then_every_30_s_with_a_count(
+    vault: FakeVault,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    fault: str,
+) -> None:
+    """Every signing call fails while the backend is down (every token request, every
+    checkpoint round): the log says so once, not once per call, and then every 30 s with
+    the number of failures it held back."""
+    import types
+
+    from agentauth import _logs
+
+    vault.create_key("registry")
+    signer = await open_vault(vault, "registry", timeout=SHORT)
+    if fault == "stopped":
+        vault.stop()
+    elif fault == "slow":
+        vault.delay = 5.0
+    else:
+        vault.wrong_signatures = True
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "agentauth.keys"]
+
+    with caplog.at_level("WARNING", logger="agentauth.keys"):
+        for _ in range(3):
+            with pytest.raises(SignerUnavailable):
+                await signer.sign(b"payload")
+        assert len(lines()) == 1, lines()
+        assert "Vault Transit" in lines()[0]
+        # 31 s later (for the throttle only), the next failure is said, with the count.
+        later = types.SimpleNamespace(monotonic=lambda: time.monotonic() + 31)
+        monkeypatch.setattr(_logs, "time", later)
+        with pytest.raises(SignerUnavailable):
+            await signer.sign(b"payload")
+        assert len(lines()) == 2, lines()
+        assert lines()[1].startswith(lines()[0].split(":")[0])
+        assert "(and 2 more like it since the last such line)" in lines()[1]
+    vault.delay = 0.0
+    await signer.aclose()

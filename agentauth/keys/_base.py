@@ -19,12 +19,17 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agentauth._events import wait_within
+from agentauth._logs import Throttle
 from agentauth.protocol import Algorithm, DependencyUnavailable, PublicKey, b64url_encode
 
 __all__ = ["DEFAULT_TIMEOUT", "AsyncSigner", "RemoteSigner", "SignerUnavailable"]
 
 _log = logging.getLogger("agentauth.keys")
 _T = TypeVar("_T")
+# A backend down fails every signing call (every token request, every checkpoint round)
+# alike: each kind of failure is said at once, then at most every 30 s with the count held
+# back. Keys are (backend, call, failure kind): class constants and exception types.
+_said = Throttle(30.0)
 
 #: Seconds a backend may take per call before the signer gives up. Token issuance waits on
 #: this, so it is short: a KMS answers in tens of milliseconds when it is healthy.
@@ -116,9 +121,10 @@ async def call_blocking(backend: str, what: str, timeout: float, fn: Callable[[]
     """Run a blocking client call in a thread, bounded by ``timeout``.
 
     Every failure becomes ``SignerUnavailable`` with a short description naming the backend
-    and the exception type; the details (which may name hosts or key ids) go to the log,
-    with any user info of a URL in them blanked out: no client library here puts a token
-    or a key in its messages, but hvac's end with the URL requested, as it was configured.
+    and the exception type, not chained to the exception; the details (which may name hosts
+    or key ids) go to the log, with any user info of a URL in them blanked out: no client
+    library here puts a token or a key in its messages, but hvac's end with the URL
+    requested, as it was configured.
     """
     try:
         # The client library has its own timeouts set to the same value; this outer bound
@@ -130,13 +136,21 @@ async def call_blocking(backend: str, what: str, timeout: float, fn: Callable[[]
     except SignerUnavailable:
         raise
     except TimeoutError:
-        _log.warning("%s %s timed out after %.3gs", backend, what, timeout)
+        _said.log(
+            _log, (backend, what, "timeout"), "%s %s timed out after %.3gs", backend, what, timeout
+        )
         raise SignerUnavailable(
             f"{backend} did not answer within {timeout:g}s", reason="timeout"
         ) from None
     except Exception as exc:
-        _log.warning(
-            "%s %s failed: %s: %s", backend, what, type(exc).__name__, _without_userinfo(exc)
+        _said.log(
+            _log,
+            (backend, what, type(exc)),
+            "%s %s failed: %s: %s",
+            backend,
+            what,
+            type(exc).__name__,
+            _without_userinfo(exc),
         )
         # Not chained (from None): a traceback logged later (the checkpoint loop logs its
         # failures with exc_info) would print the library's message, user info and all.
@@ -215,8 +229,13 @@ class RemoteSigner:
         # A signature that does not verify under our published kid would be a token no one
         # can check at best, and at worst a sign that the backend signs with another key.
         if not self._public.verify(signature, data):
-            _log.error(
-                "%s returned a signature that does not verify (kid %s)", self._backend, self._kid
+            _said.log(
+                _log,
+                (self._backend, "sign", "bad_signature"),
+                "%s returned a signature that does not verify (kid %s)",
+                self._backend,
+                self._kid,
+                level=logging.ERROR,
             )
             raise SignerUnavailable(
                 f"{self._backend} returned a signature that does not verify under kid {self._kid}",

@@ -2,7 +2,8 @@
 
 The client follows Google's integrity guidance for AsymmetricSign: it sends the CRC32C of
 the digest, requires the service to confirm it checked it (``verified_digest_crc32c``),
-checks the CRC32C of the returned signature and the key version name in the response.
+checks the CRC32C of the returned signature and the key version name in the response; and
+for GetPublicKey, the CRC32C of the PEM (required, as the signature's is).
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ class GcpKmsSigner(RemoteSigner):
                         "Cloud KMS answered for another key version", reason="bad_response"
                     )
                 pem = response.pem.encode("utf-8")
-                if response.pem_crc32c is not None and response.pem_crc32c != crc32c(pem):
+                # Required, as Google's integrity guidance checks it (Cloud KMS always sends
+                # it): an answer without it is not one whose key can be trusted unchecked.
+                if response.pem_crc32c != crc32c(pem):
                     raise SignerUnavailable(
                         "Cloud KMS public key failed its CRC32C check", reason="bad_response"
                     )

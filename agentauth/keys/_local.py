@@ -84,6 +84,22 @@ class LocalFileSigner:
         key = PrivateKey(loaded, kid=public.jwk["kid"])
         return cls(key, path=path, public=public)
 
+    @classmethod
+    def create_in(cls, directory: Path, *, alg: Algorithm = "ES256") -> LocalFileSigner:
+        """A new key in ``directory``, in a file named after its kid (``<kid>.pem``, the
+        RFC 7638 thumbprint), written as ``load_or_create`` writes one: the file has its
+        final name from the moment it exists, so no rename can be lost in a crash."""
+        key = PrivateKey.generate(alg)
+        path = Path(directory) / f"{key.thumbprint}.pem"
+        try:
+            _write_new(path, _pem(key))
+        except OSError as exc:
+            raise SignerUnavailable(
+                f"cannot use key file {path}: {exc.strerror or type(exc).__name__}",
+                reason="bad_key_file",
+            ) from exc
+        return cls.load_or_create(path, alg=alg)
+
     @property
     def kid(self) -> str:
         return self._key.kid
@@ -139,19 +155,29 @@ def _read_private(path: Path) -> bytes:
 
 
 def _create(path: Path, alg: Algorithm) -> bytes:
-    """Write a new key so that no reader ever sees a partial file and no writer clobbers one.
+    """Write a new key at ``path``; see ``_write_new``."""
+    return _write_new(path, _pem(PrivateKey.generate(alg)))
+
+
+def _pem(key: PrivateKey) -> bytes:
+    return key.crypto_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+
+
+def _write_new(path: Path, pem: bytes) -> bytes:
+    """Write ``pem`` so that no reader ever sees a partial file and no writer clobbers one;
+    returns the bytes the path holds (another process's, if it won a race).
 
     The PEM goes to a private temporary file (O_EXCL, 0600) that is then hard-linked into
     place; ``link`` fails if the path exists, so of two racing processes one wins and the
-    other loads the winner's key.
+    other loads the winner's key. The directory is synced after the link: the caller
+    records the kid in PostgreSQL next, and a crash must not keep that record while losing
+    the file's name (every replica would then refuse the kid, for good).
     """
     parent = path.parent
     if not parent.exists():
         parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(parent, 0o700)  # mkdir's mode is filtered through the umask
-    pem = PrivateKey.generate(alg).crypto_key.private_bytes(
-        Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
-    )
+        _fsync_dir(parent.parent)
     tmp = parent / f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600)
     try:
@@ -167,4 +193,14 @@ def _create(path: Path, alg: Algorithm) -> bytes:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+    _fsync_dir(parent)
     return pem
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the directory's entries (a name just linked or made) survive a crash."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

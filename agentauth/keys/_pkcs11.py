@@ -9,6 +9,13 @@ logs out every session on that token. So all signers on one token share one sess
 (reference-counted, closed with its last signer), and since a session is not thread-safe,
 every call on it holds that session's lock.
 
+A token that drops the session (an HSM restarting, a network HSM failing over: every
+session handle and the login are gone) is found out by the next signature on it, or by the
+next open, which checks the session before joining it. That session is then never used
+again, nor closed (its handle number may already belong to a new session); each signer on
+it logs in afresh on a new session at its next call, with the PIN its open was given, and
+checks that the key it finds under its label is still its own key.
+
 The login is made here, through the library's function list, not by python-pkcs11's
 ``Token.open(user_pin=...)``: that opens a session and, when C_Login then fails (a wrong
 PIN), raises without closing it, leaking one session handle per failed attempt. A session
@@ -25,6 +32,7 @@ import hmac
 import os
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -56,6 +64,7 @@ class _SharedSession:
     pin_mac: bytes  # to hold later openers to the PIN the session logged in with
     lock: threading.Lock = field(default_factory=threading.Lock)
     users: int = 0
+    lost: bool = False  # the token dropped it (see the module docstring): never used again
 
 
 # Mirrors state the PKCS#11 library itself keeps per process (C_Initialize, login): one
@@ -79,10 +88,27 @@ _LOGIN = ctypes.CFUNCTYPE(
     ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong
 )
 _LOGOUT = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong)
+# CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS: a session in which the user is logged in.
+_CKS_USER = (1, 3)
+# CKR_DEVICE_REMOVED, CKR_SESSION_CLOSED, CKR_SESSION_HANDLE_INVALID, CKR_TOKEN_NOT_PRESENT.
+_CKR_SESSION_GONE = (0x32, 0xB0, 0xB3, 0xE0)
 
 
 class _Version(ctypes.Structure):
     _fields_ = (("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte))
+
+
+class _SessionInfo(ctypes.Structure):
+    _pack_ = 1 if sys.platform == "win32" else 0  # see _FunctionList
+    _fields_ = (
+        ("slot", ctypes.c_ulong),
+        ("state", ctypes.c_ulong),
+        ("flags", ctypes.c_ulong),
+        ("device_error", ctypes.c_ulong),
+    )
+
+
+_GET_SESSION_INFO = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong, ctypes.POINTER(_SessionInfo))
 
 
 class _FunctionList(ctypes.Structure):
@@ -112,11 +138,11 @@ class _FunctionList(ctypes.Structure):
                 "C_OpenSession",
                 "C_CloseSession",
                 "C_CloseAllSessions",
-                "C_GetSessionInfo",
-                "C_GetOperationState",
-                "C_SetOperationState",
             )
         ),
+        ("C_GetSessionInfo", _GET_SESSION_INFO),
+        ("C_GetOperationState", ctypes.c_void_p),
+        ("C_SetOperationState", ctypes.c_void_p),
         ("C_Login", _LOGIN),
         ("C_Logout", _LOGOUT),
     )
@@ -175,6 +201,32 @@ def _login(lib_path: str, session: Session, pin: str) -> None:
         raise _error(rv, "C_Login")
 
 
+def _logged_in(lib_path: str, session: Session) -> bool:
+    """Is ``session`` still open, with the user logged in? False only when the token says
+    it is not: any other failure to answer (a busy or odd token) is no proof, and a session
+    wrongly given up would cost every later open (a new login answers "already logged in").
+    """
+    info = _SessionInfo()
+    handle = cast("_HasHandle", session).handle
+    rv = _function_list(lib_path).C_GetSessionInfo(handle, ctypes.byref(info))
+    if rv == _CKR_OK:
+        return info.state in _CKS_USER
+    return rv not in _CKR_SESSION_GONE
+
+
+def _still_logged_in(lib_path: str, entry: _SharedSession) -> bool:
+    """``_logged_in`` for a shared session, asked under its lock (a session serves one
+    thread at a time). A signature holding the lock now finds out for itself whether the
+    session is gone; the lock is not waited for (the token may be wedged, and opens of
+    every token wait on _shared_lock meanwhile)."""
+    if not entry.lock.acquire(timeout=0.05):
+        return True
+    try:
+        return _logged_in(lib_path, entry.session)
+    finally:
+        entry.lock.release()
+
+
 def _logout(lib_path: str, session: Session) -> None:
     """Log the token out (see the module docstring: for every session of this process).
     Not logged in any more (another part of the process logged out) is no failure."""
@@ -190,6 +242,13 @@ def _acquire(lib_path: str, token_label: str, pin: str) -> _SharedSession:
 
     with _shared_lock:
         entry = _shared.get((lib_path, token_label))
+        if entry is not None and not _still_logged_in(lib_path, entry):
+            # Dropped by the token: the signers on it move off at their next call, and this
+            # open logs in on a new session (python-pkcs11 raises from a finalizer when it
+            # looks for a key in a dropped session, so none is looked for there).
+            entry.lost = True
+            del _shared[(lib_path, token_label)]
+            entry = None
         if entry is None:
             token = pkcs11.lib(lib_path).get_token(token_label=token_label)
             # Opened without a login and logged in here (see the module docstring), so
@@ -227,12 +286,36 @@ def _acquire(lib_path: str, token_label: str, pin: str) -> _SharedSession:
         return entry
 
 
+# What python-pkcs11 raises when the session (or its login) is gone, not just one call.
+_SESSION_GONE = (
+    "SessionHandleInvalid",
+    "SessionClosed",
+    "UserNotLoggedIn",
+    "DeviceRemoved",
+    "TokenNotPresent",
+)
+
+
+def _session_gone(exc: BaseException) -> bool:
+    kind = type(exc)
+    return kind.__name__ in _SESSION_GONE and kind.__module__.startswith("pkcs11")
+
+
+def _lose(lib_path: str, token_label: str, entry: _SharedSession) -> None:
+    """Mark ``entry`` dropped by the token: the next open makes a new session."""
+    with _shared_lock:
+        entry.lost = True
+        if _shared.get((lib_path, token_label)) is entry:
+            del _shared[(lib_path, token_label)]
+
+
 def _release(lib_path: str, token_label: str, entry: _SharedSession) -> None:
     # Closing under the registry lock: closing a logged-in session logs the whole token
     # out, which must not race with a new signer logging in.
     with _shared_lock:
         entry.users -= 1
-        if entry.users > 0:
+        if entry.users > 0 or entry.lost:
+            # A lost session is not closed: its handle number may be a new session's now.
             return
         if _shared.get((lib_path, token_label)) is entry:
             del _shared[(lib_path, token_label)]
@@ -269,6 +352,7 @@ class Pkcs11Signer(RemoteSigner):
         mechanism: Mechanism,
         public: PublicKey,
         timeout: float,
+        reopen: Callable[[], tuple[_SharedSession, SignMixin, PublicKey]],
     ) -> None:
         super().__init__(public=public, timeout=timeout)
         self._mechanism = mechanism
@@ -276,6 +360,11 @@ class Pkcs11Signer(RemoteSigner):
         self._token_label = token_label
         self._entry = entry
         self._private = private
+        # Logs in and finds the key again (it holds the PIN): for a session the token
+        # dropped. Under _switch, which guards _entry and _private against the other
+        # worker threads signing with this signer.
+        self._reopen = reopen
+        self._switch = threading.Lock()
 
     @classmethod
     async def open(
@@ -332,7 +421,9 @@ class Pkcs11Signer(RemoteSigner):
                 )
                 # Key objects are typed by class; a private EC key object signs.
                 return entry, cast("SignMixin", private), public_key_with_kid(key, kid)
-            except BaseException:
+            except BaseException as exc:
+                if _session_gone(exc):  # joined a session the token dropped: the next
+                    _lose(lib_path, token_label, entry)  # open makes a new one
                 _release(lib_path, token_label, entry)
                 raise
 
@@ -356,12 +447,43 @@ class Pkcs11Signer(RemoteSigner):
             mechanism=Mechanism.ECDSA,
             public=public,
             timeout=timeout,
+            reopen=find_key,
         )
 
     def _sign_blocking(self, data: bytes) -> bytes:
         digest = hashlib.sha256(data).digest()
-        with self._entry.lock:
-            return bytes(self._private.sign(digest, mechanism=self._mechanism))
+        entry, private = self._current()
+        try:
+            with entry.lock:
+                return bytes(private.sign(digest, mechanism=self._mechanism))
+        except Exception as exc:
+            if not _session_gone(exc):
+                raise
+            _lose(self._lib_path, self._token_label, entry)
+        # The token dropped the session; the signature was not made, so asking again on a
+        # new session cannot sign twice. A token still down fails the reopen instead.
+        entry, private = self._current()
+        with entry.lock:
+            return bytes(private.sign(digest, mechanism=self._mechanism))
+
+    def _current(self) -> tuple[_SharedSession, SignMixin]:
+        """The session and key object to sign with: this signer's own, or new ones if the
+        token dropped its session."""
+        with self._switch:
+            if self._closed:  # a reopen now would hold a session nobody releases
+                raise SignerUnavailable("the PKCS#11 signer is closed", reason="closed")
+            if self._entry.lost:
+                entry, private, public = self._reopen()
+                if public.thumbprint != self._public.thumbprint:
+                    _release(self._lib_path, self._token_label, entry)
+                    raise SignerUnavailable(
+                        "the token holds another key under this label now",
+                        reason="bad_response",
+                    )
+                lost, self._entry, self._private = self._entry, entry, private
+                _release(self._lib_path, self._token_label, lost)  # counted down, not closed
+            return self._entry, self._private
 
     def _close_blocking(self) -> None:
-        _release(self._lib_path, self._token_label, self._entry)
+        with self._switch:
+            _release(self._lib_path, self._token_label, self._entry)

@@ -10,6 +10,7 @@ from them for as long as checkpoints are kept.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from typing import Any
@@ -23,6 +24,8 @@ from ..store import Conn
 from ._settings import RegistrySettings
 
 __all__ = ["KeyManager"]
+
+_log = logging.getLogger("agentauth.registry")
 
 # Replicas re-read key records this often, so a rotation reaches all of them well within
 # the publish-ahead interval.
@@ -40,7 +43,10 @@ class KeyManager:
         self._backends: dict[str, str] = {}
         self._signers: dict[str, AsyncSigner] = {}
         self._loaded_at = 0.0
-        self._lock = asyncio.Lock()
+        # The open of a kid's backend under way, which every request needing that kid
+        # awaits: one open per kid at a time, and no request waits for more than one.
+        self._opening: dict[str, asyncio.Task[AsyncSigner]] = {}
+        self._closed = False
 
     async def start(self) -> None:
         """Load key records, creating the first key if there is none."""
@@ -72,12 +78,9 @@ class KeyManager:
         settings = self._settings.signer
         if settings.backend != "local":
             return await self._open_backend(f"{settings.backend}:{settings.key_id}")
-        # A new local key: created under a temporary name, then named after its kid.
-        keys_dir = self._settings.data_dir / "keys"
-        staging = keys_dir / f"new-{time.time_ns()}.pem"
-        signer = LocalFileSigner.load_or_create(staging, alg=settings.alg)
-        staging.rename(keys_dir / f"{signer.kid}.pem")
-        return signer
+        # A new local key, written under its kid's name at once: a file renamed there
+        # afterwards could lose that name in a crash while its kid's row stays committed.
+        return LocalFileSigner.create_in(self._settings.data_dir / "keys", alg=settings.alg)
 
     async def _open_backend(self, ref: str) -> AsyncSigner:
         backend, _, name = ref.partition(":")
@@ -146,8 +149,8 @@ class KeyManager:
             # already in the ring): the key made for it is no one's. Only then, as after any
             # other failure the row may have committed, and its key file is then needed.
             await signer.aclose()
-            if isinstance(signer, LocalFileSigner):  # made under another name, then renamed
-                (self._settings.data_dir / "keys" / f"{signer.kid}.pem").unlink(missing_ok=True)
+            if isinstance(signer, LocalFileSigner):
+                signer.path.unlink(missing_ok=True)
             raise
         except BaseException:
             # The row may have committed, so the key stays (a replica opens it from the
@@ -217,18 +220,37 @@ class KeyManager:
         await self.refresh()
         kid = self._ring.signing_kid(int(now))
         signer = self._signers.get(kid)
-        if signer is None:
-            async with self._lock:
-                signer = self._signers.get(kid)
-                if signer is None:
-                    signer = await self._open_backend(self._backends[kid])
-                    if signer.kid != kid:
-                        # Never sign under a kid whose published key is another key. The
-                        # client opened for it is closed: this repeats on every request.
-                        await signer.aclose()
-                        raise SignerUnavailable("the key backend holds a different key")
-                    self._signers[kid] = signer
+        if signer is not None:
+            return signer
+        # Not behind a lock, as opens were: with the backend down or hung, each request
+        # queued there waited out the open of every request ahead of it, one timeout
+        # each, so a token request could wait minutes. Now each waits for one open at most.
+        opening = self._opening.get(kid)
+        if opening is None:
+            opening = self._opening[kid] = asyncio.ensure_future(self._open_kid(kid))
+            opening.add_done_callback(lambda done: self._opened(kid, done))
+        # Shielded: a request that gives up (its client went away) leaves the open to the
+        # others, rather than cancel it under them.
+        return await asyncio.shield(opening)
+
+    async def _open_kid(self, kid: str) -> AsyncSigner:
+        signer = await self._open_backend(self._backends[kid])
+        if signer.kid != kid:
+            # Never sign under a kid whose published key is another key. The client
+            # opened for it is closed: this repeats on every request.
+            await signer.aclose()
+            raise SignerUnavailable("the key backend holds a different key")
+        if self._closed:  # closed while this open was under way: nobody would close it
+            await signer.aclose()
+            raise SignerUnavailable("the key manager is closed", reason="closed")
+        self._signers[kid] = signer
         return signer
+
+    def _opened(self, kid: str, done: asyncio.Task[AsyncSigner]) -> None:
+        if self._opening.get(kid) is done:
+            del self._opening[kid]  # the next request after a failed open tries again
+        if not done.cancelled():
+            done.exception()  # seen, even when every request awaiting it has given up
 
     def jwks(self, now: float) -> dict[str, Any]:
         return {"keys": self._ring.published(int(now))}
@@ -250,5 +272,14 @@ class KeyManager:
         )
 
     async def aclose(self) -> None:
-        for signer in self._signers.values():
-            await signer.aclose()
+        """Close every signer. One whose backend cannot close it (down, or wedged: a close
+        waits behind the calls still stuck there) is logged and passed over: it must not
+        keep the other signers open, nor the pool and Redis client the registry closes next.
+        """
+        self._closed = True
+        signers, self._signers = list(self._signers.values()), {}
+        for signer in signers:
+            try:
+                await signer.aclose()
+            except Exception as exc:  # logged; closing goes on
+                _log.warning("closing the signer of kid %s failed: %s", signer.kid, exc)

@@ -18,7 +18,8 @@ digest input are covered, which is all an ES256 signer uses.
 
 Failure knobs: ``delay``, ``stop()``, ``wrong_signatures`` (valid DER over another
 digest), ``corrupt_signature_crc32c``, ``skip_digest_crc32c_check`` (answers as if the
-checksum never arrived: verifiedDigestCrc32c false).
+checksum never arrived: verifiedDigestCrc32c false), ``omit_pem_crc32c`` (a public key
+answer without its pemCrc32c).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class FakeGcpKms(FakeHTTPService):
         self.wrong_signatures = False
         self.corrupt_signature_crc32c = False
         self.skip_digest_crc32c_check = False
+        self.omit_pem_crc32c = False
 
     def create_key_version(
         self,
@@ -120,13 +122,16 @@ class FakeGcpKms(FakeHTTPService):
             Encoding.PEM, PublicFormat.SubjectPublicKeyInfo
         )
         number = _ALGORITHMS[version.algorithm][0]
-        return 200, {
+        answer = {
             "pem": pem.decode(),
             "algorithm": number if numeric_enums else version.algorithm,
             "pemCrc32c": str(crc32c(pem)),
             "name": name,
             "protectionLevel": _PROTECTION_LEVEL[numeric_enums],
         }
+        if self.omit_pem_crc32c:
+            del answer["pemCrc32c"]
+        return 200, answer
 
     def _sign(self, name: str, request: Request, numeric_enums: bool) -> tuple[int, Any]:
         version = self._lookup(name)
