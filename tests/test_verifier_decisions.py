@@ -85,6 +85,37 @@ def test_the_reload_interval_is_bounded(interval: float) -> None:
     assert VerifierSettings(**settings).key_refresh_min_interval == 1.0
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("shard_timeout", 0.0),
+        ("shard_timeout", -0.04),
+        ("shard_timeout", 60.0),
+        ("max_batch", 0),
+        ("max_batch", 1_000_000),
+        ("revocation_poll", 0.0),
+        ("revocation_poll", 3600.0),
+        ("revocation_max_staleness", 0.0),
+        ("revocation_max_staleness", -1.0),
+        ("revocation_max_staleness", 3600.0),
+    ],
+)
+def test_the_waits_and_batches_are_bounded(field: str, value: float) -> None:
+    """None of these had bounds: a shard_timeout of 0 denied every check, a poll interval of
+    0 spun a loop, a max_batch of 0 never sent a check, and an hour of staleness let a
+    revoked token through for an hour with no error at start."""
+    settings: dict[str, Any] = {
+        "database_url": "postgresql://unused",
+        "redis_url": "redis://unused",
+        "issuer": "https://registry.example",
+    }
+    with pytest.raises(ValidationError, match=field):
+        VerifierSettings(**settings, **{field: value})
+    defaults = VerifierSettings(**settings)
+    assert (defaults.shard_timeout, defaults.max_batch) == (0.04, 128)
+    assert (defaults.revocation_poll, defaults.revocation_max_staleness) == (0.25, 1.0)
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("field", "value"),

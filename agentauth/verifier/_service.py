@@ -74,17 +74,20 @@ class VerifierSettings(BaseModel):
     redis_url: str = Field(repr=False)
     issuer: str
     shards: int = Field(4, ge=1, le=256)
-    # Bounded waits: a dead dependency must still produce a fast deny.
-    shard_timeout: float = 0.04
+    # Bounded waits: a dead dependency must still produce a fast deny. (Every knob here is
+    # bounded: 0 or less would mean no shard call ever in time, a poll loop spinning, or
+    # batches that never leave; a value past the bounds, denials slower than any caller
+    # waits for, or revocations that take minutes to count.)
+    shard_timeout: float = Field(0.04, gt=0.0, le=5.0)
     # How long a check may wait for company before its shard call leaves. 0: on the next
     # turn of the event loop. Batches still form under load, behind the call in flight;
     # a fixed wait only added latency once shard calls became cheap (docs/verifier.md).
     batch_wait: float = Field(0.0, ge=0.0, le=0.01)
-    max_batch: int = 128
+    max_batch: int = Field(128, ge=1, le=4096)
     # Revocations must reach every replica within a second: the watcher polls twice a
     # second besides listening, and refuses to decide on data older than this.
-    revocation_poll: float = 0.25
-    revocation_max_staleness: float = 1.0
+    revocation_poll: float = Field(0.25, gt=0.0, le=60.0)
+    revocation_max_staleness: float = Field(1.0, gt=0.0, le=60.0)
     # RFC 9449 server nonces: off by default (one more round trip per agent per period).
     dpop_nonces: bool = False
     nonce_secret: str | None = Field(None, repr=False)
