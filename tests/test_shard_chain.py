@@ -258,6 +258,79 @@ async def test_expired_proofs_are_forgotten_while_commits_fail(
 
 @pytest.mark.asyncio
 @pytest.mark.usefixtures("migrated_database_url")
+async def test_a_clock_stepped_ahead_while_commits_fail_and_back_reopens_no_replay(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wall clock steps an hour ahead (a bad NTP step) while the audit store refuses a
+    batch, then back. The failed batch's prune ran on the hour-ahead clock, which forgets
+    every live jti: decided on the wall clock again, a proof allowed just before the step
+    would be allowed a second time. The shard's decision clock never goes back, whatever
+    became of the commit."""
+    later = _later(monkeypatch)
+    shard = StateShard(index=850, database_url=database_url)
+    try:
+        proof = _check("before-the-step", time.time())
+        assert (await shard.check_batch([proof]))[0].allowed
+        real_commit = shard._commit
+
+        async def disk_full(*args: Any) -> None:
+            raise asyncpg.exceptions.DiskFullError("could not extend file")
+
+        monkeypatch.setattr(shard, "_commit", disk_full)
+        later(3600)
+        shard._last_prune = 0.0  # a prune is due
+        [failed] = await shard.check_batch([_check("during-the-step", time.time())])
+        assert failed.reason == "audit_unavailable"
+        monkeypatch.setattr(shard, "_commit", real_commit)
+        later(-3600 + 1)  # the clock is put right: a second after the proof was allowed
+        [replay] = await shard.check_batch([proof])
+        assert not replay.allowed
+        assert replay.reason in ("replay_detected", "invalid_dpop_proof:iat_too_old")
+    finally:
+        await shard.close()
+
+
+class _LinkGone:
+    """A replica's writer whose link closed while its batch was decided."""
+
+    def is_closing(self) -> bool:
+        return True
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_an_undelivered_allow_whose_void_fails_to_commit_is_voided_later(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replica died while its batch was decided, so the shard voids the allow itself;
+    but that void's commit fails (the database hiccups). Nobody else will ask about the
+    allow (the replica that could is gone): the shard still owes the chain its void, and
+    writes it ahead of its next batch."""
+    shard = StateShard(index=851, database_url=database_url)
+    real_commit, commits = shard._commit, [0]
+
+    async def the_second_fails(*args: Any) -> None:
+        commits[0] += 1
+        if commits[0] == 2:
+            raise asyncpg.exceptions.DiskFullError("could not extend file")
+        await real_commit(*args)
+
+    monkeypatch.setattr(shard, "_commit", the_second_fails)
+    try:
+        await shard._answer(_LinkGone(), 1, [_check("undelivered", time.time())])  # type: ignore[arg-type]
+        assert commits[0] == 2  # the allow committed, its void did not
+        [later] = await shard.check_batch([_check("after", time.time())])
+        assert later.allowed
+        events = [json.loads(body) for _, body in await _events(database_url, 851)]
+        assert [e["event"] for e in events] == ["verify.allow", "verify.void", "verify.allow"]
+        assert events[1]["data"]["voids"] == "verifier-851:0"
+        assert events[1]["data"]["reason"] == "answer_undelivered"
+    finally:
+        await shard.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
 async def test_committed_decisions_are_answered_even_if_upkeep_fails(
     database_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

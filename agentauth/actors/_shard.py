@@ -236,14 +236,18 @@ class StateShard:
         # The chain's head as this shard last committed or loaded it.
         self._size = 0
         self._head = GENESIS_HASH
-        # The time of this chain's last committed decision, in ms. Decisions are timed no
-        # earlier: a wall clock stepped back (NTP, another node after a restart) must not
-        # give a later decision an earlier time, since "a grant's latest allow", whose usage
-        # a restart restores, is found by time. A clock held still is conservative: rate
-        # windows and spend periods wait for it.
+        # The time of this shard's last decision (or of its chain's last committed one, if
+        # later), in ms. Decisions are timed no earlier: a wall clock stepped back (NTP,
+        # another node after a restart) must not give a later decision an earlier time,
+        # since "a grant's latest allow", whose usage a restart restores, is found by time.
+        # Nor may a batch whose commit failed leave it behind: that batch's prune forgot the
+        # jtis that had expired by its time, so a later decision timed earlier could accept
+        # one of their proofs again. A clock held still is conservative: rate windows and
+        # spend periods wait for it.
         self._last_ms = 0
         self._pending: list[tuple[list[Check], asyncio.Future[list[Result]]]] = []
-        # Voids this shard owes its chain (see _Unsure), written ahead of the next batch.
+        # Voids this shard owes its chain (see _Unsure and _answer), written ahead of the next
+        # batch; kept until a commit holding them succeeds.
         self._owed: list[Check] = []
         self._unsure: _Unsure | None = None
         # The server process (pid, backend_start) of the connection last opened, which is
@@ -424,13 +428,17 @@ class StateShard:
         # The link went while these were decided (the replica died, or dropped the link):
         # no allow among them reached a provider, so the chain says so. (A replica alive
         # will also ask about them on its next link; by then they are voided already.)
+        # Owed, not sent as checks: a replica gone will never ask again, so a void whose
+        # commit fails must stay owed, written ahead of a later batch, like those of a
+        # commit of unknown fate. An empty batch writes them now.
         undelivered = [
             check.voiding(UNDELIVERED, result.audit_event)
             for check, result in zip(checks, results, strict=True)
             if result.allowed and result.audit_event
         ]
         if undelivered:
-            await self.check_batch(undelivered)
+            self._owed.extend(undelivered)
+            await self.check_batch([])
 
     async def _connection(self) -> asyncpg.Connection:
         """The database connection, for a batch. One connection, not a pool: flushes run
@@ -687,7 +695,10 @@ class StateShard:
             else dataclasses.replace(c, deny="malformed_check", voids=None)
             for c in checks
         ]
-        owed = self._owed
+        # A copy: voids owed meanwhile (an answer of the previous batch finding its link
+        # gone, see _answer) are appended to self._owed while this commit is awaited, and
+        # stay owed whatever becomes of it.
+        owed = list(self._owed)
         # What is decided and chained: the voids owed first (answered to nobody), then each
         # check but those a void already answers. One allow is voided once: a second void
         # of it (two replicas asking about one proof, or a replica asking about an allow the
@@ -710,6 +721,8 @@ class StateShard:
                 own.append(True)
                 work.append(check)
         outcomes = [self.state.decide(check, now) for check in work]
+        # Whatever becomes of the commit: see _last_ms.
+        self._last_ms = now_ms
         entries = self._chain(work, outcomes, now_ms)
 
         def answer(i: int, check: Check, unknown: bool = False) -> Result:
@@ -749,7 +762,7 @@ class StateShard:
             # was stopped while the answer waited) leaves it open: resolved on reconnect.
             unknown = bool(entries) and not isinstance(exc, (asyncpg.PostgresError, RuntimeError))
             if unknown:
-                self._owed = []
+                self._owed = self._owed[len(owed) :]  # carried, below
                 self._unsure = _Unsure(
                     entries[-1].event.seq,
                     entries[-1].hash,
@@ -771,8 +784,7 @@ class StateShard:
                 else Result(False, AUDIT_UNAVAILABLE)
                 for i, c in enumerate(checks)
             ]
-        self._owed = []
-        self._last_ms = now_ms
+        self._owed = self._owed[len(owed) :]
         self._decisions += len(work)
         self.batches += 1
         self._prune(now)
@@ -864,7 +876,8 @@ class StateShard:
                 self.index,
                 len(unsure.if_committed),
             )
-        self._owed = unsure.if_committed if committed else unsure.carried
+        # Ahead of any owed since (see _answer).
+        self._owed = (unsure.if_committed if committed else unsure.carried) + self._owed
         self._unsure = None
         if not committed:
             self._unreserve(unsure.if_committed)
