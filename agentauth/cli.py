@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import stat
 import sys
@@ -54,10 +55,17 @@ def _database_url() -> tuple[str, object | None]:
     url = os.environ.get("DATABASE_URL")
     if url:
         return url, None
-    from .store import EmbeddedPostgres
+    from .store import EmbeddedPostgres, EmbeddedServerError
 
-    server = EmbeddedPostgres(_data_dir() / "postgres")
+    try:
+        server = EmbeddedPostgres(_data_dir() / "postgres")
+    except EmbeddedServerError as exc:
+        raise _EmbeddedUnsafe(str(exc)) from None
     return server.url, server
+
+
+class _EmbeddedUnsafe(Exception):
+    """The embedded database cannot run safely here; ``main`` says why, exit 2."""
 
 
 class _DatabaseUnreachable(Exception):
@@ -132,8 +140,22 @@ async def _with_registry(work: Callable[[Registry], Awaitable[list[str]]]) -> li
         )
         # One connection first, so that an unreachable database is told apart from the
         # registry's own errors once it opens (which include OSErrors of its key files).
-        await (await _connect(url)).close()
-        registry = await Registry.open(settings)
+        conn = await _connect(url)
+        try:
+            pending = await _pending_migrations(conn)
+        finally:
+            await conn.close()
+        if pending:
+            from .store import MigrationError
+
+            # Not applied on the way: an admin command run from a newer install in an
+            # incident would otherwise rewrite busy tables under their locks, unannounced.
+            raise MigrationError(
+                f"the database lacks migrations {', '.join(pending)}: apply them with"
+                " `agentauth migrate` first (some hold busy tables' locks: docs/runbook.md,"
+                ' "Upgrading the database schema")'
+            )
+        registry = await Registry.open(settings, migrate=False)
         try:
             return await work(registry)
         finally:
@@ -143,15 +165,64 @@ async def _with_registry(work: Callable[[Registry], Awaitable[list[str]]]) -> li
             server.stop()  # type: ignore[attr-defined]
 
 
+async def _pending_migrations(conn: asyncpg.Connection) -> list[str]:
+    """The names of this release's migrations the database has not applied."""
+    import asyncpg
+
+    from .store import default_migrations_dir, discover
+
+    try:
+        rows = await conn.fetch("SELECT version FROM schema_migrations")
+    except asyncpg.UndefinedTableError:  # never migrated
+        rows = []
+    done = {row["version"] for row in rows}
+    return [m.name for m in discover(default_migrations_dir()) if m.version not in done]
+
+
 async def _keys(registry: Registry, action: str) -> list[str]:
     if action == "create":
         return ["signing keys ready (the first key is created on first start)"]
     if action == "rotate":
+        await _check_rotation_signer(registry)
         kid = await registry.keys.rotate()
         ahead = registry.settings.key_publish_ahead
         return [f"new key {kid}: published now, signs in {ahead} s"]
     jwks = registry.keys.jwks(time.time())
     return [f"{k['kid']}  {k['alg']}" for k in jwks["keys"]]
+
+
+async def _check_rotation_signer(registry: Registry) -> None:
+    """Refuse a rotation from a host whose signer is not the deployment's.
+
+    The new key is made with the signer configured here (the environment's
+    ``AGENTAUTH_SIGNER_*``, a local key in ``AGENTAUTH_DATA_DIR`` by default), and every
+    registry replica must open it once it signs. A deployment whose signer is named in its
+    Serve args, or whose key directory is elsewhere, cannot: after the publish-ahead interval
+    every token and checkpoint would fail with ``signer_unavailable``. So the key signing now
+    must come from the same backend, and a local one must be in this data directory.
+    """
+    from .protocol import Conflict
+
+    current = await registry.pool.fetchval(
+        "SELECT backend FROM signing_keys ORDER BY activates_at DESC, created_at DESC LIMIT 1"
+    )
+    if current is None:
+        return  # no key yet: the first one is made on start, with this signer
+    backend, _, name = str(current).partition(":")
+    configured = registry.settings.signer.backend
+    if backend != configured:
+        raise Conflict(
+            f"the registry's key is on the {backend} backend and this command's signer is"
+            f" {configured}: set the deployment's signer (AGENTAUTH_SIGNER_BACKEND,"
+            " AGENTAUTH_SIGNER_KEY_ID, ...) or rotate through POST /registry/v1/admin/keys/rotate"
+        )
+    keys_dir = registry.settings.data_dir / "keys"
+    if backend == "local" and not (keys_dir / name).is_file():
+        raise Conflict(
+            f"the registry's local key is not in {keys_dir}: run this where the registry's"
+            " key files are (AGENTAUTH_DATA_DIR), or rotate through"
+            " POST /registry/v1/admin/keys/rotate"
+        )
 
 
 def _refused(exc: ValidationError) -> int:
@@ -168,8 +239,13 @@ def _refused(exc: ValidationError) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from .protocol import AgentAuthError
+
     try:
         lines = asyncio.run(_with_registry(lambda registry: _keys(registry, args.action)))
+    except AgentAuthError as exc:  # a rotation pending or refused, the key backend down
+        print(f"error: {exc.description} ({exc.error})", file=sys.stderr)
+        return 1
     except ValidationError as exc:  # the registry's settings, from the environment
         return _refused(exc)
     for line in lines:
@@ -379,18 +455,31 @@ def _start_ui(base: str, port: int) -> _UIProcess:
     # The page is our own module run with this interpreter: nothing untrusted here.
     process = subprocess.Popen([*command, "--port", str(port)])  # noqa: S603
     ui = _UIProcess(process)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return ui
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None:
-            break
-        time.sleep(0.3)
-    ui.stop()
-    raise RuntimeError("the approval page did not start")
+    # Until it is returned the caller cannot stop it: whatever ends the wait (Ctrl+C, a
+    # SIGTERM, a failed start) stops it here, or it would outlive `agentauth up`.
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    return ui
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None:
+                break
+            time.sleep(0.3)
+        raise RuntimeError("the approval page did not start")
+    except BaseException:
+        ui.stop()
+        raise
+
+
+class _Stopping(BaseException):
+    """A SIGTERM while the stack starts: unwinds like Ctrl+C, so what started is stopped."""
+
+
+def _raise_stopping(signum: int, frame: object) -> None:
+    raise _Stopping
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -407,6 +496,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
     stoppers: list[object] = []
     print(f"AgentAuth local stack (data in {data})")
+    # SIGTERM's default ends the process at once, skipping the clean-up below: PostgreSQL,
+    # Redis, Ray and the approval page would be left running. Ctrl+C raises already.
+    signal.signal(signal.SIGTERM, _raise_stopping)
     try:
         started = _step("PostgreSQL" + ("" if os.environ.get("DATABASE_URL") else " (embedded)"))
         database_url, pg = _database_url()
@@ -498,7 +590,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         stop.wait()
         print("\nstopping ...", flush=True)
         return 0
+    except _Stopping:
+        print("\nstopping ...", flush=True)
+        return 143  # 128 + SIGTERM, as a shell reports a process it ended
     finally:
+        # A repeated SIGTERM must not cut the clean-up short (SIGKILL still does).
+        signal.signal(signal.SIGTERM, lambda *_: None)
         try:
             import ray
 
@@ -838,15 +935,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(script), *args.rest])  # noqa: S603
 
 
+def _port(text: str) -> int:
+    """A TCP port to listen on, refused by the parser (exit 2) before anything starts."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, not {port}")
+    return port
+
+
+def _seconds(text: str) -> float:
+    """A finite, non-negative number of seconds. NaN compares false with everything, so a
+    check ``age > nan`` would pass every chain: refused, like infinity and negatives."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"a finite number of seconds, 0 or more, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentauth", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="start the whole local stack (Ctrl+C stops it)")
     up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000, help="Serve's HTTP port")
-    up.add_argument("--dashboard-port", type=int, default=8265)
+    up.add_argument("--port", type=_port, default=8000, help="Serve's HTTP port")
+    up.add_argument("--dashboard-port", type=_port, default=8265)
     up.add_argument(
-        "--ui-port", type=int, default=8080, help="approval page (origin http://localhost:PORT)"
+        "--ui-port", type=_port, default=8080, help="approval page (origin http://localhost:PORT)"
     )
     up.set_defaults(run=cmd_up)
     migrate = commands.add_parser("migrate", help="apply database migrations")
@@ -874,7 +994,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument(
         "--max-unsealed-age",
-        type=float,
+        type=_seconds,
         default=MAX_UNSEALED_AGE,
         metavar="SECONDS",
         help="database mode: fail a chain whose oldest event under no checkpoint is older"
@@ -951,6 +1071,15 @@ def _provider_parsers(actions: argparse._SubParsersAction[argparse.ArgumentParse
         parser.set_defaults(run=cmd_admin, what="providers")
 
 
+def _missing_schema() -> tuple[type[BaseException], ...]:
+    """What asyncpg raises for a table or column the database lacks (none without it)."""
+    try:
+        import asyncpg
+    except ImportError:  # the client-only install: no command here reaches a database
+        return ()
+    return (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -958,6 +1087,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _DatabaseUnreachable as exc:
         where = _masked_url(exc.url)
         print(f"error: cannot reach the database ({where}): {exc.reason}", file=sys.stderr)
+        return 2
+    except _EmbeddedUnsafe as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except _missing_schema() as exc:
+        # A database never migrated, or migrated by an older release than this command.
+        print(
+            f"error: the database lacks AgentAuth's schema ({exc}): run `agentauth migrate`"
+            " against it first",
+            file=sys.stderr,
+        )
         return 2
 
 

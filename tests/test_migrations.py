@@ -111,8 +111,9 @@ async def test_a_failing_migration_leaves_the_ones_before_it_applied(
     broken.write_text("CREATE TABLE half_done (id int);\nSELECT 1 / 0;\n")
     conn = await asyncpg.connect(fresh_db)
     try:
-        with pytest.raises(asyncpg.DivisionByZeroError):
+        with pytest.raises(MigrationError, match=f"migration {broken.name} failed") as failed:
             await migrate(conn, copy)
+        assert isinstance(failed.value.__cause__, asyncpg.DivisionByZeroError)
         recorded = await conn.fetchval("SELECT max(version) FROM schema_migrations")
         assert recorded == last
         assert await conn.fetchval("SELECT to_regclass('half_done')") is None

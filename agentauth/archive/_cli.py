@@ -211,7 +211,8 @@ def _parser() -> argparse.ArgumentParser:
         "--database-url",
         default=os.environ.get("DATABASE_URL"),
         metavar="URL",
-        help="the registry's PostgreSQL (default: $DATABASE_URL)",
+        help="the registry's PostgreSQL (default: $DATABASE_URL). Prefer the variable: a"
+        " password given here shows in every local user's process list",
     )
     exporter.add_argument(
         "--chain", action="append", metavar="C", help="only this chain (repeatable)"

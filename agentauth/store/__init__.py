@@ -1,7 +1,7 @@
 """Durable state: PostgreSQL (asyncpg) with its migrations, Redis, and embedded defaults."""
 
 from ._chains import STORED_CHAINS
-from ._embedded import EmbeddedPostgres, EmbeddedRedis
+from ._embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
 from ._migrate import Conn, Migration, MigrationError, default_migrations_dir, discover, migrate
 from ._names import GRANT_REVOKED_TTL, REVOCATION_CHANNEL, grant_cache_key
 from ._urls import checked_url
@@ -13,6 +13,7 @@ __all__ = [
     "Conn",
     "EmbeddedPostgres",
     "EmbeddedRedis",
+    "EmbeddedServerError",
     "Migration",
     "MigrationError",
     "checked_url",

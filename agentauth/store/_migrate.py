@@ -150,6 +150,14 @@ async def _apply(conn: Conn, migration: Migration) -> None:
                     migration.name,
                 )
             await asyncio.sleep(_LOCK_PAUSE)
+        except asyncpg.PostgresError as exc:
+            # Its SQL failed (data it cannot convert, a constraint the rows break): rolled
+            # back alone. Named here, since the server's message does not say which file;
+            # the message is the server's, about the schema, never a connection string.
+            raise MigrationError(
+                f"migration {migration.name} failed and was rolled back"
+                f" ({type(exc).__name__}: {exc}); the ones before it stay applied"
+            ) from exc
     raise MigrationError(
         f"migration {migration.name} could not take its tables' locks in {_LOCK_TRIES} tries:"
         " a long transaction holds one (see pg_stat_activity)"
