@@ -147,6 +147,23 @@ RENDER_CASES: dict[str, dict[str, Any]] = {
         },
         "verifier": {"dpopNonces": True, "nonceSecret": {"name": "agentauth-nonce"}},
     },
+    "vault-token-file": {
+        "signer": {
+            "backend": "vault",
+            "vault": {
+                "keyId": "agentauth",
+                "endpoint": "https://vault.agentauth.svc:8200",
+                "tokenFile": "/vault/secrets/token",
+            },
+        },
+        "ray": {
+            "podAnnotations": {
+                "vault.hashicorp.com/agent-inject": "true",
+                "vault.hashicorp.com/agent-inject-token": "true",
+                "vault.hashicorp.com/role": "agentauth",
+            }
+        },
+    },
     "pkcs11": {
         "signer": {
             "backend": "pkcs11",
@@ -164,6 +181,24 @@ RENDER_REFUSALS: dict[str, tuple[dict[str, Any], str]] = {
     "vault-without-token": (
         {"signer": {"backend": "vault", "vault": {"keyId": "k", "endpoint": "https://v"}}},
         "signer.vault.tokenSecret.name",
+    ),
+    "vault-with-token-secret-and-file": (
+        {
+            "signer": {
+                "backend": "vault",
+                "vault": {
+                    "keyId": "k",
+                    "endpoint": "https://v",
+                    "tokenSecret": {"name": "agentauth-vault"},
+                    "tokenFile": "/vault/secrets/token",
+                },
+            }
+        },
+        "set one of them",
+    ),
+    "vault-relative-token-file": (
+        {"signer": {"vault": {"tokenFile": "vault/token"}}},
+        "/signer/vault/tokenFile",
     ),
     "pkcs11-without-pin": (
         {"signer": {"backend": "pkcs11", "pkcs11": {"keyId": "k", "token": "t"}}},
@@ -590,7 +625,12 @@ def test_helm_renders_valid_objects(
 
     config = yaml.safe_load(rs["spec"]["serveConfigV2"])
     assert "nonce_secret" not in rs["spec"]["serveConfigV2"], "a secret in the RayService"
-    settings = _check_serve_config(config, _serve_env(configmap), monkeypatch)
+    env = _serve_env(configmap)
+    head = next(_pods(rs))[1]["spec"]["containers"][0]
+    for name in ("AGENTAUTH_SIGNER_VAULT_TOKEN", "AGENTAUTH_SIGNER_PKCS11_PIN"):
+        if name in _env(head):  # from its Secret (checked below): a stand-in
+            env[name] = f"a-stand-in-for-{name.lower()}"
+    settings = _check_serve_config(config, env, monkeypatch)
     assert settings["open_signup"] == values.get("openSignup", True)
     assert list(settings["trusted_proxies"]) == values.get("trustedProxies", [])
     backend = values.get("signer", {}).get("backend", "local")
@@ -617,14 +657,21 @@ def test_helm_renders_valid_objects(
             "vault": "AGENTAUTH_SIGNER_VAULT_TOKEN",
             "pkcs11": "AGENTAUTH_SIGNER_PKCS11_PIN",
         }
+        token_secret = values.get("signer", {}).get("vault", {}).get("tokenSecret", {})
         for other, name in secret_env.items():
-            assert (name in env) == (backend == other)
+            from_secret = backend == other and (other != "vault" or bool(token_secret))
+            assert (name in env) == from_secret
+        if backend == "vault":
+            token_file = values["signer"]["vault"].get("tokenFile")
+            assert settings["signer"]["vault_token_file"] == token_file
+            annotations = template["metadata"]["annotations"]
+            assert values.get("ray", {}).get("podAnnotations", {}).items() <= annotations.items()
         nonces = values.get("verifier", {}).get("dpopNonces", False)
         assert ("AGENTAUTH_VERIFIER_NONCE_SECRET" in env) == nonces
         if nonces:
             ref = {"name": values["verifier"]["nonceSecret"]["name"], "key": "secret"}
             assert env["AGENTAUTH_VERIFIER_NONCE_SECRET"] == {"secretKeyRef": ref}
-        if backend in secret_env:
+        if backend in secret_env and not (backend == "vault" and not token_secret):
             ref = values["signer"][backend]["tokenSecret" if backend == "vault" else "pinSecret"]
             assert env[secret_env[backend]] == {"secretKeyRef": ref}
         if backend == "gcp":

@@ -118,6 +118,42 @@ async def test_a_vault_key_rotated_inside_vault_still_signs_under_its_kid(
 
 @pytest.mark.postgres
 @pytest.mark.asyncio
+async def test_a_vault_token_file_keeps_the_registry_signing_across_token_expiry(
+    vault: FakeVault, database: str, tmp_path: Path, replicas: Replicas
+) -> None:
+    """`vault_token_file` (Vault Agent's sink): the registry's signer, opened once, signs
+    on after its token expires and Vault Agent writes a new one; no restart. Until then,
+    signing fails closed (SignerUnavailable, 503) and nothing is signed."""
+    vault.create_key("registry")
+    token_file = tmp_path / "vault-token"
+    old = vault.issue_token()
+    token_file.write_text(old)
+    config = settings(
+        database,
+        tmp_path,
+        backend="vault",
+        key_id="registry",
+        endpoint=vault.url,
+        vault_token_file=str(token_file),
+    )
+    manager = await replicas(config)
+    now = 1_900_000_000
+    kid = (await manager.signer(now)).kid
+    await assert_signs_under(manager, now, kid)
+
+    vault.revoke_token(old)  # expired
+    signed = vault.signatures
+    with pytest.raises(SignerUnavailable):
+        await (await manager.signer(now)).sign(b"checkpoint")
+    assert vault.signatures == signed
+
+    token_file.write_text(vault.issue_token())  # Vault Agent logged in again
+    signer = await assert_signs_under(manager, now, kid)
+    assert signer is await manager.signer(now)  # the same signer: nothing was reopened
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio
 async def test_a_replica_without_the_local_key_file_creates_no_key_under_its_kid(
     database: str, tmp_path: Path, replicas: Replicas
 ) -> None:

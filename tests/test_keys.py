@@ -687,6 +687,185 @@ async def test_vault_plain_http_to_loopback_or_by_explicit_opt_in(
     await signer.aclose()
 
 
+# -- Vault tokens that expire: the token file (Vault Agent's sink) --------------------------
+
+
+def write_token(path: Path, token: str) -> None:
+    # As an editor or `echo` would: a trailing newline, never part of a token.
+    path.write_text(token + "\n")
+
+
+def vault_sign_requests(fake: FakeVault) -> list[str | None]:
+    """The token each sign request carried, in order."""
+    return [r.headers.get("x-vault-token") for r in fake.requests if "/sign/" in r.path]
+
+
+@pytest.mark.asyncio
+async def test_vault_token_file_takes_a_new_token_when_the_old_expires(
+    vault: FakeVault, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Vault tokens have TTLs. Read once, the token expired and every signature failed (503)
+    until the registry restarted; with a token file, a 403 makes the signer read the file,
+    and a new token there (Vault Agent's auto-auth wrote it) signs at once."""
+    vault.create_key("registry")
+    first = vault.issue_token(ttl=0.5)
+    token_file = tmp_path / "vault-token"
+    write_token(token_file, first)
+    signer = await open_vault(vault, "registry", token=None, token_file=str(token_file))
+    await assert_signs(signer)
+    time.sleep(0.6)  # the token's TTL runs out
+    second = vault.issue_token()
+    write_token(token_file, second)
+    with caplog.at_level("INFO", logger="agentauth.keys"):
+        await assert_signs(signer)
+    # The refused sign was made again once, with the new token; the next went with it.
+    assert vault_sign_requests(vault)[-3:] == [first, second, second]
+    assert "took the new token" in caplog.text and str(token_file) in caplog.text
+    for token in (first, second):
+        assert token not in caplog.text and token not in repr(signer)
+    await signer.aclose()
+
+
+@pytest.mark.asyncio
+async def test_vault_token_file_still_holding_the_refused_token_fails_closed(
+    vault: FakeVault, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Vault Agent stopped renewing: the file holds the token Vault refuses. Nothing is
+    signed, the failure is SignerUnavailable (503 signer_unavailable), the log says why,
+    and the token is in no log line nor error; once the file changes, signing resumes."""
+    vault.create_key("registry")
+    token = vault.issue_token()
+    token_file = tmp_path / "vault-token"
+    write_token(token_file, token)
+    signer = await open_vault(vault, "registry", token=None, token_file=str(token_file))
+    vault.revoke_token(token)
+    signed = vault.signatures
+    with caplog.at_level("INFO", logger="agentauth.keys"):
+        with pytest.raises(SignerUnavailable) as caught:
+            await signer.sign(b"payload")
+        assert (caught.value.reason, caught.value.status_hint) == ("backend_error", 503)
+        assert vault.signatures == signed
+        assert vault_sign_requests(vault) == [token]  # no retry with the same token
+        assert "still holds that token" in caplog.text and "Forbidden" in caplog.text
+        assert token not in caplog.text and token not in str(caught.value.to_dict())
+
+        token_file.unlink()  # Vault Agent's sink gone: fails closed too, and says so
+        await assert_unavailable(signer, reason="bad_token_file", within=2.0)
+        assert "cannot read the Vault token file" in caplog.text
+    assert vault.signatures == signed
+
+    write_token(token_file, vault.issue_token())
+    await assert_signs(signer)
+    await signer.aclose()
+
+
+@pytest.mark.asyncio
+async def test_concurrent_signs_refused_together_swap_the_token_once(
+    vault: FakeVault, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Signs run in several threads sharing one client (and its token): refused together,
+    one reads the file and swaps the token; the others retry with it, none swaps back."""
+    vault.create_key("registry")
+    old = vault.issue_token()
+    token_file = tmp_path / "vault-token"
+    write_token(token_file, old)
+    signer = await open_vault(vault, "registry", token=None, token_file=str(token_file))
+    vault.revoke_token(old)
+    new = vault.issue_token()
+    write_token(token_file, new)
+    vault.delay = 0.1  # the refusals overlap
+    with caplog.at_level("INFO", logger="agentauth.keys"):
+        signatures = await asyncio.gather(*(signer.sign(b"data %d" % i) for i in range(8)))
+    for i, signature in enumerate(signatures):
+        assert signer.public_key().verify(signature, b"data %d" % i)
+    assert caplog.text.count("took the new token") == 1
+    assert vault_sign_requests(vault).count(old) >= 2  # they were refused together
+    await signer.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_vault_token_given_directly_is_not_retried(vault: FakeVault) -> None:
+    """Without a file there is nothing to read again: a refused token fails as before."""
+    vault.create_key("registry")
+    token = vault.issue_token()
+    signer = await open_vault(vault, "registry", token=token)
+    vault.revoke_token(token)
+    await assert_unavailable(signer, reason="backend_error", within=2.0)
+    assert vault_sign_requests(vault) == [token]
+    await signer.aclose()
+
+
+@pytest.mark.asyncio
+async def test_unusable_vault_token_files_and_settings_are_refused_at_open(
+    vault: FakeVault, tmp_path: Path
+) -> None:
+    vault.create_key("registry")
+    secret = "hvs.a-token-with-a-space that-must-not-leak"
+    cases: dict[str, bytes | None] = {
+        "missing": None,
+        "empty": b"\n",
+        "huge": b"h" * 20_000,
+        "binary": b"hvs.\xff-must-not-leak",
+        "space": secret.encode(),
+    }
+    for name, content in cases.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(SignerUnavailable) as caught:
+            await open_vault(vault, "registry", token=None, token_file=str(path))
+        assert caught.value.reason == "bad_token_file", name
+        assert str(path) in caught.value.description
+        assert "must-not-leak" not in str(caught.value.to_dict())
+    assert not any("/sign/" in r.path or "/keys/" in r.path for r in vault.requests)
+    for both_or_neither in ({"token": None}, {"token_file": str(tmp_path / "empty")}):
+        with pytest.raises(SignerUnavailable, match="exactly one") as caught:
+            await open_vault(vault, "registry", **both_or_neither)
+        assert caught.value.reason == "bad_token"
+
+
+@pytest.mark.asyncio
+async def test_a_vault_token_with_a_line_break_is_neither_refused_nor_logged(
+    vault: FakeVault, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Secret made from a file ending in a newline gives the token with it: requests
+    refused the header, and its message, logged by the signer, quoted the token whole."""
+    vault.create_key("registry")
+    token = vault.issue_token()
+    with caplog.at_level("WARNING", logger="agentauth.keys"):
+        signer = await open_vault(vault, "registry", token=token + "\n")
+        await assert_signs(signer)
+        with pytest.raises(SignerUnavailable) as caught:
+            await open_vault(vault, "registry", token=token + "\r\nX-Injected: 1")
+    assert caught.value.reason == "bad_token"
+    assert token not in caplog.text and token not in str(caught.value.to_dict())
+    await signer.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_token_file_error_is_not_chained_to_hvacs_error(
+    vault: FakeVault, tmp_path: Path
+) -> None:
+    """The file read after a 403 raises inside hvac's Forbidden, whose message is the URL
+    as configured: chained to it, a traceback logged later would print a URL password."""
+    import traceback
+
+    vault.create_key("registry")
+    token = vault.issue_token()
+    token_file = tmp_path / "vault-token"
+    write_token(token_file, token)
+    url = vault.url.replace("http://", "http://ops:url-password-7@")
+    signer = await VaultTransitSigner.open("registry", url=url, token_file=str(token_file))
+    vault.revoke_token(token)
+    token_file.write_bytes(b"x" * 20_000)  # not a token file: refused, raised afresh
+    with pytest.raises(SignerUnavailable) as caught:
+        await signer.sign(b"payload")
+    assert caught.value.reason == "bad_token_file"
+    printed = "".join(traceback.format_exception(caught.value))
+    assert "password-7" not in printed, printed
+    await signer.aclose()
+
+
 # -- PKCS#11 (a fresh SoftHSM2 token) --------------------------------------------------------
 
 PIN = "1234"

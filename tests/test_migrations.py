@@ -393,7 +393,46 @@ def test_a_configured_signer_takes_its_secret_from_the_environment(
         assert signer.vault_token == "s.from-a-secret"
     monkeypatch.delenv("AGENTAUTH_SIGNER_VAULT_TOKEN")
     monkeypatch.delenv("AGENTAUTH_SIGNER_KEY_ID")
-    assert RegistrySettings.from_env(**base, signer=configured).signer.vault_token is None
+    # With no token from anywhere, the settings are refused (they were accepted, and every
+    # signature was then 403).
+    with pytest.raises(ValueError, match="exactly one of vault_token"):
+        RegistrySettings.from_env(**base, signer=configured)
+
+
+def test_a_vault_signer_takes_exactly_one_of_a_token_and_a_token_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The token file (Vault Agent's sink, rewritten as tokens expire) is an alternative
+    to the token itself. Both, neither, or an empty one is refused at start, saying which
+    settings, never what the token is."""
+    from pydantic import ValidationError
+
+    from agentauth.registry import RegistrySettings, SignerSettings
+
+    base = required_settings(tmp_path)
+    configured = {"backend": "vault", "key_id": "registry", "endpoint": "https://vault:8200"}
+    monkeypatch.setenv("AGENTAUTH_SIGNER_VAULT_TOKEN_FILE", "/vault/secrets/token")
+    signer = RegistrySettings.from_env(**base, signer=configured).signer
+    assert (signer.vault_token_file, signer.vault_token) == ("/vault/secrets/token", None)
+
+    secret = "hvs.both-given-and-must-not-leak"
+    monkeypatch.setenv("AGENTAUTH_SIGNER_VAULT_TOKEN", secret)
+    with pytest.raises(ValidationError) as caught:
+        RegistrySettings.from_env(**base, signer=configured)
+    assert "got vault_token and vault_token_file" in str(caught.value)
+    assert secret not in str(caught.value)
+    monkeypatch.delenv("AGENTAUTH_SIGNER_VAULT_TOKEN_FILE")
+    monkeypatch.delenv("AGENTAUTH_SIGNER_VAULT_TOKEN")
+    with pytest.raises(ValidationError, match="got neither"):
+        RegistrySettings(**base, signer=SignerSettings(**configured))
+    for empty in ({"vault_token": " "}, {"vault_token_file": ""}):
+        with pytest.raises(ValidationError, match="is empty"):
+            RegistrySettings(**base, signer={**configured, **empty})
+    # Another backend ignores the Vault settings, as it always did.
+    aws = {"backend": "aws", "key_id": "k", "vault_token": secret}
+    assert RegistrySettings(**base, signer=aws).signer.backend == "aws"
+    with_token = RegistrySettings(**base, signer={**configured, "vault_token": secret})
+    assert secret not in repr(with_token)
 
 
 def test_checkpoints_come_well_within_what_verifiers_allow_unsealed(tmp_path: Path) -> None:

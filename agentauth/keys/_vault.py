@@ -9,21 +9,34 @@ latest one names another key once Vault has rotated (by hand, or its ``auto_rota
 Every request carries the Vault token in a header, so the URL must be ``https://``; plain
 ``http://`` is accepted only to a loopback host (127.0.0.0/8, ::1, ``localhost``: a Vault
 agent or a development server on this machine), or with ``allow_insecure_http=True``.
+
+The token is given as a string, or as a file (``token_file``: Vault Agent's auto-auth file
+sink, which Vault Agent rewrites with a fresh token as each expires). When Vault refuses a
+sign with 403 (an expired or revoked token), a signer with a token file reads the file
+again and, if the token there has changed, retries that sign once with it; otherwise the
+sign fails as any other (``SignerUnavailable``). A refused sign produced no signature, so the
+retry cannot sign twice. The token never appears in a log line, a repr or an error.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import ipaddress
+import logging
 import os
 import re
+import threading
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from agentauth._logs import Throttle
 from agentauth.protocol import Algorithm, b64url_decode
 
 from ._base import (
@@ -38,6 +51,14 @@ if TYPE_CHECKING:
     from agentauth.protocol import PublicKey
 
 __all__ = ["VaultTransitSigner"]
+
+_log = logging.getLogger("agentauth.keys")
+# A token refused while its file still holds it fails every sign alike: said at once, then
+# at most every 30 s (as _base says other backend failures).
+_said = Throttle(30.0)
+# Vault's tokens are about 100 bytes (batch tokens a few hundred): a file much larger is
+# not a token file, and is not read whole into a request header.
+_TOKEN_FILE_MAX = 16 * 1024
 
 _KEY_TYPES: dict[str, Algorithm] = {"ecdsa-p256": "ES256", "ed25519": "Ed25519"}
 _SIGNATURE = re.compile(r"vault:v(?P<version>[1-9][0-9]*):(?P<body>[A-Za-z0-9+/=_-]+)")
@@ -79,6 +100,60 @@ def _is_loopback(host: str) -> bool:
         return False  # another host name: it could resolve anywhere
 
 
+def _usable_token(token: str, source: str) -> str:
+    """``token`` without surrounding whitespace, once it can go into a header as it is.
+
+    A token with a line break (a Secret made from a file that ended in a newline) was sent
+    to requests, whose refusal quotes the header value: the token was logged. Whitespace is
+    never part of a Vault token, so it is stripped; anything else unprintable is refused,
+    and the message says where the token came from, never what it is.
+    """
+    token = token.strip()
+    if not token:
+        raise SignerUnavailable(f"the Vault token ({source}) is empty", reason="bad_token")
+    if not all("!" <= c <= "~" for c in token):
+        raise SignerUnavailable(
+            f"the Vault token ({source}) holds characters a token never has"
+            " (only printable ASCII, no spaces)",
+            reason="bad_token",
+        )
+    return token
+
+
+def _read_token_file(path: str) -> str:
+    """The token in ``path`` (a Vault Agent file sink), checked as ``_usable_token`` does."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(_TOKEN_FILE_MAX + 1)
+    except OSError as exc:
+        # strerror only ("No such file or directory"): it names no content.
+        raise SignerUnavailable(
+            f"cannot read the Vault token file {path} ({exc.strerror or type(exc).__name__})",
+            reason="bad_token_file",
+        ) from None
+    if len(raw) > _TOKEN_FILE_MAX:
+        raise SignerUnavailable(
+            f"the Vault token file {path} is over {_TOKEN_FILE_MAX} bytes: not a token file",
+            reason="bad_token_file",
+        )
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:  # its message quotes a byte of the file: not used
+        raise SignerUnavailable(
+            f"the Vault token file {path} holds characters a token never has"
+            " (only printable ASCII, no spaces)",
+            reason="bad_token_file",
+        ) from None
+    try:
+        return _usable_token(text, f"file {path}")
+    except SignerUnavailable as exc:
+        raise SignerUnavailable(exc.description, reason="bad_token_file") from None
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
 def _bad(what: str) -> SignerUnavailable:
     return SignerUnavailable(f"Vault returned {what}", reason="bad_response")
 
@@ -97,12 +172,18 @@ class VaultTransitSigner(RemoteSigner):
         version: int,
         public: PublicKey,
         timeout: float,
+        token_file: str | None = None,
     ) -> None:
         super().__init__(public=public, timeout=timeout)
         self._client = client  # an hvac.Client
         self._key_name = key_name
         self._mount = mount
         self._version = version
+        self._token_file = token_file
+        # Signs run in several worker threads at once, all sending the client's token:
+        # swapping it (after a 403) is one decision under this lock, so two calls refused
+        # together read the file once and neither undoes the other's swap.
+        self._token_lock = threading.Lock()
 
     @property
     def key_version(self) -> int:
@@ -115,7 +196,8 @@ class VaultTransitSigner(RemoteSigner):
         key_name: str,
         *,
         url: str,
-        token: str,
+        token: str | None = None,
+        token_file: str | None = None,
         mount: str = "transit",
         timeout: float = DEFAULT_TIMEOUT,
         kid: str | None = None,
@@ -125,20 +207,29 @@ class VaultTransitSigner(RemoteSigner):
         """Read the key's latest version (or ``key_version``) and its public key; the token
         stays in the client.
 
+        Exactly one of ``token`` and ``token_file`` (a file holding the token, read now and
+        again whenever Vault refuses the token) must be given.
+
         ``url`` must be ``https://``, or ``http://`` to a loopback host; any other ``http://``
         host needs ``allow_insecure_http=True`` (the token then crosses the network in the
         clear). Empty, it is ``VAULT_ADDR`` or ``http://localhost:8200``, as in hvac.
         """
         url = _resolve_url(url, allow_insecure_http=allow_insecure_http)
+        if (token is None) == (token_file is None):
+            raise SignerUnavailable(
+                "give the Vault signer exactly one of a token and a token file", reason="bad_token"
+            )
+        given = None if token is None else _usable_token(token, "vault_token")
 
         def connect() -> tuple[Any, int, PublicKey]:
             # Imported on open, so the package imports without the server extras. hvac
             # ships no type hints.
             import hvac  # type: ignore[import-untyped, unused-ignore]  # noqa: PLC0415
 
+            current = given if token_file is None else _read_token_file(token_file)
             # No redirects: hvac's session would re-send X-Vault-Token to wherever a redirect
             # points, plain http included, past the URL check above.
-            client = hvac.Client(url=url, token=token, timeout=timeout, allow_redirects=False)
+            client = hvac.Client(url=url, token=current, timeout=timeout, allow_redirects=False)
             try:
                 body = client.secrets.transit.read_key(name=key_name, mount_point=mount)
                 version, public = _parse_key(body, kid, key_version)
@@ -155,6 +246,7 @@ class VaultTransitSigner(RemoteSigner):
             version=version,
             public=public,
             timeout=timeout,
+            token_file=token_file,
         )
 
     def _sign_blocking(self, data: bytes) -> bytes:
@@ -168,7 +260,7 @@ class VaultTransitSigner(RemoteSigner):
             # "jws" marshaling: raw r||s, base64url, instead of the default ASN.1 DER.
             params.update(hash_algorithm="sha2-256", marshaling_algorithm="jws")
         # ed25519 takes no hash_algorithm: Vault signs the input itself (pure Ed25519).
-        body = self._client.secrets.transit.sign_data(**params)
+        body = self._with_current_token(lambda: self._client.secrets.transit.sign_data(**params))
         try:
             signature = body["data"]["signature"]
         except (KeyError, TypeError):
@@ -184,6 +276,68 @@ class VaultTransitSigner(RemoteSigner):
             return base64.b64decode(match["body"], validate=True)
         except (ValueError, binascii.Error):
             raise _bad("a malformed signature") from None
+
+    def _with_current_token(self, call: Callable[[], Any]) -> Any:
+        """``call()``; refused with 403, once more if the token file holds another token.
+
+        Runs in a worker thread that ``call_blocking`` waits ``timeout`` for: a retry starts
+        only within ``timeout`` of the first try, not for a caller that has surely given up.
+        """
+        from hvac.exceptions import Forbidden  # noqa: PLC0415  # loaded already, by open
+
+        deadline = time.monotonic() + self._timeout
+        with self._token_lock:
+            sent = self._client.token
+        try:
+            return call()
+        except Forbidden:
+            took = False
+            if self._token_file is not None:
+                try:
+                    took = self._take_new_token(sent)
+                except SignerUnavailable as exc:
+                    # Not chained to hvac's error, whose message is the URL as configured,
+                    # user info and all (call_blocking's reason for never chaining).
+                    raise exc from None
+            if not took:
+                raise  # said in the log by call_blocking: "... sign failed: Forbidden: ..."
+            if time.monotonic() >= deadline:
+                raise  # the caller has had its timeout; the next call uses the new token
+        return call()
+
+    def _take_new_token(self, refused: str) -> bool:
+        """After Vault refused ``refused``: whether the client now holds another token,
+        read from the token file (or swapped in by a call refused at the same time)."""
+        assert self._token_file is not None
+        with self._token_lock:
+            if not _same(self._client.token, refused):
+                return True  # another call took the file's new token meanwhile
+            try:
+                token = _read_token_file(self._token_file)
+            except SignerUnavailable as exc:
+                _said.log(
+                    _log,
+                    ("Vault Transit", "token file", exc.reason),
+                    "Vault refused the token (403) and the token file cannot give another: %s",
+                    exc.description,
+                )
+                raise
+            if _same(token, refused):
+                _said.log(
+                    _log,
+                    ("Vault Transit", "token file", "unchanged"),
+                    "Vault refused the token (403 permission denied: expired or revoked) and"
+                    " the token file %s still holds that token: is Vault Agent running and"
+                    " able to log in?",
+                    self._token_file,
+                )
+                return False
+            self._client.token = token
+        _log.warning(
+            "Vault refused the token (403); took the new token in %s and retrying",
+            self._token_file,
+        )
+        return True
 
     def _close_blocking(self) -> None:
         self._client.adapter.close()

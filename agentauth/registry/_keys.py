@@ -110,7 +110,8 @@ class KeyManager:
                 key_name if pinned else name,
                 key_version=int(version) if pinned else None,
                 url=s.endpoint or "",
-                token=s.vault_token or "",
+                token=s.vault_token,
+                token_file=s.vault_token_file,
                 allow_insecure_http=s.vault_allow_insecure_http,
             )
         if backend == "pkcs11":

@@ -30,7 +30,11 @@ class SignerSettings(BaseModel):
     region: str = "us-east-1"
     # Real KMS signs a SHA-256 digest (DIGEST); RAW is for emulators that hash again.
     aws_message_type: Literal["DIGEST", "RAW"] = "DIGEST"
+    # Vault: exactly one of the token itself and a file holding it. The file is for Vault
+    # Agent's auto-auth sink, which it rewrites with a fresh token before the old expires:
+    # the signer reads it at open and again whenever Vault refuses the token it holds.
     vault_token: str | None = Field(None, repr=False)
+    vault_token_file: str | None = None
     # The Vault token rides on every request: plain http is refused except to a loopback
     # host. Setting this sends it in the clear to any host (a trusted private link only).
     vault_allow_insecure_http: bool = False
@@ -153,6 +157,33 @@ class RegistrySettings(BaseModel):
     def _rp_id_fits_origins(self) -> RegistrySettings:
         # Refused at start: otherwise every passkey ceremony fails, with nothing to say why.
         check_rp_id(self.rp_id, self.origins)
+        return self
+
+    @model_validator(mode="after")
+    def _one_vault_token(self) -> RegistrySettings:
+        # Here, not on SignerSettings: a deployment's signer settings name the backend and
+        # leave the token to the environment, merged in by from_env. Refused at start: with
+        # neither, every signature would be 403; with both, which one signs is a guess.
+        signer = self.signer
+        if signer.backend != "vault":
+            return self
+        given = [
+            name
+            for name, value in (
+                ("vault_token", signer.vault_token),
+                ("vault_token_file", signer.vault_token_file),
+            )
+            if value is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "signer backend vault needs exactly one of vault_token"
+                " (AGENTAUTH_SIGNER_VAULT_TOKEN) and vault_token_file"
+                " (AGENTAUTH_SIGNER_VAULT_TOKEN_FILE), got "
+                + (" and ".join(given) if given else "neither")
+            )
+        if not (signer.vault_token or signer.vault_token_file or "").strip():
+            raise ValueError(f"signer {given[0]} is empty")
         return self
 
     @model_validator(mode="after")

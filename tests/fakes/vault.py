@@ -1,8 +1,9 @@
 """A fake of HashiCorp Vault's Transit secrets engine HTTP API (no Vault server installs here).
 
-Real HTTP on 127.0.0.1, real keys and signatures (``cryptography``), Vault's JSON shapes.
-Endpoints covered, all under ``/v1/{mount}`` and all requiring ``X-Vault-Token`` (403
-``{"errors": ["permission denied"]}`` otherwise):
+A fake of the HTTP API, not Vault: real HTTP on 127.0.0.1, real keys and signatures
+(``cryptography``), Vault's JSON shapes. Endpoints covered, all under ``/v1/{mount}`` and all
+requiring a valid ``X-Vault-Token`` (403 ``{"errors": ["permission denied"]}`` otherwise, as
+Vault answers a missing, unknown, expired or revoked token):
 
     POST /keys/{name}            create (body: {"type": "ecdsa-p256" | "ed25519" | ...}) -> 204
     GET  /keys/{name}            read: type, latest_version, keys{version: {public_key, ...}}
@@ -18,6 +19,11 @@ base64, ignoring hash_algorithm and marshaling_algorithm. Public keys: PEM
 SubjectPublicKeyInfo for ecdsa, standard base64 of the raw 32 bytes for ed25519. Symmetric
 key types (aes256-gcm96) can be created, to be refused by signers; they cannot sign.
 
+Tokens: ``token`` is valid from the start, without expiry. ``issue_token(ttl=...)`` makes
+another (``hvs.`` + random, as Vault's service tokens), valid until its TTL runs out;
+``revoke_token`` ends one at once (as ``vault token revoke``, or an expiry). ``signatures``
+counts the signatures answered, so a test can show that nothing was signed.
+
 Failure knobs: ``delay`` (slow answers), ``stop()`` (refused connections),
 ``wrong_signatures`` (well-formed signatures over other bytes), ``ignore_key_version``
 (sign with the latest version whatever the request pins, as a misbehaving server might).
@@ -28,6 +34,8 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import secrets
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -100,6 +108,11 @@ class FakeVault(FakeHTTPService):
     def __init__(self, *, token: str = "root-token-for-tests", mount: str = "transit") -> None:
         super().__init__()
         self.token = token
+        # token -> when it expires (time.monotonic()), None for never. Requests are served
+        # in threads: the lock keeps issuing, revoking and checking apart.
+        self._tokens: dict[str, float | None] = {token: None}
+        self._tokens_lock = threading.Lock()
+        self.signatures = 0
         self.mount = mount
         self.keys: dict[str, _TransitKey] = {}
         self.wrong_signatures = False
@@ -127,10 +140,32 @@ class FakeVault(FakeHTTPService):
         self.keys[name].add_version()
         return self.keys[name].latest
 
+    def issue_token(self, *, ttl: float | None = None) -> str:
+        """A new valid token; with ``ttl``, it expires that many seconds from now."""
+        token = "hvs." + secrets.token_urlsafe(24)
+        with self._tokens_lock:
+            self._tokens[token] = None if ttl is None else time.monotonic() + ttl
+        return token
+
+    def revoke_token(self, token: str) -> None:
+        """Vault refuses ``token`` from now on, as once it expired or was revoked."""
+        with self._tokens_lock:
+            self._tokens.pop(token, None)
+
+    def _valid(self, token: str | None) -> bool:
+        with self._tokens_lock:
+            if token is None or token not in self._tokens:
+                return False
+            expires = self._tokens[token]
+            if expires is not None and time.monotonic() >= expires:
+                del self._tokens[token]  # expired tokens are gone, as in Vault
+                return False
+            return True
+
     # -- HTTP -------------------------------------------------------------------------------
 
     def handle(self, request: Request) -> tuple[int, Any]:
-        if request.headers.get("x-vault-token") != self.token:
+        if not self._valid(request.headers.get("x-vault-token")):
             return _errors(403, "permission denied")
         for method, pattern, handler in self._routes:
             match = pattern.fullmatch(request.path)
@@ -244,4 +279,6 @@ class FakeVault(FakeHTTPService):
                 encoded = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
             else:
                 return _errors(400, f"unsupported marshaling type {marshaling}")
+        with self._tokens_lock:  # answered in threads
+            self.signatures += 1
         return _ok({"signature": f"vault:v{number}:{encoded}", "key_version": number})

@@ -59,8 +59,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if not (has $backend (list "local" "aws" "gcp" "vault" "pkcs11")) -}}
 {{- fail (printf "signer.backend must be one of local, aws, gcp, vault, pkcs11 (got %q)" $backend) -}}
 {{- end -}}
-{{- if and (eq $backend "vault") (not .Values.signer.vault.tokenSecret.name) -}}
-{{- fail "signer.backend=vault needs signer.vault.tokenSecret.name: a Secret holding the Vault token (it goes to the Ray pods' environment, never into the RayService)" -}}
+{{- if and (eq $backend "vault") (not .Values.signer.vault.tokenSecret.name) (not .Values.signer.vault.tokenFile) -}}
+{{- fail "signer.backend=vault needs signer.vault.tokenSecret.name (a Secret holding the Vault token: it goes to the Ray pods' environment, never into the RayService) or signer.vault.tokenFile (a file Vault Agent keeps a fresh token in)" -}}
+{{- end -}}
+{{- if and (eq $backend "vault") .Values.signer.vault.tokenSecret.name .Values.signer.vault.tokenFile -}}
+{{- fail "signer.vault.tokenSecret.name and signer.vault.tokenFile are alternatives: set one of them" -}}
 {{- end -}}
 {{- if and (eq $backend "vault") (not .Values.signer.vault.endpoint) -}}
 {{- fail "signer.vault.endpoint is required for signer.backend=vault (https://, unless a loopback address)" -}}
@@ -110,6 +113,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- else if eq $s.backend "vault" -}}
 {{- $_ := set $args "key_id" $s.vault.keyId -}}
 {{- $_ := set $args "endpoint" $s.vault.endpoint -}}
+{{- if $s.vault.tokenFile }}{{ $_ := set $args "vault_token_file" $s.vault.tokenFile }}{{ end -}}
 {{- else if eq $s.backend "pkcs11" -}}
 {{- $_ := set $args "key_id" $s.pkcs11.keyId -}}
 {{- $_ := set $args "pkcs11_lib" $s.pkcs11.lib -}}
@@ -171,7 +175,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   value: {{ printf "/var/run/secrets/agentauth/gcp/%s" .Values.signer.gcp.credentialsKey | quote }}
 {{- end }}
 {{- /* The signer's secret, merged by the registry into the signer its Serve args name. */}}
-{{- if eq .Values.signer.backend "vault" }}
+{{- if and (eq .Values.signer.backend "vault") .Values.signer.vault.tokenSecret.name }}
 - name: AGENTAUTH_SIGNER_VAULT_TOKEN
   valueFrom:
     secretKeyRef: {name: {{ .Values.signer.vault.tokenSecret.name | quote }}, key: {{ .Values.signer.vault.tokenSecret.key | quote }}}
