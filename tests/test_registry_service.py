@@ -16,9 +16,9 @@ import httpx
 import pytest
 import pytest_asyncio
 from registry_inprocess import registry_in_process, table_counts
-from registry_world import PAYMENTS, STEP_UP_ABOVE_50, World
+from registry_world import PAYMENTS, STEP_UP_ABOVE_50, Human, World
 
-from agentauth.protocol import Capability, Forbidden
+from agentauth.protocol import ApprovalReceipt, Capability, Forbidden, Grant, b64url_encode
 from agentauth.registry import Registry
 from agentauth.registry._service import AHEAD_PER_TICK, Agent
 
@@ -150,6 +150,47 @@ async def test_a_step_up_finer_than_the_currency_writes_nothing(service: InProce
     assert (await world.step_up(agent, grant["id"], "60.50"))["status"] == "pending"
 
 
+async def stored_document(service: InProcess, grant_id: str) -> dict[str, Any]:
+    document = await service.registry.pool.fetchval(
+        "SELECT document FROM grants WHERE id = $1", grant_id
+    )
+    return json.loads(document)  # type: ignore[no-any-return]
+
+
+async def store_as_approved(
+    service: InProcess, human: Human, grant_id: str, document: dict[str, Any]
+) -> None:
+    """Store ``document`` as grant ``grant_id`` with a receipt of ``human``'s passkey over
+    it: what an approval under rules changed since left behind (none is made so today)."""
+    grant = Grant.from_document(document)
+    credential = human.authenticator.get({"challenge": grant.digest_b64()})
+    response = credential["response"]
+    pool = service.registry.pool
+    public_key = await pool.fetchval(
+        "SELECT public_key FROM passkey_credentials WHERE credential_id = $1", credential["rawId"]
+    )
+    receipt = ApprovalReceipt(
+        credential_id=credential["rawId"],
+        authenticator_data=response["authenticatorData"],
+        client_data_json=response["clientDataJSON"],
+        signature=response["signature"],
+        credential_public_key=b64url_encode(bytes(public_key)),
+        user_handle=response["userHandle"],
+    )
+    await pool.execute(
+        "UPDATE grants SET document = $2, grant_hash = $3 WHERE id = $1",
+        grant_id,
+        grant.canonical_bytes().decode(),
+        grant.digest_b64(),
+    )
+    await pool.execute(
+        "UPDATE approval_receipts SET receipt = $2, receipt_hash = $3 WHERE grant_id = $1",
+        grant_id,
+        receipt.model_dump(mode="json", exclude_none=True),
+        receipt.digest(),
+    )
+
+
 @pytest.mark.asyncio(loop_scope="session")
 async def test_a_stored_grant_finer_than_its_currency_still_gets_tokens(
     service: InProcess,
@@ -157,17 +198,13 @@ async def test_a_stored_grant_finer_than_its_currency_still_gets_tokens(
     """Loading is not stricter than before: a grant approved before the rule keeps working
     (the verifier then refuses only payments nobody could make)."""
     world = service.world
-    _, agent, _, grant = await world.setup_grant(capabilities=PAYMENTS, envelope=STEP_UP_ABOVE_50)
-    document = json.loads(
-        await service.registry.pool.fetchval(
-            "SELECT document FROM grants WHERE id = $1", grant["id"]
-        )
+    human, agent, _, grant = await world.setup_grant(
+        capabilities=PAYMENTS, envelope=STEP_UP_ABOVE_50
     )
+    document = await stored_document(service, grant["id"])
     document["envelope"]["step_up_threshold"]["amount"] = "49.995"
     document["capabilities"][0]["max_amount"] = "500.001"
-    await service.registry.pool.execute(
-        "UPDATE grants SET document = $2 WHERE id = $1", grant["id"], json.dumps(document)
-    )
+    await store_as_approved(service, human, grant["id"], document)
     r = await world.token(agent, grant["id"])
     assert r.status_code == 200, r.text
     r = await world.client.get(
@@ -175,6 +212,62 @@ async def test_a_stored_grant_finer_than_its_currency_still_gets_tokens(
         headers=world.dpop(agent, "GET", f"/v1/grants/{grant['id']}"),
     )
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("rewritten", ["document", "document and hash", "receipt key"])
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_grant_rewritten_after_its_approval_gets_no_token(
+    service: InProcess, rewritten: str
+) -> None:
+    """Verifiers trust a token's capabilities as they are: a grant whose stored document is
+    not the one its receipt's passkey signed (a row rewritten in the database, with its hash
+    or with a receipt under a key the approver never registered) gets no token, and nothing
+    is written. Until 2026-11-30 the token carried whatever the row said."""
+    world = service.world
+    _, agent, _, grant = await world.setup_grant()  # read "calendar" only
+    pool = service.registry.pool
+    document = await stored_document(service, grant["id"])
+    document["capabilities"] = [Capability.read("*").to_document()]
+    wider = Grant.from_document(document)
+    await pool.execute(
+        "UPDATE grants SET document = $2 WHERE id = $1",
+        grant["id"],
+        wider.canonical_bytes().decode(),
+    )
+    if rewritten != "document":
+        await pool.execute(
+            "UPDATE grants SET grant_hash = $2 WHERE id = $1", grant["id"], wider.digest_b64()
+        )
+    if rewritten == "receipt key":
+        # A receipt that verifies on its own, over the wider grant, by a passkey of someone
+        # else, under the approver's credential id.
+        thief = await world.human("Mallory")
+        credential = thief.authenticator.get({"challenge": wider.digest_b64()})
+        key = await pool.fetchval(
+            "SELECT public_key FROM passkey_credentials WHERE credential_id = $1",
+            credential["rawId"],
+        )
+        stored = await pool.fetchval(
+            "SELECT receipt FROM approval_receipts WHERE grant_id = $1", grant["id"]
+        )
+        response = credential["response"]
+        receipt = ApprovalReceipt(
+            credential_id=stored["credential_id"],
+            authenticator_data=response["authenticatorData"],
+            client_data_json=response["clientDataJSON"],
+            signature=response["signature"],
+            credential_public_key=b64url_encode(bytes(key)),
+        )
+        await pool.execute(
+            "UPDATE approval_receipts SET receipt = $2, receipt_hash = $3 WHERE grant_id = $1",
+            grant["id"],
+            receipt.model_dump(mode="json", exclude_none=True),
+            receipt.digest(),
+        )
+    before = await service.counts()
+    r = await world.token(agent, grant["id"])
+    assert (r.status_code, r.json().get("reason")) == (403, "grant_unusable"), r.text
+    assert await service.counts() == before
 
 
 # --- the token endpoint's error codes ---------------------------------------------------------
@@ -350,3 +443,31 @@ async def test_the_checkpoint_loop_checks_new_events_ahead_in_slices(service: In
     made = {c["chain"]: c["size"] for c in await registry.checkpoint_all()}
     heads = await registry.pool.fetch("SELECT chain, size FROM audit_heads")
     assert made == {r["chain"]: r["size"] for r in heads if r["chain"] in (chain, other)}
+
+
+# --- ids of someone else's, swapped into a query ----------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_audit_events_name_only_the_callers_agent_and_grant(service: InProcess) -> None:
+    """Every id a human names must be theirs, each answered 404 as an absent one: the
+    grant was not checked when an agent was named too (an empty list, where a grant of the
+    caller's would have shown its events)."""
+    world = service.world
+    alice, alices_agent, _, alices_grant = await world.setup_grant()
+    _, bobs_agent, _, bobs_grant = await world.setup_grant()
+    events = world.url("/v1/audit/events")
+    for query in (
+        {"agent_id": alices_agent.id, "grant_id": bobs_grant["id"]},
+        {"agent_id": bobs_agent.id, "grant_id": alices_grant["id"]},
+        {"grant_id": bobs_grant["id"]},
+        {"agent_id": alices_agent.id, "grant_id": "grt_absent"},
+    ):
+        r = await world.client.get(events, headers=alice.headers, params=query)
+        assert (r.status_code, r.json().get("error")) == (404, "not_found"), (query, r.text)
+    r = await world.client.get(
+        events,
+        headers=alice.headers,
+        params={"agent_id": alices_agent.id, "grant_id": alices_grant["id"]},
+    )
+    assert r.status_code == 200 and r.json(), r.text

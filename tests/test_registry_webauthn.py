@@ -23,7 +23,7 @@ from registry_inprocess import registry_in_process
 from registry_world import Human, World
 from softauthn import Passkey, SoftAuthenticator, cbor
 
-from agentauth.protocol import b64url_decode, b64url_encode
+from agentauth.protocol import PrivateKey, b64url_decode, b64url_encode
 from agentauth.registry import Registry
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
@@ -159,6 +159,72 @@ async def test_a_signed_assertion_whose_counter_goes_back_flags_the_passkey(
     assert await service.events("passkey.flagged", passkey.credential_id) == 1
     r = await sign_in(world, human.authenticator.get)
     refused(r, 403, "credential_flagged")
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_passkey_flagged_as_cloned_ends_the_humans_sessions_and_enrollment_codes(
+    service: InProcess,
+) -> None:
+    """Whoever holds the clone may have signed in: a session needs no passkey to mint
+    enrollment codes, revoke, deny or read. The flag ends every session of the human and
+    the enrollment codes not yet used, as a passkey removal does (until 2026-11-30 they
+    all kept working)."""
+    world = service.world
+    human: Human = await world.human()  # its sign-up's session
+    r = await sign_in(world, human.authenticator.get)  # another session; the counter is 1
+    assert r.status_code == 200, r.text
+    other = {"Authorization": f"Bearer {r.json()['session']}"}
+    r = await world.client.post(world.url("/v1/enrollments"), headers=other)
+    assert r.status_code == 200, r.text
+    code = r.json()["enrollment_code"]
+    r = await sign_in(world, lambda o: human.authenticator.get(o, counter=1))
+    refused(r, 403, "sign_count_regression")
+    for headers in (human.headers, other):
+        refused(
+            await world.client.get(world.url("/v1/agents"), headers=headers), 401, "bad_session"
+        )
+    key = PrivateKey.generate("ES256")
+    r = await world.client.post(
+        world.url("/v1/agents"),
+        headers={"DPoP": world.proof(key, "POST", "/v1/agents")},
+        json={"name": "bot", "public_jwk": key.public_jwk(), "enrollment_code": code},
+    )
+    refused(r, 403, "bad_enrollment")
+    passkey = next(iter(human.authenticator.passkeys.values()))
+    subject = "passkey:" + b64url_encode(passkey.credential_id)
+    bodies = [
+        json.loads(row["body"])
+        for row in await service.registry.pool.fetch(
+            "SELECT body FROM audit_events WHERE event = 'passkey.flagged'"
+        )
+    ]
+    assert [b["data"]["sessions_ended"] for b in bodies if b["subject"] == subject] == [2]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_sign_in_and_a_sign_out_are_audited(service: InProcess) -> None:
+    """A session is what a stolen or cloned passkey buys: each one opened is recorded with
+    the passkey that opened it, and each one ended, once (until 2026-11-30 neither was)."""
+    world = service.world
+    human: Human = await world.human()
+    passkey = next(iter(human.authenticator.passkeys.values()))
+    r = await sign_in(world, human.authenticator.get)
+    assert r.status_code == 200, r.text
+    assert await service.events("session.created", passkey.credential_id) == 1
+    session = {"Authorization": f"Bearer {r.json()['session']}"}
+
+    async def ended() -> int:
+        rows = await service.registry.pool.fetch(
+            "SELECT body FROM audit_events WHERE event = 'session.ended'"
+        )
+        subject = f"human:{human.principal_id}"
+        return sum(json.loads(row["body"])["subject"] == subject for row in rows)
+
+    r = await world.client.delete(world.url("/v1/sessions/current"), headers=session)
+    assert r.status_code == 200, r.text
+    assert await ended() == 1
+    await service.registry.end_session(r.request.headers["Authorization"].split(" ", 1)[1])
+    assert await ended() == 1  # ending it again records nothing
 
 
 # --- 2. a passkey the protocol cannot use is refused at registration --------------------------
