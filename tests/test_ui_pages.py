@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, cast
 from unittest import mock
 
+import httpx
 import pytest
 from nicegui import Client, ui
 from nicegui.element import Element
@@ -48,6 +49,10 @@ STEP_UP: dict[str, Any] = {
     "document": {
         "type": "agentauth.step-up.v1",
         "id": "stp_1",
+        "grant_id": "grt_9",
+        "grant_hash": "hash-of-grt_9",
+        "agent_id": "agt_1",
+        "expires_at": 2_000_000_000,
         "amount": "120",
         "currency": "USD",
         "resource": "payments/inv/7",
@@ -268,6 +273,25 @@ async def test_a_payment_the_page_cannot_show_can_still_be_refused(
     assert "Shopping bot asks Shop" in requests.texts()
     await requests.press(requests.button("Refuse: payment stp_2 for grant grt_9"))
     assert registry.refused == ["stp_2"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "signed",
+    [{"grant_id": "grt_other"}, {"agent_id": "agt_2"}, {"expires_at": 2_100_000_000}],
+)
+async def test_a_payment_shows_what_its_passkey_signs_or_offers_only_refusal(
+    signed: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The card named the grant, the agent and the deadline from the registry's row, while
+    the passkey signs the step-up document: a row and a document that disagree had the
+    person approve a payment on another grant (or agent) than the one the card named."""
+    step = {**STEP_UP, "document": {**STEP_UP["document"], **signed}}
+    requests = RequestsPage(FakeRegistry([], [step]), monkeypatch)
+    await requests.build()
+    assert "A payment this page cannot show" in requests.texts()
+    assert not [b for b in requests.buttons() if str(b.props["aria-label"]).startswith("Approve")]
+    await requests.press(requests.button("Refuse: payment stp_1 for grant grt_9"))
 
 
 # --- tightening: what is approved is what the person last saw chosen ------------------------
@@ -957,3 +981,71 @@ async def test_a_grant_the_registry_no_longer_reads_can_still_be_revoked(
         assert session is not None
         await page.pages._grants(page.cookie_id, session)
     assert page.button("Revoke grant: grant grt_old of agent agt_1") is not None
+
+
+# --- what an agent names cannot push the page's own words off the screen --------------------
+
+
+def _wraps_anywhere(element: Element) -> bool:
+    """Does ``element`` inherit ``overflow-wrap: anywhere`` (CSS inherits it)?"""
+    while True:
+        if "[overflow-wrap:anywhere]" in element.classes:
+            return True
+        slot = element.parent_slot
+        if slot is None:
+            return False
+        element = slot.parent
+
+
+@pytest.mark.asyncio
+async def test_a_long_unbroken_name_wraps_instead_of_pushing_the_limits_off_screen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A resource (or payee) of hundreds of characters without a space widened its card's
+    grid column past the screen, and the limits drawn in that column with it: in Chromium
+    at 1280 px, "at most $9,000 a day" began at x=1280, out of sight (checked by hand)."""
+    long = "payments/" + "a" * 480
+    request = request_with(
+        capabilities=[{"kind": "transact", "resource": long, "max_amount": "50", "currency": "USD"}]
+    )
+    step = {**STEP_UP, "document": {**STEP_UP["document"], "resource": long, "payee": "p" * 120}}
+    requests = RequestsPage(FakeRegistry([request], [step]), monkeypatch)
+    await requests.build()
+    showing = [
+        e
+        for e in requests.elements()
+        if isinstance(e, TextElement) and (long in e.text or "p" * 120 in e.text)
+    ]
+    assert len(showing) >= 4  # the capability, the payment's heading, payee and resource
+    assert all(_wraps_anywhere(e) for e in showing), [e.tag for e in showing]
+    # The tighten form's checkboxes name the capability too.
+    await requests.press(requests.button(f"Tighten the limits before approving: {WHO}"))
+    boxes = [e for e in requests.elements() if isinstance(e, ui.checkbox)]
+    assert boxes and all(_wraps_anywhere(b) for b in boxes)
+
+
+# --- a registry answer of the wrong shape is a failure said, not a page that fails ---------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "listing", [{"requests": []}, "grq_1", ["grq_1"], [{"agent_id": "agt_1"}], [{"id": 7}]]
+)
+async def test_a_listing_of_the_wrong_shape_is_said_in_the_notice(
+    listing: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pending-requests answer that was no list of objects with ids raised a TypeError
+    or KeyError while the page was built: NiceGUI's 500 page, naming the exception,
+    instead of the requests page saying the registry failed."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/grant-requests":
+            return httpx.Response(200, json=listing)
+        return httpx.Response(200, json=[])
+
+    registry = RegistryClient("http://registry.invalid", transport=httpx.MockTransport(answer))
+    requests = RequestsPage(cast(FakeRegistry, registry), monkeypatch)
+    await requests.build()
+    assert "[502 invalid_response]" in requests.notice()
+    await requests.poll()  # and a poll neither fails nor draws anything
+    await registry.aclose()

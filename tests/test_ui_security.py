@@ -79,6 +79,11 @@ async def test_state_changes_need_the_page_origin_and_the_page_host() -> None:
         assert (await c.post("/x")).status_code == 403
         assert (await c.post("/x", headers={"Origin": "https://evil.example"})).status_code == 403
         assert (await c.post("/x", headers={"Origin": "null"})).status_code == 403
+        # A read by another origin's script (browsers send Origin on a GET only then).
+        assert (await c.get("/x")).status_code == 200
+        assert (await c.get("/x", headers={"Origin": ORIGIN})).status_code == 200
+        for other in ("https://sibling.example", "null"):
+            assert (await c.get("/x", headers={"Origin": other})).status_code == 403
         r = await c.get("/x?a=1", headers={"Host": "rebound.example"})
         assert r.status_code == 308 and r.headers["location"] == f"{ORIGIN}/x?a=1"
         assert "set-cookie" not in r.headers

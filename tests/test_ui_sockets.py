@@ -194,3 +194,40 @@ async def test_only_the_pages_browser_can_join_its_socket(server: Server) -> Non
         assert await until_called(server, "POST /v1/enrollments", before, 10)
     finally:
         await own.disconnect()
+
+
+@pytest.mark.asyncio
+async def test_a_same_site_page_cannot_open_a_socket_with_the_persons_cookie(
+    server: Server,
+) -> None:
+    """Engine.IO answered any Origin with CORS and credentials. A page of the same site
+    (another port of localhost, a sibling subdomain: SameSite cookies are sent) could open
+    a polling session carrying the person's cookie and read its id; its server then sent
+    the connect packet and the actions itself, with a forged Origin, and acted as the
+    person (here: minted an enrollment code), the page's client id known (proxy logs)."""
+    page = await load(server, server.cookie)
+    sibling = "http://localhost:1"  # same site as the page's origin, another origin
+    host = server.origin.removeprefix("http://")
+    query = (
+        f"EIO=4&transport=polling&client_id={page.client_id}&tab_id={uuid.uuid4()}"
+        f"&document_id={uuid.uuid4()}&next_message_id=0&implicit_handshake=true"
+    )
+    before = len(server.registry_calls())
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        opened = await http.get(
+            f"/_nicegui_ws/socket.io/?{query}",
+            headers={"Host": host, "Cookie": server.cookie, "Origin": sibling},
+        )
+        # What the sibling page's script may read of that answer.
+        readable = opened.headers.get("access-control-allow-origin") in (sibling, "*")
+        if opened.status_code == 200 and readable:
+            sid = json.loads(opened.text[1:])["sid"]
+            forged = {"Host": host, "Origin": server.origin, "Content-Type": "text/plain"}
+            url = f"/_nicegui_ws/socket.io/?EIO=4&transport=polling&sid={sid}"
+            await http.post(url, content="40", headers=forged)
+            await http.get(url, headers=forged)  # the connect's answer
+            event = "42" + json.dumps(["event", click(page)])
+            await http.post(url, content=event, headers=forged)
+    assert not readable
+    assert opened.status_code == 403
+    assert not await until_called(server, "POST /v1/enrollments", before, 2)

@@ -122,6 +122,9 @@ def create_ui_app(
         reconnect_timeout=10.0,
     )
     bind_sockets_to_pages(core.sio, cookie)
+    # NiceGUI lets Engine.IO answer every origin with CORS and credentials; the page's
+    # socket is the page's own (the middleware refuses other origins before this too).
+    core.sio.eio.cors_allowed_origins = [settings.origin]
     app.add_middleware(
         SecurityMiddleware,
         origin=settings.origin,

@@ -374,6 +374,9 @@ def _browser() -> str | None:
     return peer.host if peer is not None else None
 
 
+# Lines break inside a word when nothing else fits (the CSS inherits): see Pages._frame.
+_WRAP_ANYWHERE = "[overflow-wrap:anywhere]"
+
 # Seconds the answer buttons of cards the page drew by itself stay off. A poll draws new
 # cards where the person's pointer may be (on an empty page, or over cards all greyed out):
 # a click already on its way would land on a request they have not read. (Browsers hold
@@ -527,7 +530,13 @@ class Pages:
                     ui.button("Sign out", on_click=sign_out).props("flat color=white"),
                     "Sign out",
                 )
-        main = ui.element("main").classes("w-full max-w-5xl mx-auto flex flex-col gap-4 p-2")
+        # An agent names resources and payees with up to 512 characters and no space: left
+        # unbroken, one such word widens its card's grid column past the screen, and the
+        # limits drawn in that column go with it (a daily cap of $9,000 starts off-screen).
+        # Wrapping anywhere (inherited by everything in main) keeps every line on screen.
+        main = ui.element("main").classes(
+            f"w-full max-w-5xl mx-auto flex flex-col gap-4 p-2 {_WRAP_ANYWHERE}"
+        )
         ui.skip_link(target=main)
         return main
 
@@ -725,7 +734,7 @@ class Pages:
         async def load(arm: bool = False) -> None:
             pending, steps = await pending_now()
             agents = await self.registry.agents(self._token(cookie_id))
-            names = {a["id"]: a["name"] for a in agents}
+            names = {a["id"]: str(a.get("name", a["id"])) for a in agents}
             ctx = Ctx(cookie_id, notice, load)
             board.drawn(str(r["id"]) for r in [*pending, *steps])
             requests_box.clear()
@@ -1091,6 +1100,12 @@ class Pages:
     ) -> None:
         cookie_id, notice, reload = ctx.cookie_id, ctx.notice, ctx.reload
         document = step["document"]
+        # The card names the grant, the agent and the deadline from the registry's row, and
+        # the passkey signs the document: they must be one payment, or the person approves
+        # a payment on another grant than the one named here (the card falls back to Refuse).
+        for key in ("id", "grant_id", "agent_id", "expires_at"):
+            if document[key] != step[key]:
+                raise ValueError(f"the payment's {key} is not the one its document signs")
         agent = names.get(step["agent_id"], step["agent_id"])
         what = f"{agent} asks to {describe_step_up(document)}"
         card = ui.card().classes("w-full")

@@ -278,8 +278,7 @@ class RegistryClient:
     # --- agents --------------------------------------------------------------------------
 
     async def agents(self, token: str) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = await self.call("GET", "/v1/agents", token=token)
-        return result
+        return _rows(await self.call("GET", "/v1/agents", token=token))
 
     async def enrollment(self, token: str) -> dict[str, Any]:
         result: dict[str, Any] = await self.call("POST", "/v1/enrollments", token=token)
@@ -292,10 +291,7 @@ class RegistryClient:
 
     async def grant_requests(self, token: str, status: str | None = None) -> list[dict[str, Any]]:
         params = {"status": status} if status else None
-        result: list[dict[str, Any]] = await self.call(
-            "GET", "/v1/grant-requests", token=token, params=params
-        )
-        return result
+        return _rows(await self.call("GET", "/v1/grant-requests", token=token, params=params))
 
     async def approval_begin(
         self, token: str, request_id: str, narrowed: dict[str, Any] | None = None
@@ -326,8 +322,7 @@ class RegistryClient:
         return result
 
     async def grants(self, token: str) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = await self.call("GET", "/v1/grants", token=token)
-        return result
+        return _rows(await self.call("GET", "/v1/grants", token=token))
 
     async def grant(self, token: str, grant_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self.call("GET", f"/v1/grants/{_seg(grant_id)}", token=token)
@@ -349,10 +344,7 @@ class RegistryClient:
 
     async def step_ups(self, token: str, status: str | None = None) -> list[dict[str, Any]]:
         params = {"status": status} if status else None
-        result: list[dict[str, Any]] = await self.call(
-            "GET", "/v1/step-ups", token=token, params=params
-        )
-        return result
+        return _rows(await self.call("GET", "/v1/step-ups", token=token, params=params))
 
     async def step_up_begin(self, token: str, step_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self.call(
@@ -408,6 +400,17 @@ class RegistryClient:
             params={"chain": chain, "first": str(int(first)), "second": str(int(second))},
         )
         return result
+
+
+def _rows(answer: Any) -> list[dict[str, Any]]:
+    """A listing as the pages read it: a JSON array of objects, each with a string ``id``.
+    Anything else is the registry's failure, said in the page's notice, not an exception
+    that fails the whole page (NiceGUI's 500, naming the exception)."""
+    if not isinstance(answer, list) or not all(
+        isinstance(row, dict) and isinstance(row.get("id"), str) for row in answer
+    ):
+        raise RegistryError(502, "invalid_response", "the registry's list is malformed", None)
+    return answer
 
 
 def _seg(value: str) -> str:

@@ -10,7 +10,9 @@ The human's registry session token never reaches the browser: this server keeps 
 - ``X-Frame-Options: DENY`` and CSP ``frame-ancestors 'none'``: the page cannot be framed;
 - state-changing HTTP methods and WebSocket handshakes (the page's actions travel over
   NiceGUI's socket) must come from the configured origin: the ``Origin`` header is
-  required and must match exactly, so a cross-site form, fetch or socket gets 403;
+  required and must match exactly, so a cross-site form, fetch or socket gets 403; any
+  other request naming another origin gets 403 too (a cross-origin read, such as a
+  same-site page opening a Socket.IO polling session with the person's cookie);
 - the ``Host`` header must be the origin's host, which stops DNS-rebinding pages (a GET
   for another host is redirected to the origin, so typing 127.0.0.1 still works; only the
   ``/healthz`` probe answers on any host);
@@ -245,7 +247,12 @@ class SecurityMiddleware:
                 await self._refuse(scope, receive, send, 400, b"unknown host")
             return
         unsafe = scope["type"] == "websocket" or scope["method"] not in _SAFE_METHODS
-        if unsafe and headers.get("origin") != self.origin:
+        origin = headers.get("origin")
+        # A GET naming another origin is another site's script reading this one (browsers
+        # send Origin on a GET only in CORS mode). None is served: Engine.IO would answer
+        # it with the person's cookie and hand out a polling session id, which a server
+        # then drives with a forged Origin (cookie-less, its requests pass), as the person.
+        if origin != self.origin and (unsafe or origin is not None):
             await self._refuse(scope, receive, send, 403, b"cross-origin request refused")
             return
         if scope["type"] == "websocket":
