@@ -3,6 +3,7 @@ characters: the registry's input models refuse them, so the page never has to sh
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 import pytest
@@ -32,6 +33,17 @@ HIDDEN = [
     pytest.param("\u115fShopping bot", id="hangul-choseong-filler"),
     pytest.param("Shop\u034fping bot", id="combining-grapheme-joiner"),
     pytest.param("Shopping bot\u17b4", id="khmer-inherent-vowel"),
+    pytest.param("Shopping\u2800\u2800bot", id="braille-blank"),
+]
+# Drawn, but over or away from the page's own lines: a pile of marks covers the line that
+# tells look-alike agents apart, a run of wide spaces pushes an amount off the line.
+PILED = [
+    pytest.param("Shopping bot" + "\u0331" * 5, "combining marks", id="five-marks-below"),
+    pytest.param("S" + "\u0301\u0300\u0302\u0303\u0304" * 20, "combining marks", id="zalgo"),
+    pytest.param("Shopping" + "\u20dd" * 5 + " bot", "combining marks", id="enclosing-marks"),
+    pytest.param("Shopping" + " " * 4 + "bot", "spaces in a row", id="four-spaces"),
+    pytest.param("Shopping" + "\u3000" * 40 + "bot", "spaces in a row", id="ideographic-spaces"),
+    pytest.param("Shopping" + "\u00a0 \u2003\u00a0" + "bot", "spaces in a row", id="mixed"),
 ]
 # What a name may well hold: accents, other scripts, symbols, emoji, inner spaces.
 READABLE = [
@@ -42,6 +54,10 @@ READABLE = [
     "🛒 bot",
     "❤\ufe0f bot",
     "a  b",
+    "a \u00a0 b",  # three spaces in a row at most
+    "Tiếng Việt",  # precomposed
+    unicodedata.normalize("NFD", "Tiếng Việt"),  # two marks on one letter
+    "ཧཱུྃ",  # a Tibetan stack: three marks on one letter
 ]
 
 ENROLLMENT = "e" * 16
@@ -79,6 +95,22 @@ def test_hidden_characters_are_refused_wherever_an_agent_names_something(text: s
         ProviderIn.model_validate(provider(display_name=text))
     with pytest.raises(ValidationError):
         ProviderIn.model_validate(provider(audience="https://shop.example/" + text))
+
+
+@pytest.mark.parametrize(("text", "says"), PILED)
+def test_piles_of_marks_or_spaces_are_refused_wherever_an_agent_names_something(
+    text: str, says: str
+) -> None:
+    """The approval page drew 100 stacked marks below a name over the line under it, and a
+    run of wide spaces pushed the rest of a line away; neither was refused."""
+    with pytest.raises(ValueError, match=says):
+        check_display_text(text)
+    with pytest.raises(ValidationError):
+        AgentIn.model_validate(agent(text))
+    with pytest.raises(ValidationError):
+        GrantRequestIn.model_validate(read_request(text))
+    with pytest.raises(ValidationError):
+        ProviderIn.model_validate(provider(display_name=text))
 
 
 @pytest.mark.parametrize("text", READABLE)

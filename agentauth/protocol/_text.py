@@ -22,16 +22,34 @@ _INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 # nothing), the combining grapheme joiner and the Khmer inherent vowels (marks, Mn, that
 # draw nothing). Variation selectors are kept: they choose how an emoji is drawn, and
 # names hold emoji.
-_BLANK = frozenset({"\u115f", "\u1160", "\u3164", "\uffa0", "\u034f", "\u17b4", "\u17b5"})
+# The Braille blank (So) draws nothing either.
+_BLANK = frozenset({"\u115f", "\u1160", "\u3164", "\uffa0", "\u034f", "\u17b4", "\u17b5", "\u2800"})
+# Marks stack on the letter before them, above and below: scripts need a few on one letter
+# (Vietnamese two, Hebrew points and cantillation or Tibetan stacks up to four), while a
+# pile of them draws over the page's lines above and below the name (the one that tells
+# look-alike agents apart among them).
+_MAX_MARKS = 4
+# Spaces of any width in a row push the rest of a line (an amount) away; a name or filter
+# has no use for more than a few.
+_MAX_SPACES = 3
 
 
 def check_display_text(text: str) -> str:
-    """``text`` unchanged, or ValueError naming the first control or format character.
+    """``text`` unchanged, or ValueError naming the first control or format character, or
+    a pile of combining marks or of spaces.
 
     Usable as a pydantic ``AfterValidator`` (the error becomes a validation error).
     """
+    marks = spaces = 0
     for char in text:
-        if unicodedata.category(char) in _INVISIBLE or char in _BLANK:
+        category = unicodedata.category(char)
+        if category in _INVISIBLE or char in _BLANK:
             name = unicodedata.name(char, "a control character")
             raise ValueError(f"must not contain U+{ord(char):04X} ({name})")
+        marks = marks + 1 if category in ("Mn", "Me") else 0
+        if marks > _MAX_MARKS:
+            raise ValueError(f"must not stack more than {_MAX_MARKS} combining marks")
+        spaces = spaces + 1 if category == "Zs" else 0
+        if spaces > _MAX_SPACES:
+            raise ValueError(f"must not hold more than {_MAX_SPACES} spaces in a row")
     return text
