@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from conftest import new_database
+from fakes.disk import synced_directories
 from fakes.vault import FakeVault
 
 from agentauth.keys import SignerUnavailable
@@ -299,19 +300,7 @@ async def test_a_new_local_key_is_on_disk_under_its_kid_before_its_row_commits(
     """A new local key was written under a temporary name, then renamed after its kid,
     and that rename was never synced: a crash after the row committed could leave the kid
     on record with no file of that name, and every replica refusing it for good."""
-    import os
-    import stat
-
-    synced: list[tuple[int, list[str]]] = []
-    fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            synced.append((st.st_ino, sorted(os.listdir(fd))))
-        fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
+    synced = synced_directories(monkeypatch)
     manager = await replicas(settings(database, tmp_path))
     keys_dir = tmp_path / "keys"
     now = 1_900_000_000

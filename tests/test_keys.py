@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes.disk import synced_directories
 from fakes.gcp_kms import FakeGcpKms
 from fakes.net import BlackHole, refused_url
 from fakes.vault import FakeVault
@@ -206,21 +207,6 @@ def test_local_file_refuses_a_symlink(tmp_path: Path) -> None:
     with pytest.raises(SignerUnavailable, match="cannot use key file") as caught:
         LocalFileSigner.load_or_create(link)
     assert caught.value.reason == "bad_key_file"
-
-
-def synced_directories(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, list[str]]]:
-    """Records each directory fsync: the directory's inode and the names it held then."""
-    synced: list[tuple[int, list[str]]] = []
-    fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            synced.append((st.st_ino, sorted(os.listdir(fd))))
-        fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
-    return synced
 
 
 @pytest.mark.parametrize("make", ["load_or_create", "create_in"])
