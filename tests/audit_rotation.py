@@ -73,7 +73,8 @@ class RotatedRegistry:
                 )
 
     async def checkpoint_with_old_key(self, *, at: int) -> None:
-        """Sign every grown chain with A, dated ``at`` (A need not be signing then)."""
+        """Sign every grown chain with A, dated ``at`` (inside A's window: the checkpointer
+        signs nothing its key's window does not cover; a thief uses ``seal_with_old_key``)."""
         signer = await self.registry.keys.signer(self.signed_by_old_at)
         assert signer.kid == self.old_kid
         keys = await self.registry.checkpoint_keys()
@@ -84,6 +85,12 @@ class RotatedRegistry:
     async def backdate_with_old_key(self, chain: str) -> None:
         """What a thief of A could do after the rotation: sign ``chain`` as it is now, dated
         inside A's signing window (by hand: the registry's checkpointer would not)."""
+        await self.seal_with_old_key(chain, at=self.signed_by_old_at)
+
+    async def seal_with_old_key(self, chain: str, *, at: int) -> None:
+        """What a thief of A could do: sign ``chain`` as it is now with A, dated ``at``, and
+        store the checkpoint (by hand: the registry's checkpointer signs nothing outside its
+        key's window)."""
         signer = await self.registry.keys.signer(self.signed_by_old_at)
         leaves = [
             bytes(r["entry_hash"])
@@ -98,7 +105,7 @@ class RotatedRegistry:
             chain=chain,
             size=len(leaves),
             root=b64url_encode(frontier.root()),
-            time=self.signed_by_old_at,
+            time=at,
         )
         await self.execute(
             "INSERT INTO audit_checkpoints (chain, size, root, frontier, signed, time)"

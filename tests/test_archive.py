@@ -673,7 +673,7 @@ async def test_after_a_rotation_the_archive_verifies_with_the_published_audit_ke
         # The old key, long retired, signs the quiet chain again, dated now: the exporter
         # refuses that segment (the database's windows), and an archive holding it fails.
         await rotated.append(keys_on_chains(rotated.registry, {QUIET}, 2))
-        await rotated.checkpoint_with_old_key(at=int(time.time()))
+        await rotated.seal_with_old_key(QUIET, at=int(time.time()))
         with pytest.raises(ArchiveIntegrityError) as caught:
             await export(rotated.url, store)
         (problem,) = caught.value.problems

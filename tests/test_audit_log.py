@@ -21,11 +21,14 @@ from conftest import migrated_connection
 from agentauth.keys import LocalFileSigner
 from agentauth.protocol import (
     AuditEvent,
+    AuditKey,
+    AuditKeys,
     Checkpoint,
     IntegrityError,
     KeySet,
     MerkleFrontier,
     PrivateKey,
+    PublicKey,
     b64url_encode,
     check_checkpoint_dated,
     consistency_proof,
@@ -34,7 +37,7 @@ from agentauth.protocol import (
     verify_checkpoint,
     verify_consistency,
 )
-from agentauth.registry._audit_log import AuditLog
+from agentauth.registry._audit_log import AuditLog, sign_document
 
 pytestmark = [pytest.mark.postgres]
 
@@ -463,3 +466,121 @@ async def test_a_checkpoint_of_events_all_checked_ahead_is_dated_by_them(
     made = await log.checkpoint(conn, CHAIN, signer, keys=keys, now=now)
     assert made is not None
     assert verify_checkpoint(made["signed"], keys=keys).time == now + 3_601
+
+
+@pytest.mark.asyncio
+async def test_a_checkpoint_dated_outside_its_keys_window_is_not_extended(
+    conn: asyncpg.Connection, signer: LocalFileSigner
+) -> None:
+    # A key retired long ago leaks. The insider rewrites history and signs its tree with
+    # that key under a date after the key retired, which every verifier refuses: a process
+    # that has just started must refuse it too, not extend it under the current key.
+    retired = PrivateKey.generate(kid="retired")
+    keys = AuditKeys(
+        [
+            AuditKey(signer.public_key(), 0),
+            AuditKey(PublicKey.from_jwk(retired.public_jwk()), 0, 1_600_000_000),
+        ]
+    )
+    log = AuditLog(chains=1)
+    await log.ensure_chains(conn)
+    await append(log, conn, 6)
+    await checkpoint(log, conn, signer, keys)
+    await rewrite(conn, 2, forged)
+    tree = MerkleFrontier()
+    for row in await conn.fetch("SELECT entry_hash FROM audit_events ORDER BY seq"):
+        tree.append(bytes(row["entry_hash"]))
+    leaked = sign_checkpoint(
+        Checkpoint(chain=CHAIN, size=6, root=b64url_encode(tree.root()), time=1_700_000_000),
+        retired,
+    )
+    await conn.execute(
+        "UPDATE audit_checkpoints SET root = $1, frontier = $2, signed = $3",
+        tree.root(),
+        tree.state(),
+        leaked,
+    )
+    await append(log, conn, 2)
+    assert (await refused(AuditLog(chains=1), conn, signer, keys)).reason == "key_window"
+
+
+@pytest.mark.asyncio
+async def test_no_checkpoint_is_signed_outside_the_signers_window(
+    conn: asyncpg.Connection, signer: LocalFileSigner
+) -> None:
+    # The signer's key retired before the date the checkpoint would carry: every verifier
+    # would refuse it, and so would this checkpointer once restarted. Nothing is signed.
+    own = signer.public_key()
+    keys = AuditKeys([AuditKey(own, 0, 1_600_000_000)])
+    log = AuditLog(chains=1)
+    await log.ensure_chains(conn)
+    await append(log, conn, 3)
+    assert (await refused(log, conn, signer, keys)).reason == "key_window"
+    # Inside the window it signs as before.
+    keys = AuditKeys([AuditKey(own, 0, 1_800_000_000)])
+    made = await checkpoint(log, conn, signer, keys)
+    assert made is not None and made.size == 3
+
+
+@pytest.mark.asyncio
+async def test_a_signed_empty_checkpoint_is_extended(
+    conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
+) -> None:
+    # A signed checkpoint of the empty tree has no last leaf to read: the first event
+    # links to genesis. It used to escape as an IndexError, which stopped every chain's
+    # checkpoint in the round (checkpoint_all catches IntegrityError only).
+    log = AuditLog(chains=1)
+    await log.ensure_chains(conn)
+    empty = Checkpoint(chain=CHAIN, size=0, root=b64url_encode(MerkleFrontier().root()), time=0)
+    await conn.execute(
+        "INSERT INTO audit_checkpoints (chain, size, root, frontier, signed, time)"
+        " VALUES ($1, 0, $2, $3, $4, 0)",
+        CHAIN,
+        MerkleFrontier().root(),
+        [],
+        await sign_document(empty, signer),
+    )
+    await append(log, conn, 3)
+    made = await checkpoint(AuditLog(chains=1), conn, signer, keys)
+    assert made is not None and made.root_bytes() == await tree_of(conn, 3)
+
+
+@pytest.mark.asyncio
+async def test_a_checkpoint_backdated_before_its_events_is_not_extended(
+    conn: asyncpg.Connection, signer: LocalFileSigner
+) -> None:
+    # The leaked retired key signs the rewritten history under a date inside its window,
+    # before the events it covers (dated now): every verifier refuses it as backdated. A
+    # process that has just started, or one that signed an earlier checkpoint, must not
+    # extend it under the current key, whose checkpoint the approval page alone checks.
+    retired = PrivateKey.generate(kid="retired")
+    keys = AuditKeys(
+        [
+            AuditKey(signer.public_key(), 0),
+            AuditKey(PublicKey.from_jwk(retired.public_jwk()), 0, 1_600_000_000),
+        ]
+    )
+    log = AuditLog(chains=1)
+    await log.ensure_chains(conn)
+    await append(log, conn, 3)
+    await checkpoint(log, conn, signer, keys)
+    await append(log, conn, 3)
+    await rewrite(conn, 4, forged)
+    tree = MerkleFrontier()
+    for row in await conn.fetch("SELECT entry_hash FROM audit_events ORDER BY seq"):
+        tree.append(bytes(row["entry_hash"]))
+    sealed = sign_checkpoint(
+        Checkpoint(chain=CHAIN, size=6, root=b64url_encode(tree.root()), time=1_500_000_000),
+        retired,
+    )
+    await conn.execute(
+        "INSERT INTO audit_checkpoints (chain, size, root, frontier, signed, time)"
+        " VALUES ($1, 6, $2, $3, $4, 1500000000)",
+        CHAIN,
+        tree.root(),
+        tree.state(),
+        sealed,
+    )
+    await append(log, conn, 1)
+    assert (await refused(AuditLog(chains=1), conn, signer, keys)).reason == "dated"
+    assert (await refused(log, conn, signer, keys)).reason == "dated"

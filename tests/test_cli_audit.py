@@ -527,7 +527,7 @@ async def test_after_a_rotation_the_published_audit_key_list_verifies_every_chec
 
         # The old key, long retired, signs a checkpoint dated now (it leaked, say).
         await rotated.append(keys_on_chains(rotated.registry, {QUIET}, 2))
-        await rotated.checkpoint_with_old_key(at=int(time.time()))
+        await rotated.seal_with_old_key(QUIET, at=int(time.time()))
         for args in (("--audit-keys", audit_keys), ()):
             late = run_verify(rotated.url, *args)
             assert late.returncode == 1

@@ -32,6 +32,7 @@ from ..protocol import (
     CHECKPOINT_TYP,
     GENESIS_HASH,
     AuditEvent,
+    AuditKeys,
     ChainHead,
     Checkpoint,
     IntegrityError,
@@ -41,10 +42,10 @@ from ..protocol import (
     NotFound,
     b64url_decode,
     b64url_encode,
+    check_checkpoint_dated,
     leaf_hash,
     merkle_root,
     strict_json_loads,
-    verify_checkpoint,
 )
 from ..protocol._jws import attach_signature, signing_input
 from ..protocol._merkle import consistency_proof_ranges, inclusion_proof_ranges
@@ -156,9 +157,11 @@ class AuditLog:
 
         ``keys`` are the registry's verification keys, retired ones included: the latest
         stored checkpoint must be signed by one of them unless this process already knows
-        its tree. Raises ``IntegrityError`` and signs nothing when the stored checkpoint or
-        the new events do not check out. A transaction-level advisory lock per chain lets
-        only one replica checkpoint a chain at a time.
+        its tree. With ``AuditKeys`` (the registry's audit key list) its date must lie in
+        its key's signing window, and so must the new checkpoint's in ``signer``'s. Raises
+        ``IntegrityError`` and signs nothing when the stored checkpoint or the new events
+        do not check out. A transaction-level advisory lock per chain lets only one replica
+        checkpoint a chain at a time.
         """
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", "ckpt:" + chain)
@@ -189,6 +192,17 @@ class AuditLog:
                 # every verifier requires (check_checkpoint_dated): a shard's clock a little
                 # ahead of this replica's must not make an honest checkpoint look backdated.
                 dated = max(now, newest, last["time"] if last else 0)
+                # Never sign what every verifier (and this checkpointer, once restarted)
+                # refuses: a date outside the signing key's window, which a shard's clock far
+                # ahead or a key retiring under a long round can give. The chain waits
+                # (audit lag) for a round whose key covers the date.
+                window = keys.entry(signer.kid) if isinstance(keys, AuditKeys) else None
+                if isinstance(keys, AuditKeys) and (window is None or not window.signs_at(dated)):
+                    raise IntegrityError(
+                        f"a checkpoint dated {dated} is outside the signing window of key"
+                        f" {signer.kid}",
+                        reason="key_window",
+                    )
                 checkpoint = Checkpoint(
                     chain=chain, size=size, root=b64url_encode(tree.root), time=dated
                 )
@@ -298,11 +312,17 @@ class AuditLog:
             if frontier.root() != known.root:
                 raise IntegrityError(f"the checkpoint at {size} was replaced", reason="root")
             return known
-        signed = verify_checkpoint(last["signed"], keys=keys)
+        # Its key's signing window too, as every verifier checks it: a retired key that
+        # leaked must not get a checkpoint it signs under a later date extended (and so
+        # vouched for) by the current key. Keys without windows (a plain JWKS) skip it.
+        signed = AuditKeys.from_key_set(keys).verify(last["signed"])
         if signed.chain != chain or signed.size != size or signed.root_bytes() != frontier.root():
             raise IntegrityError(
                 f"the checkpoint at {size} is not the one its signature covers", reason="root"
             )
+        if known is None and size == 0:
+            # A signed empty tree: nothing to read, and the first event links to genesis.
+            return ChainHead(size=0, head=GENESIS_HASH, frontier=frontier)
         if known is None:
             # Nothing remembered yet (this process just started): the signature is all
             # there is to go on. The last leaf, which the next event must link to, is
@@ -311,6 +331,7 @@ class AuditLog:
             leaves = await self._stored_leaves(conn, chain, size - width, size)
             if _root_of(leaves) != frontier.state()[-1]:
                 raise IntegrityError(f"events before {size} disagree with it", reason="root")
+            await _check_dated(conn, signed, leaves[-1])
             return ChainHead(size=size, head=leaves[-1], frontier=frontier)
         # Another replica signed since: its tree must be this one's plus the leaves between,
         # whose stored hashes the matching root then vouches for.
@@ -323,6 +344,7 @@ class AuditLog:
                 f"the checkpoint at {size} does not extend the one at {known.size}",
                 reason="fork",
             )
+        await _check_dated(conn, signed, leaves[-1])
         return ChainHead(size=size, head=leaves[-1], frontier=extended)
 
     async def _stored_leaves(self, conn: Conn, chain: str, start: int, end: int) -> list[bytes]:
@@ -537,6 +559,28 @@ async def _store_nodes(
         [idx for (_, idx), _ in nodes],
         [node for _, node in nodes],
     )
+
+
+async def _check_dated(conn: Conn, signed: Checkpoint, last_leaf: bytes) -> None:
+    """Check, as every verifier does (``check_checkpoint_dated``), that a stored checkpoint
+    is dated no earlier than the last event it covers, whose leaf hash ``last_leaf`` its
+    signed root vouches for. A retired key that leaked signs only inside its old window, so
+    over newer events its checkpoint is backdated: extended here, the current key would
+    vouch for what it sealed, and a verifier that checks only the latest checkpoint (the
+    approval page) would see nothing wrong."""
+    seq = signed.size - 1
+    body = await conn.fetchval(
+        "SELECT body FROM audit_events WHERE chain = $1 AND seq = $2", signed.chain, seq
+    )
+    if body is None or leaf_hash(body.encode("utf-8")) != last_leaf:
+        raise IntegrityError(f"event {seq}'s body is not the one checkpointed", reason="hash")
+    try:
+        time_ms = strict_json_loads(body.encode("utf-8")).get("time_ms")
+    except (InvalidRequest, AttributeError):
+        time_ms = None
+    if type(time_ms) is not int:
+        raise IntegrityError(f"event {seq} has no time", reason="malformed")
+    check_checkpoint_dated(signed, newest_event_ms=time_ms)
 
 
 def _newest_second(body: str) -> int:
