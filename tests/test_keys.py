@@ -63,12 +63,13 @@ SHORT = 0.4
 
 @pytest.fixture(autouse=True)
 def _fresh_warning_throttle(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test starts with no backend warning said yet: the signers' throttle is shared
+    """Each test starts with no backend warning said yet: the signers' throttles are shared
     by the process, and a line one test caused would hold back the line another expects."""
     from agentauth._logs import Throttle
-    from agentauth.keys import _base
+    from agentauth.keys import _base, _vault
 
     monkeypatch.setattr(_base, "_said", Throttle(30.0))
+    monkeypatch.setattr(_vault, "_said", Throttle(30.0))
 
 
 async def assert_signs(signer: AsyncSigner) -> bytes:
