@@ -15,7 +15,6 @@ turns into a deny, never into a hang or an allow.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -29,7 +28,16 @@ from .._logs import Throttle
 from ..metrics import increment, observe
 from ._shard import AUDIT_UNAVAILABLE, UNDELIVERED, Result
 from ._state import ANY_ALLOW, Check
-from ._wire import ACKS_ANNOUNCED, Codec, ack_id, decode_results, frame, link_tls, read_frame
+from ._wire import (
+    ACK_AFTER,
+    ACKS_ANNOUNCED,
+    Codec,
+    ack_id,
+    decode_results,
+    frame,
+    link_tls,
+    read_frame,
+)
 
 __all__ = ["ShardClient"]
 
@@ -46,13 +54,33 @@ _UNAVAILABLE = Result(False, "state_unavailable")
 
 def _result(row: Row) -> Result:
     """A shard's answer row (see _wire.encode_results); raises on one of another shape."""
+    # An event that is not text would come back in a void the shard refuses as malformed,
+    # dropping the link and every call on it.
+    if not isinstance(row[1], str) or not (row[4] is None or isinstance(row[4], str)):
+        raise TypeError("a reason and an event id of text expected")
     return Result(row[0] is True, row[1], row[2], row[3], row[4])
+
+
+def _results(rows: list[Row], count: int) -> list[Result]:
+    """A call's answer, one row per check; raises (ValueError, IndexError, TypeError) on
+    one not of the agreed shape."""
+    if len(rows) != count:
+        raise ValueError("one row per check expected")
+    return [_result(row) for row in rows]
 
 
 _TIMEOUT = Result(False, "state_timeout")
 # The least of a timeout a call sent right after a slow connect is given: 10 % of it (4 ms
-# at the default 40), so such a check is answered within 1.1 timeouts at worst.
+# at the default 40), so such a check is answered within 1.1 timeouts at worst. A check
+# queued behind a batch that waited for the same connect gets as much for the connect
+# and as much for its call: 1.2 at worst (it was 2, a whole timeout for each).
 _CALL_FLOOR = 0.1
+# A shard acknowledges a batch ACK_AFTER after reading it, so a call out for less than
+# this may be unacknowledged only because its ack is still on its way: its overrun says
+# the shard is slow, not stopped. (A call sent with the floor above, 4 ms at the default
+# timeout, overran "unacknowledged" on every healthy shard slower than that, and every
+# check was denied at once until it answered.)
+_ACK_WINDOW = 2 * ACK_AFTER
 # A shard down denies every batch for it, hundreds a second: said once per shard per period.
 _SAID_EVERY = 30.0
 
@@ -101,6 +129,7 @@ class _Link:
         # out it has acknowledged (see _wire.ACKS_ANNOUNCED).
         self.acks = False
         self._acked: set[int] = set()
+        self._closed = False
         self._task = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
@@ -121,7 +150,7 @@ class _Link:
 
     @property
     def alive(self) -> bool:
-        return not self._task.done()
+        return not self._closed and not self._task.done()
 
     def send(self, checks: list[Check]) -> tuple[int, asyncio.Future[list[Row]]]:
         """Send a batch now: its request id, and a future that gets its answer (or
@@ -140,7 +169,20 @@ class _Link:
         return request_id in self._acked
 
     def close(self) -> None:
+        """End the link now: its socket, its reader and its calls (each gets
+        ConnectionError). Done here, not left to the reader's ``finally``: a reader
+        cancelled before its first step never runs that, and its socket and calls would
+        stay open for good (a link closed in the turn it opened)."""
+        self._closed = True
         self._task.cancel()
+        self._writer.close()
+        self._fail_calls()
+
+    def _fail_calls(self) -> None:
+        calls, self._calls = self._calls, {}
+        for future in calls.values():
+            if not future.done():
+                future.set_exception(ConnectionError("shard link closed"))
 
     async def _read(self) -> None:
         try:
@@ -161,10 +203,9 @@ class _Link:
         except Exception:  # end of stream, reset, garbage: the link is gone
             log.debug("shard link closed", exc_info=True)
         finally:
+            self._closed = True
             self._writer.close()
-            for future in self._calls.values():
-                if not future.done():
-                    future.set_exception(ConnectionError("shard link closed"))
+            self._fail_calls()
 
 
 def _consume(task: asyncio.Task[_Link]) -> None:
@@ -240,6 +281,7 @@ class ShardClient:
             deque(maxlen=_MAX_UNSETTLED) for _ in handles
         ]
         self._tags = [{"shard": str(i)} for i in range(len(handles))]
+        self._closed = False
         self.batches = 0
         self.checks = 0  # sent; every one is a decision of a request, given up, or a void
         self.given_up = 0  # ... whose request was cancelled before it took its answer
@@ -261,11 +303,23 @@ class ShardClient:
         )
 
     def close(self) -> None:
+        """End every link, connect and queued check now (those get ``state_unavailable``);
+        calls out are denied as their links close. Nothing reconnects afterwards: the
+        checks that queued behind those calls, a settling and a check that comes later are
+        denied, not sent (before, the first of them opened a new link that nobody closed)."""
+        self._closed = True
+        for task in self._connecting:
+            if task is not None:
+                task.cancel()
         for link in self._links:
             if link is not None:
                 link.close()
+        for shard in range(len(self._handles)):
+            self._flush(shard)
 
     async def check(self, shard: int, check: Check) -> Result:
+        if self._closed:
+            return _UNAVAILABLE
         if self._looks_hung(shard):
             self._keep_voids(shard, [check])
             return _TIMEOUT
@@ -298,13 +352,14 @@ class ShardClient:
 
     def _flush(self, shard: int) -> None:
         self._scheduled[shard] = False
-        if self._looks_hung(shard):
+        if self._closed or self._looks_hung(shard):
             queue, self._queues[shard] = self._queues[shard], []
             self._queued_at[shard] = []
             self._keep_voids(shard, [check for check, _ in queue])
+            denied = _UNAVAILABLE if self._closed else _TIMEOUT
             for _, future in queue:
                 if not future.done():
-                    future.set_result(_TIMEOUT)
+                    future.set_result(denied)
             return
         if (
             self._inflight[shard] >= self._max_inflight
@@ -330,11 +385,13 @@ class ShardClient:
         self._inflight[shard] += 1
         link = self._links[shard]
         if link is None or not link.alive:
-            self._watch(self._connect_and_send(shard, queue))
+            self._watch(self._connect_and_send(shard, queue, queued_at[sent[0]]))
         elif (out := self._send(shard, link, queue)) is not None:  # leaves now, not a turn later
             self._watch(self._wait(out))
 
     def _unreachable(self, shard: int) -> None:
+        if self._closed:
+            return  # closing: its calls fail for that, not for an unreachable shard
         self._said.log(
             log,
             ("unreachable", shard),
@@ -360,6 +417,8 @@ class ShardClient:
             return None
 
     async def _link(self, shard: int) -> _Link:
+        if self._closed:
+            raise ConnectionError("shard client closed")
         link = self._links[shard]
         if link is not None and link.alive:
             return link
@@ -374,7 +433,16 @@ class ShardClient:
             # The link broke: the shard is gone or restarting, which takes Ray seconds.
             # Deny at once meanwhile; the reconnect goes on in the background.
             raise ConnectionError("shard link broken; reconnecting")
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The connect was cancelled (close()), not this wait: a failure to connect for
+            # whoever waits, who denies its checks, rather than a cancellation that would
+            # leave them unanswered.
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or not current.cancelling()):
+                raise ConnectionError("shard client closed") from None
+            raise
 
     async def _open(self, shard: int) -> _Link:
         try:
@@ -385,6 +453,9 @@ class ShardClient:
             link = await asyncio.wait_for(
                 _Link.open(host, port, token, self._tls), self._connect_timeout
             )
+            if self._closed:  # closed while this connect was finishing: not kept
+                link.close()
+                raise ConnectionError("shard client closed")
             self._links[shard] = link
             # The link before this one is gone, and the incarnation behind it may be too.
             unsure, self._unsure[shard] = self._unsure[shard], deque(maxlen=_MAX_UNSETTLED)
@@ -401,11 +472,17 @@ class ShardClient:
             self._connecting[shard] = None
 
     async def _connect_and_send(
-        self, shard: int, items: list[tuple[Check, asyncio.Future[Result]]]
+        self, shard: int, items: list[tuple[Check, asyncio.Future[Result]]], since: float
     ) -> None:
-        started = time.perf_counter()
+        """Send ``items`` once the link is up. ``since`` is when the oldest of them was
+        queued: checks that queued behind a batch waiting for this same connect have
+        waited for it too, and are given only what is left of their timeout."""
+        started = min(since, time.perf_counter())
+        floor = self._timeout * _CALL_FLOOR
         try:
-            link = await asyncio.wait_for(self._link(shard), self._timeout)
+            link = await asyncio.wait_for(
+                self._link(shard), max(self._timeout - (time.perf_counter() - started), floor)
+            )
         except Exception:  # dead, restarting or unreachable: deny, never allow
             self._unreachable(shard)
             self._keep_voids(shard, [check for check, _ in items])
@@ -416,7 +493,7 @@ class ShardClient:
             # check is answered within one timeout (plus a floor that lets a call that left
             # at the last moment have a chance), not a connect's timeout and a call's.
             spent = time.perf_counter() - started
-            await self._wait(out, max(self._timeout - spent, self._timeout * _CALL_FLOOR))
+            await self._wait(out, max(self._timeout - spent, floor))
 
     async def _wait(self, out: _Out, timeout: float | None = None) -> None:
         """See a sent call through. Its checks are answered with its rows, or denied at its
@@ -451,22 +528,28 @@ class ShardClient:
             self._overrun[shard] = 0  # it answers: whatever else is out will follow
             self._stopped[shard] = False
             checks = [check for check, _ in items]
-            if len(rows) != len(items):
+            try:
+                late = _results(rows, len(items))
+            except (ValueError, IndexError, TypeError):
+                # As for an answer in time (below): nothing in it is trusted, the checks'
+                # fate is unknown, and the link goes. (A row cut short used to end this
+                # task with an IndexError: its checks were never asked about.)
+                log.warning(
+                    "shard %s sent a malformed late answer; its checks are asked about", shard
+                )
                 self._unsettle(shard, checks, "state_timeout")
+                out.link.close()
                 return
             # Voids among them that the shard could not record are asked about again.
             self._keep_voids(
-                shard, [c for c, row in zip(checks, rows, strict=True) if row[4] is None]
+                shard, [c for c, r in zip(checks, late, strict=True) if r.audit_event is None]
             )
-            with contextlib.suppress(IndexError, TypeError):  # malformed: _void says so
-                self._hold_unsure(shard, out.link, checks, [_result(r) for r in rows])
-            await self._void(shard, list(zip(checks, rows, strict=True)))
+            late = self._hold_unsure(shard, out.link, checks, late)
+            await self._void(shard, list(zip(checks, late, strict=True)))
             return
         observe("shard_call", time.perf_counter() - out.sent, self._tags[shard])
         try:
-            if len(rows) != len(items):
-                raise ValueError("one row per check expected")
-            results = [_result(r) for r in rows]
+            results = _results(rows, len(items))
         except (ValueError, IndexError, TypeError):
             # Not the answer agreed on: nothing in it is trusted, and whatever the shard
             # decided for these checks is unknown, as if the link had broken.
@@ -538,7 +621,11 @@ class ShardClient:
         out.expired = True
         self._overrun[out.shard] += 1
         self.overruns += 1
-        acknowledged = not out.link.acks or out.link.acked(out.request_id)
+        acknowledged = (
+            not out.link.acks
+            or out.link.acked(out.request_id)
+            or time.perf_counter() - out.sent < _ACK_WINDOW
+        )
         if not acknowledged:
             self._stopped[out.shard] = True  # the checks queued behind go with these
             self.unacknowledged += 1
@@ -589,7 +676,7 @@ class ShardClient:
     async def _record_voids(self, shard: int, voids: list[Check]) -> None:
         await asyncio.gather(*(self.check(shard, void) for void in voids))
 
-    async def _void(self, shard: int, answered: list[tuple[Check, Row]]) -> None:
+    async def _void(self, shard: int, answered: list[tuple[Check, Result]]) -> None:
         """Record on the chain that these allows reached no client (each was answered
         ``state_timeout``), so the chain says what the provider was told. What the allow
         reserved stays reserved: a proof is single-use, and spend is not handed back for a
@@ -597,9 +684,9 @@ class ShardClient:
         (its call fails, overruns and never answers, or the shard cannot write) is kept and
         asked about again by its proof (``_keep_voids``, ``_settle``)."""
         voids = [
-            check.voiding("state_timeout", row[4])
-            for check, row in answered
-            if row[0] is True and isinstance(row[4], str)
+            check.voiding("state_timeout", result.audit_event)
+            for check, result in answered
+            if result.allowed and result.audit_event
         ]
         if voids:
             await self._record_voids(shard, voids)
