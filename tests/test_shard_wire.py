@@ -171,6 +171,33 @@ async def test_a_linked_verifier_gets_decisions(shard: StateShard, database_url:
 
 
 @pytest.mark.asyncio
+async def test_a_link_reset_by_its_replica_does_not_stop_close_halfway(
+    migrated_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() waited for each link's socket in turn, and the wait of a link its replica had
+    reset (a crashed replica) raised ConnectionResetError out of close(): the other links
+    and the database connection stayed open."""
+    shard = StateShard(index=702, database_url=migrated_database_url)
+    host, port, token = await shard.endpoint()
+    links = [await _linked(host, port, token) for _ in range(2)]
+    reader, writer = links[0]
+    writer.write(Codec().encode_checks(1, [_check()]))
+    await _frames_until_answer(reader)  # the database connection is open now
+    assert shard.stats()["connected"]
+    reset, other = list(shard._peers)[:2]
+
+    async def reset_by_peer() -> None:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(reset, "wait_closed", reset_by_peer)
+    await shard.close()
+    assert not shard.stats()["connected"]
+    assert other.is_closing()
+    for link_reader, link_writer in links:
+        assert await _closed(link_reader, link_writer)
+
+
+@pytest.mark.asyncio
 async def test_a_batch_the_shard_is_slow_to_answer_is_acknowledged_first(
     shard: StateShard, monkeypatch: pytest.MonkeyPatch
 ) -> None:

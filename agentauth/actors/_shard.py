@@ -216,6 +216,10 @@ def _remaining_json(remaining: Remaining | None) -> dict[str, Any] | None:
     }
 
 
+# How long close() waits for the links' sockets to finish closing.
+_CLOSE_WAIT = 2.0
+
+
 class StateShard:
     """A Ray actor (created with ``ray.remote``); async, one batch at a time."""
 
@@ -1039,9 +1043,19 @@ class StateShard:
             self._accepting.cancel()
         if self._listener is not None:
             self._listener.close()
-        for writer in list(self._peers):
+        writers = list(self._peers)
+        for writer in writers:
             writer.close()
-            await writer.wait_closed()
+        if writers:
+            # Each waited for, whatever it raises: a replica that reset its connection (it
+            # crashed) makes wait_closed raise, and that used to end close() there, leaving
+            # the other links and the database connection open. Bounded: a TLS link to a
+            # peer that stopped reading would hold its shutdown for up to 30 s.
+            with contextlib.suppress(TimeoutError):
+                await wait_within(
+                    asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True),
+                    _CLOSE_WAIT,
+                )
         # Connections still in their TLS handshake have no writer yet.
         for task in list(self._connections):
             task.cancel()
