@@ -5,10 +5,12 @@ function over method, URL and headers), ``AgentAuthMiddleware`` (ASGI, for any f
 and ``require(...)`` (a FastAPI dependency). ``OfflineVerifier`` checks, against the JWKS
 and the token alone, the signature, the DPoP key binding, the capabilities and the rules of
 the envelope that need no memory (expiry, time windows, an amount's precision and currency,
-the per-transaction cap, a single action over a spend cap). It is weaker: no replay, rate,
-cumulative spend or revocation checks, and it refuses every action above the step-up
-threshold (``step_up_required``), since it cannot check a one-time approval. It is meant
-for read-only, low-value endpoints or a verifier outage policy you choose deliberately.
+the per-transaction cap, a single action over a spend cap), after refusing the input the
+verifier refuses. It is weaker: no replay, rate, cumulative spend or revocation checks, no
+DPoP server nonces, keys only from the JWKS it was built with, and it refuses every action
+above the step-up threshold (``step_up_required``), since it cannot check a one-time
+approval. It is meant for read-only, low-value endpoints or a verifier outage policy you
+choose deliberately.
 
 ``AgentAuthMiddleware`` asks ``action_of(method, path)`` about each request with the path
 the app's router matches (without the mount prefix, ``root_path``) and a HEAD asked as the
@@ -31,6 +33,7 @@ import inspect
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -45,11 +48,13 @@ from ..protocol import (
     Action,
     AgentAuthError,
     DPoPVerifier,
+    InvalidRequest,
     KeySet,
     UsageState,
     allowing_capability,
     amount_fits,
     evaluate,
+    normalize_htu,
     path_as_sent,
 )
 from ._auth import STEP_UP_HEADER
@@ -88,6 +93,35 @@ HeaderLines = Mapping[str, str] | Iterable[tuple[str, str]] | Iterable[tuple[byt
 # What the verifier accepts (agentauth.verifier.VerifyIn's limits; a test keeps them equal):
 # a request over them is the caller's error, refused here without a call.
 _LIMITS = {"token": 8192, "proof": 4096, "method": 16, "url": 2048, "step_up_ref": 128}
+# VerifyIn's method: an HTTP method token (RFC 9110 §9.1); a test keeps the two equal.
+_METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _over_limit(fields: Mapping[str, str | None]) -> str | None:
+    """The deny reason for the first field over the verifier's limit, or None."""
+    for name, most in _LIMITS.items():
+        if len(fields.get(name) or "") > most:
+            return f"invalid_request:{name}_too_long"
+    return None
+
+
+def _unusable_input(method: str, url: str, action: Action) -> str | None:
+    """What the verifier's model (VerifyIn) refuses besides lengths, so the offline check
+    refuses it too, or None: a method that is no HTTP token, a URL no proof can name, an
+    action that does not validate (``model_copy(update=...)`` skips validation, and the
+    verifier parses the action again from JSON)."""
+    if not _METHOD.fullmatch(method):
+        return "invalid_request:bad_method"
+    try:
+        normalize_htu(url)
+    except InvalidRequest:
+        return "invalid_request:bad_url"
+    try:
+        Action.model_validate(action.model_dump(mode="json", exclude_none=True))
+    except ValueError:  # pydantic's ValidationError is one
+        return "invalid_request:bad_action"
+    return None
+
 
 # The verifier's answers that refuse the call's own input: the agent's request was
 # malformed (one a client check above missed), not a verifier that is down.
@@ -183,9 +217,8 @@ class VerifierClient:
         }
         if step_up_ref:
             body["step_up_ref"] = step_up_ref
-        for name, most in _LIMITS.items():
-            if len(body.get(name) or "") > most:
-                return Verification(False, f"invalid_request:{name}_too_long")
+        if refused := _over_limit(body):
+            return Verification(False, refused)
         status = 0
         try:
             response = await self._http.post(self._url, json=body, headers=self._headers)
@@ -289,6 +322,16 @@ class OfflineVerifier:
         if isinstance(credentials, str):
             return Verification(False, credentials)
         token, proof = credentials
+        # The input the verifier refuses before deciding anything (a provider reaching it
+        # with VerifierClient is refused it), refused first here too: an offline allow must
+        # never be a request the verifier would refuse for what it is. Unchecked, a long
+        # request URL also went whole into the proof check's URL cache.
+        asked = {"token": token, "proof": proof, "method": method, "url": url}
+        refused = _over_limit({**asked, "step_up_ref": step_up_ref}) or _unusable_input(
+            method, url, action
+        )
+        if refused:
+            return Verification(False, refused)
         now = time.time()
         try:
             access = self._tokens.verify(token, audience=self._audience, now=now)
