@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -471,3 +472,144 @@ async def test_audit_events_name_only_the_callers_agent_and_grant(service: InPro
         params={"agent_id": alices_agent.id, "grant_id": alices_grant["id"]},
     )
     assert r.status_code == 200 and r.json(), r.text
+
+
+# --- dead rows the sweep deletes ----------------------------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_sweep_deletes_revocations_of_tokens_expired_a_day_ago(
+    service: InProcess,
+) -> None:
+    """A token revocation outlives its token: the sweep deletes it only once the token's
+    record has gone (a day after the token expired). Grant revocations stay, and a token
+    revocation whose token is still recorded stays however old it is."""
+    world, registry = service.world, service.registry
+    pool = registry.pool
+    human, agent, _, grant = await world.setup_grant()
+    jtis = []
+    for _ in range(2):
+        r = await world.token(agent, grant["id"])
+        assert r.status_code == 200, r.text
+        jtis.append(r.json()["jti"])
+    dead, live = jtis
+    for jti in jtis:
+        await registry.revoke("token", jti, principal_id=human.principal_id, admin=False)
+    await registry.revoke("grant", grant["id"], principal_id=human.principal_id, admin=False)
+    # Both revoked two days ago; only the dead token expired (more than a day ago).
+    await pool.execute(
+        "UPDATE revocations SET revoked_at = now() - interval '2 days' WHERE target = ANY($1)",
+        [*jtis, grant["id"]],
+    )
+    await pool.execute(
+        "UPDATE issued_tokens SET expires_at = extract(epoch FROM now())::bigint - 90000"
+        " WHERE jti = $1",
+        dead,
+    )
+    await registry.sweep_expired()
+    left = await pool.fetch(
+        "SELECT kind, target FROM revocations WHERE target = ANY($1)", [*jtis, grant["id"]]
+    )
+    assert {(r["kind"], r["target"]) for r in left} == {("token", live), ("grant", grant["id"])}
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_sweep_forgets_spent_step_ups_a_day_after_they_expire(
+    service: InProcess,
+) -> None:
+    """verifier_step_up_uses keeps a spent approval from being used twice; once its step-up
+    has expired (and the verifier refuses it for that alone) a day ago, it goes. The marks
+    of step-ups still valid, or expired only just, stay."""
+    world, registry = service.world, service.registry
+    pool = registry.pool
+    _, agent, _, grant = await world.payments_grant()
+    now = int(time.time())
+    ages = {"long-expired": now - 90_000, "just-expired": now - 60, "valid": now + 600}
+    refs = {}
+    for n, (label, expires_at) in enumerate(ages.items()):
+        step = await world.step_up(agent, grant["id"], str(60 + n))
+        ref = refs[label] = f"{label}:{step['id']}"
+        await pool.execute(
+            "UPDATE step_ups SET status = 'approved', approval_ref = $2, expires_at = $3"
+            " WHERE id = $1",
+            step["id"],
+            ref,
+            expires_at,
+        )
+        await pool.execute(
+            "INSERT INTO verifier_step_up_uses (approval_ref, grant_id) VALUES ($1, $2)",
+            ref,
+            grant["id"],
+        )
+    await registry.sweep_expired()
+    left = await pool.fetch(
+        "SELECT approval_ref FROM verifier_step_up_uses WHERE grant_id = $1", grant["id"]
+    )
+    assert {r["approval_ref"] for r in left} == {refs["just-expired"], refs["valid"]}
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_sweep_deletes_requests_and_step_ups_left_unanswered_a_month_past_expiry(
+    service: InProcess,
+) -> None:
+    """An agent may leave max_pending_* unanswered every ttl, forever, and each row is one
+    more in every listing of its human's: those expired over 30 days ago go. Answered ones
+    stay (a human's decisions), and so do those expired more recently, or set to expire
+    early by hand but asked for recently (still read as "expired")."""
+    world, registry = service.world, service.registry
+    pool = registry.pool
+    _, agent, provider, grant = await world.payments_grant()
+    now = int(time.time())
+    month, ttl = 31 * 86400, registry.settings.grant_request_ttl
+    # Step-ups: (seconds since asked, seconds since expired, status).
+    steps = {
+        "gone": (month + 600, month, "pending"),
+        "recent": (86400 + 600, 86400, "pending"),
+        "set back": (60, month, "pending"),
+        "denied": (month + 600, month, "denied"),
+    }
+    step_ids = {}
+    for n, (label, (asked, expired, status)) in enumerate(steps.items()):
+        step = await world.step_up(agent, grant["id"], str(60 + n))
+        step_ids[label] = step["id"]
+        await pool.execute(
+            "UPDATE step_ups SET created_at = now() - $2 * interval '1 second',"
+            " expires_at = $3, status = $4 WHERE id = $1",
+            step["id"],
+            float(asked),
+            now - expired,
+            status,
+        )
+    # Grant requests: (seconds since asked, status); the one approved (above) stays too.
+    requests = {"gone": (ttl + month, "pending"), "recent": (ttl + 86400, "pending")}
+    requests["denied"] = (ttl + month, "denied")
+    request_ids = {}
+    for label, (asked, status) in requests.items():
+        request = await world.request(agent, provider)
+        request_ids[label] = request["id"]
+        await pool.execute(
+            "UPDATE grant_requests SET created_at = now() - $2 * interval '1 second',"
+            " status = $3 WHERE id = $1",
+            request["id"],
+            float(asked),
+            status,
+        )
+    await pool.execute(
+        "UPDATE grant_requests SET created_at = now() - $2 * interval '1 second'"
+        " WHERE id = (SELECT request_id FROM grants WHERE id = $1)",
+        grant["id"],
+        float(ttl + month),
+    )
+    await registry.sweep_expired()
+    left_steps = await pool.fetch(
+        "SELECT id FROM step_ups WHERE id = ANY($1)", list(step_ids.values())
+    )
+    assert {r["id"] for r in left_steps} == {step_ids[k] for k in ("recent", "set back", "denied")}
+    left_requests = await pool.fetch("SELECT id FROM grant_requests WHERE agent_id = $1", agent.id)
+    assert {r["id"] for r in left_requests} == {
+        request_ids["recent"],
+        request_ids["denied"],
+        await pool.fetchval("SELECT request_id FROM grants WHERE id = $1", grant["id"]),
+    }
+    r = await world.as_agent(agent, "GET", f"/v1/step-ups/{step_ids['recent']}")
+    assert r.status_code == 200 and r.json()["status"] == "expired", r.text

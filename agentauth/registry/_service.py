@@ -404,14 +404,20 @@ class Registry:
 
     async def sweep_expired(self) -> int:
         """Delete expired WebAuthn challenges, sessions and enrollment codes (every read of
-        them checks the expiry already, so they are dead rows) and the records of tokens
-        expired a day ago. Returns how many went (0 when another replica holds the lock)."""
+        them checks the expiry already, so they are dead rows), the records and revocations
+        of tokens expired a day ago, the spent marks of step-up approvals expired a day ago,
+        and grant requests and step-ups left unanswered 30 days past their expiry. Returns
+        how many went (0 when another replica holds the lock)."""
         async with self.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval(_SWEEP_LOCK):
                 return 0
             deleted = 0
             for statement in _SWEEPS:
                 deleted += int((await conn.execute(statement)).rsplit(" ", 1)[-1])
+            swept = await conn.execute(
+                _SWEEP_UNANSWERED_REQUESTS, float(self.settings.grant_request_ttl)
+            )
+            deleted += int(swept.rsplit(" ", 1)[-1])
         return deleted
 
     async def _sweep_loop(self) -> None:
@@ -2536,6 +2542,40 @@ _SWEEPS = (
     # A token a day past its expiry needs no revoking (verifiers refuse it as expired); its
     # row only served to find the owner of a revocation. Its audit events stay.
     "DELETE FROM issued_tokens WHERE expires_at < (extract(epoch FROM now()) - 86400)::bigint",
+    # After the line above: a token revocation whose token's record has gone is about a
+    # token that expired a day ago, which every verifier refuses as expired (a token is
+    # recorded in the transaction that issues it, and only a recorded one can be revoked).
+    # Verifiers read only revocations younger than the longest a token lives, and providers
+    # resume GET /v1/revocations by seq, so neither misses a live one. A day's age as well:
+    # a row some other writer (the command line, by hand) added for an unrecorded jti is
+    # kept that long. Grant and agent revocations stay: token issuance reads them forever.
+    "DELETE FROM revocations v WHERE v.kind = 'token' AND v.revoked_at < now() - interval '1 day'"
+    " AND NOT EXISTS (SELECT 1 FROM issued_tokens t WHERE t.jti = v.target)",
+    # A spent step-up approval needs remembering only while it could be used again: the
+    # verifier refuses one past its step-up's expires_at anyway (_step_up_valid). A day
+    # later, so no verifier's clock can be behind enough to take it as live.
+    "DELETE FROM verifier_step_up_uses u USING step_ups s WHERE s.approval_ref = u.approval_ref"
+    " AND s.expires_at < (extract(epoch FROM now()) - 86400)::bigint",
+    # A step-up nobody answered before it expired can never be approved: an agent may leave
+    # max_pending_step_ups of them per grant every step_up_ttl, and each is a row every
+    # listing of its human's step-ups returns. Kept 30 days past expiry so that
+    # its agent and human still read "expired" for a while; its step_up.requested audit
+    # event stays. (No approval was given, so no verifier_step_up_uses row names it.) Asked
+    # that long ago too: one whose expiry was set back by hand still reads "expired" a while.
+    "DELETE FROM step_ups WHERE status = 'pending'"
+    " AND expires_at < (extract(epoch FROM now() - interval '30 days'))::bigint"
+    " AND created_at < now() - interval '30 days'",
+)
+# A grant request unanswered within grant_request_ttl ($1) is expired (_REQUEST_STATUS):
+# an agent may leave max_pending_grant_requests of them every ttl. Deleted 30 days
+# later, as step-ups are; never one a grant was made from (none is, while pending: the
+# approval changes both in one transaction), which the foreign key would refuse, failing
+# every sweep.
+_SWEEP_UNANSWERED_REQUESTS = (
+    "DELETE FROM grant_requests r WHERE r.status = 'pending'"
+    " AND r.created_at < now() - make_interval(secs => $1::double precision)"
+    " - interval '30 days'"
+    " AND NOT EXISTS (SELECT 1 FROM grants g WHERE g.request_id = r.id)"
 )
 
 # A grant with its receipt, and whether its provider is suspended (nothing works for it
