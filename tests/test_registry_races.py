@@ -19,8 +19,9 @@ from registry_inprocess import ISSUER, registry_in_process
 from registry_world import Provider, World
 from softauthn import SoftAuthenticator
 
-from agentauth.protocol import Conflict, PrivateKey, b64url_encode
-from agentauth.registry import Registry
+from agentauth.protocol import Capability, Conflict, PrivateKey, b64url_encode
+from agentauth.registry import Registry, _service
+from agentauth.registry._models import SuspensionIn
 from agentauth.store import grant_cache_key
 from agentauth.verifier import Verifier, VerifierSettings
 from agentauth.verifier._service import _Revocations
@@ -388,6 +389,99 @@ async def test_a_death_asked_for_during_an_approval_waits_for_it_and_covers_it(
             "SELECT revoked_at IS NOT NULL FROM grants WHERE id = $1", subject["grant_id"]
         )
         assert revoked
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("death", ["grant_revoked", "provider_suspended"])
+async def test_a_step_up_asked_for_a_grant_that_died_meanwhile_is_refused_and_writes_nothing(
+    service: InProcess, monkeypatch: pytest.MonkeyPatch, death: str
+) -> None:
+    """The agent asks for a step-up; its grant is read (standing), then revoked (or its
+    provider suspended) before the step-up is inserted. The request read the grant only
+    once, unlocked: it stored the step-up and its step_up.requested event and answered 200
+    with the step-up "cancelled". It must be refused as a request for a dead grant is,
+    with nothing written."""
+    world, registry = service.world, service.registry
+    human, agent, provider, grant = await world.payments_grant()
+    get_grant = registry.get_grant
+    read, release = asyncio.Event(), asyncio.Event()
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        found = await get_grant(*args, **kwargs)
+        read.set()  # read as standing; the step-up is not yet inserted
+        await release.wait()
+        return found
+
+    monkeypatch.setattr(registry, "get_grant", held)
+    payment = {"grant_id": grant["id"], "resource": "payments", "amount": "60"}
+    asking = asyncio.ensure_future(
+        world.as_agent(agent, "POST", "/v1/step-ups", json={**payment, "currency": "USD"})
+    )
+    try:
+        await asyncio.wait_for(read.wait(), 10)
+        if death == "grant_revoked":
+            await registry.revoke(
+                "grant", grant["id"], principal_id=human.principal_id, admin=False
+            )
+        else:
+            await registry.suspend_provider(provider.id, SuspensionIn(reason="compromise"))
+    finally:
+        release.set()
+    r = await asyncio.wait_for(asking, 10)
+    assert (r.status_code, r.json().get("reason")) == (403, death), r.text
+    written = await registry.pool.fetchval(
+        "SELECT count(*) FROM step_ups WHERE grant_id = $1", grant["id"]
+    )
+    requested = await registry.pool.fetchval(
+        "SELECT count(*) FROM audit_events WHERE event = 'step_up.requested' AND grant_id = $1",
+        grant["id"],
+    )
+    assert (written, requested) == (0, 0)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_grant_request_to_a_provider_suspended_meanwhile_is_refused_and_writes_nothing(
+    service: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent asks for a grant; the provider is read (not suspended), then suspended
+    before the request is inserted. The request read the provider once, unlocked: it was
+    stored, with its grant_request.created event, and answered 200 pending for a provider
+    that takes no new requests (409 provider_suspended)."""
+    world, registry = service.world, service.registry
+    human = await world.human()
+    agent = await world.agent(human)
+    provider = await world.provider()
+    hold_agent = _service._hold_agent
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def holding(conn: Any, who: Any) -> None:
+        await hold_agent(conn, who)
+        held.set()  # the provider was read before this, standing; nothing is inserted yet
+        await release.wait()
+
+    monkeypatch.setattr(_service, "_hold_agent", holding)
+    asking = asyncio.ensure_future(
+        world.as_agent(
+            agent,
+            "POST",
+            "/v1/grant-requests",
+            json={
+                "provider_id": provider.id,
+                "capabilities": [Capability.read("calendar").to_document()],
+            },
+        )
+    )
+    try:
+        await asyncio.wait_for(held.wait(), 10)
+        await registry.suspend_provider(provider.id, SuspensionIn(reason="compromise"))
+    finally:
+        release.set()
+    r = await asyncio.wait_for(asking, 10)
+    assert (r.status_code, r.json().get("reason")) == (409, "provider_suspended"), r.text
+    written = await registry.pool.fetchval(
+        "SELECT count(*) FROM grant_requests WHERE agent_id = $1", agent.id
+    )
+    assert written == 0
 
 
 # --- a grant's cached status: a stale fill cannot undo a revocation -------------------------

@@ -1570,6 +1570,17 @@ class Registry:
             # One agent's requests one at a time, so that concurrent ones count each other.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"grq:{agent.id}")
             await _hold_agent(conn, agent)
+            # The provider again, under a shared lock (after the agent's, the approvals'
+            # order): a suspension committed since the read above is seen, and one asked
+            # for now waits for this request, which is then pending for a suspended
+            # provider as every earlier one is. Unlocked, a suspension in between left a
+            # new request, and its event, behind the 409 it should have been.
+            suspended = await conn.fetchval(
+                "SELECT suspended_at IS NOT NULL FROM providers WHERE id = $1 FOR SHARE",
+                body.provider_id,
+            )
+            if suspended:
+                raise Conflict("the provider is suspended", reason="provider_suspended")
             waiting = await conn.fetchval(
                 "SELECT count(*) FROM grant_requests WHERE agent_id = $1 AND status = 'pending'"
                 " AND created_at > now() - make_interval(secs => $2)",
@@ -2206,6 +2217,7 @@ class Registry:
                 "SELECT pg_advisory_xact_lock(hashtext($1))", f"step-up:{body.grant_id}"
             )
             await _hold_agent(conn, agent)
+            await _hold_step_up_grant(conn, body.grant_id)
             waiting = await conn.fetch(
                 "SELECT id, document FROM step_ups WHERE grant_id = $1 AND agent_id = $2"
                 " AND status = 'pending' AND expires_at > $3",
@@ -2635,6 +2647,29 @@ async def _hold_agent(conn: Conn, agent: Agent) -> None:
     status = await conn.fetchval("SELECT status FROM agents WHERE id = $1 FOR SHARE", agent.id)
     if status != "active":
         raise Forbidden("the agent is disabled", reason="agent_disabled")
+
+
+async def _hold_step_up_grant(conn: Conn, grant_id: str) -> None:
+    """Refuse a step-up whose grant was revoked, or whose provider was suspended, after the
+    request read them, and keep both so until this transaction ends. The request's first
+    read is unlocked: a revocation committed between it and this insert left a step-up
+    row and a ``step_up.requested`` event behind an answer of 200 ("cancelled") for a
+    grant already dead. Shared locks, taken after the agent's, as every approval takes
+    them (see _APPROVAL_LOCKS_STEP_UP): revoke and a suspension each lock one of these
+    rows exclusively and then wait for nothing this transaction holds."""
+    row = await conn.fetchrow(
+        "SELECT g.revoked_at IS NOT NULL AS revoked,"
+        " p.suspended_at IS NOT NULL AS provider_suspended"
+        " FROM grants g JOIN providers p ON p.id = g.provider_id WHERE g.id = $1"
+        " FOR SHARE OF g, p",
+        grant_id,
+    )
+    if row is None:  # read a moment ago; grants are never deleted
+        raise NotFound("no such grant")
+    if row["revoked"]:
+        raise Forbidden("the grant is revoked", reason="grant_revoked")
+    if row["provider_suspended"]:
+        raise Forbidden("the grant's provider is suspended", reason="provider_suspended")
 
 
 def _still_pending(status: str, what: str) -> None:
