@@ -145,6 +145,37 @@ async def test_a_database_newer_than_the_code_is_used_with_a_warning(
 
 
 @pytest.mark.asyncio
+async def test_a_grants_pending_step_ups_and_a_humans_listing_read_indexes(fresh_db: str) -> None:
+    """A step-up request reads its grant's pending step-ups, and a human's listing reaches
+    step-ups through their agents: with many agents' step-ups in the table, neither must
+    read them all (nothing indexed step_ups but its id and approval reference)."""
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        await migrate(conn)
+        # Step-ups alone: their parent rows do not change the plan, so the foreign keys'
+        # triggers are off for this session (it connects as a superuser).
+        await conn.execute("SET session_replication_role = replica")
+        await conn.execute(
+            "INSERT INTO step_ups (id, grant_id, agent_id, document, expires_at)"
+            " SELECT 'stp_' || n, 'grt_' || (n % 2000 + 1), 'agt_' || (n % 2000 + 1), '{}', 0"
+            " FROM generate_series(1, 100000) n"
+        )
+        await conn.execute("ANALYZE step_ups")
+        for query, indexes in (
+            (
+                "SELECT id FROM step_ups WHERE grant_id = 'grt_7' AND agent_id = 'agt_7'",
+                ("step_ups_grant", "step_ups_agent"),  # either serves
+            ),
+            ("SELECT id FROM step_ups WHERE agent_id = 'agt_7'", ("step_ups_agent",)),
+        ):
+            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + query))
+            assert "Seq Scan" not in plan, plan
+            assert any(index in plan for index in indexes), plan
+    finally:
+        await conn.close()
+
+
+@pytest.mark.asyncio
 async def test_counting_a_humans_enrollment_codes_reads_an_index(fresh_db: str) -> None:
     """create_enrollment counts the human's live codes on every mint: with codes of many
     humans in the table, that must not read them all."""
