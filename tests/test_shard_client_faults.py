@@ -393,3 +393,26 @@ async def test_a_call_sent_with_the_floor_of_its_timeout_is_not_taken_for_a_stop
     finally:
         client.close()
         await peer.stop()
+
+
+@pytest.mark.asyncio
+async def test_allows_of_unknown_fate_let_go_past_the_bound_are_said(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The allows a shard may have committed while answering audit_unavailable are kept,
+    at most _MAX_UNSETTLED per shard, to be asked about: past that the oldest went without
+    a word (the unsettled checks' queue says how many it lets go). Each one let go is an
+    allow that may stand unvoided on the chain, which an operator must hear of."""
+    from agentauth.actors import _client
+
+    monkeypatch.setattr(_client, "_MAX_UNSETTLED", 3)
+    client = ShardClient([_Endpoint(("127.0.0.1", 9, b""))], timeout=0.2)
+    link = object()
+    checks = [_check() for _ in range(5)]
+    unknown = [Result(False, "audit_unavailable", audit_event=f"verifier-0:{i}") for i in range(5)]
+    with caplog.at_level("WARNING", logger="agentauth.actors"):
+        results = client._hold_unsure(0, link, checks, unknown)  # type: ignore[arg-type]
+    assert [r.audit_event for r in results] == [None] * 5  # no name reaches a client
+    assert [check for _, check in client._unsure[0]] == checks[2:]  # the newest three
+    assert "shard 0: 2 unsettled checks dropped (the oldest)" in caplog.text
+    client.close()

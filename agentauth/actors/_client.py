@@ -599,6 +599,9 @@ class ShardClient:
             kept = [(held_link, check) for held_link, check in held if held_link is not link]
             held.clear()
             held.extend(kept)
+        # Bounded as the unsettled checks are, and counted the same way: one let go here is
+        # an allow that may stand unvoided, which an operator must hear of.
+        self._count_dropped(shard, len(held) + len(unsure) - _MAX_UNSETTLED)
         for i in unsure:
             held.append((link, checks[i]))
             results[i] = Result(False, AUDIT_UNAVAILABLE)
@@ -707,17 +710,22 @@ class ShardClient:
             for check in checks
             if check.deny is None or check.voids is not None
         ]
-        dropped = max(0, len(pending) + len(kept) - _MAX_UNSETTLED)
-        if dropped:
-            self._dropped[shard] += dropped
-            if self._said.due(("dropped", shard)) is not None:
-                log.warning(
-                    "shard %s: %d unsettled checks dropped (the oldest) since the last such line",
-                    shard,
-                    self._dropped[shard],
-                )
-                self._dropped[shard] = 0
+        self._count_dropped(shard, len(pending) + len(kept) - _MAX_UNSETTLED)
         pending.extend(kept)
+
+    def _count_dropped(self, shard: int, dropped: int) -> None:
+        """The oldest checks of unknown fate a bounded queue is about to let go (``dropped``,
+        0 or less for none): said once per period with the count since the last line."""
+        if dropped <= 0:
+            return
+        self._dropped[shard] += dropped
+        if self._said.due(("dropped", shard)) is not None:
+            log.warning(
+                "shard %s: %d unsettled checks dropped (the oldest) since the last such line",
+                shard,
+                self._dropped[shard],
+            )
+            self._dropped[shard] = 0
 
     def _keep_voids(self, shard: int, checks: list[Check]) -> None:
         """The voids among ``checks``, which end here unrecorded (denied unsent, or the
