@@ -133,6 +133,28 @@ def forged(fields: dict[str, Any]) -> dict[str, Any]:
     return {**fields, "actor": "human:mallory", "data": {"forged": True}}
 
 
+async def stored_tree(conn: asyncpg.Connection) -> MerkleFrontier:
+    """The tree of the events as stored now, by their stored entry hashes (what an insider
+    who rewrote them would sign)."""
+    tree = MerkleFrontier()
+    for row in await conn.fetch("SELECT entry_hash FROM audit_events ORDER BY seq"):
+        tree.append(bytes(row["entry_hash"]))
+    return tree
+
+
+def retired_beside(signer: LocalFileSigner) -> tuple[PrivateKey, AuditKeys]:
+    """A key retired long ago (its window ended at 1,600,000,000), leaked, and the audit
+    key list holding it beside the signer's current key."""
+    retired = PrivateKey.generate(kid="retired")
+    keys = AuditKeys(
+        [
+            AuditKey(signer.public_key(), 0),
+            AuditKey(PublicKey.from_jwk(retired.public_jwk()), 0, 1_600_000_000),
+        ]
+    )
+    return retired, keys
+
+
 async def tree_of(conn: asyncpg.Connection, size: int) -> bytes:
     """The root of the first ``size`` events, hashed from their bodies."""
     rows = await conn.fetch(
@@ -291,9 +313,7 @@ async def test_a_checkpoint_row_not_signed_by_the_registry_is_not_extended(
     await checkpoint(log, conn, signer, keys)
     # A row the insider made: a real tree of the chain, signed with a key of their own.
     await rewrite(conn, 2, forged)
-    tree = MerkleFrontier()
-    for row in await conn.fetch("SELECT entry_hash FROM audit_events ORDER BY seq"):
-        tree.append(bytes(row["entry_hash"]))
+    tree = await stored_tree(conn)
     own = sign_checkpoint(
         Checkpoint(chain=CHAIN, size=6, root=b64url_encode(tree.root()), time=0),
         PrivateKey.generate(kid="insider"),
@@ -475,21 +495,13 @@ async def test_a_checkpoint_dated_outside_its_keys_window_is_not_extended(
     # A key retired long ago leaks. The insider rewrites history and signs its tree with
     # that key under a date after the key retired, which every verifier refuses: a process
     # that has just started must refuse it too, not extend it under the current key.
-    retired = PrivateKey.generate(kid="retired")
-    keys = AuditKeys(
-        [
-            AuditKey(signer.public_key(), 0),
-            AuditKey(PublicKey.from_jwk(retired.public_jwk()), 0, 1_600_000_000),
-        ]
-    )
+    retired, keys = retired_beside(signer)
     log = AuditLog(chains=1)
     await log.ensure_chains(conn)
     await append(log, conn, 6)
     await checkpoint(log, conn, signer, keys)
     await rewrite(conn, 2, forged)
-    tree = MerkleFrontier()
-    for row in await conn.fetch("SELECT entry_hash FROM audit_events ORDER BY seq"):
-        tree.append(bytes(row["entry_hash"]))
+    tree = await stored_tree(conn)
     leaked = sign_checkpoint(
         Checkpoint(chain=CHAIN, size=6, root=b64url_encode(tree.root()), time=1_700_000_000),
         retired,
@@ -553,22 +565,14 @@ async def test_a_checkpoint_backdated_before_its_events_is_not_extended(
     # before the events it covers (dated now): every verifier refuses it as backdated. A
     # process that has just started, or one that signed an earlier checkpoint, must not
     # extend it under the current key, whose checkpoint the approval page alone checks.
-    retired = PrivateKey.generate(kid="retired")
-    keys = AuditKeys(
-        [
-            AuditKey(signer.public_key(), 0),
-            AuditKey(PublicKey.from_jwk(retired.public_jwk()), 0, 1_600_000_000),
-        ]
-    )
+    retired, keys = retired_beside(signer)
     log = AuditLog(chains=1)
     await log.ensure_chains(conn)
     await append(log, conn, 3)
     await checkpoint(log, conn, signer, keys)
     await append(log, conn, 3)
     await rewrite(conn, 4, forged)
-    tree = MerkleFrontier()
-    for row in await conn.fetch("SELECT entry_hash FROM audit_events ORDER BY seq"):
-        tree.append(bytes(row["entry_hash"]))
+    tree = await stored_tree(conn)
     sealed = sign_checkpoint(
         Checkpoint(chain=CHAIN, size=6, root=b64url_encode(tree.root()), time=1_500_000_000),
         retired,

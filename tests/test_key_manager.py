@@ -54,6 +54,19 @@ def settings(url: str, data_dir: Path, **signer: Any) -> RegistrySettings:
     )
 
 
+def vault_settings(url: str, data_dir: Path, vault: FakeVault, **token: str) -> RegistrySettings:
+    """Settings signing with the fake Vault's key "registry": with its token unless
+    ``token`` names another way in (``vault_token_file=...``)."""
+    return settings(
+        url,
+        data_dir,
+        backend="vault",
+        key_id="registry",
+        endpoint=vault.url,
+        **(token or {"vault_token": vault.token}),
+    )
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def replicas() -> AsyncIterator[Replicas]:
     """Opens key managers, each on a pool of its own (a replica); closes them all after."""
@@ -90,14 +103,7 @@ async def test_a_vault_key_rotated_inside_vault_still_signs_under_its_kid(
     the latest: before, every token and checkpoint there was refused until a registry
     rotation, as "the key backend holds a different key"."""
     vault.create_key("registry")
-    config = settings(
-        database,
-        tmp_path,
-        backend="vault",
-        key_id="registry",
-        endpoint=vault.url,
-        vault_token=vault.token,
-    )
+    config = vault_settings(database, tmp_path, vault)
     first = await replicas(config)
     now = 1_900_000_000
     old_kid = (await first.signer(now)).kid
@@ -129,14 +135,7 @@ async def test_a_vault_token_file_keeps_the_registry_signing_across_token_expiry
     token_file = tmp_path / "vault-token"
     old = vault.issue_token()
     token_file.write_text(old)
-    config = settings(
-        database,
-        tmp_path,
-        backend="vault",
-        key_id="registry",
-        endpoint=vault.url,
-        vault_token_file=str(token_file),
-    )
+    config = vault_settings(database, tmp_path, vault, vault_token_file=str(token_file))
     manager = await replicas(config)
     now = 1_900_000_000
     kid = (await manager.signer(now)).kid
@@ -326,14 +325,7 @@ async def test_a_signer_that_fails_to_close_does_not_keep_the_others_open(
     from agentauth.keys import VaultTransitSigner
 
     vault.create_key("registry")
-    config = settings(
-        database,
-        tmp_path,
-        backend="vault",
-        key_id="registry",
-        endpoint=vault.url,
-        vault_token=vault.token,
-    )
+    config = vault_settings(database, tmp_path, vault)
     manager = await replicas(config)
     now = 1_900_000_000
     old = await manager.signer(now)
@@ -373,14 +365,7 @@ async def test_requests_during_a_hung_backend_wait_for_one_open_not_one_each(
     from agentauth.keys import DEFAULT_TIMEOUT
 
     vault.create_key("registry")
-    config = settings(
-        database,
-        tmp_path,
-        backend="vault",
-        key_id="registry",
-        endpoint=vault.url,
-        vault_token=vault.token,
-    )
+    config = vault_settings(database, tmp_path, vault)
     now = 1_900_000_000
     kid = (await (await replicas(config)).signer(now)).kid
     restarted = await replicas(config)  # its signer is opened at its first request
@@ -409,14 +394,7 @@ async def test_a_signer_opened_after_the_key_manager_closed_is_closed_not_kept(
     import asyncio
 
     vault.create_key("registry")
-    config = settings(
-        database,
-        tmp_path,
-        backend="vault",
-        key_id="registry",
-        endpoint=vault.url,
-        vault_token=vault.token,
-    )
+    config = vault_settings(database, tmp_path, vault)
     now = 1_900_000_000
     await (await replicas(config)).signer(now)
     restarted = await replicas(config)

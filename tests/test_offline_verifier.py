@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from verifier_inprocess import AGENT, AUDIENCE, ISSUER, REGISTRY, Shards, verifier
+from verifier_inprocess import AGENT, AUDIENCE, ISSUER, REGISTRY, Shards, mint, verifier
 
 from agentauth.actors import Check, Result
 from agentauth.actors._state import ShardState
@@ -401,24 +401,7 @@ async def test_offline_never_allows_what_the_verifier_denies_for_a_stateless_rea
 
 
 def _request(signer: PrivateKey, now: int) -> dict[str, Any]:
-    grant = Grant(
-        grant_id="grant-1",
-        agent_id="agent-1",
-        principal_id="human-1",
-        provider_id="prov_a",
-        audience=AUDIENCE,
-        capabilities=(Capability.read("calendar/*"),),
-        created_at=now - 100,
-    )
-    token = mint_access_token(
-        signer=signer,
-        issuer=ISSUER,
-        grant=grant,
-        jkt=AGENT.thumbprint,
-        receipt_hash=b64url_encode(hashlib.sha256(b"receipt").digest()),
-        now=now,
-        lifetime=600,
-    )
+    token = mint(now=now, signer=signer)
     proof = create_dpop_proof(AGENT, htm="GET", htu=URL, now=now, access_token=token)
     return {
         "method": "GET",
