@@ -776,3 +776,67 @@ async def test_an_allow_of_unknown_fate_is_voided_even_if_its_shard_dies_first(
         client.close()
         for shard in shards:
             await shard.close()
+
+
+class _LateAnswerLost(_AnswerLost):
+    """An ``_AnswerLost`` whose lost commit first waits for ``release``: its answer comes
+    after the replica's deadline, once the test lets it."""
+
+    release: asyncio.Event | None = None
+
+    async def _commit(self, conn: Any, *args: Any) -> None:
+        if self.applied is not None and self.release is not None:
+            await self.release.wait()
+        return await super()._commit(conn, *args)
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_late_allow_of_unknown_fate_is_voided_with_the_answer_its_client_got(
+    database_url: str,
+) -> None:
+    """The commit of an allow gets no answer but took effect, and the shard's answer
+    (``audit_unavailable``, naming the allow) comes after the replica's deadline: its
+    client was told ``state_timeout``. The shard dies before it resolves the commit; the
+    replica asks its next incarnation about the allow, which voids it. The void must give
+    the answer the client got. (Until 2026-11-30 the replica asked with
+    ``audit_unavailable``, what the shard had answered too late, not what the client got.)"""
+    from agentauth.actors import ShardClient
+
+    index = 903
+    first = _LateAnswerLost(index=index, database_url=database_url)
+    handle = _Endpoint(first)
+    client = ShardClient([handle], timeout=0.5)
+    shards: list[StateShard] = [first]
+    try:
+        # One batch first, so that the lost commit is not the incarnation's first.
+        [warm] = await first.check_batch([_check("t0", time.time())])
+        assert warm.allowed
+        await client.connect()
+        first.release, first.applied = asyncio.Event(), True
+        told = await client.check(0, _check("t1", time.time()))
+        assert (told.allowed, told.reason) == (False, "state_timeout")
+        first.release.set()  # the commit applies, its answer is lost, the shard says so
+        deadline = time.monotonic() + 10
+        while not client._unsure[0]:  # the late answer is in: the allow is held
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await first.close()  # died before its next batch
+        handle.current = StateShard(index=index, database_url=database_url)
+        shards.append(handle.current)
+        voids: list[tuple[str, str, str]] = []
+        while not voids:  # the next link asks about t1
+            assert time.monotonic() < deadline
+            await client.check(0, _check(f"t2-{time.monotonic_ns()}", time.time()))
+            bodies = [json.loads(body) for _, body in await _events(database_url, index)]
+            voids = [
+                (b["data"]["proof_jti"], b["data"]["voids"], b["data"]["reason"])
+                for b in bodies
+                if b["event"] == "verify.void"
+            ]
+            await asyncio.sleep(0.05)
+        assert voids == [("t1", f"verifier-{index}:1", told.reason)], bodies
+    finally:
+        client.close()
+        for shard in shards:
+            await shard.close()

@@ -407,12 +407,67 @@ async def test_allows_of_unknown_fate_let_go_past_the_bound_are_said(
 
     monkeypatch.setattr(_client, "_MAX_UNSETTLED", 3)
     client = ShardClient([_Endpoint(("127.0.0.1", 9, b""))], timeout=0.2)
-    link = object()
+    link: Any = object()  # only compared by identity
     checks = [_check() for _ in range(5)]
     unknown = [Result(False, "audit_unavailable", audit_event=f"verifier-0:{i}") for i in range(5)]
     with caplog.at_level("WARNING", logger="agentauth.actors"):
-        results = client._hold_unsure(0, link, checks, unknown)  # type: ignore[arg-type]
+        results = client._hold_unsure(0, link, checks, unknown, "audit_unavailable")
     assert [r.audit_event for r in results] == [None] * 5  # no name reaches a client
-    assert [check for _, check in client._unsure[0]] == checks[2:]  # the newest three
+    assert [check for _, check, _ in client._unsure[0]] == checks[2:]  # the newest three
     assert "shard 0: 2 unsettled checks dropped (the oldest)" in caplog.text
     client.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "not-recorded"])
+async def test_checks_of_unknown_fate_are_asked_about_a_batch_at_a_time(recorded: bool) -> None:
+    """Ten checks of unknown fate wait for the next link (there may be 10,000). They are
+    asked about in batches of at most ``max_batch``, the next once the one before is
+    answered, not all at once past ``max_inflight`` (until 2026-11-30 they all left
+    together, to be merged by the shard into one commit). A batch that records nothing
+    (here the shard cannot write) keeps the rest waiting with it, unasked."""
+    calls: list[tuple[int, list[Check], Any]] = []
+
+    async def held(n: int, request_id: int, checks: list[Check], writer: Any) -> None:
+        calls.append((request_id, checks, writer))
+
+    def made(n: int) -> Callable[[], bool]:
+        return lambda: len(calls) == n
+
+    def answer(k: int) -> None:
+        request_id, checks, writer = calls[k]
+        event = (lambda i: f"verifier-9:{k}{i}") if recorded else (lambda i: None)
+        rows = [(False, c.deny, None, None, event(i)) for i, c in enumerate(checks)]
+        writer.write(_answer(request_id, rows))
+
+    peer = _Peer(held)
+    await peer.start()
+    client = ShardClient([peer.handle()], timeout=5.0, max_batch=4, max_inflight=1)
+    lost = [_check() for _ in range(10)]
+    client._unsettled[0].extend((check, "state_unavailable") for check in lost)
+    try:
+        await client.connect()  # the new link asks
+        await _until(made(1))
+        assert (len(calls), client.batches) == (1, 1)  # one call out, the rest unsent
+        answer(0)
+        if not recorded:
+            await _until(lambda: not client._settling[0])
+            assert not client._settling[0]
+            assert (len(calls), client.batches) == (1, 1)
+            kept = [c.jti for c, _ in client._unsettled[0]]
+            assert len(kept) == len(lost) and set(kept) == {c.jti for c in lost}
+            return
+        for k in (1, 2):
+            await _until(made(k + 1))
+            assert (len(calls), client.batches) == (k + 1, k + 1)
+            answer(k)
+        await _until(lambda: not client._settling[0])
+        asked = [checks for _, checks, _ in calls]
+        assert [len(checks) for checks in asked] == [4, 4, 2]
+        assert [(c.jti, c.voids, c.deny) for checks in asked for c in checks] == [
+            (c.jti, "*", "state_unavailable") for c in lost
+        ]
+        assert not client._unsettled[0]
+    finally:
+        client.close()
+        await peer.stop()

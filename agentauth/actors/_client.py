@@ -274,10 +274,12 @@ class ShardClient:
         ]
         self._settling = [False] * len(handles)
         # Allows the shard may have committed although it answered ``audit_unavailable``
-        # (a commit whose answer the database never gave), with the link they came on. The
-        # shard settles them itself before its next commit; should it die first, the next
-        # incarnation is asked about them by their proofs, like unanswered calls (_open).
-        self._unsure: list[deque[tuple[_Link, Check]]] = [
+        # (a commit whose answer the database never gave), with the link they came on and
+        # the answer their clients got: ``audit_unavailable``, or ``state_timeout`` when
+        # that answer came after the deadline. The shard settles them itself before its
+        # next commit; should it die first, the next incarnation is asked about them by
+        # their proofs, like unanswered calls (_open), with that answer.
+        self._unsure: list[deque[tuple[_Link, Check, str]]] = [
             deque(maxlen=_MAX_UNSETTLED) for _ in handles
         ]
         self._tags = [{"shard": str(i)} for i in range(len(handles))]
@@ -459,8 +461,11 @@ class ShardClient:
             self._links[shard] = link
             # The link before this one is gone, and the incarnation behind it may be too.
             unsure, self._unsure[shard] = self._unsure[shard], deque(maxlen=_MAX_UNSETTLED)
-            if unsure:
-                self._unsettle(shard, [check for _, check in unsure], AUDIT_UNAVAILABLE)
+            told: dict[str, list[Check]] = {}
+            for _, check, answer in unsure:
+                told.setdefault(answer, []).append(check)
+            for answer, checks in told.items():
+                self._unsettle(shard, checks, answer)
             if self._unsettled[shard]:
                 self._watch(self._settle(shard))
             return link
@@ -544,7 +549,8 @@ class ShardClient:
             self._keep_voids(
                 shard, [c for c, r in zip(checks, late, strict=True) if r.audit_event is None]
             )
-            late = self._hold_unsure(shard, out.link, checks, late)
+            # Their clients were told state_timeout at the deadline, whatever came since.
+            late = self._hold_unsure(shard, out.link, checks, late, _TIMEOUT.reason)
             await self._void(shard, list(zip(checks, late, strict=True)))
             return
         observe("shard_call", time.perf_counter() - out.sent, self._tags[shard])
@@ -560,7 +566,9 @@ class ShardClient:
             # the shard about these checks (_settle runs when a link opens).
             out.link.close()
         else:
-            results = self._hold_unsure(shard, out.link, [c for c, _ in items], results)
+            results = self._hold_unsure(
+                shard, out.link, [c for c, _ in items], results, AUDIT_UNAVAILABLE
+            )
             self._keep_voids(
                 shard, [c for (c, _), r in zip(items, results, strict=True) if not r.audit_event]
             )
@@ -571,14 +579,15 @@ class ShardClient:
         self._finish(shard, items, results)
 
     def _hold_unsure(
-        self, shard: int, link: _Link, checks: list[Check], results: list[Result]
+        self, shard: int, link: _Link, checks: list[Check], results: list[Result], told: str
     ) -> list[Result]:
         """Keep the allows a call's answer says may stand unanswered (a decision denied
         ``audit_unavailable`` that names an event: the shard's commit got no answer from
-        the database), and return the results without those names, which nobody must
-        take for a recorded decision. A decision recorded on the same link since means the
-        incarnation behind it resolved that commit first (it does, before committing
-        anything else): what it held is settled."""
+        the database), with ``told``, the answer their clients got, and return the results
+        without those names, which nobody must take for a recorded decision. A decision
+        recorded on the same link since means the incarnation behind it resolved that
+        commit first (it does, before committing anything else): what it held is
+        settled."""
         held = self._unsure[shard]
         unsure = [
             i
@@ -596,14 +605,14 @@ class ShardClient:
             for i, (c, r) in enumerate(zip(checks, results, strict=True))
         )
         if held and committed:
-            kept = [(held_link, check) for held_link, check in held if held_link is not link]
+            kept = [held_check for held_check in held if held_check[0] is not link]
             held.clear()
             held.extend(kept)
         # Bounded as the unsettled checks are, and counted the same way: one let go here is
         # an allow that may stand unvoided, which an operator must hear of.
         self._count_dropped(shard, len(held) + len(unsure) - _MAX_UNSETTLED)
         for i in unsure:
-            held.append((link, checks[i]))
+            held.append((link, checks[i], told))
             results[i] = Result(False, AUDIT_UNAVAILABLE)
         return results
 
@@ -738,15 +747,34 @@ class ShardClient:
         """Ask the shard about the checks kept by ``_unsettle``: it voids the allow it
         committed for each proof, if any, and otherwise records the denial its client got.
         One that fails again is kept again by the path it fails on (see ``_keep_voids``),
-        for the next link or the next answer that shows the shard recording."""
+        for the next link or the next answer that shows the shard recording.
+
+        Asked a batch at a time, each once the one before is answered: up to
+        ``_MAX_UNSETTLED`` may be kept, and asked all at once they left as that many
+        divided by ``max_batch`` calls together, whatever ``max_inflight`` says; the
+        shard's group commit merged them into one statement (with a lookup per proof)
+        under its database timeout, and this replica's checks queued behind them all."""
         if self._settling[shard]:
             return
         self._settling[shard] = True
         try:
             pending = self._unsettled[shard]
             asked = [pending.popleft() for _ in range(len(pending))]
-            await self._record_voids(
-                shard, [check.voiding(answer, ANY_ALLOW) for check, answer in asked]
-            )
+            for start in range(0, len(asked), self._max_batch):
+                batch = asked[start : start + self._max_batch]
+                results = await asyncio.gather(
+                    *(
+                        self.check(shard, check.voiding(answer, ANY_ALLOW))
+                        for check, answer in batch
+                    )
+                )
+                if not any(result.audit_event for result in results):
+                    # Nothing recorded (the shard is unreachable, looks hung or cannot
+                    # write; this batch was kept again): the rest wait with it, rather
+                    # than each take the same way back.
+                    rest = asked[start + self._max_batch :]
+                    self._count_dropped(shard, len(pending) + len(rest) - _MAX_UNSETTLED)
+                    pending.extend(rest)
+                    return
         finally:
             self._settling[shard] = False
