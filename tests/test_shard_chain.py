@@ -290,11 +290,15 @@ async def test_a_clock_stepped_ahead_while_commits_fail_and_back_reopens_no_repl
         await shard.close()
 
 
-class _LinkGone:
-    """A replica's writer whose link closed while its batch was decided."""
-
+class _WriterGone:
     def is_closing(self) -> bool:
         return True
+
+
+class _LinkGone:
+    """A replica's link that closed while its batch was decided."""
+
+    writer = _WriterGone()
 
 
 @pytest.mark.asyncio

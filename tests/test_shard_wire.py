@@ -7,6 +7,7 @@ PostgreSQL behind it; what crosses the socket is what a verifier replica sends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,7 +24,7 @@ import pytest
 import pytest_asyncio
 from shard_checks import a_check, arriving, payment, timed
 
-from agentauth.actors import Check, StateShard, _shard
+from agentauth.actors import Check, StateShard, _shard, _wire
 from agentauth.actors._wire import (
     ACKS_ANNOUNCED,
     MAX_FRAME,
@@ -105,6 +106,24 @@ def _row(**changes: Any) -> list[Any]:
 def test_malformed_batches_are_refused(payload: bytes) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - each case fails in its own words
         Codec().decode_checks(payload)
+
+
+def test_a_links_cache_of_parsed_envelopes_is_bounded_in_bytes() -> None:
+    """JSON allows any amount of whitespace, so a peer holding the token can send valid
+    envelopes padded to nearly MAX_FRAME, each a new text. The link's cache of parsed
+    envelopes was bounded by count only (4,096 of them: 16 GiB); now it also keeps at most
+    _PARSED_TEXT characters of texts, the oldest going first."""
+    codec, texts = Codec(), []
+    for n in range(12):
+        texts.append("{" + " " * (1024 * 1024 + n) + "}")
+        _, [check] = codec.decode_checks(msgpack.packb((n, [_row(f7=texts[-1])])))
+        assert check.envelope == Envelope()
+    cached = codec._envelope._items
+    assert sum(len(text) for text in cached) <= _wire._PARSED_TEXT
+    assert texts[0] not in cached and texts[-1] in cached
+    # A text still held is a hit: the same parsed envelope comes back.
+    _, [again] = codec.decode_checks(msgpack.packb((12, [_row(f7=texts[-1])])))
+    assert again.envelope is cached[texts[-1]]
 
 
 @pytest_asyncio.fixture
@@ -269,6 +288,82 @@ async def test_an_answer_the_shard_cannot_deliver_is_voided_by_the_shard(
     void = json.loads(rows[2]["body"])["data"]
     assert void["voids"] == f"verifier-701:{rows[0]['seq']}"
     assert void["reason"] == "answer_undelivered"
+
+
+@pytest.mark.asyncio
+async def test_a_peer_that_stops_reading_is_dropped_and_its_unsent_allows_voided(
+    migrated_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer holding the token sends checks and never reads its answers. The shard used to
+    buffer every answer for as long as the connection stayed open; now, past _MAX_UNSENT
+    of answers unsent, it aborts the link, and each allow among the answers lost with its
+    buffer is voided. Afterwards every allow on the chain either reached the peer's socket
+    (it reads them at last) or is voided, never both. (A chain of its own: the proofs of
+    other tests here, some issued on a clock set ahead, would make these replays.)"""
+    limit = 16 * 1024  # the real bound is MiBs of answers: thousands of commits
+    monkeypatch.setattr(_shard, "_MAX_UNSENT", limit)
+    conn = await asyncpg.connect(migrated_database_url)
+    try:
+        before = await conn.fetchval(
+            "SELECT count(*) FROM audit_events WHERE chain = 'verifier-703'"
+        )
+    finally:
+        await conn.close()
+    shard = StateShard(index=703, database_url=migrated_database_url)
+    host, port, token = await shard.endpoint()
+    # Small socket buffers on both ends, so the kernel takes little before asyncio has to.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before the handshake
+    sock.connect((host, port))  # on this host: at once
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(frame(token))
+    await _until(lambda: len(shard._peers) == 1)
+    [link] = shard._peers
+    link.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    codec, buffered = Codec(), []
+    try:
+        for request_id in range(100):
+            # One batch at a time, each answered (or its answer lost) before the next goes:
+            # the shard has read everything when it aborts, so its socket closes cleanly.
+            writer.write(codec.encode_checks(request_id, [a_check("unread") for _ in range(128)]))
+            await writer.drain()
+            await _until(lambda sent=128 * (request_id + 1): shard._decisions >= sent)
+            await _until(lambda: not shard._answering)
+            buffered.append(link.transport.get_write_buffer_size())
+            if link.is_closing():
+                break
+        assert link.is_closing(), "the shard kept buffering answers nobody read"
+        assert max(buffered) <= limit
+        # What reached the peer's socket: the handshake, acks, whole answers, perhaps part
+        # of one.
+        delivered = set()
+        assert await read_frame(reader) == b"ok"
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                _, answers = decode_results(await asyncio.wait_for(read_frame(reader), 5.0))
+                delivered |= {answer[4] for answer in answers if answer[0]}
+        # The voids were committed before the last answer task ended (awaited above).
+        conn = await asyncpg.connect(migrated_database_url)
+        try:
+            rows = await conn.fetch(
+                "SELECT seq, event, body FROM audit_events WHERE chain = 'verifier-703'"
+                " AND seq >= $1 ORDER BY seq",
+                before,
+            )
+        finally:
+            await conn.close()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+        await shard.close()
+    allows = {f"verifier-703:{r['seq']}" for r in rows if r["event"] == "verify.allow"}
+    voids = [json.loads(r["body"])["data"] for r in rows if r["event"] == "verify.void"]
+    voided = {v["voids"] for v in voids}
+    assert {v["reason"] for v in voids} == {"answer_undelivered"}
+    assert len(voided) == len(voids)  # each once
+    assert delivered and voided  # some answers got out before the peer's buffers filled
+    assert delivered | voided == allows
+    assert not delivered & voided
 
 
 @pytest.mark.asyncio

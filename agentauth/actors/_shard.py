@@ -35,6 +35,7 @@ import os
 import secrets
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -144,6 +145,18 @@ _REFUSED_LOG_EVERY = 60.0
 # keeps presenting a wrong token) is said at most this often, with the count held back.
 _SAID_EVERY = 30.0
 
+# Bytes of answers a link may hold in the shard's memory, not yet taken by the socket,
+# before the shard aborts the link; the allows among the answers lost with it are voided
+# (answer_undelivered, as for an answer that finds its link closed). Without a bound, a
+# peer that sends checks and stops reading (a wedged replica, or anything holding the
+# token) has every answer buffered for as long as it keeps the connection open. No replica
+# that reads comes near it: an answer is 27-75 bytes a check, and a shard core decides at
+# most ~20,000 checks/s (docs/capacity-planning.md), so this is seconds of answers nobody
+# read, on top of the MiBs the kernel's socket buffers take first; a replica gives a check
+# up after shard_timeout (40 ms) anyway, asking about it on its next link. A link that
+# stopped reading costs the shard at most this plus one answer.
+_MAX_UNSENT = 4 * 1024 * 1024
+
 # The reason on a void the shard writes itself: its answer found the link closed.
 UNDELIVERED = "answer_undelivered"
 # What a batch is answered when its commit fails, and the reason on the voids the shard
@@ -162,11 +175,11 @@ def _node_address() -> str:
     return "127.0.0.1"
 
 
-def _ack(writer: asyncio.StreamWriter, request_id: int, answering: asyncio.Task[None]) -> None:
+def _ack(link: _Link, request_id: int, answering: asyncio.Task[None]) -> None:
     """Tell the replica a batch it sent is being worked on, unless it is answered already
     (most are, within ``ACK_AFTER``: no frame then). See ``_wire.ACKS_ANNOUNCED``."""
-    if not answering.done() and not writer.is_closing():
-        writer.write(encode_ack(ack_id(request_id)))
+    if not answering.done() and not link.writer.is_closing():
+        link.write(encode_ack(ack_id(request_id)))
 
 
 def shard_for(key: str, shards: int) -> int:
@@ -181,6 +194,59 @@ class Result:
     remaining: dict[str, Any] | None = None
     retry_after: float | None = None
     audit_event: str | None = None
+
+
+class _Link:
+    """The shard's side of a replica's link: everything it writes goes through here, so it
+    can tell which answers a link it gives up on never handed to the socket (_MAX_UNSENT).
+
+    asyncio keeps what the socket does not take at once in the transport's buffer, and of
+    the bytes written, all but the last ``get_write_buffer_size()`` have gone to the
+    kernel. An answer whose last byte is among those still buffered when the link is
+    aborted is lost with the buffer: no provider can have it. (With TLS the count is of
+    plain text, and what is already encrypted and waiting in the socket's own transport,
+    about asyncio's 64 KiB high-water mark, counts as gone: lost on an abort, unvoided, as
+    answers in a socket nobody reads are.)"""
+
+    __slots__ = ("_transport", "_unsent", "_written", "writer")
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self._transport = writer.transport
+        self._written = 0  # bytes given to the transport, all told
+        # Answers that may still be (partly) in the buffer: the count of bytes written up
+        # to their end, their checks and results. Empty while the socket keeps up.
+        self._unsent: deque[tuple[int, list[Check], list[Result]]] = deque()
+
+    def write(self, data: bytes) -> None:
+        self._transport.write(data)
+        self._written += len(data)
+
+    def answer(
+        self, data: bytes, checks: list[Check], results: list[Result]
+    ) -> list[tuple[list[Check], list[Result]]]:
+        """Write an answer. If the link's buffer has grown past _MAX_UNSENT (its peer is
+        not reading), abort the link and return the answers that never left the buffer,
+        this one among them; otherwise nothing."""
+        self._transport.write(data)  # as write() does, a call less: this is every answer
+        self._written += len(data)
+        buffered = self._transport.get_write_buffer_size()
+        if not buffered:  # the usual case: the kernel took it all
+            if self._unsent:
+                self._unsent.clear()
+            return []
+        sent, unsent = self._written - buffered, self._unsent
+        while unsent and unsent[0][0] <= sent:
+            unsent.popleft()
+        unsent.append((self._written, checks, results))
+        if buffered <= _MAX_UNSENT:
+            return []
+        # Not close(): that would keep the buffer until the peer reads it, which it may
+        # never do, and deliver the answers voided here if it ever did.
+        self._transport.abort()
+        lost = [(c, r) for _, c, r in unsent]
+        unsent.clear()
+        return lost
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,7 +465,8 @@ class StateShard:
                     self.index,
                 )
                 return
-            writer.write(frame(b"ok") + encode_ack(ACKS_ANNOUNCED))
+            link = _Link(writer)
+            link.write(frame(b"ok") + encode_ack(ACKS_ANNOUNCED))
             while True:
                 payload = await read_frame(reader)
                 try:
@@ -407,10 +474,10 @@ class StateShard:
                 except ValueError:
                     log.warning("shard %s: malformed batch; connection closed", self.index)
                     return
-                task = asyncio.create_task(self._answer(writer, request_id, checks))
+                task = asyncio.create_task(self._answer(link, request_id, checks))
                 self._answering.add(task)
                 task.add_done_callback(self._answering.discard)
-                loop.call_later(ACK_AFTER, _ack, writer, request_id, task)
+                loop.call_later(ACK_AFTER, _ack, link, request_id, task)
         except (asyncio.IncompleteReadError, OSError, TimeoutError, FrameTooLarge):
             # The peer left, stalled, failed the TLS handshake (ssl.SSLError is an OSError,
             # as ConnectionError is) or sent garbage: drop the connection.
@@ -422,14 +489,24 @@ class StateShard:
                 self._peers.discard(writer)
                 writer.close()
 
-    async def _answer(
-        self, writer: asyncio.StreamWriter, request_id: int, checks: list[Check]
-    ) -> None:
+    async def _answer(self, link: _Link, request_id: int, checks: list[Check]) -> None:
         results = await self.check_batch(checks)
-        if not writer.is_closing():
-            writer.write(encode_results(request_id, results))
-            return
-        # The link went while these were decided (the replica died, or dropped the link):
+        if not link.writer.is_closing():
+            lost = link.answer(encode_results(request_id, results), checks, results)
+            if not lost:
+                return
+            self._said.log(
+                log,
+                "unread",
+                "shard %s: a link's peer stopped reading (over %d bytes of answers"
+                " unsent); link closed, the allows among them voided",
+                self.index,
+                _MAX_UNSENT,
+            )
+        else:
+            lost = [(checks, results)]
+        # The link went while these were decided (the replica died, or dropped the link), or
+        # the shard gave up on it with these answers still in its buffer (see _MAX_UNSENT):
         # no allow among them reached a provider, so the chain says so. (A replica alive
         # will also ask about them on its next link; by then they are voided already.)
         # Owed, not sent as checks: a replica gone will never ask again, so a void whose
@@ -437,7 +514,8 @@ class StateShard:
         # commit of unknown fate. An empty batch writes them now.
         undelivered = [
             check.voiding(UNDELIVERED, result.audit_event)
-            for check, result in zip(checks, results, strict=True)
+            for answered, answers in lost
+            for check, result in zip(answered, answers, strict=True)
             if result.allowed and result.audit_event
         ]
         if undelivered:

@@ -16,6 +16,7 @@ import asyncio
 import math
 import ssl
 import struct
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -91,21 +92,44 @@ async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> by
     return await reader.readexactly(length)
 
 
+# What a link's cache of parsed documents may hold, in characters of their JSON texts (the
+# keys). A count alone bounds nothing in bytes: JSON allows any amount of whitespace, so a
+# peer holding the token can send a valid envelope padded to nearly MAX_FRAME, and 4,096 of
+# those are 16 GiB. Documents as a replica sends them (model_dump_json) are short: an
+# envelope with every list at its MAX_RULES is about 3.4 KB, a usual one a few hundred
+# bytes, so a cache of those usual ones never comes near this.
+_PARSED_TEXT = 4 * 1024 * 1024
+
+
 class _ParseCache:
     """Parsed documents by their JSON text: a grant's envelope and a provider's usual
-    actions arrive over and over. Bounded by clearing, which only costs re-parsing."""
+    actions arrive over and over. Bounded by count and by the length of the texts held,
+    oldest out first; an eviction only costs parsing again."""
 
-    def __init__(self, parse: Callable[[str], Any], limit: int = 4096) -> None:
+    def __init__(
+        self, parse: Callable[[str], Any], limit: int = 4096, text_limit: int = _PARSED_TEXT
+    ) -> None:
         self._parse = parse
         self._limit = limit
+        self._text_limit = text_limit
         self._items: dict[str, Any] = {}
+        # The keys, oldest first, and their length all told. (A plain dict for the hits:
+        # an OrderedDict's lookup costs a third more, and a dict's own oldest key is slow to
+        # find once many have been deleted from its front.)
+        self._order: deque[str] = deque()
+        self._text = 0
 
     def __call__(self, text: str) -> Any:
         item = self._items.get(text)
         if item is None:
-            if len(self._items) >= self._limit:
-                self._items.clear()
             item = self._items[text] = self._parse(text)
+            self._order.append(text)
+            self._text += len(text)
+            # A text longer than the whole limit is parsed, and not kept.
+            while len(self._order) > self._limit or self._text > self._text_limit:
+                oldest = self._order.popleft()
+                del self._items[oldest]
+                self._text -= len(oldest)
         return item
 
 
