@@ -85,6 +85,18 @@ def test_a_plain_jwks_is_accepted_without_windows() -> None:
     assert AuditKeys.from_key_set(windowed) is windowed
 
 
+def test_a_pinned_jwks_with_an_encryption_key_keeps_only_its_signing_keys() -> None:
+    """``--audit-keys FILE`` with a JWKS that also publishes an encryption key (until
+    2026-11-30 the whole file was refused): that key verifies no checkpoint."""
+    jwks = {"keys": [OLD.public_jwk(), dict(NEW.public_jwk(), use="enc")]}
+    keys = AuditKeys.from_document(jwks)
+    assert set(keys) == {"old"}
+    assert keys.verify(checkpoint(OLD, 450)).time == 450
+    with pytest.raises(IntegrityError) as unknown:
+        keys.verify(checkpoint(NEW, 450))
+    assert unknown.value.reason == "unknown_kid"
+
+
 def test_a_plain_jwks_can_be_refused() -> None:
     """Where the document comes from the registry being checked (the approval page), a JWKS
     in place of the audit key list would turn every window check off."""

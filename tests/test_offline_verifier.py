@@ -12,6 +12,7 @@ that must never be trusted.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -41,6 +42,7 @@ from agentauth.protocol import (
 )
 from agentauth.protocol._jws import sign_compact
 from agentauth.sdk import OfflineVerifier, VerifierClient
+from agentauth.sdk._provider import denial
 from agentauth.verifier import Verifier, create_app
 
 # Online denials that need memory or a lookup the offline check does not have: a step-up
@@ -427,20 +429,265 @@ async def test_a_token_signed_by_a_key_rotated_in_since_is_denied_not_a_crash() 
     "jwk",
     [
         {"kty": "oct", "k": "c2VjcmV0", "kid": "hmac", "alg": "HS256"},
-        {"kty": "oct", "kid": "hmac"},
         {**REGISTRY.public_jwk(), "d": "AAAA"},
         {**ED_REGISTRY.public_jwk(), "d": "AAAA"},
-        {"kty": "RSA", "n": "AQAB", "e": "AQAB", "kid": "rsa"},
+        {**ED_REGISTRY.public_jwk(), "d": "AAAA", "use": "enc"},
         {**REGISTRY.public_jwk(), "alg": "Ed25519"},
-        {**REGISTRY.public_jwk(), "alg": "none"},
-        {k: v for k, v in REGISTRY.public_jwk().items() if k != "kid"},
+        {**REGISTRY.public_jwk(), "key_ops": "verify"},
     ],
-    ids=["hmac", "oct", "ec_private", "ed_private", "rsa", "alg_mismatch", "alg_none", "no_kid"],
+    ids=["hmac", "ec_private", "ed_private", "private_enc", "alg_mismatch", "key_ops_string"],
 )
 def test_a_jwks_with_a_key_it_must_not_trust_is_refused_whole(jwk: dict[str, Any]) -> None:
     with pytest.raises(InvalidRequest):
         OfflineVerifier(
             jwks={"keys": [REGISTRY.public_jwk(), jwk]}, issuer=ISSUER, audience=AUDIENCE
+        )
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "jwk",
+    [
+        {**ED_REGISTRY.public_jwk(), "use": "enc"},
+        {**{k: v for k, v in ED_REGISTRY.public_jwk().items() if k != "use"}, "key_ops": ["sign"]},
+        {**ED_REGISTRY.public_jwk(), "alg": "none"},
+        {k: v for k, v in ED_REGISTRY.public_jwk().items() if k != "kid"},
+        {"kty": "oct", "kid": "hmac"},
+        {"kty": "RSA", "n": "AQAB", "e": "AQAB", "kid": "rsa"},
+    ],
+    ids=["use_enc", "key_ops_sign", "alg_none", "no_kid", "oct", "rsa"],
+)
+async def test_a_key_that_is_not_for_verifying_is_left_out_and_the_rest_kept(
+    jwk: dict[str, Any],
+) -> None:
+    """An encryption key beside the signing keys, as many JWKS endpoints publish, no longer
+    refuses the whole set (it did until 2026-11-30); and it verifies nothing: the first
+    four are the real Ed25519 registry key, marked as not for signatures or unnamed."""
+    now = int(time.time())
+    offline = OfflineVerifier(
+        jwks={"keys": [REGISTRY.public_jwk(), jwk]}, issuer=ISSUER, audience=AUDIENCE
+    )
+    assert (await offline.verify_request(**_request(REGISTRY, now))).allowed
+    refused = await offline.verify_request(**_request(ED_REGISTRY, now))
+    assert (refused.allowed, refused.reason) == (False, "invalid_token:unknown_kid")
+
+
+# --- refreshing the JWKS on an unknown kid ------------------------------------------------------
+
+
+class JWKSEndpoint:
+    """The registry's /.well-known/jwks.json, in process: serves ``keys`` (or a 503 while
+    ``down``), counts the requests, and holds each answer until ``release`` is set."""
+
+    def __init__(self, *keys: PrivateKey) -> None:
+        self.keys = [k.public_jwk() for k in keys]
+        self.down = False
+        self.requests = 0
+        self.asked = asyncio.Event()
+        self.release = asyncio.Event()
+        self.release.set()
+        self.http = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="https://registry.example"
+        )
+
+    async def app(self, scope: Any, receive: Any, send: Any) -> None:
+        self.requests += 1
+        self.asked.set()
+        await self.release.wait()
+        status, body = (
+            (503, b"{}") if self.down else (200, json.dumps({"keys": self.keys}).encode())
+        )
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def fetch_jwks(self) -> object:
+        """What a provider passes: an HTTP GET of the JWKS, an error status an exception."""
+        response = await self.http.get("/.well-known/jwks.json")
+        response.raise_for_status()
+        return response.json()
+
+
+class Clock:
+    """``time`` for the SDK module: the wall clock as it is, a monotonic one moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    from agentauth.sdk import _provider
+
+    fake = Clock()
+    monkeypatch.setattr(_provider, "time", fake)
+    return fake
+
+
+def _refreshing(endpoint: JWKSEndpoint, **kwargs: Any) -> OfflineVerifier:
+    return OfflineVerifier(
+        jwks={"keys": [REGISTRY.public_jwk()]},
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        fetch_jwks=endpoint.fetch_jwks,
+        **kwargs,
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_key_published_after_construction_verifies_after_a_refresh(clock: Clock) -> None:
+    """A rotation publishes the new kid ahead of its first token; the offline check built
+    before it fetches the JWKS again at that first token and allows it (until 2026-11-30 it
+    denied every such token, unknown_kid, until the provider built a new one)."""
+    now = int(time.time())
+    rotated_in = PrivateKey.generate("Ed25519", kid="registry-next")
+    endpoint = JWKSEndpoint(REGISTRY, rotated_in)
+    offline = _refreshing(endpoint)
+    assert (await offline.verify_request(**_request(REGISTRY, now))).allowed
+    assert endpoint.requests == 0  # a known kid fetches nothing
+    allowed = await offline.verify_request(**_request(rotated_in, now))
+    assert (allowed.allowed, allowed.reason) == (True, "ok_offline")
+    assert endpoint.requests == 1
+    assert (await offline.verify_request(**_request(rotated_in, now))).allowed
+    assert (await offline.verify_request(**_request(REGISTRY, now))).allowed
+    assert endpoint.requests == 1
+
+
+@pytest.mark.asyncio
+async def test_unknown_kids_fetch_at_most_once_per_interval(clock: Clock) -> None:
+    now = int(time.time())
+    endpoint = JWKSEndpoint(REGISTRY)
+    offline = _refreshing(endpoint, refresh_interval=30)
+    nobodys = PrivateKey.generate("ES256", kid="nobodys-key")
+    for _ in range(3):
+        refused = await offline.verify_request(**_request(nobodys, now))
+        assert refused.reason == "invalid_token:unknown_kid"
+    assert endpoint.requests == 1
+    # Published just after that fetch: its tokens wait for the interval to end.
+    rotated_in = PrivateKey.generate("ES256", kid="registry-next")
+    endpoint.keys.append(rotated_in.public_jwk())
+    clock.now += 29.9
+    refused = await offline.verify_request(**_request(rotated_in, now))
+    assert (refused.reason, endpoint.requests) == ("invalid_token:unknown_kid", 1)
+    clock.now += 0.1
+    assert (await offline.verify_request(**_request(rotated_in, now))).allowed
+    assert endpoint.requests == 2
+
+
+@pytest.mark.asyncio
+async def test_unknown_kids_arriving_together_share_one_fetch(clock: Clock) -> None:
+    """Every request with the new kid while the fetch is under way waits for that fetch,
+    and the request that started it being given up on (its client gone) does not cancel
+    it for the others."""
+    now = int(time.time())
+    rotated_in = PrivateKey.generate("ES256", kid="registry-next")
+    endpoint = JWKSEndpoint(REGISTRY, rotated_in)
+    endpoint.release.clear()
+    offline = _refreshing(endpoint)
+    requests = [
+        asyncio.create_task(offline.verify_request(**_request(rotated_in, now))) for _ in range(5)
+    ]
+    await endpoint.asked.wait()  # every request has reached the fetch by now
+    requests[0].cancel()
+    endpoint.release.set()
+    answers = await asyncio.gather(*requests[1:])
+    assert [a.reason for a in answers] == ["ok_offline"] * 4
+    assert requests[0].cancelled()
+    assert endpoint.requests == 1
+
+
+@pytest.mark.asyncio
+async def test_a_failed_fetch_denies_and_waits_for_the_interval(clock: Clock) -> None:
+    """Fail closed: the token under a kid that could not be looked up is denied as nothing
+    decided (a 503, Retry-After the time left before a fetch may be made again), tokens under
+    the keys held still verify, and no fetch is made again before the interval ends."""
+    now = int(time.time())
+    rotated_in = PrivateKey.generate("ES256", kid="registry-next")
+    endpoint = JWKSEndpoint(REGISTRY, rotated_in)
+    endpoint.down = True
+    offline = _refreshing(endpoint, refresh_interval=30)
+    refused = await offline.verify_request(**_request(rotated_in, now))
+    assert (refused.allowed, refused.reason) == (False, "jwks_unavailable")
+    status, headers, _ = denial(refused)
+    assert (status, headers["Retry-After"]) == (503, "30")
+    assert (await offline.verify_request(**_request(REGISTRY, now))).allowed
+    endpoint.down = False
+    clock.now += 20
+    refused = await offline.verify_request(**_request(rotated_in, now))
+    assert (refused.reason, endpoint.requests) == ("jwks_unavailable", 1)
+    assert denial(refused)[1]["Retry-After"] == "10"
+    clock.now += 10
+    assert (await offline.verify_request(**_request(rotated_in, now))).allowed
+    assert endpoint.requests == 2
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "served",
+    [
+        [{"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"}],
+        "not a JWKS",
+    ],
+    ids=["secret-key", "not-a-jwks"],
+)
+async def test_a_fetched_jwks_that_does_not_parse_is_a_failed_fetch(
+    clock: Clock, served: Any
+) -> None:
+    now = int(time.time())
+    endpoint = JWKSEndpoint(REGISTRY)
+    endpoint.keys = served
+    offline = _refreshing(endpoint)
+    refused = await offline.verify_request(**_request(ED_REGISTRY, now))
+    assert refused.reason == "jwks_unavailable"
+    assert (await offline.verify_request(**_request(REGISTRY, now))).allowed
+
+
+@pytest.mark.asyncio
+async def test_a_hung_fetch_is_given_up_on(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentauth.sdk import _provider
+
+    monkeypatch.setattr(_provider, "_JWKS_FETCH_TIMEOUT", 0.01)
+    now = int(time.time())
+    endpoint = JWKSEndpoint(REGISTRY, ED_REGISTRY)
+    endpoint.release.clear()  # never answers
+    offline = _refreshing(endpoint)
+    refused = await offline.verify_request(**_request(ED_REGISTRY, now))
+    assert refused.reason == "jwks_unavailable"
+    endpoint.release.set()
+    clock.now += 30
+    assert (await offline.verify_request(**_request(ED_REGISTRY, now))).allowed
+
+
+@pytest.mark.asyncio
+async def test_a_key_removed_from_the_jwks_stops_verifying_after_a_refresh(clock: Clock) -> None:
+    now = int(time.time())
+    rotated_in = PrivateKey.generate("ES256", kid="registry-next")
+    endpoint = JWKSEndpoint(rotated_in)  # REGISTRY retired
+    offline = _refreshing(endpoint)
+    assert (await offline.verify_request(**_request(REGISTRY, now))).allowed  # not refreshed yet
+    assert (await offline.verify_request(**_request(rotated_in, now))).allowed
+    refused = await offline.verify_request(**_request(REGISTRY, now))
+    assert (refused.allowed, refused.reason) == (False, "invalid_token:unknown_kid")
+
+
+@pytest.mark.parametrize("interval", [0.5, 601, math.nan, math.inf])
+def test_the_refresh_interval_is_bounded(interval: float) -> None:
+    async def fetch_jwks() -> object:
+        return {"keys": []}
+
+    with pytest.raises(ValueError, match="refresh_interval"):
+        OfflineVerifier(
+            jwks={"keys": []},
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            fetch_jwks=fetch_jwks,
+            refresh_interval=interval,
         )
 
 

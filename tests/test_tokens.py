@@ -883,9 +883,16 @@ def test_jwks_members_carry_no_private_material() -> None:
         pytest.param(dict(REGISTRY_ED.public_jwk(), alg="ES256"), id="okp-key-alg-ES256"),
         pytest.param(dict(REGISTRY_ES.public_jwk(), alg="Ed25519"), id="ec-key-alg-Ed25519"),
         pytest.param(dict(REGISTRY_ES.public_jwk(), alg="EdDSA"), id="ec-key-alg-EdDSA"),
-        pytest.param(dict(REGISTRY_ES.public_jwk(), alg="HS256"), id="alg-HS256"),
-        pytest.param(dict(REGISTRY_ES.public_jwk(), alg="none"), id="alg-none"),
         pytest.param({"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"}, id="symmetric-key"),
+        # Published for encryption or not, a secret or private key in the set is refused:
+        # its publisher is not one to trust with the rest.
+        pytest.param(
+            {"kty": "oct", "k": "c2VjcmV0", "kid": "aes", "use": "enc"}, id="symmetric-enc-key"
+        ),
+        pytest.param(
+            {"kty": "RSA", "n": "AQAB", "e": "AQAB", "d": "AQAB", "kid": "r", "use": "enc"},
+            id="rsa-private-enc-key",
+        ),
         pytest.param(
             dict(
                 REGISTRY_ES.public_jwk(),
@@ -895,14 +902,143 @@ def test_jwks_members_carry_no_private_material() -> None:
             ),
             id="private-key",
         ),
+        # Members of the wrong shape make the set malformed, whatever the key is for.
+        pytest.param("not a key", id="entry-not-an-object"),
         pytest.param(
-            {k: v for k, v in REGISTRY_ES.public_jwk().items() if k != "kid"}, id="no-kid"
+            {k: v for k, v in REGISTRY_ES.public_jwk().items() if k != "kty"}, id="no-kty"
+        ),
+        pytest.param(dict(REGISTRY_ES.public_jwk(), use=["sig"]), id="use-not-a-string"),
+        pytest.param(dict(REGISTRY_ES.public_jwk(), key_ops="verify"), id="key-ops-a-string"),
+        pytest.param(dict(REGISTRY_ES.public_jwk(), key_ops=["verify", 1]), id="key-ops-number"),
+        pytest.param(
+            dict(REGISTRY_ES.public_jwk(), key_ops=["verify", "verify"]), id="key-ops-repeated"
+        ),
+        pytest.param(dict(REGISTRY_ES.public_jwk(), alg=256), id="alg-not-a-string"),
+        pytest.param(dict(REGISTRY_ES.public_jwk(), kid=7), id="kid-not-a-string"),
+        pytest.param(dict(REGISTRY_ES.public_jwk(), kid=""), id="kid-empty"),
+        # Claims one of AgentAuth's key types, is not one: not silently left out.
+        pytest.param(dict(REGISTRY_ES.public_jwk(), x="AAAA"), id="ec-key-bad-coordinate"),
+        pytest.param(
+            {k: v for k, v in REGISTRY_ED.public_jwk().items() if k != "alg"} | {"x": "AA"},
+            id="ed-key-bad-coordinate-no-alg",
         ),
     ],
 )
 def test_jwks_entry_is_refused(jwk: Doc) -> None:
     with pytest.raises(InvalidRequest):
-        KeySet.from_jwks({"keys": [jwk]})
+        KeySet.from_jwks({"keys": [REGISTRY_ED.public_jwk(), jwk]})
+
+
+def _without(jwk: Doc, *members: str) -> Doc:
+    return {k: v for k, v in jwk.items() if k not in members}
+
+
+# A JWKS may publish keys that are not for verifying AgentAuth's signatures: an encryption
+# key beside the signing keys, a key for an algorithm AgentAuth does not use. RFC 7517
+# §4.2-4.3: a key whose use is not "sig", or whose key_ops leaves out "verify", must not
+# verify a signature. These are left out and the rest of the set kept.
+@pytest.mark.parametrize(
+    "jwk",
+    [
+        pytest.param(dict(REGISTRY_ED.public_jwk(), use="enc"), id="use-enc"),
+        pytest.param(dict(REGISTRY_ED.public_jwk(), use="attest"), id="use-unregistered"),
+        pytest.param(
+            dict(_without(REGISTRY_ED.public_jwk(), "use"), key_ops=["encrypt"]),
+            id="key-ops-encrypt",
+        ),
+        pytest.param(
+            dict(_without(REGISTRY_ED.public_jwk(), "use"), key_ops=["sign"]),
+            id="key-ops-sign-without-verify",
+        ),
+        pytest.param(dict(REGISTRY_ED.public_jwk(), key_ops=[]), id="key-ops-empty"),
+        pytest.param(dict(REGISTRY_ED.public_jwk(), key_ops=["deriveKey"]), id="use-sig-ops-not"),
+        pytest.param(_without(REGISTRY_ED.public_jwk(), "kid"), id="no-kid"),
+        pytest.param(dict(REGISTRY_ED.public_jwk(), alg="none"), id="alg-none"),
+        pytest.param(dict(REGISTRY_ED.public_jwk(), alg="HS256"), id="alg-HS256"),
+        pytest.param(dict(REGISTRY_ED.public_jwk(), alg="Ed448"), id="alg-Ed448"),
+    ],
+)
+def test_jwks_key_that_must_not_verify_signatures_is_left_out(jwk: Doc) -> None:
+    # The left-out key is the real Ed25519 registry key: its tokens must not verify.
+    keys = KeySet.from_jwks({"keys": [REGISTRY_ES.public_jwk(), jwk]})
+    assert set(keys) == {REGISTRY_ES.kid}
+    tokens = AccessTokenVerifier(keys=keys, issuer=ISSUER)
+    assert tokens.verify(make_token(), audience=AUDIENCE, now=NOW).kid == REGISTRY_ES.kid
+    with pytest.raises(InvalidToken) as excinfo:
+        tokens.verify(make_token(signer=REGISTRY_ED), audience=AUDIENCE, now=NOW)
+    assert excinfo.value.reason == "unknown_kid"
+
+
+@pytest.mark.parametrize(
+    "jwk",
+    [
+        pytest.param(
+            {"kty": "RSA", "n": "AQAB", "e": "AQAB", "kid": "rsa", "alg": "RS256"}, id="rsa"
+        ),
+        pytest.param({"kty": "RSA", "n": "AQAB", "e": "AQAB", "kid": "rsa"}, id="rsa-no-alg"),
+        pytest.param({"kty": "oct", "kid": "hmac"}, id="oct-without-k"),
+        pytest.param(
+            {"kty": "EC", "crv": "P-384", "x": "AAAA", "y": "AAAA", "kid": "p384"}, id="ec-p384"
+        ),
+        pytest.param(
+            {"kty": "OKP", "crv": "X25519", "x": "AAAA", "kid": "ecdh", "use": "enc"},
+            id="x25519-enc",
+        ),
+        pytest.param(
+            {
+                "kty": "EC",
+                "crv": "P-256",
+                "x": "AAAA",
+                "y": "AAAA",
+                "kid": "ecdh",
+                "alg": "ECDH-ES",
+            },
+            id="p256-ecdh",
+        ),
+        pytest.param({"kty": "AKP", "kid": "future"}, id="unknown-key-type"),
+    ],
+)
+def test_jwks_key_of_another_type_or_algorithm_is_left_out(jwk: Doc) -> None:
+    keys = KeySet.from_jwks({"keys": [REGISTRY_ES.public_jwk(), jwk]})
+    assert set(keys) == {REGISTRY_ES.kid}
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param({}, id="use-sig"),
+        pytest.param({"key_ops": ["verify"]}, id="key-ops-verify"),
+        pytest.param({"key_ops": ["sign", "verify"]}, id="key-ops-sign-verify"),
+        pytest.param({"use": None}, id="no-use"),
+        pytest.param({"alg": None}, id="no-alg"),
+        pytest.param({"alg": "EdDSA"}, id="alg-legacy-name"),
+    ],
+)
+def test_jwks_signature_key_is_kept(edit: Doc) -> None:
+    jwk = {k: v for k, v in (REGISTRY_ED.public_jwk() | edit).items() if v is not None}
+    keys = KeySet.from_jwks({"keys": [jwk]})
+    # alg left out is the key type's own: an Ed25519 key verifies Ed25519 and nothing else.
+    assert keys[REGISTRY_ED.kid].alg == "Ed25519"
+    tokens = AccessTokenVerifier(keys=keys, issuer=ISSUER)
+    assert tokens.verify(make_token(signer=REGISTRY_ED), audience=AUDIENCE, now=NOW)
+
+
+def test_jwks_kid_shared_with_a_left_out_key_is_no_duplicate() -> None:
+    # A kid names one key among those that verify; an encryption key may reuse it.
+    enc = dict(IMPOSTOR_ES.public_jwk(), use="enc")
+    for order in ([enc, REGISTRY_ES.public_jwk()], [REGISTRY_ES.public_jwk(), enc]):
+        keys = KeySet.from_jwks({"keys": order})
+        assert keys[REGISTRY_ES.kid].thumbprint == REGISTRY_ES.thumbprint
+
+
+def test_jwks_with_only_keys_left_out_verifies_nothing() -> None:
+    keys = KeySet.from_jwks({"keys": [dict(REGISTRY_ES.public_jwk(), use="enc")]})
+    assert len(keys) == 0
+    with pytest.raises(InvalidToken) as excinfo:
+        AccessTokenVerifier(keys=keys, issuer=ISSUER).verify(
+            make_token(), audience=AUDIENCE, now=NOW
+        )
+    assert excinfo.value.reason == "unknown_kid"
 
 
 def test_jwks_with_duplicate_kid_is_refused() -> None:

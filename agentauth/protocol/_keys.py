@@ -291,6 +291,44 @@ class PrivateKey:
         return f"PrivateKey(alg={self.alg!r}, kid={self._kid!r})"
 
 
+# Members that only a private or symmetric key has (RFC 7518 §6.2.2, §6.3.2, §6.4.1).
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+_KEY_TYPES = {("EC", "P-256"), ("OKP", "Ed25519")}
+
+
+def _verifies_signatures(jwk: object) -> bool:
+    """Whether a JWKS entry is one of AgentAuth's signature keys (False: leave it out), or
+    raise ``InvalidRequest`` for an entry that makes the whole set untrustworthy."""
+    if not isinstance(jwk, dict):
+        raise InvalidRequest("JWK must be an object")
+    # A set that publishes a private or secret key, for whatever use, comes from a publisher
+    # that cannot be trusted with the others either.
+    if _PRIVATE_MEMBERS & jwk.keys():
+        raise InvalidRequest("JWK contains private key material")
+    kty, use, ops, alg, kid = (jwk.get(m) for m in ("kty", "use", "key_ops", "alg", "kid"))
+    if not isinstance(kty, str):
+        raise InvalidRequest("JWK member kty is missing")
+    if use is not None and not isinstance(use, str):
+        raise InvalidRequest("JWK member use is not a string")
+    if ops is not None and (
+        not isinstance(ops, list)
+        or not all(isinstance(op, str) for op in ops)
+        or len(set(ops)) != len(ops)  # RFC 7517 §4.3: no duplicate values
+    ):
+        raise InvalidRequest("JWK member key_ops is not an array of distinct strings")
+    if alg is not None and not isinstance(alg, str):
+        raise InvalidRequest("JWK member alg is not a string")
+    if kid is not None and (not isinstance(kid, str) or not kid):
+        raise InvalidRequest("JWK member kid is not a non-empty string")
+    if use not in (None, "sig") or (ops is not None and "verify" not in ops):
+        return False
+    if alg is not None:
+        # Named for one of AgentAuth's algorithms, it must be that algorithm's key
+        # (PublicKey.from_jwk refuses a mismatch); named for another, it is not ours.
+        return alg in ALG_NAMES and kid is not None
+    return (kty, jwk.get("crv")) in _KEY_TYPES and kid is not None
+
+
 class KeySet(Mapping[str, PublicKey]):
     """Verification keys by ``kid``, each with its algorithm pinned (from a JWKS)."""
 
@@ -306,12 +344,25 @@ class KeySet(Mapping[str, PublicKey]):
 
     @classmethod
     def from_jwks(cls, jwks: object) -> KeySet:
+        """The signature verification keys of a JWKS (RFC 7517 §5); raises ``InvalidRequest``.
+
+        A well-formed key that is not for verifying AgentAuth's signatures is left out, and
+        the rest of the set kept: one whose ``use`` is not "sig" or whose ``key_ops`` lacks
+        "verify" (RFC 7517 §4.2-4.3: an encryption key published beside the signing keys),
+        one whose ``alg`` names an algorithm AgentAuth does not sign with, one of a key type
+        or curve it does not use (when no ``alg`` claims it for one it does), and one with no
+        ``kid``, which no token can name. The whole set is refused when it is malformed: an
+        entry that is no object, private key material anywhere, a member of the wrong type,
+        a key that names one of AgentAuth's algorithms or key types and does not parse as
+        it, or two kept keys with one kid (a token's kid must name one key). An ``alg``
+        left out is the key type's own: ES256 for P-256, Ed25519 for Ed25519.
+        """
         if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
             raise InvalidRequest("a JWKS is an object with a keys array")
         keys = []
         for jwk in jwks["keys"]:
-            alg = jwk.get("alg") if isinstance(jwk, dict) else None
-            keys.append(PublicKey.from_jwk(jwk, alg=alg))
+            if _verifies_signatures(jwk):
+                keys.append(PublicKey.from_jwk(jwk, alg=jwk.get("alg")))
         return cls(keys)
 
     def to_jwks(self) -> dict[str, Any]:

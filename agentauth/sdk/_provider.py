@@ -7,10 +7,11 @@ and the token alone, the signature, the DPoP key binding, the capabilities and t
 the envelope that need no memory (expiry, time windows, an amount's precision and currency,
 the per-transaction cap, a single action over a spend cap), after refusing the input the
 verifier refuses. It is weaker: no replay, rate, cumulative spend or revocation checks, no
-DPoP server nonces, keys only from the JWKS it was built with, and it refuses every action
-above the step-up threshold (``step_up_required``), since it cannot check a one-time
-approval. It is meant for read-only, low-value endpoints or a verifier outage policy you
-choose deliberately.
+DPoP server nonces, keys only from the JWKS it was built with or, given ``fetch_jwks``, from
+the latest it fetched when a token named an unknown kid (at most once per interval), and it
+refuses every action above the step-up threshold (``step_up_required``), since it cannot
+check a one-time approval. It is meant for read-only, low-value endpoints or a verifier
+outage policy you choose deliberately.
 
 ``AgentAuthMiddleware`` asks ``action_of(method, path)`` about each request with the path
 the app's router matches (without the mount prefix, ``root_path``) and a HEAD asked as the
@@ -28,6 +29,7 @@ the action names, read from the same data (the middleware never sees the body).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import inspect
 import json
@@ -49,6 +51,7 @@ from ..protocol import (
     AgentAuthError,
     DPoPVerifier,
     InvalidRequest,
+    InvalidToken,
     KeySet,
     UsageState,
     allowing_capability,
@@ -300,14 +303,100 @@ class VerifierClient:
         await self._http.aclose()
 
 
+# The offline check's JWKS refresh (``fetch_jwks``). Anyone can send a token naming a kid
+# nobody published, so an unknown kid costs the registry at most one fetch per interval:
+# 30 s by default. A rotation publishes its kid ``key_publish_ahead`` before it signs
+# (docs/registry.md), so a provider that sees no token in between is not refused for long.
+_JWKS_REFRESH_INTERVAL = 30.0
+# Under 1 s, a flood of unknown kids is a flood of fetches; over 10 min, one failed fetch
+# (or one an unknown kid spent just before a rotation) refuses a new key's tokens for longer
+# than a rebuild every few minutes, the advice before there was a refresh, would.
+_REFRESH_INTERVAL_BOUNDS = (1.0, 600.0)
+# Every unknown-kid request waits on the one fetch in flight: a hung fetch must end.
+_JWKS_FETCH_TIMEOUT = 5.0
+
+
+class _JWKSUnavailable(Exception):
+    """The JWKS could not be fetched (now, or within the interval): nothing was decided."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("the JWKS could not be fetched")
+        self.retry_after = retry_after
+
+
 class OfflineVerifier:
     """Signature, DPoP binding, capabilities and the envelope's stateless rules, against the
-    JWKS. Weaker than the verifier: see the module docstring."""
+    JWKS. Weaker than the verifier: see the module docstring.
 
-    def __init__(self, *, jwks: dict[str, Any], issuer: str, audience: str) -> None:
+    ``fetch_jwks``, when given, is called (and awaited) for the registry's JWKS when a token
+    names a kid the keys lack: at most once per ``refresh_interval`` seconds (1 to 600), one
+    fetch shared by every request waiting for it. The keys it returns replace the others, so
+    a key removed from the JWKS stops verifying then; the token is checked once more. A fetch
+    that fails, times out (5 s) or returns no valid JWKS keeps the keys held and denies,
+    ``jwks_unavailable``, every unknown kid until the interval has passed. Without it, the
+    keys are the ``jwks`` given, for good.
+    """
+
+    def __init__(
+        self,
+        *,
+        jwks: dict[str, Any],
+        issuer: str,
+        audience: str,
+        fetch_jwks: Callable[[], Awaitable[object]] | None = None,
+        refresh_interval: float = _JWKS_REFRESH_INTERVAL,
+    ) -> None:
+        low, high = _REFRESH_INTERVAL_BOUNDS
+        if not low <= refresh_interval <= high:  # NaN is refused too
+            raise ValueError(f"refresh_interval must lie between {low} and {high} seconds")
         self._tokens = AccessTokenVerifier(keys=KeySet.from_jwks(jwks), issuer=issuer)
         self._proofs = DPoPVerifier()
         self._audience = audience
+        self._fetch_jwks = fetch_jwks
+        self._refresh_interval = refresh_interval
+        self._fetched_at: float | None = None  # time.monotonic() when the last fetch began
+        self._fetch_failed = False
+        self._fetching: asyncio.Task[bool] | None = None
+
+    async def _refreshed(self, fetch_jwks: Callable[[], Awaitable[object]]) -> bool:
+        """Whether the keys were fetched again for an unknown kid (check the token once
+        more), False if a fetch is not due; raises ``_JWKSUnavailable`` if it failed."""
+        task = self._fetching
+        if task is None:
+            began = time.monotonic()
+            if self._fetched_at is not None and began - self._fetched_at < self._refresh_interval:
+                if self._fetch_failed:
+                    raise _JWKSUnavailable(self._fetched_at + self._refresh_interval - began)
+                return False
+            self._fetched_at = began
+            fetch = self._fetch(fetch_jwks)
+            task = self._fetching = asyncio.get_running_loop().create_task(fetch)
+        # Shielded: a request given up on (its client gone) must not cancel the fetch that
+        # the other requests wait for.
+        if not await asyncio.shield(task):
+            raise _JWKSUnavailable(self._refresh_interval)
+        return True
+
+    async def _fetch(self, fetch_jwks: Callable[[], Awaitable[object]]) -> bool:
+        self._fetch_failed = True  # until it has succeeded (a cancelled fetch did not)
+        try:
+            keys = KeySet.from_jwks(await asyncio.wait_for(fetch_jwks(), _JWKS_FETCH_TIMEOUT))
+        except Exception:
+            # Fail closed, keeping the keys held: a registry that is down must not stop the
+            # tokens under known keys from verifying (offline mode may be its outage policy).
+            log.warning(
+                "the JWKS fetch failed: tokens under keys not yet known are denied"
+                " (jwks_unavailable) for the next %s s",
+                self._refresh_interval,
+                exc_info=True,
+            )
+            return False
+        finally:
+            self._fetching = None
+        if keys != self._tokens.keys:  # a new key set empties the token cache
+            self._tokens.set_keys(keys)
+        self._fetch_failed = False
+        return True
 
     async def verify_request(
         self,
@@ -334,8 +423,19 @@ class OfflineVerifier:
             return Verification(False, refused)
         now = time.time()
         try:
-            access = self._tokens.verify(token, audience=self._audience, now=now)
+            try:
+                access = self._tokens.verify(token, audience=self._audience, now=now)
+            except InvalidToken as exc:
+                if exc.reason != "unknown_kid" or self._fetch_jwks is None:
+                    raise
+                if not await self._refreshed(self._fetch_jwks):
+                    raise
+                # A rotated-in key, perhaps: the same check again, once, with the keys as
+                # the registry publishes them now.
+                access = self._tokens.verify(token, audience=self._audience, now=now)
             self._proofs.verify(proof, htm=method, htu=url, now=now, ath=access.ath, jkt=access.jkt)
+        except _JWKSUnavailable as exc:
+            return Verification(False, "jwks_unavailable", raw={"retry_after": exc.retry_after})
         except AgentAuthError as exc:
             return Verification(False, f"{exc.error}:{exc.reason}" if exc.reason else exc.error)
         if action.amount is not None and not amount_fits(action.amount, action.currency or ""):
@@ -416,6 +516,7 @@ _TEMPORARY = frozenset(
         "audit_unavailable",
         "dependency_unavailable",
         "revocation_state_stale",
+        "jwks_unavailable",  # the offline check's: a JWKS fetch for an unknown kid failed
     }
 )
 
@@ -453,8 +554,9 @@ def denial(verification: Verification) -> tuple[int, dict[str, str], dict[str, A
         # Nothing was decided about the request: a dependency of the verifier's failed (and
         # it denied, failing closed) or the verifier could not be reached. A 403 would tell
         # the agent the grant does not allow it; the same request with a fresh proof may
-        # well pass in a moment.
-        return 503, {"Retry-After": "1"}, body
+        # well pass in a moment (when the offline check may fetch the JWKS again, for
+        # jwks_unavailable).
+        return 503, {"Retry-After": str(_retry_after(verification))}, body
     if reason == "rate_limited":
         # The grant allows the action, just not this often: RFC 6585's 429, with the wait
         # the verifier computed (when the window frees a slot), as the registry answers its
