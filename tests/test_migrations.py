@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 import sys
@@ -480,3 +481,58 @@ def test_checkpoints_come_well_within_what_verifiers_allow_unsealed(tmp_path: Pa
     for seconds in (MAX_UNSEALED_AGE, 31, 0):
         with pytest.raises(ValidationError):
             RegistrySettings(**base, checkpoint_every_seconds=seconds)
+
+
+@pytest.mark.asyncio
+async def test_a_page_of_audit_events_reads_an_index_in_its_order(fresh_db: str) -> None:
+    """GET /v1/audit/events pages an agent's or a grant's events in (time_ms, chain, seq)
+    order from a cursor: each page must read its rows from an index in time order, not
+    find the whole history and sort it (the single-column indexes on agent_id and
+    grant_id did, once per page). Generic plans too: asyncpg prepares every statement.
+    The indexes hold no more than that order needs: until 2026-11-30 they held chain and
+    seq as well, about a quarter more storage an event for the whole audit log."""
+    from agentauth.registry._service import audit_page_sql
+
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        await migrate(conn)
+        # Events alone: audit_heads rows do not change the plan (foreign keys off).
+        await conn.execute("SET session_replication_role = replica")
+        await conn.execute(
+            "INSERT INTO audit_events (chain, seq, entry_hash, body, event, agent_id, grant_id,"
+            " time_ms) SELECT 'registry-' || (n % 8), n, '\\x00', '{}', 'verify.allow',"
+            " 'agt_' || (n % 4), 'grt_' || (n % 8), 1700000000000 + n / 3"
+            " FROM generate_series(1, 400000) n"
+        )
+        await conn.execute("ANALYZE audit_events")
+        # Every decision writes an entry to each: keyed by id and time alone they take about
+        # 32 bytes an event here, where (id, time_ms, chain, seq) took 94 and 100.
+        for index in ("audit_events_agent_in_order", "audit_events_grant_in_order"):
+            size = await conn.fetchval("SELECT pg_relation_size($1::regclass)", index)
+            assert size / 400_000 < 50, (index, size)
+        position = (1700000010000, "registry-3", 30003)
+        for agent, grant in ((True, False), (False, True), (True, True)):
+            ids = [v for v, given in (("agt_3", agent), ("grt_3", grant)) if given]
+            for after in (False, True):
+                sql = audit_page_sql(agent=agent, grant=grant, after=after)
+                args = [*ids, *(position if after else ()), 5001]
+                for mode in ("force_custom_plan", "force_generic_plan"):
+                    await conn.execute(f"SET plan_cache_mode = {mode}")
+                    plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
+                    assert "Seq Scan" not in plan, plan
+                    if agent and grant:
+                        # Named together (no client does): the planner takes the two as
+                        # independent and may read the grant's events and sort them.
+                        continue
+                    index = (
+                        "audit_events_agent_in_order" if agent else "audit_events_grant_in_order"
+                    )
+                    assert f"Index Scan using {index}" in plan, plan
+                    # Events of one millisecond put in (chain, seq) order as they are read,
+                    # never all of the agent's or grant's events sorted at once.
+                    assert not re.search(r"(?<!Incremental )Sort  \(", plan), plan
+                    if after:  # the position bounds the scan, the rest of it filters
+                        assert re.search(r"Index Cond: .*time_ms >=", plan), plan
+                        assert re.search(r"Filter: .*ROW\(time_ms, chain, seq\) >", plan), plan
+    finally:
+        await conn.close()

@@ -230,6 +230,7 @@ async def test_discovery_and_jwks_are_public_everything_else_is_not(world: World
         ("DELETE", "/v1/passkeys/cred_x"),
         ("DELETE", "/v1/sessions/current"),
         ("GET", "/v1/grants/grt_x/usage"),
+        ("GET", "/v1/grants/grt_x/tokens"),
         ("POST", "/v1/step-ups/stp_x/approval/finish"),
     ]
     for method, path in protected:

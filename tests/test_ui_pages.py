@@ -740,9 +740,7 @@ class GrantsRegistry(FakeRegistry):
     async def usage(self, token: str, grant_id: str) -> dict[str, Any]:
         return {"rate": [], "spend": [], "series": []}
 
-    async def audit_events(
-        self, token: str, *, agent_id: str | None = None, grant_id: str | None = None
-    ) -> list[dict[str, Any]]:
+    async def grant_tokens(self, token: str, grant_id: str) -> list[dict[str, Any]]:
         return []
 
     async def revoke(self, token: str, kind: str, target: str) -> dict[str, Any]:
@@ -917,6 +915,11 @@ async def test_an_enrollment_code_leaves_the_page_when_it_expires(
 
 
 class AuditRegistry(AgentsRegistry):
+    async def audit_events(
+        self, token: str, *, agent_id: str | None = None, grant_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        return []
+
     async def checkpoints(self, token: str) -> list[dict[str, Any]]:
         return []
 
@@ -965,14 +968,14 @@ async def test_a_grant_the_registry_no_longer_reads_can_still_be_revoked(
     async def usage(token: str, grant_id: str) -> dict[str, Any]:
         raise RegistryError(403, "forbidden", "approved in a form since refused", "grant_unusable")
 
-    async def audit_events(token: str, **_: str) -> list[dict[str, Any]]:
+    async def grant_tokens(token: str, grant_id: str) -> list[dict[str, Any]]:
         return []
 
     for name, fake in (
         ("grants", grants),
         ("agents", agents),
         ("usage", usage),
-        ("audit_events", audit_events),
+        ("grant_tokens", grant_tokens),
     ):
         monkeypatch.setattr(registry, name, fake, raising=False)
     page = RequestsPage(registry, monkeypatch)

@@ -20,8 +20,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
-from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request, Response
 
 from .._web import (
     Authentication,
@@ -56,7 +57,7 @@ from ._models import (
     SuspensionIn,
     TokenIn,
 )
-from ._service import Agent, ProviderCredential, Registry
+from ._service import AUDIT_PAGE_MAX, Agent, ProviderCredential, Registry
 
 __all__ = ["create_app"]
 
@@ -436,6 +437,12 @@ def create_app(registry: Registry) -> FastAPI:
     async def grant_usage(who: HumanOrAgent, grant_id: PathId) -> dict[str, Any]:
         return await registry.grant_usage(grant_id, principal_id=who.principal_id, agent=who.agent)
 
+    @app.get("/v1/grants/{grant_id}/tokens", tags=["grants"])
+    async def grant_tokens(who: HumanOrAgent, grant_id: PathId) -> list[dict[str, Any]]:
+        return await registry.grant_tokens(
+            grant_id, now=int(time.time()), principal_id=who.principal_id, agent=who.agent
+        )
+
     # --- tokens and revocation -----------------------------------------------------------
 
     @app.post("/v1/token", tags=["tokens"])
@@ -496,12 +503,29 @@ def create_app(registry: Registry) -> FastAPI:
     @app.get("/v1/audit/events", tags=["audit"])
     async def audit_events(
         who: HumanOrAdmin,
+        response: Response,
+        *,
         agent_id: OptionalQueryId = None,
         grant_id: OptionalQueryId = None,
+        limit: Annotated[int | None, Query(ge=1, le=AUDIT_PAGE_MAX)] = None,
+        cursor: str | None = None,  # checked by the service: 400 bad_cursor
     ) -> list[dict[str, Any]]:
-        return await registry.audit_events(
-            principal_id=who.principal_id, admin=who.admin, agent_id=agent_id, grant_id=grant_id
+        """A page of events in (time_ms, chain, seq) order. The body stays the bare list it
+        always was; when more may follow, a ``Link: <?...&cursor=...>; rel="next"`` header
+        (RFC 8288, relative to this request's URL) names the next page."""
+        page = await registry.audit_events(
+            principal_id=who.principal_id,
+            admin=who.admin,
+            agent_id=agent_id,
+            grant_id=grant_id,
+            limit=AUDIT_PAGE_MAX if limit is None else limit,
+            cursor=cursor,
         )
+        if page.next is not None:
+            query = {"agent_id": agent_id, "grant_id": grant_id, "limit": limit}
+            given = {k: v for k, v in query.items() if v is not None}
+            response.headers["Link"] = f'<?{urlencode({**given, "cursor": page.next})}>; rel="next"'
+        return page.events
 
     @app.get("/v1/audit/events/{chain}/{seq}/proof", tags=["audit"])
     async def audit_proof(

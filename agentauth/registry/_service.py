@@ -13,10 +13,11 @@ import hmac
 import json
 import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -80,7 +81,7 @@ from ..protocol import (
 from ..protocol._envelope import MAX_EXPIRES_AT, period_key
 from ..protocol._jws import attach_signature, signing_input
 from ..protocol._receipts import check_top_level_frame
-from ..protocol._types import is_identifier
+from ..protocol._types import IDENTIFIER_MAX_LENGTH, IDENTIFIER_PATTERN, is_identifier
 from ..store import GRANT_REVOKED_TTL, REVOCATION_CHANNEL, Conn, grant_cache_key
 from ..store import migrate as run_migrations
 from ._audit_log import AuditLog
@@ -147,6 +148,15 @@ _STEP_UP_WAIT_RETRY_AFTER = 5
 #: second (4,000 a second); a chain growing faster leaves the rest to its checkpoint.
 AHEAD_SLICE = 250
 AHEAD_PER_TICK = 2000
+# The most events one page holds, and the page size unless the caller asks for fewer: the
+# cap the listing had before it was paged (until 2026-11-30, with no way past it), so a
+# client that never pages reads what it always did (about 2.5 MB of JSON, ~0.5 KB an event).
+AUDIT_PAGE_MAX = 5000
+# Longer than any cursor _cursor makes (two int64s and an identifier: under 250
+# characters); checked before decoding, so no input makes the decoder work hard.
+_CURSOR_MAX = 400
+_CHAIN_NAME = re.compile(IDENTIFIER_PATTERN)
+_INT64 = 2**63 - 1
 
 
 def new_id(prefix: str) -> str:
@@ -1933,6 +1943,29 @@ class Registry:
             "series": [{"hour": h, **counts} for h, counts in sorted(hourly.items())],
         }
 
+    async def grant_tokens(
+        self,
+        grant_id: str,
+        *,
+        now: int,
+        principal_id: str | None = None,
+        agent: Agent | None = None,
+    ) -> list[dict[str, Any]]:
+        """The grant's tokens in use at ``now``: issued, unexpired and not revoked one by
+        one, soonest to expire first. Whoever may see the grant may see these."""
+        await self.get_grant(grant_id, principal_id=principal_id, agent=agent)
+        # From the records issuance and revocation keep, not the audit log: those hold
+        # exactly the tokens still alive (expired ones go a day later), however long the
+        # grant's history has grown.
+        rows = await self.pool.fetch(
+            "SELECT t.jti, t.expires_at FROM issued_tokens t WHERE t.grant_id = $1"
+            " AND t.expires_at > $2 AND NOT EXISTS (SELECT 1 FROM revocations r"
+            " WHERE r.kind = 'token' AND r.target = t.jti) ORDER BY t.expires_at, t.jti",
+            grant_id,
+            now,
+        )
+        return [{"jti": r["jti"], "expires_at": r["expires_at"]} for r in rows]
+
     # --- tokens --------------------------------------------------------------------------
 
     async def issue_token(self, agent: Agent, grant_id: str) -> dict[str, Any]:
@@ -2408,10 +2441,26 @@ class Registry:
     # --- audit views ---------------------------------------------------------------------
 
     async def audit_events(
-        self, *, principal_id: str | None, admin: bool, agent_id: str | None, grant_id: str | None
-    ) -> list[dict[str, Any]]:
+        self,
+        *,
+        principal_id: str | None,
+        admin: bool,
+        agent_id: str | None,
+        grant_id: str | None,
+        limit: int = AUDIT_PAGE_MAX,
+        cursor: str | None = None,
+    ) -> EventPage:
+        """One page of an agent's or a grant's events in (time_ms, chain, seq) order: at most
+        ``limit``, starting after ``cursor`` (the ``next`` of the page before, if any)."""
         if agent_id is None and grant_id is None:
             raise InvalidRequest("give agent_id or grant_id", reason="missing_filter")
+        if not 1 <= limit <= AUDIT_PAGE_MAX:
+            raise InvalidRequest(f"limit must be 1 to {AUDIT_PAGE_MAX}", reason="bad_limit")
+        after = None if cursor is None else _cursor_position(cursor)
+        # A cursor carries no authority, only a place in the order: every page is authorized
+        # here as the first was, and the query below names the filter again, so a cursor
+        # made from (or forged after) another person's listing only says where to start in
+        # the caller's own.
         if not admin:
             # Each id named must be the caller's (until 2026-11-30 a grant named beside an
             # agent went unchecked; no event could match both, but the rule is the rule).
@@ -2425,14 +2474,18 @@ class Registry:
             ]
             if principal_id is None or any(owner != principal_id for owner in owners):
                 raise NotFound("nothing to show")
-        rows = await self.pool.fetch(
-            "SELECT chain, seq, body FROM audit_events WHERE"
-            " ($1::text IS NULL OR agent_id = $1) AND ($2::text IS NULL OR grant_id = $2)"
-            " ORDER BY time_ms, chain, seq LIMIT 5000",
-            agent_id,
-            grant_id,
+        named = [v for v in (agent_id, grant_id) if v is not None]
+        sql = audit_page_sql(
+            agent=agent_id is not None, grant=grant_id is not None, after=after is not None
         )
-        return [json.loads(r["body"]) for r in rows]
+        # One row past the page says whether another follows, so the last page has no next.
+        rows = await self.pool.fetch(sql, *named, *(after or ()), limit + 1)
+        page = rows[:limit]
+        last = page[-1] if len(rows) > limit else None
+        return EventPage(
+            events=[json.loads(r["body"]) for r in page],
+            next=None if last is None else _cursor(last["time_ms"], last["chain"], last["seq"]),
+        )
 
     async def audit_inclusion(
         self,
@@ -2485,6 +2538,66 @@ class Registry:
         async with self.pool.acquire() as conn:
             proof = await self.audit.consistency(conn, chain, first, second)
         return {"chain": chain, "first": found[first], "second": found[second], "proof": proof}
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    """A page of audit events; ``next`` resumes after its last, None on the last page."""
+
+    events: list[dict[str, Any]]
+    next: str | None
+
+
+def audit_page_sql(*, agent: bool, grant: bool, after: bool) -> str:
+    """The query for one page of events: by agent, by grant or both (their ids first, in
+    that order), after a position (time_ms, chain, seq) if ``after``, then the row limit.
+    Each shape is a statement of its own, without "$1 IS NULL OR ..." alternatives, which
+    a generic plan (asyncpg prepares every statement) could serve from no index. The rows
+    are read from the index on the agent's or the grant's id and time_ms (migration 0014),
+    which the row comparison bounds on time_ms; the planner orders each millisecond's few
+    events by (chain, seq) as it reads them: a page reads its own rows, not the whole
+    history."""
+    columns = [c for c, given in (("agent_id", agent), ("grant_id", grant)) if given]
+    where = [f"{column} = ${n}" for n, column in enumerate(columns, start=1)]
+    n = len(where)
+    if after:
+        where.append(
+            f"(time_ms, chain, seq) > (${n + 1}::bigint, ${n + 2}::text, ${n + 3}::bigint)"
+        )
+        n += 3
+    # Composed only of the column names and placeholder numbers above.
+    return (
+        "SELECT chain, seq, time_ms, body FROM audit_events"  # noqa: S608
+        f" WHERE {' AND '.join(where)} ORDER BY time_ms, chain, seq LIMIT ${n + 1}"
+    )
+
+
+def _cursor(time_ms: int, chain: str, seq: int) -> str:
+    """The opaque cursor after a row: its position, base64url JSON. Not signed: it grants
+    nothing (audit_events authorizes every page), and whoever edits one only moves where
+    their own listing starts."""
+    return b64url_encode(json.dumps([time_ms, chain, seq], separators=(",", ":")).encode())
+
+
+def _cursor_position(cursor: str) -> tuple[int, str, int]:
+    """The position a cursor names; InvalidRequest (400 bad_cursor) for anything that is not
+    one made by ``_cursor``, never an error from the database or the decoder."""
+    value: object = None
+    if len(cursor) <= _CURSOR_MAX:
+        with suppress(InvalidRequest, ValueError):
+            value = json.loads(b64url_decode(cursor))
+    # Each part as the database takes it: a bigint, a chain's name (an identifier: no NUL
+    # byte or lone surrogate for the driver to choke on), a bigint.
+    if (
+        isinstance(value, list)
+        and len(value) == 3
+        and all(type(v) is int and -_INT64 - 1 <= v <= _INT64 for v in value[::2])
+        and isinstance(value[1], str)
+        and len(value[1]) <= IDENTIFIER_MAX_LENGTH
+        and _CHAIN_NAME.fullmatch(value[1])
+    ):
+        return value[0], value[1], value[2]
+    raise InvalidRequest("cursor is not one this listing gave", reason="bad_cursor")
 
 
 def _may_read_event(

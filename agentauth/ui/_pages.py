@@ -1197,7 +1197,6 @@ class Pages:
                 and agent_rows.get(g.get("agent_id"), {}).get("status") == "active"
                 and not _expired(g, now)
             ]
-            agent_ids = sorted({g["agent_id"] for g in live})
 
             async def usage(grant_id: str) -> dict[str, Any] | None:
                 # A grant the registry reads no more (approved under a rule refused since)
@@ -1209,20 +1208,20 @@ class Pages:
                         raise
                     return None
 
-            usages, grant_events, agent_events = await asyncio.gather(
+            # Each grant's tokens as the registry records them. Until 2026-11-30 the page
+            # worked them out from the grant's and the agent's first 5,000 audit events,
+            # so a busy grant's newest tokens were missing, and tokens revoked after that
+            # showed as in use.
+            usages, grant_tokens = await asyncio.gather(
                 asyncio.gather(*(usage(g["id"]) for g in live)),
-                asyncio.gather(
-                    *(self.registry.audit_events(token, grant_id=g["id"]) for g in live)
-                ),
-                asyncio.gather(*(self.registry.audit_events(token, agent_id=a) for a in agent_ids)),
+                asyncio.gather(*(self.registry.grant_tokens(token, g["id"]) for g in live)),
             )
-            revoked = _revoked_tokens(e for events in agent_events for e in events)
             box.clear()
             with box:
                 if not live:
                     ui.label("No active grants. Approve a request and it shows here.")
                 ctx = Ctx(cookie_id, notice, load)
-                for grant, used, events in zip(live, usages, grant_events, strict=True):
+                for grant, used, tokens in zip(live, usages, grant_tokens, strict=True):
                     unreadable = partial(self._unreadable_grant, ctx, grant)
                     self._isolated(
                         unreadable
@@ -1233,7 +1232,7 @@ class Pages:
                             grant=grant,
                             usage=used,
                             agent=agent_rows.get(grant["agent_id"], {}),
-                            tokens=_live_tokens(events, revoked, now),
+                            tokens=[(str(t["jti"]), int(t["expires_at"])) for t in tokens],
                             now=now,
                         ),
                         unreadable,
@@ -1942,26 +1941,3 @@ def _expired(grant: Mapping[str, Any], now: float) -> bool:
         return expires is not None and now >= int(expires)
     except (TypeError, ValueError):  # not a time: kept live, where a card offers to revoke it
         return False
-
-
-def _revoked_tokens(events: Iterable[Mapping[str, Any]]) -> set[str]:
-    return {
-        str(e.get("subject", "")).removeprefix("token:")
-        for e in events
-        if e.get("event") == "token.revoked"
-    }
-
-
-def _live_tokens(
-    grant_events: Iterable[Mapping[str, Any]], revoked: set[str], now: float
-) -> list[tuple[str, int]]:
-    """A grant's tokens still within their lifetime and not revoked, from its audit trail."""
-    issued = {
-        str(e.get("subject", "")).removeprefix("token:"): int((e.get("data") or {}).get("exp", 0))
-        for e in grant_events
-        if e.get("event") == "token.issued"
-    }
-    return sorted(
-        ((jti, exp) for jti, exp in issued.items() if exp > now and jti not in revoked),
-        key=lambda item: item[1],
-    )

@@ -369,6 +369,12 @@ class RegistryClient:
         )
         return result
 
+    async def grant_tokens(self, token: str, grant_id: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self.call(
+            "GET", f"/v1/grants/{_seg(grant_id)}/tokens", token=token
+        )
+        return result
+
     # --- audit ---------------------------------------------------------------------------
 
     async def audit_events(
