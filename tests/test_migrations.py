@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import shutil
 import subprocess
@@ -513,9 +514,14 @@ async def test_a_page_of_audit_events_reads_an_index_in_its_order(fresh_db: str)
         position = (1700000010000, "registry-3", 30003)
         for agent, grant in ((True, False), (False, True), (True, True)):
             ids = [v for v, given in (("agt_3", agent), ("grt_3", grant)) if given]
-            for after in (False, True):
-                sql = audit_page_sql(agent=agent, grant=grant, after=after)
-                args = [*ids, *(position if after else ()), 5001]
+            for after, newest_first in itertools.product((False, True), (False, True)):
+                sql = audit_page_sql(
+                    agent=agent, grant=grant, after=after, newest_first=newest_first
+                )
+                # Far enough from the end it reads towards: near it, reading what is left
+                # and sorting it is the better plan.
+                start = (1700000120000, "registry-3", 360003) if newest_first else position
+                args = [*ids, *(start if after else ()), 5001]
                 for mode in ("force_custom_plan", "force_generic_plan"):
                     await conn.execute(f"SET plan_cache_mode = {mode}")
                     plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
@@ -527,12 +533,16 @@ async def test_a_page_of_audit_events_reads_an_index_in_its_order(fresh_db: str)
                     index = (
                         "audit_events_agent_in_order" if agent else "audit_events_grant_in_order"
                     )
-                    assert f"Index Scan using {index}" in plan, plan
+                    # Newest first, the same index read backwards.
+                    scan = "Index Scan Backward" if newest_first else "Index Scan"
+                    assert f"{scan} using {index}" in plan, plan
                     # Events of one millisecond put in (chain, seq) order as they are read,
                     # never all of the agent's or grant's events sorted at once.
                     assert not re.search(r"(?<!Incremental )Sort  \(", plan), plan
                     if after:  # the position bounds the scan, the rest of it filters
-                        assert re.search(r"Index Cond: .*time_ms >=", plan), plan
-                        assert re.search(r"Filter: .*ROW\(time_ms, chain, seq\) >", plan), plan
+                        beyond = "<" if newest_first else ">"
+                        assert re.search(rf"Index Cond: .*time_ms {beyond}=", plan), plan
+                        filtered = rf"Filter: .*ROW\(time_ms, chain, seq\) {beyond}"
+                        assert re.search(filtered, plan), plan
     finally:
         await conn.close()

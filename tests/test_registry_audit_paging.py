@@ -127,6 +127,45 @@ async def test_past_the_largest_page_the_next_one_follows(opened: Opened) -> Non
     assert flat(pages) == expected
 
 
+@pytest.mark.asyncio(loop_scope="session")
+async def test_newest_first_pages_read_the_history_backwards(opened: Opened) -> None:
+    """With order=desc the pages run from the newest event back, each Link keeping the
+    order, so a reader can stop after the newest few pages of a long history (the approval
+    page's audit view does). The same events as oldest first, reversed, each once; a
+    cursor from an oldest-first listing starts a newest-first one before its position.
+    Until 2026-11-30 the listing ran oldest first only: the newest events of a history
+    longer than a reader would go through could not be had without reading all of it."""
+    world = opened.world
+    human, agent, _, grant = await world.setup_grant()
+    await append(opened, 13, time_ms=2_000_000_000_000, agent_id=agent.id, grant_id=grant["id"])
+    await append(opened, 3, time_ms=2_000_000_000_001, agent_id=agent.id)
+    expected = await stored(opened, "agent_id", agent.id)
+    params = {"agent_id": agent.id, "limit": 4, "order": "desc"}
+    pages = await read_pages(world.client, human.headers, params)
+    assert [len(p) for p in pages[:-1]] == [4] * (len(pages) - 1), pages
+    assert flat(pages) == expected[::-1]
+    # Unpaged, newest first: the newest events, and the rest named by a Link that keeps
+    # the order.
+    r = await world.client.get(
+        world.url(EVENTS), headers=human.headers, params={"agent_id": agent.id, "order": "desc"}
+    )
+    assert r.status_code == 200 and r.json() == expected[::-1] and "link" not in r.headers
+    r = await world.client.get(
+        world.url(EVENTS), headers=human.headers, params={"agent_id": agent.id, "limit": 4}
+    )
+    cursor = httpx.URL(r.links["next"]["url"]).params["cursor"]  # after the 4th oldest
+    r = await world.client.get(
+        world.url(EVENTS),
+        headers=human.headers,
+        params={"agent_id": agent.id, "order": "desc", "cursor": cursor},
+    )
+    assert r.status_code == 200 and r.json() == expected[:3][::-1], r.text
+    r = await world.client.get(
+        world.url(EVENTS), headers=human.headers, params={"agent_id": agent.id, "order": "up"}
+    )
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), r.text
+
+
 def encoded(value: Any) -> str:
     return b64url_encode(json.dumps(value).encode())
 

@@ -117,6 +117,23 @@ def listed(events: list[AuditEvent]) -> list[dict[str, Any]]:
     return [json.loads(e.canonical_bytes()) for e in events]
 
 
+def listing(
+    request: httpx.Request, documents: list[Any], *, link: str | None = None
+) -> httpx.Response:
+    """``GET /v1/audit/events`` as the registry answers it: ``documents`` (oldest first)
+    newest first with ``order=desc``, ``limit`` an answer from the ``cursor`` on, with a
+    ``Link`` to the next page (``link``, if given, as its target)."""
+    params = request.url.params
+    ordered = documents[::-1] if params.get("order") == "desc" else documents
+    start = int(params.get("cursor", "0"))
+    end = start + int(params.get("limit", "5000"))
+    headers = {}
+    if end < len(ordered):
+        query = httpx.QueryParams({**dict(params), "cursor": str(end)})
+        headers["Link"] = f'<{link or ""}?{query}>; rel="next"'
+    return httpx.Response(200, json=ordered[start:end], headers=headers)
+
+
 def test_links_between_neighbours_and_genesis_are_checked() -> None:
     events = build_chain()
     mine = [events[i] for i in MINE]
@@ -201,7 +218,7 @@ def mock_registry(
         path = request.url.path
         if path == "/registry/v1/audit/events":
             assert request.url.params["agent_id"] == AGENT
-            return httpx.Response(200, json=listed([events[i] for i in MINE]))
+            return listing(request, listed([events[i] for i in MINE]))
         if path == "/registry/v1/audit/checkpoints":
             return httpx.Response(200, json=[{"chain": CHAIN, "size": covered, "signed": signed}])
         if path.startswith("/registry/v1/audit/events/"):
@@ -384,15 +401,16 @@ def registry_serving(
     consistency: Callable[[int, int], Any] | None = None,
 ) -> httpx.MockTransport:
     """A registry answering each audit route with what the test hands it: ``shown`` as the
-    agent's events, ``checkpoints`` as the latest ones, ``proofs(seq)`` as an event's proof,
-    ``consistency(first, second)`` as the consistency proof (404 when None)."""
+    agent's events (in pages, as ``listing``), ``checkpoints`` as the latest ones,
+    ``proofs(seq)`` as an event's proof, ``consistency(first, second)`` as the consistency
+    proof (404 when None)."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         path = request.url.path
         if path.endswith("/.well-known/agentauth-audit-keys.json"):
             return httpx.Response(200, json=audit_keys.to_document())
         if path == "/registry/v1/audit/events":
-            return httpx.Response(200, json=listed(shown))
+            return listing(request, listed(shown))
         if path == "/registry/v1/audit/checkpoints":
             return httpx.Response(200, json=checkpoints)
         if path.startswith("/registry/v1/audit/events/"):
@@ -859,7 +877,8 @@ class AuditPage:
     """The audit page of one signed-in person, built in memory (no server, no browser),
     over a registry played by ``transport``; one ``visit`` per page load."""
 
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, *, audit_page_size: int = 5000, **settings: Any) -> None:
+        self.audit_page_size = audit_page_size
         self.store = SessionStore(ttl=3600, ticket_ttl=60)
         ticket = self.store.sign_in("anonymous", principal_id="hum_1", registry_token="ses_test")
         cookie_id = self.store.claim(ticket, "anonymous")
@@ -870,7 +889,9 @@ class AuditPage:
     async def visit(self, transport: httpx.MockTransport) -> list[str]:
         agents = [{"id": AGENT, "name": "bot"}]
         client = RegistryClient(
-            "https://registry.example/registry", transport=serving(transport, "/v1/agents", agents)
+            "https://registry.example/registry",
+            transport=serving(transport, "/v1/agents", agents),
+            audit_page_size=self.audit_page_size,
         )
         pages = Pages(settings=self.settings, registry=client, store=self.store)
         built = {"type": "http", "method": "GET", "path": "/audit", "root_path": "", "headers": []}
@@ -936,3 +957,162 @@ async def test_an_answer_that_is_not_json_is_a_problem_shown(
         assert "✗ The audit trail does not verify" in texts
     else:  # nothing to check the trail with
         assert any(t.startswith("The registry failed to answer") for t in texts), texts
+
+
+# --- a history longer than one page ------------------------------------------------------------
+
+
+def long_registry(
+    signer: PrivateKey, *, fail: Callable[[httpx.Request], httpx.Response | None] | None = None
+) -> tuple[list[AuditEvent], httpx.MockTransport]:
+    """A recent chain of 12 events, all the agent's, sealed by one checkpoint; ``fail`` may
+    answer a listing request in the registry's place."""
+    events = build_chain(12, start_ms=int(time.time() * 1000) - 10_000)
+    latest = signed_checkpoint(events, signer, time=dated_after(events))
+    honest = registry_serving(
+        events,
+        [{"chain": CHAIN, "size": len(events), "signed": latest}],
+        lambda seq: proof_for(events, seq, latest),
+        audit_keys_of(signer),
+    )
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if fail is not None and request.url.path == "/registry/v1/audit/events":
+            answer = fail(request)
+            if answer is not None:
+                return answer
+        return honest.handle_request(request)
+
+    return events, httpx.MockTransport(handler)
+
+
+async def fetched_newest(transport: httpx.MockTransport, most: int) -> AuditTrail:
+    """The trail of the agent's newest ``most`` events, read 4 at a time."""
+    client = RegistryClient(
+        "https://registry.example/registry", transport=transport, audit_page_size=4
+    )
+    try:
+        return await AuditTrail.fetch(client, "ses_test", AGENT, most=most)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_history_past_the_bound_shows_its_newest_events_checked(
+    signer: PrivateKey,
+) -> None:
+    """12 events in pages of 4, at most 6 read: the newest 6 (two pages, the second cut
+    short), their links and proofs checked, and the older ones said to be unread. Until
+    2026-11-30 the page read the registry's first page only: its oldest events."""
+    events, transport = long_registry(signer)
+    trail = await fetched_newest(transport, 6)
+    assert [e.seq for e in trail.events] == [6, 7, 8, 9, 10, 11]
+    assert trail.ok, trail.all_problems
+    assert (trail.links_checked, trail.proven, trail.unproven) == (5, 6, [])
+    assert trail.unread == "older" and trail.read_error is None and not trail.complete
+    exported = trail.export(now=time.time())
+    assert exported["events"] == listed(events[6:])
+    assert exported["verification"]["ok"] is False
+    assert exported["verification"]["events_not_read"] == "older"
+
+
+@pytest.mark.asyncio
+async def test_a_history_within_the_bound_is_read_whole_across_pages(signer: PrivateKey) -> None:
+    """All 12 events through three pages at their Link's cursor, every link checked (also
+    across page boundaries): the trail verifies completely. Only the cursor is taken from a
+    link, so one naming another host gets neither a request nor the session token."""
+    hosts: list[str] = []
+
+    def note(request: httpx.Request) -> None:
+        hosts.append(request.url.host)
+
+    events, honest = long_registry(signer)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        note(request)
+        if request.url.path == "/registry/v1/audit/events":
+            return listing(request, listed(events), link="https://elsewhere.example/x")
+        return honest.handle_request(request)
+
+    trail = await fetched_newest(httpx.MockTransport(handler), 100)
+    assert [e.seq for e in trail.events] == list(range(12))
+    assert trail.complete and trail.unread is None, trail.all_problems
+    assert trail.links_checked == 12  # the genesis link and the 11 between neighbours
+    assert set(hosts) == {"registry.example"}
+
+
+def failing_after_the_first_page(answer: httpx.Response) -> Callable[..., httpx.Response | None]:
+    return lambda request: answer if "cursor" in request.url.params else None
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (
+            httpx.Response(503, json={"error": "unavailable", "error_description": "down"}),
+            "The registry failed to answer. Try again in a moment.",
+        ),
+        (httpx.Response(200, json={"events": []}), "The registry failed to answer."),
+    ],
+)
+async def test_a_registry_failing_on_a_later_page_leaves_what_was_read_shown(
+    signer: PrivateKey, answer: httpx.Response, message: str
+) -> None:
+    """The second page fails (or is no list): the newest 4 events, read on the first, are
+    shown and checked, the page says the older ones could not be read, and renders."""
+    _, transport = long_registry(signer, fail=failing_after_the_first_page(answer))
+    trail = await fetched_newest(transport, 100)
+    assert [e.seq for e in trail.events] == [8, 9, 10, 11]
+    assert trail.ok and trail.proven == 4 and trail.unread == "older"
+    assert trail.read_error is not None and not trail.complete
+    texts = await AuditPage(audit_page_size=4).visit(transport)
+    assert "The audit trail is only partly checked: older events not read" in texts
+    assert any(
+        t.startswith("History: only the newest 4 events of this agent are shown: reading older")
+        for t in texts
+    ), texts
+    notice = next(t for t in texts if t.startswith("Only the newest 4 events could be read"))
+    assert message in notice, notice
+    assert texts.count("✓ proven") == 4
+    assert f"{CHAIN}:11" in texts and f"{CHAIN}:7" not in texts
+
+
+@pytest.mark.asyncio
+async def test_the_page_shows_a_busy_agents_newest_events_and_says_so(signer: PrivateKey) -> None:
+    """Until 2026-11-30 the page showed the registry's first page, the oldest events, and
+    said nothing of the rest."""
+    _, transport = long_registry(signer)
+    texts = await AuditPage(max_audit_events=6, audit_page_size=4).visit(transport)
+    assert "The audit trail is only partly checked: older events not read" in texts
+    assert (
+        "History: only the newest 6 events of this agent are shown (the most this page reads);"
+        " it has older ones, neither shown nor checked here."
+    ) in texts
+    assert f"{CHAIN}:11" in texts and f"{CHAIN}:6" in texts and f"{CHAIN}:5" not in texts
+    assert texts.count("✓ proven") == 6
+    assert not any(t.startswith("Only the newest") for t in texts)  # no failure to report
+
+
+@pytest.mark.asyncio
+async def test_a_registry_that_lists_oldest_first_only_is_not_taken_for_newest(
+    signer: PrivateKey,
+) -> None:
+    """A registry from before order=desc ignores it: its first page holds the oldest
+    events, and its Link no order. The page says it shows the oldest, newer ones unread."""
+    events, honest = long_registry(signer)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/registry/v1/audit/events":
+            params = dict(request.url.params)
+            assert params.pop("order") == "desc"
+            older = httpx.Request("GET", request.url.copy_with(params=params))
+            return listing(older, listed(events))
+        return honest.handle_request(request)
+
+    trail = await fetched_newest(httpx.MockTransport(handler), 100)
+    assert [e.seq for e in trail.events] == [0, 1, 2, 3] and trail.unread == "newer"
+    assert trail.ok and not trail.complete, trail.all_problems
+    texts = await AuditPage(audit_page_size=4).visit(httpx.MockTransport(handler))
+    assert "The audit trail is only partly checked: newer events not read" in texts
+    assert any(t.startswith("History: only the oldest 4 events") for t in texts), texts

@@ -1,7 +1,8 @@
-"""The active grants page's access tokens, read from a real registry: in process (httpx's
-ASGI transport, no Ray, no browser), over real PostgreSQL and Redis, on a registry of its
-own (these tests append events to its chains). The page is built in a bare NiceGUI client
-as in test_ui_pages.py, with the real RegistryClient in front of the registry's app."""
+"""The active grants page's access tokens and the audit page's events, read from a real
+registry: in process (httpx's ASGI transport, no Ray, no browser), over real PostgreSQL and
+Redis, on a registry of its own (these tests append events to its chains). The pages are
+built in a bare NiceGUI client as in test_ui_pages.py, with the real RegistryClient in
+front of the registry's app."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from starlette.requests import Request
 from agentauth.registry import create_app
 from agentauth.ui import RegistryClient, SessionStore, UISettings
 from agentauth.ui._pages import Pages
+from agentauth.ui._registry import AUDIT_PAGE_MAX
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
@@ -57,8 +59,17 @@ async def revoke_token(opened: Opened, human: Human, jti: str) -> None:
     assert r.status_code == 200, r.text
 
 
-async def grants_page_texts(opened: Opened, human: Human) -> list[str]:
-    """The texts of the active grants page as ``human`` sees it."""
+async def grants_page_texts(
+    opened: Opened,
+    human: Human,
+    audit_of: str | None = None,
+    *,
+    audit_page_size: int = AUDIT_PAGE_MAX,
+    **settings: Any,
+) -> list[str]:
+    """The texts of the active grants page as ``human`` sees it, or with ``audit_of`` (an
+    agent's id) of the audit page of that agent; ``settings`` for the page's UISettings,
+    ``audit_page_size`` for its registry client's pages of events."""
     store = SessionStore(ttl=3600, ticket_ttl=60)
     ticket = store.sign_in(
         "anonymous", principal_id=human.principal_id, registry_token=human.session
@@ -66,16 +77,21 @@ async def grants_page_texts(opened: Opened, human: Human) -> list[str]:
     cookie_id = store.claim(ticket, "anonymous")
     assert cookie_id is not None
     transport = httpx.ASGITransport(app=create_app(opened.registry))
-    registry = RegistryClient(ISSUER, transport=transport)
+    registry = RegistryClient(ISSUER, transport=transport, audit_page_size=audit_page_size)
     try:
-        pages = Pages(settings=UISettings(registry_url=ISSUER), registry=registry, store=store)
-        built = {"type": "http", "method": "GET", "path": "/", "root_path": "", "headers": []}
+        settings = UISettings(registry_url=ISSUER, **settings)
+        pages = Pages(settings=settings, registry=registry, store=store)
+        path = "/" if audit_of is None else "/audit"
+        built = {"type": "http", "method": "GET", "path": path, "root_path": "", "headers": []}
         built |= {"query_string": b"", "state": {"agentauth_cookie_id": cookie_id}}
-        client = Client(page("/"), request=Request(built))
+        client = Client(page(path), request=Request(built))
         with client:
             session = store.get(cookie_id)
             assert session is not None
-            await pages._grants(cookie_id, session)
+            if audit_of is None:
+                await pages._grants(cookie_id, session)
+            else:
+                await pages._audit(cookie_id, session, audit_of)
         return [
             e.text for e in client.layout.descendants() if isinstance(e, TextElement) and e.text
         ]
@@ -142,3 +158,48 @@ async def test_a_grants_tokens_are_shown_only_to_whom_the_grant_is(opened: Opene
     await revoke_token(opened, alice, jti)
     r = await world.client.get(world.url(path), headers=alice.headers)
     assert r.status_code == 200 and r.json() == [], r.text
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_busy_agents_newest_events_are_on_its_audit_page(opened: Opened) -> None:
+    """More events of an agent than the page reads, in pages of 4: the audit page shows the
+    newest, and says that older ones are not shown; allowed them all, it reads every page
+    and shows them all. (The shipped bound is 5,000 events in pages of 5,000; smaller ones
+    here make the same walk over a dozen events.) Until 2026-11-30 it read the registry's
+    first page only, the oldest events, and said nothing of the rest."""
+    world = opened.world
+    human, agent, _, _ = await world.setup_grant()
+    before = int(time.time() * 1000) - 60_000
+    older = 12
+    async with opened.registry.pool.acquire() as conn, conn.transaction():
+        for i in range(older):
+            await opened.registry.audit.append(
+                conn,
+                event="t.busy",
+                actor="t",
+                subject=f"s{i}",
+                key=f"k{i}",
+                time_ms=before,
+                agent_id=agent.id,
+            )
+        await opened.registry.audit.append(
+            conn, event="t.newest", actor="t", subject="s", key="k", agent_id=agent.id
+        )
+    total = await opened.registry.pool.fetchval(
+        "SELECT count(*) FROM audit_events WHERE agent_id = $1", agent.id
+    )
+    texts = await grants_page_texts(opened, human, agent.id, audit_page_size=4, max_audit_events=10)
+    # The grant's own events and the newest come after the older ones, back-dated a minute.
+    assert "t.newest" in texts and "grant.approved" in texts
+    assert texts.count("t.busy") == 10 - (total - older)
+    assert "The audit trail is only partly checked: older events not read" in texts, texts[:40]
+    assert (
+        "History: only the newest 10 events of this agent are shown (the most this page"
+        " reads); it has older ones, neither shown nor checked here."
+    ) in texts
+    texts = await grants_page_texts(
+        opened, human, agent.id, audit_page_size=4, max_audit_events=total + 1
+    )
+    assert "t.newest" in texts and texts.count("t.busy") == older
+    assert not any(t.startswith("History: only") for t in texts)
+    assert not any("events not read" in t for t in texts)

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from agentauth.protocol import Envelope, Grant, b64url_encode, parse_capabilities
 from agentauth.ui import RegistryClient, RegistryError, SessionStore, UISettings
 from agentauth.ui._pages import Pages
+from agentauth.ui._registry import EventHistory
 
 SHOP_REQUEST: dict[str, Any] = {
     "id": "grq_shop",
@@ -915,10 +916,8 @@ async def test_an_enrollment_code_leaves_the_page_when_it_expires(
 
 
 class AuditRegistry(AgentsRegistry):
-    async def audit_events(
-        self, token: str, *, agent_id: str | None = None, grant_id: str | None = None
-    ) -> list[dict[str, Any]]:
-        return []
+    async def newest_audit_events(self, token: str, agent_id: str, *, most: int) -> EventHistory:
+        return EventHistory([], None)
 
     async def checkpoints(self, token: str) -> list[dict[str, Any]]:
         return []

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
@@ -509,10 +509,12 @@ def create_app(registry: Registry) -> FastAPI:
         grant_id: OptionalQueryId = None,
         limit: Annotated[int | None, Query(ge=1, le=AUDIT_PAGE_MAX)] = None,
         cursor: str | None = None,  # checked by the service: 400 bad_cursor
+        order: Literal["asc", "desc"] | None = None,
     ) -> list[dict[str, Any]]:
-        """A page of events in (time_ms, chain, seq) order. The body stays the bare list it
-        always was; when more may follow, a ``Link: <?...&cursor=...>; rel="next"`` header
-        (RFC 8288, relative to this request's URL) names the next page."""
+        """A page of events in (time_ms, chain, seq) order, newest first with
+        ``order=desc``. The body stays the bare list it always was; when more may follow, a
+        ``Link: <?...&cursor=...>; rel="next"`` header (RFC 8288, relative to this request's
+        URL) names the next page."""
         page = await registry.audit_events(
             principal_id=who.principal_id,
             admin=who.admin,
@@ -520,9 +522,10 @@ def create_app(registry: Registry) -> FastAPI:
             grant_id=grant_id,
             limit=AUDIT_PAGE_MAX if limit is None else limit,
             cursor=cursor,
+            newest_first=order == "desc",
         )
         if page.next is not None:
-            query = {"agent_id": agent_id, "grant_id": grant_id, "limit": limit}
+            query = {"agent_id": agent_id, "grant_id": grant_id, "limit": limit, "order": order}
             given = {k: v for k, v in query.items() if v is not None}
             response.headers["Link"] = f'<?{urlencode({**given, "cursor": page.next})}>; rel="next"'
         return page.events

@@ -2449,9 +2449,11 @@ class Registry:
         grant_id: str | None,
         limit: int = AUDIT_PAGE_MAX,
         cursor: str | None = None,
+        newest_first: bool = False,
     ) -> EventPage:
-        """One page of an agent's or a grant's events in (time_ms, chain, seq) order: at most
-        ``limit``, starting after ``cursor`` (the ``next`` of the page before, if any)."""
+        """One page of an agent's or a grant's events in (time_ms, chain, seq) order, or the
+        reverse with ``newest_first``: at most ``limit``, starting after ``cursor`` (the
+        ``next`` of the page before, if any)."""
         if agent_id is None and grant_id is None:
             raise InvalidRequest("give agent_id or grant_id", reason="missing_filter")
         if not 1 <= limit <= AUDIT_PAGE_MAX:
@@ -2476,7 +2478,10 @@ class Registry:
                 raise NotFound("nothing to show")
         named = [v for v in (agent_id, grant_id) if v is not None]
         sql = audit_page_sql(
-            agent=agent_id is not None, grant=grant_id is not None, after=after is not None
+            agent=agent_id is not None,
+            grant=grant_id is not None,
+            after=after is not None,
+            newest_first=newest_first,
         )
         # One row past the page says whether another follows, so the last page has no next.
         rows = await self.pool.fetch(sql, *named, *(after or ()), limit + 1)
@@ -2548,9 +2553,11 @@ class EventPage:
     next: str | None
 
 
-def audit_page_sql(*, agent: bool, grant: bool, after: bool) -> str:
+def audit_page_sql(*, agent: bool, grant: bool, after: bool, newest_first: bool = False) -> str:
     """The query for one page of events: by agent, by grant or both (their ids first, in
     that order), after a position (time_ms, chain, seq) if ``after``, then the row limit.
+    With ``newest_first`` the order is reversed, "after" meaning older than the position,
+    and the same index is read backwards.
     Each shape is a statement of its own, without "$1 IS NULL OR ..." alternatives, which
     a generic plan (asyncpg prepares every statement) could serve from no index. The rows
     are read from the index on the agent's or the grant's id and time_ms (migration 0014),
@@ -2560,15 +2567,17 @@ def audit_page_sql(*, agent: bool, grant: bool, after: bool) -> str:
     columns = [c for c, given in (("agent_id", agent), ("grant_id", grant)) if given]
     where = [f"{column} = ${n}" for n, column in enumerate(columns, start=1)]
     n = len(where)
+    beyond, direction = ("<", " DESC") if newest_first else (">", "")
     if after:
         where.append(
-            f"(time_ms, chain, seq) > (${n + 1}::bigint, ${n + 2}::text, ${n + 3}::bigint)"
+            f"(time_ms, chain, seq) {beyond} (${n + 1}::bigint, ${n + 2}::text, ${n + 3}::bigint)"
         )
         n += 3
-    # Composed only of the column names and placeholder numbers above.
+    order = ", ".join(f"{column}{direction}" for column in ("time_ms", "chain", "seq"))
+    # Composed only of the column names, placeholder numbers and fixed words above.
     return (
         "SELECT chain, seq, time_ms, body FROM audit_events"  # noqa: S608
-        f" WHERE {' AND '.join(where)} ORDER BY time_ms, chain, seq LIMIT ${n + 1}"
+        f" WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ${n + 1}"
     )
 
 

@@ -29,6 +29,13 @@ The registry serves events, signed checkpoints, inclusion proofs and its audit k
 - an answer of the wrong shape (a list that is none, an entry that is no object, a body that
   is no JSON) is a problem, never an exception.
 
+A visit reads the agent's newest ``most`` events (the registry's pages, newest first); an
+older history is left unread, and the trail says so (``unread``), as it does when reading
+stops on an error after the first page (``read_error``): either keeps it from verifying
+completely. The checks above hold for any set of an agent's events, not only a whole
+history: links are checked between shown neighbours only, each proof on its own, and the
+dates against the shown events.
+
 The checks are pure functions over documents (time and what earlier visits saw passed in);
 ``AuditTrail.fetch`` and ``AuditTrail.prove`` do the HTTP.
 """
@@ -56,7 +63,7 @@ from ..protocol import (
     verify_consistency,
     verify_inclusion,
 )
-from ._registry import RegistryClient, RegistryError
+from ._registry import AUDIT_PAGE_MAX, RegistryClient, RegistryError
 
 __all__ = [
     "AuditTrail",
@@ -444,6 +451,11 @@ class AuditTrail:
     #: per chain, the latest checkpoint if it verified and extends the one in ``seen``: the
     #: one to hold the next visit to
     to_remember: dict[str, Seen] = field(default_factory=dict)
+    #: None when the agent's whole history was read; "older" or "newer" when the registry
+    #: holds events of the agent that were not (past the bound, or after ``read_error``)
+    unread: str | None = None
+    #: the registry's failure that stopped the reading after its first page
+    read_error: RegistryError | None = None
 
     @classmethod
     async def fetch(
@@ -453,20 +465,25 @@ class AuditTrail:
         agent_id: str,
         *,
         prove: int = 200,
+        most: int = AUDIT_PAGE_MAX,
         now: float | None = None,
         seen: Mapping[str, Seen] | None = None,
     ) -> AuditTrail:
-        """Fetch and check an agent's trail at ``now`` (the clock's time unless given);
-        prove inclusion of up to ``prove`` events. ``seen``: the latest checkpoints earlier
-        visits verified (``to_remember`` of the last trail), which the latest ones now must
-        equal or extend."""
+        """Fetch and check an agent's trail at ``now`` (the clock's time unless given): its
+        newest ``most`` events; prove inclusion of up to ``prove`` events. ``seen``: the
+        latest checkpoints earlier visits verified (``to_remember`` of the last trail),
+        which the latest ones now must equal or extend."""
         now = time.time() if now is None else now
-        documents, checkpoints, audit_keys = await asyncio.gather(
-            client.audit_events(token, agent_id=agent_id),
+        history, checkpoints, audit_keys = await asyncio.gather(
+            client.newest_audit_events(token, agent_id, most=most),
             client.checkpoints(token),
             client.audit_keys(),
         )
+        documents = history.events
         events, problems = parse_events(documents)
+        # Oldest first whatever order the registry answered in: the proofs below go to the
+        # newest, and the list's end is where they are.
+        events.sort(key=lambda e: (e.time_ms, e.chain, e.seq))
         chains = check_chains(events)
         keys, problem = _audit_keys(audit_keys)
         problems += [problem] if problem else []
@@ -480,6 +497,8 @@ class AuditTrail:
             chains,
             problems,
             seen={c: seen[c] for c in chains if seen and c in seen},
+            unread=history.unread,
+            read_error=history.error,
         )
         # Bounded: one request per event, to a registry not trusted to answer fast. The
         # events beyond the bound are shown as not proven (``unproven``), never as checked,
@@ -604,8 +623,9 @@ class AuditTrail:
 
     @property
     def complete(self) -> bool:
-        """No problem found, and every shown event the latest checkpoint covers proven."""
-        return self.ok and not self.unproven
+        """No problem found, the whole history read, and every shown event the latest
+        checkpoint covers proven."""
+        return self.ok and not self.unproven and self.unread is None
 
     def export(self, *, now: float) -> dict[str, Any]:
         """Everything shown, as one JSON document anyone can re-check offline."""
@@ -627,6 +647,9 @@ class AuditTrail:
                 "links_checked": self.links_checked,
                 "events_proven_included": self.proven,
                 "events_awaiting_checkpoint": self.awaiting_checkpoint,
+                # Events the registry holds and this export lacks: "older", "newer" or None.
+                "events_not_read": self.unread,
+                "read_error": None if self.read_error is None else self.read_error.message,
                 "chains": {
                     chain: {
                         "events": c.events,

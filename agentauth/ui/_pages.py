@@ -1567,11 +1567,23 @@ class Pages:
                 human.registry_token,
                 chosen,
                 prove=self.settings.max_inclusion_checks,
+                most=self.settings.max_audit_events,
                 seen=seen,
             )
             self.store.remember_checkpoints(human.principal_id, seen, trail.to_remember)
             trail_ref[:] = [trail]
             draw()
+            failed = trail.read_error
+            if failed is None:
+                notice.clear()  # a failure said on an earlier try no longer holds
+            elif failed.status == 401:  # the registry ended the session: sign in again
+                self._registry_failed(notice, failed)
+            else:  # what was read is shown and checked; say that the rest is missing
+                notice.error(
+                    f"Only the newest {len(trail.events):,} events could be read: reading"
+                    f" older ones failed. {failed.message}",
+                    failed.code,
+                )
 
         async def check_one(chain: str, seq: int) -> None:
             async def work() -> None:
@@ -1623,17 +1635,18 @@ class Pages:
     @staticmethod
     def _audit_summary(trail: AuditTrail) -> None:
         ok, unproven = trail.ok, len(trail.unproven)
+        shown = len(trail.events)
+        partly = [f"{unproven} event{'s' if unproven != 1 else ''} not proven"] if unproven else []
+        if trail.unread is not None:
+            partly.append(f"{trail.unread} events not read")
         if not ok:
             colours, verdict = (
                 "bg-red-50 border-red-700 text-red-900",
                 "✗ The audit trail does not verify",
             )
-        elif unproven:
+        elif partly:
             colours = "bg-amber-50 border-amber-700 text-amber-900"
-            verdict = (
-                f"The audit trail is only partly checked: {unproven}"
-                f" event{'s' if unproven != 1 else ''} not proven"
-            )
+            verdict = f"The audit trail is only partly checked: {'; '.join(partly)}"
         else:
             colours, verdict = (
                 "bg-green-50 border-green-700 text-green-900",
@@ -1644,6 +1657,23 @@ class Pages:
         box.props["aria-label"] = "Verification result"
         with box:
             heading(verdict, 2)
+            if trail.read_error is not None:
+                ui.label(
+                    f"History: only the newest {shown:,} events of this agent are shown: reading"
+                    " older ones from the registry failed, so they are neither shown nor"
+                    " checked here. Verify again to retry."
+                ).classes("audit-partial")
+            elif trail.unread == "older":
+                ui.label(
+                    f"History: only the newest {shown:,} events of this agent are shown (the most"
+                    " this page reads); it has older ones, neither shown nor checked here."
+                ).classes("audit-partial")
+            elif trail.unread == "newer":
+                ui.label(
+                    f"History: only the oldest {shown:,} events of this agent are shown: the"
+                    " registry lists them oldest first only (it predates 2026-11-30), so its"
+                    " newer ones are neither shown nor checked here."
+                ).classes("audit-partial")
             chains = len(trail.chains)
             ui.label(
                 f"Hash chain: {len(trail.events)} events in {chains} chain"

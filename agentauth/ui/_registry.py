@@ -7,12 +7,16 @@ holds. Errors come back as ``RegistryError`` with the registry's wire ``error`` 
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 from urllib.parse import quote
 
 import httpx
 
-__all__ = ["RegistryClient", "RegistryError"]
+__all__ = ["EventHistory", "RegistryClient", "RegistryError"]
+
+#: The most events the registry lists in one answer (docs/registry.md).
+AUDIT_PAGE_MAX = 5000
 
 # What a human should read for the registry's reason codes; anything else shows the
 # registry's own short description (it never carries secrets, see registry/_http.py).
@@ -132,8 +136,13 @@ class RegistryClient:
         *,
         timeout: float = 15.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        audit_page_size: int = AUDIT_PAGE_MAX,
     ) -> None:
+        if not 1 <= audit_page_size <= AUDIT_PAGE_MAX:
+            raise ValueError(f"audit_page_size must be 1 to {AUDIT_PAGE_MAX}")
         self.base_url = base_url.rstrip("/")
+        #: events asked for in one request to ``GET /v1/audit/events``
+        self.audit_page_size = audit_page_size
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=timeout,
@@ -155,6 +164,22 @@ class RegistryClient:
         params: dict[str, str] | None = None,
         forwarded_for: str | None = None,
     ) -> Any:
+        body, _ = await self._exchange(
+            method, path, token=token, json=json, params=params, forwarded_for=forwarded_for
+        )
+        return body
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        json: Any = None,
+        params: dict[str, str] | None = None,
+        forwarded_for: str | None = None,
+    ) -> tuple[Any, httpx.Response]:
+        """The answer's JSON body, and the response for its headers."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         if forwarded_for:
             # The browser's address, for the registry's limits on anonymous starts: the
@@ -168,7 +193,7 @@ class RegistryClient:
             raise RegistryError(0, "unreachable", "the registry cannot be reached", None) from None
         if response.is_success:
             try:
-                return response.json()
+                return response.json(), response
             except ValueError:  # a page that cannot render would hide what the registry did
                 raise RegistryError(
                     502, "invalid_response", "the registry's answer is not JSON", None
@@ -377,14 +402,53 @@ class RegistryClient:
 
     # --- audit ---------------------------------------------------------------------------
 
-    async def audit_events(
-        self, token: str, *, agent_id: str | None = None, grant_id: str | None = None
-    ) -> list[dict[str, Any]]:
-        params = {k: v for k, v in (("agent_id", agent_id), ("grant_id", grant_id)) if v}
-        result: list[dict[str, Any]] = await self.call(
-            "GET", "/v1/audit/events", token=token, params=params
-        )
-        return result
+    async def newest_audit_events(self, token: str, agent_id: str, *, most: int) -> EventHistory:
+        """The agent's newest ``most`` events at most, asked newest first (``order=desc``)
+        ``audit_page_size`` at a time, each page after the first at the cursor of its
+        ``Link: rel="next"``.
+
+        Only the cursor is taken from the link: the request is built here, so a link naming
+        another host or path never gets the session token. The first page's failure
+        raises; a later one's ends the reading, with what was read and the error.
+        """
+        page = self.audit_page_size
+        base = {"agent_id": agent_id, "order": "desc"}
+        read: list[Any] = []
+        cursor: str | None = None
+        # Bounded in requests as in events: the registry fills each page but the last, and
+        # one answering short pages (or empty ones with a next) cannot keep the page reading.
+        for _ in range(-(-most // page)):
+            params = {**base, "limit": str(min(page, most - len(read)))}
+            if cursor is not None:
+                params["cursor"] = cursor
+            try:
+                answer, response = await self._exchange(
+                    "GET", "/v1/audit/events", token=token, params=params
+                )
+            except RegistryError as exc:
+                if cursor is None:
+                    raise
+                return EventHistory(read[::-1], "older", exc)
+            if not isinstance(answer, list):
+                if cursor is None:  # shown as the malformed list it is (parse_events)
+                    return EventHistory(answer, None)
+                malformed = RegistryError(
+                    502, "invalid_response", "the registry's event list is malformed", None
+                )
+                return EventHistory(read[::-1], "older", malformed)
+            read += answer
+            following = response.links.get("next", {}).get("url")
+            if following is None:
+                return EventHistory(read[::-1], None)
+            named = httpx.URL(following).params
+            if named.get("order") != "desc":
+                # A registry from before 2026-11-30 ignores order=desc: what it answered
+                # are the oldest events, and the ones it would list next newer.
+                return EventHistory(read, "newer")
+            cursor = named.get("cursor")
+            if cursor is None or len(read) >= most:
+                break
+        return EventHistory(read[::-1], "older")
 
     async def audit_proof(self, token: str, chain: str, seq: int) -> dict[str, Any]:
         result: dict[str, Any] = await self.call(
@@ -406,6 +470,18 @@ class RegistryClient:
             params={"chain": chain, "first": str(int(first)), "second": str(int(second))},
         )
         return result
+
+
+@dataclass(frozen=True, slots=True)
+class EventHistory:
+    """An agent's events as read, oldest first (or the first answer as it came, when it is
+    no list), and what was left unread."""
+
+    events: Any
+    #: None: the whole history was read; "older" or "newer": the unread events are those
+    unread: Literal["older", "newer"] | None
+    #: the failure that stopped the reading after the first page, if one did
+    error: RegistryError | None = None
 
 
 def _rows(answer: Any) -> list[dict[str, Any]]:

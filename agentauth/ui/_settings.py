@@ -37,6 +37,11 @@ class UISettings(BaseModel):
     # The audit page proves inclusion of at most this many events in one go (one proof
     # request each); the rest can be checked one by one.
     max_inclusion_checks: int = Field(200, ge=0)
+    # The audit page reads an agent's newest events, at most this many a visit (one
+    # registry request per 5,000): they are held in the page server's memory, and drawn as
+    # table rows, for each open audit page. 5,000 is what it held before it read past the
+    # registry's first page; older events are left unread, and the page says so.
+    max_audit_events: int = Field(5000, ge=1, le=100_000)
     # The requests page looks for new requests this often (two light registry reads).
     poll_seconds: float = Field(5.0, gt=0)
     title: str = "AgentAuth"
