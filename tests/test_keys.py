@@ -853,6 +853,235 @@ async def test_a_token_file_error_is_not_chained_to_hvacs_error(
     await signer.aclose()
 
 
+# -- Vault tokens given directly: renewed before they expire --------------------------------
+
+
+class SteppedWaits:
+    """Stands in for the renewal task's sleeps: each wait it asks for is handed to the
+    test (``next``), which moves the fake Vault's clock and lets the wait end (``release``).
+    Nothing waits out a TTL, and no assertion depends on how fast the machine is."""
+
+    def __init__(self) -> None:
+        self._asked: asyncio.Queue[float] = asyncio.Queue()
+        self._go: asyncio.Queue[None] = asyncio.Queue()
+        self.cancelled = 0
+
+    async def __call__(self, seconds: float) -> None:
+        self._asked.put_nowait(seconds)
+        try:
+            await self._go.get()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+    async def next(self) -> float:
+        """The next wait the renewal task asks for (a bounded wait: fails, not hangs,
+        when it never asks)."""
+        return await asyncio.wait_for(self._asked.get(), 5.0)
+
+    def release(self) -> None:
+        self._go.put_nowait(None)
+
+    def asked_nothing(self) -> bool:
+        return self._asked.empty()
+
+
+@pytest.fixture
+def waits(monkeypatch: pytest.MonkeyPatch) -> SteppedWaits:
+    from agentauth.keys import _vault
+
+    stepped = SteppedWaits()
+    monkeypatch.setattr(_vault, "_sleep", stepped)
+    return stepped
+
+
+def renewals(fake: FakeVault) -> list[dict[str, Any]]:
+    return [r.json() for r in fake.requests if r.path == "/v1/auth/token/renew-self"]
+
+
+def renewal_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "vault-token-renewal"]
+
+
+@pytest.mark.asyncio
+async def test_a_renewable_vault_token_keeps_signing_past_its_first_expiry(
+    vault: FakeVault, waits: SteppedWaits, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A `vault_token` with a TTL was never renewed: once the TTL ran out, every sign
+    failed (503) until a restart with a new token. It is renewed now, past a half of its
+    TTL and before two thirds, for its creation TTL each time, as Vault's clients do."""
+    vault.freeze()  # exact TTLs, however slow the machine
+    vault.create_key("registry")
+    token = vault.issue_token(ttl=60)
+    with caplog.at_level("INFO", logger="agentauth.keys"):
+        signer = await open_vault(vault, "registry", token=token)
+        first = await waits.next()
+        assert 30 <= first <= 40
+        vault.advance(first)
+        waits.release()
+        second = await waits.next()  # renewed: the next renewal is due
+        assert renewals(vault) == [{"increment": 60}]
+        assert 30 <= second <= 40
+        vault.advance(60 - first + 1)  # past the token's first expiry (the fake's clock)
+        await assert_signs(signer)
+        vault.advance(max(0.0, first + second - 61))  # when the renewal asked to be made
+        waits.release()
+        await waits.next()
+        assert len(renewals(vault)) == 2
+        vault.advance(31)  # past the expiry the first renewal gave, within the second's
+        await assert_signs(signer)
+    assert "renewed the Vault token: it expires in 60 s" in caplog.text
+    assert token not in caplog.text
+    await signer.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_vault_token_at_its_max_ttl_is_warned_about_then_fails_closed(
+    vault: FakeVault, waits: SteppedWaits, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Vault grants a renewal no more than the token's max TTL leaves. That is noticed at
+    the first short grant: a warning with the time left, no renewal after it, and at the
+    expiry signing fails closed (503), as an expired token always did."""
+    vault.freeze()  # exact TTLs, however slow the machine
+    vault.create_key("registry")
+    token = vault.issue_token(ttl=60, max_ttl=80)
+    signer = await open_vault(vault, "registry", token=token)
+    first = await waits.next()
+    vault.advance(first)
+    with caplog.at_level("INFO", logger="agentauth.keys"):
+        waits.release()
+        left = await waits.next()  # waiting for the expiry: granted 80 - first, not 60
+        assert left == int(80 - first)  # whole seconds, rounded down, as Vault grants
+        assert f"reached its max TTL and expires in {left} s" in caplog.text
+        assert "not the 60 s asked" in caplog.text
+        assert token not in caplog.text
+        vault.advance(left + 1)
+        waits.release()
+        for task in renewal_tasks():
+            await asyncio.wait([task], timeout=5.0)
+        assert renewal_tasks() == []  # the task ended: nothing more to renew
+        assert "reached its max TTL and expired" in caplog.text
+    assert len(renewals(vault)) == 1
+    signed = vault.signatures
+    with pytest.raises(SignerUnavailable) as caught:
+        await signer.sign(b"payload")
+    assert (caught.value.reason, caught.value.status_hint) == ("backend_error", 503)
+    assert vault.signatures == signed
+    await signer.aclose()
+
+
+@pytest.mark.asyncio
+async def test_closing_a_vault_signer_stops_its_token_renewal(
+    vault: FakeVault, waits: SteppedWaits
+) -> None:
+    vault.freeze()  # exact TTLs, however slow the machine
+    vault.create_key("registry")
+    signer = await open_vault(vault, "registry", token=vault.issue_token(ttl=60))
+    await waits.next()  # the renewal task is waiting
+    assert len(renewal_tasks()) == 1
+    await signer.aclose()
+    assert renewal_tasks() == [] and waits.cancelled == 1
+    waits.release()
+    await asyncio.sleep(0)
+    assert renewals(vault) == [] and waits.asked_nothing()
+
+
+@pytest.mark.asyncio
+async def test_a_failed_vault_token_renewal_is_said_once_and_tried_again(
+    vault: FakeVault, waits: SteppedWaits, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Vault slow past the timeout at renewal time: said in the log as sign failures are
+    (once, then every 30 s), tried again within the time left, renewed once Vault answers."""
+    vault.freeze()  # exact TTLs, however slow the machine
+    vault.create_key("registry")
+    token = vault.issue_token(ttl=60)
+    signer = await open_vault(vault, "registry", token=token, timeout=SHORT)
+    vault.advance(await waits.next())
+    vault.delay = 5.0
+    with caplog.at_level("INFO", logger="agentauth.keys"):
+        waits.release()
+        retry = await waits.next()
+        assert 1.0 <= retry < 60
+        # "timed out", or the client's own ReadTimeout: whichever ends first.
+        assert caplog.text.count("Vault Transit token renewal") == 1
+        vault.delay = 0.0
+        waits.release()
+        await waits.next()
+    assert "renewed the Vault token: it expires in 60 s" in caplog.text
+    assert token not in caplog.text
+    await signer.aclose()
+
+
+@pytest.mark.asyncio
+async def test_vault_tokens_that_need_no_renewal_get_none(
+    vault: FakeVault, waits: SteppedWaits, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token without a TTL (root), one not renewable (said: it will expire), and a token
+    file (Vault Agent renews it; the signer does not even look it up)."""
+    vault.freeze()  # exact TTLs, however slow the machine
+    vault.create_key("registry")
+    token_file = tmp_path / "vault-token"
+    write_token(token_file, vault.issue_token(ttl=60))
+    with caplog.at_level("INFO", logger="agentauth.keys"):
+        signers = [
+            await open_vault(vault, "registry"),
+            await open_vault(vault, "registry", token=vault.issue_token(ttl=60, renewable=False)),
+            await open_vault(vault, "registry", token=None, token_file=str(token_file)),
+        ]
+    await asyncio.sleep(0)
+    assert renewal_tasks() == [] and waits.asked_nothing()
+    assert "not renewable and expires in 60 s" in caplog.text
+    lookups = [r.headers["x-vault-token"] for r in vault.requests if "lookup-self" in r.path]
+    assert len(lookups) == 2 and token_file.read_text().strip() not in lookups
+    for signer in signers:
+        await assert_signs(signer)
+        await signer.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_vault_token_lookup_failing_at_open_leaves_the_signer_open(
+    vault: FakeVault, waits: SteppedWaits, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A policy without lookup-self (no `default` policy): the signer opens and signs, and
+    the log says the token will not be renewed."""
+    vault.freeze()  # exact TTLs, however slow the machine
+    vault.create_key("registry")
+    vault.token_self_denied = True
+    token = vault.issue_token(ttl=60)
+    with caplog.at_level("WARNING", logger="agentauth.keys"):
+        signer = await open_vault(vault, "registry", token=token)
+    await assert_signs(signer)
+    assert "could not look up the Vault token" in caplog.text
+    assert "will not be renewed" in caplog.text and token not in caplog.text
+    assert renewal_tasks() == [] and waits.asked_nothing()
+    await signer.aclose()
+
+
+@pytest.mark.asyncio
+async def test_the_fake_vault_renews_and_caps_tokens_as_vault_does(vault: FakeVault) -> None:
+    """The fake's token endpoints, through hvac: what the tests above rely on."""
+    import hvac
+
+    vault.freeze()
+    client = hvac.Client(url=vault.url, token=vault.issue_token(ttl=60, max_ttl=100))
+    looked = client.auth.token.lookup_self()["data"]
+    assert (looked["ttl"], looked["renewable"], looked["creation_ttl"]) == (60, True, 60)
+    assert looked["explicit_max_ttl"] == 100 and looked["expire_time"].endswith("Z")
+    vault.advance(30)
+    assert client.auth.token.renew_self(increment="1m")["auth"]["lease_duration"] == 60
+    vault.advance(30)
+    capped = client.auth.token.renew_self()  # the creation TTL, 60 s: 40 s are left
+    assert capped["auth"]["lease_duration"] == 40 and "capped" in capped["warnings"][0]
+    root = hvac.Client(url=vault.url, token=vault.token)
+    looked = root.auth.token.lookup_self()["data"]
+    assert (looked["ttl"], looked["renewable"], looked["expire_time"]) == (0, False, None)
+    with pytest.raises(hvac.exceptions.InvalidRequest):
+        root.auth.token.renew_self()
+    vault.advance(40)
+    with pytest.raises(hvac.exceptions.Forbidden):
+        client.auth.token.lookup_self()
+
+
 # -- PKCS#11 (a fresh SoftHSM2 token) --------------------------------------------------------
 
 PIN = "1234"

@@ -16,26 +16,39 @@ sign with 403 (an expired or revoked token), a signer with a token file reads th
 again and, if the token there has changed, retries that sign once with it; otherwise the
 sign fails as any other (``SignerUnavailable``). A refused sign produced no signature, so the
 retry cannot sign twice. The token never appears in a log line, a repr or an error.
+
+A token given as a string is looked up at open (``auth/token/lookup-self``). If it is
+renewable and has a TTL, a background task renews it (``auth/token/renew-self``, asking
+for its creation TTL again) once a half to two thirds of its TTL has passed, jittered, as
+Vault's own clients do, until ``aclose``. A renewal granting less than asked, or not moving
+the expiry on, means the token has reached its max TTL: that is said at once, as a warning
+with the time left, and nothing more is renewed; the token then expires and signing fails
+closed (``SignerUnavailable``) as it always did. A token without a TTL (a root token) or not
+renewable needs nothing, and a lookup that fails leaves the signer open, unrenewed, with a
+warning. A token file is not renewed here: Vault Agent renews the token it writes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
 import ipaddress
 import logging
 import os
+import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from agentauth._events import stop_tasks
 from agentauth._logs import Throttle
 from agentauth.protocol import Algorithm, b64url_decode
 
@@ -59,6 +72,20 @@ _said = Throttle(30.0)
 # Vault's tokens are about 100 bytes (batch tokens a few hundred): a file much larger is
 # not a token file, and is not read whole into a request header.
 _TOKEN_FILE_MAX = 16 * 1024
+
+# When to renew a token, as fractions of its TTL: past the half, so a renewal does not
+# come with every few signs, and well before the end, so a Vault slow or briefly down
+# leaves time to try again (Vault's own LifetimeWatcher renews near two thirds). Jittered,
+# so the replicas, all opened at once, do not all renew at once.
+_RENEW_AT = (0.5, 2 / 3)
+# After a failed renewal, the next try comes after this share of the time left, and not
+# sooner than _RETRY_MIN seconds: a few tries before the token expires, none in a tight loop.
+_RETRY_AT = (0.25, 1 / 3)
+_RETRY_MIN = 1.0
+# Module attributes, so a test can step the renewal task through its waits (and the
+# random draws) instead of waiting a TTL out.
+_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+_jitter: Callable[[float, float], float] = random.uniform
 
 _KEY_TYPES: dict[str, Algorithm] = {"ecdsa-p256": "ES256", "ed25519": "Ed25519"}
 _SIGNATURE = re.compile(r"vault:v(?P<version>[1-9][0-9]*):(?P<body>[A-Za-z0-9+/=_-]+)")
@@ -158,6 +185,43 @@ def _bad(what: str) -> SignerUnavailable:
     return SignerUnavailable(f"Vault returned {what}", reason="bad_response")
 
 
+def _seconds(value: Any) -> int | None:
+    """A count of seconds from Vault's JSON, or None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def _parse_lookup(body: Any) -> tuple[int, bool, int]:
+    """(ttl, renewable, creation ttl) from a ``lookup-self`` answer. The answer holds the
+    token itself (``id``): nothing of it is logged."""
+    try:
+        data = body["data"]
+        ttl, renewable = _seconds(data["ttl"]), data["renewable"]
+        created = _seconds(data.get("creation_ttl")) or ttl
+    except (KeyError, TypeError, AttributeError):
+        raise _bad("an unexpected token lookup") from None
+    if ttl is None or created is None or not isinstance(renewable, bool):
+        raise _bad("an unexpected token lookup")
+    return ttl, renewable, created
+
+
+def _parse_renewal(body: Any) -> tuple[int, bool]:
+    """(ttl granted, still renewable) from a ``renew-self`` answer."""
+    try:
+        auth = body["auth"]
+        granted, renewable = _seconds(auth["lease_duration"]), auth["renewable"]
+    except (KeyError, TypeError):
+        raise _bad("an unexpected token renewal") from None
+    if granted is None or not isinstance(renewable, bool):
+        raise _bad("an unexpected token renewal")
+    return granted, renewable
+
+
+def _utc_in(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + seconds))
+
+
 class VaultTransitSigner(RemoteSigner):
     """Signs with one version of a Vault Transit key."""
 
@@ -184,6 +248,7 @@ class VaultTransitSigner(RemoteSigner):
         # swapping it (after a 403) is one decision under this lock, so two calls refused
         # together read the file once and neither undoes the other's swap.
         self._token_lock = threading.Lock()
+        self._renewal: asyncio.Task[None] | None = None
 
     @property
     def key_version(self) -> int:
@@ -208,7 +273,8 @@ class VaultTransitSigner(RemoteSigner):
         stays in the client.
 
         Exactly one of ``token`` and ``token_file`` (a file holding the token, read now and
-        again whenever Vault refuses the token) must be given.
+        again whenever Vault refuses the token) must be given. A ``token`` is looked up, and
+        renewed in the background until ``aclose`` if it is renewable with a TTL.
 
         ``url`` must be ``https://``, or ``http://`` to a loopback host; any other ``http://``
         host needs ``allow_insecure_http=True`` (the token then crosses the network in the
@@ -239,7 +305,7 @@ class VaultTransitSigner(RemoteSigner):
             return client, version, public
 
         client, version, public = await call_blocking(cls._backend, "open", timeout, connect)
-        return cls(
+        signer = cls(
             client=client,
             key_name=key_name,
             mount=mount,
@@ -248,6 +314,101 @@ class VaultTransitSigner(RemoteSigner):
             timeout=timeout,
             token_file=token_file,
         )
+        if token_file is None:  # a token file's token is Vault Agent's to renew
+            try:
+                await signer._watch_token()
+            except BaseException:  # cancelled: the signer goes to no one who could close it
+                signer._closed = True
+                client.adapter.close()
+                raise
+        return signer
+
+    async def _watch_token(self) -> None:
+        """Look the token up and, if it is renewable with a TTL, start renewing it."""
+        try:
+            ttl, renewable, created = await call_blocking(
+                self._backend, "token lookup", self._timeout, self._lookup_blocking
+            )
+        except SignerUnavailable as exc:
+            # Signing may well work (a policy without lookup-self, a Vault slow once): the
+            # signer opens, and the operator learns the token is not being renewed.
+            _log.warning(
+                "could not look up the Vault token (%s): it will not be renewed, and if it"
+                " has a TTL every sign fails (503) once that runs out",
+                exc.description,
+            )
+            return
+        if ttl == 0:
+            return  # no TTL (a root token): it never expires
+        if not renewable:
+            _log.warning(
+                "the Vault token is not renewable and expires in %d s (about %s): every sign"
+                " fails (503) from then until the registry restarts with a new token",
+                ttl,
+                _utc_in(ttl),
+            )
+            return
+        _log.info("the Vault token expires in %d s unless renewed; renewing it before", ttl)
+        self._renewal = asyncio.get_running_loop().create_task(
+            self._keep_renewed(ttl, created), name="vault-token-renewal"
+        )
+
+    def _lookup_blocking(self) -> tuple[int, bool, int]:
+        return _parse_lookup(self._client.auth.token.lookup_self())
+
+    def _renew_blocking(self, increment: int) -> tuple[int, bool]:
+        return _parse_renewal(self._client.auth.token.renew_self(increment=increment))
+
+    async def _keep_renewed(self, ttl: int, increment: int) -> None:
+        """Renew the token for ``increment`` seconds at a time until it cannot be, then say
+        when it expires. Runs until ``aclose`` cancels it, or the token is past saving."""
+        expires = time.monotonic() + ttl
+        wait = ttl * _jitter(*_RENEW_AT)
+        while True:
+            await _sleep(wait)
+            try:
+                granted, renewable = await call_blocking(
+                    self._backend,
+                    "token renewal",
+                    self._timeout,
+                    lambda: self._renew_blocking(increment),
+                )
+            except SignerUnavailable:
+                # Said by call_blocking, as sign failures are: at once, then every 30 s.
+                left = expires - time.monotonic()
+                if left <= 0:
+                    _log.error(
+                        "the Vault token expired without being renewed: every sign fails"
+                        " (503) until the registry restarts with a new token"
+                    )
+                    return
+                wait = min(left, max(_RETRY_MIN, left * _jitter(*_RETRY_AT)))
+                continue
+            now = time.monotonic()
+            grew = now + granted > expires
+            expires = now + granted
+            if granted >= increment and grew and renewable:
+                _log.info("renewed the Vault token: it expires in %d s", granted)
+                wait = granted * _jitter(*_RENEW_AT)
+                continue
+            # Vault grants no more than the max TTL leaves: renewing again would gain
+            # nothing, so it is said while there is time to act, and once.
+            _log.warning(
+                "Vault renewed the token for %d s, not the %d s asked: it has reached its max"
+                " TTL and expires in %d s (about %s). Every sign fails (503) from then until"
+                " the registry restarts with a new token; vault_token_file with Vault Agent"
+                " avoids this",
+                granted,
+                increment,
+                granted,
+                _utc_in(granted),
+            )
+            await _sleep(granted)
+            _log.error(
+                "the Vault token has reached its max TTL and expired: every sign fails (503)"
+                " until the registry restarts with a new token"
+            )
+            return
 
     def _sign_blocking(self, data: bytes) -> bytes:
         params: dict[str, Any] = {
@@ -338,6 +499,12 @@ class VaultTransitSigner(RemoteSigner):
             self._token_file,
         )
         return True
+
+    async def aclose(self) -> None:
+        # The renewal first: it uses the client, and must stop even if closing that fails.
+        renewal, self._renewal = self._renewal, None
+        await stop_tasks([renewal], timeout=self._timeout)
+        await super().aclose()
 
     def _close_blocking(self) -> None:
         self._client.adapter.close()

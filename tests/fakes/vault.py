@@ -19,12 +19,28 @@ base64, ignoring hash_algorithm and marshaling_algorithm. Public keys: PEM
 SubjectPublicKeyInfo for ecdsa, standard base64 of the raw 32 bytes for ed25519. Symmetric
 key types (aes256-gcm96) can be created, to be refused by signers; they cannot sign.
 
-Tokens: ``token`` is valid from the start, without expiry. ``issue_token(ttl=...)`` makes
-another (``hvs.`` + random, as Vault's service tokens), valid until its TTL runs out;
-``revoke_token`` ends one at once (as ``vault token revoke``, or an expiry). ``signatures``
-counts the signatures answered, so a test can show that nothing was signed.
+and, under ``/v1/auth/token``, the token's own endpoints (Vault's token auth method API):
+
+    GET  /lookup-self            data: ttl (whole seconds left), renewable, expire_time
+                                 (RFC 3339, null without a TTL), creation_ttl,
+                                 explicit_max_ttl, issue_time, id (the token itself), ...
+    POST /renew-self             increment (seconds, or "30s"/"5m"/"1h"; absent: the token's
+                                 creation_ttl) -> auth.lease_duration: the TTL granted
+
+Tokens: ``token`` is valid from the start, without expiry, and looked up as Vault shows a
+root token (ttl 0, not renewable, expire_time null); renewing it is refused (400). Tokens
+from ``issue_token(ttl=...)`` (``hvs.`` + random, as Vault's service tokens) are valid until
+their TTL runs out, renewable unless ``renewable=False``; ``max_ttl`` is the token's
+explicit max TTL, counted from its issue: a renewal past it is granted only the time left
+(with Vault's "capped" warning), so the TTL stops growing and the token expires at its max
+TTL whatever is renewed. ``revoke_token`` ends one at once (as ``vault token revoke``, or an
+expiry). ``advance(seconds)`` moves the fake's clock (every TTL is on it), so a test can
+pass a token's expiry without waiting; ``freeze()`` stops it but for ``advance``.
+``signatures`` counts the signatures answered, so a test can show that nothing was signed.
 
 Failure knobs: ``delay`` (slow answers), ``stop()`` (refused connections),
+``token_self_denied`` (403 on lookup-self and renew-self, as Vault answers a token whose
+policies leave out ``default``, which grants them),
 ``wrong_signatures`` (well-formed signatures over other bytes), ``ignore_key_version``
 (sign with the latest version whatever the request pins, as a misbehaving server might).
 """
@@ -57,6 +73,32 @@ _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
 }
 _SIGNING_TYPES = ("ecdsa-p256", "ed25519")
 _ALL_TYPES = (*_SIGNING_TYPES, "aes256-gcm96")
+
+
+@dataclass
+class _Token:
+    issued: float  # on the fake's clock
+    expires: float | None  # None: never (a root token)
+    renewable: bool
+    creation_ttl: int
+    max_expires: float | None  # issued + explicit max TTL; None: no max
+
+
+_DURATION = re.compile(r"([0-9]+)([smh]?)")
+
+
+def _seconds(value: Any) -> int | None:
+    """An ``increment`` as Vault takes it: whole seconds, or a number with s, m or h."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        return None
+    return int(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+def _rfc3339(unix: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
 
 
 @dataclass
@@ -108,16 +150,23 @@ class FakeVault(FakeHTTPService):
     def __init__(self, *, token: str = "root-token-for-tests", mount: str = "transit") -> None:
         super().__init__()
         self.token = token
-        # token -> when it expires (time.monotonic()), None for never. Requests are served
-        # in threads: the lock keeps issuing, revoking and checking apart.
-        self._tokens: dict[str, float | None] = {token: None}
+        # The fake's clock, on which TTLs run: time.monotonic(), or the instant freeze()
+        # stopped it at, plus what advance() added.
+        self._skew = 0.0
+        self._frozen: float | None = None
+        # Requests are served in threads: the lock keeps issuing, revoking, renewing and
+        # checking apart.
+        self._tokens: dict[str, _Token] = {token: _Token(self._now(), None, False, 0, None)}
         self._tokens_lock = threading.Lock()
+        self.token_self_denied = False
         self.signatures = 0
         self.mount = mount
         self.keys: dict[str, _TransitKey] = {}
         self.wrong_signatures = False
         self.ignore_key_version = False
         self._routes: list[tuple[str, re.Pattern[str], Callable[..., tuple[int, Any]]]] = [
+            ("GET", re.compile(r"/v1/auth/token/lookup-self"), self._lookup_self),
+            ("POST", re.compile(r"/v1/auth/token/renew-self"), self._renew_self),
             ("POST", re.compile(rf"/v1/{re.escape(mount)}/keys/([\w.-]+)/rotate"), self._rotate),
             ("GET", re.compile(rf"/v1/{re.escape(mount)}/keys/([\w.-]+)"), self._read),
             ("POST", re.compile(rf"/v1/{re.escape(mount)}/keys/([\w.-]+)"), self._create),
@@ -140,11 +189,23 @@ class FakeVault(FakeHTTPService):
         self.keys[name].add_version()
         return self.keys[name].latest
 
-    def issue_token(self, *, ttl: float | None = None) -> str:
-        """A new valid token; with ``ttl``, it expires that many seconds from now."""
+    def issue_token(
+        self, *, ttl: float | None = None, renewable: bool = True, max_ttl: float | None = None
+    ) -> str:
+        """A new valid token; with ``ttl``, it expires that many seconds from now unless
+        renewed (``renewable``), and never later than ``max_ttl`` seconds from now."""
         token = "hvs." + secrets.token_urlsafe(24)
+        if ttl is not None and max_ttl is not None:
+            ttl = min(ttl, max_ttl)  # Vault caps the TTL asked for at the max TTL
         with self._tokens_lock:
-            self._tokens[token] = None if ttl is None else time.monotonic() + ttl
+            now = self._now()
+            self._tokens[token] = _Token(
+                issued=now,
+                expires=None if ttl is None else now + ttl,
+                renewable=ttl is not None and renewable,
+                creation_ttl=0 if ttl is None else int(ttl),
+                max_expires=None if max_ttl is None else now + max_ttl,
+            )
         return token
 
     def revoke_token(self, token: str) -> None:
@@ -152,12 +213,26 @@ class FakeVault(FakeHTTPService):
         with self._tokens_lock:
             self._tokens.pop(token, None)
 
+    def advance(self, seconds: float) -> None:
+        """Move the fake's clock (and so every token's time left) ``seconds`` on."""
+        with self._tokens_lock:
+            self._skew += seconds
+
+    def freeze(self) -> None:
+        """Stop the fake's clock: from now on only ``advance`` moves it, so the TTLs it
+        reports are exact however slow the machine is."""
+        with self._tokens_lock:
+            self._frozen = time.monotonic()
+
+    def _now(self) -> float:
+        return (time.monotonic() if self._frozen is None else self._frozen) + self._skew
+
     def _valid(self, token: str | None) -> bool:
         with self._tokens_lock:
             if token is None or token not in self._tokens:
                 return False
-            expires = self._tokens[token]
-            if expires is not None and time.monotonic() >= expires:
+            expires = self._tokens[token].expires
+            if expires is not None and self._now() >= expires:
                 del self._tokens[token]  # expired tokens are gone, as in Vault
                 return False
             return True
@@ -172,6 +247,91 @@ class FakeVault(FakeHTTPService):
             if match and request.method == method:
                 return handler(request, *match.groups())
         return _errors(404, f"no handler for route {request.path!r}")
+
+    def _lookup_self(self, request: Request) -> tuple[int, Any]:
+        if self.token_self_denied:
+            return _errors(403, "permission denied")
+        token = request.headers["x-vault-token"]  # valid: handle() checked it
+        with self._tokens_lock:
+            entry = self._tokens.get(token)
+            if entry is None:  # revoked since handle() checked it
+                return _errors(403, "permission denied")
+            now = self._now()
+            left = None if entry.expires is None else entry.expires - now
+        wall = time.time()
+        return _ok(
+            {
+                "accessor": "acc." + token[-8:],
+                "creation_time": int(wall - (now - entry.issued)),
+                "creation_ttl": entry.creation_ttl,
+                "display_name": "token",
+                "entity_id": "",
+                "expire_time": None if left is None else _rfc3339(wall + left),
+                "explicit_max_ttl": (
+                    0 if entry.max_expires is None else int(entry.max_expires - entry.issued)
+                ),
+                "id": token,  # Vault's answer carries the token itself
+                "issue_time": _rfc3339(wall - (now - entry.issued)),
+                "meta": None,
+                "num_uses": 0,
+                "orphan": False,
+                "path": "auth/token/create",
+                "policies": ["default"] if entry.expires is not None else ["root"],
+                # Whole seconds left, as Vault reports it; 0 for a token without a TTL.
+                "ttl": 0 if left is None else max(int(left), 0),
+                "renewable": entry.renewable,
+                "type": "service",
+            }
+        )
+
+    def _renew_self(self, request: Request) -> tuple[int, Any]:
+        if self.token_self_denied:
+            return _errors(403, "permission denied")
+        token = request.headers["x-vault-token"]
+        asked = request.json().get("increment")
+        with self._tokens_lock:
+            entry = self._tokens.get(token)
+            if entry is None:  # revoked since handle() checked it
+                return _errors(403, "permission denied")
+            if entry.expires is None:
+                return _errors(400, "lease not found or lease is not renewable")
+            if not entry.renewable:
+                return _errors(400, "lease is not renewable")
+            increment = entry.creation_ttl if asked is None else _seconds(asked)
+            if increment is None:
+                return _errors(400, f"invalid increment {asked!r}")
+            now = self._now()
+            granted = increment
+            warnings = None
+            if entry.max_expires is not None and now + increment > entry.max_expires:
+                # Vault grants only what is left before the max TTL, and says so.
+                granted = max(int(entry.max_expires - now), 0)
+                warnings = [
+                    f'TTL of "{increment}s" exceeded the effective max_ttl of "{granted}s";'
+                    " TTL value is capped accordingly"
+                ]
+            entry.expires = now + granted
+        return 200, {
+            "request_id": str(uuid.uuid4()),
+            "lease_id": "",
+            "renewable": False,
+            "lease_duration": 0,
+            "data": None,
+            "wrap_info": None,
+            "warnings": warnings,
+            "auth": {
+                "client_token": token,
+                "accessor": "acc." + token[-8:],
+                "policies": ["default"],
+                "token_policies": ["default"],
+                "metadata": None,
+                "lease_duration": granted,
+                "renewable": True,
+                "entity_id": "",
+                "token_type": "service",
+                "orphan": False,
+            },
+        }
 
     def _create(self, request: Request, name: str) -> tuple[int, Any]:
         key_type = request.json().get("type", "aes256-gcm96")
