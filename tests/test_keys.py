@@ -1676,6 +1676,35 @@ async def test_a_loop_signing_through_a_backend_stops_when_cancelled_as_it_answe
 
 
 @pytest.mark.asyncio
+async def test_the_client_librarys_timeout_and_the_outer_bound_are_one_outage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A backend that stops answering ends a call by the client library's own timeout or by
+    call_blocking's bound, whichever fires first (both are set to the same value): either
+    way one outage, said once. Until 2026-11-30 they were said under two throttle keys, so
+    a slow backend logged two warnings in a row, one per kind."""
+    from agentauth.keys._base import call_blocking
+
+    class Timeout(Exception):  # as requests names its timeout (hvac, Cloud KMS)
+        pass
+
+    def library_timed_out() -> None:
+        raise Timeout("Read timed out. (read timeout=0.05)")
+
+    release = threading.Event()
+    try:
+        with caplog.at_level("WARNING", logger="agentauth.keys"):
+            for fn in (library_timed_out, release.wait, library_timed_out):
+                with pytest.raises(SignerUnavailable) as raised:
+                    await call_blocking("one-outage", "sign", 0.05, fn)
+                assert raised.value.reason == "timeout"
+    finally:
+        release.set()
+    said = [r.getMessage() for r in caplog.records if r.name == "agentauth.keys"]
+    assert said == ["one-outage sign timed out after 0.05s"], said
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("fault", ["stopped", "slow", "lying"])
 async def test_a_backend_outage_is_said_at_once_then_every_30_s_with_a_count(
     vault: FakeVault,

@@ -135,14 +135,23 @@ async def call_blocking(backend: str, what: str, timeout: float, fn: Callable[[]
         return await wait_within(running, timeout)
     except SignerUnavailable:
         raise
-    except TimeoutError:
-        _said.log(
-            _log, (backend, what, "timeout"), "%s %s timed out after %.3gs", backend, what, timeout
-        )
-        raise SignerUnavailable(
-            f"{backend} did not answer within {timeout:g}s", reason="timeout"
-        ) from None
     except Exception as exc:
+        # The client library's own timeout (set to the same value) and the bound above race
+        # on a backend that stopped answering: either way it is one outage, said under one
+        # throttle key and in one line. (Until 2026-11-30 the two were said apart, so a slow
+        # backend logged two warnings where a stopped one logged one.)
+        if _is_timeout(exc):
+            _said.log(
+                _log,
+                (backend, what, "timeout"),
+                "%s %s timed out after %.3gs",
+                backend,
+                what,
+                timeout,
+            )
+            raise SignerUnavailable(
+                f"{backend} did not answer within {timeout:g}s", reason="timeout"
+            ) from None
         _said.log(
             _log,
             (backend, what, type(exc)),
@@ -154,10 +163,6 @@ async def call_blocking(backend: str, what: str, timeout: float, fn: Callable[[]
         )
         # Not chained (from None): a traceback logged later (the checkpoint loop logs its
         # failures with exc_info) would print the library's message, user info and all.
-        if _is_timeout(exc):  # the client library's own timeout won the race
-            raise SignerUnavailable(
-                f"{backend} did not answer within {timeout:g}s", reason="timeout"
-            ) from None
         raise SignerUnavailable(
             f"{backend} {what} failed ({type(exc).__name__})", reason="backend_error"
         ) from None
