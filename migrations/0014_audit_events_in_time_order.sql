@@ -1,3 +1,4 @@
+-- agentauth:no-transaction
 -- GET /v1/audit/events pages through an agent's or a grant's events in (time_ms, chain, seq)
 -- order, each page starting after the last row of the one before. The indexes on agent_id
 -- and grant_id alone found every event of that agent or grant for every page, then sorted
@@ -8,12 +9,12 @@
 -- chain and seq as columns would spare that sort, and it would cost about 75 bytes more an
 -- event on the table every decision writes to (docs/capacity-planning.md).
 --
--- Building them takes a SHARE lock on audit_events: no shard can commit a decision until
--- both are built (docs/runbook.md). 0015 drops the two indexes these replace; it is a
--- migration of its own so that its brief exclusive lock, retried when a reader holds the
--- table, never repeats these builds.
+-- Built concurrently, outside a transaction (the first line): shards keep committing
+-- decisions while the table is read, twice (docs/runbook.md). A build that stops midway
+-- leaves an invalid index, which the next run drops and builds again. 0015 drops the two
+-- indexes these replace.
 
-CREATE INDEX audit_events_agent_in_order ON audit_events (agent_id, time_ms)
+CREATE INDEX CONCURRENTLY audit_events_agent_in_order ON audit_events (agent_id, time_ms)
     WHERE agent_id IS NOT NULL;
-CREATE INDEX audit_events_grant_in_order ON audit_events (grant_id, time_ms)
+CREATE INDEX CONCURRENTLY audit_events_grant_in_order ON audit_events (grant_id, time_ms)
     WHERE grant_id IS NOT NULL;

@@ -546,3 +546,260 @@ async def test_a_page_of_audit_events_reads_an_index_in_its_order(fresh_db: str)
                         assert re.search(filtered, plan), plan
     finally:
         await conn.close()
+
+
+MARKER = "-- agentauth:no-transaction"
+IN_ORDER = ("audit_events_agent_in_order", "audit_events_grant_in_order")
+FROM_0014 = [m.name for m in discover(default_migrations_dir())][13:15]
+
+
+def migrations_up_to(directory: Path, version: int) -> Path:
+    directory.mkdir()
+    for migration in discover(default_migrations_dir())[:version]:
+        (directory / migration.name).write_text(migration.sql, encoding="utf-8")
+    return directory
+
+
+async def begin_writing_an_event(conn: asyncpg.Connection) -> None:
+    """A transaction left open with a row written to audit_events, as a shard's commit."""
+    await conn.execute("INSERT INTO audit_heads (chain, size, head) VALUES ('c', 0, '')")
+    await conn.execute("BEGIN")
+    await conn.execute(INSERT_EVENT, 1)
+
+
+INSERT_EVENT = (
+    "INSERT INTO audit_events (chain, seq, entry_hash, body, event, agent_id, grant_id,"
+    " time_ms) VALUES ('c', $1, '\\x00', '{}', 'verify.allow', 'agt_1', 'grt_1', 1)"
+)
+
+
+async def waits_for_a_lock(url: str, migrator: asyncpg.Connection) -> None:
+    """Return once the migrator's backend waits for a lock (0014's build, for the open
+    transaction writing to audit_events)."""
+    conn = await asyncpg.connect(url)
+    try:
+        while not await conn.fetchval(
+            "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
+            migrator.get_server_pid(),
+        ):
+            await asyncio.sleep(0.02)
+    finally:
+        await conn.close()
+
+
+async def audit_event_indexes(conn: asyncpg.Connection) -> dict[str, bool]:
+    rows = await conn.fetch(
+        "SELECT indexrelid::regclass::text AS name, indisvalid FROM pg_index"
+        " WHERE indrelid = 'audit_events'::regclass"
+    )
+    return {row["name"]: row["indisvalid"] for row in rows}
+
+
+async def assert_0014_and_0015_done(conn: asyncpg.Connection) -> None:
+    indexes = await audit_event_indexes(conn)
+    assert all(indexes[name] for name in IN_ORDER), indexes
+    assert "audit_events_agent" not in indexes and "audit_events_grant" not in indexes
+
+
+@pytest.mark.asyncio
+async def test_building_0014s_indexes_holds_back_no_writer(
+    fresh_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0014 built its indexes under a SHARE lock on audit_events: queued behind one open
+    transaction writing to it, it held back every shard's commit after (verifications fail
+    closed), then stopped them all while it read the table. Built concurrently, it waits
+    for that transaction while writers go on, and finishes once it has ended."""
+    from agentauth.store import _migrate
+
+    # A lock request used to give way after half a second: kept queued while checked here.
+    monkeypatch.setattr(_migrate, "_LOCK_WAIT_MS", 60_000)
+    conn, writing, writer = [await asyncpg.connect(fresh_db) for _ in range(3)]
+    try:
+        await migrate(conn, migrations_up_to(tmp_path / "migrations", 13))
+        await begin_writing_an_event(writing)
+        migrating = asyncio.create_task(migrate(conn))
+        try:
+            await asyncio.wait_for(waits_for_a_lock(fresh_db, conn), timeout=30.0)
+            await writer.execute("SET lock_timeout = '100ms'")
+            await writer.execute(INSERT_EVENT, 2)
+            assert not migrating.done()
+        finally:
+            await writing.execute("COMMIT")
+        assert await asyncio.wait_for(migrating, timeout=60.0) == FROM_0014
+        await assert_0014_and_0015_done(conn)
+        assert await conn.fetchval("SELECT count(*) FROM audit_events") == 2
+    finally:
+        for c in (conn, writing, writer):
+            await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_build_whose_migrator_died_is_built_again_by_the_next_run(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    """A concurrent build that stops midway leaves its index behind, invalid: never used by
+    queries, yet kept up by every write. The next run drops it and builds it again (it
+    neither fails on the name being taken nor takes the index as built)."""
+    conn, writing, killer = [await asyncpg.connect(fresh_db) for _ in range(3)]
+    try:
+        await migrate(conn, migrations_up_to(tmp_path / "migrations", 13))
+        await begin_writing_an_event(writing)
+        migrating = asyncio.create_task(migrate(conn))
+        try:
+            await asyncio.wait_for(waits_for_a_lock(fresh_db, conn), timeout=30.0)
+            pid = conn.get_server_pid()
+            assert await killer.fetchval("SELECT pg_terminate_backend($1)", pid)
+            with pytest.raises(MigrationError, match=f"failed at index {IN_ORDER[0]}"):
+                await asyncio.wait_for(migrating, timeout=30.0)
+        finally:
+            await writing.execute("COMMIT")
+        indexes = await audit_event_indexes(killer)
+        assert indexes[IN_ORDER[0]] is False, indexes
+        again = await asyncpg.connect(fresh_db)
+        try:
+            assert await migrate(again) == FROM_0014
+            await assert_0014_and_0015_done(again)
+        finally:
+            await again.close()
+    finally:
+        for c in (conn, writing, killer):
+            await c.close()
+
+
+@pytest.mark.asyncio
+async def test_an_invalid_index_is_not_taken_as_built_by_if_not_exists(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    copy = tmp_path / "migrations"
+    shutil.copytree(default_migrations_dir(), copy)
+    added = copy / f"{len(discover(copy)) + 1:04d}_unique.sql"
+    added.write_text(
+        f"{MARKER}\nCREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS audit_heads_size"
+        " ON audit_heads (size);\n"
+    )
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        await migrate(conn)
+        await conn.execute(
+            "INSERT INTO audit_heads (chain, size, head) VALUES ('a', 1, ''), ('b', 1, '')"
+        )
+        with pytest.raises(MigrationError, match="failed at index audit_heads_size"):
+            await migrate(conn, copy)
+        valid = "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)"
+        assert await conn.fetchval(valid, "audit_heads_size") is False
+        await conn.execute("UPDATE audit_heads SET size = 2 WHERE chain = 'b'")
+        assert await migrate(conn, copy) == [added.name]
+        assert await conn.fetchval(valid, "audit_heads_size") is True
+    finally:
+        await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_concurrent_build_held_up_by_a_long_transaction_gives_up_and_says_why(
+    fresh_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agentauth.store import _migrate
+
+    monkeypatch.setattr(_migrate, "_CONCURRENT_WAIT_MS", 300)
+    conn, writing = [await asyncpg.connect(fresh_db) for _ in range(2)]
+    try:
+        await migrate(conn, migrations_up_to(tmp_path / "migrations", 13))
+        await begin_writing_an_event(writing)
+        try:
+            with pytest.raises(MigrationError, match="long transaction"):
+                await asyncio.wait_for(migrate(conn), timeout=30.0)
+            # Back to the session's own timeouts once the migration is over.
+            assert await conn.fetchval("SHOW lock_timeout") == "0"
+        finally:
+            await writing.execute("COMMIT")
+        assert await migrate(conn) == FROM_0014
+        await assert_0014_and_0015_done(conn)
+    finally:
+        for c in (conn, writing):
+            await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_migrator_waiting_for_another_does_not_hold_up_its_concurrent_build(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    """Replicas starting together while 0014 builds: one waiting inside pg_advisory_lock
+    held a snapshot the build waits to see go, while it waited for the build's migrator,
+    until PostgreSQL failed one of them as a deadlock."""
+    first, second, writing = [await asyncpg.connect(fresh_db) for _ in range(3)]
+    try:
+        await migrate(first, migrations_up_to(tmp_path / "migrations", 13))
+        await begin_writing_an_event(writing)
+        building = asyncio.create_task(migrate(first))
+        waiting = None
+        try:
+            await asyncio.wait_for(waits_for_a_lock(fresh_db, first), timeout=30.0)
+            waiting = asyncio.create_task(migrate(second))
+            pid = second.get_server_pid()
+            while not await writing.fetchval(
+                "SELECT query LIKE '%advisory_lock%' FROM pg_stat_activity WHERE pid = $1", pid
+            ):
+                await asyncio.sleep(0.02)
+        finally:
+            await writing.execute("COMMIT")
+        assert await asyncio.wait_for(building, timeout=60.0) == FROM_0014
+        assert waiting is not None and await asyncio.wait_for(waiting, timeout=60.0) == []
+        await assert_0014_and_0015_done(first)
+    finally:
+        for c in (first, second, writing):
+            await c.close()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "CREATE INDEX CONCURRENTLY a ON t (x);\nALTER TABLE t ADD COLUMN y int;",
+        "CREATE INDEX a ON t (x);",
+        "CREATE INDEX CONCURRENTLY ON t (x);",  # no name: nothing to resume by
+        "DROP INDEX CONCURRENTLY a; DROP TABLE t;",
+        "CREATE INDEX CONCURRENTLY a ON t (x) WHERE y = E'\\'; DROP TABLE t; --';",
+        "CREATE INDEX CONCURRENTLY a ON t (x) WHERE y = $$; DROP TABLE t; $$;",
+        "CREATE INDEX CONCURRENTLY a ON t (x) WHERE y = 'unclosed;",
+    ],
+)
+def test_a_no_transaction_migration_holding_anything_else_is_refused(
+    tmp_path: Path, body: str
+) -> None:
+    (tmp_path / "0001_a.sql").write_text(f"{MARKER}\n-- why\n{body}\n")
+    with pytest.raises(MigrationError, match=r"0001_a\.sql runs outside a transaction"):
+        discover(tmp_path)
+
+
+def test_a_no_transaction_migration_is_read_statement_by_statement(tmp_path: Path) -> None:
+    (tmp_path / "0001_a.sql").write_text(
+        f"{MARKER}\n-- a comment; with a semicolon\n"
+        "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS \"A;b\" ON s.t (x) WHERE y = 'a;b';\n"
+        "/* another; */ DROP INDEX CONCURRENTLY IF EXISTS s.c;\n"
+    )
+    (migration,) = discover(tmp_path)
+    assert not migration.in_transaction
+    from agentauth.store._migrate import _index_steps
+
+    steps = _index_steps(migration.name, migration.sql)
+    assert [(s.index, s.table) for s in steps] == [('s."A;b"', "s.t"), ("s.c", None)]
+    assert steps[0].sql.endswith("WHERE y = 'a;b'")
+
+
+@pytest.mark.asyncio
+async def test_a_refused_no_transaction_migration_stops_the_run_before_it_starts(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    copy = tmp_path / "migrations"
+    shutil.copytree(default_migrations_dir(), copy)
+    added = copy / f"{len(discover(copy)) + 1:04d}_mixed.sql"
+    added.write_text(
+        f"{MARKER}\nCREATE INDEX CONCURRENTLY audit_heads_size ON audit_heads (size);\n"
+        "ALTER TABLE audit_heads ADD COLUMN later bigint;\n"
+    )
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        with pytest.raises(MigrationError, match="may hold only CREATE INDEX CONCURRENTLY"):
+            await migrate(conn, copy)
+        assert await conn.fetchval("SELECT to_regclass('schema_migrations')") is None
+    finally:
+        await conn.close()
