@@ -67,6 +67,8 @@ def measure(
         issuer=base,
         admin_token=admin,
         pool_max_size=20,
+        # One grant takes every token here: far more than an agent's per-grant limit.
+        token_limit=1_000_000,
         **settings_kwargs,  # type: ignore[arg-type]
     )
     serve.run(

@@ -258,6 +258,8 @@ class Registry:
             )
             for n in (limit.interval_us, limit.period_us)
         ]
+        tokens = Limit(settings.token_limit, settings.token_limit_period * 1_000_000)
+        self._token_args = [tokens.interval_us, tokens.period_us]
         self._fallback = LocalBuckets()
         self._fallback_limits = (
             Limit(settings.anonymous_client_limit, period_us),
@@ -1993,6 +1995,7 @@ class Registry:
             raise Forbidden("the grant's provider is suspended", reason="provider_suspended")
         grant = _stored_grant(json.loads(row["document"]))
         self._check_signed_as_stored(grant_id, grant, row)
+        await self._take_token_slot(grant_id)
         lifetime = self.settings.token_lifetime
         if grant.envelope.expires_at is not None:
             lifetime = min(lifetime, grant.envelope.expires_at - now)
@@ -2068,6 +2071,30 @@ class Registry:
             "grant_id": grant_id,
             "jti": claims["jti"],
         }
+
+    async def _take_token_slot(self, grant_id: str) -> None:
+        """Take one of the grant's tokens for this period (``token_limit``), or refuse: 429
+        with Retry-After, nothing signed or written. Taken before signing, so a token whose
+        signing or recording then fails still counts: a refusal can come early, never late.
+        Redis unreachable refuses too (503): issuance has already reserved the request's
+        proof there, so it could not have gone on anyway."""
+        try:
+            wait_us = int(
+                await self._take_script(
+                    keys=[f"agentauth:tokens:grant:{grant_id}"], args=self._token_args
+                )
+            )
+        except Exception:
+            raise DependencyUnavailable(
+                "token issuance is unavailable for now", reason="limits_unavailable"
+            ) from None
+        if wait_us > 0:
+            raise RateLimited(
+                f"more than {self.settings.token_limit} tokens for this grant in"
+                f" {self.settings.token_limit_period} s; reuse the one held, or retry later",
+                retry_after=math.ceil(wait_us / 1_000_000),
+                reason="token_rate_limited",
+            )
 
     def _check_signed_as_stored(self, grant_id: str, grant: Grant, row: asyncpg.Record) -> None:
         """Refuse (403 ``grant_unusable``) to mint from a stored grant that is not, to the

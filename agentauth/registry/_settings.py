@@ -112,6 +112,15 @@ class RegistrySettings(BaseModel):
     # in its own memory (the client limit too), so people can still sign in during an
     # outage, never without a limit. 0 refuses them all (503) until Redis is back.
     anonymous_fallback_limit: int = Field(60, ge=0, le=1_000_000)
+    # Tokens minted for one grant: at most `token_limit` in any `token_limit_period` seconds
+    # (all at once if need be), counted in Redis so every replica counts the same. Past it:
+    # 429 with Retry-After, before anything is signed or written. An agent's SDK reuses a
+    # token until near its expiry (`token_lifetime`, 300 s), so an honest agent needs a few
+    # per grant per period, one per process; without a bound one agent (buggy, or its key
+    # taken) could mint as fast as the registry signs, each token a row and an audit event,
+    # and take the signing capacity every other agent shares.
+    token_limit: int = Field(120, ge=1, le=1_000_000)
+    token_limit_period: int = Field(300, ge=1, le=86400)
     # Unexpired challenges of anonymous ceremonies (sign-up, sign-in) at most, whatever the
     # limits above admit: the table's bound, kept by PostgreSQL itself. At the limits'
     # defaults (20 a second, challenges living `challenge_ttl` 300 s) 6,000 can exist.
