@@ -107,10 +107,8 @@ async def test_a_failing_migration_leaves_the_ones_before_it_applied(
     run starts from it (one transaction for them all held every table lock each took,
     hot tables' too, until the last had finished)."""
     copy = tmp_path / "migrations"
-    shutil.copytree(default_migrations_dir(), copy)
-    last = len(discover(copy))
-    broken = copy / f"{last + 1:04d}_broken.sql"
-    broken.write_text("CREATE TABLE half_done (id int);\nSELECT 1 / 0;\n")
+    broken = with_one_more(copy, "broken", "CREATE TABLE half_done (id int);\nSELECT 1 / 0;\n")
+    last = len(discover(copy)) - 1
     conn = await asyncpg.connect(fresh_db)
     try:
         with pytest.raises(MigrationError, match=f"migration {broken.name} failed") as failed:
@@ -132,9 +130,7 @@ async def test_a_database_newer_than_the_code_is_used_with_a_warning(
     """After a rollback the older release runs over the newer schema (each migration keeps
     the release before it working), and says so instead of "up to date" alone."""
     copy = tmp_path / "migrations"
-    shutil.copytree(default_migrations_dir(), copy)
-    newer = copy / f"{len(discover(copy)) + 1:04d}_from_the_future.sql"
-    newer.write_text("SELECT 1;\n")
+    newer = with_one_more(copy, "from_the_future", "SELECT 1;\n")
     conn = await asyncpg.connect(fresh_db)
     try:
         await migrate(conn, copy)
@@ -215,8 +211,7 @@ async def test_a_registry_waits_out_another_migrating_past_its_statement_timeout
     from agentauth.registry import Registry, RegistrySettings
 
     copy = tmp_path / "migrations"
-    shutil.copytree(default_migrations_dir(), copy)
-    (copy / f"{len(discover(copy)) + 1:04d}_slow.sql").write_text("SELECT pg_sleep(11);\n")
+    with_one_more(copy, "slow", "SELECT pg_sleep(11);\n")
     async with new_database(database_url, "migwait") as url:
         other = await asyncpg.connect(url)
         try:
@@ -264,9 +259,7 @@ async def test_a_migration_waiting_for_a_lock_does_not_hold_back_a_hot_table(
         await migrate(conn)
         await conn.execute("INSERT INTO audit_heads (chain, size, head) VALUES ('c', 0, '')")
         copy = tmp_path / "migrations"
-        shutil.copytree(default_migrations_dir(), copy)
-        added = copy / f"{len(discover(copy)) + 1:04d}_alter.sql"
-        added.write_text("ALTER TABLE audit_heads ADD COLUMN later bigint;\n")
+        added = with_one_more(copy, "alter", "ALTER TABLE audit_heads ADD COLUMN later bigint;\n")
         await reader.execute("BEGIN")
         await reader.fetch("SELECT * FROM audit_heads")
         migrating = asyncio.create_task(migrate(conn, copy))
@@ -299,9 +292,7 @@ async def test_a_migration_that_never_gets_its_lock_gives_up_and_says_why(
     try:
         await migrate(conn)
         copy = tmp_path / "migrations"
-        shutil.copytree(default_migrations_dir(), copy)
-        added = copy / f"{len(discover(copy)) + 1:04d}_alter.sql"
-        added.write_text("ALTER TABLE audit_heads ADD COLUMN later bigint;\n")
+        added = with_one_more(copy, "alter", "ALTER TABLE audit_heads ADD COLUMN later bigint;\n")
         async with reader.transaction():
             await reader.fetch("SELECT * FROM audit_heads")
             with pytest.raises(MigrationError, match="long transaction"):
@@ -553,6 +544,15 @@ IN_ORDER = ("audit_events_agent_in_order", "audit_events_grant_in_order")
 FROM_0014 = [m.name for m in discover(default_migrations_dir())][13:15]
 
 
+def with_one_more(directory: Path, name: str, sql: str) -> Path:
+    """The shipped migrations copied into ``directory`` and one more after them, ``sql``
+    under ``NNNN_name.sql``: the file added (``directory`` is its parent)."""
+    shutil.copytree(default_migrations_dir(), directory)
+    added = directory / f"{len(discover(directory)) + 1:04d}_{name}.sql"
+    added.write_text(sql)
+    return added
+
+
 def migrations_up_to(directory: Path, version: int) -> Path:
     directory.mkdir()
     for migration in discover(default_migrations_dir())[:version]:
@@ -671,11 +671,11 @@ async def test_an_invalid_index_is_not_taken_as_built_by_if_not_exists(
     fresh_db: str, tmp_path: Path
 ) -> None:
     copy = tmp_path / "migrations"
-    shutil.copytree(default_migrations_dir(), copy)
-    added = copy / f"{len(discover(copy)) + 1:04d}_unique.sql"
-    added.write_text(
+    added = with_one_more(
+        copy,
+        "unique",
         f"{MARKER}\nCREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS audit_heads_size"
-        " ON audit_heads (size);\n"
+        " ON audit_heads (size);\n",
     )
     conn = await asyncpg.connect(fresh_db)
     try:
@@ -790,11 +790,11 @@ async def test_a_refused_no_transaction_migration_stops_the_run_before_it_starts
     fresh_db: str, tmp_path: Path
 ) -> None:
     copy = tmp_path / "migrations"
-    shutil.copytree(default_migrations_dir(), copy)
-    added = copy / f"{len(discover(copy)) + 1:04d}_mixed.sql"
-    added.write_text(
+    with_one_more(
+        copy,
+        "mixed",
         f"{MARKER}\nCREATE INDEX CONCURRENTLY audit_heads_size ON audit_heads (size);\n"
-        "ALTER TABLE audit_heads ADD COLUMN later bigint;\n"
+        "ALTER TABLE audit_heads ADD COLUMN later bigint;\n",
     )
     conn = await asyncpg.connect(fresh_db)
     try:
