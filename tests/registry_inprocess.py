@@ -40,6 +40,20 @@ class Opened:
         return await table_counts(self.registry.pool)
 
 
+async def append_events(
+    opened: Opened, n: int, *, time_ms: int, event: str = "t.paged", **ids: str
+) -> None:
+    """``n`` events named ``event`` at one ``time_ms`` about the agent and/or grant in
+    ``ids`` (``agent_id=``, ``grant_id=``), in one transaction, spread over the chains (each
+    keyed apart), so equal times are ordered by chain, then seq."""
+    audit = opened.registry.audit
+    async with opened.registry.pool.acquire() as conn, conn.transaction():
+        for i in range(n):
+            await audit.append(
+                conn, event=event, actor="t", subject=f"s{i}", key=f"k{i}", time_ms=time_ms, **ids
+            )
+
+
 @asynccontextmanager
 async def registry_on_new_database(
     database_url: str, redis_url: str, data_dir: Path, *, prefix: str, **settings: Any

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from registry_inprocess import ISSUER, Opened, registry_in_process
+from registry_inprocess import ISSUER, Opened, append_events, registry_in_process
 from registry_world import Human
 
 from agentauth.protocol import b64url_encode
@@ -31,23 +31,6 @@ async def opened(
     data_dir = tmp_path_factory.mktemp("registry")
     async with registry_in_process(database_url, redis_url, data_dir, prefix="paging") as o:
         yield o
-
-
-async def append(opened: Opened, n: int, *, time_ms: int, **ids: str) -> None:
-    """``n`` events at one ``time_ms`` about the agent and/or grant in ``ids``, spread over
-    the chains (each keyed apart), so equal times are ordered by chain, then seq."""
-    audit = opened.registry.audit
-    async with opened.registry.pool.acquire() as conn, conn.transaction():
-        for i in range(n):
-            await audit.append(
-                conn,
-                event="t.paged",
-                actor="t",
-                subject=f"s{i}",
-                key=f"k{i}",
-                time_ms=time_ms,
-                **ids,
-            )
 
 
 async def stored(opened: Opened, column: str, value: str) -> list[dict[str, Any]]:
@@ -88,8 +71,10 @@ async def test_a_history_longer_than_a_page_is_read_whole_in_order(opened: Opene
     Until 2026-11-30 limit and cursor were ignored: one answer, cut at 5,000 events."""
     world = opened.world
     human, agent, _, grant = await world.setup_grant()
-    await append(opened, 13, time_ms=2_000_000_000_000, agent_id=agent.id, grant_id=grant["id"])
-    await append(opened, 3, time_ms=2_000_000_000_001, agent_id=agent.id)
+    await append_events(
+        opened, 13, time_ms=2_000_000_000_000, agent_id=agent.id, grant_id=grant["id"]
+    )
+    await append_events(opened, 3, time_ms=2_000_000_000_001, agent_id=agent.id)
     for column, value, headers in (
         ("agent_id", agent.id, human.headers),
         ("grant_id", grant["id"], human.headers),
@@ -120,7 +105,9 @@ async def test_past_the_largest_page_the_next_one_follows(opened: Opened) -> Non
     human = await world.human()
     agent = await world.agent(human)
     before = len(await stored(opened, "agent_id", agent.id))
-    await append(opened, AUDIT_PAGE_MAX + 1 - before, time_ms=2_000_000_000_000, agent_id=agent.id)
+    await append_events(
+        opened, AUDIT_PAGE_MAX + 1 - before, time_ms=2_000_000_000_000, agent_id=agent.id
+    )
     expected = await stored(opened, "agent_id", agent.id)
     pages = await read_pages(world.client, human.headers, {"agent_id": agent.id})
     assert [len(p) for p in pages] == [AUDIT_PAGE_MAX, 1]
@@ -137,8 +124,10 @@ async def test_newest_first_pages_read_the_history_backwards(opened: Opened) -> 
     longer than a reader would go through could not be had without reading all of it."""
     world = opened.world
     human, agent, _, grant = await world.setup_grant()
-    await append(opened, 13, time_ms=2_000_000_000_000, agent_id=agent.id, grant_id=grant["id"])
-    await append(opened, 3, time_ms=2_000_000_000_001, agent_id=agent.id)
+    await append_events(
+        opened, 13, time_ms=2_000_000_000_000, agent_id=agent.id, grant_id=grant["id"]
+    )
+    await append_events(opened, 3, time_ms=2_000_000_000_001, agent_id=agent.id)
     expected = await stored(opened, "agent_id", agent.id)
     params = {"agent_id": agent.id, "limit": 4, "order": "desc"}
     pages = await read_pages(world.client, human.headers, params)
@@ -246,8 +235,8 @@ async def test_a_cursor_from_someone_elses_listing_shows_none_of_their_events(
     world = opened.world
     alice, alices_agent, _, _ = await world.setup_grant()
     bob, bobs_agent, _, _ = await world.setup_grant()
-    await append(opened, 5, time_ms=1, agent_id=alices_agent.id)
-    await append(opened, 5, time_ms=1, agent_id=bobs_agent.id)
+    await append_events(opened, 5, time_ms=1, agent_id=alices_agent.id)
+    await append_events(opened, 5, time_ms=1, agent_id=bobs_agent.id)
     alices = {(e["chain"], e["seq"]) for e in await stored(opened, "agent_id", alices_agent.id)}
     bobs = await stored(opened, "agent_id", bobs_agent.id)
     cursor = await first_cursor(world, alice, alices_agent.id)

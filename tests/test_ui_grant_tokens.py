@@ -16,7 +16,7 @@ import pytest_asyncio
 from nicegui import Client
 from nicegui.elements.mixins.text_element import TextElement
 from nicegui.page import page
-from registry_inprocess import ISSUER, Opened, registry_in_process
+from registry_inprocess import ISSUER, Opened, append_events, registry_in_process
 from registry_world import Human
 from starlette.requests import Request
 
@@ -110,20 +110,10 @@ async def test_a_busy_grants_newest_tokens_are_listed_and_revoked_ones_are_not(
     world = opened.world
     human, agent, _, grant = await world.setup_grant()
     early = await issue(opened, agent, grant["id"])
-    audit = opened.registry.audit
     before = int(time.time() * 1000) - 60_000
-    async with opened.registry.pool.acquire() as conn, conn.transaction():
-        for i in range(BUSY):
-            await audit.append(
-                conn,
-                event="t.busy",
-                actor="t",
-                subject=f"s{i}",
-                key=f"k{i}",
-                time_ms=before,
-                agent_id=agent.id,
-                grant_id=grant["id"],
-            )
+    await append_events(
+        opened, BUSY, time_ms=before, event="t.busy", agent_id=agent.id, grant_id=grant["id"]
+    )
     await revoke_token(opened, human, early)
     newest = await issue(opened, agent, grant["id"])
     texts = " ".join(await grants_page_texts(opened, human))
@@ -171,20 +161,9 @@ async def test_a_busy_agents_newest_events_are_on_its_audit_page(opened: Opened)
     human, agent, _, _ = await world.setup_grant()
     before = int(time.time() * 1000) - 60_000
     older = 12
-    async with opened.registry.pool.acquire() as conn, conn.transaction():
-        for i in range(older):
-            await opened.registry.audit.append(
-                conn,
-                event="t.busy",
-                actor="t",
-                subject=f"s{i}",
-                key=f"k{i}",
-                time_ms=before,
-                agent_id=agent.id,
-            )
-        await opened.registry.audit.append(
-            conn, event="t.newest", actor="t", subject="s", key="k", agent_id=agent.id
-        )
+    await append_events(opened, older, time_ms=before, event="t.busy", agent_id=agent.id)
+    now = int(time.time() * 1000)
+    await append_events(opened, 1, time_ms=now, event="t.newest", agent_id=agent.id)
     total = await opened.registry.pool.fetchval(
         "SELECT count(*) FROM audit_events WHERE agent_id = $1", agent.id
     )
