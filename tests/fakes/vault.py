@@ -133,7 +133,14 @@ def _errors(status: int, *messages: str) -> tuple[int, Any]:
     return status, {"errors": list(messages)}
 
 
-def _ok(data: dict[str, Any]) -> tuple[int, Any]:
+def _ok(
+    data: dict[str, Any] | None,
+    *,
+    auth: dict[str, Any] | None = None,
+    warnings: list[str] | None = None,
+) -> tuple[int, Any]:
+    """Vault's response envelope: ``data`` for a read or a transit call, ``auth`` for a
+    token's own calls (renew-self), with any ``warnings``."""
     return 200, {
         "request_id": str(uuid.uuid4()),
         "lease_id": "",
@@ -141,8 +148,8 @@ def _ok(data: dict[str, Any]) -> tuple[int, Any]:
         "lease_duration": 0,
         "data": data,
         "wrap_info": None,
-        "warnings": None,
-        "auth": None,
+        "warnings": warnings,
+        "auth": auth,
     }
 
 
@@ -311,15 +318,10 @@ class FakeVault(FakeHTTPService):
                     " TTL value is capped accordingly"
                 ]
             entry.expires = now + granted
-        return 200, {
-            "request_id": str(uuid.uuid4()),
-            "lease_id": "",
-            "renewable": False,
-            "lease_duration": 0,
-            "data": None,
-            "wrap_info": None,
-            "warnings": warnings,
-            "auth": {
+        return _ok(
+            None,
+            warnings=warnings,
+            auth={
                 "client_token": token,
                 "accessor": "acc." + token[-8:],
                 "policies": ["default"],
@@ -331,7 +333,7 @@ class FakeVault(FakeHTTPService):
                 "token_type": "service",
                 "orphan": False,
             },
-        }
+        )
 
     def _create(self, request: Request, name: str) -> tuple[int, Any]:
         key_type = request.json().get("type", "aes256-gcm96")
