@@ -741,7 +741,7 @@ class GrantsRegistry(FakeRegistry):
     async def usage(self, token: str, grant_id: str) -> dict[str, Any]:
         return {"rate": [], "spend": [], "series": []}
 
-    async def grant_tokens(self, token: str, grant_id: str) -> list[dict[str, Any]]:
+    async def grant_tokens(self, token: str, grant_id: str) -> list[tuple[str, int]]:
         return []
 
     async def revoke(self, token: str, kind: str, target: str) -> dict[str, Any]:
@@ -967,7 +967,7 @@ async def test_a_grant_the_registry_no_longer_reads_can_still_be_revoked(
     async def usage(token: str, grant_id: str) -> dict[str, Any]:
         raise RegistryError(403, "forbidden", "approved in a form since refused", "grant_unusable")
 
-    async def grant_tokens(token: str, grant_id: str) -> list[dict[str, Any]]:
+    async def grant_tokens(token: str, grant_id: str) -> list[tuple[str, int]]:
         return []
 
     for name, fake in (
@@ -983,6 +983,45 @@ async def test_a_grant_the_registry_no_longer_reads_can_still_be_revoked(
         assert session is not None
         await page.pages._grants(page.cookie_id, session)
     assert page.button("Revoke grant: grant grt_old of agent agt_1") is not None
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        {"tokens": []},
+        ["tok_1"],
+        [{"expires_at": 2_000_000_000}],
+        [{"jti": "tok_1"}],
+        [{"jti": "tok_1", "expires_at": "soon"}],
+    ],
+)
+async def test_a_token_list_of_the_wrong_shape_is_said_in_the_notice(
+    tokens: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grant's token list that was no list of {jti, expires_at} raised a KeyError or
+    TypeError while the grants page was built, outside any card's boundary."""
+    grant = {
+        "id": "grt_1",
+        "agent_id": "agt_1",
+        "revoked_at": None,
+        "document": {"provider_id": "shop", "capabilities": [], "envelope": {}},
+    }
+    answers: dict[str, Any] = {
+        "/v1/grants": [grant],
+        "/v1/agents": [{"id": "agt_1", "name": "Shopping bot", "status": "active"}],
+        "/v1/grants/grt_1/usage": {"rate": [], "spend": [], "series": []},
+        "/v1/grants/grt_1/tokens": tokens,
+    }
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=answers.get(request.url.path, []))
+
+    registry = RegistryClient("http://registry.invalid", transport=httpx.MockTransport(answer))
+    page = RequestsPage(cast(FakeRegistry, registry), monkeypatch)
+    await build_grants(page)
+    assert "[502 invalid_response]" in page.notice()
+    await registry.aclose()
 
 
 # --- what an agent names cannot push the page's own words off the screen --------------------

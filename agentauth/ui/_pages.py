@@ -1232,7 +1232,7 @@ class Pages:
                             grant=grant,
                             usage=used,
                             agent=agent_rows.get(grant["agent_id"], {}),
-                            tokens=[(str(t["jti"]), int(t["expires_at"])) for t in tokens],
+                            tokens=tokens,
                             now=now,
                         ),
                         unreadable,

@@ -394,11 +394,14 @@ class RegistryClient:
         )
         return result
 
-    async def grant_tokens(self, token: str, grant_id: str) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = await self.call(
-            "GET", f"/v1/grants/{_seg(grant_id)}/tokens", token=token
+    async def grant_tokens(self, token: str, grant_id: str) -> list[tuple[str, int]]:
+        """The grant's tokens in use, as (jti, expires_at), soonest to expire first."""
+        rows = _rows(
+            await self.call("GET", f"/v1/grants/{_seg(grant_id)}/tokens", token=token), key="jti"
         )
-        return result
+        if not all(type(row.get("expires_at")) is int for row in rows):
+            raise RegistryError(502, "invalid_response", "the registry's list is malformed", None)
+        return [(row["jti"], row["expires_at"]) for row in rows]
 
     # --- audit ---------------------------------------------------------------------------
 
@@ -484,12 +487,12 @@ class EventHistory:
     error: RegistryError | None = None
 
 
-def _rows(answer: Any) -> list[dict[str, Any]]:
-    """A listing as the pages read it: a JSON array of objects, each with a string ``id``.
+def _rows(answer: Any, key: str = "id") -> list[dict[str, Any]]:
+    """A listing as the pages read it: a JSON array of objects, each with a string ``key``.
     Anything else is the registry's failure, said in the page's notice, not an exception
     that fails the whole page (NiceGUI's 500, naming the exception)."""
     if not isinstance(answer, list) or not all(
-        isinstance(row, dict) and isinstance(row.get("id"), str) for row in answer
+        isinstance(row, dict) and isinstance(row.get(key), str) for row in answer
     ):
         raise RegistryError(502, "invalid_response", "the registry's list is malformed", None)
     return answer
