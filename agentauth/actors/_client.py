@@ -264,7 +264,7 @@ class ShardClient:
         # A call overran unacknowledged: the shard is not running. Checks are denied at
         # once, as from the second overrun, until it answers or the link goes.
         self._stopped = [False] * len(handles)
-        self._watchers: set[asyncio.Task[None]] = set()
+        self._watchers: set[asyncio.Task[object]] = set()
         # Checks sent in a call that never answered (the link broke, or it stayed silent):
         # the shard may have committed an allow for any of them. Each is asked about once
         # the shard is reachable again (see _settle), with the answer its client got. The
@@ -685,8 +685,8 @@ class ShardClient:
             return check.voiding(UNDELIVERED, result.audit_event)
         return None
 
-    async def _record_voids(self, shard: int, voids: list[Check]) -> None:
-        await asyncio.gather(*(self.check(shard, void) for void in voids))
+    async def _record_voids(self, shard: int, voids: list[Check]) -> list[Result]:
+        return await asyncio.gather(*(self.check(shard, void) for void in voids))
 
     async def _void(self, shard: int, answered: list[tuple[Check, Result]]) -> None:
         """Record on the chain that these allows reached no client (each was answered
@@ -703,7 +703,7 @@ class ShardClient:
         if voids:
             await self._record_voids(shard, voids)
 
-    def _watch(self, work: Coroutine[Any, Any, None]) -> None:
+    def _watch(self, work: Coroutine[Any, Any, object]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
@@ -762,11 +762,8 @@ class ShardClient:
             asked = [pending.popleft() for _ in range(len(pending))]
             for start in range(0, len(asked), self._max_batch):
                 batch = asked[start : start + self._max_batch]
-                results = await asyncio.gather(
-                    *(
-                        self.check(shard, check.voiding(answer, ANY_ALLOW))
-                        for check, answer in batch
-                    )
+                results = await self._record_voids(
+                    shard, [check.voiding(answer, ANY_ALLOW) for check, answer in batch]
                 )
                 if not any(result.audit_event for result in results):
                     # Nothing recorded (the shard is unreachable, looks hung or cannot
