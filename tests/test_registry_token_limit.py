@@ -54,6 +54,30 @@ async def test_past_its_limit_a_grant_gets_no_token_and_nothing_is_written(
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_limit_that_cannot_be_read_refuses_the_token(
+    opened: Opened, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis failing at the limit's bucket (after the proof's reservation succeeded): 503,
+    nothing signed or written; never a token the limit did not count."""
+    world = opened.world
+    _, agent, _, grant = await world.setup_grant()
+    registry = opened.registry
+    take = registry._take_script
+
+    async def failing(*, keys: list[str], args: list[int]) -> int:
+        if keys[0].startswith("agentauth:tokens:"):
+            raise ConnectionError("Redis went away")
+        return int(await take(keys=keys, args=args))
+
+    monkeypatch.setattr(registry, "_take_script", failing)
+    before = await opened.counts()
+    refused = await world.token(agent, grant["id"])
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["reason"] == "limits_unavailable"
+    assert await opened.counts() == before
+
+
 @pytest.mark.parametrize("field", ["token_limit", "token_limit_period"])
 @pytest.mark.parametrize("value", [0, -1, 2_000_000])
 def test_the_token_limit_settings_are_bounded(field: str, value: int) -> None:
