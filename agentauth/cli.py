@@ -482,10 +482,24 @@ def _raise_stopping(signum: int, frame: object) -> None:
     raise _Stopping
 
 
+def _wait_for_stop() -> None:
+    """Return once SIGINT or SIGTERM has come. The handlers only note it: a handler runs on
+    the main thread between two of its steps, and one that took a lock (it was an Event's
+    set) while the main thread held that lock, waking from the same Event's wait at a
+    second signal (Ctrl+C pressed twice, or a signal sent to the process and forwarded by
+    its parent), waited for itself for ever: the stack never stopped."""
+    import signal
+
+    came: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, _: came.append(signum))
+    signal.signal(signal.SIGTERM, lambda signum, _: came.append(signum))
+    while not came:
+        time.sleep(0.1)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Start PostgreSQL and Redis (embedded unless URLs are set), Ray, Serve, the registry."""
     import signal
-    import threading
     import warnings
 
     from pydantic import ValidationError
@@ -584,10 +598,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(line)
         print("ready. Ctrl+C stops everything.", flush=True)
 
-        stop = threading.Event()
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        stop.wait()
+        _wait_for_stop()
         print("\nstopping ...", flush=True)
         return 0
     except _Stopping:

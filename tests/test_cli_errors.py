@@ -5,6 +5,7 @@ never a secret it was given (a traceback or a pydantic error would print both)."
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -212,3 +213,31 @@ def test_schemas_into_a_path_that_is_a_file_is_a_message(tmp_path: Path) -> None
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert out.stderr.startswith("error: cannot write the schemas into ")
+
+
+def test_a_burst_of_signals_stops_agentauth_up_every_time() -> None:
+    """`agentauth up` waits for Ctrl+C or SIGTERM in ``_wait_for_stop``. Its handlers set a
+    threading.Event, whose lock the main thread held while waking from that Event's wait:
+    a second signal then (Ctrl+C pressed twice, or `timeout` forwarding the signal it got)
+    ran the handler into that lock, and the stack never stopped (found by hand on
+    2026-11-30, three signals; a burst of 300 hung the old wait in 1 run of 10)."""
+    code = (
+        "from agentauth.cli import _wait_for_stop\n"
+        "print('waiting', flush=True)\n"
+        "_wait_for_stop()\n"
+        "print('stopped', flush=True)\n"
+    )
+    for _ in range(5):
+        waiting = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert waiting.stdout is not None
+        assert waiting.stdout.readline() == "waiting\n"
+        for _ in range(300):
+            try:
+                os.kill(waiting.pid, signal.SIGINT)
+            except ProcessLookupError:
+                break
+        try:
+            out, _ = waiting.communicate(timeout=20)
+        finally:
+            waiting.kill()
+        assert out == "stopped\n"
