@@ -23,9 +23,28 @@ import pytest_asyncio
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free now, for a server a test starts later, below the kernel's ephemeral range:
+    a port the kernel handed out (bind to 0) is in that range, and until the server binds
+    it any outgoing connection on the machine may be given it as its local port (HAProxy
+    once failed to start, "Address already in use", on such a port)."""
+    low = _ephemeral_low()
+    while True:
+        port = secrets.randbelow(low - 20_000) + 20_000
+        with socket.socket() as sock:
+            try:
+                # All interfaces: HAProxy binds its metrics port on 0.0.0.0.
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+
+
+def _ephemeral_low() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+    return max(low, 21_000)
 
 
 def sample_provider() -> Any:
