@@ -45,6 +45,7 @@ from agentauth.sdk import (
     VerifierClient,
     error_from_response,
     is_nonce_challenge,
+    require,
 )
 from agentauth.sdk._client import _load_or_create_key, _Token
 from agentauth.sdk._provider import denial
@@ -289,6 +290,27 @@ def test_server_errors_map_onto_the_error_tree() -> None:
         )
     )
     assert isinstance(refused, RateLimited) and refused.retry_after == 5
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"error": {"code": 502, "message": "upstream unavailable"}},  # a gateway's own form
+        {"error": ["forbidden"]},
+        {"error": "forbidden", "error_description": {"text": "no"}, "reason": ["widening"]},
+    ],
+)
+def test_an_error_body_not_in_the_registrys_form_is_still_an_agentauth_error(
+    body: dict[str, Any],
+) -> None:
+    """An ``error`` that is no string (as API gateways answer: ``{"error": {"code": ...}}``)
+    raised TypeError from the lookup of its class, not the error tree's; a description or
+    reason that is no string went into the exception as it was."""
+    error = error_from_response(
+        httpx.Response(502, json=body, request=httpx.Request("GET", "https://r.example/"))
+    )
+    assert isinstance(error, Forbidden if body["error"] == "forbidden" else ServerError)
+    assert error.reason is None and str(error) == "HTTP 502"
 
 
 @pytest.mark.asyncio
@@ -693,6 +715,47 @@ async def test_a_token_the_provider_refuses_as_revoked_is_let_go(tmp_path: Path)
         for _ in range(5):
             await http.get("https://shop.example/orders")
         assert registry.issued == ["grt_1", "grt_2", "grt_2"]  # one more, not five
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("reason", ["revoked", "insufficient_capability"])
+async def test_a_token_refused_through_require_is_let_go_too(tmp_path: Path, reason: str) -> None:
+    """``require`` refuses through FastAPI's HTTPException, whose answer nests the body in
+    ``detail``: the SDK read the reason at the top level only, so an agent of a FastAPI
+    provider kept presenting a revoked (or too narrow) token until it expired."""
+    from fastapi import Depends, FastAPI
+
+    now = [1_000_000.0]
+    registry = TokenRegistry([listed_grant("grt_1")], now=now)
+    client = token_client(registry, tmp_path)
+    presented: list[str] = []
+
+    class ByToken:
+        async def verify_request(self, **kw: Any) -> Verification:
+            token = kw["headers"]["authorization"].removeprefix("DPoP ")
+            presented.append(token)
+            return Verification(token == "tok-2-grt_2", "ok" if token == "tok-2-grt_2" else reason)
+
+    app = FastAPI()
+    read = Action(kind="read", resource="orders")
+
+    by_token = ByToken()  # not a VerifierClient: require asks its callable for it
+
+    @app.get("/orders", dependencies=[Depends(require(read, verifier=lambda: by_token))])
+    async def orders() -> str:
+        return "orders"
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), auth=client.auth("shop")
+    ) as http:
+        refused = await http.get("https://shop.example/orders")
+        assert refused.status_code == 403
+        assert refused.json()["detail"]["reason"] == reason  # FastAPI's form
+        registry.grants = [{**listed_grant("grt_1"), "revoked_at": "2026-01-01"}]
+        registry.grants.append(listed_grant("grt_2"))
+        assert (await http.get("https://shop.example/orders")).status_code == 200
+    assert presented == ["tok-1-grt_1", "tok-2-grt_2"]
+    await client.aclose()
 
 
 # Every reason a verifier (or the offline check) denies with, as the provider helpers
@@ -1537,3 +1600,93 @@ async def test_a_public_url_written_in_unicode_matches_the_proofs_the_agents_sen
     await middleware(scope, None, None)
     assert asked == [claims(signed.headers["DPoP"])["htu"]]
     assert asked == ["https://xn--bcher-kva.example/b%C3%BCro/my%20notes"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"decision": "deny", "reason": "rate_limited", "dpop_nonce": 5},
+        {"decision": "deny", "reason": "rate_limited", "dpop_nonce": "a\r\nSet-Cookie: x=1"},
+        {"decision": "allow", "reason": "ok", "dpop_nonce": {"n": 1}},
+        {"decision": "allow", "reason": "ok", "dpop_nonce": "n\u00f6nce\u2603"},
+        {"decision": "allow", "reason": "ok", "dpop_nonce": ""},
+    ],
+)
+async def test_a_verifier_answer_with_a_malformed_nonce_is_a_503_deny_not_a_500(
+    answer: dict[str, Any],
+) -> None:
+    """The verifier's dpop_nonce went unchecked into the DPoP-Nonce header: a number or a
+    dict made every answer a 500 (after an allow, once the app had been let in to run), and
+    a line break or a character outside latin-1 broke the response. An answer that is not
+    the verifier's form decides nothing: denied as a verifier that is down."""
+    verifier = VerifierClient(
+        "http://v",
+        provider_id="p",
+        secret="s",
+        http=httpx.AsyncClient(
+            transport=httpx.MockTransport(lambda r: httpx.Response(200, json=answer))
+        ),
+    )
+    result = await verifier.verify_request(
+        method="GET",
+        url="https://a/x",
+        headers={"authorization": "DPoP a.b.c", "dpop": "d.e.f"},
+        action=Action(kind="read", resource="x"),
+    )
+    assert (result.allowed, result.reason, result.dpop_nonce) == (
+        False,
+        "verifier_unavailable",
+        None,
+    )
+    reached: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = AgentAuthMiddleware(
+        app,
+        verifier=verifier,
+        action_of=lambda m, p: Action(kind="read", resource="x"),
+        public_url="https://a",
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=middleware), base_url="https://a"
+    ) as http:
+        response = await http.get("/x", headers={"Authorization": "DPoP a.b.c", "DPoP": "d.e.f"})
+    assert response.status_code == 503 and reached == []
+    await verifier.aclose()
+
+
+@pytest.mark.asyncio
+async def test_the_verifier_call_never_follows_a_redirect_with_the_agents_credentials() -> None:
+    """A provider's own httpx client set to follow redirects sent a verifier's 307 on, the
+    body with it: the agent's token and its unspent proof went to whatever origin the
+    Location named, which could present them to the provider before the proof grew old, and
+    that origin's allow was taken for the verifier's. Never followed, as the registry calls
+    are not: a redirect decides nothing."""
+    reached: list[str] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        reached.append(str(request.url))
+        if request.url.host == "v":
+            return httpx.Response(307, headers={"Location": "https://elsewhere.example/steal"})
+        return httpx.Response(200, json={"decision": "allow", "reason": "ok"})
+
+    verifier = VerifierClient(
+        "http://v",
+        provider_id="p",
+        secret="s",
+        http=httpx.AsyncClient(transport=httpx.MockTransport(server), follow_redirects=True),
+    )
+    result = await verifier.verify_request(
+        method="GET",
+        url="https://a/x",
+        headers={"authorization": "DPoP a.b.c", "dpop": "d.e.f"},
+        action=Action(kind="read", resource="x"),
+    )
+    assert (result.allowed, result.reason) == (False, "verifier_unavailable")
+    assert reached == ["http://v/v1/verify"]
+    await verifier.aclose()

@@ -90,6 +90,10 @@ def _refuses_token(response: httpx.Response) -> bool:
         body = response.json()
     except ValueError:
         return False
+    # ``require`` refuses through FastAPI's HTTPException, whose answer nests the
+    # middleware's body in ``detail``: both are the provider helpers' forms.
+    if isinstance(body, dict) and isinstance(body.get("detail"), dict):
+        body = body["detail"]
     return isinstance(body, dict) and body.get("reason") in _TOKEN_GONE
 
 

@@ -43,11 +43,15 @@ def error_from_response(response: httpx.Response) -> AgentAuthError:
         body: Any = response.json()
     except ValueError:
         body = {}
-    code = body.get("error") if isinstance(body, dict) else None
-    description = (body.get("error_description") if isinstance(body, dict) else None) or (
-        f"HTTP {response.status_code}"
+    if not isinstance(body, dict):
+        body = {}
+    # Strings only: a gateway in front of the registry may answer in its own form
+    # ({"error": {"code": 502, ...}}), which is no code of the tree, and no description.
+    code, description, reason = (
+        value if isinstance(value, str) else None
+        for value in (body.get("error"), body.get("error_description"), body.get("reason"))
     )
-    reason = body.get("reason") if isinstance(body, dict) else None
+    description = description or f"HTTP {response.status_code}"
     cls = _classes().get(code or "") or _TOKEN_ENDPOINT_CODES.get(code or "")
     if code == "invalid_dpop_proof" and reason in _REPLAY_REASONS:
         cls = ReplayDetected

@@ -98,6 +98,9 @@ HeaderLines = Mapping[str, str] | Iterable[tuple[str, str]] | Iterable[tuple[byt
 _LIMITS = {"token": 8192, "proof": 4096, "method": 16, "url": 2048, "step_up_ref": 128}
 # VerifyIn's method: an HTTP method token (RFC 9110 §9.1); a test keeps the two equal.
 _METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# A nonce as RFC 9449 §8.1 writes it (1*NQCHAR), which the helpers put in a DPoP-Nonce
+# header as is: the verifier's are 32 characters, so 256 is ample.
+_NONCE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]{1,256}$")
 
 
 def _over_limit(fields: Mapping[str, str | None]) -> str | None:
@@ -224,7 +227,12 @@ class VerifierClient:
             return Verification(False, refused)
         status = 0
         try:
-            response = await self._http.post(self._url, json=body, headers=self._headers)
+            # Never followed, whatever the caller's client is set to: httpx would send the
+            # body (the agent's token and its unspent proof) on to wherever Location points,
+            # and take that origin's answer for the verifier's. A redirect is a deny below.
+            response = await self._http.post(
+                self._url, json=body, headers=self._headers, follow_redirects=False
+            )
             status = response.status_code
             answer = response.json() if status in (200, 401, 403, *_REJECTED) else None
         except (httpx.HTTPError, ValueError):
@@ -270,6 +278,12 @@ class VerifierClient:
             )
         if not isinstance(answer, dict) or answer.get("decision") not in ("allow", "deny"):
             return Verification(False, "verifier_unavailable")  # fail closed
+        nonce = answer.get("dpop_nonce")
+        if nonce is not None and not (isinstance(nonce, str) and _NONCE.fullmatch(nonce)):
+            # Not the verifier's form: it would go into a DPoP-Nonce header as is, where a
+            # number made the helpers' answer a 500 and a line break broke it. Fail closed.
+            self._said.log(log, ("answer", "nonce"), "the verifier answered a malformed nonce")
+            return Verification(False, "verifier_unavailable")
         return Verification(
             allowed=answer["decision"] == "allow",
             reason=str(answer.get("reason")),
@@ -277,7 +291,7 @@ class VerifierClient:
             grant_id=answer.get("grant_id"),
             remaining=answer.get("remaining"),
             audit_event=answer.get("audit_event"),
-            dpop_nonce=answer.get("dpop_nonce"),
+            dpop_nonce=nonce,
             raw=answer,
         )
 
