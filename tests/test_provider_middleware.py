@@ -102,6 +102,59 @@ async def test_a_protected_route_below_a_mount_prefix_is_verified(mounted_by: st
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("prefix", "sent"),
+    [("/my shop", "/my%20shop"), ("/café", "/caf%C3%A9"), ("/a b/c", "/a%20b/c")],
+)
+@pytest.mark.parametrize("mounted_by", ["starlette_mount", "server_root_path"])
+async def test_a_mount_prefix_sent_encoded_is_named_once_as_sent(
+    prefix: str, sent: str, mounted_by: str
+) -> None:
+    """``root_path`` is decoded and ``raw_path`` is not: a prefix with a space or a letter
+    outside ASCII was not found in the raw path, so the decoded prefix was put in front of
+    the whole raw path (``/café/caf%C3%A9/payments/1``), and no agent's proof matched."""
+    ran: list[str] = []
+    verifier = Recorder()
+    protected = protected_shop(ran, verifier)
+    if mounted_by == "starlette_mount":
+        transport = httpx.ASGITransport(app=Starlette(routes=[Mount(prefix, app=protected)]))
+    else:
+        transport = httpx.ASGITransport(app=protected, root_path=prefix)
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop.example") as c:
+        response = await c.post(f"{sent}/payments/1")
+    assert (response.status_code, ran) == (403, [])
+    assert [url for _, url, _ in verifier.asked] == [f"https://shop.example{sent}/payments/1"]
+
+
+@pytest.mark.asyncio
+async def test_a_mount_prefix_a_proxy_removed_is_put_back_encoded() -> None:
+    """Behind a proxy that strips the prefix, the server is told it in ``root_path`` and
+    the raw path lacks it: the agent sent it, percent-encoded, and signed that."""
+    verifier = Recorder()
+    protected = protected_shop([], verifier)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "scheme": "https",
+        "path": "/café/payments/1",
+        "raw_path": b"/payments/1",
+        "root_path": "/café",
+        "headers": [(b"host", b"shop.example")],
+        "query_string": b"",
+    }
+    await protected(scope, receive, send)
+    assert [url for _, url, _ in verifier.asked] == ["https://shop.example/caf%C3%A9/payments/1"]
+
+
+@pytest.mark.asyncio
 async def test_a_mount_prefix_is_removed_only_at_a_segment_boundary() -> None:
     """``/v1`` is the mount of ``/v1/reports``, not of ``/v1reports``: as Starlette routes."""
     paths: list[str] = []

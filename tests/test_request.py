@@ -29,6 +29,7 @@ from agentauth.protocol import (
     b64url_encode,
     create_dpop_proof,
     mint_access_token,
+    path_as_sent,
 )
 
 NOW = 1_760_000_000
@@ -262,3 +263,22 @@ def test_token_as_proof_is_refused() -> None:
     with pytest.raises(InvalidDPoPProof) as excinfo:
         check(proof=TOKEN)
     assert excinfo.value.reason == "wrong_typ"
+
+
+@pytest.mark.parametrize(
+    ("raw_path", "root_path", "expected"),
+    [
+        (b"/registry/v1/token", "/registry", "/v1/token"),
+        (b"/caf%C3%A9/v1/token?x=1", "/café", "/v1/token"),
+        (b"/my%20app/v1/a%2Fb", "/my app", "/v1/a%2Fb"),
+        (b"/v1/token", "/café", "/v1/token"),  # a proxy took the prefix off
+        (b"/other/v1/token", "/café", "/other/v1/token"),
+    ],
+)
+def test_path_as_sent_finds_a_mount_prefix_sent_encoded(
+    raw_path: bytes, root_path: str, expected: str
+) -> None:
+    """The registry names its htu as its issuer plus the path below its mount: a prefix
+    the client percent-encoded (``root_path`` is decoded) was left in that path."""
+    scope = {"path": "/ignored", "raw_path": raw_path, "root_path": root_path}
+    assert path_as_sent(scope) == expected

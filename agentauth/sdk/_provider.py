@@ -482,8 +482,9 @@ def _as_sent(public_url: str | None) -> str | None:
 
 
 def _public_url(scope: Mapping[str, Any], base: str | None) -> str:
-    # As the agent sent it: the proof names the encoded path (protocol.path_as_sent).
-    path = str(scope.get("root_path", "")) + path_as_sent(scope)
+    # As the agent sent it, mount prefix included: the proof names the encoded path
+    # (protocol.path_as_sent).
+    path = path_as_sent(scope, with_root=True)
     if base:
         return base.rstrip("/") + path
     # Header bytes are latin-1 to ASGI, as the other headers here are read: a byte that is
