@@ -13,6 +13,7 @@ import pytest_asyncio
 from conftest import new_database
 from fakes.disk import synced_directories
 from fakes.vault import FakeVault
+from pydantic import ValidationError
 
 from agentauth.keys import SignerUnavailable
 from agentauth.protocol import Conflict
@@ -150,6 +151,45 @@ async def test_a_vault_token_file_keeps_the_registry_signing_across_token_expiry
     token_file.write_text(vault.issue_token())  # Vault Agent logged in again
     signer = await assert_signs_under(manager, now, kid)
     assert signer is await manager.signer(now)  # the same signer: nothing was reopened
+
+
+async def recorded_kids(url: str) -> list[str]:
+    pool = await open_pool(url)
+    try:
+        return [r["kid"] for r in await pool.fetch("SELECT kid FROM signing_keys ORDER BY kid")]
+    finally:
+        await pool.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio
+async def test_a_key_whose_signatures_do_not_verify_is_never_recorded(
+    vault: FakeVault, database: str, tmp_path: Path, replicas: Replicas
+) -> None:
+    """A backend whose signatures do not verify under the public key it reports (a
+    PKCS#11 label on a crossed key pair, a misbehaving server) is refused before its kid
+    is recorded: at the first start and at a rotation. Before, the kid was recorded for
+    good (rows are never deleted) and published; once it signed, every token and
+    checkpoint was 503 until another rotation had activated."""
+    vault.create_key("registry")
+    config = vault_settings(database, tmp_path, vault)
+    vault.wrong_signatures = True
+    with pytest.raises(SignerUnavailable) as caught:
+        await replicas(config)
+    assert caught.value.reason == "bad_signature"
+    assert await recorded_kids(database) == []
+
+    vault.wrong_signatures = False
+    manager = await replicas(config)
+    now = 1_900_000_000
+    kid = (await assert_signs_under(manager, now, (await manager.signer(now)).kid)).kid
+    vault.rotate_key("registry")
+    vault.wrong_signatures = True
+    with pytest.raises(SignerUnavailable) as caught:
+        await manager.rotate(now=now)
+    assert caught.value.reason == "bad_signature"
+    assert await recorded_kids(database) == [kid]
+    assert [k["kid"] for k in manager.jwks(now)["keys"]] == [kid]
 
 
 @pytest.mark.postgres
@@ -405,3 +445,13 @@ async def test_a_signer_opened_after_the_key_manager_closed_is_closed_not_kept(
     with pytest.raises(SignerUnavailable, match="closed"):
         await request
     assert restarted._signers == {}
+
+
+def test_a_negative_key_publish_ahead_is_refused_with_the_settings(tmp_path: Path) -> None:
+    """A negative publish-ahead was accepted at start and found out only at the first
+    rotation (an emergency one, maybe): a ValueError there, answered 500 "internal error",
+    a traceback from `agentauth keys rotate`, and each attempt's new key file left behind."""
+    config = settings("postgresql://registry@127.0.0.1/registry", tmp_path)
+    with pytest.raises(ValidationError, match="key_publish_ahead"):
+        RegistrySettings(**{**config.model_dump(), "key_publish_ahead": -1})
+    assert RegistrySettings(**{**config.model_dump(), "key_publish_ahead": 0})

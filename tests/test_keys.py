@@ -210,6 +210,34 @@ def test_local_file_refuses_a_symlink(tmp_path: Path) -> None:
     assert caught.value.reason == "bad_key_file"
 
 
+def test_local_file_refuses_a_fifo_at_once(tmp_path: Path) -> None:
+    """A FIFO at the key path (planted, or a misconfigured mount) is refused as not a
+    regular file. Before, opening it to read waited for a writer that never comes: the
+    registry's start, or its event loop at a kid's first request, hung for good."""
+    path = tmp_path / "registry.pem"
+    os.mkfifo(path, 0o600)
+    outcome: list[BaseException | LocalFileSigner] = []
+
+    def load() -> None:
+        try:
+            outcome.append(LocalFileSigner.load_or_create(path))
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(2.0)
+    if thread.is_alive():
+        # Release the hung open (a writer arrives, closes: the read sees EOF) before failing.
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(2.0)
+        pytest.fail("opening a FIFO at the key path hung")
+    [error] = outcome
+    assert isinstance(error, SignerUnavailable), error
+    assert error.reason == "bad_key_file"
+    assert "not a regular file" in error.description
+
+
 @pytest.mark.parametrize("make", ["load_or_create", "create_in"])
 def test_a_new_key_file_reaches_the_disk_under_its_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make: str

@@ -24,6 +24,10 @@ __all__ = ["LocalFileSigner"]
 # O_NOFOLLOW: a symlink planted at the key path must not redirect reads or writes.
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+# O_NONBLOCK: opening a FIFO to read waits for a writer, forever if none comes (on the event
+# loop, at start or at a kid's first request); with it the open returns and fstat refuses
+# the FIFO. It changes nothing for a regular file.
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 class LocalFileSigner:
@@ -129,7 +133,7 @@ class LocalFileSigner:
 def _read_private(path: Path) -> bytes:
     """The file's bytes, provided it is a regular file that group and others cannot touch,
     owned by this process's user or by root (as ssh requires of a private key)."""
-    fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _NONBLOCK)
     with os.fdopen(fd, "rb") as f:
         # fstat on the open descriptor: no window between the check and the read.
         st = os.fstat(f.fileno())

@@ -10,6 +10,7 @@ from them for as long as checkpoints are kept.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -33,6 +34,21 @@ _REFRESH_S = 5.0
 # Separates a Vault key's name from the version a kid names in a backend reference
 # ("vault:registry#2"); a key name, a URL path segment, cannot hold it.
 _VAULT_VERSION = "#"
+
+
+async def _check_signs(signer: AsyncSigner) -> None:
+    """Sign once and verify, before a new key's kid is recorded: its row is never deleted,
+    and a kid whose signatures fail (a PKCS#11 label on a crossed key pair, whose public
+    key object is another pair's) would be published, and once active would fail every
+    token and checkpoint until another rotation activated. A kid already on record needs
+    no such check: its key must match the record (``_open_kid``) and every signature is
+    checked anyway."""
+    probe = b"agentauth signing key check"
+    if not signer.public_key().verify(await signer.sign(probe), probe):
+        raise SignerUnavailable(
+            "the key backend's signature does not verify under its public key",
+            reason="bad_signature",
+        )
 
 
 class KeyManager:
@@ -77,7 +93,14 @@ class KeyManager:
     async def _create_signer(self) -> AsyncSigner:
         settings = self._settings.signer
         if settings.backend != "local":
-            return await self._open_backend(f"{settings.backend}:{settings.key_id}")
+            signer = await self._open_backend(f"{settings.backend}:{settings.key_id}")
+            try:
+                await _check_signs(signer)
+            except BaseException:
+                with contextlib.suppress(SignerUnavailable):  # the check's error is the one
+                    await signer.aclose()
+                raise
+            return signer
         # A new local key, written under its kid's name at once: a file renamed there
         # afterwards could lose that name in a crash while its kid's row stays committed.
         return LocalFileSigner.create_in(self._settings.data_dir / "keys", alg=settings.alg)

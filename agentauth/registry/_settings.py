@@ -129,7 +129,8 @@ class RegistrySettings(BaseModel):
     # outside them is the client itself, whatever header it sends; see docs/registry.md.
     trusted_proxies: tuple[str, ...] = ()
     # A rotated-in key is published this long before it signs (verifiers refresh JWKS).
-    key_publish_ahead: int = 60
+    # Not negative: KeyRing.rotate refuses that, and only a rotation would find it out.
+    key_publish_ahead: int = Field(60, ge=0)
     signer: SignerSettings = SignerSettings()
     pool_min_size: int = 1
     pool_max_size: int = 10
