@@ -152,6 +152,11 @@ def _error_response(
         auth = scope.get(_AUTHENTICATION, auth)
     status = exc.status_hint
     body = exc.to_dict()
+    if status >= 500:
+        # A failure of this server or of what it depends on: its own words can name files,
+        # users, hosts or a token file's path (a key backend's), which are the server log's
+        # (error_response says them there), not a client's. The code and reason stay.
+        body["error_description"] = type(exc).default_description
     presented = _presented(scope)
     if auth is not None and auth.token_endpoint and isinstance(exc, _PROOF_ERRORS):
         status = 400  # RFC 9449 §5: an RFC 6749 §5.2 error response

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import json
 import logging
 import socket
 import time
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 from agentauth import metrics
 from agentauth._logs import Throttle
 from agentauth._web import error_response
+from agentauth.keys import SignerUnavailable
 from agentauth.protocol import DependencyUnavailable
 
 # What asyncpg and redis-py quote when a password holds an unescaped "/": its first part,
@@ -133,6 +135,28 @@ def test_a_dependency_outage_is_logged_once_not_per_request(
         "request failed: temporarily_unavailable (the replay cache is unavailable)",
         "dependency failure: ConnectionRefusedError",
     ]
+
+
+def test_a_server_side_failure_keeps_its_details_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A key backend's description names the key file, its owner or the Vault token's
+    file: those reached every client of /v1/token as the 503's error_description."""
+    log = logging.getLogger("agentauth.test-details-in-log")
+    detail = "/srv/agentauth/keys/k1.pem is owned by uid 1001, not this process's user"
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        answer = error_response(SignerUnavailable(detail, reason="bad_key_file"), log)
+    body = json.loads(answer.body)
+    assert (answer.status_code, body) == (
+        503,
+        {
+            "error": "signer_unavailable",
+            "error_description": SignerUnavailable.default_description,
+            "reason": "bad_key_file",
+        },
+    )
+    assert detail not in answer.body.decode()
+    assert any(detail in r.getMessage() for r in caplog.records if r.name == log.name)
 
 
 def test_a_held_back_warning_is_counted_in_the_next_line(
