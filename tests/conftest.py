@@ -221,6 +221,9 @@ def registry_settings(database_url: str, redis_url: str, serve_port: int, data_d
         anonymous_client_limit=1_000_000,
         anonymous_global_limit=1_000_000,
         max_anonymous_challenges=1_000_000,
+        # Challenges live an hour here and a test's human may begin many ceremonies; the
+        # bound's own test runs in process (tests/test_registry_limits.py).
+        max_human_challenges=100_000,
         # The audit chain's load test files 125 pending requests per agent; the bound's own
         # tests run in process (tests/test_registry_dpop.py).
         max_pending_grant_requests=200,

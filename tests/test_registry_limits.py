@@ -1,6 +1,6 @@
 """Bounds on what an authenticated caller may hold or pile up in the registry (in process,
 real PostgreSQL and Redis, no Ray): step-up long polls open at once and how often each
-reads the database, and a human's live enrollment codes."""
+reads the database, and a human's live enrollment codes and passkey ceremonies."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 WAITS_PER_CALLER = 2
 WAITS_PER_REPLICA = 3
 LIVE_ENROLLMENTS = 3
+HUMAN_CHALLENGES = 3
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
@@ -40,6 +41,7 @@ async def service(
         step_up_waits_per_caller=WAITS_PER_CALLER,
         step_up_waits_per_replica=WAITS_PER_REPLICA,
         max_live_enrollments=LIVE_ENROLLMENTS,
+        max_human_challenges=HUMAN_CHALLENGES,
     ) as opened:
         yield opened
 
@@ -199,3 +201,52 @@ async def test_a_human_holds_a_bounded_number_of_live_enrollment_codes(
     assert r.status_code == 200, r.text
     assert (await mint()).status_code == 200
     assert (await mint()).status_code == 409
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_human_holds_a_bounded_number_of_live_passkey_ceremonies(
+    service: Opened,
+) -> None:
+    """Every approval's begin and passkey change's confirmation stores a challenge (an
+    approval's with the whole grant), and nothing bounded how many one session stored:
+    whoever held it could fill the table at request speed, where the anonymous ones are
+    capped."""
+    w = service.world
+    human = await w.human()
+    other = await w.human("Bob")
+
+    async def confirm(who: Any = human) -> httpx.Response:
+        return await w.client.post(
+            w.url("/v1/passkeys/confirm"), headers=who.headers, json={"change": "add"}
+        )
+
+    for _ in range(HUMAN_CHALLENGES):
+        r = await confirm()
+        assert r.status_code == 200, r.text
+    before = await service.counts()
+    r = await confirm()
+    assert r.status_code == 429, r.text
+    assert (r.json()["error"], r.json()["reason"]) == ("rate_limited", "too_many_challenges")
+    assert 1 <= int(r.headers["retry-after"]) <= 300
+    assert await service.counts() == before
+    # An approval's begin is refused alike, and writes nothing.
+    agent = await w.agent(human)
+    request = await w.request(agent, await w.provider())
+    before = await service.counts()
+    r = await w.client.post(
+        w.url(f"/v1/grant-requests/{request['id']}/approval/begin"), headers=human.headers
+    )
+    assert r.status_code == 429, r.text
+    assert await service.counts() == before
+    # Another human's ceremonies are their own.
+    assert (await confirm(other)).status_code == 200
+
+    # An expired challenge no longer counts.
+    await service.registry.pool.execute(
+        "UPDATE webauthn_challenges SET expires_at = now() - interval '1 second'"
+        " WHERE challenge = (SELECT challenge FROM webauthn_challenges WHERE principal_id = $1"
+        " LIMIT 1)",
+        human.principal_id,
+    )
+    assert (await confirm()).status_code == 200
+    assert (await confirm()).status_code == 429

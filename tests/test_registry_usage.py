@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -53,3 +54,125 @@ async def test_spend_over_the_grants_life_counts_allows_older_than_a_week(
         {"amount": "500", "currency": "USD", "period": "grant", "used": "400"}
     ]
     assert sum(b["allow"] for b in usage["series"]) == 0  # the series is the last week's
+
+
+async def _decisions(service: Opened, grant: dict[str, object], *events: tuple[str, int]) -> None:
+    """Append verifier decisions (event name, time in ms) about ``grant``, as a shard does."""
+    registry = service.registry
+    async with registry.pool.acquire() as conn, conn.transaction():
+        for event, time_ms in events:
+            await registry.audit.append(
+                conn,
+                event=event,
+                actor="provider:shop",
+                subject=f"grant:{grant['id']}",
+                key=str(grant["agent_id"]),
+                agent_id=str(grant["agent_id"]),
+                grant_id=str(grant["id"]),
+                data={},
+                time_ms=time_ms,
+            )
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_rate_window_longer_than_a_week_counts_its_older_allows(service: Opened) -> None:
+    """A rate limit's window may be up to 31 days, and the verifier counts every allow in
+    it; the page counted only the last seven days' (the series' window), so ten days after
+    3 of 10 monthly requests it said none was used, while the verifier had 7 left."""
+    world = service.world
+    month = 30 * 86400
+    envelope = {"rate_limits": [{"max_count": 10, "window_seconds": month}]}
+    human, _, _, grant = await world.setup_grant(envelope=envelope)
+    now_ms = int(time.time() * 1000)
+    ten_days_ago = now_ms - 10 * 86400 * 1000
+    await _decisions(
+        service,
+        grant,
+        *[("verify.allow", ten_days_ago + i) for i in range(3)],
+        ("verify.allow", now_ms - 31 * 86400 * 1000),  # outside the window
+    )
+    r = await world.client.get(world.url(f"/v1/grants/{grant['id']}/usage"), headers=human.headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["rate"] == [{"max_count": 10, "window_seconds": month, "used": 3}]
+    assert r.json()["series"] == []  # the series is still the last week's
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_series_counts_voided_allows_as_denied(service: Opened) -> None:
+    """Hourly allows and denies of the last week; an allow whose provider was told
+    state_timeout (a verify.void naming it) shows as denied, and still counts against the
+    rate limit, as in the shard."""
+    world, registry = service.world, service.registry
+    envelope = {"rate_limits": [{"max_count": 100, "window_seconds": 86400}]}
+    human, _, _, grant = await world.setup_grant(envelope=envelope)
+    hour = int(time.time()) // 3600 * 3600 - 2 * 3600
+    at = hour * 1000 + 5
+    await _decisions(
+        service,
+        grant,
+        ("verify.allow", at),
+        ("verify.allow", at + 1),
+        ("verify.deny", at + 2),
+        ("verify.allow", at + 3600_000),
+    )
+    voided = await registry.pool.fetchrow(
+        "SELECT chain, seq FROM audit_events WHERE grant_id = $1 AND time_ms = $2",
+        grant["id"],
+        at + 1,
+    )
+    async with registry.pool.acquire() as conn, conn.transaction():
+        await registry.audit.append(
+            conn,
+            event="verify.void",
+            actor="provider:shop",
+            subject=f"grant:{grant['id']}",
+            key=str(grant["agent_id"]),
+            agent_id=str(grant["agent_id"]),
+            grant_id=str(grant["id"]),
+            data={"voids": f"{voided['chain']}:{voided['seq']}"},
+            time_ms=at + 10,
+        )
+    r = await world.client.get(world.url(f"/v1/grants/{grant['id']}/usage"), headers=human.headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["series"] == [
+        {"hour": hour, "allow": 1, "deny": 2},
+        {"hour": hour + 3600, "allow": 1, "deny": 0},
+    ]
+    assert r.json()["rate"] == [{"max_count": 100, "window_seconds": 86400, "used": 3}]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_usage_reads_counts_not_every_decision_of_the_week(service: Opened) -> None:
+    """The usage of a busy grant read every verification of the last week, bodies and all,
+    into the registry's memory (a grant verified 10 times a second has 6 million a week):
+    the answer is a few counts, so the database sends a few rows."""
+    world, registry = service.world, service.registry
+    envelope = {"rate_limits": [{"max_count": 10_000, "window_seconds": 86400}]}
+    human, _, _, grant = await world.setup_grant(envelope=envelope)
+    now_ms = int(time.time() * 1000)
+    await _decisions(service, grant, *[("verify.allow", now_ms - 1000 * i) for i in range(1, 501)])
+    fetched: list[int] = []
+    pool = registry.pool
+
+    class Counting:
+        """The registry's pool, counting the rows of each fetch."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(pool, name)
+
+        async def fetch(self, *args: Any, **kwargs: Any) -> Any:
+            rows = await pool.fetch(*args, **kwargs)
+            fetched.append(len(rows))
+            return rows
+
+    registry.pool = Counting()  # type: ignore[assignment]
+    try:
+        r = await world.client.get(
+            world.url(f"/v1/grants/{grant['id']}/usage"), headers=human.headers
+        )
+    finally:
+        registry.pool = pool
+    assert r.status_code == 200, r.text
+    assert sum(b["allow"] for b in r.json()["series"]) == 500
+    assert r.json()["rate"][0]["used"] == 500
+    assert max(fetched, default=0) <= 200, fetched  # at most a week of hours

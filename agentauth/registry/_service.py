@@ -623,6 +623,43 @@ class Registry:
             # insert takes its own.
             await self._store_anonymous_challenge(challenge, purpose=purpose, payload=payload)
             return
+        if isinstance(conn, asyncpg.Pool):
+            # Counted and inserted under a lock (below): a transaction of its own.
+            async with conn.acquire() as own, own.transaction():
+                await self._store_challenge(
+                    own,
+                    challenge,
+                    purpose=purpose,
+                    principal_id=principal_id,
+                    subject_id=subject_id,
+                    payload=payload,
+                )
+            return
+        # A human's live challenges are bounded as the anonymous ones are: every approval's
+        # begin and every passkey change's confirmation stores one (an approval's holds the
+        # whole grant), and nothing else limits how fast a session, or whoever has taken
+        # one, asks. Counted and inserted one at a time per human, so concurrent begins
+        # cannot all fit under the bound; a renewal of the same row (below) adds none.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"chl:{principal_id}")
+        cap = self.settings.max_human_challenges
+        live = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT 1 FROM webauthn_challenges WHERE principal_id = $1"
+            " AND expires_at > now() AND challenge <> $2 LIMIT $3) AS live",
+            principal_id,
+            challenge,
+            cap,
+        )
+        if live >= cap:
+            wait = await conn.fetchval(
+                "SELECT extract(epoch FROM min(expires_at) - now()) FROM webauthn_challenges"
+                " WHERE principal_id = $1 AND expires_at > now()",
+                principal_id,
+            )
+            raise RateLimited(
+                f"{live} passkey ceremonies of this human are under way already; retry later",
+                retry_after=math.ceil(float(wait or 1)),
+                reason="too_many_challenges",
+            )
         # A step-up's challenge is its document's hash, the same at every begin: a second
         # begin (a reload, another device) renews the row instead of colliding with it. Both
         # ceremonies then sign the one challenge, and the first finish consumes it. Any other
@@ -1881,27 +1918,17 @@ class Registry:
         grant_view = await self.get_grant(grant_id, principal_id=principal_id, agent=agent)
         grant = _stored_grant(grant_view["document"])
         now = time.time()
-        events = await self.pool.fetch(
-            "SELECT chain, seq, time_ms, event, body FROM audit_events WHERE grant_id = $1"
-            " AND event IN ('verify.allow', 'verify.deny', 'verify.void') AND time_ms > $2"
-            " ORDER BY time_ms",
-            grant_id,
-            int((now - 7 * 24 * 3600) * 1000),
-        )
-        rows = [r for r in events if r["event"] != "verify.void"]
-        # Allows whose provider was told state_timeout instead (docs/verifier.md): they
-        # count against the limits, as in the shard, but the series shows them as denied.
-        voided = {
-            json.loads(r["body"])["data"].get("voids")
-            for r in events
-            if r["event"] == "verify.void"
-        }
-        allows = [r["time_ms"] / 1000.0 for r in rows if r["event"] == "verify.allow"]
+        # Counted by the database: a busy grant has millions of decisions a week, which
+        # were all read here, bodies and all, to answer a few counts. Each rate limit over
+        # its own window (up to 31 days, as the shard counts it), not only the series'
+        # week: older allows in a longer window still use it up.
         rate = [
             {
                 "max_count": limit.max_count,
                 "window_seconds": limit.window_seconds,
-                "used": sum(1 for t in allows if t > now - limit.window_seconds),
+                "used": await self.pool.fetchval(
+                    _ALLOWS_SINCE, grant_id, math.floor((now - limit.window_seconds) * 1000)
+                ),
             }
             for limit in grant.envelope.rate_limits
         ]
@@ -1932,17 +1959,14 @@ class Registry:
                     "used": used,
                 }
             )
-        hourly: dict[int, dict[str, int]] = {}
-        for row in rows:
-            hour = int(row["time_ms"] / 1000 // 3600 * 3600)
-            bucket = hourly.setdefault(hour, {"allow": 0, "deny": 0})
-            told = row["event"] == "verify.allow" and f"{row['chain']}:{row['seq']}" not in voided
-            bucket["allow" if told else "deny"] += 1
+        hours = await self.pool.fetch(
+            _HOURLY_DECISIONS, grant_id, int((now - 7 * 24 * 3600) * 1000)
+        )
         return {
             "grant_id": grant_id,
             "rate": rate,
             "spend": spend,
-            "series": [{"hour": h, **counts} for h, counts in sorted(hourly.items())],
+            "series": [{"hour": h["hour"], "allow": h["allow"], "deny": h["deny"]} for h in hours],
         }
 
     async def grant_tokens(
@@ -2689,6 +2713,25 @@ _REQUEST_SELECT = (
     " AS grant_expired"
     " FROM grant_requests r JOIN agents a ON a.id = r.agent_id"
     " JOIN providers p ON p.id = r.provider_id LEFT JOIN grants g ON g.request_id = r.id"
+)
+
+# A grant's verify.allow events after a time in ms (grant_usage): one rate limit's use.
+_ALLOWS_SINCE = (
+    "SELECT count(*) FROM audit_events WHERE grant_id = $1 AND event = 'verify.allow'"
+    " AND time_ms > $2"
+)
+# A grant's allows and denies after a time in ms, per hour (grant_usage's series). An allow
+# whose provider was told state_timeout instead (a verify.void names it, docs/verifier.md)
+# counts against the limits, as in the shard, but shows as denied.
+_HOURLY_DECISIONS = (
+    "SELECT e.time_ms / 3600000 * 3600 AS hour,"
+    " count(*) FILTER (WHERE e.event = 'verify.allow' AND v.voids IS NULL) AS allow,"
+    " count(*) FILTER (WHERE e.event = 'verify.deny' OR v.voids IS NOT NULL) AS deny"
+    " FROM audit_events e LEFT JOIN (SELECT DISTINCT body::jsonb -> 'data' ->> 'voids' AS voids"
+    " FROM audit_events WHERE grant_id = $1 AND event = 'verify.void' AND time_ms > $2) v"
+    " ON e.event = 'verify.allow' AND v.voids = e.chain || ':' || e.seq"
+    " WHERE e.grant_id = $1 AND e.event IN ('verify.allow', 'verify.deny') AND e.time_ms > $2"
+    " GROUP BY 1 ORDER BY 1"
 )
 
 _SWEEP_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('agentauth:sweep'))"

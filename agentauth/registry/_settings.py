@@ -125,6 +125,12 @@ class RegistrySettings(BaseModel):
     # limits above admit: the table's bound, kept by PostgreSQL itself. At the limits'
     # defaults (20 a second, challenges living `challenge_ttl` 300 s) 6,000 can exist.
     max_anonymous_challenges: int = Field(10_000, ge=1)
+    # Unexpired challenges of one human's ceremonies (approvals, step-ups, passkey changes
+    # and additions, recovery) at most: each begin stores one, an approval's with the whole
+    # grant (up to 8 KiB), and a session could otherwise store them as fast as it can ask.
+    # 100 is a begin every 3 s for a challenge's life (`challenge_ttl`, 300 s), far more
+    # than a person clicks; past it, 429 with Retry-After until the oldest expires.
+    max_human_challenges: int = Field(100, ge=1, le=100_000)
     # The proxies (addresses or networks) whose X-Forwarded-For names the client. A peer
     # outside them is the client itself, whatever header it sends; see docs/registry.md.
     trusted_proxies: tuple[str, ...] = ()
