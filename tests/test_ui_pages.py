@@ -1090,3 +1090,140 @@ async def test_a_listing_of_the_wrong_shape_is_said_in_the_notice(
     assert "[502 invalid_response]" in requests.notice()
     await requests.poll()  # and a poll neither fails nor draws anything
     await registry.aclose()
+
+
+# --- a registry can neither hold a call past its timeout nor fill the page's memory ---------
+
+
+@pytest.mark.asyncio
+async def test_a_registry_that_drips_its_answer_is_cut_off_at_the_timeout() -> None:
+    """httpx's timeout bounds each read, not the call: a registry sending its answer a
+    byte every 0.2 s held a call with a 0.5 s timeout for 8 s, as long as its body lasted
+    (a page being built, or every card's buttons while an approval runs, with it)."""
+    handlers: list[asyncio.Task[None]] = []
+
+    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(cast(asyncio.Task[None], asyncio.current_task()))
+        await reader.readuntil(b"\r\n\r\n")
+        body = b"[" + b" " * 38 + b"]"
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+        writer.write(head.encode() + b"\r\n\r\n")
+        try:
+            for byte in body:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(drip, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    registry = RegistryClient(f"http://127.0.0.1:{port}", timeout=0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(RegistryError) as refused:
+            await registry.agents("tok")
+        took = time.monotonic() - started
+    finally:
+        await registry.aclose()
+        for handler in handlers:
+            handler.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        server.close()
+        await server.wait_closed()
+    assert (refused.value.status, refused.value.error) == (0, "unreachable")
+    assert took < 2.0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+async def test_an_answer_past_the_bound_is_refused_before_it_is_read_whole(
+    declared: bool,
+) -> None:
+    """An answer of any size was read into the page server's memory whole (and once more
+    as JSON): a registry could exhaust the memory every person's page shares."""
+    chunk, chunks = 1024 * 1024, 80  # 80 MiB of a valid JSON list, past the 64 MiB bound
+    sent: list[int] = []
+
+    async def body() -> Any:
+        yield b"["
+        for i in range(chunks):
+            sent.append(i)
+            yield b'"' + b"x" * (chunk - 3) + (b'",' if i < chunks - 1 else b'"')
+        yield b"]"
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        headers = {"Content-Type": "application/json"}
+        if declared:
+            headers["Content-Length"] = str(2 + chunk * chunks - 1)
+        return httpx.Response(200, headers=headers, content=body())
+
+    registry = RegistryClient("http://registry.invalid", transport=httpx.MockTransport(answer))
+    try:
+        with pytest.raises(RegistryError) as refused:
+            await registry.call("GET", "/v1/audit/checkpoints", token="tok")
+    finally:
+        await registry.aclose()
+    assert refused.value.code == "502 invalid_response"
+    assert len(sent) <= 65
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("status", [200, 400])
+async def test_an_answer_nested_past_pythons_stack_is_a_registry_failure(status: int) -> None:
+    """json.loads raises RecursionError, no ValueError, on "[[[[…": it escaped the client
+    as an exception no page expects (NiceGUI's 500 page, naming it, while a page was
+    built), instead of the registry's failure said in the notice."""
+    nested = b"[" * 100_000 + b"]" * 100_000
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, content=nested)
+
+    registry = RegistryClient("http://registry.invalid", transport=httpx.MockTransport(answer))
+    try:
+        with pytest.raises(RegistryError) as refused:
+            await registry.agents("tok")
+    finally:
+        await registry.aclose()
+    assert refused.value.status == (502 if status == 200 else 400)
+
+
+_PASSKEYS_WRONG = [{"passkeys": []}, ["cred_1"], [{"id": "cred_1"}], [{"credential_id": 7}]]
+_AGENTS_WRONG = [[{"id": "agt_1"}], [{"id": "agt_1", "name": None}]]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("build", "path", "listing"),
+    [("_passkeys", "/v1/passkeys", listing) for listing in _PASSKEYS_WRONG]
+    + [
+        (build, "/v1/agents", listing)
+        for build in ("_agents", "_audit")
+        for listing in _AGENTS_WRONG
+    ],
+)
+async def test_a_passkey_or_agent_listing_of_the_wrong_shape_is_said_in_the_notice(
+    build: str, path: str, listing: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The passkey listing went unchecked, and agents were checked for their ids only, not
+    the names the agents and audit pages draw: a TypeError or KeyError while the page was
+    built, NiceGUI's 500 page naming it ("KeyError: 'name'"), not the registry's failure."""
+    answers = {"/v1/passkeys": [], "/v1/agents": [{"id": "agt_1", "name": "Shopping bot"}]}
+    answers[path] = listing
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=answers.get(request.url.path, []))
+
+    registry = RegistryClient("http://registry.invalid", transport=httpx.MockTransport(answer))
+    page = RequestsPage(cast(FakeRegistry, registry), monkeypatch)
+    try:
+        with page.client:
+            session = page.store.get(page.cookie_id)
+            assert session is not None
+            arguments = (None,) if build == "_audit" else ()
+            await getattr(page.pages, build)(page.cookie_id, session, *arguments)
+    finally:
+        await registry.aclose()
+    assert "[502 invalid_response]" in page.notice()

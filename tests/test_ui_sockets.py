@@ -231,3 +231,18 @@ async def test_a_same_site_page_cannot_open_a_socket_with_the_persons_cookie(
     assert not readable
     assert opened.status_code == 403
     assert not await until_called(server, "POST /v1/enrollments", before, 2)
+
+
+@pytest.mark.asyncio
+async def test_a_page_that_fails_to_build_names_nothing_of_the_failure(server: Server) -> None:
+    """NiceGUI's 500 page showed the exception's class and message ("KeyError: 'name'" when
+    a registry answer lacked a field, or whatever value a message holds): what failed
+    belongs in the server's log, the person reads that the page could not be shown."""
+    headers = {"Host": server.origin.removeprefix("http://"), "Cookie": server.cookie}
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        answer = await http.get("/passkeys", headers=headers)
+    assert answer.status_code == 500
+    for detail in ("RuntimeError", "only the server", "ses_1"):
+        assert detail not in answer.text
+    assert "This page could not be shown" in answer.text
+    assert answer.headers["x-frame-options"] == "DENY"

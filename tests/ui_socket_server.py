@@ -15,7 +15,9 @@ import httpx
 import uvicorn
 
 import agentauth.ui._app as app_module
+from agentauth.ui._pages import Pages
 from agentauth.ui._registry import RegistryClient
+from agentauth.ui._security import Session
 
 
 def main(port: int, calls: Path) -> None:
@@ -34,7 +36,12 @@ def main(port: int, calls: Path) -> None:
         def __init__(self, base_url: str, *, timeout: float = 15.0) -> None:
             super().__init__(base_url, timeout=timeout, transport=httpx.MockTransport(answer))
 
+    async def failing(self: Pages, cookie_id: str, session: Session) -> None:
+        raise RuntimeError(f"what only the server's log may hold: {session.registry_token}")
+
     app_module.RegistryClient = StandIn  # type: ignore[misc]
+    # A page whose build fails, whatever the cause: its error page must name none of it.
+    Pages._passkeys = failing  # type: ignore[method-assign]
     app = app_module.create_ui_app(
         registry_url="http://registry.invalid", origin=f"http://localhost:{port}"
     )

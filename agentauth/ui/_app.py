@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from nicegui import core, ui
+from nicegui.elements.mixins.text_element import TextElement
 from pydantic import BaseModel, ConfigDict, Field
 
 from ._pages import Pages
@@ -114,6 +115,7 @@ def create_ui_app(
         return response
 
     Pages(settings=settings, registry=registry, store=store).register()
+    core.app.on_page_exception(_error_page)
     ui.run_with(
         app,
         title=settings.title,
@@ -133,6 +135,19 @@ def create_ui_app(
         cookie_max_age=settings.session_ttl,
     )
     return app
+
+
+def _error_page() -> None:
+    """What a page that failed to build shows. NiceGUI's own error page names the exception
+    and its message, which can hold a registry answer's values (or anything else): those
+    go to the server's log, where NiceGUI writes the exception either way."""
+    with ui.element("main").classes("w-full max-w-xl mx-auto flex flex-col gap-4 p-8"):
+        TextElement(tag="h1", text="This page could not be shown").classes("text-2xl font-semibold")
+        ui.label(
+            "Something went wrong on this page's server. Nothing was signed or changed. "
+            "Try again in a moment."
+        )
+        ui.link("Back to your requests", "/")
 
 
 def run_ui(

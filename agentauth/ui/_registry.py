@@ -7,6 +7,8 @@ holds. Errors come back as ``RegistryError`` with the registry's wire ``error`` 
 
 from __future__ import annotations
 
+import asyncio
+import json as jsonlib
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import quote
@@ -17,6 +19,11 @@ __all__ = ["EventHistory", "RegistryClient", "RegistryError"]
 
 #: The most events the registry lists in one answer (docs/registry.md).
 AUDIT_PAGE_MAX = 5000
+#: The largest answer read from the registry. Its largest ones are a page of 5,000 audit
+#: events (under 1 KiB each) and a person's grants (a few KiB each): a few MiB. A registry
+#: answering more (or a body that never ends) is refused as it reaches this, before it
+#: fills the page server's memory, which every signed-in person's page shares.
+ANSWER_MAX_BYTES = 64 * 1024 * 1024
 
 # What a human should read for the registry's reason codes; anything else shows the
 # registry's own short description (it never carries secrets, see registry/_http.py).
@@ -137,10 +144,15 @@ class RegistryClient:
         timeout: float = 15.0,
         transport: httpx.AsyncBaseTransport | None = None,
         audit_page_size: int = AUDIT_PAGE_MAX,
+        max_answer_bytes: int = ANSWER_MAX_BYTES,
     ) -> None:
         if not 1 <= audit_page_size <= AUDIT_PAGE_MAX:
             raise ValueError(f"audit_page_size must be 1 to {AUDIT_PAGE_MAX}")
         self.base_url = base_url.rstrip("/")
+        #: seconds one call may take in all, its answer's body read to the end
+        self.timeout = timeout
+        #: bytes an answer may hold (its body as decoded), see ANSWER_MAX_BYTES
+        self.max_answer_bytes = max_answer_bytes
         #: events asked for in one request to ``GET /v1/audit/events``
         self.audit_page_size = audit_page_size
         self._http = httpx.AsyncClient(
@@ -186,22 +198,25 @@ class RegistryClient:
             # page is a proxy for the person (docs/registry.md, "The client's address").
             headers["X-Forwarded-For"] = forwarded_for
         try:
-            response = await self._http.request(
-                method, path, headers=headers, json=json, params=params
-            )
-        except httpx.HTTPError:
+            # httpx's timeout bounds each read, not the call: a registry sending its answer
+            # a byte at a time would hold the call (and an approval's disabled buttons, or
+            # a page being built) for as long as it liked. The deadline is for the whole.
+            async with asyncio.timeout(self.timeout):
+                response, raw = await self._read(
+                    method, path, headers=headers, json=json, params=params
+                )
+        except (httpx.HTTPError, TimeoutError):
             raise RegistryError(0, "unreachable", "the registry cannot be reached", None) from None
-        if response.is_success:
-            try:
-                return response.json(), response
-            except ValueError:  # a page that cannot render would hide what the registry did
+        try:
+            body = jsonlib.loads(raw)
+        except (ValueError, RecursionError):  # RecursionError: "[[[[…" nested past Python's stack
+            if response.is_success:  # a page that cannot render would hide what the registry did
                 raise RegistryError(
                     502, "invalid_response", "the registry's answer is not JSON", None
                 ) from None
-        try:
-            body = response.json()
-        except ValueError:
             body = {}
+        if response.is_success:
+            return body, response
         if not isinstance(body, dict):
             body = {}
         raise RegistryError(
@@ -210,6 +225,33 @@ class RegistryClient:
             str(body.get("error_description", response.reason_phrase)),
             body.get("reason") if isinstance(body.get("reason"), str) else None,
         )
+
+    async def _read(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str],
+        json: Any,
+        params: dict[str, str] | None,
+    ) -> tuple[httpx.Response, bytes]:
+        """The response and its body, read no further than ``max_answer_bytes``."""
+        too_large = RegistryError(
+            502, "invalid_response", "the registry's answer is too large", None
+        )
+        async with self._http.stream(
+            method, path, headers=headers, json=json, params=params
+        ) as response:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.max_answer_bytes:
+                raise too_large
+            body = bytearray()
+            # Decoded bytes are counted: a small gzip body can unpack to gigabytes.
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > self.max_answer_bytes:
+                    raise too_large
+            return response, bytes(body)
 
     # --- public --------------------------------------------------------------------------
 
@@ -267,8 +309,7 @@ class RegistryClient:
         await self.call("DELETE", "/v1/sessions/current", token=token)
 
     async def passkeys(self, token: str) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = await self.call("GET", "/v1/passkeys", token=token)
-        return result
+        return _rows(await self.call("GET", "/v1/passkeys", token=token), key="credential_id")
 
     async def passkey_confirm(self, token: str, credential_id: str | None = None) -> dict[str, Any]:
         """Options for a passkey to confirm adding one, or removing ``credential_id``."""
@@ -303,7 +344,8 @@ class RegistryClient:
     # --- agents --------------------------------------------------------------------------
 
     async def agents(self, token: str) -> list[dict[str, Any]]:
-        return _rows(await self.call("GET", "/v1/agents", token=token))
+        # The agents and audit pages draw each agent by its name as well as its id.
+        return _rows(await self.call("GET", "/v1/agents", token=token), also=("name",))
 
     async def enrollment(self, token: str) -> dict[str, Any]:
         result: dict[str, Any] = await self.call("POST", "/v1/enrollments", token=token)
@@ -487,12 +529,14 @@ class EventHistory:
     error: RegistryError | None = None
 
 
-def _rows(answer: Any, key: str = "id") -> list[dict[str, Any]]:
-    """A listing as the pages read it: a JSON array of objects, each with a string ``key``.
-    Anything else is the registry's failure, said in the page's notice, not an exception
-    that fails the whole page (NiceGUI's 500, naming the exception)."""
+def _rows(answer: Any, key: str = "id", also: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """A listing as the pages read it: a JSON array of objects, each with a string ``key``
+    (and strings under ``also``). Anything else is the registry's failure, said in the
+    page's notice, not an exception that fails the whole page (NiceGUI's 500, naming the
+    exception)."""
     if not isinstance(answer, list) or not all(
-        isinstance(row, dict) and isinstance(row.get(key), str) for row in answer
+        isinstance(row, dict) and all(isinstance(row.get(k), str) for k in (key, *also))
+        for row in answer
     ):
         raise RegistryError(502, "invalid_response", "the registry's list is malformed", None)
     return answer
