@@ -9,6 +9,7 @@ while honest growth, a restarted process and a second replica keep checkpointing
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from agentauth.protocol import (
     b64url_encode,
     check_checkpoint_dated,
     consistency_proof,
+    leaf_hash,
     merkle_root,
     sign_checkpoint,
     verify_checkpoint,
@@ -588,3 +590,101 @@ async def test_a_checkpoint_backdated_before_its_events_is_not_extended(
     await append(log, conn, 1)
     assert (await refused(AuditLog(chains=1), conn, signer, keys)).reason == "dated"
     assert (await refused(log, conn, signer, keys)).reason == "dated"
+
+
+# --- rows of any shape the schema allows --------------------------------------------------------
+#
+# The registry's round checkpoints every chain and goes on past a chain that fails with an
+# IntegrityError; anything else ends the round, leaving every later chain unsigned. So what
+# an insider can store must fail as an IntegrityError, whatever its shape.
+
+
+async def append_raw(conn: asyncpg.Connection, chain: str, **fields: Any) -> None:
+    """What an insider writes: an event linked to the chain's head (body, stored hash and
+    head all agree), whatever else its fields hold."""
+    head = await conn.fetchrow("SELECT size, head FROM audit_heads WHERE chain = $1", chain)
+    document = {
+        "format": "agentauth.audit.v1",
+        "chain": chain,
+        "seq": head["size"],
+        "prev": b64url_encode(bytes(head["head"])),
+        "time_ms": 1_700_000_000_000,
+        "event": "t.e",
+        "actor": "t",
+        "subject": "s",
+        "data": {},
+        **fields,
+    }
+    body = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    entry = leaf_hash(body.encode())
+    await conn.execute(
+        "INSERT INTO audit_events (chain, seq, entry_hash, body, event, time_ms)"
+        " VALUES ($1, $2, $3, $4, 't.e', 0)",
+        chain,
+        head["size"],
+        entry,
+        body,
+    )
+    await conn.execute(
+        "UPDATE audit_heads SET size = size + 1, head = $2 WHERE chain = $1", chain, entry
+    )
+
+
+@pytest.mark.asyncio
+async def test_an_event_dated_past_what_a_checkpoint_can_carry_is_an_integrity_error(
+    conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
+) -> None:
+    log = AuditLog(chains=1)
+    await log.ensure_chains(conn)
+    await append(log, conn, 2)
+    await append_raw(conn, CHAIN, time_ms=10**19)  # its second is past 2**53
+    assert (await refused(log, conn, signer, keys)).reason == "malformed"
+
+
+@pytest.mark.asyncio
+async def test_a_null_in_a_stored_frontier_is_an_integrity_error(
+    conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
+) -> None:
+    log = await signed_then_grown(conn, signer, keys, signed=3, grown=1)
+    await conn.execute("UPDATE audit_checkpoints SET frontier = ARRAY[NULL, frontier[2]]")
+    assert (await refused(log, conn, signer, keys)).reason == "malformed"
+    assert (await refused(AuditLog(chains=1), conn, signer, keys)).reason == "malformed"
+
+
+@pytest.mark.asyncio
+async def test_a_chain_no_checkpoint_can_name_is_an_integrity_error(
+    conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
+) -> None:
+    chain = "not a chain!"
+    await conn.execute(
+        "INSERT INTO audit_heads (chain, size, head) VALUES ($1, 0, $2)", chain, bytes(32)
+    )
+    await append_raw(conn, chain)
+    with pytest.raises(IntegrityError) as caught:
+        await AuditLog(chains=1).checkpoint(conn, chain, signer, keys=keys, now=1_700_000_000)
+    assert caught.value.reason == "malformed"
+    assert await conn.fetchval("SELECT count(*) FROM audit_checkpoints") == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("ahead", [365 * 86_400, 2**62], ids=["a year", "past 2**53"])
+async def test_the_date_before_comes_from_the_signed_checkpoint_not_the_time_column(
+    conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet, ahead: int
+) -> None:
+    # An insider moves the stored checkpoint's time ahead. Taken on the database's word,
+    # that date would be signed into the next checkpoint, and into every one after it
+    # (none may predate the one before), all refused by every verifier as dated in the
+    # future; past 2**53 it has no canonical form, and signing failed with a ValueError.
+    # The signed date is the one to follow.
+    for log in (None, AuditLog(chains=1)):  # a process that has just started, and not
+        await conn.execute("DELETE FROM audit_checkpoints")
+        await conn.execute("DELETE FROM audit_events")
+        await conn.execute("DELETE FROM audit_heads")
+        grown = await signed_then_grown(conn, signer, keys, signed=3, grown=1)
+        signed = verify_checkpoint(
+            await conn.fetchval("SELECT signed FROM audit_checkpoints"), keys=keys
+        )
+        await conn.execute("UPDATE audit_checkpoints SET time = time + $1", ahead)
+        made = await checkpoint(log or grown, conn, signer, keys)
+        assert made is not None
+        assert signed.time <= made.time < signed.time + 86_400

@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from ..protocol import (
     GENESIS_HASH,
@@ -150,9 +150,13 @@ class Manifest(BaseModel):
     def decode(cls, raw: bytes) -> Manifest:
         try:
             manifest = cls.model_validate(strict_json_loads(raw))
-        except (InvalidRequest, ValidationError):
+            # Inside the try: a valid model can still have no canonical form (a size past
+            # 2**53), and bytes that cannot be a manifest are this segment's problem, not a
+            # ValueError that ends the whole verification or export.
+            encoded = manifest.encode()
+        except (InvalidRequest, ValueError):  # pydantic's ValidationError is a ValueError
             raise IntegrityError("malformed manifest", reason="malformed") from None
-        if manifest.encode() != raw:
+        if encoded != raw:
             raise IntegrityError("manifest is not in canonical form", reason="malformed")
         return manifest
 

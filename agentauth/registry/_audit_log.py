@@ -42,6 +42,7 @@ from ..protocol import (
     NotFound,
     b64url_decode,
     b64url_encode,
+    canonical_json,
     check_checkpoint_dated,
     leaf_hash,
     merkle_root,
@@ -179,6 +180,10 @@ class AuditLog:
                 )
             made = None
             if size > tree.size:
+                # The date before is the signed one: the time column is the database's
+                # word, and a date moved ahead there would be signed into this checkpoint
+                # and every later one, all refused by verifiers as dated in the future.
+                before = _signed_time(last, chain, tree, keys) if last else 0
                 ahead = self._ahead.pop(chain, None)
                 if ahead is None or ahead.base is not tree or ahead.tree.size > size:
                     # Nothing verified ahead of this tree (another replica signed since,
@@ -191,7 +196,7 @@ class AuditLog:
                 # Dated no earlier than what it covers or the checkpoint before it, which
                 # every verifier requires (check_checkpoint_dated): a shard's clock a little
                 # ahead of this replica's must not make an honest checkpoint look backdated.
-                dated = max(now, newest, last["time"] if last else 0)
+                dated = max(now, newest, before)
                 # Never sign what every verifier (and this checkpointer, once restarted)
                 # refuses: a date outside the signing key's window, which a shard's clock far
                 # ahead or a key retiring under a long round can give. The chain waits
@@ -203,9 +208,7 @@ class AuditLog:
                         f" {signer.kid}",
                         reason="key_window",
                     )
-                checkpoint = Checkpoint(
-                    chain=chain, size=size, root=b64url_encode(tree.root), time=dated
-                )
+                checkpoint = _signable(chain, size, tree.root, dated)
                 signed = await sign_document(checkpoint, signer)
                 await conn.execute(
                     "INSERT INTO audit_checkpoints (chain, size, root, frontier, signed, time)"
@@ -489,7 +492,7 @@ def _stored_frontier(row: asyncpg.Record) -> MerkleFrontier:
     """A checkpoint row's frontier, which must have the row's root."""
     try:
         frontier = MerkleFrontier.from_state(row["size"], [bytes(h) for h in row["frontier"]])
-    except InvalidRequest:
+    except (InvalidRequest, TypeError):  # TypeError: a NULL element, which bytea[] allows
         raise IntegrityError(
             f"the stored frontier at {row['size']} is malformed", reason="malformed"
         ) from None
@@ -498,6 +501,33 @@ def _stored_frontier(row: asyncpg.Record) -> MerkleFrontier:
             f"the stored frontier at {row['size']} disagrees with its root", reason="root"
         )
     return frontier
+
+
+def _signed_time(row: asyncpg.Record, chain: str, tree: ChainHead, keys: KeySet) -> int:
+    """The signed date of the stored checkpoint ``tree`` extends (the latest, ``row``)."""
+    signed = AuditKeys.from_key_set(keys).verify(row["signed"])
+    if signed.chain != chain or signed.size != tree.size or signed.root_bytes() != tree.root:
+        raise IntegrityError(
+            f"the checkpoint at {tree.size} is not the one its signature covers", reason="root"
+        )
+    return signed.time
+
+
+def _signable(chain: str, size: int, root: bytes, dated: int) -> Checkpoint:
+    """The checkpoint to sign, or ``IntegrityError`` if stored rows made it one no JWS can
+    carry: a chain name that is no ``Identifier``, or a date past 2**53 (from an event's
+    ``time_ms``, which only the verifiers judge). Raised as anything else, it would end the
+    round for every chain after this one, not just this chain (``checkpoint_all`` goes on
+    past integrity errors only)."""
+    try:
+        checkpoint = Checkpoint(chain=chain, size=size, root=b64url_encode(root), time=dated)
+        canonical_json(checkpoint.model_dump(mode="json"))  # what signing encodes
+    except ValueError:  # pydantic's ValidationError is one too
+        raise IntegrityError(
+            f"a checkpoint of {chain} at {size} dated {dated} cannot be signed",
+            reason="malformed",
+        ) from None
+    return checkpoint
 
 
 def _root_of(leaves: Sequence[bytes]) -> bytes:

@@ -1,0 +1,135 @@
+"""The archive's offline verifier and manifests, on archives built in memory: no database, no Ray.
+
+``tests/test_archive.py`` exports real registries (Ray, PostgreSQL); these tests write the
+segments themselves, so a tampered object can be any bytes at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from agentauth.archive import ArchiveIntegrityError, DirectoryStore, Manifest, verify_archive
+from agentauth.archive._segments import (
+    encode_events,
+    encode_key,
+    events_key,
+    key_key,
+    manifest_key,
+)
+from agentauth.protocol import (
+    AuditEvent,
+    Checkpoint,
+    IntegrityError,
+    KeySet,
+    PrivateKey,
+    PublicKey,
+    b64url_encode,
+    sign_checkpoint,
+    verify_chain,
+)
+
+NOW = 1_700_000_000
+KEY = PrivateKey.generate("ES256", kid="k1")
+PUBLIC = PublicKey.from_jwk(KEY.public_jwk(), alg="ES256")
+
+
+def archive_chain(store: DirectoryStore, chain: str, cuts: tuple[int, ...] = (3, 5)) -> None:
+    """Store one chain of ``cuts[-1]`` events as segments ending at each of ``cuts``, each
+    sealed by a checkpoint signed with KEY, as the exporter writes them."""
+    events = [
+        AuditEvent.first(chain=chain, time_ms=NOW * 1000, event="t.e", actor="a", subject="s")
+    ]
+    while len(events) < cuts[-1]:
+        events.append(events[-1].following(time_ms=NOW * 1000, event="t.e", actor="a", subject="s"))
+    start, previous = 0, None
+    for cut in cuts:
+        before, after = (
+            verify_chain(events[:start], chain=chain),
+            verify_chain(events[:cut], chain=chain),
+        )
+        signed = sign_checkpoint(
+            Checkpoint(chain=chain, size=cut, root=b64url_encode(after.root), time=NOW + 1), KEY
+        )
+        blob = encode_events([event.canonical_bytes() for event in events[start:cut]])
+        manifest = Manifest(
+            chain=chain,
+            from_size=start,
+            to_size=cut,
+            events_sha256=b64url_encode(hashlib.sha256(blob).digest()),
+            first_prev=b64url_encode(before.head),
+            last_hash=b64url_encode(after.head),
+            from_frontier=tuple(b64url_encode(h) for h in before.frontier.state()),
+            to_frontier=tuple(b64url_encode(h) for h in after.frontier.state()),
+            checkpoint=signed,
+            prev_checkpoint=previous,
+        )
+        store.put(events_key(chain, cut), blob)
+        store.put(manifest_key(chain, cut), manifest.encode())
+        start, previous = cut, signed
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> DirectoryStore:
+    store = DirectoryStore(tmp_path / "archive")
+    store.put(key_key(KEY.kid), encode_key(PUBLIC))
+    archive_chain(store, "registry-0")
+    archive_chain(store, "registry-1")
+    return store
+
+
+def test_an_archive_built_here_verifies(store: DirectoryStore) -> None:
+    report = verify_archive(store, keys=KeySet([PUBLIC]), now=NOW)
+    assert [(c.chain, c.segments, c.size) for c in report.chains] == [
+        ("registry-0", 2, 5),
+        ("registry-1", 2, 5),
+    ]
+
+
+# A manifest whose sizes are past 2**53 validates as a model but has no canonical form.
+HUGE = 2**60
+UNENCODABLE = json.dumps(
+    {
+        "format": "agentauth.archive.v1",
+        "chain": "registry-0",
+        "from_size": 5,
+        "to_size": HUGE,
+        "events_sha256": "A" * 43,
+        "first_prev": "A" * 43,
+        "last_hash": "A" * 43,
+        "from_frontier": ["A" * 43, "A" * 43],
+        "to_frontier": ["A" * 43],
+        "checkpoint": "x",
+        "prev_checkpoint": "y",
+    },
+    sort_keys=True,
+    separators=(",", ":"),
+).encode()
+
+
+def test_a_manifest_with_no_canonical_form_is_malformed() -> None:
+    with pytest.raises(IntegrityError) as caught:
+        Manifest.decode(UNENCODABLE)
+    assert caught.value.reason == "malformed"
+
+
+def test_a_manifest_with_no_canonical_form_fails_its_chain_and_the_others_are_checked(
+    store: DirectoryStore,
+) -> None:
+    # Planted by whoever can write the archive: it must be listed as the problem it is, not
+    # stop the run before the other chains are checked and listed.
+    store.put(manifest_key("registry-0", HUGE), UNENCODABLE)
+    with pytest.raises(ArchiveIntegrityError) as caught:
+        verify_archive(store, keys=KeySet([PUBLIC]), now=NOW)
+    assert [(p.chain, p.to_size, p.reason) for p in caught.value.problems] == [
+        ("registry-0", HUGE, "malformed")
+    ]
+    report = caught.value.report
+    assert report is not None
+    assert [(c.chain, c.segments, c.size) for c in report.chains] == [
+        ("registry-0", 2, 5),
+        ("registry-1", 2, 5),
+    ]
