@@ -844,3 +844,65 @@ async def test_a_late_allow_of_unknown_fate_is_voided_with_the_answer_its_client
         client.close()
         for shard in shards:
             await shard.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_void_naming_an_absurdly_long_event_number_costs_only_itself(
+    database_url: str,
+) -> None:
+    """A void's event id comes off the wire as any text. One whose number has more digits
+    than Python turns into an int (4,300) is as malformed as one naming no event of this
+    chain: it is recorded so, and the checks merged into the same commit are decided as
+    usual (it used to raise out of the batch, and every check in it, any replica's, was
+    denied audit_unavailable)."""
+    shard = StateShard(index=920, database_url=database_url)
+    now = time.time()
+    try:
+        void = dataclasses.replace(
+            _check("huge-void", now),
+            deny="state_timeout",
+            voids="verifier-920:" + "9" * 5000,
+            jkt=None,
+            jti=None,
+        )
+        results = await shard.check_batch([void, _check("beside-it", now)])
+        assert [(r.allowed, r.reason) for r in results] == [
+            (False, "malformed_check"),
+            (True, "ok"),
+        ]
+        bodies = [json.loads(body) for _, body in await _events(database_url, 920)]
+        assert [b["event"] for b in bodies] == ["verify.deny", "verify.allow"]
+    finally:
+        await shard.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_question_about_a_proof_dated_absurdly_far_off_costs_only_itself(
+    database_url: str,
+) -> None:
+    """A replica asks about a proof (``voids="*"``) by its ``iat``, which comes off the wire
+    as any finite number. The proof's lifetime around one dated 1e300 or -1e300 is past
+    what a bigint holds: the lookup failed, and with it the whole batch it came in (every
+    check merged into it denied audit_unavailable). No allow can be found for it, so it is
+    recorded as the denial its client got, and the checks beside it are decided."""
+    from agentauth.actors._state import ANY_ALLOW
+
+    shard = StateShard(index=921, database_url=database_url)
+    now = time.time()
+    try:
+        asked = [
+            dataclasses.replace(
+                _check(f"far-{sign}", sign * 1e300), deny="state_timeout", voids=ANY_ALLOW
+            )
+            for sign in (1, -1)
+        ]
+        results = await shard.check_batch([*asked, _check("beside-them", now)])
+        assert [(r.allowed, r.reason) for r in results] == [
+            (False, "state_timeout"),
+            (False, "state_timeout"),
+            (True, "ok"),
+        ]
+    finally:
+        await shard.close()

@@ -6,13 +6,14 @@ No Ray, PostgreSQL or Redis: the replica's service layer in process (verifier_in
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import httpx
 import pytest
 from pydantic import ValidationError
-from verifier_inprocess import HTU, Shards, ask, basic, mint, verifier
+from verifier_inprocess import HTU, REGISTRY, Shards, ask, basic, mint, verifier
 
 from agentauth.actors import Check, Result
 from agentauth.protocol import PrivateKey
@@ -152,3 +153,63 @@ async def test_a_request_line_no_proof_can_name_is_refused_and_records_nothing(
         same = "HTTPS://API.example:443" + HTU.removeprefix("https://api.example") + "?q=1"
         r = await c.post("/v1/verify", json={**body, "url": same}, headers=basic("prov_a"))
         assert r.json()["decision"] == "allow", r.text
+
+
+@pytest.mark.asyncio
+async def test_a_key_load_that_began_earlier_does_not_bring_back_a_retired_key() -> None:
+    """An unknown kid's reload (anyone can send one) and a poll's key sync can load the
+    key table at once. The reload that began first, before a key's ``retires_at``, may end
+    after the sync that saw it retired: its older rows must not put the retired key back,
+    where it verified tokens until a later poll noticed."""
+    v, _ = verifier()
+    retiring = PrivateKey.generate("ES256", kid="retiring")
+    read, resume = asyncio.Event(), asyncio.Event()
+
+    class Pool:
+        """The key table: the first read sees the key still live, then waits; later reads
+        find it retired."""
+
+        def __init__(self) -> None:
+            self.reads = 0
+
+        async def fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
+            self.reads += 1
+            if self.reads == 1:
+                rows = [
+                    {"public_jwk": REGISTRY.public_jwk()},
+                    {"public_jwk": retiring.public_jwk()},
+                ]
+                read.set()
+                await resume.wait()
+                return rows
+            return [{"public_jwk": REGISTRY.public_jwk()}]
+
+    v.pool = Pool()  # type: ignore[assignment]
+    earlier = asyncio.create_task(v._load_keys())
+    await read.wait()
+    assert await v._load_keys(force=True)  # the poll's sync, after the key retired
+    resume.set()
+    await earlier
+    assert set(v.tokens.keys) == {REGISTRY.kid}
+    answer = await v.verify("prov_a", ask(mint(now=time.time(), signer=retiring)))
+    assert (answer["decision"], answer["reason"]) == ("deny", "invalid_token:unknown_kid")
+
+
+@pytest.mark.asyncio
+async def test_an_allow_that_names_no_audit_event_is_not_answered_allow() -> None:
+    """No allow leaves without its audit row, and the event id is the shard's word that the
+    row is committed. A shard answering allow with no event (another version, a bug, a
+    garbled row: the link accepts a row without one) was answered allow all the same."""
+
+    class _Unrecorded(Shards):
+        async def check(self, shard: int, check: Check) -> Result:
+            self.recorded.append(check)
+            return Result(True, "ok")
+
+    v, _ = verifier()
+    v.shards = _Unrecorded()  # type: ignore[assignment]
+    body = ask(mint(now=time.time()))
+    answer = await v.verify("prov_a", body)
+    assert (answer["decision"], answer["reason"]) == ("deny", "audit_unavailable")
+    assert answer["audit_event"] is None
+    assert await v.introspect("prov_a", ask(mint(now=time.time()))) == {"active": False}

@@ -182,6 +182,18 @@ def _ack(link: _Link, request_id: int, answering: asyncio.Task[None]) -> None:
         link.write(encode_ack(ack_id(request_id)))
 
 
+# Milliseconds a bigint parameter takes, with room to spare (2**63 is about 9.22e18).
+_BIGINT_MS = 9e18
+
+
+def _bigint_ms(seconds: float) -> int:
+    """``seconds`` in whole milliseconds, clamped to what a bigint holds. A check's ``iat``
+    comes off the wire as any finite number: one past that range failed the statement it
+    was a parameter of, and with it the whole batch, every replica's checks merged into
+    it. Clamped, it finds nothing, as a time that far off should."""
+    return int(min(max(seconds * 1000, -_BIGINT_MS), _BIGINT_MS))
+
+
 def shard_for(key: str, shards: int) -> int:
     """Stable shard index for an agent id (or any key)."""
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % shards
@@ -997,8 +1009,8 @@ class StateShard:
             _FIND_ALLOWS,
             [c.grant_id for _, c in asked],
             [c.jti for _, c in asked],
-            [int((c.iat - policy.future_skew - margin) * 1000) for _, c in asked],
-            [int((c.iat + policy.max_age + margin) * 1000) for _, c in asked],
+            [_bigint_ms(c.iat - policy.future_skew - margin) for _, c in asked],
+            [_bigint_ms(c.iat + policy.max_age + margin) for _, c in asked],
             self.chain,
         )
         found: dict[int, str] = {}
@@ -1020,7 +1032,16 @@ class StateShard:
         replica holding the link's token can send a void, and a void takes nothing back:
         this keeps a confused one from writing voids that point nowhere.)"""
         chain, _, seq = event_id.rpartition(":")
-        return chain == self.chain and seq.isascii() and seq.isdigit() and int(seq) < self._size
+        # At most a bigint's 19 digits before int(): a longer number names no event, and
+        # past 4,300 digits int() raises, which failed the whole batch it came in (any
+        # replica's checks merged into it denied audit_unavailable).
+        return (
+            chain == self.chain
+            and len(seq) <= 19
+            and seq.isascii()
+            and seq.isdigit()
+            and int(seq) < self._size
+        )
 
     def _chain(self, checks: list[Check], outcomes: list[Outcome], time_ms: int) -> list[_Entry]:
         entries = []

@@ -450,6 +450,8 @@ class Verifier:
         self._providers: dict[str, _Provider] = {}
         self._known_grants: _Expiring[str] = _Expiring(ttl=5.0)
         self._keys_loaded_at = 0.0
+        self._key_loads = 0  # loads begun
+        self._key_loaded_ticket = 0  # the latest-begun load applied (see _load_keys)
         self._providers_loaded_at = 0.0
         self._provider_epoch = -1
         self._provider_loads = 0  # loads begun
@@ -508,10 +510,18 @@ class Verifier:
         if not force and now - self._keys_loaded_at < self.settings.key_refresh_min_interval:
             return False
         self._keys_loaded_at = now
+        # Loads can overlap (an unknown kid's reload and a poll's key sync): the one that
+        # began last is the freshest, and one that began earlier must not replace it when
+        # it ends later (it could bring back a key that had retired in between).
+        self._key_loads += 1
+        ticket = self._key_loads
         rows = await self.pool.fetch(
             "SELECT public_jwk FROM signing_keys WHERE retires_at IS NULL OR retires_at > $1",
             int(time.time()),
         )
+        if ticket < self._key_loaded_ticket:
+            return True  # a later load's keys are in place
+        self._key_loaded_ticket = ticket
         keys = []
         for row in rows:
             jwk = row["public_jwk"]
@@ -840,6 +850,11 @@ class Verifier:
             # another version, a bug, a garbled row) must not turn this replica's deny
             # into an allow. Fail closed; the event stays named, for the audit trail.
             result = Result(False, check.deny, audit_event=result.audit_event)
+        elif result.allowed and not result.audit_event:
+            # No allow without its audit row, and the event id is the shard's word that it
+            # is committed: an allow naming none (a shard of another version, a bug, a
+            # garbled row) is not known to be recorded. Fail closed.
+            result = Result(False, "audit_unavailable")
         self.decisions.add(provider_id, result.reason)
         answer: dict[str, Any] = {
             "decision": "allow" if result.allowed else "deny",
