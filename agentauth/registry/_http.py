@@ -57,7 +57,7 @@ from ._models import (
     SuspensionIn,
     TokenIn,
 )
-from ._service import AUDIT_PAGE_MAX, Agent, ProviderCredential, Registry
+from ._service import AUDIT_PAGE_MAX, LIST_PAGE_MAX, Agent, ProviderCredential, Registry
 
 __all__ = ["create_app"]
 
@@ -178,6 +178,18 @@ _ID = {"min_length": 1, "max_length": IDENTIFIER_MAX_LENGTH, "pattern": IDENTIFI
 PathId = Annotated[str, Path(**_ID)]
 QueryId = Annotated[str, Query(**_ID)]
 OptionalQueryId = Annotated[str | None, Query(**_ID)]
+# A page of a listing: its size (400 when outside 1..LIST_PAGE_MAX) and where it starts,
+# a cursor the service checks (400 bad_cursor).
+ListLimit = Annotated[int | None, Query(ge=1, le=LIST_PAGE_MAX)]
+
+
+def _link_next(response: Response, query: dict[str, Any], cursor: str | None) -> None:
+    """Name the next page, if any, in ``Link: <?...&cursor=...>; rel="next"`` (RFC 8288):
+    the request's own parameters (``query``, those given) and the cursor, relative to this
+    request's URL so that it holds behind a path prefix such as ``/registry/``."""
+    if cursor is not None:
+        given = {k: v for k, v in query.items() if v is not None}
+        response.headers["Link"] = f'<?{urlencode({**given, "cursor": cursor})}>; rel="next"'
 
 
 def create_app(registry: Registry) -> FastAPI:
@@ -397,13 +409,24 @@ def create_app(registry: Registry) -> FastAPI:
     @app.get("/v1/grant-requests", tags=["grants"])
     async def list_requests(
         who: HumanOrAgent,
+        response: Response,
         status: Annotated[
             str | None, Query(pattern="^(pending|approved|denied|expired|cancelled)$")
         ] = None,
+        limit: ListLimit = None,
+        cursor: str | None = None,
     ) -> list[dict[str, Any]]:
-        return await registry.list_grant_requests(
-            principal_id=who.principal_id, agent=who.agent, status=status
+        """A page of requests, oldest first; a ``Link: rel="next"`` names the next one, as
+        for audit events."""
+        page = await registry.list_grant_requests(
+            principal_id=who.principal_id,
+            agent=who.agent,
+            status=status,
+            limit=LIST_PAGE_MAX if limit is None else limit,
+            cursor=cursor,
         )
+        _link_next(response, {"status": status, "limit": limit}, page.next)
+        return page.rows
 
     @app.get("/v1/grant-requests/{request_id}", tags=["grants"])
     async def get_request(who: HumanOrAgent, request_id: PathId) -> dict[str, Any]:
@@ -472,11 +495,20 @@ def create_app(registry: Registry) -> FastAPI:
     @app.get("/v1/step-ups", tags=["step-up"])
     async def list_step_ups(
         who: Human,
+        response: Response,
         status: Annotated[
             str | None, Query(pattern="^(pending|approved|denied|expired|used|cancelled)$")
         ] = None,
+        limit: ListLimit = None,
+        cursor: str | None = None,
     ) -> list[dict[str, Any]]:
-        return await registry.list_step_ups(_p(who), status)
+        """A page of step-ups, oldest first; a ``Link: rel="next"`` names the next one, as
+        for audit events."""
+        page = await registry.list_step_ups(
+            _p(who), status, limit=LIST_PAGE_MAX if limit is None else limit, cursor=cursor
+        )
+        _link_next(response, {"status": status, "limit": limit}, page.next)
+        return page.rows
 
     @app.get("/v1/step-ups/{step_id}", tags=["step-up"])
     async def get_step_up(
@@ -524,10 +556,8 @@ def create_app(registry: Registry) -> FastAPI:
             cursor=cursor,
             newest_first=order == "desc",
         )
-        if page.next is not None:
-            query = {"agent_id": agent_id, "grant_id": grant_id, "limit": limit, "order": order}
-            given = {k: v for k, v in query.items() if v is not None}
-            response.headers["Link"] = f'<?{urlencode({**given, "cursor": page.next})}>; rel="next"'
+        query = {"agent_id": agent_id, "grant_id": grant_id, "limit": limit, "order": order}
+        _link_next(response, query, page.next)
         return page.events
 
     @app.get("/v1/audit/events/{chain}/{seq}/proof", tags=["audit"])

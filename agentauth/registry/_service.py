@@ -16,10 +16,10 @@ import math
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -152,6 +152,12 @@ AHEAD_PER_TICK = 2000
 # cap the listing had before it was paged (until 2026-11-30, with no way past it), so a
 # client that never pages reads what it always did (about 2.5 MB of JSON, ~0.5 KB an event).
 AUDIT_PAGE_MAX = 5000
+# The most step-ups or grant requests one page of their listing holds, and the page size
+# unless the caller asks for fewer. Those listings had no bound (until 2026-11-30): an
+# agent may leave max_pending_step_ups step-ups a grant every step_up_ttl, kept 30 days,
+# tens of thousands of rows (about 0.5 KB each) in one answer. 1,000 is more than the
+# approval page shows pending at once for any person with under 50 grants or agents.
+LIST_PAGE_MAX = 1000
 # Longer than any cursor _cursor makes (two int64s and an identifier: under 250
 # characters); checked before decoding, so no input makes the decoder work hard.
 _CURSOR_MAX = 400
@@ -1708,18 +1714,30 @@ class Registry:
         principal_id: str | None = None,
         agent: Agent | None = None,
         status: str | None = None,
-    ) -> list[dict[str, Any]]:
+        limit: int = LIST_PAGE_MAX,
+        cursor: str | None = None,
+    ) -> RowPage:
+        """One page of the human's (or the agent's) grant requests in (created_at, id)
+        order: at most ``limit``, after ``cursor`` (the ``next`` of the page before)."""
+        _check_list_limit(limit)
+        after = None if cursor is None else _created_position(cursor)
         owner_clause = "a.principal_id = $1" if principal_id else "r.agent_id = $1"
         owner = principal_id if principal_id else agent.id if agent else None
+        # The cursor only says where the caller's own listing starts: the owner is named
+        # again for every page.
+        beyond = "" if after is None else _AFTER_CREATED.format(t="r", n=5, m=6)
         rows = await self.pool.fetch(
-            # owner_clause is one of two constants chosen above.
+            # owner_clause is one of two constants chosen above, beyond a constant.
             f"{_REQUEST_SELECT} WHERE {owner_clause}"
-            f" AND ($3::text IS NULL OR {_REQUEST_STATUS} = $3) ORDER BY r.created_at, r.id",
+            f" AND ($3::text IS NULL OR {_REQUEST_STATUS} = $3){beyond}"
+            " ORDER BY r.created_at, r.id LIMIT $4",
             owner,
             float(self.settings.grant_request_ttl),
             status,
+            limit + 1,  # one past the page says whether another follows
+            *(after or ()),
         )
-        return [_request_view(r) for r in rows]
+        return _row_page(rows, limit, _request_view)
 
     async def _assertion_options(
         self,
@@ -2403,15 +2421,28 @@ class Registry:
             pause = min(pause * 2, _STEP_UP_POLL_MAX)
 
     async def list_step_ups(
-        self, principal_id: str, status: str | None = None
-    ) -> list[dict[str, Any]]:
+        self,
+        principal_id: str,
+        status: str | None = None,
+        *,
+        limit: int = LIST_PAGE_MAX,
+        cursor: str | None = None,
+    ) -> RowPage:
+        """One page of the human's step-ups in (created_at, id) order: at most ``limit``,
+        after ``cursor`` (the ``next`` of the page before)."""
+        _check_list_limit(limit)
+        after = None if cursor is None else _created_position(cursor)
+        beyond = "" if after is None else _AFTER_CREATED.format(t="s", n=4, m=5)
         rows = await self.pool.fetch(
             f"{_STEP_UP_SELECT} WHERE a.principal_id = $1"
-            f" AND ($2::text IS NULL OR {_STEP_UP_STATUS} = $2) ORDER BY s.created_at, s.id",
+            f" AND ($2::text IS NULL OR {_STEP_UP_STATUS} = $2){beyond}"
+            " ORDER BY s.created_at, s.id LIMIT $3",
             principal_id,
             status,
+            limit + 1,  # one past the page says whether another follows
+            *(after or ()),
         )
-        return [_step_up_view(r, for_agent=False) for r in rows]
+        return _row_page(rows, limit, lambda r: _step_up_view(r, for_agent=False))
 
     async def step_up_begin(self, principal_id: str, step_id: str) -> dict[str, Any]:
         row = await self.pool.fetchrow(_STEP_UP_SELECT + " WHERE s.id = $1", step_id)
@@ -2604,6 +2635,25 @@ class EventPage:
     next: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class RowPage:
+    """A page of a listing (step-ups, grant requests) in (created_at, id) order; ``next``
+    resumes after its last row, None on the last page."""
+
+    rows: list[dict[str, Any]]
+    next: str | None
+
+
+def _row_page(
+    rows: Sequence[asyncpg.Record], limit: int, view: Callable[[asyncpg.Record], dict[str, Any]]
+) -> RowPage:
+    page = rows[:limit]
+    return RowPage(
+        rows=[view(r) for r in page],
+        next=_created_cursor(page[-1]) if len(rows) > limit else None,
+    )
+
+
 def audit_page_sql(*, agent: bool, grant: bool, after: bool, newest_first: bool = False) -> str:
     """The query for one page of events: by agent, by grant or both (their ids first, in
     that order), after a position (time_ms, chain, seq) if ``after``, then the row limit.
@@ -2632,32 +2682,98 @@ def audit_page_sql(*, agent: bool, grant: bool, after: bool, newest_first: bool 
     )
 
 
-def _cursor(time_ms: int, chain: str, seq: int) -> str:
+def _cursor(*position: int | str) -> str:
     """The opaque cursor after a row: its position, base64url JSON. Not signed: it grants
-    nothing (audit_events authorizes every page), and whoever edits one only moves where
+    nothing (every listing authorizes every page), and whoever edits one only moves where
     their own listing starts."""
-    return b64url_encode(json.dumps([time_ms, chain, seq], separators=(",", ":")).encode())
+    return b64url_encode(json.dumps(list(position), separators=(",", ":")).encode())
+
+
+def _cursor_parts(cursor: str) -> list[Any] | None:
+    """The list a cursor encodes, or None for anything else; never an error from the
+    decoder, which sees only what is short enough."""
+    value: object = None
+    if len(cursor) <= _CURSOR_MAX:
+        with suppress(InvalidRequest, ValueError):
+            value = json.loads(b64url_decode(cursor))
+    return value if isinstance(value, list) else None
+
+
+def _is_int64(value: object) -> bool:
+    return type(value) is int and -_INT64 - 1 <= value <= _INT64
+
+
+def _is_identifier(value: object) -> bool:
+    # As the database takes it: no NUL byte or lone surrogate for the driver to choke on.
+    return (
+        isinstance(value, str)
+        and len(value) <= IDENTIFIER_MAX_LENGTH
+        and _CHAIN_NAME.fullmatch(value) is not None
+    )
 
 
 def _cursor_position(cursor: str) -> tuple[int, str, int]:
     """The position a cursor names; InvalidRequest (400 bad_cursor) for anything that is not
     one made by ``_cursor``, never an error from the database or the decoder."""
-    value: object = None
-    if len(cursor) <= _CURSOR_MAX:
-        with suppress(InvalidRequest, ValueError):
-            value = json.loads(b64url_decode(cursor))
-    # Each part as the database takes it: a bigint, a chain's name (an identifier: no NUL
-    # byte or lone surrogate for the driver to choke on), a bigint.
+    value = _cursor_parts(cursor)
+    # Each part as the database takes it: a bigint, a chain's name, a bigint.
     if (
-        isinstance(value, list)
+        value is not None
         and len(value) == 3
-        and all(type(v) is int and -_INT64 - 1 <= v <= _INT64 for v in value[::2])
-        and isinstance(value[1], str)
-        and len(value[1]) <= IDENTIFIER_MAX_LENGTH
-        and _CHAIN_NAME.fullmatch(value[1])
+        and all(_is_int64(v) for v in value[::2])
+        and _is_identifier(value[1])
     ):
         return value[0], value[1], value[2]
     raise InvalidRequest("cursor is not one this listing gave", reason="bad_cursor")
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+# The times a row's created_at can be read as (years 1 to 9999), in microseconds since the
+# epoch: a cursor naming another is none the listing gave, and the database would refuse
+# to make a timestamp of it (a 500).
+_CREATED_RANGE = range(
+    (datetime.min.replace(tzinfo=UTC) - _EPOCH) // _MICROSECOND,
+    (datetime.max.replace(tzinfo=UTC) - _EPOCH) // _MICROSECOND + 1,
+)
+
+
+def _created_cursor(row: asyncpg.Record) -> str:
+    """The cursor after a step-up or grant request: its (created_at, id), the time in whole
+    microseconds since the epoch, PostgreSQL's own resolution, so the position is exact."""
+    return _cursor((row["created_at"] - _EPOCH) // _MICROSECOND, row["id"])
+
+
+def _created_position(cursor: str) -> tuple[int, str]:
+    """The (created_at in microseconds, id) a listing's cursor names; 400 bad_cursor for
+    anything ``_created_cursor`` did not make, as _cursor_position."""
+    value = _cursor_parts(cursor)
+    if (
+        value is not None
+        and len(value) == 2
+        and type(value[0]) is int
+        and value[0] in _CREATED_RANGE
+        and _is_identifier(value[1])
+    ):
+        return value[0], value[1]
+    raise InvalidRequest("cursor is not one this listing gave", reason="bad_cursor")
+
+
+def _check_list_limit(limit: int) -> None:
+    if not 1 <= limit <= LIST_PAGE_MAX:
+        raise InvalidRequest(f"limit must be 1 to {LIST_PAGE_MAX}", reason="bad_limit")
+
+
+# After a listing's cursor: rows later in (created_at, id) order than the position, the
+# time given in microseconds since the epoch. An interval is multiplied as a double, exact
+# only below 2**53: whole seconds and the microseconds left are each well under it, so the
+# time is exact over the whole range a cursor may name. {t} is the table's alias, {n} and
+# {m} the placeholders' numbers.
+_AFTER_CREATED = (
+    " AND ({t}.created_at, {t}.id) > ('epoch'::timestamptz"
+    " + ${n}::bigint / 1000000 * interval '1 second'"
+    " + ${n}::bigint % 1000000 * interval '1 microsecond', ${m}::text)"
+)
 
 
 def _may_read_event(
@@ -2808,6 +2924,7 @@ _STEP_UP_STATUS = (
 _STEP_UP_SELECT = (
     # Only the constant above is joined in.
     "SELECT s.id, s.grant_id, s.agent_id, s.document, s.approval_ref, s.expires_at,"  # noqa: S608
+    " s.created_at,"
     f" {_STEP_UP_STATUS} AS status,"
     " a.principal_id, p.suspended_at IS NOT NULL AS provider_suspended,"
     " a.status AS agent_status, g.revoked_at IS NOT NULL AS grant_revoked,"

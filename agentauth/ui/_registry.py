@@ -24,6 +24,12 @@ AUDIT_PAGE_MAX = 5000
 #: answering more (or a body that never ends) is refused as it reaches this, before it
 #: fills the page server's memory, which every signed-in person's page shares.
 ANSWER_MAX_BYTES = 64 * 1024 * 1024
+#: The most step-ups or grant requests it lists in one answer (docs/registry.md).
+LIST_PAGE_MAX = 1000
+#: The most rows the page reads of one such listing, following its pages: the pending ones
+#: it shows are at most max_pending_* (20) a grant or agent, so ten full pages hold every
+#: person's; past it the page shows the oldest, as a bound on one visit's work.
+MAX_LISTED = 10_000
 
 # What a human should read for the registry's reason codes; anything else shows the
 # registry's own short description (it never carries secrets, see registry/_http.py).
@@ -145,9 +151,12 @@ class RegistryClient:
         transport: httpx.AsyncBaseTransport | None = None,
         audit_page_size: int = AUDIT_PAGE_MAX,
         max_answer_bytes: int = ANSWER_MAX_BYTES,
+        list_page_size: int = LIST_PAGE_MAX,
     ) -> None:
         if not 1 <= audit_page_size <= AUDIT_PAGE_MAX:
             raise ValueError(f"audit_page_size must be 1 to {AUDIT_PAGE_MAX}")
+        if not 1 <= list_page_size <= LIST_PAGE_MAX:
+            raise ValueError(f"list_page_size must be 1 to {LIST_PAGE_MAX}")
         self.base_url = base_url.rstrip("/")
         #: seconds one call may take in all, its answer's body read to the end
         self.timeout = timeout
@@ -155,6 +164,8 @@ class RegistryClient:
         self.max_answer_bytes = max_answer_bytes
         #: events asked for in one request to ``GET /v1/audit/events``
         self.audit_page_size = audit_page_size
+        #: step-ups or grant requests asked for in one request
+        self.list_page_size = list_page_size
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=timeout,
@@ -357,8 +368,7 @@ class RegistryClient:
     # --- grant requests and grants -------------------------------------------------------
 
     async def grant_requests(self, token: str, status: str | None = None) -> list[dict[str, Any]]:
-        params = {"status": status} if status else None
-        return _rows(await self.call("GET", "/v1/grant-requests", token=token, params=params))
+        return await self._listing(token, "/v1/grant-requests", status)
 
     async def approval_begin(
         self, token: str, request_id: str, narrowed: dict[str, Any] | None = None
@@ -410,8 +420,7 @@ class RegistryClient:
     # --- step-ups ------------------------------------------------------------------------
 
     async def step_ups(self, token: str, status: str | None = None) -> list[dict[str, Any]]:
-        params = {"status": status} if status else None
-        return _rows(await self.call("GET", "/v1/step-ups", token=token, params=params))
+        return await self._listing(token, "/v1/step-ups", status)
 
     async def step_up_begin(self, token: str, step_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self.call(
@@ -444,6 +453,27 @@ class RegistryClient:
         if not all(type(row.get("expires_at")) is int for row in rows):
             raise RegistryError(502, "invalid_response", "the registry's list is malformed", None)
         return [(row["jti"], row["expires_at"]) for row in rows]
+
+    async def _listing(self, token: str, path: str, status: str | None) -> list[dict[str, Any]]:
+        """A listing of step-ups or grant requests, oldest first, read ``list_page_size`` at
+        a time, each page after the first at the cursor of its ``Link: rel="next"``, up to
+        MAX_LISTED rows. Only the cursor is taken from the link (see newest_audit_events);
+        any page's failure raises: a list that stops short would hide what waits."""
+        base = {"status": status} if status else {}
+        read: list[dict[str, Any]] = []
+        cursor: str | None = None
+        # Bounded in requests as in rows, as newest_audit_events is.
+        for _ in range(-(-MAX_LISTED // self.list_page_size)):
+            params = {**base, "limit": str(min(self.list_page_size, MAX_LISTED - len(read)))}
+            if cursor is not None:
+                params["cursor"] = cursor
+            answer, response = await self._exchange("GET", path, token=token, params=params)
+            read += _rows(answer)
+            following = response.links.get("next", {}).get("url")
+            cursor = None if following is None else httpx.URL(following).params.get("cursor")
+            if cursor is None or len(read) >= MAX_LISTED:
+                break
+        return read
 
     # --- audit ---------------------------------------------------------------------------
 
