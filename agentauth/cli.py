@@ -93,6 +93,9 @@ async def _connect(url: str) -> asyncpg.Connection:
         raise _DatabaseUnreachable(
             url, "not a valid PostgreSQL URL (percent-encode any @, : or / in the password)"
         ) from exc
+    except OverflowError as exc:
+        # asyncpg passes any number on as the port; the socket refuses one past 65535.
+        raise _DatabaseUnreachable(url, "its port is not a port (1 to 65535)") from exc
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         # Refused, unresolvable, timed out; a wrong password or database name.
         raise _DatabaseUnreachable(url, str(exc) or type(exc).__name__) from exc

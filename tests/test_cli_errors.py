@@ -84,6 +84,19 @@ def test_a_malformed_database_url_is_a_message_without_the_password(url: str) ->
     assert "not a valid PostgreSQL URL" in out.stderr
 
 
+@pytest.mark.parametrize("command", [("grants", "list"), ("migrate",)])
+def test_a_database_port_out_of_range_is_a_message(command: tuple[str, ...]) -> None:
+    """asyncpg takes any number for a port, and the socket's connect raises OverflowError
+    for one past 65535: no ValueError, no OSError."""
+    url = "postgresql://u:pw-s3cret@127.0.0.1:99999/x"
+    out = agentauth(*command, env={"DATABASE_URL": url})
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "s3cret" not in out.stdout + out.stderr
+    assert out.stderr.startswith("error: cannot reach the database (postgresql://u:***@")
+    assert "port" in out.stderr
+
+
 def test_a_programming_error_is_not_reported_as_the_database(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -313,6 +313,28 @@ def test_migration_files_must_be_numbered_without_gaps(tmp_path: Path) -> None:
         discover(tmp_path)
 
 
+def test_a_directory_without_migrations_is_refused(tmp_path: Path) -> None:
+    """An install without the migration files (a wheel, which ships only the package) must
+    not pass for a database that is up to date: the registry would start on no schema."""
+    with pytest.raises(MigrationError, match="no migrations in"):
+        discover(tmp_path / "absent")
+    with pytest.raises(MigrationError, match="no migrations in"):
+        discover(tmp_path)
+
+
+@pytest.mark.asyncio
+async def test_migrating_from_a_directory_without_migrations_applies_nothing_and_fails(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        with pytest.raises(MigrationError, match="no migrations in"):
+            await migrate(conn, tmp_path / "absent")
+        assert await conn.fetchval("SELECT to_regclass('schema_migrations')") is None
+    finally:
+        await conn.close()
+
+
 def test_agentauth_migrate_command(fresh_db: str) -> None:
     env = {"DATABASE_URL": fresh_db, "PATH": "/usr/bin:/bin"}
     run = [sys.executable, "-m", "agentauth.cli", "migrate"]
@@ -737,9 +759,14 @@ async def test_a_migrator_waiting_for_another_does_not_hold_up_its_concurrent_bu
             await asyncio.wait_for(waits_for_a_lock(fresh_db, first), timeout=30.0)
             waiting = asyncio.create_task(migrate(second))
             pid = second.get_server_pid()
-            while not await writing.fetchval(
-                "SELECT query LIKE '%advisory_lock%' FROM pg_stat_activity WHERE pid = $1", pid
-            ):
+            # Asked inside writing's open transaction, pg_stat_activity answers from the
+            # snapshot its first read took: read before second's query, it never shows it.
+            while True:
+                await writing.execute("SELECT pg_stat_clear_snapshot()")
+                if await writing.fetchval(
+                    "SELECT query LIKE '%advisory_lock%' FROM pg_stat_activity WHERE pid = $1", pid
+                ):
+                    break
                 await asyncio.sleep(0.02)
         finally:
             await writing.execute("COMMIT")

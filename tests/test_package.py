@@ -148,3 +148,41 @@ def test_every_package_the_tests_import_is_declared() -> None:
         if not {canonicalize_name(d) for d in providers.get(module, [])} & declared
     }
     assert not missing, f"imported by tests, not in the project's dependencies: {missing}"
+
+
+def test_the_wheel_carries_every_migration(tmp_path: Path) -> None:
+    """The registry applies the SQL files of ``default_migrations_dir()`` as it starts. They
+    lay outside the package, so a wheel had none: installed from it, the registry found
+    nothing to apply and took a bare database as up to date."""
+    import shutil
+    import zipfile
+
+    from agentauth.store import default_migrations_dir, discover
+
+    root = Path(agentauth.__file__).resolve().parents[1]
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (root / name).exists():
+            shutil.copy(root / name, source / name)
+    shutil.copytree(
+        root / "agentauth", source / "agentauth", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    subprocess.run(
+        [
+            # Built as pip builds it for an install: in its own environment, with the
+            # setuptools pyproject.toml asks for (from the package index, as any install).
+            *(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps"),
+            *("-w", str(tmp_path / "dist"), str(source)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = (tmp_path / "dist").glob("agentauth-*.whl")
+    shipped = {
+        name.rsplit("/", 1)[1]
+        for name in zipfile.ZipFile(wheel).namelist()
+        if name.startswith("agentauth/store/migrations/") and name.endswith(".sql")
+    }
+    assert shipped == {m.name for m in discover(default_migrations_dir())}
+    assert len(shipped) >= 16

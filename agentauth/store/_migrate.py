@@ -96,8 +96,9 @@ class Migration:
 
 
 def default_migrations_dir() -> Path:
-    """``migrations/`` beside the package (a source checkout or an editable install)."""
-    return Path(__file__).resolve().parents[2] / "migrations"
+    """The SQL files shipped inside the package (``agentauth/store/migrations``), so that a
+    wheel carries them as a source checkout does."""
+    return Path(__file__).resolve().parent / "migrations"
 
 
 def discover(directory: Path) -> list[Migration]:
@@ -118,6 +119,13 @@ def discover(directory: Path) -> list[Migration]:
                 checksum=hashlib.sha256(sql.encode("utf-8")).hexdigest(),
                 in_transaction=in_transaction,
             )
+        )
+    if not migrations:
+        # With no files here (an install that lost them: until 2026-12-01 a wheel did not
+        # carry them), "up to date" would start the registry on a database without its
+        # schema, or report a bare one migrated.
+        raise MigrationError(
+            f"no migrations in {directory}: this installation of AgentAuth is incomplete"
         )
     versions = [m.version for m in migrations]
     if versions != list(range(1, len(versions) + 1)):
