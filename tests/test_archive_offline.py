@@ -133,3 +133,41 @@ def test_a_manifest_with_no_canonical_form_fails_its_chain_and_the_others_are_ch
         ("registry-0", 2, 5),
         ("registry-1", 2, 5),
     ]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stored", ["[1]", '"a key"', "null", "3"])
+async def test_a_signing_key_row_that_is_no_key_object_is_an_integrity_error(stored: str) -> None:
+    """``signing_keys.public_jwk`` is jsonb, which holds any JSON: a row that is no object
+    raised a TypeError out of the export and of ``agentauth audit verify``, a traceback."""
+    import os
+    import secrets
+
+    import asyncpg
+
+    from agentauth.archive._export import database_audit_keys
+
+    url = os.environ.get("AGENTAUTH_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    schema = "t_keys_" + secrets.token_hex(4)
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+        await conn.execute(f"SET search_path TO {schema}")
+        await conn.execute(
+            "CREATE TABLE signing_keys (kid text PRIMARY KEY, alg text NOT NULL,"
+            " public_jwk jsonb NOT NULL, activates_at bigint NOT NULL, retires_at bigint)"
+        )
+        await conn.execute(
+            "INSERT INTO signing_keys VALUES ('k1', 'ES256', $1::jsonb, 0, NULL)",
+            json.dumps(KEY.public_jwk()),
+        )
+        assert list((await database_audit_keys(conn)).keys()) == ["k1"]  # a good row reads
+        await conn.execute(
+            "INSERT INTO signing_keys VALUES ('k2', 'ES256', $1::jsonb, 0, NULL)", stored
+        )
+        with pytest.raises(IntegrityError) as raised:
+            await database_audit_keys(conn)
+        assert raised.value.reason == "malformed" and "k2" in raised.value.description
+    finally:
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await conn.close()

@@ -168,7 +168,17 @@ async def database_audit_keys(conn: Conn) -> AuditKeys:
         "SELECT kid, alg, public_jwk, activates_at, retires_at FROM signing_keys"
     ):
         jwk = row["public_jwk"]
-        jwk = json.loads(jwk) if isinstance(jwk, str) else dict(jwk)
+        try:
+            jwk = json.loads(jwk) if isinstance(jwk, str) else jwk
+        except ValueError:
+            jwk = None
+        if not isinstance(jwk, dict):
+            # jsonb holds any JSON: a row that is no key object is the database's fault, said
+            # as such (the CLI prints it), not a TypeError's traceback.
+            raise IntegrityError(
+                f"signing key {row['kid']}: its public_jwk is not a JSON object",
+                reason="malformed",
+            )
         key = PublicKey.from_jwk({**jwk, "kid": row["kid"]}, alg=row["alg"])
         keys.append(AuditKey(key, row["activates_at"], row["retires_at"]))
     return AuditKeys(keys)
