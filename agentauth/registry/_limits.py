@@ -1,6 +1,7 @@
 """Limits on the anonymous starts: requests anyone may send that store something or cost
 work before any credential is checked (passkey sign-up and sign-in, recovery, agent
-registration); and on the long polls callers hold open (``Waits``).
+registration); on the long polls callers hold open (``Waits``); and on answers whose
+cost grows with the data, which any caller may ask for again and again (``RecentAnswers``).
 
 Each limit is a generic cell rate algorithm (GCRA) bucket: ``count`` requests at once,
 then one every ``period / count``. One request takes from several buckets (its client's
@@ -12,10 +13,13 @@ shares.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
+from typing import Generic, TypeVar
 
 from starlette.types import Scope
 
@@ -24,6 +28,7 @@ __all__ = [
     "Full",
     "Limit",
     "LocalBuckets",
+    "RecentAnswers",
     "Taken",
     "Waits",
     "client_address",
@@ -31,6 +36,7 @@ __all__ = [
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +149,44 @@ class Waits:
                 del self._held[caller]  # idle callers leave nothing behind
             else:
                 self._held[caller] -= 1
+
+
+class RecentAnswers(Generic[T]):
+    """Answers computed at most once per key per ``ttl_us`` in this process: asked again
+    within it, the answer computed then is given again, and askers at the same moment
+    await the one computation. A computation that fails is not kept (the next asker
+    computes again), and one whose asker goes away goes on for the others. Whoever asks
+    must have been authorized already: this only decides how often the work is done."""
+
+    def __init__(self, *, ttl_us: int) -> None:
+        self._ttl_us = ttl_us
+        self._held: dict[str, tuple[int, asyncio.Future[T]]] = {}
+        self._prune_above = 1024
+
+    async def get(self, key: str, now_us: int, compute: Callable[[], Awaitable[T]]) -> T:
+        held = self._held.get(key)
+        if held is None or now_us - held[0] >= self._ttl_us:
+            answer = asyncio.ensure_future(compute())
+            answer.add_done_callback(partial(self._done, key))
+            held = self._held[key] = (now_us, answer)
+            if len(self._held) > self._prune_above:
+                # As LocalBuckets prune: O(1) per computation, amortised.
+                self._held = {
+                    k: (at, a)
+                    for k, (at, a) in self._held.items()
+                    if not a.done() or now_us - at < self._ttl_us
+                }
+                self._prune_above = max(1024, 2 * len(self._held))
+        # Shielded: an asker that goes away (its client disconnected) leaves the
+        # computation to the others, rather than cancel it under them.
+        return await asyncio.shield(held[1])
+
+    def _done(self, key: str, answer: asyncio.Future[T]) -> None:
+        if not answer.cancelled() and answer.exception() is None:
+            return
+        held = self._held.get(key)
+        if held is not None and held[1] is answer:
+            del self._held[key]
 
 
 class Full(Exception):

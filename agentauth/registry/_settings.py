@@ -84,6 +84,11 @@ class RegistrySettings(BaseModel):
     # replica. Past them: 429 with Retry-After. The SDK holds one per step-up it waits on.
     step_up_waits_per_caller: int = Field(4, ge=1, le=1000)
     step_up_waits_per_replica: int = Field(256, ge=1, le=100_000)
+    # A grant's usage (`GET /v1/grants/{id}/usage`) counts its decisions, up to 31 days of
+    # them: about 205 ms of PostgreSQL at 250,000 in the week. Whoever may see the grant
+    # may ask as often as it likes, so each replica counts a grant at most once in this
+    # many seconds and answers that count meanwhile (0: every call counts).
+    usage_cache_seconds: float = Field(10.0, ge=0, le=60)
     # A grant request unanswered this long is expired (no longer approved or denied).
     grant_request_ttl: int = Field(7 * 86400, ge=60)
     # Pending grant requests an agent may have at once, for the same reason as step-ups:
