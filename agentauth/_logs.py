@@ -31,9 +31,10 @@ class Throttle:
         msg: str,
         *args: object,
         level: int = logging.WARNING,
-        exc_info: bool = False,
+        exc_info: bool | BaseException = False,
     ) -> None:
-        """``log.log(level, msg, *args)`` unless this key said it less than ``every`` s ago."""
+        """``log.log(level, msg, *args)`` unless this key said it less than ``every`` s ago.
+        ``exc_info``: as ``log.log`` takes it (True for the exception being handled)."""
         held = self.due(key)
         if held is None:
             return

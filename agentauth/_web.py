@@ -373,12 +373,32 @@ def error_response(
         # failure: 503, never a 500 with details.
         _SAID.log(log, (log.name, type(exc)), "dependency failure: %s", type(exc).__name__)
         return _error_response(DependencyUnavailable())
-    log.exception("unexpected error", exc_info=exc)  # details stay in the server log
+    # Details stay in the server log, once per period for each place a bug is raised: a
+    # request that reaches one can be sent again and again, and each traceback is
+    # kilobytes (the 500s are answered all the same).
+    _SAID.log(
+        log,
+        (log.name, type(exc), _raised_at(exc)),
+        "unexpected error",
+        level=logging.ERROR,
+        exc_info=exc,
+    )
     # Starlette answers this one from its outermost layer, outside any middleware, NoStore
     # included: the mark is set here for it.
     return JSONResponse(
         {"error": "server_error", "error_description": "internal error"}, 500, _NO_STORE
     )
+
+
+def _raised_at(exc: BaseException) -> tuple[str, int] | None:
+    """The file and line ``exc`` was raised at (the innermost frame of its traceback): one
+    of the code's own places, never anything a caller sent."""
+    tb = exc.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename, tb.tb_lineno
 
 
 _DEPENDENCY_ERRORS = (
@@ -393,12 +413,49 @@ _DEPENDENCY_ERRORS = (
 )
 
 
+class _AnswerUnexpected:
+    """ASGI middleware: answers an exception no handler took (a bug) with
+    ``error_response``'s 500, and raises it no further.
+
+    Left to Starlette, its outermost layer answers the same 500 and then raises the
+    exception again for the server to log (uvicorn's "Exception in ASGI application",
+    Serve's failed request): a traceback per request, written around ``error_response``'s
+    throttle, for anyone who finds such a request to repeat at will.
+    """
+
+    def __init__(self, app: ASGIApp, log: logging.Logger, authentication: Authentication) -> None:
+        self.app = app
+        self.log = log
+        self.authentication = authentication
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            if started:
+                raise  # an answer half sent cannot be replaced: the server ends it
+            answer = error_response(exc, self.log, scope=scope, authentication=self.authentication)
+            await answer(scope, receive, send)
+
+
 def install_error_handlers(
     app: FastAPI, log: logging.Logger, *, authentication: Authentication
 ) -> None:
     """Map every exception to the one error body, and refuse bodies we will not parse.
     ``authentication``: how the app's callers authenticate, unless a route says otherwise
     (``expect_authentication``)."""
+    # Added first, so it runs inside BodyGuard (Starlette wraps later middleware around it).
+    app.add_middleware(_AnswerUnexpected, log=log, authentication=authentication)
     app.add_middleware(BodyGuard)
 
     async def handle(request: Request, exc: Exception) -> JSONResponse:

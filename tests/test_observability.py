@@ -115,6 +115,34 @@ def test_the_archive_export_refuses_such_a_url_without_quoting_it(
     assert HEAD not in err and "tail" not in err
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("password", ["zq/xv wy", "zq/xv\twy"])
+async def test_a_backend_url_password_with_a_space_stays_out_of_the_log(
+    password: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client library quotes an address it cannot parse whole ("Failed to parse:
+    http://ops:zq/xv wy@..."): the user info was masked only up to an "@" with no
+    whitespace before it, so a password holding a space was logged as it was."""
+    import hvac
+
+    from agentauth.keys import _base
+    from agentauth.keys._base import call_blocking
+
+    monkeypatch.setattr(_base, "_said", Throttle())  # each case's line, not held back
+    url = f"http://ops:{password}@127.0.0.1:{_dead_port()}"
+    client = hvac.Client(url=url, token="s.token", timeout=1)
+    with (
+        caplog.at_level(logging.WARNING, logger="agentauth.keys"),
+        pytest.raises(SignerUnavailable),
+    ):
+        await call_blocking(
+            "Vault Transit", "open", 2.0, lambda: client.secrets.transit.read_key("k")
+        )
+    said = "\n".join(r.getMessage() for r in caplog.records if r.name == "agentauth.keys")
+    assert "Failed to parse" in said and "//***@127.0.0.1" in said, said
+    assert not any(piece in said for piece in ("zq", "xv", "wy", "ops")), said
+
+
 # --- outages, said once ----------------------------------------------------------------------
 
 
@@ -135,6 +163,77 @@ def test_a_dependency_outage_is_logged_once_not_per_request(
         "request failed: temporarily_unavailable (the replay cache is unavailable)",
         "dependency failure: ConnectionRefusedError",
     ]
+
+
+def _raise_here(exc: Exception) -> Exception:
+    """``exc`` raised and caught at one place, as a handler receives it."""
+    try:
+        raise exc
+    except Exception as caught:
+        return caught
+
+
+def _raise_elsewhere(exc: Exception) -> Exception:
+    try:
+        raise exc
+    except Exception as caught:
+        return caught
+
+
+def test_a_bug_a_request_can_reach_is_not_logged_once_per_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whoever finds a request that fails unexpectedly can send it again and again: each
+    got its 500 and wrote its whole traceback to the log. Each still gets its 500; the
+    traceback is written once per period for each place it is raised, with the count of
+    those held back in the next line."""
+    log = logging.getLogger("agentauth.test-unexpected-once")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        for i in range(50):
+            answer = error_response(_raise_here(ValueError(f"input {i}")), log)
+            assert answer.status_code == 500
+            assert json.loads(answer.body)["error_description"] == "internal error"
+        # A bug elsewhere is another line, said at once.
+        assert error_response(_raise_elsewhere(ValueError("other")), log).status_code == 500
+    said = [r for r in caplog.records if r.name == log.name]
+    assert [r.getMessage() for r in said] == ["unexpected error", "unexpected error"]
+    assert all(r.levelno == logging.ERROR and r.exc_info for r in said)
+    assert [str(r.exc_info[1]) for r in said if r.exc_info] == ["input 0", "other"]
+
+
+@pytest.mark.asyncio
+async def test_a_route_that_fails_unexpectedly_is_answered_not_raised_to_the_server(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Starlette answers such a failure with the handler's 500, then raises it again for
+    the server to log (uvicorn's "Exception in ASGI application", Serve's failed request):
+    a traceback per request that no throttle here could hold back."""
+    import httpx
+    from fastapi import FastAPI
+
+    from agentauth._web import Authentication, install_error_handlers
+
+    log = logging.getLogger("agentauth.test-unexpected-route")
+    app = FastAPI()
+    install_error_handlers(app, log, authentication=Authentication(realm="t", schemes=("Basic",)))
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise ValueError("what the request sent")
+
+    # raise_app_exceptions: what reaches the server is raised here.
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            for _ in range(20):
+                answer = await client.get("/boom")
+                assert answer.status_code == 500
+                assert answer.json() == {
+                    "error": "server_error",
+                    "error_description": "internal error",
+                }
+    said = [r.getMessage() for r in caplog.records if r.name == log.name]
+    assert said == ["unexpected error"]
 
 
 def test_a_server_side_failure_keeps_its_details_in_the_log(
@@ -290,6 +389,39 @@ async def test_a_checkpointer_that_cannot_reach_the_database_says_so_once(
         said = [r for r in caplog.records if "checkpointing failed" in r.getMessage()]
         assert len(said) == 1, [r.getMessage() for r in said]
         assert said[0].exc_info is not None  # the traceback, once
+    finally:
+        await pool.close()
+        await redis.aclose()
+
+
+@pytest.mark.asyncio
+async def test_revocations_not_published_while_redis_is_down_are_said_once(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """Every revocation publishes, even one of something already revoked, so anyone with
+    a session could write a warning per request while Redis was down."""
+    import asyncpg
+    import redis.asyncio as aioredis
+
+    from agentauth.registry import Registry, RegistrySettings
+    from agentauth.registry._keys import KeyManager
+
+    settings = RegistrySettings(
+        database_url=f"postgresql://postgres@127.0.0.1:{_dead_port()}/x",
+        redis_url=f"redis://127.0.0.1:{_dead_port()}/0",
+        data_dir=tmp_path,
+        issuer="http://127.0.0.1:8000/registry",
+        admin_token="admin-token-long-enough",
+    )
+    pool = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=1, timeout=0.5)
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    registry = Registry(settings=settings, pool=pool, redis=redis, keys=KeyManager(settings, pool))
+    try:
+        with caplog.at_level(logging.WARNING, logger="agentauth.registry"):
+            for _ in range(20):
+                await registry._publish_revocation("grant", "grt_same")
+        said = [r.getMessage() for r in caplog.records if "not published" in r.getMessage()]
+        assert said == ["revocation grant:grt_same not published; verifiers will reload"]
     finally:
         await pool.close()
         await redis.aclose()

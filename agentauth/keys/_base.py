@@ -168,10 +168,11 @@ async def call_blocking(backend: str, what: str, timeout: float, fn: Callable[[]
         ) from None
 
 
-# The user info of a URL (scheme://user:password@host): from "//" to the last "@" before
-# whitespace. Not to the first "/": a password with an unescaped "/", "?" or "#" is quoted
-# whole by the client library's "Failed to parse" error. Masks more, never less.
-_USERINFO = re.compile(r"(?<=//)\S*@")
+# The user info of a URL (scheme://user:password@host): from "//" to the last "@" on its
+# line. Not to the first "/": a password with an unescaped "/", "?" or "#" is quoted whole
+# by the client library's "Failed to parse" error, and not to the first whitespace either:
+# one with a space or a tab is quoted so too. Masks more, never less.
+_USERINFO = re.compile(r"(?<=//).*@")
 
 
 def _without_userinfo(exc: BaseException) -> str:

@@ -2274,7 +2274,15 @@ class Registry:
             pipe.publish(REVOCATION_CHANNEL, json.dumps({"kind": kind, "target": target}))
             await pipe.execute()
         except Exception:  # the revocations table is the durable channel
-            log.warning("revocation %s:%s not published; verifiers will reload", kind, target)
+            # Per revocation while Redis is down, and revoking again publishes again: said
+            # once per period for each kind (the poll carries them all the same).
+            self._said.log(
+                log,
+                ("publish", kind),
+                "revocation %s:%s not published; verifiers will reload",
+                kind,
+                target,
+            )
 
     async def list_revocations(self, since: int = 0) -> list[dict[str, Any]]:
         """Revocations numbered above ``since``, in commit order (``seq``): a reader that
