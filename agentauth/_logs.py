@@ -53,3 +53,15 @@ class Throttle:
             return None
         self._said_at[key] = now
         return self._held.pop(key, 0)
+
+
+def raised_at(exc: BaseException) -> tuple[str, int] | None:
+    """The file and line ``exc`` was raised at (the innermost frame of its traceback): one
+    of the code's own places, never anything a caller sent, so a key for ``Throttle`` that
+    tells one bug from another."""
+    tb = exc.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename, tb.tb_lineno

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._logs import Throttle
+from ._logs import Throttle, raised_at
 from .protocol import (
     DPOP_ALGS,
     AgentAuthError,
@@ -378,7 +378,7 @@ def error_response(
     # kilobytes (the 500s are answered all the same).
     _SAID.log(
         log,
-        (log.name, type(exc), _raised_at(exc)),
+        (log.name, type(exc), raised_at(exc)),
         "unexpected error",
         level=logging.ERROR,
         exc_info=exc,
@@ -388,17 +388,6 @@ def error_response(
     return JSONResponse(
         {"error": "server_error", "error_description": "internal error"}, 500, _NO_STORE
     )
-
-
-def _raised_at(exc: BaseException) -> tuple[str, int] | None:
-    """The file and line ``exc`` was raised at (the innermost frame of its traceback): one
-    of the code's own places, never anything a caller sent."""
-    tb = exc.__traceback__
-    if tb is None:
-        return None
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb.tb_frame.f_code.co_filename, tb.tb_lineno
 
 
 _DEPENDENCY_ERRORS = (

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import math
 import os
+import re
 import stat
 import sys
 import time
@@ -419,7 +420,14 @@ def _masked_url(url: str) -> str:
     for param in query.split("&") if query else []:
         name = param.split("=", 1)[0]
         params.append(f"{name}=***" if name == "password" else param)
-    return f"{scheme}://{userinfo}{at}{path}{mark}{'&'.join(params)}"
+    shown = f"{scheme}://{userinfo}{at}{path}{mark}{'&'.join(params)}"
+    # A password parameter holding an '@' put its first part in what was taken for the
+    # user part above, and its value was shown whole: mask any such parameter left.
+    return _PASSWORD_PARAM.sub("***", shown)
+
+
+# The value of a password= parameter not masked yet (anything but *** alone).
+_PASSWORD_PARAM = re.compile(r"(?<=[?&]password=)(?!\*\*\*(?:&|$))[^&]*")
 
 
 def _step(message: str) -> float:

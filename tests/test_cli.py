@@ -219,6 +219,13 @@ def test_up_says_where_secrets_are_and_prints_none(tmp_path: Path) -> None:
         ("postgresql://u:se?cret@h:5432/db", "postgresql://u:***@h:5432/db"),
         ("postgresql://u:se/cret@h/db", "postgresql://u:***@h/db"),
         ("postgresql://u:se#cret@h/db", "postgresql://u:***@h/db"),
+        # An '@' in a password parameter: its first part was taken for a user part, and the
+        # parameter was shown whole.
+        ("postgresql://h/db?password=pa@ss", "postgresql://h/db?password=***"),
+        (
+            "postgresql://h/db?user=u&password=a@b&sslmode=require",
+            "postgresql://h/db?user=u&password=***&sslmode=require",
+        ),
     ],
 )
 def test_database_url_password_is_masked(url: str, shown: str) -> None:

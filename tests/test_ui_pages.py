@@ -5,6 +5,7 @@ Buttons are pressed by running their handlers as NiceGUI would, to the end."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, cast
@@ -18,6 +19,8 @@ from nicegui.elements.mixins.text_element import TextElement
 from nicegui.page import page
 from starlette.requests import Request
 
+import agentauth.ui._pages as pages_module
+from agentauth._logs import Throttle
 from agentauth.protocol import Envelope, Grant, b64url_encode, parse_capabilities
 from agentauth.ui import RegistryClient, RegistryError, SessionStore, UISettings
 from agentauth.ui._pages import Pages
@@ -1227,3 +1230,21 @@ async def test_a_passkey_or_agent_listing_of_the_wrong_shape_is_said_in_the_noti
     finally:
         await registry.aclose()
     assert "[502 invalid_response]" in page.notice()
+
+
+@pytest.mark.asyncio
+async def test_a_card_that_cannot_be_drawn_is_logged_once_a_period_not_at_every_draw(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every visit draws the cards again, and what an agent stored decides which card
+    fails: each draw logged its traceback again."""
+    unreadable = request_with(id="grq_bad", envelope={"expires_at": 10**12})
+    registry = FakeRegistry([SHOP_REQUEST, unreadable], [STEP_UP])
+    monkeypatch.setattr(pages_module, "_SAID", Throttle(30.0), raising=False)  # said before
+    with caplog.at_level(logging.ERROR, logger="agentauth.ui"):
+        for _ in range(5):  # five visits
+            requests = RequestsPage(registry, monkeypatch)
+            await requests.build()
+            assert "A request this page cannot show" in requests.texts()
+    drawn = [r for r in caplog.records if r.getMessage() == "a card could not be drawn"]
+    assert len(drawn) == 1 and drawn[0].exc_info is not None

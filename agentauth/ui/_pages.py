@@ -30,6 +30,7 @@ from nicegui.elements.mixins.text_element import TextElement
 from pydantic import ValidationError
 from starlette.datastructures import Headers
 
+from .._logs import Throttle, raised_at
 from ..protocol import (
     AgentAuthError,
     ApprovalReceipt,
@@ -63,6 +64,7 @@ from ._wording import (
 __all__ = ["Pages"]
 
 log = logging.getLogger("agentauth.ui")
+_SAID = Throttle(30.0)
 
 E = TypeVar("E", bound=ui.element)
 
@@ -827,8 +829,18 @@ class Pages:
         try:
             with holder:
                 draw()
-        except Exception:  # a card's boundary: details to the server log, a card to the human
-            log.exception("a card could not be drawn")
+        except (
+            Exception
+        ) as exc:  # a card's boundary: details to the server log, a card to the human
+            # Once a period for each place a card fails: the page draws its cards again at
+            # every poll and every visit, and an agent's data decides what fails.
+            _SAID.log(
+                log,
+                ("card", type(exc), raised_at(exc)),
+                "a card could not be drawn",
+                level=logging.ERROR,
+                exc_info=exc,
+            )
             holder.clear()
             with holder:
                 fallback()
