@@ -706,7 +706,7 @@ async def test_a_human_who_lost_every_passkey_recovers_with_a_one_time_code(
 ) -> None:
     """Only the admin issues a recovery code; whoever holds it registers a new passkey for
     that human from the sign-in page (no session needed) and is signed in, once; every
-    other session of the human ends."""
+    other session and passkey of the human ends."""
     alice = await world.human("Alice")
     url = world.url
     issue = url("/v1/admin/recoveries")
@@ -730,7 +730,10 @@ async def test_a_human_who_lost_every_passkey_recovers_with_a_one_time_code(
     )
     assert r.status_code == 200 and r.json()["principal_id"] == alice.principal_id, r.text
     recovered = {"Authorization": f"Bearer {r.json()['session']}"}
-    assert len((await world.client.get(url("/v1/passkeys"), headers=recovered)).json()) == 2
+    listed = (await world.client.get(url("/v1/passkeys"), headers=recovered)).json()
+    assert [p["credential_id"] for p in listed] == [credential["id"]]
+    # The lost passkey is removed: whoever holds it signs in no more.
+    assert (await sign_in(world, alice)).json()["reason"] == "unknown_credential"
     r = await world.client.get(url("/v1/passkeys"), headers=alice.headers)
     assert r.status_code == 401 and r.json()["reason"] == "bad_session", r.text
     # The code worked once; the new passkey signs in.

@@ -805,7 +805,7 @@ async def test_a_recovery_and_a_passkey_removal_at_once_do_not_deadlock(
     try:
         await asyncio.wait_for(deleted.wait(), 10)
         recovering = asyncio.ensure_future(registry.recovery_finish(code, registration))
-        await asyncio.sleep(0.5)  # it appends passkey.recovered, then waits on the sessions
+        await asyncio.sleep(0.5)  # it waits on the passkeys the removal holds
     finally:
         release.set()
     results = await asyncio.wait_for(

@@ -703,3 +703,130 @@ async def test_an_approval_or_sign_in_with_a_top_origin_is_refused(
     refused(await sign_in(world, framed.get), 400, "cross_origin")
     # The same passkey in a top-level page approves.
     await world.approve(alice, request["id"])
+
+
+# --- 6. a recovery removes the passkeys it replaces --------------------------------------------
+
+
+async def recover(world: World, human: Human, credential_for: Any) -> httpx.Response:
+    """The admin's code for ``human``, spent on the passkey ``credential_for`` makes."""
+    r = await world.client.post(
+        world.url("/v1/admin/recoveries"),
+        headers=world.admin,
+        json={"principal_id": human.principal_id},
+    )
+    assert r.status_code == 200, r.text
+    code = r.json()["recovery_code"]
+    r = await world.client.post(world.url("/v1/recovery/begin"), json={"code": code})
+    assert r.status_code == 200, r.text
+    return await world.client.post(
+        world.url("/v1/recovery/finish"),
+        json={"code": code, "credential": credential_for(r.json())},
+    )
+
+
+async def removals(service: InProcess, passkey: Passkey) -> list[dict[str, Any]]:
+    """The passkey.removed audit events about this passkey, as recorded."""
+    subject = "passkey:" + b64url_encode(passkey.credential_id)
+    rows = await service.registry.pool.fetch(
+        "SELECT body FROM audit_events WHERE event = 'passkey.removed' ORDER BY time_ms, seq"
+    )
+    return [b for b in (json.loads(r["body"]) for r in rows) if b["subject"] == subject]
+
+
+async def removed_at(service: InProcess, passkey: Passkey) -> Any:
+    return await service.registry.pool.fetchval(
+        "SELECT removed_at FROM passkey_credentials WHERE credential_id = $1",
+        b64url_encode(passkey.credential_id),
+    )
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_recovery_removes_the_passkeys_it_replaces(service: InProcess) -> None:
+    """Whoever holds a lost (stolen) passkey must not sign in or approve with it once its
+    owner has recovered (until 2026-12-01 every lost passkey stayed registered). Each is
+    removed as DELETE /v1/passkeys/{id} removes one, and what it approved before stands."""
+    world = service.world
+    alice = await world.human("Alice")
+    agent = await world.agent(alice)
+    grant = await world.approve(alice, (await world.request(agent, await world.provider()))["id"])
+    r = await begin_adding_a_passkey(world, alice)
+    assert r.status_code == 200, r.text
+    r = await world.client.post(
+        world.url("/v1/passkeys/finish"),
+        headers=alice.headers,
+        json={"credential": alice.authenticator.create(r.json())},
+    )
+    assert r.status_code == 200, r.text
+    lost = list(alice.authenticator.passkeys.values())
+    assert len(lost) == 2
+
+    device = SoftAuthenticator(origin=world.origin)
+    r = await recover(world, alice, device.create)
+    assert r.status_code == 200, r.text
+    recovered = {"Authorization": f"Bearer {r.json()['session']}"}
+    r = await world.client.get(world.url("/v1/passkeys"), headers=recovered)
+    assert [p["credential_id"] for p in r.json()] == [b64url_encode(k) for k in device.passkeys]
+    for passkey in lost:
+        # Refused as a passkey removed from the Passkeys page is.
+        r = await sign_in(world, lambda o, p=passkey: alice.authenticator.get(o, passkey=p))
+        refused(r, 400, "unknown_credential")
+        # The row stays, marked removed: receipts name it.
+        assert await removed_at(service, passkey) is not None
+        (removal,) = await removals(service, passkey)
+        assert removal["actor"] == f"human:{alice.principal_id}"
+        assert removal["data"] == {"reason": "recovery"}
+    r = await sign_in(world, device.get)
+    assert r.status_code == 200 and r.json()["principal_id"] == alice.principal_id, r.text
+    # The grant one of the lost passkeys approved still gets tokens.
+    r = await world.token(agent, grant["id"])
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_refused_recovery_removes_no_passkey(service: InProcess) -> None:
+    """A wrong code, a registration from another origin or with an algorithm not offered:
+    the human's passkey stays, listed and signing in, and nothing records its removal;
+    the same code then recovers and removes it."""
+    world = service.world
+    alice = await world.human("Alice")
+    old = only_passkey(alice)
+    r = await world.client.post(
+        world.url("/v1/admin/recoveries"),
+        headers=world.admin,
+        json={"principal_id": alice.principal_id},
+    )
+    code = r.json()["recovery_code"]
+    options = (await world.client.post(world.url("/v1/recovery/begin"), json={"code": code})).json()
+    device = SoftAuthenticator(origin=world.origin)
+    for body, status, reason in (
+        ({"code": "rec_" + "x" * 32, "credential": device.create(options)}, 403, "bad_recovery"),
+        (
+            {
+                "code": code,
+                "credential": SoftAuthenticator(origin="https://evil.example").create(options),
+            },
+            400,
+            "registration_refused",
+        ),
+        (
+            {"code": code, "credential": device.create(options, cose=rs256_cose())},
+            400,
+            "registration_refused",
+        ),
+    ):
+        r = await world.client.post(world.url("/v1/recovery/finish"), json=body)
+        refused(r, status, reason)
+        assert await removed_at(service, old) is None
+        assert await removals(service, old) == []
+        r = await world.client.get(world.url("/v1/passkeys"), headers=alice.headers)
+        assert [p["credential_id"] for p in r.json()] == [b64url_encode(old.credential_id)]
+        r = await sign_in(world, alice.authenticator.get)
+        assert r.status_code == 200, r.text
+    r = await world.client.post(
+        world.url("/v1/recovery/finish"),
+        json={"code": code, "credential": SoftAuthenticator(origin=world.origin).create(options)},
+    )
+    assert r.status_code == 200, r.text
+    assert await removed_at(service, old) is not None
+    refused(await sign_in(world, alice.authenticator.get), 400, "unknown_credential")

@@ -266,8 +266,8 @@ def create_app(registry: Registry) -> FastAPI:
 
     @app.post("/v1/recovery/finish", tags=["humans"])
     async def recovery_finish(body: RecoveryFinishIn) -> dict[str, Any]:
-        """Spend the code: the new passkey is registered, the human's other sessions end,
-        and this answer carries a new one."""
+        """Spend the code: the new passkey is registered, the human's other passkeys are
+        removed and other sessions end, and this answer carries a new session."""
         return await registry.recovery_finish(body.code, body.credential)
 
     @app.delete("/v1/sessions/current", tags=["humans"])

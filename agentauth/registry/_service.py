@@ -1050,16 +1050,39 @@ class Registry:
             return await self._registration_options(conn, principal_id)
 
     async def recovery_finish(self, code: str, credential: dict[str, Any]) -> dict[str, Any]:
-        """Register the new passkey and sign in with it. Every other session of the person
-        ends: whoever has the lost passkeys may have signed one in."""
+        """Register the new passkey and sign in with it. Every other passkey and session of
+        the person ends: whoever has the lost passkeys may have signed one in, and would
+        otherwise go on signing in and approving with them."""
         async with self._tx() as conn:
             principal_id = await self._recovering(conn, code, spend=True)
-            # The sessions before the passkey, whose audit event locks the human's chain:
-            # rows before audit chains, as remove_passkey takes them (in the other order
-            # the two deadlocked when they met, and one of them failed).
+            # Removed as remove_passkey removes one (the row stays: receipts name it), and
+            # in its lock order: the passkeys (locked by the same query), then the sessions,
+            # then the human's audit chain, which the new passkey's event locks (in another
+            # order the two deadlocked when they met, and one of them failed). A refusal
+            # below rolls all of it back with the code.
+            rows = await conn.fetch(
+                "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
+                " AND removed_at IS NULL FOR UPDATE",
+                principal_id,
+            )
+            lost = [r["credential_id"] for r in rows]
+            await conn.execute(
+                "UPDATE passkey_credentials SET removed_at = now()"
+                " WHERE credential_id = ANY($1::text[])",
+                lost,
+            )
             await conn.execute("DELETE FROM sessions WHERE principal_id = $1", principal_id)
             await self._end_enrollments(conn, principal_id)
             await self._add_passkey(conn, principal_id, credential, "recovered")
+            for credential_id in lost:
+                await self._audit(
+                    conn,
+                    event="passkey.removed",
+                    actor=f"human:{principal_id}",
+                    subject=f"passkey:{credential_id}",
+                    key=principal_id,
+                    data={"reason": "recovery"},
+                )
             session = await self._new_session(conn, principal_id)
         return {"principal_id": principal_id, "session": session}
 

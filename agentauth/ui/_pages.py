@@ -702,7 +702,8 @@ class Pages:
                 heading("I lost my passkeys", 2)
                 ui.label(
                     "Ask your administrator for a recovery code: it works once and makes a new "
-                    "passkey for your account. Your other sessions are signed out."
+                    "passkey for your account. Your old passkeys are removed and your other "
+                    "sessions are signed out."
                 ).classes("text-sm")
                 recovery_code = ui.input("Recovery code", validation=None).classes("w-72")
                 recovery_code.props["autocomplete"] = "off"
