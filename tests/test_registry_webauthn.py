@@ -227,6 +227,59 @@ async def test_a_sign_in_and_a_sign_out_are_audited(service: InProcess) -> None:
     assert await ended() == 1  # ending it again records nothing
 
 
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_last_passkey_that_is_not_flagged_cannot_be_removed(service: InProcess) -> None:
+    """A flagged passkey never signs again, so it leaves nobody able to sign in: removing
+    the only other one is refused 409 last_passkey, at the confirmation and at the removal
+    (it was allowed: the person locked themselves out and needed the admin's recovery).
+    The flagged one itself can be removed."""
+    world = service.world
+    human = await world.human()
+    first = only_passkey(human)
+    r = await begin_adding_a_passkey(world, human)
+    assert r.status_code == 200, r.text
+    credential = human.authenticator.create(r.json())
+    r = await world.client.post(
+        world.url("/v1/passkeys/finish"), headers=human.headers, json={"credential": credential}
+    )
+    assert r.status_code == 200, r.text
+    second = human.authenticator.passkeys[b64url_decode(r.json()["credential_id"])]
+    first_id, second_id = b64url_encode(first.credential_id), b64url_encode(second.credential_id)
+
+    async def confirm(credential_id: str) -> httpx.Response:
+        return await world.client.post(
+            world.url("/v1/passkeys/confirm"),
+            headers=human.headers,
+            json={"change": "remove", "credential_id": credential_id},
+        )
+
+    # A confirmation asked for before the first passkey was flagged.
+    r = await confirm(second_id)
+    assert r.status_code == 200, r.text
+    signed = human.authenticator.get(r.json(), passkey=second)
+    await service.registry.pool.execute(
+        "UPDATE passkey_credentials SET flagged_at = now() WHERE credential_id = $1", first_id
+    )
+    refused(await confirm(second_id), 409, "last_passkey")
+    r = await world.client.request(
+        "DELETE",
+        world.url(f"/v1/passkeys/{second_id}"),
+        headers=human.headers,
+        json={"credential": signed},
+    )
+    refused(r, 409, "last_passkey")
+    assert await service.flagged(human.principal_id) in ([True, False], [False, True])
+    r = await confirm(first_id)
+    assert r.status_code == 200, r.text
+    r = await world.client.request(
+        "DELETE",
+        world.url(f"/v1/passkeys/{first_id}"),
+        headers=human.headers,
+        json={"credential": human.authenticator.get(r.json(), passkey=second)},
+    )
+    assert r.status_code == 200, r.text
+
+
 # --- 2. a passkey the protocol cannot use is refused at registration --------------------------
 
 
@@ -627,6 +680,32 @@ async def test_an_assertion_whose_backup_eligibility_changed_is_audited_and_writ
     r = await sign_in(world, human.authenticator.get)
     assert r.status_code == 200, r.text
     await world.approve(human, request["id"])
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_backup_eligible_passkey_that_drops_be_but_keeps_bs_is_audited_as_a_be_change(
+    service: InProcess,
+) -> None:
+    """A passkey registered with BE whose signed assertion clears BE and sets BS: its BE
+    changed, refused 403 backup_eligibility_changed with its passkey.refused event, as
+    without BS. (It was a 400 invalid_backup_flags with no trace: setting BS as well was
+    enough to leave the change unaudited.)"""
+    world = service.world
+    human = await human_with(world, backup_eligible=True, backed_up=True)
+    passkey = only_passkey(human)
+    stored = await service.stored(passkey.credential_id)
+    passkey.backup_eligible, passkey.backed_up = False, True
+    before = await service.counts()
+    r = await sign_in(world, human.authenticator.get)
+    refused(r, 403, "backup_eligibility_changed")
+    assert await service.counts() == {
+        **before,
+        "webauthn_challenges": before["webauthn_challenges"] + 1,
+        "audit_events": before["audit_events"] + 1,
+    }
+    assert await service.events("passkey.refused", passkey.credential_id) == 1
+    assert await service.stored(passkey.credential_id) == stored
+    assert await service.flagged(human.principal_id) == [False]
 
 
 @pytest.mark.asyncio(loop_scope="session")

@@ -913,8 +913,8 @@ class Registry:
         """Assertion options for confirming ``change`` with one of the human's passkeys. A
         removal that cannot happen is refused now, before anyone is asked to sign for it."""
         if change.startswith("remove:"):
-            ids = await _passkey_ids(self.pool, principal_id)
-            _removable(set(ids), change.removeprefix("remove:"))
+            rows = await self.pool.fetch(_PASSKEYS_FLAGGED, principal_id)
+            _removable(_flagged_by_id(rows), change.removeprefix("remove:"))
         return await self._assertion_options(
             principal_id, secrets.token_bytes(32), purpose="manage_passkeys", subject_id=change
         )
@@ -1115,12 +1115,8 @@ class Registry:
         """Remove a passkey, confirmed by one of the human's passkeys, and end the human's
         other sessions: whoever held the removed passkey may have signed one in."""
         async with self._tx() as conn:
-            rows = await conn.fetch(
-                "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
-                " AND removed_at IS NULL FOR UPDATE",
-                principal_id,
-            )
-            _removable({r["credential_id"] for r in rows}, credential_id)
+            rows = await conn.fetch(_PASSKEYS_FLAGGED + " FOR UPDATE", principal_id)
+            _removable(_flagged_by_id(rows), credential_id)
             await self._confirmed(conn, principal_id, f"remove:{credential_id}", confirmation)
             await conn.execute(
                 "UPDATE passkey_credentials SET removed_at = now() WHERE credential_id = $1",
@@ -1186,6 +1182,18 @@ class Registry:
             ) from None
         except InvalidBackupFlags:
             # Raised only once the signature has verified; not a response error to py_webauthn.
+            # BS without BE says BE is clear: from a passkey registered with BE set, that is a
+            # change of BE as well, refused and audited as one (else also setting BS would be
+            # enough to leave the change without its audit event).
+            if row["backup_eligible"] is True:
+                _checked_user_handle(
+                    credential["response"].get("userHandle"),
+                    owner=row["principal_id"],
+                    required=principal_id is None,
+                )
+                raise _backup_eligibility_refused(
+                    credential_id, row["principal_id"], presented=False
+                ) from None
             raise _invalid_backup_flags() from None
         except (WebAuthnException, ValueError, KeyError, TypeError):  # JSON it cannot read...
             raise InvalidReceipt("malformed WebAuthn credential", reason="malformed") from None
@@ -1215,13 +1223,8 @@ class Registry:
         if _backup_eligibility_changed(
             stored=row["backup_eligible"], presented=checked.backup_eligible
         ):
-            # The caller's transaction rolls back; _tx then records the refusal alone. Who,
-            # not which passkey: the log carries no passkey material (the audit event does).
-            log.warning(
-                "refused a passkey assertion whose BE flag changed (%s)", row["principal_id"]
-            )
-            raise BackupEligibilityChanged(
-                credential_id, row["principal_id"], checked.backup_eligible
+            raise _backup_eligibility_refused(
+                credential_id, row["principal_id"], presented=checked.backup_eligible
             )
         # BE is recorded here for passkeys registered before it was stored (NULL) and is
         # otherwise the stored value again; BS is whatever the authenticator says now.
@@ -3104,6 +3107,16 @@ def _backup_eligibility_changed(*, stored: bool | None, presented: bool) -> bool
     return stored is not None and stored != presented
 
 
+def _backup_eligibility_refused(
+    credential_id: str, principal_id: str, *, presented: bool
+) -> BackupEligibilityChanged:
+    """The refusal of a signed assertion whose BE is not the recorded one, logged. The
+    caller's transaction rolls back; _tx then records the refusal alone. Who, not which
+    passkey: the log carries no passkey material (the audit event does)."""
+    log.warning("refused a passkey assertion whose BE flag changed (%s)", principal_id)
+    return BackupEligibilityChanged(credential_id, principal_id, presented)
+
+
 def _invalid_backup_flags() -> InvalidReceipt:
     """BS (backed up) with BE (may be backed up) clear, which WebAuthn L3 §7.1 and §7.2
     refuse: no authenticator backs up what cannot be."""
@@ -3112,10 +3125,24 @@ def _invalid_backup_flags() -> InvalidReceipt:
     )
 
 
-def _removable(passkeys: set[str], credential_id: str) -> None:
-    if credential_id not in passkeys:
+# The human's passkeys (not removed), each with whether it is flagged.
+_PASSKEYS_FLAGGED = (
+    "SELECT credential_id, flagged_at IS NOT NULL AS flagged FROM passkey_credentials"
+    " WHERE principal_id = $1 AND removed_at IS NULL"
+)
+
+
+def _flagged_by_id(rows: Sequence[asyncpg.Record]) -> dict[str, bool]:
+    return {r["credential_id"]: r["flagged"] for r in rows}
+
+
+def _removable(flagged: Mapping[str, bool], credential_id: str) -> None:
+    """Refuse to remove a passkey that is not the human's, or the last one that can still
+    sign: a flagged passkey is refused for good, so keeping only flagged ones would lock
+    the person out until the admin issues a recovery code."""
+    if credential_id not in flagged:
         raise NotFound("no such passkey")
-    if len(passkeys) == 1:
+    if not any(not f for i, f in flagged.items() if i != credential_id):
         raise Conflict("the last passkey cannot be removed", reason="last_passkey")
 
 
