@@ -128,8 +128,13 @@ class FakeRegistry:
 class RequestsPage:
     """The requests page of one signed-in person, built in memory."""
 
-    def __init__(self, registry: FakeRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
-        store = SessionStore(ttl=3600, ticket_ttl=60)
+    def __init__(
+        self,
+        registry: FakeRegistry,
+        monkeypatch: pytest.MonkeyPatch,
+        store: SessionStore | None = None,
+    ) -> None:
+        store = store or SessionStore(ttl=3600, ticket_ttl=60)
         ticket = store.sign_in("anonymous", principal_id="hum_1", registry_token="tok")
         cookie_id = store.claim(ticket, "anonymous")
         assert cookie_id is not None
@@ -680,6 +685,112 @@ async def test_a_session_the_registry_ended_ends_on_the_page_too(
     monkeypatch.setattr(registry, "grant_requests", listing_ended)
     await again.build()
     assert again.store.get(again.cookie_id) is None
+
+
+class IdleClock:
+    """The session store's clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def idle_page(
+    registry: FakeRegistry, monkeypatch: pytest.MonkeyPatch, clock: IdleClock, idle_ttl: int
+) -> tuple[RequestsPage, list[str], list[str]]:
+    """A requests page whose session ends after ``idle_ttl`` s idle; registry logouts and
+    the page's navigations are recorded."""
+    logouts: list[str] = []
+    went: list[str] = []
+
+    async def logout(token: str) -> None:
+        logouts.append(token)
+
+    monkeypatch.setattr(registry, "logout", logout, raising=False)
+    monkeypatch.setattr(ui.navigate, "to", went.append)
+    store = SessionStore(ttl=12 * 3600, idle_ttl=idle_ttl, ticket_ttl=60, clock=clock)
+    return RequestsPage(registry, monkeypatch, store), logouts, went
+
+
+@pytest.mark.asyncio
+async def test_the_pages_polls_do_not_keep_an_idle_session_alive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A page left open on a shared computer acted for the person for all of session_ttl
+    (12 h), without a passkey: enrollment codes, revocations, the audit trail. Its own
+    polls must not count as use, or an open tab would never be idle."""
+    clock = IdleClock()
+    registry = FakeRegistry([SHOP_REQUEST], [])
+    page, logouts, went = idle_page(registry, monkeypatch, clock, 1800)
+    await page.build()
+    clock.now += 1000
+    await page.poll()
+    clock.now += 799
+    await page.poll()
+    assert page.store.get(page.cookie_id) is not None and went == []
+    clock.now += 1  # 1800 s since the person last did anything
+    await page.poll()
+    await asyncio.sleep(0)  # the registry's logout runs beside the page
+    assert page.store.get(page.cookie_id) is None
+    assert went == ["/login"]  # the requests leave the screen
+    assert logouts == ["tok"]  # and the registry session ends, as sign-out ends it
+    await page.press(page.button(f"Deny: {WHO}"))
+    assert registry.denied == []
+    assert page.notice() == "Your session has ended. Please sign in again."
+
+
+@pytest.mark.asyncio
+async def test_an_action_on_the_page_keeps_its_session_alive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = IdleClock()
+    registry = FakeRegistry([SHOP_REQUEST], [])
+    page, logouts, went = idle_page(registry, monkeypatch, clock, 1800)
+    await page.build()
+    clock.now += 1700
+    await page.press(page.button("Refresh the pending requests"))
+    clock.now += 1700  # 3400 s since sign-in, 1700 since the person's last action
+    await page.poll()
+    assert page.store.get(page.cookie_id) is not None and went == []
+    await page.press(page.button(f"Deny: {WHO}"))
+    assert registry.denied == ["grq_shop"] and logouts == []
+
+
+@pytest.mark.asyncio
+async def test_a_page_load_keeps_its_session_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = IdleClock()
+    page, _logouts, _went = idle_page(FakeRegistry([], []), monkeypatch, clock, 1800)
+    loaded = {"type": "http", "method": "GET", "path": "/grants", "root_path": "", "headers": []}
+    loaded |= {"query_string": b"", "state": {"agentauth_cookie_id": page.cookie_id}}
+    clock.now += 1700
+    assert page.pages._guard(Request(loaded)) == (page.cookie_id, page.store.get(page.cookie_id))
+    clock.now += 1700
+    assert page.store.get(page.cookie_id) is not None
+    clock.now += 100
+    assert page.store.get(page.cookie_id) is None
+
+
+@pytest.mark.asyncio
+async def test_a_passkey_prompt_longer_than_the_idle_period_is_no_idleness(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The person is at the authenticator: their approval must not fail for idleness."""
+    clock = IdleClock()
+    registry = FakeRegistry([SHOP_REQUEST], [])
+    page, logouts, _went = idle_page(registry, monkeypatch, clock, 60)
+    await page.build()
+    monkeypatch.delattr(page.pages, "_ceremony")  # the real prompt, over a slow stub browser
+
+    async def slow_person(code: str, timeout: float) -> dict[str, Any]:
+        clock.now += 150
+        return {"credential": {"id": "credential"}}
+
+    monkeypatch.setattr(ui, "run_javascript", slow_person)
+    await page.press(page.button(f"Approve with passkey: {WHO}"))
+    assert registry.requests == []  # approval_finish ran: the session was not idle
+    assert page.store.get(page.cookie_id) is not None and logouts == []
 
 
 @pytest.mark.asyncio

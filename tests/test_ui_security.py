@@ -14,7 +14,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from agentauth.protocol import Capability, Envelope, Grant, RateLimit, b64url_encode
-from agentauth.ui import SecurityMiddleware, SessionStore
+from agentauth.ui import SecurityMiddleware, SessionStore, UISettings
 from agentauth.ui._pages import Mismatch, Pages
 from agentauth.ui._security import read_cookie
 
@@ -204,6 +204,56 @@ REQUEST = {
     "capabilities": [{"kind": "read", "resource": "calendar/*"}],
     "envelope": {"rate_limits": [{"max_count": 5, "window_seconds": 3600}]},
 }
+
+
+def test_a_session_left_idle_ends_before_its_lifetime() -> None:
+    """ASVS V3.3.2: a page left open on a shared computer acted for the person, without
+    their passkey, for all of ``session_ttl`` (12 h)."""
+    now = [0.0]
+    store = SessionStore(ttl=3600, idle_ttl=600, ticket_ttl=30, clock=lambda: now[0])
+    session_id = store.claim(
+        store.sign_in("anon", principal_id="hum_1", registry_token="t"), "anon"
+    )
+    now[0] = 500.0
+    assert store.use(session_id) is not None  # the person's use: idleness counts from here
+    now[0] = 1099.0
+    assert store.get(session_id) is not None  # a look that is no use (a poll) ...
+    now[0] = 1100.0
+    assert store.get(session_id) is None  # ... does not keep it alive: ended, 600 s idle
+    assert store.idle_ended() == ["t"]  # for the page to end at the registry, once
+    assert store.idle_ended() == []
+    assert store.use(session_id) is None  # use does not bring an ended session back
+
+
+def test_a_session_is_not_idle_while_a_passkey_prompt_is_up() -> None:
+    now = [0.0]
+    store = SessionStore(ttl=3600, idle_ttl=60, ticket_ttl=30, clock=lambda: now[0])
+    session_id = store.claim(
+        store.sign_in("anon", principal_id="hum_1", registry_token="t"), "anon"
+    )
+    store.use(session_id, busy_for=180)
+    now[0] = 200.0
+    assert store.use(session_id) is not None
+    now[0] = 260.0
+    assert store.get(session_id) is None
+
+
+def test_idle_sessions_swept_at_a_sign_in_are_ended_at_the_registry_too() -> None:
+    now = [0.0]
+    store = SessionStore(ttl=3600, idle_ttl=60, ticket_ttl=30, clock=lambda: now[0])
+    store.claim(store.sign_in("anon", principal_id="hum_1", registry_token="t1"), "anon")
+    now[0] = 60.0
+    store.sign_in("anon-2", principal_id="hum_2", registry_token="t2")
+    assert store.idle_ended() == ["t1"]
+
+
+@pytest.mark.parametrize(
+    "values", [{"session_idle_ttl": 59}, {"session_ttl": 600, "session_idle_ttl": 601}]
+)
+def test_an_idle_period_outside_its_bounds_is_refused_at_start(values: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match="session_idle_ttl"):
+        UISettings(registry_url="http://registry.invalid", **values)  # type: ignore[arg-type]
+    assert UISettings(registry_url="http://registry.invalid").session_idle_ttl == 1800
 
 
 def test_the_passkey_signs_only_the_grant_on_screen() -> None:

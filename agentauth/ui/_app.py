@@ -68,7 +68,11 @@ def create_ui_app(
         raise TypeError("give either settings or registry_url and fields, not both")
 
     registry = RegistryClient(settings.registry_url, timeout=settings.registry_timeout)
-    store = SessionStore(ttl=settings.session_ttl, ticket_ttl=settings.ticket_ttl)
+    store = SessionStore(
+        ttl=settings.session_ttl,
+        idle_ttl=settings.session_idle_ttl,
+        ticket_ttl=settings.ticket_ttl,
+    )
     cookie = cookie_name(settings.secure_cookies)
 
     @asynccontextmanager

@@ -400,6 +400,7 @@ class Pages:
         self.registry = registry
         self.store = store
         self.cookie = cookie_name(settings.secure_cookies)
+        self._logouts: set[asyncio.Task[None]] = set()  # held until done (asyncio keeps none)
 
     # --- sessions ------------------------------------------------------------------------
 
@@ -407,12 +408,14 @@ class Pages:
     def _cookie_id(request: Request) -> str:
         return str(request.state.agentauth_cookie_id)
 
-    def _session(self, cookie_id: str) -> Session:
+    def _session(self, cookie_id: str, *, use: bool = True) -> Session:
         """The session behind this page, checked again for every registry call.
 
         While the page is being built, the HTTP request that carried ``cookie_id`` is the
         caller. Afterwards calls come from actions over the socket, which must carry the
-        very same cookie: a page's client id alone does not act for anyone.
+        very same cookie: a page's client id alone does not act for anyone. Each call is
+        the person's use of the session (it stays alive), except with ``use=False``: the
+        page's own polls, or an open page would never be idle.
         """
         client = ui.context.client
         if client.has_socket_connection:
@@ -422,13 +425,41 @@ class Pages:
                 raise SignedOut
             if read_cookie(Headers(scope=scope), self.cookie) != cookie_id:
                 raise SignedOut
-        session = self.store.get(cookie_id)
+        session = self.store.use(cookie_id) if use else self.store.get(cookie_id)
+        self._end_idle()
         if session is None:
             raise SignedOut
         return session
 
-    def _token(self, cookie_id: str) -> str:
-        return self._session(cookie_id).registry_token
+    def _token(self, cookie_id: str, *, use: bool = True) -> str:
+        return self._session(cookie_id, use=use).registry_token
+
+    def _end_idle(self) -> None:
+        """End at the registry, as sign-out does, the sessions the store ended for
+        idleness (best effort: if the registry cannot be reached, at their expiry)."""
+        for token in self.store.idle_ended():
+            task = asyncio.get_running_loop().create_task(self._logout(token))
+            self._logouts.add(task)
+            task.add_done_callback(self._logouts.discard)
+
+    async def _logout(self, token: str) -> None:
+        try:
+            await self.registry.logout(token)
+        except RegistryError as exc:
+            log.warning(
+                "could not end the registry session (%s); it ends at its expiry",
+                exc.reason or exc.error,
+            )
+
+    @staticmethod
+    def _page_cookie_id() -> str | None:
+        """The cookie id of the request that built the page now running, if any."""
+        try:
+            request = ui.context.client.request
+        except RuntimeError:  # a client built without a request
+            return None
+        cookie_id = getattr(request.state, "agentauth_cookie_id", None)
+        return cookie_id if isinstance(cookie_id, str) else None
 
     async def _act(self, notice: Notice, work: Callable[[], Awaitable[None]]) -> None:
         """Run an action; turn every failure into words in ``notice``."""
@@ -451,12 +482,8 @@ class Pages:
         """The registry ended this page's session (a passkey removed from another device,
         its expiry): the page's own ends with it. Kept, /login would find it and send the
         person straight back to a page that cannot reach the registry, again and again."""
-        try:
-            request = ui.context.client.request
-        except RuntimeError:  # a client built without a request: nothing to end
-            return
-        cookie_id = getattr(request.state, "agentauth_cookie_id", None)
-        if isinstance(cookie_id, str):
+        cookie_id = self._page_cookie_id()
+        if cookie_id is not None:
             self.store.sign_out(cookie_id)
 
     def _registry_failed(self, notice: Notice, exc: RegistryError) -> None:
@@ -470,10 +497,16 @@ class Pages:
     async def _ceremony(self, kind: str, options: Mapping[str, Any]) -> dict[str, Any]:
         """Run navigator.credentials.create/get in the browser with the registry's options."""
         code = f"return await window.agentauth.{kind}({json.dumps(options)})"
+        # The person is busy with the prompt, however long it stays up: the session must
+        # not end for idleness under them (one already ended stays so).
+        cookie_id = self._page_cookie_id()
+        self.store.use(cookie_id, busy_for=self.settings.ceremony_timeout)
         try:
             answer = await ui.run_javascript(code, timeout=self.settings.ceremony_timeout)
         except TimeoutError:
             raise CeremonyError("The passkey prompt timed out. Nothing was signed.") from None
+        finally:
+            self.store.use(cookie_id)
         if not isinstance(answer, dict):
             raise CeremonyError("The browser closed the passkey prompt. Nothing happened.")
         credential = answer.get("credential")
@@ -519,13 +552,8 @@ class Pages:
                         pass
                     else:
                         self.store.sign_out(cookie_id)
-                        try:  # the registry's session ends too, not only this page's
-                            await self.registry.logout(token)
-                        except RegistryError as exc:
-                            log.warning(
-                                "could not end the registry session (%s); it ends at its expiry",
-                                exc.reason or exc.error,
-                            )
+                        # The registry's session ends too, not only this page's.
+                        await self._logout(token)
                     ui.navigate.to("/login")
 
                 labelled(
@@ -544,7 +572,8 @@ class Pages:
 
     def _guard(self, request: Request) -> tuple[str, Session] | Response:
         cookie_id = self._cookie_id(request)
-        session = self.store.get(cookie_id)
+        session = self.store.use(cookie_id)  # a page load is the person's use
+        self._end_idle()
         if session is None:
             return RedirectResponse("/login", status_code=303)
         return cookie_id, session
@@ -726,17 +755,19 @@ class Pages:
 
         board = Board()
 
-        async def pending_now() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-            token = self._token(cookie_id)
+        async def pending_now(
+            use: bool = True,
+        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            token = self._token(cookie_id, use=use)
             requests, steps = await asyncio.gather(
                 self.registry.grant_requests(token, "pending"),
                 self.registry.step_ups(token, "pending"),
             )
             return requests, steps
 
-        async def load(arm: bool = False) -> None:
-            pending, steps = await pending_now()
-            agents = await self.registry.agents(self._token(cookie_id))
+        async def load(arm: bool = False, use: bool = True) -> None:
+            pending, steps = await pending_now(use)
+            agents = await self.registry.agents(self._token(cookie_id, use=use))
             names = {a["id"]: str(a.get("name", a["id"])) for a in agents}
             ctx = Ctx(cookie_id, notice, load)
             board.drawn(str(r["id"]) for r in [*pending, *steps])
@@ -781,8 +812,11 @@ class Pages:
             if not board.quiet():
                 return
             try:
-                pending, steps = await pending_now()
-            except (RegistryError, SignedOut):
+                pending, steps = await pending_now(use=False)  # not the person's use
+            except RegistryError:
+                return
+            except SignedOut:  # expired, idle or signed out elsewhere: off the screen
+                ui.navigate.to("/login")
                 return
             if not board.quiet():
                 return
@@ -794,7 +828,7 @@ class Pages:
                 # Nothing on the page can be clicked to any effect: drawing anew moves no
                 # answerable card.
                 if arrived or board.ids:
-                    await self._act(notice, partial(load, arm=True))
+                    await self._act(notice, partial(load, arm=True, use=False))
                 return
             if arrived and len(arrived) != board.announced:
                 many = "s" if len(arrived) > 1 else ""

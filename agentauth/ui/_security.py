@@ -75,6 +75,9 @@ class Session:
     registry_token: str = field(repr=False)
     expires_at: float
     display_name: str | None = None
+    # The person's last use (a page load, an action): idleness counts from here. Later than
+    # now while a passkey prompt is up, since the person is busy with it.
+    used_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +98,15 @@ class SessionStore:
         *,
         ttl: int,
         ticket_ttl: int,
+        idle_ttl: int = 1800,
         clock: Callable[[], float] = time.time,
         max_people_remembered: int = 100_000,
     ):
         self._sessions: dict[str, Session] = {}
+        # Registry tokens of sessions ended for idleness, for the caller to end at the
+        # registry too (this store does no I/O): that session would otherwise live on
+        # there until its expiry, hours later.
+        self._idle_ended: list[str] = []
         self._tickets: dict[str, LoginTicket] = {}
         # principal id -> chain -> (size, root). Kept by principal, not by session: the
         # registry can end a session (and so would wipe what the next visit is held to).
@@ -109,19 +117,42 @@ class SessionStore:
         self._checkpoints_seen: dict[str, dict[str, tuple[int, str]]] = {}
         self._max_people = max_people_remembered
         self._ttl = ttl
+        # OWASP ASVS 4.0 V3.3.2: a page left open on a shared or stolen computer must not
+        # act for the person, without their passkey, for the rest of the session's life.
+        self._idle_ttl = idle_ttl
         self._ticket_ttl = ticket_ttl
         self._clock = clock
 
     def get(self, session_id: str | None) -> Session | None:
+        """The live session, without counting this as the person's use (a page's polls)."""
         if not session_id:
             return None
         session = self._sessions.get(session_id)
         if session is None:
             return None
-        if session.expires_at <= self._clock():
+        now = self._clock()
+        if session.expires_at <= now:
             self._sessions.pop(session_id, None)
             return None
+        if session.used_at + self._idle_ttl <= now:
+            self._sessions.pop(session_id, None)
+            self._idle_ended.append(session.registry_token)
+            return None
         return session
+
+    def use(self, session_id: str | None, *, busy_for: float = 0.0) -> Session | None:
+        """Like ``get``, counting it as the person's use: idleness starts again now, or
+        ``busy_for`` seconds from now (a passkey prompt that may stay up that long). A
+        session already idle too long stays ended."""
+        session = self.get(session_id)
+        if session is not None:
+            session.used_at = self._clock() + busy_for
+        return session
+
+    def idle_ended(self) -> list[str]:
+        """The registry tokens of sessions ended for idleness since the last call."""
+        ended, self._idle_ended = self._idle_ended, []
+        return ended
 
     def sign_in(
         self,
@@ -140,6 +171,7 @@ class SessionStore:
             registry_token=registry_token,
             expires_at=now + self._ttl,
             display_name=display_name,
+            used_at=now,
         )
         ticket = new_id()
         self._tickets[ticket] = LoginTicket(
@@ -186,6 +218,8 @@ class SessionStore:
         now = self._clock()
         for key in [k for k, s in self._sessions.items() if s.expires_at <= now]:
             del self._sessions[key]
+        for key in [k for k, s in self._sessions.items() if s.used_at + self._idle_ttl <= now]:
+            self._idle_ended.append(self._sessions.pop(key).registry_token)
         for key in [k for k, t in self._tickets.items() if t.expires_at <= now]:
             del self._tickets[key]
 

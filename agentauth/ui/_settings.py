@@ -28,6 +28,10 @@ class UISettings(BaseModel):
     require_user_verification: bool = True
     # The page's own sessions end with the registry's (12 h by default) or earlier.
     session_ttl: int = Field(12 * 3600, ge=60)
+    # ...and after this long without the person's use (a page load or an action; the page's
+    # own polls do not count): OWASP ASVS 4.0 V3.3.2 (level 2) asks for 30 minutes. A page
+    # left open on a shared computer could otherwise enroll agents and revoke grants.
+    session_idle_ttl: int = Field(1800, ge=60)
     # A login ticket only bridges the passkey ceremony to the new cookie: seconds suffice.
     ticket_ttl: int = Field(60, ge=5, le=600)
     # Registry calls are quick; a stuck registry must not hang a page forever.
@@ -61,6 +65,12 @@ class UISettings(BaseModel):
     def _rp_id_fits_origins(self) -> UISettings:
         # Refused at start: otherwise every passkey ceremony fails, with nothing to say why.
         check_rp_id(self.rp_id, (self.origin,))
+        return self
+
+    @model_validator(mode="after")
+    def _idle_within_lifetime(self) -> UISettings:
+        if self.session_idle_ttl > self.session_ttl:
+            raise ValueError("session_idle_ttl must not exceed session_ttl")
         return self
 
     @property
