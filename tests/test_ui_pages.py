@@ -794,6 +794,31 @@ async def test_a_passkey_prompt_longer_than_the_idle_period_is_no_idleness(
 
 
 @pytest.mark.asyncio
+async def test_a_session_idle_where_nothing_looks_at_it_is_ended_at_the_registry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A closed tab, or a page that does not poll (here the passkeys page): nothing looked
+    at the session again, so its registry session lived on, for all of its 12 h, until the
+    person came back or someone else signed in and then loaded a page. The app's sweep
+    (every minute) ends it, once."""
+    clock = IdleClock()
+    registry = FakeRegistry([], [])
+    page, logouts, _went = idle_page(registry, monkeypatch, clock, 1800)
+    await page.build_passkeys()
+    clock.now += 1799
+    page.pages.end_idle_sessions()
+    await asyncio.sleep(0)
+    assert logouts == []
+    clock.now += 1
+    page.pages.end_idle_sessions()
+    await asyncio.sleep(0)
+    assert logouts == ["tok"]
+    page.pages.end_idle_sessions()
+    await asyncio.sleep(0)
+    assert logouts == ["tok"] and page.store.get(page.cookie_id) is None
+
+
+@pytest.mark.asyncio
 async def test_a_request_whose_access_has_already_ended_can_only_be_denied(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

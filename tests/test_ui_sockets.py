@@ -246,3 +246,12 @@ async def test_a_page_that_fails_to_build_names_nothing_of_the_failure(server: S
         assert detail not in answer.text
     assert "This page could not be shown" in answer.text
     assert answer.headers["x-frame-options"] == "DENY"
+
+
+@pytest.mark.asyncio
+async def test_a_session_left_idle_is_ended_at_the_registry_with_no_visit(
+    server: Server,
+) -> None:
+    """A session idle past session_idle_ttl whose tab was closed: nothing looked at it
+    again, so the registry session it held lived on until its expiry (12 h)."""
+    assert await until_called(server, "DELETE /v1/sessions/current", 0, 10)

@@ -49,6 +49,12 @@ def main(port: int, calls: Path) -> None:
     anonymous = "a" * 43
     ticket = store.sign_in(anonymous, principal_id="hum_1", registry_token="ses_1")
     print(json.dumps({"cookie": store.claim(ticket, anonymous)}), flush=True)
+    # Another person's session, left idle an hour ago (its tab closed): nothing looks at
+    # it again, and the app's own sweep must end its registry session.
+    idle = store.claim(
+        store.sign_in("b" * 43, principal_id="hum_2", registry_token="ses_idle"), "b" * 43
+    )
+    store.get(idle).used_at -= 3600
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 

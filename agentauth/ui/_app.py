@@ -36,6 +36,9 @@ __all__ = ["create_ui_app", "run_ui"]
 
 _created = threading.Lock()
 _used = False
+# The shortest session_idle_ttl allowed: a session nothing looks at again ends at the
+# registry at most this long after its idle period.
+_IDLE_SWEEP_SECONDS = 60.0
 
 
 class _TicketIn(BaseModel):
@@ -118,7 +121,12 @@ def create_ui_app(
         )
         return response
 
-    Pages(settings=settings, registry=registry, store=store).register()
+    pages = Pages(settings=settings, registry=registry, store=store)
+    pages.register()
+    # A session is ended for idleness when it is next looked at; one nothing looks at again
+    # (its tab closed, a page that does not poll) kept its registry session for all of
+    # session_ttl.
+    core.app.timer(_IDLE_SWEEP_SECONDS, pages.end_idle_sessions)
     core.app.on_page_exception(_error_page)
     ui.run_with(
         app,

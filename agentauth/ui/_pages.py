@@ -442,6 +442,12 @@ class Pages:
             self._logouts.add(task)
             task.add_done_callback(self._logouts.discard)
 
+    def end_idle_sessions(self) -> None:
+        """End the sessions left idle that nothing looks at again (a closed tab, a page
+        that does not poll), at the registry too: the app runs this every minute."""
+        self.store.sweep()
+        self._end_idle()
+
     async def _logout(self, token: str) -> None:
         try:
             await self.registry.logout(token)

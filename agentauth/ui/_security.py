@@ -163,7 +163,7 @@ class SessionStore:
         display_name: str | None = None,
     ) -> str:
         """Create the signed-in session under a fresh id; return the ticket to claim it."""
-        self._sweep()
+        self.sweep()
         now = self._clock()
         session_id = new_id()
         self._sessions[session_id] = Session(
@@ -214,7 +214,9 @@ class SessionStore:
         if session_id:
             self._sessions.pop(session_id, None)
 
-    def _sweep(self) -> None:
+    def sweep(self) -> None:
+        """Drop expired sessions and tickets; end idle sessions (``idle_ended`` gives their
+        registry tokens)."""
         now = self._clock()
         for key in [k for k, s in self._sessions.items() if s.expires_at <= now]:
             del self._sessions[key]
