@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from registry_inprocess import Opened, registry_in_process
 from registry_world import Agent as WorldAgent
 from registry_world import World
+from softauthn import SoftAuthenticator
 
 from agentauth.protocol import PrivateKey
 from agentauth.registry import Registry, RegistrySettings
@@ -251,6 +252,49 @@ async def test_a_human_holds_a_bounded_number_of_live_passkey_ceremonies(
     )
     assert (await confirm()).status_code == 200
     assert (await confirm()).status_code == 429
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_recovery_begins_whatever_ceremonies_a_lost_passkeys_session_holds(
+    service: Opened,
+) -> None:
+    """Whoever holds Alice's lost passkey has a session, and one confirmation every few
+    seconds keeps her ceremonies at the bound: her recovery's begin, the one way to lock
+    that holder out, was refused with them (429, until 2026-12-01). A recovery's begins
+    are bounded among themselves, and count against the other ceremonies."""
+    w = service.world
+    alice = await w.human("Alice")
+
+    async def confirm() -> httpx.Response:
+        return await w.client.post(
+            w.url("/v1/passkeys/confirm"), headers=alice.headers, json={"change": "add"}
+        )
+
+    while (await confirm()).status_code == 200:
+        pass
+    r = await w.client.post(
+        w.url("/v1/admin/recoveries"), headers=w.admin, json={"principal_id": alice.principal_id}
+    )
+    assert r.status_code == 200, r.text
+    code = r.json()["recovery_code"]
+
+    async def begin() -> httpx.Response:
+        return await w.client.post(w.url("/v1/recovery/begin"), json={"code": code})
+
+    r = await begin()
+    assert r.status_code == 200, r.text
+    device = SoftAuthenticator(origin=w.origin)
+    registration = device.create(r.json())
+    for _ in range(HUMAN_CHALLENGES - 1):
+        assert (await begin()).status_code == 200
+    before = await service.counts()
+    r = await begin()
+    assert (r.status_code, r.json().get("reason")) == (429, "too_many_challenges"), r.text
+    assert await service.counts() == before
+    r = await w.client.post(
+        w.url("/v1/recovery/finish"), json={"code": code, "credential": registration}
+    )
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.asyncio(loop_scope="session")

@@ -815,6 +815,71 @@ async def test_a_recovery_and_a_passkey_removal_at_once_do_not_deadlock(
 
 
 @pytest.mark.asyncio(loop_scope="session")
+async def test_a_passkey_added_while_a_recovery_waits_is_removed_by_it(
+    service: InProcess,
+) -> None:
+    """The thief, holding Alice's lost passkey X and a session it opened, adds its own
+    passkey Y; the finish's transaction holds that session and has inserted Y (its audit
+    chain's lock held here by a second connection) when Alice's recovery comes. The
+    recovery read the passkeys to remove, then waited on the session the finish holds,
+    and removed only X: Y, committed meanwhile, stayed and signed in (until 2026-12-01).
+    Now the recovery waits for the finish before it reads the passkeys, and removes Y."""
+    world, registry = service.world, service.registry
+    alice = await world.human("Alice")
+    lost = next(iter(alice.authenticator.passkeys.values()))
+    thief_session = await _sign_in(world, alice.authenticator, lost)
+    r = await world.client.post(
+        world.url("/v1/passkeys/begin"),
+        headers={"Authorization": f"Bearer {thief_session}"},
+        json={
+            "credential": alice.authenticator.get(
+                await _confirm(world, thief_session), passkey=lost
+            )
+        },
+    )
+    assert r.status_code == 200, r.text
+    thief_device = SoftAuthenticator(origin=world.origin)
+    added = thief_device.create(r.json())
+    r = await world.client.post(
+        world.url("/v1/admin/recoveries"),
+        headers=world.admin,
+        json={"principal_id": alice.principal_id},
+    )
+    assert r.status_code == 200, r.text
+    code = r.json()["recovery_code"]
+    r = await world.client.post(world.url("/v1/recovery/begin"), json={"code": code})
+    assert r.status_code == 200, r.text
+    new_device = SoftAuthenticator(origin=world.origin)
+    registration = new_device.create(r.json())
+
+    blocker = await asyncpg.connect(service.url)
+    try:
+        async with blocker.transaction():
+            await blocker.execute(
+                "SELECT 1 FROM audit_heads WHERE chain = $1 FOR UPDATE",
+                registry.audit.chain_for(alice.principal_id),
+            )
+            adding = asyncio.ensure_future(
+                registry.passkey_finish(alice.principal_id, added, session_token=thief_session)
+            )
+            await _until_blocked_by(registry.pool, blocker, adding)  # Y inserted, held
+            recovering = asyncio.ensure_future(registry.recovery_finish(code, registration))
+            await asyncio.sleep(0.5)  # it waits for the finish (on its session, or its lock)
+            assert not recovering.done(), recovering
+        await asyncio.wait_for(asyncio.gather(adding, recovering), 20)
+    finally:
+        await blocker.close()
+    recovered = {"Authorization": f"Bearer {recovering.result()['session']}"}
+    r = await world.client.get(world.url("/v1/passkeys"), headers=recovered)
+    assert [p["credential_id"] for p in r.json()] == [b64url_encode(k) for k in new_device.passkeys]
+    r = await world.client.post(world.url("/v1/sessions/begin"))
+    r = await world.client.post(
+        world.url("/v1/sessions/finish"), json={"credential": thief_device.get(r.json())}
+    )
+    assert (r.status_code, r.json().get("reason")) == (400, "unknown_credential"), r.text
+
+
+@pytest.mark.asyncio(loop_scope="session")
 async def test_an_enrollment_asked_for_by_a_session_ended_meanwhile_is_refused(
     service: InProcess,
 ) -> None:

@@ -909,3 +909,38 @@ async def test_a_refused_recovery_removes_no_passkey(service: InProcess) -> None
     assert r.status_code == 200, r.text
     assert await removed_at(service, old) is not None
     refused(await sign_in(world, alice.authenticator.get), 400, "unknown_credential")
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_ceremonies_begun_before_a_recovery_are_refused_to_the_passkeys_it_removed(
+    service: InProcess,
+) -> None:
+    """An approval and a step-up's approval begun with the lost passkey before the recovery
+    (their challenges still live) are refused to it after, writing nothing: a passkey is
+    judged when it signs, not when the ceremony began."""
+    world = service.world
+    alice, agent, _, grant = await world.payments_grant()
+    lost = only_passkey(alice)
+    request = await world.request(agent, await world.provider())
+    approval = await world.begin_approval(alice, request["id"])
+    step = await world.step_up(agent, grant["id"], "60")
+    r = await world.client.post(
+        world.url(f"/v1/step-ups/{step['id']}/approval/begin"), headers=alice.headers
+    )
+    assert r.status_code == 200, r.text
+    step_options = r.json()["options"]
+    r = await recover(world, alice, SoftAuthenticator(origin=world.origin).create)
+    assert r.status_code == 200, r.text
+    recovered = {"Authorization": f"Bearer {r.json()['session']}"}
+    before = await service.counts()
+    for path, options in (
+        (f"/v1/grant-requests/{request['id']}/approval/finish", approval["options"]),
+        (f"/v1/step-ups/{step['id']}/approval/finish", step_options),
+    ):
+        r = await world.client.post(
+            world.url(path),
+            headers=recovered,
+            json={"credential": alice.authenticator.get(options, passkey=lost)},
+        )
+        refused(r, 400, "unknown_credential")
+        assert await service.counts() == before

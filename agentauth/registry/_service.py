@@ -650,20 +650,28 @@ class Registry:
         # whole grant), and nothing else limits how fast a session, or whoever has taken
         # one, asks. Counted and inserted one at a time per human, so concurrent begins
         # cannot all fit under the bound; a renewal of the same row (below) adds none.
+        # A recovery's begin counts only the recovery's own: whoever holds the lost
+        # passkeys holds a session too, and could otherwise keep the rest at the bound
+        # and so refuse the one ceremony that locks them out.
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"chl:{principal_id}")
         cap = self.settings.max_human_challenges
+        recovery = bool(payload and payload.get("recovery"))
         live = await conn.fetchval(
             "SELECT count(*) FROM (SELECT 1 FROM webauthn_challenges WHERE principal_id = $1"
-            " AND expires_at > now() AND challenge <> $2 LIMIT $3) AS live",
+            " AND expires_at > now() AND challenge <> $2 AND (NOT $4 OR payload ? 'recovery')"
+            " LIMIT $3) AS live",
             principal_id,
             challenge,
             cap,
+            recovery,
         )
         if live >= cap:
             wait = await conn.fetchval(
                 "SELECT extract(epoch FROM min(expires_at) - now()) FROM webauthn_challenges"
-                " WHERE principal_id = $1 AND expires_at > now()",
+                " WHERE principal_id = $1 AND expires_at > now()"
+                " AND (NOT $2 OR payload ? 'recovery')",
                 principal_id,
+                recovery,
             )
             raise RateLimited(
                 f"{live} passkey ceremonies of this human are under way already; retry later",
@@ -938,9 +946,11 @@ class Registry:
             await self._confirmed(conn, principal_id, "add", confirmation)
             return await self._registration_options(conn, principal_id)
 
-    async def _registration_options(self, conn: Conn, principal_id: str) -> dict[str, Any]:
+    async def _registration_options(
+        self, conn: Conn, principal_id: str, *, recovery: bool = False
+    ) -> dict[str, Any]:
         """Options to register one more passkey for an existing human (none of theirs
-        again), with the challenge stored for this human."""
+        again), with the challenge stored for this human (marked a ``recovery``'s)."""
         options = webauthn.generate_registration_options(
             rp_id=self.settings.rp_id,
             rp_name=self.settings.rp_name,
@@ -953,7 +963,11 @@ class Registry:
             supported_pub_key_algs=_PASSKEY_ALGORITHMS,
         )
         await self._store_challenge(
-            conn, options.challenge, purpose="register", principal_id=principal_id
+            conn,
+            options.challenge,
+            purpose="register",
+            principal_id=principal_id,
+            payload={"recovery": True} if recovery else None,
         )
         return json.loads(webauthn.options_to_json(options))  # type: ignore[no-any-return]
 
@@ -961,6 +975,10 @@ class Registry:
         self, principal_id: str, credential: dict[str, Any], *, session_token: str
     ) -> dict[str, Any]:
         async with self._tx() as conn:
+            # Shared with other additions, exclusive of a recovery (recovery_finish), taken
+            # before the session: a recovery that comes while this adds a passkey waits for
+            # it to commit before it reads the passkeys to remove, so this one goes too.
+            await conn.execute(_PASSKEYS_ADDED_LOCK_SHARED, principal_id)
             await self._hold_session(conn, principal_id, session_token)
             credential_id = await self._add_passkey(conn, principal_id, credential, "added")
         return {"credential_id": credential_id}
@@ -1047,7 +1065,7 @@ class Registry:
     async def recovery_begin(self, code: str) -> dict[str, Any]:
         principal_id = await self._recovering(self.pool, code, spend=False)
         async with self._tx() as conn:
-            return await self._registration_options(conn, principal_id)
+            return await self._registration_options(conn, principal_id, recovery=True)
 
     async def recovery_finish(self, code: str, credential: dict[str, Any]) -> dict[str, Any]:
         """Register the new passkey and sign in with it. Every other passkey and session of
@@ -1055,6 +1073,10 @@ class Registry:
         otherwise go on signing in and approving with them."""
         async with self._tx() as conn:
             principal_id = await self._recovering(conn, code, spend=True)
+            # A passkey being added now (passkey_finish, with a session that whoever has
+            # the lost passkeys opened) commits first and is read below: the sessions are
+            # taken after the passkeys, so waiting for its session would come too late.
+            await conn.execute(_PASSKEYS_ADDED_LOCK, principal_id)
             # Removed as remove_passkey removes one (the row stays: receipts name it), and
             # in its lock order: the passkeys (locked by the same query), then the sessions,
             # then the human's audit chain, which the new passkey's event locks (in another
@@ -2896,6 +2918,9 @@ _HOURLY_DECISIONS = (
     " GROUP BY 1 ORDER BY 1"
 )
 
+# Per human: passkey_finish takes it shared, recovery_finish exclusive (see there).
+_PASSKEYS_ADDED_LOCK = "SELECT pg_advisory_xact_lock(hashtext('psk:' || $1))"
+_PASSKEYS_ADDED_LOCK_SHARED = "SELECT pg_advisory_xact_lock_shared(hashtext('psk:' || $1))"
 _SWEEP_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext('agentauth:sweep'))"
 _ANONYMOUS_CHALLENGES_LOCK = (
     "SELECT pg_advisory_xact_lock(hashtext('agentauth:anonymous-challenges'))"

@@ -134,7 +134,9 @@ class RegistrySettings(BaseModel):
     # and additions, recovery) at most: each begin stores one, an approval's with the whole
     # grant (up to 8 KiB), and a session could otherwise store them as fast as it can ask.
     # 100 is a begin every 3 s for a challenge's life (`challenge_ttl`, 300 s), far more
-    # than a person clicks; past it, 429 with Retry-After until the oldest expires.
+    # than a person clicks; past it, 429 with Retry-After until the oldest expires. A
+    # recovery's begins are counted among themselves (a lost passkey's session can fill
+    # the rest), so the total may reach twice this.
     max_human_challenges: int = Field(100, ge=1, le=100_000)
     # The proxies (addresses or networks) whose X-Forwarded-For names the client. A peer
     # outside them is the client itself, whatever header it sends; see docs/registry.md.
