@@ -3,6 +3,7 @@ opens a recorded key (after a restart, or one another replica created) gets."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -445,6 +446,43 @@ async def test_a_signer_opened_after_the_key_manager_closed_is_closed_not_kept(
     with pytest.raises(SignerUnavailable, match="closed"):
         await request
     assert restarted._signers == {}
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio
+async def test_a_retired_kids_signer_is_closed_not_kept_until_the_registry_closes(
+    vault: FakeVault, database: str, tmp_path: Path, replicas: Replicas
+) -> None:
+    """Each rotation left the signer of the kid it retired open for as long as the
+    registry ran: one more backend client per rotation and, with a renewable Vault token,
+    one more task renewing that token for good. Once the kid is retired its signer is
+    closed; a request dated inside its window opens it again."""
+    from agentauth.keys import VaultTransitSigner
+
+    vault.create_key("registry")
+    token = vault.issue_token(ttl=3600)
+    config = vault_settings(database, tmp_path, vault, vault_token=token)
+    manager = await replicas(config)
+    now = 1_900_000_000
+    old = await manager.signer(now)
+    assert isinstance(old, VaultTransitSigner)
+    assert old._renewal is not None
+    vault.rotate_key("registry")
+    new_kid = await manager.rotate(now=now)
+    activates = now + config.key_publish_ahead
+    await assert_signs_under(manager, activates, new_kid)
+    assert old.kid in manager._signers  # still published: not retired yet
+
+    retires = activates + config.token_lifetime + 60
+    new = await assert_signs_under(manager, retires, new_kid)
+    assert list(manager._signers) == [new_kid]
+    await asyncio.gather(*manager._retiring)  # closed in the background
+    assert old._renewal is None  # its renewal task stopped
+    with pytest.raises(SignerUnavailable, match="closed"):
+        await old.sign(b"after retirement")
+    assert new is await manager.signer(retires)  # the current kid's signer stays open
+    again = await assert_signs_under(manager, now, old.kid)
+    assert again is not old
 
 
 def test_a_negative_key_publish_ahead_is_refused_with_the_settings(tmp_path: Path) -> None:

@@ -51,6 +51,13 @@ async def _check_signs(signer: AsyncSigner) -> None:
         )
 
 
+async def _close_retired_signer(signer: AsyncSigner) -> None:
+    try:
+        await signer.aclose()
+    except Exception as exc:  # logged; the request goes on with the current kid
+        _log.warning("closing the signer of retired kid %s failed: %s", signer.kid, exc)
+
+
 class KeyManager:
     def __init__(self, settings: RegistrySettings, pool: asyncpg.Pool) -> None:
         self._settings = settings
@@ -58,6 +65,7 @@ class KeyManager:
         self._ring = KeyRing([])
         self._backends: dict[str, str] = {}
         self._signers: dict[str, AsyncSigner] = {}
+        self._retiring: set[asyncio.Task[None]] = set()  # retired kids' closes
         self._loaded_at = 0.0
         # The open of a kid's backend under way, which every request needing that kid
         # awaits: one open per kid at a time, and no request waits for more than one.
@@ -243,6 +251,7 @@ class KeyManager:
         """The signer for the key that signs at ``now``; raises ``SignerUnavailable``."""
         await self.refresh()
         kid = self._ring.signing_kid(int(now))
+        self._close_retired(int(now))
         signer = self._signers.get(kid)
         if signer is not None:
             return signer
@@ -256,6 +265,24 @@ class KeyManager:
         # Shielded: a request that gives up (its client went away) leaves the open to the
         # others, rather than cancel it under them.
         return await asyncio.shield(opening)
+
+    def _close_retired(self, now: int) -> None:
+        """Close the signers of kids retired at ``now``. Each rotation left the signer of
+        the kid it retired open until the registry closed: one more backend client per
+        rotation, and for Vault one more task renewing the token for good. A retired kid
+        stopped signing ``token_lifetime`` + 60 s before it retired, so no request still
+        holds its signer; one that asks for it later (a ``now`` in its window) opens it
+        again. Closed in the background: a wedged backend's close (up to its timeout) must
+        not hold the request that came across it, which signs under the current kid."""
+        retired = [
+            r.kid for r in self._ring.records if r.kid in self._signers and not r.published_at(now)
+        ]
+        for kid in retired:
+            task = asyncio.get_running_loop().create_task(
+                _close_retired_signer(self._signers.pop(kid))
+            )
+            self._retiring.add(task)  # held until done (the loop keeps only weak references)
+            task.add_done_callback(self._retiring.discard)
 
     async def _open_kid(self, kid: str) -> AsyncSigner:
         signer = await self._open_backend(self._backends[kid])
@@ -301,6 +328,8 @@ class KeyManager:
         keep the other signers open, nor the pool and Redis client the registry closes next.
         """
         self._closed = True
+        if self._retiring:  # each logs its own failure and returns
+            await asyncio.gather(*self._retiring)
         signers, self._signers = list(self._signers.values()), {}
         for signer in signers:
             try:
