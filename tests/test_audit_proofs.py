@@ -252,6 +252,28 @@ async def test_a_proof_reads_one_block_and_a_row_per_level(
     assert 0 < read <= 2 * (BLOCK + 1), read
 
 
+@pytest.mark.asyncio
+async def test_a_proof_at_a_size_just_past_a_power_of_two_reads_one_block(
+    conn: asyncpg.Connection, signer: LocalFileSigner, keys: KeySet
+) -> None:
+    """At 1,032 = 1,024 + 8 events the right edge of the tree is a perfect subtree of 8
+    leaves, in another block than the early leaves: taken from the frontier, not read with
+    every leaf hash between the leaf proved and the end (1,032 rows for leaf 0)."""
+    chain = Chain(conn, signer, keys)
+    await chain.grow(1024)
+    size = 1032
+    await chain.grow(size - 1024)
+    bound = BLOCK + math.ceil(math.log2(size)) + 2
+    for seq in (0, 1, 255, 256, 700, 1023, 1024, 1031):
+        counting = Counting(conn)
+        await chain.check_inclusion(seq, counting)
+        assert counting.rows <= bound, (seq, counting.rows)
+    for first in (1, 3, 256, 1000, 1024, 1030):
+        counting = Counting(conn)
+        await chain.check_consistency(first, size, counting)
+        assert counting.rows <= bound, (first, counting.rows)
+
+
 # --- chains checkpointed before the table existed -------------------------------------------------
 
 

@@ -256,3 +256,26 @@ async def test_a_cursor_from_someone_elses_listing_shows_none_of_their_events(
         assert not alices & {(e["chain"], e["seq"]) for e in shown[start]}
         assert all(e in bobs for e in shown[start])
     assert shown[made_up] == bobs
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_consistency_question_from_a_larger_size_is_refused(opened: Opened) -> None:
+    """GET /v1/audit/consistency with first past second is a 400 (it was a 404 saying no
+    checkpoints have those sizes, while both did); in order, the same two answer."""
+    world = opened.world
+    for _ in range(2):
+        await append_events(opened, 8, time_ms=1)  # the same chains both times
+        await opened.registry.checkpoint_all()
+    chain, first, second = await opened.registry.pool.fetchrow(
+        "SELECT chain, min(size), max(size) FROM audit_checkpoints GROUP BY chain"
+        " HAVING min(size) < max(size) ORDER BY chain LIMIT 1"
+    )
+    url = world.url("/v1/audit/consistency")
+    r = await world.client.get(
+        url, headers=world.admin, params={"chain": chain, "first": second, "second": first}
+    )
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), r.text
+    r = await world.client.get(
+        url, headers=world.admin, params={"chain": chain, "first": first, "second": second}
+    )
+    assert r.status_code == 200, r.text

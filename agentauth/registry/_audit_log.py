@@ -418,11 +418,22 @@ class AuditLog:
         frontier's subtrees from its start on (RFC 6962 splits both the same way), which
         also covers the tree's last, incomplete block without reading it.
         """
+        last = frontier.size & -frontier.size  # the width of the frontier's last subtree
+
+        def edge(start: int, end: int) -> bool:
+            # Runs to the end from where a subtree of the frontier begins: any width but a
+            # power of two, and the frontier's last subtree itself. That one is perfect, but
+            # may lie in another block than the leaf proved (at 1,024 + 8 leaves, leaf 0's
+            # path ends with leaves [1024, 1032)): read from the leaves, it took every leaf
+            # hash between the two, O(n) rows.
+            width = end - start
+            return bool(width & (width - 1)) or (end == frontier.size and width == last)
+
         wanted: set[Node] = set()
         small: list[tuple[int, int]] = []
         for start, end in ranges:
             width = end - start
-            if width & (width - 1) == 0:
+            if not edge(start, end):
                 level = width.bit_length() - 1
                 if level >= NODE_LEVEL:
                     wanted.add((level, start >> level))
@@ -435,7 +446,7 @@ class AuditLog:
         proof = []
         for start, end in ranges:
             width = end - start
-            if width & (width - 1):
+            if edge(start, end):
                 proof.append(frontier.root_from(start))
             elif width >> NODE_LEVEL:
                 level = width.bit_length() - 1

@@ -2681,6 +2681,10 @@ class Registry:
         return [dict(r) for r in rows]
 
     async def audit_consistency(self, chain: str, first: int, second: int) -> dict[str, Any]:
+        if not 0 < first <= second:
+            # A question no proof answers, whatever is stored: a 400, not the 404 (and "no
+            # checkpoints of those sizes") it got when both checkpoints exist.
+            raise InvalidRequest("first must be between 1 and second", reason="bad_sizes")
         rows = await self.pool.fetch(
             "SELECT size, signed FROM audit_checkpoints WHERE chain = $1"
             " AND size = ANY($2::bigint[])",
@@ -2688,7 +2692,7 @@ class Registry:
             [first, second],
         )
         found = {r["size"]: r["signed"] for r in rows}
-        if first not in found or second not in found or not 0 < first <= second:
+        if first not in found or second not in found:
             raise NotFound("no checkpoints of those sizes")
         async with self.pool.acquire() as conn:
             proof = await self.audit.consistency(conn, chain, first, second)
