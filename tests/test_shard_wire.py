@@ -35,7 +35,7 @@ from agentauth.actors._wire import (
     frame,
     read_frame,
 )
-from agentauth.protocol import Envelope
+from agentauth.protocol import AuditEvent, Envelope
 
 ENVELOPE = Envelope.model_validate(
     {
@@ -101,11 +101,67 @@ def _row(**changes: Any) -> list[Any]:
         msgpack.packb((1, [_row(f5=float("inf"))])),  # iat infinite
         msgpack.packb((1, [_row(f6='{"kind":"fly"}')])),  # not an action
         msgpack.packb((1, [_row(f7="{")])),  # not an envelope
+        # U+0000, which PostgreSQL cannot store: as an agent, grant or step-up id it failed
+        # the commit of every check merged with it; in an event's body, every later jsonb
+        # read of the grant's events (a filter is the action's one free text)
+        msgpack.packb((1, [_row(f0="agt\x00")])),
+        msgpack.packb((1, [_row(f2="grt\x00")])),
+        msgpack.packb((1, [_row(f8="ref\x00")])),
+        msgpack.packb((1, [_row(f11="revoked\x00")])),
+        msgpack.packb((1, [_row(f6='{"kind":"read","resource":"a","filter":"\\u0000"}')])),
+        # ids longer than an audit event's subject and actor can name (see the next test)
+        msgpack.packb((1, [_row(f0="a" * (_wire._MAX_AGENT_ID + 1))])),
+        msgpack.packb((1, [_row(f1="p" * (_wire._MAX_PROVIDER_ID + 1))])),
+        # a grant id or step-up reference past what an index entry holds failed the commit
+        # of every check merged with it (test_ids_as_long_as_the_wire_takes_are_stored)
+        msgpack.packb((1, [_row(f2="g" * (_wire._MAX_KEY + 1))])),
+        msgpack.packb((1, [_row(f8="r" * (_wire._MAX_KEY + 1))])),
     ],
 )
 def test_malformed_batches_are_refused(payload: bytes) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - each case fails in its own words
         Codec().decode_checks(payload)
+
+
+def _wide_text(length: int) -> str:
+    """Random characters of four UTF-8 bytes each: the most bytes (and the least
+    compression) ``length`` characters can take."""
+    return "".join(chr(0x10000 + secrets.randbelow(0xFFFF)) for _ in range(length))
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_ids_as_long_as_the_wire_takes_are_stored(database_url: str) -> None:
+    """The longest ids the wire takes (one more character is refused, above) are an allow
+    the shard commits, in an event the chain's readers accept. The shard names the agent
+    and provider in the event's subject and actor, which AuditEvent.from_canonical holds to
+    256 characters (events are chained unvalidated: a longer id was stored all the same,
+    and the chain could no longer be exported or verified); the agent id, grant id and
+    step-up reference go in indexed columns, whose entries PostgreSQL holds to about 2.7
+    KB (longer ones failed the commit of every check merged with them)."""
+    wide = _check(
+        agent_id=_wide_text(_wire._MAX_AGENT_ID),
+        provider_id=_wide_text(_wire._MAX_PROVIDER_ID),
+        grant_id=_wide_text(_wire._MAX_KEY),
+        step_up_ref=_wide_text(_wire._MAX_KEY),
+        step_up_valid=True,
+        action=payment("60"),
+    )
+    _, [check] = Codec().decode_checks(_payload(Codec().encode_checks(1, [wide])))
+    shard = StateShard(index=703, database_url=database_url)
+    try:
+        [result] = await shard.check_batch([check])
+        assert (result.allowed, result.audit_event) == (True, "verifier-703:0")
+    finally:
+        await shard.close()
+    conn = await asyncpg.connect(database_url)
+    try:
+        body = await conn.fetchval("SELECT body FROM audit_events WHERE chain = 'verifier-703'")
+    finally:
+        await conn.close()
+    event = AuditEvent.from_canonical(body)
+    assert (len(event.subject), len(event.actor)) == (256, 256)
+    assert event.data["step_up_ref"] == wide.step_up_ref
 
 
 def test_a_links_cache_of_parsed_envelopes_is_bounded_in_bytes() -> None:

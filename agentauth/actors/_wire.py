@@ -158,7 +158,7 @@ class Codec:
     def __init__(self) -> None:
         self._envelope_text = _DumpCache()
         self._envelope = _ParseCache(Envelope.model_validate_json)
-        self._action = _ParseCache(Action.model_validate_json)
+        self._action = _ParseCache(_action)
 
     def encode_checks(self, request_id: int, checks: list[Check]) -> bytes:
         rows = [
@@ -201,15 +201,15 @@ class Codec:
                 raise ValueError("malformed check: a void without the answer given")
             checks.append(
                 Check(
-                    agent_id=_text(row[0]),
-                    provider_id=_text(row[1]),
-                    grant_id=_opt_text(row[2]),
+                    agent_id=_text(row[0], _MAX_AGENT_ID),
+                    provider_id=_text(row[1], _MAX_PROVIDER_ID),
+                    grant_id=_opt_text(row[2], _MAX_KEY),
                     jkt=_opt_text(row[3]),
                     jti=_opt_text(row[4]),
                     iat=_number(row[5]),
                     action=None if action is None else self._action(_text(action)),
                     envelope=None if envelope is None else self._envelope(_text(envelope)),
-                    step_up_ref=_opt_text(row[8]),
+                    step_up_ref=_opt_text(row[8], _MAX_KEY),
                     step_up_valid=row[9] is True,
                     token_jti=_opt_text(row[10]),
                     deny=deny,
@@ -250,10 +250,44 @@ def decode_results(payload: bytes) -> tuple[int, list[tuple[Any, ...]]]:
     return int(request_id), [tuple(row) for row in rows]
 
 
-def _text(value: Any) -> str:
+# The longest agent and provider ids a check may name. The shard's audit event names them as
+# its subject ("agent:<id>") and actor ("provider:<id>"), which AuditEvent holds to 256
+# characters; events are chained unvalidated, so a longer id was stored all the same, in an
+# event no reader of the chain accepts (AuditEvent.from_canonical): the chain could no
+# longer be exported or verified. Honest ids are identifiers (128 characters), or
+# "provider:<id>" for a denial that has no token to name its agent.
+_MAX_AGENT_ID = 256 - len("agent:")
+_MAX_PROVIDER_ID = 256 - len("provider:")
+# The longest grant id and step-up reference a check may carry. The shard stores both in
+# indexed columns (audit_events' grant indexes, verifier_step_up_uses' key), whose entries
+# PostgreSQL holds to about 2.7 KB: a longer one failed the commit of every check merged
+# with it (ProgramLimitExceededError). Honest ones are identifiers (128 characters; the
+# verifier takes no longer step-up reference); 256 characters are 1 KiB at most.
+_MAX_KEY = 256
+
+
+def _text(value: Any, longest: int | None = None) -> str:
     if not isinstance(value, str):
         raise ValueError("expected text")
+    # PostgreSQL's text holds no U+0000, nor jsonb its \u escape. A check carrying one (as an
+    # agent, grant or step-up id) failed the statements of the batch it was merged into,
+    # every replica's checks in it denied audit_unavailable; one chained into an event's body
+    # failed every later lookup that reads the grant's events as jsonb (the questions about
+    # its proofs, its usage series). No honest replica sends one: the verifier refuses it in
+    # every request body (_web._storable).
+    if "\x00" in value:
+        raise ValueError("text may not hold U+0000")
+    if longest is not None and len(value) > longest:
+        raise ValueError("text too long")
     return value
+
+
+def _action(text: str) -> Action:
+    action = Action.model_validate_json(text)
+    # Its one free text (the rest are patterned): see _text.
+    if action.filter is not None and "\x00" in action.filter:
+        raise ValueError("text may not hold U+0000")
+    return action
 
 
 def _number(value: Any) -> float:
@@ -267,5 +301,5 @@ def _number(value: Any) -> float:
     return number
 
 
-def _opt_text(value: Any) -> str | None:
-    return None if value is None else _text(value)
+def _opt_text(value: Any, longest: int | None = None) -> str | None:
+    return None if value is None else _text(value, longest)
