@@ -68,7 +68,7 @@ ENVELOPES: list[tuple[dict[str, Any], list[dict[str, Any]], str]] = [
             "timezone": "America/New_York",
         },
         [{"kind": "read", "resource": "*"}],
-        f"weekends, Mon, Wed, Fri 18:00{DASH}22:30 America/New_York "
+        f"weekends all day, Mon, Wed, Fri 18:00{DASH}22:30 America/New_York "
         f"(UTC{MINUS}05:00 or UTC{MINUS}04:00 by season)",
     ),
     (
@@ -128,6 +128,39 @@ def test_envelopes_read_in_plain_words(
 ) -> None:
     parsed = Envelope.model_validate(envelope)
     assert describe_envelope(parsed, parse_capabilities(capabilities), now=NOW) == words
+
+
+ALL_DAY = {"start": "00:00", "end": "24:00"}
+EVERY_DAY = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+@pytest.mark.parametrize(
+    ("wider", "narrower"),
+    [
+        # Monday all day and Wednesday 09:00-17:00; Monday and Wednesday 09:00-17:00 only.
+        (
+            [{"days": ["mon"], **ALL_DAY}, {"days": ["wed"], "start": "09:00", "end": "17:00"}],
+            [{"days": ["mon", "wed"], "start": "09:00", "end": "17:00"}],
+        ),
+        # Any time at all; Mondays 09:00-10:00 only (and every day 09:00-10:00).
+        (
+            [{"days": EVERY_DAY, **ALL_DAY}, {"days": ["mon"], "start": "09:00", "end": "10:00"}],
+            [{"days": ["mon"], "start": "09:00", "end": "10:00"}],
+        ),
+    ],
+)
+def test_time_windows_that_allow_more_never_read_like_fewer(
+    wider: list[dict[str, Any]], narrower: list[dict[str, Any]]
+) -> None:
+    """All-day windows left their hours out, and windows are listed with commas as days
+    are: Monday all day beside Wednesday 09:00-17:00 read "Mon, Wed 09:00-17:00", the very
+    words of a grant allowing Monday 09:00-17:00 only, so a person approved more than the
+    page said."""
+    wide = describe_envelope(Envelope.model_validate({"time_windows": wider}), now=NOW)
+    narrow = describe_envelope(Envelope.model_validate({"time_windows": narrower}), now=NOW)
+    assert "all day" in wide
+    assert "all day" not in narrow
+    assert wide != narrow
 
 
 @pytest.mark.parametrize(

@@ -244,8 +244,13 @@ def describe_envelope(
         windows = []
         for window in envelope.time_windows:
             days = _days(window.days)
+            # "all day" said, not left out: windows are listed with commas, as days are, so
+            # Monday all day and Wednesday 09:00-17:00 read "Mon, Wed 09:00-17:00", the
+            # words of Monday and Wednesday 09:00-17:00 only (and "every day, Mon
+            # 09:00-10:00" hid that any time is allowed).
             all_day = window.start == "00:00" and window.end == "24:00"
-            windows.append(days if all_day else f"{days} {window.start}{_DASH}{window.end}")
+            hours = "all day" if all_day else f"{window.start}{_DASH}{window.end}"
+            windows.append(f"{days} {hours}")
         zone = envelope.timezone
         if zone != "UTC":
             zone += f" ({_zone_offsets(zone, now=now)})"
