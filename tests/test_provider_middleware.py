@@ -496,3 +496,89 @@ async def test_a_renewed_nonce_reaches_the_agent_with_the_allowed_answer(helper:
         second = await agent.get("/v1/calendar/events")
         assert second.status_code == 200 and "DPoP-Nonce" not in second.headers
     await client.aclose()
+
+
+# --- without public_url, the Host header names the origin and nothing more -----------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("helper", ["middleware", "require"])
+@pytest.mark.parametrize(
+    "host", ["elsewhere.example#", "elsewhere.example/?", "elsewhere.example/"]
+)
+async def test_a_host_header_cannot_choose_the_path_a_proof_is_checked_against(
+    helper: str, host: str
+) -> None:
+    """Without public_url the origin is rebuilt from the Host header, a caller's choice; but
+    a Host holding "#", "?" or "/" rewrote the path too: the URL asked about was
+    ``https://elsewhere.example#/v1/calendar/events``, which is ``https://elsewhere.example/``
+    to any URL parser. A token and a proof the agent sent to another origin (a link it was
+    led to) then passed for any route of this provider. Such a Host is no RFC 9110 §7.2
+    host[:port]: 400 (RFC 9112 §3.2), the verifier not asked, the app not run."""
+    from fastapi import Depends, FastAPI
+    from verifier_inprocess import AGENT, mint, verifier
+
+    from agentauth.verifier import create_app
+
+    service, shards = verifier()
+    client = VerifierClient(
+        "http://verifier",
+        provider_id="prov_a",
+        secret="secret-a",
+        http=httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(service)), base_url="http://verifier"
+        ),
+    )
+    ran: list[str] = []
+    read = Action(kind="read", resource="calendar/events")
+    if helper == "middleware":
+
+        async def events(request: Request) -> PlainTextResponse:
+            ran.append(request.url.path)
+            return PlainTextResponse("events")
+
+        app: Any = AgentAuthMiddleware(
+            Starlette(routes=[Route("/v1/calendar/events", events)]),
+            verifier=client,
+            action_of=lambda method, path: read,
+        )
+    else:
+        app = FastAPI()
+
+        @app.get("/v1/calendar/events", dependencies=[Depends(require(read, verifier=client))])
+        async def fastapi_events() -> str:
+            ran.append("/v1/calendar/events")
+            return "events"
+
+    now = time.time()
+    token = mint(now=now)
+    # What the agent sent to the other origin, for its root ("/" is also what "/?" names).
+    taken = create_dpop_proof(
+        AGENT, htm="GET", htu="https://elsewhere.example/", now=now, access_token=token
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="https://api.example") as c:
+        response = await c.get(
+            "/v1/calendar/events",
+            headers={"Host": host, "Authorization": f"DPoP {token}", "DPoP": taken},
+        )
+        assert response.status_code == 400, response.text
+        body = response.json()
+        assert body.get("detail", body) == {"error": "invalid_request", "reason": "bad_host"}
+        # Two Host lines are refused alike: which one names the origin is anyone's guess.
+        two = await c.get(
+            "/v1/calendar/events",
+            headers=[("Host", "api.example"), ("Host", "elsewhere.example")],
+        )
+        assert two.status_code == 400
+        # A host with a port, an IP literal, and no Host at all (HTTP/1.0) still reach the
+        # verifier, which refuses this proof for their URLs.
+        for good in ("elsewhere.example:8443", "[::1]:8080", "127.0.0.1"):
+            answer = await c.get(
+                "/v1/calendar/events",
+                headers={"Host": good, "Authorization": f"DPoP {token}", "DPoP": taken},
+            )
+            assert answer.status_code == 401, (good, answer.text)
+    assert ran == []
+    assert all(check.deny for check in shards.recorded)
+    await client.aclose()

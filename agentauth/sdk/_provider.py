@@ -481,7 +481,17 @@ def _as_sent(public_url: str | None) -> str | None:
     return f"{url.scheme}://{url.netloc.decode('ascii')}{path}"
 
 
+# RFC 9110 §7.2's Host: uri-host [":" port], the host an IP literal or a reg-name, which
+# covers an IPv4 address (RFC 3986 §3.2.2-3).
+_HOST = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?$")
+
+# A request whose Host is not one (RFC 9112 §3.2 answers it 400), when the URL is built from it.
+_BAD_HOST = {"error": "invalid_request", "reason": "bad_host"}
+
+
 def _public_url(scope: Mapping[str, Any], base: str | None) -> str:
+    """The URL the agent's proof must name; raises ``ValueError`` when it would be built
+    from a Host header that is not one host[:port], or from two of them."""
     # As the agent sent it, mount prefix included: the proof names the encoded path
     # (protocol.path_as_sent).
     path = path_as_sent(scope, with_root=True)
@@ -490,9 +500,15 @@ def _public_url(scope: Mapping[str, Any], base: str | None) -> str:
     # Header bytes are latin-1 to ASGI, as the other headers here are read: a byte that is
     # not UTF-8 in some other header must not make this request a 500. Without public_url
     # the host is the request's own Host header: see AgentAuthMiddleware's docstring.
-    host = next(
-        (v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"host"), ""
-    )
+    hosts = _values(scope.get("headers", []), "host")
+    # The origin is the caller's choice here, but only the origin: a Host holding "/", "?"
+    # or "#" (servers pass any field value on) rewrote the path the proof is checked
+    # against, since "https://a.example#" + "/payments" reads as "https://a.example/", so a
+    # proof the agent sent elsewhere passed for any route. Two Host lines are refused as
+    # two DPoP lines are: which one names the origin is anyone's guess.
+    if len(hosts) > 1 or (hosts and not _HOST.fullmatch(hosts[0])):
+        raise ValueError("the Host header is not one host[:port]")
+    host = hosts[0] if hosts else ""
     return f"{scope.get('scheme', 'http')}://{host or 'localhost'}{path}"
 
 
@@ -607,7 +623,8 @@ class AgentAuthMiddleware:
 
     ``public_url``: the origin agents call (``https://api.example.com``), which the proofs'
     ``htu`` must name. Set it: without it the origin is rebuilt from the request's scheme and
-    its own ``Host`` header (a caller's choice; and ``http`` behind a TLS proxy)."""
+    its own ``Host`` header (a caller's choice; and ``http`` behind a TLS proxy); a request
+    whose Host is not one host[:port], or that has two, is then answered 400 ``bad_host``."""
 
     def __init__(
         self,
@@ -649,9 +666,14 @@ class AgentAuthMiddleware:
         if len(step_up) > 1:
             await _respond(send, 400, {}, _TWO_STEP_UPS)
             return
+        try:
+            url = _public_url(scope, self._public_url)
+        except ValueError:
+            await _respond(send, 400, {}, _BAD_HOST)
+            return
         verification = await self._verifier.verify_request(
             method=scope["method"],
-            url=_public_url(scope, self._public_url),
+            url=url,
             headers=lines,
             action=action,
             step_up_ref=step_up[0] if step_up else None,
@@ -748,9 +770,13 @@ def require(
         step_up = _values(request.headers, STEP_UP_HEADER.lower())
         if len(step_up) > 1:
             raise HTTPException(status_code=400, detail=_TWO_STEP_UPS)
+        try:
+            url = _public_url(request.scope, public_url)
+        except ValueError:
+            raise HTTPException(status_code=400, detail=_BAD_HOST) from None
         verification = await chosen.verify_request(
             method=request.method,
-            url=_public_url(request.scope, public_url),
+            url=url,
             headers=request.headers,  # Starlette's Headers: every line, repeats kept
             action=wanted,
             step_up_ref=step_up[0] if step_up else None,
