@@ -850,6 +850,40 @@ async def test_a_grant_approved_for_more_is_used_at_the_next_request(tmp_path: P
     assert presented == ["tok-1-grt_1", "tok-2-grt_2"]
 
 
+@pytest.mark.asyncio
+async def test_a_step_up_is_presented_with_a_token_of_the_grant_it_approves(
+    tmp_path: Path,
+) -> None:
+    """A step-up approves one payment under one grant, and the verifier takes its reference
+    only with a token of that grant. It was asked under the newest grant for the provider,
+    while the payment went with the token cached from an older one: refused
+    step_up_invalid, the human's approval unusable until that token expired."""
+    now = [1_000_000.0]
+    registry = TokenRegistry([listed_grant("grt_1")], now=now)
+    asked: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path == "/v1/step-ups":
+            asked.append(json.loads(request.content)["grant_id"])
+            return httpx.Response(200, json={"id": "stp_1", "status": "pending"})
+        if request.url.path == "/v1/step-ups/stp_1":
+            return httpx.Response(200, json={"status": "approved", "approval_ref": "ref-1"})
+        return await registry(request)
+
+    client = mocked(handler, tmp_path, clock=lambda: now[0])
+    assert await client.get_token("shop") == "tok-1-grt_1"
+    registry.grants = [listed_grant("grt_1"), listed_grant("grt_2")]  # approved meanwhile
+    ref = await client.request_step_up("shop", **PAYMENT)
+    headers = await client.authenticate_headers("shop", "POST", "/payments", step_up_ref=ref)
+    assert asked == ["grt_2"]
+    assert headers["Authorization"] == "DPoP tok-2-grt_2"
+    # A step-up under the grant of the token held leaves that token in use.
+    again = await client.request_step_up("shop", **{**PAYMENT, "amount": "130"})
+    headers = await client.authenticate_headers("shop", "POST", "/payments", step_up_ref=again)
+    assert headers["Authorization"] == "DPoP tok-2-grt_2"
+    await client.aclose()
+
+
 def test_the_sync_client_lets_a_refused_token_go_too(tmp_path: Path) -> None:
     now = [1_000_000.0]
     registry = TokenRegistry([listed_grant("grt_1")], now=now)
@@ -1448,6 +1482,24 @@ async def test_a_proofs_htu_names_the_url_as_it_goes_on_the_wire(tmp_path: Path)
     auth = DPoPAuth(key=PrivateKey.generate(), token="tok")
     signed = next(auth.auth_flow(httpx.Request("GET", "https://user:pw@api.example:443/x")))
     assert claims(signed.headers["DPoP"])["htu"] == "https://api.example/x"
+    await client.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_relative_url_with_a_url_in_its_query_is_signed_for_the_provider(
+    tmp_path: Path,
+) -> None:
+    """A URL was taken as absolute if "://" appeared anywhere in it: a relative one carrying
+    a URL in its query (``/links?next=https://…``) was signed with htu ``:///links``, which
+    names no request, so the provider refused every such call."""
+    registry = TokenRegistry([listed_grant("grt_1")], now=[1_000_000.0])
+    client = token_client(registry, tmp_path)
+    headers = await client.authenticate_headers(
+        "shop", "GET", "/links?next=https://other.example/a"
+    )
+    assert claims(headers["DPoP"])["htu"] == "https://shop.example/links"
+    absolute = await client.authenticate_headers("shop", "GET", "https://shop.example/x?y=1")
+    assert claims(absolute["DPoP"])["htu"] == "https://shop.example/x"
     await client.aclose()
 
 

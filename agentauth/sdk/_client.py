@@ -378,7 +378,9 @@ class AgentAuthClient:
         which is its base URL.
         """
         token = await self.get_token(service_provider_id)
-        if "://" not in url:
+        # Parsed, not searched for "://": a relative URL may carry one in its query
+        # (/links?next=https://...), and was signed for no URL at all.
+        if httpx.URL(url).is_relative_url:
             url = urljoin(self._audiences[service_provider_id].rstrip("/") + "/", url.lstrip("/"))
         proof = create_dpop_proof(
             self.key,
@@ -459,6 +461,12 @@ class AgentAuthClient:
             raise TimeoutError(f"step-up {step_id} still pending")
         self._pending_step_ups.pop(key, None)  # decided: a new payment needs a new step-up
         if state["status"] == "approved":
+            # The verifier takes the reference only with a token of this grant: one cached
+            # from another grant for the provider (this one approved since) would present
+            # it in vain, so the next request takes a token from the newest grant, this one.
+            cached = self._tokens.get(service_provider_id)
+            if cached is not None and cached.grant_id != grant["id"]:
+                del self._tokens[service_provider_id]
             return str(state["approval_ref"])
         raise Forbidden("the step-up was not approved", reason=state["status"])
 
