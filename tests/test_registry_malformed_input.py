@@ -12,6 +12,7 @@ PostgreSQL and Redis, no Ray), found by fuzzing its HTTP layer.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from registry_inprocess import ISSUER, registry_in_process, table_counts
 from registry_world import World
 from softauthn import SoftAuthenticator
 
+from agentauth.protocol import b64url_encode
 from agentauth.registry import Registry, create_app
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
@@ -245,3 +247,101 @@ async def test_a_sign_up_name_with_invisible_characters_is_refused(
     r = await c.post(w.url("/v1/signup/begin"), json={"display_name": name})
     assert (r.status_code, r.json()["error"]) == (400, "invalid_request"), r.text
     assert await service.counts() == before
+
+
+# WebAuthn's longest credential id (L3 §5.1) is 1023 bytes, 1364 base64url characters, and
+# registration accepts it: too long for a "passkey:<id>" audit subject (256 characters).
+LONGEST_ID_BYTES = 1023
+
+
+async def human_with_passkey(service: Opened, credential_id: bytes) -> tuple[str, str, Any]:
+    """A new human signed up with a passkey of this id: (principal id, session, its
+    authenticator)."""
+    w, c = service.world, service.client
+    authenticator = SoftAuthenticator(origin=w.origin)
+    r = await c.post(w.url("/v1/signup/begin"), json={"display_name": "Dana"})
+    credential = authenticator.create(r.json(), credential_id=credential_id)
+    r = await c.post(w.url("/v1/signup/finish"), json={"credential": credential})
+    assert r.status_code == 200, r.text
+    return r.json()["principal_id"], r.json()["session"], authenticator
+
+
+async def passkey_subjects(service: Opened, principal_id: str) -> list[str]:
+    rows = await service.registry.pool.fetch(
+        "SELECT body FROM audit_events WHERE body::jsonb ->> 'subject' LIKE 'passkey%'"
+        " AND body::jsonb ->> 'actor' IN ($1, 'registry')",
+        f"human:{principal_id}",
+    )
+    return [json.loads(r["body"])["subject"] for r in rows]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_passkey_with_the_longest_credential_id_signs_in_and_is_added_and_removed(
+    service: Opened,
+) -> None:
+    """Sign-up took it, and then each event naming the passkey ("passkey:<id>", over the
+    256 characters of every audit subject) failed its request, 400 "invalid document":
+    its human could never sign in again, nor add or remove such a passkey (whose removal
+    was also refused by a 1024-character cap on the id it names)."""
+    w, c = service.world, service.client
+    first_id = os.urandom(LONGEST_ID_BYTES)
+    principal_id, _, authenticator = await human_with_passkey(service, first_id)
+    r = await c.post(w.url("/v1/sessions/begin"))
+    r = await c.post(w.url("/v1/sessions/finish"), json={"credential": authenticator.get(r.json())})
+    assert r.status_code == 200, r.text
+    headers = {"Authorization": f"Bearer {r.json()['session']}"}
+    r = await c.post(w.url("/v1/passkeys/confirm"), headers=headers, json={"change": "add"})
+    r = await c.post(
+        w.url("/v1/passkeys/begin"),
+        headers=headers,
+        json={"credential": authenticator.get(r.json())},
+    )
+    second_id = os.urandom(LONGEST_ID_BYTES)
+    created = authenticator.create(r.json(), credential_id=second_id)
+    r = await c.post(w.url("/v1/passkeys/finish"), headers=headers, json={"credential": created})
+    assert r.status_code == 200, r.text
+    second = r.json()["credential_id"]
+    assert len(second) == 1364
+    r = await c.post(
+        w.url("/v1/passkeys/confirm"),
+        headers=headers,
+        json={"change": "remove", "credential_id": second},
+    )
+    assert r.status_code == 200, r.text
+    confirmation = authenticator.get(r.json(), passkey=authenticator.passkeys[first_id])
+    r = await c.request(
+        "DELETE",
+        w.url(f"/v1/passkeys/{second}"),
+        headers=headers,
+        json={"credential": confirmation},
+    )
+    assert (r.status_code, r.json()) == (200, {"removed": True}), r.text
+    listed = (await c.get(w.url("/v1/passkeys"), headers=headers)).json()
+    assert [p["credential_id"] for p in listed] == [b64url_encode(first_id)]
+    subjects = await passkey_subjects(service, principal_id)
+    assert len(subjects) == 3  # session.created, passkey.added, passkey.removed
+    assert all(len(s) <= 256 for s in subjects)
+    assert len(set(subjects)) == 2  # one name for each passkey
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_recovery_removes_a_passkey_with_the_longest_credential_id(
+    service: Opened,
+) -> None:
+    """The recovery's passkey.removed event for the lost passkey failed it (as above): a
+    human whose lost passkey had such an id could not be recovered at all."""
+    w, c = service.world, service.client
+    principal_id, _, _ = await human_with_passkey(service, os.urandom(LONGEST_ID_BYTES))
+    r = await c.post(
+        w.url("/v1/admin/recoveries"), headers=w.admin, json={"principal_id": principal_id}
+    )
+    code = r.json()["recovery_code"]
+    options = (await c.post(w.url("/v1/recovery/begin"), json={"code": code})).json()
+    new_id = os.urandom(LONGEST_ID_BYTES)
+    credential = SoftAuthenticator(origin=w.origin).create(options, credential_id=new_id)
+    r = await c.post(w.url("/v1/recovery/finish"), json={"code": code, "credential": credential})
+    assert r.status_code == 200, r.text
+    headers = {"Authorization": f"Bearer {r.json()['session']}"}
+    listed = (await c.get(w.url("/v1/passkeys"), headers=headers)).json()
+    assert [p["credential_id"] for p in listed] == [b64url_encode(new_id)]
+    assert all(len(s) <= 256 for s in await passkey_subjects(service, principal_id))

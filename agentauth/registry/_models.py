@@ -55,7 +55,9 @@ class PasskeyChangeIn(_In):
     removing ``credential_id``."""
 
     change: Literal["add", "remove"]
-    credential_id: str | None = Field(None, min_length=1, max_length=1024)
+    # As long as registration takes one: WebAuthn's 1023 bytes are 1364 base64url characters
+    # (until 2026-12-01 the cap was 1024, and a passkey with a longer id stayed for good).
+    credential_id: str | None = Field(None, min_length=1, max_length=1364)
 
     @model_validator(mode="after")
     def _names_what_it_removes(self) -> PasskeyChangeIn:

@@ -907,7 +907,7 @@ class Registry:
                 conn,
                 event="session.created",
                 actor=f"human:{principal_id}",
-                subject=f"passkey:{receipt.credential_id}",
+                subject=_passkey_subject(receipt.credential_id),
                 key=principal_id,
             )
         return {"principal_id": principal_id, "session": session}
@@ -1013,7 +1013,7 @@ class Registry:
             conn,
             event=f"passkey.{how}",
             actor=f"human:{principal_id}",
-            subject=f"passkey:{credential_id}",
+            subject=_passkey_subject(credential_id),
             key=principal_id,
         )
         return credential_id
@@ -1101,7 +1101,7 @@ class Registry:
                     conn,
                     event="passkey.removed",
                     actor=f"human:{principal_id}",
-                    subject=f"passkey:{credential_id}",
+                    subject=_passkey_subject(credential_id),
                     key=principal_id,
                     data={"reason": "recovery"},
                 )
@@ -1154,7 +1154,7 @@ class Registry:
                 conn,
                 event="passkey.removed",
                 actor=f"human:{principal_id}",
-                subject=f"passkey:{credential_id}",
+                subject=_passkey_subject(credential_id),
                 key=principal_id,
             )
 
@@ -1284,7 +1284,7 @@ class Registry:
                 conn,
                 event="passkey.flagged",
                 actor="registry",
-                subject=f"passkey:{credential_id}",
+                subject=_passkey_subject(credential_id),
                 key=principal_id,
                 data={"reason": "sign_count_regression", "sessions_ended": int(ended)},
             )
@@ -1295,7 +1295,7 @@ class Registry:
                 conn,
                 event="passkey.refused",
                 actor="registry",
-                subject=f"passkey:{refused.credential_id}",
+                subject=_passkey_subject(refused.credential_id),
                 key=refused.principal_id,
                 data={
                     "reason": "backup_eligibility_changed",
@@ -3180,6 +3180,23 @@ def _same_payment(asked: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     aside): grant, resource, amount, currency and payee (absent and absent alike)."""
     fields = ("grant_id", "resource", "amount", "currency", "payee")
     return all(asked.get(field) == new.get(field) for field in fields)
+
+
+# An audit subject has at most 256 characters (AuditEvent.subject, as every reader of a
+# chain holds events to), so "passkey:" leaves 248 for the id, 186 bytes; registration
+# takes ids up to WebAuthn's 1023 bytes (_MAX_CREDENTIAL_ID_BYTES).
+_PASSKEY_SUBJECT_ID_CHARS = 256 - len("passkey:")
+
+
+def _passkey_subject(credential_id: str) -> str:
+    """The audit subject naming a passkey: ``passkey:<its id>``, or for an id longer than a
+    subject holds, ``passkey-sha256:<SHA-256 of the id as stored, base64url>``, one name
+    no id spells (an id has no ":"). Until 2026-12-01 the event naming such a passkey
+    failed its request (400): a human whose passkey had a long id could never sign in
+    again, nor add or remove one, nor be recovered from losing it."""
+    if len(credential_id) <= _PASSKEY_SUBJECT_ID_CHARS:
+        return f"passkey:{credential_id}"
+    return f"passkey-sha256:{b64url_encode(_sha256(credential_id))}"
 
 
 # A provider's credentials as authentication compares them: both hashes, whether the
