@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from agentauth.registry._service import _RESERVE_LUA
+from agentauth.registry import _service as registry_service
+from agentauth.registry._service import _RESERVE_LUA, Registry
 
 pytestmark = [pytest.mark.redis]
 MAX_AGE, SKEW, TOLERANCE = 60, 10, 5
@@ -76,7 +80,51 @@ async def test_a_proof_from_before_the_caches_memory_is_refused(
 ) -> None:
     client, script, keys = reserve
     now = await redis_now(client)
-    # No epoch yet: the first caller dates it, and proofs up to it plus the skew predate it.
+    # No epoch yet: the first call dates it, and proofs up to it plus the skew predate it.
     assert await call(script, keys, now + SKEW - 1, now) == -1
-    assert int(await client.get(keys[1])) == now
-    assert await call(script, keys, now + SKEW + 1, now) == 1
+    epoch = int(await client.get(keys[1]))
+    assert now <= epoch <= now + 1  # Redis's clock may have ticked since it was read
+    assert await call(script, keys, epoch + SKEW + 1, now) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_replica_with_a_slow_clock_cannot_date_the_memory_back(
+    reserve: tuple[aioredis.Redis, object, list[str]],
+) -> None:
+    """Redis has restarted empty: the reservations of the seconds before are gone. The
+    first replica to reserve dated the new memory by its own clock, here 30 s slow, so a
+    proof made 5 s ago (reserved before the restart, sent again now to a replica whose
+    clock is right) passed for newer than the memory and was reserved and accepted a
+    second time. The memory is dated by Redis's clock, like the reservations."""
+    client, script, keys = reserve
+    now = await redis_now(client)
+    slow_replica_now = now - 30
+    assert await call(script, keys, slow_replica_now, slow_replica_now) == -1
+    assert await call(script, keys, now - 5, now) == -1  # the replay
+    assert await client.exists(keys[0]) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_registry_with_a_slow_clock_dates_the_memory_by_redis_clock(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry replica starting beside a Redis that has lost its memory dates that
+    memory from Redis's start: by its own clock, 30 s slow, that start was 30 s early, and
+    the proofs of those 30 s, reserved before, could be reserved again as new."""
+    client = aioredis.Redis.from_url(redis_url)
+    saved = await client.get("agentauth:jti-epoch")
+    slow = SimpleNamespace(time=lambda: time.time() - 30)
+    try:
+        await client.delete("agentauth:jti-epoch")
+        now = await redis_now(client)
+        started = now - int((await client.info("server"))["uptime_in_seconds"])
+        monkeypatch.setattr(registry_service, "time", slow)
+        await Registry._init_replay_epoch(cast(Any, SimpleNamespace(redis=client)))
+        monkeypatch.undo()
+        assert started - 1 <= int(await client.get("agentauth:jti-epoch")) <= started + 1
+    finally:
+        if saved is None:
+            await client.delete("agentauth:jti-epoch")
+        else:
+            await client.set("agentauth:jti-epoch", saved)
+        await client.aclose()

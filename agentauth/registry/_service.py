@@ -114,21 +114,24 @@ _MAX_CREDENTIAL_ID_BYTES = 1023
 
 
 # Reserve KEYS[1] (a proof's jkt and jti) once. ARGV: the proof's iat, the future skew a
-# proof may carry, how long after its iat any replica may still accept it (its maximum age
-# plus the clock difference tolerated between replicas and Redis), and the caller's time
-# (only to date a missing epoch). The reservation's lifetime and the age check run on
-# Redis's clock, the one clock all replicas share: once the key has expired, the proof is
-# too old to reserve again, whatever a replica's own clock says. -1: the proof predates
-# this Redis memory (KEYS[2], the epoch); -2: too old on Redis's clock; 0: reserved before.
+# proof may carry, and how long after its iat any replica may still accept it (its maximum
+# age plus the clock difference tolerated between replicas and Redis). The reservation's
+# lifetime, the age check and the dating of a missing epoch run on Redis's clock, the one
+# clock all replicas share: once the key has expired, the proof is too old to reserve
+# again, whatever a replica's own clock says. (An epoch dated by the caller's clock was as
+# early as that clock was slow: the reservations of the seconds before Redis restarted
+# empty were taken again, by any other replica, as new.) -1: the proof predates this Redis
+# memory (KEYS[2], the epoch); -2: too old on Redis's clock; 0: reserved before.
 _RESERVE_LUA = """
 local iat, skew, lifetime = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = tonumber(redis.call('TIME')[1])
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
-  redis.call('SET', KEYS[2], ARGV[4], 'NX')
+  redis.call('SET', KEYS[2], now, 'NX')
   epoch = redis.call('GET', KEYS[2])
 end
 if iat - skew <= tonumber(epoch) then return -1 end
-local ttl = math.floor(iat + lifetime - tonumber(redis.call('TIME')[1]))
+local ttl = math.floor(iat + lifetime - now)
 if ttl < 1 then return -2 end
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ttl) then return 1 end
 return 0
@@ -485,7 +488,10 @@ class Registry:
         """
         try:
             info = await self.redis.info("server")
-            started = int(time.time() - float(info["uptime_in_seconds"]))
+            # On Redis's clock, as the reservations (_RESERVE_LUA): dated by this
+            # replica's, the epoch was as early as its clock was slow.
+            seconds, _ = await self.redis.time()
+            started = int(seconds - float(info["uptime_in_seconds"]))
             await self.redis.set("agentauth:jti-epoch", started, nx=True)
         except Exception:  # Redis unreachable now: reservations will fail closed anyway
             log.warning("could not read the replay cache's start time")
@@ -504,7 +510,6 @@ class Registry:
                     math.floor(iat),
                     self._proof_policy.future_skew,
                     self._proof_policy.max_age + _CLOCK_TOLERANCE + 1,  # +1: iat's fraction
-                    int(time.time()),
                 ],
             )
         except Exception as exc:  # any Redis failure denies (fail closed)
