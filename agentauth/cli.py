@@ -416,31 +416,38 @@ def _ready_lines(
 
 
 def _masked_url(url: str) -> str:
-    """``url`` with its password, in the user part or a ``password=`` parameter, as ***."""
+    """``url`` with its passwords as ***: the user part's, and the ``password=`` and
+    ``sslpassword=`` parameters' (the latter the passphrase of the client's TLS key, which
+    asyncpg and libpq take in the URL too)."""
     if "://" not in url:
         # A libpq key=value string, or something else: no telling where a password is.
         return "(set, not a URL: not shown)"
-    scheme, rest = url.split("://", 1)
+    start = url.index("://") + 3
+    hidden: list[tuple[int, int]] = []
     # The user part by hand on the raw text, not urlsplit's netloc: an unescaped '/', '?'
     # or '#' in a password ends the netloc before the '@', and the password would show
     # whole. Up to the last '@' anywhere (a password may hold one too): masks more, never
     # less. (Not .hostname/.port either: a libpq URL may list several host:port pairs.)
-    userinfo, at, tail = rest.rpartition("@")
-    if at and ":" in userinfo:
-        userinfo = userinfo.split(":", 1)[0] + ":***"
-    path, mark, query = tail.partition("?")
-    params = []
-    for param in query.split("&") if query else []:
-        name = param.split("=", 1)[0]
-        params.append(f"{name}=***" if name == "password" else param)
-    shown = f"{scheme}://{userinfo}{at}{path}{mark}{'&'.join(params)}"
-    # A password parameter holding an '@' put its first part in what was taken for the
-    # user part above, and its value was shown whole: mask any such parameter left.
-    return _PASSWORD_PARAM.sub("***", shown)
+    at = url.rfind("@", start)
+    colon = url.find(":", start, at) if at >= 0 else -1
+    if colon >= 0:
+        hidden.append((colon + 1, at))
+    # Each secret parameter's value, found on the raw text too (not in what follows the
+    # user part): an '@' in the value ends the user part above inside it, and the rest of
+    # the value would show after that '@'. Spans that overlap are hidden as one.
+    hidden += [m.span(1) for m in _PASSWORD_PARAM.finditer(url, start)]
+    shown, shown_to = [url[:start]], start
+    for begin, end in sorted(hidden):
+        if begin <= shown_to:  # overlaps, or follows right after, a span hidden already
+            shown_to = max(shown_to, end)
+            continue
+        shown += [url[shown_to:begin], "***"]
+        shown_to = end
+    return "".join([*shown, url[shown_to:]])
 
 
-# The value of a password= parameter not masked yet (anything but *** alone).
-_PASSWORD_PARAM = re.compile(r"(?<=[?&]password=)(?!\*\*\*(?:&|$))[^&]*")
+# The value of a password= or sslpassword= parameter.
+_PASSWORD_PARAM = re.compile(r"[?&](?:ssl)?password=([^&]*)")
 
 
 def _step(message: str) -> float:

@@ -68,6 +68,27 @@ def test_an_unreachable_database_is_named_with_its_password_masked(
 
 
 @pytest.mark.parametrize(
+    ("query", "shown"),
+    [
+        (
+            "?sslkey=/k.pem&sslpassword=key-s3cret",
+            "postgresql://registry:***@127.0.0.1:1/agentauth?sslkey=/k.pem&sslpassword=***",
+        ),
+        # An '@' in it ends the user part inside it: the rest of it showed after that '@'.
+        ("?sslpassword=key@s3cret&sslmode=require", "postgresql://registry:***&sslmode=require"),
+    ],
+)
+def test_the_ssl_key_password_of_a_database_url_is_masked_too(query: str, shown: str) -> None:
+    """``sslpassword`` (the passphrase of the client's TLS key, which asyncpg and libpq take
+    in the URL) is a secret like ``password``: it was printed whole in the error line (and
+    in ``up``'s ready lines)."""
+    out = agentauth("grants", "list", env={"DATABASE_URL": UNREACHABLE + query})
+    assert out.returncode == 2, out.stderr
+    assert "s3cret" not in out.stdout + out.stderr
+    assert out.stderr.startswith(f"error: cannot reach the database ({shown}): ")
+
+
+@pytest.mark.parametrize(
     "url",
     [
         "postgresql://u:pw-s3cret@db:notaport/x",
