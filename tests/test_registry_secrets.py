@@ -15,6 +15,7 @@ from registry_inprocess import Opened, registry_in_process
 from softauthn import SoftAuthenticator
 
 from agentauth.protocol import PrivateKey
+from agentauth.registry._models import AgentIn, RecoveryCodeIn, RecoveryFinishIn
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
@@ -177,3 +178,15 @@ async def test_expired_sessions_codes_and_challenges_are_refused_before_any_swee
         assert (r.status_code, r.json()["reason"]) == (409, "challenge_used"), r.text
         for table in ("sessions", "enrollments", "recoveries", "webauthn_challenges"):
             assert await pool.fetchval(f"SELECT count(*) FROM {table}"), table  # not swept
+
+
+def test_the_codes_a_request_carries_stay_out_of_its_repr() -> None:
+    """An enrollment or recovery code in a request's parsed body is a bearer of an agent's
+    registration or of an account: what prints the body (a log line, an error report that
+    records a frame's values) must not print the code."""
+    code = "enr_" + "s3cret" * 4
+    agent = AgentIn(name="bot", public_jwk=PrivateKey.generate().public_jwk(), enrollment_code=code)
+    recovery = RecoveryFinishIn(code=code, credential={})
+    for body in (agent, RecoveryCodeIn(code=code), recovery):
+        assert code not in repr(body) and code not in str(body)
+    assert "bot" in repr(agent)

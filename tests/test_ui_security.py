@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from agentauth.protocol import Capability, Envelope, Grant, RateLimit, b64url_encode
 from agentauth.ui import SecurityMiddleware, SessionStore, UISettings
+from agentauth.ui._app import _TicketIn
 from agentauth.ui._pages import Mismatch, Pages
 from agentauth.ui._security import read_cookie
 
@@ -126,6 +127,24 @@ async def test_cross_site_socket_handshakes_are_closed() -> None:
         assert await handshake(origin) == [{"type": "websocket.close", "code": 1008}]
 
 
+@pytest.mark.asyncio
+async def test_a_cookie_of_an_ids_length_that_is_no_id_is_replaced() -> None:
+    """A cookie id is ``new_id``'s: a value of its length that is not one (another app on
+    localhost may set the name) was taken as the browser's id, and the comparisons of ids
+    (a sign-in ticket's claim, a page's socket joining it) use hmac.compare_digest, which
+    raises TypeError on text that is not ASCII: a 500 for the claim instead of a refusal."""
+    odd = "\u00e9" * 43
+    assert read_cookie(Headers({"cookie": f"agentauth_session={odd}"}), "agentauth_session") is None
+    async with client(secure=False) as c:
+        answer = await c.get("/x", headers={"Cookie": f"agentauth_session={odd}".encode("latin-1")})
+        assert answer.status_code == 200 and answer.text != odd
+        assert answer.headers["set-cookie"].startswith(f"agentauth_session={answer.text};")
+    store = SessionStore(ttl=600, ticket_ttl=30)
+    ticket = store.sign_in(answer.text, principal_id="hum_1", registry_token="ses_1")
+    presented = read_cookie(Headers({"cookie": f"agentauth_session={odd}"}), "agentauth_session")
+    assert store.claim(ticket, presented) is None  # refused, not raised
+
+
 # Cookies other sites under the same parent domain (or other apps on localhost) may set,
 # which browsers send along with the page's own and Python's SimpleCookie refuses.
 FOREIGN_COOKIES = ['prefs={"theme":"dark"}', "cart[id]=1", "note=hello world"]
@@ -150,6 +169,14 @@ async def test_another_sites_cookie_does_not_sign_the_person_out(foreign: str) -
         Headers({"cookie": f"{foreign}; __Host-agentauth={anonymous}"}), "__Host-agentauth"
     )
     assert store.claim(ticket, presented) is not None
+
+
+def test_a_login_ticket_stays_out_of_the_request_bodys_repr() -> None:
+    """The ticket ``/auth/session`` takes is a bearer of the new session until claimed:
+    what prints the parsed body (a log line, an error report that records a frame's
+    values) must not print it."""
+    body = _TicketIn(ticket="tkt-secret-0123456789")
+    assert "tkt-secret-0123456789" not in repr(body) + str(body)
 
 
 def test_a_login_ticket_works_once_and_only_for_its_browser() -> None:

@@ -11,6 +11,7 @@ import time
 import pytest
 from verifier_inprocess import AUDIENCE, ask, mint, secret_hash, verifier
 
+from agentauth.actors import Check
 from agentauth.protocol import Forbidden, PrivateKey, Unauthenticated
 from agentauth.verifier._service import _Provider
 
@@ -71,3 +72,17 @@ async def test_a_suspension_is_told_only_to_whoever_holds_the_secret() -> None:
     with pytest.raises(Unauthenticated) as wrong:
         await v.authenticate_provider("prov_a", "secret-guess")
     assert wrong.value.reason == "bad_provider_credential"
+
+
+def test_a_questions_credentials_stay_out_of_its_repr() -> None:
+    """The token, the proof and the step-up reference a provider sends are bearers (a
+    reference is spent by whoever presents it first with the agent's token): what prints
+    the question, or the check sent on to its shard (a log line, an error report that
+    records a frame's values), must not print them."""
+    body = ask(mint(now=time.time())).model_copy(update={"step_up_ref": "sur_secret-reference"})
+    shown = repr(body) + str(body)
+    assert body.token not in shown and body.proof not in shown
+    assert "sur_secret-reference" not in shown
+    assert "calendar/events" in shown  # the rest still says what was asked
+    check = Check(agent_id="agt_1", provider_id="prov_a", step_up_ref="sur_secret-reference")
+    assert "sur_secret-reference" not in repr(check) and "agt_1" in repr(check)

@@ -44,7 +44,7 @@ class Check:
     iat: float = 0.0
     action: Action | None = None
     envelope: Envelope | None = None
-    step_up_ref: str | None = None
+    step_up_ref: str | None = field(default=None, repr=False)  # one-time: the agent's to spend
     step_up_valid: bool = False
     token_jti: str | None = None
     deny: str | None = None

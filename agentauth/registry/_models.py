@@ -77,7 +77,8 @@ class RecoveryIn(_In):
 
 
 class RecoveryCodeIn(_In):
-    code: str = Field(min_length=16, max_length=128)
+    # Secrets stay out of reprs (and so out of logs and error reports), here as elsewhere.
+    code: str = Field(min_length=16, max_length=128, repr=False)
 
 
 class RecoveryFinishIn(RecoveryCodeIn):
@@ -89,7 +90,7 @@ class RecoveryFinishIn(RecoveryCodeIn):
 class AgentIn(_In):
     name: _DisplayName
     public_jwk: dict[str, Any]
-    enrollment_code: str = Field(min_length=16, max_length=128)
+    enrollment_code: str = Field(min_length=16, max_length=128, repr=False)
 
 
 def _basic_user_id(value: str) -> str:

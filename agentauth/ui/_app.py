@@ -44,7 +44,7 @@ _IDLE_SWEEP_SECONDS = 60.0
 class _TicketIn(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    ticket: str = Field(min_length=16, max_length=128)
+    ticket: str = Field(min_length=16, max_length=128, repr=False)  # a bearer of a session
 
 
 def create_ui_app(

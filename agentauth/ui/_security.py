@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -54,7 +55,7 @@ _HEADERS = (
 _HSTS = (b"strict-transport-security", b"max-age=63072000")
 # Cookie ids are 256-bit random; anything else in the cookie is ignored and replaced.
 _ID_BYTES = 32
-_ID_LENGTH = 43
+_ID = re.compile(r"[A-Za-z0-9_-]{43}")  # what new_id makes: 32 bytes as base64url
 
 
 def cookie_name(secure: bool) -> str:
@@ -235,7 +236,9 @@ def read_cookie(headers: Headers, name: str) -> str | None:
     # brackets in a name), and any site under the same parent domain, or any app on
     # localhost, can set such a cookie: ours would be unreadable, the person signed out.
     value = cookie_parser(raw).get(name)
-    return value if value and len(value) == _ID_LENGTH else None
+    # Not its length alone: ids are compared with hmac.compare_digest (a ticket's claim, a
+    # socket joining its page), which raises TypeError on text that is not ASCII.
+    return value if value and _ID.fullmatch(value) else None
 
 
 def set_cookie_header(name: str, value: str, *, secure: bool, max_age: int) -> bytes:

@@ -150,8 +150,11 @@ class VerifyIn(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    token: str = Field(max_length=8192, description="The AAT from `Authorization: DPoP ...`.")
-    proof: str = Field(max_length=4096, description="The `DPoP` header.")
+    # The credentials stay out of reprs (and so out of logs and error reports).
+    token: str = Field(
+        max_length=8192, description="The AAT from `Authorization: DPoP ...`.", repr=False
+    )
+    proof: str = Field(max_length=4096, description="The `DPoP` header.", repr=False)
     # The request's method and absolute URL, which the proof's htm and htu must name. One
     # that no proof can name (not an RFC 9110 token; a relative URL, another scheme, a bad
     # port) is this call's own error: refused 400 with nothing recorded, not answered as
@@ -159,7 +162,7 @@ class VerifyIn(BaseModel):
     method: str = Field(min_length=1, max_length=16, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
     url: str = Field(min_length=1, max_length=2048)
     action: Action
-    step_up_ref: str | None = Field(None, max_length=128)
+    step_up_ref: str | None = Field(None, max_length=128, repr=False)
 
     @field_validator("url")
     @classmethod
