@@ -245,11 +245,13 @@ def registry_base(registry_settings: Any) -> str:
 
 def _wait_out_replay_epoch(redis_url: str) -> None:
     """A registry whose Redis began afresh refuses proofs issued up to its replay cache's
-    start plus the allowed clock skew (fail closed: it cannot know what it saw before).
+    start plus the allowed clock skew and the clock difference tolerated between replicas
+    and Redis (fail closed: it cannot know what it saw before).
     Wait that out once, so a test run that starts with a token request does not fail."""
     import redis
 
     from agentauth.protocol import DPoPPolicy
+    from agentauth.registry._service import _CLOCK_TOLERANCE
 
     client = redis.Redis.from_url(redis_url)
     try:
@@ -257,7 +259,8 @@ def _wait_out_replay_epoch(redis_url: str) -> None:
     finally:
         client.close()
     if epoch is not None:
-        time.sleep(max(0.0, int(epoch) + DPoPPolicy().future_skew + 1 - time.time()))
+        margin = DPoPPolicy().future_skew + _CLOCK_TOLERANCE
+        time.sleep(max(0.0, int(epoch) + margin + 1 - time.time()))
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -136,15 +136,16 @@ async def test_a_restarted_replay_cache_refuses_proofs_it_may_have_forgotten(
         epoch = int(await client.get("agentauth:jti-epoch"))
         from agentauth.protocol import create_dpop_proof
 
-        # Dated just past the epoch plus the allowed skew, sent once the verifier's clock
-        # makes that date acceptable (at most 10 s ahead of it).
-        await asyncio.sleep(max(0.0, epoch + 1.5 - time.time()))
+        # Dated just past the epoch plus the allowed skew and the clock difference tolerated
+        # between replicas and Redis (5 s), sent once the registry's clock makes that date
+        # acceptable (at most 10 s ahead of it).
+        await asyncio.sleep(max(0.0, epoch + 6.5 - time.time()))
         later = create_dpop_proof(
-            agent.key, htm="POST", htu=world.url("/v1/token"), now=epoch + 11, access_token=None
+            agent.key, htm="POST", htu=world.url("/v1/token"), now=epoch + 16, access_token=None
         )
         r = await world.client.post(world.url("/v1/token"), headers={"DPoP": later}, json=body)
     finally:
-        # Put back the long-running Redis's epoch so later tests are not refused for 10 s.
+        # Put back the long-running Redis's epoch so later tests are not refused for 15 s.
         if original_epoch is not None:
             await client.set("agentauth:jti-epoch", original_epoch)
         await client.aclose()

@@ -39,8 +39,9 @@ async def redis_now(client: aioredis.Redis) -> int:
     return int(seconds)
 
 
-async def call(script: object, keys: list[str], iat: int, caller_now: int) -> int:
-    return int(await script(keys=keys, args=[iat, SKEW, LIFETIME, caller_now]))  # type: ignore[operator]
+async def call(script: object, keys: list[str], iat: int) -> int:
+    # No caller's time: the script runs on Redis's clock alone.
+    return int(await script(keys=keys, args=[iat, SKEW, LIFETIME, TOLERANCE]))  # type: ignore[operator]
 
 
 @pytest.mark.asyncio
@@ -50,8 +51,8 @@ async def test_a_reservation_lives_until_the_proof_is_too_old_on_redis_clock(
     client, script, keys = reserve
     now = await redis_now(client)
     await client.set(keys[1], now - 3600)  # a Redis up for an hour
-    assert await call(script, keys, now, now) == 1
-    assert await call(script, keys, now, now) == 0  # the same proof again
+    assert await call(script, keys, now) == 1
+    assert await call(script, keys, now) == 0  # the same proof again
     assert LIFETIME - 2 <= await client.ttl(keys[0]) <= LIFETIME
 
 
@@ -66,11 +67,12 @@ async def test_a_replica_with_a_slow_clock_cannot_reserve_an_expired_proof_again
     now = await redis_now(client)
     await client.set(keys[1], now - 3600)
     iat = now - LIFETIME + 1  # one second of reservation left
-    assert await call(script, keys, iat, now) == 1
+    assert await call(script, keys, iat) == 1
     await asyncio.sleep(2.2)
     assert await client.exists(keys[0]) == 0
-    slow_replica_now = iat + 30  # its clock says the proof is 30 s old
-    assert await call(script, keys, iat, slow_replica_now) == -2
+    # Asked again by a replica whose clock says the proof is 30 s old: the script takes no
+    # caller's time, so only Redis's clock decides.
+    assert await call(script, keys, iat) == -2
     assert await client.exists(keys[0]) == 0  # refused, nothing written
 
 
@@ -81,10 +83,27 @@ async def test_a_proof_from_before_the_caches_memory_is_refused(
     client, script, keys = reserve
     now = await redis_now(client)
     # No epoch yet: the first call dates it, and proofs up to it plus the skew predate it.
-    assert await call(script, keys, now + SKEW - 1, now) == -1
+    assert await call(script, keys, now + SKEW - 1) == -1
     epoch = int(await client.get(keys[1]))
     assert now <= epoch <= now + 1  # Redis's clock may have ticked since it was read
-    assert await call(script, keys, epoch + SKEW + 1, now) == 1
+    assert await call(script, keys, epoch + SKEW + TOLERANCE) == -1
+    assert await call(script, keys, epoch + SKEW + TOLERANCE + 1) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_proof_a_fast_replica_took_before_the_memory_began_is_refused(
+    reserve: tuple[aioredis.Redis, object, list[str]],
+) -> None:
+    """A replica whose clock runs TOLERANCE seconds ahead of Redis accepts proofs dated up
+    to its own time plus the skew, so just before Redis restarted empty it took one dated
+    that far past the restart. With the skew alone as the margin, that proof passed for
+    newer than the memory and was reserved, and accepted, a second time."""
+    client, script, keys = reserve
+    now = await redis_now(client)
+    await client.set(keys[1], now)  # Redis's memory began now
+    taken_before = now + TOLERANCE + SKEW  # the fast replica's now + skew, at the restart
+    assert await call(script, keys, taken_before) == -1
+    assert await client.exists(keys[0]) == 0
 
 
 @pytest.mark.asyncio
@@ -99,8 +118,8 @@ async def test_a_replica_with_a_slow_clock_cannot_date_the_memory_back(
     client, script, keys = reserve
     now = await redis_now(client)
     slow_replica_now = now - 30
-    assert await call(script, keys, slow_replica_now, slow_replica_now) == -1
-    assert await call(script, keys, now - 5, now) == -1  # the replay
+    assert await call(script, keys, slow_replica_now) == -1
+    assert await call(script, keys, now - 5) == -1  # the replay
     assert await client.exists(keys[0]) == 0
 
 

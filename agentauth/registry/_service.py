@@ -114,8 +114,11 @@ _MAX_CREDENTIAL_ID_BYTES = 1023
 
 
 # Reserve KEYS[1] (a proof's jkt and jti) once. ARGV: the proof's iat, the future skew a
-# proof may carry, and how long after its iat any replica may still accept it (its maximum
-# age plus the clock difference tolerated between replicas and Redis). The reservation's
+# proof may carry, how long after its iat any replica may still accept it (its maximum age
+# plus the clock difference tolerated between replicas and Redis), and that difference.
+# A proof dated up to the epoch plus the skew plus that difference predates the memory: a
+# replica that far ahead of Redis took proofs that far ahead of the epoch before the
+# restart (with the skew alone, they were reserved again after it). The reservation's
 # lifetime, the age check and the dating of a missing epoch run on Redis's clock, the one
 # clock all replicas share: once the key has expired, the proof is too old to reserve
 # again, whatever a replica's own clock says. (An epoch dated by the caller's clock was as
@@ -124,13 +127,14 @@ _MAX_CREDENTIAL_ID_BYTES = 1023
 # memory (KEYS[2], the epoch); -2: too old on Redis's clock; 0: reserved before.
 _RESERVE_LUA = """
 local iat, skew, lifetime = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tolerance = tonumber(ARGV[4])
 local now = tonumber(redis.call('TIME')[1])
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
   redis.call('SET', KEYS[2], now, 'NX')
   epoch = redis.call('GET', KEYS[2])
 end
-if iat - skew <= tonumber(epoch) then return -1 end
+if iat - skew - tolerance <= tonumber(epoch) then return -1 end
 local ttl = math.floor(iat + lifetime - now)
 if ttl < 1 then return -2 end
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ttl) then return 1 end
@@ -501,7 +505,8 @@ class Registry:
 
         Redis may restart empty and forget reservations. An epoch key, set when missing,
         marks when the current Redis memory began: proofs issued up to then (plus the
-        clock skew a proof may carry) could have been reserved before, so they are refused.
+        clock skew a proof may carry and the clock difference tolerated between replicas
+        and Redis) could have been reserved before, so they are refused.
         """
         try:
             result = await self._reserve_script(
@@ -510,6 +515,7 @@ class Registry:
                     math.floor(iat),
                     self._proof_policy.future_skew,
                     self._proof_policy.max_age + _CLOCK_TOLERANCE + 1,  # +1: iat's fraction
+                    _CLOCK_TOLERANCE,
                 ],
             )
         except Exception as exc:  # any Redis failure denies (fail closed)
