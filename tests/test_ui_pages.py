@@ -918,6 +918,61 @@ async def test_revoking_one_of_two_alike_grants_names_the_one_it_revokes(
 
 
 @pytest.mark.asyncio
+async def test_a_revocation_stands_when_the_page_cannot_be_drawn_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The grant was revoked, then listing the grants anew failed: the notice said only
+    that the registry failed to answer, under the card still drawn as active, as if the
+    revocation had not happened."""
+    registry = GrantsRegistry([grant_row("grt_first")])
+    page = RequestsPage(registry, monkeypatch)
+    await build_grants(page)
+
+    async def unlisted(token: str, grant_id: str) -> list[tuple[str, int]]:
+        raise RegistryError(503, "unavailable", "try later", None)
+
+    pressing = asyncio.ensure_future(
+        page.press(page.button("Revoke grant: Shopping bot → shop (grant grt_first)"))
+    )
+    while not any(isinstance(e, ui.dialog) for e in page.elements()):
+        await asyncio.sleep(0.01)
+    monkeypatch.setattr(registry, "grant_tokens", unlisted)
+    await page.press(page.button("Yes, revoke the grant Shopping bot → shop (grant grt_first)"))
+    await pressing
+    assert registry.revoked == [("grant", "grt_first")]
+    assert page.notice().startswith(
+        "Revoked the grant Shopping bot → shop (grant grt_first).\n"
+        "The page could not be drawn again, so what it shows may be out of date: "
+        "The registry failed to answer."
+    )
+
+
+@pytest.mark.asyncio
+async def test_an_approval_is_not_said_unsigned_when_the_page_cannot_be_drawn_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The passkey signed and the registry approved; then the registry could not be
+    reached to list the requests anew, and the notice said only that, over the card still
+    offering Approve, as if nothing had been approved."""
+    registry = FakeRegistry([dict(SHOP_REQUEST)], [])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+
+    async def unreachable(token: str) -> list[dict[str, Any]]:
+        raise RegistryError(0, "unreachable", "connection refused", None)
+
+    monkeypatch.setattr(registry, "agents", unreachable)
+    await requests.press(requests.button("Approve with passkey: Shopping bot asks Shop"))
+    assert registry.requests == []  # approved
+    notice = requests.notice()
+    assert notice.startswith("Approved: Shopping bot asks Shop.\nGrant grt_1, hash -.\n")
+    assert (
+        "The page could not be drawn again, so what it shows may be out of date: The "
+        "registry cannot be reached right now." in notice
+    )
+
+
+@pytest.mark.asyncio
 async def test_a_receipt_is_not_handed_out_after_the_session_ended(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -484,6 +484,33 @@ class Pages:
             log.exception("action failed")
             notice.error("Something went wrong on this page's server. Nothing was signed.")
 
+    async def _done(
+        self, notice: Notice, outcome: str, reload: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Say what the registry did, then draw the page anew. The action is done whatever
+        the redraw meets: a registry that fails to list the page again must not read as the
+        action refused (or as "Nothing was signed" after a passkey signed), nor leave the
+        old cards (a revoked grant, an answered request) on screen unexplained."""
+        notice.ok(outcome)
+        try:
+            await reload()
+        except SignedOut:
+            raise
+        except Exception as exc:  # the action's outcome stands; the redraw's failure is said
+            if isinstance(exc, RegistryError):
+                why, code = exc.message, exc.code
+            else:
+                log.exception("redrawing the page after an action failed")
+                why, code = "Something went wrong on this page's server.", None
+            notice.error(
+                f"{outcome}\nThe page could not be drawn again, so what it shows may be out of "
+                f"date: {why} Refresh to see it as it is now.",
+                code,
+            )
+            if isinstance(exc, RegistryError) and exc.status == 401:
+                self._registry_signed_out()
+                ui.navigate.to("/login")
+
     def _registry_signed_out(self) -> None:
         """The registry ended this page's session (a passkey removed from another device,
         its expiry): the page's own ends with it. Kept, /login would find it and send the
@@ -933,8 +960,7 @@ class Pages:
             async def refuse() -> None:
                 async def work() -> None:
                     await answer(self._token(ctx.cookie_id))
-                    ctx.notice.ok(f"{done}: {what}.")
-                    await ctx.reload()
+                    await self._done(ctx.notice, f"{done}: {what}.", ctx.reload)
 
                 await self._busy(board, self._act(ctx.notice, work))
 
@@ -1041,10 +1067,8 @@ class Pages:
                     credential = await self._ceremony("get", begun["options"])
                     view = await self.registry.approval_finish(token, request["id"], credential)
                     check = self._check_receipt(view, offered)
-                    notice.ok(
-                        f"Approved: {who}.\nGrant {view['id']}, hash {view['grant_hash']}.\n{check}"
-                    )
-                    await reload()
+                    done = f"Approved: {who}.\nGrant {view['id']}, hash {view['grant_hash']}."
+                    await self._done(notice, f"{done}\n{check}", reload)
 
                 await self._busy(board, self._act(notice, work))
 
@@ -1052,8 +1076,7 @@ class Pages:
                 async def work() -> None:
                     token = self._token(cookie_id)
                     await self.registry.deny_request(token, request["id"])
-                    notice.ok(f"Denied: {who}.")
-                    await reload()
+                    await self._done(notice, f"Denied: {who}.", reload)
 
                 await self._busy(board, self._act(notice, work))
 
@@ -1198,8 +1221,7 @@ class Pages:
                     notice.info(f"Confirm with your passkey: {what}…")
                     credential = await self._ceremony("get", begun["options"])
                     await self.registry.step_up_finish(token, step["id"], credential)
-                    notice.ok(f"Approved once: {what}.")
-                    await reload()
+                    await self._done(notice, f"Approved once: {what}.", reload)
 
                 await self._busy(board, self._act(notice, work))
 
@@ -1207,8 +1229,7 @@ class Pages:
                 async def work() -> None:
                     token = self._token(cookie_id)
                     await self.registry.step_up_deny(token, step["id"])
-                    notice.ok(f"Refused: {what}.")
-                    await reload()
+                    await self._done(notice, f"Refused: {what}.", reload)
 
                 await self._busy(board, self._act(notice, work))
 
@@ -1568,8 +1589,7 @@ class Pages:
                 await self.registry.disable_agent(token, target)
             else:
                 await self.registry.revoke(token, kind, target)
-            ctx.notice.ok(f"Revoked {what}.")
-            await ctx.reload()
+            await self._done(ctx.notice, f"Revoked {what}.", ctx.reload)
 
         await self._act(ctx.notice, work)
 
@@ -1948,10 +1968,11 @@ class Pages:
                                 await self.registry.remove_passkey(
                                     token, credential_id, confirmation
                                 )
-                                notice.ok(
-                                    f"Removed passkey {n}. Your other sessions were signed out."
+                                await self._done(
+                                    notice,
+                                    f"Removed passkey {n}. Your other sessions were signed out.",
+                                    load,
                                 )
-                                await load()
 
                             await self._act(notice, work)
 
@@ -1994,8 +2015,7 @@ class Pages:
                 await self.registry.passkey_finish(token, credential)
                 waiting.clear()
                 create_button.visible = False
-                notice.ok("Added a new passkey.")
-                await load()
+                await self._done(notice, "Added a new passkey.", load)
 
             await self._act(notice, work)
 
