@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import stat
 import threading
 import time
@@ -266,6 +267,51 @@ def test_agents_started_together_on_one_home_share_one_whole_key(tmp_path: Path)
         assert len(set(thumbprints)) == 1
         assert [p.name for p in path.parent.iterdir()] == ["agent-key.pem"]  # no temp left
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_an_agent_key_reached_through_a_symlink_is_refused(tmp_path: Path) -> None:
+    """An existing key was read following symlinks (only a newly raced one was read as the
+    registry reads its own key, O_NOFOLLOW): a link planted at the key path chose the key."""
+    elsewhere = tmp_path / "elsewhere.pem"
+    _load_or_create_key(elsewhere, "ES256")
+    path = tmp_path / "home" / "agent-key.pem"
+    path.parent.mkdir(mode=0o700)
+    path.symlink_to(elsewhere)
+    with pytest.raises(OSError, match="symbolic links"):
+        _load_or_create_key(path, "ES256")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_an_agent_key_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    """An existing key owned by another user (mode 0600, so root reads it) was used: that
+    user knows the key, or can replace it, and so signs as the agent."""
+    path = tmp_path / "agent-key.pem"
+    _load_or_create_key(path, "ES256")
+    os.chown(path, 4242, 4242)
+    with pytest.raises(PermissionError, match="owned by uid 4242"):
+        _load_or_create_key(path, "ES256")
+
+
+def test_an_agent_key_that_is_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    """A FIFO at the key path (mode 0600) passed the mode check, and reading it waited for
+    a writer: the agent hung for ever as it started."""
+    path = tmp_path / "agent-key.pem"
+    os.mkfifo(path, 0o600)
+    failures: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            _load_or_create_key(path, "ES256")
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(5.0)
+    if thread.is_alive():  # unblock the read, so the thread ends with the test
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    assert not thread.is_alive() and len(failures) == 1
+    assert isinstance(failures[0], PermissionError)
 
 
 def test_server_errors_map_onto_the_error_tree() -> None:

@@ -24,7 +24,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from pydantic import ValidationError
 
+from ..keys import SignerUnavailable
 from ..keys._local import _create as _create_key_file
+from ..keys._local import _read_private as _read_key_file
 from ..protocol import (
     Capability,
     Envelope,
@@ -94,16 +96,21 @@ class _Token:
 
 
 def _load_or_create_key(path: Path, alg: Literal["ES256", "Ed25519"]) -> PrivateKey:
-    if path.exists():
-        if path.stat().st_mode & 0o077:
-            raise PermissionError(f"{path} is readable by others; expected mode 0600")
-        pem = path.read_bytes()
-    else:
-        # The registry's own way (LocalFileSigner): written whole and 0600 to a temporary
-        # file, then linked into place. Agents started together on one home all end up
-        # with the one key that was linked first, none reads a half-written file, and a
-        # crash leaves no empty key behind.
-        pem = _create_key_file(path, alg)
+    try:
+        try:
+            # Read as the registry reads its own key (LocalFileSigner): O_NOFOLLOW, then
+            # fstat on the open file. A symlink planted at the path, a file another user
+            # owns (who knows or can replace the key), or a FIFO (whose read waits for ever)
+            # is refused, not signed with; so is a file group or others can read.
+            pem = _read_key_file(path)
+        except FileNotFoundError:
+            # The registry's own way too: written whole and 0600 to a temporary file, then
+            # linked into place. Agents started together on one home all end up with the
+            # one key that was linked first, none reads a half-written file, and a crash
+            # leaves no empty key behind.
+            pem = _create_key_file(path, alg)
+    except SignerUnavailable as exc:  # the registry's error; to the agent, a bad file
+        raise PermissionError(exc.description) from None
     loaded = serialization.load_pem_private_key(pem, password=None)
     if not isinstance(loaded, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
         raise ValueError(f"{path} holds an unsupported key type")
