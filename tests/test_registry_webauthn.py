@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from registry_inprocess import registry_in_process
 from registry_world import Human, World
 from softauthn import Passkey, SoftAuthenticator, cbor
+from webauthn.helpers import parse_cbor
 
 from agentauth.protocol import PrivateKey, b64url_decode, b64url_encode
 from agentauth.registry import Registry
@@ -365,6 +366,42 @@ async def test_a_sign_up_with_a_passkey_receipts_cannot_carry_writes_nothing(
     credential = SoftAuthenticator(origin=world.origin).create(options, **passkey)
     r = await world.client.post(world.url("/v1/signup/finish"), json={"credential": credential})
     refused(r, 400, reason)
+    assert await service.counts() == before
+
+
+def with_attestation(credential: dict[str, Any], fmt: str, statement: Any) -> dict[str, Any]:
+    """``credential`` (a "none" registration) re-sent with another attestation statement."""
+    attestation = parse_cbor(b64url_decode(credential["response"]["attestationObject"]))
+    rewritten = cbor({"fmt": fmt, "attStmt": statement, "authData": attestation["authData"]})
+    response = {**credential["response"], "attestationObject": b64url_encode(rewritten)}
+    return {**credential, "response": response}
+
+
+# Attestation statements py_webauthn's parsers trip over (AttributeError, IndexError):
+# until 2026-12-01 each was a 500 rather than a refusal.
+MALFORMED_ATTESTATIONS = [
+    pytest.param("android-safetynet", {"ver": "1", "response": "a.b.c"}, id="response-text"),
+    pytest.param(
+        "android-safetynet",
+        {"ver": "1", "response": b64url_encode(b"[1]").encode() + b".e30.c"},
+        id="header-not-object",
+    ),
+]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize(("fmt", "statement"), MALFORMED_ATTESTATIONS)
+async def test_a_sign_up_with_a_malformed_attestation_is_refused_and_writes_nothing(
+    service: InProcess, fmt: str, statement: dict[str, Any]
+) -> None:
+    world = service.world
+    options = await signup_options(world)
+    before = await service.counts()
+    credential = with_attestation(
+        SoftAuthenticator(origin=world.origin).create(options), fmt, statement
+    )
+    r = await world.client.post(world.url("/v1/signup/finish"), json={"credential": credential})
+    refused(r, 400, "registration_refused")
     assert await service.counts() == before
 
 
@@ -909,6 +946,41 @@ async def test_a_refused_recovery_removes_no_passkey(service: InProcess) -> None
     assert r.status_code == 200, r.text
     assert await removed_at(service, old) is not None
     refused(await sign_in(world, alice.authenticator.get), 400, "unknown_credential")
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_recoverys_challenge_adds_no_passkey_outside_the_recovery(
+    service: InProcess,
+) -> None:
+    """A session and a recovery code (no passkey confirming the change) must not add a
+    passkey beside the human's own, leaving them, their sessions and the code as they were
+    (until 2026-12-01 /v1/passkeys/finish took a recovery's challenge). The challenge stays
+    for the recovery itself, which replaces the passkeys."""
+    world = service.world
+    alice = await world.human("Alice")
+    old = only_passkey(alice)
+    r = await world.client.post(
+        world.url("/v1/admin/recoveries"),
+        headers=world.admin,
+        json={"principal_id": alice.principal_id},
+    )
+    code = r.json()["recovery_code"]
+    options = (await world.client.post(world.url("/v1/recovery/begin"), json={"code": code})).json()
+    device = SoftAuthenticator(origin=world.origin)
+    before = await service.counts()
+    r = await world.client.post(
+        world.url("/v1/passkeys/finish"),
+        headers=alice.headers,
+        json={"credential": device.create(options)},
+    )
+    refused(r, 409, "challenge_used")
+    assert await service.counts() == before
+    r = await world.client.post(
+        world.url("/v1/recovery/finish"),
+        json={"code": code, "credential": device.create(options)},
+    )
+    assert r.status_code == 200, r.text
+    assert await removed_at(service, old) is not None
 
 
 @pytest.mark.asyncio(loop_scope="session")

@@ -842,12 +842,17 @@ class Registry:
             raise _invalid_backup_flags() from None
         # WebAuthnException: py_webauthn's other refusals (a credential whose JSON it cannot
         # read, a COSE key type it does not know): the sender's input, never a 500.
+        # AttributeError and IndexError (LookupError): its attestation formats read the
+        # sender's statement as they expect it (android-safetynet decodes a text response
+        # as bytes, takes a JSON array for an object, the first of no certificates); until
+        # 2026-12-01 those were 500s.
         except (
             InvalidRegistrationResponse,
             WebAuthnException,
             ValueError,
-            KeyError,
+            LookupError,
             TypeError,
+            AttributeError,
         ) as exc:
             raise InvalidReceipt(
                 f"passkey registration refused: {exc}", reason="registration_refused"
@@ -1014,9 +1019,17 @@ class Registry:
     ) -> str:
         """Register ``credential`` for an existing human over a challenge issued to them
         (``_registration_options``), audited as ``passkey.<how>``; its id."""
-        challenge, _ = await self._consume_challenge(
+        challenge, payload = await self._consume_challenge(
             conn, credential, purpose="register", principal_id=principal_id
         )
+        # A recovery's challenge was issued for a code alone, no passkey confirming it: it
+        # registers only through the recovery, which spends the code and replaces the other
+        # passkeys and sessions. Taken by an addition (until 2026-12-01), a session and a
+        # code added a passkey beside the owner's, unseen, and left the code unspent.
+        if bool(payload.get("recovery")) != (how == "recovered"):
+            raise Conflict(
+                "the challenge is unknown, expired or already used", reason="challenge_used"
+            )
         verified = self._verify_registration(credential, challenge)
         await self._insert_credential(conn, principal_id, verified)
         credential_id = bytes_to_base64url(verified.credential_id)
