@@ -17,6 +17,7 @@ from nicegui import Client, ui
 from nicegui.element import Element
 from nicegui.elements.mixins.text_element import TextElement
 from nicegui.page import page
+from softauthn import SoftAuthenticator
 from starlette.requests import Request
 
 import agentauth.ui._pages as pages_module
@@ -970,6 +971,75 @@ async def test_an_approval_is_not_said_unsigned_when_the_page_cannot_be_drawn_ag
         "The page could not be drawn again, so what it shows may be out of date: The "
         "registry cannot be reached right now." in notice
     )
+
+
+class ReceiptRegistry(FakeRegistry):
+    """Stores, as the receipt of an approval, an assertion over the grant it offered: the
+    one the browser handed over, or (``forge``) one it made with a key of its own."""
+
+    def __init__(self, *, forge: bool) -> None:
+        super().__init__([dict(SHOP_REQUEST)], [])
+        self.forge = forge
+        self.offered: dict[str, Any] = {}
+
+    async def approval_begin(
+        self, token: str, request_id: str, narrowed: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        self.offered = await super().approval_begin(token, request_id, narrowed)
+        return self.offered
+
+    async def approval_finish(
+        self, token: str, request_id: str, credential: dict[str, Any]
+    ) -> dict[str, Any]:
+        await super().approval_finish(token, request_id, credential)
+        signer, assertion = PERSON, credential
+        if self.forge:
+            # A passkey of the registry's own, under the person's credential id.
+            signer = SoftAuthenticator()
+            signer.create(PASSKEY_OPTIONS, credential_id=b"person's passkey")
+            assertion = signer.get(self.offered["options"])
+        passkey = next(iter(signer.passkeys.values()))
+        response = assertion["response"]
+        receipt = {
+            "credential_id": assertion["rawId"],
+            "authenticator_data": response["authenticatorData"],
+            "client_data_json": response["clientDataJSON"],
+            "signature": response["signature"],
+            "credential_public_key": b64url_encode(passkey.cose()),
+        }
+        grant = self.offered["grant"]
+        return {"id": "grt_1", "grant_hash": "-", "document": grant, "receipt": receipt}
+
+
+PASSKEY_OPTIONS = {"rp": {"id": "localhost"}, "user": {"id": "aHVtXzE"}, "challenge": "AAAA"}
+PERSON = SoftAuthenticator()
+PERSON.create(PASSKEY_OPTIONS, credential_id=b"person's passkey")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("forge", [False, True])
+async def test_a_receipt_is_said_to_be_the_passkeys_only_if_it_is_the_browsers_assertion(
+    monkeypatch: pytest.MonkeyPatch, forge: bool
+) -> None:
+    """The page said "your passkey signed this exact grant" of any receipt that verified
+    with the key it carries: a registry that signed the grant's hash with a key of its own
+    was vouched for as the person's passkey."""
+    registry = ReceiptRegistry(forge=forge)
+    requests = RequestsPage(registry, monkeypatch)
+
+    async def passkey(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+        return PERSON.get(options)
+
+    monkeypatch.setattr(requests.pages, "_ceremony", passkey)
+    await requests.build()
+    await requests.press(requests.button("Approve with passkey: Shopping bot asks Shop"))
+    check = requests.notice().split("\n")[2]
+    if forge:
+        assert check == "Warning: the stored receipt is not the assertion your passkey just made."
+    else:
+        assert check == (
+            "Receipt verified offline: your passkey signed this exact grant (user verified)."
+        )
 
 
 @pytest.mark.asyncio

@@ -1066,7 +1066,7 @@ class Pages:
                     )
                     credential = await self._ceremony("get", begun["options"])
                     view = await self.registry.approval_finish(token, request["id"], credential)
-                    check = self._check_receipt(view, offered)
+                    check = self._check_receipt(view, offered, credential)
                     done = f"Approved: {who}.\nGrant {view['id']}, hash {view['grant_hash']}."
                     await self._done(notice, f"{done}\n{check}", reload)
 
@@ -1152,13 +1152,28 @@ class Pages:
             raise Mismatch("the challenge is not the hash of the grant shown here")
         return grant
 
-    def _check_receipt(self, view: Mapping[str, Any], offered: Grant) -> str:
-        """Check the stored receipt offline, exactly as anyone holding it could."""
+    def _check_receipt(
+        self, view: Mapping[str, Any], offered: Grant, credential: Mapping[str, Any]
+    ) -> str:
+        """Check the stored receipt offline, exactly as anyone holding it could, and that it
+        holds the assertion the browser returned from this ceremony (``credential``)."""
         try:
             grant = Grant.from_document(view["document"])
             receipt = ApprovalReceipt.model_validate(view["receipt"])
             if grant.digest() != offered.digest():
                 return "Warning: the stored grant differs from the one you signed."
+            # A receipt verifies with the key it carries, and anyone can sign a grant's hash
+            # with a key of their own: only the assertion the person's browser just handed
+            # over is known here to be their passkey's, so the registry's copy must be it.
+            response = credential["response"]
+            same = (
+                receipt.credential_id == (credential.get("rawId") or credential.get("id"))
+                and receipt.authenticator_data == response["authenticatorData"]
+                and receipt.client_data_json == response["clientDataJSON"]
+                and receipt.signature == response["signature"]
+            )
+            if not same:
+                return "Warning: the stored receipt is not the assertion your passkey just made."
             verified = verify_receipt(
                 receipt,
                 grant,
