@@ -10,7 +10,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse
+from starlette.responses import HTMLResponse, PlainTextResponse
 from starlette.routing import Route
 
 from agentauth.protocol import Capability, Envelope, Grant, RateLimit, b64url_encode
@@ -26,7 +26,10 @@ def app(*, secure: bool = True) -> SecurityMiddleware:
     async def echo(request: Request) -> PlainTextResponse:
         return PlainTextResponse(str(request.state.agentauth_cookie_id))
 
-    inner = Starlette(routes=[Route("/x", echo, methods=["GET", "POST"])])
+    async def page(request: Request) -> HTMLResponse:
+        return HTMLResponse(f"<p>{request.state.agentauth_cookie_id}</p>")
+
+    inner = Starlette(routes=[Route("/x", echo, methods=["GET", "POST"]), Route("/page", page)])
     return SecurityMiddleware(
         inner,
         origin=ORIGIN if secure else "http://localhost:8080",
@@ -147,6 +150,25 @@ async def test_a_cookie_of_an_ids_length_that_is_no_id_is_replaced() -> None:
 
 # Cookies other sites under the same parent domain (or other apps on localhost) may set,
 # which browsers send along with the page's own and Python's SimpleCookie refuses.
+@pytest.mark.asyncio
+async def test_a_page_renews_the_cookie_it_was_served_under() -> None:
+    """The cookie was set once, at the first visit or a sign-in, for the session's 12 h: a
+    sign-in page left open past that (the person signed out, or idle) tied its tickets to
+    an id the browser had dropped, and every sign-in there was refused until a reload.
+    Each page renews it, with the same id; other answers leave it alone."""
+    async with client() as c:
+        own = (await c.get("/x")).text
+        c.cookies.clear()
+        answer = await c.get("/page", headers={"Cookie": f"__Host-agentauth={own}"})
+        assert answer.text == f"<p>{own}</p>"
+        cookie = answer.headers["set-cookie"]
+        assert cookie.startswith(f"__Host-agentauth={own};") and "Max-Age=3600" in cookie
+        for attribute in ("Path=/", "HttpOnly", "SameSite=Strict", "Secure"):
+            assert attribute in cookie
+        plain = await c.get("/x", headers={"Cookie": f"__Host-agentauth={own}"})
+        assert "set-cookie" not in plain.headers
+
+
 FOREIGN_COOKIES = ['prefs={"theme":"dark"}', "cart[id]=1", "note=hello world"]
 
 

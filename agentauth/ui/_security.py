@@ -313,7 +313,13 @@ class SecurityMiddleware:
                 if content_type.startswith(b"text/html") or b"cache-control" not in names:
                     raw = [(k, v) for k, v in raw if k.lower() != b"cache-control"]
                     raw.append((b"cache-control", b"no-store"))
-                if issued is not None and not any(
+                # A page renews the cookie it was served under (the same id, Max-Age from
+                # now): the sign-in page ties its tickets to that id, and a cookie set at an
+                # earlier sign-in expired under a page left open (signed out, or idle) past
+                # it, so every sign-in there was refused until a reload. The session's own
+                # lifetime and idleness are the server's, whatever the cookie's.
+                renew = issued or (cookie_id if content_type.startswith(b"text/html") else None)
+                if renew is not None and not any(
                     k.lower() == b"set-cookie" and v.startswith(self.cookie.encode() + b"=")
                     for k, v in raw
                 ):
@@ -322,7 +328,7 @@ class SecurityMiddleware:
                             b"set-cookie",
                             set_cookie_header(
                                 self.cookie,
-                                issued,
+                                renew,
                                 secure=self.secure,
                                 max_age=self.cookie_max_age,
                             ),
