@@ -23,6 +23,7 @@ from typing import Any, Literal
 import msgpack
 
 from ..protocol import Action, Envelope
+from ..protocol._audit import AUDIT_NAME_MAX_LENGTH
 from ._state import Check
 
 __all__ = [
@@ -256,8 +257,8 @@ def decode_results(payload: bytes) -> tuple[int, list[tuple[Any, ...]]]:
 # event no reader of the chain accepts (AuditEvent.from_canonical): the chain could no
 # longer be exported or verified. Honest ids are identifiers (128 characters), or
 # "provider:<id>" for a denial that has no token to name its agent.
-_MAX_AGENT_ID = 256 - len("agent:")
-_MAX_PROVIDER_ID = 256 - len("provider:")
+_MAX_AGENT_ID = AUDIT_NAME_MAX_LENGTH - len("agent:")
+_MAX_PROVIDER_ID = AUDIT_NAME_MAX_LENGTH - len("provider:")
 # The longest grant id and step-up reference a check may carry. The shard stores both in
 # indexed columns (audit_events' grant indexes, verifier_step_up_uses' key), whose entries
 # PostgreSQL holds to about 2.7 KB: a longer one failed the commit of every check merged

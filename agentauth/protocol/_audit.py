@@ -64,6 +64,10 @@ def _canonical_b64(value: str) -> str:
 
 _Hash = Annotated[str, Field(pattern=_B64_SHA256), AfterValidator(_canonical_b64)]
 _EVENT_NAME = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
+# The longest actor or subject an event may name. Writers that build names from ids they
+# did not check (the shard's "agent:<id>", the registry's "passkey:<id>") bound them by it,
+# or they would chain events no reader of the chain accepts.
+AUDIT_NAME_MAX_LENGTH = 256
 
 
 class AuditEvent(BaseModel):
@@ -76,8 +80,12 @@ class AuditEvent(BaseModel):
     prev: _Hash = Field(description="entry hash of event seq-1")
     time_ms: int = Field(ge=0, description="Unix time in milliseconds.")
     event: str = Field(max_length=64, pattern=_EVENT_NAME, description="e.g. grant.approved")
-    actor: str = Field(max_length=256, description="Who caused it: agent:..., human:...")
-    subject: str = Field(max_length=256, description="What it is about: grant:..., ...")
+    actor: str = Field(
+        max_length=AUDIT_NAME_MAX_LENGTH, description="Who caused it: agent:..., human:..."
+    )
+    subject: str = Field(
+        max_length=AUDIT_NAME_MAX_LENGTH, description="What it is about: grant:..., ..."
+    )
     data: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("data")

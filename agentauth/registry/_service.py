@@ -79,6 +79,7 @@ from ..protocol import (
     tighten,
     verify_assertion,
 )
+from ..protocol._audit import AUDIT_NAME_MAX_LENGTH
 from ..protocol._envelope import MAX_EXPIRES_AT, period_key
 from ..protocol._jws import attach_signature, signing_input
 from ..protocol._receipts import check_top_level_frame
@@ -1106,11 +1107,7 @@ class Registry:
             # then the human's audit chain, which the new passkey's event locks (in another
             # order the two deadlocked when they met, and one of them failed). A refusal
             # below rolls all of it back with the code.
-            rows = await conn.fetch(
-                "SELECT credential_id FROM passkey_credentials WHERE principal_id = $1"
-                " AND removed_at IS NULL FOR UPDATE",
-                principal_id,
-            )
+            rows = await conn.fetch(_PASSKEYS_FLAGGED + " FOR UPDATE", principal_id)
             lost = [r["credential_id"] for r in rows]
             await conn.execute(
                 "UPDATE passkey_credentials SET removed_at = now()"
@@ -3209,7 +3206,7 @@ def _same_payment(asked: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
 # An audit subject has at most 256 characters (AuditEvent.subject, as every reader of a
 # chain holds events to), so "passkey:" leaves 248 for the id, 186 bytes; registration
 # takes ids up to WebAuthn's 1023 bytes (_MAX_CREDENTIAL_ID_BYTES).
-_PASSKEY_SUBJECT_ID_CHARS = 256 - len("passkey:")
+_PASSKEY_SUBJECT_ID_CHARS = AUDIT_NAME_MAX_LENGTH - len("passkey:")
 
 
 def _passkey_subject(credential_id: str) -> str:
