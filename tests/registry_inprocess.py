@@ -40,6 +40,24 @@ class Opened:
         return await table_counts(self.registry.pool)
 
 
+async def read_pages(
+    client: httpx.AsyncClient, path: str, headers: dict[str, str], params: dict[str, Any]
+) -> list[list[dict[str, Any]]]:
+    """Every page of a listing, following each answer's Link rel="next" (relative to its
+    request's URL)."""
+    pages = []
+    url = httpx.URL(ISSUER + path, params=params)
+    while True:
+        r = await client.get(url, headers=headers)
+        assert r.status_code == 200, r.text
+        pages.append(r.json())
+        following = r.links.get("next")
+        if following is None:
+            return pages
+        url = r.request.url.join(following["url"])
+        assert len(pages) < 1000, "the pages never end"
+
+
 async def append_events(
     opened: Opened, n: int, *, time_ms: int, event: str = "t.paged", **ids: str
 ) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from registry_inprocess import ISSUER, Opened, append_events, registry_in_process
+from registry_inprocess import Opened, append_events, read_pages, registry_in_process
 from registry_world import Human
 
 from agentauth.protocol import b64url_encode
@@ -42,23 +42,6 @@ async def stored(opened: Opened, column: str, value: str) -> list[dict[str, Any]
     return [json.loads(r["body"]) for r in rows]
 
 
-async def read_pages(
-    client: httpx.AsyncClient, headers: dict[str, str], params: dict[str, Any]
-) -> list[list[dict[str, Any]]]:
-    """Every page, following each answer's Link rel="next" (relative to its request's URL)."""
-    pages = []
-    url = httpx.URL(ISSUER + EVENTS, params=params)
-    while True:
-        r = await client.get(url, headers=headers)
-        assert r.status_code == 200, r.text
-        pages.append(r.json())
-        following = r.links.get("next")
-        if following is None:
-            return pages
-        url = r.request.url.join(following["url"])
-        assert len(pages) < 1000, "the pages never end"
-
-
 def flat(pages: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return [event for page in pages for event in page]
 
@@ -82,7 +65,7 @@ async def test_a_history_longer_than_a_page_is_read_whole_in_order(opened: Opene
     ):
         expected = await stored(opened, column, value)
         assert len(expected) > 8  # three pages at least
-        pages = await read_pages(world.client, headers, {column: value, "limit": 4})
+        pages = await read_pages(world.client, EVENTS, headers, {column: value, "limit": 4})
         assert [len(p) for p in pages[:-1]] == [4] * (len(pages) - 1), pages
         assert 0 < len(pages[-1]) <= 4
         assert flat(pages) == expected
@@ -109,7 +92,7 @@ async def test_past_the_largest_page_the_next_one_follows(opened: Opened) -> Non
         opened, AUDIT_PAGE_MAX + 1 - before, time_ms=2_000_000_000_000, agent_id=agent.id
     )
     expected = await stored(opened, "agent_id", agent.id)
-    pages = await read_pages(world.client, human.headers, {"agent_id": agent.id})
+    pages = await read_pages(world.client, EVENTS, human.headers, {"agent_id": agent.id})
     assert [len(p) for p in pages] == [AUDIT_PAGE_MAX, 1]
     assert flat(pages) == expected
 
@@ -130,7 +113,7 @@ async def test_newest_first_pages_read_the_history_backwards(opened: Opened) -> 
     await append_events(opened, 3, time_ms=2_000_000_000_001, agent_id=agent.id)
     expected = await stored(opened, "agent_id", agent.id)
     params = {"agent_id": agent.id, "limit": 4, "order": "desc"}
-    pages = await read_pages(world.client, human.headers, params)
+    pages = await read_pages(world.client, EVENTS, human.headers, params)
     assert [len(p) for p in pages[:-1]] == [4] * (len(pages) - 1), pages
     assert flat(pages) == expected[::-1]
     # Unpaged, newest first: the newest events, and the rest named by a Link that keeps
@@ -251,7 +234,7 @@ async def test_a_cursor_from_someone_elses_listing_shows_none_of_their_events(
     shown = {}
     for start in (cursor, made_up):
         params = {"agent_id": bobs_agent.id, "cursor": start, "limit": 3}
-        shown[start] = flat(await read_pages(world.client, bob.headers, params))
+        shown[start] = flat(await read_pages(world.client, EVENTS, bob.headers, params))
         assert shown[start], "Bob sees nothing of his own"
         assert not alices & {(e["chain"], e["seq"]) for e in shown[start]}
         assert all(e in bobs for e in shown[start])

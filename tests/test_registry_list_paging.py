@@ -13,7 +13,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from conftest import migrated_connection
-from registry_inprocess import ISSUER, Opened, registry_in_process
+from registry_inprocess import ISSUER, Opened, read_pages, registry_in_process
 from registry_world import Human
 
 from agentauth.protocol import b64url_encode
@@ -62,23 +62,6 @@ async def add_requests(opened: Opened, agent_id: str, provider_id: str, n: int) 
         provider_id,
         n,
     )
-
-
-async def read_pages(
-    client: httpx.AsyncClient, path: str, headers: dict[str, str], params: dict[str, Any]
-) -> list[list[dict[str, Any]]]:
-    """Every page, following each answer's Link rel="next" (relative to its request's URL)."""
-    pages = []
-    url = httpx.URL(ISSUER + path, params=params)
-    while True:
-        r = await client.get(url, headers=headers)
-        assert r.status_code == 200, r.text
-        pages.append(r.json())
-        following = r.links.get("next")
-        if following is None:
-            return pages
-        url = r.request.url.join(following["url"])
-        assert len(pages) < 1000, "the pages never end"
 
 
 def ids(pages: list[list[dict[str, Any]]]) -> list[str]:
