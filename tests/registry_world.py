@@ -79,6 +79,20 @@ class World:
         headers = {**kwargs.pop("headers", {}), **self.dpop(agent, method, path_only)}
         return await self.client.request(method, self.url(path), headers=headers, **kwargs)
 
+    async def recovery_options(self, principal_id: str) -> tuple[str, dict[str, Any]]:
+        """The admin's recovery code for the human, and the registration options the
+        recovery begins with."""
+        r = await self.client.post(
+            self.url("/v1/admin/recoveries"),
+            headers=self.admin,
+            json={"principal_id": principal_id},
+        )
+        assert r.status_code == 200, r.text
+        code = r.json()["recovery_code"]
+        r = await self.client.post(self.url("/v1/recovery/begin"), json={"code": code})
+        assert r.status_code == 200, r.text
+        return code, r.json()
+
     async def human(self, name: str = "Alice", *, uv: bool = True) -> Human:
         authenticator = SoftAuthenticator(origin=self.origin, user_verification=uv)
         r = await self.client.post(self.url("/v1/signup/begin"), json={"display_name": name})

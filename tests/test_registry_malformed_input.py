@@ -332,11 +332,7 @@ async def test_a_recovery_removes_a_passkey_with_the_longest_credential_id(
     human whose lost passkey had such an id could not be recovered at all."""
     w, c = service.world, service.client
     principal_id, _, _ = await human_with_passkey(service, os.urandom(LONGEST_ID_BYTES))
-    r = await c.post(
-        w.url("/v1/admin/recoveries"), headers=w.admin, json={"principal_id": principal_id}
-    )
-    code = r.json()["recovery_code"]
-    options = (await c.post(w.url("/v1/recovery/begin"), json={"code": code})).json()
+    code, options = await w.recovery_options(principal_id)
     new_id = os.urandom(LONGEST_ID_BYTES)
     credential = SoftAuthenticator(origin=w.origin).create(options, credential_id=new_id)
     r = await c.post(w.url("/v1/recovery/finish"), json={"code": code, "credential": credential})

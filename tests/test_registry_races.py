@@ -777,17 +777,8 @@ async def test_a_recovery_and_a_passkey_removal_at_once_do_not_deadlock(
         await _confirm(world, thief_session, change="remove", credential_id=other_id),
         passkey=stolen,
     )
-    r = await world.client.post(
-        world.url("/v1/admin/recoveries"),
-        headers=world.admin,
-        json={"principal_id": alice.principal_id},
-    )
-    assert r.status_code == 200, r.text
-    code = r.json()["recovery_code"]
-    r = await world.client.post(world.url("/v1/recovery/begin"), json={"code": code})
-    assert r.status_code == 200, r.text
-    new_device = SoftAuthenticator(origin=world.origin)
-    registration = new_device.create(r.json())
+    code, options = await world.recovery_options(alice.principal_id)
+    registration = SoftAuthenticator(origin=world.origin).create(options)
 
     audit = registry._audit
     deleted, release = asyncio.Event(), asyncio.Event()
@@ -840,17 +831,9 @@ async def test_a_passkey_added_while_a_recovery_waits_is_removed_by_it(
     assert r.status_code == 200, r.text
     thief_device = SoftAuthenticator(origin=world.origin)
     added = thief_device.create(r.json())
-    r = await world.client.post(
-        world.url("/v1/admin/recoveries"),
-        headers=world.admin,
-        json={"principal_id": alice.principal_id},
-    )
-    assert r.status_code == 200, r.text
-    code = r.json()["recovery_code"]
-    r = await world.client.post(world.url("/v1/recovery/begin"), json={"code": code})
-    assert r.status_code == 200, r.text
+    code, options = await world.recovery_options(alice.principal_id)
     new_device = SoftAuthenticator(origin=world.origin)
-    registration = new_device.create(r.json())
+    registration = new_device.create(options)
 
     blocker = await asyncpg.connect(service.url)
     try:

@@ -427,13 +427,7 @@ async def test_a_recovery_with_a_passkey_receipts_cannot_carry_spends_no_code(
     then recovers the account with a passkey that works."""
     world = service.world
     human = await world.human()
-    r = await world.client.post(
-        world.url("/v1/admin/recoveries"),
-        headers=world.admin,
-        json={"principal_id": human.principal_id},
-    )
-    code = r.json()["recovery_code"]
-    options = (await world.client.post(world.url("/v1/recovery/begin"), json={"code": code})).json()
+    code, options = await world.recovery_options(human.principal_id)
     before = await service.counts()
     credential = SoftAuthenticator(origin=world.origin).create(options, **passkey)
     r = await world.client.post(
@@ -826,18 +820,10 @@ async def test_an_approval_or_sign_in_with_a_top_origin_is_refused(
 
 async def recover(world: World, human: Human, credential_for: Any) -> httpx.Response:
     """The admin's code for ``human``, spent on the passkey ``credential_for`` makes."""
-    r = await world.client.post(
-        world.url("/v1/admin/recoveries"),
-        headers=world.admin,
-        json={"principal_id": human.principal_id},
-    )
-    assert r.status_code == 200, r.text
-    code = r.json()["recovery_code"]
-    r = await world.client.post(world.url("/v1/recovery/begin"), json={"code": code})
-    assert r.status_code == 200, r.text
+    code, options = await world.recovery_options(human.principal_id)
     return await world.client.post(
         world.url("/v1/recovery/finish"),
-        json={"code": code, "credential": credential_for(r.json())},
+        json={"code": code, "credential": credential_for(options)},
     )
 
 
@@ -907,13 +893,7 @@ async def test_a_refused_recovery_removes_no_passkey(service: InProcess) -> None
     world = service.world
     alice = await world.human("Alice")
     old = only_passkey(alice)
-    r = await world.client.post(
-        world.url("/v1/admin/recoveries"),
-        headers=world.admin,
-        json={"principal_id": alice.principal_id},
-    )
-    code = r.json()["recovery_code"]
-    options = (await world.client.post(world.url("/v1/recovery/begin"), json={"code": code})).json()
+    code, options = await world.recovery_options(alice.principal_id)
     device = SoftAuthenticator(origin=world.origin)
     for body, status, reason in (
         ({"code": "rec_" + "x" * 32, "credential": device.create(options)}, 403, "bad_recovery"),
@@ -959,13 +939,7 @@ async def test_a_recoverys_challenge_adds_no_passkey_outside_the_recovery(
     world = service.world
     alice = await world.human("Alice")
     old = only_passkey(alice)
-    r = await world.client.post(
-        world.url("/v1/admin/recoveries"),
-        headers=world.admin,
-        json={"principal_id": alice.principal_id},
-    )
-    code = r.json()["recovery_code"]
-    options = (await world.client.post(world.url("/v1/recovery/begin"), json={"code": code})).json()
+    code, options = await world.recovery_options(alice.principal_id)
     device = SoftAuthenticator(origin=world.origin)
     before = await service.counts()
     r = await world.client.post(
