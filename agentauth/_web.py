@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import asyncpg
 from fastapi import FastAPI, Request
@@ -298,15 +299,29 @@ def _storable(document: Any) -> Any:
 def basic_credentials(value: str) -> tuple[str, str]:
     """A provider's ``Authorization: Basic`` value as (id, secret); anything that is not
     base64 of UTF-8 (not base64, not even ASCII, bytes that do not decode: all ValueError)
-    is refused as a bad credential, never a 500."""
+    is refused as a bad credential, never a 500.
+
+    The id and the secret are taken as they are (RFC 7617) or form-encoded, as RFC 6749
+    §2.3.1 has an OAuth client send them (RFC 7662 §2.1's protected resource is one):
+    such a client sends ``billing%40acme`` for the id ``billing@acme``. Neither an id nor a
+    secret the registry issues can hold ``%`` or ``+``, so decoding changes none of them
+    as sent raw."""
     try:
         decoded = base64.b64decode(value.strip(), validate=True).decode()
+        provider_id, _, secret = decoded.partition(":")
+        return _form_decoded(provider_id), _form_decoded(secret)
     except ValueError:
         raise Unauthenticated(
             "malformed Basic credentials", reason="bad_provider_credential"
         ) from None
-    provider_id, _, secret = decoded.partition(":")
-    return provider_id, secret
+
+
+def _form_decoded(text: str) -> str:
+    """application/x-www-form-urlencoded's decoding of one value, strict UTF-8 (the
+    decoding of bytes that are not UTF-8 raises ValueError, not a replacement character)."""
+    if "%" not in text and "+" not in text:
+        return text
+    return unquote_to_bytes(text.replace("+", " ")).decode()
 
 
 def parsed_body(scope: Scope) -> object:
@@ -367,7 +382,10 @@ def error_response(
         return _error_response(InvalidRequest("invalid document", reason="schema"))
     if isinstance(exc, StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
-        return JSONResponse({"error": code, "error_description": str(exc.detail)}, exc.status_code)
+        # Its headers are part of the answer: a 405's Allow, which RFC 9110 §15.5.6 requires.
+        return JSONResponse(
+            {"error": code, "error_description": str(exc.detail)}, exc.status_code, exc.headers
+        )
     if isinstance(exc, _DEPENDENCY_ERRORS):
         # A database or network failure outside a guarded path is still a dependency
         # failure: 503, never a 500 with details.

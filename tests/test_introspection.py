@@ -6,7 +6,9 @@ The replica's service layer runs for real (tests/verifier_inprocess.py).
 
 from __future__ import annotations
 
+import base64
 import time
+from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
@@ -211,3 +213,43 @@ async def test_an_rfc_7662_form_request_is_refused_and_decides_nothing() -> None
             assert r.status_code == 400, r.text
             assert r.json()["error"] == "invalid_request" and "active" not in r.json()
     assert shards.recorded == []
+
+
+@pytest.mark.asyncio
+async def test_basic_credentials_form_encoded_as_rfc_6749_has_them_are_accepted() -> None:
+    """RFC 7662 §2.1 has a protected resource authenticate as an OAuth client, and RFC 6749
+    §2.3.1 form-encodes the client id and secret before they go into Basic: OAuth client
+    libraries send ``billing%40acme`` for the provider ``billing@acme`` (an id may hold an
+    ``@``). Read as is, that id was unknown and every call was refused 401. Neither a
+    provider id nor a secret the registry issues can hold ``%`` or ``+``, so the two forms
+    cannot be confused: both are accepted, and a wrong secret is refused either way."""
+    v, _ = verifier()
+    v._providers["billing@acme"] = v._providers.pop("prov_a")
+    token = mint(now=time.time())
+    transport = httpx.ASGITransport(app=create_app(v))
+
+    def auth(user: str, password: str) -> dict[str, str]:
+        raw = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {raw}"}
+
+    accepted = [
+        auth("billing@acme", "secret-a"),  # as the SDK sends it
+        auth(quote("billing@acme", safe=""), quote("secret-a", safe="")),
+        auth(quote_plus("billing@acme"), quote_plus("secret-a")),
+    ]
+    refused = [
+        auth(quote("billing@acme", safe=""), "secret-b"),
+        auth("billing%40acme", "secret%2Da%00"),
+        auth("billing%4", "secret-a"),
+    ]
+    async with httpx.AsyncClient(transport=transport, base_url="http://verifier") as c:
+        for headers in accepted:
+            body = ask(token).model_dump_json(exclude_none=True)
+            r = await c.post("/v1/introspect", content=body, headers=headers)
+            assert r.status_code == 200 and r.json()["active"] is True, r.text
+        for headers in refused:
+            body = ask(token).model_dump_json(exclude_none=True)
+            r = await c.post("/v1/introspect", content=body, headers=headers)
+            assert r.status_code == 401, r.text
+            assert r.json()["reason"] == "bad_provider_credential"
+    assert v.decisions.of("billing@acme") == {"ok": 3}

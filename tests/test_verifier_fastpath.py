@@ -287,3 +287,21 @@ async def test_an_action_on_a_name_that_is_not_canonical_is_refused_undecided(
     [detail] = answer["details"]
     assert detail["loc"] == ["action", "resource"] and why in detail["msg"]
     assert stand_in.calls == []
+
+
+@pytest.mark.asyncio
+async def test_a_method_a_route_does_not_take_is_answered_with_the_methods_it_does() -> None:
+    """RFC 9110 §15.5.6: a 405 MUST carry ``Allow``. Starlette raises it with the header,
+    and the error mapping dropped every header of the exception, so a provider's client
+    (or a proxy) calling GET /v1/verify learned nothing of which method to use."""
+    async with client(StandIn()) as c:
+        answers = {
+            ("GET", "/verifier/v1/verify"): "POST",
+            ("GET", "/verifier/v1/introspect"): "POST",
+            ("POST", "/verifier/v1/stats"): "GET",
+        }
+        for (method, path), allowed in answers.items():
+            r = await c.request(method, path, headers=AUTH)
+            assert r.status_code == 405, (method, path, r.text)
+            assert r.json()["error"] == "method_not_allowed"
+            assert allowed in r.headers.get("allow", "").split(", "), (method, path, r.headers)
