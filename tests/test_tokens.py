@@ -877,6 +877,10 @@ def test_jwks_members_carry_no_private_material() -> None:
         assert not {"d", "p", "q", "k"} & set(jwk)
 
 
+def _without(jwk: Doc, *members: str) -> Doc:
+    return {k: v for k, v in jwk.items() if k not in members}
+
+
 @pytest.mark.parametrize(
     "jwk",
     [
@@ -916,6 +920,16 @@ def test_jwks_members_carry_no_private_material() -> None:
         pytest.param(dict(REGISTRY_ES.public_jwk(), alg=256), id="alg-not-a-string"),
         pytest.param(dict(REGISTRY_ES.public_jwk(), kid=7), id="kid-not-a-string"),
         pytest.param(dict(REGISTRY_ES.public_jwk(), kid=""), id="kid-empty"),
+        # Without an alg, crv decides whether the key is one of AgentAuth's: a list or an
+        # object there raised TypeError (unhashable) out of from_jwks.
+        pytest.param(
+            dict(_without(REGISTRY_ES.public_jwk(), "alg"), crv=["P-256"]), id="crv-array"
+        ),
+        pytest.param(
+            dict(_without(REGISTRY_ED.public_jwk(), "alg"), crv={"name": "Ed25519"}),
+            id="crv-object",
+        ),
+        pytest.param(dict(_without(REGISTRY_ES.public_jwk(), "alg"), crv=256), id="crv-number"),
         # Claims one of AgentAuth's key types, is not one: not silently left out.
         pytest.param(dict(REGISTRY_ES.public_jwk(), x="AAAA"), id="ec-key-bad-coordinate"),
         pytest.param(
@@ -927,10 +941,6 @@ def test_jwks_members_carry_no_private_material() -> None:
 def test_jwks_entry_is_refused(jwk: Doc) -> None:
     with pytest.raises(InvalidRequest):
         KeySet.from_jwks({"keys": [REGISTRY_ED.public_jwk(), jwk]})
-
-
-def _without(jwk: Doc, *members: str) -> Doc:
-    return {k: v for k, v in jwk.items() if k not in members}
 
 
 # A JWKS may publish keys that are not for verifying AgentAuth's signatures: an encryption

@@ -305,9 +305,15 @@ def _verifies_signatures(jwk: object) -> bool:
     # that cannot be trusted with the others either.
     if _PRIVATE_MEMBERS & jwk.keys():
         raise InvalidRequest("JWK contains private key material")
-    kty, use, ops, alg, kid = (jwk.get(m) for m in ("kty", "use", "key_ops", "alg", "kid"))
+    kty, crv, use, ops, alg, kid = (
+        jwk.get(m) for m in ("kty", "crv", "use", "key_ops", "alg", "kid")
+    )
     if not isinstance(kty, str):
         raise InvalidRequest("JWK member kty is missing")
+    # RFC 7518 §6.2.1.1 and RFC 8037 §2: a string. Another type would otherwise reach the
+    # key type lookup below, where a list or object is unhashable: a TypeError, not a refusal.
+    if crv is not None and not isinstance(crv, str):
+        raise InvalidRequest("JWK member crv is not a string")
     if use is not None and not isinstance(use, str):
         raise InvalidRequest("JWK member use is not a string")
     if ops is not None and (
@@ -326,7 +332,7 @@ def _verifies_signatures(jwk: object) -> bool:
         # Named for one of AgentAuth's algorithms, it must be that algorithm's key
         # (PublicKey.from_jwk refuses a mismatch); named for another, it is not ours.
         return alg in ALG_NAMES and kid is not None
-    return (kty, jwk.get("crv")) in _KEY_TYPES and kid is not None
+    return (kty, crv) in _KEY_TYPES and kid is not None
 
 
 class KeySet(Mapping[str, PublicKey]):
