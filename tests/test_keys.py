@@ -629,6 +629,58 @@ async def test_vault_wrong_signature_is_never_returned(vault: FakeVault) -> None
     await signer.aclose()
 
 
+# A fresh interpreter whose first import of one module takes `delay` seconds (a busy
+# machine's import of a cloud client library), then opens a signer with a shorter timeout.
+_SLOW_FIRST_IMPORT = """
+import asyncio, importlib.abc, sys, time
+from agentauth.keys import GcpKmsSigner, VaultTransitSigner
+
+module, delay, backend, url, name, token = sys.argv[1:]
+
+class SlowFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname == module:
+            time.sleep(float(delay))
+        return None  # the usual finders then load it
+
+sys.meta_path.insert(0, SlowFinder())
+
+async def main():
+    if backend == "gcp":
+        signer = await GcpKmsSigner.open(name, endpoint=url, timeout=0.5)
+    else:
+        signer = await VaultTransitSigner.open(name, url=url, token=token, timeout=0.5)
+    assert len(await signer.sign(b"checkpoint")) == 64
+    await signer.aclose()
+    print("signed")
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("backend", ["gcp", "vault"])
+def test_a_slow_first_import_of_the_client_library_is_not_the_backends_timeout(
+    backend: str, gcp: FakeGcpKms, vault: FakeVault
+) -> None:
+    """google.cloud.kms_v1 takes about a second to import here, and longer on a busy
+    machine: inside the open's 2 s bound, the first open of a Cloud KMS signer failed as
+    "did not answer" while Cloud KMS answered in milliseconds. The library is imported
+    before the bounded call now."""
+    if backend == "gcp":
+        module, url, name, token = "google.cloud.kms_v1", gcp.url, gcp.create_key_version(), ""
+    else:
+        vault.create_key("registry")
+        module, url, name, token = "hvac", vault.url, "registry", vault.token
+    args = [module, "1.0", backend, url, name, token]
+    run = subprocess.run(
+        [sys.executable, "-c", _SLOW_FIRST_IMPORT, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "signed", run.stderr[-2000:]
+
+
 @pytest.mark.asyncio
 async def test_vault_slow_and_stopped(vault: FakeVault) -> None:
     vault.create_key("registry")

@@ -16,6 +16,7 @@ from ._base import (
     SignerUnavailable,
     call_blocking,
     der_to_raw,
+    preload,
     public_key_with_kid,
 )
 
@@ -121,6 +122,7 @@ class AwsKmsSigner(RemoteSigner):
                 client.close()
                 raise
 
+        await preload("boto3", "botocore.config")
         client, key_ref, public = await call_blocking(cls._backend, "open", timeout, connect)
         return cls(
             client=client,

@@ -8,6 +8,7 @@ a misrouted key, a rotated key or a corrupted response can only ever cause a den
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import re
 from collections.abc import Callable
@@ -115,6 +116,26 @@ def _pool(backend: str) -> ThreadPoolExecutor:
             _POOL_THREADS, thread_name_prefix=f"signer-{backend}"
         )
     return pool
+
+
+async def preload(*modules: str) -> None:
+    """Import a backend's client library in a thread, before its first bounded call.
+
+    An import is local work the timeout of a call, sized for a backend's answer, is not
+    meant to cover: google.cloud.kms_v1 or boto3 take 0.5-1.5 s to import on a quiet 2-core
+    machine and past the 2 s default on a busy one, which failed a signer's first open as a
+    backend timeout. A library that does not import is left for the bounded call, whose
+    own import then fails as any other backend failure is said.
+    """
+
+    def load() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                return
+
+    await asyncio.to_thread(load)
 
 
 async def call_blocking(backend: str, what: str, timeout: float, fn: Callable[[], _T]) -> _T:

@@ -20,6 +20,7 @@ from ._base import (
     SignerUnavailable,
     call_blocking,
     der_to_raw,
+    preload,
     public_key_with_kid,
 )
 from ._crc32c import crc32c
@@ -108,6 +109,7 @@ class GcpKmsSigner(RemoteSigner):
                 client.transport.close()  # type: ignore[no-untyped-call]  # unannotated
                 raise
 
+        await preload("google.auth.credentials", "google.cloud.kms_v1")
         client, public = await call_blocking(cls._backend, "open", timeout, connect)
         return cls(client=client, key_version_name=key_version_name, public=public, timeout=timeout)
 

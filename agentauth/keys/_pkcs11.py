@@ -43,6 +43,7 @@ from ._base import (
     RemoteSigner,
     SignerUnavailable,
     call_blocking,
+    preload,
     public_key_with_kid,
 )
 
@@ -427,6 +428,7 @@ class Pkcs11Signer(RemoteSigner):
                 _release(lib_path, token_label, entry)
                 raise
 
+        await preload("pkcs11")
         try:
             entry, private, public = await call_blocking(cls._backend, "open", timeout, connect)
         except BaseException:

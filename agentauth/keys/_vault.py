@@ -57,6 +57,7 @@ from ._base import (
     RemoteSigner,
     SignerUnavailable,
     call_blocking,
+    preload,
     public_key_with_kid,
 )
 
@@ -304,6 +305,7 @@ class VaultTransitSigner(RemoteSigner):
                 raise
             return client, version, public
 
+        await preload("hvac")
         client, version, public = await call_blocking(cls._backend, "open", timeout, connect)
         signer = cls(
             client=client,
