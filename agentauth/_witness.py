@@ -38,6 +38,7 @@ Of = Literal["database", "archive"]
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 class WitnessError(Exception):
@@ -122,18 +123,34 @@ class _Document(BaseModel):
     chains: dict[str, _Entry]
 
 
+def _open_nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | _NONBLOCK)
+
+
 def load(path: Path, *, of: Of) -> dict[str, Seen] | None:
     """The witness at ``path``; ``None`` if there is no file yet (the first run).
 
     Raises ``WitnessError`` for anything else that is not a witness of ``of``: an
-    unreadable file, bad JSON, unknown fields, a witness of the other kind, or a file
-    others can write (they could rewrite what it remembers).
+    unreadable file or one that is not a regular file, bad JSON, unknown fields, a witness
+    of the other kind, or a file others can write (they could rewrite what it remembers):
+    writable by group or others, or owned by another user than this one or root.
     """
     try:
-        with open(path, "rb") as handle:
+        # O_NONBLOCK: a FIFO at the path must not hang the open before the check below; a
+        # regular file ignores it.
+        with open(path, "rb", opener=_open_nonblocking) as handle:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise WitnessError(f"the witness {path} is not a regular file")
+            owner = os.geteuid()
+            # Another user who owns it can rewrite it (or chmod it) whatever its mode says;
+            # root can anyway, so a root-owned witness is as safe as one of ours.
+            if info.st_uid not in (owner, 0):
+                raise WitnessError(
+                    f"the witness {path} is owned by uid {info.st_uid}, not by this user"
+                    f" (uid {owner}) or root, who can rewrite what it remembers;"
+                    f" run: chown {owner} {path}"
+                )
             if info.st_mode & 0o022:
                 raise WitnessError(
                     f"the witness {path} is writable by group or others"

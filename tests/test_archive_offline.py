@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from agentauth.archive import ArchiveIntegrityError, DirectoryStore, Manifest, verify_archive
+from agentauth.archive import (
+    ArchiveIntegrityError,
+    ArchiveUnavailable,
+    DirectoryStore,
+    Manifest,
+    verify_archive,
+)
 from agentauth.archive._segments import (
     encode_events,
     encode_key,
@@ -171,3 +178,25 @@ async def test_a_signing_key_row_that_is_no_key_object_is_an_integrity_error(sto
     finally:
         await conn.execute(f"DROP SCHEMA {schema} CASCADE")
         await conn.close()
+
+
+@pytest.mark.parametrize("unreadable", ["", "registry-1"], ids=["root", "a chain"])
+def test_a_directory_the_listing_cannot_read_is_the_store_unavailable(
+    store: DirectoryStore, monkeypatch: pytest.MonkeyPatch, unreadable: str
+) -> None:
+    """A directory whose listing fails (EACCES, an NFS EIO) was skipped by os.walk without a
+    word: its chain, or the whole archive, read as absent, so verify passed without the chain
+    (or failed as tampered with) and export began the chain again from genesis."""
+    scandir = os.scandir
+    refused = os.path.join(store.root, unreadable) if unreadable else str(store.root)
+
+    def failing(path: str) -> object:
+        if os.path.normpath(os.fspath(path)) == os.path.normpath(refused):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", failing)
+    with pytest.raises(ArchiveUnavailable):
+        store.list()
+    with pytest.raises(ArchiveUnavailable):
+        verify_archive(store, keys=KeySet([PUBLIC]), now=NOW)

@@ -124,3 +124,47 @@ def test_an_unreadable_or_foreign_witness_is_an_error(tmp_path: Path) -> None:
         load(tmp_path, of="archive")
     with pytest.raises(WitnessError, match="cannot write"):
         save(tmp_path / "missing" / "witness.json", {}, of="archive")
+
+
+def test_a_witness_another_user_owns_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its owner can rewrite what it remembers whatever its mode says (or chmod it), as
+    group or others can a file they may write: 0600 and another user's was trusted."""
+    import os
+
+    path = tmp_path / "witness.json"
+    save(path, {"a": Seen(40, R40)}, of="archive")
+    if os.geteuid() == 0:
+        os.chown(path, 54321, -1)  # root's own files pass; one of another user's must not
+    else:
+        real = os.geteuid()
+        monkeypatch.setattr(os, "geteuid", lambda: real + 1)
+    with pytest.raises(WitnessError, match="owned by uid"):
+        load(path, of="archive")
+
+
+def test_a_fifo_at_the_witness_path_is_an_error_not_a_wait_for_ever(tmp_path: Path) -> None:
+    """open() of a FIFO waits for a writer, so the run hung before the regular-file check."""
+    import os
+    import threading
+
+    path = tmp_path / "witness.json"
+    os.mkfifo(path, 0o600)
+    outcome: list[BaseException | object] = []
+
+    def read() -> None:
+        try:
+            outcome.append(load(path, of="archive"))
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # release the blocked open: a writer arrives, at once
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(5)
+        pytest.fail("load waited on a FIFO")
+    assert isinstance(outcome[0], WitnessError)
+    assert "not a regular file" in str(outcome[0])
