@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -131,8 +133,6 @@ def test_a_witness_another_user_owns_is_an_error(
 ) -> None:
     """Its owner can rewrite what it remembers whatever its mode says (or chmod it), as
     group or others can a file they may write: 0600 and another user's was trusted."""
-    import os
-
     path = tmp_path / "witness.json"
     save(path, {"a": Seen(40, R40)}, of="archive")
     if os.geteuid() == 0:
@@ -146,9 +146,6 @@ def test_a_witness_another_user_owns_is_an_error(
 
 def test_a_fifo_at_the_witness_path_is_an_error_not_a_wait_for_ever(tmp_path: Path) -> None:
     """open() of a FIFO waits for a writer, so the run hung before the regular-file check."""
-    import os
-    import threading
-
     path = tmp_path / "witness.json"
     os.mkfifo(path, 0o600)
     outcome: list[BaseException | object] = []
