@@ -424,6 +424,14 @@ def test_payees_must_be_a_non_empty_list_of_identifiers() -> None:
         Capability.transact("p", payees=["has space"])
 
 
+def test_one_payee_given_as_a_string_is_refused_not_split_into_letters() -> None:
+    """A str is an iterable of str: payees="acme" asked for payees a, c, e and m, which the
+    human was shown and the agent could pay, and never acme."""
+    with pytest.raises(ValidationError):
+        Capability.transact("p", payees="acme")
+    assert Capability.transact("p", payees=("acme",)).payees == ("acme",)
+
+
 def test_read_filter_may_not_be_empty() -> None:
     with pytest.raises(ValidationError):
         Capability.read("r", filter="")

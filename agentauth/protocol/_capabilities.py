@@ -112,7 +112,9 @@ class Capability(BaseModel):
                 # Python callers may pass an int; the wire form is a decimal string.
                 "max_amount": str(max_amount) if isinstance(max_amount, int) else max_amount,
                 "currency": currency,
-                "payees": None if payees is None else tuple(payees),
+                # A str is an Iterable[str] too: tuple("acme") made payees a, c, e and m.
+                # Passed on as it is, it is refused as a document's "payees": "acme" is.
+                "payees": payees if payees is None or isinstance(payees, str) else tuple(payees),
             }
         )
 
