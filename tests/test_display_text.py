@@ -34,6 +34,11 @@ HIDDEN = [
     pytest.param("Shop\u034fping bot", id="combining-grapheme-joiner"),
     pytest.param("Shopping bot\u17b4", id="khmer-inherent-vowel"),
     pytest.param("Shopping\u2800\u2800bot", id="braille-blank"),
+    # Unassigned, but reserved as default ignorable: drawn as nothing (Unicode 5.21).
+    pytest.param("Shop\u2065ping bot", id="unassigned-ignorable-u2065"),
+    pytest.param("Shopping\ufff0 bot", id="unassigned-ignorable-ufff0"),
+    pytest.param("Shopping bot\U000e0002", id="unassigned-ignorable-tag-block"),
+    pytest.param("Shopping\U000e01f0 bot", id="unassigned-ignorable-after-selectors"),
 ]
 # Drawn, but over or away from the page's own lines: a pile of marks covers the line that
 # tells look-alike agents apart, a run of wide spaces pushes an amount off the line.

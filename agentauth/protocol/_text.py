@@ -24,6 +24,11 @@ _INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 # names hold emoji.
 # The Braille blank (So) draws nothing either.
 _BLANK = frozenset({"\u115f", "\u1160", "\u3164", "\uffa0", "\u034f", "\u17b4", "\u17b5", "\u2800"})
+# Unassigned code points that Unicode reserves as default ignorable (DerivedCoreProperties:
+# U+2065, U+FFF0..FFF8 and those of U+E0000..E0FFF): a renderer draws them as nothing,
+# whatever they are assigned later. Other unassigned ones stay: a newer emoji is unassigned
+# to an older Python.
+_IGNORABLE_UNASSIGNED = ((0x2065, 0x2065), (0xFFF0, 0xFFF8), (0xE0000, 0xE0FFF))
 # Marks stack on the letter before them, above and below: scripts need a few on one letter
 # (Vietnamese two, Hebrew points and cantillation or Tibetan stacks up to four), while a
 # pile of them draws over the page's lines above and below the name (the one that tells
@@ -43,6 +48,8 @@ def check_display_text(text: str) -> str:
     marks = spaces = 0
     for char in text:
         category = unicodedata.category(char)
+        if category == "Cn" and any(lo <= ord(char) <= hi for lo, hi in _IGNORABLE_UNASSIGNED):
+            raise ValueError(f"must not contain U+{ord(char):04X} (an unassigned invisible one)")
         if category in _INVISIBLE or char in _BLANK:
             name = unicodedata.name(char, "a control character")
             raise ValueError(f"must not contain U+{ord(char):04X} ({name})")
