@@ -324,7 +324,7 @@ async def tighten_to_one_an_hour_and_ten_a_day(requests: RequestsPage) -> None:
     with requests.client:
         rate.value = 1
         daily.value = "10"
-    preview = "You would approve: up to 1 transaction an hour, at most $10 a day"
+    preview = "You would approve: up to 1 transaction an hour, at most $10 a day (UTC time)"
     assert preview in requests.texts()
 
 
@@ -410,7 +410,7 @@ async def test_the_notice_before_the_passkey_names_the_limits_it_signs(
     await requests.press(requests.button(f"Approve with passkey: {WHO}"))
     (text,) = shown
     assert ", as you tightened it." in text
-    assert "Limits: up to 1 transaction an hour, at most $10 a day." in text
+    assert "Limits: up to 1 transaction an hour, at most $10 a day (UTC time)." in text
 
 
 @pytest.mark.asyncio

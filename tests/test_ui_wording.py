@@ -163,6 +163,24 @@ def test_time_windows_that_allow_more_never_read_like_fewer(
     assert wide != narrow
 
 
+def test_calendar_spend_limits_in_utc_name_the_zone() -> None:
+    """A day, hour, week or month turns over in the envelope's zone. Other zones were named
+    beside the limits, UTC was not: "at most $200 a day" read as the person's own day,
+    while the agent could spend $200 before the UTC midnight and $200 after, within one
+    evening of someone in New York."""
+    daily = {"spend_limits": [{"amount": "200", "currency": "USD", "period": "day"}]}
+    assert describe_envelope(Envelope.model_validate(daily), now=NOW) == (
+        "at most $200 a day (UTC time)"
+    )
+    # A cap on the whole grant has no calendar, and a time window names the zone already.
+    total = {"spend_limits": [{"amount": "200", "currency": "USD", "period": "grant"}]}
+    assert describe_envelope(Envelope.model_validate(total), now=NOW) == "at most $200 in total"
+    windowed = {**daily, "time_windows": [{"days": ["mon"], **ALL_DAY}]}
+    assert describe_envelope(Envelope.model_validate(windowed), now=NOW) == (
+        "at most $200 a day, Mon all day UTC"
+    )
+
+
 @pytest.mark.parametrize(
     ("capability", "words"),
     [

@@ -235,7 +235,12 @@ def describe_envelope(
     if amounts:
         text = "at most " + _join(amounts)
         calendar = any(s.period != "grant" for s in envelope.spend_limits)
-        if calendar and not envelope.time_windows and envelope.timezone != "UTC":
+        # A day (hour, week, month) turns over in the envelope's zone, UTC included: unnamed,
+        # "$200 a day" reads as the person's own day, and across the UTC midnight an agent
+        # can spend it twice within one evening of theirs. (The windows name the zone.)
+        if calendar and not envelope.time_windows and envelope.timezone == "UTC":
+            text += " (UTC time)"
+        elif calendar and not envelope.time_windows:
             offsets = _zone_offsets(envelope.timezone, now=now)
             text += f" ({envelope.timezone} time, {offsets})"
         parts.append(text)
