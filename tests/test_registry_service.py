@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import pytest_asyncio
 from registry_inprocess import registry_in_process, table_counts
 from registry_world import PAYMENTS, STEP_UP_ABOVE_50, Human, World
 
+from agentauth._logs import Throttle
 from agentauth.protocol import ApprovalReceipt, Capability, Forbidden, Grant, b64url_encode
 from agentauth.registry import Registry
 from agentauth.registry._service import AHEAD_PER_TICK, Agent
@@ -269,6 +271,32 @@ async def test_a_grant_rewritten_after_its_approval_gets_no_token(
     r = await world.token(agent, grant["id"])
     assert (r.status_code, r.json().get("reason")) == (403, "grant_unusable"), r.text
     assert await service.counts() == before
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_rewritten_grant_asked_for_again_and_again_is_logged_once_a_while(
+    service: InProcess, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusal is checked before the grant's token limit, so nothing bounds how often an
+    agent asks: until 2026-12-01 each ask wrote an ERROR line, and an agent (or a loop in
+    its program) could fill the log at the rate it signs proofs."""
+    world = service.world
+    _, agent, _, grant = await world.setup_grant()
+    document = await stored_document(service, grant["id"])
+    document["capabilities"] = [Capability.read("*").to_document()]
+    await service.registry.pool.execute(
+        "UPDATE grants SET document = $2 WHERE id = $1",
+        grant["id"],
+        Grant.from_document(document).canonical_bytes().decode(),
+    )
+    monkeypatch.setattr(service.registry, "_said", Throttle(30.0))  # nothing said before
+    caplog.set_level(logging.ERROR, logger="agentauth.registry")
+    for _ in range(5):
+        r = await world.token(agent, grant["id"])
+        assert (r.status_code, r.json().get("reason")) == (403, "grant_unusable"), r.text
+    said = [r for r in caplog.records if "not the one its receipt approved" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
+    assert grant["id"] in said[0].getMessage()
 
 
 # --- the token endpoint's error codes ---------------------------------------------------------

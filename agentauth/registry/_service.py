@@ -2248,12 +2248,19 @@ class Registry:
             )
         except (InvalidReceipt, InvalidRequest, ValueError, TypeError) as exc:
             # Only a rewritten database row or a grant stored under other rules gets here:
-            # worth an operator's look. Ids and a reason only, no receipt material.
-            log.error(
+            # worth an operator's look. Ids and a reason only, no receipt material. Once a
+            # period per reason (a code's own word, never the caller's): this comes before
+            # the grant's token limit, so an agent asking again and again would otherwise
+            # write a line per proof it signs.
+            why = getattr(exc, "reason", None) or type(exc).__name__
+            self._said.log(
+                log,
+                ("grant_unusable", why),
                 "grant %s: its stored document is not the one its receipt approved (%s);"
                 " no token minted",
                 grant_id,
-                getattr(exc, "reason", type(exc).__name__),
+                why,
+                level=logging.ERROR,
             )
             raise Forbidden(
                 "the stored grant is not the one its approval signed: ask for it again",
