@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +18,7 @@ from registry_world import World
 from agentauth.protocol import Capability, Forbidden, PrivateKey, b64url_decode, b64url_encode
 from agentauth.registry._models import GrantRequestIn, StepUpIn
 from agentauth.registry._service import Agent
+from agentauth.sdk import AgentAuthClient
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
@@ -114,6 +116,27 @@ async def test_a_step_up_by_an_agent_disabled_meanwhile_is_refused(service: Open
         await service.registry.request_step_up(held, body)
     assert caught.value.reason == "agent_disabled"
     assert await service.counts() == before
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_sdk_waiting_on_a_request_of_an_agent_disabled_meanwhile_stops_at_once(
+    service: Opened, tmp_path: Path
+) -> None:
+    """The request turns ``cancelled`` for its human, but a disabled agent can no longer
+    read it: each poll is refused ``agent_disabled``, the reason the SDK's wait ends with
+    (the docs said ``cancelled``, an answer the registry never gives that agent)."""
+    w = service.world
+    agent = await w.agent(await w.human())
+    pending = await w.request(agent, await w.provider())
+    await _disable(service, agent)
+    client = AgentAuthClient(w.base, key=agent.key, agent_id=agent.id, http=w.client, home=tmp_path)
+    with pytest.raises(Forbidden) as caught:
+        await client.wait_for_approval(pending["id"], timeout=30.0, interval=0.01)
+    assert caught.value.reason == "agent_disabled"
+    r = await w.client.get(
+        w.url(f"/v1/grant-requests/{pending['id']}"), headers=agent.owner.headers
+    )
+    assert r.json()["status"] == "cancelled", r.text
 
 
 # --- registration --------------------------------------------------------------------------

@@ -1490,11 +1490,11 @@ async def test_middleware_without_public_url_survives_a_non_utf8_header() -> Non
 
 
 @pytest.mark.asyncio
-async def test_waiting_for_a_request_whose_agent_was_disabled_ends_as_cancelled(
-    tmp_path: Path,
-) -> None:
-    """The registry marks a pending request of a disabled agent cancelled; the wait ended
-    only at its timeout, polling a request nobody could approve any more."""
+async def test_waiting_for_a_request_answered_cancelled_ends_at_once(tmp_path: Path) -> None:
+    """A request answered ``cancelled`` ends the wait (it once ended only at its timeout,
+    polling a request nobody could approve any more). The registry cancels a request only
+    for an agent it disabled, whose poll it refuses ``agent_disabled`` first
+    (tests/test_registry_dpop.py); this is the SDK's side should it ever answer so."""
 
     def registry(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"id": "grq_1", "status": "cancelled"})

@@ -265,7 +265,8 @@ class AgentAuthClient:
     ) -> Approval:
         """Poll until the human decides, with backoff; raise ``Forbidden`` (reason
         ``denied`` or ``expired``) if the request is refused or left unanswered too long,
-        ``cancelled`` if this agent was disabled meanwhile."""
+        ``agent_disabled`` if this agent was disabled meanwhile (it can no longer read the
+        request, which its human sees ``cancelled``)."""
         request_id = request.id if isinstance(request, GrantPending) else request
         deadline = time.monotonic() + timeout
         while True:
@@ -279,7 +280,9 @@ class AgentAuthClient:
                 raise Forbidden("the human denied the request", reason="denied")
             if state["status"] == "expired":
                 raise Forbidden("nobody answered the request in time", reason="expired")
-            if state["status"] == "cancelled":  # this agent was disabled meanwhile
+            # Only an agent disabled meanwhile cancels a request, and the registry refuses
+            # that agent's poll (agent_disabled) before it could see this: kept in case.
+            if state["status"] == "cancelled":
                 raise Forbidden("the request no longer stands", reason="cancelled")
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"grant request {request_id} still pending")
@@ -429,15 +432,16 @@ class AgentAuthClient:
         """Ask the human to approve one transaction above the threshold; returns the
         one-time approval reference to present with that transaction (in the
         ``STEP_UP_HEADER`` header). Raises ``Forbidden`` (reason ``denied`` or ``expired``)
-        if the human refuses it or lets it expire, or ``cancelled`` if its grant is revoked
-        or over, or the agent disabled, meanwhile; ``TimeoutError`` after ``timeout``, and
-        ``InvalidRequest`` (reason ``amount_precision``), before asking anyone, for an
-        amount finer than the currency's minor unit. The registry refuses, before asking
-        anyone, a payment no token of the grant could make with the approval (``Forbidden``,
-        reason ``step_up_not_applicable``: the grant has no threshold, the amount is not
-        above it or over a limit, another currency, a resource or payee the grant does not
-        allow; the description says which) and a new step-up while the grant already has
-        the registry's bound of them pending (``Conflict``, reason ``too_many_step_ups``).
+        if the human refuses it or lets it expire, ``cancelled`` if its grant is revoked or
+        over meanwhile, or ``agent_disabled`` if the agent was; ``TimeoutError`` after
+        ``timeout``, and ``InvalidRequest`` (reason ``amount_precision``), before asking
+        anyone, for an amount finer than the currency's minor unit. The registry refuses,
+        before asking anyone, a payment no token of the grant could make with the approval
+        (``Forbidden``, reason ``step_up_not_applicable``: the grant has no threshold, the
+        amount is not above it or over a limit, another currency, a resource or payee the
+        grant does not allow; the description says which) and a new step-up while the grant
+        already has the registry's bound of them pending (``Conflict``, reason
+        ``too_many_step_ups``).
 
         After a ``TimeoutError`` (or any failure once the step-up exists), calling again for
         the same payment waits on the step-up already asked for instead of asking the human
