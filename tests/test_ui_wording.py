@@ -163,6 +163,25 @@ def test_time_windows_that_allow_more_never_read_like_fewer(
     assert wide != narrow
 
 
+def test_weekly_spend_limits_say_their_weeks_begin_on_monday() -> None:
+    """A spend week is an ISO week (protocol.period_key). Unsaid, a reader whose weeks
+    begin on Sunday counts a Sunday in the week before: the cap spent on Sunday and again on
+    Monday looked like twice the limit in one week."""
+    weekly = {"spend_limits": [{"amount": "200", "currency": "USD", "period": "week"}]}
+    assert describe_envelope(Envelope.model_validate(weekly), now=NOW) == (
+        "at most $200 a week (UTC time, weeks from Monday)"
+    )
+    berlin = {**weekly, "timezone": "Europe/Berlin"}
+    assert describe_envelope(Envelope.model_validate(berlin), now=NOW) == (
+        "at most $200 a week (Europe/Berlin time, UTC+01:00 or UTC+02:00 by season,"
+        " weeks from Monday)"
+    )
+    windowed = {**weekly, "time_windows": [{"days": ["mon"], **ALL_DAY}]}
+    assert describe_envelope(Envelope.model_validate(windowed), now=NOW) == (
+        "at most $200 a week (weeks from Monday), Mon all day UTC"
+    )
+
+
 def test_calendar_spend_limits_in_utc_name_the_zone() -> None:
     """A day, hour, week or month turns over in the envelope's zone. Other zones were named
     beside the limits, UTC was not: "at most $200 a day" read as the person's own day,

@@ -238,11 +238,18 @@ def describe_envelope(
         # A day (hour, week, month) turns over in the envelope's zone, UTC included: unnamed,
         # "$200 a day" reads as the person's own day, and across the UTC midnight an agent
         # can spend it twice within one evening of theirs. (The windows name the zone.)
+        notes = []
         if calendar and not envelope.time_windows and envelope.timezone == "UTC":
-            text += " (UTC time)"
+            notes.append("UTC time")
         elif calendar and not envelope.time_windows:
             offsets = _zone_offsets(envelope.timezone, now=now)
-            text += f" ({envelope.timezone} time, {offsets})"
+            notes.append(f"{envelope.timezone} time, {offsets}")
+        # Weeks are ISO weeks: a reader whose weeks begin on Sunday would otherwise count
+        # Sunday in the week before, and see twice the cap spent over one weekend.
+        if any(s.period == "week" for s in envelope.spend_limits):
+            notes.append("weeks from Monday")
+        if notes:
+            text += f" ({', '.join(notes)})"
         parts.append(text)
 
     if envelope.time_windows:
