@@ -86,3 +86,13 @@ def test_a_questions_credentials_stay_out_of_its_repr() -> None:
     assert "calendar/events" in shown  # the rest still says what was asked
     check = Check(agent_id="agt_1", provider_id="prov_a", step_up_ref="sur_secret-reference")
     assert "sur_secret-reference" not in repr(check) and "agt_1" in repr(check)
+
+
+def test_a_providers_secret_hashes_stay_out_of_its_repr() -> None:
+    """As the registry's ProviderCredential: whatever prints a replica's provider table (a
+    debugger, an error tracker recording locals) gets no hash of a provider's secret."""
+    provider = _Provider(AUDIENCE, secret_hash("a"), secret_hash("old"), 0.0, False)
+    shown = repr(provider)
+    assert AUDIENCE in shown
+    for hashed in (provider.secret_hash, provider.previous_hash):
+        assert hashed.hex() not in shown and repr(hashed) not in shown

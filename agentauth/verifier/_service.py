@@ -21,7 +21,7 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
@@ -177,10 +177,12 @@ class VerifyIn(BaseModel):
 @dataclass(frozen=True)
 class _Provider:
     audience: str
-    secret_hash: bytes
+    # Out of the repr, as the registry's ProviderCredential keeps them: a hash is no
+    # credential, but nothing that prints a provider needs it either.
+    secret_hash: bytes = field(repr=False)
     # The credential its last rotation replaced, accepted until previous_until (Unix time);
     # a random hash and 0 when there is none, so every check compares both.
-    previous_hash: bytes
+    previous_hash: bytes = field(repr=False)
     previous_until: float
     suspended: bool  # by the admin: refused, once its secret is right (docs/registry.md)
 
