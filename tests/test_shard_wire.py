@@ -22,6 +22,7 @@ import asyncpg
 import msgpack
 import pytest
 import pytest_asyncio
+from pydantic import ValidationError
 from shard_checks import a_check, arriving, payment, timed
 
 from agentauth.actors import Check, StateShard, _shard, _wire
@@ -35,7 +36,8 @@ from agentauth.actors._wire import (
     frame,
     read_frame,
 )
-from agentauth.protocol import AuditEvent, Envelope
+from agentauth.protocol import Action, AuditEvent, Envelope
+from agentauth.verifier import VerifierSettings
 
 ENVELOPE = Envelope.model_validate(
     {
@@ -116,11 +118,32 @@ def _row(**changes: Any) -> list[Any]:
         # of every check merged with it (test_ids_as_long_as_the_wire_takes_are_stored)
         msgpack.packb((1, [_row(f2="g" * (_wire._MAX_KEY + 1))])),
         msgpack.packb((1, [_row(f8="r" * (_wire._MAX_KEY + 1))])),
+        # a request id whose ack id msgpack cannot pack (the ack raised in its timer), or
+        # one no replica uses
+        msgpack.packb((2**64 - 1, [_row()])),
+        msgpack.packb((2**63 - 1, [_row()])),
+        msgpack.packb((-5, [_row()])),
+        # more checks than any replica sends in one batch (VerifierSettings.max_batch)
+        pytest.param(msgpack.packb((1, [_row()] * (_wire.MAX_CHECKS + 1))), id="too-many"),
     ],
 )
 def test_malformed_batches_are_refused(payload: bytes) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - each case fails in its own words
         Codec().decode_checks(payload)
+
+
+def test_the_largest_batch_a_replica_may_send_is_taken_and_acknowledged() -> None:
+    """The bounds above refuse nothing a replica sends: its request ids count up from 0,
+    and its batches hold at most its max_batch checks, which its settings hold to
+    MAX_CHECKS. The largest id taken still has an ack id that packs."""
+    largest = msgpack.packb((_wire._MAX_REQUEST_ID, [_row()] * _wire.MAX_CHECKS))
+    request_id, checks = Codec().decode_checks(largest)
+    assert len(checks) == _wire.MAX_CHECKS
+    assert decode_results(_payload(encode_ack(ack_id(request_id))))[0] == ack_id(request_id)
+    settings = {"database_url": "postgresql://x", "redis_url": "redis://x", "issuer": "i"}
+    assert VerifierSettings(**settings, max_batch=_wire.MAX_CHECKS).max_batch == _wire.MAX_CHECKS
+    with pytest.raises(ValidationError):
+        VerifierSettings(**settings, max_batch=_wire.MAX_CHECKS + 1)
 
 
 def _wide_text(length: int) -> str:
@@ -162,6 +185,73 @@ async def test_ids_as_long_as_the_wire_takes_are_stored(database_url: str) -> No
     event = AuditEvent.from_canonical(body)
     assert (len(event.subject), len(event.actor)) == (256, 256)
     assert event.data["step_up_ref"] == wide.step_up_ref
+
+
+# An envelope with every list at its MAX_RULES: the largest a grant may hold (3.4 KB).
+_LARGEST_ENVELOPE = Envelope.model_validate(
+    {
+        "rate_limits": [{"max_count": 10_000, "window_seconds": 2_678_400}] * 16,
+        "time_windows": [
+            {
+                "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
+                "start": "00:00",
+                "end": "24:00",
+            }
+        ]
+        * 16,
+        "timezone": "America/Argentina/ComodRivadavia",
+        "spend_limits": [{"amount": "999999999999.999999", "currency": "EUR", "period": "month"}]
+        * 16,
+        "max_per_transaction": {"amount": "999999999999.999999", "currency": "EUR"},
+        "step_up_threshold": {"amount": "999999999999.999999", "currency": "EUR"},
+        "expires_at": 253_402_214_400,
+    }
+)
+
+
+def _largest_check(n: int) -> Check:
+    """As large a check as a replica sends: the largest envelope, the longest resource and
+    filter, every id at its longest (128; a proof's jti too)."""
+    tag = f"{n:05d}"
+    return Check(
+        agent_id=tag + "a" * 123,
+        provider_id="p" * 128,
+        grant_id=tag + "g" * 123,
+        jkt="k" * 43,
+        jti=tag + "j" * 123,
+        iat=time.time(),
+        action=Action(kind="read", resource="r/" * 255 + "s", filter="f" * 512),
+        envelope=_LARGEST_ENVELOPE,
+        step_up_ref=tag + "s" * 123,
+        step_up_valid=True,
+        token_jti=tag + "t" * 59,
+    )
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_full_batch_of_the_largest_checks_crosses_the_link(database_url: str) -> None:
+    """A replica may send MAX_CHECKS checks in one call (its max_batch), each as large as
+    a grant and a request allow: the frame must fit. At 4 MiB it did not (1,024 such
+    checks were over): the shard dropped the link on the frame, and every check of the
+    call was denied state_unavailable, again on every full batch."""
+    from agentauth.actors import ShardClient
+
+    checks = [_largest_check(n) for n in range(_wire.MAX_CHECKS)]
+    assert len(Codec().encode_checks(0, checks)) <= 4 + MAX_FRAME
+    shard = StateShard(index=796, database_url=database_url)
+    client = None
+    try:
+        host, port, token = await shard.endpoint()
+        client = ShardClient([_Handle(host, port, token)], max_batch=_wire.MAX_CHECKS, timeout=30.0)
+        await client.connect()
+        results = await asyncio.gather(*(client.check(0, check) for check in checks))
+        assert {(r.allowed, r.reason) for r in results} == {(True, "ok")}
+        assert client.batches == 1
+    finally:
+        if client is not None:
+            client.close()
+        await shard.close()
 
 
 def test_a_links_cache_of_parsed_envelopes_is_bounded_in_bytes() -> None:

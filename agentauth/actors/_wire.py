@@ -29,6 +29,7 @@ from ._state import Check
 __all__ = [
     "ACKS_ANNOUNCED",
     "ACK_AFTER",
+    "MAX_CHECKS",
     "MAX_FRAME",
     "Codec",
     "FrameTooLarge",
@@ -70,9 +71,19 @@ def link_tls(side: Literal["server", "client"], env: Mapping[str, str]) -> ssl.S
     return context
 
 
-# A batch of 128 checks with large envelopes stays far below this; a larger length prefix
-# means a broken or hostile peer, and is refused before anything is buffered.
-MAX_FRAME = 4 * 1024 * 1024
+# The most checks one batch may carry: a replica sends at most its max_batch, which
+# VerifierSettings holds to this.
+MAX_CHECKS = 4096
+# Room for MAX_CHECKS of the largest checks a replica sends, with a margin: about 5.3 KB
+# each with every envelope list at its MAX_RULES (3.4 KB), the longest resource and filter
+# (1.1 KB) and every id at its longest. (At 4 MiB, batches a replica may send were over:
+# 1,024 such checks, or 2,048 with 2 KB envelopes. The shard dropped the link on each,
+# without a word, and every check on it was denied state_unavailable.) A larger length
+# prefix means a broken or hostile peer, and is refused before anything is buffered.
+MAX_FRAME = MAX_CHECKS * 8 * 1024
+# The largest request id a batch may carry: its ack id (ack_id) is then -2**63, the
+# least integer msgpack packs.
+_MAX_REQUEST_ID = 2**63 - 2
 _LENGTH = struct.Struct(">I")
 
 
@@ -96,7 +107,7 @@ async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> by
 # What a link's cache of parsed documents may hold, in characters of their JSON texts (the
 # keys). A count alone bounds nothing in bytes: JSON allows any amount of whitespace, so a
 # peer holding the token can send a valid envelope padded to nearly MAX_FRAME, and 4,096 of
-# those are 16 GiB. Documents as a replica sends them (model_dump_json) are short: an
+# those are 128 GiB. Documents as a replica sends them (model_dump_json) are short: an
 # envelope with every list at its MAX_RULES is about 3.4 KB, a usual one a few hundred
 # bytes, so a cache of those usual ones never comes near this.
 _PARSED_TEXT = 4 * 1024 * 1024
@@ -190,6 +201,16 @@ class Codec:
             raise ValueError("malformed batch") from None
         if not isinstance(request_id, int) or not isinstance(rows, tuple):
             raise ValueError("malformed batch")
+        # A replica numbers its calls from 0. An id past _MAX_REQUEST_ID has an ack id
+        # msgpack cannot pack: the ack, sent from a timer, raised there instead.
+        if not 0 <= request_id <= _MAX_REQUEST_ID:
+            raise ValueError("malformed batch: request id out of range")
+        # Refused before any check is built: each costs the shard's one event loop tens of
+        # microseconds to decode, decide and chain, and 4 MiB held 260,000 of the smallest
+        # (18 s of a stalled shard here, every replica's checks denied meanwhile, its
+        # commit then past the statement timeout).
+        if len(rows) > MAX_CHECKS:
+            raise ValueError("malformed batch: too many checks")
         checks = []
         for row in rows:
             # 12 columns: a replica from before ``voids`` existed (mid-upgrade), never voiding.
