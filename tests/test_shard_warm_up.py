@@ -313,3 +313,64 @@ async def test_a_shard_closed_as_its_reconnect_is_woken_closes() -> None:
     done, _ = await asyncio.wait((closing,), timeout=5.0)
     assert done, "close() is still waiting for the reconnect loop"
     assert time.monotonic() - began < 2.0
+
+
+async def _sessions(database_url: str, index: int) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        count = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            f"agentauth-shard-{index}",
+        )
+    finally:
+        await conn.close()
+    return int(count)
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_a_shard_closed_during_a_commit_opens_no_connection_again(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() ends the connection a commit is running on; the commit fails for it, and
+    its failure path used to start the reconnect, which opened a new session that nothing
+    closed (and, the database down, retried for good). Nor may a batch after close() (a
+    void for an answer its link could not take) connect again: it is denied."""
+    index = INDEX + 10
+    shard = StateShard(index=index, database_url=database_url)
+    assert (await shard.check_batch([a_check("closed")]))[0].allowed
+    commit = shard._commit
+
+    async def slow(*args: Any) -> None:
+        await asyncio.sleep(0.2)
+        await commit(*args)
+
+    monkeypatch.setattr(shard, "_commit", slow)
+    batch = asyncio.ensure_future(shard.check_batch([a_check("closed")]))
+    await asyncio.sleep(0.05)  # decided, its commit under way
+    await shard.close()
+    [denied] = await batch
+    assert (denied.allowed, denied.reason) == (False, "audit_unavailable")
+    [later] = await shard.check_batch([a_check("closed")])
+    assert (later.allowed, later.reason) == (False, "audit_unavailable")
+    await asyncio.sleep(0.5)  # time for a reconnect to have connected
+    assert shard._conn is None
+    assert await _sessions(database_url, index) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_batch_waiting_for_the_database_when_the_shard_closes_is_answered() -> None:
+    """In process a batch waits for the reconnect (bounded). close() cancels that
+    reconnect, and the batch's wait ended in the cancellation, not in an answer: its
+    caller waited for good."""
+    with socket.socket() as placeholder:
+        placeholder.bind(("127.0.0.1", 0))
+        port = placeholder.getsockname()[1]  # closed again: connections are refused
+    shard = StateShard(index=INDEX + 11, database_url=f"postgresql://postgres@127.0.0.1:{port}/x")
+    batch = asyncio.ensure_future(shard.check_batch([a_check("closing")]))
+    await asyncio.sleep(0.1)  # waiting for the reconnect, which is in its backoff
+    await shard.close()
+    done, _ = await asyncio.wait((batch,), timeout=5.0)
+    assert done, "the batch was never answered"
+    [denied] = batch.result()
+    assert (denied.allowed, denied.reason) == (False, "audit_unavailable")

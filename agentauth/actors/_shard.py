@@ -315,6 +315,8 @@ class StateShard:
         self._connecting: asyncio.Task[asyncpg.Connection] | None = None
         self._batches_wait = True
         self._retry_now = asyncio.Event()
+        # Set by close(): nothing connects again after it (see _reconnect).
+        self._closed = False
         # The chain's head as this shard last committed or loaded it.
         self._size = 0
         self._head = GENESIS_HASH
@@ -549,9 +551,23 @@ class StateShard:
         if not self._batches_wait:
             self._retry_now.set()
             raise ConnectionError("reconnecting to the database")
-        return await asyncio.wait_for(asyncio.shield(connecting), _DB_TIMEOUT)
+        try:
+            return await asyncio.wait_for(asyncio.shield(connecting), _DB_TIMEOUT)
+        except asyncio.CancelledError:
+            # close() cancelled the reconnect, not this batch: denied like any batch the
+            # database cannot take. (The cancellation went through _flush, which answers
+            # failures only, and left the batch's caller waiting for good.)
+            current = asyncio.current_task()
+            if connecting.cancelled() and (current is None or not current.cancelling()):
+                raise ConnectionError("shard closed") from None
+            raise
 
     def _reconnect(self) -> asyncio.Task[asyncpg.Connection]:
+        if self._closed:
+            # A commit that close() cut short, or a batch after it (the void of an answer
+            # whose link close() ended), opened a session nothing would close again (and,
+            # the database down, retried for good): denied instead.
+            raise ConnectionError("shard closed")
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.get_running_loop().create_task(self._keep_connecting())
         return self._connecting
@@ -850,7 +866,8 @@ class StateShard:
             backend = self._conn_backend
             # Reconnect (which reloads the head) now, not in the next batch.
             await self._drop_connection()
-            self._reconnect()
+            if not self._closed:
+                self._reconnect()
             # An error the database sent means the statement, and so all of it, failed.
             # No answer at all (a timeout, even one that fires late because this process
             # was stopped while the answer waited) leaves it open: resolved on reconnect.
@@ -1138,6 +1155,7 @@ class StateShard:
 
     async def close(self) -> None:
         """Stop serving and drop the database connection (for in-process use)."""
+        self._closed = True
         if self._accepting is not None:
             self._accepting.cancel()
         if self._listener is not None:
