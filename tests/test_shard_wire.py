@@ -542,6 +542,22 @@ async def test_bad_peers_are_dropped_and_decide_nothing(
     assert await _chain_size(database_url) == before
 
 
+@pytest.mark.asyncio
+async def test_an_oversized_batch_from_a_replica_is_said_in_the_log(
+    shard: StateShard, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that showed the token is a replica: a frame over the cap from it means its
+    batches outgrew the link (every check on it then denied state_unavailable), which the
+    shard dropped without a word, unlike a malformed batch."""
+    host, port, token = await shard.endpoint()
+    with caplog.at_level(logging.WARNING, logger="agentauth.shard"):
+        reader, writer = await _linked(host, port, token)
+        writer.write((MAX_FRAME + 1).to_bytes(4, "big"))
+        assert await _closed(reader, writer)
+    said = [r.getMessage() for r in caplog.records if "frame cap" in r.getMessage()]
+    assert len(said) == 1 and str(MAX_FRAME) in said[0], said
+
+
 async def _until(condition: Callable[[], bool]) -> None:
     deadline = time.monotonic() + 5.0
     while not condition():

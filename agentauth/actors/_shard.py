@@ -51,6 +51,7 @@ from ._state import ANY_ALLOW, Check, Outcome, ShardState, usage_from_events, us
 from ._wire import (
     ACK_AFTER,
     ACKS_ANNOUNCED,
+    MAX_FRAME,
     Codec,
     FrameTooLarge,
     ack_id,
@@ -482,7 +483,21 @@ class StateShard:
             link = _Link(writer)
             link.write(frame(b"ok") + encode_ack(ACKS_ANNOUNCED))
             while True:
-                payload = await read_frame(reader)
+                try:
+                    payload = await read_frame(reader)
+                except FrameTooLarge:
+                    # From a peer that showed the token: a replica whose max_batch or
+                    # checks outgrew the frame, which is worth an operator's look (every
+                    # check on the link is denied state_unavailable), said as a malformed
+                    # batch is, but throttled: the replica reconnects and sends it again.
+                    self._said.log(
+                        log,
+                        "frame",
+                        "shard %s: a batch over the %d-byte frame cap; connection closed",
+                        self.index,
+                        MAX_FRAME,
+                    )
+                    return
                 try:
                     request_id, checks = codec.decode_checks(payload)
                 except ValueError:
