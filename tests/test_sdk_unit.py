@@ -146,6 +146,29 @@ def test_a_nonce_from_the_server_a_redirect_led_to_is_not_taken_for_the_first() 
     assert auth.nonces == {}
 
 
+@pytest.mark.parametrize("refusal", ["invalid_token", "revoked"])
+def test_a_refusal_from_the_server_a_redirect_led_to_does_not_let_the_token_go(
+    refusal: str,
+) -> None:
+    """With redirects followed, the last hop's answer is another server's: its 401
+    invalid_token (or a body saying revoked) says nothing of the provider's token, which
+    was let go all the same, a new token minted for each such redirect."""
+    refused: list[str] = []
+
+    def servers(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "api.example":
+            return httpx.Response(302, headers={"Location": "https://other.example/landing"})
+        if refusal == "invalid_token":
+            return httpx.Response(401, headers={"WWW-Authenticate": 'DPoP error="invalid_token"'})
+        return httpx.Response(403, json={"error": "access_denied", "reason": refusal})
+
+    auth = DPoPAuth(key=PrivateKey.generate(), token="tok.en.x", on_refused=refused.append)
+    transport = httpx.MockTransport(servers)
+    with httpx.Client(transport=transport, follow_redirects=True, auth=auth) as client:
+        assert client.get("https://api.example/v1/x").url.host == "other.example"
+    assert refused == []
+
+
 @pytest.mark.asyncio
 async def test_a_streamed_upload_is_sent_again_after_a_nonce_challenge() -> None:
     """The nonce retry re-sent a streamed body the first attempt had consumed: a transport
@@ -1263,6 +1286,36 @@ async def test_two_dpop_or_authorization_lines_are_refused_by_every_provider_hel
 
 
 @pytest.mark.asyncio
+async def test_header_lines_given_as_a_one_pass_iterable_are_read_whole() -> None:
+    """``verify_request`` takes the header lines as any iterable of pairs (a generator over
+    a WSGI environ, say). The DPoP lines were looked for first, using the iterable up, so
+    the Authorization line was never seen and every such request was refused 400
+    ``missing_token``."""
+    verifier, headers = offline_request(Envelope())
+    result = await verifier.verify_request(
+        method="POST",
+        url=SHOP_URL,
+        headers=((name, value) for name, value in headers.items()),
+        action=pay_usd("5"),
+    )
+    assert (result.allowed, result.reason) == (True, "ok_offline")
+    allowing = httpx.MockTransport(
+        lambda r: httpx.Response(200, json={"decision": "allow", "reason": "ok"})
+    )
+    client = VerifierClient(
+        "http://v", provider_id="p", secret="s", http=httpx.AsyncClient(transport=allowing)
+    )
+    online = await client.verify_request(
+        method="POST",
+        url=SHOP_URL,
+        headers=iter([(b"authorization", headers["authorization"].encode()), (b"dpop", b"p")]),
+        action=pay_usd("5"),
+    )
+    assert online.allowed
+    await client.aclose()
+
+
+@pytest.mark.asyncio
 async def test_the_verifier_is_not_asked_about_a_request_with_two_proofs() -> None:
     asked: list[str] = []
 
@@ -1388,6 +1441,18 @@ def test_each_refusal_gets_its_status_and_dpop_challenge(
     assert headers.get("Retry-After") == ("1" if status in (429, 503) else None)
     assert body["reason"] == verification.reason
     assert headers.get("DPoP-Nonce") == verification.dpop_nonce
+
+
+def test_a_proof_refused_after_a_shard_restart_asks_for_a_new_proof() -> None:
+    """A restarted shard refuses the proofs its predecessor may have accepted
+    (``shard_restarted``): the proof failed, as a replay does, and a fresh one is the cure.
+    It was answered 403 without a challenge, what a grant that refuses the action gets."""
+    status, headers, body = denial(Verification(False, "shard_restarted"))
+    assert (status, headers) == (
+        401,
+        {"WWW-Authenticate": f'DPoP error="invalid_dpop_proof", {ALGS}'},
+    )
+    assert body == {"error": "access_denied", "reason": "shard_restarted"}
 
 
 @pytest.mark.asyncio

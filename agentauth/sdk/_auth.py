@@ -209,6 +209,10 @@ class DPoPAuth(httpx.Auth):
         )
 
     def _settled(self, request: httpx.Request, response: httpx.Response) -> None:
+        # As with nonces: after a redirect the answer is the last hop's, another server's,
+        # whose refusal says nothing of the token this origin issued it for.
+        if _answered_from(response) != _origin(request.url):
+            return
         if self._on_refused is not None and _refuses_token(response):
             self._on_refused(request.headers["authorization"].removeprefix("DPoP "))
 

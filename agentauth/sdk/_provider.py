@@ -39,7 +39,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -165,6 +165,10 @@ def _credentials(headers: HeaderLines) -> tuple[str, str] | str:
     comma in a value is two lines joined (RFC 9110 §5.3): neither a compact JWS nor a token
     ever holds one.
     """
+    if not isinstance(headers, Mapping):
+        # Read twice below: a one-pass iterable (a generator over a WSGI environ) would be
+        # used up by the first read, and the Authorization line never seen.
+        headers = cast(HeaderLines, list(headers))
     proofs = _values(headers, "dpop")
     authorizations = _values(headers, "authorization")
     if len(proofs) > 1 or any("," in proof for proof in proofs):
@@ -552,6 +556,11 @@ _TEMPORARY = frozenset(
 )
 
 
+# The shard's refusals of the proof itself (its jti seen, or dated within the jti window a
+# restart lost), which carry no invalid_dpop_proof prefix.
+_PROOF_REFUSED = frozenset({"replay_detected", "shard_restarted"})
+
+
 def _retry_after(verification: Verification) -> int:
     """The verifier's ``retry_after`` (fractional seconds) as whole seconds for the
     Retry-After header (RFC 9110 §10.2.3): rounded up, at least 1, and 1 when absent."""
@@ -573,9 +582,11 @@ def denial(verification: Verification) -> tuple[int, dict[str, str], dict[str, A
         return 401, headers, {"error": "use_dpop_nonce", "reason": reason}
     if reason == "missing_dpop_credentials":
         return 401, {"WWW-Authenticate": _challenge()}, body
-    # A proof that failed (a replay is one, RFC 9449 §11.1): invalid_dpop_proof, the code
-    # RFC 9449 §12.2 registers for it; invalid_token is for the token itself.
-    if reason.startswith(("invalid_dpop_proof", "use_dpop_nonce")) or reason == "replay_detected":
+    # A proof that failed (a replay is one, RFC 9449 §11.1, and so is one a restarted shard
+    # cannot tell from a replay, shard_restarted: a fresh proof is the cure, not another
+    # grant): invalid_dpop_proof, the code RFC 9449 §12.2 registers for it; invalid_token is
+    # for the token itself.
+    if reason.startswith(("invalid_dpop_proof", "use_dpop_nonce")) or reason in _PROOF_REFUSED:
         return 401, {"WWW-Authenticate": _challenge("invalid_dpop_proof")}, body
     if reason.startswith("invalid_token"):
         return 401, {"WWW-Authenticate": _challenge("invalid_token")}, body
