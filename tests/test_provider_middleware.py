@@ -582,3 +582,24 @@ async def test_a_host_header_cannot_choose_the_path_a_proof_is_checked_against(
     assert ran == []
     assert all(check.deny for check in shards.recorded)
     await client.aclose()
+
+
+@pytest.mark.parametrize("given", ["api.example.com", "//api.example.com", "ftp://api.example"])
+def test_a_public_url_that_is_no_http_origin_is_refused_when_the_middleware_is_made(
+    given: str,
+) -> None:
+    """Without a scheme it became "://api.example.com", and every proof was refused 400 as
+    if each agent had named the wrong URL: the mistake is the provider's, said at once."""
+    with pytest.raises(ValueError, match="public_url"):
+        AgentAuthMiddleware(
+            object(),
+            verifier=cast(VerifierClient, Recorder()),
+            action_of=lambda _: None,
+            public_url=given,
+        )
+    with pytest.raises(ValueError, match="public_url"):
+        require(
+            Action(kind="read", resource="x"),
+            verifier=cast(VerifierClient, Recorder()),
+            public_url=given,
+        )

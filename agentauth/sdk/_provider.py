@@ -481,6 +481,13 @@ def _as_sent(public_url: str | None) -> str | None:
     if public_url is None:
         return None
     url = httpx.URL(public_url)
+    # Said when the middleware is made: "api.example.com" (no scheme) became
+    # "://api.example.com", and every proof was refused, blaming the agents.
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(
+            f"public_url must be an absolute http(s) URL, such as https://api.example.com,"
+            f" not {public_url!r}"
+        )
     path = url.raw_path.partition(b"?")[0].decode("ascii")
     return f"{url.scheme}://{url.netloc.decode('ascii')}{path}"
 
