@@ -29,6 +29,7 @@ import re
 import stat
 import sys
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -200,8 +201,13 @@ async def _keys(registry: Registry, action: str) -> list[str]:
     if action == "create":
         return ["signing keys ready (the first key is created on first start)"]
     if action == "rotate":
+        from .registry._settings import MAX_TOKEN_LIFETIME
+
         await _check_rotation_signer(registry)
-        kid = await registry.keys.rotate()
+        # The deployment's token_lifetime is in its Serve args, which this command does not
+        # see: the old key is kept for the longest any deployment may set, or the tokens it
+        # signs last would outlive it, refused by every verifier once it retires.
+        kid = await registry.keys.rotate(token_lifetime=MAX_TOKEN_LIFETIME)
         ahead = registry.settings.key_publish_ahead
         return [f"new key {kid}: published now, signs in {ahead} s"]
     jwks = registry.keys.jwks(time.time())
@@ -655,9 +661,28 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("stopped.", flush=True)
 
 
+# Control and format characters (escape sequences, bidi overrides), and line breaks.
+_UNPRINTED = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def _printable(text: str) -> str:
+    """``text`` with its control and format characters escaped (``\\x1b``, ``\\u202e``).
+
+    What ``audit verify`` prints comes from the database, whose insider it is looking for:
+    a terminal obeys escape sequences in a chain name (erasing the lines above, hiding all
+    that follows, the verdict included)."""
+    return "".join(
+        char.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(char) in _UNPRINTED
+        else char
+        for char in text
+    )
+
+
 def _bar(label: str, done: int, total: int) -> None:
     width = 30
     filled = width * done // max(total, 1)
+    label = _printable(label)
     sys.stderr.write(f"\r  {label:<14} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
     sys.stderr.flush()
 
@@ -709,7 +734,7 @@ async def _audit_verify(
                 seen=witness.get(chain),
             )
             sys.stderr.write("\n")
-            print(f"  {summary}: {'FAILED' if found else 'ok'}")
+            print(f"  {_printable(summary)}: {'FAILED' if found else 'ok'}")
             problems += found
         problems += [f"{c}: {text}" for c, text in vanished(witness, set(chains)).items()]
     finally:
@@ -913,7 +938,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if server is not None:
             server.stop()  # type: ignore[attr-defined]
     for problem in problems:
-        print(f"error: {problem}", file=sys.stderr)
+        print(f"error: {_printable(problem)}", file=sys.stderr)
     if problems:
         print(f"audit log verification failed: {len(problems)} problem(s)")
         return 1

@@ -573,3 +573,24 @@ def test_audit_verify_archive_refuses_an_empty_archive(tmp_path: Path) -> None:
         timeout=60,
     )
     assert out.returncode == 1 and "holds no keys" in out.stderr
+
+
+@pytest.mark.asyncio
+async def test_a_chain_name_cannot_drive_the_operators_terminal(audited_db: Audited) -> None:
+    """Chain names are the insider's to write, and were printed as they were: escape
+    sequences in one could erase the lines above and hide all that followed, the
+    verdict included, on the terminal of the operator looking for the insider."""
+    await drop_head_foreign_keys(audited_db)
+    chain = "registry-9\x1b[1A\x1b[2K\x1b[8m\u202e"
+    await audited_db.execute(
+        "INSERT INTO audit_nodes (chain, level, idx, hash) VALUES ($1, 8, 0, $2)",
+        chain,
+        bytes(32),
+    )
+    out = run_verify(audited_db.url, "--audit-keys", audited_db.keys_file)
+    assert out.returncode == 1, out.stdout + out.stderr
+    for text in (out.stdout, out.stderr):
+        assert "\x1b" not in text and "\u202e" not in text
+    shown = "registry-9\\x1b[1A\\x1b[2K\\x1b[8m\\u202e"
+    assert f"error: {shown}: events, checkpoints or tree nodes are stored" in out.stderr
+    assert f"  {shown}: size 0, root " in out.stdout

@@ -308,3 +308,36 @@ def test_no_documented_command_passes_a_secret_on_its_command_line() -> None:
         for match in secret_argument.finditer(path.read_text(encoding="utf-8"))
     ]
     assert found == []
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio(loop_scope="session")
+async def test_keys_rotate_keeps_the_old_key_until_any_deployments_tokens_expired(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The deployment's token_lifetime is in its Serve args, which this command does not
+    see: with its own default (300 s) it retired the old key 360 s after the new one took
+    over, while a deployment's last tokens under the old key, up to an hour long, were
+    still valid, and every verifier then refused them (their kid no longer published)."""
+    from agentauth.registry import RegistrySettings
+
+    longest = RegistrySettings.model_fields["token_lifetime"].metadata
+    most = next(m.le for m in longest if hasattr(m, "le"))
+    async with new_database(database_url, "retire") as url:
+        env = {"DATABASE_URL": url, "REDIS_URL": redis_url, "AGENTAUTH_DATA_DIR": str(tmp_path)}
+        assert agentauth("migrate", env=env).returncode == 0
+        assert agentauth("keys", "list", env=env).returncode == 0
+        out = agentauth("keys", "rotate", env=env)
+        assert out.returncode == 0, out.stderr
+        conn = await asyncpg.connect(url)
+        try:
+            old, new = await conn.fetch(
+                "SELECT activates_at, retires_at FROM signing_keys ORDER BY activates_at"
+            )
+        finally:
+            await conn.close()
+    assert new["retires_at"] is None
+    # Its last token is signed just before the new key activates, and lives `most` s,
+    # plus the verifiers' leeway.
+    assert old["retires_at"] >= new["activates_at"] + most + 60

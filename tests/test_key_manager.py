@@ -247,7 +247,7 @@ async def test_a_rotation_that_fails_otherwise_closes_the_signer_it_made(
         closed.append(signer.kid)
         await close(signer)
 
-    async def lost(signer: Any, now: int) -> None:
+    async def lost(signer: Any, now: int, token_lifetime: int) -> None:
         raise ConnectionError("the database went away mid-commit")
 
     monkeypatch.setattr(LocalFileSigner, "aclose", aclose)

@@ -124,6 +124,33 @@ async def test_a_failing_migration_leaves_the_ones_before_it_applied(
 
 
 @pytest.mark.asyncio
+async def test_a_database_that_refuses_writes_is_a_migration_error(fresh_db: str) -> None:
+    """A standby, or a database or role read-only by default: making schema_migrations,
+    before any migration, failed with asyncpg's traceback out of `agentauth migrate`
+    (and a replica's start), where each migration's own failure is a MigrationError."""
+    admin = await asyncpg.connect(fresh_db)
+    try:
+        name = await admin.fetchval("SELECT current_database()")
+        await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        with pytest.raises(MigrationError, match="schema_migrations") as refused:
+            await migrate(conn)
+        assert isinstance(refused.value.__cause__, asyncpg.ReadOnlySQLTransactionError)
+    finally:
+        await conn.close()
+    run = [sys.executable, "-m", "agentauth.cli", "migrate"]
+    out = subprocess.run(
+        run, env={"DATABASE_URL": fresh_db}, capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: ") and "read-only transaction" in out.stderr
+
+
+@pytest.mark.asyncio
 async def test_a_database_newer_than_the_code_is_used_with_a_warning(
     fresh_db: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -495,6 +522,42 @@ def test_checkpoints_come_well_within_what_verifiers_allow_unsealed(tmp_path: Pa
     for seconds in (MAX_UNSEALED_AGE, 31, 0):
         with pytest.raises(ValidationError):
             RegistrySettings(**base, checkpoint_every_seconds=seconds)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        # Every ceremony, session, enrollment code or step-up expired as it was made.
+        {"challenge_ttl": 0},
+        {"session_ttl": -1},
+        {"enrollment_ttl": 0},
+        {"step_up_ttl": 0},
+        # Past PostgreSQL's timestamps: every sign-in (or ceremony) a 500.
+        {"session_ttl": 10**13},
+        {"challenge_ttl": 10**13},
+        {"recovery_ttl": 10**13},
+        {"grant_request_ttl": 10**13},
+        # A checkpoint every half second, whatever checkpoint_every_seconds says.
+        {"checkpoint_every_events": 0},
+        # The pool refused at the first start, in asyncpg's words (min_size, max_size).
+        {"pool_max_size": 0},
+        {"pool_min_size": -1},
+        {"pool_min_size": 5, "pool_max_size": 2},
+    ],
+)
+def test_settings_that_break_every_request_are_refused_naming_the_setting(
+    values: dict[str, int], tmp_path: Path
+) -> None:
+    """These were taken at start and found out by the requests they broke, none of whose
+    errors named the setting."""
+    from pydantic import ValidationError
+
+    from agentauth.registry import RegistrySettings
+
+    with pytest.raises(ValidationError) as refused:
+        RegistrySettings(**required_settings(tmp_path), **values)
+    text = str(refused.value)
+    assert any(name in text for name in values), text
 
 
 @pytest.mark.asyncio

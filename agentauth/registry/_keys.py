@@ -170,12 +170,17 @@ class KeyManager:
             activates,
         )
 
-    async def rotate(self, *, now: int | None = None) -> str:
-        """Add a new key: published now, signing after the publish-ahead interval."""
+    async def rotate(self, *, now: int | None = None, token_lifetime: int | None = None) -> str:
+        """Add a new key: published now, signing after the publish-ahead interval.
+
+        ``token_lifetime`` is the longest a token the current key signs may live (default:
+        these settings'): the current key stays published until such a token has expired.
+        """
         now = int(time.time()) if now is None else now
+        lifetime = self._settings.token_lifetime if token_lifetime is None else token_lifetime
         signer = await self._create_signer()
         try:
-            await self._record_rotation(signer, now)
+            await self._record_rotation(signer, now, lifetime)
         except Conflict:
             # Refused before anything was written (a rotation pending, the configured key
             # already in the ring): the key made for it is no one's. Only then, as after any
@@ -194,7 +199,7 @@ class KeyManager:
         await self.refresh(force=True)
         return signer.kid
 
-    async def _record_rotation(self, signer: AsyncSigner, now: int) -> None:
+    async def _record_rotation(self, signer: AsyncSigner, now: int, token_lifetime: int) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('agentauth:keys'))")
             await self.refresh(force=True, conn=conn)
@@ -211,7 +216,7 @@ class KeyManager:
                 now=now,
                 publish_ahead=self._settings.key_publish_ahead,
                 # The old key must outlive every token it signed, plus verifier leeway.
-                max_token_lifetime=self._settings.token_lifetime + 60,
+                max_token_lifetime=token_lifetime + 60,
             )
             await self._insert(
                 conn, signer, backend=self._backend_ref(signer), at=now, activates=activates

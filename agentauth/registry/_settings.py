@@ -12,7 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .._origins import check_rp_id, serialized_origin
 from ..store import checked_url
 
-__all__ = ["RegistrySettings", "SignerSettings"]
+__all__ = ["MAX_TOKEN_LIFETIME", "RegistrySettings", "SignerSettings"]
+
+#: The longest ``token_lifetime`` a deployment may set.
+MAX_TOKEN_LIFETIME = 3600
+# The longest any other lifetime below may be: a year is past any use, and far short of
+# where ``now() + ttl`` leaves PostgreSQL's timestamps (every request using it a 500).
+_MAX_TTL = 366 * 86400
 
 
 class SignerSettings(BaseModel):
@@ -62,18 +68,20 @@ class RegistrySettings(BaseModel):
     # Anyone may create an account with a passkey (development); off, only admins invite.
     open_signup: bool = True
     # Minutes-long tokens keep revocation lag short without hammering the token endpoint.
-    token_lifetime: int = Field(300, ge=30, le=3600)
-    # WebAuthn ceremonies must finish within this many seconds.
-    challenge_ttl: int = 300
-    session_ttl: int = 12 * 3600
-    enrollment_ttl: int = 3600
+    token_lifetime: int = Field(300, ge=30, le=MAX_TOKEN_LIFETIME)
+    # WebAuthn ceremonies must finish within this many seconds. Each of these lifetimes is
+    # bounded: at 0 or below, every ceremony, session or code expired as it was made, with
+    # nothing to say why; past the bound, every request making one was a 500.
+    challenge_ttl: int = Field(300, ge=30, le=86400)
+    session_ttl: int = Field(12 * 3600, ge=60, le=_MAX_TTL)
+    enrollment_ttl: int = Field(3600, ge=60, le=_MAX_TTL)
     # Enrollment codes a human may hold unused and unexpired at once: each is a row, minted
     # by any session. 20 is more agents than a person sets up within `enrollment_ttl`;
     # another is refused (409) until one is used or expires.
     max_live_enrollments: int = Field(20, ge=1, le=10_000)
     # A recovery code (a person who lost every passkey) works this long, once.
-    recovery_ttl: int = Field(24 * 3600, ge=60)
-    step_up_ttl: int = 600
+    recovery_ttl: int = Field(24 * 3600, ge=60, le=_MAX_TTL)
+    step_up_ttl: int = Field(600, ge=60, le=_MAX_TTL)
     # Pending step-ups a grant may have at once: each is a card on the human's page, and a
     # flood of them would bury the one that matters. 20 is more payments above a threshold
     # than a person approves in one sitting; a new one waits until one is decided.
@@ -90,12 +98,14 @@ class RegistrySettings(BaseModel):
     # many seconds and answers that count meanwhile (0: every call counts).
     usage_cache_seconds: float = Field(10.0, ge=0, le=60)
     # A grant request unanswered this long is expired (no longer approved or denied).
-    grant_request_ttl: int = Field(7 * 86400, ge=60)
+    grant_request_ttl: int = Field(7 * 86400, ge=60, le=_MAX_TTL)
     # Pending grant requests an agent may have at once, for the same reason as step-ups:
     # each is a card on its human's page, and rows in the registry's tables.
     max_pending_grant_requests: int = Field(20, ge=1)
     audit_chains: int = Field(8, ge=1, le=256)
-    checkpoint_every_events: int = 1000
+    # At least 1: at 0 the registry signed a checkpoint every half second, whatever
+    # checkpoint_every_seconds said.
+    checkpoint_every_events: int = Field(1000, ge=1)
     # At most a tenth of MAX_UNSEALED_AGE (300 s): a chain's events older than that under
     # no checkpoint fail `audit verify` and the approval page's check, as checkpoints
     # deleted or withheld would, so the registry must sign well within it.
@@ -145,8 +155,9 @@ class RegistrySettings(BaseModel):
     # Not negative: KeyRing.rotate refuses that, and only a rotation would find it out.
     key_publish_ahead: int = Field(60, ge=0)
     signer: SignerSettings = SignerSettings()
-    pool_min_size: int = 1
-    pool_max_size: int = 10
+    # Refused here rather than by asyncpg at the first start, in words naming no setting.
+    pool_min_size: int = Field(1, ge=0)
+    pool_max_size: int = Field(10, ge=1)
 
     @field_validator("database_url", "redis_url")
     @classmethod
@@ -214,6 +225,12 @@ class RegistrySettings(BaseModel):
         # A per-caller bound above the replica's would never bind: a typo, refused.
         if self.step_up_waits_per_caller > self.step_up_waits_per_replica:
             raise ValueError("step_up_waits_per_caller exceeds step_up_waits_per_replica")
+        return self
+
+    @model_validator(mode="after")
+    def _pool_sizes(self) -> RegistrySettings:
+        if self.pool_min_size > self.pool_max_size:
+            raise ValueError("pool_min_size exceeds pool_max_size")
         return self
 
     @property

@@ -152,17 +152,25 @@ async def migrate(conn: Conn, directory: Path | None = None) -> list[str]:
     while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
         await asyncio.sleep(_MIGRATOR_PAUSE)
     try:
-        await conn.execute(
-            """CREATE TABLE IF NOT EXISTS schema_migrations (
-                   version integer PRIMARY KEY,
-                   name text NOT NULL,
-                   checksum text NOT NULL,
-                   applied_at timestamptz NOT NULL DEFAULT now())"""
-        )
-        done = {
-            row["version"]: row
-            for row in await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
-        }
+        try:
+            await conn.execute(
+                """CREATE TABLE IF NOT EXISTS schema_migrations (
+                       version integer PRIMARY KEY,
+                       name text NOT NULL,
+                       checksum text NOT NULL,
+                       applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
+            done = {
+                row["version"]: row
+                for row in await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
+            }
+        except asyncpg.PostgresError as exc:
+            # A standby, a database or role read-only by default, a role that may not
+            # create tables: said as a migration's own failure is, not as a traceback.
+            raise MigrationError(
+                f"cannot make or read schema_migrations ({type(exc).__name__}: {exc});"
+                " no migration was applied"
+            ) from exc
         for migration in migrations:
             row = done.get(migration.version)
             if row is not None:
