@@ -1079,6 +1079,31 @@ async def test_a_registry_failing_on_a_later_page_leaves_what_was_read_shown(
 
 
 @pytest.mark.asyncio
+async def test_a_link_to_the_next_page_that_is_no_url_leaves_what_was_read_shown(
+    signer: PrivateKey,
+) -> None:
+    """httpx.URL raises InvalidURL, which is no HTTPError, on a ``Link`` target such as
+    ``::::``: it went through AuditTrail.fetch and failed the audit page as it was built
+    (NiceGUI's error page) instead of being the registry's failure, said."""
+    served: list[AuditEvent] = []
+
+    def first_page(request: httpx.Request) -> httpx.Response | None:
+        if "cursor" in request.url.params:
+            return None
+        newest = listed(served)[::-1][:4]
+        return httpx.Response(200, json=newest, headers={"Link": '<::::?cursor=4>; rel="next"'})
+
+    events, transport = long_registry(signer, fail=first_page)
+    served += events
+    trail = await fetched_newest(transport, 100)
+    assert [e.seq for e in trail.events] == [8, 9, 10, 11]
+    assert trail.ok and trail.unread == "older" and not trail.complete
+    assert trail.read_error is not None and trail.read_error.code == "502 invalid_response"
+    texts = await AuditPage(audit_page_size=4).visit(transport)
+    assert "The audit trail is only partly checked: older events not read" in texts
+
+
+@pytest.mark.asyncio
 async def test_the_page_shows_a_busy_agents_newest_events_and_says_so(signer: PrivateKey) -> None:
     """Until 2026-11-30 the page showed the registry's first page, the oldest events, and
     said nothing of the rest."""

@@ -659,6 +659,39 @@ async def test_while_one_approval_waits_for_the_passkey_no_card_can_be_answered(
 
 
 @pytest.mark.asyncio
+async def test_while_an_answer_runs_the_page_cannot_be_drawn_anew_under_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Refresh (or Show N new) stayed on while an answer ran: the cards it drew came with
+    their buttons on, and a Deny pressed on one was dropped without a word, the first
+    answer still running."""
+    mail = {**SHOP_REQUEST, "id": "grq_mail", "agent_name": "Mail bot", "provider_name": "Mail"}
+    registry = FakeRegistry([SHOP_REQUEST, mail], [])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+    release = asyncio.Event()
+    denying: list[str] = []
+
+    async def slow_deny(token: str, request_id: str) -> dict[str, Any]:
+        denying.append(request_id)
+        await release.wait()
+        return await FakeRegistry.deny_request(registry, token, request_id)
+
+    monkeypatch.setattr(registry, "deny_request", slow_deny)
+    refresh = requests.button("Refresh the pending requests")
+    answering = asyncio.ensure_future(requests.press(requests.button(f"Deny: {WHO}")))
+    while not denying:
+        await asyncio.sleep(0.01)
+    assert not refresh.enabled
+    await requests.press(refresh)  # a click that crossed the disabling on its way
+    assert "Deny: Mail bot asks Mail" not in enabled(requests)
+    release.set()
+    await answering
+    assert refresh.enabled and "Deny: Mail bot asks Mail" in enabled(requests)
+    assert registry.denied == ["grq_shop"]
+
+
+@pytest.mark.asyncio
 async def test_a_session_the_registry_ended_ends_on_the_page_too(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -686,6 +719,35 @@ async def test_a_session_the_registry_ended_ends_on_the_page_too(
     monkeypatch.setattr(registry, "grant_requests", listing_ended)
     await again.build()
     assert again.store.get(again.cookie_id) is None
+
+
+@pytest.mark.asyncio
+async def test_a_session_the_registry_ended_leaves_the_screen_at_the_next_poll(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A poll's 401 was dropped with every other registry failure: a page on a computer
+    whose session a passkey removal (or a recovery) elsewhere had ended went on showing the
+    person's requests, frozen, for as long as it stayed open."""
+    went: list[str] = []
+    monkeypatch.setattr(ui.navigate, "to", went.append)
+    registry = FakeRegistry([SHOP_REQUEST], [])
+    requests = RequestsPage(registry, monkeypatch)
+    await requests.build()
+
+    async def unreachable(token: str, status: str) -> list[dict[str, Any]]:
+        raise RegistryError(0, "unreachable", "the registry cannot be reached", None)
+
+    monkeypatch.setattr(registry, "grant_requests", unreachable)
+    await requests.poll()  # a registry down for a moment changes nothing
+    assert went == [] and requests.store.get(requests.cookie_id) is not None
+
+    async def ended(token: str, status: str) -> list[dict[str, Any]]:
+        raise RegistryError(401, "invalid_token", "the session has ended", "bad_session")
+
+    monkeypatch.setattr(registry, "grant_requests", ended)
+    await requests.poll()
+    assert went == ["/login"]
+    assert requests.store.get(requests.cookie_id) is None
 
 
 class IdleClock:
@@ -1100,6 +1162,51 @@ async def test_a_new_passkey_is_not_created_for_a_session_that_has_ended(
     assert page.notice() == "Your session has ended. Please sign in again."
 
 
+@pytest.mark.asyncio
+async def test_a_double_click_on_a_passkey_change_asks_for_one_prompt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both clicks of a double click on Remove asked the registry for a challenge and ran a
+    prompt: the browser refused the second, and the page said "Nothing was signed" while
+    the first prompt, still up, went on to remove the passkey."""
+    registry = FakeRegistry([], [])
+    registry.listed_passkeys = [{"credential_id": "cred-one"}, {"credential_id": "cred-two"}]
+    asked: list[str | None] = []
+    removed: list[str] = []
+
+    async def confirm(token: str, credential_id: str | None = None) -> dict[str, Any]:
+        asked.append(credential_id)
+        return {"challenge": "confirm"}
+
+    async def remove(token: str, credential_id: str, confirmation: dict[str, Any]) -> None:
+        removed.append(credential_id)
+
+    monkeypatch.setattr(registry, "passkey_confirm", confirm, raising=False)
+    monkeypatch.setattr(registry, "remove_passkey", remove, raising=False)
+    page = RequestsPage(registry, monkeypatch)
+    await page.build_passkeys()
+    release = asyncio.Event()
+    prompts: list[str] = []
+
+    async def passkey(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+        prompts.append(kind)
+        await release.wait()
+        return {"id": "credential"}
+
+    monkeypatch.setattr(page.pages, "_ceremony", passkey)
+    button = page.button("Remove passkey 2 (cred-two)")
+    first = asyncio.ensure_future(page.press(button))
+    while not prompts:
+        await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(page.press(button))  # on its way before the first ends
+    other = asyncio.ensure_future(page.press(page.button("Add a passkey")))
+    await asyncio.sleep(0.05)
+    assert page.notice() == "Confirm removing passkey 2 with a passkey…"
+    release.set()
+    await asyncio.gather(first, second, other)
+    assert (asked, prompts, removed) == (["cred-two"], ["get"], ["cred-two"])
+
+
 # --- the agents page ---------------------------------------------------------------------------
 
 
@@ -1176,6 +1283,38 @@ async def test_an_enrollment_code_leaves_the_page_when_it_expires(
     assert any(text.startswith("The enrollment code has expired.") for text in page.texts())
 
 
+@pytest.mark.asyncio
+async def test_a_double_click_makes_one_enrollment_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both clicks of a double click reached the registry: two codes, the second's card
+    replacing the first's, which stayed valid for its 15 minutes with nobody seeing it."""
+    minted: list[str] = []
+    release = asyncio.Event()
+
+    class Slow(AgentsRegistry):
+        async def enrollment(self, token: str) -> dict[str, Any]:
+            minted.append(token)
+            await release.wait()
+            return await super().enrollment(token)
+
+    page = RequestsPage(Slow(), monkeypatch)
+    monkeypatch.setattr(ui, "timer", lambda *_a, **_k: None)
+    await build_agents(page)
+    button = page.button("Create a new enrollment code for an agent")
+    first = asyncio.ensure_future(page.press(button))
+    while not minted:
+        await asyncio.sleep(0.01)
+    # The second click, on its way before the button went off.
+    second = asyncio.ensure_future(page.press(button))
+    await asyncio.sleep(0.05)
+    release.set()
+    await first
+    await second
+    assert minted == ["tok"]
+    assert button.enabled
+    await page.press(button)  # a later press makes a new code, as it should
+    assert minted == ["tok", "tok"]
+
+
 # --- the audit page ----------------------------------------------------------------------------
 
 
@@ -1205,6 +1344,43 @@ async def test_the_audit_trail_is_not_exported_after_the_session_ended(
     await page.press(page.button("Export the audit trail as JSON"))
     assert downloads == []
     assert page.notice() == "Your session has ended. Please sign in again."
+
+
+@pytest.mark.asyncio
+async def test_an_audit_address_naming_no_agent_of_the_persons_shows_no_other_trail(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``/audit?agent=`` naming an agent the person does not have (an edited address, an
+    agent of another account) drew the newest agent's trail and verdict without a word,
+    under an address naming the other: "verifies" read as that agent's."""
+    read: list[str] = []
+
+    class Recording(AuditRegistry):
+        async def newest_audit_events(
+            self, token: str, agent_id: str, *, most: int
+        ) -> EventHistory:
+            read.append(agent_id)
+            return EventHistory([], None)
+
+    page = RequestsPage(Recording(), monkeypatch)
+    with page.client:
+        session = page.store.get(page.cookie_id)
+        assert session is not None
+        await page.pages._audit(page.cookie_id, session, "agt_someone_elses")
+    assert read == []
+    assert page.notice() == (
+        "You have no agent 'agt_someone_elses': no audit trail is shown. "
+        "Choose one of your agents above."
+    )
+    assert not any("verifies" in text for text in page.texts())
+    assert not [b for b in page.buttons() if "audit trail" in str(b.props.get("aria-label"))]
+    # Without an agent named, the newest is shown, as before.
+    again = RequestsPage(Recording(), monkeypatch)
+    with again.client:
+        session = again.store.get(again.cookie_id)
+        assert session is not None
+        await again.pages._audit(again.cookie_id, session, None)
+    assert read == ["agt_2"]
 
 
 @pytest.mark.asyncio
@@ -1353,6 +1529,27 @@ async def test_a_listing_of_the_wrong_shape_is_said_in_the_notice(
     await requests.build()
     assert "[502 invalid_response]" in requests.notice()
     await requests.poll()  # and a poll neither fails nor draws anything
+    await registry.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_link_to_the_next_page_that_is_no_url_is_said_in_the_notice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """httpx.URL raises InvalidURL (no HTTPError) on a ``Link`` target such as ``::::``:
+    the requests page failed as it was built, NiceGUI's error page, and so did each poll."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/grant-requests":
+            link = {"Link": '<::::?cursor=1>; rel="next"'}
+            return httpx.Response(200, json=[SHOP_REQUEST], headers=link)
+        return httpx.Response(200, json=[])
+
+    registry = RegistryClient("http://registry.invalid", transport=httpx.MockTransport(answer))
+    requests = RequestsPage(cast(FakeRegistry, registry), monkeypatch)
+    await requests.build()
+    assert "[502 invalid_response]" in requests.notice()
+    await requests.poll()
     await registry.aclose()
 
 

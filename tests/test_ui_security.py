@@ -3,7 +3,7 @@ check that a passkey signs only the grant shown on screen."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -16,8 +16,8 @@ from starlette.routing import Route
 from agentauth.protocol import Capability, Envelope, Grant, RateLimit, b64url_encode
 from agentauth.ui import SecurityMiddleware, SessionStore, UISettings
 from agentauth.ui._app import _TicketIn
-from agentauth.ui._pages import Mismatch, Pages
-from agentauth.ui._security import read_cookie
+from agentauth.ui._pages import Ctx, Mismatch, Notice, Pages
+from agentauth.ui._security import MAX_BODY_BYTES, read_cookie
 
 ORIGIN = "https://approve.example"
 
@@ -169,6 +169,58 @@ async def test_a_page_renews_the_cookie_it_was_served_under() -> None:
         assert "set-cookie" not in plain.headers
 
 
+async def post_in_chunks(
+    chunks: int, size: int, *, declared: int | None = None
+) -> tuple[int, int, bytes | None]:
+    """POST ``chunks`` bodies of ``size`` bytes through the middleware to a handler that
+    reads its body whole, as FastAPI does: (status, chunks the client sent, what the
+    handler read)."""
+    read: list[bytes] = []
+    sent = 0
+    status: list[int] = []
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        read.append(await Request(scope, receive).body())
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    middleware = SecurityMiddleware(
+        inner, origin=ORIGIN, host="approve.example", secure=True, cookie_max_age=60
+    )
+    headers = [(b"host", b"approve.example"), (b"origin", ORIGIN.encode())]
+    if declared is not None:
+        headers.append((b"content-length", str(declared).encode()))
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        sent += 1
+        return {"type": "http.request", "body": b"x" * size, "more_body": sent < chunks}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    scope = {"type": "http", "method": "POST", "path": "/auth/session", "headers": headers}
+    await middleware(scope | {"query_string": b"", "root_path": ""}, receive, send)
+    return status[0], sent, read[0] if read else None
+
+
+@pytest.mark.asyncio
+async def test_a_request_body_past_the_bound_is_refused_before_it_is_read_whole() -> None:
+    """Starlette reads a body whole before FastAPI parses it, and the Origin check stops
+    browsers only: anyone who reached the page could stream /auth/session a body without
+    end into the memory every signed-in person's page shares (the registry caps its own)."""
+    # 64 MiB, sent without a length: read to just past the bound, never handed on.
+    status, sent, read = await post_in_chunks(1024, 65536)
+    assert status == 413 and read is None
+    assert sent * 65536 <= MAX_BODY_BYTES + 65536
+    # Declared too long: refused before a byte of it is read.
+    status, sent, read = await post_in_chunks(1024, 65536, declared=1024 * 65536)
+    assert (status, sent, read) == (413, 0, None)
+    # A body within the bound reaches the page whole.
+    status, sent, read = await post_in_chunks(4, 1000)
+    assert status == 200 and read == b"x" * 4000
+
+
 FOREIGN_COOKIES = ['prefs={"theme":"dark"}', "cart[id]=1", "note=hello world"]
 
 
@@ -199,6 +251,20 @@ def test_a_login_ticket_stays_out_of_the_request_bodys_repr() -> None:
     values) must not print it."""
     body = _TicketIn(ticket="tkt-secret-0123456789")
     assert "tkt-secret-0123456789" not in repr(body) + str(body)
+
+
+def test_an_actions_context_keeps_the_session_cookie_out_of_its_repr() -> None:
+    """The cookie id an action's context carries is the person's session on this page (who
+    presents it acts as them): what prints the context (a log line, an error report that
+    records a frame's values) must not print it, as a session's token and a ticket's ids
+    are kept out of theirs."""
+
+    async def redraw() -> None:
+        return None
+
+    context = Ctx("cookie-secret-0123456789", cast(Notice, None), redraw)
+    assert "cookie-secret" not in repr(context)
+    assert context.cookie_id == "cookie-secret-0123456789"
 
 
 def test_a_login_ticket_works_once_and_only_for_its_browser() -> None:

@@ -249,6 +249,24 @@ async def test_a_page_that_fails_to_build_names_nothing_of_the_failure(server: S
 
 
 @pytest.mark.asyncio
+async def test_a_page_the_registry_is_too_slow_for_says_so_in_its_own_words(
+    server: Server,
+) -> None:
+    """Each registry call is bounded (registry_timeout, 15 s) but a page makes several in
+    turn: pending requests in two pages of 11 s each took longer than NiceGUI lets a page
+    build (20 s), and NiceGUI's own error page told the person to "Await
+    ui.context.client.connected() before long-running setup or increase response_timeout"."""
+    headers = {"Host": server.origin.removeprefix("http://"), "Cookie": server.cookie}
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+        answer = await http.get("/", headers=headers)
+    for detail in ("response_timeout", "client.connected"):
+        assert detail not in answer.text
+    assert "This page could not be shown" in answer.text
+    assert "The registry took too long to answer" in answer.text
+    assert answer.headers["x-frame-options"] == "DENY"
+
+
+@pytest.mark.asyncio
 async def test_a_session_left_idle_is_ended_at_the_registry_with_no_visit(
     server: Server,
 ) -> None:

@@ -7,6 +7,7 @@ prints. Run: ``python tests/ui_socket_server.py PORT CALLS_FILE``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -19,13 +20,24 @@ from agentauth.ui._pages import Pages
 from agentauth.ui._registry import RegistryClient
 from agentauth.ui._security import Session
 
+# How long the stand-in takes to answer each page of pending requests: within the page's
+# registry_timeout (15 s), but two pages of them take longer than the page may take to build.
+SLOW_LISTING_SECONDS = 11.0
+
 
 def main(port: int, calls: Path) -> None:
-    def answer(request: httpx.Request) -> httpx.Response:
+    async def answer(request: httpx.Request) -> httpx.Response:
         with calls.open("a") as out:
             out.write(f"{request.method} {request.url.path}\n")
         if request.url.path == "/v1/agents":
             return httpx.Response(200, json=[])
+        if request.url.path == "/v1/step-ups":
+            return httpx.Response(200, json=[])
+        if request.url.path == "/v1/grant-requests":
+            await asyncio.sleep(SLOW_LISTING_SECONDS)
+            if "cursor" in request.url.params:
+                return httpx.Response(200, json=[])
+            return httpx.Response(200, json=[], headers={"Link": '<?cursor=1>; rel="next"'})
         if request.url.path == "/v1/enrollments":
             return httpx.Response(
                 200, json={"enrollment_code": "enr_" + "x" * 20, "expires_in": 600}

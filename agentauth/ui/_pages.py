@@ -164,7 +164,7 @@ class Notice:
 class Ctx:
     """What an action on a page needs: whose page, where to report, how to redraw."""
 
-    cookie_id: str
+    cookie_id: str = field(repr=False)  # the browser's session id: a bearer of the session
     notice: Notice
     reload: Callable[[], Awaitable[None]]
 
@@ -189,6 +189,9 @@ class Board:
     editors: list[ui.element] = field(default_factory=list)
     answers: list[ui.button] = field(default_factory=list)  # every card's answer buttons
     retired: set[int] = field(default_factory=set)  # ids of buttons on greyed-out cards
+    # Buttons that draw the cards anew (Refresh, Show N new), kept across draws: off while
+    # an answer runs, or the cards they draw would be answerable under it.
+    redraws: list[ui.button] = field(default_factory=list)
 
     def quiet(self) -> bool:
         return self.in_flight == 0 and not any(e.visible for e in self.editors if not e.is_deleted)
@@ -378,6 +381,13 @@ def _browser() -> str | None:
 
 # Lines break inside a word when nothing else fits (the CSS inherits): see Pages._frame.
 _WRAP_ANYWHERE = "[overflow-wrap:anywhere]"
+
+# NiceGUI's bound on building a page (its response_timeout): past it, it serves an error page
+# of its own, in words for the page's developer ("increase response_timeout").
+_PAGE_SECONDS = 20.0
+# The page's own bound, short of NiceGUI's: each registry call has registry_timeout (15 s),
+# but a page makes several in turn (pending requests page after page, then the agents).
+_BUILD_SECONDS = 17.0
 
 # Seconds the answer buttons of cards the page drew by itself stay off. A poll draws new
 # cards where the person's pointer may be (on an empty page, or over cards all greyed out):
@@ -613,8 +623,31 @@ class Pages:
 
     # --- pages ---------------------------------------------------------------------------
 
+    async def _built(self, build: Coroutine[Any, Any, None]) -> None:
+        """Build a page within _BUILD_SECONDS, or say that the registry was too slow for it
+        (what was drawn meanwhile goes; the header stays)."""
+        deadline = asyncio.timeout(_BUILD_SECONDS)
+        try:
+            async with deadline:
+                await build
+        except TimeoutError:
+            if not deadline.expired():  # not this bound's: the page's failure, as any other
+                raise
+            content = ui.context.client.content
+            content.clear()
+            with content:
+                main = ui.element("main").classes("w-full max-w-xl mx-auto flex flex-col gap-4 p-8")
+                ui.skip_link(target=main)
+            with main:
+                heading("This page could not be shown")
+                ui.label(
+                    "The registry took too long to answer. Nothing was changed. Try again in "
+                    "a moment."
+                ).props('role="alert"')
+                ui.link("Back to your requests", "/")
+
     def register(self) -> None:
-        timeout = 20.0  # registry round trips while building; generous on a loaded host
+        timeout = _PAGE_SECONDS  # registry round trips while building; generous on a loaded host
 
         @ui.page("/login", title=f"Sign in · {self.settings.title}", response_timeout=timeout)
         async def login_page(request: Request) -> Response | None:
@@ -629,7 +662,7 @@ class Pages:
             guarded = self._guard(request)
             if isinstance(guarded, Response):
                 return guarded
-            await self._requests(*guarded)
+            await self._built(self._requests(*guarded))
             return None
 
         @ui.page(
@@ -639,7 +672,7 @@ class Pages:
             guarded = self._guard(request)
             if isinstance(guarded, Response):
                 return guarded
-            await self._grants(*guarded)
+            await self._built(self._grants(*guarded))
             return None
 
         @ui.page("/audit", title=f"Audit · {self.settings.title}", response_timeout=timeout)
@@ -647,7 +680,7 @@ class Pages:
             guarded = self._guard(request)
             if isinstance(guarded, Response):
                 return guarded
-            await self._audit(*guarded, agent)
+            await self._built(self._audit(*guarded, agent))
             return None
 
         @ui.page("/agents", title=f"Agents · {self.settings.title}", response_timeout=timeout)
@@ -655,7 +688,7 @@ class Pages:
             guarded = self._guard(request)
             if isinstance(guarded, Response):
                 return guarded
-            await self._agents(*guarded)
+            await self._built(self._agents(*guarded))
             return None
 
         @ui.page("/passkeys", title=f"Passkeys · {self.settings.title}", response_timeout=timeout)
@@ -663,7 +696,7 @@ class Pages:
             guarded = self._guard(request)
             if isinstance(guarded, Response):
                 return guarded
-            await self._passkeys(*guarded)
+            await self._built(self._passkeys(*guarded))
             return None
 
     # --- sign-in -------------------------------------------------------------------------
@@ -846,7 +879,13 @@ class Pages:
                 return
             try:
                 pending, steps = await pending_now(use=False)  # not the person's use
-            except RegistryError:
+            except RegistryError as exc:
+                if exc.status == 401:
+                    # The registry ended the session (a passkey removed or a recovery on
+                    # another device signs the others out): kept, the page went on showing
+                    # the person's requests, frozen, on a screen they may have left.
+                    self._registry_signed_out()
+                    ui.navigate.to("/login")
                 return
             except SignedOut:  # expired, idle or signed out elsewhere: off the screen
                 ui.navigate.to("/login")
@@ -873,15 +912,21 @@ class Pages:
             board.announced = len(arrived)
             show_new(len(arrived))
 
+        async def redraw() -> None:
+            if board.in_flight:  # a click that crossed the disabling on its way
+                return
+            await self._act(notice, load)
+
         with main:
             refresh = (
                 labelled(
-                    ui.button("Refresh", icon="refresh", on_click=lambda: self._act(notice, load)),
+                    ui.button("Refresh", icon="refresh", on_click=redraw),
                     "Refresh the pending requests",
                 )
                 .props("outline")
                 .classes("self-start")
             )
+        board.redraws.append(refresh)
 
         try:
             await load()
@@ -1110,7 +1155,10 @@ class Pages:
         if board.in_flight:  # a click that crossed the disabling on its way
             work.close()
             return
-        chosen = [b for b in board.answers if not b.is_deleted and b.enabled]
+        # The redraw buttons too: cards drawn while the answer runs came with their buttons
+        # on, and a click on one was dropped without a word (the answer still running).
+        buttons = [*board.answers, *board.redraws]
+        chosen = [b for b in buttons if not b.is_deleted and b.enabled]
         for button in chosen:
             button.disable()
         board.in_flight += 1
@@ -1626,14 +1674,23 @@ class Pages:
             with main:
                 ui.label("No agents yet: enroll one on the Agents page.")
             return
-        chosen = agent_id if agent_id is not None and agent_id in options else agents[-1]["id"]
+        # No agent asked for: the newest. One asked for that is none of this person's (an
+        # edited address, an agent of another account) is said, and no trail is shown: the
+        # newest agent's verdict, drawn under an address naming another, read as that one's.
+        chosen = agents[-1]["id"] if agent_id is None else agent_id
         with main:
             ui.select(
                 options,
-                value=chosen,
+                value=chosen if chosen in options else None,
                 label="Agent",
                 on_change=lambda e: ui.navigate.to(f"/audit?agent={quote(str(e.value), safe='')}"),
             ).classes("w-[32rem]")
+            if chosen not in options:
+                notice.error(
+                    f"You have no agent {_short(chosen, 64)!r}: no audit trail is shown. "
+                    "Choose one of your agents above."
+                )
+                return
             summary = ui.column().classes("w-full gap-1")
             table_box = ui.column().classes("w-full")
         trail_ref: list[AuditTrail] = []
@@ -1923,14 +1980,23 @@ class Pages:
                     ui.timer(lifetime, expired, once=True)
                 notice.ok("A new enrollment code is ready.")
 
-            await self._act(notice, work)
+            # One code a press: a double click made two, the second's card replacing the
+            # first's, which stayed valid for its lifetime with nobody seeing it. A click
+            # that crossed the disabling on its way finds the button off.
+            if not enroll_button.enabled:
+                return
+            enroll_button.disable()
+            try:
+                await self._act(notice, work)
+            finally:
+                enroll_button.enable()
 
         try:
             await load()
         except RegistryError as exc:
             self._registry_failed(notice, exc)
         with main:
-            labelled(
+            enroll_button = labelled(
                 ui.button("New enrollment code", icon="add", on_click=enroll),
                 "Create a new enrollment code for an agent",
             ).classes("self-start")
@@ -1947,6 +2013,21 @@ class Pages:
             )
             notice = Notice()
             box = ui.column().classes("w-full gap-2")
+
+        # One change at a time: the browser shows one passkey prompt. A double click asked
+        # the registry for a second challenge, and the browser refused its prompt, which
+        # read "Nothing was signed" while the first prompt, still up, went on to change the
+        # person's passkeys.
+        running: list[bool] = []
+
+        async def one_at_a_time(work: Callable[[], Awaitable[None]]) -> None:
+            if running:
+                return
+            running.append(True)
+            try:
+                await self._act(notice, work)
+            finally:
+                running.clear()
 
         async def load() -> None:
             token = self._token(cookie_id)
@@ -1989,7 +2070,7 @@ class Pages:
                                     load,
                                 )
 
-                            await self._act(notice, work)
+                            await one_at_a_time(work)
 
                         labelled(
                             ui.button("Remove", on_click=remove, color="negative").props(
@@ -2016,7 +2097,7 @@ class Pages:
                     "and press Create the new passkey."
                 )
 
-            await self._act(notice, work)
+            await one_at_a_time(work)
 
         async def create() -> None:
             async def work() -> None:
@@ -2032,7 +2113,7 @@ class Pages:
                 create_button.visible = False
                 await self._done(notice, "Added a new passkey.", load)
 
-            await self._act(notice, work)
+            await one_at_a_time(work)
 
         try:
             await load()

@@ -469,8 +469,8 @@ class RegistryClient:
                 params["cursor"] = cursor
             answer, response = await self._exchange("GET", path, token=token, params=params)
             read += _rows(answer)
-            following = response.links.get("next", {}).get("url")
-            cursor = None if following is None else httpx.URL(following).params.get("cursor")
+            named = _next_query(response)
+            cursor = None if named is None else named.get("cursor")
             if cursor is None or len(read) >= MAX_LISTED:
                 break
         return read
@@ -512,10 +512,12 @@ class RegistryClient:
                 )
                 return EventHistory(read[::-1], "older", malformed)
             read += answer
-            following = response.links.get("next", {}).get("url")
-            if following is None:
+            try:
+                named = _next_query(response)
+            except RegistryError as exc:  # what was read is shown; the rest cannot be
+                return EventHistory(read[::-1], "older", exc)
+            if named is None:
                 return EventHistory(read[::-1], None)
-            named = httpx.URL(following).params
             if named.get("order") != "desc":
                 # A registry from before 2026-11-30 ignores order=desc: what it answered
                 # are the oldest events, and the ones it would list next newer.
@@ -570,6 +572,21 @@ def _rows(answer: Any, key: str = "id", also: tuple[str, ...] = ()) -> list[dict
     ):
         raise RegistryError(502, "invalid_response", "the registry's list is malformed", None)
     return answer
+
+
+def _next_query(response: httpx.Response) -> httpx.QueryParams | None:
+    """The query of the answer's ``Link: rel="next"``, None when it has none. A target that
+    is no URL is the registry's failure: httpx's InvalidURL is no HTTPError, and raised
+    from here it failed the page being built (NiceGUI's 500) or each poll."""
+    following = response.links.get("next", {}).get("url")
+    if following is None:
+        return None
+    try:
+        return httpx.URL(following).params
+    except httpx.InvalidURL:
+        raise RegistryError(
+            502, "invalid_response", "the registry's link to the next page is malformed", None
+        ) from None
 
 
 def _seg(value: str) -> str:

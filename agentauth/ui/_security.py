@@ -16,6 +16,8 @@ The human's registry session token never reaches the browser: this server keeps 
 - the ``Host`` header must be the origin's host, which stops DNS-rebinding pages (a GET
   for another host is redirected to the origin, so typing 127.0.0.1 still works; only the
   ``/healthz`` probe answers on any host);
+- a request body is read no further than ``MAX_BODY_BYTES`` (413 past it), before the page
+  sees it;
 - every browser gets an anonymous cookie id on its first visit; signing in swaps it for a
   fresh one (no session fixation) through a one-time ticket bound to the old id.
 """
@@ -53,6 +55,12 @@ _HEADERS = (
     (b"permissions-policy", b"publickey-credentials-get=(self), camera=(), microphone=()"),
 )
 _HSTS = (b"strict-transport-security", b"max-age=63072000")
+# The largest request body the page takes: Engine.IO's own bound on a polling POST (its
+# max_http_buffer_size); /auth/session's is about a hundred bytes. Starlette reads a body
+# whole, however long, before FastAPI parses it: anyone who can reach the page (the Origin
+# check is a browser's, any other client writes the header) could fill the memory every
+# signed-in person's page shares.
+MAX_BODY_BYTES = 1_000_000
 # Cookie ids are 256-bit random; anything else in the cookie is ignored and replaced.
 _ID_BYTES = 32
 _ID = re.compile(r"[A-Za-z0-9_-]{43}")  # what new_id makes: 32 bytes as base64url
@@ -297,6 +305,11 @@ class SecurityMiddleware:
         if scope["type"] == "websocket":
             await self.app(scope, receive, send)
             return
+        if unsafe:
+            bounded = await self._bounded_body(scope, receive, send, headers)
+            if bounded is None:
+                return
+            receive = bounded
 
         cookie_id = read_cookie(headers, self.cookie)
         issued = None
@@ -338,6 +351,41 @@ class SecurityMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    async def _bounded_body(
+        self, scope: Scope, receive: Receive, send: Send, headers: Headers
+    ) -> Receive | None:
+        """The request's body read here, up to MAX_BODY_BYTES, and a ``receive`` that hands
+        it on; None when the request was answered (413) or the client went away."""
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            await self._refuse(scope, receive, send, 413, b"request body too large")
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                await self._refuse(scope, receive, send, 413, b"request body too large")
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
 
     async def _redirect(self, scope: Scope, send: Send) -> None:
         target = self.origin + quote(scope.get("path", "/"), safe="/%:@!$&'()*+,;=-._~")
