@@ -18,6 +18,10 @@ __all__ = ["check_rp_id", "serialized_origin"]
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # A domain (or "localhost"): what WebAuthn accepts as an RP ID (no scheme, port or path).
 _RP_ID = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+# A host whose last label is a number is an IPv4 address (WHATWG URL, "ends in a number"),
+# which WebAuthn never takes as an RP ID: a browser refuses every ceremony there
+# (SecurityError, L3 §5.1.3: the effective domain must be a valid domain).
+_IPV4_LAST_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 
 
 def serialized_origin(origin: str) -> str:
@@ -47,6 +51,8 @@ def check_rp_id(rp_id: str, origins: tuple[str, ...]) -> str:
     normal = rp_id.strip().lower()
     if not _RP_ID.fullmatch(normal):
         raise ValueError(f"the RP ID is a domain such as example.com, not {rp_id!r}")
+    if _IPV4_LAST_LABEL.fullmatch(normal.rsplit(".", 1)[-1]):
+        raise ValueError(f"the RP ID is a domain such as example.com, not an IP address: {rp_id!r}")
     for origin in origins:
         host = urlsplit(origin).hostname or ""
         if host != normal and not host.endswith("." + normal):

@@ -34,7 +34,8 @@ def _cbor_head(major: int, value: int) -> bytes:
 
 
 def cbor(value: Any) -> bytes:
-    """Minimal canonical CBOR encoder for ints, bytes, text and maps (enough for WebAuthn)."""
+    """Minimal canonical CBOR encoder for ints, bytes, text, arrays and maps (enough for
+    WebAuthn)."""
     if isinstance(value, bool):
         raise TypeError("no bools needed")
     if isinstance(value, int):
@@ -44,6 +45,8 @@ def cbor(value: Any) -> bytes:
     if isinstance(value, str):
         raw = value.encode()
         return _cbor_head(3, len(raw)) + raw
+    if isinstance(value, list):
+        return _cbor_head(4, len(value)) + b"".join(cbor(v) for v in value)
     if isinstance(value, dict):
         return _cbor_head(5, len(value)) + b"".join(cbor(k) + cbor(v) for k, v in value.items())
     raise TypeError(type(value))

@@ -61,6 +61,17 @@ def test_the_rp_id_must_cover_every_origin() -> None:
             check_rp_id(rp_id, ())
 
 
+@pytest.mark.parametrize("rp_id", ["127.0.0.1", "10.0.0.7", "0x7f.1", "192.168.1.1"])
+def test_an_ip_address_is_no_rp_id(rp_id: str) -> None:
+    # WebAuthn takes a valid domain only: a browser refuses every ceremony for an IP address
+    # (SecurityError), so it is refused at start (until 2026-12-01 it was taken, with the
+    # page's origin on that address "under" it, and every passkey ceremony failed later).
+    with pytest.raises(ValueError, match="not an IP address"):
+        check_rp_id(rp_id, (f"http://{rp_id}:8080",))
+    # A name whose labels are digits, but not the last one, is a domain.
+    assert check_rp_id("1.2.example", ("https://a.1.2.example",)) == "1.2.example"
+
+
 def test_settings_store_origins_as_browsers_send_them_and_refuse_a_mismatch() -> None:
     base = {
         "database_url": "postgresql://db/x",

@@ -7,6 +7,7 @@ httpx's ASGI transport, by the same ``World`` the Ray tests use.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -18,7 +19,10 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 from registry_inprocess import registry_in_process
 from registry_world import Human, World
 from softauthn import Passkey, SoftAuthenticator, cbor
@@ -377,14 +381,73 @@ def with_attestation(credential: dict[str, Any], fmt: str, statement: Any) -> di
     return {**credential, "response": response}
 
 
-# Attestation statements py_webauthn's parsers trip over (AttributeError, IndexError):
-# until 2026-12-01 each was a 500 rather than a refusal.
+def attestation_certificate() -> bytes:
+    """A self-signed DER certificate for an attestation statement's x5c."""
+    signer = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "attestation")])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(signer.public_key())
+        .serial_number(1)
+        .not_valid_before(datetime.datetime(2020, 1, 1))
+        .not_valid_after(datetime.datetime(2040, 1, 1))
+        .sign(signer, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+
+
+def certificate_of_an_unknown_key_type() -> bytes:
+    """Its key names an algorithm nobody knows: cryptography raises UnsupportedAlgorithm
+    (no ValueError) for its public key."""
+    der = attestation_certificate()
+    # id-ecPublicKey (1.2.840.10045.2.1) becomes 1.2.840.10045.2.9, an unassigned arc.
+    return der.replace(bytes.fromhex("06072a8648ce3d0201"), bytes.fromhex("06072a8648ce3d0209"))
+
+
+def certificate_of_an_unknown_version() -> bytes:
+    """X.509 version 9: cryptography raises InvalidVersion (no ValueError) as it reads it."""
+    der = attestation_certificate()
+    # The version field, [0] EXPLICIT INTEGER 2 (v3), the first of the certificate's.
+    return der.replace(bytes.fromhex("a003020102"), bytes.fromhex("a003020108"), 1)
+
+
+# Attestation statements py_webauthn's parsers trip over (AttributeError, IndexError; an
+# x5c certificate whose key type or version cryptography does not know, UnsupportedAlgorithm
+# and InvalidVersion; a SafetyNet JWS nested deeper than json.loads recurses,
+# RecursionError): until 2026-12-01 each was a 500 rather than a refusal.
 MALFORMED_ATTESTATIONS = [
     pytest.param("android-safetynet", {"ver": "1", "response": "a.b.c"}, id="response-text"),
     pytest.param(
         "android-safetynet",
         {"ver": "1", "response": b64url_encode(b"[1]").encode() + b".e30.c"},
         id="header-not-object",
+    ),
+    pytest.param(
+        "packed",
+        {"alg": -7, "sig": b"0", "x5c": [certificate_of_an_unknown_key_type()]},
+        id="packed-unknown-key-type",
+    ),
+    pytest.param(
+        "fido-u2f",
+        {"sig": b"0", "x5c": [certificate_of_an_unknown_key_type()]},
+        id="u2f-unknown-key-type",
+    ),
+    pytest.param(
+        "packed",
+        {"alg": -7, "sig": b"0", "x5c": [certificate_of_an_unknown_version()]},
+        id="packed-unknown-version",
+    ),
+    pytest.param(
+        "android-safetynet",
+        {"ver": "1", "response": b64url_encode(b"[" * 5000).encode() + b".e30.c"},
+        id="header-nested-too-deep",
+    ),
+    pytest.param(
+        "android-safetynet",
+        {"ver": "1", "response": b"e30." + b64url_encode(b"[" * 5000).encode() + b".c"},
+        id="payload-nested-too-deep",
     ),
 ]
 
@@ -737,6 +800,28 @@ async def test_a_backup_eligible_passkey_that_drops_be_but_keeps_bs_is_audited_a
     assert await service.events("passkey.refused", passkey.credential_id) == 1
     assert await service.stored(passkey.credential_id) == stored
     assert await service.flagged(human.principal_id) == [False]
+
+
+@pytest.mark.parametrize("backed_up", [False, True])
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_be_change_whose_counter_goes_back_flags_the_passkey(
+    service: InProcess, backed_up: bool
+) -> None:
+    """The counter is judged before the backup flags (docs/registry.md, "Passkey backup
+    flags"), so a signed assertion that changes BE with a counter gone back flags the
+    passkey as a clone's, BS set or not. (With BS set it was audited as a BE change only,
+    the counter never compared: the passkey stayed usable and the sessions open.)"""
+    world = service.world
+    human = await human_with(world, backup_eligible=True, backed_up=True)
+    passkey = only_passkey(human)
+    r = await sign_in(world, human.authenticator.get)  # the stored counter is now 1
+    assert r.status_code == 200, r.text
+    passkey.backup_eligible, passkey.backed_up = False, backed_up
+    r = await sign_in(world, lambda o: human.authenticator.get(o, counter=1))
+    refused(r, 403, "sign_count_regression")
+    assert await service.flagged(human.principal_id) == [True]
+    assert await service.events("passkey.flagged", passkey.credential_id) == 1
+    assert await service.events("passkey.refused", passkey.credential_id) == 0
 
 
 @pytest.mark.asyncio(loop_scope="session")

@@ -31,7 +31,6 @@ from webauthn.helpers.cose import COSEAlgorithmIdentifier
 from webauthn.helpers.exceptions import (
     InvalidAuthenticationResponse,
     InvalidBackupFlags,
-    InvalidRegistrationResponse,
     WebAuthnException,
 )
 from webauthn.helpers.structs import (
@@ -841,20 +840,16 @@ class Registry:
         except InvalidBackupFlags:
             # Not one of py_webauthn's response errors: uncaught, it would be a 500.
             raise _invalid_backup_flags() from None
-        # WebAuthnException: py_webauthn's other refusals (a credential whose JSON it cannot
-        # read, a COSE key type it does not know): the sender's input, never a 500.
-        # AttributeError and IndexError (LookupError): its attestation formats read the
-        # sender's statement as they expect it (android-safetynet decodes a text response
-        # as bytes, takes a JSON array for an object, the first of no certificates); until
-        # 2026-12-01 those were 500s.
-        except (
-            InvalidRegistrationResponse,
-            WebAuthnException,
-            ValueError,
-            LookupError,
-            TypeError,
-            AttributeError,
-        ) as exc:
+        # Anything else it raises is about the sender's credential, never a 500: the call
+        # reads nothing but its arguments. py_webauthn refuses with WebAuthnException, and
+        # its attestation formats also let through what the parsers they call raise on the
+        # sender's statement, which is no closed set: AttributeError and IndexError
+        # (android-safetynet decodes a text response as bytes, takes a JSON array for an
+        # object, the first of no certificates), RecursionError (a SafetyNet JWS nested
+        # deeper than json.loads recurses), and cryptography's own exceptions for an x5c
+        # certificate, which are not ValueErrors (InvalidVersion, UnsupportedAlgorithm for a
+        # key type it does not know). Until 2026-12-01 those were 500s.
+        except Exception as exc:
             raise InvalidReceipt(
                 f"passkey registration refused: {exc}", reason="registration_refused"
             ) from None
@@ -1234,6 +1229,14 @@ class Registry:
                     owner=row["principal_id"],
                     required=principal_id is None,
                 )
+                # The counter before the flags, as below: a BE change with BS set is no
+                # way for a clone's signed assertion to leave the passkey unflagged.
+                # py_webauthn read authenticatorData whole before it raised; the counter is
+                # its bytes 33-36, after rpIdHash (32) and the flags (1).
+                auth_data = base64url_to_bytes(credential["response"]["authenticatorData"])
+                presented = int.from_bytes(auth_data[33:37], "big")
+                if _counter_regressed(stored=row["sign_count"], presented=presented):
+                    raise SignCountRegression(credential_id, row["principal_id"]) from None
                 raise _backup_eligibility_refused(
                     credential_id, row["principal_id"], presented=False
                 ) from None
