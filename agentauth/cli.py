@@ -142,9 +142,16 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     return 0
 
 
-async def _with_registry(work: Callable[[Registry], Awaitable[list[str]]]) -> list[str]:
+async def _with_registry(
+    work: Callable[[Registry], Awaitable[list[str]]], *, create_key: bool = False
+) -> list[str]:
     """Run ``work`` with the registry's service layer on the configured database: the same
-    checks, audit events and change epochs as its HTTP API, acting as the admin."""
+    checks, audit events and change epochs as its HTTP API, acting as the admin.
+
+    Only ``keys`` creates the first signing key when there is none (``create_key``): an
+    admin command run before the registry's first start would otherwise make it with this
+    host's signer (a local key file here, when the deployment's is a KMS named in its Serve
+    args), which the replicas then could not open: every token and checkpoint refused."""
     from .registry import Registry, RegistrySettings
 
     url, server = _database_url()
@@ -173,7 +180,7 @@ async def _with_registry(work: Callable[[Registry], Awaitable[list[str]]]) -> li
                 " `agentauth migrate` first (some hold busy tables' locks: docs/runbook.md,"
                 ' "Upgrading the database schema")'
             )
-        registry = await Registry.open(settings, migrate=False)
+        registry = await Registry.open(settings, migrate=False, create_key=create_key)
         try:
             return await work(registry)
         finally:
@@ -265,7 +272,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from .protocol import AgentAuthError
 
     try:
-        lines = asyncio.run(_with_registry(lambda registry: _keys(registry, args.action)))
+        lines = asyncio.run(
+            _with_registry(lambda registry: _keys(registry, args.action), create_key=True)
+        )
     except AgentAuthError as exc:  # a rotation pending or refused, the key backend down
         print(f"error: {exc.description} ({exc.error})", file=sys.stderr)
         return 1

@@ -272,6 +272,31 @@ async def test_admin_commands_leave_pending_migrations_to_agentauth_migrate(
         assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_admin_command_before_the_first_start_makes_no_signing_key(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Run against a database no registry has started on, `providers add` created the first
+    signing key with this host's signer: a key file in the operator's data directory, which
+    a deployment whose signer is a KMS (named in its Serve args) could not open, so every
+    token and checkpoint was refused until a rotation. Only `keys` creates one."""
+    async with new_database(database_url, "nokey") as url:
+        laptop = tmp_path / "laptop"
+        env = {"DATABASE_URL": url, "REDIS_URL": redis_url, "AGENTAUTH_DATA_DIR": str(laptop)}
+        assert agentauth("migrate", env=env).returncode == 0
+        out = agentauth("providers", "add", "shop", "--audience", "https://shop.example", env=env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        out = agentauth("providers", "suspend", "shop", "--reason", "audit", env=env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert await _key_rows(url) == []
+        assert not list((laptop / "keys").glob("*.pem"))
+        # `keys` still makes the first one, as documented.
+        assert agentauth("keys", "list", env=env).returncode == 0
+        assert len(await _key_rows(url)) == 1
+
+
 def test_embedded_postgres_refuses_a_path_too_long_for_its_socket(tmp_path: Path) -> None:
     """pgserver trusts every connection on its socket; with a data directory too long for
     one it would put the socket in the runtime directory (often a 0755 fallback under /tmp),

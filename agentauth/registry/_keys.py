@@ -72,12 +72,13 @@ class KeyManager:
         self._opening: dict[str, asyncio.Task[AsyncSigner]] = {}
         self._closed = False
 
-    async def start(self) -> None:
-        """Load key records, creating the first key if there is none."""
+    async def start(self, *, create: bool = True) -> None:
+        """Load key records, creating the first key if there is none (unless ``create`` is
+        false: then the ring stays empty until a start that may create it)."""
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('agentauth:keys'))")
             count = await conn.fetchval("SELECT count(*) FROM signing_keys")
-            if count == 0:
+            if count == 0 and create:
                 signer = await self._create_signer()
                 now = int(time.time())
                 await self._insert(

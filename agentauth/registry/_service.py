@@ -293,7 +293,12 @@ class Registry:
         self._sweep_task: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, settings: RegistrySettings, *, migrate: bool = True) -> Registry:
+    async def open(
+        cls, settings: RegistrySettings, *, migrate: bool = True, create_key: bool = True
+    ) -> Registry:
+        """Open the pools and the key ring; ``create_key=False`` leaves a database without
+        signing keys without them (admin commands, whose host's signer may not be the
+        deployment's)."""
         pool = await open_pool(
             settings.database_url, min_size=settings.pool_min_size, max_size=settings.pool_max_size
         )
@@ -310,7 +315,7 @@ class Registry:
             settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
         )
         keys = KeyManager(settings, pool)
-        await keys.start()
+        await keys.start(create=create_key)
         registry = cls(settings=settings, pool=pool, redis=redis, keys=keys)
         await registry._init_replay_epoch()
         async with pool.acquire() as conn:
