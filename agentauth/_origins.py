@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-__all__ = ["check_rp_id", "serialized_origin"]
+__all__ = ["check_issuer", "check_rp_id", "serialized_origin"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # A domain (or "localhost"): what WebAuthn accepts as an RP ID (no scheme, port or path).
@@ -61,3 +61,26 @@ def check_rp_id(rp_id: str, origins: tuple[str, ...]) -> str:
                 " must be the RP ID or a name under it"
             )
     return normal
+
+
+def check_issuer(issuer: str) -> str:
+    """The registry's issuer URL (every token's ``iss``, compared as a string, and the base
+    of the URLs agents sign proofs for), refused at start when it cannot be one: a missing
+    scheme, a query or fragment, whitespace anywhere (a trailing newline from a secret
+    file). Each of those was taken, and every token request refused later as a bad ``htu``,
+    with nothing naming the setting."""
+    parts = urlsplit(issuer)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+        or "?" in issuer
+        or "#" in issuer
+        or any(char.isspace() or not char.isprintable() for char in issuer)
+    ):
+        raise ValueError(
+            "the issuer is an absolute http(s) URL with no query, fragment or spaces, such as"
+            f" https://auth.example.com/registry, not {issuer!r}"
+        )
+    return issuer

@@ -165,7 +165,7 @@ async def test_the_nonce_secret_rotates_without_replicas_refusing_each_others_no
         VerifierSettings(
             database_url="postgresql://x/y",
             redis_url="redis://x",
-            issuer="i",
+            issuer="https://registry.test/registry",
             dpop_nonces=True,
             nonce_secret=new,
             accepted_nonce_secrets=(old, "short"),

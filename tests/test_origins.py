@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from agentauth._origins import check_rp_id, serialized_origin
+from agentauth._origins import check_issuer, check_rp_id, serialized_origin
 from agentauth.registry import RegistrySettings
 from agentauth.ui import UISettings
+from agentauth.verifier import VerifierSettings
 
 
 @pytest.mark.parametrize(
@@ -96,3 +97,29 @@ def test_settings_store_origins_as_browsers_send_them_and_refuse_a_mismatch() ->
     assert ui.origin == "https://approve.example.com" and ui.host == "approve.example.com"
     with pytest.raises(ValidationError, match="cannot run passkey ceremonies"):
         UISettings(registry_url="http://r", origin="https://approve.example.com", rp_id="x.test")
+
+
+@pytest.mark.parametrize(
+    "issuer",
+    [
+        "auth.example.com/registry",  # no scheme
+        "",
+        "ftp://auth.example.com/registry",
+        "https:///registry",  # no host
+        "https://auth.example.com/registry\n",  # a secret file's newline
+        "https://auth.example.com/reg istry",
+        "https://auth.example.com/registry?x=1",
+        "https://auth.example.com/registry#top",
+    ],
+)
+def test_an_issuer_that_cannot_be_the_registrys_url_is_refused_at_start(issuer: str) -> None:
+    """It is every token's iss and the base URL proofs are signed for: taken, each of these
+    refused every token request as a bad htu later, with nothing naming the setting."""
+    with pytest.raises(ValueError, match="issuer"):
+        check_issuer(issuer)
+    with pytest.raises(ValidationError, match="issuer"):
+        RegistrySettings(database_url="postgresql://x/y", redis_url="redis://x", issuer=issuer)
+    with pytest.raises(ValidationError, match="issuer"):
+        VerifierSettings(database_url="postgresql://x/y", redis_url="redis://x", issuer=issuer)
+    for good in ("https://auth.example.com/registry", "http://127.0.0.1:8000/registry"):
+        assert check_issuer(good) == good

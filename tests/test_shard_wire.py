@@ -140,7 +140,11 @@ def test_the_largest_batch_a_replica_may_send_is_taken_and_acknowledged() -> Non
     request_id, checks = Codec().decode_checks(largest)
     assert len(checks) == _wire.MAX_CHECKS
     assert decode_results(_payload(encode_ack(ack_id(request_id))))[0] == ack_id(request_id)
-    settings = {"database_url": "postgresql://x", "redis_url": "redis://x", "issuer": "i"}
+    settings = {
+        "database_url": "postgresql://x",
+        "redis_url": "redis://x",
+        "issuer": "https://registry.test/registry",
+    }
     assert VerifierSettings(**settings, max_batch=_wire.MAX_CHECKS).max_batch == _wire.MAX_CHECKS
     with pytest.raises(ValidationError):
         VerifierSettings(**settings, max_batch=_wire.MAX_CHECKS + 1)

@@ -203,7 +203,11 @@ def test_server_nonces_need_a_secret_of_their_own(secret: str | None) -> None:
 
     from agentauth.verifier import VerifierSettings
 
-    fields = {"database_url": "postgresql://x/y", "redis_url": "redis://x", "issuer": "i"}
+    fields = {
+        "database_url": "postgresql://x/y",
+        "redis_url": "redis://x",
+        "issuer": "https://registry.test/registry",
+    }
     with pytest.raises(ValidationError, match="nonce_secret"):
         VerifierSettings(**fields, dpop_nonces=True, nonce_secret=secret)
     assert VerifierSettings(**fields, dpop_nonces=True, nonce_secret="s" * 32).dpop_nonces

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .._origins import check_rp_id, serialized_origin
+from .._origins import check_issuer, check_rp_id, serialized_origin
 from ..store import checked_url
 
 __all__ = ["MAX_TOKEN_LIFETIME", "RegistrySettings", "SignerSettings"]
@@ -163,6 +163,11 @@ class RegistrySettings(BaseModel):
     @classmethod
     def _parseable(cls, url: str) -> str:
         return checked_url(url)
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, issuer: str) -> str:
+        return check_issuer(issuer)
 
     @field_validator("origins")
     @classmethod

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .._events import stop_tasks, wait_event, wait_within
 from .._logs import Throttle
+from .._origins import check_issuer
 from ..actors import Check, Result, ShardClient, shard_for
 from ..metrics import CounterBuffer, observe, set_gauge
 from ..protocol import (
@@ -114,6 +115,11 @@ class VerifierSettings(BaseModel):
     @classmethod
     def _parseable(cls, url: str) -> str:
         return checked_url(url)
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, issuer: str) -> str:
+        return check_issuer(issuer)
 
     @model_validator(mode="after")
     def _nonces_need_a_secret(self) -> VerifierSettings:
