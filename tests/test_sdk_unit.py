@@ -462,6 +462,44 @@ async def test_a_provider_refused_by_the_verifier_logs_it_once_not_per_request(
     await client.aclose()
 
 
+@pytest.mark.asyncio
+async def test_a_timeout_given_with_a_client_of_ones_own_bounds_each_verifier_call() -> None:
+    """With http= given, timeout= was dropped: a provider's client made without timeouts
+    waited on a verifier that accepted and never answered for as long as it stayed so,
+    every request held, instead of a deny within the timeout asked for."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # reads nothing, answers nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    http = httpx.AsyncClient(timeout=None)
+    client = VerifierClient(
+        f"http://127.0.0.1:{port}", provider_id="p", secret="s", timeout=0.2, http=http
+    )
+    headers = {"authorization": "DPoP a.b.c", "dpop": "d.e.f"}
+    try:
+        started = time.monotonic()
+        result = await asyncio.wait_for(
+            client.verify_request(
+                method="GET",
+                url="https://a/x",
+                headers=headers,
+                action=Action(kind="read", resource="x"),
+            ),
+            5.0,
+        )
+        assert (result.allowed, result.reason) == (False, "verifier_unavailable")
+        assert time.monotonic() - started < 2.0
+    finally:
+        await http.aclose()
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 # --- step-ups: long polls outlast the registry's hold; a retry never asks twice ------------
 
 

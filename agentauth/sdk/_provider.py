@@ -188,7 +188,11 @@ def _credentials(headers: HeaderLines) -> tuple[str, str] | str:
 
 
 class VerifierClient:
-    """A pooled client for the verifier with a short timeout; any failure is a deny."""
+    """A pooled client for the verifier with a short timeout; any failure is a deny.
+
+    ``timeout`` (0.5 s unless given) bounds each call. With an ``http`` client of yours and
+    no ``timeout``, that client's own timeouts apply; given both, ``timeout`` bounds each
+    verifier call whatever the client's are."""
 
     def __init__(
         self,
@@ -196,14 +200,20 @@ class VerifierClient:
         *,
         provider_id: str,
         secret: str,
-        timeout: float = 0.5,
+        timeout: float | None = None,
         http: httpx.AsyncClient | None = None,
     ) -> None:
         self._url = verifier_url.rstrip("/") + "/v1/verify"
         basic = base64.b64encode(f"{provider_id}:{secret}".encode()).decode()
         self._headers = {"Authorization": f"Basic {basic}"}
         self._http = http or httpx.AsyncClient(
-            timeout=timeout, limits=httpx.Limits(max_keepalive_connections=32)
+            timeout=0.5 if timeout is None else timeout,
+            limits=httpx.Limits(max_keepalive_connections=32),
+        )
+        # Per call when given with a client of the caller's: until 2026-12-01 it was dropped
+        # there, and a client made with timeout=None waited on a stuck verifier for good.
+        self._timeout: float | httpx._client.UseClientDefault = (
+            httpx.USE_CLIENT_DEFAULT if timeout is None or http is None else timeout
         )
         # A wrong or ended secret refuses every request: said every 30 s, not per request.
         self._said = Throttle(30.0)
@@ -235,7 +245,11 @@ class VerifierClient:
             # body (the agent's token and its unspent proof) on to wherever Location points,
             # and take that origin's answer for the verifier's. A redirect is a deny below.
             response = await self._http.post(
-                self._url, json=body, headers=self._headers, follow_redirects=False
+                self._url,
+                json=body,
+                headers=self._headers,
+                follow_redirects=False,
+                timeout=self._timeout,
             )
             status = response.status_code
             answer = response.json() if status in (200, 401, 403, *_REJECTED) else None
