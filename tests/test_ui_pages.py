@@ -1207,6 +1207,58 @@ async def test_a_double_click_on_a_passkey_change_asks_for_one_prompt(
     assert (asked, prompts, removed) == (["cred-two"], ["get"], ["cred-two"])
 
 
+@pytest.mark.asyncio
+async def test_the_sign_in_page_runs_one_passkey_prompt_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each button there turned only itself off: a second click on its way, Enter in the
+    name field, or another button pressed under the prompt began a second ceremony, whose
+    prompt the browser refused, and the notice read as the first one's failure."""
+    registry = FakeRegistry([], [])
+    begun: list[str] = []
+
+    async def begin(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        begun.append("begin")
+        return {"challenge": "c"}
+
+    async def finish(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise RegistryError(401, "unauthenticated", "no such passkey", None)
+
+    for name in ("login_begin", "signup_begin", "recovery_begin"):
+        monkeypatch.setattr(registry, name, begin, raising=False)
+    for name in ("login_finish", "signup_finish", "recovery_finish"):
+        monkeypatch.setattr(registry, name, finish, raising=False)
+    page = RequestsPage(registry, monkeypatch)
+    with page.client:
+        page.pages._login("anonymous-cookie")
+    release = asyncio.Event()
+    prompts: list[str] = []
+
+    async def passkey(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+        prompts.append(kind)
+        await release.wait()
+        return {"id": "credential"}
+
+    monkeypatch.setattr(page.pages, "_ceremony", passkey)
+    for element in page.elements():
+        if isinstance(element, ui.input):
+            element.value = "Alice" if element.props.get("label") == "Your name" else "rc_1"
+    sign_in = page.button("Sign in with a passkey")
+    first = asyncio.ensure_future(page.press(sign_in))
+    while not prompts:
+        await asyncio.sleep(0.01)
+    others = [
+        asyncio.ensure_future(page.press(sign_in)),  # on its way before the first ends
+        asyncio.ensure_future(page.press(page.button("Create an account with a passkey"))),
+        asyncio.ensure_future(page.press(page.button("Make a new passkey with the code"))),
+    ]
+    await asyncio.sleep(0.05)
+    release.set()
+    await asyncio.gather(first, *others)
+    assert (begun, prompts) == (["begin"], ["get"])
+    assert sign_in.enabled
+
+
 # --- the agents page ---------------------------------------------------------------------------
 
 

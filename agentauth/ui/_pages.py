@@ -710,6 +710,22 @@ class Pages:
                 "approve with a passkey: no password."
             )
             notice = Notice()
+            # One passkey prompt at a time on this page: each button turns only itself off,
+            # and Enter in a field presses its button again, so a double click, or another
+            # button pressed under a prompt, began a second ceremony, whose prompt the
+            # browser refused with a notice that read as the first one's failure.
+            prompting: list[bool] = []
+
+            async def one_prompt(button: ui.button, work: Callable[[], Awaitable[None]]) -> None:
+                if prompting:
+                    return
+                prompting.append(True)
+                button.disable()
+                try:
+                    await self._act(notice, work)
+                finally:
+                    prompting.clear()
+                    button.enable()
 
             async def adopt(principal_id: str, token: str, name: str | None) -> None:
                 ticket = self.store.sign_in(
@@ -730,11 +746,7 @@ class Pages:
                     result = await self.registry.login_finish(credential)
                     await adopt(result["principal_id"], result["session"], None)
 
-                sign_in_button.disable()
-                try:
-                    await self._act(notice, work)
-                finally:
-                    sign_in_button.enable()
+                await one_prompt(sign_in_button, work)
 
             with ui.card().classes("w-full max-w-xl"):
                 heading("I have a passkey", 2)
@@ -757,11 +769,7 @@ class Pages:
                     result = await self.registry.signup_finish(credential)
                     await adopt(result["principal_id"], result["session"], name)
 
-                sign_up_button.disable()
-                try:
-                    await self._act(notice, work)
-                finally:
-                    sign_up_button.enable()
+                await one_prompt(sign_up_button, work)
 
             with ui.card().classes("w-full max-w-xl"):
                 heading("I am new here", 2)
@@ -787,11 +795,7 @@ class Pages:
                     result = await self.registry.recovery_finish(code, credential)
                     await adopt(result["principal_id"], result["session"], None)
 
-                recover_button.disable()
-                try:
-                    await self._act(notice, work)
-                finally:
-                    recover_button.enable()
+                await one_prompt(recover_button, work)
 
             with ui.card().classes("w-full max-w-xl"):
                 heading("I lost my passkeys", 2)
