@@ -139,6 +139,32 @@ async def test_the_sdk_waiting_on_a_request_of_an_agent_disabled_meanwhile_stops
     assert r.json()["status"] == "cancelled", r.text
 
 
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_agent_key_whose_kid_is_past_an_ids_bound_is_refused(service: Opened) -> None:
+    """The kid is the one member of an agent's JWK kept as sent, and listed back with the
+    agent: only the body's 64 KiB cap bounded it."""
+    w = service.world
+    owner = await w.human()
+    for kid, status in (("k" * 257, 400), ("k" * 256, 200)):
+        r = await w.client.post(w.url("/v1/enrollments"), headers=owner.headers)
+        code = r.json()["enrollment_code"]
+        key = PrivateKey.generate("ES256")
+        before = await service.counts()
+        r = await w.client.post(
+            w.url("/v1/agents"),
+            headers={"DPoP": w.proof(key, "POST", "/v1/agents")},
+            json={
+                "name": "bot",
+                "public_jwk": {**key.public_jwk(), "kid": kid},
+                "enrollment_code": code,
+            },
+        )
+        assert r.status_code == status, r.text
+        if status == 400:
+            refused(r, 400, "invalid_request", "bad_jwk")
+            assert await service.counts() == before
+
+
 # --- registration --------------------------------------------------------------------------
 
 

@@ -239,6 +239,10 @@ async def open_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> async
     return pool
 
 
+# The longest kid an agent's key may carry: an id's bound.
+_MAX_AGENT_KID = AUDIT_NAME_MAX_LENGTH
+
+
 class Registry:
     """Registry operations over PostgreSQL, Redis and a key manager."""
 
@@ -1381,6 +1385,12 @@ class Registry:
             key = PublicKey.from_jwk(public_jwk)
         except InvalidRequest as exc:
             raise InvalidRequest(exc.description, reason="bad_jwk") from None
+        # The one member of the agent's JWK kept as it was sent, and listed back with the
+        # agent: bounded as the ids are, where the body's 64 KiB cap alone bounded it.
+        if len(key.jwk.get("kid", "")) > _MAX_AGENT_KID:
+            raise InvalidRequest(
+                f"the key's kid is over {_MAX_AGENT_KID} characters", reason="bad_jwk"
+            )
         if not proof:
             raise Unauthenticated("a DPoP proof by the new key is required", reason="missing_proof")
         # Proof of possession: a fresh proof for this request, signed by the key itself.
