@@ -1173,6 +1173,16 @@ def _missing_schema() -> tuple[type[BaseException], ...]:
     return (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError)
 
 
+def _database_refusal() -> tuple[type[BaseException], ...]:
+    """What asyncpg raises for any other refusal by the server (a role without the rights,
+    a read-only standby): said in one line, as an unreachable database is."""
+    try:
+        import asyncpg
+    except ImportError:
+        return ()
+    return (asyncpg.PostgresError,)
+
+
 # The import names of the server extra's distributions (tests/test_cli_errors.py keeps them in
 # step with pyproject.toml). `pip install agentauth` installs this command too, without them.
 _SERVER_MODULES = frozenset(
@@ -1210,6 +1220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             " against it first",
             file=sys.stderr,
         )
+        return 2
+    except _database_refusal() as exc:
+        # Until 2026-12-01 a traceback (permission denied for a table, say).
+        print(f"error: the database refused: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
 
 

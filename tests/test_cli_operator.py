@@ -297,6 +297,35 @@ async def test_an_admin_command_before_the_first_start_makes_no_signing_key(
         assert len(await _key_rows(url)) == 1
 
 
+@pytest.mark.postgres
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_role_without_rights_on_the_tables_is_said_in_one_line(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A database refusal other than a missing schema (a role the operator may not read
+    with, here) printed asyncpg's traceback from the list commands."""
+    role = f"aa_norights_{os.getpid()}"
+    async with new_database(database_url, "rights") as url:
+        env = {"DATABASE_URL": url, "AGENTAUTH_DATA_DIR": str(tmp_path)}
+        assert agentauth("migrate", env=env).returncode == 0
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(f"CREATE ROLE {role} LOGIN")
+            try:
+                limited = url.replace("//postgres:", f"//{role}:", 1)
+                limited = limited.replace("//postgres@", f"//{role}@", 1)
+                assert limited != url, url
+                out = agentauth("providers", "list", env={**env, "DATABASE_URL": limited})
+                assert out.returncode == 2, out.stdout + out.stderr
+                assert "Traceback" not in out.stderr
+                assert "error: the database refused: InsufficientPrivilegeError" in out.stderr
+            finally:
+                await conn.execute(f"DROP OWNED BY {role}")
+                await conn.execute(f"DROP ROLE {role}")
+        finally:
+            await conn.close()
+
+
 def test_embedded_postgres_refuses_a_path_too_long_for_its_socket(tmp_path: Path) -> None:
     """pgserver trusts every connection on its socket; with a data directory too long for
     one it would put the socket in the runtime directory (often a 0755 fallback under /tmp),
