@@ -562,6 +562,24 @@ async def test_an_oversized_batch_from_a_replica_is_said_in_the_log(
     assert len(said) == 1 and str(MAX_FRAME) in said[0], said
 
 
+@pytest.mark.asyncio
+async def test_a_links_socket_is_probed_when_its_peer_falls_silent(shard: StateShard) -> None:
+    """A replica host that vanishes sends no FIN: without keepalive probes the shard kept its
+    link (a socket and a task) until it next wrote to it, never for a link awaiting its
+    next batch."""
+    host, port, token = await shard.endpoint()
+    _, writer = await _linked(host, port, token)
+    try:
+        ours = writer.get_extra_info("sockname")
+        [peer] = [w for w in shard._peers if w.get_extra_info("peername") == ours]
+        sock = peer.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+    finally:
+        writer.close()
+
+
 async def _until(condition: Callable[[], bool]) -> None:
     deadline = time.monotonic() + 5.0
     while not condition():
