@@ -448,3 +448,24 @@ def test_every_metric_the_code_records_is_declared() -> None:
     assert {"step_up_waits_refused", "anonymous_refused", "decisions"} <= set(used)
     undeclared = {name: where for name, where in used.items() if name not in metrics._SPECS}
     assert not undeclared, f"recorded but not declared in metrics._SPECS: {undeclared}"
+
+
+# --- health endpoints ----------------------------------------------------------------------
+
+
+def test_the_runbook_says_what_healthz_does_not_check() -> None:
+    """Each ``/healthz`` (registry, verifier, approval page) answers 200 whenever its
+    process serves HTTP, whatever PostgreSQL, Redis, the shards or the signer do, though
+    each service fails closed on those. An operator who reads a green probe as "serving"
+    is misled unless the runbook says what it covers, and where to look instead."""
+    runbook = (Path(__file__).parent.parent / "docs" / "runbook.md").read_text()
+    section = runbook.partition("## Health endpoints")[2].partition("\n## ")[0]
+    assert section, "docs/runbook.md has no 'Health endpoints' section"
+    flat = " ".join(section.split())
+    for said in (
+        "`GET /healthz`",
+        "checks no dependency",
+        "fail_closed_total",
+        "check_health",
+    ):
+        assert said in flat, said
