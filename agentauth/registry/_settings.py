@@ -139,7 +139,9 @@ class RegistrySettings(BaseModel):
     # Unexpired challenges of anonymous ceremonies (sign-up, sign-in) at most, whatever the
     # limits above admit: the table's bound, kept by PostgreSQL itself. At the limits'
     # defaults (20 a second, challenges living `challenge_ttl` 300 s) 6,000 can exist.
-    max_anonymous_challenges: int = Field(10_000, ge=1)
+    # Bounded: it is the count query's LIMIT (each start counts up to it under a lock), and
+    # one past a bigint made every sign-up and sign-in start a 500.
+    max_anonymous_challenges: int = Field(10_000, ge=1, le=1_000_000)
     # Unexpired challenges of one human's ceremonies (approvals, step-ups, passkey changes
     # and additions, recovery) at most: each begin stores one, an approval's with the whole
     # grant (up to 8 KiB), and a session could otherwise store them as fast as it can ask.
