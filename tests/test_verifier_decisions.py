@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from verifier_inprocess import HTU, REGISTRY, Shards, ask, basic, mint, verifier
 
 from agentauth.actors import Check, Result
-from agentauth.protocol import PrivateKey
+from agentauth.protocol import KeySet, PrivateKey, PublicKey
 from agentauth.verifier import VerifierSettings, create_app
 
 
@@ -213,3 +213,49 @@ async def test_an_allow_that_names_no_audit_event_is_not_answered_allow() -> Non
     assert (answer["decision"], answer["reason"]) == ("deny", "audit_unavailable")
     assert answer["audit_event"] is None
     assert await v.introspect("prov_a", ask(mint(now=time.time()))) == {"active": False}
+
+
+async def _ends_cancelled_unsent(request: asyncio.Task[Any], shards: Shards) -> None:
+    """The request ended cancelled, and no check of it went to its shard."""
+    await asyncio.wait((request,), timeout=2.0)
+    assert request.cancelled(), f"the request ran on after it was cancelled: {request.result()}"
+    assert shards.recorded == []
+
+
+@pytest.mark.asyncio
+async def test_a_request_cancelled_as_its_key_reload_ends_sends_no_check() -> None:
+    """A request given up (its caller gone) in the loop turn its unknown kid's key reload
+    ended: on Python 3.11 ``asyncio.wait_for`` returned the reload's result and dropped the
+    cancellation, so the request ran on, sent its check, and the shard committed an allow
+    (its budget spent, its audit row an allow) that no one received and nothing voided."""
+    v, shards = verifier()
+    rotated = PrivateKey.generate("ES256", kid="rotated")
+    request: asyncio.Task[Any] | None = None
+
+    async def reload_as_the_caller_leaves(*, force: bool = False) -> bool:
+        v.tokens.set_keys(KeySet([PublicKey.from_jwk(k.public_jwk()) for k in (REGISTRY, rotated)]))
+        assert request is not None
+        request.cancel()  # in the turn the reload ends
+        return True
+
+    v._load_keys = reload_as_the_caller_leaves  # type: ignore[method-assign]
+    request = asyncio.create_task(v.verify("prov_a", ask(mint(now=time.time(), signer=rotated))))
+    await _ends_cancelled_unsent(request, shards)
+
+
+@pytest.mark.asyncio
+async def test_a_request_cancelled_as_its_step_up_lookup_ends_sends_no_check() -> None:
+    """The same for the step-up lookup: a request given up as the lookup answered ran on
+    and sent its check (and with it the one-time step-up reference, spent by the shard)."""
+    v, shards = verifier()
+    request: asyncio.Task[Any] | None = None
+
+    class Pool:
+        async def fetchrow(self, query: str, *args: Any) -> None:
+            assert request is not None
+            request.cancel()  # in the turn the lookup ends (no such step-up)
+
+    v.pool = Pool()  # type: ignore[assignment]
+    body = ask(mint(now=time.time())).model_copy(update={"step_up_ref": "stp-ref"})
+    request = asyncio.create_task(v.verify("prov_a", body))
+    await _ends_cancelled_unsent(request, shards)

@@ -746,7 +746,9 @@ class Verifier:
         task.add_done_callback(settled)
 
     async def _step_up_valid(self, ref: str, token: AccessToken, action: Action) -> bool:
-        row = await asyncio.wait_for(
+        # wait_within, not asyncio.wait_for: a request given up as the lookup answers must
+        # end there, not run on to spend its step-up in the shard (see _stateless).
+        row = await wait_within(
             self.pool.fetchrow(
                 "SELECT document, status, expires_at FROM step_ups WHERE approval_ref = $1", ref
             ),
@@ -904,10 +906,11 @@ class Verifier:
         except InvalidToken as exc:
             if exc.reason == "unknown_kid" and not keys_reloaded:
                 try:
-                    # Bounded like every lookup on this path (a pool wait included).
-                    reloaded = await asyncio.wait_for(
-                        self._load_keys(), self.settings.lookup_timeout
-                    )
+                    # Bounded like every lookup on this path (a pool wait included). Not
+                    # asyncio.wait_for: on Python 3.11 it drops a cancellation that lands
+                    # as the reload ends, and a request given up then ran on to its shard,
+                    # whose allow nobody received and nothing voided.
+                    reloaded = await wait_within(self._load_keys(), self.settings.lookup_timeout)
                 except Exception:  # PostgreSQL unreachable or restarting: deny, recorded
                     return _replace(anonymous, deny="dependency_unavailable"), {}, None
                 if reloaded:
