@@ -220,7 +220,7 @@ async def test_a_revocation_lost_while_the_channel_was_down_is_read_before_decid
     for up to 30 s; by default for up to a poll interval, which the rule for a dead
     channel is there to refuse). Now a replica is fresh only on a poll read after its
     subscription, and it polls at once when it subscribes."""
-    v, _ = verifier(revocation_poll=30.0, revocation_max_staleness=30.0)
+    v, _ = verifier(revocation_poll=30.0, revocation_max_staleness=31.0)
     relay = _Relay(redis_url)
     redis = aioredis.Redis.from_url(relay.url(await relay.start()))
     pool = await asyncpg.create_pool(migrated_database_url, min_size=1, max_size=2)

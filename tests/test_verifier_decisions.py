@@ -96,6 +96,10 @@ def test_the_reload_interval_is_bounded(interval: float) -> None:
         ("max_batch", 1_000_000),
         ("revocation_poll", 0.0),
         ("revocation_poll", 3600.0),
+        # Polled no more often than freshness lasts: stale between polls, every request
+        # denied revocation_state_stale with nothing naming the settings.
+        ("revocation_poll", 1.0),
+        ("revocation_poll", 2.0),
         ("revocation_max_staleness", 0.0),
         ("revocation_max_staleness", -1.0),
         ("revocation_max_staleness", 3600.0),

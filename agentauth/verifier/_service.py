@@ -122,6 +122,14 @@ class VerifierSettings(BaseModel):
         return check_issuer(issuer)
 
     @model_validator(mode="after")
+    def _polled_within_the_staleness_bound(self) -> VerifierSettings:
+        # A replica is fresh for revocation_max_staleness after a poll: polled less often,
+        # it denied revocation_state_stale between polls, every request, nothing saying why.
+        if self.revocation_poll >= self.revocation_max_staleness:
+            raise ValueError("revocation_poll must be shorter than revocation_max_staleness")
+        return self
+
+    @model_validator(mode="after")
     def _nonces_need_a_secret(self) -> VerifierSettings:
         # Without one, the nonce key would be derived from a public constant: anyone could
         # mint nonces this verifier accepts.
