@@ -178,7 +178,11 @@ class Page:
             return ""
 
     def wait_text(self, needle: str, timeout: float | None = None) -> None:
-        self.wait(lambda d: needle in d.find_element(By.TAG_NAME, "body").text, timeout)
+        # Through text(), which reads a failed read as no text yet: a navigation (sign-up
+        # moving to /) can replace <body> between the find and the read, and Chrome then
+        # answers "Node ... does not belong to the document", no StaleElementReference
+        # the wait would ignore (a flaky browser test in CI, 2026-12-01).
+        self.wait(lambda d: needle in self.text(), timeout)
 
     def button(self, name: str, *, exact: bool = False) -> WebElement:
         """A visible, enabled button whose accessible name is (or starts with) ``name``."""
