@@ -43,12 +43,15 @@ __all__ = [
     "MAX_BODY_BYTES",
     "Authentication",
     "BodyGuard",
+    "BodyTooLarge",
     "NoStore",
     "basic_credentials",
     "error_response",
     "expect_authentication",
     "install_error_handlers",
     "parsed_body",
+    "read_body",
+    "replaying",
 ]
 
 # Where BodyGuard leaves the document it parsed, so a hot route need not parse it again.
@@ -194,21 +197,13 @@ class BodyGuard:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                await _send_json(send, PayloadTooLarge("the request body is too large"))
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        try:
+            body = await read_body(receive, MAX_BODY_BYTES)
+        except BodyTooLarge:
+            await _send_json(send, PayloadTooLarge("the request body is too large"))
+            return
+        if body is None:
+            return
         if body:
             try:
                 # strict_json_loads refuses unpaired surrogates itself. U+0000 can only be
@@ -225,16 +220,43 @@ class BodyGuard:
                     send, InvalidRequest(f"body: {exc.description}", reason="bad_json")
                 )
                 return
-        sent = False
+        await self.app(scope, replaying(body, receive), send)
 
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
 
-        await self.app(scope, replay, send)
+class BodyTooLarge(Exception):
+    """A request body past the reader's limit (``read_body``)."""
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """A request's whole body, read no further than ``limit`` bytes (``BodyTooLarge``
+    past it); None when the client went away first."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the app ``body``, read already, then what follows it."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 # What NoStore adds to every answer (one request's data, never for a cache to keep).

@@ -40,6 +40,8 @@ from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .._web import BodyTooLarge, read_body, replaying
+
 __all__ = ["LoginTicket", "SecurityMiddleware", "Session", "SessionStore", "cookie_name"]
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -361,31 +363,12 @@ class SecurityMiddleware:
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             await self._refuse(scope, receive, send, 413, b"request body too large")
             return None
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                await self._refuse(scope, receive, send, 413, b"request body too large")
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return replay
+        try:
+            body = await read_body(receive, MAX_BODY_BYTES)
+        except BodyTooLarge:
+            await self._refuse(scope, receive, send, 413, b"request body too large")
+            return None
+        return None if body is None else replaying(body, receive)
 
     async def _redirect(self, scope: Scope, send: Send) -> None:
         target = self.origin + quote(scope.get("path", "/"), safe="/%:@!$&'()*+,;=-._~")
