@@ -649,6 +649,45 @@ async def test_a_fetched_jwks_that_does_not_parse_is_a_failed_fetch(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "served",
+    [
+        [],
+        # Well-formed, and each left out by KeySet.from_jwks: an encryption key, an RSA key.
+        [
+            {**OTHER_KEY.public_jwk(), "use": "enc"},
+            {"kty": "RSA", "kid": "rsa", "n": "AQAB", "e": "AQAB"},
+        ],
+    ],
+    ids=["empty", "no-usable-key"],
+)
+async def test_a_fetched_jwks_without_a_usable_key_is_a_failed_fetch(
+    clock: Clock, served: list[dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A registry always publishes its signing key, so a set with none is an answer gone
+    wrong: the keys held are kept (until 2026-12-01 it replaced them, and every token was
+    refused until the next fetch), the unknown kid is denied as nothing decided, and it
+    is said in the log."""
+    now = int(time.time())
+    endpoint = JWKSEndpoint(REGISTRY)
+    endpoint.keys = served
+    offline = _refreshing(endpoint, refresh_interval=30)
+    with caplog.at_level("WARNING", logger="agentauth.provider"):
+        refused = await offline.verify_request(**_request(ED_REGISTRY, now))
+    assert (refused.allowed, refused.reason) == (False, "jwks_unavailable")
+    assert denial(refused)[:2] == (503, {"Retry-After": "30"})
+    assert "the fetched JWKS has no usable key" in caplog.text
+    assert (await offline.verify_request(**_request(REGISTRY, now))).allowed
+    clock.now += 10
+    refused = await offline.verify_request(**_request(ED_REGISTRY, now))
+    assert (refused.reason, endpoint.requests) == ("jwks_unavailable", 1)
+    endpoint.keys = [REGISTRY.public_jwk(), ED_REGISTRY.public_jwk()]
+    clock.now += 20
+    assert (await offline.verify_request(**_request(ED_REGISTRY, now))).allowed
+    assert endpoint.requests == 2
+
+
+@pytest.mark.asyncio
 async def test_a_hung_fetch_is_given_up_on(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
     from agentauth.sdk import _provider
 

@@ -401,6 +401,35 @@ async def test_a_verifier_refusing_the_calls_input_is_a_deny_invalid_request(
     await client.aclose()
 
 
+@pytest.mark.asyncio
+async def test_a_check_the_shard_found_malformed_is_answered_as_a_verifier_failure() -> None:
+    """``malformed_check`` says the shard could not take the replica's check (the two of
+    different versions, or a bug): nothing about the grant was decided, so the agent gets
+    the 503 the other server-side failures get, not the 403 of a grant that refuses it."""
+    denying = httpx.MockTransport(
+        lambda r: httpx.Response(
+            200, json={"decision": "deny", "reason": "malformed_check", "audit_event": None}
+        )
+    )
+    client = VerifierClient(
+        "http://v", provider_id="p", secret="s", http=httpx.AsyncClient(transport=denying)
+    )
+    ran: list[str] = []
+    app = AgentAuthMiddleware(
+        shop(ran), verifier=client, action_of=action_of, public_url="https://shop.example"
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="https://shop.example"
+    ) as http:
+        answer = await http.get(
+            "/reports", headers={"authorization": "DPoP a.b.c", "dpop": "d.e.f"}
+        )
+    assert (answer.status_code, answer.headers.get("retry-after")) == (503, "1")
+    assert answer.json() == {"error": "access_denied", "reason": "malformed_check"}
+    assert ran == []
+    await client.aclose()
+
+
 # --- the sample provider verifies only what it will do --------------------------------------
 
 

@@ -1469,6 +1469,10 @@ ALGS = 'algs="ES256 Ed25519 EdDSA"'
         (Verification(False, "audit_unavailable"), 503, None),
         (Verification(False, "dependency_unavailable"), 503, None),
         (Verification(False, "revocation_state_stale"), 503, None),
+        # The shard could not take the replica's check (versions apart, or a bug): the
+        # verifier's failure, not the grant's refusal it was answered as (a 403) until
+        # 2026-12-01.
+        (Verification(False, "malformed_check"), 503, None),
     ],
 )
 def test_each_refusal_gets_its_status_and_dpop_challenge(

@@ -364,7 +364,8 @@ class OfflineVerifier:
     names a kid the keys lack: at most once per ``refresh_interval`` seconds (1 to 600), one
     fetch shared by every request waiting for it. The keys it returns replace the others, so
     a key removed from the JWKS stops verifying then; the token is checked once more. A fetch
-    that fails, times out (5 s) or returns no valid JWKS keeps the keys held and denies,
+    that fails, times out (5 s), returns no valid JWKS or one with no usable key (an empty
+    set, or only keys ``KeySet.from_jwks`` leaves out) keeps the keys held and denies,
     ``jwks_unavailable``, every unknown kid until the interval has passed. Without it, the
     keys are the ``jwks`` given, for good.
     """
@@ -425,6 +426,16 @@ class OfflineVerifier:
             return False
         finally:
             self._fetching = None
+        if not keys:
+            # The registry always publishes the key it signs with: a set with none is an
+            # answer gone wrong on the way (a proxy, a half-started registry), and taking it
+            # refused every token until the next fetch.
+            log.warning(
+                "the fetched JWKS has no usable key: the keys held are kept, and tokens under"
+                " keys not yet known are denied (jwks_unavailable) for the next %s s",
+                self._refresh_interval,
+            )
+            return False
         if keys != self._tokens.keys:  # a new key set empties the token cache
             self._tokens.set_keys(keys)
         self._fetch_failed = False
@@ -567,6 +578,9 @@ def _challenge(error: str | None = None) -> str:
 _TEMPORARY = frozenset(
     {
         "verifier_unavailable",
+        # The shard refused the replica's check as malformed (a replica and a shard of
+        # different versions, or a bug): the verifier's failure, not a grant's refusal.
+        "malformed_check",
         "state_unavailable",
         "state_timeout",
         "audit_unavailable",
