@@ -471,6 +471,8 @@ class Verifier:
         self._keys_loaded_at = 0.0
         self._key_loads = 0  # loads begun
         self._key_loaded_ticket = 0  # the latest-begun load applied (see _load_keys)
+        self._key_failed_ticket = 0  # the latest-begun load that failed
+        self._keys_reload: asyncio.Future[bool] | None = None  # an unknown kid's, in flight
         self._providers_loaded_at = 0.0
         self._provider_epoch = -1
         self._provider_loads = 0  # loads begun
@@ -523,29 +525,59 @@ class Verifier:
 
     # --- caches ------------------------------------------------------------------------
 
+    def _keys_throttled(self) -> bool:
+        return time.monotonic() - self._keys_loaded_at < self.settings.key_refresh_min_interval
+
+    def _keys_in_doubt(self) -> bool:
+        """A load begun after the keys in place were read has failed: a kid they lack may
+        be one the registry has published."""
+        return self._key_failed_ticket > self._key_loaded_ticket
+
+    async def _reload_keys(self) -> bool:
+        """For a token naming a kid not loaded: True once the keys were reloaded, False when
+        a load was too recent (anyone can make up a kid). Requests asking while a reload is
+        in flight share it and its outcome: one told before it ends would be told the kid is
+        unknown, which nothing has looked at yet."""
+        if self._keys_reload is None:
+            if self._keys_throttled():
+                return False
+            self._keys_reload = asyncio.ensure_future(self._reload_keys_bounded())
+        return await asyncio.shield(self._keys_reload)
+
+    async def _reload_keys_bounded(self) -> bool:
+        # Bounded like every lookup on the request path (a pool wait included); a bound per
+        # request instead would leave an unbounded load for the next requests to wait on.
+        try:
+            return await wait_within(self._load_keys(), self.settings.lookup_timeout)
+        finally:
+            self._keys_reload = None
+
     async def _load_keys(self, *, force: bool = False) -> bool:
         """Reload the registry's published keys; rate-limited so unknown kids are cheap."""
-        now = time.monotonic()
-        if not force and now - self._keys_loaded_at < self.settings.key_refresh_min_interval:
+        if not force and self._keys_throttled():
             return False
-        self._keys_loaded_at = now
+        self._keys_loaded_at = time.monotonic()
         # Loads can overlap (an unknown kid's reload and a poll's key sync): the one that
         # began last is the freshest, and one that began earlier must not replace it when
         # it ends later (it could bring back a key that had retired in between).
         self._key_loads += 1
         ticket = self._key_loads
-        rows = await self.pool.fetch(
-            "SELECT public_jwk FROM signing_keys WHERE retires_at IS NULL OR retires_at > $1",
-            int(time.time()),
-        )
+        try:
+            rows = await self.pool.fetch(
+                "SELECT public_jwk FROM signing_keys WHERE retires_at IS NULL OR retires_at > $1",
+                int(time.time()),
+            )
+            keys = []
+            for row in rows:
+                jwk = row["public_jwk"]
+                jwk = json.loads(jwk) if isinstance(jwk, str) else jwk
+                keys.append(PublicKey.from_jwk(jwk, alg=jwk.get("alg")))
+        except BaseException:  # timed out (cancelled) included
+            self._key_failed_ticket = max(self._key_failed_ticket, ticket)
+            raise
         if ticket < self._key_loaded_ticket:
             return True  # a later load's keys are in place
         self._key_loaded_ticket = ticket
-        keys = []
-        for row in rows:
-            jwk = row["public_jwk"]
-            jwk = json.loads(jwk) if isinstance(jwk, str) else jwk
-            keys.append(PublicKey.from_jwk(jwk, alg=jwk.get("alg")))
         if set(KeySet(keys)) != set(self.tokens.keys):
             self.tokens.set_keys(KeySet(keys))
         return True
@@ -914,11 +946,11 @@ class Verifier:
         except InvalidToken as exc:
             if exc.reason == "unknown_kid" and not keys_reloaded:
                 try:
-                    # Bounded like every lookup on this path (a pool wait included). Not
-                    # asyncio.wait_for: on Python 3.11 it drops a cancellation that lands
-                    # as the reload ends, and a request given up then ran on to its shard,
-                    # whose allow nobody received and nothing voided.
-                    reloaded = await wait_within(self._load_keys(), self.settings.lookup_timeout)
+                    # Awaited as is, the reload bounding itself. Not asyncio.wait_for: on
+                    # Python 3.11 it drops a cancellation that lands as the reload ends, and
+                    # a request given up then ran on to its shard, whose allow nobody
+                    # received and nothing voided.
+                    reloaded = await self._reload_keys()
                 except Exception:  # PostgreSQL unreachable or restarting: deny, recorded
                     return _replace(anonymous, deny="dependency_unavailable"), {}, None
                 if reloaded:
@@ -927,6 +959,10 @@ class Verifier:
                     return await self._stateless(
                         provider, provider_id, body, now, expiry_leeway, keys_reloaded=True
                     )
+                if self._keys_in_doubt():
+                    # No reload allowed yet, and the latest failed: the kid is not known to
+                    # be unknown, and invalid_token would tell the provider not to retry.
+                    return _replace(anonymous, deny="dependency_unavailable"), {}, None
             return _deny(anonymous, exc), {}, None
         base = Check(
             agent_id=token.claims.sub,
