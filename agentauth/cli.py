@@ -208,15 +208,19 @@ async def _keys(registry: Registry, action: str) -> list[str]:
     if action == "create":
         return ["signing keys ready (the first key is created on first start)"]
     if action == "rotate":
-        from .registry._settings import MAX_TOKEN_LIFETIME
+        from .registry._settings import MAX_KEY_PUBLISH_AHEAD, MAX_TOKEN_LIFETIME
 
         await _check_rotation_signer(registry)
-        # The deployment's token_lifetime is in its Serve args, which this command does not
-        # see: the old key is kept for the longest any deployment may set, or the tokens it
-        # signs last would outlive it, refused by every verifier once it retires.
-        kid = await registry.keys.rotate(token_lifetime=MAX_TOKEN_LIFETIME)
-        ahead = registry.settings.key_publish_ahead
-        return [f"new key {kid}: published now, signs in {ahead} s"]
+        # The deployment's token_lifetime and key_publish_ahead are in its Serve args, which
+        # this command does not see, so it takes the longest any deployment may set: the old
+        # key kept until the tokens it signs last have expired (or every verifier refuses
+        # them once it retires), the new one published before it signs for as long as the
+        # deployment's verifiers and providers may take to fetch it (or they refuse its
+        # first tokens as an unknown kid).
+        kid = await registry.keys.rotate(
+            token_lifetime=MAX_TOKEN_LIFETIME, publish_ahead=MAX_KEY_PUBLISH_AHEAD
+        )
+        return [f"new key {kid}: published now, signs in {MAX_KEY_PUBLISH_AHEAD} s"]
     jwks = registry.keys.jwks(time.time())
     return [f"{k['kid']}  {k['alg']}" for k in jwks["keys"]]
 

@@ -395,3 +395,37 @@ async def test_keys_rotate_keeps_the_old_key_until_any_deployments_tokens_expire
     # Its last token is signed just before the new key activates, and lives `most` s,
     # plus the verifiers' leeway.
     assert old["retires_at"] >= new["activates_at"] + most + 60
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.asyncio(loop_scope="session")
+async def test_keys_rotate_publishes_the_new_key_as_long_as_any_deployment_does(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The deployment's key_publish_ahead is in its Serve args, which this command does not
+    see: with its own default it published the new key 60 s before it signed, while a
+    deployment set to publish it longer (its verifiers and providers fetch keys less often)
+    has readers that had not fetched it yet, and they refused its first tokens."""
+    from agentauth.registry import RegistrySettings
+
+    bounds = RegistrySettings.model_fields["key_publish_ahead"].metadata
+    most = next((m.le for m in bounds if hasattr(m, "le")), None)
+    assert most is not None, "unbounded: no interval covers every deployment's"
+    async with new_database(database_url, "ahead") as url:
+        env = {"DATABASE_URL": url, "REDIS_URL": redis_url, "AGENTAUTH_DATA_DIR": str(tmp_path)}
+        assert agentauth("migrate", env=env).returncode == 0
+        assert agentauth("keys", "list", env=env).returncode == 0
+        out = agentauth("keys", "rotate", env=env)
+        assert out.returncode == 0, out.stderr
+        assert f"signs in {most} s" in out.stdout
+        conn = await asyncpg.connect(url)
+        try:
+            new = await conn.fetchrow(
+                "SELECT created_at, activates_at FROM signing_keys"
+                " ORDER BY activates_at DESC LIMIT 1"
+            )
+        finally:
+            await conn.close()
+    assert new is not None
+    assert new["activates_at"] - new["created_at"] >= most

@@ -247,7 +247,7 @@ async def test_a_rotation_that_fails_otherwise_closes_the_signer_it_made(
         closed.append(signer.kid)
         await close(signer)
 
-    async def lost(signer: Any, now: int, token_lifetime: int) -> None:
+    async def lost(signer: Any, now: int, token_lifetime: int, publish_ahead: int) -> None:
         raise ConnectionError("the database went away mid-commit")
 
     monkeypatch.setattr(LocalFileSigner, "aclose", aclose)
@@ -493,3 +493,35 @@ def test_a_negative_key_publish_ahead_is_refused_with_the_settings(tmp_path: Pat
     with pytest.raises(ValidationError, match="key_publish_ahead"):
         RegistrySettings(**{**config.model_dump(), "key_publish_ahead": -1})
     assert RegistrySettings(**{**config.model_dump(), "key_publish_ahead": 0})
+
+
+def test_a_key_publish_ahead_longer_than_the_clis_is_refused_with_the_settings(
+    tmp_path: Path,
+) -> None:
+    """`agentauth keys rotate` cannot see the deployment's publish-ahead and publishes for
+    the longest allowed: unbounded, a deployment could want longer, and the command's new
+    key signed before that deployment's readers were due to have fetched it."""
+    config = settings("postgresql://registry@127.0.0.1/registry", tmp_path)
+    with pytest.raises(ValidationError, match="key_publish_ahead"):
+        RegistrySettings(**{**config.model_dump(), "key_publish_ahead": 3601})
+    assert RegistrySettings(**{**config.model_dump(), "key_publish_ahead": 3600})
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio
+async def test_a_rotation_publishes_the_new_key_for_the_interval_it_is_given(
+    database: str, tmp_path: Path, replicas: Replicas
+) -> None:
+    """The CLI's rotation gives the longest publish-ahead (it cannot see the deployment's);
+    the new key must then wait that long, and the old one outlive it by a token's life."""
+    config = settings(database, tmp_path)
+    manager = await replicas(config)
+    now = 1_900_000_000
+    old = await manager.signer(now)
+    new_kid = await manager.rotate(now=now, publish_ahead=config.key_publish_ahead + 600)
+    activates = now + config.key_publish_ahead + 600
+    assert (await manager.signer(activates - 1)).kid == old.kid
+    await assert_signs_under(manager, activates, new_kid)
+    retires = activates + config.token_lifetime + 60
+    assert old.kid in {k["kid"] for k in manager.jwks(retires - 1)["keys"]}
+    assert old.kid not in {k["kid"] for k in manager.jwks(retires)["keys"]}

@@ -171,17 +171,26 @@ class KeyManager:
             activates,
         )
 
-    async def rotate(self, *, now: int | None = None, token_lifetime: int | None = None) -> str:
+    async def rotate(
+        self,
+        *,
+        now: int | None = None,
+        token_lifetime: int | None = None,
+        publish_ahead: int | None = None,
+    ) -> str:
         """Add a new key: published now, signing after the publish-ahead interval.
 
         ``token_lifetime`` is the longest a token the current key signs may live (default:
         these settings'): the current key stays published until such a token has expired.
+        ``publish_ahead`` is how long the new key is published before it signs (default:
+        these settings' ``key_publish_ahead``).
         """
         now = int(time.time()) if now is None else now
         lifetime = self._settings.token_lifetime if token_lifetime is None else token_lifetime
+        ahead = self._settings.key_publish_ahead if publish_ahead is None else publish_ahead
         signer = await self._create_signer()
         try:
-            await self._record_rotation(signer, now, lifetime)
+            await self._record_rotation(signer, now, lifetime, ahead)
         except Conflict:
             # Refused before anything was written (a rotation pending, the configured key
             # already in the ring): the key made for it is no one's. Only then, as after any
@@ -200,11 +209,13 @@ class KeyManager:
         await self.refresh(force=True)
         return signer.kid
 
-    async def _record_rotation(self, signer: AsyncSigner, now: int, token_lifetime: int) -> None:
+    async def _record_rotation(
+        self, signer: AsyncSigner, now: int, token_lifetime: int, publish_ahead: int
+    ) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('agentauth:keys'))")
             await self.refresh(force=True, conn=conn)
-            activates = now + self._settings.key_publish_ahead
+            activates = now + publish_ahead
             ring = self._ring.rotate(
                 KeyRecord(
                     kid=signer.kid,
@@ -215,7 +226,7 @@ class KeyManager:
                     retires_at=None,
                 ),
                 now=now,
-                publish_ahead=self._settings.key_publish_ahead,
+                publish_ahead=publish_ahead,
                 # The old key must outlive every token it signed, plus verifier leeway.
                 max_token_lifetime=token_lifetime + 60,
             )

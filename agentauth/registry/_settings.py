@@ -12,10 +12,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .._origins import check_issuer, check_rp_id, serialized_origin
 from ..store import checked_url
 
-__all__ = ["MAX_TOKEN_LIFETIME", "RegistrySettings", "SignerSettings"]
+__all__ = ["MAX_KEY_PUBLISH_AHEAD", "MAX_TOKEN_LIFETIME", "RegistrySettings", "SignerSettings"]
 
 #: The longest ``token_lifetime`` a deployment may set.
 MAX_TOKEN_LIFETIME = 3600
+#: The longest ``key_publish_ahead`` a deployment may set. An hour is far past the key
+#: refresh of every reader here (verifier replicas, the SDK's offline check: 10 min at most)
+#: and of JWT libraries' usual JWKS caches; ``agentauth keys rotate``, which cannot see the
+#: deployment's value, publishes for this long, so its new key signs that much later.
+MAX_KEY_PUBLISH_AHEAD = 3600
 # The longest any other lifetime below may be: a year is past any use, and far short of
 # where ``now() + ttl`` leaves PostgreSQL's timestamps (every request using it a 500).
 _MAX_TTL = 366 * 86400
@@ -155,7 +160,7 @@ class RegistrySettings(BaseModel):
     trusted_proxies: tuple[str, ...] = ()
     # A rotated-in key is published this long before it signs (verifiers refresh JWKS).
     # Not negative: KeyRing.rotate refuses that, and only a rotation would find it out.
-    key_publish_ahead: int = Field(60, ge=0)
+    key_publish_ahead: int = Field(60, ge=0, le=MAX_KEY_PUBLISH_AHEAD)
     signer: SignerSettings = SignerSettings()
     # Refused here rather than by asyncpg at the first start, in words naming no setting.
     pool_min_size: int = Field(1, ge=0)
