@@ -1,14 +1,16 @@
-"""HTTP plumbing shared by the registry and the verifier: input limits and error mapping.
+"""HTTP plumbing shared by the registry and the verifier: input limits, error mapping, HEAD.
 
 Every error leaves as ``{"error", "error_description", "reason"?}`` with its status; schema
 failures are 400 with the failing fields; anything unexpected is logged here and answers
 500 without details. Every 401 carries a ``WWW-Authenticate`` challenge for each scheme the
-route accepts (``Authentication``), the error code on the one the caller tried.
+route accepts (``Authentication``), the error code on the one the caller tried. Every GET
+route answers HEAD too (``answer_head``), and every 405 lists each method its path takes.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,8 +21,10 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._logs import Throttle, raised_at
@@ -45,6 +49,7 @@ __all__ = [
     "BodyGuard",
     "BodyTooLarge",
     "NoStore",
+    "answer_head",
     "basic_credentials",
     "error_response",
     "expect_authentication",
@@ -183,7 +188,8 @@ def _error_response(
 
 
 class BodyGuard:
-    """ASGI middleware: caps request bodies and refuses JSON with duplicate members.
+    """ASGI middleware: caps request bodies and refuses JSON with duplicate members, and
+    sends the answer to a HEAD without its body.
 
     FastAPI's parser keeps the last of duplicate members; a security document must mean
     one thing, so such bodies never reach it. Bodies are buffered (they are small).
@@ -195,6 +201,10 @@ class BodyGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # DELETE is screened too: a passkey removal carries its assertion in the body.
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            if scope.get("method") == "HEAD":
+                # On this branch, not in a middleware of its own, so that POST /v1/verify
+                # pays nothing for it.
+                send = _without_body(send)
             await self.app(scope, receive, send)
             return
         try:
@@ -243,6 +253,19 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def _without_body(send: Send) -> Send:
+    """A ``send`` that drops the content of the answer and keeps its headers, Content-Length
+    included: a HEAD's answer is its GET's without the content (RFC 9110 §9.3.2). Servers
+    drop it too; done here, it does not depend on which one runs the app."""
+
+    async def bodiless(message: Message) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            message = {**message, "body": b""}
+        await send(message)
+
+    return bodiless
 
 
 def replaying(body: bytes, receive: Receive) -> Receive:
@@ -405,8 +428,12 @@ def error_response(
     if isinstance(exc, StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
         # Its headers are part of the answer: a 405's Allow, which RFC 9110 §15.5.6 requires.
+        headers = exc.headers
+        allowed = _allowed(scope) if exc.status_code == 405 and scope is not None else None
+        if allowed:
+            headers = {**(headers or {}), "Allow": allowed}
         return JSONResponse(
-            {"error": code, "error_description": str(exc.detail)}, exc.status_code, exc.headers
+            {"error": code, "error_description": str(exc.detail)}, exc.status_code, headers
         )
     if isinstance(exc, _DEPENDENCY_ERRORS):
         # A database or network failure outside a guarded path is still a dependency
@@ -475,6 +502,41 @@ class _AnswerUnexpected:
                 raise  # an answer half sent cannot be replaced: the server ends it
             answer = error_response(exc, self.log, scope=scope, authentication=self.authentication)
             await answer(scope, receive, send)
+
+
+def _allowed(scope: Scope) -> str | None:
+    """Every method the request's path takes, for a 405's ``Allow`` (RFC 9110 §10.2.1).
+    Starlette names the methods of the first route of the path only, which leaves out the
+    others': the HEAD twins ``answer_head`` adds, a POST route beside a GET one. None
+    outside an app's routing."""
+    app: Any = scope.get("app")
+    if app is None:
+        return None
+    methods: set[str] = set()
+    for route in app.routes:
+        if route.matches(scope)[0] is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
+def answer_head(app: FastAPI) -> None:
+    """Make every GET route of ``app`` answer HEAD as it answers GET: RFC 9110 §9.1 requires
+    HEAD of a general-purpose server, and FastAPI's routes, unlike Starlette's, do not take
+    it. Call it once the routes are declared.
+
+    Each GET route gets a twin for HEAD: the same handler, dependencies included, so the
+    same authentication, status, headers and errors (BodyGuard drops the content). A twin,
+    not HEAD added to the route's methods, keeps HEAD out of the OpenAPI document, where
+    it would repeat every GET operation under its operationId. The twins come last, so a
+    route declared for HEAD itself would still be the one to answer it.
+    """
+    routes = app.router.routes
+    for route in list(routes):
+        if isinstance(route, APIRoute) and "GET" in (route.methods or ()):
+            twin = copy.copy(route)
+            twin.methods = {"HEAD"}
+            twin.include_in_schema = False
+            routes.append(twin)
 
 
 def install_error_handlers(

@@ -1,5 +1,5 @@
 """The registry's HTTP layer in process, over a stand-in for its service: the challenges of
-its 401s, its token endpoint's error responses, and the no-store mark on its answers.
+its 401s, its token endpoint's error responses, the no-store mark on its answers, and HEAD.
 
 The stand-in authenticates as the service does (a real DPoP proof check, a session or admin
 token, a Basic credential) and answers the routes used here with documents of the real
@@ -15,6 +15,9 @@ from typing import Any, cast
 
 import httpx
 import pytest
+from asgi_exchange import exchange
+from fastapi.routing import APIRoute
+from starlette.routing import Route
 
 from agentauth.protocol import (
     DPoPVerifier,
@@ -35,8 +38,22 @@ ALGS = 'algs="ES256 Ed25519 EdDSA"'
 REALM = 'realm="agentauth-registry"'
 
 
+class Keys:
+    """The signing keys' documents, as the service publishes them."""
+
+    async def refresh(self, *, force: bool = False) -> None:
+        return None
+
+    def jwks(self, now: float) -> dict[str, Any]:
+        return {"keys": [AGENT.public_jwk()]}
+
+    def audit_keys(self) -> Any:
+        return types.SimpleNamespace(to_document=lambda: {"keys": [AGENT.public_jwk()]})
+
+
 class StandIn:
     settings = types.SimpleNamespace(issuer=BASE, rp_id="registry.example")
+    keys = Keys()
 
     def __init__(self) -> None:
         self.proofs = DPoPVerifier()
@@ -86,6 +103,9 @@ class StandIn:
 
     async def list_agents(self, principal_id: str) -> list[dict[str, Any]]:
         return []
+
+    async def get_agent(self, agent_id: str, **_: Any) -> dict[str, Any]:
+        return {"id": agent_id, "name": "calendar bot", "status": "active"}
 
     async def list_revocations(self, since: int = 0) -> list[dict[str, Any]]:
         return []
@@ -218,3 +238,82 @@ async def test_answers_carrying_secrets_are_not_stored() -> None:
     for r in answers:
         assert r.headers.get_list("cache-control") == ["no-store"], r.request.url
         assert r.headers.get("pragma") == "no-cache", r.request.url
+
+
+def sample_path(route: Route) -> str:
+    """The route's path with a valid value in each of its parameters."""
+    return route.path_format.format(**dict.fromkeys(route.param_convertors, "1"))
+
+
+@pytest.mark.asyncio
+async def test_every_get_route_answers_head_as_it_answers_get_without_the_content() -> None:
+    """RFC 9110 §9.1: a general-purpose server MUST support HEAD; §9.3.2: its answer is the
+    GET's, headers included (Content-Length, the no-store mark, a 401's challenge), without
+    the content. Anonymous, a public route answers 200 and the others their 401."""
+    app = create_app(cast(Registry, StandIn()))
+    get_routes = [r for r in app.routes if isinstance(r, Route) and "GET" in (r.methods or ())]
+    assert len(get_routes) > 20
+    statuses = set()
+    for route in get_routes:
+        path = sample_path(route)
+        get = await exchange(app, "GET", path)
+        head = await exchange(app, "HEAD", path)
+        assert head == (get[0], get[1], b""), path
+        assert get[2], path
+        statuses.add(get[0])
+    assert statuses == {200, 401}
+
+
+@pytest.mark.asyncio
+async def test_head_authenticates_as_get_does() -> None:
+    """A HEAD needs the GET's credentials, and a DPoP proof for it names HEAD (RFC 9449
+    §4.2 ``htm``): a proof made for a GET does not authenticate it."""
+    app = create_app(cast(Registry, StandIn()))
+    session = {"Authorization": f"Bearer {SESSION}"}
+    get = await exchange(app, "GET", "/v1/agents", session)
+    assert await exchange(app, "HEAD", "/v1/agents", session) == (200, get[1], b"")
+    get = await exchange(app, "GET", "/v1/agents/agt_1", proof("GET", "/v1/agents/agt_1"))
+    head = await exchange(app, "HEAD", "/v1/agents/agt_1", proof("HEAD", "/v1/agents/agt_1"))
+    assert head == (200, get[1], b"")
+    status, headers, content = await exchange(
+        app, "HEAD", "/v1/agents/agt_1", proof("GET", "/v1/agents/agt_1")
+    )
+    assert (status, content) == (401, b"")
+    challenge = dict(headers)[b"www-authenticate"].decode()
+    assert challenge.startswith(f'DPoP {REALM}, error="invalid_dpop_proof"'), challenge
+
+
+@pytest.mark.asyncio
+async def test_a_405_lists_every_method_of_the_path_head_with_get() -> None:
+    """RFC 9110 §10.2.1 and §15.5.6: ``Allow`` lists the methods the resource takes, all of
+    its routes' (Starlette names the first route's only), and HEAD wherever GET is."""
+    async with client() as c:
+        for method, path, allowed in (
+            ("PUT", "/healthz", "GET, HEAD"),
+            ("DELETE", "/v1/agents", "GET, HEAD, POST"),
+            ("PATCH", "/v1/revocations", "GET, HEAD, POST"),
+            ("HEAD", "/v1/token", "POST"),
+            ("GET", "/v1/providers/prov_1/suspension", "DELETE, PUT"),
+        ):
+            r = await c.request(method, path)
+            assert (r.status_code, r.headers.get("allow")) == (405, allowed), (method, path)
+
+
+@pytest.mark.asyncio
+async def test_head_is_no_operation_of_its_own_in_the_openapi_document() -> None:
+    """HEAD is implied by every GET: listing it would repeat each GET operation under the
+    same operationId."""
+    app = create_app(cast(Registry, StandIn()))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE) as c:
+        document = (await c.get("/openapi.json")).json()
+    operations = {(path, method) for path, item in document["paths"].items() for method in item}
+    documented = {
+        (r.path_format, m.lower())
+        for r in app.routes
+        if isinstance(r, APIRoute) and r.include_in_schema
+        for m in r.methods
+    }
+    assert operations == documented
+    assert not any(method == "head" for _, method in operations)
+    assert ("/healthz", "get") in operations

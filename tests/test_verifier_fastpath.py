@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import httpx
 import pytest
+from asgi_exchange import exchange
 from starlette.types import Receive, Scope, Send
 
 from agentauth.protocol import InvalidToken, Unauthenticated
@@ -309,3 +310,31 @@ async def test_a_method_a_route_does_not_take_is_answered_with_the_methods_it_do
             assert r.status_code == 405, (method, path, r.text)
             assert r.json()["error"] == "method_not_allowed"
             assert allowed in r.headers.get("allow", "").split(", "), (method, path, r.headers)
+
+
+PREFIX = "/verifier"  # Serve's route prefix, as client() mounts the app
+
+
+@pytest.mark.asyncio
+async def test_head_is_answered_as_get_and_not_by_the_fast_path() -> None:
+    """RFC 9110 §9.1 and §9.3.2: every GET route answers HEAD with the GET's status and
+    headers (Content-Length, the no-store mark, a 401's challenge) and no content; a 405
+    lists HEAD wherever GET is; POST /v1/verify's fast path takes no HEAD."""
+    stand_in = Introspecting()
+    app = create_app(cast(Verifier, stand_in))
+    for path, auth, status in (
+        ("/verifier/healthz", {}, 200),
+        ("/verifier/v1/stats", AUTH, 200),
+        ("/verifier/v1/stats", {}, 401),
+    ):
+        get = await exchange(app, "GET", path, auth, root_path=PREFIX)
+        head = await exchange(app, "HEAD", path, auth, root_path=PREFIX)
+        assert get[0] == status and get[2], path
+        assert head == (status, get[1], b""), path
+    status, headers, content = await exchange(
+        app, "HEAD", "/verifier/v1/verify", AUTH, root_path=PREFIX
+    )
+    assert (status, dict(headers)[b"allow"], content) == (405, b"POST", b"")
+    status, headers, _ = await exchange(app, "PUT", "/verifier/v1/stats", AUTH, root_path=PREFIX)
+    assert (status, dict(headers)[b"allow"]) == (405, b"GET, HEAD")
+    assert stand_in.calls == []

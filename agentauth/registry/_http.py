@@ -27,6 +27,7 @@ from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from .._web import (
     Authentication,
     NoStore,
+    answer_head,
     basic_credentials,
     expect_authentication,
     install_error_handlers,
@@ -601,6 +602,7 @@ def create_app(registry: Registry) -> FastAPI:
     async def force_checkpoint(_: Admin) -> list[dict[str, Any]]:
         return await registry.checkpoint_all()
 
+    answer_head(app)  # last: it serves the routes declared above
     return app
 
 

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .._web import (
     Authentication,
     NoStore,
+    answer_head,
     basic_credentials,
     error_response,
     install_error_handlers,
@@ -179,4 +180,5 @@ def create_app(verifier: Verifier) -> FastAPI:
             "revocations_fresh": verifier.revocations.fresh(),
         }
 
+    answer_head(app)  # last: it serves the routes declared above
     return app
