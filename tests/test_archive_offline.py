@@ -9,15 +9,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import new_database
 
 from agentauth.archive import (
     ArchiveIntegrityError,
     ArchiveUnavailable,
     DirectoryStore,
     Manifest,
+    S3Store,
+    export,
     verify_archive,
 )
 from agentauth.archive._segments import (
@@ -27,6 +33,7 @@ from agentauth.archive._segments import (
     key_key,
     manifest_key,
 )
+from agentauth.archive._stores import MAX_OBJECT_BYTES
 from agentauth.protocol import (
     AuditEvent,
     Checkpoint,
@@ -200,3 +207,142 @@ def test_a_directory_the_listing_cannot_read_is_the_store_unavailable(
         store.list()
     with pytest.raises(ArchiveUnavailable):
         verify_archive(store, keys=KeySet([PUBLIC]), now=NOW)
+
+
+def snapshot(store: DirectoryStore) -> dict[str, bytes]:
+    return {key: store.get(key) or b"" for key in store.list()}
+
+
+# The exporting database's key: not the one that signed the archive built above.
+OTHER = PrivateKey.generate("ES256", kid="k2")
+
+
+@asynccontextmanager
+async def exporting_database(database_url: str, *, checkpoint_at: int | None) -> AsyncIterator[str]:
+    """A new database with the schema, OTHER's signing key and a chain ``registry-0``: its
+    head row alone, or with a checkpoint at ``checkpoint_at`` whose events are missing."""
+    import asyncpg
+
+    from agentauth.store import migrate
+
+    async with new_database(database_url, "archive_refused") as url:
+        conn = await asyncpg.connect(url)
+        try:
+            await migrate(conn)
+            await conn.execute(
+                "INSERT INTO signing_keys VALUES ('k2', 'ES256', $1::jsonb, 'file', 0, 0, NULL)",
+                json.dumps(OTHER.public_jwk()),
+            )
+            await conn.execute(
+                "INSERT INTO audit_heads VALUES ('registry-0', $1, $2)",
+                checkpoint_at or 0,
+                bytes(32),
+            )
+            if checkpoint_at is not None:
+                await conn.execute(
+                    "INSERT INTO audit_checkpoints VALUES ('registry-0', $1, $2, '{}', 'x', $3)",
+                    checkpoint_at,
+                    bytes(32),
+                    NOW,
+                )
+        finally:
+            await conn.close()
+        yield url
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("checkpoint_at", "reason"),
+    [(None, "foreign"), (3, "gap")],
+    ids=["into another deployment's archive", "a first segment refused"],
+)
+async def test_a_refused_export_writes_nothing_not_even_keys(
+    database_url: str,
+    store: DirectoryStore,
+    tmp_path: Path,
+    checkpoint_at: int | None,
+    reason: str,
+) -> None:
+    """The database's public key and audit key list were written before the archive was
+    found to be another deployment's (``foreign``), and before the chain's first new
+    segment was checked: a refused export left the database's keys in the archive."""
+    # The archive built above has registry-0 up to 5; this database has no checkpoint there.
+    target = store if checkpoint_at is None else DirectoryStore(tmp_path / "empty")
+    before = snapshot(target)
+    async with exporting_database(database_url, checkpoint_at=checkpoint_at) as url:
+        with pytest.raises(ArchiveIntegrityError) as caught:
+            await export(url, target)
+    assert [(p.chain, p.reason) for p in caught.value.problems] == [("registry-0", reason)]
+    assert snapshot(target) == before
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio
+async def test_a_chain_with_nothing_to_seal_still_publishes_the_keys(
+    database_url: str, tmp_path: Path
+) -> None:
+    # Keys are written only once a chain is not refused; one with nothing new is not.
+    target = DirectoryStore(tmp_path / "archive")
+    async with exporting_database(database_url, checkpoint_at=None) as url:
+        report = await export(url, target)
+    assert report.exported == () and report.tips == {"registry-0": 0}
+    assert target.list() == ["keys/audit-keys.json", key_key("k2")]
+    assert target.get(key_key("k2")) == encode_key(
+        PublicKey.from_jwk(OTHER.public_jwk(), alg="ES256")
+    )
+
+
+def test_the_directory_store_refuses_an_object_past_its_bound(tmp_path: Path) -> None:
+    """Objects were read whole with no bound: anyone who can write the archive could plant
+    one that exhausts the reader's memory."""
+    store = DirectoryStore(tmp_path, max_object_bytes=16)
+    store.put("keys/fits", b"x" * 16)
+    assert store.get("keys/fits") == b"x" * 16
+    (tmp_path / "keys" / "planted").write_bytes(b"x" * 17)
+    with pytest.raises(ArchiveUnavailable, match=r"keys/planted is larger than the 16 bytes"):
+        store.get("keys/planted")
+    with pytest.raises(ArchiveUnavailable, match="max_object_bytes"):
+        store.put("keys/written", b"x" * 17)  # nothing the store would not read back
+    assert store.list() == ["keys/fits", "keys/planted"]
+    # The default bound, on a sparse file: refused from its size, never read.
+    with (tmp_path / "keys" / "huge").open("wb") as huge:
+        huge.truncate(MAX_OBJECT_BYTES + 1)
+    with pytest.raises(ArchiveUnavailable, match=f"larger than the {MAX_OBJECT_BYTES} bytes"):
+        DirectoryStore(tmp_path).get("keys/huge")
+    with pytest.raises(ValueError, match="at least 1"):
+        DirectoryStore(tmp_path, max_object_bytes=0)
+
+
+@pytest.fixture(scope="module")
+def moto_bucket() -> Iterator[Any]:
+    """An S3 client of a moto server (no real AWS) and its one bucket, ``archive``."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    session = boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
+    client = session.client("s3", endpoint_url=f"http://{host}:{port}")
+    try:
+        client.create_bucket(Bucket="archive")
+        yield client
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_the_s3_store_refuses_an_object_past_its_bound(moto_bucket: Any) -> None:
+    store = S3Store(bucket="archive", prefix="p", client=moto_bucket, max_object_bytes=16)
+    store.put("keys/fits", b"x" * 16)
+    assert store.get("keys/fits") == b"x" * 16
+    moto_bucket.put_object(Bucket="archive", Key="p/keys/planted", Body=b"x" * 17)
+    with pytest.raises(ArchiveUnavailable, match=r"keys/planted is larger than the 16 bytes"):
+        store.get("keys/planted")
+    with pytest.raises(ArchiveUnavailable, match="max_object_bytes"):
+        store.put("keys/written", b"x" * 17)
+    assert store.list() == ["keys/fits", "keys/planted"]
+    assert store.get("keys/absent") is None

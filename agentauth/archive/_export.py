@@ -196,18 +196,27 @@ class _KeyPublisher:
         self._store = store
         self._published: set[str] | None = None
         self._listed: AuditKeys | None = None
+        self._written: AuditKeys | None = None
 
     async def sync(self, conn: Conn) -> AuditKeys:
-        """The database's keys with their windows, each now in the archive too.
+        """The database's keys with their windows, checked against the archive's; nothing
+        is written (``publish`` does that, once a chain has something to commit).
 
         Called after a chain's checkpoints are read: a key's row exists before anything is
         signed with it, so every checkpoint read so far is signed by a key read here.
         """
         keys = await database_audit_keys(conn)
-        await asyncio.to_thread(self._publish, keys)
+        await asyncio.to_thread(self._check_archive, keys)
         return keys
 
-    def _publish(self, keys: AuditKeys) -> None:
+    async def publish(self, keys: AuditKeys) -> None:
+        """Store what the archive lacks of ``keys``; the same list again writes nothing."""
+        if keys is not self._written:
+            await asyncio.to_thread(self._publish, keys)
+            self._written = keys
+
+    def _check_archive(self, keys: AuditKeys) -> set[str]:
+        """Refuse ``keys`` if the archive's disagree; returns the key objects it holds."""
         if self._published is None:  # first sync: check what the archive already holds
             self._published = set(self._store.list(f"{KEYS_DIR}/"))
             for kid, key in keys.items():
@@ -220,11 +229,18 @@ class _KeyPublisher:
                 "the archive's audit key list is not an earlier state of the database's:"
                 " a key or a signing window in signing_keys was changed"
             )
+        return self._published
+
+    def _publish(self, keys: AuditKeys) -> None:
+        # Checked here too, so nothing unchecked is written whatever the callers do; after
+        # the first sync it costs no store read.
+        published = self._check_archive(keys)
         for kid, key in keys.items():
             name = key_key(kid)
-            if name not in self._published:
+            if name not in published:
                 self._store.put(name, encode_key(key))
-                self._published.add(name)
+                published.add(name)
+        listed = self._listed
         document = keys.to_document()
         # An exporter that read the database before a rotation finds a list that extends
         # its own, and leaves it alone.
@@ -307,6 +323,9 @@ async def _export_chain(
                 "the archive's last segment is not sealed by this database's checkpoint",
                 reason="foreign",
             )
+        # Keys are published only once the chain is not refused: with its first segment
+        # that passed every check, or at the end when it had nothing new. A chain refused
+        # before that (foreign, a bad first segment) leaves the archive as it found it.
         for from_size, to_size in _boundaries(start, sorted(checkpoints), min_events):
             segment = (from_size, to_size)
             bodies = await _bodies(conn, chain, from_size, to_size)
@@ -322,11 +341,13 @@ async def _export_chain(
             # The same checks offline verification makes, before anything is written.
             check_continuity(previous, manifest)
             verify_segment(manifest, blob, keys=keys, now=time.time())
+            await publisher.publish(keys)
             await asyncio.to_thread(store.put, events_key(chain, to_size), blob)
             await asyncio.to_thread(store.put, manifest_key(chain, to_size), manifest.encode())
             exported.append(SegmentInfo(chain, from_size, to_size))
             log.info("archived %s %d..%d", chain, from_size, to_size)
             previous = manifest
+        await publisher.publish(keys)
     except ArchiveIntegrityError:
         raise  # about the whole archive (its keys), not this chain: stop
     except (IntegrityError, InvalidRequest, ValidationError) as exc:

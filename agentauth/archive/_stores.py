@@ -32,10 +32,29 @@ _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
 #: Connect and read timeout for S3 calls, seconds: an export is a batch job and can wait out
 #: a slow object store, but must not hang forever on a dead one.
 S3_TIMEOUT = 60.0
+#: Largest object a store reads or writes, bytes. Objects are read whole, so without a bound
+#: anyone who can write the bucket could plant one that exhausts the reader's memory. A
+#: segment at the registry's default 1000 events a checkpoint is about a megabyte; this
+#: leaves room for coarse ``--min-events`` segments and large events, and a store writes
+#: nothing it would refuse to read back.
+MAX_OBJECT_BYTES = 256 * 1024 * 1024
 
 
 def _raise(error: OSError) -> NoReturn:
     raise error
+
+
+def _check_bound(max_object_bytes: int) -> int:
+    if max_object_bytes < 1:
+        raise ValueError("max_object_bytes must be at least 1")
+    return max_object_bytes
+
+
+def _too_large(key: str, bound: int) -> ArchiveUnavailable:
+    return ArchiveUnavailable(
+        f"archive object {key} is larger than the {bound} bytes this store reads or writes"
+        " (max_object_bytes)"
+    )
 
 
 def _check_key(key: str) -> str:
@@ -49,7 +68,8 @@ class ArchiveStore(Protocol):
     """An object store with atomic whole-object writes; keys are ``a/b/c`` paths."""
 
     def get(self, key: str) -> bytes | None:
-        """The object's bytes, or ``None`` if there is no such object."""
+        """The object's bytes, or ``None`` if there is no such object. The stores here
+        refuse an object larger than their ``max_object_bytes`` instead of reading it."""
         ...
 
     def put(self, key: str, data: bytes) -> None:
@@ -73,10 +93,16 @@ class DirectoryStore:
     a link planted in the archive (a segment pointing at ``/etc/...``, a chain directory
     pointing elsewhere) cannot redirect a read or a write; it is refused, named. The root
     itself may be a link: the operator chose it.
+
+    An object larger than ``max_object_bytes`` is refused (``ArchiveUnavailable``), on
+    reads and writes alike.
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], *, max_object_bytes: int = MAX_OBJECT_BYTES
+    ) -> None:
         self.root = Path(root)
+        self.max_object_bytes = _check_bound(max_object_bytes)
 
     def __repr__(self) -> str:
         return f"DirectoryStore({str(self.root)!r})"
@@ -147,15 +173,25 @@ class DirectoryStore:
                     raise
             finally:
                 os.close(directory)
+            bound = self.max_object_bytes
             with os.fdopen(fd, "rb") as file:
-                if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                status = os.fstat(file.fileno())
+                if not stat.S_ISREG(status.st_mode):
                     raise ArchiveUnavailable(f"archive key {key} is not a regular file")
-                return file.read()
+                if status.st_size > bound:
+                    raise _too_large(key, bound)
+                # Bounded as well: someone else may append to the file after the fstat.
+                data = file.read(bound + 1)
+                if len(data) > bound:
+                    raise _too_large(key, bound)
+                return data
 
         return self._io("read", read)
 
     def put(self, key: str, data: bytes) -> None:
         _check_key(key)
+        if len(data) > self.max_object_bytes:
+            raise _too_large(key, self.max_object_bytes)
         self._io("write", lambda: self._write(key, data))
 
     def _write(self, key: str, data: bytes) -> None:
@@ -213,13 +249,22 @@ class S3Store:
     """An archive under ``prefix`` in an S3 bucket (or any S3-compatible store).
 
     ``client`` is a boto3 S3 client (boto3 clients are thread-safe). A PUT is atomic per
-    object in S3. Every client failure becomes ``ArchiveUnavailable``.
+    object in S3. Every client failure becomes ``ArchiveUnavailable``, and so does an object
+    larger than ``max_object_bytes`` (judged by its Content-Length before the body is read).
     """
 
-    def __init__(self, *, bucket: str, prefix: str = "", client: Any) -> None:
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        prefix: str = "",
+        client: Any,
+        max_object_bytes: int = MAX_OBJECT_BYTES,
+    ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self._client = client
+        self.max_object_bytes = _check_bound(max_object_bytes)
 
     @classmethod
     def connect(
@@ -231,6 +276,7 @@ class S3Store:
         region_name: str | None = None,
         session: Any = None,
         timeout: float = S3_TIMEOUT,
+        max_object_bytes: int = MAX_OBJECT_BYTES,
     ) -> S3Store:
         """A store with its own client; ``session`` is a ``boto3.session.Session`` (default:
         a new one, which finds credentials, region and ``AWS_ENDPOINT_URL_S3`` the usual way)."""
@@ -247,7 +293,7 @@ class S3Store:
         client = (session or boto3.session.Session()).client(
             "s3", endpoint_url=endpoint_url, region_name=region_name, config=config
         )
-        return cls(bucket=bucket, prefix=prefix, client=client)
+        return cls(bucket=bucket, prefix=prefix, client=client, max_object_bytes=max_object_bytes)
 
     def __repr__(self) -> str:
         return f"S3Store('s3://{self.bucket}/{self.prefix}')"
@@ -258,6 +304,8 @@ class S3Store:
     def _call(self, what: str, fn: Callable[[], _T]) -> _T:
         try:
             return fn()
+        except ArchiveUnavailable:
+            raise  # already says what is wrong
         except Exception as exc:
             raise ArchiveUnavailable(
                 f"S3 {what} in bucket {self.bucket} failed ({type(exc).__name__})"
@@ -271,13 +319,26 @@ class S3Store:
                 response = self._client.get_object(Bucket=self.bucket, Key=full)
             except self._client.exceptions.NoSuchKey:
                 return None
-            body: bytes = response["Body"].read()
-            return body
+            bound = self.max_object_bytes
+            stream = response["Body"]
+            try:
+                size = int(response.get("ContentLength") or 0)
+                if size > bound:
+                    raise _too_large(key, bound)
+                # Bounded too: Content-Length is the server's word, not a limit on the body.
+                body: bytes = stream.read(bound + 1)
+                if len(body) > bound:
+                    raise _too_large(key, bound)
+                return body
+            finally:
+                stream.close()
 
         return self._call("get", read)
 
     def put(self, key: str, data: bytes) -> None:
         full = self._full(_check_key(key))
+        if len(data) > self.max_object_bytes:
+            raise _too_large(key, self.max_object_bytes)
         self._call("put", lambda: self._client.put_object(Bucket=self.bucket, Key=full, Body=data))
 
     def list(self, prefix: str = "") -> Sequence[str]:
