@@ -906,3 +906,69 @@ async def test_a_question_about_a_proof_dated_absurdly_far_off_costs_only_itself
         ]
     finally:
         await shard.close()
+
+
+class _HeldCommits(StateShard):
+    """A shard that records each commit's events (first seq, count) once it is durable,
+    and whose commits wait for ``release`` while it is set and unset."""
+
+    release: asyncio.Event | None = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.committed: list[tuple[int, int]] = []
+        self.committing = asyncio.Event()
+
+    async def _commit(self, conn: Any, checks: Any, outcomes: Any, entries: Any) -> None:
+        self.committing.set()
+        if self.release is not None:
+            await self.release.wait()
+        await super()._commit(conn, checks, outcomes, entries)
+        self.committed.append((entries[0].event.seq, len(entries)))
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("migrated_database_url")
+async def test_calls_queued_behind_a_commit_share_transactions_of_at_most_the_cap(
+    database_url: str,
+) -> None:
+    """Calls that queue behind a slow commit are merged whole, in arrival order, into
+    transactions of at most _MAX_COMMIT checks; the rest wait for the next one. (They were
+    merged without a cap: enough replicas' calls made one transaction that overran its
+    statement timeout, and every check in it was denied.) Each call is answered only once
+    its own transaction is committed."""
+    cap = _shard._MAX_COMMIT
+    shard = _HeldCommits(index=930, database_url=database_url)
+    shard.release = asyncio.Event()
+    # Queued behind the held commit: the first two fill a transaction exactly; the third
+    # leaves room for the fifth but not the fourth, which the fifth must not jump ahead of.
+    sizes = [1, cap - 2, 2, cap - 1, 2, 1]
+    answered: list[tuple[list[Any], int]] = []
+
+    async def call(n: int, size: int) -> None:
+        checks = [a_check("cap", jti=f"c{n}-{i}") for i in range(size)]
+        results = await shard.check_batch(checks)
+        answered.append((results, len(shard.committed)))
+
+    try:
+        first = asyncio.create_task(call(0, sizes[0]))
+        await shard.committing.wait()
+        queued = [asyncio.create_task(call(n, size)) for n, size in enumerate(sizes[1:], 1)]
+        await asyncio.sleep(0)
+        assert len(shard._pending) == len(queued)  # all queued before the commit goes on
+        shard.release.set()
+        await asyncio.wait_for(asyncio.gather(first, *queued), 30)
+
+        assert [count for _, count in shard.committed] == [1, cap, cap - 1, 3]
+        # Answered in arrival order, each with its own events in arrival order, every one
+        # an allow, and never before the transaction holding them was committed.
+        seq = 0
+        for size, (results, commits) in zip(sizes, answered, strict=True):
+            assert [(r.allowed, r.reason) for r in results] == [(True, "ok")] * size
+            events = [f"verifier-930:{seq + i}" for i in range(size)]
+            assert [r.audit_event for r in results] == events
+            seq += size
+            assert shard.committed[commits - 1][0] + shard.committed[commits - 1][1] >= seq
+        assert shard._size == seq
+    finally:
+        await shard.close()

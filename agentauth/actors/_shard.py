@@ -3,10 +3,10 @@
 Each shard owns the per-agent state of the agents hashed to it and is the single writer of
 its own audit chain (``verifier-<index>``). Batches are decided in arrival order by one
 flusher, their events chained and committed to PostgreSQL in one transaction (calls that
-arrive during a commit share the next one), and only then does the actor reply: no allow
-leaves before its audit row is durable. If the commit fails, every decision of the batch
-becomes a deny (``audit_unavailable``); state already reserved stays
-reserved, which can only make later decisions stricter.
+arrive during a commit share the next one, up to a cap), and only then does the actor
+reply: no allow leaves before its audit row is durable. If the commit fails, every decision
+of the batch becomes a deny (``audit_unavailable``); state already reserved stays reserved,
+which can only make later decisions stricter.
 
 A restarted shard has lost its jti windows, so it refuses every proof issued at or before
 its chain's replay mark (``shard_restarted``): the newest ``iat`` among the proofs any
@@ -51,6 +51,7 @@ from ._state import ANY_ALLOW, Check, Outcome, ShardState, usage_from_events, us
 from ._wire import (
     ACK_AFTER,
     ACKS_ANNOUNCED,
+    MAX_CHECKS,
     MAX_FRAME,
     Codec,
     FrameTooLarge,
@@ -67,6 +68,13 @@ __all__ = ["Result", "StateShard", "shard_for"]
 log = logging.getLogger("agentauth.shard")
 # Seconds the shard's database connection may take to connect or to run a statement.
 _DB_TIMEOUT = 2.0
+# The most checks one transaction takes from the calls waiting: whole calls in arrival
+# order, always at least one, the rest left for the next. One replica's call may carry this
+# many (MAX_CHECKS), and decides and commits well inside _DB_TIMEOUT; calls merged without a
+# cap (40,000 checks, many replicas' calls behind one slow commit) took 7.4 s on a small
+# node, holding the shard's loop all along, and a commit past its timeout denies every one
+# of them audit_unavailable.
+_MAX_COMMIT = MAX_CHECKS
 # How long a new incarnation spends opening its database connection before it takes checks
 # anyway (the reconnect goes on in the background): under a replica's 2 s connect timeout.
 _WARM_UP_TIMEOUT = 1.0
@@ -348,7 +356,7 @@ class StateShard:
         # one of their proofs again. A clock held still is conservative: rate windows and
         # spend periods wait for it.
         self._last_ms = 0
-        self._pending: list[tuple[list[Check], asyncio.Future[list[Result]]]] = []
+        self._pending: deque[tuple[list[Check], asyncio.Future[list[Result]]]] = deque()
         # Voids this shard owes its chain (see _Unsure and _answer), written ahead of the next
         # batch; kept until a commit holding them succeeds.
         self._owed: list[Check] = []
@@ -773,7 +781,8 @@ class StateShard:
         """Decide ``checks`` in arrival order; answer once their events are committed.
 
         Calls that arrive while a commit is in flight wait and are then decided and
-        committed together (group commit): one transaction for many verifier batches.
+        committed together (group commit): one transaction for many verifier batches, up to
+        ``_MAX_COMMIT`` checks.
         """
         future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
         self._pending.append((checks, future))
@@ -785,7 +794,11 @@ class StateShard:
     async def _flush(self) -> None:
         try:
             while self._pending:
-                groups, self._pending = self._pending, []
+                groups = [self._pending.popleft()]
+                taken = len(groups[0][0])
+                while self._pending and taken + len(self._pending[0][0]) <= _MAX_COMMIT:
+                    taken += len(self._pending[0][0])
+                    groups.append(self._pending.popleft())
                 merged = [check for checks, _ in groups for check in checks]
                 try:
                     results = await self._decide_and_commit(merged)
