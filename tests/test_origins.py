@@ -99,6 +99,80 @@ def test_settings_store_origins_as_browsers_send_them_and_refuse_a_mismatch() ->
         UISettings(registry_url="http://r", origin="https://approve.example.com", rp_id="x.test")
 
 
+_REGISTRY = {
+    "database_url": "postgresql://db/x",
+    "redis_url": "redis://r/0",
+    "data_dir": "/tmp/x",
+    "issuer": "https://registry.example.com",
+    "admin_token": "t" * 24,
+}
+
+
+@pytest.mark.parametrize(
+    ("written", "rp_id", "serialized"),
+    [
+        ("https://bücher.example", "Bücher.example", "https://xn--bcher-kva.example"),
+        ("https://Bücher.EXAMPLE:8443/", "bücher.example", "https://xn--bcher-kva.example:8443"),
+        # Non-transitional, as browsers map it: Python's "idna" codec gives fass.example.
+        ("https://faß.example", "faß.example", "https://xn--fa-hia.example"),
+        ("https://bücher。example", "bücher.example", "https://xn--bcher-kva.example"),
+        ("https://xn--bcher-kva.example", "bücher.example", "https://xn--bcher-kva.example"),
+    ],
+)
+def test_an_internationalized_origin_is_kept_in_the_ascii_form_browsers_send(
+    written: str, rp_id: str, serialized: str
+) -> None:
+    """A browser puts the punycode form in clientDataJSON.origin and hashes the RP ID the
+    registry sends: kept as written, a Unicode origin matched no ceremony, and the
+    deployment refused every passkey."""
+    assert serialized_origin(written) == serialized
+    ascii_rp_id = serialized.removeprefix("https://").split(":")[0]
+    assert check_rp_id(rp_id, (serialized,)) == ascii_rp_id
+    settings = UISettings(registry_url="http://r", origin=written, rp_id=rp_id)
+    assert (settings.origin, settings.rp_id) == (serialized, ascii_rp_id)
+    registry = RegistrySettings.model_validate({**_REGISTRY, "rp_id": rp_id, "origins": [written]})
+    assert (registry.origins, registry.rp_id) == ((serialized,), ascii_rp_id)
+
+
+def test_a_name_with_no_ascii_form_is_refused() -> None:
+    for origin in ("https://bücher..example", "https://😀.example"):
+        with pytest.raises(ValueError, match="no internationalized domain name"):
+            serialized_origin(origin)
+    with pytest.raises(ValueError, match="RP ID is a domain"):
+        check_rp_id("bücher..example", ())
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "http://approve.example.com",
+        "http://approve.example.com:8080",
+        "http://10.0.0.7:8080",
+        "http://[::ffff:127.0.0.1]:8080",  # loopback to the kernel, not to a browser
+        "http://localhost.example.com",
+    ],
+)
+def test_a_plain_http_origin_off_the_loopback_is_refused(origin: str) -> None:
+    """WebAuthn runs in secure contexts only: a browser refuses every ceremony on such a
+    page (and its session cookie would travel in the clear)."""
+    with pytest.raises(ValueError, match="plain http"):
+        serialized_origin(origin)
+    with pytest.raises(ValidationError, match="plain http"):
+        UISettings(registry_url="http://r", origin=origin, rp_id="example.com")
+    with pytest.raises(ValidationError, match="plain http"):
+        RegistrySettings.model_validate({**_REGISTRY, "origins": ["https://localhost", origin]})
+    assert serialized_origin(origin.replace("http://", "https://", 1))
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["http://localhost:8080", "http://app.localhost", "http://127.0.0.1:8080", "http://[::1]"],
+)
+def test_a_plain_http_origin_on_the_loopback_serves_development(origin: str) -> None:
+    # Potentially trustworthy to browsers (W3C Secure Contexts §3.1).
+    assert serialized_origin(origin) == origin
+
+
 @pytest.mark.parametrize(
     "issuer",
     [

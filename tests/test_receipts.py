@@ -484,6 +484,47 @@ def test_top_origin_is_refused_whatever_cross_origin_says(
     assert _reason(receipt) == "cross_origin"
 
 
+@pytest.mark.parametrize(
+    "binding",
+    [{"status": "present", "id": "AAECAw"}, {"status": "present"}],
+    ids=["with-id", "without-id"],
+)
+def test_token_binding_present_is_refused_as_the_registry_refuses_it(
+    authenticator: SoftAuthenticator, binding: dict[str, str]
+) -> None:
+    """WebAuthn L2 §7.2 step 14: "present" must match the TLS connection's Token Binding,
+    and AgentAuth's connections have none. py_webauthn takes it unchecked, so the
+    registry's refusal (test_registry_webauthn.py) is this verifier's: online and offline
+    agree."""
+    receipt = authenticator.approve(CHALLENGE_A, tokenBinding=binding)
+    assert _reason(receipt) == "token_binding"
+    _py_webauthn_verify(receipt)  # accepted there: the rule is ours
+
+
+def test_token_binding_supported_is_no_binding(authenticator: SoftAuthenticator) -> None:
+    # "supported": the browser could bind, but this connection was not bound.
+    _verify(authenticator.approve(CHALLENGE_A, tokenBinding={"status": "supported"}))
+
+
+@pytest.mark.parametrize(
+    "binding",
+    [{}, {"status": "not-supported"}, {"status": None}, {"status": ["present"]}, "present", None],
+    ids=["no-status", "unknown", "null-status", "list", "text", "null"],
+)
+def test_token_binding_no_browser_writes_is_malformed(
+    authenticator: SoftAuthenticator, binding: object
+) -> None:
+    members = {
+        "type": "webauthn.get",
+        "challenge": b64url_encode(CHALLENGE_A),
+        "origin": ORIGIN,
+        "tokenBinding": binding,
+    }
+    cdj = json.dumps(members, separators=(",", ":")).encode()
+    receipt = authenticator.approve(CHALLENGE_A, client_data_json=cdj)
+    assert _reason(receipt) == "malformed"
+
+
 def test_registration_client_data_is_refused(authenticator: SoftAuthenticator) -> None:
     receipt = authenticator.approve(CHALLENGE_A, type="webauthn.create")
     assert _reason(receipt) == "type_mismatch"

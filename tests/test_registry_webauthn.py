@@ -900,6 +900,43 @@ async def test_an_approval_or_sign_in_with_a_top_origin_is_refused(
     await world.approve(alice, request["id"])
 
 
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_token_binding_the_registry_cannot_check_is_refused_online_as_offline(
+    service: InProcess,
+) -> None:
+    """WebAuthn L2 §7.1 step 10, §7.2 step 14: tokenBinding "present" must match the TLS
+    connection's binding, and the registry's has none. py_webauthn takes it unchecked; the
+    registry refuses it for registrations and assertions alike, as receipts are refused
+    offline (test_receipts.py). "supported" is a browser that did not bind."""
+    world = service.world
+    present = {"crossOrigin": False, "tokenBinding": {"status": "present", "id": "AAECAw"}}
+    options = await signup_options(world)
+    before = await service.counts()
+    credential = FramedAuthenticator(world.origin, present).create(options)
+    r = await world.client.post(world.url("/v1/signup/finish"), json={"credential": credential})
+    refused(r, 400, "token_binding")
+    assert await service.counts() == before
+    alice = await world.human("Alice")
+    bound = FramedAuthenticator(world.origin, present)
+    bound.passkeys = alice.authenticator.passkeys  # the same passkey, over a bound connection
+    agent = await world.agent(alice)
+    request = await world.request(agent, await world.provider())
+    begun = await world.begin_approval(alice, request["id"])
+    before = await service.counts()
+    r = await world.client.post(
+        world.url(f"/v1/grant-requests/{request['id']}/approval/finish"),
+        headers=alice.headers,
+        json={"credential": bound.get(begun["options"])},
+    )
+    refused(r, 400, "token_binding")
+    assert await service.counts() == before
+    refused(await sign_in(world, bound.get), 400, "token_binding")
+    supported = {"crossOrigin": False, "tokenBinding": {"status": "supported"}}
+    credential = FramedAuthenticator(world.origin, supported).create(await signup_options(world))
+    r = await world.client.post(world.url("/v1/signup/finish"), json={"credential": credential})
+    assert r.status_code == 200, r.text
+
+
 # --- 6. a recovery removes the passkeys it replaces --------------------------------------------
 
 

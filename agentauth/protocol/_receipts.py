@@ -30,6 +30,8 @@ Every failure raises ``InvalidReceipt`` with a public ``reason``:
     origin_mismatch           clientData.origin is not an allowed origin
     cross_origin              clientData.crossOrigin is present and not false, or
                               clientData.topOrigin is present
+    token_binding             clientData.tokenBinding.status is "present": the browser used
+                              Token Binding, which this relying party does not
     rp_id_mismatch            authenticatorData.rpIdHash is not SHA-256 of the RP ID
     user_not_present          the UP flag is clear
     user_not_verified         the UV flag is clear and verification was required
@@ -351,6 +353,7 @@ def _check_client_data(client_data_json: bytes, challenge: bytes, origins: froze
     if not isinstance(origin, str) or origin not in origins:
         raise _fail("origin_mismatch", "the assertion was made on an unexpected origin")
     check_top_level_frame(client_data, "assertion")
+    check_token_binding(client_data, "assertion")
 
 
 def check_top_level_frame(client_data: dict[str, Any], ceremony: str) -> None:
@@ -365,6 +368,27 @@ def check_top_level_frame(client_data: dict[str, Any], ceremony: str) -> None:
     # browser wrote such client data.
     if "topOrigin" in client_data:
         raise _fail("cross_origin", "the client data names a top-level origin of a frame")
+
+
+def check_token_binding(client_data: dict[str, Any], ceremony: str) -> None:
+    """Refuse client data whose browser used Token Binding (RFC 8471) on its connection.
+    WebAuthn L2 (§7.1 step 10, §7.2 step 14) has the relying party compare
+    ``tokenBinding.status`` with its TLS connection's: AgentAuth's never has one (TLS ends
+    at a proxy, and no current browser sends it), so "present" names a binding nobody
+    checked, and only "supported" or no member at all matches. Anything else is no client
+    data a browser wrote. The registry applies the same rule to registrations."""
+    if "tokenBinding" not in client_data:
+        return
+    binding = client_data["tokenBinding"]
+    status = binding.get("status") if isinstance(binding, dict) else None
+    if status == "present":
+        raise _fail(
+            "token_binding",
+            f"the {ceremony} is bound to a TLS Token Binding, which this relying party does"
+            " not support",
+        )
+    if status != "supported":
+        raise _fail("malformed", "clientDataJSON tokenBinding has no known status")
 
 
 def _check_authenticator_data(auth_data: bytes, rp_id: str, *, require_uv: bool) -> int:

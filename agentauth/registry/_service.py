@@ -81,7 +81,7 @@ from ..protocol import (
 from ..protocol._audit import AUDIT_NAME_MAX_LENGTH
 from ..protocol._envelope import MAX_EXPIRES_AT, period_key
 from ..protocol._jws import attach_signature, signing_input
-from ..protocol._receipts import check_top_level_frame
+from ..protocol._receipts import check_token_binding, check_top_level_frame
 from ..protocol._types import IDENTIFIER_MAX_LENGTH, IDENTIFIER_PATTERN, is_identifier
 from ..store import GRANT_REVOKED_TTL, REVOCATION_CHANNEL, Conn, grant_cache_key
 from ..store import migrate as run_migrations
@@ -3132,8 +3132,9 @@ async def _descriptors(
 
 
 def _same_origin_frame(credential: dict[str, Any]) -> None:
-    """Refuse a registration made in a cross-origin frame by the rule assertions are held
-    to (agentauth.protocol's verifier); py_webauthn ignores crossOrigin and topOrigin."""
+    """Refuse a registration made in a cross-origin frame, or over Token Binding, by the
+    rules assertions are held to (agentauth.protocol's verifier); py_webauthn ignores
+    crossOrigin and topOrigin, and takes any tokenBinding "present" unchecked."""
     try:
         client_data = strict_json_loads(
             base64url_to_bytes(credential["response"]["clientDataJSON"])
@@ -3143,6 +3144,7 @@ def _same_origin_frame(credential: dict[str, Any]) -> None:
     if not isinstance(client_data, dict):
         raise InvalidReceipt("malformed WebAuthn credential", reason="malformed")
     check_top_level_frame(client_data, "registration")
+    check_token_binding(client_data, "registration")
 
 
 def _checked_user_handle(given: object, *, owner: str, required: bool) -> str | None:
