@@ -23,6 +23,7 @@ import pytest
 from agentauth.protocol import (
     Action,
     Capability,
+    DependencyUnavailable,
     DPoPVerifier,
     Envelope,
     Forbidden,
@@ -302,6 +303,34 @@ def test_an_agent_key_reached_through_a_symlink_is_refused(tmp_path: Path) -> No
     path.symlink_to(elsewhere)
     with pytest.raises(OSError, match="symbolic links"):
         _load_or_create_key(path, "ES256")
+
+
+@pytest.mark.asyncio
+async def test_registering_never_writes_through_a_link_planted_in_the_home(
+    tmp_path: Path,
+) -> None:
+    """``register`` wrote agent.json with ``write_text``, which follows a symlink: a link
+    planted in the home (where the key itself is read without following one) had the
+    agent truncate and overwrite whatever file it named, and a reader could find the file
+    empty, half written. It is written beside it and renamed into place now."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (home / "agent.json").symlink_to(victim)
+
+    def registry(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(201, json={"id": "agt_9"})
+
+    key = PrivateKey.generate()
+    http = httpx.AsyncClient(transport=httpx.MockTransport(registry))
+    client = AgentAuthClient("https://registry.example", key=key, http=http, home=home)
+    assert await client.register(enrollment_code="enr_1") == "agt_9"
+    assert victim.read_text() == "keep me"
+    assert not (home / "agent.json").is_symlink()
+    assert sorted(p.name for p in home.iterdir()) == ["agent.json"]  # no temporary left
+    assert AgentAuthClient("https://registry.example", key=key, home=home).agent_id == "agt_9"
+    await http.aclose()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
@@ -1612,6 +1641,40 @@ async def test_waiting_for_a_request_answered_cancelled_ends_at_once(tmp_path: P
     assert refused.value.reason == "cancelled"
 
 
+@pytest.mark.asyncio
+async def test_waiting_for_approval_polls_on_through_a_registry_outage(tmp_path: Path) -> None:
+    """One poll the registry could not answer (a restart, a dropped connection, a 503)
+    ended the wait with that error while the human might still be deciding, and the
+    step-up wait already polled on. The wait goes on to its deadline now, and raises the
+    failure only if the registry never answered; a refusal still ends it at once."""
+    answers: list[str] = ["unreachable", "unavailable", "rate_limited", "pending", "approved"]
+    polls: list[str] = []
+
+    def registry(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/grants/grt_1":
+            grant = {"id": "grt_1", "provider_id": "shop", "document": {"audience": "x"}}
+            return httpx.Response(200, json=grant)
+        answer = answers.pop(0) if answers else "unreachable"
+        polls.append(answer)
+        if answer == "disabled":
+            return httpx.Response(403, json={"error": "forbidden", "reason": "agent_disabled"})
+        if answer in ("pending", "approved"):
+            return httpx.Response(200, json={"status": answer, "grant_id": "grt_1"})
+        return _outage(answer, request)
+
+    client = mocked(registry, tmp_path)
+    approval = await client.wait_for_approval("grq_1", timeout=5.0, interval=0.01)
+    assert approval.grant_id == "grt_1" and len(polls) == 5
+    with pytest.raises(httpx.ConnectError):  # never answered: the failure, not a timeout
+        await client.wait_for_approval("grq_1", timeout=0.2, interval=0.01)
+    polls.clear()
+    answers.append("disabled")
+    with pytest.raises(Forbidden) as refused:
+        await client.wait_for_approval("grq_1", timeout=5.0, interval=0.01)
+    assert refused.value.reason == "agent_disabled" and polls == ["disabled"]
+    await client.aclose()
+
+
 # --- what a proof names, and where credentials go ---------------------------------------------
 
 
@@ -1711,6 +1774,97 @@ async def test_a_token_issued_for_no_longer_than_the_margin_is_still_reused(
     now[0] = 1_000_015.5
     assert await client.get_token("shop") == "tok-2-grt_1"
     assert registry.issued == ["grt_1", "grt_1"]
+    await client.aclose()
+
+
+def _outage(kind: str, request: httpx.Request) -> httpx.Response:
+    """The registry's answer when it cannot issue just now: unreachable, a dependency
+    down, or too many tokens asked for."""
+    if kind == "unreachable":
+        raise httpx.ConnectError("connection refused", request=request)
+    if kind == "unavailable":
+        return httpx.Response(503, json={"error": "temporarily_unavailable"})
+    return httpx.Response(429, headers={"Retry-After": "5"}, json={"error": "rate_limited"})
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["unreachable", "unavailable", "rate_limited"])
+async def test_a_token_not_yet_expired_serves_while_the_registry_cannot_renew_it(
+    tmp_path: Path, kind: str
+) -> None:
+    """A token is renewed within the refresh margin of its expiry, early so that a
+    registry blip costs nothing; but a renewal the registry could not answer failed the
+    request, though the token had up to 30 s left. It serves now until it expires, and
+    each request asks for its renewal again."""
+    now = [1_000_000.0]
+    registry = TokenRegistry([listed_grant("grt_1")], now=now)
+    down = [False]
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return _outage(kind, request) if down[0] else await registry(request)
+
+    client = mocked(handler, tmp_path, clock=lambda: now[0])
+    assert await client.get_token("shop") == "tok-1-grt_1"
+    down[0] = True
+    now[0] += 300 - 10  # due for renewal, 10 s left
+    assert await client.get_token("shop") == "tok-1-grt_1"
+    now[0] += 10  # expired: nothing left to serve, so the registry's failure is raised
+    with pytest.raises((httpx.ConnectError, DependencyUnavailable, RateLimited)):
+        await client.get_token("shop")
+    down[0] = False
+    assert await client.get_token("shop") == "tok-2-grt_1"
+    await client.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_token_due_for_renewal_is_not_used_once_its_grant_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Only a registry that cannot answer leaves the old token in use: one that answers
+    the grant is revoked is believed, and its refusal raised."""
+    now = [1_000_000.0]
+    registry = TokenRegistry([listed_grant("grt_1")], now=now)
+    client = token_client(registry, tmp_path)
+    assert await client.get_token("shop") == "tok-1-grt_1"
+    registry.grants = [{**listed_grant("grt_1"), "revoked_at": "2026-01-01"}]
+    now[0] += 300 - 10
+    with pytest.raises(Forbidden) as refused:
+        await client.get_token("shop")
+    assert refused.value.reason == "no_grant"
+    await client.aclose()
+
+
+@pytest.mark.asyncio
+async def test_callers_that_find_the_token_due_together_share_one_renewal(
+    tmp_path: Path,
+) -> None:
+    """Callers finding the token due queued on a lock, and when the renewal failed each
+    asked the registry again in turn: with the registry down, the tenth caller waited ten
+    timeouts. They share one renewal and its outcome now, a failure as well as a token; a
+    caller that gives up does not cancel it for the others."""
+    now = [1_000_000.0]
+    registry = TokenRegistry([listed_grant("grt_1")], now=now)
+    asked: list[str] = []
+    down = [True]
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        await asyncio.sleep(0.05)
+        return _outage("unavailable", request) if down[0] else await registry(request)
+
+    client = mocked(handler, tmp_path, clock=lambda: now[0])
+    callers = [client.get_token("shop") for _ in range(5)]
+    outcomes = await asyncio.gather(*callers, return_exceptions=True)
+    assert all(isinstance(o, DependencyUnavailable) for o in outcomes), outcomes
+    assert asked == ["/v1/grants"]
+    down[0] = False
+    asked.clear()
+    given_up = asyncio.ensure_future(client.get_token("shop"))
+    tokens = asyncio.gather(*(client.get_token("shop") for _ in range(4)))
+    await asyncio.sleep(0.01)
+    given_up.cancel()
+    assert await tokens == ["tok-1-grt_1"] * 4
+    assert asked == ["/v1/grants", "/v1/token"]
     await client.aclose()
 
 

@@ -8,6 +8,8 @@ caller); the agent id is kept beside it, so a registered agent starts ready to w
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hmac
 import json
 import math
@@ -28,7 +30,9 @@ from ..keys import SignerUnavailable
 from ..keys._local import _create as _create_key_file
 from ..keys._local import _read_private as _read_key_file
 from ..protocol import (
+    AgentAuthError,
     Capability,
+    DependencyUnavailable,
     Envelope,
     Forbidden,
     Money,
@@ -40,7 +44,7 @@ from ..protocol import (
     create_dpop_proof,
 )
 from ._auth import STEP_UP_HEADER, DPoPAuth, htu_of
-from ._errors import error_from_response
+from ._errors import ServerError, error_from_response
 
 __all__ = ["AgentAuthClient", "AgentAuthClientSync", "Approval", "GrantPending"]
 
@@ -59,6 +63,15 @@ _STEP_UP_RETRY_PAUSE = 1.0
 _STEP_UP_MIN_POLL = 0.1
 # After a provider's refusal let a token go, the next refusal does so only this much later.
 _REISSUE_PAUSE = 30.0
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the registry could not answer just now (unreachable, a
+    dependency or a gateway down, too busy), not that it refused: worth asking again."""
+    if isinstance(exc, httpx.TransportError | DependencyUnavailable | RateLimited):
+        return True
+    # AgentAuthError itself is the registry's own 500 (server_error).
+    return type(exc) is AgentAuthError or (isinstance(exc, ServerError) and exc.status >= 500)
 
 
 def _check_payable(amount: str, currency: str) -> None:
@@ -150,7 +163,7 @@ class AgentAuthClient:
         # repeated call (after a TimeoutError, say) waits on the same one, never a second.
         self._pending_step_ups: dict[tuple[str, str, str, str, str | None], str] = {}
         self._audiences: dict[str, str] = {}
-        self._token_locks: dict[str, asyncio.Lock] = {}
+        self._renewals: dict[str, asyncio.Future[_Token]] = {}  # in flight, by provider
         self._refused_at: dict[str, float] = {}  # when a refusal last let a token go
 
     # --- plumbing --------------------------------------------------------------------------
@@ -220,9 +233,8 @@ class AgentAuthClient:
         result = await self._call("POST", "/v1/agents", json_body=body)
         self._agent_id = str(result["id"])
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        (self.home / "agent.json").write_text(
-            json.dumps({"agent_id": self._agent_id, "jkt": self.key.thumbprint})
-        )
+        state = json.dumps({"agent_id": self._agent_id, "jkt": self.key.thumbprint})
+        _replace_file(self.home / "agent.json", state.encode())
         return self._agent_id
 
     async def request_grant(
@@ -266,11 +278,22 @@ class AgentAuthClient:
         """Poll until the human decides, with backoff; raise ``Forbidden`` (reason
         ``denied`` or ``expired``) if the request is refused or left unanswered too long,
         ``agent_disabled`` if this agent was disabled meanwhile (it can no longer read the
-        request, which its human sees ``cancelled``)."""
+        request, which its human sees ``cancelled``). A registry that cannot answer
+        (unreachable, ``temporarily_unavailable``, ``rate_limited``, a 5xx) is polled again
+        until ``timeout``, and its failure raised only if it never answered."""
         request_id = request.id if isinstance(request, GrantPending) else request
         deadline = time.monotonic() + timeout
         while True:
-            state = await self._call("GET", f"/v1/grant-requests/{request_id}")
+            try:
+                state = await self._call("GET", f"/v1/grant-requests/{request_id}")
+            except Exception as exc:
+                # The registry restarting or overloaded is no answer: the human may still be
+                # deciding. Its failure is raised only if it never answered in time.
+                if not _unavailable(exc) or time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+                interval = min(interval * 1.5, max_interval)
+                continue
             if on_progress is not None:
                 on_progress(state["status"], max(0.0, deadline - time.monotonic()))
             if state["status"] == "approved":
@@ -310,27 +333,57 @@ class AgentAuthClient:
     # --- tokens and signed requests -----------------------------------------------------
 
     async def get_token(self, service_provider_id: str) -> str:
-        """A current access token for the provider: cached, refreshed before it expires."""
-        lock = self._token_locks.setdefault(service_provider_id, asyncio.Lock())
-        async with lock:
-            cached = self._tokens.get(service_provider_id)
-            if cached and self._fresh(cached, now=self._clock()):
+        """A current access token for the provider: cached, renewed before it expires.
+
+        Callers that find the token due together share one renewal, and its failure: with
+        the registry down, each asking again in turn would keep the last waiting a timeout
+        per caller ahead of it. A token is renewed early so that a registry that cannot
+        answer just then costs nothing: until it expires, the token still serves.
+        """
+        cached = self._tokens.get(service_provider_id)
+        if cached and self._fresh(cached, now=self._clock()):
+            return cached.value
+        renewal = self._renewals.get(service_provider_id)
+        if renewal is None:
+            renewal = asyncio.ensure_future(self._issue_token(service_provider_id))
+            self._renewals[service_provider_id] = renewal
+            renewal.add_done_callback(functools.partial(self._renewed, service_provider_id))
+        try:
+            # Shielded: a caller that gives up must not cancel the renewal others wait on.
+            return (await asyncio.shield(renewal)).value
+        except Exception as exc:
+            still_cached = self._tokens.get(service_provider_id) is cached
+            if (
+                cached is not None
+                and still_cached  # not let go meanwhile after a provider's refusal
+                and cached.expires_at > self._clock()
+                and _unavailable(exc)
+            ):
                 return cached.value
-            grant = await self._grant_for(service_provider_id, now=self._clock())
-            self._audiences[service_provider_id] = grant["document"]["audience"]
-            # Counted from before the call: the registry's expires_in runs from when it
-            # signed, which is later, so the token is never taken to outlive itself.
-            asked = self._clock()
-            issued = await self._call("POST", "/v1/token", json_body={"grant_id": grant["id"]})
-            token = _Token(
-                issued["access_token"],
-                asked + issued["expires_in"],
-                grant["id"],
-                _grant_expires_at(grant),
-                lifetime=float(issued["expires_in"]),
-            )
-            self._tokens[service_provider_id] = token
-            return token.value
+            raise
+
+    def _renewed(self, service_provider_id: str, renewal: asyncio.Future[_Token]) -> None:
+        if self._renewals.get(service_provider_id) is renewal:
+            del self._renewals[service_provider_id]
+        if not renewal.cancelled():
+            renewal.exception()  # its callers have it; asyncio need not log it as lost
+
+    async def _issue_token(self, service_provider_id: str) -> _Token:
+        grant = await self._grant_for(service_provider_id, now=self._clock())
+        self._audiences[service_provider_id] = grant["document"]["audience"]
+        # Counted from before the call: the registry's expires_in runs from when it
+        # signed, which is later, so the token is never taken to outlive itself.
+        asked = self._clock()
+        issued = await self._call("POST", "/v1/token", json_body={"grant_id": grant["id"]})
+        token = _Token(
+            issued["access_token"],
+            asked + issued["expires_in"],
+            grant["id"],
+            _grant_expires_at(grant),
+            lifetime=float(issued["expires_in"]),
+        )
+        self._tokens[service_provider_id] = token
+        return token
 
     def _fresh(self, token: _Token, *, now: float) -> bool:
         """Whether ``token`` serves for now, or a new one is due."""
@@ -512,6 +565,22 @@ class AgentAuthClient:
                 continue
             if state["status"] != "pending" or deadline - time.monotonic() < _STEP_UP_MIN_POLL:
                 return state
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Put ``data`` at ``path`` whole: written to a new file beside it, then renamed over
+    it. A rename replaces a symlink planted at ``path`` rather than writing where it points,
+    and no reader finds the file empty or half written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(tmp, flags, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def _grant_expires_at(grant: dict[str, Any]) -> int | None:
