@@ -754,6 +754,24 @@ async def test_vault_plain_http_to_loopback_or_by_explicit_opt_in(
     await signer.aclose()
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "all_proxy"])
+async def test_vault_plain_http_never_goes_through_a_proxy_from_the_environment(
+    vault: FakeVault, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """requests sends a plain http request through the proxy the environment names: the
+    token went in the clear to the proxy's host, past the loopback check of the URL."""
+    vault.create_key("registry")
+    with FakeVault() as proxy:  # answers nothing useful; records what reaches it
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(variable, proxy.url)
+        signer = await open_vault(vault, "registry", timeout=SHORT)
+        await assert_signs(signer)
+        await signer.aclose()
+        assert proxy.requests == []
+
+
 # -- Vault tokens that expire: the token file (Vault Agent's sink) --------------------------
 
 

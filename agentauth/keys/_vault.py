@@ -8,7 +8,9 @@ latest one names another key once Vault has rotated (by hand, or its ``auto_rota
 
 Every request carries the Vault token in a header, so the URL must be ``https://``; plain
 ``http://`` is accepted only to a loopback host (127.0.0.0/8, ::1, ``localhost``: a Vault
-agent or a development server on this machine), or with ``allow_insecure_http=True``.
+agent or a development server on this machine), or with ``allow_insecure_http=True``; and a
+plain ``http://`` request goes to that host itself, never through a proxy the environment
+names (``HTTP_PROXY``, ``ALL_PROXY``).
 
 The token is given as a string, or as a file (``token_file``: Vault Agent's auto-auth file
 sink, which Vault Agent rewrites with a fresh token as each expires). When Vault refuses a
@@ -287,6 +289,7 @@ class VaultTransitSigner(RemoteSigner):
                 "give the Vault signer exactly one of a token and a token file", reason="bad_token"
             )
         given = None if token is None else _usable_token(token, "vault_token")
+        plain_http = urlsplit(url).scheme.lower() == "http"
 
         def connect() -> tuple[Any, int, PublicKey]:
             # Imported on open, so the package imports without the server extras. hvac
@@ -297,6 +300,11 @@ class VaultTransitSigner(RemoteSigner):
             # No redirects: hvac's session would re-send X-Vault-Token to wherever a redirect
             # points, plain http included, past the URL check above.
             client = hvac.Client(url=url, token=current, timeout=timeout, allow_redirects=False)
+            if plain_http:
+                # Nor through a proxy the environment names (HTTP_PROXY, ALL_PROXY): requests
+                # would hand it the request, token and all, in the clear, and the proxy's
+                # host is not the loopback (or opted-in) host the URL check above allowed.
+                client.session.trust_env = False
             try:
                 body = client.secrets.transit.read_key(name=key_name, mount_point=mount)
                 version, public = _parse_key(body, kid, key_version)
