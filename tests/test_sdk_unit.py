@@ -4,6 +4,7 @@ step-up polls against a mock registry, and the provider helpers in process."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from agentauth.protocol import (
     Forbidden,
     Grant,
     InvalidRequest,
+    NotFound,
     PrivateKey,
     RateLimited,
     Unauthenticated,
@@ -628,6 +630,39 @@ async def test_a_step_up_poll_refused_as_one_too_many_is_asked_again(tmp_path: P
 
 
 @pytest.mark.asyncio
+async def test_a_step_up_wait_polls_on_through_a_registry_outage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll answered 503 (a dependency of the registry down) or another 5xx ended the
+    wait with that error while the step-up was still pending, though a dropped connection
+    or a 429 was polled again. Every answer wait_for_approval takes for "no answer yet" is
+    now polled through; a refusal still ends the wait at once."""
+    monkeypatch.setattr("agentauth.sdk._client._STEP_UP_RETRY_PAUSE", 0.01)
+    registry = StepUpRegistry(pending_polls=0)
+    outages = [
+        (503, {"error": "temporarily_unavailable"}),
+        (502, {"error": {"code": 502, "message": "bad gateway"}}),  # a gateway's own form
+        (500, {"error": "server_error"}),
+    ]
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/v1/step-ups/") and outages:
+            registry.polled.append("outage")
+            status, body = outages.pop(0)
+            return httpx.Response(status, json=body)
+        return await registry(request)
+
+    client = mocked(handler, tmp_path, timeout=10.0)
+    assert await client.request_step_up("shop", **PAYMENT) == "ref-stp_1"
+    assert registry.created == ["stp_1"]
+    assert registry.polled == ["outage"] * 3 + ["stp_1"]
+    outages.append((404, {"error": "not_found"}))
+    with pytest.raises(NotFound):
+        await client.request_step_up("shop", **PAYMENT)
+    assert registry.created == ["stp_1", "stp_2"] and registry.polled[-1] == "outage"
+
+
+@pytest.mark.asyncio
 async def test_asking_again_after_a_timeout_waits_on_the_same_step_up(tmp_path: Path) -> None:
     registry = StepUpRegistry(pending_polls=10**6)  # the human is away
     client = agent_client(registry, tmp_path)
@@ -1044,6 +1079,38 @@ def test_the_sync_client_lets_a_refused_token_go_too(tmp_path: Path) -> None:
     finally:
         sync.close()
     assert presented == ["tok-1-grt_1", "tok-2-grt_2"]
+
+
+def test_a_sync_client_without_its_client_says_so_instead_of_recursing(tmp_path: Path) -> None:
+    """Every attribute the sync client lacks is looked up on its ``_client``: with none
+    (an ``__init__`` that raised, ``copy.copy`` probing ``__setstate__`` on the blank
+    copy), looking that up came back to ``__getattr__``, a RecursionError."""
+    bare = AgentAuthClientSync.__new__(AgentAuthClientSync)
+    with pytest.raises(AttributeError, match="has no client"):
+        bare.get_token  # noqa: B018 (the lookup is the test)
+    sync = mocked(lambda r: httpx.Response(404), tmp_path, client=AgentAuthClientSync)
+    try:
+        twin = copy.copy(sync)
+        assert twin.agent_id == "agt_1"
+    finally:
+        sync.close()
+
+
+def test_a_sync_client_that_fails_to_start_closes_its_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loop made for the client was left open when making the client raised: nobody
+    holds the half-made object to close() it."""
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    def new_event_loop() -> asyncio.AbstractEventLoop:
+        loops.append(asyncio.SelectorEventLoop())
+        return loops[-1]
+
+    monkeypatch.setattr(asyncio, "new_event_loop", new_event_loop)
+    with pytest.raises(TypeError, match="no_such_option"):
+        AgentAuthClientSync("https://registry.example", no_such_option=1)
+    assert len(loops) == 1 and loops[0].is_closed()
 
 
 def test_a_cached_tokens_repr_hides_the_token() -> None:

@@ -537,7 +537,8 @@ class AgentAuthClient:
     async def _wait_for_step_up(self, step_id: str, deadline: float) -> dict[str, Any]:
         """Long-poll one step-up until it is decided or ``deadline`` (monotonic) passes.
 
-        A poll that fails on the way is asked again, for the same step-up: only the
+        A poll the registry could not answer (it failed on the way, a dependency or a
+        gateway was down, too many polls) is asked again, for the same step-up: only the
         registry's answer ends the wait early.
         """
         while True:
@@ -551,17 +552,15 @@ class AgentAuthClient:
                     f"/v1/step-ups/{step_id}?wait={wait:.3f}",
                     read_timeout=wait + _STEP_UP_READ_MARGIN,
                 )
-            except httpx.TransportError:
+            except Exception as exc:
+                if not _unavailable(exc):
+                    raise
                 if deadline - time.monotonic() < _STEP_UP_MIN_POLL:
                     return {"status": "pending"}
-                await asyncio.sleep(min(_STEP_UP_RETRY_PAUSE, left))
-                continue
-            except RateLimited as refused:
-                # The registry holds only so many polls of one agent at once (this process
-                # may wait on several step-ups): not an answer, so wait as told and ask again.
-                if deadline - time.monotonic() < _STEP_UP_MIN_POLL:
-                    return {"status": "pending"}
-                await asyncio.sleep(min(refused.retry_after, max(0.0, deadline - time.monotonic())))
+                # A 429 says when to come back: the registry holds only so many polls of
+                # one agent at once (this process may wait on several step-ups).
+                pause = exc.retry_after if isinstance(exc, RateLimited) else _STEP_UP_RETRY_PAUSE
+                await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
                 continue
             if state["status"] != "pending" or deadline - time.monotonic() < _STEP_UP_MIN_POLL:
                 return state
@@ -638,14 +637,23 @@ class AgentAuthClientSync:
 
     def __init__(self, registry_url: str, **options: Any) -> None:
         self._loop = asyncio.new_event_loop()
-        self._client = self._loop.run_until_complete(self._make(registry_url, options))
+        try:
+            self._client = self._loop.run_until_complete(self._make(registry_url, options))
+        except BaseException:
+            self._loop.close()  # nobody holds this object to close() it
+            raise
 
     @staticmethod
     async def _make(registry_url: str, options: dict[str, Any]) -> AgentAuthClient:
         return AgentAuthClient(registry_url, **options)  # the httpx client binds to this loop
 
     def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._client, name)
+        # Read from __dict__: without a _client (a copy.copy probing __setstate__, an
+        # __init__ that raised) self._client would come back here, and recurse forever.
+        client = self.__dict__.get("_client")
+        if client is None:
+            raise AttributeError(f"{type(self).__name__} has no client", name=name, obj=self)
+        attribute = getattr(client, name)
         if not asyncio.iscoroutinefunction(attribute):
             return attribute
 

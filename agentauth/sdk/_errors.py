@@ -30,7 +30,8 @@ def _classes() -> dict[str, type[AgentAuthError]]:
 
 
 class ServerError(AgentAuthError):
-    """An error code this SDK does not know; ``error`` carries the server's code."""
+    """An error code this SDK does not know; ``code`` carries the server's code (``error``
+    stays the class's own, ``server_error``) and ``status`` the HTTP status."""
 
     def __init__(self, code: str, description: str, *, status: int, reason: str | None) -> None:
         super().__init__(description, reason=reason)
