@@ -508,6 +508,35 @@ def test_a_vault_signer_takes_exactly_one_of_a_token_and_a_token_file(
     assert secret not in repr(with_token)
 
 
+@pytest.mark.parametrize(
+    ("signer", "named"),
+    [
+        ({"backend": "aws"}, "needs key_id"),
+        ({"backend": "gcp", "key_id": " "}, "needs key_id"),
+        ({"backend": "vault", "vault_token": "s.t"}, "needs key_id"),
+        ({"backend": "pkcs11", "pkcs11_token": "agentauth"}, "needs key_id"),
+        ({"backend": "pkcs11", "key_id": "registry"}, "needs pkcs11_token"),
+        ({"backend": "pkcs11", "key_id": "registry", "pkcs11_token": ""}, "needs pkcs11_token"),
+    ],
+)
+def test_a_signer_without_its_key_name_is_refused_at_start(
+    tmp_path: Path, signer: dict[str, str], named: str
+) -> None:
+    """A KMS, Vault or HSM signer needs the key's name (and an HSM the token's label): one
+    without it was accepted and opened a key named "None", failing at the first signature,
+    far from the setting to blame."""
+    from pydantic import ValidationError
+
+    from agentauth.registry import RegistrySettings
+
+    base = required_settings(tmp_path)
+    with pytest.raises(ValidationError, match=named):
+        RegistrySettings(**base, signer=signer)
+    named_key = {**signer, "key_id": "registry", "pkcs11_token": "agentauth"}
+    assert RegistrySettings(**base, signer=named_key).signer.key_id == "registry"
+    assert RegistrySettings(**base).signer.key_id is None  # the local backend names none
+
+
 def test_checkpoints_come_well_within_what_verifiers_allow_unsealed(tmp_path: Path) -> None:
     """Events older than MAX_UNSEALED_AGE under no checkpoint fail `audit verify` and the
     approval page, as deleted checkpoints would: an interval near it would fail honest

@@ -233,6 +233,26 @@ class RegistrySettings(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _signer_names_its_key(self) -> RegistrySettings:
+        # Refused at start, like the Vault token above: a KMS, Vault or HSM signer without
+        # its key's name opened a key literally named "None" (and a token without its
+        # label, the first token found), failing later and far from the setting to blame.
+        signer = self.signer
+        if signer.backend == "local":
+            return self
+        if not (signer.key_id or "").strip():
+            raise ValueError(
+                f"signer backend {signer.backend} needs key_id (AGENTAUTH_SIGNER_KEY_ID):"
+                " the key's name, ARN or alias in that backend"
+            )
+        if signer.backend == "pkcs11" and not (signer.pkcs11_token or "").strip():
+            raise ValueError(
+                "signer backend pkcs11 needs pkcs11_token (AGENTAUTH_SIGNER_PKCS11_TOKEN):"
+                " the label of the token holding the key"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _caller_waits_fit_replica(self) -> RegistrySettings:
         # A per-caller bound above the replica's would never bind: a typo, refused.
         if self.step_up_waits_per_caller > self.step_up_waits_per_replica:
