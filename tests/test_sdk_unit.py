@@ -1935,6 +1935,30 @@ async def test_callers_that_find_the_token_due_together_share_one_renewal(
     await client.aclose()
 
 
+@pytest.mark.asyncio
+async def test_a_renewal_its_callers_gave_up_on_ends_with_the_client(tmp_path: Path) -> None:
+    """A renewal runs on when its callers give up (others may share it), but it outlived
+    aclose(): still waiting on the registry, it went on to ask it through a client closed
+    under it, and a loop closed then (the sync client's) dropped it pending."""
+    now = [1_000_000.0]
+    registry = TokenRegistry([listed_grant("grt_1")], now=now)
+    asked: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.2)
+        asked.append(request.url.path)
+        return await registry(request)
+
+    client = mocked(handler, tmp_path, clock=lambda: now[0])
+    before = asyncio.all_tasks()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(client.get_token("shop"), 0.02)
+    await client.aclose()
+    assert asyncio.all_tasks() - before == set()
+    await asyncio.sleep(0.3)
+    assert asked == []
+
+
 def test_the_async_clients_auth_refuses_a_sync_httpx_client(tmp_path: Path) -> None:
     """``AgentAuthClient.auth()`` on a sync ``httpx.Client`` signed with no token at all
     ("Authorization: DPoP ", a proof bound to the empty string) and sent it; after async

@@ -212,6 +212,12 @@ class AgentAuthClient:
         return response.json()
 
     async def aclose(self) -> None:
+        # A renewal runs on when its callers give up (others may share it), but not past
+        # the client: it would ask through a closed client, or be dropped by a closed loop.
+        renewals = list(self._renewals.values())
+        for renewal in renewals:
+            renewal.cancel()
+        await asyncio.gather(*renewals, return_exceptions=True)
         if self._owns_http:
             await self._http.aclose()
 
