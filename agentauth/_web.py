@@ -82,11 +82,14 @@ class Authentication:
     ``invalid_dpop_proof`` (a replay too, its reason kept) or ``use_dpop_nonce``. A caller
     that did not authenticate is §5.2's ``invalid_client``: 400 for a proof by a key of no
     agent, 401 with the challenge when it sent no proof (saying which scheme to use).
+    ``introspection``: an RFC 7662 endpoint, whose caller that did not authenticate gets
+    §5.2's ``invalid_client`` too (RFC 7662 §2.3), always 401 with the challenge.
     """
 
     realm: str
     schemes: tuple[str, ...]
     token_endpoint: bool = False
+    introspection: bool = False
 
 
 def expect_authentication(scope: Scope, authentication: Authentication) -> None:
@@ -183,6 +186,8 @@ def _error_response(
             headers["WWW-Authenticate"] = _challenges(exc, auth, presented)
     elif status == 401:
         auth = auth or Authentication(realm="agentauth", schemes=("DPoP",))
+        if auth.introspection and isinstance(exc, Unauthenticated):
+            body["error"] = "invalid_client"
         headers["WWW-Authenticate"] = _challenges(exc, auth, presented)
     return JSONResponse(body, status_code=status, headers=headers)
 

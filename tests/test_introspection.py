@@ -253,3 +253,24 @@ async def test_basic_credentials_form_encoded_as_rfc_6749_has_them_are_accepted(
             assert r.status_code == 401, r.text
             assert r.json()["reason"] == "bad_provider_credential"
     assert v.decisions.of("billing@acme") == {"ok": 3}
+
+
+@pytest.mark.asyncio
+async def test_a_provider_that_did_not_authenticate_is_an_invalid_client() -> None:
+    """RFC 7662 §2.3: a protected resource whose credentials are missing or wrong is
+    answered as RFC 6749 §5.2 answers a client, 401 ``invalid_client`` with a challenge
+    for the scheme it used. Introspection said ``unauthenticated``, a code no OAuth client
+    library knows. /v1/verify, not an RFC 7662 endpoint, keeps its code."""
+    v, shards = verifier()
+    body = ask(mint(now=time.time())).model_dump_json(exclude_none=True)
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"prov_a:secret-b").decode()}
+    transport = httpx.ASGITransport(app=create_app(v))
+    async with httpx.AsyncClient(transport=transport, base_url="http://verifier") as c:
+        for headers, reason in (({}, "missing_credentials"), (wrong, "bad_provider_credential")):
+            r = await c.post("/v1/introspect", content=body, headers=headers)
+            assert r.status_code == 401, r.text
+            assert (r.json()["error"], r.json()["reason"]) == ("invalid_client", reason)
+            assert r.headers["www-authenticate"].startswith('Basic realm="agentauth-verifier"')
+            r = await c.post("/v1/verify", content=body, headers=headers)
+            assert (r.status_code, r.json()["error"]) == (401, "unauthenticated")
+    assert shards.recorded == []

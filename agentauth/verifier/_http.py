@@ -23,6 +23,7 @@ from .._web import (
     answer_head,
     basic_credentials,
     error_response,
+    expect_authentication,
     install_error_handlers,
     parsed_body,
 )
@@ -35,6 +36,9 @@ log = logging.getLogger("agentauth.verifier")
 
 # Every route but /healthz is for providers, with their Basic credential: what a 401 asks for.
 AUTHENTICATION = Authentication(realm="agentauth-verifier", schemes=("Basic",))
+# RFC 7662 §2.3: an introspecting provider is an OAuth client, refused as RFC 6749 §5.2 has
+# it (invalid_client). /v1/verify, no RFC 7662 endpoint, keeps unauthenticated.
+INTROSPECTION = Authentication(realm="agentauth-verifier", schemes=("Basic",), introspection=True)
 
 
 async def provider(request: Request) -> str:
@@ -147,6 +151,7 @@ def create_app(verifier: Verifier) -> FastAPI:
     @app.post("/v1/introspect", openapi_extra=question)
     async def introspect(request: Request) -> dict[str, Any]:
         """RFC 7662 shape: ``active`` true only when every check of /v1/verify passed."""
+        expect_authentication(request.scope, INTROSPECTION)
         provider_id = await _authenticate(verifier, request.headers.get("authorization", ""))
         return await verifier.introspect(provider_id, _question(request.scope))
 
