@@ -1096,6 +1096,16 @@ def test_a_sync_client_without_its_client_says_so_instead_of_recursing(tmp_path:
         sync.close()
 
 
+def test_a_sync_client_closes_once_and_then_does_nothing(tmp_path: Path) -> None:
+    """close() a second time (a ``with`` block around a client closed inside it) ran the
+    client's aclose on the closed loop: RuntimeError('Event loop is closed')."""
+    sync = mocked(lambda r: httpx.Response(404), tmp_path, client=AgentAuthClientSync)
+    with sync:
+        sync.close()
+    assert sync._loop.is_closed()
+    sync.close()
+
+
 def test_a_sync_client_that_fails_to_start_closes_its_event_loop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

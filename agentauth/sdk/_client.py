@@ -682,6 +682,10 @@ class AgentAuthClientSync:
         )
 
     def close(self) -> None:
+        """Close the client and its event loop; closing again does nothing (a ``with``
+        block around a client closed inside it raised RuntimeError: the loop is closed)."""
+        if self._loop.is_closed():
+            return
         self._loop.run_until_complete(self._client.aclose())
         self._loop.close()
 
