@@ -176,18 +176,21 @@ def _error_response(
             # §5.2 allows only registered codes there, and RFC 9449 §12.2 registers
             # invalid_dpop_proof for any proof refused; the reason still says replay.
             body["error"] = "invalid_dpop_proof"
-    elif auth is not None and auth.token_endpoint and isinstance(exc, Unauthenticated):
-        # §5.2's code for a client that did not authenticate; the reason says why. Its 401
-        # is for clients that tried no scheme of the endpoint's (none, or Authorization).
+    elif (
+        auth is not None
+        and (auth.token_endpoint or auth.introspection)
+        and isinstance(exc, Unauthenticated)
+    ):
+        # §5.2's code for a client that did not authenticate; the reason says why. A token
+        # endpoint's 401 is for clients that tried no scheme of its own (none, or
+        # Authorization); introspection takes no proof, and its 401 is for every caller.
         body["error"] = "invalid_client"
-        if presented == "dpop":
+        if auth.token_endpoint and presented == "dpop":
             status = 400
         else:
             headers["WWW-Authenticate"] = _challenges(exc, auth, presented)
     elif status == 401:
         auth = auth or Authentication(realm="agentauth", schemes=("DPoP",))
-        if auth.introspection and isinstance(exc, Unauthenticated):
-            body["error"] = "invalid_client"
         headers["WWW-Authenticate"] = _challenges(exc, auth, presented)
     return JSONResponse(body, status_code=status, headers=headers)
 

@@ -8,6 +8,7 @@ deny and a reason code; errors of the call itself (bad input, unknown caller) ar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Annotated, Any
@@ -38,7 +39,7 @@ log = logging.getLogger("agentauth.verifier")
 AUTHENTICATION = Authentication(realm="agentauth-verifier", schemes=("Basic",))
 # RFC 7662 §2.3: an introspecting provider is an OAuth client, refused as RFC 6749 §5.2 has
 # it (invalid_client). /v1/verify, no RFC 7662 endpoint, keeps unauthenticated.
-INTROSPECTION = Authentication(realm="agentauth-verifier", schemes=("Basic",), introspection=True)
+INTROSPECTION = dataclasses.replace(AUTHENTICATION, introspection=True)
 
 
 async def provider(request: Request) -> str:
