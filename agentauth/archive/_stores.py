@@ -50,11 +50,22 @@ def _check_bound(max_object_bytes: int) -> int:
     return max_object_bytes
 
 
-def _too_large(key: str, bound: int) -> ArchiveUnavailable:
-    return ArchiveUnavailable(
-        f"archive object {key} is larger than the {bound} bytes this store reads or writes"
-        " (max_object_bytes)"
-    )
+def _fits(key: str, size: int, bound: int) -> None:
+    if size > bound:
+        raise ArchiveUnavailable(
+            f"archive object {key} is larger than the {bound} bytes this store reads or"
+            " writes (max_object_bytes)"
+        )
+
+
+def _read_bounded(key: str, size: int, read: Callable[[int], bytes], bound: int) -> bytes:
+    """The object's bytes, refused unread if its stated ``size`` is over ``bound``, and
+    read at most one byte past it: the size is the file's or the server's word at one
+    moment, not a limit on what the read returns."""
+    _fits(key, size, bound)
+    data = read(bound + 1)
+    _fits(key, len(data), bound)
+    return data
 
 
 def _check_key(key: str) -> str:
@@ -173,25 +184,18 @@ class DirectoryStore:
                     raise
             finally:
                 os.close(directory)
-            bound = self.max_object_bytes
             with os.fdopen(fd, "rb") as file:
                 status = os.fstat(file.fileno())
                 if not stat.S_ISREG(status.st_mode):
                     raise ArchiveUnavailable(f"archive key {key} is not a regular file")
-                if status.st_size > bound:
-                    raise _too_large(key, bound)
-                # Bounded as well: someone else may append to the file after the fstat.
-                data = file.read(bound + 1)
-                if len(data) > bound:
-                    raise _too_large(key, bound)
-                return data
+                # Someone else may append to the file after the fstat: the read is bounded.
+                return _read_bounded(key, status.st_size, file.read, self.max_object_bytes)
 
         return self._io("read", read)
 
     def put(self, key: str, data: bytes) -> None:
         _check_key(key)
-        if len(data) > self.max_object_bytes:
-            raise _too_large(key, self.max_object_bytes)
+        _fits(key, len(data), self.max_object_bytes)
         self._io("write", lambda: self._write(key, data))
 
     def _write(self, key: str, data: bytes) -> None:
@@ -319,17 +323,10 @@ class S3Store:
                 response = self._client.get_object(Bucket=self.bucket, Key=full)
             except self._client.exceptions.NoSuchKey:
                 return None
-            bound = self.max_object_bytes
             stream = response["Body"]
             try:
                 size = int(response.get("ContentLength") or 0)
-                if size > bound:
-                    raise _too_large(key, bound)
-                # Bounded too: Content-Length is the server's word, not a limit on the body.
-                body: bytes = stream.read(bound + 1)
-                if len(body) > bound:
-                    raise _too_large(key, bound)
-                return body
+                return _read_bounded(key, size, stream.read, self.max_object_bytes)
             finally:
                 stream.close()
 
@@ -337,8 +334,7 @@ class S3Store:
 
     def put(self, key: str, data: bytes) -> None:
         full = self._full(_check_key(key))
-        if len(data) > self.max_object_bytes:
-            raise _too_large(key, self.max_object_bytes)
+        _fits(key, len(data), self.max_object_bytes)
         self._call("put", lambda: self._client.put_object(Bucket=self.bucket, Key=full, Body=data))
 
     def list(self, prefix: str = "") -> Sequence[str]:
