@@ -364,6 +364,29 @@ def test_no_documented_command_passes_a_secret_on_its_command_line() -> None:
     assert found == []
 
 
+async def _rotated_from_the_cli(
+    database_url: str, redis_url: str, data_dir: Path
+) -> tuple[str, list[asyncpg.Record]]:
+    """`agentauth keys rotate` on a new database's first key: its output, and the two
+    keys' rows (created_at, activates_at, retires_at), the old one first."""
+    async with new_database(database_url, "rotated") as url:
+        env = {"DATABASE_URL": url, "REDIS_URL": redis_url, "AGENTAUTH_DATA_DIR": str(data_dir)}
+        assert agentauth("migrate", env=env).returncode == 0
+        assert agentauth("keys", "list", env=env).returncode == 0
+        out = agentauth("keys", "rotate", env=env)
+        assert out.returncode == 0, out.stderr
+        conn = await asyncpg.connect(url)
+        try:
+            rows = await conn.fetch(
+                "SELECT created_at, activates_at, retires_at FROM signing_keys"
+                " ORDER BY activates_at"
+            )
+        finally:
+            await conn.close()
+    assert len(rows) == 2
+    return out.stdout, rows
+
+
 @pytest.mark.postgres
 @pytest.mark.redis
 @pytest.mark.asyncio(loop_scope="session")
@@ -378,19 +401,7 @@ async def test_keys_rotate_keeps_the_old_key_until_any_deployments_tokens_expire
 
     longest = RegistrySettings.model_fields["token_lifetime"].metadata
     most = next(m.le for m in longest if hasattr(m, "le"))
-    async with new_database(database_url, "retire") as url:
-        env = {"DATABASE_URL": url, "REDIS_URL": redis_url, "AGENTAUTH_DATA_DIR": str(tmp_path)}
-        assert agentauth("migrate", env=env).returncode == 0
-        assert agentauth("keys", "list", env=env).returncode == 0
-        out = agentauth("keys", "rotate", env=env)
-        assert out.returncode == 0, out.stderr
-        conn = await asyncpg.connect(url)
-        try:
-            old, new = await conn.fetch(
-                "SELECT activates_at, retires_at FROM signing_keys ORDER BY activates_at"
-            )
-        finally:
-            await conn.close()
+    _, (old, new) = await _rotated_from_the_cli(database_url, redis_url, tmp_path)
     assert new["retires_at"] is None
     # Its last token is signed just before the new key activates, and lives `most` s,
     # plus the verifiers' leeway.
@@ -412,20 +423,6 @@ async def test_keys_rotate_publishes_the_new_key_as_long_as_any_deployment_does(
     bounds = RegistrySettings.model_fields["key_publish_ahead"].metadata
     most = next((m.le for m in bounds if hasattr(m, "le")), None)
     assert most is not None, "unbounded: no interval covers every deployment's"
-    async with new_database(database_url, "ahead") as url:
-        env = {"DATABASE_URL": url, "REDIS_URL": redis_url, "AGENTAUTH_DATA_DIR": str(tmp_path)}
-        assert agentauth("migrate", env=env).returncode == 0
-        assert agentauth("keys", "list", env=env).returncode == 0
-        out = agentauth("keys", "rotate", env=env)
-        assert out.returncode == 0, out.stderr
-        assert f"signs in {most} s" in out.stdout
-        conn = await asyncpg.connect(url)
-        try:
-            new = await conn.fetchrow(
-                "SELECT created_at, activates_at FROM signing_keys"
-                " ORDER BY activates_at DESC LIMIT 1"
-            )
-        finally:
-            await conn.close()
-    assert new is not None
+    out, (_, new) = await _rotated_from_the_cli(database_url, redis_url, tmp_path)
+    assert f"signs in {most} s" in out
     assert new["activates_at"] - new["created_at"] >= most

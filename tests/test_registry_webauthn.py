@@ -880,10 +880,21 @@ async def test_an_approval_or_sign_in_with_a_top_origin_is_refused(
     """topOrigin comes only with crossOrigin true (WebAuthn L3 §5.8.1). py_webauthn ignores
     it; the receipt verifier refuses it, so the registry neither stores such a receipt
     (it could never verify offline) nor signs anyone in with the assertion."""
+    alice, request_id = await _assertions_refused(service, frame, "cross_origin")
+    # The same passkey in a top-level page approves.
+    await service.world.approve(alice, request_id)
+
+
+async def _assertions_refused(
+    service: InProcess, client_data: dict[str, Any], reason: str
+) -> tuple[Human, str]:
+    """Alice's passkey, its client data given ``client_data``'s members: an approval with
+    it is refused ``reason``, writing nothing, and so is a sign-in. Returns Alice and the
+    request she could not approve."""
     world = service.world
     alice = await world.human("Alice")
-    framed = FramedAuthenticator(world.origin, frame)
-    framed.passkeys = alice.authenticator.passkeys  # the same passkey, in a frame
+    changed = FramedAuthenticator(world.origin, client_data)
+    changed.passkeys = alice.authenticator.passkeys  # the same passkey
     agent = await world.agent(alice)
     request = await world.request(agent, await world.provider())
     begun = await world.begin_approval(alice, request["id"])
@@ -891,13 +902,12 @@ async def test_an_approval_or_sign_in_with_a_top_origin_is_refused(
     r = await world.client.post(
         world.url(f"/v1/grant-requests/{request['id']}/approval/finish"),
         headers=alice.headers,
-        json={"credential": framed.get(begun["options"])},
+        json={"credential": changed.get(begun["options"])},
     )
-    refused(r, 400, "cross_origin")
+    refused(r, 400, reason)
     assert await service.counts() == before
-    refused(await sign_in(world, framed.get), 400, "cross_origin")
-    # The same passkey in a top-level page approves.
-    await world.approve(alice, request["id"])
+    refused(await sign_in(world, changed.get), 400, reason)
+    return alice, request["id"]
 
 
 @pytest.mark.asyncio(loop_scope="session")
@@ -916,21 +926,7 @@ async def test_a_token_binding_the_registry_cannot_check_is_refused_online_as_of
     r = await world.client.post(world.url("/v1/signup/finish"), json={"credential": credential})
     refused(r, 400, "token_binding")
     assert await service.counts() == before
-    alice = await world.human("Alice")
-    bound = FramedAuthenticator(world.origin, present)
-    bound.passkeys = alice.authenticator.passkeys  # the same passkey, over a bound connection
-    agent = await world.agent(alice)
-    request = await world.request(agent, await world.provider())
-    begun = await world.begin_approval(alice, request["id"])
-    before = await service.counts()
-    r = await world.client.post(
-        world.url(f"/v1/grant-requests/{request['id']}/approval/finish"),
-        headers=alice.headers,
-        json={"credential": bound.get(begun["options"])},
-    )
-    refused(r, 400, "token_binding")
-    assert await service.counts() == before
-    refused(await sign_in(world, bound.get), 400, "token_binding")
+    await _assertions_refused(service, present, "token_binding")  # over a bound connection
     supported = {"crossOrigin": False, "tokenBinding": {"status": "supported"}}
     credential = FramedAuthenticator(world.origin, supported).create(await signup_options(world))
     r = await world.client.post(world.url("/v1/signup/finish"), json={"credential": credential})
